@@ -1,0 +1,1 @@
+"""InferMesh decision service: the pipeline, its domain and its front ends."""

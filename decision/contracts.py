@@ -1,0 +1,90 @@
+"""The narrow interfaces the pipeline stages are written against.
+
+Only the composition root (:mod:`decision.service`) knows concrete classes. Guardrails
+(``policies``), learners (``learners``) and audit sinks (``audit``) implement these protocols.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from decision.domain import (
+    Candidate,
+    Choice,
+    Decision,
+    GuardResult,
+    Outcome,
+    RequestContext,
+    ScoredCandidate,
+)
+
+
+@runtime_checkable
+class Guard(Protocol):
+    """Deterministic guardrails: hard rules a decision never violates."""
+
+    @property
+    def revision(self) -> str: ...
+
+    def prefetch(self, ctx: RequestContext) -> Mapping[str, Any]:
+        """Read any state the rules need (quota counters...). The only place I/O may happen."""
+        ...
+
+    def evaluate(self, ctx: RequestContext, candidates: Sequence[Candidate],
+                 state: Mapping[str, Any]) -> GuardResult:
+        """Pure: verdicts for every candidate and the survivors. No I/O."""
+        ...
+
+    def commit(self, ctx: RequestContext, decision: Decision) -> None:
+        """Record what the decision consumed (quota usage), after it is made."""
+        ...
+
+
+@runtime_checkable
+class FeatureBuilder(Protocol):
+    """Turns (request, candidate, estimates) into the fixed feature vector learners see."""
+
+    names: tuple[str, ...]
+
+    def build(self, ctx: RequestContext, candidate: Candidate, expected_ttft_ms: float,
+              expected_cost_per_1k: float, components: Mapping[str, float]) -> tuple[float, ...]: ...
+
+
+@runtime_checkable
+class Learner(Protocol):
+    """A routing policy over the allowed arms (DESIGN.md section 4).
+
+    ``choose`` must only return an index into ``arms`` and a propensity in (0, 1].
+    """
+
+    name: str
+    version: str
+
+    def choose(self, ctx: RequestContext, arms: Sequence[ScoredCandidate]) -> Choice: ...
+
+    def update(self, features: Sequence[float], reward: float) -> None: ...
+
+
+@runtime_checkable
+class RewardFunction(Protocol):
+    def __call__(self, ctx: RequestContext, outcome: Outcome, expected_ttft_ms: float,
+                 cost_per_1k_tokens: float) -> float: ...
+
+
+@runtime_checkable
+class AuditSink(Protocol):
+    """Where decision and outcome events go. ``submit_*`` must not block the request path."""
+
+    def submit_decision(self, event: Mapping[str, Any]) -> None: ...
+
+    def submit_outcome(self, event: Mapping[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class TraceReader(Protocol):
+    """Reads decisions back for ``Explain`` and the auditors."""
+
+    def get_decision(self, decision_id: str) -> Mapping[str, Any] | None: ...

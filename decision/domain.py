@@ -1,0 +1,259 @@
+"""The domain of a routing decision, as frozen dataclasses.
+
+Every pipeline stage (locate -> guard -> score -> choose -> audit) is a function over these
+types. They carry no behaviour beyond small derived values, so any front end (gRPC, CLI,
+simulator, Envoy ext_proc) can build them and any stage can be tested on its own.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Tier = Literal["datacenter", "edge", "device"]
+TIERS: tuple[Tier, ...] = ("datacenter", "edge", "device")
+Runtime = Literal["vllm", "triton"]
+Modality = Literal["text", "image", "multimodal", "embedding"]
+MODALITIES: tuple[str, ...] = ("text", "image", "multimodal", "embedding")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One deployed model on one node, flattened with its node and site for fast reads."""
+
+    endpoint_id: str
+    address: str
+    model: str
+    family: str
+    runtime: Runtime
+    max_concurrency: int
+    modality: str
+    safety_tier: str
+    node_id: str
+    gpu_type: str
+    gpu_count: int
+    gpu_hour_usd: float
+    watts_per_gpu: float
+    site_id: str
+    region: str
+    jurisdiction: str
+    tier: Tier
+    certifications: frozenset[str]
+    owner_tenant: str | None
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    cold_start_ms: float
+    warm: bool
+
+    def cost_per_1k_tokens(self) -> float:
+        """Dollars per 1K generated tokens at this endpoint's nominal decode throughput.
+
+        A node's hourly price is shared by the ``max_concurrency`` sequences it batches, each
+        decoding at ``decode_tokens_per_s``.
+        """
+        tokens_per_hour = self.decode_tokens_per_s * max(1, self.max_concurrency) * 3600.0
+        return self.gpu_hour_usd * self.gpu_count / tokens_per_hour * 1000.0
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """What the caller tells us about one inference request."""
+
+    request_id: str
+    tenant: str
+    user_tier: str = "standard"
+    model: str = ""
+    model_family: str = ""
+    modality: str = "text"
+    prompt_class: str = "general"
+    estimated_input_tokens: int = 0
+    expected_output_tokens: int = 0
+    allowed_jurisdictions: tuple[str, ...] = ()
+    data_class: str = "public"
+    client_region: str = ""
+    session_id: str = ""
+    ttft_target_ms: float = 0.0
+    max_cost_per_1k_tokens: float = 0.0
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "tenant": self.tenant,
+            "user_tier": self.user_tier,
+            "model": self.model,
+            "model_family": self.model_family,
+            "modality": self.modality,
+            "prompt_class": self.prompt_class,
+            "estimated_input_tokens": self.estimated_input_tokens,
+            "expected_output_tokens": self.expected_output_tokens,
+            "allowed_jurisdictions": list(self.allowed_jurisdictions),
+            "data_class": self.data_class,
+            "client_region": self.client_region,
+            "session_id": self.session_id,
+            "ttft_target_ms": self.ttft_target_ms,
+            "max_cost_per_1k_tokens": self.max_cost_per_1k_tokens,
+            "labels": dict(self.labels),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryReading:
+    """The telemetry of one endpoint at decision time; every value keeps its age.
+
+    ``values`` maps a canonical metric name (see :mod:`decision.telemetry`) to its value and
+    ``ages_s`` to its age in seconds when the snapshot was taken. A metric absent from
+    ``values`` is unknown (never reported, or older than the staleness limit).
+    """
+
+    endpoint_id: str
+    values: Mapping[str, float]
+    ages_s: Mapping[str, float]
+
+    def get(self, name: str, default: float | None = None) -> float | None:
+        return self.values.get(name, default)
+
+    @property
+    def max_age_s(self) -> float:
+        """Age of the oldest known value; infinity when nothing is known."""
+        return max(self.ages_s.values()) if self.ages_s else float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """An endpoint under consideration, with the telemetry the decision saw for it."""
+
+    endpoint: Endpoint
+    telemetry: TelemetryReading
+    rtt_ms: float
+
+
+class Severity(enum.StrEnum):
+    DENY = "deny"
+    WARN = "warn"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One rule's verdict on one candidate (or on the request, when ``endpoint_id`` is empty)."""
+
+    rule_id: str
+    engine: str
+    kind: str
+    allow: bool
+    reason: str
+    revision: str
+    endpoint_id: str = ""
+    severity: Severity = Severity.DENY
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rule_id": self.rule_id,
+            "engine": self.engine,
+            "kind": self.kind,
+            "allow": self.allow,
+            "reason": self.reason,
+            "revision": self.revision,
+            "endpoint_id": self.endpoint_id,
+            "severity": str(self.severity),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class GuardResult:
+    """What the guard stage returns: the survivors and every verdict it reached."""
+
+    allowed: tuple[Candidate, ...]
+    verdicts: tuple[Verdict, ...]
+    revision: str
+    quota_denied: bool = False
+
+    def removing_rules(self) -> tuple[str, ...]:
+        """Rule ids that removed at least one candidate, in first-seen order."""
+        seen: dict[str, None] = {}
+        for v in self.verdicts:
+            if not v.allow and v.severity is Severity.DENY:
+                seen.setdefault(v.rule_id, None)
+        return tuple(seen)
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredCandidate:
+    """A surviving candidate with its feature vector and the scorer's estimates."""
+
+    candidate: Candidate
+    features: tuple[float, ...]
+    expected_ttft_ms: float
+    expected_cost_per_1k_tokens: float
+    components: Mapping[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """A learner's pick among the offered arms.
+
+    ``arm`` indexes the sequence of arms offered; ``propensity`` is the probability with which
+    this learner would have chosen that arm (1.0 for a deterministic learner); ``scores`` holds
+    one score per offered arm, in order, higher is better.
+    """
+
+    arm: int
+    propensity: float
+    scores: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    endpoint_id: str
+    address: str
+    model: str
+    node_id: str
+    gpu_type: str
+    site_id: str
+    region: str
+    tier: str
+
+    @staticmethod
+    def of(ep: Endpoint) -> Route:
+        return Route(ep.endpoint_id, ep.address, ep.model, ep.node_id, ep.gpu_type, ep.site_id,
+                     ep.region, ep.tier)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer to one request, with its whole trace."""
+
+    decision_id: str
+    request: RequestContext
+    route: Route
+    fallbacks: tuple[Route, ...]
+    propensity: float
+    policy_revision: str
+    learner: str
+    expected_ttft_ms: float
+    expected_cost_per_1k_tokens: float
+    reason: str
+    trace: Mapping[str, Any]
+    decided_at: float
+    decision_us: float
+
+
+class OutcomeStatus(enum.StrEnum):
+    OK = "ok"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    decision_id: str
+    status: OutcomeStatus
+    ttft_ms: float = 0.0
+    latency_ms: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    error: str = ""
+    reported_at: float = 0.0

@@ -1,0 +1,370 @@
+"""The in-process decision pipeline: locate -> guard -> score -> choose -> audit.
+
+One :class:`DecisionEngine` serves every front end (gRPC, CLI, simulator, Envoy ext_proc), so
+what is benchmarked and simulated is the code that serves traffic. Each stage reads frozen
+inputs and contributes its part of the "why this route" trace.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from decision.contracts import AuditSink, FeatureBuilder, Guard, Learner, RewardFunction, TraceReader
+from decision.domain import (
+    Candidate,
+    Choice,
+    Decision,
+    GuardResult,
+    Outcome,
+    OutcomeStatus,
+    RequestContext,
+    Route,
+    ScoredCandidate,
+)
+from decision.errors import InvalidArgument, NoCandidate, NotFound, QuotaExceeded
+from decision.fleet import Fleet, endpoints_serving
+from decision.scoring import BasicFeatures, score_candidates
+from decision.telemetry import TelemetryStore
+from decision.validation import validate_request
+
+
+def new_decision_id(now: float | None = None) -> str:
+    """A UUIDv7-style id: time-ordered (good for partitions and cursors), 74 random bits."""
+    ms = int((time.time() if now is None else now) * 1000) & ((1 << 48) - 1)
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms << 80) | (0x7 << 76) | ((rand >> 64) & 0xFFF) << 64 | (0b10 << 62) | (rand & ((1 << 62) - 1))
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def default_reward(ctx: RequestContext, outcome: Outcome, expected_ttft_ms: float,
+                   cost_per_1k_tokens: float) -> float:
+    """TTFT relative to target, minus failures: 1 at or under target, falling as TTFT grows."""
+    if outcome.status is not OutcomeStatus.OK:
+        return -1.0
+    target = ctx.ttft_target_ms or 500.0
+    return max(-1.0, 1.0 - max(0.0, outcome.ttft_ms - target) / target)
+
+
+@dataclass(slots=True)
+class _Pending:
+    ctx: RequestContext
+    features: tuple[float, ...]
+    expected_ttft_ms: float
+    cost_per_1k_tokens: float
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeResult:
+    decision_id: str
+    accepted: bool
+    duplicate: bool
+    reward: float | None
+
+
+class DecisionEngine:
+    """Composes the stages. Thread-safe: decisions may run concurrently with reloads."""
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        telemetry: TelemetryStore,
+        guard: Guard,
+        learner: Learner,
+        *,
+        features: FeatureBuilder | None = None,
+        audit: AuditSink | None = None,
+        traces: TraceReader | None = None,
+        reward: RewardFunction | None = None,
+        shadow: Sequence[Learner] = (),
+        max_fallbacks: int = 3,
+        outcome_timeout_s: float = 300.0,
+        max_pending: int = 200_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._fleet = fleet
+        self.telemetry = telemetry
+        self._guard = guard
+        self.learner = learner
+        self.features: FeatureBuilder = features or BasicFeatures()
+        self.audit = audit
+        self.traces = traces
+        self.reward: RewardFunction = reward or default_reward
+        self.shadow = tuple(shadow)
+        self.max_fallbacks = max_fallbacks
+        self.outcome_timeout_s = outcome_timeout_s
+        self.max_pending = max_pending
+        self.clock = clock
+        self._pending: OrderedDict[str, _Pending] = OrderedDict()
+        self._reported: OrderedDict[str, float | None] = OrderedDict()
+        self._lock = threading.Lock()
+        self._learn_lock = threading.Lock()
+        self.stats: dict[str, int] = {"decisions": 0, "denied": 0, "quota_denied": 0, "outcomes": 0,
+                                      "outcomes_missing": 0, "outcomes_duplicate": 0}
+        self.on_stage: Callable[[str, float], None] | None = None
+
+    # -- hot-swappable parts: a decision reads each reference once, so it sees one revision --
+    @property
+    def fleet(self) -> Fleet:
+        return self._fleet
+
+    def set_fleet(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+
+    @property
+    def guard(self) -> Guard:
+        return self._guard
+
+    def set_guard(self, guard: Guard) -> None:
+        self._guard = guard
+
+    # -- the pipeline --
+    def locate(self, fleet: Fleet, ctx: RequestContext, now: float) -> tuple[Candidate, ...]:
+        if ctx.model and ctx.model not in fleet.models:
+            raise NotFound("model", ctx.model)
+        if not ctx.model and ctx.model_family not in fleet.by_family:
+            raise NotFound("model_family", ctx.model_family)
+        eps = endpoints_serving(fleet, ctx.model, ctx.model_family)
+        snap = self.telemetry.reading
+        topo = fleet.topology
+        client = ctx.client_region
+        return tuple(Candidate(e, snap(e.endpoint_id, now), topo.rtt_ms(client, e.site_id) if client else
+                               fleet.spec.default_rtt_ms) for e in eps)
+
+    def decide(self, ctx: RequestContext) -> Decision:
+        """Run the pipeline for one request; raises a :class:`DecisionError` subclass on failure."""
+        validate_request(ctx)
+        t0 = time.perf_counter()
+        now = self.clock()
+        fleet, guard, learner = self._fleet, self._guard, self.learner
+        decision_id = new_decision_id(now)
+        candidates = self.locate(fleet, ctx, now)
+        t1 = time.perf_counter()
+        state = guard.prefetch(ctx)
+        t2 = time.perf_counter()
+        result = guard.evaluate(ctx, candidates, state)
+        t3 = time.perf_counter()
+        if not result.allowed:
+            self._deny(decision_id, ctx, fleet, candidates, result, learner, now,
+                       {"locate": (t1 - t0) * 1e6, "prefetch": (t2 - t1) * 1e6, "guard": (t3 - t2) * 1e6})
+        egress = {sid: fleet.topology.path(ctx.client_region, sid)[1] for sid in
+                  {c.endpoint.site_id for c in result.allowed}} if ctx.client_region else {}
+        scored = score_candidates(ctx, result.allowed, self.features, egress)
+        t4 = time.perf_counter()
+        choice = learner.choose(ctx, scored)
+        if not 0 <= choice.arm < len(scored) or not 0.0 < choice.propensity <= 1.0:
+            raise RuntimeError(f"learner {learner.name} returned an invalid choice {choice}")
+        shadows = [self._shadow_choice(s, ctx, scored) for s in self.shadow]
+        t5 = time.perf_counter()
+        chosen = scored[choice.arm]
+        order = sorted((i for i in range(len(scored)) if i != choice.arm), key=lambda i: -choice.scores[i])
+        fallbacks = tuple(Route.of(scored[i].candidate.endpoint) for i in order[: self.max_fallbacks])
+        timings = {"locate": (t1 - t0) * 1e6, "prefetch": (t2 - t1) * 1e6, "guard": (t3 - t2) * 1e6,
+                   "score": (t4 - t3) * 1e6, "choose": (t5 - t4) * 1e6}
+        trace = self._trace(ctx, fleet, candidates, result, scored, choice, fallbacks, learner, shadows,
+                            timings)
+        ep = chosen.candidate.endpoint
+        decision_us = (time.perf_counter() - t0) * 1e6
+        decision = Decision(
+            decision_id=decision_id, request=ctx, route=Route.of(ep), fallbacks=fallbacks,
+            propensity=choice.propensity, policy_revision=result.revision,
+            learner=f"{learner.name}@{learner.version}", expected_ttft_ms=chosen.expected_ttft_ms,
+            expected_cost_per_1k_tokens=chosen.expected_cost_per_1k_tokens,
+            reason=self._reason(chosen, len(candidates), len(result.allowed), choice, learner),
+            trace=trace, decided_at=now, decision_us=decision_us,
+        )
+        guard.commit(ctx, decision)
+        self._remember(decision_id, _Pending(ctx, chosen.features, chosen.expected_ttft_ms,
+                                             chosen.expected_cost_per_1k_tokens, now + self.outcome_timeout_s))
+        if self.audit is not None:
+            self.audit.submit_decision(decision_event(decision, "routed", ()))
+        self.stats["decisions"] += 1
+        if self.on_stage is not None:
+            for stage, us in timings.items():
+                self.on_stage(stage, us)
+        return decision
+
+    def _shadow_choice(self, learner: Learner, ctx: RequestContext,
+                       scored: tuple[ScoredCandidate, ...]) -> dict[str, Any]:
+        try:
+            c = learner.choose(ctx, scored)
+            return {"learner": f"{learner.name}@{learner.version}",
+                    "chosen": scored[c.arm].candidate.endpoint.endpoint_id, "propensity": c.propensity}
+        except Exception as exc:  # a shadow must never break the acting decision
+            return {"learner": f"{learner.name}@{learner.version}", "error": repr(exc)}
+
+    def _deny(self, decision_id: str, ctx: RequestContext, fleet: Fleet, candidates: tuple[Candidate, ...],
+              result: GuardResult, learner: Learner, now: float, timings: Mapping[str, float]) -> None:
+        rules = result.removing_rules()
+        trace = self._trace(ctx, fleet, candidates, result, (), None, (), learner, [], timings)
+        status = "quota_denied" if result.quota_denied else "denied"
+        self.stats[status] += 1
+        if self.audit is not None:
+            self.audit.submit_decision(denial_event(decision_id, ctx, now, result.revision,
+                                                    f"{learner.name}@{learner.version}", status, rules, trace))
+        if result.quota_denied:
+            raise QuotaExceeded(rules, decision_id)
+        raise NoCandidate(rules, decision_id)
+
+    @staticmethod
+    def _reason(chosen: ScoredCandidate, n_located: int, n_allowed: int, choice: Choice,
+                learner: Learner) -> str:
+        ep = chosen.candidate.endpoint
+        return (f"{learner.name} chose {ep.endpoint_id} ({ep.gpu_type} at {ep.site_id}, {ep.tier}) of "
+                f"{n_allowed} allowed/{n_located} located: expected TTFT {chosen.expected_ttft_ms:.0f} ms, "
+                f"${chosen.expected_cost_per_1k_tokens:.5f}/1K tokens, p={choice.propensity:.3f}")
+
+    def _trace(self, ctx: RequestContext, fleet: Fleet, candidates: tuple[Candidate, ...],
+               result: GuardResult, scored: tuple[ScoredCandidate, ...], choice: Choice | None,
+               fallbacks: tuple[Route, ...], learner: Learner, shadows: list[dict[str, Any]],
+               timings: Mapping[str, float]) -> dict[str, Any]:
+        removed: dict[str, list[str]] = {}
+        for v in result.verdicts:
+            if not v.allow and v.endpoint_id:
+                removed.setdefault(v.endpoint_id, []).append(v.rule_id)
+        names = self.features.names
+        score_rows = []
+        for i, s in enumerate(scored):
+            score_rows.append({
+                "endpoint_id": s.candidate.endpoint.endpoint_id,
+                "expected_ttft_ms": round(s.expected_ttft_ms, 3),
+                "expected_cost_per_1k_tokens": s.expected_cost_per_1k_tokens,
+                "components": {k: round(v, 4) for k, v in s.components.items()},
+                "features": dict(zip(names, (round(f, 5) for f in s.features), strict=False)),
+                "score": choice.scores[i] if choice is not None else None,
+            })
+        return {
+            "version": 1,
+            "request": ctx.as_dict(),
+            "inventory_revision": fleet.revision,
+            "policy_revision": result.revision,
+            "learner": f"{learner.name}@{learner.version}",
+            "stages": {
+                "locate": {"index": f"model:{ctx.model}" if ctx.model else f"family:{ctx.model_family}",
+                           "candidates": [c.endpoint.endpoint_id for c in candidates]},
+                "guard": {"verdicts": [v.as_dict() for v in result.verdicts],
+                          "allowed": [c.endpoint.endpoint_id for c in result.allowed],
+                          "removed": removed, "quota_denied": result.quota_denied},
+                "score": {"candidates": score_rows},
+                "choose": {
+                    "chosen": scored[choice.arm].candidate.endpoint.endpoint_id if choice else None,
+                    "propensity": choice.propensity if choice else None,
+                    "fallbacks": [r.endpoint_id for r in fallbacks],
+                    "shadow": shadows,
+                },
+            },
+            "telemetry": {c.endpoint.endpoint_id: {"values": dict(c.telemetry.values),
+                                                   "ages_s": {k: round(a, 3) for k, a in
+                                                              c.telemetry.ages_s.items()}}
+                          for c in candidates},
+            "endpoints": {c.endpoint.endpoint_id: {"site": c.endpoint.site_id, "region": c.endpoint.region,
+                                                   "tier": c.endpoint.tier, "gpu_type": c.endpoint.gpu_type,
+                                                   "jurisdiction": c.endpoint.jurisdiction,
+                                                   "rtt_ms": c.rtt_ms}
+                          for c in candidates},
+            "timings_us": {k: round(v, 1) for k, v in timings.items()},
+        }
+
+    # -- outcomes --
+    def _remember(self, decision_id: str, pending: _Pending) -> None:
+        expired: list[_Pending] = []
+        with self._lock:
+            self._pending[decision_id] = pending
+            while len(self._pending) > self.max_pending:
+                expired.append(self._pending.popitem(last=False)[1])
+        for p in expired:
+            self._learn_missing(p)
+
+    def _learn_missing(self, p: _Pending) -> None:
+        """A decision whose outcome never came: a failure signal for the learner."""
+        self.stats["outcomes_missing"] += 1
+        missing = Outcome("", OutcomeStatus.TIMEOUT)
+        with self._learn_lock:
+            self.learner.update(p.features, self.reward(p.ctx, missing, p.expected_ttft_ms, p.cost_per_1k_tokens))
+
+    def expire_outcomes(self, now: float | None = None) -> int:
+        """Treat outcomes past their timeout as failures; returns how many expired."""
+        t = self.clock() if now is None else now
+        expired: list[tuple[str, _Pending]] = []
+        with self._lock:
+            while self._pending:
+                did, p = next(iter(self._pending.items()))
+                if p.deadline > t:
+                    break
+                self._pending.popitem(last=False)
+                expired.append((did, p))
+                self._reported[did] = None
+        for _, p in expired:
+            self._learn_missing(p)
+        return len(expired)
+
+    def report_outcome(self, outcome: Outcome) -> OutcomeResult:
+        """Join an outcome to its decision, update the learner once, and audit it. Idempotent."""
+        if not outcome.decision_id:
+            raise InvalidArgument("decision_id", "required")
+        if outcome.ttft_ms < 0 or outcome.latency_ms < 0:
+            raise InvalidArgument("ttft_ms" if outcome.ttft_ms < 0 else "latency_ms", "must be >= 0")
+        if outcome.input_tokens < 0 or outcome.output_tokens < 0:
+            raise InvalidArgument("input_tokens" if outcome.input_tokens < 0 else "output_tokens",
+                                  "must be >= 0")
+        with self._lock:
+            pending = self._pending.pop(outcome.decision_id, None)
+            if pending is None and outcome.decision_id in self._reported:
+                self.stats["outcomes_duplicate"] += 1
+                return OutcomeResult(outcome.decision_id, True, True, self._reported[outcome.decision_id])
+        reward: float | None = None
+        if pending is not None:
+            reward = self.reward(pending.ctx, outcome, pending.expected_ttft_ms, pending.cost_per_1k_tokens)
+            with self._learn_lock:
+                self.learner.update(pending.features, reward)
+        elif self.traces is None or self.traces.get_decision(outcome.decision_id) is None:
+            raise NotFound("decision", outcome.decision_id)
+        with self._lock:
+            self._reported[outcome.decision_id] = reward
+            while len(self._reported) > self.max_pending:
+                self._reported.popitem(last=False)
+        self.stats["outcomes"] += 1
+        if self.audit is not None:
+            self.audit.submit_outcome(outcome_event(outcome, reward, self.clock()))
+        return OutcomeResult(outcome.decision_id, True, False, reward)
+
+    def pending_outcomes(self) -> int:
+        return len(self._pending)
+
+
+def decision_event(d: Decision, status: str, rules: tuple[str, ...]) -> dict[str, Any]:
+    """The audit record of a routed decision (``DecisionEventV1`` fields)."""
+    return {
+        "event_version": 1, "decision_id": d.decision_id, "decided_at": d.decided_at, "status": status,
+        "request_id": d.request.request_id, "tenant": d.request.tenant, "user_tier": d.request.user_tier,
+        "model": d.route.model, "endpoint_id": d.route.endpoint_id, "site_id": d.route.site_id,
+        "region": d.route.region, "tier": d.route.tier, "gpu_type": d.route.gpu_type,
+        "propensity": d.propensity, "policy_revision": d.policy_revision, "learner": d.learner,
+        "expected_ttft_ms": d.expected_ttft_ms, "expected_cost_per_1k_tokens": d.expected_cost_per_1k_tokens,
+        "deny_rules": list(rules), "reason": d.reason, "decision_us": d.decision_us, "trace": d.trace,
+    }
+
+
+def denial_event(decision_id: str, ctx: RequestContext, now: float, revision: str, learner: str,
+                 status: str, rules: tuple[str, ...], trace: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "event_version": 1, "decision_id": decision_id, "decided_at": now, "status": status,
+        "request_id": ctx.request_id, "tenant": ctx.tenant, "user_tier": ctx.user_tier,
+        "model": ctx.model or ctx.model_family, "endpoint_id": None, "site_id": None, "region": None,
+        "tier": None, "gpu_type": None, "propensity": None, "policy_revision": revision, "learner": learner,
+        "expected_ttft_ms": None, "expected_cost_per_1k_tokens": None, "deny_rules": list(rules),
+        "reason": f"denied by {', '.join(rules) or 'no candidates'}", "decision_us": None, "trace": dict(trace),
+    }
+
+
+def outcome_event(o: Outcome, reward: float | None, now: float) -> dict[str, Any]:
+    return {"event_version": 1, "decision_id": o.decision_id, "status": str(o.status), "ttft_ms": o.ttft_ms,
+            "latency_ms": o.latency_ms, "input_tokens": o.input_tokens, "output_tokens": o.output_tokens,
+            "error": o.error, "reward": reward, "reported_at": o.reported_at or now}

@@ -1,0 +1,302 @@
+"""Fleet inventory: the YAML schema, its validation, and the candidate index built from it.
+
+The inventory (DESIGN.md section 2) lists sites, links, nodes, models and deployments. It is
+validated with pydantic at load; every error names the file, the line and the field. The
+:class:`Fleet` built from it is immutable and indexed by model and by model family, so the
+locate stage reads a precomputed tuple instead of scanning the fleet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from decision.domain import TIERS, Endpoint, Tier
+from decision.gpu_profiles import PROFILES, scaled_throughput
+from decision.yaml_lines import LocatedYaml, YamlSyntaxError, load_located, load_located_file
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SiteSpec(_Strict):
+    id: str = Field(min_length=1)
+    region: str = Field(min_length=1)
+    jurisdiction: str = Field(min_length=1)
+    tier: Literal["datacenter", "edge", "device"]
+    certifications: list[str] = []
+    owner_tenant: str | None = None
+
+
+class LinkSpec(_Strict):
+    a: str = Field(min_length=1, description="site id or region")
+    b: str = Field(min_length=1, description="site id or region")
+    rtt_ms: float = Field(ge=0)
+    bandwidth_gbps: float = Field(gt=0)
+    egress_usd_per_gb: float = Field(ge=0, default=0.0)
+
+
+class NodeSpec(_Strict):
+    id: str = Field(min_length=1)
+    site: str = Field(min_length=1)
+    gpu_type: str
+    gpu_count: int = Field(ge=1, le=64)
+    gpu_hour_usd: float = Field(ge=0)
+    watts_per_gpu: float = Field(gt=0)
+
+    @field_validator("gpu_type")
+    @classmethod
+    def _known_gpu(cls, v: str) -> str:
+        if v not in PROFILES:
+            raise ValueError(f"unknown gpu_type {v!r}; known: {', '.join(sorted(PROFILES))}")
+        return v
+
+
+class ModelSpec(_Strict):
+    name: str = Field(min_length=1)
+    family: str = Field(min_length=1)
+    modality: Literal["text", "image", "multimodal", "embedding"] = "text"
+    safety_tier: str = "general"
+    params_b: float = Field(gt=0)
+
+
+class DeploymentSpec(_Strict):
+    id: str = Field(min_length=1)
+    node: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    address: str = Field(pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
+    runtime: Literal["vllm", "triton"] = "vllm"
+    max_concurrency: int = Field(ge=1, le=4096)
+    warm: bool = True
+    cold_start_ms: float = Field(ge=0, default=8000.0)
+
+
+class FleetSpec(_Strict):
+    version: Literal[1] = 1
+    default_rtt_ms: float = Field(ge=0, default=120.0)
+    intra_region_rtt_ms: float = Field(ge=0, default=3.0)
+    sites: list[SiteSpec]
+    links: list[LinkSpec] = []
+    nodes: list[NodeSpec]
+    models: list[ModelSpec]
+    deployments: list[DeploymentSpec]
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryIssue:
+    path: str
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.field}: {self.message}"
+
+
+class InventoryError(ValueError):
+    """An inventory that failed validation; ``issues`` lists every problem found."""
+
+    def __init__(self, issues: Sequence[InventoryIssue]) -> None:
+        super().__init__("\n".join(str(i) for i in issues))
+        self.issues = tuple(issues)
+
+
+def _field_name(loc: Sequence[str | int], data: Any) -> str:
+    """Render a pydantic loc as ``deployments[3].address`` (with the item's id when it has one)."""
+    out = ""
+    node = data
+    for part in loc:
+        if isinstance(part, int):
+            ident = node[part].get("id") if isinstance(node, list) and part < len(node) and \
+                isinstance(node[part], dict) else None
+            out += f"[{part}]" + (f"(id={ident})" if ident else "")
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+        else:
+            out += ("." if out else "") + part
+            node = node.get(part) if isinstance(node, dict) else None
+    return out or "(document)"
+
+
+def _cross_check(spec: FleetSpec, doc: LocatedYaml) -> list[InventoryIssue]:
+    """Reference and uniqueness checks pydantic cannot express per field."""
+    issues: list[InventoryIssue] = []
+
+    def issue(loc: tuple[str | int, ...], msg: str) -> None:
+        issues.append(InventoryIssue(doc.path, doc.line_of(loc), _field_name(loc, doc.data), msg))
+
+    for section in ("sites", "nodes", "deployments"):
+        seen: set[str] = set()
+        for i, item in enumerate(getattr(spec, section)):
+            if item.id in seen:
+                issue((section, i, "id"), f"duplicate id {item.id!r}")
+            seen.add(item.id)
+    names: set[str] = set()
+    for i, m in enumerate(spec.models):
+        if m.name in names:
+            issue(("models", i, "name"), f"duplicate model {m.name!r}")
+        names.add(m.name)
+    site_ids = {s.id for s in spec.sites}
+    regions = {s.region for s in spec.sites}
+    node_ids = {n.id for n in spec.nodes}
+    for i, n in enumerate(spec.nodes):
+        if n.site not in site_ids:
+            issue(("nodes", i, "site"), f"unknown site {n.site!r}")
+    for i, link in enumerate(spec.links):
+        for end in ("a", "b"):
+            ref = getattr(link, end)
+            if ref not in site_ids and ref not in regions:
+                issue(("links", i, end), f"{ref!r} is neither a site id nor a region")
+    addresses: dict[str, int] = {}
+    for i, d in enumerate(spec.deployments):
+        if d.node not in node_ids:
+            issue(("deployments", i, "node"), f"unknown node {d.node!r}")
+        if d.model not in names:
+            issue(("deployments", i, "model"), f"unknown model {d.model!r}")
+        if d.address in addresses:
+            issue(("deployments", i, "address"),
+                  f"address {d.address} already used by deployments[{addresses[d.address]}]")
+        addresses.setdefault(d.address, i)
+    for i, s in enumerate(spec.sites):
+        if s.tier == "device" and not s.owner_tenant:
+            issue(("sites", i, "owner_tenant"), "device-tier sites must name the tenant that owns them")
+    return issues
+
+
+def parse_fleet(doc: LocatedYaml) -> FleetSpec:
+    """Validate a located YAML document as a fleet inventory or raise :class:`InventoryError`."""
+    if not isinstance(doc.data, dict):
+        raise InventoryError([InventoryIssue(doc.path, 1, "(document)", "expected a mapping at the top level")])
+    try:
+        spec = FleetSpec.model_validate(doc.data)
+    except ValidationError as exc:
+        raise InventoryError([
+            InventoryIssue(doc.path, doc.line_of(err["loc"]), _field_name(err["loc"], doc.data), err["msg"])
+            for err in exc.errors()
+        ]) from None
+    problems = _cross_check(spec, doc)
+    if problems:
+        raise InventoryError(problems)
+    return spec
+
+
+class Topology:
+    """Round-trip times and egress prices between client locations and sites."""
+
+    def __init__(self, spec: FleetSpec) -> None:
+        self._site_region = {s.id: s.region for s in spec.sites}
+        self._links: dict[tuple[str, str], LinkSpec] = {}
+        for link in spec.links:
+            self._links[(link.a, link.b)] = link
+            self._links[(link.b, link.a)] = link
+        self._default = spec.default_rtt_ms
+        self._intra = spec.intra_region_rtt_ms
+        self._cache: dict[tuple[str, str], tuple[float, float]] = {}
+
+    def _lookup(self, client: str, site_id: str) -> tuple[float, float]:
+        site_region = self._site_region.get(site_id, "")
+        client_region = self._site_region.get(client, client)
+        for key in ((client, site_id), (client_region, site_id), (client, site_region),
+                    (client_region, site_region)):
+            link = self._links.get(key)
+            if link is not None:
+                return link.rtt_ms, link.egress_usd_per_gb
+        if client_region == site_region:
+            return self._intra, 0.0
+        return self._default, 0.0
+
+    def path(self, client: str, site_id: str) -> tuple[float, float]:
+        """(RTT ms, egress $/GB) from a client region or site to a site."""
+        key = (client, site_id)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = self._lookup(client, site_id)
+        return hit
+
+    def rtt_ms(self, client: str, site_id: str) -> float:
+        return self.path(client, site_id)[0]
+
+
+class Fleet:
+    """An immutable, indexed view of one inventory revision."""
+
+    def __init__(self, spec: FleetSpec, revision: str) -> None:
+        self.spec = spec
+        self.revision = revision
+        self.topology = Topology(spec)
+        sites = {s.id: s for s in spec.sites}
+        nodes = {n.id: n for n in spec.nodes}
+        models = {m.name: m for m in spec.models}
+        endpoints: list[Endpoint] = []
+        for d in spec.deployments:
+            node, model = nodes[d.node], models[d.model]
+            site = sites[node.site]
+            prefill, decode = scaled_throughput(node.gpu_type, node.gpu_count, model.params_b)
+            endpoints.append(Endpoint(
+                endpoint_id=d.id, address=d.address, model=model.name, family=model.family,
+                runtime=d.runtime, max_concurrency=d.max_concurrency, modality=model.modality,
+                safety_tier=model.safety_tier, node_id=node.id, gpu_type=node.gpu_type,
+                gpu_count=node.gpu_count, gpu_hour_usd=node.gpu_hour_usd,
+                watts_per_gpu=node.watts_per_gpu, site_id=site.id, region=site.region,
+                jurisdiction=site.jurisdiction, tier=site.tier,
+                certifications=frozenset(site.certifications), owner_tenant=site.owner_tenant,
+                prefill_tokens_per_s=prefill, decode_tokens_per_s=decode,
+                cold_start_ms=d.cold_start_ms, warm=d.warm,
+            ))
+        self.endpoints: tuple[Endpoint, ...] = tuple(endpoints)
+        self.by_id: dict[str, Endpoint] = {e.endpoint_id: e for e in endpoints}
+        by_model: dict[str, list[Endpoint]] = defaultdict(list)
+        by_family: dict[str, list[Endpoint]] = defaultdict(list)
+        for e in endpoints:
+            by_model[e.model].append(e)
+            by_family[e.family].append(e)
+        self.by_model: dict[str, tuple[Endpoint, ...]] = {k: tuple(v) for k, v in by_model.items()}
+        self.by_family: dict[str, tuple[Endpoint, ...]] = {k: tuple(v) for k, v in by_family.items()}
+        self.models = models
+        self.sites = sites
+        self.by_address: dict[str, Endpoint] = {e.address: e for e in endpoints}
+
+    def tiers(self) -> tuple[Tier, ...]:
+        return tuple(t for t in TIERS if any(e.tier == t for e in self.endpoints))
+
+    @staticmethod
+    def from_spec(spec: FleetSpec) -> Fleet:
+        blob = json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()
+        return Fleet(spec, "inv-" + hashlib.sha256(blob).hexdigest()[:12])
+
+    @staticmethod
+    def from_mapping(data: Mapping[str, Any], path: str = "<memory>") -> Fleet:
+        return Fleet.from_spec(parse_fleet(LocatedYaml(dict(data), {(): 1}, path)))
+
+
+def load_fleet(path: str | Path) -> Fleet:
+    """Load and validate an inventory file; raises :class:`InventoryError` naming file:line: field."""
+    try:
+        doc = load_located_file(path)
+    except YamlSyntaxError as exc:
+        raise InventoryError([InventoryIssue(exc.path, exc.line, "(syntax)", str(exc).split(": ", 1)[1])]) \
+            from None
+    return Fleet.from_spec(parse_fleet(doc))
+
+
+def load_fleet_text(text: str, path: str = "<string>") -> Fleet:
+    try:
+        doc = load_located(text, path)
+    except YamlSyntaxError as exc:
+        raise InventoryError([InventoryIssue(exc.path, exc.line, "(syntax)", str(exc).split(": ", 1)[1])]) \
+            from None
+    return Fleet.from_spec(parse_fleet(doc))
+
+
+def endpoints_serving(fleet: Fleet, model: str, family: str) -> Iterable[Endpoint]:
+    """The locate stage's index read: exact model if given, else the whole family."""
+    if model:
+        return fleet.by_model.get(model, ())
+    return fleet.by_family.get(family, ())

@@ -1,0 +1,231 @@
+"""Live telemetry: Prometheus exposition parsing, canonical metric names, and a store with ages.
+
+Three exporters feed it: NVIDIA dcgm-exporter (per GPU, attributed to a node), vLLM and Triton
+(per serving endpoint). Each sample is mapped to a canonical name below and kept with its
+timestamp; a snapshot reports each value's age, and a value older than ``stale_after_s`` is
+reported as unknown (absent from ``values``, present in ``ages_s``), never silently trusted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from decision.domain import TelemetryReading
+
+# Canonical names: (what, unit)
+GPU_UTIL = "gpu_util"  # percent 0-100, mean over the node's GPUs
+FB_USED_MIB = "fb_used_mib"  # sum over GPUs
+FB_FREE_MIB = "fb_free_mib"
+GPU_TEMP_C = "gpu_temp_c"  # hottest GPU
+POWER_W = "power_w"  # sum over GPUs
+XID_ERRORS = "xid_errors"  # last XID error code seen (dcgm reports the code; 0 = none)
+QUEUE_RUNNING = "queue_running"  # requests in the running batch
+QUEUE_WAITING = "queue_waiting"  # requests waiting for a batch slot
+KV_CACHE_USAGE = "kv_cache_usage"  # fraction 0-1
+TTFT_MEAN_S = "ttft_mean_s"  # mean observed TTFT (histogram sum/count)
+QUEUE_DURATION_US = "queue_duration_us"  # Triton: mean queue time per request
+
+CANONICAL: tuple[str, ...] = (GPU_UTIL, FB_USED_MIB, FB_FREE_MIB, GPU_TEMP_C, POWER_W, XID_ERRORS,
+                              QUEUE_RUNNING, QUEUE_WAITING, KV_CACHE_USAGE, TTFT_MEAN_S,
+                              QUEUE_DURATION_US)
+
+# Exporter name -> (canonical name, how samples of several series combine)
+_NODE_METRICS: dict[str, tuple[str, str]] = {
+    "DCGM_FI_DEV_GPU_UTIL": (GPU_UTIL, "mean"),
+    "DCGM_FI_DEV_FB_USED": (FB_USED_MIB, "sum"),
+    "DCGM_FI_DEV_FB_FREE": (FB_FREE_MIB, "sum"),
+    "DCGM_FI_DEV_GPU_TEMP": (GPU_TEMP_C, "max"),
+    "DCGM_FI_DEV_POWER_USAGE": (POWER_W, "sum"),
+    "DCGM_FI_DEV_XID_ERRORS": (XID_ERRORS, "max"),
+}
+_ENDPOINT_METRICS: dict[str, tuple[str, str]] = {
+    "vllm:num_requests_running": (QUEUE_RUNNING, "sum"),
+    "vllm:num_requests_waiting": (QUEUE_WAITING, "sum"),
+    "vllm:gpu_cache_usage_perc": (KV_CACHE_USAGE, "max"),
+    "vllm:kv_cache_usage_perc": (KV_CACHE_USAGE, "max"),
+    "nv_inference_pending_request_count": (QUEUE_WAITING, "sum"),
+}
+NODE_LEVEL: frozenset[str] = frozenset(c for c, _ in _NODE_METRICS.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    name: str
+    labels: Mapping[str, str]
+    value: float
+    timestamp_ms: int | None = None
+
+
+class ExpositionError(ValueError):
+    def __init__(self, line_no: int, message: str) -> None:
+        super().__init__(f"line {line_no}: {message}")
+        self.line_no = line_no
+
+
+_SAMPLE_RE = re.compile(
+    r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)(?:\s+(?P<ts>-?\d+))?\s*$")
+_LABEL_RE = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)')
+
+
+def _unescape(v: str) -> str:
+    return v.replace("\\n", "\n").replace('\\"', '"').replace("\\\\", "\\")
+
+
+def _parse_value(text: str, line_no: int) -> float:
+    try:
+        return float(text)  # accepts NaN, +Inf, -Inf as Prometheus writes them
+    except ValueError:
+        raise ExpositionError(line_no, f"bad sample value {text!r}") from None
+
+
+def parse_exposition(text: str) -> list[Sample]:
+    """Parse Prometheus text exposition format (version 0.0.4) into samples.
+
+    >>> parse_exposition('vllm:num_requests_waiting{engine="0"} 6.0')[0].value
+    6.0
+    """
+    samples: list[Sample] = []
+    for line_no, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE_RE.match(line)
+        if m is None:
+            raise ExpositionError(line_no, f"not a sample line: {line[:80]!r}")
+        labels: dict[str, str] = {}
+        body = m.group("labels")
+        if body:
+            pos = 0
+            while pos < len(body):
+                lm = _LABEL_RE.match(body, pos)
+                if lm is None:
+                    raise ExpositionError(line_no, f"bad label set near {body[pos:pos + 30]!r}")
+                labels[lm.group(1)] = _unescape(lm.group(2))
+                pos = lm.end()
+        ts = m.group("ts")
+        samples.append(Sample(m.group("name"), labels, _parse_value(m.group("value"), line_no),
+                              int(ts) if ts else None))
+    return samples
+
+
+def _combine(values: Sequence[float], how: str) -> float:
+    if how == "sum":
+        return float(sum(values))
+    if how == "max":
+        return float(max(values))
+    return float(sum(values) / len(values))
+
+
+def canonicalize(samples: Iterable[Sample]) -> tuple[dict[str, float], dict[str, float]]:
+    """Reduce exporter samples to (node-level, endpoint-level) canonical values.
+
+    Histograms and counters that only make sense as ratios (vLLM TTFT, Triton queue time) are
+    turned into means: ``sum / count`` over all series.
+    """
+    node: dict[str, list[float]] = {}
+    endpoint: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {}
+    node_how: dict[str, str] = {}
+    ep_how: dict[str, str] = {}
+    for s in samples:
+        if math.isnan(s.value):
+            continue
+        if s.name in _NODE_METRICS:
+            canon, how = _NODE_METRICS[s.name]
+            node.setdefault(canon, []).append(s.value)
+            node_how[canon] = how
+        elif s.name in _ENDPOINT_METRICS:
+            canon, how = _ENDPOINT_METRICS[s.name]
+            endpoint.setdefault(canon, []).append(s.value)
+            ep_how[canon] = how
+        elif s.name in ("vllm:time_to_first_token_seconds_sum", "vllm:time_to_first_token_seconds_count",
+                        "nv_inference_queue_duration_us", "nv_inference_request_success"):
+            ratios.setdefault(s.name, []).append(s.value)
+    node_out = {k: _combine(v, node_how[k]) for k, v in node.items()}
+    ep_out = {k: _combine(v, ep_how[k]) for k, v in endpoint.items()}
+    ttft_count = sum(ratios.get("vllm:time_to_first_token_seconds_count", []))
+    if ttft_count > 0:
+        ep_out[TTFT_MEAN_S] = sum(ratios.get("vllm:time_to_first_token_seconds_sum", [])) / ttft_count
+    success = sum(ratios.get("nv_inference_request_success", []))
+    if success > 0 and "nv_inference_queue_duration_us" in ratios:
+        ep_out[QUEUE_DURATION_US] = sum(ratios["nv_inference_queue_duration_us"]) / success
+    return node_out, ep_out
+
+
+class TelemetryStore:
+    """Thread-safe latest-value store for node and endpoint telemetry, with timestamps.
+
+    Writers (scrapers, ``PushTelemetry``) replace a target's whole map atomically, so a reader
+    never sees half an update. ``clock`` is injectable so the simulator can run on simulated time.
+    """
+
+    def __init__(self, node_of: Mapping[str, str], *, stale_after_s: float = 30.0,
+                 clock: object = None) -> None:
+        self._node_of = dict(node_of)  # endpoint id -> node id
+        self.stale_after_s = stale_after_s
+        self._clock = clock if callable(clock) else time.time
+        self._node: dict[str, dict[str, tuple[float, float]]] = {}
+        self._endpoint: dict[str, dict[str, tuple[float, float]]] = {}
+        self._lock = threading.Lock()
+        self.updates = 0
+
+    def now(self) -> float:
+        return float(self._clock())  # type: ignore[operator]
+
+    def update_node(self, node_id: str, values: Mapping[str, float], ts: float | None = None) -> None:
+        self._update(self._node, node_id, values, ts)
+
+    def update_endpoint(self, endpoint_id: str, values: Mapping[str, float], ts: float | None = None) -> None:
+        self._update(self._endpoint, endpoint_id, values, ts)
+
+    def _update(self, table: dict[str, dict[str, tuple[float, float]]], key: str,
+                values: Mapping[str, float], ts: float | None) -> None:
+        stamp = self.now() if ts is None else ts
+        with self._lock:
+            merged = dict(table.get(key, {}))
+            for name, value in values.items():
+                old = merged.get(name)
+                if old is None or old[1] <= stamp:  # never let an older sample overwrite a newer one
+                    merged[name] = (float(value), stamp)
+            table[key] = merged
+            self.updates += 1
+
+    def ingest_exposition(self, text: str, *, node_id: str = "", endpoint_id: str = "",
+                          ts: float | None = None) -> int:
+        """Parse exposition text scraped from one target and store what it says; returns samples seen."""
+        samples = parse_exposition(text)
+        node_vals, ep_vals = canonicalize(samples)
+        if node_vals:
+            target = node_id or (self._node_of.get(endpoint_id, "") if endpoint_id else "")
+            if target:
+                self.update_node(target, node_vals, ts)
+        if ep_vals and endpoint_id:
+            self.update_endpoint(endpoint_id, ep_vals, ts)
+        return len(samples)
+
+    def reading(self, endpoint_id: str, now: float | None = None) -> TelemetryReading:
+        t = self.now() if now is None else now
+        node = self._node.get(self._node_of.get(endpoint_id, ""), {})
+        ep = self._endpoint.get(endpoint_id, {})
+        values: dict[str, float] = {}
+        ages: dict[str, float] = {}
+        limit = self.stale_after_s
+        for table in (node, ep):
+            for name, (value, stamp) in table.items():
+                age = t - stamp
+                ages[name] = age
+                if age <= limit:
+                    values[name] = value
+        return TelemetryReading(endpoint_id, values, ages)
+
+    def snapshot(self, endpoint_ids: Iterable[str], now: float | None = None) -> dict[str, TelemetryReading]:
+        t = self.now() if now is None else now
+        return {e: self.reading(e, t) for e in endpoint_ids}
+
+    def known_endpoints(self) -> int:
+        return len(self._endpoint)

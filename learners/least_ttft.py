@@ -1,0 +1,46 @@
+"""The spine's deterministic scorer as a learner: always the least expected TTFT."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from decision.domain import Choice, RequestContext, ScoredCandidate
+
+
+class LeastExpectedTtft:
+    """Pick the arm with the lowest expected TTFT (queue x service time + RTT + cold start).
+
+    Deterministic, so the propensity of its choice is 1. Ties go to the cheaper arm, then to
+    the first offered.
+
+    Parameters
+    ----------
+    cost_weight
+        Milliseconds of TTFT one would trade for $0.001 per 1K tokens; 0 ignores cost.
+
+    Examples
+    --------
+    >>> from learners.testing import toy_arms
+    >>> from decision.domain import RequestContext
+    >>> learner = LeastExpectedTtft()
+    >>> choice = learner.choose(RequestContext("r1", "t"), toy_arms([300.0, 120.0, 500.0]))
+    >>> choice.arm, choice.propensity
+    (1, 1.0)
+    """
+
+    name = "least-ttft"
+    version = "1"
+
+    def __init__(self, cost_weight: float = 0.0) -> None:
+        self.cost_weight = cost_weight
+
+    def choose(self, ctx: RequestContext, arms: Sequence[ScoredCandidate]) -> Choice:
+        if not arms:
+            raise ValueError("no arms offered")
+        w = self.cost_weight * 1000.0
+        scores = tuple(-(a.expected_ttft_ms + w * a.expected_cost_per_1k_tokens) for a in arms)
+        best = max(range(len(arms)), key=lambda i: (scores[i], -arms[i].expected_cost_per_1k_tokens, -i))
+        return Choice(best, 1.0, scores)
+
+    def update(self, features: Sequence[float], reward: float) -> None:
+        """Nothing to learn: the scorer is fixed."""
