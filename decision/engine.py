@@ -147,7 +147,8 @@ class DecisionEngine:
         decision_id = new_decision_id(now)
         candidates = self.locate(fleet, ctx, now)
         t1 = time.perf_counter()
-        state = guard.prefetch(ctx)
+        # Pre-fetched state (quota counters...) plus what memoising guards key on.
+        state = {**guard.prefetch(ctx), "inventory_revision": fleet.revision, "now": now}
         t2 = time.perf_counter()
         result = guard.evaluate(ctx, candidates, state)
         t3 = time.perf_counter()
