@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,37 @@ def default_reward(ctx: RequestContext, outcome: Outcome, expected_ttft_ms: floa
         return -1.0
     target = ctx.ttft_target_ms or 500.0
     return max(-1.0, 1.0 - max(0.0, outcome.ttft_ms - target) / target)
+
+
+class LazyTrace(Mapping[str, Any]):
+    """The trace, built on first read.
+
+    Building the JSON-able trace costs more than the decision itself at 64 candidates, and the
+    request path never reads it: the audit writer (off the request path) or ``infermesh decide``
+    does. Everything it is built from is immutable, so building it later gives the same result.
+    """
+
+    __slots__ = ("_build", "_data")
+
+    def __init__(self, build: Callable[[], dict[str, Any]]) -> None:
+        self._build: Callable[[], dict[str, Any]] | None = build
+        self._data: dict[str, Any] | None = None
+
+    def _materialise(self) -> dict[str, Any]:
+        if self._data is None:
+            assert self._build is not None
+            self._data = self._build()
+            self._build = None
+        return self._data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._materialise()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._materialise())
+
+    def __len__(self) -> int:
+        return len(self._materialise())
 
 
 @dataclass(slots=True)
@@ -169,8 +200,8 @@ class DecisionEngine:
         fallbacks = tuple(Route.of(scored[i].candidate.endpoint) for i in order[: self.max_fallbacks])
         timings = {"locate": (t1 - t0) * 1e6, "prefetch": (t2 - t1) * 1e6, "guard": (t3 - t2) * 1e6,
                    "score": (t4 - t3) * 1e6, "choose": (t5 - t4) * 1e6}
-        trace = self._trace(ctx, fleet, candidates, result, scored, choice, fallbacks, learner, shadows,
-                            timings)
+        trace = LazyTrace(lambda: self._trace(ctx, fleet, candidates, result, scored, choice, fallbacks,
+                                              learner, shadows, timings))
         ep = chosen.candidate.endpoint
         decision_us = (time.perf_counter() - t0) * 1e6
         decision = Decision(
@@ -204,7 +235,7 @@ class DecisionEngine:
     def _deny(self, decision_id: str, ctx: RequestContext, fleet: Fleet, candidates: tuple[Candidate, ...],
               result: GuardResult, learner: Learner, now: float, timings: Mapping[str, float]) -> None:
         rules = result.removing_rules()
-        trace = self._trace(ctx, fleet, candidates, result, (), None, (), learner, [], timings)
+        trace = LazyTrace(lambda: self._trace(ctx, fleet, candidates, result, (), None, (), learner, [], timings))
         status = "quota_denied" if result.quota_denied else "denied"
         self.stats[status] += 1
         if self.audit is not None:
@@ -361,7 +392,7 @@ def denial_event(decision_id: str, ctx: RequestContext, now: float, revision: st
         "model": ctx.model or ctx.model_family, "endpoint_id": None, "site_id": None, "region": None,
         "tier": None, "gpu_type": None, "propensity": None, "policy_revision": revision, "learner": learner,
         "expected_ttft_ms": None, "expected_cost_per_1k_tokens": None, "deny_rules": list(rules),
-        "reason": f"denied by {', '.join(rules) or 'no candidates'}", "decision_us": None, "trace": dict(trace),
+        "reason": f"denied by {', '.join(rules) or 'no candidates'}", "decision_us": None, "trace": trace,
     }
 
 

@@ -12,7 +12,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from decision.domain import TelemetryReading
@@ -157,43 +157,90 @@ def canonicalize(samples: Iterable[Sample]) -> tuple[dict[str, float], dict[str,
     return node_out, ep_out
 
 
+class _Ages(Mapping[str, float]):
+    """Ages computed on read from timestamps, so a snapshot costs O(1) per endpoint."""
+
+    __slots__ = ("_now", "_stamps")
+
+    def __init__(self, stamps: Mapping[str, float], now: float) -> None:
+        self._stamps = stamps
+        self._now = now
+
+    def __getitem__(self, key: str) -> float:
+        return self._now - self._stamps[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stamps)
+
+    def __len__(self) -> int:
+        return len(self._stamps)
+
+
+@dataclass(frozen=True, slots=True)
+class _Merged:
+    """An endpoint's node and endpoint values merged, with the oldest timestamp among them."""
+
+    values: Mapping[str, float]
+    stamps: Mapping[str, float]
+    oldest: float
+
+
+_EMPTY = _Merged({}, {}, float("inf"))
+
+
 class TelemetryStore:
     """Thread-safe latest-value store for node and endpoint telemetry, with timestamps.
 
     Writers (scrapers, ``PushTelemetry``) replace a target's whole map atomically, so a reader
-    never sees half an update. ``clock`` is injectable so the simulator can run on simulated time.
+    never sees half an update. Each write re-merges the affected endpoints' node and endpoint
+    values, so a read is a dictionary lookup; only an endpoint with a stale value pays for
+    filtering. ``clock`` is injectable so the simulator can run on simulated time.
     """
 
     def __init__(self, node_of: Mapping[str, str], *, stale_after_s: float = 30.0,
-                 clock: object = None) -> None:
+                 clock: Callable[[], float] | None = None) -> None:
         self._node_of = dict(node_of)  # endpoint id -> node id
+        self._endpoints_of: dict[str, list[str]] = {}
+        for ep, node in self._node_of.items():
+            self._endpoints_of.setdefault(node, []).append(ep)
         self.stale_after_s = stale_after_s
-        self._clock = clock if callable(clock) else time.time
+        self._clock: Callable[[], float] = clock or time.time
         self._node: dict[str, dict[str, tuple[float, float]]] = {}
         self._endpoint: dict[str, dict[str, tuple[float, float]]] = {}
+        self._merged: dict[str, _Merged] = {}
         self._lock = threading.Lock()
         self.updates = 0
 
     def now(self) -> float:
-        return float(self._clock())  # type: ignore[operator]
+        return float(self._clock())
 
     def update_node(self, node_id: str, values: Mapping[str, float], ts: float | None = None) -> None:
-        self._update(self._node, node_id, values, ts)
+        with self._lock:
+            self._update(self._node, node_id, values, ts)
+            for ep in self._endpoints_of.get(node_id, ()):
+                self._remerge(ep)
 
     def update_endpoint(self, endpoint_id: str, values: Mapping[str, float], ts: float | None = None) -> None:
-        self._update(self._endpoint, endpoint_id, values, ts)
+        with self._lock:
+            self._update(self._endpoint, endpoint_id, values, ts)
+            self._remerge(endpoint_id)
 
     def _update(self, table: dict[str, dict[str, tuple[float, float]]], key: str,
                 values: Mapping[str, float], ts: float | None) -> None:
         stamp = self.now() if ts is None else ts
-        with self._lock:
-            merged = dict(table.get(key, {}))
-            for name, value in values.items():
-                old = merged.get(name)
-                if old is None or old[1] <= stamp:  # never let an older sample overwrite a newer one
-                    merged[name] = (float(value), stamp)
-            table[key] = merged
-            self.updates += 1
+        merged = dict(table.get(key, {}))
+        for name, value in values.items():
+            old = merged.get(name)
+            if old is None or old[1] <= stamp:  # never let an older sample overwrite a newer one
+                merged[name] = (float(value), stamp)
+        table[key] = merged
+        self.updates += 1
+
+    def _remerge(self, endpoint_id: str) -> None:
+        items = {**self._node.get(self._node_of.get(endpoint_id, ""), {}), **self._endpoint.get(endpoint_id, {})}
+        stamps = {k: st for k, (_, st) in items.items()}
+        self._merged[endpoint_id] = _Merged({k: v for k, (v, _) in items.items()}, stamps,
+                                            min(stamps.values()) if stamps else float("inf"))
 
     def ingest_exposition(self, text: str, *, node_id: str = "", endpoint_id: str = "",
                           ts: float | None = None) -> int:
@@ -210,18 +257,12 @@ class TelemetryStore:
 
     def reading(self, endpoint_id: str, now: float | None = None) -> TelemetryReading:
         t = self.now() if now is None else now
-        node = self._node.get(self._node_of.get(endpoint_id, ""), {})
-        ep = self._endpoint.get(endpoint_id, {})
-        values: dict[str, float] = {}
-        ages: dict[str, float] = {}
-        limit = self.stale_after_s
-        for table in (node, ep):
-            for name, (value, stamp) in table.items():
-                age = t - stamp
-                ages[name] = age
-                if age <= limit:
-                    values[name] = value
-        return TelemetryReading(endpoint_id, values, ages)
+        m = self._merged.get(endpoint_id, _EMPTY)
+        if t - m.oldest <= self.stale_after_s or not m.stamps:
+            return TelemetryReading(endpoint_id, m.values, _Ages(m.stamps, t))
+        limit = t - self.stale_after_s
+        fresh = {k: v for k, v in m.values.items() if m.stamps[k] >= limit}
+        return TelemetryReading(endpoint_id, fresh, _Ages(m.stamps, t))
 
     def snapshot(self, endpoint_ids: Iterable[str], now: float | None = None) -> dict[str, TelemetryReading]:
         t = self.now() if now is None else now
@@ -229,3 +270,13 @@ class TelemetryStore:
 
     def known_endpoints(self) -> int:
         return len(self._endpoint)
+
+def canonical_name(metric: str) -> tuple[str, bool] | None:
+    """(canonical name, is node-level) for a canonical or exporter metric name; None if unknown."""
+    if metric in CANONICAL:
+        return metric, metric in NODE_LEVEL
+    if metric in _NODE_METRICS:
+        return _NODE_METRICS[metric][0], True
+    if metric in _ENDPOINT_METRICS:
+        return _ENDPOINT_METRICS[metric][0], False
+    return None

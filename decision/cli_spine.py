@@ -1,0 +1,196 @@
+"""The spine's subcommands: serve, demo, decide, fleet check, bench grpc / bench decide."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG = "deploy/demo/infermesh.yaml"
+_BENCH_EXTENSIONS: list[Any] = []
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="run the gRPC decision service and its HTTP port")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--grpc-port", type=int, default=None)
+    p.add_argument("--http-port", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="server processes sharing the port (SO_REUSEPORT)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="start the service on the demo fleet and drive requests through it")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of load (default 30)")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("decide", help="answer one decision in-process, as JSON")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--request", required=True, help="JSON file with DecideRequest fields ('-' for stdin)")
+    p.add_argument("--trace", action="store_true", help="include the full trace")
+    p.set_defaults(func=cmd_decide)
+
+    fleet = sub.add_parser("fleet", help="fleet inventory tools")
+    fsub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="COMMAND")
+    p = fsub.add_parser("check", help="validate an inventory file; errors name file:line: field")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_fleet_check)
+
+    bench = sub.add_parser("bench", help="benchmarks (each prints a table; --json adds one JSON line)")
+    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    p = bsub.add_parser("grpc", help="no-op RPC vs Decide throughput on one server, same run")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    p.add_argument("--clients", type=int, default=2, help="client processes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_grpc)
+    p = bsub.add_parser("decide", help="in-process decision latency for N endpoints")
+    p.add_argument("--endpoints", type=int, action="append", help="fleet size (repeatable); default 512 and 65536")
+    p.add_argument("--candidates", type=int, default=64, help="endpoints per model (the locate stage's output)")
+    p.add_argument("--iterations", type=int, default=5000)
+    p.add_argument("--policies", default="policies/bundles/default",
+                   help="policy bundle for the guard stage ('builtin' for the built-in health rule)")
+    p.add_argument("--learner", default="least-ttft")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_decide)
+    for extend in _bench_extensions():
+        extend(bsub)
+
+
+def _bench_extensions() -> list[Any]:
+    """Benchmarks contributed by other packages (audit writer, Envoy, load generator)."""
+    found: list[Any] = []
+    for module, attr in (("audit.bench", "add_bench_audit"), ("decision.bench_envoy", "add_bench_envoy"),
+                         ("decision.bench_load", "add_bench_load")):
+        try:
+            mod = __import__(module, fromlist=[attr])
+        except ModuleNotFoundError as exc:
+            if exc.name != module:  # a real missing dependency inside the module: say so
+                raise
+            continue
+        found.append(getattr(mod, attr))
+    return found
+
+
+def _setup_logging() -> None:
+    from decision.config import load_settings
+    from decision.logging_json import configure_logging
+
+    configure_logging(load_settings().log_level)
+
+
+def _load(config_path: str) -> tuple[Any, Any]:
+    from decision.config import ConfigError, load_config, load_settings
+    from decision.fleet import InventoryError
+
+    try:
+        return load_config(config_path), load_settings()
+    except (ConfigError, InventoryError) as exc:
+        print(f"infermesh: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_fleet_check(args: argparse.Namespace) -> int:
+    from decision.fleet import InventoryError, load_fleet
+
+    path = Path(args.path)
+    if not path.exists():
+        print(f"{path}: no such file", file=sys.stderr)
+        return 2
+    try:
+        fleet = load_fleet(path)
+    except InventoryError as exc:
+        for issue in exc.issues:
+            print(str(issue), file=sys.stderr)
+        print(f"{path}: {len(exc.issues)} error(s)", file=sys.stderr)
+        return 1
+    tiers = {t: sum(1 for e in fleet.endpoints if e.tier == t) for t in fleet.tiers()}
+    print(f"{path}: ok: {len(fleet.sites)} sites, {len(fleet.spec.nodes)} nodes, {len(fleet.endpoints)} endpoints "
+          f"({', '.join(f'{k} {v}' for k, v in tiers.items())}), {len(fleet.models)} models, "
+          f"revision {fleet.revision}")
+    return 0
+
+
+def cmd_decide(args: argparse.Namespace) -> int:
+    from decision.convert import decision_to_json, request_from_json
+    from decision.errors import DecisionError
+    from decision.service import Service
+
+    cfg, settings = _load(args.config)
+    raw = sys.stdin.read() if args.request == "-" else Path(args.request).read_text(encoding="utf-8")
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        print(f"{args.request}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}", file=sys.stderr)
+        return 2
+    service = Service(cfg, settings, audit_enabled=False)
+    assert service.engine is not None
+    try:
+        decision = service.engine.decide(request_from_json(data))
+    except DecisionError as exc:
+        print(json.dumps({"error": type(exc).__name__, "message": str(exc),
+                          "field": getattr(exc, "field", None), "rules": list(getattr(exc, "rules", ()))}))
+        return 1
+    out = decision_to_json(decision)
+    if not args.trace:
+        out.pop("trace")
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from decision.service import Service
+
+    _setup_logging()
+    log = logging.getLogger("infermesh.serve")
+    cfg, settings = _load(args.config)
+    workers = args.workers or cfg.server.workers
+    if workers > 1:
+        from decision.workers import serve_workers
+
+        return serve_workers(args.config, workers, grpc_port=args.grpc_port, http_port=args.http_port)
+    service = Service(cfg, settings)
+    grpc_port = service.start_grpc(args.grpc_port)
+    http_port = service.start_http(args.http_port)
+    log.info("serving gRPC on %s:%d, HTTP on %s:%d (policy %s, learner %s)", cfg.server.host, grpc_port,
+             cfg.server.host, http_port, service.policies.guard.revision,
+             service.engine.learner.name if service.engine else "?")
+    if service.audit.database_url:
+        log.info("audit log in %s", service.audit.database_url)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=service.reload_policies, daemon=True).start())
+    print(f"infermesh serving: grpc {cfg.server.host}:{grpc_port}  http http://{cfg.server.host}:{http_port}",
+          flush=True)
+    stop.wait()
+    log.info("shutting down: finishing in-flight decisions, draining the audit queue")
+    service.stop()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from decision.demo import run_demo
+
+    cfg, settings = _load(args.config)
+    return run_demo(cfg, settings, duration_s=args.duration, concurrency=args.concurrency, seed=args.seed)
+
+
+def cmd_bench_grpc(args: argparse.Namespace) -> int:
+    from decision.bench import bench_grpc
+
+    cfg, settings = _load(args.config)
+    return bench_grpc(cfg, settings, duration_s=args.duration, clients=args.clients, as_json=args.json)
+
+
+def cmd_bench_decide(args: argparse.Namespace) -> int:
+    from decision.bench import bench_decide
+
+    return bench_decide(args.endpoints or [512, 65536], candidates=args.candidates, iterations=args.iterations,
+                        policies=args.policies, learner=args.learner, as_json=args.json)

@@ -1,0 +1,110 @@
+"""Service configuration: one YAML file validated at start-up, plus environment settings.
+
+The YAML file (``deploy/demo/infermesh.yaml``) says what to serve; the environment (one
+pydantic-settings class, read in one place) says where the databases are. Invalid configuration
+fails fast with file:line: field, never silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from decision.yaml_lines import YamlSyntaxError, load_located_file
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSection(_Section):
+    host: str = "127.0.0.1"
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    threads: int = Field(default=32, ge=1, le=1024)
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    grace_s: float = Field(default=10.0, ge=0)
+
+
+class ScrapeTarget(_Section):
+    url: str
+    endpoint_id: str = ""
+    node_id: str = ""
+
+
+class TelemetrySection(_Section):
+    stale_after_s: float = Field(default=30.0, gt=0)
+    scrape_interval_s: float = Field(default=5.0, gt=0)
+    scrape_timeout_s: float = Field(default=2.0, gt=0)
+    scrape: list[ScrapeTarget] = []
+
+
+class LearnerSection(_Section):
+    name: str = "least-ttft"
+    params: dict[str, Any] = {}
+    shadow: list[dict[str, Any]] = []
+    reward: dict[str, Any] = {}
+    features: str = "default"
+
+
+class DecisionSection(_Section):
+    max_fallbacks: int = Field(default=3, ge=0, le=32)
+    outcome_timeout_s: float = Field(default=300.0, gt=0)
+
+
+class ServiceConfig(_Section):
+    fleet: Path
+    policies: Path | None = None
+    server: ServerSection = ServerSection()
+    telemetry: TelemetrySection = TelemetrySection()
+    learner: LearnerSection = LearnerSection()
+    decision: DecisionSection = DecisionSection()
+    audit: dict[str, Any] = {"enabled": True}
+    path: Path = Path(".")
+
+
+class Settings(BaseSettings):
+    """Environment settings; the only place the process environment is read for configuration."""
+
+    model_config = SettingsConfigDict(env_prefix="INFERMESH_", extra="ignore")
+
+    database_url: str = ""
+    redis_url: str = ""
+    data_dir: Path = Path("var")
+    log_level: str = "INFO"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | Path) -> ServiceConfig:
+    """Load and validate a service config; relative paths resolve against the file's folder."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: no such config file")
+    try:
+        doc = load_located_file(p)
+    except YamlSyntaxError as exc:
+        raise ConfigError(str(exc)) from None
+    if not isinstance(doc.data, dict):
+        raise ConfigError(f"{p}:1: expected a mapping at the top level")
+    try:
+        cfg = ServiceConfig.model_validate({**doc.data, "path": p})
+    except ValidationError as exc:
+        msgs = [f"{p}:{doc.line_of(e['loc'])}: {'.'.join(str(x) for x in e['loc'])}: {e['msg']}"
+                for e in exc.errors()]
+        raise ConfigError("\n".join(msgs)) from None
+    base = p.resolve().parent
+    updates: dict[str, Any] = {"fleet": (base / cfg.fleet).resolve()}
+    if cfg.policies is not None:
+        updates["policies"] = (base / cfg.policies).resolve()
+    return cfg.model_copy(update=updates)
+
+
+def load_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,391 @@
+"""InferMesh as an Envoy ext_proc endpoint picker (Gateway API Inference Extension protocol).
+
+Envoy (alone, or under Envoy Gateway, Istio, kgateway, GKE Gateway) opens one
+``envoy.service.ext_proc.v3.ExternalProcessor/Process`` stream per HTTP request. On it:
+
+Request phase
+    Headers arrive first; the body follows (``request_body_mode: BUFFERED``). From the headers
+    (tenant, tier, region, session, compliance; names in :class:`ExtProcConfig`) and the
+    OpenAI-compatible body (``model``, prompt size, ``max_tokens``) we build a
+    :class:`~decision.domain.RequestContext` and run :meth:`DecisionEngine.decide`. The answer
+    sets ``x-gateway-destination-endpoint: ip:port`` (overwriting whatever the client sent; an
+    ``ORIGINAL_DST`` cluster routes on it), puts ``primary,fallback1,...`` under
+    ``envoy.lb`` / ``x-gateway-destination-endpoint`` in dynamic metadata, and adds
+    ``x-infermesh-decision-id``. The header carries the primary only because an ``ORIGINAL_DST``
+    cluster reads a single ``ip:port``; the metadata carries the ordered list for proxies whose
+    load balancer walks it (``envoy.load_balancing_policies.override_host``). No allowed
+    endpoint: an immediate 503 whose JSON body names the rules; a quota: 429; a bad header or
+    body: 400; an unknown model: 404.
+Response phase
+    Response headers and body chunks (``response_body_mode: STREAMED``) pass through unchanged
+    while we time the first byte and read ``usage`` from the JSON body or the SSE stream. At the
+    end of the stream the outcome goes to :meth:`DecisionEngine.report_outcome`, exactly as
+    the ``ReportOutcome`` RPC would record it, so the learning loop closes without the proxy
+    reporting anything.
+
+Where it is served: on its own port (default 9002, the inference extension's ext_proc port), in
+the same process as the decision API. An ext_proc stream stays open for the whole upstream
+response (seconds to minutes for a token stream), and grpcio's synchronous server holds one worker
+thread per open stream: sharing the decision API's small, CPU-sized pool would let a few long
+generations starve ``Decide``. Its own server gets a pool sized for concurrent streams, its own
+health service (Envoy health-checks the processor cluster there) and can be firewalled so only the
+proxies reach it. :func:`add_extproc_to_server` still registers the servicer on any server, for
+single-port deployments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from decision.domain import Decision, Outcome, OutcomeStatus, RequestContext
+from decision.engine import DecisionEngine
+from decision.errors import DecisionError, InvalidArgument, NoCandidate, NotFound, QuotaExceeded
+from decision.extproc_config import DESTINATION_SERVED_KEY, EXTPROC_SERVICE, ExtProcConfig
+from decision.extproc_openai import OpenAIRequest, UsageReader, parse_request
+
+__all__ = ["EXTPROC_SERVICE", "ExtProcConfig", "ExtProcServer", "ExtProcServicer", "add_extproc_to_server",
+           "outcome_status", "serve_extproc"]
+
+log = logging.getLogger(__name__)
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+_CONTINUE_RESP_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
+
+
+def outcome_status(http_status: int) -> OutcomeStatus:
+    """Map an upstream HTTP status to an outcome status (what ``ReportOutcome`` callers send).
+
+    Examples
+    --------
+    >>> [str(outcome_status(s)) for s in (200, 408, 499, 500, 504)]
+    ['ok', 'timeout', 'cancelled', 'error', 'timeout']
+    """
+    if 200 <= http_status < 400:
+        return OutcomeStatus.OK
+    if http_status in (408, 504):
+        return OutcomeStatus.TIMEOUT
+    if http_status == 499:  # client closed the request (nginx/Envoy convention)
+        return OutcomeStatus.CANCELLED
+    return OutcomeStatus.ERROR
+
+
+def _headers(hm: base_pb2.HeaderMap) -> dict[str, str]:
+    # Envoy sends raw_value (bytes); older versions and test clients use value.
+    out: dict[str, str] = {}
+    for h in hm.headers:
+        out.setdefault(h.key.lower(), h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value)
+    return out
+
+
+def _set(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=value.encode()),
+                                      append_action=_OVERWRITE)
+
+
+def _immediate(code: int, error_type: str, message: str, decision_id: str, config: ExtProcConfig,
+               rules: tuple[str, ...] = ()) -> pb.ProcessingResponse:
+    body: dict[str, object] = {"error": {"type": error_type, "message": message, "code": code}}
+    if rules:
+        body["error"] = {**body["error"], "rules": list(rules)}  # type: ignore[dict-item]
+    if decision_id:
+        body["error"] = {**body["error"], "decision_id": decision_id}  # type: ignore[dict-item]
+    headers = [_set("content-type", "application/json")]
+    if decision_id:
+        headers.append(_set(config.decision_id_header, decision_id))
+    return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=code),
+        headers=pb.HeaderMutation(set_headers=headers),
+        body=json.dumps(body, separators=(",", ":")).encode(),
+        details=f"infermesh_{error_type}"))
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """What one HTTP exchange has seen so far; lives as long as its ext_proc stream."""
+
+    t0: float = 0.0
+    headers: dict[str, str] | None = None
+    decision: Decision | None = None
+    request: OpenAIRequest | None = None
+    http_status: int = 0
+    t_headers: float = 0.0
+    t_first_byte: float = 0.0
+    usage: UsageReader | None = None
+    ended: bool = False
+    reported: bool = False
+
+
+class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    """The ext_proc servicer: decides in the request phase, records outcomes in the response phase.
+
+    Parameters
+    ----------
+    engine
+        The shared in-process :class:`DecisionEngine`.
+    config
+        Header names and defaults.
+    clock
+        Monotonic clock for TTFT and latency (seconds).
+    """
+
+    def __init__(self, engine: DecisionEngine, config: ExtProcConfig | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
+        self.engine = engine
+        self.config = config or ExtProcConfig()
+        self._now = clock or time.perf_counter
+        self.stats: dict[str, int] = {"streams": 0, "routed": 0, "immediate": 0, "outcomes": 0,
+                                      "outcomes_failed": 0}
+
+    # -- the RPC --
+    def Process(self, request_iterator: Iterator[pb.ProcessingRequest],
+                context: grpc.ServicerContext) -> Iterator[pb.ProcessingResponse]:
+        self.stats["streams"] += 1
+        ex = _Exchange()
+        try:
+            for req in request_iterator:
+                resp = self.handle(ex, req)
+                if resp is not None:
+                    yield resp
+                # Reporting after the reply is sent keeps it off the client's last byte.
+                if ex.ended and ex.decision is not None and not ex.reported:
+                    self._report(ex, self._now())
+        finally:
+            if ex.decision is not None and not ex.reported:
+                # The stream closed before the response ended: client gone or upstream reset.
+                self._report(ex, self._now(), cancelled=True)
+
+    def handle(self, ex: _Exchange, req: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
+        """Answer one message of the stream (sans I/O, so it is testable without gRPC)."""
+        which = req.WhichOneof("request")
+        if which == "request_headers":
+            ex.t0 = self._now()
+            ex.headers = _headers(req.request_headers.headers)
+            if req.request_headers.end_of_stream:
+                return self._decide(ex, b"", headers_phase=True)
+            return _CONTINUE_HEADERS
+        if which == "request_body":
+            if ex.decision is not None:  # a body chunk after the decision (streamed mode): pass it on
+                return pb.ProcessingResponse(request_body=pb.BodyResponse())
+            return self._decide(ex, req.request_body.body, headers_phase=False)
+        if which == "response_headers":
+            return self._response_headers(ex, req)
+        if which == "response_body":
+            now = self._now()
+            body = req.response_body.body
+            if body and not ex.t_first_byte:
+                ex.t_first_byte = now
+            if ex.usage is not None:
+                ex.usage.feed(body)
+            if req.response_body.end_of_stream:
+                ex.ended = True
+            return _CONTINUE_RESP_BODY
+        if which == "request_trailers":
+            return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+        if which == "response_trailers":
+            ex.ended = True
+            return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+        return None
+
+    # -- request phase --
+    def context_of(self, headers: Mapping[str, str], body: OpenAIRequest | None) -> RequestContext:
+        """Build the decision context from request headers and the parsed body."""
+        c = self.config
+        fleet = self.engine.fleet
+        name = (body.model if body is not None else "") or headers.get(c.model_header, "")
+        name = c.model_aliases.get(name, name)
+        model, family = (name, "") if name in fleet.models or name not in fleet.by_family else ("", name)
+
+        def number(header: str) -> float:
+            raw = headers.get(header, "")
+            try:
+                return float(raw) if raw else 0.0
+            except ValueError:
+                raise InvalidArgument(header, f"not a number: {raw[:40]!r}") from None
+
+        tenant = headers.get(c.tenant_header, "") or c.default_tenant
+        if not tenant:
+            raise InvalidArgument(c.tenant_header, "required header missing")
+        if not name:
+            raise InvalidArgument("model", f"no model in the body and no {c.model_header} header")
+        juris = tuple(j.strip() for j in headers.get(c.jurisdictions_header, "").split(",") if j.strip())
+        return RequestContext(
+            request_id=headers.get(c.request_id_header, "")[:256] or "envoy",
+            tenant=tenant,
+            user_tier=headers.get(c.tier_header, "") or "standard",
+            model=model,
+            model_family=family,
+            modality=headers.get(c.modality_header, "") or "text",
+            prompt_class=headers.get(c.prompt_class_header, "") or "general",
+            estimated_input_tokens=body.estimated_input_tokens if body is not None else 0,
+            expected_output_tokens=body.max_tokens if body is not None else 0,
+            allowed_jurisdictions=juris,
+            data_class=headers.get(c.data_class_header, "") or "public",
+            client_region=headers.get(c.region_header, ""),
+            session_id=headers.get(c.session_header, "")[:256],
+            ttft_target_ms=number(c.ttft_target_header),
+            max_cost_per_1k_tokens=number(c.max_cost_header),
+            labels={"via": "envoy-ext-proc", "path": headers.get(":path", "")[:256]},
+        )
+
+    def _decide(self, ex: _Exchange, body: bytes, *, headers_phase: bool) -> pb.ProcessingResponse:
+        c = self.config
+        try:
+            ex.request = parse_request(body)
+            decision = self.engine.decide(self.context_of(ex.headers or {}, ex.request))
+        except QuotaExceeded as exc:
+            return self._deny(_immediate(429, "quota_exceeded", str(exc), exc.decision_id, c, exc.rules))
+        except NoCandidate as exc:
+            return self._deny(_immediate(503, "no_candidate", str(exc), exc.decision_id, c, exc.rules))
+        except InvalidArgument as exc:
+            return self._deny(_immediate(400, "invalid_argument", str(exc), "", c))
+        except NotFound as exc:
+            return self._deny(_immediate(404, "not_found", str(exc), "", c))
+        except DecisionError as exc:  # Unavailable: the service itself cannot decide
+            return self._deny(_immediate(503, "unavailable", str(exc), "", c))
+        ex.decision = decision
+        self.stats["routed"] += 1
+        primary = decision.route.address
+        chain = ",".join([primary, *(r.address for r in decision.fallbacks)])
+        common = pb.CommonResponse(
+            header_mutation=pb.HeaderMutation(set_headers=[
+                _set(c.destination_header, primary), _set(c.decision_id_header, decision.decision_id)]),
+            clear_route_cache=True)  # the route is chosen on the header we just set
+        meta = struct_pb2.Struct()
+        meta.update({c.metadata_namespace: {c.destination_header: chain}})
+        if headers_phase:
+            return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common),
+                                         dynamic_metadata=meta)
+        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common), dynamic_metadata=meta)
+
+    def _deny(self, resp: pb.ProcessingResponse) -> pb.ProcessingResponse:
+        self.stats["immediate"] += 1
+        return resp
+
+    # -- response phase --
+    def _response_headers(self, ex: _Exchange, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        ex.t_headers = self._now()
+        h = _headers(req.response_headers.headers)
+        try:
+            ex.http_status = int(h.get(":status", "0"))
+        except ValueError:
+            ex.http_status = 0
+        if req.response_headers.end_of_stream:
+            ex.ended = True
+        else:
+            ex.usage = UsageReader(sse=h.get("content-type", "").startswith("text/event-stream"),
+                                   max_json_bytes=self.config.max_response_json_bytes)
+        if ex.decision is None:
+            return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+        served = self._served(req)
+        if served and served != ex.decision.route.address:
+            log.info("decision %s served by fallback %s", ex.decision.decision_id, served)
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse(
+            header_mutation=pb.HeaderMutation(set_headers=[
+                _set(self.config.decision_id_header, ex.decision.decision_id)]))))
+
+    def _served(self, req: pb.ProcessingRequest) -> str:
+        """``envoy.lb/x-gateway-destination-endpoint-served``, when the proxy forwards it."""
+        ns = req.metadata_context.filter_metadata.get(self.config.metadata_namespace)
+        if ns is None or DESTINATION_SERVED_KEY not in ns.fields:
+            return ""
+        return str(ns.fields[DESTINATION_SERVED_KEY].string_value)
+
+    def _report(self, ex: _Exchange, now: float, *, cancelled: bool = False) -> None:
+        decision = ex.decision
+        assert decision is not None
+        ex.reported = True
+        if cancelled and not ex.http_status:
+            status, error = OutcomeStatus.CANCELLED, "stream closed before the upstream responded"
+        elif cancelled:
+            status, error = OutcomeStatus.CANCELLED, f"stream closed mid-response (HTTP {ex.http_status})"
+        else:
+            status = outcome_status(ex.http_status)
+            error = "" if status is OutcomeStatus.OK else f"HTTP {ex.http_status}"
+        first = ex.t_first_byte or ex.t_headers or now
+        usage = ex.usage.result() if ex.usage is not None else None
+        est_in = ex.request.estimated_input_tokens if ex.request is not None else 0
+        outcome = Outcome(
+            decision_id=decision.decision_id, status=status,
+            ttft_ms=max(0.0, (first - ex.t0) * 1000.0), latency_ms=max(0.0, (now - ex.t0) * 1000.0),
+            input_tokens=usage.prompt_tokens if usage else est_in,
+            output_tokens=usage.completion_tokens if usage else (ex.usage.content_chunks if ex.usage else 0),
+            error=error, reported_at=self.engine.clock())
+        try:
+            self.engine.report_outcome(outcome)
+            self.stats["outcomes"] += 1
+        except DecisionError as exc:  # e.g. the decision expired from the pending table
+            self.stats["outcomes_failed"] += 1
+            log.warning("outcome for %s not recorded: %s", decision.decision_id, exc)
+
+
+def add_extproc_to_server(server: grpc.Server, engine: DecisionEngine, config: ExtProcConfig | None,
+                          health_servicer: health.HealthServicer | None) -> ExtProcServicer:
+    """Register the ext_proc servicer on ``server`` and mark it SERVING in ``health_servicer``.
+
+    Returns
+    -------
+    ExtProcServicer
+        The registered servicer (its ``stats`` count streams, routes and outcomes).
+    """
+    servicer = ExtProcServicer(engine, config)
+    pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+    if health_servicer is not None:
+        health_servicer.set(EXTPROC_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    return servicer
+
+
+@dataclass
+class ExtProcServer:
+    """A running ext_proc server on its own port (see the module docstring for why)."""
+
+    server: grpc.Server
+    port: int
+    servicer: ExtProcServicer
+    health: health.HealthServicer
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        self.health.enter_graceful_shutdown()  # probes see NOT_SERVING while streams drain
+        self.server.stop(grace_s).wait()
+
+
+def serve_extproc(engine: DecisionEngine, config: ExtProcConfig | None = None, *,
+                  address: str = "0.0.0.0:9002", max_streams: int = 512) -> ExtProcServer:
+    """Start an ext_proc server with gRPC health and reflection on ``address``.
+
+    Parameters
+    ----------
+    engine, config
+        As for :class:`ExtProcServicer`.
+    address
+        ``host:port`` to bind; port 0 picks a free one (see ``ExtProcServer.port``).
+    max_streams
+        Worker threads, i.e. HTTP requests in flight through the proxy at once; more wait.
+    """
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="extproc"),
+                         options=[("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", max_streams)])
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    servicer = add_extproc_to_server(server, engine, config, health_servicer)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (pb.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name, health.SERVICE_NAME,
+         reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"cannot bind the ext_proc server to {address}")
+    server.start()
+    return ExtProcServer(server, port, servicer, health_servicer)

@@ -1,0 +1,216 @@
+"""Reading OpenAI-compatible request and response bodies, as the ext_proc endpoint picker sees them.
+
+Requests: ``model``, the size of the prompt (``messages``, ``prompt`` or ``input``) for the
+input-token estimate, and the output budget (``max_tokens`` / ``max_completion_tokens`` /
+``max_output_tokens``). Responses: the ``usage`` object, either in a JSON body or in the chunks of
+a server-sent-event stream (``stream_options.include_usage``). When a stream carries no usage, the
+number of content chunks stands in for the completion tokens (vLLM sends one token per chunk).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+# About four characters per token for English BPE vocabularies; the learner corrects the rest.
+CHARS_PER_TOKEN = 4.0
+# Role markers and separators every chat template adds per message.
+TOKENS_PER_MESSAGE = 4
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAIRequest:
+    """What the endpoint picker needs from one request body.
+
+    Attributes
+    ----------
+    model
+        The ``model`` field ("" when absent).
+    estimated_input_tokens
+        Prompt size estimate: characters / :data:`CHARS_PER_TOKEN`, plus per-message overhead.
+    max_tokens
+        Output budget the client asked for (0 when unspecified).
+    stream
+        Whether the client asked for a server-sent-event stream.
+    """
+
+    model: str
+    estimated_input_tokens: int
+    max_tokens: int
+    stream: bool
+
+
+def _text_chars(content: Any) -> int:
+    """Characters of text in a message ``content`` (a string or a list of typed parts)."""
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        total = 0
+        for part in content:
+            if isinstance(part, str):
+                total += len(part)
+            elif isinstance(part, dict):
+                text = part.get("text")
+                if isinstance(text, str):
+                    total += len(text)
+        return total
+    return 0
+
+
+def _int_field(doc: dict[str, Any], *names: str) -> int:
+    for name in names:
+        v = doc.get(name)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return 0
+
+
+def parse_request(body: bytes) -> OpenAIRequest | None:
+    """Parse an OpenAI-compatible JSON request body; ``None`` when it is not a JSON object.
+
+    Examples
+    --------
+    >>> r = parse_request(b'{"model": "m", "max_tokens": 64, '
+    ...                   b'"messages": [{"role": "user", "content": "hello there, model"}]}')
+    >>> (r.model, r.estimated_input_tokens, r.max_tokens, r.stream)
+    ('m', 9, 64, False)
+    """
+    if not body:
+        return None
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    chars = 0
+    overhead = 0
+    messages = doc.get("messages")
+    if isinstance(messages, list):
+        for m in messages:
+            if isinstance(m, dict):
+                chars += _text_chars(m.get("content"))
+                overhead += TOKENS_PER_MESSAGE
+    for key in ("prompt", "input"):
+        value = doc.get(key)
+        if isinstance(value, str):
+            chars += len(value)
+        elif isinstance(value, list):
+            chars += sum(len(v) if isinstance(v, str) else _text_chars(v.get("content") if
+                                                                         isinstance(v, dict) else v)
+                         for v in value)
+    model = doc.get("model")
+    return OpenAIRequest(
+        model=model if isinstance(model, str) else "",
+        estimated_input_tokens=math.ceil(chars / CHARS_PER_TOKEN) + overhead,
+        max_tokens=_int_field(doc, "max_tokens", "max_completion_tokens", "max_output_tokens"),
+        stream=doc.get("stream") is True,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _usage_of(doc: Any) -> Usage | None:
+    if not isinstance(doc, dict):
+        return None
+    u = doc.get("usage")
+    if not isinstance(u, dict):
+        return None
+    p = u.get("prompt_tokens", u.get("input_tokens"))
+    c = u.get("completion_tokens", u.get("output_tokens"))
+    if not isinstance(p, int) or not isinstance(c, int):
+        return None
+    return Usage(max(0, p), max(0, c))
+
+
+class UsageReader:
+    """Incremental reader of ``usage`` from a response body, fed chunk by chunk.
+
+    JSON bodies are buffered (up to ``max_json_bytes``) and parsed at the end; SSE streams are
+    parsed line by line as they pass, so memory stays flat however long the stream.
+
+    Parameters
+    ----------
+    sse
+        Whether the response is ``text/event-stream``.
+    max_json_bytes
+        Bodies longer than this are not parsed (their usage is reported as unknown).
+
+    Examples
+    --------
+    >>> r = UsageReader(sse=True)
+    >>> r.feed(b'data: {"choices": [{"delta": {"content": "Hi"}}]}\\n\\ndata: {"choices": [], ')
+    >>> r.feed(b'"usage": {"prompt_tokens": 7, "completion_tokens": 1}}\\n\\ndata: [DONE]\\n\\n')
+    >>> r.result(), r.content_chunks
+    (Usage(prompt_tokens=7, completion_tokens=1), 1)
+    """
+
+    def __init__(self, *, sse: bool, max_json_bytes: int = 4 << 20) -> None:
+        self.sse = sse
+        self.max_json_bytes = max_json_bytes
+        self.content_chunks = 0
+        self._buf = bytearray()
+        self._overflow = False
+        self._usage: Usage | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        if not self.sse:
+            if len(self._buf) + len(chunk) > self.max_json_bytes:
+                self._overflow = True
+                self._buf.clear()
+            elif not self._overflow:
+                self._buf += chunk
+            return
+        self._buf += chunk
+        start = 0
+        while (nl := self._buf.find(b"\n", start)) >= 0:
+            self._line(bytes(self._buf[start:nl]).strip())
+            start = nl + 1
+        del self._buf[:start]
+        if len(self._buf) > self.max_json_bytes:  # a line that never ends: drop it, not the process
+            self._buf.clear()
+
+    def _line(self, line: bytes) -> None:
+        if not line.startswith(b"data:"):
+            return
+        data = line[5:].strip()
+        if data == b"[DONE]" or not data:
+            return
+        has_usage = b'"usage"' in data and b"tokens" in data
+        if not has_usage:
+            # Cheap path for the common chunk: count it without parsing JSON.
+            if b'"choices"' in data and b'"choices":[]' not in data and b'"choices": []' not in data:
+                self.content_chunks += 1
+            return
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            return
+        choices = doc.get("choices") if isinstance(doc, dict) else None
+        if choices:
+            self.content_chunks += 1
+        u = _usage_of(doc)
+        if u is not None:
+            self._usage = u
+
+    def result(self) -> Usage | None:
+        """The usage reported by the body, or ``None`` when it had none."""
+        if self.sse:
+            if self._buf.strip():
+                self._line(bytes(self._buf).strip())
+                self._buf.clear()
+            return self._usage
+        if self._overflow or not self._buf:
+            return None
+        try:
+            return _usage_of(json.loads(bytes(self._buf)))
+        except (ValueError, UnicodeDecodeError):
+            return None

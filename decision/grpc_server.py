@@ -1,0 +1,211 @@
+"""The gRPC front end: DecisionService, standard health and server reflection.
+
+A thin adapter over :class:`decision.engine.DecisionEngine`. Typed errors from the pipeline
+become gRPC statuses here and only here; every error's details name the field or the rules.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from infermesh.decision.v1 import decision_pb2 as pb
+from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
+
+from decision.convert import decision_to_pb, outcome_from_pb, request_from_pb, trace_to_pb
+from decision.engine import DecisionEngine
+from decision.errors import (
+    DecisionError,
+    InvalidArgument,
+    NoCandidate,
+    NotFound,
+    QuotaExceeded,
+    Unavailable,
+)
+from decision.metrics import ServiceMetrics
+from decision.telemetry import canonical_name
+
+log = logging.getLogger("infermesh.grpc")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DecisionService"].full_name
+T = TypeVar("T")
+
+
+def status_of(exc: DecisionError) -> tuple[grpc.StatusCode, str, list[tuple[str, str]]]:
+    """The gRPC status, details and trailing metadata for a pipeline error."""
+    if isinstance(exc, InvalidArgument):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc), [("infermesh-field", exc.field)]
+    if isinstance(exc, NotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc), [("infermesh-field", exc.what)]
+    if isinstance(exc, QuotaExceeded):
+        return (grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
+                [("infermesh-rules", ",".join(exc.rules)), ("infermesh-decision-id", exc.decision_id)])
+    if isinstance(exc, NoCandidate):
+        return (grpc.StatusCode.FAILED_PRECONDITION, str(exc),
+                [("infermesh-rules", ",".join(exc.rules)), ("infermesh-decision-id", exc.decision_id)])
+    if isinstance(exc, Unavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(exc), []
+    return grpc.StatusCode.INTERNAL, str(exc), []
+
+
+class DecisionServicer(pb_grpc.DecisionServiceServicer):
+    def __init__(self, engine: DecisionEngine, metrics: ServiceMetrics,
+                 reload_policies: Callable[[], tuple[bool, str, str]] | None = None,
+                 flush_audit: Callable[[], None] | None = None) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.reload_policies = reload_policies
+        self.flush_audit = flush_audit
+
+    def _guarded(self, method: str, context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except DecisionError as exc:
+            code, details, trailers = status_of(exc)
+            if isinstance(exc, NoCandidate):
+                for rule in exc.rules:
+                    self.metrics.denials.labels(rule).inc()
+            self.metrics.rpc_errors.labels(method, code.name).inc()
+            context.set_trailing_metadata(tuple(trailers))
+            context.abort(code, details)
+        except Exception:
+            log.exception("%s failed", method)
+            self.metrics.rpc_errors.labels(method, "UNAVAILABLE").inc()
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"{method}: internal failure (logged); retry")
+        raise AssertionError("unreachable")  # context.abort raises
+
+    def Decide(self, request: pb.DecideRequest, context: grpc.ServicerContext) -> pb.DecideResponse:
+        def run() -> pb.DecideResponse:
+            try:
+                d = self.engine.decide(request_from_pb(request))
+            except NoCandidate as exc:
+                self.metrics.decisions.labels("quota_denied" if isinstance(exc, QuotaExceeded)
+                                              else "denied").inc()
+                raise
+            self.metrics.decisions.labels("routed").inc()
+            self.metrics.decision_seconds.observe(d.decision_us / 1e6)
+            return decision_to_pb(d, self.engine.fleet.revision)
+
+        return self._guarded("Decide", context, run)
+
+    def ReportOutcome(self, request: pb.Outcome, context: grpc.ServicerContext) -> pb.OutcomeAck:
+        def run() -> pb.OutcomeAck:
+            res = self.engine.report_outcome(outcome_from_pb(request))
+            if not res.duplicate:
+                self.metrics.outcomes.labels(pb.OutcomeStatus.Name(request.status)).inc()
+                if res.reward is not None:
+                    self.metrics.reward.observe(res.reward)
+            ack = pb.OutcomeAck(decision_id=res.decision_id, accepted=res.accepted, duplicate=res.duplicate)
+            if res.reward is not None:
+                ack.reward = res.reward
+            return ack
+
+        return self._guarded("ReportOutcome", context, run)
+
+    def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext) -> pb.Trace:
+        def run() -> pb.Trace:
+            if not request.decision_id:
+                raise InvalidArgument("decision_id", "required")
+            reader = self.engine.traces
+            if reader is None:
+                raise Unavailable("Explain needs the audit log, which is not configured")
+            record = reader.get_decision(request.decision_id)
+            if record is None and self.flush_audit is not None:
+                self.flush_audit()  # the decision may still be in the writer's queue
+                record = reader.get_decision(request.decision_id)
+            if record is None:
+                raise NotFound("decision", request.decision_id)
+            return trace_to_pb(record)
+
+        return self._guarded("Explain", context, run)
+
+    def PushTelemetry(self, request_iterator: Iterator[pb.TelemetryBatch],
+                      context: grpc.ServicerContext) -> pb.TelemetryAck:
+        def run() -> pb.TelemetryAck:
+            store = self.engine.telemetry
+            fleet = self.engine.fleet
+            nodes = {e.node_id for e in fleet.endpoints}
+            accepted = batches = 0
+            for batch in request_iterator:
+                batches += 1
+                for i, s in enumerate(batch.samples):
+                    accepted += _ingest_sample(store, fleet.by_id, nodes, i, s)
+                for i, x in enumerate(batch.expositions):
+                    if x.endpoint_id and x.endpoint_id not in fleet.by_id:
+                        raise InvalidArgument(f"expositions[{i}].endpoint_id", f"unknown endpoint {x.endpoint_id!r}")
+                    if x.node_id and x.node_id not in nodes:
+                        raise InvalidArgument(f"expositions[{i}].node_id", f"unknown node {x.node_id!r}")
+                    ts = x.scraped_at_unix_ms / 1000.0 if x.scraped_at_unix_ms else None
+                    try:
+                        accepted += store.ingest_exposition(x.text, node_id=x.node_id, endpoint_id=x.endpoint_id,
+                                                            ts=ts)
+                    except ValueError as exc:
+                        raise InvalidArgument(f"expositions[{i}].text", str(exc)) from None
+            self.metrics.telemetry_samples.labels("push").inc(accepted)
+            return pb.TelemetryAck(samples_accepted=accepted, batches=batches)
+
+        return self._guarded("PushTelemetry", context, run)
+
+    def ReloadPolicies(self, request: pb.ReloadPoliciesRequest,
+                       context: grpc.ServicerContext) -> pb.ReloadPoliciesResponse:
+        def run() -> pb.ReloadPoliciesResponse:
+            if self.reload_policies is None:
+                raise Unavailable("no policy bundle is configured (the built-in health rule is in use)")
+            ok, revision, error = self.reload_policies()
+            return pb.ReloadPoliciesResponse(reloaded=ok, revision=revision, error=error)
+
+        return self._guarded("ReloadPolicies", context, run)
+
+
+def _ingest_sample(store: Any, by_id: dict[str, Any], nodes: set[str], i: int, s: pb.TelemetrySample) -> int:
+    known = canonical_name(s.metric)
+    if known is None:
+        raise InvalidArgument(f"samples[{i}].metric", f"unknown metric {s.metric!r}")
+    name, node_level = known
+    ts = s.timestamp_unix_ms / 1000.0 if s.timestamp_unix_ms else None
+    if node_level:
+        node = s.node_id or (by_id[s.endpoint_id].node_id if s.endpoint_id in by_id else "")
+        if not node or node not in nodes:
+            raise InvalidArgument(f"samples[{i}].node_id", f"unknown node {s.node_id or s.endpoint_id!r}")
+        store.update_node(node, {name: s.value}, ts)
+    else:
+        if s.endpoint_id not in by_id:
+            raise InvalidArgument(f"samples[{i}].endpoint_id", f"unknown endpoint {s.endpoint_id!r}")
+        store.update_endpoint(s.endpoint_id, {name: s.value}, ts)
+    return 1
+
+
+def build_server(servicer: DecisionServicer, *, address: str, threads: int = 32,
+                 max_message_bytes: int = 4 * 1024 * 1024, reuse_port: bool = False,
+                 extra_services: Sequence[str] = (),
+                 credentials: grpc.ServerCredentials | None = None,
+                 ) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A started-ready (not started) server with DecisionService, health and reflection; returns its port."""
+    options = [("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_send_message_length", max_message_bytes),
+               ("grpc.so_reuseport", 1 if reuse_port else 0)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
+                         options=options)
+    pb_grpc.add_DecisionServiceServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, *extra_services)
+    reflection.enable_server_reflection(names, server)
+    port = (server.add_secure_port(address, credentials) if credentials is not None
+            else server.add_insecure_port(address))
+    if port == 0:
+        raise OSError(f"cannot bind gRPC server to {address}")
+    return server, port, health_servicer
+
+
+def wait_for_ready(target: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as ch:
+        grpc.channel_ready_future(ch).result(timeout=max(0.1, deadline - time.monotonic()))

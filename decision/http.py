@@ -1,0 +1,63 @@
+"""The HTTP side of the service: /healthz, /metrics, and the auditors' API when audit is on."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import uvicorn
+from fastapi import APIRouter, FastAPI, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from decision.metrics import ServiceMetrics
+
+
+def create_app(metrics: ServiceMetrics, health: Callable[[], Mapping[str, Any]],
+               routers: tuple[APIRouter, ...] = ()) -> FastAPI:
+    app = FastAPI(title="InferMesh", version="1", description="InferMesh decision service: health, metrics "
+                  "and the auditors' API over the decision log.")
+
+    @app.get("/healthz", summary="Liveness and details (policy revision, audit queue, reload errors)")
+    def healthz() -> JSONResponse:
+        details = dict(health())
+        return JSONResponse(details, status_code=200 if details.get("status") == "ok" else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    for r in routers:
+        app.include_router(r)
+    return app
+
+
+class HttpServer:
+    """uvicorn in a background thread, stoppable."""
+
+    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                     access_log=False, lifespan="off"))
+        self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        self._thread.start()
+        deadline = threading.Event()
+        for _ in range(int(timeout_s / 0.05)):
+            if self._server.started:
+                return
+            deadline.wait(0.05)
+        raise OSError("HTTP server did not start")
+
+    @property
+    def port(self) -> int:
+        servers = getattr(self._server, "servers", [])
+        for s in servers:
+            for sock in s.sockets:
+                return int(sock.getsockname()[1])
+        return 0
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=5)

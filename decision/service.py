@@ -1,0 +1,209 @@
+"""The composition root: the only module that knows every concrete class.
+
+``build_service`` turns a validated :class:`~decision.config.ServiceConfig` into a running set
+of parts (engine, telemetry store and scraper, guard and its reloader, learner, audit writer,
+metrics); ``Service.start_grpc`` / ``start_http`` put the front ends on top.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from fastapi import APIRouter
+
+from decision.config import ServiceConfig, Settings
+from decision.contracts import AuditSink, Guard, Learner, TraceReader
+from decision.engine import DecisionEngine
+from decision.fleet import Fleet, load_fleet
+from decision.grpc_server import DecisionServicer, build_server
+from decision.health_guard import BuiltinHealthGuard
+from decision.http import HttpServer, create_app
+from decision.metrics import ServiceMetrics
+from decision.scraper import Scraper
+from decision.telemetry import TelemetryStore
+
+log = logging.getLogger("infermesh.service")
+
+
+@dataclass
+class AuditParts:
+    """What the audit package contributes; all optional so the service runs without a database."""
+
+    sink: AuditSink | None = None
+    reader: TraceReader | None = None
+    flush: Callable[[], None] | None = None
+    close: Callable[[], None] | None = None
+    routers: tuple[APIRouter, ...] = ()
+    health: Callable[[], Mapping[str, Any]] | None = None
+    gauges: Mapping[str, Callable[[], float]] = field(default_factory=dict)
+    database_url: str = ""
+
+
+@dataclass
+class PolicyParts:
+    guard: Guard
+    reload: Callable[[], tuple[bool, str, str]] | None = None
+    health: Callable[[], Mapping[str, Any]] | None = None
+    stop: Callable[[], None] | None = None
+
+
+def build_policies(config: ServiceConfig, settings: Settings, fleet: Fleet,
+                   on_swap: Callable[[Guard], None]) -> PolicyParts:
+    if config.policies is None:
+        return PolicyParts(BuiltinHealthGuard())
+    from policies.integration import build_policy_parts  # the guardrail package's entry point
+
+    return build_policy_parts(config.policies, settings=settings, on_swap=on_swap)
+
+
+def build_learner(config: ServiceConfig, settings: Settings, n_features: int) -> tuple[Learner, tuple[Learner, ...]]:
+    if config.learner.name == "least-ttft" and not config.learner.shadow:
+        from learners.least_ttft import LeastExpectedTtft
+
+        return LeastExpectedTtft(**config.learner.params), ()
+    from learners.registry import make_learner
+
+    acting = make_learner(config.learner.name, n_features, **config.learner.params)
+    shadows = tuple(make_learner(str(s["name"]), n_features, **dict(s.get("params", {})))
+                    for s in config.learner.shadow)
+    return acting, shadows
+
+
+def build_audit(config: ServiceConfig, settings: Settings) -> AuditParts:
+    if not config.audit.get("enabled", True):
+        return AuditParts()
+    from audit.integration import build_audit_parts  # the audit package's entry point
+
+    return build_audit_parts(config.audit, settings=settings)
+
+
+class Service:
+    """A configured decision service and its front ends."""
+
+    def __init__(self, config: ServiceConfig, settings: Settings, *, audit_enabled: bool | None = None) -> None:
+        self.config = config
+        self.settings = settings
+        self.metrics = ServiceMetrics()
+        self.fleet = load_fleet(config.fleet)
+        self.telemetry = TelemetryStore({e.endpoint_id: e.node_id for e in self.fleet.endpoints},
+                                        stale_after_s=config.telemetry.stale_after_s)
+        self.scraper = Scraper(self.telemetry, config.telemetry.scrape, interval_s=config.telemetry.scrape_interval_s,
+                               timeout_s=config.telemetry.scrape_timeout_s)
+        if audit_enabled is False:
+            self.audit = AuditParts()
+        else:
+            self.audit = build_audit(config, settings)
+        self.engine: DecisionEngine | None = None
+        self.policies = build_policies(config, settings, self.fleet, self._swap_guard)
+        features = _build_features(config)
+        learner, shadows = build_learner(config, settings, len(features.names))
+        self.engine = DecisionEngine(
+            self.fleet, self.telemetry, self.policies.guard, learner, features=features,
+            audit=self.audit.sink, traces=self.audit.reader, reward=_build_reward(config), shadow=shadows,
+            max_fallbacks=config.decision.max_fallbacks, outcome_timeout_s=config.decision.outcome_timeout_s)
+        self.engine.on_stage = lambda stage, us: self.metrics.stage_seconds.labels(stage).observe(us / 1e6)
+        self.metrics.gauge("infermesh_pending_outcomes", "Decisions awaiting an outcome.",
+                           lambda: float(self.engine.pending_outcomes() if self.engine else 0))
+        for name, read in self.audit.gauges.items():
+            self.metrics.gauge(name, f"Audit writer: {name}.", read)
+        self.grpc_server: grpc.Server | None = None
+        self.grpc_port = 0
+        self.http: HttpServer | None = None
+        self._expiry_stop = threading.Event()
+        self._expiry = threading.Thread(target=self._expire_loop, name="outcome-expiry", daemon=True)
+
+    def _swap_guard(self, guard: Guard) -> None:
+        if self.engine is not None:
+            self.engine.set_guard(guard)
+            self.metrics.policy_reloads.inc()
+
+    def reload_policies(self) -> tuple[bool, str, str]:
+        if self.policies.reload is None:
+            return False, self.policies.guard.revision, "no policy bundle configured"
+        ok, rev, err = self.policies.reload()
+        if not ok:
+            self.metrics.policy_reload_failures.inc()
+        return ok, rev, err
+
+    def health(self) -> dict[str, Any]:
+        assert self.engine is not None
+        details: dict[str, Any] = {"status": "ok", "inventory_revision": self.fleet.revision,
+                                   "policy_revision": self.engine.guard.revision,
+                                   "learner": f"{self.engine.learner.name}@{self.engine.learner.version}",
+                                   "decisions": dict(self.engine.stats),
+                                   "telemetry_endpoints": self.telemetry.known_endpoints()}
+        if self.policies.health is not None:
+            details["policies"] = dict(self.policies.health())
+        if self.audit.health is not None:
+            audit = dict(self.audit.health())
+            details["audit"] = audit
+            if audit.get("status") not in (None, "ok"):
+                details["status"] = "degraded"
+        return details
+
+    def _expire_loop(self) -> None:
+        while not self._expiry_stop.wait(1.0):
+            if self.engine is not None:
+                self.engine.expire_outcomes()
+
+    def start_grpc(self, port: int | None = None, *, reuse_port: bool = False) -> int:
+        assert self.engine is not None
+        srv = self.config.server
+        servicer = DecisionServicer(self.engine, self.metrics,
+                                    reload_policies=self.reload_policies if self.policies.reload else None,
+                                    flush_audit=self.audit.flush)
+        self.grpc_server, self.grpc_port, _ = build_server(
+            servicer, address=f"{srv.host}:{srv.grpc_port if port is None else port}", threads=srv.threads,
+            max_message_bytes=srv.max_message_bytes, reuse_port=reuse_port)
+        self.grpc_server.start()
+        self.scraper.start()
+        if not self._expiry.is_alive():
+            self._expiry.start()
+        return self.grpc_port
+
+    def start_http(self, port: int | None = None) -> int:
+        app = create_app(self.metrics, self.health, self.audit.routers)
+        srv = self.config.server
+        self.http = HttpServer(app, srv.host, srv.http_port if port is None else port)
+        self.http.start()
+        return self.http.port
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Graceful: stop accepting, let in-flight RPCs finish, then drain the audit queue."""
+        grace = self.config.server.grace_s if grace_s is None else grace_s
+        if self.grpc_server is not None:
+            self.grpc_server.stop(grace).wait()
+        if self.http is not None:
+            self.http.stop()
+        self.scraper.stop()
+        self._expiry_stop.set()
+        if self.policies.stop is not None:
+            self.policies.stop()
+        if self.audit.close is not None:
+            started = time.monotonic()
+            self.audit.close()
+            log.info("audit queue drained in %.2fs", time.monotonic() - started)
+
+
+def _build_features(config: ServiceConfig) -> Any:
+    if config.learner.features == "basic":
+        from decision.scoring import BasicFeatures
+
+        return BasicFeatures()
+    from learners.features import default_feature_builder
+
+    return default_feature_builder()
+
+
+def _build_reward(config: ServiceConfig) -> Any:
+    if not config.learner.reward:
+        return None
+    from learners.reward import reward_from_config
+
+    return reward_from_config(config.learner.reward)
