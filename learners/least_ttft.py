@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from decision.domain import Choice, RequestContext, ScoredCandidate
 
@@ -44,3 +45,20 @@ class LeastExpectedTtft:
 
     def update(self, features: Sequence[float], reward: float) -> None:
         """Nothing to learn: the scorer is fixed."""
+
+    def probabilities(self, ctx: RequestContext, arms: Sequence[ScoredCandidate]) -> tuple[float, ...]:
+        """All the probability on the arm :meth:`choose` picks (for off-policy evaluation)."""
+        best = self.choose(ctx, arms).arm
+        return tuple(1.0 if i == best else 0.0 for i in range(len(arms)))
+
+    def clone(self) -> LeastExpectedTtft:
+        """A fresh copy with the same hyperparameters."""
+        return LeastExpectedTtft(self.cost_weight)
+
+    def state_dict(self) -> dict[str, Any]:
+        """No learned state; the name and version let a snapshot be checked on load."""
+        return {"learner": self.name, "version": self.version, "params": {"cost_weight": self.cost_weight}}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        if state.get("learner") != self.name:
+            raise ValueError(f"state of {state.get('learner')} does not fit {self.name}")

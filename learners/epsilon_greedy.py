@@ -1,0 +1,59 @@
+"""Epsilon-greedy over a shared ridge model: the simplest exploring baseline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from learners._linear import FloatArray, LinearLearner, epsilon_mix, sample_epsilon
+
+
+class EpsilonGreedy(LinearLearner):
+    """Take the arm with the best predicted reward, or with probability ``epsilon`` a random one.
+
+    Propensity in closed form: ``1 - epsilon + epsilon / K`` for the greedy arm, ``epsilon / K``
+    for any other.
+
+    Parameters
+    ----------
+    n_features
+        Length of the feature vectors.
+    epsilon
+        Exploration probability.
+    l2
+        Ridge prior strength.
+    seed
+        Seed of the exploration draws.
+
+    Examples
+    --------
+    >>> from decision.domain import RequestContext
+    >>> from learners.testing import toy_arms
+    >>> learner = EpsilonGreedy(2, epsilon=0.2, seed=1)
+    >>> learner.update((0.0, 1.0), 1.0)
+    >>> choice = learner.choose(RequestContext("r", "t"), toy_arms([1.0, 2.0], [(1.0, 0.0), (0.0, 1.0)]))
+    >>> choice.arm, choice.propensity
+    (1, 0.9)
+    """
+
+    name = "epsilon-greedy"
+    version = "1"
+
+    def __init__(self, n_features: int, *, epsilon: float = 0.1, l2: float = 1.0,
+                 seed: int | None = None) -> None:
+        super().__init__(n_features, l2=l2, seed=seed)
+        if not 0.0 <= epsilon <= 1.0:
+            raise ValueError("epsilon must be in [0, 1]")
+        self.epsilon = epsilon
+
+    def _params(self) -> dict[str, Any]:
+        return {"epsilon": self.epsilon, "l2": self.l2, "seed": self.seed}
+
+    def _decide(self, X: FloatArray) -> tuple[int, float, FloatArray]:
+        scores = X @ self._stats.theta
+        arm, p = sample_epsilon(self._rng, int(np.argmax(scores)), len(scores), self.epsilon)
+        return arm, p, scores
+
+    def _distribution(self, X: FloatArray) -> FloatArray:
+        return epsilon_mix(int(np.argmax(X @ self._stats.theta)), X.shape[0], self.epsilon)
