@@ -1,0 +1,119 @@
+"""Rows as stored: trace encoding (JSON, zlib) and the hash chain.
+
+A decision row's ``hash`` is ``sha256(prev_hash || canonical(columns) || sha256(trace JSON))``,
+where ``canonical`` is the JSON list of the row's columns in :data:`HASHED_COLUMNS` order. Chains
+run per (day partition, writer chain id), numbered by ``seq`` from 1; the first link's
+``prev_hash`` is :func:`genesis`. Anyone with the rows can recompute every link
+(:mod:`audit.verify`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgspec
+
+from audit.events import DecisionEventV1, OutcomeEventV1, from_us
+
+_json = msgspec.json.Encoder()
+_unjson = msgspec.json.Decoder()
+
+# Column order of decision_events as the writer COPYs it.
+DECISION_COLUMNS: tuple[str, ...] = (
+    "decision_id", "decided_at", "chain_id", "seq", "status", "request_id", "tenant", "user_tier",
+    "model", "endpoint_id", "site_id", "region", "tier", "gpu_type", "propensity", "policy_revision",
+    "learner", "expected_ttft_ms", "expected_cost_per_1k_tokens", "deny_rules", "reason",
+    "decision_us", "event_version", "trace_z", "prev_hash", "hash",
+)
+DECISION_TYPES: tuple[str, ...] = (
+    "text", "timestamptz", "text", "int8", "text", "text", "text", "text",
+    "text", "text", "text", "text", "text", "text", "float8", "text",
+    "text", "float8", "float8", "text[]", "text",
+    "float8", "int4", "bytea", "text", "text",
+)
+OUTCOME_COLUMNS: tuple[str, ...] = (
+    "decision_id", "status", "ttft_ms", "latency_ms", "input_tokens", "output_tokens", "error",
+    "reward", "reported_at", "event_version",
+)
+OUTCOME_TYPES: tuple[str, ...] = (
+    "text", "text", "float8", "float8", "int8", "int8", "text", "float8", "timestamptz", "int4",
+)
+# Every column except the trace bytes and the hashes themselves (the trace enters as its digest).
+HASHED_COLUMNS: tuple[str, ...] = DECISION_COLUMNS[:23]
+
+
+def encode_json(value: Any) -> bytes:
+    """Compact JSON (non-finite floats become null)."""
+    return _json.encode(value)
+
+
+def decode_json(data: bytes) -> Any:
+    return _unjson.decode(data)
+
+
+def compress_trace(trace_json: bytes, level: int = 1) -> bytes:
+    return zlib.compress(trace_json, level)
+
+
+def decompress_trace(trace_z: bytes) -> bytes:
+    return zlib.decompress(trace_z)
+
+
+def genesis(day: dt.date, chain_id: str) -> str:
+    """The ``prev_hash`` of a chain's first link."""
+    return hashlib.sha256(f"infermesh-audit-genesis|{day.isoformat()}|{chain_id}".encode()).hexdigest()
+
+
+def link_hash(prev_hash: str, hashed_values: Sequence[Any], trace_json: bytes) -> str:
+    """One link of the chain. ``hashed_values`` follow :data:`HASHED_COLUMNS` (times as µs ints)."""
+    h = hashlib.sha256(prev_hash.encode())
+    h.update(b"\n")
+    h.update(_json.encode(list(hashed_values)))
+    h.update(b"\n")
+    h.update(hashlib.sha256(trace_json).digest())
+    return h.hexdigest()
+
+
+def day_of_us(us: int) -> dt.date:
+    return from_us(us).date()
+
+
+def hashed_values(e: DecisionEventV1, chain_id: str, seq: int) -> list[Any]:
+    return [e.decision_id, e.decided_at_us, chain_id, seq, e.status, e.request_id, e.tenant, e.user_tier,
+            e.model, e.endpoint_id, e.site_id, e.region, e.tier, e.gpu_type, e.propensity, e.policy_revision,
+            e.learner, e.expected_ttft_ms, e.expected_cost_per_1k_tokens, list(e.deny_rules), e.reason,
+            e.decision_us, e.event_version]
+
+
+def values_from_row(row: Mapping[str, Any]) -> list[Any]:
+    """The hashed values of a stored row (as read back with a dict row factory)."""
+    out: list[Any] = []
+    for c in HASHED_COLUMNS:
+        v = row[c]
+        if c == "decided_at":
+            from audit.events import to_us
+            v = to_us(v)
+        elif c == "deny_rules":
+            v = list(v or [])
+        out.append(v)
+    return out
+
+
+def decision_row(e: DecisionEventV1, *, chain_id: str, seq: int, prev_hash: str, trace_json: bytes,
+                 level: int = 1) -> tuple[Any, ...]:
+    """The COPY row of one decision, with its chain link."""
+    values = hashed_values(e, chain_id, seq)
+    digest = link_hash(prev_hash, values, trace_json)
+    row = list(values)
+    row[1] = from_us(e.decided_at_us)
+    row.extend([compress_trace(trace_json, level), prev_hash, digest])
+    return tuple(row)
+
+
+def outcome_row(o: OutcomeEventV1) -> tuple[Any, ...]:
+    return (o.decision_id, o.status, o.ttft_ms, o.latency_ms, o.input_tokens, o.output_tokens, o.error,
+            o.reward, from_us(o.reported_at_us), o.event_version)

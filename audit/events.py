@@ -1,0 +1,154 @@
+"""``DecisionEventV1`` and ``OutcomeEventV1``: the versioned audit records.
+
+The engine hands the audit sink plain mappings (``decision.engine.decision_event`` and friends);
+these dataclasses are the schema those mappings must satisfy, and the shape rows are read back
+into. Times are integer microseconds since the epoch so that a record round-trips through
+PostgreSQL's ``timestamptz`` exactly (the hash chain depends on it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+EVENT_VERSION = 1
+DECISION_STATUSES = ("routed", "denied", "quota_denied")
+OUTCOME_STATUSES = ("ok", "error", "timeout", "cancelled")
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def to_us(ts: float | dt.datetime) -> int:
+    """Epoch seconds (float) or an aware datetime as integer microseconds."""
+    if isinstance(ts, dt.datetime):
+        delta = ts - _EPOCH
+        return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return round(ts * 1_000_000)
+
+
+def from_us(us: int) -> dt.datetime:
+    """Integer microseconds as an aware UTC datetime (exact)."""
+    return _EPOCH + dt.timedelta(microseconds=us)
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionEventV1:
+    """One decision as audited: routed, denied by guardrails, or denied by a quota.
+
+    Examples
+    --------
+    >>> e = DecisionEventV1.from_mapping({"decision_id": "d1", "decided_at": 1.5, "status": "denied",
+    ...     "request_id": "r", "tenant": "t", "deny_rules": ["residency"], "trace": {}})
+    >>> e.decided_at_us, e.deny_rules
+    (1500000, ('residency',))
+    >>> DecisionEventV1.from_mapping(e.to_dict()) == e
+    True
+    """
+
+    decision_id: str
+    decided_at_us: int
+    status: str
+    request_id: str
+    tenant: str
+    user_tier: str = ""
+    model: str = ""
+    endpoint_id: str | None = None
+    site_id: str | None = None
+    region: str | None = None
+    tier: str | None = None
+    gpu_type: str | None = None
+    propensity: float | None = None
+    policy_revision: str = ""
+    learner: str = ""
+    expected_ttft_ms: float | None = None
+    expected_cost_per_1k_tokens: float | None = None
+    deny_rules: tuple[str, ...] = ()
+    reason: str = ""
+    decision_us: float | None = None
+    trace: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    event_version: int = EVENT_VERSION
+
+    @staticmethod
+    def from_mapping(m: Mapping[str, Any]) -> DecisionEventV1:
+        """Validate and convert an engine event (``decided_at`` in epoch seconds) or a stored one."""
+        version = int(m.get("event_version", EVENT_VERSION))
+        if version != EVENT_VERSION:
+            raise ValueError(f"unsupported decision event version {version}")
+        at_us = int(m["decided_at_us"]) if "decided_at_us" in m else to_us(m["decided_at"])
+        status = str(m["status"])
+        if status not in DECISION_STATUSES:
+            raise ValueError(f"bad decision status {status!r}")
+        if not m.get("decision_id"):
+            raise ValueError("decision_id is required")
+
+        def opt_str(k: str) -> str | None:
+            v = m.get(k)
+            return None if v is None else str(v)
+
+        def opt_float(k: str) -> float | None:
+            v = m.get(k)
+            return None if v is None else float(v)
+
+        return DecisionEventV1(
+            decision_id=str(m["decision_id"]), decided_at_us=at_us, status=status,
+            request_id=str(m.get("request_id") or ""), tenant=str(m.get("tenant") or ""),
+            user_tier=str(m.get("user_tier") or ""), model=str(m.get("model") or ""),
+            endpoint_id=opt_str("endpoint_id"), site_id=opt_str("site_id"), region=opt_str("region"),
+            tier=opt_str("tier"), gpu_type=opt_str("gpu_type"), propensity=opt_float("propensity"),
+            policy_revision=str(m.get("policy_revision") or ""), learner=str(m.get("learner") or ""),
+            expected_ttft_ms=opt_float("expected_ttft_ms"),
+            expected_cost_per_1k_tokens=opt_float("expected_cost_per_1k_tokens"),
+            deny_rules=tuple(str(r) for r in (m.get("deny_rules") or ())), reason=str(m.get("reason") or ""),
+            decision_us=opt_float("decision_us"), trace=m.get("trace") or {}, event_version=version,
+        )
+
+    @property
+    def decided_at(self) -> dt.datetime:
+        return from_us(self.decided_at_us)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (``decided_at`` as ISO-8601 plus the exact ``decided_at_us``)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["deny_rules"] = list(self.deny_rules)
+        d["trace"] = dict(self.trace)
+        d["decided_at"] = self.decided_at.isoformat()
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeEventV1:
+    """What happened to a routed request, joined to its decision by ``decision_id``."""
+
+    decision_id: str
+    status: str
+    ttft_ms: float
+    latency_ms: float
+    input_tokens: int
+    output_tokens: int
+    error: str
+    reward: float | None
+    reported_at_us: int
+    event_version: int = EVENT_VERSION
+
+    @staticmethod
+    def from_mapping(m: Mapping[str, Any]) -> OutcomeEventV1:
+        if not m.get("decision_id"):
+            raise ValueError("decision_id is required")
+        status = str(m["status"])
+        if status not in OUTCOME_STATUSES:
+            raise ValueError(f"bad outcome status {status!r}")
+        reward = m.get("reward")
+        at = m["reported_at_us"] if "reported_at_us" in m else to_us(m["reported_at"])
+        return OutcomeEventV1(
+            decision_id=str(m["decision_id"]), status=status, ttft_ms=float(m.get("ttft_ms") or 0.0),
+            latency_ms=float(m.get("latency_ms") or 0.0), input_tokens=int(m.get("input_tokens") or 0),
+            output_tokens=int(m.get("output_tokens") or 0), error=str(m.get("error") or ""),
+            reward=None if reward is None else float(reward), reported_at_us=int(at),
+            event_version=int(m.get("event_version", EVENT_VERSION)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["reported_at"] = from_us(self.reported_at_us).isoformat()
+        return d

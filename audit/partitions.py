@@ -1,0 +1,63 @@
+"""Day partitions of ``decision_events``: created ahead, dropped by retention."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+_NAME = re.compile(r"^decision_events_p(\d{8})$")
+
+
+def partition_name(day: dt.date) -> str:
+    return f"decision_events_p{day:%Y%m%d}"
+
+
+def ensure_partition(conn: psycopg.Connection[Any], *, day: dt.date) -> None:
+    """Create the partition of one UTC day if it does not exist."""
+    nxt = day + dt.timedelta(days=1)
+    conn.execute(sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {} PARTITION OF decision_events "
+        "FOR VALUES FROM ({}) TO ({})").format(
+        sql.Identifier(partition_name(day)), sql.Literal(f"{day.isoformat()} 00:00:00+00"),
+        sql.Literal(f"{nxt.isoformat()} 00:00:00+00")))
+
+
+def ensure_ahead(conn: psycopg.Connection[Any], *, today: dt.date, days_ahead: int) -> list[dt.date]:
+    """Create today's partition and ``days_ahead`` more; returns the days ensured."""
+    days = [today + dt.timedelta(days=i) for i in range(days_ahead + 1)]
+    for d in days:
+        ensure_partition(conn, day=d)
+    return days
+
+
+def list_partitions(conn: psycopg.Connection[Any]) -> list[dt.date]:
+    rows = conn.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'decision_events'").fetchall()
+    days = []
+    for (name,) in rows:
+        m = _NAME.match(str(name))
+        if m:
+            days.append(dt.datetime.strptime(m.group(1), "%Y%m%d").date())
+    return sorted(days)
+
+
+def drop_before(conn: psycopg.Connection[Any], *, cutoff: dt.date) -> list[dt.date]:
+    """Drop every day partition strictly older than ``cutoff``; returns the days dropped."""
+    dropped = [d for d in list_partitions(conn) if d < cutoff]
+    for d in dropped:
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(partition_name(d))))
+    conn.execute("DELETE FROM outcomes WHERE reported_at < %s",
+                 (dt.datetime.combine(cutoff, dt.time(), tzinfo=dt.UTC),))
+    return dropped
+
+
+def apply_retention(conn: psycopg.Connection[Any], *, retention_days: int,
+                    today: dt.date | None = None) -> list[dt.date]:
+    """Keep ``retention_days`` days (today included) and drop older partitions."""
+    today = today or dt.datetime.now(dt.UTC).date()
+    return drop_before(conn, cutoff=today - dt.timedelta(days=retention_days - 1))

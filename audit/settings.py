@@ -1,0 +1,68 @@
+"""Audit configuration: one settings class, read once, validated at start-up (fails fast)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class AuditSettings(BaseSettings):
+    """Settings of the audit log, from ``INFERMESH_AUDIT_*`` environment variables.
+
+    Attributes
+    ----------
+    queue_max : int
+        Bound of the in-memory queue between the request path and the writer.
+    batch_size : int
+        Rows per COPY batch (flush on size).
+    flush_interval_s : float
+        Longest time an event waits in the queue before a flush (flush on interval).
+    spool_dir : Path
+        Directory of the durable local spool used while PostgreSQL is unreachable.
+    spool_max_bytes : int
+        Bound on the spool. At the bound, ``on_spool_full`` decides.
+    on_spool_full : {"fail_closed", "fail_open"}
+        ``fail_closed`` refuses decisions (``Unavailable``); ``fail_open`` drops and counts them.
+    mask_fields : list of str
+        Dotted paths masked before anything is written, e.g. ``request_id``, ``labels.user``,
+        ``session_id``. A ``labels.*`` path masks every label.
+    mask_mode : {"hash", "remove"}
+        Keyed hash (HMAC-SHA256) or removal of masked values.
+    mask_key : str
+        Key of the masking HMAC.
+    retention_days : int
+        Day partitions older than this are dropped by retention.
+    partitions_ahead_days : int
+        Day partitions created ahead of time.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="INFERMESH_AUDIT_", extra="forbid")
+
+    queue_max: int = Field(default=100_000, ge=1)
+    batch_size: int = Field(default=2_000, ge=1)
+    flush_interval_s: float = Field(default=0.2, gt=0)
+    retry_interval_s: float = Field(default=1.0, gt=0)
+    connect_timeout_s: int = Field(default=2, ge=1)
+    statement_timeout_ms: int = Field(default=10_000, ge=100)
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    spool_dir: Path = Path("var/audit-spool")
+    spool_segment_bytes: int = Field(default=16 << 20, ge=1024)
+    spool_max_bytes: int = Field(default=1 << 30, ge=1024)
+    on_spool_full: Literal["fail_closed", "fail_open"] = "fail_closed"
+    mask_fields: list[str] = Field(default_factory=list)
+    mask_mode: Literal["hash", "remove"] = "hash"
+    mask_key: str = "infermesh-audit"
+    retention_days: int = Field(default=90, ge=1)
+    partitions_ahead_days: int = Field(default=3, ge=1)
+    compress_level: int = Field(default=1, ge=0, le=9)
+
+    @field_validator("mask_fields")
+    @classmethod
+    def _known_paths(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if not p or any(not part for part in p.split(".")):
+                raise ValueError(f"bad mask path {p!r}")
+        return v

@@ -1,0 +1,365 @@
+"""The audit writer: bounded queue -> batched binary COPY -> PostgreSQL, with a durable spool.
+
+Implements :class:`decision.contracts.AuditSink`. ``submit_*`` only masks and enqueues; one
+writer thread validates, chains, encodes and compresses each event, then COPYs the batch. While
+PostgreSQL is unreachable or failing, prepared batches go to the spool (fsynced per batch) and
+are replayed in order when it returns; the database side is idempotent on decision_id, so a batch
+whose commit was in doubt is written exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import errors as pgerrors
+
+from audit import partitions
+from audit.codec import (
+    DECISION_COLUMNS,
+    DECISION_TYPES,
+    OUTCOME_COLUMNS,
+    OUTCOME_TYPES,
+    day_of_us,
+    decision_row,
+    encode_json,
+    genesis,
+    outcome_row,
+)
+from audit.events import DecisionEventV1, OutcomeEventV1, from_us
+from audit.masking import Masker
+from audit.settings import AuditSettings
+from audit.spool import Spool
+from decision.errors import Unavailable
+
+log = logging.getLogger(__name__)
+_DCOLS = ", ".join(DECISION_COLUMNS)
+_OCOLS = ", ".join(OUTCOME_COLUMNS)
+
+
+class AuditWriter:
+    """An :class:`~decision.contracts.AuditSink` writing to PostgreSQL, never losing an event.
+
+    Parameters
+    ----------
+    url : str
+        PostgreSQL connection URL (migrated to head).
+    settings : AuditSettings
+        Queue, batch, spool, masking and fail-mode settings.
+    chain_id : str, optional
+        Name of this writer's hash chains (default: random per session).
+
+    Attributes
+    ----------
+    rows_written, outcomes_written, duplicates_skipped, batches_written : int
+        Totals since start.
+    last_batch_size : int
+        Events in the last batch written or spooled.
+    rows_per_s : float
+        Rows per second of the last database write.
+    dropped, refused, invalid : int
+        Events dropped (fail-open), refused (fail-closed) and rejected as malformed.
+    db_up : bool
+        Whether the last database write succeeded.
+    """
+
+    def __init__(self, url: str, settings: AuditSettings | None = None, *, chain_id: str | None = None,
+                 start: bool = True) -> None:
+        self.url = url
+        self.settings = s = settings or AuditSettings()
+        self.chain_id = chain_id or secrets.token_hex(6)
+        self.masker = Masker(s.mask_fields, mode=s.mask_mode, key=s.mask_key)
+        self.spool = Spool(Path(s.spool_dir), segment_bytes=s.spool_segment_bytes)
+        self._q: queue.Queue[tuple[str, Mapping[str, Any]]] = queue.Queue(maxsize=s.queue_max)
+        self._heads: dict[dt.date, tuple[int, str]] = {}
+        self._days_ready: set[dt.date] = set()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._stop = threading.Event()
+        self._idle = threading.Condition()
+        self._enqueued = 0
+        self._handled = 0
+        self._next_retry = 0.0
+        self.rows_written = 0
+        self.outcomes_written = 0
+        self.duplicates_skipped = 0
+        self.batches_written = 0
+        self.last_batch_size = 0
+        self.rows_per_s = 0.0
+        self.dropped = 0
+        self.refused = 0
+        self.invalid = 0
+        self.quarantined = 0
+        self.db_up = False
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        if start:
+            self._thread.start()
+
+    # -- request path --------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return self._q.qsize()
+
+    @property
+    def spool_bytes(self) -> int:
+        return self.spool.size_bytes
+
+    def _full(self, tenant: str) -> bool:
+        if self.spool.size_bytes < self.settings.spool_max_bytes and not self._q.full():
+            return False
+        if self.settings.on_spool_full == "fail_closed":
+            self.refused += 1
+            raise Unavailable("audit log unavailable: spool and queue at their bound (fail-closed)")
+        self.dropped += 1
+        if self.dropped == 1 or self.dropped % 1000 == 0:
+            log.error("audit log full: dropped %d events so far (fail-open, tenant %s)", self.dropped, tenant)
+        return True
+
+    def _put(self, kind: str, event: Mapping[str, Any]) -> None:
+        try:
+            self._q.put_nowait((kind, event))
+        except queue.Full:
+            if not self._full(str(event.get("tenant", ""))):  # raced to full: apply the policy
+                self._q.put((kind, event), timeout=1.0)
+            return
+        with self._idle:
+            self._enqueued += 1
+
+    def submit_decision(self, event: Mapping[str, Any]) -> None:
+        """Mask and enqueue; raises :class:`~decision.errors.Unavailable` when full and fail-closed."""
+        if self._full(str(event.get("tenant", ""))):
+            return
+        self._put("d", self.masker.mask_event(event))
+
+    def submit_outcome(self, event: Mapping[str, Any]) -> None:
+        if self._full(""):
+            return
+        self._put("o", event)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every submitted event is in PostgreSQL (queue and spool empty)."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._handled < self._enqueued or self.spool.has_backlog:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(min(left, 0.05))
+        return True
+
+    def close(self) -> None:
+        """Drain the queue (to PostgreSQL, else to the spool) and stop the writer thread."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.spool.close()
+        if self._conn is not None:
+            self._conn.close()
+
+    def metrics(self) -> dict[str, float]:
+        """Plain numbers for ``/metrics``."""
+        return {"queue_depth": self.queue_depth, "last_batch_size": self.last_batch_size,
+                "rows_per_s": self.rows_per_s, "spool_bytes": self.spool_bytes,
+                "rows_written": self.rows_written, "outcomes_written": self.outcomes_written,
+                "duplicates_skipped": self.duplicates_skipped, "batches_written": self.batches_written,
+                "spooled_batches": self.spool.appended_records, "replayed_batches": self.spool.replayed_records,
+                "dropped": self.dropped, "refused": self.refused, "invalid": self.invalid,
+                "quarantined": self.quarantined, "db_up": float(self.db_up)}
+
+    # -- writer thread -------------------------------------------------------------------------
+    def _take(self) -> list[tuple[str, Mapping[str, Any]]]:
+        s = self.settings
+        try:
+            first = self._q.get(timeout=s.flush_interval_s)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + s.flush_interval_s
+        while len(batch) < s.batch_size:
+            try:
+                batch.append(self._q.get_nowait())
+            except queue.Empty:
+                if self._stop.is_set() or time.monotonic() >= deadline:
+                    break
+                try:
+                    batch.append(self._q.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+        return batch
+
+    def _prepare(self, batch: list[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+        """Validate, chain and encode a batch into spool-able rows (times as µs ints)."""
+        drows: list[list[Any]] = []
+        orows: list[list[Any]] = []
+        level = self.settings.compress_level
+        for kind, ev in batch:
+            try:
+                if kind == "d":
+                    e = DecisionEventV1.from_mapping(ev)
+                    day = day_of_us(e.decided_at_us)
+                    seq, prev = self._heads.get(day) or (0, genesis(day, self.chain_id))
+                    row = list(decision_row(e, chain_id=self.chain_id, seq=seq + 1, prev_hash=prev,
+                                            trace_json=encode_json(e.trace), level=level))
+                    self._heads[day] = (seq + 1, row[-1])
+                    row[1] = e.decided_at_us
+                    drows.append(row)
+                else:
+                    o = OutcomeEventV1.from_mapping(ev)
+                    row = list(outcome_row(o))
+                    row[8] = o.reported_at_us
+                    orows.append(row)
+            except (KeyError, TypeError, ValueError) as exc:
+                self.invalid += 1
+                log.error("audit: rejected a malformed %s event %r: %s", kind, ev.get("decision_id"), exc)
+        return {"d": drows, "o": orows}
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            s = self.settings
+            self._conn = psycopg.connect(self.url, connect_timeout=s.connect_timeout_s,
+                                         options=f"-c statement_timeout={s.statement_timeout_ms}")
+            self._conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS audit_stage_d (LIKE decision_events) ON COMMIT DELETE ROWS")
+            self._conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS audit_stage_o (LIKE outcomes) ON COMMIT DELETE ROWS")
+            self._conn.commit()
+        return self._conn
+
+    def _ensure_days(self, conn: psycopg.Connection[Any], drows: list[list[Any]]) -> None:
+        for day in {day_of_us(r[1]) for r in drows} - self._days_ready:
+            partitions.ensure_partition(conn, day=day)
+            self._days_ready.add(day)
+
+    def _copy(self, conn: psycopg.Connection[Any], table: str, cols: str, types: tuple[str, ...],
+              rows: list[list[Any]], time_col: int) -> None:
+        with conn.cursor().copy(f"COPY {table} ({cols}) FROM STDIN (FORMAT BINARY)") as cp:
+            cp.set_types(list(types))
+            for r in rows:
+                r2 = list(r)
+                r2[time_col] = from_us(r2[time_col])
+                cp.write_row(r2)
+
+    def _write(self, prepared: dict[str, Any], *, staged: bool) -> None:
+        """One transaction. ``staged`` dedupes decisions through a temp table (replays)."""
+        drows, orows = prepared["d"], prepared["o"]
+        t0 = time.perf_counter()
+        conn = self._connection()
+        try:
+            with conn.transaction():
+                self._ensure_days(conn, drows)
+                inserted = len(drows)
+                if drows and not staged:
+                    self._copy(conn, "decision_events", _DCOLS, DECISION_TYPES, drows, 1)
+                elif drows:
+                    self._copy(conn, "audit_stage_d", _DCOLS, DECISION_TYPES, drows, 1)
+                    inserted = conn.execute(
+                        f"INSERT INTO decision_events ({_DCOLS}) SELECT {_DCOLS} FROM audit_stage_d "
+                        "ON CONFLICT (decision_id, decided_at) DO NOTHING").rowcount
+                o_inserted = 0
+                if orows:
+                    self._copy(conn, "audit_stage_o", _OCOLS, OUTCOME_TYPES, orows, 8)
+                    o_inserted = conn.execute(
+                        f"INSERT INTO outcomes ({_OCOLS}) SELECT {_OCOLS} FROM audit_stage_o "
+                        "ON CONFLICT (decision_id) DO NOTHING").rowcount
+        except pgerrors.UniqueViolation:
+            if staged:
+                raise
+            self._write(prepared, staged=True)
+            return
+        except psycopg.OperationalError:
+            self._days_ready.clear()
+            raise
+        elapsed = time.perf_counter() - t0
+        self.rows_written += inserted
+        self.outcomes_written += o_inserted
+        self.duplicates_skipped += len(drows) - inserted + len(orows) - o_inserted
+        self.batches_written += 1
+        self.rows_per_s = (len(drows) + len(orows)) / elapsed if elapsed > 0 else 0.0
+        self.db_up = True
+
+    def _mark_down(self, exc: BaseException) -> None:
+        if self.db_up or self._next_retry == 0.0:
+            log.warning("audit: PostgreSQL unavailable (%s); spooling to %s", exc, self.spool.directory)
+        self.db_up = False
+        self._next_retry = time.monotonic() + self.settings.retry_interval_s
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+            self._conn = None
+
+    def _deliver(self, prepared: dict[str, Any]) -> None:
+        if not prepared["d"] and not prepared["o"]:
+            return
+        self.last_batch_size = len(prepared["d"]) + len(prepared["o"])
+        if self.spool.has_backlog or (not self.db_up and time.monotonic() < self._next_retry):
+            self.spool.append(prepared)
+            return
+        try:
+            self._write(prepared, staged=False)
+        except psycopg.Error as exc:
+            self._mark_down(exc)
+            self.spool.append(prepared)
+
+    def _replay(self, deadline: float | None = None) -> None:
+        """Replay closed spool segments oldest first while PostgreSQL accepts them."""
+        if time.monotonic() < self._next_retry:
+            return
+        while self.spool.has_backlog:
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            seg = self.spool.oldest_segment()
+            if seg is None:
+                return
+            records = self.spool.read_segment(seg)
+            try:
+                for rec in records:
+                    self._write(rec, staged=True)
+            except psycopg.OperationalError as exc:
+                self._mark_down(exc)
+                return
+            except psycopg.Error as exc:  # a record PostgreSQL rejects for good: set it aside, loudly
+                self.quarantined += len(records)
+                qdir = self.spool.directory / "quarantine"
+                qdir.mkdir(exist_ok=True)
+                seg.rename(qdir / seg.name)
+                log.error("audit: spool segment %s rejected by PostgreSQL (%s); moved to %s", seg, exc, qdir)
+                self.spool.size_bytes = sum(p.stat().st_size for p in self.spool.directory.glob("*.spool"))
+                continue
+            self.spool.remove_segment(seg, len(records))
+            if not self._q.empty():
+                return  # interleave: keep the queue moving (into the spool) during a long replay
+            log.info("audit: replayed spool segment %s (%d batches)", seg.name, len(records))
+
+    def _run(self) -> None:
+        while True:
+            stopping = self._stop.is_set()
+            batch = self._take()
+            if batch:
+                try:
+                    self._deliver(self._prepare(batch))
+                except Exception:  # the writer must survive anything; the events are counted
+                    log.exception("audit writer: unexpected error")
+                    self.invalid += len(batch)
+                with self._idle:
+                    self._handled += len(batch)
+                    self._idle.notify_all()
+            if self.spool.has_backlog:
+                self._replay()
+                with self._idle:
+                    self._idle.notify_all()
+            if stopping and self._q.empty():
+                break
+        if self.spool.has_backlog:
+            self._next_retry = 0.0
+            self._replay(deadline=time.monotonic() + self.settings.drain_timeout_s)
+        if self.spool.has_backlog:
+            log.warning("audit: %d bytes left in the spool %s; replayed on next start",
+                        self.spool.size_bytes, self.spool.directory)
