@@ -1,0 +1,79 @@
+"""Render a stored decision as "why this route": plain text for the CLI and the API."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None or v == "" else str(v)
+
+
+def candidate_rows(decision: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per located candidate: verdicts, score, estimates, telemetry age, chosen flag."""
+    trace = decision.get("trace") or {}
+    stages = trace.get("stages", {})
+    located = stages.get("locate", {}).get("candidates", [])
+    verdicts: dict[str, list[str]] = {}
+    for v in stages.get("guard", {}).get("verdicts", []):
+        ep = v.get("endpoint_id") or "*"
+        mark = "allow" if v.get("allow") else "DENY"
+        verdicts.setdefault(ep, []).append(f"{v.get('rule_id')}:{mark}" + ("" if v.get("allow") else
+                                                                         f" ({v.get('reason', '')})"))
+    scores = {s["endpoint_id"]: s for s in stages.get("score", {}).get("candidates", [])}
+    chosen = stages.get("choose", {}).get("chosen")
+    fallbacks = stages.get("choose", {}).get("fallbacks", [])
+    endpoints = trace.get("endpoints", {})
+    telemetry = trace.get("telemetry", {})
+    rows = []
+    for ep in located:
+        s = scores.get(ep, {})
+        ages = telemetry.get(ep, {}).get("ages_s", {})
+        info = endpoints.get(ep, {})
+        rows.append({
+            "endpoint_id": ep, "site": info.get("site"), "tier": info.get("tier"),
+            "gpu_type": info.get("gpu_type"),
+            "verdicts": "; ".join(verdicts.get(ep, []) + verdicts.get("*", [])) or "allow",
+            "score": s.get("score"), "expected_ttft_ms": s.get("expected_ttft_ms"),
+            "expected_cost_per_1k_tokens": s.get("expected_cost_per_1k_tokens"),
+            "telemetry_max_age_s": max(ages.values()) if ages else None,
+            "role": "CHOSEN" if ep == chosen else (f"fallback {fallbacks.index(ep) + 1}"
+                                                     if ep in fallbacks else ""),
+        })
+    return rows
+
+
+def render_text(decision: Mapping[str, Any]) -> str:
+    """A readable account of one decision."""
+    trace = decision.get("trace") or {}
+    out = [f"decision {decision['decision_id']} at {decision['decided_at']}: {decision['status']}",
+           f"  request {decision.get('request_id')} tenant {decision.get('tenant')} "
+           f"model {decision.get('model')} tier {decision.get('user_tier')}",
+           f"  reason: {decision.get('reason')}",
+           f"  policy {decision.get('policy_revision')}, learner {decision.get('learner')}, "
+           f"inventory {trace.get('inventory_revision', '-')}"]
+    if decision.get("endpoint_id"):
+        out.append(f"  chosen: {decision['endpoint_id']} ({decision.get('gpu_type')} at {decision.get('site_id')}, "
+                   f"{decision.get('region')}, {decision.get('tier')}) propensity {_fmt(decision.get('propensity'))}")
+    if decision.get("deny_rules"):
+        out.append(f"  denied by: {', '.join(decision['deny_rules'])}")
+    rows = candidate_rows(decision)
+    out.append(f"  candidates ({len(rows)} located):")
+    head = ("endpoint", "verdicts", "score", "ttft_ms", "$/1k", "age_s", "")
+    table = [head] + [(r["endpoint_id"], r["verdicts"], _fmt(r["score"]), _fmt(r["expected_ttft_ms"]),
+                       _fmt(r["expected_cost_per_1k_tokens"]), _fmt(r["telemetry_max_age_s"]), r["role"])
+                      for r in rows]
+    widths = [min(60, max(len(str(t[i])) for t in table)) for i in range(len(head))]
+    for t in table:
+        out.append("    " + "  ".join(str(c)[:60].ljust(w) for c, w in zip(t, widths, strict=True)).rstrip())
+    outcome = decision.get("outcome")
+    if outcome:
+        out.append(f"  outcome: {outcome.get('status')} ttft {_fmt(outcome.get('ttft_ms'))} ms, latency "
+                   f"{_fmt(outcome.get('latency_ms'))} ms, tokens {outcome.get('input_tokens')}/"
+                   f"{outcome.get('output_tokens')}, reward {_fmt(outcome.get('reward'))}")
+    else:
+        out.append("  outcome: none reported yet")
+    return "\n".join(out)
