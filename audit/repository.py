@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool
 
 from audit.codec import decode_json, decompress_trace
@@ -116,8 +116,10 @@ class AuditRepository:
 
     def __init__(self, url: str, *, max_size: int = 4) -> None:
         self.url = url
-        self.pool = ConnectionPool(url, min_size=1, max_size=max_size, open=True,
-                                   kwargs={"row_factory": dict_row, "autocommit": True})
+        self.pool: ConnectionPool[psycopg.Connection[DictRow]] = ConnectionPool(
+            url, min_size=1, max_size=max_size, open=True,
+            connection_class=psycopg.Connection[DictRow],
+            kwargs={"row_factory": dict_row, "autocommit": True})
 
     def close(self) -> None:
         self.pool.close()
