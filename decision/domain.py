@@ -46,15 +46,23 @@ class Endpoint:
     decode_tokens_per_s: float
     cold_start_ms: float
     warm: bool
+    # Derived once at load (see nominal_cost_per_1k_tokens); read on the hot path.
+    nominal_cost_per_1k: float = 0.0
 
     def cost_per_1k_tokens(self) -> float:
-        """Dollars per 1K generated tokens at this endpoint's nominal decode throughput.
+        return nominal_cost_per_1k_tokens(self.gpu_hour_usd, self.gpu_count, self.decode_tokens_per_s,
+                                          self.max_concurrency)
 
-        A node's hourly price is shared by the ``max_concurrency`` sequences it batches, each
-        decoding at ``decode_tokens_per_s``.
-        """
-        tokens_per_hour = self.decode_tokens_per_s * max(1, self.max_concurrency) * 3600.0
-        return self.gpu_hour_usd * self.gpu_count / tokens_per_hour * 1000.0
+
+def nominal_cost_per_1k_tokens(gpu_hour_usd: float, gpu_count: int, decode_tokens_per_s: float,
+                               max_concurrency: int) -> float:
+    """Dollars per 1K generated tokens at nominal decode throughput.
+
+    A node's hourly price is shared by the ``max_concurrency`` sequences it batches, each
+    decoding at ``decode_tokens_per_s``.
+    """
+    tokens_per_hour = decode_tokens_per_s * max(1, max_concurrency) * 3600.0
+    return gpu_hour_usd * gpu_count / tokens_per_hour * 1000.0
 
 
 @dataclass(frozen=True, slots=True)

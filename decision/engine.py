@@ -20,6 +20,7 @@ from decision.domain import (
     Candidate,
     Choice,
     Decision,
+    Endpoint,
     GuardResult,
     Outcome,
     OutcomeStatus,
@@ -133,6 +134,7 @@ class DecisionEngine:
         self.outcome_timeout_s = outcome_timeout_s
         self.max_pending = max_pending
         self.clock = clock
+        self._placement: dict[tuple[str, str, str, str], tuple[tuple[Endpoint, float], ...]] = {}
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
         self._reported: OrderedDict[str, float | None] = OrderedDict()
         self._lock = threading.Lock()
@@ -162,12 +164,22 @@ class DecisionEngine:
             raise NotFound("model", ctx.model)
         if not ctx.model and ctx.model_family not in fleet.by_family:
             raise NotFound("model_family", ctx.model_family)
-        eps = endpoints_serving(fleet, ctx.model, ctx.model_family)
+        placed = self._placed(fleet, ctx.model, ctx.model_family, ctx.client_region)
         snap = self.telemetry.reading
-        topo = fleet.topology
-        client = ctx.client_region
-        return tuple(Candidate(e, snap(e.endpoint_id, now), topo.rtt_ms(client, e.site_id) if client else
-                               fleet.spec.default_rtt_ms) for e in eps)
+        return tuple(Candidate(e, snap(e.endpoint_id, now), rtt) for e, rtt in placed)
+
+    def _placed(self, fleet: Fleet, model: str, family: str, client: str) -> tuple[tuple[Endpoint, float], ...]:
+        """The index read plus each endpoint's RTT from the client, memoised per inventory revision."""
+        key = (fleet.revision, model, family, client)
+        hit = self._placement.get(key)
+        if hit is None:
+            topo = fleet.topology
+            hit = tuple((e, topo.rtt_ms(client, e.site_id) if client else fleet.spec.default_rtt_ms)
+                        for e in endpoints_serving(fleet, model, family))
+            if len(self._placement) > 65536:
+                self._placement.clear()
+            self._placement[key] = hit
+        return hit
 
     def decide(self, ctx: RequestContext) -> Decision:
         """Run the pipeline for one request; raises a :class:`DecisionError` subclass on failure."""

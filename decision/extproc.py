@@ -323,7 +323,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             ttft_ms=max(0.0, (first - ex.t0) * 1000.0), latency_ms=max(0.0, (now - ex.t0) * 1000.0),
             input_tokens=usage.prompt_tokens if usage else est_in,
             output_tokens=usage.completion_tokens if usage else (ex.usage.content_chunks if ex.usage else 0),
-            error=error, reported_at=self.engine.clock())
+            error=error)
         try:
             self.engine.report_outcome(outcome)
             self.stats["outcomes"] += 1

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from decision.domain import TIERS, Endpoint, Tier
+from decision.domain import TIERS, Endpoint, Tier, nominal_cost_per_1k_tokens
 from decision.gpu_profiles import PROFILES, scaled_throughput
 from decision.yaml_lines import LocatedYaml, YamlSyntaxError, load_located, load_located_file
 
@@ -249,6 +249,8 @@ class Fleet:
                 certifications=frozenset(site.certifications), owner_tenant=site.owner_tenant,
                 prefill_tokens_per_s=prefill, decode_tokens_per_s=decode,
                 cold_start_ms=d.cold_start_ms, warm=d.warm,
+                nominal_cost_per_1k=nominal_cost_per_1k_tokens(node.gpu_hour_usd, node.gpu_count, decode,
+                                                               d.max_concurrency),
             ))
         self.endpoints: tuple[Endpoint, ...] = tuple(endpoints)
         self.by_id: dict[str, Endpoint] = {e.endpoint_id: e for e in endpoints}

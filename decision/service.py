@@ -12,19 +12,21 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 from fastapi import APIRouter
 
 from decision.config import ServiceConfig, Settings
-from decision.contracts import AuditSink, Guard, Learner, TraceReader
+from decision.contracts import AuditSink, FeatureBuilder, Guard, Learner, TraceReader
 from decision.engine import DecisionEngine
 from decision.fleet import Fleet, load_fleet
 from decision.grpc_server import DecisionServicer, build_server
 from decision.health_guard import BuiltinHealthGuard
 from decision.http import HttpServer, create_app
 from decision.metrics import ServiceMetrics
+from decision.scoring import BasicFeatures
 from decision.scraper import Scraper
 from decision.telemetry import TelemetryStore
 
@@ -53,24 +55,46 @@ class PolicyParts:
     stop: Callable[[], None] | None = None
 
 
+def load_guard(policies: str | Path, fleet: Fleet) -> Guard:
+    """A guard from a policy bundle folder, or the built-in health rule for ``"builtin"``."""
+    if str(policies) == "builtin":
+        return BuiltinHealthGuard()
+    from policies.integration import load_policy_guard  # the guardrail package's entry point
+
+    return load_policy_guard(Path(policies))
+
+
 def build_policies(config: ServiceConfig, settings: Settings, fleet: Fleet,
                    on_swap: Callable[[Guard], None]) -> PolicyParts:
     if config.policies is None:
         return PolicyParts(BuiltinHealthGuard())
-    from policies.integration import build_policy_parts  # the guardrail package's entry point
+    from policies.integration import build_policy_parts
 
     return build_policy_parts(config.policies, settings=settings, on_swap=on_swap)
 
 
-def build_learner(config: ServiceConfig, settings: Settings, n_features: int) -> tuple[Learner, tuple[Learner, ...]]:
-    if config.learner.name == "least-ttft" and not config.learner.shadow:
+def make_features(name: str) -> FeatureBuilder:
+    if name == "basic":
+        return BasicFeatures()
+    from learners.features import default_feature_builder
+
+    return default_feature_builder()
+
+
+def make_learner_by_name(name: str, n_features: int, **params: Any) -> Learner:
+    if name == "least-ttft":
         from learners.least_ttft import LeastExpectedTtft
 
-        return LeastExpectedTtft(**config.learner.params), ()
+        return LeastExpectedTtft(**params)
     from learners.registry import make_learner
 
-    acting = make_learner(config.learner.name, n_features, **config.learner.params)
-    shadows = tuple(make_learner(str(s["name"]), n_features, **dict(s.get("params", {})))
+    learner: Learner = make_learner(name, n_features, **params)
+    return learner
+
+
+def build_learner(config: ServiceConfig, n_features: int) -> tuple[Learner, tuple[Learner, ...]]:
+    acting = make_learner_by_name(config.learner.name, n_features, **config.learner.params)
+    shadows = tuple(make_learner_by_name(str(s["name"]), n_features, **dict(s.get("params", {})))
                     for s in config.learner.shadow)
     return acting, shadows
 
@@ -101,8 +125,8 @@ class Service:
             self.audit = build_audit(config, settings)
         self.engine: DecisionEngine | None = None
         self.policies = build_policies(config, settings, self.fleet, self._swap_guard)
-        features = _build_features(config)
-        learner, shadows = build_learner(config, settings, len(features.names))
+        features = make_features(config.learner.features)
+        learner, shadows = build_learner(config, len(features.names))
         self.engine = DecisionEngine(
             self.fleet, self.telemetry, self.policies.guard, learner, features=features,
             audit=self.audit.sink, traces=self.audit.reader, reward=_build_reward(config), shadow=shadows,
@@ -189,16 +213,6 @@ class Service:
             started = time.monotonic()
             self.audit.close()
             log.info("audit queue drained in %.2fs", time.monotonic() - started)
-
-
-def _build_features(config: ServiceConfig) -> Any:
-    if config.learner.features == "basic":
-        from decision.scoring import BasicFeatures
-
-        return BasicFeatures()
-    from learners.features import default_feature_builder
-
-    return default_feature_builder()
 
 
 def _build_reward(config: ServiceConfig) -> Any:

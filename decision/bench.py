@@ -1,0 +1,194 @@
+"""``infermesh bench grpc`` and ``infermesh bench decide``: ratios measured side by side in one run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing as mp
+import random
+import statistics
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from decision.config import ServiceConfig, Settings
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+
+
+def _client(target: str, kind: str, concurrency: int, duration_s: float, requests: list[dict[str, Any]],
+            out: Any) -> None:
+    """One client process: ``concurrency`` calls in flight on an asyncio channel for ``duration_s``."""
+    import grpc
+    from google.protobuf.json_format import ParseDict
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from infermesh.decision.v1 import decision_pb2 as pb
+    from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
+
+    msgs = [ParseDict(r, pb.DecideRequest()) for r in requests]
+
+    async def run() -> tuple[int, int, list[float]]:
+        async with grpc.aio.insecure_channel(target) as ch:
+            decide = pb_grpc.DecisionServiceStub(ch).Decide
+            check = health_pb2_grpc.HealthStub(ch).Check
+            noop = health_pb2.HealthCheckRequest(service="")
+            await check(noop)  # connect before the clock starts
+            lat: list[float] = []
+            errors = 0
+            deadline = time.perf_counter() + duration_s
+
+            async def worker(offset: int) -> None:
+                nonlocal errors
+                i = offset
+                while time.perf_counter() < deadline:
+                    t0 = time.perf_counter()
+                    try:
+                        if kind == "noop":
+                            await check(noop)
+                        else:
+                            await decide(msgs[i % len(msgs)])
+                    except grpc.aio.AioRpcError:
+                        errors += 1
+                    lat.append(time.perf_counter() - t0)
+                    i += 1
+
+            await asyncio.gather(*(worker(k * 7919) for k in range(concurrency)))
+            return len(lat), errors, lat
+
+    calls, errors, lat = asyncio.run(run())
+    out.put((calls, errors, lat))
+
+
+def _measure(target: str, kind: str, concurrency: int, clients: int, duration_s: float,
+             requests: list[dict[str, Any]]) -> dict[str, float]:
+    ctx = mp.get_context("spawn")
+    q: Any = ctx.Queue()
+    per = max(1, concurrency // clients)
+    n_proc = min(clients, concurrency)
+    procs = [ctx.Process(target=_client, args=(target, kind, per, duration_s, requests, q)) for _ in range(n_proc)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=duration_s + 60) for _ in procs]
+    for p in procs:
+        p.join()
+    calls = sum(r[0] for r in results)
+    errors = sum(r[1] for r in results)
+    lat = [x for r in results for x in r[2]]
+    return {"rps": calls / duration_s, "errors": errors, "p50_ms": _pct(lat, 0.5) * 1e3, "p99_ms": _pct(lat, 0.99) * 1e3}
+
+
+def _demo_requests(fleet: Any, n: int = 2000) -> list[dict[str, Any]]:
+    from decision.demo_world import DemoWorld
+
+    world = DemoWorld(fleet, seed=11)
+    return [world.request(i) for i in range(n)]
+
+
+def _seed_telemetry(store: Any, fleet: Any, seed: int = 3) -> None:
+    rng = random.Random(seed)
+    for e in fleet.endpoints:
+        store.update_endpoint(e.endpoint_id, {"queue_running": rng.randint(0, e.max_concurrency),
+                                              "queue_waiting": rng.randint(0, 4), "kv_cache_usage": rng.random()})
+    for node in {e.node_id for e in fleet.endpoints}:
+        store.update_node(node, {"gpu_temp_c": rng.uniform(40, 80), "gpu_util": rng.uniform(10, 95),
+                                 "power_w": rng.uniform(100, 600), "xid_errors": 0.0})
+
+
+def bench_grpc(cfg: ServiceConfig, settings: Settings, *, duration_s: float, clients: int, as_json: bool) -> int:
+    from decision.service import Service
+
+    console = Console()
+    service = Service(cfg, settings, audit_enabled=False)
+    assert service.engine is not None
+    _seed_telemetry(service.telemetry, service.fleet)
+    port = service.start_grpc(0)
+    target = f"127.0.0.1:{port}"
+    requests = _demo_requests(service.fleet)
+    console.print(f"bench grpc: one server process at {target}, {clients} client processes, "
+                  f"{duration_s:.0f} s per measurement; policy {service.engine.guard.revision}, "
+                  f"learner {service.engine.learner.name}; audit writer off (see `infermesh bench audit`)")
+    _measure(target, "decide", 4, 1, 1.0, requests)  # warm-up: imports, caches, connections
+    noop = _measure(target, "noop", 50, clients, duration_s, requests)
+    c1 = _measure(target, "decide", 1, 1, duration_s, requests)
+    c50 = _measure(target, "decide", 50, clients, duration_s, requests)
+    service.stop(0)
+    ratio = c50["rps"] / noop["rps"] if noop["rps"] else float("nan")
+    table = Table(title="gRPC throughput, same server, same run")
+    for col in ("measurement", "calls/s", "p50 ms", "p99 ms", "errors"):
+        table.add_column(col, justify="right" if col != "measurement" else "left")
+    table.add_row("no-op RPC (health Check), concurrency 50", f"{noop['rps']:.0f}", f"{noop['p50_ms']:.2f}",
+                  f"{noop['p99_ms']:.2f}", str(int(noop["errors"])))
+    table.add_row("Decide, concurrency 1", f"{c1['rps']:.0f}", f"{c1['p50_ms']:.2f}", f"{c1['p99_ms']:.2f}",
+                  str(int(c1["errors"])))
+    table.add_row("Decide, concurrency 50", f"{c50['rps']:.0f}", f"{c50['p50_ms']:.2f}", f"{c50['p99_ms']:.2f}",
+                  str(int(c50["errors"])))
+    console.print(table)
+    console.print(f"ratio Decide/no-op at concurrency 50: {ratio:.2f} (target >= 0.6)")
+    if as_json:
+        print(json.dumps({"noop_rps": round(noop["rps"], 1), "decide_rps_c1": round(c1["rps"], 1),
+                          "decide_rps_c50": round(c50["rps"], 1), "ratio_c50": round(ratio, 3),
+                          "decide_p50_ms": round(c1["p50_ms"], 3), "decide_p99_ms": round(c1["p99_ms"], 3)}))
+    return 0
+
+
+def bench_decide(sizes: list[int], *, candidates: int, iterations: int, policies: str, learner: str,
+                 as_json: bool) -> int:
+    from decision.domain import RequestContext
+    from decision.engine import DecisionEngine
+    from decision.fleet import Fleet
+    from decision.fleetgen import synthetic_fleet
+    from decision.service import load_guard, make_features, make_learner_by_name
+    from decision.telemetry import TelemetryStore
+
+    console = Console()
+    runs: list[dict[str, Any]] = []
+    table = Table(title=f"in-process decision latency ({candidates} candidates after locate)")
+    for col in ("endpoints", "candidates", "guard", "learner", "p50 µs", "p99 µs", "guard p50 µs",
+                "score p50 µs", "choose p50 µs"):
+        table.add_column(col, justify="right")
+    for n in sizes:
+        fleet = Fleet.from_mapping(synthetic_fleet(n, per_model=candidates, seed=1))
+        store = TelemetryStore({e.endpoint_id: e.node_id for e in fleet.endpoints})
+        _seed_telemetry(store, fleet)
+        guard = load_guard(policies, fleet)
+        features = make_features("default")
+        engine = DecisionEngine(fleet, store, guard, make_learner_by_name(learner, len(features.names)),
+                                features=features)
+        stages: dict[str, list[float]] = {}
+        engine.on_stage = lambda s, us: stages.setdefault(s, []).append(us)
+        models = sorted(fleet.models)
+        rng = random.Random(5)
+        regions = sorted({s.region for s in fleet.sites.values()})
+        reqs = [RequestContext(f"b{i}", f"tenant-{i % 8}", model=models[rng.randrange(len(models))],
+                               client_region=regions[rng.randrange(len(regions))],
+                               estimated_input_tokens=rng.randint(50, 4000), expected_output_tokens=rng.randint(20, 800),
+                               ttft_target_ms=500.0, session_id=f"s{i % 97}")
+                for i in range(iterations)]
+        for r in reqs[: min(500, iterations)]:  # warm-up (and the guard's memo)
+            engine.decide(r)
+        stages.clear()
+        lat: list[float] = []
+        for r in reqs:
+            t0 = time.perf_counter()
+            engine.decide(r)
+            lat.append((time.perf_counter() - t0) * 1e6)
+        located = len(fleet.by_model[models[0]])
+        run = {"endpoints": n, "candidates": located, "p50_us": round(_pct(lat, 0.5), 1),
+               "p99_us": round(_pct(lat, 0.99), 1),
+               "stage_p50_us": {k: round(statistics.median(v), 1) for k, v in stages.items()}}
+        runs.append(run)
+        table.add_row(str(n), str(located), guard.revision[:24], engine.learner.name, f"{run['p50_us']:.0f}",
+                      f"{run['p99_us']:.0f}", f"{run['stage_p50_us'].get('guard', 0):.0f}",
+                      f"{run['stage_p50_us'].get('score', 0):.0f}", f"{run['stage_p50_us'].get('choose', 0):.0f}")
+    console.print(table)
+    console.print("targets: whole decision p99 <= 1000 µs at 64 candidates; guard p50 <= 150 µs with the example bundle")
+    if as_json:
+        last = dict(runs[-1])
+        last["runs"] = runs
+        print(json.dumps(last))
+    return 0

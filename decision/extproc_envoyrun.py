@@ -1,0 +1,200 @@
+"""Run a real Envoy (and fake model servers) for the end-to-end tests and ``infermesh bench envoy``.
+
+The config is always rendered from the one template, ``deploy/envoy/envoy.yaml``: the YAML is
+loaded and only addresses and ports (and, when asked, the failure mode) are replaced, so the tests
+exercise exactly the shipped filter chain.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from decision.envoy_binary import ensure_envoy
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "envoy" / "envoy.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _listener(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    for lst in cfg["static_resources"]["listeners"]:
+        if lst["name"] == name:
+            return dict(lst)
+    raise KeyError(f"no listener {name!r} in the Envoy template")
+
+
+def _cluster(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    for c in cfg["static_resources"]["clusters"]:
+        if c["name"] == name:
+            return dict(c)
+    raise KeyError(f"no cluster {name!r} in the Envoy template")
+
+
+def _ext_proc_filter(listener: dict[str, Any]) -> dict[str, Any]:
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    for f in hcm["http_filters"]:
+        if f["name"] == "envoy.filters.http.ext_proc":
+            return dict(f["typed_config"])
+    raise KeyError("no ext_proc filter in the inference listener")
+
+
+def render_config(*, listen_port: int, admin_port: int, extproc_port: int, extproc_host: str = "127.0.0.1",
+                  failure_mode_allow: bool | None = None, template: Path = TEMPLATE) -> dict[str, Any]:
+    """The template with test addresses: everything binds to loopback."""
+    cfg: dict[str, Any] = yaml.safe_load(template.read_text())
+    cfg["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin_port}
+    inference = _listener(cfg, "inference")
+    inference["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": listen_port}
+    ep = _cluster(cfg, "infermesh_extproc")
+    ep["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] = {
+        "address": extproc_host, "port_value": extproc_port}
+    if failure_mode_allow is not None:
+        _ext_proc_filter(inference)["failure_mode_allow"] = failure_mode_allow
+    return cfg
+
+
+def add_direct_listener(cfg: dict[str, Any], *, port: int, backend_port: int) -> dict[str, Any]:
+    """A copy of ``cfg`` with one more listener that proxies straight to one backend, no picker.
+
+    The benchmark's baseline: same Envoy, same filters minus ext_proc, a static upstream (it never
+    routes on a destination header).
+    """
+    out = copy.deepcopy(cfg)
+    lst = copy.deepcopy(_listener(out, "inference"))
+    lst["name"] = "direct"
+    lst["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": port}
+    hcm = lst["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["stat_prefix"] = "direct"
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
+    hcm["route_config"] = {"name": "direct", "virtual_hosts": [{"name": "direct", "domains": ["*"], "routes": [
+        {"match": {"prefix": "/"}, "route": {"cluster": "direct_backend", "timeout": "60s"}}]}]}
+    out["static_resources"]["listeners"].append(lst)
+    out["static_resources"]["clusters"].append({
+        "name": "direct_backend", "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "direct_backend", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": backend_port}}}}]}]}})
+    return out
+
+
+class EnvoyProcess:
+    """A running Envoy with a given config; a context manager that stops it on exit.
+
+    Parameters
+    ----------
+    config
+        The rendered bootstrap (as a mapping).
+    admin_port
+        The admin port in ``config`` (polled for readiness).
+    concurrency
+        Envoy worker threads.
+    """
+
+    def __init__(self, config: dict[str, Any], admin_port: int, *, concurrency: int = 1) -> None:
+        self.config = config
+        self.admin_port = admin_port
+        self.concurrency = concurrency
+        self._dir = tempfile.TemporaryDirectory(prefix="infermesh-envoy-")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = Path(self._dir.name) / "envoy.log"
+
+    def start(self, timeout_s: float = 30.0) -> EnvoyProcess:
+        binary = ensure_envoy()
+        path = Path(self._dir.name) / "envoy.yaml"
+        path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        # --disable-hot-restart: several Envoys (tests, other helpers) may run on one machine.
+        cmd = [str(binary), "-c", str(path), "--disable-hot-restart", "--concurrency", str(self.concurrency),
+               "-l", os.environ.get("INFERMESH_ENVOY_LOG_LEVEL", "warning"), "--log-path", str(self.log_path)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"envoy exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"envoy not ready after {timeout_s}s:\n{self.log()[-4000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stats(self, prefix: str = "") -> dict[str, int]:
+        """Counters and gauges from the admin ``/stats`` endpoint (optionally filtered)."""
+        text = httpx.get(f"http://127.0.0.1:{self.admin_port}/stats", params={"filter": prefix} if prefix
+                         else None, timeout=5.0).text
+        out: dict[str, int] = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().isdigit():
+                out[name] = int(value)
+        return out
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._dir.cleanup()
+
+    def __enter__(self) -> EnvoyProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Backend:
+    """A fake model server (:mod:`decision.extproc_fakebackend`) in its own process."""
+
+    def __init__(self, name: str, *, ttft_ms: float = 5.0, token_ms: float = 1.0, streaming: bool = True) -> None:
+        self.name = name
+        args = [sys.executable, "-m", "decision.extproc_fakebackend", "--name", name, "--port", "0",
+                "--ttft-ms", str(ttft_ms), "--token-ms", str(token_ms)]
+        if not streaming:
+            args.append("--no-stream")
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("listening "):
+            self.stop()
+            raise RuntimeError(f"backend {name} did not start: {line!r}")
+        self.address = line.split()[1]
+        self.port = int(self.address.rsplit(":", 1)[1])
+
+    def stats(self) -> dict[str, Any]:
+        doc: dict[str, Any] = httpx.get(f"http://{self.address}/stats", timeout=5.0).json()
+        return doc
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()

@@ -1,0 +1,103 @@
+"""Inventory loading and validation: the demo fleet's shape, and errors that name file:line: field."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from decision.fleet import InventoryError, load_fleet, load_fleet_text
+
+DATA = Path(__file__).parent / "data"
+
+
+def _plain(field: str) -> str:
+    """`sites[1](id=s1).tier` -> `sites[1].tier`."""
+    return re.sub(r"\(id=[^)]*\)", "", field)
+
+
+def test_demo_fleet_has_three_tiers_regions_jurisdictions_and_model_kinds(demo_fleet):  # type: ignore[no-untyped-def]
+    assert set(demo_fleet.tiers()) == {"datacenter", "edge", "device"}
+    assert len({s.region for s in demo_fleet.sites.values()}) >= 3
+    assert len({s.jurisdiction for s in demo_fleet.sites.values()}) >= 2
+    assert 50 <= len(demo_fleet.endpoints) <= 70
+    modalities = {m.modality for m in demo_fleet.models.values()}
+    assert {"text", "image", "multimodal"} <= modalities
+    assert len({m.family for m in demo_fleet.models.values()}) >= 3
+
+
+def test_index_by_model_and_family_matches_a_full_scan(demo_fleet):  # type: ignore[no-untyped-def]
+    for model in demo_fleet.models:
+        assert set(demo_fleet.by_model[model]) == {e for e in demo_fleet.endpoints if e.model == model}
+    for family, eps in demo_fleet.by_family.items():
+        assert set(eps) == {e for e in demo_fleet.endpoints if e.family == family}
+
+
+def test_revision_is_a_content_hash(demo_fleet):  # type: ignore[no-untyped-def]
+    text = (Path(__file__).parent.parent / "deploy/demo/fleet.yaml").read_text()
+    assert load_fleet_text(text).revision == demo_fleet.revision
+    assert load_fleet_text(text.replace("max_concurrency: 64", "max_concurrency: 65", 1)).revision != demo_fleet.revision
+
+
+def test_every_problem_is_reported_with_its_line_and_field() -> None:
+    with pytest.raises(InventoryError) as err:
+        load_fleet(DATA / "bad_fleet.yaml")
+    found = {(i.line, _plain(i.field)) for i in err.value.issues}
+    # pydantic-level errors come first (field types and values)
+    assert (10, "sites[1].tier") in found
+    assert (20, "nodes[1].gpu_type") in found
+    assert (37, "deployments[1].address") in found
+    assert (38, "deployments[1].max_concurrency") in found
+    assert all(i.path.endswith("bad_fleet.yaml") for i in err.value.issues)
+
+
+def test_reference_errors_name_the_line_of_the_bad_reference(tmp_path: Path) -> None:
+    text = (DATA / "bad_fleet.yaml").read_text().replace("tier: orbit", "tier: edge").replace(
+        "TPUv9", "L4").replace("not an address", "10.0.0.2:8000").replace("max_concurrency: 0", "max_concurrency: 4")
+    p = tmp_path / "refs.yaml"
+    p.write_text(text)
+    with pytest.raises(InventoryError) as err:
+        load_fleet(p)
+    msgs = {(i.line, _plain(i.field), i.message) for i in err.value.issues}
+    assert (7, "sites[1].id", "duplicate id 's1'") in msgs
+    assert (19, "nodes[1].site", "unknown site 'nowhere'") in msgs
+    assert (36, "deployments[1].model", "unknown model 'm-missing'") in msgs
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    p = tmp_path / "broken.yaml"
+    p.write_text("version: 1\nsites:\n  - id: [unclosed\n")
+    with pytest.raises(InventoryError) as err:
+        load_fleet(p)
+    assert err.value.issues[0].line >= 3
+    assert err.value.issues[0].field == "(syntax)"
+
+
+def test_device_sites_must_name_their_owner(tmp_path: Path) -> None:
+    p = tmp_path / "dev.yaml"
+    p.write_text("sites:\n  - {id: d, region: r, jurisdiction: EU, tier: device}\nnodes: []\nmodels: []\n"
+                 "deployments: []\n")
+    with pytest.raises(InventoryError, match="owner_tenant"):
+        load_fleet(p)
+
+
+def test_fleet_check_cli_exit_codes_and_messages() -> None:
+    ok = subprocess.run([sys.executable, "-m", "decision.cli", "fleet", "check", "deploy/demo/fleet.yaml"],
+                        capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert ok.returncode == 0, ok.stderr
+    assert "56 endpoints" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "decision.cli", "fleet", "check", "tests/data/bad_fleet.yaml"],
+                         capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert bad.returncode == 1
+    assert "tests/data/bad_fleet.yaml:10: sites[1](id=s1).tier:" in bad.stderr
+
+
+def test_topology_rtt_prefers_direct_links_then_region_links(demo_fleet) -> None:  # type: ignore[no-untyped-def]
+    topo = demo_fleet.topology
+    assert topo.rtt_ms("eu-west", "eu-west-edge1") == 2.0
+    assert topo.rtt_ms("eu-west", "us-east-dc1") == 85.0  # via the transatlantic region link
+    assert topo.rtt_ms("eu-west", "eu-central-dc1") == 18.0
+    assert topo.rtt_ms("mars", "eu-west-dc1") == 120.0  # unknown client: the configured default

@@ -1,0 +1,93 @@
+"""Telemetry parsing of every supported metric, canonicalisation, staleness and ordering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from decision import telemetry as t
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_parse_exposition_handles_labels_timestamps_escapes_and_nan() -> None:
+    samples = t.parse_exposition((DATA / "mixed_node.prom").read_text())
+    temps = [s for s in samples if s.name == "DCGM_FI_DEV_GPU_TEMP"]
+    assert [s.timestamp_ms for s in temps][2] == 1700000000000
+    assert temps[3].labels["Hostname"] == 'n"1"'
+
+
+def test_canonicalize_every_dcgm_vllm_and_triton_metric() -> None:
+    node, ep = t.canonicalize(t.parse_exposition((DATA / "mixed_node.prom").read_text()))
+    assert node[t.GPU_UTIL] == pytest.approx(25.0)  # mean over GPUs
+    assert node[t.GPU_TEMP_C] == 91.0  # hottest GPU; NaN ignored
+    assert node[t.XID_ERRORS] == 48.0
+    assert node[t.POWER_W] == pytest.approx(300.75)
+    assert node[t.FB_USED_MIB] == 4000.0
+    assert node[t.FB_FREE_MIB] == 1200.0
+    assert ep[t.KV_CACHE_USAGE] == pytest.approx(0.42)
+    assert ep[t.TTFT_MEAN_S] == pytest.approx(0.5)
+    assert ep[t.QUEUE_WAITING] == 3.0
+    assert ep[t.QUEUE_DURATION_US] == pytest.approx(500.0)
+
+
+@pytest.mark.parametrize("name", ["dcgm_exporter_sample.prom", "vllm_v1_sample.prom", "triton_sample.prom"])
+def test_shared_samples_parse(shared_dir: Path, name: str) -> None:
+    samples = t.parse_exposition((shared_dir / "telemetry" / name).read_text())
+    node, ep = t.canonicalize(samples)
+    if name.startswith("dcgm"):
+        assert {t.GPU_UTIL, t.GPU_TEMP_C, t.POWER_W, t.XID_ERRORS, t.FB_USED_MIB, t.FB_FREE_MIB} <= set(node)
+    elif name.startswith("vllm"):
+        # DP=2: running and waiting add up over engines; KV usage is the fuller engine's.
+        assert ep[t.QUEUE_RUNNING] == 78.0
+        assert ep[t.QUEUE_WAITING] == 6.0
+        assert ep[t.KV_CACHE_USAGE] == pytest.approx(0.8734)
+        assert 0 < ep[t.TTFT_MEAN_S] < 5
+    else:
+        assert ep[t.QUEUE_WAITING] > 0
+        assert ep[t.QUEUE_DURATION_US] > 0
+
+
+def test_bad_exposition_names_the_line() -> None:
+    with pytest.raises(t.ExpositionError, match="line 2"):
+        t.parse_exposition("ok_metric 1\nbroken{ 2\n")
+    with pytest.raises(t.ExpositionError, match="bad sample value"):
+        t.parse_exposition("m 12abc")
+
+
+def test_values_age_and_go_unknown_past_the_staleness_limit() -> None:
+    now = [1000.0]
+    store = t.TelemetryStore({"e1": "n1", "e2": "n1"}, stale_after_s=30.0, clock=lambda: now[0])
+    store.update_node("n1", {t.GPU_TEMP_C: 70.0})
+    store.update_endpoint("e1", {t.QUEUE_WAITING: 2.0})
+    now[0] = 1020.0
+    store.update_endpoint("e1", {t.QUEUE_WAITING: 5.0})
+    r = store.reading("e1", now=1040.0)
+    assert r.values == {t.QUEUE_WAITING: 5.0}  # the node temperature is 40 s old: unknown
+    assert dict(r.ages_s) == {t.GPU_TEMP_C: 40.0, t.QUEUE_WAITING: 20.0}
+    assert r.max_age_s == 40.0
+    assert store.reading("e2", now=1010.0).values == {t.GPU_TEMP_C: 70.0}  # node values reach every endpoint
+    assert store.reading("unknown").values == {}
+
+
+def test_an_older_sample_never_overwrites_a_newer_one() -> None:
+    store = t.TelemetryStore({"e1": "n1"}, clock=lambda: 100.0)
+    store.update_endpoint("e1", {t.QUEUE_WAITING: 9.0}, ts=99.0)
+    store.update_endpoint("e1", {t.QUEUE_WAITING: 1.0}, ts=90.0)
+    assert store.reading("e1").values[t.QUEUE_WAITING] == 9.0
+
+
+def test_ingest_exposition_attributes_gpu_metrics_to_the_node() -> None:
+    store = t.TelemetryStore({"e1": "n1", "e2": "n1"}, clock=lambda: 0.0)
+    store.ingest_exposition((DATA / "mixed_node.prom").read_text(), endpoint_id="e1")
+    assert store.reading("e2").values[t.GPU_TEMP_C] == 91.0
+    assert t.QUEUE_WAITING not in store.reading("e2").values
+    assert store.reading("e1").values[t.QUEUE_WAITING] == 3.0
+
+
+def test_canonical_name_knows_exporter_names() -> None:
+    assert t.canonical_name("DCGM_FI_DEV_GPU_TEMP") == (t.GPU_TEMP_C, True)
+    assert t.canonical_name("vllm:kv_cache_usage_perc") == (t.KV_CACHE_USAGE, False)
+    assert t.canonical_name("queue_waiting") == (t.QUEUE_WAITING, False)
+    assert t.canonical_name("nope") is None
