@@ -13,6 +13,7 @@ its index.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -57,7 +58,8 @@ class RidgeStats:
             self.refresh()
             return
         ax = self.A_inv @ x
-        self.A_inv -= np.outer(ax, ax) / (1.0 + x @ ax)
+        # A new array, not an in-place edit: a concurrent reader sees the old or the new inverse.
+        self.A_inv = self.A_inv - np.outer(ax, ax) / (1.0 + x @ ax)
         self.theta = self.A_inv @ self.b
 
     def refresh(self) -> None:
@@ -83,7 +85,7 @@ class RidgeStats:
 
     def state(self) -> dict[str, Any]:
         return {"A": self.A.tolist(), "b": self.b.tolist(), "n": self.n, "dA": self.dA.tolist(),
-                "db": self.db.tolist(), "dn": self.dn}
+                "db": self.db.tolist(), "dn": self.dn, "A_inv": self.A_inv.tolist(), "since": self._since}
 
     def load(self, state: Mapping[str, Any]) -> None:
         A = np.asarray(state["A"], dtype=float)
@@ -95,7 +97,12 @@ class RidgeStats:
         self.dA = np.asarray(state.get("dA", np.zeros((self.d, self.d))), dtype=float)
         self.db = np.asarray(state.get("db", np.zeros(self.d)), dtype=float)
         self.dn = int(state.get("dn", 0))
-        self.refresh()
+        if "A_inv" in state:  # exactly as it was (an exact inverse would differ in the last bits)
+            self.A_inv = np.asarray(state["A_inv"], dtype=float)
+            self.theta = self.A_inv @ self.b
+            self._since = int(state.get("since", 0))
+        else:
+            self.refresh()
 
 
 _LAST: list[tuple[Sequence[ScoredCandidate], FloatArray]] = []
@@ -139,6 +146,7 @@ class LinearLearner:
         self.seed = seed
         self._stats = RidgeStats(n_features, l2)
         self._rng = np.random.default_rng(seed)
+        self._lock = threading.Lock()
 
     # -- river-style conventions --
     def _params(self) -> dict[str, Any]:
@@ -178,8 +186,9 @@ class LinearLearner:
             raise ValueError(f"update got {x.shape[0]} features, learner expects {self.n_features}")
         if not np.isfinite(reward) or not np.all(np.isfinite(x)):
             raise ValueError("non-finite reward or features")
-        self._stats.update(x, float(reward))
-        self._after_update()
+        with self._lock:
+            self._stats.update(x, float(reward))
+            self._after_update()
 
     def _after_update(self) -> None:
         """Hook for subclasses caching factorisations of ``A^-1``."""
@@ -204,23 +213,32 @@ class LinearLearner:
         return X @ self._stats.theta
 
     def merge(self, dA: FloatArray, db: FloatArray, dn: int) -> None:
-        self._stats.merge(dA, db, dn)
-        self._after_update()
+        """Add another replica's increments of the sufficient statistics."""
+        with self._lock:
+            self._stats.merge(dA, db, dn)
+            self._after_update()
+
+    def take_delta(self) -> tuple[FloatArray, FloatArray, int]:
+        """This replica's increments since the last call (then reset)."""
+        with self._lock:
+            return self._stats.take_delta()
 
     def state_dict(self) -> dict[str, Any]:
         """Learned state (JSON-able): the ridge statistics and the random generator's state."""
-        return {"learner": self.name, "version": self.version, "n_features": self.n_features,
-                "params": self._params(), "stats": self._stats.state(),
-                "rng": self._rng.bit_generator.state}
+        with self._lock:
+            return {"learner": self.name, "version": self.version, "n_features": self.n_features,
+                    "params": self._params(), "stats": self._stats.state(),
+                    "rng": self._rng.bit_generator.state}
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (hyperparameters stay this instance's)."""
         if state.get("learner") != self.name or int(state.get("n_features", -1)) != self.n_features:
             raise ValueError(f"state of {state.get('learner')} with {state.get('n_features')} features "
                              f"does not fit {self.name} with {self.n_features}")
-        self._stats.load(state["stats"])
-        self._rng.bit_generator.state = dict(state["rng"])
-        self._after_update()
+        with self._lock:
+            self._stats.load(state["stats"])
+            self._rng.bit_generator.state = dict(state["rng"])
+            self._after_update()
 
 
 def epsilon_mix(best: int, k: int, epsilon: float) -> FloatArray:

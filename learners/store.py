@@ -1,0 +1,213 @@
+"""Every SQL statement of the learners, in one repository (a schema rename is a one-place change).
+
+Tables: ``learner_snapshots`` and ``learner_deltas`` (migration 0002, ours) and, read only, the
+audit log's ``decision_events`` and ``outcomes`` (migration 0001). The decision trace is stored
+compressed (``trace_z``) and decoded with :mod:`audit.codec`; inside it, each candidate's features
+are ``stages.score.candidates[i].features`` (a ``{name: value}`` mapping) and the chosen endpoint is
+``stages.choose.chosen``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from learners._linear import FloatArray
+
+
+def decode_trace(trace_z: bytes) -> dict[str, Any]:
+    """The decision trace stored in ``decision_events.trace_z``."""
+    try:
+        from audit.codec import decode_json, decompress_trace
+    except ImportError:  # the audit package is optional for the learners
+        return dict(json.loads(zlib.decompress(trace_z)))
+    return dict(decode_json(decompress_trace(trace_z)))
+
+
+def _ts(t: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(t, dt.UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    id: int
+    learner: str
+    version: str
+    replica: str
+    taken_at: float
+    watermark: float
+    n_updates: int
+    delta_marks: Mapping[str, int]
+    state: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    replica: str
+    seq: int
+    dA: FloatArray
+    db: FloatArray
+    dn: int
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedDecision:
+    """One routed decision from the audit log, with its outcome when one was reported."""
+
+    decision_id: str
+    decided_at: float
+    learner: str
+    propensity: float
+    trace: Mapping[str, Any]
+    status: str | None
+    reward: float | None
+    ttft_ms: float | None
+    reported_at: float | None
+
+
+class LearnerStore:
+    """The learners' repository over one PostgreSQL connection (thread-safe, autocommit).
+
+    Parameters
+    ----------
+    url
+        libpq connection URL.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._conn: psycopg.Connection[dict[str, Any]] = psycopg.connect(url, autocommit=True, row_factory=dict_row)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # -- snapshots --
+    def save_snapshot(self, *, learner: str, version: str, replica: str, watermark: float, n_updates: int,
+                      delta_marks: Mapping[str, int], state: Mapping[str, Any]) -> int:
+        with self._lock:
+            row = self._conn.execute(
+                "INSERT INTO learner_snapshots (learner, version, replica, watermark, n_updates, delta_marks,"
+                " state) VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                (learner, version, replica, _ts(watermark), n_updates, Jsonb(dict(delta_marks)),
+                 Jsonb(dict(state)))).fetchone()
+        assert row is not None
+        return int(row["id"])
+
+    def latest_snapshot(self, *, learner: str, version: str) -> Snapshot | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT id, learner, version, replica, taken_at, watermark, n_updates, delta_marks, state"
+                " FROM learner_snapshots WHERE learner = %s AND version = %s ORDER BY id DESC LIMIT 1",
+                (learner, version)).fetchone()
+        if row is None:
+            return None
+        return Snapshot(int(row["id"]), row["learner"], row["version"], row["replica"],
+                        row["taken_at"].timestamp(), row["watermark"].timestamp(), int(row["n_updates"]),
+                        {k: int(v) for k, v in row["delta_marks"].items()}, row["state"])
+
+    # -- replica deltas --
+    def write_delta(self, *, learner: str, version: str, replica: str, seq: int, dA: FloatArray, db: FloatArray,
+                    dn: int) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO learner_deltas (learner, version, replica, seq, n_features, dn, da, db)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                (learner, version, replica, seq, int(db.shape[0]), dn,
+                 np.ascontiguousarray(dA, dtype="<f8").tobytes(), np.ascontiguousarray(db, dtype="<f8").tobytes()))
+
+    def last_delta_seq(self, *, learner: str, version: str, replica: str) -> int:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT coalesce(max(seq), 0) AS seq FROM learner_deltas"
+                " WHERE learner = %s AND version = %s AND replica = %s", (learner, version, replica)).fetchone()
+        return int(row["seq"]) if row else 0
+
+    def read_deltas(self, *, learner: str, version: str, after: Mapping[str, int],
+                    exclude_replica: str | None = None) -> list[Delta]:
+        """Deltas of every replica with a seq above what ``after`` says was already seen."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT replica, seq, n_features, dn, da, db FROM learner_deltas"
+                " WHERE learner = %s AND version = %s AND replica IS DISTINCT FROM %s"
+                " AND seq > coalesce((%s::jsonb ->> replica)::bigint, 0) ORDER BY replica, seq",
+                (learner, version, exclude_replica, Jsonb(dict(after)))).fetchall()
+        out = []
+        for r in rows:
+            d = int(r["n_features"])
+            out.append(Delta(r["replica"], int(r["seq"]),
+                             np.frombuffer(r["da"], dtype="<f8").reshape(d, d).astype(np.float64),
+                             np.frombuffer(r["db"], dtype="<f8").astype(np.float64), int(r["dn"])))
+        return out
+
+    # -- the audit log, read only --
+    def outcomes_after(self, *, learner: str, after: float) -> Iterator[LoggedDecision]:
+        """Decisions by ``learner`` (``name@version``) whose outcome was reported after ``after``,
+        with a reward, in report order: what a restored learner must replay."""
+        yield from self._logged(
+            "SELECT d.decision_id, d.decided_at, d.learner, d.propensity, d.trace_z, o.status, o.reward,"
+            " o.ttft_ms, o.reported_at FROM decision_events d JOIN outcomes o USING (decision_id)"
+            " WHERE d.status = 'routed' AND d.learner = %s AND o.reported_at > %s AND o.reward IS NOT NULL"
+            " ORDER BY o.reported_at, d.decision_id", (learner, _ts(after)))
+
+    def decisions_between(self, *, start: float, end: float, learner: str | None = None) -> Iterator[LoggedDecision]:
+        """Routed decisions made in ``[start, end)`` with their outcomes (if any), in decision order."""
+        yield from self._logged(
+            "SELECT d.decision_id, d.decided_at, d.learner, d.propensity, d.trace_z, o.status, o.reward,"
+            " o.ttft_ms, o.reported_at FROM decision_events d LEFT JOIN outcomes o USING (decision_id)"
+            " WHERE d.status = 'routed' AND d.decided_at >= %s AND d.decided_at < %s"
+            " AND (%s::text IS NULL OR d.learner = %s) ORDER BY d.decided_at, d.decision_id",
+            (_ts(start), _ts(end), learner, learner))
+
+    def _logged(self, sql: str, params: Sequence[Any]) -> Iterator[LoggedDecision]:
+        # A separate connection: a long read must not hold the lock the sync thread needs.
+        with psycopg.connect(self.url, row_factory=dict_row) as conn, conn.cursor(name="learners_log") as cur:
+            cur.itersize = 2000
+            cur.execute(sql, params)
+            for r in cur:
+                yield LoggedDecision(
+                    r["decision_id"], r["decided_at"].timestamp(), r["learner"], float(r["propensity"] or 0.0),
+                    decode_trace(bytes(r["trace_z"])), r["status"],
+                    None if r["reward"] is None else float(r["reward"]),
+                    None if r["ttft_ms"] is None else float(r["ttft_ms"]),
+                    None if r["reported_at"] is None else r["reported_at"].timestamp())
+
+
+@dataclass(frozen=True, slots=True)
+class TraceArms:
+    """The arms of one logged decision as the learner saw them."""
+
+    endpoint_ids: tuple[str, ...]
+    features: FloatArray  # one row per arm, columns in the requested names order
+    expected_ttft_ms: tuple[float, ...]
+    expected_cost_per_1k_tokens: tuple[float, ...]
+    chosen: int  # index of the chosen arm, -1 if it is not among them
+
+
+def trace_arms(trace: Mapping[str, Any], names: Sequence[str]) -> TraceArms:
+    """Extract the scored arms of a decision trace, features ordered as ``names`` (missing = 0)."""
+    stages = trace["stages"]
+    rows = stages["score"]["candidates"]
+    chosen_id = stages["choose"]["chosen"]
+    ids = tuple(str(r["endpoint_id"]) for r in rows)
+    X = np.array([[float(r["features"].get(n, 0.0)) for n in names] for r in rows], dtype=float).reshape(
+        len(rows), len(names))
+    return TraceArms(ids, X, tuple(float(r.get("expected_ttft_ms") or 0.0) for r in rows),
+                     tuple(float(r.get("expected_cost_per_1k_tokens") or 0.0) for r in rows),
+                     ids.index(chosen_id) if chosen_id in ids else -1)
+
+
+def feature_names_of(trace: Mapping[str, Any]) -> tuple[str, ...]:
+    """The feature names a trace carries, in the builder's order (the trace JSON keeps key order)."""
+    rows = trace["stages"]["score"]["candidates"]
+    return tuple(rows[0]["features"]) if rows else ()
