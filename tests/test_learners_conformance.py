@@ -9,7 +9,7 @@ from decision.domain import RequestContext, ScoredCandidate
 from learners.registry import make_learner, names
 from learners.store import LearnerStore
 from learners.testing import toy_arms
-from tests.learners_support import migrate
+from tests.test_learners_support import migrate
 
 D = 6
 CTX = RequestContext("r", "t")
@@ -53,7 +53,7 @@ def test_clone_is_fresh_with_the_same_hyperparameters(name: str) -> None:
     trained = make_learner(name, D, **_params(name))
     _play(trained, 2, 100)
     clone = trained.clone()  # type: ignore[attr-defined]
-    assert type(clone) is type(trained) and repr(clone) == repr(trained) or name == "least-ttft"
+    assert (type(clone) is type(trained) and repr(clone) == repr(trained)) or name == "least-ttft"
     assert _play(clone, 3, 60) == _play(make_learner(name, D, **_params(name)), 3, 60)
 
 
