@@ -16,6 +16,10 @@ from rich.table import Table
 from decision.config import ServiceConfig, Settings
 
 
+def stages_recorder(stages: dict[str, list[float]]) -> Any:
+    return lambda stage, us: stages.setdefault(stage, []).append(us)
+
+
 def _pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
@@ -79,7 +83,8 @@ def _measure(target: str, kind: str, concurrency: int, clients: int, duration_s:
     calls = sum(r[0] for r in results)
     errors = sum(r[1] for r in results)
     lat = [x for r in results for x in r[2]]
-    return {"rps": calls / duration_s, "errors": errors, "p50_ms": _pct(lat, 0.5) * 1e3, "p99_ms": _pct(lat, 0.99) * 1e3}
+    return {"rps": calls / duration_s, "errors": errors, "p50_ms": _pct(lat, 0.5) * 1e3,
+            "p99_ms": _pct(lat, 0.99) * 1e3}
 
 
 def _demo_requests(fleet: Any, n: int = 2000) -> list[dict[str, Any]]:
@@ -160,13 +165,14 @@ def bench_decide(sizes: list[int], *, candidates: int, iterations: int, policies
         engine = DecisionEngine(fleet, store, guard, make_learner_by_name(learner, len(features.names)),
                                 features=features)
         stages: dict[str, list[float]] = {}
-        engine.on_stage = lambda s, us: stages.setdefault(s, []).append(us)
+        engine.on_stage = stages_recorder(stages)
         models = sorted(fleet.models)
         rng = random.Random(5)
         regions = sorted({s.region for s in fleet.sites.values()})
         reqs = [RequestContext(f"b{i}", f"tenant-{i % 8}", model=models[rng.randrange(len(models))],
                                client_region=regions[rng.randrange(len(regions))],
-                               estimated_input_tokens=rng.randint(50, 4000), expected_output_tokens=rng.randint(20, 800),
+                               estimated_input_tokens=rng.randint(50, 4000),
+                               expected_output_tokens=rng.randint(20, 800),
                                ttft_target_ms=500.0, session_id=f"s{i % 97}")
                 for i in range(iterations)]
         for r in reqs[: min(500, iterations)]:  # warm-up (and the guard's memo)
@@ -178,15 +184,17 @@ def bench_decide(sizes: list[int], *, candidates: int, iterations: int, policies
             engine.decide(r)
             lat.append((time.perf_counter() - t0) * 1e6)
         located = len(fleet.by_model[models[0]])
-        run = {"endpoints": n, "candidates": located, "p50_us": round(_pct(lat, 0.5), 1),
+        stage_p50 = {k: round(statistics.median(v), 1) for k, v in stages.items()}
+        run: dict[str, Any] = {"endpoints": n, "candidates": located, "p50_us": round(_pct(lat, 0.5), 1),
                "p99_us": round(_pct(lat, 0.99), 1),
-               "stage_p50_us": {k: round(statistics.median(v), 1) for k, v in stages.items()}}
+               "stage_p50_us": stage_p50}
         runs.append(run)
         table.add_row(str(n), str(located), guard.revision[:24], engine.learner.name, f"{run['p50_us']:.0f}",
-                      f"{run['p99_us']:.0f}", f"{run['stage_p50_us'].get('guard', 0):.0f}",
-                      f"{run['stage_p50_us'].get('score', 0):.0f}", f"{run['stage_p50_us'].get('choose', 0):.0f}")
+                      f"{run['p99_us']:.0f}", f"{stage_p50.get('guard', 0):.0f}",
+                      f"{stage_p50.get('score', 0):.0f}", f"{stage_p50.get('choose', 0):.0f}")
     console.print(table)
-    console.print("targets: whole decision p99 <= 1000 µs at 64 candidates; guard p50 <= 150 µs with the example bundle")
+    console.print("targets: whole decision p99 <= 1000 µs at 64 candidates; "
+                  "guard p50 <= 150 µs with the example bundle")
     if as_json:
         last = dict(runs[-1])
         last["runs"] = runs

@@ -101,7 +101,8 @@ def trace_to_pb(record: Mapping[str, Any]) -> pb.Trace:
                      site_id=record.get("site_id") or "", region=record.get("region") or "",
                      tier=record.get("tier") or "", gpu_type=record.get("gpu_type") or "")
     decided = record.get("decided_at")
-    decided_s = decided.timestamp() if hasattr(decided, "timestamp") else float(decided or 0.0)
+    decided_s = float(decided.timestamp()) if decided is not None and hasattr(decided, "timestamp") \
+        else float(decided or 0.0)
     msg = pb.Trace(decision_id=str(record.get("decision_id", "")), status=str(record.get("status", "")),
                    route=route, policy_revision=record.get("policy_revision") or "",
                    learner=record.get("learner") or "", propensity=float(record.get("propensity") or 0.0),

@@ -37,13 +37,16 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
@@ -64,6 +67,10 @@ log = logging.getLogger(__name__)
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 _CONTINUE_RESP_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
+_CONTINUE_REQ_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
+_STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
+_BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
+_BUFFERED_PARTIAL = processing_mode_pb2.ProcessingMode.BUFFERED_PARTIAL
 
 
 def outcome_status(http_status: int) -> OutcomeStatus:
@@ -115,7 +122,7 @@ def _immediate(code: int, error_type: str, message: str, decision_id: str, confi
 
 @dataclass(slots=True)
 class _Exchange:
-    """What one HTTP exchange has seen so far; lives as long as its ext_proc stream."""
+    """One HTTP exchange: its decision and what the response phase has seen so far."""
 
     t0: float = 0.0
     headers: dict[str, str] | None = None
@@ -129,8 +136,27 @@ class _Exchange:
     reported: bool = False
 
 
+@dataclass(slots=True)
+class _Stream:
+    """One ext_proc stream. ``owner``: this stream reports the outcome of ``ex``."""
+
+    ex: _Exchange
+    owner: bool = False
+    hold_headers: bool = False  # the header reply waits for the body (send_body_without_waiting...)
+    held_chunks: int = 0
+    body: bytearray | None = None
+
+
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     """The ext_proc servicer: decides in the request phase, records outcomes in the response phase.
+
+    Two deployments of the filter are understood (``deploy/envoy/README.md``):
+
+    * split (the shipped config): a *pick* filter handles the request phase only, and a second
+      filter in ``observability_mode`` streams the response to us without Envoy ever waiting for
+      an answer. The observer stream finds its exchange by the ``x-infermesh-decision-id`` request
+      header the pick filter set. The response path then costs the client nothing.
+    * inline: one filter sees both phases on one stream (Envoy waits for each answer).
 
     Parameters
     ----------
@@ -140,67 +166,86 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         Header names and defaults.
     clock
         Monotonic clock for TTFT and latency (seconds).
+    max_unobserved
+        Routed exchanges kept for an observer stream to claim; the oldest are dropped beyond it
+        (the engine still times their outcome out).
     """
 
     def __init__(self, engine: DecisionEngine, config: ExtProcConfig | None = None,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, max_unobserved: int = 65536) -> None:
         self.engine = engine
         self.config = config or ExtProcConfig()
         self._now = clock or time.perf_counter
-        self.stats: dict[str, int] = {"streams": 0, "routed": 0, "immediate": 0, "outcomes": 0,
-                                      "outcomes_failed": 0}
+        self.max_unobserved = max_unobserved
+        self._unobserved: OrderedDict[str, _Exchange] = OrderedDict()
+        self._lock = threading.Lock()
+        self.stats: dict[str, int] = {"streams": 0, "routed": 0, "immediate": 0, "observed": 0,
+                                      "outcomes": 0, "outcomes_failed": 0}
 
     # -- the RPC --
     def Process(self, request_iterator: Iterator[pb.ProcessingRequest],
                 context: grpc.ServicerContext) -> Iterator[pb.ProcessingResponse]:
         self.stats["streams"] += 1
-        ex = _Exchange()
+        st = _Stream(_Exchange())
         try:
             for req in request_iterator:
-                resp = self.handle(ex, req)
-                if resp is not None:
-                    yield resp
+                yield from self.handle(st, req)
                 # Reporting after the reply is sent keeps it off the client's last byte.
-                if ex.ended and ex.decision is not None and not ex.reported:
-                    self._report(ex, self._now())
+                if st.owner and st.ex.ended and not st.ex.reported:
+                    self._report(st.ex, self._now())
         finally:
-            if ex.decision is not None and not ex.reported:
+            if st.owner and st.ex.decision is not None and not st.ex.reported:
                 # The stream closed before the response ended: client gone or upstream reset.
-                self._report(ex, self._now(), cancelled=True)
+                self._report(st.ex, self._now(), cancelled=True)
 
-    def handle(self, ex: _Exchange, req: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
+    def handle(self, st: _Stream, req: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         """Answer one message of the stream (sans I/O, so it is testable without gRPC)."""
         which = req.WhichOneof("request")
+        if req.observability_mode:
+            self._observe(st, req, which)
+            return []  # Envoy does not wait for, nor read, answers in observability mode
         if which == "request_headers":
-            ex.t0 = self._now()
-            ex.headers = _headers(req.request_headers.headers)
+            st.ex.t0 = self._now()
+            st.ex.headers = _headers(req.request_headers.headers)
             if req.request_headers.end_of_stream:
-                return self._decide(ex, b"", headers_phase=True)
-            return _CONTINUE_HEADERS
+                return [self._decide(st, b"")]
+            pc = req.protocol_config
+            if pc.send_body_without_waiting_for_header_response and pc.request_body_mode == _STREAMED:
+                st.hold_headers, st.body = True, bytearray()  # decide once the body is in: one round trip
+                return []
+            if pc.request_body_mode in (_BUFFERED, _BUFFERED_PARTIAL):
+                return [_CONTINUE_HEADERS]  # the whole body comes next, in one message
+            return [self._decide(st, b"")]  # no body will come before the headers go upstream
         if which == "request_body":
-            if ex.decision is not None:  # a body chunk after the decision (streamed mode): pass it on
-                return pb.ProcessingResponse(request_body=pb.BodyResponse())
-            return self._decide(ex, req.request_body.body, headers_phase=False)
-        if which == "response_headers":
-            return self._response_headers(ex, req)
-        if which == "response_body":
-            now = self._now()
-            body = req.response_body.body
-            if body and not ex.t_first_byte:
-                ex.t_first_byte = now
-            if ex.usage is not None:
-                ex.usage.feed(body)
-            if req.response_body.end_of_stream:
-                ex.ended = True
-            return _CONTINUE_RESP_BODY
+            return self._request_body(st, req.request_body)
         if which == "request_trailers":
-            return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+            return [pb.ProcessingResponse(request_trailers=pb.TrailersResponse())]
+        self._response_message(st, req, which)
+        if which == "response_headers":
+            return [self._response_headers_reply(st)]
+        if which == "response_body":
+            return [_CONTINUE_RESP_BODY]
         if which == "response_trailers":
-            ex.ended = True
-            return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
-        return None
+            return [pb.ProcessingResponse(response_trailers=pb.TrailersResponse())]
+        return []
 
     # -- request phase --
+    def _request_body(self, st: _Stream, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
+        if st.hold_headers:
+            assert st.body is not None
+            st.body += body.body
+            st.held_chunks += 1
+            if not body.end_of_stream:
+                return []
+            first = self._decide(st, bytes(st.body))
+            if first.WhichOneof("response") == "immediate_response":
+                return [first]
+            st.hold_headers, st.body = False, None
+            return [first] + [_CONTINUE_REQ_BODY] * st.held_chunks
+        if st.ex.decision is not None:  # chunks after the decision (streamed mode): pass them on
+            return [_CONTINUE_REQ_BODY]
+        return [self._decide(st, body.body, in_body=True)]
+
     def context_of(self, headers: Mapping[str, str], body: OpenAIRequest | None) -> RequestContext:
         """Build the decision context from request headers and the parsed body."""
         c = self.config
@@ -241,8 +286,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             labels={"via": "envoy-ext-proc", "path": headers.get(":path", "")[:256]},
         )
 
-    def _decide(self, ex: _Exchange, body: bytes, *, headers_phase: bool) -> pb.ProcessingResponse:
+    def _decide(self, st: _Stream, body: bytes, *, in_body: bool = False) -> pb.ProcessingResponse:
         c = self.config
+        ex = st.ex
         try:
             ex.request = parse_request(body)
             decision = self.engine.decide(self.context_of(ex.headers or {}, ex.request))
@@ -258,6 +304,13 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             return self._deny(_immediate(503, "unavailable", str(exc), "", c))
         ex.decision = decision
         self.stats["routed"] += 1
+        if c.response_phase == "observer":
+            with self._lock:
+                self._unobserved[decision.decision_id] = ex
+                while len(self._unobserved) > self.max_unobserved:
+                    self._unobserved.popitem(last=False)
+        else:
+            st.owner = True
         primary = decision.route.address
         chain = ",".join([primary, *(r.address for r in decision.fallbacks)])
         common = pb.CommonResponse(
@@ -266,36 +319,63 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             clear_route_cache=True)  # the route is chosen on the header we just set
         meta = struct_pb2.Struct()
         meta.update({c.metadata_namespace: {c.destination_header: chain}})
-        if headers_phase:
-            return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common),
-                                         dynamic_metadata=meta)
-        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common), dynamic_metadata=meta)
+        if in_body:
+            return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common), dynamic_metadata=meta)
+        return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common), dynamic_metadata=meta)
 
     def _deny(self, resp: pb.ProcessingResponse) -> pb.ProcessingResponse:
         self.stats["immediate"] += 1
         return resp
 
     # -- response phase --
-    def _response_headers(self, ex: _Exchange, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
-        ex.t_headers = self._now()
-        h = _headers(req.response_headers.headers)
-        try:
-            ex.http_status = int(h.get(":status", "0"))
-        except ValueError:
-            ex.http_status = 0
-        if req.response_headers.end_of_stream:
+    def _observe(self, st: _Stream, req: pb.ProcessingRequest, which: str | None) -> None:
+        """A message from the observer filter: claim the exchange, then watch the response."""
+        if which == "request_headers":
+            did = _headers(req.request_headers.headers).get(self.config.decision_id_header, "")
+            with self._lock:
+                ex = self._unobserved.pop(did, None)
+            if ex is not None:
+                st.ex, st.owner = ex, True
+                self.stats["observed"] += 1
+            return
+        if st.owner:
+            self._response_message(st, req, which)
+
+    def _response_message(self, st: _Stream, req: pb.ProcessingRequest, which: str | None) -> None:
+        ex = st.ex
+        now = self._now()
+        if which == "response_headers":
+            ex.t_headers = now
+            h = _headers(req.response_headers.headers)
+            try:
+                ex.http_status = int(h.get(":status", "0"))
+            except ValueError:
+                ex.http_status = 0
+            if req.response_headers.end_of_stream:
+                ex.ended = True
+            else:
+                ex.usage = UsageReader(sse=h.get("content-type", "").startswith("text/event-stream"),
+                                       max_json_bytes=self.config.max_response_json_bytes)
+            served = self._served(req)
+            if served and ex.decision is not None and served != ex.decision.route.address:
+                log.info("decision %s served by fallback %s", ex.decision.decision_id, served)
+        elif which == "response_body":
+            body = req.response_body.body
+            if body and not ex.t_first_byte:
+                ex.t_first_byte = now
+            if ex.usage is not None:
+                ex.usage.feed(body)
+            if req.response_body.end_of_stream:
+                ex.ended = True
+        elif which == "response_trailers":
             ex.ended = True
-        else:
-            ex.usage = UsageReader(sse=h.get("content-type", "").startswith("text/event-stream"),
-                                   max_json_bytes=self.config.max_response_json_bytes)
-        if ex.decision is None:
+
+    def _response_headers_reply(self, st: _Stream) -> pb.ProcessingResponse:
+        if st.ex.decision is None:
             return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-        served = self._served(req)
-        if served and served != ex.decision.route.address:
-            log.info("decision %s served by fallback %s", ex.decision.decision_id, served)
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse(
             header_mutation=pb.HeaderMutation(set_headers=[
-                _set(self.config.decision_id_header, ex.decision.decision_id)]))))
+                _set(self.config.decision_id_header, st.ex.decision.decision_id)]))))
 
     def _served(self, req: pb.ProcessingRequest) -> str:
         """``envoy.lb/x-gateway-destination-endpoint-served``, when the proxy forwards it."""

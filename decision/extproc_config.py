@@ -40,6 +40,10 @@ class ExtProcConfig:
         Request header carrying the decision id to the backend, and response header to the client.
     max_response_json_bytes
         Non-streaming response bodies longer than this are not parsed for ``usage``.
+    response_phase
+        ``"observer"`` (default, matches ``deploy/envoy/envoy.yaml``): a second ext_proc filter in
+        observability mode reports the response, so the pick stream never records outcomes.
+        ``"inline"``: one filter handles both phases and the pick stream records the outcome.
     """
 
     tenant_header: str = "x-infermesh-tenant"
@@ -60,6 +64,11 @@ class ExtProcConfig:
     metadata_namespace: str = LB_NAMESPACE
     decision_id_header: str = "x-infermesh-decision-id"
     max_response_json_bytes: int = 4 << 20
+    response_phase: str = "observer"
+
+    def __post_init__(self) -> None:
+        if self.response_phase not in ("observer", "inline"):
+            raise ValueError(f"extproc.response_phase: must be 'observer' or 'inline', not {self.response_phase!r}")
 
     @staticmethod
     def from_mapping(data: Mapping[str, Any]) -> ExtProcConfig:

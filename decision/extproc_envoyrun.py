@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import yaml
@@ -34,23 +34,25 @@ def free_port() -> int:
 def _listener(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     for lst in cfg["static_resources"]["listeners"]:
         if lst["name"] == name:
-            return dict(lst)
+            return cast(dict[str, Any], lst)
     raise KeyError(f"no listener {name!r} in the Envoy template")
 
 
 def _cluster(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     for c in cfg["static_resources"]["clusters"]:
         if c["name"] == name:
-            return dict(c)
+            return cast(dict[str, Any], c)
     raise KeyError(f"no cluster {name!r} in the Envoy template")
 
 
-def _ext_proc_filter(listener: dict[str, Any]) -> dict[str, Any]:
+def ext_proc_filters(listener: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ext_proc filter configs of a listener, in chain order (pick, then observe)."""
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    for f in hcm["http_filters"]:
-        if f["name"] == "envoy.filters.http.ext_proc":
-            return dict(f["typed_config"])
-    raise KeyError("no ext_proc filter in the inference listener")
+    found = [cast(dict[str, Any], f["typed_config"]) for f in hcm["http_filters"]
+             if f["name"] == "envoy.filters.http.ext_proc"]
+    if not found:
+        raise KeyError("no ext_proc filter in the inference listener")
+    return found
 
 
 def render_config(*, listen_port: int, admin_port: int, extproc_port: int, extproc_host: str = "127.0.0.1",
@@ -64,7 +66,7 @@ def render_config(*, listen_port: int, admin_port: int, extproc_port: int, extpr
     ep["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] = {
         "address": extproc_host, "port_value": extproc_port}
     if failure_mode_allow is not None:
-        _ext_proc_filter(inference)["failure_mode_allow"] = failure_mode_allow
+        ext_proc_filters(inference)[0]["failure_mode_allow"] = failure_mode_allow
     return cfg
 
 

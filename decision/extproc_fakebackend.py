@@ -48,6 +48,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _read_body(self) -> bytes:
+        # Envoy forwards a body it streamed through ext_proc with chunked transfer encoding.
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            out = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return bytes(out)
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        length = int(self.headers.get("content-length", "0") or 0)
+        return self.rfile.read(length) if length else b""
+
     def do_GET(self) -> None:
         st = self.server.state
         if self.path == "/stats":
@@ -60,8 +75,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         st = self.server.state
-        length = int(self.headers.get("content-length", "0") or 0)
-        raw = self.rfile.read(length) if length else b""
+        raw = self._read_body()
         with st.lock:
             st.requests += 1
             st.last_headers = {k.lower(): v for k, v in self.headers.items()}

@@ -92,10 +92,10 @@ def demo_fleet() -> dict[str, Any]:
             nodes.append({"id": nid, "site": site, "gpu_type": "NPU", "gpu_count": 1,
                           "gpu_hour_usd": 0.05, "watts_per_gpu": 15.0})
             deploy(nid, "llama-3.2-3b", 2)
-    models = [{"name": n, "family": f, "modality": mo, "safety_tier": st, "params_b": p}
-              for n, f, mo, st, p in MODELS]
+    catalogue = [{"name": n, "family": f, "modality": mo, "safety_tier": st, "params_b": p}
+                 for n, f, mo, st, p in MODELS]
     return {"version": 1, "default_rtt_ms": 120.0, "intra_region_rtt_ms": 3.0, "sites": sites,
-            "links": links, "nodes": nodes, "models": models, "deployments": deployments}
+            "links": links, "nodes": nodes, "models": catalogue, "deployments": deployments}
 
 
 def synthetic_fleet(endpoints: int, *, per_model: int = 64, seed: int = 0,

@@ -61,7 +61,8 @@ def load_guard(policies: str | Path, fleet: Fleet) -> Guard:
         return BuiltinHealthGuard()
     from policies.integration import load_policy_guard  # the guardrail package's entry point
 
-    return load_policy_guard(Path(policies))
+    guard: Guard = load_policy_guard(Path(policies))
+    return guard
 
 
 def build_policies(config: ServiceConfig, settings: Settings, fleet: Fleet,
@@ -70,7 +71,8 @@ def build_policies(config: ServiceConfig, settings: Settings, fleet: Fleet,
         return PolicyParts(BuiltinHealthGuard())
     from policies.integration import build_policy_parts
 
-    return build_policy_parts(config.policies, settings=settings, on_swap=on_swap)
+    parts: PolicyParts = build_policy_parts(config.policies, settings=settings, on_swap=on_swap)
+    return parts
 
 
 def make_features(name: str) -> FeatureBuilder:
@@ -104,7 +106,8 @@ def build_audit(config: ServiceConfig, settings: Settings) -> AuditParts:
         return AuditParts()
     from audit.integration import build_audit_parts  # the audit package's entry point
 
-    return build_audit_parts(config.audit, settings=settings)
+    parts: AuditParts = build_audit_parts(config.audit, settings=settings)
+    return parts
 
 
 class Service:

@@ -24,9 +24,11 @@ def generate(out: Path) -> None:
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     out.mkdir(parents=True, exist_ok=True)
-    plugin = Path(sys.executable).parent / "protoc-gen-mypy"
-    args = ["protoc", f"--plugin=protoc-gen-mypy={plugin}", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}",
-            f"--mypy_out={out}", *(str(PROTO_ROOT / p) for p in PROTOS)]
+    bindir = Path(sys.executable).parent
+    args = ["protoc", f"--plugin=protoc-gen-mypy={bindir / 'protoc-gen-mypy'}",
+            f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}", f"-I{PROTO_ROOT}", f"-I{include}",
+            f"--python_out={out}", f"--grpc_python_out={out}", f"--mypy_out={out}", f"--mypy_grpc_out={out}",
+            *(str(PROTO_ROOT / p) for p in PROTOS)]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     # Package markers so `infermesh.decision.v1` imports as a regular package.

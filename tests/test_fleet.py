@@ -39,7 +39,8 @@ def test_index_by_model_and_family_matches_a_full_scan(demo_fleet):  # type: ign
 def test_revision_is_a_content_hash(demo_fleet):  # type: ignore[no-untyped-def]
     text = (Path(__file__).parent.parent / "deploy/demo/fleet.yaml").read_text()
     assert load_fleet_text(text).revision == demo_fleet.revision
-    assert load_fleet_text(text.replace("max_concurrency: 64", "max_concurrency: 65", 1)).revision != demo_fleet.revision
+    changed = text.replace("max_concurrency: 64", "max_concurrency: 65", 1)
+    assert load_fleet_text(changed).revision != demo_fleet.revision
 
 
 def test_every_problem_is_reported_with_its_line_and_field() -> None:

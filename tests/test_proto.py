@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from google.protobuf.json_format import MessageToDict, ParseDict
+from infermesh.decision.v1 import decision_pb2 as pb
 
 from decision.convert import request_from_json
-from infermesh.decision.v1 import decision_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,11 +64,11 @@ def test_request_from_json_rejects_unknown_fields_naming_them() -> None:
 def test_committed_generated_code_matches_the_proto(tmp_path: Path) -> None:
     sys.path.insert(0, str(ROOT / "proto"))
     try:
-        import generate
+        import generate  # type: ignore[import-not-found]
     finally:
         sys.path.pop(0)
     generate.generate(tmp_path)
     gen = tmp_path / "infermesh" / "decision" / "v1"
     committed = ROOT / "gen" / "python" / "infermesh" / "decision" / "v1"
-    for name in ("decision_pb2.py", "decision_pb2_grpc.py", "decision_pb2.pyi"):
+    for name in ("decision_pb2.py", "decision_pb2_grpc.py", "decision_pb2.pyi", "decision_pb2_grpc.pyi"):
         assert filecmp.cmp(gen / name, committed / name, shallow=False), f"{name} drifted: run proto/generate.py"
