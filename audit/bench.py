@@ -1,0 +1,115 @@
+"""``infermesh bench audit``: the writer's sustained rows/s and decide throughput, audit on vs off."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from audit import database
+from audit.settings import AuditSettings
+from audit.writer import AuditWriter
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def add_bench_audit(bench_sub: Any) -> None:
+    """Register ``bench audit`` under the lead's ``bench`` subcommand group."""
+    p = bench_sub.add_parser("audit", help="audit writer rows/s and decide throughput with audit on vs off")
+    p.add_argument("--fleet", default=str(ROOT / "deploy" / "demo" / "fleet.yaml"))
+    p.add_argument("--rows", type=int, default=40_000, help="events pushed through the writer")
+    p.add_argument("--duration", type=float, default=4.0, help="seconds per decide round")
+    p.add_argument("--rounds", type=int, default=2, help="off/on round pairs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_audit)
+
+
+def _engine(fleet_path: str, audit: AuditWriter | None) -> Any:
+    from decision.engine import DecisionEngine
+    from decision.fleet import load_fleet
+    from decision.health_guard import BuiltinHealthGuard
+    from decision.telemetry import TelemetryStore
+    from learners.least_ttft import LeastExpectedTtft
+
+    fleet = load_fleet(fleet_path)
+    store = TelemetryStore({e.endpoint_id: e.node_id for e in fleet.endpoints})
+    return DecisionEngine(fleet, store, BuiltinHealthGuard(), LeastExpectedTtft(), audit=audit,
+                          outcome_timeout_s=1e9, max_pending=10_000)
+
+
+def _requests(engine: Any, n: int) -> list[Any]:
+    from decision.domain import RequestContext
+
+    models = sorted(engine.fleet.models)
+    return [RequestContext(request_id=f"bench-{i}", tenant=f"tenant-{i % 7}", model=models[i % len(models)],
+                           estimated_input_tokens=200 + 37 * (i % 50), expected_output_tokens=100 + 11 * (i % 40),
+                           client_region="eu-west" if i % 2 else "us-east") for i in range(n)]
+
+
+def writer_rows_per_s(url: str, fleet_path: str, rows: int) -> float:
+    """Push ``rows`` real decision events (16 KB traces) through a fresh writer; rows/s to commit."""
+    from decision.engine import decision_event, new_decision_id
+
+    engine = _engine(fleet_path, None)
+    samples = [decision_event(engine.decide(ctx), "routed", ()) for ctx in _requests(engine, 300)]
+    events = []
+    for i in range(rows):
+        ev = dict(samples[i % len(samples)])
+        ev["decision_id"] = new_decision_id()
+        events.append(ev)
+    with tempfile.TemporaryDirectory() as spool:
+        w = AuditWriter(url, AuditSettings(spool_dir=Path(spool), queue_max=rows + 1, batch_size=5000),
+                        chain_id="bench-writer")
+        t0 = time.perf_counter()
+        for ev in events:
+            w.submit_decision(ev)
+        ok = w.flush(timeout=600)
+        elapsed = time.perf_counter() - t0
+        w.close()
+    if not ok:
+        raise RuntimeError("the audit writer did not flush within 600 s")
+    return rows / elapsed
+
+
+def decide_rps(engine: Any, requests: list[Any], seconds: float) -> float:
+    n, t0 = 0, time.perf_counter()
+    end = t0 + seconds
+    while time.perf_counter() < end:
+        for ctx in requests:
+            engine.decide(ctx)
+        n += len(requests)
+    return n / (time.perf_counter() - t0)
+
+
+def cmd_bench_audit(args: argparse.Namespace) -> int:
+    url, _server = database.open_database()
+    wr = writer_rows_per_s(url, args.fleet, args.rows)
+    with tempfile.TemporaryDirectory() as spool:
+        writer = AuditWriter(url, AuditSettings(spool_dir=Path(spool)), chain_id="bench-decide")
+        off, on = _engine(args.fleet, None), _engine(args.fleet, writer)
+        reqs = _requests(off, 200)
+        decide_rps(off, reqs, 0.5)
+        decide_rps(on, reqs, 0.5)  # warm both
+        offs, ons = [], []
+        for _ in range(args.rounds):
+            offs.append(decide_rps(off, reqs, args.duration))
+            ons.append(decide_rps(on, reqs, args.duration))
+        t0 = time.perf_counter()
+        writer.flush(timeout=600)
+        lag = time.perf_counter() - t0
+        writer.close()
+    rps_off, rps_on = sum(offs) / len(offs), sum(ons) / len(ons)
+    result = {"writer_rows_per_s": round(wr, 1), "decide_rps_audit_on": round(rps_on, 1),
+              "decide_rps_audit_off": round(rps_off, 1), "ratio": round(rps_on / rps_off, 3)}
+    print("audit benchmark (same process, same run)")
+    print(f"  {'writer sustained rows/s':<34}{result['writer_rows_per_s']:>12,.0f}   target >= 15,000")
+    print(f"  {'decide/s, audit off':<34}{rps_off:>12,.0f}")
+    print(f"  {'decide/s, audit on':<34}{rps_on:>12,.0f}")
+    print(f"  {'ratio on/off':<34}{result['ratio']:>12.3f}   target >= 0.9")
+    print(f"  {'writer caught up after the run in':<34}{lag:>11.2f}s")
+    if args.json:
+        print(json.dumps(result))
+    return 0

@@ -1,0 +1,157 @@
+"""``infermesh audit why|query|export|verify|keys|retention``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from typing import Any
+
+import msgspec
+import psycopg
+
+from audit import database, keys, partitions
+from audit.repository import AuditRepository, DecisionFilter
+from audit.verify import verify
+from audit.why import render_text
+
+SubParsers = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _add_filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="start", type=dt.datetime.fromisoformat, help="ISO time (UTC if no zone)")
+    p.add_argument("--to", dest="end", type=dt.datetime.fromisoformat)
+    for name in ("tenant", "region", "site", "model", "endpoint", "rule"):
+        p.add_argument(f"--{name}")
+    p.add_argument("--tier", choices=["datacenter", "edge", "device"])
+    p.add_argument("--status", choices=["routed", "denied", "quota_denied"])
+    p.add_argument("--outcome", choices=["ok", "error", "timeout", "cancelled", "none"])
+
+
+def _utc(t: dt.datetime | None) -> dt.datetime | None:
+    return t if t is None or t.tzinfo else t.replace(tzinfo=dt.UTC)
+
+
+def _filters(a: argparse.Namespace) -> DecisionFilter:
+    return DecisionFilter(start=_utc(a.start), end=_utc(a.end), tenant=a.tenant, region=a.region, site=a.site,
+                          tier=a.tier, model=a.model, endpoint=a.endpoint, rule=a.rule, status=a.status,
+                          outcome_status=a.outcome)
+
+
+def register(sub: Any) -> None:
+    """Add ``infermesh audit ...`` to the top-level subparsers."""
+    audit = sub.add_parser("audit", help="query, export and verify the decision audit log")
+    asub = audit.add_subparsers(dest="audit_command", required=True, metavar="AUDIT")
+    p = asub.add_parser("why", help="why a decision went where it went")
+    p.add_argument("decision_id")
+    p.add_argument("--json", action="store_true", help="the stored event, trace and outcome as JSON")
+    p.set_defaults(func=cmd_why)
+    p = asub.add_parser("query", help="list decisions, newest first")
+    _add_filters(p)
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--cursor")
+    p.set_defaults(func=cmd_query)
+    p = asub.add_parser("export", help="export decisions as JSON lines or CSV")
+    _add_filters(p)
+    p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    p.add_argument("--trace", action="store_true", help="include the full trace (JSONL)")
+    p.add_argument("--output", "-o", default="-")
+    p.set_defaults(func=cmd_export)
+    p = asub.add_parser("verify", help="recompute the hash chains; report the first broken link")
+    p.add_argument("--from", dest="start", type=dt.date.fromisoformat, help="first UTC day (YYYY-MM-DD)")
+    p.add_argument("--to", dest="end", type=dt.date.fromisoformat, help="last UTC day (inclusive)")
+    p.set_defaults(func=cmd_verify)
+    p = asub.add_parser("keys", help="create or revoke auditors' API keys")
+    ksub = p.add_subparsers(dest="keys_command", required=True)
+    k = ksub.add_parser("create")
+    k.add_argument("--name", required=True)
+    k.add_argument("--role", choices=list(keys.ROLES), default="auditor")
+    k.add_argument("--tenant", help="restrict the key to one tenant")
+    k.set_defaults(func=cmd_keys_create)
+    k = ksub.add_parser("revoke")
+    k.add_argument("key_id")
+    k.set_defaults(func=cmd_keys_revoke)
+    p = asub.add_parser("retention", help="drop day partitions older than N days")
+    p.add_argument("--days", type=int, required=True)
+    p.set_defaults(func=cmd_retention)
+
+
+def _url() -> str:
+    url, _server = database.open_database()
+    return url
+
+
+def cmd_why(a: argparse.Namespace) -> int:
+    repo = AuditRepository(_url())
+    try:
+        d = repo.get_decision(a.decision_id)
+    finally:
+        repo.close()
+    if d is None:
+        print(f"no decision {a.decision_id!r} in the audit log", file=sys.stderr)
+        return 1
+    print(msgspec.json.encode(d).decode() if a.json else render_text(d))
+    return 0
+
+
+def cmd_query(a: argparse.Namespace) -> int:
+    repo = AuditRepository(_url())
+    try:
+        rows, nxt = repo.list_decisions(filters=_filters(a), cursor=a.cursor, limit=a.limit)
+    finally:
+        repo.close()
+    for r in rows:
+        print(f"{r['decided_at']}  {r['decision_id']}  {r['tenant']:<12} {r['model']:<16} {r['status']:<12} "
+              f"{r['endpoint_id'] or ','.join(r['deny_rules'])}  {r['outcome_status'] or '-'}")
+    if nxt:
+        print(f"more: --cursor {nxt}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from audit.api import _csv, _jsonl
+
+    repo = AuditRepository(_url())
+    out = sys.stdout.buffer if a.output == "-" else open(a.output, "wb")  # noqa: SIM115
+    try:
+        if a.format == "csv":
+            for s in _csv(repo, _filters(a)):
+                out.write(s.encode())
+        else:
+            for b in _jsonl(repo, _filters(a), a.trace):
+                out.write(b)
+    finally:
+        if out is not sys.stdout.buffer:
+            out.close()
+        repo.close()
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    report = verify(_url(), start=a.start, end=a.end)
+    if report.broken is not None:
+        print(f"FAILED after {report.rows} rows: {report.broken}")
+        return 1
+    print(f"ok: {report.rows} decisions in {report.chains} chains over {len(report.days)} days verified")
+    return 0
+
+
+def cmd_keys_create(a: argparse.Namespace) -> int:
+    with psycopg.connect(_url(), autocommit=True) as conn:
+        secret = keys.create_key(conn, name=a.name, role=a.role, tenant=a.tenant)
+    print(secret)
+    return 0
+
+
+def cmd_keys_revoke(a: argparse.Namespace) -> int:
+    with psycopg.connect(_url(), autocommit=True) as conn:
+        ok = keys.revoke_key(conn, key_id=a.key_id)
+    print("revoked" if ok else "no such active key")
+    return 0 if ok else 1
+
+
+def cmd_retention(a: argparse.Namespace) -> int:
+    with psycopg.connect(_url(), autocommit=True) as conn:
+        dropped = partitions.apply_retention(conn, retention_days=a.days)
+    print(f"dropped {len(dropped)} day partitions: {', '.join(d.isoformat() for d in dropped) or '-'}")
+    return 0

@@ -1,0 +1,54 @@
+"""The audit package's entry point for the service's composition root (``decision.service``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from audit import database
+from audit.api import build_router
+from audit.repository import AuditRepository
+from audit.settings import AuditSettings
+from audit.writer import AuditWriter
+
+if TYPE_CHECKING:
+    from decision.service import AuditParts
+
+
+def build_audit_parts(config: Mapping[str, Any], *, settings: Any) -> AuditParts:
+    """Resolve and migrate the database, start the writer, and return ``decision.service.AuditParts``.
+
+    ``config`` is the ``audit:`` section of the service config (keys of :class:`AuditSettings`,
+    plus ``enabled``); ``settings`` is ``decision.config.Settings`` (database URL, data dir).
+    """
+    from decision.service import AuditParts
+
+    data_dir = Path(getattr(settings, "data_dir", "var"))
+    values = {k: v for k, v in config.items() if k != "enabled"}
+    values.setdefault("spool_dir", data_dir / "audit-spool")
+    audit_settings = AuditSettings(**values)
+    url = str(getattr(settings, "database_url", "") or os.environ.get("INFERMESH_DATABASE_URL", ""))
+    server = None
+    if not url:
+        url, server = database.start_embedded(data_dir / "pgdata")
+    database.prepare(url, partitions_ahead_days=audit_settings.partitions_ahead_days)
+    writer = AuditWriter(url, audit_settings)
+    repo = AuditRepository(url)
+
+    def close() -> None:
+        writer.close()
+        repo.close()
+
+    def flush() -> None:
+        writer.flush()
+
+    def health() -> dict[str, Any]:
+        m = writer.metrics()
+        status = "ok" if writer.db_up or (writer.batches_written == 0 and not writer.spool.has_backlog) else "degraded"
+        return {"status": status, **m, "database": "embedded" if server is not None else "external"}
+
+    gauges = {f"audit_{name}": (lambda n=name: float(writer.metrics()[n])) for name in writer.metrics()}
+    return AuditParts(sink=writer, reader=repo, flush=flush, close=close, routers=(build_router(repo),),
+                      health=health, gauges=gauges, database_url=url)
