@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -93,6 +94,20 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
+def _unix_seconds(value: Any) -> float:
+    """decided_at as stored (datetime, ISO-8601 text, or epoch seconds) in Unix seconds."""
+    if value is None or value == "":
+        return 0.0
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return datetime.fromisoformat(value).timestamp()
+    if isinstance(value, datetime):
+        return value.timestamp()
+    return float(value)
+
+
 def trace_to_pb(record: Mapping[str, Any]) -> pb.Trace:
     """A stored audit record (decision event + optional outcome) as an Explain answer."""
     trace = struct_pb2.Struct()
@@ -100,9 +115,7 @@ def trace_to_pb(record: Mapping[str, Any]) -> pb.Trace:
     route = pb.Route(endpoint_id=record.get("endpoint_id") or "", model=record.get("model") or "",
                      site_id=record.get("site_id") or "", region=record.get("region") or "",
                      tier=record.get("tier") or "", gpu_type=record.get("gpu_type") or "")
-    decided = record.get("decided_at")
-    decided_s = float(decided.timestamp()) if decided is not None and hasattr(decided, "timestamp") \
-        else float(decided or 0.0)
+    decided_s = _unix_seconds(record.get("decided_at"))
     msg = pb.Trace(decision_id=str(record.get("decision_id", "")), status=str(record.get("status", "")),
                    route=route, policy_revision=record.get("policy_revision") or "",
                    learner=record.get("learner") or "", propensity=float(record.get("propensity") or 0.0),

@@ -27,6 +27,7 @@ from decision.domain import (
     RequestContext,
     Route,
     ScoredCandidate,
+    TelemetryReading,
 )
 from decision.errors import InvalidArgument, NoCandidate, NotFound, QuotaExceeded
 from decision.fleet import Fleet, endpoints_serving
@@ -278,10 +279,10 @@ class DecisionEngine:
         for i, s in enumerate(scored):
             score_rows.append({
                 "endpoint_id": s.candidate.endpoint.endpoint_id,
-                "expected_ttft_ms": round(s.expected_ttft_ms, 3),
+                "expected_ttft_ms": s.expected_ttft_ms,
                 "expected_cost_per_1k_tokens": s.expected_cost_per_1k_tokens,
-                "components": {k: round(v, 4) for k, v in s.components.items()},
-                "features": dict(zip(names, (round(f, 5) for f in s.features), strict=False)),
+                "components": s.components,
+                "features": dict(zip(names, s.features, strict=False)),
                 "score": choice.scores[i] if choice is not None else None,
             })
         return {
@@ -304,16 +305,14 @@ class DecisionEngine:
                     "shadow": shadows,
                 },
             },
-            "telemetry": {c.endpoint.endpoint_id: {"values": dict(c.telemetry.values),
-                                                   "ages_s": {k: round(a, 3) for k, a in
-                                                              c.telemetry.ages_s.items()}}
+            "telemetry": {c.endpoint.endpoint_id: {"values": c.telemetry.values, "ages_s": _ages(c.telemetry)}
                           for c in candidates},
             "endpoints": {c.endpoint.endpoint_id: {"site": c.endpoint.site_id, "region": c.endpoint.region,
                                                    "tier": c.endpoint.tier, "gpu_type": c.endpoint.gpu_type,
                                                    "jurisdiction": c.endpoint.jurisdiction,
                                                    "rtt_ms": c.rtt_ms}
                           for c in candidates},
-            "timings_us": {k: round(v, 1) for k, v in timings.items()},
+            "timings_us": dict(timings),
         }
 
     # -- outcomes --
@@ -381,6 +380,12 @@ class DecisionEngine:
 
     def pending_outcomes(self) -> int:
         return len(self._pending)
+
+
+def _ages(reading: TelemetryReading) -> dict[str, float]:
+    ages = reading.ages_s
+    as_dict = getattr(ages, "as_dict", None)  # the store's lazy ages know a fast path
+    return as_dict() if as_dict is not None else dict(ages)
 
 
 def decision_event(d: Decision, status: str, rules: tuple[str, ...]) -> dict[str, Any]:

@@ -189,14 +189,33 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         st = _Stream(_Exchange())
         try:
             for req in request_iterator:
-                yield from self.handle(st, req)
+                replies = self.handle(st, req)
+                yield from replies
                 # Reporting after the reply is sent keeps it off the client's last byte.
                 if st.owner and st.ex.ended and not st.ex.reported:
                     self._report(st.ex, self._now())
+                if self._finished(st, req, replies):
+                    # Nothing more to do on this stream: closing it frees its worker thread now
+                    # instead of when Envoy tears it down (observer streams linger for
+                    # deferred_close_timeout). Envoy carries on with the request unprocessed.
+                    return
         finally:
             if st.owner and st.ex.decision is not None and not st.ex.reported:
                 # The stream closed before the response ended: client gone or upstream reset.
                 self._report(st.ex, self._now(), cancelled=True)
+
+    def _finished(self, st: _Stream, req: pb.ProcessingRequest, replies: list[pb.ProcessingResponse]) -> bool:
+        """Whether this stream has nothing left to do (so the server may close it)."""
+        if any(r.WhichOneof("response") == "immediate_response" for r in replies):
+            return True  # Envoy sends nothing more after an immediate response
+        if req.observability_mode:
+            return not st.owner or st.ex.reported  # unknown decision, or outcome recorded
+        if self.config.response_phase != "observer" or st.hold_headers or not replies:
+            return False
+        which = req.WhichOneof("request")
+        # The pick stream is done once the last request-phase message is answered.
+        return bool((which == "request_headers" and req.request_headers.end_of_stream) or
+                    (which == "request_body" and req.request_body.end_of_stream))
 
     def handle(self, st: _Stream, req: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         """Answer one message of the stream (sans I/O, so it is testable without gRPC)."""

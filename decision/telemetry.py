@@ -175,6 +175,10 @@ class _Ages(Mapping[str, float]):
     def __len__(self) -> int:
         return len(self._stamps)
 
+    def as_dict(self) -> dict[str, float]:
+        now = self._now
+        return {k: now - st for k, st in self._stamps.items()}
+
 
 @dataclass(frozen=True, slots=True)
 class _Merged:
