@@ -19,7 +19,17 @@ import msgspec
 
 from audit.events import DecisionEventV1, OutcomeEventV1, from_us
 
-_json = msgspec.json.Encoder()
+
+def _enc_hook(obj: Any) -> Any:
+    """Mappings and sequences of other types (a lazily built trace, tuples of frozensets...)."""
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=str)
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+_json = msgspec.json.Encoder(enc_hook=_enc_hook)
 _unjson = msgspec.json.Decoder()
 
 # Column order of decision_events as the writer COPYs it.

@@ -59,8 +59,12 @@ class Masker:
             self._apply(out, p)
         return out
 
-    def mask_event(self, event: Mapping[str, Any]) -> dict[str, Any]:
-        """A masked shallow copy of a decision event: top-level fields and ``trace.request``."""
+    def mask_event(self, event: Mapping[str, Any], *, trace: bool = True) -> dict[str, Any]:
+        """A masked shallow copy of a decision event: top-level fields and ``trace.request``.
+
+        With ``trace=False`` the trace is left alone (it may be built lazily; the writer thread
+        masks it with :meth:`mask_trace` before anything is serialised).
+        """
         out = dict(event)
         for p in self.paths:
             if p[0] in out and p[0] != "trace":
@@ -68,7 +72,13 @@ class Masker:
         if self.mode == "remove":  # required columns stay present, as empty strings
             for k in ("request_id", "tenant"):
                 out.setdefault(k, "")
-        trace = out.get("trace")
-        if isinstance(trace, Mapping) and isinstance(trace.get("request"), Mapping):
-            out["trace"] = {**trace, "request": self.mask_request(trace["request"])}
+        if trace and isinstance(out.get("trace"), Mapping):
+            out["trace"] = self.mask_trace(out["trace"])
+        return out
+
+    def mask_trace(self, trace: Mapping[str, Any]) -> dict[str, Any]:
+        """A copy of a trace with its ``request`` masked (materialises a lazy trace)."""
+        out = dict(trace)
+        if isinstance(out.get("request"), Mapping):
+            out["request"] = self.mask_request(out["request"])
         return out

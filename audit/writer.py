@@ -137,7 +137,7 @@ class AuditWriter:
         """Mask and enqueue; raises :class:`~decision.errors.Unavailable` when full and fail-closed."""
         if self._full(str(event.get("tenant", ""))):
             return
-        self._put("d", self.masker.mask_event(event))
+        self._put("d", self.masker.mask_event(event, trace=False))
 
     def submit_outcome(self, event: Mapping[str, Any]) -> None:
         if self._full(""):
@@ -203,6 +203,7 @@ class AuditWriter:
         for kind, ev in batch:
             try:
                 if kind == "d":
+                    ev = {**ev, "trace": self.masker.mask_trace(ev.get("trace") or {})}
                     e = DecisionEventV1.from_mapping(ev)
                     day = day_of_us(e.decided_at_us)
                     seq, prev = self._heads.get(day) or (0, genesis(day, self.chain_id))

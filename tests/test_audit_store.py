@@ -1,0 +1,190 @@
+"""Audit storage: event round trip, masking, the writer's idempotency, retention, chain verify."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from audit import database, partitions
+from audit.events import DecisionEventV1, OutcomeEventV1
+from audit.masking import Masker
+from audit.repository import AuditRepository, DecisionFilter
+from audit.settings import AuditSettings
+from audit.verify import verify
+from audit.writer import AuditWriter
+from decision.domain import Outcome, OutcomeStatus, RequestContext
+from decision.engine import DecisionEngine, decision_event
+from decision.fleet import Fleet
+from decision.health_guard import BuiltinHealthGuard
+from decision.telemetry import TelemetryStore
+from learners.least_ttft import LeastExpectedTtft
+
+
+def make_engine(fleet: Fleet, sink: Any = None, reader: Any = None) -> DecisionEngine:
+    store = TelemetryStore({e.endpoint_id: e.node_id for e in fleet.endpoints})
+    return DecisionEngine(fleet, store, BuiltinHealthGuard(), LeastExpectedTtft(), audit=sink, traces=reader)
+
+
+def ctx(i: int, tenant: str = "acme", **kw: Any) -> RequestContext:
+    return RequestContext(request_id=f"req-{i}", tenant=tenant, model="llama-3.1-8b", estimated_input_tokens=300,
+                          expected_output_tokens=100, labels={"user": f"user-{i}", "team": "blue",
+                                                              "prompt": "secret prompt"}, **kw)
+
+
+@pytest.fixture()
+def db(fresh_pg_url: str) -> str:
+    database.prepare(fresh_pg_url)
+    return fresh_pg_url
+
+
+def test_decision_event_v1_round_trips_through_postgres(db: str, demo_fleet: Fleet, tmp_path: Path) -> None:
+    engine = make_engine(demo_fleet)
+    ev = decision_event(engine.decide(ctx(1)), "routed", ())
+    w = AuditWriter(db, AuditSettings(spool_dir=tmp_path))
+    w.submit_decision(ev)
+    assert w.flush(10)
+    w.close()
+    repo = AuditRepository(db)
+    stored = repo.get_decision(ev["decision_id"])
+    repo.close()
+    assert stored is not None
+    original = DecisionEventV1.from_mapping(ev)
+    back = DecisionEventV1.from_mapping(stored)
+    assert back == original
+    assert stored["trace"]["stages"]["choose"]["chosen"] == ev["endpoint_id"]
+    assert DecisionEventV1.from_mapping(original.to_dict()) == original
+    o = OutcomeEventV1.from_mapping({"decision_id": "x", "status": "ok", "reported_at": 2.5, "ttft_ms": 3})
+    assert OutcomeEventV1.from_mapping(o.to_dict()) == o
+    with pytest.raises(ValueError):
+        DecisionEventV1.from_mapping({**ev, "event_version": 2})
+
+
+def test_masking_hashes_or_removes_fields_and_never_stores_prompts(db: str, demo_fleet: Fleet,
+                                                                   tmp_path: Path) -> None:
+    settings = AuditSettings(spool_dir=tmp_path, mask_fields=["request_id", "labels.user"], mask_key="k")
+    w = AuditWriter(db, settings)
+    engine = make_engine(demo_fleet, w)
+    d = engine.decide(ctx(7))
+    assert w.flush(10)
+    w.close()
+    with psycopg.connect(db) as conn:
+        raw = conn.execute("SELECT request_id, trace_z FROM decision_events").fetchone()
+    assert raw is not None
+    assert raw[0] == Masker([], key="k").token("req-7")
+    repo = AuditRepository(db)
+    stored = repo.get_decision(d.decision_id)
+    repo.close()
+    assert stored is not None
+    labels = stored["trace"]["request"]["labels"]
+    assert labels["team"] == "blue" and labels["user"].startswith("h:") and "prompt" not in labels
+    assert "user-7" not in str(stored) and "secret prompt" not in str(stored) and "req-7" not in str(stored)
+    removed = Masker(["labels.*", "session_id"], mode="remove").mask_request(
+        {"session_id": "s", "labels": {"a": "1"}, "tenant": "t"})
+    assert removed == {"labels": {}, "tenant": "t"}
+
+
+def test_writer_is_idempotent_and_chain_detects_an_altered_row(db: str, demo_fleet: Fleet,
+                                                              tmp_path: Path) -> None:
+    w = AuditWriter(db, AuditSettings(spool_dir=tmp_path, batch_size=7))
+    engine = make_engine(demo_fleet, w)
+    events = []
+    for i in range(40):
+        d = engine.decide(ctx(i))
+        events.append(decision_event(d, "routed", ()))
+        engine.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=50, latency_ms=400))
+    assert w.flush(20)
+    for ev in events[:10]:  # a replayed batch whose first commit was in doubt
+        w.submit_decision(ev)
+    assert w.flush(20)
+    w.close()
+    assert w.duplicates_skipped == 10 and w.invalid == 0
+    with psycopg.connect(db, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*), count(DISTINCT decision_id) FROM decision_events").fetchone() == (40, 40)
+        assert conn.execute("SELECT count(*) FROM outcomes").fetchone() == (40,)
+        report = verify(db)
+        assert report.ok and report.rows == 40
+        victim = events[17]["decision_id"]
+        conn.execute("UPDATE decision_events SET endpoint_id = 'elsewhere' WHERE decision_id = %s", (victim,))
+    report = verify(db)
+    assert not report.ok and report.broken is not None
+    assert report.broken.decision_id == victim and "altered" in report.broken.problem
+
+
+def test_verify_detects_a_deleted_row(db: str, demo_fleet: Fleet, tmp_path: Path) -> None:
+    w = AuditWriter(db, AuditSettings(spool_dir=tmp_path))
+    engine = make_engine(demo_fleet, w)
+    ids = [engine.decide(ctx(i)).decision_id for i in range(5)]
+    assert w.flush(10)
+    w.close()
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("DELETE FROM decision_events WHERE decision_id = %s", (ids[2],))
+    report = verify(db)
+    assert report.broken is not None and "missing" in report.broken.problem
+
+
+def test_retention_drops_old_day_partitions_only(db: str, demo_fleet: Fleet, tmp_path: Path) -> None:
+    engine = make_engine(demo_fleet)
+    w = AuditWriter(db, AuditSettings(spool_dir=tmp_path))
+    now = dt.datetime.now(dt.UTC)
+    for age_days in (0, 1, 10, 40):
+        ev = decision_event(engine.decide(ctx(age_days)), "routed", ())
+        ev["decided_at"] = (now - dt.timedelta(days=age_days)).timestamp()
+        w.submit_decision(ev)
+    assert w.flush(10)
+    w.close()
+    with psycopg.connect(db, autocommit=True) as conn:
+        dropped = partitions.apply_retention(conn, retention_days=7, today=now.date())
+        left = conn.execute("SELECT count(*) FROM decision_events").fetchone()
+        days = partitions.list_partitions(conn)
+    assert sorted(dropped) == sorted({(now - dt.timedelta(days=a)).date() for a in (10, 40)})
+    assert left == (2,)
+    assert min(days) >= now.date() - dt.timedelta(days=6)
+    assert verify(db).ok
+
+
+def test_spool_full_fail_closed_refuses_and_fail_open_counts(demo_fleet: Fleet, tmp_path: Path) -> None:
+    from decision.errors import Unavailable
+
+    dead = "postgresql://nobody@127.0.0.1:1/none"
+    closed = AuditWriter(dead, AuditSettings(spool_dir=tmp_path / "a", spool_max_bytes=1024, flush_interval_s=0.01))
+    engine = make_engine(demo_fleet, closed)
+    with pytest.raises(Unavailable):
+        for i in range(200):
+            engine.decide(ctx(i))
+            closed.flush(0.05)
+    assert closed.refused >= 1 and closed.spool_bytes >= 1024
+    closed.close()
+    opened = AuditWriter(dead, AuditSettings(spool_dir=tmp_path / "b", spool_max_bytes=1024, flush_interval_s=0.01,
+                                             on_spool_full="fail_open"))
+    engine = make_engine(demo_fleet, opened)
+    for i in range(100):
+        engine.decide(ctx(i))
+        opened.flush(0.05)
+    assert opened.dropped >= 1 and opened.refused == 0
+    assert opened.metrics()["dropped"] == opened.dropped
+    opened.close()
+
+
+def test_filters_and_cursor_pagination(db: str, demo_fleet: Fleet, tmp_path: Path) -> None:
+    w = AuditWriter(db, AuditSettings(spool_dir=tmp_path))
+    engine = make_engine(demo_fleet, w)
+    for i in range(23):
+        engine.decide(ctx(i, tenant="acme" if i % 2 else "globex"))
+    assert w.flush(10)
+    w.close()
+    repo = AuditRepository(db)
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page, cursor = repo.list_decisions(filters=DecisionFilter(tenant="acme"), cursor=cursor, limit=5)
+        seen += [r["decision_id"] for r in page]
+        assert all(r["tenant"] == "acme" for r in page)
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)) == 11
+    assert repo.stats(filters=DecisionFilter())["total"] == 23
+    repo.close()
