@@ -22,7 +22,6 @@ from decision.engine import DecisionEngine
 from decision.fleet import Fleet
 from decision.fleetgen import demo_fleet
 from decision.health_guard import BuiltinHealthGuard
-from decision.scoring import estimate
 from decision.telemetry import GPU_TEMP_C, GPU_UTIL, KV_CACHE_USAGE, QUEUE_RUNNING, QUEUE_WAITING, TelemetryStore
 from learners.features import RouteFeatures
 from learners.reward import ObjectiveReward, Weights
@@ -90,7 +89,8 @@ class SlowSiteEnv:
                     telemetry.update_node(e.node_id, {GPU_UTIL: float(rng.uniform(20, 95)),
                                                       GPU_TEMP_C: float(rng.uniform(40, 75))}, now[0])
             ctx = RequestContext(
-                f"r{step}", "tenant", model=self.model, client_region=self.regions[int(rng.integers(len(self.regions)))],
+                f"r{step}", "tenant", model=self.model,
+                client_region=self.regions[int(rng.integers(len(self.regions)))],
                 estimated_input_tokens=int(rng.integers(64, 2048)), expected_output_tokens=int(rng.integers(32, 512)),
                 ttft_target_ms=float(rng.choice([300.0, 600.0])), session_id=f"s{int(rng.integers(50))}")
             decision = engine.decide(ctx)
