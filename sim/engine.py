@@ -1,0 +1,370 @@
+"""The discrete-event engine: one run of one strategy over one workload on one fleet.
+
+Events live in a binary heap keyed by (simulated time, sequence number), so ties resolve in
+insertion order and a seeded run is reproducible. A request's life:
+
+arrive -> (router decides; its measured decision time passes) -> travels half an RTT plus the
+prompt's transfer time -> waits for a batch slot -> prefill -> first token (the client sees it
+half an RTT later) -> decode in the shared batch -> done (half an RTT later at the client).
+
+Conservation holds by construction and is checked by the tests: every request ends completed,
+dropped with a reason, or still in flight when the run stops.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import count
+
+import numpy as np
+
+from sim.metrics import Collector
+from sim.model import (
+    C_CANCELLED,
+    C_DONE,
+    C_PREFILL,
+    C_TRAVEL,
+    C_WAITING,
+    DONE,
+    DROPPED,
+    FIRST_TOKEN,
+    ROUTED,
+    Copy,
+    Request,
+)
+from sim.node import Node
+from sim.strategies.base import RouterView, Strategy
+from sim.telemetry_view import TelemetryView
+from sim.workload import RequestSpec, Tenant
+from sim.world import World
+
+ARRIVE, REACH, FIRST, NODE, SCRAPE, DELIVER, HEDGE, DEGRADE = range(8)
+# Hard rules the simulator audits every route against (the same intent as the default bundle's).
+DATA_CLASS_JURISDICTIONS: dict[str, frozenset[str]] = {"personal": frozenset({"EU"})}
+DATA_CLASS_CERTIFICATIONS: dict[str, frozenset[str]] = {"phi": frozenset({"hipaa"})}
+
+
+@dataclass(frozen=True, slots=True)
+class Degradation:
+    """A hidden slow-down of one endpoint from ``start`` on (``thermal`` shows a warm GPU)."""
+
+    endpoint: int
+    start: float
+    factor: float
+    thermal: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RunConfig:
+    duration_s: float
+    drain_s: float = 120.0
+    telemetry_period_s: float = 1.0
+    telemetry_delay_s: tuple[float, float] = (0.0, 0.0)
+    family: str = "llama"
+    decision_time: str = "measured"  # or a fixed number of microseconds, for bit-reproducible runs
+    seed: int = 0
+
+
+class Simulation:
+    """Runs ``strategy`` on ``world`` for the requests of ``workload``."""
+
+    def __init__(self, world: World, workload: Iterable[RequestSpec], tenants: Sequence[Tenant],
+                 strategy: Strategy, cfg: RunConfig, degradations: Sequence[Degradation] = ()) -> None:
+        self.world = world
+        self.nodes: list[Node] = world.make_nodes()
+        self.tenants = tuple(tenants)
+        self.strategy = strategy
+        self.cfg = cfg
+        self.tele = TelemetryView(world)
+        self.view = RouterView(world, self.tele, cfg.seed)
+        self.metrics = Collector()
+        self.now = 0.0
+        self._heap: list[tuple[float, int, int, object, int]] = []
+        self._seq = count()
+        self._specs: Iterator[RequestSpec] = iter(workload)
+        self._inflight = 0
+        self._arrivals_done = False
+        self._rid = 0
+        self._rng = np.random.default_rng(cfg.seed + 7)
+        self._fixed_us = -1.0 if cfg.decision_time == "measured" else float(cfg.decision_time)
+        self.degradations = tuple(degradations)
+        self.requests_log: list[Request] | None = None  # tests ask for every request
+
+    # -- scheduling --
+    def _push(self, t: float, kind: int, a: object, b: int = 0) -> None:
+        heapq.heappush(self._heap, (t, next(self._seq), kind, a, b))
+
+    def _next_arrival(self) -> None:
+        spec = next(self._specs, None)
+        if spec is None or spec.t >= self.cfg.duration_s:
+            self._arrivals_done = True
+            return
+        self._push(spec.t, ARRIVE, spec)
+
+    def _reschedule(self, i: int, nd: Node) -> None:
+        nd.version += 1
+        t = nd.next_completion(self.now)
+        if t >= 0.0:
+            self._push(t, NODE, i, nd.version)
+
+    # -- the run --
+    def run(self, progress: Callable[[float], None] | None = None) -> Collector:
+        strategy, cfg = self.strategy, self.cfg
+        strategy.bind(self.view)
+        if strategy.needs_store:
+            self.tele.store = getattr(strategy, "store", None)
+        self._next_arrival()
+        self._push(0.0, SCRAPE, None)
+        for d in self.degradations:
+            self._push(d.start, DEGRADE, d)
+        end = cfg.duration_s + cfg.drain_s
+        heap, pop = self._heap, heapq.heappop
+        events = 0
+        next_tick = 0.0
+        wall0 = time.perf_counter()
+        while heap:
+            t, _, kind, a, b = pop(heap)
+            if t > end:
+                break
+            self.now = t
+            self.view.now = t
+            events += 1
+            if kind == NODE:
+                self._on_node(a, b)  # type: ignore[arg-type]
+            elif kind == FIRST:
+                self._on_first(a)  # type: ignore[arg-type]
+            elif kind == REACH:
+                self._on_reach(a)  # type: ignore[arg-type]
+            elif kind == ARRIVE:
+                self._on_arrive(a)  # type: ignore[arg-type]
+                self._next_arrival()
+            elif kind == SCRAPE:
+                snap = self.tele.scrape(self.nodes, t)
+                lo, hi = cfg.telemetry_delay_s
+                delay = lo if hi <= lo else float(self._rng.uniform(lo, hi))
+                self._push(t + delay, DELIVER, snap)
+                if not (self._arrivals_done and self._inflight == 0):
+                    self._push(t + cfg.telemetry_period_s, SCRAPE, None)
+            elif kind == DELIVER:
+                self.tele.deliver(a)  # type: ignore[arg-type]
+            elif kind == HEDGE:
+                self._on_hedge(a)  # type: ignore[arg-type]
+            elif kind == DEGRADE:
+                self._on_degrade(a)  # type: ignore[arg-type]
+            if progress is not None and t >= next_tick:
+                progress(t)
+                next_tick = t + 1.0
+            if self._arrivals_done and self._inflight == 0 and kind != DELIVER:
+                break
+        m = self.metrics
+        m.events = events
+        m.wall_s = time.perf_counter() - wall0
+        m.end_time = min(self.now, end)
+        for nd in self.nodes:
+            nd.advance(m.end_time)
+        return m
+
+    def busy_seconds(self) -> np.ndarray:
+        return np.array([nd.busy_s + nd.prefill_s for nd in self.nodes])
+
+    # -- handlers --
+    def _on_arrive(self, spec: RequestSpec) -> None:
+        ten = self.tenants[spec.tenant]
+        req = Request(self._rid, spec.t, spec.in_tokens, spec.out_tokens, ten.name,
+                      self.world.region_index.get(spec.region, 0), spec.session, spec.hashes,
+                      ten.ttft_target_ms, ten.jurisdictions, ten.data_class)
+        req.tag = ten.user_tier
+        self._rid += 1
+        self.metrics.requests += 1
+        if self.requests_log is not None:
+            self.requests_log.append(req)
+        cands = self.view.candidates(req, self.cfg.family)
+        t0 = time.perf_counter()
+        node = self.strategy.choose(req, cands)
+        us = (time.perf_counter() - t0) * 1e6
+        req.decision_us = us if self._fixed_us < 0 else self._fixed_us
+        self.metrics.decision_us.append(req.decision_us)
+        if node < 0:
+            req.state = DROPPED
+            self.metrics.dropped[req.drop_reason or "no route"] += 1
+            return
+        self._inflight += 1
+        req.state = ROUTED
+        self._check_guardrails(req, node)
+        self._send(req, node, self.now + req.decision_us / 1e6)
+        hf = self.strategy.hedge_fraction
+        if hf > 0.0:
+            self._push(self.now + hf * req.ttft_target_ms / 1000.0, HEDGE, req)
+
+    def _check_guardrails(self, req: Request, node: int) -> None:
+        """Count a routed copy that breaks a hard rule: residency, data class, another tenant's device.
+
+        This is the simulator's own audit, written independently of the policy bundle.
+        """
+        w = self.world
+        owner = w.owner[node]
+        juris = w.jurisdiction[node]
+        bad = bool(req.jurisdictions) and juris not in req.jurisdictions
+        dc = req.data_class
+        bad = bad or (dc in DATA_CLASS_JURISDICTIONS and juris not in DATA_CLASS_JURISDICTIONS[dc])
+        bad = bad or (dc in DATA_CLASS_CERTIFICATIONS and not DATA_CLASS_CERTIFICATIONS[dc] <= w.certs[node])
+        bad = bad or (owner is not None and owner != req.tenant)
+        if bad:
+            req.violations += 1
+            self.metrics.violations += 1
+
+    def _send(self, req: Request, node: int, t_leave: float) -> None:
+        c = Copy(req, node)
+        c.kv_need = req.in_tokens + req.out_tokens
+        req.copies.append(c)
+        w = self.world
+        r = req.region
+        travel = w.rtt_ms[r, node] / 2000.0 + req.in_tokens * w.bytes_per_token / w.bandwidth_Bps[r, node]
+        self.view.outstanding[node] += 1
+        self.strategy.on_dispatch(req, node)
+        self._push(t_leave + travel, REACH, c)
+
+    def _on_reach(self, c: Copy) -> None:
+        if c.state == C_CANCELLED:
+            return
+        i = c.node
+        nd = self.nodes[i]
+        self.tele.dirty.add(i)
+        if not nd.waiting and nd.fits(c):
+            self._admit(nd, c)
+        else:
+            nd.enqueue(c)
+
+    def _admit(self, nd: Node, c: Copy) -> None:
+        req = c.req
+        cached = nd.cached_prefix(req.hashes) if req.hashes else 0
+        cached = min(cached, req.in_tokens - 1)
+        req.cached_tokens = max(req.cached_tokens, cached)
+        t_first = nd.admit(c, self.now, req.in_tokens - cached)
+        self._push(t_first, FIRST, c)
+
+    def _admit_waiting(self, i: int, nd: Node) -> None:
+        w = nd.waiting
+        while w:
+            c = w[0]
+            if c.state == C_CANCELLED:
+                w.popleft()
+                continue
+            if not nd.fits(c):
+                break
+            w.popleft()
+            self._admit(nd, c)
+
+    def _on_first(self, c: Copy) -> None:
+        i = c.node
+        nd = self.nodes[i]
+        self.tele.dirty.add(i)
+        req = c.req
+        if c.state == C_CANCELLED:  # lost a hedge race while prefilling: the prefill was wasted
+            nd.release(c)
+            self._admit_waiting(i, nd)
+            return
+        if req.hashes:
+            nd.remember_prefix(req.hashes)
+        req.first_token_at = self.now + self.world.rtt_ms[req.region, i] / 2000.0
+        req.state = FIRST_TOKEN
+        req.winner = c
+        if len(req.copies) > 1:
+            self._cancel_others(req, c)
+        nd.start_decode(c, self.now, req.out_tokens)
+        self._reschedule(i, nd)
+
+    def _cancel_others(self, req: Request, keep: Copy) -> None:
+        if keep is not req.copies[0]:
+            self.metrics.hedge_wins += 1
+        for o in req.copies:
+            if o is keep or o.state in (C_DONE, C_CANCELLED):
+                continue
+            prev = o.state
+            o.state = C_CANCELLED
+            self.view.outstanding[o.node] -= 1
+            if prev == C_PREFILL:
+                self.metrics.cancelled_gpu_s += o.gpu_s
+            elif prev not in (C_TRAVEL, C_WAITING):
+                raise AssertionError(f"cancelling a copy in state {prev}")
+
+    def _on_node(self, i: int, version: int) -> None:
+        nd = self.nodes[i]
+        if version != nd.version:
+            return
+        now = self.now
+        nd.advance(now)
+        self.tele.dirty.add(i)
+        for c in nd.pop_finished():
+            nd.stop_decode(c)
+            nd.release(c)
+            c.state = C_DONE
+            self._complete(c, now + self.world.rtt_ms[c.req.region, i] / 2000.0)
+        self._admit_waiting(i, nd)
+        self._reschedule(i, nd)
+
+    def _complete(self, c: Copy, t_client: float) -> None:
+        req = c.req
+        w = self.world
+        req.done_at = t_client
+        req.state = DONE
+        cost = 0.0
+        for o in req.copies:
+            cost += o.gpu_s * w.usd_per_s[o.node]
+        egress = w.egress_usd_per_gb[req.region, c.node] * (req.in_tokens + req.out_tokens) * w.bytes_per_token / 1e9
+        req.cost_usd = cost + egress
+        self._inflight -= 1
+        self.view.outstanding[c.node] -= 1
+        self.metrics.record_done(req)
+        self.strategy.on_complete(req, c.node, True)
+
+    def _on_hedge(self, req: Request) -> None:
+        if req.state != ROUTED or len(req.copies) > 1:
+            return  # first token already out (or already hedged): nothing to do
+        first = req.copies[0].node
+        cands = self.view.candidates(req, self.cfg.family)
+        alt = self.strategy.hedge_target(req, cands, first)
+        if alt < 0:
+            return
+        self.metrics.hedges += 1
+        self._check_guardrails(req, alt)
+        self._send(req, alt, self.now)
+
+    def _on_degrade(self, d: Degradation) -> None:
+        nd = self.nodes[d.endpoint]
+        nd.advance(self.now)
+        nd.slow = d.factor
+        if d.thermal:
+            self.tele.thermal[d.endpoint] = True
+        self._reschedule(d.endpoint, nd)
+
+
+def pick_degradations(world: World, fraction: float, duration: float, seed: int,
+                      slow_site_factor: float = 0.4, thermal_factor: float = 0.5) -> list[Degradation]:
+    """``fraction`` of endpoints degrade at a random time in the run's first half.
+
+    Half of the budget is one whole slow site (telemetry shows nothing); the rest are single
+    GPUs throttling (telemetry shows a warm, but not alarming, temperature).
+    """
+    if fraction <= 0:
+        return []
+    rng = np.random.default_rng(seed + 11)
+    budget = int(round(fraction * world.n))
+    out: list[Degradation] = []
+    sites = np.unique(world.node_site)
+    site_sizes = {int(s): int((world.node_site == s).sum()) for s in sites}
+    fitting = [s for s, k in site_sizes.items() if k <= budget // 2]
+    taken: set[int] = set()
+    if fitting:
+        s = int(rng.choice(fitting))
+        start = float(rng.uniform(0.0, duration / 2))
+        for i in np.flatnonzero(world.node_site == s).tolist():
+            out.append(Degradation(i, start, slow_site_factor, False))
+            taken.add(i)
+    rest = [i for i in range(world.n) if i not in taken]
+    for i in rng.choice(rest, size=max(0, budget - len(taken)), replace=False).tolist():
+        out.append(Degradation(int(i), float(rng.uniform(0.0, duration / 2)), thermal_factor, True))
+    return out

@@ -1,0 +1,102 @@
+"""Per-strategy measurements and the summary in the schema of issue 6."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sim.model import Request
+from sim.service import IDLE_POWER_FRACTION
+from sim.world import World
+
+
+def _pcts(values: list[float], qs: tuple[int, ...] = (50, 95, 99)) -> dict[str, float]:
+    if not values:
+        return {f"p{q}": float("nan") for q in qs}
+    arr = np.asarray(values)
+    return {f"p{q}": round(float(np.percentile(arr, q)), 3) for q in qs}
+
+
+@dataclass
+class Collector:
+    """Everything measured in one run of one strategy."""
+
+    requests: int = 0
+    completed: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    ttft_ms: list[float] = field(default_factory=list)
+    latency_ms: list[float] = field(default_factory=list)
+    arrival_s: list[float] = field(default_factory=list)
+    decision_us: list[float] = field(default_factory=list)
+    cost_usd: float = 0.0
+    out_tokens: int = 0
+    in_tokens: int = 0
+    slo_met: int = 0
+    violations: int = 0
+    hedges: int = 0
+    hedge_wins: int = 0
+    cancelled_gpu_s: float = 0.0
+    events: int = 0
+    wall_s: float = 0.0
+    end_time: float = 0.0
+
+    def record_done(self, req: Request) -> None:
+        ttft = (req.first_token_at - req.arrival) * 1000.0
+        self.completed += 1
+        self.ttft_ms.append(ttft)
+        self.latency_ms.append((req.done_at - req.arrival) * 1000.0)
+        self.arrival_s.append(req.arrival)
+        self.cost_usd += req.cost_usd
+        self.out_tokens += req.out_tokens
+        self.in_tokens += req.in_tokens
+        if ttft <= req.ttft_target_ms:
+            self.slo_met += 1
+
+    def summary(self, world: World, nodes_busy_s: np.ndarray) -> dict[str, Any]:
+        """The per-strategy object of ``summary.json``."""
+        t = max(self.end_time, 1e-9)
+        k_tokens = max(self.out_tokens, 1) / 1000.0
+        fleet_usd = float(world.usd_per_s.sum()) * t
+        util = np.clip(nodes_busy_s / t, 0.0, 1.0)
+        watts = np.array([p.watts for p in world.params])
+        joules = float((watts * (IDLE_POWER_FRACTION * t + (1 - IDLE_POWER_FRACTION) * util * t)).sum())
+        return {
+            "ttft_ms": _pcts(self.ttft_ms),
+            "latency_ms": _pcts(self.latency_ms),
+            "cost_per_1k_tokens": self.cost_usd / k_tokens,
+            "fleet_cost_per_1k_tokens": fleet_usd / k_tokens,
+            "energy_wh_per_1k_tokens": joules / 3600.0 / k_tokens,
+            "util_std": round(float(util.std()), 4),
+            "requests": self.requests,
+            "completed": self.completed,
+            "completion_rate": self.completed / max(self.requests, 1),
+            "slo_attainment": self.slo_met / max(self.requests, 1),
+            "guardrail_violations": self.violations,
+            "decision_us": _pcts(self.decision_us, (50, 99)),
+            # Beyond the issue's schema: what else a reader needs to trust the row.
+            "dropped": dict(self.dropped),
+            "in_flight_at_end": self.requests - self.completed - sum(self.dropped.values()),
+            "hedges": self.hedges,
+            "hedge_wins": self.hedge_wins,
+            "events": self.events,
+            "wall_s": round(self.wall_s, 2),
+            "events_per_s": round(self.events / max(self.wall_s, 1e-9)),
+            "simulated_s": round(t, 3),
+        }
+
+    def learning_curve(self, bucket_s: float) -> list[tuple[float, float, int]]:
+        """(bucket start s, P95 TTFT ms, completions) per arrival-time bucket."""
+        if not self.arrival_s:
+            return []
+        a = np.asarray(self.arrival_s)
+        v = np.asarray(self.ttft_ms)
+        b = (a // bucket_s).astype(int)
+        out = []
+        for k in range(int(b.max()) + 1):
+            sel = v[b == k]
+            if len(sel):
+                out.append((k * bucket_s, float(np.percentile(sel, 95)), len(sel)))
+        return out

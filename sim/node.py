@@ -1,0 +1,148 @@
+"""One endpoint's service model: continuous batching with exact processor sharing of decode.
+
+- Admission: a request takes a batch slot when fewer than ``max_concurrency`` run and its prompt
+  plus completion fit in the free KV cache; otherwise it waits (FIFO). Slots and KV free on
+  completion or cancellation.
+- Prefill (time to first token): compute-bound, done one request at a time at the node's full
+  prefill rate, slowed by the decode batch sharing the GPU; prefix-cache hits skip cached tokens.
+- Decode: every running sequence advances at the same per-sequence rate ``r(b)``, which falls as
+  the batch ``b`` grows. We keep a virtual clock ``V`` (tokens decoded per sequence so far) and
+  a heap of each sequence's finishing ``V``, so only the earliest completion is ever scheduled;
+  when ``b`` changes the node's completion event is re-issued (stale ones carry an old version).
+- Accounting: ``S`` integrates ``dt / b`` so a sequence's share of batch time is ``S_end - S_start``.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict, deque
+
+from sim.model import C_DECODE, C_PREFILL, C_WAITING, Copy
+from sim.service import ServiceParams
+
+BLOCK_TOKENS = 512  # prefix-cache block size (the Mooncake trace's hash_ids granularity)
+PREFILL_DECODE_INTERFERENCE = 0.5  # prefill slows by up to 50% when the batch is full
+
+
+class Node:
+    """Mutable state of one endpoint. Times are simulated seconds."""
+
+    __slots__ = ("S", "V", "busy_s", "cache", "cache_blocks", "dec_b", "fin", "kv_used", "last_t",
+                 "p", "prefill_free_at", "prefill_s", "running", "seq", "slow", "version", "waiting",
+                 "warm")
+
+    def __init__(self, p: ServiceParams) -> None:
+        self.p = p
+        self.running = 0  # admitted: prefilling or decoding
+        self.waiting: deque[Copy] = deque()
+        self.kv_used = 0
+        self.prefill_free_at = 0.0
+        self.dec_b = 0
+        self.V = 0.0
+        self.S = 0.0
+        self.last_t = 0.0
+        self.fin: list[tuple[float, int, Copy]] = []
+        self.seq = 0
+        self.version = 0
+        self.busy_s = 0.0  # time with a non-empty decode batch
+        self.prefill_s = 0.0  # time spent prefilling
+        self.slow = 1.0  # hidden degradation: throughput multiplier (1 = healthy)
+        self.warm = p.warm
+        self.cache: OrderedDict[int, None] = OrderedDict()
+        self.cache_blocks = max(16, p.kv_capacity_tokens // (2 * BLOCK_TOKENS))
+
+    def advance(self, now: float) -> None:
+        """Move the processor-sharing clocks to ``now``."""
+        dt = now - self.last_t
+        if dt > 0.0 and self.dec_b:
+            b = self.dec_b
+            self.V += self.p.decode_rate(b) * self.slow * dt
+            self.S += dt / b
+            self.busy_s += dt
+        self.last_t = now
+
+    def fits(self, c: Copy) -> bool:
+        return self.running < self.p.max_concurrency and self.kv_used + c.kv_need <= self.p.kv_capacity_tokens
+
+    def cached_prefix(self, hashes: tuple[int, ...]) -> int:
+        """Tokens of the prompt's leading blocks already in this node's prefix cache (LRU)."""
+        n = 0
+        cache = self.cache
+        for h in hashes:
+            if h not in cache:
+                break
+            cache.move_to_end(h)
+            n += 1
+        return n * BLOCK_TOKENS
+
+    def remember_prefix(self, hashes: tuple[int, ...]) -> None:
+        cache = self.cache
+        for h in hashes:
+            cache[h] = None
+            cache.move_to_end(h)
+        while len(cache) > self.cache_blocks:
+            cache.popitem(last=False)
+
+    def admit(self, c: Copy, now: float, in_tokens: int) -> float:
+        """Take a slot and schedule prefill; returns the first-token time on the node."""
+        self.running += 1
+        self.kv_used += c.kv_need
+        p = self.p
+        start = now if now > self.prefill_free_at else self.prefill_free_at
+        dur = in_tokens / (p.prefill_tps * self.slow) * (
+            1.0 + PREFILL_DECODE_INTERFERENCE * self.dec_b / p.max_concurrency)
+        if not self.warm:
+            dur += p.cold_start_s
+            self.warm = True
+        self.prefill_free_at = start + dur
+        self.prefill_s += dur
+        c.gpu_s += dur
+        c.state = C_PREFILL
+        c.prefill_end = start + dur
+        return start + dur
+
+    def start_decode(self, c: Copy, now: float, out_tokens: int) -> None:
+        self.advance(now)
+        c.state = C_DECODE
+        c.share_start = self.S
+        c.vfinish = self.V + out_tokens
+        self.seq += 1
+        heapq.heappush(self.fin, (c.vfinish, self.seq, c))
+        self.dec_b += 1
+
+    def release(self, c: Copy) -> None:
+        """Free the slot and KV-cache reservation of a copy that finished or was cancelled."""
+        self.running -= 1
+        self.kv_used -= c.kv_need
+
+    def stop_decode(self, c: Copy) -> None:
+        """Account a decoding copy's share (``advance`` must have run) and leave the batch."""
+        c.gpu_s += self.S - c.share_start
+        self.dec_b -= 1
+
+    def next_completion(self, now: float) -> float:
+        """Simulated time of the earliest decode completion, or -1 when nothing decodes."""
+        fin = self.fin
+        while fin and fin[0][2].state != C_DECODE:
+            heapq.heappop(fin)  # cancelled copies leave lazily
+        if not fin or not self.dec_b:
+            return -1.0
+        rate = self.p.decode_rate(self.dec_b) * self.slow
+        return now + max(0.0, fin[0][0] - self.V) / rate
+
+    def pop_finished(self) -> list[Copy]:
+        out: list[Copy] = []
+        fin = self.fin
+        limit = self.V + 1e-6
+        while fin and fin[0][0] <= limit:
+            c = heapq.heappop(fin)[2]
+            if c.state == C_DECODE:
+                out.append(c)
+        return out
+
+    def occupancy(self) -> float:
+        return self.running / self.p.max_concurrency
+
+    def enqueue(self, c: Copy) -> None:
+        c.state = C_WAITING
+        self.waiting.append(c)

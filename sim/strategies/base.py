@@ -1,0 +1,75 @@
+"""The contract every routing strategy implements, and the view of the world it routes on."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sim.model import Request
+from sim.telemetry_view import TelemetryView
+from sim.world import I64, World
+
+
+class RouterView:
+    """What a router can know: static fleet data, stale telemetry, and its own outstanding counts.
+
+    ``outstanding`` is exact and immediate because the router itself dispatches the requests and
+    sees their responses end; everything in ``tele`` is sampled and late.
+    """
+
+    def __init__(self, world: World, tele: TelemetryView, seed: int, flat_limit: int = 4096) -> None:
+        self.world = world
+        self.tele = tele
+        self.outstanding = np.zeros(world.n)
+        self.now = 0.0
+        self.rng = np.random.default_rng(seed)
+        self.flat_limit = flat_limit
+        self._cell_load: dict[str, np.ndarray] = {}
+
+    def candidates(self, req: Request, family: str) -> I64:
+        """Endpoints serving ``family``; above ``flat_limit`` a hierarchical search narrows them.
+
+        Hierarchical search: the family's endpoints are grouped into cells of nearby endpoints;
+        sample up to four cells in the client's region (anywhere when it has none), keep the two
+        whose outstanding load per slot is lowest, and offer their endpoints.
+        """
+        w = self.world
+        full = w.by_family[family]
+        if len(full) <= self.flat_limit:
+            return full
+        cells = w.cells[family]
+        local = w.cells_by_region[family].get(req.region) or list(range(len(cells)))
+        pick = self.rng.choice(len(local), size=min(4, len(local)), replace=False)
+        chosen = [local[int(i)] for i in pick]
+        load = [float(self.outstanding[cells[c]].sum() / w.conc[cells[c]].sum()) for c in chosen]
+        best = [c for _, c in sorted(zip(load, chosen, strict=True))[:2]]
+        return np.concatenate([cells[c] for c in best])
+
+    def jitter(self, n: int) -> np.ndarray:
+        """Tiny random tie-breakers, so equal scores do not all pile onto the first endpoint."""
+        return self.rng.random(n) * 1e-9
+
+
+class Strategy:
+    """A routing strategy. Subclasses override :meth:`choose` and, if they learn, the hooks."""
+
+    name = "strategy"
+    hedge_fraction = 0.0  # hedge after this fraction of the TTFT target (0: never)
+    needs_store = False  # wants telemetry in a TelemetryStore (the infermesh strategy)
+
+    def bind(self, view: RouterView) -> None:
+        self.view = view
+
+    def choose(self, req: Request, cands: I64) -> int:
+        """The endpoint index to send ``req`` to, or -1 to drop it (set ``req.drop_reason``)."""
+        raise NotImplementedError
+
+    def hedge_target(self, req: Request, cands: I64, exclude: int) -> int:
+        """Where a hedge copy goes; by default the strategy's choice among the others."""
+        rest = cands[cands != exclude]
+        return self.choose(req, rest) if len(rest) else -1
+
+    def on_dispatch(self, req: Request, node: int) -> None:
+        """Called once per copy sent."""
+
+    def on_complete(self, req: Request, node: int, ok: bool) -> None:
+        """Called when a request's response ends (or it fails)."""

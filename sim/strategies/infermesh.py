@@ -1,0 +1,175 @@
+"""The ``infermesh`` strategy: the real :class:`decision.engine.DecisionEngine`, on simulated time.
+
+Nothing of the pipeline is re-implemented here. The strategy builds the engine with the guard
+and learner it is given (by default the best available: the policy bundle's ``PolicyGuard`` and
+the LinUCB learner over ``learners.features``; else the built-in health rule and the
+least-expected-TTFT scorer), feeds the engine's ``TelemetryStore`` the simulator's stale
+telemetry, asks ``decide`` for every request, and reports every outcome back through
+``report_outcome``, so the learner learns from simulated TTFTs exactly as it would from live ones.
+
+Candidate search is hierarchical, as a large fleet needs: the simulator's router view narrows
+the family to at most a few thousand endpoints (cells), and this strategy offers the engine a
+shortlist of ``shortlist`` endpoints drawn from them, half from the client's own region. The
+shortlist replaces only the index read of the locate stage; guard, score, choose and outcome
+handling are the engine's own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from decision.contracts import FeatureBuilder, Guard, Learner, RewardFunction
+from decision.domain import Candidate, Endpoint, Outcome, OutcomeStatus, RequestContext
+from decision.engine import DecisionEngine
+from decision.errors import DecisionError
+from decision.fleet import Fleet
+from decision.health_guard import BuiltinHealthGuard
+from decision.telemetry import TelemetryStore
+from learners.least_ttft import LeastExpectedTtft
+from sim.model import Request
+from sim.strategies.base import RouterView, Strategy
+from sim.world import I64
+
+log = logging.getLogger("infermesh.sim")
+
+
+class ShortlistEngine(DecisionEngine):
+    """The engine with the locate stage's index read narrowed to a given shortlist."""
+
+    shortlist: Sequence[Endpoint] | None = None
+
+    def locate(self, fleet: Fleet, ctx: RequestContext, now: float) -> tuple[Candidate, ...]:
+        eps = self.shortlist
+        if eps is None:
+            return super().locate(fleet, ctx, now)
+        snap = self.telemetry.reading
+        rtt = fleet.topology.rtt_ms
+        client = ctx.client_region
+        default = fleet.spec.default_rtt_ms
+        return tuple(Candidate(e, snap(e.endpoint_id, now), rtt(client, e.site_id) if client else default)
+                     for e in eps)
+
+
+def default_guard(clock: Callable[[], float]) -> Guard:
+    """The shipped policy bundle if the policies package is installed, else the built-in rule."""
+    try:
+        from policies.bundle import DEFAULT_BUNDLE, compile_bundle
+        from policies.guard import PolicyGuard
+    except ImportError:
+        return BuiltinHealthGuard()
+    return PolicyGuard(compile_bundle(DEFAULT_BUNDLE), clock=clock)
+
+
+def default_learner(name: str, seed: int) -> tuple[Learner, FeatureBuilder | None, RewardFunction | None]:
+    """A registered learner over the learners' feature builder and reward, else the spine's scorer."""
+    try:
+        from learners.features import default_feature_builder
+        from learners.registry import make_learner
+        from learners.reward import ObjectiveReward
+    except ImportError:
+        return LeastExpectedTtft(), None, None
+    fb = default_feature_builder()
+    params: dict[str, Any] = {} if name == "least-ttft" else {"seed": seed}
+    return make_learner(name, len(fb.names), **params), fb, ObjectiveReward()
+
+
+class InferMesh(Strategy):
+    """Routes through the real decision pipeline.
+
+    Parameters
+    ----------
+    learner
+        Registered learner name (``linucb``, ``linear-ts``, ``least-ttft``...).
+    shortlist
+        Endpoints offered to the engine per decision.
+    seed
+        Seeds the learner and the shortlist sampling.
+    """
+
+    needs_store = True
+
+    def __init__(self, learner: str = "linucb", *, shortlist: int = 16, seed: int = 0,
+                 label: str = "infermesh", expected_output_tokens: int = 256,
+                 make: Callable[[int], tuple[Learner, FeatureBuilder | None, RewardFunction | None]] | None = None,
+                 ) -> None:
+        self.name = label
+        self.learner_name = learner
+        self.k = shortlist
+        self.seed = seed
+        self.expected_output_tokens = expected_output_tokens
+        self._make = make
+        self.denied = 0
+        self.family = ""
+
+    def bind(self, view: RouterView) -> None:
+        super().bind(view)
+        w = view.world
+        clock: Callable[[], float] = lambda: view.now  # noqa: E731 - the simulated clock
+        self.store = TelemetryStore({e.endpoint_id: e.node_id for e in w.endpoints}, clock=clock)
+        learner, fb, reward = (self._make(self.seed) if self._make is not None
+                               else default_learner(self.learner_name, self.seed))
+        self.engine = ShortlistEngine(w.fleet, self.store, default_guard(clock), learner, features=fb,
+                                      reward=reward, clock=clock, outcome_timeout_s=600.0)
+        self.index = {e.endpoint_id: i for i, e in enumerate(w.endpoints)}
+        self.rng = np.random.default_rng(self.seed + 101)
+        self._eps = w.endpoints
+
+    def _shortlist(self, req: Request, cands: I64) -> list[Endpoint]:
+        n = len(cands)
+        if n <= self.k:
+            return [self._eps[i] for i in cands.tolist()]
+        w = self.view.world
+        local = cands[w.node_region[cands] == req.region]
+        half = min(len(local), self.k // 2)
+        picks: list[int] = []
+        if half:
+            picks = local[self.rng.choice(len(local), size=half, replace=False)].tolist()
+        taken = set(picks)
+        while len(picks) < self.k:
+            i = int(cands[int(self.rng.integers(n))])
+            if i not in taken:
+                taken.add(i)
+                picks.append(i)
+        return [self._eps[i] for i in picks]
+
+    def _context(self, req: Request) -> RequestContext:
+        w = self.view.world
+        return RequestContext(
+            request_id=f"r{req.rid}", tenant=req.tenant, user_tier=str(req.tag or "standard"),
+            model_family=self.family or w.endpoints[0].family,
+            estimated_input_tokens=req.in_tokens, expected_output_tokens=self.expected_output_tokens,
+            allowed_jurisdictions=req.jurisdictions, data_class=req.data_class,
+            client_region=w.regions[req.region], session_id=req.session, ttft_target_ms=req.ttft_target_ms)
+
+    def choose(self, req: Request, cands: I64) -> int:
+        ctx = self._context(req)
+        eng = self.engine
+        eng.shortlist = self._shortlist(req, cands)
+        try:
+            d = eng.decide(ctx)
+        except DecisionError as first:
+            eng.shortlist = [self._eps[i] for i in cands.tolist()]  # widen to every located endpoint
+            try:
+                d = eng.decide(ctx)
+            except DecisionError as exc:
+                self.denied += 1
+                req.drop_reason = f"{type(exc).__name__}: {exc}"[:120] or repr(first)
+                return -1
+        req.ctx = d.decision_id
+        return self.index[d.route.endpoint_id]
+
+    def hedge_target(self, req: Request, cands: I64, exclude: int) -> int:
+        return -1  # the pipeline returns fallbacks but does not hedge
+
+    def on_complete(self, req: Request, node: int, ok: bool) -> None:
+        if req.ctx is None:
+            return
+        ttft = (req.first_token_at - req.arrival) * 1000.0
+        lat = (req.done_at - req.arrival) * 1000.0
+        self.engine.report_outcome(Outcome(str(req.ctx), OutcomeStatus.OK if ok else OutcomeStatus.ERROR,
+                                           ttft_ms=ttft, latency_ms=lat, input_tokens=req.in_tokens,
+                                           output_tokens=req.out_tokens, reported_at=self.view.now))

@@ -1,0 +1,77 @@
+"""One registry of simulator strategies: name -> factory(seed)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sim.strategies.base import Strategy
+from sim.strategies.classic import (
+    AdaptiveMesh,
+    BaselineRoundRobin,
+    Heuristic,
+    HybridMesh,
+    Mesh,
+    MeshHedge,
+    PredictiveMesh,
+)
+from sim.strategies.infermesh import InferMesh
+from sim.strategies.peers import GieLike, LeastLoad, PowerOfTwo
+
+Factory = Callable[[int], Strategy]
+
+STRATEGIES: dict[str, Factory] = {
+    "baseline_rr": lambda seed: BaselineRoundRobin(),
+    "heuristic": lambda seed: Heuristic(),
+    "mesh": lambda seed: Mesh(),
+    "mesh_hedge": lambda seed: MeshHedge(),
+    "adaptive_mesh": lambda seed: AdaptiveMesh(),
+    "predictive_mesh": lambda seed: PredictiveMesh(),
+    "hybrid_mesh": lambda seed: HybridMesh(),
+    "least_load": lambda seed: LeastLoad(),
+    "power_of_two": lambda seed: PowerOfTwo(),
+    "gie_like": lambda seed: GieLike(),
+    "infermesh": lambda seed: InferMesh("linucb", seed=seed),
+}
+
+
+def _vw_available() -> bool:
+    try:
+        import bench.vw_peer  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
+        import vowpalwabbit  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available() -> tuple[str, ...]:
+    names = list(STRATEGIES)
+    if _vw_available():
+        names.append("vw_peer")
+    return tuple(names)
+
+
+def make(name: str, seed: int) -> Strategy:
+    """Build a strategy; ``infermesh:LEARNER`` runs the pipeline with another registered learner."""
+    if name.startswith("infermesh:"):
+        learner = name.split(":", 1)[1]
+        return InferMesh(learner, seed=seed, label=name)
+    if name == "vw_peer":
+        return _vw_strategy(seed)
+    f = STRATEGIES.get(name)
+    if f is None:
+        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(available())}")
+    return f(seed)
+
+
+def _vw_strategy(seed: int) -> Strategy:
+    """The pipeline with the Vowpal Wabbit learner (bench/vw_peer.py) instead of ours."""
+    import bench.vw_peer as vw  # type: ignore[import-not-found,unused-ignore]
+
+    from learners.features import default_feature_builder
+    from learners.reward import ObjectiveReward
+
+    def make_parts(s: int):  # type: ignore[no-untyped-def]
+        fb = default_feature_builder()
+        return vw.make_vw_learner(len(fb.names), seed=s), fb, ObjectiveReward()
+
+    return InferMesh("vw", seed=seed, label="vw_peer", make=make_parts)
