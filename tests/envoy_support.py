@@ -38,7 +38,7 @@ BACKENDS: tuple[BackendSpec, ...] = (
 )
 
 
-def test_fleet(addresses: Mapping[str, str]) -> Fleet:
+def build_fleet(addresses: Mapping[str, str]) -> Fleet:
     """A fleet of one model on three endpoints, one per backend, ``addresses`` by backend name."""
     sites = [
         {"id": "eu-dc1", "region": "eu-west", "jurisdiction": "EU", "tier": "datacenter"},

@@ -1,0 +1,256 @@
+"""The ext_proc servicer's protocol logic, message by message, without Envoy or a network."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from decision.domain import OutcomeStatus
+from decision.extproc import ExtProcServicer, _Exchange, _Stream, outcome_status
+from decision.extproc_config import ExtProcConfig
+from decision.extproc_openai import UsageReader, parse_request
+from tests.envoy_support import FAMILY, MODEL, ResidencyGuard, build_fleet, make_engine, set_load
+
+ADDR = {"eu-fast": "127.0.0.1:7001", "eu-stream": "127.0.0.1:7002", "us-stream": "127.0.0.1:7003"}
+STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
+BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
+
+
+def headers_msg(h: dict[str, str], *, eos: bool = False, mode: int = STREAMED, no_wait: bool = True,
+                observe: bool = False) -> pb.ProcessingRequest:
+    hm = base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in h.items()])
+    return pb.ProcessingRequest(
+        request_headers=pb.HttpHeaders(headers=hm, end_of_stream=eos), observability_mode=observe,
+        protocol_config=pb.ProtocolConfiguration(request_body_mode=mode,
+                                                 send_body_without_waiting_for_header_response=no_wait))
+
+
+def body_msg(doc: object, *, eos: bool = True) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(request_body=pb.HttpBody(body=json.dumps(doc).encode(), end_of_stream=eos))
+
+
+def resp_headers(status: int, ctype: str, *, observe: bool = True) -> pb.ProcessingRequest:
+    hm = base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=":status", raw_value=str(status).encode()),
+                                     base_pb2.HeaderValue(key="content-type", raw_value=ctype.encode())])
+    return pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=hm), observability_mode=observe)
+
+
+def resp_body(data: bytes, *, eos: bool, observe: bool = True) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(response_body=pb.HttpBody(body=data, end_of_stream=eos), observability_mode=observe)
+
+
+@pytest.fixture()
+def servicer() -> ExtProcServicer:
+    engine = make_engine(build_fleet(ADDR), ResidencyGuard(over_quota=["greedy"]))
+    return ExtProcServicer(engine, ExtProcConfig())
+
+
+CHAT = {"model": MODEL, "max_tokens": 16, "messages": [{"role": "user", "content": "x" * 400}]}
+
+
+def set_headers(resp: pb.ProcessingResponse) -> dict[str, str]:
+    which = resp.WhichOneof("response")
+    common = getattr(resp, which).response
+    return {h.header.key: h.header.raw_value.decode() for h in common.header_mutation.set_headers}
+
+
+def test_one_round_trip_holds_the_header_reply_until_the_body_is_in(servicer: ExtProcServicer) -> None:
+    st = _Stream(_Exchange())
+    assert servicer.handle(st, headers_msg({"x-infermesh-tenant": "acme", ":path": "/v1/chat/completions"})) == []
+    half = json.dumps(CHAT).encode()
+    assert servicer.handle(st, pb.ProcessingRequest(request_body=pb.HttpBody(body=half[:20]))) == []
+    replies = servicer.handle(st, pb.ProcessingRequest(request_body=pb.HttpBody(body=half[20:], end_of_stream=True)))
+    # The header reply carries the decision, then one body reply per chunk, in order.
+    assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body", "request_body"]
+    d = st.ex.decision
+    assert d is not None
+    h = set_headers(replies[0])
+    assert h["x-gateway-destination-endpoint"] == d.route.address
+    assert h["x-infermesh-decision-id"] == d.decision_id
+    assert replies[0].request_headers.response.clear_route_cache
+    chain = replies[0].dynamic_metadata.fields["envoy.lb"].struct_value.fields["x-gateway-destination-endpoint"]
+    assert chain.string_value.split(",") == [d.route.address, *(r.address for r in d.fallbacks)]
+    assert len(d.fallbacks) == 2
+    # The body fed the decision context: model, prompt size estimate, output budget.
+    assert d.request.model == MODEL and d.request.expected_output_tokens == 16
+    assert d.request.estimated_input_tokens == 100 + 4
+
+
+def test_destination_header_is_overwritten_not_appended(servicer: ExtProcServicer) -> None:
+    st = _Stream(_Exchange())
+    servicer.handle(st, headers_msg({"x-infermesh-tenant": "acme", "x-gateway-destination-endpoint": "10.6.6.6:1"}))
+    (first, _) = servicer.handle(st, body_msg(CHAT))
+    opts = first.request_headers.response.header_mutation.set_headers
+    dest = [o for o in opts if o.header.key == "x-gateway-destination-endpoint"]
+    assert len(dest) == 1 and dest[0].header.raw_value.decode() in ADDR.values()
+    assert dest[0].append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def test_buffered_mode_decides_on_the_body_reply(servicer: ExtProcServicer) -> None:
+    st = _Stream(_Exchange())
+    (cont,) = servicer.handle(st, headers_msg({"x-infermesh-tenant": "acme"}, mode=BUFFERED, no_wait=False))
+    assert cont.WhichOneof("response") == "request_headers" and not set_headers(cont)
+    (reply,) = servicer.handle(st, body_msg(CHAT))
+    assert reply.WhichOneof("response") == "request_body"
+    assert set_headers(reply)["x-gateway-destination-endpoint"] in ADDR.values()
+
+
+def test_family_name_and_header_model(servicer: ExtProcServicer) -> None:
+    st = _Stream(_Exchange())
+    (reply,) = servicer.handle(st, headers_msg({"x-infermesh-tenant": "acme", "x-infermesh-model": FAMILY},
+                                               eos=True))
+    assert st.ex.decision is not None and st.ex.decision.request.model_family == FAMILY
+    assert reply.WhichOneof("response") == "request_headers"
+
+
+def test_residency_restricts_the_choice(servicer: ExtProcServicer) -> None:
+    set_load(servicer.engine, {"eu-fast": 400.0, "eu-stream": 400.0})  # the US endpoint looks best
+    for allowed, expect in (("EU", {"eu-fast", "eu-stream"}), ("US", {"us-stream"})):
+        st = _Stream(_Exchange())
+        servicer.handle(st, headers_msg({"x-infermesh-tenant": "acme",
+                                         "x-infermesh-model": MODEL,
+                                         "x-infermesh-allowed-jurisdictions": allowed}, eos=True,
+                                        mode=0, no_wait=False))
+        assert st.ex.decision is not None and st.ex.decision.route.endpoint_id in expect
+        assert all(r.endpoint_id in expect for r in st.ex.decision.fallbacks)
+
+
+def immediate(resp: pb.ProcessingResponse) -> tuple[int, dict[str, object]]:
+    assert resp.WhichOneof("response") == "immediate_response"
+    return int(resp.immediate_response.status.code), json.loads(resp.immediate_response.body)
+
+
+@pytest.mark.parametrize(("headers", "code", "etype"), [
+    ({"x-infermesh-tenant": "acme", "x-infermesh-allowed-jurisdictions": "APAC"}, 503, "no_candidate"),
+    ({"x-infermesh-tenant": "greedy"}, 429, "quota_exceeded"),
+    ({}, 400, "invalid_argument"),
+    ({"x-infermesh-tenant": "acme", "x-infermesh-ttft-target-ms": "soon"}, 400, "invalid_argument"),
+])
+def test_denials_are_immediate_responses(servicer: ExtProcServicer, headers: dict[str, str], code: int,
+                                         etype: str) -> None:
+    st = _Stream(_Exchange())
+    servicer.handle(st, headers_msg(headers))
+    (resp,) = servicer.handle(st, body_msg(CHAT))
+    got, doc = immediate(resp)
+    assert got == code
+    err = doc["error"]
+    assert isinstance(err, dict) and err["type"] == etype
+    if code == 503:
+        assert err["rules"] == ["test.residency"] and err["decision_id"]
+    if code == 429:
+        assert err["rules"] == ["test.quota"]
+    assert st.ex.decision is None
+
+
+def test_unknown_model_is_404(servicer: ExtProcServicer) -> None:
+    st = _Stream(_Exchange())
+    servicer.handle(st, headers_msg({"x-infermesh-tenant": "acme"}))
+    (resp,) = servicer.handle(st, body_msg({**CHAT, "model": "gpt-17"}))
+    assert immediate(resp)[0] == 404
+
+
+def test_observer_stream_records_the_outcome(servicer: ExtProcServicer) -> None:
+    clock = iter([0.0, 0.010, 0.050, 0.060, 0.090, 0.100]).__next__
+    servicer._now = clock
+    pick = _Stream(_Exchange())
+    servicer.handle(pick, headers_msg({"x-infermesh-tenant": "acme"}))  # t0 = 0.0
+    servicer.handle(pick, body_msg({**CHAT, "stream": True}))
+    d = pick.ex.decision
+    assert d is not None and not pick.owner  # the pick stream hands the outcome to the observer
+    obs = _Stream(_Exchange())
+    assert servicer.handle(obs, headers_msg({"x-infermesh-decision-id": d.decision_id}, observe=True)) == []
+    assert obs.owner
+    servicer.handle(obs, resp_headers(200, "text/event-stream"))  # 0.010
+    servicer.handle(obs, resp_body(b'data: {"choices": [{"delta": {"content": "a"}}]}\n\n', eos=False))  # 0.050
+    servicer.handle(obs, resp_body(b'data: {"choices": [], "usage": {"prompt_tokens": 99, '
+                                   b'"completion_tokens": 7}}\n\ndata: [DONE]\n\n', eos=True))  # 0.060
+    assert obs.ex.ended
+    servicer._report(obs.ex, 0.090)
+    o = servicer.engine.outcomes[d.decision_id]  # type: ignore[attr-defined]
+    assert o.status is OutcomeStatus.OK
+    assert o.ttft_ms == pytest.approx(50.0) and o.latency_ms == pytest.approx(90.0)
+    assert (o.input_tokens, o.output_tokens) == (99, 7)
+
+
+def test_observer_ignores_unknown_decisions(servicer: ExtProcServicer) -> None:
+    obs = _Stream(_Exchange())
+    servicer.handle(obs, headers_msg({"x-infermesh-decision-id": "forged"}, observe=True))
+    assert not obs.owner
+    assert servicer._finished(obs, headers_msg({}, observe=True), [])
+
+
+def test_inline_mode_reports_on_the_same_stream() -> None:
+    engine = make_engine(build_fleet(ADDR), ResidencyGuard())
+    s = ExtProcServicer(engine, ExtProcConfig(response_phase="inline"))
+    msgs = [headers_msg({"x-infermesh-tenant": "acme"}), body_msg(CHAT),
+            resp_headers(503, "application/json", observe=False),
+            resp_body(b'{"error": "overloaded"}', eos=True, observe=False)]
+    replies = list(s.Process(iter(msgs), None))
+    assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body", "response_headers",
+                                                          "response_body"]
+    (o,) = engine.outcomes.values()
+    assert o.status is OutcomeStatus.ERROR and o.error == "HTTP 503"
+    assert o.input_tokens == 104  # no usage in the body: the request's estimate stands in
+
+
+def test_stream_closed_mid_response_is_cancelled() -> None:
+    engine = make_engine(build_fleet(ADDR), ResidencyGuard())
+    s = ExtProcServicer(engine, ExtProcConfig(response_phase="inline"))
+    msgs = [headers_msg({"x-infermesh-tenant": "acme"}), body_msg(CHAT),
+            resp_headers(200, "text/event-stream", observe=False)]
+    list(s.Process(iter(msgs), None))
+    (o,) = engine.outcomes.values()
+    assert o.status is OutcomeStatus.CANCELLED
+
+
+@pytest.mark.parametrize(("code", "status"), [(200, OutcomeStatus.OK), (204, OutcomeStatus.OK),
+                                              (408, OutcomeStatus.TIMEOUT), (504, OutcomeStatus.TIMEOUT),
+                                              (499, OutcomeStatus.CANCELLED), (500, OutcomeStatus.ERROR),
+                                              (429, OutcomeStatus.ERROR)])
+def test_outcome_status_from_http(code: int, status: OutcomeStatus) -> None:
+    assert outcome_status(code) is status
+
+
+def test_request_body_parsing() -> None:
+    r = parse_request(json.dumps({"model": "m", "max_completion_tokens": 32, "stream": True, "messages": [
+        {"role": "system", "content": "abcd" * 10},
+        {"role": "user", "content": [{"type": "text", "text": "abcd" * 5}, {"type": "image_url"}]}]}).encode())
+    assert r is not None and (r.model, r.estimated_input_tokens, r.max_tokens, r.stream) == ("m", 15 + 8, 32, True)
+    assert parse_request(b"not json") is None and parse_request(b"[1, 2]") is None and parse_request(b"") is None
+    legacy = parse_request(b'{"model": "m", "prompt": "abcdefgh", "max_tokens": 3}')
+    assert legacy is not None and (legacy.estimated_input_tokens, legacy.max_tokens) == (2, 3)
+
+
+def test_usage_from_json_and_sse_split_anywhere() -> None:
+    j = UsageReader(sse=False)
+    doc = json.dumps({"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 34}}).encode()
+    for i in range(0, len(doc), 7):
+        j.feed(doc[i:i + 7])
+    assert j.result() is not None and (j.result().prompt_tokens, j.result().completion_tokens) == (12, 34)  # type: ignore[union-attr]
+    stream = (b'data: {"choices": [{"delta": {"content": "a"}}], "usage": null}\n\n' * 3 +
+              b'data: {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3}}\n\ndata: [DONE]\n\n')
+    for step in (1, 5, 64, len(stream)):
+        r = UsageReader(sse=True)
+        for i in range(0, len(stream), step):
+            r.feed(stream[i:i + step])
+        u = r.result()
+        assert u is not None and (u.prompt_tokens, u.completion_tokens) == (5, 3) and r.content_chunks == 3
+    no_usage = UsageReader(sse=True)
+    no_usage.feed(b'data: {"choices": [{"delta": {"content": "a"}}]}\n\n' * 4)
+    assert no_usage.result() is None and no_usage.content_chunks == 4
+    big = UsageReader(sse=False, max_json_bytes=10)
+    big.feed(doc)
+    assert big.result() is None
+
+
+def test_config_from_mapping_rejects_unknown_keys() -> None:
+    c = ExtProcConfig.from_mapping({"tenant_header": "X-Org", "default_tenant": "anon"})
+    assert c.tenant_header == "x-org" and c.default_tenant == "anon"
+    with pytest.raises(ValueError, match="tenant_heder"):
+        ExtProcConfig.from_mapping({"tenant_heder": "x"})
+    with pytest.raises(ValueError, match="response_phase"):
+        ExtProcConfig(response_phase="sometimes")
