@@ -31,6 +31,7 @@ def _client(target: str, kind: str, concurrency: int, duration_s: float, request
     import grpc
     from google.protobuf.json_format import ParseDict
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     from infermesh.decision.v1 import decision_pb2 as pb
     from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
 

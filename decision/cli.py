@@ -15,6 +15,9 @@ def _registrars() -> list[Register]:
 
     regs: list[Register] = [cli_spine.register]
     # --- subcommand registrars of the other packages (one line each) ---
+    from learners import cli as learners_cli
+
+    regs.append(learners_cli.register)
     return regs
 
 

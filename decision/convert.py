@@ -8,10 +8,10 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 from google.protobuf.json_format import ParseDict
-from infermesh.decision.v1 import decision_pb2 as pb
 
 from decision.domain import Decision, Outcome, OutcomeStatus, RequestContext, Route
 from decision.errors import InvalidArgument
+from infermesh.decision.v1 import decision_pb2 as pb
 
 _STATUS_FROM_PB = {
     pb.OUTCOME_STATUS_OK: OutcomeStatus.OK,

@@ -39,11 +39,11 @@ class DriveResult:
 def _drive(target: str, fleet_path: str, duration_s: float, concurrency: int, seed: int,
            counter: Synchronized, out: Any) -> None:  # type: ignore[type-arg]
     import grpc
-    from infermesh.decision.v1 import decision_pb2 as pb
-    from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
 
     from decision.demo_world import DemoWorld
     from decision.fleet import load_fleet
+    from infermesh.decision.v1 import decision_pb2 as pb
+    from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
 
     world = DemoWorld(load_fleet(fleet_path), seed=seed)
     lock = threading.Lock()
@@ -116,11 +116,10 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def run_demo(cfg: ServiceConfig, settings: Settings, *, duration_s: float, concurrency: int, seed: int) -> int:
-    from infermesh.decision.v1 import decision_pb2 as pb
-    from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
-
     from decision.service import Service
     from decision.why import render_why
+    from infermesh.decision.v1 import decision_pb2 as pb
+    from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
 
     console = Console()
     console.print("[bold]InferMesh demo[/bold]: starting the decision service on the demo fleet")

@@ -15,8 +15,6 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from infermesh.decision.v1 import decision_pb2 as pb
-from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
 
 from decision.convert import decision_to_pb, outcome_from_pb, request_from_pb, trace_to_pb
 from decision.engine import DecisionEngine
@@ -30,6 +28,8 @@ from decision.errors import (
 )
 from decision.metrics import ServiceMetrics
 from decision.telemetry import canonical_name
+from infermesh.decision.v1 import decision_pb2 as pb
+from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
 
 log = logging.getLogger("infermesh.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DecisionService"].full_name

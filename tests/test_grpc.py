@@ -11,11 +11,11 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from infermesh.decision.v1 import decision_pb2 as pb
-from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
 
 from decision.grpc_server import SERVICE_NAME, DecisionServicer, build_server
 from decision.metrics import ServiceMetrics
+from infermesh.decision.v1 import decision_pb2 as pb
+from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
 from tests.spine_support import ScriptedGuard, demo_engine
 
 DATA = Path(__file__).parent / "data"

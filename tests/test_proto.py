@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from google.protobuf.json_format import MessageToDict, ParseDict
-from infermesh.decision.v1 import decision_pb2 as pb
 
 from decision.convert import request_from_json
+from infermesh.decision.v1 import decision_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 
