@@ -124,4 +124,6 @@ def trace_to_pb(record: Mapping[str, Any]) -> pb.Trace:
     outcome = record.get("outcome")
     if outcome:
         msg.outcome.CopyFrom(outcome_to_pb(outcome))
+        if outcome.get("reward") is not None:
+            msg.reward = float(outcome["reward"])
     return msg

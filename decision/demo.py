@@ -176,6 +176,10 @@ def run_demo(cfg: ServiceConfig, settings: Settings, *, duration_s: float, concu
                 record["trace"] = MessageToDict(t.trace)
                 if t.HasField("outcome"):
                     record["outcome"] = MessageToDict(t.outcome, preserving_proto_field_name=True)
+                    record["outcome"]["status"] = pb.OutcomeStatus.Name(t.outcome.status).removeprefix(
+                        "OUTCOME_STATUS_").lower()
+                    if t.HasField("reward"):
+                        record["outcome"]["reward"] = t.reward
                 console.rule("why this route (Explain over gRPC)")
                 console.print(render_why(record), highlight=False, soft_wrap=True)
             except Exception as exc:  # the summary stands even when the audit log is off

@@ -337,6 +337,7 @@ class Trace(_message.Message):
     TRACE_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
     DECIDED_AT_UNIX_S_FIELD_NUMBER: _builtins.int
+    REWARD_FIELD_NUMBER: _builtins.int
     decision_id: _builtins.str
     status: _builtins.str
     """routed | denied | quota_denied"""
@@ -345,6 +346,8 @@ class Trace(_message.Message):
     propensity: _builtins.float
     reason: _builtins.str
     decided_at_unix_s: _builtins.float
+    reward: _builtins.float
+    """The reward the acting learner received from the outcome, when it learned from it."""
     @_builtins.property
     def route(self) -> Global___Route: ...
     @_builtins.property
@@ -373,14 +376,20 @@ class Trace(_message.Message):
         trace: _struct_pb2.Struct | None = ...,
         outcome: Global___Outcome | None = ...,
         decided_at_unix_s: _builtins.float = ...,
+        reward: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_outcome", b"_outcome", "outcome", b"outcome", "route", b"route", "trace", b"trace"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_outcome", b"_outcome", "_reward", b"_reward", "outcome", b"outcome", "reward", b"reward", "route", b"route", "trace", b"trace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_outcome", b"_outcome", "decided_at_unix_s", b"decided_at_unix_s", "decision_id", b"decision_id", "deny_rules", b"deny_rules", "learner", b"learner", "outcome", b"outcome", "policy_revision", b"policy_revision", "propensity", b"propensity", "reason", b"reason", "route", b"route", "status", b"status", "trace", b"trace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_outcome", b"_outcome", "_reward", b"_reward", "decided_at_unix_s", b"decided_at_unix_s", "decision_id", b"decision_id", "deny_rules", b"deny_rules", "learner", b"learner", "outcome", b"outcome", "policy_revision", b"policy_revision", "propensity", b"propensity", "reason", b"reason", "reward", b"reward", "route", b"route", "status", b"status", "trace", b"trace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__outcome: _TypeAlias = _typing.Literal["outcome"]  # noqa: Y015
     _WhichOneofArgType__outcome: _TypeAlias = _typing.Literal["_outcome", b"_outcome"]  # noqa: Y015
+    _WhichOneofReturnType__reward: _TypeAlias = _typing.Literal["reward"]  # noqa: Y015
+    _WhichOneofArgType__reward: _TypeAlias = _typing.Literal["_reward", b"_reward"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__outcome) -> _WhichOneofReturnType__outcome | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reward) -> _WhichOneofReturnType__reward | None: ...
 
 Global___Trace: _TypeAlias = Trace  # noqa: Y015
 
