@@ -6,7 +6,6 @@ standalone. Every data request needs an API key (``Authorization: Bearer <key>``
 tenant-scoped key only ever sees its own tenant's decisions.
 """
 
-from __future__ import annotations
 
 import csv
 import datetime as dt

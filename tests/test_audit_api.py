@@ -1,0 +1,167 @@
+"""The auditors' API and page: roles, tenant scope, access log, injection, pagination, exports."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from audit import database, keys
+from audit.api import create_app
+from audit.settings import AuditSettings
+from audit.writer import AuditWriter
+from decision.domain import Outcome, OutcomeStatus
+from decision.fleet import Fleet
+from tests.test_audit_store import ctx, make_engine
+
+INJECTIONS = ["' OR '1'='1", "acme'; DROP TABLE decision_events; --", "\\x00", "acme\" OR 1=1", "%' --",
+              "1) UNION SELECT * FROM api_keys --"]
+FILTERS = ["tenant", "region", "site", "tier", "model", "endpoint", "rule", "status", "outcome", "from", "to",
+           "cursor"]
+
+
+@pytest.fixture(scope="module")
+def world(pg_url: str, demo_fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    database.prepare(pg_url)
+    w = AuditWriter(pg_url, AuditSettings(spool_dir=tmp_path_factory.mktemp("spool")))
+    engine = make_engine(demo_fleet, w)
+    ids = []
+    for i in range(30):
+        d = engine.decide(ctx(i, tenant="acme" if i % 3 else "globex"))
+        ids.append(d.decision_id)
+        if i % 2:
+            engine.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=80.0 + i, latency_ms=500))
+    assert w.flush(20)
+    w.close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        out = {"url": pg_url, "auditor": keys.create_key(conn, name="a", role="auditor"),
+               "admin": keys.create_key(conn, name="b", role="admin"),
+               "globex": keys.create_key(conn, name="c", role="auditor", tenant="globex"),
+               "acme_id": ids[1], "globex_id": ids[0]}
+    yield out
+
+
+@pytest.fixture(scope="module")
+def client(world: dict[str, str]) -> TestClient:
+    return TestClient(create_app(world["url"]))
+
+
+def h(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_keys_and_roles(client: TestClient, world: dict[str, str]) -> None:
+    assert client.get("/v1/decisions").status_code == 401
+    assert client.get("/v1/decisions", headers=h("imk_wrong_key")).status_code == 401
+    assert client.get("/v1/decisions", headers={"X-API-Key": world["auditor"]}).status_code == 200
+    assert client.post("/v1/admin/retention", json={"retention_days": 30},
+                       headers=h(world["auditor"])).status_code == 403
+    r = client.post("/v1/admin/retention", json={"retention_days": 30}, headers=h(world["admin"]))
+    assert r.status_code == 200 and r.json()["dropped_days"] == []
+    with psycopg.connect(world["url"]) as conn:
+        stored = [r[0] for r in conn.execute("SELECT key_hash FROM api_keys")]
+        logged = conn.execute("SELECT count(*) FROM api_access_log WHERE status = 401").fetchone()
+    assert world["auditor"] not in stored and keys.hash_key(world["auditor"]) in stored
+    assert logged is not None and logged[0] >= 2
+
+
+def test_tenant_scoped_key_sees_only_its_tenant(client: TestClient, world: dict[str, str]) -> None:
+    r = client.get("/v1/decisions", params={"limit": 500}, headers=h(world["globex"]))
+    assert r.status_code == 200 and {d["tenant"] for d in r.json()["items"]} == {"globex"}
+    assert client.get("/v1/decisions", params={"tenant": "acme"}, headers=h(world["globex"])).status_code == 403
+    assert client.get(f"/v1/decisions/{world['acme_id']}", headers=h(world["globex"])).status_code == 404
+    assert client.get(f"/v1/decisions/{world['globex_id']}", headers=h(world["globex"])).status_code == 200
+
+
+def test_pagination_walks_every_decision_once(client: TestClient, world: dict[str, str]) -> None:
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params: dict[str, str | int] = {"limit": 7, **({"cursor": cursor} if cursor else {})}
+        body = client.get("/v1/decisions", params=params, headers=h(world["auditor"])).json()
+        seen += [d["decision_id"] for d in body["items"]]
+        cursor = body["next_cursor"]
+        if not cursor:
+            break
+    assert len(seen) == len(set(seen)) == 30
+
+
+@pytest.mark.parametrize("name", FILTERS)
+def test_sql_injection_attempts_on_every_filter(client: TestClient, world: dict[str, str], name: str) -> None:
+    for attempt in INJECTIONS:
+        r = client.get("/v1/decisions", params={name: attempt}, headers=h(world["auditor"]))
+        assert r.status_code in (200, 422), r.text
+        if r.status_code == 200:
+            assert r.json()["items"] == []
+    r = client.get(f"/v1/decisions/{INJECTIONS[0]}", headers=h(world["auditor"]))
+    assert r.status_code in (404, 422)
+    with psycopg.connect(world["url"]) as conn:
+        assert conn.execute("SELECT count(*) FROM decision_events").fetchone() == (30,)
+
+
+def test_detail_why_stats_and_exports(client: TestClient, world: dict[str, str]) -> None:
+    d = client.get(f"/v1/decisions/{world['acme_id']}", headers=h(world["auditor"])).json()
+    chosen = d["trace"]["stages"]["choose"]["chosen"]
+    assert d["endpoint_id"] == chosen and any(r["role"] == "CHOSEN" for r in d["why"])
+    assert d["outcome"]["status"] == "ok"
+    why = client.get(f"/v1/decisions/{world['acme_id']}/why", headers=h(world["auditor"])).text
+    assert chosen in why and "CHOSEN" in why
+    stats = client.get("/v1/stats", headers=h(world["auditor"])).json()
+    assert stats["total"] == 30 and stats["decisions"] == {"routed": 30}
+    jl = client.get("/v1/export", params={"format": "jsonl", "tenant": "acme"}, headers=h(world["auditor"])).text
+    rows = [json.loads(line) for line in jl.splitlines() if line]
+    assert len(rows) == 20 and all(r["tenant"] == "acme" for r in rows)
+    c = client.get("/v1/export", params={"format": "csv", "outcome": "ok"}, headers=h(world["auditor"]))
+    assert c.headers["content-type"].startswith("text/csv")
+    table = list(csv.DictReader(io.StringIO(c.text)))
+    assert len(table) == 15 and all(r["outcome_status"] == "ok" for r in table)
+    assert client.get("/v1/export", params={"format": "xml"}, headers=h(world["auditor"])).status_code == 422
+    assert "/v1/decisions" in client.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.chromium
+def test_page_renders_why_this_route_in_headless_chromium(world: dict[str, str], tmp_path: Path) -> None:
+    import threading
+
+    import uvicorn
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    config = uvicorn.Config(create_app(world["url"]), host="127.0.0.1", port=0, log_level="warning")
+    server = uvicorn.Server(config)
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    while not server.started:
+        pass
+    port = server.servers[0].sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}/audit#key={world['auditor']}&id={world['acme_id']}"
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
+             "--window-size=1280,900"]
+    try:
+        shot = tmp_path / "page.png"
+        subprocess.run([*flags, f"--screenshot={shot}", url], check=True, capture_output=True, timeout=90)
+        dom = subprocess.run([*flags, "--dump-dom", url], check=True, capture_output=True, text=True,
+                             timeout=90).stdout
+    finally:
+        server.should_exit = True
+        t.join(10)
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (1280, 900)
+    assert len(data) > 20_000  # a blank page compresses to a few KB
+    with psycopg.connect(world["url"]) as conn:
+        row = conn.execute("SELECT endpoint_id FROM decision_events WHERE decision_id = %s",
+                           (world["acme_id"],)).fetchone()
+    assert row is not None
+    assert 'class="chosen"' in dom and row[0] in dom
