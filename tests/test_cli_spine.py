@@ -1,0 +1,76 @@
+"""The spine's CLI: `infermesh decide`, `infermesh serve` (real process, SIGTERM), config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+
+from infermesh.decision.v1 import decision_pb2 as pb
+from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "decision.cli"]
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def test_decide_answers_one_request_as_json(tmp_path: Path) -> None:
+    req = tmp_path / "r.json"
+    req.write_text(json.dumps({"request_id": "cli-1", "tenant": "globex", "model": "sdxl-1.0", "modality": "image",
+                               "client_region": "us-west"}))
+    proc = _run("decide", "--request", str(req), "--trace")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["route"]["model"] == "sdxl-1.0"
+    assert out["trace"]["stages"]["choose"]["chosen"] == out["route"]["endpoint_id"]
+    assert 0 < out["propensity"] <= 1
+
+
+def test_decide_reports_bad_input_with_position_or_field(tmp_path: Path) -> None:
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"tenant": "x",\n  "model": }')
+    proc = _run("decide", "--request", str(bad_json))
+    assert proc.returncode == 2
+    assert f"{bad_json}:2:" in proc.stderr
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"request_id": "x", "tenant": "t", "model": "no-such-model"}))
+    proc = _run("decide", "--request", str(unknown))
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["error"] == "NotFound"
+
+
+def test_config_errors_name_file_line_and_field(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"fleet: {ROOT / 'deploy/demo/fleet.yaml'}\nserver:\n  grpc_port: 99999\n")
+    proc = _run("decide", "--config", str(cfg), "--request", "-")
+    assert proc.returncode == 2
+    assert f"{cfg}:3: server.grpc_port:" in proc.stderr
+
+
+def test_serve_answers_over_grpc_and_shuts_down_on_sigterm(fresh_pg_url: str, tmp_path: Path) -> None:
+    env = {**os.environ, "INFERMESH_DATABASE_URL": fresh_pg_url, "INFERMESH_DATA_DIR": str(tmp_path)}
+    proc = subprocess.Popen([*CLI, "serve", "--grpc-port", "0", "--http-port", "0"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        m = re.search(r"grpc 127\.0\.0\.1:(\d+)", line)
+        assert m, line + (proc.stderr.read() if proc.stderr else "")
+        with grpc.insecure_channel(f"127.0.0.1:{m.group(1)}") as ch:
+            d = pb_grpc.DecisionServiceStub(ch).Decide(
+                pb.DecideRequest(request_id="serve-1", tenant="globex", model_family="qwen"), timeout=10)
+        assert d.route.model.startswith("qwen")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code == 0
