@@ -33,7 +33,8 @@ class Env:
         z = (self.X @ w) / temperature
         z -= z.max(axis=1, keepdims=True)
         p = np.exp(z)
-        return p / p.sum(axis=1, keepdims=True)
+        out: np.ndarray = p / p.sum(axis=1, keepdims=True)
+        return out
 
     def value(self, pi: np.ndarray) -> float:
         """The exact value of a policy given as probabilities per (context, arm)."""
@@ -52,7 +53,7 @@ class Env:
 def _policies(env: Env, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed + 100)
     d = env.X.shape[2]
-    logging_pi = env.softmax_policy(rng.normal(size=d), 1.0)
+    logging_pi = env.softmax_policy(np.asarray(rng.normal(size=d)), 1.0)
     greedy = np.zeros_like(env.mu)
     greedy[np.arange(env.mu.shape[0]), env.mu.argmax(axis=1)] = 1.0  # the oracle: far from the logger
     eps = 0.9 * greedy + 0.1 / env.mu.shape[1]

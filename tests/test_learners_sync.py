@@ -31,7 +31,7 @@ def _engine(learner: LinUCB, seed: int) -> tuple[DecisionEngine, np.random.Gener
 
 def _traffic(engine: DecisionEngine, rng: np.random.Generator, n: int) -> list[dict[str, object]]:
     """Decide and report n requests; returns what the audit log would hold."""
-    logged = []
+    logged: list[dict[str, object]] = []
     for i in range(n):
         ctx = RequestContext(f"r{i}", "t", model="llama-3.1-8b", client_region=str(rng.choice(["eu-west", "us-east"])),
                              estimated_input_tokens=int(rng.integers(50, 900)), ttft_target_ms=400.0)
