@@ -15,8 +15,10 @@ def _registrars() -> list[Register]:
 
     regs: list[Register] = [cli_spine.register]
     # --- subcommand registrars of the other packages (one line each) ---
+    from audit import cli as audit_cli
     from learners import cli as learners_cli
 
+    regs.append(audit_cli.register)
     regs.append(learners_cli.register)
     return regs
 
