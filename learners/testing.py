@@ -13,7 +13,8 @@ def toy_endpoint(i: int, *, site: str = "s0", region: str = "r0", tier: str = "d
         max_concurrency=16, modality="text", safety_tier="general", node_id=f"n{i}", gpu_type="A100",
         gpu_count=1, gpu_hour_usd=2.0, watts_per_gpu=400.0, site_id=site, region=region,
         jurisdiction="EU", tier=tier, certifications=frozenset(), owner_tenant=None,  # type: ignore[arg-type]
-        prefill_tokens_per_s=10000.0, decode_tokens_per_s=80.0, cold_start_ms=0.0, warm=True)
+        prefill_tokens_per_s=10000.0, decode_tokens_per_s=80.0, cold_start_ms=0.0, warm=True,
+        nominal_cost_per_1k=2.0 / (80.0 * 16 * 3600.0) * 1000.0)
 
 
 def toy_arms(ttfts: Sequence[float], features: Sequence[Sequence[float]] | None = None,
