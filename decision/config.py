@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from decision.tls import TlsConfig
 from decision.yaml_lines import YamlSyntaxError, load_located_file
 
 
@@ -49,11 +50,27 @@ class LearnerSection(_Section):
     shadow: list[dict[str, Any]] = []
     reward: dict[str, Any] = {}
     features: str = "default"
+    # Persistence and replica merging through PostgreSQL (learners.sync), when the audit DB is on.
+    sync_interval_s: float = Field(default=5.0, gt=0)
+    snapshot_every_s: float = Field(default=60.0, gt=0)
+    replica: str = ""
 
 
 class DecisionSection(_Section):
     max_fallbacks: int = Field(default=3, ge=0, le=32)
     outcome_timeout_s: float = Field(default=300.0, gt=0)
+
+
+class LimitsSection(_Section):
+    """Per-request limits enforced at the gRPC edge (``decision.edge.RequestLimits``)."""
+
+    max_labels: int = Field(default=64, ge=0, le=4096)
+    max_label_bytes: int = Field(default=256, ge=1, le=65536)
+    max_jurisdictions: int = Field(default=32, ge=0, le=1024)
+    max_telemetry_items: int = Field(default=10_000, ge=1)
+    max_exposition_bytes: int = Field(default=1 << 20, ge=1)
+    max_error_bytes: int = Field(default=4096, ge=0)
+    max_field_chars: int = Field(default=256, ge=1, le=4096)
 
 
 class ServiceConfig(_Section):
@@ -64,6 +81,8 @@ class ServiceConfig(_Section):
     learner: LearnerSection = LearnerSection()
     decision: DecisionSection = DecisionSection()
     audit: dict[str, Any] = {"enabled": True}
+    limits: LimitsSection = LimitsSection()
+    tls: TlsConfig | None = None
     path: Path = Path(".")
 
 
@@ -76,6 +95,8 @@ class Settings(BaseSettings):
     redis_url: str = ""
     data_dir: Path = Path("var")
     log_level: str = "INFO"
+    replica: str = ""  # this process's replica id for learner merging (empty: single instance)
+    otel_exporter: str = "none"  # OpenTelemetry span exporter: none | console (decision.tracing)
 
 
 class ConfigError(ValueError):

@@ -184,13 +184,14 @@ def build_server(servicer: DecisionServicer, *, address: str, threads: int = 32,
                  max_message_bytes: int = 4 * 1024 * 1024, reuse_port: bool = False,
                  extra_services: Sequence[str] = (),
                  credentials: grpc.ServerCredentials | None = None,
+                 interceptors: Sequence[grpc.ServerInterceptor] = (),
                  ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A started-ready (not started) server with DecisionService, health and reflection; returns its port."""
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes),
                ("grpc.so_reuseport", 1 if reuse_port else 0)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
-                         options=options)
+                         options=options, interceptors=list(interceptors))
     pb_grpc.add_DecisionServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from decision.metrics import ServiceMetrics
+from decision.tracing import install_http_tracing
 
 
 def create_app(metrics: ServiceMetrics, health: Callable[[], Mapping[str, Any]],
@@ -30,6 +31,7 @@ def create_app(metrics: ServiceMetrics, health: Callable[[], Mapping[str, Any]],
 
     for r in routers:
         app.include_router(r)
+    install_http_tracing(app)  # traceparent in, trace id into the JSON logs
     return app
 
 

@@ -20,6 +20,7 @@ from fastapi import APIRouter
 
 from decision.config import ServiceConfig, Settings
 from decision.contracts import AuditSink, FeatureBuilder, Guard, Learner, TraceReader
+from decision.edge import EdgeInterceptor, RequestLimits
 from decision.engine import DecisionEngine
 from decision.fleet import Fleet, load_fleet
 from decision.grpc_server import DecisionServicer, build_server
@@ -29,6 +30,8 @@ from decision.metrics import ServiceMetrics
 from decision.scoring import BasicFeatures
 from decision.scraper import Scraper
 from decision.telemetry import TelemetryStore
+from decision.tls import server_credentials
+from decision.tracing import configure_tracing
 
 log = logging.getLogger("infermesh.service")
 
@@ -117,6 +120,7 @@ class Service:
         self.config = config
         self.settings = settings
         self.metrics = ServiceMetrics()
+        configure_tracing(settings.otel_exporter)
         self.fleet = load_fleet(config.fleet)
         self.telemetry = TelemetryStore({e.endpoint_id: e.node_id for e in self.fleet.endpoints},
                                         stale_after_s=config.telemetry.stale_after_s)
@@ -139,6 +143,7 @@ class Service:
                            lambda: float(self.engine.pending_outcomes() if self.engine else 0))
         for name, read in self.audit.gauges.items():
             self.metrics.gauge(name, f"Audit writer: {name}.", read)
+        self.learner_sync = _build_learner_sync(config, settings, self.audit, learner, features)
         self.grpc_server: grpc.Server | None = None
         self.grpc_port = 0
         self.http: HttpServer | None = None
@@ -187,9 +192,13 @@ class Service:
                                     flush_audit=self.audit.flush)
         self.grpc_server, self.grpc_port, _ = build_server(
             servicer, address=f"{srv.host}:{srv.grpc_port if port is None else port}", threads=srv.threads,
-            max_message_bytes=srv.max_message_bytes, reuse_port=reuse_port)
+            max_message_bytes=srv.max_message_bytes, reuse_port=reuse_port,
+            credentials=server_credentials(self.config.tls, self.config.path.parent) if self.config.tls else None,
+            interceptors=[EdgeInterceptor(RequestLimits(**self.config.limits.model_dump()), self.metrics)])
         self.grpc_server.start()
         self.scraper.start()
+        if self.learner_sync is not None:
+            self.learner_sync.start(self.config.learner.sync_interval_s, self.config.learner.snapshot_every_s)
         if not self._expiry.is_alive():
             self._expiry.start()
         return self.grpc_port
@@ -212,10 +221,28 @@ class Service:
         self._expiry_stop.set()
         if self.policies.stop is not None:
             self.policies.stop()
+        if self.learner_sync is not None:
+            self.learner_sync.stop(final_snapshot=True)  # no learning lost on restart
         if self.audit.close is not None:
             started = time.monotonic()
             self.audit.close()
             log.info("audit queue drained in %.2fs", time.monotonic() - started)
+
+
+def _build_learner_sync(config: ServiceConfig, settings: Settings, audit: AuditParts, learner: Learner,
+                        features: FeatureBuilder) -> Any:
+    """Restore the learner from its newest snapshot (+ replica deltas, + replayed outcomes); None without a DB."""
+    if not audit.database_url or not hasattr(learner, "state_dict"):
+        return None
+    from learners.store import LearnerStore
+    from learners.sync import LearnerSync
+
+    replica = config.learner.replica or settings.replica
+    sync = LearnerSync(learner, LearnerStore(audit.database_url), features.names, replica=replica)
+    report = sync.restore()
+    log.info("learner %s@%s restored: snapshot %s, %d replica deltas, %d outcomes replayed", learner.name,
+             learner.version, report.snapshot_id, report.deltas, report.replayed)
+    return sync
 
 
 def _build_reward(config: ServiceConfig) -> Any:

@@ -1,0 +1,70 @@
+"""TLS and mutual TLS for the gRPC servers (DecisionService and the Envoy ext_proc port).
+
+Certificates come from PEM files named in the ``tls:`` section of the service config; relative
+paths resolve against the config file's folder. With ``client_ca_file`` set and
+``require_client_cert`` true (the default then), a client must present a certificate signed by
+that CA or the handshake fails. Any grpcio server, sync or ``grpc.aio``, takes the credentials:
+``server.add_secure_port(address, server_credentials(tls, base))``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+from pydantic import BaseModel, ConfigDict, model_validator
+
+
+class TlsConfig(BaseModel):
+    """The ``tls:`` config section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+    require_client_cert: bool | None = None
+
+    @model_validator(mode="after")
+    def _mtls_needs_a_ca(self) -> TlsConfig:
+        if self.require_client_cert and self.client_ca_file is None:
+            raise ValueError("require_client_cert needs client_ca_file")
+        return self
+
+    @property
+    def mutual(self) -> bool:
+        """Whether clients must present a certificate (default: yes when a client CA is given)."""
+        return self.client_ca_file is not None if self.require_client_cert is None else self.require_client_cert
+
+
+def _read(path: Path, base: Path, what: str) -> bytes:
+    p = path if path.is_absolute() else base / path
+    try:
+        return p.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"tls.{what}: cannot read {p}: {exc.strerror}") from None
+
+
+def server_credentials(tls: TlsConfig, base: Path = Path(".")) -> grpc.ServerCredentials:
+    """Server credentials from the configured files; ``ValueError`` names the unreadable one.
+
+    Parameters
+    ----------
+    tls : TlsConfig
+        The ``tls:`` section.
+    base : Path
+        The folder relative paths resolve against (the config file's).
+    """
+    cert = _read(tls.cert_file, base, "cert_file")
+    key = _read(tls.key_file, base, "key_file")
+    ca = _read(tls.client_ca_file, base, "client_ca_file") if tls.client_ca_file is not None else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=tls.mutual)
+
+
+def channel_credentials(ca_file: Path, cert_file: Path | None = None,
+                        key_file: Path | None = None) -> grpc.ChannelCredentials:
+    """Client credentials: trust ``ca_file``; present ``cert_file``/``key_file`` for mutual TLS."""
+    cert = cert_file.read_bytes() if cert_file is not None else None
+    key = key_file.read_bytes() if key_file is not None else None
+    return grpc.ssl_channel_credentials(root_certificates=ca_file.read_bytes(), private_key=key,
+                                        certificate_chain=cert)
