@@ -160,7 +160,8 @@ class Simulation:
             if self._arrivals_done and self._inflight == 0 and kind != DELIVER:
                 break
         m = self.metrics
-        m.events = events
+        m.events = events + self.tele.samples
+        m.heap_events = events
         m.wall_s = time.perf_counter() - wall0
         m.end_time = min(self.now, end)
         for nd in self.nodes:
@@ -352,7 +353,7 @@ def pick_degradations(world: World, fraction: float, duration: float, seed: int,
     if fraction <= 0:
         return []
     rng = np.random.default_rng(seed + 11)
-    budget = int(round(fraction * world.n))
+    budget = round(fraction * world.n)
     out: list[Degradation] = []
     sites = np.unique(world.node_site)
     site_sizes = {int(s): int((world.node_site == s).sum()) for s in sites}

@@ -39,7 +39,8 @@ class Collector:
     hedges: int = 0
     hedge_wins: int = 0
     cancelled_gpu_s: float = 0.0
-    events: int = 0
+    events: int = 0  # heap events plus per-endpoint telemetry samples (upstream: SignalUpdate(NodeId))
+    heap_events: int = 0
     wall_s: float = 0.0
     end_time: float = 0.0
 
@@ -82,6 +83,7 @@ class Collector:
             "hedges": self.hedges,
             "hedge_wins": self.hedge_wins,
             "events": self.events,
+            "heap_events": self.heap_events,
             "wall_s": round(self.wall_s, 2),
             "events_per_s": round(self.events / max(self.wall_s, 1e-9)),
             "simulated_s": round(t, 3),

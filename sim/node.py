@@ -27,12 +27,33 @@ PREFILL_DECODE_INTERFERENCE = 0.5  # prefill slows by up to 50% when the batch i
 class Node:
     """Mutable state of one endpoint. Times are simulated seconds."""
 
-    __slots__ = ("S", "V", "busy_s", "cache", "cache_blocks", "dec_b", "fin", "kv_used", "last_t",
-                 "p", "prefill_free_at", "prefill_s", "running", "seq", "slow", "version", "waiting",
-                 "warm")
+    __slots__ = (
+        "S",
+        "V",
+        "bh",
+        "busy_s",
+        "cache",
+        "cache_blocks",
+        "d1",
+        "dec_b",
+        "fin",
+        "kv_used",
+        "last_t",
+        "p",
+        "prefill_free_at",
+        "prefill_s",
+        "running",
+        "seq",
+        "slow",
+        "version",
+        "waiting",
+        "warm",
+    )
 
     def __init__(self, p: ServiceParams) -> None:
         self.p = p
+        self.d1 = p.decode_tps1  # r(b) = d1 / (1 + (b - 1) / bh), inlined on the hot path
+        self.bh = p.batch_half
         self.running = 0  # admitted: prefilling or decoding
         self.waiting: deque[Copy] = deque()
         self.kv_used = 0
@@ -56,7 +77,7 @@ class Node:
         dt = now - self.last_t
         if dt > 0.0 and self.dec_b:
             b = self.dec_b
-            self.V += self.p.decode_rate(b) * self.slow * dt
+            self.V += self.d1 / (1.0 + (b - 1) / self.bh) * self.slow * dt
             self.S += dt / b
             self.busy_s += dt
         self.last_t = now
@@ -127,7 +148,7 @@ class Node:
             heapq.heappop(fin)  # cancelled copies leave lazily
         if not fin or not self.dec_b:
             return -1.0
-        rate = self.p.decode_rate(self.dec_b) * self.slow
+        rate = self.d1 / (1.0 + (self.dec_b - 1) / self.bh) * self.slow
         return now + max(0.0, fin[0][0] - self.V) / rate
 
     def pop_finished(self) -> list[Copy]:

@@ -58,13 +58,16 @@ class TelemetryView:
         self.obs_temp = np.full(n, 40.0)
         self.sampled_at = np.full(n, -1.0)
         self.thermal = np.zeros(n, dtype=bool)  # set by the engine when throttling starts
-        self._last_busy = np.zeros(n)
+        self._kv_cap = np.array([p.kv_capacity_tokens for p in world.params], dtype=np.float64)
         self._last_t = 0.0
         self._full = n <= full_scrape_limit
         self._cursor = 0
         self._slice = max(1, n // refresh_periods)
         self.dirty: set[int] = set()
         self.store: TelemetryStore | None = None
+        self._store_full_at = -1e9
+        self.samples = 0  # endpoint samples taken (one per endpoint per scrape)
+        self._sent: dict[int, tuple[float, float, float]] = {}
         self._eids = [e.endpoint_id for e in world.endpoints]
         self._nids = [e.node_id for e in world.endpoints]
         self._watts = np.array([p.watts for p in world.params])
@@ -78,17 +81,18 @@ class TelemetryView:
             rot = set(range(self._cursor, min(end, len(nodes))))
             self._cursor = 0 if end >= len(nodes) else end
             idx = np.array(sorted(self.dirty | rot), dtype=np.int64)
-        self.dirty = set()
-        sel = [nodes[i] for i in idx.tolist()]
-        for nd in sel:
-            nd.advance(now)
+        dirty, self.dirty = self.dirty, set()
+        self.samples += len(idx)
+        sel = [nodes[i] for i in idx.tolist()] if not self._full else nodes
         running = np.array([nd.running for nd in sel], dtype=np.float64)
         waiting = np.array([len(nd.waiting) for nd in sel], dtype=np.float64)
-        kv = np.array([nd.kv_used / nd.p.kv_capacity_tokens for nd in sel], dtype=np.float64)
-        busy = np.array([nd.busy_s + nd.prefill_s for nd in sel], dtype=np.float64)
-        span = np.maximum(1e-9, now - np.where(self.sampled_at[idx] < 0, 0.0, self.sampled_at[idx]))
-        util = np.clip((busy - self._last_busy[idx]) / span, 0.0, 1.0)
-        self._last_busy[idx] = busy
+        kv = np.array([nd.kv_used for nd in sel], dtype=np.float64) / self._kv_cap[idx]
+        # DCGM's GPU_UTIL is the fraction of time a kernel ran: an endpoint that had work during the
+        # period reads busy (1), an untouched idle one reads exactly 0.
+        touched = np.zeros(len(idx), dtype=bool)
+        if self._full and dirty:
+            touched[np.fromiter(dirty, dtype=np.int64)] = True
+        util = np.maximum((running > 0).astype(np.float64), touched)
         self.sampled_at[idx] = now
         temp = 40.0 + 40.0 * util
         temp = np.where(self.thermal[idx], np.maximum(temp, 82.0), temp)
@@ -105,9 +109,19 @@ class TelemetryView:
         store = self.store
         if store is None:
             return
+        # The service ingests what an exporter sends: changed serving metrics every period, every
+        # series at least once a second (so ages stay honest), DCGM GPU metrics once a second.
         eids, nids, ts = self._eids, self._nids, s.taken_at
+        full = ts - self._store_full_at >= 1.0
+        if full:
+            self._store_full_at = ts
+        last = self._sent
         for k, i in enumerate(idx.tolist()):
-            store.update_endpoint(eids[i], {QUEUE_RUNNING: float(s.running[k]), QUEUE_WAITING: float(s.waiting[k]),
-                                            KV_CACHE_USAGE: float(s.kv[k])}, ts)
-            store.update_node(nids[i], {GPU_UTIL: float(s.util[k]), GPU_TEMP_C: float(s.temp[k]),
-                                        POWER_W: float(s.power[k]), XID_ERRORS: 0.0}, ts)
+            vals = (float(s.running[k]), float(s.waiting[k]), float(s.kv[k]))
+            if full or last.get(i) != vals:
+                last[i] = vals
+                store.update_endpoint(eids[i], {QUEUE_RUNNING: vals[0], QUEUE_WAITING: vals[1],
+                                                KV_CACHE_USAGE: vals[2]}, ts)
+            if full:
+                store.update_node(nids[i], {GPU_UTIL: float(s.util[k]), GPU_TEMP_C: float(s.temp[k]),
+                                            POWER_W: float(s.power[k]), XID_ERRORS: 0.0}, ts)

@@ -117,24 +117,35 @@ class InferMesh(Strategy):
         self.index = {e.endpoint_id: i for i, e in enumerate(w.endpoints)}
         self.rng = np.random.default_rng(self.seed + 101)
         self._eps = w.endpoints
+        self._local_cache: dict[tuple[int, int, int], list[int]] = {}
 
     def _shortlist(self, req: Request, cands: I64) -> list[Endpoint]:
         n = len(cands)
+        eps = self._eps
         if n <= self.k:
-            return [self._eps[i] for i in cands.tolist()]
-        w = self.view.world
-        local = cands[w.node_region[cands] == req.region]
+            return [eps[i] for i in cands.tolist()]
+        local = self._local(req.region, cands)
+        rnd = self.rng.random
+        picks: dict[int, None] = {}
         half = min(len(local), self.k // 2)
-        picks: list[int] = []
-        if half:
-            picks = local[self.rng.choice(len(local), size=half, replace=False)].tolist()
-        taken = set(picks)
+        nl = len(local)
+        while len(picks) < half:
+            picks[local[int(rnd() * nl)]] = None
         while len(picks) < self.k:
-            i = int(cands[int(self.rng.integers(n))])
-            if i not in taken:
-                taken.add(i)
-                picks.append(i)
-        return [self._eps[i] for i in picks]
+            picks[int(cands[int(rnd() * n)])] = None
+        return [eps[i] for i in picks]
+
+    def _local(self, region: int, cands: I64) -> list[int]:
+        """The client region's endpoints among ``cands`` (cached: candidate sets repeat)."""
+        key = (region, id(cands), len(cands))
+        hit = self._local_cache.get(key)
+        if hit is None:
+            w = self.view.world
+            hit = cands[w.node_region[cands] == region].tolist()
+            if len(self._local_cache) > 4096:
+                self._local_cache.clear()
+            self._local_cache[key] = hit
+        return hit
 
     def _context(self, req: Request) -> RequestContext:
         w = self.view.world

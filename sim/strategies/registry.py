@@ -36,8 +36,9 @@ STRATEGIES: dict[str, Factory] = {
 
 def _vw_available() -> bool:
     try:
-        import bench.vw_peer  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
         import vowpalwabbit  # noqa: F401
+
+        import bench.vw_peer  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
     except ImportError:
         return False
     return True
@@ -66,7 +67,6 @@ def make(name: str, seed: int) -> Strategy:
 def _vw_strategy(seed: int) -> Strategy:
     """The pipeline with the Vowpal Wabbit learner (bench/vw_peer.py) instead of ours."""
     import bench.vw_peer as vw  # type: ignore[import-not-found,unused-ignore]
-
     from learners.features import default_feature_builder
     from learners.reward import ObjectiveReward
 
