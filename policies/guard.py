@@ -1,0 +1,256 @@
+"""``PolicyGuard``: a compiled bundle behind the pipeline's :class:`~decision.contracts.Guard` contract.
+
+Rules run in three ways:
+
+* request-scope rules (quota) once per request; a denial removes every candidate;
+* candidate rules that read no state are memoised. Each rule sees only what it declares
+  (request fields, endpoint fields, telemetry values, ages in whole seconds), so its verdict is
+  a function of those values: the rule's memo is keyed by them, and endpoints that agree on
+  them share one evaluation. A per-candidate memo over all these rules (keyed by endpoint id
+  and every declared value) makes a warm decision one lookup per candidate;
+* candidate rules that read state are evaluated every time.
+
+The memos live in the guard, and a guard has one bundle revision, so the policy revision is
+part of every key by construction; the inventory revision selects the memo. Rego rules are
+evaluated once per request over the distinct inputs that missed the memo.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from decision.domain import Candidate, Decision, GuardResult, RequestContext, Severity, Verdict
+from policies.bundle import CompiledBundle, CompiledRule
+from policies.cel_engine import CelProgram
+from policies.inputs import ages_view, compile_telemetry_key, endpoint_view, freeze, request_view, telemetry_view
+from policies.quota import InMemoryQuotaCounters, QuotaCounters
+
+log = logging.getLogger("infermesh.policies")
+_Judged = tuple[bool, tuple[Verdict, ...]]
+_NOT_STATE = ("inventory_revision", "now")
+
+
+@dataclass
+class _InventoryMemo:
+    views: dict[str, dict[str, Any]] = field(default_factory=dict)  # endpoint id -> full view
+    rules: dict[str, dict[tuple[Any, ...], tuple[bool, str]]] = field(default_factory=dict)
+    candidates: dict[tuple[Any, ...], _Judged] = field(default_factory=dict)
+
+
+def _union(rules: Sequence[CompiledRule], attr: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(x for r in rules for x in getattr(r.spec, attr)))
+
+
+class PolicyGuard:
+    """The guard stage for one compiled bundle revision.
+
+    Parameters
+    ----------
+    bundle
+        A :class:`~policies.bundle.CompiledBundle` (see :func:`~policies.bundle.compile_bundle`).
+    counters
+        Quota counters read in :meth:`prefetch` and added to in :meth:`commit`; in-process
+        ones by default. Share one counters object across reloads so usage carries over.
+    clock
+        Time source for the quota windows.
+    memo_limit
+        Entries a memo table holds before it starts over.
+
+    Examples
+    --------
+    >>> from decision.domain import Candidate, RequestContext, TelemetryReading
+    >>> from learners.testing import toy_endpoint
+    >>> from policies.bundle import compile_bundle, DEFAULT_BUNDLE
+    >>> guard = PolicyGuard(compile_bundle(DEFAULT_BUNDLE))
+    >>> hot = TelemetryReading("ep1", {"gpu_temp_c": 91.0}, {"gpu_temp_c": 1.0})
+    >>> cands = [Candidate(toy_endpoint(0), TelemetryReading("ep0", {}, {}), 5.0),
+    ...          Candidate(toy_endpoint(1), hot, 5.0)]
+    >>> ctx = RequestContext("r1", "acme", estimated_input_tokens=10)
+    >>> result = guard.evaluate(ctx, cands, guard.prefetch(ctx))
+    >>> [c.endpoint.endpoint_id for c in result.allowed], result.removing_rules()
+    (['ep0'], ('safety.gpu_temperature',))
+    """
+
+    def __init__(self, bundle: CompiledBundle, *, counters: QuotaCounters | None = None,
+                 clock: Callable[[], float] = time.time, memo_limit: int = 200_000) -> None:
+        self.bundle = bundle
+        self.counters: QuotaCounters = counters if counters is not None else InMemoryQuotaCounters()
+        self.clock = clock
+        self.memo_limit = memo_limit
+        self._revision = bundle.revision
+        self._params = bundle.params
+        rules = bundle.rules
+        self._request_rules = tuple(r for r in rules if r.spec.scope == "request")
+        self._memo_rules = tuple(r for r in rules if r.spec.scope == "candidate" and not r.spec.state)
+        self._live = tuple(r for r in rules if r.spec.scope == "candidate" and r.spec.state)
+        self._fields = _union(self._memo_rules, "request_fields")
+        self._metrics = _union(self._memo_rules, "telemetry")
+        self._age_metrics = _union(self._memo_rules, "ages")
+        self._telemetry_key = compile_telemetry_key(self._metrics, self._age_metrics)
+        self._needs_state = any(r.spec.state for r in rules)
+        self._memos: dict[str, _InventoryMemo] = {}
+        self.commit_errors = 0
+        self.prefetch_errors = 0
+
+    @property
+    def revision(self) -> str:
+        return self._revision
+
+    # -- I/O happens here and in commit, never in evaluate --
+    def prefetch(self, ctx: RequestContext) -> Mapping[str, Any]:
+        if not self._needs_state:
+            return {}
+        try:
+            return {"quota": self.counters.read(ctx.tenant, self.clock()).as_state()}
+        except Exception as exc:  # rules then see no quota state and fail closed
+            self.prefetch_errors += 1
+            log.warning("quota counters unavailable: %s", exc)
+            return {"quota_error": str(exc)}
+
+    def commit(self, ctx: RequestContext, decision: Decision) -> None:
+        if not self._needs_state:
+            return
+        tokens = max(0, ctx.estimated_input_tokens) + max(0, ctx.expected_output_tokens)
+        try:
+            self.counters.add(ctx.tenant, self.clock(), 1, tokens)
+        except Exception as exc:  # the decision stands; the usage is lost, and counted
+            self.commit_errors += 1
+            log.warning("could not record quota usage of %s: %s", ctx.tenant, exc)
+
+    # -- the pure stage --
+    def evaluate(self, ctx: RequestContext, candidates: Sequence[Candidate],
+                 state: Mapping[str, Any]) -> GuardResult:
+        req = ctx.as_dict()
+        verdicts: list[Verdict] = []
+        quota_denied = denied = False
+        for rule in self._request_rules:
+            ok, reason = self._judge_request(rule, req, state)
+            verdicts.append(self._verdict(rule, ok, reason, ""))
+            if not ok and rule.spec.severity == "deny":
+                denied = True
+                quota_denied = quota_denied or rule.spec.kind == "quota"
+        if denied:
+            return GuardResult((), tuple(verdicts), self._revision, quota_denied)
+        memo = self._memo(str(state.get("inventory_revision", "")))
+        judged = self._memoised(memo, req, candidates)
+        live = self._judge_live(memo, req, candidates, state) if self._live else None
+        allowed: list[Candidate] = []
+        for i, c in enumerate(candidates):
+            ok, vs = judged[i]
+            verdicts.extend(vs)
+            if live is not None:
+                ok = ok and live[i][0]
+                verdicts.extend(live[i][1])
+            if ok:
+                allowed.append(c)
+        return GuardResult(tuple(allowed), tuple(verdicts), self._revision, quota_denied)
+
+    def _memo(self, inventory_revision: str) -> _InventoryMemo:
+        memo = self._memos.get(inventory_revision)
+        if memo is None:
+            if len(self._memos) >= 2:  # after an inventory reload the oldest revision is gone for good
+                self._memos.pop(next(iter(self._memos)))
+            memo = self._memos[inventory_revision] = _InventoryMemo()
+        return memo
+
+    def _memoised(self, memo: _InventoryMemo, req: Mapping[str, Any],
+                  candidates: Sequence[Candidate]) -> list[_Judged]:
+        """Candidate rules without state: one lookup per candidate once warm."""
+        rk = tuple([freeze(req.get(f)) for f in self._fields])
+        if self._metrics or self._age_metrics:
+            tkey = self._telemetry_key
+            keys: list[tuple[Any, ...]] = [(c.endpoint.endpoint_id, rk, tkey(c.telemetry)) for c in candidates]
+        else:
+            keys = [(c.endpoint.endpoint_id, rk) for c in candidates]
+        table = memo.candidates
+        out: list[_Judged | None] = [table.get(k) for k in keys]
+        missed = [i for i, j in enumerate(out) if j is None]
+        if missed:
+            fresh = self._judge(self._memo_rules, memo, req, [candidates[i] for i in missed], None)
+            if len(table) > self.memo_limit:
+                table.clear()
+            for i, j in zip(missed, fresh, strict=True):
+                table[keys[i]] = out[i] = j
+        return out  # type: ignore[return-value]
+
+    def _judge_live(self, memo: _InventoryMemo, req: Mapping[str, Any], candidates: Sequence[Candidate],
+                    state: Mapping[str, Any]) -> list[_Judged]:
+        return self._judge(self._live, memo, req, candidates, state)
+
+    # -- evaluation proper --
+    def _verdict(self, rule: CompiledRule, ok: bool, reason: str, endpoint_id: str) -> Verdict:
+        s = rule.spec
+        return Verdict(s.id, s.engine, s.kind, ok, reason, self._revision, endpoint_id, Severity(s.severity))
+
+    def _judge_request(self, rule: CompiledRule, req: Mapping[str, Any],
+                       state: Mapping[str, Any]) -> tuple[bool, str]:
+        s = rule.spec
+        rview = request_view(req, s.request_fields)
+        sview = {k: v for k, v in state.items() if k not in _NOT_STATE} if s.state else {}
+        if isinstance(rule.program, CelProgram):
+            act: dict[str, Any] = {"request": rview, "params": self._params}
+            if s.state:
+                act["state"] = sview
+            return rule.program.evaluate(act)
+        return rule.program.evaluate_request(rview, sview)
+
+    def _item(self, memo: _InventoryMemo, rule: CompiledRule, c: Candidate) -> dict[str, Any]:
+        """What one candidate shows one rule: declared endpoint facts, telemetry and ages."""
+        s = rule.spec
+        full = memo.views.get(c.endpoint.endpoint_id)
+        if full is None:
+            full = memo.views[c.endpoint.endpoint_id] = endpoint_view(c.endpoint)
+        ep = full if s.endpoint_fields is None else {f: full[f] for f in s.endpoint_fields}
+        item: dict[str, Any] = {"endpoint": ep}
+        if s.telemetry:
+            item["telemetry"] = telemetry_view(c.telemetry, s.telemetry)
+        if s.ages:
+            item["age_s"] = ages_view(c.telemetry, s.ages)
+        return item
+
+    def _judge(self, rules: Sequence[CompiledRule], memo: _InventoryMemo, req: Mapping[str, Any],
+               candidates: Sequence[Candidate], state: Mapping[str, Any] | None) -> list[_Judged]:
+        """Verdicts of ``rules`` on ``candidates``; with ``state`` None, through the rule memos."""
+        if not rules:
+            return [(True, ())] * len(candidates)
+        per_rule: list[list[tuple[bool, str]]] = []
+        for rule in rules:
+            s = rule.spec
+            rview = request_view(req, s.request_fields)
+            items = [self._item(memo, rule, c) for c in candidates]
+            if state is None:
+                table = memo.rules.setdefault(s.id, {})
+                if len(table) > self.memo_limit:
+                    table.clear()
+                rk = freeze(rview)
+                keys = [(rk, freeze(item)) for item in items]
+                todo = {k: item for k, item in zip(keys, items, strict=True) if k not in table}
+                if todo:
+                    results = self._run(rule, rview, list(todo.values()), {})
+                    table.update(zip(todo, results, strict=True))
+                per_rule.append([table[k] for k in keys])
+            else:
+                sview = {k: v for k, v in state.items() if k not in _NOT_STATE}
+                per_rule.append(self._run(rule, rview, items, sview))
+        out: list[_Judged] = []
+        for i, c in enumerate(candidates):
+            eid = c.endpoint.endpoint_id
+            vs = tuple(self._verdict(rule, *per_rule[k][i], eid) for k, rule in enumerate(rules))
+            out.append((all(v.allow for v in vs if v.severity is Severity.DENY), vs))
+        return out
+
+    def _run(self, rule: CompiledRule, rview: Mapping[str, Any], items: Sequence[Mapping[str, Any]],
+             sview: Mapping[str, Any]) -> list[tuple[bool, str]]:
+        """Evaluate one rule on distinct inputs: CEL one by one, Rego in one query."""
+        if isinstance(rule.program, CelProgram):
+            base: dict[str, Any] = {"request": rview, "params": self._params}
+            if rule.spec.state:
+                base["state"] = sview
+            return [rule.program.evaluate({**base, **item}) for item in items]
+        # Candidate ids in Rego input are opaque keys: the endpoint's id is endpoint.id, if declared.
+        docs = [{"id": f"c{n}", **item} for n, item in enumerate(items)]
+        return rule.program.evaluate_candidates(rview, docs, sview)

@@ -1,0 +1,119 @@
+"""What a rule sees: plain JSON-like views of the request, an endpoint and its telemetry.
+
+Each rule receives only what its manifest entry declares. That is what makes memoising sound:
+a rule cannot read an undeclared request field or metric (it gets an error, hence a deny), so
+its verdict is a function of the declared values, which form the memo key.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from decision.domain import Endpoint, TelemetryReading
+
+METRIC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def endpoint_view(ep: Endpoint) -> dict[str, Any]:
+    """The static inventory facts of an endpoint a rule may read (``owner_tenant`` '' if none).
+
+    >>> from learners.testing import toy_endpoint
+    >>> endpoint_view(toy_endpoint(0))["jurisdiction"]
+    'EU'
+    """
+    return {
+        "id": ep.endpoint_id, "model": ep.model, "family": ep.family, "modality": ep.modality,
+        "safety_tier": ep.safety_tier, "runtime": ep.runtime, "node_id": ep.node_id,
+        "gpu_type": ep.gpu_type, "site_id": ep.site_id, "region": ep.region,
+        "jurisdiction": ep.jurisdiction, "tier": ep.tier, "certifications": sorted(ep.certifications),
+        "owner_tenant": ep.owner_tenant or "", "warm": ep.warm,
+    }
+
+
+def request_view(request: Mapping[str, Any], fields: Sequence[str]) -> dict[str, Any]:
+    """Only the declared request fields (as in ``RequestContext.as_dict``)."""
+    return {f: request[f] for f in fields if f in request}
+
+
+def freeze(value: Any) -> Any:
+    """A hashable stand-in for a JSON-like value, for memo keys."""
+    if isinstance(value, list | tuple):
+        return tuple(freeze(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, freeze(v)) for k, v in value.items()))
+    return value
+
+
+def ceil_age(age: float | None) -> int | None:
+    """Ages reach rules in whole seconds, rounded up: never fresher than they are.
+
+    Whole seconds keep memo keys stable between telemetry updates; rounding up means a rule
+    ``age_s <= limit`` with a whole-second limit decides exactly as on the true age.
+
+    >>> ceil_age(3.2), ceil_age(3.0), ceil_age(None)
+    (4, 3, None)
+    """
+    if age is None:
+        return None
+    if math.isinf(age) or math.isnan(age):
+        return 2**62
+    return math.ceil(age)
+
+
+def telemetry_view(reading: TelemetryReading, metrics: Sequence[str]) -> dict[str, float]:
+    """Known values of the declared metrics (stale or never-reported ones are absent)."""
+    vals = reading.values
+    return {m: float(vals[m]) for m in metrics if m in vals}
+
+
+def ages_view(reading: TelemetryReading, metrics: Sequence[str]) -> dict[str, int]:
+    """Ages, in whole seconds rounded up, of the declared metrics ever reported."""
+    ages = reading.ages_s
+    out: dict[str, int] = {}
+    for m in metrics:
+        a = ceil_age(ages.get(m))
+        if a is not None:
+            out[m] = a
+    return out
+
+
+def telemetry_key(reading: TelemetryReading, metrics: Sequence[str], age_metrics: Sequence[str]) -> tuple[Any, ...]:
+    """Everything a telemetry-reading rule may see of one reading, as a memo key part.
+
+    >>> r = TelemetryReading("ep0", {"gpu_temp_c": 70.0}, {"gpu_temp_c": 2.5})
+    >>> telemetry_key(r, ("gpu_temp_c", "xid_errors"), ("gpu_temp_c", "xid_errors"))
+    (70.0, None, 3, None)
+    """
+    vals, ages = reading.values, reading.ages_s
+    return (*[vals.get(m) for m in metrics], *[ceil_age(ages.get(m)) for m in age_metrics])
+
+
+def compile_telemetry_key(metrics: Sequence[str],
+                          age_metrics: Sequence[str]) -> Callable[[TelemetryReading], tuple[Any, ...]]:
+    """A fast equivalent of :func:`telemetry_key` for fixed metric lists.
+
+    It runs once per candidate per decision, so the lookups are unrolled into straight-line
+    code (names are validated identifiers, inserted as string literals); a missing age or an
+    infinite one falls back to :func:`telemetry_key`.
+
+    >>> key = compile_telemetry_key(("gpu_temp_c",), ("gpu_temp_c", "queue_waiting"))
+    >>> r = TelemetryReading("ep0", {"gpu_temp_c": 70.0}, {"gpu_temp_c": 2.5})
+    >>> key(r) == telemetry_key(r, ("gpu_temp_c",), ("gpu_temp_c", "queue_waiting")) == (70.0, 3, None)
+    True
+    """
+    for m in (*metrics, *age_metrics):
+        if not METRIC_NAME.fullmatch(m):
+            raise ValueError(f"bad metric name {m!r}")
+    parts = [f"v({m!r})" for m in metrics] + [f"ceil(a[{m!r}])" for m in age_metrics]
+    src = ("def key(reading):\n    v = reading.values.get\n    a = reading.ages_s\n    try:\n"
+           f"        return ({', '.join(parts)}{',' if parts else ''})\n"
+           "    except (KeyError, OverflowError, ValueError):\n"
+           "        return slow(reading, metrics, age_metrics)\n")
+    scope: dict[str, Any] = {"ceil": math.ceil, "slow": telemetry_key, "metrics": tuple(metrics),
+                             "age_metrics": tuple(age_metrics)}
+    exec(src, scope)
+    fn: Callable[[TelemetryReading], tuple[Any, ...]] = scope["key"]
+    return fn

@@ -1,0 +1,181 @@
+"""The bundle manifest: which rules a bundle holds, and how each one is evaluated.
+
+A bundle is a folder with a ``manifest.yaml``, the rule files it names (``.cel`` expressions,
+``.rego`` modules) and their tests (``*_test.rego``, CEL case tables in YAML). Every rule
+declares what it reads, so the guard can give it exactly that and memoise what is static.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from decision.yaml_lines import LocatedYaml, YamlSyntaxError, load_located_file
+from policies.errors import BundleError, PolicyIssue
+
+MANIFEST = "manifest.yaml"
+
+# Request fields a rule may declare (RequestContext.as_dict keys).
+REQUEST_FIELDS: frozenset[str] = frozenset({
+    "request_id", "tenant", "user_tier", "model", "model_family", "modality", "prompt_class",
+    "estimated_input_tokens", "expected_output_tokens", "allowed_jurisdictions", "data_class",
+    "client_region", "session_id", "ttft_target_ms", "max_cost_per_1k_tokens", "labels",
+})
+
+# Endpoint facts a rule may declare (policies.inputs.endpoint_view keys).
+ENDPOINT_FIELDS: frozenset[str] = frozenset({
+    "id", "model", "family", "modality", "safety_tier", "runtime", "node_id", "gpu_type", "site_id",
+    "region", "jurisdiction", "tier", "certifications", "owner_tenant", "warm",
+})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RuleSpec(_Strict):
+    """One rule of the manifest.
+
+    ``scope: candidate`` rules give one verdict per candidate; ``scope: request`` rules one per
+    request (quota). A candidate rule that reads neither telemetry nor state depends only on
+    the static inventory and its ``request_fields``, so its verdicts are memoised.
+    """
+
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    kind: Literal["residency", "quota", "safety", "other"]
+    engine: Literal["cel", "rego"]
+    file: str = Field(min_length=1)
+    severity: Literal["deny", "warn"] = "deny"
+    scope: Literal["candidate", "request"] = "candidate"
+    description: str = ""
+    request_fields: list[str] = []
+    endpoint_fields: list[str] | None = Field(
+        default=None, description="endpoint facts the rule reads (default: all); verdicts are shared "
+                                  "by endpoints that agree on them")
+    telemetry: list[str] = Field(default=[], description="metrics whose values the rule reads")
+    ages: list[str] = Field(default=[], description="metrics whose ages (whole seconds, rounded up) it reads")
+    state: bool = Field(default=False, description="reads pre-fetched state (quota counters)")
+    message: str = Field(default="", description="CEL only: a string expression giving the denial reason")
+    tests: list[str] = Field(default=[], description="test files: *_test.rego or CEL case tables")
+
+    @field_validator("request_fields")
+    @classmethod
+    def _known_fields(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - REQUEST_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown request fields {unknown}; known: {', '.join(sorted(REQUEST_FIELDS))}")
+        return v
+
+    @field_validator("telemetry", "ages")
+    @classmethod
+    def _metric_names(cls, v: list[str]) -> list[str]:
+        bad = [m for m in v if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", m)]
+        if bad:
+            raise ValueError(f"metric names are identifiers (see decision.telemetry), not {bad}")
+        return v
+
+    @field_validator("endpoint_fields")
+    @classmethod
+    def _known_endpoint_fields(cls, v: list[str] | None) -> list[str] | None:
+        unknown = sorted(set(v or ()) - ENDPOINT_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown endpoint fields {unknown}; known: {', '.join(sorted(ENDPOINT_FIELDS))}")
+        return v
+
+    @property
+    def memoisable(self) -> bool:
+        """Static: depends only on inventory and declared request fields."""
+        return self.scope == "candidate" and not self.state and not self.telemetry and not self.ages
+
+
+class ManifestSpec(_Strict):
+    version: Literal[1] = 1
+    name: str = "policies"
+    params: dict[str, Any] = {}
+    rules: list[RuleSpec] = Field(min_length=1)
+
+
+def bundle_files(directory: Path) -> list[Path]:
+    """Every file that makes up a bundle (what its revision hashes), in a stable order."""
+    return sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")
+                  and "__pycache__" not in p.parts)
+
+
+def bundle_revision(directory: str | Path) -> str:
+    """Content hash of every file in the bundle: the same bytes give the same revision.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (d / "manifest.yaml").write_text("rules: []")
+    >>> bundle_revision(d) == bundle_revision(d), bundle_revision(d).startswith("pol-")
+    (True, True)
+    """
+    root = Path(directory)
+    h = hashlib.sha256()
+    for p in bundle_files(root):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0")
+        h.update(p.read_bytes() + b"\0")
+    return "pol-" + h.hexdigest()[:12]
+
+
+def _field(loc: tuple[str | int, ...], data: Any) -> str:
+    out = ""
+    node = data
+    for part in loc:
+        if isinstance(part, int):
+            ident = node[part].get("id") if isinstance(node, list) and part < len(node) and \
+                isinstance(node[part], dict) else None
+            out += f"[{part}]" + (f"(id={ident})" if ident else "")
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+        else:
+            out += ("." if out else "") + part
+            node = node.get(part) if isinstance(node, dict) else None
+    return out or "(document)"
+
+
+def load_manifest(directory: str | Path) -> tuple[ManifestSpec, LocatedYaml]:
+    """Parse and validate ``manifest.yaml``; raises :class:`BundleError` naming file:line:col."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise BundleError([PolicyIssue(str(path), 1, 1, "no manifest.yaml in the bundle")])
+    try:
+        doc = load_located_file(path)
+    except YamlSyntaxError as exc:
+        raise BundleError([PolicyIssue(exc.path, exc.line, exc.column, str(exc).split(": ", 1)[1])]) from None
+    if not isinstance(doc.data, dict):
+        raise BundleError([PolicyIssue(str(path), 1, 1, "expected a mapping at the top level")])
+    try:
+        spec = ManifestSpec.model_validate(doc.data)
+    except ValidationError as exc:
+        raise BundleError([PolicyIssue(str(path), doc.line_of(e["loc"]), 1,
+                                       f"{_field(tuple(e['loc']), doc.data)}: {e['msg']}")
+                           for e in exc.errors()]) from None
+    issues: list[PolicyIssue] = []
+    seen: set[str] = set()
+    for i, rule in enumerate(spec.rules):
+        def issue(field: str, msg: str, i: int = i) -> None:
+            issues.append(PolicyIssue(str(path), doc.line_of(("rules", i, field)), 1,
+                                      f"rules[{i}](id={spec.rules[i].id}).{field}: {msg}"))
+        if rule.id in seen:
+            issue("id", f"duplicate rule id {rule.id!r}")
+        seen.add(rule.id)
+        if not (Path(directory) / rule.file).is_file():
+            issue("file", f"no such file {rule.file!r}")
+        for t in rule.tests:
+            if not (Path(directory) / t).is_file():
+                issue("tests", f"no such file {t!r}")
+        if not rule.tests:
+            issue("tests", "every rule needs tests (a *_test.rego module or a CEL case table)")
+        if rule.message and rule.engine != "cel":
+            issue("message", "only CEL rules take a message expression")
+        if rule.scope == "request" and (rule.telemetry or rule.ages):
+            issue("telemetry", "a request-scope rule sees no candidate, hence no telemetry")
+        if rule.kind == "quota" and rule.scope != "request":
+            issue("scope", "quota rules are request-scope")
+    if issues:
+        raise BundleError(issues)
+    return spec, doc
