@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def test_mooncake_bad_line_names_file_and_line(tmp_path: Path) -> None:
 def test_real_mooncake_trace_matches_its_readme() -> None:
     rows = read_trace(MOONCAKE)
     assert len(rows) == 12031
-    assert all(a.t <= b.t for a, b in zip(rows, rows[1:], strict=False))
+    assert all(a.t <= b.t for a, b in itertools.pairwise(rows))
     assert rows[-1].t == pytest.approx(3537, rel=0.01)
     assert all(r.hashes and r.hashes[0] == 0 for r in rows[:50])  # every request starts with block 0
 
