@@ -49,7 +49,7 @@ class _Scored(Strategy):
         return t.obs_running[cands] + t.obs_waiting[cands], t.obs_kv[cands], t.obs_util[cands]
 
     def _remote(self, req: Request, cands: I64) -> np.ndarray:
-        return (self.view.world.node_region[cands] != req.region).astype(np.float64)
+        return np.asarray(self.view.world.node_region[cands] != req.region, dtype=np.float64)
 
 
 class Heuristic(_Scored):

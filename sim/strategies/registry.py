@@ -65,13 +65,7 @@ def make(name: str, seed: int) -> Strategy:
 
 
 def _vw_strategy(seed: int) -> Strategy:
-    """The pipeline with the Vowpal Wabbit learner (bench/vw_peer.py) instead of ours."""
-    import bench.vw_peer as vw  # type: ignore[import-not-found,unused-ignore]
-    from learners.features import default_feature_builder
-    from learners.reward import ObjectiveReward
+    """The pipeline with the Vowpal Wabbit learner (bench/vw_peer.py registers it) instead of ours."""
+    import bench.vw_peer  # noqa: F401  # type: ignore[import-not-found,unused-ignore]
 
-    def make_parts(s: int):  # type: ignore[no-untyped-def]
-        fb = default_feature_builder()
-        return vw.make_vw_learner(len(fb.names), seed=s), fb, ObjectiveReward()
-
-    return InferMesh("vw", seed=seed, label="vw_peer", make=make_parts)
+    return InferMesh("vw-cb-explore-adf", seed=seed, label="vw_peer")
