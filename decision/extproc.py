@@ -348,16 +348,21 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 
     # -- response phase --
     def _observe(self, st: _Stream, req: pb.ProcessingRequest, which: str | None) -> None:
-        """A message from the observer filter: claim the exchange, then watch the response."""
-        if which == "request_headers":
-            did = _headers(req.request_headers.headers).get(self.config.decision_id_header, "")
+        """A message from the observer filter: claim the exchange, then watch the response.
+
+        The decision id comes in the request headers, or, when the observer skips them (the
+        shipped config), in the response headers, where the route copies it from the request.
+        """
+        if not st.owner and which in ("request_headers", "response_headers"):
+            hm = req.request_headers.headers if which == "request_headers" else req.response_headers.headers
+            did = _headers(hm).get(self.config.decision_id_header, "")
             with self._lock:
                 ex = self._unobserved.pop(did, None)
-            if ex is not None:
-                st.ex, st.owner = ex, True
-                self.stats["observed"] += 1
-            return
-        if st.owner:
+            if ex is None:
+                return
+            st.ex, st.owner = ex, True
+            self.stats["observed"] += 1
+        if st.owner and which != "request_headers":
             self._response_message(st, req, which)
 
     def _response_message(self, st: _Stream, req: pb.ProcessingRequest, which: str | None) -> None:

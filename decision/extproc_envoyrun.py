@@ -93,6 +93,24 @@ def add_direct_listener(cfg: dict[str, Any], *, port: int, backend_port: int) ->
     return out
 
 
+def add_pick_only_listener(cfg: dict[str, Any], *, port: int) -> dict[str, Any]:
+    """A copy of ``cfg`` with one more listener like ``inference`` minus the observer filter.
+
+    For measuring what the request phase alone costs (the observer never delays a request, but
+    it does use CPU on the processor's machine).
+    """
+    out = copy.deepcopy(cfg)
+    lst = copy.deepcopy(_listener(out, "inference"))
+    lst["name"] = "pick_only"
+    lst["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": port}
+    hcm = lst["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["stat_prefix"] = "pick_only"
+    hcm["http_filters"] = [f for f in hcm["http_filters"]
+                           if not f.get("typed_config", {}).get("observability_mode")]
+    out["static_resources"]["listeners"].append(lst)
+    return out
+
+
 class EnvoyProcess:
     """A running Envoy with a given config; a context manager that stops it on exit.
 

@@ -176,6 +176,24 @@ def test_observer_stream_records_the_outcome(servicer: ExtProcServicer) -> None:
     assert (o.input_tokens, o.output_tokens) == (99, 7)
 
 
+def test_observer_claims_by_response_header_when_request_headers_are_skipped(servicer: ExtProcServicer) -> None:
+    pick = _Stream(_Exchange())
+    servicer.handle(pick, headers_msg({"x-infermesh-tenant": "acme"}))
+    last = servicer.handle(pick, body_msg(CHAT))
+    assert servicer._finished(pick, body_msg(CHAT), last)  # the pick stream may close now
+    d = pick.ex.decision
+    assert d is not None
+    obs = _Stream(_Exchange())
+    hm = base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in
+                                     ((":status", "200"), ("x-infermesh-decision-id", d.decision_id))])
+    servicer.handle(obs, pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=hm), observability_mode=True))
+    assert obs.owner and obs.ex.http_status == 200 and obs.ex.t_headers > 0
+    # A second observer cannot claim the same decision.
+    other = _Stream(_Exchange())
+    servicer.handle(other, pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=hm), observability_mode=True))
+    assert not other.owner
+
+
 def test_observer_ignores_unknown_decisions(servicer: ExtProcServicer) -> None:
     obs = _Stream(_Exchange())
     servicer.handle(obs, headers_msg({"x-infermesh-decision-id": "forged"}, observe=True))
