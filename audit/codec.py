@@ -73,6 +73,13 @@ def decompress_trace(trace_z: bytes) -> bytes:
     return zlib.decompress(trace_z)
 
 
+def load_trace(trace_z: bytes) -> dict[str, Any]:
+    """A stored trace in its readable shape (``decision.trace_format.expand_trace``)."""
+    from decision.trace_format import expand_trace
+
+    return expand_trace(decode_json(decompress_trace(trace_z)))
+
+
 def genesis(day: dt.date, chain_id: str) -> str:
     """The ``prev_hash`` of a chain's first link."""
     return hashlib.sha256(f"infermesh-audit-genesis|{day.isoformat()}|{chain_id}".encode()).hexdigest()

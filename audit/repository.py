@@ -17,7 +17,7 @@ import psycopg
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool
 
-from audit.codec import decode_json, decompress_trace
+from audit.codec import load_trace
 from audit.events import from_us, to_us
 
 SUMMARY_COLUMNS = (
@@ -141,7 +141,7 @@ class AuditRepository:
         if row is None:
             return None
         out = _row_out(row)
-        out["trace"] = decode_json(decompress_trace(bytes(out.pop("trace_z"))))
+        out["trace"] = load_trace(bytes(out.pop("trace_z")))
         out["decided_at_us"] = to_us(row["decided_at"])
         return out
 
@@ -177,7 +177,7 @@ class AuditRepository:
             for row in cur:
                 out = _row_out(row)
                 if with_trace:
-                    out["trace"] = decode_json(decompress_trace(bytes(out.pop("trace_z"))))
+                    out["trace"] = load_trace(bytes(out.pop("trace_z")))
                 yield out
 
     def stats(self, *, filters: DecisionFilter) -> dict[str, Any]:

@@ -246,6 +246,8 @@ class Decision:
     trace: Mapping[str, Any]
     decided_at: float
     decision_us: float
+    # The compact form the audit log stores (decision.trace_format); ``trace`` is its readable view.
+    stored_trace: Mapping[str, Any] = field(default_factory=dict)
 
 
 class OutcomeStatus(enum.StrEnum):

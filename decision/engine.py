@@ -27,12 +27,12 @@ from decision.domain import (
     RequestContext,
     Route,
     ScoredCandidate,
-    TelemetryReading,
 )
 from decision.errors import InvalidArgument, NoCandidate, NotFound, QuotaExceeded
 from decision.fleet import Fleet, endpoints_serving
 from decision.scoring import BasicFeatures, score_candidates
 from decision.telemetry import TelemetryStore
+from decision.trace_format import compact_trace, expand_trace
 from decision.validation import validate_request
 
 
@@ -136,6 +136,7 @@ class DecisionEngine:
         self.max_pending = max_pending
         self.clock = clock
         self._placement: dict[tuple[str, str, str, str], tuple[tuple[Endpoint, float], ...]] = {}
+        self._endpoint_rows: dict[tuple[str, str, str, str], list[list[Any]]] = {}
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
         self._reported: OrderedDict[str, float | None] = OrderedDict()
         self._lock = threading.Lock()
@@ -179,7 +180,10 @@ class DecisionEngine:
                         for e in endpoints_serving(fleet, model, family))
             if len(self._placement) > 65536:
                 self._placement.clear()
+                self._endpoint_rows.clear()
             self._placement[key] = hit
+            self._endpoint_rows[key] = [[e.site_id, e.region, e.tier, e.gpu_type, e.jurisdiction, rtt]
+                                        for e, rtt in hit]
         return hit
 
     def decide(self, ctx: RequestContext) -> Decision:
@@ -213,8 +217,8 @@ class DecisionEngine:
         fallbacks = tuple(Route.of(scored[i].candidate.endpoint) for i in order[: self.max_fallbacks])
         timings = {"locate": (t1 - t0) * 1e6, "prefetch": (t2 - t1) * 1e6, "guard": (t3 - t2) * 1e6,
                    "score": (t4 - t3) * 1e6, "choose": (t5 - t4) * 1e6}
-        trace = LazyTrace(lambda: self._trace(ctx, fleet, candidates, result, scored, choice, fallbacks,
-                                              learner, shadows, timings))
+        stored, trace = self._trace(ctx, fleet, candidates, result, scored, choice, fallbacks, learner, shadows,
+                                    timings, now)
         ep = chosen.candidate.endpoint
         decision_us = (time.perf_counter() - t0) * 1e6
         decision = Decision(
@@ -223,7 +227,7 @@ class DecisionEngine:
             learner=f"{learner.name}@{learner.version}", expected_ttft_ms=chosen.expected_ttft_ms,
             expected_cost_per_1k_tokens=chosen.expected_cost_per_1k_tokens,
             reason=self._reason(chosen, len(candidates), len(result.allowed), choice, learner),
-            trace=trace, decided_at=now, decision_us=decision_us,
+            trace=trace, decided_at=now, decision_us=decision_us, stored_trace=stored,
         )
         guard.commit(ctx, decision)
         self._remember(decision_id, _Pending(ctx, chosen.features, chosen.expected_ttft_ms,
@@ -248,7 +252,7 @@ class DecisionEngine:
     def _deny(self, decision_id: str, ctx: RequestContext, fleet: Fleet, candidates: tuple[Candidate, ...],
               result: GuardResult, learner: Learner, now: float, timings: Mapping[str, float]) -> None:
         rules = result.removing_rules()
-        trace = LazyTrace(lambda: self._trace(ctx, fleet, candidates, result, (), None, (), learner, [], timings))
+        trace, _ = self._trace(ctx, fleet, candidates, result, (), None, (), learner, [], timings, now)
         status = "quota_denied" if result.quota_denied else "denied"
         self.stats[status] += 1
         if self.audit is not None:
@@ -269,51 +273,14 @@ class DecisionEngine:
     def _trace(self, ctx: RequestContext, fleet: Fleet, candidates: tuple[Candidate, ...],
                result: GuardResult, scored: tuple[ScoredCandidate, ...], choice: Choice | None,
                fallbacks: tuple[Route, ...], learner: Learner, shadows: list[dict[str, Any]],
-               timings: Mapping[str, float]) -> dict[str, Any]:
-        removed: dict[str, list[str]] = {}
-        for v in result.verdicts:
-            if not v.allow and v.endpoint_id:
-                removed.setdefault(v.endpoint_id, []).append(v.rule_id)
-        names = self.features.names
-        score_rows = []
-        for i, s in enumerate(scored):
-            score_rows.append({
-                "endpoint_id": s.candidate.endpoint.endpoint_id,
-                "expected_ttft_ms": s.expected_ttft_ms,
-                "expected_cost_per_1k_tokens": s.expected_cost_per_1k_tokens,
-                "components": s.components,
-                "features": dict(zip(names, s.features, strict=False)),
-                "score": choice.scores[i] if choice is not None else None,
-            })
-        return {
-            "version": 1,
-            "request": ctx.as_dict(),
-            "inventory_revision": fleet.revision,
-            "policy_revision": result.revision,
-            "learner": f"{learner.name}@{learner.version}",
-            "stages": {
-                "locate": {"index": f"model:{ctx.model}" if ctx.model else f"family:{ctx.model_family}",
-                           "candidates": [c.endpoint.endpoint_id for c in candidates]},
-                "guard": {"verdicts": [v.as_dict() for v in result.verdicts],
-                          "allowed": [c.endpoint.endpoint_id for c in result.allowed],
-                          "removed": removed, "quota_denied": result.quota_denied},
-                "score": {"candidates": score_rows},
-                "choose": {
-                    "chosen": scored[choice.arm].candidate.endpoint.endpoint_id if choice else None,
-                    "propensity": choice.propensity if choice else None,
-                    "fallbacks": [r.endpoint_id for r in fallbacks],
-                    "shadow": shadows,
-                },
-            },
-            "telemetry": {c.endpoint.endpoint_id: {"values": c.telemetry.values, "ages_s": _ages(c.telemetry)}
-                          for c in candidates},
-            "endpoints": {c.endpoint.endpoint_id: {"site": c.endpoint.site_id, "region": c.endpoint.region,
-                                                   "tier": c.endpoint.tier, "gpu_type": c.endpoint.gpu_type,
-                                                   "jurisdiction": c.endpoint.jurisdiction,
-                                                   "rtt_ms": c.rtt_ms}
-                          for c in candidates},
-            "timings_us": dict(timings),
-        }
+               timings: Mapping[str, float], now: float) -> tuple[LazyTrace, LazyTrace]:
+        """(stored compact trace, readable view of it), both built only when first read."""
+        endpoints = self._endpoint_rows.get((fleet.revision, ctx.model, ctx.model_family, ctx.client_region))
+        stored = LazyTrace(lambda: compact_trace(
+            ctx=ctx, inventory_revision=fleet.revision, learner=f"{learner.name}@{learner.version}", now=now,
+            candidates=candidates, result=result, scored=scored, choice=choice, fallbacks=fallbacks,
+            shadows=shadows, feature_names=self.features.names, timings=timings, endpoints=endpoints))
+        return stored, LazyTrace(lambda: expand_trace(stored))
 
     # -- outcomes --
     def _remember(self, decision_id: str, pending: _Pending) -> None:
@@ -329,8 +296,14 @@ class DecisionEngine:
         """A decision whose outcome never came: a failure signal for the learner."""
         self.stats["outcomes_missing"] += 1
         missing = Outcome("", OutcomeStatus.TIMEOUT)
+        self._learn(p.features, self.reward(p.ctx, missing, p.expected_ttft_ms, p.cost_per_1k_tokens))
+
+    def _learn(self, features: tuple[float, ...], reward: float) -> None:
+        """The acting learner and every shadow learn from the acting policy's logged outcome."""
         with self._learn_lock:
-            self.learner.update(p.features, self.reward(p.ctx, missing, p.expected_ttft_ms, p.cost_per_1k_tokens))
+            self.learner.update(features, reward)
+            for s in self.shadow:
+                s.update(features, reward)
 
     def expire_outcomes(self, now: float | None = None) -> int:
         """Treat outcomes past their timeout as failures; returns how many expired."""
@@ -365,8 +338,7 @@ class DecisionEngine:
         reward: float | None = None
         if pending is not None:
             reward = self.reward(pending.ctx, outcome, pending.expected_ttft_ms, pending.cost_per_1k_tokens)
-            with self._learn_lock:
-                self.learner.update(pending.features, reward)
+            self._learn(pending.features, reward)
         elif self.traces is None or self.traces.get_decision(outcome.decision_id) is None:
             raise NotFound("decision", outcome.decision_id)
         with self._lock:
@@ -382,12 +354,6 @@ class DecisionEngine:
         return len(self._pending)
 
 
-def _ages(reading: TelemetryReading) -> dict[str, float]:
-    ages = reading.ages_s
-    as_dict = getattr(ages, "as_dict", None)  # the store's lazy ages know a fast path
-    return as_dict() if as_dict is not None else dict(ages)
-
-
 def decision_event(d: Decision, status: str, rules: tuple[str, ...]) -> dict[str, Any]:
     """The audit record of a routed decision (``DecisionEventV1`` fields)."""
     return {
@@ -397,7 +363,7 @@ def decision_event(d: Decision, status: str, rules: tuple[str, ...]) -> dict[str
         "region": d.route.region, "tier": d.route.tier, "gpu_type": d.route.gpu_type,
         "propensity": d.propensity, "policy_revision": d.policy_revision, "learner": d.learner,
         "expected_ttft_ms": d.expected_ttft_ms, "expected_cost_per_1k_tokens": d.expected_cost_per_1k_tokens,
-        "deny_rules": list(rules), "reason": d.reason, "decision_us": d.decision_us, "trace": d.trace,
+        "deny_rules": list(rules), "reason": d.reason, "decision_us": d.decision_us, "trace": d.stored_trace,
     }
 
 

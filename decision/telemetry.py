@@ -175,6 +175,11 @@ class _Ages(Mapping[str, float]):
     def __len__(self) -> int:
         return len(self._stamps)
 
+    @property
+    def stamps(self) -> Mapping[str, float]:
+        """The timestamps themselves (the store replaces, never mutates, these maps)."""
+        return self._stamps
+
     def as_dict(self) -> dict[str, float]:
         now = self._now
         return {k: now - st for k, st in self._stamps.items()}

@@ -10,9 +10,7 @@ are ``stages.score.candidates[i].features`` (a ``{name: value}`` mapping) and th
 from __future__ import annotations
 
 import datetime as dt
-import json
 import threading
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,11 +25,9 @@ from learners._linear import FloatArray
 
 def decode_trace(trace_z: bytes) -> dict[str, Any]:
     """The decision trace stored in ``decision_events.trace_z``."""
-    try:
-        from audit.codec import decode_json, decompress_trace
-    except ImportError:  # the audit package is optional for the learners
-        return dict(json.loads(zlib.decompress(trace_z)))
-    return dict(decode_json(decompress_trace(trace_z)))
+    from audit.codec import load_trace
+
+    return load_trace(trace_z)
 
 
 def _ts(t: float) -> dt.datetime:

@@ -9,6 +9,7 @@ import pytest
 from decision.domain import Outcome, OutcomeStatus, RequestContext
 from decision.errors import InvalidArgument, NoCandidate, NotFound, QuotaExceeded
 from decision.telemetry import GPU_TEMP_C, QUEUE_WAITING, XID_ERRORS
+from decision.trace_format import expand_trace
 from tests.spine_support import ScriptedGuard, demo_engine
 
 
@@ -130,7 +131,7 @@ def test_denials_are_audited_with_their_rules(demo_fleet) -> None:  # type: igno
     assert event["status"] == "denied"
     assert event["deny_rules"] == ["test.deny-substring"]
     assert event["decision_id"] == err.value.decision_id
-    assert event["trace"]["stages"]["choose"]["chosen"] is None
+    assert expand_trace(event["trace"])["stages"]["choose"]["chosen"] is None
 
 
 def test_outcome_updates_the_learner_once_and_is_idempotent(demo_fleet) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,157 @@
+"""The stored shape of a decision trace, and its expansion for readers.
+
+Every decision's trace goes to the audit log, so its cost is paid once per decision on a
+thread that shares the interpreter with the request path. The stored form (``version`` 2) is
+therefore compact and mostly references objects that already exist: per-candidate rows are
+lists aligned with ``candidates``, telemetry keeps the store's own value and timestamp maps
+(ages are ``at - timestamp``), features are the learner's tuples with their names once, rule
+facts are listed once and verdicts point at them. :func:`expand_trace` turns it into the
+readable shape (``version`` 1 keys: ``stages.locate/guard/score/choose``, ``telemetry``,
+``endpoints``) that the CLI, the API, the page and the learners read; a version-1 trace passes
+through unchanged.
+"""
+
+from __future__ import annotations
+
+import base64
+from array import array
+from collections.abc import Mapping, Sequence
+from itertools import chain
+from typing import Any
+
+from decision.domain import Candidate, Choice, GuardResult, RequestContext, Route, ScoredCandidate
+
+ENDPOINT_FIELDS = ("site", "region", "tier", "gpu_type", "jurisdiction", "rtt_ms")
+COMPONENTS = ("queue_ms", "prefill_ms", "rtt_ms", "cold_start_ms", "running", "waiting", "kv_cache_usage")
+
+
+def endpoint_rows(candidates: Sequence[Candidate]) -> list[list[Any]]:
+    return [[c.endpoint.site_id, c.endpoint.region, c.endpoint.tier, c.endpoint.gpu_type, c.endpoint.jurisdiction,
+             c.rtt_ms] for c in candidates]
+
+
+def compact_trace(*, ctx: RequestContext, inventory_revision: str, learner: str, now: float,
+                  candidates: Sequence[Candidate], result: GuardResult, scored: Sequence[ScoredCandidate],
+                  choice: Choice | None, fallbacks: Sequence[Route], shadows: Sequence[Mapping[str, Any]],
+                  feature_names: Sequence[str], timings: Mapping[str, float],
+                  endpoints: list[list[Any]] | None = None) -> dict[str, Any]:
+    """The version-2 trace; cheap to build because it mostly references existing immutable objects."""
+    index = {c.endpoint.endpoint_id: i for i, c in enumerate(candidates)}
+    rules: dict[str, int] = {}
+    rule_rows: list[list[str]] = []
+    verdicts: list[list[Any]] = []
+    for v in result.verdicts:
+        r = rules.get(v.rule_id)
+        if r is None:
+            r = rules[v.rule_id] = len(rule_rows)
+            rule_rows.append([v.rule_id, v.engine, v.kind, str(v.severity)])
+        verdicts.append([index.get(v.endpoint_id, -1) if v.endpoint_id else -1, r, v.allow, v.reason])
+    scores = choice.scores if choice is not None else None
+    component_names = list(scored[0].components) if scored else []
+    score_rows = [[index[s.candidate.endpoint.endpoint_id], s.expected_ttft_ms, s.expected_cost_per_1k_tokens,
+                   scores[i] if scores is not None else None, list(s.components.values())]
+                  for i, s in enumerate(scored)]
+    # Features as one float32 matrix in base64: JSON-encoding thousands of floats would cost more
+    # than the decision itself; float32 keeps ~7 significant digits, plenty to replay and audit.
+    packed = base64.b64encode(array("f", chain.from_iterable(s.features for s in scored)).tobytes()).decode()
+    return {
+        "version": 2,
+        "request": ctx.as_dict(),
+        "inventory_revision": inventory_revision,
+        "policy_revision": result.revision,
+        "learner": learner,
+        "at": now,
+        "candidates": [c.endpoint.endpoint_id for c in candidates],
+        "endpoints": endpoints if endpoints is not None else endpoint_rows(candidates),
+        "guard": {"rules": rule_rows, "verdicts": verdicts,
+                  "allowed": [index[c.endpoint.endpoint_id] for c in result.allowed],
+                  "quota_denied": result.quota_denied},
+        "score": {"feature_names": list(feature_names), "component_names": component_names, "rows": score_rows,
+                  "features_f32": packed},
+        "choose": {
+            "chosen": scored[choice.arm].candidate.endpoint.endpoint_id if choice is not None else None,
+            "propensity": choice.propensity if choice is not None else None,
+            "fallbacks": [r.endpoint_id for r in fallbacks],
+            "shadow": list(shadows),
+        },
+        "telemetry": _telemetry(candidates, now),
+        "timings_us": dict(timings),
+    }
+
+
+def _telemetry(candidates: Sequence[Candidate], now: float) -> dict[str, Any]:
+    """Per candidate: [key-set index, values (None = stale/unknown), ages in ms]; key sets listed once."""
+    key_sets: dict[tuple[str, ...], int] = {}
+    rows: list[list[Any]] = []
+    for c in candidates:
+        ages = c.telemetry.ages_s
+        stamps = getattr(ages, "stamps", None)
+        keys = tuple(stamps if stamps is not None else ages)
+        k = key_sets.get(keys)
+        if k is None:
+            k = key_sets[keys] = len(key_sets)
+        vals = c.telemetry.values
+        if stamps is not None:
+            age_ms = [int((now - st) * 1000.0) for st in stamps.values()]
+        else:
+            age_ms = [int(a * 1000.0) for a in ages.values()]
+        rows.append([k, [vals.get(name) for name in keys], age_ms])
+    return {"keys": [list(k) for k in key_sets], "rows": rows}
+
+
+def expand_trace(trace: Mapping[str, Any]) -> dict[str, Any]:
+    """The readable shape of a stored trace (version 1 keys); version-1 traces pass through."""
+    if trace.get("version") != 2:
+        return dict(trace)
+    ids: list[str] = list(trace.get("candidates") or [])
+    guard = trace.get("guard") or {}
+    rules = guard.get("rules") or []
+    revision = trace.get("policy_revision")
+    verdicts = []
+    removed: dict[str, list[str]] = {}
+    for cand, r, allow, reason in guard.get("verdicts") or []:
+        rule_id, engine, kind, severity = rules[r]
+        ep = ids[cand] if cand >= 0 else ""
+        verdicts.append({"rule_id": rule_id, "engine": engine, "kind": kind, "allow": allow, "reason": reason,
+                         "revision": revision, "endpoint_id": ep, "severity": severity})
+        if not allow and ep and severity == "deny":
+            removed.setdefault(ep, []).append(rule_id)
+    score = trace.get("score") or {}
+    names = score.get("feature_names") or []
+    flat = array("f")
+    flat.frombytes(base64.b64decode(score.get("features_f32") or ""))
+    width = len(names)
+    comp_names = score.get("component_names") or []
+    score_rows = [{"endpoint_id": ids[cand], "expected_ttft_ms": ttft, "expected_cost_per_1k_tokens": cost,
+                   "components": dict(zip(comp_names, comps, strict=False)), "score": s,
+                   "features": dict(zip(names, flat[i * width:(i + 1) * width].tolist(), strict=True))}
+                  for i, (cand, ttft, cost, s, comps) in enumerate(score.get("rows") or [])]
+    tel = trace.get("telemetry") or {}
+    key_sets = tel.get("keys") or []
+    telemetry = {}
+    for ep, (k, values, ages_ms) in zip(ids, tel.get("rows") or [], strict=False):
+        keys = key_sets[k]
+        telemetry[ep] = {"values": {n: v for n, v in zip(keys, values, strict=True) if v is not None},
+                         "ages_s": {n: a / 1000.0 for n, a in zip(keys, ages_ms, strict=True)}}
+    endpoints = {ep: dict(zip(ENDPOINT_FIELDS, row, strict=False))
+                 for ep, row in zip(ids, trace.get("endpoints") or [], strict=False)}
+    request = trace.get("request") or {}
+    return {
+        "version": 1,
+        "stored_version": 2,
+        "request": request,
+        "inventory_revision": trace.get("inventory_revision"),
+        "policy_revision": revision,
+        "learner": trace.get("learner"),
+        "stages": {
+            "locate": {"index": f"model:{request.get('model')}" if request.get("model")
+                       else f"family:{request.get('model_family')}", "candidates": ids},
+            "guard": {"verdicts": verdicts, "allowed": [ids[i] for i in guard.get("allowed") or []],
+                      "removed": removed, "quota_denied": bool(guard.get("quota_denied"))},
+            "score": {"candidates": score_rows},
+            "choose": dict(trace.get("choose") or {}),
+        },
+        "telemetry": telemetry,
+        "endpoints": endpoints,
+        "timings_us": trace.get("timings_us") or {},
+    }
