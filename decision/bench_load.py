@@ -70,8 +70,11 @@ def bench_config(config: str, folder: Path, *, audit: bool) -> Path:
 
 @contextlib.contextmanager
 def running_server(config: Path, *, workers: int, env: dict[str, str] | None = None,
-                   timeout_s: float = 120.0) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """``infermesh serve`` in a child process; yields its gRPC target and the process; SIGTERM at the end."""
+                   timeout_s: float = 120.0) -> Iterator[tuple[str, subprocess.Popen[str], str]]:
+    """``infermesh serve`` in a child process; yields its gRPC target, the process and its banner line.
+
+    SIGTERM at the end (a graceful stop).
+    """
     cmd = [sys.executable, "-m", "decision.cli", "serve", "--config", str(config), "--grpc-port", "0",
            "--http-port", "0", "--workers", str(workers)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -83,14 +86,14 @@ def running_server(config: Path, *, workers: int, env: dict[str, str] | None = N
         assert proc.stdout is not None
         for line in proc.stdout:
             if line.startswith("infermesh serving: grpc ") and not found:
-                found.append(line.split()[3])
+                found.extend((line.split()[3], line.strip()))
                 got.set()
 
     threading.Thread(target=read, daemon=True).start()
     try:
         if not got.wait(timeout_s) or proc.poll() is not None:
             raise RuntimeError(f"server did not start (exit status {proc.poll()})")
-        yield found[0], proc
+        yield found[0], proc, found[1]
     finally:
         proc.terminate()
         try:
@@ -223,7 +226,7 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
         target = args.target
         if not target:
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="infermesh-bench-")))
-            target, _ = stack.enter_context(running_server(bench_config(args.config, folder, audit=args.audit),
+            target, _, _ = stack.enter_context(running_server(bench_config(args.config, folder, audit=args.audit),
                                                            workers=args.workers))
         console.print(f"bench load: {args.rate:.0f} req/s offered (Poisson) for {args.duration:.0f} s from "
                       f"{args.processes} client processes to {target}"
@@ -248,7 +251,7 @@ def _workers_compare(args: argparse.Namespace, requests: list[dict[str, Any]], c
     with tempfile.TemporaryDirectory(prefix="infermesh-bench-") as tmp:
         config = bench_config(args.config, Path(tmp), audit=args.audit)
         for workers in (1, 2):
-            with running_server(config, workers=workers) as (target, _):
+            with running_server(config, workers=workers) as (target, _, _):
                 results[workers] = capacity(target, duration_s=args.duration, processes=args.processes,
                                             requests=requests)
             console.print(f"{workers} worker(s): {results[workers]['rps']:.0f} Decide calls/s")
