@@ -1,0 +1,34 @@
+"""The entry points the composition root (decision.service) calls."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from decision.contracts import Guard
+from policies.bundle import compile_bundle
+from policies.guard import PolicyGuard
+from policies.quota import counters_from_url
+from policies.reload import PolicyReloader
+
+
+def load_policy_guard(directory: Path) -> PolicyGuard:
+    """A guard over a bundle folder, with in-process quota counters (benchmarks, ``decide``)."""
+    return PolicyGuard(compile_bundle(directory))
+
+
+def build_policy_parts(directory: Path, *, settings: Any, on_swap: Callable[[Guard], None]) -> Any:
+    """Guard, reload, health and stop for the service; quota shared in Redis if configured."""
+    from decision.service import PolicyParts
+
+    counters = counters_from_url(str(getattr(settings, "redis_url", "") or ""))
+    reloader = PolicyReloader(directory, on_swap, counters=counters)
+    guard = reloader.load()
+    reloader.start()
+
+    def reload() -> tuple[bool, str, str]:
+        r = reloader.reload(force=True)
+        return r.ok, r.revision, r.error
+
+    return PolicyParts(guard=guard, reload=reload, health=reloader.health, stop=reloader.stop)

@@ -1,0 +1,175 @@
+"""A bundle's own tests: Rego ``test_*`` rules and CEL case tables (context in, verdict out).
+
+Case tables are YAML::
+
+    defaults: {request: {...}, endpoint: {...}}     # optional, merged under every case
+    cases:
+      - name: a hot GPU is excluded
+        telemetry: {gpu_temp_c: 91}                 # also: request, endpoint, age_s, state, params
+                                                    # (params overrides reach CEL rules only)
+        expect: deny                                # allow | deny
+        reason: "over the 85C limit"                # optional: a substring of the reason
+
+Each case runs through the same views the guard builds: the rule sees only what it declares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from decision.yaml_lines import YamlSyntaxError, load_located_file
+from policies.bundle import CompiledBundle, CompiledRule, compile_bundle, rego_modules
+from policies.cel_engine import CelProgram
+from policies.errors import BundleError
+from policies.rego_engine import RegoCompileError, new_interpreter, package_of, rego_test_names, run_query
+
+_CASE_KEYS = {"name", "request", "endpoint", "telemetry", "age_s", "state", "params", "expect", "reason"}
+
+
+@dataclass(frozen=True, slots=True)
+class TestOutcome:
+    """One test's result; ``where`` is ``file:line`` of the test."""
+
+    name: str
+    passed: bool
+    where: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        mark = "PASS" if self.passed else "FAIL"
+        return f"{mark} {self.name} ({self.where})" + (f": {self.detail}" if self.detail else "")
+
+
+def _merge(defaults: Mapping[str, Any], case: Mapping[str, Any], key: str) -> dict[str, Any]:
+    return {**dict(defaults.get(key) or {}), **dict(case.get(key) or {})}
+
+
+def run_case(bundle: CompiledBundle, rule: CompiledRule, case: Mapping[str, Any],
+             defaults: Mapping[str, Any]) -> tuple[bool, str]:
+    """(allow, reason) of ``rule`` on one case, through the views the guard would build."""
+    s = rule.spec
+    request = _merge(defaults, case, "request")
+    rview = {f: request[f] for f in s.request_fields if f in request}
+    params = {**bundle.params, **_merge(defaults, case, "params")}
+    state = _merge(defaults, case, "state") if s.state else {}
+    item: dict[str, Any] = {}
+    if s.scope == "candidate":
+        endpoint = _merge(defaults, case, "endpoint")
+        fields = s.endpoint_fields
+        item["endpoint"] = endpoint if fields is None else {f: endpoint[f] for f in fields if f in endpoint}
+        if s.telemetry:
+            tel = _merge(defaults, case, "telemetry")
+            item["telemetry"] = {m: float(tel[m]) for m in s.telemetry if m in tel}
+        if s.ages:
+            ages = _merge(defaults, case, "age_s")
+            item["age_s"] = {m: int(ages[m]) for m in s.ages if m in ages}
+    program = rule.program
+    if isinstance(program, CelProgram):
+        act: dict[str, Any] = {"request": rview, "params": params, **item}
+        if s.state:
+            act["state"] = state
+        return program.evaluate(act)
+    if s.scope == "request":
+        return program.evaluate_request(rview, state)
+    return program.evaluate_candidates(rview, [{"id": "c0", **item}], state)[0]
+
+
+def _case_table(bundle: CompiledBundle, rule: CompiledRule, path: Path) -> list[TestOutcome]:
+    try:
+        doc = load_located_file(path)
+    except YamlSyntaxError as exc:
+        return [TestOutcome(f"{rule.spec.id}: case table", False, f"{exc.path}:{exc.line}", str(exc))]
+    data = doc.data if isinstance(doc.data, dict) else {}
+    cases = data.get("cases")
+    if not isinstance(cases, list) or not cases:
+        return [TestOutcome(f"{rule.spec.id}: case table", False, f"{path}:1", "no 'cases' list")]
+    defaults = data.get("defaults") or {}
+    out: list[TestOutcome] = []
+    for i, case in enumerate(cases):
+        where = f"{path}:{doc.line_of(('cases', i))}"
+        name = f"{rule.spec.id}: {case.get('name', f'case {i}') if isinstance(case, dict) else i}"
+        if not isinstance(case, dict) or case.get("expect") not in ("allow", "deny") or set(case) - _CASE_KEYS:
+            extra = sorted(set(case) - _CASE_KEYS) if isinstance(case, dict) else []
+            out.append(TestOutcome(name, False, where, f"a case needs expect: allow|deny; unknown keys {extra}"))
+            continue
+        try:
+            ok, reason = run_case(bundle, rule, case, defaults)
+        except Exception as exc:  # a malformed case (e.g. a non-numeric metric) fails, it does not crash
+            out.append(TestOutcome(name, False, where, f"could not run: {exc}"))
+            continue
+        want = case["expect"] == "allow"
+        if ok != want:
+            out.append(TestOutcome(name, False, where, f"expected {case['expect']}, got "
+                                                       f"{'allow' if ok else 'deny'} ({reason})"))
+        elif "reason" in case and str(case["reason"]) not in reason:
+            out.append(TestOutcome(name, False, where, f"reason {reason!r} lacks {case['reason']!r}"))
+        else:
+            out.append(TestOutcome(name, True, where))
+    return out
+
+
+def _rego_tests(bundle: CompiledBundle, path: Path) -> list[TestOutcome]:
+    modules = rego_modules(bundle.directory, tests=True)
+    try:
+        interp = new_interpreter(modules, bundle.params)
+    except RegoCompileError as exc:
+        return [TestOutcome(f"{path.name}: compile", False, str(i), i.message) for i in exc.issues]
+    source = path.read_text(encoding="utf-8")
+    package = package_of(source)
+    names = rego_test_names(source)
+    if not names:
+        return [TestOutcome(f"{path.name}", False, f"{path}:1", "no test_* rules")]
+    out: list[TestOutcome] = []
+    lines = source.splitlines()
+    for name in names:
+        line = next((n for n, text in enumerate(lines, 1) if text.startswith(name)), 1)
+        try:
+            value = run_query(interp, f"data.{package}.{name}")
+        except Exception as exc:
+            out.append(TestOutcome(f"{package}.{name}", False, f"{path}:{line}", f"error: {exc}"))
+            continue
+        passed = value is True
+        out.append(TestOutcome(f"{package}.{name}", passed, f"{path}:{line}",
+                               "" if passed else f"evaluated to {'undefined' if value is None else value}"))
+    return out
+
+
+def run_bundle_tests(directory: str | Path) -> list[TestOutcome]:
+    """Compile the bundle and run every test it names; a compile error is a failed test.
+
+    Examples
+    --------
+    >>> from policies.bundle import DEFAULT_BUNDLE
+    >>> results = run_bundle_tests(DEFAULT_BUNDLE)
+    >>> len(results) > 20, all(r.passed for r in results)
+    (True, True)
+    """
+    try:
+        bundle = compile_bundle(directory)
+    except BundleError as exc:
+        return [TestOutcome("compile", False, f"{i.path}:{i.line}:{i.column}", i.message) for i in exc.issues]
+    out: list[TestOutcome] = []
+    for rule in bundle.rules:
+        for t in rule.spec.tests:
+            path = bundle.directory / t
+            if path.name.endswith("_test.rego"):
+                out.extend(_rego_tests(bundle, path))
+            elif path.suffix in (".yaml", ".yml"):
+                out.extend(_case_table(bundle, rule, path))
+            else:
+                out.append(TestOutcome(f"{rule.spec.id}: {t}", False, f"{path}:1",
+                                       "tests are *_test.rego modules or .yaml case tables"))
+    return out
+
+
+def summary(results: list[TestOutcome]) -> str:
+    """The closing line of ``infermesh policy test``.
+
+    >>> summary([TestOutcome("a", True, "f:1"), TestOutcome("b", False, "f:2")])
+    '1 passed, 1 failed'
+    """
+    passed = sum(r.passed for r in results)
+    return f"{passed} passed, {len(results) - passed} failed"
