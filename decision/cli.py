@@ -21,6 +21,7 @@ def _registrars() -> list[Register]:
     regs.append(audit_cli.register)
     regs.append(learners_cli.register)
     from sim import cli as sim_cli; regs.append(sim_cli.register)  # noqa: E702, I001
+    from policies import cli as policies_cli; regs.append(policies_cli.register)  # noqa: E702, I001
     return regs
 
 

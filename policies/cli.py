@@ -1,0 +1,117 @@
+"""``infermesh policy check | test | explain``: the policy author's commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from policies.bundle import DEFAULT_BUNDLE
+
+_DEFAULT_DIR = "policies/bundles/default"
+
+
+def _dir(arg: str | None) -> Path:
+    p = Path(arg or _DEFAULT_DIR)
+    return p if p.exists() or arg else DEFAULT_BUNDLE
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from policies.bundle import compile_bundle
+    from policies.errors import BundleError
+
+    directory = _dir(args.dir)
+    try:
+        bundle = compile_bundle(directory)
+    except BundleError as exc:
+        for issue in exc.issues:
+            print(issue)
+        return 1
+    print(f"{directory}: {len(bundle.rules)} rules compiled, revision {bundle.revision}")
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from policies.selftest import run_bundle_tests, summary
+
+    results = run_bundle_tests(_dir(args.dir))
+    for r in results:
+        print(r)
+    print(summary(results))
+    return 0 if results and all(r.passed for r in results) else 1
+
+
+def explain(request: dict[str, Any], fleet_path: Path, policies: Path) -> dict[str, Any]:
+    """Which rules allowed or removed which candidates, and why (no telemetry: a cold fleet)."""
+    from decision.convert import request_from_json
+    from decision.engine import DecisionEngine
+    from decision.fleet import load_fleet
+    from decision.health_guard import BuiltinHealthGuard
+    from decision.telemetry import TelemetryStore
+    from learners.least_ttft import LeastExpectedTtft
+    from policies.bundle import compile_bundle
+    from policies.guard import PolicyGuard
+
+    fleet = load_fleet(fleet_path)
+    ctx = request_from_json(request)
+    guard = PolicyGuard(compile_bundle(policies))
+    engine = DecisionEngine(fleet, TelemetryStore({e.endpoint_id: e.node_id for e in fleet.endpoints}),
+                            BuiltinHealthGuard(), LeastExpectedTtft())
+    now = time.time()
+    candidates = engine.locate(fleet, ctx, now)
+    result = guard.evaluate(ctx, candidates, {**guard.prefetch(ctx), "inventory_revision": fleet.revision,
+                                              "now": now})
+    rows: dict[str, dict[str, Any]] = {c.endpoint.endpoint_id: {"allowed": False, "denied_by": [], "warnings": []}
+                                       for c in candidates}
+    request_verdicts = []
+    for v in result.verdicts:
+        if not v.endpoint_id:
+            request_verdicts.append(v.as_dict())
+        elif not v.allow:
+            rows[v.endpoint_id]["denied_by" if v.severity == "deny" else "warnings"].append(
+                {"rule": v.rule_id, "engine": v.engine, "reason": v.reason})
+    for c in result.allowed:
+        rows[c.endpoint.endpoint_id]["allowed"] = True
+    return {"revision": result.revision, "candidates": len(candidates), "allowed": len(result.allowed),
+            "quota_denied": result.quota_denied, "removing_rules": list(result.removing_rules()),
+            "request_rules": request_verdicts, "endpoints": rows}
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    report = explain(json.loads(Path(args.request).read_text(encoding="utf-8")), Path(args.fleet),
+                     _dir(args.policies))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"policy {report['revision']}: {report['allowed']} of {report['candidates']} candidates allowed")
+    for v in report["request_rules"]:
+        print(f"  request  {'allow' if v['allow'] else 'DENY '} {v['rule_id']} ({v['engine']}): {v['reason']}")
+    for eid, row in report["endpoints"].items():
+        if row["allowed"]:
+            print(f"  ALLOWED  {eid}")
+        for d in row["denied_by"]:
+            print(f"  REMOVED  {eid}: {d['rule']} ({d['engine']}): {d['reason']}")
+        for w in row["warnings"]:
+            print(f"  warning  {eid}: {w['rule']} ({w['engine']}): {w['reason']}")
+    if report["removing_rules"]:
+        print(f"removed by: {', '.join(report['removing_rules'])}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("policy", help="check, test and explain policy bundles")
+    psub = p.add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")
+    c = psub.add_parser("check", help="compile every rule; errors as file:line:col: message")
+    c.add_argument("dir", nargs="?", default=None, help=f"bundle folder (default {_DEFAULT_DIR})")
+    c.set_defaults(func=cmd_check)
+    t = psub.add_parser("test", help="run every Rego test_* rule and CEL case")
+    t.add_argument("dir", nargs="?", default=None, help=f"bundle folder (default {_DEFAULT_DIR})")
+    t.set_defaults(func=cmd_test)
+    e = psub.add_parser("explain", help="which rules allow or remove which candidates for a request")
+    e.add_argument("--request", required=True, help="request JSON (DecideRequest field names)")
+    e.add_argument("--fleet", default="deploy/demo/fleet.yaml")
+    e.add_argument("--policies", default=None, help=f"bundle folder (default {_DEFAULT_DIR})")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_explain)
