@@ -29,7 +29,7 @@ VARIABLES: dict[str, Any] = {
 }
 # cel.bind() and the strings extension (join, format...) keep rules and messages short.
 _ENV = cel.NewEnv(variables=VARIABLES, extensions=[ext_bindings.ExtBindings(), ext_strings.ExtStrings()])
-_ERROR_RE = re.compile(r"ERROR: <input>:(\d+):(\d+): (.*?)(?=\n \||\nERROR: |$)", re.S)
+_ERROR_RE = re.compile(r"ERROR: <input>:(\d+):(\d+): (.*?)(?=\n \||\nERROR: |\s*\[[A-Z_]+\]\s*$|$)", re.S)
 
 
 def _issues(path: str, message: str) -> list[PolicyIssue]:

@@ -1,0 +1,111 @@
+"""CEL and Rego engines: verdicts, fail-closed behaviour and located errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from policies.bundle import DEFAULT_BUNDLE, compile_bundle
+from policies.cel_engine import CelCompileError, compile_cel
+from policies.errors import BundleError
+from policies.rego_engine import compile_rego
+from policies.selftest import run_bundle_tests, summary
+
+
+@pytest.fixture()
+def bundle_copy(tmp_path: Path) -> Path:
+    dst = tmp_path / "bundle"
+    shutil.copytree(DEFAULT_BUNDLE, dst)
+    return dst
+
+
+def test_cel_error_value_denies_with_the_error() -> None:
+    prog = compile_cel("telemetry.gpu_temp_c < 80.0", "t.cel")
+    assert prog.evaluate({"telemetry": {"gpu_temp_c": 70.0}}) == (True, "ok")
+    ok, reason = prog.evaluate({"telemetry": {}})
+    assert not ok and reason.startswith("error:") and "gpu_temp_c" in reason
+
+
+def test_cel_compile_error_is_located_on_the_right_line() -> None:
+    source = '// comment\nendpoint.tier == (1 + "a")\n'
+    with pytest.raises(CelCompileError) as exc:
+        compile_cel(source, "rules/x.cel")
+    issue = exc.value.issues[0]
+    assert (issue.path, issue.line, issue.column) == ("rules/x.cel", 2, source.splitlines()[1].index("+") + 1)
+    assert "no matching overload" in issue.message and "[INVALID_ARGUMENT]" not in issue.message
+
+
+def test_cel_rule_must_be_boolean() -> None:
+    with pytest.raises(CelCompileError, match="must evaluate to bool"):
+        compile_cel('"a string"', "s.cel")
+
+
+def test_rego_undefined_fails_closed() -> None:
+    src = "package t\nimport rego.v1\nallow contains c.id if { some c in input.candidates; c.endpoint.ok == true }\n"
+    prog = compile_rego({"t.rego": ("t.rego", src)}, "t.rego", {})
+    out = prog.evaluate_candidates({}, [{"id": "a", "endpoint": {"ok": True}}, {"id": "b", "endpoint": {}}], {})
+    assert out[0] == (True, "ok")
+    assert out[1][0] is False
+    # A module with no allow rule at all: every candidate is denied.
+    empty = compile_rego({"e.rego": ("e.rego", "package e\nimport rego.v1\nx := 1\n")}, "e.rego", {})
+    assert all(not ok for ok, _ in empty.evaluate_candidates({}, [{"id": "a", "endpoint": {}}], {}))
+
+
+def test_rego_syntax_error_reports_file_line_col(bundle_copy: Path) -> None:
+    rego = bundle_copy / "residency.rego"
+    lines = rego.read_text().splitlines()
+    idx = next(i for i, line in enumerate(lines) if "count(input.request.allowed_jurisdictions)" in line)
+    lines[idx] = "\tcount(input.request.allowed_jurisdictions) > "
+    rego.write_text("\n".join(lines) + "\n")
+    with pytest.raises(BundleError) as exc:
+        compile_bundle(bundle_copy)
+    issue = exc.value.issues[0]
+    assert issue.path == str(rego)
+    assert issue.line == idx + 1
+    assert issue.column >= 2
+    assert str(issue).startswith(f"{rego}:{idx + 1}:{issue.column}: ")
+
+
+def test_cel_file_error_reports_file_line_col(bundle_copy: Path) -> None:
+    cel = bundle_copy / "xid_errors.cel"
+    cel.write_text("// a comment\ntelemetry.xid_errors == 0.0 && undefined_var\n")
+    with pytest.raises(BundleError) as exc:
+        compile_bundle(bundle_copy)
+    assert [(i.path, i.line, i.column) for i in exc.value.issues] == [(str(cel), 2, 32)]
+    assert "undefined_var" in exc.value.issues[0].message
+
+
+def test_manifest_errors_name_the_line(bundle_copy: Path) -> None:
+    manifest = bundle_copy / "manifest.yaml"
+    text = manifest.read_text().replace("engine: rego", "engine: opa", 1)
+    manifest.write_text(text)
+    line = next(n for n, t in enumerate(text.splitlines(), 1) if "engine: opa" in t)
+    with pytest.raises(BundleError) as exc:
+        compile_bundle(bundle_copy)
+    assert exc.value.issues[0].line == line
+    assert "engine" in exc.value.issues[0].message
+
+
+def test_shipped_bundle_tests_pass_and_a_wrong_expectation_fails(bundle_copy: Path) -> None:
+    results = run_bundle_tests(bundle_copy)
+    assert results and all(r.passed for r in results), [str(r) for r in results if not r.passed]
+    cases = bundle_copy / "gpu_temperature_cases.yaml"
+    cases.write_text(cases.read_text().replace("telemetry: {gpu_temp_c: 64}\n    expect: allow",
+                                               "telemetry: {gpu_temp_c: 64}\n    expect: deny"))
+    after = run_bundle_tests(bundle_copy)
+    failed = [r for r in after if not r.passed]
+    assert len(failed) == 1 and "a cool GPU" in failed[0].name
+    assert summary(after) == f"{len(after) - 1} passed, 1 failed"
+
+
+def test_rego_test_rules_run(bundle_copy: Path) -> None:
+    (bundle_copy / "device_extra_test.rego").write_text(
+        "package extra_test\nimport rego.v1\ntest_ok if { 1 + 1 == 2 }\ntest_wrong if { 1 + 1 == 3 }\n")
+    manifest = bundle_copy / "manifest.yaml"
+    manifest.write_text(manifest.read_text().replace("tests: [device_owner_cases.yaml]",
+                                                     "tests: [device_owner_cases.yaml, device_extra_test.rego]"))
+    results = {r.name: r.passed for r in run_bundle_tests(bundle_copy)}
+    assert results["extra_test.test_ok"] is True
+    assert results["extra_test.test_wrong"] is False

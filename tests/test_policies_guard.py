@@ -1,0 +1,162 @@
+"""PolicyGuard in the engine on the demo fleet: each rule kind, quota, warn severity, memo, Redis."""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from decision.domain import RequestContext, Severity
+from decision.engine import DecisionEngine
+from decision.errors import NoCandidate, QuotaExceeded
+from decision.fleet import Fleet
+from decision.telemetry import TelemetryStore
+from learners.least_ttft import LeastExpectedTtft
+from policies.bundle import DEFAULT_BUNDLE, compile_bundle
+from policies.guard import PolicyGuard
+from policies.quota import RedisQuotaCounters
+
+
+class _Audit:
+    def __init__(self) -> None:
+        self.decisions: list[dict[str, object]] = []
+
+    def submit_decision(self, event: dict[str, object]) -> None:
+        self.decisions.append(event)
+
+    def submit_outcome(self, event: dict[str, object]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _engine(fleet: Fleet, guard: PolicyGuard, audit: _Audit | None = None) -> DecisionEngine:
+    store = TelemetryStore({e.endpoint_id: e.node_id for e in fleet.endpoints})
+    return DecisionEngine(fleet, store, guard, LeastExpectedTtft(), audit=audit)
+
+
+def _allowed_ids(engine: DecisionEngine, ctx: RequestContext) -> set[str]:
+    d = engine.decide(ctx)
+    return set(d.trace["stages"]["guard"]["allowed"])
+
+
+def test_residency_rules(demo_fleet: Fleet) -> None:
+    engine = _engine(demo_fleet, PolicyGuard(compile_bundle(DEFAULT_BUNDLE)))
+    sites = demo_fleet.sites
+    eu = _allowed_ids(engine, RequestContext("r1", "globex", model_family="llama", allowed_jurisdictions=("EU",)))
+    assert eu and all(demo_fleet.by_id[e].jurisdiction == "EU" for e in eu)
+    personal = _allowed_ids(engine, RequestContext("r2", "globex", model_family="llama", data_class="personal"))
+    assert personal == eu
+    phi = _allowed_ids(engine, RequestContext("r3", "globex", model_family="llama", data_class="phi"))
+    assert phi and all("hipaa" in sites[demo_fleet.by_id[e].site_id].certifications for e in phi)
+    assert {demo_fleet.by_id[e].jurisdiction for e in phi} == {"EU", "US"}
+
+
+def test_safety_rules(demo_fleet: Fleet) -> None:
+    guard = PolicyGuard(compile_bundle(DEFAULT_BUNDLE))
+    engine = _engine(demo_fleet, guard)
+    medical = _allowed_ids(engine, RequestContext("r1", "globex", model_family="llama", prompt_class="medical"))
+    assert medical and all(demo_fleet.by_id[e].safety_tier == "strict" for e in medical)
+    other = _allowed_ids(engine, RequestContext("r2", "globex", model="llama-3.2-3b"))
+    mine = _allowed_ids(engine, RequestContext("r3", "acme", model="llama-3.2-3b"))
+    devices = {e.endpoint_id for e in demo_fleet.endpoints if e.tier == "device"}
+    assert devices <= mine and not devices & other
+    # Telemetry: a hot GPU, an XID error and stale telemetry each exclude their endpoint.
+    hot, xid, stale = sorted(e.endpoint_id for e in demo_fleet.by_model["llama-3.1-8b"])[:3]
+    now = time.time()
+    engine.telemetry.update_node(demo_fleet.by_id[hot].node_id, {"gpu_temp_c": 91.0, "xid_errors": 0.0}, now)
+    engine.telemetry.update_node(demo_fleet.by_id[xid].node_id, {"gpu_temp_c": 50.0, "xid_errors": 79.0}, now)
+    engine.telemetry.update_endpoint(stale, {"queue_waiting": 1.0}, now - 120)
+    d = engine.decide(RequestContext("r4", "globex", model="llama-3.1-8b"))
+    removed = d.trace["stages"]["guard"]["removed"]
+    assert removed[hot] == ["safety.gpu_temperature"]
+    assert removed[xid] == ["safety.xid_errors"]
+    assert removed[stale] == ["safety.telemetry_fresh"]
+    assert d.route.endpoint_id not in (hot, xid, stale)
+    assert not {hot, xid, stale} & {f.endpoint_id for f in d.fallbacks}
+    verdicts = d.trace["stages"]["guard"]["verdicts"]
+    assert {v["engine"] for v in verdicts} == {"cel", "rego"}
+    assert all(v["revision"] == guard.revision == d.policy_revision for v in verdicts)
+
+
+def test_all_removed_names_the_rules_and_is_audited(demo_fleet: Fleet) -> None:
+    audit = _Audit()
+    engine = _engine(demo_fleet, PolicyGuard(compile_bundle(DEFAULT_BUNDLE)), audit)
+    with pytest.raises(NoCandidate) as exc:
+        engine.decide(RequestContext("r1", "globex", model_family="llava", prompt_class="medical"))
+    assert "safety.prompt_class" in str(exc.value)
+    assert audit.decisions[-1]["status"] == "denied"
+    assert audit.decisions[-1]["deny_rules"] == ["safety.prompt_class"]
+
+
+def test_quota_denial_is_resource_exhausted(demo_fleet: Fleet) -> None:
+    audit = _Audit()
+    engine = _engine(demo_fleet, PolicyGuard(compile_bundle(DEFAULT_BUNDLE)), audit)
+    limit = compile_bundle(DEFAULT_BUNDLE).params["quota"]["free"]["requests_per_min"]
+    tenant = f"t-{uuid.uuid4().hex[:6]}"
+    if time.time() % 60 > 55:  # keep the whole burst inside one quota window
+        time.sleep(60 - time.time() % 60 + 0.1)
+    for i in range(limit):
+        engine.decide(RequestContext(f"q{i}", tenant, user_tier="free", model="llama-3.1-8b"))
+    with pytest.raises(QuotaExceeded) as exc:
+        engine.decide(RequestContext("over", tenant, user_tier="free", model="llama-3.1-8b"))
+    assert "quota.tenant_rate" in str(exc.value)
+    assert audit.decisions[-1]["status"] == "quota_denied"
+    # Another tenant is unaffected.
+    engine.decide(RequestContext("other", f"{tenant}-2", user_tier="free", model="llama-3.1-8b"))
+
+
+def test_warn_severity_records_but_does_not_remove(demo_fleet: Fleet, tmp_path: Path) -> None:
+    bundle = tmp_path / "b"
+    shutil.copytree(DEFAULT_BUNDLE, bundle)
+    manifest = bundle / "manifest.yaml"
+    text = manifest.read_text()
+    manifest.write_text(text.replace("    file: prompt_class.rego\n", "    file: prompt_class.rego\n    severity: warn\n"))
+    guard = PolicyGuard(compile_bundle(bundle))
+    engine = _engine(demo_fleet, guard)
+    d = engine.decide(RequestContext("r1", "globex", model_family="llava", prompt_class="medical"))
+    warns = [v for v in d.trace["stages"]["guard"]["verdicts"] if v["rule_id"] == "safety.prompt_class"]
+    assert warns and all(not v["allow"] and v["severity"] == str(Severity.WARN) for v in warns)
+
+
+def test_memoised_verdicts_equal_fresh_ones(demo_fleet: Fleet) -> None:
+    warm = PolicyGuard(compile_bundle(DEFAULT_BUNDLE))
+    engine = _engine(demo_fleet, warm)
+    now = time.time()
+    reqs = [RequestContext(f"r{i}", ("acme", "globex")[i % 2], model_family="llama",
+                           allowed_jurisdictions=(("EU",), (), ("US",))[i % 3],
+                           data_class=("public", "personal", "phi")[i % 3 if i % 4 else 0],
+                           prompt_class=("general", "medical")[i % 2]) for i in range(12)]
+    for ctx in reqs * 2:
+        cands = engine.locate(demo_fleet, ctx, now)
+        state = {**warm.prefetch(ctx), "inventory_revision": demo_fleet.revision, "now": now}
+        fresh = PolicyGuard(compile_bundle(DEFAULT_BUNDLE))
+        a, b = warm.evaluate(ctx, cands, state), fresh.evaluate(ctx, cands, state)
+        assert [c.endpoint.endpoint_id for c in a.allowed] == [c.endpoint.endpoint_id for c in b.allowed]
+        assert a.verdicts == b.verdicts
+
+
+def test_quota_shared_across_two_engines_in_redis(demo_fleet: Fleet, redis_url: str) -> None:
+    prefix = f"infermesh-test:{uuid.uuid4().hex[:8]}"
+    try:
+        RedisQuotaCounters(redis_url, prefix=prefix).read("x", time.time())
+    except Exception as exc:  # pragma: no cover - the machine runs Redis
+        pytest.skip(f"no Redis at {redis_url}: {exc}")
+    bundle = compile_bundle(DEFAULT_BUNDLE)
+    a = _engine(demo_fleet, PolicyGuard(bundle, counters=RedisQuotaCounters(redis_url, prefix=prefix)))
+    b = _engine(demo_fleet, PolicyGuard(bundle, counters=RedisQuotaCounters(redis_url, prefix=prefix)))
+    limit = bundle.params["quota"]["free"]["requests_per_min"]
+    if time.time() % 60 > 50:
+        time.sleep(60 - time.time() % 60 + 0.1)
+    for i in range(limit):
+        (a if i % 2 else b).decide(RequestContext(f"q{i}", "shared", user_tier="free", model="llama-3.1-8b",
+                                                  estimated_input_tokens=10, expected_output_tokens=5))
+    for engine in (a, b):
+        with pytest.raises(QuotaExceeded):
+            engine.decide(RequestContext("over", "shared", user_tier="free", model="llama-3.1-8b"))
+    usage = RedisQuotaCounters(redis_url, prefix=prefix).read("shared", time.time())
+    assert (usage.requests, usage.tokens) == (limit, limit * 15)
