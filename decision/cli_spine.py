@@ -158,6 +158,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     service = Service(cfg, settings)
     grpc_port = service.start_grpc(args.grpc_port)
     http_port = service.start_http(args.http_port)
+    if cfg.extproc.enabled:
+        log.info("serving the Envoy ext_proc endpoint picker on %s:%d", cfg.server.host, service.start_extproc())
     log.info("serving gRPC on %s:%d, HTTP on %s:%d (policy %s, learner %s)", cfg.server.host, grpc_port,
              cfg.server.host, http_port, service.policies.guard.revision,
              service.engine.learner.name if service.engine else "?")

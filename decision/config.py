@@ -73,6 +73,16 @@ class LimitsSection(_Section):
     max_field_chars: int = Field(default=256, ge=1, le=4096)
 
 
+class ExtProcSection(_Section):
+    """The Envoy ext_proc endpoint picker (``decision.extproc``), on its own port (see its docstring)."""
+
+    enabled: bool = False
+    port: int = Field(default=9002, ge=0, le=65535)
+    max_streams: int = Field(default=256, ge=1, le=8192)
+    # Header names and defaults: the fields of decision.extproc_config.ExtProcConfig.
+    settings: dict[str, Any] = {}
+
+
 class ServiceConfig(_Section):
     fleet: Path
     policies: Path | None = None
@@ -82,6 +92,7 @@ class ServiceConfig(_Section):
     decision: DecisionSection = DecisionSection()
     audit: dict[str, Any] = {"enabled": True}
     limits: LimitsSection = LimitsSection()
+    extproc: ExtProcSection = ExtProcSection()
     tls: TlsConfig | None = None
     path: Path = Path(".")
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from fastapi import APIRouter
@@ -32,6 +32,9 @@ from decision.scraper import Scraper
 from decision.telemetry import TelemetryStore
 from decision.tls import server_credentials
 from decision.tracing import configure_tracing
+
+if TYPE_CHECKING:
+    from decision.extproc import ExtProcServer
 
 log = logging.getLogger("infermesh.service")
 
@@ -146,6 +149,7 @@ class Service:
         self.learner_sync = _build_learner_sync(config, settings, self.audit, learner, features)
         self.grpc_server: grpc.Server | None = None
         self.grpc_port = 0
+        self.extproc: ExtProcServer | None = None  # when config.extproc.enabled
         self.http: HttpServer | None = None
         self._expiry_stop = threading.Event()
         self._expiry = threading.Thread(target=self._expire_loop, name="outcome-expiry", daemon=True)
@@ -203,6 +207,19 @@ class Service:
             self._expiry.start()
         return self.grpc_port
 
+    def start_extproc(self, port: int | None = None) -> int:
+        """Serve the Envoy ext_proc endpoint picker on its own port (``deploy/envoy/README.md``)."""
+        from decision.extproc import serve_extproc
+        from decision.extproc_config import ExtProcConfig
+
+        assert self.engine is not None
+        ep = self.config.extproc
+        server = serve_extproc(self.engine, ExtProcConfig.from_mapping(ep.settings),
+                               address=f"{self.config.server.host}:{ep.port if port is None else port}",
+                               max_streams=ep.max_streams)
+        self.extproc = server
+        return server.port
+
     def start_http(self, port: int | None = None) -> int:
         app = create_app(self.metrics, self.health, self.audit.routers)
         srv = self.config.server
@@ -215,6 +232,8 @@ class Service:
         grace = self.config.server.grace_s if grace_s is None else grace_s
         if self.grpc_server is not None:
             self.grpc_server.stop(grace).wait()
+        if self.extproc is not None:
+            self.extproc.stop(grace)
         if self.http is not None:
             self.http.stop()
         self.scraper.stop()
