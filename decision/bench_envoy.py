@@ -136,7 +136,8 @@ def run_bench(requests: int = 1000, block: int = 25, warmup: int = 100) -> dict[
         except subprocess.TimeoutExpired:
             proc.kill()
             _, err = proc.communicate()
-        backend.stop()
+        finally:
+            backend.stop()
     proc_stats = json.loads(err.decode().strip().splitlines()[-1]) if err.strip() else {}
     out: dict[str, Any] = {"requests": requests, "errors": errors}
     for kind, values in lat.items():
