@@ -110,11 +110,12 @@ class PolicyReloader:
         if self._thread is not None:
             return
         self._stop.clear()
-        self._thread = threading.Thread(target=self._watch, name="policy-watch", daemon=True)
+        # Fingerprint now, not in the thread: an edit right after start() must count as a change.
+        seen = self._fingerprint()
+        self._thread = threading.Thread(target=self._watch, args=(seen,), name="policy-watch", daemon=True)
         self._thread.start()
 
-    def _watch(self) -> None:
-        seen = self._fingerprint()
+    def _watch(self, seen: tuple[tuple[str, int, int], ...]) -> None:
         while not self._stop.wait(self.poll_interval_s):
             now = self._fingerprint()
             if now != seen:

@@ -1,0 +1,125 @@
+"""Hot reload: good bundles swap in, broken or failing ones never do; decisions see one revision."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from decision.contracts import Guard
+from decision.domain import RequestContext
+from decision.engine import DecisionEngine
+from decision.fleet import Fleet
+from decision.telemetry import TelemetryStore
+from learners.least_ttft import LeastExpectedTtft
+from policies.bundle import DEFAULT_BUNDLE
+from policies.reload import PolicyReloader
+
+
+def _setup(tmp_path: Path, fleet: Fleet) -> tuple[Path, PolicyReloader, DecisionEngine]:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(DEFAULT_BUNDLE, bundle)
+    holder: dict[str, DecisionEngine] = {}
+    reloader = PolicyReloader(bundle, lambda g: holder["engine"].set_guard(g), poll_interval_s=0.2)
+    guard = reloader.load()
+    store = TelemetryStore({e.endpoint_id: e.node_id for e in fleet.endpoints})
+    holder["engine"] = DecisionEngine(fleet, store, guard, LeastExpectedTtft())
+    return bundle, reloader, holder["engine"]
+
+
+def _bump_temperature(bundle: Path, value: int) -> None:
+    manifest = bundle / "manifest.yaml"
+    text = manifest.read_text()
+    start = text.index("max_gpu_temp_c:")
+    end = text.index("\n", start)
+    manifest.write_text(text[:start] + f"max_gpu_temp_c: {value}" + text[end:])
+
+
+def _touch(bundle: Path, tag: str) -> None:
+    """A harmless edit (a comment): a new revision that still passes its tests."""
+    manifest = bundle / "manifest.yaml"
+    manifest.write_text(manifest.read_text() + f"# edit {tag}\n")
+
+
+def test_good_bundle_swaps_in(tmp_path: Path, demo_fleet: Fleet) -> None:
+    bundle, reloader, engine = _setup(tmp_path, demo_fleet)
+    before = engine.guard.revision
+    assert reloader.reload().changed is False
+    _touch(bundle, "a")
+    result = reloader.reload()
+    assert result.ok and result.changed and result.revision != before
+    assert engine.guard.revision == result.revision == reloader.revision
+    assert reloader.reloads == 1 and reloader.reload_failures == 0
+
+
+def test_broken_bundle_never_replaces_the_running_one(tmp_path: Path, demo_fleet: Fleet) -> None:
+    bundle, reloader, engine = _setup(tmp_path, demo_fleet)
+    before = engine.guard.revision
+    (bundle / "device_owner.cel").write_text('endpoint.tier != "device" ||\n')
+    result = reloader.reload()
+    assert not result.ok and "device_owner.cel:" in result.error
+    assert engine.guard.revision == before == reloader.revision
+    assert reloader.reload_failures == 1 and reloader.last_error == result.error
+    d = engine.decide(RequestContext("r", "globex", model="llama-3.1-8b"))
+    assert d.policy_revision == before
+
+
+def test_bundle_failing_its_own_tests_is_rejected(tmp_path: Path, demo_fleet: Fleet) -> None:
+    bundle, reloader, engine = _setup(tmp_path, demo_fleet)
+    before = engine.guard.revision
+    _bump_temperature(bundle, 60)  # compiles, but the case table expects 85C to be allowed
+    result = reloader.reload()
+    assert not result.ok and "test(s) failed" in result.error
+    assert engine.guard.revision == before and reloader.reload_failures == 1
+
+
+def test_file_watch_reloads(tmp_path: Path, demo_fleet: Fleet) -> None:
+    bundle, reloader, engine = _setup(tmp_path, demo_fleet)
+    before = engine.guard.revision
+    reloader.start()
+    try:
+        _touch(bundle, "watched")
+        deadline = time.monotonic() + 60
+        while engine.guard.revision == before and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        reloader.stop()
+    assert engine.guard.revision != before and reloader.reloads == 1
+
+
+def test_concurrent_decisions_during_reload_see_one_revision(tmp_path: Path, demo_fleet: Fleet) -> None:
+    bundle, reloader, engine = _setup(tmp_path, demo_fleet)
+    seen: list[tuple[str, set[str]]] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def decide() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                d = engine.decide(RequestContext(f"r{i}", "globex", model_family="llama"))
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+                return
+            revs = {v["revision"] for v in d.trace["stages"]["guard"]["verdicts"]}
+            seen.append((d.policy_revision, revs))
+
+    threads = [threading.Thread(target=decide) for _ in range(3)]
+    for t in threads:
+        t.start()
+    revisions = {engine.guard.revision}
+    for tag in ("x", "y"):
+        _touch(bundle, tag)
+        result = reloader.reload()
+        assert result.ok
+        revisions.add(result.revision)
+    time.sleep(0.2)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert seen and all(revs == {rev} for rev, revs in seen)
+    assert {rev for rev, _ in seen} <= revisions
+    assert isinstance(engine.guard, Guard)
