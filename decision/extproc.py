@@ -17,11 +17,12 @@ Request phase
     endpoint: an immediate 503 whose JSON body names the rules; a quota: 429; a bad header or
     body: 400; an unknown model: 404.
 Response phase
-    Response headers and body chunks (``response_body_mode: STREAMED``) pass through unchanged
-    while we time the first byte and read ``usage`` from the JSON body or the SSE stream. At the
-    end of the stream the outcome goes to :meth:`DecisionEngine.report_outcome`, exactly as
-    the ``ReportOutcome`` RPC would record it, so the learning loop closes without the proxy
-    reporting anything.
+    A second ext_proc filter in ``observability_mode`` streams the response headers and body
+    (``response_body_mode: STREAMED``) to us without Envoy ever waiting; we time the first body
+    byte and read ``usage`` from the JSON body or the SSE stream. At the end of the stream the
+    outcome goes to :meth:`DecisionEngine.report_outcome`, exactly as the ``ReportOutcome`` RPC
+    would record it, so the learning loop closes without the proxy reporting anything. (One filter
+    doing both phases inline also works: ``ExtProcConfig.response_phase = "inline"``.)
 
 Where it is served: on its own port (default 9002, the inference extension's ext_proc port), in
 the same process as the decision API. An ext_proc stream stays open for the whole upstream
