@@ -485,7 +485,8 @@ def serve_extproc(engine: DecisionEngine, config: ExtProcConfig | None = None, *
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     servicer = add_extproc_to_server(server, engine, config, health_servicer)
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    for name in ("", "liveness", "readiness"):  # the names endpoint-picker deployments probe
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         (pb.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name, health.SERVICE_NAME,
          reflection.SERVICE_NAME), server)

@@ -209,3 +209,27 @@ def test_processor_down_never_reaches_a_backend(stack: Stack, fail_open: bool) -
         ext = envoy.stats("ext_proc")
     assert stack.counts() == before
     assert sum(v for k, v in ext.items() if k.endswith("streams_failed") or k.endswith("failure_mode_allowed")) >= 3
+
+
+def test_unreachable_endpoint_is_recorded_as_an_error() -> None:
+    """Envoy's own 503 (connect failure) still reaches the observer, so the learner hears of it."""
+    dead = f"127.0.0.1:{free_port()}"
+    engine = make_engine(build_fleet({"eu-fast": dead, "eu-stream": "127.0.0.1:1", "us-stream": "127.0.0.1:2"}),
+                         ResidencyGuard())
+    set_load(engine, {"eu-stream": 500.0, "us-stream": 500.0})
+    extproc = serve_extproc(engine, address="127.0.0.1:0", max_streams=8)
+    listen, admin = free_port(), free_port()
+    try:
+        with EnvoyProcess(render_config(listen_port=listen, admin_port=admin, extproc_port=extproc.port), admin):
+            r = httpx.post(f"http://127.0.0.1:{listen}/v1/chat/completions", timeout=10.0,
+                           json={"model": MODEL, "messages": []}, headers={"x-infermesh-tenant": "acme"})
+            assert r.status_code == 503
+            did = r.headers["x-infermesh-decision-id"]
+            assert engine.decisions[did].route.address == dead
+            deadline = time.monotonic() + 5
+            while did not in engine.outcomes and time.monotonic() < deadline:
+                time.sleep(0.01)
+        o = engine.outcomes[did]
+        assert o.status is OutcomeStatus.ERROR and o.error == "HTTP 503"
+    finally:
+        extproc.stop(0)
