@@ -5,7 +5,9 @@ from __future__ import annotations
 import shutil
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,12 +24,12 @@ from policies.quota import RedisQuotaCounters
 
 class _Audit:
     def __init__(self) -> None:
-        self.decisions: list[dict[str, object]] = []
+        self.decisions: list[Mapping[str, Any]] = []
 
-    def submit_decision(self, event: dict[str, object]) -> None:
+    def submit_decision(self, event: Mapping[str, Any]) -> None:
         self.decisions.append(event)
 
-    def submit_outcome(self, event: dict[str, object]) -> None:
+    def submit_outcome(self, event: Mapping[str, Any]) -> None:
         pass
 
     def close(self) -> None:
@@ -115,7 +117,8 @@ def test_warn_severity_records_but_does_not_remove(demo_fleet: Fleet, tmp_path: 
     shutil.copytree(DEFAULT_BUNDLE, bundle)
     manifest = bundle / "manifest.yaml"
     text = manifest.read_text()
-    manifest.write_text(text.replace("    file: prompt_class.rego\n", "    file: prompt_class.rego\n    severity: warn\n"))
+    rule = "    file: prompt_class.rego\n"
+    manifest.write_text(text.replace(rule, rule + "    severity: warn\n"))
     guard = PolicyGuard(compile_bundle(bundle))
     engine = _engine(demo_fleet, guard)
     d = engine.decide(RequestContext("r1", "globex", model_family="llava", prompt_class="medical"))

@@ -1,0 +1,57 @@
+"""``infermesh policy check | test | explain``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from decision.cli import main
+from policies.bundle import DEFAULT_BUNDLE
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_check_ok_and_broken(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["policy", "check", str(DEFAULT_BUNDLE)]) == 0
+    assert "7 rules compiled" in capsys.readouterr().out
+    bundle = tmp_path / "b"
+    shutil.copytree(DEFAULT_BUNDLE, bundle)
+    (bundle / "quota.cel").write_text("state.quota.requests +\n")
+    (bundle / "prompt_class.rego").write_text("package p\n\nallow if {\n  input.x == \n}\n")
+    assert main(["policy", "check", str(bundle)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert f"{bundle / 'prompt_class.rego'}:4:" in "\n".join(lines)
+    assert any(line.startswith(f"{bundle / 'quota.cel'}:2:1: ") for line in lines)
+
+
+def test_test_command_counts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["policy", "test", str(DEFAULT_BUNDLE)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    n = sum(line.startswith("PASS ") for line in out)
+    assert n > 20 and out[-1] == f"{n} passed, 0 failed"
+    bundle = tmp_path / "b"
+    shutil.copytree(DEFAULT_BUNDLE, bundle)
+    cases = bundle / "xid_errors_cases.yaml"
+    cases.write_text(cases.read_text().replace("reason: \"XID error 79 reported\"", "reason: \"XID error 80\""))
+    assert main(["policy", "test", str(bundle)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == f"{n - 1} passed, 1 failed"
+    assert any(line.startswith("FAIL safety.xid_errors: an XID error excludes the GPU") for line in out)
+
+
+def test_explain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    req = tmp_path / "r.json"
+    req.write_text(json.dumps({"request_id": "r1", "tenant": "globex", "model_family": "llama",
+                               "prompt_class": "medical", "allowed_jurisdictions": ["EU"]}))
+    assert main(["policy", "explain", "--request", str(req), "--fleet", str(ROOT / "deploy/demo/fleet.yaml"),
+                 "--policies", str(DEFAULT_BUNDLE), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = report["endpoints"]
+    allowed = [e for e, r in rows.items() if r["allowed"]]
+    assert allowed and all("70b" in e and e.startswith("eu-") for e in allowed)
+    us = next(e for e in rows if e.startswith("us-") and "70b" in e)
+    assert [d["rule"] for d in rows[us]["denied_by"]] == ["residency.sites"]
+    assert set(report["removing_rules"]) == {"residency.sites", "safety.prompt_class", "safety.device_owner"}
