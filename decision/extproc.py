@@ -390,7 +390,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 ex.t_first_byte = now
             if ex.usage is not None:
                 ex.usage.feed(body)
-            if req.response_body.end_of_stream:
+            if req.response_body.end_of_stream or req.response_body.end_of_stream_without_message:
                 ex.ended = True
         elif which == "response_trailers":
             ex.ended = True
