@@ -1,0 +1,81 @@
+"""Scraping Prometheus endpoints over real HTTP into the telemetry store, with timeouts."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import httpx
+import pytest
+
+from decision.config import ScrapeTarget
+from decision.scraper import Scraper
+from decision.telemetry import GPU_TEMP_C, KV_CACHE_USAGE, QUEUE_WAITING, TelemetryStore
+
+DATA = Path(__file__).parent / "data"
+
+
+class _Exporter(BaseHTTPRequestHandler):
+    routes: ClassVar[dict[str, bytes]] = {}
+
+    def do_GET(self) -> None:
+        if self.path == "/slow":
+            time.sleep(1.0)
+        body = self.routes.get(self.path)
+        if body is None:
+            self.send_response(404)
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def exporter() -> Iterator[str]:
+    _Exporter.routes = {"/node": (DATA / "mixed_node.prom").read_bytes(),
+                        "/vllm": b"vllm:num_requests_waiting{engine=\"0\"} 4\nvllm:kv_cache_usage_perc 0.25\n",
+                        "/slow": b"vllm:num_requests_waiting 1\n"}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Exporter)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def test_scrape_once_fills_node_and_endpoint_values_and_counts_failures(exporter: str) -> None:
+    store = TelemetryStore({"e1": "n1", "e2": "n1"})
+    scraper = Scraper(store, [ScrapeTarget(url=f"{exporter}/node", node_id="n1"),
+                              ScrapeTarget(url=f"{exporter}/vllm", endpoint_id="e1"),
+                              ScrapeTarget(url=f"{exporter}/missing", endpoint_id="e2"),
+                              ScrapeTarget(url=f"{exporter}/slow", endpoint_id="e2")], timeout_s=0.3)
+    with httpx.Client(timeout=0.3) as client:
+        scraper.scrape_once(client)
+    assert store.reading("e2").values[GPU_TEMP_C] == 91.0
+    assert store.reading("e1").values[QUEUE_WAITING] == 4.0
+    assert store.reading("e1").values[KV_CACHE_USAGE] == 0.25
+    assert QUEUE_WAITING not in store.reading("e2").values  # 404 and timeout stored nothing
+    assert scraper.failures == 2 and scraper.scrapes == 2
+
+
+def test_background_scraper_refreshes_until_stopped(exporter: str) -> None:
+    store = TelemetryStore({"e1": "n1"})
+    scraper = Scraper(store, [ScrapeTarget(url=f"{exporter}/vllm", endpoint_id="e1")], interval_s=0.05,
+                      timeout_s=1.0)
+    scraper.start()
+    deadline = time.monotonic() + 5
+    while scraper.scrapes < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    scraper.stop()
+    assert scraper.scrapes >= 3
+    assert store.reading("e1").ages_s[QUEUE_WAITING] < 1.0
