@@ -46,6 +46,17 @@ class RequestLimits:
     max_field_chars: int = 256  # ids and names; an error echoing a megabyte would not fit in a trailer
 
 
+def metadata_value(text: str) -> str:
+    """``text`` as a legal gRPC metadata value (printable ASCII; anything else escaped).
+
+    >>> metadata_value("labels['é']")
+    "labels['\\\\xe9']"
+    """
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(c if c.isascii() and c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 class _Malformed:
     """Stands in for a request message that could not be parsed."""
 
@@ -83,7 +94,8 @@ def check_limits(request: Any, limits: RequestLimits) -> None:
             raise InvalidArgument("labels", f"at most {limits.max_labels} labels")
         for k, v in request.labels.items():
             if len(k.encode()) > limits.max_label_bytes or len(v.encode()) > limits.max_label_bytes:
-                raise InvalidArgument(f"labels[{k[:32]!r}]", f"keys and values at most {limits.max_label_bytes} bytes")
+                raise InvalidArgument(f"labels[{k[:32]!a}]",  # ASCII: it travels in a trailer
+                                      f"keys and values at most {limits.max_label_bytes} bytes")
         if len(request.allowed_jurisdictions) > limits.max_jurisdictions:
             raise InvalidArgument("allowed_jurisdictions", f"at most {limits.max_jurisdictions} entries")
     elif isinstance(request, pb.TelemetryBatch):
@@ -165,7 +177,7 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpcio s
                 field: str) -> None:
         if self.metrics is not None:
             self.metrics.rpc_errors.labels(name, code.name).inc()
-        context.set_trailing_metadata((("infermesh-field", field),))
+        context.set_trailing_metadata((("infermesh-field", metadata_value(field)),))
         context.abort(code, details)
 
     def _admit(self, name: str, context: grpc.ServicerContext, request: Any) -> None:

@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from decision.convert import decision_to_pb, outcome_from_pb, request_from_pb, trace_to_pb
+from decision.edge import metadata_value
 from decision.engine import DecisionEngine
 from decision.errors import (
     DecisionError,
@@ -39,7 +40,7 @@ T = TypeVar("T")
 def status_of(exc: DecisionError) -> tuple[grpc.StatusCode, str, list[tuple[str, str]]]:
     """The gRPC status, details and trailing metadata for a pipeline error."""
     if isinstance(exc, InvalidArgument):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc), [("infermesh-field", exc.field)]
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc), [("infermesh-field", metadata_value(exc.field))]
     if isinstance(exc, NotFound):
         return grpc.StatusCode.NOT_FOUND, str(exc), [("infermesh-field", exc.what)]
     if isinstance(exc, QuotaExceeded):
