@@ -6,9 +6,10 @@ from alembic import context
 from sqlalchemy import create_engine, pool
 
 config = context.config
-url = config.get_main_option("sqlalchemy.url")
-if not url:
+_configured = config.get_main_option("sqlalchemy.url")
+if not _configured:
     raise RuntimeError("sqlalchemy.url is not set (use audit.migrate.upgrade(url))")
+url: str = _configured
 
 
 def run_offline() -> None:
