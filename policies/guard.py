@@ -37,8 +37,12 @@ _NOT_STATE = ("inventory_revision", "now")
 @dataclass
 class _InventoryMemo:
     views: dict[str, dict[str, Any]] = field(default_factory=dict)  # endpoint id -> full view
+    # (rule id, endpoint id) -> (the endpoint facts the rule declared, their hashable key)
+    rule_views: dict[tuple[str, str], tuple[dict[str, Any], Any]] = field(default_factory=dict)
     rules: dict[str, dict[tuple[Any, ...], tuple[bool, str]]] = field(default_factory=dict)
-    candidates: dict[tuple[Any, ...], _Judged] = field(default_factory=dict)
+    verdicts: dict[tuple[Any, ...], Verdict] = field(default_factory=dict)
+    static: dict[tuple[Any, ...], _Judged] = field(default_factory=dict)  # (endpoint, request values)
+    dynamic: dict[tuple[Any, ...], _Judged] = field(default_factory=dict)  # (endpoint, request, telemetry)
 
 
 def _union(rules: Sequence[CompiledRule], attr: str) -> tuple[str, ...]:
@@ -85,12 +89,15 @@ class PolicyGuard:
         self._params = bundle.params
         rules = bundle.rules
         self._request_rules = tuple(r for r in rules if r.spec.scope == "request")
-        self._memo_rules = tuple(r for r in rules if r.spec.scope == "candidate" and not r.spec.state)
+        self._static = tuple(r for r in rules if r.spec.memoisable)
+        self._dynamic = tuple(r for r in rules if r.spec.scope == "candidate" and not r.spec.state
+                              and not r.spec.memoisable)
         self._live = tuple(r for r in rules if r.spec.scope == "candidate" and r.spec.state)
-        self._fields = _union(self._memo_rules, "request_fields")
-        self._metrics = _union(self._memo_rules, "telemetry")
-        self._age_metrics = _union(self._memo_rules, "ages")
-        self._telemetry_key = compile_telemetry_key(self._metrics, self._age_metrics)
+        self._static_fields = _union(self._static, "request_fields")
+        self._dynamic_fields = _union(self._dynamic, "request_fields")
+        self._telemetry_key = compile_telemetry_key(_union(self._dynamic, "telemetry"), _union(self._dynamic, "ages"))
+        self._rule_keys = {r.spec.id: compile_telemetry_key(r.spec.telemetry, r.spec.ages) for r in rules}
+        self._severity = {r.spec.id: Severity(r.spec.severity) for r in rules}
         self._needs_state = any(r.spec.state for r in rules)
         self._memos: dict[str, _InventoryMemo] = {}
         self.commit_errors = 0
@@ -136,17 +143,26 @@ class PolicyGuard:
         if denied:
             return GuardResult((), tuple(verdicts), self._revision, quota_denied)
         memo = self._memo(str(state.get("inventory_revision", "")))
-        judged = self._memoised(memo, req, candidates)
-        live = self._judge_live(memo, req, candidates, state) if self._live else None
+        groups = self._memoised(memo, req, candidates)
+        if self._live:
+            groups.append(self._judge_live(memo, req, candidates, state))
         allowed: list[Candidate] = []
-        for i, c in enumerate(candidates):
-            ok, vs = judged[i]
-            verdicts.extend(vs)
-            if live is not None:
-                ok = ok and live[i][0]
-                verdicts.extend(live[i][1])
-            if ok:
-                allowed.append(c)
+        extend = verdicts.extend
+        if len(groups) == 2:  # the common shape (static + telemetry rules), unrolled: hot path
+            first, second = groups
+            for c, (ok1, vs1), (ok2, vs2) in zip(candidates, first, second, strict=True):
+                extend(vs1)
+                extend(vs2)
+                if ok1 and ok2:
+                    allowed.append(c)
+        else:
+            for i, c in enumerate(candidates):
+                ok = True
+                for g in groups:
+                    ok = ok and g[i][0]
+                    extend(g[i][1])
+                if ok:
+                    allowed.append(c)
         return GuardResult(tuple(allowed), tuple(verdicts), self._revision, quota_denied)
 
     def _memo(self, inventory_revision: str) -> _InventoryMemo:
@@ -158,19 +174,33 @@ class PolicyGuard:
         return memo
 
     def _memoised(self, memo: _InventoryMemo, req: Mapping[str, Any],
-                  candidates: Sequence[Candidate]) -> list[_Judged]:
-        """Candidate rules without state: one lookup per candidate once warm."""
-        rk = tuple([freeze(req.get(f)) for f in self._fields])
-        if self._metrics or self._age_metrics:
-            tkey = self._telemetry_key
-            keys: list[tuple[Any, ...]] = [(c.endpoint.endpoint_id, rk, tkey(c.telemetry)) for c in candidates]
-        else:
-            keys = [(c.endpoint.endpoint_id, rk) for c in candidates]
-        table = memo.candidates
-        out: list[_Judged | None] = [table.get(k) for k in keys]
+                  candidates: Sequence[Candidate]) -> list[list[_Judged]]:
+        """Candidate rules without state: two lookups per candidate once warm.
+
+        Static rules (keyed by endpoint and request values) and telemetry rules (keyed by
+        endpoint, request values and telemetry) have separate memos, so a telemetry update or
+        an age ticking over a second never re-runs the static (Rego) rules.
+        """
+        rs = (*[freeze(req.get(f)) for f in self._static_fields],)
+        static_keys = [(c.endpoint.endpoint_id, rs) for c in candidates]
+        static = self._lookup(memo.static, static_keys, self._static, memo, req, candidates)
+        if not self._dynamic:
+            return [static]
+        rd = (*[freeze(req.get(f)) for f in self._dynamic_fields],)
+        tkey = self._telemetry_key
+        dyn_keys = [(c.endpoint.endpoint_id, rd, tkey(c.telemetry)) for c in candidates]
+        return [static, self._lookup(memo.dynamic, dyn_keys, self._dynamic, memo, req, candidates)]
+
+    def _lookup(self, table: dict[tuple[Any, ...], _Judged], keys: list[tuple[Any, ...]],
+                rules: Sequence[CompiledRule], memo: _InventoryMemo, req: Mapping[str, Any],
+                candidates: Sequence[Candidate]) -> list[_Judged]:
+        if not rules:
+            return [(True, ())] * len(candidates)
+        get = table.get
+        out: list[_Judged | None] = [get(k) for k in keys]
         missed = [i for i, j in enumerate(out) if j is None]
         if missed:
-            fresh = self._judge(self._memo_rules, memo, req, [candidates[i] for i in missed], None)
+            fresh = self._judge(rules, memo, req, [candidates[i] for i in missed], None)
             if len(table) > self.memo_limit:
                 table.clear()
             for i, j in zip(missed, fresh, strict=True):
@@ -184,7 +214,7 @@ class PolicyGuard:
     # -- evaluation proper --
     def _verdict(self, rule: CompiledRule, ok: bool, reason: str, endpoint_id: str) -> Verdict:
         s = rule.spec
-        return Verdict(s.id, s.engine, s.kind, ok, reason, self._revision, endpoint_id, Severity(s.severity))
+        return Verdict(s.id, s.engine, s.kind, ok, reason, self._revision, endpoint_id, self._severity[s.id])
 
     def _judge_request(self, rule: CompiledRule, req: Mapping[str, Any],
                        state: Mapping[str, Any]) -> tuple[bool, str]:
@@ -198,13 +228,22 @@ class PolicyGuard:
             return rule.program.evaluate(act)
         return rule.program.evaluate_request(rview, sview)
 
-    def _item(self, memo: _InventoryMemo, rule: CompiledRule, c: Candidate) -> dict[str, Any]:
+    def _rule_view(self, memo: _InventoryMemo, rule: CompiledRule, c: Candidate) -> tuple[dict[str, Any], Any]:
+        """The endpoint facts ``rule`` declared, and their hashable key (computed once per endpoint)."""
+        eid = c.endpoint.endpoint_id
+        hit = memo.rule_views.get((rule.spec.id, eid))
+        if hit is None:
+            full = memo.views.get(eid)
+            if full is None:
+                full = memo.views[eid] = endpoint_view(c.endpoint)
+            fields = rule.spec.endpoint_fields
+            ep = full if fields is None else {f: full[f] for f in fields}
+            hit = memo.rule_views[(rule.spec.id, eid)] = (ep, freeze(ep))
+        return hit
+
+    def _item(self, ep: dict[str, Any], rule: CompiledRule, c: Candidate) -> dict[str, Any]:
         """What one candidate shows one rule: declared endpoint facts, telemetry and ages."""
         s = rule.spec
-        full = memo.views.get(c.endpoint.endpoint_id)
-        if full is None:
-            full = memo.views[c.endpoint.endpoint_id] = endpoint_view(c.endpoint)
-        ep = full if s.endpoint_fields is None else {f: full[f] for f in s.endpoint_fields}
         item: dict[str, Any] = {"endpoint": ep}
         if s.telemetry:
             item["telemetry"] = telemetry_view(c.telemetry, s.telemetry)
@@ -214,33 +253,54 @@ class PolicyGuard:
 
     def _judge(self, rules: Sequence[CompiledRule], memo: _InventoryMemo, req: Mapping[str, Any],
                candidates: Sequence[Candidate], state: Mapping[str, Any] | None) -> list[_Judged]:
-        """Verdicts of ``rules`` on ``candidates``; with ``state`` None, through the rule memos."""
+        """Verdicts of ``rules`` on ``candidates``; with ``state`` None, through the rule memos.
+
+        A rule's memo is keyed by exactly what it sees, so endpoints that agree on it share
+        one evaluation; verdict objects are shared too (they are immutable).
+        """
         if not rules:
             return [(True, ())] * len(candidates)
         per_rule: list[list[tuple[bool, str]]] = []
         for rule in rules:
             s = rule.spec
             rview = request_view(req, s.request_fields)
-            items = [self._item(memo, rule, c) for c in candidates]
+            views = [self._rule_view(memo, rule, c) for c in candidates]
             if state is None:
                 table = memo.rules.setdefault(s.id, {})
                 if len(table) > self.memo_limit:
                     table.clear()
                 rk = freeze(rview)
-                keys = [(rk, freeze(item)) for item in items]
-                todo = {k: item for k, item in zip(keys, items, strict=True) if k not in table}
+                tkey = self._rule_keys[s.id]
+                keys = [(rk, v[1], tkey(c.telemetry)) for v, c in zip(views, candidates, strict=True)]
+                todo: dict[tuple[Any, ...], dict[str, Any]] = {}
+                for k, v, c in zip(keys, views, candidates, strict=True):
+                    if k not in table and k not in todo:
+                        todo[k] = self._item(v[0], rule, c)
                 if todo:
                     results = self._run(rule, rview, list(todo.values()), {})
                     table.update(zip(todo, results, strict=True))
                 per_rule.append([table[k] for k in keys])
             else:
                 sview = {k: v for k, v in state.items() if k not in _NOT_STATE}
+                items = [self._item(v[0], rule, c) for v, c in zip(views, candidates, strict=True)]
                 per_rule.append(self._run(rule, rview, items, sview))
+        cache = memo.verdicts
+        if len(cache) > self.memo_limit:
+            cache.clear()
         out: list[_Judged] = []
         for i, c in enumerate(candidates):
             eid = c.endpoint.endpoint_id
-            vs = tuple(self._verdict(rule, *per_rule[k][i], eid) for k, rule in enumerate(rules))
-            out.append((all(v.allow for v in vs if v.severity is Severity.DENY), vs))
+            verdicts: list[Verdict] = []
+            ok = True
+            for n, rule in enumerate(rules):
+                allow, reason = per_rule[n][i]
+                vkey = (rule.spec.id, eid, allow, reason)
+                verdict = cache.get(vkey)
+                if verdict is None:
+                    verdict = cache[vkey] = self._verdict(rule, allow, reason, eid)
+                verdicts.append(verdict)
+                ok = ok and (allow or verdict.severity is not Severity.DENY)
+            out.append((ok, tuple(verdicts)))
         return out
 
     def _run(self, rule: CompiledRule, rview: Mapping[str, Any], items: Sequence[Mapping[str, Any]],

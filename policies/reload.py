@@ -7,7 +7,11 @@ decision sees exactly one revision. Failures are logged and counted, never swapp
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +24,6 @@ from policies.bundle import compile_bundle
 from policies.guard import PolicyGuard
 from policies.manifest import bundle_files, bundle_revision
 from policies.quota import InMemoryQuotaCounters, QuotaCounters
-from policies.selftest import run_bundle_tests
 
 log = logging.getLogger("infermesh.policies.reload")
 
@@ -31,6 +34,28 @@ class ReloadResult:
     revision: str
     error: str = ""
     changed: bool = False
+
+
+def _tests_in_child(directory: Path, timeout_s: float = 300.0) -> list[str]:
+    """Run the bundle's tests in a child process; the failures, as text.
+
+    rego-cpp 1.5.2 can crash the process (SIGSEGV) on some test constructs (``with input as``
+    over rules that depend on other rules); a crash must reject the bundle, not kill the server.
+    """
+    code = ("import json, sys\nfrom policies.selftest import run_bundle_tests\n"
+            "print(json.dumps([str(t) for t in run_bundle_tests(sys.argv[1]) if not t.passed]))")
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True,
+                              timeout=timeout_s, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        return [f"bundle tests did not finish in {timeout_s:.0f}s"]
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return [f"bundle tests crashed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}"]
+    failed: list[str] = json.loads(lines[-1])
+    return failed
 
 
 class PolicyReloader:
@@ -61,9 +86,9 @@ class PolicyReloader:
     def _build(self) -> PolicyGuard:
         bundle = compile_bundle(self.directory)
         if self.run_tests:
-            failed = [t for t in run_bundle_tests(self.directory) if not t.passed]
+            failed = _tests_in_child(self.directory)
             if failed:
-                raise RuntimeError(f"{len(failed)} bundle test(s) failed: " + "; ".join(str(t) for t in failed[:5]))
+                raise RuntimeError(f"{len(failed)} bundle test(s) failed: " + "; ".join(failed[:5]))
         return PolicyGuard(bundle, counters=self.counters)
 
     def load(self) -> PolicyGuard:

@@ -123,3 +123,19 @@ def test_concurrent_decisions_during_reload_see_one_revision(tmp_path: Path, dem
     assert seen and all(revs == {rev} for rev, revs in seen)
     assert {rev for rev, _ in seen} <= revisions
     assert isinstance(engine.guard, Guard)
+
+
+def test_a_bundle_whose_tests_crash_the_rego_engine_is_rejected(tmp_path: Path, demo_fleet: Fleet) -> None:
+    # rego-cpp 1.5.2 segfaults on `with input as` over a rule that depends on another rule.
+    bundle, reloader, engine = _setup(tmp_path, demo_fleet)
+    before = engine.guard.revision
+    (bundle / "crash_test.rego").write_text(
+        "package crash_test\nimport rego.v1\nimport data.infermesh.residency\n"
+        'test_crash if {\n  residency.allow == {"a"} with input as {"request": {"allowed_jurisdictions": [], '
+        '"data_class": "public"}, "candidates": [{"id": "a", "endpoint": {"site_id": "s", "jurisdiction": "EU", '
+        '"certifications": []}}]}\n}\n')
+    manifest = bundle / "manifest.yaml"
+    manifest.write_text(manifest.read_text().replace("tests: [residency_cases.yaml]",
+                                                     "tests: [residency_cases.yaml, crash_test.rego]"))
+    result = reloader.reload()
+    assert not result.ok and engine.guard.revision == before and reloader.reload_failures == 1
