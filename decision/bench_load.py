@@ -1,13 +1,14 @@
 """``infermesh bench load``: an open-loop load generator over gRPC, and 1-vs-2-worker capacity.
 
-Open loop: requests leave on a Poisson schedule at the asked rate whether or not earlier ones have
-answered, from several client processes, and each latency is measured from the request's
-*scheduled* send time, so a stalled server shows up as latency instead of silently lowering the
-offered rate (coordinated omission). ``late`` counts sends the generator itself could not make on
-time; ``dropped`` those refused because too many were already in flight.
+Open loop: requests leave on a Poisson schedule at the asked rate whether or not earlier ones have answered,
+from several client processes, and each latency is measured from the request's *scheduled* send time, so a
+stalled server shows up as latency instead of silently lowering the offered rate (coordinated omission).
+Guardrail and quota denials (FAILED_PRECONDITION, RESOURCE_EXHAUSTED) are answers, counted as ``denied``; any
+other status is an error. ``late`` counts sends the generator itself could not make on time; ``dropped`` those
+refused because too many were already in flight.
 
-``--workers-compare`` measures closed-loop capacity (calls/s at a fixed concurrency) of
-``infermesh serve --workers 1`` and ``--workers 2`` started one after the other in the same run.
+``--workers-compare`` measures closed-loop capacity (calls/s at a fixed concurrency) of ``infermesh serve
+--workers 1`` and ``--workers 2`` started one after the other in the same run.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ def _open_loop(target: str, rate: float, duration_s: float, requests: list[dict[
 
     msgs = [ParseDict(r, pb.DecideRequest()) for r in requests]
     rng = random.Random(seed)
+    denials = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
     async def run() -> dict[str, Any]:
         async with grpc.aio.insecure_channel(target) as ch:
@@ -124,6 +126,7 @@ def _open_loop(target: str, rate: float, duration_s: float, requests: list[dict[
             loop = asyncio.get_running_loop()
             lat: list[float] = []
             errors: Counter[str] = Counter()
+            denied: Counter[str] = Counter()
             inflight: set[asyncio.Task[None]] = set()
             late = dropped = sent = 0
 
@@ -136,7 +139,11 @@ def _open_loop(target: str, rate: float, duration_s: float, requests: list[dict[
                                                             ttft_ms=rng.uniform(50, 400), latency_ms=900.0,
                                                             input_tokens=200, output_tokens=150), timeout=10)
                 except grpc.aio.AioRpcError as exc:
-                    errors[exc.code().name] += 1
+                    if exc.code() in denials:  # a guardrail's or quota's answer, not a failure
+                        lat.append(loop.time() - scheduled)
+                        denied[exc.code().name] += 1
+                    else:
+                        errors[exc.code().name] += 1
 
             start = loop.time() + 0.05
             end = start + duration_s
@@ -161,7 +168,7 @@ def _open_loop(target: str, rate: float, duration_s: float, requests: list[dict[
                 i += 1
             if inflight:
                 await asyncio.wait(inflight, timeout=15)
-            return {"sent": sent, "completed": len(lat), "errors": dict(errors), "late": late,
+            return {"sent": sent, "completed": len(lat), "errors": dict(errors), "denied": dict(denied), "late": late,
                     "dropped": dropped, "lat": lat, "wall_s": loop.time() - start}
 
     out.put(asyncio.run(run()))
@@ -187,13 +194,16 @@ def open_loop(target: str, *, rate: float, duration_s: float, processes: int, re
         p.join()
     lat = sorted(x for r in parts for x in r["lat"])
     errors: Counter[str] = Counter()
+    denied: Counter[str] = Counter()
     for r in parts:
         errors.update(r["errors"])
+        denied.update(r["denied"])
     wall = max(r["wall_s"] for r in parts)
     completed = sum(r["completed"] for r in parts)
     return {"offered_rps": rate, "achieved_rps": round(completed / duration_s, 1), "duration_s": duration_s,
             "wall_s": round(wall, 2), "sent": sum(r["sent"] for r in parts), "completed": completed,
-            "errors": sum(errors.values()), "errors_by_code": dict(errors), "late": sum(r["late"] for r in parts),
+            "errors": sum(errors.values()), "errors_by_code": dict(errors), "denied": sum(denied.values()),
+            "denied_by_code": dict(denied), "late": sum(r["late"] for r in parts),
             "dropped": sum(r["dropped"] for r in parts), "p50_ms": round(_pct(lat, 0.5) * 1e3, 3),
             "p90_ms": round(_pct(lat, 0.9) * 1e3, 3), "p99_ms": round(_pct(lat, 0.99) * 1e3, 3),
             "p999_ms": round(_pct(lat, 0.999) * 1e3, 3), "max_ms": round(lat[-1] * 1e3, 3) if lat else None}
@@ -234,10 +244,12 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
         r = open_loop(target, rate=args.rate, duration_s=args.duration, processes=args.processes, requests=requests,
                       outcomes=args.outcomes)
     table = Table(title="open-loop load")
-    for col in ("offered/s", "achieved/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "errors", "late", "dropped"):
+    for col in ("offered/s", "achieved/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "denied", "errors", "late",
+                "dropped"):
         table.add_column(col, justify="right")
     table.add_row(f"{r['offered_rps']:.0f}", f"{r['achieved_rps']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
-                  f"{r['p99_ms']:.2f}", f"{r['p999_ms']:.2f}", str(r["errors"]), str(r["late"]), str(r["dropped"]))
+                  f"{r['p99_ms']:.2f}", f"{r['p999_ms']:.2f}", str(r["denied"]), str(r["errors"]),
+                  str(r["late"]), str(r["dropped"]))
     console.print(table)
     if r["errors_by_code"]:
         console.print(f"errors by code: {r['errors_by_code']}")
