@@ -180,7 +180,9 @@ def bench_decide(sizes: list[int], *, candidates: int, iterations: int, policies
             engine.decide(r)
         stages.clear()
         lat: list[float] = []
-        for r in reqs:
+        for i, r in enumerate(reqs):
+            if i % 1000 == 0:  # keep telemetry fresh (the policies drop values older than 30 s), off the clock
+                _seed_telemetry(store, fleet, seed=i)
             t0 = time.perf_counter()
             engine.decide(r)
             lat.append((time.perf_counter() - t0) * 1e6)
