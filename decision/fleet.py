@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from decision.domain import TIERS, Endpoint, Tier, nominal_cost_per_1k_tokens
 from decision.gpu_profiles import PROFILES, scaled_throughput
-from decision.yaml_lines import LocatedYaml, YamlSyntaxError, load_located, load_located_file
+from decision.yaml_lines import LocatedYaml, YamlSyntaxError, field_path, load_located, load_located_file
 
 
 class _Strict(BaseModel):
@@ -109,28 +109,12 @@ class InventoryError(ValueError):
         self.issues = tuple(issues)
 
 
-def _field_name(loc: Sequence[str | int], data: Any) -> str:
-    """Render a pydantic loc as ``deployments[3].address`` (with the item's id when it has one)."""
-    out = ""
-    node = data
-    for part in loc:
-        if isinstance(part, int):
-            ident = node[part].get("id") if isinstance(node, list) and part < len(node) and \
-                isinstance(node[part], dict) else None
-            out += f"[{part}]" + (f"(id={ident})" if ident else "")
-            node = node[part] if isinstance(node, list) and part < len(node) else None
-        else:
-            out += ("." if out else "") + part
-            node = node.get(part) if isinstance(node, dict) else None
-    return out or "(document)"
-
-
 def _cross_check(spec: FleetSpec, doc: LocatedYaml) -> list[InventoryIssue]:
     """Reference and uniqueness checks pydantic cannot express per field."""
     issues: list[InventoryIssue] = []
 
     def issue(loc: tuple[str | int, ...], msg: str) -> None:
-        issues.append(InventoryIssue(doc.path, doc.line_of(loc), _field_name(loc, doc.data), msg))
+        issues.append(InventoryIssue(doc.path, doc.line_of(loc), field_path(loc, doc.data), msg))
 
     for section in ("sites", "nodes", "deployments"):
         seen: set[str] = set()
@@ -178,7 +162,7 @@ def parse_fleet(doc: LocatedYaml) -> FleetSpec:
         spec = FleetSpec.model_validate(doc.data)
     except ValidationError as exc:
         raise InventoryError([
-            InventoryIssue(doc.path, doc.line_of(err["loc"]), _field_name(err["loc"], doc.data), err["msg"])
+            InventoryIssue(doc.path, doc.line_of(err["loc"]), field_path(err["loc"], doc.data), err["msg"])
             for err in exc.errors()
         ]) from None
     problems = _cross_check(spec, doc)

@@ -40,6 +40,22 @@ class YamlSyntaxError(ValueError):
         self.path, self.line, self.column = path, line, column
 
 
+def field_path(loc: Sequence[str | int], data: Any) -> str:
+    """Render a pydantic ``loc`` as ``deployments[3](id=x).address``: the item's id helps a person find it."""
+    out = ""
+    node = data
+    for part in loc:
+        if isinstance(part, int):
+            ident = node[part].get("id") if isinstance(node, list) and part < len(node) and \
+                isinstance(node[part], dict) else None
+            out += f"[{part}]" + (f"(id={ident})" if ident else "")
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+        else:
+            out += ("." if out else "") + part
+            node = node.get(part) if isinstance(node, dict) else None
+    return out or "(document)"
+
+
 def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> Any:
     lines.setdefault(loc, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from decision.yaml_lines import LocatedYaml, YamlSyntaxError, load_located_file
+from decision.yaml_lines import LocatedYaml, YamlSyntaxError, field_path, load_located_file
 from policies.errors import BundleError, PolicyIssue
 
 MANIFEST = "manifest.yaml"
@@ -122,21 +122,6 @@ def bundle_revision(directory: str | Path) -> str:
     return "pol-" + h.hexdigest()[:12]
 
 
-def _field(loc: tuple[str | int, ...], data: Any) -> str:
-    out = ""
-    node = data
-    for part in loc:
-        if isinstance(part, int):
-            ident = node[part].get("id") if isinstance(node, list) and part < len(node) and \
-                isinstance(node[part], dict) else None
-            out += f"[{part}]" + (f"(id={ident})" if ident else "")
-            node = node[part] if isinstance(node, list) and part < len(node) else None
-        else:
-            out += ("." if out else "") + part
-            node = node.get(part) if isinstance(node, dict) else None
-    return out or "(document)"
-
-
 def load_manifest(directory: str | Path) -> tuple[ManifestSpec, LocatedYaml]:
     """Parse and validate ``manifest.yaml``; raises :class:`BundleError` naming file:line:col."""
     path = Path(directory) / MANIFEST
@@ -152,7 +137,7 @@ def load_manifest(directory: str | Path) -> tuple[ManifestSpec, LocatedYaml]:
         spec = ManifestSpec.model_validate(doc.data)
     except ValidationError as exc:
         raise BundleError([PolicyIssue(str(path), doc.line_of(e["loc"]), 1,
-                                       f"{_field(tuple(e['loc']), doc.data)}: {e['msg']}")
+                                       f"{field_path(tuple(e['loc']), doc.data)}: {e['msg']}")
                            for e in exc.errors()]) from None
     issues: list[PolicyIssue] = []
     seen: set[str] = set()
