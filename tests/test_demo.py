@@ -30,7 +30,8 @@ def test_demo_finishes_in_under_a_minute_and_leaves_the_audit_log(fresh_pg_url: 
         assert needle in out, needle
     with psycopg.connect(fresh_pg_url) as conn:
         decisions = conn.execute("select count(*) from decision_events").fetchone()
+        routed = conn.execute("select count(*) from decision_events where status = 'routed'").fetchone()
         outcomes = conn.execute("select count(*) from outcomes").fetchone()
-    assert decisions is not None and outcomes is not None
-    assert decisions[0] > 1000  # "a few thousand requests"
-    assert outcomes[0] > 0.9 * decisions[0]
+    assert decisions is not None and routed is not None and outcomes is not None
+    assert decisions[0] > 1000  # "a few thousand requests", denials included
+    assert outcomes[0] > 0.95 * routed[0]  # every routed decision's outcome is reported (a few may be in flight)
