@@ -5,8 +5,9 @@ Python serves one core per process, so more cores means more processes. The pare
 * reserves the gRPC port (a bound, non-listening SO_REUSEPORT socket, so ``--grpc-port 0`` works
   and no other program takes the port between workers' starts); the kernel spreads connections
   over the workers' listening sockets;
-* starts the embedded PostgreSQL once when no ``INFERMESH_DATABASE_URL`` is set, and hands every
-  worker its URL: one audit log, one learner store;
+* starts the embedded PostgreSQL once when no ``INFERMESH_DATABASE_URL`` is set, migrates the
+  database once (concurrent migrations would race), and hands every worker its URL: one audit
+  log, one learner store;
 * gives worker ``i`` the HTTP port ``http_port + i`` (``0`` stays ephemeral), its own data
   directory ``<data_dir>/worker-<i>`` (the audit spool must not be shared) and the replica id
   ``<host>-w<i>`` (learner statistics merge through PostgreSQL, ``learners.sync``);
@@ -70,11 +71,14 @@ def _shared_database(config_path: str) -> tuple[dict[str, str], Any]:
     from decision.config import load_config, load_settings
 
     cfg, settings = load_config(config_path), load_settings()
-    if settings.database_url or not cfg.audit.get("enabled", True):
+    if not cfg.audit.get("enabled", True):
         return {}, None
-    from audit.database import start_embedded
+    from audit.database import prepare, start_embedded
 
-    url, server = start_embedded(Path(settings.data_dir) / "pgdata")
+    url, server = settings.database_url, None
+    if not url:
+        url, server = start_embedded(Path(settings.data_dir) / "pgdata")
+    prepare(url)  # migrate once here: the workers' own (no-op) migrations then cannot race
     return {"INFERMESH_DATABASE_URL": url}, server
 
 

@@ -125,6 +125,8 @@ def write_config(tmp: Path, *, audit: bool, policies: str | None = None, extra: 
     doc["audit"] = {"enabled": audit}
     if policies is not None:
         doc["policies"] = str(Path(policies).resolve())
+    elif doc.get("policies"):
+        doc["policies"] = str((DEMO_CONFIG.parent / doc["policies"]).resolve())
     doc.update(extra or {})
     path = tmp / "infermesh.yaml"
     path.write_text(yaml.safe_dump(doc))
