@@ -56,8 +56,8 @@ def test_rego_undefined_fails_closed() -> None:
 def test_rego_syntax_error_reports_file_line_col(bundle_copy: Path) -> None:
     rego = bundle_copy / "residency.rego"
     lines = rego.read_text().splitlines()
-    idx = next(i for i, line in enumerate(lines) if "count(input.request.allowed_jurisdictions)" in line)
-    lines[idx] = "\tcount(input.request.allowed_jurisdictions) > "
+    idx = next(i for i, line in enumerate(lines) if "count(req.allowed_jurisdictions)" in line)
+    lines[idx] = "\tcount(req.allowed_jurisdictions) > "
     rego.write_text("\n".join(lines) + "\n")
     with pytest.raises(BundleError) as exc:
         compile_bundle(bundle_copy)

@@ -6,27 +6,32 @@ package infermesh.residency
 
 import rego.v1
 
-violation[c.id] contains msg if {
-	some c in input.candidates
-	count(input.request.allowed_jurisdictions) > 0
-	not c.endpoint.jurisdiction in input.request.allowed_jurisdictions
-	msg := sprintf("site %s is in %s, outside the allowed jurisdictions %v",
-		[c.endpoint.site_id, c.endpoint.jurisdiction, input.request.allowed_jurisdictions])
+# The reasons endpoint ep may not process request req (empty: allowed). A function of its
+# arguments only, so the bundle's tests can call it directly.
+site_violations(req, ep, params) := (jurisdiction_violations(req, ep) | class_violations(req, ep, params)) | certification_violations(req, ep, params)
+
+jurisdiction_violations(req, ep) := {msg |
+	count(req.allowed_jurisdictions) > 0
+	not ep.jurisdiction in req.allowed_jurisdictions
+	msg := sprintf("site %s is in %s, outside the allowed jurisdictions %v", [ep.site_id, ep.jurisdiction, req.allowed_jurisdictions])
 }
 
-violation[c.id] contains msg if {
-	some c in input.candidates
-	allowed := data.params.data_class_jurisdictions[input.request.data_class]
-	not c.endpoint.jurisdiction in allowed
-	msg := sprintf("%s data may only be processed in %v; site %s is in %s",
-		[input.request.data_class, allowed, c.endpoint.site_id, c.endpoint.jurisdiction])
+class_violations(req, ep, params) := {msg |
+	allowed := params.data_class_jurisdictions[req.data_class]
+	not ep.jurisdiction in allowed
+	msg := sprintf("%s data may only be processed in %v; site %s is in %s", [req.data_class, allowed, ep.site_id, ep.jurisdiction])
 }
 
-violation[c.id] contains msg if {
+certification_violations(req, ep, params) := {msg |
+	some cert in params.data_class_certifications[req.data_class]
+	not cert in ep.certifications
+	msg := sprintf("%s data needs a %s-certified site; %s is not", [req.data_class, cert, ep.site_id])
+}
+
+violation[c.id] := msgs if {
 	some c in input.candidates
-	some cert in data.params.data_class_certifications[input.request.data_class]
-	not cert in c.endpoint.certifications
-	msg := sprintf("%s data needs a %s-certified site; %s is not", [input.request.data_class, cert, c.endpoint.site_id])
+	msgs := site_violations(input.request, c.endpoint, data.params)
+	count(msgs) > 0
 }
 
 allow contains c.id if {
