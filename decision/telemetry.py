@@ -175,6 +175,11 @@ class _Ages(Mapping[str, float]):
     def __len__(self) -> int:
         return len(self._stamps)
 
+    def values(self) -> list[float]:  # type: ignore[override]
+        """All ages at once (the Mapping default would go key by key through ``__getitem__``)."""
+        now = self._now
+        return [now - st for st in self._stamps.values()]
+
     @property
     def stamps(self) -> Mapping[str, float]:
         """The timestamps themselves (the store replaces, never mutates, these maps)."""
