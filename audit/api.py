@@ -183,7 +183,10 @@ def build_router(repo: AuditRepository, *, reload: Callable[[], str] | None = No
         """Reload the policy bundle (admin)."""
         if reload is None:
             raise HTTPException(501, "reload is not wired in this process")
-        return {"revision": reload()}
+        try:
+            return {"revision": reload()}
+        except ValueError as exc:  # the new bundle failed check or its tests: the old one keeps running
+            raise HTTPException(409, str(exc)) from None
 
     @router.get("/audit", include_in_schema=False, response_class=HTMLResponse)
     def page() -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from decision.service import AuditParts
 
 
-def build_audit_parts(config: Mapping[str, Any], *, settings: Any) -> AuditParts:
+def build_audit_parts(config: Mapping[str, Any], *, settings: Any,
+                      reload: Callable[[], str] | None = None) -> AuditParts:
     """Resolve and migrate the database, start the writer, and return ``decision.service.AuditParts``.
 
     ``config`` is the ``audit:`` section of the service config (keys of :class:`AuditSettings`,
@@ -49,6 +50,6 @@ def build_audit_parts(config: Mapping[str, Any], *, settings: Any) -> AuditParts
         status = "ok" if writer.db_up or (writer.batches_written == 0 and not writer.spool.has_backlog) else "degraded"
         return {"status": status, **m, "database": "embedded" if server is not None else "external"}
 
-    gauges = {f"audit_{name}": (lambda n=name: float(writer.metrics()[n])) for name in writer.metrics()}
-    return AuditParts(sink=writer, reader=repo, flush=flush, close=close, routers=(build_router(repo),),
+    gauges = {f"infermesh_audit_{name}": (lambda n=name: float(writer.metrics()[n])) for name in writer.metrics()}
+    return AuditParts(sink=writer, reader=repo, flush=flush, close=close, routers=(build_router(repo, reload=reload),),
                       health=health, gauges=gauges, database_url=url)

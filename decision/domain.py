@@ -248,6 +248,8 @@ class Decision:
     decision_us: float
     # The compact form the audit log stores (decision.trace_format); ``trace`` is its readable view.
     stored_trace: Mapping[str, Any] = field(default_factory=dict)
+    # Age of the oldest telemetry value the chosen endpoint was judged on (inf: none known).
+    telemetry_age_s: float = float("inf")
 
 
 class OutcomeStatus(enum.StrEnum):

@@ -118,6 +118,7 @@ class DecisionEngine:
         reward: RewardFunction | None = None,
         shadow: Sequence[Learner] = (),
         max_fallbacks: int = 3,
+        max_candidates: int = 256,
         outcome_timeout_s: float = 300.0,
         max_pending: int = 200_000,
         clock: Callable[[], float] = time.time,
@@ -132,6 +133,7 @@ class DecisionEngine:
         self.reward: RewardFunction = reward or default_reward
         self.shadow = tuple(shadow)
         self.max_fallbacks = max_fallbacks
+        self.max_candidates = max_candidates
         self.outcome_timeout_s = outcome_timeout_s
         self.max_pending = max_pending
         self.clock = clock
@@ -178,6 +180,10 @@ class DecisionEngine:
             topo = fleet.topology
             hit = tuple((e, topo.rtt_ms(client, e.site_id) if client else fleet.spec.default_rtt_ms)
                         for e in endpoints_serving(fleet, model, family))
+            if len(hit) > self.max_candidates:
+                # Bound the per-request work on huge fleets: the nearest endpoints by RTT (stable,
+                # so ties keep inventory order). The guard stage still judges every one kept.
+                hit = tuple(sorted(hit, key=lambda p: p[1])[: self.max_candidates])
             if len(self._placement) > 65536:
                 self._placement.clear()
                 self._endpoint_rows.clear()
@@ -228,6 +234,7 @@ class DecisionEngine:
             expected_cost_per_1k_tokens=chosen.expected_cost_per_1k_tokens,
             reason=self._reason(chosen, len(candidates), len(result.allowed), choice, learner),
             trace=trace, decided_at=now, decision_us=decision_us, stored_trace=stored,
+            telemetry_age_s=max(chosen.candidate.telemetry.ages_s.values(), default=float("inf")),
         )
         guard.commit(ctx, decision)
         self._remember(decision_id, _Pending(ctx, chosen.features, chosen.expected_ttft_ms,

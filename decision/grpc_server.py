@@ -90,6 +90,8 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
                 raise
             self.metrics.decisions.labels("routed").inc()
             self.metrics.decision_seconds.observe(d.decision_us / 1e6)
+            if d.telemetry_age_s != float("inf"):
+                self.metrics.telemetry_age.observe(d.telemetry_age_s)
             return decision_to_pb(d, self.engine.fleet.revision)
 
         return self._guarded("Decide", context, run)

@@ -107,12 +107,13 @@ def build_learner(config: ServiceConfig, n_features: int) -> tuple[Learner, tupl
     return acting, shadows
 
 
-def build_audit(config: ServiceConfig, settings: Settings) -> AuditParts:
+def build_audit(config: ServiceConfig, settings: Settings,
+                reload: Callable[[], str] | None = None) -> AuditParts:
     if not config.audit.get("enabled", True):
         return AuditParts()
     from audit.integration import build_audit_parts  # the audit package's entry point
 
-    parts: AuditParts = build_audit_parts(config.audit, settings=settings)
+    parts: AuditParts = build_audit_parts(config.audit, settings=settings, reload=reload)
     return parts
 
 
@@ -132,7 +133,7 @@ class Service:
         if audit_enabled is False:
             self.audit = AuditParts()
         else:
-            self.audit = build_audit(config, settings)
+            self.audit = build_audit(config, settings, reload=self._admin_reload)
         self.engine: DecisionEngine | None = None
         self.policies = build_policies(config, settings, self.fleet, self._swap_guard)
         features = make_features(config.learner.features)
@@ -140,7 +141,8 @@ class Service:
         self.engine = DecisionEngine(
             self.fleet, self.telemetry, self.policies.guard, learner, features=features,
             audit=self.audit.sink, traces=self.audit.reader, reward=_build_reward(config), shadow=shadows,
-            max_fallbacks=config.decision.max_fallbacks, outcome_timeout_s=config.decision.outcome_timeout_s)
+            max_fallbacks=config.decision.max_fallbacks, max_candidates=config.decision.max_candidates,
+            outcome_timeout_s=config.decision.outcome_timeout_s)
         self.engine.on_stage = lambda stage, us: self.metrics.stage_seconds.labels(stage).observe(us / 1e6)
         self.metrics.gauge("infermesh_pending_outcomes", "Decisions awaiting an outcome.",
                            lambda: float(self.engine.pending_outcomes() if self.engine else 0))
@@ -158,6 +160,13 @@ class Service:
         if self.engine is not None:
             self.engine.set_guard(guard)
             self.metrics.policy_reloads.inc()
+
+    def _admin_reload(self) -> str:
+        """The auditors' API's admin reload: the new revision, or ValueError naming why it was refused."""
+        ok, revision, error = self.reload_policies()
+        if not ok:
+            raise ValueError(error or "reload refused")
+        return revision
 
     def reload_policies(self) -> tuple[bool, str, str]:
         if self.policies.reload is None:

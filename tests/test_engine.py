@@ -174,3 +174,18 @@ def test_decision_ids_are_time_ordered_uuids(demo_fleet) -> None:  # type: ignor
     ids = [new_decision_id(1_700_000_000.0 + i) for i in range(5)]
     assert ids == sorted(ids)
     assert all(uuid.UUID(i).version == 7 for i in ids)
+
+
+def test_huge_candidate_sets_are_cut_to_the_nearest_endpoints() -> None:
+    from decision.fleet import Fleet
+    from decision.fleetgen import synthetic_fleet
+
+    fleet = Fleet.from_mapping(synthetic_fleet(512, per_model=128, seed=3))
+    eng = demo_engine(fleet, max_candidates=16)
+    ctx = RequestContext("r", "t", model="model-0", client_region="r0")
+    located = eng.locate(fleet, ctx, 0.0)
+    assert len(located) == 16
+    everyone = sorted(fleet.topology.rtt_ms("r0", e.site_id) for e in fleet.by_model["model-0"])
+    assert sorted(c.rtt_ms for c in located) == everyone[:16]
+    d = eng.decide(ctx)
+    assert d.route.endpoint_id in {c.endpoint.endpoint_id for c in located}
