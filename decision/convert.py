@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import struct_pb2
-from google.protobuf.json_format import ParseDict
+from google.protobuf.json_format import MessageToDict, ParseDict
 
 from decision.domain import Decision, Outcome, OutcomeStatus, RequestContext, Route
 from decision.errors import InvalidArgument
@@ -106,6 +106,29 @@ def _unix_seconds(value: Any) -> float:
     if isinstance(value, datetime):
         return value.timestamp()
     return float(value)
+
+
+def record_from_trace_pb(t: pb.Trace) -> dict[str, Any]:
+    """An Explain answer back in the audit log's record shape (what ``audit.why`` renders)."""
+    trace = MessageToDict(t.trace)
+    request = trace.get("request") or {}
+    record: dict[str, Any] = {
+        "decision_id": t.decision_id, "status": t.status,
+        "decided_at": datetime.fromtimestamp(t.decided_at_unix_s, tz=UTC).isoformat(),
+        "request_id": request.get("request_id"), "tenant": request.get("tenant"),
+        "user_tier": request.get("user_tier"), "model": t.route.model or request.get("model_family"),
+        "endpoint_id": t.route.endpoint_id or None, "site_id": t.route.site_id, "region": t.route.region,
+        "tier": t.route.tier, "gpu_type": t.route.gpu_type, "propensity": t.propensity,
+        "policy_revision": t.policy_revision, "learner": t.learner, "reason": t.reason,
+        "deny_rules": list(t.deny_rules), "trace": trace, "outcome": None,
+    }
+    if t.HasField("outcome"):
+        o = t.outcome
+        record["outcome"] = {"status": pb.OutcomeStatus.Name(o.status).removeprefix("OUTCOME_STATUS_").lower(),
+                             "ttft_ms": o.ttft_ms, "latency_ms": o.latency_ms, "input_tokens": o.input_tokens,
+                             "output_tokens": o.output_tokens, "error": o.error,
+                             "reward": t.reward if t.HasField("reward") else None}
+    return record
 
 
 def trace_to_pb(record: Mapping[str, Any]) -> pb.Trace:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from multiprocessing.sharedctypes import Synchronized
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict, ParseDict
+from google.protobuf.json_format import ParseDict
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -116,8 +116,9 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def run_demo(cfg: ServiceConfig, settings: Settings, *, duration_s: float, concurrency: int, seed: int) -> int:
+    from audit.why import render_text
+    from decision.convert import record_from_trace_pb
     from decision.service import Service
-    from decision.why import render_why
     from infermesh.decision.v1 import decision_pb2 as pb
     from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
 
@@ -172,16 +173,8 @@ def run_demo(cfg: ServiceConfig, settings: Settings, *, duration_s: float, concu
             stub = pb_grpc.DecisionServiceStub(ch)
             try:
                 t = stub.Explain(pb.ExplainRequest(decision_id=res.sample_decision), timeout=10)
-                record = MessageToDict(t, preserving_proto_field_name=True)
-                record["trace"] = MessageToDict(t.trace)
-                if t.HasField("outcome"):
-                    record["outcome"] = MessageToDict(t.outcome, preserving_proto_field_name=True)
-                    record["outcome"]["status"] = pb.OutcomeStatus.Name(t.outcome.status).removeprefix(
-                        "OUTCOME_STATUS_").lower()
-                    if t.HasField("reward"):
-                        record["outcome"]["reward"] = t.reward
                 console.rule("why this route (Explain over gRPC)")
-                console.print(render_why(record), highlight=False, soft_wrap=True)
+                console.print(render_text(record_from_trace_pb(t)), highlight=False, soft_wrap=True, markup=False)
             except Exception as exc:  # the summary stands even when the audit log is off
                 console.print(f"Explain unavailable: {exc}")
     service.stop()
