@@ -9,6 +9,26 @@ recomputed exactly after a merge or every ``refresh_every`` updates (bounding nu
 Every learner here shares one model (one ``theta``) over all arms: arms change from request to
 request, so what is learned must be about the arm's features (site, GPU type, load...), not
 its index.
+
+Safe from the first request (both on by default):
+
+* **Warm-start prior** (``prior``). The ridge model starts at a prior mean ``theta0`` instead of 0:
+  ``A = l2 I`` and ``b = l2 theta0``, so ``theta = theta0`` before any update and the data then
+  pulls it away as a Bayesian ridge posterior with prior ``N(theta0, A^-1)`` would. ``"scorer"``
+  sets ``theta0`` to the reward the deterministic scorer predicts when its estimates are right:
+  ``1 - ttft_ratio - 0.1 cost_ratio`` on :class:`learners.features.RouteFeatures` (the shape of
+  :class:`learners.reward.ObjectiveReward` with its default weights), so an untrained learner
+  ranks arms like the expected-TTFT/cost scorer. The prior lives in the initial ``b``, not in the
+  deltas, so merging replicas adds it once per replica's own model and never twice.
+* **Safe exploration** (``safe_slack``, ``safe_margin``). Every choice, exploring or not, is made
+  among the *eligible* arms: those whose scorer-expected TTFT is at most
+  ``best * (1 + safe_slack) + safe_margin * target``, where ``best`` is the least expected TTFT
+  offered and ``target`` the request's TTFT target (``default_target_ms`` when it has none).
+  The UCB bonus, Thompson draws and epsilon floor act inside that set only, so the arm the scorer
+  ranks first is always eligible and an arm the scorer expects to be far slower is never tried.
+  Propensities are computed over the eligible set and stay exact and in (0, 1]; arms outside it
+  have probability 0 (off-policy evaluation of another policy is then only supported on the
+  eligible arms). ``safe_slack=None`` switches the filter off.
 """
 
 from __future__ import annotations
@@ -23,6 +43,7 @@ import numpy.typing as npt
 from decision.domain import Choice, RequestContext, ScoredCandidate
 
 FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
 
 
 class RidgeStats:
@@ -30,14 +51,15 @@ class RidgeStats:
 
     __slots__ = ("A", "A_inv", "_since", "b", "d", "dA", "db", "dn", "l2", "n", "refresh_every", "theta")
 
-    def __init__(self, d: int, l2: float, refresh_every: int = 2000) -> None:
+    def __init__(self, d: int, l2: float, refresh_every: int = 2000, prior: FloatArray | None = None) -> None:
         self.d = d
         self.l2 = l2
         self.refresh_every = refresh_every
         self.A: FloatArray = np.eye(d) * l2
         self.A_inv: FloatArray = np.eye(d) / l2
-        self.b: FloatArray = np.zeros(d)
-        self.theta: FloatArray = np.zeros(d)
+        # A prior mean theta0 enters as l2 * theta0 in b (it is not part of any delta).
+        self.b: FloatArray = np.zeros(d) if prior is None else l2 * np.asarray(prior, dtype=np.float64)
+        self.theta: FloatArray = self.A_inv @ self.b
         self.n = 0
         self.dA: FloatArray = np.zeros((d, d))
         self.db: FloatArray = np.zeros(d)
@@ -105,46 +127,147 @@ class RidgeStats:
             self.refresh()
 
 
-_LAST: list[tuple[Sequence[ScoredCandidate], FloatArray]] = []
+_LAST: list[tuple[Sequence[ScoredCandidate], FloatArray, FloatArray]] = []
+
+SCORER_PRIOR: Mapping[str, float] = {"bias": 1.0, "ttft_ratio": -1.0, "cost_ratio": -0.1}
+"""The ``"scorer"`` prior mean: :class:`learners.reward.ObjectiveReward` (default weights) with the
+scorer's expected TTFT and cost in place of the observed ones."""
+
+Prior = str | Mapping[str, float] | None
 
 
-def arms_matrix(arms: Sequence[ScoredCandidate]) -> FloatArray:
-    """The arms' feature vectors as a matrix, one row per arm.
+def arms_arrays(arms: Sequence[ScoredCandidate]) -> tuple[FloatArray, FloatArray]:
+    """The arms' feature vectors (one row per arm) and the scorer's expected TTFTs (ms).
 
-    Converting Python floats is most of a linear learner's choose cost, so the last matrix is
-    kept for the same ``arms`` object: the acting learner and its shadows convert it once.
+    Converting Python floats is most of a linear learner's choose cost, so the last arrays are
+    kept for the same ``arms`` object: the acting learner and its shadows convert them once.
     """
     last = _LAST[0] if _LAST else None
     if last is not None and last[0] is arms:
-        return last[1]
+        return last[1], last[2]
     X = np.array([a.features for a in arms], dtype=float)
     X.setflags(write=False)
+    ttft = np.array([a.expected_ttft_ms for a in arms], dtype=float)
+    ttft.setflags(write=False)
     if _LAST:
-        _LAST[0] = (arms, X)
+        _LAST[0] = (arms, X, ttft)
     else:
-        _LAST.append((arms, X))
-    return X
+        _LAST.append((arms, X, ttft))
+    return X, ttft
+
+
+def arms_matrix(arms: Sequence[ScoredCandidate]) -> FloatArray:
+    """The arms' feature vectors as a matrix, one row per arm (see :func:`arms_arrays`)."""
+    return arms_arrays(arms)[0]
+
+
+def route_feature_names(n_features: int) -> tuple[str, ...] | None:
+    """The names of :class:`learners.features.RouteFeatures` with ``n_features`` columns, if it can have that many.
+
+    >>> route_feature_names(40)[:3], route_feature_names(40)[-1], route_feature_names(6)
+    (('bias', 'ttft_ratio', 'queue_ratio'), 'site_7', None)
+    """
+    from learners.features import BASE_NAMES
+
+    if n_features < len(BASE_NAMES):
+        return None
+    return BASE_NAMES + tuple(f"site_{i}" for i in range(n_features - len(BASE_NAMES)))
+
+
+def prior_mean(prior: Prior, n_features: int) -> FloatArray | None:
+    """The prior mean ``theta0`` a ``prior`` setting gives on ``n_features`` columns (None: zero).
+
+    ``"auto"`` is ``"scorer"`` when the columns can be :class:`learners.features.RouteFeatures`
+    (at least its 32 base columns) and no prior otherwise; ``"scorer"`` is :data:`SCORER_PRIOR`;
+    ``"none"`` or ``None`` is no prior; a mapping names RouteFeatures columns and their weights.
+    Naming a column the layout does not have fails.
+
+    >>> theta0 = prior_mean("scorer", 40)
+    >>> float(theta0[0]), float(theta0[1]), float(theta0[22]), float(abs(theta0).sum())
+    (1.0, -1.0, -0.1, 2.1)
+    >>> prior_mean("auto", 6) is None
+    True
+    """
+    if prior is None or prior == "none":
+        return None
+    names = route_feature_names(n_features)
+    if prior == "auto":
+        if names is None:
+            return None
+        prior = "scorer"
+    if isinstance(prior, str):
+        if prior != "scorer":
+            raise ValueError(f"prior must be 'auto', 'scorer', 'none' or a mapping, got {prior!r}")
+        prior = SCORER_PRIOR
+    if names is None:
+        raise ValueError(f"a prior names RouteFeatures columns; a learner over {n_features} features "
+                         "is not on that layout")
+    theta0 = np.zeros(n_features)
+    for key, w in prior.items():
+        if key not in names:
+            raise ValueError(f"prior: unknown feature {key!r}")
+        theta0[names.index(key)] = float(w)
+    return theta0
+
+
+def eligible(ttft: FloatArray, target_ms: float, slack: float | None, margin: float) -> BoolArray | None:
+    """Mask of the arms safe to explore: expected TTFT within the slack of the best (None: all).
+
+    An arm is eligible when ``ttft <= min(ttft) * (1 + slack) + margin * target_ms``; the best
+    arm always is. ``slack=None`` disables the filter.
+
+    >>> eligible(np.array([100.0, 140.0, 180.0, 900.0]), 500.0, 0.5, 0.05)
+    array([ True,  True, False, False])
+    """
+    if slack is None or len(ttft) < 2:
+        return None
+    bound = float(ttft.min()) * (1.0 + slack) + margin * target_ms
+    mask: BoolArray = ttft <= bound
+    if mask.all():
+        return None
+    return mask
 
 
 class LinearLearner:
     """Base of the linear learners: hyperparameters, the ridge model, state, clone, update.
 
     Subclasses implement :meth:`_decide` (the arm, its propensity, per-arm scores) and
-    :meth:`_distribution` (the probability of each arm, for off-policy evaluation).
+    :meth:`_distribution` (the probability of each arm, for off-policy evaluation) over the
+    eligible arms' rows only; this class applies the safe set (module docstring) around them.
+
+    Parameters (shared by every subclass)
+    -------------------------------------
+    prior
+        Warm-start prior mean: ``"auto"`` (default; the scorer's reward on the RouteFeatures layout,
+        none on any other), ``"scorer"``, ``"none"``, or a mapping ``{feature name: weight}``.
+    safe_slack
+        Relative TTFT slack of the safe set (``None``: no safe set).
+    safe_margin
+        Absolute slack of the safe set, as a fraction of the request's TTFT target.
+    default_target_ms
+        TTFT target of requests that give none (as :class:`learners.features.RouteFeatures`).
     """
 
     name = "linear"
     version = "1"
 
-    def __init__(self, n_features: int, *, l2: float = 1.0, seed: int | None = None) -> None:
+    def __init__(self, n_features: int, *, l2: float = 1.0, seed: int | None = None, prior: Prior = "auto",
+                 safe_slack: float | None = 0.5, safe_margin: float = 0.1,
+                 default_target_ms: float = 500.0) -> None:
         if n_features < 1:
             raise ValueError("n_features must be >= 1")
         if l2 <= 0:
             raise ValueError("l2 must be > 0")
+        if (safe_slack is not None and safe_slack < 0) or safe_margin < 0 or default_target_ms <= 0:
+            raise ValueError("safe_slack and safe_margin must be >= 0, default_target_ms > 0")
         self.n_features = n_features
         self.l2 = l2
         self.seed = seed
-        self._stats = RidgeStats(n_features, l2)
+        self.prior = prior
+        self.safe_slack = safe_slack
+        self.safe_margin = safe_margin
+        self.default_target_ms = default_target_ms
+        self._stats = RidgeStats(n_features, l2, prior=prior_mean(prior, n_features))
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
 
@@ -152,6 +275,10 @@ class LinearLearner:
     def _params(self) -> dict[str, Any]:
         """Constructor arguments, as given."""
         return {"l2": self.l2, "seed": self.seed}
+
+    def _safe_params(self) -> dict[str, Any]:
+        return {"prior": self.prior, "safe_slack": self.safe_slack, "safe_margin": self.safe_margin,
+                "default_target_ms": self.default_target_ms}
 
     def clone(self) -> LinearLearner:
         """A fresh, unfitted learner with the same hyperparameters."""
@@ -162,22 +289,43 @@ class LinearLearner:
         return f"{type(self).__name__}(n_features={self.n_features}, {params})"
 
     # -- the Learner contract --
-    def _matrix(self, arms: Sequence[ScoredCandidate]) -> FloatArray:
+    def _arrays(self, ctx: RequestContext, arms: Sequence[ScoredCandidate]) -> tuple[FloatArray, BoolArray | None]:
+        """The feature matrix and the safe-set mask (None when every arm is eligible)."""
         if not arms:
             raise ValueError("no arms offered")
-        X = arms_matrix(arms)
+        X, ttft = arms_arrays(arms)
         if X.shape[1] != self.n_features:
             raise ValueError(f"arms have {X.shape[1]} features, learner expects {self.n_features}")
-        return X
+        target = ctx.ttft_target_ms if ctx.ttft_target_ms > 0 else self.default_target_ms
+        return X, eligible(ttft, target, self.safe_slack, self.safe_margin)
 
     def choose(self, ctx: RequestContext, arms: Sequence[ScoredCandidate]) -> Choice:
-        X = self._matrix(arms)
-        arm, propensity, scores = self._decide(X)
-        return Choice(arm, propensity, tuple(scores.tolist()))
+        X, mask = self._arrays(ctx, arms)
+        if mask is None:
+            arm, propensity, scores = self._decide(X)
+            return Choice(arm, propensity, tuple(scores.tolist()))
+        idx = np.flatnonzero(mask)
+        sub, propensity, sub_scores = self._decide(X[idx])
+        # Arms outside the safe set keep their order but rank below every eligible one (fallbacks).
+        scores = self.predict(X)
+        low = float(sub_scores.min()) - 1.0 - float(scores.max() - scores.min())
+        scores = scores - float(scores.max()) + low
+        scores[idx] = sub_scores
+        return Choice(int(idx[sub]), propensity, tuple(scores.tolist()))
 
     def probabilities(self, ctx: RequestContext, arms: Sequence[ScoredCandidate]) -> tuple[float, ...]:
         """The probability this learner gives each offered arm now (for off-policy evaluation)."""
-        return tuple(self._distribution(self._matrix(arms)).tolist())
+        X, mask = self._arrays(ctx, arms)
+        if mask is None:
+            return tuple(self._distribution(X).tolist())
+        p = np.zeros(X.shape[0])
+        p[mask] = self._distribution(X[mask])
+        return tuple(p.tolist())
+
+    def is_eligible(self, ctx: RequestContext, arms: Sequence[ScoredCandidate]) -> tuple[bool, ...]:
+        """Which offered arms this learner may choose (its safe set) for this request."""
+        _, mask = self._arrays(ctx, arms)
+        return (True,) * len(arms) if mask is None else tuple(bool(m) for m in mask)
 
     def update(self, features: Sequence[float], reward: float) -> None:
         """Learn from the reward observed for the chosen arm's features."""

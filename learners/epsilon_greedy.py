@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from learners._linear import FloatArray, LinearLearner, epsilon_mix, sample_epsilon
+from learners._linear import FloatArray, LinearLearner, Prior, epsilon_mix, sample_epsilon
 
 
 class EpsilonGreedy(LinearLearner):
@@ -25,6 +25,8 @@ class EpsilonGreedy(LinearLearner):
         Ridge prior strength.
     seed
         Seed of the exploration draws.
+    prior, safe_slack, safe_margin, default_target_ms
+        Warm-start prior and safe set (:class:`learners._linear.LinearLearner`).
 
     Examples
     --------
@@ -41,14 +43,16 @@ class EpsilonGreedy(LinearLearner):
     version = "1"
 
     def __init__(self, n_features: int, *, epsilon: float = 0.1, l2: float = 1.0,
-                 seed: int | None = None) -> None:
-        super().__init__(n_features, l2=l2, seed=seed)
+                 seed: int | None = None, prior: Prior = "auto",
+                 safe_slack: float | None = 0.5, safe_margin: float = 0.1, default_target_ms: float = 500.0) -> None:
+        super().__init__(n_features, l2=l2, seed=seed, prior=prior, safe_slack=safe_slack, safe_margin=safe_margin,
+                         default_target_ms=default_target_ms)
         if not 0.0 <= epsilon <= 1.0:
             raise ValueError("epsilon must be in [0, 1]")
         self.epsilon = epsilon
 
     def _params(self) -> dict[str, Any]:
-        return {"epsilon": self.epsilon, "l2": self.l2, "seed": self.seed}
+        return {"epsilon": self.epsilon, "l2": self.l2, "seed": self.seed, **self._safe_params()}
 
     def _decide(self, X: FloatArray) -> tuple[int, float, FloatArray]:
         scores = X @ self._stats.theta

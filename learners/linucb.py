@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from learners._linear import FloatArray, LinearLearner, epsilon_mix, sample_epsilon
+from learners._linear import FloatArray, LinearLearner, Prior, epsilon_mix, sample_epsilon
 
 
 class LinUCB(LinearLearner):
@@ -30,34 +30,45 @@ class LinUCB(LinearLearner):
         Ridge prior strength (``A`` starts at ``l2 * I``).
     seed
         Seed of the generator behind the epsilon draws.
+    prior, safe_slack, safe_margin, default_target_ms
+        Warm-start prior and safe set (:class:`learners._linear.LinearLearner`).
 
     Examples
     --------
     >>> from decision.domain import RequestContext
     >>> from learners.testing import toy_arms
     >>> learner = LinUCB(2, alpha=0.1, epsilon=0.0, seed=7)
-    >>> arms = toy_arms([100.0, 400.0], features=[(1.0, 0.0), (0.0, 1.0)])
+    >>> arms = toy_arms([100.0, 140.0], features=[(1.0, 0.0), (0.0, 1.0)])
     >>> for _ in range(20):
     ...     learner.update((1.0, 0.0), 0.2)
     ...     learner.update((0.0, 1.0), 0.9)
     >>> choice = learner.choose(RequestContext("r", "t"), arms)
     >>> choice.arm, choice.propensity
     (1, 1.0)
+
+    The second arm is learned to be better, but an arm the scorer expects to be much slower than
+    the best one (400 ms against 100 ms, past ``100 * 1.5 + 0.1 * 500``) is outside the safe set:
+
+    >>> slow = toy_arms([100.0, 400.0], features=[(1.0, 0.0), (0.0, 1.0)])
+    >>> learner.choose(RequestContext("r", "t"), slow).arm, learner.probabilities(RequestContext("r", "t"), slow)
+    (0, (1.0, 0.0))
     """
 
     name = "linucb"
     version = "1"
 
     def __init__(self, n_features: int, *, alpha: float = 1.0, epsilon: float = 0.01, l2: float = 1.0,
-                 seed: int | None = None) -> None:
-        super().__init__(n_features, l2=l2, seed=seed)
+                 seed: int | None = None, prior: Prior = "auto",
+                 safe_slack: float | None = 0.5, safe_margin: float = 0.1, default_target_ms: float = 500.0) -> None:
+        super().__init__(n_features, l2=l2, seed=seed, prior=prior, safe_slack=safe_slack, safe_margin=safe_margin,
+                         default_target_ms=default_target_ms)
         if alpha < 0 or not 0.0 <= epsilon < 1.0:
             raise ValueError("alpha must be >= 0 and epsilon in [0, 1)")
         self.alpha = alpha
         self.epsilon = epsilon
 
     def _params(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "epsilon": self.epsilon, "l2": self.l2, "seed": self.seed}
+        return {"alpha": self.alpha, "epsilon": self.epsilon, "l2": self.l2, "seed": self.seed, **self._safe_params()}
 
     def _ucb(self, X: FloatArray) -> FloatArray:
         s = self._stats

@@ -58,8 +58,9 @@ def names() -> tuple[str, ...]:
 def make_learner(name: str, n_features: int, **params: Any) -> Learner:
     """Build the learner registered as ``name``; unknown names and parameters fail fast.
 
-    >>> make_learner("linucb", 4, alpha=0.5, seed=1)
-    LinUCB(n_features=4, alpha=0.5, epsilon=0.01, l2=1.0, seed=1)
+    >>> learner = make_learner("linucb", 4, alpha=0.5, seed=1, safe_slack=1.0)
+    >>> type(learner).__name__, learner.alpha, learner.safe_slack, learner.prior
+    ('LinUCB', 0.5, 1.0, 'auto')
     """
     factory = REGISTRY.get(name)
     if factory is None:

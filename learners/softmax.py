@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from learners._linear import FloatArray, LinearLearner
+from learners._linear import FloatArray, LinearLearner, Prior
 
 
 class Softmax(LinearLearner):
@@ -24,6 +24,8 @@ class Softmax(LinearLearner):
         Ridge prior strength.
     seed
         Seed of the draws.
+    prior, safe_slack, safe_margin, default_target_ms
+        Warm-start prior and safe set (:class:`learners._linear.LinearLearner`).
 
     Examples
     --------
@@ -38,14 +40,16 @@ class Softmax(LinearLearner):
     version = "1"
 
     def __init__(self, n_features: int, *, temperature: float = 0.1, l2: float = 1.0,
-                 seed: int | None = None) -> None:
-        super().__init__(n_features, l2=l2, seed=seed)
+                 seed: int | None = None, prior: Prior = "auto",
+                 safe_slack: float | None = 0.5, safe_margin: float = 0.1, default_target_ms: float = 500.0) -> None:
+        super().__init__(n_features, l2=l2, seed=seed, prior=prior, safe_slack=safe_slack, safe_margin=safe_margin,
+                         default_target_ms=default_target_ms)
         if temperature <= 0:
             raise ValueError("temperature must be > 0")
         self.temperature = temperature
 
     def _params(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "l2": self.l2, "seed": self.seed}
+        return {"temperature": self.temperature, "l2": self.l2, "seed": self.seed, **self._safe_params()}
 
     def _probs(self, scores: FloatArray) -> FloatArray:
         z = (scores - scores.max()) / self.temperature

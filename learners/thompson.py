@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from learners._linear import FloatArray, LinearLearner
+from learners._linear import FloatArray, LinearLearner, Prior
 
 
 class LinearThompson(LinearLearner):
@@ -35,6 +35,8 @@ class LinearThompson(LinearLearner):
         Ridge prior strength.
     seed
         Seed of the sampler.
+    prior, safe_slack, safe_margin, default_target_ms
+        Warm-start prior and safe set (:class:`learners._linear.LinearLearner`).
 
     Examples
     --------
@@ -53,8 +55,10 @@ class LinearThompson(LinearLearner):
     version = "1"
 
     def __init__(self, n_features: int, *, v: float = 0.2, epsilon: float = 0.01, mc_samples: int = 32,
-                 l2: float = 1.0, seed: int | None = None) -> None:
-        super().__init__(n_features, l2=l2, seed=seed)
+                 l2: float = 1.0, seed: int | None = None, prior: Prior = "auto",
+                 safe_slack: float | None = 0.5, safe_margin: float = 0.1, default_target_ms: float = 500.0) -> None:
+        super().__init__(n_features, l2=l2, seed=seed, prior=prior, safe_slack=safe_slack, safe_margin=safe_margin,
+                         default_target_ms=default_target_ms)
         if v < 0 or not 0.0 <= epsilon < 1.0 or mc_samples < 1:
             raise ValueError("v must be >= 0, epsilon in [0, 1), mc_samples >= 1")
         self.v = v
@@ -64,7 +68,7 @@ class LinearThompson(LinearLearner):
 
     def _params(self) -> dict[str, Any]:
         return {"v": self.v, "epsilon": self.epsilon, "mc_samples": self.mc_samples, "l2": self.l2,
-                "seed": self.seed}
+                "seed": self.seed, **self._safe_params()}
 
     def _after_update(self) -> None:
         self._chol = None
