@@ -128,3 +128,12 @@ def test_infermesh_runs_the_real_engine_and_respects_residency() -> None:
     assert ours["guardrail_violations"] == 0, ours
     assert ours["completed"] + ours["in_flight_at_end"] == ours["requests"], ours["dropped"]
     assert rr["guardrail_violations"] > 0  # the blind baseline does break the rules
+
+
+def test_infermesh_strategy_names_carry_learner_hyperparameters() -> None:
+    from sim.strategies import registry
+    from sim.strategies.infermesh import InferMesh
+
+    strat = registry.make("infermesh:linucb/alpha=0.5/safe_slack=null", 3)
+    assert isinstance(strat, InferMesh) and strat.name == "infermesh:linucb/alpha=0.5/safe_slack=null"
+    assert strat.learner_name == "linucb" and strat.params == {"alpha": 0.5, "safe_slack": None}

@@ -17,7 +17,7 @@ handling are the engine's own.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -64,8 +64,9 @@ def default_guard(clock: Callable[[], float]) -> Guard:
     return PolicyGuard(compile_bundle(DEFAULT_BUNDLE), clock=clock)
 
 
-def default_learner(name: str, seed: int) -> tuple[Learner, FeatureBuilder | None, RewardFunction | None]:
-    """A registered learner over the learners' feature builder and reward, else the spine's scorer."""
+def default_learner(name: str, seed: int, params: Mapping[str, Any] | None = None,
+                    ) -> tuple[Learner, FeatureBuilder | None, RewardFunction | None]:
+    """A registered learner (with ``params``) over the learners' feature builder and reward, else the scorer."""
     try:
         from learners.features import default_feature_builder
         from learners.registry import make_learner
@@ -73,8 +74,9 @@ def default_learner(name: str, seed: int) -> tuple[Learner, FeatureBuilder | Non
     except ImportError:
         return LeastExpectedTtft(), None, None
     fb = default_feature_builder()
-    params: dict[str, Any] = {} if name == "least-ttft" else {"seed": seed}
-    return make_learner(name, len(fb.names), **params), fb, ObjectiveReward()
+    kw: dict[str, Any] = {} if name == "least-ttft" else {"seed": seed}
+    kw.update(params or {})
+    return make_learner(name, len(fb.names), **kw), fb, ObjectiveReward()
 
 
 class InferMesh(Strategy):
@@ -84,6 +86,8 @@ class InferMesh(Strategy):
     ----------
     learner
         Registered learner name (``linucb``, ``linear-ts``, ``least-ttft``...).
+    params
+        The learner's hyperparameters (its defaults otherwise).
     shortlist
         Endpoints offered to the engine per decision.
     seed
@@ -93,11 +97,12 @@ class InferMesh(Strategy):
     needs_store = True
 
     def __init__(self, learner: str = "linucb", *, shortlist: int = 16, seed: int = 0,
-                 label: str = "infermesh", expected_output_tokens: int = 256,
+                 label: str = "infermesh", expected_output_tokens: int = 256, params: Mapping[str, Any] | None = None,
                  make: Callable[[int], tuple[Learner, FeatureBuilder | None, RewardFunction | None]] | None = None,
                  ) -> None:
         self.name = label
         self.learner_name = learner
+        self.params = dict(params or {})
         self.k = shortlist
         self.seed = seed
         self.expected_output_tokens = expected_output_tokens
@@ -111,7 +116,7 @@ class InferMesh(Strategy):
         clock: Callable[[], float] = lambda: view.now  # noqa: E731 - the simulated clock
         self.store = TelemetryStore({e.endpoint_id: e.node_id for e in w.endpoints}, clock=clock)
         learner, fb, reward = (self._make(self.seed) if self._make is not None
-                               else default_learner(self.learner_name, self.seed))
+                               else default_learner(self.learner_name, self.seed, self.params))
         self.engine = ShortlistEngine(w.fleet, self.store, default_guard(clock), learner, features=fb,
                                       reward=reward, clock=clock, outcome_timeout_s=600.0)
         self.index = {e.endpoint_id: i for i, e in enumerate(w.endpoints)}

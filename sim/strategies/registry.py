@@ -52,10 +52,17 @@ def available() -> tuple[str, ...]:
 
 
 def make(name: str, seed: int) -> Strategy:
-    """Build a strategy; ``infermesh:LEARNER`` runs the pipeline with another registered learner."""
+    """Build a strategy; ``infermesh:LEARNER`` runs the pipeline with another registered learner.
+
+    Hyperparameters follow the learner's name, ``/``-separated (``--strategies`` splits on commas):
+    ``infermesh:linucb/alpha=0.5/safe_slack=0.25``; values are parsed as JSON.
+    """
     if name.startswith("infermesh:"):
-        learner = name.split(":", 1)[1]
-        return InferMesh(learner, seed=seed, label=name)
+        from learners.registry import parse_spec
+
+        learner, *items = name.split(":", 1)[1].split("/")
+        _, params = parse_spec(f"{learner}:{','.join(items)}")
+        return InferMesh(learner, seed=seed, label=name, params=params)
     if name == "vw_peer":
         return _vw_strategy(seed)
     f = STRATEGIES.get(name)
