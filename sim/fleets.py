@@ -3,14 +3,19 @@
 Two generators: ``cells`` (the whitepaper's set-up: identical GPU nodes in cells, one region per
 cell) and ``tiers`` (datacenter, edge and device tiers over several regions with heterogeneous
 GPUs). ``nodes`` rescales either, so the same scenario runs from 512 to a million nodes.
+:func:`scenario_fleet` validates them like any inventory, except huge ones (:func:`trusted_fleet`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 from collections.abc import Mapping
 from typing import Any
+
+from decision.fleet import DeploymentSpec, Fleet, FleetSpec, LinkSpec, ModelSpec, NodeSpec, SiteSpec
 
 JURISDICTION = {"eu": "EU", "us": "US", "ap": "APAC"}
 
@@ -106,3 +111,42 @@ def build_inventory(spec: Mapping[str, Any], nodes: int | None, seed: int) -> di
     if gen == "tiers":
         return tiers_fleet(spec, nodes, seed)
     raise ValueError(f"unknown fleet generator {gen!r}")
+
+
+VALIDATE_UP_TO = 65_536
+"""Generated inventories up to this many deployments go through the service's full validation."""
+
+
+def trusted_fleet(inventory: Mapping[str, Any], revision_key: Mapping[str, Any]) -> Fleet:
+    """A :class:`decision.fleet.Fleet` from a generator's output, without per-item pydantic validation.
+
+    The generators above are deterministic code, tested through the validating path
+    (``Fleet.from_mapping``) at scenario size; at a million deployments that validation and the
+    revision hash over the whole dumped inventory cost minutes and gigabytes. Here every item is
+    built with ``model_construct`` (defaults filled, nothing checked) and the revision is a hash of
+    what generated the inventory (``revision_key``: the scenario's fleet spec, node count, seed).
+    The endpoints are the same as the validated path's (tested).
+    """
+    def items(cls: type[Any], rows: Any, defaults: Mapping[str, Any]) -> list[Any]:
+        construct = cls.model_construct
+        return [construct(**{**defaults, **row}) for row in rows]
+
+    spec = FleetSpec.model_construct(
+        version=1, default_rtt_ms=float(inventory.get("default_rtt_ms", 120.0)),
+        intra_region_rtt_ms=float(inventory.get("intra_region_rtt_ms", 3.0)),
+        sites=items(SiteSpec, inventory["sites"], {"certifications": [], "owner_tenant": None}),
+        links=items(LinkSpec, inventory.get("links", []), {"egress_usd_per_gb": 0.0}),
+        nodes=items(NodeSpec, inventory["nodes"], {}),
+        models=items(ModelSpec, inventory["models"], {"modality": "text", "safety_tier": "general"}),
+        deployments=items(DeploymentSpec, inventory["deployments"],
+                          {"runtime": "vllm", "warm": True, "cold_start_ms": 8000.0}))
+    blob = json.dumps(revision_key, sort_keys=True, default=str).encode()
+    return Fleet(spec, "gen-" + hashlib.sha256(blob).hexdigest()[:12])
+
+
+def scenario_fleet(spec: Mapping[str, Any], nodes: int | None, seed: int, label: str = "<scenario>") -> Fleet:
+    """The scenario's fleet: validated like any inventory, or :func:`trusted_fleet` when it is huge."""
+    inventory = build_inventory(spec, nodes, seed)
+    if len(inventory["deployments"]) <= VALIDATE_UP_TO:
+        return Fleet.from_mapping(inventory, path=label)
+    return trusted_fleet(inventory, {"fleet": spec, "nodes": nodes, "seed": seed})

@@ -11,9 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from decision.fleet import Fleet
 from sim.engine import RunConfig, Simulation, pick_degradations
-from sim.fleets import build_inventory
+from sim.fleets import scenario_fleet
 from sim.metrics import Collector
 from sim.scenario import Scenario
 from sim.strategies import registry
@@ -46,8 +45,7 @@ class Result:
 
 def build_world(sc: Scenario, opts: Options) -> World:
     seed = sc.seed if opts.seed is None else opts.seed
-    fleet = Fleet.from_mapping(build_inventory(sc.fleet, opts.nodes, seed), path=f"<scenario {sc.name}>")
-    return World(fleet)
+    return World(scenario_fleet(sc.fleet, opts.nodes, seed, f"<scenario {sc.name}>"))
 
 
 def arrival_rate(sc: Scenario, world: World) -> float:

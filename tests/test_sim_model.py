@@ -8,6 +8,7 @@ import pytest
 from sim import runner
 from sim.engine import RunConfig, Simulation
 from sim.model import DONE, DROPPED, FIRST_TOKEN, ROUTED
+from sim.scenario import load_scenario
 from sim.strategies import registry
 from sim.testing import tiny_scenario
 from sim.workload import Tenant
@@ -111,3 +112,16 @@ def test_same_seed_same_result_other_seed_other_result(strategy: str) -> None:
     c = runner.run(sc, [strategy], runner.Options(decision_time="0", seed=99)).summary[strategy]
     assert _stable(a) == _stable(b)
     assert _stable(a) != _stable(c)
+
+
+def test_the_trusted_fleet_path_gives_the_validated_endpoints() -> None:
+    from decision.fleet import Fleet
+    from sim.fleets import build_inventory, trusted_fleet
+
+    sc = load_scenario("mesh-512")
+    inventory = build_inventory(sc.fleet, 300, 7)
+    validated = Fleet.from_mapping(inventory)
+    trusted = trusted_fleet(inventory, {"fleet": sc.fleet, "nodes": 300, "seed": 7})
+    assert trusted.endpoints == validated.endpoints and trusted.revision.startswith("gen-")
+    assert [trusted.topology.path(r, s.id) for r in ("eu-west", "us-east") for s in trusted.spec.sites] == \
+        [validated.topology.path(r, s.id) for r in ("eu-west", "us-east") for s in validated.spec.sites]
