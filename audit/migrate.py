@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 
@@ -25,9 +26,18 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
+# pg_advisory_lock key: replicas starting together on a fresh database migrate one at a time.
+MIGRATION_LOCK = 0x1F3E_5A17
+
+
 def upgrade(url: str, revision: str = "heads") -> None:
-    """Run every migration up to ``revision`` (default: all heads)."""
-    command.upgrade(alembic_config(url), revision)
+    """Run every migration up to ``revision`` (default: all heads), one process at a time."""
+    with psycopg.connect(url, autocommit=True) as lock:
+        lock.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+        try:
+            command.upgrade(alembic_config(url), revision)
+        finally:
+            lock.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
 
 
 def downgrade(url: str, revision: str) -> None:

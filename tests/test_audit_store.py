@@ -188,3 +188,30 @@ def test_filters_and_cursor_pagination(db: str, demo_fleet: Fleet, tmp_path: Pat
     assert len(seen) == len(set(seen)) == 11
     assert repo.stats(filters=DecisionFilter())["total"] == 23
     repo.close()
+
+
+def test_concurrent_migrations_serialise_on_an_advisory_lock(fresh_pg_url: str) -> None:
+    """Replicas starting together on a fresh database must not race each other's DDL."""
+    import threading
+
+    from audit.migrate import upgrade
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            upgrade(fresh_pg_url)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    import psycopg
+
+    with psycopg.connect(fresh_pg_url) as conn:
+        row = conn.execute("select version_num from alembic_version").fetchone()
+    assert row is not None and row[0] == "0002"
