@@ -176,7 +176,14 @@ def bench_decide(sizes: list[int], *, candidates: int, iterations: int, policies
                                expected_output_tokens=rng.randint(20, 800),
                                ttft_target_ms=500.0, session_id=f"s{i % 97}")
                 for i in range(iterations)]
-        for r in reqs[: min(500, iterations)]:  # warm-up (and the guard's memo)
+        # Warm-up: every model once (the guard memoises per endpoint, so a cold model pays for a full
+        # Rego evaluation), then some more requests for caches and branch history.
+        for m in models:
+            engine.decide(RequestContext(f"w-{m}", "tenant-0", model=m, client_region=regions[0],
+                                         estimated_input_tokens=500, expected_output_tokens=100,
+                                         ttft_target_ms=500.0))
+        _seed_telemetry(store, fleet)
+        for r in reqs[: min(500, iterations)]:
             engine.decide(r)
         stages.clear()
         lat: list[float] = []
