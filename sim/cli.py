@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="'measured' (wall-clock decision time is added to TTFT) or fixed microseconds")
     p.add_argument("--out", default="sim-out", help="output directory (default: sim-out)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="strategies run in parallel worker processes (default 1; results are the same)")
     p.set_defaults(func=main)
 
 
@@ -41,7 +43,8 @@ def main(args: argparse.Namespace) -> int:
     if not args.strategies and "vw_peer" in registry.available() and "vw_peer" not in names:
         names.append("vw_peer")
     opts = runner.Options(duration_s=args.duration, trace=args.trace, rate_scale=args.rate_scale, seed=args.seed,
-                          nodes=args.nodes, decision_time=args.decision_time, drain_s=args.drain)
+                          nodes=args.nodes, decision_time=args.decision_time, drain_s=args.drain,
+                          jobs=max(1, args.jobs))
     t0 = time.perf_counter()
     world = runner.build_world(sc, opts)
     duration = sc.duration_s if args.duration is None else args.duration

@@ -31,6 +31,7 @@ class Options:
     nodes: int | None = None
     decision_time: str = "measured"
     drain_s: float | None = None
+    jobs: int = 1
 
 
 @dataclass
@@ -80,17 +81,72 @@ def run(sc: Scenario, strategies: Sequence[str], opts: Options,
                     family=sc.family, decision_time=opts.decision_time, seed=seed)
     degr = pick_degradations(world, sc.degraded_fraction, duration, seed)
     out = Result(sc.name, seed, {}, rate_rps=arrival_rate(sc, world) * opts.rate_scale, nodes=world.n)
-    for name in strategies:
-        strat = registry.make(name, seed)
-        if isinstance(strat, InferMesh):
-            strat.family = sc.family
-            strat.expected_output_tokens = int(mean_out)
-        sim = Simulation(world, workload_for(sc, world, opts, seed, duration), sc.tenants, strat, cfg, degr)
-        cb = (lambda t, n=name: progress(n, t)) if progress is not None else None
-        m = sim.run(cb)
-        out.summary[name] = m.summary(world, sim.busy_seconds())
-        out.collectors[name] = m
+    ctx = _RunContext(sc, opts, world, cfg, degr, seed, duration, int(mean_out))
+    if opts.jobs > 1 and len(strategies) > 1:
+        results = _run_parallel(ctx, strategies, opts.jobs, progress)
+    else:
+        results = [_run_one(ctx, name, progress) for name in strategies]
+    for name, summary, collector in results:
+        out.summary[name] = summary
+        out.collectors[name] = collector
     return out
+
+
+@dataclass
+class _RunContext:
+    sc: Scenario
+    opts: Options
+    world: World
+    cfg: RunConfig
+    degr: Any
+    seed: int
+    duration: float
+    mean_out: int
+
+
+def _run_one(ctx: _RunContext, name: str, progress: Callable[[str, float], None] | None,
+             ) -> tuple[str, dict[str, Any], Collector]:
+    strat = registry.make(name, ctx.seed)
+    if isinstance(strat, InferMesh):
+        strat.family = ctx.sc.family
+        strat.expected_output_tokens = ctx.mean_out
+    sim = Simulation(ctx.world, workload_for(ctx.sc, ctx.world, ctx.opts, ctx.seed, ctx.duration), ctx.sc.tenants,
+                     strat, ctx.cfg, ctx.degr)
+    cb = (lambda t, n=name: progress(n, t)) if progress is not None else None
+    m = sim.run(cb)
+    return name, m.summary(ctx.world, sim.busy_seconds()), m
+
+
+_FORKED: list[_RunContext] = []
+
+
+def _run_forked(name: str) -> tuple[str, dict[str, Any], Collector]:
+    return _run_one(_FORKED[0], name, None)
+
+
+def _run_parallel(ctx: _RunContext, strategies: Sequence[str], jobs: int,
+                  progress: Callable[[str, float], None] | None) -> list[tuple[str, dict[str, Any], Collector]]:
+    """One strategy per worker process (forked: the world is shared copy-on-write, not pickled).
+
+    Runs are independent and seeded, so the results equal the sequential ones; only measured
+    decision times (``--decision-time measured``) see the other workers' CPU load.
+    """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    _FORKED[:] = [ctx]
+    done: dict[str, tuple[str, dict[str, Any], Collector]] = {}
+    try:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("fork")) as pool:
+            futures = {pool.submit(_run_forked, n): n for n in strategies}
+            for fut in as_completed(futures):
+                name = futures[fut]
+                done[name] = fut.result()
+                if progress is not None:
+                    progress(name, ctx.duration)
+    finally:
+        _FORKED.clear()
+    return [done[n] for n in strategies]
 
 
 def summary_json(res: Result) -> dict[str, Any]:

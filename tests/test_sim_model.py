@@ -125,3 +125,14 @@ def test_the_trusted_fleet_path_gives_the_validated_endpoints() -> None:
     assert trusted.endpoints == validated.endpoints and trusted.revision.startswith("gen-")
     assert [trusted.topology.path(r, s.id) for r in ("eu-west", "us-east") for s in trusted.spec.sites] == \
         [validated.topology.path(r, s.id) for r in ("eu-west", "us-east") for s in validated.spec.sites]
+
+
+def test_parallel_jobs_give_the_sequential_results() -> None:
+    from dataclasses import replace
+
+    sc = tiny_scenario(cells=2, per_cell=4, rps=40.0, duration=5.0, drain=5.0, concurrency=4)
+    names = ["baseline_rr", "least_load", "infermesh"]
+    seq = runner.run(sc, names, FIXED)
+    par = runner.run(sc, names, replace(FIXED, jobs=2))
+    for n in names:
+        assert _stable(par.summary[n]) == _stable(seq.summary[n])
