@@ -39,7 +39,8 @@ def _client(target: str, kind: str, concurrency: int, duration_s: float, request
 
     async def run() -> tuple[int, int, list[float]]:
         async with grpc.aio.insecure_channel(target) as ch:
-            decide = pb_grpc.DecisionServiceStub(ch).Decide
+            stub = pb_grpc.DecisionServiceStub(ch)
+            decide, report = stub.Decide, stub.ReportOutcome
             check = health_pb2_grpc.HealthStub(ch).Check
             noop = health_pb2.HealthCheckRequest(service="")
             await check(noop)  # connect before the clock starts
@@ -56,7 +57,10 @@ def _client(target: str, kind: str, concurrency: int, duration_s: float, request
                         if kind == "noop":
                             await check(noop)
                         else:
-                            await decide(msgs[i % len(msgs)])
+                            d = await decide(msgs[i % len(msgs)])
+                            if kind == "decide+outcome":  # a closed loop as proxies drive it
+                                await report(pb.Outcome(decision_id=d.decision_id, status=pb.OUTCOME_STATUS_OK,
+                                                        ttft_ms=d.expected_ttft_ms, output_tokens=100))
                     except grpc.aio.AioRpcError as exc:
                         # A guardrail denial is an answer (audited like any decision), not an error.
                         if exc.code() not in (grpc.StatusCode.FAILED_PRECONDITION,

@@ -210,12 +210,14 @@ def open_loop(target: str, *, rate: float, duration_s: float, processes: int, re
 
 
 def capacity(target: str, *, duration_s: float, processes: int, requests: list[dict[str, Any]],
-             concurrency: int = 64) -> dict[str, float]:
-    """Closed-loop capacity: Decide calls/s with ``concurrency`` calls always in flight."""
+             concurrency: int = 64, outcomes: bool = False) -> dict[str, float]:
+    """Closed-loop capacity: decisions/s with ``concurrency`` in flight (each with its ReportOutcome
+    when ``outcomes``, so the capacity is measured on the same work the load will offer)."""
     from decision.bench import _measure
 
-    _measure(target, "decide", 4, 1, 1.0, requests)  # warm-up: connections, caches
-    return _measure(target, "decide", concurrency, processes, duration_s, requests)
+    kind = "decide+outcome" if outcomes else "decide"
+    _measure(target, kind, 4, 1, 1.0, requests)  # warm-up: connections, caches
+    return _measure(target, kind, concurrency, processes, duration_s, requests)
 
 
 def demo_requests(config: str, n: int = 2000) -> list[dict[str, Any]]:

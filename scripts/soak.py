@@ -65,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         config = bench_config(args.config, Path(tmp), audit=True)
         env = {"INFERMESH_DATA_DIR": str(Path(tmp) / "data")}
         with running_server(config, workers=args.workers, env=env) as (target, proc, _):
-            cap = capacity(target, duration_s=args.capacity_s, processes=args.processes, requests=requests)
+            cap = capacity(target, duration_s=args.capacity_s, processes=args.processes, requests=requests,
+                           outcomes=True)  # the soak reports every outcome too
             rate = max(1.0, cap["rps"] * args.load)
-            print(f"capacity {cap['rps']:.0f} Decide/s; soaking at {rate:.0f}/s ({args.load:.0%}) for "
+            print(f"capacity {cap['rps']:.0f} decisions/s (with outcome reports); soaking at {rate:.0f}/s "
+                  f"({args.load:.0%}) for "
                   f"{args.duration:.0f} s, RSS every {args.slice:.0f} s", flush=True)
             samples: list[float] = [rss_mb(proc.pid)]
             errors = completed = late = denied = 0
