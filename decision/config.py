@@ -60,6 +60,8 @@ class DecisionSection(_Section):
     max_fallbacks: int = Field(default=3, ge=0, le=32)
     outcome_timeout_s: float = Field(default=300.0, gt=0)
     max_candidates: int = Field(default=256, ge=1, le=1_000_000)
+    # Count this process's own in-flight requests per endpoint in the queue estimate.
+    count_inflight: bool = True
 
 
 class LimitsSection(_Section):

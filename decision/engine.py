@@ -88,6 +88,7 @@ class LazyTrace(Mapping[str, Any]):
 @dataclass(slots=True)
 class _Pending:
     ctx: RequestContext
+    endpoint_id: str
     features: tuple[float, ...]
     expected_ttft_ms: float
     cost_per_1k_tokens: float
@@ -119,6 +120,7 @@ class DecisionEngine:
         shadow: Sequence[Learner] = (),
         max_fallbacks: int = 3,
         max_candidates: int = 256,
+        count_inflight: bool = True,
         outcome_timeout_s: float = 300.0,
         max_pending: int = 200_000,
         clock: Callable[[], float] = time.time,
@@ -137,6 +139,10 @@ class DecisionEngine:
         self.outcome_timeout_s = outcome_timeout_s
         self.max_pending = max_pending
         self.clock = clock
+        # Requests this engine routed and has no outcome for yet, per endpoint: exact and immediate,
+        # where scraped queue telemetry is seconds old (a burst would herd onto what looked idle).
+        self._inflight: dict[str, int] = {}
+        self.count_inflight = count_inflight
         self._placement: dict[tuple[str, str, str, str], tuple[tuple[Endpoint, float], ...]] = {}
         self._endpoint_rows: dict[tuple[str, str, str, str], list[list[Any]]] = {}
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
@@ -211,7 +217,8 @@ class DecisionEngine:
                        {"locate": (t1 - t0) * 1e6, "prefetch": (t2 - t1) * 1e6, "guard": (t3 - t2) * 1e6})
         egress = {sid: fleet.topology.path(ctx.client_region, sid)[1] for sid in
                   {c.endpoint.site_id for c in result.allowed}} if ctx.client_region else {}
-        scored = score_candidates(ctx, result.allowed, self.features, egress)
+        scored = score_candidates(ctx, result.allowed, self.features, egress,
+                                  inflight=self._inflight if self.count_inflight else None)
         t4 = time.perf_counter()
         choice = learner.choose(ctx, scored)
         if not 0 <= choice.arm < len(scored) or not 0.0 < choice.propensity <= 1.0:
@@ -237,7 +244,7 @@ class DecisionEngine:
             telemetry_age_s=max(chosen.candidate.telemetry.ages_s.values(), default=float("inf")),
         )
         guard.commit(ctx, decision)
-        self._remember(decision_id, _Pending(ctx, chosen.features, chosen.expected_ttft_ms,
+        self._remember(decision_id, _Pending(ctx, ep.endpoint_id, chosen.features, chosen.expected_ttft_ms,
                                              chosen.expected_cost_per_1k_tokens, now + self.outcome_timeout_s))
         if self.audit is not None:
             self.audit.submit_decision(decision_event(decision, "routed", ()))
@@ -294,10 +301,24 @@ class DecisionEngine:
         expired: list[_Pending] = []
         with self._lock:
             self._pending[decision_id] = pending
+            self._inflight[pending.endpoint_id] = self._inflight.get(pending.endpoint_id, 0) + 1
             while len(self._pending) > self.max_pending:
-                expired.append(self._pending.popitem(last=False)[1])
+                expired.append(self._release(self._pending.popitem(last=False)[1]))
         for p in expired:
             self._learn_missing(p)
+
+    def _release(self, p: _Pending) -> _Pending:
+        """The decision is no longer in flight at its endpoint (call with ``_lock`` held)."""
+        left = self._inflight.get(p.endpoint_id, 0) - 1
+        if left > 0:
+            self._inflight[p.endpoint_id] = left
+        else:
+            self._inflight.pop(p.endpoint_id, None)
+        return p
+
+    def inflight(self, endpoint_id: str) -> int:
+        """Decisions routed to ``endpoint_id`` whose outcome has not come back (nor timed out)."""
+        return self._inflight.get(endpoint_id, 0)
 
     def _learn_missing(self, p: _Pending) -> None:
         """A decision whose outcome never came: a failure signal for the learner."""
@@ -321,7 +342,7 @@ class DecisionEngine:
                 did, p = next(iter(self._pending.items()))
                 if p.deadline > t:
                     break
-                self._pending.popitem(last=False)
+                self._release(self._pending.popitem(last=False)[1])
                 expired.append((did, p))
                 self._reported[did] = None
         for _, p in expired:
@@ -339,6 +360,8 @@ class DecisionEngine:
                                   "must be >= 0")
         with self._lock:
             pending = self._pending.pop(outcome.decision_id, None)
+            if pending is not None:
+                self._release(pending)
             if pending is None and outcome.decision_id in self._reported:
                 self.stats["outcomes_duplicate"] += 1
                 return OutcomeResult(outcome.decision_id, True, True, self._reported[outcome.decision_id])

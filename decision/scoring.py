@@ -68,8 +68,15 @@ class BasicFeatures:
 
 
 def score_candidates(ctx: RequestContext, candidates: tuple[Candidate, ...], features: FeatureBuilder,
-                     egress: Mapping[str, float], *, unknown_load: float = 0.5) -> tuple[ScoredCandidate, ...]:
-    """:func:`estimate` for every candidate, inlined: this loop is the decision's hot path."""
+                     egress: Mapping[str, float], *, unknown_load: float = 0.5,
+                     inflight: Mapping[str, int] | None = None) -> tuple[ScoredCandidate, ...]:
+    """:func:`estimate` for every candidate, inlined: this loop is the decision's hot path.
+
+    ``inflight`` (requests this router sent and has no outcome for, per endpoint) is a lower bound
+    on the load that stale telemetry may not show yet: running is at least ``min(inflight, conc)``
+    and waiting at least ``inflight - conc``.
+    """
+    local_load = inflight or {}
     build = features.build
     in_tok = max(1, ctx.estimated_input_tokens or 256)
     out_tok = max(1, ctx.expected_output_tokens or 256)
@@ -86,6 +93,10 @@ def score_candidates(ctx: RequestContext, candidates: tuple[Candidate, ...], fea
         if waiting is None:
             waiting = unknown_load * conc * 0.25
         kv = vals.get(KV_CACHE_USAGE, unknown_load)
+        local = local_load.get(ep.endpoint_id, 0)
+        if local:
+            running = max(running, float(min(local, conc)))
+            waiting = max(waiting, float(local) - conc)
         prefill_s = in_tok / ep.prefill_tokens_per_s
         service_s = prefill_s + out_tok / ep.decode_tokens_per_s
         queue_ms = 1000.0 * service_s * waiting / conc

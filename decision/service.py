@@ -142,6 +142,7 @@ class Service:
             self.fleet, self.telemetry, self.policies.guard, learner, features=features,
             audit=self.audit.sink, traces=self.audit.reader, reward=_build_reward(config), shadow=shadows,
             max_fallbacks=config.decision.max_fallbacks, max_candidates=config.decision.max_candidates,
+            count_inflight=config.decision.count_inflight,
             outcome_timeout_s=config.decision.outcome_timeout_s)
         self.engine.on_stage = lambda stage, us: self.metrics.stage_seconds.labels(stage).observe(us / 1e6)
         self.metrics.gauge("infermesh_pending_outcomes", "Decisions awaiting an outcome.",

@@ -189,3 +189,27 @@ def test_huge_candidate_sets_are_cut_to_the_nearest_endpoints() -> None:
     assert sorted(c.rtt_ms for c in located) == everyone[:16]
     d = eng.decide(ctx)
     assert d.route.endpoint_id in {c.endpoint.endpoint_id for c in located}
+
+
+def test_in_flight_requests_count_as_load_until_their_outcome(demo_fleet) -> None:  # type: ignore[no-untyped-def]
+    """Telemetry is seconds old; the router's own in-flight count is not: a burst must spread."""
+    eng = demo_engine(demo_fleet, outcome_timeout_s=60.0)
+    ctx = _req(model="llama-3.1-70b", client_region="us-east", estimated_input_tokens=2000,
+               expected_output_tokens=500)
+    first = eng.decide(ctx)
+    chosen = [eng.decide(_req(**{**ctx.as_dict(), "request_id": f"b{i}",
+                                  "allowed_jurisdictions": ()})).route.endpoint_id for i in range(300)]
+    assert len(set(chosen)) > 1  # with no telemetry change, the burst still spreads
+    assert eng.inflight(first.route.endpoint_id) >= 1
+    before = eng.inflight(first.route.endpoint_id)
+    eng.report_outcome(Outcome(first.decision_id, OutcomeStatus.OK, ttft_ms=100.0))
+    assert eng.inflight(first.route.endpoint_id) == before - 1
+    assert sum(eng.inflight(e.endpoint_id) for e in demo_fleet.by_model["llama-3.1-70b"]) == 300
+
+
+def test_without_in_flight_counting_a_burst_herds_on_stale_telemetry(demo_fleet) -> None:  # type: ignore[no-untyped-def]
+    eng = demo_engine(demo_fleet, count_inflight=False)
+    ctx = _req(model="llama-3.1-70b", client_region="us-east")
+    chosen = {eng.decide(_req(**{**ctx.as_dict(), "request_id": f"b{i}", "allowed_jurisdictions": ()})
+                         ).route.endpoint_id for i in range(50)}
+    assert len(chosen) == 1
