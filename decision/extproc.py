@@ -468,7 +468,8 @@ class ExtProcServer:
 
 
 def serve_extproc(engine: DecisionEngine, config: ExtProcConfig | None = None, *,
-                  address: str = "0.0.0.0:9002", max_streams: int = 512) -> ExtProcServer:
+                  address: str = "0.0.0.0:9002", max_streams: int = 512,
+                  credentials: grpc.ServerCredentials | None = None) -> ExtProcServer:
     """Start an ext_proc server with gRPC health and reflection on ``address``.
 
     Parameters
@@ -479,6 +480,8 @@ def serve_extproc(engine: DecisionEngine, config: ExtProcConfig | None = None, *
         ``host:port`` to bind; port 0 picks a free one (see ``ExtProcServer.port``).
     max_streams
         Worker threads, i.e. HTTP requests in flight through the proxy at once; more wait.
+    credentials
+        TLS or mutual TLS (``decision.tls.server_credentials``); plaintext when None.
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="extproc"),
                          options=[("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", max_streams)])
@@ -490,7 +493,8 @@ def serve_extproc(engine: DecisionEngine, config: ExtProcConfig | None = None, *
     reflection.enable_server_reflection(
         (pb.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name, health.SERVICE_NAME,
          reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    port = server.add_secure_port(address, credentials) if credentials is not None \
+        else server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot bind the ext_proc server to {address}")
     server.start()

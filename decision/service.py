@@ -207,7 +207,7 @@ class Service:
         self.grpc_server, self.grpc_port, _ = build_server(
             servicer, address=f"{srv.host}:{srv.grpc_port if port is None else port}", threads=srv.threads,
             max_message_bytes=srv.max_message_bytes, reuse_port=reuse_port,
-            credentials=server_credentials(self.config.tls, self.config.path.parent) if self.config.tls else None,
+            credentials=self._server_credentials(),
             interceptors=[EdgeInterceptor(RequestLimits(**self.config.limits.model_dump()), self.metrics)])
         self.grpc_server.start()
         self.scraper.start()
@@ -216,6 +216,11 @@ class Service:
         if not self._expiry.is_alive():
             self._expiry.start()
         return self.grpc_port
+
+    def _server_credentials(self) -> grpc.ServerCredentials | None:
+        """The ``tls:`` section's credentials, shared by the decision API and the ext_proc port."""
+        tls = self.config.tls
+        return server_credentials(tls, self.config.path.parent) if tls is not None else None
 
     def start_extproc(self, port: int | None = None) -> int:
         """Serve the Envoy ext_proc endpoint picker on its own port (``deploy/envoy/README.md``)."""
@@ -226,7 +231,7 @@ class Service:
         ep = self.config.extproc
         server = serve_extproc(self.engine, ExtProcConfig.from_mapping(ep.settings),
                                address=f"{self.config.server.host}:{ep.port if port is None else port}",
-                               max_streams=ep.max_streams)
+                               max_streams=ep.max_streams, credentials=self._server_credentials())
         self.extproc = server
         return server.port
 

@@ -218,15 +218,17 @@ def test_tls_server_serves_clients_that_trust_its_ca_and_refuses_plaintext(pki: 
 
 def test_mutual_tls_refuses_clients_without_a_valid_certificate(pki: dict[str, Path]) -> None:
     service, port = _tls_service(pki, mutual=True)
+    extproc_port = service.start_extproc(0)  # the Envoy ext_proc port uses the same tls: section
     try:
         good = channel_credentials(pki["ca"], pki["client_cert"], pki["client_key"])
-        assert _check(port, good).status == health_pb2.HealthCheckResponse.SERVING
-        for creds in (channel_credentials(pki["ca"]),  # no client certificate
-                      channel_credentials(pki["ca"], pki["rogue_cert"], pki["rogue_key"]),  # another CA's
-                      None):  # plaintext
-            with pytest.raises(grpc.RpcError) as err:
-                _check(port, creds)
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        for p in (port, extproc_port):
+            assert _check(p, good).status == health_pb2.HealthCheckResponse.SERVING
+            for creds in (channel_credentials(pki["ca"]),  # no client certificate
+                          channel_credentials(pki["ca"], pki["rogue_cert"], pki["rogue_key"]),  # another CA's
+                          None):  # plaintext
+                with pytest.raises(grpc.RpcError) as err:
+                    _check(p, creds)
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         service.stop(0)
 
