@@ -17,6 +17,7 @@ replica (``replica`` not empty) is therefore not to replay.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -79,7 +80,14 @@ class LearnerSync:
 
     @property
     def key(self) -> tuple[str, str]:
-        return self.learner.name, self.learner.version
+        """(learner name, version + feature-layout fingerprint) under which state is stored.
+
+        The fingerprint keeps a snapshot or delta of one feature layout from ever being loaded
+        into a learner built for another (a changed feature builder starts from its prior instead
+        of failing, or worse, mixing coordinates).
+        """
+        layout = hashlib.sha256("\x1f".join(self.feature_names).encode()).hexdigest()[:10]
+        return self.learner.name, f"{self.learner.version}+f{len(self.feature_names)}-{layout}"
 
     def _linear(self) -> LinearLearner | None:
         return self.learner if isinstance(self.learner, LinearLearner) else None
@@ -110,9 +118,10 @@ class LearnerSync:
         return RestoreReport(None if snap is None else snap.id, n_deltas, replayed)
 
     def _replay(self, after: float) -> int:
-        name, version = self.key
+        # The audit log names the learner as name@version (without the layout fingerprint).
         n = 0
-        for rec in self.store.outcomes_after(learner=f"{name}@{version}", after=after):
+        label = f"{self.learner.name}@{self.learner.version}"
+        for rec in self.store.outcomes_after(learner=label, after=after):
             arms = trace_arms(rec.trace, self.feature_names)
             if arms.chosen < 0 or rec.reward is None:
                 continue

@@ -3,35 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import json
 import zlib
-from pathlib import Path
 from typing import Any
 
 import psycopg
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _migration(name: str) -> Any:
-    path = next((ROOT / "migrations" / "versions").glob(f"{name}_*.py"))
-    spec = importlib.util.spec_from_file_location(f"_mig_{name}", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from audit.migrate import upgrade
 
 
 def migrate(url: str) -> None:
-    """Bring ``url`` to the head revision through Alembic (the audit package's entry point)."""
-    try:
-        from audit.migrate import upgrade
-    except ImportError:  # the audit package's migration runner is not there: run the DDL directly
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(_migration("0001").UPGRADE)
-            conn.execute(_migration("0002").UPGRADE)
-        return
+    """Bring ``url`` to the head revision through Alembic."""
     upgrade(url)
 
 

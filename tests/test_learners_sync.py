@@ -104,3 +104,22 @@ def test_restore_replays_outcomes_after_the_snapshot(fresh_pg_url: str) -> None:
     lossy = LinUCB(D, seed=5)
     assert LearnerSync(lossy, store, FEATURE_NAMES).restore(replay=False).replayed == 0
     assert lossy.n_updates == 40
+
+
+def test_state_of_another_feature_layout_is_never_loaded(fresh_pg_url: str) -> None:
+    """A service restarted with a different feature builder starts from its prior, not a crash."""
+    migrate(fresh_pg_url)
+    store = LearnerStore(fresh_pg_url)
+    try:
+        old = LinUCB(2, seed=1)
+        old.update((1.0, 0.5), 1.0)
+        LearnerSync(old, store, ("bias", "x")).snapshot()
+        new = LinUCB(3, seed=1)
+        report = LearnerSync(new, store, ("bias", "x", "y")).restore()
+        assert report.snapshot_id is None
+        assert new.n_updates == 0
+        again = LinUCB(2, seed=1)
+        assert LearnerSync(again, store, ("bias", "x")).restore().snapshot_id is not None
+        assert again.n_updates == 1
+    finally:
+        store.close()
