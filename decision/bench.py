@@ -14,15 +14,11 @@ from rich.console import Console
 from rich.table import Table
 
 from decision.config import ServiceConfig, Settings
+from decision.stats import percentile
 
 
 def stages_recorder(stages: dict[str, list[float]]) -> Any:
     return lambda stage, us: stages.setdefault(stage, []).append(us)
-
-
-def _pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
 
 
 def _client(target: str, kind: str, concurrency: int, duration_s: float, requests: list[dict[str, Any]],
@@ -91,8 +87,8 @@ def _measure(target: str, kind: str, concurrency: int, clients: int, duration_s:
     calls = sum(r[0] for r in results)
     errors = sum(r[1] for r in results)
     lat = [x for r in results for x in r[2]]
-    return {"rps": calls / duration_s, "errors": errors, "p50_ms": _pct(lat, 0.5) * 1e3,
-            "p99_ms": _pct(lat, 0.99) * 1e3}
+    return {"rps": calls / duration_s, "errors": errors, "p50_ms": percentile(lat, 0.5) * 1e3,
+            "p99_ms": percentile(lat, 0.99) * 1e3}
 
 
 def _demo_requests(fleet: Any, n: int = 2000) -> list[dict[str, Any]]:
@@ -204,8 +200,8 @@ def bench_decide(sizes: list[int], *, candidates: int, iterations: int, policies
             lat.append((time.perf_counter() - t0) * 1e6)
         located = len(fleet.by_model[models[0]])
         stage_p50 = {k: round(statistics.median(v), 1) for k, v in stages.items()}
-        run: dict[str, Any] = {"endpoints": n, "candidates": located, "p50_us": round(_pct(lat, 0.5), 1),
-               "p99_us": round(_pct(lat, 0.99), 1),
+        run: dict[str, Any] = {"endpoints": n, "candidates": located, "p50_us": round(percentile(lat, 0.5), 1),
+               "p99_us": round(percentile(lat, 0.99), 1),
                "stage_p50_us": stage_p50}
         runs.append(run)
         table.add_row(str(n), str(located), guard.revision[:24], engine.learner.name, f"{run['p50_us']:.0f}",

@@ -26,6 +26,8 @@ from typing import Any
 
 import httpx
 
+from decision.stats import percentile
+
 TARGET_ADDED_P50_MS = 1.5
 _MODEL = "bench-llm-8b"
 
@@ -71,10 +73,6 @@ def _serve_processor(backend: str) -> None:
                  "cpu_ms_per_request": round(cpu_ms / max(1, srv.servicer.stats["routed"]), 3)}
         print(json.dumps(stats), file=sys.stderr, flush=True)
         srv.stop(0)
-
-
-def _pct(sorted_ms: list[float], q: float) -> float:
-    return sorted_ms[min(len(sorted_ms) - 1, int(q * len(sorted_ms)))]
 
 
 def run_bench(requests: int = 1000, block: int = 25, warmup: int = 100) -> dict[str, Any]:
@@ -142,8 +140,8 @@ def run_bench(requests: int = 1000, block: int = 25, warmup: int = 100) -> dict[
     out: dict[str, Any] = {"requests": requests, "errors": errors}
     for kind, values in lat.items():
         v = sorted(values)
-        out[f"p50_ms_{kind}"] = round(_pct(v, 0.5), 3)
-        out[f"p99_ms_{kind}"] = round(_pct(v, 0.99), 3)
+        out[f"p50_ms_{kind}"] = round(percentile(v, 0.5), 3)
+        out[f"p99_ms_{kind}"] = round(percentile(v, 0.99), 3)
     out["added_p50_ms"] = round(out["p50_ms_with"] - out["p50_ms_without"], 3)
     out["added_p99_ms"] = round(out["p99_ms_with"] - out["p99_ms_without"], 3)
     out["added_p50_ms_pick_only"] = round(out["p50_ms_pick_only"] - out["p50_ms_without"], 3)

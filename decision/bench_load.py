@@ -32,6 +32,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from decision.stats import percentile
+
 DEFAULT_CONFIG = "deploy/demo/infermesh.yaml"
 
 
@@ -174,12 +176,6 @@ def _open_loop(target: str, rate: float, duration_s: float, requests: list[dict[
     out.put(asyncio.run(run()))
 
 
-def _pct(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
-
-
 def open_loop(target: str, *, rate: float, duration_s: float, processes: int, requests: list[dict[str, Any]],
               outcomes: float = 0.0, max_inflight: int = 2000, seed: int = 1) -> dict[str, Any]:
     """Offer ``rate`` requests/s for ``duration_s`` from ``processes`` client processes; the summary."""
@@ -204,9 +200,9 @@ def open_loop(target: str, *, rate: float, duration_s: float, processes: int, re
             "wall_s": round(wall, 2), "sent": sum(r["sent"] for r in parts), "completed": completed,
             "errors": sum(errors.values()), "errors_by_code": dict(errors), "denied": sum(denied.values()),
             "denied_by_code": dict(denied), "late": sum(r["late"] for r in parts),
-            "dropped": sum(r["dropped"] for r in parts), "p50_ms": round(_pct(lat, 0.5) * 1e3, 3),
-            "p90_ms": round(_pct(lat, 0.9) * 1e3, 3), "p99_ms": round(_pct(lat, 0.99) * 1e3, 3),
-            "p999_ms": round(_pct(lat, 0.999) * 1e3, 3), "max_ms": round(lat[-1] * 1e3, 3) if lat else None}
+            "dropped": sum(r["dropped"] for r in parts), "p50_ms": round(percentile(lat, 0.5) * 1e3, 3),
+            "p90_ms": round(percentile(lat, 0.9) * 1e3, 3), "p99_ms": round(percentile(lat, 0.99) * 1e3, 3),
+            "p999_ms": round(percentile(lat, 0.999) * 1e3, 3), "max_ms": round(lat[-1] * 1e3, 3) if lat else None}
 
 
 def capacity(target: str, *, duration_s: float, processes: int, requests: list[dict[str, Any]],

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from decision.config import ServiceConfig, Settings
+from decision.stats import percentile
 
 
 @dataclass
@@ -108,13 +109,6 @@ def _drive(target: str, fleet_path: str, duration_s: float, concurrency: int, se
     out.put(res)
 
 
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
-
-
 def run_demo(cfg: ServiceConfig, settings: Settings, *, duration_s: float, concurrency: int, seed: int) -> int:
     from audit.why import render_text
     from decision.convert import record_from_trace_pb
@@ -157,9 +151,9 @@ def run_demo(cfg: ServiceConfig, settings: Settings, *, duration_s: float, concu
     table.add_row("decisions", str(decisions))
     table.add_row("decisions/s (over real gRPC, with outcome reports)", f"{decisions / res.elapsed_s:.0f}")
     table.add_row("Decide latency p50 / p99 (client side)",
-                  f"{_pct(res.decide_ms, 0.5):.2f} / {_pct(res.decide_ms, 0.99):.2f} ms")
+                  f"{percentile(res.decide_ms, 0.5):.2f} / {percentile(res.decide_ms, 0.99):.2f} ms")
     table.add_row("simulated TTFT p50 / p95 / p99",
-                  f"{_pct(res.ttft_ms, 0.5):.0f} / {_pct(res.ttft_ms, 0.95):.0f} / {_pct(res.ttft_ms, 0.99):.0f} ms")
+                  " / ".join(f"{percentile(res.ttft_ms, q):.0f}" for q in (0.5, 0.95, 0.99)) + " ms")
     table.add_row("outcomes reported", str(res.outcomes))
     table.add_row("refused (by gRPC status)", ", ".join(f"{k} {v}" for k, v in res.errors.most_common()) or "none")
     table.add_row("routes by tier", ", ".join(f"{k} {v}" for k, v in res.by_tier.most_common()))

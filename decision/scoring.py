@@ -8,51 +8,12 @@ cold start. Unknown or stale telemetry is not trusted: the queue is then assumed
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from decision.contracts import FeatureBuilder
 from decision.domain import Candidate, RequestContext, ScoredCandidate
 from decision.telemetry import KV_CACHE_USAGE, QUEUE_RUNNING, QUEUE_WAITING
 
 BYTES_PER_TOKEN = 4.0  # egress estimate for prompt + completion text
-
-
-@dataclass(frozen=True, slots=True)
-class Estimate:
-    expected_ttft_ms: float
-    expected_cost_per_1k_tokens: float
-    components: Mapping[str, float]
-
-
-def estimate(ctx: RequestContext, cand: Candidate, *, unknown_load: float = 0.5,
-             egress_usd_per_gb: float = 0.0) -> Estimate:
-    ep = cand.endpoint
-    vals = cand.telemetry.values
-    conc = float(max(1, ep.max_concurrency))
-    running = vals.get(QUEUE_RUNNING)
-    waiting = vals.get(QUEUE_WAITING)
-    if running is None:
-        running = unknown_load * conc
-    if waiting is None:
-        waiting = unknown_load * conc * 0.25
-    kv = vals.get(KV_CACHE_USAGE, unknown_load)
-    in_tok = max(1, ctx.estimated_input_tokens or 256)
-    out_tok = max(1, ctx.expected_output_tokens or 256)
-    # One request's time on the endpoint; the waiting queue drains conc requests at a time.
-    service_s = in_tok / ep.prefill_tokens_per_s + out_tok / ep.decode_tokens_per_s
-    queue_ms = 1000.0 * service_s * waiting / conc
-    # KV-cache pressure above 90% forces preemption/queuing: penalise steeply.
-    if kv > 0.9:
-        queue_ms += 1000.0 * service_s * (kv - 0.9) * 10.0
-    prefill_ms = 1000.0 * in_tok / ep.prefill_tokens_per_s * (1.0 + running / conc)
-    cold_ms = 0.0 if ep.warm else ep.cold_start_ms
-    rtt = cand.rtt_ms
-    ttft = queue_ms + prefill_ms + rtt + cold_ms
-    egress = egress_usd_per_gb * (in_tok + out_tok) * BYTES_PER_TOKEN / 1e9
-    cost = ep.cost_per_1k_tokens() + egress * 1000.0 / out_tok
-    return Estimate(ttft, cost, {"queue_ms": queue_ms, "prefill_ms": prefill_ms, "rtt_ms": rtt,
-                                 "cold_start_ms": cold_ms, "running": running, "waiting": waiting,
-                                 "kv_cache_usage": kv})
 
 
 class BasicFeatures:
@@ -70,7 +31,7 @@ class BasicFeatures:
 def score_candidates(ctx: RequestContext, candidates: tuple[Candidate, ...], features: FeatureBuilder,
                      egress: Mapping[str, float], *, unknown_load: float = 0.5,
                      inflight: Mapping[str, int] | None = None) -> tuple[ScoredCandidate, ...]:
-    """:func:`estimate` for every candidate, inlined: this loop is the decision's hot path.
+    """Expected TTFT, cost and features for every candidate (one loop: the decision's hot path).
 
     ``inflight`` (requests this router sent and has no outcome for, per endpoint) is a lower bound
     on the load that stale telemetry may not show yet: running is at least ``min(inflight, conc)``
@@ -98,8 +59,10 @@ def score_candidates(ctx: RequestContext, candidates: tuple[Candidate, ...], fea
             running = max(running, float(min(local, conc)))
             waiting = max(waiting, float(local) - conc)
         prefill_s = in_tok / ep.prefill_tokens_per_s
+        # One request's time on the endpoint; the waiting queue drains conc requests at a time.
         service_s = prefill_s + out_tok / ep.decode_tokens_per_s
         queue_ms = 1000.0 * service_s * waiting / conc
+        # KV-cache pressure above 90% forces preemption/queuing: penalise steeply.
         if kv > 0.9:
             queue_ms += 1000.0 * service_s * (kv - 0.9) * 10.0
         prefill_ms = 1000.0 * prefill_s * (1.0 + running / conc)
