@@ -32,7 +32,7 @@ from decision.errors import InvalidArgument, NoCandidate, NotFound, QuotaExceede
 from decision.fleet import Fleet, endpoints_serving
 from decision.scoring import BasicFeatures, score_candidates
 from decision.telemetry import TelemetryStore
-from decision.trace_format import compact_trace, expand_trace
+from decision.trace_format import compact_trace, endpoint_row, expand_trace
 from decision.validation import validate_request
 
 
@@ -194,8 +194,7 @@ class DecisionEngine:
                 self._placement.clear()
                 self._endpoint_rows.clear()
             self._placement[key] = hit
-            self._endpoint_rows[key] = [[e.site_id, e.region, e.tier, e.gpu_type, e.jurisdiction, rtt]
-                                        for e, rtt in hit]
+            self._endpoint_rows[key] = [endpoint_row(e, rtt) for e, rtt in hit]
         return hit
 
     def decide(self, ctx: RequestContext) -> Decision:

@@ -19,15 +19,19 @@ from collections.abc import Mapping, Sequence
 from itertools import chain
 from typing import Any
 
-from decision.domain import Candidate, Choice, GuardResult, RequestContext, Route, ScoredCandidate
+from decision.domain import Candidate, Choice, Endpoint, GuardResult, RequestContext, Route, ScoredCandidate
 
 ENDPOINT_FIELDS = ("site", "region", "tier", "gpu_type", "jurisdiction", "rtt_ms")
 COMPONENTS = ("queue_ms", "prefill_ms", "rtt_ms", "cold_start_ms", "running", "waiting", "kv_cache_usage")
 
 
+def endpoint_row(ep: Endpoint, rtt_ms: float) -> list[Any]:
+    """One candidate's static facts, in :data:`ENDPOINT_FIELDS` order."""
+    return [ep.site_id, ep.region, ep.tier, ep.gpu_type, ep.jurisdiction, rtt_ms]
+
+
 def endpoint_rows(candidates: Sequence[Candidate]) -> list[list[Any]]:
-    return [[c.endpoint.site_id, c.endpoint.region, c.endpoint.tier, c.endpoint.gpu_type, c.endpoint.jurisdiction,
-             c.rtt_ms] for c in candidates]
+    return [endpoint_row(c.endpoint, c.rtt_ms) for c in candidates]
 
 
 def compact_trace(*, ctx: RequestContext, inventory_revision: str, learner: str, now: float,
