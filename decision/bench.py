@@ -153,8 +153,9 @@ def bench_decide(sizes: list[int], *, candidates: int, iterations: int, policies
     from decision.engine import DecisionEngine
     from decision.fleet import Fleet
     from decision.fleetgen import synthetic_fleet
-    from decision.service import load_guard, make_features, make_learner_by_name
+    from decision.service import load_guard, make_features
     from decision.telemetry import TelemetryStore
+    from learners.registry import make_learner
 
     console = Console()
     runs: list[dict[str, Any]] = []
@@ -168,7 +169,7 @@ def bench_decide(sizes: list[int], *, candidates: int, iterations: int, policies
         _seed_telemetry(store, fleet)
         guard = load_guard(policies, fleet)
         features = make_features("default")
-        engine = DecisionEngine(fleet, store, guard, make_learner_by_name(learner, len(features.names)),
+        engine = DecisionEngine(fleet, store, guard, make_learner(learner, len(features.names)),
                                 features=features)
         stages: dict[str, list[float]] = {}
         engine.on_stage = stages_recorder(stages)

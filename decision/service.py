@@ -89,22 +89,11 @@ def make_features(name: str) -> FeatureBuilder:
     return default_feature_builder()
 
 
-def make_learner_by_name(name: str, n_features: int, **params: Any) -> Learner:
-    if name == "least-ttft":
-        from learners.least_ttft import LeastExpectedTtft
-
-        return LeastExpectedTtft(**params)
-    from learners.registry import make_learner
-
-    learner: Learner = make_learner(name, n_features, **params)
-    return learner
-
-
 def build_learner(config: ServiceConfig, n_features: int) -> tuple[Learner, tuple[Learner, ...]]:
-    acting = make_learner_by_name(config.learner.name, n_features, **config.learner.params)
-    shadows = tuple(make_learner_by_name(str(s["name"]), n_features, **dict(s.get("params", {})))
-                    for s in config.learner.shadow)
-    return acting, shadows
+    from learners.registry import make_learner, shadow_learners
+
+    acting: Learner = make_learner(config.learner.name, n_features, **config.learner.params)
+    return acting, shadow_learners(config.learner.shadow, n_features)
 
 
 def build_audit(config: ServiceConfig, settings: Settings,
