@@ -99,7 +99,8 @@ def test_concurrent_decisions_during_reload_see_one_revision(tmp_path: Path, dem
         while not stop.is_set():
             i += 1
             try:
-                d = engine.decide(RequestContext(f"r{i}", "globex", model_family="llama"))
+                # Premium tier: three tight loops must not reach the per-minute quota (not under test here).
+                d = engine.decide(RequestContext(f"r{i}", "globex", user_tier="premium", model_family="llama"))
             except BaseException as exc:  # pragma: no cover - reported below
                 errors.append(exc)
                 return
