@@ -57,6 +57,14 @@ class CelProgram:
     path: str
     expr: Any
     message: Any | None
+    # The ``params`` keys the rule and its message read (None: it reads ``params`` some other way).
+    params_used: tuple[str, ...] | None = None
+
+    def params_view(self, params: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The part of ``params`` this rule reads: converting all of it costs as much as the evaluation."""
+        if self.params_used is None:
+            return params
+        return {k: params[k] for k in self.params_used if k in params}
 
     def evaluate(self, activation: Mapping[str, Any]) -> tuple[bool, str]:
         """(allow, reason) for one activation; an error value or a non-bool result denies."""
@@ -91,6 +99,30 @@ class CelCompileError(ValueError):
         self.issues = issues
 
 
+_PARAMS_RE = re.compile(r"\bparams\b(?:\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)\b(?!\s*\()"  # params.key, not a method
+                        r"|\s*\[\s*(?:\"([^\"\\]*)\"|'([^'\\]*)')\s*\])?")  # params["key"]
+
+
+def referenced_params(*sources: str) -> tuple[str, ...] | None:
+    """The ``params`` keys read as ``params.k`` or ``params["k"]``; None if ``params`` is used otherwise.
+
+    >>> referenced_params('telemetry.t <= double(params.max_t)', '"over " + string(params["max_t"])')
+    ('max_t',)
+    >>> referenced_params('params.exists(k, k == "x")') is None  # a macro over the whole map
+    True
+    >>> referenced_params('has(params[request.key])') is None
+    True
+    """
+    keys: dict[str, None] = {}
+    for src in sources:
+        for m in _PARAMS_RE.finditer(src):
+            key = m.group(1) or m.group(2) or m.group(3)
+            if key is None:
+                return None
+            keys.setdefault(key, None)
+    return tuple(keys)
+
+
 def compile_cel(source: str, path: str, *, message: str = "", message_path: str = "") -> CelProgram:
     """Type-check and compile a rule; raises :class:`CelCompileError` with file:line:col issues.
 
@@ -115,4 +147,4 @@ def compile_cel(source: str, path: str, *, message: str = "", message_path: str 
             raise CelCompileError(_issues(where, str(exc))) from None
         if msg_expr.return_type().name() not in ("STRING", "DYN"):
             raise CelCompileError([PolicyIssue(where, 1, 1, "a message must evaluate to a string")])
-    return CelProgram(source, path, expr, msg_expr)
+    return CelProgram(source, path, expr, msg_expr, referenced_params(source, message))
