@@ -106,7 +106,8 @@ def _seed_telemetry(store: Any, fleet: Any, seed: int = 3) -> None:
         store.update_endpoint(e.endpoint_id, {"queue_running": rng.randint(0, e.max_concurrency),
                                               "queue_waiting": rng.randint(0, 4), "kv_cache_usage": rng.random()})
     for node in {e.node_id for e in fleet.endpoints}:
-        store.update_node(node, {"gpu_temp_c": rng.uniform(40, 80), "gpu_util": rng.uniform(10, 95),
+        # dcgm-exporter reports GPU temperature in whole degrees C (see ../shared/telemetry/).
+        store.update_node(node, {"gpu_temp_c": float(rng.randint(40, 80)), "gpu_util": rng.uniform(10, 95),
                                  "power_w": rng.uniform(100, 600), "xid_errors": 0.0})
 
 
