@@ -9,10 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+from numpy.typing import NDArray
+
 from decision.domain import (
     Candidate,
     Choice,
     Decision,
+    Estimates,
     GuardResult,
     Outcome,
     RequestContext,
@@ -43,12 +47,13 @@ class Guard(Protocol):
 
 @runtime_checkable
 class FeatureBuilder(Protocol):
-    """Turns (request, candidate, estimates) into the fixed feature vector learners see."""
+    """Turns (request, candidates, the score stage's estimates) into the feature matrix learners see:
+    one row per candidate, one column per name in :attr:`names`."""
 
     names: tuple[str, ...]
 
-    def build(self, ctx: RequestContext, candidate: Candidate, expected_ttft_ms: float,
-              expected_cost_per_1k: float, components: Mapping[str, float]) -> tuple[float, ...]: ...
+    def build_matrix(self, ctx: RequestContext, candidates: Sequence[Candidate],
+                     est: Estimates) -> NDArray[np.float64]: ...
 
 
 @runtime_checkable

@@ -8,9 +8,12 @@ simulator, Envoy ext_proc) can build them and any stage can be tested on its own
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, overload
+
+import numpy as np
+from numpy.typing import NDArray
 
 Tier = Literal["datacenter", "edge", "device"]
 TIERS: tuple[Tier, ...] = ("datacenter", "edge", "device")
@@ -119,13 +122,19 @@ class TelemetryReading:
     endpoint_id: str
     values: Mapping[str, float]
     ages_s: Mapping[str, float]
+    # What the telemetry store precomputes so the score stage reads arrays, not dictionaries:
+    # ``values`` in :data:`decision.telemetry.CANONICAL` order (NaN: unknown), and the oldest age.
+    dense: tuple[float, ...] | None = None
+    oldest_age_s: float | None = None
 
     def get(self, name: str, default: float | None = None) -> float | None:
         return self.values.get(name, default)
 
     @property
     def max_age_s(self) -> float:
-        """Age of the oldest known value; infinity when nothing is known."""
+        """Age of the oldest value, stale ones included; infinity when nothing was ever reported."""
+        if self.oldest_age_s is not None:
+            return self.oldest_age_s
         return max(self.ages_s.values()) if self.ages_s else float("inf")
 
 
@@ -173,7 +182,7 @@ class Verdict:
 class GuardResult:
     """What the guard stage returns: the survivors and every verdict it reached."""
 
-    allowed: tuple[Candidate, ...]
+    allowed: Sequence[Candidate]
     verdicts: tuple[Verdict, ...]
     revision: str
     quota_denied: bool = False
@@ -196,6 +205,85 @@ class ScoredCandidate:
     expected_ttft_ms: float
     expected_cost_per_1k_tokens: float
     components: Mapping[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class Estimates:
+    """The score stage's numbers for n candidates as columns: what a feature builder reads.
+
+    ``telemetry`` has one row per candidate in :data:`decision.telemetry.CANONICAL` column order
+    (NaN: unknown or stale); ``max_age_s`` is each candidate's oldest telemetry age (inf: none).
+    """
+
+    ttft_ms: NDArray[np.float64]
+    cost_per_1k: NDArray[np.float64]
+    queue_ms: NDArray[np.float64]
+    rtt_ms: NDArray[np.float64]
+    telemetry: NDArray[np.float64]
+    max_age_s: NDArray[np.float64]
+
+
+class ScoredArms(Sequence[ScoredCandidate]):
+    """The score stage's output as columns: one row per allowed candidate.
+
+    Learners read :attr:`matrix` (features) and :attr:`ttft_ms` as they are, so nothing converts
+    Python floats back into arrays on the request path. A :class:`ScoredCandidate` is built only
+    for the arms someone reads by index (the chosen one, the fallbacks, the trace off the request
+    path). The arrays are read-only.
+    """
+
+    __slots__ = ("candidates", "components", "cost_per_1k", "matrix", "ttft_ms")
+
+    def __init__(self, candidates: Sequence[Candidate], matrix: NDArray[np.float64], ttft_ms: NDArray[np.float64],
+                 cost_per_1k: NDArray[np.float64], components: Mapping[str, NDArray[np.float64]]) -> None:
+        n = len(candidates)
+        if matrix.shape[0] != n or ttft_ms.shape != (n,) or cost_per_1k.shape != (n,):
+            raise ValueError(f"{n} candidates but arrays of shapes {matrix.shape}, {ttft_ms.shape}, "
+                             f"{cost_per_1k.shape}")
+        for a in (matrix, ttft_ms, cost_per_1k, *components.values()):
+            a.setflags(write=False)
+        self.candidates = candidates
+        self.matrix = matrix
+        self.ttft_ms = ttft_ms
+        self.cost_per_1k = cost_per_1k
+        self.components = dict(components)
+
+    @classmethod
+    def of(cls, arms: Sequence[ScoredCandidate]) -> ScoredArms:
+        """``arms`` as columns: itself when it already is, else converted (replays, tests)."""
+        if isinstance(arms, ScoredArms):
+            return arms
+        names = list(arms[0].components) if arms else []
+        width = len(arms[0].features) if arms else 0
+        return cls([a.candidate for a in arms],
+                   np.array([a.features for a in arms], dtype=np.float64).reshape(len(arms), width),
+                   np.array([a.expected_ttft_ms for a in arms], dtype=np.float64),
+                   np.array([a.expected_cost_per_1k_tokens for a in arms], dtype=np.float64),
+                   {k: np.array([a.components.get(k, np.nan) for a in arms], dtype=np.float64) for k in names})
+
+    def __len__(self) -> int:
+        return len(self.candidates)
+
+    def _arm(self, i: int) -> ScoredCandidate:
+        return ScoredCandidate(self.candidates[i], tuple(self.matrix[i].tolist()), float(self.ttft_ms[i]),
+                               float(self.cost_per_1k[i]), {k: float(v[i]) for k, v in self.components.items()})
+
+    @overload
+    def __getitem__(self, i: int) -> ScoredCandidate: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> tuple[ScoredCandidate, ...]: ...
+
+    def __getitem__(self, i: int | slice) -> ScoredCandidate | tuple[ScoredCandidate, ...]:
+        if isinstance(i, slice):
+            return tuple(self._arm(k) for k in range(*i.indices(len(self.candidates))))
+        n = len(self.candidates)
+        if not -n <= i < n:
+            raise IndexError(i)
+        return self._arm(i % n)
+
+    def __iter__(self) -> Iterator[ScoredCandidate]:
+        return (self._arm(i) for i in range(len(self.candidates)))
 
 
 @dataclass(frozen=True, slots=True)

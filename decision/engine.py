@@ -7,14 +7,18 @@ inputs and contributes its part of the "why this route" trace.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from decision.candidates import CandidateSet, Placement, endpoints_of
 from decision.contracts import AuditSink, FeatureBuilder, Guard, Learner, RewardFunction, TraceReader
 from decision.domain import (
     Candidate,
@@ -26,6 +30,7 @@ from decision.domain import (
     OutcomeStatus,
     RequestContext,
     Route,
+    ScoredArms,
     ScoredCandidate,
 )
 from decision.errors import InvalidArgument, NoCandidate, NotFound, QuotaExceeded
@@ -143,7 +148,7 @@ class DecisionEngine:
         # where scraped queue telemetry is seconds old (a burst would herd onto what looked idle).
         self._inflight: dict[str, int] = {}
         self.count_inflight = count_inflight
-        self._placement: dict[tuple[str, str, str, str], tuple[tuple[Endpoint, float], ...]] = {}
+        self._placement: dict[tuple[str, str, str, str], Placement] = {}
         self._endpoint_rows: dict[tuple[str, str, str, str], list[list[Any]]] = {}
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
         self._reported: OrderedDict[str, float | None] = OrderedDict()
@@ -169,33 +174,40 @@ class DecisionEngine:
         self._guard = guard
 
     # -- the pipeline --
-    def locate(self, fleet: Fleet, ctx: RequestContext, now: float) -> tuple[Candidate, ...]:
+    def locate(self, fleet: Fleet, ctx: RequestContext, now: float) -> CandidateSet:
         if ctx.model and ctx.model not in fleet.models:
             raise NotFound("model", ctx.model)
         if not ctx.model and ctx.model_family not in fleet.by_family:
             raise NotFound("model_family", ctx.model_family)
-        placed = self._placed(fleet, ctx.model, ctx.model_family, ctx.client_region)
-        snap = self.telemetry.reading
-        return tuple(Candidate(e, snap(e.endpoint_id, now), rtt) for e, rtt in placed)
+        placement = self._placed(fleet, ctx.model, ctx.model_family, ctx.client_region)
+        return CandidateSet(placement, self.telemetry.batch(placement.endpoint_ids, now, placement.telemetry_rows))
 
-    def _placed(self, fleet: Fleet, model: str, family: str, client: str) -> tuple[tuple[Endpoint, float], ...]:
-        """The index read plus each endpoint's RTT from the client, memoised per inventory revision."""
+    def _placed(self, fleet: Fleet, model: str, family: str, client: str) -> Placement:
+        """The index read plus each endpoint's RTT and egress from the client, memoised per inventory revision."""
         key = (fleet.revision, model, family, client)
         hit = self._placement.get(key)
         if hit is None:
-            topo = fleet.topology
-            hit = tuple((e, topo.rtt_ms(client, e.site_id) if client else fleet.spec.default_rtt_ms)
-                        for e in endpoints_serving(fleet, model, family))
-            if len(hit) > self.max_candidates:
-                # Bound the per-request work on huge fleets: the nearest endpoints by RTT (stable,
-                # so ties keep inventory order). The guard stage still judges every one kept.
-                hit = tuple(sorted(hit, key=lambda p: p[1])[: self.max_candidates])
             if len(self._placement) > 65536:
                 self._placement.clear()
                 self._endpoint_rows.clear()
-            self._placement[key] = hit
-            self._endpoint_rows[key] = [endpoint_row(e, rtt) for e, rtt in hit]
+            hit = self.placement_of(fleet, endpoints_serving(fleet, model, family), client, self.max_candidates)
+            hit = self._placement[key] = dataclasses.replace(hit, telemetry_rows=self.telemetry.rows_of(
+                hit.endpoint_ids))
+            self._endpoint_rows[key] = [endpoint_row(e, rtt) for e, rtt in zip(hit.endpoints, hit.rtt_ms.tolist(),
+                                                                                strict=True)]
         return hit
+
+    @staticmethod
+    def placement_of(fleet: Fleet, endpoints: Iterable[Endpoint], client: str, limit: int | None = None) -> Placement:
+        """``endpoints`` with their RTT and egress from ``client`` (at most ``limit``: the nearest)."""
+        topo = fleet.topology
+        paths = [(e, topo.path(client, e.site_id) if client else (fleet.spec.default_rtt_ms, 0.0)) for e in endpoints]
+        if limit is not None and len(paths) > limit:
+            # Bound the per-request work on huge fleets: the nearest endpoints by RTT (stable,
+            # so ties keep inventory order). The guard stage still judges every one kept.
+            paths = sorted(paths, key=lambda p: p[1][0])[:limit]
+        return Placement(tuple(e for e, _ in paths), np.array([p[0] for _, p in paths], dtype=np.float64),
+                         np.array([p[1] for _, p in paths], dtype=np.float64))
 
     def decide(self, ctx: RequestContext) -> Decision:
         """Run the pipeline for one request; raises a :class:`DecisionError` subclass on failure."""
@@ -214,8 +226,7 @@ class DecisionEngine:
         if not result.allowed:
             self._deny(decision_id, ctx, fleet, candidates, result, learner, now,
                        {"locate": (t1 - t0) * 1e6, "prefetch": (t2 - t1) * 1e6, "guard": (t3 - t2) * 1e6})
-        egress = {sid: fleet.topology.path(ctx.client_region, sid)[1] for sid in
-                  {c.endpoint.site_id for c in result.allowed}} if ctx.client_region else {}
+        egress = self._egress(fleet, ctx.client_region, result.allowed)
         scored = score_candidates(ctx, result.allowed, self.features, egress,
                                   inflight=self._inflight if self.count_inflight else None)
         t4 = time.perf_counter()
@@ -226,7 +237,8 @@ class DecisionEngine:
         t5 = time.perf_counter()
         chosen = scored[choice.arm]
         order = sorted((i for i in range(len(scored)) if i != choice.arm), key=lambda i: -choice.scores[i])
-        fallbacks = tuple(Route.of(scored[i].candidate.endpoint) for i in order[: self.max_fallbacks])
+        allowed_eps = endpoints_of(scored.candidates)
+        fallbacks = tuple(Route.of(allowed_eps[i]) for i in order[: self.max_fallbacks])
         timings = {"locate": (t1 - t0) * 1e6, "prefetch": (t2 - t1) * 1e6, "guard": (t3 - t2) * 1e6,
                    "score": (t4 - t3) * 1e6, "choose": (t5 - t4) * 1e6}
         stored, trace = self._trace(ctx, fleet, candidates, result, scored, choice, fallbacks, learner, shadows,
@@ -240,7 +252,7 @@ class DecisionEngine:
             expected_cost_per_1k_tokens=chosen.expected_cost_per_1k_tokens,
             reason=self._reason(chosen, len(candidates), len(result.allowed), choice, learner),
             trace=trace, decided_at=now, decision_us=decision_us, stored_trace=stored,
-            telemetry_age_s=max(chosen.candidate.telemetry.ages_s.values(), default=float("inf")),
+            telemetry_age_s=chosen.candidate.telemetry.max_age_s,
         )
         guard.commit(ctx, decision)
         self._remember(decision_id, _Pending(ctx, ep.endpoint_id, chosen.features, chosen.expected_ttft_ms,
@@ -253,8 +265,14 @@ class DecisionEngine:
                 self.on_stage(stage, us)
         return decision
 
-    def _shadow_choice(self, learner: Learner, ctx: RequestContext,
-                       scored: tuple[ScoredCandidate, ...]) -> dict[str, Any]:
+    @staticmethod
+    def _egress(fleet: Fleet, client: str, allowed: Sequence[Candidate]) -> Mapping[str, float]:
+        """Egress $/GB to the client per site (a located set carries it already)."""
+        if not client or isinstance(allowed, CandidateSet):
+            return {}
+        return {sid: fleet.topology.path(client, sid)[1] for sid in {c.endpoint.site_id for c in allowed}}
+
+    def _shadow_choice(self, learner: Learner, ctx: RequestContext, scored: ScoredArms) -> dict[str, Any]:
         try:
             c = learner.choose(ctx, scored)
             return {"learner": f"{learner.name}@{learner.version}",
@@ -262,7 +280,7 @@ class DecisionEngine:
         except Exception as exc:  # a shadow must never break the acting decision
             return {"learner": f"{learner.name}@{learner.version}", "error": repr(exc)}
 
-    def _deny(self, decision_id: str, ctx: RequestContext, fleet: Fleet, candidates: tuple[Candidate, ...],
+    def _deny(self, decision_id: str, ctx: RequestContext, fleet: Fleet, candidates: Sequence[Candidate],
               result: GuardResult, learner: Learner, now: float, timings: Mapping[str, float]) -> None:
         rules = result.removing_rules()
         trace, _ = self._trace(ctx, fleet, candidates, result, (), None, (), learner, [], timings, now)
@@ -283,8 +301,8 @@ class DecisionEngine:
                 f"{n_allowed} allowed/{n_located} located: expected TTFT {chosen.expected_ttft_ms:.0f} ms, "
                 f"${chosen.expected_cost_per_1k_tokens:.5f}/1K tokens, p={choice.propensity:.3f}")
 
-    def _trace(self, ctx: RequestContext, fleet: Fleet, candidates: tuple[Candidate, ...],
-               result: GuardResult, scored: tuple[ScoredCandidate, ...], choice: Choice | None,
+    def _trace(self, ctx: RequestContext, fleet: Fleet, candidates: Sequence[Candidate],
+               result: GuardResult, scored: Sequence[ScoredCandidate], choice: Choice | None,
                fallbacks: tuple[Route, ...], learner: Learner, shadows: list[dict[str, Any]],
                timings: Mapping[str, float], now: float) -> tuple[LazyTrace, LazyTrace]:
         """(stored compact trace, readable view of it), both built only when first read."""

@@ -1,19 +1,54 @@
-"""The score stage: expected TTFT and cost per candidate, and a basic feature vector.
+"""The score stage: expected TTFT and cost per candidate, and the feature matrix, as columns.
 
 Expected TTFT = queue wait + prefill (slowed by the running batch) + network round trip +
 cold start. Unknown or stale telemetry is not trusted: the queue is then assumed to be
 ``unknown_load`` full, which makes a blind endpoint look worse than a known idle one.
+
+This is the decision's hot path, so it works on numpy columns: the telemetry store hands over
+each endpoint's values as a precomputed row, an endpoint's static numbers are cached per
+endpoint object, and the result (:class:`~decision.domain.ScoredArms`) carries the feature
+matrix the learners read as it is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+import numpy as np
+from numpy.typing import NDArray
+
+from decision.candidates import CandidateSet
 from decision.contracts import FeatureBuilder
-from decision.domain import Candidate, RequestContext, ScoredCandidate
-from decision.telemetry import KV_CACHE_USAGE, QUEUE_RUNNING, QUEUE_WAITING
+from decision.domain import Candidate, Endpoint, Estimates, RequestContext, ScoredArms
+from decision.telemetry import CANONICAL, KV_CACHE_USAGE, QUEUE_RUNNING, QUEUE_WAITING, dense_row
 
 BYTES_PER_TOKEN = 4.0  # egress estimate for prompt + completion text
+COMPONENTS: tuple[str, ...] = ("queue_ms", "prefill_ms", "rtt_ms", "cold_start_ms", "running", "waiting",
+                               "kv_cache_usage")
+COLUMN: dict[str, int] = {name: i for i, name in enumerate(CANONICAL)}
+_RUN, _WAIT, _KV = COLUMN[QUEUE_RUNNING], COLUMN[QUEUE_WAITING], COLUMN[KV_CACHE_USAGE]
+FloatArray = NDArray[np.float64]
+
+# id(endpoint) -> (endpoint, (concurrency, prefill tok/s, decode tok/s, cold start ms, nominal $/1K))
+_STATIC: dict[int, tuple[Endpoint, tuple[float, float, float, float, float]]] = {}
+
+
+def _endpoint_numbers(ep: Endpoint) -> tuple[float, float, float, float, float]:
+    hit = _STATIC.get(id(ep))
+    if hit is not None and hit[0] is ep:
+        return hit[1]
+    row = (float(ep.max_concurrency), float(ep.prefill_tokens_per_s), float(ep.decode_tokens_per_s),
+           0.0 if ep.warm else float(ep.cold_start_ms), float(ep.nominal_cost_per_1k))
+    if len(_STATIC) > 1_000_000:  # a fleet reload leaves old endpoint objects behind
+        _STATIC.clear()
+    _STATIC[id(ep)] = (ep, row)
+    return row
+
+
+def telemetry_matrix(candidates: Sequence[Candidate]) -> FloatArray:
+    """The candidates' telemetry as rows in :data:`CANONICAL` order (NaN: unknown)."""
+    rows = [c.telemetry.dense or dense_row(c.telemetry.values) for c in candidates]
+    return np.array(rows, dtype=np.float64).reshape(len(rows), len(CANONICAL))
 
 
 class BasicFeatures:
@@ -21,56 +56,70 @@ class BasicFeatures:
 
     names: tuple[str, ...] = ("bias", "ttft_s", "cost_rel", "rtt_s", "kv", "cold")
 
-    def build(self, ctx: RequestContext, candidate: Candidate, expected_ttft_ms: float,
-              expected_cost_per_1k: float, components: Mapping[str, float]) -> tuple[float, ...]:
-        return (1.0, min(expected_ttft_ms / 1000.0, 10.0), min(expected_cost_per_1k * 1000.0, 10.0),
-                candidate.rtt_ms / 1000.0, components.get("kv_cache_usage", 0.5),
-                0.0 if candidate.endpoint.warm else 1.0)
+    def build_matrix(self, ctx: RequestContext, candidates: Sequence[Candidate], est: Estimates) -> FloatArray:
+        kv = est.telemetry[:, _KV]
+        cold = np.array([0.0 if c.endpoint.warm else 1.0 for c in candidates])
+        return np.column_stack((np.ones(len(candidates)), np.minimum(est.ttft_ms / 1000.0, 10.0),
+                                np.minimum(est.cost_per_1k * 1000.0, 10.0), est.rtt_ms / 1000.0,
+                                np.where(np.isnan(kv), 0.5, kv), cold))
 
 
-def score_candidates(ctx: RequestContext, candidates: tuple[Candidate, ...], features: FeatureBuilder,
+def score_candidates(ctx: RequestContext, candidates: Sequence[Candidate], features: FeatureBuilder,
                      egress: Mapping[str, float], *, unknown_load: float = 0.5,
-                     inflight: Mapping[str, int] | None = None) -> tuple[ScoredCandidate, ...]:
-    """Expected TTFT, cost and features for every candidate (one loop: the decision's hot path).
+                     inflight: Mapping[str, int] | None = None) -> ScoredArms:
+    """Expected TTFT, cost and features for every candidate.
+
+    ``egress`` ($/GB per site id) is for plain sequences of candidates; a
+    :class:`~decision.candidates.CandidateSet` carries its own.
 
     ``inflight`` (requests this router sent and has no outcome for, per endpoint) is a lower bound
     on the load that stale telemetry may not show yet: running is at least ``min(inflight, conc)``
     and waiting at least ``inflight - conc``.
     """
-    local_load = inflight or {}
-    build = features.build
+    n = len(candidates)
     in_tok = max(1, ctx.estimated_input_tokens or 256)
     out_tok = max(1, ctx.expected_output_tokens or 256)
-    bytes_gb = (in_tok + out_tok) * BYTES_PER_TOKEN / 1e9
-    out = []
-    for c in candidates:
-        ep = c.endpoint
-        vals = c.telemetry.values
-        conc = float(ep.max_concurrency)
-        running = vals.get(QUEUE_RUNNING)
-        if running is None:
-            running = unknown_load * conc
-        waiting = vals.get(QUEUE_WAITING)
-        if waiting is None:
-            waiting = unknown_load * conc * 0.25
-        kv = vals.get(KV_CACHE_USAGE, unknown_load)
-        local = local_load.get(ep.endpoint_id, 0)
-        if local:
-            running = max(running, float(min(local, conc)))
-            waiting = max(waiting, float(local) - conc)
-        prefill_s = in_tok / ep.prefill_tokens_per_s
-        # One request's time on the endpoint; the waiting queue drains conc requests at a time.
-        service_s = prefill_s + out_tok / ep.decode_tokens_per_s
-        queue_ms = 1000.0 * service_s * waiting / conc
-        # KV-cache pressure above 90% forces preemption/queuing: penalise steeply.
-        if kv > 0.9:
-            queue_ms += 1000.0 * service_s * (kv - 0.9) * 10.0
-        prefill_ms = 1000.0 * prefill_s * (1.0 + running / conc)
-        cold_ms = 0.0 if ep.warm else ep.cold_start_ms
-        rtt = c.rtt_ms
-        ttft = queue_ms + prefill_ms + rtt + cold_ms
-        cost = ep.nominal_cost_per_1k + egress.get(ep.site_id, 0.0) * bytes_gb * 1000.0 / out_tok
-        comps = {"queue_ms": queue_ms, "prefill_ms": prefill_ms, "rtt_ms": rtt, "cold_start_ms": cold_ms,
-                 "running": running, "waiting": waiting, "kv_cache_usage": kv}
-        out.append(ScoredCandidate(c, build(ctx, c, ttft, cost, comps), ttft, cost, comps))
-    return tuple(out)
+    egress_gb: FloatArray | None = None
+    if isinstance(candidates, CandidateSet):  # the request path: columns already
+        static = candidates.column(candidates.placement.numbers)
+        tel = candidates.telemetry.values
+        rtt = candidates.column(candidates.placement.rtt_ms)
+        egress_gb = candidates.column(candidates.placement.egress_per_gb)
+        ages = candidates.telemetry.max_age_s()
+    else:
+        static = np.array([_endpoint_numbers(c.endpoint) for c in candidates], dtype=np.float64).reshape(n, 5)
+        tel = telemetry_matrix(candidates)
+        rtt = np.array([c.rtt_ms for c in candidates], dtype=np.float64)
+        if egress:
+            egress_gb = np.array([egress.get(c.endpoint.site_id, 0.0) for c in candidates], dtype=np.float64)
+        ages = np.array([c.telemetry.max_age_s for c in candidates], dtype=np.float64)
+    conc, prefill_tps, decode_tps, cold_ms, nominal = static.T
+    running = tel[:, _RUN]
+    running = np.where(np.isnan(running), unknown_load * conc, running)
+    waiting = tel[:, _WAIT]
+    waiting = np.where(np.isnan(waiting), unknown_load * conc * 0.25, waiting)
+    kv = tel[:, _KV]
+    kv = np.where(np.isnan(kv), unknown_load, kv)
+    if inflight:
+        ids = candidates.endpoint_ids if isinstance(candidates, CandidateSet) else [c.endpoint.endpoint_id
+                                                                                     for c in candidates]
+        local = np.array([inflight.get(e, 0) for e in ids], dtype=np.float64)
+        running = np.maximum(running, np.minimum(local, conc))
+        waiting = np.maximum(waiting, local - conc)
+    prefill_s = in_tok / prefill_tps
+    # One request's time on the endpoint; the waiting queue drains conc requests at a time.
+    service_s = prefill_s + out_tok / decode_tps
+    queue_ms = 1000.0 * service_s * waiting / conc
+    # KV-cache pressure above 90% forces preemption/queuing: penalise steeply.
+    queue_ms = queue_ms + 1000.0 * service_s * np.maximum(kv - 0.9, 0.0) * 10.0
+    prefill_ms = 1000.0 * prefill_s * (1.0 + running / conc)
+    ttft = queue_ms + prefill_ms + rtt + cold_ms
+    cost = nominal
+    if egress_gb is not None:
+        cost = nominal + egress_gb * ((in_tok + out_tok) * BYTES_PER_TOKEN / 1e9 * 1000.0 / out_tok)
+    est = Estimates(ttft, cost, queue_ms, rtt, tel, ages)
+    matrix = np.ascontiguousarray(features.build_matrix(ctx, candidates, est), dtype=np.float64)
+    if matrix.shape != (n, len(features.names)):
+        raise ValueError(f"feature builder returned shape {matrix.shape}, expected {(n, len(features.names))}")
+    comps = dict(zip(COMPONENTS, (queue_ms, prefill_ms, rtt, cold_ms, running, waiting, kv), strict=True))
+    return ScoredArms(candidates, matrix, ttft, cost, comps)

@@ -15,6 +15,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 from decision.domain import TelemetryReading
 
 # Canonical names: (what, unit)
@@ -190,6 +193,12 @@ class _Ages(Mapping[str, float]):
         return {k: now - st for k, st in self._stamps.items()}
 
 
+def dense_row(values: Mapping[str, float]) -> tuple[float, ...]:
+    """``values`` in :data:`CANONICAL` order, NaN where unknown (what the score stage reads)."""
+    get = values.get
+    return tuple(get(k, math.nan) for k in CANONICAL)
+
+
 @dataclass(frozen=True, slots=True)
 class _Merged:
     """An endpoint's node and endpoint values merged, with the oldest timestamp among them."""
@@ -197,9 +206,76 @@ class _Merged:
     values: Mapping[str, float]
     stamps: Mapping[str, float]
     oldest: float
+    dense: tuple[float, ...]
+    dense_stamps: tuple[float, ...]
 
 
-_EMPTY = _Merged({}, {}, float("inf"))
+_EMPTY = _Merged({}, {}, float("inf"), dense_row({}), dense_row({}))
+
+
+def _reading(endpoint_id: str, m: _Merged, t: float, stale_after_s: float) -> TelemetryReading:
+    """One endpoint's reading at ``t``: values older than ``stale_after_s`` are unknown."""
+    oldest_age = t - m.oldest if m.stamps else math.inf
+    if oldest_age <= stale_after_s or not m.stamps:
+        return TelemetryReading(endpoint_id, m.values, _Ages(m.stamps, t), m.dense, oldest_age)
+    limit = t - stale_after_s
+    fresh = {k: v for k, v in m.values.items() if m.stamps[k] >= limit}
+    return TelemetryReading(endpoint_id, fresh, _Ages(m.stamps, t), dense_row(fresh), oldest_age)
+
+
+def mask_stale(values: npt.NDArray[np.float64], stamps: npt.NDArray[np.float64], at: float,
+               stale_after_s: float) -> None:
+    """Blank (NaN) the values older than ``stale_after_s`` at ``at``, in place; freeze both arrays."""
+    with np.errstate(invalid="ignore"):
+        stale = (at - stamps) > stale_after_s
+    if stale.any():
+        values[stale] = np.nan
+    values.setflags(write=False)
+    stamps.setflags(write=False)
+
+
+class TelemetryBatch:
+    """The telemetry of n endpoints at one instant as arrays, and each one's reading on demand.
+
+    ``values`` and ``stamps`` have one row per endpoint and one column per :data:`CANONICAL`
+    metric; NaN means unknown (never reported, or stale at ``at``: values only) or never
+    reported (stamps). This is what the guard's memo keys and the score stage read, so a
+    decision builds no per-candidate reading unless a rule must actually be evaluated.
+    """
+
+    __slots__ = ("_merged", "at", "endpoint_ids", "stale_after_s", "stamps", "values")
+
+    def __init__(self, endpoint_ids: Sequence[str], merged: Sequence[_Merged], at: float, stale_after_s: float,
+                 values: npt.NDArray[np.float64] | None = None, stamps: npt.NDArray[np.float64] | None = None) -> None:
+        self.endpoint_ids = endpoint_ids
+        self._merged = merged
+        self.at = at
+        self.stale_after_s = stale_after_s
+        if values is None or stamps is None:
+            n = len(merged)
+            stamps = np.array([m.dense_stamps for m in merged], dtype=np.float64).reshape(n, len(CANONICAL))
+            values = np.array([m.dense for m in merged], dtype=np.float64).reshape(n, len(CANONICAL))
+            mask_stale(values, stamps, at, stale_after_s)
+        self.values = values
+        self.stamps = stamps
+
+    def __len__(self) -> int:
+        return len(self._merged)
+
+    def reading(self, i: int) -> TelemetryReading:
+        return _reading(self.endpoint_ids[i], self._merged[i], self.at, self.stale_after_s)
+
+    def max_age_s(self) -> npt.NDArray[np.float64]:
+        """Each endpoint's oldest value's age, stale ones included (inf: nothing ever reported)."""
+        oldest = np.fmin.reduce(self.stamps, axis=1) if len(self._merged) else np.empty(0)
+        return np.where(np.isnan(oldest), np.inf, self.at - oldest)
+
+    def take(self, index: Sequence[int]) -> TelemetryBatch:
+        """The rows at ``index``, in that order."""
+        m, ids = self._merged, self.endpoint_ids
+        idx = np.asarray(index, dtype=np.intp)
+        return TelemetryBatch([ids[i] for i in index], [m[i] for i in index], self.at, self.stale_after_s,
+                              self.values[idx], self.stamps[idx])
 
 
 class TelemetryStore:
@@ -222,6 +298,12 @@ class TelemetryStore:
         self._node: dict[str, dict[str, tuple[float, float]]] = {}
         self._endpoint: dict[str, dict[str, tuple[float, float]]] = {}
         self._merged: dict[str, _Merged] = {}
+        # The same merged state as rows of arrays, for batches: endpoint id -> row (rows are never
+        # reused), each endpoint's _Merged object, values and stamps in CANONICAL columns (NaN: none).
+        self._rows: dict[str, int] = {}
+        self._row_merged = np.empty(0, dtype=object)
+        self._row_values = np.empty((0, len(CANONICAL)))
+        self._row_stamps = np.empty((0, len(CANONICAL)))
         self._lock = threading.Lock()
         self.updates = 0
 
@@ -244,6 +326,8 @@ class TelemetryStore:
         stamp = self.now() if ts is None else ts
         merged = dict(table.get(key, {}))
         for name, value in values.items():
+            if value != value:  # NaN: the exporter has no value (dense rows use NaN for "unknown")
+                continue
             old = merged.get(name)
             if old is None or old[1] <= stamp:  # never let an older sample overwrite a newer one
                 merged[name] = (float(value), stamp)
@@ -253,8 +337,32 @@ class TelemetryStore:
     def _remerge(self, endpoint_id: str) -> None:
         items = {**self._node.get(self._node_of.get(endpoint_id, ""), {}), **self._endpoint.get(endpoint_id, {})}
         stamps = {k: st for k, (_, st) in items.items()}
-        self._merged[endpoint_id] = _Merged({k: v for k, (v, _) in items.items()}, stamps,
-                                            min(stamps.values()) if stamps else float("inf"))
+        values = {k: v for k, (v, _) in items.items()}
+        m = self._merged[endpoint_id] = _Merged(values, stamps, min(stamps.values()) if stamps else float("inf"),
+                                                dense_row(values), dense_row(stamps))
+        row = self._rows.get(endpoint_id)
+        if row is not None:
+            self._row_merged[row] = m
+            self._row_values[row] = m.dense
+            self._row_stamps[row] = m.dense_stamps
+
+    def rows_of(self, endpoint_ids: Sequence[str]) -> npt.NDArray[np.intp]:
+        """Stable row numbers of ``endpoint_ids`` for :meth:`batch` (callers cache them)."""
+        with self._lock:
+            new = [e for e in dict.fromkeys(endpoint_ids) if e not in self._rows]
+            if new:
+                start = len(self._rows)
+                grow = len(new)
+                self._row_merged = np.concatenate((self._row_merged, np.empty(grow, dtype=object)))
+                self._row_values = np.concatenate((self._row_values, np.full((grow, len(CANONICAL)), np.nan)))
+                self._row_stamps = np.concatenate((self._row_stamps, np.full((grow, len(CANONICAL)), np.nan)))
+                for k, e in enumerate(new):
+                    row = self._rows[e] = start + k
+                    m = self._merged.get(e, _EMPTY)
+                    self._row_merged[row] = m
+                    self._row_values[row] = m.dense
+                    self._row_stamps[row] = m.dense_stamps
+            return np.array([self._rows[e] for e in endpoint_ids], dtype=np.intp)
 
     def ingest_exposition(self, text: str, *, node_id: str = "", endpoint_id: str = "",
                           ts: float | None = None) -> int:
@@ -271,12 +379,25 @@ class TelemetryStore:
 
     def reading(self, endpoint_id: str, now: float | None = None) -> TelemetryReading:
         t = self.now() if now is None else now
-        m = self._merged.get(endpoint_id, _EMPTY)
-        if t - m.oldest <= self.stale_after_s or not m.stamps:
-            return TelemetryReading(endpoint_id, m.values, _Ages(m.stamps, t))
-        limit = t - self.stale_after_s
-        fresh = {k: v for k, v in m.values.items() if m.stamps[k] >= limit}
-        return TelemetryReading(endpoint_id, fresh, _Ages(m.stamps, t))
+        return _reading(endpoint_id, self._merged.get(endpoint_id, _EMPTY), t, self.stale_after_s)
+
+    def batch(self, endpoint_ids: Sequence[str], now: float | None = None,
+              rows: npt.NDArray[np.intp] | None = None) -> TelemetryBatch:
+        """The readings of ``endpoint_ids`` at one instant, as arrays (see :class:`TelemetryBatch`).
+
+        With ``rows`` (from :meth:`rows_of` for the same ids) this copies rows of arrays the
+        writers keep current, instead of gathering per endpoint.
+        """
+        t = self.now() if now is None else now
+        if rows is None:
+            get = self._merged.get
+            return TelemetryBatch(endpoint_ids, [get(e, _EMPTY) for e in endpoint_ids], t, self.stale_after_s)
+        with self._lock:  # one consistent instant: objects and arrays from the same writes
+            merged: list[_Merged] = self._row_merged[rows].tolist()
+            values = self._row_values[rows]
+            stamps = self._row_stamps[rows]
+        mask_stale(values, stamps, t, self.stale_after_s)
+        return TelemetryBatch(endpoint_ids, merged, t, self.stale_after_s, values, stamps)
 
     def snapshot(self, endpoint_ids: Iterable[str], now: float | None = None) -> dict[str, TelemetryReading]:
         t = self.now() if now is None else now

@@ -14,15 +14,23 @@ through unchanged.
 from __future__ import annotations
 
 import base64
-from array import array
 from collections.abc import Mapping, Sequence
-from itertools import chain
 from typing import Any
 
-from decision.domain import Candidate, Choice, Endpoint, GuardResult, RequestContext, Route, ScoredCandidate
+import numpy as np
+
+from decision.domain import (
+    Candidate,
+    Choice,
+    Endpoint,
+    GuardResult,
+    RequestContext,
+    Route,
+    ScoredArms,
+    ScoredCandidate,
+)
 
 ENDPOINT_FIELDS = ("site", "region", "tier", "gpu_type", "jurisdiction", "rtt_ms")
-COMPONENTS = ("queue_ms", "prefill_ms", "rtt_ms", "cold_start_ms", "running", "waiting", "kv_cache_usage")
 
 
 def endpoint_row(ep: Endpoint, rtt_ms: float) -> list[Any]:
@@ -51,13 +59,16 @@ def compact_trace(*, ctx: RequestContext, inventory_revision: str, learner: str,
             rule_rows.append([v.rule_id, v.engine, v.kind, str(v.severity)])
         verdicts.append([index.get(v.endpoint_id, -1) if v.endpoint_id else -1, r, v.allow, v.reason])
     scores = choice.scores if choice is not None else None
-    component_names = list(scored[0].components) if scored else []
-    score_rows = [[index[s.candidate.endpoint.endpoint_id], s.expected_ttft_ms, s.expected_cost_per_1k_tokens,
-                   scores[i] if scores is not None else None, list(s.components.values())]
-                  for i, s in enumerate(scored)]
-    # Features as one float32 matrix in base64: JSON-encoding thousands of floats would cost more
-    # than the decision itself; float32 keeps ~7 significant digits, plenty to replay and audit.
-    packed = base64.b64encode(array("f", chain.from_iterable(s.features for s in scored)).tobytes()).decode()
+    cols = ScoredArms.of(scored)
+    component_names = list(cols.components)
+    comp_rows = (np.column_stack(list(cols.components.values())).tolist() if component_names
+                 else [[] for _ in cols.candidates])
+    score_rows = [[index[c.endpoint.endpoint_id], ttft, cost, scores[i] if scores is not None else None, comps]
+                  for i, (c, ttft, cost, comps) in enumerate(zip(cols.candidates, cols.ttft_ms.tolist(),
+                                                                 cols.cost_per_1k.tolist(), comp_rows, strict=True))]
+    # Features as one little-endian float32 matrix in base64: JSON-encoding thousands of floats would
+    # cost more than the decision itself; float32 keeps ~7 significant digits, plenty to replay and audit.
+    packed = base64.b64encode(cols.matrix.astype("<f4").tobytes()).decode()
     return {
         "version": 2,
         "request": ctx.as_dict(),
@@ -122,13 +133,12 @@ def expand_trace(trace: Mapping[str, Any]) -> dict[str, Any]:
             removed.setdefault(ep, []).append(rule_id)
     score = trace.get("score") or {}
     names = score.get("feature_names") or []
-    flat = array("f")
-    flat.frombytes(base64.b64decode(score.get("features_f32") or ""))
+    flat = np.frombuffer(base64.b64decode(score.get("features_f32") or ""), dtype="<f4").tolist()
     width = len(names)
     comp_names = score.get("component_names") or []
     score_rows = [{"endpoint_id": ids[cand], "expected_ttft_ms": ttft, "expected_cost_per_1k_tokens": cost,
                    "components": dict(zip(comp_names, comps, strict=False)), "score": s,
-                   "features": dict(zip(names, flat[i * width:(i + 1) * width].tolist(), strict=True))}
+                   "features": dict(zip(names, flat[i * width:(i + 1) * width], strict=True))}
                   for i, (cand, ttft, cost, s, comps) in enumerate(score.get("rows") or [])]
     tel = trace.get("telemetry") or {}
     key_sets = tel.get("keys") or []

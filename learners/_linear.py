@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from decision.domain import Choice, RequestContext, ScoredCandidate
+from decision.domain import Choice, RequestContext, ScoredArms, ScoredCandidate
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
@@ -127,8 +127,6 @@ class RidgeStats:
             self.refresh()
 
 
-_LAST: list[tuple[Sequence[ScoredCandidate], FloatArray, FloatArray]] = []
-
 SCORER_PRIOR: Mapping[str, float] = {"bias": 1.0, "ttft_ratio": -1.0, "cost_ratio": -0.1}
 """The ``"scorer"`` prior mean: :class:`learners.reward.ObjectiveReward` (default weights) with the
 scorer's expected TTFT and cost in place of the observed ones."""
@@ -139,21 +137,11 @@ Prior = str | Mapping[str, float] | None
 def arms_arrays(arms: Sequence[ScoredCandidate]) -> tuple[FloatArray, FloatArray]:
     """The arms' feature vectors (one row per arm) and the scorer's expected TTFTs (ms).
 
-    Converting Python floats is most of a linear learner's choose cost, so the last arrays are
-    kept for the same ``arms`` object: the acting learner and its shadows convert them once.
+    The score stage's :class:`~decision.domain.ScoredArms` already holds them as arrays (the
+    request path); any other sequence of arms (replays, tests) is converted.
     """
-    last = _LAST[0] if _LAST else None
-    if last is not None and last[0] is arms:
-        return last[1], last[2]
-    X = np.array([a.features for a in arms], dtype=float)
-    X.setflags(write=False)
-    ttft = np.array([a.expected_ttft_ms for a in arms], dtype=float)
-    ttft.setflags(write=False)
-    if _LAST:
-        _LAST[0] = (arms, X, ttft)
-    else:
-        _LAST.append((arms, X, ttft))
-    return X, ttft
+    cols = ScoredArms.of(arms)
+    return cols.matrix, cols.ttft_ms
 
 
 def arms_matrix(arms: Sequence[ScoredCandidate]) -> FloatArray:

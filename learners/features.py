@@ -48,18 +48,23 @@ site_0 .. site_{B-1}   hashed site id one-hot (``site_buckets`` columns; default
                        model learn per-site effects that telemetry does not show (a slow site)
 =====================  ==========================================================================
 
-Speed: the endpoint-only part (tier, GPU type, site bucket, cold, power capacity) is cached per
-endpoint object and the request-only part per request, so a candidate costs a few microseconds.
+Speed: the matrix is built for all candidates at once with numpy; the endpoint-only part (tier,
+GPU type, site bucket, cold, power capacity) is cached per endpoint object.
 """
 
 from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Sequence
 
-from decision.domain import Candidate, Endpoint, RequestContext
+import numpy as np
+from numpy.typing import NDArray
+
+from decision.candidates import CandidateSet, Placement
+from decision.domain import Candidate, Endpoint, Estimates, RequestContext
 from decision.telemetry import (
+    CANONICAL,
     FB_FREE_MIB,
     FB_USED_MIB,
     GPU_TEMP_C,
@@ -72,7 +77,14 @@ _GPUS: tuple[str, ...] = ("H100", "A100", "L40S", "L4", "NPU")
 _TIERS: tuple[str, ...] = ("datacenter", "edge", "device")
 _MODALITIES: tuple[str, ...] = ("text", "image", "multimodal", "embedding")
 _LOG_TOKENS = math.log1p(32768.0)
-_Static = tuple[Endpoint, tuple[float, ...], float, int, float, str, tuple[float, ...]]
+_STATIC_COLS = 11  # cold, 3 tiers, 5 GPU types, power capacity, affinity bucket
+_COL: dict[str, int] = {name: i for i, name in enumerate(CANONICAL)}
+FloatArray = NDArray[np.float64]
+
+
+def _clip(x: FloatArray, lo: float, hi: float) -> FloatArray:
+    """``np.clip`` for small arrays (its Python-level wrapper costs more than two ufuncs); NaN stays NaN."""
+    return np.minimum(np.maximum(x, lo), hi)
 
 BASE_NAMES: tuple[str, ...] = (
     "bias", "ttft_ratio", "queue_ratio", "rtt_ratio", "kv_cache", "gpu_util", "mem_pressure",
@@ -94,12 +106,8 @@ def stable_bucket(text: str, buckets: int) -> int:
     return zlib.crc32(text.encode()) % buckets
 
 
-def _clip(x: float, hi: float) -> float:
-    return 0.0 if x < 0.0 else (hi if x > hi else x)
-
-
 class RouteFeatures:
-    """The documented feature vector of the module docstring.
+    """The documented feature vector of the module docstring, built for all candidates at once.
 
     Parameters
     ----------
@@ -116,16 +124,20 @@ class RouteFeatures:
 
     Examples
     --------
+    The score stage calls :meth:`build_matrix`; its output carries the matrix:
+
     >>> from decision.domain import Candidate, RequestContext, TelemetryReading
+    >>> from decision.scoring import score_candidates
     >>> from learners.testing import toy_endpoint
-    >>> ep = toy_endpoint(0)
-    >>> cand = Candidate(ep, TelemetryReading("ep0", {"kv_cache_usage": 0.25}, {"kv_cache_usage": 3.0}), 10.0)
+    >>> cand = Candidate(toy_endpoint(0), TelemetryReading("ep0", {"kv_cache_usage": 0.25},
+    ...                  {"kv_cache_usage": 3.0}), 10.0)
     >>> fb = RouteFeatures(site_buckets=4)
-    >>> x = fb.build(RequestContext("r", "t", ttft_target_ms=200.0), cand, 100.0, 0.001, {"queue_ms": 20.0})
-    >>> len(x) == len(fb.names)
+    >>> arms = score_candidates(RequestContext("r", "t", ttft_target_ms=200.0), [cand], fb, {})
+    >>> arms.matrix.shape == (1, len(fb.names))
     True
-    >>> dict(zip(fb.names, x))["ttft_ratio"], dict(zip(fb.names, x))["kv_cache"]
-    (0.5, 0.25)
+    >>> row = dict(zip(fb.names, arms.matrix[0].tolist()))
+    >>> row["kv_cache"], row["telemetry_age"], row["ttft_ratio"] == min(float(arms.ttft_ms[0]) / 200.0, 5.0)
+    (0.25, 0.1, True)
     """
 
     def __init__(self, site_buckets: int = 8, affinity_buckets: int = 8, default_target_ms: float = 500.0,
@@ -136,75 +148,93 @@ class RouteFeatures:
         self.cost_ref = cost_ref
         self.stale_after_s = stale_after_s
         self.names: tuple[str, ...] = BASE_NAMES + tuple(f"site_{i}" for i in range(site_buckets))
-        # id(endpoint) -> (endpoint, tier+GPU one-hots, power capacity W, affinity bucket, is_edge, region,
-        # site one-hot)
-        self._static: dict[int, _Static] = {}
-        self._req: tuple[RequestContext, tuple[float, ...], float, float, float, int, str] | None = None
+        # id(endpoint) -> (endpoint, static row, region); the row is
+        # [cold, tier one-hot (3), GPU one-hot (5), power capacity W, affinity bucket, site one-hot (B)]
+        self._static: dict[int, tuple[Endpoint, tuple[float, ...], str]] = {}
+        # id(placement) -> (placement, its endpoints' static rows as a matrix, their regions)
+        self._blocks: dict[int, tuple[Placement, FloatArray, tuple[str, ...]]] = {}
 
-    def _endpoint_part(self, ep: Endpoint) -> _Static:
+    def _endpoint_part(self, ep: Endpoint) -> tuple[Endpoint, tuple[float, ...], str]:
         hit = self._static.get(id(ep))
         if hit is not None and hit[0] is ep:
             return hit
-        tiers = tuple(1.0 if ep.tier == t else 0.0 for t in _TIERS)
-        gpus = tuple(1.0 if ep.gpu_type == g else 0.0 for g in _GPUS)
         sites = [0.0] * self.site_buckets
         if self.site_buckets:
             sites[stable_bucket(ep.site_id, self.site_buckets)] = 1.0
-        static = tiers + gpus
-        entry = (ep, static, ep.watts_per_gpu * max(1, ep.gpu_count),
-                 stable_bucket(ep.endpoint_id, self.affinity_buckets), tiers[1], ep.region, tuple(sites))
+        row = (0.0 if ep.warm else 1.0, *(1.0 if ep.tier == t else 0.0 for t in _TIERS),
+               *(1.0 if ep.gpu_type == g else 0.0 for g in _GPUS), float(ep.watts_per_gpu * max(1, ep.gpu_count)),
+               float(stable_bucket(ep.endpoint_id, self.affinity_buckets)), *sites)
+        entry = (ep, row, ep.region)
         if len(self._static) > 1_000_000:  # a fleet reload leaves old endpoint objects behind
             self._static.clear()
         self._static[id(ep)] = entry
         return entry
 
-    def _request_part(self, ctx: RequestContext) -> tuple[RequestContext, tuple[float, ...], float, float,
-                                                           float, int, str]:
-        hit = self._req
-        if hit is not None and hit[0] is ctx:
-            return hit
-        size_in = _clip(math.log1p(max(0, ctx.estimated_input_tokens)) / _LOG_TOKENS, 1.5)
-        size_out = _clip(math.log1p(max(0, ctx.expected_output_tokens)) / _LOG_TOKENS, 1.5)
-        mods = tuple(1.0 if ctx.modality == m else 0.0 for m in _MODALITIES)
+    def _static_block(self, candidates: Sequence[Candidate]) -> tuple[FloatArray, Sequence[str]]:
+        """The endpoint-only columns and regions; per placement (shared by its decisions) when located."""
+        width = _STATIC_COLS + self.site_buckets
+        if isinstance(candidates, CandidateSet):
+            p = candidates.placement
+            hit = self._blocks.get(id(p))
+            if hit is None or hit[0] is not p:
+                parts = [self._endpoint_part(e) for e in p.endpoints]
+                block = np.array([q[1] for q in parts], dtype=np.float64).reshape(len(parts), width)
+                if len(self._blocks) > 65536:
+                    self._blocks.clear()
+                hit = self._blocks[id(p)] = (p, block, tuple(q[2] for q in parts))
+            rows = candidates.rows
+            if len(rows) == len(p.endpoints):
+                return hit[1], hit[2]
+            return hit[1][rows], [hit[2][i] for i in rows.tolist()]
+        parts = [self._endpoint_part(c.endpoint) for c in candidates]
+        return (np.array([q[1] for q in parts], dtype=np.float64).reshape(len(parts), width),
+                [q[2] for q in parts])
+
+    def build_matrix(self, ctx: RequestContext, candidates: Sequence[Candidate], est: Estimates) -> FloatArray:
+        """The feature matrix: one row per candidate, columns in :attr:`names` order."""
+        n = len(candidates)
+        S, regions = self._static_block(candidates)
         target = ctx.ttft_target_ms if ctx.ttft_target_ms > 0 else self.default_target_ms
         budget = ctx.max_cost_per_1k_tokens if ctx.max_cost_per_1k_tokens > 0 else self.cost_ref
+        size_in = min(max(math.log1p(max(0, ctx.estimated_input_tokens)) / _LOG_TOKENS, 0.0), 1.5)
+        size_out = min(max(math.log1p(max(0, ctx.expected_output_tokens)) / _LOG_TOKENS, 0.0), 1.5)
+        tel = est.telemetry
+        kv = _clip(tel[:, _COL[KV_CACHE_USAGE]], 0.0, 1.0)
+        used, free = tel[:, _COL[FB_USED_MIB]], tel[:, _COL[FB_FREE_MIB]]
+        total = used + free
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mem = np.where(total > 0, _clip(used / total, 0.0, 1.0), np.nan)
+            power = np.where(S[:, 9] > 0, _clip(tel[:, _COL[POWER_W]] / S[:, 9], 0.0, 1.5), np.nan)
+        ttft_r = _clip(est.ttft_ms / target, 0.0, 5.0)
+        queue_r = _clip(est.queue_ms / target, 0.0, 5.0)
+        X = np.empty((n, len(self.names)), dtype=np.float64)
+        X[:, 0] = 1.0
+        X[:, 1] = ttft_r
+        X[:, 2] = queue_r
+        X[:, 3] = _clip(est.rtt_ms / target, 0.0, 5.0)
+        X[:, 4] = kv
+        X[:, 5] = _clip(tel[:, _COL[GPU_UTIL]] / 100.0, 0.0, 1.0)
+        X[:, 6] = mem
+        X[:, 7] = _clip((tel[:, _COL[GPU_TEMP_C]] - 30.0) / 60.0, 0.0, 1.5)
+        X[:, 8] = power
+        X[:, 4:9] = np.where(np.isnan(X[:, 4:9]), 0.5, X[:, 4:9])  # unknown: neutral
+        X[:, 9] = _clip(est.max_age_s / self.stale_after_s, 0.0, 1.0)  # inf (never reported): 1
+        X[:, 10] = np.isnan(tel).all(axis=1)
+        X[:, 11] = S[:, 0]
         session = stable_bucket(ctx.session_id, self.affinity_buckets) if ctx.session_id else -1
-        entry = (ctx, (size_in, size_out, *mods), 1.0 / target, 1.0 / budget, size_in, session,
-                 ctx.client_region)
-        self._req = entry
-        return entry
-
-    def build(self, ctx: RequestContext, candidate: Candidate, expected_ttft_ms: float,
-              expected_cost_per_1k: float, components: Mapping[str, float]) -> tuple[float, ...]:
-        """The feature vector of one candidate for one request, in :attr:`names` order."""
-        ep = candidate.endpoint
-        _, static, power_cap, ep_bucket, is_edge, region, sites = self._endpoint_part(ep)
-        _, req, inv_target, inv_budget, size_in, session, client_region = self._request_part(ctx)
-        tel = candidate.telemetry
-        vals = tel.values
-        ages = tel.ages_s
-        ttft_r = _clip(expected_ttft_ms * inv_target, 5.0)
-        queue_r = _clip(components.get("queue_ms", 0.0) * inv_target, 5.0)
-        kv = vals.get(KV_CACHE_USAGE)
-        kv = 0.5 if kv is None else _clip(kv, 1.0)
-        util = vals.get(GPU_UTIL)
-        util = 0.5 if util is None else _clip(util / 100.0, 1.0)
-        used = vals.get(FB_USED_MIB)
-        free = vals.get(FB_FREE_MIB)
-        mem = 0.5 if used is None or free is None or used + free <= 0 else _clip(used / (used + free), 1.0)
-        temp = vals.get(GPU_TEMP_C)
-        temp = 0.5 if temp is None else _clip((temp - 30.0) / 60.0, 1.5)
-        power = vals.get(POWER_W)
-        power = 0.5 if power is None or power_cap <= 0 else _clip(power / power_cap, 1.5)
-        age = _clip(max(ages.values()) / self.stale_after_s, 1.0) if ages else 1.0
-        return (
-            1.0, ttft_r, queue_r, _clip(candidate.rtt_ms * inv_target, 5.0), kv, util, mem, temp, power, age,
-            0.0 if vals else 1.0, 0.0 if ep.warm else 1.0,
-            1.0 if session >= 0 and session == ep_bucket else 0.0,
-            1.0 if client_region and client_region == region else 0.0,
-            *static, _clip(expected_cost_per_1k * inv_budget, 5.0), *req,
-            ttft_r * size_in, queue_r * kv, is_edge * size_in, *sites,
-        )
+        X[:, 12] = S[:, 10] == session
+        client = ctx.client_region
+        X[:, 13] = [1.0 if client and client == r else 0.0 for r in regions]
+        X[:, 14:22] = S[:, 1:9]
+        X[:, 22] = _clip(est.cost_per_1k / budget, 0.0, 5.0)
+        X[:, 23] = size_in
+        X[:, 24] = size_out
+        X[:, 25:29] = [1.0 if ctx.modality == m else 0.0 for m in _MODALITIES]
+        X[:, 29] = ttft_r * size_in
+        X[:, 30] = queue_r * X[:, 4]
+        X[:, 31] = S[:, 2] * size_in
+        X[:, 32:] = S[:, _STATIC_COLS:]
+        return X
 
 
 def default_feature_builder() -> RouteFeatures:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from decision.domain import Choice, RequestContext, ScoredCandidate
+import numpy as np
+
+from decision.domain import Choice, RequestContext, ScoredArms, ScoredCandidate
 
 
 class LeastExpectedTtft:
@@ -38,10 +40,11 @@ class LeastExpectedTtft:
     def choose(self, ctx: RequestContext, arms: Sequence[ScoredCandidate]) -> Choice:
         if not arms:
             raise ValueError("no arms offered")
-        w = self.cost_weight * 1000.0
-        scores = tuple(-(a.expected_ttft_ms + w * a.expected_cost_per_1k_tokens) for a in arms)
-        best = max(range(len(arms)), key=lambda i: (scores[i], -arms[i].expected_cost_per_1k_tokens, -i))
-        return Choice(best, 1.0, scores)
+        cols = ScoredArms.of(arms)
+        scores = -(cols.ttft_ms + self.cost_weight * 1000.0 * cols.cost_per_1k)
+        # Highest score, then the cheaper arm, then the first offered (lexsort: last key is primary).
+        best = int(np.lexsort((np.arange(len(scores)), cols.cost_per_1k, -scores))[0])
+        return Choice(best, 1.0, tuple(scores.tolist()))
 
     def update(self, features: Sequence[float], reward: float) -> None:
         """Nothing to learn: the scorer is fixed."""

@@ -23,10 +23,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from decision.candidates import CandidateSet
 from decision.domain import Candidate, Decision, GuardResult, RequestContext, Severity, Verdict
 from policies.bundle import CompiledBundle, CompiledRule
 from policies.cel_engine import CelProgram
-from policies.inputs import ages_view, compile_telemetry_key, endpoint_view, freeze, request_view, telemetry_view
+from policies.inputs import (
+    ages_view,
+    compile_telemetry_key,
+    dense_telemetry_key,
+    endpoint_view,
+    freeze,
+    request_view,
+    telemetry_view,
+)
 from policies.quota import InMemoryQuotaCounters, QuotaCounters
 
 log = logging.getLogger("infermesh.policies")
@@ -87,6 +96,9 @@ class PolicyGuard:
         self.memo_limit = memo_limit
         self._revision = bundle.revision
         self._params = bundle.params
+        # Each CEL rule sees only the params it reads (converting the rest costs as much as evaluating).
+        self._rule_params = {r.spec.id: r.program.params_view(self._params) for r in bundle.rules
+                             if isinstance(r.program, CelProgram)}
         rules = bundle.rules
         self._request_rules = tuple(r for r in rules if r.spec.scope == "request")
         self._static = tuple(r for r in rules if r.spec.memoisable)
@@ -96,6 +108,7 @@ class PolicyGuard:
         self._static_fields = _union(self._static, "request_fields")
         self._dynamic_fields = _union(self._dynamic, "request_fields")
         self._telemetry_key = compile_telemetry_key(_union(self._dynamic, "telemetry"), _union(self._dynamic, "ages"))
+        self._dense_key = dense_telemetry_key(_union(self._dynamic, "telemetry"), _union(self._dynamic, "ages"))
         self._rule_keys = {r.spec.id: compile_telemetry_key(r.spec.telemetry, r.spec.ages) for r in rules}
         self._severity = {r.spec.id: Severity(r.spec.severity) for r in rules}
         self._needs_state = any(r.spec.state for r in rules)
@@ -146,24 +159,29 @@ class PolicyGuard:
         groups = self._memoised(memo, req, candidates)
         if self._live:
             groups.append(self._judge_live(memo, req, candidates, state))
-        allowed: list[Candidate] = []
+        keep: list[int] = []
         extend = verdicts.extend
         if len(groups) == 2:  # the common shape (static + telemetry rules), unrolled: hot path
             first, second = groups
-            for c, (ok1, vs1), (ok2, vs2) in zip(candidates, first, second, strict=True):
+            for i, (ok1, vs1), (ok2, vs2) in zip(range(len(first)), first, second, strict=True):
                 extend(vs1)
                 extend(vs2)
                 if ok1 and ok2:
-                    allowed.append(c)
+                    keep.append(i)
         else:
-            for i, c in enumerate(candidates):
+            for i in range(len(candidates)):
                 ok = True
                 for g in groups:
                     ok = ok and g[i][0]
                     extend(g[i][1])
                 if ok:
-                    allowed.append(c)
-        return GuardResult(tuple(allowed), tuple(verdicts), self._revision, quota_denied)
+                    keep.append(i)
+        allowed: Sequence[Candidate]
+        if isinstance(candidates, CandidateSet):
+            allowed = candidates if len(keep) == len(candidates) else candidates.take(keep)
+        else:
+            allowed = tuple(candidates[i] for i in keep)
+        return GuardResult(allowed, tuple(verdicts), self._revision, quota_denied)
 
     def _memo(self, inventory_revision: str) -> _InventoryMemo:
         memo = self._memos.get(inventory_revision)
@@ -181,14 +199,20 @@ class PolicyGuard:
         endpoint, request values and telemetry) have separate memos, so a telemetry update or
         an age ticking over a second never re-runs the static (Rego) rules.
         """
+        cset = candidates if isinstance(candidates, CandidateSet) else None
+        ids = cset.endpoint_ids if cset is not None else [c.endpoint.endpoint_id for c in candidates]
         rs = (*[freeze(req.get(f)) for f in self._static_fields],)
-        static_keys = [(c.endpoint.endpoint_id, rs) for c in candidates]
+        static_keys = [(e, rs) for e in ids]
         static = self._lookup(memo.static, static_keys, self._static, memo, req, candidates)
         if not self._dynamic:
             return [static]
         rd = (*[freeze(req.get(f)) for f in self._dynamic_fields],)
-        tkey = self._telemetry_key
-        dyn_keys = [(c.endpoint.endpoint_id, rd, tkey(c.telemetry)) for c in candidates]
+        dyn_keys: list[tuple[Any, ...]]
+        if cset is not None and self._dense_key is not None:
+            dyn_keys = [(e, rd, k) for e, k in zip(ids, self._dense_key(cset.telemetry), strict=True)]
+        else:
+            tkey = self._telemetry_key
+            dyn_keys = [(c.endpoint.endpoint_id, rd, tkey(c.telemetry)) for c in candidates]
         return [static, self._lookup(memo.dynamic, dyn_keys, self._dynamic, memo, req, candidates)]
 
     def _lookup(self, table: dict[tuple[Any, ...], _Judged], keys: list[tuple[Any, ...]],
@@ -222,7 +246,7 @@ class PolicyGuard:
         rview = request_view(req, s.request_fields)
         sview = {k: v for k, v in state.items() if k not in _NOT_STATE} if s.state else {}
         if isinstance(rule.program, CelProgram):
-            act: dict[str, Any] = {"request": rview, "params": self._params}
+            act: dict[str, Any] = {"request": rview, "params": self._rule_params[s.id]}
             if s.state:
                 act["state"] = sview
             return rule.program.evaluate(act)
@@ -307,7 +331,7 @@ class PolicyGuard:
              sview: Mapping[str, Any]) -> list[tuple[bool, str]]:
         """Evaluate one rule on distinct inputs: CEL one by one, Rego in one query."""
         if isinstance(rule.program, CelProgram):
-            base: dict[str, Any] = {"request": rview, "params": self._params}
+            base: dict[str, Any] = {"request": rview, "params": self._rule_params[rule.spec.id]}
             if rule.spec.state:
                 base["state"] = sview
             return [rule.program.evaluate({**base, **item}) for item in items]

@@ -12,7 +12,10 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from decision.domain import Endpoint, TelemetryReading
+from decision.telemetry import CANONICAL, TelemetryBatch
 
 METRIC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -117,3 +120,36 @@ def compile_telemetry_key(metrics: Sequence[str],
     exec(src, scope)
     fn: Callable[[TelemetryReading], tuple[Any, ...]] = scope["key"]
     return fn
+
+
+def dense_telemetry_key(metrics: Sequence[str],
+                        age_metrics: Sequence[str]) -> Callable[[TelemetryBatch], list[bytes]] | None:
+    """:func:`telemetry_key` for a whole :class:`~decision.telemetry.TelemetryBatch` at once.
+
+    Each key is the bytes of the row (declared values, then ages rounded up; NaN where unknown
+    or never reported), so equal keys mean equal inputs; the bytes never equal a tuple key of
+    :func:`telemetry_key`. None when a metric is not a canonical one (the batch has no column).
+
+    >>> from decision.telemetry import TelemetryStore
+    >>> store = TelemetryStore({"ep0": "n0", "ep1": "n1"})
+    >>> store.update_node("n0", {"gpu_temp_c": 70.0}, ts=100.0)
+    >>> store.update_node("n1", {"gpu_temp_c": 70.0}, ts=100.2)
+    >>> key = dense_telemetry_key(("gpu_temp_c",), ("gpu_temp_c",))
+    >>> a, b = key(store.batch(["ep0", "ep1"], now=102.5))
+    >>> a == b, a == key(store.batch(["ep0"], now=102.9))[0]  # ages 3 s (rounded up) in all three
+    (True, True)
+    """
+    cols = {name: i for i, name in enumerate(CANONICAL)}
+    if any(m not in cols for m in (*metrics, *age_metrics)):
+        return None
+    vcols = np.array([cols[m] for m in metrics], dtype=np.intp)
+    acols = np.array([cols[m] for m in age_metrics], dtype=np.intp)
+
+    def key(batch: TelemetryBatch) -> list[bytes]:
+        block = np.concatenate((batch.values[:, vcols], np.ceil(batch.at - batch.stamps[:, acols])), axis=1)
+        block[np.isnan(block)] = np.nan  # one NaN bit pattern, so "unknown" compares equal as bytes
+        raw = np.ascontiguousarray(block).tobytes()
+        w = block.shape[1] * 8
+        return [raw[i * w:(i + 1) * w] for i in range(block.shape[0])]
+
+    return key

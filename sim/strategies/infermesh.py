@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from decision.candidates import CandidateSet
 from decision.contracts import FeatureBuilder, Guard, Learner, RewardFunction
-from decision.domain import Candidate, Endpoint, Outcome, OutcomeStatus, RequestContext
+from decision.domain import Endpoint, Outcome, OutcomeStatus, RequestContext
 from decision.engine import DecisionEngine
 from decision.errors import DecisionError
 from decision.fleet import Fleet
@@ -42,16 +43,12 @@ class ShortlistEngine(DecisionEngine):
 
     shortlist: Sequence[Endpoint] | None = None
 
-    def locate(self, fleet: Fleet, ctx: RequestContext, now: float) -> tuple[Candidate, ...]:
+    def locate(self, fleet: Fleet, ctx: RequestContext, now: float) -> CandidateSet:
         eps = self.shortlist
         if eps is None:
             return super().locate(fleet, ctx, now)
-        snap = self.telemetry.reading
-        rtt = fleet.topology.rtt_ms
-        client = ctx.client_region
-        default = fleet.spec.default_rtt_ms
-        return tuple(Candidate(e, snap(e.endpoint_id, now), rtt(client, e.site_id) if client else default)
-                     for e in eps)
+        placement = self.placement_of(fleet, eps, ctx.client_region)
+        return CandidateSet(placement, self.telemetry.batch(placement.endpoint_ids, now))
 
 
 def default_guard(clock: Callable[[], float]) -> Guard:
