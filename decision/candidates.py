@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 
 import numpy as np
 from numpy.typing import NDArray
@@ -20,6 +20,7 @@ from decision.domain import Candidate, Endpoint
 from decision.telemetry import TelemetryBatch
 
 FloatArray = NDArray[np.float64]
+_T = TypeVar("_T", bound=np.generic)
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,8 +74,8 @@ class CandidateSet(Sequence[Candidate]):
             return eps
         return [eps[i] for i in self.rows.tolist()]
 
-    def column(self, values: FloatArray) -> FloatArray:
-        """A per-placement column (RTT, egress, numbers...) for these candidates."""
+    def column(self, values: NDArray[_T]) -> NDArray[_T]:
+        """Rows of a per-placement array (RTT, egress, numbers...) for these candidates."""
         if len(self.rows) == len(self.placement.endpoints):
             return values
         return values[self.rows]

@@ -236,9 +236,10 @@ class DecisionEngine:
         shadows = [self._shadow_choice(s, ctx, scored) for s in self.shadow]
         t5 = time.perf_counter()
         chosen = scored[choice.arm]
-        order = sorted((i for i in range(len(scored)) if i != choice.arm), key=lambda i: -choice.scores[i])
+        # Fallbacks: the next best by the learner's scores (stable: ties keep the offered order).
+        order = np.argsort(-np.asarray(choice.scores, dtype=np.float64), kind="stable")[: self.max_fallbacks + 1]
         allowed_eps = endpoints_of(scored.candidates)
-        fallbacks = tuple(Route.of(allowed_eps[i]) for i in order[: self.max_fallbacks])
+        fallbacks = tuple(Route.of(allowed_eps[i]) for i in order.tolist() if i != choice.arm)[: self.max_fallbacks]
         timings = {"locate": (t1 - t0) * 1e6, "prefetch": (t2 - t1) * 1e6, "guard": (t3 - t2) * 1e6,
                    "score": (t4 - t3) * 1e6, "choose": (t5 - t4) * 1e6}
         stored, trace = self._trace(ctx, fleet, candidates, result, scored, choice, fallbacks, learner, shadows,

@@ -59,6 +59,7 @@ import zlib
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 from numpy.typing import NDArray
 
 from decision.candidates import CandidateSet, Placement
@@ -152,7 +153,7 @@ class RouteFeatures:
         # [cold, tier one-hot (3), GPU one-hot (5), power capacity W, affinity bucket, site one-hot (B)]
         self._static: dict[int, tuple[Endpoint, tuple[float, ...], str]] = {}
         # id(placement) -> (placement, its endpoints' static rows as a matrix, their regions)
-        self._blocks: dict[int, tuple[Placement, FloatArray, tuple[str, ...]]] = {}
+        self._blocks: dict[int, tuple[Placement, FloatArray, npt.NDArray[np.str_]]] = {}
 
     def _endpoint_part(self, ep: Endpoint) -> tuple[Endpoint, tuple[float, ...], str]:
         hit = self._static.get(id(ep))
@@ -170,7 +171,7 @@ class RouteFeatures:
         self._static[id(ep)] = entry
         return entry
 
-    def _static_block(self, candidates: Sequence[Candidate]) -> tuple[FloatArray, Sequence[str]]:
+    def _static_block(self, candidates: Sequence[Candidate]) -> tuple[FloatArray, npt.NDArray[np.str_]]:
         """The endpoint-only columns and regions; per placement (shared by its decisions) when located."""
         width = _STATIC_COLS + self.site_buckets
         if isinstance(candidates, CandidateSet):
@@ -181,14 +182,11 @@ class RouteFeatures:
                 block = np.array([q[1] for q in parts], dtype=np.float64).reshape(len(parts), width)
                 if len(self._blocks) > 65536:
                     self._blocks.clear()
-                hit = self._blocks[id(p)] = (p, block, tuple(q[2] for q in parts))
-            rows = candidates.rows
-            if len(rows) == len(p.endpoints):
-                return hit[1], hit[2]
-            return hit[1][rows], [hit[2][i] for i in rows.tolist()]
+                hit = self._blocks[id(p)] = (p, block, np.array([q[2] for q in parts], dtype=np.str_))
+            return candidates.column(hit[1]), candidates.column(hit[2])
         parts = [self._endpoint_part(c.endpoint) for c in candidates]
         return (np.array([q[1] for q in parts], dtype=np.float64).reshape(len(parts), width),
-                [q[2] for q in parts])
+                np.array([q[2] for q in parts], dtype=np.str_))
 
     def build_matrix(self, ctx: RequestContext, candidates: Sequence[Candidate], est: Estimates) -> FloatArray:
         """The feature matrix: one row per candidate, columns in :attr:`names` order."""
@@ -224,7 +222,7 @@ class RouteFeatures:
         session = stable_bucket(ctx.session_id, self.affinity_buckets) if ctx.session_id else -1
         X[:, 12] = S[:, 10] == session
         client = ctx.client_region
-        X[:, 13] = [1.0 if client and client == r else 0.0 for r in regions]
+        X[:, 13] = (regions == client) if client else 0.0
         X[:, 14:22] = S[:, 1:9]
         X[:, 22] = _clip(est.cost_per_1k / budget, 0.0, 5.0)
         X[:, 23] = size_in
