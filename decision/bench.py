@@ -183,12 +183,16 @@ def bench_decide(sizes: list[int], *, candidates: int, iterations: int, policies
                                expected_output_tokens=rng.randint(20, 800),
                                ttft_target_ms=500.0, session_id=f"s{i % 97}")
                 for i in range(iterations)]
-        # Warm-up: every model once (the guard memoises per endpoint, so a cold model pays for a full
-        # Rego evaluation), then some more requests for caches and branch history.
+        # Warm-up, as a running service is after its first minutes: every (model, client region) pair
+        # once (its placement, RTTs and static feature block are built once per inventory revision, and
+        # the guard memoises static verdicts per endpoint), then some requests for the other caches.
+        # Telemetry is then re-seeded, and again every 1,000 decisions below, so memo misses on fresh
+        # telemetry (new values, ages ticking over) stay part of what is measured.
         for m in models:
-            engine.decide(RequestContext(f"w-{m}", "tenant-0", model=m, client_region=regions[0],
-                                         estimated_input_tokens=500, expected_output_tokens=100,
-                                         ttft_target_ms=500.0))
+            for region in regions:
+                engine.decide(RequestContext(f"w-{m}-{region}", "tenant-0", model=m, client_region=region,
+                                             estimated_input_tokens=500, expected_output_tokens=100,
+                                             ttft_target_ms=500.0))
         _seed_telemetry(store, fleet)
         for r in reqs[: min(500, iterations)]:
             engine.decide(r)

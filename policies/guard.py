@@ -23,17 +23,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from decision.candidates import CandidateSet
-from decision.domain import Candidate, Decision, GuardResult, RequestContext, Severity, Verdict
+from decision.candidates import CandidateSet, endpoints_of
+from decision.domain import Candidate, Decision, Endpoint, GuardResult, RequestContext, Severity, Verdict
 from policies.bundle import CompiledBundle, CompiledRule
 from policies.cel_engine import CelProgram
 from policies.inputs import (
     ages_view,
     compile_telemetry_key,
-    dense_telemetry_key,
+    dense_telemetry_block,
     endpoint_view,
     freeze,
     request_view,
+    split_rows,
     telemetry_view,
 )
 from policies.quota import InMemoryQuotaCounters, QuotaCounters
@@ -51,6 +52,8 @@ class _InventoryMemo:
     rules: dict[str, dict[tuple[Any, ...], tuple[bool, str]]] = field(default_factory=dict)
     verdicts: dict[tuple[Any, ...], Verdict] = field(default_factory=dict)
     static: dict[tuple[Any, ...], _Judged] = field(default_factory=dict)  # (endpoint, request values)
+    # (placement, rows, request values, telemetry block) -> (surviving positions, their verdicts)
+    sets: dict[tuple[Any, ...], tuple[tuple[int, ...], tuple[Verdict, ...]]] = field(default_factory=dict)
     dynamic: dict[tuple[Any, ...], _Judged] = field(default_factory=dict)  # (endpoint, request, telemetry)
 
 
@@ -89,11 +92,13 @@ class PolicyGuard:
     """
 
     def __init__(self, bundle: CompiledBundle, *, counters: QuotaCounters | None = None,
-                 clock: Callable[[], float] = time.time, memo_limit: int = 200_000) -> None:
+                 clock: Callable[[], float] = time.time, memo_limit: int = 200_000,
+                 set_memo_limit: int = 4096) -> None:
         self.bundle = bundle
         self.counters: QuotaCounters = counters if counters is not None else InMemoryQuotaCounters()
         self.clock = clock
         self.memo_limit = memo_limit
+        self.set_memo_limit = set_memo_limit
         self._revision = bundle.revision
         self._params = bundle.params
         # Each CEL rule sees only the params it reads (converting the rest costs as much as evaluating).
@@ -108,8 +113,10 @@ class PolicyGuard:
         self._static_fields = _union(self._static, "request_fields")
         self._dynamic_fields = _union(self._dynamic, "request_fields")
         self._telemetry_key = compile_telemetry_key(_union(self._dynamic, "telemetry"), _union(self._dynamic, "ages"))
-        self._dense_key = dense_telemetry_key(_union(self._dynamic, "telemetry"), _union(self._dynamic, "ages"))
+        self._dense_block = dense_telemetry_block(_union(self._dynamic, "telemetry"), _union(self._dynamic, "ages"))
         self._rule_keys = {r.spec.id: compile_telemetry_key(r.spec.telemetry, r.spec.ages) for r in rules}
+        self._rule_blocks = {r.spec.id: b for r in rules
+                             if (b := dense_telemetry_block(r.spec.telemetry, r.spec.ages)) is not None}
         self._severity = {r.spec.id: Severity(r.spec.severity) for r in rules}
         self._needs_state = any(r.spec.state for r in rules)
         self._memos: dict[str, _InventoryMemo] = {}
@@ -156,18 +163,35 @@ class PolicyGuard:
         if denied:
             return GuardResult((), tuple(verdicts), self._revision, quota_denied)
         memo = self._memo(str(state.get("inventory_revision", "")))
-        groups = self._memoised(memo, req, candidates)
+        rs = (*[freeze(req.get(f)) for f in self._static_fields],)
+        rd = (*[freeze(req.get(f)) for f in self._dynamic_fields],)
+        cset = candidates if isinstance(candidates, CandidateSet) else None
+        block: tuple[bytes, int] | None = None
+        if cset is not None and self._dense_block is not None:
+            block = self._dense_block(cset.telemetry)
+        set_key: tuple[Any, ...] | None = None
+        if cset is not None and block is not None and not self._live:
+            # Everything the memoised verdicts of this whole set depend on: which endpoints, the
+            # request values the rules declared, and the telemetry block the telemetry rules see.
+            set_key = (cset.placement, cset.rows.tobytes(), rs, rd, block[0])
+            hit = memo.sets.get(set_key)
+            if hit is not None:
+                keep, cached = hit
+                verdicts.extend(cached)
+                return GuardResult(self._survivors(cset, keep), tuple(verdicts), self._revision, quota_denied)
+        first = len(verdicts)
+        groups = self._memoised(memo, req, candidates, rs, rd, block)
         if self._live:
             groups.append(self._judge_live(memo, req, candidates, state))
-        keep: list[int] = []
+        keep_list: list[int] = []
         extend = verdicts.extend
         if len(groups) == 2:  # the common shape (static + telemetry rules), unrolled: hot path
-            first, second = groups
-            for i, (ok1, vs1), (ok2, vs2) in zip(range(len(first)), first, second, strict=True):
+            g1, g2 = groups
+            for i, (ok1, vs1), (ok2, vs2) in zip(range(len(g1)), g1, g2, strict=True):
                 extend(vs1)
                 extend(vs2)
                 if ok1 and ok2:
-                    keep.append(i)
+                    keep_list.append(i)
         else:
             for i in range(len(candidates)):
                 ok = True
@@ -175,13 +199,19 @@ class PolicyGuard:
                     ok = ok and g[i][0]
                     extend(g[i][1])
                 if ok:
-                    keep.append(i)
-        allowed: Sequence[Candidate]
+                    keep_list.append(i)
+        keep = tuple(keep_list)
+        if set_key is not None:
+            if len(memo.sets) > self.set_memo_limit:
+                memo.sets.clear()
+            memo.sets[set_key] = (keep, tuple(verdicts[first:]))
+        return GuardResult(self._survivors(candidates, keep), tuple(verdicts), self._revision, quota_denied)
+
+    @staticmethod
+    def _survivors(candidates: Sequence[Candidate], keep: tuple[int, ...]) -> Sequence[Candidate]:
         if isinstance(candidates, CandidateSet):
-            allowed = candidates if len(keep) == len(candidates) else candidates.take(keep)
-        else:
-            allowed = tuple(candidates[i] for i in keep)
-        return GuardResult(allowed, tuple(verdicts), self._revision, quota_denied)
+            return candidates if len(keep) == len(candidates) else candidates.take(keep)
+        return tuple(candidates[i] for i in keep)
 
     def _memo(self, inventory_revision: str) -> _InventoryMemo:
         memo = self._memos.get(inventory_revision)
@@ -191,8 +221,8 @@ class PolicyGuard:
             memo = self._memos[inventory_revision] = _InventoryMemo()
         return memo
 
-    def _memoised(self, memo: _InventoryMemo, req: Mapping[str, Any],
-                  candidates: Sequence[Candidate]) -> list[list[_Judged]]:
+    def _memoised(self, memo: _InventoryMemo, req: Mapping[str, Any], candidates: Sequence[Candidate],
+                  rs: tuple[Any, ...], rd: tuple[Any, ...], block: tuple[bytes, int] | None) -> list[list[_Judged]]:
         """Candidate rules without state: two lookups per candidate once warm.
 
         Static rules (keyed by endpoint and request values) and telemetry rules (keyed by
@@ -201,15 +231,13 @@ class PolicyGuard:
         """
         cset = candidates if isinstance(candidates, CandidateSet) else None
         ids = cset.endpoint_ids if cset is not None else [c.endpoint.endpoint_id for c in candidates]
-        rs = (*[freeze(req.get(f)) for f in self._static_fields],)
         static_keys = [(e, rs) for e in ids]
         static = self._lookup(memo.static, static_keys, self._static, memo, req, candidates)
         if not self._dynamic:
             return [static]
-        rd = (*[freeze(req.get(f)) for f in self._dynamic_fields],)
         dyn_keys: list[tuple[Any, ...]]
-        if cset is not None and self._dense_key is not None:
-            dyn_keys = [(e, rd, k) for e, k in zip(ids, self._dense_key(cset.telemetry), strict=True)]
+        if block is not None:
+            dyn_keys = [(e, rd, k) for e, k in zip(ids, split_rows(*block, len(ids)), strict=True)]
         else:
             tkey = self._telemetry_key
             dyn_keys = [(c.endpoint.endpoint_id, rd, tkey(c.telemetry)) for c in candidates]
@@ -224,7 +252,9 @@ class PolicyGuard:
         out: list[_Judged | None] = [get(k) for k in keys]
         missed = [i for i, j in enumerate(out) if j is None]
         if missed:
-            fresh = self._judge(rules, memo, req, [candidates[i] for i in missed], None)
+            subset = (candidates.take(missed) if isinstance(candidates, CandidateSet)
+                      else [candidates[i] for i in missed])
+            fresh = self._judge(rules, memo, req, subset, None)
             if len(table) > self.memo_limit:
                 table.clear()
             for i, j in zip(missed, fresh, strict=True):
@@ -252,14 +282,15 @@ class PolicyGuard:
             return rule.program.evaluate(act)
         return rule.program.evaluate_request(rview, sview)
 
-    def _rule_view(self, memo: _InventoryMemo, rule: CompiledRule, c: Candidate) -> tuple[dict[str, Any], Any]:
+    def _rule_view(self, memo: _InventoryMemo, rule: CompiledRule,
+                   endpoint: Endpoint) -> tuple[dict[str, Any], Any]:
         """The endpoint facts ``rule`` declared, and their hashable key (computed once per endpoint)."""
-        eid = c.endpoint.endpoint_id
+        eid = endpoint.endpoint_id
         hit = memo.rule_views.get((rule.spec.id, eid))
         if hit is None:
             full = memo.views.get(eid)
             if full is None:
-                full = memo.views[eid] = endpoint_view(c.endpoint)
+                full = memo.views[eid] = endpoint_view(endpoint)
             fields = rule.spec.endpoint_fields
             ep = full if fields is None else {f: full[f] for f in fields}
             hit = memo.rule_views[(rule.spec.id, eid)] = (ep, freeze(ep))
@@ -284,22 +315,29 @@ class PolicyGuard:
         """
         if not rules:
             return [(True, ())] * len(candidates)
+        cset = candidates if isinstance(candidates, CandidateSet) else None
+        endpoints = endpoints_of(candidates)
         per_rule: list[list[tuple[bool, str]]] = []
         for rule in rules:
             s = rule.spec
             rview = request_view(req, s.request_fields)
-            views = [self._rule_view(memo, rule, c) for c in candidates]
+            views = [self._rule_view(memo, rule, e) for e in endpoints]
             if state is None:
                 table = memo.rules.setdefault(s.id, {})
                 if len(table) > self.memo_limit:
                     table.clear()
                 rk = freeze(rview)
-                tkey = self._rule_keys[s.id]
-                keys = [(rk, v[1], tkey(c.telemetry)) for v, c in zip(views, candidates, strict=True)]
+                block = self._rule_blocks.get(s.id) if cset is not None else None
+                if cset is not None and block is not None:  # keys from the telemetry matrix
+                    tkeys: list[Any] = split_rows(*block(cset.telemetry), len(cset))
+                else:
+                    tkey = self._rule_keys[s.id]
+                    tkeys = [tkey(c.telemetry) for c in candidates]
+                keys = [(rk, v[1], t) for v, t in zip(views, tkeys, strict=True)]
                 todo: dict[tuple[Any, ...], dict[str, Any]] = {}
-                for k, v, c in zip(keys, views, candidates, strict=True):
+                for i, (k, v) in enumerate(zip(keys, views, strict=True)):
                     if k not in table and k not in todo:
-                        todo[k] = self._item(v[0], rule, c)
+                        todo[k] = self._item(v[0], rule, candidates[i])
                 if todo:
                     results = self._run(rule, rview, list(todo.values()), {})
                     table.update(zip(todo, results, strict=True))
@@ -312,8 +350,8 @@ class PolicyGuard:
         if len(cache) > self.memo_limit:
             cache.clear()
         out: list[_Judged] = []
-        for i, c in enumerate(candidates):
-            eid = c.endpoint.endpoint_id
+        for i, endpoint in enumerate(endpoints):
+            eid = endpoint.endpoint_id
             verdicts: list[Verdict] = []
             ok = True
             for n, rule in enumerate(rules):

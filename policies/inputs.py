@@ -122,13 +122,41 @@ def compile_telemetry_key(metrics: Sequence[str],
     return fn
 
 
+def dense_telemetry_block(metrics: Sequence[str],
+                          age_metrics: Sequence[str]) -> Callable[[TelemetryBatch], tuple[bytes, int]] | None:
+    """What telemetry rules see of a whole :class:`~decision.telemetry.TelemetryBatch`, as bytes.
+
+    One row per endpoint: the declared values, then the declared ages rounded up (as
+    :func:`ceil_age`), NaN where unknown or never reported; returns (bytes, row width in bytes).
+    Equal rows mean equal inputs. None when a metric is not a canonical one (no column).
+    """
+    cols = {name: i for i, name in enumerate(CANONICAL)}
+    if any(m not in cols for m in (*metrics, *age_metrics)):
+        return None
+    vcols = np.array([cols[m] for m in metrics], dtype=np.intp)
+    acols = np.array([cols[m] for m in age_metrics], dtype=np.intp)
+    width = 8 * (len(vcols) + len(acols))
+
+    def block(batch: TelemetryBatch) -> tuple[bytes, int]:
+        rows = np.concatenate((batch.values[:, vcols], np.ceil(batch.at - batch.stamps[:, acols])), axis=1)
+        rows[np.isnan(rows)] = np.nan  # one NaN bit pattern, so "unknown" compares equal as bytes
+        return np.ascontiguousarray(rows).tobytes(), width
+
+    return block
+
+
+def split_rows(raw: bytes, width: int, n: int) -> list[bytes]:
+    """The ``n`` rows of a :func:`dense_telemetry_block` (empty ones when nothing is declared)."""
+    if width == 0:
+        return [b""] * n
+    return [raw[i:i + width] for i in range(0, len(raw), width)]
+
+
 def dense_telemetry_key(metrics: Sequence[str],
                         age_metrics: Sequence[str]) -> Callable[[TelemetryBatch], list[bytes]] | None:
-    """:func:`telemetry_key` for a whole :class:`~decision.telemetry.TelemetryBatch` at once.
+    """:func:`telemetry_key` for each endpoint of a batch: its row of :func:`dense_telemetry_block`.
 
-    Each key is the bytes of the row (declared values, then ages rounded up; NaN where unknown
-    or never reported), so equal keys mean equal inputs; the bytes never equal a tuple key of
-    :func:`telemetry_key`. None when a metric is not a canonical one (the batch has no column).
+    The bytes never equal a tuple key of :func:`telemetry_key`, so both can share a memo.
 
     >>> from decision.telemetry import TelemetryStore
     >>> store = TelemetryStore({"ep0": "n0", "ep1": "n1"})
@@ -139,17 +167,12 @@ def dense_telemetry_key(metrics: Sequence[str],
     >>> a == b, a == key(store.batch(["ep0"], now=102.9))[0]  # ages 3 s (rounded up) in all three
     (True, True)
     """
-    cols = {name: i for i, name in enumerate(CANONICAL)}
-    if any(m not in cols for m in (*metrics, *age_metrics)):
+    block = dense_telemetry_block(metrics, age_metrics)
+    if block is None:
         return None
-    vcols = np.array([cols[m] for m in metrics], dtype=np.intp)
-    acols = np.array([cols[m] for m in age_metrics], dtype=np.intp)
+    fn = block
 
     def key(batch: TelemetryBatch) -> list[bytes]:
-        block = np.concatenate((batch.values[:, vcols], np.ceil(batch.at - batch.stamps[:, acols])), axis=1)
-        block[np.isnan(block)] = np.nan  # one NaN bit pattern, so "unknown" compares equal as bytes
-        raw = np.ascontiguousarray(block).tobytes()
-        w = block.shape[1] * 8
-        return [raw[i * w:(i + 1) * w] for i in range(block.shape[0])]
+        return split_rows(*fn(batch), len(batch))
 
     return key
