@@ -65,11 +65,20 @@ def decode_json(data: bytes) -> Any:
     return _unjson.decode(data)
 
 
-def compress_trace(trace_json: bytes, level: int = 1) -> bytes:
-    return zlib.compress(trace_json, level)
+def compress_trace(trace_json: bytes, level: int = 0) -> bytes:
+    """The stored trace bytes: level 0 keeps the JSON as it is (PostgreSQL compresses it, off the
+    service's interpreter); 1-9 zlib-compress it here."""
+    return zlib.compress(trace_json, level) if level > 0 else trace_json
 
 
 def decompress_trace(trace_z: bytes) -> bytes:
+    """The trace JSON from stored bytes of either form (a JSON object starts with ``{``, zlib with ``x``).
+
+    >>> decompress_trace(compress_trace(b'{"a":1}', 1)) == decompress_trace(compress_trace(b'{"a":1}')) == b'{"a":1}'
+    True
+    """
+    if trace_z[:1] == b"{":
+        return trace_z
     return zlib.decompress(trace_z)
 
 
@@ -121,7 +130,7 @@ def values_from_row(row: Mapping[str, Any]) -> list[Any]:
 
 
 def decision_row(e: DecisionEventV1, *, chain_id: str, seq: int, prev_hash: str, trace_json: bytes,
-                 level: int = 1) -> tuple[Any, ...]:
+                 level: int = 0) -> tuple[Any, ...]:
     """The COPY row of one decision, with its chain link."""
     values = hashed_values(e, chain_id, seq)
     digest = link_hash(prev_hash, values, trace_json)

@@ -57,7 +57,9 @@ class AuditSettings(BaseSettings):
     mask_key: str = "infermesh-audit"
     retention_days: int = Field(default=90, ge=1)
     partitions_ahead_days: int = Field(default=3, ge=1)
-    compress_level: int = Field(default=1, ge=0, le=9)
+    # 0: traces go to PostgreSQL as JSON and the server compresses them (lz4, see migration 0003);
+    # 1-9: zlib on the service's interpreter (costs the request path CPU).
+    compress_level: int = Field(default=0, ge=0, le=9)
 
     @field_validator("mask_fields")
     @classmethod
