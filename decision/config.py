@@ -8,7 +8,7 @@ fails fast with file:line: field, never silently falling back to a default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -82,6 +82,8 @@ class ExtProcSection(_Section):
     enabled: bool = False
     port: int = Field(default=9002, ge=0, le=65535)
     max_streams: int = Field(default=256, ge=1, le=8192)
+    # asyncio: one event loop serves every stream (cheaper per request); threads: one worker per stream.
+    server: Literal["asyncio", "threads"] = "asyncio"
     # Header names and defaults: the fields of decision.extproc_config.ExtProcConfig.
     settings: dict[str, Any] = {}
 

@@ -44,6 +44,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -61,7 +62,8 @@ from decision.errors import DecisionError, InvalidArgument, NoCandidate, NotFoun
 from decision.extproc_config import DESTINATION_SERVED_KEY, EXTPROC_SERVICE, ExtProcConfig
 from decision.extproc_openai import OpenAIRequest, UsageReader, parse_request
 
-__all__ = ["EXTPROC_SERVICE", "ExtProcConfig", "ExtProcServer", "ExtProcServicer", "add_extproc_to_server",
+__all__ = ["EXTPROC_SERVICE", "ExtProcConfig", "ExtProcServer", "ExtProcServicer", "RunningExtProc",
+           "add_extproc_to_server",
            "outcome_status", "serve_extproc"]
 
 log = logging.getLogger(__name__)
@@ -186,24 +188,41 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     # -- the RPC --
     def Process(self, request_iterator: Iterator[pb.ProcessingRequest],
                 context: grpc.ServicerContext) -> Iterator[pb.ProcessingResponse]:
-        self.stats["streams"] += 1
-        st = _Stream(_Exchange())
+        st = self.open_stream()
         try:
             for req in request_iterator:
-                replies = self.handle(st, req)
+                replies, done = self.step(st, req)
                 yield from replies
-                # Reporting after the reply is sent keeps it off the client's last byte.
-                if st.owner and st.ex.ended and not st.ex.reported:
-                    self._report(st.ex, self._now())
-                if self._finished(st, req, replies):
-                    # Nothing more to do on this stream: closing it frees its worker thread now
-                    # instead of when Envoy tears it down (observer streams linger for
-                    # deferred_close_timeout). Envoy carries on with the request unprocessed.
+                self.after_replies(st)
+                if done:
                     return
         finally:
-            if st.owner and st.ex.decision is not None and not st.ex.reported:
-                # The stream closed before the response ended: client gone or upstream reset.
-                self._report(st.ex, self._now(), cancelled=True)
+            self.close_stream(st)
+
+    # -- one stream, sans I/O: the threaded servicer above and the asyncio one
+    # (decision.extproc_aio) drive the same steps --
+    def open_stream(self) -> _Stream:
+        self.stats["streams"] += 1
+        return _Stream(_Exchange())
+
+    def step(self, st: _Stream, req: pb.ProcessingRequest) -> tuple[list[pb.ProcessingResponse], bool]:
+        """The replies to one message, and whether the stream has nothing left to do.
+
+        When it is done, closing it frees its worker now instead of when Envoy tears it down
+        (observer streams linger for ``deferred_close_timeout``); Envoy carries on unprocessed.
+        """
+        replies = self.handle(st, req)
+        return replies, self._finished(st, req, replies)
+
+    def after_replies(self, st: _Stream) -> None:
+        """Once the replies are sent: reporting after them keeps it off the client's last byte."""
+        if st.owner and st.ex.ended and not st.ex.reported:
+            self._report(st.ex, self._now())
+
+    def close_stream(self, st: _Stream) -> None:
+        if st.owner and st.ex.decision is not None and not st.ex.reported:
+            # The stream closed before the response ended: client gone or upstream reset.
+            self._report(st.ex, self._now(), cancelled=True)
 
     def _finished(self, st: _Stream, req: pb.ProcessingRequest, replies: list[pb.ProcessingResponse]) -> bool:
         """Whether this stream has nothing left to do (so the server may close it)."""
@@ -453,6 +472,15 @@ def add_extproc_to_server(server: grpc.Server, engine: DecisionEngine, config: E
     return servicer
 
 
+class RunningExtProc(Protocol):
+    """A started ext_proc server, of either kind (see :func:`serve_extproc`)."""
+
+    port: int
+    servicer: ExtProcServicer
+
+    def stop(self, grace_s: float = 1.0) -> None: ...
+
+
 @dataclass
 class ExtProcServer:
     """A running ext_proc server on its own port (see the module docstring for why)."""
@@ -469,7 +497,8 @@ class ExtProcServer:
 
 def serve_extproc(engine: DecisionEngine, config: ExtProcConfig | None = None, *,
                   address: str = "0.0.0.0:9002", max_streams: int = 512,
-                  credentials: grpc.ServerCredentials | None = None) -> ExtProcServer:
+                  credentials: grpc.ServerCredentials | None = None,
+                  server_kind: str = "asyncio") -> RunningExtProc:
     """Start an ext_proc server with gRPC health and reflection on ``address``.
 
     Parameters
@@ -479,10 +508,20 @@ def serve_extproc(engine: DecisionEngine, config: ExtProcConfig | None = None, *
     address
         ``host:port`` to bind; port 0 picks a free one (see ``ExtProcServer.port``).
     max_streams
-        Worker threads, i.e. HTTP requests in flight through the proxy at once; more wait.
+        Streams served at once, i.e. HTTP requests in flight through the proxy; more wait.
     credentials
         TLS or mutual TLS (``decision.tls.server_credentials``); plaintext when None.
+    server_kind
+        ``"asyncio"`` (default: one event loop in its own thread, see :mod:`decision.extproc_aio`)
+        or ``"threads"`` (grpcio's threaded server, one worker thread per open stream).
     """
+    if server_kind == "asyncio":
+        from decision.extproc_aio import AioExtProcServer
+
+        return AioExtProcServer(ExtProcServicer(engine, config), address, max_streams=max_streams,
+                                credentials=credentials)
+    if server_kind != "threads":
+        raise ValueError(f"server_kind must be 'asyncio' or 'threads', not {server_kind!r}")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="extproc"),
                          options=[("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", max_streams)])
     health_servicer = health.HealthServicer()

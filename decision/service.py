@@ -34,7 +34,7 @@ from decision.tls import server_credentials
 from decision.tracing import configure_tracing
 
 if TYPE_CHECKING:
-    from decision.extproc import ExtProcServer
+    from decision.extproc import RunningExtProc
 
 log = logging.getLogger("infermesh.service")
 
@@ -141,7 +141,7 @@ class Service:
         self.learner_sync = _build_learner_sync(config, settings, self.audit, learner, features)
         self.grpc_server: grpc.Server | None = None
         self.grpc_port = 0
-        self.extproc: ExtProcServer | None = None  # when config.extproc.enabled
+        self.extproc: RunningExtProc | None = None  # when config.extproc.enabled
         self.http: HttpServer | None = None
         self._expiry_stop = threading.Event()
         self._expiry = threading.Thread(target=self._expire_loop, name="outcome-expiry", daemon=True)
@@ -220,7 +220,8 @@ class Service:
         ep = self.config.extproc
         server = serve_extproc(self.engine, ExtProcConfig.from_mapping(ep.settings),
                                address=f"{self.config.server.host}:{ep.port if port is None else port}",
-                               max_streams=ep.max_streams, credentials=self._server_credentials())
+                               max_streams=ep.max_streams, credentials=self._server_credentials(),
+                               server_kind=ep.server)
         self.extproc = server
         return server.port
 

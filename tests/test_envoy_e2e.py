@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from decision.domain import Outcome, OutcomeStatus
-from decision.extproc import EXTPROC_SERVICE, ExtProcServer, serve_extproc
+from decision.extproc import EXTPROC_SERVICE, RunningExtProc, serve_extproc
 from decision.extproc_envoyrun import Backend, EnvoyProcess, free_port, render_config
 from tests.envoy_support import BACKENDS, MODEL, RecordingEngine, ResidencyGuard, build_fleet, make_engine, set_load
 
@@ -30,7 +30,7 @@ EU_TENANT = {"x-infermesh-tenant": "acme", "x-infermesh-allowed-jurisdictions": 
 class Stack:
     backends: dict[str, Backend]
     engine: RecordingEngine
-    extproc: ExtProcServer
+    extproc: RunningExtProc
     envoy: EnvoyProcess
     client: httpx.Client
 

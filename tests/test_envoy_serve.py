@@ -17,7 +17,8 @@ from tests.envoy_support import BACKENDS, MODEL, build_fleet
 pytestmark = pytest.mark.envoy
 
 
-def test_service_serves_ext_proc_to_envoy_and_records_outcomes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("server", ["asyncio", "threads"])
+def test_service_serves_ext_proc_to_envoy_and_records_outcomes(tmp_path: Path, server: str) -> None:
     backends = [Backend(b.name, ttft_ms=b.ttft_ms, token_ms=b.token_ms, streaming=b.streaming) for b in BACKENDS]
     service: Service | None = None
     try:
@@ -26,7 +27,7 @@ def test_service_serves_ext_proc_to_envoy_and_records_outcomes(tmp_path: Path) -
         (tmp_path / "infermesh.yaml").write_text(yaml.safe_dump({
             "fleet": "fleet.yaml", "audit": {"enabled": False},
             "learner": {"name": "least-ttft"},
-            "extproc": {"enabled": True, "port": 0, "max_streams": 16,
+            "extproc": {"enabled": True, "port": 0, "max_streams": 16, "server": server,
                         "settings": {"tenant_header": "X-Org", "default_tenant": ""}}}))
         cfg = load_config(tmp_path / "infermesh.yaml")
         service = Service(cfg, Settings(), audit_enabled=False)
