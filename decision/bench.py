@@ -190,9 +190,9 @@ def bench_decide(sizes: list[int], *, candidates: int, iterations: int, policies
         # telemetry (new values, ages ticking over) stay part of what is measured.
         for m in models:
             for region in regions:
-                engine.decide(RequestContext(f"w-{m}-{region}", "tenant-0", model=m, client_region=region,
-                                             estimated_input_tokens=500, expected_output_tokens=100,
-                                             ttft_target_ms=500.0))
+                engine.decide(RequestContext(f"w-{m}-{region}", "bench-warm-up", user_tier="premium", model=m,
+                                             client_region=region, estimated_input_tokens=500,
+                                             expected_output_tokens=100, ttft_target_ms=500.0))
         _seed_telemetry(store, fleet)
         for r in reqs[: min(500, iterations)]:
             engine.decide(r)

@@ -125,3 +125,10 @@ def endpoints_of(candidates: Sequence[Any]) -> Sequence[Endpoint]:
     if isinstance(candidates, CandidateSet):
         return candidates.endpoints
     return [c.endpoint for c in candidates]
+
+
+def endpoint_ids_of(candidates: Sequence[Any]) -> Sequence[str]:
+    """The candidates' endpoint ids, without building candidates where they are columns."""
+    if isinstance(candidates, CandidateSet):
+        return candidates.endpoint_ids
+    return [c.endpoint.endpoint_id for c in candidates]

@@ -179,16 +179,99 @@ class Verdict:
 
 
 @dataclass(frozen=True, slots=True)
+class RuleInfo:
+    """What a verdict says about its rule (shared by every verdict of the rule)."""
+
+    rule_id: str
+    engine: str
+    kind: str
+    severity: Severity = Severity.DENY
+
+
+RuleOutcome = tuple[int, bool, str]
+"""(index into the table's rules, allow, reason): one rule's answer, shared by every candidate
+that got the same answer from it."""
+
+
+class VerdictTable(Sequence[Verdict]):
+    """Every verdict of one guard evaluation as columns; a :class:`Verdict` is built when read.
+
+    ``request`` holds the request-scope rules' outcomes; ``per_candidate[i]`` the outcomes for
+    the candidate ``endpoint_ids[i]``. Outcomes are shared tuples, so a decision's verdicts cost
+    one list of references, not one object per rule and candidate.
+    """
+
+    __slots__ = ("endpoint_ids", "per_candidate", "request", "revision", "rules")
+
+    def __init__(self, rules: Sequence[RuleInfo], revision: str, request: Sequence[RuleOutcome],
+                 endpoint_ids: Sequence[str], per_candidate: Sequence[Sequence[RuleOutcome]]) -> None:
+        if len(endpoint_ids) != len(per_candidate):
+            raise ValueError(f"{len(endpoint_ids)} endpoints but outcomes for {len(per_candidate)}")
+        self.rules = tuple(rules)
+        self.revision = revision
+        self.request = tuple(request)
+        self.endpoint_ids = endpoint_ids
+        self.per_candidate = per_candidate
+
+    def rows(self) -> Iterator[tuple[int, RuleOutcome]]:
+        """(candidate position, or -1 for the request, outcome), in :meth:`__iter__` order."""
+        for o in self.request:
+            yield -1, o
+        for i, outs in enumerate(self.per_candidate):
+            for o in outs:
+                yield i, o
+
+    def _verdict(self, position: int, o: RuleOutcome) -> Verdict:
+        r = self.rules[o[0]]
+        eid = self.endpoint_ids[position] if position >= 0 else ""
+        return Verdict(r.rule_id, r.engine, r.kind, o[1], o[2], self.revision, eid, r.severity)
+
+    def __iter__(self) -> Iterator[Verdict]:
+        return (self._verdict(i, o) for i, o in self.rows())
+
+    def __len__(self) -> int:
+        return len(self.request) + sum(len(outs) for outs in self.per_candidate)
+
+    @overload
+    def __getitem__(self, i: int) -> Verdict: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> tuple[Verdict, ...]: ...
+
+    def __getitem__(self, i: int | slice) -> Verdict | tuple[Verdict, ...]:
+        everything = tuple(self)
+        return everything[i]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return tuple(self) == tuple(other)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def removing_rules(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for _, (r, allow, _reason) in self.rows():
+            info = self.rules[r]
+            if not allow and info.severity is Severity.DENY:
+                seen.setdefault(info.rule_id, None)
+        return tuple(seen)
+
+
+@dataclass(frozen=True, slots=True)
 class GuardResult:
     """What the guard stage returns: the survivors and every verdict it reached."""
 
     allowed: Sequence[Candidate]
-    verdicts: tuple[Verdict, ...]
+    verdicts: Sequence[Verdict]
     revision: str
     quota_denied: bool = False
 
     def removing_rules(self) -> tuple[str, ...]:
         """Rule ids that removed at least one candidate, in first-seen order."""
+        if isinstance(self.verdicts, VerdictTable):
+            return self.verdicts.removing_rules()
         seen: dict[str, None] = {}
         for v in self.verdicts:
             if not v.allow and v.severity is Severity.DENY:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from decision.candidates import endpoint_ids_of
 from decision.domain import (
     Candidate,
     Choice,
@@ -28,6 +29,7 @@ from decision.domain import (
     Route,
     ScoredArms,
     ScoredCandidate,
+    VerdictTable,
 )
 
 ENDPOINT_FIELDS = ("site", "region", "tier", "gpu_type", "jurisdiction", "rtt_ms")
@@ -48,23 +50,35 @@ def compact_trace(*, ctx: RequestContext, inventory_revision: str, learner: str,
                   feature_names: Sequence[str], timings: Mapping[str, float],
                   endpoints: list[list[Any]] | None = None) -> dict[str, Any]:
     """The version-2 trace; cheap to build because it mostly references existing immutable objects."""
-    index = {c.endpoint.endpoint_id: i for i, c in enumerate(candidates)}
+    ids = list(endpoint_ids_of(candidates))
+    index = {eid: i for i, eid in enumerate(ids)}
     rules: dict[str, int] = {}
     rule_rows: list[list[str]] = []
     verdicts: list[list[Any]] = []
-    for v in result.verdicts:
-        r = rules.get(v.rule_id)
-        if r is None:
-            r = rules[v.rule_id] = len(rule_rows)
-            rule_rows.append([v.rule_id, v.engine, v.kind, str(v.severity)])
-        verdicts.append([index.get(v.endpoint_id, -1) if v.endpoint_id else -1, r, v.allow, v.reason])
+    table = result.verdicts
+    if isinstance(table, VerdictTable):  # columns: no Verdict objects
+        local = {r.rule_id: n for n, r in enumerate(table.rules)}
+        rule_rows = [[r.rule_id, r.engine, r.kind, str(r.severity)] for r in table.rules]
+        same = list(table.endpoint_ids) == ids
+        for pos, (r_idx, allow, reason) in table.rows():
+            cand = pos if same or pos < 0 else index.get(table.endpoint_ids[pos], -1)
+            verdicts.append([cand, r_idx, allow, reason])
+        rules = local
+    else:
+        for v in table:
+            r = rules.get(v.rule_id)
+            if r is None:
+                r = rules[v.rule_id] = len(rule_rows)
+                rule_rows.append([v.rule_id, v.engine, v.kind, str(v.severity)])
+            verdicts.append([index.get(v.endpoint_id, -1) if v.endpoint_id else -1, r, v.allow, v.reason])
     scores = choice.scores if choice is not None else None
     cols = ScoredArms.of(scored)
     component_names = list(cols.components)
     comp_rows = (np.column_stack(list(cols.components.values())).tolist() if component_names
                  else [[] for _ in cols.candidates])
-    score_rows = [[index[c.endpoint.endpoint_id], ttft, cost, scores[i] if scores is not None else None, comps]
-                  for i, (c, ttft, cost, comps) in enumerate(zip(cols.candidates, cols.ttft_ms.tolist(),
+    scored_ids = endpoint_ids_of(cols.candidates)
+    score_rows = [[index[e], ttft, cost, scores[i] if scores is not None else None, comps]
+                  for i, (e, ttft, cost, comps) in enumerate(zip(scored_ids, cols.ttft_ms.tolist(),
                                                                  cols.cost_per_1k.tolist(), comp_rows, strict=True))]
     # Features as one little-endian float32 matrix in base64: JSON-encoding thousands of floats would
     # cost more than the decision itself; float32 keeps ~7 significant digits, plenty to replay and audit.
@@ -76,15 +90,15 @@ def compact_trace(*, ctx: RequestContext, inventory_revision: str, learner: str,
         "policy_revision": result.revision,
         "learner": learner,
         "at": now,
-        "candidates": [c.endpoint.endpoint_id for c in candidates],
+        "candidates": ids,
         "endpoints": endpoints if endpoints is not None else endpoint_rows(candidates),
         "guard": {"rules": rule_rows, "verdicts": verdicts,
-                  "allowed": [index[c.endpoint.endpoint_id] for c in result.allowed],
+                  "allowed": [index[e] for e in endpoint_ids_of(result.allowed)],
                   "quota_denied": result.quota_denied},
         "score": {"feature_names": list(feature_names), "component_names": component_names, "rows": score_rows,
                   "features_f32": packed},
         "choose": {
-            "chosen": scored[choice.arm].candidate.endpoint.endpoint_id if choice is not None else None,
+            "chosen": scored_ids[choice.arm] if choice is not None else None,
             "propensity": choice.propensity if choice is not None else None,
             "fallbacks": [r.endpoint_id for r in fallbacks],
             "shadow": list(shadows),

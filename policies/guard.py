@@ -24,7 +24,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from decision.candidates import CandidateSet, endpoints_of
-from decision.domain import Candidate, Decision, Endpoint, GuardResult, RequestContext, Severity, Verdict
+from decision.domain import (
+    Candidate,
+    Decision,
+    Endpoint,
+    GuardResult,
+    RequestContext,
+    RuleInfo,
+    RuleOutcome,
+    Severity,
+    VerdictTable,
+)
 from policies.bundle import CompiledBundle, CompiledRule
 from policies.cel_engine import CelProgram
 from policies.inputs import (
@@ -40,7 +50,7 @@ from policies.inputs import (
 from policies.quota import InMemoryQuotaCounters, QuotaCounters
 
 log = logging.getLogger("infermesh.policies")
-_Judged = tuple[bool, tuple[Verdict, ...]]
+_Judged = tuple[bool, tuple[RuleOutcome, ...]]
 _NOT_STATE = ("inventory_revision", "now")
 
 
@@ -49,11 +59,10 @@ class _InventoryMemo:
     views: dict[str, dict[str, Any]] = field(default_factory=dict)  # endpoint id -> full view
     # (rule id, endpoint id) -> (the endpoint facts the rule declared, their hashable key)
     rule_views: dict[tuple[str, str], tuple[dict[str, Any], Any]] = field(default_factory=dict)
-    rules: dict[str, dict[tuple[Any, ...], tuple[bool, str]]] = field(default_factory=dict)
-    verdicts: dict[tuple[Any, ...], Verdict] = field(default_factory=dict)
+    rules: dict[str, dict[tuple[Any, ...], RuleOutcome]] = field(default_factory=dict)
     static: dict[tuple[Any, ...], _Judged] = field(default_factory=dict)  # (endpoint, request values)
     # (placement, rows, request values, telemetry block) -> (surviving positions, their verdicts)
-    sets: dict[tuple[Any, ...], tuple[tuple[int, ...], tuple[Verdict, ...]]] = field(default_factory=dict)
+    sets: dict[tuple[Any, ...], tuple[tuple[int, ...], list[tuple[RuleOutcome, ...]]]] = field(default_factory=dict)
     dynamic: dict[tuple[Any, ...], _Judged] = field(default_factory=dict)  # (endpoint, request, telemetry)
 
 
@@ -118,6 +127,10 @@ class PolicyGuard:
         self._rule_blocks = {r.spec.id: b for r in rules
                              if (b := dense_telemetry_block(r.spec.telemetry, r.spec.ages)) is not None}
         self._severity = {r.spec.id: Severity(r.spec.severity) for r in rules}
+        self._rule_infos = tuple(RuleInfo(r.spec.id, r.spec.engine, r.spec.kind, self._severity[r.spec.id])
+                                 for r in rules)
+        self._rule_index = {r.spec.id: i for i, r in enumerate(rules)}
+        self._outcomes: dict[RuleOutcome, RuleOutcome] = {}
         self._needs_state = any(r.spec.state for r in rules)
         self._memos: dict[str, _InventoryMemo] = {}
         self.commit_errors = 0
@@ -152,20 +165,21 @@ class PolicyGuard:
     def evaluate(self, ctx: RequestContext, candidates: Sequence[Candidate],
                  state: Mapping[str, Any]) -> GuardResult:
         req = ctx.as_dict()
-        verdicts: list[Verdict] = []
+        request_outcomes: list[RuleOutcome] = []
         quota_denied = denied = False
         for rule in self._request_rules:
             ok, reason = self._judge_request(rule, req, state)
-            verdicts.append(self._verdict(rule, ok, reason, ""))
+            request_outcomes.append(self._outcome(rule, ok, reason))
             if not ok and rule.spec.severity == "deny":
                 denied = True
                 quota_denied = quota_denied or rule.spec.kind == "quota"
         if denied:
-            return GuardResult((), tuple(verdicts), self._revision, quota_denied)
+            return GuardResult((), self._table(request_outcomes, (), []), self._revision, quota_denied)
         memo = self._memo(str(state.get("inventory_revision", "")))
         rs = (*[freeze(req.get(f)) for f in self._static_fields],)
         rd = (*[freeze(req.get(f)) for f in self._dynamic_fields],)
         cset = candidates if isinstance(candidates, CandidateSet) else None
+        ids = cset.endpoint_ids if cset is not None else [c.endpoint.endpoint_id for c in candidates]
         block: tuple[bytes, int] | None = None
         if cset is not None and self._dense_block is not None:
             block = self._dense_block(cset.telemetry)
@@ -176,36 +190,40 @@ class PolicyGuard:
             set_key = (cset.placement, cset.rows.tobytes(), rs, rd, block[0])
             hit = memo.sets.get(set_key)
             if hit is not None:
-                keep, cached = hit
-                verdicts.extend(cached)
-                return GuardResult(self._survivors(cset, keep), tuple(verdicts), self._revision, quota_denied)
-        first = len(verdicts)
+                return GuardResult(self._survivors(cset, hit[0]), self._table(request_outcomes, ids, hit[1]),
+                                   self._revision, quota_denied)
         groups = self._memoised(memo, req, candidates, rs, rd, block)
         if self._live:
             groups.append(self._judge_live(memo, req, candidates, state))
         keep_list: list[int] = []
-        extend = verdicts.extend
+        per_candidate: list[tuple[RuleOutcome, ...]] = []
         if len(groups) == 2:  # the common shape (static + telemetry rules), unrolled: hot path
             g1, g2 = groups
-            for i, (ok1, vs1), (ok2, vs2) in zip(range(len(g1)), g1, g2, strict=True):
-                extend(vs1)
-                extend(vs2)
+            for i, (ok1, o1), (ok2, o2) in zip(range(len(g1)), g1, g2, strict=True):
+                per_candidate.append(o1 + o2)
                 if ok1 and ok2:
                     keep_list.append(i)
         else:
             for i in range(len(candidates)):
                 ok = True
+                outs: tuple[RuleOutcome, ...] = ()
                 for g in groups:
                     ok = ok and g[i][0]
-                    extend(g[i][1])
+                    outs += g[i][1]
+                per_candidate.append(outs)
                 if ok:
                     keep_list.append(i)
         keep = tuple(keep_list)
         if set_key is not None:
             if len(memo.sets) > self.set_memo_limit:
                 memo.sets.clear()
-            memo.sets[set_key] = (keep, tuple(verdicts[first:]))
-        return GuardResult(self._survivors(candidates, keep), tuple(verdicts), self._revision, quota_denied)
+            memo.sets[set_key] = (keep, per_candidate)
+        return GuardResult(self._survivors(candidates, keep), self._table(request_outcomes, ids, per_candidate),
+                           self._revision, quota_denied)
+
+    def _table(self, request: Sequence[RuleOutcome], ids: Sequence[str],
+               per_candidate: Sequence[tuple[RuleOutcome, ...]]) -> VerdictTable:
+        return VerdictTable(self._rule_infos, self._revision, request, ids, per_candidate)
 
     @staticmethod
     def _survivors(candidates: Sequence[Candidate], keep: tuple[int, ...]) -> Sequence[Candidate]:
@@ -266,9 +284,15 @@ class PolicyGuard:
         return self._judge(self._live, memo, req, candidates, state)
 
     # -- evaluation proper --
-    def _verdict(self, rule: CompiledRule, ok: bool, reason: str, endpoint_id: str) -> Verdict:
-        s = rule.spec
-        return Verdict(s.id, s.engine, s.kind, ok, reason, self._revision, endpoint_id, self._severity[s.id])
+    def _outcome(self, rule: CompiledRule, ok: bool, reason: str) -> RuleOutcome:
+        """One rule's answer as a shared tuple (equal answers are one object)."""
+        key = (self._rule_index[rule.spec.id], ok, reason)
+        hit = self._outcomes.get(key)
+        if hit is None:
+            if len(self._outcomes) > self.memo_limit:
+                self._outcomes.clear()
+            hit = self._outcomes[key] = key
+        return hit
 
     def _judge_request(self, rule: CompiledRule, req: Mapping[str, Any],
                        state: Mapping[str, Any]) -> tuple[bool, str]:
@@ -317,7 +341,8 @@ class PolicyGuard:
             return [(True, ())] * len(candidates)
         cset = candidates if isinstance(candidates, CandidateSet) else None
         endpoints = endpoints_of(candidates)
-        per_rule: list[list[tuple[bool, str]]] = []
+        per_rule: list[list[RuleOutcome]] = []
+        outcome = self._outcome
         for rule in rules:
             s = rule.spec
             rview = request_view(req, s.request_fields)
@@ -340,29 +365,21 @@ class PolicyGuard:
                         todo[k] = self._item(v[0], rule, candidates[i])
                 if todo:
                     results = self._run(rule, rview, list(todo.values()), {})
-                    table.update(zip(todo, results, strict=True))
+                    table.update(zip(todo, (outcome(rule, a, r) for a, r in results), strict=True))
                 per_rule.append([table[k] for k in keys])
             else:
                 sview = {k: v for k, v in state.items() if k not in _NOT_STATE}
                 items = [self._item(v[0], rule, c) for v, c in zip(views, candidates, strict=True)]
-                per_rule.append(self._run(rule, rview, items, sview))
-        cache = memo.verdicts
-        if len(cache) > self.memo_limit:
-            cache.clear()
+                per_rule.append([outcome(rule, a, r) for a, r in self._run(rule, rview, items, sview)])
+        deny = [self._severity[r.spec.id] is Severity.DENY for r in rules]
         out: list[_Judged] = []
-        for i, endpoint in enumerate(endpoints):
-            eid = endpoint.endpoint_id
-            verdicts: list[Verdict] = []
+        for outs in zip(*per_rule, strict=True):
             ok = True
-            for n, rule in enumerate(rules):
-                allow, reason = per_rule[n][i]
-                vkey = (rule.spec.id, eid, allow, reason)
-                verdict = cache.get(vkey)
-                if verdict is None:
-                    verdict = cache[vkey] = self._verdict(rule, allow, reason, eid)
-                verdicts.append(verdict)
-                ok = ok and (allow or verdict.severity is not Severity.DENY)
-            out.append((ok, tuple(verdicts)))
+            for o, d in zip(outs, deny, strict=True):
+                if d and not o[1]:
+                    ok = False
+                    break
+            out.append((ok, outs))
         return out
 
     def _run(self, rule: CompiledRule, rview: Mapping[str, Any], items: Sequence[Mapping[str, Any]],
