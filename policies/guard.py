@@ -52,15 +52,18 @@ from policies.quota import InMemoryQuotaCounters, QuotaCounters
 log = logging.getLogger("infermesh.policies")
 _Judged = tuple[bool, tuple[RuleOutcome, ...]]
 _NOT_STATE = ("inventory_revision", "now")
+_NO_VIEW: tuple[dict[str, Any], Any] = ({}, ())
 
 
 @dataclass
 class _InventoryMemo:
     views: dict[str, dict[str, Any]] = field(default_factory=dict)  # endpoint id -> full view
-    # (rule id, endpoint id) -> (the endpoint facts the rule declared, their hashable key)
-    rule_views: dict[tuple[str, str], tuple[dict[str, Any], Any]] = field(default_factory=dict)
+    # rule id -> endpoint id -> (the endpoint facts the rule declared, their hashable key)
+    rule_views: dict[str, dict[str, tuple[dict[str, Any], Any]]] = field(default_factory=dict)
     rules: dict[str, dict[tuple[Any, ...], RuleOutcome]] = field(default_factory=dict)
     static: dict[tuple[Any, ...], _Judged] = field(default_factory=dict)  # (endpoint, request values)
+    # (placement, rows, request values) -> every candidate's static verdicts
+    static_sets: dict[tuple[Any, ...], list[_Judged]] = field(default_factory=dict)
     # (placement, rows, request values, telemetry block) -> (surviving positions, their verdicts)
     sets: dict[tuple[Any, ...], tuple[tuple[int, ...], list[tuple[RuleOutcome, ...]]]] = field(default_factory=dict)
     dynamic: dict[tuple[Any, ...], _Judged] = field(default_factory=dict)  # (endpoint, request, telemetry)
@@ -249,8 +252,19 @@ class PolicyGuard:
         """
         cset = candidates if isinstance(candidates, CandidateSet) else None
         ids = cset.endpoint_ids if cset is not None else [c.endpoint.endpoint_id for c in candidates]
-        static_keys = [(e, rs) for e in ids]
-        static = self._lookup(memo.static, static_keys, self._static, memo, req, candidates)
+        static: list[_Judged] | None = None
+        set_key: tuple[Any, ...] | None = None
+        if cset is not None:
+            # Static verdicts never change with telemetry: keep them for the whole located set too,
+            # which stays small where per-endpoint entries would not (endpoints x request values).
+            set_key = (cset.placement, cset.rows.tobytes(), rs)
+            static = memo.static_sets.get(set_key)
+        if static is None:
+            static = self._lookup(memo.static, [(e, rs) for e in ids], self._static, memo, req, candidates)
+            if set_key is not None:
+                if len(memo.static_sets) > self.set_memo_limit * 16:
+                    memo.static_sets.clear()
+                memo.static_sets[set_key] = static
         if not self._dynamic:
             return [static]
         dyn_keys: list[tuple[Any, ...]]
@@ -306,19 +320,24 @@ class PolicyGuard:
             return rule.program.evaluate(act)
         return rule.program.evaluate_request(rview, sview)
 
-    def _rule_view(self, memo: _InventoryMemo, rule: CompiledRule,
-                   endpoint: Endpoint) -> tuple[dict[str, Any], Any]:
-        """The endpoint facts ``rule`` declared, and their hashable key (computed once per endpoint)."""
-        eid = endpoint.endpoint_id
-        hit = memo.rule_views.get((rule.spec.id, eid))
-        if hit is None:
-            full = memo.views.get(eid)
-            if full is None:
-                full = memo.views[eid] = endpoint_view(endpoint)
-            fields = rule.spec.endpoint_fields
-            ep = full if fields is None else {f: full[f] for f in fields}
-            hit = memo.rule_views[(rule.spec.id, eid)] = (ep, freeze(ep))
-        return hit
+    def _rule_views(self, memo: _InventoryMemo, rule: CompiledRule,
+                    endpoints: Sequence[Endpoint]) -> list[tuple[dict[str, Any], Any]]:
+        """The endpoint facts ``rule`` declared, with their hashable key (computed once per endpoint)."""
+        fields = rule.spec.endpoint_fields
+        if fields is not None and not fields:  # the rule reads no endpoint fact: one shared view
+            return [_NO_VIEW] * len(endpoints)
+        table = memo.rule_views.setdefault(rule.spec.id, {})
+        get = table.get
+        out = [get(e.endpoint_id) for e in endpoints]
+        for i, hit in enumerate(out):
+            if hit is None:
+                ep = endpoints[i]
+                full = memo.views.get(ep.endpoint_id)
+                if full is None:
+                    full = memo.views[ep.endpoint_id] = endpoint_view(ep)
+                view = full if fields is None else {f: full[f] for f in fields}
+                out[i] = table[ep.endpoint_id] = (view, freeze(view))
+        return out  # type: ignore[return-value]
 
     def _item(self, ep: dict[str, Any], rule: CompiledRule, c: Candidate) -> dict[str, Any]:
         """What one candidate shows one rule: declared endpoint facts, telemetry and ages."""
@@ -346,7 +365,7 @@ class PolicyGuard:
         for rule in rules:
             s = rule.spec
             rview = request_view(req, s.request_fields)
-            views = [self._rule_view(memo, rule, e) for e in endpoints]
+            views = self._rule_views(memo, rule, endpoints)
             if state is None:
                 table = memo.rules.setdefault(s.id, {})
                 if len(table) > self.memo_limit:
