@@ -26,6 +26,9 @@ class ServerSection(_Section):
     grpc_port: int = Field(default=50051, ge=0, le=65535)
     http_port: int = Field(default=8080, ge=0, le=65535)
     workers: int = Field(default=1, ge=1, le=64)
+    # asyncio: the decision API on one event loop (fewer thread hand-offs per call); threads: grpcio's
+    # threaded server with a pool of ``threads`` workers.
+    kind: Literal["asyncio", "threads"] = "asyncio"
     threads: int = Field(default=32, ge=1, le=1024)
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     grace_s: float = Field(default=10.0, ge=0)

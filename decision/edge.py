@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,17 +203,21 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpcio s
             yield m
 
     def _traced(self, method: str, name: str, context: grpc.ServicerContext, call: Callable[[], Any]) -> Any:
+        with self.call_scope(method, name, context) as note:
+            response = call()
+            note(response)
+            return response
+
+    @contextmanager
+    def call_scope(self, method: str, name: str, context: Any) -> Iterator[Callable[[Any], None]]:
+        """The trace span and log context of one call; yields ``note(response)`` (shared with asyncio)."""
         carrier = {k: v for k, v in context.invocation_metadata() if k in _TRACE_KEYS}
         started = time.perf_counter()
         with server_span(method, carrier, **{"rpc.system": "grpc", "rpc.method": name}):
             code = "OK"
             d_token = decision_id_var.set("")
             try:
-                response = call()
-                did = getattr(response, "decision_id", "")
-                if did:
-                    note_decision(did)
-                return response
+                yield _note_response
             except Exception:
                 code = "ERROR"
                 raise
@@ -221,3 +226,9 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpcio s
                     log.debug("rpc %s %s in %.2f ms", name, code, (time.perf_counter() - started) * 1e3,
                               extra={"decision_id": decision_id_var.get(), "trace_id": trace_id_var.get()})
                 decision_id_var.reset(d_token)
+
+
+def _note_response(response: Any) -> None:
+    did = getattr(response, "decision_id", "")
+    if did:
+        note_decision(did)

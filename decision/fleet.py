@@ -238,6 +238,7 @@ class Fleet:
             ))
         self.endpoints: tuple[Endpoint, ...] = tuple(endpoints)
         self.by_id: dict[str, Endpoint] = {e.endpoint_id: e for e in endpoints}
+        self.node_ids: frozenset[str] = frozenset(e.node_id for e in endpoints)  # nodes that serve something
         by_model: dict[str, list[Endpoint]] = defaultdict(list)
         by_family: dict[str, list[Endpoint]] = defaultdict(list)
         for e in endpoints:

@@ -130,29 +130,37 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
     def PushTelemetry(self, request_iterator: Iterator[pb.TelemetryBatch],
                       context: grpc.ServicerContext) -> pb.TelemetryAck:
         def run() -> pb.TelemetryAck:
-            store = self.engine.telemetry
-            fleet = self.engine.fleet
-            nodes = {e.node_id for e in fleet.endpoints}
             accepted = batches = 0
             for batch in request_iterator:
                 batches += 1
-                for i, s in enumerate(batch.samples):
-                    accepted += _ingest_sample(store, fleet.by_id, nodes, i, s)
-                for i, x in enumerate(batch.expositions):
-                    if x.endpoint_id and x.endpoint_id not in fleet.by_id:
-                        raise InvalidArgument(f"expositions[{i}].endpoint_id", f"unknown endpoint {x.endpoint_id!r}")
-                    if x.node_id and x.node_id not in nodes:
-                        raise InvalidArgument(f"expositions[{i}].node_id", f"unknown node {x.node_id!r}")
-                    ts = x.scraped_at_unix_ms / 1000.0 if x.scraped_at_unix_ms else None
-                    try:
-                        accepted += store.ingest_exposition(x.text, node_id=x.node_id, endpoint_id=x.endpoint_id,
-                                                            ts=ts)
-                    except ValueError as exc:
-                        raise InvalidArgument(f"expositions[{i}].text", str(exc)) from None
-            self.metrics.telemetry_samples.labels("push").inc(accepted)
-            return pb.TelemetryAck(samples_accepted=accepted, batches=batches)
+                accepted += self.ingest_batch(batch)
+            return self.telemetry_ack(accepted, batches)
 
         return self._guarded("PushTelemetry", context, run)
+
+    def ingest_batch(self, batch: pb.TelemetryBatch) -> int:
+        """Store one pushed batch; returns samples accepted. Raises InvalidArgument naming the item."""
+        store = self.engine.telemetry
+        fleet = self.engine.fleet
+        nodes = fleet.node_ids
+        accepted = 0
+        for i, s in enumerate(batch.samples):
+            accepted += _ingest_sample(store, fleet.by_id, nodes, i, s)
+        for i, x in enumerate(batch.expositions):
+            if x.endpoint_id and x.endpoint_id not in fleet.by_id:
+                raise InvalidArgument(f"expositions[{i}].endpoint_id", f"unknown endpoint {x.endpoint_id!r}")
+            if x.node_id and x.node_id not in nodes:
+                raise InvalidArgument(f"expositions[{i}].node_id", f"unknown node {x.node_id!r}")
+            ts = x.scraped_at_unix_ms / 1000.0 if x.scraped_at_unix_ms else None
+            try:
+                accepted += store.ingest_exposition(x.text, node_id=x.node_id, endpoint_id=x.endpoint_id, ts=ts)
+            except ValueError as exc:
+                raise InvalidArgument(f"expositions[{i}].text", str(exc)) from None
+        return accepted
+
+    def telemetry_ack(self, accepted: int, batches: int) -> pb.TelemetryAck:
+        self.metrics.telemetry_samples.labels("push").inc(accepted)
+        return pb.TelemetryAck(samples_accepted=accepted, batches=batches)
 
     def ReloadPolicies(self, request: pb.ReloadPoliciesRequest,
                        context: grpc.ServicerContext) -> pb.ReloadPoliciesResponse:
@@ -165,7 +173,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         return self._guarded("ReloadPolicies", context, run)
 
 
-def _ingest_sample(store: Any, by_id: dict[str, Any], nodes: set[str], i: int, s: pb.TelemetrySample) -> int:
+def _ingest_sample(store: Any, by_id: dict[str, Any], nodes: frozenset[str], i: int, s: pb.TelemetrySample) -> int:
     known = canonical_name(s.metric)
     if known is None:
         raise InvalidArgument(f"samples[{i}].metric", f"unknown metric {s.metric!r}")

@@ -35,6 +35,7 @@ from decision.tracing import configure_tracing
 
 if TYPE_CHECKING:
     from decision.extproc import RunningExtProc
+    from decision.grpc_aio import AioDecisionServer
 
 log = logging.getLogger("infermesh.service")
 
@@ -139,7 +140,7 @@ class Service:
         for name, read in self.audit.gauges.items():
             self.metrics.gauge(name, f"Audit writer: {name}.", read)
         self.learner_sync = _build_learner_sync(config, settings, self.audit, learner, features)
-        self.grpc_server: grpc.Server | None = None
+        self.grpc_server: grpc.Server | AioDecisionServer | None = None
         self.grpc_port = 0
         self.extproc: RunningExtProc | None = None  # when config.extproc.enabled
         self.http: HttpServer | None = None
@@ -193,12 +194,21 @@ class Service:
         servicer = DecisionServicer(self.engine, self.metrics,
                                     reload_policies=self.reload_policies if self.policies.reload else None,
                                     flush_audit=self.audit.flush)
-        self.grpc_server, self.grpc_port, _ = build_server(
-            servicer, address=f"{srv.host}:{srv.grpc_port if port is None else port}", threads=srv.threads,
-            max_message_bytes=srv.max_message_bytes, reuse_port=reuse_port,
-            credentials=self._server_credentials(),
-            interceptors=[EdgeInterceptor(RequestLimits(**self.config.limits.model_dump()), self.metrics)])
-        self.grpc_server.start()
+        address = f"{srv.host}:{srv.grpc_port if port is None else port}"
+        edge = EdgeInterceptor(RequestLimits(**self.config.limits.model_dump()), self.metrics)
+        if srv.kind == "asyncio":
+            from decision.grpc_aio import AioDecisionServer
+
+            self.grpc_server = AioDecisionServer(servicer, address=address, max_message_bytes=srv.max_message_bytes,
+                                                 reuse_port=reuse_port, credentials=self._server_credentials(),
+                                                 edge=edge)
+            self.grpc_port = self.grpc_server.port
+        else:
+            server, self.grpc_port, _ = build_server(
+                servicer, address=address, threads=srv.threads, max_message_bytes=srv.max_message_bytes,
+                reuse_port=reuse_port, credentials=self._server_credentials(), interceptors=[edge])
+            server.start()
+            self.grpc_server = server
         self.scraper.start()
         if self.learner_sync is not None:
             self.learner_sync.start(self.config.learner.sync_interval_s, self.config.learner.snapshot_every_s)
@@ -235,8 +245,10 @@ class Service:
     def stop(self, grace_s: float | None = None) -> None:
         """Graceful: stop accepting, let in-flight RPCs finish, then drain the audit queue."""
         grace = self.config.server.grace_s if grace_s is None else grace_s
-        if self.grpc_server is not None:
+        if isinstance(self.grpc_server, grpc.Server):
             self.grpc_server.stop(grace).wait()
+        elif self.grpc_server is not None:
+            self.grpc_server.stop(grace)
         if self.extproc is not None:
             self.extproc.stop(grace)
         if self.http is not None:

@@ -12,6 +12,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from decision.grpc_aio import AioDecisionServer
 from decision.grpc_server import SERVICE_NAME, DecisionServicer, build_server
 from decision.metrics import ServiceMetrics
 from infermesh.decision.v1 import decision_pb2 as pb
@@ -21,17 +22,26 @@ from tests.spine_support import ScriptedGuard, demo_engine
 DATA = Path(__file__).parent / "data"
 
 
-@pytest.fixture()
-def server(demo_fleet) -> Iterator[tuple[Any, grpc.Channel]]:  # type: ignore[no-untyped-def]
+@pytest.fixture(params=["threads", "asyncio"])
+def server(demo_fleet, request) -> Iterator[tuple[Any, grpc.Channel]]:  # type: ignore[no-untyped-def]
+    """The same servicer on both server kinds (``server.kind``): every test here runs on each."""
     engine = demo_engine(demo_fleet)
-    srv, port, _ = build_server(DecisionServicer(engine, ServiceMetrics()), address="127.0.0.1:0", threads=8)
-    srv.start()
+    servicer = DecisionServicer(engine, ServiceMetrics())
+    stop: Any
+    if request.param == "threads":
+        srv, port, _ = build_server(servicer, address="127.0.0.1:0", threads=8)
+        srv.start()
+        stop = lambda: srv.stop(0).wait()  # noqa: E731
+    else:
+        aio = AioDecisionServer(servicer, address="127.0.0.1:0")
+        port = aio.port
+        stop = lambda: aio.stop(0)  # noqa: E731
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
         yield engine, channel
     finally:
         channel.close()
-        srv.stop(0)
+        stop()
 
 
 def _decide(channel: grpc.Channel, **kw: Any) -> pb.DecideResponse:
