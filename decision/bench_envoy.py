@@ -21,6 +21,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ def bench_fleet(backend: str, endpoints: int = 16) -> Any:
                                "models": [{"name": _MODEL, "family": "bench", "params_b": 8.0}]}, "bench")
 
 
-def _serve_processor(backend: str) -> None:
+def _serve_processor(backend: str, server_kind: str = "asyncio") -> None:
     """The processor process: a DecisionEngine on the bench fleet behind the ext_proc server."""
     from decision.engine import DecisionEngine
     from decision.extproc import serve_extproc
@@ -59,8 +60,10 @@ def _serve_processor(backend: str) -> None:
     for e in fleet.endpoints:  # only the reachable endpoint looks idle
         store.update_endpoint(e.endpoint_id, {QUEUE_RUNNING: 1.0, QUEUE_WAITING: 0.0 if e.address == backend
                                               else 1000.0})
-    engine = DecisionEngine(fleet, store, BuiltinHealthGuard(), LeastExpectedTtft())
-    srv = serve_extproc(engine, address="127.0.0.1:0", max_streams=64)
+    # The pick-only listener has no observer, so its decisions never get an outcome: counted in flight,
+    # they would pile up on the real backend until the decoys (nothing listens there) looked better.
+    engine = DecisionEngine(fleet, store, BuiltinHealthGuard(), LeastExpectedTtft(), count_inflight=False)
+    srv = serve_extproc(engine, address="127.0.0.1:0", max_streams=64, server_kind=server_kind)
     ru = resource.getrusage(resource.RUSAGE_SELF)
     cpu0 = ru.ru_utime + ru.ru_stime  # start-up (imports) is not per-request work
     print(srv.port, flush=True)
@@ -75,7 +78,7 @@ def _serve_processor(backend: str) -> None:
         srv.stop(0)
 
 
-def run_bench(requests: int = 1000, block: int = 25, warmup: int = 100) -> dict[str, Any]:
+def run_bench(requests: int = 1000, block: int = 25, warmup: int = 100, server: str = "asyncio") -> dict[str, Any]:
     """Measure both listeners in one run; returns the summary (latencies in ms)."""
     from decision.extproc_envoyrun import (
         Backend,
@@ -89,7 +92,7 @@ def run_bench(requests: int = 1000, block: int = 25, warmup: int = 100) -> dict[
     backend = Backend("bench", ttft_ms=0.0, token_ms=0.0, streaming=False)
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "decision.bench_envoy", "--serve-processor", backend.address]
+    cmd = [sys.executable, "-m", "decision.bench_envoy", "--serve-processor", backend.address, "--server", server]
     proc = subprocess.Popen(cmd,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
@@ -108,6 +111,7 @@ def run_bench(requests: int = 1000, block: int = 25, warmup: int = 100) -> dict[
         ports = {"without": direct, "pick_only": pick_only, "with": listen}
         lat: dict[str, list[float]] = {k: [] for k in ports}
         errors = 0
+        failures: Counter[str] = Counter()
         with EnvoyProcess(cfg, admin) as envoy:
             clients = {k: httpx.Client(base_url=f"http://127.0.0.1:{p}") for k, p in ports.items()}
             try:
@@ -122,7 +126,9 @@ def run_bench(requests: int = 1000, block: int = 25, warmup: int = 100) -> dict[
                             t0 = time.perf_counter()
                             r = c.post("/v1/chat/completions", content=payload, headers=hdrs)
                             lat[kind].append((time.perf_counter() - t0) * 1000.0)
-                            errors += r.status_code != 200
+                            if r.status_code != 200:
+                                errors += 1
+                                failures[f"{kind} {r.status_code} {r.text[:160]}"] += 1
                     done += n
             finally:
                 for c in clients.values():
@@ -137,7 +143,8 @@ def run_bench(requests: int = 1000, block: int = 25, warmup: int = 100) -> dict[
         finally:
             backend.stop()
     proc_stats = json.loads(err.decode().strip().splitlines()[-1]) if err.strip() else {}
-    out: dict[str, Any] = {"requests": requests, "errors": errors}
+    out: dict[str, Any] = {"requests": requests, "server": server, "errors": errors,
+                           "failures": dict(failures.most_common(5))}
     for kind, values in lat.items():
         v = sorted(values)
         out[f"p50_ms_{kind}"] = round(percentile(v, 0.5), 3)
@@ -175,7 +182,7 @@ def print_report(res: dict[str, Any], as_json: bool) -> None:
 
 
 def cmd_bench_envoy(args: argparse.Namespace) -> int:
-    res = run_bench(requests=args.requests, block=args.block, warmup=args.warmup)
+    res = run_bench(requests=args.requests, block=args.block, warmup=args.warmup, server=args.server)
     print_report(res, args.json)
     return 0 if res["errors"] == 0 else 1
 
@@ -184,6 +191,8 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=1000, help="timed requests per listener")
     p.add_argument("--block", type=int, default=25, help="requests per listener before switching")
     p.add_argument("--warmup", type=int, default=100, help="untimed requests per listener first")
+    p.add_argument("--server", choices=("asyncio", "threads"), default="asyncio",
+                   help="the processor's gRPC server kind (extproc.server)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
 
 
@@ -200,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serve-processor", metavar="BACKEND", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve_processor:
-        _serve_processor(args.serve_processor)
+        _serve_processor(args.serve_processor, args.server)
         return 0
     return cmd_bench_envoy(args)
 

@@ -193,28 +193,19 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         st = self.open_stream()
         try:
             for req in request_iterator:
-                replies, done = self.step(st, req)
+                replies = self.handle(st, req)
                 yield from replies
                 self.after_replies(st)
-                if done:
+                if self.finished(st, req, replies):
                     return
         finally:
             self.close_stream(st)
 
     # -- one stream, sans I/O: the threaded servicer above and the asyncio one
-    # (decision.extproc_aio) drive the same steps --
+    # (decision.extproc_aio) drive the same steps: handle, send, after_replies, finished --
     def open_stream(self) -> _Stream:
         self.stats["streams"] += 1
         return _Stream(_Exchange())
-
-    def step(self, st: _Stream, req: pb.ProcessingRequest) -> tuple[list[pb.ProcessingResponse], bool]:
-        """The replies to one message, and whether the stream has nothing left to do.
-
-        When it is done, closing it frees its worker now instead of when Envoy tears it down
-        (observer streams linger for ``deferred_close_timeout``); Envoy carries on unprocessed.
-        """
-        replies = self.handle(st, req)
-        return replies, self._finished(st, req, replies)
 
     def after_replies(self, st: _Stream) -> None:
         """Once the replies are sent: reporting after them keeps it off the client's last byte."""
@@ -226,8 +217,13 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             # The stream closed before the response ended: client gone or upstream reset.
             self._report(st.ex, self._now(), cancelled=True)
 
-    def _finished(self, st: _Stream, req: pb.ProcessingRequest, replies: list[pb.ProcessingResponse]) -> bool:
-        """Whether this stream has nothing left to do (so the server may close it)."""
+    def finished(self, st: _Stream, req: pb.ProcessingRequest, replies: list[pb.ProcessingResponse]) -> bool:
+        """Whether this stream has nothing left to do, once ``replies`` are sent and reported.
+
+        The server then closes it, which frees a threaded server's worker now instead of when
+        Envoy tears the stream down (observer streams linger for ``deferred_close_timeout``);
+        Envoy carries on with the request unprocessed.
+        """
         if any(r.WhichOneof("response") == "immediate_response" for r in replies):
             return True  # Envoy sends nothing more after an immediate response
         if req.observability_mode:

@@ -4,8 +4,8 @@ Every HTTP request through Envoy is one or two bidirectional ext_proc streams. g
 server hands each stream message from its completion-queue thread to a pool thread and back
 (queues, condition variables, GIL hand-offs), which costs more than the decision itself. The
 asyncio server runs a stream's messages on one event loop: the same steps
-(:meth:`ExtProcServicer.step`), fewer hand-offs. The decision is CPU work under the GIL either
-way, so running it inline on the loop loses nothing.
+(:meth:`ExtProcServicer.handle`, ``after_replies``, ``finished``), fewer hand-offs. The decision
+is CPU work under the GIL either way, so running it inline on the loop loses nothing.
 
 The loop lives in a daemon thread, so the rest of the service (threaded gRPC, HTTP) is unchanged.
 """
@@ -41,11 +41,11 @@ class AioExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[mis
         st = core.open_stream()
         try:
             async for req in request_iterator:
-                replies, done = core.step(st, req)
+                replies = core.handle(st, req)
                 for reply in replies:
                     yield reply
                 core.after_replies(st)
-                if done:
+                if core.finished(st, req, replies):
                     return
         finally:
             core.close_stream(st)

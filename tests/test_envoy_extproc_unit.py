@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from envoy.config.core.v3 import base_pb2
@@ -180,7 +181,7 @@ def test_observer_claims_by_response_header_when_request_headers_are_skipped(ser
     pick = _Stream(_Exchange())
     servicer.handle(pick, headers_msg({"x-infermesh-tenant": "acme"}))
     last = servicer.handle(pick, body_msg(CHAT))
-    assert servicer._finished(pick, body_msg(CHAT), last)  # the pick stream may close now
+    assert servicer.finished(pick, body_msg(CHAT), last)  # the pick stream may close now
     d = pick.ex.decision
     assert d is not None
     obs = _Stream(_Exchange())
@@ -198,7 +199,7 @@ def test_observer_ignores_unknown_decisions(servicer: ExtProcServicer) -> None:
     obs = _Stream(_Exchange())
     servicer.handle(obs, headers_msg({"x-infermesh-decision-id": "forged"}, observe=True))
     assert not obs.owner
-    assert servicer._finished(obs, headers_msg({}, observe=True), [])
+    assert servicer.finished(obs, headers_msg({}, observe=True), [])
 
 
 def test_inline_mode_reports_on_the_same_stream() -> None:
@@ -272,3 +273,53 @@ def test_config_from_mapping_rejects_unknown_keys() -> None:
         ExtProcConfig.from_mapping({"tenant_heder": "x"})
     with pytest.raises(ValueError, match="response_phase"):
         ExtProcConfig(response_phase="sometimes")
+
+
+def _drive_threaded(s: ExtProcServicer, msgs: list[pb.ProcessingRequest]) -> int:
+    consumed = 0
+
+    def feed() -> Any:
+        nonlocal consumed
+        for m in msgs:
+            consumed += 1
+            yield m
+
+    list(s.Process(feed(), None))
+    return consumed
+
+
+def _drive_asyncio(s: ExtProcServicer, msgs: list[pb.ProcessingRequest]) -> int:
+    import asyncio
+
+    from decision.extproc_aio import AioExtProcServicer
+
+    consumed = 0
+
+    async def feed() -> Any:
+        nonlocal consumed
+        for m in msgs:
+            consumed += 1
+            yield m
+
+    async def run() -> None:
+        async for _ in AioExtProcServicer(s).Process(feed(), None):
+            pass
+
+    asyncio.run(run())
+    return consumed
+
+
+@pytest.mark.parametrize("drive", [_drive_threaded, _drive_asyncio])
+def test_both_servers_close_a_stream_once_it_has_nothing_left_to_do(drive: Any) -> None:
+    """A pick stream ends after its last request-phase answer, an observer stream once its outcome
+    is reported: the messages Envoy might still send on them are never waited for (on the threaded
+    server a lingering stream holds a worker thread; 64 of them starved the processor once)."""
+    s = ExtProcServicer(make_engine(build_fleet(ADDR), ResidencyGuard()))
+    extra = headers_msg({}, observe=True)
+    assert drive(s, [headers_msg({"x-infermesh-tenant": "acme"}), body_msg(CHAT), extra]) == 2
+    (did,) = tuple(s._unobserved)
+    observer = [headers_msg({"x-infermesh-decision-id": did}, observe=True),
+                resp_headers(200, "application/json"),
+                resp_body(b'{"usage": {"prompt_tokens": 3, "completion_tokens": 2}}', eos=True), extra, extra]
+    assert drive(s, observer) == 3
+    assert s.stats["outcomes"] == 1
