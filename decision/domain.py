@@ -396,8 +396,18 @@ class Route:
 
     @staticmethod
     def of(ep: Endpoint) -> Route:
-        return Route(ep.endpoint_id, ep.address, ep.model, ep.node_id, ep.gpu_type, ep.site_id,
-                     ep.region, ep.tier)
+        """The route to ``ep`` (one shared object per endpoint object: routes are immutable)."""
+        hit = _ROUTES.get(id(ep))
+        if hit is not None and hit[0] is ep:
+            return hit[1]
+        route = Route(ep.endpoint_id, ep.address, ep.model, ep.node_id, ep.gpu_type, ep.site_id, ep.region, ep.tier)
+        if len(_ROUTES) > 1_000_000:  # a fleet reload leaves old endpoint objects behind
+            _ROUTES.clear()
+        _ROUTES[id(ep)] = (ep, route)
+        return route
+
+
+_ROUTES: dict[int, tuple[Endpoint, Route]] = {}
 
 
 @dataclass(frozen=True, slots=True)

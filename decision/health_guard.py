@@ -9,8 +9,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from decision.domain import Candidate, Decision, GuardResult, RequestContext, Verdict
-from decision.telemetry import GPU_TEMP_C, XID_ERRORS
+import numpy as np
+
+from decision.candidates import CandidateSet, endpoint_ids_of
+from decision.domain import Candidate, Decision, GuardResult, RequestContext, RuleInfo, RuleOutcome, VerdictTable
+from decision.telemetry import CANONICAL, GPU_TEMP_C, XID_ERRORS
+
+_XID, _TEMP = CANONICAL.index(XID_ERRORS), CANONICAL.index(GPU_TEMP_C)
+_HEALTHY: tuple[RuleOutcome, ...] = ((0, True, "healthy"),)
+_RULES = (RuleInfo("builtin.health", "builtin", "safety"),)
 
 
 class BuiltinHealthGuard:
@@ -29,24 +36,30 @@ class BuiltinHealthGuard:
 
     def evaluate(self, ctx: RequestContext, candidates: Sequence[Candidate],
                  state: Mapping[str, Any]) -> GuardResult:
-        allowed: list[Candidate] = []
-        verdicts: list[Verdict] = []
-        for c in candidates:
-            vals = c.telemetry.values
-            xid = vals.get(XID_ERRORS, 0.0)
-            temp = vals.get(GPU_TEMP_C, 0.0)
+        if isinstance(candidates, CandidateSet):  # the request path: read the telemetry columns
+            cols = candidates.telemetry.values
+            xids = np.nan_to_num(cols[:, _XID], nan=0.0).tolist()
+            temps = np.nan_to_num(cols[:, _TEMP], nan=0.0).tolist()
+        else:
+            xids = [c.telemetry.values.get(XID_ERRORS, 0.0) for c in candidates]
+            temps = [c.telemetry.values.get(GPU_TEMP_C, 0.0) for c in candidates]
+        keep: list[int] = []
+        outcomes: list[tuple[RuleOutcome, ...]] = []
+        for i, (xid, temp) in enumerate(zip(xids, temps, strict=True)):
             if xid > 0:
-                reason = f"XID error {xid:g} reported"
+                outcomes.append(((0, False, f"XID error {xid:g} reported"),))
             elif temp > self.max_temp_c:
-                reason = f"GPU temperature {temp:g}C over {self.max_temp_c:g}C"
+                outcomes.append(((0, False, f"GPU temperature {temp:g}C over {self.max_temp_c:g}C"),))
             else:
-                reason = ""
-            ok = not reason
-            verdicts.append(Verdict(self.RULE_ID, "builtin", "safety", ok, reason or "healthy",
-                                    self._revision, c.endpoint.endpoint_id))
-            if ok:
-                allowed.append(c)
-        return GuardResult(tuple(allowed), tuple(verdicts), self._revision)
+                outcomes.append(_HEALTHY)
+                keep.append(i)
+        allowed: Sequence[Candidate]
+        if isinstance(candidates, CandidateSet):
+            allowed = candidates if len(keep) == len(candidates) else candidates.take(keep)
+        else:
+            allowed = tuple(candidates[i] for i in keep)
+        table = VerdictTable(_RULES, self._revision, (), endpoint_ids_of(candidates), outcomes)
+        return GuardResult(allowed, table, self._revision)
 
     def commit(self, ctx: RequestContext, decision: Decision) -> None:
         return None

@@ -213,14 +213,20 @@ class _Merged:
 _EMPTY = _Merged({}, {}, float("inf"), dense_row({}), dense_row({}))
 
 
-def _reading(endpoint_id: str, m: _Merged, t: float, stale_after_s: float) -> TelemetryReading:
-    """One endpoint's reading at ``t``: values older than ``stale_after_s`` are unknown."""
+def _known(m: _Merged, t: float, stale_after_s: float) -> tuple[Mapping[str, float], float]:
+    """(the values still known at ``t``, the oldest value's age): older than the limit is unknown."""
     oldest_age = t - m.oldest if m.stamps else math.inf
     if oldest_age <= stale_after_s or not m.stamps:
-        return TelemetryReading(endpoint_id, m.values, _Ages(m.stamps, t), m.dense, oldest_age)
+        return m.values, oldest_age
     limit = t - stale_after_s
-    fresh = {k: v for k, v in m.values.items() if m.stamps[k] >= limit}
-    return TelemetryReading(endpoint_id, fresh, _Ages(m.stamps, t), dense_row(fresh), oldest_age)
+    return {k: v for k, v in m.values.items() if m.stamps[k] >= limit}, oldest_age
+
+
+def _reading(endpoint_id: str, m: _Merged, t: float, stale_after_s: float) -> TelemetryReading:
+    """One endpoint's reading at ``t``: values older than ``stale_after_s`` are unknown."""
+    values, oldest_age = _known(m, t, stale_after_s)
+    return TelemetryReading(endpoint_id, values, _Ages(m.stamps, t), m.dense if values is m.values
+                            else dense_row(values), oldest_age)
 
 
 def mask_stale(values: npt.NDArray[np.float64], stamps: npt.NDArray[np.float64], at: float,
@@ -264,6 +270,12 @@ class TelemetryBatch:
 
     def reading(self, i: int) -> TelemetryReading:
         return _reading(self.endpoint_ids[i], self._merged[i], self.at, self.stale_after_s)
+
+    def known(self, i: int) -> tuple[Mapping[str, float], Mapping[str, float]]:
+        """Row ``i`` as (values known at :attr:`at`, timestamps of every value ever reported),
+        without building a reading (the trace's telemetry snapshot reads this)."""
+        m = self._merged[i]
+        return _known(m, self.at, self.stale_after_s)[0], m.stamps
 
     def max_age_s(self) -> npt.NDArray[np.float64]:
         """Each endpoint's oldest value's age, stale ones included (inf: nothing ever reported)."""

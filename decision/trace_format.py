@@ -14,12 +14,12 @@ through unchanged.
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from decision.candidates import endpoint_ids_of
+from decision.candidates import CandidateSet, endpoint_ids_of
 from decision.domain import (
     Candidate,
     Choice,
@@ -112,20 +112,31 @@ def _telemetry(candidates: Sequence[Candidate], now: float) -> dict[str, Any]:
     """Per candidate: [key-set index, values (None = stale/unknown), ages in ms]; key sets listed once."""
     key_sets: dict[tuple[str, ...], int] = {}
     rows: list[list[Any]] = []
-    for c in candidates:
-        ages = c.telemetry.ages_s
-        stamps = getattr(ages, "stamps", None)
-        keys = tuple(stamps if stamps is not None else ages)
+    for vals, keys, age_ms in _snapshots(candidates, now):
         k = key_sets.get(keys)
         if k is None:
             k = key_sets[keys] = len(key_sets)
-        vals = c.telemetry.values
-        if stamps is not None:
-            age_ms = [int((now - st) * 1000.0) for st in stamps.values()]
-        else:
-            age_ms = [int(a * 1000.0) for a in ages.values()]
         rows.append([k, [vals.get(name) for name in keys], age_ms])
     return {"keys": [list(k) for k in key_sets], "rows": rows}
+
+
+def _snapshots(candidates: Sequence[Candidate],
+               now: float) -> Iterator[tuple[Mapping[str, float], tuple[str, ...], list[int]]]:
+    """Each candidate's (known values, names ever reported, their ages in ms), from the columns
+    where there are some (no reading is built for them)."""
+    if isinstance(candidates, CandidateSet):
+        batch = candidates.telemetry
+        for i in range(len(batch)):
+            vals, stamps = batch.known(i)
+            yield vals, tuple(stamps), [int((now - st) * 1000.0) for st in stamps.values()]
+        return
+    for c in candidates:
+        ages = c.telemetry.ages_s
+        known_stamps: Mapping[str, float] | None = getattr(ages, "stamps", None)
+        if known_stamps is not None:
+            yield c.telemetry.values, tuple(known_stamps), [int((now - st) * 1000.0) for st in known_stamps.values()]
+        else:  # a reading built by hand: ages without timestamps
+            yield c.telemetry.values, tuple(ages), [int(a * 1000.0) for a in ages.values()]
 
 
 def expand_trace(trace: Mapping[str, Any]) -> dict[str, Any]:
