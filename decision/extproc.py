@@ -63,6 +63,7 @@ from decision.engine import DecisionEngine
 from decision.errors import DecisionError, InvalidArgument, NoCandidate, NotFound, QuotaExceeded
 from decision.extproc_config import DESTINATION_SERVED_KEY, EXTPROC_SERVICE, ExtProcConfig
 from decision.extproc_openai import OpenAIRequest, UsageReader, parse_request
+from decision.metrics import ServiceMetrics
 
 __all__ = ["EXTPROC_SERVICE", "ExtProcConfig", "ExtProcServer", "ExtProcServicer", "RunningExtProc",
            "add_extproc_to_server",
@@ -177,8 +178,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     """
 
     def __init__(self, engine: DecisionEngine, config: ExtProcConfig | None = None,
-                 clock: Callable[[], float] | None = None, max_unobserved: int = 65536) -> None:
+                 clock: Callable[[], float] | None = None, max_unobserved: int = 65536,
+                 metrics: ServiceMetrics | None = None) -> None:
         self.engine = engine
+        self.metrics = metrics  # the service's Prometheus metrics, as the gRPC front end records them
         self.config = config or ExtProcConfig()
         self._now = clock or time.perf_counter
         self.max_unobserved = max_unobserved
@@ -329,9 +332,11 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         try:
             ex.request = parse_request(body)
             decision = self.engine.decide(self.context_of(ex.headers or {}, ex.request))
-        except QuotaExceeded as exc:
-            return self._deny(_immediate(429, "quota_exceeded", str(exc), exc.decision_id, c, exc.rules))
         except NoCandidate as exc:
+            if self.metrics is not None:
+                self.metrics.record_denial(exc)
+            if isinstance(exc, QuotaExceeded):
+                return self._deny(_immediate(429, "quota_exceeded", str(exc), exc.decision_id, c, exc.rules))
             return self._deny(_immediate(503, "no_candidate", str(exc), exc.decision_id, c, exc.rules))
         except InvalidArgument as exc:
             return self._deny(_immediate(400, "invalid_argument", str(exc), "", c))
@@ -341,6 +346,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             return self._deny(_immediate(503, "unavailable", str(exc), "", c))
         ex.decision = decision
         self.stats["routed"] += 1
+        if self.metrics is not None:
+            self.metrics.record_decision(decision)
         if c.response_phase == "observer":
             with self._lock:
                 self._unobserved[decision.decision_id] = ex
@@ -447,15 +454,18 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             output_tokens=usage.completion_tokens if usage else (ex.usage.content_chunks if ex.usage else 0),
             error=error)
         try:
-            self.engine.report_outcome(outcome)
+            result = self.engine.report_outcome(outcome)
             self.stats["outcomes"] += 1
+            if self.metrics is not None:
+                self.metrics.record_outcome(status, result)
         except DecisionError as exc:  # e.g. the decision expired from the pending table
             self.stats["outcomes_failed"] += 1
             log.warning("outcome for %s not recorded: %s", decision.decision_id, exc)
 
 
 def add_extproc_to_server(server: grpc.Server, engine: DecisionEngine, config: ExtProcConfig | None,
-                          health_servicer: health.HealthServicer | None) -> ExtProcServicer:
+                          health_servicer: health.HealthServicer | None,
+                          metrics: ServiceMetrics | None = None) -> ExtProcServicer:
     """Register the ext_proc servicer on ``server`` and mark it SERVING in ``health_servicer``.
 
     Returns
@@ -463,7 +473,7 @@ def add_extproc_to_server(server: grpc.Server, engine: DecisionEngine, config: E
     ExtProcServicer
         The registered servicer (its ``stats`` count streams, routes and outcomes).
     """
-    servicer = ExtProcServicer(engine, config)
+    servicer = ExtProcServicer(engine, config, metrics=metrics)
     pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
     if health_servicer is not None:
         health_servicer.set(EXTPROC_SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -496,7 +506,7 @@ class ExtProcServer:
 def serve_extproc(engine: DecisionEngine, config: ExtProcConfig | None = None, *,
                   address: str = "0.0.0.0:9002", max_streams: int = 512,
                   credentials: grpc.ServerCredentials | None = None,
-                  server_kind: str = "asyncio") -> RunningExtProc:
+                  server_kind: str = "asyncio", metrics: ServiceMetrics | None = None) -> RunningExtProc:
     """Start an ext_proc server with gRPC health and reflection on ``address``.
 
     Parameters
@@ -509,6 +519,8 @@ def serve_extproc(engine: DecisionEngine, config: ExtProcConfig | None = None, *
         Streams served at once, i.e. HTTP requests in flight through the proxy; more wait.
     credentials
         TLS or mutual TLS (``decision.tls.server_credentials``); plaintext when None.
+    metrics
+        The service's Prometheus metrics: decisions, denials and outcomes are counted as on gRPC.
     server_kind
         ``"asyncio"`` (default: one event loop in its own thread, see :mod:`decision.extproc_aio`)
         or ``"threads"`` (grpcio's threaded server, one worker thread per open stream).
@@ -516,7 +528,7 @@ def serve_extproc(engine: DecisionEngine, config: ExtProcConfig | None = None, *
     if server_kind == "asyncio":
         from decision.extproc_aio import AioExtProcServer
 
-        return AioExtProcServer(ExtProcServicer(engine, config), address, max_streams=max_streams,
+        return AioExtProcServer(ExtProcServicer(engine, config, metrics=metrics), address, max_streams=max_streams,
                                 credentials=credentials)
     if server_kind != "threads":
         raise ValueError(f"server_kind must be 'asyncio' or 'threads', not {server_kind!r}")
@@ -524,7 +536,7 @@ def serve_extproc(engine: DecisionEngine, config: ExtProcConfig | None = None, *
                          options=[("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", max_streams)])
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    servicer = add_extproc_to_server(server, engine, config, health_servicer)
+    servicer = add_extproc_to_server(server, engine, config, health_servicer, metrics)
     for name in ("", "liveness", "readiness"):  # the names endpoint-picker deployments probe
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(

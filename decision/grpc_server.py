@@ -68,9 +68,6 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
             return fn()
         except DecisionError as exc:
             code, details, trailers = status_of(exc)
-            if isinstance(exc, NoCandidate):
-                for rule in exc.rules:
-                    self.metrics.denials.labels(rule).inc()
             self.metrics.rpc_errors.labels(method, code.name).inc()
             context.set_trailing_metadata(tuple(trailers))
             context.abort(code, details)
@@ -85,24 +82,18 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
             try:
                 d = self.engine.decide(request_from_pb(request))
             except NoCandidate as exc:
-                self.metrics.decisions.labels("quota_denied" if isinstance(exc, QuotaExceeded)
-                                              else "denied").inc()
+                self.metrics.record_denial(exc)
                 raise
-            self.metrics.decisions.labels("routed").inc()
-            self.metrics.decision_seconds.observe(d.decision_us / 1e6)
-            if d.telemetry_age_s != float("inf"):
-                self.metrics.telemetry_age.observe(d.telemetry_age_s)
+            self.metrics.record_decision(d)
             return decision_to_pb(d, self.engine.fleet.revision)
 
         return self._guarded("Decide", context, run)
 
     def ReportOutcome(self, request: pb.Outcome, context: grpc.ServicerContext) -> pb.OutcomeAck:
         def run() -> pb.OutcomeAck:
-            res = self.engine.report_outcome(outcome_from_pb(request))
-            if not res.duplicate:
-                self.metrics.outcomes.labels(pb.OutcomeStatus.Name(request.status)).inc()
-                if res.reward is not None:
-                    self.metrics.reward.observe(res.reward)
+            outcome = outcome_from_pb(request)
+            res = self.engine.report_outcome(outcome)
+            self.metrics.record_outcome(outcome.status, res)
             ack = pb.OutcomeAck(decision_id=res.decision_id, accepted=res.accepted, duplicate=res.duplicate)
             if res.reward is not None:
                 ack.reward = res.reward

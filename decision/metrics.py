@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from decision.errors import NoCandidate, QuotaExceeded
+
+if TYPE_CHECKING:
+    from decision.domain import Decision, OutcomeStatus
+    from decision.engine import OutcomeResult
 
 _STAGE_BUCKETS = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2)
 
@@ -36,6 +43,26 @@ class ServiceMetrics:
         self.policy_reloads = Counter("infermesh_policy_reloads_total", "Policy bundles swapped in.", registry=r)
         self.rpc_errors = Counter("infermesh_rpc_errors_total", "RPCs that ended in an error status.",
                                   ["method", "code"], registry=r)
+
+    # -- what every front end (gRPC, Envoy ext_proc) records about the pipeline's answers --
+    def record_decision(self, d: Decision) -> None:
+        self.decisions.labels("routed").inc()
+        self.decision_seconds.observe(d.decision_us / 1e6)
+        if d.telemetry_age_s != float("inf"):
+            self.telemetry_age.observe(d.telemetry_age_s)
+
+    def record_denial(self, exc: NoCandidate) -> None:
+        """A request every candidate of which the guardrails removed (a quota denial included)."""
+        self.decisions.labels("quota_denied" if isinstance(exc, QuotaExceeded) else "denied").inc()
+        for rule in exc.rules:
+            self.denials.labels(rule).inc()
+
+    def record_outcome(self, status: OutcomeStatus, result: OutcomeResult) -> None:
+        if result.duplicate:
+            return
+        self.outcomes.labels(str(status)).inc()
+        if result.reward is not None:
+            self.reward.observe(result.reward)
 
     def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
         """Register a gauge read on scrape (audit queue depth, spool size, pending outcomes...)."""

@@ -231,7 +231,7 @@ class Service:
         server = serve_extproc(self.engine, ExtProcConfig.from_mapping(ep.settings),
                                address=f"{self.config.server.host}:{ep.port if port is None else port}",
                                max_streams=ep.max_streams, credentials=self._server_credentials(),
-                               server_kind=ep.server)
+                               server_kind=ep.server, metrics=self.metrics)
         self.extproc = server
         return server.port
 

@@ -48,6 +48,10 @@ def test_service_serves_ext_proc_to_envoy_and_records_outcomes(tmp_path: Path, s
             while service.engine.stats["outcomes"] < 1 and time.monotonic() < deadline:
                 time.sleep(0.02)
         assert service.engine.stats["outcomes"] == 1 and service.engine.pending_outcomes() == 0
+        # Decisions and outcomes through Envoy are counted in /metrics as those over gRPC are.
+        text = service.metrics.exposition().decode()
+        assert 'infermesh_decisions_total{result="routed"} 1.0' in text
+        assert 'infermesh_outcomes_total{status="ok"} 1.0' in text
     finally:
         if service is not None:
             service.stop(0)
