@@ -193,33 +193,41 @@ RuleOutcome = tuple[int, bool, str]
 that got the same answer from it."""
 
 
+JudgedGroup = Sequence[tuple[bool, Sequence[RuleOutcome]]]
+"""One group of rules' answers for n candidates: per candidate, (it survives these rules, their outcomes)."""
+
+
 class VerdictTable(Sequence[Verdict]):
     """Every verdict of one guard evaluation as columns; a :class:`Verdict` is built when read.
 
-    ``request`` holds the request-scope rules' outcomes; ``per_candidate[i]`` the outcomes for
-    the candidate ``endpoint_ids[i]``. Outcomes are shared tuples, so a decision's verdicts cost
-    one list of references, not one object per rule and candidate.
+    ``request`` holds the request-scope rules' outcomes; each of ``groups`` holds, per candidate
+    ``endpoint_ids[i]``, one group of rules' outcomes (a guard judges rules in groups that it
+    memoises separately). Outcomes are shared tuples, so a decision's verdicts cost a few lists of
+    references, not one object per rule and candidate. Indexing builds every verdict: iterate.
     """
 
-    __slots__ = ("endpoint_ids", "per_candidate", "request", "revision", "rules")
+    __slots__ = ("endpoint_ids", "groups", "request", "revision", "rules")
 
     def __init__(self, rules: Sequence[RuleInfo], revision: str, request: Sequence[RuleOutcome],
-                 endpoint_ids: Sequence[str], per_candidate: Sequence[Sequence[RuleOutcome]]) -> None:
-        if len(endpoint_ids) != len(per_candidate):
-            raise ValueError(f"{len(endpoint_ids)} endpoints but outcomes for {len(per_candidate)}")
+                 endpoint_ids: Sequence[str], groups: Sequence[JudgedGroup]) -> None:
+        for g in groups:
+            if len(g) != len(endpoint_ids):
+                raise ValueError(f"{len(endpoint_ids)} endpoints but outcomes for {len(g)}")
         self.rules = tuple(rules)
         self.revision = revision
         self.request = tuple(request)
         self.endpoint_ids = endpoint_ids
-        self.per_candidate = per_candidate
+        self.groups = tuple(groups)
 
     def rows(self) -> Iterator[tuple[int, RuleOutcome]]:
         """(candidate position, or -1 for the request, outcome), in :meth:`__iter__` order."""
         for o in self.request:
             yield -1, o
-        for i, outs in enumerate(self.per_candidate):
-            for o in outs:
-                yield i, o
+        groups = self.groups
+        for i in range(len(self.endpoint_ids)):
+            for g in groups:
+                for o in g[i][1]:
+                    yield i, o
 
     def _verdict(self, position: int, o: RuleOutcome) -> Verdict:
         r = self.rules[o[0]]
@@ -230,7 +238,7 @@ class VerdictTable(Sequence[Verdict]):
         return (self._verdict(i, o) for i, o in self.rows())
 
     def __len__(self) -> int:
-        return len(self.request) + sum(len(outs) for outs in self.per_candidate)
+        return len(self.request) + sum(len(j[1]) for g in self.groups for j in g)
 
     @overload
     def __getitem__(self, i: int) -> Verdict: ...

@@ -58,7 +58,9 @@ class BuiltinHealthGuard:
             allowed = candidates if len(keep) == len(candidates) else candidates.take(keep)
         else:
             allowed = tuple(candidates[i] for i in keep)
-        table = VerdictTable(_RULES, self._revision, (), endpoint_ids_of(candidates), outcomes)
+        keep_set = set(keep)
+        judged = [(i in keep_set, outs) for i, outs in enumerate(outcomes)]
+        table = VerdictTable(_RULES, self._revision, (), endpoint_ids_of(candidates), [judged])
         return GuardResult(allowed, table, self._revision)
 
     def commit(self, ctx: RequestContext, decision: Decision) -> None:

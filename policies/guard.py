@@ -30,6 +30,7 @@ from decision.domain import (
     Decision,
     Endpoint,
     GuardResult,
+    JudgedGroup,
     RequestContext,
     RuleInfo,
     RuleOutcome,
@@ -66,10 +67,12 @@ class _InventoryMemo:
     # endpoint id -> its class for the static / the telemetry rules (see PolicyGuard._classes)
     static_class: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     dynamic_class: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    # (which class table, placement) -> the classes of the placement's endpoints, in order
+    placement_classes: dict[tuple[int, Any], list[tuple[Any, ...]]] = field(default_factory=dict)
     # (placement, rows, request values) -> every candidate's static verdicts
     static_sets: dict[tuple[Any, ...], list[_Judged]] = field(default_factory=dict)
     # (placement, rows, request values, telemetry block) -> (surviving positions, their verdicts)
-    sets: dict[tuple[Any, ...], tuple[tuple[int, ...], list[tuple[RuleOutcome, ...]]]] = field(default_factory=dict)
+    sets: dict[tuple[Any, ...], tuple[tuple[int, ...], list[list[_Judged]]]] = field(default_factory=dict)
     dynamic: dict[tuple[Any, ...], _Judged] = field(default_factory=dict)  # (class, request, telemetry)
 
 
@@ -181,7 +184,7 @@ class PolicyGuard:
                 denied = True
                 quota_denied = quota_denied or rule.spec.kind == "quota"
         if denied:
-            return GuardResult((), self._table(request_outcomes, (), []), self._revision, quota_denied)
+            return GuardResult((), self._table(request_outcomes, (), ()), self._revision, quota_denied)
         memo = self._memo(str(state.get("inventory_revision", "")))
         rs = (*[freeze(req.get(f)) for f in self._static_fields],)
         rd = (*[freeze(req.get(f)) for f in self._dynamic_fields],)
@@ -202,35 +205,20 @@ class PolicyGuard:
         groups = self._memoised(memo, req, candidates, rs, rd, block)
         if self._live:
             groups.append(self._judge_live(memo, req, candidates, state))
-        keep_list: list[int] = []
-        per_candidate: list[tuple[RuleOutcome, ...]] = []
-        if len(groups) == 2:  # the common shape (static + telemetry rules), unrolled: hot path
-            g1, g2 = groups
-            for i, (ok1, o1), (ok2, o2) in zip(range(len(g1)), g1, g2, strict=True):
-                per_candidate.append(o1 + o2)
-                if ok1 and ok2:
-                    keep_list.append(i)
+        if len(groups) == 2:  # the common shape (static + telemetry rules): hot path
+            keep = tuple(i for i, (a, b) in enumerate(zip(*groups, strict=True)) if a[0] and b[0])
         else:
-            for i in range(len(candidates)):
-                ok = True
-                outs: tuple[RuleOutcome, ...] = ()
-                for g in groups:
-                    ok = ok and g[i][0]
-                    outs += g[i][1]
-                per_candidate.append(outs)
-                if ok:
-                    keep_list.append(i)
-        keep = tuple(keep_list)
+            keep = tuple(i for i, judged in enumerate(zip(*groups, strict=True)) if all(j[0] for j in judged))
         if set_key is not None:
             if len(memo.sets) > self.set_memo_limit:
                 memo.sets.clear()
-            memo.sets[set_key] = (keep, per_candidate)
-        return GuardResult(self._survivors(candidates, keep), self._table(request_outcomes, ids, per_candidate),
+            memo.sets[set_key] = (keep, groups)
+        return GuardResult(self._survivors(candidates, keep), self._table(request_outcomes, ids, groups),
                            self._revision, quota_denied)
 
     def _table(self, request: Sequence[RuleOutcome], ids: Sequence[str],
-               per_candidate: Sequence[tuple[RuleOutcome, ...]]) -> VerdictTable:
-        return VerdictTable(self._rule_infos, self._revision, request, ids, per_candidate)
+               groups: Sequence[JudgedGroup]) -> VerdictTable:
+        return VerdictTable(self._rule_infos, self._revision, request, ids, groups)
 
     @staticmethod
     def _survivors(candidates: Sequence[Candidate], keep: tuple[int, ...]) -> Sequence[Candidate]:
@@ -265,7 +253,7 @@ class PolicyGuard:
             static = memo.static_sets.get(set_key)
         endpoints = endpoints_of(candidates)
         if static is None:
-            classes = self._classes(memo, memo.static_class, self._static, endpoints)
+            classes = self._classes(memo, memo.static_class, self._static, candidates, endpoints)
             static = self._lookup(memo.static, [(k, rs) for k in classes], self._static, memo, req, candidates)
             if set_key is not None:
                 if len(memo.static_sets) > self.set_memo_limit * 16:
@@ -273,7 +261,7 @@ class PolicyGuard:
                 memo.static_sets[set_key] = static
         if not self._dynamic:
             return [static]
-        classes = self._classes(memo, memo.dynamic_class, self._dynamic, endpoints)
+        classes = self._classes(memo, memo.dynamic_class, self._dynamic, candidates, endpoints)
         dyn_keys: list[tuple[Any, ...]]
         if block is not None:
             dyn_keys = [(k, rd, t) for k, t in zip(classes, split_rows(*block, len(ids)), strict=True)]
@@ -283,13 +271,28 @@ class PolicyGuard:
         return [static, self._lookup(memo.dynamic, dyn_keys, self._dynamic, memo, req, candidates)]
 
     def _classes(self, memo: _InventoryMemo, table: dict[str, tuple[Any, ...]], rules: Sequence[CompiledRule],
-                 endpoints: Sequence[Endpoint]) -> list[tuple[Any, ...]]:
+                 candidates: Sequence[Candidate], endpoints: Sequence[Endpoint]) -> list[tuple[Any, ...]]:
         """Each endpoint's class for ``rules``: the endpoint facts those rules declared, as one key.
 
         Endpoints of one class get the same answers from these rules for the same request and
         telemetry, so the group's memo is keyed by class, not by endpoint: a 65,536-endpoint fleet
         has a few hundred classes, and an endpoint first seen reuses its class's verdicts.
+        A located set's classes are kept per placement (one list read per decision).
         """
+        if isinstance(candidates, CandidateSet):
+            pkey = (id(table), candidates.placement)
+            whole = memo.placement_classes.get(pkey)
+            if whole is None:
+                if len(memo.placement_classes) > self.set_memo_limit * 16:
+                    memo.placement_classes.clear()
+                whole = memo.placement_classes[pkey] = self._endpoint_classes(
+                    memo, table, rules, candidates.placement.endpoints)
+            rows = candidates.rows
+            return whole if len(rows) == len(whole) else [whole[i] for i in rows.tolist()]
+        return self._endpoint_classes(memo, table, rules, endpoints)
+
+    def _endpoint_classes(self, memo: _InventoryMemo, table: dict[str, tuple[Any, ...]],
+                          rules: Sequence[CompiledRule], endpoints: Sequence[Endpoint]) -> list[tuple[Any, ...]]:
         get = table.get
         out = [get(e.endpoint_id) for e in endpoints]
         missing = [i for i, k in enumerate(out) if k is None]
