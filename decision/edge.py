@@ -67,6 +67,29 @@ class _Malformed:
         self.error = error
 
 
+_Handlers = dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]]
+
+
+def wrap_once(cache: _Handlers, method: str, handler: grpc.RpcMethodHandler | None,
+              wrap: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler]) -> grpc.RpcMethodHandler | None:
+    """``handler`` wrapped by ``wrap`` if it is a DecisionService method, built once per method."""
+    if handler is None or not method.startswith(SERVICE_PREFIX):
+        return handler
+    hit = cache.get(method)
+    if hit is not None and hit[0] is handler:
+        return hit[1]
+    wrapped = wrap(method, handler)
+    cache[method] = (handler, wrapped)
+    return wrapped
+
+
+def request_parser(handler: grpc.RpcMethodHandler) -> Callable[[bytes], Any]:
+    """The handler's deserializer, answering :class:`_Malformed` instead of raising."""
+    deser = handler.request_deserializer
+    type_name = getattr(getattr(deser, "__self__", None), "DESCRIPTOR", None)
+    return _safe(deser, type_name.full_name if type_name is not None else "the request message")
+
+
 def _safe(deserialize: Callable[[bytes], Any], type_name: str) -> Callable[[bytes], Any]:
     def parse(data: bytes) -> Any:
         try:
@@ -133,26 +156,15 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpcio s
     def __init__(self, limits: RequestLimits | None = None, metrics: ServiceMetrics | None = None) -> None:
         self.limits = limits or RequestLimits()
         self.metrics = metrics
-        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._cache: _Handlers = {}
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
                           handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or not method.startswith(SERVICE_PREFIX):
-            return handler
-        hit = self._cache.get(method)
-        if hit is not None and hit[0] is handler:
-            return hit[1]
-        wrapped = self._wrap(method, handler)
-        self._cache[method] = (handler, wrapped)
-        return wrapped
+        return wrap_once(self._cache, handler_call_details.method, continuation(handler_call_details), self._wrap)
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         name = method.rsplit("/", 1)[1]
-        deser = handler.request_deserializer
-        type_name = getattr(getattr(deser, "__self__", None), "DESCRIPTOR", None)
-        parse = _safe(deser, type_name.full_name if type_name is not None else "the request message")
+        parse = request_parser(handler)
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
@@ -197,10 +209,14 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpcio s
     def _checked_stream(self, messages: Iterator[Any]) -> Iterator[Any]:
         # Raised inside the servicer's loop, so its error mapping names the field.
         for i, m in enumerate(messages):
-            if isinstance(m, _Malformed):
-                raise InvalidArgument(f"batch[{i}]", m.error)
-            check_limits(m, self.limits)
-            yield m
+            yield self.checked_message(i, m)
+
+    def checked_message(self, i: int, m: Any) -> Any:
+        """Message ``i`` of a request stream, if it parsed and is within the limits."""
+        if isinstance(m, _Malformed):
+            raise InvalidArgument(f"batch[{i}]", m.error)
+        check_limits(m, self.limits)
+        return m
 
     def _traced(self, method: str, name: str, context: grpc.ServicerContext, call: Callable[[], Any]) -> Any:
         with self.call_scope(method, name, context) as note:

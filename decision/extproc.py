@@ -61,8 +61,9 @@ from grpc_reflection.v1alpha import reflection
 from decision.domain import Decision, Outcome, OutcomeStatus, RequestContext
 from decision.engine import DecisionEngine
 from decision.errors import DecisionError, InvalidArgument, NoCandidate, NotFound, QuotaExceeded
-from decision.extproc_config import DESTINATION_SERVED_KEY, EXTPROC_SERVICE, ExtProcConfig
+from decision.extproc_config import DESTINATION_SERVED_KEY, EXTPROC_SERVICE, PROBED_NAMES, ExtProcConfig
 from decision.extproc_openai import OpenAIRequest, UsageReader, parse_request
+from decision.grpc_serving import bind_port
 from decision.metrics import ServiceMetrics
 
 __all__ = ["EXTPROC_SERVICE", "ExtProcConfig", "ExtProcServer", "ExtProcServicer", "RunningExtProc",
@@ -537,14 +538,11 @@ def serve_extproc(engine: DecisionEngine, config: ExtProcConfig | None = None, *
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     servicer = add_extproc_to_server(server, engine, config, health_servicer, metrics)
-    for name in ("", "liveness", "readiness"):  # the names endpoint-picker deployments probe
+    for name in PROBED_NAMES:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
-        (pb.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name, health.SERVICE_NAME,
+        (EXTPROC_SERVICE, health.SERVICE_NAME,
          reflection.SERVICE_NAME), server)
-    port = server.add_secure_port(address, credentials) if credentials is not None \
-        else server.add_insecure_port(address)
-    if port == 0:
-        raise RuntimeError(f"cannot bind the ext_proc server to {address}")
+    port = bind_port(server, address, credentials, "the ext_proc server", RuntimeError)
     server.start()
     return ExtProcServer(server, port, servicer, health_servicer)

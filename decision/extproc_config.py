@@ -16,6 +16,7 @@ DESTINATION_HEADER = "x-gateway-destination-endpoint"
 DESTINATION_SERVED_KEY = "x-gateway-destination-endpoint-served"
 LB_NAMESPACE = "envoy.lb"
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+PROBED_NAMES: tuple[str, ...] = ("", "liveness", "readiness")  # health names endpoint-picker deployments probe
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,17 +13,15 @@ checks (:class:`~decision.edge.EdgeInterceptor`) are the same code, through a co
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from decision.edge import SERVICE_PREFIX, EdgeInterceptor, _Malformed, _safe, check_limits
-from decision.errors import DecisionError, InvalidArgument
+from decision.edge import EdgeInterceptor, request_parser, wrap_once
+from decision.errors import DecisionError
 from decision.grpc_server import SERVICE_NAME, DecisionServicer
+from decision.grpc_serving import LoopServer
 from infermesh.decision.v1 import decision_pb2 as pb
 from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
 
@@ -137,28 +135,18 @@ class AioEdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # g
 
     def __init__(self, edge: EdgeInterceptor) -> None:
         self.edge = edge
-        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}  # see wrap_once
 
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
             handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or not method.startswith(SERVICE_PREFIX):
-            return handler
-        hit = self._cache.get(method)
-        if hit is not None and hit[0] is handler:
-            return hit[1]
-        wrapped = self._wrap(method, handler)
-        self._cache[method] = (handler, wrapped)
-        return wrapped
+        return wrap_once(self._cache, handler_call_details.method, handler, self._wrap)
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         edge = self.edge
         name = method.rsplit("/", 1)[1]
-        deser = handler.request_deserializer
-        type_name = getattr(getattr(deser, "__self__", None), "DESCRIPTOR", None)
-        parse = _safe(deser, type_name.full_name if type_name is not None else "the request message")
+        parse = request_parser(handler)
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
@@ -198,59 +186,23 @@ async def _checked(messages: AsyncIterator[Any], edge: EdgeInterceptor) -> Async
     # Raised inside the servicer's loop, so its error mapping names the item.
     i = 0
     async for m in messages:
-        if isinstance(m, _Malformed):
-            raise InvalidArgument(f"batch[{i}]", m.error)
-        check_limits(m, edge.limits)
-        yield m
+        yield edge.checked_message(i, m)
         i += 1
 
 
-class AioDecisionServer:
+class AioDecisionServer(LoopServer):
     """DecisionService, health and reflection on an asyncio server whose loop runs in its own thread."""
 
     def __init__(self, servicer: DecisionServicer, *, address: str, max_message_bytes: int = 4 * 1024 * 1024,
                  reuse_port: bool = False, credentials: grpc.ServerCredentials | None = None,
                  edge: EdgeInterceptor | None = None) -> None:
         self.servicer = servicer
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-aio", daemon=True)
-        self._thread.start()
-        self.health = health.aio.HealthServicer()
-        self._server: grpc.aio.Server | None = None
-        options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes),
-                   ("grpc.so_reuseport", 1 if reuse_port else 0)]
-        self.port = self._call(self._start(address, options, credentials, edge))
-
-    def _call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
-
-    async def _start(self, address: str, options: list[tuple[str, int]], credentials: grpc.ServerCredentials | None,
-                     edge: EdgeInterceptor | None) -> int:
-        interceptors = [AioEdgeInterceptor(edge)] if edge is not None else []
-        server = grpc.aio.server(options=options, interceptors=interceptors)
-        pb_grpc.add_DecisionServiceServicer_to_server(AioDecisionServicer(self.servicer), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        port = server.add_secure_port(address, credentials) if credentials is not None \
-            else server.add_insecure_port(address)
-        if port == 0:
-            raise OSError(f"cannot bind gRPC server to {address}")
-        await server.start()
-        self._server = server
-        return int(port)
-
-    def stop(self, grace_s: float) -> None:
-        async def _stop() -> None:
-            await self.health.enter_graceful_shutdown()
-            if self._server is not None:
-                await self._server.stop(grace_s)
-
-        try:
-            self._call(_stop(), timeout=grace_s + 30.0)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5.0)
-            self._loop.close()
+        super().__init__(
+            name="grpc-aio", address=address, credentials=credentials,
+            register=lambda server: pb_grpc.add_DecisionServiceServicer_to_server(AioDecisionServicer(servicer),
+                                                                                server),
+            serving=("", SERVICE_NAME), reflected=(SERVICE_NAME,), what="gRPC server",
+            options=[("grpc.max_receive_message_length", max_message_bytes),
+                     ("grpc.max_send_message_length", max_message_bytes),
+                     ("grpc.so_reuseport", 1 if reuse_port else 0)],
+            interceptors=[AioEdgeInterceptor(edge)] if edge is not None else [])

@@ -27,6 +27,7 @@ from decision.errors import (
     QuotaExceeded,
     Unavailable,
 )
+from decision.grpc_serving import bind_port
 from decision.metrics import ServiceMetrics
 from decision.telemetry import canonical_name
 from infermesh.decision.v1 import decision_pb2 as pb
@@ -201,10 +202,7 @@ def build_server(servicer: DecisionServicer, *, address: str, threads: int = 32,
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, *extra_services)
     reflection.enable_server_reflection(names, server)
-    port = (server.add_secure_port(address, credentials) if credentials is not None
-            else server.add_insecure_port(address))
-    if port == 0:
-        raise OSError(f"cannot bind gRPC server to {address}")
+    port = bind_port(server, address, credentials, "gRPC server")
     return server, port, health_servicer
 
 
