@@ -10,7 +10,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, overload
+from itertools import islice
+from typing import Any, Literal, TypeVar, overload
 
 import numpy as np
 from numpy.typing import NDArray
@@ -193,17 +194,46 @@ RuleOutcome = tuple[int, bool, str]
 that got the same answer from it."""
 
 
+_T = TypeVar("_T")
+
+
+class BuiltOnRead(Sequence[_T]):
+    """A sequence whose items are built when read, from columns a subclass keeps (``_item(i)``)."""
+
+    __slots__ = ()
+
+    def _item(self, i: int) -> _T:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, i: int) -> _T: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> tuple[_T, ...]: ...
+
+    def __getitem__(self, i: int | slice) -> _T | tuple[_T, ...]:
+        n = len(self)
+        if isinstance(i, slice):
+            return tuple(self._item(k) for k in range(*i.indices(n)))
+        if not -n <= i < n:
+            raise IndexError(i)
+        return self._item(i % n)
+
+    def __iter__(self) -> Iterator[_T]:
+        return (self._item(i) for i in range(len(self)))
+
+
 JudgedGroup = Sequence[tuple[bool, Sequence[RuleOutcome]]]
 """One group of rules' answers for n candidates: per candidate, (it survives these rules, their outcomes)."""
 
 
-class VerdictTable(Sequence[Verdict]):
+class VerdictTable(BuiltOnRead[Verdict]):
     """Every verdict of one guard evaluation as columns; a :class:`Verdict` is built when read.
 
     ``request`` holds the request-scope rules' outcomes; each of ``groups`` holds, per candidate
     ``endpoint_ids[i]``, one group of rules' outcomes (a guard judges rules in groups that it
     memoises separately). Outcomes are shared tuples, so a decision's verdicts cost a few lists of
-    references, not one object per rule and candidate. Indexing builds every verdict: iterate.
+    references, not one object per rule and candidate. Indexing walks the table: iterate instead.
     """
 
     __slots__ = ("endpoint_ids", "groups", "request", "revision", "rules")
@@ -240,15 +270,8 @@ class VerdictTable(Sequence[Verdict]):
     def __len__(self) -> int:
         return len(self.request) + sum(len(j[1]) for g in self.groups for j in g)
 
-    @overload
-    def __getitem__(self, i: int) -> Verdict: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> tuple[Verdict, ...]: ...
-
-    def __getitem__(self, i: int | slice) -> Verdict | tuple[Verdict, ...]:
-        everything = tuple(self)
-        return everything[i]
+    def _item(self, i: int) -> Verdict:
+        return self._verdict(*next(islice(self.rows(), i, None)))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence):
@@ -314,7 +337,7 @@ class Estimates:
     max_age_s: NDArray[np.float64]
 
 
-class ScoredArms(Sequence[ScoredCandidate]):
+class ScoredArms(BuiltOnRead[ScoredCandidate]):
     """The score stage's output as columns: one row per allowed candidate.
 
     Learners read :attr:`matrix` (features) and :attr:`ttft_ms` as they are, so nothing converts
@@ -355,26 +378,9 @@ class ScoredArms(Sequence[ScoredCandidate]):
     def __len__(self) -> int:
         return len(self.candidates)
 
-    def _arm(self, i: int) -> ScoredCandidate:
+    def _item(self, i: int) -> ScoredCandidate:
         return ScoredCandidate(self.candidates[i], tuple(self.matrix[i].tolist()), float(self.ttft_ms[i]),
                                float(self.cost_per_1k[i]), {k: float(v[i]) for k, v in self.components.items()})
-
-    @overload
-    def __getitem__(self, i: int) -> ScoredCandidate: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> tuple[ScoredCandidate, ...]: ...
-
-    def __getitem__(self, i: int | slice) -> ScoredCandidate | tuple[ScoredCandidate, ...]:
-        if isinstance(i, slice):
-            return tuple(self._arm(k) for k in range(*i.indices(len(self.candidates))))
-        n = len(self.candidates)
-        if not -n <= i < n:
-            raise IndexError(i)
-        return self._arm(i % n)
-
-    def __iter__(self) -> Iterator[ScoredCandidate]:
-        return (self._arm(i) for i in range(len(self.candidates)))
 
 
 @dataclass(frozen=True, slots=True)
