@@ -9,18 +9,25 @@ reads one by one (a rule evaluation that missed its memo, the chosen route, the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 
-from decision.domain import Candidate, Endpoint
+from decision.domain import BuiltOnRead, Candidate, Endpoint
 from decision.telemetry import TelemetryBatch
 
 FloatArray = NDArray[np.float64]
 _T = TypeVar("_T", bound=np.generic)
+
+
+def endpoint_numbers(ep: Endpoint) -> tuple[float, float, float, float, float]:
+    """What the score stage reads of an endpoint: (concurrency, prefill tok/s, decode tok/s, cold
+    start ms (0 when warm), nominal $ per 1K tokens)."""
+    return (float(ep.max_concurrency), float(ep.prefill_tokens_per_s), float(ep.decode_tokens_per_s),
+            0.0 if ep.warm else float(ep.cold_start_ms), float(ep.nominal_cost_per_1k))
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,21 +42,18 @@ class Placement:
     # Row numbers in the telemetry store (TelemetryStore.rows_of), when the placement was made for one.
     telemetry_rows: NDArray[np.intp] | None = None
     endpoint_ids: tuple[str, ...] = field(init=False)
-    # (concurrency, prefill tok/s, decode tok/s, cold start ms, nominal $/1K) per endpoint
-    numbers: FloatArray = field(init=False)
+    numbers: FloatArray = field(init=False)  # endpoint_numbers of each endpoint
 
     def __post_init__(self) -> None:
         eps = self.endpoints
         object.__setattr__(self, "endpoint_ids", tuple(e.endpoint_id for e in eps))
-        numbers = np.array([(float(e.max_concurrency), float(e.prefill_tokens_per_s), float(e.decode_tokens_per_s),
-                             0.0 if e.warm else float(e.cold_start_ms), float(e.nominal_cost_per_1k))
-                            for e in eps], dtype=np.float64).reshape(len(eps), 5)
+        numbers = np.array([endpoint_numbers(e) for e in eps], dtype=np.float64).reshape(len(eps), 5)
         for a in (numbers, self.rtt_ms, self.egress_per_gb):
             a.setflags(write=False)
         object.__setattr__(self, "numbers", numbers)
 
 
-class CandidateSet(Sequence[Candidate]):
+class CandidateSet(BuiltOnRead[Candidate]):
     """Candidates ``rows`` of a :class:`Placement`, with their telemetry at decision time."""
 
     __slots__ = ("_items", "placement", "rows", "telemetry")
@@ -91,30 +95,13 @@ class CandidateSet(Sequence[Candidate]):
     def __len__(self) -> int:
         return len(self._items)
 
-    def _candidate(self, i: int) -> Candidate:
+    def _item(self, i: int) -> Candidate:
         c = self._items[i]
         if c is None:
             p = self.placement
             k = int(self.rows[i])
             c = self._items[i] = Candidate(p.endpoints[k], self.telemetry.reading(i), float(p.rtt_ms[k]))
         return c
-
-    @overload
-    def __getitem__(self, i: int) -> Candidate: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> tuple[Candidate, ...]: ...
-
-    def __getitem__(self, i: int | slice) -> Candidate | tuple[Candidate, ...]:
-        if isinstance(i, slice):
-            return tuple(self._candidate(k) for k in range(*i.indices(len(self._items))))
-        n = len(self._items)
-        if not -n <= i < n:
-            raise IndexError(i)
-        return self._candidate(i % n)
-
-    def __iter__(self) -> Iterator[Candidate]:
-        return (self._candidate(i) for i in range(len(self._items)))
 
     def __repr__(self) -> str:
         return f"CandidateSet({len(self)} of {len(self.placement.endpoints)}: {list(self.endpoint_ids)[:4]}...)"

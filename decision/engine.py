@@ -7,7 +7,6 @@ inputs and contributes its part of the "why this route" trace.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 import time
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from decision.candidates import CandidateSet, Placement, endpoints_of
 from decision.contracts import AuditSink, FeatureBuilder, Guard, Learner, RewardFunction, TraceReader
@@ -190,24 +190,27 @@ class DecisionEngine:
             if len(self._placement) > 65536:
                 self._placement.clear()
                 self._endpoint_rows.clear()
-            hit = self.placement_of(fleet, endpoints_serving(fleet, model, family), client, self.max_candidates)
-            hit = self._placement[key] = dataclasses.replace(hit, telemetry_rows=self.telemetry.rows_of(
-                hit.endpoint_ids))
+            hit = self._placement[key] = self.placement_of(fleet, endpoints_serving(fleet, model, family), client,
+                                                           self.max_candidates, rows_of=self.telemetry.rows_of)
             self._endpoint_rows[key] = [endpoint_row(e, rtt) for e, rtt in zip(hit.endpoints, hit.rtt_ms.tolist(),
                                                                                 strict=True)]
         return hit
 
     @staticmethod
-    def placement_of(fleet: Fleet, endpoints: Iterable[Endpoint], client: str, limit: int | None = None) -> Placement:
-        """``endpoints`` with their RTT and egress from ``client`` (at most ``limit``: the nearest)."""
+    def placement_of(fleet: Fleet, endpoints: Iterable[Endpoint], client: str, limit: int | None = None, *,
+                     rows_of: Callable[[Sequence[str]], npt.NDArray[np.intp]] | None = None) -> Placement:
+        """``endpoints`` with their RTT and egress from ``client`` (at most ``limit``: the nearest);
+        with ``rows_of`` (``TelemetryStore.rows_of``), also their telemetry rows."""
         topo = fleet.topology
         paths = [(e, topo.path(client, e.site_id) if client else (fleet.spec.default_rtt_ms, 0.0)) for e in endpoints]
         if limit is not None and len(paths) > limit:
             # Bound the per-request work on huge fleets: the nearest endpoints by RTT (stable,
             # so ties keep inventory order). The guard stage still judges every one kept.
             paths = sorted(paths, key=lambda p: p[1][0])[:limit]
-        return Placement(tuple(e for e, _ in paths), np.array([p[0] for _, p in paths], dtype=np.float64),
-                         np.array([p[1] for _, p in paths], dtype=np.float64))
+        eps = tuple(e for e, _ in paths)
+        return Placement(eps, np.array([p[0] for _, p in paths], dtype=np.float64),
+                         np.array([p[1] for _, p in paths], dtype=np.float64),
+                         rows_of([e.endpoint_id for e in eps]) if rows_of is not None else None)
 
     def decide(self, ctx: RequestContext) -> Decision:
         """Run the pipeline for one request; raises a :class:`DecisionError` subclass on failure."""

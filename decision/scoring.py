@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from decision.candidates import CandidateSet
+from decision.candidates import CandidateSet, endpoint_numbers
 from decision.contracts import FeatureBuilder
-from decision.domain import Candidate, Endpoint, Estimates, RequestContext, ScoredArms
+from decision.domain import Candidate, Estimates, RequestContext, ScoredArms
 from decision.telemetry import CANONICAL, KV_CACHE_USAGE, QUEUE_RUNNING, QUEUE_WAITING, dense_row
 
 BYTES_PER_TOKEN = 4.0  # egress estimate for prompt + completion text
@@ -28,22 +28,6 @@ COMPONENTS: tuple[str, ...] = ("queue_ms", "prefill_ms", "rtt_ms", "cold_start_m
 COLUMN: dict[str, int] = {name: i for i, name in enumerate(CANONICAL)}
 _RUN, _WAIT, _KV = COLUMN[QUEUE_RUNNING], COLUMN[QUEUE_WAITING], COLUMN[KV_CACHE_USAGE]
 FloatArray = NDArray[np.float64]
-
-# id(endpoint) -> (endpoint, (concurrency, prefill tok/s, decode tok/s, cold start ms, nominal $/1K))
-_STATIC: dict[int, tuple[Endpoint, tuple[float, float, float, float, float]]] = {}
-
-
-def _endpoint_numbers(ep: Endpoint) -> tuple[float, float, float, float, float]:
-    hit = _STATIC.get(id(ep))
-    if hit is not None and hit[0] is ep:
-        return hit[1]
-    row = (float(ep.max_concurrency), float(ep.prefill_tokens_per_s), float(ep.decode_tokens_per_s),
-           0.0 if ep.warm else float(ep.cold_start_ms), float(ep.nominal_cost_per_1k))
-    if len(_STATIC) > 1_000_000:  # a fleet reload leaves old endpoint objects behind
-        _STATIC.clear()
-    _STATIC[id(ep)] = (ep, row)
-    return row
-
 
 def telemetry_matrix(candidates: Sequence[Candidate]) -> FloatArray:
     """The candidates' telemetry as rows in :data:`CANONICAL` order (NaN: unknown)."""
@@ -87,7 +71,7 @@ def score_candidates(ctx: RequestContext, candidates: Sequence[Candidate], featu
         egress_gb = candidates.column(candidates.placement.egress_per_gb)
         ages = candidates.telemetry.max_age_s()
     else:
-        static = np.array([_endpoint_numbers(c.endpoint) for c in candidates], dtype=np.float64).reshape(n, 5)
+        static = np.array([endpoint_numbers(c.endpoint) for c in candidates], dtype=np.float64).reshape(n, 5)
         tel = telemetry_matrix(candidates)
         rtt = np.array([c.rtt_ms for c in candidates], dtype=np.float64)
         if egress:
