@@ -189,12 +189,12 @@ def bench_decide(sizes: list[int], *, candidates: int, iterations: int, policies
         # endpoint class and request values). Telemetry is then re-seeded, and again every 1,000
         # decisions below, so memo misses on fresh telemetry (new values, ages ticking over) stay
         # part of what is measured.
-        for m in models:
-            for region in regions:
-                engine.decide(RequestContext(f"w-{m}-{region}", "bench-warm-up", user_tier="premium", model=m,
-                                             client_region=region, estimated_input_tokens=500,
-                                             expected_output_tokens=100, ttft_target_ms=500.0))
-        for r in reqs:
+        warm = [RequestContext(f"w-{m}-{region}", "bench-warm-up", user_tier="premium", model=m,
+                               client_region=region, estimated_input_tokens=500, expected_output_tokens=100,
+                               ttft_target_ms=500.0) for m in models for region in regions]
+        for i, r in enumerate(warm + reqs):
+            if i % 1000 == 999:  # a long warm-up (large fleets, slow machines) must not outlive the telemetry
+                _seed_telemetry(store, fleet, seed=-i)
             engine.decide(r)
         _seed_telemetry(store, fleet, seed=iterations + 7)
         stages.clear()
