@@ -37,7 +37,7 @@ from decision.errors import InvalidArgument, NoCandidate, NotFound, QuotaExceede
 from decision.fleet import Fleet, endpoints_serving
 from decision.scoring import BasicFeatures, score_candidates
 from decision.telemetry import TelemetryStore
-from decision.trace_format import compact_trace, endpoint_row, expand_trace
+from decision.trace_format import TraceParts, assemble_trace, endpoint_row, expand_trace, trace_parts
 from decision.validation import validate_request
 
 
@@ -63,21 +63,40 @@ class LazyTrace(Mapping[str, Any]):
     """The trace, built on first read.
 
     Building the JSON-able trace costs more than the decision itself at 64 candidates, and the
-    request path never reads it: the audit writer (off the request path) or ``infermesh decide``
-    does. Everything it is built from is immutable, so building it later gives the same result.
+    request path never reads it: the audit writer (off the request path, in its own process by
+    default) or ``infermesh decide`` does. Everything it is built from is immutable, so building it
+    later, or elsewhere, gives the same result. A stored trace is made from
+    :class:`~decision.trace_format.TraceParts` (``gather``), which an audit sink may take instead
+    of the built dict (:meth:`parts`).
     """
 
-    __slots__ = ("_build", "_data")
+    __slots__ = ("_build", "_data", "_gather", "_parts")
 
-    def __init__(self, build: Callable[[], dict[str, Any]]) -> None:
-        self._build: Callable[[], dict[str, Any]] | None = build
+    def __init__(self, build: Callable[[], dict[str, Any]] | None = None, *,
+                 gather: Callable[[], TraceParts] | None = None) -> None:
+        if (build is None) == (gather is None):
+            raise ValueError("give exactly one of build and gather")
+        self._build = build
+        self._gather = gather
+        self._parts: TraceParts | None = None
         self._data: dict[str, Any] | None = None
+
+    def parts(self) -> TraceParts | None:
+        """The parts a stored trace is assembled from (None for a view built otherwise)."""
+        if self._parts is None and self._gather is not None:
+            self._parts = self._gather()
+            self._gather = None
+        return self._parts
 
     def _materialise(self) -> dict[str, Any]:
         if self._data is None:
-            assert self._build is not None
-            self._data = self._build()
-            self._build = None
+            if self._build is not None:
+                self._data = self._build()
+                self._build = None
+            else:
+                parts = self.parts()
+                assert parts is not None
+                self._data = assemble_trace(parts)
         return self._data
 
     def __getitem__(self, key: str) -> Any:
@@ -311,7 +330,7 @@ class DecisionEngine:
                timings: Mapping[str, float], now: float) -> tuple[LazyTrace, LazyTrace]:
         """(stored compact trace, readable view of it), both built only when first read."""
         endpoints = self._endpoint_rows.get((fleet.revision, ctx.model, ctx.model_family, ctx.client_region))
-        stored = LazyTrace(lambda: compact_trace(
+        stored = LazyTrace(gather=lambda: trace_parts(
             ctx=ctx, inventory_revision=fleet.revision, learner=f"{learner.name}@{learner.version}", now=now,
             candidates=candidates, result=result, scored=scored, choice=choice, fallbacks=fallbacks,
             shadows=shadows, feature_names=self.features.names, timings=timings, endpoints=endpoints))

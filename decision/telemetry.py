@@ -271,6 +271,11 @@ class TelemetryBatch:
     def reading(self, i: int) -> TelemetryReading:
         return _reading(self.endpoint_ids[i], self._merged[i], self.at, self.stale_after_s)
 
+    @property
+    def merged(self) -> Sequence[_Merged]:
+        """Each endpoint's merged reading as the store held it (immutable objects, shared)."""
+        return self._merged
+
     def known(self, i: int) -> tuple[Mapping[str, float], Mapping[str, float]]:
         """Row ``i`` as (values known at :attr:`at`, timestamps of every value ever reported),
         without building a reading (the trace's telemetry snapshot reads this)."""
@@ -288,6 +293,14 @@ class TelemetryBatch:
         idx = np.asarray(index, dtype=np.intp)
         return TelemetryBatch([ids[i] for i in index], [m[i] for i in index], self.at, self.stale_after_s,
                               self.values[idx], self.stamps[idx])
+
+
+def known_snapshots(merged: Sequence[_Merged], at: float,
+                    stale_after_s: float) -> Iterator[tuple[Mapping[str, float], tuple[str, ...], list[int]]]:
+    """Per endpoint: (values known at ``at``, names ever reported, their ages in ms), for traces."""
+    for m in merged:
+        stamps = m.stamps
+        yield _known(m, at, stale_after_s)[0], tuple(stamps), [int((at - st) * 1000.0) for st in stamps.values()]
 
 
 class TelemetryStore:

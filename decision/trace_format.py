@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from decision.candidates import CandidateSet, endpoint_ids_of
+from decision.candidates import CandidateSet, FloatArray, endpoint_ids_of
 from decision.domain import (
     Candidate,
     Choice,
@@ -31,6 +31,7 @@ from decision.domain import (
     ScoredCandidate,
     VerdictTable,
 )
+from decision.telemetry import known_snapshots
 
 ENDPOINT_FIELDS = ("site", "region", "tier", "gpu_type", "jurisdiction", "rtt_ms")
 
@@ -44,75 +45,147 @@ def endpoint_rows(candidates: Sequence[Candidate]) -> list[list[Any]]:
     return [endpoint_row(c.endpoint, c.rtt_ms) for c in candidates]
 
 
-def compact_trace(*, ctx: RequestContext, inventory_revision: str, learner: str, now: float,
-                  candidates: Sequence[Candidate], result: GuardResult, scored: Sequence[ScoredCandidate],
-                  choice: Choice | None, fallbacks: Sequence[Route], shadows: Sequence[Mapping[str, Any]],
-                  feature_names: Sequence[str], timings: Mapping[str, float],
-                  endpoints: list[list[Any]] | None = None) -> dict[str, Any]:
-    """The version-2 trace; cheap to build because it mostly references existing immutable objects."""
-    ids = list(endpoint_ids_of(candidates))
-    index = {eid: i for i, eid in enumerate(ids)}
-    rules: dict[str, int] = {}
-    rule_rows: list[list[str]] = []
-    verdicts: list[list[Any]] = []
+class TraceParts(NamedTuple):
+    """What a stored trace is made of, gathered cheaply at decision time (:func:`trace_parts`).
+
+    Mostly references to objects that already exist and never change (the placement's endpoint ids
+    and rows, the guard's memoised verdict groups, the telemetry store's merged readings) and the
+    score stage's arrays. :func:`assemble_trace` turns it into the stored dict, in this process or
+    in the audit writer's (``audit.shipping`` sends the shared objects once, then handles).
+    """
+
+    request: RequestContext | Mapping[str, Any]  # a mapping once it has crossed to the writer process
+    inventory_revision: str
+    policy_revision: str
+    learner: str
+    at: float
+    candidate_ids: Sequence[str]
+    endpoints: list[list[Any]]
+    # A VerdictTable, or (rule rows, [endpoint id or "", rule index, allow, reason] rows) for plain verdicts.
+    verdicts: VerdictTable | tuple[list[list[str]], list[list[Any]]]
+    allowed_ids: Sequence[str]
+    quota_denied: bool
+    scored_ids: Sequence[str]
+    ttft_ms: FloatArray
+    cost_per_1k: FloatArray
+    scores: Sequence[float] | None
+    components: Mapping[str, FloatArray]  # name -> one value per scored candidate
+    features: FloatArray
+    chosen: str | None
+    propensity: float | None
+    fallbacks: list[str]
+    shadows: list[Mapping[str, Any]]
+    feature_names: tuple[str, ...]
+    timings_us: dict[str, float]
+    # (merged readings, at, stale limit) of the located set, or each candidate's (values, keys, ages ms).
+    telemetry: tuple[Sequence[Any], float, float] | list[tuple[Mapping[str, float], tuple[str, ...], list[int]]]
+
+
+def trace_parts(*, ctx: RequestContext, inventory_revision: str, learner: str, now: float,
+                candidates: Sequence[Candidate], result: GuardResult, scored: Sequence[ScoredCandidate],
+                choice: Choice | None, fallbacks: Sequence[Route], shadows: Sequence[Mapping[str, Any]],
+                feature_names: Sequence[str], timings: Mapping[str, float],
+                endpoints: list[list[Any]] | None = None) -> TraceParts:
+    """The parts of a decision's trace; cheap (no per-candidate Python work on the request path)."""
+    ids = endpoint_ids_of(candidates)
     table = result.verdicts
-    if isinstance(table, VerdictTable):  # columns: no Verdict objects
-        local = {r.rule_id: n for n, r in enumerate(table.rules)}
-        rule_rows = [[r.rule_id, r.engine, r.kind, str(r.severity)] for r in table.rules]
-        same = list(table.endpoint_ids) == ids
-        for pos, (r_idx, allow, reason) in table.rows():
-            cand = pos if same or pos < 0 else index.get(table.endpoint_ids[pos], -1)
-            verdicts.append([cand, r_idx, allow, reason])
-        rules = local
+    verdicts: VerdictTable | tuple[list[list[str]], list[list[Any]]]
+    if isinstance(table, VerdictTable):
+        verdicts = table
     else:
+        rules: dict[str, int] = {}
+        rule_rows: list[list[str]] = []
+        rows: list[list[Any]] = []
         for v in table:
             r = rules.get(v.rule_id)
             if r is None:
                 r = rules[v.rule_id] = len(rule_rows)
                 rule_rows.append([v.rule_id, v.engine, v.kind, str(v.severity)])
-            verdicts.append([index.get(v.endpoint_id, -1) if v.endpoint_id else -1, r, v.allow, v.reason])
-    scores = choice.scores if choice is not None else None
+            rows.append([v.endpoint_id, r, v.allow, v.reason])
+        verdicts = (rule_rows, rows)
     cols = ScoredArms.of(scored)
-    component_names = list(cols.components)
-    comp_rows = (np.column_stack(list(cols.components.values())).tolist() if component_names
-                 else [[] for _ in cols.candidates])
     scored_ids = endpoint_ids_of(cols.candidates)
+    telemetry: tuple[Sequence[Any], float, float] | list[tuple[Mapping[str, float], tuple[str, ...], list[int]]]
+    if isinstance(candidates, CandidateSet):
+        batch = candidates.telemetry
+        telemetry = (batch.merged, batch.at, batch.stale_after_s)
+    else:
+        telemetry = list(_snapshots(candidates, now))
+    return TraceParts(
+        request=ctx, inventory_revision=inventory_revision, policy_revision=result.revision, learner=learner,
+        at=now, candidate_ids=ids, endpoints=endpoints if endpoints is not None else endpoint_rows(candidates),
+        verdicts=verdicts, allowed_ids=endpoint_ids_of(result.allowed), quota_denied=result.quota_denied,
+        scored_ids=scored_ids, ttft_ms=cols.ttft_ms, cost_per_1k=cols.cost_per_1k,
+        scores=choice.scores if choice is not None else None, components=cols.components, features=cols.matrix, chosen=scored_ids[choice.arm] if choice is not None else None,
+        propensity=choice.propensity if choice is not None else None,
+        fallbacks=[r.endpoint_id for r in fallbacks], shadows=list(shadows), feature_names=tuple(feature_names),
+        timings_us=dict(timings), telemetry=telemetry)
+
+
+def assemble_trace(p: TraceParts) -> dict[str, Any]:
+    """The version-2 stored trace from its parts."""
+    ids = list(p.candidate_ids)
+    index = {eid: i for i, eid in enumerate(ids)}
+    table = p.verdicts
+    verdicts: list[list[Any]] = []
+    if isinstance(table, VerdictTable):  # columns: no Verdict objects
+        rule_rows = [[r.rule_id, r.engine, r.kind, str(r.severity)] for r in table.rules]
+        same = list(table.endpoint_ids) == ids
+        for pos, (r_idx, allow, reason) in table.rows():
+            cand = pos if same or pos < 0 else index.get(table.endpoint_ids[pos], -1)
+            verdicts.append([cand, r_idx, allow, reason])
+    else:
+        rule_rows = table[0]
+        verdicts = [[index.get(eid, -1) if eid else -1, r, allow, reason] for eid, r, allow, reason in table[1]]
+    scores = p.scores
+    names = list(p.components)
+    comp_rows = (np.column_stack([p.components[k] for k in names]).tolist() if names
+                 else [[] for _ in p.scored_ids])
+    columns = zip(p.scored_ids, p.ttft_ms.tolist(), p.cost_per_1k.tolist(), comp_rows, strict=True)
     score_rows = [[index[e], ttft, cost, scores[i] if scores is not None else None, comps]
-                  for i, (e, ttft, cost, comps) in enumerate(zip(scored_ids, cols.ttft_ms.tolist(),
-                                                                 cols.cost_per_1k.tolist(), comp_rows, strict=True))]
+                  for i, (e, ttft, cost, comps) in enumerate(columns)]
     # Features as one little-endian float32 matrix in base64: JSON-encoding thousands of floats would
     # cost more than the decision itself; float32 keeps ~7 significant digits, plenty to replay and audit.
-    packed = base64.b64encode(cols.matrix.astype("<f4").tobytes()).decode()
+    packed = base64.b64encode(np.asarray(p.features).astype("<f4").tobytes()).decode()
     return {
         "version": 2,
-        "request": ctx.as_dict(),
-        "inventory_revision": inventory_revision,
-        "policy_revision": result.revision,
-        "learner": learner,
-        "at": now,
+        "request": p.request.as_dict() if isinstance(p.request, RequestContext) else dict(p.request),
+        "inventory_revision": p.inventory_revision,
+        "policy_revision": p.policy_revision,
+        "learner": p.learner,
+        "at": p.at,
         "candidates": ids,
-        "endpoints": endpoints if endpoints is not None else endpoint_rows(candidates),
-        "guard": {"rules": rule_rows, "verdicts": verdicts,
-                  "allowed": [index[e] for e in endpoint_ids_of(result.allowed)],
-                  "quota_denied": result.quota_denied},
-        "score": {"feature_names": list(feature_names), "component_names": component_names, "rows": score_rows,
-                  "features_f32": packed},
-        "choose": {
-            "chosen": scored_ids[choice.arm] if choice is not None else None,
-            "propensity": choice.propensity if choice is not None else None,
-            "fallbacks": [r.endpoint_id for r in fallbacks],
-            "shadow": list(shadows),
-        },
-        "telemetry": _telemetry(candidates, now),
-        "timings_us": dict(timings),
+        "endpoints": p.endpoints,
+        "guard": {"rules": rule_rows, "verdicts": verdicts, "allowed": [index[e] for e in p.allowed_ids],
+                  "quota_denied": p.quota_denied},
+        "score": {"feature_names": list(p.feature_names), "component_names": names,
+                  "rows": score_rows, "features_f32": packed},
+        "choose": {"chosen": p.chosen, "propensity": p.propensity, "fallbacks": list(p.fallbacks),
+                   "shadow": list(p.shadows)},
+        "telemetry": _telemetry(p.telemetry),
+        "timings_us": dict(p.timings_us),
     }
 
 
-def _telemetry(candidates: Sequence[Candidate], now: float) -> dict[str, Any]:
+def compact_trace(*, ctx: RequestContext, inventory_revision: str, learner: str, now: float,
+                  candidates: Sequence[Candidate], result: GuardResult, scored: Sequence[ScoredCandidate],
+                  choice: Choice | None, fallbacks: Sequence[Route], shadows: Sequence[Mapping[str, Any]],
+                  feature_names: Sequence[str], timings: Mapping[str, float],
+                  endpoints: list[list[Any]] | None = None) -> dict[str, Any]:
+    """The version-2 trace in one step (:func:`trace_parts` then :func:`assemble_trace`)."""
+    return assemble_trace(trace_parts(ctx=ctx, inventory_revision=inventory_revision, learner=learner, now=now,
+                                      candidates=candidates, result=result, scored=scored, choice=choice,
+                                      fallbacks=fallbacks, shadows=shadows, feature_names=feature_names,
+                                      timings=timings, endpoints=endpoints))
+
+
+def _telemetry(source: tuple[Sequence[Any], float, float] | list[tuple[Mapping[str, float], tuple[str, ...],
+                                                                        list[int]]]) -> dict[str, Any]:
     """Per candidate: [key-set index, values (None = stale/unknown), ages in ms]; key sets listed once."""
     key_sets: dict[tuple[str, ...], int] = {}
     rows: list[list[Any]] = []
-    for vals, keys, age_ms in _snapshots(candidates, now):
+    snapshots = known_snapshots(*source) if isinstance(source, tuple) else source
+    for vals, keys, age_ms in snapshots:
         k = key_sets.get(keys)
         if k is None:
             k = key_sets[keys] = len(key_sets)
@@ -126,9 +199,7 @@ def _snapshots(candidates: Sequence[Candidate],
     where there are some (no reading is built for them)."""
     if isinstance(candidates, CandidateSet):
         batch = candidates.telemetry
-        for i in range(len(batch)):
-            vals, stamps = batch.known(i)
-            yield vals, tuple(stamps), [int((now - st) * 1000.0) for st in stamps.values()]
+        yield from known_snapshots(batch.merged, batch.at, batch.stale_after_s)
         return
     for c in candidates:
         ages = c.telemetry.ages_s
