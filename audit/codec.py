@@ -1,4 +1,4 @@
-"""Rows as stored: trace encoding (JSON, zlib) and the hash chain.
+"""Rows as stored: trace encoding (JSON; lz4 or zlib compressed) and the hash chain.
 
 A decision row's ``hash`` is ``sha256(prev_hash || canonical(columns) || sha256(trace JSON))``,
 where ``canonical`` is the JSON list of the row's columns in :data:`HASHED_COLUMNS` order. Chains
@@ -15,6 +15,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import lz4.frame
 import msgspec
 
 from audit.events import DecisionEventV1, OutcomeEventV1, from_us
@@ -65,20 +66,31 @@ def decode_json(data: bytes) -> Any:
     return _unjson.decode(data)
 
 
-def compress_trace(trace_json: bytes, level: int = 0) -> bytes:
-    """The stored trace bytes: level 0 keeps the JSON as it is (PostgreSQL compresses it, off the
-    service's interpreter); 1-9 zlib-compress it here."""
-    return zlib.compress(trace_json, level) if level > 0 else trace_json
+_LZ4_MAGIC = b"\x04\x22\x4d\x18"
+
+
+def compress_trace(trace_json: bytes, level: int = 1, codec: str = "json") -> bytes:
+    """The stored trace bytes: ``json`` as it is (PostgreSQL may compress it), ``zlib`` at ``level``
+    (1-9), or an ``lz4`` frame (fast, and small enough that rows stay out of TOAST)."""
+    if codec == "lz4":
+        return bytes(lz4.frame.compress(trace_json))
+    if codec == "zlib":
+        return zlib.compress(trace_json, level)
+    return trace_json
 
 
 def decompress_trace(trace_z: bytes) -> bytes:
-    """The trace JSON from stored bytes of either form (a JSON object starts with ``{``, zlib with ``x``).
+    """The trace JSON from stored bytes of any form (JSON starts with ``{``, an lz4 frame with its
+    magic number, zlib with ``x``).
 
-    >>> decompress_trace(compress_trace(b'{"a":1}', 1)) == decompress_trace(compress_trace(b'{"a":1}')) == b'{"a":1}'
-    True
+    >>> forms = [compress_trace(b'{"a":1}', codec=c) for c in ("json", "zlib", "lz4")]
+    >>> {decompress_trace(f) for f in forms}
+    {b'{"a":1}'}
     """
     if trace_z[:1] == b"{":
         return trace_z
+    if trace_z[:4] == _LZ4_MAGIC:
+        return bytes(lz4.frame.decompress(trace_z))
     return zlib.decompress(trace_z)
 
 
@@ -130,13 +142,13 @@ def values_from_row(row: Mapping[str, Any]) -> list[Any]:
 
 
 def decision_row(e: DecisionEventV1, *, chain_id: str, seq: int, prev_hash: str, trace_json: bytes,
-                 level: int = 0) -> tuple[Any, ...]:
+                 level: int = 1, codec: str = "json") -> tuple[Any, ...]:
     """The COPY row of one decision, with its chain link."""
     values = hashed_values(e, chain_id, seq)
     digest = link_hash(prev_hash, values, trace_json)
     row = list(values)
     row[1] = from_us(e.decided_at_us)
-    row.extend([compress_trace(trace_json, level), prev_hash, digest])
+    row.extend([compress_trace(trace_json, level, codec), prev_hash, digest])
     return tuple(row)
 
 

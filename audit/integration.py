@@ -11,7 +11,7 @@ from audit import database
 from audit.api import build_router
 from audit.repository import AuditRepository
 from audit.settings import AuditSettings
-from audit.writer import AuditWriter
+from audit.writer import make_writer
 
 if TYPE_CHECKING:
     from decision.service import AuditParts
@@ -35,7 +35,7 @@ def build_audit_parts(config: Mapping[str, Any], *, settings: Any,
     if not url:
         url, server = database.start_embedded(data_dir / "pgdata")
     database.prepare(url, partitions_ahead_days=audit_settings.partitions_ahead_days)
-    writer = AuditWriter(url, audit_settings)
+    writer = make_writer(audit_settings.writer, url, audit_settings)
     repo = AuditRepository(url)
 
     def close() -> None:
@@ -47,7 +47,7 @@ def build_audit_parts(config: Mapping[str, Any], *, settings: Any,
 
     def health() -> dict[str, Any]:
         m = writer.metrics()
-        status = "ok" if writer.db_up or (writer.batches_written == 0 and not writer.spool.has_backlog) else "degraded"
+        status = "ok" if writer.db_up or (writer.batches_written == 0 and not writer.has_backlog) else "degraded"
         return {"status": status, **m, "database": "embedded" if server is not None else "external"}
 
     gauges = {f"infermesh_audit_{name}": (lambda n=name: float(writer.metrics()[n])) for name in writer.metrics()}

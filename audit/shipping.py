@@ -1,0 +1,213 @@
+"""Audit records across a process boundary: shared objects once, handles after that.
+
+A decision's stored trace is mostly made of objects many decisions share and nobody changes
+(a placement's endpoint ids and rows, the guard's memoised verdict groups and rules, the
+telemetry store's merged readings). :class:`Packer` (service side) replaces each of them with an
+integer handle and sends its definition (pickled) the first time it is seen; :class:`Unpacker`
+(writer side) keeps the definitions and puts the objects back. What crosses the pipe per decision
+is then the request, one buffer of numbers and a few integers, encoded as MessagePack (``encode``
+/ ``decode``), so the service pays little for its audit log and the writer process assembles the
+trace (:func:`decision.trace_format.assemble_trace`).
+
+Handles are never reused. The packer keeps a strong reference to every object it has a handle for
+(an ``id()`` must not be recycled while a handle names it); past ``limit`` definitions it starts a
+new generation and tells the unpacker to forget handles below a mark, after the records that may
+still use them.
+
+>>> p, u = Packer(), Unpacker()
+>>> rows = [["site-a", "eu-west"]]
+>>> p.ref(rows) == p.ref(rows)
+True
+>>> msgs = decode(encode(p.message("o", {"decision_id": "d1"}, None)))
+>>> [m[0] for m in msgs]
+['def', 'r']
+>>> [u.feed(m) for m in msgs]
+[None, ('o', {'decision_id': 'd1'}, None)]
+>>> u.table[0]
+[['site-a', 'eu-west']]
+"""
+
+from __future__ import annotations
+
+import enum
+import pickle
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from decision.domain import VerdictTable
+from decision.trace_format import TraceParts
+
+# Messages: ["def", pickled [(handle, obj), ...]], ["forget", below], ["r", kind, event, packed parts or None],
+# and the writer process's controls ["flush"], ["close"].
+Message = Sequence[Any]
+
+
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=str)
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    raise NotImplementedError(f"cannot ship {type(obj).__name__}")
+
+
+_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+_decoder = msgspec.msgpack.Decoder()
+
+
+def encode(messages: Sequence[Message]) -> bytes:
+    """One batch of messages as bytes."""
+    return _encoder.encode(messages)
+
+
+def decode(blob: bytes) -> list[Message]:
+    """A batch of messages back (tuples come back as lists)."""
+    out: list[Message] = _decoder.decode(blob)
+    return out
+
+
+class Packer:
+    """Service side: turns records into messages with handles for shared objects (thread-safe)."""
+
+    def __init__(self, limit: int = 50_000) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._by_id: dict[int, tuple[int, object]] = {}
+        self._by_members: dict[tuple[int, ...], tuple[int, list[object]]] = {}
+        self._pending: list[tuple[int, object]] = []
+        self._next = 0
+        self._generation_start = 0
+        # Definitions of the previous generation: kept until the writer confirms it no longer needs
+        # them (a restarted writer process must be sent them again, see :meth:`all_definitions`).
+        self.previous: list[tuple[int, object]] = []
+
+    def ref(self, obj: object) -> int:
+        """The handle of a shared immutable object, defining it on first sight."""
+        hit = self._by_id.get(id(obj))
+        if hit is not None and hit[1] is obj:
+            return hit[0]
+        h = self._next
+        self._next += 1
+        self._by_id[id(obj)] = (h, obj)
+        self._pending.append((h, obj))
+        return h
+
+    def ref_members(self, seq: Sequence[object]) -> int:
+        """The handle of a list of shared objects (a fresh list whose members recur as a whole)."""
+        key = tuple(map(id, seq))
+        hit = self._by_members.get(key)
+        if hit is not None:
+            return hit[0]
+        h = self._next
+        self._next += 1
+        members = list(seq)  # holds the members, so their ids stay theirs
+        self._by_members[key] = (h, members)
+        self._pending.append((h, members))
+        return h
+
+    def take_definitions(self) -> list[tuple[int, object]]:
+        out, self._pending = self._pending, []
+        return out
+
+    def all_definitions(self) -> Message:
+        """Every live definition as one message (for a new writer process)."""
+        with self._lock:
+            current = [v for v in self._by_id.values()] + [(h, m) for h, m in self._by_members.values()]
+            defs = sorted(self.previous + current, key=lambda d: d[0])
+            return ("def", pickle.dumps(defs, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def message(self, kind: str, event: Mapping[str, Any], parts: TraceParts | None) -> list[Message]:
+        """The messages for one record: definitions it introduces, then the record."""
+        with self._lock:
+            packed = self._pack(parts) if parts is not None else None
+            out: list[Message] = []
+            defs = self.take_definitions()
+            if defs:
+                out.append(("def", pickle.dumps(defs, protocol=pickle.HIGHEST_PROTOCOL)))
+            out.append(("r", kind, event, packed))
+            if len(self._by_id) + len(self._by_members) > self.limit:
+                self.previous = [v for v in self._by_id.values()] + [(h, m) for h, m in self._by_members.values()]
+                self._by_id.clear()
+                self._by_members.clear()
+                self._generation_start = self._next
+                out.append(("forget", self._next))
+            return out
+
+    def _pack(self, p: TraceParts) -> list[Any]:
+        ids: Any = self.ref(p.candidate_ids) if isinstance(p.candidate_ids, tuple) else list(p.candidate_ids)
+        table = p.verdicts
+        verdicts: Any
+        if isinstance(table, VerdictTable):
+            e = table.endpoint_ids
+            eids: Any = None if e is p.candidate_ids else self.ref(e) if isinstance(e, tuple) else list(e)
+            verdicts = ["vt", self.ref(table.rules), table.revision, table.request, eids,
+                        [self.ref(g) for g in table.groups]]
+        else:
+            verdicts = ["rows", *table]
+        allowed = "=" if p.allowed_ids is p.candidate_ids else list(p.allowed_ids)
+        scored = "=" if p.scored_ids is p.allowed_ids else list(p.scored_ids)
+        tel: Any = p.telemetry
+        if isinstance(tel, tuple):
+            tel = ["m", self.ref_members(tel[0]), tel[1], tel[2]]
+        # Every number of the score stage in one float64 buffer: [ttft | cost | components | features].
+        comps = p.components
+        numbers = np.concatenate((p.ttft_ms, p.cost_per_1k, *comps.values(), np.asarray(p.features).ravel()))
+        request = p.request.as_dict() if hasattr(p.request, "as_dict") else dict(p.request)
+        return [request, p.inventory_revision, p.policy_revision, p.learner, p.at, ids, self.ref(p.endpoints),
+                verdicts, allowed, p.quota_denied, scored, numbers.tobytes(), list(comps), p.features.shape[1],
+                p.scores, p.chosen, p.propensity, p.fallbacks, p.shadows, self.ref(p.feature_names), p.timings_us,
+                tel]
+
+
+class Unpacker:
+    """Writer side: keeps definitions and rebuilds records."""
+
+    def __init__(self) -> None:
+        self.table: dict[int, Any] = {}
+
+    def feed(self, msg: Message) -> tuple[str, Mapping[str, Any], TraceParts | None] | None:
+        """Apply one message; a record comes back as (kind, event, trace parts or None)."""
+        tag = msg[0]
+        if tag == "def":
+            self.table.update(pickle.loads(msg[1]))
+            return None
+        if tag == "forget":
+            below = msg[1]
+            for h in [h for h in self.table if h < below]:
+                del self.table[h]
+            return None
+        _, kind, event, packed = msg
+        return kind, event, self._unpack(packed) if packed is not None else None
+
+    def _unpack(self, t: Sequence[Any]) -> TraceParts:
+        (request, inv, pol, learner, at, ids, endpoints, verdicts, allowed, quota_denied, scored, numbers,
+         comp_names, width, scores, chosen, propensity, fallbacks, shadows, feature_names, timings, tel) = t
+        table = self.table
+        cand = table[ids] if isinstance(ids, int) else ids
+        vt: Any
+        if verdicts[0] == "vt":
+            _, rules, revision, request_outcomes, eids, groups = verdicts
+            eids = cand if eids is None else table[eids] if isinstance(eids, int) else eids
+            vt = VerdictTable(table[rules], revision, request_outcomes, eids, [table[g] for g in groups])
+        else:
+            vt = (verdicts[1], verdicts[2])
+        allowed_ids = cand if allowed == "=" else allowed
+        scored_ids = allowed_ids if scored == "=" else scored
+        if tel and tel[0] == "m":
+            tel = (table[tel[1]], tel[2], tel[3])
+        n = len(scored_ids)
+        flat = np.frombuffer(numbers, dtype=np.float64)
+        comps = {name: flat[(2 + k) * n:(3 + k) * n] for k, name in enumerate(comp_names)}
+        features = flat[(2 + len(comp_names)) * n:].reshape(n, width)
+        return TraceParts(request, inv, pol, learner, at, cand, table[endpoints], vt, allowed_ids, quota_denied,
+                          scored_ids, flat[:n], flat[n:2 * n], scores, comps, features, chosen, propensity,
+                          fallbacks, shadows, table[feature_names], timings, tel)

@@ -1,0 +1,369 @@
+"""The audit writer in a process of its own, so the service's interpreter only hands records over.
+
+:class:`ProcessAuditWriter` is the :class:`~decision.contracts.AuditSink` the service uses by
+default (``audit.writer: process``). ``submit_*`` masks a decision's top-level fields, turns the
+record into messages (:class:`audit.shipping.Packer`: the trace as parts, shared objects as
+handles) and appends them to a bounded outbox; a shipper thread encodes the outbox in batches down
+a pipe. The child process (:func:`_child_main`) rebuilds each record, assembles its trace and hands
+it to an ordinary :class:`~audit.writer.AuditWriter` (queue, batched COPY, spool, hash chain), and
+reports back how many records are safely in PostgreSQL or the spool.
+
+Nothing is lost if the child dies: the parent keeps every batch the child has not confirmed,
+starts a new child (a new chain) and sends them again; the new child skips the decisions and
+outcomes already in PostgreSQL before chaining, so each is stored exactly once.
+
+The bound (``queue_max`` records not yet confirmed, or the child's spool at ``spool_max_bytes``)
+applies ``on_spool_full`` here, on the request path: fail-closed raises
+:class:`~decision.errors.Unavailable`, fail-open drops and counts.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import multiprocessing as mp
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from multiprocessing.connection import Connection
+from typing import Any
+
+from audit.masking import Masker
+from audit.settings import AuditSettings
+from audit.shipping import Message, Packer, Unpacker, decode, encode
+from audit.writer import METRIC_NAMES
+from decision.errors import Unavailable
+from decision.trace_format import TraceParts
+
+log = logging.getLogger(__name__)
+_SHIP_EVERY_S = 0.01  # the writer flushes every flush_interval_s (0.2 s) anyway
+_SHIP_MAX = 512
+
+
+class ProcessAuditWriter:
+    """An audit sink whose writer runs in a child process (see the module docstring).
+
+    Parameters
+    ----------
+    url : str
+        PostgreSQL connection URL (migrated to head).
+    settings : AuditSettings
+        As for :class:`~audit.writer.AuditWriter`; the child uses the same settings.
+    chain_id : str, optional
+        Prefix of the child's hash-chain ids (each child gets its own chain).
+    """
+
+    def __init__(self, url: str, settings: AuditSettings | None = None, *, chain_id: str | None = None) -> None:
+        self.url = url
+        self.settings = settings or AuditSettings()
+        self.masker = Masker(self.settings.mask_fields, mode=self.settings.mask_mode, key=self.settings.mask_key)
+        self._chain_prefix = chain_id or secrets.token_hex(6)
+        self._packer = Packer()
+        self._lock = threading.Lock()  # outbox and counters
+        self._outbox: list[Message] = []
+        self._outbox_records = 0
+        self._shipped = 0  # records sent to the current child
+        self._submitted = 0  # records accepted from the request path
+        self._confirmed = 0  # records the child reports as in PostgreSQL or the spool
+        # Batches the child has not confirmed: (records shipped up to and including it, its records, bytes).
+        self._unconfirmed: deque[tuple[int, int, bytes]] = deque()
+        self._status: dict[str, Any] = {}
+        self._status_cv = threading.Condition()
+        self.dropped = 0
+        self.refused = 0
+        self.restarts = 0
+        self._closing = False
+        self._ctx = mp.get_context("spawn")
+        self._proc: Any = None
+        self._data: Connection | None = None
+        self._reader: threading.Thread | None = None
+        self._start_child(resend=False, base=0)
+        self._wake = threading.Event()
+        self._shipper = threading.Thread(target=self._ship_loop, name="audit-shipper", daemon=True)
+        self._shipper.start()
+
+    # -- request path --------------------------------------------------------------------------
+    def _full(self, tenant: str) -> bool:
+        st = self._status
+        backlog = self._submitted - self._confirmed
+        if backlog < self.settings.queue_max and st.get("spool_bytes", 0) < self.settings.spool_max_bytes:
+            return False
+        if self.settings.on_spool_full == "fail_closed":
+            self.refused += 1
+            raise Unavailable("audit log unavailable: writer backlog or spool at its bound (fail-closed)")
+        self.dropped += 1
+        if self.dropped == 1 or self.dropped % 1000 == 0:
+            log.error("audit log full: dropped %d events so far (fail-open, tenant %s)", self.dropped, tenant)
+        return True
+
+    def submit_decision(self, event: Mapping[str, Any]) -> None:
+        """Mask and hand over; raises :class:`~decision.errors.Unavailable` when full and fail-closed."""
+        if self._full(str(event.get("tenant", ""))):
+            return
+        trace = event.get("trace")
+        gather = getattr(trace, "parts", None)
+        parts: TraceParts | None = gather() if callable(gather) else None
+        masked = self.masker.mask_event(event, trace=False)
+        if parts is None:  # a trace built already: it crosses as it is
+            masked["trace"] = dict(trace) if isinstance(trace, Mapping) else {}
+        else:
+            del masked["trace"]
+        self._enqueue(self._packer.message("d", masked, parts))
+
+    def submit_outcome(self, event: Mapping[str, Any]) -> None:
+        if self._full(""):
+            return
+        self._enqueue(self._packer.message("o", dict(event), None))
+
+    def _enqueue(self, msgs: list[Message]) -> None:
+        with self._lock:
+            self._outbox.extend(msgs)
+            self._outbox_records += 1
+            self._submitted += 1
+            full = self._outbox_records >= _SHIP_MAX
+        if full:
+            self._wake.set()
+
+    # -- shipping ------------------------------------------------------------------------------
+    def _ship_loop(self) -> None:
+        while True:
+            self._wake.wait(_SHIP_EVERY_S)
+            self._wake.clear()
+            stop = self._closing
+            self._ship()
+            if not self._proc.is_alive() and not self._closing:
+                self._restart()
+            if stop:
+                return
+
+    def _ship(self) -> None:
+        with self._lock:
+            if not self._outbox:
+                return
+            msgs, n = self._outbox, self._outbox_records
+            self._outbox, self._outbox_records = [], 0
+        blob = encode(msgs)
+        with self._status_cv:
+            self._shipped += n
+            self._unconfirmed.append((self._shipped, n, blob))
+        self._send(blob)
+
+    def _send(self, blob: bytes) -> None:
+        try:
+            assert self._data is not None
+            self._data.send_bytes(blob)
+        except (OSError, EOFError, ValueError) as exc:  # the child is gone: the restart resends this batch
+            log.error("audit: writer process unreachable (%s)", exc)
+
+    # -- the child -----------------------------------------------------------------------------
+    def _start_child(self, *, resend: bool, base: int) -> None:
+        """Start a child; its reports count records handled after the first ``base`` ones."""
+        parent_data, child_data = self._ctx.Pipe(duplex=False)
+        child_status, parent_status = self._ctx.Pipe(duplex=False)
+        chain = f"{self._chain_prefix}-{self.restarts}" if self.restarts else self._chain_prefix
+        self._proc = self._ctx.Process(
+            target=_child_main, name="infermesh-audit-writer", daemon=True,
+            args=(self.url, self.settings.model_dump(), chain, parent_data, parent_status, resend,
+                  self.settings.writer_nice))
+        self._proc.start()
+        parent_data.close()
+        parent_status.close()
+        self._data = child_data
+        self._reader = threading.Thread(target=self._read_status, args=(child_status, base), name="audit-status",
+                                        daemon=True)
+        self._reader.start()
+
+    def _restart(self) -> None:
+        """A new child, sent every definition and every batch the old one did not confirm."""
+        self.restarts += 1
+        log.error("audit: writer process exited (code %s); restarting it and resending %d unconfirmed batches",
+                  self._proc.exitcode, len(self._unconfirmed))
+        with self._status_cv:
+            batches = list(self._unconfirmed)
+            # The first unconfirmed batch may be partly handled: the new child handles all of it again
+            # (skipping what is stored), so its count starts where that batch starts.
+            base = batches[0][0] - batches[0][1] if batches else self._shipped
+            self._confirmed = base
+        self._start_child(resend=True, base=base)
+        self._send(encode([self._packer.all_definitions()]))
+        for _, _, blob in batches:
+            self._send(blob)
+
+    def _read_status(self, conn: Connection, base: int) -> None:
+        while True:
+            try:
+                st = conn.recv()
+            except (EOFError, OSError):
+                return
+            with self._status_cv:
+                self._status = st
+                self._confirmed = max(self._confirmed, base + int(st["handled"]))
+                while self._unconfirmed and self._unconfirmed[0][0] <= self._confirmed:
+                    self._unconfirmed.popleft()
+                self._status_cv.notify_all()
+
+    # -- control -------------------------------------------------------------------------------
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every submitted record is in PostgreSQL (child queue and spool empty)."""
+        deadline = time.monotonic() + timeout
+        self._wake.set()
+        with self._status_cv:
+            while self._confirmed < self._submitted or self._status.get("backlog", True):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._status_cv.wait(min(left, 0.05))
+                if self._confirmed >= self._submitted:
+                    self._data_send_control(("flush",))
+        return True
+
+    def _data_send_control(self, msg: tuple[str]) -> None:
+        # Asks the child for a fresh status (its spool may have drained since the last one).
+        self._send(encode([msg]))
+
+    def close(self) -> None:
+        """Ship what is left, let the child drain its queue (to PostgreSQL, else the spool), stop it."""
+        if self._closing:
+            return
+        self._closing = True
+        self._wake.set()
+        self._shipper.join()
+        self._send(encode([("close",)]))
+        self._proc.join(self.settings.drain_timeout_s + 30.0)
+        if self._proc.is_alive():
+            log.error("audit: writer process did not stop; terminating it")
+            self._proc.terminate()
+            self._proc.join(5.0)
+        if self._reader is not None:
+            self._reader.join(5.0)
+        if self._data is not None:
+            self._data.close()
+
+    # -- what /metrics and health read ---------------------------------------------------------
+    @property
+    def db_up(self) -> bool:
+        return bool(self._status.get("db_up", False))
+
+    @property
+    def batches_written(self) -> int:
+        return int(self._status.get("batches_written", 0))
+
+    @property
+    def has_backlog(self) -> bool:
+        return bool(self._status.get("spool_backlog", False))
+
+    def metrics(self) -> dict[str, float]:
+        """The child's writer metrics, plus the hand-over's own."""
+        st = self._status
+        out = dict.fromkeys(METRIC_NAMES, 0.0)
+        out.update((k, float(v)) for k, v in st.get("metrics", {}).items())
+        out.update({"queue_depth": float(self._submitted - self._confirmed), "dropped": float(self.dropped),
+                    "refused": float(self.refused), "writer_restarts": float(self.restarts)})
+        return out
+
+
+def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connection, status: Connection,
+                resend: bool, nice: int) -> None:
+    """The writer process: unpack records, assemble traces, write them in batches.
+
+    One thread does everything (receive, assemble, COPY): a second thread would make each of
+    the writer's many small I/O waits a wait for the interpreter lock as well.
+    """
+    import psycopg
+
+    from audit.writer import AuditWriter
+    from decision.trace_format import assemble_trace
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s audit-writer %(levelname)s %(message)s")
+    # Batches of thousands of records are alive at once: the default thresholds would run the
+    # cyclic collector over all of them many times per batch. Records hold no cycles.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+    if nice:  # when CPU is short, decisions go first: the queue and the spool absorb the writer's lag
+        os.nice(nice)
+    s = AuditSettings(**settings)
+    writer = AuditWriter(url, s, chain_id=chain_id, start=False)
+    unpacker = Unpacker()
+    known = _committed_ids(url, psycopg) if resend else set()  # what a dead predecessor may have stored
+    received = skipped = 0
+    pending: list[tuple[str, Mapping[str, Any]]] = []
+    due = 0.0  # when the oldest pending record must be written
+    last_report = 0.0
+
+    def report() -> None:
+        handled = writer.handled + skipped
+        status.send({"pid": os.getpid(), "handled": handled, "db_up": writer.db_up,
+                     "batches_written": writer.batches_written, "spool_backlog": writer.spool.has_backlog,
+                     "spool_bytes": writer.spool_bytes,
+                     "backlog": handled < received or writer.spool.has_backlog, "metrics": writer.metrics()})
+
+    closing = False
+    try:
+        while not closing:
+            now = time.monotonic()
+            wait = min(0.05, max(0.0, due - now)) if pending else 0.05
+            while data.poll(wait):
+                wait = 0.0
+                try:
+                    msgs = decode(data.recv_bytes())
+                except EOFError:  # the service is gone: write what we have and stop
+                    closing = True
+                    break
+                for msg in msgs:
+                    if msg[0] == "close":
+                        closing = True
+                        continue
+                    if msg[0] == "flush":
+                        last_report = 0.0
+                        continue
+                    rec = unpacker.feed(msg)
+                    if rec is None:
+                        continue
+                    kind, event, parts = rec
+                    received += 1
+                    if known and ("d:" if kind == "d" else "o:") + str(event.get("decision_id")) in known:
+                        if pending:  # keep "handled" in order: write what precedes it first
+                            writer.process(pending)
+                            pending = []
+                        skipped += 1
+                        continue
+                    if parts is not None:
+                        event = {**event, "trace": assemble_trace(parts)}
+                    if not pending:
+                        due = time.monotonic() + s.flush_interval_s
+                    pending.append((kind, event))
+                if len(pending) >= s.batch_size or closing:
+                    break
+            if pending and (len(pending) >= s.batch_size or time.monotonic() >= due or closing):
+                writer.process(pending)
+                pending = []
+                last_report = 0.0
+            elif writer.spool.has_backlog:
+                writer.process([])  # replay while idle
+            if time.monotonic() - last_report >= 0.05:
+                report()
+                last_report = time.monotonic()
+    finally:
+        if pending:
+            writer.process(pending)
+        writer.finish()
+        writer.close()
+        report()
+        status.close()
+
+
+def _committed_ids(url: str, psycopg: Any) -> set[str]:
+    """Decision and outcome ids written in the last hour (what a dead child may have committed)."""
+    try:
+        with psycopg.connect(url, connect_timeout=5) as conn:
+            d = conn.execute("SELECT decision_id FROM decision_events WHERE decided_at > now() - interval '1 hour'")
+            ids = {"d:" + r[0] for r in d.fetchall()}
+            o = conn.execute("SELECT decision_id FROM outcomes WHERE reported_at > now() - interval '1 hour'")
+            ids.update("o:" + r[0] for r in o.fetchall())
+            return ids
+    except psycopg.Error as exc:
+        log.warning("audit: could not read committed ids (%s); the spool replay dedupes instead", exc)
+        return set()
