@@ -36,15 +36,13 @@ from sim.model import (
     Request,
 )
 from sim.node import Node
+from sim.rules import breaks_rules
 from sim.strategies.base import RouterView, Strategy
 from sim.telemetry_view import TelemetryView
 from sim.workload import RequestSpec, Tenant
 from sim.world import World
 
 ARRIVE, REACH, FIRST, NODE, SCRAPE, DELIVER, HEDGE, DEGRADE = range(8)
-# Hard rules the simulator audits every route against (the same intent as the default bundle's).
-DATA_CLASS_JURISDICTIONS: dict[str, frozenset[str]] = {"personal": frozenset({"EU"})}
-DATA_CLASS_CERTIFICATIONS: dict[str, frozenset[str]] = {"phi": frozenset({"hipaa"})}
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,17 +201,10 @@ class Simulation:
     def _check_guardrails(self, req: Request, node: int) -> None:
         """Count a routed copy that breaks a hard rule: residency, data class, another tenant's device.
 
-        This is the simulator's own audit, written independently of the policy bundle.
+        This is the simulator's own audit (:mod:`sim.rules`), written independently of the policy
+        bundle, with the same intent as the default bundle's rules.
         """
-        w = self.world
-        owner = w.owner[node]
-        juris = w.jurisdiction[node]
-        bad = bool(req.jurisdictions) and juris not in req.jurisdictions
-        dc = req.data_class
-        bad = bad or (dc in DATA_CLASS_JURISDICTIONS and juris not in DATA_CLASS_JURISDICTIONS[dc])
-        bad = bad or (dc in DATA_CLASS_CERTIFICATIONS and not DATA_CLASS_CERTIFICATIONS[dc] <= w.certs[node])
-        bad = bad or (owner is not None and owner != req.tenant)
-        if bad:
+        if breaks_rules(self.world, req, node):
             req.violations += 1
             self.metrics.violations += 1
 

@@ -137,3 +137,26 @@ def test_infermesh_strategy_names_carry_learner_hyperparameters() -> None:
     strat = registry.make("infermesh:linucb/alpha=0.5/safe_slack=null", 3)
     assert isinstance(strat, InferMesh) and strat.name == "infermesh:linucb/alpha=0.5/safe_slack=null"
     assert strat.learner_name == "linucb" and strat.params == {"alpha": 0.5, "safe_slack": None}
+
+
+def test_guarded_peers_route_only_where_the_rules_allow_and_otherwise_as_the_peer() -> None:
+    from sim.scenario import load_scenario
+
+    sc = load_scenario("mesh-512")
+    sc.tenants = [Tenant("eu-only", jurisdictions=("EU",), user_tier="premium", regions=("us-east",)),
+                  Tenant("eu-health", data_class="personal", user_tier="premium", regions=("us-west",)),
+                  Tenant("acme", user_tier="premium")]
+    sc.workload["arrival"] = {"type": "poisson", "load": 0.2}
+    opts = runner.Options(decision_time="0", duration_s=5.0, drain_s=60.0, nodes=64)
+    world = runner.build_world(sc, opts)
+    res = runner.run(sc, ["least_load", "least_load+guard", "power_of_two+guard"], opts, world=world)
+    plain, guarded = res.summary["least_load"], res.summary["least_load+guard"]
+    assert plain["guardrail_violations"] > 0  # the peer as designed ignores residency
+    assert guarded["guardrail_violations"] == 0 and res.summary["power_of_two+guard"]["guardrail_violations"] == 0
+    assert guarded["completed"] + guarded["in_flight_at_end"] == guarded["requests"], guarded["dropped"]
+    # Where every endpoint is allowed, the guarded peer chooses exactly as the peer.
+    strat, view = _bound("least_load+guard")
+    view.outstanding[:] = [3, 1, 2, 5, 4, 0, 6, 7]
+    assert strat.choose(_req(), np.arange(8)) == 5
+    with pytest.raises(ValueError, match="keeps the guardrails itself"):
+        registry.make("infermesh+guard", 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from sim.model import Request
+from sim.rules import breaks_rules
 from sim.telemetry_view import TelemetryView
 from sim.world import I64, World
 
@@ -73,3 +74,42 @@ class Strategy:
 
     def on_complete(self, req: Request, node: int, ok: bool) -> None:
         """Called when a request's response ends (or it fails)."""
+
+
+class Guarded(Strategy):
+    """A strategy routing only where the hard rules allow (:mod:`sim.rules`): ``NAME+guard``.
+
+    The peers route among every endpoint of the family, as they do in their own designs; this
+    variant gives one the same hard constraints InferMesh keeps, so the two can be compared on
+    equal terms. A request no allowed endpoint serves is dropped (``no allowed endpoint``).
+    """
+
+    def __init__(self, inner: Strategy) -> None:
+        self.inner = inner
+        self.name = f"{inner.name}+guard"
+        self.hedge_fraction = inner.hedge_fraction
+        self.needs_store = inner.needs_store
+
+    def bind(self, view: RouterView) -> None:
+        self.view = view
+        self.inner.bind(view)
+
+    def _allowed(self, req: Request, cands: I64) -> I64:
+        w = self.view.world
+        return cands[[not breaks_rules(w, req, int(c)) for c in cands]] if len(cands) else cands
+
+    def choose(self, req: Request, cands: I64) -> int:
+        allowed = self._allowed(req, cands)
+        if not len(allowed):
+            req.drop_reason = "no allowed endpoint"
+            return -1
+        return self.inner.choose(req, allowed)
+
+    def hedge_target(self, req: Request, cands: I64, exclude: int) -> int:
+        return self.inner.hedge_target(req, self._allowed(req, cands), exclude)
+
+    def on_dispatch(self, req: Request, node: int) -> None:
+        self.inner.on_dispatch(req, node)
+
+    def on_complete(self, req: Request, node: int, ok: bool) -> None:
+        self.inner.on_complete(req, node, ok)

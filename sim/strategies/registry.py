@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sim.strategies.base import Strategy
+from sim.strategies.base import Guarded, Strategy
 from sim.strategies.classic import (
     AdaptiveMesh,
     BaselineRoundRobin,
@@ -52,7 +52,8 @@ def available() -> tuple[str, ...]:
 
 
 def make(name: str, seed: int) -> Strategy:
-    """Build a strategy; ``infermesh:LEARNER`` runs the pipeline with another registered learner.
+    """Build a strategy; ``infermesh:LEARNER`` runs the pipeline with another registered learner, and
+    ``NAME+guard`` routes a peer only where the hard rules allow (:class:`~sim.strategies.base.Guarded`).
 
     Hyperparameters follow the learner's name, ``/``-separated (``--strategies`` splits on commas):
     ``infermesh:linucb/alpha=0.5/safe_slack=0.25``; values are parsed as JSON.
@@ -65,6 +66,11 @@ def make(name: str, seed: int) -> Strategy:
         return InferMesh(learner, seed=seed, label=name, params=params)
     if name == "vw_peer":
         return _vw_strategy(seed)
+    if name.endswith("+guard"):
+        inner = name.removesuffix("+guard")
+        if inner.startswith("infermesh") or inner == "vw_peer":
+            raise ValueError(f"{name!r}: {inner} keeps the guardrails itself")
+        return Guarded(make(inner, seed))
     f = STRATEGIES.get(name)
     if f is None:
         raise ValueError(f"unknown strategy {name!r}; known: {', '.join(available())}")
