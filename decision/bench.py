@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from decision import heap
 from decision.config import ServiceConfig, Settings
 from decision.stats import percentile
 
@@ -197,6 +198,7 @@ def bench_decide(sizes: list[int], *, candidates: int, iterations: int, policies
                 _seed_telemetry(store, fleet, seed=-i)
             engine.decide(r)
         _seed_telemetry(store, fleet, seed=iterations + 7)
+        heap.settle()  # as the service does once started (decision.heap)
         stages.clear()
         lat: list[float] = []
         for i, r in enumerate(reqs):

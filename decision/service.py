@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from fastapi import APIRouter
 
+from decision import heap
 from decision.config import ServiceConfig, Settings
 from decision.contracts import AuditSink, FeatureBuilder, Guard, Learner, TraceReader
 from decision.edge import EdgeInterceptor, RequestLimits
@@ -146,6 +147,7 @@ class Service:
         self.http: HttpServer | None = None
         self._expiry_stop = threading.Event()
         self._expiry = threading.Thread(target=self._expire_loop, name="outcome-expiry", daemon=True)
+        heap.settle()  # fleet, policies, learners: alive for good, out of the collector's way
 
     def _swap_guard(self, guard: Guard) -> None:
         if self.engine is not None:

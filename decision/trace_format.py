@@ -116,7 +116,8 @@ def trace_parts(*, ctx: RequestContext, inventory_revision: str, learner: str, n
         at=now, candidate_ids=ids, endpoints=endpoints if endpoints is not None else endpoint_rows(candidates),
         verdicts=verdicts, allowed_ids=endpoint_ids_of(result.allowed), quota_denied=result.quota_denied,
         scored_ids=scored_ids, ttft_ms=cols.ttft_ms, cost_per_1k=cols.cost_per_1k,
-        scores=choice.scores if choice is not None else None, components=cols.components, features=cols.matrix, chosen=scored_ids[choice.arm] if choice is not None else None,
+        scores=choice.scores if choice is not None else None, components=cols.components,
+        features=cols.matrix, chosen=scored_ids[choice.arm] if choice is not None else None,
         propensity=choice.propensity if choice is not None else None,
         fallbacks=[r.endpoint_id for r in fallbacks], shadows=list(shadows), feature_names=tuple(feature_names),
         timings_us=dict(timings), telemetry=telemetry)
