@@ -60,14 +60,17 @@ def writer_rows_per_s(url: str, fleet_path: str, rows: int, kind: str = "process
     The events are made before the clock starts (decisions of the bench fleet, each with a new id),
     so this measures the writer: hand-over, trace assembly, chaining, COPY.
     """
-    from decision.engine import decision_event, new_decision_id
+    from decision.engine import LazyTrace, decision_event, new_decision_id
 
     engine = _engine(fleet_path, None)
     samples = [decision_event(engine.decide(ctx), "routed", ()) for ctx in _requests(engine, 300)]
+    parts = [ev["trace"].parts() for ev in samples]
     events = []
     for i in range(rows):
         ev = dict(samples[i % len(samples)])
         ev["decision_id"] = new_decision_id()
+        # Each event its own trace, as each decision has: the writer (thread or process) builds every one.
+        ev["trace"] = LazyTrace(gather=_constant(parts[i % len(parts)]))
         events.append(ev)
     with tempfile.TemporaryDirectory() as spool:
         w = make_writer(kind, url, AuditSettings(spool_dir=Path(spool), queue_max=rows + 1, batch_size=5000),
@@ -82,6 +85,10 @@ def writer_rows_per_s(url: str, fleet_path: str, rows: int, kind: str = "process
     if not ok:
         raise RuntimeError("the audit writer did not flush within 600 s")
     return rows / elapsed
+
+
+def _constant(value: Any) -> Any:
+    return lambda: value
 
 
 def decide_rps(engine: Any, requests: list[Any], seconds: float) -> float:
