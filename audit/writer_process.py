@@ -4,9 +4,14 @@
 default (``audit.writer: process``). ``submit_*`` masks a decision's top-level fields, turns the
 record into messages (:class:`audit.shipping.Packer`: the trace as parts, shared objects as
 handles) and appends them to a bounded outbox; a shipper thread encodes the outbox in batches down
-a pipe. The child process (:func:`_child_main`) rebuilds each record, assembles its trace and hands
-it to an ordinary :class:`~audit.writer.AuditWriter` (queue, batched COPY, spool, hash chain), and
-reports back how many records are safely in PostgreSQL or the spool.
+a pipe. The child process (:func:`_child_main`) rebuilds each record, assembles its trace and
+writes it through an :class:`~audit.writer.AuditWriter` driven from its one thread (batched COPY,
+spool, hash chain, masking of the trace's request), and reports back how many records are safely
+in PostgreSQL or the spool. The trace's request crosses the pipe unmasked (memory to memory, as
+it sat in the in-process queue before); nothing reaches PostgreSQL or the spool unmasked.
+
+The child is started with ``spawn`` (a fork of a threaded gRPC server is unsafe), so a script
+that builds one must guard its entry point with ``if __name__ == "__main__":``.
 
 Nothing is lost if the child dies: the parent keeps every batch the child has not confirmed,
 starts a new child (a new chain) and sends them again; the new child skips the decisions and
