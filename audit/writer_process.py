@@ -85,7 +85,7 @@ class ProcessAuditWriter:
         self._proc: Any = None
         self._data: Connection | None = None
         self._reader: threading.Thread | None = None
-        self._start_child(resend=False, base=0)
+        self._start_child(base=0)
         self._wake = threading.Event()
         self._shipper = threading.Thread(target=self._ship_loop, name="audit-shipper", daemon=True)
         self._shipper.start()
@@ -164,14 +164,14 @@ class ProcessAuditWriter:
             log.error("audit: writer process unreachable (%s)", exc)
 
     # -- the child -----------------------------------------------------------------------------
-    def _start_child(self, *, resend: bool, base: int) -> None:
+    def _start_child(self, *, base: int) -> None:
         """Start a child; its reports count records handled after the first ``base`` ones."""
         parent_data, child_data = self._ctx.Pipe(duplex=False)
         child_status, parent_status = self._ctx.Pipe(duplex=False)
         chain = f"{self._chain_prefix}-{self.restarts}" if self.restarts else self._chain_prefix
         self._proc = self._ctx.Process(
             target=_child_main, name="infermesh-audit-writer", daemon=True,
-            args=(self.url, self.settings.model_dump(), chain, parent_data, parent_status, resend,
+            args=(self.url, self.settings.model_dump(), chain, parent_data, parent_status,
                   self.settings.writer_nice))
         self._proc.start()
         parent_data.close()
@@ -192,10 +192,11 @@ class ProcessAuditWriter:
             # (skipping what is stored), so its count starts where that batch starts.
             base = batches[0][0] - batches[0][1] if batches else self._shipped
             self._confirmed = base
-        self._start_child(resend=True, base=base)
-        self._send(encode([self._packer.all_definitions()]))
+        self._start_child(base=base)
+        self._send(encode([self._packer.all_definitions(), ("resend", True)]))
         for _, _, blob in batches:
             self._send(blob)
+        self._send(encode([("resend", False)]))
 
     def _read_status(self, conn: Connection, base: int) -> None:
         while True:
@@ -271,7 +272,7 @@ class ProcessAuditWriter:
 
 
 def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connection, status: Connection,
-                resend: bool, nice: int) -> None:
+                nice: int) -> None:
     """The writer process: unpack records, assemble traces, write them in batches.
 
     One thread does everything (receive, assemble, COPY): a second thread would make each of
@@ -292,7 +293,7 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
     s = AuditSettings(**settings)
     writer = AuditWriter(url, s, chain_id=chain_id, start=False)
     unpacker = Unpacker()
-    known = _committed_ids(url, psycopg) if resend else set()  # what a dead predecessor may have stored
+    resending = False  # between ("resend", True) and ("resend", False): a dead predecessor's batches
     received = skipped = 0
     pending: list[tuple[str, Mapping[str, Any]]] = []
     due = 0.0  # when the oldest pending record must be written
@@ -317,7 +318,13 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
                 except EOFError:  # the service is gone: write what we have and stop
                     closing = True
                     break
+                # Of a dead predecessor's batches, skip what it stored already (before chaining, so
+                # chains stay gapless); one lookup per batch, by id.
+                known = _stored_ids(url, msgs, psycopg) if resending or ["resend", True] in msgs else set()
                 for msg in msgs:
+                    if msg[0] == "resend":
+                        resending = bool(msg[1])
+                        continue
                     if msg[0] == "close":
                         closing = True
                         continue
@@ -360,15 +367,17 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
         status.close()
 
 
-def _committed_ids(url: str, psycopg: Any) -> set[str]:
-    """Decision and outcome ids written in the last hour (what a dead child may have committed)."""
+def _stored_ids(url: str, msgs: list[Any], psycopg: Any) -> set[str]:
+    """Which of these messages' decisions and outcomes PostgreSQL holds already (``d:``/``o:`` ids)."""
+    d_ids = [m[2].get("decision_id") for m in msgs if m[0] == "r" and m[1] == "d"]
+    o_ids = [m[2].get("decision_id") for m in msgs if m[0] == "r" and m[1] == "o"]
     try:
         with psycopg.connect(url, connect_timeout=5) as conn:
-            d = conn.execute("SELECT decision_id FROM decision_events WHERE decided_at > now() - interval '1 hour'")
-            ids = {"d:" + r[0] for r in d.fetchall()}
-            o = conn.execute("SELECT decision_id FROM outcomes WHERE reported_at > now() - interval '1 hour'")
-            ids.update("o:" + r[0] for r in o.fetchall())
+            ids = {"d:" + r[0] for r in conn.execute(
+                "SELECT decision_id FROM decision_events WHERE decision_id = ANY(%s)", (d_ids,))}
+            ids.update("o:" + r[0] for r in conn.execute(
+                "SELECT decision_id FROM outcomes WHERE decision_id = ANY(%s)", (o_ids,)))
             return ids
     except psycopg.Error as exc:
-        log.warning("audit: could not read committed ids (%s); the spool replay dedupes instead", exc)
+        log.warning("audit: could not check resent records (%s); the spool replay dedupes them instead", exc)
         return set()
