@@ -80,6 +80,8 @@ class ProcessAuditWriter:
         self.dropped = 0
         self.refused = 0
         self.restarts = 0
+        self._failed_starts = 0
+        self._next_restart = 0.0
         self._closing = False
         self._ctx = mp.get_context("spawn")
         self._proc: Any = None
@@ -139,7 +141,7 @@ class ProcessAuditWriter:
             self._wake.clear()
             stop = self._closing
             self._ship()
-            if not self._proc.is_alive() and not self._closing:
+            if not self._proc.is_alive() and not self._closing and time.monotonic() >= self._next_restart:
                 self._restart()
             if stop:
                 return
@@ -184,6 +186,10 @@ class ProcessAuditWriter:
     def _restart(self) -> None:
         """A new child, sent every definition and every batch the old one did not confirm."""
         self.restarts += 1
+        # A child that dies before it ever reports (it cannot start at all) is retried with a growing
+        # pause, not in a loop; meanwhile the bound applies to what piles up.
+        self._failed_starts = 0 if self._status.get("pid") == self._proc.pid else self._failed_starts + 1
+        self._next_restart = time.monotonic() + min(30.0, 0.25 * 2 ** self._failed_starts)
         log.error("audit: writer process exited (code %s); restarting it and resending %d unconfirmed batches",
                   self._proc.exitcode, len(self._unconfirmed))
         with self._status_cv:

@@ -213,3 +213,24 @@ def test_decision_events_cross_with_their_top_level_fields_masked(db: str, demo_
     assert request["request_id"].startswith("h:") and request["labels"]["user"].startswith("h:")
     assert "prompt" not in request["labels"]  # prompts are never stored
     assert decision_event(d, "routed", ())["request_id"] == "req-3"  # the service's own copy is untouched
+
+
+def test_a_writer_that_keeps_dying_at_start_is_retried_with_growing_pauses_not_in_a_loop(
+        db: str, demo_fleet: Fleet, tmp_path: Path) -> None:
+    w = ProcessAuditWriter(db, AuditSettings(spool_dir=tmp_path))
+    killed: set[int] = set()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 3.0:  # every child dies before it can report anything
+        p = w._proc
+        if p.pid not in killed and p.is_alive():
+            killed.add(p.pid)
+            os.kill(p.pid, signal.SIGKILL)
+        time.sleep(0.005)
+    assert 2 <= w.restarts <= 5  # pauses of 0.25, 0.5, 1, 2 s... (a loop would restart hundreds of times)
+    engine = make_engine(demo_fleet, w)
+    d = engine.decide(ctx(1))
+    assert w.flush(60)
+    w.close()
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM decision_events WHERE decision_id = %s",
+                            (d.decision_id,)).fetchone() == (1,)
