@@ -75,6 +75,12 @@ def decode(blob: bytes) -> list[Message]:
     return out
 
 
+class Members(tuple[int, ...]):
+    """The definition of a list of shared objects: its members' handles."""
+
+    __slots__ = ()
+
+
 class Packer:
     """Service side: turns records into messages with handles for shared objects (thread-safe)."""
 
@@ -84,6 +90,7 @@ class Packer:
         self._by_id: dict[int, tuple[int, object]] = {}
         self._by_members: dict[tuple[int, ...], tuple[int, list[object]]] = {}
         self._pending: list[tuple[int, object]] = []
+        self._seen: dict[int, object] = {}  # seen once, not defined yet (see ref_if_shared)
         self._next = 0
         self._generation_start = 0
         # Definitions of the previous generation: kept until the writer confirms it no longer needs
@@ -102,17 +109,39 @@ class Packer:
         return h
 
     def ref_members(self, seq: Sequence[object]) -> int:
-        """The handle of a list of shared objects (a fresh list whose members recur as a whole)."""
+        """The handle of a list of shared objects (a fresh list whose members recur as a whole).
+
+        Its definition lists its members' handles, so when one member changes (one endpoint's
+        telemetry) only that member is sent again.
+        """
         key = tuple(map(id, seq))
         hit = self._by_members.get(key)
         if hit is not None:
             return hit[0]
+        handles = Members(self.ref(m) for m in seq)
         h = self._next
         self._next += 1
-        members = list(seq)  # holds the members, so their ids stay theirs
-        self._by_members[key] = (h, members)
-        self._pending.append((h, members))
+        self._by_members[key] = (h, list(seq))  # holds the members, so their ids stay theirs
+        self._pending.append((h, handles))
         return h
+
+    def ref_if_shared(self, obj: object) -> int | object:
+        """A handle for an object seen before, else the object itself (sent inline).
+
+        For objects that may or may not recur (a guard's verdict groups are memoised by the policy
+        guard, built fresh per decision by the built-in one): defining every fresh one would pickle
+        it and keep it alive for nothing.
+        """
+        hit = self._by_id.get(id(obj))
+        if hit is not None and hit[1] is obj:
+            return hit[0]
+        seen = self._seen.get(id(obj))
+        if seen is not None and seen is obj:
+            return self.ref(obj)
+        if len(self._seen) >= 4096:
+            self._seen.clear()
+        self._seen[id(obj)] = obj
+        return obj
 
     def take_definitions(self) -> list[tuple[int, object]]:
         out, self._pending = self._pending, []
@@ -150,7 +179,7 @@ class Packer:
             e = table.endpoint_ids
             eids: Any = None if e is p.candidate_ids else self.ref(e) if isinstance(e, tuple) else list(e)
             verdicts = ["vt", self.ref(table.rules), table.revision, table.request, eids,
-                        [self.ref(g) for g in table.groups]]
+                        [self.ref_if_shared(g) for g in table.groups]]
         else:
             verdicts = ["rows", *table]
         allowed = "=" if p.allowed_ids is p.candidate_ids else list(p.allowed_ids)
@@ -178,7 +207,9 @@ class Unpacker:
         """Apply one message; a record comes back as (kind, event, trace parts or None)."""
         tag = msg[0]
         if tag == "def":
-            self.table.update(pickle.loads(msg[1]))
+            table = self.table
+            for h, obj in pickle.loads(msg[1]):
+                table[h] = [table[m] for m in obj] if isinstance(obj, Members) else obj
             return None
         if tag == "forget":
             below = msg[1]
@@ -197,7 +228,8 @@ class Unpacker:
         if verdicts[0] == "vt":
             _, rules, revision, request_outcomes, eids, groups = verdicts
             eids = cand if eids is None else table[eids] if isinstance(eids, int) else eids
-            vt = VerdictTable(table[rules], revision, request_outcomes, eids, [table[g] for g in groups])
+            vt = VerdictTable(table[rules], revision, request_outcomes, eids,
+                              [table[g] if isinstance(g, int) else g for g in groups])
         else:
             vt = (verdicts[1], verdicts[2])
         allowed_ids = cand if allowed == "=" else allowed

@@ -234,3 +234,34 @@ def test_a_writer_that_keeps_dying_at_start_is_retried_with_growing_pauses_not_i
     with psycopg.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM decision_events WHERE decision_id = %s",
                             (d.decision_id,)).fetchone() == (1,)
+
+
+def test_objects_built_fresh_per_decision_cross_inline_and_shared_ones_once(demo_fleet: Fleet) -> None:
+    events: list[Any] = []
+
+    class Collect:
+        def submit_decision(self, event: Mapping[str, Any]) -> None:
+            events.append(dict(event))
+
+        def submit_outcome(self, event: Mapping[str, Any]) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    engine = make_engine(demo_fleet, Collect())  # the built-in guard judges afresh every time
+    for i in range(200):
+        engine.decide(ctx(i))
+    packer, unpacker = Packer(), Unpacker()
+    defined = 0
+    for ev in events:
+        parts = ev["trace"].parts()
+        for msg in decode(encode(packer.message("d", {"decision_id": ev["decision_id"]}, parts))):
+            if msg[0] == "def":
+                defined += 1
+            rec = unpacker.feed(msg)
+            if rec is not None:
+                assert rec[2] is not None
+                assert encode_json(assemble_trace(rec[2])) == encode_json(assemble_trace(parts))
+    # Per placement: ids, rows, rules, feature names, readings: a handful of definitions, not one per decision.
+    assert defined <= 12, defined
