@@ -154,6 +154,8 @@ class RouteFeatures:
         self._static: dict[int, tuple[Endpoint, tuple[float, ...], str]] = {}
         # id(placement) -> (placement, its endpoints' static rows as a matrix, their regions)
         self._blocks: dict[int, tuple[Placement, FloatArray, npt.NDArray[np.str_]]] = {}
+        # (id(placement), rows, telemetry values) -> (placement, the value-only telemetry columns)
+        self._tel_blocks: dict[tuple[int, bytes, bytes], tuple[Placement, FloatArray]] = {}
 
     def _endpoint_part(self, ep: Endpoint) -> tuple[Endpoint, tuple[float, ...], str]:
         hit = self._static.get(id(ep))
@@ -188,6 +190,39 @@ class RouteFeatures:
         return (np.array([q[1] for q in parts], dtype=np.float64).reshape(len(parts), width),
                 np.array([q[2] for q in parts], dtype=np.str_))
 
+    def _telemetry_columns(self, candidates: Sequence[Candidate], tel: FloatArray, S: FloatArray) -> FloatArray:
+        """kv_cache, gpu_util, mem_pressure, temperature, power (unknown: 0.5) and telemetry_unknown.
+
+        They depend on the telemetry values and the endpoints only, which stay the same for many
+        decisions (until a reading changes), so a located set's block is kept per (placement, rows,
+        values), as the guard keeps its verdicts.
+        """
+        key: tuple[int, bytes, bytes] | None = None
+        if isinstance(candidates, CandidateSet):
+            p = candidates.placement
+            key = (id(p), candidates.rows.tobytes(), tel.tobytes())
+            hit = self._tel_blocks.get(key)
+            if hit is not None and hit[0] is p:
+                return hit[1]
+        n = len(tel)
+        T = np.empty((n, 6), dtype=np.float64)
+        T[:, 0] = _clip(tel[:, _COL[KV_CACHE_USAGE]], 0.0, 1.0)
+        T[:, 1] = _clip(tel[:, _COL[GPU_UTIL]] / 100.0, 0.0, 1.0)
+        used, free = tel[:, _COL[FB_USED_MIB]], tel[:, _COL[FB_FREE_MIB]]
+        total = used + free
+        with np.errstate(divide="ignore", invalid="ignore"):
+            T[:, 2] = np.where(total > 0, _clip(used / total, 0.0, 1.0), np.nan)
+            T[:, 4] = np.where(S[:, 9] > 0, _clip(tel[:, _COL[POWER_W]] / S[:, 9], 0.0, 1.5), np.nan)
+        T[:, 3] = _clip((tel[:, _COL[GPU_TEMP_C]] - 30.0) / 60.0, 0.0, 1.5)
+        T[:, :5] = np.where(np.isnan(T[:, :5]), 0.5, T[:, :5])  # unknown: neutral
+        T[:, 5] = np.isnan(tel).all(axis=1)
+        if key is not None:
+            T.setflags(write=False)
+            if len(self._tel_blocks) > 4096:
+                self._tel_blocks.clear()
+            self._tel_blocks[key] = (candidates.placement, T)  # type: ignore[attr-defined]
+        return T
+
     def build_matrix(self, ctx: RequestContext, candidates: Sequence[Candidate], est: Estimates) -> FloatArray:
         """The feature matrix: one row per candidate, columns in :attr:`names` order."""
         n = len(candidates)
@@ -197,12 +232,6 @@ class RouteFeatures:
         size_in = min(max(math.log1p(max(0, ctx.estimated_input_tokens)) / _LOG_TOKENS, 0.0), 1.5)
         size_out = min(max(math.log1p(max(0, ctx.expected_output_tokens)) / _LOG_TOKENS, 0.0), 1.5)
         tel = est.telemetry
-        kv = _clip(tel[:, _COL[KV_CACHE_USAGE]], 0.0, 1.0)
-        used, free = tel[:, _COL[FB_USED_MIB]], tel[:, _COL[FB_FREE_MIB]]
-        total = used + free
-        with np.errstate(divide="ignore", invalid="ignore"):
-            mem = np.where(total > 0, _clip(used / total, 0.0, 1.0), np.nan)
-            power = np.where(S[:, 9] > 0, _clip(tel[:, _COL[POWER_W]] / S[:, 9], 0.0, 1.5), np.nan)
         ttft_r = _clip(est.ttft_ms / target, 0.0, 5.0)
         queue_r = _clip(est.queue_ms / target, 0.0, 5.0)
         X = np.empty((n, len(self.names)), dtype=np.float64)
@@ -210,14 +239,10 @@ class RouteFeatures:
         X[:, 1] = ttft_r
         X[:, 2] = queue_r
         X[:, 3] = _clip(est.rtt_ms / target, 0.0, 5.0)
-        X[:, 4] = kv
-        X[:, 5] = _clip(tel[:, _COL[GPU_UTIL]] / 100.0, 0.0, 1.0)
-        X[:, 6] = mem
-        X[:, 7] = _clip((tel[:, _COL[GPU_TEMP_C]] - 30.0) / 60.0, 0.0, 1.5)
-        X[:, 8] = power
-        X[:, 4:9] = np.where(np.isnan(X[:, 4:9]), 0.5, X[:, 4:9])  # unknown: neutral
+        T = self._telemetry_columns(candidates, tel, S)
+        X[:, 4:9] = T[:, :5]
         X[:, 9] = _clip(est.max_age_s / self.stale_after_s, 0.0, 1.0)  # inf (never reported): 1
-        X[:, 10] = np.isnan(tel).all(axis=1)
+        X[:, 10] = T[:, 5]
         X[:, 11] = S[:, 0]
         session = stable_bucket(ctx.session_id, self.affinity_buckets) if ctx.session_id else -1
         X[:, 12] = S[:, 10] == session
