@@ -276,12 +276,6 @@ class TelemetryBatch:
         """Each endpoint's merged reading as the store held it (immutable objects, shared)."""
         return self._merged
 
-    def known(self, i: int) -> tuple[Mapping[str, float], Mapping[str, float]]:
-        """Row ``i`` as (values known at :attr:`at`, timestamps of every value ever reported),
-        without building a reading (the trace's telemetry snapshot reads this)."""
-        m = self._merged[i]
-        return _known(m, self.at, self.stale_after_s)[0], m.stamps
-
     def max_age_s(self) -> npt.NDArray[np.float64]:
         """Each endpoint's oldest value's age, stale ones included (inf: nothing ever reported)."""
         oldest = np.fmin.reduce(self.stamps, axis=1) if len(self._merged) else np.empty(0)

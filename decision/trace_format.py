@@ -196,12 +196,8 @@ def _telemetry(source: tuple[Sequence[Any], float, float] | list[tuple[Mapping[s
 
 def _snapshots(candidates: Sequence[Candidate],
                now: float) -> Iterator[tuple[Mapping[str, float], tuple[str, ...], list[int]]]:
-    """Each candidate's (known values, names ever reported, their ages in ms), from the columns
-    where there are some (no reading is built for them)."""
-    if isinstance(candidates, CandidateSet):
-        batch = candidates.telemetry
-        yield from known_snapshots(batch.merged, batch.at, batch.stale_after_s)
-        return
+    """Each candidate's (known values, names ever reported, their ages in ms), from its reading
+    (a located set's come from its batch instead: :func:`~decision.telemetry.known_snapshots`)."""
     for c in candidates:
         ages = c.telemetry.ages_s
         known_stamps: Mapping[str, float] | None = getattr(ages, "stamps", None)
