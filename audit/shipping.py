@@ -92,9 +92,8 @@ class Packer:
         self._pending: list[tuple[int, object]] = []
         self._seen: dict[int, object] = {}  # seen once, not defined yet (see ref_if_shared)
         self._next = 0
-        self._generation_start = 0
-        # Definitions of the previous generation: kept until the writer confirms it no longer needs
-        # them (a restarted writer process must be sent them again, see :meth:`all_definitions`).
+        # Definitions of the previous generation, kept until the next one starts: batches the writer
+        # has not confirmed may still use them, and a replacement writer is sent them again.
         self.previous: list[tuple[int, object]] = []
 
     def ref(self, obj: object) -> int:
@@ -147,11 +146,14 @@ class Packer:
         out, self._pending = self._pending, []
         return out
 
+    def _current(self) -> list[tuple[int, object]]:
+        """This generation's definitions (lists of readings as their members, not as handles)."""
+        return [*self._by_id.values(), *self._by_members.values()]
+
     def all_definitions(self) -> Message:
         """Every live definition as one message (for a new writer process)."""
         with self._lock:
-            current = [v for v in self._by_id.values()] + [(h, m) for h, m in self._by_members.values()]
-            defs = sorted(self.previous + current, key=lambda d: d[0])
+            defs = sorted(self.previous + self._current(), key=lambda d: d[0])
             return ("def", pickle.dumps(defs, protocol=pickle.HIGHEST_PROTOCOL))
 
     def message(self, kind: str, event: Mapping[str, Any], parts: TraceParts | None) -> list[Message]:
@@ -164,10 +166,9 @@ class Packer:
                 out.append(("def", pickle.dumps(defs, protocol=pickle.HIGHEST_PROTOCOL)))
             out.append(("r", kind, event, packed))
             if len(self._by_id) + len(self._by_members) > self.limit:
-                self.previous = [v for v in self._by_id.values()] + [(h, m) for h, m in self._by_members.values()]
+                self.previous = self._current()
                 self._by_id.clear()
                 self._by_members.clear()
-                self._generation_start = self._next
                 out.append(("forget", self._next))
             return out
 

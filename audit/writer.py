@@ -51,6 +51,26 @@ METRIC_NAMES = ("queue_depth", "last_batch_size", "rows_per_s", "spool_bytes", "
                 "refused", "invalid", "quarantined", "db_up")
 
 
+class AtBound:
+    """What happens to a record when the audit log is at its bound (``on_spool_full``), for both
+    writers: fail-closed refuses the decision (:class:`~decision.errors.Unavailable`), fail-open
+    drops the record and counts it, loudly."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.dropped = 0
+        self.refused = 0
+
+    def apply(self, bound: str, tenant: str) -> None:
+        """Refuse (raise) or count a drop; ``bound`` names what is full, for the error."""
+        if self.mode == "fail_closed":
+            self.refused += 1
+            raise Unavailable(f"audit log unavailable: {bound} at their bound (fail-closed)")
+        self.dropped += 1
+        if self.dropped == 1 or self.dropped % 1000 == 0:
+            log.error("audit log full: dropped %d events so far (fail-open, tenant %s)", self.dropped, tenant)
+
+
 class AuditWriter:
     """An :class:`~decision.contracts.AuditSink` writing to PostgreSQL, never losing an event.
 
@@ -99,8 +119,7 @@ class AuditWriter:
         self.batches_written = 0
         self.last_batch_size = 0
         self.rows_per_s = 0.0
-        self.dropped = 0
-        self.refused = 0
+        self.at_bound = AtBound(s.on_spool_full)
         self.invalid = 0
         self.quarantined = 0
         self.db_up = False
@@ -117,15 +136,18 @@ class AuditWriter:
     def spool_bytes(self) -> int:
         return self.spool.size_bytes
 
+    @property
+    def dropped(self) -> int:
+        return self.at_bound.dropped
+
+    @property
+    def refused(self) -> int:
+        return self.at_bound.refused
+
     def _full(self, tenant: str) -> bool:
         if self.spool.size_bytes < self.settings.spool_max_bytes and not self._q.full():
             return False
-        if self.settings.on_spool_full == "fail_closed":
-            self.refused += 1
-            raise Unavailable("audit log unavailable: spool and queue at their bound (fail-closed)")
-        self.dropped += 1
-        if self.dropped == 1 or self.dropped % 1000 == 0:
-            log.error("audit log full: dropped %d events so far (fail-open, tenant %s)", self.dropped, tenant)
+        self.at_bound.apply("spool and queue", tenant)
         return True
 
     def _put(self, kind: str, event: Mapping[str, Any]) -> None:
@@ -149,19 +171,9 @@ class AuditWriter:
             return
         self._put("o", event)
 
-    def accept(self, kind: str, event: Mapping[str, Any]) -> None:
-        """Enqueue a record already masked and admitted (``audit.writer_process``), waiting for room.
-
-        ``kind`` is ``d`` (decision), ``o`` (outcome) or ``skip`` (already stored: counted as
-        handled in its turn, written nowhere).
-        """
-        self._q.put((kind, event))
-        with self._idle:
-            self._enqueued += 1
-
     @property
     def handled(self) -> int:
-        """Records taken off the queue and written, spooled, skipped or rejected, in queue order."""
+        """Records written, spooled or rejected, in the order they came."""
         return self._handled
 
     def flush(self, timeout: float = 30.0) -> bool:
@@ -226,8 +238,6 @@ class AuditWriter:
         orows: list[list[Any]] = []
         level, codec = self.settings.compress_level, self.settings.trace_codec
         for kind, ev in batch:
-            if kind == "skip":
-                continue
             try:
                 if kind == "d":
                     ev = {**ev, "trace": self.masker.mask_trace(ev.get("trace") or {})}

@@ -36,11 +36,12 @@ from collections.abc import Mapping
 from multiprocessing.connection import Connection
 from typing import Any
 
+import psycopg
+
 from audit.masking import Masker
 from audit.settings import AuditSettings
 from audit.shipping import Message, Packer, Unpacker, decode, encode
-from audit.writer import METRIC_NAMES
-from decision.errors import Unavailable
+from audit.writer import METRIC_NAMES, AtBound
 from decision.trace_format import TraceParts
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,7 @@ class ProcessAuditWriter:
         self._unconfirmed: deque[tuple[int, int, bytes]] = deque()
         self._status: dict[str, Any] = {}
         self._status_cv = threading.Condition()
-        self.dropped = 0
-        self.refused = 0
+        self.at_bound = AtBound(self.settings.on_spool_full)
         self.restarts = 0
         self._failed_starts = 0
         self._next_restart = 0.0
@@ -93,17 +93,19 @@ class ProcessAuditWriter:
         self._shipper.start()
 
     # -- request path --------------------------------------------------------------------------
+    @property
+    def dropped(self) -> int:
+        return self.at_bound.dropped
+
+    @property
+    def refused(self) -> int:
+        return self.at_bound.refused
+
     def _full(self, tenant: str) -> bool:
-        st = self._status
         backlog = self._submitted - self._confirmed
-        if backlog < self.settings.queue_max and st.get("spool_bytes", 0) < self.settings.spool_max_bytes:
+        if backlog < self.settings.queue_max and self._metric("spool_bytes") < self.settings.spool_max_bytes:
             return False
-        if self.settings.on_spool_full == "fail_closed":
-            self.refused += 1
-            raise Unavailable("audit log unavailable: writer backlog or spool at its bound (fail-closed)")
-        self.dropped += 1
-        if self.dropped == 1 or self.dropped % 1000 == 0:
-            log.error("audit log full: dropped %d events so far (fail-open, tenant %s)", self.dropped, tenant)
+        self.at_bound.apply("writer backlog and spool", tenant)
         return True
 
     def submit_decision(self, event: Mapping[str, Any]) -> None:
@@ -153,9 +155,10 @@ class ProcessAuditWriter:
             msgs, n = self._outbox, self._outbox_records
             self._outbox, self._outbox_records = [], 0
         blob = encode(msgs)
-        with self._status_cv:
-            self._shipped += n
-            self._unconfirmed.append((self._shipped, n, blob))
+        if n:
+            with self._status_cv:
+                self._shipped += n
+                self._unconfirmed.append((self._shipped, n, blob))
         self._send(blob)
 
     def _send(self, blob: bytes) -> None:
@@ -229,12 +232,15 @@ class ProcessAuditWriter:
                     return False
                 self._status_cv.wait(min(left, 0.05))
                 if self._confirmed >= self._submitted:
-                    self._data_send_control(("flush",))
+                    self._ask_for_status()
         return True
 
-    def _data_send_control(self, msg: tuple[str]) -> None:
-        # Asks the child for a fresh status (its spool may have drained since the last one).
-        self._send(encode([msg]))
+    def _ask_for_status(self) -> None:
+        """A fresh status from the child (its spool may have drained since the last one). It goes
+        through the outbox: the shipper thread is the pipe's only writer while it runs."""
+        with self._lock:
+            self._outbox.append(("flush",))
+        self._wake.set()
 
     def close(self) -> None:
         """Ship what is left, let the child drain its queue (to PostgreSQL, else the spool), stop it."""
@@ -255,13 +261,16 @@ class ProcessAuditWriter:
             self._data.close()
 
     # -- what /metrics and health read ---------------------------------------------------------
+    def _metric(self, name: str) -> float:
+        return float(self._status.get("metrics", {}).get(name, 0.0))
+
     @property
     def db_up(self) -> bool:
-        return bool(self._status.get("db_up", False))
+        return bool(self._metric("db_up"))
 
     @property
     def batches_written(self) -> int:
-        return int(self._status.get("batches_written", 0))
+        return int(self._metric("batches_written"))
 
     @property
     def has_backlog(self) -> bool:
@@ -284,8 +293,6 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
     One thread does everything (receive, assemble, COPY): a second thread would make each of
     the writer's many small I/O waits a wait for the interpreter lock as well.
     """
-    import psycopg
-
     from audit.writer import AuditWriter
     from decision.trace_format import assemble_trace
 
@@ -307,9 +314,7 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
 
     def report() -> None:
         handled = writer.handled + skipped
-        status.send({"pid": os.getpid(), "handled": handled, "db_up": writer.db_up,
-                     "batches_written": writer.batches_written, "spool_backlog": writer.spool.has_backlog,
-                     "spool_bytes": writer.spool_bytes,
+        status.send({"pid": os.getpid(), "handled": handled, "spool_backlog": writer.spool.has_backlog,
                      "backlog": handled < received or writer.spool.has_backlog, "metrics": writer.metrics()})
 
     closing = False
@@ -326,7 +331,7 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
                     break
                 # Of a dead predecessor's batches, skip what it stored already (before chaining, so
                 # chains stay gapless); one lookup per batch, by id.
-                known = _stored_ids(url, msgs, psycopg) if resending or ["resend", True] in msgs else set()
+                known = _stored_ids(url, msgs) if resending or ["resend", True] in msgs else set()
                 for msg in msgs:
                     if msg[0] == "resend":
                         resending = bool(msg[1])
@@ -373,7 +378,7 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
         status.close()
 
 
-def _stored_ids(url: str, msgs: list[Any], psycopg: Any) -> set[str]:
+def _stored_ids(url: str, msgs: list[Any]) -> set[str]:
     """Which of these messages' decisions and outcomes PostgreSQL holds already (``d:``/``o:`` ids)."""
     d_ids = [m[2].get("decision_id") for m in msgs if m[0] == "r" and m[1] == "d"]
     o_ids = [m[2].get("decision_id") for m in msgs if m[0] == "r" and m[1] == "o"]
