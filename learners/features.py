@@ -198,8 +198,8 @@ class RouteFeatures:
         values), as the guard keeps its verdicts.
         """
         key: tuple[int, bytes, bytes] | None = None
+        p = candidates.placement if isinstance(candidates, CandidateSet) else None
         if isinstance(candidates, CandidateSet):
-            p = candidates.placement
             key = (id(p), candidates.rows.tobytes(), tel.tobytes())
             hit = self._tel_blocks.get(key)
             if hit is not None and hit[0] is p:
@@ -216,11 +216,11 @@ class RouteFeatures:
         T[:, 3] = _clip((tel[:, _COL[GPU_TEMP_C]] - 30.0) / 60.0, 0.0, 1.5)
         T[:, :5] = np.where(np.isnan(T[:, :5]), 0.5, T[:, :5])  # unknown: neutral
         T[:, 5] = np.isnan(tel).all(axis=1)
-        if key is not None:
+        if key is not None and p is not None:
             T.setflags(write=False)
             if len(self._tel_blocks) > 4096:
                 self._tel_blocks.clear()
-            self._tel_blocks[key] = (candidates.placement, T)  # type: ignore[attr-defined]
+            self._tel_blocks[key] = (p, T)
         return T
 
     def build_matrix(self, ctx: RequestContext, candidates: Sequence[Candidate], est: Estimates) -> FloatArray:
