@@ -6,23 +6,28 @@ cold start. Unknown or stale telemetry is not trusted: the queue is then assumed
 
 This is the decision's hot path, so it works on numpy columns: the telemetry store hands over
 each endpoint's values as a precomputed row, an endpoint's static numbers are cached per
-endpoint object, and the result (:class:`~decision.domain.ScoredArms`) carries the feature
-matrix the learners read as it is.
+endpoint object, the arithmetic below runs in one pass in C (:mod:`decision._kernels`; the
+formulas are the ones written here), and the result (:class:`~decision.domain.ScoredArms`)
+carries the feature matrix the learners read as it is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from itertools import repeat
 
 import numpy as np
 from numpy.typing import NDArray
 
+from decision import _kernels
 from decision.candidates import CandidateSet, endpoint_numbers
 from decision.contracts import FeatureBuilder
 from decision.domain import Candidate, Estimates, RequestContext, ScoredArms
 from decision.telemetry import CANONICAL, KV_CACHE_USAGE, QUEUE_RUNNING, QUEUE_WAITING, dense_row
 
-BYTES_PER_TOKEN = 4.0  # egress estimate for prompt + completion text
+BYTES_PER_TOKEN = 4.0  # egress estimate for prompt + completion text (the kernel's constant)
+ESTIMATE_ROWS: tuple[str, ...] = ("ttft_ms", "cost_per_1k", "queue_ms", "prefill_ms", "cold_start_ms", "running",
+                                  "waiting", "kv_cache_usage")  # _kernels.estimate's output rows
 COMPONENTS: tuple[str, ...] = ("queue_ms", "prefill_ms", "rtt_ms", "cold_start_ms", "running", "waiting",
                                "kv_cache_usage")
 COLUMN: dict[str, int] = {name: i for i, name in enumerate(CANONICAL)}
@@ -77,30 +82,16 @@ def score_candidates(ctx: RequestContext, candidates: Sequence[Candidate], featu
         if egress:
             egress_gb = np.array([egress.get(c.endpoint.site_id, 0.0) for c in candidates], dtype=np.float64)
         ages = np.array([c.telemetry.max_age_s for c in candidates], dtype=np.float64)
-    conc, prefill_tps, decode_tps, cold_ms, nominal = static.T
-    running = tel[:, _RUN]
-    running = np.where(np.isnan(running), unknown_load * conc, running)
-    waiting = tel[:, _WAIT]
-    waiting = np.where(np.isnan(waiting), unknown_load * conc * 0.25, waiting)
-    kv = tel[:, _KV]
-    kv = np.where(np.isnan(kv), unknown_load, kv)
+    local: FloatArray | None = None
     if inflight:
         ids = candidates.endpoint_ids if isinstance(candidates, CandidateSet) else [c.endpoint.endpoint_id
                                                                                      for c in candidates]
-        local = np.array([inflight.get(e, 0) for e in ids], dtype=np.float64)
-        running = np.maximum(running, np.minimum(local, conc))
-        waiting = np.maximum(waiting, local - conc)
-    prefill_s = in_tok / prefill_tps
-    # One request's time on the endpoint; the waiting queue drains conc requests at a time.
-    service_s = prefill_s + out_tok / decode_tps
-    queue_ms = 1000.0 * service_s * waiting / conc
-    # KV-cache pressure above 90% forces preemption/queuing: penalise steeply.
-    queue_ms = queue_ms + 1000.0 * service_s * np.maximum(kv - 0.9, 0.0) * 10.0
-    prefill_ms = 1000.0 * prefill_s * (1.0 + running / conc)
-    ttft = queue_ms + prefill_ms + rtt + cold_ms
-    cost = nominal
-    if egress_gb is not None:
-        cost = nominal + egress_gb * ((in_tok + out_tok) * BYTES_PER_TOKEN / 1e9 * 1000.0 / out_tok)
+        local = np.fromiter(map(inflight.get, ids, repeat(0)), dtype=np.float64, count=n)
+    out = np.empty((len(ESTIMATE_ROWS), n), dtype=np.float64)
+    _kernels.estimate(np.ascontiguousarray(static), np.ascontiguousarray(tel), np.ascontiguousarray(rtt),
+                      None if egress_gb is None else np.ascontiguousarray(egress_gb),
+                      local, len(CANONICAL), _RUN, _WAIT, _KV, float(in_tok), float(out_tok), unknown_load, out)
+    ttft, cost, queue_ms, prefill_ms, cold_ms, running, waiting, kv = out
     est = Estimates(ttft, cost, queue_ms, rtt, tel, ages)
     matrix = np.ascontiguousarray(features.build_matrix(ctx, candidates, est), dtype=np.float64)
     if matrix.shape != (n, len(features.names)):

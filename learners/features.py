@@ -48,8 +48,10 @@ site_0 .. site_{B-1}   hashed site id one-hot (``site_buckets`` columns; default
                        model learn per-site effects that telemetry does not show (a slow site)
 =====================  ==========================================================================
 
-Speed: the matrix is built for all candidates at once with numpy; the endpoint-only part (tier,
-GPU type, site bucket, cold, power capacity) is cached per endpoint object.
+Speed: the endpoint-only part (tier, GPU type, site bucket, cold, power capacity) is cached per
+endpoint object and per placement; the rest is computed for all candidates in one pass in C
+(:func:`decision._kernels.route_features`, checked against a numpy transcription of this table
+in ``tests/test_kernels.py``).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ import numpy as np
 import numpy.typing as npt
 from numpy.typing import NDArray
 
+from decision import _kernels
 from decision.candidates import CandidateSet, Placement
 from decision.domain import Candidate, Endpoint, Estimates, RequestContext
 from decision.telemetry import (
@@ -78,14 +81,15 @@ _GPUS: tuple[str, ...] = ("H100", "A100", "L40S", "L4", "NPU")
 _TIERS: tuple[str, ...] = ("datacenter", "edge", "device")
 _MODALITIES: tuple[str, ...] = ("text", "image", "multimodal", "embedding")
 _LOG_TOKENS = math.log1p(32768.0)
+_MODALITY_INDEX: dict[str, int] = {m: i for i, m in enumerate(_MODALITIES)}
 _STATIC_COLS = 11  # cold, 3 tiers, 5 GPU types, power capacity, affinity bucket
 _COL: dict[str, int] = {name: i for i, name in enumerate(CANONICAL)}
+# What the kernel reads of a telemetry row: its width, then the columns it uses.
+_TEL_COLS: tuple[int, int, int, int, int, int, int] = (
+    len(CANONICAL), _COL[KV_CACHE_USAGE], _COL[GPU_UTIL], _COL[FB_USED_MIB], _COL[FB_FREE_MIB], _COL[POWER_W],
+    _COL[GPU_TEMP_C])
 FloatArray = NDArray[np.float64]
 
-
-def _clip(x: FloatArray, lo: float, hi: float) -> FloatArray:
-    """``np.clip`` for small arrays (its Python-level wrapper costs more than two ufuncs); NaN stays NaN."""
-    return np.minimum(np.maximum(x, lo), hi)
 
 BASE_NAMES: tuple[str, ...] = (
     "bias", "ttft_ratio", "queue_ratio", "rtt_ratio", "kv_cache", "gpu_util", "mem_pressure",
@@ -154,8 +158,8 @@ class RouteFeatures:
         self._static: dict[int, tuple[Endpoint, tuple[float, ...], str]] = {}
         # id(placement) -> (placement, its endpoints' static rows as a matrix, their regions)
         self._blocks: dict[int, tuple[Placement, FloatArray, npt.NDArray[np.str_]]] = {}
-        # (id(placement), rows, telemetry values) -> (placement, the value-only telemetry columns)
-        self._tel_blocks: dict[tuple[int, bytes, bytes], tuple[Placement, FloatArray]] = {}
+        # (id(placement), client region) -> (placement, 1.0 where its endpoint is in that region)
+        self._regions: dict[tuple[int, str], tuple[Placement, FloatArray]] = {}
 
     def _endpoint_part(self, ep: Endpoint) -> tuple[Endpoint, tuple[float, ...], str]:
         hit = self._static.get(id(ep))
@@ -190,73 +194,41 @@ class RouteFeatures:
         return (np.array([q[1] for q in parts], dtype=np.float64).reshape(len(parts), width),
                 np.array([q[2] for q in parts], dtype=np.str_))
 
-    def _telemetry_columns(self, candidates: Sequence[Candidate], tel: FloatArray, S: FloatArray) -> FloatArray:
-        """kv_cache, gpu_util, mem_pressure, temperature, power (unknown: 0.5) and telemetry_unknown.
-
-        They depend on the telemetry values and the endpoints only, which stay the same for many
-        decisions (until a reading changes), so a located set's block is kept per (placement, rows,
-        values), as the guard keeps its verdicts.
-        """
-        key: tuple[int, bytes, bytes] | None = None
-        p = candidates.placement if isinstance(candidates, CandidateSet) else None
+    def _same_region(self, candidates: Sequence[Candidate], regions: npt.NDArray[np.str_], client: str) -> FloatArray:
+        """1.0 where a candidate is in the client's region; per (placement, client) when located."""
+        if not client:
+            return np.zeros(len(regions))
         if isinstance(candidates, CandidateSet):
-            key = (id(p), candidates.rows.tobytes(), tel.tobytes())
-            hit = self._tel_blocks.get(key)
-            if hit is not None and hit[0] is p:
-                return hit[1]
-        n = len(tel)
-        T = np.empty((n, 6), dtype=np.float64)
-        T[:, 0] = _clip(tel[:, _COL[KV_CACHE_USAGE]], 0.0, 1.0)
-        T[:, 1] = _clip(tel[:, _COL[GPU_UTIL]] / 100.0, 0.0, 1.0)
-        used, free = tel[:, _COL[FB_USED_MIB]], tel[:, _COL[FB_FREE_MIB]]
-        total = used + free
-        with np.errstate(divide="ignore", invalid="ignore"):
-            T[:, 2] = np.where(total > 0, _clip(used / total, 0.0, 1.0), np.nan)
-            T[:, 4] = np.where(S[:, 9] > 0, _clip(tel[:, _COL[POWER_W]] / S[:, 9], 0.0, 1.5), np.nan)
-        T[:, 3] = _clip((tel[:, _COL[GPU_TEMP_C]] - 30.0) / 60.0, 0.0, 1.5)
-        T[:, :5] = np.where(np.isnan(T[:, :5]), 0.5, T[:, :5])  # unknown: neutral
-        T[:, 5] = np.isnan(tel).all(axis=1)
-        if key is not None and p is not None:
-            T.setflags(write=False)
-            if len(self._tel_blocks) > 4096:
-                self._tel_blocks.clear()
-            self._tel_blocks[key] = (p, T)
-        return T
+            key = (id(candidates.placement), client)
+            hit = self._regions.get(key)
+            if hit is None or hit[0] is not candidates.placement:
+                p = candidates.placement
+                _, all_regions = self._blocks[id(p)][1:]
+                if len(self._regions) > 65536:
+                    self._regions.clear()
+                hit = self._regions[key] = (p, (all_regions == client).astype(np.float64))
+            same: FloatArray = candidates.column(hit[1])
+            return same
+        return np.asarray(regions == client, dtype=np.float64)
 
     def build_matrix(self, ctx: RequestContext, candidates: Sequence[Candidate], est: Estimates) -> FloatArray:
-        """The feature matrix: one row per candidate, columns in :attr:`names` order."""
+        """The feature matrix: one row per candidate, columns in :attr:`names` order (computed by
+        :func:`decision._kernels.route_features`, one pass in C, as the module docstring says)."""
         n = len(candidates)
         S, regions = self._static_block(candidates)
         target = ctx.ttft_target_ms if ctx.ttft_target_ms > 0 else self.default_target_ms
         budget = ctx.max_cost_per_1k_tokens if ctx.max_cost_per_1k_tokens > 0 else self.cost_ref
         size_in = min(max(math.log1p(max(0, ctx.estimated_input_tokens)) / _LOG_TOKENS, 0.0), 1.5)
         size_out = min(max(math.log1p(max(0, ctx.expected_output_tokens)) / _LOG_TOKENS, 0.0), 1.5)
-        tel = est.telemetry
-        ttft_r = _clip(est.ttft_ms / target, 0.0, 5.0)
-        queue_r = _clip(est.queue_ms / target, 0.0, 5.0)
-        X = np.empty((n, len(self.names)), dtype=np.float64)
-        X[:, 0] = 1.0
-        X[:, 1] = ttft_r
-        X[:, 2] = queue_r
-        X[:, 3] = _clip(est.rtt_ms / target, 0.0, 5.0)
-        T = self._telemetry_columns(candidates, tel, S)
-        X[:, 4:9] = T[:, :5]
-        X[:, 9] = _clip(est.max_age_s / self.stale_after_s, 0.0, 1.0)  # inf (never reported): 1
-        X[:, 10] = T[:, 5]
-        X[:, 11] = S[:, 0]
         session = stable_bucket(ctx.session_id, self.affinity_buckets) if ctx.session_id else -1
-        X[:, 12] = S[:, 10] == session
-        client = ctx.client_region
-        X[:, 13] = (regions == client) if client else 0.0
-        X[:, 14:22] = S[:, 1:9]
-        X[:, 22] = _clip(est.cost_per_1k / budget, 0.0, 5.0)
-        X[:, 23] = size_in
-        X[:, 24] = size_out
-        X[:, 25:29] = [1.0 if ctx.modality == m else 0.0 for m in _MODALITIES]
-        X[:, 29] = ttft_r * size_in
-        X[:, 30] = queue_r * X[:, 4]
-        X[:, 31] = S[:, 2] * size_in
-        X[:, 32:] = S[:, _STATIC_COLS:]
+        modality = _MODALITY_INDEX.get(ctx.modality, -1)
+        X = np.empty((n, len(self.names)), dtype=np.float64)
+        c = np.ascontiguousarray
+        _kernels.route_features(c(S), c(est.telemetry), c(est.ttft_ms), c(est.queue_ms), c(est.cost_per_1k),
+                                c(est.rtt_ms), c(est.max_age_s), self._same_region(candidates, regions,
+                                                                                   ctx.client_region),
+                                X, *_TEL_COLS, session, modality, self.site_buckets, float(target), float(budget),
+                                size_in, size_out, float(self.stale_after_s))
         return X
 
 

@@ -151,30 +151,34 @@ def test_candidate_set_builds_candidates_once_and_take_keeps_them() -> None:
         located[len(located)]
 
 
-def test_feature_telemetry_columns_are_kept_per_reading_and_follow_a_new_one() -> None:
+def test_located_features_match_built_candidates_and_follow_a_new_reading() -> None:
     fleet, store, now = _world(5)
     features = RouteFeatures()
     engine = DecisionEngine(fleet, store, PolicyGuard(compile_bundle(DEFAULT_BUNDLE)), LeastExpectedTtft(),
                             features=features, clock=lambda: now)
     model = sorted(fleet.models)[0]
-    ctx = RequestContext("r", "t", model=model, estimated_input_tokens=500, expected_output_tokens=100)
+    region = sorted({s.region for s in fleet.sites.values()})[0]
+    ctx = RequestContext("r", "t", model=model, estimated_input_tokens=500, expected_output_tokens=100,
+                         client_region=region)
 
     def both() -> tuple[np.ndarray, np.ndarray]:
         located = engine.locate(fleet, ctx, now)
         objects = tuple(Candidate(c.endpoint, store.reading(c.endpoint.endpoint_id, now), c.rtt_ms) for c in located)
         a = score_candidates(ctx, located, features, {})
-        b = score_candidates(ctx, objects, RouteFeatures(), {})  # a fresh builder: nothing kept
+        egress = {e.site_id: float(g) for e, g in zip(located.endpoints, located.placement.egress_per_gb,
+                                                      strict=True)}
+        b = score_candidates(ctx, objects, RouteFeatures(), egress)  # a fresh builder: nothing kept
         return a.matrix, b.matrix
 
     first, fresh = both()
     np.testing.assert_allclose(first, fresh, rtol=1e-12)
-    assert len(features._tel_blocks) == 1
+    same_region = features.names.index("same_region")
+    assert 0 < first[:, same_region].sum() < len(first)  # the cached region column is the client's
     again, _ = both()
     np.testing.assert_array_equal(again, first)
-    assert len(features._tel_blocks) == 1  # the same readings: the kept block was used
     eid = engine.locate(fleet, ctx, now).endpoint_ids[0]
     store.update_endpoint(eid, {"kv_cache_usage": 0.97}, ts=now)
     store.update_node(fleet.by_id[eid].node_id, {"gpu_temp_c": 61.0, "gpu_util": 12.0}, ts=now)
     changed, fresh = both()
     np.testing.assert_allclose(changed, fresh, rtol=1e-12)
-    assert len(features._tel_blocks) == 2 and changed[0, 4] == 0.97 and not np.array_equal(changed[0], first[0])
+    assert changed[0, 4] == 0.97 and not np.array_equal(changed[0], first[0])

@@ -1,0 +1,216 @@
+/* The score stage's arithmetic in one pass per candidate set (decision._kernels).
+ *
+ * decision/scoring.py and learners/features.py describe what is computed; this file only does it
+ * without numpy's per-operation overhead (some 80 small array operations per decision, each a few
+ * microseconds on 64 rows). tests/test_kernels.py checks every output against a numpy reference
+ * on random inputs, NaN and infinities included.
+ *
+ * Arguments are buffers (numpy arrays, C-contiguous float64 or intp); sizes are checked here, so a
+ * wrong shape raises ValueError instead of reading past an array. NaN handling follows numpy:
+ * np.minimum / np.maximum propagate NaN (C's fmin / fmax would not), hence np_min / np_max.
+ * Built without FP contraction (setup flags) so results match numpy's operation order.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <string.h>
+
+static inline double np_max(double a, double b) { return (isnan(a) || isnan(b)) ? NAN : (a > b ? a : b); }
+static inline double np_min(double a, double b) { return (isnan(a) || isnan(b)) ? NAN : (a < b ? a : b); }
+static inline double clip(double x, double lo, double hi) { return np_min(np_max(x, lo), hi); }
+
+/* A buffer of `count` items of `itemsize` bytes, or a ValueError naming `what`. */
+static int check_len(const Py_buffer *b, Py_ssize_t count, Py_ssize_t itemsize, const char *what) {
+    if (b->len != count * itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %zd items of %zd bytes, got %zd bytes", what, count, itemsize,
+                     b->len);
+        return -1;
+    }
+    return 0;
+}
+
+/* An optional read-only buffer argument (None: absent). */
+static int optional_buffer(PyObject *obj, Py_buffer *view) {
+    if (obj == Py_None) {
+        view->obj = NULL;
+        view->buf = NULL;
+        return 0;
+    }
+    return PyObject_GetBuffer(obj, view, PyBUF_SIMPLE);
+}
+
+static void release(Py_buffer *views[], int n) {
+    for (int i = 0; i < n; i++)
+        if (views[i]->obj != NULL) PyBuffer_Release(views[i]);
+}
+
+/* Rows of the estimate output (decision/scoring.py ESTIMATE_ROWS). */
+enum { E_TTFT, E_COST, E_QUEUE, E_PREFILL, E_COLD, E_RUNNING, E_WAITING, E_KV, E_ROWS };
+
+PyDoc_STRVAR(estimate_doc,
+"estimate(numbers, tel, rtt, egress, inflight, ncols, run_col, wait_col, kv_col, in_tok, out_tok,\n"
+"         unknown_load, out)\n\n"
+"Expected TTFT and cost of n candidates into out (8 x n rows: ttft, cost, queue, prefill, cold,\n"
+"running, waiting, kv). numbers: n x 5 endpoint numbers; tel: n x ncols telemetry (NaN unknown);\n"
+"rtt: n; egress ($/GB) and inflight (this router's requests without outcome): n, or None.");
+
+static PyObject *estimate(PyObject *self, PyObject *args) {
+    Py_buffer numbers = {0}, tel = {0}, rtt = {0}, egress = {0}, inflight = {0}, out = {0};
+    PyObject *egress_obj, *inflight_obj;
+    Py_ssize_t ncols, run_col, wait_col, kv_col;
+    double in_tok, out_tok, unknown_load;
+    if (!PyArg_ParseTuple(args, "y*y*y*OOnnnndddw*", &numbers, &tel, &rtt, &egress_obj, &inflight_obj, &ncols,
+                          &run_col, &wait_col, &kv_col, &in_tok, &out_tok, &unknown_load, &out))
+        return NULL;
+    Py_buffer *views[] = {&numbers, &tel, &rtt, &egress, &inflight, &out};
+    PyObject *result = NULL;
+    if (optional_buffer(egress_obj, &egress) < 0 || optional_buffer(inflight_obj, &inflight) < 0) goto done;
+    const Py_ssize_t n = rtt.len / (Py_ssize_t)sizeof(double);
+    if (check_len(&rtt, n, sizeof(double), "rtt") < 0 || check_len(&numbers, n * 5, sizeof(double), "numbers") < 0 ||
+        check_len(&tel, n * ncols, sizeof(double), "tel") < 0 ||
+        check_len(&out, n * E_ROWS, sizeof(double), "out") < 0 ||
+        (egress.obj && check_len(&egress, n, sizeof(double), "egress") < 0) ||
+        (inflight.obj && check_len(&inflight, n, sizeof(double), "inflight") < 0))
+        goto done;
+    if (run_col < 0 || run_col >= ncols || wait_col < 0 || wait_col >= ncols || kv_col < 0 || kv_col >= ncols) {
+        PyErr_SetString(PyExc_ValueError, "telemetry column out of range");
+        goto done;
+    }
+    const double *num = numbers.buf, *t = tel.buf, *r = rtt.buf, *eg = egress.buf, *inf = inflight.buf;
+    double *o = out.buf;
+    /* Egress is paid on prompt and completion text, spread over the completion's 1K tokens. */
+    const double egress_factor = (in_tok + out_tok) * 4.0 / 1e9 * 1000.0 / out_tok;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const double *e = num + i * 5, *row = t + i * ncols;
+        const double conc = e[0], prefill_tps = e[1], decode_tps = e[2], cold_ms = e[3], nominal = e[4];
+        double running = row[run_col], waiting = row[wait_col], kv = row[kv_col];
+        if (isnan(running)) running = unknown_load * conc;
+        if (isnan(waiting)) waiting = unknown_load * conc * 0.25;
+        if (isnan(kv)) kv = unknown_load;
+        if (inf) {
+            running = np_max(running, np_min(inf[i], conc));
+            waiting = np_max(waiting, inf[i] - conc);
+        }
+        const double prefill_s = in_tok / prefill_tps;
+        const double service_s = prefill_s + out_tok / decode_tps;
+        double queue_ms = 1000.0 * service_s * waiting / conc;
+        queue_ms = queue_ms + 1000.0 * service_s * np_max(kv - 0.9, 0.0) * 10.0;
+        const double prefill_ms = 1000.0 * prefill_s * (1.0 + running / conc);
+        o[E_TTFT * n + i] = queue_ms + prefill_ms + r[i] + cold_ms;
+        o[E_COST * n + i] = eg ? nominal + eg[i] * egress_factor : nominal;
+        o[E_QUEUE * n + i] = queue_ms;
+        o[E_PREFILL * n + i] = prefill_ms;
+        o[E_COLD * n + i] = cold_ms;
+        o[E_RUNNING * n + i] = running;
+        o[E_WAITING * n + i] = waiting;
+        o[E_KV * n + i] = kv;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    release(views, 6);
+    return result;
+}
+
+PyDoc_STRVAR(route_features_doc,
+"route_features(static, tel, ttft, queue, cost, rtt, ages, same_region, out, ncols, kv_col, util_col, fb_used_col,\n"
+"               fb_free_col, power_col, temp_col, session, modality, site_buckets, target, budget,\n"
+"               size_in, size_out, stale_after_s)\n\n"
+"The RouteFeatures matrix (learners/features.py) of n candidates into out (n x (32 + site_buckets)).\n"
+"static: n x (11 + site_buckets) endpoint rows; tel: n x ncols; ttft, queue (ms), cost ($/1K),\n"
+"rtt, ages, same_region: n; session: the session's bucket or -1; modality: index or -1.");
+
+static PyObject *route_features(PyObject *self, PyObject *args) {
+    Py_buffer st = {0}, tel = {0}, tt = {0}, qu = {0}, co = {0}, rtt = {0}, ages = {0}, same = {0}, out = {0};
+    Py_ssize_t c[7], session, modality, buckets;
+    double target, budget, size_in, size_out, stale_after;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*y*w*nnnnnnnnnnddddd", &st, &tel, &tt, &qu, &co, &rtt, &ages, &same, &out, &c[0],
+                          &c[1], &c[2], &c[3], &c[4], &c[5], &c[6], &session, &modality, &buckets, &target, &budget,
+                          &size_in, &size_out, &stale_after))
+        return NULL;
+    Py_buffer *views[] = {&st, &tel, &tt, &qu, &co, &rtt, &ages, &same, &out};
+    PyObject *result = NULL;
+    const Py_ssize_t ncols = c[0];
+    if (ncols < 1 || buckets < 0) {
+        PyErr_SetString(PyExc_ValueError, "ncols / site_buckets out of range");
+        goto done;
+    }
+    for (int k = 1; k < 7; k++)
+        if (c[k] < 0 || c[k] >= ncols) {
+            PyErr_SetString(PyExc_ValueError, "telemetry column out of range");
+            goto done;
+        }
+    const Py_ssize_t n = rtt.len / (Py_ssize_t)sizeof(double);
+    const Py_ssize_t width = 11 + buckets, d = 32 + buckets;
+    if (ncols < 1 || buckets < 0) {
+        PyErr_SetString(PyExc_ValueError, "cols / ints out of range");
+        goto done;
+    }
+    for (int k = 1; k < 7; k++)
+        if (c[k] < 0 || c[k] >= ncols) {
+            PyErr_SetString(PyExc_ValueError, "telemetry column out of range");
+            goto done;
+        }
+    if (check_len(&rtt, n, sizeof(double), "rtt") < 0 || check_len(&ages, n, sizeof(double), "ages") < 0 ||
+        check_len(&same, n, sizeof(double), "same_region") < 0 ||
+        check_len(&st, n * width, sizeof(double), "static") < 0 ||
+        check_len(&tel, n * ncols, sizeof(double), "tel") < 0 ||
+        check_len(&tt, n, sizeof(double), "ttft") < 0 || check_len(&qu, n, sizeof(double), "queue") < 0 ||
+        check_len(&co, n, sizeof(double), "cost") < 0 || check_len(&out, n * d, sizeof(double), "out") < 0)
+        goto done;
+    const double *S = st.buf, *T = tel.buf, *TT = tt.buf, *QU = qu.buf, *CO = co.buf, *R = rtt.buf, *A = ages.buf, *SR = same.buf;
+    double *X = out.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const double *srow = S + i * width, *trow = T + i * ncols;
+        double *x = X + i * d;
+        const double ttft_r = clip(TT[i] / target, 0.0, 5.0);
+        const double queue_r = clip(QU[i] / target, 0.0, 5.0);
+        /* Telemetry: unknown (NaN) takes the neutral 0.5. */
+        double tv[5];
+        tv[0] = clip(trow[c[1]], 0.0, 1.0);
+        tv[1] = clip(trow[c[2]] / 100.0, 0.0, 1.0);
+        const double used = trow[c[3]], total = used + trow[c[4]];
+        tv[2] = total > 0 ? clip(used / total, 0.0, 1.0) : NAN;
+        tv[4] = srow[9] > 0 ? clip(trow[c[5]] / srow[9], 0.0, 1.5) : NAN;
+        tv[3] = clip((trow[c[6]] - 30.0) / 60.0, 0.0, 1.5);
+        int unknown = 1;
+        for (Py_ssize_t k = 0; k < ncols; k++)
+            if (!isnan(trow[k])) {
+                unknown = 0;
+                break;
+            }
+        x[0] = 1.0;
+        x[1] = ttft_r;
+        x[2] = queue_r;
+        x[3] = clip(R[i] / target, 0.0, 5.0);
+        for (int k = 0; k < 5; k++) x[4 + k] = isnan(tv[k]) ? 0.5 : tv[k];
+        x[9] = clip(A[i] / stale_after, 0.0, 1.0);
+        x[10] = unknown ? 1.0 : 0.0;
+        x[11] = srow[0];
+        x[12] = srow[10] == (double)session ? 1.0 : 0.0;
+        x[13] = SR[i];
+        memcpy(x + 14, srow + 1, 8 * sizeof(double));
+        x[22] = clip(CO[i] / budget, 0.0, 5.0);
+        x[23] = size_in;
+        x[24] = size_out;
+        for (int k = 0; k < 4; k++) x[25 + k] = modality == k ? 1.0 : 0.0;
+        x[29] = ttft_r * size_in;
+        x[30] = queue_r * x[4];
+        x[31] = srow[2] * size_in;
+        if (buckets) memcpy(x + 32, srow + 11, (size_t)buckets * sizeof(double));
+    }
+    result = Py_NewRef(Py_None);
+done:
+    release(views, 9);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"estimate", estimate, METH_VARARGS, estimate_doc},
+    {"route_features", route_features, METH_VARARGS, route_features_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "decision._kernels",
+                                    "The score stage's arithmetic, one pass per candidate set.", -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

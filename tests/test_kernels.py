@@ -1,0 +1,222 @@
+"""decision._kernels (C) against a numpy transcription of the formulas in decision/scoring.py and
+learners/features.py, on random inputs with unknown (NaN), infinite and zero values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from decision import _kernels
+from decision.domain import Estimates, RequestContext
+from decision.scoring import BYTES_PER_TOKEN, COLUMN, ESTIMATE_ROWS
+from decision.telemetry import (
+    CANONICAL,
+    FB_FREE_MIB,
+    FB_USED_MIB,
+    GPU_TEMP_C,
+    GPU_UTIL,
+    KV_CACHE_USAGE,
+    POWER_W,
+    QUEUE_RUNNING,
+    QUEUE_WAITING,
+)
+from learners.features import BASE_NAMES, RouteFeatures
+
+F = np.ndarray
+K = len(CANONICAL)
+
+
+def reference_estimates(static: F, tel: F, rtt: F, egress: F | None, inflight: F | None, in_tok: int, out_tok: int,
+                        unknown_load: float) -> dict[str, F]:
+    conc, prefill_tps, decode_tps, cold_ms, nominal = static.T
+    with np.errstate(all="ignore"):
+        running = tel[:, COLUMN[QUEUE_RUNNING]]
+        running = np.where(np.isnan(running), unknown_load * conc, running)
+        waiting = tel[:, COLUMN[QUEUE_WAITING]]
+        waiting = np.where(np.isnan(waiting), unknown_load * conc * 0.25, waiting)
+        kv = tel[:, COLUMN[KV_CACHE_USAGE]]
+        kv = np.where(np.isnan(kv), unknown_load, kv)
+        if inflight is not None:
+            running = np.maximum(running, np.minimum(inflight, conc))
+            waiting = np.maximum(waiting, inflight - conc)
+        prefill_s = in_tok / prefill_tps
+        service_s = prefill_s + out_tok / decode_tps
+        queue_ms = 1000.0 * service_s * waiting / conc
+        queue_ms = queue_ms + 1000.0 * service_s * np.maximum(kv - 0.9, 0.0) * 10.0
+        prefill_ms = 1000.0 * prefill_s * (1.0 + running / conc)
+        ttft = queue_ms + prefill_ms + rtt + cold_ms
+        cost = nominal
+        if egress is not None:
+            cost = nominal + egress * ((in_tok + out_tok) * BYTES_PER_TOKEN / 1e9 * 1000.0 / out_tok)
+    return {"ttft_ms": ttft, "cost_per_1k": cost, "queue_ms": queue_ms, "prefill_ms": prefill_ms,
+            "cold_start_ms": cold_ms, "running": running, "waiting": waiting, "kv_cache_usage": kv}
+
+
+def _clip(x: F, lo: float, hi: float) -> F:
+    return np.asarray(np.minimum(np.maximum(x, lo), hi))
+
+
+def reference_features(fb: RouteFeatures, ctx: RequestContext, S: F, regions: F, est: Estimates) -> F:
+    """The module docstring's table of learners/features.py, column by column, in numpy."""
+    n = len(S)
+    col = {name: i for i, name in enumerate(CANONICAL)}
+    tel = est.telemetry
+    target = ctx.ttft_target_ms if ctx.ttft_target_ms > 0 else fb.default_target_ms
+    budget = ctx.max_cost_per_1k_tokens if ctx.max_cost_per_1k_tokens > 0 else fb.cost_ref
+    log_tokens = math.log1p(32768.0)
+    size_in = min(max(math.log1p(max(0, ctx.estimated_input_tokens)) / log_tokens, 0.0), 1.5)
+    size_out = min(max(math.log1p(max(0, ctx.expected_output_tokens)) / log_tokens, 0.0), 1.5)
+    X = np.empty((n, len(fb.names)))
+    with np.errstate(all="ignore"):
+        T = np.empty((n, 6))
+        T[:, 0] = _clip(tel[:, col[KV_CACHE_USAGE]], 0.0, 1.0)
+        T[:, 1] = _clip(tel[:, col[GPU_UTIL]] / 100.0, 0.0, 1.0)
+        used, free = tel[:, col[FB_USED_MIB]], tel[:, col[FB_FREE_MIB]]
+        total = used + free
+        T[:, 2] = np.where(total > 0, _clip(used / total, 0.0, 1.0), np.nan)
+        T[:, 4] = np.where(S[:, 9] > 0, _clip(tel[:, col[POWER_W]] / S[:, 9], 0.0, 1.5), np.nan)
+        T[:, 3] = _clip((tel[:, col[GPU_TEMP_C]] - 30.0) / 60.0, 0.0, 1.5)
+        T[:, :5] = np.where(np.isnan(T[:, :5]), 0.5, T[:, :5])
+        T[:, 5] = np.isnan(tel).all(axis=1)
+        ttft_r = _clip(est.ttft_ms / target, 0.0, 5.0)
+        queue_r = _clip(est.queue_ms / target, 0.0, 5.0)
+        X[:, 0] = 1.0
+        X[:, 1] = ttft_r
+        X[:, 2] = queue_r
+        X[:, 3] = _clip(est.rtt_ms / target, 0.0, 5.0)
+        X[:, 4:9] = T[:, :5]
+        X[:, 9] = _clip(est.max_age_s / fb.stale_after_s, 0.0, 1.0)
+        X[:, 10] = T[:, 5]
+        X[:, 11] = S[:, 0]
+        from learners.features import stable_bucket
+
+        session = stable_bucket(ctx.session_id, fb.affinity_buckets) if ctx.session_id else -1
+        X[:, 12] = S[:, 10] == session
+        X[:, 13] = (regions == ctx.client_region) if ctx.client_region else 0.0
+        X[:, 14:22] = S[:, 1:9]
+        X[:, 22] = _clip(est.cost_per_1k / budget, 0.0, 5.0)
+        X[:, 23] = size_in
+        X[:, 24] = size_out
+        X[:, 25:29] = [1.0 if ctx.modality == m else 0.0 for m in ("text", "image", "multimodal", "embedding")]
+        X[:, 29] = ttft_r * size_in
+        X[:, 30] = queue_r * X[:, 4]
+        X[:, 31] = S[:, 2] * size_in
+        X[:, 32:] = S[:, 11:]
+    return X
+
+
+def _values(rng: np.random.Generator, shape: tuple[int, ...], scale: float, p_nan: float) -> F:
+    x = rng.uniform(0.0, scale, shape)
+    special = rng.random(shape)
+    x[special < p_nan] = np.nan
+    x[(special >= p_nan) & (special < p_nan + 0.03)] = 0.0
+    x[(special >= p_nan + 0.03) & (special < p_nan + 0.04)] = np.inf
+    return x
+
+
+def _world(seed: int, n: int) -> tuple[F, F, F, F, F]:
+    rng = np.random.default_rng(seed)
+    static = np.column_stack([rng.integers(0, 64, n).astype(float), rng.uniform(0, 20000, n),
+                              rng.uniform(0, 200, n), rng.choice([0.0, 800.0], n), rng.uniform(0, 0.01, n)])
+    tel = _values(rng, (n, K), 120.0, 0.2)
+    tel[rng.random(n) < 0.2] = np.nan  # endpoints with nothing known
+    rtt = rng.uniform(0, 300, n)
+    egress = rng.uniform(0, 0.12, n)
+    inflight = rng.integers(0, 80, n).astype(float)
+    return static, tel, rtt, egress, inflight
+
+
+def _assert_same(got: F, want: F) -> None:
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=0.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 70), in_tok=st.integers(1, 40000),
+       out_tok=st.integers(1, 4000), with_egress=st.booleans(), with_inflight=st.booleans())
+def test_estimate_matches_the_numpy_formulas(seed: int, n: int, in_tok: int, out_tok: int, with_egress: bool,
+                                             with_inflight: bool) -> None:
+    static, tel, rtt, egress, inflight = _world(seed, n)
+    out = np.empty((len(ESTIMATE_ROWS), n))
+    eg = egress if with_egress else None
+    inf = inflight if with_inflight else None
+    _kernels.estimate(static, tel, rtt, eg, inf, K, COLUMN[QUEUE_RUNNING], COLUMN[QUEUE_WAITING],
+                      COLUMN[KV_CACHE_USAGE], float(in_tok), float(out_tok), 0.5, out)
+    want = reference_estimates(static, tel, rtt, eg, inf, in_tok, out_tok, 0.5)
+    for name, row in zip(ESTIMATE_ROWS, out, strict=True):
+        _assert_same(row, want[name])
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 70), buckets=st.sampled_from([0, 3, 8]),
+       target=st.sampled_from([0.0, 200.0, 1500.0]), budget=st.sampled_from([0.0, 0.0004]),
+       in_tok=st.integers(-5, 60000), out_tok=st.integers(0, 4000),
+       session=st.sampled_from(["", "s1", "s-42"]), region=st.sampled_from(["", "eu-west", "us-east"]),
+       modality=st.sampled_from(["text", "image", "multimodal", "embedding", "audio"]))
+def test_route_features_match_the_documented_table(seed: int, n: int, buckets: int, target: float, budget: float,
+                                                   in_tok: int, out_tok: int, session: str, region: str,
+                                                   modality: str) -> None:
+    rng = np.random.default_rng(seed)
+    fb = RouteFeatures(site_buckets=buckets, affinity_buckets=4)
+    S = np.zeros((n, 11 + buckets))
+    S[:, 0] = rng.integers(0, 2, n)
+    if n:
+        S[np.arange(n), 1 + rng.integers(0, 3, n)] = 1.0
+        S[np.arange(n), 4 + rng.integers(0, 5, n)] = 1.0
+        if buckets:
+            S[np.arange(n), 11 + rng.integers(0, buckets, n)] = 1.0
+    S[:, 9] = rng.choice([0.0, 350.0, 5600.0], n)
+    S[:, 10] = rng.integers(0, 4, n)
+    regions = rng.choice(np.array(["eu-west", "us-east", "ap-south"]), n)
+    tel = _values(rng, (n, K), 120.0, 0.25)
+    tel[rng.random(n) < 0.2] = np.nan
+    est = Estimates(_values(rng, (n,), 4000.0, 0.05), _values(rng, (n,), 0.004, 0.0), _values(rng, (n,), 3000.0, 0.0),
+                    rng.uniform(0, 400, n), tel, np.where(rng.random(n) < 0.2, np.inf, rng.uniform(0, 60, n)))
+    ctx = RequestContext("r", "t", ttft_target_ms=target, max_cost_per_1k_tokens=budget,
+                         estimated_input_tokens=in_tok, expected_output_tokens=out_tok, session_id=session,
+                         client_region=region, modality=modality)
+    got = np.empty((n, len(fb.names)))
+    same = (regions == region).astype(float) if region else np.zeros(n)
+    session_bucket = -1
+    if session:
+        from learners.features import stable_bucket
+
+        session_bucket = stable_bucket(session, fb.affinity_buckets)
+    cols = (K, COLUMN[KV_CACHE_USAGE], COLUMN[GPU_UTIL], COLUMN[FB_USED_MIB], COLUMN[FB_FREE_MIB], COLUMN[POWER_W],
+            COLUMN[GPU_TEMP_C])
+    modalities = ("text", "image", "multimodal", "embedding")
+    log_tokens = math.log1p(32768.0)
+    _kernels.route_features(S, tel, est.ttft_ms, est.queue_ms, est.cost_per_1k, est.rtt_ms, est.max_age_s, same, got,
+                            *cols, session_bucket, modalities.index(modality) if modality in modalities else -1,
+                            buckets, target if target > 0 else fb.default_target_ms,
+                            budget if budget > 0 else fb.cost_ref,
+                            min(max(math.log1p(max(0, in_tok)) / log_tokens, 0.0), 1.5),
+                            min(max(math.log1p(max(0, out_tok)) / log_tokens, 0.0), 1.5), fb.stale_after_s)
+    want = reference_features(fb, ctx, S, regions, est)
+    assert got.shape == (n, len(BASE_NAMES) + buckets)
+    _assert_same(got, want)
+
+
+def test_kernels_refuse_wrong_shapes_and_strided_arrays() -> None:
+    static, tel, rtt, egress, inflight = _world(1, 8)
+    out = np.empty((len(ESTIMATE_ROWS), 8))
+    args = (K, COLUMN[QUEUE_RUNNING], COLUMN[QUEUE_WAITING], COLUMN[KV_CACHE_USAGE], 100.0, 10.0, 0.5)
+    with pytest.raises(ValueError, match="numbers"):
+        _kernels.estimate(static[:7], tel, rtt, None, None, *args, out)
+    with pytest.raises(ValueError, match="out"):
+        _kernels.estimate(static, tel, rtt, None, None, *args, out[:, :7].copy())
+    with pytest.raises(ValueError, match="egress"):
+        _kernels.estimate(static, tel, rtt, egress[:3], None, *args, out)
+    with pytest.raises(ValueError, match="column"):
+        _kernels.estimate(static, tel, rtt, None, None, K, K, 0, 0, 100.0, 10.0, 0.5, out)
+    with pytest.raises((ValueError, BufferError)):
+        _kernels.estimate(static, tel, rtt, None, inflight[::2], *args, out)  # a strided view
+    with pytest.raises((ValueError, BufferError)):
+        _kernels.estimate(np.asfortranarray(static), tel, rtt, None, None, *args, out)  # not C-contiguous
+    with pytest.raises((ValueError, BufferError, TypeError)):
+        out.setflags(write=False)
+        _kernels.estimate(static, tel, rtt, None, None, *args, out)  # read-only output
