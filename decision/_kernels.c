@@ -204,9 +204,95 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(mask_stale_doc,
+"mask_stale(values, stamps, at, stale_after_s, max_age)\n\n"
+"Telemetry of n endpoints (n x k values and their timestamps, NaN: none): blank (NaN) in place the\n"
+"values older than stale_after_s at `at`, and write each endpoint's oldest value's age (stale ones\n"
+"included; inf when nothing was ever reported) into max_age (n).");
+
+static PyObject *mask_stale(PyObject *self, PyObject *args) {
+    Py_buffer values = {0}, stamps = {0}, max_age = {0};
+    double at, stale_after;
+    if (!PyArg_ParseTuple(args, "w*y*ddw*", &values, &stamps, &at, &stale_after, &max_age)) return NULL;
+    Py_buffer *views[] = {&values, &stamps, &max_age};
+    PyObject *result = NULL;
+    const Py_ssize_t n = max_age.len / (Py_ssize_t)sizeof(double);
+    const Py_ssize_t k = n ? values.len / (Py_ssize_t)sizeof(double) / n : 0;
+    if (check_len(&values, n * k, sizeof(double), "values") < 0 ||
+        check_len(&stamps, n * k, sizeof(double), "stamps") < 0)
+        goto done;
+    double *v = values.buf, *age = max_age.buf;
+    const double *st = stamps.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        double oldest = NAN;
+        for (Py_ssize_t j = 0; j < k; j++) {
+            const double s = st[i * k + j];
+            if (isnan(s)) continue;
+            if (isnan(oldest) || s < oldest) oldest = s;
+            if (at - s > stale_after) v[i * k + j] = NAN;
+        }
+        age[i] = isnan(oldest) ? INFINITY : at - oldest;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    release(views, 3);
+    return result;
+}
+
+PyDoc_STRVAR(telemetry_block_doc,
+"telemetry_block(values, stamps, ncols, at, value_cols, age_cols) -> bytes\n\n"
+"What telemetry rules see of n endpoints, one row each: values[value_cols], then the ages\n"
+"ceil(at - stamps[age_cols]) in whole seconds, as float64, every NaN as the one quiet NaN (so\n"
+"equal inputs give equal bytes). values and stamps: n x ncols; the column lists: intp arrays.");
+
+static PyObject *telemetry_block(PyObject *self, PyObject *args) {
+    Py_buffer values = {0}, stamps = {0}, vcols = {0}, acols = {0};
+    double at;
+    Py_ssize_t k;
+    if (!PyArg_ParseTuple(args, "y*y*ndy*y*", &values, &stamps, &k, &at, &vcols, &acols)) return NULL;
+    Py_buffer *views[] = {&values, &stamps, &vcols, &acols};
+    PyObject *result = NULL;
+    const Py_ssize_t nv = vcols.len / (Py_ssize_t)sizeof(Py_ssize_t), na = acols.len / (Py_ssize_t)sizeof(Py_ssize_t);
+    if (k < 1) {
+        PyErr_SetString(PyExc_ValueError, "ncols must be >= 1");
+        goto done;
+    }
+    const Py_ssize_t n = values.len / (Py_ssize_t)sizeof(double) / k;
+    if (check_len(&values, n * k, sizeof(double), "values") < 0 ||
+        check_len(&stamps, n * k, sizeof(double), "stamps") < 0)
+        goto done;
+    const Py_ssize_t *vc = vcols.buf, *ac = acols.buf;
+    for (Py_ssize_t j = 0; j < nv; j++)
+        if (vc[j] < 0 || vc[j] >= k) { PyErr_SetString(PyExc_ValueError, "value column out of range"); goto done; }
+    for (Py_ssize_t j = 0; j < na; j++)
+        if (ac[j] < 0 || ac[j] >= k) { PyErr_SetString(PyExc_ValueError, "age column out of range"); goto done; }
+    const Py_ssize_t width = nv + na;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n * width * (Py_ssize_t)sizeof(double));
+    if (out == NULL) goto done;
+    double *o = (double *)PyBytes_AS_STRING(out);
+    const double *v = values.buf, *st = stamps.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        double *row = o + i * width;
+        for (Py_ssize_t j = 0; j < nv; j++) {
+            const double x = v[i * k + vc[j]];
+            row[j] = isnan(x) ? NAN : x;
+        }
+        for (Py_ssize_t j = 0; j < na; j++) {
+            const double a = ceil(at - st[i * k + ac[j]]);
+            row[nv + j] = isnan(a) ? NAN : a;
+        }
+    }
+    result = out;
+done:
+    release(views, 4);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"estimate", estimate, METH_VARARGS, estimate_doc},
     {"route_features", route_features, METH_VARARGS, route_features_doc},
+    {"mask_stale", mask_stale, METH_VARARGS, mask_stale_doc},
+    {"telemetry_block", telemetry_block, METH_VARARGS, telemetry_block_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from decision import _kernels
 from decision.domain import TelemetryReading
 
 # Canonical names: (what, unit)
@@ -230,14 +231,21 @@ def _reading(endpoint_id: str, m: _Merged, t: float, stale_after_s: float) -> Te
 
 
 def mask_stale(values: npt.NDArray[np.float64], stamps: npt.NDArray[np.float64], at: float,
-               stale_after_s: float) -> None:
-    """Blank (NaN) the values older than ``stale_after_s`` at ``at``, in place; freeze both arrays."""
-    with np.errstate(invalid="ignore"):
-        stale = (at - stamps) > stale_after_s
-    if stale.any():
-        values[stale] = np.nan
-    values.setflags(write=False)
-    stamps.setflags(write=False)
+               stale_after_s: float) -> npt.NDArray[np.float64]:
+    """Blank (NaN) the values older than ``stale_after_s`` at ``at``, in place; freeze both arrays.
+
+    Returns each row's oldest value's age, stale ones included (inf: nothing ever reported). One
+    pass in C (:func:`decision._kernels.mask_stale`).
+
+    >>> values, stamps = np.array([[1.0, 2.0], [np.nan, np.nan]]), np.array([[90.0, 99.0], [np.nan, np.nan]])
+    >>> mask_stale(values, stamps, 100.0, 5.0).tolist(), values[0].tolist()
+    ([10.0, inf], [nan, 2.0])
+    """
+    ages = np.empty(len(values), dtype=np.float64)
+    _kernels.mask_stale(values, stamps, at, stale_after_s, ages)
+    for a in (values, stamps, ages):
+        a.setflags(write=False)
+    return ages
 
 
 class TelemetryBatch:
@@ -249,21 +257,21 @@ class TelemetryBatch:
     decision builds no per-candidate reading unless a rule must actually be evaluated.
     """
 
-    __slots__ = ("_merged", "at", "endpoint_ids", "stale_after_s", "stamps", "values")
+    __slots__ = ("_max_age", "_merged", "at", "endpoint_ids", "stale_after_s", "stamps", "values")
 
     def __init__(self, endpoint_ids: Sequence[str], merged: Sequence[_Merged], at: float, stale_after_s: float,
-                 values: npt.NDArray[np.float64] | None = None, stamps: npt.NDArray[np.float64] | None = None) -> None:
+                 arrays: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None,
+                 ) -> None:
         self.endpoint_ids = endpoint_ids
         self._merged = merged
         self.at = at
         self.stale_after_s = stale_after_s
-        if values is None or stamps is None:
+        if arrays is None:  # (values masked, stamps, max ages) when the caller has them
             n = len(merged)
             stamps = np.array([m.dense_stamps for m in merged], dtype=np.float64).reshape(n, len(CANONICAL))
             values = np.array([m.dense for m in merged], dtype=np.float64).reshape(n, len(CANONICAL))
-            mask_stale(values, stamps, at, stale_after_s)
-        self.values = values
-        self.stamps = stamps
+            arrays = (values, stamps, mask_stale(values, stamps, at, stale_after_s))
+        self.values, self.stamps, self._max_age = arrays
 
     def __len__(self) -> int:
         return len(self._merged)
@@ -278,15 +286,14 @@ class TelemetryBatch:
 
     def max_age_s(self) -> npt.NDArray[np.float64]:
         """Each endpoint's oldest value's age, stale ones included (inf: nothing ever reported)."""
-        oldest = np.fmin.reduce(self.stamps, axis=1) if len(self._merged) else np.empty(0)
-        return np.where(np.isnan(oldest), np.inf, self.at - oldest)
+        return self._max_age
 
     def take(self, index: Sequence[int]) -> TelemetryBatch:
         """The rows at ``index``, in that order."""
         m, ids = self._merged, self.endpoint_ids
         idx = np.asarray(index, dtype=np.intp)
         return TelemetryBatch([ids[i] for i in index], [m[i] for i in index], self.at, self.stale_after_s,
-                              self.values[idx], self.stamps[idx])
+                              (self.values[idx], self.stamps[idx], self._max_age[idx]))
 
 
 def known_snapshots(merged: Sequence[_Merged], at: float,
@@ -415,8 +422,8 @@ class TelemetryStore:
             merged: list[_Merged] = self._row_merged[rows].tolist()
             values = self._row_values[rows]
             stamps = self._row_stamps[rows]
-        mask_stale(values, stamps, t, self.stale_after_s)
-        return TelemetryBatch(endpoint_ids, merged, t, self.stale_after_s, values, stamps)
+        ages = mask_stale(values, stamps, t, self.stale_after_s)
+        return TelemetryBatch(endpoint_ids, merged, t, self.stale_after_s, (values, stamps, ages))
 
     def snapshot(self, endpoint_ids: Iterable[str], now: float | None = None) -> dict[str, TelemetryReading]:
         t = self.now() if now is None else now

@@ -220,3 +220,44 @@ def test_kernels_refuse_wrong_shapes_and_strided_arrays() -> None:
     with pytest.raises((ValueError, BufferError, TypeError)):
         out.setflags(write=False)
         _kernels.estimate(static, tel, rtt, None, None, *args, out)  # read-only output
+
+
+def _telemetry(seed: int, n: int) -> tuple[F, F, float]:
+    rng = np.random.default_rng(seed)
+    at = 1_000.0
+    stamps = at - rng.choice([0.0, 0.4, 2.5, 29.9, 30.0, 30.1, 95.0], (n, K))
+    stamps[rng.random((n, K)) < 0.3] = np.nan  # never reported
+    stamps[rng.random(n) < 0.15] = np.nan  # an endpoint that never reported anything
+    values = np.where(np.isnan(stamps), np.nan, rng.uniform(0, 100, (n, K)))
+    return values, stamps, at
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 70), stale=st.sampled_from([0.0, 5.0, 30.0]))
+def test_mask_stale_blanks_old_values_and_reports_the_oldest_age(seed: int, n: int, stale: float) -> None:
+    values, stamps, at = _telemetry(seed, n)
+    want_values = values.copy()
+    with np.errstate(invalid="ignore"):
+        want_values[(at - stamps) > stale] = np.nan
+    oldest = np.fmin.reduce(stamps, axis=1) if n else np.empty(0)
+    want_age = np.where(np.isnan(oldest), np.inf, at - oldest)
+    age = np.empty(n)
+    _kernels.mask_stale(values, stamps, at, stale, age)
+    _assert_same(values, want_values)
+    np.testing.assert_array_equal(age, want_age)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 70),
+       vcols=st.lists(st.integers(0, K - 1), max_size=4), acols=st.lists(st.integers(0, K - 1), max_size=4))
+def test_telemetry_block_is_the_values_then_ceiled_ages_with_one_nan(seed: int, n: int, vcols: list[int],
+                                                                    acols: list[int]) -> None:
+    values, stamps, at = _telemetry(seed, n)
+    values[values > 90] = -np.nan  # a NaN of another bit pattern must still come out as the one NaN
+    v, a = np.array(vcols, dtype=np.intp), np.array(acols, dtype=np.intp)
+    rows = np.concatenate((values[:, v], np.ceil(at - stamps[:, a])), axis=1)
+    rows[np.isnan(rows)] = np.nan
+    got = _kernels.telemetry_block(values, stamps, K, at, v, a)
+    assert got == np.ascontiguousarray(rows).tobytes()
+    with pytest.raises(ValueError, match="column"):
+        _kernels.telemetry_block(values, stamps, K, at, np.array([K], dtype=np.intp), a)
