@@ -288,11 +288,45 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(row_keys_doc,
+"row_keys(ids, block, width) -> list[bytes]\n\n"
+"Memo keys of n rows: each row's 8-byte id (ids: n int64) followed by its `width` bytes of block.");
+
+static PyObject *row_keys(PyObject *self, PyObject *args) {
+    Py_buffer ids = {0}, block = {0};
+    Py_ssize_t width;
+    if (!PyArg_ParseTuple(args, "y*y*n", &ids, &block, &width)) return NULL;
+    Py_buffer *views[] = {&ids, &block};
+    PyObject *result = NULL;
+    const Py_ssize_t n = ids.len / (Py_ssize_t)sizeof(long long);
+    if (width < 0 || check_len(&ids, n, sizeof(long long), "ids") < 0 || check_len(&block, n * width, 1, "block") < 0)
+        goto done;
+    PyObject *list = PyList_New(n);
+    if (list == NULL) goto done;
+    const char *id = ids.buf, *row = block.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *key = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)sizeof(long long) + width);
+        if (key == NULL) {
+            Py_DECREF(list);
+            goto done;
+        }
+        char *k = PyBytes_AS_STRING(key);
+        memcpy(k, id + i * (Py_ssize_t)sizeof(long long), sizeof(long long));
+        if (width) memcpy(k + sizeof(long long), row + i * width, (size_t)width);
+        PyList_SET_ITEM(list, i, key);
+    }
+    result = list;
+done:
+    release(views, 2);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"estimate", estimate, METH_VARARGS, estimate_doc},
     {"route_features", route_features, METH_VARARGS, route_features_doc},
     {"mask_stale", mask_stale, METH_VARARGS, mask_stale_doc},
     {"telemetry_block", telemetry_block, METH_VARARGS, telemetry_block_doc},
+    {"row_keys", row_keys, METH_VARARGS, row_keys_doc},
     {NULL, NULL, 0, NULL},
 };
 

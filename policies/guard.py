@@ -22,8 +22,13 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
+from decision import _kernels
 from decision.candidates import CandidateSet, endpoints_of
 from decision.domain import (
     Candidate,
@@ -63,17 +68,43 @@ class _InventoryMemo:
     # rule id -> endpoint id -> (the endpoint facts the rule declared, their hashable key)
     rule_views: dict[str, dict[str, tuple[dict[str, Any], Any]]] = field(default_factory=dict)
     rules: dict[str, dict[tuple[Any, ...], RuleOutcome]] = field(default_factory=dict)
-    static: dict[tuple[Any, ...], _Judged] = field(default_factory=dict)  # (endpoint class, request values)
-    # endpoint id -> its class for the static / the telemetry rules (see PolicyGuard._classes)
-    static_class: dict[str, tuple[Any, ...]] = field(default_factory=dict)
-    dynamic_class: dict[str, tuple[Any, ...]] = field(default_factory=dict)
-    # (which class table, placement) -> the classes of the placement's endpoints, in order
-    placement_classes: dict[tuple[int, Any], list[tuple[Any, ...]]] = field(default_factory=dict)
+    # request values -> endpoint class id -> the static rules' verdicts
+    static: dict[tuple[Any, ...], dict[int, _Judged]] = field(default_factory=dict)
+    # an endpoint class (the endpoint facts a rule group declared) -> its small-int id, for cheap keys
+    class_ids: dict[tuple[Any, ...], int] = field(default_factory=dict)
+    # endpoint id -> its class id for the static / the telemetry rules (see PolicyGuard._classes)
+    static_class: dict[str, int] = field(default_factory=dict)
+    dynamic_class: dict[str, int] = field(default_factory=dict)
+    # (which class table, placement) -> the class ids of the placement's endpoints, in order
+    placement_classes: dict[tuple[int, Any], npt.NDArray[np.int64]] = field(default_factory=dict)
     # (placement, rows, request values) -> every candidate's static verdicts
     static_sets: dict[tuple[Any, ...], list[_Judged]] = field(default_factory=dict)
     # (placement, rows, request values, telemetry block) -> (surviving positions, their verdicts)
     sets: dict[tuple[Any, ...], tuple[tuple[int, ...], list[list[_Judged]]]] = field(default_factory=dict)
-    dynamic: dict[tuple[Any, ...], _Judged] = field(default_factory=dict)  # (class, request, telemetry)
+    # request values -> (class id + telemetry row as bytes, or (class id, telemetry key)) -> verdicts
+    dynamic: dict[tuple[Any, ...], dict[Any, _Judged]] = field(default_factory=dict)
+
+
+def _table_for(tables: dict[tuple[Any, ...], dict[Any, _Judged]], request_values: tuple[Any, ...],
+               limit: int) -> dict[Any, _Judged]:
+    """The memo table of one set of request values (a bounded number of them is kept)."""
+    table = tables.get(request_values)
+    if table is None:
+        if len(tables) > limit:
+            tables.clear()
+        table = tables[request_values] = {}
+    return table
+
+
+_first = itemgetter(0)
+
+
+def _survivor_positions(groups: Sequence[Sequence[_Judged]], n: int) -> tuple[int, ...]:
+    """Positions every group allows (a verdict's first item), as C loops rather than a Python one."""
+    ok = np.ones(n, dtype=np.bool_)
+    for group in groups:
+        ok &= np.fromiter(map(_first, group), dtype=np.bool_, count=n)
+    return tuple(np.flatnonzero(ok).tolist())
 
 
 def _union(rules: Sequence[CompiledRule], attr: str) -> tuple[str, ...]:
@@ -205,10 +236,7 @@ class PolicyGuard:
         groups = self._memoised(memo, req, candidates, rs, rd, block)
         if self._live:
             groups.append(self._judge_live(memo, req, candidates, state))
-        if len(groups) == 2:  # the common shape (static + telemetry rules): hot path
-            keep = tuple(i for i, (a, b) in enumerate(zip(*groups, strict=True)) if a[0] and b[0])
-        else:
-            keep = tuple(i for i, judged in enumerate(zip(*groups, strict=True)) if all(j[0] for j in judged))
+        keep = _survivor_positions(groups, len(candidates))
         if set_key is not None:
             if len(memo.sets) > self.set_memo_limit:
                 memo.sets.clear()
@@ -243,7 +271,6 @@ class PolicyGuard:
         an age ticking over a second never re-runs the static (Rego) rules.
         """
         cset = candidates if isinstance(candidates, CandidateSet) else None
-        ids = cset.endpoint_ids if cset is not None else [c.endpoint.endpoint_id for c in candidates]
         static: list[_Judged] | None = None
         set_key: tuple[Any, ...] | None = None
         if cset is not None:
@@ -254,7 +281,8 @@ class PolicyGuard:
         endpoints = endpoints_of(candidates)
         if static is None:
             classes = self._classes(memo, memo.static_class, self._static, candidates, endpoints)
-            static = self._lookup(memo.static, [(k, rs) for k in classes], self._static, memo, req, candidates)
+            static = self._lookup(_table_for(memo.static, rs, self.memo_limit), classes.tolist(), self._static, memo,
+                                  req, candidates)
             if set_key is not None:
                 if len(memo.static_sets) > self.set_memo_limit * 16:
                     memo.static_sets.clear()
@@ -262,22 +290,24 @@ class PolicyGuard:
         if not self._dynamic:
             return [static]
         classes = self._classes(memo, memo.dynamic_class, self._dynamic, candidates, endpoints)
-        dyn_keys: list[tuple[Any, ...]]
-        if block is not None:
-            dyn_keys = [(k, rd, t) for k, t in zip(classes, split_rows(*block, len(ids)), strict=True)]
+        dyn_keys: list[Any]
+        if block is not None:  # class id and telemetry row as one bytes key each, built in C
+            dyn_keys = _kernels.row_keys(classes, *block)
         else:
             tkey = self._telemetry_key
-            dyn_keys = [(k, rd, tkey(c.telemetry)) for k, c in zip(classes, candidates, strict=True)]
-        return [static, self._lookup(memo.dynamic, dyn_keys, self._dynamic, memo, req, candidates)]
+            dyn_keys = [(k, tkey(c.telemetry)) for k, c in zip(classes.tolist(), candidates, strict=True)]
+        return [static, self._lookup(_table_for(memo.dynamic, rd, self.memo_limit), dyn_keys, self._dynamic, memo,
+                                     req, candidates)]
 
-    def _classes(self, memo: _InventoryMemo, table: dict[str, tuple[Any, ...]], rules: Sequence[CompiledRule],
-                 candidates: Sequence[Candidate], endpoints: Sequence[Endpoint]) -> list[tuple[Any, ...]]:
-        """Each endpoint's class for ``rules``: the endpoint facts those rules declared, as one key.
+    def _classes(self, memo: _InventoryMemo, table: dict[str, int], rules: Sequence[CompiledRule],
+                 candidates: Sequence[Candidate], endpoints: Sequence[Endpoint]) -> npt.NDArray[np.int64]:
+        """Each endpoint's class id for ``rules``: the endpoint facts those rules declared, as one key.
 
         Endpoints of one class get the same answers from these rules for the same request and
         telemetry, so the group's memo is keyed by class, not by endpoint: a 65,536-endpoint fleet
         has a few hundred classes, and an endpoint first seen reuses its class's verdicts.
-        A located set's classes are kept per placement (one list read per decision).
+        Classes are numbered (``memo.class_ids``) so that keys hash cheaply. A located set's
+        class ids are kept per placement (one read per decision).
         """
         if isinstance(candidates, CandidateSet):
             pkey = (id(table), candidates.placement)
@@ -287,32 +317,34 @@ class PolicyGuard:
                     memo.placement_classes.clear()
                 whole = memo.placement_classes[pkey] = self._endpoint_classes(
                     memo, table, rules, candidates.placement.endpoints)
-            rows = candidates.rows
-            return whole if len(rows) == len(whole) else [whole[i] for i in rows.tolist()]
+                whole.setflags(write=False)
+            return candidates.column(whole)
         return self._endpoint_classes(memo, table, rules, endpoints)
 
-    def _endpoint_classes(self, memo: _InventoryMemo, table: dict[str, tuple[Any, ...]],
-                          rules: Sequence[CompiledRule], endpoints: Sequence[Endpoint]) -> list[tuple[Any, ...]]:
+    def _endpoint_classes(self, memo: _InventoryMemo, table: dict[str, int], rules: Sequence[CompiledRule],
+                          endpoints: Sequence[Endpoint]) -> npt.NDArray[np.int64]:
         get = table.get
         out = [get(e.endpoint_id) for e in endpoints]
         missing = [i for i, k in enumerate(out) if k is None]
         if missing:
             eps = [endpoints[i] for i in missing]
             per_rule = [self._rule_views(memo, rule, eps) for rule in rules]
+            ids = memo.class_ids
             for n, i in enumerate(missing):
                 key = tuple(views[n][1] for views in per_rule)
-                out[i] = table[endpoints[i].endpoint_id] = key
-        return out  # type: ignore[return-value]
+                cid = ids.get(key)
+                if cid is None:
+                    cid = ids[key] = len(ids)
+                out[i] = table[endpoints[i].endpoint_id] = cid
+        return np.array(out, dtype=np.int64)
 
-    def _lookup(self, table: dict[tuple[Any, ...], _Judged], keys: list[tuple[Any, ...]],
-                rules: Sequence[CompiledRule], memo: _InventoryMemo, req: Mapping[str, Any],
-                candidates: Sequence[Candidate]) -> list[_Judged]:
+    def _lookup(self, table: dict[Any, _Judged], keys: list[Any], rules: Sequence[CompiledRule],
+                memo: _InventoryMemo, req: Mapping[str, Any], candidates: Sequence[Candidate]) -> list[_Judged]:
         if not rules:
             return [(True, ())] * len(candidates)
-        get = table.get
-        out: list[_Judged | None] = [get(k) for k in keys]
-        missed = [i for i, j in enumerate(out) if j is None]
-        if missed:
+        out: list[_Judged | None] = list(map(table.get, keys))
+        if None in out:
+            missed = [i for i, j in enumerate(out) if j is None]
             subset = (candidates.take(missed) if isinstance(candidates, CandidateSet)
                       else [candidates[i] for i in missed])
             fresh = self._judge(rules, memo, req, subset, None)

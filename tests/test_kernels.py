@@ -261,3 +261,14 @@ def test_telemetry_block_is_the_values_then_ceiled_ages_with_one_nan(seed: int, 
     assert got == np.ascontiguousarray(rows).tobytes()
     with pytest.raises(ValueError, match="column"):
         _kernels.telemetry_block(values, stamps, K, at, np.array([K], dtype=np.intp), a)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ids=st.lists(st.integers(-(2**63), 2**63 - 1), max_size=20), width=st.integers(0, 24), seed=st.integers(0, 99))
+def test_row_keys_are_the_id_then_the_row(ids: list[int], width: int, seed: int) -> None:
+    block = np.random.default_rng(seed).bytes(len(ids) * width)
+    keys = _kernels.row_keys(np.array(ids, dtype=np.int64), block, width)
+    assert keys == [np.int64(i).tobytes() + block[n * width:(n + 1) * width] for n, i in enumerate(ids)]
+    if ids and width:
+        with pytest.raises(ValueError, match="block"):
+            _kernels.row_keys(np.array(ids, dtype=np.int64), block[:-1], width)
