@@ -8,12 +8,13 @@ reported as unknown (absent from ``values``, present in ``ages_s``), never silen
 
 from __future__ import annotations
 
+import gc
 import math
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -200,34 +201,45 @@ def dense_row(values: Mapping[str, float]) -> tuple[float, ...]:
     return tuple(get(k, math.nan) for k in CANONICAL)
 
 
-@dataclass(frozen=True, slots=True)
-class _Merged:
-    """An endpoint's node and endpoint values merged, with the oldest timestamp among them."""
+Merged = tuple[tuple[str, ...], tuple[float, ...], tuple[float, ...], float]
+"""An endpoint's node and endpoint values merged: (metric names, their values, their timestamps,
+the oldest timestamp), in name order.
 
-    values: Mapping[str, float]
-    stamps: Mapping[str, float]
-    oldest: float
-    dense: tuple[float, ...]
-    dense_stamps: tuple[float, ...]
+Plain tuples of strings and floats on purpose: the collector untracks such tuples the first
+time it looks at them (see :meth:`TelemetryStore._collect_young`), so a fleet's worth of
+telemetry updates leaves nothing for later collections to scan (with per-endpoint objects or
+dicts, collections after each refresh of 65,536 endpoints paused decisions for hundreds of
+milliseconds). Mappings are built from it only where someone reads one endpoint's values."""
+
+_EMPTY: Merged = ((), (), (), math.inf)
+_NONE: dict[str, float] = {}
+YOUNG_BATCH = 2048  # merged readings made between the store's own young-generation collections
 
 
-_EMPTY = _Merged({}, {}, float("inf"), dense_row({}), dense_row({}))
+def merged_values(m: Merged) -> dict[str, float]:
+    """The metric -> value map of a merged reading."""
+    return dict(zip(m[0], m[1], strict=True))
 
 
-def _known(m: _Merged, t: float, stale_after_s: float) -> tuple[Mapping[str, float], float]:
-    """(the values still known at ``t``, the oldest value's age): older than the limit is unknown."""
-    oldest_age = t - m.oldest if m.stamps else math.inf
-    if oldest_age <= stale_after_s or not m.stamps:
-        return m.values, oldest_age
+def merged_stamps(m: Merged) -> dict[str, float]:
+    """The metric -> timestamp map of a merged reading."""
+    return dict(zip(m[0], m[2], strict=True))
+
+
+def _known(m: Merged, t: float, stale_after_s: float) -> dict[str, float]:
+    """The values still known at ``t``: older than the limit is unknown."""
+    names, values, stamps, oldest = m
+    if t - oldest <= stale_after_s:
+        return dict(zip(names, values, strict=True))
     limit = t - stale_after_s
-    return {k: v for k, v in m.values.items() if m.stamps[k] >= limit}, oldest_age
+    return {k: v for k, v, st in zip(names, values, stamps, strict=True) if st >= limit}
 
 
-def _reading(endpoint_id: str, m: _Merged, t: float, stale_after_s: float) -> TelemetryReading:
+def _reading(endpoint_id: str, m: Merged, t: float, stale_after_s: float) -> TelemetryReading:
     """One endpoint's reading at ``t``: values older than ``stale_after_s`` are unknown."""
-    values, oldest_age = _known(m, t, stale_after_s)
-    return TelemetryReading(endpoint_id, values, _Ages(m.stamps, t), m.dense if values is m.values
-                            else dense_row(values), oldest_age)
+    values = _known(m, t, stale_after_s)
+    return TelemetryReading(endpoint_id, values, _Ages(merged_stamps(m), t), dense_row(values),
+                            t - m[3] if m[0] else math.inf)
 
 
 def mask_stale(values: npt.NDArray[np.float64], stamps: npt.NDArray[np.float64], at: float,
@@ -259,7 +271,7 @@ class TelemetryBatch:
 
     __slots__ = ("_max_age", "_merged", "at", "endpoint_ids", "stale_after_s", "stamps", "values")
 
-    def __init__(self, endpoint_ids: Sequence[str], merged: Sequence[_Merged], at: float, stale_after_s: float,
+    def __init__(self, endpoint_ids: Sequence[str], merged: Sequence[Merged], at: float, stale_after_s: float,
                  arrays: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None,
                  ) -> None:
         self.endpoint_ids = endpoint_ids
@@ -268,8 +280,10 @@ class TelemetryBatch:
         self.stale_after_s = stale_after_s
         if arrays is None:  # (values masked, stamps, max ages) when the caller has them
             n = len(merged)
-            stamps = np.array([m.dense_stamps for m in merged], dtype=np.float64).reshape(n, len(CANONICAL))
-            values = np.array([m.dense for m in merged], dtype=np.float64).reshape(n, len(CANONICAL))
+            stamps = np.array([dense_row(merged_stamps(m)) for m in merged], dtype=np.float64).reshape(
+                n, len(CANONICAL))
+            values = np.array([dense_row(merged_values(m)) for m in merged], dtype=np.float64).reshape(
+                n, len(CANONICAL))
             arrays = (values, stamps, mask_stale(values, stamps, at, stale_after_s))
         self.values, self.stamps, self._max_age = arrays
 
@@ -280,7 +294,7 @@ class TelemetryBatch:
         return _reading(self.endpoint_ids[i], self._merged[i], self.at, self.stale_after_s)
 
     @property
-    def merged(self) -> Sequence[_Merged]:
+    def merged(self) -> Sequence[Merged]:
         """Each endpoint's merged reading as the store held it (immutable objects, shared)."""
         return self._merged
 
@@ -296,12 +310,19 @@ class TelemetryBatch:
                               (self.values[idx], self.stamps[idx], self._max_age[idx]))
 
 
-def known_snapshots(merged: Sequence[_Merged], at: float,
+def known_snapshots(merged: Sequence[Merged], at: float,
                     stale_after_s: float) -> Iterator[tuple[Mapping[str, float], tuple[str, ...], list[int]]]:
     """Per endpoint: (values known at ``at``, names ever reported, their ages in ms), for traces."""
     for m in merged:
-        stamps = m.stamps
-        yield _known(m, at, stale_after_s)[0], tuple(stamps), [int((at - st) * 1000.0) for st in stamps.values()]
+        yield _known(m, at, stale_after_s), m[0], [int((at - st) * 1000.0) for st in m[2]]
+
+
+@dataclass
+class _Targets:
+    """Latest values and their timestamps per scrape target (node or endpoint)."""
+
+    values: dict[str, dict[str, float]] = field(default_factory=dict)
+    stamps: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class TelemetryStore:
@@ -321,17 +342,20 @@ class TelemetryStore:
             self._endpoints_of.setdefault(node, []).append(ep)
         self.stale_after_s = stale_after_s
         self._clock: Callable[[], float] = clock or time.time
-        self._node: dict[str, dict[str, tuple[float, float]]] = {}
-        self._endpoint: dict[str, dict[str, tuple[float, float]]] = {}
-        self._merged: dict[str, _Merged] = {}
+        # target id -> metric -> value, and target id -> metric -> timestamp: float-only inner dicts,
+        # which the collector never tracks (dicts of (value, stamp) tuples it would, for good).
+        self._node = _Targets()
+        self._endpoint = _Targets()
+        self._merged: dict[str, Merged] = {}
         # The same merged state as rows of arrays, for batches: endpoint id -> row (rows are never
-        # reused), each endpoint's _Merged object, values and stamps in CANONICAL columns (NaN: none).
+        # reused), each endpoint's merged reading, values and stamps in CANONICAL columns (NaN: none).
         self._rows: dict[str, int] = {}
         self._row_merged = np.empty(0, dtype=object)
         self._row_values = np.empty((0, len(CANONICAL)))
         self._row_stamps = np.empty((0, len(CANONICAL)))
         self._lock = threading.Lock()
         self.updates = 0
+        self._fresh = 0  # merged readings made since the last young-generation collection
 
     def now(self) -> float:
         return float(self._clock())
@@ -341,36 +365,58 @@ class TelemetryStore:
             self._update(self._node, node_id, values, ts)
             for ep in self._endpoints_of.get(node_id, ()):
                 self._remerge(ep)
+        self._collect_young()
 
     def update_endpoint(self, endpoint_id: str, values: Mapping[str, float], ts: float | None = None) -> None:
         with self._lock:
             self._update(self._endpoint, endpoint_id, values, ts)
             self._remerge(endpoint_id)
+        self._collect_young()
 
-    def _update(self, table: dict[str, dict[str, tuple[float, float]]], key: str,
-                values: Mapping[str, float], ts: float | None) -> None:
-        stamp = self.now() if ts is None else ts
-        merged = dict(table.get(key, {}))
+    def _collect_young(self) -> None:
+        """Run the young-generation collection every ``YOUNG_BATCH`` merged readings made, here.
+
+        An update replaces objects rather than adding them, so allocations minus frees stay
+        level and the collector's own trigger never fires while telemetry churns: the fresh
+        readings pile up in the young generation until some decision's allocations trip it and
+        pay for scanning all of them. Collecting here bounds that scan (to ``YOUNG_BATCH``
+        readings, a few milliseconds) and puts it on the telemetry path; the readings are then
+        untracked (tuples of untracked things) and no later collection sees them again.
+        """
+        if self._fresh >= YOUNG_BATCH:
+            self._fresh = 0
+            # Twice: a pass may meet a reading before the tuples inside it and keep it tracked; the
+            # second pass (over generation 1, where the first moved it) then untracks it.
+            gc.collect(0)
+            gc.collect(1)
+
+    def _update(self, table: _Targets, key: str, values: Mapping[str, float], ts: float | None) -> None:
+        stamp = float(self.now() if ts is None else ts)
+        new_values, new_stamps = dict(table.values.get(key, _NONE)), dict(table.stamps.get(key, _NONE))
         for name, value in values.items():
             if value != value:  # NaN: the exporter has no value (dense rows use NaN for "unknown")
                 continue
-            old = merged.get(name)
-            if old is None or old[1] <= stamp:  # never let an older sample overwrite a newer one
-                merged[name] = (float(value), stamp)
-        table[key] = merged
+            old = new_stamps.get(name)
+            if old is None or old <= stamp:  # never let an older sample overwrite a newer one
+                new_values[name] = float(value)
+                new_stamps[name] = stamp
+        table.values[key], table.stamps[key] = new_values, new_stamps  # readers hold the lock too
         self.updates += 1
 
     def _remerge(self, endpoint_id: str) -> None:
-        items = {**self._node.get(self._node_of.get(endpoint_id, ""), {}), **self._endpoint.get(endpoint_id, {})}
-        stamps = {k: st for k, (_, st) in items.items()}
-        values = {k: v for k, (v, _) in items.items()}
-        m = self._merged[endpoint_id] = _Merged(values, stamps, min(stamps.values()) if stamps else float("inf"),
-                                                dense_row(values), dense_row(stamps))
+        node = self._node_of.get(endpoint_id, "")
+        values = {**self._node.values.get(node, _NONE), **self._endpoint.values.get(endpoint_id, _NONE)}
+        stamps = {**self._node.stamps.get(node, _NONE), **self._endpoint.stamps.get(endpoint_id, _NONE)}
+        names = tuple(values)
+        stamp_row = tuple(map(stamps.__getitem__, names))
+        m = self._merged[endpoint_id] = (names, tuple(values.values()), stamp_row,
+                                         min(stamp_row) if stamp_row else math.inf)
+        self._fresh += 1
         row = self._rows.get(endpoint_id)
         if row is not None:
             self._row_merged[row] = m
-            self._row_values[row] = m.dense
-            self._row_stamps[row] = m.dense_stamps
+            self._row_values[row] = dense_row(values)
+            self._row_stamps[row] = dense_row(stamps)
 
     def rows_of(self, endpoint_ids: Sequence[str]) -> npt.NDArray[np.intp]:
         """Stable row numbers of ``endpoint_ids`` for :meth:`batch` (callers cache them)."""
@@ -386,8 +432,8 @@ class TelemetryStore:
                     row = self._rows[e] = start + k
                     m = self._merged.get(e, _EMPTY)
                     self._row_merged[row] = m
-                    self._row_values[row] = m.dense
-                    self._row_stamps[row] = m.dense_stamps
+                    self._row_values[row] = dense_row(merged_values(m))
+                    self._row_stamps[row] = dense_row(merged_stamps(m))
             return np.array([self._rows[e] for e in endpoint_ids], dtype=np.intp)
 
     def ingest_exposition(self, text: str, *, node_id: str = "", endpoint_id: str = "",
@@ -419,7 +465,7 @@ class TelemetryStore:
             get = self._merged.get
             return TelemetryBatch(endpoint_ids, [get(e, _EMPTY) for e in endpoint_ids], t, self.stale_after_s)
         with self._lock:  # one consistent instant: objects and arrays from the same writes
-            merged: list[_Merged] = self._row_merged[rows].tolist()
+            merged: list[Merged] = self._row_merged[rows].tolist()
             values = self._row_values[rows]
             stamps = self._row_stamps[rows]
         ages = mask_stale(values, stamps, t, self.stale_after_s)
@@ -430,7 +476,7 @@ class TelemetryStore:
         return {e: self.reading(e, t) for e in endpoint_ids}
 
     def known_endpoints(self) -> int:
-        return len(self._endpoint)
+        return len(self._endpoint.values)
 
 def canonical_name(metric: str) -> tuple[str, bool] | None:
     """(canonical name, is node-level) for a canonical or exporter metric name; None if unknown."""

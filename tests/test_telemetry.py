@@ -91,3 +91,22 @@ def test_canonical_name_knows_exporter_names() -> None:
     assert t.canonical_name("vllm:kv_cache_usage_perc") == (t.KV_CACHE_USAGE, False)
     assert t.canonical_name("queue_waiting") == (t.QUEUE_WAITING, False)
     assert t.canonical_name("nope") is None
+
+
+def test_refreshed_readings_leave_nothing_for_the_collector_to_rescan() -> None:
+    """A refresh of every endpoint replaces objects without adding any, so the collector's own
+    trigger never fires; the store collects its young readings itself and they end untracked."""
+    import gc
+
+    n = 3 * t.YOUNG_BATCH
+    store = t.TelemetryStore({f"ep{i}": f"n{i}" for i in range(n)})
+    store.rows_of([f"ep{i}" for i in range(n)])
+    for rnd in range(2):
+        for i in range(n):
+            store.update_node(f"n{i}", {"gpu_temp_c": 50.0 + rnd, "xid_errors": 0.0}, ts=100.0 + rnd)
+            store.update_endpoint(f"ep{i}", {"queue_waiting": float(i % 7)}, ts=100.0 + rnd)
+    tracked = sum(gc.is_tracked(m) for m in store._merged.values())
+    assert tracked <= t.YOUNG_BATCH  # at most the readings since the store's last collection
+    r = store.reading("ep5", now=101.5)
+    assert dict(r.values) == {"gpu_temp_c": 51.0, "xid_errors": 0.0, "queue_waiting": 5.0}
+    assert r.ages_s["queue_waiting"] == pytest.approx(0.5) and r.max_age_s == pytest.approx(0.5)
