@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import compress
 from operator import itemgetter
 from typing import Any
 
@@ -100,11 +101,12 @@ _first = itemgetter(0)
 
 
 def _survivor_positions(groups: Sequence[Sequence[_Judged]], n: int) -> tuple[int, ...]:
-    """Positions every group allows (a verdict's first item), as C loops rather than a Python one."""
-    ok = np.ones(n, dtype=np.bool_)
-    for group in groups:
-        ok &= np.fromiter(map(_first, group), dtype=np.bool_, count=n)
-    return tuple(np.flatnonzero(ok).tolist())
+    """Positions every group allows (a verdict's first item): the first group through C-level
+    iterators, the others only over its survivors."""
+    keep: Iterable[int] = compress(range(n), map(_first, groups[0])) if groups else range(n)
+    for group in groups[1:]:
+        keep = [i for i in keep if group[i][0]]
+    return tuple(keep)
 
 
 def _union(rules: Sequence[CompiledRule], attr: str) -> tuple[str, ...]:
@@ -172,6 +174,9 @@ class PolicyGuard:
                                  for r in rules)
         self._rule_index = {r.spec.id: i for i, r in enumerate(rules)}
         self._outcomes: dict[RuleOutcome, RuleOutcome] = {}
+        # Equal verdict tuples are one object too: the memos then hold a few hundred distinct
+        # verdicts, not one per (class, telemetry) entry, and reading them stays in cache.
+        self._verdicts: dict[_Judged, _Judged] = {}
         self._needs_state = any(r.spec.state for r in rules)
         self._memos: dict[str, _InventoryMemo] = {}
         self.commit_errors = 0
@@ -459,7 +464,13 @@ class PolicyGuard:
                 if d and not o[1]:
                     ok = False
                     break
-            out.append((ok, outs))
+            judged = (ok, outs)
+            shared = self._verdicts.get(judged)
+            if shared is None:
+                if len(self._verdicts) > self.memo_limit:
+                    self._verdicts.clear()
+                shared = self._verdicts[judged] = judged
+            out.append(shared)
         return out
 
     def _run(self, rule: CompiledRule, rview: Mapping[str, Any], items: Sequence[Mapping[str, Any]],
