@@ -74,3 +74,14 @@ def test_serve_answers_over_grpc_and_shuts_down_on_sigterm(fresh_pg_url: str, tm
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
     assert code == 0
+
+
+def test_bench_decide_prints_a_table_and_its_json_last() -> None:
+    proc = _run("bench", "decide", "--endpoints", "512", "--iterations", "300", "--json")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert any("in-process decision latency" in line for line in lines[:-1])  # the readable table first
+    out = json.loads(lines[-1])
+    assert out["endpoints"] == 512 and out["candidates"] == 64
+    assert 0 < out["p50_us"] <= out["p99_us"] <= out["p999_us"] <= out["max_us"]
+    assert {"locate", "guard", "score", "choose"} <= set(out["stage_p50_us"])
