@@ -156,10 +156,9 @@ class RouteFeatures:
         # id(endpoint) -> (endpoint, static row, region); the row is
         # [cold, tier one-hot (3), GPU one-hot (5), power capacity W, affinity bucket, site one-hot (B)]
         self._static: dict[int, tuple[Endpoint, tuple[float, ...], str]] = {}
-        # id(placement) -> (placement, its endpoints' static rows as a matrix, their regions)
-        self._blocks: dict[int, tuple[Placement, FloatArray, npt.NDArray[np.str_]]] = {}
-        # (id(placement), client region) -> (placement, 1.0 where its endpoint is in that region)
-        self._regions: dict[tuple[int, str], tuple[Placement, FloatArray]] = {}
+        # id(placement) -> (placement, its endpoints' static rows as a matrix, their regions,
+        # client region -> 1.0 where the endpoint is in it)
+        self._blocks: dict[int, tuple[Placement, FloatArray, npt.NDArray[np.str_], dict[str, FloatArray]]] = {}
 
     def _endpoint_part(self, ep: Endpoint) -> tuple[Endpoint, tuple[float, ...], str]:
         hit = self._static.get(id(ep))
@@ -177,8 +176,9 @@ class RouteFeatures:
         self._static[id(ep)] = entry
         return entry
 
-    def _static_block(self, candidates: Sequence[Candidate]) -> tuple[FloatArray, npt.NDArray[np.str_]]:
-        """The endpoint-only columns and regions; per placement (shared by its decisions) when located."""
+    def _static_block(self, candidates: Sequence[Candidate], client: str) -> tuple[FloatArray, FloatArray]:
+        """The endpoint-only columns, and 1.0 where the endpoint is in the ``client`` region; per
+        placement (shared by its decisions) when located."""
         width = _STATIC_COLS + self.site_buckets
         if isinstance(candidates, CandidateSet):
             p = candidates.placement
@@ -188,34 +188,20 @@ class RouteFeatures:
                 block = np.array([q[1] for q in parts], dtype=np.float64).reshape(len(parts), width)
                 if len(self._blocks) > 65536:
                     self._blocks.clear()
-                hit = self._blocks[id(p)] = (p, block, np.array([q[2] for q in parts], dtype=np.str_))
-            return candidates.column(hit[1]), candidates.column(hit[2])
+                hit = self._blocks[id(p)] = (p, block, np.array([q[2] for q in parts], dtype=np.str_), {})
+            same = hit[3].get(client)
+            if same is None:
+                same = hit[3][client] = _same_region(hit[2], client)
+            return candidates.column(hit[1]), candidates.column(same)
         parts = [self._endpoint_part(c.endpoint) for c in candidates]
         return (np.array([q[1] for q in parts], dtype=np.float64).reshape(len(parts), width),
-                np.array([q[2] for q in parts], dtype=np.str_))
-
-    def _same_region(self, candidates: Sequence[Candidate], regions: npt.NDArray[np.str_], client: str) -> FloatArray:
-        """1.0 where a candidate is in the client's region; per (placement, client) when located."""
-        if not client:
-            return np.zeros(len(regions))
-        if isinstance(candidates, CandidateSet):
-            key = (id(candidates.placement), client)
-            hit = self._regions.get(key)
-            if hit is None or hit[0] is not candidates.placement:
-                p = candidates.placement
-                _, all_regions = self._blocks[id(p)][1:]
-                if len(self._regions) > 65536:
-                    self._regions.clear()
-                hit = self._regions[key] = (p, (all_regions == client).astype(np.float64))
-            same: FloatArray = candidates.column(hit[1])
-            return same
-        return np.asarray(regions == client, dtype=np.float64)
+                _same_region(np.array([q[2] for q in parts], dtype=np.str_), client))
 
     def build_matrix(self, ctx: RequestContext, candidates: Sequence[Candidate], est: Estimates) -> FloatArray:
         """The feature matrix: one row per candidate, columns in :attr:`names` order (computed by
         :func:`decision._kernels.route_features`, one pass in C, as the module docstring says)."""
         n = len(candidates)
-        S, regions = self._static_block(candidates)
+        S, same_region = self._static_block(candidates, ctx.client_region)
         target = ctx.ttft_target_ms if ctx.ttft_target_ms > 0 else self.default_target_ms
         budget = ctx.max_cost_per_1k_tokens if ctx.max_cost_per_1k_tokens > 0 else self.cost_ref
         size_in = min(max(math.log1p(max(0, ctx.estimated_input_tokens)) / _LOG_TOKENS, 0.0), 1.5)
@@ -225,11 +211,17 @@ class RouteFeatures:
         X = np.empty((n, len(self.names)), dtype=np.float64)
         c = np.ascontiguousarray
         _kernels.route_features(c(S), c(est.telemetry), c(est.ttft_ms), c(est.queue_ms), c(est.cost_per_1k),
-                                c(est.rtt_ms), c(est.max_age_s), self._same_region(candidates, regions,
-                                                                                   ctx.client_region),
+                                c(est.rtt_ms), c(est.max_age_s), same_region,
                                 X, *_TEL_COLS, session, modality, self.site_buckets, float(target), float(budget),
                                 size_in, size_out, float(self.stale_after_s))
         return X
+
+
+def _same_region(regions: npt.NDArray[np.str_], client: str) -> FloatArray:
+    """1.0 where ``regions`` is the client's region (all 0.0 without one)."""
+    if not client:
+        return np.zeros(len(regions))
+    return np.asarray(regions == client, dtype=np.float64)
 
 
 def default_feature_builder() -> RouteFeatures:
