@@ -49,18 +49,19 @@ enum { E_TTFT, E_COST, E_QUEUE, E_PREFILL, E_COLD, E_RUNNING, E_WAITING, E_KV, E
 
 PyDoc_STRVAR(estimate_doc,
 "estimate(numbers, tel, rtt, egress, inflight, ncols, run_col, wait_col, kv_col, in_tok, out_tok,\n"
-"         unknown_load, out)\n\n"
+"         unknown_load, egress_factor, out)\n\n"
 "Expected TTFT and cost of n candidates into out (8 x n rows: ttft, cost, queue, prefill, cold,\n"
 "running, waiting, kv). numbers: n x 5 endpoint numbers; tel: n x ncols telemetry (NaN unknown);\n"
-"rtt: n; egress ($/GB) and inflight (this router's requests without outcome): n, or None.");
+"rtt: n; egress ($/GB) and inflight (this router's requests without outcome): n, or None;\n"
+"egress_factor: GB sent per 1K output tokens (cost = nominal + egress * egress_factor).");
 
 static PyObject *estimate(PyObject *self, PyObject *args) {
     Py_buffer numbers = {0}, tel = {0}, rtt = {0}, egress = {0}, inflight = {0}, out = {0};
     PyObject *egress_obj, *inflight_obj;
     Py_ssize_t ncols, run_col, wait_col, kv_col;
-    double in_tok, out_tok, unknown_load;
-    if (!PyArg_ParseTuple(args, "y*y*y*OOnnnndddw*", &numbers, &tel, &rtt, &egress_obj, &inflight_obj, &ncols,
-                          &run_col, &wait_col, &kv_col, &in_tok, &out_tok, &unknown_load, &out))
+    double in_tok, out_tok, unknown_load, egress_factor;
+    if (!PyArg_ParseTuple(args, "y*y*y*OOnnnnddddw*", &numbers, &tel, &rtt, &egress_obj, &inflight_obj, &ncols,
+                          &run_col, &wait_col, &kv_col, &in_tok, &out_tok, &unknown_load, &egress_factor, &out))
         return NULL;
     Py_buffer *views[] = {&numbers, &tel, &rtt, &egress, &inflight, &out};
     PyObject *result = NULL;
@@ -78,8 +79,6 @@ static PyObject *estimate(PyObject *self, PyObject *args) {
     }
     const double *num = numbers.buf, *t = tel.buf, *r = rtt.buf, *eg = egress.buf, *inf = inflight.buf;
     double *o = out.buf;
-    /* Egress is paid on prompt and completion text, spread over the completion's 1K tokens. */
-    const double egress_factor = (in_tok + out_tok) * 4.0 / 1e9 * 1000.0 / out_tok;
     for (Py_ssize_t i = 0; i < n; i++) {
         const double *e = num + i * 5, *row = t + i * ncols;
         const double conc = e[0], prefill_tps = e[1], decode_tps = e[2], cold_ms = e[3], nominal = e[4];

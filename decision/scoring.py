@@ -25,7 +25,7 @@ from decision.contracts import FeatureBuilder
 from decision.domain import Candidate, Estimates, RequestContext, ScoredArms
 from decision.telemetry import CANONICAL, KV_CACHE_USAGE, QUEUE_RUNNING, QUEUE_WAITING, dense_row
 
-BYTES_PER_TOKEN = 4.0  # egress estimate for prompt + completion text (the kernel's constant)
+BYTES_PER_TOKEN = 4.0  # egress estimate for prompt + completion text
 ESTIMATE_ROWS: tuple[str, ...] = ("ttft_ms", "cost_per_1k", "queue_ms", "prefill_ms", "cold_start_ms", "running",
                                   "waiting", "kv_cache_usage")  # _kernels.estimate's output rows
 COMPONENTS: tuple[str, ...] = ("queue_ms", "prefill_ms", "rtt_ms", "cold_start_ms", "running", "waiting",
@@ -90,7 +90,9 @@ def score_candidates(ctx: RequestContext, candidates: Sequence[Candidate], featu
     out = np.empty((len(ESTIMATE_ROWS), n), dtype=np.float64)
     _kernels.estimate(np.ascontiguousarray(static), np.ascontiguousarray(tel), np.ascontiguousarray(rtt),
                       None if egress_gb is None else np.ascontiguousarray(egress_gb),
-                      local, len(CANONICAL), _RUN, _WAIT, _KV, float(in_tok), float(out_tok), unknown_load, out)
+                      local, len(CANONICAL), _RUN, _WAIT, _KV, float(in_tok), float(out_tok), unknown_load,
+                      # Egress is paid on prompt and completion text, spread over the completion's 1K tokens.
+                      (in_tok + out_tok) * BYTES_PER_TOKEN / 1e9 * 1000.0 / out_tok, out)
     ttft, cost, queue_ms, prefill_ms, cold_ms, running, waiting, kv = out
     est = Estimates(ttft, cost, queue_ms, rtt, tel, ages)
     matrix = np.ascontiguousarray(features.build_matrix(ctx, candidates, est), dtype=np.float64)

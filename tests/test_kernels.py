@@ -145,7 +145,8 @@ def test_estimate_matches_the_numpy_formulas(seed: int, n: int, in_tok: int, out
     eg = egress if with_egress else None
     inf = inflight if with_inflight else None
     _kernels.estimate(static, tel, rtt, eg, inf, K, COLUMN[QUEUE_RUNNING], COLUMN[QUEUE_WAITING],
-                      COLUMN[KV_CACHE_USAGE], float(in_tok), float(out_tok), 0.5, out)
+                      COLUMN[KV_CACHE_USAGE], float(in_tok), float(out_tok), 0.5,
+                      (in_tok + out_tok) * BYTES_PER_TOKEN / 1e9 * 1000.0 / out_tok, out)
     want = reference_estimates(static, tel, rtt, eg, inf, in_tok, out_tok, 0.5)
     for name, row in zip(ESTIMATE_ROWS, out, strict=True):
         _assert_same(row, want[name])
@@ -204,7 +205,7 @@ def test_route_features_match_the_documented_table(seed: int, n: int, buckets: i
 def test_kernels_refuse_wrong_shapes_and_strided_arrays() -> None:
     static, tel, rtt, egress, inflight = _world(1, 8)
     out = np.empty((len(ESTIMATE_ROWS), 8))
-    args = (K, COLUMN[QUEUE_RUNNING], COLUMN[QUEUE_WAITING], COLUMN[KV_CACHE_USAGE], 100.0, 10.0, 0.5)
+    args = (K, COLUMN[QUEUE_RUNNING], COLUMN[QUEUE_WAITING], COLUMN[KV_CACHE_USAGE], 100.0, 10.0, 0.5, 4.4e-5)
     with pytest.raises(ValueError, match="numbers"):
         _kernels.estimate(static[:7], tel, rtt, None, None, *args, out)
     with pytest.raises(ValueError, match="out"):
@@ -212,7 +213,7 @@ def test_kernels_refuse_wrong_shapes_and_strided_arrays() -> None:
     with pytest.raises(ValueError, match="egress"):
         _kernels.estimate(static, tel, rtt, egress[:3], None, *args, out)
     with pytest.raises(ValueError, match="column"):
-        _kernels.estimate(static, tel, rtt, None, None, K, K, 0, 0, 100.0, 10.0, 0.5, out)
+        _kernels.estimate(static, tel, rtt, None, None, K, K, 0, 0, 100.0, 10.0, 0.5, 4.4e-5, out)
     with pytest.raises((ValueError, BufferError)):
         _kernels.estimate(static, tel, rtt, None, inflight[::2], *args, out)  # a strided view
     with pytest.raises((ValueError, BufferError)):
