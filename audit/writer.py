@@ -71,7 +71,21 @@ class AtBound:
             log.error("audit log full: dropped %d events so far (fail-open, tenant %s)", self.dropped, tenant)
 
 
-class AuditWriter:
+class AtBoundCounts:
+    """``dropped`` and ``refused``: what a writer's :class:`AtBound` policy has counted."""
+
+    at_bound: AtBound
+
+    @property
+    def dropped(self) -> int:
+        return self.at_bound.dropped
+
+    @property
+    def refused(self) -> int:
+        return self.at_bound.refused
+
+
+class AuditWriter(AtBoundCounts):
     """An :class:`~decision.contracts.AuditSink` writing to PostgreSQL, never losing an event.
 
     Parameters
@@ -135,14 +149,6 @@ class AuditWriter:
     @property
     def spool_bytes(self) -> int:
         return self.spool.size_bytes
-
-    @property
-    def dropped(self) -> int:
-        return self.at_bound.dropped
-
-    @property
-    def refused(self) -> int:
-        return self.at_bound.refused
 
     def _full(self, tenant: str) -> bool:
         if self.spool.size_bytes < self.settings.spool_max_bytes and not self._q.full():

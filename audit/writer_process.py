@@ -41,7 +41,7 @@ import psycopg
 from audit.masking import Masker
 from audit.settings import AuditSettings
 from audit.shipping import Message, Packer, Unpacker, decode, encode
-from audit.writer import METRIC_NAMES, AtBound
+from audit.writer import METRIC_NAMES, AtBound, AtBoundCounts
 from decision.trace_format import TraceParts
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ _SHIP_EVERY_S = 0.01  # the writer flushes every flush_interval_s (0.2 s) anyway
 _SHIP_MAX = 512
 
 
-class ProcessAuditWriter:
+class ProcessAuditWriter(AtBoundCounts):
     """An audit sink whose writer runs in a child process (see the module docstring).
 
     Parameters
@@ -93,14 +93,6 @@ class ProcessAuditWriter:
         self._shipper.start()
 
     # -- request path --------------------------------------------------------------------------
-    @property
-    def dropped(self) -> int:
-        return self.at_bound.dropped
-
-    @property
-    def refused(self) -> int:
-        return self.at_bound.refused
-
     def _full(self, tenant: str) -> bool:
         backlog = self._submitted - self._confirmed
         if backlog < self.settings.queue_max and self._metric("spool_bytes") < self.settings.spool_max_bytes:
