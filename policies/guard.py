@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import compress
 from operator import itemgetter
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -95,6 +95,20 @@ def _table_for(tables: dict[tuple[Any, ...], dict[Any, _Judged]], request_values
             tables.clear()
         table = tables[request_values] = {}
     return table
+
+
+_T = TypeVar("_T", bound=Hashable)
+
+
+def _shared(table: dict[_T, _T], value: _T, limit: int) -> _T:
+    """The one object equal to ``value`` that ``table`` keeps (``value`` itself the first time);
+    past ``limit`` entries the table starts over."""
+    hit = table.get(value)
+    if hit is None:
+        if len(table) > limit:
+            table.clear()
+        hit = table[value] = value
+    return hit
 
 
 _first = itemgetter(0)
@@ -366,13 +380,7 @@ class PolicyGuard:
     # -- evaluation proper --
     def _outcome(self, rule: CompiledRule, ok: bool, reason: str) -> RuleOutcome:
         """One rule's answer as a shared tuple (equal answers are one object)."""
-        key = (self._rule_index[rule.spec.id], ok, reason)
-        hit = self._outcomes.get(key)
-        if hit is None:
-            if len(self._outcomes) > self.memo_limit:
-                self._outcomes.clear()
-            hit = self._outcomes[key] = key
-        return hit
+        return _shared(self._outcomes, (self._rule_index[rule.spec.id], ok, reason), self.memo_limit)
 
     def _judge_request(self, rule: CompiledRule, req: Mapping[str, Any],
                        state: Mapping[str, Any]) -> tuple[bool, str]:
@@ -464,13 +472,7 @@ class PolicyGuard:
                 if d and not o[1]:
                     ok = False
                     break
-            judged = (ok, outs)
-            shared = self._verdicts.get(judged)
-            if shared is None:
-                if len(self._verdicts) > self.memo_limit:
-                    self._verdicts.clear()
-                shared = self._verdicts[judged] = judged
-            out.append(shared)
+            out.append(_shared(self._verdicts, (ok, outs), self.memo_limit))
         return out
 
     def _run(self, rule: CompiledRule, rview: Mapping[str, Any], items: Sequence[Mapping[str, Any]],
