@@ -8,6 +8,7 @@ import multiprocessing as mp
 import random
 import statistics
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from rich.console import Console
@@ -19,7 +20,10 @@ from decision.stats import percentile
 
 
 def stages_recorder(stages: dict[str, list[float]]) -> Any:
-    return lambda stage, us: stages.setdefault(stage, []).append(us)
+    def record(timings: Mapping[str, float]) -> None:
+        for stage, us in timings.items():
+            stages.setdefault(stage, []).append(us)
+    return record
 
 
 def _client(target: str, kind: str, concurrency: int, duration_s: float, requests: list[dict[str, Any]],
@@ -174,7 +178,7 @@ def bench_decide(sizes: list[int], *, candidates: int, iterations: int, policies
         engine = DecisionEngine(fleet, store, guard, make_learner(learner, len(features.names)),
                                 features=features)
         stages: dict[str, list[float]] = {}
-        engine.on_stage = stages_recorder(stages)
+        engine.on_stages = stages_recorder(stages)
         models = sorted(fleet.models)
         rng = random.Random(5)
         regions = sorted({s.region for s in fleet.sites.values()})

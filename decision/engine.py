@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from decision.candidates import CandidateSet, Placement, endpoints_of
+from decision.candidates import CandidateSet, Placement, endpoint_ids_of, endpoints_of, max_age_of
 from decision.contracts import AuditSink, FeatureBuilder, Guard, Learner, RewardFunction, TraceReader
 from decision.domain import (
     Candidate,
@@ -175,7 +175,8 @@ class DecisionEngine:
         self._learn_lock = threading.Lock()
         self.stats: dict[str, int] = {"decisions": 0, "denied": 0, "quota_denied": 0, "outcomes": 0,
                                       "outcomes_missing": 0, "outcomes_duplicate": 0}
-        self.on_stage: Callable[[str, float], None] | None = None
+        # Called with each decision's stage times (µs) once it is made (metrics, benchmarks).
+        self.on_stages: Callable[[Mapping[str, float]], None] | None = None
 
     # -- hot-swappable parts: a decision reads each reference once, so it sees one revision --
     @property
@@ -257,35 +258,36 @@ class DecisionEngine:
             raise RuntimeError(f"learner {learner.name} returned an invalid choice {choice}")
         shadows = [self._shadow_choice(s, ctx, scored) for s in self.shadow]
         t5 = time.perf_counter()
-        chosen = scored[choice.arm]
+        # The chosen arm is read from the score stage's columns (a ScoredCandidate would build the
+        # candidate's whole telemetry reading, which nothing here needs).
+        arm = choice.arm
+        allowed_eps = endpoints_of(scored.candidates)
+        ep = allowed_eps[arm]
+        ttft_ms, cost = float(scored.ttft_ms[arm]), float(scored.cost_per_1k[arm])
         # Fallbacks: the next best by the learner's scores (stable: ties keep the offered order).
         order = np.argsort(-np.asarray(choice.scores, dtype=np.float64), kind="stable")[: self.max_fallbacks + 1]
-        allowed_eps = endpoints_of(scored.candidates)
-        fallbacks = tuple(Route.of(allowed_eps[i]) for i in order.tolist() if i != choice.arm)[: self.max_fallbacks]
+        fallbacks = tuple(Route.of(allowed_eps[i]) for i in order.tolist() if i != arm)[: self.max_fallbacks]
         timings = {"locate": (t1 - t0) * 1e6, "prefetch": (t2 - t1) * 1e6, "guard": (t3 - t2) * 1e6,
                    "score": (t4 - t3) * 1e6, "choose": (t5 - t4) * 1e6}
         stored, trace = self._trace(ctx, fleet, candidates, result, scored, choice, fallbacks, learner, shadows,
                                     timings, now)
-        ep = chosen.candidate.endpoint
         decision_us = (time.perf_counter() - t0) * 1e6
         decision = Decision(
             decision_id=decision_id, request=ctx, route=Route.of(ep), fallbacks=fallbacks,
             propensity=choice.propensity, policy_revision=result.revision,
-            learner=f"{learner.name}@{learner.version}", expected_ttft_ms=chosen.expected_ttft_ms,
-            expected_cost_per_1k_tokens=chosen.expected_cost_per_1k_tokens,
-            reason=self._reason(chosen, len(candidates), len(result.allowed), choice, learner),
+            learner=f"{learner.name}@{learner.version}", expected_ttft_ms=ttft_ms, expected_cost_per_1k_tokens=cost,
+            reason=self._reason(ep, ttft_ms, cost, len(candidates), len(result.allowed), choice, learner),
             trace=trace, decided_at=now, decision_us=decision_us, stored_trace=stored,
-            telemetry_age_s=chosen.candidate.telemetry.max_age_s,
+            telemetry_age_s=max_age_of(scored.candidates, arm),
         )
         guard.commit(ctx, decision)
-        self._remember(decision_id, _Pending(ctx, ep.endpoint_id, chosen.features, chosen.expected_ttft_ms,
-                                             chosen.expected_cost_per_1k_tokens, now + self.outcome_timeout_s))
+        self._remember(decision_id, _Pending(ctx, ep.endpoint_id, tuple(scored.matrix[arm].tolist()), ttft_ms, cost,
+                                             now + self.outcome_timeout_s))
         if self.audit is not None:
             self.audit.submit_decision(decision_event(decision, "routed", ()))
         self.stats["decisions"] += 1
-        if self.on_stage is not None:
-            for stage, us in timings.items():
-                self.on_stage(stage, us)
+        if self.on_stages is not None:
+            self.on_stages(timings)
         return decision
 
     @staticmethod
@@ -299,7 +301,7 @@ class DecisionEngine:
         try:
             c = learner.choose(ctx, scored)
             return {"learner": f"{learner.name}@{learner.version}",
-                    "chosen": scored[c.arm].candidate.endpoint.endpoint_id, "propensity": c.propensity}
+                    "chosen": endpoint_ids_of(scored.candidates)[c.arm], "propensity": c.propensity}
         except Exception as exc:  # a shadow must never break the acting decision
             return {"learner": f"{learner.name}@{learner.version}", "error": repr(exc)}
 
@@ -317,12 +319,11 @@ class DecisionEngine:
         raise NoCandidate(rules, decision_id)
 
     @staticmethod
-    def _reason(chosen: ScoredCandidate, n_located: int, n_allowed: int, choice: Choice,
+    def _reason(ep: Endpoint, ttft_ms: float, cost: float, n_located: int, n_allowed: int, choice: Choice,
                 learner: Learner) -> str:
-        ep = chosen.candidate.endpoint
         return (f"{learner.name} chose {ep.endpoint_id} ({ep.gpu_type} at {ep.site_id}, {ep.tier}) of "
-                f"{n_allowed} allowed/{n_located} located: expected TTFT {chosen.expected_ttft_ms:.0f} ms, "
-                f"${chosen.expected_cost_per_1k_tokens:.5f}/1K tokens, p={choice.propensity:.3f}")
+                f"{n_allowed} allowed/{n_located} located: expected TTFT {ttft_ms:.0f} ms, "
+                f"${cost:.5f}/1K tokens, p={choice.propensity:.3f}")
 
     def _trace(self, ctx: RequestContext, fleet: Fleet, candidates: Sequence[Candidate],
                result: GuardResult, scored: Sequence[ScoredCandidate], choice: Choice | None,

@@ -135,7 +135,7 @@ class Service:
             max_fallbacks=config.decision.max_fallbacks, max_candidates=config.decision.max_candidates,
             count_inflight=config.decision.count_inflight,
             outcome_timeout_s=config.decision.outcome_timeout_s)
-        self.engine.on_stage = lambda stage, us: self.metrics.stage_seconds.labels(stage).observe(us / 1e6)
+        self.engine.on_stages = self.metrics.record_stages
         self.metrics.gauge("infermesh_pending_outcomes", "Decisions awaiting an outcome.",
                            lambda: float(self.engine.pending_outcomes() if self.engine else 0))
         for name, read in self.audit.gauges.items():
