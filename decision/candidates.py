@@ -114,6 +114,13 @@ def endpoints_of(candidates: Sequence[Any]) -> Sequence[Endpoint]:
     return [c.endpoint for c in candidates]
 
 
+def max_age_of(candidates: Sequence[Any], i: int) -> float:
+    """Candidate ``i``'s oldest telemetry age (s; inf: none), without building the candidate."""
+    if isinstance(candidates, CandidateSet):
+        return float(candidates.telemetry.max_age_s()[i])
+    return float(candidates[i].telemetry.max_age_s)
+
+
 def endpoint_ids_of(candidates: Sequence[Any]) -> Sequence[str]:
     """The candidates' endpoint ids, without building candidates where they are columns."""
     if isinstance(candidates, CandidateSet):
