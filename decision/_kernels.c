@@ -320,12 +320,170 @@ done:
     return result;
 }
 
+/* numpy's argmax rule: the first maximum, where NaN counts as the maximum (its first occurrence). */
+static inline int beats(double v, double best) { return !isnan(best) && (isnan(v) || v > best); }
+
+PyDoc_STRVAR(safe_scores_doc,
+"safe_scores(X, ttft, theta, a_inv, alpha, slack, margin_ms, scores, eligible) -> (best, m)\n\n"
+"The linear learners' safe set and scores (learners/_linear.py) for n arms of d features.\n"
+"Eligible: ttft <= min(ttft) * (1 + slack) + margin_ms (every arm when slack < 0 or n < 2); their\n"
+"indices go to eligible (intp, n), m of them. Each arm's score is x . theta, plus\n"
+"alpha * sqrt(max(x . a_inv x, 0)) when a_inv is given (UCB). When some arm is not eligible,\n"
+"those arms keep their order by x . theta but rank below every eligible one: score\n"
+"mean - max(mean) + (min eligible score - 1 - (max(mean) - min(mean))). Returns the position in\n"
+"eligible of the best eligible score (numpy's argmax) and m; ValueError when none is eligible.");
+
+static PyObject *safe_scores(PyObject *self, PyObject *args) {
+    Py_buffer X = {0}, ttft = {0}, theta = {0}, a_inv = {0}, scores = {0}, eligible = {0};
+    PyObject *a_inv_obj;
+    double alpha, slack, margin;
+    if (!PyArg_ParseTuple(args, "y*y*y*Odddw*w*", &X, &ttft, &theta, &a_inv_obj, &alpha, &slack, &margin, &scores,
+                          &eligible))
+        return NULL;
+    Py_buffer *views[] = {&X, &ttft, &theta, &a_inv, &scores, &eligible};
+    PyObject *result = NULL;
+    if (optional_buffer(a_inv_obj, &a_inv) < 0) goto done;
+    const Py_ssize_t n = ttft.len / (Py_ssize_t)sizeof(double), d = theta.len / (Py_ssize_t)sizeof(double);
+    if (check_len(&ttft, n, sizeof(double), "ttft") < 0 || check_len(&X, n * d, sizeof(double), "X") < 0 ||
+        check_len(&scores, n, sizeof(double), "scores") < 0 ||
+        check_len(&eligible, n, sizeof(Py_ssize_t), "eligible") < 0 ||
+        (a_inv.obj && check_len(&a_inv, d * d, sizeof(double), "a_inv") < 0))
+        goto done;
+    if (n == 0) {
+        PyErr_SetString(PyExc_ValueError, "no arms offered");
+        goto done;
+    }
+    const double *x = X.buf, *t = ttft.buf, *th = theta.buf, *ai = a_inv.buf;
+    double *sc = scores.buf;
+    Py_ssize_t *el = eligible.buf, m = 0;
+    int all = 1;
+    if (slack >= 0.0 && n >= 2) {
+        double lo = t[0];
+        for (Py_ssize_t i = 1; i < n; i++) lo = np_min(lo, t[i]);
+        const double bound = lo * (1.0 + slack) + margin;
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (t[i] <= bound) el[m++] = i;
+        all = m == n;
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++) el[i] = i;
+        m = n;
+    }
+    if (m == 0) {
+        PyErr_SetString(PyExc_ValueError, "no arm is eligible (an expected TTFT is NaN)");
+        goto done;
+    }
+    /* Every arm's mean first (the ineligible keep it, shifted); then the eligible arms' own scores. */
+    double mean_lo = 0.0, mean_hi = 0.0, best_score = 0.0, primary_lo = 0.0;
+    Py_ssize_t best = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        double mean = 0.0;
+        for (Py_ssize_t j = 0; j < d; j++) mean += x[i * d + j] * th[j];
+        sc[i] = mean;
+        mean_lo = i ? np_min(mean_lo, mean) : mean;
+        mean_hi = i ? np_max(mean_hi, mean) : mean;
+    }
+    for (Py_ssize_t k = 0; k < m; k++) {
+        const Py_ssize_t i = el[k];
+        double v = sc[i];
+        if (ai != NULL && alpha != 0.0) {
+            double w = 0.0;
+            const double *xi = x + i * d;
+            for (Py_ssize_t j = 0; j < d; j++) {
+                double row = 0.0; /* (x A^-1)_j */
+                for (Py_ssize_t l = 0; l < d; l++) row += xi[l] * ai[l * d + j];
+                w += row * xi[j];
+            }
+            v = v + alpha * sqrt(np_max(w, 0.0));
+        }
+        sc[i] = v;
+        if (k == 0 || beats(v, best_score)) {
+            best = k;
+            best_score = v;
+        }
+        primary_lo = k ? np_min(primary_lo, v) : v;
+    }
+    if (!all) { /* eligible indices ascend: walk them beside i */
+        const double low = primary_lo - 1.0 - (mean_hi - mean_lo);
+        for (Py_ssize_t i = 0, k = 0; i < n; i++) {
+            if (k < m && el[k] == i)
+                k++;
+            else
+                sc[i] = sc[i] - mean_hi + low;
+        }
+    }
+    result = Py_BuildValue("nn", best, m);
+done:
+    release(views, 6);
+    return result;
+}
+
+PyDoc_STRVAR(sample_winners_doc,
+"sample_winners(X, d, eligible, thetas, counts) -> int\n\n"
+"Thompson sampling's draws over some arms: X holds n arms of d features; eligible (intp, m) the\n"
+"rows drawn among. For each row theta_s of thetas (s x d), the eligible arm (position in eligible)\n"
+"with the greatest x . theta_s (numpy's argmax) gets one more in counts (intp, m). Returns the\n"
+"first draw's winner.");
+
+static PyObject *sample_winners(PyObject *self, PyObject *args) {
+    Py_buffer X = {0}, eligible = {0}, thetas = {0}, counts = {0};
+    Py_ssize_t d;
+    if (!PyArg_ParseTuple(args, "y*ny*y*w*", &X, &d, &eligible, &thetas, &counts)) return NULL;
+    Py_buffer *views[] = {&X, &eligible, &thetas, &counts};
+    PyObject *result = NULL;
+    if (d < 1) {
+        PyErr_SetString(PyExc_ValueError, "sample_winners: d must be >= 1");
+        goto done;
+    }
+    const Py_ssize_t n = X.len / (Py_ssize_t)sizeof(double) / d;
+    const Py_ssize_t m = eligible.len / (Py_ssize_t)sizeof(Py_ssize_t);
+    const Py_ssize_t s = thetas.len / (Py_ssize_t)sizeof(double) / d;
+    if (check_len(&X, n * d, sizeof(double), "X") < 0 || check_len(&thetas, s * d, sizeof(double), "thetas") < 0 ||
+        check_len(&eligible, m, sizeof(Py_ssize_t), "eligible") < 0 ||
+        check_len(&counts, m, sizeof(Py_ssize_t), "counts") < 0)
+        goto done;
+    if (m < 1 || s < 1) {
+        PyErr_SetString(PyExc_ValueError, "sample_winners: need at least one eligible arm and one draw");
+        goto done;
+    }
+    const double *x = X.buf, *th = thetas.buf;
+    const Py_ssize_t *el = eligible.buf;
+    Py_ssize_t *cnt = counts.buf, first = 0;
+    for (Py_ssize_t k = 0; k < m; k++) {
+        if (el[k] < 0 || el[k] >= n) {
+            PyErr_SetString(PyExc_ValueError, "sample_winners: eligible index out of range");
+            goto done;
+        }
+    }
+    for (Py_ssize_t r = 0; r < s; r++) {
+        const double *t = th + r * d;
+        Py_ssize_t best = 0;
+        double best_v = 0.0;
+        for (Py_ssize_t k = 0; k < m; k++) {
+            const double *xi = x + el[k] * d;
+            double v = 0.0;
+            for (Py_ssize_t j = 0; j < d; j++) v += xi[j] * t[j];
+            if (k == 0 || beats(v, best_v)) {
+                best = k;
+                best_v = v;
+            }
+        }
+        cnt[best] += 1;
+        if (r == 0) first = best;
+    }
+    result = PyLong_FromSsize_t(first);
+done:
+    release(views, 4);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"estimate", estimate, METH_VARARGS, estimate_doc},
     {"route_features", route_features, METH_VARARGS, route_features_doc},
     {"mask_stale", mask_stale, METH_VARARGS, mask_stale_doc},
     {"telemetry_block", telemetry_block, METH_VARARGS, telemetry_block_doc},
     {"row_keys", row_keys, METH_VARARGS, row_keys_doc},
+    {"safe_scores", safe_scores, METH_VARARGS, safe_scores_doc},
+    {"sample_winners", sample_winners, METH_VARARGS, sample_winners_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from decision import _kernels
 from decision.domain import Choice, RequestContext, ScoredArms, ScoredCandidate
 
 FloatArray = npt.NDArray[np.float64]
@@ -202,26 +203,45 @@ def eligible(ttft: FloatArray, target_ms: float, slack: float | None, margin: fl
     """Mask of the arms safe to explore: expected TTFT within the slack of the best (None: all).
 
     An arm is eligible when ``ttft <= min(ttft) * (1 + slack) + margin * target_ms``; the best
-    arm always is. ``slack=None`` disables the filter.
+    arm always is. ``slack=None`` disables the filter. (The rule itself is
+    ``decision._kernels.safe_scores``, which :meth:`LinearLearner.choose` runs with the scores.)
 
     >>> eligible(np.array([100.0, 140.0, 180.0, 900.0]), 500.0, 0.5, 0.05)
     array([ True,  True, False, False])
     """
-    if slack is None or len(ttft) < 2:
+    n = len(ttft)
+    _, idx, m = _safe_set(np.empty((n, 0)), np.asarray(ttft, dtype=np.float64), np.empty(0), None, 0.0,
+                          -1.0 if slack is None else slack, margin * target_ms, np.empty(n))
+    return _mask(idx[:m], n)
+
+
+def _mask(eligible: npt.NDArray[np.intp], n: int) -> BoolArray | None:
+    if len(eligible) == n:
         return None
-    bound = float(ttft.min()) * (1.0 + slack) + margin * target_ms
-    mask: BoolArray = ttft <= bound
-    if mask.all():
-        return None
+    mask: BoolArray = np.zeros(n, dtype=np.bool_)
+    mask[eligible] = True
     return mask
+
+
+def _safe_set(X: FloatArray, ttft: FloatArray, theta: FloatArray, a_inv: FloatArray | None, alpha: float,
+              slack: float, margin_ms: float, scores: FloatArray) -> tuple[int, npt.NDArray[np.intp], int]:
+    """(position of the best eligible arm, eligible indices, how many) with ``scores`` filled in
+    (``decision._kernels.safe_scores``); ``slack < 0`` means no safe set."""
+    idx = np.empty(len(ttft), dtype=np.intp)
+    best, m = _kernels.safe_scores(np.ascontiguousarray(X, dtype=np.float64), ttft, theta, a_inv, alpha, slack,
+                                   margin_ms, scores, idx)
+    return best, idx, m
 
 
 class LinearLearner:
     """Base of the linear learners: hyperparameters, the ridge model, state, clone, update.
 
-    Subclasses implement :meth:`_decide` (the arm, its propensity, per-arm scores) and
+    :meth:`choose` computes, in one pass (``decision._kernels.safe_scores``), the safe set
+    (module docstring) and every arm's score: the model's mean ``x . theta``, plus the bonus of
+    :meth:`_bonus` if any, with the arms outside the safe set ranked below every eligible one.
+    Subclasses implement :meth:`_pick` (which eligible arm, and its propensity) and
     :meth:`_distribution` (the probability of each arm, for off-policy evaluation) over the
-    eligible arms' rows only; this class applies the safe set (module docstring) around them.
+    eligible arms only.
 
     Parameters (shared by every subclass)
     -------------------------------------
@@ -277,29 +297,42 @@ class LinearLearner:
         return f"{type(self).__name__}(n_features={self.n_features}, {params})"
 
     # -- the Learner contract --
-    def _arrays(self, ctx: RequestContext, arms: Sequence[ScoredCandidate]) -> tuple[FloatArray, BoolArray | None]:
-        """The feature matrix and the safe-set mask (None when every arm is eligible)."""
+    def _inputs(self, ctx: RequestContext, arms: Sequence[ScoredCandidate]) -> tuple[FloatArray, FloatArray, float,
+                                                                                     float]:
+        """The feature matrix, expected TTFTs, and the safe set's slack (-1: none) and margin (ms)."""
         if not arms:
             raise ValueError("no arms offered")
         X, ttft = arms_arrays(arms)
         if X.shape[1] != self.n_features:
             raise ValueError(f"arms have {X.shape[1]} features, learner expects {self.n_features}")
         target = ctx.ttft_target_ms if ctx.ttft_target_ms > 0 else self.default_target_ms
-        return X, eligible(ttft, target, self.safe_slack, self.safe_margin)
+        slack = -1.0 if self.safe_slack is None else self.safe_slack
+        return X, ttft, slack, self.safe_margin * target
+
+    def _arrays(self, ctx: RequestContext, arms: Sequence[ScoredCandidate]) -> tuple[FloatArray, BoolArray | None]:
+        """The feature matrix and the safe-set mask (None when every arm is eligible)."""
+        X, ttft, slack, margin = self._inputs(ctx, arms)
+        _, idx, m = _safe_set(X, ttft, self._stats.theta, None, 0.0, slack, margin, np.empty(len(ttft)))
+        return X, _mask(idx[:m], len(ttft))
+
+    def _bonus(self) -> tuple[FloatArray, float] | None:
+        """``(A^-1, alpha)`` when an arm's score is its mean plus ``alpha * sqrt(x A^-1 x)`` (UCB)."""
+        return None
+
+    def _pick(self, X: FloatArray, scores: FloatArray, eligible: npt.NDArray[np.intp],
+              best: int) -> tuple[int, float]:
+        """The position in ``eligible`` of the arm to take and its propensity; ``best`` is the
+        position of the greatest eligible score (scores of every offered arm, in order)."""
+        raise NotImplementedError
 
     def choose(self, ctx: RequestContext, arms: Sequence[ScoredCandidate]) -> Choice:
-        X, mask = self._arrays(ctx, arms)
-        if mask is None:
-            arm, propensity, scores = self._decide(X)
-            return Choice(arm, propensity, tuple(scores.tolist()))
-        idx = np.flatnonzero(mask)
-        sub, propensity, sub_scores = self._decide(X[idx])
-        # Arms outside the safe set keep their order but rank below every eligible one (fallbacks).
-        scores = self.predict(X)
-        low = float(sub_scores.min()) - 1.0 - float(scores.max() - scores.min())
-        scores = scores - float(scores.max()) + low
-        scores[idx] = sub_scores
-        return Choice(int(idx[sub]), propensity, tuple(scores.tolist()))
+        X, ttft, slack, margin = self._inputs(ctx, arms)
+        bonus = self._bonus()
+        a_inv, alpha = bonus if bonus is not None else (None, 0.0)
+        scores = np.empty(len(ttft))
+        best, idx, m = _safe_set(X, ttft, self._stats.theta, a_inv, alpha, slack, margin, scores)
+        pos, propensity = self._pick(X, scores, idx[:m], best)
+        return Choice(int(idx[pos]), propensity, tuple(scores.tolist()))
 
     def probabilities(self, ctx: RequestContext, arms: Sequence[ScoredCandidate]) -> tuple[float, ...]:
         """The probability this learner gives each offered arm now (for off-policy evaluation)."""
@@ -328,9 +361,6 @@ class LinearLearner:
 
     def _after_update(self) -> None:
         """Hook for subclasses caching factorisations of ``A^-1``."""
-
-    def _decide(self, X: FloatArray) -> tuple[int, float, FloatArray]:
-        raise NotImplementedError
 
     def _distribution(self, X: FloatArray) -> FloatArray:
         raise NotImplementedError

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from learners._linear import FloatArray, LinearLearner, Prior, epsilon_mix, sample_epsilon
 
@@ -54,10 +55,9 @@ class EpsilonGreedy(LinearLearner):
     def _params(self) -> dict[str, Any]:
         return {"epsilon": self.epsilon, "l2": self.l2, "seed": self.seed, **self._safe_params()}
 
-    def _decide(self, X: FloatArray) -> tuple[int, float, FloatArray]:
-        scores = X @ self._stats.theta
-        arm, p = sample_epsilon(self._rng, int(np.argmax(scores)), len(scores), self.epsilon)
-        return arm, p, scores
+    def _pick(self, X: FloatArray, scores: FloatArray, eligible: npt.NDArray[np.intp],
+              best: int) -> tuple[int, float]:
+        return sample_epsilon(self._rng, best, len(eligible), self.epsilon)
 
     def _distribution(self, X: FloatArray) -> FloatArray:
         return epsilon_mix(int(np.argmax(X @ self._stats.theta)), X.shape[0], self.epsilon)

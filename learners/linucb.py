@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from learners._linear import FloatArray, LinearLearner, Prior, epsilon_mix, sample_epsilon
 
@@ -79,10 +80,12 @@ class LinUCB(LinearLearner):
         ucb: FloatArray = mean + self.alpha * np.sqrt(np.maximum(width, 0.0))
         return ucb
 
-    def _decide(self, X: FloatArray) -> tuple[int, float, FloatArray]:
-        scores = self._ucb(X)
-        arm, p = sample_epsilon(self._rng, int(np.argmax(scores)), len(scores), self.epsilon)
-        return arm, p, scores
+    def _bonus(self) -> tuple[FloatArray, float] | None:
+        return (self._stats.A_inv, self.alpha) if self.alpha != 0.0 else None
+
+    def _pick(self, X: FloatArray, scores: FloatArray, eligible: npt.NDArray[np.intp],
+              best: int) -> tuple[int, float]:
+        return sample_epsilon(self._rng, best, len(eligible), self.epsilon)
 
     def _distribution(self, X: FloatArray) -> FloatArray:
         return epsilon_mix(int(np.argmax(self._ucb(X))), X.shape[0], self.epsilon)

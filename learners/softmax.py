@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from learners._linear import FloatArray, LinearLearner, Prior
 
@@ -57,14 +58,14 @@ class Softmax(LinearLearner):
         p: FloatArray = e / e.sum()
         return p
 
-    def _decide(self, X: FloatArray) -> tuple[int, float, FloatArray]:
-        scores = X @ self._stats.theta
-        p = self._probs(scores)
+    def _pick(self, X: FloatArray, scores: FloatArray, eligible: npt.NDArray[np.intp],
+              best: int) -> tuple[int, float]:
+        p = self._probs(scores[eligible])
         arm = int(np.searchsorted(np.cumsum(p), self._rng.random() * p.sum(), side="right"))
         arm = min(arm, len(p) - 1)
         if p[arm] <= 0.0:  # an underflowed arm cannot be drawn (float edge case): take the likeliest
             arm = int(np.argmax(p))
-        return arm, float(p[arm]), scores
+        return arm, float(p[arm])
 
     def _distribution(self, X: FloatArray) -> FloatArray:
         return self._probs(X @ self._stats.theta)

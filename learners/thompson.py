@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from decision import _kernels
 from learners._linear import FloatArray, LinearLearner, Prior
 
 
@@ -86,24 +87,27 @@ class LinearThompson(LinearLearner):
             self._chol = chol
         return chol
 
-    def _winners(self, X: FloatArray) -> npt.NDArray[np.intp]:
+    def _winners(self, X: FloatArray, eligible: npt.NDArray[np.intp]) -> tuple[int, npt.NDArray[np.intp]]:
+        """``mc_samples`` posterior draws over the ``eligible`` rows of ``X``: the first draw's
+        winner and how many draws each eligible arm won (positions in ``eligible``)."""
         z = self._rng.standard_normal((self.mc_samples, self.n_features))
         thetas = self._stats.theta + self.v * (z @ self._factor().T)
-        winners: npt.NDArray[np.intp] = np.argmax(X @ thetas.T, axis=0)
-        return winners
+        counts = np.zeros(len(eligible), dtype=np.intp)
+        first = _kernels.sample_winners(np.ascontiguousarray(X, dtype=np.float64), self.n_features,
+                                        np.ascontiguousarray(eligible), thetas, counts)
+        return first, counts
 
-    def _decide(self, X: FloatArray) -> tuple[int, float, FloatArray]:
-        k = X.shape[0]
-        winners = self._winners(X)
-        arm = int(winners[0])
+    def _pick(self, X: FloatArray, scores: FloatArray, eligible: npt.NDArray[np.intp],
+              best: int) -> tuple[int, float]:
+        k = len(eligible)
+        arm, counts = self._winners(X, eligible)
         if self.epsilon > 0.0 and self._rng.random() < self.epsilon:
             arm = int(self._rng.integers(k))
-        p_ts = float(np.count_nonzero(winners == arm)) / self.mc_samples
-        return arm, (1.0 - self.epsilon) * p_ts + self.epsilon / k, X @ self._stats.theta
+        p_ts = float(counts[arm]) / self.mc_samples
+        return arm, (1.0 - self.epsilon) * p_ts + self.epsilon / k
 
     def _distribution(self, X: FloatArray) -> FloatArray:
         k = X.shape[0]
-        counts = np.bincount(self._winners(X), minlength=k) / self.mc_samples
+        counts = self._winners(X, np.arange(k, dtype=np.intp))[1] / self.mc_samples
         p: FloatArray = (1.0 - self.epsilon) * counts + self.epsilon / k
         return p
-

@@ -1,5 +1,6 @@
-"""decision._kernels (C) against a numpy transcription of the formulas in decision/scoring.py and
-learners/features.py, on random inputs with unknown (NaN), infinite and zero values."""
+"""decision._kernels (C) against a numpy transcription of the formulas in decision/scoring.py,
+learners/features.py and learners/_linear.py, on random inputs with unknown (NaN), infinite and
+zero values."""
 
 from __future__ import annotations
 
@@ -273,3 +274,75 @@ def test_row_keys_are_the_id_then_the_row(ids: list[int], width: int, seed: int)
     if ids and width:
         with pytest.raises(ValueError, match="block"):
             _kernels.row_keys(np.array(ids, dtype=np.int64), block[:-1], width)
+
+
+def reference_safe_scores(X: F, ttft: F, theta: F, a_inv: F | None, alpha: float, slack: float,
+                          margin: float) -> tuple[F, F]:
+    """The linear learners' safe set and scores as numpy would compute them (learners/_linear.py)."""
+    n = len(ttft)
+    mask = np.ones(n, dtype=bool)
+    if slack >= 0 and n >= 2:
+        mask = ttft <= ttft.min() * (1.0 + slack) + margin
+    mean = X @ theta
+    own = mean.copy()
+    if a_inv is not None and alpha != 0.0:
+        own = mean + alpha * np.sqrt(np.maximum(np.einsum("ij,ij->i", X @ a_inv, X), 0.0))
+    if mask.all():
+        return own, mask
+    low = own[mask].min() - 1.0 - (mean.max() - mean.min())
+    scores = mean - mean.max() + low
+    scores[mask] = own[mask]
+    return scores, mask
+
+
+@settings(max_examples=120, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 70), d=st.integers(0, 12),
+       slack=st.sampled_from([-1.0, 0.0, 0.5, 2.0]), margin=st.sampled_from([0.0, 25.0]),
+       alpha=st.sampled_from([0.0, 0.5, 2.0]), ucb=st.booleans())
+def test_safe_scores_are_the_linear_learners_safe_set_and_scores(seed: int, n: int, d: int, slack: float,
+                                                                  margin: float, alpha: float, ucb: bool) -> None:
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    ttft = rng.choice([50.0, 80.0, 120.0, 400.0], size=n) + rng.random(n)
+    theta = rng.normal(size=d)
+    a = rng.normal(size=(d, d))
+    a_inv = np.asarray(np.linalg.inv(a @ a.T + np.eye(d)), dtype=np.float64) if (ucb and d) else None
+    want, mask = reference_safe_scores(X, ttft, theta, a_inv, alpha, slack, margin)
+    scores, idx = np.empty(n), np.empty(n, dtype=np.intp)
+    best, m = _kernels.safe_scores(X, ttft, theta, a_inv, alpha, slack, margin, scores, idx)
+    np.testing.assert_array_equal(idx[:m], np.flatnonzero(mask))
+    np.testing.assert_allclose(scores, want, rtol=1e-9, atol=1e-9)
+    eligible_scores = want[mask]
+    assert eligible_scores[best] >= eligible_scores.max() - 1e-9  # numpy's argmax, up to summation order
+
+
+def test_safe_scores_rejects_no_arms_nan_ttft_and_wrong_sizes() -> None:
+    one = np.ones(1)
+    with pytest.raises(ValueError, match="no arms"):
+        _kernels.safe_scores(np.empty((0, 1)), np.empty(0), one, None, 0.0, 0.5, 0.0, np.empty(0),
+                             np.empty(0, dtype=np.intp))
+    with pytest.raises(ValueError, match="NaN"):
+        _kernels.safe_scores(np.ones((2, 1)), np.array([np.nan, 1.0]), one, None, 0.0, 0.5, 0.0, np.empty(2),
+                             np.empty(2, dtype=np.intp))
+    with pytest.raises(ValueError, match="a_inv"):
+        _kernels.safe_scores(np.ones((2, 1)), np.ones(2), one, np.eye(2), 1.0, 0.5, 0.0, np.empty(2),
+                             np.empty(2, dtype=np.intp))
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 40), d=st.integers(1, 10), s=st.integers(1, 64))
+def test_sample_winners_counts_each_draws_argmax_over_the_eligible_rows(seed: int, n: int, d: int, s: int) -> None:
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    eligible = np.flatnonzero(rng.random(n) < 0.7)
+    if not len(eligible):
+        eligible = np.array([n - 1])
+    thetas = rng.normal(size=(s, d))
+    values = X[eligible] @ thetas.T  # eligible x draws
+    counts = np.zeros(len(eligible), dtype=np.intp)
+    first = _kernels.sample_winners(X, d, eligible.astype(np.intp), thetas, counts)
+    assert counts.sum() == s
+    assert values[first, 0] >= values[:, 0].max() - 1e-9
+    np.testing.assert_array_equal(counts, np.bincount(np.argmax(values, axis=0), minlength=len(eligible)))
+    with pytest.raises(ValueError, match="eligible index"):
+        _kernels.sample_winners(X, d, np.array([n], dtype=np.intp), thetas, np.zeros(1, dtype=np.intp))
