@@ -56,14 +56,16 @@ def make(name: str, seed: int) -> Strategy:
     ``NAME+guard`` routes a peer only where the hard rules allow (:class:`~sim.strategies.base.Guarded`).
 
     Hyperparameters follow the learner's name, ``/``-separated (``--strategies`` splits on commas):
-    ``infermesh:linucb/alpha=0.5/safe_slack=0.25``; values are parsed as JSON.
+    ``infermesh:linucb/alpha=0.5/safe_slack=0.25``; values are parsed as JSON. ``shortlist=N`` is the
+    strategy's own (endpoints offered to the engine per decision, default 16).
     """
     if name.startswith("infermesh:"):
         from learners.registry import parse_spec
 
         learner, *items = name.split(":", 1)[1].split("/")
         _, params = parse_spec(f"{learner}:{','.join(items)}")
-        return InferMesh(learner, seed=seed, label=name, params=params)
+        shortlist = params.pop("shortlist", 16)  # the strategy's own: endpoints offered per decision
+        return InferMesh(learner, seed=seed, label=name, params=params, shortlist=int(shortlist))
     if name == "vw_peer":
         return _vw_strategy(seed)
     if name.endswith("+guard"):
