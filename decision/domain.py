@@ -16,6 +16,8 @@ from typing import Any, Literal, TypeVar, overload
 import numpy as np
 from numpy.typing import NDArray
 
+from decision.bounded import put_bounded
+
 Tier = Literal["datacenter", "edge", "device"]
 TIERS: tuple[Tier, ...] = ("datacenter", "edge", "device")
 Runtime = Literal["vllm", "triton"]
@@ -415,9 +417,7 @@ class Route:
         if hit is not None and hit[0] is ep:
             return hit[1]
         route = Route(ep.endpoint_id, ep.address, ep.model, ep.node_id, ep.gpu_type, ep.site_id, ep.region, ep.tier)
-        if len(_ROUTES) > 1_000_000:  # a fleet reload leaves old endpoint objects behind
-            _ROUTES.clear()
-        _ROUTES[id(ep)] = (ep, route)
+        put_bounded(_ROUTES, id(ep), (ep, route), 1_000_000)  # bounded: a fleet reload leaves old endpoints behind
         return route
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from decision.bounded import make_room
 from decision.candidates import CandidateSet, Placement, endpoint_ids_of, endpoints_of, max_age_of
 from decision.contracts import AuditSink, FeatureBuilder, Guard, Learner, RewardFunction, TraceReader
 from decision.domain import (
@@ -207,9 +208,8 @@ class DecisionEngine:
         key = (fleet.revision, model, family, client)
         hit = self._placement.get(key)
         if hit is None:
-            if len(self._placement) > 65536:
-                self._placement.clear()
-                self._endpoint_rows.clear()
+            for gone in make_room(self._placement, 65536):
+                del self._endpoint_rows[gone]
             hit = self._placement[key] = self.placement_of(fleet, endpoints_serving(fleet, model, family), client,
                                                            self.max_candidates, rows_of=self.telemetry.rows_of)
             self._endpoint_rows[key] = [endpoint_row(e, rtt) for e, rtt in zip(hit.endpoints, hit.rtt_ms.tolist(),

@@ -65,6 +65,7 @@ import numpy.typing as npt
 from numpy.typing import NDArray
 
 from decision import _kernels
+from decision.bounded import put_bounded
 from decision.candidates import CandidateSet, Placement
 from decision.domain import Candidate, Endpoint, Estimates, RequestContext
 from decision.telemetry import (
@@ -171,10 +172,8 @@ class RouteFeatures:
                *(1.0 if ep.gpu_type == g else 0.0 for g in _GPUS), float(ep.watts_per_gpu * max(1, ep.gpu_count)),
                float(stable_bucket(ep.endpoint_id, self.affinity_buckets)), *sites)
         entry = (ep, row, ep.region)
-        if len(self._static) > 1_000_000:  # a fleet reload leaves old endpoint objects behind
-            self._static.clear()
-        self._static[id(ep)] = entry
-        return entry
+        # Bounded: a fleet reload leaves old endpoint objects behind.
+        return put_bounded(self._static, id(ep), entry, 1_000_000)
 
     def _static_block(self, candidates: Sequence[Candidate], client: str) -> tuple[FloatArray, FloatArray]:
         """The endpoint-only columns, and 1.0 where the endpoint is in the ``client`` region; per
@@ -186,9 +185,8 @@ class RouteFeatures:
             if hit is None or hit[0] is not p:
                 parts = [self._endpoint_part(e) for e in p.endpoints]
                 block = np.array([q[1] for q in parts], dtype=np.float64).reshape(len(parts), width)
-                if len(self._blocks) > 65536:
-                    self._blocks.clear()
-                hit = self._blocks[id(p)] = (p, block, np.array([q[2] for q in parts], dtype=np.str_), {})
+                hit = put_bounded(self._blocks, id(p), (p, block, np.array([q[2] for q in parts], dtype=np.str_), {}),
+                                  65536)
             same = hit[3].get(client)
             if same is None:
                 same = hit[3][client] = _same_region(hit[2], client)

@@ -30,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from decision import _kernels
+from decision.bounded import make_room, put_bounded
 from decision.candidates import CandidateSet, endpoints_of
 from decision.domain import (
     Candidate,
@@ -91,9 +92,7 @@ def _table_for(tables: dict[tuple[Any, ...], dict[Any, _Judged]], request_values
     """The memo table of one set of request values (a bounded number of them is kept)."""
     table = tables.get(request_values)
     if table is None:
-        if len(tables) > limit:
-            tables.clear()
-        table = tables[request_values] = {}
+        table = put_bounded(tables, request_values, {}, limit)
     return table
 
 
@@ -102,12 +101,10 @@ _T = TypeVar("_T", bound=Hashable)
 
 def _shared(table: dict[_T, _T], value: _T, limit: int) -> _T:
     """The one object equal to ``value`` that ``table`` keeps (``value`` itself the first time);
-    past ``limit`` entries the table starts over."""
+    past ``limit`` entries the oldest go (:func:`~decision.bounded.put_bounded`)."""
     hit = table.get(value)
     if hit is None:
-        if len(table) > limit:
-            table.clear()
-        hit = table[value] = value
+        hit = put_bounded(table, value, value, limit)
     return hit
 
 
@@ -257,9 +254,7 @@ class PolicyGuard:
             groups.append(self._judge_live(memo, req, candidates, state))
         keep = _survivor_positions(groups, len(candidates))
         if set_key is not None:
-            if len(memo.sets) > self.set_memo_limit:
-                memo.sets.clear()
-            memo.sets[set_key] = (keep, groups)
+            put_bounded(memo.sets, set_key, (keep, groups), self.set_memo_limit)
         return GuardResult(self._survivors(candidates, keep), self._table(request_outcomes, ids, groups),
                            self._revision, quota_denied)
 
@@ -303,9 +298,7 @@ class PolicyGuard:
             static = self._lookup(_table_for(memo.static, rs, self.memo_limit), classes.tolist(), self._static, memo,
                                   req, candidates)
             if set_key is not None:
-                if len(memo.static_sets) > self.set_memo_limit * 16:
-                    memo.static_sets.clear()
-                memo.static_sets[set_key] = static
+                put_bounded(memo.static_sets, set_key, static, self.set_memo_limit * 16)
         if not self._dynamic:
             return [static]
         classes = self._classes(memo, memo.dynamic_class, self._dynamic, candidates, endpoints)
@@ -332,10 +325,8 @@ class PolicyGuard:
             pkey = (id(table), candidates.placement)
             whole = memo.placement_classes.get(pkey)
             if whole is None:
-                if len(memo.placement_classes) > self.set_memo_limit * 16:
-                    memo.placement_classes.clear()
-                whole = memo.placement_classes[pkey] = self._endpoint_classes(
-                    memo, table, rules, candidates.placement.endpoints)
+                whole = put_bounded(memo.placement_classes, pkey, self._endpoint_classes(
+                    memo, table, rules, candidates.placement.endpoints), self.set_memo_limit * 16)
                 whole.setflags(write=False)
             return candidates.column(whole)
         return self._endpoint_classes(memo, table, rules, endpoints)
@@ -367,8 +358,7 @@ class PolicyGuard:
             subset = (candidates.take(missed) if isinstance(candidates, CandidateSet)
                       else [candidates[i] for i in missed])
             fresh = self._judge(rules, memo, req, subset, None)
-            if len(table) > self.memo_limit:
-                table.clear()
+            make_room(table, self.memo_limit)
             for i, j in zip(missed, fresh, strict=True):
                 table[keys[i]] = out[i] = j
         return out  # type: ignore[return-value]
@@ -442,8 +432,7 @@ class PolicyGuard:
             views = self._rule_views(memo, rule, endpoints)
             if state is None:
                 table = memo.rules.setdefault(s.id, {})
-                if len(table) > self.memo_limit:
-                    table.clear()
+                make_room(table, self.memo_limit)
                 rk = freeze(rview)
                 block = self._rule_blocks.get(s.id) if cset is not None else None
                 if cset is not None and block is not None:  # keys from the telemetry matrix

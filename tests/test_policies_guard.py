@@ -143,6 +143,29 @@ def test_memoised_verdicts_equal_fresh_ones(demo_fleet: Fleet) -> None:
         assert a.verdicts == b.verdicts
 
 
+def test_memos_at_their_bounds_evict_the_oldest_and_still_answer_as_fresh(demo_fleet: Fleet) -> None:
+    # Tiny bounds, so that every memo table is full and evicting for most of the run.
+    small = PolicyGuard(compile_bundle(DEFAULT_BUNDLE), memo_limit=8, set_memo_limit=2)
+    engine = _engine(demo_fleet, small)
+    now = time.time()
+    reqs = [RequestContext(f"r{i}", f"tenant-{i % 5}", model_family="llama",
+                           allowed_jurisdictions=(("EU",), (), ("US",))[i % 3],
+                           data_class=("public", "personal", "phi")[i % 3 if i % 4 else 0],
+                           prompt_class=("general", "medical")[i % 2], client_region=("eu-west", "us-east")[i % 2])
+            for i in range(60)]
+    for ctx in reqs * 2:
+        cands = engine.locate(demo_fleet, ctx, now)
+        state = {**small.prefetch(ctx), "inventory_revision": demo_fleet.revision, "now": now}
+        a = small.evaluate(ctx, cands, state)
+        b = PolicyGuard(compile_bundle(DEFAULT_BUNDLE)).evaluate(ctx, cands, state)
+        assert [c.endpoint.endpoint_id for c in a.allowed] == [c.endpoint.endpoint_id for c in b.allowed]
+        assert a.verdicts == b.verdicts
+    memo = next(iter(small._memos.values()))
+    assert 0 < len(memo.sets) <= 2 and 0 < len(memo.static_sets) <= 32
+    assert len(memo.static) <= 8  # tables of request values; each may pass its bound by one decision's misses
+    assert all(len(t) <= 8 + len(demo_fleet.endpoints) for t in memo.static.values())
+
+
 def test_quota_shared_across_two_engines_in_redis(demo_fleet: Fleet, redis_url: str) -> None:
     prefix = f"infermesh-test:{uuid.uuid4().hex[:8]}"
     try:
