@@ -73,13 +73,14 @@ def load_guard(policies: str | Path, fleet: Fleet) -> Guard:
     return guard
 
 
-def build_policies(config: ServiceConfig, settings: Settings, fleet: Fleet,
-                   on_swap: Callable[[Guard], None]) -> PolicyParts:
+def build_policies(config: ServiceConfig, settings: Settings, fleet: Fleet, on_swap: Callable[[Guard], None],
+                   on_failure: Callable[[str], None] | None = None) -> PolicyParts:
     if config.policies is None:
         return PolicyParts(BuiltinHealthGuard())
     from policies.integration import build_policy_parts
 
-    parts: PolicyParts = build_policy_parts(config.policies, settings=settings, on_swap=on_swap)
+    parts: PolicyParts = build_policy_parts(config.policies, settings=settings, on_swap=on_swap,
+                                            on_failure=on_failure)
     return parts
 
 
@@ -126,7 +127,8 @@ class Service:
         else:
             self.audit = build_audit(config, settings, reload=self._admin_reload)
         self.engine: DecisionEngine | None = None
-        self.policies = build_policies(config, settings, self.fleet, self._swap_guard)
+        self.policies = build_policies(config, settings, self.fleet, self._swap_guard,
+                                       on_failure=lambda _error: self.metrics.policy_reload_failures.inc())
         features = make_features(config.learner.features)
         learner, shadows = build_learner(config, len(features.names))
         self.engine = DecisionEngine(
@@ -164,10 +166,7 @@ class Service:
     def reload_policies(self) -> tuple[bool, str, str]:
         if self.policies.reload is None:
             return False, self.policies.guard.revision, "no policy bundle configured"
-        ok, rev, err = self.policies.reload()
-        if not ok:
-            self.metrics.policy_reload_failures.inc()
-        return ok, rev, err
+        return self.policies.reload()  # a rejected bundle is counted by the reloader's on_failure
 
     def health(self) -> dict[str, Any]:
         assert self.engine is not None

@@ -18,12 +18,14 @@ def load_policy_guard(directory: Path) -> PolicyGuard:
     return PolicyGuard(compile_bundle(directory))
 
 
-def build_policy_parts(directory: Path, *, settings: Any, on_swap: Callable[[Guard], None]) -> Any:
-    """Guard, reload, health and stop for the service; quota shared in Redis if configured."""
+def build_policy_parts(directory: Path, *, settings: Any, on_swap: Callable[[Guard], None],
+                       on_failure: Callable[[str], None] | None = None) -> Any:
+    """Guard, reload, health and stop for the service; quota shared in Redis if configured.
+    ``on_failure`` hears of every rejected bundle (admin RPC, SIGHUP or the file watcher)."""
     from decision.service import PolicyParts
 
     counters = counters_from_url(str(getattr(settings, "redis_url", "") or ""))
-    reloader = PolicyReloader(directory, on_swap, counters=counters)
+    reloader = PolicyReloader(directory, on_swap, counters=counters, on_failure=on_failure)
     guard = reloader.load()
     reloader.start()
 

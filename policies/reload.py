@@ -67,9 +67,11 @@ class PolicyReloader:
 
     def __init__(self, directory: str | Path, on_swap: Callable[[Guard], None], *,
                  counters: QuotaCounters | None = None, run_tests: bool = True,
-                 poll_interval_s: float = 2.0) -> None:
+                 poll_interval_s: float = 2.0, on_failure: Callable[[str], None] | None = None) -> None:
         self.directory = Path(directory)
         self.on_swap = on_swap
+        # Told of every rejected bundle, whatever triggered the reload (the file watcher included).
+        self.on_failure = on_failure
         self.counters: QuotaCounters = counters if counters is not None else InMemoryQuotaCounters()
         self.run_tests = run_tests
         self.poll_interval_s = poll_interval_s
@@ -110,6 +112,8 @@ class PolicyReloader:
                 self.reload_failures += 1
                 self.last_error = str(exc)
                 log.error("policy bundle %s rejected, keeping %s: %s", self.directory, self.revision or "none", exc)
+                if self.on_failure is not None:
+                    self.on_failure(str(exc))
                 return ReloadResult(False, self.revision, str(exc))
             self.on_swap(guard)
             changed = guard.revision != self.revision

@@ -93,3 +93,98 @@ def test_http_health_and_prometheus_metrics(service: Service) -> None:
     assert 'infermesh_decisions_total{result="routed"} 1.0' in text
     assert "infermesh_stage_duration_seconds_bucket" in text
     assert "infermesh_pending_outcomes 1.0" in text
+
+
+def _config_with_bundle_copy(tmp_path: Path) -> Path:
+    """The demo config, its policy bundle copied to ``tmp_path/bundle`` (to be edited by a test)."""
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(ROOT / "policies" / "bundles" / "default", bundle)
+    text = (ROOT / "deploy" / "demo" / "infermesh.yaml").read_text()
+    text = text.replace("fleet: fleet.yaml", f"fleet: {ROOT / 'deploy' / 'demo' / 'fleet.yaml'}")
+    text = text.replace("policies: ../../policies/bundles/default", f"policies: {bundle}")
+    cfg = tmp_path / "infermesh.yaml"
+    cfg.write_text(text)
+    return cfg
+
+
+def _failures(http: str) -> float:
+    for line in httpx.get(f"{http}/metrics").text.splitlines():
+        if line.startswith("infermesh_policy_reload_failures_total "):
+            return float(line.split()[1])
+    raise AssertionError("no infermesh_policy_reload_failures_total in /metrics")
+
+
+def test_reload_by_admin_rpc_and_file_watch_counts_failures_in_metrics_and_health(fresh_pg_url: str,
+                                                                                   tmp_path: Path) -> None:
+    cfg = _config_with_bundle_copy(tmp_path)
+    svc = Service(load_config(cfg), Settings(database_url=fresh_pg_url, data_dir=tmp_path / "data"))
+    svc.start_grpc(0)
+    http = f"http://127.0.0.1:{svc.start_http(0)}"
+    try:
+        stub, before = _stub(svc), svc.policies.guard.revision
+        quota = tmp_path / "bundle" / "quota.cel"
+        good = quota.read_text()
+        quota.write_text(good + " &&& broken")
+        r = stub.ReloadPolicies(pb.ReloadPoliciesRequest())
+        assert not r.reloaded and r.revision == before and "quota.cel" in r.error
+        assert _failures(http) == 1.0
+        health = httpx.get(f"{http}/healthz").json()
+        assert health["policy_revision"] == before and "quota.cel" in health["policies"]["last_error"]
+        # Decisions go on under the running revision.
+        d = stub.Decide(pb.DecideRequest(request_id="rl-1", tenant="globex", model_family="llama"))
+        assert d.policy_revision == before
+        # The file watcher's rejections are counted too (another broken edit, no RPC).
+        quota.write_text(good + " ||| broken again")
+        deadline = time.monotonic() + 20
+        while _failures(http) < 2.0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _failures(http) == 2.0
+        quota.write_text(good.replace("<= limit.requests_per_min", "<= limit.requests_per_min + 0"))
+        r = stub.ReloadPolicies(pb.ReloadPoliciesRequest())
+        assert r.reloaded and r.revision != before and not r.error
+        assert httpx.get(f"{http}/healthz").json()["policy_revision"] == r.revision
+    finally:
+        svc.stop(1.0)
+
+
+def test_sighup_reloads_the_bundle_of_a_running_server(fresh_pg_url: str, tmp_path: Path) -> None:
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    cfg = _config_with_bundle_copy(tmp_path)
+    grpc_port, http_port = free_port(), free_port()
+    env = {**os.environ, "INFERMESH_DATABASE_URL": fresh_pg_url, "INFERMESH_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.Popen([sys.executable, "-m", "decision.cli", "serve", "--config", str(cfg),
+                             "--grpc-port", str(grpc_port), "--http-port", str(http_port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    http = f"http://127.0.0.1:{http_port}"
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("infermesh serving:"):
+                break
+        else:
+            raise AssertionError("the server did not start")
+        before = httpx.get(f"{http}/healthz").json()["policies"]
+        assert before["reloads"] == 0
+        proc.send_signal(signal.SIGHUP)  # no file changed: only the signal can cause this reload
+        deadline = time.monotonic() + 30
+        health = before
+        while health["reloads"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            health = httpx.get(f"{http}/healthz").json()["policies"]
+        assert health["reloads"] == 1 and health["reload_failures"] == 0 and health["last_reload_at"] > 0
+        assert proc.poll() is None  # SIGHUP reloads; it does not stop the server
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
