@@ -20,7 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from decision import _kernels
-from decision.candidates import CandidateSet, endpoint_numbers
+from decision.candidates import CandidateSet, endpoint_numbers, endpoints_of
 from decision.contracts import FeatureBuilder
 from decision.domain import Candidate, Estimates, RequestContext, ScoredArms
 from decision.telemetry import CANONICAL, KV_CACHE_USAGE, QUEUE_RUNNING, QUEUE_WAITING, dense_row
@@ -47,7 +47,7 @@ class BasicFeatures:
 
     def build_matrix(self, ctx: RequestContext, candidates: Sequence[Candidate], est: Estimates) -> FloatArray:
         kv = est.telemetry[:, _KV]
-        cold = np.array([0.0 if c.endpoint.warm else 1.0 for c in candidates])
+        cold = np.array([0.0 if e.warm else 1.0 for e in endpoints_of(candidates)])  # no Candidate built
         return np.column_stack((np.ones(len(candidates)), np.minimum(est.ttft_ms / 1000.0, 10.0),
                                 np.minimum(est.cost_per_1k * 1000.0, 10.0), est.rtt_ms / 1000.0,
                                 np.where(np.isnan(kv), 0.5, kv), cold))
