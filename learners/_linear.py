@@ -326,6 +326,35 @@ class LinearLearner:
         raise NotImplementedError
 
     def choose(self, ctx: RequestContext, arms: Sequence[ScoredCandidate]) -> Choice:
+        """Pick one of ``arms`` for ``ctx`` among the safe set, with its propensity and every arm's score.
+
+        Parameters
+        ----------
+        ctx : RequestContext
+            The request; its TTFT target sets the safe set's margin.
+        arms : sequence of ScoredCandidate
+            The score stage's output (a ``ScoredArms`` on the request path).
+
+        Returns
+        -------
+        Choice
+            ``arm`` indexes ``arms``; ``propensity`` is this learner's probability of that arm;
+            ``scores`` has one score per arm, those outside the safe set below every eligible one.
+
+        Examples
+        --------
+        The third arm has the best model estimate but an expected TTFT far beyond the safe set:
+
+        >>> from decision.domain import RequestContext
+        >>> from learners.linucb import LinUCB
+        >>> from learners.testing import toy_arms
+        >>> learner = LinUCB(2, alpha=0.0, epsilon=0.0, prior="none")
+        >>> learner.update((0.0, 1.0), 1.0)
+        >>> arms = toy_arms([100.0, 120.0, 900.0], [(1.0, 0.0), (0.0, 1.0), (0.0, 2.0)])
+        >>> c = learner.choose(RequestContext("r", "t"), arms)
+        >>> c.arm, c.propensity, c.scores[2] < min(c.scores[:2])
+        (1, 1.0, True)
+        """
         X, ttft, slack, margin = self._inputs(ctx, arms)
         bonus = self._bonus()
         a_inv, alpha = bonus if bonus is not None else (None, 0.0)
