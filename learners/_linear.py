@@ -212,14 +212,10 @@ def eligible(ttft: FloatArray, target_ms: float, slack: float | None, margin: fl
     n = len(ttft)
     _, idx, m = _safe_set(np.empty((n, 0)), np.asarray(ttft, dtype=np.float64), np.empty(0), None, 0.0,
                           -1.0 if slack is None else slack, margin * target_ms, np.empty(n))
-    return _mask(idx[:m], n)
-
-
-def _mask(eligible: npt.NDArray[np.intp], n: int) -> BoolArray | None:
-    if len(eligible) == n:
+    if m == n:
         return None
     mask: BoolArray = np.zeros(n, dtype=np.bool_)
-    mask[eligible] = True
+    mask[idx[:m]] = True
     return mask
 
 
@@ -309,12 +305,6 @@ class LinearLearner:
         slack = -1.0 if self.safe_slack is None else self.safe_slack
         return X, ttft, slack, self.safe_margin * target
 
-    def _arrays(self, ctx: RequestContext, arms: Sequence[ScoredCandidate]) -> tuple[FloatArray, BoolArray | None]:
-        """The feature matrix and the safe-set mask (None when every arm is eligible)."""
-        X, ttft, slack, margin = self._inputs(ctx, arms)
-        _, idx, m = _safe_set(X, ttft, self._stats.theta, None, 0.0, slack, margin, np.empty(len(ttft)))
-        return X, _mask(idx[:m], len(ttft))
-
     def _bonus(self) -> tuple[FloatArray, float] | None:
         """``(A^-1, alpha)`` when an arm's score is its mean plus ``alpha * sqrt(x A^-1 x)`` (UCB)."""
         return None
@@ -324,6 +314,22 @@ class LinearLearner:
         """The position in ``eligible`` of the arm to take and its propensity; ``best`` is the
         position of the greatest eligible score (scores of every offered arm, in order)."""
         raise NotImplementedError
+
+    def _distribution(self, X: FloatArray, scores: FloatArray, eligible: npt.NDArray[np.intp],
+                      best: int) -> FloatArray:
+        """The probability of each ``eligible`` arm (same arguments as :meth:`_pick`)."""
+        raise NotImplementedError
+
+    def _scored(self, ctx: RequestContext,
+                arms: Sequence[ScoredCandidate]) -> tuple[FloatArray, FloatArray, npt.NDArray[np.intp], int]:
+        """The feature matrix, every arm's score, the eligible arms' indices and the best one's
+        position among them: one pass of ``decision._kernels.safe_scores``."""
+        X, ttft, slack, margin = self._inputs(ctx, arms)
+        bonus = self._bonus()
+        a_inv, alpha = bonus if bonus is not None else (None, 0.0)
+        scores = np.empty(len(ttft))
+        best, idx, m = _safe_set(X, ttft, self._stats.theta, a_inv, alpha, slack, margin, scores)
+        return X, scores, idx[:m], best
 
     def choose(self, ctx: RequestContext, arms: Sequence[ScoredCandidate]) -> Choice:
         """Pick one of ``arms`` for ``ctx`` among the safe set, with its propensity and every arm's score.
@@ -355,27 +361,23 @@ class LinearLearner:
         >>> c.arm, c.propensity, c.scores[2] < min(c.scores[:2])
         (1, 1.0, True)
         """
-        X, ttft, slack, margin = self._inputs(ctx, arms)
-        bonus = self._bonus()
-        a_inv, alpha = bonus if bonus is not None else (None, 0.0)
-        scores = np.empty(len(ttft))
-        best, idx, m = _safe_set(X, ttft, self._stats.theta, a_inv, alpha, slack, margin, scores)
-        pos, propensity = self._pick(X, scores, idx[:m], best)
-        return Choice(int(idx[pos]), propensity, tuple(scores.tolist()))
+        X, scores, eligible, best = self._scored(ctx, arms)
+        pos, propensity = self._pick(X, scores, eligible, best)
+        return Choice(int(eligible[pos]), propensity, tuple(scores.tolist()))
 
     def probabilities(self, ctx: RequestContext, arms: Sequence[ScoredCandidate]) -> tuple[float, ...]:
         """The probability this learner gives each offered arm now (for off-policy evaluation)."""
-        X, mask = self._arrays(ctx, arms)
-        if mask is None:
-            return tuple(self._distribution(X).tolist())
-        p = np.zeros(X.shape[0])
-        p[mask] = self._distribution(X[mask])
+        X, scores, eligible, best = self._scored(ctx, arms)
+        p = np.zeros(len(scores))
+        p[eligible] = self._distribution(X, scores, eligible, best)
         return tuple(p.tolist())
 
     def is_eligible(self, ctx: RequestContext, arms: Sequence[ScoredCandidate]) -> tuple[bool, ...]:
         """Which offered arms this learner may choose (its safe set) for this request."""
-        _, mask = self._arrays(ctx, arms)
-        return (True,) * len(arms) if mask is None else tuple(bool(m) for m in mask)
+        eligible = self._scored(ctx, arms)[2]
+        mask = np.zeros(len(arms), dtype=np.bool_)
+        mask[eligible] = True
+        return tuple(mask.tolist())
 
     def update(self, features: Sequence[float], reward: float) -> None:
         """Learn from the reward observed for the chosen arm's features."""
@@ -390,9 +392,6 @@ class LinearLearner:
 
     def _after_update(self) -> None:
         """Hook for subclasses caching factorisations of ``A^-1``."""
-
-    def _distribution(self, X: FloatArray) -> FloatArray:
-        raise NotImplementedError
 
     # -- model access for replicas, persistence and off-policy evaluation --
     @property
@@ -449,3 +448,18 @@ def sample_epsilon(rng: np.random.Generator, best: int, k: int, epsilon: float) 
     if epsilon > 0.0 and rng.random() < epsilon:
         arm = int(rng.integers(k))
     return arm, (1.0 - epsilon) * (arm == best) + epsilon / k
+
+
+class EpsilonBest(LinearLearner):
+    """A linear learner that takes the best-scoring eligible arm, or with probability ``epsilon`` a
+    uniformly random eligible one (LinUCB with its bonus, epsilon-greedy without)."""
+
+    epsilon: float
+
+    def _pick(self, X: FloatArray, scores: FloatArray, eligible: npt.NDArray[np.intp],
+              best: int) -> tuple[int, float]:
+        return sample_epsilon(self._rng, best, len(eligible), self.epsilon)
+
+    def _distribution(self, X: FloatArray, scores: FloatArray, eligible: npt.NDArray[np.intp],
+                      best: int) -> FloatArray:
+        return epsilon_mix(best, len(eligible), self.epsilon)

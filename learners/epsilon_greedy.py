@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
-from learners._linear import FloatArray, LinearLearner, Prior, epsilon_mix, sample_epsilon
+from learners._linear import EpsilonBest, Prior
 
 
-class EpsilonGreedy(LinearLearner):
+class EpsilonGreedy(EpsilonBest):
     """Take the arm with the best predicted reward, or with probability ``epsilon`` a random one.
 
     Propensity in closed form: ``1 - epsilon + epsilon / K`` for the greedy arm, ``epsilon / K``
@@ -54,10 +51,3 @@ class EpsilonGreedy(LinearLearner):
 
     def _params(self) -> dict[str, Any]:
         return {"epsilon": self.epsilon, "l2": self.l2, "seed": self.seed, **self._safe_params()}
-
-    def _pick(self, X: FloatArray, scores: FloatArray, eligible: npt.NDArray[np.intp],
-              best: int) -> tuple[int, float]:
-        return sample_epsilon(self._rng, best, len(eligible), self.epsilon)
-
-    def _distribution(self, X: FloatArray) -> FloatArray:
-        return epsilon_mix(int(np.argmax(X @ self._stats.theta)), X.shape[0], self.epsilon)

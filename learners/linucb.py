@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
-from learners._linear import FloatArray, LinearLearner, Prior, epsilon_mix, sample_epsilon
+from learners._linear import EpsilonBest, FloatArray, Prior
 
 
-class LinUCB(LinearLearner):
+class LinUCB(EpsilonBest):
     """Pick the arm maximising ``x . theta + alpha * sqrt(x^T A^-1 x)`` (Li et al., 2010).
 
     One ridge model is shared by all arms (the features describe the arm), which is the
@@ -71,21 +68,5 @@ class LinUCB(LinearLearner):
     def _params(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "epsilon": self.epsilon, "l2": self.l2, "seed": self.seed, **self._safe_params()}
 
-    def _ucb(self, X: FloatArray) -> FloatArray:
-        s = self._stats
-        mean = X @ s.theta
-        if self.alpha == 0.0:
-            return mean
-        width = np.einsum("ij,ij->i", X @ s.A_inv, X)
-        ucb: FloatArray = mean + self.alpha * np.sqrt(np.maximum(width, 0.0))
-        return ucb
-
     def _bonus(self) -> tuple[FloatArray, float] | None:
         return (self._stats.A_inv, self.alpha) if self.alpha != 0.0 else None
-
-    def _pick(self, X: FloatArray, scores: FloatArray, eligible: npt.NDArray[np.intp],
-              best: int) -> tuple[int, float]:
-        return sample_epsilon(self._rng, best, len(eligible), self.epsilon)
-
-    def _distribution(self, X: FloatArray) -> FloatArray:
-        return epsilon_mix(int(np.argmax(self._ucb(X))), X.shape[0], self.epsilon)

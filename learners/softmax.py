@@ -67,5 +67,6 @@ class Softmax(LinearLearner):
             arm = int(np.argmax(p))
         return arm, float(p[arm])
 
-    def _distribution(self, X: FloatArray) -> FloatArray:
-        return self._probs(X @ self._stats.theta)
+    def _distribution(self, X: FloatArray, scores: FloatArray, eligible: npt.NDArray[np.intp],
+                      best: int) -> FloatArray:
+        return self._probs(scores[eligible])

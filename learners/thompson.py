@@ -106,8 +106,9 @@ class LinearThompson(LinearLearner):
         p_ts = float(counts[arm]) / self.mc_samples
         return arm, (1.0 - self.epsilon) * p_ts + self.epsilon / k
 
-    def _distribution(self, X: FloatArray) -> FloatArray:
-        k = X.shape[0]
-        counts = self._winners(X, np.arange(k, dtype=np.intp))[1] / self.mc_samples
+    def _distribution(self, X: FloatArray, scores: FloatArray, eligible: npt.NDArray[np.intp],
+                      best: int) -> FloatArray:
+        k = len(eligible)
+        counts = self._winners(X, eligible)[1] / self.mc_samples
         p: FloatArray = (1.0 - self.epsilon) * counts + self.epsilon / k
         return p
