@@ -77,10 +77,7 @@ class FastHistogram(Collector):
         return row
 
     def observe(self, amount: float, label_value: str = "") -> None:
-        with self._lock:
-            row = self._row(label_value)
-            row[bisect_left(self._bounds, amount)] += 1
-            row[-1] += amount
+        self.observe_many({label_value: amount})
 
     def observe_many(self, amounts: Mapping[str, float], scale: float = 1.0) -> None:
         """One value per label value (``amount * scale`` each), under one lock."""
@@ -92,9 +89,12 @@ class FastHistogram(Collector):
                 row[bisect_left(bounds, amount)] += 1
                 row[-1] += amount
 
+    def _family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self.name, self.documentation,
+                                     labels=[self.label] if self.label is not None else None)
+
     def collect(self) -> Iterator[HistogramMetricFamily]:
-        family = HistogramMetricFamily(self.name, self.documentation,
-                                       labels=[self.label] if self.label is not None else None)
+        family = self._family()
         with self._lock:
             series = {k: list(v) for k, v in self._series.items()}
         if self.label is None and not series:
@@ -108,8 +108,7 @@ class FastHistogram(Collector):
         yield family
 
     def describe(self) -> Iterator[HistogramMetricFamily]:
-        yield HistogramMetricFamily(self.name, self.documentation,
-                                    labels=[self.label] if self.label is not None else None)
+        yield self._family()
 
 
 class ServiceMetrics:

@@ -36,6 +36,7 @@ from sim.strategies.base import RouterView, Strategy
 from sim.world import I64
 
 log = logging.getLogger("infermesh.sim")
+DEFAULT_SHORTLIST = 16  # endpoints offered to the engine per decision
 
 
 class ShortlistEngine(DecisionEngine):
@@ -93,7 +94,7 @@ class InferMesh(Strategy):
 
     needs_store = True
 
-    def __init__(self, learner: str = "linucb", *, shortlist: int = 16, seed: int = 0,
+    def __init__(self, learner: str = "linucb", *, shortlist: int = DEFAULT_SHORTLIST, seed: int = 0,
                  label: str = "infermesh", expected_output_tokens: int = 256, params: Mapping[str, Any] | None = None,
                  make: Callable[[int], tuple[Learner, FeatureBuilder | None, RewardFunction | None]] | None = None,
                  ) -> None:

@@ -14,7 +14,7 @@ from sim.strategies.classic import (
     MeshHedge,
     PredictiveMesh,
 )
-from sim.strategies.infermesh import InferMesh
+from sim.strategies.infermesh import DEFAULT_SHORTLIST, InferMesh
 from sim.strategies.peers import GieLike, LeastLoad, PowerOfTwo
 
 Factory = Callable[[int], Strategy]
@@ -57,15 +57,16 @@ def make(name: str, seed: int) -> Strategy:
 
     Hyperparameters follow the learner's name, ``/``-separated (``--strategies`` splits on commas):
     ``infermesh:linucb/alpha=0.5/safe_slack=0.25``; values are parsed as JSON. ``shortlist=N`` is the
-    strategy's own (endpoints offered to the engine per decision, default 16).
+    strategy's own (endpoints offered to the engine per decision, default ``DEFAULT_SHORTLIST``).
     """
     if name.startswith("infermesh:"):
         from learners.registry import parse_spec
 
         learner, *items = name.split(":", 1)[1].split("/")
         _, params = parse_spec(f"{learner}:{','.join(items)}")
-        shortlist = params.pop("shortlist", 16)  # the strategy's own: endpoints offered per decision
-        return InferMesh(learner, seed=seed, label=name, params=params, shortlist=int(shortlist))
+        # shortlist is the strategy's own (endpoints offered per decision), not the learner's.
+        shortlist = int(params.pop("shortlist", DEFAULT_SHORTLIST))
+        return InferMesh(learner, seed=seed, label=name, params=params, shortlist=shortlist)
     if name == "vw_peer":
         return _vw_strategy(seed)
     if name.endswith("+guard"):
