@@ -226,6 +226,11 @@ def merged_stamps(m: Merged) -> dict[str, float]:
     return dict(zip(m[0], m[2], strict=True))
 
 
+def dense_rows(m: Merged) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """A merged reading's values and timestamps as rows in :data:`CANONICAL` order (NaN: none)."""
+    return dense_row(merged_values(m)), dense_row(merged_stamps(m))
+
+
 def _known(m: Merged, t: float, stale_after_s: float) -> dict[str, float]:
     """The values still known at ``t``: older than the limit is unknown."""
     names, values, stamps, oldest = m
@@ -280,10 +285,8 @@ class TelemetryBatch:
         self.stale_after_s = stale_after_s
         if arrays is None:  # (values masked, stamps, max ages) when the caller has them
             n = len(merged)
-            stamps = np.array([dense_row(merged_stamps(m)) for m in merged], dtype=np.float64).reshape(
-                n, len(CANONICAL))
-            values = np.array([dense_row(merged_values(m)) for m in merged], dtype=np.float64).reshape(
-                n, len(CANONICAL))
+            rows = np.array([dense_rows(m) for m in merged], dtype=np.float64).reshape(n, 2, len(CANONICAL))
+            values, stamps = np.ascontiguousarray(rows[:, 0]), np.ascontiguousarray(rows[:, 1])
             arrays = (values, stamps, mask_stale(values, stamps, at, stale_after_s))
         self.values, self.stamps, self._max_age = arrays
 
@@ -432,8 +435,7 @@ class TelemetryStore:
                     row = self._rows[e] = start + k
                     m = self._merged.get(e, _EMPTY)
                     self._row_merged[row] = m
-                    self._row_values[row] = dense_row(merged_values(m))
-                    self._row_stamps[row] = dense_row(merged_stamps(m))
+                    self._row_values[row], self._row_stamps[row] = dense_rows(m)
             return np.array([self._rows[e] for e in endpoint_ids], dtype=np.intp)
 
     def ingest_exposition(self, text: str, *, node_id: str = "", endpoint_id: str = "",
