@@ -54,6 +54,9 @@ class Endpoint:
     warm: bool
     # Derived once at load (see nominal_cost_per_1k_tokens); read on the hot path.
     nominal_cost_per_1k: float = 0.0
+    # Batch size at which a sequence's decode rate has halved (decision.gpu_profiles.batch_half);
+    # 0: unknown, the rate is taken as independent of the batch.
+    batch_half: float = 0.0
 
     def cost_per_1k_tokens(self) -> float:
         return nominal_cost_per_1k_tokens(self.gpu_hour_usd, self.gpu_count, self.decode_tokens_per_s,

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from decision.domain import TIERS, Endpoint, Tier, nominal_cost_per_1k_tokens
-from decision.gpu_profiles import PROFILES, scaled_throughput
+from decision.gpu_profiles import PROFILES, batch_half, scaled_throughput
 from decision.yaml_lines import LocatedYaml, YamlSyntaxError, field_path, load_located, load_located_file
 
 
@@ -235,6 +235,7 @@ class Fleet:
                 cold_start_ms=d.cold_start_ms, warm=d.warm,
                 nominal_cost_per_1k=nominal_cost_per_1k_tokens(node.gpu_hour_usd, node.gpu_count, decode,
                                                                d.max_concurrency),
+                batch_half=batch_half(node.gpu_type, node.gpu_count, model.params_b),
             ))
         self.endpoints: tuple[Endpoint, ...] = tuple(endpoints)
         self.by_id: dict[str, Endpoint] = {e.endpoint_id: e for e in endpoints}

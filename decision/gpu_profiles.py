@@ -11,6 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+KV_BYTES_PER_TOKEN_8B = 131072.0  # Llama-3-8B: 32 layers x 8 KV heads x 128 dims x (K,V) x 2 bytes
+NOMINAL_CONTEXT_TOKENS = 1024.0  # context length at which the batch slow-down is evaluated
+PREFILL_EFFICIENCY = 0.4  # fraction of dense FP16 peak reached in prefill
+DECODE_BW_EFFICIENCY = 0.65  # fraction of memory bandwidth reached in decode
+
 
 @dataclass(frozen=True, slots=True)
 class GpuProfile:
@@ -52,3 +57,31 @@ def scaled_throughput(gpu_type: str, gpu_count: int, params_b: float) -> tuple[f
     p = profile(gpu_type)
     size = 8.0 / max(params_b, 0.1)
     return p.prefill_tokens_per_s * size * gpu_count, p.decode_tokens_per_s * min(size, 4.0) * gpu_count**0.5
+
+
+def kv_bytes_per_token(params_b: float) -> float:
+    """KV-cache bytes per token; grows sub-linearly with size thanks to grouped-query attention.
+
+    >>> round(kv_bytes_per_token(8.0))
+    131072
+    """
+    return float(KV_BYTES_PER_TOKEN_8B * (params_b / 8.0) ** 0.45)
+
+
+def batch_half(gpu_type: str, gpu_count: int, params_b: float) -> float:
+    """The batch size at which a sequence's decode rate has halved (at least 4).
+
+    A decode step reads the weights once (``W/BW``) and, per sequence, its KV cache and its
+    compute (``ctx x kv/BW + 2P/FLOPS``); the per-sequence rate is ``r1 / (1 + (b - 1) / batch_half)``
+    with ``batch_half`` their ratio. The simulator's service model and the score stage's queue
+    estimate both use it.
+
+    >>> round(batch_half("H100", 1, 8.0)), round(batch_half("L4", 1, 8.0))
+    (72, 81)
+    """
+    p = profile(gpu_type)
+    bw = max(p.memory_bw_gbps, 1.0) * 1e9 * DECODE_BW_EFFICIENCY * gpu_count
+    flops = max(p.tflops_fp16, 1.0) * 1e12 * PREFILL_EFFICIENCY * gpu_count
+    weights_s = params_b * 2e9 / bw
+    per_seq_s = NOMINAL_CONTEXT_TOKENS * kv_bytes_per_token(params_b) / bw + 2.0 * params_b * 1e9 / flops
+    return max(4.0, weights_s / per_seq_s)

@@ -11,23 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from decision.domain import Endpoint
-from decision.gpu_profiles import profile
+from decision.gpu_profiles import batch_half, kv_bytes_per_token, profile
 
-KV_BYTES_PER_TOKEN_8B = 131072.0  # Llama-3-8B: 32 layers x 8 KV heads x 128 dims x (K,V) x 2 bytes
 MEMORY_USABLE = 0.9  # vLLM's default gpu_memory_utilization
-NOMINAL_CONTEXT_TOKENS = 1024.0  # context length at which the batch slow-down is evaluated
-PREFILL_EFFICIENCY = 0.4  # fraction of dense FP16 peak reached in prefill (also in gpu_profiles)
-DECODE_BW_EFFICIENCY = 0.65  # fraction of memory bandwidth reached in decode
 IDLE_POWER_FRACTION = 0.3  # an idle, powered GPU draws ~30% of its TDP
-
-
-def kv_bytes_per_token(params_b: float) -> float:
-    """KV-cache bytes per token; grows sub-linearly with size thanks to grouped-query attention.
-
-    >>> round(kv_bytes_per_token(8.0))
-    131072
-    """
-    return float(KV_BYTES_PER_TOKEN_8B * (params_b / 8.0) ** 0.45)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,23 +46,18 @@ class ServiceParams:
 def service_params(ep: Endpoint, params_b: float, sharing: int = 1) -> ServiceParams:
     """Service parameters of ``ep``; ``sharing`` deployments on one node split its GPUs evenly.
 
-    Step time of a decode iteration is ``W/BW + b x (ctx x kv/BW + 2P/FLOPS)``: the weights are
-    read once per step, each sequence adds its KV-cache read and its compute. ``batch_half`` is
-    the batch size at which the per-sequence rate has halved.
+    ``batch_half`` (how fast the per-sequence decode rate falls with the batch) is
+    :func:`decision.gpu_profiles.batch_half`, the roofline of one decode step.
     """
     p = profile(ep.gpu_type)
     share = 1.0 / max(1, sharing)
-    bw = max(p.memory_bw_gbps, 1.0) * 1e9 * DECODE_BW_EFFICIENCY * ep.gpu_count
-    flops = max(p.tflops_fp16, 1.0) * 1e12 * PREFILL_EFFICIENCY * ep.gpu_count
     kv = kv_bytes_per_token(params_b)
-    weights_s = params_b * 2e9 / bw
-    per_seq_s = NOMINAL_CONTEXT_TOKENS * kv / bw + 2.0 * params_b * 1e9 / flops
     memory = p.memory_gb * 1e9 * ep.gpu_count * MEMORY_USABLE - params_b * 2e9
     kv_tokens = max(4096, int(memory / kv))
     return ServiceParams(
         prefill_tps=ep.prefill_tokens_per_s * share,
         decode_tps1=ep.decode_tokens_per_s * (share ** 0.5),
-        batch_half=max(4.0, weights_s / per_seq_s),
+        batch_half=batch_half(ep.gpu_type, ep.gpu_count, params_b),
         max_concurrency=ep.max_concurrency,
         kv_capacity_tokens=int(kv_tokens * share),
         usd_per_s=ep.gpu_hour_usd * ep.gpu_count * share / 3600.0,
