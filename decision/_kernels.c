@@ -48,40 +48,50 @@ static void release(Py_buffer *views[], int n) {
 enum { E_TTFT, E_COST, E_QUEUE, E_PREFILL, E_COLD, E_RUNNING, E_WAITING, E_KV, E_ROWS };
 
 PyDoc_STRVAR(estimate_doc,
-"estimate(numbers, tel, rtt, egress, inflight, ncols, run_col, wait_col, kv_col, in_tok, out_tok,\n"
+"estimate(numbers, tel, rtt, egress, inflight, backlog, slowness, ncols, run_col, wait_col, kv_col, in_tok, out_tok,\n"
 "         unknown_load, egress_factor, out)\n\n"
 "Expected TTFT and cost of n candidates into out (8 x n rows: ttft, cost, queue, prefill, cold,\n"
-"running, waiting, kv). numbers: n x 5 endpoint numbers; tel: n x ncols telemetry (NaN unknown);\n"
-"rtt: n; egress ($/GB) and inflight (this router's requests without outcome): n, or None;\n"
-"egress_factor: GB sent per 1K output tokens (cost = nominal + egress * egress_factor).");
+"running, waiting, kv). numbers: n x 6 (decision.candidates.endpoint_numbers); tel: n x ncols\n"
+"telemetry (NaN unknown);\n"
+"rtt: n; egress ($/GB), inflight (this router's requests without outcome), backlog (ms of its\n"
+"prompts still ahead in the endpoint's prefill) and slowness (service-time factor): n, or None\n"
+"(decision.ledger.EndpointLedger.columns);\n"
+"egress_factor: GB sent per 1K output tokens (cost = GPU share + egress * egress_factor).");
 
 static PyObject *estimate(PyObject *self, PyObject *args) {
-    Py_buffer numbers = {0}, tel = {0}, rtt = {0}, egress = {0}, inflight = {0}, out = {0};
-    PyObject *egress_obj, *inflight_obj;
+    Py_buffer numbers = {0}, tel = {0}, rtt = {0}, egress = {0}, inflight = {0}, backlog = {0}, slowness = {0},
+              out = {0};
+    PyObject *egress_obj, *inflight_obj, *backlog_obj, *slowness_obj;
     Py_ssize_t ncols, run_col, wait_col, kv_col;
     double in_tok, out_tok, unknown_load, egress_factor;
-    if (!PyArg_ParseTuple(args, "y*y*y*OOnnnnddddw*", &numbers, &tel, &rtt, &egress_obj, &inflight_obj, &ncols,
-                          &run_col, &wait_col, &kv_col, &in_tok, &out_tok, &unknown_load, &egress_factor, &out))
+    if (!PyArg_ParseTuple(args, "y*y*y*OOOOnnnnddddw*", &numbers, &tel, &rtt, &egress_obj, &inflight_obj,
+                          &backlog_obj, &slowness_obj, &ncols, &run_col, &wait_col, &kv_col, &in_tok, &out_tok, &unknown_load, &egress_factor, &out))
         return NULL;
-    Py_buffer *views[] = {&numbers, &tel, &rtt, &egress, &inflight, &out};
+    Py_buffer *views[] = {&numbers, &tel, &rtt, &egress, &inflight, &backlog, &slowness, &out};
     PyObject *result = NULL;
-    if (optional_buffer(egress_obj, &egress) < 0 || optional_buffer(inflight_obj, &inflight) < 0) goto done;
+    if (optional_buffer(egress_obj, &egress) < 0 || optional_buffer(inflight_obj, &inflight) < 0 ||
+        optional_buffer(backlog_obj, &backlog) < 0 || optional_buffer(slowness_obj, &slowness) < 0)
+        goto done;
     const Py_ssize_t n = rtt.len / (Py_ssize_t)sizeof(double);
-    if (check_len(&rtt, n, sizeof(double), "rtt") < 0 || check_len(&numbers, n * 5, sizeof(double), "numbers") < 0 ||
+    if (check_len(&rtt, n, sizeof(double), "rtt") < 0 || check_len(&numbers, n * 6, sizeof(double), "numbers") < 0 ||
         check_len(&tel, n * ncols, sizeof(double), "tel") < 0 ||
         check_len(&out, n * E_ROWS, sizeof(double), "out") < 0 ||
         (egress.obj && check_len(&egress, n, sizeof(double), "egress") < 0) ||
-        (inflight.obj && check_len(&inflight, n, sizeof(double), "inflight") < 0))
+        (inflight.obj && check_len(&inflight, n, sizeof(double), "inflight") < 0) ||
+        (backlog.obj && check_len(&backlog, n, sizeof(double), "backlog") < 0) ||
+        (slowness.obj && check_len(&slowness, n, sizeof(double), "slowness") < 0))
         goto done;
     if (run_col < 0 || run_col >= ncols || wait_col < 0 || wait_col >= ncols || kv_col < 0 || kv_col >= ncols) {
         PyErr_SetString(PyExc_ValueError, "telemetry column out of range");
         goto done;
     }
-    const double *num = numbers.buf, *t = tel.buf, *r = rtt.buf, *eg = egress.buf, *inf = inflight.buf;
+    const double *num = numbers.buf, *t = tel.buf, *r = rtt.buf, *eg = egress.buf, *inf = inflight.buf,
+                 *back = backlog.buf, *sl = slowness.buf;
     double *o = out.buf;
     for (Py_ssize_t i = 0; i < n; i++) {
-        const double *e = num + i * 5, *row = t + i * ncols;
-        const double conc = e[0], prefill_tps = e[1], decode_tps = e[2], cold_ms = e[3], nominal = e[4];
+        const double *e = num + i * 6, *row = t + i * ncols;
+        const double conc = e[0], prefill_tps = e[1], decode_tps = e[2], cold_ms = e[3], usd_per_s = e[4],
+                     batch_half = e[5];
         double running = row[run_col], waiting = row[wait_col], kv = row[kv_col];
         if (isnan(running)) running = unknown_load * conc;
         if (isnan(waiting)) waiting = unknown_load * conc * 0.25;
@@ -90,13 +100,27 @@ static PyObject *estimate(PyObject *self, PyObject *args) {
             running = np_max(running, np_min(inf[i], conc));
             waiting = np_max(waiting, inf[i] - conc);
         }
-        const double prefill_s = in_tok / prefill_tps;
-        const double service_s = prefill_s + out_tok / decode_tps;
-        double queue_ms = 1000.0 * service_s * waiting / conc;
+        /* slowness: how much slower than its numbers the endpoint has been (outcome-calibrated) */
+        const double slow = sl ? sl[i] : 1.0;
+        const double prefill_s = slow * in_tok / prefill_tps;
+        /* A request's time in a full batch: the per-sequence decode rate falls with the batch
+           (r1 / (1 + (b - 1) / batch_half)), and a queued request waits for full-batch completions. */
+        const double full_rate = batch_half > 0.0 ? decode_tps / (1.0 + (conc - 1.0) / batch_half) : decode_tps;
+        const double service_s = prefill_s + slow * out_tok / full_rate;
+        /* Completions needed before this request gets one of the conc slots (0: it is admitted now). */
+        const double ahead = np_max(running + waiting + 1.0 - conc, 0.0);
+        double queue_ms = 1000.0 * service_s * ahead / conc;
         queue_ms = queue_ms + 1000.0 * service_s * np_max(kv - 0.9, 0.0) * 10.0;
+        if (back) queue_ms = queue_ms + back[i];  /* this router's prompts still ahead in its prefill */
         const double prefill_ms = 1000.0 * prefill_s * (1.0 + running / conc);
         o[E_TTFT * n + i] = queue_ms + prefill_ms + r[i] + cold_ms;
-        o[E_COST * n + i] = eg ? nominal + eg[i] * egress_factor : nominal;
+        /* Its share of the GPU's time: all of it while prefilling, then 1/b of each decode step in
+           the batch of b it joins (cheaper per token the fuller the batch). */
+        const double b = np_min(np_max(running, 0.0), conc - 1.0) + 1.0;
+        const double rate_b = batch_half > 0.0 ? decode_tps / (1.0 + (b - 1.0) / batch_half) : decode_tps;
+        const double gpu_s = prefill_s + slow * out_tok / (b * rate_b);
+        const double cost = usd_per_s * gpu_s / out_tok * 1000.0;
+        o[E_COST * n + i] = eg ? cost + eg[i] * egress_factor : cost;
         o[E_QUEUE * n + i] = queue_ms;
         o[E_PREFILL * n + i] = prefill_ms;
         o[E_COLD * n + i] = cold_ms;
@@ -106,7 +130,7 @@ static PyObject *estimate(PyObject *self, PyObject *args) {
     }
     result = Py_NewRef(Py_None);
 done:
-    release(views, 6);
+    release(views, 8);
     return result;
 }
 

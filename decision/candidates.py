@@ -23,11 +23,14 @@ FloatArray = NDArray[np.float64]
 _T = TypeVar("_T", bound=np.generic)
 
 
-def endpoint_numbers(ep: Endpoint) -> tuple[float, float, float, float, float]:
-    """What the score stage reads of an endpoint: (concurrency, prefill tok/s, decode tok/s, cold
-    start ms (0 when warm), nominal $ per 1K tokens)."""
+NUMBERS = 6  # width of endpoint_numbers
+
+
+def endpoint_numbers(ep: Endpoint) -> tuple[float, float, float, float, float, float]:
+    """What the score stage reads of an endpoint: (concurrency, prefill tok/s, decode tok/s at
+    batch 1, cold start ms (0 when warm), $ per second of its GPUs, decode batch_half (0: unknown))."""
     return (float(ep.max_concurrency), float(ep.prefill_tokens_per_s), float(ep.decode_tokens_per_s),
-            0.0 if ep.warm else float(ep.cold_start_ms), float(ep.nominal_cost_per_1k))
+            0.0 if ep.warm else float(ep.cold_start_ms), ep.gpu_hour_usd * ep.gpu_count / 3600.0, float(ep.batch_half))
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,7 +50,7 @@ class Placement:
     def __post_init__(self) -> None:
         eps = self.endpoints
         object.__setattr__(self, "endpoint_ids", tuple(e.endpoint_id for e in eps))
-        numbers = np.array([endpoint_numbers(e) for e in eps], dtype=np.float64).reshape(len(eps), 5)
+        numbers = np.array([endpoint_numbers(e) for e in eps], dtype=np.float64).reshape(len(eps), NUMBERS)
         for a in (numbers, self.rtt_ms, self.egress_per_gb):
             a.setflags(write=False)
         object.__setattr__(self, "numbers", numbers)

@@ -36,6 +36,7 @@ from decision.domain import (
 )
 from decision.errors import InvalidArgument, NoCandidate, NotFound, QuotaExceeded
 from decision.fleet import Fleet, endpoints_serving
+from decision.ledger import EndpointLedger
 from decision.scoring import BasicFeatures, score_candidates
 from decision.telemetry import TelemetryStore
 from decision.trace_format import TraceParts, assemble_trace, endpoint_row, expand_trace, trace_parts
@@ -118,6 +119,8 @@ class _Pending:
     expected_ttft_ms: float
     cost_per_1k_tokens: float
     deadline: float
+    rtt_ms: float = 0.0  # the network part of expected_ttft_ms (calibration compares the rest)
+    slowness: float = 1.0  # the endpoint's slowness the estimate used
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,9 +167,10 @@ class DecisionEngine:
         self.outcome_timeout_s = outcome_timeout_s
         self.max_pending = max_pending
         self.clock = clock
-        # Requests this engine routed and has no outcome for yet, per endpoint: exact and immediate,
-        # where scraped queue telemetry is seconds old (a burst would herd onto what looked idle).
-        self._inflight: dict[str, int] = {}
+        # What this engine knows of each endpoint from its own traffic (in flight, prefill backlog,
+        # outcome-calibrated slowness): exact and immediate, where scraped telemetry is seconds old
+        # (a burst would herd onto what looked idle). count_inflight=False scores on telemetry alone.
+        self.ledger = EndpointLedger()
         self.count_inflight = count_inflight
         self._placement: dict[tuple[str, str, str, str], Placement] = {}
         self._endpoint_rows: dict[tuple[str, str, str, str], list[list[Any]]] = {}
@@ -251,7 +255,7 @@ class DecisionEngine:
                        {"locate": (t1 - t0) * 1e6, "prefetch": (t2 - t1) * 1e6, "guard": (t3 - t2) * 1e6})
         egress = self._egress(fleet, ctx.client_region, result.allowed)
         scored = score_candidates(ctx, result.allowed, self.features, egress,
-                                  inflight=self._inflight if self.count_inflight else None)
+                                  ledger=self.ledger if self.count_inflight else None, now=now)
         t4 = time.perf_counter()
         choice = learner.choose(ctx, scored)
         if not 0 <= choice.arm < len(scored) or not 0.0 < choice.propensity <= 1.0:
@@ -282,7 +286,9 @@ class DecisionEngine:
         )
         guard.commit(ctx, decision)
         self._remember(decision_id, _Pending(ctx, ep.endpoint_id, tuple(scored.matrix[arm].tolist()), ttft_ms, cost,
-                                             now + self.outcome_timeout_s))
+                                             now + self.outcome_timeout_s, float(scored.components["rtt_ms"][arm]),
+                                             self.ledger.slowness(ep.endpoint_id) if self.count_inflight else 1.0),
+                       now, float(scored.components["prefill_ms"][arm]) / 1000.0)
         if self.audit is not None:
             self.audit.submit_decision(decision_event(decision, "routed", ()))
         self.stats["decisions"] += 1
@@ -338,11 +344,12 @@ class DecisionEngine:
         return stored, LazyTrace(lambda: expand_trace(stored))
 
     # -- outcomes --
-    def _remember(self, decision_id: str, pending: _Pending) -> None:
+    def _remember(self, decision_id: str, pending: _Pending, now: float, prefill_s: float) -> None:
         expired: list[_Pending] = []
+        eid = pending.endpoint_id
         with self._lock:
             self._pending[decision_id] = pending
-            self._inflight[pending.endpoint_id] = self._inflight.get(pending.endpoint_id, 0) + 1
+            self.ledger.sent(eid, now, prefill_s)
             while len(self._pending) > self.max_pending:
                 expired.append(self._release(self._pending.popitem(last=False)[1]))
         for p in expired:
@@ -350,16 +357,12 @@ class DecisionEngine:
 
     def _release(self, p: _Pending) -> _Pending:
         """The decision is no longer in flight at its endpoint (call with ``_lock`` held)."""
-        left = self._inflight.get(p.endpoint_id, 0) - 1
-        if left > 0:
-            self._inflight[p.endpoint_id] = left
-        else:
-            self._inflight.pop(p.endpoint_id, None)
+        self.ledger.done(p.endpoint_id)
         return p
 
     def inflight(self, endpoint_id: str) -> int:
         """Decisions routed to ``endpoint_id`` whose outcome has not come back (nor timed out)."""
-        return self._inflight.get(endpoint_id, 0)
+        return self.ledger.inflight(endpoint_id)
 
     def _learn_missing(self, p: _Pending) -> None:
         """A decision whose outcome never came: a failure signal for the learner."""
@@ -408,6 +411,10 @@ class DecisionEngine:
                 return OutcomeResult(outcome.decision_id, True, True, self._reported[outcome.decision_id])
         reward: float | None = None
         if pending is not None:
+            if outcome.status == OutcomeStatus.OK and outcome.ttft_ms > 0:
+                with self._lock:
+                    self.ledger.observed(pending.endpoint_id, expected_ms=pending.expected_ttft_ms - pending.rtt_ms,
+                                         observed_ms=outcome.ttft_ms - pending.rtt_ms, slowness=pending.slowness)
             reward = self.reward(pending.ctx, outcome, pending.expected_ttft_ms, pending.cost_per_1k_tokens)
             self._learn(pending.features, reward)
         elif self.traces is None or self.traces.get_decision(outcome.decision_id) is None:

@@ -1,8 +1,11 @@
 """The score stage: expected TTFT and cost per candidate, and the feature matrix, as columns.
 
-Expected TTFT = queue wait + prefill (slowed by the running batch) + network round trip +
-cold start. Unknown or stale telemetry is not trusted: the queue is then assumed to be
-``unknown_load`` full, which makes a blind endpoint look worse than a known idle one.
+Expected TTFT = queue wait (for a batch slot, then for the prompts ahead in the endpoint's
+prefill) + prefill (slowed by the running batch) + network round trip + cold start. A queued
+request waits for completions in a full batch, whose per-sequence decode rate has fallen to
+``r1 / (1 + (conc - 1) / batch_half)``. Unknown or stale telemetry is not trusted: the queue is
+then assumed to be ``unknown_load`` full, which makes a blind endpoint look worse than a known
+idle one.
 
 This is the decision's hot path, so it works on numpy columns: the telemetry store hands over
 each endpoint's values as a precomputed row, an endpoint's static numbers are cached per
@@ -14,15 +17,15 @@ carries the feature matrix the learners read as it is.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from itertools import repeat
 
 import numpy as np
 from numpy.typing import NDArray
 
 from decision import _kernels
-from decision.candidates import CandidateSet, endpoint_numbers, endpoints_of
+from decision.candidates import NUMBERS, CandidateSet, endpoint_numbers, endpoints_of
 from decision.contracts import FeatureBuilder
 from decision.domain import Candidate, Estimates, RequestContext, ScoredArms
+from decision.ledger import EndpointLedger
 from decision.telemetry import CANONICAL, KV_CACHE_USAGE, QUEUE_RUNNING, QUEUE_WAITING, dense_row
 
 BYTES_PER_TOKEN = 4.0  # egress estimate for prompt + completion text
@@ -55,15 +58,17 @@ class BasicFeatures:
 
 def score_candidates(ctx: RequestContext, candidates: Sequence[Candidate], features: FeatureBuilder,
                      egress: Mapping[str, float], *, unknown_load: float = 0.5,
-                     inflight: Mapping[str, int] | None = None) -> ScoredArms:
+                     ledger: EndpointLedger | None = None, now: float = 0.0) -> ScoredArms:
     """Expected TTFT, cost and features for every candidate.
 
     ``egress`` ($/GB per site id) is for plain sequences of candidates; a
     :class:`~decision.candidates.CandidateSet` carries its own.
 
-    ``inflight`` (requests this router sent and has no outcome for, per endpoint) is a lower bound
-    on the load that stale telemetry may not show yet: running is at least ``min(inflight, conc)``
-    and waiting at least ``inflight - conc``.
+    ``ledger`` (what this router knows from its own traffic, read at ``now``): its in-flight
+    requests are a lower bound on the load that stale telemetry may not show yet (running is at
+    least ``min(inflight, conc)``, waiting at least ``inflight - conc``); what is left of the
+    prompts it sent an endpoint adds to the queue wait; an endpoint's outcome-calibrated slowness
+    scales its prefill and decode times.
     """
     n = len(candidates)
     in_tok = max(1, ctx.estimated_input_tokens or 256)
@@ -76,21 +81,22 @@ def score_candidates(ctx: RequestContext, candidates: Sequence[Candidate], featu
         egress_gb = candidates.column(candidates.placement.egress_per_gb)
         ages = candidates.telemetry.max_age_s()
     else:
-        static = np.array([endpoint_numbers(c.endpoint) for c in candidates], dtype=np.float64).reshape(n, 5)
+        static = np.array([endpoint_numbers(c.endpoint) for c in candidates], dtype=np.float64).reshape(n, NUMBERS)
         tel = telemetry_matrix(candidates)
         rtt = np.array([c.rtt_ms for c in candidates], dtype=np.float64)
         if egress:
             egress_gb = np.array([egress.get(c.endpoint.site_id, 0.0) for c in candidates], dtype=np.float64)
         ages = np.array([c.telemetry.max_age_s for c in candidates], dtype=np.float64)
-    local: FloatArray | None = None
-    if inflight:
+    local = backlog = slowness = None
+    if ledger is not None:
         ids = candidates.endpoint_ids if isinstance(candidates, CandidateSet) else [c.endpoint.endpoint_id
                                                                                      for c in candidates]
-        local = np.fromiter(map(inflight.get, ids, repeat(0)), dtype=np.float64, count=n)
+        local, backlog, slowness = ledger.columns(ids, now)
     out = np.empty((len(ESTIMATE_ROWS), n), dtype=np.float64)
     _kernels.estimate(np.ascontiguousarray(static), np.ascontiguousarray(tel), np.ascontiguousarray(rtt),
                       None if egress_gb is None else np.ascontiguousarray(egress_gb),
-                      local, len(CANONICAL), _RUN, _WAIT, _KV, float(in_tok), float(out_tok), unknown_load,
+                      local, backlog, slowness, len(CANONICAL), _RUN, _WAIT, _KV, float(in_tok), float(out_tok),
+                      unknown_load,
                       # Egress is paid on prompt and completion text, spread over the completion's 1K tokens.
                       (in_tok + out_tok) * BYTES_PER_TOKEN / 1e9 * 1000.0 / out_tok, out)
     ttft, cost, queue_ms, prefill_ms, cold_ms, running, waiting, kv = out

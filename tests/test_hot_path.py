@@ -19,6 +19,7 @@ from decision.domain import Candidate, RequestContext
 from decision.engine import DecisionEngine
 from decision.fleet import Fleet
 from decision.fleetgen import synthetic_fleet
+from decision.ledger import EndpointLedger
 from decision.scoring import score_candidates
 from decision.telemetry import CANONICAL, TelemetryStore
 from learners.features import RouteFeatures
@@ -129,8 +130,12 @@ def test_guard_and_score_agree_between_columns_and_candidate_objects(seed: int) 
             continue
         egress = {c.endpoint.site_id: fleet.topology.path(ctx.client_region, c.endpoint.site_id)[1]
                   for c in by_objs.allowed}
-        a = score_candidates(ctx, by_cols.allowed, features, {}, inflight={located.endpoint_ids[0]: 3})
-        b = score_candidates(ctx, tuple(by_objs.allowed), features, egress, inflight={located.endpoint_ids[0]: 3})
+        ledger = EndpointLedger()
+        for k, eid in enumerate(located.endpoint_ids[:3]):
+            ledger.sent(eid, now=50.0 - k, prefill_s=0.4)
+            ledger.observed(eid, expected_ms=100.0, observed_ms=100.0 + 90.0 * k, slowness=1.0)
+        a = score_candidates(ctx, by_cols.allowed, features, {}, ledger=ledger, now=50.0)
+        b = score_candidates(ctx, tuple(by_objs.allowed), features, egress, ledger=ledger, now=50.0)
         np.testing.assert_allclose(a.matrix, b.matrix, rtol=1e-12)
         np.testing.assert_allclose(a.ttft_ms, b.ttft_ms, rtol=1e-12)
         np.testing.assert_allclose(a.cost_per_1k, b.cost_per_1k, rtol=1e-12)

@@ -31,9 +31,9 @@ F = np.ndarray
 K = len(CANONICAL)
 
 
-def reference_estimates(static: F, tel: F, rtt: F, egress: F | None, inflight: F | None, in_tok: int, out_tok: int,
-                        unknown_load: float) -> dict[str, F]:
-    conc, prefill_tps, decode_tps, cold_ms, nominal = static.T
+def reference_estimates(static: F, tel: F, rtt: F, egress: F | None, inflight: F | None, backlog: F | None,
+                        slowness: F | None, in_tok: int, out_tok: int, unknown_load: float) -> dict[str, F]:
+    conc, prefill_tps, decode_tps, cold_ms, usd_per_s, batch_half = static.T
     with np.errstate(all="ignore"):
         running = tel[:, COLUMN[QUEUE_RUNNING]]
         running = np.where(np.isnan(running), unknown_load * conc, running)
@@ -44,15 +44,22 @@ def reference_estimates(static: F, tel: F, rtt: F, egress: F | None, inflight: F
         if inflight is not None:
             running = np.maximum(running, np.minimum(inflight, conc))
             waiting = np.maximum(waiting, inflight - conc)
-        prefill_s = in_tok / prefill_tps
-        service_s = prefill_s + out_tok / decode_tps
-        queue_ms = 1000.0 * service_s * waiting / conc
+        slow = 1.0 if slowness is None else slowness
+        prefill_s = slow * in_tok / prefill_tps
+        full_rate = np.where(batch_half > 0.0, decode_tps / (1.0 + (conc - 1.0) / batch_half), decode_tps)
+        service_s = prefill_s + slow * out_tok / full_rate
+        ahead = np.maximum(running + waiting + 1.0 - conc, 0.0)
+        queue_ms = 1000.0 * service_s * ahead / conc
         queue_ms = queue_ms + 1000.0 * service_s * np.maximum(kv - 0.9, 0.0) * 10.0
+        if backlog is not None:
+            queue_ms = queue_ms + backlog
         prefill_ms = 1000.0 * prefill_s * (1.0 + running / conc)
         ttft = queue_ms + prefill_ms + rtt + cold_ms
-        cost = nominal
+        b = np.minimum(np.maximum(running, 0.0), conc - 1.0) + 1.0
+        rate_b = np.where(batch_half > 0.0, decode_tps / (1.0 + (b - 1.0) / batch_half), decode_tps)
+        cost = usd_per_s * (prefill_s + slow * out_tok / (b * rate_b)) / out_tok * 1000.0
         if egress is not None:
-            cost = nominal + egress * ((in_tok + out_tok) * BYTES_PER_TOKEN / 1e9 * 1000.0 / out_tok)
+            cost = cost + egress * ((in_tok + out_tok) * BYTES_PER_TOKEN / 1e9 * 1000.0 / out_tok)
     return {"ttft_ms": ttft, "cost_per_1k": cost, "queue_ms": queue_ms, "prefill_ms": prefill_ms,
             "cold_start_ms": cold_ms, "running": running, "waiting": waiting, "kv_cache_usage": kv}
 
@@ -119,16 +126,19 @@ def _values(rng: np.random.Generator, shape: tuple[int, ...], scale: float, p_na
     return x
 
 
-def _world(seed: int, n: int) -> tuple[F, F, F, F, F]:
+def _world(seed: int, n: int) -> tuple[F, F, F, F, F, F, F]:
     rng = np.random.default_rng(seed)
     static = np.column_stack([rng.integers(0, 64, n).astype(float), rng.uniform(0, 20000, n),
-                              rng.uniform(0, 200, n), rng.choice([0.0, 800.0], n), rng.uniform(0, 0.01, n)])
+                              rng.uniform(0, 200, n), rng.choice([0.0, 800.0], n), rng.uniform(0, 0.01, n),
+                              rng.choice([0.0, 4.0, 72.0], n)])
     tel = _values(rng, (n, K), 120.0, 0.2)
     tel[rng.random(n) < 0.2] = np.nan  # endpoints with nothing known
     rtt = rng.uniform(0, 300, n)
     egress = rng.uniform(0, 0.12, n)
     inflight = rng.integers(0, 80, n).astype(float)
-    return static, tel, rtt, egress, inflight
+    backlog = rng.choice([0.0, 35.0, 900.0], n)
+    slowness = rng.choice([0.5, 1.0, 2.7], n)
+    return static, tel, rtt, egress, inflight, backlog, slowness
 
 
 def _assert_same(got: F, want: F) -> None:
@@ -138,17 +148,19 @@ def _assert_same(got: F, want: F) -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 70), in_tok=st.integers(1, 40000),
-       out_tok=st.integers(1, 4000), with_egress=st.booleans(), with_inflight=st.booleans())
+       out_tok=st.integers(1, 4000), with_egress=st.booleans(), with_inflight=st.booleans(),
+       with_ledger=st.booleans())
 def test_estimate_matches_the_numpy_formulas(seed: int, n: int, in_tok: int, out_tok: int, with_egress: bool,
-                                             with_inflight: bool) -> None:
-    static, tel, rtt, egress, inflight = _world(seed, n)
+                                             with_inflight: bool, with_ledger: bool) -> None:
+    static, tel, rtt, egress, inflight, backlog, slowness = _world(seed, n)
     out = np.empty((len(ESTIMATE_ROWS), n))
     eg = egress if with_egress else None
     inf = inflight if with_inflight else None
-    _kernels.estimate(static, tel, rtt, eg, inf, K, COLUMN[QUEUE_RUNNING], COLUMN[QUEUE_WAITING],
+    back, slow = (backlog, slowness) if with_ledger else (None, None)
+    _kernels.estimate(static, tel, rtt, eg, inf, back, slow, K, COLUMN[QUEUE_RUNNING], COLUMN[QUEUE_WAITING],
                       COLUMN[KV_CACHE_USAGE], float(in_tok), float(out_tok), 0.5,
                       (in_tok + out_tok) * BYTES_PER_TOKEN / 1e9 * 1000.0 / out_tok, out)
-    want = reference_estimates(static, tel, rtt, eg, inf, in_tok, out_tok, 0.5)
+    want = reference_estimates(static, tel, rtt, eg, inf, back, slow, in_tok, out_tok, 0.5)
     for name, row in zip(ESTIMATE_ROWS, out, strict=True):
         _assert_same(row, want[name])
 
@@ -204,24 +216,28 @@ def test_route_features_match_the_documented_table(seed: int, n: int, buckets: i
 
 
 def test_kernels_refuse_wrong_shapes_and_strided_arrays() -> None:
-    static, tel, rtt, egress, inflight = _world(1, 8)
+    static, tel, rtt, egress, inflight, backlog, slowness = _world(1, 8)
     out = np.empty((len(ESTIMATE_ROWS), 8))
     args = (K, COLUMN[QUEUE_RUNNING], COLUMN[QUEUE_WAITING], COLUMN[KV_CACHE_USAGE], 100.0, 10.0, 0.5, 4.4e-5)
     with pytest.raises(ValueError, match="numbers"):
-        _kernels.estimate(static[:7], tel, rtt, None, None, *args, out)
+        _kernels.estimate(static[:7], tel, rtt, None, None, None, None, *args, out)
     with pytest.raises(ValueError, match="out"):
-        _kernels.estimate(static, tel, rtt, None, None, *args, out[:, :7].copy())
+        _kernels.estimate(static, tel, rtt, None, None, None, None, *args, out[:, :7].copy())
     with pytest.raises(ValueError, match="egress"):
-        _kernels.estimate(static, tel, rtt, egress[:3], None, *args, out)
+        _kernels.estimate(static, tel, rtt, egress[:3], None, None, None, *args, out)
+    with pytest.raises(ValueError, match="backlog"):
+        _kernels.estimate(static, tel, rtt, None, None, backlog[:5].copy(), None, *args, out)
+    with pytest.raises(ValueError, match="slowness"):
+        _kernels.estimate(static, tel, rtt, None, None, None, slowness[:5].copy(), *args, out)
     with pytest.raises(ValueError, match="column"):
-        _kernels.estimate(static, tel, rtt, None, None, K, K, 0, 0, 100.0, 10.0, 0.5, 4.4e-5, out)
+        _kernels.estimate(static, tel, rtt, None, None, None, None, K, K, 0, 0, 100.0, 10.0, 0.5, 4.4e-5, out)
     with pytest.raises((ValueError, BufferError)):
-        _kernels.estimate(static, tel, rtt, None, inflight[::2], *args, out)  # a strided view
+        _kernels.estimate(static, tel, rtt, None, inflight[::2], None, None, *args, out)  # a strided view
     with pytest.raises((ValueError, BufferError)):
-        _kernels.estimate(np.asfortranarray(static), tel, rtt, None, None, *args, out)  # not C-contiguous
+        _kernels.estimate(np.asfortranarray(static), tel, rtt, None, None, None, None, *args, out)  # not C-contiguous
     with pytest.raises((ValueError, BufferError, TypeError)):
         out.setflags(write=False)
-        _kernels.estimate(static, tel, rtt, None, None, *args, out)  # read-only output
+        _kernels.estimate(static, tel, rtt, None, None, None, None, *args, out)  # read-only output
 
 
 def _telemetry(seed: int, n: int) -> tuple[F, F, float]:

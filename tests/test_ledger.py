@@ -1,0 +1,139 @@
+"""The router's own-traffic ledger (in flight, prefill backlog, outcome-calibrated slowness) and
+what the score stage makes of it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+from decision.domain import Outcome, OutcomeStatus, RequestContext
+from decision.fleet import Fleet
+from decision.gpu_profiles import batch_half
+from decision.ledger import EndpointLedger
+from sim.service import service_params
+from tests.spine_support import demo_engine
+
+
+def test_prefill_backlog_queues_prompts_one_after_another_and_drains_with_the_clock() -> None:
+    led = EndpointLedger()
+    led.sent("a", now=100.0, prefill_s=0.5)
+    led.sent("a", now=100.2, prefill_s=0.5)  # waits for the first: due at 101.0
+    inflight, backlog, slow = led.columns(["a", "b"], now=100.4)
+    assert inflight.tolist() == [2.0, 0.0]
+    np.testing.assert_allclose(backlog, [600.0, 0.0])
+    assert slow.tolist() == [1.0, 1.0]
+    assert led.columns(["a"], now=101.5)[1].tolist() == [0.0]  # drained: never negative
+    led.sent("a", now=103.0, prefill_s=0.25)  # an idle endpoint starts from now, not from its past
+    np.testing.assert_allclose(led.columns(["a"], now=103.0)[1], [250.0])
+    led.done("a")
+    led.done("a")
+    led.done("a")
+    led.done("a")  # one too many (an expired decision's late outcome): the count stays at 0
+    assert led.inflight("a") == 0
+
+
+def test_slowness_follows_observed_over_expected_in_the_log_domain_within_bounds() -> None:
+    led = EndpointLedger(alpha=0.25, min_slowness=0.5, max_slowness=4.0)
+    for _ in range(60):  # an endpoint three times slower than its numbers say
+        led.observed("hot", expected_ms=100.0 * led.slowness("hot"), observed_ms=300.0,
+                     slowness=led.slowness("hot"))
+    assert led.slowness("hot") == pytest.approx(3.0, rel=1e-3)
+    for _ in range(60):  # far slower than the bound
+        led.observed("hot", expected_ms=10.0, observed_ms=10_000.0, slowness=1.0)
+    assert led.slowness("hot") == pytest.approx(4.0)
+    for _ in range(60):
+        led.observed("fast", expected_ms=1000.0, observed_ms=1.0, slowness=1.0)
+    assert led.slowness("fast") == pytest.approx(0.5)
+    led.observed("x", expected_ms=0.0, observed_ms=50.0, slowness=1.0)  # nothing to compare with
+    led.observed("x", expected_ms=50.0, observed_ms=math.nan, slowness=1.0)
+    assert led.slowness("x") == 1.0
+    with pytest.raises(ValueError, match="alpha"):
+        EndpointLedger(alpha=0.0)
+
+
+def _ctx(i: int, **kw: Any) -> RequestContext:
+    base: dict[str, Any] = {"request_id": f"r{i}", "tenant": "globex", "model": "llama-3.1-70b",
+                            "client_region": "us-east", "estimated_input_tokens": 6000, "expected_output_tokens": 100}
+    base.update(kw)
+    return RequestContext(**base)
+
+
+def _score_row(decision: Any, endpoint_id: str) -> dict[str, Any]:
+    rows = decision.trace["stages"]["score"]["candidates"]
+    return next(r for r in rows if r["endpoint_id"] == endpoint_id)
+
+
+def test_a_prompt_sent_to_an_endpoint_delays_the_next_ones_there(demo_fleet: Fleet) -> None:
+    now = [1000.0]
+    eng = demo_engine(demo_fleet, clock=lambda: now[0], outcome_timeout_s=60.0)
+    first = eng.decide(_ctx(0))
+    x = first.route.endpoint_id
+    prefill_ms = _score_row(first, x)["components"]["prefill_ms"]
+    assert prefill_ms > 0
+    second = eng.decide(_ctx(1))
+    again = _score_row(second, x)
+    # The first prompt is ahead in x's prefill: the second one's queue there is at least its prefill.
+    assert again["components"]["queue_ms"] >= prefill_ms - 1e-9
+    assert again["expected_ttft_ms"] >= _score_row(first, x)["expected_ttft_ms"] + prefill_ms - 1e-9
+    now[0] += 60.0  # long after: the backlog has drained (the in-flight count has not)
+    later = _score_row(eng.decide(_ctx(2)), x)
+    assert later["components"]["queue_ms"] < again["components"]["queue_ms"]
+
+
+def test_outcomes_slower_than_expected_make_an_endpoint_look_slower(demo_fleet: Fleet) -> None:
+    now = [1000.0]
+    eng = demo_engine(demo_fleet, clock=lambda: now[0], outcome_timeout_s=60.0)
+    first = eng.decide(_ctx(0, estimated_input_tokens=500))
+    x = first.route.endpoint_id
+    before = _score_row(first, x)["components"]["prefill_ms"]
+    eng.report_outcome(Outcome(first.decision_id, OutcomeStatus.OK, ttft_ms=5.0 * first.expected_ttft_ms))
+    routes = []
+    for i in range(40):  # x answers five times slower than estimated, every other endpoint as estimated
+        now[0] += 30.0  # no backlog left between requests
+        d = eng.decide(_ctx(100 + i, estimated_input_tokens=500))
+        routes.append(d.route.endpoint_id)
+        slow = 5.0 if d.route.endpoint_id == x else 1.0
+        eng.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=slow * d.expected_ttft_ms))
+    assert eng.ledger.slowness(x) > 1.1  # a few outcomes were enough to move the traffic
+    assert all(eng.ledger.slowness(e) == pytest.approx(1.0) for e in set(routes) - {x})
+    assert routes[-1] != x and routes.count(x) < len(routes) / 2  # traffic moved off x
+    now[0] += 30.0
+    after = eng.decide(_ctx(999, estimated_input_tokens=500))
+    assert _score_row(after, x)["components"]["prefill_ms"] == pytest.approx(before * eng.ledger.slowness(x))
+    # Errors and cancellations say nothing about speed: they leave the calibration alone.
+    s = eng.ledger.slowness(after.route.endpoint_id)
+    eng.report_outcome(Outcome(after.decision_id, OutcomeStatus.ERROR, ttft_ms=50_000.0))
+    assert eng.ledger.slowness(after.route.endpoint_id) == s
+
+
+def test_a_full_batch_queues_the_next_request_and_decodes_slower() -> None:
+    """``batch_half`` is one function for the simulator's service model and the score stage."""
+    from decision import _kernels
+    from decision.scoring import ESTIMATE_ROWS
+    from decision.telemetry import CANONICAL, KV_CACHE_USAGE, QUEUE_RUNNING, QUEUE_WAITING
+
+    k = len(CANONICAL)
+    col = {name: i for i, name in enumerate(CANONICAL)}
+    numbers = np.array([[16.0, 3000.0, 12.0, 0.0, 0.0002, 80.0]] * 3)
+    tel = np.full((3, k), np.nan)
+    tel[:, col[QUEUE_WAITING]] = 0.0
+    tel[:, col[QUEUE_RUNNING]] = [14.0, 15.0, 16.0]  # room, the last slot, full
+    out = np.empty((len(ESTIMATE_ROWS), 3))
+    _kernels.estimate(numbers, tel, np.zeros(3), None, None, None, None, k, col[QUEUE_RUNNING],
+                      col[QUEUE_WAITING], col[KV_CACHE_USAGE], 300.0, 100.0, 0.5, 0.0, out)
+    queue = out[ESTIMATE_ROWS.index("queue_ms")]
+    assert queue[0] == 0.0 and queue[1] == 0.0
+    full_rate = 12.0 / (1.0 + 15.0 / 80.0)
+    assert queue[2] == pytest.approx(1000.0 * (300.0 / 3000.0 + 100.0 / full_rate) / 16.0)
+    cost = out[ESTIMATE_ROWS.index("cost_per_1k")]
+    assert cost[0] > cost[1]  # a fuller batch shares the GPU among more sequences
+
+
+def test_the_simulator_and_the_fleet_use_one_batch_half(demo_fleet: Fleet) -> None:
+    for ep in demo_fleet.endpoints[:12]:
+        params_b = demo_fleet.models[ep.model].params_b
+        assert ep.batch_half == batch_half(ep.gpu_type, ep.gpu_count, params_b)
+        assert service_params(ep, params_b).batch_half == ep.batch_half
