@@ -56,7 +56,7 @@ PyDoc_STRVAR(estimate_doc,
 "rtt: n; egress ($/GB), inflight (this router's requests without outcome), backlog (ms of its\n"
 "prompts still ahead in the endpoint's prefill) and slowness (service-time factor): n, or None\n"
 "(decision.ledger.EndpointLedger.columns);\n"
-"egress_factor: GB sent per 1K output tokens (cost = GPU share + egress * egress_factor).");
+"egress_factor: GB sent per 1K output tokens (cost = nominal + egress * egress_factor).");
 
 static PyObject *estimate(PyObject *self, PyObject *args) {
     Py_buffer numbers = {0}, tel = {0}, rtt = {0}, egress = {0}, inflight = {0}, backlog = {0}, slowness = {0},
@@ -90,7 +90,7 @@ static PyObject *estimate(PyObject *self, PyObject *args) {
     double *o = out.buf;
     for (Py_ssize_t i = 0; i < n; i++) {
         const double *e = num + i * 6, *row = t + i * ncols;
-        const double conc = e[0], prefill_tps = e[1], decode_tps = e[2], cold_ms = e[3], usd_per_s = e[4],
+        const double conc = e[0], prefill_tps = e[1], decode_tps = e[2], cold_ms = e[3], nominal = e[4],
                      batch_half = e[5];
         double running = row[run_col], waiting = row[wait_col], kv = row[kv_col];
         if (isnan(running)) running = unknown_load * conc;
@@ -107,20 +107,15 @@ static PyObject *estimate(PyObject *self, PyObject *args) {
            (r1 / (1 + (b - 1) / batch_half)), and a queued request waits for full-batch completions. */
         const double full_rate = batch_half > 0.0 ? decode_tps / (1.0 + (conc - 1.0) / batch_half) : decode_tps;
         const double service_s = prefill_s + slow * out_tok / full_rate;
-        /* Completions needed before this request gets one of the conc slots (0: it is admitted now). */
-        const double ahead = np_max(running + waiting + 1.0 - conc, 0.0);
+        /* Completions needed before this request gets a slot: one per request waiting ahead of it (they
+           may wait for slots or for KV cache), plus one more when every slot is taken. */
+        const double ahead = waiting + np_max(running + 1.0 - conc, 0.0);
         double queue_ms = 1000.0 * service_s * ahead / conc;
         queue_ms = queue_ms + 1000.0 * service_s * np_max(kv - 0.9, 0.0) * 10.0;
         if (back) queue_ms = queue_ms + back[i];  /* this router's prompts still ahead in its prefill */
         const double prefill_ms = 1000.0 * prefill_s * (1.0 + running / conc);
         o[E_TTFT * n + i] = queue_ms + prefill_ms + r[i] + cold_ms;
-        /* Its share of the GPU's time: all of it while prefilling, then 1/b of each decode step in
-           the batch of b it joins (cheaper per token the fuller the batch). */
-        const double b = np_min(np_max(running, 0.0), conc - 1.0) + 1.0;
-        const double rate_b = batch_half > 0.0 ? decode_tps / (1.0 + (b - 1.0) / batch_half) : decode_tps;
-        const double gpu_s = prefill_s + slow * out_tok / (b * rate_b);
-        const double cost = usd_per_s * gpu_s / out_tok * 1000.0;
-        o[E_COST * n + i] = eg ? cost + eg[i] * egress_factor : cost;
+        o[E_COST * n + i] = eg ? nominal + eg[i] * egress_factor : nominal;
         o[E_QUEUE * n + i] = queue_ms;
         o[E_PREFILL * n + i] = prefill_ms;
         o[E_COLD * n + i] = cold_ms;

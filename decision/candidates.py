@@ -28,9 +28,9 @@ NUMBERS = 6  # width of endpoint_numbers
 
 def endpoint_numbers(ep: Endpoint) -> tuple[float, float, float, float, float, float]:
     """What the score stage reads of an endpoint: (concurrency, prefill tok/s, decode tok/s at
-    batch 1, cold start ms (0 when warm), $ per second of its GPUs, decode batch_half (0: unknown))."""
+    batch 1, cold start ms (0 when warm), nominal $ per 1K tokens, decode batch_half (0: unknown))."""
     return (float(ep.max_concurrency), float(ep.prefill_tokens_per_s), float(ep.decode_tokens_per_s),
-            0.0 if ep.warm else float(ep.cold_start_ms), ep.gpu_hour_usd * ep.gpu_count / 3600.0, float(ep.batch_half))
+            0.0 if ep.warm else float(ep.cold_start_ms), float(ep.nominal_cost_per_1k), float(ep.batch_half))
 
 
 @dataclass(frozen=True, eq=False)

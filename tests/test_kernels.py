@@ -33,7 +33,7 @@ K = len(CANONICAL)
 
 def reference_estimates(static: F, tel: F, rtt: F, egress: F | None, inflight: F | None, backlog: F | None,
                         slowness: F | None, in_tok: int, out_tok: int, unknown_load: float) -> dict[str, F]:
-    conc, prefill_tps, decode_tps, cold_ms, usd_per_s, batch_half = static.T
+    conc, prefill_tps, decode_tps, cold_ms, nominal, batch_half = static.T
     with np.errstate(all="ignore"):
         running = tel[:, COLUMN[QUEUE_RUNNING]]
         running = np.where(np.isnan(running), unknown_load * conc, running)
@@ -48,18 +48,16 @@ def reference_estimates(static: F, tel: F, rtt: F, egress: F | None, inflight: F
         prefill_s = slow * in_tok / prefill_tps
         full_rate = np.where(batch_half > 0.0, decode_tps / (1.0 + (conc - 1.0) / batch_half), decode_tps)
         service_s = prefill_s + slow * out_tok / full_rate
-        ahead = np.maximum(running + waiting + 1.0 - conc, 0.0)
+        ahead = waiting + np.maximum(running + 1.0 - conc, 0.0)
         queue_ms = 1000.0 * service_s * ahead / conc
         queue_ms = queue_ms + 1000.0 * service_s * np.maximum(kv - 0.9, 0.0) * 10.0
         if backlog is not None:
             queue_ms = queue_ms + backlog
         prefill_ms = 1000.0 * prefill_s * (1.0 + running / conc)
         ttft = queue_ms + prefill_ms + rtt + cold_ms
-        b = np.minimum(np.maximum(running, 0.0), conc - 1.0) + 1.0
-        rate_b = np.where(batch_half > 0.0, decode_tps / (1.0 + (b - 1.0) / batch_half), decode_tps)
-        cost = usd_per_s * (prefill_s + slow * out_tok / (b * rate_b)) / out_tok * 1000.0
+        cost = nominal
         if egress is not None:
-            cost = cost + egress * ((in_tok + out_tok) * BYTES_PER_TOKEN / 1e9 * 1000.0 / out_tok)
+            cost = nominal + egress * ((in_tok + out_tok) * BYTES_PER_TOKEN / 1e9 * 1000.0 / out_tok)
     return {"ttft_ms": ttft, "cost_per_1k": cost, "queue_ms": queue_ms, "prefill_ms": prefill_ms,
             "cold_start_ms": cold_ms, "running": running, "waiting": waiting, "kv_cache_usage": kv}
 
