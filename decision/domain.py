@@ -345,13 +345,13 @@ class Estimates:
 class ScoredArms(BuiltOnRead[ScoredCandidate]):
     """The score stage's output as columns: one row per allowed candidate.
 
-    Learners read :attr:`matrix` (features) and :attr:`ttft_ms` as they are, so nothing converts
+    Learners read :attr:`matrix` (features) and :attr:`rank_ms` as they are, so nothing converts
     Python floats back into arrays on the request path. A :class:`ScoredCandidate` is built only
     for the arms someone reads by index (the chosen one, the fallbacks, the trace off the request
     path). The arrays are read-only.
     """
 
-    __slots__ = ("candidates", "components", "cost_per_1k", "matrix", "ttft_ms")
+    __slots__ = ("candidates", "components", "cost_per_1k", "matrix", "rank_ms", "ttft_ms")
 
     def __init__(self, candidates: Sequence[Candidate], matrix: NDArray[np.float64], ttft_ms: NDArray[np.float64],
                  cost_per_1k: NDArray[np.float64], components: Mapping[str, NDArray[np.float64]]) -> None:
@@ -366,6 +366,11 @@ class ScoredArms(BuiltOnRead[ScoredCandidate]):
         self.ttft_ms = ttft_ms
         self.cost_per_1k = cost_per_1k
         self.components = dict(components)
+        # What choices rank and fence by: the expected TTFT plus the delay the request would add to
+        # later ones at that endpoint (score stage component ``added_delay_ms``, when it is known).
+        added = self.components.get("added_delay_ms")
+        self.rank_ms = ttft_ms if added is None else ttft_ms + added
+        self.rank_ms.setflags(write=False)
 
     @classmethod
     def of(cls, arms: Sequence[ScoredCandidate]) -> ScoredArms:

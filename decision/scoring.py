@@ -33,6 +33,12 @@ ESTIMATE_ROWS: tuple[str, ...] = ("ttft_ms", "cost_per_1k", "queue_ms", "prefill
                                   "waiting", "kv_cache_usage")  # _kernels.estimate's output rows
 COMPONENTS: tuple[str, ...] = ("queue_ms", "prefill_ms", "rtt_ms", "cold_start_ms", "running", "waiting",
                                "kv_cache_usage")
+# How much of the delay a prompt adds to the later requests queued behind it in an endpoint's prefill
+# counts against choosing that endpoint. A FIFO server's marginal delay (M/G/1) counts all of it; a
+# request's own TTFT counts none of it, and then every long prompt lands on the fastest prefill until
+# its queue is as long as anyone's. Half: the better of 0.25, 0.5 and 1 on mesh-512's first 60 s
+# for P95 TTFT with the deterministic scorer was 0.25-0.5 (sim/README.md).
+ADDED_DELAY_WEIGHT = 0.5
 COLUMN: dict[str, int] = {name: i for i, name in enumerate(CANONICAL)}
 _RUN, _WAIT, _KV = COLUMN[QUEUE_RUNNING], COLUMN[QUEUE_WAITING], COLUMN[KV_CACHE_USAGE]
 FloatArray = NDArray[np.float64]
@@ -68,7 +74,9 @@ def score_candidates(ctx: RequestContext, candidates: Sequence[Candidate], featu
     requests are a lower bound on the load that stale telemetry may not show yet (running is at
     least ``min(inflight, conc)``, waiting at least ``inflight - conc``); what is left of the
     prompts it sent an endpoint adds to the queue wait; an endpoint's outcome-calibrated slowness
-    scales its prefill and decode times.
+    scales its prefill and decode times; and the component ``added_delay_ms`` is the delay this
+    prompt would add to later requests there (:data:`ADDED_DELAY_WEIGHT`), which learners add to
+    the expected TTFT when they rank arms (:attr:`ScoredArms.rank_ms`).
     """
     n = len(candidates)
     in_tok = max(1, ctx.estimated_input_tokens or 256)
@@ -87,11 +95,11 @@ def score_candidates(ctx: RequestContext, candidates: Sequence[Candidate], featu
         if egress:
             egress_gb = np.array([egress.get(c.endpoint.site_id, 0.0) for c in candidates], dtype=np.float64)
         ages = np.array([c.telemetry.max_age_s for c in candidates], dtype=np.float64)
-    local = backlog = slowness = None
+    local = backlog = slowness = rate = None
     if ledger is not None:
         ids = candidates.endpoint_ids if isinstance(candidates, CandidateSet) else [c.endpoint.endpoint_id
                                                                                      for c in candidates]
-        local, backlog, slowness = ledger.columns(ids, now)
+        local, backlog, slowness, rate = ledger.columns(ids, now)
     out = np.empty((len(ESTIMATE_ROWS), n), dtype=np.float64)
     _kernels.estimate(np.ascontiguousarray(static), np.ascontiguousarray(tel), np.ascontiguousarray(rtt),
                       None if egress_gb is None else np.ascontiguousarray(egress_gb),
@@ -100,9 +108,17 @@ def score_candidates(ctx: RequestContext, candidates: Sequence[Candidate], featu
                       # Egress is paid on prompt and completion text, spread over the completion's 1K tokens.
                       (in_tok + out_tok) * BYTES_PER_TOKEN / 1e9 * 1000.0 / out_tok, out)
     ttft, cost, queue_ms, prefill_ms, cold_ms, running, waiting, kv = out
-    est = Estimates(ttft, cost, queue_ms, rtt, tel, ages)
+    added: FloatArray | None = None
+    if rate is not None and backlog is not None:
+        # The delay this prompt adds to the requests expected at the endpoint while its prefill
+        # backlog (this prompt included) drains: prefill x arrivals/s x drain time.
+        added = ADDED_DELAY_WEIGHT * prefill_ms * rate * (backlog + prefill_ms) / 1000.0
+    # Features see what learners rank by (ScoredArms.rank_ms), so a learner's prior ranks like the scorer.
+    est = Estimates(ttft if added is None else ttft + added, cost, queue_ms, rtt, tel, ages)
     matrix = np.ascontiguousarray(features.build_matrix(ctx, candidates, est), dtype=np.float64)
     if matrix.shape != (n, len(features.names)):
         raise ValueError(f"feature builder returned shape {matrix.shape}, expected {(n, len(features.names))}")
     comps = dict(zip(COMPONENTS, (queue_ms, prefill_ms, rtt, cold_ms, running, waiting, kv), strict=True))
+    if added is not None:
+        comps["added_delay_ms"] = added
     return ScoredArms(candidates, matrix, ttft, cost, comps)

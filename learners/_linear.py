@@ -136,13 +136,14 @@ Prior = str | Mapping[str, float] | None
 
 
 def arms_arrays(arms: Sequence[ScoredCandidate]) -> tuple[FloatArray, FloatArray]:
-    """The arms' feature vectors (one row per arm) and the scorer's expected TTFTs (ms).
+    """The arms' feature vectors (one row per arm) and the scorer's expected TTFTs (ms; with the
+    delay each would add to later requests, :attr:`~decision.domain.ScoredArms.rank_ms`).
 
     The score stage's :class:`~decision.domain.ScoredArms` already holds them as arrays (the
     request path); any other sequence of arms (replays, tests) is converted.
     """
     cols = ScoredArms.of(arms)
-    return cols.matrix, cols.ttft_ms
+    return cols.matrix, cols.rank_ms
 
 
 def arms_matrix(arms: Sequence[ScoredCandidate]) -> FloatArray:

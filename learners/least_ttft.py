@@ -41,7 +41,7 @@ class LeastExpectedTtft:
         if not arms:
             raise ValueError("no arms offered")
         cols = ScoredArms.of(arms)
-        scores = -(cols.ttft_ms + self.cost_weight * 1000.0 * cols.cost_per_1k)
+        scores = -(cols.rank_ms + self.cost_weight * 1000.0 * cols.cost_per_1k)
         # Highest score, then the cheaper arm, then the first offered (lexsort: last key is primary).
         best = int(np.lexsort((np.arange(len(scores)), cols.cost_per_1k, -scores))[0])
         return Choice(best, 1.0, tuple(scores.tolist()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from decision.domain import RequestContext, ScoredCandidate
+from decision.domain import RequestContext, ScoredArms, ScoredCandidate
 from decision.engine import DecisionEngine
 from decision.fleet import Fleet
 from decision.fleetgen import demo_fleet
@@ -73,7 +73,7 @@ def test_no_choice_is_ever_outside_the_safe_set(name: str) -> None:
     rng = np.random.default_rng(9)
     outside = 0
     for ctx, arms in _real_arms(2, 120):
-        ttft = np.array([a.expected_ttft_ms for a in arms])
+        ttft = ScoredArms.of(arms).rank_ms  # expected TTFT plus the delay each would add to later requests
         mask = eligible(ttft, ctx.ttft_target_ms, learner.safe_slack, learner.safe_margin)
         safe = np.ones(len(arms), bool) if mask is None else mask
         outside += int((~safe).sum())

@@ -13,6 +13,7 @@ from decision.domain import Outcome, OutcomeStatus, RequestContext
 from decision.fleet import Fleet
 from decision.gpu_profiles import batch_half
 from decision.ledger import EndpointLedger
+from decision.scoring import ADDED_DELAY_WEIGHT
 from sim.service import service_params
 from tests.spine_support import demo_engine
 
@@ -21,10 +22,12 @@ def test_prefill_backlog_queues_prompts_one_after_another_and_drains_with_the_cl
     led = EndpointLedger()
     led.sent("a", now=100.0, prefill_s=0.5)
     led.sent("a", now=100.2, prefill_s=0.5)  # waits for the first: due at 101.0
-    inflight, backlog, slow = led.columns(["a", "b"], now=100.4)
+    inflight, backlog, slow, rate = led.columns(["a", "b"], now=100.4)
     assert inflight.tolist() == [2.0, 0.0]
     np.testing.assert_allclose(backlog, [600.0, 0.0])
     assert slow.tolist() == [1.0, 1.0]
+    # Two requests in the last half second, counted over a 5 s window (decayed since).
+    np.testing.assert_allclose(rate, [0.2 * math.exp(-0.4 / 5.0) + 0.2 * math.exp(-0.2 / 5.0), 0.0])
     assert led.columns(["a"], now=101.5)[1].tolist() == [0.0]  # drained: never negative
     led.sent("a", now=103.0, prefill_s=0.25)  # an idle endpoint starts from now, not from its past
     np.testing.assert_allclose(led.columns(["a"], now=103.0)[1], [250.0])
@@ -78,9 +81,15 @@ def test_a_prompt_sent_to_an_endpoint_delays_the_next_ones_there(demo_fleet: Fle
     # The first prompt is ahead in x's prefill: the second one's queue there is at least its prefill.
     assert again["components"]["queue_ms"] >= prefill_ms - 1e-9
     assert again["expected_ttft_ms"] >= _score_row(first, x)["expected_ttft_ms"] + prefill_ms - 1e-9
+    # ...and it would add its own prefill to every request expected there while the backlog drains
+    # (one request in the last instant, over the ledger's 5 s window: 0.2 per s).
+    p2 = again["components"]["prefill_ms"]
+    added = again["components"]["added_delay_ms"]
+    assert added == pytest.approx(ADDED_DELAY_WEIGHT * p2 * 0.2 * (prefill_ms + p2) / 1000.0)
     now[0] += 60.0  # long after: the backlog has drained (the in-flight count has not)
     later = _score_row(eng.decide(_ctx(2)), x)
     assert later["components"]["queue_ms"] < again["components"]["queue_ms"]
+    assert later["components"]["added_delay_ms"] < added
 
 
 def test_outcomes_slower_than_expected_make_an_endpoint_look_slower(demo_fleet: Fleet) -> None:
@@ -134,3 +143,19 @@ def test_the_simulator_and_the_fleet_use_one_batch_half(demo_fleet: Fleet) -> No
         params_b = demo_fleet.models[ep.model].params_b
         assert ep.batch_half == batch_half(ep.gpu_type, ep.gpu_count, params_b)
         assert service_params(ep, params_b).batch_half == ep.batch_half
+
+
+def test_learners_rank_by_expected_ttft_plus_the_delay_added_to_later_requests() -> None:
+    """The faster arm for this request loses to one that holds nobody up."""
+    from decision.domain import ScoredArms
+    from learners.least_ttft import LeastExpectedTtft
+    from learners.testing import toy_arms
+
+    two = [a.candidate for a in toy_arms([100.0, 120.0])]
+    cols = ScoredArms(two, np.zeros((2, 1)), np.array([100.0, 120.0]), np.zeros(2),
+                      {"added_delay_ms": np.array([50.0, 0.0])})
+    assert cols.rank_ms.tolist() == [150.0, 120.0]
+    assert cols.ttft_ms.tolist() == [100.0, 120.0]  # what the decision reports and calibrates on
+    assert LeastExpectedTtft().choose(_ctx(1), cols).arm == 1
+    plain = ScoredArms(two, np.zeros((2, 1)), np.array([100.0, 120.0]), np.zeros(2), {})
+    assert LeastExpectedTtft().choose(_ctx(1), plain).arm == 0
