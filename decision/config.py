@@ -63,7 +63,9 @@ class DecisionSection(_Section):
     max_fallbacks: int = Field(default=3, ge=0, le=32)
     outcome_timeout_s: float = Field(default=300.0, gt=0)
     max_candidates: int = Field(default=256, ge=1, le=1_000_000)
-    # Count this process's own in-flight requests per endpoint in the queue estimate.
+    # Score with this process's own-traffic ledger (decision/ledger.py): in-flight requests, the
+    # prompts it sent still ahead in each endpoint's prefill, outcome-calibrated slowness, and the
+    # delay a prompt adds to later requests. Off: the estimate reads telemetry alone.
     count_inflight: bool = True
 
 
