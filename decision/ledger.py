@@ -30,6 +30,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 FloatArray = NDArray[np.float64]
+_INFLIGHT, _DUE, _LOG_SLOW, _RATE, _RATE_AT = range(5)  # rows of EndpointLedger's state
+_WIDTH = 5
 
 
 class EndpointLedger:
@@ -64,27 +66,42 @@ class EndpointLedger:
             raise ValueError("rate_window_s must be > 0")
         self.alpha = alpha
         self.rate_window_s = rate_window_s
-        self._rate: dict[str, tuple[float, float]] = {}  # (decayed count / window, as of when)
         self._log_lo, self._log_hi = math.log(min_slowness), math.log(max_slowness)
-        self._inflight: dict[str, int] = {}
-        self._prefill_due: dict[str, float] = {}  # epoch seconds, in the engine's clock
-        self._log_slow: dict[str, float] = {}
+        # One column of numbers per endpoint (rows _INFLIGHT.._RATE_AT), so that the request path
+        # reads a candidate set's columns with one lookup and one fancy index. Column 0 stands for
+        # an endpoint never sent to: nothing in flight, no backlog, slowness 1, no arrivals.
+        self._row: dict[str, int] = {}
+        self._state = np.zeros((_WIDTH, 64), dtype=np.float64)
+        self._state[_DUE, 0] = -math.inf
+
+    def _row_of(self, endpoint_id: str) -> int:
+        row = self._row.get(endpoint_id)
+        if row is None:
+            row = len(self._row) + 1
+            size = self._state.shape[1]
+            if row >= size:  # grow before the row is published: readers take no lock
+                grown = np.zeros((_WIDTH, 2 * size), dtype=np.float64)
+                grown[:, :size] = self._state
+                self._state = grown
+            self._state[_DUE, row] = -math.inf
+            self._row[endpoint_id] = row
+        return row
 
     def sent(self, endpoint_id: str, now: float, prefill_s: float) -> None:
         """A request went to ``endpoint_id``; its prompt takes ``prefill_s`` there once it is its turn."""
-        self._inflight[endpoint_id] = self._inflight.get(endpoint_id, 0) + 1
-        rate, at = self._rate.get(endpoint_id, (0.0, now))
-        self._rate[endpoint_id] = (self._decayed(rate, at, now) + 1.0 / self.rate_window_s, now)
-        due = self._prefill_due.get(endpoint_id, now)
-        self._prefill_due[endpoint_id] = (due if due > now else now) + prefill_s
+        row = self._row_of(endpoint_id)
+        st = self._state
+        st[_INFLIGHT, row] += 1.0
+        decay = math.exp(-max(now - st[_RATE_AT, row], 0.0) / self.rate_window_s)
+        st[_RATE, row] = st[_RATE, row] * decay + 1.0 / self.rate_window_s
+        st[_RATE_AT, row] = now
+        st[_DUE, row] = max(st[_DUE, row], now) + prefill_s
 
     def done(self, endpoint_id: str) -> None:
         """A request at ``endpoint_id`` ended (its outcome came, or it timed out)."""
-        left = self._inflight.get(endpoint_id, 0) - 1
-        if left > 0:
-            self._inflight[endpoint_id] = left
-        else:
-            self._inflight.pop(endpoint_id, None)
+        row = self._row.get(endpoint_id)
+        if row is not None:
+            self._state[_INFLIGHT, row] = max(self._state[_INFLIGHT, row] - 1.0, 0.0)
 
     def observed(self, endpoint_id: str, *, expected_ms: float, observed_ms: float, slowness: float) -> None:
         """An outcome: the endpoint's part of the TTFT (no network) was ``observed_ms`` where the
@@ -92,28 +109,22 @@ class EndpointLedger:
         if not (expected_ms > 0.0 and observed_ms >= 0.0 and slowness > 0.0):
             return
         sample = math.log(slowness * max(observed_ms, 1.0) / max(expected_ms, 1.0))
-        old = self._log_slow.get(endpoint_id, 0.0)
-        new = old + self.alpha * (sample - old)
-        self._log_slow[endpoint_id] = min(max(new, self._log_lo), self._log_hi)
+        row = self._row_of(endpoint_id)
+        old = self._state[_LOG_SLOW, row]
+        self._state[_LOG_SLOW, row] = min(max(old + self.alpha * (sample - old), self._log_lo), self._log_hi)
 
     def inflight(self, endpoint_id: str) -> int:
-        return self._inflight.get(endpoint_id, 0)
+        return int(self._state[_INFLIGHT, self._row.get(endpoint_id, 0)])
 
     def slowness(self, endpoint_id: str) -> float:
-        return math.exp(self._log_slow.get(endpoint_id, 0.0))
-
-    def _decayed(self, rate: float, at: float, now: float) -> float:
-        return rate * math.exp(-max(now - at, 0.0) / self.rate_window_s)
+        return math.exp(float(self._state[_LOG_SLOW, self._row.get(endpoint_id, 0)]))
 
     def columns(self, endpoint_ids: Sequence[str], now: float
                 ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
         """In-flight counts, prefill backlog (ms), slowness and arrival rate (per s) of ``endpoint_ids``."""
-        n = len(endpoint_ids)
-        inflight = np.fromiter(map(self._inflight.get, endpoint_ids, repeat(0)), dtype=np.float64, count=n)
-        due = np.fromiter(map(self._prefill_due.get, endpoint_ids, repeat(now)), dtype=np.float64, count=n)
-        backlog = np.maximum(due - now, 0.0) * 1000.0
-        log_slow = np.fromiter(map(self._log_slow.get, endpoint_ids, repeat(0.0)), dtype=np.float64, count=n)
-        no_rate = (0.0, now)
-        rate = np.fromiter((self._decayed(*self._rate.get(e, no_rate), now) for e in endpoint_ids), dtype=np.float64,
-                           count=n)
-        return inflight, backlog, np.exp(log_slow), rate
+        state = self._state  # one reference: a concurrent growth leaves this one whole
+        rows = np.fromiter(map(self._row.get, endpoint_ids, repeat(0)), dtype=np.intp, count=len(endpoint_ids))
+        st = np.take(state, rows, axis=1)  # (_WIDTH, n), C order: each row contiguous, as the kernel wants
+        backlog = np.maximum(st[_DUE] - now, 0.0) * 1000.0
+        rate = st[_RATE] * np.exp(np.minimum(st[_RATE_AT] - now, 0.0) / self.rate_window_s)
+        return st[_INFLIGHT], backlog, np.exp(st[_LOG_SLOW]), rate
