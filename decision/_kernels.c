@@ -45,48 +45,44 @@ static void release(Py_buffer *views[], int n) {
 }
 
 /* Rows of the estimate output (decision/scoring.py ESTIMATE_ROWS). */
-enum { E_TTFT, E_COST, E_QUEUE, E_PREFILL, E_COLD, E_RUNNING, E_WAITING, E_KV, E_ROWS };
+enum { E_TTFT, E_COST, E_QUEUE, E_PREFILL, E_COLD, E_RUNNING, E_WAITING, E_KV, E_ADDED, E_RANK, E_ROWS };
+/* Rows of an own-traffic ledger's state (decision/ledger.py). */
+enum { L_INFLIGHT, L_DUE, L_LOG_SLOW, L_RATE, L_RATE_AT, L_ROWS };
 
 PyDoc_STRVAR(estimate_doc,
-"estimate(numbers, tel, rtt, egress, inflight, backlog, slowness, ncols, run_col, wait_col, kv_col, in_tok, out_tok,\n"
-"         unknown_load, egress_factor, out)\n\n"
-"Expected TTFT and cost of n candidates into out (8 x n rows: ttft, cost, queue, prefill, cold,\n"
-"running, waiting, kv). numbers: n x 6 (decision.candidates.endpoint_numbers); tel: n x ncols\n"
-"telemetry (NaN unknown);\n"
-"rtt: n; egress ($/GB), inflight (this router's requests without outcome), backlog (ms of its\n"
-"prompts still ahead in the endpoint's prefill) and slowness (service-time factor): n, or None\n"
-"(decision.ledger.EndpointLedger.columns);\n"
+"estimate(numbers, tel, rtt, egress, ledger, ncols, run_col, wait_col, kv_col, in_tok, out_tok,\n"
+"         unknown_load, egress_factor, now, rate_window_s, added_weight, out)\n\n"
+"Expected TTFT and cost of n candidates into out (10 x n rows: ttft, cost, queue, prefill, cold,\n"
+"running, waiting, kv, added delay, rank). numbers: n x 6 (decision.candidates.endpoint_numbers);\n"
+"tel: n x ncols telemetry (NaN unknown); rtt: n; egress ($/GB): n, or None; ledger: the\n"
+"candidates' own-traffic state, 5 x n (decision.ledger.EndpointLedger.state_of: in flight,\n"
+"prefill due, log slowness, arrival rate and when), or None;\n"
 "egress_factor: GB sent per 1K output tokens (cost = nominal + egress * egress_factor).");
 
 static PyObject *estimate(PyObject *self, PyObject *args) {
-    Py_buffer numbers = {0}, tel = {0}, rtt = {0}, egress = {0}, inflight = {0}, backlog = {0}, slowness = {0},
-              out = {0};
-    PyObject *egress_obj, *inflight_obj, *backlog_obj, *slowness_obj;
+    Py_buffer numbers = {0}, tel = {0}, rtt = {0}, egress = {0}, ledger = {0}, out = {0};
+    PyObject *egress_obj, *ledger_obj;
     Py_ssize_t ncols, run_col, wait_col, kv_col;
-    double in_tok, out_tok, unknown_load, egress_factor;
-    if (!PyArg_ParseTuple(args, "y*y*y*OOOOnnnnddddw*", &numbers, &tel, &rtt, &egress_obj, &inflight_obj,
-                          &backlog_obj, &slowness_obj, &ncols, &run_col, &wait_col, &kv_col, &in_tok, &out_tok, &unknown_load, &egress_factor, &out))
+    double in_tok, out_tok, unknown_load, egress_factor, now, rate_window, added_weight;
+    if (!PyArg_ParseTuple(args, "y*y*y*OOnnnndddddddw*", &numbers, &tel, &rtt, &egress_obj, &ledger_obj, &ncols,
+                          &run_col, &wait_col, &kv_col, &in_tok, &out_tok, &unknown_load, &egress_factor, &now,
+                          &rate_window, &added_weight, &out))
         return NULL;
-    Py_buffer *views[] = {&numbers, &tel, &rtt, &egress, &inflight, &backlog, &slowness, &out};
+    Py_buffer *views[] = {&numbers, &tel, &rtt, &egress, &ledger, &out};
     PyObject *result = NULL;
-    if (optional_buffer(egress_obj, &egress) < 0 || optional_buffer(inflight_obj, &inflight) < 0 ||
-        optional_buffer(backlog_obj, &backlog) < 0 || optional_buffer(slowness_obj, &slowness) < 0)
-        goto done;
+    if (optional_buffer(egress_obj, &egress) < 0 || optional_buffer(ledger_obj, &ledger) < 0) goto done;
     const Py_ssize_t n = rtt.len / (Py_ssize_t)sizeof(double);
     if (check_len(&rtt, n, sizeof(double), "rtt") < 0 || check_len(&numbers, n * 6, sizeof(double), "numbers") < 0 ||
         check_len(&tel, n * ncols, sizeof(double), "tel") < 0 ||
         check_len(&out, n * E_ROWS, sizeof(double), "out") < 0 ||
         (egress.obj && check_len(&egress, n, sizeof(double), "egress") < 0) ||
-        (inflight.obj && check_len(&inflight, n, sizeof(double), "inflight") < 0) ||
-        (backlog.obj && check_len(&backlog, n, sizeof(double), "backlog") < 0) ||
-        (slowness.obj && check_len(&slowness, n, sizeof(double), "slowness") < 0))
+        (ledger.obj && check_len(&ledger, n * L_ROWS, sizeof(double), "ledger") < 0))
         goto done;
     if (run_col < 0 || run_col >= ncols || wait_col < 0 || wait_col >= ncols || kv_col < 0 || kv_col >= ncols) {
         PyErr_SetString(PyExc_ValueError, "telemetry column out of range");
         goto done;
     }
-    const double *num = numbers.buf, *t = tel.buf, *r = rtt.buf, *eg = egress.buf, *inf = inflight.buf,
-                 *back = backlog.buf, *sl = slowness.buf;
+    const double *num = numbers.buf, *t = tel.buf, *r = rtt.buf, *eg = egress.buf, *led = ledger.buf;
     double *o = out.buf;
     for (Py_ssize_t i = 0; i < n; i++) {
         const double *e = num + i * 6, *row = t + i * ncols;
@@ -96,12 +92,18 @@ static PyObject *estimate(PyObject *self, PyObject *args) {
         if (isnan(running)) running = unknown_load * conc;
         if (isnan(waiting)) waiting = unknown_load * conc * 0.25;
         if (isnan(kv)) kv = unknown_load;
-        if (inf) {
-            running = np_max(running, np_min(inf[i], conc));
-            waiting = np_max(waiting, inf[i] - conc);
+        /* The router's own traffic: in flight (a lower bound on the load), what is left of the
+           prompts it sent (ms), how much slower than its numbers the endpoint has been
+           (outcome-calibrated) and its recent arrivals per second. */
+        double backlog = 0.0, slow = 1.0, rate = 0.0;
+        if (led) {
+            const double inf = led[L_INFLIGHT * n + i], due = led[L_DUE * n + i];
+            running = np_max(running, np_min(inf, conc));
+            waiting = np_max(waiting, inf - conc);
+            backlog = due > now ? (due - now) * 1000.0 : 0.0;
+            slow = exp(led[L_LOG_SLOW * n + i]);
+            rate = led[L_RATE * n + i] * exp(np_min(led[L_RATE_AT * n + i] - now, 0.0) / rate_window);
         }
-        /* slowness: how much slower than its numbers the endpoint has been (outcome-calibrated) */
-        const double slow = sl ? sl[i] : 1.0;
         const double prefill_s = slow * in_tok / prefill_tps;
         /* A request's time in a full batch: the per-sequence decode rate falls with the batch
            (r1 / (1 + (b - 1) / batch_half)), and a queued request waits for full-batch completions. */
@@ -112,9 +114,15 @@ static PyObject *estimate(PyObject *self, PyObject *args) {
         const double ahead = waiting + np_max(running + 1.0 - conc, 0.0);
         double queue_ms = 1000.0 * service_s * ahead / conc;
         queue_ms = queue_ms + 1000.0 * service_s * np_max(kv - 0.9, 0.0) * 10.0;
-        if (back) queue_ms = queue_ms + back[i];  /* this router's prompts still ahead in its prefill */
+        queue_ms = queue_ms + backlog;  /* this router's prompts still ahead in its prefill */
         const double prefill_ms = 1000.0 * prefill_s * (1.0 + running / conc);
-        o[E_TTFT * n + i] = queue_ms + prefill_ms + r[i] + cold_ms;
+        const double ttft = queue_ms + prefill_ms + r[i] + cold_ms;
+        /* The delay this prompt adds to the requests expected there while the backlog (it included)
+           drains, weighted (decision.scoring.ADDED_DELAY_WEIGHT): what choices also rank by. */
+        const double added = added_weight * prefill_ms * rate * (backlog + prefill_ms) / 1000.0;
+        o[E_TTFT * n + i] = ttft;
+        o[E_ADDED * n + i] = added;
+        o[E_RANK * n + i] = ttft + added;
         o[E_COST * n + i] = eg ? nominal + eg[i] * egress_factor : nominal;
         o[E_QUEUE * n + i] = queue_ms;
         o[E_PREFILL * n + i] = prefill_ms;
@@ -125,7 +133,7 @@ static PyObject *estimate(PyObject *self, PyObject *args) {
     }
     result = Py_NewRef(Py_None);
 done:
-    release(views, 8);
+    release(views, 6);
     return result;
 }
 

@@ -119,12 +119,18 @@ class EndpointLedger:
     def slowness(self, endpoint_id: str) -> float:
         return math.exp(float(self._state[_LOG_SLOW, self._row.get(endpoint_id, 0)]))
 
+    def state_of(self, endpoint_ids: Sequence[str]) -> FloatArray:
+        """The raw state of ``endpoint_ids``: 5 rows (in flight, prefill due, log slowness, arrival
+        rate, when it was last updated) x one column per endpoint, C-contiguous; what the score
+        stage's kernel (``decision._kernels.estimate``) reads."""
+        rows = np.fromiter(map(self._row.get, endpoint_ids, repeat(0)), dtype=np.intp, count=len(endpoint_ids))
+        return np.take(self._state, rows, axis=1)  # one reference to the state: a concurrent growth leaves it whole
+
     def columns(self, endpoint_ids: Sequence[str], now: float
                 ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
-        """In-flight counts, prefill backlog (ms), slowness and arrival rate (per s) of ``endpoint_ids``."""
-        state = self._state  # one reference: a concurrent growth leaves this one whole
-        rows = np.fromiter(map(self._row.get, endpoint_ids, repeat(0)), dtype=np.intp, count=len(endpoint_ids))
-        st = np.take(state, rows, axis=1)  # (_WIDTH, n), C order: each row contiguous, as the kernel wants
+        """In-flight counts, prefill backlog (ms), slowness and arrival rate (per s) of ``endpoint_ids``
+        at ``now`` (the kernel computes the same from :meth:`state_of`)."""
+        st = self.state_of(endpoint_ids)
         backlog = np.maximum(st[_DUE] - now, 0.0) * 1000.0
         rate = st[_RATE] * np.exp(np.minimum(st[_RATE_AT] - now, 0.0) / self.rate_window_s)
         return st[_INFLIGHT], backlog, np.exp(st[_LOG_SLOW]), rate

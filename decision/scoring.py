@@ -30,7 +30,7 @@ from decision.telemetry import CANONICAL, KV_CACHE_USAGE, QUEUE_RUNNING, QUEUE_W
 
 BYTES_PER_TOKEN = 4.0  # egress estimate for prompt + completion text
 ESTIMATE_ROWS: tuple[str, ...] = ("ttft_ms", "cost_per_1k", "queue_ms", "prefill_ms", "cold_start_ms", "running",
-                                  "waiting", "kv_cache_usage")  # _kernels.estimate's output rows
+                                  "waiting", "kv_cache_usage", "added_delay_ms", "rank_ms")  # _kernels.estimate's rows
 COMPONENTS: tuple[str, ...] = ("queue_ms", "prefill_ms", "rtt_ms", "cold_start_ms", "running", "waiting",
                                "kv_cache_usage")
 # How much of the delay a prompt adds to the later requests queued behind it in an endpoint's prefill
@@ -95,30 +95,25 @@ def score_candidates(ctx: RequestContext, candidates: Sequence[Candidate], featu
         if egress:
             egress_gb = np.array([egress.get(c.endpoint.site_id, 0.0) for c in candidates], dtype=np.float64)
         ages = np.array([c.telemetry.max_age_s for c in candidates], dtype=np.float64)
-    local = backlog = slowness = rate = None
+    own: FloatArray | None = None
     if ledger is not None:
         ids = candidates.endpoint_ids if isinstance(candidates, CandidateSet) else [c.endpoint.endpoint_id
                                                                                      for c in candidates]
-        local, backlog, slowness, rate = ledger.columns(ids, now)
+        own = ledger.state_of(ids)
     out = np.empty((len(ESTIMATE_ROWS), n), dtype=np.float64)
     _kernels.estimate(np.ascontiguousarray(static), np.ascontiguousarray(tel), np.ascontiguousarray(rtt),
                       None if egress_gb is None else np.ascontiguousarray(egress_gb),
-                      local, backlog, slowness, len(CANONICAL), _RUN, _WAIT, _KV, float(in_tok), float(out_tok),
-                      unknown_load,
+                      own, len(CANONICAL), _RUN, _WAIT, _KV, float(in_tok), float(out_tok), unknown_load,
                       # Egress is paid on prompt and completion text, spread over the completion's 1K tokens.
-                      (in_tok + out_tok) * BYTES_PER_TOKEN / 1e9 * 1000.0 / out_tok, out)
-    ttft, cost, queue_ms, prefill_ms, cold_ms, running, waiting, kv = out
-    added: FloatArray | None = None
-    if rate is not None and backlog is not None:
-        # The delay this prompt adds to the requests expected at the endpoint while its prefill
-        # backlog (this prompt included) drains: prefill x arrivals/s x drain time.
-        added = ADDED_DELAY_WEIGHT * prefill_ms * rate * (backlog + prefill_ms) / 1000.0
+                      (in_tok + out_tok) * BYTES_PER_TOKEN / 1e9 * 1000.0 / out_tok, now,
+                      ledger.rate_window_s if ledger is not None else 1.0, ADDED_DELAY_WEIGHT, out)
+    ttft, cost, queue_ms, prefill_ms, cold_ms, running, waiting, kv, added, rank = out
     # Features see what learners rank by (ScoredArms.rank_ms), so a learner's prior ranks like the scorer.
-    est = Estimates(ttft if added is None else ttft + added, cost, queue_ms, rtt, tel, ages)
+    est = Estimates(rank if own is not None else ttft, cost, queue_ms, rtt, tel, ages)
     matrix = np.ascontiguousarray(features.build_matrix(ctx, candidates, est), dtype=np.float64)
     if matrix.shape != (n, len(features.names)):
         raise ValueError(f"feature builder returned shape {matrix.shape}, expected {(n, len(features.names))}")
     comps = dict(zip(COMPONENTS, (queue_ms, prefill_ms, rtt, cold_ms, running, waiting, kv), strict=True))
-    if added is not None:
+    if own is not None:
         comps["added_delay_ms"] = added
     return ScoredArms(candidates, matrix, ttft, cost, comps)

@@ -31,10 +31,17 @@ F = np.ndarray
 K = len(CANONICAL)
 
 
-def reference_estimates(static: F, tel: F, rtt: F, egress: F | None, inflight: F | None, backlog: F | None,
-                        slowness: F | None, in_tok: int, out_tok: int, unknown_load: float) -> dict[str, F]:
+def reference_estimates(static: F, tel: F, rtt: F, egress: F | None, ledger: F | None, in_tok: int, out_tok: int,
+                        unknown_load: float, now: float, window: float, weight: float) -> dict[str, F]:
     conc, prefill_tps, decode_tps, cold_ms, nominal, batch_half = static.T
     with np.errstate(all="ignore"):
+        inflight = backlog = slowness = None
+        rate: F | float = 0.0
+        if ledger is not None:  # decision/ledger.py's state rows, as EndpointLedger.columns reads them
+            inflight, due, log_slow, rate_raw, rate_at = ledger
+            backlog = np.maximum(due - now, 0.0) * 1000.0
+            slowness = np.exp(log_slow)
+            rate = rate_raw * np.exp(np.minimum(rate_at - now, 0.0) / window)
         running = tel[:, COLUMN[QUEUE_RUNNING]]
         running = np.where(np.isnan(running), unknown_load * conc, running)
         waiting = tel[:, COLUMN[QUEUE_WAITING]]
@@ -55,11 +62,13 @@ def reference_estimates(static: F, tel: F, rtt: F, egress: F | None, inflight: F
             queue_ms = queue_ms + backlog
         prefill_ms = 1000.0 * prefill_s * (1.0 + running / conc)
         ttft = queue_ms + prefill_ms + rtt + cold_ms
+        added = weight * prefill_ms * rate * ((0.0 if backlog is None else backlog) + prefill_ms) / 1000.0
         cost = nominal
         if egress is not None:
             cost = nominal + egress * ((in_tok + out_tok) * BYTES_PER_TOKEN / 1e9 * 1000.0 / out_tok)
     return {"ttft_ms": ttft, "cost_per_1k": cost, "queue_ms": queue_ms, "prefill_ms": prefill_ms,
-            "cold_start_ms": cold_ms, "running": running, "waiting": waiting, "kv_cache_usage": kv}
+            "cold_start_ms": cold_ms, "running": running, "waiting": waiting, "kv_cache_usage": kv,
+            "added_delay_ms": added + np.zeros_like(ttft), "rank_ms": ttft + added}
 
 
 def _clip(x: F, lo: float, hi: float) -> F:
@@ -124,7 +133,7 @@ def _values(rng: np.random.Generator, shape: tuple[int, ...], scale: float, p_na
     return x
 
 
-def _world(seed: int, n: int) -> tuple[F, F, F, F, F, F, F]:
+def _world(seed: int, n: int) -> tuple[F, F, F, F, F]:
     rng = np.random.default_rng(seed)
     static = np.column_stack([rng.integers(0, 64, n).astype(float), rng.uniform(0, 20000, n),
                               rng.uniform(0, 200, n), rng.choice([0.0, 800.0], n), rng.uniform(0, 0.01, n),
@@ -133,10 +142,12 @@ def _world(seed: int, n: int) -> tuple[F, F, F, F, F, F, F]:
     tel[rng.random(n) < 0.2] = np.nan  # endpoints with nothing known
     rtt = rng.uniform(0, 300, n)
     egress = rng.uniform(0, 0.12, n)
-    inflight = rng.integers(0, 80, n).astype(float)
-    backlog = rng.choice([0.0, 35.0, 900.0], n)
-    slowness = rng.choice([0.5, 1.0, 2.7], n)
-    return static, tel, rtt, egress, inflight, backlog, slowness
+    # An own-traffic ledger's state at now=1000: in flight, prefill due (past, soon, never), log
+    # slowness, arrival rate and when it was last counted.
+    ledger = np.ascontiguousarray(np.vstack([
+        rng.integers(0, 80, n).astype(float), rng.choice([-np.inf, 999.0, 1000.035, 1000.9], n),
+        np.log(rng.choice([0.5, 1.0, 2.7], n)), rng.choice([0.0, 0.2, 13.0], n), rng.choice([0.0, 990.0, 1000.0], n)]))
+    return static, tel, rtt, egress, ledger
 
 
 def _assert_same(got: F, want: F) -> None:
@@ -146,19 +157,17 @@ def _assert_same(got: F, want: F) -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 70), in_tok=st.integers(1, 40000),
-       out_tok=st.integers(1, 4000), with_egress=st.booleans(), with_inflight=st.booleans(),
-       with_ledger=st.booleans())
+       out_tok=st.integers(1, 4000), with_egress=st.booleans(), with_ledger=st.booleans())
 def test_estimate_matches_the_numpy_formulas(seed: int, n: int, in_tok: int, out_tok: int, with_egress: bool,
-                                             with_inflight: bool, with_ledger: bool) -> None:
-    static, tel, rtt, egress, inflight, backlog, slowness = _world(seed, n)
+                                             with_ledger: bool) -> None:
+    static, tel, rtt, egress, ledger = _world(seed, n)
     out = np.empty((len(ESTIMATE_ROWS), n))
     eg = egress if with_egress else None
-    inf = inflight if with_inflight else None
-    back, slow = (backlog, slowness) if with_ledger else (None, None)
-    _kernels.estimate(static, tel, rtt, eg, inf, back, slow, K, COLUMN[QUEUE_RUNNING], COLUMN[QUEUE_WAITING],
+    led = ledger if with_ledger else None
+    _kernels.estimate(static, tel, rtt, eg, led, K, COLUMN[QUEUE_RUNNING], COLUMN[QUEUE_WAITING],
                       COLUMN[KV_CACHE_USAGE], float(in_tok), float(out_tok), 0.5,
-                      (in_tok + out_tok) * BYTES_PER_TOKEN / 1e9 * 1000.0 / out_tok, out)
-    want = reference_estimates(static, tel, rtt, eg, inf, back, slow, in_tok, out_tok, 0.5)
+                      (in_tok + out_tok) * BYTES_PER_TOKEN / 1e9 * 1000.0 / out_tok, 1000.0, 5.0, 0.5, out)
+    want = reference_estimates(static, tel, rtt, eg, led, in_tok, out_tok, 0.5, 1000.0, 5.0, 0.5)
     for name, row in zip(ESTIMATE_ROWS, out, strict=True):
         _assert_same(row, want[name])
 
@@ -214,28 +223,27 @@ def test_route_features_match_the_documented_table(seed: int, n: int, buckets: i
 
 
 def test_kernels_refuse_wrong_shapes_and_strided_arrays() -> None:
-    static, tel, rtt, egress, inflight, backlog, slowness = _world(1, 8)
+    static, tel, rtt, egress, ledger = _world(1, 8)
     out = np.empty((len(ESTIMATE_ROWS), 8))
-    args = (K, COLUMN[QUEUE_RUNNING], COLUMN[QUEUE_WAITING], COLUMN[KV_CACHE_USAGE], 100.0, 10.0, 0.5, 4.4e-5)
+    args = (K, COLUMN[QUEUE_RUNNING], COLUMN[QUEUE_WAITING], COLUMN[KV_CACHE_USAGE], 100.0, 10.0, 0.5, 4.4e-5,
+            1000.0, 5.0, 0.5)
     with pytest.raises(ValueError, match="numbers"):
-        _kernels.estimate(static[:7], tel, rtt, None, None, None, None, *args, out)
+        _kernels.estimate(static[:7], tel, rtt, None, None, *args, out)
     with pytest.raises(ValueError, match="out"):
-        _kernels.estimate(static, tel, rtt, None, None, None, None, *args, out[:, :7].copy())
+        _kernels.estimate(static, tel, rtt, None, None, *args, out[:, :7].copy())
     with pytest.raises(ValueError, match="egress"):
-        _kernels.estimate(static, tel, rtt, egress[:3], None, None, None, *args, out)
-    with pytest.raises(ValueError, match="backlog"):
-        _kernels.estimate(static, tel, rtt, None, None, backlog[:5].copy(), None, *args, out)
-    with pytest.raises(ValueError, match="slowness"):
-        _kernels.estimate(static, tel, rtt, None, None, None, slowness[:5].copy(), *args, out)
+        _kernels.estimate(static, tel, rtt, egress[:3], None, *args, out)
+    with pytest.raises(ValueError, match="ledger"):
+        _kernels.estimate(static, tel, rtt, None, ledger[:, :5].copy(), *args, out)
     with pytest.raises(ValueError, match="column"):
-        _kernels.estimate(static, tel, rtt, None, None, None, None, K, K, 0, 0, 100.0, 10.0, 0.5, 4.4e-5, out)
+        _kernels.estimate(static, tel, rtt, None, None, K, K, 0, 0, 100.0, 10.0, 0.5, 4.4e-5, 1000.0, 5.0, 0.5, out)
     with pytest.raises((ValueError, BufferError)):
-        _kernels.estimate(static, tel, rtt, None, inflight[::2], None, None, *args, out)  # a strided view
+        _kernels.estimate(static, tel, rtt, None, ledger[:, ::2], *args, out[:, :4].copy())  # a strided view
     with pytest.raises((ValueError, BufferError)):
-        _kernels.estimate(np.asfortranarray(static), tel, rtt, None, None, None, None, *args, out)  # not C-contiguous
+        _kernels.estimate(np.asfortranarray(static), tel, rtt, None, None, *args, out)  # not C-contiguous
     with pytest.raises((ValueError, BufferError, TypeError)):
         out.setflags(write=False)
-        _kernels.estimate(static, tel, rtt, None, None, None, None, *args, out)  # read-only output
+        _kernels.estimate(static, tel, rtt, None, None, *args, out)  # read-only output
 
 
 def _telemetry(seed: int, n: int) -> tuple[F, F, float]:

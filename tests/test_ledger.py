@@ -130,8 +130,8 @@ def test_a_full_batch_queues_the_next_request_and_decodes_slower() -> None:
     tel[:, col[QUEUE_WAITING]] = 0.0
     tel[:, col[QUEUE_RUNNING]] = [14.0, 15.0, 16.0]  # room, the last slot, full
     out = np.empty((len(ESTIMATE_ROWS), 3))
-    _kernels.estimate(numbers, tel, np.zeros(3), None, None, None, None, k, col[QUEUE_RUNNING],
-                      col[QUEUE_WAITING], col[KV_CACHE_USAGE], 300.0, 100.0, 0.5, 0.0, out)
+    _kernels.estimate(numbers, tel, np.zeros(3), None, None, k, col[QUEUE_RUNNING],
+                      col[QUEUE_WAITING], col[KV_CACHE_USAGE], 300.0, 100.0, 0.5, 0.0, 0.0, 5.0, 0.5, out)
     queue = out[ESTIMATE_ROWS.index("queue_ms")]
     assert queue[0] == 0.0 and queue[1] == 0.0
     full_rate = 12.0 / (1.0 + 15.0 / 80.0)
