@@ -187,4 +187,4 @@ def test_sighup_reloads_the_bundle_of_a_running_server(fresh_pg_url: str, tmp_pa
         assert proc.poll() is None  # SIGHUP reloads; it does not stop the server
     finally:
         proc.terminate()
-        proc.wait(timeout=60)
+        proc.communicate(timeout=60)  # drains the pipe the server logs to while it stops
