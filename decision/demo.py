@@ -77,8 +77,10 @@ def _drive(target: str, fleet_path: str, duration_s: float, concurrency: int, se
                 continue
             ms = (time.perf_counter() - t0) * 1000
             with lock:
-                status, ttft, latency = world.outcome(d.route.endpoint_id, d.expected_ttft_ms,
-                                                      int(req["expected_output_tokens"]))  # type: ignore[call-overload]
+                status, ttft, latency = world.outcome(
+                    d.route.endpoint_id, str(req["client_region"]),
+                    int(req["estimated_input_tokens"]),  # type: ignore[call-overload]
+                    int(req["expected_output_tokens"]))  # type: ignore[call-overload]
                 res.decide_ms.append(ms)
                 res.by_tier[d.route.tier] += 1
                 res.by_site[d.route.site_id] += 1

@@ -59,14 +59,22 @@ class DemoWorld:
         dt = now - self.last.get(endpoint_id, now)
         return load * math.exp(-dt / 2.0)  # in-flight work drains with a ~2 s time constant
 
-    def outcome(self, endpoint_id: str, expected_ttft_ms: float, out_tokens: int) -> tuple[str, float, float]:
-        """(status, ttft_ms, latency_ms) for a request routed to ``endpoint_id``; updates its load."""
+    def outcome(self, endpoint_id: str, client_region: str, in_tokens: int, out_tokens: int,
+                ) -> tuple[str, float, float]:
+        """(status, ttft_ms, latency_ms) for a request routed to ``endpoint_id``; updates its load.
+
+        The world's own model (the prompt's prefill at the endpoint's rate, the round trip, crowding,
+        the hidden slowdown), never the decision's estimate: the service learns from these outcomes,
+        so they must not echo what it expected.
+        """
         now = time.monotonic()
         ep = self.fleet.by_id[endpoint_id]
         load = self._decayed_load(endpoint_id, now) + 1.0
         self.load[endpoint_id], self.last[endpoint_id] = load, now
         crowding = 1.0 + max(0.0, load / max(1, ep.max_concurrency) - 0.5) * 3.0
-        ttft = expected_ttft_ms * self.site_slowdown[ep.site_id] * crowding * self.rng.lognormvariate(0, 0.2)
+        work_ms = 1000.0 * max(1, in_tokens) / ep.prefill_tokens_per_s
+        ttft = (work_ms * self.site_slowdown[ep.site_id] * crowding * self.rng.lognormvariate(0, 0.2)
+                + self.fleet.topology.rtt_ms(client_region, ep.site_id))
         if self.rng.random() < 0.01 * crowding:
             return "error", 0.0, ttft
         latency = ttft + 1000.0 * out_tokens / ep.decode_tokens_per_s

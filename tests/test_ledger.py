@@ -159,3 +159,32 @@ def test_learners_rank_by_expected_ttft_plus_the_delay_added_to_later_requests()
     assert LeastExpectedTtft().choose(_ctx(1), cols).arm == 1
     plain = ScoredArms(two, np.zeros((2, 1)), np.array([100.0, 120.0]), np.zeros(2), {})
     assert LeastExpectedTtft().choose(_ctx(1), plain).arm == 0
+
+
+def test_the_demo_worlds_hidden_slow_site_is_learned_from_outcomes_alone(demo_fleet: Fleet) -> None:
+    """The demo's outcomes come from its own model (never the decision's estimate), so the calibration
+    finds the secretly throttled datacenter that telemetry does not show."""
+    from decision.demo_world import DemoWorld
+    from decision.errors import DecisionError
+
+    world = DemoWorld(demo_fleet, seed=3)
+    slow_site = next(s for s, f in world.site_slowdown.items() if f > 1.0)
+    now = [1000.0]
+    eng = demo_engine(demo_fleet, clock=lambda: now[0], outcome_timeout_s=600.0)
+    for i in range(1500):
+        now[0] += 0.05
+        req = world.request(i)
+        try:
+            d = eng.decide(RequestContext(**{k: tuple(v) if isinstance(v, list) else v  # type: ignore[arg-type]
+                                             for k, v in req.items()}))
+        except DecisionError:
+            continue
+        status, ttft, latency = world.outcome(d.route.endpoint_id, str(req["client_region"]),
+                                              int(req["estimated_input_tokens"]),  # type: ignore[call-overload]
+                                              int(req["expected_output_tokens"]))  # type: ignore[call-overload]
+        eng.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK if status == "ok" else OutcomeStatus.ERROR,
+                                   ttft_ms=ttft, latency_ms=latency))
+    at_slow = [eng.ledger.slowness(e.endpoint_id) for e in demo_fleet.endpoints if e.site_id == slow_site]
+    elsewhere = [eng.ledger.slowness(e.endpoint_id) for e in demo_fleet.endpoints
+                 if e.site_id != slow_site and eng.ledger.slowness(e.endpoint_id) != 1.0]
+    assert elsewhere and max(at_slow) > 1.5 * float(np.median(elsewhere))
