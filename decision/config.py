@@ -67,6 +67,9 @@ class DecisionSection(_Section):
     # prompts it sent still ahead in each endpoint's prefill, outcome-calibrated slowness, and the
     # delay a prompt adds to later requests. Off: the estimate reads telemetry alone.
     count_inflight: bool = True
+    # How much of the delay a prompt adds to later requests at an endpoint counts against choosing it
+    # (decision.scoring.ADDED_DELAY_WEIGHT): 0 ranks by the request's own expected TTFT alone.
+    added_delay_weight: float = Field(default=0.5, ge=0.0, le=10.0)
 
 
 class LimitsSection(_Section):

@@ -37,7 +37,7 @@ from decision.domain import (
 from decision.errors import InvalidArgument, NoCandidate, NotFound, QuotaExceeded
 from decision.fleet import Fleet, endpoints_serving
 from decision.ledger import EndpointLedger
-from decision.scoring import BasicFeatures, score_candidates
+from decision.scoring import ADDED_DELAY_WEIGHT, BasicFeatures, score_candidates
 from decision.telemetry import TelemetryStore
 from decision.trace_format import TraceParts, assemble_trace, endpoint_row, expand_trace, trace_parts
 from decision.validation import validate_request
@@ -149,6 +149,7 @@ class DecisionEngine:
         max_fallbacks: int = 3,
         max_candidates: int = 256,
         count_inflight: bool = True,
+        added_delay_weight: float = ADDED_DELAY_WEIGHT,
         outcome_timeout_s: float = 300.0,
         max_pending: int = 200_000,
         clock: Callable[[], float] = time.time,
@@ -172,6 +173,7 @@ class DecisionEngine:
         # (a burst would herd onto what looked idle). count_inflight=False scores on telemetry alone.
         self.ledger = EndpointLedger()
         self.count_inflight = count_inflight
+        self.added_delay_weight = added_delay_weight
         self._placement: dict[tuple[str, str, str, str], Placement] = {}
         self._endpoint_rows: dict[tuple[str, str, str, str], list[list[Any]]] = {}
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
@@ -255,7 +257,8 @@ class DecisionEngine:
                        {"locate": (t1 - t0) * 1e6, "prefetch": (t2 - t1) * 1e6, "guard": (t3 - t2) * 1e6})
         egress = self._egress(fleet, ctx.client_region, result.allowed)
         scored = score_candidates(ctx, result.allowed, self.features, egress,
-                                  ledger=self.ledger if self.count_inflight else None, now=now)
+                                  ledger=self.ledger if self.count_inflight else None, now=now,
+                                  added_delay_weight=self.added_delay_weight)
         t4 = time.perf_counter()
         choice = learner.choose(ctx, scored)
         if not 0 <= choice.arm < len(scored) or not 0.0 < choice.propensity <= 1.0:

@@ -37,7 +37,7 @@ COMPONENTS: tuple[str, ...] = ("queue_ms", "prefill_ms", "rtt_ms", "cold_start_m
 # counts against choosing that endpoint. A FIFO server's marginal delay (M/G/1) counts all of it; a
 # request's own TTFT counts none of it, and then every long prompt lands on the fastest prefill until
 # its queue is as long as anyone's. Half: the better of 0.25, 0.5 and 1 on mesh-512's first 60 s
-# for P95 TTFT with the deterministic scorer was 0.25-0.5 (sim/README.md).
+# for P95 TTFT with the deterministic scorer was 0.25-0.5 (sim/README.md). Config: decision.added_delay_weight.
 ADDED_DELAY_WEIGHT = 0.5
 COLUMN: dict[str, int] = {name: i for i, name in enumerate(CANONICAL)}
 _RUN, _WAIT, _KV = COLUMN[QUEUE_RUNNING], COLUMN[QUEUE_WAITING], COLUMN[KV_CACHE_USAGE]
@@ -64,7 +64,8 @@ class BasicFeatures:
 
 def score_candidates(ctx: RequestContext, candidates: Sequence[Candidate], features: FeatureBuilder,
                      egress: Mapping[str, float], *, unknown_load: float = 0.5,
-                     ledger: EndpointLedger | None = None, now: float = 0.0) -> ScoredArms:
+                     ledger: EndpointLedger | None = None, now: float = 0.0,
+                     added_delay_weight: float = ADDED_DELAY_WEIGHT) -> ScoredArms:
     """Expected TTFT, cost and features for every candidate.
 
     ``egress`` ($/GB per site id) is for plain sequences of candidates; a
@@ -75,7 +76,8 @@ def score_candidates(ctx: RequestContext, candidates: Sequence[Candidate], featu
     least ``min(inflight, conc)``, waiting at least ``inflight - conc``); what is left of the
     prompts it sent an endpoint adds to the queue wait; an endpoint's outcome-calibrated slowness
     scales its prefill and decode times; and the component ``added_delay_ms`` is the delay this
-    prompt would add to later requests there (:data:`ADDED_DELAY_WEIGHT`), which learners add to
+    prompt would add to later requests there (weighted by ``added_delay_weight``, default
+    :data:`ADDED_DELAY_WEIGHT`; config ``decision.added_delay_weight``), which learners add to
     the expected TTFT when they rank arms (:attr:`ScoredArms.rank_ms`).
     """
     n = len(candidates)
@@ -106,7 +108,7 @@ def score_candidates(ctx: RequestContext, candidates: Sequence[Candidate], featu
                       own, len(CANONICAL), _RUN, _WAIT, _KV, float(in_tok), float(out_tok), unknown_load,
                       # Egress is paid on prompt and completion text, spread over the completion's 1K tokens.
                       (in_tok + out_tok) * BYTES_PER_TOKEN / 1e9 * 1000.0 / out_tok, now,
-                      ledger.rate_window_s if ledger is not None else 1.0, ADDED_DELAY_WEIGHT, out)
+                      ledger.rate_window_s if ledger is not None else 1.0, added_delay_weight, out)
     ttft, cost, queue_ms, prefill_ms, cold_ms, running, waiting, kv, added, rank = out
     # Features see what learners rank by (ScoredArms.rank_ms), so a learner's prior ranks like the scorer.
     est = Estimates(rank if own is not None else ttft, cost, queue_ms, rtt, tel, ages)

@@ -136,6 +136,7 @@ class Service:
             audit=self.audit.sink, traces=self.audit.reader, reward=_build_reward(config), shadow=shadows,
             max_fallbacks=config.decision.max_fallbacks, max_candidates=config.decision.max_candidates,
             count_inflight=config.decision.count_inflight,
+            added_delay_weight=config.decision.added_delay_weight,
             outcome_timeout_s=config.decision.outcome_timeout_s)
         self.engine.on_stages = self.metrics.record_stages
         self.metrics.gauge("infermesh_pending_outcomes", "Decisions awaiting an outcome.",

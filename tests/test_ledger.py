@@ -188,3 +188,18 @@ def test_the_demo_worlds_hidden_slow_site_is_learned_from_outcomes_alone(demo_fl
     elsewhere = [eng.ledger.slowness(e.endpoint_id) for e in demo_fleet.endpoints
                  if e.site_id != slow_site and eng.ledger.slowness(e.endpoint_id) != 1.0]
     assert elsewhere and max(at_slow) > 1.5 * float(np.median(elsewhere))
+
+
+def test_the_added_delay_weight_is_configurable_and_zero_ranks_by_own_ttft(demo_fleet: Fleet) -> None:
+    from pydantic import ValidationError
+
+    from decision.config import DecisionSection
+
+    now = [1000.0]
+    eng = demo_engine(demo_fleet, clock=lambda: now[0], outcome_timeout_s=60.0, added_delay_weight=0.0)
+    first = eng.decide(_ctx(0))
+    row = _score_row(eng.decide(_ctx(1)), first.route.endpoint_id)
+    assert row["components"]["queue_ms"] > 0 and row["components"]["added_delay_ms"] == 0.0
+    assert DecisionSection().added_delay_weight == ADDED_DELAY_WEIGHT
+    with pytest.raises(ValidationError, match="added_delay_weight"):
+        DecisionSection(added_delay_weight=-1.0)
