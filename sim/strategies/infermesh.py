@@ -29,6 +29,7 @@ from decision.engine import DecisionEngine
 from decision.errors import DecisionError
 from decision.fleet import Fleet
 from decision.health_guard import BuiltinHealthGuard
+from decision.scoring import ADDED_DELAY_WEIGHT
 from decision.telemetry import TelemetryStore
 from learners.least_ttft import LeastExpectedTtft
 from sim.model import Request
@@ -88,6 +89,8 @@ class InferMesh(Strategy):
         The learner's hyperparameters (its defaults otherwise).
     shortlist
         Endpoints offered to the engine per decision.
+    added_delay
+        The engine's ``added_delay_weight`` (config ``decision.added_delay_weight``).
     seed
         Seeds the learner and the shortlist sampling.
     """
@@ -97,11 +100,12 @@ class InferMesh(Strategy):
     def __init__(self, learner: str = "linucb", *, shortlist: int = DEFAULT_SHORTLIST, seed: int = 0,
                  label: str = "infermesh", expected_output_tokens: int = 256, params: Mapping[str, Any] | None = None,
                  make: Callable[[int], tuple[Learner, FeatureBuilder | None, RewardFunction | None]] | None = None,
-                 ) -> None:
+                 added_delay: float = ADDED_DELAY_WEIGHT) -> None:
         self.name = label
         self.learner_name = learner
         self.params = dict(params or {})
         self.k = shortlist
+        self.added_delay = added_delay
         self.seed = seed
         self.expected_output_tokens = expected_output_tokens
         self._make = make
@@ -116,7 +120,8 @@ class InferMesh(Strategy):
         learner, fb, reward = (self._make(self.seed) if self._make is not None
                                else default_learner(self.learner_name, self.seed, self.params))
         self.engine = ShortlistEngine(w.fleet, self.store, default_guard(clock), learner, features=fb,
-                                      reward=reward, clock=clock, outcome_timeout_s=600.0)
+                                      reward=reward, clock=clock, outcome_timeout_s=600.0,
+                                      added_delay_weight=self.added_delay)
         self.index = {e.endpoint_id: i for i, e in enumerate(w.endpoints)}
         self.rng = np.random.default_rng(self.seed + 101)
         self._eps = w.endpoints

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from decision.scoring import ADDED_DELAY_WEIGHT
 from sim.strategies.base import Guarded, Strategy
 from sim.strategies.classic import (
     AdaptiveMesh,
@@ -64,9 +65,11 @@ def make(name: str, seed: int) -> Strategy:
 
         learner, *items = name.split(":", 1)[1].split("/")
         _, params = parse_spec(f"{learner}:{','.join(items)}")
-        # shortlist is the strategy's own (endpoints offered per decision), not the learner's.
+        # shortlist (endpoints offered per decision) and added_delay (the engine's added_delay_weight)
+        # are the strategy's own, not the learner's.
         shortlist = int(params.pop("shortlist", DEFAULT_SHORTLIST))
-        return InferMesh(learner, seed=seed, label=name, params=params, shortlist=shortlist)
+        added_delay = float(params.pop("added_delay", ADDED_DELAY_WEIGHT))
+        return InferMesh(learner, seed=seed, label=name, params=params, shortlist=shortlist, added_delay=added_delay)
     if name == "vw_peer":
         return _vw_strategy(seed)
     if name.endswith("+guard"):
