@@ -69,7 +69,7 @@ class DecisionSection(_Section):
     count_inflight: bool = True
     # How much of the delay a prompt adds to later requests at an endpoint counts against choosing it
     # (decision.scoring.ADDED_DELAY_WEIGHT): 0 ranks by the request's own expected TTFT alone.
-    added_delay_weight: float = Field(default=0.5, ge=0.0, le=10.0)
+    added_delay_weight: float = Field(default=1.0, ge=0.0, le=10.0)
 
 
 class LimitsSection(_Section):

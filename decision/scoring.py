@@ -34,11 +34,12 @@ ESTIMATE_ROWS: tuple[str, ...] = ("ttft_ms", "cost_per_1k", "queue_ms", "prefill
 COMPONENTS: tuple[str, ...] = ("queue_ms", "prefill_ms", "rtt_ms", "cold_start_ms", "running", "waiting",
                                "kv_cache_usage")
 # How much of the delay a prompt adds to the later requests queued behind it in an endpoint's prefill
-# counts against choosing that endpoint. A FIFO server's marginal delay (M/G/1) counts all of it; a
-# request's own TTFT counts none of it, and then every long prompt lands on the fastest prefill until
-# its queue is as long as anyone's. Half: the better of 0.25, 0.5 and 1 on mesh-512's first 60 s
-# for P95 TTFT with the deterministic scorer was 0.25-0.5 (sim/README.md). Config: decision.added_delay_weight.
-ADDED_DELAY_WEIGHT = 0.5
+# counts against choosing that endpoint: all of it, as a FIFO server's marginal delay (M/G/1) does.
+# Counting none of it (a request's own TTFT alone) sends every long prompt to the fastest prefill
+# until its queue is as long as anyone's. On mesh-512's first 60 s (sim/README.md) the scorer's P95
+# TTFT with weights 0 / 0.25 / 0.5 / 1 was 1,374 / 905 / 840 / 842 ms, P99 1,974 / 1,581 / 1,545 /
+# 1,303. Config: decision.added_delay_weight.
+ADDED_DELAY_WEIGHT = 1.0
 COLUMN: dict[str, int] = {name: i for i, name in enumerate(CANONICAL)}
 _RUN, _WAIT, _KV = COLUMN[QUEUE_RUNNING], COLUMN[QUEUE_WAITING], COLUMN[KV_CACHE_USAGE]
 FloatArray = NDArray[np.float64]

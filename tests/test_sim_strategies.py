@@ -140,7 +140,7 @@ def test_infermesh_strategy_names_carry_learner_hyperparameters() -> None:
     assert strat.k == 16  # the default shortlist
     wide = registry.make("infermesh:least-ttft/shortlist=48/added_delay=0.25", 3)
     assert isinstance(wide, InferMesh) and wide.k == 48 and wide.params == {}  # the strategy's, not the learner's
-    assert wide.added_delay == 0.25 and strat.added_delay == 0.5
+    assert wide.added_delay == 0.25 and strat.added_delay == 1.0
 
 
 def test_guarded_peers_route_only_where_the_rules_allow_and_otherwise_as_the_peer() -> None:
