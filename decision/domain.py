@@ -354,7 +354,8 @@ class ScoredArms(BuiltOnRead[ScoredCandidate]):
     __slots__ = ("candidates", "components", "cost_per_1k", "matrix", "rank_ms", "ttft_ms")
 
     def __init__(self, candidates: Sequence[Candidate], matrix: NDArray[np.float64], ttft_ms: NDArray[np.float64],
-                 cost_per_1k: NDArray[np.float64], components: Mapping[str, NDArray[np.float64]]) -> None:
+                 cost_per_1k: NDArray[np.float64], components: Mapping[str, NDArray[np.float64]],
+                 rank_ms: NDArray[np.float64] | None = None) -> None:
         n = len(candidates)
         if matrix.shape[0] != n or ttft_ms.shape != (n,) or cost_per_1k.shape != (n,):
             raise ValueError(f"{n} candidates but arrays of shapes {matrix.shape}, {ttft_ms.shape}, "
@@ -368,8 +369,11 @@ class ScoredArms(BuiltOnRead[ScoredCandidate]):
         self.components = dict(components)
         # What choices rank and fence by: the expected TTFT plus the delay the request would add to
         # later ones at that endpoint (score stage component ``added_delay_ms``, when it is known).
-        added = self.components.get("added_delay_ms")
-        self.rank_ms = ttft_ms if added is None else ttft_ms + added
+        # The score stage hands its own sum over; arms rebuilt from ScoredCandidates derive it.
+        if rank_ms is None:
+            added = self.components.get("added_delay_ms")
+            rank_ms = ttft_ms if added is None else ttft_ms + added
+        self.rank_ms = rank_ms
         self.rank_ms.setflags(write=False)
 
     @classmethod

@@ -112,11 +112,13 @@ def score_candidates(ctx: RequestContext, candidates: Sequence[Candidate], featu
                       ledger.rate_window_s if ledger is not None else 1.0, added_delay_weight, out)
     ttft, cost, queue_ms, prefill_ms, cold_ms, running, waiting, kv, added, rank = out
     # Features see what learners rank by (ScoredArms.rank_ms), so a learner's prior ranks like the scorer.
-    est = Estimates(rank if own is not None else ttft, cost, queue_ms, rtt, tel, ages)
+    # Without a ledger there is no added delay (and no rank row worth reading).
+    ranked = rank if own is not None else ttft
+    est = Estimates(ranked, cost, queue_ms, rtt, tel, ages)
     matrix = np.ascontiguousarray(features.build_matrix(ctx, candidates, est), dtype=np.float64)
     if matrix.shape != (n, len(features.names)):
         raise ValueError(f"feature builder returned shape {matrix.shape}, expected {(n, len(features.names))}")
     comps = dict(zip(COMPONENTS, (queue_ms, prefill_ms, rtt, cold_ms, running, waiting, kv), strict=True))
     if own is not None:
         comps["added_delay_ms"] = added
-    return ScoredArms(candidates, matrix, ttft, cost, comps)
+    return ScoredArms(candidates, matrix, ttft, cost, comps, rank_ms=ranked)
