@@ -16,8 +16,10 @@ per endpoint:
   what telemetry shows only partly or not at all (a throttling GPU, a slow site) and scales the
   endpoint's service times in the score stage.
 
-The engine calls :meth:`sent` and :meth:`done` under its own lock; :meth:`columns` is read on
-the request path without one (a stale read costs one slightly worse estimate, never a crash).
+The engine calls :meth:`sent`, :meth:`done` and :meth:`observed` under its own lock; the score
+stage reads :meth:`state_of` on the request path without one (a stale read costs one slightly
+worse estimate, never a crash) and its kernel does the arithmetic; :meth:`columns` is the same
+arithmetic in numpy, for reading the ledger outside the request path.
 """
 
 from __future__ import annotations

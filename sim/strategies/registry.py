@@ -57,8 +57,10 @@ def make(name: str, seed: int) -> Strategy:
     ``NAME+guard`` routes a peer only where the hard rules allow (:class:`~sim.strategies.base.Guarded`).
 
     Hyperparameters follow the learner's name, ``/``-separated (``--strategies`` splits on commas):
-    ``infermesh:linucb/alpha=0.5/safe_slack=0.25``; values are parsed as JSON. ``shortlist=N`` is the
-    strategy's own (endpoints offered to the engine per decision, default ``DEFAULT_SHORTLIST``).
+    ``infermesh:linucb/alpha=0.5/safe_slack=0.25``; values are parsed as JSON. ``shortlist=N`` and
+    ``added_delay=W`` are the strategy's own, not the learner's (endpoints offered to the engine per
+    decision, default ``DEFAULT_SHORTLIST``; the engine's ``added_delay_weight``, default
+    ``ADDED_DELAY_WEIGHT``).
     """
     if name.startswith("infermesh:"):
         from learners.registry import parse_spec
