@@ -45,28 +45,29 @@ static void release(Py_buffer *views[], int n) {
 }
 
 /* Rows of the estimate output (decision/scoring.py ESTIMATE_ROWS). */
-enum { E_TTFT, E_COST, E_QUEUE, E_PREFILL, E_COLD, E_RUNNING, E_WAITING, E_KV, E_ADDED, E_RANK, E_ROWS };
+enum { E_TTFT, E_COST, E_QUEUE, E_PREFILL, E_COLD, E_RUNNING, E_WAITING, E_KV, E_ADDED, E_COST_MS, E_RANK, E_ROWS };
 /* Rows of an own-traffic ledger's state (decision/ledger.py). */
 enum { L_INFLIGHT, L_DUE, L_LOG_SLOW, L_RATE, L_RATE_AT, L_ROWS };
 
 PyDoc_STRVAR(estimate_doc,
 "estimate(numbers, tel, rtt, egress, ledger, ncols, run_col, wait_col, kv_col, in_tok, out_tok,\n"
-"         unknown_load, egress_factor, now, rate_window_s, added_weight, out)\n\n"
-"Expected TTFT and cost of n candidates into out (10 x n rows: ttft, cost, queue, prefill, cold,\n"
-"running, waiting, kv, added delay, rank). numbers: n x 6 (decision.candidates.endpoint_numbers);\n"
+"         unknown_load, egress_factor, now, rate_window_s, added_weight, cost_weight_ms, out)\n\n"
+"Expected TTFT and cost of n candidates into out (11 x n rows: ttft, cost, queue, prefill, cold,\n"
+"running, waiting, kv, added delay, cost penalty, rank = ttft + added delay + cost penalty). numbers: n x 6 (decision.candidates.endpoint_numbers);\n"
 "tel: n x ncols telemetry (NaN unknown); rtt: n; egress ($/GB): n, or None; ledger: the\n"
 "candidates' own-traffic state, 5 x n (decision.ledger.EndpointLedger.state_of: in flight,\n"
 "prefill due, log slowness, arrival rate and when), or None;\n"
-"egress_factor: GB sent per 1K output tokens (cost = nominal + egress * egress_factor).");
+"egress_factor: GB sent per 1K output tokens (cost = nominal + egress * egress_factor);\n"
+"cost_weight_ms: ms of TTFT traded for $0.001 per 1K tokens (cost penalty = cost_weight_ms * cost * 1000).");
 
 static PyObject *estimate(PyObject *self, PyObject *args) {
     Py_buffer numbers = {0}, tel = {0}, rtt = {0}, egress = {0}, ledger = {0}, out = {0};
     PyObject *egress_obj, *ledger_obj;
     Py_ssize_t ncols, run_col, wait_col, kv_col;
-    double in_tok, out_tok, unknown_load, egress_factor, now, rate_window, added_weight;
-    if (!PyArg_ParseTuple(args, "y*y*y*OOnnnndddddddw*", &numbers, &tel, &rtt, &egress_obj, &ledger_obj, &ncols,
+    double in_tok, out_tok, unknown_load, egress_factor, now, rate_window, added_weight, cost_weight;
+    if (!PyArg_ParseTuple(args, "y*y*y*OOnnnnddddddddw*", &numbers, &tel, &rtt, &egress_obj, &ledger_obj, &ncols,
                           &run_col, &wait_col, &kv_col, &in_tok, &out_tok, &unknown_load, &egress_factor, &now,
-                          &rate_window, &added_weight, &out))
+                          &rate_window, &added_weight, &cost_weight, &out))
         return NULL;
     Py_buffer *views[] = {&numbers, &tel, &rtt, &egress, &ledger, &out};
     PyObject *result = NULL;
@@ -120,10 +121,14 @@ static PyObject *estimate(PyObject *self, PyObject *args) {
         /* The delay this prompt adds to the requests expected there while the backlog (it included)
            drains, weighted (decision.scoring.ADDED_DELAY_WEIGHT): what choices also rank by. */
         const double added = added_weight * prefill_ms * rate * (backlog + prefill_ms) / 1000.0;
+        const double cost = eg ? nominal + eg[i] * egress_factor : nominal;
+        /* The operator's price of a millisecond: choices trade this much TTFT for $0.001 per 1K tokens. */
+        const double cost_ms = cost_weight * cost * 1000.0;
         o[E_TTFT * n + i] = ttft;
         o[E_ADDED * n + i] = added;
-        o[E_RANK * n + i] = ttft + added;
-        o[E_COST * n + i] = eg ? nominal + eg[i] * egress_factor : nominal;
+        o[E_COST_MS * n + i] = cost_ms;
+        o[E_RANK * n + i] = ttft + added + cost_ms;
+        o[E_COST * n + i] = cost;
         o[E_QUEUE * n + i] = queue_ms;
         o[E_PREFILL * n + i] = prefill_ms;
         o[E_COLD * n + i] = cold_ms;

@@ -7,7 +7,8 @@ _F = NDArray[np.float64]
 
 def estimate(numbers: _F, tel: _F, rtt: _F, egress: _F | None, ledger: _F | None, ncols: int, run_col: int,
              wait_col: int, kv_col: int, in_tok: float, out_tok: float, unknown_load: float, egress_factor: float,
-             now: float, rate_window_s: float, added_weight: float, out: _F, /) -> None: ...
+             now: float, rate_window_s: float, added_weight: float, cost_weight_ms: float,
+             out: _F, /) -> None: ...
 def route_features(static: _F, tel: _F, ttft: _F, queue: _F, cost: _F, rtt: _F, ages: _F, same_region: _F, out: _F,
                    ncols: int, kv_col: int, util_col: int, fb_used_col: int, fb_free_col: int, power_col: int,
                    temp_col: int, session: int, modality: int, site_buckets: int, target: float, budget: float,

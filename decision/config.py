@@ -70,6 +70,9 @@ class DecisionSection(_Section):
     # How much of the delay a prompt adds to later requests at an endpoint counts against choosing it
     # (decision.scoring.ADDED_DELAY_WEIGHT): 0 ranks by the request's own expected TTFT alone.
     added_delay_weight: float = Field(default=1.0, ge=0.0, le=10.0)
+    # Milliseconds of expected TTFT a choice trades for $0.001 per 1K output tokens
+    # (decision.scoring.COST_WEIGHT_MS): 0 ranks by time alone.
+    cost_weight_ms: float = Field(default=0.0, ge=0.0, le=100_000.0)
 
 
 class LimitsSection(_Section):

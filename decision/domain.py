@@ -368,11 +368,15 @@ class ScoredArms(BuiltOnRead[ScoredCandidate]):
         self.cost_per_1k = cost_per_1k
         self.components = dict(components)
         # What choices rank and fence by: the expected TTFT plus the delay the request would add to
-        # later ones at that endpoint (score stage component ``added_delay_ms``, when it is known).
-        # The score stage hands its own sum over; arms rebuilt from ScoredCandidates derive it.
+        # later ones at that endpoint and the price put on its cost (score stage components
+        # ``added_delay_ms`` and ``cost_penalty_ms``, when present). The score stage hands its own
+        # sum over; arms rebuilt from ScoredCandidates derive it.
         if rank_ms is None:
-            added = self.components.get("added_delay_ms")
-            rank_ms = ttft_ms if added is None else ttft_ms + added
+            rank_ms = ttft_ms
+            for name in ("added_delay_ms", "cost_penalty_ms"):
+                extra = self.components.get(name)
+                if extra is not None:
+                    rank_ms = rank_ms + extra
         self.rank_ms = rank_ms
         self.rank_ms.setflags(write=False)
 

@@ -37,7 +37,7 @@ from decision.domain import (
 from decision.errors import InvalidArgument, NoCandidate, NotFound, QuotaExceeded
 from decision.fleet import Fleet, endpoints_serving
 from decision.ledger import EndpointLedger
-from decision.scoring import ADDED_DELAY_WEIGHT, BasicFeatures, score_candidates
+from decision.scoring import ADDED_DELAY_WEIGHT, COST_WEIGHT_MS, BasicFeatures, score_candidates
 from decision.telemetry import TelemetryStore
 from decision.trace_format import TraceParts, assemble_trace, endpoint_row, expand_trace, trace_parts
 from decision.validation import validate_request
@@ -150,6 +150,7 @@ class DecisionEngine:
         max_candidates: int = 256,
         count_inflight: bool = True,
         added_delay_weight: float = ADDED_DELAY_WEIGHT,
+        cost_weight_ms: float = COST_WEIGHT_MS,
         outcome_timeout_s: float = 300.0,
         max_pending: int = 200_000,
         clock: Callable[[], float] = time.time,
@@ -174,6 +175,7 @@ class DecisionEngine:
         self.ledger = EndpointLedger()
         self.count_inflight = count_inflight
         self.added_delay_weight = added_delay_weight
+        self.cost_weight_ms = cost_weight_ms
         self._placement: dict[tuple[str, str, str, str], Placement] = {}
         self._endpoint_rows: dict[tuple[str, str, str, str], list[list[Any]]] = {}
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
@@ -258,7 +260,7 @@ class DecisionEngine:
         egress = self._egress(fleet, ctx.client_region, result.allowed)
         scored = score_candidates(ctx, result.allowed, self.features, egress,
                                   ledger=self.ledger if self.count_inflight else None, now=now,
-                                  added_delay_weight=self.added_delay_weight)
+                                  added_delay_weight=self.added_delay_weight, cost_weight_ms=self.cost_weight_ms)
         t4 = time.perf_counter()
         choice = learner.choose(ctx, scored)
         if not 0 <= choice.arm < len(scored) or not 0.0 < choice.propensity <= 1.0:

@@ -30,7 +30,8 @@ from decision.telemetry import CANONICAL, KV_CACHE_USAGE, QUEUE_RUNNING, QUEUE_W
 
 BYTES_PER_TOKEN = 4.0  # egress estimate for prompt + completion text
 ESTIMATE_ROWS: tuple[str, ...] = ("ttft_ms", "cost_per_1k", "queue_ms", "prefill_ms", "cold_start_ms", "running",
-                                  "waiting", "kv_cache_usage", "added_delay_ms", "rank_ms")  # _kernels.estimate's rows
+                                  "waiting", "kv_cache_usage", "added_delay_ms", "cost_penalty_ms",
+                                  "rank_ms")  # _kernels.estimate's rows
 COMPONENTS: tuple[str, ...] = ("queue_ms", "prefill_ms", "rtt_ms", "cold_start_ms", "running", "waiting",
                                "kv_cache_usage")
 # How much of the delay a prompt adds to the later requests queued behind it in an endpoint's prefill
@@ -40,6 +41,10 @@ COMPONENTS: tuple[str, ...] = ("queue_ms", "prefill_ms", "rtt_ms", "cold_start_m
 # TTFT with weights 0 / 0.25 / 0.5 / 1 was 1,374 / 905 / 840 / 842 ms, P99 1,974 / 1,581 / 1,545 /
 # 1,303. Config: decision.added_delay_weight.
 ADDED_DELAY_WEIGHT = 1.0
+# Milliseconds of expected TTFT a choice trades for $0.001 per 1K output tokens (the component
+# ``cost_penalty_ms``, added to what choices rank by). 0 ranks by time alone. Config:
+# decision.cost_weight_ms; measured on mesh-512 in sim/README.md.
+COST_WEIGHT_MS = 0.0
 COLUMN: dict[str, int] = {name: i for i, name in enumerate(CANONICAL)}
 _RUN, _WAIT, _KV = COLUMN[QUEUE_RUNNING], COLUMN[QUEUE_WAITING], COLUMN[KV_CACHE_USAGE]
 FloatArray = NDArray[np.float64]
@@ -66,7 +71,8 @@ class BasicFeatures:
 def score_candidates(ctx: RequestContext, candidates: Sequence[Candidate], features: FeatureBuilder,
                      egress: Mapping[str, float], *, unknown_load: float = 0.5,
                      ledger: EndpointLedger | None = None, now: float = 0.0,
-                     added_delay_weight: float = ADDED_DELAY_WEIGHT) -> ScoredArms:
+                     added_delay_weight: float = ADDED_DELAY_WEIGHT,
+                     cost_weight_ms: float = COST_WEIGHT_MS) -> ScoredArms:
     """Expected TTFT, cost and features for every candidate.
 
     ``egress`` ($/GB per site id) is for plain sequences of candidates; a
@@ -80,6 +86,9 @@ def score_candidates(ctx: RequestContext, candidates: Sequence[Candidate], featu
     prompt would add to later requests there (weighted by ``added_delay_weight``, default
     :data:`ADDED_DELAY_WEIGHT`; config ``decision.added_delay_weight``), which learners add to
     the expected TTFT when they rank arms (:attr:`ScoredArms.rank_ms`).
+
+    ``cost_weight_ms`` prices cost in time: choices also rank by the component ``cost_penalty_ms``
+    = ``cost_weight_ms`` x expected $ per 1K tokens / $0.001 (present when the weight is not 0).
     """
     n = len(candidates)
     in_tok = max(1, ctx.estimated_input_tokens or 256)
@@ -109,11 +118,10 @@ def score_candidates(ctx: RequestContext, candidates: Sequence[Candidate], featu
                       own, len(CANONICAL), _RUN, _WAIT, _KV, float(in_tok), float(out_tok), unknown_load,
                       # Egress is paid on prompt and completion text, spread over the completion's 1K tokens.
                       (in_tok + out_tok) * BYTES_PER_TOKEN / 1e9 * 1000.0 / out_tok, now,
-                      ledger.rate_window_s if ledger is not None else 1.0, added_delay_weight, out)
-    ttft, cost, queue_ms, prefill_ms, cold_ms, running, waiting, kv, added, rank = out
+                      ledger.rate_window_s if ledger is not None else 1.0, added_delay_weight, cost_weight_ms, out)
+    ttft, cost, queue_ms, prefill_ms, cold_ms, running, waiting, kv, added, cost_ms, ranked = out
     # Features see what learners rank by (ScoredArms.rank_ms), so a learner's prior ranks like the scorer.
-    # Without a ledger there is no added delay (and no rank row worth reading).
-    ranked = rank if own is not None else ttft
+    # (Without a ledger the added delay is 0.)
     est = Estimates(ranked, cost, queue_ms, rtt, tel, ages)
     matrix = np.ascontiguousarray(features.build_matrix(ctx, candidates, est), dtype=np.float64)
     if matrix.shape != (n, len(features.names)):
@@ -121,4 +129,6 @@ def score_candidates(ctx: RequestContext, candidates: Sequence[Candidate], featu
     comps = dict(zip(COMPONENTS, (queue_ms, prefill_ms, rtt, cold_ms, running, waiting, kv), strict=True))
     if own is not None:
         comps["added_delay_ms"] = added
+    if cost_weight_ms:
+        comps["cost_penalty_ms"] = cost_ms
     return ScoredArms(candidates, matrix, ttft, cost, comps, rank_ms=ranked)

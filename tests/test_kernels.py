@@ -32,7 +32,8 @@ K = len(CANONICAL)
 
 
 def reference_estimates(static: F, tel: F, rtt: F, egress: F | None, ledger: F | None, in_tok: int, out_tok: int,
-                        unknown_load: float, now: float, window: float, weight: float) -> dict[str, F]:
+                        unknown_load: float, now: float, window: float, weight: float,
+                        cost_weight: float) -> dict[str, F]:
     conc, prefill_tps, decode_tps, cold_ms, nominal, batch_half = static.T
     with np.errstate(all="ignore"):
         inflight = backlog = slowness = None
@@ -68,7 +69,8 @@ def reference_estimates(static: F, tel: F, rtt: F, egress: F | None, ledger: F |
             cost = nominal + egress * ((in_tok + out_tok) * BYTES_PER_TOKEN / 1e9 * 1000.0 / out_tok)
     return {"ttft_ms": ttft, "cost_per_1k": cost, "queue_ms": queue_ms, "prefill_ms": prefill_ms,
             "cold_start_ms": cold_ms, "running": running, "waiting": waiting, "kv_cache_usage": kv,
-            "added_delay_ms": added + np.zeros_like(ttft), "rank_ms": ttft + added}
+            "added_delay_ms": added + np.zeros_like(ttft), "cost_penalty_ms": cost_weight * cost * 1000.0,
+            "rank_ms": ttft + added + cost_weight * cost * 1000.0}
 
 
 def _clip(x: F, lo: float, hi: float) -> F:
@@ -157,17 +159,18 @@ def _assert_same(got: F, want: F) -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 70), in_tok=st.integers(1, 40000),
-       out_tok=st.integers(1, 4000), with_egress=st.booleans(), with_ledger=st.booleans())
+       out_tok=st.integers(1, 4000), with_egress=st.booleans(), with_ledger=st.booleans(),
+       cost_weight=st.sampled_from([0.0, 750.0]))
 def test_estimate_matches_the_numpy_formulas(seed: int, n: int, in_tok: int, out_tok: int, with_egress: bool,
-                                             with_ledger: bool) -> None:
+                                             with_ledger: bool, cost_weight: float) -> None:
     static, tel, rtt, egress, ledger = _world(seed, n)
     out = np.empty((len(ESTIMATE_ROWS), n))
     eg = egress if with_egress else None
     led = ledger if with_ledger else None
     _kernels.estimate(static, tel, rtt, eg, led, K, COLUMN[QUEUE_RUNNING], COLUMN[QUEUE_WAITING],
                       COLUMN[KV_CACHE_USAGE], float(in_tok), float(out_tok), 0.5,
-                      (in_tok + out_tok) * BYTES_PER_TOKEN / 1e9 * 1000.0 / out_tok, 1000.0, 5.0, 0.5, out)
-    want = reference_estimates(static, tel, rtt, eg, led, in_tok, out_tok, 0.5, 1000.0, 5.0, 0.5)
+                      (in_tok + out_tok) * BYTES_PER_TOKEN / 1e9 * 1000.0 / out_tok, 1000.0, 5.0, 0.5, cost_weight, out)
+    want = reference_estimates(static, tel, rtt, eg, led, in_tok, out_tok, 0.5, 1000.0, 5.0, 0.5, cost_weight)
     for name, row in zip(ESTIMATE_ROWS, out, strict=True):
         _assert_same(row, want[name])
 
@@ -226,7 +229,7 @@ def test_kernels_refuse_wrong_shapes_and_strided_arrays() -> None:
     static, tel, rtt, egress, ledger = _world(1, 8)
     out = np.empty((len(ESTIMATE_ROWS), 8))
     args = (K, COLUMN[QUEUE_RUNNING], COLUMN[QUEUE_WAITING], COLUMN[KV_CACHE_USAGE], 100.0, 10.0, 0.5, 4.4e-5,
-            1000.0, 5.0, 0.5)
+            1000.0, 5.0, 0.5, 0.0)
     with pytest.raises(ValueError, match="numbers"):
         _kernels.estimate(static[:7], tel, rtt, None, None, *args, out)
     with pytest.raises(ValueError, match="out"):
@@ -236,7 +239,8 @@ def test_kernels_refuse_wrong_shapes_and_strided_arrays() -> None:
     with pytest.raises(ValueError, match="ledger"):
         _kernels.estimate(static, tel, rtt, None, ledger[:, :5].copy(), *args, out)
     with pytest.raises(ValueError, match="column"):
-        _kernels.estimate(static, tel, rtt, None, None, K, K, 0, 0, 100.0, 10.0, 0.5, 4.4e-5, 1000.0, 5.0, 0.5, out)
+        _kernels.estimate(static, tel, rtt, None, None, K, K, 0, 0, 100.0, 10.0, 0.5, 4.4e-5, 1000.0, 5.0, 0.5, 0.0,
+                          out)
     with pytest.raises((ValueError, BufferError)):
         _kernels.estimate(static, tel, rtt, None, ledger[:, ::2], *args, out[:, :4].copy())  # a strided view
     with pytest.raises((ValueError, BufferError)):
