@@ -137,6 +137,7 @@ class Service:
             max_fallbacks=config.decision.max_fallbacks, max_candidates=config.decision.max_candidates,
             count_inflight=config.decision.count_inflight,
             added_delay_weight=config.decision.added_delay_weight,
+            cost_weight_ms=config.decision.cost_weight_ms,
             outcome_timeout_s=config.decision.outcome_timeout_s)
         self.engine.on_stages = self.metrics.record_stages
         self.metrics.gauge("infermesh_pending_outcomes", "Decisions awaiting an outcome.",
@@ -284,8 +285,10 @@ def _build_learner_sync(config: ServiceConfig, settings: Settings, audit: AuditP
 
 
 def _build_reward(config: ServiceConfig) -> Any:
-    if not config.learner.reward:
+    """The learners' reward; it prices cost as the score stage does (``decision.cost_weight_ms``)."""
+    price = config.decision.cost_weight_ms
+    if not config.learner.reward and not price:
         return None
     from learners.reward import reward_from_config
 
-    return reward_from_config(config.learner.reward)
+    return reward_from_config(config.learner.reward or {}, cost_weight_ms=price)

@@ -4,7 +4,9 @@ For an outcome with status ``ok``::
 
     reward = w_ttft * max(-ttft_floor, 1 - ttft_ms / target) - w_cost * min(cost_cap, cost / cost_ref)
 
-so a TTFT of 0 scores ``w_ttft``, exactly the target scores 0, twice the target ``-w_ttft`` (down to
+(with ``cost_weight_ms`` set, ``ttft_ms`` counts ``cost_weight_ms x cost / $0.001`` more: the price
+the score stage puts on cost, ``decision.cost_weight_ms``, so what a learner fits is what choices
+rank by), so a TTFT of 0 scores ``w_ttft``, exactly the target scores 0, twice the target ``-w_ttft`` (down to
 ``-w_ttft * ttft_floor``): linear in TTFT, which is what a linear reward model can fit. ``target`` is
 the request's ``ttft_target_ms`` or ``default_target_ms``; ``cost_ref`` is the request's budget
 (``max_cost_per_1k_tokens``) or the configured ``cost_ref``. ``error`` and ``timeout`` (including an
@@ -62,6 +64,8 @@ class ObjectiveReward:
         TTFT target when the request gives none.
     cost_ref
         $ per 1K tokens that counts as one unit of cost when the request gives no budget.
+    cost_weight_ms
+        Milliseconds of TTFT that $0.001 per 1K tokens is worth (``decision.cost_weight_ms``).
 
     Examples
     --------
@@ -72,12 +76,16 @@ class ObjectiveReward:
     0.5
     >>> reward(ctx, Outcome("d", OutcomeStatus.TIMEOUT), 120.0, 0.001)
     -2.0
+    >>> priced = ObjectiveReward(Weights(w_cost=0.0), cost_weight_ms=50.0)  # $0.001/1K = 50 ms
+    >>> priced(ctx, Outcome("d", OutcomeStatus.OK, ttft_ms=100.0), 120.0, 0.001)
+    0.25
     """
 
     def __init__(self, default: Weights | None = None, *, tenants: Mapping[str, Weights] | None = None,
                  user_tiers: Mapping[str, Weights] | None = None, default_target_ms: float = 500.0,
-                 cost_ref: float = 0.001) -> None:
+                 cost_ref: float = 0.001, cost_weight_ms: float = 0.0) -> None:
         self.default = default or Weights()
+        self.cost_weight_ms = cost_weight_ms
         self.tenants = dict(tenants or {})
         self.user_tiers = dict(user_tiers or {})
         self.default_target_ms = default_target_ms
@@ -99,16 +107,18 @@ class ObjectiveReward:
             return w.cancelled_reward
         target = ctx.ttft_target_ms if ctx.ttft_target_ms > 0 else self.default_target_ms
         budget = ctx.max_cost_per_1k_tokens if ctx.max_cost_per_1k_tokens > 0 else self.cost_ref
-        ttft_term = max(-w.ttft_floor, 1.0 - outcome.ttft_ms / target)
+        ttft_ms = outcome.ttft_ms + self.cost_weight_ms * max(0.0, cost_per_1k_tokens) * 1000.0
+        ttft_term = max(-w.ttft_floor, 1.0 - ttft_ms / target)
         cost_term = min(w.cost_cap, max(0.0, cost_per_1k_tokens) / budget)
         return w.w_ttft * ttft_term - w.w_cost * cost_term
 
 
-def reward_from_config(config: Mapping[str, Any]) -> ObjectiveReward:
+def reward_from_config(config: Mapping[str, Any], *, cost_weight_ms: float = 0.0) -> ObjectiveReward:
     """Build the reward from the service config's ``learner.reward`` mapping.
 
     Keys: the :class:`Weights` fields (defaults), ``default_target_ms``, ``cost_ref``, and
     ``tenants`` / ``user_tiers`` mapping names to partial weight overrides of the defaults.
+    ``cost_weight_ms`` is the score stage's price of cost (``decision.cost_weight_ms``).
 
     >>> r = reward_from_config({"w_cost": 0.5, "tenants": {"acme": {"w_failure": 5}}})
     >>> r.tenants["acme"].w_failure, r.tenants["acme"].w_cost
@@ -126,4 +136,4 @@ def reward_from_config(config: Mapping[str, Any]) -> ObjectiveReward:
         default,
         tenants={str(k): Weights.parse(v, default, f"reward.tenants.{k}") for k, v in tenants.items()},
         user_tiers={str(k): Weights.parse(v, default, f"reward.user_tiers.{k}") for k, v in tiers.items()},
-        default_target_ms=target, cost_ref=cost_ref)
+        default_target_ms=target, cost_ref=cost_ref, cost_weight_ms=cost_weight_ms)

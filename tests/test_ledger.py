@@ -4,6 +4,7 @@ what the score stage makes of it."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -131,7 +132,7 @@ def test_a_full_batch_queues_the_next_request_and_decodes_slower() -> None:
     tel[:, col[QUEUE_RUNNING]] = [14.0, 15.0, 16.0]  # room, the last slot, full
     out = np.empty((len(ESTIMATE_ROWS), 3))
     _kernels.estimate(numbers, tel, np.zeros(3), None, None, k, col[QUEUE_RUNNING],
-                      col[QUEUE_WAITING], col[KV_CACHE_USAGE], 300.0, 100.0, 0.5, 0.0, 0.0, 5.0, 0.5, out)
+                      col[QUEUE_WAITING], col[KV_CACHE_USAGE], 300.0, 100.0, 0.5, 0.0, 0.0, 5.0, 0.5, 0.0, out)
     queue = out[ESTIMATE_ROWS.index("queue_ms")]
     assert queue[0] == 0.0 and queue[1] == 0.0
     full_rate = 12.0 / (1.0 + 15.0 / 80.0)
@@ -203,3 +204,44 @@ def test_the_added_delay_weight_is_configurable_and_zero_ranks_by_own_ttft(demo_
     assert DecisionSection().added_delay_weight == ADDED_DELAY_WEIGHT
     with pytest.raises(ValidationError, match="added_delay_weight"):
         DecisionSection(added_delay_weight=-1.0)
+
+
+def test_the_cost_weight_prices_cost_in_milliseconds_of_ttft(demo_fleet: Fleet) -> None:
+    from pydantic import ValidationError
+
+    from decision.config import DecisionSection
+    from decision.scoring import COST_WEIGHT_MS
+
+    def rows(weight: float) -> tuple[str, list[dict[str, Any]]]:
+        eng = demo_engine(demo_fleet, clock=lambda: 1000.0, cost_weight_ms=weight)
+        # A small model served fast at the edge and cheaply on devices (the built-in guard allows both).
+        d = eng.decide(_ctx(0, model="llama-3.2-3b", estimated_input_tokens=300))
+        return d.route.endpoint_id, d.trace["stages"]["score"]["candidates"]
+
+    fastest, plain = rows(0.0)
+    cheapest, priced = rows(100_000.0)
+    assert all("cost_penalty_ms" not in r["components"] for r in plain)  # no weight, no component
+    for r in priced:
+        c = r["components"]
+        assert c["cost_penalty_ms"] == pytest.approx(100_000.0 * r["expected_cost_per_1k_tokens"] * 1000.0)
+    by_id = {r["endpoint_id"]: r for r in priced}
+    assert by_id[fastest]["expected_ttft_ms"] == min(r["expected_ttft_ms"] for r in priced)
+    assert by_id[cheapest]["expected_cost_per_1k_tokens"] == min(r["expected_cost_per_1k_tokens"] for r in priced)
+    assert by_id[cheapest]["expected_cost_per_1k_tokens"] < by_id[fastest]["expected_cost_per_1k_tokens"]
+    assert DecisionSection().cost_weight_ms == COST_WEIGHT_MS
+    with pytest.raises(ValidationError, match="cost_weight_ms"):
+        DecisionSection(cost_weight_ms=-1.0)
+
+
+def test_the_service_reward_prices_cost_as_the_score_stage_does() -> None:
+    from decision.config import ServiceConfig
+    from decision.service import _build_reward
+
+    assert _build_reward(ServiceConfig(fleet=Path("f.yaml"))) is None  # no reward section, no price: the default
+    cfg = ServiceConfig.model_validate({"fleet": "f.yaml", "decision": {"cost_weight_ms": 500.0}})
+    reward = _build_reward(cfg)
+    ctx = RequestContext("r", "t", ttft_target_ms=1000.0)
+    ok = Outcome("d", OutcomeStatus.OK, ttft_ms=100.0)
+    # TTFT 100 ms plus $0.001/1K at 500 ms = 600 ms of a 1,000 ms target; the budget term w_cost=0.1 x 1.
+    assert reward(ctx, ok, 100.0, 0.001) == pytest.approx(1.0 - 0.6 - 0.1)
+    assert reward(ctx, ok, 100.0, 0.0) == pytest.approx(1.0 - 0.1)
