@@ -28,7 +28,11 @@ Safe from the first request (both on by default):
   ranks first is always eligible and an arm the scorer expects to be far slower is never tried.
   Propensities are computed over the eligible set and stay exact and in (0, 1]; arms outside it
   have probability 0 (off-policy evaluation of another policy is then only supported on the
-  eligible arms). ``safe_slack=None`` switches the filter off.
+  eligible arms). ``safe_slack=None`` switches the filter off. When the score stage prices cost
+  (component ``cost_penalty_ms``, ``decision.cost_weight_ms``) the expected TTFT ranked is the
+  price-inclusive :attr:`~decision.domain.ScoredArms.rank_ms`, but the slack stays a fraction of
+  the best arm's *time*: ``best + safe_slack * (best - its cost penalty) + safe_margin * target``,
+  so putting a price on cost does not widen what exploration may cost in TTFT.
 """
 
 from __future__ import annotations
@@ -304,6 +308,14 @@ class LinearLearner:
             raise ValueError(f"arms have {X.shape[1]} features, learner expects {self.n_features}")
         target = ctx.ttft_target_ms if ctx.ttft_target_ms > 0 else self.default_target_ms
         slack = -1.0 if self.safe_slack is None else self.safe_slack
+        penalty = arms.components.get("cost_penalty_ms") if isinstance(arms, ScoredArms) else None
+        if slack > 0.0 and penalty is not None and len(ttft) > 1:
+            # The slack is a fraction of the best arm's time, not of its price-inclusive rank: the
+            # safe_scores kernel's bound best * (1 + s) equals best + slack * (best - its penalty).
+            lo = int(np.argmin(ttft))
+            best = float(ttft[lo])
+            if best > 0.0:
+                slack = slack * max(best - float(penalty[lo]), 0.0) / best
         return X, ttft, slack, self.safe_margin * target
 
     def _bonus(self) -> tuple[FloatArray, float] | None:

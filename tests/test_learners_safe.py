@@ -146,3 +146,25 @@ def test_prior_settings_are_validated() -> None:
         make_learner("linear-ts", 40, prior="optimistic")
     with pytest.raises(ValueError, match="safe_slack"):
         make_learner("softmax", 40, safe_slack=-1.0)
+
+
+@pytest.mark.parametrize("name", LINEAR)
+def test_a_price_on_cost_does_not_widen_the_safe_set_in_time(name: str) -> None:
+    """With ``cost_penalty_ms``, the slack is a fraction of the best arm's time, not of its price."""
+    learner = make_learner(name, 2, seed=1, safe_slack=0.5, safe_margin=0.0)
+    assert isinstance(learner, LinearLearner)
+    ctx = RequestContext("r", "t", ttft_target_ms=500.0)
+    base = ScoredArms.of(toy_arms([100.0, 160.0, 140.0]))
+    ttft = np.array([100.0, 160.0, 140.0])
+    # A 200 ms price on every arm: ranks 300 / 360 / 340. Best time 100 ms: eligible up to 300 + 50.
+    priced = ScoredArms(base.candidates, base.matrix, ttft, base.cost_per_1k,
+                        {"cost_penalty_ms": np.full(3, 200.0)}, rank_ms=ttft + 200.0)
+    assert learner.is_eligible(ctx, priced) == (True, False, True)
+    # Unpriced, the same times: 100 x 1.5 = 150 is the bound, as before.
+    assert learner.is_eligible(ctx, ScoredArms(base.candidates, base.matrix, ttft, base.cost_per_1k, {})) == \
+        (True, False, True)
+    # A cheaper slow arm: 190 ms + 50 ms of price ranks 240, within 300 + 50 of the best.
+    cheap = ScoredArms(base.candidates, base.matrix, np.array([100.0, 190.0, 400.0]), base.cost_per_1k,
+                       {"cost_penalty_ms": np.array([200.0, 50.0, 0.0])}, rank_ms=np.array([300.0, 240.0, 400.0]))
+    # Best rank is 240 (time 190): bound 240 + 0.5 x 190 = 335; the 300 one is in, the 400 one out.
+    assert learner.is_eligible(ctx, cheap) == (True, True, False)
