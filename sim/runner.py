@@ -109,6 +109,7 @@ def _run_one(ctx: _RunContext, name: str, progress: Callable[[str, float], None]
     strat = registry.make(name, ctx.seed)
     if isinstance(strat, InferMesh):
         strat.family = ctx.sc.family
+        strat.configure(ctx.sc.decision)
         strat.expected_output_tokens = ctx.mean_out
     sim = Simulation(ctx.world, workload_for(ctx.sc, ctx.world, ctx.opts, ctx.seed, ctx.duration), ctx.sc.tenants,
                      strat, ctx.cfg, ctx.degr)

@@ -30,6 +30,9 @@ class Scenario:
     degraded_fraction: float
     strategies: list[str]
     guardrails: dict[str, Any] = field(default_factory=dict)
+    # The operator's ``decision`` settings for pipeline strategies (the service config's section:
+    # decision.config.DecisionSection), e.g. the price of cost ``cost_weight_ms``.
+    decision: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -60,6 +63,18 @@ def load_scenario(name_or_path: str) -> Scenario:
             telemetry_period_s=float(tel.get("period_s", 1.0)), telemetry_delay_s=(lo, hi),
             degraded_fraction=float(raw.get("degradations", {}).get("fraction", 0.0)),
             strategies=list(raw.get("strategies", [])), guardrails=dict(raw.get("guardrails", {})),
-            description=str(raw.get("description", "")), raw=raw)
+            decision=_decision(p, raw.get("decision") or {}), description=str(raw.get("description", "")), raw=raw)
     except KeyError as exc:
         raise ValueError(f"{p}: missing key {exc.args[0]!r}") from None
+
+
+def _decision(path: Path, section: Any) -> dict[str, Any]:
+    """The scenario's ``decision`` section, validated as the service config's (unknown keys fail)."""
+    from pydantic import ValidationError
+
+    from decision.config import DecisionSection
+
+    try:
+        return DecisionSection.model_validate(section).model_dump(include=set(section))
+    except ValidationError as exc:
+        raise ValueError(f"{path}: decision: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import numpy as np
 import pytest
 
 from sim import runner
 from sim.model import Request
+from sim.scenario import SCENARIO_DIR as sim_scenarios
 from sim.strategies import registry
 from sim.strategies.base import RouterView, Strategy
 from sim.telemetry_view import TelemetryView
@@ -141,6 +143,25 @@ def test_infermesh_strategy_names_carry_learner_hyperparameters() -> None:
     wide = registry.make("infermesh:least-ttft/shortlist=48/added_delay=0.25", 3)
     assert isinstance(wide, InferMesh) and wide.k == 48 and wide.params == {}  # the strategy's, not the learner's
     assert wide.added_delay == 0.25 and strat.added_delay == 1.0
+
+
+def test_a_scenarios_decision_section_sets_what_the_strategy_name_did_not(tmp_path: Any) -> None:
+    from sim.scenario import load_scenario
+    from sim.strategies.infermesh import InferMesh
+
+    sc = load_scenario("mesh-512")
+    assert sc.decision["cost_weight_ms"] > 0  # the operator's price of cost on that fleet
+    plain, priced = registry.make("infermesh", 1), registry.make("infermesh:linucb/cost_ms=0", 1)
+    assert isinstance(plain, InferMesh) and isinstance(priced, InferMesh)
+    plain.configure(sc.decision)
+    priced.configure(sc.decision)
+    assert plain.cost_weight_ms == sc.decision["cost_weight_ms"] and priced.cost_weight_ms == 0.0
+    assert plain.added_delay == 1.0  # not in the section: the engine's default
+    text = (sim_scenarios / "mesh-512.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("decision:\n", "decision:\n  cost_weight: 5\n", 1))
+    with pytest.raises(ValueError, match=r"bad.yaml: decision: .*cost_weight"):
+        load_scenario(str(bad))
 
 
 def test_guarded_peers_route_only_where_the_rules_allow_and_otherwise_as_the_peer() -> None:

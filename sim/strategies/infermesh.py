@@ -29,7 +29,7 @@ from decision.engine import DecisionEngine
 from decision.errors import DecisionError
 from decision.fleet import Fleet
 from decision.health_guard import BuiltinHealthGuard
-from decision.scoring import ADDED_DELAY_WEIGHT
+from decision.scoring import ADDED_DELAY_WEIGHT, COST_WEIGHT_MS
 from decision.telemetry import TelemetryStore
 from learners.least_ttft import LeastExpectedTtft
 from sim.model import Request
@@ -63,9 +63,10 @@ def default_guard(clock: Callable[[], float]) -> Guard:
     return PolicyGuard(compile_bundle(DEFAULT_BUNDLE), clock=clock)
 
 
-def default_learner(name: str, seed: int, params: Mapping[str, Any] | None = None,
+def default_learner(name: str, seed: int, params: Mapping[str, Any] | None = None, cost_weight_ms: float = 0.0,
                     ) -> tuple[Learner, FeatureBuilder | None, RewardFunction | None]:
-    """A registered learner (with ``params``) over the learners' feature builder and reward, else the scorer."""
+    """A registered learner (with ``params``) over the learners' feature builder and reward (which
+    prices cost as the score stage does, ``cost_weight_ms``), else the scorer."""
     try:
         from learners.features import default_feature_builder
         from learners.registry import make_learner
@@ -75,7 +76,7 @@ def default_learner(name: str, seed: int, params: Mapping[str, Any] | None = Non
     fb = default_feature_builder()
     kw: dict[str, Any] = {} if name == "least-ttft" else {"seed": seed}
     kw.update(params or {})
-    return make_learner(name, len(fb.names), **kw), fb, ObjectiveReward()
+    return make_learner(name, len(fb.names), **kw), fb, ObjectiveReward(cost_weight_ms=cost_weight_ms)
 
 
 class InferMesh(Strategy):
@@ -89,8 +90,9 @@ class InferMesh(Strategy):
         The learner's hyperparameters (its defaults otherwise).
     shortlist
         Endpoints offered to the engine per decision.
-    added_delay
-        The engine's ``added_delay_weight`` (config ``decision.added_delay_weight``).
+    added_delay, cost_weight_ms
+        The engine's ``added_delay_weight`` and ``cost_weight_ms`` (config ``decision.*``; None: the
+        engine's defaults, :meth:`configure` sets them from a scenario).
     seed
         Seeds the learner and the shortlist sampling.
     """
@@ -100,17 +102,27 @@ class InferMesh(Strategy):
     def __init__(self, learner: str = "linucb", *, shortlist: int = DEFAULT_SHORTLIST, seed: int = 0,
                  label: str = "infermesh", expected_output_tokens: int = 256, params: Mapping[str, Any] | None = None,
                  make: Callable[[int], tuple[Learner, FeatureBuilder | None, RewardFunction | None]] | None = None,
-                 added_delay: float = ADDED_DELAY_WEIGHT) -> None:
+                 added_delay: float | None = None, cost_weight_ms: float | None = None) -> None:
         self.name = label
         self.learner_name = learner
         self.params = dict(params or {})
         self.k = shortlist
-        self.added_delay = added_delay
+        self.added_delay = ADDED_DELAY_WEIGHT if added_delay is None else added_delay
+        self.cost_weight_ms = COST_WEIGHT_MS if cost_weight_ms is None else cost_weight_ms
+        self._set = {name for name, v in (("added_delay_weight", added_delay), ("cost_weight_ms", cost_weight_ms))
+                     if v is not None}
         self.seed = seed
         self.expected_output_tokens = expected_output_tokens
         self._make = make
         self.denied = 0
         self.family = ""
+
+    def configure(self, decision: Mapping[str, Any]) -> None:
+        """Take a scenario's ``decision`` settings for what the strategy's name did not set."""
+        if "added_delay_weight" in decision and "added_delay_weight" not in self._set:
+            self.added_delay = float(decision["added_delay_weight"])
+        if "cost_weight_ms" in decision and "cost_weight_ms" not in self._set:
+            self.cost_weight_ms = float(decision["cost_weight_ms"])
 
     def bind(self, view: RouterView) -> None:
         super().bind(view)
@@ -118,10 +130,10 @@ class InferMesh(Strategy):
         clock: Callable[[], float] = lambda: view.now  # noqa: E731 - the simulated clock
         self.store = TelemetryStore({e.endpoint_id: e.node_id for e in w.endpoints}, clock=clock)
         learner, fb, reward = (self._make(self.seed) if self._make is not None
-                               else default_learner(self.learner_name, self.seed, self.params))
+                               else default_learner(self.learner_name, self.seed, self.params, self.cost_weight_ms))
         self.engine = ShortlistEngine(w.fleet, self.store, default_guard(clock), learner, features=fb,
                                       reward=reward, clock=clock, outcome_timeout_s=600.0,
-                                      added_delay_weight=self.added_delay)
+                                      added_delay_weight=self.added_delay, cost_weight_ms=self.cost_weight_ms)
         self.index = {e.endpoint_id: i for i, e in enumerate(w.endpoints)}
         self.rng = np.random.default_rng(self.seed + 101)
         self._eps = w.endpoints

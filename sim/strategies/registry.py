@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from decision.scoring import ADDED_DELAY_WEIGHT
 from sim.strategies.base import Guarded, Strategy
 from sim.strategies.classic import (
     AdaptiveMesh,
@@ -58,20 +57,23 @@ def make(name: str, seed: int) -> Strategy:
 
     Hyperparameters follow the learner's name, ``/``-separated (``--strategies`` splits on commas):
     ``infermesh:linucb/alpha=0.5/safe_slack=0.25``; values are parsed as JSON. ``shortlist=N`` and
-    ``added_delay=W`` are the strategy's own, not the learner's (endpoints offered to the engine per
-    decision, default ``DEFAULT_SHORTLIST``; the engine's ``added_delay_weight``, default
-    ``ADDED_DELAY_WEIGHT``).
+    ``added_delay=W`` and ``cost_ms=W`` are the strategy's own, not the learner's (endpoints offered
+    to the engine per decision, default ``DEFAULT_SHORTLIST``; the engine's ``added_delay_weight``
+    and ``cost_weight_ms``, by default the scenario's ``decision`` section's, else the engine's).
     """
     if name.startswith("infermesh:"):
         from learners.registry import parse_spec
 
         learner, *items = name.split(":", 1)[1].split("/")
         _, params = parse_spec(f"{learner}:{','.join(items)}")
-        # shortlist (endpoints offered per decision) and added_delay (the engine's added_delay_weight)
-        # are the strategy's own, not the learner's.
+        # shortlist (endpoints offered per decision), added_delay and cost_ms (the engine's
+        # added_delay_weight and cost_weight_ms) are the strategy's own, not the learner's.
         shortlist = int(params.pop("shortlist", DEFAULT_SHORTLIST))
-        added_delay = float(params.pop("added_delay", ADDED_DELAY_WEIGHT))
-        return InferMesh(learner, seed=seed, label=name, params=params, shortlist=shortlist, added_delay=added_delay)
+        # Unset: the scenario's decision section, else the engine's defaults (sim.runner applies them).
+        added_delay = float(params.pop("added_delay")) if "added_delay" in params else None
+        cost_ms = float(params.pop("cost_ms")) if "cost_ms" in params else None
+        return InferMesh(learner, seed=seed, label=name, params=params, shortlist=shortlist, added_delay=added_delay,
+                         cost_weight_ms=cost_ms)
     if name == "vw_peer":
         return _vw_strategy(seed)
     if name.endswith("+guard"):
