@@ -125,6 +125,11 @@ def _run_forked(name: str) -> tuple[str, dict[str, Any], Collector]:
     return _run_one(_FORKED[0], name, None)
 
 
+def _runs_the_pipeline(name: str) -> bool:
+    """Whether ``name`` runs the real decision pipeline (the slow strategies)."""
+    return name.startswith("infermesh") or name == "vw_peer"
+
+
 def _run_parallel(ctx: _RunContext, strategies: Sequence[str], jobs: int,
                   progress: Callable[[str, float], None] | None) -> list[tuple[str, dict[str, Any], Collector]]:
     """One strategy per worker process (forked: the world is shared copy-on-write, not pickled).
@@ -139,7 +144,10 @@ def _run_parallel(ctx: _RunContext, strategies: Sequence[str], jobs: int,
     done: dict[str, tuple[str, dict[str, Any], Collector]] = {}
     try:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("fork")) as pool:
-            futures = {pool.submit(_run_forked, n): n for n in strategies}
+            # Longest first: a pipeline strategy takes several times any peer's wall time, and
+            # started last it would run alone at the end while the other workers idle.
+            futures = {pool.submit(_run_forked, n): n for n in sorted(strategies, key=_runs_the_pipeline,
+                                                                        reverse=True)}
             for fut in as_completed(futures):
                 name = futures[fut]
                 done[name] = fut.result()
