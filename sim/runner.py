@@ -125,11 +125,6 @@ def _run_forked(name: str) -> tuple[str, dict[str, Any], Collector]:
     return _run_one(_FORKED[0], name, None)
 
 
-def _runs_the_pipeline(name: str) -> bool:
-    """Whether ``name`` runs the real decision pipeline (the slow strategies)."""
-    return name.startswith("infermesh") or name == "vw_peer"
-
-
 def _run_parallel(ctx: _RunContext, strategies: Sequence[str], jobs: int,
                   progress: Callable[[str, float], None] | None) -> list[tuple[str, dict[str, Any], Collector]]:
     """One strategy per worker process (forked: the world is shared copy-on-write, not pickled).
@@ -146,7 +141,7 @@ def _run_parallel(ctx: _RunContext, strategies: Sequence[str], jobs: int,
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("fork")) as pool:
             # Longest first: a pipeline strategy takes several times any peer's wall time, and
             # started last it would run alone at the end while the other workers idle.
-            futures = {pool.submit(_run_forked, n): n for n in sorted(strategies, key=_runs_the_pipeline,
+            futures = {pool.submit(_run_forked, n): n for n in sorted(strategies, key=registry.runs_the_pipeline,
                                                                         reverse=True)}
             for fut in as_completed(futures):
                 name = futures[fut]
@@ -197,7 +192,7 @@ def ratio_table(res: Result, ours: str = "infermesh") -> dict[str, float]:
         return {}
     p95 = {k: v["ttft_ms"]["p95"] for k, v in s.items()}
     cost = {k: v["cost_per_1k_tokens"] for k, v in s.items()}
-    others = [k for k in s if k != ours and not k.startswith("infermesh") and k != "vw_peer"]
+    others = [k for k in s if k != ours and not registry.runs_the_pipeline(k)]
     best = min(others, key=lambda k: p95[k]) if others else ours
     rr = "baseline_rr"
     return {

@@ -51,6 +51,12 @@ def available() -> tuple[str, ...]:
     return tuple(names)
 
 
+def runs_the_pipeline(name: str) -> bool:
+    """Whether strategy ``name`` is the real decision pipeline (``infermesh``, ``infermesh:...``,
+    ``vw_peer``): it keeps the guardrails itself and takes several times a peer's wall time."""
+    return name.startswith("infermesh") or name == "vw_peer"
+
+
 def make(name: str, seed: int) -> Strategy:
     """Build a strategy; ``infermesh:LEARNER`` runs the pipeline with another registered learner, and
     ``NAME+guard`` routes a peer only where the hard rules allow (:class:`~sim.strategies.base.Guarded`).
@@ -78,7 +84,7 @@ def make(name: str, seed: int) -> Strategy:
         return _vw_strategy(seed)
     if name.endswith("+guard"):
         inner = name.removesuffix("+guard")
-        if inner.startswith("infermesh") or inner == "vw_peer":
+        if runs_the_pipeline(inner):
             raise ValueError(f"{name!r}: {inner} keeps the guardrails itself")
         return Guarded(make(inner, seed))
     f = STRATEGIES.get(name)
