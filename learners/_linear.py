@@ -139,20 +139,13 @@ scorer's expected TTFT and cost in place of the observed ones."""
 Prior = str | Mapping[str, float] | None
 
 
-def arms_arrays(arms: Sequence[ScoredCandidate]) -> tuple[FloatArray, FloatArray]:
-    """The arms' feature vectors (one row per arm) and the scorer's expected TTFTs (ms; with the
-    delay each would add to later requests, :attr:`~decision.domain.ScoredArms.rank_ms`).
-
-    The score stage's :class:`~decision.domain.ScoredArms` already holds them as arrays (the
-    request path); any other sequence of arms (replays, tests) is converted.
-    """
-    cols = ScoredArms.of(arms)
-    return cols.matrix, cols.rank_ms
-
-
 def arms_matrix(arms: Sequence[ScoredCandidate]) -> FloatArray:
-    """The arms' feature vectors as a matrix, one row per arm (see :func:`arms_arrays`)."""
-    return arms_arrays(arms)[0]
+    """The arms' feature vectors as a matrix, one row per arm.
+
+    The score stage's :class:`~decision.domain.ScoredArms` already holds it (the request path);
+    any other sequence of arms (replays, tests) is converted.
+    """
+    return ScoredArms.of(arms).matrix
 
 
 def route_feature_names(n_features: int) -> tuple[str, ...] | None:
@@ -303,12 +296,13 @@ class LinearLearner:
         """The feature matrix, expected TTFTs, and the safe set's slack (-1: none) and margin (ms)."""
         if not arms:
             raise ValueError("no arms offered")
-        X, ttft = arms_arrays(arms)
+        cols = ScoredArms.of(arms)
+        X, ttft = cols.matrix, cols.rank_ms
         if X.shape[1] != self.n_features:
             raise ValueError(f"arms have {X.shape[1]} features, learner expects {self.n_features}")
         target = ctx.ttft_target_ms if ctx.ttft_target_ms > 0 else self.default_target_ms
         slack = -1.0 if self.safe_slack is None else self.safe_slack
-        penalty = arms.components.get("cost_penalty_ms") if isinstance(arms, ScoredArms) else None
+        penalty = cols.components.get("cost_penalty_ms")
         if slack > 0.0 and penalty is not None and len(ttft) > 1:
             # The slack is a fraction of the best arm's time, not of its price-inclusive rank: the
             # safe_scores kernel's bound best * (1 + s) equals best + slack * (best - its penalty).

@@ -160,6 +160,7 @@ def test_a_price_on_cost_does_not_widen_the_safe_set_in_time(name: str) -> None:
     priced = ScoredArms(base.candidates, base.matrix, ttft, base.cost_per_1k,
                         {"cost_penalty_ms": np.full(3, 200.0)}, rank_ms=ttft + 200.0)
     assert learner.is_eligible(ctx, priced) == (True, False, True)
+    assert learner.is_eligible(ctx, tuple(priced)) == (True, False, True)  # rebuilt arms (replays): same rule
     # Unpriced, the same times: 100 x 1.5 = 150 is the bound, as before.
     assert learner.is_eligible(ctx, ScoredArms(base.candidates, base.matrix, ttft, base.cost_per_1k, {})) == \
         (True, False, True)
