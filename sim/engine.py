@@ -263,7 +263,7 @@ class Simulation:
             nd.remember_prefix(req.hashes)
         req.first_token_at = self.now + self.world.rtt_ms[req.region, i] / 2000.0
         req.state = FIRST_TOKEN
-        req.winner = c
+        req.winner = i
         if len(req.copies) > 1:
             self._cancel_others(req, c)
         nd.start_decode(c, self.now, req.out_tokens)
@@ -312,6 +312,9 @@ class Simulation:
         self.view.outstanding[c.node] -= 1
         self.metrics.record_done(req)
         self.strategy.on_complete(req, c.node, True)
+        # Copy.req points back here: dropping the copies lets reference counting free a finished
+        # request at once instead of leaving the cycle to the cyclic collector (~13% of a run's time).
+        req.copies = []
 
     def _on_hedge(self, req: Request) -> None:
         if req.state != ROUTED or len(req.copies) > 1:

@@ -62,7 +62,7 @@ class Request:
         self.decision_us = 0.0
         self.drop_reason = ""
         self.violations = 0
-        self.winner: Copy | None = None
+        self.winner = -1  # the endpoint whose copy gave the first token (an index, not the Copy: no cycle)
         self.ctx: Any = None  # strategy-specific payload (the infermesh decision id...)
         self.tag: Any = None
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 
 from sim import runner
 from sim.engine import RunConfig, Simulation
-from sim.model import DONE, DROPPED, FIRST_TOKEN, ROUTED
+from sim.model import DONE, DROPPED, FIRST_TOKEN, ROUTED, Copy, Request
 from sim.scenario import load_scenario
 from sim.strategies import registry
 from sim.testing import tiny_scenario
@@ -46,7 +48,26 @@ def test_conservation_when_the_run_stops_mid_flight(strategy: str) -> None:
     # Every completed request was served once: its winning copy is its only finished copy.
     for r in log:
         if r.state == DONE:
-            assert r.winner is not None and r.first_token_at <= r.done_at
+            assert r.winner >= 0 and r.first_token_at <= r.done_at
+
+
+@pytest.mark.parametrize("strategy", ["baseline_rr", "mesh_hedge"])
+def test_finished_requests_are_freed_without_the_cyclic_collector(strategy: str) -> None:
+    # A request and its copies must not form a cycle once it is done: the cyclic collector's
+    # passes over millions of dead requests were ~13% of a run's time.
+    sc = tiny_scenario(cells=1, per_cell=2, rps=60.0, duration=10.0, drain=600.0, concurrency=2)
+    sim = _sim(sc, strategy)
+    sim.requests_log = None
+    gc.collect()
+    gc.disable()
+    try:
+        m = sim.run()
+        del sim
+        alive = sum(isinstance(o, (Request, Copy)) for o in gc.get_objects())
+    finally:
+        gc.enable()
+    assert m.completed == m.requests > 300
+    assert alive == 0
 
 
 def test_drain_completes_everything_and_slots_are_freed() -> None:
