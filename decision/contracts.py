@@ -32,7 +32,8 @@ class Guard(Protocol):
     def revision(self) -> str: ...
 
     def prefetch(self, ctx: RequestContext) -> Mapping[str, Any]:
-        """Read any state the rules need (quota counters...). The only place I/O may happen."""
+        """Read any state the rules need, holding this request's share of any quota (atomically, so
+        concurrent decisions cannot both take the last unit). I/O happens here and in release only."""
         ...
 
     def evaluate(self, ctx: RequestContext, candidates: Sequence[Candidate],
@@ -41,7 +42,11 @@ class Guard(Protocol):
         ...
 
     def commit(self, ctx: RequestContext, decision: Decision) -> None:
-        """Record what the decision consumed (quota usage), after it is made."""
+        """The decision was made: what prefetch held stays consumed."""
+        ...
+
+    def release(self, ctx: RequestContext, state: Mapping[str, Any]) -> None:
+        """No decision (denied, or the pipeline failed): give back what prefetch held in ``state``."""
         ...
 
 

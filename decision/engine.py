@@ -249,53 +249,58 @@ class DecisionEngine:
         decision_id = new_decision_id(now)
         candidates = self.locate(fleet, ctx, now)
         t1 = time.perf_counter()
-        # Pre-fetched state (quota counters...) plus what memoising guards key on.
+        # Pre-fetched state (quota counters, with this request's share held) plus what memoising
+        # guards key on. A request that is not routed (denied, failed, refused) gives its share back.
         state = {**guard.prefetch(ctx), "inventory_revision": fleet.revision, "now": now}
-        t2 = time.perf_counter()
-        result = guard.evaluate(ctx, candidates, state)
-        t3 = time.perf_counter()
-        if not result.allowed:
-            self._deny(decision_id, ctx, fleet, candidates, result, learner, now,
-                       {"locate": (t1 - t0) * 1e6, "prefetch": (t2 - t1) * 1e6, "guard": (t3 - t2) * 1e6})
-        egress = self._egress(fleet, ctx.client_region, result.allowed)
-        scored = score_candidates(ctx, result.allowed, self.features, egress,
-                                  ledger=self.ledger if self.count_inflight else None, now=now,
-                                  added_delay_weight=self.added_delay_weight, cost_weight_ms=self.cost_weight_ms)
-        t4 = time.perf_counter()
-        choice = learner.choose(ctx, scored)
-        if not 0 <= choice.arm < len(scored) or not 0.0 < choice.propensity <= 1.0:
-            raise RuntimeError(f"learner {learner.name} returned an invalid choice {choice}")
-        shadows = [self._shadow_choice(s, ctx, scored) for s in self.shadow]
-        t5 = time.perf_counter()
-        # The chosen arm is read from the score stage's columns (a ScoredCandidate would build the
-        # candidate's whole telemetry reading, which nothing here needs).
-        arm = choice.arm
-        allowed_eps = endpoints_of(scored.candidates)
-        ep = allowed_eps[arm]
-        ttft_ms, cost = float(scored.ttft_ms[arm]), float(scored.cost_per_1k[arm])
-        # Fallbacks: the next best by the learner's scores (stable: ties keep the offered order).
-        order = np.argsort(-np.asarray(choice.scores, dtype=np.float64), kind="stable")[: self.max_fallbacks + 1]
-        fallbacks = tuple(Route.of(allowed_eps[i]) for i in order.tolist() if i != arm)[: self.max_fallbacks]
-        timings = {"locate": (t1 - t0) * 1e6, "prefetch": (t2 - t1) * 1e6, "guard": (t3 - t2) * 1e6,
-                   "score": (t4 - t3) * 1e6, "choose": (t5 - t4) * 1e6}
-        stored, trace = self._trace(ctx, fleet, candidates, result, scored, choice, fallbacks, learner, shadows,
-                                    timings, now)
-        decision_us = (time.perf_counter() - t0) * 1e6
-        decision = Decision(
-            decision_id=decision_id, request=ctx, route=Route.of(ep), fallbacks=fallbacks,
-            propensity=choice.propensity, policy_revision=result.revision,
-            learner=f"{learner.name}@{learner.version}", expected_ttft_ms=ttft_ms, expected_cost_per_1k_tokens=cost,
-            reason=self._reason(ep, ttft_ms, cost, len(candidates), len(result.allowed), choice, learner),
-            trace=trace, decided_at=now, decision_us=decision_us, stored_trace=stored,
-            telemetry_age_s=max_age_of(scored.candidates, arm),
-        )
+        try:
+            t2 = time.perf_counter()
+            result = guard.evaluate(ctx, candidates, state)
+            t3 = time.perf_counter()
+            if not result.allowed:
+                self._deny(decision_id, ctx, fleet, candidates, result, learner, now,
+                           {"locate": (t1 - t0) * 1e6, "prefetch": (t2 - t1) * 1e6, "guard": (t3 - t2) * 1e6})
+            egress = self._egress(fleet, ctx.client_region, result.allowed)
+            scored = score_candidates(ctx, result.allowed, self.features, egress,
+                                      ledger=self.ledger if self.count_inflight else None, now=now,
+                                      added_delay_weight=self.added_delay_weight, cost_weight_ms=self.cost_weight_ms)
+            t4 = time.perf_counter()
+            choice = learner.choose(ctx, scored)
+            if not 0 <= choice.arm < len(scored) or not 0.0 < choice.propensity <= 1.0:
+                raise RuntimeError(f"learner {learner.name} returned an invalid choice {choice}")
+            shadows = [self._shadow_choice(s, ctx, scored) for s in self.shadow]
+            t5 = time.perf_counter()
+            # The chosen arm is read from the score stage's columns (a ScoredCandidate would build the
+            # candidate's whole telemetry reading, which nothing here needs).
+            arm = choice.arm
+            allowed_eps = endpoints_of(scored.candidates)
+            ep = allowed_eps[arm]
+            ttft_ms, cost = float(scored.ttft_ms[arm]), float(scored.cost_per_1k[arm])
+            # Fallbacks: the next best by the learner's scores (stable: ties keep the offered order).
+            order = np.argsort(-np.asarray(choice.scores, dtype=np.float64), kind="stable")[: self.max_fallbacks + 1]
+            fallbacks = tuple(Route.of(allowed_eps[i]) for i in order.tolist() if i != arm)[: self.max_fallbacks]
+            timings = {"locate": (t1 - t0) * 1e6, "prefetch": (t2 - t1) * 1e6, "guard": (t3 - t2) * 1e6,
+                       "score": (t4 - t3) * 1e6, "choose": (t5 - t4) * 1e6}
+            stored, trace = self._trace(ctx, fleet, candidates, result, scored, choice, fallbacks, learner, shadows,
+                                        timings, now)
+            decision_us = (time.perf_counter() - t0) * 1e6
+            decision = Decision(
+                decision_id=decision_id, request=ctx, route=Route.of(ep), fallbacks=fallbacks,
+                propensity=choice.propensity, policy_revision=result.revision,
+                learner=f"{learner.name}@{learner.version}", expected_ttft_ms=ttft_ms, expected_cost_per_1k_tokens=cost,
+                reason=self._reason(ep, ttft_ms, cost, len(candidates), len(result.allowed), choice, learner),
+                trace=trace, decided_at=now, decision_us=decision_us, stored_trace=stored,
+                telemetry_age_s=max_age_of(scored.candidates, arm),
+            )
+            self._remember(decision_id, _Pending(ctx, ep.endpoint_id, tuple(scored.matrix[arm].tolist()), ttft_ms, cost,
+                                                 now + self.outcome_timeout_s, float(scored.components["rtt_ms"][arm]),
+                                                 self.ledger.slowness(ep.endpoint_id) if self.count_inflight else 1.0),
+                           now, float(scored.components["prefill_ms"][arm]) / 1000.0)
+            if self.audit is not None:
+                self.audit.submit_decision(decision_event(decision, "routed", ()))  # may refuse (fail-closed)
+        except BaseException:
+            guard.release(ctx, state)
+            raise
         guard.commit(ctx, decision)
-        self._remember(decision_id, _Pending(ctx, ep.endpoint_id, tuple(scored.matrix[arm].tolist()), ttft_ms, cost,
-                                             now + self.outcome_timeout_s, float(scored.components["rtt_ms"][arm]),
-                                             self.ledger.slowness(ep.endpoint_id) if self.count_inflight else 1.0),
-                       now, float(scored.components["prefill_ms"][arm]) / 1000.0)
-        if self.audit is not None:
-            self.audit.submit_decision(decision_event(decision, "routed", ()))
         self.stats["decisions"] += 1
         if self.on_stages is not None:
             self.on_stages(timings)

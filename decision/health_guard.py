@@ -65,3 +65,6 @@ class BuiltinHealthGuard:
 
     def commit(self, ctx: RequestContext, decision: Decision) -> None:
         return None
+
+    def release(self, ctx: RequestContext, state: Mapping[str, Any]) -> None:
+        return None  # nothing held

@@ -60,7 +60,12 @@ from policies.quota import InMemoryQuotaCounters, QuotaCounters
 
 log = logging.getLogger("infermesh.policies")
 _Judged = tuple[bool, tuple[RuleOutcome, ...]]
-_NOT_STATE = ("inventory_revision", "now")
+_HELD_AT = "quota_held_at"  # when prefetch took the request's quota share (not shown to rules)
+_NOT_STATE = ("inventory_revision", "now", _HELD_AT)
+
+
+def _tokens(ctx: RequestContext) -> int:
+    return max(0, ctx.estimated_input_tokens) + max(0, ctx.expected_output_tokens)
 _NO_VIEW: tuple[dict[str, Any], Any] = ({}, ())
 
 
@@ -132,8 +137,9 @@ class PolicyGuard:
     bundle
         A :class:`~policies.bundle.CompiledBundle` (see :func:`~policies.bundle.compile_bundle`).
     counters
-        Quota counters read in :meth:`prefetch` and added to in :meth:`commit`; in-process
-        ones by default. Share one counters object across reloads so usage carries over.
+        Quota counters: :meth:`prefetch` holds the request's share, :meth:`release` gives it
+        back if the request is not routed; in-process ones by default. Share one counters
+        object across reloads so usage carries over.
     clock
         Time source for the quota windows.
     memo_limit
@@ -190,33 +196,44 @@ class PolicyGuard:
         self._verdicts: dict[_Judged, _Judged] = {}
         self._needs_state = any(r.spec.state for r in rules)
         self._memos: dict[str, _InventoryMemo] = {}
-        self.commit_errors = 0
+        self.release_errors = 0
         self.prefetch_errors = 0
 
     @property
     def revision(self) -> str:
         return self._revision
 
-    # -- I/O happens here and in commit, never in evaluate --
+    # -- I/O happens here and in release, never in evaluate --
     def prefetch(self, ctx: RequestContext) -> Mapping[str, Any]:
+        """The quota state the rules read, with this request's share already held (see :mod:`policies.quota`).
+
+        ``state["quota"]`` is the usage before this request, as the rules expect; the share is
+        kept by :meth:`commit` and given back by :meth:`release`.
+        """
         if not self._needs_state:
             return {}
+        now = self.clock()
         try:
-            return {"quota": self.counters.read(ctx.tenant, self.clock()).as_state()}
+            usage = self.counters.reserve(ctx.tenant, now, 1, _tokens(ctx))
         except Exception as exc:  # rules then see no quota state and fail closed
             self.prefetch_errors += 1
             log.warning("quota counters unavailable: %s", exc)
             return {"quota_error": str(exc)}
+        return {"quota": usage.as_state(), _HELD_AT: now}
 
     def commit(self, ctx: RequestContext, decision: Decision) -> None:
-        if not self._needs_state:
+        """The request was routed: the share :meth:`prefetch` held stays spent."""
+
+    def release(self, ctx: RequestContext, state: Mapping[str, Any]) -> None:
+        """The request was not routed (denied, or the decision failed): give its share back."""
+        held_at = state.get(_HELD_AT)
+        if held_at is None:
             return
-        tokens = max(0, ctx.estimated_input_tokens) + max(0, ctx.expected_output_tokens)
-        try:
-            self.counters.add(ctx.tenant, self.clock(), 1, tokens)
-        except Exception as exc:  # the decision stands; the usage is lost, and counted
-            self.commit_errors += 1
-            log.warning("could not record quota usage of %s: %s", ctx.tenant, exc)
+        try:  # in the window it was taken from, even if a new minute began meanwhile
+            self.counters.add(ctx.tenant, held_at, -1, -_tokens(ctx))
+        except Exception as exc:  # the share stays spent: the tenant is under-served, never over
+            self.release_errors += 1
+            log.warning("could not give back the quota share of %s: %s", ctx.tenant, exc)
 
     # -- the pure stage --
     def evaluate(self, ctx: RequestContext, candidates: Sequence[Candidate],

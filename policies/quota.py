@@ -1,9 +1,13 @@
 """Quota counters: requests and tokens per tenant and minute, in process or shared in Redis.
 
-Read before the guard stage (``PolicyGuard.prefetch``), added to after a decision
-(``PolicyGuard.commit``). Windows are fixed calendar minutes. Updates are atomic; a read and
-the later add are not one transaction, so concurrent decisions of one tenant may overshoot a
-limit by at most the number in flight.
+A decision holds its share before the guard stage and keeps it only if it is routed:
+``PolicyGuard.prefetch`` *reserves* (one atomic add that answers the usage before it), the rules
+judge that usage, and ``PolicyGuard.release`` gives the share back when the request is denied or
+fails. Two concurrent decisions of one tenant therefore see distinct counts and cannot both take
+the last unit of a limit, whichever replica they run in. The price is the other way round: a share
+held by a request that is denied a moment later can make a concurrent one at the boundary be
+denied too (the quota is never overshot; it may be under-used by the requests in flight).
+Windows are fixed calendar minutes.
 """
 
 from __future__ import annotations
@@ -31,7 +35,13 @@ class QuotaUsage:
 class QuotaCounters(Protocol):
     def read(self, tenant: str, now: float) -> QuotaUsage: ...
 
-    def add(self, tenant: str, now: float, requests: int, tokens: int) -> None: ...
+    def reserve(self, tenant: str, now: float, requests: int, tokens: int) -> QuotaUsage:
+        """Add atomically and answer the usage *before* this addition."""
+        ...
+
+    def add(self, tenant: str, now: float, requests: int, tokens: int) -> None:
+        """Add (negative amounts give a reservation back)."""
+        ...
 
 
 def _window(now: float) -> int:
@@ -42,7 +52,8 @@ class InMemoryQuotaCounters:
     """Per-process counters.
 
     >>> c = InMemoryQuotaCounters()
-    >>> c.add("acme", 120.0, 1, 700); c.add("acme", 150.0, 1, 300)
+    >>> c.add("acme", 120.0, 1, 700); c.reserve("acme", 150.0, 1, 300)
+    QuotaUsage(requests=1, tokens=700)
     >>> c.read("acme", 179.0), c.read("acme", 180.0)
     (QuotaUsage(requests=2, tokens=1000), QuotaUsage(requests=0, tokens=0))
     """
@@ -55,22 +66,28 @@ class InMemoryQuotaCounters:
         c = self._counts.get((tenant, _window(now)))
         return QuotaUsage(c[0], c[1]) if c else QuotaUsage(0, 0)
 
-    def add(self, tenant: str, now: float, requests: int, tokens: int) -> None:
+    def reserve(self, tenant: str, now: float, requests: int, tokens: int) -> QuotaUsage:
         w = _window(now)
         with self._lock:
             c = self._counts.setdefault((tenant, w), [0, 0])
+            before = QuotaUsage(c[0], c[1])
             c[0] += requests
             c[1] += tokens
             if len(self._counts) > 10_000:  # drop windows that ended
                 for key in [k for k in self._counts if k[1] < w - 1]:
                     del self._counts[key]
+        return before
+
+    def add(self, tenant: str, now: float, requests: int, tokens: int) -> None:
+        self.reserve(tenant, now, requests, tokens)
 
 
 class RedisQuotaCounters:
     """Counters shared by every replica: one Redis hash per tenant and minute.
 
-    ``add`` is one MULTI/EXEC transaction (HINCRBY requests, HINCRBY tokens, EXPIRE), so
-    concurrent replicas never lose an update; keys expire after two windows.
+    ``reserve`` and ``add`` are one MULTI/EXEC transaction (HINCRBY requests, HINCRBY tokens,
+    EXPIRE), so concurrent replicas never lose an update and each reservation answers the usage
+    just before it; keys expire after two windows.
     """
 
     def __init__(self, url: str, *, prefix: str = "infermesh:quota", timeout_s: float = 0.25) -> None:
@@ -88,13 +105,17 @@ class RedisQuotaCounters:
         req, tok = self._redis.hmget(self._key(tenant, now), "requests", "tokens")
         return QuotaUsage(int(req or 0), int(tok or 0))
 
-    def add(self, tenant: str, now: float, requests: int, tokens: int) -> None:
+    def reserve(self, tenant: str, now: float, requests: int, tokens: int) -> QuotaUsage:
         key = self._key(tenant, now)
         pipe = self._redis.pipeline(transaction=True)
         pipe.hincrby(key, "requests", requests)
         pipe.hincrby(key, "tokens", tokens)
         pipe.expire(key, 2 * WINDOW_S)
-        pipe.execute()
+        req, tok, _ = pipe.execute()
+        return QuotaUsage(int(req) - requests, int(tok) - tokens)
+
+    def add(self, tenant: str, now: float, requests: int, tokens: int) -> None:
+        self.reserve(tenant, now, requests, tokens)
 
 
 def counters_from_url(redis_url: str) -> QuotaCounters:

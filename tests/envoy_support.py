@@ -72,6 +72,7 @@ class ResidencyGuard:
         self.over_quota = frozenset(over_quota)
         self.health = BuiltinHealthGuard()
         self.commits = 0
+        self.releases = 0
 
     @property
     def revision(self) -> str:
@@ -100,6 +101,9 @@ class ResidencyGuard:
 
     def commit(self, ctx: RequestContext, decision: Decision) -> None:
         self.commits += 1
+
+    def release(self, ctx: RequestContext, state: Mapping[str, Any]) -> None:
+        self.releases += 1
 
 
 class RecordingEngine(DecisionEngine):

@@ -20,6 +20,7 @@ class ScriptedGuard:
         self.deny_substring = deny_substring
         self.quota_tenant = quota_tenant
         self.commits = 0
+        self.releases = 0
 
     @property
     def revision(self) -> str:
@@ -43,6 +44,9 @@ class ScriptedGuard:
 
     def commit(self, ctx: RequestContext, decision: Decision) -> None:
         self.commits += 1
+
+    def release(self, ctx: RequestContext, state: Mapping[str, Any]) -> None:
+        self.releases += 1
 
 
 def demo_engine(fleet: Fleet, guard: Any = None, **kwargs: Any) -> DecisionEngine:
