@@ -101,8 +101,7 @@ def test_quota_denial_is_resource_exhausted(demo_fleet: Fleet) -> None:
     engine = _engine(demo_fleet, PolicyGuard(compile_bundle(DEFAULT_BUNDLE)), audit)
     limit = compile_bundle(DEFAULT_BUNDLE).params["quota"]["free"]["requests_per_min"]
     tenant = f"t-{uuid.uuid4().hex[:6]}"
-    if time.time() % 60 > 55:  # keep the whole burst inside one quota window
-        time.sleep(60 - time.time() % 60 + 0.1)
+    _wait_for_a_fresh_window(5)
     for i in range(limit):
         engine.decide(RequestContext(f"q{i}", tenant, user_tier="free", model="llama-3.1-8b"))
     with pytest.raises(QuotaExceeded) as exc:
@@ -167,45 +166,41 @@ def test_memos_at_their_bounds_evict_the_oldest_and_still_answer_as_fresh(demo_f
     assert all(len(t) <= 8 + len(demo_fleet.endpoints) for t in memo.static.values())
 
 
-def test_quota_shared_across_two_engines_in_redis(demo_fleet: Fleet, redis_url: str) -> None:
+def _wait_for_a_fresh_window(margin_s: float) -> None:
+    if time.time() % 60 > 60 - margin_s:  # keep the whole burst inside one quota window
+        time.sleep(60 - time.time() % 60 + 0.1)
+
+
+def _replicas_sharing_redis(fleet: Fleet, redis_url: str) -> tuple[RedisQuotaCounters, list[DecisionEngine], int]:
+    """Two engines whose quota counters are one fresh Redis namespace; and the free tier's limit."""
     prefix = f"infermesh-test:{uuid.uuid4().hex[:8]}"
     try:
         RedisQuotaCounters(redis_url, prefix=prefix).read("x", time.time())
     except Exception as exc:  # pragma: no cover - the machine runs Redis
         pytest.skip(f"no Redis at {redis_url}: {exc}")
     bundle = compile_bundle(DEFAULT_BUNDLE)
-    a = _engine(demo_fleet, PolicyGuard(bundle, counters=RedisQuotaCounters(redis_url, prefix=prefix)))
-    b = _engine(demo_fleet, PolicyGuard(bundle, counters=RedisQuotaCounters(redis_url, prefix=prefix)))
-    limit = bundle.params["quota"]["free"]["requests_per_min"]
-    if time.time() % 60 > 50:
-        time.sleep(60 - time.time() % 60 + 0.1)
+    engines = [_engine(fleet, PolicyGuard(bundle, counters=RedisQuotaCounters(redis_url, prefix=prefix)))
+               for _ in range(2)]
+    return RedisQuotaCounters(redis_url, prefix=prefix), engines, bundle.params["quota"]["free"]["requests_per_min"]
+
+
+def test_quota_shared_across_two_engines_in_redis(demo_fleet: Fleet, redis_url: str) -> None:
+    counters, (a, b), limit = _replicas_sharing_redis(demo_fleet, redis_url)
+    _wait_for_a_fresh_window(10)
     for i in range(limit):
         (a if i % 2 else b).decide(RequestContext(f"q{i}", "shared", user_tier="free", model="llama-3.1-8b",
                                                   estimated_input_tokens=10, expected_output_tokens=5))
     for engine in (a, b):
         with pytest.raises(QuotaExceeded):
             engine.decide(RequestContext("over", "shared", user_tier="free", model="llama-3.1-8b"))
-    usage = RedisQuotaCounters(redis_url, prefix=prefix).read("shared", time.time())
+    usage = counters.read("shared", time.time())
     assert (usage.requests, usage.tokens) == (limit, limit * 15)
-
-
-def _wait_for_a_fresh_window(margin_s: float) -> None:
-    if time.time() % 60 > 60 - margin_s:  # keep the whole burst inside one quota window
-        time.sleep(60 - time.time() % 60 + 0.1)
 
 
 def test_quota_is_never_overshot_by_concurrent_decisions(demo_fleet: Fleet, redis_url: str) -> None:
     # Two replicas, eight threads, one tenant: a read-then-add would let several decisions see the
     # last free unit at once. Holding the share first lets exactly `limit` through.
-    prefix = f"infermesh-test:{uuid.uuid4().hex[:8]}"
-    try:
-        RedisQuotaCounters(redis_url, prefix=prefix).read("x", time.time())
-    except Exception as exc:  # pragma: no cover - the machine runs Redis
-        pytest.skip(f"no Redis at {redis_url}: {exc}")
-    bundle = compile_bundle(DEFAULT_BUNDLE)
-    engines = [_engine(demo_fleet, PolicyGuard(bundle, counters=RedisQuotaCounters(redis_url, prefix=prefix)))
-               for _ in range(2)]
-    limit = bundle.params["quota"]["free"]["requests_per_min"]
+    counters, engines, limit = _replicas_sharing_redis(demo_fleet, redis_url)
     routed: list[int] = []
     denied: list[int] = []
     _wait_for_a_fresh_window(40)
@@ -227,7 +222,7 @@ def test_quota_is_never_overshot_by_concurrent_decisions(demo_fleet: Fleet, redi
         t.join()
     assert len(routed) + len(denied) == 2 * limit
     assert len(routed) == limit
-    usage = RedisQuotaCounters(redis_url, prefix=prefix).read("racing", time.time())
+    usage = counters.read("racing", time.time())
     assert (usage.requests, usage.tokens) == (limit, limit * 15)  # the denied gave their shares back
 
 
