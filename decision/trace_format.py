@@ -45,6 +45,10 @@ def endpoint_rows(candidates: Sequence[Candidate]) -> list[list[Any]]:
     return [endpoint_row(c.endpoint, c.rtt_ms) for c in candidates]
 
 
+Snapshot = tuple[tuple[str, ...], list[float | None], list[int]]
+"""One candidate's telemetry in a trace: (names ever reported, values with None = stale/unknown, ages in ms)."""
+
+
 class TraceParts(NamedTuple):
     """What a stored trace is made of, gathered cheaply at decision time (:func:`trace_parts`).
 
@@ -77,8 +81,8 @@ class TraceParts(NamedTuple):
     shadows: list[Mapping[str, Any]]
     feature_names: tuple[str, ...]
     timings_us: dict[str, float]
-    # (merged readings, at, stale limit) of the located set, or each candidate's (values, keys, ages ms).
-    telemetry: tuple[Sequence[Any], float, float] | list[tuple[Mapping[str, float], tuple[str, ...], list[int]]]
+    # (merged readings, at, stale limit) of the located set, or each candidate's Snapshot.
+    telemetry: tuple[Sequence[Any], float, float] | list[Snapshot]
 
 
 def trace_parts(*, ctx: RequestContext, inventory_revision: str, learner: str, now: float,
@@ -105,7 +109,7 @@ def trace_parts(*, ctx: RequestContext, inventory_revision: str, learner: str, n
         verdicts = (rule_rows, rows)
     cols = ScoredArms.of(scored)
     scored_ids = endpoint_ids_of(cols.candidates)
-    telemetry: tuple[Sequence[Any], float, float] | list[tuple[Mapping[str, float], tuple[str, ...], list[int]]]
+    telemetry: tuple[Sequence[Any], float, float] | list[Snapshot]
     if isinstance(candidates, CandidateSet):
         batch = candidates.telemetry
         telemetry = (batch.merged, batch.at, batch.stale_after_s)
@@ -180,31 +184,33 @@ def compact_trace(*, ctx: RequestContext, inventory_revision: str, learner: str,
                                       timings=timings, endpoints=endpoints))
 
 
-def _telemetry(source: tuple[Sequence[Any], float, float] | list[tuple[Mapping[str, float], tuple[str, ...],
-                                                                        list[int]]]) -> dict[str, Any]:
+def _telemetry(source: tuple[Sequence[Any], float, float] | list[Snapshot]) -> dict[str, Any]:
     """Per candidate: [key-set index, values (None = stale/unknown), ages in ms]; key sets listed once."""
     key_sets: dict[tuple[str, ...], int] = {}
     rows: list[list[Any]] = []
     snapshots = known_snapshots(*source) if isinstance(source, tuple) else source
-    for vals, keys, age_ms in snapshots:
+    for names, values, age_ms in snapshots:
+        keys = names if isinstance(names, tuple) else tuple(names)  # a list once shipped as MessagePack
         k = key_sets.get(keys)
         if k is None:
             k = key_sets[keys] = len(key_sets)
-        rows.append([k, [vals.get(name) for name in keys], age_ms])
+        rows.append([k, values, age_ms])
     return {"keys": [list(k) for k in key_sets], "rows": rows}
 
 
-def _snapshots(candidates: Sequence[Candidate],
-               now: float) -> Iterator[tuple[Mapping[str, float], tuple[str, ...], list[int]]]:
-    """Each candidate's (known values, names ever reported, their ages in ms), from its reading
-    (a located set's come from its batch instead: :func:`~decision.telemetry.known_snapshots`)."""
+def _snapshots(candidates: Sequence[Candidate], now: float) -> Iterator[Snapshot]:
+    """Each candidate's :data:`Snapshot` from its reading (a located set's come from its batch
+    instead: :func:`~decision.telemetry.known_snapshots`)."""
     for c in candidates:
         ages = c.telemetry.ages_s
+        vals = c.telemetry.values
         known_stamps: Mapping[str, float] | None = getattr(ages, "stamps", None)
         if known_stamps is not None:
-            yield c.telemetry.values, tuple(known_stamps), [int((now - st) * 1000.0) for st in known_stamps.values()]
+            keys = tuple(known_stamps)
+            yield keys, [vals.get(k) for k in keys], [int((now - st) * 1000.0) for st in known_stamps.values()]
         else:  # a reading built by hand: ages without timestamps
-            yield c.telemetry.values, tuple(ages), [int(a * 1000.0) for a in ages.values()]
+            keys = tuple(ages)
+            yield keys, [vals.get(k) for k in keys], [int(a * 1000.0) for a in ages.values()]
 
 
 def expand_trace(trace: Mapping[str, Any]) -> dict[str, Any]:
