@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from decision.candidates import CandidateSet, endpoint_ids_of
 from decision.domain import Candidate, Decision, GuardResult, RequestContext, RuleInfo, RuleOutcome, VerdictTable
 from decision.telemetry import CANONICAL, GPU_TEMP_C, XID_ERRORS
@@ -38,8 +36,10 @@ class BuiltinHealthGuard:
                  state: Mapping[str, Any]) -> GuardResult:
         if isinstance(candidates, CandidateSet):  # the request path: read the telemetry columns
             cols = candidates.telemetry.values
-            xids = np.nan_to_num(cols[:, _XID], nan=0.0).tolist()
-            temps = np.nan_to_num(cols[:, _TEMP], nan=0.0).tolist()
+            # NaN (never reported, or stale) fails both comparisons below, as 0 would: no nan_to_num,
+            # whose Python-level checks cost more than the rest of this stage.
+            xids = cols[:, _XID].tolist()
+            temps = cols[:, _TEMP].tolist()
         else:
             xids = [c.telemetry.values.get(XID_ERRORS, 0.0) for c in candidates]
             temps = [c.telemetry.values.get(GPU_TEMP_C, 0.0) for c in candidates]
