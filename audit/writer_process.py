@@ -40,7 +40,7 @@ import psycopg
 
 from audit.masking import Masker
 from audit.settings import AuditSettings
-from audit.shipping import Message, Packer, Unpacker, decode, encode
+from audit.shipping import Packer, Unpacker, decode, encode, encode_each, join
 from audit.writer import METRIC_NAMES, AtBound, AtBoundCounts
 from decision.trace_format import TraceParts
 
@@ -69,7 +69,7 @@ class ProcessAuditWriter(AtBoundCounts):
         self._chain_prefix = chain_id or secrets.token_hex(6)
         self._packer = Packer()
         self._lock = threading.Lock()  # outbox and counters
-        self._outbox: list[Message] = []
+        self._outbox: list[bytes] = []  # encoded messages (see shipping.encode_each)
         self._outbox_records = 0
         self._shipped = 0  # records sent to the current child
         self._submitted = 0  # records accepted from the request path
@@ -112,16 +112,18 @@ class ProcessAuditWriter(AtBoundCounts):
             masked["trace"] = dict(trace) if isinstance(trace, Mapping) else {}
         else:
             del masked["trace"]
-        self._enqueue(self._packer.message("d", masked, parts))
+        self._enqueue("d", masked, parts)
 
     def submit_outcome(self, event: Mapping[str, Any]) -> None:
         if self._full(""):
             return
-        self._enqueue(self._packer.message("o", dict(event), None))
+        self._enqueue("o", dict(event), None)
 
-    def _enqueue(self, msgs: list[Message]) -> None:
+    def _enqueue(self, kind: str, event: Mapping[str, Any], parts: TraceParts | None) -> None:
+        # Packing and queueing are one step: a record must never reach the outbox before the
+        # definitions another thread's record introduced for the handles it uses.
         with self._lock:
-            self._outbox.extend(msgs)
+            self._outbox.extend(encode_each(self._packer.message(kind, event, parts)))
             self._outbox_records += 1
             self._submitted += 1
             full = self._outbox_records >= _SHIP_MAX
@@ -146,7 +148,7 @@ class ProcessAuditWriter(AtBoundCounts):
                 return
             msgs, n = self._outbox, self._outbox_records
             self._outbox, self._outbox_records = [], 0
-        blob = encode(msgs)
+        blob = join(msgs)
         if n:
             with self._status_cv:
                 self._shipped += n
@@ -231,7 +233,7 @@ class ProcessAuditWriter(AtBoundCounts):
         """A fresh status from the child (its spool may have drained since the last one). It goes
         through the outbox: the shipper thread is the pipe's only writer while it runs."""
         with self._lock:
-            self._outbox.append(("flush",))
+            self._outbox.extend(encode_each([("flush",)]))
         self._wake.set()
 
     def close(self) -> None:
