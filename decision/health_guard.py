@@ -6,15 +6,32 @@ guard behind the same contract as the CEL/Rego bundles, so the pipeline has one 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from decision.candidates import CandidateSet, endpoint_ids_of
-from decision.domain import Candidate, Decision, GuardResult, RequestContext, RuleInfo, RuleOutcome, VerdictTable
+from decision.domain import (
+    Candidate,
+    Decision,
+    GuardResult,
+    JudgedGroup,
+    RequestContext,
+    RuleInfo,
+    RuleOutcome,
+    VerdictTable,
+)
 from decision.telemetry import CANONICAL, GPU_TEMP_C, XID_ERRORS
 
 _XID, _TEMP = CANONICAL.index(XID_ERRORS), CANONICAL.index(GPU_TEMP_C)
 _HEALTHY: tuple[RuleOutcome, ...] = ((0, True, "healthy"),)
+
+
+@functools.lru_cache(maxsize=1024)
+def _all_healthy(n: int) -> JudgedGroup:
+    """The verdict group of ``n`` healthy candidates, one object per size: an audit trace then
+    ships it once by handle instead of a fresh copy per decision."""
+    return tuple((True, _HEALTHY) for _ in range(n))
 _RULES = (RuleInfo("builtin.health", "builtin", "safety"),)
 
 
@@ -58,8 +75,11 @@ class BuiltinHealthGuard:
             allowed = candidates if len(keep) == len(candidates) else candidates.take(keep)
         else:
             allowed = tuple(candidates[i] for i in keep)
-        keep_set = set(keep)
-        judged = [(i in keep_set, outs) for i, outs in enumerate(outcomes)]
+        if len(keep) == len(outcomes):  # the usual case: one shared, immutable group per size
+            judged: JudgedGroup = _all_healthy(len(outcomes))
+        else:
+            keep_set = set(keep)
+            judged = [(i in keep_set, outs) for i, outs in enumerate(outcomes)]
         table = VerdictTable(_RULES, self._revision, (), endpoint_ids_of(candidates), [judged])
         return GuardResult(allowed, table, self._revision)
 
