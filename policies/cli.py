@@ -61,7 +61,7 @@ def explain(request: dict[str, Any], fleet_path: Path, policies: Path) -> dict[s
                             BuiltinHealthGuard(), LeastExpectedTtft())
     now = time.time()
     candidates = engine.locate(fleet, ctx, now)
-    result = guard.evaluate(ctx, candidates, {**guard.prefetch(ctx), "inventory_revision": fleet.revision,
+    result = guard.evaluate(ctx, candidates, {**guard.peek(ctx), "inventory_revision": fleet.revision,
                                               "now": now})
     rows: dict[str, dict[str, Any]] = {c.endpoint.endpoint_id: {"allowed": False, "denied_by": [], "warnings": []}
                                        for c in candidates}

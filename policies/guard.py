@@ -221,6 +221,15 @@ class PolicyGuard:
             return {"quota_error": str(exc)}
         return {"quota": usage.as_state(), _HELD_AT: now}
 
+    def peek(self, ctx: RequestContext) -> Mapping[str, Any]:
+        """The state :meth:`prefetch` would give, holding nothing (for dry runs such as ``policy explain``)."""
+        if not self._needs_state:
+            return {}
+        try:
+            return {"quota": self.counters.read(ctx.tenant, self.clock()).as_state()}
+        except Exception as exc:
+            return {"quota_error": str(exc)}
+
     def commit(self, ctx: RequestContext, decision: Decision) -> None:
         """The request was routed: the share :meth:`prefetch` held stays spent."""
 

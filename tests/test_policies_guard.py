@@ -136,7 +136,7 @@ def test_memoised_verdicts_equal_fresh_ones(demo_fleet: Fleet) -> None:
                            prompt_class=("general", "medical")[i % 2]) for i in range(12)]
     for ctx in reqs * 2:
         cands = engine.locate(demo_fleet, ctx, now)
-        state = {**warm.prefetch(ctx), "inventory_revision": demo_fleet.revision, "now": now}
+        state = {**warm.peek(ctx), "inventory_revision": demo_fleet.revision, "now": now}
         fresh = PolicyGuard(compile_bundle(DEFAULT_BUNDLE))
         a, b = warm.evaluate(ctx, cands, state), fresh.evaluate(ctx, cands, state)
         assert [c.endpoint.endpoint_id for c in a.allowed] == [c.endpoint.endpoint_id for c in b.allowed]
@@ -155,7 +155,7 @@ def test_memos_at_their_bounds_evict_the_oldest_and_still_answer_as_fresh(demo_f
             for i in range(60)]
     for ctx in reqs * 2:
         cands = engine.locate(demo_fleet, ctx, now)
-        state = {**small.prefetch(ctx), "inventory_revision": demo_fleet.revision, "now": now}
+        state = {**small.peek(ctx), "inventory_revision": demo_fleet.revision, "now": now}
         a = small.evaluate(ctx, cands, state)
         b = PolicyGuard(compile_bundle(DEFAULT_BUNDLE)).evaluate(ctx, cands, state)
         assert [c.endpoint.endpoint_id for c in a.allowed] == [c.endpoint.endpoint_id for c in b.allowed]
@@ -244,6 +244,8 @@ def test_a_request_that_is_not_routed_gives_its_quota_share_back(demo_fleet: Fle
     with pytest.raises(RuntimeError, match="learner down"):
         failing.decide(RequestContext("r2", tenant, model="llama-3.1-8b", estimated_input_tokens=100))
     assert guard.counters.read(tenant, time.time()) == QuotaUsage(0, 0)
+    dry = RequestContext("r-dry", tenant, model="llama-3.1-8b", estimated_input_tokens=100)
+    assert guard.peek(dry)["quota"]["requests"] == guard.peek(dry)["quota"]["requests"] == 0  # holds nothing
     engine.decide(RequestContext("r3", tenant, model="llama-3.1-8b", estimated_input_tokens=100,
                                  expected_output_tokens=20))
     assert guard.counters.read(tenant, time.time()) == QuotaUsage(1, 120)
