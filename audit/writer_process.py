@@ -3,8 +3,8 @@
 :class:`ProcessAuditWriter` is the :class:`~decision.contracts.AuditSink` the service uses by
 default (``audit.writer: process``). ``submit_*`` masks a decision's top-level fields, turns the
 record into messages (:class:`audit.shipping.Packer`: the trace as parts, shared objects as
-handles) and appends them to a bounded outbox; a shipper thread encodes the outbox in batches down
-a pipe. The child process (:func:`_child_main`) rebuilds each record, assembles its trace and
+handles), encodes them and appends the bytes to a bounded outbox; a shipper thread sends the
+outbox in batches down a pipe. The child process (:func:`_child_main`) rebuilds each record, assembles its trace and
 writes it through an :class:`~audit.writer.AuditWriter` driven from its one thread (batched COPY,
 spool, hash chain, masking of the trace's request), and reports back how many records are safely
 in PostgreSQL or the spool. The trace's request crosses the pipe unmasked (memory to memory, as
@@ -304,6 +304,14 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
         os.nice(nice)
     s = AuditSettings(**settings)
     writer = AuditWriter(url, s, chain_id=chain_id, start=False)
+
+    def collect() -> None:
+        """The collector's turn, called once nothing of a batch is alive (collecting while one is
+        would walk all of it: the cost this schedule avoids)."""
+        nonlocal batches
+        batches += 1
+        gc.collect(2 if batches % _FULL_EVERY == 0 else 1)
+
     unpacker = Unpacker()
     resending = False  # between ("resend", True) and ("resend", False): a dead predecessor's batches
     received = skipped = 0
@@ -363,10 +371,11 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
                 writer.process(pending)
                 pending = []
                 last_report = 0.0
-                batches += 1
-                gc.collect(2 if batches % _FULL_EVERY == 0 else 1)
+                collect()
             elif writer.spool.has_backlog:
                 writer.process([])  # replay while idle
+                if not pending:  # an outage's reconnect attempts must not pile up garbage either
+                    collect()
             if time.monotonic() - last_report >= 0.05:
                 report()
                 last_report = time.monotonic()
