@@ -25,6 +25,7 @@ from decision.telemetry import CANONICAL, GPU_TEMP_C, XID_ERRORS
 
 _XID, _TEMP = CANONICAL.index(XID_ERRORS), CANONICAL.index(GPU_TEMP_C)
 _HEALTHY: tuple[RuleOutcome, ...] = ((0, True, "healthy"),)
+_RULES = (RuleInfo("builtin.health", "builtin", "safety"),)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -32,7 +33,6 @@ def _all_healthy(n: int) -> JudgedGroup:
     """The verdict group of ``n`` healthy candidates, one object per size: an audit trace then
     ships it once by handle instead of a fresh copy per decision."""
     return tuple((True, _HEALTHY) for _ in range(n))
-_RULES = (RuleInfo("builtin.health", "builtin", "safety"),)
 
 
 class BuiltinHealthGuard:
