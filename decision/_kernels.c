@@ -449,54 +449,98 @@ done:
     return result;
 }
 
-PyDoc_STRVAR(sample_winners_doc,
-"sample_winners(X, d, eligible, thetas, counts) -> int\n\n"
-"Thompson sampling's draws over some arms: X holds n arms of d features; eligible (intp, m) the\n"
-"rows drawn among. For each row theta_s of thetas (s x d), the eligible arm (position in eligible)\n"
-"with the greatest x . theta_s (numpy's argmax) gets one more in counts (intp, m). Returns the\n"
-"first draw's winner.");
+PyDoc_STRVAR(thompson_draws_doc,
+"thompson_draws(X, eligible, theta, chol, v, z, counts, factor) -> int\n\n"
+"Linear Thompson sampling's draws over some arms (learners/thompson.py). X holds n arms of d\n"
+"features, eligible (intp, m) the rows drawn among, theta (d) the posterior mean and chol (d x d,\n"
+"lower triangular) a factor of A^-1. The eligible arms' scores under theta ~ N(theta, v^2 A^-1)\n"
+"are N(mean, v^2 B B^T) with mean = X_e theta and B = X_e chol; factor (m x m, written) gets a\n"
+"lower-triangular C with C C^T = B B^T (modified Gram-Schmidt on B's rows, a dependent row giving\n"
+"a zero column), and draw r scores mean + v C z_r for each row z_r of z (s x m standard normals):\n"
+"the same distribution as drawing theta in d dimensions, from m numbers instead of d. The arm\n"
+"(position in eligible) with the greatest score (numpy's argmax) gets one more in counts (intp, m).\n"
+"Returns the first draw's winner.");
 
-static PyObject *sample_winners(PyObject *self, PyObject *args) {
-    Py_buffer X = {0}, eligible = {0}, thetas = {0}, counts = {0};
-    Py_ssize_t d;
-    if (!PyArg_ParseTuple(args, "y*ny*y*w*", &X, &d, &eligible, &thetas, &counts)) return NULL;
-    Py_buffer *views[] = {&X, &eligible, &thetas, &counts};
+static PyObject *thompson_draws(PyObject *self, PyObject *args) {
+    Py_buffer X = {0}, eligible = {0}, theta = {0}, chol = {0}, z = {0}, counts = {0}, factor = {0};
+    double v;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*dy*w*w*", &X, &eligible, &theta, &chol, &v, &z, &counts, &factor))
+        return NULL;
+    Py_buffer *views[] = {&X, &eligible, &theta, &chol, &z, &counts, &factor};
     PyObject *result = NULL;
-    if (d < 1) {
-        PyErr_SetString(PyExc_ValueError, "sample_winners: d must be >= 1");
-        goto done;
-    }
-    const Py_ssize_t n = X.len / (Py_ssize_t)sizeof(double) / d;
+    double *work = NULL;
+    const Py_ssize_t d = theta.len / (Py_ssize_t)sizeof(double);
     const Py_ssize_t m = eligible.len / (Py_ssize_t)sizeof(Py_ssize_t);
-    const Py_ssize_t s = thetas.len / (Py_ssize_t)sizeof(double) / d;
-    if (check_len(&X, n * d, sizeof(double), "X") < 0 || check_len(&thetas, s * d, sizeof(double), "thetas") < 0 ||
-        check_len(&eligible, m, sizeof(Py_ssize_t), "eligible") < 0 ||
-        check_len(&counts, m, sizeof(Py_ssize_t), "counts") < 0)
-        goto done;
-    if (m < 1 || s < 1) {
-        PyErr_SetString(PyExc_ValueError, "sample_winners: need at least one eligible arm and one draw");
+    const Py_ssize_t n = d > 0 ? X.len / (Py_ssize_t)sizeof(double) / d : 0;
+    const Py_ssize_t s = m > 0 ? z.len / (Py_ssize_t)sizeof(double) / m : 0;
+    if (d < 1 || m < 1 || s < 1) {
+        PyErr_SetString(PyExc_ValueError, "thompson_draws: need features, at least one eligible arm and one draw");
         goto done;
     }
-    const double *x = X.buf, *th = thetas.buf;
+    if (check_len(&theta, d, sizeof(double), "theta") < 0 || check_len(&X, n * d, sizeof(double), "X") < 0 ||
+        check_len(&chol, d * d, sizeof(double), "chol") < 0 || check_len(&z, s * m, sizeof(double), "z") < 0 ||
+        check_len(&eligible, m, sizeof(Py_ssize_t), "eligible") < 0 ||
+        check_len(&counts, m, sizeof(Py_ssize_t), "counts") < 0 ||
+        check_len(&factor, m * m, sizeof(double), "factor") < 0)
+        goto done;
+    const double *x = X.buf, *th = theta.buf, *L = chol.buf, *zz = z.buf;
     const Py_ssize_t *el = eligible.buf;
     Py_ssize_t *cnt = counts.buf, first = 0;
+    double *C = factor.buf;
     for (Py_ssize_t k = 0; k < m; k++) {
         if (el[k] < 0 || el[k] >= n) {
-            PyErr_SetString(PyExc_ValueError, "sample_winners: eligible index out of range");
+            PyErr_SetString(PyExc_ValueError, "thompson_draws: eligible index out of range");
             goto done;
         }
     }
+    /* work: mean (m), then B's rows turned into Q's (m x d). */
+    work = PyMem_Malloc((size_t)(m + m * d) * sizeof(double));
+    if (work == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    double *mean = work, *Q = work + m;
+    memset(C, 0, (size_t)(m * m) * sizeof(double));
+    for (Py_ssize_t i = 0; i < m; i++) {
+        const double *xi = x + el[i] * d;
+        double *q = Q + i * d, mu = 0.0, scale = 0.0;
+        for (Py_ssize_t j = 0; j < d; j++) mu += xi[j] * th[j];
+        mean[i] = mu;
+        for (Py_ssize_t l = 0; l < d; l++) { /* (x^T L)_l: L is lower triangular */
+            double acc = 0.0;
+            for (Py_ssize_t j = l; j < d; j++) acc += xi[j] * L[j * d + l];
+            q[l] = acc;
+            scale += acc * acc;
+        }
+        for (Py_ssize_t k = 0; k < i; k++) { /* modified Gram-Schmidt against the earlier rows */
+            const double *qk = Q + k * d;
+            double c = 0.0;
+            for (Py_ssize_t l = 0; l < d; l++) c += q[l] * qk[l];
+            C[i * m + k] = c;
+            for (Py_ssize_t l = 0; l < d; l++) q[l] -= c * qk[l];
+        }
+        double norm = 0.0;
+        for (Py_ssize_t l = 0; l < d; l++) norm += q[l] * q[l];
+        norm = sqrt(norm);
+        if (norm > 1e-12 * sqrt(scale) && norm > 0.0) {
+            C[i * m + i] = norm;
+            for (Py_ssize_t l = 0; l < d; l++) q[l] /= norm;
+        } else { /* a combination of earlier rows: no direction of its own */
+            for (Py_ssize_t l = 0; l < d; l++) q[l] = 0.0;
+        }
+    }
     for (Py_ssize_t r = 0; r < s; r++) {
-        const double *t = th + r * d;
+        const double *zr = zz + r * m;
         Py_ssize_t best = 0;
         double best_v = 0.0;
-        for (Py_ssize_t k = 0; k < m; k++) {
-            const double *xi = x + el[k] * d;
-            double v = 0.0;
-            for (Py_ssize_t j = 0; j < d; j++) v += xi[j] * t[j];
-            if (k == 0 || beats(v, best_v)) {
-                best = k;
-                best_v = v;
+        for (Py_ssize_t i = 0; i < m; i++) {
+            const double *ci = C + i * m;
+            double dev = 0.0;
+            for (Py_ssize_t k = 0; k <= i; k++) dev += ci[k] * zr[k];
+            const double val = mean[i] + v * dev;
+            if (i == 0 || beats(val, best_v)) {
+                best = i;
+                best_v = val;
             }
         }
         cnt[best] += 1;
@@ -504,7 +548,8 @@ static PyObject *sample_winners(PyObject *self, PyObject *args) {
     }
     result = PyLong_FromSsize_t(first);
 done:
-    release(views, 4);
+    PyMem_Free(work);
+    release(views, 7);
     return result;
 }
 
@@ -515,7 +560,7 @@ static PyMethodDef methods[] = {
     {"telemetry_block", telemetry_block, METH_VARARGS, telemetry_block_doc},
     {"row_keys", row_keys, METH_VARARGS, row_keys_doc},
     {"safe_scores", safe_scores, METH_VARARGS, safe_scores_doc},
-    {"sample_winners", sample_winners, METH_VARARGS, sample_winners_doc},
+    {"thompson_draws", thompson_draws, METH_VARARGS, thompson_draws_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -15,8 +15,9 @@ class LinearThompson(LinearLearner):
     """Sample ``theta ~ N(theta_hat, v^2 A^-1)`` and pick the arm it scores best (Agrawal & Goyal, 2013).
 
     Propensity: Thompson sampling has no closed form for the probability of its choice, so it
-    is estimated by Monte Carlo. ``mc_samples`` parameter vectors are drawn at once; the first
-    one acts, and the propensity is the fraction of all draws (the acting one included) whose
+    is estimated by Monte Carlo. ``mc_samples`` draws are made at once (of the eligible arms'
+    scores, which are jointly normal under the posterior, rather than of ``theta`` itself: the
+    same distribution from fewer random numbers); the first one acts, and the propensity is the fraction of all draws (the acting one included) whose
     argmax is the chosen arm. It is therefore at least ``1 / mc_samples`` (never 0) and biased
     upwards by at most that much; its standard error is about ``sqrt(p (1 - p) / mc_samples)``.
     With probability ``epsilon`` a uniformly random arm is taken instead, mixed in exactly:
@@ -89,12 +90,16 @@ class LinearThompson(LinearLearner):
 
     def _winners(self, X: FloatArray, eligible: npt.NDArray[np.intp]) -> tuple[int, npt.NDArray[np.intp]]:
         """``mc_samples`` posterior draws over the ``eligible`` rows of ``X``: the first draw's
-        winner and how many draws each eligible arm won (positions in ``eligible``)."""
-        z = self._rng.standard_normal((self.mc_samples, self.n_features))
-        thetas = self._stats.theta + self.v * (z @ self._factor().T)
-        counts = np.zeros(len(eligible), dtype=np.intp)
-        first = _kernels.sample_winners(np.ascontiguousarray(X, dtype=np.float64), self.n_features,
-                                        np.ascontiguousarray(eligible), thetas, counts)
+        winner and how many draws each eligible arm won (positions in ``eligible``).
+
+        The draws are of the eligible arms' scores, which are jointly normal: ``len(eligible)``
+        standard normals per draw instead of ``n_features`` (``decision._kernels.thompson_draws``).
+        """
+        m = len(eligible)
+        z = self._rng.standard_normal((self.mc_samples, m))
+        counts = np.zeros(m, dtype=np.intp)
+        first = _kernels.thompson_draws(np.ascontiguousarray(X, dtype=np.float64), np.ascontiguousarray(eligible),
+                                        self._stats.theta, self._factor(), self.v, z, counts, np.empty((m, m)))
         return first, counts
 
     def _pick(self, X: FloatArray, scores: FloatArray, eligible: npt.NDArray[np.intp],

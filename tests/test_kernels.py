@@ -356,19 +356,35 @@ def test_safe_scores_rejects_no_arms_nan_ttft_and_wrong_sizes() -> None:
 
 
 @settings(max_examples=80, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 40), d=st.integers(1, 10), s=st.integers(1, 64))
-def test_sample_winners_counts_each_draws_argmax_over_the_eligible_rows(seed: int, n: int, d: int, s: int) -> None:
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 40), d=st.integers(1, 10), s=st.integers(1, 64),
+       repeat=st.booleans())
+def test_thompson_draws_sample_the_eligible_scores_joint_normal_and_count_each_draws_argmax(
+        seed: int, n: int, d: int, s: int, repeat: bool) -> None:
     rng = np.random.default_rng(seed)
     X = rng.normal(size=(n, d))
+    if repeat and n > 2:  # arms with the same features (same site, GPU and load): a rank-deficient B
+        X[1] = X[0]
+        X[2] = 0.5 * X[0] - X[1] * 0.25
     eligible = np.flatnonzero(rng.random(n) < 0.7)
     if not len(eligible):
         eligible = np.array([n - 1])
-    thetas = rng.normal(size=(s, d))
-    values = X[eligible] @ thetas.T  # eligible x draws
-    counts = np.zeros(len(eligible), dtype=np.intp)
-    first = _kernels.sample_winners(X, d, eligible.astype(np.intp), thetas, counts)
+    m = len(eligible)
+    theta = rng.normal(size=d)
+    M = rng.normal(size=(d, d))
+    chol = np.linalg.cholesky(np.linalg.inv(M @ M.T + d * np.eye(d)))
+    v, z = 0.3, rng.standard_normal((s, m))
+    counts, factor = np.zeros(m, dtype=np.intp), np.full((m, m), np.nan)
+    first = _kernels.thompson_draws(X, eligible.astype(np.intp), theta, chol, v, z, counts, factor)
+    B = X[eligible] @ chol
+    # The factor gives the scores' covariance exactly as theta's does: C C^T = B B^T = X_e A^-1 X_e^T.
+    np.testing.assert_allclose(factor @ factor.T, B @ B.T, rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(np.triu(factor, 1), 0.0)
+    values = (X[eligible] @ theta)[:, None] + v * (factor @ z.T)  # eligible x draws
     assert counts.sum() == s
     assert values[first, 0] >= values[:, 0].max() - 1e-9
-    np.testing.assert_array_equal(counts, np.bincount(np.argmax(values, axis=0), minlength=len(eligible)))
+    np.testing.assert_array_equal(counts, np.bincount(np.argmax(values, axis=0), minlength=m))
     with pytest.raises(ValueError, match="eligible index"):
-        _kernels.sample_winners(X, d, np.array([n], dtype=np.intp), thetas, np.zeros(1, dtype=np.intp))
+        _kernels.thompson_draws(X, np.array([n], dtype=np.intp), theta, chol, v, z[:, :1].copy(),
+                                np.zeros(1, dtype=np.intp), np.empty((1, 1)))
+    with pytest.raises(ValueError, match="factor"):
+        _kernels.thompson_draws(X, eligible.astype(np.intp), theta, chol, v, z, counts, np.empty(m * m + 1))
