@@ -17,9 +17,10 @@ class LinearThompson(LinearLearner):
     Propensity: Thompson sampling has no closed form for the probability of its choice, so it
     is estimated by Monte Carlo. ``mc_samples`` draws are made at once (of the eligible arms'
     scores, which are jointly normal under the posterior, rather than of ``theta`` itself: the
-    same distribution from fewer random numbers); the first one acts, and the propensity is the fraction of all draws (the acting one included) whose
-    argmax is the chosen arm. It is therefore at least ``1 / mc_samples`` (never 0) and biased
-    upwards by at most that much; its standard error is about ``sqrt(p (1 - p) / mc_samples)``.
+    same distribution from fewer random numbers); the first one acts, and the propensity is the
+    fraction of all draws (the acting one included) whose argmax is the chosen arm. It is
+    therefore at least ``1 / mc_samples`` (never 0) and biased upwards by at most that much; its
+    standard error is about ``sqrt(p (1 - p) / mc_samples)``.
     With probability ``epsilon`` a uniformly random arm is taken instead, mixed in exactly:
     ``propensity = (1 - epsilon) p_TS + epsilon / K``. ``scores`` are the posterior means.
 
