@@ -132,7 +132,9 @@ def cmd_verify(a: argparse.Namespace) -> int:
     if report.broken is not None:
         print(f"FAILED after {report.rows} rows: {report.broken}")
         return 1
-    print(f"ok: {report.rows} decisions in {report.chains} chains over {len(report.days)} days verified")
+    print(f"ok: {report.rows} decisions in {report.chains} chains over {len(report.days)} days verified; "
+          f"{report.outcome_rows} outcomes in {report.outcome_chains} chains verified"
+          + (f" ({report.unchained_outcomes} older outcomes carry no chain)" if report.unchained_outcomes else ""))
     return 0
 
 

@@ -3,8 +3,10 @@
 A decision row's ``hash`` is ``sha256(prev_hash || canonical(columns) || sha256(trace JSON))``,
 where ``canonical`` is the JSON list of the row's columns in :data:`HASHED_COLUMNS` order. Chains
 run per (day partition, writer chain id), numbered by ``seq`` from 1; the first link's
-``prev_hash`` is :func:`genesis`. Anyone with the rows can recompute every link
-(:mod:`audit.verify`).
+``prev_hash`` is :func:`genesis`. Outcome rows (the evidence of what a route delivered: TTFT,
+tokens, errors) have chains of their own, per (UTC day reported, writer chain id), hashed the same
+way over :data:`OUTCOME_HASHED_COLUMNS` (no trace: the digest of empty bytes), starting at
+:func:`outcome_genesis`. Anyone with the rows can recompute every link (:mod:`audit.verify`).
 """
 
 from __future__ import annotations
@@ -48,13 +50,18 @@ DECISION_TYPES: tuple[str, ...] = (
 )
 OUTCOME_COLUMNS: tuple[str, ...] = (
     "decision_id", "status", "ttft_ms", "latency_ms", "input_tokens", "output_tokens", "error",
-    "reward", "reported_at", "event_version",
+    "reward", "reported_at", "event_version", "chain_id", "seq", "prev_hash", "hash",
 )
 OUTCOME_TYPES: tuple[str, ...] = (
     "text", "text", "float8", "float8", "int8", "int8", "text", "float8", "timestamptz", "int4",
+    "text", "int8", "text", "text",
 )
 # Every column except the trace bytes and the hashes themselves (the trace enters as its digest).
 HASHED_COLUMNS: tuple[str, ...] = DECISION_COLUMNS[:23]
+OUTCOME_HASHED_COLUMNS: tuple[str, ...] = OUTCOME_COLUMNS[:12]
+# Outcome rows written before revision 0004 have no chain columns; replayed spool rows of that
+# shape get empty ones (they are stored, and ``audit verify`` counts them as unchained).
+LEGACY_OUTCOME_WIDTH = 10
 
 
 def encode_json(value: Any) -> bytes:
@@ -106,8 +113,14 @@ def genesis(day: dt.date, chain_id: str) -> str:
     return hashlib.sha256(f"infermesh-audit-genesis|{day.isoformat()}|{chain_id}".encode()).hexdigest()
 
 
-def link_hash(prev_hash: str, hashed_values: Sequence[Any], trace_json: bytes) -> str:
-    """One link of the chain. ``hashed_values`` follow :data:`HASHED_COLUMNS` (times as µs ints)."""
+def outcome_genesis(day: dt.date, chain_id: str) -> str:
+    """The ``prev_hash`` of an outcome chain's first link (never equal to a decision chain's)."""
+    return genesis(day, f"{chain_id}/outcomes")
+
+
+def link_hash(prev_hash: str, hashed_values: Sequence[Any], trace_json: bytes = b"") -> str:
+    """One link of a chain. ``hashed_values`` follow :data:`HASHED_COLUMNS` or
+    :data:`OUTCOME_HASHED_COLUMNS` (times as µs ints); an outcome has no trace."""
     h = hashlib.sha256(prev_hash.encode())
     h.update(b"\n")
     h.update(_json.encode(list(hashed_values)))
@@ -127,13 +140,15 @@ def hashed_values(e: DecisionEventV1, chain_id: str, seq: int) -> list[Any]:
             e.decision_us, e.event_version]
 
 
-def values_from_row(row: Mapping[str, Any]) -> list[Any]:
-    """The hashed values of a stored row (as read back with a dict row factory)."""
+def values_from_row(row: Mapping[str, Any], columns: Sequence[str] = HASHED_COLUMNS) -> list[Any]:
+    """The hashed values of a stored row (as read back with a dict row factory), in ``columns``
+    order (:data:`HASHED_COLUMNS` for a decision, :data:`OUTCOME_HASHED_COLUMNS` for an outcome)."""
+    from audit.events import to_us
+
     out: list[Any] = []
-    for c in HASHED_COLUMNS:
+    for c in columns:
         v = row[c]
-        if c == "decided_at":
-            from audit.events import to_us
+        if c in ("decided_at", "reported_at"):
             v = to_us(v)
         elif c == "deny_rules":
             v = list(v or [])
@@ -152,6 +167,12 @@ def decision_row(e: DecisionEventV1, *, chain_id: str, seq: int, prev_hash: str,
     return tuple(row)
 
 
-def outcome_row(o: OutcomeEventV1) -> tuple[Any, ...]:
-    return (o.decision_id, o.status, o.ttft_ms, o.latency_ms, o.input_tokens, o.output_tokens, o.error,
-            o.reward, from_us(o.reported_at_us), o.event_version)
+def outcome_row(o: OutcomeEventV1, *, chain_id: str, seq: int, prev_hash: str) -> tuple[Any, ...]:
+    """The COPY row of one outcome, with its chain link."""
+    values = [o.decision_id, o.status, o.ttft_ms, o.latency_ms, o.input_tokens, o.output_tokens, o.error,
+              o.reward, o.reported_at_us, o.event_version, chain_id, seq]
+    digest = link_hash(prev_hash, values)
+    row = list(values)
+    row[8] = from_us(o.reported_at_us)
+    row.extend([prev_hash, digest])
+    return tuple(row)

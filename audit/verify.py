@@ -1,15 +1,25 @@
-"""Recompute the hash chains of ``decision_events`` and report the first broken link."""
+"""Recompute the hash chains of ``decision_events`` and ``outcomes``; report the first broken link."""
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 
-from audit.codec import DECISION_COLUMNS, decompress_trace, genesis, link_hash, values_from_row
+from audit.codec import (
+    DECISION_COLUMNS,
+    OUTCOME_COLUMNS,
+    OUTCOME_HASHED_COLUMNS,
+    decompress_trace,
+    genesis,
+    link_hash,
+    outcome_genesis,
+    values_from_row,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,71 +29,115 @@ class BrokenLink:
     seq: int
     decision_id: str
     problem: str
+    table: str = "decision_events"
 
     def __str__(self) -> str:
-        return (f"broken link: day {self.day} chain {self.chain_id} seq {self.seq} "
-                f"decision {self.decision_id}: {self.problem}")
+        what = "decision" if self.table == "decision_events" else "outcome of decision"
+        return (f"broken link in {self.table}: day {self.day} chain {self.chain_id} seq {self.seq} "
+                f"{what} {self.decision_id}: {self.problem}")
 
 
 @dataclass(slots=True)
 class VerifyReport:
-    rows: int = 0
-    chains: int = 0
+    rows: int = 0  # decision rows
+    chains: int = 0  # decision chains
     broken: BrokenLink | None = None
     days: list[dt.date] = field(default_factory=list)
+    outcome_rows: int = 0
+    outcome_chains: int = 0
+    unchained_outcomes: int = 0  # stored before outcomes were chained (migration 0004)
 
     @property
     def ok(self) -> bool:
         return self.broken is None
 
 
+def _where(column: str, start: dt.date | None, end: dt.date | None) -> tuple[str, list[Any]]:
+    clauses, params = [], []
+    if start is not None:
+        clauses.append(f"{column} >= %s")
+        params.append(dt.datetime.combine(start, dt.time(), tzinfo=dt.UTC))
+    if end is not None:
+        clauses.append(f"{column} < %s")
+        params.append(dt.datetime.combine(end + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC))
+    return " AND ".join(clauses) or "TRUE", params
+
+
 def verify(url: str, *, start: dt.date | None = None, end: dt.date | None = None) -> VerifyReport:
     """Check every chain of the UTC days ``start`` to ``end`` (inclusive); stop at the first break.
 
-    A chain must start at seq 1 with :func:`~audit.codec.genesis`, be contiguous, link each
-    ``prev_hash`` to the previous row's ``hash``, and every ``hash`` must match the row's content.
+    A chain must start at seq 1 with its genesis (:func:`~audit.codec.genesis` for decisions,
+    :func:`~audit.codec.outcome_genesis` for outcomes), be contiguous, link each ``prev_hash`` to
+    the previous row's ``hash``, and every ``hash`` must match the row's content. Decisions are
+    checked first, then outcomes.
     """
     report = VerifyReport()
-    clauses, params = [], []
-    if start is not None:
-        clauses.append("decided_at >= %s")
-        params.append(dt.datetime.combine(start, dt.time(), tzinfo=dt.UTC))
-    if end is not None:
-        clauses.append("decided_at < %s")
-        params.append(dt.datetime.combine(end + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC))
-    where = " AND ".join(clauses) or "TRUE"
-    sql = (f"SELECT {', '.join(DECISION_COLUMNS)}, (decided_at AT TIME ZONE 'UTC')::date AS day "
-           f"FROM decision_events WHERE {where} ORDER BY day, chain_id, seq")
-    key: tuple[dt.date, str] | None = None
-    expect_seq, prev = 1, ""
-    with psycopg.connect(url, row_factory=dict_row) as conn, conn.cursor(name="audit_verify") as cur:
-        cur.itersize = 2000
-        cur.execute(sql, params)
-        for row in cur:
+    with psycopg.connect(url, row_factory=dict_row) as conn:
+        where, params = _where("decided_at", start, end)
+        sql = (f"SELECT {', '.join(DECISION_COLUMNS)}, (decided_at AT TIME ZONE 'UTC')::date AS day "
+               f"FROM decision_events WHERE {where} ORDER BY day, chain_id, seq")
+        for _ in _walk(conn, "audit_verify_d", sql, params, "decision_events", genesis, _check_decision, report):
             report.rows += 1
-            k = (row["day"], row["chain_id"])
-            if k != key:
-                key, expect_seq, prev = k, 1, genesis(row["day"], row["chain_id"])
-                report.chains += 1
-                if row["day"] not in report.days:
-                    report.days.append(row["day"])
-            problem = _check(row, expect_seq, prev)
-            if problem:
-                report.broken = BrokenLink(row["day"], row["chain_id"], row["seq"], row["decision_id"], problem)
-                return report
-            expect_seq, prev = row["seq"] + 1, row["hash"]
+        if report.broken is not None:
+            return report
+        where, params = _where("reported_at", start, end)
+        unchained = conn.execute(f"SELECT count(*) AS n FROM outcomes WHERE {where} AND hash IS NULL",
+                                 params).fetchone()
+        report.unchained_outcomes = int(unchained["n"]) if unchained else 0
+        sql = (f"SELECT {', '.join(OUTCOME_COLUMNS)}, (reported_at AT TIME ZONE 'UTC')::date AS day "
+               f"FROM outcomes WHERE {where} AND hash IS NOT NULL ORDER BY day, chain_id, seq")
+        for _ in _walk(conn, "audit_verify_o", sql, params, "outcomes", outcome_genesis, _check_outcome, report):
+            report.outcome_rows += 1
     return report
 
 
-def _check(row: dict[str, Any], expect_seq: int, prev: str) -> str:
+def _walk(conn: psycopg.Connection[Any], cursor_name: str, sql: str, params: list[Any], table: str,
+          first: Callable[[dt.date, str], str], check: Callable[[dict[str, Any], str], str],
+          report: VerifyReport) -> Iterator[dict[str, Any]]:
+    """Yield each verified row of one table's chains in order; on a break, record it and stop."""
+    key: tuple[dt.date, str] | None = None
+    expect_seq, prev = 1, ""
+    with conn.cursor(name=cursor_name) as cur:
+        cur.itersize = 2000
+        cur.execute(sql, params)
+        for row in cur:
+            k = (row["day"], row["chain_id"])
+            if k != key:
+                key, expect_seq, prev = k, 1, first(row["day"], row["chain_id"])
+                if table == "decision_events":
+                    report.chains += 1
+                    if row["day"] not in report.days:
+                        report.days.append(row["day"])
+                else:
+                    report.outcome_chains += 1
+            problem = _link_problem(row, expect_seq, prev) or check(row, prev)
+            if problem:
+                report.broken = BrokenLink(row["day"], row["chain_id"], row["seq"], row["decision_id"], problem,
+                                           table)
+                return
+            expect_seq, prev = row["seq"] + 1, row["hash"]
+            yield row
+
+
+def _link_problem(row: dict[str, Any], expect_seq: int, prev: str) -> str:
     if row["seq"] != expect_seq:
         return f"expected seq {expect_seq}, found {row['seq']} (rows missing)"
     if row["prev_hash"] != prev:
         return "prev_hash does not match the previous row's hash"
+    return ""
+
+
+def _check_decision(row: dict[str, Any], prev: str) -> str:
     try:
         trace_json = decompress_trace(bytes(row["trace_z"]))
     except Exception as exc:
         return f"trace cannot be decoded: {exc}"
     if link_hash(prev, values_from_row(row), trace_json) != row["hash"]:
+        return "hash does not match the row's content (altered)"
+    return ""
+
+
+def _check_outcome(row: dict[str, Any], prev: str) -> str:
+    if link_hash(prev, values_from_row(row, OUTCOME_HASHED_COLUMNS)) != row["hash"]:
         return "hash does not match the row's content (altered)"
     return ""

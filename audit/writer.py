@@ -27,12 +27,14 @@ from audit import partitions
 from audit.codec import (
     DECISION_COLUMNS,
     DECISION_TYPES,
+    LEGACY_OUTCOME_WIDTH,
     OUTCOME_COLUMNS,
     OUTCOME_TYPES,
     day_of_us,
     decision_row,
     encode_json,
     genesis,
+    outcome_genesis,
     outcome_row,
 )
 from audit.events import DecisionEventV1, OutcomeEventV1, from_us
@@ -120,6 +122,7 @@ class AuditWriter(AtBoundCounts):
         self.spool = Spool(Path(s.spool_dir), segment_bytes=s.spool_segment_bytes)
         self._q: queue.Queue[tuple[str, Mapping[str, Any]]] = queue.Queue(maxsize=s.queue_max)
         self._heads: dict[dt.date, tuple[int, str]] = {}
+        self._oheads: dict[dt.date, tuple[int, str]] = {}  # the outcome chains' (seq, hash) per day
         self._days_ready: set[dt.date] = set()
         self._conn: psycopg.Connection[Any] | None = None
         self._stop = threading.Event()
@@ -257,7 +260,10 @@ class AuditWriter(AtBoundCounts):
                     drows.append(row)
                 else:
                     o = OutcomeEventV1.from_mapping(ev)
-                    row = list(outcome_row(o))
+                    day = day_of_us(o.reported_at_us)
+                    seq, prev = self._oheads.get(day) or (0, outcome_genesis(day, self.chain_id))
+                    row = list(outcome_row(o, chain_id=self.chain_id, seq=seq + 1, prev_hash=prev))
+                    self._oheads[day] = (seq + 1, row[-1])
                     row[8] = o.reported_at_us
                     orows.append(row)
             except (KeyError, TypeError, ValueError) as exc:
@@ -309,6 +315,8 @@ class AuditWriter(AtBoundCounts):
                         "ON CONFLICT (decision_id, decided_at) DO NOTHING").rowcount
                 o_inserted = 0
                 if orows:
+                    pad = [None] * (len(OUTCOME_COLUMNS) - LEGACY_OUTCOME_WIDTH)
+                    orows = [r if len(r) != LEGACY_OUTCOME_WIDTH else [*r, *pad] for r in orows]  # an old spool's
                     self._copy(conn, "audit_stage_o", _OCOLS, OUTCOME_TYPES, orows, 8)
                     o_inserted = conn.execute(
                         f"INSERT INTO outcomes ({_OCOLS}) SELECT {_OCOLS} FROM audit_stage_o "

@@ -126,6 +126,54 @@ def test_verify_detects_a_deleted_row(db: str, demo_fleet: Fleet, tmp_path: Path
     assert report.broken is not None and "missing" in report.broken.problem
 
 
+def test_outcomes_are_chained_and_verify_detects_an_altered_or_deleted_outcome(db: str, demo_fleet: Fleet,
+                                                                               tmp_path: Path) -> None:
+    w = AuditWriter(db, AuditSettings(spool_dir=tmp_path, batch_size=4))
+    engine = make_engine(demo_fleet, w)
+    ids = []
+    for i in range(12):
+        d = engine.decide(ctx(i))
+        ids.append(d.decision_id)
+        engine.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=40.0 + i, latency_ms=300,
+                                      output_tokens=50))
+    assert w.flush(20)
+    w.close()
+    report = verify(db)
+    assert report.ok and report.outcome_rows == 12 and report.outcome_chains == 1, str(report.broken)
+    with psycopg.connect(db, autocommit=True) as conn:
+        # An outcome stored before outcomes were chained is counted, not failed.
+        conn.execute("INSERT INTO outcomes (decision_id, status, ttft_ms, latency_ms, input_tokens, output_tokens, "
+                     "reported_at, event_version) VALUES ('legacy', 'ok', 1, 2, 3, 4, now(), 1)")
+        assert verify(db).ok and verify(db).unchained_outcomes == 1
+        # A faster TTFT written over the evidence...
+        conn.execute("UPDATE outcomes SET ttft_ms = 1 WHERE decision_id = %s", (ids[5],))
+        report = verify(db)
+        assert report.broken is not None and report.broken.table == "outcomes"
+        assert report.broken.decision_id == ids[5] and "altered" in report.broken.problem
+        assert report.rows == 12  # the decisions verified first
+        conn.execute("UPDATE outcomes SET ttft_ms = 45 WHERE decision_id = %s", (ids[5],))
+        assert verify(db).ok
+        # ...or an error outcome removed.
+        conn.execute("DELETE FROM outcomes WHERE decision_id = %s", (ids[8],))
+    report = verify(db)
+    assert report.broken is not None and report.broken.table == "outcomes" and "missing" in report.broken.problem
+    assert "outcome of decision" in str(report.broken)
+
+
+def test_spooled_outcome_rows_of_the_old_shape_are_stored_unchained(db: str, tmp_path: Path) -> None:
+    from audit.codec import LEGACY_OUTCOME_WIDTH
+
+    w = AuditWriter(db, AuditSettings(spool_dir=tmp_path))
+    old = ["d-old", "ok", 10.0, 20.0, 1, 2, "", None, 1_700_000_000_000_000, 1]
+    assert len(old) == LEGACY_OUTCOME_WIDTH
+    w._write({"d": [], "o": [old]}, staged=False)  # as a replay of a spool segment written before 0004
+    w.close()
+    with psycopg.connect(db) as conn:
+        row = conn.execute("SELECT ttft_ms, chain_id, hash FROM outcomes WHERE decision_id = 'd-old'").fetchone()
+    assert row == (10.0, None, None)
+    assert verify(db).ok and verify(db).unchained_outcomes == 1
+
+
 def test_retention_drops_old_day_partitions_only(db: str, demo_fleet: Fleet, tmp_path: Path) -> None:
     engine = make_engine(demo_fleet)
     w = AuditWriter(db, AuditSettings(spool_dir=tmp_path))
@@ -214,7 +262,7 @@ def test_concurrent_migrations_serialise_on_an_advisory_lock(fresh_pg_url: str) 
 
     with psycopg.connect(fresh_pg_url) as conn:
         row = conn.execute("select version_num from alembic_version").fetchone()
-    assert row is not None and row[0] == "0003"
+    assert row is not None and row[0] == "0004"
 
 
 @pytest.mark.parametrize(("codec", "prefix"), [("lz4", b"\x04\x22\x4d\x18"), ("json", b"{"), ("zlib", b"x")])
