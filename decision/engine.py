@@ -427,8 +427,17 @@ class DecisionEngine:
                                          observed_ms=outcome.ttft_ms - pending.rtt_ms, slowness=pending.slowness)
             reward = self.reward(pending.ctx, outcome, pending.expected_ttft_ms, pending.cost_per_1k_tokens)
             self._learn(pending.features, reward)
-        elif self.traces is None or self.traces.get_decision(outcome.decision_id) is None:
-            raise NotFound("decision", outcome.decision_id)
+        else:  # not decided here since this process started (a restart, another replica): ask the log
+            record = self.traces.get_decision(outcome.decision_id) if self.traces is not None else None
+            if record is None:
+                raise NotFound("decision", outcome.decision_id)
+            stored = record.get("outcome")
+            if stored:  # reported before: idempotent across restarts too (the log keeps the first)
+                prior = stored.get("reward")
+                with self._lock:
+                    self._reported[outcome.decision_id] = prior
+                self.stats["outcomes_duplicate"] += 1
+                return OutcomeResult(outcome.decision_id, True, True, prior)
         with self._lock:
             self._reported[outcome.decision_id] = reward
             while len(self._reported) > self.max_pending:

@@ -160,6 +160,31 @@ def test_outcomes_are_chained_and_verify_detects_an_altered_or_deleted_outcome(d
     assert "outcome of decision" in str(report.broken)
 
 
+def test_an_outcome_reported_again_after_a_restart_is_a_duplicate_and_keeps_the_chain_whole(
+        db: str, demo_fleet: Fleet, tmp_path: Path) -> None:
+    w = AuditWriter(db, AuditSettings(spool_dir=tmp_path / "a"))
+    before = make_engine(demo_fleet, w)
+    done, open_ = before.decide(ctx(1)), before.decide(ctx(2))
+    first = before.report_outcome(Outcome(done.decision_id, OutcomeStatus.OK, ttft_ms=80, latency_ms=500))
+    assert w.flush(10)
+    w.close()
+    # The service restarts: a new engine (nothing pending) and a new writer chain, same log.
+    repo = AuditRepository(db)
+    w2 = AuditWriter(db, AuditSettings(spool_dir=tmp_path / "b"))
+    after = make_engine(demo_fleet, w2, repo)
+    again = after.report_outcome(Outcome(done.decision_id, OutcomeStatus.ERROR, ttft_ms=1, latency_ms=2))
+    late = after.report_outcome(Outcome(open_.decision_id, OutcomeStatus.OK, ttft_ms=70, latency_ms=400))
+    assert w2.flush(10)
+    w2.close()
+    repo.close()
+    assert again.duplicate and again.reward == first.reward and not late.duplicate
+    with psycopg.connect(db) as conn:
+        rows = conn.execute("SELECT decision_id, status, ttft_ms FROM outcomes ORDER BY ttft_ms").fetchall()
+    assert rows == [(open_.decision_id, "ok", 70.0), (done.decision_id, "ok", 80.0)]
+    report = verify(db)
+    assert report.ok and report.outcome_rows == 2 and report.outcome_chains == 2, str(report.broken)
+
+
 def test_spooled_outcome_rows_of_the_old_shape_are_stored_unchained(db: str, tmp_path: Path) -> None:
     from audit.codec import LEGACY_OUTCOME_WIDTH
 
