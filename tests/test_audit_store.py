@@ -16,7 +16,7 @@ from audit.repository import AuditRepository, DecisionFilter
 from audit.settings import AuditSettings
 from audit.verify import verify
 from audit.writer import AuditWriter
-from decision.domain import Outcome, OutcomeStatus, RequestContext
+from decision.domain import Decision, Outcome, OutcomeStatus, RequestContext
 from decision.engine import DecisionEngine, decision_event
 from decision.fleet import Fleet
 from decision.health_guard import BuiltinHealthGuard
@@ -33,6 +33,21 @@ def ctx(i: int, tenant: str = "acme", **kw: Any) -> RequestContext:
     return RequestContext(request_id=f"req-{i}", tenant=tenant, model="llama-3.1-8b", estimated_input_tokens=300,
                           expected_output_tokens=100, labels={"user": f"user-{i}", "team": "blue",
                                                               "prompt": "secret prompt"}, **kw)
+
+
+def decided_and_reported(db: str, fleet: Fleet, spool: Path, n: int, *,
+                         batch_size: int) -> tuple[AuditWriter, list[Decision]]:
+    """``n`` decisions, each with an OK outcome (TTFT 40 + i ms), flushed to the log; the writer stays open."""
+    w = AuditWriter(db, AuditSettings(spool_dir=spool, batch_size=batch_size))
+    engine = make_engine(fleet, w)
+    made = []
+    for i in range(n):
+        d = engine.decide(ctx(i))
+        made.append(d)
+        engine.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=40.0 + i, latency_ms=300,
+                                      output_tokens=50))
+    assert w.flush(20)
+    return w, made
 
 
 @pytest.fixture()
@@ -89,14 +104,8 @@ def test_masking_hashes_or_removes_fields_and_never_stores_prompts(db: str, demo
 
 def test_writer_is_idempotent_and_chain_detects_an_altered_row(db: str, demo_fleet: Fleet,
                                                               tmp_path: Path) -> None:
-    w = AuditWriter(db, AuditSettings(spool_dir=tmp_path, batch_size=7))
-    engine = make_engine(demo_fleet, w)
-    events = []
-    for i in range(40):
-        d = engine.decide(ctx(i))
-        events.append(decision_event(d, "routed", ()))
-        engine.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=50, latency_ms=400))
-    assert w.flush(20)
+    w, made = decided_and_reported(db, demo_fleet, tmp_path, 40, batch_size=7)
+    events = [decision_event(d, "routed", ()) for d in made]
     for ev in events[:10]:  # a replayed batch whose first commit was in doubt
         w.submit_decision(ev)
     assert w.flush(20)
@@ -128,16 +137,9 @@ def test_verify_detects_a_deleted_row(db: str, demo_fleet: Fleet, tmp_path: Path
 
 def test_outcomes_are_chained_and_verify_detects_an_altered_or_deleted_outcome(db: str, demo_fleet: Fleet,
                                                                                tmp_path: Path) -> None:
-    w = AuditWriter(db, AuditSettings(spool_dir=tmp_path, batch_size=4))
-    engine = make_engine(demo_fleet, w)
-    ids = []
-    for i in range(12):
-        d = engine.decide(ctx(i))
-        ids.append(d.decision_id)
-        engine.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=40.0 + i, latency_ms=300,
-                                      output_tokens=50))
-    assert w.flush(20)
+    w, made = decided_and_reported(db, demo_fleet, tmp_path, 12, batch_size=4)
     w.close()
+    ids = [d.decision_id for d in made]
     report = verify(db)
     assert report.ok and report.outcome_rows == 12 and report.outcome_chains == 1, str(report.broken)
     with psycopg.connect(db, autocommit=True) as conn:
@@ -151,7 +153,7 @@ def test_outcomes_are_chained_and_verify_detects_an_altered_or_deleted_outcome(d
         assert report.broken is not None and report.broken.table == "outcomes"
         assert report.broken.decision_id == ids[5] and "altered" in report.broken.problem
         assert report.rows == 12  # the decisions verified first
-        conn.execute("UPDATE outcomes SET ttft_ms = 45 WHERE decision_id = %s", (ids[5],))
+        conn.execute("UPDATE outcomes SET ttft_ms = 45 WHERE decision_id = %s", (ids[5],))  # as written
         assert verify(db).ok
         # ...or an error outcome removed.
         conn.execute("DELETE FROM outcomes WHERE decision_id = %s", (ids[8],))
