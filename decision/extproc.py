@@ -507,7 +507,8 @@ class ExtProcServer:
 def serve_extproc(engine: DecisionEngine, config: ExtProcConfig | None = None, *,
                   address: str = "0.0.0.0:9002", max_streams: int = 512,
                   credentials: grpc.ServerCredentials | None = None,
-                  server_kind: str = "asyncio", metrics: ServiceMetrics | None = None) -> RunningExtProc:
+                  server_kind: str = "asyncio", metrics: ServiceMetrics | None = None,
+                  reuse_port: bool = False) -> RunningExtProc:
     """Start an ext_proc server with gRPC health and reflection on ``address``.
 
     Parameters
@@ -525,16 +526,19 @@ def serve_extproc(engine: DecisionEngine, config: ExtProcConfig | None = None, *
     server_kind
         ``"asyncio"`` (default: one event loop in its own thread, see :mod:`decision.extproc_aio`)
         or ``"threads"`` (grpcio's threaded server, one worker thread per open stream).
+    reuse_port
+        Bind with SO_REUSEPORT, as ``infermesh serve --workers`` does: every worker on one port.
     """
     if server_kind == "asyncio":
         from decision.extproc_aio import AioExtProcServer
 
         return AioExtProcServer(ExtProcServicer(engine, config, metrics=metrics), address, max_streams=max_streams,
-                                credentials=credentials)
+                                credentials=credentials, reuse_port=reuse_port)
     if server_kind != "threads":
         raise ValueError(f"server_kind must be 'asyncio' or 'threads', not {server_kind!r}")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="extproc"),
-                         options=[("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", max_streams)])
+                         options=[("grpc.so_reuseport", 1 if reuse_port else 0),
+                                  ("grpc.max_concurrent_streams", max_streams)])
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     servicer = add_extproc_to_server(server, engine, config, health_servicer, metrics)

@@ -50,11 +50,11 @@ class AioExtProcServer(LoopServer):
     """The ext_proc picker (with health and reflection) on an asyncio server in its own thread."""
 
     def __init__(self, core: ExtProcServicer, address: str, *, max_streams: int,
-                 credentials: grpc.ServerCredentials | None = None) -> None:
+                 credentials: grpc.ServerCredentials | None = None, reuse_port: bool = False) -> None:
         self.servicer = core
         super().__init__(
             name="extproc-aio", address=address, credentials=credentials,
             register=lambda server: pb_grpc.add_ExternalProcessorServicer_to_server(AioExtProcServicer(core), server),
             serving=(*PROBED_NAMES, EXTPROC_SERVICE), reflected=(EXTPROC_SERVICE,),
             what="the ext_proc server", bind_error=RuntimeError,
-            options=[("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", max_streams)])
+            options=[("grpc.so_reuseport", 1 if reuse_port else 0), ("grpc.max_concurrent_streams", max_streams)])

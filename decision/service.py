@@ -224,7 +224,7 @@ class Service:
         tls = self.config.tls
         return server_credentials(tls, self.config.path.parent) if tls is not None else None
 
-    def start_extproc(self, port: int | None = None) -> int:
+    def start_extproc(self, port: int | None = None, *, reuse_port: bool = False) -> int:
         """Serve the Envoy ext_proc endpoint picker on its own port (``deploy/envoy/README.md``)."""
         from decision.extproc import serve_extproc
         from decision.extproc_config import ExtProcConfig
@@ -234,7 +234,7 @@ class Service:
         server = serve_extproc(self.engine, ExtProcConfig.from_mapping(ep.settings),
                                address=f"{self.config.server.host}:{ep.port if port is None else port}",
                                max_streams=ep.max_streams, credentials=self._server_credentials(),
-                               server_kind=ep.server, metrics=self.metrics)
+                               server_kind=ep.server, metrics=self.metrics, reuse_port=reuse_port)
         self.extproc = server
         return server.port
 

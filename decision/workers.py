@@ -4,7 +4,12 @@ Python serves one core per process, so more cores means more processes. The pare
 
 * reserves the gRPC port (a bound, non-listening SO_REUSEPORT socket, so ``--grpc-port 0`` works
   and no other program takes the port between workers' starts); the kernel spreads connections
-  over the workers' listening sockets;
+  over the workers' listening sockets. With ``extproc.enabled`` the Envoy ext_proc port is shared
+  the same way. Envoy opens one HTTP/2 connection to the processor cluster per Envoy worker thread
+  and carries both ext_proc streams of a request (pick, then observe) on it, so the outcome
+  normally reaches the worker that decided; one that reaches another worker is still audited
+  (``DecisionEngine.report_outcome`` finds the decision in the log) but teaches no learner, and
+  the deciding worker counts the decision's outcome as missing when it times out;
 * starts the embedded PostgreSQL once when no ``INFERMESH_DATABASE_URL`` is set, migrates the
   database once (concurrent migrations would race), and hands every worker its URL: one audit
   log, one learner store;
@@ -45,8 +50,9 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(config_path: str, index: int, grpc_port: int, http_port: int, env: dict[str, str], ready: Any) -> None:
-    """One worker process: a whole Service on the shared port until SIGTERM."""
+def _worker(config_path: str, index: int, grpc_port: int, http_port: int, extproc_port: int | None,
+            env: dict[str, str], ready: Any) -> None:
+    """One worker process: a whole Service on the shared port(s) until SIGTERM."""
     os.environ.update(env)
     from decision.config import load_config, load_settings
     from decision.logging_json import configure_logging
@@ -59,6 +65,8 @@ def _worker(config_path: str, index: int, grpc_port: int, http_port: int, env: d
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; a terminal's ^C reaches everyone
     service = Service(load_config(config_path), settings)
     port = service.start_grpc(grpc_port, reuse_port=True)
+    if extproc_port is not None:
+        service.start_extproc(extproc_port, reuse_port=True)
     http = service.start_http(http_port)
     signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=service.reload_policies, daemon=True).start())
     ready.put((index, os.getpid(), port, http))
@@ -101,6 +109,8 @@ def serve_workers(config_path: str, workers: int, *, grpc_port: int | None = Non
     host = cfg.server.host
     holder = reserve_port(host, cfg.server.grpc_port if grpc_port is None else grpc_port)
     port = int(holder.getsockname()[1])
+    extproc_holder = reserve_port(host, cfg.extproc.port) if cfg.extproc.enabled else None
+    extproc_port = int(extproc_holder.getsockname()[1]) if extproc_holder is not None else None
     http_base = cfg.server.http_port if http_port is None else http_port
     if not settings.redis_url:
         log.warning("%d workers without INFERMESH_REDIS_URL: quota counters are per worker", workers)
@@ -113,7 +123,7 @@ def serve_workers(config_path: str, workers: int, *, grpc_port: int | None = Non
         env = {**db_env, "INFERMESH_DATA_DIR": str(data_dir / f"worker-{i}"),
                "INFERMESH_REPLICA": settings.replica or f"{socket.gethostname()}-w{i}"}
         p = ctx.Process(target=_worker, name=f"infermesh-worker-{i}",
-                        args=(config_path, i, port, http_base + i if http_base else 0, env, ready))
+                        args=(config_path, i, port, http_base + i if http_base else 0, extproc_port, env, ready))
         p.start()
         procs.append(p)
     stop = threading.Event()
@@ -127,7 +137,8 @@ def serve_workers(config_path: str, workers: int, *, grpc_port: int | None = Non
             status = 1
         else:
             https = ", ".join(f"w{i} pid {pid} :{h}" for i, (pid, _, h) in sorted(started.items()))
-            print(f"infermesh serving: grpc {host}:{port} ({workers} workers, SO_REUSEPORT)  http {https}",
+            extproc = f"  ext_proc {host}:{extproc_port}" if extproc_port is not None else ""
+            print(f"infermesh serving: grpc {host}:{port} ({workers} workers, SO_REUSEPORT)  http {https}{extproc}",
                   flush=True)
             while not stop.wait(0.5):
                 dead = [p for p in procs if not p.is_alive()]
@@ -138,6 +149,8 @@ def serve_workers(config_path: str, workers: int, *, grpc_port: int | None = Non
     finally:
         _stop_all(procs, cfg.server.grace_s + 30.0)
         holder.close()
+        if extproc_holder is not None:
+            extproc_holder.close()
         if db_server is not None:
             db_server.cleanup()
     return status

@@ -46,6 +46,36 @@ def test_workers_share_one_port_and_all_stop_on_sigterm(tmp_path: Path) -> None:
             os.kill(pid, 0)
 
 
+def test_workers_share_the_ext_proc_port_too(tmp_path: Path) -> None:
+    import yaml
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
+
+    from tests.test_envoy_extproc_unit import BUFFERED, body_msg, headers_msg
+
+    config = bench_config(str(DEMO_CONFIG), tmp_path, audit=False)
+    doc = yaml.safe_load(config.read_text())
+    doc["extproc"] = {"enabled": True, "port": 0}
+    config.write_text(yaml.safe_dump(doc))
+    chat = {"model": "llama-3.1-8b", "max_tokens": 8, "messages": [{"role": "user", "content": "hello"}]}
+    with running_server(config, workers=2) as (_, proc, banner):
+        found = re.search(r"ext_proc (\S+)", banner)
+        https = [int(p) for p in re.findall(r"pid \d+ :(\d+)", banner)]
+        assert found is not None and len(https) == 2, banner
+        for i in range(30):  # a new connection each time, as new Envoy worker threads would open
+            with grpc.insecure_channel(found.group(1), options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                stream = ext_grpc.ExternalProcessorStub(ch).Process(
+                    iter([headers_msg({"x-infermesh-tenant": "acme", ":path": "/v1/chat/completions"},
+                                      mode=BUFFERED, no_wait=False), body_msg(chat)]), timeout=10)
+                replies = list(stream)
+            picked = {h.header.key: h.header.raw_value.decode()
+                      for h in replies[-1].request_body.response.header_mutation.set_headers}
+            assert picked.get("x-gateway-destination-endpoint"), (i, replies)
+        counts = [_decisions_counted(p) for p in https]
+        assert sum(counts) == 30 and min(counts) > 0, counts  # both workers picked
+        proc.terminate()
+        assert proc.wait(60) == 0
+
+
 def _wait_for_a_fresh_minute() -> None:
     # Quota windows are calendar minutes: do not straddle one.
     if time.time() % 60 > 45:
