@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -135,14 +136,31 @@ def cmd_decide(args: argparse.Namespace) -> int:
     try:
         decision = service.engine.decide(request_from_json(data))
     except DecisionError as exc:
-        print(json.dumps({"error": type(exc).__name__, "message": str(exc),
-                          "field": getattr(exc, "field", None), "rules": list(getattr(exc, "rules", ()))}))
+        field = getattr(exc, "field", None)
+        line = _key_line(raw, field) if isinstance(field, str) else None
+        if line is not None:  # where to look, as an editor wants it
+            print(f"{args.request}:{line}: {exc}", file=sys.stderr)
+        print(json.dumps({"error": type(exc).__name__, "message": str(exc), "field": field,
+                          "rules": list(getattr(exc, "rules", ())),
+                          "location": f"{args.request}:{line}" if line is not None else None}))
         return 1
     out = decision_to_json(decision)
     if not args.trace:
         out.pop("trace")
     print(json.dumps(out, indent=2, default=str))
     return 0
+
+
+def _key_line(raw: str, field: str) -> int | None:
+    r"""The 1-based line of the request document's top-level key that ``field`` (``labels.x``,
+    ``allowed_jurisdictions[2]``) starts with; None when it does not appear.
+
+    >>> _key_line('{"tenant": "t",\n "model": 5}', "model"), _key_line('{"a": 1}', "model")
+    (2, None)
+    """
+    key = re.split(r"[.\[]", field, maxsplit=1)[0]
+    found = re.search(rf'"{re.escape(key)}"\s*:', raw)
+    return raw.count("\n", 0, found.start()) + 1 if found else None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -33,13 +34,26 @@ def request_from_pb(m: pb.DecideRequest) -> RequestContext:
     )
 
 
+# json_format's ParseError names the field only in its text.
+_PARSE_FIELD = re.compile(r'Failed to parse (\w+) field|has no field named "(\w+)"')
+
+
 def request_from_json(data: Mapping[str, Any]) -> RequestContext:
-    """A request from its JSON form (the proto's field names), as ``infermesh decide`` reads it."""
+    """A request from its JSON form (the proto's field names), as ``infermesh decide`` reads it.
+
+    >>> request_from_json({"tenant": "t", "model": "m", "estimated_input_tokens": "lots"})
+    Traceback (most recent call last):
+    ...
+    decision.errors.InvalidArgument: estimated_input_tokens: Failed to parse estimated_input_tokens field: \
+invalid literal for int() with base 10: 'lots'.
+    """
     msg = pb.DecideRequest()
     try:
         ParseDict(dict(data), msg)
-    except Exception as exc:  # json_format raises ParseError with the field in the text
-        raise InvalidArgument("request", str(exc)) from None
+    except Exception as exc:
+        found = _PARSE_FIELD.search(str(exc))
+        field = next((g for g in found.groups() if g), "request") if found else "request"
+        raise InvalidArgument(field, str(exc)) from None
     return request_from_pb(msg)
 
 

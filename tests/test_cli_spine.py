@@ -47,6 +47,16 @@ def test_decide_reports_bad_input_with_position_or_field(tmp_path: Path) -> None
     proc = _run("decide", "--request", str(unknown))
     assert proc.returncode == 1
     assert json.loads(proc.stdout)["error"] == "NotFound"
+    # A value of the wrong type, or out of range: the field, and the line it is on.
+    for value, what in (('"lots"', "Failed to parse"), ("-5", "must be between")):
+        bad_value = tmp_path / "value.json"
+        bad_value.write_text('{"request_id": "x", "tenant": "t",\n "model": "llama-3.1-8b",\n'
+                             f' "estimated_input_tokens": {value}}}')
+        proc = _run("decide", "--request", str(bad_value))
+        assert proc.returncode == 1
+        assert f"{bad_value}:3: estimated_input_tokens: {what}" in proc.stderr, proc.stderr
+        err = json.loads(proc.stdout)
+        assert err["field"] == "estimated_input_tokens" and err["location"] == f"{bad_value}:3"
 
 
 def test_config_errors_name_file_line_and_field(tmp_path: Path) -> None:
