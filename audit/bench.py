@@ -102,7 +102,14 @@ def decide_rps(engine: Any, requests: list[Any], seconds: float) -> float:
 
 
 def cmd_bench_audit(args: argparse.Namespace) -> int:
-    url, _server = database.open_database()
+    server_url, _server = database.resolve_url()
+    # Synthetic decisions never enter the configured audit log: a scratch database on its server.
+    with database.scratch_database(server_url, "infermesh_bench") as url:
+        database.prepare(url)
+        return _bench_audit(args, url)
+
+
+def _bench_audit(args: argparse.Namespace, url: str) -> int:
     wr = writer_rows_per_s(url, args.fleet, args.rows, args.writer)
     with tempfile.TemporaryDirectory() as spool:
         writer = make_writer(args.writer, url, AuditSettings(spool_dir=Path(spool)), chain_id="bench-decide")
@@ -121,7 +128,8 @@ def cmd_bench_audit(args: argparse.Namespace) -> int:
     rps_off, rps_on = statistics.median(offs), statistics.median(ons)
     result = {"writer_rows_per_s": round(wr, 1), "decide_rps_audit_on": round(rps_on, 1),
               "decide_rps_audit_off": round(rps_off, 1), "ratio": round(rps_on / rps_off, 3)}
-    print(f"audit benchmark (same run; writer: {args.writer})")
+    scratch = url.rsplit("/", 1)[-1].split("?")[0]
+    print(f"audit benchmark (same run; writer: {args.writer}; scratch database {scratch}, dropped after)")
     print(f"  {'writer sustained rows/s':<34}{result['writer_rows_per_s']:>12,.0f}   target >= 15,000")
     print(f"  {'decide/s, audit off':<34}{rps_off:>12,.0f}")
     print(f"  {'decide/s, audit on':<34}{rps_on:>12,.0f}")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 
@@ -54,3 +58,29 @@ def open_database(*, partitions_ahead_days: int = 3) -> tuple[str, Any]:
     url, server = resolve_url()
     prepare(url, partitions_ahead_days=partitions_ahead_days)
     return url, server
+
+
+def database_url(url: str, name: str) -> str:
+    """``url`` (a ``postgresql://`` URL) naming database ``name`` instead.
+
+    >>> database_url("postgresql://postgres@127.0.0.1:5432/audit?sslmode=disable", "scratch")
+    'postgresql://postgres@127.0.0.1:5432/scratch?sslmode=disable'
+    """
+    return urlsplit(url)._replace(path=f"/{name}").geturl()
+
+
+@contextlib.contextmanager
+def scratch_database(url: str, prefix: str = "infermesh_scratch") -> Iterator[str]:
+    """A new, empty database on the server ``url`` names, dropped on exit (whatever happened).
+
+    Benchmarks and tests write synthetic decisions: into a real audit log they would sit among
+    the real ones, chained and indistinguishable, so they get a database of their own.
+    """
+    name = f"{prefix}_{secrets.token_hex(5)}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield database_url(url, name)
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

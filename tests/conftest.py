@@ -8,13 +8,12 @@ database there, dropped at the end. Redis: ``INFERMESH_TEST_REDIS_URL`` (default
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
+from audit.database import scratch_database
 from decision.fleet import Fleet, load_fleet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,37 +34,18 @@ def shared_dir() -> Path:
     return SHARED
 
 
-def _create_database() -> tuple[str, str]:
-    name = f"infermesh_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base, _, _ = ADMIN_URL.rpartition("/")
-    return name, f"{base}/{name}"
-
-
-def _drop_database(name: str) -> None:
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A fresh, empty database for this test session (migrations are the caller's business)."""
-    name, url = _create_database()
-    try:
+    with scratch_database(ADMIN_URL, "infermesh_test") as url:
         yield url
-    finally:
-        _drop_database(name)
 
 
 @pytest.fixture()
 def fresh_pg_url() -> Iterator[str]:
     """A fresh, empty database for one test."""
-    name, url = _create_database()
-    try:
+    with scratch_database(ADMIN_URL, "infermesh_test") as url:
         yield url
-    finally:
-        _drop_database(name)
 
 
 @pytest.fixture(scope="session")
