@@ -134,6 +134,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
         return 1
     print(f"ok: {report.rows} decisions in {report.chains} chains over {len(report.days)} days verified; "
           f"{report.outcome_rows} outcomes in {report.outcome_chains} chains verified"
+          + (f", {report.outcome_conflicts} of them second outcomes of a decision" if report.outcome_conflicts else "")
           + (f" ({report.unchained_outcomes} older outcomes carry no chain)" if report.unchained_outcomes else ""))
     return 0
 

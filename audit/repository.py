@@ -126,9 +126,12 @@ class AuditRepository:
 
     # -- TraceReader --------------------------------------------------------------------------
     def get_decision(self, decision_id: str) -> dict[str, Any] | None:
-        """The stored event with its full trace and its outcome (``None`` if unknown)."""
+        """The stored event with its full trace, its outcome (``None`` if unknown) and any later,
+        different outcomes reported for it (``conflicting_outcomes``, oldest first)."""
         hint = _time_hint(decision_id)
-        sql = ("SELECT e.*, to_jsonb(o) AS outcome FROM decision_events e "
+        sql = ("SELECT e.*, to_jsonb(o) AS outcome, (SELECT coalesce(jsonb_agg(to_jsonb(c) ORDER BY c.reported_at), "
+               "'[]'::jsonb) FROM outcome_conflicts c WHERE c.decision_id = e.decision_id) AS conflicting_outcomes "
+               "FROM decision_events e "
                "LEFT JOIN outcomes o ON o.decision_id = e.decision_id WHERE e.decision_id = %s")
         with self.pool.connection() as conn:
             row = None

@@ -43,8 +43,9 @@ class VerifyReport:
     chains: int = 0  # decision chains
     broken: BrokenLink | None = None
     days: list[dt.date] = field(default_factory=list)
-    outcome_rows: int = 0
+    outcome_rows: int = 0  # outcome_conflicts' rows included
     outcome_chains: int = 0
+    outcome_conflicts: int = 0
     unchained_outcomes: int = 0  # stored before outcomes were chained (migration 0004)
 
     @property
@@ -84,10 +85,15 @@ def verify(url: str, *, start: dt.date | None = None, end: dt.date | None = None
         unchained = conn.execute(f"SELECT count(*) AS n FROM outcomes WHERE {where} AND hash IS NULL",
                                  params).fetchone()
         report.unchained_outcomes = int(unchained["n"]) if unchained else 0
-        sql = (f"SELECT {', '.join(OUTCOME_COLUMNS)}, (reported_at AT TIME ZONE 'UTC')::date AS day "
-               f"FROM outcomes WHERE {where} AND hash IS NOT NULL ORDER BY day, chain_id, seq")
-        for _ in _walk(conn, "audit_verify_o", sql, params, "outcomes", outcome_genesis, _check_outcome, report):
+        cols = ", ".join(OUTCOME_COLUMNS)
+        # A decision's second outcome sits in outcome_conflicts at its place in its writer's chain.
+        sql = (f"SELECT {cols}, (reported_at AT TIME ZONE 'UTC')::date AS day, conflict FROM ("
+               f"SELECT {cols}, false AS conflict FROM outcomes WHERE {where} AND hash IS NOT NULL UNION ALL "
+               f"SELECT {cols}, true FROM outcome_conflicts WHERE {where}) AS o ORDER BY day, chain_id, seq")
+        for row in _walk(conn, "audit_verify_o", sql, params + params, "outcomes", outcome_genesis, _check_outcome,
+                         report):
             report.outcome_rows += 1
+            report.outcome_conflicts += bool(row["conflict"])
     return report
 
 

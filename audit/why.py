@@ -71,9 +71,14 @@ def render_text(decision: Mapping[str, Any]) -> str:
         out.append("    " + "  ".join(str(c)[:60].ljust(w) for c, w in zip(t, widths, strict=True)).rstrip())
     outcome = decision.get("outcome")
     if outcome:
-        out.append(f"  outcome: {outcome.get('status')} ttft {_fmt(outcome.get('ttft_ms'))} ms, latency "
-                   f"{_fmt(outcome.get('latency_ms'))} ms, tokens {outcome.get('input_tokens')}/"
-                   f"{outcome.get('output_tokens')}, reward {_fmt(outcome.get('reward'))}")
+        out.append(f"  outcome: {_outcome_text(outcome)}")
     else:
         out.append("  outcome: none reported yet")
+    for later in decision.get("conflicting_outcomes") or ():
+        out.append(f"  also reported (kept, not used): {_outcome_text(later)}")
     return "\n".join(out)
+
+
+def _outcome_text(o: Mapping[str, Any]) -> str:
+    return (f"{o.get('status')} ttft {_fmt(o.get('ttft_ms'))} ms, latency {_fmt(o.get('latency_ms'))} ms, "
+            f"tokens {o.get('input_tokens')}/{o.get('output_tokens')}, reward {_fmt(o.get('reward'))}")

@@ -49,8 +49,8 @@ _OCOLS = ", ".join(OUTCOME_COLUMNS)
 
 
 METRIC_NAMES = ("queue_depth", "last_batch_size", "rows_per_s", "spool_bytes", "rows_written", "outcomes_written",
-                "duplicates_skipped", "batches_written", "spooled_batches", "replayed_batches", "dropped",
-                "refused", "invalid", "quarantined", "db_up")
+                "duplicates_skipped", "outcome_conflicts", "batches_written", "spooled_batches", "replayed_batches",
+                "dropped", "refused", "invalid", "quarantined", "db_up")
 
 
 class AtBound:
@@ -133,6 +133,7 @@ class AuditWriter(AtBoundCounts):
         self.rows_written = 0
         self.outcomes_written = 0
         self.duplicates_skipped = 0
+        self.outcome_conflicts = 0  # second outcomes of a decision, kept in outcome_conflicts
         self.batches_written = 0
         self.last_batch_size = 0
         self.rows_per_s = 0.0
@@ -215,7 +216,8 @@ class AuditWriter(AtBoundCounts):
         return {"queue_depth": self.queue_depth, "last_batch_size": self.last_batch_size,
                 "rows_per_s": self.rows_per_s, "spool_bytes": self.spool_bytes,
                 "rows_written": self.rows_written, "outcomes_written": self.outcomes_written,
-                "duplicates_skipped": self.duplicates_skipped, "batches_written": self.batches_written,
+                "duplicates_skipped": self.duplicates_skipped, "outcome_conflicts": self.outcome_conflicts,
+                "batches_written": self.batches_written,
                 "spooled_batches": self.spool.appended_records, "replayed_batches": self.spool.replayed_records,
                 "dropped": self.dropped, "refused": self.refused, "invalid": self.invalid,
                 "quarantined": self.quarantined, "db_up": float(self.db_up)}
@@ -313,7 +315,7 @@ class AuditWriter(AtBoundCounts):
                     inserted = conn.execute(
                         f"INSERT INTO decision_events ({_DCOLS}) SELECT {_DCOLS} FROM audit_stage_d "
                         "ON CONFLICT (decision_id, decided_at) DO NOTHING").rowcount
-                o_inserted = 0
+                o_inserted = o_conflicts = 0
                 if orows:
                     pad = [None] * (len(OUTCOME_COLUMNS) - LEGACY_OUTCOME_WIDTH)
                     orows = [r if len(r) != LEGACY_OUTCOME_WIDTH else [*r, *pad] for r in orows]  # an old spool's
@@ -321,6 +323,13 @@ class AuditWriter(AtBoundCounts):
                     o_inserted = conn.execute(
                         f"INSERT INTO outcomes ({_OCOLS}) SELECT {_OCOLS} FROM audit_stage_o "
                         "ON CONFLICT (decision_id) DO NOTHING").rowcount
+                    # A different outcome for a decision that has one keeps its chain link (a replay
+                    # of a stored row has the same hash and is skipped).
+                    o_conflicts = conn.execute(
+                        f"INSERT INTO outcome_conflicts ({_OCOLS}) SELECT {_OCOLS} FROM audit_stage_o s "
+                        "WHERE s.hash IS NOT NULL AND NOT EXISTS (SELECT 1 FROM outcomes o "
+                        "WHERE o.decision_id = s.decision_id AND o.hash = s.hash) "
+                        "ON CONFLICT (chain_id, seq) DO NOTHING").rowcount
         except pgerrors.UniqueViolation:
             if staged:
                 raise
@@ -332,7 +341,8 @@ class AuditWriter(AtBoundCounts):
         elapsed = time.perf_counter() - t0
         self.rows_written += inserted
         self.outcomes_written += o_inserted
-        self.duplicates_skipped += len(drows) - inserted + len(orows) - o_inserted
+        self.outcome_conflicts += o_conflicts
+        self.duplicates_skipped += len(drows) - inserted + len(orows) - o_inserted - o_conflicts
         self.batches_written += 1
         self.rows_per_s = (len(drows) + len(orows)) / elapsed if elapsed > 0 else 0.0
         self.db_up = True

@@ -187,6 +187,42 @@ def test_an_outcome_reported_again_after_a_restart_is_a_duplicate_and_keeps_the_
     assert report.ok and report.outcome_rows == 2 and report.outcome_chains == 2, str(report.broken)
 
 
+def test_a_second_different_outcome_is_kept_in_its_chain_not_dropped(db: str, demo_fleet: Fleet,
+                                                                     tmp_path: Path) -> None:
+    from audit.why import render_text
+    from decision.engine import outcome_event
+
+    w, made = decided_and_reported(db, demo_fleet, tmp_path / "a", 2, batch_size=4)
+    w.close()
+    # Another replica accepted different outcomes for the same decisions (it had them neither
+    # pending nor, yet, in the log), and its writer replays that batch after a reconnect.
+    other = AuditWriter(db, AuditSettings(spool_dir=tmp_path / "b"), start=False)
+    late = [outcome_event(Outcome(d.decision_id, OutcomeStatus.ERROR, ttft_ms=0, latency_ms=9000, error="reset"),
+                          None, d.decided_at + 5) for d in made]
+    prepared = other._prepare([("o", ev) for ev in late])
+    other._write(prepared, staged=False)
+    other._write(prepared, staged=True)  # the same links again, as a replayed spool segment carries them
+    other.close()
+    first = made[0].decision_id
+    with psycopg.connect(db) as conn:
+        kept = conn.execute("SELECT status FROM outcomes WHERE decision_id = %s", (first,)).fetchall()
+        extra = conn.execute("SELECT status, error FROM outcome_conflicts WHERE decision_id = %s", (first,)).fetchall()
+    assert kept == [("ok",)] and extra == [("error", "reset")]
+    assert other.outcome_conflicts == 2
+    report = verify(db)
+    assert report.ok and report.outcome_rows == 4 and report.outcome_conflicts == 2, str(report.broken)
+    repo = AuditRepository(db)
+    stored = repo.get_decision(first)
+    repo.close()
+    assert stored is not None and stored["outcome"]["status"] == "ok"
+    assert [o["error"] for o in stored["conflicting_outcomes"]] == ["reset"]
+    assert "also reported (kept, not used): error" in render_text(stored)
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("DELETE FROM outcome_conflicts WHERE decision_id = %s", (first,))
+    report = verify(db)
+    assert report.broken is not None and "missing" in report.broken.problem
+
+
 def test_spooled_outcome_rows_of_the_old_shape_are_stored_unchained(db: str, tmp_path: Path) -> None:
     from audit.codec import LEGACY_OUTCOME_WIDTH
 
@@ -289,7 +325,7 @@ def test_concurrent_migrations_serialise_on_an_advisory_lock(fresh_pg_url: str) 
 
     with psycopg.connect(fresh_pg_url) as conn:
         row = conn.execute("select version_num from alembic_version").fetchone()
-    assert row is not None and row[0] == "0004"
+    assert row is not None and row[0] == "0005"
 
 
 @pytest.mark.parametrize(("codec", "prefix"), [("lz4", b"\x04\x22\x4d\x18"), ("json", b"{"), ("zlib", b"x")])
