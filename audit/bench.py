@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from audit import database
 from audit.settings import AuditSettings
@@ -128,7 +129,7 @@ def _bench_audit(args: argparse.Namespace, url: str) -> int:
     rps_off, rps_on = statistics.median(offs), statistics.median(ons)
     result = {"writer_rows_per_s": round(wr, 1), "decide_rps_audit_on": round(rps_on, 1),
               "decide_rps_audit_off": round(rps_off, 1), "ratio": round(rps_on / rps_off, 3)}
-    scratch = url.rsplit("/", 1)[-1].split("?")[0]
+    scratch = urlsplit(url).path.lstrip("/")  # a socket URL's query holds a path too (host=/...)
     print(f"audit benchmark (same run; writer: {args.writer}; scratch database {scratch}, dropped after)")
     print(f"  {'writer sustained rows/s':<34}{result['writer_rows_per_s']:>12,.0f}   target >= 15,000")
     print(f"  {'decide/s, audit off':<34}{rps_off:>12,.0f}")
