@@ -62,11 +62,12 @@ log = logging.getLogger("infermesh.policies")
 _Judged = tuple[bool, tuple[RuleOutcome, ...]]
 _HELD_AT = "quota_held_at"  # when prefetch took the request's quota share (not shown to rules)
 _NOT_STATE = ("inventory_revision", "now", _HELD_AT)
+_NO_VIEW: tuple[dict[str, Any], Any] = ({}, ())
 
 
 def _tokens(ctx: RequestContext) -> int:
+    """The tokens a request counts against its tenant's quota (held by prefetch, given back by release)."""
     return max(0, ctx.estimated_input_tokens) + max(0, ctx.expected_output_tokens)
-_NO_VIEW: tuple[dict[str, Any], Any] = ({}, ())
 
 
 @dataclass
