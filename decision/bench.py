@@ -113,9 +113,10 @@ def _interleaved(target: str, kinds: dict[str, tuple[str, int]], clients: int, d
     for name, runs in parts.items():
         lat = [x for r in runs for x in r["lat"]]
         calls = sum(r["calls"] for r in runs)
+        denied = sum(r["denied"] for r in runs)
         merged[name] = {"rps": calls / sum(r["seconds"] for r in runs), "errors": sum(r["errors"] for r in runs),
-                        "denied": sum(r["denied"] for r in runs), "denied_share": sum(r["denied"] for r in runs)
-                        / max(1, calls), "p50_ms": percentile(lat, 0.5) * 1e3, "p99_ms": percentile(lat, 0.99) * 1e3}
+                        "denied": denied, "denied_share": denied / max(1, calls),
+                        "p50_ms": percentile(lat, 0.5) * 1e3, "p99_ms": percentile(lat, 0.99) * 1e3}
     return merged
 
 
