@@ -313,19 +313,6 @@ class TelemetryBatch:
                               (self.values[idx], self.stamps[idx], self._max_age[idx]))
 
 
-def known_snapshots(merged: Sequence[Merged], at: float,
-                    stale_after_s: float) -> Iterator[tuple[tuple[str, ...], list[float | None], list[int]]]:
-    """Per endpoint, for traces: (names ever reported, their values at ``at`` with None for the
-    stale ones, their ages in ms). Lists straight from the merged tuples: no per-endpoint dict."""
-    limit = at - stale_after_s
-    for names, values, stamps, oldest in merged:
-        ages = [int((at - st) * 1000.0) for st in stamps]
-        if oldest >= limit:
-            yield names, list(values), ages
-        else:
-            yield names, [v if st >= limit else None for v, st in zip(values, stamps, strict=True)], ages
-
-
 @dataclass
 class _Targets:
     """Latest values and their timestamps per scrape target (node or endpoint)."""

@@ -14,7 +14,7 @@ through unchanged.
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -31,7 +31,6 @@ from decision.domain import (
     ScoredCandidate,
     VerdictTable,
 )
-from decision.telemetry import known_snapshots
 
 ENDPOINT_FIELDS = ("site", "region", "tier", "gpu_type", "jurisdiction", "rtt_ms")
 
@@ -128,27 +127,38 @@ def trace_parts(*, ctx: RequestContext, inventory_revision: str, learner: str, n
 
 
 def assemble_trace(p: TraceParts) -> dict[str, Any]:
-    """The version-2 stored trace from its parts."""
+    """The version-2 stored trace from its parts.
+
+    The audit writer runs this for every decision, so it avoids per-item Python work where it
+    can: shared outcome tuples are spread into rows as they are, columns are zipped into rows.
+    """
     ids = list(p.candidate_ids)
     index = {eid: i for i, eid in enumerate(ids)}
     table = p.verdicts
-    verdicts: list[list[Any]] = []
+    verdicts: list[list[Any]]
     if isinstance(table, VerdictTable):  # columns: no Verdict objects
         rule_rows = [[r.rule_id, r.engine, r.kind, str(r.severity)] for r in table.rules]
-        same = list(table.endpoint_ids) == ids
-        for pos, (r_idx, allow, reason) in table.rows():
-            cand = pos if same or pos < 0 else index.get(table.endpoint_ids[pos], -1)
-            verdicts.append([cand, r_idx, allow, reason])
+        verdicts = [[-1, *o] for o in table.request]
+        groups = table.groups
+        if list(table.endpoint_ids) == ids:
+            positions: Iterator[int] = iter(range(len(ids)))
+        else:
+            positions = (index.get(e, -1) for e in table.endpoint_ids)
+        for cand, judged in zip(positions, zip(*groups, strict=True), strict=False):  # no groups: none
+            for _, outcomes in judged:
+                verdicts += [[cand, *o] for o in outcomes]
     else:
         rule_rows = table[0]
         verdicts = [[index.get(eid, -1) if eid else -1, r, allow, reason] for eid, r, allow, reason in table[1]]
     scores = p.scores
     names = list(p.components)
-    comp_rows = (np.column_stack([p.components[k] for k in names]).tolist() if names
-                 else [[] for _ in p.scored_ids])
-    columns = zip(p.scored_ids, p.ttft_ms.tolist(), p.cost_per_1k.tolist(), comp_rows, strict=True)
-    score_rows = [[index[e], ttft, cost, scores[i] if scores is not None else None, comps]
-                  for i, (e, ttft, cost, comps) in enumerate(columns)]
+    n = len(p.scored_ids)
+    comp_rows: Iterable[Sequence[float]] = (zip(*[p.components[k].tolist() for k in names], strict=True) if names
+                                            else [()] * n)
+    positions_scored = ids_index(p.scored_ids, ids, index)
+    score_rows = [[i, ttft, cost, s, list(comps)] for i, ttft, cost, s, comps in zip(
+        positions_scored, p.ttft_ms.tolist(), p.cost_per_1k.tolist(),
+        scores if scores is not None else [None] * n, comp_rows, strict=True)]
     # Features as one little-endian float32 matrix in base64: JSON-encoding thousands of floats would
     # cost more than the decision itself; float32 keeps ~7 significant digits, plenty to replay and audit.
     packed = base64.b64encode(np.asarray(p.features).astype("<f4").tobytes()).decode()
@@ -161,7 +171,7 @@ def assemble_trace(p: TraceParts) -> dict[str, Any]:
         "at": p.at,
         "candidates": ids,
         "endpoints": p.endpoints,
-        "guard": {"rules": rule_rows, "verdicts": verdicts, "allowed": [index[e] for e in p.allowed_ids],
+        "guard": {"rules": rule_rows, "verdicts": verdicts, "allowed": ids_index(p.allowed_ids, ids, index),
                   "quota_denied": p.quota_denied},
         "score": {"feature_names": list(p.feature_names), "component_names": names,
                   "rows": score_rows, "features_f32": packed},
@@ -170,6 +180,13 @@ def assemble_trace(p: TraceParts) -> dict[str, Any]:
         "telemetry": _telemetry(p.telemetry),
         "timings_us": dict(p.timings_us),
     }
+
+
+def ids_index(subset: Sequence[str], ids: Sequence[str], index: Mapping[str, int]) -> list[int]:
+    """Positions of ``subset`` in ``ids`` (``index`` maps id to position); no lookups when they are the same."""
+    if len(subset) == len(ids) and list(subset) == ids:
+        return list(range(len(ids)))
+    return [index[e] for e in subset]
 
 
 def compact_trace(*, ctx: RequestContext, inventory_revision: str, learner: str, now: float,
@@ -188,9 +205,20 @@ def _telemetry(source: tuple[Sequence[Any], float, float] | list[Snapshot]) -> d
     """Per candidate: [key-set index, values (None = stale/unknown), ages in ms]; key sets listed once."""
     key_sets: dict[tuple[str, ...], int] = {}
     rows: list[list[Any]] = []
-    snapshots = known_snapshots(*source) if isinstance(source, tuple) else source
-    for names, values, age_ms in snapshots:
-        keys = names if isinstance(names, tuple) else tuple(names)  # a list once shipped as MessagePack
+    if isinstance(source, tuple):  # the located set's merged readings (the store's tuples, no dict each)
+        merged, at, stale_after_s = source
+        limit = at - stale_after_s
+        for names, values, stamps, oldest in merged:
+            keys = names if isinstance(names, tuple) else tuple(names)  # a list once shipped as MessagePack
+            k = key_sets.get(keys)
+            if k is None:
+                k = key_sets[keys] = len(key_sets)
+            if oldest < limit:
+                values = [v if st >= limit else None for v, st in zip(values, stamps, strict=True)]
+            rows.append([k, values, [int((at - st) * 1000.0) for st in stamps]])
+        return {"keys": [list(k) for k in key_sets], "rows": rows}
+    for names, values, age_ms in source:
+        keys = names if isinstance(names, tuple) else tuple(names)
         k = key_sets.get(keys)
         if k is None:
             k = key_sets[keys] = len(key_sets)
@@ -199,8 +227,8 @@ def _telemetry(source: tuple[Sequence[Any], float, float] | list[Snapshot]) -> d
 
 
 def _snapshots(candidates: Sequence[Candidate], now: float) -> Iterator[Snapshot]:
-    """Each candidate's :data:`Snapshot` from its reading (a located set's come from its batch
-    instead: :func:`~decision.telemetry.known_snapshots`)."""
+    """Each candidate's :data:`Snapshot` from its reading (a located set's come from its batch's
+    merged readings instead: see :func:`_telemetry`)."""
     for c in candidates:
         ages = c.telemetry.ages_s
         vals = c.telemetry.values
