@@ -269,7 +269,8 @@ class AuditWriter(AtBoundCounts):
                     row[8] = o.reported_at_us
                     orows.append(row)
             except (KeyError, TypeError, ValueError) as exc:
-                self.invalid += 1
+                with self._idle:  # deliver (maybe on another thread) counts here too
+                    self.invalid += 1
                 log.error("audit: rejected a malformed %s event %r: %s", kind, ev.get("decision_id"), exc)
         return {"d": drows, "o": orows}
 
@@ -403,16 +404,37 @@ class AuditWriter(AtBoundCounts):
     def process(self, batch: list[tuple[str, Mapping[str, Any]]]) -> None:
         """Write one batch (else spool it), then replay the spool while PostgreSQL takes it.
 
-        The writer thread's loop body; ``audit.writer_process`` calls it from its only thread.
+        The writer thread's loop body: :meth:`prepare` then :meth:`deliver`.
         """
-        if batch:
+        self.deliver(self.prepare(batch), len(batch))
+
+    def prepare(self, batch: list[tuple[str, Mapping[str, Any]]]) -> dict[str, Any] | None:
+        """Validate, chain and encode a batch (CPU work; no I/O). Batches must be delivered in the
+        order they were prepared: each continues the chains the one before it left."""
+        if not batch:
+            return None
+        try:
+            return self._prepare(batch)
+        except Exception:  # the writer must survive anything; the events are counted
+            log.exception("audit writer: unexpected error")
+            with self._idle:
+                self.invalid += len(batch)
+            return None
+
+    def deliver(self, prepared: dict[str, Any] | None, records: int) -> None:
+        """Write a prepared batch of ``records`` records (else spool it), then replay the spool while
+        PostgreSQL takes it. ``audit.writer_process`` runs this on a thread of its own, overlapping
+        PostgreSQL's work on one batch with the preparation of the next."""
+        if records:
             try:
-                self._deliver(self._prepare(batch))
+                if prepared is not None:
+                    self._deliver(prepared)
             except Exception:  # the writer must survive anything; the events are counted
                 log.exception("audit writer: unexpected error")
-                self.invalid += len(batch)
+                with self._idle:
+                    self.invalid += records
             with self._idle:
-                self._handled += len(batch)
+                self._handled += records
                 self._idle.notify_all()
         if self.spool.has_backlog:
             self._replay()
