@@ -1,4 +1,4 @@
-"""``infermesh audit why|query|export|verify|keys|retention``."""
+"""``infermesh audit why|query|export|verify|checkpoint|keys|retention``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 import psycopg
 
-from audit import database, keys, partitions
+from audit import checkpoint, database, keys, partitions
 from audit.repository import AuditRepository, DecisionFilter
 from audit.verify import verify
 from audit.why import render_text
@@ -60,7 +60,13 @@ def register(sub: Any) -> None:
     p = asub.add_parser("verify", help="recompute the hash chains; report the first broken link")
     p.add_argument("--from", dest="start", type=dt.date.fromisoformat, help="first UTC day (YYYY-MM-DD)")
     p.add_argument("--to", dest="end", type=dt.date.fromisoformat, help="last UTC day (inclusive)")
+    p.add_argument("--checkpoint", metavar="FILE",
+                   help="also require the chain heads recorded by `audit checkpoint` (catches deleted tails "
+                        "and rewritten chains)")
     p.set_defaults(func=cmd_verify)
+    p = asub.add_parser("checkpoint", help="write every hash chain's head, to keep outside the database")
+    p.add_argument("--output", "-o", default="-", help="file to write (default: stdout)")
+    p.set_defaults(func=cmd_checkpoint)
     p = asub.add_parser("keys", help="create or revoke auditors' API keys")
     ksub = p.add_subparsers(dest="keys_command", required=True)
     k = ksub.add_parser("create")
@@ -128,6 +134,17 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
+    heads = None
+    if a.checkpoint:  # read first: a bad file is the auditor's to fix before anything is walked
+        try:
+            with open(a.checkpoint, encoding="utf-8") as f:
+                heads = checkpoint.parse_heads(f, a.checkpoint)
+        except OSError as exc:
+            print(f"{a.checkpoint}: {exc.strerror}", file=sys.stderr)
+            return 2
+        except checkpoint.CheckpointError as exc:
+            print(str(exc), file=sys.stderr)
+            return 2
     report = verify(_url(), start=a.start, end=a.end)
     if report.broken is not None:
         print(f"FAILED after {report.rows} rows: {report.broken}")
@@ -136,6 +153,28 @@ def cmd_verify(a: argparse.Namespace) -> int:
           f"{report.outcome_rows} outcomes in {report.outcome_chains} chains verified"
           + (f", {report.outcome_conflicts} of them second outcomes of a decision" if report.outcome_conflicts else "")
           + (f" ({report.unchained_outcomes} older outcomes carry no chain)" if report.unchained_outcomes else ""))
+    if heads is None:
+        return 0
+    cp = checkpoint.check_heads(_url(), heads, start=a.start, end=a.end)
+    for problem in cp.problems:
+        print(f"FAILED: {problem}")
+    retired = f"; {cp.retired} on days retention has dropped" if cp.retired else ""
+    print(f"{'ok' if cp.ok else 'FAILED'}: {cp.checked} of the checkpoint's chain heads found as recorded{retired}")
+    return 0 if cp.ok else 1
+
+
+def cmd_checkpoint(a: argparse.Namespace) -> int:
+    heads = checkpoint.chain_heads(_url())
+    taken = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    lines = [f"# infermesh audit checkpoint taken {taken}: {len(heads)} chain heads", *(h.to_line() for h in heads)]
+    text = "\n".join(lines) + "\n"
+    if a.output == "-":
+        sys.stdout.write(text)
+    else:
+        with open(a.output, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"{len(heads)} chain heads written to {a.output}; keep it where the database's administrators "
+              "cannot write", file=sys.stderr)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 from typing import Any
 
@@ -346,3 +347,78 @@ def test_traces_are_stored_in_the_configured_codec_and_every_form_reads_back(
     stored = repo.get_decision(d.decision_id)
     repo.close()
     assert stored is not None and stored["trace"]["stages"]["choose"]["chosen"] == d.route.endpoint_id
+
+
+def _cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], db: str,
+         *args: str) -> tuple[int, str, str]:
+    from decision.cli import main
+
+    monkeypatch.setenv("INFERMESH_DATABASE_URL", db)
+    code = main(["audit", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_a_checkpoint_catches_a_deleted_tail_and_a_rewritten_chain_that_verify_alone_passes(
+        db: str, demo_fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from audit.codec import OUTCOME_COLUMNS, OUTCOME_HASHED_COLUMNS, link_hash, values_from_row
+
+    w, made = decided_and_reported(db, demo_fleet, tmp_path / "a", 12, batch_size=4)
+    w.close()
+    cp = tmp_path / "heads.jsonl"
+    code, _, err = _cli(monkeypatch, capsys, db, "checkpoint", "-o", str(cp))
+    assert code == 0 and "2 chain heads written" in err
+    heads = [json.loads(line) for line in cp.read_text().splitlines() if not line.startswith("#")]
+    assert sorted((h["table"], h["seq"]) for h in heads) == [("decision_events", 12), ("outcomes", 12)]
+    # A head on a day retention has since dropped is retired, not failed.
+    old = {**heads[0], "day": "2001-01-01"}
+    cp.write_text(cp.read_text() + json.dumps(old) + "\n")
+
+    # The log grows after the checkpoint (a new writer, a new chain): still whole.
+    w2, _ = decided_and_reported(db, demo_fleet, tmp_path / "b", 3, batch_size=4)
+    w2.close()
+    code, out, _ = _cli(monkeypatch, capsys, db, "verify", "--checkpoint", str(cp))
+    assert code == 0, out
+    assert "2 of the checkpoint's chain heads found as recorded; 1 on days retention has dropped" in out
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        # Rewritten from the altered row on, every hash recomputed: the chain itself verifies...
+        chain = heads[1]["chain_id"]
+        rows = conn.execute(f"SELECT {', '.join(OUTCOME_COLUMNS)} FROM outcomes WHERE chain_id = %s ORDER BY seq",
+                            (chain,)).fetchall()
+        prev = rows[4][OUTCOME_COLUMNS.index("prev_hash")]
+        for row in rows[4:]:
+            values = dict(zip(OUTCOME_COLUMNS, row, strict=True))
+            if values["seq"] == 5:
+                values["ttft_ms"] = 1.0  # a faster TTFT than the route delivered
+            digest = link_hash(prev, values_from_row(values, OUTCOME_HASHED_COLUMNS))
+            conn.execute("UPDATE outcomes SET ttft_ms = %s, prev_hash = %s, hash = %s WHERE chain_id = %s AND seq = %s",
+                         (values["ttft_ms"], prev, digest, chain, values["seq"]))
+            prev = digest
+        assert verify(db).ok
+        code, out, _ = _cli(monkeypatch, capsys, db, "verify", "--checkpoint", str(cp))
+        assert code == 1 and "seq 12: hash differs from the checkpoint's (the chain was rewritten)" in out
+        # ...and so does a chain whose newest decisions were deleted.
+        conn.execute("DELETE FROM decision_events WHERE chain_id = %s AND seq > 9", (heads[0]["chain_id"],))
+        conn.execute("DELETE FROM outcomes WHERE chain_id = %s", (chain,))
+    assert verify(db).ok
+    code, out, _ = _cli(monkeypatch, capsys, db, "verify", "--checkpoint", str(cp))
+    assert code == 1 and "decision_events" in out and "seq 12: missing" in out
+    assert "FAILED: 0 of the checkpoint's chain heads found as recorded" in out
+    assert made  # the decisions were real
+
+
+def test_a_bad_checkpoint_file_is_named_with_its_line_and_field(db: str, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    cp = tmp_path / "heads.jsonl"
+    good = {"table": "decision_events", "day": "2026-11-27", "chain_id": "c", "seq": 3, "hash": "a" * 64}
+    cp.write_text("# a comment\n" + json.dumps(good) + "\n" + json.dumps({**good, "seq": 0}) + "\n")
+    code, _, err = _cli(monkeypatch, capsys, db, "verify", "--checkpoint", str(cp))
+    assert code == 2 and err.strip() == f"{cp}:3: seq: must be a positive integer, not 0"
+    cp.write_text("{not json\n")
+    code, _, err = _cli(monkeypatch, capsys, db, "verify", "--checkpoint", str(cp))
+    assert code == 2 and err.startswith(f"{cp}:1: not JSON")
+    code, _, err = _cli(monkeypatch, capsys, db, "verify", "--checkpoint", str(tmp_path / "nope.jsonl"))
+    assert code == 2 and "No such file" in err

@@ -1,0 +1,169 @@
+"""Checkpoints of the hash chains' heads, kept outside the database, to anchor ``audit verify``.
+
+A hash chain proves that no stored row was altered or removed *between* rows, but on its own it
+cannot show that the newest rows of a chain were deleted (the shorter chain still verifies), nor
+that someone with write access rewrote a chain from its genesis and recomputed every hash (the
+genesis is public). A checkpoint closes both gaps: ``infermesh audit checkpoint`` writes every
+chain's current head (table, UTC day, chain id, seq, hash) as JSON lines; the auditor keeps the
+file somewhere the database's administrators cannot write (a ticket, a WORM bucket, a signed
+mail). ``infermesh audit verify --checkpoint FILE`` then also requires each head to still be in
+the log with the same hash: a deleted tail or a rewritten chain fails there.
+
+Retention drops whole UTC days, oldest first, so a head on a day older than the oldest day the
+log holds is reported as retired, not failed; a head on a day the log still holds must be there.
+
+>>> h = ChainHead("decision_events", dt.date(2026, 11, 27), "a1b2", 7, "f" * 64)
+>>> parse_heads([h.to_line()], "heads.jsonl") == [h]
+True
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from audit import partitions
+
+TABLES = ("decision_events", "outcomes")
+_FIELDS = ("table", "day", "chain_id", "seq", "hash")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read; the message starts with ``file:line:``."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChainHead:
+    """The last link of one chain when the checkpoint was taken."""
+
+    table: str  # "decision_events" or "outcomes" (an outcome chain includes its outcome_conflicts rows)
+    day: dt.date
+    chain_id: str
+    seq: int
+    hash: str
+
+    def to_line(self) -> str:
+        return json.dumps({"table": self.table, "day": self.day.isoformat(), "chain_id": self.chain_id,
+                           "seq": self.seq, "hash": self.hash})
+
+
+def chain_heads(url: str) -> list[ChainHead]:
+    """Every chain's head now: the highest seq of each (table, UTC day, chain id)."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT DISTINCT ON (day, chain_id) 'decision_events', day, chain_id, seq, hash FROM ("
+            "  SELECT (decided_at AT TIME ZONE 'UTC')::date AS day, chain_id, seq, hash FROM decision_events) d "
+            "ORDER BY day, chain_id, seq DESC").fetchall()
+        rows += conn.execute(
+            "SELECT DISTINCT ON (day, chain_id) 'outcomes', day, chain_id, seq, hash FROM ("
+            "  SELECT (reported_at AT TIME ZONE 'UTC')::date AS day, chain_id, seq, hash FROM outcomes "
+            "  WHERE hash IS NOT NULL UNION ALL "
+            "  SELECT (reported_at AT TIME ZONE 'UTC')::date, chain_id, seq, hash FROM outcome_conflicts) o "
+            "ORDER BY day, chain_id, seq DESC").fetchall()
+    return [ChainHead(str(t), day, str(c), int(s), str(h)) for t, day, c, s, h in rows]
+
+
+def parse_heads(lines: Iterable[str], source: str) -> list[ChainHead]:
+    """Heads from checkpoint lines (blank lines and ``#`` comments skipped); errors name file:line."""
+    heads = []
+    for n, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{source}:{n}: not JSON ({exc.msg})") from None
+        if not isinstance(doc, dict):
+            raise CheckpointError(f"{source}:{n}: expected an object with {', '.join(_FIELDS)}")
+        heads.append(_head(doc, f"{source}:{n}"))
+    return heads
+
+
+def _head(doc: dict[str, Any], where: str) -> ChainHead:
+    missing = [f for f in _FIELDS if f not in doc]
+    if missing:
+        raise CheckpointError(f"{where}: {missing[0]}: required")
+    if doc["table"] not in TABLES:
+        raise CheckpointError(f"{where}: table: must be one of {', '.join(TABLES)}, not {doc['table']!r}")
+    try:
+        day = dt.date.fromisoformat(str(doc["day"]))
+    except ValueError:
+        raise CheckpointError(f"{where}: day: not an ISO date: {doc['day']!r}") from None
+    seq = doc["seq"]
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+        raise CheckpointError(f"{where}: seq: must be a positive integer, not {seq!r}")
+    digest = doc["hash"]
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise CheckpointError(f"{where}: hash: must be a 64-character hex digest")
+    if not isinstance(doc["chain_id"], str) or not doc["chain_id"]:
+        raise CheckpointError(f"{where}: chain_id: must be a non-empty string")
+    return ChainHead(doc["table"], day, doc["chain_id"], seq, digest)
+
+
+@dataclass(frozen=True, slots=True)
+class HeadProblem:
+    head: ChainHead
+    problem: str
+
+    def __str__(self) -> str:
+        h = self.head
+        return f"checkpoint head of {h.table} day {h.day} chain {h.chain_id} seq {h.seq}: {self.problem}"
+
+
+@dataclass(slots=True)
+class CheckpointReport:
+    checked: int = 0  # heads found as recorded
+    retired: int = 0  # heads on days retention has dropped
+    problems: list[HeadProblem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_heads(url: str, heads: Sequence[ChainHead], *, start: dt.date | None = None,
+                end: dt.date | None = None) -> CheckpointReport:
+    """Whether each head (of the UTC days ``start`` to ``end``) is still in the log, unaltered."""
+    report = CheckpointReport()
+    wanted = [h for h in heads if (start is None or h.day >= start) and (end is None or h.day <= end)]
+    with psycopg.connect(url) as conn:
+        held = partitions.list_partitions(conn)
+        oldest = held[0] if held else None
+        stored = _stored(conn, wanted)
+    for h in wanted:
+        if oldest is not None and h.day < oldest:
+            report.retired += 1
+            continue
+        found = stored.get((h.table, h.day, h.chain_id, h.seq))
+        if found is None:
+            report.problems.append(HeadProblem(h, "missing: rows at or after it were deleted after the checkpoint"))
+        elif found != h.hash:
+            report.problems.append(HeadProblem(h, "hash differs from the checkpoint's (the chain was rewritten)"))
+        else:
+            report.checked += 1
+    return report
+
+
+def _stored(conn: psycopg.Connection[Any], heads: Sequence[ChainHead]) -> dict[tuple[str, dt.date, str, int], str]:
+    """The stored hash of each head's link, looked up by (chain id, seq) on the chain indexes."""
+    out: dict[tuple[str, dt.date, str, int], str] = {}
+    for table in TABLES:
+        mine = [h for h in heads if h.table == table]
+        if not mine:
+            continue
+        if table == "decision_events":
+            links = "SELECT decided_at AS at, chain_id, seq, hash FROM decision_events"
+        else:
+            links = ("SELECT reported_at AS at, chain_id, seq, hash FROM outcomes WHERE chain_id IS NOT NULL "
+                     "UNION ALL SELECT reported_at, chain_id, seq, hash FROM outcome_conflicts")
+        sql = (f"SELECT (l.at AT TIME ZONE 'UTC')::date, l.chain_id, l.seq, l.hash FROM ({links}) l "
+               "JOIN unnest(%s::text[], %s::int8[]) AS k(chain_id, seq) USING (chain_id, seq)")
+        for day, chain_id, seq, digest in conn.execute(sql, ([h.chain_id for h in mine], [h.seq for h in mine])):
+            out[(table, day, str(chain_id), int(seq))] = str(digest)
+    return out
