@@ -1,12 +1,14 @@
-"""Rows as stored: trace encoding (JSON; lz4 or zlib compressed) and the hash chain.
+"""Rows as stored: trace compression (none, lz4 or zlib) and the hash chain.
 
-A decision row's ``hash`` is ``sha256(prev_hash || canonical(columns) || sha256(trace JSON))``,
-where ``canonical`` is the JSON list of the row's columns in :data:`HASHED_COLUMNS` order. Chains
-run per (day partition, writer chain id), numbered by ``seq`` from 1; the first link's
-``prev_hash`` is :func:`genesis`. Outcome rows (the evidence of what a route delivered: TTFT,
-tokens, errors) have chains of their own, per (UTC day reported, writer chain id), hashed the same
-way over :data:`OUTCOME_HASHED_COLUMNS` (no trace: the digest of empty bytes), starting at
-:func:`outcome_genesis`. Anyone with the rows can recompute every link (:mod:`audit.verify`).
+A decision row's ``hash`` is ``sha256(prev_hash || canonical(columns) || sha256(trace bytes))``,
+where the trace bytes are the stored trace uncompressed, in either of its forms
+(:mod:`audit.trace_store`: the parts form, or JSON), and ``canonical`` is the JSON list of the
+row's columns in :data:`HASHED_COLUMNS` order. Chains run per (day partition, writer chain id),
+numbered by ``seq`` from 1; the first link's ``prev_hash`` is :func:`genesis`. Outcome rows (the
+evidence of what a route delivered: TTFT, tokens, errors) have chains of their own, per (UTC day
+reported, writer chain id), hashed the same way over :data:`OUTCOME_HASHED_COLUMNS` (no trace:
+the digest of empty bytes), starting at :func:`outcome_genesis`. Anyone with the rows can
+recompute every link (:mod:`audit.verify`).
 """
 
 from __future__ import annotations
@@ -76,25 +78,32 @@ def decode_json(data: bytes) -> Any:
 _LZ4_MAGIC = b"\x04\x22\x4d\x18"
 
 
-def compress_trace(trace_json: bytes, level: int = 1, codec: str = "json") -> bytes:
-    """The stored trace bytes: ``json`` as it is (PostgreSQL may compress it), ``zlib`` at ``level``
-    (1-9), or an ``lz4`` frame (fast, and small enough that rows stay out of TOAST)."""
+def compress_trace(trace_bytes: bytes, level: int = 1, codec: str = "json") -> bytes:
+    """The stored trace bytes (JSON or the parts form): ``json`` as they are (PostgreSQL may compress
+    them), ``zlib`` at ``level`` (1-9), or an ``lz4`` frame (fast, and small enough that rows stay
+    out of TOAST)."""
     if codec == "lz4":
-        return bytes(lz4.frame.compress(trace_json))
+        return bytes(lz4.frame.compress(trace_bytes))
     if codec == "zlib":
-        return zlib.compress(trace_json, level)
-    return trace_json
+        return zlib.compress(trace_bytes, level)
+    return trace_bytes
+
+
+# The uncompressed forms of a stored trace (audit.trace_store) start with these bytes.
+_JSON_START = b"{"
+_PARTS_START = b"\x93\xafinfermesh-trace"  # MessagePack: an array of 3, a 15-character string
 
 
 def decompress_trace(trace_z: bytes) -> bytes:
-    """The trace JSON from stored bytes of any form (JSON starts with ``{``, an lz4 frame with its
-    magic number, zlib with ``x``).
+    """The stored trace (JSON or the parts form, :mod:`audit.trace_store`) from stored bytes of any
+    compression: none (JSON starts with ``{``, the parts form with its MessagePack header), an lz4
+    frame (its magic number) or zlib (``x``).
 
     >>> forms = [compress_trace(b'{"a":1}', codec=c) for c in ("json", "zlib", "lz4")]
     >>> {decompress_trace(f) for f in forms}
     {b'{"a":1}'}
     """
-    if trace_z[:1] == b"{":
+    if trace_z[:1] == _JSON_START or trace_z.startswith(_PARTS_START):
         return trace_z
     if trace_z[:4] == _LZ4_MAGIC:
         return bytes(lz4.frame.decompress(trace_z))
@@ -102,10 +111,10 @@ def decompress_trace(trace_z: bytes) -> bytes:
 
 
 def load_trace(trace_z: bytes) -> dict[str, Any]:
-    """A stored trace in its readable shape (``decision.trace_format.expand_trace``)."""
-    from decision.trace_format import expand_trace
+    """A stored trace, in any of its forms (:mod:`audit.trace_store`), in its readable shape."""
+    from audit.trace_store import read_trace
 
-    return expand_trace(decode_json(decompress_trace(trace_z)))
+    return read_trace(decompress_trace(trace_z))
 
 
 def genesis(day: dt.date, chain_id: str) -> str:
@@ -118,14 +127,14 @@ def outcome_genesis(day: dt.date, chain_id: str) -> str:
     return genesis(day, f"{chain_id}/outcomes")
 
 
-def link_hash(prev_hash: str, hashed_values: Sequence[Any], trace_json: bytes = b"") -> str:
+def link_hash(prev_hash: str, hashed_values: Sequence[Any], trace_bytes: bytes = b"") -> str:
     """One link of a chain. ``hashed_values`` follow :data:`HASHED_COLUMNS` or
     :data:`OUTCOME_HASHED_COLUMNS` (times as µs ints); an outcome has no trace."""
     h = hashlib.sha256(prev_hash.encode())
     h.update(b"\n")
     h.update(_json.encode(list(hashed_values)))
     h.update(b"\n")
-    h.update(hashlib.sha256(trace_json).digest())
+    h.update(hashlib.sha256(trace_bytes).digest())
     return h.hexdigest()
 
 
@@ -156,14 +165,14 @@ def values_from_row(row: Mapping[str, Any], columns: Sequence[str] = HASHED_COLU
     return out
 
 
-def decision_row(e: DecisionEventV1, *, chain_id: str, seq: int, prev_hash: str, trace_json: bytes,
+def decision_row(e: DecisionEventV1, *, chain_id: str, seq: int, prev_hash: str, trace_bytes: bytes,
                  level: int = 1, codec: str = "json") -> tuple[Any, ...]:
     """The COPY row of one decision, with its chain link."""
     values = hashed_values(e, chain_id, seq)
-    digest = link_hash(prev_hash, values, trace_json)
+    digest = link_hash(prev_hash, values, trace_bytes)
     row = list(values)
     row[1] = from_us(e.decided_at_us)
-    row.extend([compress_trace(trace_json, level, codec), prev_hash, digest])
+    row.extend([compress_trace(trace_bytes, level, codec), prev_hash, digest])
     return tuple(row)
 
 

@@ -100,7 +100,7 @@ class DecisionEventV1:
             expected_ttft_ms=opt_float("expected_ttft_ms"),
             expected_cost_per_1k_tokens=opt_float("expected_cost_per_1k_tokens"),
             deny_rules=tuple(str(r) for r in (m.get("deny_rules") or ())), reason=str(m.get("reason") or ""),
-            decision_us=opt_float("decision_us"), trace=m.get("trace") or {}, event_version=version,
+            decision_us=opt_float("decision_us"), trace=_trace_of(m), event_version=version,
         )
 
     @property
@@ -114,6 +114,12 @@ class DecisionEventV1:
         d["trace"] = dict(self.trace)
         d["decided_at"] = self.decided_at.isoformat()
         return d
+
+
+def _trace_of(m: Mapping[str, Any]) -> Mapping[str, Any]:
+    # Not ``m.get("trace") or {}``: truth-testing a lazily built trace would build it.
+    trace = m.get("trace")
+    return {} if trace is None else trace
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,8 +66,9 @@ class AuditSettings(BaseSettings):
     writer: Literal["process", "thread"] = "process"
     # The writer process's niceness (0-19): when CPU is short, decisions go first.
     writer_nice: int = Field(default=10, ge=0, le=19)
-    # How the writer stores traces: an lz4 frame (default; compressed in the writer, rows stay out of
-    # TOAST), zlib at compress_level, or plain JSON that PostgreSQL compresses (see migration 0003).
+    # How the writer compresses stored traces (audit.trace_store): an lz4 frame (default; compressed in
+    # the writer, rows stay out of TOAST), zlib at compress_level, or "json": uncompressed, as they are
+    # (the parts form, or JSON for a trace that arrives built), left to PostgreSQL (see migration 0003).
     trace_codec: Literal["lz4", "zlib", "json"] = "lz4"
     compress_level: int = Field(default=1, ge=1, le=9)
 

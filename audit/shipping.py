@@ -6,8 +6,9 @@ telemetry store's merged readings). :class:`Packer` (service side) replaces each
 integer handle and sends its definition (pickled) the first time it is seen; :class:`Unpacker`
 (writer side) keeps the definitions and puts the objects back. What crosses the pipe per decision
 is then the request, one buffer of numbers and a few integers, encoded as MessagePack (``encode``
-/ ``decode``), so the service pays little for its audit log and the writer process assembles the
-trace (:func:`decision.trace_format.assemble_trace`).
+/ ``decode``), so the service pays little for its audit log. The writer process stores the parts
+almost as they arrive (:func:`decode_lazy`, :meth:`Unpacker.stored_parts`: handles swapped for
+their objects, encoded once each); readers assemble the trace (:mod:`audit.trace_store`).
 
 Handles are never reused. The packer keeps a strong reference to every object it has a handle for
 (an ``id()`` must not be recycled while a handle names it); past ``limit`` definitions it starts a
@@ -32,13 +33,13 @@ from __future__ import annotations
 import enum
 import pickle
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
 import numpy as np
 
-from decision.domain import VerdictTable
+from decision.domain import RuleInfo, Severity, VerdictTable
 from decision.trace_format import TraceParts
 
 # Messages: ["def", pickled [(handle, obj), ...]], ["forget", below], ["r", kind, event, packed parts or None],
@@ -69,6 +70,11 @@ def encode(messages: Sequence[Message]) -> bytes:
     return _encoder.encode(messages)
 
 
+def encode_value(value: object) -> bytes:
+    """Any value as MessagePack, with the wire's conversions (numpy, sets, enums...)."""
+    return _encoder.encode(value)
+
+
 def encode_each(messages: Sequence[Message]) -> list[bytes]:
     """Each message as its own MessagePack bytes, for :func:`join`.
 
@@ -92,6 +98,29 @@ def join(encoded: Sequence[bytes]) -> bytes:
 def decode(blob: bytes) -> list[Message]:
     """A batch of messages back (tuples come back as lists)."""
     out: list[Message] = _decoder.decode(blob)
+    return out
+
+
+_raw_batch = msgspec.msgpack.Decoder(list[list[msgspec.Raw]])
+_raw_items = msgspec.msgpack.Decoder(list[msgspec.Raw])
+_NIL = msgspec.Raw(b"\xc0")
+
+
+def decode_lazy(blob: bytes) -> list[Message]:
+    """A batch of messages back, as :func:`decode` gives them except that each record's packed
+    trace parts stay encoded (a :class:`msgspec.Raw`, or None) for :meth:`Unpacker.stored_parts`.
+
+    >>> decode_lazy(encode([*Packer().message("o", {"decision_id": "d1"}, None), ("flush",)]))
+    [['r', 'o', {'decision_id': 'd1'}, None], ['flush']]
+    """
+    out: list[Message] = []
+    for items in _raw_batch.decode(blob):
+        tag = _decoder.decode(items[0])
+        if tag == "r":
+            out.append(["r", _decoder.decode(items[1]), _decoder.decode(items[2]),
+                        None if items[3] == _NIL else items[3]])
+        else:
+            out.append([tag, *(_decoder.decode(i) for i in items[1:])])
     return out
 
 
@@ -218,11 +247,33 @@ class Packer:
                 tel]
 
 
+class InlinePacker(Packer):
+    """Packs parts with every shared object inline instead of a handle: the stored form of a
+    trace (:mod:`audit.trace_store`) when no writer process is in between.
+
+    >>> InlinePacker().ref(("a", "b"))
+    ('a', 'b')
+    """
+
+    def ref(self, obj: object) -> Any:
+        return obj
+
+    def ref_members(self, seq: Sequence[object]) -> Any:
+        return list(seq)
+
+    def ref_if_shared(self, obj: object) -> Any:
+        return obj
+
+    def pack(self, parts: TraceParts) -> list[Any]:
+        return self._pack(parts)
+
+
 class Unpacker:
     """Writer side: keeps definitions and rebuilds records."""
 
     def __init__(self) -> None:
         self.table: dict[int, Any] = {}
+        self._encoded: dict[int, msgspec.Raw] = {}  # definitions as MessagePack, made once each
 
     def feed(self, msg: Message) -> tuple[str, Mapping[str, Any], TraceParts | None] | None:
         """Apply one message; a record comes back as (kind, event, trace parts or None)."""
@@ -236,31 +287,69 @@ class Unpacker:
             below = msg[1]
             for h in [h for h in self.table if h < below]:
                 del self.table[h]
+                self._encoded.pop(h, None)
             return None
         _, kind, event, packed = msg
-        return kind, event, self._unpack(packed) if packed is not None else None
+        return kind, event, unpack_parts(packed, self._get) if packed is not None else None
 
-    def _unpack(self, t: Sequence[Any]) -> TraceParts:
-        (request, inv, pol, learner, at, ids, endpoints, verdicts, allowed, quota_denied, scored, numbers,
-         comp_names, width, scores, chosen, propensity, fallbacks, shadows, feature_names, timings, tel) = t
-        table = self.table
-        cand = table[ids] if isinstance(ids, int) else ids
-        vt: Any
+    def _get(self, x: Any) -> Any:
+        return self.table[x] if isinstance(x, int) else x
+
+    def _raw(self, x: Any) -> Any:
+        """A handle's object as encoded MessagePack (encoded once per handle); inline objects as they are."""
+        if not isinstance(x, int):
+            return x
+        raw = self._encoded.get(x)
+        if raw is None:
+            raw = self._encoded[x] = msgspec.Raw(_encoder.encode(self.table[x]))
+        return raw
+
+    def stored_parts(self, packed: msgspec.Raw) -> list[Any]:
+        """A record's packed parts (as :func:`decode_lazy` left them) with every handle replaced by
+        its object, encoded: what :func:`unpack_parts` reads with no table. Items that hold no
+        handle are passed through as they arrived; only the request (item 0) is decoded, for masking.
+        """
+        t: list[Any] = _raw_items.decode(packed)
+        t[0] = _decoder.decode(t[0])
+        ids = _decoder.decode(t[5])
+        if isinstance(ids, int):
+            t[5] = self._raw(ids)
+        t[6] = self._raw(_decoder.decode(t[6]))
+        verdicts = _decoder.decode(t[7])
         if verdicts[0] == "vt":
             _, rules, revision, request_outcomes, eids, groups = verdicts
-            eids = cand if eids is None else table[eids] if isinstance(eids, int) else eids
-            vt = VerdictTable(table[rules], revision, request_outcomes, eids,
-                              [table[g] if isinstance(g, int) else g for g in groups])
-        else:
-            vt = (verdicts[1], verdicts[2])
-        allowed_ids = cand if allowed == "=" else allowed
-        scored_ids = allowed_ids if scored == "=" else scored
+            t[7] = ["vt", self._raw(rules), revision, request_outcomes, self._raw(eids),
+                    [self._raw(g) for g in groups]]
+        t[19] = self._raw(_decoder.decode(t[19]))
+        tel = _decoder.decode(t[21])
         if tel and tel[0] == "m":
-            tel = (table[tel[1]], tel[2], tel[3])
-        n = len(scored_ids)
-        flat = np.frombuffer(numbers, dtype=np.float64)
-        comps = {name: flat[(2 + k) * n:(3 + k) * n] for k, name in enumerate(comp_names)}
-        features = flat[(2 + len(comp_names)) * n:].reshape(n, width)
-        return TraceParts(request, inv, pol, learner, at, cand, table[endpoints], vt, allowed_ids, quota_denied,
-                          scored_ids, flat[:n], flat[n:2 * n], scores, comps, features, chosen, propensity,
-                          fallbacks, shadows, table[feature_names], timings, tel)
+            t[21] = ["m", self._raw(tel[1]), tel[2], tel[3]]
+        return t
+
+
+def unpack_parts(t: Sequence[Any], get: Callable[[Any], Any]) -> TraceParts:
+    """:class:`TraceParts` from packed parts; ``get`` turns an item into its object (a handle's
+    definition, or the item itself when the object is inline)."""
+    (request, inv, pol, learner, at, ids, endpoints, verdicts, allowed, quota_denied, scored, numbers,
+     comp_names, width, scores, chosen, propensity, fallbacks, shadows, feature_names, timings, tel) = t
+    cand = get(ids)
+    vt: Any
+    if verdicts[0] == "vt":
+        _, rules, revision, request_outcomes, eids, groups = verdicts
+        eids = cand if eids is None else get(eids)
+        infos = [r if isinstance(r, RuleInfo) else  # inline, a rule comes back as a mapping
+                 RuleInfo(r["rule_id"], r["engine"], r["kind"], Severity(r["severity"])) for r in get(rules)]
+        vt = VerdictTable(infos, revision, request_outcomes, eids, [get(g) for g in groups])
+    else:
+        vt = (verdicts[1], verdicts[2])
+    allowed_ids = cand if allowed == "=" else allowed
+    scored_ids = allowed_ids if scored == "=" else scored
+    if tel and tel[0] == "m":
+        tel = (get(tel[1]), tel[2], tel[3])
+    n = len(scored_ids)
+    flat = np.frombuffer(numbers, dtype=np.float64)
+    comps = {name: flat[(2 + k) * n:(3 + k) * n] for k, name in enumerate(comp_names)}
+    features = flat[(2 + len(comp_names)) * n:].reshape(n, width)
+    return TraceParts(request, inv, pol, learner, at, cand, get(endpoints), vt, allowed_ids, quota_denied,
+                      scored_ids, flat[:n], flat[n:2 * n], scores, comps, features, chosen, propensity,
+                      fallbacks, shadows, get(feature_names), timings, tel)

@@ -135,10 +135,10 @@ def _link_problem(row: dict[str, Any], expect_seq: int, prev: str) -> str:
 
 def _check_decision(row: dict[str, Any], prev: str) -> str:
     try:
-        trace_json = decompress_trace(bytes(row["trace_z"]))
+        trace_bytes = decompress_trace(bytes(row["trace_z"]))
     except Exception as exc:
         return f"trace cannot be decoded: {exc}"
-    if link_hash(prev, values_from_row(row), trace_json) != row["hash"]:
+    if link_hash(prev, values_from_row(row), trace_bytes) != row["hash"]:
         return "hash does not match the row's content (altered)"
     return ""
 

@@ -32,7 +32,6 @@ from audit.codec import (
     OUTCOME_TYPES,
     day_of_us,
     decision_row,
-    encode_json,
     genesis,
     outcome_genesis,
     outcome_row,
@@ -41,6 +40,7 @@ from audit.events import DecisionEventV1, OutcomeEventV1, from_us
 from audit.masking import Masker
 from audit.settings import AuditSettings
 from audit.spool import Spool
+from audit.trace_store import STORED_TRACE, encode_trace
 from decision.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -251,12 +251,15 @@ class AuditWriter(AtBoundCounts):
         for kind, ev in batch:
             try:
                 if kind == "d":
-                    ev = {**ev, "trace": self.masker.mask_trace(ev.get("trace") or {})}
+                    # The writer process hands over the stored trace made already (masked); else it is made here.
+                    stored = ev.get(STORED_TRACE)
                     e = DecisionEventV1.from_mapping(ev)
+                    if stored is None:
+                        stored = encode_trace(ev.get("trace") or {}, self.masker)
                     day = day_of_us(e.decided_at_us)
                     seq, prev = self._heads.get(day) or (0, genesis(day, self.chain_id))
                     row = list(decision_row(e, chain_id=self.chain_id, seq=seq + 1, prev_hash=prev,
-                                            trace_json=encode_json(e.trace), level=level, codec=codec))
+                                            trace_bytes=stored, level=level, codec=codec))
                     self._heads[day] = (seq + 1, row[-1])
                     row[1] = e.decided_at_us
                     drows.append(row)

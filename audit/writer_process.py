@@ -4,11 +4,13 @@
 default (``audit.writer: process``). ``submit_*`` masks a decision's top-level fields, turns the
 record into messages (:class:`audit.shipping.Packer`: the trace as parts, shared objects as
 handles), encodes them and appends the bytes to a bounded outbox; a shipper thread sends the
-outbox in batches down a pipe. The child process (:func:`_child_main`) rebuilds each record, assembles its trace and
-writes it through an :class:`~audit.writer.AuditWriter` driven from its one thread (batched COPY,
-spool, hash chain, masking of the trace's request), and reports back how many records are safely
-in PostgreSQL or the spool. The trace's request crosses the pipe unmasked (memory to memory, as
-it sat in the in-process queue before); nothing reaches PostgreSQL or the spool unmasked.
+outbox in batches down a pipe. The child process (:func:`_child_main`) turns each record's trace
+parts into the stored parts form (:mod:`audit.trace_store`) without decoding most of them: it
+swaps the handles for their objects, encoded once each, and masks the trace's request. It writes
+the records through an :class:`~audit.writer.AuditWriter` (batched COPY, spool, hash chain) and
+reports back how many records are safely in PostgreSQL or the spool. The trace's request crosses
+the pipe unmasked (memory to memory, as it sat in the in-process queue before); nothing reaches
+PostgreSQL or the spool unmasked.
 
 The child is started with ``spawn`` (a fork of a threaded gRPC server is unsafe), so a script
 that builds one must guard its entry point with ``if __name__ == "__main__":``.
@@ -42,7 +44,7 @@ import psycopg
 
 from audit.masking import Masker
 from audit.settings import AuditSettings
-from audit.shipping import Packer, Unpacker, decode, encode, encode_each, join
+from audit.shipping import Packer, Unpacker, decode_lazy, encode, encode_each, join
 from audit.writer import METRIC_NAMES, AtBound, AtBoundCounts
 from decision.trace_format import TraceParts
 
@@ -286,9 +288,9 @@ class ProcessAuditWriter(AtBoundCounts):
 
 def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connection, status: Connection,
                 nice: int) -> None:
-    """The writer process: unpack records, assemble traces, write them in batches.
+    """The writer process: receive records, store their traces as they came, write them in batches.
 
-    The main thread receives, assembles and prepares (chains, encodes) each batch; one copy
+    The main thread receives, converts and prepares (chains, encodes) each batch; one copy
     thread delivers it (COPY, else spool) while the main thread prepares the next, so the
     writer's CPU work and PostgreSQL's work on the batch before overlap (PostgreSQL is on the
     other core; a COPY waited on it for a quarter of the writer's time). One batch is in flight
@@ -296,8 +298,8 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
     records. The interpreter's switch interval is short so the copy thread, woken from a socket
     wait, does not wait long for the interpreter lock.
     """
+    from audit.trace_store import STORED_TRACE, stored_from_packed
     from audit.writer import AuditWriter
-    from decision.trace_format import assemble_trace
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s audit-writer %(levelname)s %(message)s")
     # Batches of thousands of records are alive at once: automatic collections would walk all of
@@ -357,7 +359,7 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
             while data.poll(wait):
                 wait = 0.0
                 try:
-                    msgs = decode(data.recv_bytes())
+                    msgs = decode_lazy(data.recv_bytes())
                 except EOFError:  # the service is gone: write what we have and stop
                     closing = True
                     break
@@ -374,10 +376,10 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
                     if msg[0] == "flush":
                         last_report = 0.0
                         continue
-                    rec = unpacker.feed(msg)
-                    if rec is None:
+                    if msg[0] != "r":
+                        unpacker.feed(msg)  # definitions
                         continue
-                    kind, event, parts = rec
+                    _, kind, event, packed = msg
                     received += 1
                     if known and ("d:" if kind == "d" else "o:") + str(event.get("decision_id")) in known:
                         if pending:  # keep "handled" in order: write what precedes it first
@@ -386,8 +388,9 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
                         settle()
                         skipped += 1
                         continue
-                    if parts is not None:
-                        event = {**event, "trace": assemble_trace(parts)}
+                    if packed is not None:  # stored as it came, with the shared objects put in
+                        event = {**event, STORED_TRACE: stored_from_packed(unpacker.stored_parts(packed),
+                                                                           writer.masker)}
                     if not pending:
                         due = time.monotonic() + s.flush_interval_s
                     pending.append((kind, event))

@@ -53,8 +53,9 @@ class TraceParts(NamedTuple):
 
     Mostly references to objects that already exist and never change (the placement's endpoint ids
     and rows, the guard's memoised verdict groups, the telemetry store's merged readings) and the
-    score stage's arrays. :func:`assemble_trace` turns it into the stored dict, in this process or
-    in the audit writer's (``audit.shipping`` sends the shared objects once, then handles).
+    score stage's arrays. The audit log stores the parts themselves (``audit.trace_store``; the
+    writer process gets the shared objects once, then handles); :func:`assemble_trace` turns them
+    into the version-2 trace dict, for whoever reads the trace.
     """
 
     request: RequestContext | Mapping[str, Any]  # a mapping once it has crossed to the writer process

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -15,15 +16,17 @@ import pytest
 
 from audit import database
 from audit.codec import encode_json
+from audit.masking import Masker
 from audit.settings import AuditSettings
-from audit.shipping import Packer, Unpacker, decode, encode
+from audit.shipping import Packer, Unpacker, decode, decode_lazy, encode
+from audit.trace_store import encode_parts, read_trace, stored_from_packed
 from audit.verify import verify
 from audit.writer_process import ProcessAuditWriter
 from decision.domain import Outcome, OutcomeStatus, RequestContext
 from decision.engine import DecisionEngine, LazyTrace, decision_event
 from decision.errors import DecisionError, Unavailable
 from decision.fleet import Fleet
-from decision.trace_format import assemble_trace
+from decision.trace_format import assemble_trace, expand_trace
 from learners.least_ttft import LeastExpectedTtft
 from policies.bundle import DEFAULT_BUNDLE, compile_bundle
 from policies.guard import PolicyGuard
@@ -97,6 +100,37 @@ def test_a_shipped_trace_is_the_trace_the_service_would_have_stored(seed: int, l
                 assert rec[2] is not None
                 got.append(encode_json(assemble_trace(rec[2])))
     assert got == expected
+
+
+@pytest.mark.parametrize(("seed", "limit"), [(3, 50_000), (4, 7)])
+def test_the_writer_process_stores_the_bytes_the_service_would_have_stored(seed: int, limit: int) -> None:
+    """The writer process stores each trace as it came, handles swapped for the objects (encoded
+    once): byte for byte what an in-process writer stores, and it reads back as the trace."""
+    masker = Masker(["labels.*", "session_id"])
+    packer, unpacker = Packer(limit=limit), Unpacker()
+    wire: list[Any] = []
+    expected: list[bytes] = []
+    views: list[dict[str, Any]] = []
+    for kind, event in _policy_decisions(seed, 120):
+        trace = event.get("trace")
+        parts = trace.parts() if isinstance(trace, LazyTrace) else None
+        if kind == "d":
+            assert parts is not None
+            expected.append(encode_parts(parts, masker))
+            views.append(json.loads(encode_json(expand_trace(assemble_trace(parts)))))
+        wire += packer.message(kind, {k: v for k, v in event.items() if k != "trace"}, parts)
+    got = []
+    for start in range(0, len(wire), 17):
+        for msg in decode_lazy(encode(wire[start:start + 17])):
+            if msg[0] != "r":
+                unpacker.feed(msg)
+            elif msg[1] == "d":
+                got.append(stored_from_packed(unpacker.stored_parts(msg[3]), masker))
+    assert got == expected
+    for stored, view in zip(got, views, strict=True):
+        read = json.loads(encode_json(read_trace(stored)))
+        assert {k: v for k, v in read.items() if k != "request"} == {k: v for k, v in view.items() if k != "request"}
+        assert read["request"] == json.loads(encode_json(masker.mask_request(view["request"])))
 
 
 def test_process_writer_stores_each_decision_and_outcome_once_and_the_chain_verifies(

@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from audit import database, partitions
+from audit.codec import decode_json, encode_json, load_trace
 from audit.events import DecisionEventV1, OutcomeEventV1
 from audit.masking import Masker
 from audit.repository import AuditRepository, DecisionFilter
@@ -329,10 +330,12 @@ def test_concurrent_migrations_serialise_on_an_advisory_lock(fresh_pg_url: str) 
     assert row is not None and row[0] == "0005"
 
 
-@pytest.mark.parametrize(("codec", "prefix"), [("lz4", b"\x04\x22\x4d\x18"), ("json", b"{"), ("zlib", b"x")])
+@pytest.mark.parametrize(("codec", "prefix"), [("lz4", b"\x04\x22\x4d\x18"), ("json", b"\x93\xafinfermesh-trace"),
+                                               ("zlib", b"x")])
 def test_traces_are_stored_in_the_configured_codec_and_every_form_reads_back(
         db: str, demo_fleet: Fleet, tmp_path: Path, codec: str, prefix: bytes) -> None:
-    w = AuditWriter(db, AuditSettings(spool_dir=tmp_path, trace_codec=codec))  # type: ignore[arg-type]
+    w = AuditWriter(db, AuditSettings(spool_dir=tmp_path, trace_codec=codec,  # type: ignore[arg-type]
+                                      mask_fields=["labels.user"]))
     engine = make_engine(demo_fleet, w)
     d = engine.decide(ctx(11))
     assert w.flush(10)
@@ -342,11 +345,31 @@ def test_traces_are_stored_in_the_configured_codec_and_every_form_reads_back(
         compression = conn.execute("SELECT attcompression FROM pg_attribute WHERE attrelid = "
                                    "'decision_events'::regclass AND attname = 'trace_z'").fetchone()
     assert raw is not None and bytes(raw[0]).startswith(prefix)
-    assert compression is not None and compression[0] == "l"  # lz4 for plain JSON, set by migration 0003
+    assert compression is not None and compression[0] == "l"  # lz4 for uncompressed traces, set by migration 0003
     repo = AuditRepository(db)
     stored = repo.get_decision(d.decision_id)
     repo.close()
     assert stored is not None and stored["trace"]["stages"]["choose"]["chosen"] == d.route.endpoint_id
+    # Stored as parts and assembled on read: the trace the service showed, its request masked.
+    shown = decode_json(encode_json(dict(d.trace)))
+    read = stored["trace"]
+    assert {k: v for k, v in read.items() if k != "request"} == {k: v for k, v in shown.items() if k != "request"}
+    assert read["request"]["labels"] == {"user": Masker(["labels.user"]).token("user-11"), "team": "blue"}
+
+
+def test_a_trace_that_arrives_built_is_stored_as_masked_json_and_reads_back(db: str, tmp_path: Path) -> None:
+    w = AuditWriter(db, AuditSettings(spool_dir=tmp_path, trace_codec="json", mask_fields=["session_id"]))
+    w.submit_decision({"decision_id": "built-1", "decided_at": 1.7e9, "status": "denied", "request_id": "r",
+                       "tenant": "t", "deny_rules": ["residency"],
+                       "trace": {"version": 1, "request": {"session_id": "s1", "prompt": "secret"}, "stages": {}}})
+    assert w.flush(10)
+    w.close()
+    with psycopg.connect(db) as conn:
+        raw = conn.execute("SELECT trace_z FROM decision_events WHERE decision_id = 'built-1'").fetchone()
+    assert raw is not None and bytes(raw[0]).startswith(b"{")
+    trace = load_trace(bytes(raw[0]))
+    assert trace["request"] == {"session_id": Masker(["session_id"]).token("s1")}
+    assert verify(db).ok
 
 
 def _cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], db: str,
