@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 PAGE = Path(__file__).resolve().parent / "page.html"
 NAME = r"^[A-Za-z0-9_.:@/+\-]{1,200}$"
 DECISION_ID = r"^[A-Za-z0-9\-]{1,64}$"
-EXPORT_COLUMNS = (*SUMMARY_COLUMNS, "outcome_status", "outcome_ttft_ms", "outcome_latency_ms")
+EXPORT_COLUMNS = (*SUMMARY_COLUMNS, "outcome_status", "outcome_ttft_ms", "outcome_latency_ms", "conflicting_outcomes")
 _json = msgspec.json.Encoder()
 
 Name = Annotated[str | None, Query(pattern=NAME, max_length=200)]

@@ -28,7 +28,9 @@ SUMMARY_COLUMNS = (
 OUTCOME_FIELDS = ("status", "ttft_ms", "latency_ms", "input_tokens", "output_tokens", "error", "reward",
                   "reported_at")
 _SELECT = ", ".join(f"e.{c}" for c in SUMMARY_COLUMNS) + (
-    ", o.status AS outcome_status, o.ttft_ms AS outcome_ttft_ms, o.latency_ms AS outcome_latency_ms")
+    ", o.status AS outcome_status, o.ttft_ms AS outcome_ttft_ms, o.latency_ms AS outcome_latency_ms"
+    # Second, different outcomes reported for the decision (kept in outcome_conflicts, evidence too).
+    ", (SELECT count(*) FROM outcome_conflicts c WHERE c.decision_id = e.decision_id) AS conflicting_outcomes")
 
 
 class BadCursor(ValueError):
@@ -184,7 +186,8 @@ class AuditRepository:
                 yield out
 
     def stats(self, *, filters: DecisionFilter) -> dict[str, Any]:
-        """Decisions by status, denials by rule, routes by tier, TTFT by route."""
+        """Decisions by status, denials by rule, routes by tier, TTFT by route, and how many decisions
+        had a second, different outcome reported."""
         where, params = filters.where()
         base = f"FROM decision_events e LEFT JOIN outcomes o ON o.decision_id = e.decision_id WHERE {where}"
         with self.pool.connection() as conn:
@@ -198,6 +201,9 @@ class AuditRepository:
             by_tier = conn.execute(
                 f"SELECT e.tier, count(*) AS n {base} AND e.status = 'routed' GROUP BY 1 ORDER BY 2 DESC",
                 params).fetchall()
+            conflicted = conn.execute(
+                f"SELECT count(*) AS n {base} AND EXISTS (SELECT 1 FROM outcome_conflicts c "
+                "WHERE c.decision_id = e.decision_id)", params).fetchone()
             ttft = conn.execute(
                 f"SELECT e.endpoint_id, count(o.ttft_ms) AS n, avg(o.ttft_ms) AS mean_ms, "
                 f"percentile_cont(0.5) WITHIN GROUP (ORDER BY o.ttft_ms) AS p50_ms, "
@@ -209,6 +215,7 @@ class AuditRepository:
             "denials_by_rule": {r["rule"]: r["n"] for r in by_rule},
             "routes_by_tier": {r["tier"]: r["n"] for r in by_tier},
             "ttft_by_route": [dict(r) for r in ttft],
+            "decisions_with_conflicting_outcomes": int(conflicted["n"]) if conflicted else 0,
         }
 
     def counts(self) -> dict[str, int]:

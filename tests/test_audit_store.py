@@ -219,6 +219,15 @@ def test_a_second_different_outcome_is_kept_in_its_chain_not_dropped(db: str, de
     assert stored is not None and stored["outcome"]["status"] == "ok"
     assert [o["error"] for o in stored["conflicting_outcomes"]] == ["reset"]
     assert "also reported (kept, not used): error" in render_text(stored)
+    # Lists, exports and stats count them too.
+    repo = AuditRepository(db)
+    listed, _ = repo.list_decisions(filters=DecisionFilter())
+    exported = list(repo.iter_decisions(filters=DecisionFilter()))
+    stats = repo.stats(filters=DecisionFilter())
+    repo.close()
+    assert {r["decision_id"]: r["conflicting_outcomes"] for r in listed} == {d.decision_id: 1 for d in made}
+    assert [r["conflicting_outcomes"] for r in exported] == [1, 1]
+    assert stats["decisions_with_conflicting_outcomes"] == 2
     with psycopg.connect(db, autocommit=True) as conn:
         conn.execute("DELETE FROM outcome_conflicts WHERE decision_id = %s", (first,))
     report = verify(db)
