@@ -222,6 +222,8 @@ class Packer:
             return out
 
     def _pack(self, p: TraceParts) -> list[Any]:
+        # This layout is also the stored parts form (audit.trace_store, PARTS_VERSION 3): change it
+        # only with a new version there and a reader for rows stored in this one.
         ids: Any = self.ref(p.candidate_ids) if isinstance(p.candidate_ids, tuple) else list(p.candidate_ids)
         table = p.verdicts
         verdicts: Any
