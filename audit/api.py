@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
-from audit import keys, partitions
+from audit import checkpoint, keys, partitions
 from audit.keys import Principal
 from audit.repository import SUMMARY_COLUMNS, AuditRepository, BadCursor, DecisionFilter
 from audit.why import candidate_rows, render_text
@@ -170,6 +170,15 @@ def build_router(repo: AuditRepository, *, reload: Callable[[], str] | None = No
     def stats(f: Filters) -> dict[str, Any]:
         """Decisions by status, denials by rule, routes by tier, TTFT by route."""
         return repo.stats(filters=f)
+
+    @router.get("/v1/checkpoint", tags=["audit"], response_class=PlainTextResponse)
+    def chain_checkpoint(p: Annotated[Principal, Depends(principal)]) -> str:
+        """Every hash chain's head now, as ``infermesh audit checkpoint`` writes it: keep it outside
+        the database, check it later with ``infermesh audit verify --checkpoint``. Chains span
+        tenants, so a key limited to one tenant may not read it."""
+        if p.tenant is not None:
+            raise HTTPException(403, "chain heads span tenants: this needs a key for every tenant")
+        return checkpoint.render(checkpoint.chain_heads(repo.url), dt.datetime.now(dt.UTC))
 
     @router.post("/v1/admin/retention", tags=["admin"])
     def retention(body: RetentionRequest, _: Annotated[Principal, Depends(admin)]) -> dict[str, Any]:

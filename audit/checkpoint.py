@@ -13,7 +13,10 @@ Retention drops whole UTC days, oldest first, so a head on a day older than the 
 log holds is reported as retired, not failed; a head on a day the log still holds must be there.
 
 >>> h = ChainHead("decision_events", dt.date(2026, 11, 27), "a1b2", 7, "f" * 64)
->>> parse_heads([h.to_line()], "heads.jsonl") == [h]
+>>> text = render([h], dt.datetime(2026, 11, 28, tzinfo=dt.UTC))
+>>> text.splitlines()[0]
+'# infermesh audit checkpoint taken 2026-11-28T00:00:00+00:00: 1 chain heads'
+>>> parse_heads(text.splitlines(), "heads.jsonl") == [h]
 True
 """
 
@@ -66,6 +69,13 @@ def chain_heads(url: str) -> list[ChainHead]:
             "  SELECT (reported_at AT TIME ZONE 'UTC')::date, chain_id, seq, hash FROM outcome_conflicts) o "
             "ORDER BY day, chain_id, seq DESC").fetchall()
     return [ChainHead(str(t), day, str(c), int(s), str(h)) for t, day, c, s, h in rows]
+
+
+def render(heads: Sequence[ChainHead], taken_at: dt.datetime) -> str:
+    """A checkpoint file's text: a comment line, then one JSON line per head."""
+    stamp = taken_at.isoformat(timespec="seconds")
+    return "\n".join([f"# infermesh audit checkpoint taken {stamp}: {len(heads)} chain heads",
+                      *(h.to_line() for h in heads)]) + "\n"
 
 
 def parse_heads(lines: Iterable[str], source: str) -> list[ChainHead]:

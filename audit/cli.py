@@ -165,9 +165,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 def cmd_checkpoint(a: argparse.Namespace) -> int:
     heads = checkpoint.chain_heads(_url())
-    taken = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    lines = [f"# infermesh audit checkpoint taken {taken}: {len(heads)} chain heads", *(h.to_line() for h in heads)]
-    text = "\n".join(lines) + "\n"
+    text = checkpoint.render(heads, dt.datetime.now(dt.UTC))
     if a.output == "-":
         sys.stdout.write(text)
     else:

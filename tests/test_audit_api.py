@@ -165,3 +165,16 @@ def test_page_renders_why_this_route_in_headless_chromium(world: dict[str, str],
                            (world["acme_id"],)).fetchone()
     assert row is not None
     assert 'class="chosen"' in dom and row[0] in dom
+
+
+def test_checkpoint_lists_every_chain_head_for_unscoped_keys_only(client: TestClient, world: dict[str, str]) -> None:
+    from audit.checkpoint import check_heads, parse_heads
+
+    r = client.get("/v1/checkpoint", headers=h(world["auditor"]))
+    assert r.status_code == 200 and r.text.startswith("# infermesh audit checkpoint taken ")
+    heads = parse_heads(r.text.splitlines(), "/v1/checkpoint")
+    assert {(x.table, x.seq) for x in heads} == {("decision_events", 30), ("outcomes", 15)}
+    report = check_heads(world["url"], heads)
+    assert report.ok and report.checked == 2
+    assert client.get("/v1/checkpoint", headers=h(world["globex"])).status_code == 403
+    assert client.get("/v1/checkpoint").status_code == 401
