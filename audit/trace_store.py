@@ -40,9 +40,12 @@ STORED_TRACE = "stored_trace"  # an event's key for its stored trace bytes, when
 _decoder = msgspec.msgpack.Decoder()
 
 
+_INLINE = InlinePacker()  # keeps no state: every object goes inline
+
+
 def encode_parts(parts: TraceParts, masker: Masker) -> bytes:
     """The parts form of a trace built in this process (objects inline, request masked)."""
-    return stored_from_packed(InlinePacker().pack(parts), masker)
+    return stored_from_packed(_INLINE.pack(parts), masker)
 
 
 def stored_from_packed(packed: Sequence[Any], masker: Masker) -> bytes:
