@@ -389,8 +389,13 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
                         skipped += 1
                         continue
                     if packed is not None:  # stored as it came, with the shared objects put in
-                        event = {**event, STORED_TRACE: stored_from_packed(unpacker.stored_parts(packed),
-                                                                           writer.masker)}
+                        try:
+                            event = {**event, STORED_TRACE: stored_from_packed(unpacker.stored_parts(packed),
+                                                                               writer.masker)}
+                        except Exception as exc:  # keep the decision and say what was lost; never crash-loop
+                            log.exception("audit: the trace of decision %s could not be stored",
+                                          event.get("decision_id"))
+                            event = {**event, "trace": {"error": f"the trace could not be stored: {exc!r}"}}
                     if not pending:
                         due = time.monotonic() + s.flush_interval_s
                     pending.append((kind, event))
