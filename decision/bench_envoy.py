@@ -49,6 +49,7 @@ def bench_fleet(backend: str, endpoints: int = 16) -> Any:
 
 def _serve_processor(backend: str, server_kind: str = "asyncio") -> None:
     """The processor process: a DecisionEngine on the bench fleet behind the ext_proc server."""
+    from decision import heap
     from decision.engine import DecisionEngine
     from decision.extproc import serve_extproc
     from decision.health_guard import BuiltinHealthGuard
@@ -64,6 +65,7 @@ def _serve_processor(backend: str, server_kind: str = "asyncio") -> None:
     # they would pile up on the real backend until the decoys (nothing listens there) looked better.
     engine = DecisionEngine(fleet, store, BuiltinHealthGuard(), LeastExpectedTtft(), count_inflight=False)
     srv = serve_extproc(engine, address="127.0.0.1:0", max_streams=64, server_kind=server_kind)
+    heap.settle()  # as the service does once started (decision.heap): start-up state out of the collector's way
     ru = resource.getrusage(resource.RUSAGE_SELF)
     cpu0 = ru.ru_utime + ru.ru_stime  # start-up (imports) is not per-request work
     print(srv.port, flush=True)
