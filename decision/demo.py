@@ -179,6 +179,8 @@ def run_demo(cfg: ServiceConfig, settings: Settings, *, duration_s: float, concu
         console.print(f"The audit log stays in {service.audit.database_url}. Query it with:\n"
                       f"  infermesh audit why {res.sample_decision}\n"
                       f"  infermesh audit query --tenant acme --limit 10\n"
+                      f"  infermesh audit verify   (recompute the hash chains; with --checkpoint FILE also the heads\n"
+                      f"                           that `infermesh audit checkpoint -o FILE` recorded)\n"
                       f"  psql '{service.audit.database_url}' -c 'select decision_id, tenant, site_id, status "
                       f"from decision_events order by decided_at desc limit 10'")
     else:
