@@ -133,6 +133,35 @@ def test_the_writer_process_stores_the_bytes_the_service_would_have_stored(seed:
         assert read["request"] == json.loads(encode_json(masker.mask_request(view["request"])))
 
 
+def test_a_trace_the_writer_process_cannot_store_keeps_its_decision_and_the_writer(
+        db: str, demo_fleet: Fleet, tmp_path: Path) -> None:
+    """A shared object that pickles (so it crosses) but has no stored form: the decision is kept
+    with an error for a trace, the writer process stays up, the records around it are whole."""
+    w = ProcessAuditWriter(db, AuditSettings(spool_dir=tmp_path, flush_interval_s=0.05))
+    engine = make_engine(demo_fleet, None)
+    made = [engine.decide(ctx(i)) for i in range(3)]
+    bad_parts = made[1].stored_trace.parts()
+    assert bad_parts is not None
+    bad_parts = bad_parts._replace(endpoints=[[complex(1, 2)] for _ in bad_parts.endpoints])
+    pid = w._proc.pid
+    for i, d in enumerate(made):
+        event = decision_event(d, "routed", ())
+        if i == 1:
+            event["trace"] = LazyTrace(gather=lambda: bad_parts)
+        w.submit_decision(event)
+    assert w.flush(30)
+    assert w._proc.pid == pid and w.restarts == 0
+    w.close()
+    with psycopg.connect(db) as conn:
+        rows = dict(conn.execute("SELECT decision_id, trace_z FROM decision_events").fetchall())
+    from audit.codec import load_trace
+    assert set(rows) == {d.decision_id for d in made}
+    assert "could not be stored" in load_trace(bytes(rows[made[1].decision_id]))["error"]
+    good = load_trace(bytes(rows[made[2].decision_id]))
+    assert good["stages"]["choose"]["chosen"] == made[2].route.endpoint_id
+    assert verify(db).ok
+
+
 def test_process_writer_stores_each_decision_and_outcome_once_and_the_chain_verifies(
         db: str, demo_fleet: Fleet, tmp_path: Path) -> None:
     w = ProcessAuditWriter(db, AuditSettings(spool_dir=tmp_path, flush_interval_s=0.05))
