@@ -140,7 +140,9 @@ def test_a_trace_the_writer_process_cannot_store_keeps_its_decision_and_the_writ
     w = ProcessAuditWriter(db, AuditSettings(spool_dir=tmp_path, flush_interval_s=0.05))
     engine = make_engine(demo_fleet, None)
     made = [engine.decide(ctx(i)) for i in range(3)]
-    bad_parts = made[1].stored_trace.parts()
+    stored_trace = made[1].stored_trace
+    assert isinstance(stored_trace, LazyTrace)
+    bad_parts = stored_trace.parts()
     assert bad_parts is not None
     bad_parts = bad_parts._replace(endpoints=[[complex(1, 2)] for _ in bad_parts.endpoints])
     pid = w._proc.pid
@@ -153,11 +155,12 @@ def test_a_trace_the_writer_process_cannot_store_keeps_its_decision_and_the_writ
     assert w._proc.pid == pid and w.restarts == 0
     w.close()
     with psycopg.connect(db) as conn:
-        rows = dict(conn.execute("SELECT decision_id, trace_z FROM decision_events").fetchall())
+        rows: dict[str, bytes] = {r[0]: bytes(r[1]) for r in conn.execute("SELECT decision_id, trace_z "
+                                                                          "FROM decision_events")}
     from audit.codec import load_trace
     assert set(rows) == {d.decision_id for d in made}
-    assert "could not be stored" in load_trace(bytes(rows[made[1].decision_id]))["error"]
-    good = load_trace(bytes(rows[made[2].decision_id]))
+    assert "could not be stored" in load_trace(rows[made[1].decision_id])["error"]
+    good = load_trace(rows[made[2].decision_id])
     assert good["stages"]["choose"]["chosen"] == made[2].route.endpoint_id
     assert verify(db).ok
 
