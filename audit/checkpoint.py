@@ -32,7 +32,6 @@ import psycopg
 
 from audit import partitions
 
-TABLES = ("decision_events", "outcomes")
 _FIELDS = ("table", "day", "chain_id", "seq", "hash")
 
 
@@ -55,20 +54,26 @@ class ChainHead:
                            "seq": self.seq, "hash": self.hash})
 
 
+# Each table's chain links (an outcome chain includes its outcome_conflicts rows; unchained legacy
+# outcomes have no hash), with the time that places a link on its UTC day as ``at``.
+_LINKS = {
+    "decision_events": "SELECT decided_at AS at, chain_id, seq, hash FROM decision_events",
+    "outcomes": ("SELECT reported_at AS at, chain_id, seq, hash FROM outcomes WHERE hash IS NOT NULL "
+                 "UNION ALL SELECT reported_at, chain_id, seq, hash FROM outcome_conflicts"),
+}
+
+
 def chain_heads(url: str) -> list[ChainHead]:
     """Every chain's head now: the highest seq of each (table, UTC day, chain id)."""
+    heads = []
     with psycopg.connect(url) as conn:
-        rows = conn.execute(
-            "SELECT DISTINCT ON (day, chain_id) 'decision_events', day, chain_id, seq, hash FROM ("
-            "  SELECT (decided_at AT TIME ZONE 'UTC')::date AS day, chain_id, seq, hash FROM decision_events) d "
-            "ORDER BY day, chain_id, seq DESC").fetchall()
-        rows += conn.execute(
-            "SELECT DISTINCT ON (day, chain_id) 'outcomes', day, chain_id, seq, hash FROM ("
-            "  SELECT (reported_at AT TIME ZONE 'UTC')::date AS day, chain_id, seq, hash FROM outcomes "
-            "  WHERE hash IS NOT NULL UNION ALL "
-            "  SELECT (reported_at AT TIME ZONE 'UTC')::date, chain_id, seq, hash FROM outcome_conflicts) o "
-            "ORDER BY day, chain_id, seq DESC").fetchall()
-    return [ChainHead(str(t), day, str(c), int(s), str(h)) for t, day, c, s, h in rows]
+        for table, links in _LINKS.items():
+            rows = conn.execute(
+                "SELECT DISTINCT ON (day, chain_id) day, chain_id, seq, hash FROM ("
+                f"SELECT (l.at AT TIME ZONE 'UTC')::date AS day, l.chain_id, l.seq, l.hash FROM ({links}) l) d "
+                "ORDER BY day, chain_id, seq DESC").fetchall()
+            heads += [ChainHead(table, day, str(c), int(s), str(h)) for day, c, s, h in rows]
+    return heads
 
 
 def render(heads: Sequence[ChainHead], taken_at: dt.datetime) -> str:
@@ -99,8 +104,8 @@ def _head(doc: dict[str, Any], where: str) -> ChainHead:
     missing = [f for f in _FIELDS if f not in doc]
     if missing:
         raise CheckpointError(f"{where}: {missing[0]}: required")
-    if doc["table"] not in TABLES:
-        raise CheckpointError(f"{where}: table: must be one of {', '.join(TABLES)}, not {doc['table']!r}")
+    if doc["table"] not in _LINKS:
+        raise CheckpointError(f"{where}: table: must be one of {', '.join(_LINKS)}, not {doc['table']!r}")
     try:
         day = dt.date.fromisoformat(str(doc["day"]))
     except ValueError:
@@ -163,15 +168,10 @@ def check_heads(url: str, heads: Sequence[ChainHead], *, start: dt.date | None =
 def _stored(conn: psycopg.Connection[Any], heads: Sequence[ChainHead]) -> dict[tuple[str, dt.date, str, int], str]:
     """The stored hash of each head's link, looked up by (chain id, seq) on the chain indexes."""
     out: dict[tuple[str, dt.date, str, int], str] = {}
-    for table in TABLES:
+    for table, links in _LINKS.items():
         mine = [h for h in heads if h.table == table]
         if not mine:
             continue
-        if table == "decision_events":
-            links = "SELECT decided_at AS at, chain_id, seq, hash FROM decision_events"
-        else:
-            links = ("SELECT reported_at AS at, chain_id, seq, hash FROM outcomes WHERE chain_id IS NOT NULL "
-                     "UNION ALL SELECT reported_at, chain_id, seq, hash FROM outcome_conflicts")
         sql = (f"SELECT (l.at AT TIME ZONE 'UTC')::date, l.chain_id, l.seq, l.hash FROM ({links}) l "
                "JOIN unnest(%s::text[], %s::int8[]) AS k(chain_id, seq) USING (chain_id, seq)")
         for day, chain_id, seq, digest in conn.execute(sql, ([h.chain_id for h in mine], [h.seq for h in mine])):
