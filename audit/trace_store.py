@@ -58,7 +58,7 @@ def stored_from_packed(packed: Sequence[Any], masker: Masker) -> bytes:
 
 def encode_trace(trace: Any, masker: Masker) -> bytes:
     """The stored bytes (before compression) of a trace: the parts form when it can give its parts
-    (:class:`decision.engine.LazyTrace`), else JSON of the masked mapping."""
+    (:class:`decision.engine.LazyTrace`), else JSON of the masked mapping (``None``: an empty one)."""
     gather = getattr(trace, "parts", None)
     parts = gather() if callable(gather) else None
     if parts is not None:

@@ -255,7 +255,7 @@ class AuditWriter(AtBoundCounts):
                     stored = ev.get(STORED_TRACE)
                     e = DecisionEventV1.from_mapping(ev)
                     if stored is None:
-                        stored = encode_trace(ev.get("trace") or {}, self.masker)
+                        stored = encode_trace(ev.get("trace"), self.masker)  # not `or {}`: that would build a lazy one
                     day = day_of_us(e.decided_at_us)
                     seq, prev = self._heads.get(day) or (0, genesis(day, self.chain_id))
                     row = list(decision_row(e, chain_id=self.chain_id, seq=seq + 1, prev_hash=prev,
