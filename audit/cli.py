@@ -145,7 +145,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
         except checkpoint.CheckpointError as exc:
             print(str(exc), file=sys.stderr)
             return 2
-    report = verify(_url(), start=a.start, end=a.end)
+    url = _url()
+    report = verify(url, start=a.start, end=a.end)
     if report.broken is not None:
         print(f"FAILED after {report.rows} rows: {report.broken}")
         return 1
@@ -155,7 +156,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
           + (f" ({report.unchained_outcomes} older outcomes carry no chain)" if report.unchained_outcomes else ""))
     if heads is None:
         return 0
-    cp = checkpoint.check_heads(_url(), heads, start=a.start, end=a.end)
+    cp = checkpoint.check_heads(url, heads, start=a.start, end=a.end)
     for problem in cp.problems:
         print(f"FAILED: {problem}")
     retired = f"; {cp.retired} on days retention has dropped" if cp.retired else ""
