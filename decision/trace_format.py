@@ -128,11 +128,8 @@ def trace_parts(*, ctx: RequestContext, inventory_revision: str, learner: str, n
 
 
 def assemble_trace(p: TraceParts) -> dict[str, Any]:
-    """The version-2 stored trace from its parts.
-
-    The audit writer runs this for every decision, so it avoids per-item Python work where it
-    can: shared outcome tuples are spread into rows as they are, columns are zipped into rows.
-    """
+    """The version-2 trace from its parts (readers of the audit log run this for every trace they
+    read): shared outcome tuples are spread into rows as they are, columns are zipped into rows."""
     ids = list(p.candidate_ids)
     index = {eid: i for i, eid in enumerate(ids)}
     table = p.verdicts
@@ -142,7 +139,7 @@ def assemble_trace(p: TraceParts) -> dict[str, Any]:
         verdicts = [[-1, *o] for o in table.request]
         groups = table.groups
         if list(table.endpoint_ids) == ids:
-            positions: Iterator[int] = iter(range(len(ids)))
+            positions: Iterable[int] = range(len(ids))
         else:
             positions = (index.get(e, -1) for e in table.endpoint_ids)
         for cand, judged in zip(positions, zip(*groups, strict=True), strict=False):  # no groups: none
@@ -206,20 +203,9 @@ def _telemetry(source: tuple[Sequence[Any], float, float] | list[Snapshot]) -> d
     """Per candidate: [key-set index, values (None = stale/unknown), ages in ms]; key sets listed once."""
     key_sets: dict[tuple[str, ...], int] = {}
     rows: list[list[Any]] = []
-    if isinstance(source, tuple):  # the located set's merged readings (the store's tuples, no dict each)
-        merged, at, stale_after_s = source
-        limit = at - stale_after_s
-        for names, values, stamps, oldest in merged:
-            keys = names if isinstance(names, tuple) else tuple(names)  # a list once shipped as MessagePack
-            k = key_sets.get(keys)
-            if k is None:
-                k = key_sets[keys] = len(key_sets)
-            if oldest < limit:
-                values = [v if st >= limit else None for v, st in zip(values, stamps, strict=True)]
-            rows.append([k, values, [int((at - st) * 1000.0) for st in stamps]])
-        return {"keys": [list(k) for k in key_sets], "rows": rows}
-    for names, values, age_ms in source:
-        keys = names if isinstance(names, tuple) else tuple(names)
+    snapshots = _merged_snapshots(*source) if isinstance(source, tuple) else source
+    for names, values, age_ms in snapshots:
+        keys = names if isinstance(names, tuple) else tuple(names)  # a list once shipped as MessagePack
         k = key_sets.get(keys)
         if k is None:
             k = key_sets[keys] = len(key_sets)
@@ -227,9 +213,19 @@ def _telemetry(source: tuple[Sequence[Any], float, float] | list[Snapshot]) -> d
     return {"keys": [list(k) for k in key_sets], "rows": rows}
 
 
+def _merged_snapshots(merged: Sequence[Any], at: float, stale_after_s: float) -> Iterator[Snapshot]:
+    """Each :data:`Snapshot` of a located set, straight from the telemetry store's merged tuples
+    (names, values, timestamps, oldest): no per-endpoint dict, values copied only to blank stale ones."""
+    limit = at - stale_after_s
+    for names, values, stamps, oldest in merged:
+        if oldest < limit:
+            values = [v if st >= limit else None for v, st in zip(values, stamps, strict=True)]
+        yield names, values, [int((at - st) * 1000.0) for st in stamps]
+
+
 def _snapshots(candidates: Sequence[Candidate], now: float) -> Iterator[Snapshot]:
     """Each candidate's :data:`Snapshot` from its reading (a located set's come from its batch's
-    merged readings instead: see :func:`_telemetry`)."""
+    merged readings instead: :func:`_merged_snapshots`)."""
     for c in candidates:
         ages = c.telemetry.ages_s
         vals = c.telemetry.values
