@@ -167,21 +167,14 @@ def values_from_row(row: Mapping[str, Any], columns: Sequence[str] = HASHED_COLU
 
 def decision_row(e: DecisionEventV1, *, chain_id: str, seq: int, prev_hash: str, trace_bytes: bytes,
                  level: int = 1, codec: str = "json") -> tuple[Any, ...]:
-    """The COPY row of one decision, with its chain link."""
+    """The row of one decision, with its chain link; its time (``decided_at``) stays µs, as spooled."""
     values = hashed_values(e, chain_id, seq)
     digest = link_hash(prev_hash, values, trace_bytes)
-    row = list(values)
-    row[1] = from_us(e.decided_at_us)
-    row.extend([compress_trace(trace_bytes, level, codec), prev_hash, digest])
-    return tuple(row)
+    return (*values, compress_trace(trace_bytes, level, codec), prev_hash, digest)
 
 
 def outcome_row(o: OutcomeEventV1, *, chain_id: str, seq: int, prev_hash: str) -> tuple[Any, ...]:
-    """The COPY row of one outcome, with its chain link."""
+    """The row of one outcome, with its chain link; its time (``reported_at``) stays µs, as spooled."""
     values = [o.decision_id, o.status, o.ttft_ms, o.latency_ms, o.input_tokens, o.output_tokens, o.error,
               o.reward, o.reported_at_us, o.event_version, chain_id, seq]
-    digest = link_hash(prev_hash, values)
-    row = list(values)
-    row[8] = from_us(o.reported_at_us)
-    row.extend([prev_hash, digest])
-    return tuple(row)
+    return (*values, prev_hash, link_hash(prev_hash, values))

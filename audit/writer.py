@@ -16,7 +16,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -256,26 +256,25 @@ class AuditWriter(AtBoundCounts):
                     e = DecisionEventV1.from_mapping(ev)
                     if stored is None:
                         stored = encode_trace(ev.get("trace"), self.masker)  # not `or {}`: that would build a lazy one
-                    day = day_of_us(e.decided_at_us)
-                    seq, prev = self._heads.get(day) or (0, genesis(day, self.chain_id))
-                    row = list(decision_row(e, chain_id=self.chain_id, seq=seq + 1, prev_hash=prev,
+                    drows.append(self._link(self._heads, day_of_us(e.decided_at_us), genesis, decision_row, e,
                                             trace_bytes=stored, level=level, codec=codec))
-                    self._heads[day] = (seq + 1, row[-1])
-                    row[1] = e.decided_at_us
-                    drows.append(row)
                 else:
                     o = OutcomeEventV1.from_mapping(ev)
-                    day = day_of_us(o.reported_at_us)
-                    seq, prev = self._oheads.get(day) or (0, outcome_genesis(day, self.chain_id))
-                    row = list(outcome_row(o, chain_id=self.chain_id, seq=seq + 1, prev_hash=prev))
-                    self._oheads[day] = (seq + 1, row[-1])
-                    row[8] = o.reported_at_us
-                    orows.append(row)
+                    orows.append(self._link(self._oheads, day_of_us(o.reported_at_us), outcome_genesis,
+                                            outcome_row, o))
             except (KeyError, TypeError, ValueError) as exc:
                 with self._idle:  # deliver (maybe on another thread) counts here too
                     self.invalid += 1
                 log.error("audit: rejected a malformed %s event %r: %s", kind, ev.get("decision_id"), exc)
         return {"d": drows, "o": orows}
+
+    def _link(self, heads: dict[dt.date, tuple[int, str]], day: dt.date, genesis_of: Callable[[dt.date, str], str],
+              make_row: Callable[..., tuple[Any, ...]], event: Any, **extra: Any) -> list[Any]:
+        """``event``'s row as the next link of this writer's chain for ``day`` (a row ends with its hash)."""
+        seq, prev = heads.get(day) or (0, genesis_of(day, self.chain_id))
+        row = list(make_row(event, chain_id=self.chain_id, seq=seq + 1, prev_hash=prev, **extra))
+        heads[day] = (seq + 1, row[-1])
+        return row
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:
