@@ -180,6 +180,7 @@ class DecisionEngine:
         self._endpoint_rows: dict[tuple[str, str, str, str], list[list[Any]]] = {}
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
         self._reported: OrderedDict[str, float | None] = OrderedDict()
+        self._reporting: set[str] = set()  # outcomes being recorded now (see report_outcome)
         self._lock = threading.Lock()
         self._learn_lock = threading.Lock()
         self.stats: dict[str, int] = {"decisions": 0, "denied": 0, "quota_denied": 0, "outcomes": 0,
@@ -298,6 +299,7 @@ class DecisionEngine:
             if self.audit is not None:
                 self.audit.submit_decision(decision_event(decision, "routed", ()))  # may refuse (fail-closed)
         except BaseException:
+            self._forget(decision_id)  # refused by the audit log: never routed, so never in flight nor learnt
             guard.release(ctx, state)
             raise
         guard.commit(ctx, decision)
@@ -365,6 +367,13 @@ class DecisionEngine:
         for p in expired:
             self._learn_missing(p)
 
+    def _forget(self, decision_id: str) -> None:
+        """Drop a remembered decision that was not answered after all (no outcome will come)."""
+        with self._lock:
+            p = self._pending.pop(decision_id, None)
+            if p is not None:
+                self._release(p)
+
     def _release(self, p: _Pending) -> _Pending:
         """The decision is no longer in flight at its endpoint (call with ``_lock`` held)."""
         self.ledger.done(p.endpoint_id)
@@ -412,13 +421,24 @@ class DecisionEngine:
         if outcome.input_tokens < 0 or outcome.output_tokens < 0:
             raise InvalidArgument("input_tokens" if outcome.input_tokens < 0 else "output_tokens",
                                   "must be >= 0")
+        did = outcome.decision_id
         with self._lock:
-            pending = self._pending.pop(outcome.decision_id, None)
+            pending = self._pending.pop(did, None)
             if pending is not None:
                 self._release(pending)
-            if pending is None and outcome.decision_id in self._reported:
+            elif did in self._reported or did in self._reporting:  # reported, or being reported right now
                 self.stats["outcomes_duplicate"] += 1
-                return OutcomeResult(outcome.decision_id, True, True, self._reported[outcome.decision_id])
+                return OutcomeResult(did, True, True, self._reported.get(did))
+            # Claimed under the lock, so a concurrent duplicate (a retry, a hedge) is answered as one.
+            self._reporting.add(did)
+        try:
+            return self._record_outcome(outcome, pending)
+        finally:
+            with self._lock:
+                self._reporting.discard(did)
+
+    def _record_outcome(self, outcome: Outcome, pending: _Pending | None) -> OutcomeResult:
+        did = outcome.decision_id
         reward: float | None = None
         if pending is not None:
             if outcome.status == OutcomeStatus.OK and outcome.ttft_ms > 0:
@@ -428,24 +448,27 @@ class DecisionEngine:
             reward = self.reward(pending.ctx, outcome, pending.expected_ttft_ms, pending.cost_per_1k_tokens)
             self._learn(pending.features, reward)
         else:  # not decided here since this process started (a restart, another replica): ask the log
-            record = self.traces.get_decision(outcome.decision_id) if self.traces is not None else None
+            record = self.traces.get_decision(did) if self.traces is not None else None
             if record is None:
-                raise NotFound("decision", outcome.decision_id)
+                raise NotFound("decision", did)
+            status = record.get("status", "routed")
+            if status != "routed":  # a denial was never routed: nothing ran that could have an outcome
+                raise InvalidArgument("decision_id", f"decision {did!r} was {status}, not routed; it has no outcome")
             stored = record.get("outcome")
             if stored:  # reported before: idempotent across restarts too (the log keeps the first)
                 prior = stored.get("reward")
                 with self._lock:
-                    self._reported[outcome.decision_id] = prior
+                    self._reported[did] = prior
                 self.stats["outcomes_duplicate"] += 1
-                return OutcomeResult(outcome.decision_id, True, True, prior)
+                return OutcomeResult(did, True, True, prior)
         with self._lock:
-            self._reported[outcome.decision_id] = reward
+            self._reported[did] = reward
             while len(self._reported) > self.max_pending:
                 self._reported.popitem(last=False)
         self.stats["outcomes"] += 1
         if self.audit is not None:
             self.audit.submit_outcome(outcome_event(outcome, reward, self.clock()))
-        return OutcomeResult(outcome.decision_id, True, False, reward)
+        return OutcomeResult(did, True, False, reward)
 
     def pending_outcomes(self) -> int:
         return len(self._pending)
