@@ -104,16 +104,20 @@ class LearnerSync:
                 self._marks = dict(snap.delta_marks)
                 watermark = snap.watermark
             n_deltas = 0
+            do_replay = replay if replay is not None else not self.replica
             lin = self._linear()
             if lin is not None:
-                for d in self.store.read_deltas(learner=name, version=version, after=self._marks):
+                # Replaying the log re-learns this instance's own outcomes since the snapshot, which its
+                # own deltas already hold: fold in only the other replicas' deltas then, or they count twice.
+                for d in self.store.read_deltas(learner=name, version=version, after=self._marks,
+                                                exclude_replica=self.replica if do_replay else None):
                     lin.merge(d.dA, d.db, d.dn)
                     self._marks[d.replica] = d.seq
                     n_deltas += 1
                 self._seq = self.store.last_delta_seq(learner=name, version=version, replica=self.replica)
                 self._marks[self.replica] = self._seq
             replayed = 0
-            if replay if replay is not None else not self.replica:
+            if do_replay:
                 replayed = self._replay(watermark)
         return RestoreReport(None if snap is None else snap.id, n_deltas, replayed)
 

@@ -106,6 +106,36 @@ def test_restore_replays_outcomes_after_the_snapshot(fresh_pg_url: str) -> None:
     assert lossy.n_updates == 40
 
 
+def test_restore_counts_outcomes_once_when_own_deltas_were_synced_before_the_crash(fresh_pg_url: str) -> None:
+    import psycopg
+
+    migrate(fresh_pg_url)
+    store = LearnerStore(fresh_pg_url)
+    learner = LinUCB(D, seed=5)
+    sync = LearnerSync(learner, store, FEATURE_NAMES, clock=lambda: 1_000.0)  # a single instance (replica "")
+    eng, rng = _engine(learner, 5)
+    before = _traffic(eng, rng, 40)
+    sync.snapshot()
+    after = _traffic(eng, rng, 25)
+    sync.sync()  # the service's periodic sync stored these 25 as this instance's delta, then it crashed
+    with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
+        for i, rec in enumerate(before + after):
+            d = rec["decision"]
+            insert_decision(conn, decision_id=d.decision_id, decided_at=900.0 + i,  # type: ignore[attr-defined]
+                            learner="linucb@1", propensity=d.propensity, trace=dict(d.trace))  # type: ignore[attr-defined]
+            insert_outcome(conn, decision_id=d.decision_id, reward=rec["reward"],  # type: ignore[attr-defined, arg-type]
+                           reported_at=950.0 + 0.1 * i if i < len(before) else 1_001.0 + i)
+    restarted = LinUCB(D, seed=5)
+    report = LearnerSync(restarted, store, FEATURE_NAMES).restore()
+    assert report.replayed == len(after) and report.deltas == 0  # the log replays them; the own delta is not added
+    assert restarted.n_updates == learner.n_updates == 65
+    np.testing.assert_allclose(_A(restarted), _A(learner), rtol=1e-3, atol=1e-3)
+    # Without the replay, the own delta is what brings them back.
+    no_replay = LinUCB(D, seed=5)
+    assert LearnerSync(no_replay, store, FEATURE_NAMES).restore(replay=False).deltas == 1
+    assert no_replay.n_updates == 65
+
+
 def test_state_of_another_feature_layout_is_never_loaded(fresh_pg_url: str) -> None:
     """A service restarted with a different feature builder starts from its prior, not a crash."""
     migrate(fresh_pg_url)
