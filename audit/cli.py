@@ -78,8 +78,18 @@ def register(sub: Any) -> None:
     k.add_argument("key_id")
     k.set_defaults(func=cmd_keys_revoke)
     p = asub.add_parser("retention", help="drop day partitions older than N days")
-    p.add_argument("--days", type=int, required=True)
+    p.add_argument("--days", type=_days, required=True, help="days kept, today included (>= 1)")
     p.set_defaults(func=cmd_retention)
+
+
+def _days(text: str) -> int:
+    try:
+        days = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of days: {text!r}") from None
+    if days < 1:  # 0 would drop today's partition, a negative number those created ahead as well
+        raise argparse.ArgumentTypeError(f"must be >= 1 (today is always kept), got {days}")
+    return days
 
 
 def _url() -> str:

@@ -59,6 +59,11 @@ def drop_before(conn: psycopg.Connection[Any], *, cutoff: dt.date) -> list[dt.da
 
 def apply_retention(conn: psycopg.Connection[Any], *, retention_days: int,
                     today: dt.date | None = None) -> list[dt.date]:
-    """Keep ``retention_days`` days (today included) and drop older partitions."""
+    """Keep ``retention_days`` days (today included) and drop older partitions.
+
+    Fewer than one day would drop today's partition (and, below zero, those created ahead).
+    """
+    if retention_days < 1:
+        raise ValueError(f"retention_days must be >= 1 (today is kept), got {retention_days}")
     today = today or dt.datetime.now(dt.UTC).date()
     return drop_before(conn, cutoff=today - dt.timedelta(days=retention_days - 1))

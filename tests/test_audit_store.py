@@ -268,6 +268,24 @@ def test_retention_drops_old_day_partitions_only(db: str, demo_fleet: Fleet, tmp
     assert verify(db).ok
 
 
+def test_retention_of_less_than_a_day_is_refused_before_anything_is_dropped(
+        db: str, demo_fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    engine = make_engine(demo_fleet)
+    w = AuditWriter(db, AuditSettings(spool_dir=tmp_path))
+    w.submit_decision(decision_event(engine.decide(ctx(0)), "routed", ()))
+    assert w.flush(10)
+    w.close()
+    for days in ("0", "-2", "two"):
+        with pytest.raises(SystemExit) as exit_:
+            _cli(monkeypatch, capsys, db, "retention", "--days", days)
+        assert exit_.value.code == 2 and "--days" in capsys.readouterr().err
+    with psycopg.connect(db, autocommit=True) as conn:
+        with pytest.raises(ValueError, match="retention_days must be >= 1"):
+            partitions.apply_retention(conn, retention_days=0)
+        assert conn.execute("SELECT count(*) FROM decision_events").fetchone() == (1,)
+
+
 def test_spool_full_fail_closed_refuses_and_fail_open_counts(demo_fleet: Fleet, tmp_path: Path) -> None:
     from decision.errors import Unavailable
 
