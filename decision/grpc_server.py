@@ -29,7 +29,16 @@ from decision.errors import (
 )
 from decision.grpc_serving import bind_port
 from decision.metrics import ServiceMetrics
-from decision.telemetry import canonical_name
+from decision.telemetry import (
+    VALUE_RULE,
+    Sample,
+    TelemetryStore,
+    canonical_name,
+    parse_exposition,
+    timestamp_problem,
+    unusable_samples,
+    usable_value,
+)
 from infermesh.decision.v1 import decision_pb2 as pb
 from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
 
@@ -131,23 +140,30 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         return self._guarded("PushTelemetry", context, run)
 
     def ingest_batch(self, batch: pb.TelemetryBatch) -> int:
-        """Store one pushed batch; returns samples accepted. Raises InvalidArgument naming the item."""
-        store = self.engine.telemetry
+        """Store one pushed batch; returns samples accepted.
+
+        All or nothing, as the edge's per-message limits: every item is checked before any is
+        stored, and the first bad one raises InvalidArgument naming it (an unknown metric or
+        target, ``samples[3].value: must be finite and >= 0``, a timestamp that is negative or more
+        than the store's clock-skew allowance in the future, exposition text that does not parse
+        or gives a kept series a negative or infinite value). A rejected batch stores nothing;
+        batches before it in the stream stay stored. A NaN value means "no value", as in
+        exposition text: accepted, and stores nothing.
+        """
+        store: TelemetryStore = self.engine.telemetry
         fleet = self.engine.fleet
         nodes = fleet.node_ids
-        accepted = 0
-        for i, s in enumerate(batch.samples):
-            accepted += _ingest_sample(store, fleet.by_id, nodes, i, s)
-        for i, x in enumerate(batch.expositions):
-            if x.endpoint_id and x.endpoint_id not in fleet.by_id:
-                raise InvalidArgument(f"expositions[{i}].endpoint_id", f"unknown endpoint {x.endpoint_id!r}")
-            if x.node_id and x.node_id not in nodes:
-                raise InvalidArgument(f"expositions[{i}].node_id", f"unknown node {x.node_id!r}")
-            ts = x.scraped_at_unix_ms / 1000.0 if x.scraped_at_unix_ms else None
-            try:
-                accepted += store.ingest_exposition(x.text, node_id=x.node_id, endpoint_id=x.endpoint_id, ts=ts)
-            except ValueError as exc:
-                raise InvalidArgument(f"expositions[{i}].text", str(exc)) from None
+        now = store.now()
+        writes = [_checked_sample(store, now, fleet.by_id, nodes, i, s) for i, s in enumerate(batch.samples)]
+        texts = [_checked_exposition(store, now, fleet.by_id, nodes, i, x) for i, x in enumerate(batch.expositions)]
+        for node, endpoint, name, value, ts in writes:
+            if node:
+                store.update_node(node, {name: value}, ts)
+            else:
+                store.update_endpoint(endpoint, {name: value}, ts)
+        accepted = len(writes)
+        for x, samples, ts in texts:
+            accepted += store.ingest_samples(samples, node_id=x.node_id, endpoint_id=x.endpoint_id, ts=ts)
         return accepted
 
     def telemetry_ack(self, accepted: int, batches: int) -> pb.TelemetryAck:
@@ -165,22 +181,53 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         return self._guarded("ReloadPolicies", context, run)
 
 
-def _ingest_sample(store: Any, by_id: dict[str, Any], nodes: frozenset[str], i: int, s: pb.TelemetrySample) -> int:
+def _checked_stamp(store: TelemetryStore, now: float, field: str, unix_ms: int) -> float | None:
+    """A pushed timestamp in seconds (None: 0, "now"); raises InvalidArgument if it is negative or too far ahead."""
+    if not unix_ms:
+        return None
+    ts = unix_ms / 1000.0
+    problem = timestamp_problem(ts, now, store.max_clock_skew_s)
+    if problem is not None:
+        raise InvalidArgument(field, problem)
+    return ts
+
+
+def _checked_sample(store: TelemetryStore, now: float, by_id: dict[str, Any], nodes: frozenset[str], i: int,
+                    s: pb.TelemetrySample) -> tuple[str, str, str, float, float | None]:
+    """(node id or "", endpoint id or "", canonical metric, value, timestamp) of sample ``i``, checked."""
     known = canonical_name(s.metric)
     if known is None:
         raise InvalidArgument(f"samples[{i}].metric", f"unknown metric {s.metric!r}")
     name, node_level = known
-    ts = s.timestamp_unix_ms / 1000.0 if s.timestamp_unix_ms else None
+    if not usable_value(s.value) and s.value == s.value:  # NaN passes: "no value", skipped by the store
+        raise InvalidArgument(f"samples[{i}].value", VALUE_RULE)
+    ts = _checked_stamp(store, now, f"samples[{i}].timestamp_unix_ms", s.timestamp_unix_ms)
     if node_level:
         node = s.node_id or (by_id[s.endpoint_id].node_id if s.endpoint_id in by_id else "")
         if not node or node not in nodes:
             raise InvalidArgument(f"samples[{i}].node_id", f"unknown node {s.node_id or s.endpoint_id!r}")
-        store.update_node(node, {name: s.value}, ts)
-    else:
-        if s.endpoint_id not in by_id:
-            raise InvalidArgument(f"samples[{i}].endpoint_id", f"unknown endpoint {s.endpoint_id!r}")
-        store.update_endpoint(s.endpoint_id, {name: s.value}, ts)
-    return 1
+        return node, "", name, s.value, ts
+    if s.endpoint_id not in by_id:
+        raise InvalidArgument(f"samples[{i}].endpoint_id", f"unknown endpoint {s.endpoint_id!r}")
+    return "", s.endpoint_id, name, s.value, ts
+
+
+def _checked_exposition(store: TelemetryStore, now: float, by_id: dict[str, Any], nodes: frozenset[str], i: int,
+                        x: pb.Exposition) -> tuple[pb.Exposition, list[Sample], float | None]:
+    """(exposition, its parsed samples, timestamp) of exposition ``i``, checked."""
+    if x.endpoint_id and x.endpoint_id not in by_id:
+        raise InvalidArgument(f"expositions[{i}].endpoint_id", f"unknown endpoint {x.endpoint_id!r}")
+    if x.node_id and x.node_id not in nodes:
+        raise InvalidArgument(f"expositions[{i}].node_id", f"unknown node {x.node_id!r}")
+    ts = _checked_stamp(store, now, f"expositions[{i}].scraped_at_unix_ms", x.scraped_at_unix_ms)
+    try:
+        samples = parse_exposition(x.text)
+    except ValueError as exc:
+        raise InvalidArgument(f"expositions[{i}].text", str(exc)) from None
+    bad = unusable_samples(samples)
+    if bad:  # refused, not dropped as a scrape's would be: the pusher is there to be told
+        raise InvalidArgument(f"expositions[{i}].text", f"{bad[0].name} {VALUE_RULE}, got {bad[0].value!r}")
+    return x, samples, ts
 
 
 def build_server(servicer: DecisionServicer, *, address: str, threads: int = 32,

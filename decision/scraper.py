@@ -20,6 +20,10 @@ class Scraper:
 
     A target that stops answering simply stops refreshing its values, which then age past the
     staleness limit and count as unknown: the decision sees the outage as missing telemetry.
+    A scrape whose text gives a kept series a negative or infinite value still succeeds: the store
+    drops those samples, logs them and counts them in ``store.rejected`` (there is no caller to
+    refuse, unlike ``PushTelemetry``). Every value is stamped with the scrape's own time, never
+    one from the exporter, so a scraped value cannot be stamped in the future.
     """
 
     def __init__(self, store: TelemetryStore, targets: Sequence[ScrapeTarget], *, interval_s: float = 5.0,

@@ -4,11 +4,19 @@ Three exporters feed it: NVIDIA dcgm-exporter (per GPU, attributed to a node), v
 (per serving endpoint). Each sample is mapped to a canonical name below and kept with its
 timestamp; a snapshot reports each value's age, and a value older than ``stale_after_s`` is
 reported as unknown (absent from ``values``, present in ``ages_s``), never silently trusted.
+
+Every canonical metric is a count, size, fraction, temperature, power or duration, so a usable
+value is finite and >= 0 (:func:`usable_value`); NaN means "no value" (exporters write it for a
+gauge they lack) and is skipped without complaint. A negative or infinite value, or a timestamp
+more than :data:`MAX_CLOCK_SKEW_S` ahead of the store's clock, is dropped and counted
+(``TelemetryStore.rejected``), never stored: one such value would otherwise steer routing (a
+negative queue makes an endpoint look faster than idle) or, stamped in the future, stay pinned.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import re
 import threading
@@ -21,6 +29,8 @@ import numpy.typing as npt
 
 from decision import _kernels
 from decision.domain import TelemetryReading
+
+log = logging.getLogger("infermesh.telemetry")
 
 # Canonical names: (what, unit)
 GPU_UTIL = "gpu_util"  # percent 0-100, mean over the node's GPUs
@@ -55,7 +65,53 @@ _ENDPOINT_METRICS: dict[str, tuple[str, str]] = {
     "vllm:kv_cache_usage_perc": (KV_CACHE_USAGE, "max"),
     "nv_inference_pending_request_count": (QUEUE_WAITING, "sum"),
 }
+# Exporter series combined into means (sum / count) by canonicalize
+_RATIO_METRICS: frozenset[str] = frozenset({"vllm:time_to_first_token_seconds_sum",
+                                            "vllm:time_to_first_token_seconds_count",
+                                            "nv_inference_queue_duration_us", "nv_inference_request_success"})
+# Every exporter series the store takes a value from (the rest of an exposition, e.g. histogram
+# buckets, may hold anything, +Inf included).
+KEPT_EXPORTER_METRICS: frozenset[str] = frozenset(_NODE_METRICS) | frozenset(_ENDPOINT_METRICS) | _RATIO_METRICS
 NODE_LEVEL: frozenset[str] = frozenset(c for c, _ in _NODE_METRICS.values())
+
+MAX_CLOCK_SKEW_S = 5.0
+"""How far ahead of the store's clock a sample's timestamp may be (the sender's clock running
+fast). Within it the stamp is clamped to now; beyond it the sample is refused, because a stamp
+in the future would outrank every honest sample after it and never go stale."""
+VALUE_RULE = "must be finite and >= 0"
+_INF = math.inf
+
+
+def usable_value(value: float) -> bool:
+    """Whether a metric value may be stored: finite and >= 0 (NaN, "no value", is not either).
+
+    >>> [usable_value(v) for v in (0.0, 3.5, -1.0, math.inf, -math.inf, math.nan)]
+    [True, True, False, False, False, False]
+    """
+    return 0.0 <= value < _INF
+
+
+def timestamp_problem(ts: float, now: float, max_skew_s: float = MAX_CLOCK_SKEW_S) -> str | None:
+    """Why ``ts`` (seconds since the epoch) cannot stamp a sample received at ``now``; None if it can.
+
+    >>> timestamp_problem(100.0, 100.0), timestamp_problem(104.0, 100.0), timestamp_problem(106.0, 100.0)
+    (None, None, 'more than 5 s in the future')
+    """
+    if not ts >= 0.0:
+        return "must not be negative"
+    if not ts <= now + max_skew_s:  # also NaN and +inf
+        return f"more than {max_skew_s:g} s in the future"
+    return None
+
+
+def unusable_samples(samples: Iterable[Sample]) -> list[Sample]:
+    """The samples of series the store keeps whose value is negative or infinite (NaN is "no value": not listed).
+
+    >>> [s.value for s in unusable_samples(parse_exposition(
+    ...     'vllm:num_requests_waiting -1\\nvllm:num_requests_running NaN\\nx_bucket{le="+Inf"} +Inf'))]
+    [-1.0]
+    """
+    return [s for s in samples if s.name in KEPT_EXPORTER_METRICS and not usable_value(s.value) and s.value == s.value]
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +194,7 @@ def canonicalize(samples: Iterable[Sample]) -> tuple[dict[str, float], dict[str,
     node_how: dict[str, str] = {}
     ep_how: dict[str, str] = {}
     for s in samples:
-        if math.isnan(s.value):
+        if not 0.0 <= s.value < _INF:  # NaN: no value; negative or infinite: unusable (see unusable_samples)
             continue
         if s.name in _NODE_METRICS:
             canon, how = _NODE_METRICS[s.name]
@@ -148,8 +204,7 @@ def canonicalize(samples: Iterable[Sample]) -> tuple[dict[str, float], dict[str,
             canon, how = _ENDPOINT_METRICS[s.name]
             endpoint.setdefault(canon, []).append(s.value)
             ep_how[canon] = how
-        elif s.name in ("vllm:time_to_first_token_seconds_sum", "vllm:time_to_first_token_seconds_count",
-                        "nv_inference_queue_duration_us", "nv_inference_request_success"):
+        elif s.name in _RATIO_METRICS:
             ratios.setdefault(s.name, []).append(s.value)
     node_out = {k: _combine(v, node_how[k]) for k, v in node.items()}
     ep_out = {k: _combine(v, ep_how[k]) for k, v in endpoint.items()}
@@ -328,15 +383,21 @@ class TelemetryStore:
     never sees half an update. Each write re-merges the affected endpoints' node and endpoint
     values, so a read is a dictionary lookup; only an endpoint with a stale value pays for
     filtering. ``clock`` is injectable so the simulator can run on simulated time.
+
+    Whatever the caller, values that are negative or infinite are dropped, and a timestamp more
+    than ``max_clock_skew_s`` ahead of ``clock`` drops its whole update; ``rejected`` counts the
+    values dropped. A timestamp ahead by less is clamped to now, so no value ever has a negative
+    age or outranks a later honest sample.
     """
 
     def __init__(self, node_of: Mapping[str, str], *, stale_after_s: float = 30.0,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, max_clock_skew_s: float = MAX_CLOCK_SKEW_S) -> None:
         self._node_of = dict(node_of)  # endpoint id -> node id
         self._endpoints_of: dict[str, list[str]] = {}
         for ep, node in self._node_of.items():
             self._endpoints_of.setdefault(node, []).append(ep)
         self.stale_after_s = stale_after_s
+        self.max_clock_skew_s = max_clock_skew_s
         self._clock: Callable[[], float] = clock or time.time
         # target id -> metric -> value, and target id -> metric -> timestamp: float-only inner dicts,
         # which the collector never tracks (dicts of (value, stamp) tuples it would, for good).
@@ -351,6 +412,7 @@ class TelemetryStore:
         self._row_stamps = np.empty((0, len(CANONICAL)))
         self._lock = threading.Lock()
         self.updates = 0
+        self.rejected = 0  # values dropped: negative, infinite, or stamped too far in the future
         self._fresh = 0  # merged readings made since the last young-generation collection
 
     def now(self) -> float:
@@ -387,10 +449,22 @@ class TelemetryStore:
             gc.collect(1)
 
     def _update(self, table: _Targets, key: str, values: Mapping[str, float], ts: float | None) -> None:
-        stamp = float(self.now() if ts is None else ts)
+        now = self.now()
+        stamp = now if ts is None else float(ts)
+        if not stamp <= now:  # a stamp in the future (or NaN) would outrank every later sample
+            if not stamp <= now + self.max_clock_skew_s:
+                dropped = sum(1 for v in values.values() if v == v)
+                self.rejected += dropped
+                log.warning("telemetry for %s: dropped %d value(s) stamped %.1f s after now (allowance %g s)",
+                            key, dropped, stamp - now, self.max_clock_skew_s)
+                return
+            stamp = now  # clock skew within the allowance: the value is as fresh as can be, no fresher
         new_values, new_stamps = dict(table.values.get(key, _NONE)), dict(table.stamps.get(key, _NONE))
         for name, value in values.items():
-            if value != value:  # NaN: the exporter has no value (dense rows use NaN for "unknown")
+            if not 0.0 <= value < _INF:
+                if value == value:  # negative or infinite: unusable (NaN: the exporter has no value)
+                    self.rejected += 1
+                    log.warning("telemetry for %s: dropped %s = %r (%s)", key, name, value, VALUE_RULE)
                 continue
             old = new_stamps.get(name)
             if old is None or old <= stamp:  # never let an older sample overwrite a newer one
@@ -433,8 +507,25 @@ class TelemetryStore:
 
     def ingest_exposition(self, text: str, *, node_id: str = "", endpoint_id: str = "",
                           ts: float | None = None) -> int:
-        """Parse exposition text scraped from one target and store what it says; returns samples seen."""
-        samples = parse_exposition(text)
+        """Parse exposition text scraped from one target and store what it says; returns samples seen.
+
+        Per-line timestamps in the text are not used: every value is stamped ``ts`` (default: now).
+        """
+        return self.ingest_samples(parse_exposition(text), node_id=node_id, endpoint_id=endpoint_id, ts=ts)
+
+    def ingest_samples(self, samples: Sequence[Sample], *, node_id: str = "", endpoint_id: str = "",
+                       ts: float | None = None) -> int:
+        """Store parsed exposition samples from one target; returns samples seen.
+
+        Samples of kept series with a negative or infinite value are dropped before series are
+        combined (one would skew a sum over engines), counted in ``rejected`` and logged.
+        """
+        bad = unusable_samples(samples)
+        if bad:
+            with self._lock:
+                self.rejected += len(bad)
+            log.warning("telemetry from %s: dropped %d sample(s) that %s, e.g. %s = %r",
+                        node_id or endpoint_id or "?", len(bad), VALUE_RULE, bad[0].name, bad[0].value)
         node_vals, ep_vals = canonicalize(samples)
         if node_vals:
             target = node_id or (self._node_of.get(endpoint_id, "") if endpoint_id else "")
