@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -62,7 +63,7 @@ from decision.domain import Decision, Outcome, OutcomeStatus, RequestContext
 from decision.engine import DecisionEngine
 from decision.errors import DecisionError, InvalidArgument, NoCandidate, NotFound, QuotaExceeded
 from decision.extproc_config import DESTINATION_SERVED_KEY, EXTPROC_SERVICE, PROBED_NAMES, ExtProcConfig
-from decision.extproc_openai import OpenAIRequest, UsageReader, parse_request
+from decision.extproc_openai import OpenAIRequest, Usage, UsageReader, parse_request
 from decision.grpc_serving import bind_port
 from decision.metrics import ServiceMetrics
 
@@ -125,6 +126,26 @@ def _immediate(code: int, error_type: str, message: str, decision_id: str, confi
         headers=pb.HeaderMutation(set_headers=headers),
         body=json.dumps(body, separators=(",", ":")).encode(),
         details=f"infermesh_{error_type}"))
+
+
+def _client_names(c: ExtProcConfig) -> dict[str, str]:
+    """What the HTTP client sent for each :class:`RequestContext` field the engine may reject.
+
+    Validation names the context field (``ttft_target_ms``); the client only knows its header or
+    body field, so a 400 names that instead.
+    """
+    return {
+        "request_id": c.request_id_header, "tenant": c.tenant_header, "user_tier": c.tier_header,
+        "modality": c.modality_header, "prompt_class": c.prompt_class_header,
+        "allowed_jurisdictions": c.jurisdictions_header, "data_class": c.data_class_header,
+        "client_region": c.region_header, "session_id": c.session_header,
+        "ttft_target_ms": c.ttft_target_header, "max_cost_per_1k_tokens": c.max_cost_header,
+        "model_family": "model", "expected_output_tokens": "max_tokens", "estimated_input_tokens": "messages",
+    }
+
+
+def _client_message(exc: InvalidArgument, c: ExtProcConfig) -> str:
+    return f"{_client_names(c).get(exc.field, exc.field)}: {exc.message}"
 
 
 @dataclass(slots=True)
@@ -298,9 +319,12 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         def number(header: str) -> float:
             raw = headers.get(header, "")
             try:
-                return float(raw) if raw else 0.0
+                value = float(raw) if raw else 0.0
             except ValueError:
                 raise InvalidArgument(header, f"not a number: {raw[:40]!r}") from None
+            if not math.isfinite(value) or value < 0:  # float() takes "nan", "inf", "-5"
+                raise InvalidArgument(header, f"must be a finite number >= 0, not {raw[:40]!r}")
+            return value
 
         tenant = headers.get(c.tenant_header, "") or c.default_tenant
         if not tenant:
@@ -340,11 +364,14 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 return self._deny(_immediate(429, "quota_exceeded", str(exc), exc.decision_id, c, exc.rules))
             return self._deny(_immediate(503, "no_candidate", str(exc), exc.decision_id, c, exc.rules))
         except InvalidArgument as exc:
-            return self._deny(_immediate(400, "invalid_argument", str(exc), "", c))
+            return self._deny(_immediate(400, "invalid_argument", _client_message(exc, c), "", c))
         except NotFound as exc:
             return self._deny(_immediate(404, "not_found", str(exc), "", c))
         except DecisionError as exc:  # Unavailable: the service itself cannot decide
             return self._deny(_immediate(503, "unavailable", str(exc), "", c))
+        except Exception:  # a bug: answer this request; an escaped exception kills the stream (Envoy 5xx's)
+            log.exception("ext_proc: no decision for %s", (ex.headers or {}).get(c.request_id_header, "a request"))
+            return self._deny(_immediate(503, "unavailable", "internal error; the decision could not be made", "", c))
         ex.decision = decision
         self.stats["routed"] += 1
         if self.metrics is not None:
@@ -434,6 +461,22 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             return ""
         return str(ns.fields[DESTINATION_SERVED_KEY].string_value)
 
+    @staticmethod
+    def _usage(ex: _Exchange) -> Usage | None:
+        """The response's ``usage``; ``None`` (unknown) when it cannot be read.
+
+        Nothing in a backend's body may keep the outcome from being recorded: ``reported`` is
+        already set, so an exception here would lose the outcome for good.
+        """
+        if ex.usage is None:
+            return None
+        try:
+            return ex.usage.result()
+        except Exception:
+            log.exception("usage of %s unreadable; reporting it as unknown",
+                          ex.decision.decision_id if ex.decision else "?")
+            return None
+
     def _report(self, ex: _Exchange, now: float, *, cancelled: bool = False) -> None:
         decision = ex.decision
         assert decision is not None
@@ -446,7 +489,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             status = outcome_status(ex.http_status)
             error = "" if status is OutcomeStatus.OK else f"HTTP {ex.http_status}"
         first = ex.t_first_byte or ex.t_headers or now
-        usage = ex.usage.result() if ex.usage is not None else None
+        usage = self._usage(ex)
         est_in = ex.request.estimated_input_tokens if ex.request is not None else 0
         outcome = Outcome(
             decision_id=decision.decision_id, status=status,

@@ -67,6 +67,18 @@ def _int_field(doc: dict[str, Any], *names: str) -> int:
     return 0
 
 
+def _loads(data: bytes) -> Any:
+    """``json.loads``, or ``None`` when ``data`` is not JSON the reader can take.
+
+    Deep nesting (``[[[[...``) exhausts the parser's recursion limit: a client or backend body
+    must not get past here with an exception, so it is unparseable like any other bad JSON.
+    """
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+
+
 def parse_request(body: bytes) -> OpenAIRequest | None:
     """Parse an OpenAI-compatible JSON request body; ``None`` when it is not a JSON object.
 
@@ -79,10 +91,7 @@ def parse_request(body: bytes) -> OpenAIRequest | None:
     """
     if not body:
         return None
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
+    doc = _loads(body)
     if not isinstance(doc, dict):
         return None
     chars = 0
@@ -170,13 +179,15 @@ class UsageReader:
                 self._buf += chunk
             return
         self._buf += chunk
-        start = 0
-        while (nl := self._buf.find(b"\n", start)) >= 0:
-            self._line(bytes(self._buf[start:nl]).strip())
-            start = nl + 1
-        del self._buf[:start]
+        end = self._buf.rfind(b"\n") + 1
+        # Take the complete lines out of the buffer before parsing them, so a line that cannot be
+        # parsed is gone either way and is never parsed again (by the next feed or by result()).
+        lines = bytes(self._buf[:end])
+        del self._buf[:end]
         if len(self._buf) > self.max_json_bytes:  # a line that never ends: drop it, not the process
             self._buf.clear()
+        for line in lines.split(b"\n"):
+            self._line(line.strip())
 
     def _line(self, line: bytes) -> None:
         if not line.startswith(b"data:"):
@@ -190,10 +201,7 @@ class UsageReader:
             if b'"choices"' in data and b'"choices":[]' not in data and b'"choices": []' not in data:
                 self.content_chunks += 1
             return
-        try:
-            doc = json.loads(data)
-        except ValueError:
-            return
+        doc = _loads(data)
         choices = doc.get("choices") if isinstance(doc, dict) else None
         if choices:
             self.content_chunks += 1
@@ -204,13 +212,11 @@ class UsageReader:
     def result(self) -> Usage | None:
         """The usage reported by the body, or ``None`` when it had none."""
         if self.sse:
-            if self._buf.strip():
-                self._line(bytes(self._buf).strip())
-                self._buf.clear()
+            last = bytes(self._buf).strip()  # the stream's last line, when it ended without a newline
+            self._buf.clear()
+            if last:
+                self._line(last)
             return self._usage
         if self._overflow or not self._buf:
             return None
-        try:
-            return _usage_of(json.loads(bytes(self._buf)))
-        except (ValueError, UnicodeDecodeError):
-            return None
+        return _usage_of(_loads(bytes(self._buf)))
