@@ -17,7 +17,14 @@ that builds one must guard its entry point with ``if __name__ == "__main__":``.
 
 Nothing is lost if the child dies: the parent keeps every batch the child has not confirmed,
 starts a new child (a new chain) and sends them again; the new child skips the decisions and
-outcomes already in PostgreSQL before chaining, so each is stored exactly once.
+outcomes already in PostgreSQL or in the spool (the dead child's, replayed later) before
+chaining, so each is stored exactly once. An outcome is skipped only if that same report is
+stored (the decision's outcome, or a second one in ``outcome_conflicts``): a second, different
+outcome is kept. :meth:`ProcessAuditWriter.close` replaces a child that died too, before it
+drains. The parent controls the child's life: the child ignores SIGTERM and SIGINT (a signal to
+the whole process group, a service stop or a terminal's ^C, would otherwise kill it before the
+parent has shipped the rest); a parent that exits without :meth:`~ProcessAuditWriter.close`
+closes it at exit.
 
 The bound (``queue_max`` records not yet confirmed, or the child's spool at ``spool_max_bytes``)
 applies ``on_spool_full`` here, on the request path: fail-closed raises
@@ -31,20 +38,24 @@ import logging
 import multiprocessing as mp
 import os
 import secrets
+import signal
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from multiprocessing import util as mp_util
 from multiprocessing.connection import Connection
 from typing import Any
 
 import psycopg
 
+from audit.events import DecisionEventV1, OutcomeEventV1, to_us
 from audit.masking import Masker
 from audit.settings import AuditSettings
 from audit.shipping import Packer, Unpacker, decode_lazy, encode, encode_each, join
+from audit.spool import Spool
 from audit.writer import METRIC_NAMES, AtBound, AtBoundCounts
 from decision.trace_format import TraceParts
 
@@ -53,6 +64,7 @@ _SHIP_EVERY_S = 0.01  # the writer flushes every flush_interval_s (0.2 s) anyway
 _SHIP_MAX = 512
 _FULL_EVERY = 64  # batches between the writer process's full collections
 _SWITCH_INTERVAL_S = 0.0005  # the writer process's (default 5 ms: the copy thread would wait that long)
+_CLOSE_RESTARTS = 3  # children close() starts to replace one that died (a crash loop must not hang the stop)
 
 
 class ProcessAuditWriter(AtBoundCounts):
@@ -97,6 +109,10 @@ class ProcessAuditWriter(AtBoundCounts):
         self._wake = threading.Event()
         self._shipper = threading.Thread(target=self._ship_loop, name="audit-shipper", daemon=True)
         self._shipper.start()
+        # The child ignores SIGTERM, so multiprocessing's own exit handling (SIGTERM every daemon
+        # child, then join it without a timeout) would wait forever on a writer nobody closed: close
+        # it first (a finalizer with a priority runs before that; only in this process, not a fork).
+        self._at_exit = mp_util.Finalize(None, self.close, exitpriority=5)
 
     # -- request path --------------------------------------------------------------------------
     def _full(self, tenant: str) -> bool:
@@ -201,6 +217,8 @@ class ProcessAuditWriter(AtBoundCounts):
             # (skipping what is stored), so its count starts where that batch starts.
             base = batches[0][0] - batches[0][1] if batches else self._shipped
             self._confirmed = base
+        if self._data is not None:
+            self._data.close()  # the dead child's pipe (only this thread writes to it)
         self._start_child(base=base)
         self._send(encode([self._packer.all_definitions(), ("resend", True)]))
         for _, _, blob in batches:
@@ -212,6 +230,7 @@ class ProcessAuditWriter(AtBoundCounts):
             try:
                 st = conn.recv()
             except (EOFError, OSError):
+                conn.close()
                 return
             with self._status_cv:
                 self._status = st
@@ -243,22 +262,55 @@ class ProcessAuditWriter(AtBoundCounts):
         self._wake.set()
 
     def close(self) -> None:
-        """Ship what is left, let the child drain its queue (to PostgreSQL, else the spool), stop it."""
+        """Ship what is left, let the child drain its queue (to PostgreSQL, else the spool), stop it.
+
+        A child that died (before the close or while draining) is replaced first, and sent what it
+        had not confirmed: the shipper thread, which would have done that, is stopped by now.
+        """
         if self._closing:
             return
         self._closing = True
+        self._at_exit.cancel()
         self._wake.set()
         self._shipper.join()
-        self._send(encode([("close",)]))
-        self._proc.join(self.settings.drain_timeout_s + 30.0)
-        if self._proc.is_alive():
-            log.error("audit: writer process did not stop; terminating it")
-            self._proc.terminate()
-            self._proc.join(5.0)
-        if self._reader is not None:
-            self._reader.join(5.0)
+        self._ship()  # records submitted while the shipper made its last round
+        restarts = 0
+        while True:
+            if not self._proc.is_alive():
+                self._join_reader()  # the dead child's last reports: what it did confirm
+                if self._unconfirmed_records() and restarts < _CLOSE_RESTARTS:
+                    restarts += 1
+                    self._restart()
+            if not self._stop_child() or not self._unconfirmed_records() or restarts >= _CLOSE_RESTARTS:
+                break  # stopped with everything confirmed, or killed (stuck: a new one would be too), or crash loop
+        left = self._unconfirmed_records()
+        if left:
+            log.error("audit: %d records were never confirmed by a writer process (in neither PostgreSQL nor the "
+                      "spool): they are lost", left)
         if self._data is not None:
             self._data.close()
+
+    def _stop_child(self) -> bool:
+        """Ask the child to drain and exit, and wait for it; False if it had to be killed."""
+        killed = False
+        if self._proc.is_alive():
+            self._send(encode([("close",)]))
+            self._proc.join(self.settings.drain_timeout_s + 30.0)
+            if self._proc.is_alive():
+                log.error("audit: writer process did not stop; killing it")
+                self._proc.kill()  # not terminate(): the child ignores SIGTERM
+                self._proc.join(5.0)
+                killed = True
+        self._join_reader()
+        return not killed
+
+    def _join_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.join(5.0)  # it ends at the child's end of the pipe, after its last report
+
+    def _unconfirmed_records(self) -> int:
+        with self._status_cv:
+            return self._submitted - self._confirmed
 
     # -- what /metrics and health read ---------------------------------------------------------
     def _metric(self, name: str) -> float:
@@ -301,6 +353,11 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
     from audit.trace_store import STORED_TRACE, stored_from_packed
     from audit.writer import AuditWriter
 
+    # The parent decides when this process stops (close: drain, then exit; else the pipe's end). A
+    # SIGTERM or ^C sent to the whole process group (a service stop, a terminal) would kill it
+    # before the parent ships what is left, and the parent would have to start another to drain.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s audit-writer %(levelname)s %(message)s")
     # Batches of thousands of records are alive at once: automatic collections would walk all of
     # them again and again while a batch is built (~15% of the writer's time at a 50,000 threshold).
@@ -340,7 +397,7 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
         inflight = copier.submit(writer.deliver, prepared, len(batch))
 
     unpacker = Unpacker()
-    resending = False  # between ("resend", True) and ("resend", False): a dead predecessor's batches
+    resent: _ResendFilter | None = None  # between ("resend", True) and ("resend", False): a dead predecessor's batches
     received = skipped = 0
     pending: list[tuple[str, Mapping[str, Any]]] = []
     due = 0.0  # when the oldest pending record must be written
@@ -363,12 +420,16 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
                 except EOFError:  # the service is gone: write what we have and stop
                     closing = True
                     break
-                # Of a dead predecessor's batches, skip what it stored already (before chaining, so
-                # chains stay gapless); one lookup per batch, by id.
-                known = _stored_ids(url, msgs) if resending or ["resend", True] in msgs else set()
+                # Of a dead predecessor's batches, skip what it stored already, in PostgreSQL or the
+                # spool (before chaining, so chains stay gapless); one lookup per batch.
+                if ["resend", True] in msgs:
+                    settle()  # the copy thread may be replaying the spool: read it at rest
+                    resent = _ResendFilter(url, s, writer.spool)
+                known = resent.known(msgs) if resent is not None else set()
                 for msg in msgs:
                     if msg[0] == "resend":
-                        resending = bool(msg[1])
+                        if not msg[1]:
+                            resent = None
                         continue
                     if msg[0] == "close":
                         closing = True
@@ -381,7 +442,7 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
                         continue
                     _, kind, event, packed = msg
                     received += 1
-                    if known and ("d:" if kind == "d" else "o:") + str(event.get("decision_id")) in known:
+                    if known and _record_key(kind, event) in known:
                         if pending:  # keep "handled" in order: write what precedes it first
                             write(pending)
                             pending = []
@@ -428,17 +489,101 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
         status.close()
 
 
-def _stored_ids(url: str, msgs: list[Any]) -> set[str]:
-    """Which of these messages' decisions and outcomes PostgreSQL holds already (``d:``/``o:`` ids)."""
-    d_ids = [m[2].get("decision_id") for m in msgs if m[0] == "r" and m[1] == "d"]
-    o_ids = [m[2].get("decision_id") for m in msgs if m[0] == "r" and m[1] == "o"]
+def _record_key(kind: str, event: Mapping[str, Any]) -> Hashable | None:
+    """What identifies a record as stored: a decision by its id and time (the table's key), an
+    outcome by its content, so that a second, different outcome of a decision is not taken for the
+    first (it is kept, in ``outcome_conflicts``). ``None`` for a malformed record (the writer
+    rejects it)."""
     try:
-        with psycopg.connect(url, connect_timeout=5) as conn:
-            ids = {"d:" + r[0] for r in conn.execute(
-                "SELECT decision_id FROM decision_events WHERE decision_id = ANY(%s)", (d_ids,))}
-            ids.update("o:" + r[0] for r in conn.execute(
-                "SELECT decision_id FROM outcomes WHERE decision_id = ANY(%s)", (o_ids,)))
-            return ids
-    except psycopg.Error as exc:
-        log.warning("audit: could not check resent records (%s); the spool replay dedupes them instead", exc)
-        return set()
+        if kind == "d":
+            e = DecisionEventV1.from_mapping(event)
+            return ("d", e.decision_id, e.decided_at_us)
+        o = OutcomeEventV1.from_mapping(event)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+    return ("o", o.decision_id, o.status, o.ttft_ms, o.latency_ms, o.input_tokens, o.output_tokens, o.error,
+            o.reward, o.reported_at_us)
+
+
+def _row_key(kind: str, row: Any) -> Hashable:
+    """:func:`_record_key` of a prepared row (as spooled: a decision row starts ``decision_id,
+    decided_at_us``; an outcome row starts with the outcome's fields, ``reported_at_us`` ninth)."""
+    return ("d", row[0], row[1]) if kind == "d" else ("o", *row[:9])
+
+
+def _spooled_keys(spool: Spool) -> set[Hashable]:
+    """The keys of every record in the spool's segments (the quarantine aside): a dead child's
+    spooled batches, which the replay will store under that child's chain."""
+    keys: set[Hashable] = set()
+    for seg in sorted(spool.directory.glob("segment-*.spool")):
+        try:
+            batches = spool.read_segment(seg)
+        except FileNotFoundError:  # replayed meanwhile: in PostgreSQL, which is asked after this
+            continue
+        for batch in batches:
+            for kind in ("d", "o"):
+                keys.update(_row_key(kind, row) for row in batch.get(kind) or ())
+    return keys
+
+
+class _ResendFilter:
+    """Which records of a dead predecessor's resent batches are stored already: in PostgreSQL, or
+    in the spool (batches it spooled while PostgreSQL was down and died before confirming; chained
+    again, their replayed copies would leave a hole in this chain and store an outcome twice).
+
+    The spool is read once, at the start of the resend (a record replayed from it later is in
+    PostgreSQL before its segment goes); PostgreSQL is asked per batch. If PostgreSQL cannot be
+    reached, the lookup retries for up to ``drain_timeout_s``; then (for the rest of this resend)
+    only the spool is known, loudly: records the dead child stored in PostgreSQL are stored again.
+    """
+
+    def __init__(self, url: str, settings: AuditSettings, spool: Spool) -> None:
+        self.url = url
+        self.settings = settings
+        self.spooled = _spooled_keys(spool)
+        self.deadline = time.monotonic() + settings.drain_timeout_s
+        self.db_given_up = False
+
+    def known(self, msgs: list[Any]) -> set[Hashable]:
+        """The keys of ``msgs``' records that are stored already."""
+        keys = {k for m in msgs if m[0] == "r" and (k := _record_key(m[1], m[2])) is not None}
+        if not keys:
+            return set()
+        stored = None if self.db_given_up else self._stored(keys)
+        if stored is None:
+            if not self.db_given_up:
+                log.error("audit: PostgreSQL unreachable for %.0f s while checking the records a dead writer "
+                          "process left unconfirmed; skipping only those in the spool: any it stored in "
+                          "PostgreSQL are stored a second time under this chain", self.settings.drain_timeout_s)
+                self.db_given_up = True
+            stored = set()
+        return keys & (stored | self.spooled)
+
+    def _stored(self, keys: set[Hashable]) -> set[Hashable] | None:
+        """The keys among ``keys`` PostgreSQL holds, retried until the deadline; None if unreachable."""
+        d_ids = list({k[1] for k in keys if isinstance(k, tuple) and k[0] == "d"})
+        o_ids = list({k[1] for k in keys if isinstance(k, tuple) and k[0] == "o"})
+        cols = "decision_id, status, ttft_ms, latency_ms, input_tokens, output_tokens, error, reward, reported_at"
+        retrying = False
+        while True:
+            try:
+                with psycopg.connect(self.url, connect_timeout=self.settings.connect_timeout_s) as conn:
+                    found: set[Hashable] = {("d", r[0], to_us(r[1])) for r in conn.execute(
+                        "SELECT decision_id, decided_at FROM decision_events WHERE decision_id = ANY(%s)",
+                        (d_ids,))}
+                    found.update(("o", *r[:8], to_us(r[8])) for r in conn.execute(
+                        f"SELECT {cols} FROM outcomes WHERE decision_id = ANY(%s) "
+                        f"UNION ALL SELECT {cols} FROM outcome_conflicts WHERE decision_id = ANY(%s)",
+                        (o_ids, o_ids)))
+                    return found
+            except psycopg.Error as exc:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("audit: could not check resent records (%s)", exc)
+                    return None
+                if not retrying:
+                    log.warning("audit: could not check resent records (%s); retrying for up to %.0f s", exc, left)
+                    retrying = True
+                # Not an empty answer: each record chained again whose first copy is stored is a
+                # second copy under this chain (an outcome twice, in outcome_conflicts).
+                time.sleep(min(self.settings.retry_interval_s, left))
