@@ -17,6 +17,11 @@ EVENT_VERSION = 1
 DECISION_STATUSES = ("routed", "denied", "quota_denied")
 OUTCOME_STATUSES = ("ok", "error", "timeout", "cancelled")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_INT8_MAX = (1 << 63) - 1
+# The text columns of each record (``deny_rules`` is a text[] too).
+_DECISION_TEXT = ("decision_id", "request_id", "tenant", "user_tier", "model", "endpoint_id", "site_id", "region",
+                  "tier", "gpu_type", "policy_revision", "learner", "reason")
+_OUTCOME_TEXT = ("decision_id", "error")
 
 
 def to_us(ts: float | dt.datetime) -> int:
@@ -30,6 +35,39 @@ def to_us(ts: float | dt.datetime) -> int:
 def from_us(us: int) -> dt.datetime:
     """Integer microseconds as an aware UTC datetime (exact)."""
     return _EPOCH + dt.timedelta(microseconds=us)
+
+
+def check_text(field_name: str, value: str | None) -> None:
+    """Raise ``ValueError`` naming ``field_name`` if ``value`` cannot be stored in a PostgreSQL text column.
+
+    PostgreSQL refuses NUL in text; a COPY carrying one fails as a whole, so such a record must be
+    turned away before it is chained, not discovered by the database (lone surrogates are refused
+    earlier still: the chain's JSON encoder cannot encode them).
+
+    Parameters
+    ----------
+    field_name : str
+        The field, for the message.
+    value : str or None
+        The value (``None``: nothing to check).
+
+    Examples
+    --------
+    >>> check_text("tenant", "acme")
+    >>> check_text("tenant", "ac" + chr(0) + "me")
+    Traceback (most recent call last):
+    ...
+    ValueError: tenant: contains a NUL character
+    """
+    if value is not None and "\x00" in value:
+        raise ValueError(f"{field_name}: contains a NUL character")
+
+
+def _check_int8(field_name: str, value: int) -> int:
+    # A bigint the COPY cannot encode would fail the whole batch after the record was chained.
+    if not -_INT8_MAX - 1 <= value <= _INT8_MAX:
+        raise ValueError(f"{field_name}: out of the bigint range")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +128,7 @@ class DecisionEventV1:
             v = m.get(k)
             return None if v is None else float(v)
 
-        return DecisionEventV1(
+        e = DecisionEventV1(
             decision_id=str(m["decision_id"]), decided_at_us=at_us, status=status,
             request_id=str(m.get("request_id") or ""), tenant=str(m.get("tenant") or ""),
             user_tier=str(m.get("user_tier") or ""), model=str(m.get("model") or ""),
@@ -102,6 +140,11 @@ class DecisionEventV1:
             deny_rules=tuple(str(r) for r in (m.get("deny_rules") or ())), reason=str(m.get("reason") or ""),
             decision_us=opt_float("decision_us"), trace=_trace_of(m), event_version=version,
         )
+        for name in _DECISION_TEXT:
+            check_text(name, getattr(e, name))
+        for rule in e.deny_rules:
+            check_text("deny_rules", rule)
+        return e
 
     @property
     def decided_at(self) -> dt.datetime:
@@ -139,6 +182,10 @@ class OutcomeEventV1:
 
     @staticmethod
     def from_mapping(m: Mapping[str, Any]) -> OutcomeEventV1:
+        """Validate and convert an engine outcome (``reported_at`` in epoch seconds) or a stored one."""
+        version = int(m.get("event_version", EVENT_VERSION))
+        if version != EVENT_VERSION:
+            raise ValueError(f"unsupported outcome event version {version}")
         if not m.get("decision_id"):
             raise ValueError("decision_id is required")
         status = str(m["status"])
@@ -146,13 +193,17 @@ class OutcomeEventV1:
             raise ValueError(f"bad outcome status {status!r}")
         reward = m.get("reward")
         at = m["reported_at_us"] if "reported_at_us" in m else to_us(m["reported_at"])
-        return OutcomeEventV1(
+        o = OutcomeEventV1(
             decision_id=str(m["decision_id"]), status=status, ttft_ms=float(m.get("ttft_ms") or 0.0),
-            latency_ms=float(m.get("latency_ms") or 0.0), input_tokens=int(m.get("input_tokens") or 0),
-            output_tokens=int(m.get("output_tokens") or 0), error=str(m.get("error") or ""),
-            reward=None if reward is None else float(reward), reported_at_us=int(at),
-            event_version=int(m.get("event_version", EVENT_VERSION)),
+            latency_ms=float(m.get("latency_ms") or 0.0),
+            input_tokens=_check_int8("input_tokens", int(m.get("input_tokens") or 0)),
+            output_tokens=_check_int8("output_tokens", int(m.get("output_tokens") or 0)),
+            error=str(m.get("error") or ""), reward=None if reward is None else float(reward),
+            reported_at_us=int(at), event_version=version,
         )
+        for name in _OUTCOME_TEXT:
+            check_text(name, getattr(o, name))
+        return o
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

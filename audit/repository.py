@@ -129,7 +129,11 @@ class AuditRepository:
     # -- TraceReader --------------------------------------------------------------------------
     def get_decision(self, decision_id: str) -> dict[str, Any] | None:
         """The stored event with its full trace, its outcome (``None`` if unknown) and any later,
-        different outcomes reported for it (``conflicting_outcomes``, oldest first)."""
+        different outcomes reported for it (``conflicting_outcomes``, oldest first). A decision
+        submitted twice is one decision (its second link sits in ``decision_duplicates``, for
+        ``audit verify`` only)."""
+        if "\x00" in decision_id:  # no stored id has one, and PostgreSQL would refuse the query
+            return None
         hint = _time_hint(decision_id)
         sql = ("SELECT e.*, to_jsonb(o) AS outcome, (SELECT coalesce(jsonb_agg(to_jsonb(c) ORDER BY c.reported_at), "
                "'[]'::jsonb) FROM outcome_conflicts c WHERE c.decision_id = e.decision_id) AS conflicting_outcomes "

@@ -40,7 +40,7 @@ from decision.ledger import EndpointLedger
 from decision.scoring import ADDED_DELAY_WEIGHT, COST_WEIGHT_MS, BasicFeatures, score_candidates
 from decision.telemetry import TelemetryStore
 from decision.trace_format import TraceParts, assemble_trace, endpoint_row, expand_trace, trace_parts
-from decision.validation import validate_request
+from decision.validation import validate_outcome, validate_request
 
 
 def new_decision_id(now: float | None = None) -> str:
@@ -414,13 +414,7 @@ class DecisionEngine:
 
     def report_outcome(self, outcome: Outcome) -> OutcomeResult:
         """Join an outcome to its decision, update the learner once, and audit it. Idempotent."""
-        if not outcome.decision_id:
-            raise InvalidArgument("decision_id", "required")
-        if outcome.ttft_ms < 0 or outcome.latency_ms < 0:
-            raise InvalidArgument("ttft_ms" if outcome.ttft_ms < 0 else "latency_ms", "must be >= 0")
-        if outcome.input_tokens < 0 or outcome.output_tokens < 0:
-            raise InvalidArgument("input_tokens" if outcome.input_tokens < 0 else "output_tokens",
-                                  "must be >= 0")
+        validate_outcome(outcome)
         did = outcome.decision_id
         with self._lock:
             pending = self._pending.pop(did, None)

@@ -4,16 +4,40 @@ from __future__ import annotations
 
 import math
 
-from decision.domain import MODALITIES, RequestContext
+from decision.domain import MODALITIES, Outcome, RequestContext
 from decision.errors import InvalidArgument
 
 MAX_LABELS = 64
 MAX_LABEL_BYTES = 256
 MAX_TOKENS = 10_000_000
 MAX_ID = 256
+# The text fields of a request; each is audited (top-level columns, or the stored trace).
+_TEXT_FIELDS = ("request_id", "tenant", "user_tier", "model", "model_family", "modality", "prompt_class",
+                "data_class", "client_region", "session_id")
+
+
+def _no_nul(field: str, value: str) -> None:
+    # PostgreSQL text cannot hold NUL: one such value would fail the audit log's whole batch.
+    if "\x00" in value:
+        raise InvalidArgument(field, "must not contain a NUL character")
 
 
 def validate_request(ctx: RequestContext) -> None:
+    """Raise :class:`~decision.errors.InvalidArgument` naming the first field ``ctx`` gets wrong.
+
+    Parameters
+    ----------
+    ctx : RequestContext
+        The request, as a front end (gRPC, HTTP, ext_proc) built it.
+
+    Raises
+    ------
+    InvalidArgument
+        A required field is missing, a value is out of range or too long, or a text field holds a
+        NUL character (which the audit log could not store).
+    """
+    for name in _TEXT_FIELDS:
+        _no_nul(name, getattr(ctx, name))
     if not ctx.request_id:
         raise InvalidArgument("request_id", "required")
     if len(ctx.request_id) > MAX_ID:
@@ -39,6 +63,34 @@ def validate_request(ctx: RequestContext) -> None:
     for k, v in ctx.labels.items():
         if len(k) > MAX_LABEL_BYTES or len(v) > MAX_LABEL_BYTES:
             raise InvalidArgument(f"labels[{k[:32]}]", f"keys and values at most {MAX_LABEL_BYTES} characters")
+        if "\x00" in k or "\x00" in v:
+            raise InvalidArgument(f"labels[{k[:32]!a}]", "keys and values must not contain a NUL character")
     for j in ctx.allowed_jurisdictions:
-        if not j or len(j) > 32:
+        if not j or len(j) > 32 or "\x00" in j:
             raise InvalidArgument("allowed_jurisdictions", f"bad jurisdiction {j!r}")
+
+
+def validate_outcome(outcome: Outcome) -> None:
+    """Raise :class:`~decision.errors.InvalidArgument` naming the first field ``outcome`` gets wrong.
+
+    What ``ReportOutcome`` checks before the outcome is joined to its decision (and audited).
+
+    Parameters
+    ----------
+    outcome : Outcome
+        The reported outcome.
+
+    Raises
+    ------
+    InvalidArgument
+        ``decision_id`` is missing, a time or token count is negative, or ``decision_id`` or
+        ``error`` holds a NUL character (which the audit log could not store).
+    """
+    if not outcome.decision_id:
+        raise InvalidArgument("decision_id", "required")
+    _no_nul("decision_id", outcome.decision_id)
+    _no_nul("error", outcome.error)
+    if outcome.ttft_ms < 0 or outcome.latency_ms < 0:
+        raise InvalidArgument("ttft_ms" if outcome.ttft_ms < 0 else "latency_ms", "must be >= 0")
+    if outcome.input_tokens < 0 or outcome.output_tokens < 0:
+        raise InvalidArgument("input_tokens" if outcome.input_tokens < 0 else "output_tokens", "must be >= 0")
