@@ -43,7 +43,7 @@ class CheckpointError(ValueError):
 class ChainHead:
     """The last link of one chain when the checkpoint was taken."""
 
-    table: str  # "decision_events" or "outcomes" (an outcome chain includes its outcome_conflicts rows)
+    table: str  # "decision_events" or "outcomes" (their chains include decision_duplicates / outcome_conflicts rows)
     day: dt.date
     chain_id: str
     seq: int
@@ -54,10 +54,12 @@ class ChainHead:
                            "seq": self.seq, "hash": self.hash})
 
 
-# Each table's chain links (an outcome chain includes its outcome_conflicts rows; unchained legacy
-# outcomes have no hash), with the time that places a link on its UTC day as ``at``.
+# Each table's chain links (a decision chain includes its decision_duplicates rows, an outcome chain
+# its outcome_conflicts rows; unchained legacy outcomes have no hash), with the time that places a
+# link on its UTC day as ``at``.
 _LINKS = {
-    "decision_events": "SELECT decided_at AS at, chain_id, seq, hash FROM decision_events",
+    "decision_events": ("SELECT decided_at AS at, chain_id, seq, hash FROM decision_events "
+                        "UNION ALL SELECT decided_at, chain_id, seq, hash FROM decision_duplicates"),
     "outcomes": ("SELECT reported_at AS at, chain_id, seq, hash FROM outcomes WHERE hash IS NOT NULL "
                  "UNION ALL SELECT reported_at, chain_id, seq, hash FROM outcome_conflicts"),
 }

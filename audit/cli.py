@@ -160,7 +160,9 @@ def cmd_verify(a: argparse.Namespace) -> int:
     if report.broken is not None:
         print(f"FAILED after {report.rows} rows: {report.broken}")
         return 1
-    print(f"ok: {report.rows} decisions in {report.chains} chains over {len(report.days)} days verified; "
+    print(f"ok: {report.rows} decisions in {report.chains} chains over {len(report.days)} days verified"
+          + (f" (and {report.decision_duplicates} links of decisions submitted again)"
+             if report.decision_duplicates else "") + "; "
           f"{report.outcome_rows} outcomes in {report.outcome_chains} chains verified"
           + (f", {report.outcome_conflicts} of them second outcomes of a decision" if report.outcome_conflicts else "")
           + (f" ({report.unchained_outcomes} older outcomes carry no chain)" if report.unchained_outcomes else ""))

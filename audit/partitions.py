@@ -51,9 +51,11 @@ def drop_before(conn: psycopg.Connection[Any], *, cutoff: dt.date) -> list[dt.da
     dropped = [d for d in list_partitions(conn) if d < cutoff]
     for d in dropped:
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(partition_name(d))))
+    start = dt.datetime.combine(cutoff, dt.time(), tzinfo=dt.UTC)
     for table in ("outcomes", "outcome_conflicts"):  # whole UTC days: the remaining chains stay whole
-        conn.execute(sql.SQL("DELETE FROM {} WHERE reported_at < %s").format(sql.Identifier(table)),
-                     (dt.datetime.combine(cutoff, dt.time(), tzinfo=dt.UTC),))
+        conn.execute(sql.SQL("DELETE FROM {} WHERE reported_at < %s").format(sql.Identifier(table)), (start,))
+    # A decision submitted again keeps its link in decision_duplicates (migration 0006), on its day.
+    conn.execute("DELETE FROM decision_duplicates WHERE decided_at < %s", (start,))
     return dropped
 
 

@@ -5,6 +5,12 @@ writer thread validates, chains, encodes and compresses each event, then COPYs t
 PostgreSQL is unreachable or failing, prepared batches go to the spool (fsynced per batch) and
 are replayed in order when it returns; the database side is idempotent on decision_id, so a batch
 whose commit was in doubt is written exactly once.
+
+Every event is chained before PostgreSQL sees it, so every chain link must be stored somewhere:
+a decision submitted again (same ``decision_id`` and ``decided_at``, a new link) goes to
+``decision_duplicates``, a second outcome to ``outcome_conflicts``; a row PostgreSQL refuses for
+good (a data error, not an outage) is found by writing its batch in halves and set aside in
+``<spool>/quarantine/rows`` alone, so the rest of its batch and of the spool still gets in.
 """
 
 from __future__ import annotations
@@ -49,8 +55,12 @@ _OCOLS = ", ".join(OUTCOME_COLUMNS)
 
 
 METRIC_NAMES = ("queue_depth", "last_batch_size", "rows_per_s", "spool_bytes", "rows_written", "outcomes_written",
-                "duplicates_skipped", "outcome_conflicts", "batches_written", "spooled_batches", "replayed_batches",
-                "dropped", "refused", "invalid", "quarantined", "db_up")
+                "duplicates_skipped", "decision_duplicates", "outcome_conflicts", "batches_written", "spooled_batches",
+                "replayed_batches", "dropped", "refused", "invalid", "quarantined", "rejected_rows", "db_up")
+# What PostgreSQL (or the COPY encoder) raises for a row it will never take, however often it is
+# retried: not an outage. (The staged write resolves duplicates itself; a UniqueViolation that still
+# gets here, two writers racing to create a partition, succeeds when the halves are written.)
+_ROW_ERRORS: tuple[type[Exception], ...] = (psycopg.DataError, psycopg.IntegrityError, OverflowError, UnicodeError)
 
 
 class AtBound:
@@ -103,12 +113,18 @@ class AuditWriter(AtBoundCounts):
     ----------
     rows_written, outcomes_written, duplicates_skipped, batches_written : int
         Totals since start.
+    decision_duplicates, outcome_conflicts : int
+        Decisions submitted again and second outcomes, stored at their chain link in
+        ``decision_duplicates`` and ``outcome_conflicts``.
     last_batch_size : int
         Events in the last batch written or spooled.
     rows_per_s : float
         Rows per second of the last database write.
     dropped, refused, invalid : int
         Events dropped (fail-open), refused (fail-closed) and rejected as malformed.
+    quarantined, rejected_rows : int
+        Spool batches and single rows PostgreSQL refused for good, set aside under
+        ``<spool>/quarantine``.
     db_up : bool
         Whether the last database write succeeded.
     """
@@ -133,6 +149,7 @@ class AuditWriter(AtBoundCounts):
         self.rows_written = 0
         self.outcomes_written = 0
         self.duplicates_skipped = 0
+        self.decision_duplicates = 0  # decisions submitted again, kept in decision_duplicates
         self.outcome_conflicts = 0  # second outcomes of a decision, kept in outcome_conflicts
         self.batches_written = 0
         self.last_batch_size = 0
@@ -140,6 +157,8 @@ class AuditWriter(AtBoundCounts):
         self.at_bound = AtBound(s.on_spool_full)
         self.invalid = 0
         self.quarantined = 0
+        self.rejected_rows = 0
+        self._rejects: Spool | None = None  # quarantine/rows, opened at the first rejected row
         self.db_up = False
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         if start:
@@ -203,6 +222,8 @@ class AuditWriter(AtBoundCounts):
         if self._thread.is_alive():
             self._thread.join()
         self.spool.close()
+        if self._rejects is not None:
+            self._rejects.close()
         if self._conn is not None:
             self._conn.close()
 
@@ -216,11 +237,11 @@ class AuditWriter(AtBoundCounts):
         return {"queue_depth": self.queue_depth, "last_batch_size": self.last_batch_size,
                 "rows_per_s": self.rows_per_s, "spool_bytes": self.spool_bytes,
                 "rows_written": self.rows_written, "outcomes_written": self.outcomes_written,
-                "duplicates_skipped": self.duplicates_skipped, "outcome_conflicts": self.outcome_conflicts,
-                "batches_written": self.batches_written,
+                "duplicates_skipped": self.duplicates_skipped, "decision_duplicates": self.decision_duplicates,
+                "outcome_conflicts": self.outcome_conflicts, "batches_written": self.batches_written,
                 "spooled_batches": self.spool.appended_records, "replayed_batches": self.spool.replayed_records,
                 "dropped": self.dropped, "refused": self.refused, "invalid": self.invalid,
-                "quarantined": self.quarantined, "db_up": float(self.db_up)}
+                "quarantined": self.quarantined, "rejected_rows": self.rejected_rows, "db_up": float(self.db_up)}
 
     # -- writer thread -------------------------------------------------------------------------
     def _take(self) -> list[tuple[str, Mapping[str, Any]]]:
@@ -262,7 +283,7 @@ class AuditWriter(AtBoundCounts):
                     o = OutcomeEventV1.from_mapping(ev)
                     orows.append(self._link(self._oheads, day_of_us(o.reported_at_us), outcome_genesis,
                                             outcome_row, o))
-            except (KeyError, TypeError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: a time past year 9999
                 with self._idle:  # deliver (maybe on another thread) counts here too
                     self.invalid += 1
                 log.error("audit: rejected a malformed %s event %r: %s", kind, ev.get("decision_id"), exc)
@@ -288,10 +309,16 @@ class AuditWriter(AtBoundCounts):
             self._conn.commit()
         return self._conn
 
-    def _ensure_days(self, conn: psycopg.Connection[Any], drows: list[list[Any]]) -> None:
-        for day in {day_of_us(r[1]) for r in drows} - self._days_ready:
+    def _ensure_days(self, conn: psycopg.Connection[Any], drows: list[list[Any]]) -> set[dt.date]:
+        """Create the partitions ``drows`` need that are not known to exist; returns their days.
+
+        The caller marks them ready only once its transaction commits: a partition created in a
+        transaction that rolls back is gone, and a day cached anyway would fail every later row.
+        """
+        days = {day_of_us(r[1]) for r in drows} - self._days_ready
+        for day in days:
             partitions.ensure_partition(conn, day=day)
-            self._days_ready.add(day)
+        return days
 
     def _copy(self, conn: psycopg.Connection[Any], table: str, cols: str, types: tuple[str, ...],
               rows: list[list[Any]], time_col: int) -> None:
@@ -309,15 +336,24 @@ class AuditWriter(AtBoundCounts):
         conn = self._connection()
         try:
             with conn.transaction():
-                self._ensure_days(conn, drows)
-                inserted = len(drows)
+                new_days = self._ensure_days(conn, drows)
+                inserted = d_dups = 0
                 if drows and not staged:
                     self._copy(conn, "decision_events", _DCOLS, DECISION_TYPES, drows, 1)
+                    inserted = len(drows)
                 elif drows:
                     self._copy(conn, "audit_stage_d", _DCOLS, DECISION_TYPES, drows, 1)
                     inserted = conn.execute(
                         f"INSERT INTO decision_events ({_DCOLS}) SELECT {_DCOLS} FROM audit_stage_d "
                         "ON CONFLICT (decision_id, decided_at) DO NOTHING").rowcount
+                    if inserted < len(drows):
+                        # A decision submitted again got a link of its own when it was chained: keep
+                        # it (a replay of a stored row has the same hash and is skipped).
+                        d_dups = conn.execute(
+                            f"INSERT INTO decision_duplicates ({_DCOLS}) SELECT {_DCOLS} FROM audit_stage_d s "
+                            "WHERE NOT EXISTS (SELECT 1 FROM decision_events e WHERE e.decision_id = s.decision_id "
+                            "AND e.decided_at = s.decided_at AND e.hash = s.hash) "
+                            "ON CONFLICT (chain_id, seq, decided_at) DO NOTHING").rowcount
                 o_inserted = o_conflicts = 0
                 if orows:
                     pad = [None] * (len(OUTCOME_COLUMNS) - LEGACY_OUTCOME_WIDTH)
@@ -341,11 +377,13 @@ class AuditWriter(AtBoundCounts):
         except psycopg.OperationalError:
             self._days_ready.clear()
             raise
+        self._days_ready |= new_days  # committed: the partitions exist now
         elapsed = time.perf_counter() - t0
         self.rows_written += inserted
         self.outcomes_written += o_inserted
+        self.decision_duplicates += d_dups
         self.outcome_conflicts += o_conflicts
-        self.duplicates_skipped += len(drows) - inserted + len(orows) - o_inserted - o_conflicts
+        self.duplicates_skipped += len(drows) - inserted - d_dups + len(orows) - o_inserted - o_conflicts
         self.batches_written += 1
         self.rows_per_s = (len(drows) + len(orows)) / elapsed if elapsed > 0 else 0.0
         self.db_up = True
@@ -360,6 +398,43 @@ class AuditWriter(AtBoundCounts):
                 self._conn.close()
             self._conn = None
 
+    def _write_isolating(self, prepared: dict[str, Any], exc: Exception) -> None:
+        """Write a batch whose write failed with ``exc`` (one of :data:`_ROW_ERRORS`) in halves,
+        down to single rows, and set aside each row PostgreSQL still refuses.
+
+        Every half is written staged, so rows a failed attempt may have committed are not doubled.
+        A refused row's chain link is missing from the log (``audit verify`` reports it there);
+        the row itself is kept in ``<spool>/quarantine/rows``. Outages (any other
+        :class:`psycopg.Error`) propagate: the caller spools or keeps the whole batch, and its
+        replay skips the halves already stored.
+        """
+        # A cached day whose partition was dropped since (retention) fails every row: ensure again.
+        self._days_ready.clear()
+        rows = [("d", r) for r in prepared["d"]] + [("o", r) for r in prepared["o"]]
+        if len(rows) == 1:
+            self._reject(prepared, exc)
+            return
+        half = len(rows) // 2
+        for part in (rows[:half], rows[half:]):  # in order: the first outcome of a decision stays first
+            sub = {"d": [r for k, r in part if k == "d"], "o": [r for k, r in part if k == "o"]}
+            try:
+                self._write(sub, staged=True)
+            except _ROW_ERRORS as sub_exc:
+                self._write_isolating(sub, sub_exc)
+
+    def _reject(self, prepared: dict[str, Any], exc: Exception) -> None:
+        """Keep one refused row in ``<spool>/quarantine/rows`` (spool format), loudly."""
+        if self._rejects is None:
+            self._rejects = Spool(self.spool.directory / "quarantine" / "rows",
+                                  segment_bytes=self.settings.spool_segment_bytes)
+        self._rejects.append(prepared)
+        self.rejected_rows += 1
+        what, columns, rows = (("decision", DECISION_COLUMNS, prepared["d"]) if prepared["d"]
+                               else ("outcome", OUTCOME_COLUMNS, prepared["o"]))
+        link = dict(zip(columns, rows[0], strict=False))
+        log.error("audit: PostgreSQL refused the %s of decision %r (chain %s seq %s): %s; kept in %s", what,
+                  link.get("decision_id"), link.get("chain_id"), link.get("seq"), exc, self._rejects.directory)
+
     def _deliver(self, prepared: dict[str, Any]) -> None:
         if not prepared["d"] and not prepared["o"]:
             return
@@ -368,10 +443,13 @@ class AuditWriter(AtBoundCounts):
             self.spool.append(prepared)
             return
         try:
-            self._write(prepared, staged=False)
+            try:
+                self._write(prepared, staged=False)
+            except _ROW_ERRORS as exc:  # PostgreSQL is up and refuses a row: not an outage
+                self._write_isolating(prepared, exc)
         except psycopg.Error as exc:
             self._mark_down(exc)
-            self.spool.append(prepared)
+            self.spool.append(prepared)  # its replay skips what the isolation stored
 
     def _replay(self, deadline: float | None = None) -> None:
         """Replay closed spool segments oldest first while PostgreSQL accepts them."""
@@ -386,7 +464,10 @@ class AuditWriter(AtBoundCounts):
             records = self.spool.read_segment(seg)
             try:
                 for rec in records:
-                    self._write(rec, staged=True)
+                    try:
+                        self._write(rec, staged=True)
+                    except _ROW_ERRORS as exc:  # one bad row must not take the segment with it
+                        self._write_isolating(rec, exc)
             except psycopg.OperationalError as exc:
                 self._mark_down(exc)
                 return
