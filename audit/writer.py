@@ -368,7 +368,7 @@ class AuditWriter(AtBoundCounts):
                         f"INSERT INTO outcome_conflicts ({_OCOLS}) SELECT {_OCOLS} FROM audit_stage_o s "
                         "WHERE s.hash IS NOT NULL AND NOT EXISTS (SELECT 1 FROM outcomes o "
                         "WHERE o.decision_id = s.decision_id AND o.hash = s.hash) "
-                        "ON CONFLICT (chain_id, seq) DO NOTHING").rowcount
+                        "ON CONFLICT (chain_id, seq, reported_at) DO NOTHING").rowcount
         except pgerrors.UniqueViolation:
             if staged:
                 raise

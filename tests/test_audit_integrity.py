@@ -401,3 +401,17 @@ def test_an_outage_while_isolating_spools_the_batch_and_its_replay_stores_each_r
     assert (w.rejected_rows, w.spool.has_backlog) == (1, False)
     report = verify(db)
     assert report.broken is not None and report.broken.seq == 4  # d-3's link (seq 3) is the one missing
+
+
+def test_second_outcomes_on_different_days_at_the_same_seq_are_both_kept(db: str, tmp_path: Path) -> None:
+    # Outcome chains restart at seq 1 every UTC day, so one writer's second outcomes on two days
+    # can share (chain_id, seq): the second must not be dropped as if it were a replay.
+    day = 86_400.0
+    w = writer(db, tmp_path)
+    w.process([("d", dev(1)), ("o", oev(1)), ("o", oev(1, status="error", ttft_ms=0.0))])
+    w.process([("d", dev(2, at=AT + day)), ("o", oev(2, reported_at=AT + day + 60)),
+               ("o", oev(2, status="error", ttft_ms=0.0, reported_at=AT + day + 61))])
+    w.close()
+    assert stored_ids(db, "outcome_conflicts") == ["d-1", "d-2"]
+    report = verify(db)
+    assert report.ok and report.outcome_conflicts == 2, str(report.broken)
