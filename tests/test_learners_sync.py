@@ -76,8 +76,20 @@ def test_two_engines_converge_through_postgresql(fresh_pg_url: str) -> None:
     assert int(np.argmax(a.predict(X))) == int(np.argmax(b.predict(X)))
 
 
-def test_restore_replays_outcomes_after_the_snapshot(fresh_pg_url: str) -> None:
+def _log(url: str, before: list[dict[str, object]], after: list[dict[str, object]]) -> None:
+    """What the audit log holds: ``before`` reported before the snapshot (t=1000), ``after`` after it."""
     import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        for i, rec in enumerate(before + after):
+            d = rec["decision"]
+            insert_decision(conn, decision_id=d.decision_id, decided_at=900.0 + i,  # type: ignore[attr-defined]
+                            learner="linucb@1", propensity=d.propensity, trace=dict(d.trace))  # type: ignore[attr-defined]
+            insert_outcome(conn, decision_id=d.decision_id, reward=rec["reward"],  # type: ignore[attr-defined, arg-type]
+                           reported_at=950.0 + 0.1 * i if i < len(before) else 1_001.0 + i)
+
+
+def test_restore_replays_outcomes_after_the_snapshot(fresh_pg_url: str) -> None:
 
     migrate(fresh_pg_url)
     store = LearnerStore(fresh_pg_url)
@@ -88,13 +100,7 @@ def test_restore_replays_outcomes_after_the_snapshot(fresh_pg_url: str) -> None:
     snap_id = sync.snapshot()  # watermark t=1000
     after = _traffic(eng, rng, 25)  # learned in memory, then the process "crashes"
     expected_A = _A(learner)
-    with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
-        for i, rec in enumerate(before + after):
-            d = rec["decision"]
-            insert_decision(conn, decision_id=d.decision_id, decided_at=900.0 + i,  # type: ignore[attr-defined]
-                            learner="linucb@1", propensity=d.propensity, trace=dict(d.trace))  # type: ignore[attr-defined]
-            insert_outcome(conn, decision_id=d.decision_id, reward=rec["reward"],  # type: ignore[attr-defined, arg-type]
-                           reported_at=950.0 + 0.1 * i if i < len(before) else 1_001.0 + i)
+    _log(fresh_pg_url, before, after)
     restarted = LinUCB(D, seed=5)
     report = LearnerSync(restarted, store, FEATURE_NAMES).restore()
     assert report.snapshot_id == snap_id and report.replayed == len(after)
@@ -107,7 +113,6 @@ def test_restore_replays_outcomes_after_the_snapshot(fresh_pg_url: str) -> None:
 
 
 def test_restore_counts_outcomes_once_when_own_deltas_were_synced_before_the_crash(fresh_pg_url: str) -> None:
-    import psycopg
 
     migrate(fresh_pg_url)
     store = LearnerStore(fresh_pg_url)
@@ -118,13 +123,7 @@ def test_restore_counts_outcomes_once_when_own_deltas_were_synced_before_the_cra
     sync.snapshot()
     after = _traffic(eng, rng, 25)
     sync.sync()  # the service's periodic sync stored these 25 as this instance's delta, then it crashed
-    with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
-        for i, rec in enumerate(before + after):
-            d = rec["decision"]
-            insert_decision(conn, decision_id=d.decision_id, decided_at=900.0 + i,  # type: ignore[attr-defined]
-                            learner="linucb@1", propensity=d.propensity, trace=dict(d.trace))  # type: ignore[attr-defined]
-            insert_outcome(conn, decision_id=d.decision_id, reward=rec["reward"],  # type: ignore[attr-defined, arg-type]
-                           reported_at=950.0 + 0.1 * i if i < len(before) else 1_001.0 + i)
+    _log(fresh_pg_url, before, after)
     restarted = LinUCB(D, seed=5)
     report = LearnerSync(restarted, store, FEATURE_NAMES).restore()
     assert report.replayed == len(after) and report.deltas == 0  # the log replays them; the own delta is not added

@@ -84,6 +84,23 @@ def _outcome(i: int, ttft_ms: float, at: float) -> dict[str, Any]:
     return {"decision_id": f"d-{i}", "status": "ok", "ttft_ms": ttft_ms, "latency_ms": 90.0, "reported_at": at}
 
 
+def _submit_five_and_an_outcome(w: ProcessAuditWriter, at: float) -> None:
+    for i in range(5):
+        w.submit_decision(_decision(i, at))
+    w.submit_outcome(_outcome(0, 40.0, at + 1))
+
+
+def _stderr_says(capfd: pytest.CaptureFixture[str], text: str) -> Callable[[], bool]:
+    """A predicate for :func:`_wait`: whether ``text`` has been written to stderr since it was made."""
+    seen = [""]
+
+    def says() -> bool:
+        seen[0] += capfd.readouterr().err
+        return text in seen[0]
+
+    return says
+
+
 def _spooled_ids(spool_dir: Path) -> set[str]:
     spool = Spool(spool_dir)
     return {row[0] for seg in spool_dir.glob("segment-*.spool") for batch in spool.read_segment(seg)
@@ -126,9 +143,7 @@ def test_records_a_dead_child_spooled_are_not_chained_again_by_its_replacement(d
     try:
         _db_down(db)
         try:
-            for i in range(5):
-                w.submit_decision(_decision(i, at))
-            w.submit_outcome(_outcome(0, 40.0, at + 1))
+            _submit_five_and_an_outcome(w, at)
             _wait(lambda: _spooled_ids(spool) == {f"d-{i}" for i in range(5)})
         finally:
             _db_up(db)
@@ -148,22 +163,13 @@ def test_a_replacement_waits_for_postgresql_to_tell_what_its_predecessor_stored(
     w = _FirstChildUnheard(db, AuditSettings(spool_dir=tmp_path / "spool", flush_interval_s=0.05,
                                              retry_interval_s=0.2, connect_timeout_s=1))
     at = time.time()
-    err = ""
     try:
-        for i in range(5):
-            w.submit_decision(_decision(i, at))
-        w.submit_outcome(_outcome(0, 40.0, at + 1))
+        _submit_five_and_an_outcome(w, at)
         _wait(lambda: _counts(db)["decision_events"] == 5 and _counts(db)["outcomes"] == 1)
         _db_down(db)
         try:
             os.kill(w._proc.pid, signal.SIGKILL)
-
-            def retrying() -> bool:
-                nonlocal err
-                err += capfd.readouterr().err
-                return "could not check resent records" in err
-
-            _wait(retrying)  # the replacement is asking, and waits
+            _wait(_stderr_says(capfd, "could not check resent records"))  # the replacement asks, and waits
             time.sleep(0.5)
         finally:
             _db_up(db)
@@ -182,22 +188,13 @@ def test_while_postgresql_stays_down_a_replacement_still_skips_what_is_in_the_sp
     w = _FirstChildUnheard(db, AuditSettings(spool_dir=spool, flush_interval_s=0.05, retry_interval_s=0.2,
                                              connect_timeout_s=1, drain_timeout_s=1.0))
     at = time.time()
-    err = ""
     try:
         _db_down(db)
         try:
-            for i in range(5):
-                w.submit_decision(_decision(i, at))
-            w.submit_outcome(_outcome(0, 40.0, at + 1))
+            _submit_five_and_an_outcome(w, at)
             _wait(lambda: _spooled_ids(spool) == {f"d-{i}" for i in range(5)})
             os.kill(w._proc.pid, signal.SIGKILL)
-
-            def gave_up() -> bool:
-                nonlocal err
-                err += capfd.readouterr().err
-                return "skipping only those in the spool" in err
-
-            _wait(gave_up)
+            _wait(_stderr_says(capfd, "skipping only those in the spool"))
             w.submit_decision(_decision(5, at))  # a new one, after the resend
             _wait(lambda: w._status.get("handled") == 7)
         finally:
