@@ -61,6 +61,8 @@ OUTCOME_TYPES: tuple[str, ...] = (
 # Every column except the trace bytes and the hashes themselves (the trace enters as its digest).
 HASHED_COLUMNS: tuple[str, ...] = DECISION_COLUMNS[:23]
 OUTCOME_HASHED_COLUMNS: tuple[str, ...] = OUTCOME_COLUMNS[:12]
+# What the outcome reported: everything but its version and chain link.
+OUTCOME_CONTENT_COLUMNS: tuple[str, ...] = OUTCOME_COLUMNS[:9]
 # Outcome rows written before revision 0004 have no chain columns; replayed spool rows of that
 # shape get empty ones (they are stored, and ``audit verify`` counts them as unchained).
 LEGACY_OUTCOME_WIDTH = 10
@@ -173,8 +175,14 @@ def decision_row(e: DecisionEventV1, *, chain_id: str, seq: int, prev_hash: str,
     return (*values, compress_trace(trace_bytes, level, codec), prev_hash, digest)
 
 
+def outcome_content(o: OutcomeEventV1) -> list[Any]:
+    """What an outcome reported, in :data:`OUTCOME_CONTENT_COLUMNS` order (its time as µs): two
+    reports of a decision are the same one when this is equal."""
+    return [o.decision_id, o.status, o.ttft_ms, o.latency_ms, o.input_tokens, o.output_tokens, o.error,
+            o.reward, o.reported_at_us]
+
+
 def outcome_row(o: OutcomeEventV1, *, chain_id: str, seq: int, prev_hash: str) -> tuple[Any, ...]:
     """The row of one outcome, with its chain link; its time (``reported_at``) stays µs, as spooled."""
-    values = [o.decision_id, o.status, o.ttft_ms, o.latency_ms, o.input_tokens, o.output_tokens, o.error,
-              o.reward, o.reported_at_us, o.event_version, chain_id, seq]
+    values = [*outcome_content(o), o.event_version, chain_id, seq]
     return (*values, prev_hash, link_hash(prev_hash, values))

@@ -60,8 +60,8 @@ class Spool:
         self._lock = threading.Lock()
         self._active: Any = None
         self._active_path: Path | None = None
-        self._next_no = 1 + max((self._number(p) for p in self._segments()), default=0)
-        self.size_bytes = sum(p.stat().st_size for p in self._segments())
+        self._next_no = 1 + max((self._number(p) for p in self.segments()), default=0)
+        self.size_bytes = sum(p.stat().st_size for p in self.segments())
         self.appended_records = 0
         self.replayed_records = 0
 
@@ -69,7 +69,8 @@ class Spool:
     def _number(p: Path) -> int:
         return int(p.stem.split("-")[1])
 
-    def _segments(self) -> list[Path]:
+    def segments(self) -> list[Path]:
+        """The spool's segment files, oldest first (the quarantine, a subfolder, is not among them)."""
         return sorted(self.directory.glob("segment-*.spool"), key=self._number)
 
     @property
@@ -106,7 +107,7 @@ class Spool:
     def oldest_segment(self) -> Path | None:
         """The oldest segment, closing the active one first if it is the only one left."""
         with self._lock:
-            segs = self._segments()
+            segs = self.segments()
             if not segs:
                 return None
             if self._active_path == segs[0] and self._active is not None:

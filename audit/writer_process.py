@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing import util as mp_util
 from multiprocessing.connection import Connection
@@ -51,6 +51,7 @@ from typing import Any
 
 import psycopg
 
+from audit.codec import OUTCOME_CONTENT_COLUMNS, outcome_content
 from audit.events import DecisionEventV1, OutcomeEventV1, to_us
 from audit.masking import Masker
 from audit.settings import AuditSettings
@@ -489,7 +490,12 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
         status.close()
 
 
-def _record_key(kind: str, event: Mapping[str, Any]) -> Hashable | None:
+# A record's identity as stored: ("d", decision_id, decided_at_us), or ("o", *outcome_content).
+_Key = tuple[Any, ...]
+_OUTCOME_CONTENT = ", ".join(OUTCOME_CONTENT_COLUMNS)
+
+
+def _record_key(kind: str, event: Mapping[str, Any]) -> _Key | None:
     """What identifies a record as stored: a decision by its id and time (the table's key), an
     outcome by its content, so that a second, different outcome of a decision is not taken for the
     first (it is kept, in ``outcome_conflicts``). ``None`` for a malformed record (the writer
@@ -498,24 +504,22 @@ def _record_key(kind: str, event: Mapping[str, Any]) -> Hashable | None:
         if kind == "d":
             e = DecisionEventV1.from_mapping(event)
             return ("d", e.decision_id, e.decided_at_us)
-        o = OutcomeEventV1.from_mapping(event)
+        return ("o", *outcome_content(OutcomeEventV1.from_mapping(event)))
     except (KeyError, TypeError, ValueError, OverflowError):
         return None
-    return ("o", o.decision_id, o.status, o.ttft_ms, o.latency_ms, o.input_tokens, o.output_tokens, o.error,
-            o.reward, o.reported_at_us)
 
 
-def _row_key(kind: str, row: Any) -> Hashable:
+def _row_key(kind: str, row: Any) -> _Key:
     """:func:`_record_key` of a prepared row (as spooled: a decision row starts ``decision_id,
-    decided_at_us``; an outcome row starts with the outcome's fields, ``reported_at_us`` ninth)."""
-    return ("d", row[0], row[1]) if kind == "d" else ("o", *row[:9])
+    decided_at_us``; an outcome row starts with its content, see :func:`~audit.codec.outcome_row`)."""
+    return ("d", row[0], row[1]) if kind == "d" else ("o", *row[:len(OUTCOME_CONTENT_COLUMNS)])
 
 
-def _spooled_keys(spool: Spool) -> set[Hashable]:
+def _spooled_keys(spool: Spool) -> set[_Key]:
     """The keys of every record in the spool's segments (the quarantine aside): a dead child's
     spooled batches, which the replay will store under that child's chain."""
-    keys: set[Hashable] = set()
-    for seg in sorted(spool.directory.glob("segment-*.spool")):
+    keys: set[_Key] = set()
+    for seg in spool.segments():
         try:
             batches = spool.read_segment(seg)
         except FileNotFoundError:  # replayed meanwhile: in PostgreSQL, which is asked after this
@@ -544,7 +548,7 @@ class _ResendFilter:
         self.deadline = time.monotonic() + settings.drain_timeout_s
         self.db_given_up = False
 
-    def known(self, msgs: list[Any]) -> set[Hashable]:
+    def known(self, msgs: list[Any]) -> set[_Key]:
         """The keys of ``msgs``' records that are stored already."""
         keys = {k for m in msgs if m[0] == "r" and (k := _record_key(m[1], m[2])) is not None}
         if not keys:
@@ -559,19 +563,19 @@ class _ResendFilter:
             stored = set()
         return keys & (stored | self.spooled)
 
-    def _stored(self, keys: set[Hashable]) -> set[Hashable] | None:
+    def _stored(self, keys: set[_Key]) -> set[_Key] | None:
         """The keys among ``keys`` PostgreSQL holds, retried until the deadline; None if unreachable."""
-        d_ids = list({k[1] for k in keys if isinstance(k, tuple) and k[0] == "d"})
-        o_ids = list({k[1] for k in keys if isinstance(k, tuple) and k[0] == "o"})
-        cols = "decision_id, status, ttft_ms, latency_ms, input_tokens, output_tokens, error, reward, reported_at"
+        d_ids = list({k[1] for k in keys if k[0] == "d"})
+        o_ids = list({k[1] for k in keys if k[0] == "o"})
+        cols = _OUTCOME_CONTENT
         retrying = False
         while True:
             try:
                 with psycopg.connect(self.url, connect_timeout=self.settings.connect_timeout_s) as conn:
-                    found: set[Hashable] = {("d", r[0], to_us(r[1])) for r in conn.execute(
+                    found: set[_Key] = {("d", r[0], to_us(r[1])) for r in conn.execute(
                         "SELECT decision_id, decided_at FROM decision_events WHERE decision_id = ANY(%s)",
                         (d_ids,))}
-                    found.update(("o", *r[:8], to_us(r[8])) for r in conn.execute(
+                    found.update(("o", *r[:-1], to_us(r[-1])) for r in conn.execute(  # reported_at last
                         f"SELECT {cols} FROM outcomes WHERE decision_id = ANY(%s) "
                         f"UNION ALL SELECT {cols} FROM outcome_conflicts WHERE decision_id = ANY(%s)",
                         (o_ids, o_ids)))
