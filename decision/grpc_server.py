@@ -35,9 +35,9 @@ from decision.telemetry import (
     TelemetryStore,
     canonical_name,
     parse_exposition,
+    refused_value,
     timestamp_problem,
     unusable_samples,
-    usable_value,
 )
 from infermesh.decision.v1 import decision_pb2 as pb
 from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
@@ -199,7 +199,7 @@ def _checked_sample(store: TelemetryStore, now: float, by_id: dict[str, Any], no
     if known is None:
         raise InvalidArgument(f"samples[{i}].metric", f"unknown metric {s.metric!r}")
     name, node_level = known
-    if not usable_value(s.value) and s.value == s.value:  # NaN passes: "no value", skipped by the store
+    if refused_value(s.value):  # NaN passes: "no value", skipped by the store
         raise InvalidArgument(f"samples[{i}].value", VALUE_RULE)
     ts = _checked_stamp(store, now, f"samples[{i}].timestamp_unix_ms", s.timestamp_unix_ms)
     if node_level:

@@ -91,6 +91,15 @@ def usable_value(value: float) -> bool:
     return 0.0 <= value < _INF
 
 
+def refused_value(value: float) -> bool:
+    """Whether a value is there but unusable: negative or infinite (NaN is "no value", not refused).
+
+    >>> [refused_value(v) for v in (0.0, -1.0, math.inf, math.nan)]
+    [False, True, True, False]
+    """
+    return value == value and not usable_value(value)
+
+
 def timestamp_problem(ts: float, now: float, max_skew_s: float = MAX_CLOCK_SKEW_S) -> str | None:
     """Why ``ts`` (seconds since the epoch) cannot stamp a sample received at ``now``; None if it can.
 
@@ -111,7 +120,7 @@ def unusable_samples(samples: Iterable[Sample]) -> list[Sample]:
     ...     'vllm:num_requests_waiting -1\\nvllm:num_requests_running NaN\\nx_bucket{le="+Inf"} +Inf'))]
     [-1.0]
     """
-    return [s for s in samples if s.name in KEPT_EXPORTER_METRICS and not usable_value(s.value) and s.value == s.value]
+    return [s for s in samples if s.name in KEPT_EXPORTER_METRICS and refused_value(s.value)]
 
 
 @dataclass(frozen=True, slots=True)
