@@ -1,5 +1,5 @@
 """What every gRPC server of the service does the same way: bind a port, and (for the asyncio
-servers) run on an event loop in a thread of its own with health and reflection.
+servers) run on an event loop in a thread of its own (:class:`LoopThread`) with health and reflection.
 
 The decision API (:mod:`decision.grpc_aio`) and the Envoy ext_proc picker
 (:mod:`decision.extproc_aio`) differ only in the services they register and the health names
@@ -30,6 +30,25 @@ def bind_port(server: Any, address: str, credentials: grpc.ServerCredentials | N
     return int(port)
 
 
+class LoopThread:
+    """An event loop running in a daemon thread, for servers driven from the service's other threads."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        """Run ``coro`` on the loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        """Stop the loop, join its thread, close it."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5.0)
+        self.loop.close()
+
+
 class LoopServer:
     """A ``grpc.aio`` server with health and reflection, on an event loop in a daemon thread.
 
@@ -55,9 +74,7 @@ class LoopServer:
                  register: Callable[[grpc.aio.Server], None], serving: Sequence[str], reflected: Sequence[str],
                  what: str, bind_error: type[Exception] = OSError, options: Sequence[tuple[str, Any]] = (),
                  interceptors: Sequence[Any] = ()) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
-        self._thread.start()
+        self._loop = LoopThread(name)
         self._server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
 
@@ -73,10 +90,7 @@ class LoopServer:
             self._server = server
             return port
 
-        self.port = self._call(start())
-
-    def _call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        self.port = self._loop.call(start())
 
     def stop(self, grace_s: float = 1.0) -> None:
         """Report NOT_SERVING, let calls in flight finish within ``grace_s``, stop the loop."""
@@ -86,8 +100,6 @@ class LoopServer:
                 await self._server.stop(grace_s)
 
         try:
-            self._call(_stop(), timeout=grace_s + 30.0)
+            self._loop.call(_stop(), timeout=grace_s + 30.0)
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5.0)
             self._loop.close()
