@@ -47,7 +47,7 @@ def bench_fleet(backend: str, endpoints: int = 16) -> Any:
                                "models": [{"name": _MODEL, "family": "bench", "params_b": 8.0}]}, "bench")
 
 
-def _serve_processor(backend: str, server_kind: str = "asyncio") -> None:
+def _serve_processor(backend: str, server_kind: str = "grpclib") -> None:
     """The processor process: a DecisionEngine on the bench fleet behind the ext_proc server."""
     from decision import heap
     from decision.engine import DecisionEngine
@@ -80,7 +80,7 @@ def _serve_processor(backend: str, server_kind: str = "asyncio") -> None:
         srv.stop(0)
 
 
-def run_bench(requests: int = 1000, block: int = 25, warmup: int = 100, server: str = "asyncio") -> dict[str, Any]:
+def run_bench(requests: int = 1000, block: int = 25, warmup: int = 100, server: str = "grpclib") -> dict[str, Any]:
     """Measure both listeners in one run; returns the summary (latencies in ms)."""
     from decision.extproc_envoyrun import (
         Backend,
@@ -193,7 +193,7 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=1000, help="timed requests per listener")
     p.add_argument("--block", type=int, default=25, help="requests per listener before switching")
     p.add_argument("--warmup", type=int, default=100, help="untimed requests per listener first")
-    p.add_argument("--server", choices=("asyncio", "threads"), default="asyncio",
+    p.add_argument("--server", choices=("grpclib", "asyncio", "threads"), default="grpclib",
                    help="the processor's gRPC server kind (extproc.server)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
 

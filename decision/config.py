@@ -93,8 +93,9 @@ class ExtProcSection(_Section):
     enabled: bool = False
     port: int = Field(default=9002, ge=0, le=65535)
     max_streams: int = Field(default=256, ge=1, le=8192)
-    # asyncio: one event loop serves every stream (cheaper per request); threads: one worker per stream.
-    server: Literal["asyncio", "threads"] = "asyncio"
+    # grpclib: gRPC over h2 on one event loop thread (cheapest per request, decision.extproc_grpclib);
+    # asyncio: grpcio's asyncio server; threads: grpcio's threaded server, one worker per open stream.
+    server: Literal["grpclib", "asyncio", "threads"] = "grpclib"
     # Header names and defaults: the fields of decision.extproc_config.ExtProcConfig.
     settings: dict[str, Any] = {}
 

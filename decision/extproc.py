@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -550,8 +551,8 @@ class ExtProcServer:
 def serve_extproc(engine: DecisionEngine, config: ExtProcConfig | None = None, *,
                   address: str = "0.0.0.0:9002", max_streams: int = 512,
                   credentials: grpc.ServerCredentials | None = None,
-                  server_kind: str = "asyncio", metrics: ServiceMetrics | None = None,
-                  reuse_port: bool = False) -> RunningExtProc:
+                  server_kind: str = "grpclib", metrics: ServiceMetrics | None = None,
+                  reuse_port: bool = False, ssl_context: ssl.SSLContext | None = None) -> RunningExtProc:
     """Start an ext_proc server with gRPC health and reflection on ``address``.
 
     Parameters
@@ -562,23 +563,31 @@ def serve_extproc(engine: DecisionEngine, config: ExtProcConfig | None = None, *
         ``host:port`` to bind; port 0 picks a free one (see ``ExtProcServer.port``).
     max_streams
         Streams served at once, i.e. HTTP requests in flight through the proxy; more wait.
-    credentials
-        TLS or mutual TLS (``decision.tls.server_credentials``); plaintext when None.
+    credentials, ssl_context
+        TLS or mutual TLS for the grpcio kinds (``decision.tls.server_credentials``) and for
+        grpclib (``decision.tls.server_ssl_context``); plaintext when None.
     metrics
         The service's Prometheus metrics: decisions, denials and outcomes are counted as on gRPC.
     server_kind
-        ``"asyncio"`` (default: one event loop in its own thread, see :mod:`decision.extproc_aio`)
-        or ``"threads"`` (grpcio's threaded server, one worker thread per open stream).
+        ``"grpclib"`` (default: gRPC over h2 on one event loop thread, see
+        :mod:`decision.extproc_grpclib`), ``"asyncio"`` (grpcio's asyncio server, see
+        :mod:`decision.extproc_aio`) or ``"threads"`` (grpcio's threaded server, one worker thread
+        per open stream).
     reuse_port
         Bind with SO_REUSEPORT, as ``infermesh serve --workers`` does: every worker on one port.
     """
+    if server_kind == "grpclib":
+        from decision.extproc_grpclib import GrpclibExtProcServer
+
+        return GrpclibExtProcServer(ExtProcServicer(engine, config, metrics=metrics), address,
+                                    max_streams=max_streams, ssl_context=ssl_context, reuse_port=reuse_port)
     if server_kind == "asyncio":
         from decision.extproc_aio import AioExtProcServer
 
         return AioExtProcServer(ExtProcServicer(engine, config, metrics=metrics), address, max_streams=max_streams,
                                 credentials=credentials, reuse_port=reuse_port)
     if server_kind != "threads":
-        raise ValueError(f"server_kind must be 'asyncio' or 'threads', not {server_kind!r}")
+        raise ValueError(f"server_kind must be 'grpclib', 'asyncio' or 'threads', not {server_kind!r}")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="extproc"),
                          options=[("grpc.so_reuseport", 1 if reuse_port else 0),
                                   ("grpc.max_concurrent_streams", max_streams)])

@@ -31,7 +31,7 @@ from decision.metrics import ServiceMetrics
 from decision.scoring import BasicFeatures
 from decision.scraper import Scraper
 from decision.telemetry import TelemetryStore
-from decision.tls import server_credentials
+from decision.tls import server_credentials, server_ssl_context
 from decision.tracing import configure_tracing
 
 if TYPE_CHECKING:
@@ -224,6 +224,15 @@ class Service:
         tls = self.config.tls
         return server_credentials(tls, self.config.path.parent) if tls is not None else None
 
+    def _extproc_tls(self, kind: str) -> dict[str, Any]:
+        """The ``tls:`` section in the form the ext_proc server kind takes (grpclib: an SSLContext)."""
+        tls = self.config.tls
+        if tls is None:
+            return {}
+        if kind == "grpclib":
+            return {"ssl_context": server_ssl_context(tls, self.config.path.parent)}
+        return {"credentials": self._server_credentials()}
+
     def start_extproc(self, port: int | None = None, *, reuse_port: bool = False) -> int:
         """Serve the Envoy ext_proc endpoint picker on its own port (``deploy/envoy/README.md``)."""
         from decision.extproc import serve_extproc
@@ -233,8 +242,8 @@ class Service:
         ep = self.config.extproc
         server = serve_extproc(self.engine, ExtProcConfig.from_mapping(ep.settings),
                                address=f"{self.config.server.host}:{ep.port if port is None else port}",
-                               max_streams=ep.max_streams, credentials=self._server_credentials(),
-                               server_kind=ep.server, metrics=self.metrics, reuse_port=reuse_port)
+                               max_streams=ep.max_streams, server_kind=ep.server, metrics=self.metrics,
+                               reuse_port=reuse_port, **self._extproc_tls(ep.server))
         self.extproc = server
         return server.port
 

@@ -4,11 +4,13 @@ Certificates come from PEM files named in the ``tls:`` section of the service co
 paths resolve against the config file's folder. With ``client_ca_file`` set and
 ``require_client_cert`` true (the default then), a client must present a certificate signed by
 that CA or the handshake fails. Any grpcio server, sync or ``grpc.aio``, takes the credentials:
-``server.add_secure_port(address, server_credentials(tls, base))``.
+``server.add_secure_port(address, server_credentials(tls, base))``; asyncio servers (the grpclib
+ext_proc server) take :func:`server_ssl_context` instead.
 """
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import grpc
@@ -59,6 +61,32 @@ def server_credentials(tls: TlsConfig, base: Path = Path(".")) -> grpc.ServerCre
     key = _read(tls.key_file, base, "key_file")
     ca = _read(tls.client_ca_file, base, "client_ca_file") if tls.client_ca_file is not None else None
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=tls.mutual)
+
+
+def server_ssl_context(tls: TlsConfig, base: Path = Path(".")) -> ssl.SSLContext:
+    """The same certificates as an :class:`ssl.SSLContext` for asyncio servers (grpclib), ALPN ``h2``.
+
+    ``ValueError`` names the unreadable or unusable file. With a client CA, client certificates are
+    verified against it, and required when ``tls.mutual`` (as :func:`server_credentials` does).
+    """
+    for what in ("cert_file", "key_file", "client_ca_file"):
+        if getattr(tls, what) is not None:
+            _read(getattr(tls, what), base, what)  # readable, or a ValueError naming the field
+
+    def path(p: Path) -> Path:
+        return p if p.is_absolute() else base / p
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # HTTP/2 needs 1.2 or later (RFC 9113, 9.2)
+    try:
+        ctx.load_cert_chain(path(tls.cert_file), path(tls.key_file))
+        if tls.client_ca_file is not None:
+            ctx.load_verify_locations(path(tls.client_ca_file))
+            ctx.verify_mode = ssl.CERT_REQUIRED if tls.mutual else ssl.CERT_OPTIONAL
+    except ssl.SSLError as exc:
+        raise ValueError(f"tls: cannot use the certificate files: {exc}") from None
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
 
 
 def channel_credentials(ca_file: Path, cert_file: Path | None = None,

@@ -309,8 +309,34 @@ def _drive_asyncio(s: ExtProcServicer, msgs: list[pb.ProcessingRequest]) -> int:
     return consumed
 
 
-@pytest.mark.parametrize("drive", [_drive_threaded, _drive_asyncio])
-def test_both_servers_close_a_stream_once_it_has_nothing_left_to_do(drive: Any) -> None:
+def _drive_grpclib(s: ExtProcServicer, msgs: list[pb.ProcessingRequest]) -> int:
+    import asyncio
+
+    from decision.extproc_grpclib import _ExtProc
+
+    class Stream:  # the two calls the handler makes on grpclib's server stream
+        consumed = 0
+
+        async def recv_message(self) -> pb.ProcessingRequest | None:
+            if self.consumed == len(msgs):
+                return None
+            self.consumed += 1
+            return msgs[self.consumed - 1]
+
+        async def send_message(self, reply: pb.ProcessingResponse) -> None:
+            pass
+
+    stream = Stream()
+
+    async def run() -> None:
+        await _ExtProc(s).process(stream)  # type: ignore[arg-type]
+
+    asyncio.run(run())
+    return stream.consumed
+
+
+@pytest.mark.parametrize("drive", [_drive_threaded, _drive_asyncio, _drive_grpclib])
+def test_every_server_kind_closes_a_stream_once_it_has_nothing_left_to_do(drive: Any) -> None:
     """A pick stream ends after its last request-phase answer, an observer stream once its outcome
     is reported: the messages Envoy might still send on them are never waited for (on the threaded
     server a lingering stream holds a worker thread; 64 of them starved the processor once)."""

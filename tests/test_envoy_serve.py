@@ -17,7 +17,7 @@ from tests.envoy_support import BACKENDS, MODEL, build_fleet
 pytestmark = pytest.mark.envoy
 
 
-@pytest.mark.parametrize("server", ["asyncio", "threads"])
+@pytest.mark.parametrize("server", ["grpclib", "asyncio", "threads"])
 def test_service_serves_ext_proc_to_envoy_and_records_outcomes(tmp_path: Path, server: str) -> None:
     backends = [Backend(b.name, ttft_ms=b.ttft_ms, token_ms=b.token_ms, streaming=b.streaming) for b in BACKENDS]
     service: Service | None = None

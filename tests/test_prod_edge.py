@@ -234,9 +234,12 @@ def test_mutual_tls_refuses_clients_without_a_valid_certificate(pki: dict[str, P
 
 
 def test_tls_config_errors_name_the_file(pki: dict[str, Path]) -> None:
-    from decision.tls import server_credentials
+    from decision.tls import server_credentials, server_ssl_context
 
     with pytest.raises(ValueError, match="require_client_cert needs client_ca_file"):
         TlsConfig(cert_file=Path("a"), key_file=Path("b"), require_client_cert=True)
-    with pytest.raises(ValueError, match=r"tls\.key_file: cannot read .*missing\.key"):
-        server_credentials(TlsConfig(cert_file=pki["server_cert"], key_file=Path("missing.key")), pki["dir"])
+    for make in (server_credentials, server_ssl_context):  # the grpcio servers' form and grpclib's
+        with pytest.raises(ValueError, match=r"tls\.key_file: cannot read .*missing\.key"):
+            make(TlsConfig(cert_file=pki["server_cert"], key_file=Path("missing.key")), pki["dir"])
+    with pytest.raises(ValueError, match="tls: cannot use the certificate files"):  # a key that is not the cert's
+        server_ssl_context(TlsConfig(cert_file=pki["server_cert"], key_file=pki["rogue_key"]), pki["dir"])

@@ -1,0 +1,251 @@
+"""The ext_proc endpoint picker on grpclib: gRPC over h2, all of it on one event loop thread.
+
+Why this is the default (``extproc.server: grpclib``): every HTTP request through Envoy is one or
+two short ext_proc streams, and at that size a stream costs more in gRPC than the decision does.
+grpcio's servers run HTTP/2 in C threads of their own and wake the Python side for each message
+(the threaded server through a pool, the asyncio one through a poller thread and the loop's self
+pipe): several thread hand-offs per message on a small machine. grpclib parses the frames
+(``h2``) in the loop that runs the handler, so a message goes from the socket to
+:meth:`ExtProcServicer.handle` and back without leaving the thread. ``infermesh bench envoy
+--server grpclib|asyncio`` measures the two side by side (``deploy/envoy/README.md``).
+
+Served here besides ``Process``: ``grpc.health.v1.Health`` (``Check`` and ``Watch``; Envoy health-
+checks ``envoy.service.ext_proc.v3.ExternalProcessor``) and server reflection (v1alpha, as on the
+grpcio servers). The messages are grpcio's generated ones (``grpc_health``, ``grpc_reflection``):
+grpclib's own copies of those protos would clash with them in the one descriptor pool.
+
+Limits: ``max_streams`` is advertised as HTTP/2 ``SETTINGS_MAX_CONCURRENT_STREAMS`` per
+connection, so a proxy queues beyond it as it does with grpcio. grpclib has no per-message size
+cap (grpcio's default is 4 MiB); Envoy's own buffer limit bounds what it sends, and like any
+ext_proc port this one should be reachable by the proxies only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import grpclib.const
+import grpclib.server
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
+from grpc_reflection.v1alpha._async import ReflectionServicer
+from grpclib.const import Cardinality, Handler, Status
+from grpclib.exceptions import GRPCError
+from grpclib.protocol import H2Protocol
+from h2.settings import SettingCodes
+
+from decision.extproc import ExtProcServicer
+from decision.extproc_config import EXTPROC_SERVICE, PROBED_NAMES
+from decision.grpc_serving import LoopThread
+
+_HEALTH = "grpc.health.v1.Health"
+_REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
+_Status = health_pb2.HealthCheckResponse
+
+
+class _ExtProc:
+    """``ExternalProcessor/Process``: :class:`ExtProcServicer`'s sans-I/O steps on a grpclib stream."""
+
+    def __init__(self, core: ExtProcServicer) -> None:
+        self.core = core
+        self.open = 0
+        self.draining = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {f"/{EXTPROC_SERVICE}/Process": Handler(self.process, Cardinality.STREAM_STREAM,
+                                                      pb.ProcessingRequest, pb.ProcessingResponse)}
+
+    async def process(self, stream: grpclib.server.Stream[pb.ProcessingRequest, pb.ProcessingResponse]) -> None:
+        if self.draining:  # as grpcio does once stop() is called: the proxy's failure mode applies
+            raise GRPCError(Status.UNAVAILABLE, "the ext_proc server is shutting down")
+        core = self.core
+        st = core.open_stream()
+        self.open += 1
+        self.idle.clear()
+        try:
+            while (req := await stream.recv_message()) is not None:
+                replies = core.handle(st, req)
+                for reply in replies:
+                    await stream.send_message(reply)
+                core.after_replies(st)
+                if core.finished(st, req, replies):
+                    return
+        except asyncio.CancelledError:
+            if not self.draining:
+                raise  # the proxy reset the stream: nobody to answer
+            # Stopped past its grace: end the stream with a status, so the proxy's failure mode applies now.
+            raise GRPCError(Status.UNAVAILABLE, "the ext_proc server stopped") from None
+        finally:
+            core.close_stream(st)
+            self.open -= 1
+            if self.open == 0:
+                self.idle.set()
+
+
+class _Health:
+    """``grpc.health.v1.Health``: ``Check`` answers at once, ``Watch`` streams every change."""
+
+    def __init__(self, serving: Iterable[str]) -> None:
+        self._status = {name: _Status.SERVING for name in serving}
+        self._changed = asyncio.Condition()
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {
+            f"/{_HEALTH}/Check": Handler(self.check, Cardinality.UNARY_UNARY,
+                                         health_pb2.HealthCheckRequest, _Status),
+            f"/{_HEALTH}/Watch": Handler(self.watch, Cardinality.UNARY_STREAM,
+                                         health_pb2.HealthCheckRequest, _Status),
+        }
+
+    async def shut_down(self) -> None:
+        """Every name NOT_SERVING from now on, so probes see the server going before it goes."""
+        async with self._changed:
+            self._status = dict.fromkeys(self._status, _Status.NOT_SERVING)
+            self._changed.notify_all()
+
+    async def check(self, stream: grpclib.server.Stream[health_pb2.HealthCheckRequest, Any]) -> None:
+        req = await stream.recv_message()
+        assert req is not None  # grpclib answers a unary call without a message itself
+        if req.service not in self._status:
+            raise GRPCError(Status.NOT_FOUND, f"unknown service {req.service!r}")
+        await stream.send_message(_Status(status=self._status[req.service]))
+
+    async def watch(self, stream: grpclib.server.Stream[health_pb2.HealthCheckRequest, Any]) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        last = None
+        while True:  # until the client goes or the server closes (both cancel this handler)
+            now = self._status.get(req.service, _Status.SERVICE_UNKNOWN)
+            if now != last:
+                await stream.send_message(_Status(status=now))
+                last = now
+            async with self._changed:
+                await self._changed.wait()
+
+
+class _Reflection:
+    """Server reflection, answered by grpcio-reflection's own servicer (the same answers as on grpcio)."""
+
+    def __init__(self, services: Iterable[str]) -> None:
+        self._servicer = ReflectionServicer(tuple(services))
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {f"/{_REFLECTION}/ServerReflectionInfo": Handler(
+            self.info, Cardinality.STREAM_STREAM,
+            reflection_pb2.ServerReflectionRequest, reflection_pb2.ServerReflectionResponse)}
+
+    async def info(self, stream: grpclib.server.Stream[Any, Any]) -> None:
+        replies: AsyncIterator[Any] = self._servicer.ServerReflectionInfo(stream, None)
+        async for reply in replies:
+            await stream.send_message(reply)
+
+
+class _Server(grpclib.server.Server):
+    """grpclib's server, advertising ``max_streams`` concurrent streams per connection."""
+
+    def __init__(self, handlers: list[Any], max_streams: int) -> None:
+        super().__init__(handlers)
+        self._max_streams = max_streams
+
+    def _protocol_factory(self) -> H2Protocol:
+        protocol = super()._protocol_factory()
+        made = protocol.connection_made
+        max_streams = self._max_streams
+
+        def connection_made(transport: asyncio.BaseTransport) -> None:
+            made(transport)  # sends grpclib's SETTINGS; ours follow before any stream can open
+            protocol.connection._connection.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: max_streams})
+            protocol.connection.flush()
+
+        protocol.connection_made = connection_made  # type: ignore[method-assign]
+        return protocol
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"ext_proc address must be host:port, not {address!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _listen(host: str, port: int, reuse_port: bool, address: str) -> socket.socket:
+    """A listening TCP socket, bound here so the port (0: a free one) is known before the loop serves."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP, not 0: asyncio and grpclib set TCP_NODELAY on accepted sockets only for that proto,
+    # and without it every small reply waits ~40 ms for Nagle and delayed ACKs.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise RuntimeError(f"cannot bind the ext_proc server to {address}: {exc.strerror}") from None
+    return sock
+
+
+class GrpclibExtProcServer:
+    """The ext_proc picker, health and reflection on a grpclib server in a thread of its own.
+
+    Parameters
+    ----------
+    core
+        The picker's sans-I/O logic.
+    address
+        ``host:port``; port 0 picks a free one (see ``port``).
+    max_streams
+        Streams served at once per proxy connection; more wait in the proxy.
+    ssl_context
+        TLS or mutual TLS (:func:`decision.tls.server_ssl_context`); plaintext when None.
+    reuse_port
+        Bind with SO_REUSEPORT (``infermesh serve --workers``).
+    """
+
+    def __init__(self, core: ExtProcServicer, address: str, *, max_streams: int,
+                 ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False) -> None:
+        self.servicer = core
+        host, port = _host_port(address)
+        sock = _listen(host, port, reuse_port, address)
+        self._loop = LoopThread("extproc-grpclib")
+
+        async def start() -> int:
+            # Built on the loop: grpclib's server and asyncio's primitives belong to the running loop.
+            self._extproc = _ExtProc(core)
+            self._health = _Health((*PROBED_NAMES, EXTPROC_SERVICE))
+            self._server = _Server([self._extproc, self._health,
+                                    _Reflection((EXTPROC_SERVICE, _HEALTH, _REFLECTION))], max_streams)
+            await self._server.start(sock=sock, ssl=ssl_context)
+            return int(sock.getsockname()[1])
+
+        try:
+            self.port = self._loop.call(start())
+        except BaseException:
+            self._loop.close()
+            sock.close()
+            raise
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        """Report NOT_SERVING, refuse new streams, let open ones finish within ``grace_s``, stop."""
+        async def _stop() -> None:
+            await self._health.shut_down()
+            self._extproc.draining = True
+            # What is still open after the grace is cancelled: its outcome is recorded as cancelled.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._extproc.idle.wait(), grace_s)
+            self._server.close()
+            await self._server.wait_closed()
+
+        try:
+            self._loop.call(_stop(), timeout=grace_s + 30.0)
+        finally:
+            self._loop.close()

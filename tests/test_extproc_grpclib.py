@@ -1,0 +1,171 @@
+"""The grpclib ext_proc server (the default kind): health, reflection, stream limit, graceful stop,
+binding errors; over real sockets with grpcio clients, as Envoy and probes would reach it."""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from decision.extproc import ExtProcServicer
+from decision.extproc_config import EXTPROC_SERVICE, PROBED_NAMES
+from decision.extproc_grpclib import GrpclibExtProcServer
+from tests.envoy_support import ResidencyGuard, build_fleet, make_engine
+from tests.test_envoy_extproc_unit import ADDR, BUFFERED, CHAT, body_msg, headers_msg
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+HEADERS = {"x-infermesh-tenant": "acme", ":path": "/v1/chat/completions"}
+
+
+def _server(max_streams: int = 8) -> GrpclibExtProcServer:
+    core = ExtProcServicer(make_engine(build_fleet(ADDR), ResidencyGuard()))
+    return GrpclibExtProcServer(core, "127.0.0.1:0", max_streams=max_streams)
+
+
+@pytest.fixture
+def server() -> Iterator[GrpclibExtProcServer]:
+    srv = _server()
+    yield srv
+    srv.stop(0)
+
+
+class _OpenStream:
+    """A Process stream fed by hand, so a test decides when each message goes (and the end)."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._out: queue.Queue[pb.ProcessingRequest | None] = queue.Queue()
+        self.replies: queue.Queue[Any] = queue.Queue()
+        self._call = ext_grpc.ExternalProcessorStub(channel).Process(iter(self._out.get, None), timeout=20)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for reply in self._call:
+                self.replies.put(reply)
+            self.replies.put("end")
+        except grpc.RpcError as exc:
+            self.replies.put(exc.code())
+
+    def send(self, msg: pb.ProcessingRequest) -> None:
+        self._out.put(msg)
+
+    def close(self) -> None:
+        self._out.put(None)
+
+
+def test_health_checks_every_probed_name_and_refuses_unknown_ones(server: GrpclibExtProcServer) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for name in (*PROBED_NAMES, EXTPROC_SERVICE):
+            assert stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status == SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_describes_the_ext_proc_service(server: GrpclibExtProcServer) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        db = ProtoReflectionDescriptorDatabase(ch)
+        assert EXTPROC_SERVICE in db.get_services() and "grpc.health.v1.Health" in db.get_services()
+        svc = descriptor_pool.DescriptorPool(db).FindServiceByName(EXTPROC_SERVICE)
+    assert [m.name for m in svc.methods] == ["Process"]
+
+
+def test_a_pick_over_the_wire_and_the_stream_closes_when_done(server: GrpclibExtProcServer) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        replies = list(ext_grpc.ExternalProcessorStub(ch).Process(
+            iter([headers_msg(HEADERS, mode=BUFFERED, no_wait=False), body_msg(CHAT)]), timeout=10))
+    assert len(replies) == 2  # the header answer, then the body answer with the pick; then the server ends it
+    picked = {h.header.key for h in replies[1].request_body.response.header_mutation.set_headers}
+    assert {"x-gateway-destination-endpoint", "x-infermesh-decision-id"} <= picked
+    assert server.servicer.stats["routed"] == 1
+
+
+def test_streams_beyond_max_streams_wait_for_a_free_slot() -> None:
+    srv = _server(max_streams=2)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            first, second = _OpenStream(ch), _OpenStream(ch)
+            for s in (first, second):
+                s.send(headers_msg(HEADERS, mode=BUFFERED, no_wait=False))
+                assert isinstance(s.replies.get(timeout=5), pb.ProcessingResponse)
+            third = _OpenStream(ch)
+            third.send(headers_msg(HEADERS, mode=BUFFERED, no_wait=False))
+            with pytest.raises(queue.Empty):  # queued by the client (SETTINGS_MAX_CONCURRENT_STREAMS), not failed
+                third.replies.get(timeout=0.5)
+            first.send(body_msg(CHAT))  # the first pick completes and its stream ends...
+            assert isinstance(first.replies.get(timeout=5), pb.ProcessingResponse)
+            assert first.replies.get(timeout=5) == "end"
+            assert isinstance(third.replies.get(timeout=5), pb.ProcessingResponse)  # ...which lets the third in
+            for s in (second, third):
+                s.send(body_msg(CHAT))
+                assert isinstance(s.replies.get(timeout=5), pb.ProcessingResponse)
+            assert srv.servicer.stats["routed"] == 3
+    finally:
+        srv.stop(0)
+
+
+def test_stop_reports_not_serving_refuses_new_streams_and_lets_open_ones_finish() -> None:
+    srv = _server()
+    stopped = threading.Event()
+    with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+        watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=EXTPROC_SERVICE),
+                                                     timeout=20)
+        assert next(watch).status == SERVING
+        open_one = _OpenStream(ch)
+        open_one.send(headers_msg(HEADERS, mode=BUFFERED, no_wait=False))
+        assert isinstance(open_one.replies.get(timeout=5), pb.ProcessingResponse)
+        t0 = time.monotonic()
+        def stop() -> None:
+            srv.stop(10.0)
+            stopped.set()
+
+        stopper = threading.Thread(target=stop)
+        stopper.start()
+        assert next(watch).status == NOT_SERVING
+        late = _OpenStream(ch)
+        late.send(headers_msg(HEADERS, mode=BUFFERED, no_wait=False))
+        assert late.replies.get(timeout=5) == grpc.StatusCode.UNAVAILABLE
+        assert not stopped.is_set()  # the open stream holds the stop within its grace...
+        open_one.send(body_msg(CHAT))
+        assert isinstance(open_one.replies.get(timeout=5), pb.ProcessingResponse)
+        stopper.join(timeout=15)
+    assert stopped.is_set() and time.monotonic() - t0 < 5  # ...and the stop ends once it is done
+    assert srv.servicer.stats["routed"] == 1
+
+
+def test_stop_cancels_what_is_still_open_after_the_grace() -> None:
+    srv = _server()
+    with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+        stuck = _OpenStream(ch)
+        stuck.send(headers_msg(HEADERS, mode=BUFFERED, no_wait=False))
+        assert isinstance(stuck.replies.get(timeout=5), pb.ProcessingResponse)
+        t0 = time.monotonic()
+        srv.stop(0.3)
+        assert 0.25 <= time.monotonic() - t0 < 5
+        assert stuck.replies.get(timeout=5) == grpc.StatusCode.UNAVAILABLE  # ended with a status, not left hanging
+    assert srv.servicer.stats["routed"] == 0
+
+
+def test_binding_errors_name_the_address() -> None:
+    core = ExtProcServicer(make_engine(build_fleet(ADDR), ResidencyGuard()))
+    with pytest.raises(ValueError, match="host:port"):
+        GrpclibExtProcServer(core, "localhost", max_streams=1)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        addr = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(RuntimeError, match=f"cannot bind the ext_proc server to {addr}"):
+            GrpclibExtProcServer(core, addr, max_streams=1)
