@@ -26,11 +26,12 @@ Response phase
 
 Where it is served: on its own port (default 9002, the inference extension's ext_proc port), in
 the same process as the decision API. An ext_proc stream stays open for the whole upstream
-response (seconds to minutes for a token stream). By default it is grpcio's asyncio server on an
-event loop of its own (:mod:`decision.extproc_aio`): open streams cost no threads, and a message
-costs fewer hand-offs than on the threaded server, which holds one worker thread per open stream
-(``extproc.server: threads`` selects it; sharing the decision API's small, CPU-sized pool would
-let a few long generations starve ``Decide``). Either way it has its own health service (Envoy
+response (seconds to minutes for a token stream). By default it is grpclib on an event loop of its
+own (:mod:`decision.extproc_grpclib`): open streams cost no threads, and a message never leaves
+that thread, which makes it the cheapest per request. ``extproc.server: asyncio`` selects grpcio's
+asyncio server (:mod:`decision.extproc_aio`), ``threads`` grpcio's threaded server, which holds one
+worker thread per open stream (sharing the decision API's small, CPU-sized pool would let a few
+long generations starve ``Decide``). Either way it has its own health service (Envoy
 health-checks the processor cluster there) and can be firewalled so only the proxies reach it.
 :func:`add_extproc_to_server` still registers the servicer on any threaded server, for
 single-port deployments.
