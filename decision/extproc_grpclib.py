@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-import grpclib.const
 import grpclib.server
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from grpc_health.v1 import health_pb2
@@ -43,6 +43,15 @@ from h2.settings import SettingCodes
 from decision.extproc import ExtProcServicer
 from decision.extproc_config import EXTPROC_SERVICE, PROBED_NAMES
 from decision.grpc_serving import LoopThread
+
+
+def _not_a_reset(record: logging.LogRecord) -> bool:
+    """grpclib logs every stream its client resets at INFO: for a proxy that is any client hanging up,
+    and the picker already records it (a cancelled outcome), so the line would only be noise."""
+    return not record.getMessage().startswith("Request was cancelled")
+
+
+logging.getLogger("grpclib.server").addFilter(_not_a_reset)
 
 _HEALTH = "grpc.health.v1.Health"
 _REFLECTION = "grpc.reflection.v1alpha.ServerReflection"

@@ -3,6 +3,7 @@ binding errors; over real sockets with grpcio clients, as Envoy and probes would
 
 from __future__ import annotations
 
+import logging
 import queue
 import socket
 import threading
@@ -64,6 +65,10 @@ class _OpenStream:
     def close(self) -> None:
         self._out.put(None)
 
+    def reset(self) -> None:
+        """As a proxy whose client hung up: RST_STREAM."""
+        self._call.cancel()
+
 
 def test_health_checks_every_probed_name_and_refuses_unknown_ones(server: GrpclibExtProcServer) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
@@ -91,6 +96,25 @@ def test_a_pick_over_the_wire_and_the_stream_closes_when_done(server: GrpclibExt
     picked = {h.header.key for h in replies[1].request_body.response.header_mutation.set_headers}
     assert {"x-gateway-destination-endpoint", "x-infermesh-decision-id"} <= picked
     assert server.servicer.stats["routed"] == 1
+
+
+def test_a_stream_the_proxy_resets_is_recorded_not_logged(server: GrpclibExtProcServer,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO), grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        s = _OpenStream(ch)
+        s.send(headers_msg(HEADERS, mode=BUFFERED, no_wait=False))
+        assert isinstance(s.replies.get(timeout=5), pb.ProcessingResponse)
+        s.reset()
+        assert s.replies.get(timeout=5) == grpc.StatusCode.CANCELLED
+        deadline = time.monotonic() + 5
+        while _open(server) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert not _open(server)  # the server saw the reset and closed its side
+    assert not [r for r in caplog.records if r.name.startswith("grpclib")], caplog.text
+
+
+def _open(server: GrpclibExtProcServer) -> int:
+    return server._extproc.open
 
 
 def test_streams_beyond_max_streams_wait_for_a_free_slot() -> None:
