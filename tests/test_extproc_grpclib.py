@@ -98,7 +98,7 @@ def test_a_pick_over_the_wire_and_the_stream_closes_when_done(server: GrpclibExt
     assert server.servicer.stats["routed"] == 1
 
 
-def test_a_stream_the_proxy_resets_is_recorded_not_logged(server: GrpclibExtProcServer,
+def test_a_stream_the_proxy_resets_is_closed_not_logged(server: GrpclibExtProcServer,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO), grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
         s = _OpenStream(ch)
