@@ -18,8 +18,10 @@ log = logging.getLogger("infermesh.scraper")
 class Scraper:
     """Polls each target every ``interval_s`` with a per-request timeout; failures are counted, not fatal.
 
-    A target that stops answering simply stops refreshing its values, which then age past the
-    staleness limit and count as unknown: the decision sees the outage as missing telemetry.
+    A failing target is warned about when it starts failing or its error changes, and noted when it
+    answers again, not every interval. A target that stops answering simply stops refreshing its
+    values, which then age past the staleness limit and count as unknown: the decision sees the
+    outage as missing telemetry.
     A scrape whose text gives a kept series a negative or infinite value still succeeds: the store
     drops those samples, logs them and counts them in ``store.rejected`` (there is no caller to
     refuse, unlike ``PushTelemetry``). Every value is stamped with the scrape's own time, never
@@ -34,6 +36,7 @@ class Scraper:
         self.timeout_s = timeout_s
         self.failures = 0
         self.scrapes = 0
+        self._failing: dict[str, tuple[str, int]] = {}  # url -> (last error, failures in a row)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -47,8 +50,25 @@ class Scraper:
                 self.scrapes += 1
             except (httpx.HTTPError, ValueError) as exc:
                 self.failures += 1
-                log.warning("scrape of %s failed: %s", t.url, exc)
+                self._failed(t.url, str(exc) or type(exc).__name__)
+            else:
+                self._answered(t.url)
         return samples
+
+    def _failed(self, url: str, error: str) -> None:
+        """Warn when a target starts failing or fails differently; the same failure again is debug only
+        (a dead exporter would otherwise log a warning every interval until someone fixes it)."""
+        last, count = self._failing.get(url, ("", 0))
+        self._failing[url] = (error, count + 1)
+        if error != last:
+            log.warning("scrape of %s failed: %s (warned again only if the error changes)", url, error)
+        else:
+            log.debug("scrape of %s failed again (%d in a row): %s", url, count + 1, error)
+
+    def _answered(self, url: str) -> None:
+        failed = self._failing.pop(url, None)
+        if failed is not None:
+            log.info("scrape of %s succeeded again after %d failure(s)", url, failed[1])
 
     def _run(self) -> None:
         with httpx.Client(timeout=self.timeout_s) as client:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -66,6 +67,25 @@ def test_scrape_once_fills_node_and_endpoint_values_and_counts_failures(exporter
     assert store.reading("e1").values[KV_CACHE_USAGE] == 0.25
     assert QUEUE_WAITING not in store.reading("e2").values  # 404 and timeout stored nothing
     assert scraper.failures == 2 and scraper.scrapes == 2
+
+
+def test_a_failing_target_warns_once_per_error_and_says_when_it_recovers(exporter: str,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    scraper = Scraper(TelemetryStore({"e1": "n1"}), [ScrapeTarget(url=f"{exporter}/flaky", endpoint_id="e1")])
+    with caplog.at_level(logging.DEBUG, logger="infermesh.scraper"), httpx.Client(timeout=1.0) as client:
+        for _ in range(3):
+            scraper.scrape_once(client)  # 404 three times: one warning
+        _Exporter.routes["/flaky"] = b"boom 1 2 3 4\n"
+        scraper.scrape_once(client)  # a different failure (a parse error): warned
+        _Exporter.routes["/flaky"] = b"vllm:num_requests_waiting 2\n"
+        scraper.scrape_once(client)  # recovered: said once
+        scraper.scrape_once(client)
+    by_level = [(r.levelno, r.getMessage()) for r in caplog.records]
+    warnings = [m for lvl, m in by_level if lvl == logging.WARNING]
+    assert len(warnings) == 2 and "404" in warnings[0], by_level
+    assert [m for lvl, m in by_level if lvl == logging.INFO] == [
+        f"scrape of {exporter}/flaky succeeded again after 4 failure(s)"]
+    assert scraper.failures == 4 and scraper.scrapes == 2
 
 
 def test_background_scraper_refreshes_until_stopped(exporter: str) -> None:
