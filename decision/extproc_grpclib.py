@@ -15,9 +15,17 @@ grpcio servers). The messages are grpcio's generated ones (``grpc_health``, ``gr
 grpclib's own copies of those protos would clash with them in the one descriptor pool.
 
 Limits: ``max_streams`` is advertised as HTTP/2 ``SETTINGS_MAX_CONCURRENT_STREAMS`` per
-connection, so a proxy queues beyond it as it does with grpcio. grpclib has no per-message size
-cap (grpcio's default is 4 MiB); Envoy's own buffer limit bounds what it sends, and like any
-ext_proc port this one should be reachable by the proxies only.
+connection, so a proxy queues beyond it (or opens another connection) as it does with grpcio. Two
+differences from grpcio: a client that opens more streams than advertised loses its connection
+(h2 makes that a connection error; grpcio refuses the extra stream), and until a client has
+acknowledged the settings h2's default of 100 applies. grpclib has no per-message size cap
+(grpcio's default is 4 MiB); Envoy's own buffer limit bounds what it sends. Like any ext_proc
+port, this one should be reachable by the proxies only.
+
+Stopping (:meth:`GrpclibExtProcServer.stop`) is graceful as on grpcio: NOT_SERVING, the listener
+closed and a GOAWAY on every connection (new streams go elsewhere or fail at once), open streams
+finish within the grace, the rest end UNAVAILABLE, then every connection is dropped, even one
+whose reader has stopped (grpclib's own ``close()`` would leave them open and clients hanging).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from typing import Any, cast
 
 import grpclib.server
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -39,6 +47,7 @@ from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
 from grpclib.protocol import H2Protocol
 from h2.settings import SettingCodes
+from hyperframe.frame import GoAwayFrame
 
 from decision.extproc import ExtProcServicer
 from decision.extproc_config import EXTPROC_SERVICE, PROBED_NAMES
@@ -54,6 +63,8 @@ def _not_a_reset(record: logging.LogRecord) -> bool:
 logging.getLogger("grpclib.server").addFilter(_not_a_reset)
 
 _HEALTH = "grpc.health.v1.Health"
+_MAX_STREAM_ID = 2**31 - 1
+_CLOSE_WAIT_S = 1.0  # for cancelled streams to send their status, twice (before and after dropping connections)
 _REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
 _Status = health_pb2.HealthCheckResponse
 
@@ -64,7 +75,8 @@ class _ExtProc:
     def __init__(self, core: ExtProcServicer) -> None:
         self.core = core
         self.open = 0
-        self.draining = False
+        self.draining = False  # stop() began: new streams are refused
+        self.closing = False  # the grace is over: what is still open is cancelled
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -88,7 +100,7 @@ class _ExtProc:
                 if core.finished(st, req, replies):
                     return
         except asyncio.CancelledError:
-            if not self.draining:
+            if not self.closing:
                 raise  # the proxy reset the stream: nobody to answer
             # Stopped past its grace: end the stream with a status, so the proxy's failure mode applies now.
             raise GRPCError(Status.UNAVAILABLE, "the ext_proc server stopped") from None
@@ -158,24 +170,56 @@ class _Reflection:
 
 
 class _Server(grpclib.server.Server):
-    """grpclib's server, advertising ``max_streams`` concurrent streams per connection."""
+    """grpclib's server, advertising ``max_streams`` concurrent streams per connection, and able to
+    drain: stop accepting, GOAWAY to every connection, then close them (grpclib's ``close()`` only
+    cancels the handlers and leaves the connections open, so clients would hang until a timeout)."""
 
     def __init__(self, handlers: list[Any], max_streams: int) -> None:
         super().__init__(handlers)
         self._max_streams = max_streams
+        self.transports: set[asyncio.Transport] = set()
 
     def _protocol_factory(self) -> H2Protocol:
         protocol = super()._protocol_factory()
-        made = protocol.connection_made
-        max_streams = self._max_streams
+        made, lost = protocol.connection_made, protocol.connection_lost
+        max_streams, transports = self._max_streams, self.transports
 
         def connection_made(transport: asyncio.BaseTransport) -> None:
-            made(transport)  # sends grpclib's SETTINGS; ours follow before any stream can open
+            made(transport)
+            # A second SETTINGS frame after grpclib's: h2 enforces it once the client acknowledges it
+            # (until then its default, 100, holds). A client that opens more streams than advertised
+            # loses the connection (h2 treats it as a connection error); Envoy keeps to the limit.
             protocol.connection._connection.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: max_streams})
             protocol.connection.flush()
+            transports.add(cast(asyncio.Transport, transport))
+
+        def connection_lost(exc: BaseException | None) -> None:
+            transports.discard(protocol.connection._transport)
+            lost(exc)
 
         protocol.connection_made = connection_made  # type: ignore[method-assign]
+        protocol.connection_lost = connection_lost  # type: ignore[method-assign]
         return protocol
+
+    def stop_accepting(self) -> None:
+        """Close the listener and tell every client to open no new stream here (a GOAWAY naming the
+        highest stream id, as gRPC servers begin a graceful shutdown): streams in flight go on."""
+        if self._server is not None:
+            self._server.close()
+        goaway = GoAwayFrame(0, last_stream_id=_MAX_STREAM_ID, error_code=0).serialize()
+        for transport in self.transports:
+            if not transport.is_closing():
+                transport.write(goaway)
+
+    async def close_all(self, wait_s: float) -> None:
+        """Cancel what is still open, give it ``wait_s`` to send its status, then drop every connection."""
+        self.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wait_closed(), wait_s)
+        for transport in list(self.transports):
+            transport.abort()  # not close(): a proxy that stopped reading would keep a close() waiting
+        with contextlib.suppress(TimeoutError):  # connection_lost has cancelled any handler stuck writing
+            await asyncio.wait_for(self.wait_closed(), wait_s)
 
 
 def _host_port(address: str) -> tuple[str, int]:
@@ -186,8 +230,24 @@ def _host_port(address: str) -> tuple[str, int]:
 
 
 def _listen(host: str, port: int, reuse_port: bool, address: str) -> socket.socket:
-    """A listening TCP socket, bound here so the port (0: a free one) is known before the loop serves."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    """A listening TCP socket, bound here so the port (0: a free one) is known before the loop serves.
+
+    ``0.0.0.0`` and ``::`` listen on IPv4 and IPv6 both where the host has IPv6, as grpcio does
+    for the same addresses, so every ``extproc.server`` kind is reachable the same way.
+    """
+    if host in ("0.0.0.0", "::") and socket.has_ipv6:
+        try:
+            return _bind(socket.AF_INET6, "::", port, reuse_port, dual_stack=True)
+        except OSError:
+            pass  # no IPv6 on this host after all: IPv4 only, as asked
+    try:
+        return _bind(socket.AF_INET6 if ":" in host else socket.AF_INET, host, port, reuse_port)
+    except OSError as exc:
+        raise RuntimeError(f"cannot bind the ext_proc server to {address}: {exc.strerror}") from None
+
+
+def _bind(family: socket.AddressFamily, host: str, port: int, reuse_port: bool, *,
+          dual_stack: bool = False) -> socket.socket:
     # IPPROTO_TCP, not 0: asyncio and grpclib set TCP_NODELAY on accepted sockets only for that proto,
     # and without it every small reply waits ~40 ms for Nagle and delayed ACKs.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -195,11 +255,13 @@ def _listen(host: str, port: int, reuse_port: bool, address: str) -> socket.sock
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if dual_stack:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host, port))
         sock.listen(128)
-    except OSError as exc:
+    except OSError:
         sock.close()
-        raise RuntimeError(f"cannot bind the ext_proc server to {address}: {exc.strerror}") from None
+        raise
     return sock
 
 
@@ -223,6 +285,7 @@ class GrpclibExtProcServer:
     def __init__(self, core: ExtProcServicer, address: str, *, max_streams: int,
                  ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False) -> None:
         self.servicer = core
+        self._stopped = False
         host, port = _host_port(address)
         sock = _listen(host, port, reuse_port, address)
         self._loop = LoopThread("extproc-grpclib")
@@ -244,17 +307,23 @@ class GrpclibExtProcServer:
             raise
 
     def stop(self, grace_s: float = 1.0) -> None:
-        """Report NOT_SERVING, refuse new streams, let open ones finish within ``grace_s``, stop."""
+        """Report NOT_SERVING, stop accepting (GOAWAY; new streams UNAVAILABLE), let open streams
+        finish within ``grace_s``, end the rest with UNAVAILABLE, close every connection. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+
         async def _stop() -> None:
             await self._health.shut_down()
             self._extproc.draining = True
-            # What is still open after the grace is cancelled: its outcome is recorded as cancelled.
+            self._server.stop_accepting()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._extproc.idle.wait(), grace_s)
-            self._server.close()
-            await self._server.wait_closed()
+            # What is still open is cancelled: its stream ends UNAVAILABLE, its outcome is recorded as cancelled.
+            self._extproc.closing = True
+            await self._server.close_all(_CLOSE_WAIT_S)
 
         try:
-            self._loop.call(_stop(), timeout=grace_s + 30.0)
+            self._loop.call(_stop(), timeout=grace_s + 4 * _CLOSE_WAIT_S + 5.0)
         finally:
             self._loop.close()

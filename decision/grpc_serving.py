@@ -43,7 +43,9 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def close(self) -> None:
-        """Stop the loop, join its thread, close it."""
+        """Stop the loop, join its thread, close it (once; later calls do nothing)."""
+        if self.loop.is_closed():
+            return
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5.0)
         self.loop.close()

@@ -67,7 +67,9 @@ def server_ssl_context(tls: TlsConfig, base: Path = Path(".")) -> ssl.SSLContext
     """The same certificates as an :class:`ssl.SSLContext` for asyncio servers (grpclib), ALPN ``h2``.
 
     ``ValueError`` names the unreadable or unusable file. With a client CA, client certificates are
-    verified against it, and required when ``tls.mutual`` (as :func:`server_credentials` does).
+    required when ``tls.mutual``, as :func:`server_credentials` does. With ``require_client_cert:
+    false`` a client may present none, but one it presents must be signed by that CA (grpcio
+    asks for one then and accepts any).
     """
     for what in ("cert_file", "key_file", "client_ca_file"):
         if getattr(tls, what) is not None:

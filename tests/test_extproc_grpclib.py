@@ -162,6 +162,8 @@ def test_stop_reports_not_serving_refuses_new_streams_and_lets_open_ones_finish(
         late = _OpenStream(ch)
         late.send(headers_msg(HEADERS, mode=BUFFERED, no_wait=False))
         assert late.replies.get(timeout=5) == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(ConnectionRefusedError):  # the listener is closed at once
+            socket.create_connection(("127.0.0.1", srv.port), timeout=2).close()
         assert not stopped.is_set()  # the open stream holds the stop within its grace...
         open_one.send(body_msg(CHAT))
         assert isinstance(open_one.replies.get(timeout=5), pb.ProcessingResponse)
@@ -181,6 +183,74 @@ def test_stop_cancels_what_is_still_open_after_the_grace() -> None:
         assert 0.25 <= time.monotonic() - t0 < 5
         assert stuck.replies.get(timeout=5) == grpc.StatusCode.UNAVAILABLE  # ended with a status, not left hanging
     assert srv.servicer.stats["routed"] == 0
+
+
+def test_stop_closes_every_connection_so_clients_fail_at_once() -> None:
+    srv = _server()
+    with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        watch = stub.Watch(health_pb2.HealthCheckRequest())  # no deadline, as a client-side health checker
+        assert next(watch).status == SERVING
+        srv.stop(0.2)
+        seen: list[int] = []
+        with pytest.raises(grpc.RpcError) as ended:  # the watch ends (it used to hang): NOT_SERVING, if in time
+            seen.extend(r.status for r in watch)
+        assert seen in ([], [NOT_SERVING]) and ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - t0 < 2  # not a timeout
+    srv.stop(0.2)  # a second stop does nothing
+
+
+def test_stop_returns_when_a_proxy_has_stopped_reading() -> None:
+    """A client that sends and never reads leaves the server's writes paused; the stop must not wait on them."""
+    import struct
+
+    import h2.config
+    import h2.connection
+    from h2.settings import SettingCodes, Settings
+
+    srv = _server()
+    with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        c.local_settings = Settings(client=True, initial_values={SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+        c.initiate_connection()
+        c.increment_flow_control_window(2**31 - 1 - 65535)
+        sock.sendall(c.data_to_send())
+        c.receive_data(sock.recv(65535))  # the server's SETTINGS
+        sid = c.get_next_available_stream_id()
+        c.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":authority", "x"),
+                             (":path", f"/{EXTPROC_SERVICE}/Process"), ("content-type", "application/grpc"),
+                             ("te", "trailers")])
+        msg = pb.ProcessingRequest(request_trailers=pb.HttpTrailers()).SerializeToString()
+        chunk = (b"\0" + struct.pack(">I", len(msg)) + msg) * 2000  # each is answered; none is read back
+        sock.settimeout(0.5)
+        for _ in range(200):
+            for i in range(0, len(chunk), 16000):
+                c.send_data(sid, chunk[i:i + 16000])
+            try:
+                sock.sendall(c.data_to_send())
+            except TimeoutError:
+                break  # the server has stopped reading too: its own writes are stuck
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        srv.stop(0.2)
+        assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this host")
+def test_all_interfaces_means_ipv4_and_ipv6_as_on_grpcio() -> None:
+    core = ExtProcServicer(make_engine(build_fleet(ADDR), ResidencyGuard()))
+    srv = GrpclibExtProcServer(core, "0.0.0.0:0", max_streams=4)
+    try:
+        for target in (f"127.0.0.1:{srv.port}", f"[::1]:{srv.port}"):
+            with grpc.insecure_channel(target) as ch:
+                reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == SERVING
+    finally:
+        srv.stop(0)
 
 
 def test_binding_errors_name_the_address() -> None:
