@@ -14,9 +14,9 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from decision.domain import TIERS, Endpoint, Tier, nominal_cost_per_1k_tokens
 from decision.gpu_profiles import PROFILES, batch_half, scaled_throughput
@@ -24,33 +24,47 @@ from decision.yaml_lines import LocatedYaml, YamlSyntaxError, field_path, load_l
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf or NaN anywhere: one infinite price or size turns every expected TTFT or cost into NaN.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# Ids and names end up in routes, traces and the audit log: printable, one line, no NUL (PostgreSQL
+# refuses NUL, and a route named with one would be a decision the log cannot store).
+def _printable(v: str) -> str:
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in v):
+        raise ValueError(f"must be printable text on one line, not {v!r} (a control character such as NUL)")
+    return v
+
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_printable)]
+# Generous physical bounds, so the arithmetic on them stays finite.
+_MS = 3_600_000.0  # an hour
 
 
 class SiteSpec(_Strict):
-    id: str = Field(min_length=1)
-    region: str = Field(min_length=1)
-    jurisdiction: str = Field(min_length=1)
+    id: Name
+    region: Name
+    jurisdiction: Name
     tier: Literal["datacenter", "edge", "device"]
-    certifications: list[str] = []
-    owner_tenant: str | None = None
+    certifications: list[Name] = []
+    owner_tenant: Name | None = None
 
 
 class LinkSpec(_Strict):
-    a: str = Field(min_length=1, description="site id or region")
-    b: str = Field(min_length=1, description="site id or region")
-    rtt_ms: float = Field(ge=0)
-    bandwidth_gbps: float = Field(gt=0)
-    egress_usd_per_gb: float = Field(ge=0, default=0.0)
+    a: Name = Field(description="site id or region")
+    b: Name = Field(description="site id or region")
+    rtt_ms: float = Field(ge=0, le=_MS)
+    bandwidth_gbps: float = Field(gt=0, le=1e6)
+    egress_usd_per_gb: float = Field(ge=0, le=1e4, default=0.0)
 
 
 class NodeSpec(_Strict):
-    id: str = Field(min_length=1)
-    site: str = Field(min_length=1)
+    id: Name
+    site: Name
     gpu_type: str
     gpu_count: int = Field(ge=1, le=64)
-    gpu_hour_usd: float = Field(ge=0)
-    watts_per_gpu: float = Field(gt=0)
+    gpu_hour_usd: float = Field(ge=0, le=1e6)
+    watts_per_gpu: float = Field(gt=0, le=1e5)
 
     @field_validator("gpu_type")
     @classmethod
@@ -61,28 +75,28 @@ class NodeSpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    name: str = Field(min_length=1)
-    family: str = Field(min_length=1)
+    name: Name
+    family: Name
     modality: Literal["text", "image", "multimodal", "embedding"] = "text"
-    safety_tier: str = "general"
-    params_b: float = Field(gt=0)
+    safety_tier: Name = "general"
+    params_b: float = Field(gt=0, le=1e5)
 
 
 class DeploymentSpec(_Strict):
-    id: str = Field(min_length=1)
-    node: str = Field(min_length=1)
-    model: str = Field(min_length=1)
+    id: Name
+    node: Name
+    model: Name
     address: str = Field(pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
     runtime: Literal["vllm", "triton"] = "vllm"
     max_concurrency: int = Field(ge=1, le=4096)
     warm: bool = True
-    cold_start_ms: float = Field(ge=0, default=8000.0)
+    cold_start_ms: float = Field(ge=0, le=_MS, default=8000.0)
 
 
 class FleetSpec(_Strict):
     version: Literal[1] = 1
-    default_rtt_ms: float = Field(ge=0, default=120.0)
-    intra_region_rtt_ms: float = Field(ge=0, default=3.0)
+    default_rtt_ms: float = Field(ge=0, le=_MS, default=120.0)
+    intra_region_rtt_ms: float = Field(ge=0, le=_MS, default=3.0)
     sites: list[SiteSpec]
     links: list[LinkSpec] = []
     nodes: list[NodeSpec]

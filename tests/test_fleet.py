@@ -85,6 +85,26 @@ def test_device_sites_must_name_their_owner(tmp_path: Path) -> None:
         load_fleet(p)
 
 
+@pytest.mark.parametrize(("old", "new", "field", "message"), [
+    # A NUL in an id would route decisions the audit log cannot store (PostgreSQL refuses NUL).
+    ("id: eu-west-dc1-n0/llama-3.1-70b", 'id: "eu-west-dc1-n0/llama\\0-3.1-70b"', "deployments[0].id",
+     "printable text on one line"),
+    ("gpu_hour_usd: 3.2", "gpu_hour_usd: .inf", "nodes[0].gpu_hour_usd", "finite"),  # made every TTFT NaN
+    ("gpu_hour_usd: 3.2", "gpu_hour_usd: 1.0e+300", "nodes[0].gpu_hour_usd", "less than or equal"),
+    ("params_b: 70.0", "params_b: .inf", "models[1].params_b", "finite"),  # crashed fleet check itself
+])
+def test_unusable_names_and_numbers_are_refused(tmp_path: Path, old: str, new: str, field: str, message: str) -> None:
+    text = (Path(__file__).parent.parent / "deploy/demo/fleet.yaml").read_text()
+    assert old in text
+    p = tmp_path / "fleet.yaml"
+    p.write_text(text.replace(old, new, 1))
+    with pytest.raises(InventoryError) as err:
+        load_fleet(p)
+    (issue,) = err.value.issues
+    assert _plain(issue.field) == field and message in issue.message
+    assert issue.line == 1 + text[:text.index(old)].count("\n")
+
+
 def test_fleet_check_cli_exit_codes_and_messages() -> None:
     ok = subprocess.run([sys.executable, "-m", "decision.cli", "fleet", "check", "deploy/demo/fleet.yaml"],
                         capture_output=True, text=True, cwd=Path(__file__).parent.parent)
