@@ -16,12 +16,29 @@ DEFAULT_CONFIG = "deploy/demo/infermesh.yaml"
 _BENCH_EXTENSIONS: list[Any] = []
 
 
+def _bounded(low: int, high: int) -> Any:
+    """An argparse type: an int in [low, high], else a usage error naming the range (as the config's limits)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}-{high}")
+        return value
+    return parse
+
+
+_port = _bounded(0, 65535)  # out of range, the OS would take the value modulo 65536
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the gRPC decision service and its HTTP port")
     p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--grpc-port", type=int, default=None)
-    p.add_argument("--http-port", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None, help="server processes sharing the port (SO_REUSEPORT)")
+    p.add_argument("--grpc-port", type=_port, default=None, help="0-65535 (0: a free one)")
+    p.add_argument("--http-port", type=_port, default=None, help="0-65535 (0: a free one)")
+    p.add_argument("--workers", type=_bounded(1, 64), default=None,
+                   help="server processes sharing the port (SO_REUSEPORT), 1-64")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="start the service on the demo fleet and drive requests through it")

@@ -52,7 +52,7 @@ class LearnerSection(_Section):
     params: dict[str, Any] = {}
     shadow: list[dict[str, Any]] = []
     reward: dict[str, Any] = {}
-    features: str = "default"
+    features: Literal["default", "basic"] = "default"
     # Persistence and replica merging through PostgreSQL (learners.sync), when the audit DB is on.
     sync_interval_s: float = Field(default=5.0, gt=0)
     snapshot_every_s: float = Field(default=60.0, gt=0)
@@ -152,6 +152,11 @@ def load_config(path: str | Path) -> ServiceConfig:
     updates: dict[str, Any] = {"fleet": (base / cfg.fleet).resolve()}
     if cfg.policies is not None:
         updates["policies"] = (base / cfg.policies).resolve()
+    spool = cfg.audit.get("spool_dir")
+    if isinstance(spool, str | Path):  # else AuditSettings names the bad value
+        # Against the config's folder, as every other path here: resolved against the working directory,
+        # a restart from elsewhere would open an empty spool and leave the spooled records behind.
+        updates["audit"] = {**cfg.audit, "spool_dir": (base / spool).resolve()}
     return cfg.model_copy(update=updates)
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import pytest
 
 from infermesh.decision.v1 import decision_pb2 as pb
 from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
@@ -65,6 +66,25 @@ def test_config_errors_name_file_line_and_field(tmp_path: Path) -> None:
     proc = _run("decide", "--config", str(cfg), "--request", "-")
     assert proc.returncode == 2
     assert f"{cfg}:3: server.grpc_port:" in proc.stderr
+
+
+@pytest.mark.parametrize("args", [["--grpc-port", "99999"], ["--http-port", "-5"], ["--workers", "0"]])
+def test_serve_refuses_out_of_range_ports_and_workers(args: list[str]) -> None:
+    proc = _run("serve", *args)  # the OS would have taken 99999 modulo 65536 and served on 34463
+    assert proc.returncode == 2
+    assert f"argument {args[0]}:" in proc.stderr and "is outside" in proc.stderr
+
+
+def test_relative_spool_dir_resolves_against_the_config_folder(tmp_path: Path) -> None:
+    from decision.config import ConfigError, load_config
+
+    (tmp_path / "conf").mkdir()
+    cfg = tmp_path / "conf" / "c.yaml"
+    cfg.write_text(f"fleet: {ROOT / 'deploy/demo/fleet.yaml'}\naudit:\n  spool_dir: spool\n")
+    assert load_config(cfg).audit["spool_dir"] == tmp_path / "conf" / "spool"  # not ./spool of whoever started it
+    cfg.write_text(f"fleet: {ROOT / 'deploy/demo/fleet.yaml'}\nlearner:\n  features: bogus\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:3: learner\.features:"):
+        load_config(cfg)
 
 
 def test_serve_answers_over_grpc_and_shuts_down_on_sigterm(fresh_pg_url: str, tmp_path: Path) -> None:
