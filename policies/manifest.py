@@ -122,6 +122,11 @@ def bundle_revision(directory: str | Path) -> str:
     return "pol-" + h.hexdigest()[:12]
 
 
+def _inside(directory: str | Path, name: str) -> bool:
+    root = Path(directory).resolve()
+    return (root / name).resolve().is_relative_to(root)
+
+
 def load_manifest(directory: str | Path) -> tuple[ManifestSpec, LocatedYaml]:
     """Parse and validate ``manifest.yaml``; raises :class:`BundleError` naming file:line:col."""
     path = Path(directory) / MANIFEST
@@ -148,11 +153,13 @@ def load_manifest(directory: str | Path) -> tuple[ManifestSpec, LocatedYaml]:
         if rule.id in seen:
             issue("id", f"duplicate rule id {rule.id!r}")
         seen.add(rule.id)
-        if not (Path(directory) / rule.file).is_file():
-            issue("file", f"no such file {rule.file!r}")
-        for t in rule.tests:
-            if not (Path(directory) / t).is_file():
-                issue("tests", f"no such file {t!r}")
+        for field, name in [("file", rule.file), *(("tests", t) for t in rule.tests)]:
+            if not _inside(directory, name):
+                # The bundle's revision hashes the bundle folder: a rule read from elsewhere could change
+                # while every audited decision still named the old revision, and the reloader would miss it.
+                issue(field, f"{name!r} is outside the bundle folder; rules and tests must live in it")
+            elif not (Path(directory) / name).is_file():
+                issue(field, f"no such file {name!r}")
         if not rule.tests:
             issue("tests", "every rule needs tests (a *_test.rego module or a CEL case table)")
         if rule.message and rule.engine != "cel":

@@ -88,6 +88,22 @@ def test_manifest_errors_name_the_line(bundle_copy: Path) -> None:
     assert "engine" in exc.value.issues[0].message
 
 
+@pytest.mark.parametrize("outside", ["../device_owner.cel", "{abs}"])
+def test_rule_files_must_live_in_the_bundle_folder(bundle_copy: Path, outside: str) -> None:
+    """The revision hashes the bundle folder: a rule read from elsewhere could change unseen by it."""
+    moved = bundle_copy.parent / "device_owner.cel"
+    (bundle_copy / "device_owner.cel").rename(moved)
+    name = outside.format(abs=moved)
+    manifest = bundle_copy / "manifest.yaml"
+    text = manifest.read_text().replace("file: device_owner.cel", f"file: {name}", 1)
+    manifest.write_text(text)
+    with pytest.raises(BundleError) as exc:
+        compile_bundle(bundle_copy)
+    (issue,) = exc.value.issues
+    assert issue.line == next(n for n, t in enumerate(text.splitlines(), 1) if f"file: {name}" in t)
+    assert "outside the bundle folder" in issue.message
+
+
 def test_shipped_bundle_tests_pass_and_a_wrong_expectation_fails(bundle_copy: Path) -> None:
     results = run_bundle_tests(bundle_copy)
     assert results and all(r.passed for r in results), [str(r) for r in results if not r.passed]
