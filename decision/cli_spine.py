@@ -115,6 +115,21 @@ def _load(config_path: str) -> tuple[Any, Any]:
         raise SystemExit(2) from None
 
 
+def _service(cfg: Any, settings: Any, **kwargs: Any) -> Any:
+    """Build the service; what the config's files or sections say wrong is a message and exit 2, not a traceback."""
+    from decision.fleet import InventoryError
+    from decision.service import Service
+    from policies.errors import BundleError
+
+    try:
+        return Service(cfg, settings, **kwargs)
+    except (InventoryError, BundleError) as exc:  # already file:line: what
+        print(f"infermesh: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, KeyError) as exc:  # a learner, audit or TLS setting the section check let by
+        print(f"infermesh: {cfg.path}: cannot start with this config: {type(exc).__name__}: {exc}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def cmd_fleet_check(args: argparse.Namespace) -> int:
     from decision.fleet import InventoryError, load_fleet
 
@@ -139,16 +154,19 @@ def cmd_fleet_check(args: argparse.Namespace) -> int:
 def cmd_decide(args: argparse.Namespace) -> int:
     from decision.convert import decision_to_json, request_from_json
     from decision.errors import DecisionError
-    from decision.service import Service
 
     cfg, settings = _load(args.config)
-    raw = sys.stdin.read() if args.request == "-" else Path(args.request).read_text(encoding="utf-8")
+    try:
+        raw = sys.stdin.read() if args.request == "-" else Path(args.request).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"{args.request}: cannot read the request: {exc}", file=sys.stderr)
+        return 2
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
         print(f"{args.request}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}", file=sys.stderr)
         return 2
-    service = Service(cfg, settings, audit_enabled=False)
+    service = _service(cfg, settings, audit_enabled=False)
     assert service.engine is not None
     try:
         decision = service.engine.decide(request_from_json(data))
@@ -181,7 +199,6 @@ def _key_line(raw: str, field: str) -> int | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from decision.service import Service
 
     _setup_logging()
     log = logging.getLogger("infermesh.serve")
@@ -191,11 +208,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from decision.workers import serve_workers
 
         return serve_workers(args.config, workers, grpc_port=args.grpc_port, http_port=args.http_port)
-    service = Service(cfg, settings)
-    grpc_port = service.start_grpc(args.grpc_port)
-    http_port = service.start_http(args.http_port)
-    if cfg.extproc.enabled:
-        log.info("serving the Envoy ext_proc endpoint picker on %s:%d", cfg.server.host, service.start_extproc())
+    service = _service(cfg, settings)
+    try:
+        grpc_port = service.start_grpc(args.grpc_port)
+        http_port = service.start_http(args.http_port)
+        if cfg.extproc.enabled:
+            log.info("serving the Envoy ext_proc endpoint picker on %s:%d", cfg.server.host, service.start_extproc())
+    except ValueError as exc:  # the tls: section's files (decision.tls names the one it could not use)
+        print(f"infermesh: {cfg.path}: {exc}", file=sys.stderr)
+        service.stop(0)
+        return 2
     log.info("serving gRPC on %s:%d, HTTP on %s:%d (policy %s, learner %s)", cfg.server.host, grpc_port,
              cfg.server.host, http_port, service.policies.guard.revision,
              service.engine.learner.name if service.engine else "?")

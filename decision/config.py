@@ -150,8 +150,12 @@ def load_config(path: str | Path) -> ServiceConfig:
         raise ConfigError("\n".join(msgs)) from None
     base = p.resolve().parent
     updates: dict[str, Any] = {"fleet": (base / cfg.fleet).resolve()}
+    if not updates["fleet"].is_file():
+        raise ConfigError(f"{p}:{doc.line_of(('fleet',))}: fleet: not a file: {updates['fleet']}")
     if cfg.policies is not None:
         updates["policies"] = (base / cfg.policies).resolve()
+        if not updates["policies"].is_dir():
+            raise ConfigError(f"{p}:{doc.line_of(('policies',))}: policies: not a folder: {updates['policies']}")
     spool = cfg.audit.get("spool_dir")
     if isinstance(spool, str | Path):  # else AuditSettings names the bad value
         # Against the config's folder, as every other path here: resolved against the working directory,

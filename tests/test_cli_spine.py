@@ -87,6 +87,30 @@ def test_relative_spool_dir_resolves_against_the_config_folder(tmp_path: Path) -
         load_config(cfg)
 
 
+@pytest.mark.parametrize(("extra", "expected"), [
+    ("fleet: nowhere.yaml\n", r"c\.yaml:1: fleet: not a file: .*nowhere\.yaml"),
+    ("policies: nowhere\n", r"c\.yaml:2: policies: not a folder: .*nowhere"),
+    ("learner:\n  name: linucbb\n", r"c\.yaml: cannot start with this config: ValueError: unknown learner 'linucbb'"),
+    ("learner:\n  shadow: [{params: {}}]\n", r"c\.yaml: cannot start with this config: KeyError"),
+])
+def test_what_the_config_names_wrongly_is_a_message_not_a_traceback(tmp_path: Path, extra: str,
+                                                                     expected: str) -> None:
+    cfg = tmp_path / "c.yaml"
+    fleet = "" if extra.startswith("fleet") else f"fleet: {ROOT / 'deploy/demo/fleet.yaml'}\n"
+    cfg.write_text(extra if not fleet else fleet + extra)
+    request = tmp_path / "r.json"
+    request.write_text('{"request_id": "r", "tenant": "acme", "model_family": "llama"}')
+    proc = _run("decide", "--config", str(cfg), "--request", str(request))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert re.search(expected, proc.stderr), proc.stderr
+
+
+def test_an_unreadable_request_file_is_a_message(tmp_path: Path) -> None:
+    for path in (tmp_path / "missing.json", tmp_path):  # missing, a directory
+        proc = _run("decide", "--request", str(path))
+        assert proc.returncode == 2 and f"{path}: cannot read the request" in proc.stderr, proc.stderr
+
+
 def test_serve_answers_over_grpc_and_shuts_down_on_sigterm(fresh_pg_url: str, tmp_path: Path) -> None:
     env = {**os.environ, "INFERMESH_DATABASE_URL": fresh_pg_url, "INFERMESH_DATA_DIR": str(tmp_path)}
     proc = subprocess.Popen([*CLI, "serve", "--grpc-port", "0", "--http-port", "0"], cwd=ROOT, env=env,
