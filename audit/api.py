@@ -181,15 +181,19 @@ def build_router(repo: AuditRepository, *, reload: Callable[[], str] | None = No
         return checkpoint.render(checkpoint.chain_heads(repo.url), dt.datetime.now(dt.UTC))
 
     @router.post("/v1/admin/retention", tags=["admin"])
-    def retention(body: RetentionRequest, _: Annotated[Principal, Depends(admin)]) -> dict[str, Any]:
-        """Drop day partitions older than ``retention_days`` (admin)."""
+    def retention(body: RetentionRequest, p: Annotated[Principal, Depends(admin)]) -> dict[str, Any]:
+        """Drop day partitions older than ``retention_days`` (admin, for every tenant: partitions span them)."""
+        if p.tenant is not None:
+            raise HTTPException(403, "retention drops every tenant's days: this needs a key for every tenant")
         with repo.pool.connection() as conn:
             dropped = partitions.apply_retention(conn, retention_days=body.retention_days, today=_today())
         return {"dropped_days": [d.isoformat() for d in dropped]}
 
     @router.post("/v1/admin/reload", tags=["admin"])
-    def do_reload(_: Annotated[Principal, Depends(admin)]) -> dict[str, Any]:
-        """Reload the policy bundle (admin)."""
+    def do_reload(p: Annotated[Principal, Depends(admin)]) -> dict[str, Any]:
+        """Reload the policy bundle (admin, for every tenant: the bundle applies to all)."""
+        if p.tenant is not None:
+            raise HTTPException(403, "the policy bundle applies to every tenant: this needs a key for every tenant")
         if reload is None:
             raise HTTPException(501, "reload is not wired in this process")
         try:

@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import tuple_row
 
 _NAME = re.compile(r"^decision_events_p(\d{8})$")
 
@@ -35,7 +36,9 @@ def ensure_ahead(conn: psycopg.Connection[Any], *, today: dt.date, days_ahead: i
 
 
 def list_partitions(conn: psycopg.Connection[Any]) -> list[dt.date]:
-    rows = conn.execute(
+    # Tuple rows whatever the connection's row factory (the API's pool makes dict rows): unpacking a
+    # dict row gives its key, so no partition was ever found and retention dropped none.
+    rows = conn.cursor(row_factory=tuple_row).execute(
         "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
         "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'decision_events'").fetchall()
     days = []

@@ -73,6 +73,37 @@ def test_keys_and_roles(client: TestClient, world: dict[str, str]) -> None:
     assert logged is not None and logged[0] >= 2
 
 
+def test_retention_through_the_api_drops_the_old_days_whole(fresh_pg_url: str, demo_fleet: Fleet,
+                                                             tmp_path: Path) -> None:
+    """Decisions and their outcomes go together, a day at a time, and what is left still verifies."""
+    import datetime as dt
+
+    from audit.verify import verify
+
+    database.prepare(fresh_pg_url)
+    w = AuditWriter(fresh_pg_url, AuditSettings(spool_dir=tmp_path / "spool"))
+    engine = make_engine(demo_fleet, w)
+    for i in range(6):
+        d = engine.decide(ctx(i, tenant="acme"))
+        engine.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=90.0, latency_ms=400))
+    assert w.flush(20)
+    w.close()
+    with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
+        admin = keys.create_key(conn, name="ops", role="admin")
+        scoped = keys.create_key(conn, name="acme-ops", role="admin", tenant="acme")
+    today = dt.datetime.now(dt.UTC).date()
+    client = TestClient(create_app(fresh_pg_url, today=lambda: today + dt.timedelta(days=7)))
+    body = {"retention_days": 1}
+    assert client.post("/v1/admin/retention", json=body, headers=h(scoped)).status_code == 403  # spans tenants
+    assert client.post("/v1/admin/reload", headers=h(scoped)).status_code == 403
+    r = client.post("/v1/admin/retention", json=body, headers=h(admin))
+    assert r.status_code == 200 and today.isoformat() in r.json()["dropped_days"]
+    with psycopg.connect(fresh_pg_url) as conn:
+        counts = [conn.execute(f"SELECT count(*) FROM {t}").fetchone() for t in ("decision_events", "outcomes")]
+    assert counts == [(0,), (0,)]  # used to keep every decision and delete only the outcomes
+    assert verify(fresh_pg_url).ok
+
+
 def test_tenant_scoped_key_sees_only_its_tenant(client: TestClient, world: dict[str, str]) -> None:
     r = client.get("/v1/decisions", params={"limit": 500}, headers=h(world["globex"]))
     assert r.status_code == 200 and {d["tenant"] for d in r.json()["items"]} == {"globex"}
