@@ -37,6 +37,11 @@ _json = msgspec.json.Encoder()
 Name = Annotated[str | None, Query(pattern=NAME, max_length=200)]
 
 
+# Every query parameter of the endpoints that take filters (the filters, paging, export format).
+_QUERY_NAMES = frozenset({"from", "to", "tenant", "region", "site", "tier", "model", "endpoint", "rule", "status",
+                          "outcome", "cursor", "limit", "format", "trace"})
+
+
 def _logged_route(repo: AuditRepository) -> type[APIRoute]:
     class LoggedRoute(APIRoute):
         """Writes one ``api_access_log`` row per request, whatever its outcome."""
@@ -106,7 +111,7 @@ def build_router(repo: AuditRepository, *, reload: Callable[[], str] | None = No
             raise HTTPException(403, "this needs the admin role")
         return p
 
-    def filters(p: Annotated[Principal, Depends(principal)],
+    def filters(request: Request, p: Annotated[Principal, Depends(principal)],
                 start: Annotated[dt.datetime | None, Query(alias="from")] = None,
                 end: Annotated[dt.datetime | None, Query(alias="to")] = None,
                 tenant: Name = None, region: Name = None, site: Name = None,
@@ -115,6 +120,10 @@ def build_router(repo: AuditRepository, *, reload: Callable[[], str] | None = No
                 status: Annotated[Literal["routed", "denied", "quota_denied"] | None, Query()] = None,
                 outcome: Annotated[Literal["ok", "error", "timeout", "cancelled", "none"] | None,
                                    Query()] = None) -> DecisionFilter:
+        unknown = sorted(set(request.query_params) - _QUERY_NAMES)
+        if unknown:  # a misspelt filter would quietly widen an evidence export to everything
+            raise HTTPException(422, f"unknown query parameter(s) {', '.join(unknown)}; known: "
+                                     f"{', '.join(sorted(_QUERY_NAMES))}")
         if p.tenant is not None:
             if tenant is not None and tenant != p.tenant:
                 raise HTTPException(403, "this key may only read its own tenant")
@@ -214,13 +223,23 @@ def _path_id() -> Any:
     return PathParam(pattern=DECISION_ID, max_length=64)
 
 
+def _cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: request ids and tenants are client-chosen, and one that
+    starts like a formula (``=HYPERLINK(...)``) would run when an auditor opens the export. JSONL
+    stays exact, as the evidence copy."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def _csv(repo: AuditRepository, f: DecisionFilter) -> Iterator[str]:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(EXPORT_COLUMNS)
     for row in repo.iter_decisions(filters=f):
-        w.writerow([";".join(row[c]) if c == "deny_rules" else ("" if row.get(c) is None else row[c])
-                    for c in EXPORT_COLUMNS])
+        w.writerow([";".join(row[c]) if c == "deny_rules" else _cell(row.get(c)) for c in EXPORT_COLUMNS])
         if buf.tell() > 65536:
             yield buf.getvalue()
             buf.seek(0)

