@@ -11,7 +11,7 @@ import msgspec
 import psycopg
 
 from audit import checkpoint, database, keys, partitions
-from audit.repository import AuditRepository, DecisionFilter
+from audit.repository import AuditRepository, BadCursor, DecisionFilter
 from audit.verify import verify
 from audit.why import render_text
 
@@ -48,7 +48,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_why)
     p = asub.add_parser("query", help="list decisions, newest first")
     _add_filters(p)
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=_limit, default=20, help="rows per page, 1-10000")
     p.add_argument("--cursor")
     p.set_defaults(func=cmd_query)
     p = asub.add_parser("export", help="export decisions as JSON lines or CSV")
@@ -92,6 +92,16 @@ def _days(text: str) -> int:
     return days
 
 
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(f"must be 1-10000, got {value}")
+    return value
+
+
 def _url() -> str:
     url, _server = database.open_database()
     return url
@@ -114,6 +124,10 @@ def cmd_query(a: argparse.Namespace) -> int:
     repo = AuditRepository(_url())
     try:
         rows, nxt = repo.list_decisions(filters=_filters(a), cursor=a.cursor, limit=a.limit)
+    except BadCursor:
+        print(f"--cursor {a.cursor!r}: not a cursor this command printed (pass its 'more: --cursor' value)",
+              file=sys.stderr)
+        return 2
     finally:
         repo.close()
     for r in rows:
@@ -127,8 +141,12 @@ def cmd_query(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from audit.api import _csv, _jsonl
 
+    try:  # the output first: a bad path is reported before anything is read
+        out = sys.stdout.buffer if a.output == "-" else open(a.output, "wb")  # noqa: SIM115
+    except OSError as exc:
+        print(f"{a.output}: {exc.strerror}", file=sys.stderr)
+        return 2
     repo = AuditRepository(_url())
-    out = sys.stdout.buffer if a.output == "-" else open(a.output, "wb")  # noqa: SIM115
     try:
         if a.format == "csv":
             for s in _csv(repo, _filters(a)):
@@ -155,6 +173,9 @@ def cmd_verify(a: argparse.Namespace) -> int:
         except checkpoint.CheckpointError as exc:
             print(str(exc), file=sys.stderr)
             return 2
+    if a.start is not None and a.end is not None and a.start > a.end:  # would verify nothing and say ok
+        print(f"--from {a.start} is after --to {a.end}", file=sys.stderr)
+        return 2
     url = _url()
     report = verify(url, start=a.start, end=a.end)
     if report.broken is not None:
@@ -182,8 +203,12 @@ def cmd_checkpoint(a: argparse.Namespace) -> int:
     if a.output == "-":
         sys.stdout.write(text)
     else:
-        with open(a.output, "w", encoding="utf-8") as f:
-            f.write(text)
+        try:
+            with open(a.output, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as exc:
+            print(f"{a.output}: {exc.strerror}", file=sys.stderr)
+            return 2
         print(f"{len(heads)} chain heads written to {a.output}; keep it where the database's administrators "
               "cannot write", file=sys.stderr)
     return 0

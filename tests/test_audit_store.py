@@ -287,6 +287,26 @@ def test_retention_of_less_than_a_day_is_refused_before_anything_is_dropped(
         assert conn.execute("SELECT count(*) FROM decision_events").fetchone() == (1,)
 
 
+def test_audit_cli_bad_arguments_are_messages_not_tracebacks(db: str, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    for limit in ("-5", "0"):  # PostgreSQL refused LIMIT -5 with a traceback
+        with pytest.raises(SystemExit) as exit_:
+            _cli(monkeypatch, capsys, db, "query", "--limit", limit)
+        assert exit_.value.code == 2 and "--limit" in capsys.readouterr().err
+    code, _, err = _cli(monkeypatch, capsys, db, "query", "--cursor", "garbage")
+    assert code == 2 and "--cursor 'garbage'" in err
+    nowhere = tmp_path / "no" / "such" / "dir" / "x"
+    for args in (("checkpoint", "-o", str(nowhere)), ("export", "--output", str(nowhere))):
+        code, _, err = _cli(monkeypatch, capsys, db, *args)
+        assert code == 2 and f"{nowhere}: No such file or directory" in err
+    # An empty range verified nothing and said "ok": an auditor would read that as a clean bill.
+    code, out, err = _cli(monkeypatch, capsys, db, "verify", "--from", "2030-01-01", "--to", "2020-01-01")
+    assert code == 2 and "after --to" in err and "ok" not in out
+    code, _, err = _cli(monkeypatch, capsys, db, "why", "f0000000-0000-7000-8000-000000000000")
+    assert code == 1 and "no decision" in err  # an id stamped past datetime's range: OverflowError before
+
+
 def test_spool_full_fail_closed_refuses_and_fail_open_counts(demo_fleet: Fleet, tmp_path: Path) -> None:
     from decision.errors import Unavailable
 
