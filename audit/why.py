@@ -18,11 +18,14 @@ def candidate_rows(decision: Mapping[str, Any]) -> list[dict[str, Any]]:
     stages = trace.get("stages", {})
     located = stages.get("locate", {}).get("candidates", [])
     verdicts: dict[str, list[str]] = {}
+    denials: dict[str, list[tuple[str, str]]] = {}
     for v in stages.get("guard", {}).get("verdicts", []):
         ep = v.get("endpoint_id") or "*"
         mark = "allow" if v.get("allow") else "DENY"
         verdicts.setdefault(ep, []).append(f"{v.get('rule_id')}:{mark}" + ("" if v.get("allow") else
                                                                          f" ({v.get('reason', '')})"))
+        if not v.get("allow"):
+            denials.setdefault(ep, []).append((str(v.get("rule_id")), str(v.get("reason", ""))))
     scores = {s["endpoint_id"]: s for s in stages.get("score", {}).get("candidates", [])}
     chosen = stages.get("choose", {}).get("chosen")
     fallbacks = stages.get("choose", {}).get("fallbacks", [])
@@ -36,7 +39,11 @@ def candidate_rows(decision: Mapping[str, Any]) -> list[dict[str, Any]]:
         rows.append({
             "endpoint_id": ep, "site": info.get("site"), "tier": info.get("tier"),
             "gpu_type": info.get("gpu_type"),
-            "verdicts": "; ".join(verdicts.get(ep, []) + verdicts.get("*", [])) or "allow",
+            # Denials first: whoever reads a shortened copy must still see what removed the endpoint.
+            "verdicts": "; ".join(sorted(verdicts.get(ep, []) + verdicts.get("*", []),
+                                         key=lambda text: ":DENY" not in text)) or "allow",
+            "denials": denials.get(ep, []) + denials.get("*", []),
+            "rules": len(verdicts.get(ep, []) + verdicts.get("*", [])),
             "score": s.get("score"), "expected_ttft_ms": s.get("expected_ttft_ms"),
             "expected_cost_per_1k_tokens": s.get("expected_cost_per_1k_tokens"),
             "telemetry_max_age_s": max(ages.values()) if ages else None,
@@ -44,6 +51,14 @@ def candidate_rows(decision: Mapping[str, Any]) -> list[dict[str, Any]]:
                                                      if ep in fallbacks else ""),
         })
     return rows
+
+
+def _verdict_cell(row: Mapping[str, Any]) -> str:
+    """The table's verdict column: the rules that denied, or how many allowed."""
+    if row["denials"]:
+        return "DENY " + ", ".join(rule for rule, _ in row["denials"])
+    n = row["rules"]
+    return f"allow ({n} rule{'' if n == 1 else 's'})" if n else "allow"
 
 
 def render_text(decision: Mapping[str, Any]) -> str:
@@ -63,12 +78,16 @@ def render_text(decision: Mapping[str, Any]) -> str:
     rows = candidate_rows(decision)
     out.append(f"  candidates ({len(rows)} located):")
     head = ("endpoint", "verdicts", "score", "ttft_ms", "$/1k", "age_s", "")
-    table = [head] + [(r["endpoint_id"], r["verdicts"], _fmt(r["score"]), _fmt(r["expected_ttft_ms"]),
+    table = [head] + [(r["endpoint_id"], _verdict_cell(r), _fmt(r["score"]), _fmt(r["expected_ttft_ms"]),
                        _fmt(r["expected_cost_per_1k_tokens"]), _fmt(r["telemetry_max_age_s"]), r["role"])
                       for r in rows]
     widths = [min(60, max(len(str(t[i])) for t in table)) for i in range(len(head))]
     for t in table:
         out.append("    " + "  ".join(str(c)[:60].ljust(w) for c, w in zip(t, widths, strict=True)).rstrip())
+    denied = [(r["endpoint_id"], rule, reason) for r in rows for rule, reason in r["denials"]]
+    if denied:  # in full, below the table, where no column width cuts them
+        out.append("  denials:")
+        out.extend(f"    {ep}: {rule}: {reason}" for ep, rule, reason in denied)
     outcome = decision.get("outcome")
     if outcome:
         out.append(f"  outcome: {_outcome_text(outcome)}")

@@ -287,6 +287,25 @@ def test_retention_of_less_than_a_day_is_refused_before_anything_is_dropped(
         assert conn.execute("SELECT count(*) FROM decision_events").fetchone() == (1,)
 
 
+def test_why_text_shows_every_denial_whole() -> None:
+    """The table's columns are cut at 60 characters: a DENY after three allows, or a long reason, was lost."""
+    from audit.why import render_text
+
+    allows = [{"endpoint_id": "ep-hot", "rule_id": f"rule.{n}", "allow": True} for n in ("a", "b", "c")]
+    long_reason = "GPU at 96 C, over the 85 C limit for this tier (the rule's params.max_c)"
+    trace = {"stages": {"locate": {"candidates": ["ep-hot", "ep-ok"]},
+                        "guard": {"verdicts": [*allows, {"endpoint_id": "ep-hot", "rule_id": "safety.gpu_temperature",
+                                                         "allow": False, "reason": long_reason},
+                                               {"endpoint_id": "ep-ok", "rule_id": "rule.a", "allow": True}]},
+                        "choose": {"chosen": "ep-ok", "fallbacks": []}}}
+    text = render_text({"decision_id": "d1", "decided_at": "2026-11-28T00:00:00+00:00", "status": "routed",
+                        "endpoint_id": "ep-ok", "trace": trace})
+    hot = next(line for line in text.splitlines() if line.strip().startswith("ep-hot"))
+    assert "DENY safety.gpu_temperature" in hot
+    assert f"ep-hot: safety.gpu_temperature: {long_reason}" in text
+    assert "allow (1 rule)" in next(line for line in text.splitlines() if line.strip().startswith("ep-ok"))
+
+
 def test_audit_cli_bad_arguments_are_messages_not_tracebacks(db: str, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
