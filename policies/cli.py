@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         bundle = compile_bundle(directory)
     except BundleError as exc:
         for issue in exc.issues:
-            print(issue)
+            print(issue, file=sys.stderr)  # as fleet check: problems on stderr, the verdict on stdout
         return 1
     print(f"{directory}: {len(bundle.rules)} rules compiled, revision {bundle.revision}")
     return 0
@@ -50,12 +51,14 @@ def explain(request: dict[str, Any], fleet_path: Path, policies: Path) -> dict[s
     from decision.fleet import load_fleet
     from decision.health_guard import BuiltinHealthGuard
     from decision.telemetry import TelemetryStore
+    from decision.validation import validate_request
     from learners.least_ttft import LeastExpectedTtft
     from policies.bundle import compile_bundle
     from policies.guard import PolicyGuard
 
     fleet = load_fleet(fleet_path)
     ctx = request_from_json(request)
+    validate_request(ctx)  # as a Decide would: the report is about requests the service would judge
     guard = PolicyGuard(compile_bundle(policies))
     engine = DecisionEngine(fleet, TelemetryStore({e.endpoint_id: e.node_id for e in fleet.endpoints}),
                             BuiltinHealthGuard(), LeastExpectedTtft())
@@ -80,8 +83,28 @@ def explain(request: dict[str, Any], fleet_path: Path, policies: Path) -> dict[s
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    report = explain(json.loads(Path(args.request).read_text(encoding="utf-8")), Path(args.fleet),
-                     _dir(args.policies))
+    from decision.errors import DecisionError, InvalidArgument
+    from decision.fleet import InventoryError
+    from policies.errors import BundleError
+
+    try:
+        request = json.loads(Path(args.request).read_text(encoding="utf-8"))
+        if not isinstance(request, dict):
+            raise InvalidArgument("(request)", "expected a JSON object of DecideRequest fields, "
+                                               f"not {type(request).__name__}")
+        report = explain(request, Path(args.fleet), _dir(args.policies))
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"{args.request}: cannot read the request: {exc}", file=sys.stderr)
+        return 2
+    except json.JSONDecodeError as exc:
+        print(f"{args.request}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}", file=sys.stderr)
+        return 2
+    except (InventoryError, BundleError) as exc:  # file:line: what, one per line
+        print(str(exc), file=sys.stderr)
+        return 2
+    except DecisionError as exc:  # a bad field, an unknown model: named as Decide names them
+        print(f"{args.request}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

@@ -22,7 +22,7 @@ def test_check_ok_and_broken(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     (bundle / "quota.cel").write_text("state.quota.requests +\n")
     (bundle / "prompt_class.rego").write_text("package p\n\nallow if {\n  input.x == \n}\n")
     assert main(["policy", "check", str(bundle)]) == 1
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().err.splitlines()  # problems on stderr, as fleet check prints them
     assert f"{bundle / 'prompt_class.rego'}:4:" in "\n".join(lines)
     assert any(line.startswith(f"{bundle / 'quota.cel'}:2:1: ") for line in lines)
 
@@ -55,3 +55,19 @@ def test_explain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     us = next(e for e in rows if e.startswith("us-") and "70b" in e)
     assert [d["rule"] for d in rows[us]["denied_by"]] == ["residency.sites"]
     assert set(report["removing_rules"]) == {"residency.sites", "safety.prompt_class", "safety.device_owner"}
+
+
+@pytest.mark.parametrize(("body", "code", "message"), [
+    ('{"request_id": "r",\n "tenant": 5', 2, "r.json:2:13: invalid JSON"),
+    ("[1]", 1, "expected a JSON object of DecideRequest fields, not list"),
+    ('{"request_id": "r", "tenant": "acme", "model": "nope"}', 1, "NotFound: unknown model 'nope'"),
+    # A Decide refuses it; explain used to skip the request checks and report on it.
+    ('{"request_id": "r", "tenant": "acme", "model": "llama-3.1-8b", "ttft_target_ms": "NaN"}', 1,
+     "ttft_target_ms: must be a finite number"),
+])
+def test_explain_errors_are_messages(tmp_path: Path, capsys: pytest.CaptureFixture[str], body: str, code: int,
+                                     message: str) -> None:
+    req = tmp_path / "r.json"
+    req.write_text(body)
+    assert main(["policy", "explain", "--request", str(req), "--fleet", str(ROOT / "deploy/demo/fleet.yaml")]) == code
+    assert message in capsys.readouterr().err
