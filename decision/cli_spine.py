@@ -70,9 +70,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_grpc)
     p = bsub.add_parser("decide", help="in-process decision latency for N endpoints")
-    p.add_argument("--endpoints", type=int, action="append", help="fleet size (repeatable); default 512 and 65536")
-    p.add_argument("--candidates", type=int, default=64, help="endpoints per model (the locate stage's output)")
-    p.add_argument("--iterations", type=int, default=5000)
+    p.add_argument("--endpoints", type=_bounded(1, 10_000_000), action="append",
+                   help="fleet size (repeatable); default 512 and 65536")
+    p.add_argument("--candidates", type=_bounded(1, 1_000_000), default=64,
+                   help="endpoints per model (the locate stage's output)")
+    p.add_argument("--iterations", type=_bounded(1, 100_000_000), default=5000)
     p.add_argument("--policies", default="policies/bundles/default",
                    help="policy bundle for the guard stage ('builtin' for the built-in health rule)")
     p.add_argument("--learner", default="least-ttft")
@@ -252,6 +254,11 @@ def cmd_bench_grpc(args: argparse.Namespace) -> int:
 
 def cmd_bench_decide(args: argparse.Namespace) -> int:
     from decision.bench import bench_decide
+    from policies.errors import BundleError
 
-    return bench_decide(args.endpoints or [512, 65536], candidates=args.candidates, iterations=args.iterations,
-                        policies=args.policies, learner=args.learner, as_json=args.json)
+    try:
+        return bench_decide(args.endpoints or [512, 65536], candidates=args.candidates, iterations=args.iterations,
+                            policies=args.policies, learner=args.learner, as_json=args.json)
+    except (BundleError, ValueError) as exc:  # --policies or --learner (each names what is wrong)
+        print(f"infermesh bench decide: {exc}", file=sys.stderr)
+        return 2

@@ -36,7 +36,10 @@ def _time(text: str) -> float:
         return float(text)
     except ValueError:
         pass
-    t = dt.datetime.fromisoformat(text)
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time or epoch seconds: {text!r}") from None
     if t.tzinfo is None:
         t = t.replace(tzinfo=dt.UTC)
     return t.timestamp()
@@ -125,7 +128,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if not url:
         print("error: no database: pass --database-url or set INFERMESH_DATABASE_URL", file=sys.stderr)
         return 2
-    out = evaluate_log(url, _time(args.start), _time(args.end), args.learner, logged_learner=args.logged_learner,
+    out = evaluate_log(url, args.start, args.end, args.learner, logged_learner=args.logged_learner,
                        missing_reward=args.missing_reward)
     print(f"off-policy evaluation of {args.learner} on {out['records']} logged decisions "
           f"(skipped: {out['skipped']})")
@@ -196,8 +199,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     learn = sub.add_parser("learn", help="learners: off-policy evaluation and benchmark")
     lsub = learn.add_subparsers(dest="learn_command", required=True, metavar="COMMAND")
     ev = lsub.add_parser("evaluate", help="estimate a candidate learner's value from the audit log (IPS, SNIPS, DR)")
-    ev.add_argument("--from", dest="start", required=True, help="start time (ISO 8601, UTC default, or epoch s)")
-    ev.add_argument("--to", dest="end", required=True, help="end time, exclusive")
+    ev.add_argument("--from", dest="start", type=_time, required=True,
+                    help="start time (ISO 8601, UTC default, or epoch s)")
+    ev.add_argument("--to", dest="end", type=_time, required=True, help="end time, exclusive")
     ev.add_argument("--learner", required=True, help="candidate: NAME or NAME:key=value,... (e.g. linucb:alpha=0.5)")
     ev.add_argument("--logged-learner", default=None, help="only decisions made by this NAME@VERSION")
     ev.add_argument("--missing-reward", type=float, default=None,

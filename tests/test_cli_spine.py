@@ -105,6 +105,16 @@ def test_what_the_config_names_wrongly_is_a_message_not_a_traceback(tmp_path: Pa
     assert re.search(expected, proc.stderr), proc.stderr
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--candidates", "0"], "argument --candidates: 0 is outside"),
+    (["--endpoints", "512", "--iterations", "10", "--learner", "bogus"], "unknown learner 'bogus'"),
+    (["--endpoints", "512", "--iterations", "10", "--policies", "/nonexistent"], "no manifest.yaml"),
+])
+def test_bench_decide_arguments_are_checked(args: list[str], message: str) -> None:
+    proc = _run("bench", "decide", *args)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_an_unreadable_request_file_is_a_message(tmp_path: Path) -> None:
     for path in (tmp_path / "missing.json", tmp_path):  # missing, a directory
         proc = _run("decide", "--request", str(path))

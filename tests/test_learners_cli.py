@@ -53,3 +53,9 @@ def test_learn_evaluate_reads_the_audit_log_and_compares_policies(fresh_pg_url: 
 def test_learn_evaluate_needs_a_database(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("INFERMESH_DATABASE_URL", raising=False)
     assert main(["learn", "evaluate", "--from", "0", "--to", "1", "--learner", "linucb"]) == 2
+
+
+def test_learn_evaluate_names_a_bad_time(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["learn", "evaluate", "--from", "garbage", "--to", "1", "--learner", "linucb"])
+    assert exit_.value.code == 2 and "argument --from: not an ISO 8601 time" in capsys.readouterr().err
