@@ -194,10 +194,29 @@ def _key_line(raw: str, field: str) -> int | None:
 
     >>> _key_line('{"tenant": "t",\n "model": 5}', "model"), _key_line('{"a": 1}', "model")
     (2, None)
+    >>> _key_line('{"labels": {"model": "x"},\n "model": 5}', "model")  # the label of that name is not it
+    2
     """
     key = re.split(r"[.\[]", field, maxsplit=1)[0]
-    found = re.search(rf'"{re.escape(key)}"\s*:', raw)
-    return raw.count("\n", 0, found.start()) + 1 if found else None
+    for found in re.finditer(rf'"{re.escape(key)}"\s*:', raw):
+        if _depth_at(raw, found.start()) == 1:  # a top-level key, not a label or nested value of that name
+            return raw.count("\n", 0, found.start()) + 1
+    return None
+
+
+def _depth_at(raw: str, end: int) -> int:
+    """How many JSON objects/arrays are open at ``end`` (strings, and escapes in them, skipped)."""
+    depth, in_string, escaped = 0, False, False
+    for ch in raw[:end]:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+    return depth
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
