@@ -56,20 +56,60 @@ def field_path(loc: Sequence[str | int], data: Any) -> str:
     return out or "(document)"
 
 
-def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> Any:
-    lines.setdefault(loc, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
+# Aliases may repeat a node; this many nodes in all (aliases expanded) is far beyond any inventory or
+# config, and small enough that a "billion laughs" document is refused in milliseconds, not gigabytes.
+MAX_NODES = 1_000_000
+
+
+class _Walk:
+    """Builds the Python value of a composed document, line by line, refusing what safe_load would
+    take silently (duplicate keys: the last one would win) or choke on (alias bombs, cycles)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.lines: dict[Loc, int] = {}
+        self.open: set[int] = set()  # ids of the collections being sized: an alias back to one is a cycle
+
+    def error(self, node: yaml.Node, message: str) -> YamlSyntaxError:
+        return YamlSyntaxError(self.path, node.start_mark.line + 1, node.start_mark.column + 1, message)
+
+    def size(self, node: yaml.Node, memo: dict[int, int]) -> int:
+        """Nodes in ``node`` with aliases expanded, counted once per distinct node (so a bomb is cheap to size)."""
+        if id(node) in memo:
+            return memo[id(node)]
+        if id(node) in self.open:
+            raise self.error(node, "an alias refers to a node that contains it (a cycle)")
+        total = 1
+        if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+            self.open.add(id(node))
+            items = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value
+            for child in items:
+                total += self.size(child, memo)
+                if total > MAX_NODES:
+                    raise self.error(node, f"the document expands to more than {MAX_NODES:,} nodes "
+                                           "(aliases repeated within aliases?)")
+            self.open.discard(id(node))
+        memo[id(node)] = total
+        return total
+
+    def walk(self, node: yaml.Node, loc: Loc) -> Any:
+        self.lines.setdefault(loc, node.start_mark.line + 1)
+        if isinstance(node, yaml.SequenceNode):
+            return [self.walk(item, (*loc, i)) for i, item in enumerate(node.value)]
+        if not isinstance(node, yaml.MappingNode):
+            return _scalar(node)
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = yaml.safe_load(yaml.serialize(key_node)) if not isinstance(key_node, yaml.ScalarNode) \
-                else _scalar(key_node)
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise self.error(key_node, "a mapping key must be a plain value, not a mapping or a list")
+            key = _scalar(key_node)
+            if key in out:
+                raise self.error(key_node, f"duplicate key {key!r} (the earlier one is on line "
+                                           f"{self.lines[(*loc, key)]})")
             child: Loc = (*loc, key)
-            lines[child] = key_node.start_mark.line + 1
-            out[key] = _walk(value_node, child, lines)
+            self.lines[child] = key_node.start_mark.line + 1
+            out[key] = self.walk(value_node, child)
         return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_walk(item, (*loc, i), lines) for i, item in enumerate(node.value)]
-    return _scalar(node)
 
 
 def _scalar(node: yaml.Node) -> Any:
@@ -89,12 +129,21 @@ def load_located(text: str, path: str = "<string>") -> LocatedYaml:
         line = mark.line + 1 if mark else 1
         col = mark.column + 1 if mark else 1
         raise YamlSyntaxError(path, line, col, str(exc.problem or exc)) from None
-    lines: dict[Loc, int] = {}
     if root is None:
         return LocatedYaml(None, {(): 1}, path)
-    return LocatedYaml(_walk(root, (), lines), lines, path)
+    walk = _Walk(path)
+    walk.size(root, {})  # first: a cycle or an alias bomb is refused before anything is built
+    return LocatedYaml(walk.walk(root, ()), walk.lines, path)
 
 
 def load_located_file(path: str | Path) -> LocatedYaml:
+    """As :func:`load_located`; a file that cannot be read (missing, a folder, not UTF-8) is a located error too."""
     p = Path(path)
-    return load_located(p.read_text(encoding="utf-8"), str(p))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise YamlSyntaxError(str(p), line, 1, f"not UTF-8 text (byte {exc.object[exc.start]:#04x})") from None
+    except OSError as exc:
+        raise YamlSyntaxError(str(p), 1, 1, f"cannot read: {exc.strerror}") from None
+    return load_located(text, str(p))
