@@ -48,7 +48,8 @@ def field_path(loc: Sequence[str | int], data: Any) -> str:
         if isinstance(part, int):
             ident = node[part].get("id") if isinstance(node, list) and part < len(node) and \
                 isinstance(node[part], dict) else None
-            out += f"[{part}]" + (f"(id={ident})" if ident else "")
+            shown = ident if not isinstance(ident, str) or ident.isprintable() else repr(ident)  # no raw NUL out
+            out += f"[{part}]" + (f"(id={shown})" if ident else "")
             node = node[part] if isinstance(node, list) and part < len(node) else None
         else:
             out += ("." if out else "") + part

@@ -101,7 +101,7 @@ def test_unusable_names_and_numbers_are_refused(tmp_path: Path, old: str, new: s
     with pytest.raises(InventoryError) as err:
         load_fleet(p)
     (issue,) = err.value.issues
-    assert _plain(issue.field) == field and message in issue.message
+    assert _plain(issue.field) == field and message in issue.message and "\0" not in str(issue)
     assert issue.line == 1 + text[:text.index(old)].count("\n")
 
 
