@@ -146,5 +146,5 @@ def load_located_file(path: str | Path) -> LocatedYaml:
         line = exc.object[:exc.start].count(b"\n") + 1
         raise YamlSyntaxError(str(p), line, 1, f"not UTF-8 text (byte {exc.object[exc.start]:#04x})") from None
     except OSError as exc:
-        raise YamlSyntaxError(str(p), 1, 1, f"cannot read: {exc.strerror}") from None
+        raise YamlSyntaxError(str(p), 1, 1, f"cannot read: {exc.strerror or exc}") from None
     return load_located(text, str(p))
