@@ -12,7 +12,7 @@ The loop lives in a daemon thread, so the rest of the service (threaded gRPC, HT
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
@@ -30,8 +30,9 @@ class AioExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[mis
     def __init__(self, core: ExtProcServicer) -> None:
         self.core = core
 
-    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
-                      context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[pb.ProcessingResponse]:
+    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],  # grpclib's stream too
+                      context: grpc.aio.ServicerContext[Any, Any] | None,
+                      ) -> AsyncGenerator[pb.ProcessingResponse, None]:
         core = self.core
         st = core.open_stream()
         try:

@@ -50,6 +50,7 @@ from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame
 
 from decision.extproc import ExtProcServicer
+from decision.extproc_aio import AioExtProcServicer
 from decision.extproc_config import EXTPROC_SERVICE, PROBED_NAMES
 from decision.grpc_serving import LoopThread
 
@@ -70,10 +71,11 @@ _Status = health_pb2.HealthCheckResponse
 
 
 class _ExtProc:
-    """``ExternalProcessor/Process``: :class:`ExtProcServicer`'s sans-I/O steps on a grpclib stream."""
+    """``ExternalProcessor/Process`` on a grpclib stream: the asyncio servicer's steps, plus the drain's bookkeeping."""
 
     def __init__(self, core: ExtProcServicer) -> None:
         self.core = core
+        self._steps = AioExtProcServicer(core)  # the stream's steps, as on grpcio's asyncio server
         self.open = 0
         self.draining = False  # stop() began: new streams are refused
         self.closing = False  # the grace is over: what is still open is cancelled
@@ -87,25 +89,19 @@ class _ExtProc:
     async def process(self, stream: grpclib.server.Stream[pb.ProcessingRequest, pb.ProcessingResponse]) -> None:
         if self.draining:  # as grpcio does once stop() is called: the proxy's failure mode applies
             raise GRPCError(Status.UNAVAILABLE, "the ext_proc server is shutting down")
-        core = self.core
-        st = core.open_stream()
         self.open += 1
         self.idle.clear()
+        replies = self._steps.Process(stream, None)  # grpclib's stream iterates its requests
         try:
-            while (req := await stream.recv_message()) is not None:
-                replies = core.handle(st, req)
-                for reply in replies:
+            async with contextlib.aclosing(replies):  # the stream is closed (its outcome settled) here, not later
+                async for reply in replies:
                     await stream.send_message(reply)
-                core.after_replies(st)
-                if core.finished(st, req, replies):
-                    return
         except asyncio.CancelledError:
             if not self.closing:
                 raise  # the proxy reset the stream: nobody to answer
             # Stopped past its grace: end the stream with a status, so the proxy's failure mode applies now.
             raise GRPCError(Status.UNAVAILABLE, "the ext_proc server stopped") from None
         finally:
-            core.close_stream(st)
             self.open -= 1
             if self.open == 0:
                 self.idle.set()

@@ -314,12 +314,15 @@ def _drive_grpclib(s: ExtProcServicer, msgs: list[pb.ProcessingRequest]) -> int:
 
     from decision.extproc_grpclib import _ExtProc
 
-    class Stream:  # the two calls the handler makes on grpclib's server stream
+    class Stream:  # what the handler uses of grpclib's server stream: async iteration and send_message
         consumed = 0
 
-        async def recv_message(self) -> pb.ProcessingRequest | None:
+        def __aiter__(self) -> Stream:
+            return self
+
+        async def __anext__(self) -> pb.ProcessingRequest:
             if self.consumed == len(msgs):
-                return None
+                raise StopAsyncIteration
             self.consumed += 1
             return msgs[self.consumed - 1]
 
