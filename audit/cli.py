@@ -14,6 +14,7 @@ from audit import checkpoint, database, keys, partitions
 from audit.repository import AuditRepository, BadCursor, DecisionFilter
 from audit.verify import verify
 from audit.why import render_text
+from decision.cli_args import bounded_int
 
 SubParsers = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -48,7 +49,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_why)
     p = asub.add_parser("query", help="list decisions, newest first")
     _add_filters(p)
-    p.add_argument("--limit", type=_limit, default=20, help="rows per page, 1-10000")
+    p.add_argument("--limit", type=bounded_int(1, 10_000), default=20, help="rows per page, 1-10000")
     p.add_argument("--cursor")
     p.set_defaults(func=cmd_query)
     p = asub.add_parser("export", help="export decisions as JSON lines or CSV")
@@ -90,16 +91,6 @@ def _days(text: str) -> int:
     if days < 1:  # 0 would drop today's partition, a negative number those created ahead as well
         raise argparse.ArgumentTypeError(f"must be >= 1 (today is always kept), got {days}")
     return days
-
-
-def _limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 1 <= value <= 10_000:
-        raise argparse.ArgumentTypeError(f"must be 1-10000, got {value}")
-    return value
 
 
 def _url() -> str:

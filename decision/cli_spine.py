@@ -12,24 +12,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from decision.cli_args import UsageError, bounded_int, read_json_request
+
 DEFAULT_CONFIG = "deploy/demo/infermesh.yaml"
 _BENCH_EXTENSIONS: list[Any] = []
 
 
-def _bounded(low: int, high: int) -> Any:
-    """An argparse type: an int in [low, high], else a usage error naming the range (as the config's limits)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is outside {low}-{high}")
-        return value
-    return parse
-
-
-_port = _bounded(0, 65535)  # out of range, the OS would take the value modulo 65536
+_port = bounded_int(0, 65535)  # out of range, the OS would take the value modulo 65536
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -37,7 +26,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--grpc-port", type=_port, default=None, help="0-65535 (0: a free one)")
     p.add_argument("--http-port", type=_port, default=None, help="0-65535 (0: a free one)")
-    p.add_argument("--workers", type=_bounded(1, 64), default=None,
+    p.add_argument("--workers", type=bounded_int(1, 64), default=None,
                    help="server processes sharing the port (SO_REUSEPORT), 1-64")
     p.set_defaults(func=cmd_serve)
 
@@ -70,11 +59,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_grpc)
     p = bsub.add_parser("decide", help="in-process decision latency for N endpoints")
-    p.add_argument("--endpoints", type=_bounded(1, 10_000_000), action="append",
+    p.add_argument("--endpoints", type=bounded_int(1, 10_000_000), action="append",
                    help="fleet size (repeatable); default 512 and 65536")
-    p.add_argument("--candidates", type=_bounded(1, 1_000_000), default=64,
+    p.add_argument("--candidates", type=bounded_int(1, 1_000_000), default=64,
                    help="endpoints per model (the locate stage's output)")
-    p.add_argument("--iterations", type=_bounded(1, 100_000_000), default=5000)
+    p.add_argument("--iterations", type=bounded_int(1, 100_000_000), default=5000)
     p.add_argument("--policies", default="policies/bundles/default",
                    help="policy bundle for the guard stage ('builtin' for the built-in health rule)")
     p.add_argument("--learner", default="least-ttft")
@@ -159,14 +148,9 @@ def cmd_decide(args: argparse.Namespace) -> int:
 
     cfg, settings = _load(args.config)
     try:
-        raw = sys.stdin.read() if args.request == "-" else Path(args.request).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        print(f"{args.request}: cannot read the request: {exc}", file=sys.stderr)
-        return 2
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        print(f"{args.request}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}", file=sys.stderr)
+        raw, data = read_json_request(args.request)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
         return 2
     service = _service(cfg, settings, audit_enabled=False)
     assert service.engine is not None

@@ -83,21 +83,19 @@ def explain(request: dict[str, Any], fleet_path: Path, policies: Path) -> dict[s
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from decision.cli_args import UsageError, read_json_request
     from decision.errors import DecisionError, InvalidArgument
     from decision.fleet import InventoryError
     from policies.errors import BundleError
 
     try:
-        request = json.loads(Path(args.request).read_text(encoding="utf-8"))
+        _, request = read_json_request(args.request)
         if not isinstance(request, dict):
             raise InvalidArgument("(request)", "expected a JSON object of DecideRequest fields, "
                                                f"not {type(request).__name__}")
         report = explain(request, Path(args.fleet), _dir(args.policies))
-    except (OSError, UnicodeDecodeError) as exc:
-        print(f"{args.request}: cannot read the request: {exc}", file=sys.stderr)
-        return 2
-    except json.JSONDecodeError as exc:
-        print(f"{args.request}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}", file=sys.stderr)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
         return 2
     except (InventoryError, BundleError) as exc:  # file:line: what, one per line
         print(str(exc), file=sys.stderr)

@@ -1,0 +1,43 @@
+"""What the CLI's commands parse the same way: bounded integers, and a request given as a JSON file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """An argparse ``type``: an int in [low, high], else a usage error naming the range.
+
+    >>> bounded_int(0, 65535)("8080")
+    8080
+    """
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}-{high}")
+        return value
+    return parse
+
+
+class UsageError(Exception):
+    """A message for stderr; the command exits 2."""
+
+
+def read_json_request(path: str) -> tuple[str, Any]:
+    """The text of a request file (``-``: stdin) and its JSON; :class:`UsageError` says file:line:col."""
+    try:
+        raw = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read the request: {exc}") from None
+    try:
+        return raw, json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
