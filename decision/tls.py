@@ -39,8 +39,12 @@ class TlsConfig(BaseModel):
         return self.client_ca_file is not None if self.require_client_cert is None else self.require_client_cert
 
 
+def _resolve(path: Path, base: Path) -> Path:
+    return path if path.is_absolute() else base / path
+
+
 def _read(path: Path, base: Path, what: str) -> bytes:
-    p = path if path.is_absolute() else base / path
+    p = _resolve(path, base)
     try:
         return p.read_bytes()
     except OSError as exc:
@@ -74,16 +78,12 @@ def server_ssl_context(tls: TlsConfig, base: Path = Path(".")) -> ssl.SSLContext
     for what in ("cert_file", "key_file", "client_ca_file"):
         if getattr(tls, what) is not None:
             _read(getattr(tls, what), base, what)  # readable, or a ValueError naming the field
-
-    def path(p: Path) -> Path:
-        return p if p.is_absolute() else base / p
-
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # HTTP/2 needs 1.2 or later (RFC 9113, 9.2)
     try:
-        ctx.load_cert_chain(path(tls.cert_file), path(tls.key_file))
+        ctx.load_cert_chain(_resolve(tls.cert_file, base), _resolve(tls.key_file, base))
         if tls.client_ca_file is not None:
-            ctx.load_verify_locations(path(tls.client_ca_file))
+            ctx.load_verify_locations(_resolve(tls.client_ca_file, base))
             ctx.verify_mode = ssl.CERT_REQUIRED if tls.mutual else ssl.CERT_OPTIONAL
     except ssl.SSLError as exc:
         raise ValueError(f"tls: cannot use the certificate files: {exc}") from None
