@@ -36,14 +36,14 @@ def candidate_rows(decision: Mapping[str, Any]) -> list[dict[str, Any]]:
         s = scores.get(ep, {})
         ages = telemetry.get(ep, {}).get("ages_s", {})
         info = endpoints.get(ep, {})
+        judged = verdicts.get(ep, []) + verdicts.get("*", [])  # its own verdicts and the request-wide ones
         rows.append({
             "endpoint_id": ep, "site": info.get("site"), "tier": info.get("tier"),
             "gpu_type": info.get("gpu_type"),
             # Denials first: whoever reads a shortened copy must still see what removed the endpoint.
-            "verdicts": "; ".join(sorted(verdicts.get(ep, []) + verdicts.get("*", []),
-                                         key=lambda text: ":DENY" not in text)) or "allow",
+            "verdicts": "; ".join(sorted(judged, key=lambda text: ":DENY" not in text)) or "allow",
             "denials": denials.get(ep, []) + denials.get("*", []),
-            "rules": len(verdicts.get(ep, []) + verdicts.get("*", [])),
+            "rules": len(judged),
             "score": s.get("score"), "expected_ttft_ms": s.get("expected_ttft_ms"),
             "expected_cost_per_1k_tokens": s.get("expected_cost_per_1k_tokens"),
             "telemetry_max_age_s": max(ages.values()) if ages else None,
