@@ -25,7 +25,8 @@ from decision.yaml_lines import LocatedYaml, YamlSyntaxError, field_path, load_l
 
 class _Strict(BaseModel):
     # No inf or NaN anywhere: one infinite price or size turns every expected TTFT or cost into NaN.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # Strict types: a quoted "no" is not read as true, nor "8" as a GPU count (an int still serves as a float).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
 
 # Ids and names end up in routes, traces and the audit log: printable, one line, no NUL (PostgreSQL

@@ -92,6 +92,12 @@ def test_device_sites_must_name_their_owner(tmp_path: Path) -> None:
     ("gpu_hour_usd: 3.2", "gpu_hour_usd: .inf", "nodes[0].gpu_hour_usd", "finite"),  # made every TTFT NaN
     ("gpu_hour_usd: 3.2", "gpu_hour_usd: 1.0e+300", "nodes[0].gpu_hour_usd", "less than or equal"),
     ("params_b: 70.0", "params_b: .inf", "models[1].params_b", "finite"),  # crashed fleet check itself
+    # No guessing at a mistyped value: a quoted "no" was once read as true, "8" or 8.5 GPUs as 8.
+    ("max_concurrency: 64, warm: true}", 'max_concurrency: 64, warm: "no"}', "deployments[0].warm",
+     "valid boolean"),
+    ("gpu_count: 8,", 'gpu_count: "8",', "nodes[0].gpu_count", "valid integer"),
+    ("gpu_count: 8,", "gpu_count: 8.5,", "nodes[0].gpu_count", "valid integer"),
+    ("gpu_hour_usd: 3.2", 'gpu_hour_usd: "3.2"', "nodes[0].gpu_hour_usd", "valid number"),
 ])
 def test_unusable_names_and_numbers_are_refused(tmp_path: Path, old: str, new: str, field: str, message: str) -> None:
     text = (Path(__file__).parent.parent / "deploy/demo/fleet.yaml").read_text()
