@@ -8,17 +8,22 @@ fails fast with file:line: field, never silently falling back to a default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from decision.tls import TlsConfig
-from decision.yaml_lines import YamlSyntaxError, load_located_file
+from decision.yaml_lines import LocatedYaml, YamlSyntaxError, load_located_file
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict types: a quoted "no" is not read as true, nor "8080" as a port (an int still serves as a float).
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# A path is written as text in YAML; only paths are converted.
+PathText = Annotated[Path, Field(strict=False)]
 
 
 class ServerSection(_Section):
@@ -101,8 +106,8 @@ class ExtProcSection(_Section):
 
 
 class ServiceConfig(_Section):
-    fleet: Path
-    policies: Path | None = None
+    fleet: PathText
+    policies: PathText | None = None
     server: ServerSection = ServerSection()
     telemetry: TelemetrySection = TelemetrySection()
     learner: LearnerSection = LearnerSection()
@@ -111,7 +116,7 @@ class ServiceConfig(_Section):
     limits: LimitsSection = LimitsSection()
     extproc: ExtProcSection = ExtProcSection()
     tls: TlsConfig | None = None
-    path: Path = Path(".")
+    path: PathText = Path(".")
 
 
 class Settings(BaseSettings):
@@ -145,9 +150,8 @@ def load_config(path: str | Path) -> ServiceConfig:
     try:
         cfg = ServiceConfig.model_validate({**doc.data, "path": p})
     except ValidationError as exc:
-        msgs = [f"{p}:{doc.line_of(e['loc'])}: {'.'.join(str(x) for x in e['loc'])}: {e['msg']}"
-                for e in exc.errors()]
-        raise ConfigError("\n".join(msgs)) from None
+        raise ConfigError(_located(p, doc, exc, ())) from None
+    _check_audit_section(p, doc, cfg.audit)
     base = p.resolve().parent
     updates: dict[str, Any] = {"fleet": (base / cfg.fleet).resolve()}
     if not updates["fleet"].is_file():
@@ -162,6 +166,34 @@ def load_config(path: str | Path) -> ServiceConfig:
         # a restart from elsewhere would open an empty spool and leave the spooled records behind.
         updates["audit"] = {**cfg.audit, "spool_dir": (base / spool).resolve()}
     return cfg.model_copy(update=updates)
+
+
+def _located(p: Path, doc: LocatedYaml, exc: ValidationError, prefix: tuple[str, ...]) -> str:
+    """One ``file:line: field: message`` line per validation error."""
+    lines = []
+    for e in exc.errors():
+        loc = prefix + tuple(str(x) for x in e["loc"])
+        lines.append(f"{p}:{doc.line_of(loc)}: {'.'.join(loc)}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _check_audit_section(p: Path, doc: LocatedYaml, audit: dict[str, Any]) -> None:
+    """The ``audit:`` section is the audit package's settings (plus ``enabled``), checked here so that a bad
+    value is reported with its line at load time rather than as a failed start."""
+    from audit.settings import AuditSettings
+
+    enabled = audit.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{p}:{doc.line_of(('audit', 'enabled'))}: audit.enabled: Input should be a valid "
+                          f"boolean (true or false), not {enabled!r}")
+    try:
+        AuditSettings(**{k: v for k, v in audit.items() if k != "enabled"})
+    except ValidationError as exc:
+        from_env = [e for e in exc.errors() if e["loc"] and str(e["loc"][0]) not in audit]
+        if from_env:  # the section leaves it to the environment (pydantic-settings reads INFERMESH_AUDIT_*)
+            e = from_env[0]
+            raise ConfigError(f"environment INFERMESH_AUDIT_{str(e['loc'][0]).upper()}: {e['msg']}") from None
+        raise ConfigError(_located(p, doc, exc, ("audit",))) from None
 
 
 def load_settings() -> Settings:

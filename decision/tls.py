@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import Annotated
 
 import grpc
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class TlsConfig(BaseModel):
     """The ``tls:`` config section."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # as decision.config's sections
 
-    cert_file: Path
-    key_file: Path
-    client_ca_file: Path | None = None
+    cert_file: Annotated[Path, Field(strict=False)]  # written as text in YAML
+    key_file: Annotated[Path, Field(strict=False)]
+    client_ca_file: Annotated[Path, Field(strict=False)] | None = None
     require_client_cert: bool | None = None
 
     @model_validator(mode="after")

@@ -87,6 +87,30 @@ def test_relative_spool_dir_resolves_against_the_config_folder(tmp_path: Path) -
         load_config(cfg)
 
 
+@pytest.mark.parametrize(("section", "expected"), [
+    # Strict types: neither is coerced into what the author may not have meant.
+    ('decision:\n  count_inflight: "no"\n', r"c\.yaml:3: decision\.count_inflight: Input should be a valid boolean"),
+    ('server:\n  grpc_port: "50051"\n', r"c\.yaml:3: server\.grpc_port: Input should be a valid integer"),
+    ("tls:\n  cert_file: a.pem\n  key_file: b.key\n  require_client_cert: 1\n",
+     r"c\.yaml:5: tls\.require_client_cert: Input should be a valid boolean"),
+    # The audit section is checked at load time, with its line, not when the writer starts.
+    ('audit:\n  enabled: "false"\n', r"c\.yaml:3: audit\.enabled: Input should be a valid boolean"),
+    ("audit:\n  batch_size: lots\n", r"c\.yaml:3: audit\.batch_size: Input should be a valid integer"),
+    ("audit:\n  on_spool_full: drop\n", r"c\.yaml:3: audit\.on_spool_full: Input should be 'fail_closed'"),
+])
+def test_config_values_are_not_coerced_and_the_audit_section_is_checked(tmp_path: Path, section: str,
+                                                                         expected: str) -> None:
+    from decision.config import ConfigError, load_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"fleet: {ROOT / 'deploy/demo/fleet.yaml'}\n{section}")
+    with pytest.raises(ConfigError, match=expected):
+        load_config(cfg)
+    cfg.write_text(f"fleet: {ROOT / 'deploy/demo/fleet.yaml'}\nserver:\n  grace_s: 5\ntls:\n  cert_file: a.pem\n"
+                   "  key_file: b.key\n")  # an int for a float, and paths as text, are fine
+    assert load_config(cfg).server.grace_s == 5.0
+
+
 @pytest.mark.parametrize(("extra", "expected"), [
     ("fleet: nowhere.yaml\n", r"c\.yaml:1: fleet: not a file: .*nowhere\.yaml"),
     ("policies: nowhere\n", r"c\.yaml:2: policies: not a folder: .*nowhere"),
