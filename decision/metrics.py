@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -169,5 +169,19 @@ class ServiceMetrics:
         g = Gauge(name, doc, registry=self.registry)
         g.set_function(read)
 
+    def counter(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        """Register a counter read on scrape from a count kept elsewhere (``name`` ends in ``_total``)."""
+        self.registry.register(_CountReader(name.removesuffix("_total"), doc, read))
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CountReader(Collector):
+    """A counter whose value a component keeps itself (the telemetry store, the scraper)."""
+
+    def __init__(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        self._name, self._doc, self._read = name, doc, read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self._name, self._doc, value=float(self._read()))

@@ -144,6 +144,12 @@ class Service:
                            lambda: float(self.engine.pending_outcomes() if self.engine else 0))
         for name, read in self.audit.gauges.items():
             self.metrics.gauge(name, f"Audit writer: {name}.", read)
+        self.metrics.counter("infermesh_telemetry_rejected_total", "Telemetry values dropped (negative, infinite, "
+                             "or stamped too far ahead).", lambda: self.telemetry.rejected)
+        self.metrics.counter("infermesh_telemetry_scrapes_total", "Scrapes of configured targets that answered.",
+                             lambda: self.scraper.scrapes)
+        self.metrics.counter("infermesh_telemetry_scrape_failures_total", "Scrapes of configured targets that failed.",
+                             lambda: self.scraper.failures)
         self.learner_sync = _build_learner_sync(config, settings, self.audit, learner, features)
         self.grpc_server: grpc.Server | AioDecisionServer | None = None
         self.grpc_port = 0

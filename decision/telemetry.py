@@ -29,6 +29,7 @@ import numpy.typing as npt
 
 from decision import _kernels
 from decision.domain import TelemetryReading
+from decision.log_throttle import ThrottledWarnings
 
 log = logging.getLogger("infermesh.telemetry")
 
@@ -422,6 +423,7 @@ class TelemetryStore:
         self._lock = threading.Lock()
         self.updates = 0
         self.rejected = 0  # values dropped: negative, infinite, or stamped too far in the future
+        self._warn = ThrottledWarnings(log)  # a bad exporter repeats itself every scrape
         self._fresh = 0  # merged readings made since the last young-generation collection
 
     def now(self) -> float:
@@ -464,8 +466,8 @@ class TelemetryStore:
             if not stamp <= now + self.max_clock_skew_s:
                 dropped = sum(1 for v in values.values() if v == v)
                 self.rejected += dropped
-                log.warning("telemetry for %s: dropped %d value(s) stamped %.1f s after now (allowance %g s)",
-                            key, dropped, stamp - now, self.max_clock_skew_s)
+                self._warn.warning(("future", key), "telemetry for %s: dropped %d value(s) stamped %.1f s after now "
+                              "(allowance %g s)", key, dropped, stamp - now, self.max_clock_skew_s)
                 return
             stamp = now  # clock skew within the allowance: the value is as fresh as can be, no fresher
         new_values, new_stamps = dict(table.values.get(key, _NONE)), dict(table.stamps.get(key, _NONE))
@@ -473,7 +475,8 @@ class TelemetryStore:
             if not 0.0 <= value < _INF:
                 if value == value:  # negative or infinite: unusable (NaN: the exporter has no value)
                     self.rejected += 1
-                    log.warning("telemetry for %s: dropped %s = %r (%s)", key, name, value, VALUE_RULE)
+                    self._warn.warning(("value", key, name), "telemetry for %s: dropped %s = %r (%s)", key, name,
+                                  value, VALUE_RULE)
                 continue
             old = new_stamps.get(name)
             if old is None or old <= stamp:  # never let an older sample overwrite a newer one
@@ -527,14 +530,16 @@ class TelemetryStore:
         """Store parsed exposition samples from one target; returns samples seen.
 
         Samples of kept series with a negative or infinite value are dropped before series are
-        combined (one would skew a sum over engines), counted in ``rejected`` and logged.
+        combined (one would skew a sum over engines), counted in ``rejected`` and logged (once a minute
+        per target at most: :mod:`decision.log_throttle`).
         """
         bad = unusable_samples(samples)
         if bad:
             with self._lock:
                 self.rejected += len(bad)
-            log.warning("telemetry from %s: dropped %d sample(s) that %s, e.g. %s = %r",
-                        node_id or endpoint_id or "?", len(bad), VALUE_RULE, bad[0].name, bad[0].value)
+            source = node_id or endpoint_id or "?"
+            self._warn.warning(("samples", source), "telemetry from %s: dropped %d sample(s) that %s, e.g. %s = %r",
+                          source, len(bad), VALUE_RULE, bad[0].name, bad[0].value)
         node_vals, ep_vals = canonicalize(samples)
         if node_vals:
             target = node_id or (self._node_of.get(endpoint_id, "") if endpoint_id else "")

@@ -71,3 +71,18 @@ def test_service_metrics_record_stages_in_the_exposition() -> None:
     text = m.exposition().decode()
     assert 'infermesh_stage_duration_seconds_bucket{le="5e-05",stage="locate"} 1.0' in text
     assert 'infermesh_stage_duration_seconds_bucket{le="5e-05",stage="guard"} 0.0' in text
+
+
+def test_the_service_exports_telemetry_rejections_and_scrape_counts() -> None:
+    from decision.config import Settings, load_config
+    from decision.service import Service
+
+    service = Service(load_config("deploy/demo/infermesh.yaml"), Settings(), audit_enabled=False)
+    endpoint = service.fleet.endpoints[0].endpoint_id
+    service.telemetry.ingest_exposition("vllm:num_requests_waiting -3\nvllm:num_requests_running +Inf\n",
+                                        endpoint_id=endpoint)
+    service.scraper.failures += 1  # as a failed scrape counts it (tests/test_scraper.py scrapes for real)
+    text = service.metrics.exposition().decode()
+    assert "# TYPE infermesh_telemetry_rejected_total counter" in text
+    assert "infermesh_telemetry_rejected_total 2.0" in text
+    assert "infermesh_telemetry_scrapes_total 0.0" in text and "infermesh_telemetry_scrape_failures_total 1.0" in text

@@ -273,3 +273,35 @@ def test_timestamp_problem_and_usable_value() -> None:
     assert t.timestamp_problem(105.0, 100.0) is None
     assert t.timestamp_problem(105.5, 100.0, max_skew_s=5.0) == "more than 5 s in the future"
     assert t.usable_value(0.0) and not t.usable_value(-0.0001) and not t.usable_value(math.nan)
+
+
+def test_a_bad_exporter_is_counted_every_scrape_but_logged_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
+    body = b'vllm:num_requests_waiting{engine="0"} 4\nvllm:num_requests_waiting{engine="1"} -7\n'
+    store = t.TelemetryStore({"e1": "n1"})
+    scraper = Scraper(store, [ScrapeTarget(url="http://exporter/vllm", endpoint_id="e1")])
+    with caplog.at_level(logging.WARNING, logger="infermesh.telemetry"), \
+            httpx.Client(transport=httpx.MockTransport(lambda _: httpx.Response(200, content=body))) as client:
+        for _ in range(20):
+            scraper.scrape_once(client)
+        store.update_endpoint("e1", {t.QUEUE_WAITING: -1.0})  # another problem of the same target: its own line
+    warned = [r.getMessage() for r in caplog.records]
+    assert store.rejected == 21  # the count is exact (infermesh_telemetry_rejected_total)
+    assert len([m for m in warned if m.startswith("telemetry from e1: dropped 1 sample(s)")]) == 1, warned
+    assert len([m for m in warned if m.startswith("telemetry for e1: dropped")]) == 1, warned
+
+
+def test_throttled_warnings_report_what_they_held_back(caplog: pytest.LogCaptureFixture) -> None:
+    from decision.log_throttle import ThrottledWarnings
+
+    now = [0.0]
+    w = ThrottledWarnings(logging.getLogger("infermesh.test"), interval_s=60, clock=lambda: now[0], max_keys=2)
+    with caplog.at_level(logging.WARNING, logger="infermesh.test"):
+        assert [w.warning("a", "bad %s", 1) for _ in range(4)] == [True, False, False, False]
+        now[0] = 30.0
+        assert w.warning("b", "bad %s", 2)  # another key is not held back by the first
+        now[0] = 60.0
+        assert w.warning("a", "bad %s", 1)
+        assert w.warning("c", "bad %s", 3)  # a third key: the memory (2 keys) starts afresh
+        assert w.warning("a", "bad %s", 1)
+    assert [r.getMessage() for r in caplog.records] == [
+        "bad 1", "bad 2", "bad 1 (3 more like it in the last 60 s, not logged)", "bad 3", "bad 1"]
