@@ -18,11 +18,12 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import regopy
+from regopy.rego_shared import rego_bundle_query_entrypoint, rego_free_output, rego_output_string, rego_query
 
 from policies.errors import PolicyIssue, line_col_of_offset
 
@@ -122,6 +123,36 @@ def new_interpreter(modules: Mapping[str, tuple[str, str]], params: Mapping[str,
     return interp
 
 
+class RegoEvalError(RuntimeError):
+    """A rule's evaluation failed (rego-cpp's message, e.g. ``Function not found: f``)."""
+
+
+def _output(impl: Any) -> Any:
+    """regopy's ``Output`` of a query, or :class:`RegoEvalError` with rego-cpp's own message.
+
+    regopy 1.5 marks an evaluation error (a call to a function that does not exist, conflicting
+    values of a complete rule) as an ok output whose text is an error s-expression, which its
+    ``Output`` then fails to parse as JSON: the reason a denial carried was "Expecting value: line 1
+    column 1". The text is read here first.
+    """
+    text = rego_output_string(impl)
+    if text.startswith("(error"):
+        rego_free_output(impl)
+        messages = [_take(text, m.end())[0] for m in re.finditer(r"\(errormsg ", text)]
+        raise RegoEvalError("; ".join(dict.fromkeys(messages)) or "rego evaluation error")
+    return regopy.Output(impl)
+
+
+def query_entry(interp: regopy.Interpreter, bundle: regopy.Bundle, entry: str) -> Any:
+    """``interp.query_bundle_entrypoint(bundle, entry)``, raising :class:`RegoEvalError` on an evaluation error."""
+    return _output(rego_bundle_query_entrypoint(interp._impl, bundle._impl, entry))
+
+
+def query(interp: regopy.Interpreter, text: str) -> Any:
+    """``interp.query(text)``, raising :class:`RegoEvalError` on an evaluation error."""
+    return _output(rego_query(interp._impl, text))
+
+
 def _value(output: Any) -> Any:
     """The first expression's value of a query output; ``None`` when undefined."""
     if not output.ok():
@@ -160,7 +191,7 @@ class RegoProgram:
         with self._lock:
             # JSON text is parsed in C++; regopy's Input() walks Python objects, ~100x slower.
             self.interp.set_input_term(json.dumps(document))
-            return _value(self.interp.query_bundle_entrypoint(self.bundle, f"{self.package.replace('.', '/')}/{entry}"))
+            return _value(query_entry(self.interp, self.bundle, f"{self.package.replace('.', '/')}/{entry}"))
 
     def evaluate_candidates(self, request: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]],
                             state: Mapping[str, Any]) -> list[tuple[bool, str]]:
@@ -227,6 +258,19 @@ def compile_rego(modules: Mapping[str, tuple[str, str]], rule_module: str,
     return RegoProgram(path, package, regopy.Interpreter(), bundle)
 
 
-def run_query(interp: Any, query: str) -> Any:
+def builtin_checker() -> Callable[[str], bool]:
+    """Whether a name is one of rego-cpp's built-in functions (what OPA offers and rego-cpp does not is not)."""
+    interp = regopy.Interpreter()
+    seen: dict[str, bool] = {}
+
+    def is_builtin(name: str) -> bool:
+        if name not in seen:
+            seen[name] = bool(interp.is_builtin(name))
+        return seen[name]
+
+    return is_builtin
+
+
+def run_query(interp: Any, text: str) -> Any:
     """Evaluate an ad-hoc query (tests); ``None`` when undefined, raises on evaluation errors."""
-    return _value(interp.query(query))
+    return _value(query(interp, text))

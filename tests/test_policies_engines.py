@@ -53,6 +53,39 @@ def test_rego_undefined_fails_closed() -> None:
     assert all(not ok for ok, _ in empty.evaluate_candidates({}, [{"id": "a", "endpoint": {}}], {}))
 
 
+def test_a_rego_evaluation_error_denies_with_rego_cpps_message() -> None:
+    src = "package t\nimport rego.v1\nallow contains c.id if { some c in input.candidates; nosuchfn(c.id) }\n"
+    prog = compile_rego({"t.rego": ("t.rego", src)}, "t.rego", {})  # rego-cpp compiles it: the call fails when reached
+    # The reason an auditor reads in the trace (regopy itself failed to parse it, and said "Expecting value").
+    assert prog.evaluate_candidates({}, [{"id": "a", "endpoint": {}}], {}) == [
+        (False, "error: Function not found: nosuchfn")]
+
+
+@pytest.mark.parametrize(("module", "edit", "called"), [
+    ("residency.rego", ("\tcount(req.allowed_jurisdictions) > 0", "\tcount(req.allowed_jurisdictions) > nosuchfn(0)"),
+     "nosuchfn"),
+    # An OPA built-in that rego-cpp does not provide.
+    ("residency.rego", ("\tnot ep.jurisdiction in req.allowed_jurisdictions",
+                        '\tnet.cidr_contains("10.0.0.0/8", ep.site_id)'), "net.cidr_contains"),
+    # A test module counts too, and an import alias or a function of the package does not.
+    ("residency_test.rego", ("count(residency.site_violations({\"allowed_jurisdictions\": [], \"data_class\": "
+                             "\"public\"}, us_hipaa, params)) == 0", "count(site_violations(eu_site)) == 0"),
+     "site_violations"),
+])
+def test_a_call_to_a_missing_function_is_a_located_bundle_error(bundle_copy: Path, module: str,
+                                                                 edit: tuple[str, str], called: str) -> None:
+    path = bundle_copy / module
+    text = path.read_text()
+    assert edit[0] in text
+    path.write_text(text.replace(edit[0], edit[1], 1))
+    with pytest.raises(BundleError) as exc:
+        compile_bundle(bundle_copy)
+    (issue,) = exc.value.issues
+    line = path.read_text().splitlines()[issue.line - 1]
+    assert issue.path == str(path) and line[issue.column - 1:].startswith(called + "(")
+    assert issue.message.startswith(f"function not found: {called} (not a rego-cpp built-in")
+
+
 def test_rego_syntax_error_reports_file_line_col(bundle_copy: Path) -> None:
     rego = bundle_copy / "residency.rego"
     lines = rego.read_text().splitlines()
