@@ -7,10 +7,12 @@ fails fast with file:line: field, never silently falling back to a default.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from decision.tls import TlsConfig
@@ -117,6 +119,20 @@ class ServiceConfig(_Section):
     extproc: ExtProcSection = ExtProcSection()
     tls: TlsConfig | None = None
     path: PathText = Path(".")
+    _line_of: Callable[[Sequence[str | int]], int] | None = PrivateAttr(default=None)
+
+    @contextmanager
+    def located(self, *loc: str | int) -> Iterator[None]:
+        """Turn what a component built from section ``loc`` refuses (ValueError, TypeError, KeyError) into a
+        :class:`ConfigError` naming the file, line and field (learner parameters, the reward)."""
+        try:
+            yield
+        except (ValueError, TypeError, KeyError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            line = f":{self._line_of(loc)}" if self._line_of is not None else ""
+            detail = str(exc) if not isinstance(exc, KeyError) else f"missing key {exc}"
+            raise ConfigError(f"{self.path}{line}: {'.'.join(map(str, loc))}: {detail}") from None
 
 
 class Settings(BaseSettings):
@@ -165,7 +181,9 @@ def load_config(path: str | Path) -> ServiceConfig:
         # Against the config's folder, as every other path here: resolved against the working directory,
         # a restart from elsewhere would open an empty spool and leave the spooled records behind.
         updates["audit"] = {**cfg.audit, "spool_dir": (base / spool).resolve()}
-    return cfg.model_copy(update=updates)
+    located = cfg.model_copy(update=updates)
+    located._line_of = doc.line_of
+    return located
 
 
 def _located(p: Path, doc: LocatedYaml, exc: ValidationError, prefix: tuple[str, ...]) -> str:

@@ -93,10 +93,17 @@ def make_features(name: str) -> FeatureBuilder:
 
 
 def build_learner(config: ServiceConfig, n_features: int) -> tuple[Learner, tuple[Learner, ...]]:
-    from learners.registry import make_learner, shadow_learners
+    """The acting learner and the shadows; a bad name or parameter is a :class:`ConfigError` at its line."""
+    from learners.registry import REGISTRY, learner_from_spec, make_learner
 
-    acting: Learner = make_learner(config.learner.name, n_features, **config.learner.params)
-    return acting, shadow_learners(config.learner.shadow, n_features)
+    section = config.learner
+    with config.located("learner", "name" if section.name not in REGISTRY else "params"):
+        acting: Learner = make_learner(section.name, n_features, **section.params)
+    shadows = []
+    for i, spec in enumerate(section.shadow):
+        with config.located("learner", "shadow", i):
+            shadows.append(learner_from_spec(spec, n_features))
+    return acting, tuple(shadows)
 
 
 def build_audit(config: ServiceConfig, settings: Settings,
@@ -122,6 +129,10 @@ class Service:
                                         stale_after_s=config.telemetry.stale_after_s)
         self.scraper = Scraper(self.telemetry, config.telemetry.scrape, interval_s=config.telemetry.scrape_interval_s,
                                timeout_s=config.telemetry.scrape_timeout_s)
+        # Learners and reward before the audit log starts: a bad parameter stops nothing half-started.
+        features = make_features(config.learner.features)
+        learner, shadows = build_learner(config, len(features.names))
+        reward = _build_reward(config)
         if audit_enabled is False:
             self.audit = AuditParts()
         else:
@@ -129,11 +140,9 @@ class Service:
         self.engine: DecisionEngine | None = None
         self.policies = build_policies(config, settings, self.fleet, self._swap_guard,
                                        on_failure=lambda _error: self.metrics.policy_reload_failures.inc())
-        features = make_features(config.learner.features)
-        learner, shadows = build_learner(config, len(features.names))
         self.engine = DecisionEngine(
             self.fleet, self.telemetry, self.policies.guard, learner, features=features,
-            audit=self.audit.sink, traces=self.audit.reader, reward=_build_reward(config), shadow=shadows,
+            audit=self.audit.sink, traces=self.audit.reader, reward=reward, shadow=shadows,
             max_fallbacks=config.decision.max_fallbacks, max_candidates=config.decision.max_candidates,
             count_inflight=config.decision.count_inflight,
             added_delay_weight=config.decision.added_delay_weight,
@@ -306,4 +315,5 @@ def _build_reward(config: ServiceConfig) -> Any:
         return None
     from learners.reward import reward_from_config
 
-    return reward_from_config(config.learner.reward or {}, cost_weight_ms=price)
+    with config.located("learner", "reward"):
+        return reward_from_config(config.learner.reward or {}, cost_weight_ms=price)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from decision.contracts import Learner
@@ -106,8 +106,3 @@ def learner_from_spec(spec: str | Mapping[str, Any], n_features: int) -> Learner
         name, params = str(spec["name"]), dict(spec.get("params", {}))
     return make_learner(name, n_features, **params)
 
-
-def shadow_learners(specs: Sequence[str | Mapping[str, Any]], n_features: int) -> tuple[Learner, ...]:
-    """Shadow learners from config: each scores every live request without acting; the engine logs
-    their choice and propensity in the trace under ``stages.choose.shadow``."""
-    return tuple(learner_from_spec(s, n_features) for s in specs)

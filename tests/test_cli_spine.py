@@ -114,8 +114,10 @@ def test_config_values_are_not_coerced_and_the_audit_section_is_checked(tmp_path
 @pytest.mark.parametrize(("extra", "expected"), [
     ("fleet: nowhere.yaml\n", r"c\.yaml:1: fleet: not a file: .*nowhere\.yaml"),
     ("policies: nowhere\n", r"c\.yaml:2: policies: not a folder: .*nowhere"),
-    ("learner:\n  name: linucbb\n", r"c\.yaml: cannot start with this config: ValueError: unknown learner 'linucbb'"),
-    ("learner:\n  shadow: [{params: {}}]\n", r"c\.yaml: cannot start with this config: KeyError"),
+    ("learner:\n  name: linucbb\n", r"c\.yaml:3: learner\.name: unknown learner 'linucbb'"),
+    ("learner:\n  shadow: [{params: {}}]\n", r"c\.yaml:3: learner\.shadow\.0: missing key 'name'"),
+    ("learner:\n  name: linucb\n  params: {alfa: 1}\n", r"c\.yaml:4: learner\.params: learner linucb: unknown param"),
+    ("learner:\n  reward: {w_cost: x}\n", r"c\.yaml:3: learner\.reward: could not convert"),
 ])
 def test_what_the_config_names_wrongly_is_a_message_not_a_traceback(tmp_path: Path, extra: str,
                                                                      expected: str) -> None:
