@@ -129,18 +129,23 @@ class Service:
                                         stale_after_s=config.telemetry.stale_after_s)
         self.scraper = Scraper(self.telemetry, config.telemetry.scrape, interval_s=config.telemetry.scrape_interval_s,
                                timeout_s=config.telemetry.scrape_timeout_s)
-        # Learners and reward before the audit log starts: a bad parameter stops nothing half-started.
+        # Learners, reward and policies before the audit log starts (a database, migrations, a writer
+        # process): a bad parameter or rule stops the start before anything is half-started.
         features = make_features(config.learner.features)
         learner, shadows = build_learner(config, len(features.names))
         reward = _build_reward(config)
+        self.engine: DecisionEngine | None = None
+        # A bundle the file watcher swaps in before the engine exists (the audit log takes seconds to
+        # start) is kept here and given to the engine when it is built.
+        self._guard_lock = threading.Lock()
+        self._latest_guard: Guard | None = None
+        self.policies = build_policies(config, settings, self.fleet, self._swap_guard,
+                                       on_failure=lambda _error: self.metrics.policy_reload_failures.inc())
         if audit_enabled is False:
             self.audit = AuditParts()
         else:
             self.audit = build_audit(config, settings, reload=self._admin_reload)
-        self.engine: DecisionEngine | None = None
-        self.policies = build_policies(config, settings, self.fleet, self._swap_guard,
-                                       on_failure=lambda _error: self.metrics.policy_reload_failures.inc())
-        self.engine = DecisionEngine(
+        engine = DecisionEngine(
             self.fleet, self.telemetry, self.policies.guard, learner, features=features,
             audit=self.audit.sink, traces=self.audit.reader, reward=reward, shadow=shadows,
             max_fallbacks=config.decision.max_fallbacks, max_candidates=config.decision.max_candidates,
@@ -148,7 +153,11 @@ class Service:
             added_delay_weight=config.decision.added_delay_weight,
             cost_weight_ms=config.decision.cost_weight_ms,
             outcome_timeout_s=config.decision.outcome_timeout_s)
-        self.engine.on_stages = self.metrics.record_stages
+        with self._guard_lock:
+            self.engine = engine
+            if self._latest_guard is not None:
+                engine.set_guard(self._latest_guard)
+        engine.on_stages = self.metrics.record_stages
         self.metrics.gauge("infermesh_pending_outcomes", "Decisions awaiting an outcome.",
                            lambda: float(self.engine.pending_outcomes() if self.engine else 0))
         for name, read in self.audit.gauges.items():
@@ -169,9 +178,11 @@ class Service:
         heap.settle()  # fleet, policies, learners: alive for good, out of the collector's way
 
     def _swap_guard(self, guard: Guard) -> None:
-        if self.engine is not None:
-            self.engine.set_guard(guard)
-            self.metrics.policy_reloads.inc()
+        with self._guard_lock:
+            self._latest_guard = guard
+            if self.engine is not None:
+                self.engine.set_guard(guard)
+        self.metrics.policy_reloads.inc()
 
     def _admin_reload(self) -> str:
         """The auditors' API's admin reload: the new revision, or ValueError naming why it was refused."""

@@ -140,3 +140,28 @@ def test_a_bundle_whose_tests_crash_the_rego_engine_is_rejected(tmp_path: Path, 
                                                      "tests: [residency_cases.yaml, crash_test.rego]"))
     result = reloader.reload()
     assert not result.ok and engine.guard.revision == before and reloader.reload_failures == 1
+
+
+def test_a_bundle_swapped_in_while_the_service_starts_reaches_the_engine(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # The file watcher runs from the moment the policies load; the engine is built seconds later (the
+    # audit log starts in between). A swap in that window must not be dropped.
+    from decision import service as service_module
+    from decision.config import Settings, load_config
+
+    real = service_module.build_policies
+    swapped: list[Guard] = []
+
+    def policies_then_a_swap(config, settings, fleet, on_swap, on_failure=None):  # type: ignore[no-untyped-def]
+        parts = real(config, settings, fleet, on_swap, on_failure)
+        newer = service_module.load_guard(DEFAULT_BUNDLE, fleet)  # what the watcher would have compiled
+        swapped.append(newer)
+        on_swap(newer)
+        return parts
+
+    monkeypatch.setattr(service_module, "build_policies", policies_then_a_swap)
+    service = service_module.Service(load_config("deploy/demo/infermesh.yaml"), Settings(), audit_enabled=False)
+    try:
+        assert service.engine is not None and service.engine.guard is swapped[0]
+        assert service.engine.guard is not service.policies.guard
+    finally:
+        service.stop(0)
