@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,6 +154,16 @@ class AuditRepository:
         out["trace"] = load_trace(bytes(out.pop("trace_z")))
         out["decided_at_us"] = to_us(row["decided_at"])
         return out
+
+    def reported_among(self, decision_ids: Sequence[str]) -> set[str]:
+        """Which of ``decision_ids`` have an outcome (``decision.contracts.OutcomeLookup``): a replica asks
+        before it learns an expired decision as a timeout that another replica recorded."""
+        ids = [d for d in decision_ids if "\x00" not in d]
+        if not ids:
+            return set()
+        with self.pool.connection() as conn:
+            rows = conn.execute("SELECT decision_id FROM outcomes WHERE decision_id = ANY(%s)", (ids,)).fetchall()
+        return {r["decision_id"] for r in rows}
 
     # -- auditors' queries ----------------------------------------------------------------------
     def list_decisions(self, *, filters: DecisionFilter, cursor: str | None = None,

@@ -98,3 +98,10 @@ class TraceReader(Protocol):
     """Reads decisions back for ``Explain`` and the auditors."""
 
     def get_decision(self, decision_id: str) -> Mapping[str, Any] | None: ...
+
+
+@runtime_checkable
+class OutcomeLookup(Protocol):
+    """A trace reader that can say which decisions have an outcome (the audit log shared by replicas)."""
+
+    def reported_among(self, decision_ids: Sequence[str]) -> set[str]: ...

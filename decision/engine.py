@@ -7,6 +7,7 @@ inputs and contributes its part of the "why this route" trace.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -20,7 +21,7 @@ import numpy.typing as npt
 
 from decision.bounded import make_room
 from decision.candidates import CandidateSet, Placement, endpoint_ids_of, endpoints_of, max_age_of
-from decision.contracts import AuditSink, FeatureBuilder, Guard, Learner, RewardFunction, TraceReader
+from decision.contracts import AuditSink, FeatureBuilder, Guard, Learner, OutcomeLookup, RewardFunction, TraceReader
 from decision.domain import (
     Candidate,
     Choice,
@@ -39,8 +40,10 @@ from decision.fleet import Fleet, endpoints_serving
 from decision.ledger import EndpointLedger
 from decision.scoring import ADDED_DELAY_WEIGHT, COST_WEIGHT_MS, BasicFeatures, score_candidates
 from decision.telemetry import TelemetryStore
-from decision.trace_format import TraceParts, assemble_trace, endpoint_row, expand_trace, trace_parts
+from decision.trace_format import TraceParts, assemble_trace, chosen_arm, endpoint_row, expand_trace, trace_parts
 from decision.validation import validate_outcome, validate_request
+
+log = logging.getLogger("infermesh.engine")
 
 
 def new_decision_id(now: float | None = None) -> str:
@@ -181,10 +184,16 @@ class DecisionEngine:
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
         self._reported: OrderedDict[str, float | None] = OrderedDict()
         self._reporting: set[str] = set()  # outcomes being recorded now (see report_outcome)
+        # Decisions whose outcome did not come in time: a timeout was learnt; a late outcome is still audited.
+        self._expired: OrderedDict[str, None] = OrderedDict()
+        # Outcomes the audit log refused (fail-closed, queue full): the caller was told UNAVAILABLE and
+        # its retry picks the decision up here, so the outcome is learnt and audited once, not lost.
+        self._unrecorded: OrderedDict[str, _Pending] = OrderedDict()
         self._lock = threading.Lock()
         self._learn_lock = threading.Lock()
         self.stats: dict[str, int] = {"decisions": 0, "denied": 0, "quota_denied": 0, "outcomes": 0,
-                                      "outcomes_missing": 0, "outcomes_duplicate": 0}
+                                      "outcomes_missing": 0, "outcomes_duplicate": 0, "outcomes_late": 0,
+                                      "outcomes_elsewhere": 0}
         # Called with each decision's stage times (µs) once it is made (metrics, benchmarks).
         self.on_stages: Callable[[Mapping[str, float]], None] | None = None
 
@@ -363,9 +372,17 @@ class DecisionEngine:
             self._pending[decision_id] = pending
             self.ledger.sent(eid, now, prefill_s)
             while len(self._pending) > self.max_pending:
-                expired.append(self._release(self._pending.popitem(last=False)[1]))
+                did, oldest = self._pending.popitem(last=False)
+                expired.append(self._release(oldest))
+                self._mark_expired(did)
         for p in expired:
             self._learn_missing(p)
+
+    def _mark_expired(self, decision_id: str) -> None:
+        """``decision_id`` was learnt as a timeout (call with ``_lock`` held); the memory is bounded."""
+        self._expired[decision_id] = None
+        while len(self._expired) > self.max_pending:
+            self._expired.popitem(last=False)
 
     def _forget(self, decision_id: str) -> None:
         """Drop a remembered decision that was not answered after all (no outcome will come)."""
@@ -397,7 +414,12 @@ class DecisionEngine:
                 s.update(features, reward)
 
     def expire_outcomes(self, now: float | None = None) -> int:
-        """Treat outcomes past their timeout as failures; returns how many expired."""
+        """Treat outcomes past their timeout as failures; returns how many expired.
+
+        An outcome another replica or worker recorded in the shared audit log (a client's retry or
+        load balancer may send it anywhere) is not a failure: that replica learnt it, so it is not
+        learnt here again as a timeout.
+        """
         t = self.clock() if now is None else now
         expired: list[tuple[str, _Pending]] = []
         with self._lock:
@@ -407,9 +429,19 @@ class DecisionEngine:
                     break
                 self._release(self._pending.popitem(last=False)[1])
                 expired.append((did, p))
-                self._reported[did] = None
-        for _, p in expired:
-            self._learn_missing(p)
+                self._mark_expired(did)
+        elsewhere: set[str] = set()
+        if expired and isinstance(self.traces, OutcomeLookup):
+            try:
+                elsewhere = self.traces.reported_among([did for did, _ in expired])
+            except Exception:  # the log is down: a timeout is what this replica knows
+                log.warning("could not ask the audit log which of %d expired decisions have outcomes", len(expired),
+                            exc_info=True)
+        for did, p in expired:
+            if did in elsewhere:
+                self.stats["outcomes_elsewhere"] += 1
+            else:
+                self._learn_missing(p)
         return len(expired)
 
     def report_outcome(self, outcome: Outcome) -> OutcomeResult:
@@ -420,27 +452,34 @@ class DecisionEngine:
             pending = self._pending.pop(did, None)
             if pending is not None:
                 self._release(pending)
-            elif did in self._reported or did in self._reporting:  # reported, or being reported right now
+            else:
+                pending = self._unrecorded.pop(did, None)  # a retry after the audit log refused it
+            if pending is None and (did in self._reported or did in self._reporting):  # reported, or being now
                 self.stats["outcomes_duplicate"] += 1
                 return OutcomeResult(did, True, True, self._reported.get(did))
             # Claimed under the lock, so a concurrent duplicate (a retry, a hedge) is answered as one.
             self._reporting.add(did)
+            late = pending is None and did in self._expired
         try:
-            return self._record_outcome(outcome, pending)
+            return self._record_outcome(outcome, pending, late)
         finally:
             with self._lock:
                 self._reporting.discard(did)
 
-    def _record_outcome(self, outcome: Outcome, pending: _Pending | None) -> OutcomeResult:
+    def _record_outcome(self, outcome: Outcome, pending: _Pending | None, late: bool) -> OutcomeResult:
         did = outcome.decision_id
         reward: float | None = None
         if pending is not None:
+            reward = self.reward(pending.ctx, outcome, pending.expected_ttft_ms, pending.cost_per_1k_tokens)
+            self._audit_outcome(outcome, reward, pending)  # before learning: a refused outcome is retried whole
             if outcome.status == OutcomeStatus.OK and outcome.ttft_ms > 0:
                 with self._lock:
                     self.ledger.observed(pending.endpoint_id, expected_ms=pending.expected_ttft_ms - pending.rtt_ms,
                                          observed_ms=outcome.ttft_ms - pending.rtt_ms, slowness=pending.slowness)
-            reward = self.reward(pending.ctx, outcome, pending.expected_ttft_ms, pending.cost_per_1k_tokens)
             self._learn(pending.features, reward)
+        elif late:  # the timeout was learnt; what did happen still belongs in the log, learnt once is enough
+            self.stats["outcomes_late"] += 1
+            self._audit_outcome(outcome, None, None)
         else:  # not decided here since this process started (a restart, another replica): ask the log
             record = self.traces.get_decision(did) if self.traces is not None else None
             if record is None:
@@ -455,14 +494,54 @@ class DecisionEngine:
                     self._reported[did] = prior
                 self.stats["outcomes_duplicate"] += 1
                 return OutcomeResult(did, True, True, prior)
+            logged = self._logged_arm(record)
+            if logged is not None:
+                reward = self.reward(logged.ctx, outcome, logged.expected_ttft_ms, logged.cost_per_1k_tokens)
+            self._audit_outcome(outcome, reward, None)
+            if logged is not None and reward is not None:
+                self._learn(logged.features, reward)
         with self._lock:
             self._reported[did] = reward
+            self._expired.pop(did, None)
             while len(self._reported) > self.max_pending:
                 self._reported.popitem(last=False)
         self.stats["outcomes"] += 1
-        if self.audit is not None:
-            self.audit.submit_outcome(outcome_event(outcome, reward, self.clock()))
         return OutcomeResult(did, True, False, reward)
+
+    def _audit_outcome(self, outcome: Outcome, reward: float | None, pending: _Pending | None) -> None:
+        """Submit the outcome to the audit log; when it refuses, keep ``pending`` for the caller's retry."""
+        if self.audit is None:
+            return
+        try:
+            self.audit.submit_outcome(outcome_event(outcome, reward, self.clock()))
+        except BaseException:
+            if pending is not None:
+                with self._lock:
+                    self._unrecorded[outcome.decision_id] = pending
+                    while len(self._unrecorded) > self.max_pending:
+                        self._unrecorded.popitem(last=False)
+            raise
+
+    def _logged_arm(self, record: Mapping[str, Any]) -> _Pending | None:
+        """What learning needs of a decision made by another replica (or before a restart), from its logged
+        trace; ``None`` when another learner version made it (its features may not be this one's)."""
+        learner = f"{self.learner.name}@{self.learner.version}"
+        trace = record.get("trace") or {}
+        try:
+            if record.get("learner") != learner:
+                return None
+            arm = chosen_arm(trace, self.features.names)
+            if arm is None:
+                return None
+            request = trace.get("request") or {}
+            ctx = RequestContext(str(record.get("request_id") or ""), str(record.get("tenant") or ""),
+                                 user_tier=str(record.get("user_tier") or "standard"),
+                                 ttft_target_ms=float(request.get("ttft_target_ms") or 0.0),
+                                 max_cost_per_1k_tokens=float(request.get("max_cost_per_1k_tokens") or 0.0))
+            return _Pending(ctx, arm.endpoint_id, arm.features, arm.expected_ttft_ms, arm.expected_cost_per_1k_tokens,
+                            0.0)
+        except (KeyError, TypeError, ValueError, IndexError):  # an older trace shape: record, do not learn
+            return None
 
     def pending_outcomes(self) -> int:
         return len(self._pending)

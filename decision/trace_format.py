@@ -293,3 +293,26 @@ def expand_trace(trace: Mapping[str, Any]) -> dict[str, Any]:
         "endpoints": endpoints,
         "timings_us": trace.get("timings_us") or {},
     }
+
+
+class LoggedArm(NamedTuple):
+    """The chosen arm of a logged decision, as its learner saw it."""
+
+    endpoint_id: str
+    features: tuple[float, ...]
+    expected_ttft_ms: float
+    expected_cost_per_1k_tokens: float
+
+
+def chosen_arm(trace: Mapping[str, Any], names: Sequence[str]) -> LoggedArm | None:
+    """The chosen arm of a readable trace (:func:`expand_trace`'s form), its features in ``names`` order
+    (a name the trace lacks: 0); ``None`` when nothing was chosen. Raises ``KeyError`` on another shape."""
+    stages = trace["stages"]
+    chosen = stages["choose"].get("chosen")
+    for row in stages["score"]["candidates"]:
+        if row["endpoint_id"] == chosen:
+            values = row["features"]
+            return LoggedArm(str(chosen), tuple(float(values.get(n, 0.0)) for n in names),
+                             float(row.get("expected_ttft_ms") or 0.0),
+                             float(row.get("expected_cost_per_1k_tokens") or 0.0))
+    return None

@@ -83,14 +83,16 @@ def validate_outcome(outcome: Outcome) -> None:
     Raises
     ------
     InvalidArgument
-        ``decision_id`` is missing, a time or token count is negative, or ``decision_id`` or
+        ``decision_id`` is missing, a time is negative or not finite, a token count is negative, or ``decision_id`` or
         ``error`` holds a NUL character (which the audit log could not store).
     """
     if not outcome.decision_id:
         raise InvalidArgument("decision_id", "required")
     _no_nul("decision_id", outcome.decision_id)
     _no_nul("error", outcome.error)
-    if outcome.ttft_ms < 0 or outcome.latency_ms < 0:
-        raise InvalidArgument("ttft_ms" if outcome.ttft_ms < 0 else "latency_ms", "must be >= 0")
+    for name in ("ttft_ms", "latency_ms"):  # NaN passes "< 0" and would be learnt as the best or worst reward
+        v = getattr(outcome, name)
+        if not math.isfinite(v) or v < 0:
+            raise InvalidArgument(name, "must be a finite number >= 0")
     if outcome.input_tokens < 0 or outcome.output_tokens < 0:
         raise InvalidArgument("input_tokens" if outcome.input_tokens < 0 else "output_tokens", "must be >= 0")

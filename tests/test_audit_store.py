@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -516,3 +517,34 @@ def test_a_bad_checkpoint_file_is_named_with_its_line_and_field(db: str, tmp_pat
     assert code == 2 and err.startswith(f"{cp}:1: not JSON")
     code, _, err = _cli(monkeypatch, capsys, db, "verify", "--checkpoint", str(tmp_path / "nope.jsonl"))
     assert code == 2 and "No such file" in err
+
+
+def test_an_outcome_reported_to_another_replica_is_learnt_there_once(db: str, demo_fleet: Fleet,
+                                                                     tmp_path: Path) -> None:
+    # Two replicas sharing one audit log, a client whose outcome reaches the one that did not decide.
+    from learners.features import FEATURE_NAMES, RouteFeatures
+    from learners.linucb import LinUCB
+
+    clock = [time.time()]
+    w = AuditWriter(db, AuditSettings(spool_dir=tmp_path))
+    repo = AuditRepository(db)
+
+    def replica() -> tuple[DecisionEngine, LinUCB]:
+        learner = LinUCB(len(FEATURE_NAMES), seed=1)
+        store = TelemetryStore({e.endpoint_id: e.node_id for e in demo_fleet.endpoints}, clock=lambda: clock[0])
+        return DecisionEngine(demo_fleet, store, BuiltinHealthGuard(), learner, features=RouteFeatures(), audit=w,
+                              traces=repo, outcome_timeout_s=10.0, clock=lambda: clock[0]), learner
+
+    (a, learner_a), (b, learner_b) = replica(), replica()
+    d = a.decide(ctx(1))
+    assert w.flush(10)
+    got = b.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=120.0))
+    assert got.reward is not None and not got.duplicate and learner_b.n_updates == 1
+    assert w.flush(10)
+    assert repo.reported_among([d.decision_id, "no-such-decision"]) == {d.decision_id}
+    stored = repo.get_decision(d.decision_id)
+    assert stored is not None and stored["outcome"]["reward"] == pytest.approx(got.reward)  # a restore replays it
+    clock[0] += 11.0
+    assert a.expire_outcomes() == 1 and learner_a.n_updates == 0  # not also learnt as a timeout where it was made
+    w.close()
+    repo.close()

@@ -163,6 +163,8 @@ def test_missing_outcomes_become_failure_signals_after_the_timeout(demo_fleet) -
     now[0] += 61.0
     assert eng.expire_outcomes() == 1
     assert learner.updates[0][1] == -1.0
+    late = eng.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=10.0))
+    assert not late.duplicate and late.reward is None and len(learner.updates) == 1  # recorded, not learnt again
     assert eng.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=10.0)).duplicate
 
 

@@ -1,4 +1,5 @@
-"""Outcomes that must not be learnt or recorded: refused decisions, concurrent duplicates, denials."""
+"""Outcomes: refused decisions, concurrent duplicates, denials, late outcomes, an audit log that refuses,
+and outcomes of decisions another replica made (the audit log is shared)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from learners.linucb import LinUCB
 class _Audit:
     """An in-memory audit sink; ``refuse`` makes it refuse decisions as a full fail-closed queue does."""
 
-    def __init__(self, *, refuse: bool = False) -> None:
+    def __init__(self, *, refuse: bool = False, refuse_outcomes: bool = False) -> None:
         self.refuse = refuse
+        self.refuse_outcomes = refuse_outcomes
         self.decisions: list[Mapping[str, Any]] = []
         self.outcomes: list[Mapping[str, Any]] = []
 
@@ -34,6 +36,8 @@ class _Audit:
         self.decisions.append(event)
 
     def submit_outcome(self, event: Mapping[str, Any]) -> None:
+        if self.refuse_outcomes:
+            raise Unavailable("audit queue full (fail-closed)")
         self.outcomes.append(event)
 
     def close(self) -> None:
@@ -48,6 +52,9 @@ class _Log:
 
     def get_decision(self, decision_id: str) -> dict[str, Any] | None:
         return self.records.get(decision_id)
+
+    def reported_among(self, decision_ids: Any) -> set[str]:
+        return {d for d in decision_ids if (self.records.get(d) or {}).get("outcome")}
 
 
 def _engine(audit: _Audit, clock: list[float], **kw: Any) -> tuple[DecisionEngine, LinUCB]:
@@ -102,3 +109,65 @@ def test_an_outcome_for_a_denied_decision_is_refused_naming_the_field() -> None:
         engine.report_outcome(Outcome("d-denied", OutcomeStatus.OK, ttft_ms=100.0))
     assert err.value.field == "decision_id" and "denied" in err.value.message
     assert audit.outcomes == [] and learner.n_updates == 0
+
+
+def test_a_late_outcome_is_audited_but_not_learnt_twice() -> None:
+    audit, clock = _Audit(), [1000.0]
+    engine, learner = _engine(audit, clock)
+    d = engine.decide(RequestContext("r1", "acme", model="llama-3.1-8b"))
+    clock[0] += 11.0
+    assert engine.expire_outcomes() == 1 and learner.n_updates == 1  # learnt as a timeout
+    late = engine.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=90.0))
+    assert (late.accepted, late.duplicate, late.reward) == (True, False, None)  # recorded, not "already recorded"
+    assert [o["decision_id"] for o in audit.outcomes] == [d.decision_id] and learner.n_updates == 1
+    assert engine.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=90.0)).duplicate
+
+
+def test_an_outcome_the_audit_log_refuses_is_recorded_whole_on_the_retry() -> None:
+    audit = _Audit(refuse_outcomes=True)
+    engine, learner = _engine(audit, [1000.0])
+    d = engine.decide(RequestContext("r1", "acme", model="llama-3.1-8b"))
+    outcome = Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=120.0)
+    with pytest.raises(Unavailable):
+        engine.report_outcome(outcome)
+    assert learner.n_updates == 0 and audit.outcomes == []  # neither learnt nor logged: the caller retries
+    audit.refuse_outcomes = False
+    retry = engine.report_outcome(outcome)
+    assert not retry.duplicate and retry.reward is not None  # not "already recorded": it never was
+    assert learner.n_updates == 1 and [o["decision_id"] for o in audit.outcomes] == [d.decision_id]
+    assert engine.report_outcome(outcome).duplicate
+
+
+def test_an_outcome_of_another_replicas_decision_is_learnt_there_and_not_as_a_timeout_here() -> None:
+    clock = [1000.0]
+    deciding, deciding_learner = _engine(_Audit(), clock)
+    d = deciding.decide(RequestContext("r1", "acme", model="llama-3.1-8b", ttft_target_ms=400.0))
+    record = {"decision_id": d.decision_id, "status": "routed", "learner": d.learner, "request_id": "r1",
+              "tenant": "acme", "user_tier": "standard", "trace": dict(d.trace), "outcome": None}
+    log = _Log({d.decision_id: record})
+    other_audit = _Audit()
+    other, other_learner = _engine(other_audit, clock, traces=log)  # the replica the client's outcome reached
+    outcome = Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=150.0)
+    got = other.report_outcome(outcome)
+    expected = deciding.reward(RequestContext("r1", "acme", ttft_target_ms=400.0), outcome, d.expected_ttft_ms,
+                               d.expected_cost_per_1k_tokens)
+    assert got.reward == pytest.approx(expected) and other_learner.n_updates == 1
+    assert other_audit.outcomes[0]["reward"] == pytest.approx(expected)  # so a restore can replay it
+    # The deciding replica's timeout finds the outcome in the shared log and does not learn a failure.
+    record["outcome"] = {"status": "ok", "reward": got.reward}
+    deciding.traces = log
+    clock[0] += 11.0
+    assert deciding.expire_outcomes() == 1 and deciding_learner.n_updates == 0
+    assert deciding.stats["outcomes_elsewhere"] == 1
+
+
+def test_outcome_times_must_be_finite() -> None:
+    engine, learner = _engine(_Audit(), [1000.0])
+    d = engine.decide(RequestContext("r1", "acme", model="llama-3.1-8b"))
+    nan = float("nan")
+    for field, outcome in (("ttft_ms", Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=nan)),
+                           ("latency_ms", Outcome(d.decision_id, OutcomeStatus.OK, latency_ms=float("inf")))):
+        with pytest.raises(InvalidArgument) as err:
+            engine.report_outcome(outcome)
+        assert err.value.field == field
+    assert learner.n_updates == 0
