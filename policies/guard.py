@@ -19,6 +19,7 @@ evaluated once per request over the distinct inputs that missed the memo.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from decision.domain import (
     Severity,
     VerdictTable,
 )
+from decision.errors import Unavailable
 from policies.bundle import CompiledBundle, CompiledRule
 from policies.cel_engine import CelProgram
 from policies.inputs import (
@@ -61,7 +63,8 @@ from policies.quota import InMemoryQuotaCounters, QuotaCounters
 log = logging.getLogger("infermesh.policies")
 _Judged = tuple[bool, tuple[RuleOutcome, ...]]
 _HELD_AT = "quota_held_at"  # when prefetch took the request's quota share (not shown to rules)
-_NOT_STATE = ("inventory_revision", "now", _HELD_AT)
+_HOLD = "quota_hold"  # the share's name, for an exact give-back (not shown to rules)
+_NOT_STATE = ("inventory_revision", "now", _HELD_AT, _HOLD)
 _NO_VIEW: tuple[dict[str, Any], Any] = ({}, ())
 
 
@@ -214,13 +217,21 @@ class PolicyGuard:
         if not self._needs_state:
             return {}
         now = self.clock()
+        hold = os.urandom(8).hex()
         try:
-            usage = self.counters.reserve(ctx.tenant, now, 1, _tokens(ctx))
-        except Exception as exc:  # rules then see no quota state and fail closed
+            usage = self.counters.reserve(ctx.tenant, now, 1, _tokens(ctx), hold)
+        except Exception as exc:
+            # Not a verdict on the request: the service cannot decide (UNAVAILABLE, not RESOURCE_EXHAUSTED).
             self.prefetch_errors += 1
             log.warning("quota counters unavailable: %s", exc)
-            return {"quota_error": str(exc)}
-        return {"quota": usage.as_state(), _HELD_AT: now}
+            if self.counters.uncertain_failures:  # the reply may be what was lost: undo the share if it was taken
+                try:
+                    self.counters.give_back(ctx.tenant, now, 1, _tokens(ctx), hold)
+                except Exception as undo:  # the hold expires; until the window ends the tenant is under-served
+                    self.release_errors += 1
+                    log.warning("could not undo the quota share of %s: %s", ctx.tenant, undo)
+            raise Unavailable(f"quota counters unavailable: {type(exc).__name__}") from None
+        return {"quota": usage.as_state(), _HELD_AT: now, _HOLD: hold}
 
     def peek(self, ctx: RequestContext) -> Mapping[str, Any]:
         """The state :meth:`prefetch` would give, holding nothing (for dry runs such as ``policy explain``)."""
@@ -240,7 +251,7 @@ class PolicyGuard:
         if held_at is None:
             return
         try:  # in the window it was taken from, even if a new minute began meanwhile
-            self.counters.add(ctx.tenant, held_at, -1, -_tokens(ctx))
+            self.counters.give_back(ctx.tenant, held_at, 1, _tokens(ctx), str(state.get(_HOLD, "")))
         except Exception as exc:  # the share stays spent: the tenant is under-served, never over
             self.release_errors += 1
             log.warning("could not give back the quota share of %s: %s", ctx.tenant, exc)

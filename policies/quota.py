@@ -8,6 +8,10 @@ the last unit of a limit, whichever replica they run in. The price is the other 
 held by a request that is denied a moment later can make a concurrent one at the boundary be
 denied too (the quota is never overshot; it may be under-used by the requests in flight).
 Windows are fixed calendar minutes.
+
+When the shared counters cannot be reached, the request is neither routed nor called over quota:
+the service cannot decide (``UNAVAILABLE``). A reservation whose reply was lost (Redis slow, not
+down) may have been applied; each share is named (a *hold*), so it is given back exactly once.
 """
 
 from __future__ import annotations
@@ -33,10 +37,19 @@ class QuotaUsage:
 
 
 class QuotaCounters(Protocol):
+    # Whether a call that raised may still have been applied (a remote store whose reply was lost).
+    uncertain_failures: bool
+
     def read(self, tenant: str, now: float) -> QuotaUsage: ...
 
-    def reserve(self, tenant: str, now: float, requests: int, tokens: int) -> QuotaUsage:
-        """Add atomically and answer the usage *before* this addition."""
+    def reserve(self, tenant: str, now: float, requests: int, tokens: int, hold: str = "") -> QuotaUsage:
+        """Add atomically and answer the usage *before* this addition; ``hold`` names the share for
+        :meth:`give_back`."""
+        ...
+
+    def give_back(self, tenant: str, now: float, requests: int, tokens: int, hold: str = "") -> None:
+        """Give back a share :meth:`reserve` took at ``now``; with ``hold``, only if that share was taken
+        and not given back already (idempotent, so it is safe after a reserve whose reply was lost)."""
         ...
 
     def add(self, tenant: str, now: float, requests: int, tokens: int) -> None:
@@ -58,37 +71,71 @@ class InMemoryQuotaCounters:
     (QuotaUsage(requests=2, tokens=1000), QuotaUsage(requests=0, tokens=0))
     """
 
+    uncertain_failures = False
+
     def __init__(self) -> None:
         self._counts: dict[tuple[str, int], list[int]] = {}
         self._lock = threading.Lock()
+        self._swept = 0  # the window old entries were last dropped for
 
     def read(self, tenant: str, now: float) -> QuotaUsage:
         c = self._counts.get((tenant, _window(now)))
         return QuotaUsage(c[0], c[1]) if c else QuotaUsage(0, 0)
 
-    def reserve(self, tenant: str, now: float, requests: int, tokens: int) -> QuotaUsage:
+    def reserve(self, tenant: str, now: float, requests: int, tokens: int, hold: str = "") -> QuotaUsage:
         w = _window(now)
         with self._lock:
             c = self._counts.setdefault((tenant, w), [0, 0])
             before = QuotaUsage(c[0], c[1])
             c[0] += requests
             c[1] += tokens
-            if len(self._counts) > 10_000:  # drop windows that ended
+            if w > self._swept:  # drop windows that ended, once per window (not a scan per request)
+                self._swept = w
                 for key in [k for k in self._counts if k[1] < w - 1]:
                     del self._counts[key]
         return before
+
+    def give_back(self, tenant: str, now: float, requests: int, tokens: int, hold: str = "") -> None:
+        self.reserve(tenant, now, -requests, -tokens)  # in process, a reserve either happened or raised
 
     def add(self, tenant: str, now: float, requests: int, tokens: int) -> None:
         self.reserve(tenant, now, requests, tokens)
 
 
+# Reserve: add to the window's counters and note the share under its hold key (value "<counter key>
+# <requests> <tokens>"), in one atomic script. Give back: only if the hold key is still there, so a give-back
+# after a reserve whose reply was lost (applied or not) is exact, and a second one does nothing.
+_RESERVE_LUA = """
+local r = redis.call('HINCRBY', KEYS[1], 'requests', ARGV[1])
+local t = redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+if KEYS[2] ~= '' then
+  redis.call('SET', KEYS[2], KEYS[1] .. ' ' .. ARGV[1] .. ' ' .. ARGV[2], 'EX', ARGV[4])
+end
+return {r, t}
+"""
+_GIVE_BACK_LUA = """
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+redis.call('DEL', KEYS[1])
+local key, r, t = string.match(v, '^(.*) (%-?%d+) (%-?%d+)$')
+redis.call('HINCRBY', key, 'requests', -tonumber(r))
+redis.call('HINCRBY', key, 'tokens', -tonumber(t))
+return 1
+"""
+HOLD_TTL_S = 30  # a decision gives its share back (or keeps it) within milliseconds
+
+
 class RedisQuotaCounters:
     """Counters shared by every replica: one Redis hash per tenant and minute.
 
-    ``reserve`` and ``add`` are one MULTI/EXEC transaction (HINCRBY requests, HINCRBY tokens,
-    EXPIRE), so concurrent replicas never lose an update and each reservation answers the usage
-    just before it; keys expire after two windows.
+    ``reserve`` is one Lua script (HINCRBY requests, HINCRBY tokens, EXPIRE, and the share's hold
+    key), so concurrent replicas never lose an update and each reservation answers the usage just
+    before it; counter keys expire after two windows. A tenant's keys share a hash tag
+    (``{tenant}``), so the script stays on one slot of a Redis Cluster.
     """
+
+    uncertain_failures = True
 
     def __init__(self, url: str, *, prefix: str = "infermesh:quota", timeout_s: float = 0.25) -> None:
         import redis
@@ -96,23 +143,30 @@ class RedisQuotaCounters:
         self.url = url
         self.prefix = prefix
         self._redis: Any = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._reserve = self._redis.register_script(_RESERVE_LUA)
+        self._give_back = self._redis.register_script(_GIVE_BACK_LUA)
         self.errors = 0
 
     def _key(self, tenant: str, now: float) -> str:
-        return f"{self.prefix}:{tenant}:{_window(now)}"
+        return f"{self.prefix}:{{{tenant}}}:{_window(now)}"
+
+    def _hold_key(self, tenant: str, hold: str) -> str:
+        return f"{self.prefix}:{{{tenant}}}:hold:{hold}" if hold else ""
 
     def read(self, tenant: str, now: float) -> QuotaUsage:
         req, tok = self._redis.hmget(self._key(tenant, now), "requests", "tokens")
         return QuotaUsage(int(req or 0), int(tok or 0))
 
-    def reserve(self, tenant: str, now: float, requests: int, tokens: int) -> QuotaUsage:
-        key = self._key(tenant, now)
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hincrby(key, "requests", requests)
-        pipe.hincrby(key, "tokens", tokens)
-        pipe.expire(key, 2 * WINDOW_S)
-        req, tok, _ = pipe.execute()
+    def reserve(self, tenant: str, now: float, requests: int, tokens: int, hold: str = "") -> QuotaUsage:
+        req, tok = self._reserve(keys=[self._key(tenant, now), self._hold_key(tenant, hold)],
+                                 args=[requests, tokens, 2 * WINDOW_S, HOLD_TTL_S])
         return QuotaUsage(int(req) - requests, int(tok) - tokens)
+
+    def give_back(self, tenant: str, now: float, requests: int, tokens: int, hold: str = "") -> None:
+        if hold:
+            self._give_back(keys=[self._hold_key(tenant, hold)])
+        else:
+            self.reserve(tenant, now, -requests, -tokens)
 
     def add(self, tenant: str, now: float, requests: int, tokens: int) -> None:
         self.reserve(tenant, now, requests, tokens)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -14,13 +15,13 @@ import pytest
 
 from decision.domain import RequestContext, Severity
 from decision.engine import DecisionEngine
-from decision.errors import NoCandidate, QuotaExceeded
+from decision.errors import NoCandidate, QuotaExceeded, Unavailable
 from decision.fleet import Fleet
 from decision.telemetry import TelemetryStore
 from learners.least_ttft import LeastExpectedTtft
 from policies.bundle import DEFAULT_BUNDLE, compile_bundle
 from policies.guard import PolicyGuard
-from policies.quota import QuotaUsage, RedisQuotaCounters
+from policies.quota import InMemoryQuotaCounters, QuotaUsage, RedisQuotaCounters
 
 
 class _Audit:
@@ -249,3 +250,56 @@ def test_a_request_that_is_not_routed_gives_its_quota_share_back(demo_fleet: Fle
     engine.decide(RequestContext("r3", tenant, model="llama-3.1-8b", estimated_input_tokens=100,
                                  expected_output_tokens=20))
     assert guard.counters.read(tenant, time.time()) == QuotaUsage(1, 120)
+
+
+def test_a_reservation_whose_reply_was_lost_is_given_back_once(demo_fleet: Fleet, redis_url: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # Redis ran the reservation but the reply came too late: the request is UNAVAILABLE and its share
+    # is undone (exactly once, even if a give-back is tried again), not left spent.
+    import redis
+
+    counters, _, _ = _replicas_sharing_redis(demo_fleet, redis_url)
+    real = counters._reserve
+
+    def applied_then_timed_out(**kw: Any) -> Any:
+        real(**kw)
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(counters, "_reserve", applied_then_timed_out)
+    guard = PolicyGuard(compile_bundle(DEFAULT_BUNDLE), counters=counters)
+    engine = _engine(demo_fleet, guard)
+    _wait_for_a_fresh_window(5)
+    for i in range(3):
+        with pytest.raises(Unavailable, match="quota counters unavailable"):
+            engine.decide(RequestContext(f"r{i}", "slow-redis", model="llama-3.1-8b", estimated_input_tokens=10))
+    assert counters.read("slow-redis", time.time()) == QuotaUsage(0, 0)
+    assert guard.prefetch_errors == 3 and guard.release_errors == 0
+    monkeypatch.undo()
+    state = guard.prefetch(RequestContext("r9", "slow-redis", model="llama-3.1-8b", estimated_input_tokens=10))
+    ctx = RequestContext("r9", "slow-redis", model="llama-3.1-8b", estimated_input_tokens=10)
+    guard.release(ctx, state)
+    guard.release(ctx, state)  # a second give-back of the same hold does nothing
+    assert counters.read("slow-redis", time.time()) == QuotaUsage(0, 0)
+
+
+def test_unreachable_quota_counters_make_the_service_unavailable_not_the_tenant_over_quota(
+        demo_fleet: Fleet) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    guard = PolicyGuard(compile_bundle(DEFAULT_BUNDLE), counters=RedisQuotaCounters(f"redis://127.0.0.1:{port}/0"))
+    with pytest.raises(Unavailable) as err:
+        _engine(demo_fleet, guard).decide(RequestContext("r1", "acme", model="llama-3.1-8b"))
+    assert not isinstance(err.value, QuotaExceeded) and guard.prefetch_errors == 1
+
+
+def test_in_memory_counters_drop_ended_windows_once_per_window_not_per_request() -> None:
+    counters = InMemoryQuotaCounters()
+    for t in range(20_000):
+        counters.reserve(f"tenant-{t}", 30.0, 1, 1)
+    started = time.perf_counter()
+    for i in range(2_000):  # 20,000 live entries: a scan per request would take seconds here
+        counters.reserve(f"tenant-{i}", 45.0, 1, 1)
+    assert time.perf_counter() - started < 0.5
+    counters.reserve("late", 125.0, 1, 1)  # two windows on: the old ones are gone
+    assert counters.read("tenant-0", 30.0) == QuotaUsage(0, 0) and len(counters._counts) == 1
