@@ -34,6 +34,7 @@ from decision.telemetry import (
     Sample,
     TelemetryStore,
     canonical_name,
+    canonicalize,
     parse_exposition,
     refused_value,
     timestamp_problem,
@@ -215,6 +216,8 @@ def _checked_sample(store: TelemetryStore, now: float, by_id: dict[str, Any], no
 def _checked_exposition(store: TelemetryStore, now: float, by_id: dict[str, Any], nodes: frozenset[str], i: int,
                         x: pb.Exposition) -> tuple[pb.Exposition, list[Sample], float | None]:
     """(exposition, its parsed samples, timestamp) of exposition ``i``, checked."""
+    if not x.endpoint_id and not x.node_id:  # else nothing it says could be stored, yet it would be acked
+        raise InvalidArgument(f"expositions[{i}].endpoint_id", "one of endpoint_id or node_id is required")
     if x.endpoint_id and x.endpoint_id not in by_id:
         raise InvalidArgument(f"expositions[{i}].endpoint_id", f"unknown endpoint {x.endpoint_id!r}")
     if x.node_id and x.node_id not in nodes:
@@ -227,6 +230,9 @@ def _checked_exposition(store: TelemetryStore, now: float, by_id: dict[str, Any]
     bad = unusable_samples(samples)
     if bad:  # refused, not dropped as a scrape's would be: the pusher is there to be told
         raise InvalidArgument(f"expositions[{i}].text", f"{bad[0].name} {VALUE_RULE}, got {bad[0].value!r}")
+    if not x.endpoint_id and canonicalize(samples)[1]:
+        raise InvalidArgument(f"expositions[{i}].endpoint_id", "the text has endpoint metrics (vLLM, Triton), "
+                                                               "which need the endpoint_id they describe")
     return x, samples, ts
 
 

@@ -169,6 +169,20 @@ def test_pushed_exposition_stamped_in_the_future_is_refused(server) -> None:  # 
     assert engine.telemetry.reading(ep.endpoint_id).values == {}
 
 
+@pytest.mark.parametrize(("target", "text", "message"), [
+    ({}, 'DCGM_FI_DEV_GPU_TEMP{gpu="0"} 60\n', "one of endpoint_id or node_id is required"),
+    ({"node": True}, "vllm:num_requests_waiting 6\n", "endpoint metrics (vLLM, Triton), which need the endpoint_id"),
+])
+def test_pushed_exposition_that_names_no_place_for_its_values_is_refused(  # type: ignore[no-untyped-def]
+        server, target: dict[str, bool], text: str, message: str) -> None:
+    engine, stub = server
+    ep = engine.fleet.endpoints[0]
+    x = pb.Exposition(node_id=ep.node_id if target else "", text=text)  # acked but stored nowhere, until now
+    details, field = _refused(stub, pb.TelemetryBatch(expositions=[x]))
+    assert field == "expositions[0].endpoint_id" and message in details
+    assert engine.telemetry.reading(ep.endpoint_id).values == {}
+
+
 def test_pushed_exposition_may_hold_infinities_outside_the_kept_series(server) -> None:  # type: ignore[no-untyped-def]
     engine, stub = server
     ep = engine.fleet.endpoints[0]
