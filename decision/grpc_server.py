@@ -125,7 +125,13 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
                 record = reader.get_decision(request.decision_id)
             if record is None:
                 raise NotFound("decision", request.decision_id)
-            return trace_to_pb(record)
+            answer = trace_to_pb(record)
+            # The log keeps where a route ran (site, region, GPU), not how to reach it: address and node
+            # come from the inventory, while the endpoint is still in it.
+            ep = self.engine.fleet.by_id.get(answer.route.endpoint_id)
+            if ep is not None:
+                answer.route.address, answer.route.node_id = ep.address, ep.node_id
+            return answer
 
         return self._guarded("Explain", context, run)
 

@@ -48,7 +48,7 @@ def test_decide_report_explain_round_trip_through_postgres(service: Service) -> 
     t = stub.Explain(pb.ExplainRequest(decision_id=d.decision_id), timeout=10)
     assert t.decision_id == d.decision_id
     assert t.status == "routed"
-    assert t.route.endpoint_id == d.route.endpoint_id
+    assert t.route == d.route  # address and node too (from the inventory), not only what the log keeps
     assert t.policy_revision == d.policy_revision and t.learner == d.learner
     assert abs(t.decided_at_unix_s - time.time()) < 120
     trace = t.trace
