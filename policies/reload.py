@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -88,7 +90,15 @@ class PolicyReloader:
     def _build(self) -> PolicyGuard:
         bundle = compile_bundle(self.directory)
         if self.run_tests:
-            failed = _tests_in_child(self.directory)
+            # The tests run on a copy that is checked to be the compiled revision: an edit landing between
+            # the compile and the (seconds-long) tests would otherwise swap in a bundle nobody tested.
+            with tempfile.TemporaryDirectory(prefix="infermesh-bundle-") as tmp:
+                snapshot = Path(tmp) / self.directory.name
+                shutil.copytree(self.directory, snapshot)
+                if bundle_revision(snapshot) != bundle.revision:
+                    raise RuntimeError("the bundle changed while it was being loaded; it is loaded again "
+                                       "once it stops changing (the file watcher, SIGHUP or ReloadPolicies)")
+                failed = [f.replace(str(snapshot), str(self.directory)) for f in _tests_in_child(snapshot)]
             if failed:
                 raise RuntimeError(f"{len(failed)} bundle test(s) failed: " + "; ".join(failed[:5]))
         return PolicyGuard(bundle, counters=self.counters)

@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from decision.contracts import Guard
 from decision.domain import RequestContext
 from decision.engine import DecisionEngine
@@ -165,3 +167,31 @@ def test_a_bundle_swapped_in_while_the_service_starts_reaches_the_engine(tmp_pat
         assert service.engine.guard is not service.policies.guard
     finally:
         service.stop(0)
+
+
+def test_a_bundle_edited_while_it_loads_is_not_swapped_in_untested(tmp_path: Path, demo_fleet: Fleet,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # The tests run seconds after the compile; an edit in between must not swap in a bundle whose
+    # compiled rules nobody tested (here: a GPU temperature rule that lets everything through).
+    from policies import bundle as bundle_module
+    from policies import reload as reload_module
+
+    bundle, reloader, engine = _setup(tmp_path, demo_fleet)
+    before = reloader.revision
+    real = bundle_module.compile_bundle
+    rule = bundle / "gpu_temperature.cel"
+    original = rule.read_text()
+
+    def compile_then_edited(directory: Path) -> bundle_module.CompiledBundle:
+        compiled = real(directory)
+        rule.write_text(original)  # the author's next save lands before the tests run
+        return compiled
+
+    rule.write_text("true\n")
+    monkeypatch.setattr(reload_module, "compile_bundle", compile_then_edited)
+    result = reloader.reload()
+    assert not result.ok and "changed while it was being loaded" in result.error
+    assert reloader.revision == before and engine.guard.revision == before
+    monkeypatch.undo()
+    _touch(bundle, "after")
+    assert reloader.reload().ok and engine.guard.revision == reloader.revision != before
