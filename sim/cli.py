@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from sim import runner
-from sim.scenario import available, load_scenario
+from sim.scenario import Scenario, available, check_world, load_scenario
 from sim.strategies import registry
+from sim.traces import TraceError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -32,24 +34,69 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=main)
 
 
+def _fail(msg: object) -> int:
+    """One line on stderr, exit code 2: bad input is the user's to fix, not a traceback to read."""
+    lines = [ln for ln in str(msg).splitlines() if ln.strip()] or [repr(msg)]
+    more = f" (and {len(lines) - 1} more line(s) like it)" if len(lines) > 1 else ""
+    print(f"infermesh sim: error: {lines[0]}{more}", file=sys.stderr)
+    return 2
+
+
+def _prepare(args: argparse.Namespace) -> tuple[Scenario, list[str], runner.Options]:
+    """Scenario, strategy names and options, every one validated before anything runs.
+
+    Raises
+    ------
+    ValueError
+        (a :class:`~sim.scenario.ScenarioError` for the scenario file) with a one-line message.
+    """
+    sc = load_scenario(args.scenario)
+    if args.strategies is not None:
+        names = [x.strip() for x in args.strategies.split(",")]
+    else:
+        names = list(sc.strategies)
+        if "vw_peer" in registry.available() and "vw_peer" not in names:
+            names.append("vw_peer")
+    registry.check(names)
+    opts = runner.Options(duration_s=args.duration, trace=args.trace, rate_scale=args.rate_scale, seed=args.seed,
+                          nodes=args.nodes, decision_time=args.decision_time, drain_s=args.drain, jobs=args.jobs)
+    runner.check_options(opts)
+    if args.trace is not None:
+        trace = Path(args.trace)
+        if not trace.is_file():
+            raise ValueError(f"--trace {args.trace}: no such file")
+        if trace.suffix not in (".jsonl", ".json", ".csv"):
+            raise ValueError(f"--trace {args.trace}: unknown trace format (expected .jsonl or .csv)")
+    return sc, names, opts
+
+
 def main(args: argparse.Namespace) -> int:
+    """Run ``infermesh sim``; bad input exits 2 with one line on stderr."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     console = Console()
-    sc = load_scenario(args.scenario)
-    names = [s.strip() for s in args.strategies.split(",")] if args.strategies else sc.strategies
-    if not args.strategies and "vw_peer" in registry.available() and "vw_peer" not in names:
-        names.append("vw_peer")
-    opts = runner.Options(duration_s=args.duration, trace=args.trace, rate_scale=args.rate_scale, seed=args.seed,
-                          nodes=args.nodes, decision_time=args.decision_time, drain_s=args.drain,
-                          jobs=max(1, args.jobs))
+    try:
+        sc, names, opts = _prepare(args)
+    except ValueError as exc:
+        return _fail(exc)
     t0 = time.perf_counter()
-    world = runner.build_world(sc, opts)
+    source = sc.source or sc.name
+    try:
+        world = runner.build_world(sc, opts)
+    except (ValueError, KeyError, TypeError) as exc:  # the fleet section (InventoryError is a ValueError)
+        detail = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        return _fail(f"{source}: fleet: {detail}")
+    try:
+        check_world(sc, world.regions, world.by_family)
+    except ValueError as exc:
+        return _fail(exc)
     duration = sc.duration_s if args.duration is None else args.duration
-    console.print(f"[bold]{sc.name}[/]: {world.n} endpoints, {runner.arrival_rate(sc, world) * args.rate_scale:.0f} "
-                  f"req/s mean, {duration:g} s (fleet built in {time.perf_counter() - t0:.1f} s)")
+    rate = (f"trace {Path(args.trace).name} x{args.rate_scale:g}" if args.trace
+            else f"{runner.arrival_rate(sc, world) * args.rate_scale:.0f} req/s mean")
+    console.print(f"[bold]{sc.name}[/]: {world.n} endpoints, {rate}, {duration:g} s "
+                  f"(fleet built in {time.perf_counter() - t0:.1f} s)")
     tasks: dict[str, Any] = {}
     with Progress(TextColumn("{task.description:>16}"), BarColumn(), TextColumn("{task.fields[t]:>7.1f} s sim"),
                   TimeElapsedColumn(), console=console, transient=False) as prog:
@@ -59,11 +106,17 @@ def main(args: argparse.Namespace) -> int:
         def progress(name: str, t: float) -> None:
             prog.update(tasks[name], completed=min(t, duration), t=t)
 
-        res = runner.run(sc, names, opts, progress, world=world)
+        try:
+            res = runner.run(sc, names, opts, progress, world=world)
+        except (TraceError, OSError) as exc:  # a trace line that cannot be parsed, an unreadable file
+            return _fail(exc)
         for n in names:
             prog.update(tasks[n], completed=duration)
     out = Path(args.out)
-    runner.write_outputs(res, out, plots=not args.no_plots)
+    try:
+        runner.write_outputs(res, out, plots=not args.no_plots)
+    except OSError as exc:
+        return _fail(f"--out {args.out}: {exc}")
     table = Table(title=f"{sc.name} (seed {res.seed}, {world.n} endpoints)")
     for col in ("strategy", "TTFT p50", "p95", "p99", "$/1K tok", "fleet $/1K", "Wh/1K", "util sd",
                 "done %", "SLO %", "viol.", "dec µs p50/p99", "events/s"):
@@ -76,6 +129,7 @@ def main(args: argparse.Namespace) -> int:
                       str(s["guardrail_violations"]), f"{s['decision_us']['p50']:.0f}/{s['decision_us']['p99']:.0f}",
                       f"{s['events_per_s']:,}")
     console.print(table)
+    console.print(f"arrivals: {res.realised_rps:.1f} req/s realised over {duration:g} s")
     ratios = runner.ratio_table(res)
     if ratios:
         console.print("infermesh vs baseline_rr: P95 TTFT x{p95_vs_rr:.3f}, cost/1K x{cost_vs_rr:.3f}; "

@@ -14,6 +14,7 @@ dropped with a reason, or still in flight when the run stops.
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from sim.workload import RequestSpec, Tenant
 from sim.world import World
 
 ARRIVE, REACH, FIRST, NODE, SCRAPE, DELIVER, HEDGE, DEGRADE = range(8)
+KV_TOO_BIG = "exceeds KV capacity"  # drop reason: prompt + completion larger than the endpoint's whole KV cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,21 @@ class RunConfig:
     family: str = "llama"
     decision_time: str = "measured"  # or a fixed number of microseconds, for bit-reproducible runs
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # A period <= 0 schedules the next scrape at the same instant forever: the run never ends.
+        if not self.telemetry_period_s > 0.0 or not math.isfinite(self.telemetry_period_s):
+            raise ValueError(f"telemetry period must be a positive number of seconds, got {self.telemetry_period_s}")
+        for name, v in (("duration", self.duration_s), ("drain", self.drain_s)):
+            if not v >= 0.0 or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {v}")
+        lo, hi = self.telemetry_delay_s
+        if not 0.0 <= lo <= hi or not math.isfinite(hi):
+            raise ValueError(f"telemetry delay must be 0 <= low <= high, got {self.telemetry_delay_s}")
+        if self.decision_time != "measured":
+            us = float(self.decision_time)
+            if not us >= 0.0 or not math.isfinite(us):
+                raise ValueError(f"decision time must be 'measured' or microseconds >= 0, got {self.decision_time!r}")
 
 
 class Simulation:
@@ -162,6 +179,9 @@ class Simulation:
         m.heap_events = events
         m.wall_s = time.perf_counter() - wall0
         m.end_time = min(self.now, end)
+        # Fleet-wide measures ($, energy, utilisation) use one window for every strategy: the whole
+        # fleet is provisioned for duration + drain whenever a strategy's last request ends.
+        m.window_s = end
         for nd in self.nodes:
             nd.advance(m.end_time)
         return m
@@ -225,10 +245,26 @@ class Simulation:
         i = c.node
         nd = self.nodes[i]
         self.tele.dirty.add(i)
-        if not nd.waiting and nd.fits(c):
+        if nd.never_fits(c):
+            self._refuse(c, KV_TOO_BIG)
+        elif not nd.waiting and nd.fits(c):
             self._admit(nd, c)
         else:
             nd.enqueue(c)
+
+    def _refuse(self, c: Copy, reason: str) -> None:
+        """The endpoint cannot serve copy ``c``: drop it; the request fails if no other copy is alive."""
+        c.state = C_CANCELLED
+        self.view.outstanding[c.node] -= 1
+        req = c.req
+        if any(o.state not in (C_DONE, C_CANCELLED) for o in req.copies):
+            return  # a hedge copy elsewhere may still serve it
+        req.state = DROPPED
+        req.drop_reason = reason
+        self._inflight -= 1
+        self.metrics.dropped[reason] += 1
+        self.strategy.on_complete(req, c.node, False)
+        req.copies = []  # no cycle left for the collector (as in _complete)
 
     def _admit(self, nd: Node, c: Copy) -> None:
         req = c.req
@@ -263,6 +299,8 @@ class Simulation:
             nd.remember_prefix(req.hashes)
         req.first_token_at = self.now + self.world.rtt_ms[req.region, i] / 2000.0
         req.state = FIRST_TOKEN
+        # TTFT counts here, not at completion: a request still decoding when the run stops was served.
+        self.metrics.record_first(req)
         req.winner = i
         if len(req.copies) > 1:
             self._cancel_others(req, c)

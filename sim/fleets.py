@@ -35,8 +35,9 @@ def cells_fleet(spec: Mapping[str, Any], nodes: int | None = None) -> dict[str, 
     cells = max(1, math.ceil(nodes / per_cell)) if nodes else base_cells
     total = nodes or cells * per_cell
     model, family, params = spec.get("model", "llama-3.1-8b"), spec.get("family", "llama"), spec.get("params_b", 8)
-    # The base cells are the regions; a larger fleet adds cells (sites) round-robin over them.
-    regions = [f"cell{c}" for c in range(base_cells)]
+    # The base cells are the regions; a larger fleet adds cells (sites) round-robin over them, a
+    # smaller one keeps only the regions it has cells in (links need sites at both ends).
+    regions = [f"cell{c}" for c in range(min(base_cells, cells))]
     sites = [{"id": f"{regions[c % base_cells]}-site{c}", "region": regions[c % base_cells],
               "jurisdiction": "INTL", "tier": "datacenter"} for c in range(cells)]
     intra, inter = float(spec.get("intra_rtt_ms", 0.5)), float(spec.get("inter_rtt_ms", 25.0))

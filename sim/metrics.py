@@ -26,6 +26,7 @@ class Collector:
 
     requests: int = 0
     completed: int = 0
+    first_tokens: int = 0  # requests whose first token was produced (ttft_ms has one entry each)
     dropped: Counter[str] = field(default_factory=Counter)
     ttft_ms: list[float] = field(default_factory=list)
     latency_ms: list[float] = field(default_factory=list)
@@ -42,24 +43,35 @@ class Collector:
     events: int = 0  # heap events plus per-endpoint telemetry samples (upstream: SignalUpdate(NodeId))
     heap_events: int = 0
     wall_s: float = 0.0
-    end_time: float = 0.0
+    end_time: float = 0.0  # the last event's time (capped at duration + drain)
+    window_s: float = 0.0  # duration + drain: the window of fleet cost, energy and util_std
 
-    def record_done(self, req: Request) -> None:
+    def record_first(self, req: Request) -> None:
+        """Count a request's first token: TTFT and SLO are known now, whether or not it completes."""
         ttft = (req.first_token_at - req.arrival) * 1000.0
-        self.completed += 1
+        self.first_tokens += 1
         self.ttft_ms.append(ttft)
-        self.latency_ms.append((req.done_at - req.arrival) * 1000.0)
         self.arrival_s.append(req.arrival)
-        self.cost_usd += req.cost_usd
-        self.out_tokens += req.out_tokens
-        self.in_tokens += req.in_tokens
         if ttft <= req.ttft_target_ms:
             self.slo_met += 1
 
+    def record_done(self, req: Request) -> None:
+        """Count a completed request (its TTFT was recorded by :meth:`record_first`)."""
+        self.completed += 1
+        self.latency_ms.append((req.done_at - req.arrival) * 1000.0)
+        self.cost_usd += req.cost_usd
+        self.out_tokens += req.out_tokens
+        self.in_tokens += req.in_tokens
+
     def summary(self, world: World, nodes_busy_s: np.ndarray) -> dict[str, Any]:
-        """The per-strategy object of ``summary.json``."""
-        t = max(self.end_time, 1e-9)
-        k_tokens = max(self.out_tokens, 1) / 1000.0
+        """The per-strategy object of ``summary.json``.
+
+        Per-1K-token measures are NaN when no output token was produced (nothing to divide by).
+        Fleet cost, energy and ``util_std`` use the fixed window ``window_s`` (duration + drain),
+        the same for every strategy; ``end_time`` only when no window was set.
+        """
+        t = max(self.window_s if self.window_s > 0.0 else self.end_time, 1e-9)
+        k_tokens = self.out_tokens / 1000.0 if self.out_tokens > 0 else float("nan")
         fleet_usd = float(world.usd_per_s.sum()) * t
         util = np.clip(nodes_busy_s / t, 0.0, 1.0)
         watts = np.array([p.watts for p in world.params])
@@ -80,17 +92,22 @@ class Collector:
             # Beyond the issue's schema: what else a reader needs to trust the row.
             "dropped": dict(self.dropped),
             "in_flight_at_end": self.requests - self.completed - sum(self.dropped.values()),
+            # TTFT percentiles cover the requests with a first token; these are the ones without
+            # (dropped, or still waiting or prefilling when the run stopped): they miss the SLO.
+            "first_tokens": self.first_tokens,
+            "no_first_token": self.requests - self.first_tokens,
             "hedges": self.hedges,
             "hedge_wins": self.hedge_wins,
             "events": self.events,
             "heap_events": self.heap_events,
             "wall_s": round(self.wall_s, 2),
             "events_per_s": round(self.events / max(self.wall_s, 1e-9)),
-            "simulated_s": round(t, 3),
+            "simulated_s": round(self.end_time, 3),
+            "window_s": round(t, 3),
         }
 
     def learning_curve(self, bucket_s: float) -> list[tuple[float, float, int]]:
-        """(bucket start s, P95 TTFT ms, completions) per arrival-time bucket."""
+        """(bucket start s, P95 TTFT ms, first tokens) per arrival-time bucket."""
         if not self.arrival_s:
             return []
         a = np.asarray(self.arrival_s)

@@ -2,7 +2,8 @@
 
 - Admission: a request takes a batch slot when fewer than ``max_concurrency`` run and its prompt
   plus completion fit in the free KV cache; otherwise it waits (FIFO). Slots and KV free on
-  completion or cancellation.
+  completion or cancellation. A request larger than the whole KV cache is refused on arrival
+  (the engine drops it), never queued.
 - Prefill (time to first token): compute-bound, done one request at a time at the node's full
   prefill rate, slowed by the decode batch sharing the GPU; prefix-cache hits skip cached tokens.
 - Decode: every running sequence advances at the same per-sequence rate ``r(b)``, which falls as
@@ -83,7 +84,15 @@ class Node:
         self.last_t = now
 
     def fits(self, c: Copy) -> bool:
+        """Whether ``c`` can be admitted now (a free slot and room in the KV cache)."""
         return self.running < self.p.max_concurrency and self.kv_used + c.kv_need <= self.p.kv_capacity_tokens
+
+    def never_fits(self, c: Copy) -> bool:
+        """Whether ``c`` needs more KV cache than this endpoint has even when idle.
+
+        Such a copy must not wait: at the head of the FIFO it would block every copy behind it forever.
+        """
+        return c.kv_need > self.p.kv_capacity_tokens
 
     def cached_prefix(self, hashes: tuple[int, ...]) -> int:
         """Tokens of the prompt's leading blocks already in this node's prefix cache (LRU)."""

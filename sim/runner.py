@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 from sim.engine import RunConfig, Simulation, pick_degradations
 from sim.fleets import scenario_fleet
 from sim.metrics import Collector
-from sim.scenario import Scenario
+from sim.scenario import Scenario, check_world
 from sim.strategies import registry
 from sim.strategies.infermesh import InferMesh
 from sim.traces import TraceWorkload, read_trace
@@ -42,6 +43,38 @@ class Result:
     collectors: dict[str, Collector] = field(default_factory=dict)
     rate_rps: float = 0.0
     nodes: int = 0
+    duration_s: float = 0.0
+    realised_rps: float = 0.0  # requests that arrived / duration (the same for every strategy)
+
+
+def check_options(opts: Options) -> None:
+    """Refuse options that would hang a run or mean nothing (a rate scale <= 0, negative times...).
+
+    Raises
+    ------
+    ValueError
+        Naming the option.
+    """
+    def finite(v: float) -> bool:
+        return isinstance(v, (int, float)) and math.isfinite(v)
+
+    if not (finite(opts.rate_scale) and opts.rate_scale > 0.0):
+        raise ValueError(f"--rate-scale must be a positive number, got {opts.rate_scale}")
+    for flag, v in (("--duration", opts.duration_s), ("--drain", opts.drain_s)):
+        if v is not None and not (finite(v) and v >= 0.0):
+            raise ValueError(f"{flag} must be a number of seconds >= 0, got {v}")
+    if opts.nodes is not None and opts.nodes < 1:
+        raise ValueError(f"--nodes must be at least 1, got {opts.nodes}")
+    if opts.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {opts.jobs}")
+    if opts.decision_time != "measured":
+        try:
+            us = float(opts.decision_time)
+        except ValueError:
+            us = float("nan")
+        if not (math.isfinite(us) and us >= 0.0):
+            raise ValueError(f"--decision-time must be 'measured' or a number of microseconds >= 0, "
+                             f"got {opts.decision_time!r}")
 
 
 def build_world(sc: Scenario, opts: Options) -> World:
@@ -71,16 +104,23 @@ def workload_for(sc: Scenario, world: World, opts: Options, seed: int, duration:
 
 def run(sc: Scenario, strategies: Sequence[str], opts: Options,
         progress: Callable[[str, float], None] | None = None, world: World | None = None) -> Result:
-    """Run every strategy on the same fleet and the same seeded workload."""
+    """Run every strategy on the same fleet and the same seeded workload.
+
+    ``Result.rate_rps`` is the configured mean rate of a synthetic workload and the realised one
+    (requests / duration) of a trace, whose rate the scenario does not set.
+    """
+    check_options(opts)
     seed = sc.seed if opts.seed is None else opts.seed
     duration = sc.duration_s if opts.duration_s is None else opts.duration_s
     world = world or build_world(sc, opts)
+    check_world(sc, world.regions, world.by_family)
     _, mean_out = token_sampler(sc.workload["output_tokens"], __import__("random").Random(0))
     cfg = RunConfig(duration_s=duration, drain_s=sc.drain_s if opts.drain_s is None else opts.drain_s,
                     telemetry_period_s=sc.telemetry_period_s, telemetry_delay_s=sc.telemetry_delay_s,
                     family=sc.family, decision_time=opts.decision_time, seed=seed)
     degr = pick_degradations(world, sc.degraded_fraction, duration, seed)
-    out = Result(sc.name, seed, {}, rate_rps=arrival_rate(sc, world) * opts.rate_scale, nodes=world.n)
+    rate = 0.0 if opts.trace else arrival_rate(sc, world) * opts.rate_scale
+    out = Result(sc.name, seed, {}, rate_rps=rate, nodes=world.n, duration_s=duration)
     ctx = _RunContext(sc, opts, world, cfg, degr, seed, duration, int(mean_out))
     if opts.jobs > 1 and len(strategies) > 1:
         results = _run_parallel(ctx, strategies, opts.jobs, progress)
@@ -89,6 +129,10 @@ def run(sc: Scenario, strategies: Sequence[str], opts: Options,
     for name, summary, collector in results:
         out.summary[name] = summary
         out.collectors[name] = collector
+    if results:  # every strategy sees the same arrivals
+        out.realised_rps = results[0][2].requests / duration if duration > 0 else 0.0
+    if opts.trace:
+        out.rate_rps = out.realised_rps
     return out
 
 
@@ -153,9 +197,23 @@ def _run_parallel(ctx: _RunContext, strategies: Sequence[str], jobs: int,
     return [done[n] for n in strategies]
 
 
+def _json_safe(v: Any) -> Any:
+    """``v`` with non-finite floats as None: JSON has no NaN (null means 'not defined here')."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
 def summary_json(res: Result) -> dict[str, Any]:
-    return {"scenario": res.scenario, "seed": res.seed, "strategies": res.summary,
-            "nodes": res.nodes, "arrival_rps": round(res.rate_rps, 3)}
+    """The ``summary.json`` document; undefined numbers (NaN) are null."""
+    doc: dict[str, Any] = _json_safe({"scenario": res.scenario, "seed": res.seed, "strategies": res.summary,
+                                      "nodes": res.nodes, "arrival_rps": round(res.rate_rps, 3),
+                                      "arrival_rps_realised": round(res.realised_rps, 3)})
+    return doc
 
 
 CSV_FIELDS = ("strategy", "ttft_p50_ms", "ttft_p95_ms", "ttft_p99_ms", "latency_p50_ms", "latency_p95_ms",
@@ -167,7 +225,7 @@ CSV_FIELDS = ("strategy", "ttft_p50_ms", "ttft_p95_ms", "ttft_p99_ms", "latency_
 def write_outputs(res: Result, out_dir: Path, plots: bool = True) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "summary.json", out_dir / "comparison.csv"]
-    written[0].write_text(json.dumps(summary_json(res), indent=2, allow_nan=True) + "\n", encoding="utf-8")
+    written[0].write_text(json.dumps(summary_json(res), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     with written[1].open("w", newline="", encoding="utf-8") as fh:
         wr = csv.writer(fh)
         wr.writerow(CSV_FIELDS)
@@ -186,18 +244,26 @@ def write_outputs(res: Result, out_dir: Path, plots: bool = True) -> list[Path]:
 
 
 def ratio_table(res: Result, ours: str = "infermesh") -> dict[str, float]:
-    """The issue's target ratios for ``ours`` (NaN where a strategy is missing)."""
+    """The issue's target ratios for ``ours`` (NaN where a strategy is missing or a value undefined).
+
+    A strategy without a P95 (nothing served) cannot be the best other; a ratio with an undefined
+    (NaN) or zero denominator is NaN.
+    """
     s = res.summary
     if ours not in s:
         return {}
-    p95 = {k: v["ttft_ms"]["p95"] for k, v in s.items()}
-    cost = {k: v["cost_per_1k_tokens"] for k, v in s.items()}
-    others = [k for k in s if k != ours and not registry.runs_the_pipeline(k)]
+    p95 = {k: float(v["ttft_ms"]["p95"]) for k, v in s.items()}
+    cost = {k: float(v["cost_per_1k_tokens"]) for k, v in s.items()}
+    others = [k for k in s if k != ours and not registry.runs_the_pipeline(k) and math.isfinite(p95[k])]
     best = min(others, key=lambda k: p95[k]) if others else ours
     rr = "baseline_rr"
     return {
-        "p95_vs_rr": p95[ours] / p95[rr] if rr in s else float("nan"),
-        "cost_vs_rr": cost[ours] / cost[rr] if rr in s else float("nan"),
-        "p95_vs_best_other": p95[ours] / p95[best] if others else float("nan"),
+        "p95_vs_rr": _ratio(p95[ours], p95[rr]) if rr in s else float("nan"),
+        "cost_vs_rr": _ratio(cost[ours], cost[rr]) if rr in s else float("nan"),
+        "p95_vs_best_other": _ratio(p95[ours], p95[best]) if others else float("nan"),
         "best_other": float("nan") if not others else float(np.float64(p95[best])),
     }
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if math.isfinite(a) and math.isfinite(b) and b != 0.0 else float("nan")

@@ -57,6 +57,7 @@ class TelemetryView:
         self.obs_util = np.zeros(n)
         self.obs_temp = np.full(n, 40.0)
         self.sampled_at = np.full(n, -1.0)
+        self.obs_taken_at = np.full(n, -np.inf)  # sampling time of the obs_* values delivered so far
         self.thermal = np.zeros(n, dtype=bool)  # set by the engine when throttling starts
         self._kv_cap = np.array([p.kv_capacity_tokens for p in world.params], dtype=np.float64)
         self._last_t = 0.0
@@ -100,7 +101,17 @@ class TelemetryView:
         return Snapshot(now, idx, running, waiting, kv, util * 100.0, temp, power)
 
     def deliver(self, s: Snapshot) -> None:
+        """Apply snapshot ``s`` where it is newer than what the router already has.
+
+        With a delay spread larger than the period, snapshots arrive out of order; an older one
+        must not overwrite a newer reading (per endpoint: a partial scrape covers only some).
+        """
+        newer = s.taken_at > self.obs_taken_at[s.idx]
+        if not newer.all():
+            s = Snapshot(s.taken_at, s.idx[newer], s.running[newer], s.waiting[newer], s.kv[newer],
+                         s.util[newer], s.temp[newer], s.power[newer])
         idx = s.idx
+        self.obs_taken_at[idx] = s.taken_at
         self.obs_running[idx] = s.running
         self.obs_waiting[idx] = s.waiting
         self.obs_kv[idx] = s.kv

@@ -137,7 +137,10 @@ class InferMesh(Strategy):
         self.index = {e.endpoint_id: i for i, e in enumerate(w.endpoints)}
         self.rng = np.random.default_rng(self.seed + 101)
         self._eps = w.endpoints
-        self._local_cache: dict[tuple[int, int, int], list[int]] = {}
+        # Only the family-wide candidate arrays are cached (they live as long as the world); the
+        # hierarchical search builds a fresh array per request, whose id() a later one may reuse.
+        self._stable = {id(a): a for a in w.by_family.values()}
+        self._local_cache: dict[tuple[int, int], list[int]] = {}
 
     def _shortlist(self, req: Request, cands: I64) -> list[Endpoint]:
         n = len(cands)
@@ -156,14 +159,14 @@ class InferMesh(Strategy):
         return [eps[i] for i in picks]
 
     def _local(self, region: int, cands: I64) -> list[int]:
-        """The client region's endpoints among ``cands`` (cached: candidate sets repeat)."""
-        key = (region, id(cands), len(cands))
+        """The client region's endpoints among ``cands`` (cached for the family-wide arrays, which repeat)."""
+        w = self.view.world
+        if self._stable.get(id(cands)) is not cands:
+            return cands[w.node_region[cands] == region].tolist()  # type: ignore[no-any-return]
+        key = (region, id(cands))
         hit = self._local_cache.get(key)
         if hit is None:
-            w = self.view.world
             hit = cands[w.node_region[cands] == region].tolist()
-            if len(self._local_cache) > 4096:
-                self._local_cache.clear()
             self._local_cache[key] = hit
         return hit
 
@@ -198,6 +201,10 @@ class InferMesh(Strategy):
 
     def on_complete(self, req: Request, node: int, ok: bool) -> None:
         if req.ctx is None:
+            return
+        if not ok:  # refused by the endpoint (e.g. larger than its KV cache): no token was produced
+            self.engine.report_outcome(Outcome(str(req.ctx), OutcomeStatus.ERROR, input_tokens=req.in_tokens,
+                                               error=req.drop_reason, reported_at=self.view.now))
             return
         ttft = (req.first_token_at - req.arrival) * 1000.0
         lat = (req.done_at - req.arrival) * 1000.0

@@ -93,6 +93,38 @@ def make(name: str, seed: int) -> Strategy:
     return f(seed)
 
 
+def check(names: list[str]) -> None:
+    """Refuse an empty list, empty or duplicate names and any name :func:`make` cannot build, before a run.
+
+    ``infermesh:LEARNER/key=value`` builds its learner here too: the learner's name and parameters
+    are otherwise only checked when the run binds the strategy, after the other strategies ran.
+
+    Raises
+    ------
+    ValueError
+        Naming the offending strategy.
+    """
+    if not names:
+        raise ValueError("no strategies to run")
+    seen: set[str] = set()
+    for name in names:
+        if not name:
+            raise ValueError("empty strategy name (two commas, or a trailing comma?)")
+        if name in seen:
+            raise ValueError(f"strategy {name!r} given twice")
+        seen.add(name)
+        try:
+            strat = make(name, 0)
+            inner = strat.inner if isinstance(strat, Guarded) else strat
+            if isinstance(inner, InferMesh) and inner._make is None:
+                from sim.strategies.infermesh import default_learner
+
+                default_learner(inner.learner_name, 0, inner.params, inner.cost_weight_ms)
+        except (ValueError, TypeError, KeyError) as exc:
+            msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+            raise ValueError(msg if name in msg else f"strategy {name!r}: {msg}") from None
+
+
 def _vw_strategy(seed: int) -> Strategy:
     """The pipeline with the Vowpal Wabbit learner (bench/vw_peer.py registers it) instead of ours."""
     import bench.vw_peer  # noqa: F401  # type: ignore[import-not-found,unused-ignore]
