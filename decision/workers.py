@@ -7,15 +7,17 @@ Python serves one core per process, so more cores means more processes. The pare
   over the workers' listening sockets. With ``extproc.enabled`` the Envoy ext_proc port is shared
   the same way. Envoy opens one HTTP/2 connection to the processor cluster per Envoy worker thread
   and carries both ext_proc streams of a request (pick, then observe) on it, so the outcome
-  normally reaches the worker that decided; one that reaches another worker is still audited
-  (``DecisionEngine.report_outcome`` finds the decision in the log) but teaches no learner, and
-  the deciding worker counts the decision's outcome as missing when it times out;
+  normally reaches the worker that decided; one that reaches another worker is learnt there
+  (``DecisionEngine.report_outcome`` finds the decision and its trace in the log), and the
+  deciding worker, finding the outcome in the log when its own wait times out, does not learn it
+  again as missing;
 * starts the embedded PostgreSQL once when no ``INFERMESH_DATABASE_URL`` is set, migrates the
-  database once (concurrent migrations would race), and hands every worker its URL: one audit
-  log, one learner store;
+  database once (an advisory lock serialises migrations anyway; once is simply less work), and
+  hands every worker its URL: one audit log, one learner store;
 * gives worker ``i`` the HTTP port ``http_port + i`` (``0`` stays ephemeral), its own data
   directory ``<data_dir>/worker-<i>`` (the audit spool must not be shared) and the replica id
-  ``<host>-w<i>`` (learner statistics merge through PostgreSQL, ``learners.sync``);
+  ``<INFERMESH_REPLICA or host>-w<i>`` (learner statistics merge through PostgreSQL,
+  ``learners.sync``, keyed by replica: two workers under one id would collide);
 * on SIGTERM or SIGINT, forwards SIGTERM to every worker, each of which stops accepting, finishes
   in-flight calls, drains its audit queue and snapshots its learner; if a worker dies on its own,
   the others are stopped too and the exit status is 1 (the supervisor, e.g. Kubernetes, restarts
@@ -38,6 +40,15 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("infermesh.workers")
+
+
+def worker_replica(replica: str, i: int) -> str:
+    """Worker ``i``'s learner replica id: the configured one (or the host name) with ``-w<i>``.
+
+    >>> worker_replica("infermesh-7f9c", 1), worker_replica("", 0).endswith("-w0")
+    ('infermesh-7f9c-w1', True)
+    """
+    return f"{replica or socket.gethostname()}-w{i}"
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -121,7 +132,7 @@ def serve_workers(config_path: str, workers: int, *, grpc_port: int | None = Non
     procs = []
     for i in range(workers):
         env = {**db_env, "INFERMESH_DATA_DIR": str(data_dir / f"worker-{i}"),
-               "INFERMESH_REPLICA": settings.replica or f"{socket.gethostname()}-w{i}"}
+               "INFERMESH_REPLICA": worker_replica(settings.replica, i)}
         p = ctx.Process(target=_worker, name=f"infermesh-worker-{i}",
                         args=(config_path, i, port, http_base + i if http_base else 0, extproc_port, env, ready))
         p.start()
