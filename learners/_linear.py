@@ -37,8 +37,10 @@ Safe from the first request (both on by default):
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -54,7 +56,7 @@ BoolArray = npt.NDArray[np.bool_]
 class RidgeStats:
     """Ridge-regression sufficient statistics with Sherman-Morrison updates and a delta log."""
 
-    __slots__ = ("A", "A_inv", "_since", "b", "d", "dA", "db", "dn", "l2", "n", "refresh_every", "theta")
+    __slots__ = ("A", "A_inv", "_since", "_trace", "b", "d", "dA", "db", "dn", "l2", "n", "refresh_every", "theta")
 
     def __init__(self, d: int, l2: float, refresh_every: int = 2000, prior: FloatArray | None = None) -> None:
         self.d = d
@@ -70,24 +72,42 @@ class RidgeStats:
         self.db: FloatArray = np.zeros(d)
         self.dn = 0
         self._since = 0
+        self._trace = float(d * l2)  # trace of A, kept along (a finite trace bounds every entry of A and dA)
 
     def update(self, x: FloatArray, r: float) -> None:
+        """Add one observation; raises ValueError, changing nothing, if the model would stop being finite.
+
+        A finite but huge ``x`` or ``r`` can overflow ``A``, ``b`` or ``A^-1``: committed, it would
+        make ``theta`` NaN for good (later data cannot heal it) and the delta would carry the NaN to
+        every replica. So the new values are computed first and kept only if finite.
+        """
         xx = np.outer(x, x)
-        self.A += xx
-        self.dA += xx
         rx = r * x
-        self.b += rx
-        self.db += rx
+        b = self.b + rx
+        db = self.db + rx
+        # A is positive semi-definite, so |A_ij| <= max(A_ii): a finite trace means a finite A (and dA).
+        trace = self._trace + x.dot(x)
+        if self._since + 1 >= self.refresh_every:
+            A = self.A + xx
+            A_inv = np.asarray(np.linalg.inv(A), dtype=np.float64)
+            theta = A_inv @ b
+            # One scalar test: NaN and inf propagate through sums and products (0 * inf is NaN).
+            _check_finite(trace + theta.dot(db), "update")
+            self.A, self.A_inv, self._since = A, A_inv, 0
+        else:
+            ax = self.A_inv @ x
+            q = x.dot(ax)
+            # A new array, not an in-place edit: a concurrent reader sees the old or the new inverse.
+            A_inv = self.A_inv - np.outer(ax, ax) / (1.0 + q)
+            theta = A_inv @ b
+            _check_finite(trace + q + theta.dot(db), "update")
+            self.A += xx
+            self.A_inv = A_inv
+            self._since += 1
+        self.dA += xx
+        self.b, self.db, self.theta, self._trace = b, db, theta, float(trace)
         self.n += 1
         self.dn += 1
-        self._since += 1
-        if self._since >= self.refresh_every:
-            self.refresh()
-            return
-        ax = self.A_inv @ x
-        # A new array, not an in-place edit: a concurrent reader sees the old or the new inverse.
-        self.A_inv = self.A_inv - np.outer(ax, ax) / (1.0 + x @ ax)
-        self.theta = self.A_inv @ self.b
 
     def refresh(self) -> None:
         """Recompute ``A^-1`` and ``theta`` exactly from ``A`` and ``b``."""
@@ -104,32 +124,95 @@ class RidgeStats:
         return out
 
     def merge(self, dA: FloatArray, db: FloatArray, dn: int) -> None:
-        """Add another replica's increments (they do not enter this replica's own delta)."""
-        self.A += dA
-        self.b += db
-        self.n += dn
-        self.refresh()
+        """Add another replica's increments (they do not enter this replica's own delta).
+
+        Raises ValueError, changing nothing, on a wrong shape, a negative count or a non-finite
+        result (a corrupt or overflowing delta must not poison this replica).
+        """
+        dA = _matrix(dA, self.d, "merge: dA")
+        db = _vector(db, self.d, "merge: db")
+        dn = _count(dn, "merge: dn")
+        A = self.A + dA
+        b = self.b + db
+        A_inv = _inverse(A, "merge")
+        theta = A_inv @ b
+        _check_finite(float(theta.sum()) + float(b.sum()), "merge")
+        _check_finite(0.0 if np.isfinite(A).all() else np.inf, "merge")
+        self.A, self.b, self.A_inv, self.theta, self.n, self._since = A, b, A_inv, theta, self.n + dn, 0
+        self._trace = float(np.trace(A))
 
     def state(self) -> dict[str, Any]:
         return {"A": self.A.tolist(), "b": self.b.tolist(), "n": self.n, "dA": self.dA.tolist(),
                 "db": self.db.tolist(), "dn": self.dn, "A_inv": self.A_inv.tolist(), "since": self._since}
 
-    def load(self, state: Mapping[str, Any]) -> None:
-        A = np.asarray(state["A"], dtype=float)
-        if A.shape != (self.d, self.d):
-            raise ValueError(f"state has {A.shape[0]} features, learner has {self.d}")
-        self.A = A
-        self.b = np.asarray(state["b"], dtype=float)
-        self.n = int(state["n"])
-        self.dA = np.asarray(state.get("dA", np.zeros((self.d, self.d))), dtype=float)
-        self.db = np.asarray(state.get("db", np.zeros(self.d)), dtype=float)
-        self.dn = int(state.get("dn", 0))
+    def load(self, state: Mapping[str, Any], *, keep_delta: bool = True) -> None:
+        """Restore :meth:`state`; ``keep_delta=False`` drops the pending delta it holds.
+
+        Everything is checked (shapes, finiteness, counts) before anything is changed: a bad
+        state raises ValueError and leaves these statistics as they were.
+        """
+        d = self.d
+        A = _matrix(state["A"], d, "state: A")
+        b = _vector(state["b"], d, "state: b")
+        n = _count(state["n"], "state: n")
+        if keep_delta:
+            dA = _matrix(state.get("dA", np.zeros((d, d))), d, "state: dA")
+            db = _vector(state.get("db", np.zeros(d)), d, "state: db")
+            dn = _count(state.get("dn", 0), "state: dn")
+        else:  # another replica's pending increments are its own to push, not this one's
+            dA, db, dn = np.zeros((d, d)), np.zeros(d), 0
         if "A_inv" in state:  # exactly as it was (an exact inverse would differ in the last bits)
-            self.A_inv = np.asarray(state["A_inv"], dtype=float)
-            self.theta = self.A_inv @ self.b
-            self._since = int(state.get("since", 0))
+            A_inv = _matrix(state["A_inv"], d, "state: A_inv")
+            since = _count(state.get("since", 0), "state: since")
         else:
-            self.refresh()
+            A_inv, since = _inverse(A, "state"), 0
+        theta = A_inv @ b
+        _check_finite(float(theta.sum()), "state")
+        self.A, self.b, self.n, self.dA, self.db, self.dn = A, b, n, dA, db, dn
+        self.A_inv, self.theta, self._since = A_inv, theta, since
+        self._trace = float(np.trace(A))
+
+
+def _check_finite(total: float, what: str) -> None:
+    if not math.isfinite(total):
+        raise ValueError(f"{what}: the model would not be finite (inputs too large or corrupt); nothing was changed")
+
+
+def _matrix(value: Any, d: int, what: str) -> FloatArray:
+    try:
+        a = np.array(value, dtype=np.float64)  # a copy: the caller's array never aliases the model
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} is not a numeric matrix: {e}") from None
+    if a.shape != (d, d):
+        raise ValueError(f"{what} has shape {a.shape}, expected {(d, d)}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{what} is not finite")
+    return a
+
+
+def _vector(value: Any, d: int, what: str) -> FloatArray:
+    try:
+        v = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} is not a numeric vector: {e}") from None
+    if v.shape != (d,):
+        raise ValueError(f"{what} has shape {v.shape}, expected {(d,)}")
+    if not np.isfinite(v).all():
+        raise ValueError(f"{what} is not finite")
+    return v
+
+
+def _count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+        raise ValueError(f"{what} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def _inverse(A: FloatArray, what: str) -> FloatArray:
+    try:
+        return np.asarray(np.linalg.inv(A), dtype=np.float64)
+    except np.linalg.LinAlgError:
+        raise ValueError(f"{what}: A is singular") from None
 
 
 SCORER_PRIOR: Mapping[str, float] = {"bias": 1.0, "ttft_ratio": -1.0, "cost_ratio": -0.1}
@@ -387,7 +470,23 @@ class LinearLearner:
         return tuple(mask.tolist())
 
     def update(self, features: Sequence[float], reward: float) -> None:
-        """Learn from the reward observed for the chosen arm's features."""
+        """Learn from the reward observed for the chosen arm's features.
+
+        Raises ValueError, learning nothing, on non-finite inputs or on inputs so large that the
+        model would overflow (one such update would otherwise make it NaN for good).
+
+        Examples
+        --------
+        >>> from learners.linucb import LinUCB
+        >>> learner = LinUCB(2, prior="none")
+        >>> learner.update((1.0, 0.0), 1.0)
+        >>> learner.update((1e160, 1.0), 1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: update: the model would not be finite (inputs too large or corrupt); nothing was changed
+        >>> learner.n_updates, learner.stats.theta.tolist()
+        (1, [0.5, 0.0])
+        """
         x = np.asarray(features, dtype=float)
         if x.shape != (self.n_features,):
             raise ValueError(f"update got {x.shape[0]} features, learner expects {self.n_features}")
@@ -414,7 +513,23 @@ class LinearLearner:
         return X @ self._stats.theta
 
     def merge(self, dA: FloatArray, db: FloatArray, dn: int) -> None:
-        """Add another replica's increments of the sufficient statistics."""
+        """Add another replica's increments of the sufficient statistics.
+
+        Raises ValueError (nothing changed) on a wrong shape or a non-finite result.
+
+        Examples
+        --------
+        >>> from learners.linucb import LinUCB
+        >>> a, b = LinUCB(2, prior="none"), LinUCB(2, prior="none")
+        >>> a.update((1.0, 0.0), 1.0)
+        >>> b.merge(*a.take_delta())
+        >>> b.n_updates, b.stats.theta.tolist()
+        (1, [0.5, 0.0])
+        >>> b.merge(np.full((2, 2), np.inf), np.zeros(2), 1)
+        Traceback (most recent call last):
+        ...
+        ValueError: merge: dA is not finite
+        """
         with self._lock:
             self._stats.merge(dA, db, dn)
             self._after_update()
@@ -427,19 +542,90 @@ class LinearLearner:
     def state_dict(self) -> dict[str, Any]:
         """Learned state (JSON-able): the ridge statistics and the random generator's state."""
         with self._lock:
-            return {"learner": self.name, "version": self.version, "n_features": self.n_features,
-                    "params": self._params(), "stats": self._stats.state(),
-                    "rng": self._rng.bit_generator.state}
+            return self._state()
 
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (hyperparameters stay this instance's)."""
+    def _state(self) -> dict[str, Any]:
+        return {"learner": self.name, "version": self.version, "n_features": self.n_features,
+                "params": self._params(), "stats": self._stats.state(), "rng": self._rng.bit_generator.state}
+
+    def checkpoint(self, clock: Callable[[], float]) -> Checkpoint:
+        """Take the pending delta, then the state (holding no pending delta) and ``clock()``, atomically.
+
+        All three come from one critical section of the update lock: an update is in the state
+        if and only if it finished before ``clock()`` was read, and its increments are either in
+        the returned delta or were taken by an earlier :meth:`take_delta`, never in both.
+
+        Examples
+        --------
+        >>> from learners.linucb import LinUCB
+        >>> learner = LinUCB(2, prior="none")
+        >>> learner.update((1.0, 0.0), 1.0)
+        >>> cp = learner.checkpoint(lambda: 1000.0)
+        >>> cp.watermark, cp.n_updates, cp.dn, cp.state["stats"]["dn"], learner.take_delta()[2]
+        (1000.0, 1, 1, 0, 0)
+        """
+        with self._lock:
+            dA, db, dn = self._stats.take_delta()
+            return Checkpoint(self._state(), clock(), self._stats.n, dA, db, dn)
+
+    def load_state(self, state: Mapping[str, Any], *, keep_delta: bool = True, reseed: int | None = None) -> None:
+        """Restore what :meth:`state_dict` returned (hyperparameters stay this instance's).
+
+        Parameters
+        ----------
+        state
+            A :meth:`state_dict` (or :meth:`checkpoint` state).
+        keep_delta
+            Keep the pending delta the state holds. ``False`` for a state another replica wrote:
+            its unsynced increments are that replica's to push, not this one's.
+        reseed
+            ``None`` restores the random generator's state. An integer (a stream id, e.g. from the
+            replica id) instead seeds it from this learner's ``seed`` and that stream, so replicas
+            loading one snapshot do not all draw the same random numbers.
+
+        Everything is checked before anything is changed: a bad state raises ValueError and
+        leaves the learner as it was.
+
+        Examples
+        --------
+        A state another replica wrote: its model, without its pending delta.
+
+        >>> from learners.linucb import LinUCB
+        >>> a = LinUCB(2, seed=7, prior="none")
+        >>> a.update((1.0, 0.0), 1.0)
+        >>> b = LinUCB(2, seed=7, prior="none")
+        >>> b.load_state(a.state_dict(), keep_delta=False, reseed=1)
+        >>> b.n_updates, b.stats.theta.tolist(), b.take_delta()[2], a.take_delta()[2]
+        (1, [0.5, 0.0], 0, 1)
+        """
         if state.get("learner") != self.name or int(state.get("n_features", -1)) != self.n_features:
             raise ValueError(f"state of {state.get('learner')} with {state.get('n_features')} features "
                              f"does not fit {self.name} with {self.n_features}")
+        if reseed is None:
+            bits = type(self._rng.bit_generator)()
+            try:
+                bits.state = dict(state["rng"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"state: bad random generator state: {e!r}") from None
+            rng = np.random.Generator(bits)
+        else:
+            rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(reseed,)))
         with self._lock:
-            self._stats.load(state["stats"])
-            self._rng.bit_generator.state = dict(state["rng"])
+            self._stats.load(state["stats"], keep_delta=keep_delta)
+            self._rng = rng
             self._after_update()
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """What :meth:`LinearLearner.checkpoint` took in one critical section."""
+
+    state: dict[str, Any]
+    watermark: float  # the clock, read after the last update the state holds
+    n_updates: int  # updates (own and merged) the state holds
+    dA: FloatArray  # the pending delta taken out of the state
+    db: FloatArray
+    dn: int
 
 
 def epsilon_mix(best: int, k: int, epsilon: float) -> FloatArray:

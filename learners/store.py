@@ -84,15 +84,24 @@ class LearnerStore:
         self.url = url
         self._conn: psycopg.Connection[dict[str, Any]] = psycopg.connect(url, autocommit=True, row_factory=dict_row)
         self._lock = threading.Lock()
+        self._closed = False
 
     def close(self) -> None:
+        self._closed = True
         self._conn.close()
+
+    def _db(self) -> psycopg.Connection[dict[str, Any]]:
+        """The connection, reconnected if a failure broke it (call with the lock held): without this,
+        one dropped connection would make every later sync, and so every retry, fail too."""
+        if self._conn.closed and not self._closed:
+            self._conn = psycopg.connect(self.url, autocommit=True, row_factory=dict_row)
+        return self._conn
 
     # -- snapshots --
     def save_snapshot(self, *, learner: str, version: str, replica: str, watermark: float, n_updates: int,
                       delta_marks: Mapping[str, int], state: Mapping[str, Any]) -> int:
         with self._lock:
-            row = self._conn.execute(
+            row = self._db().execute(
                 "INSERT INTO learner_snapshots (learner, version, replica, watermark, n_updates, delta_marks,"
                 " state) VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
                 (learner, version, replica, _ts(watermark), n_updates, Jsonb(dict(delta_marks)),
@@ -102,7 +111,7 @@ class LearnerStore:
 
     def latest_snapshot(self, *, learner: str, version: str) -> Snapshot | None:
         with self._lock:
-            row = self._conn.execute(
+            row = self._db().execute(
                 "SELECT id, learner, version, replica, taken_at, watermark, n_updates, delta_marks, state"
                 " FROM learner_snapshots WHERE learner = %s AND version = %s ORDER BY id DESC LIMIT 1",
                 (learner, version)).fetchone()
@@ -115,16 +124,22 @@ class LearnerStore:
     # -- replica deltas --
     def write_delta(self, *, learner: str, version: str, replica: str, seq: int, dA: FloatArray, db: FloatArray,
                     dn: int) -> None:
+        """Store one delta; idempotent on (learner, version, replica, seq).
+
+        A retry after an error that hid a successful commit sends the same seq again and is a
+        no-op, so it cannot be counted twice.
+        """
         with self._lock:
-            self._conn.execute(
+            self._db().execute(
                 "INSERT INTO learner_deltas (learner, version, replica, seq, n_features, dn, da, db)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (learner, version, replica, seq) DO NOTHING",
                 (learner, version, replica, seq, int(db.shape[0]), dn,
                  np.ascontiguousarray(dA, dtype="<f8").tobytes(), np.ascontiguousarray(db, dtype="<f8").tobytes()))
 
     def last_delta_seq(self, *, learner: str, version: str, replica: str) -> int:
         with self._lock:
-            row = self._conn.execute(
+            row = self._db().execute(
                 "SELECT coalesce(max(seq), 0) AS seq FROM learner_deltas"
                 " WHERE learner = %s AND version = %s AND replica = %s", (learner, version, replica)).fetchone()
         return int(row["seq"]) if row else 0
@@ -133,7 +148,7 @@ class LearnerStore:
                     exclude_replica: str | None = None) -> list[Delta]:
         """Deltas of every replica with a seq above what ``after`` says was already seen."""
         with self._lock:
-            rows = self._conn.execute(
+            rows = self._db().execute(
                 "SELECT replica, seq, n_features, dn, da, db FROM learner_deltas"
                 " WHERE learner = %s AND version = %s AND replica IS DISTINCT FROM %s"
                 " AND seq > coalesce((%s::jsonb ->> replica)::bigint, 0) ORDER BY replica, seq",

@@ -7,7 +7,9 @@
 * :meth:`LearnerSync.sync` merges replicas: each writes the increments of its linear model's
   sufficient statistics made since its last sync (numbered per replica) and adds every other
   replica's new increments. Since ``A`` and ``b`` are sums, every replica converges to the model
-  trained on all replicas' outcomes. :meth:`LearnerSync.start` runs it on an interval.
+  trained on all replicas' outcomes. :meth:`LearnerSync.start` runs it on an interval. A delta
+  whose write fails stays in an outbox and is resent with the same seq (the insert is idempotent),
+  so a failed or ambiguous write neither loses nor doubles it.
 
 Replay is exact for a single replica. With several replicas, the increments of a replica that
 crashed between syncs (at most one interval of its outcomes) are lost unless ``replay=True`` is
@@ -17,18 +19,20 @@ replica (``replica`` not empty) is therefore not to replay.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from decision.contracts import Learner
-from learners._linear import LinearLearner
+from learners._linear import FloatArray, LinearLearner
 from learners.store import LearnerStore, trace_arms
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,16 @@ class SyncReport:
     merged: int  # updates merged from other replicas
 
 
+@dataclass(frozen=True, slots=True)
+class _Outgoing:
+    """A delta taken from the learner and not yet known to be stored (resent as is, same seq)."""
+
+    seq: int
+    dA: FloatArray
+    db: FloatArray
+    dn: int
+
+
 class LearnerSync:
     """Snapshots, restore with replay, and replica merging for one learner.
 
@@ -62,18 +76,25 @@ class LearnerSync:
     replica
         This process's replica id ("" for a single instance).
     clock
-        Wall clock (seconds since the epoch).
+        Wall clock (seconds since the epoch); the one that stamps the audit log's ``reported_at``.
+    barrier
+        Held while a snapshot takes its state and watermark (optional): the lock under which the
+        engine stamps an outcome's ``reported_at`` and learns it, so an outcome is in a snapshot
+        exactly when its ``reported_at`` is at or before the watermark (see :meth:`snapshot`).
     """
 
     def __init__(self, learner: Learner, store: LearnerStore, feature_names: Sequence[str], *, replica: str = "",
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 barrier: AbstractContextManager[Any] | None = None) -> None:
         self.learner = learner
         self.store = store
         self.feature_names = tuple(feature_names)
         self.replica = replica
         self.clock = clock
+        self.barrier = barrier
         self._marks: dict[str, int] = {}  # replica -> last delta seq folded in (ours included)
-        self._seq = 0
+        self._seq = 0  # last seq of this replica known to be stored
+        self._outbox: _Outgoing | None = None
         self._sync_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -97,29 +118,52 @@ class LearnerSync:
         """Newest snapshot, then newer deltas, then (optionally) the audit log's newer outcomes."""
         name, version = self.key
         with self._sync_lock:
+            self._outbox = None  # the model it came from is being replaced
+            lin = self._linear()
+            own_last = self.store.last_delta_seq(learner=name, version=version, replica=self.replica) if lin else 0
             snap = self.store.latest_snapshot(learner=name, version=version)
             watermark = 0.0
             if snap is not None:
-                self.learner.load_state(snap.state)  # type: ignore[attr-defined]
+                if lin is not None:
+                    own = snap.replica == self.replica
+                    # A pending delta in the state is this replica's to push only if the snapshot is its own
+                    # and it pushed nothing since (a push after it already carried that delta; older
+                    # snapshots held one). Another replica's generator state would repeat its draws.
+                    lin.load_state(snap.state, keep_delta=own and own_last <= snap.delta_marks.get(self.replica, 0),
+                                   reseed=None if own else self._stream())
+                else:
+                    self.learner.load_state(snap.state)  # type: ignore[attr-defined]
                 self._marks = dict(snap.delta_marks)
                 watermark = snap.watermark
             n_deltas = 0
             do_replay = replay if replay is not None else not self.replica
-            lin = self._linear()
             if lin is not None:
                 # Replaying the log re-learns this instance's own outcomes since the snapshot, which its
                 # own deltas already hold: fold in only the other replicas' deltas then, or they count twice.
                 for d in self.store.read_deltas(learner=name, version=version, after=self._marks,
                                                 exclude_replica=self.replica if do_replay else None):
-                    lin.merge(d.dA, d.db, d.dn)
-                    self._marks[d.replica] = d.seq
+                    self._merge(lin, d.replica, d.seq, d.dA, d.db, d.dn)
                     n_deltas += 1
-                self._seq = self.store.last_delta_seq(learner=name, version=version, replica=self.replica)
+                self._seq = own_last
                 self._marks[self.replica] = self._seq
             replayed = 0
             if do_replay:
                 replayed = self._replay(watermark)
         return RestoreReport(None if snap is None else snap.id, n_deltas, replayed)
+
+    def _stream(self) -> int:
+        """This replica's random stream id (a snapshot's generator state is reseeded with it)."""
+        return int.from_bytes(hashlib.sha256(self.replica.encode()).digest()[:8], "little")
+
+    def _merge(self, lin: LinearLearner, replica: str, seq: int, dA: FloatArray, db: FloatArray, dn: int) -> bool:
+        """Fold in one delta; a corrupt one (wrong shape, not finite) is skipped, not retried forever."""
+        self._marks[replica] = seq
+        try:
+            lin.merge(dA, db, dn)
+        except ValueError:
+            log.exception("learner delta %s/%d skipped", replica, seq)
+            return False
+        return True
 
     def _replay(self, after: float) -> int:
         # The audit log names the learner as name@version (without the layout fingerprint).
@@ -129,36 +173,80 @@ class LearnerSync:
             arms = trace_arms(rec.trace, self.feature_names)
             if arms.chosen < 0 or rec.reward is None:
                 continue
-            self.learner.update(tuple(arms.features[arms.chosen].tolist()), rec.reward)
+            try:
+                self.learner.update(tuple(arms.features[arms.chosen].tolist()), rec.reward)
+            except ValueError:  # one unlearnable record (overflowing features) must not block every restart
+                log.exception("replay: outcome of %s skipped", rec.decision_id)
+                continue
             n += 1
         return n
 
     def snapshot(self) -> int:
-        """Save the learned state now (after pushing this replica's pending delta)."""
+        """Save the learned state now, with every update it holds pushed as this replica's delta first.
+
+        The watermark (the audit-log time after which :meth:`restore` replays outcomes) is read in
+        the same critical section of the learner's update lock that takes the state: every update
+        in the state finished before the watermark was read, and every later one is not in it.
+        An outcome is therefore counted once on restore provided its ``reported_at`` was read
+        before it was learnt and, to close the gap between the two, both happen under ``barrier``
+        (which this holds while taking the state).
+        """
         name, version = self.key
         with self._sync_lock:
-            self._push()
-            now = self.clock()
-            state: dict[str, Any] = self.learner.state_dict()  # type: ignore[attr-defined]
+            self._flush()  # a delta left over by a failed push goes first, in order
             lin = self._linear()
-            return self.store.save_snapshot(learner=name, version=version, replica=self.replica, watermark=now,
-                                            n_updates=lin.n_updates if lin else 0, delta_marks=self._marks,
+            with self.barrier if self.barrier is not None else contextlib.nullcontext():
+                if lin is not None:
+                    cp = lin.checkpoint(self.clock)
+                    state, watermark, n_updates = cp.state, cp.watermark, cp.n_updates
+                    self._stage(cp.dA, cp.db, cp.dn)
+                else:
+                    watermark = self.clock()
+                    state = self.learner.state_dict()  # type: ignore[attr-defined]
+                    n_updates = 0
+                if self.barrier is not None:
+                    _past(self.clock, watermark)
+            # The state holds no pending delta: what it took is written as this replica's next seq
+            # before the snapshot (whose marks include it), so a restore neither loses nor repeats it.
+            self._flush()
+            return self.store.save_snapshot(learner=name, version=version, replica=self.replica,
+                                            watermark=watermark, n_updates=n_updates, delta_marks=self._marks,
                                             state=state)
 
     # -- replicas --
+    def _stage(self, dA: FloatArray, db: FloatArray, dn: int) -> None:
+        """Put a delta just taken from the learner in the outbox, numbered after the last one."""
+        assert self._outbox is None
+        if dn == 0 and not np.any(dA) and not np.any(db):
+            return
+        self._outbox = _Outgoing(self._seq + 1, dA, db, dn)
+
+    def _flush(self) -> int:
+        """Write the outbox's delta (same seq on every retry); the marks move only once it is stored."""
+        out = self._outbox
+        if out is None:
+            return 0
+        name, version = self.key
+        self.store.write_delta(learner=name, version=version, replica=self.replica, seq=out.seq, dA=out.dA, db=out.db,
+                               dn=out.dn)
+        self._outbox = None
+        self._seq = out.seq
+        self._marks[self.replica] = out.seq
+        return out.dn
+
     def _push(self) -> int:
+        """Write a delta left over by a failed push, then the increments made since the last take.
+
+        ``take_delta`` resets the learner's increments, so until a write succeeds they exist only
+        in the outbox: a failure keeps them there for the next push (nothing is lost for the other
+        replicas), and the insert is idempotent on its seq (nothing is counted twice).
+        """
         lin = self._linear()
         if lin is None:
             return 0
-        dA, db, dn = lin.take_delta()
-        if dn == 0 and not np.any(dA):
-            return 0
-        name, version = self.key
-        self._seq += 1
-        self.store.write_delta(learner=name, version=version, replica=self.replica, seq=self._seq, dA=dA, db=db,
-                               dn=dn)
-        self._marks[self.replica] = self._seq
-        return dn
+        pushed = self._flush()
+        self._stage(*lin.take_delta())
+        return pushed + self._flush()
 
     def sync(self) -> SyncReport:
         """Write this replica's increments, then add every other replica's new ones."""
@@ -171,9 +259,8 @@ class LearnerSync:
             merged = 0
             for d in self.store.read_deltas(learner=name, version=version, after=self._marks,
                                             exclude_replica=self.replica):
-                lin.merge(d.dA, d.db, d.dn)
-                self._marks[d.replica] = d.seq
-                merged += d.dn
+                if self._merge(lin, d.replica, d.seq, d.dA, d.db, d.dn):
+                    merged += d.dn
         return SyncReport(pushed, merged)
 
     def start(self, interval_s: float = 5.0, snapshot_every_s: float = 60.0) -> None:
@@ -203,3 +290,11 @@ class LearnerSync:
             self._thread = None
         if final_snapshot:
             self.snapshot()
+
+
+def _past(clock: Callable[[], float], t: float) -> None:
+    """Wait (at most 5 ms) for ``clock`` to pass ``t`` by 2 us: the log stores times to the microsecond, so a
+    ``reported_at`` stamped after the watermark must not round to the watermark itself."""
+    deadline = time.monotonic() + 0.005
+    while clock() < t + 2e-6 and time.monotonic() < deadline:
+        pass

@@ -67,7 +67,8 @@ class LinearThompson(LinearLearner):
         self.v = v
         self.epsilon = epsilon
         self.mc_samples = mc_samples
-        self._chol: FloatArray | None = None
+        # (A^-1, its Cholesky factor): the factor is used only while A^-1 is still that very array.
+        self._chol: tuple[FloatArray, FloatArray] | None = None
 
     def _params(self) -> dict[str, Any]:
         return {"v": self.v, "epsilon": self.epsilon, "mc_samples": self.mc_samples, "l2": self.l2,
@@ -77,17 +78,26 @@ class LinearThompson(LinearLearner):
         self._chol = None
 
     def _factor(self) -> FloatArray:
-        chol = self._chol
-        if chol is None:
+        """The Cholesky factor of the current ``A^-1`` (cached until the next update or merge)."""
+        cached = self._chol
+        if cached is not None and cached[0] is self._stats.A_inv:  # the hot path: no lock
+            return cached[1]
+        # Factor under the update lock: computed outside it, a factor of the previous A^-1 could be
+        # stored after an update cleared the cache, and used until the next update.
+        with self._lock:
             a_inv = self._stats.A_inv
+            cached = self._chol
+            if cached is not None and cached[0] is a_inv:  # another thread just did it
+                return cached[1]
             try:
                 chol = np.asarray(np.linalg.cholesky(a_inv), dtype=np.float64)
             except np.linalg.LinAlgError:  # Sherman-Morrison drift: recompute exactly
                 self._stats.refresh()
-                a_inv = 0.5 * (self._stats.A_inv + self._stats.A_inv.T)
-                chol = np.asarray(np.linalg.cholesky(a_inv + 1e-12 * np.eye(self.n_features)), dtype=np.float64)
-            self._chol = chol
-        return chol
+                a_inv = self._stats.A_inv
+                sym = 0.5 * (a_inv + a_inv.T)
+                chol = np.asarray(np.linalg.cholesky(sym + 1e-12 * np.eye(self.n_features)), dtype=np.float64)
+            self._chol = (a_inv, chol)
+            return chol
 
     def _winners(self, X: FloatArray, eligible: npt.NDArray[np.intp]) -> tuple[int, npt.NDArray[np.intp]]:
         """``mc_samples`` posterior draws over the ``eligible`` rows of ``X``: the first draw's
