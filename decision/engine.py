@@ -193,7 +193,7 @@ class DecisionEngine:
         self._learn_lock = threading.Lock()
         self.stats: dict[str, int] = {"decisions": 0, "denied": 0, "quota_denied": 0, "outcomes": 0,
                                       "outcomes_missing": 0, "outcomes_duplicate": 0, "outcomes_late": 0,
-                                      "outcomes_elsewhere": 0}
+                                      "outcomes_elsewhere": 0, "updates_refused": 0}
         # Called with each decision's stage times (µs) once it is made (metrics, benchmarks).
         self.on_stages: Callable[[Mapping[str, float]], None] | None = None
 
@@ -409,9 +409,12 @@ class DecisionEngine:
     def _learn(self, features: tuple[float, ...], reward: float) -> None:
         """The acting learner and every shadow learn from the acting policy's logged outcome."""
         with self._learn_lock:
-            self.learner.update(features, reward)
-            for s in self.shadow:
-                s.update(features, reward)
+            for learner in (self.learner, *self.shadow):
+                try:
+                    learner.update(features, reward)
+                except ValueError as exc:  # refused whole (non-finite or overflowing): the rest still learn
+                    self.stats["updates_refused"] += 1
+                    log.warning("learner %s refused an update: %s", learner.name, exc)
 
     def expire_outcomes(self, now: float | None = None) -> int:
         """Treat outcomes past their timeout as failures; returns how many expired.

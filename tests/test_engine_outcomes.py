@@ -171,3 +171,16 @@ def test_outcome_times_must_be_finite() -> None:
             engine.report_outcome(outcome)
         assert err.value.field == field
     assert learner.n_updates == 0
+
+
+def test_an_update_a_learner_refuses_does_not_fail_the_outcome_nor_starve_the_shadows() -> None:
+    from learners.thompson import LinearThompson
+
+    shadow = LinearThompson(len(FEATURE_NAMES), seed=1)
+    engine, learner = _engine(_Audit(), [1000.0], shadow=(shadow,))
+    d = engine.decide(RequestContext("r1", "acme", model="llama-3.1-8b"))
+    engine.reward = lambda *_: 1e300  # finite, but overflows the statistics
+    got = engine.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=100.0))
+    # Both refused: the acting learner's refusal did not stop the shadow's try, nor fail the outcome.
+    assert got.accepted and engine.stats["updates_refused"] == 2
+    assert learner.n_updates == shadow.n_updates == 0  # refused whole, nothing half-applied
