@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from decision.bounded import make_room
+from decision.bounded import make_room, put_bounded
 from decision.candidates import CandidateSet, Placement, endpoint_ids_of, endpoints_of, max_age_of
 from decision.contracts import AuditSink, FeatureBuilder, Guard, Learner, OutcomeLookup, RewardFunction, TraceReader
 from decision.domain import (
@@ -40,7 +40,7 @@ from decision.fleet import Fleet, endpoints_serving
 from decision.ledger import EndpointLedger
 from decision.scoring import ADDED_DELAY_WEIGHT, COST_WEIGHT_MS, BasicFeatures, score_candidates
 from decision.telemetry import TelemetryStore
-from decision.trace_format import TraceParts, assemble_trace, chosen_arm, endpoint_row, expand_trace, trace_parts
+from decision.trace_format import TraceParts, assemble_trace, endpoint_row, expand_trace, trace_arms, trace_parts
 from decision.validation import validate_outcome, validate_request
 
 log = logging.getLogger("infermesh.engine")
@@ -185,10 +185,10 @@ class DecisionEngine:
         self._reported: OrderedDict[str, float | None] = OrderedDict()
         self._reporting: set[str] = set()  # outcomes being recorded now (see report_outcome)
         # Decisions whose outcome did not come in time: a timeout was learnt; a late outcome is still audited.
-        self._expired: OrderedDict[str, None] = OrderedDict()
+        self._expired: dict[str, None] = {}
         # Outcomes the audit log refused (fail-closed, queue full): the caller was told UNAVAILABLE and
         # its retry picks the decision up here, so the outcome is learnt and audited once, not lost.
-        self._unrecorded: OrderedDict[str, _Pending] = OrderedDict()
+        self._unrecorded: dict[str, _Pending] = {}
         self._lock = threading.Lock()
         self._learn_lock = threading.Lock()
         self.stats: dict[str, int] = {"decisions": 0, "denied": 0, "quota_denied": 0, "outcomes": 0,
@@ -374,15 +374,9 @@ class DecisionEngine:
             while len(self._pending) > self.max_pending:
                 did, oldest = self._pending.popitem(last=False)
                 expired.append(self._release(oldest))
-                self._mark_expired(did)
+                put_bounded(self._expired, did, None, self.max_pending)
         for p in expired:
             self._learn_missing(p)
-
-    def _mark_expired(self, decision_id: str) -> None:
-        """``decision_id`` was learnt as a timeout (call with ``_lock`` held); the memory is bounded."""
-        self._expired[decision_id] = None
-        while len(self._expired) > self.max_pending:
-            self._expired.popitem(last=False)
 
     def _forget(self, decision_id: str) -> None:
         """Drop a remembered decision that was not answered after all (no outcome will come)."""
@@ -432,7 +426,7 @@ class DecisionEngine:
                     break
                 self._release(self._pending.popitem(last=False)[1])
                 expired.append((did, p))
-                self._mark_expired(did)
+                put_bounded(self._expired, did, None, self.max_pending)
         elsewhere: set[str] = set()
         if expired and isinstance(self.traces, OutcomeLookup):
             try:
@@ -520,9 +514,7 @@ class DecisionEngine:
         except BaseException:
             if pending is not None:
                 with self._lock:
-                    self._unrecorded[outcome.decision_id] = pending
-                    while len(self._unrecorded) > self.max_pending:
-                        self._unrecorded.popitem(last=False)
+                    put_bounded(self._unrecorded, outcome.decision_id, pending, self.max_pending)
             raise
 
     def _logged_arm(self, record: Mapping[str, Any]) -> _Pending | None:
@@ -533,16 +525,17 @@ class DecisionEngine:
         try:
             if record.get("learner") != learner:
                 return None
-            arm = chosen_arm(trace, self.features.names)
-            if arm is None:
+            arms = trace_arms(trace, self.features.names)
+            if arms.chosen < 0:
                 return None
+            i = arms.chosen
             request = trace.get("request") or {}
             ctx = RequestContext(str(record.get("request_id") or ""), str(record.get("tenant") or ""),
                                  user_tier=str(record.get("user_tier") or "standard"),
                                  ttft_target_ms=float(request.get("ttft_target_ms") or 0.0),
                                  max_cost_per_1k_tokens=float(request.get("max_cost_per_1k_tokens") or 0.0))
-            return _Pending(ctx, arm.endpoint_id, arm.features, arm.expected_ttft_ms, arm.expected_cost_per_1k_tokens,
-                            0.0)
+            return _Pending(ctx, arms.endpoint_ids[i], tuple(arms.features[i].tolist()), arms.expected_ttft_ms[i],
+                            arms.expected_cost_per_1k_tokens[i], 0.0)
         except (KeyError, TypeError, ValueError, IndexError):  # an older trace shape: record, do not learn
             return None
 

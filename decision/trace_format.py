@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -295,24 +296,26 @@ def expand_trace(trace: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-class LoggedArm(NamedTuple):
-    """The chosen arm of a logged decision, as its learner saw it."""
+@dataclass(frozen=True, slots=True)
+class TraceArms:
+    """The arms of one logged decision as the learner saw them."""
 
-    endpoint_id: str
-    features: tuple[float, ...]
-    expected_ttft_ms: float
-    expected_cost_per_1k_tokens: float
+    endpoint_ids: tuple[str, ...]
+    features: FloatArray  # one row per arm, columns in the requested names order
+    expected_ttft_ms: tuple[float, ...]
+    expected_cost_per_1k_tokens: tuple[float, ...]
+    chosen: int  # index of the chosen arm, -1 if it is not among them
 
 
-def chosen_arm(trace: Mapping[str, Any], names: Sequence[str]) -> LoggedArm | None:
-    """The chosen arm of a readable trace (:func:`expand_trace`'s form), its features in ``names`` order
-    (a name the trace lacks: 0); ``None`` when nothing was chosen. Raises ``KeyError`` on another shape."""
+def trace_arms(trace: Mapping[str, Any], names: Sequence[str]) -> TraceArms:
+    """Extract the scored arms of a readable trace (:func:`expand_trace`'s form), features ordered as
+    ``names`` (missing = 0); raises ``KeyError`` on another shape."""
     stages = trace["stages"]
-    chosen = stages["choose"].get("chosen")
-    for row in stages["score"]["candidates"]:
-        if row["endpoint_id"] == chosen:
-            values = row["features"]
-            return LoggedArm(str(chosen), tuple(float(values.get(n, 0.0)) for n in names),
-                             float(row.get("expected_ttft_ms") or 0.0),
-                             float(row.get("expected_cost_per_1k_tokens") or 0.0))
-    return None
+    rows = stages["score"]["candidates"]
+    chosen_id = stages["choose"]["chosen"]
+    ids = tuple(str(r["endpoint_id"]) for r in rows)
+    X = np.array([[float(r["features"].get(n, 0.0)) for n in names] for r in rows], dtype=float).reshape(
+        len(rows), len(names))
+    return TraceArms(ids, X, tuple(float(r.get("expected_ttft_ms") or 0.0) for r in rows),
+                     tuple(float(r.get("expected_cost_per_1k_tokens") or 0.0) for r in rows),
+                     ids.index(chosen_id) if chosen_id in ids else -1)

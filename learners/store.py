@@ -194,30 +194,6 @@ class LearnerStore:
                     None if r["reported_at"] is None else r["reported_at"].timestamp())
 
 
-@dataclass(frozen=True, slots=True)
-class TraceArms:
-    """The arms of one logged decision as the learner saw them."""
-
-    endpoint_ids: tuple[str, ...]
-    features: FloatArray  # one row per arm, columns in the requested names order
-    expected_ttft_ms: tuple[float, ...]
-    expected_cost_per_1k_tokens: tuple[float, ...]
-    chosen: int  # index of the chosen arm, -1 if it is not among them
-
-
-def trace_arms(trace: Mapping[str, Any], names: Sequence[str]) -> TraceArms:
-    """Extract the scored arms of a decision trace, features ordered as ``names`` (missing = 0)."""
-    stages = trace["stages"]
-    rows = stages["score"]["candidates"]
-    chosen_id = stages["choose"]["chosen"]
-    ids = tuple(str(r["endpoint_id"]) for r in rows)
-    X = np.array([[float(r["features"].get(n, 0.0)) for n in names] for r in rows], dtype=float).reshape(
-        len(rows), len(names))
-    return TraceArms(ids, X, tuple(float(r.get("expected_ttft_ms") or 0.0) for r in rows),
-                     tuple(float(r.get("expected_cost_per_1k_tokens") or 0.0) for r in rows),
-                     ids.index(chosen_id) if chosen_id in ids else -1)
-
-
 def feature_names_of(trace: Mapping[str, Any]) -> tuple[str, ...]:
     """The feature names a trace carries, in the builder's order (the trace JSON keeps key order)."""
     rows = trace["stages"]["score"]["candidates"]

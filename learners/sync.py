@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 
 from decision.contracts import Learner
+from decision.trace_format import trace_arms
 from learners._linear import FloatArray, LinearLearner
-from learners.store import LearnerStore, trace_arms
+from learners.store import LearnerStore
 
 log = logging.getLogger(__name__)
 
