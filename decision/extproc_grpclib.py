@@ -67,6 +67,10 @@ _HEALTH = "grpc.health.v1.Health"
 _MAX_STREAM_ID = 2**31 - 1
 _CLOSE_WAIT_S = 1.0  # for cancelled streams to send their status, twice (before and after dropping connections)
 _REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
+# A stream whose messages are already buffered and whose replies the socket still takes never
+# suspends on its own: every this many replies it yields, so one flooding client cannot starve the
+# loop (other streams, health checks, the stop's grace timer). Envoy sends a few messages per request.
+_YIELD_EVERY = 8
 _Status = health_pb2.HealthCheckResponse
 
 
@@ -94,8 +98,12 @@ class _ExtProc:
         replies = self._steps.Process(stream, None)  # grpclib's stream iterates its requests
         try:
             async with contextlib.aclosing(replies):  # the stream is closed (its outcome settled) here, not later
+                sent = 0
                 async for reply in replies:
                     await stream.send_message(reply)
+                    sent += 1
+                    if sent % _YIELD_EVERY == 0:
+                        await asyncio.sleep(0)
         except asyncio.CancelledError:
             if not self.closing:
                 raise  # the proxy reset the stream: nobody to answer

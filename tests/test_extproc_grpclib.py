@@ -203,41 +203,60 @@ def test_stop_closes_every_connection_so_clients_fail_at_once() -> None:
     srv.stop(0.2)  # a second stop does nothing
 
 
-def test_stop_returns_when_a_proxy_has_stopped_reading() -> None:
-    """A client that sends and never reads leaves the server's writes paused; the stop must not wait on them."""
+def _flood(port: int) -> socket.socket:
+    """A client that opens a Process stream, pushes ~2.8 MB of messages (each is answered) and never reads."""
     import struct
 
     import h2.config
     import h2.connection
     from h2.settings import SettingCodes, Settings
 
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    c.local_settings = Settings(client=True, initial_values={SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+    c.initiate_connection()
+    c.increment_flow_control_window(2**31 - 1 - 65535)
+    sock.sendall(c.data_to_send())
+    c.receive_data(sock.recv(65535))  # the server's SETTINGS
+    sid = c.get_next_available_stream_id()
+    c.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":authority", "x"),
+                         (":path", f"/{EXTPROC_SERVICE}/Process"), ("content-type", "application/grpc"),
+                         ("te", "trailers")])
+    msg = pb.ProcessingRequest(request_trailers=pb.HttpTrailers()).SerializeToString()
+    chunk = (b"\0" + struct.pack(">I", len(msg)) + msg) * 2000
+    sock.settimeout(0.5)
+    for _ in range(200):
+        for i in range(0, len(chunk), 16000):
+            c.send_data(sid, chunk[i:i + 16000])
+        try:
+            sock.sendall(c.data_to_send())
+        except TimeoutError:
+            break  # the server has stopped reading too: its own writes are stuck
+    return sock
+
+
+def test_stop_returns_when_a_proxy_has_stopped_reading() -> None:
+    """A client that sends and never reads leaves the server's writes paused; the stop must not wait on them."""
     srv = _server()
-    with socket.create_connection(("127.0.0.1", srv.port)) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        c.local_settings = Settings(client=True, initial_values={SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
-        c.initiate_connection()
-        c.increment_flow_control_window(2**31 - 1 - 65535)
-        sock.sendall(c.data_to_send())
-        c.receive_data(sock.recv(65535))  # the server's SETTINGS
-        sid = c.get_next_available_stream_id()
-        c.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":authority", "x"),
-                             (":path", f"/{EXTPROC_SERVICE}/Process"), ("content-type", "application/grpc"),
-                             ("te", "trailers")])
-        msg = pb.ProcessingRequest(request_trailers=pb.HttpTrailers()).SerializeToString()
-        chunk = (b"\0" + struct.pack(">I", len(msg)) + msg) * 2000  # each is answered; none is read back
-        sock.settimeout(0.5)
-        for _ in range(200):
-            for i in range(0, len(chunk), 16000):
-                c.send_data(sid, chunk[i:i + 16000])
-            try:
-                sock.sendall(c.data_to_send())
-            except TimeoutError:
-                break  # the server has stopped reading too: its own writes are stuck
+    with _flood(srv.port):
         time.sleep(0.5)
         t0 = time.monotonic()
         srv.stop(0.2)
         assert time.monotonic() - t0 < 5
+
+
+def test_a_flooding_stream_does_not_starve_other_calls() -> None:
+    """Buffered messages and a socket that still takes replies never suspend a stream by themselves;
+    it yields now and then, so a health probe on another connection is answered meanwhile."""
+    srv = _server()
+    try:
+        with _flood(srv.port), grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            t0 = time.monotonic()
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=3)
+            assert reply.status == SERVING and time.monotonic() - t0 < 1.0  # unfair: ~2.3 s here
+    finally:
+        srv.stop(0)
 
 
 @pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this host")
