@@ -130,9 +130,9 @@ class ServiceConfig(_Section):
         except (ValueError, TypeError, KeyError) as exc:
             if isinstance(exc, ConfigError):
                 raise
-            line = f":{self._line_of(loc)}" if self._line_of is not None else ""
+            line = self._line_of(loc) if self._line_of is not None else None
             detail = str(exc) if not isinstance(exc, KeyError) else f"missing key {exc}"
-            raise ConfigError(f"{self.path}{line}: {'.'.join(map(str, loc))}: {detail}") from None
+            raise ConfigError(_error_line(self.path, line, loc, detail)) from None
 
 
 class Settings(BaseSettings):
@@ -186,12 +186,18 @@ def load_config(path: str | Path) -> ServiceConfig:
     return located
 
 
+def _error_line(p: Path, line: int | None, loc: Sequence[str | int], message: str) -> str:
+    """``file:line: field: message`` (``file: field: message`` when the line is not known)."""
+    at = f":{line}" if line is not None else ""
+    return f"{p}{at}: {'.'.join(map(str, loc))}: {message}"
+
+
 def _located(p: Path, doc: LocatedYaml, exc: ValidationError, prefix: tuple[str, ...]) -> str:
     """One ``file:line: field: message`` line per validation error."""
     lines = []
     for e in exc.errors():
         loc = prefix + tuple(str(x) for x in e["loc"])
-        lines.append(f"{p}:{doc.line_of(loc)}: {'.'.join(loc)}: {e['msg']}")
+        lines.append(_error_line(p, doc.line_of(loc), loc, e["msg"]))
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,24 @@ from tests.test_learners_support import insert_decision, insert_outcome, migrate
 from tests.test_learners_sync import _engine, _traffic
 
 D = len(FEATURE_NAMES)
+
+StoreOpener = Callable[[], LearnerStore]
+
+
+@pytest.fixture
+def open_store(fresh_pg_url: str) -> Iterator[StoreOpener]:
+    """Migrates the test's fresh database, then opens LearnerStores on it; all are closed at teardown."""
+    migrate(fresh_pg_url)
+    stores: list[LearnerStore] = []
+
+    def opener() -> LearnerStore:
+        store = LearnerStore(fresh_pg_url)
+        stores.append(store)
+        return store
+
+    yield opener
+    for store in stores:
+        store.close()
 
 
 def _updates(learner: LinearLearner, n: int, seed: int = 0) -> None:
@@ -46,73 +65,59 @@ def _assert_same(before: dict[str, Any], learner: LinearLearner) -> None:
 
 # -- 1. a failed delta write is retried, not lost, and never counted twice --
 
-def test_a_failed_delta_write_is_retried_not_lost(fresh_pg_url: str) -> None:
-    migrate(fresh_pg_url)
+def test_a_failed_delta_write_is_retried_not_lost(open_store: StoreOpener) -> None:
     a, b = LinUCB(D, seed=1), LinUCB(D, seed=2)
-    sa, sb = LearnerStore(fresh_pg_url), LearnerStore(fresh_pg_url)
-    try:
-        sync_a, sync_b = LearnerSync(a, sa, FEATURE_NAMES, replica="a"), LearnerSync(b, sb, FEATURE_NAMES, replica="b")
-        _updates(a, 10)
-        real = sa.write_delta
+    sa, sb = open_store(), open_store()
+    sync_a, sync_b = LearnerSync(a, sa, FEATURE_NAMES, replica="a"), LearnerSync(b, sb, FEATURE_NAMES, replica="b")
+    _updates(a, 10)
+    real = sa.write_delta
 
-        def down(**kw: Any) -> None:
-            raise psycopg.OperationalError("connection lost (simulated)")
+    def down(**kw: Any) -> None:
+        raise psycopg.OperationalError("connection lost (simulated)")
 
-        sa.write_delta = down  # type: ignore[method-assign]
-        with pytest.raises(psycopg.OperationalError):
-            sync_a.sync()
-        sa.write_delta = real  # type: ignore[method-assign]
-        _updates(a, 5, seed=1)
-        assert sync_a.sync().pushed == 15
-        assert sync_b.sync().merged == 15
-        assert b.n_updates == a.n_updates == 15
-        np.testing.assert_allclose(a.stats.A, b.stats.A, rtol=1e-12)
-    finally:
-        sa.close()
-        sb.close()
-
-
-def test_a_retry_after_an_ambiguous_commit_is_counted_once(fresh_pg_url: str) -> None:
-    """The write committed but the client saw an error: the retry resends the same seq, a no-op."""
-    migrate(fresh_pg_url)
-    a, b = LinUCB(D, seed=1), LinUCB(D, seed=2)
-    sa, sb = LearnerStore(fresh_pg_url), LearnerStore(fresh_pg_url)
-    try:
-        sync_a, sync_b = LearnerSync(a, sa, FEATURE_NAMES, replica="a"), LearnerSync(b, sb, FEATURE_NAMES, replica="b")
-        _updates(a, 10)
-        real = sa.write_delta
-        seqs: list[int] = []
-
-        def committed_then_lost(**kw: Any) -> None:
-            real(**kw)
-            seqs.append(kw["seq"])
-            raise psycopg.OperationalError("connection lost after commit (simulated)")
-
-        sa.write_delta = committed_then_lost  # type: ignore[method-assign]
-        with pytest.raises(psycopg.OperationalError):
-            sync_a.sync()
-        sa.write_delta = real  # type: ignore[method-assign]
-        _updates(a, 5, seed=1)
+    sa.write_delta = down  # type: ignore[method-assign]
+    with pytest.raises(psycopg.OperationalError):
         sync_a.sync()
-        assert sync_b.sync().merged == 15
-        assert b.n_updates == a.n_updates == 15
-        assert seqs == [1] and sa.last_delta_seq(learner=sync_a.key[0], version=sync_a.key[1], replica="a") == 2
-    finally:
-        sa.close()
-        sb.close()
+    sa.write_delta = real  # type: ignore[method-assign]
+    _updates(a, 5, seed=1)
+    assert sync_a.sync().pushed == 15
+    assert sync_b.sync().merged == 15
+    assert b.n_updates == a.n_updates == 15
+    np.testing.assert_allclose(a.stats.A, b.stats.A, rtol=1e-12)
 
 
-def test_the_store_reconnects_after_its_connection_broke(fresh_pg_url: str) -> None:
-    migrate(fresh_pg_url)
+def test_a_retry_after_an_ambiguous_commit_is_counted_once(open_store: StoreOpener) -> None:
+    """The write committed but the client saw an error: the retry resends the same seq, a no-op."""
+    a, b = LinUCB(D, seed=1), LinUCB(D, seed=2)
+    sa, sb = open_store(), open_store()
+    sync_a, sync_b = LearnerSync(a, sa, FEATURE_NAMES, replica="a"), LearnerSync(b, sb, FEATURE_NAMES, replica="b")
+    _updates(a, 10)
+    real = sa.write_delta
+    seqs: list[int] = []
+
+    def committed_then_lost(**kw: Any) -> None:
+        real(**kw)
+        seqs.append(kw["seq"])
+        raise psycopg.OperationalError("connection lost after commit (simulated)")
+
+    sa.write_delta = committed_then_lost  # type: ignore[method-assign]
+    with pytest.raises(psycopg.OperationalError):
+        sync_a.sync()
+    sa.write_delta = real  # type: ignore[method-assign]
+    _updates(a, 5, seed=1)
+    sync_a.sync()
+    assert sync_b.sync().merged == 15
+    assert b.n_updates == a.n_updates == 15
+    assert seqs == [1] and sa.last_delta_seq(learner=sync_a.key[0], version=sync_a.key[1], replica="a") == 2
+
+
+def test_the_store_reconnects_after_its_connection_broke(open_store: StoreOpener) -> None:
     a = LinUCB(D, seed=1)
-    store = LearnerStore(fresh_pg_url)
-    try:
-        sync = LearnerSync(a, store, FEATURE_NAMES, replica="a")
-        _updates(a, 3)
-        store._conn.close()  # what a dropped connection leaves behind
-        assert sync.sync().pushed == 3
-    finally:
-        store.close()
+    store = open_store()
+    sync = LearnerSync(a, store, FEATURE_NAMES, replica="a")
+    _updates(a, 3)
+    store._conn.close()  # what a dropped connection leaves behind
+    assert sync.sync().pushed == 3
 
 
 # -- 2. the snapshot's state and watermark are taken together --
@@ -131,98 +136,86 @@ def _log_rows(url: str, rows: list[tuple[Any, float, float]]) -> None:
             insert_outcome(conn, decision_id=d.decision_id, reward=reward, reported_at=reported_at)
 
 
-def test_an_update_racing_the_snapshot_is_counted_once_on_restore(fresh_pg_url: str) -> None:
+def test_an_update_racing_the_snapshot_is_counted_once_on_restore(fresh_pg_url: str, open_store: StoreOpener) -> None:
     """An outcome stamped after the watermark and learnt while the snapshot was being taken: it is either in
     the state or replayed, never both."""
-    migrate(fresh_pg_url)
-    store = LearnerStore(fresh_pg_url)
-    try:
-        learner = LinUCB(D, seed=5)
-        eng, rng = _engine(learner, 5)
-        before = _traffic(eng, rng, 10)
-        racing = eng.decide(RequestContext("race", "t", model="llama-3.1-8b", ttft_target_ms=400.0))
-        learnt = threading.Event()
-        reporters: list[threading.Thread] = []
+    store = open_store()
+    learner = LinUCB(D, seed=5)
+    eng, rng = _engine(learner, 5)
+    before = _traffic(eng, rng, 10)
+    racing = eng.decide(RequestContext("race", "t", model="llama-3.1-8b", ttft_target_ms=400.0))
+    learnt = threading.Event()
+    reporters: list[threading.Thread] = []
 
-        def report() -> None:  # the engine's order: reported_at (1000.5) is stamped, then the outcome learnt
-            learner.update(_chosen(racing), 0.7)
-            learnt.set()
+    def report() -> None:  # the engine's order: reported_at (1000.5) is stamped, then the outcome learnt
+        learner.update(_chosen(racing), 0.7)
+        learnt.set()
 
-        def clock() -> float:  # the sync reads its watermark; meanwhile the outcome is being learnt
-            t = threading.Thread(target=report)
-            t.start()
-            reporters.append(t)
-            learnt.wait(0.3)  # done at once, unless the snapshot holds the update lock
-            return 1_000.0
-
-        LearnerSync(learner, store, FEATURE_NAMES, clock=clock).snapshot()
-        for t in reporters:
-            t.join()
-        rows = [(rec["decision"], float(rec["reward"]), 950.0 + 0.1 * i)  # type: ignore[arg-type]
-                for i, rec in enumerate(before)]
-        _log_rows(fresh_pg_url, [*rows, (racing, 0.7, 1_000.5)])
-        restarted = LinUCB(D, seed=5)
-        report_ = LearnerSync(restarted, store, FEATURE_NAMES).restore()
-        assert restarted.n_updates == learner.n_updates == 11, report_
-        np.testing.assert_allclose(restarted.stats.A, learner.stats.A, rtol=1e-3, atol=1e-3)
-    finally:
-        store.close()
-
-
-def test_with_a_barrier_an_outcome_stamped_before_the_watermark_is_in_the_snapshot(fresh_pg_url: str) -> None:
-    """Stamped, then learnt, under the barrier: the snapshot waits for the learning, so nothing stamped before
-    its watermark is missing from its state (without it, that outcome would be neither in it nor replayed)."""
-    migrate(fresh_pg_url)
-    store = LearnerStore(fresh_pg_url)
-    try:
-        learner = LinUCB(D, seed=5)
-        eng, _ = _engine(learner, 5)
-        racing = eng.decide(RequestContext("race", "t", model="llama-3.1-8b", ttft_target_ms=400.0))
-        barrier = threading.Lock()
-        stamped = threading.Event()
-        stamps: list[float] = []
-
-        def report() -> None:
-            with barrier:
-                stamps.append(time.time())
-                stamped.set()
-                time.sleep(0.1)  # the snapshot starts here
-                learner.update(_chosen(racing), 0.7)
-
+    def clock() -> float:  # the sync reads its watermark; meanwhile the outcome is being learnt
         t = threading.Thread(target=report)
         t.start()
-        stamped.wait()
-        sync = LearnerSync(learner, store, FEATURE_NAMES, barrier=barrier)
-        snap_id = sync.snapshot()
+        reporters.append(t)
+        learnt.wait(0.3)  # done at once, unless the snapshot holds the update lock
+        return 1_000.0
+
+    LearnerSync(learner, store, FEATURE_NAMES, clock=clock).snapshot()
+    for t in reporters:
         t.join()
-        snap = store.latest_snapshot(learner=sync.key[0], version=sync.key[1])
-        assert snap is not None and snap.id == snap_id
-        assert snap.n_updates == 1 and stamps[0] <= snap.watermark
-        _log_rows(fresh_pg_url, [(racing, 0.7, stamps[0])])
-        restarted = LinUCB(D, seed=5)
-        assert LearnerSync(restarted, store, FEATURE_NAMES).restore().replayed == 0
-        assert restarted.n_updates == 1
-    finally:
-        store.close()
+    rows = [(rec["decision"], float(rec["reward"]), 950.0 + 0.1 * i)  # type: ignore[arg-type]
+            for i, rec in enumerate(before)]
+    _log_rows(fresh_pg_url, [*rows, (racing, 0.7, 1_000.5)])
+    restarted = LinUCB(D, seed=5)
+    report_ = LearnerSync(restarted, store, FEATURE_NAMES).restore()
+    assert restarted.n_updates == learner.n_updates == 11, report_
+    np.testing.assert_allclose(restarted.stats.A, learner.stats.A, rtol=1e-3, atol=1e-3)
 
 
-def test_a_snapshot_pushes_what_it_holds_so_a_restore_neither_loses_nor_repeats_it(fresh_pg_url: str) -> None:
-    migrate(fresh_pg_url)
+def test_with_a_barrier_an_outcome_stamped_before_the_watermark_is_in_the_snapshot(
+        fresh_pg_url: str, open_store: StoreOpener) -> None:
+    """Stamped, then learnt, under the barrier: the snapshot waits for the learning, so nothing stamped before
+    its watermark is missing from its state (without it, that outcome would be neither in it nor replayed)."""
+    store = open_store()
+    learner = LinUCB(D, seed=5)
+    eng, _ = _engine(learner, 5)
+    racing = eng.decide(RequestContext("race", "t", model="llama-3.1-8b", ttft_target_ms=400.0))
+    barrier = threading.Lock()
+    stamped = threading.Event()
+    stamps: list[float] = []
+
+    def report() -> None:
+        with barrier:
+            stamps.append(time.time())
+            stamped.set()
+            time.sleep(0.1)  # the snapshot starts here
+            learner.update(_chosen(racing), 0.7)
+
+    t = threading.Thread(target=report)
+    t.start()
+    stamped.wait()
+    sync = LearnerSync(learner, store, FEATURE_NAMES, barrier=barrier)
+    snap_id = sync.snapshot()
+    t.join()
+    snap = store.latest_snapshot(learner=sync.key[0], version=sync.key[1])
+    assert snap is not None and snap.id == snap_id
+    assert snap.n_updates == 1 and stamps[0] <= snap.watermark
+    _log_rows(fresh_pg_url, [(racing, 0.7, stamps[0])])
+    restarted = LinUCB(D, seed=5)
+    assert LearnerSync(restarted, store, FEATURE_NAMES).restore().replayed == 0
+    assert restarted.n_updates == 1
+
+
+def test_a_snapshot_pushes_what_it_holds_so_a_restore_neither_loses_nor_repeats_it(open_store: StoreOpener) -> None:
     a, b = LinUCB(D, seed=1), LinUCB(D, seed=2)
-    sa, sb = LearnerStore(fresh_pg_url), LearnerStore(fresh_pg_url)
-    try:
-        sync_a = LearnerSync(a, sa, FEATURE_NAMES, replica="a")
-        _updates(a, 4)
-        sync_a.snapshot()
-        assert a.stats.dn == 0 and a.state_dict()["stats"]["dn"] == 0
-        _updates(a, 3, seed=1)
-        sync_a.sync()  # then "a" crashes; b starts from a's snapshot and folds in a's later delta
-        report = LearnerSync(b, sb, FEATURE_NAMES, replica="b").restore()
-        assert report.deltas == 1 and b.n_updates == 7
-        np.testing.assert_allclose(b.stats.A, a.stats.A, rtol=1e-12)
-    finally:
-        sa.close()
-        sb.close()
+    sa, sb = open_store(), open_store()
+    sync_a = LearnerSync(a, sa, FEATURE_NAMES, replica="a")
+    _updates(a, 4)
+    sync_a.snapshot()
+    assert a.stats.dn == 0 and a.state_dict()["stats"]["dn"] == 0
+    _updates(a, 3, seed=1)
+    sync_a.sync()  # then "a" crashes; b starts from a's snapshot and folds in a's later delta
+    report = LearnerSync(b, sb, FEATURE_NAMES, replica="b").restore()
+    assert report.deltas == 1 and b.n_updates == 7
+    np.testing.assert_allclose(b.stats.A, a.stats.A, rtol=1e-12)
 
 
 # -- 3. overflow and corrupt input never reach the model --
@@ -299,24 +292,19 @@ def test_a_bad_state_is_refused_and_changes_nothing(key: str, value: Any, match:
     _assert_same(before, learner)
 
 
-def test_a_corrupt_delta_is_skipped_and_later_ones_still_merge(fresh_pg_url: str) -> None:
-    migrate(fresh_pg_url)
+def test_a_corrupt_delta_is_skipped_and_later_ones_still_merge(open_store: StoreOpener) -> None:
     a, b = LinUCB(D, seed=1), LinUCB(D, seed=2)
-    sa, sb = LearnerStore(fresh_pg_url), LearnerStore(fresh_pg_url)
-    try:
-        sync_a, sync_b = LearnerSync(a, sa, FEATURE_NAMES, replica="a"), LearnerSync(b, sb, FEATURE_NAMES, replica="b")
-        name, version = sync_a.key
-        sa.write_delta(learner=name, version=version, replica="a", seq=1, dA=np.full((D, D), np.nan), db=np.zeros(D),
-                       dn=1)  # e.g. written by a replica running the unfixed code
-        sync_a._seq = 1
-        _updates(a, 4)
-        sync_a.sync()
-        assert sync_b.sync().merged == 4
-        assert b.n_updates == 4 and np.isfinite(b.stats.theta).all()
-        assert sync_b.sync().merged == 0  # skipped once, not retried forever
-    finally:
-        sa.close()
-        sb.close()
+    sa, sb = open_store(), open_store()
+    sync_a, sync_b = LearnerSync(a, sa, FEATURE_NAMES, replica="a"), LearnerSync(b, sb, FEATURE_NAMES, replica="b")
+    name, version = sync_a.key
+    sa.write_delta(learner=name, version=version, replica="a", seq=1, dA=np.full((D, D), np.nan), db=np.zeros(D),
+                   dn=1)  # e.g. written by a replica running the unfixed code
+    sync_a._seq = 1
+    _updates(a, 4)
+    sync_a.sync()
+    assert sync_b.sync().merged == 4
+    assert b.n_updates == 4 and np.isfinite(b.stats.theta).all()
+    assert sync_b.sync().merged == 0  # skipped once, not retried forever
 
 
 # -- 4. the Thompson sampler's cached factor is never stale --
@@ -349,51 +337,43 @@ def test_the_cached_cholesky_factor_is_never_older_than_the_model(monkeypatch: p
 # -- 5. another replica's snapshot: not its pending delta, not its random stream --
 
 def test_a_snapshot_of_another_replica_brings_neither_its_pending_delta_nor_its_random_stream(
-        fresh_pg_url: str) -> None:
-    migrate(fresh_pg_url)
-    store = LearnerStore(fresh_pg_url)
-    try:
-        a = LinUCB(D, seed=1)
-        _updates(a, 6)
-        sync_a = LearnerSync(a, store, FEATURE_NAMES, replica="a")
-        name, version = sync_a.key
-        # A state holding a pending delta (as snapshots written before this fix do).
-        store.save_snapshot(learner=name, version=version, replica="a", watermark=1_000.0, n_updates=a.n_updates,
-                            delta_marks={}, state=a.state_dict())
+        open_store: StoreOpener) -> None:
+    store = open_store()
+    a = LinUCB(D, seed=1)
+    _updates(a, 6)
+    sync_a = LearnerSync(a, store, FEATURE_NAMES, replica="a")
+    name, version = sync_a.key
+    # A state holding a pending delta (as snapshots written before this fix do).
+    store.save_snapshot(learner=name, version=version, replica="a", watermark=1_000.0, n_updates=a.n_updates,
+                        delta_marks={}, state=a.state_dict())
 
-        def restored(replica: str) -> LinUCB:
-            learner = LinUCB(D, seed=1)
-            LearnerSync(learner, store, FEATURE_NAMES, replica=replica).restore()
-            return learner
+    def restored(replica: str) -> LinUCB:
+        learner = LinUCB(D, seed=1)
+        LearnerSync(learner, store, FEATURE_NAMES, replica=replica).restore()
+        return learner
 
-        b, b_again, own = restored("b"), restored("b"), restored("a")
-        assert b.n_updates == 6 and b.stats.dn == 0 and not b.stats.dA.any()
-        np.testing.assert_allclose(b.stats.A, a.stats.A)
-        # Its own snapshot (nothing pushed since): the pending delta is still this replica's to push.
-        assert own.stats.dn == 6
-        np.testing.assert_array_equal(own.stats.dA, a.stats.dA)
-        draws = {r: [float(x._rng.random()) for _ in range(4)] for r, x in (("a", a), ("own", own), ("b", b),
-                                                                           ("b_again", b_again))}
-        assert draws["own"] == draws["a"]  # its own generator state, restored exactly
-        assert draws["b"] != draws["a"]  # another replica's stream is not replayed...
-        assert draws["b"] == draws["b_again"]  # ...and the reseed is deterministic
-    finally:
-        store.close()
+    b, b_again, own = restored("b"), restored("b"), restored("a")
+    assert b.n_updates == 6 and b.stats.dn == 0 and not b.stats.dA.any()
+    np.testing.assert_allclose(b.stats.A, a.stats.A)
+    # Its own snapshot (nothing pushed since): the pending delta is still this replica's to push.
+    assert own.stats.dn == 6
+    np.testing.assert_array_equal(own.stats.dA, a.stats.dA)
+    draws = {r: [float(x._rng.random()) for _ in range(4)] for r, x in (("a", a), ("own", own), ("b", b),
+                                                                       ("b_again", b_again))}
+    assert draws["own"] == draws["a"]  # its own generator state, restored exactly
+    assert draws["b"] != draws["a"]  # another replica's stream is not replayed...
+    assert draws["b"] == draws["b_again"]  # ...and the reseed is deterministic
 
 
-def test_an_own_snapshot_whose_pending_delta_was_pushed_since_is_not_pushed_again(fresh_pg_url: str) -> None:
-    migrate(fresh_pg_url)
-    store = LearnerStore(fresh_pg_url)
-    try:
-        a = LinUCB(D, seed=1)
-        sync_a = LearnerSync(a, store, FEATURE_NAMES, replica="a")
-        name, version = sync_a.key
-        _updates(a, 6)
-        store.save_snapshot(learner=name, version=version, replica="a", watermark=1_000.0, n_updates=a.n_updates,
-                            delta_marks={}, state=a.state_dict())
-        sync_a.sync()  # pushes those 6 as seq 1
-        again = LinUCB(D, seed=1)
-        LearnerSync(again, store, FEATURE_NAMES, replica="a").restore(replay=False)
-        assert again.stats.dn == 0
-    finally:
-        store.close()
+def test_an_own_snapshot_whose_pending_delta_was_pushed_since_is_not_pushed_again(open_store: StoreOpener) -> None:
+    store = open_store()
+    a = LinUCB(D, seed=1)
+    sync_a = LearnerSync(a, store, FEATURE_NAMES, replica="a")
+    name, version = sync_a.key
+    _updates(a, 6)
+    store.save_snapshot(learner=name, version=version, replica="a", watermark=1_000.0, n_updates=a.n_updates,
+                        delta_marks={}, state=a.state_dict())
+    sync_a.sync()  # pushes those 6 as seq 1
+    again = LinUCB(D, seed=1)
+    LearnerSync(again, store, FEATURE_NAMES, replica="a").restore(replay=False)
+    assert again.stats.dn == 0
