@@ -26,7 +26,7 @@ _STATUS_TO_PB = {v: k for k, v in _STATUS_FROM_PB.items()}
 def request_from_pb(m: pb.DecideRequest) -> RequestContext:
     return RequestContext(
         request_id=m.request_id, tenant=m.tenant, user_tier=m.user_tier or "standard", model=m.model,
-        model_family=m.model_family, modality=m.modality or "text", prompt_class=m.prompt_class or "general",
+        model_family=m.model_family, modality=m.modality, prompt_class=m.prompt_class or "general",
         estimated_input_tokens=m.estimated_input_tokens, expected_output_tokens=m.expected_output_tokens,
         allowed_jurisdictions=tuple(m.allowed_jurisdictions), data_class=m.data_class or "public",
         client_region=m.client_region, session_id=m.session_id, ttft_target_ms=m.ttft_target_ms,

@@ -13,13 +13,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from decision.bounded import make_room, put_bounded
+from decision.budget import apply_budget, over_budget
 from decision.candidates import CandidateSet, Placement, endpoint_ids_of, endpoints_of, max_age_of
 from decision.contracts import AuditSink, FeatureBuilder, Guard, Learner, OutcomeLookup, RewardFunction, TraceReader
 from decision.domain import (
@@ -179,8 +180,8 @@ class DecisionEngine:
         self.count_inflight = count_inflight
         self.added_delay_weight = added_delay_weight
         self.cost_weight_ms = cost_weight_ms
-        self._placement: dict[tuple[str, str, str, str], Placement] = {}
-        self._endpoint_rows: dict[tuple[str, str, str, str], list[list[Any]]] = {}
+        self._placement: dict[tuple[str, str, str, str, str], Placement] = {}
+        self._endpoint_rows: dict[tuple[str, str, str, str, str], list[list[Any]]] = {}
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
         self._reported: OrderedDict[str, float | None] = OrderedDict()
         self._reporting: set[str] = set()  # outcomes being recorded now (see report_outcome)
@@ -218,18 +219,29 @@ class DecisionEngine:
             raise NotFound("model", ctx.model)
         if not ctx.model and ctx.model_family not in fleet.by_family:
             raise NotFound("model_family", ctx.model_family)
-        placement = self._placed(fleet, ctx.model, ctx.model_family, ctx.client_region)
+        placement = self._placed(fleet, ctx.model, ctx.model_family, ctx.modality, ctx.client_region)
+        if not placement.endpoints and ctx.modality:
+            self._check_modality(fleet, ctx)
         return CandidateSet(placement, self.telemetry.batch(placement.endpoint_ids, now, placement.telemetry_rows))
 
-    def _placed(self, fleet: Fleet, model: str, family: str, client: str) -> Placement:
+    @staticmethod
+    def _check_modality(fleet: Fleet, ctx: RequestContext) -> None:
+        """Nothing located for this modality: if the model is deployed, the request asked it for the wrong kind."""
+        served = sorted({e.modality for e in endpoints_serving(fleet, ctx.model, ctx.model_family)})
+        if served:  # else nothing is deployed at all: the guard stage's answer, as without a modality
+            what = f"model {ctx.model}" if ctx.model else f"model family {ctx.model_family}"
+            raise InvalidArgument("modality", f"{what} takes {' or '.join(served)} requests, not {ctx.modality}")
+
+    def _placed(self, fleet: Fleet, model: str, family: str, modality: str, client: str) -> Placement:
         """The index read plus each endpoint's RTT and egress from the client, memoised per inventory revision."""
-        key = (fleet.revision, model, family, client)
+        key = (fleet.revision, model, family, modality, client)
         hit = self._placement.get(key)
         if hit is None:
             for gone in make_room(self._placement, 65536):
                 del self._endpoint_rows[gone]
-            hit = self._placement[key] = self.placement_of(fleet, endpoints_serving(fleet, model, family), client,
-                                                           self.max_candidates, rows_of=self.telemetry.rows_of)
+            serving = endpoints_serving(fleet, model, family, modality)
+            hit = self._placement[key] = self.placement_of(fleet, serving, client, self.max_candidates,
+                                                           rows_of=self.telemetry.rows_of)
             self._endpoint_rows[key] = [endpoint_row(e, rtt) for e, rtt in zip(hit.endpoints, hit.rtt_ms.tolist(),
                                                                                 strict=True)]
         return hit
@@ -256,6 +268,8 @@ class DecisionEngine:
         t0 = time.perf_counter()
         now = self.clock()
         fleet, guard, learner = self._fleet, self._guard, self.learner
+        if not ctx.modality:  # unset: what the model takes (rules, features and the audit log see that)
+            ctx = replace(ctx, modality=fleet.default_modality(ctx.model, ctx.model_family))
         decision_id = new_decision_id(now)
         candidates = self.locate(fleet, ctx, now)
         t1 = time.perf_counter()
@@ -269,10 +283,14 @@ class DecisionEngine:
             if not result.allowed:
                 self._deny(decision_id, ctx, fleet, candidates, result, learner, now,
                            {"locate": (t1 - t0) * 1e6, "prefetch": (t2 - t1) * 1e6, "guard": (t3 - t2) * 1e6})
-            egress = self._egress(fleet, ctx.client_region, result.allowed)
-            scored = score_candidates(ctx, result.allowed, self.features, egress,
-                                      ledger=self.ledger if self.count_inflight else None, now=now,
-                                      added_delay_weight=self.added_delay_weight, cost_weight_ms=self.cost_weight_ms)
+            scored = self._score(ctx, fleet, result.allowed, now)
+            over = over_budget(scored.cost_per_1k, ctx.max_cost_per_1k_tokens)
+            if over is not None:  # the request's own cost cap, a hard rule like the guard's
+                result = apply_budget(result, scored.cost_per_1k, over, ctx.max_cost_per_1k_tokens)
+                if not result.allowed:
+                    self._deny(decision_id, ctx, fleet, candidates, result, learner, now,
+                               {"locate": (t1 - t0) * 1e6, "prefetch": (t2 - t1) * 1e6, "guard": (t3 - t2) * 1e6})
+                scored = self._score(ctx, fleet, result.allowed, now)
             t4 = time.perf_counter()
             choice = learner.choose(ctx, scored)
             if not 0 <= choice.arm < len(scored) or not 0.0 < choice.propensity <= 1.0:
@@ -317,6 +335,11 @@ class DecisionEngine:
             self.on_stages(timings)
         return decision
 
+    def _score(self, ctx: RequestContext, fleet: Fleet, allowed: Sequence[Candidate], now: float) -> ScoredArms:
+        return score_candidates(ctx, allowed, self.features, self._egress(fleet, ctx.client_region, allowed),
+                                ledger=self.ledger if self.count_inflight else None, now=now,
+                                added_delay_weight=self.added_delay_weight, cost_weight_ms=self.cost_weight_ms)
+
     @staticmethod
     def _egress(fleet: Fleet, client: str, allowed: Sequence[Candidate]) -> Mapping[str, float]:
         """Egress $/GB to the client per site (a located set carries it already)."""
@@ -357,7 +380,8 @@ class DecisionEngine:
                fallbacks: tuple[Route, ...], learner: Learner, shadows: list[dict[str, Any]],
                timings: Mapping[str, float], now: float) -> tuple[LazyTrace, LazyTrace]:
         """(stored compact trace, readable view of it), both built only when first read."""
-        endpoints = self._endpoint_rows.get((fleet.revision, ctx.model, ctx.model_family, ctx.client_region))
+        endpoints = self._endpoint_rows.get((fleet.revision, ctx.model, ctx.model_family, ctx.modality,
+                                             ctx.client_region))
         stored = LazyTrace(gather=lambda: trace_parts(
             ctx=ctx, inventory_revision=fleet.revision, learner=f"{learner.name}@{learner.version}", now=now,
             candidates=candidates, result=result, scored=scored, choice=choice, fallbacks=fallbacks,

@@ -340,7 +340,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             user_tier=headers.get(c.tier_header, "") or "standard",
             model=model,
             model_family=family,
-            modality=headers.get(c.modality_header, "") or "text",
+            modality=headers.get(c.modality_header, ""),
             prompt_class=headers.get(c.prompt_class_header, "") or "general",
             estimated_input_tokens=body.estimated_input_tokens if body is not None else 0,
             expected_output_tokens=body.max_tokens if body is not None else 0,

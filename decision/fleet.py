@@ -263,8 +263,20 @@ class Fleet:
         self.by_model: dict[str, tuple[Endpoint, ...]] = {k: tuple(v) for k, v in by_model.items()}
         self.by_family: dict[str, tuple[Endpoint, ...]] = {k: tuple(v) for k, v in by_family.items()}
         self.models = models
+        family_modalities: dict[str, set[str]] = defaultdict(set)
+        for m in models.values():
+            family_modalities[m.family].add(m.modality)
+        self._family_modality = {f: next(iter(ms)) if len(ms) == 1 else "text" for f, ms in family_modalities.items()}
         self.sites = sites
         self.by_address: dict[str, Endpoint] = {e.address: e for e in endpoints}
+
+    def default_modality(self, model: str, family: str) -> str:
+        """The modality of a request that names none: its model's, or its family's when all the family's
+        models agree (else text); ``""`` for an unknown model or family (the locate stage says which)."""
+        if model:
+            spec = self.models.get(model)
+            return spec.modality if spec is not None else ""
+        return self._family_modality.get(family, "")
 
     def tiers(self) -> tuple[Tier, ...]:
         return tuple(t for t in TIERS if any(e.tier == t for e in self.endpoints))
@@ -298,8 +310,24 @@ def load_fleet_text(text: str, path: str = "<string>") -> Fleet:
     return Fleet.from_spec(parse_fleet(doc))
 
 
-def endpoints_serving(fleet: Fleet, model: str, family: str) -> Iterable[Endpoint]:
-    """The locate stage's index read: exact model if given, else the whole family."""
-    if model:
-        return fleet.by_model.get(model, ())
-    return fleet.by_family.get(family, ())
+def serves_modality(model_modality: str, requested: str) -> bool:
+    """Whether a model of ``model_modality`` takes a request of modality ``requested``.
+
+    ``""`` asks for nothing in particular; otherwise the modalities must match, except that a
+    multimodal model (image and text in, text out) also takes text-only requests.
+
+    >>> serves_modality("text", "text"), serves_modality("multimodal", "text"), serves_modality("image", "text")
+    (True, True, False)
+    >>> serves_modality("text", "")
+    True
+    """
+    return not requested or requested == model_modality or (requested == "text" and model_modality == "multimodal")
+
+
+def endpoints_serving(fleet: Fleet, model: str, family: str, modality: str = "") -> Iterable[Endpoint]:
+    """The locate stage's index read: exact model if given, else the whole family; with ``modality``,
+    only endpoints whose model takes requests of that modality (:func:`serves_modality`)."""
+    endpoints = fleet.by_model.get(model, ()) if model else fleet.by_family.get(family, ())
+    if not modality:
+        return endpoints
+    return [e for e in endpoints if serves_modality(e.modality, modality)]
