@@ -13,6 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -191,7 +192,11 @@ class DecisionEngine:
         # its retry picks the decision up here, so the outcome is learnt and audited once, not lost.
         self._unrecorded: dict[str, _Pending] = {}
         self._lock = threading.Lock()
-        self._learn_lock = threading.Lock()
+        # Held from an outcome's reported_at stamp (the audit submit) to its learning, and by a learner
+        # snapshot while it takes state and watermark (LearnerSync's barrier): an outcome is then in a
+        # snapshot exactly when it was stamped at or before the watermark, so a restore that replays the
+        # log after the watermark neither loses nor repeats it. Re-entrant: _learn takes it too.
+        self._learn_lock = threading.RLock()
         self.stats: dict[str, int] = {"decisions": 0, "denied": 0, "quota_denied": 0, "outcomes": 0,
                                       "outcomes_missing": 0, "outcomes_duplicate": 0, "outcomes_late": 0,
                                       "outcomes_elsewhere": 0, "updates_refused": 0}
@@ -492,12 +497,13 @@ class DecisionEngine:
         reward: float | None = None
         if pending is not None:
             reward = self.reward(pending.ctx, outcome, pending.expected_ttft_ms, pending.cost_per_1k_tokens)
-            self._audit_outcome(outcome, reward, pending)  # before learning: a refused outcome is retried whole
+            with self._learn_lock:  # stamped and learnt as one, for snapshots (see outcome_barrier)
+                self._audit_outcome(outcome, reward, pending)  # before learning: a refused outcome is retried whole
+                self._learn(pending.features, reward)
             if outcome.status == OutcomeStatus.OK and outcome.ttft_ms > 0:
                 with self._lock:
                     self.ledger.observed(pending.endpoint_id, expected_ms=pending.expected_ttft_ms - pending.rtt_ms,
                                          observed_ms=outcome.ttft_ms - pending.rtt_ms, slowness=pending.slowness)
-            self._learn(pending.features, reward)
         elif late:  # the timeout was learnt; what did happen still belongs in the log, learnt once is enough
             self.stats["outcomes_late"] += 1
             self._audit_outcome(outcome, None, None)
@@ -518,9 +524,10 @@ class DecisionEngine:
             logged = self._logged_arm(record)
             if logged is not None:
                 reward = self.reward(logged.ctx, outcome, logged.expected_ttft_ms, logged.cost_per_1k_tokens)
-            self._audit_outcome(outcome, reward, None)
-            if logged is not None and reward is not None:
-                self._learn(logged.features, reward)
+            with self._learn_lock:
+                self._audit_outcome(outcome, reward, None)
+                if logged is not None and reward is not None:
+                    self._learn(logged.features, reward)
         with self._lock:
             self._reported[did] = reward
             self._expired.pop(did, None)
@@ -562,6 +569,12 @@ class DecisionEngine:
                             arms.expected_cost_per_1k_tokens[i], 0.0)
         except (KeyError, TypeError, ValueError, IndexError):  # an older trace shape: record, do not learn
             return None
+
+    @property
+    def outcome_barrier(self) -> AbstractContextManager[Any]:
+        """The lock held from an outcome's ``reported_at`` stamp to its learning: hand it to
+        :class:`learners.sync.LearnerSync` as ``barrier`` so a snapshot never falls between the two."""
+        return self._learn_lock
 
     def pending_outcomes(self) -> int:
         return len(self._pending)

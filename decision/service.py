@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -168,7 +169,8 @@ class Service:
                              lambda: self.scraper.scrapes)
         self.metrics.counter("infermesh_telemetry_scrape_failures_total", "Scrapes of configured targets that failed.",
                              lambda: self.scraper.failures)
-        self.learner_sync = _build_learner_sync(config, settings, self.audit, learner, features)
+        self.learner_sync = _build_learner_sync(config, settings, self.audit, learner, features,
+                                                barrier=engine.outcome_barrier)
         self.grpc_server: grpc.Server | AioDecisionServer | None = None
         self.grpc_port = 0
         self.extproc: RunningExtProc | None = None  # when config.extproc.enabled
@@ -304,7 +306,7 @@ class Service:
 
 
 def _build_learner_sync(config: ServiceConfig, settings: Settings, audit: AuditParts, learner: Learner,
-                        features: FeatureBuilder) -> Any:
+                        features: FeatureBuilder, *, barrier: AbstractContextManager[Any]) -> Any:
     """Restore the learner from its newest snapshot (+ replica deltas, + replayed outcomes); None without a DB."""
     if not audit.database_url or not hasattr(learner, "state_dict"):
         return None
@@ -312,7 +314,7 @@ def _build_learner_sync(config: ServiceConfig, settings: Settings, audit: AuditP
     from learners.sync import LearnerSync
 
     replica = config.learner.replica or settings.replica
-    sync = LearnerSync(learner, LearnerStore(audit.database_url), features.names, replica=replica)
+    sync = LearnerSync(learner, LearnerStore(audit.database_url), features.names, replica=replica, barrier=barrier)
     report = sync.restore()
     log.info("learner %s@%s restored: snapshot %s, %d replica deltas, %d outcomes replayed", learner.name,
              learner.version, report.snapshot_id, report.deltas, report.replayed)

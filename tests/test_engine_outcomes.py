@@ -184,3 +184,20 @@ def test_an_update_a_learner_refuses_does_not_fail_the_outcome_nor_starve_the_sh
     # Both refused: the acting learner's refusal did not stop the shadow's try, nor fail the outcome.
     assert got.accepted and engine.stats["updates_refused"] == 2
     assert learner.n_updates == shadow.n_updates == 0  # refused whole, nothing half-applied
+
+
+def test_an_outcome_is_stamped_and_learnt_under_the_snapshot_barrier() -> None:
+    """While a learner snapshot holds ``outcome_barrier`` (taking state and watermark), an outcome is
+    neither stamped (submitted to the log with its reported_at) nor learnt: it lands wholly after."""
+    audit = _Audit()
+    engine, learner = _engine(audit, [1000.0])
+    d = engine.decide(RequestContext("r1", "acme", model="llama-3.1-8b"))
+    done = threading.Event()
+    outcome = Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=120.0, latency_ms=900.0, output_tokens=50)
+    with engine.outcome_barrier:
+        t = threading.Thread(target=lambda: (engine.report_outcome(outcome), done.set()))
+        t.start()
+        assert not done.wait(0.3)
+        assert audit.outcomes == [] and learner.n_updates == 0
+    t.join(5)
+    assert done.is_set() and len(audit.outcomes) == 1 and learner.n_updates == 1

@@ -43,6 +43,9 @@ def test_decide_report_explain_round_trip_through_postgres(service: Service) -> 
     ack = stub.ReportOutcome(pb.Outcome(decision_id=d.decision_id, status=pb.OUTCOME_STATUS_OK, ttft_ms=150,
                                         latency_ms=1200, input_tokens=300, output_tokens=80), timeout=10)
     assert ack.accepted and not ack.duplicate
+    # Learner snapshots take their state under the lock that covers an outcome's stamp and learning.
+    assert service.engine is not None and service.learner_sync is not None
+    assert service.learner_sync.barrier is service.engine.outcome_barrier
     assert service.audit.flush is not None
     service.audit.flush()
     t = stub.Explain(pb.ExplainRequest(decision_id=d.decision_id), timeout=10)
