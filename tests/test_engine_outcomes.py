@@ -194,8 +194,13 @@ def test_an_outcome_is_stamped_and_learnt_under_the_snapshot_barrier() -> None:
     d = engine.decide(RequestContext("r1", "acme", model="llama-3.1-8b"))
     done = threading.Event()
     outcome = Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=120.0, latency_ms=900.0, output_tokens=50)
+
+    def report() -> None:
+        engine.report_outcome(outcome)
+        done.set()
+
     with engine.outcome_barrier:
-        t = threading.Thread(target=lambda: (engine.report_outcome(outcome), done.set()))
+        t = threading.Thread(target=report)
         t.start()
         assert not done.wait(0.3)
         assert audit.outcomes == [] and learner.n_updates == 0
