@@ -93,7 +93,10 @@ class DecideRequest(_message.Message):
     """Exact model name; when empty, model_family selects any model of that family."""
     model_family: _builtins.str
     modality: _builtins.str
-    """text | image | multimodal | embedding"""
+    """text | image | multimodal | embedding. Only endpoints whose model takes it are candidates (a
+    multimodal model also takes text); a model that takes none of it is INVALID_ARGUMENT naming
+    this field. Empty: what the model (or all of the family's models) takes.
+    """
     prompt_class: _builtins.str
     estimated_input_tokens: _builtins.int
     expected_output_tokens: _builtins.int
@@ -103,6 +106,9 @@ class DecideRequest(_message.Message):
     session_id: _builtins.str
     ttft_target_ms: _builtins.float
     max_cost_per_1k_tokens: _builtins.float
+    """A hard cap on the expected $ per 1K tokens (the figure the response reports), judged as the
+    rule "request.max_cost_per_1k_tokens" after scoring; 0: no cap. None within it: FAILED_PRECONDITION.
+    """
     @_builtins.property
     def allowed_jurisdictions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Empty means no restriction beyond what the policies impose."""
