@@ -83,7 +83,7 @@ class RequestContext:
     user_tier: str = "standard"
     model: str = ""
     model_family: str = ""
-    modality: str = "text"
+    modality: str = ""  # "": what the model takes (the engine fills it in before the guard stage)
     prompt_class: str = "general"
     estimated_input_tokens: int = 0
     expected_output_tokens: int = 0
