@@ -184,7 +184,7 @@ class DecisionEngine:
         self._placement: dict[tuple[str, str, str, str, str], Placement] = {}
         self._endpoint_rows: dict[tuple[str, str, str, str, str], list[list[Any]]] = {}
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
-        self._reported: OrderedDict[str, float | None] = OrderedDict()
+        self._reported: dict[str, float | None] = {}
         self._reporting: set[str] = set()  # outcomes being recorded now (see report_outcome)
         # Decisions whose outcome did not come in time: a timeout was learnt; a late outcome is still audited.
         self._expired: dict[str, None] = {}
@@ -518,7 +518,7 @@ class DecisionEngine:
             if stored:  # reported before: idempotent across restarts too (the log keeps the first)
                 prior = stored.get("reward")
                 with self._lock:
-                    self._reported[did] = prior
+                    put_bounded(self._reported, did, prior, self.max_pending)
                 self.stats["outcomes_duplicate"] += 1
                 return OutcomeResult(did, True, True, prior)
             logged = self._logged_arm(record)
@@ -529,10 +529,8 @@ class DecisionEngine:
                 if logged is not None and reward is not None:
                     self._learn(logged.features, reward)
         with self._lock:
-            self._reported[did] = reward
+            put_bounded(self._reported, did, reward, self.max_pending)
             self._expired.pop(did, None)
-            while len(self._reported) > self.max_pending:
-                self._reported.popitem(last=False)
         self.stats["outcomes"] += 1
         return OutcomeResult(did, True, False, reward)
 
