@@ -45,6 +45,15 @@ def open_store(fresh_pg_url: str) -> Iterator[StoreOpener]:
         store.close()
 
 
+def _sync_failing_once(store: LearnerStore, sync: LearnerSync, write: Callable[..., None]) -> None:
+    """One ``sync()`` whose delta write goes through ``write(real, **kw)``, which raises; then the real one is back."""
+    real = store.write_delta
+    store.write_delta = lambda **kw: write(real, **kw)  # type: ignore[method-assign]
+    with pytest.raises(psycopg.OperationalError):
+        sync.sync()
+    store.write_delta = real  # type: ignore[method-assign]
+
+
 def _updates(learner: LinearLearner, n: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     for _ in range(n):
@@ -70,15 +79,11 @@ def test_a_failed_delta_write_is_retried_not_lost(open_store: StoreOpener) -> No
     sa, sb = open_store(), open_store()
     sync_a, sync_b = LearnerSync(a, sa, FEATURE_NAMES, replica="a"), LearnerSync(b, sb, FEATURE_NAMES, replica="b")
     _updates(a, 10)
-    real = sa.write_delta
 
-    def down(**kw: Any) -> None:
+    def down(real: Callable[..., None], **kw: Any) -> None:
         raise psycopg.OperationalError("connection lost (simulated)")
 
-    sa.write_delta = down  # type: ignore[method-assign]
-    with pytest.raises(psycopg.OperationalError):
-        sync_a.sync()
-    sa.write_delta = real  # type: ignore[method-assign]
+    _sync_failing_once(sa, sync_a, down)
     _updates(a, 5, seed=1)
     assert sync_a.sync().pushed == 15
     assert sync_b.sync().merged == 15
@@ -92,18 +97,14 @@ def test_a_retry_after_an_ambiguous_commit_is_counted_once(open_store: StoreOpen
     sa, sb = open_store(), open_store()
     sync_a, sync_b = LearnerSync(a, sa, FEATURE_NAMES, replica="a"), LearnerSync(b, sb, FEATURE_NAMES, replica="b")
     _updates(a, 10)
-    real = sa.write_delta
     seqs: list[int] = []
 
-    def committed_then_lost(**kw: Any) -> None:
+    def committed_then_lost(real: Callable[..., None], **kw: Any) -> None:
         real(**kw)
         seqs.append(kw["seq"])
         raise psycopg.OperationalError("connection lost after commit (simulated)")
 
-    sa.write_delta = committed_then_lost  # type: ignore[method-assign]
-    with pytest.raises(psycopg.OperationalError):
-        sync_a.sync()
-    sa.write_delta = real  # type: ignore[method-assign]
+    _sync_failing_once(sa, sync_a, committed_then_lost)
     _updates(a, 5, seed=1)
     sync_a.sync()
     assert sync_b.sync().merged == 15
