@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -46,41 +48,41 @@ def register(sub: Any) -> None:
     p = asub.add_parser("why", help="why a decision went where it went")
     p.add_argument("decision_id")
     p.add_argument("--json", action="store_true", help="the stored event, trace and outcome as JSON")
-    p.set_defaults(func=cmd_why)
+    p.set_defaults(func=_reporting(cmd_why))
     p = asub.add_parser("query", help="list decisions, newest first")
     _add_filters(p)
     p.add_argument("--limit", type=bounded_int(1, 10_000), default=20, help="rows per page, 1-10000")
     p.add_argument("--cursor")
-    p.set_defaults(func=cmd_query)
+    p.set_defaults(func=_reporting(cmd_query))
     p = asub.add_parser("export", help="export decisions as JSON lines or CSV")
     _add_filters(p)
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     p.add_argument("--trace", action="store_true", help="include the full trace (JSONL)")
     p.add_argument("--output", "-o", default="-")
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=_reporting(cmd_export))
     p = asub.add_parser("verify", help="recompute the hash chains; report the first broken link")
     p.add_argument("--from", dest="start", type=dt.date.fromisoformat, help="first UTC day (YYYY-MM-DD)")
     p.add_argument("--to", dest="end", type=dt.date.fromisoformat, help="last UTC day (inclusive)")
     p.add_argument("--checkpoint", metavar="FILE",
                    help="also require the chain heads recorded by `audit checkpoint` (catches deleted tails "
                         "and rewritten chains)")
-    p.set_defaults(func=cmd_verify)
+    p.set_defaults(func=_reporting(cmd_verify))
     p = asub.add_parser("checkpoint", help="write every hash chain's head, to keep outside the database")
     p.add_argument("--output", "-o", default="-", help="file to write (default: stdout)")
-    p.set_defaults(func=cmd_checkpoint)
+    p.set_defaults(func=_reporting(cmd_checkpoint))
     p = asub.add_parser("keys", help="create or revoke auditors' API keys")
     ksub = p.add_subparsers(dest="keys_command", required=True)
     k = ksub.add_parser("create")
     k.add_argument("--name", required=True)
     k.add_argument("--role", choices=list(keys.ROLES), default="auditor")
     k.add_argument("--tenant", help="restrict the key to one tenant")
-    k.set_defaults(func=cmd_keys_create)
+    k.set_defaults(func=_reporting(cmd_keys_create))
     k = ksub.add_parser("revoke")
     k.add_argument("key_id")
-    k.set_defaults(func=cmd_keys_revoke)
+    k.set_defaults(func=_reporting(cmd_keys_revoke))
     p = asub.add_parser("retention", help="drop day partitions older than N days")
     p.add_argument("--days", type=_days, required=True, help="days kept, today included (>= 1)")
-    p.set_defaults(func=cmd_retention)
+    p.set_defaults(func=_reporting(cmd_retention))
 
 
 def _days(text: str) -> int:
@@ -94,8 +96,26 @@ def _days(text: str) -> int:
 
 
 def _url() -> str:
-    url, _server = database.open_database()
+    """The existing audit log (never a new or migrated one: see ``database.open_existing``)."""
+    url, _server = database.open_existing()
     return url
+
+
+def _reporting(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``cmd`` with a missing or unreachable audit log reported in one line (exit 2), not a traceback."""
+
+    @functools.wraps(cmd)
+    def run(a: argparse.Namespace) -> int:
+        try:
+            return cmd(a)
+        except database.NoAuditLog as exc:
+            print(f"infermesh audit: {exc}", file=sys.stderr)
+        except psycopg.OperationalError as exc:  # lost mid-command
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"infermesh audit: the audit database failed: {first}", file=sys.stderr)
+        return 2
+
+    return run
 
 
 def cmd_why(a: argparse.Namespace) -> int:

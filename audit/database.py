@@ -46,6 +46,62 @@ def resolve_url(*, start: bool = True) -> tuple[str, Any]:
     return start_embedded()
 
 
+class NoAuditLog(RuntimeError):
+    """The audit log a reader asked for is not there: no database, no schema, or another schema revision."""
+
+
+def shown_url(url: str) -> str:
+    """``url`` without its password, for messages.
+
+    >>> shown_url("postgresql://audit:s3cret@db.internal:5432/infermesh")
+    'postgresql://audit:***@db.internal:5432/infermesh'
+    >>> shown_url("postgresql://postgres@127.0.0.1:5432/x")
+    'postgresql://postgres@127.0.0.1:5432/x'
+    """
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def open_existing() -> tuple[str, Any]:
+    """The audit log to read: ``INFERMESH_DATABASE_URL``, else the embedded database already under the
+    data directory. Never creates, migrates or partitions anything: an auditor may hold read-only
+    credentials, and run from the wrong directory a reader must say so rather than report on a new,
+    empty log. Raises :class:`NoAuditLog` naming what is missing."""
+    url = os.environ.get("INFERMESH_DATABASE_URL", "")
+    server = None
+    if not url:
+        pgdata = data_dir() / "pgdata"
+        if not (pgdata / "PG_VERSION").is_file():
+            raise NoAuditLog(f"no audit log under {pgdata}: INFERMESH_DATABASE_URL is not set and no embedded "
+                             "database is there; run where `infermesh serve` keeps its data, or set "
+                             "INFERMESH_DATA_DIR or INFERMESH_DATABASE_URL")
+        url, server = start_embedded(pgdata)
+    check_schema(url)
+    return url, server
+
+
+def check_schema(url: str) -> None:
+    """Raise :class:`NoAuditLog` unless ``url`` is reachable and its schema is at this release's head."""
+    from alembic.script import ScriptDirectory
+
+    heads = set(ScriptDirectory.from_config(migrate.alembic_config(url)).get_heads())
+    try:
+        with psycopg.connect(url, connect_timeout=10) as conn:
+            have = {r[0] for r in conn.execute("SELECT version_num FROM alembic_version").fetchall()}
+    except psycopg.errors.UndefinedTable:
+        raise NoAuditLog(f"{shown_url(url)} holds no audit log (no InferMesh migrations applied)") from None
+    except psycopg.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NoAuditLog(f"cannot reach the audit database {shown_url(url)}: {reason}") from None
+    if have != heads:
+        raise NoAuditLog(f"the audit log at {shown_url(url)} has schema revision {', '.join(sorted(have)) or 'none'}; "
+                         f"this infermesh reads {', '.join(sorted(heads))}: start `infermesh serve` once (it "
+                         "migrates) or upgrade with a matching release")
+
+
 def prepare(url: str, *, partitions_ahead_days: int = 3) -> None:
     """Migrate to head and create today's and the next days' partitions."""
     migrate.upgrade(url)

@@ -1,0 +1,51 @@
+"""The audit CLI reads only an audit log that exists: it never creates, migrates or reports on an empty one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from audit import migrate
+from decision.cli import main
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(["audit", *argv])
+    return code, capsys.readouterr().err
+
+
+def test_no_embedded_log_in_the_data_directory_is_an_error_and_creates_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("INFERMESH_DATABASE_URL", raising=False)
+    monkeypatch.setenv("INFERMESH_DATA_DIR", str(tmp_path / "var"))
+    for argv in (["verify"], ["query"], ["why", "01900000-0000-7000-8000-000000000000"], ["checkpoint"],
+                 ["keys", "create", "--name", "x"], ["retention", "--days", "3"]):
+        code, err = _run(argv, capsys)
+        assert code == 2, argv
+        assert f"no audit log under {tmp_path / 'var' / 'pgdata'}" in err and "INFERMESH_DATABASE_URL" in err
+    assert not (tmp_path / "var").exists()  # no empty database was started there to report "ok" on
+
+
+def test_a_database_without_the_schema_is_named_not_migrated(
+        fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("INFERMESH_DATABASE_URL", fresh_pg_url)
+    code, err = _run(["verify"], capsys)
+    assert code == 2 and "holds no audit log (no InferMesh migrations applied)" in err
+    code, err = _run(["query"], capsys)
+    assert code == 2 and "holds no audit log" in err
+    migrate.upgrade(fresh_pg_url, "0006")  # an older release's schema: readers would misread it
+    code, err = _run(["verify"], capsys)
+    assert code == 2 and "schema revision 0006" in err and "0007" in err
+    migrate.upgrade(fresh_pg_url)
+    code, err = _run(["verify"], capsys)
+    assert code == 0, err
+
+
+def test_an_unreachable_database_is_one_line_without_its_password(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("INFERMESH_DATABASE_URL", "postgresql://auditor:s3cret@127.0.0.1:1/infermesh")
+    code, err = _run(["query"], capsys)
+    assert code == 2
+    assert "cannot reach the audit database postgresql://auditor:***@127.0.0.1:1/infermesh" in err
+    assert "s3cret" not in err and "Traceback" not in err
