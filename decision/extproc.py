@@ -59,7 +59,6 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from decision.domain import Decision, Outcome, OutcomeStatus, RequestContext
 from decision.engine import DecisionEngine
@@ -68,6 +67,7 @@ from decision.extproc_config import DESTINATION_SERVED_KEY, EXTPROC_SERVICE, PRO
 from decision.extproc_openai import OpenAIRequest, Usage, UsageReader, parse_request
 from decision.grpc_serving import bind_port
 from decision.metrics import ServiceMetrics
+from decision.reflection import enable_reflection
 
 __all__ = ["EXTPROC_SERVICE", "ExtProcConfig", "ExtProcServer", "ExtProcServicer", "RunningExtProc",
            "add_extproc_to_server",
@@ -597,9 +597,7 @@ def serve_extproc(engine: DecisionEngine, config: ExtProcConfig | None = None, *
     servicer = add_extproc_to_server(server, engine, config, health_servicer, metrics)
     for name in PROBED_NAMES:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (EXTPROC_SERVICE, health.SERVICE_NAME,
-         reflection.SERVICE_NAME), server)
+    enable_reflection((EXTPROC_SERVICE, health.SERVICE_NAME), server)
     port = bind_port(server, address, credentials, "the ext_proc server", RuntimeError)
     server.start()
     return ExtProcServer(server, port, servicer, health_servicer)

@@ -10,8 +10,8 @@ pipe): several thread hand-offs per message on a small machine. grpclib parses t
 --server grpclib|asyncio`` measures the two side by side (``deploy/envoy/README.md``).
 
 Served here besides ``Process``: ``grpc.health.v1.Health`` (``Check`` and ``Watch``; Envoy health-
-checks ``envoy.service.ext_proc.v3.ExternalProcessor``) and server reflection (v1alpha, as on the
-grpcio servers). The messages are grpcio's generated ones (``grpc_health``, ``grpc_reflection``):
+checks ``envoy.service.ext_proc.v3.ExternalProcessor``) and server reflection (v1 and v1alpha, as on
+the grpcio servers). The messages are grpcio's generated ones (``grpc_health``, ``grpc_reflection``):
 grpclib's own copies of those protos would clash with them in the one descriptor pool.
 
 Limits: ``max_streams`` is advertised as HTTP/2 ``SETTINGS_MAX_CONCURRENT_STREAMS`` per
@@ -53,6 +53,8 @@ from decision.extproc import ExtProcServicer
 from decision.extproc_aio import AioExtProcServicer
 from decision.extproc_config import EXTPROC_SERVICE, PROBED_NAMES
 from decision.grpc_serving import LoopThread
+from decision.reflection import method_paths as reflection_paths
+from decision.reflection import reflected
 
 
 def _not_a_reset(record: logging.LogRecord) -> bool:
@@ -66,7 +68,6 @@ logging.getLogger("grpclib.server").addFilter(_not_a_reset)
 _HEALTH = "grpc.health.v1.Health"
 _MAX_STREAM_ID = 2**31 - 1
 _CLOSE_WAIT_S = 1.0  # for cancelled streams to send their status, twice (before and after dropping connections)
-_REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
 # A stream whose messages are already buffered and whose replies the socket still takes never
 # suspends on its own: every this many replies it yields, so one flooding client cannot starve the
 # loop (other streams, health checks, the stop's grace timer). Envoy sends a few messages per request.
@@ -163,9 +164,9 @@ class _Reflection:
         self._servicer = ReflectionServicer(tuple(services))
 
     def __mapping__(self) -> dict[str, Handler]:
-        return {f"/{_REFLECTION}/ServerReflectionInfo": Handler(
-            self.info, Cardinality.STREAM_STREAM,
-            reflection_pb2.ServerReflectionRequest, reflection_pb2.ServerReflectionResponse)}
+        return {path: Handler(self.info, Cardinality.STREAM_STREAM, reflection_pb2.ServerReflectionRequest,
+                              reflection_pb2.ServerReflectionResponse)
+                for path in reflection_paths()}  # v1 and v1alpha: one protocol (decision.reflection)
 
     async def info(self, stream: grpclib.server.Stream[Any, Any]) -> None:
         replies: AsyncIterator[Any] = self._servicer.ServerReflectionInfo(stream, None)
@@ -299,7 +300,7 @@ class GrpclibExtProcServer:
             self._extproc = _ExtProc(core)
             self._health = _Health((*PROBED_NAMES, EXTPROC_SERVICE))
             self._server = _Server([self._extproc, self._health,
-                                    _Reflection((EXTPROC_SERVICE, _HEALTH, _REFLECTION))], max_streams)
+                                    _Reflection(reflected((EXTPROC_SERVICE, _HEALTH)))], max_streams)
             await self._server.start(sock=sock, ssl=ssl_context)
             return int(sock.getsockname()[1])
 

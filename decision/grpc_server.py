@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from decision.convert import decision_to_pb, outcome_from_pb, request_from_pb, trace_to_pb
 from decision.edge import metadata_value
@@ -29,6 +28,7 @@ from decision.errors import (
 )
 from decision.grpc_serving import bind_port
 from decision.metrics import ServiceMetrics
+from decision.reflection import enable_reflection
 from decision.telemetry import (
     VALUE_RULE,
     Sample,
@@ -259,8 +259,7 @@ def build_server(servicer: DecisionServicer, *, address: str, threads: int = 32,
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, *extra_services)
-    reflection.enable_server_reflection(names, server)
+    enable_reflection((SERVICE_NAME, health.SERVICE_NAME, *extra_services), server)
     port = bind_port(server, address, credentials, "gRPC server")
     return server, port, health_servicer
 

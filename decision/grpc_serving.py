@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+
+from decision.reflection import enable_reflection
 
 T = TypeVar("T")
 
@@ -86,7 +87,7 @@ class LoopServer:
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
             for service in serving:
                 await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-            reflection.enable_server_reflection((*reflected, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            enable_reflection((*reflected, health.SERVICE_NAME), server)
             port = bind_port(server, address, credentials, what, bind_error)
             await server.start()
             self._server = server

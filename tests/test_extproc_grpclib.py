@@ -17,6 +17,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from decision.extproc import ExtProcServicer
@@ -86,6 +87,13 @@ def test_reflection_describes_the_ext_proc_service(server: GrpclibExtProcServer)
         assert EXTPROC_SERVICE in db.get_services() and "grpc.health.v1.Health" in db.get_services()
         svc = descriptor_pool.DescriptorPool(db).FindServiceByName(EXTPROC_SERVICE)
     assert [m.name for m in svc.methods] == ["Process"]
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:  # and on reflection's v1 name
+        call = ch.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        reply = next(iter(call(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {EXTPROC_SERVICE, "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= names
 
 
 def test_a_pick_over_the_wire_and_the_stream_closes_when_done(server: GrpclibExtProcServer) -> None:

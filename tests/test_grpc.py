@@ -161,6 +161,32 @@ def _reflect(channel: grpc.Channel, req: reflection_pb2.ServerReflectionRequest)
     return next(iter(stub.ServerReflectionInfo(iter([req]))))
 
 
+def _reflect_v1(channel: grpc.Channel, req: reflection_pb2.ServerReflectionRequest) -> Any:
+    """The same request on ``grpc.reflection.v1`` (one protocol; only the package differs)."""
+    call = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                                 request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                 response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+    return next(iter(call(iter([req]), timeout=5)))
+
+
+def test_reflection_v1_answers_as_current_tools_ask_first(server) -> None:  # type: ignore[no-untyped-def]
+    _, channel = server
+    listed = _reflect_v1(channel, reflection_pb2.ServerReflectionRequest(list_services=""))
+    names = {s.name for s in listed.list_services_response.service}
+    assert {SERVICE_NAME, "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= names
+    files = _reflect_v1(channel, reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME))
+    assert any(descriptor_pb2.FileDescriptorProto.FromString(b).service[:1]
+               and descriptor_pb2.FileDescriptorProto.FromString(b).service[0].name == "DecisionService"
+               for b in files.file_descriptor_response.file_descriptor_proto)
+    # `grpcurl describe grpc.reflection.v1.ServerReflection` works too: its file is the v1 package's.
+    v1 = _reflect_v1(channel, reflection_pb2.ServerReflectionRequest(
+        file_containing_symbol="grpc.reflection.v1.ServerReflection"))
+    fdp = descriptor_pb2.FileDescriptorProto.FromString(v1.file_descriptor_response.file_descriptor_proto[0])
+    assert fdp.package == "grpc.reflection.v1"
+    method = fdp.service[0].method[0]
+    assert (method.name, method.input_type) == ("ServerReflectionInfo", ".grpc.reflection.v1.ServerReflectionRequest")
+
+
 def test_reflection_lists_services_and_a_decide_works_without_the_proto(server) -> None:  # type: ignore[no-untyped-def]
     """What `grpcurl -plaintext host:port list` and a Decide call do, with no .proto at hand."""
     _, channel = server
