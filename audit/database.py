@@ -109,13 +109,6 @@ def prepare(url: str, *, partitions_ahead_days: int = 3) -> None:
         partitions.ensure_ahead(conn, today=dt.datetime.now(dt.UTC).date(), days_ahead=partitions_ahead_days)
 
 
-def open_database(*, partitions_ahead_days: int = 3) -> tuple[str, Any]:
-    """Resolve, migrate and partition: what ``infermesh serve`` and the CLI call at start-up."""
-    url, server = resolve_url()
-    prepare(url, partitions_ahead_days=partitions_ahead_days)
-    return url, server
-
-
 def database_url(url: str, name: str) -> str:
     """``url`` (a ``postgresql://`` URL) naming database ``name`` instead.
 

@@ -1,8 +1,9 @@
 """``infermesh learn ...``: off-policy evaluation from the audit log, and the learners' benchmark.
 
 ``infermesh learn evaluate --from T1 --to T2 --learner CONFIG`` reads the routed decisions made in
-``[T1, T2)`` and their outcomes from the audit log (``--database-url`` or
-``INFERMESH_DATABASE_URL``), replays them in decision order through the candidate learner
+``[T1, T2)`` and their outcomes from the audit log (``--database-url``, ``INFERMESH_DATABASE_URL``,
+or the embedded database under ``INFERMESH_DATA_DIR``, as the audit commands read it), replays
+them in decision order through the candidate learner
 (``CONFIG`` is ``name`` or ``name:key=value,...``, see :mod:`learners.registry`), and estimates its
 value with IPS, SNIPS and doubly robust estimators against the logged policy's own value. The
 candidate is evaluated progressively: each record is scored by the candidate as trained on the
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -124,9 +124,16 @@ def evaluate_log(url: str, start: float, end: float, spec: str, *, logged_learne
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    url = args.database_url or os.environ.get("INFERMESH_DATABASE_URL", "")
-    if not url:
-        print("error: no database: pass --database-url or set INFERMESH_DATABASE_URL", file=sys.stderr)
+    from audit import database
+
+    url = args.database_url
+    try:
+        if url:
+            database.check_schema(url)
+        else:  # INFERMESH_DATABASE_URL, else the embedded log the service keeps, as the audit commands read it
+            url, _server = database.open_existing()
+    except database.NoAuditLog as exc:
+        print(f"infermesh learn evaluate: {exc}", file=sys.stderr)
         return 2
     out = evaluate_log(url, args.start, args.end, args.learner, logged_learner=args.logged_learner,
                        missing_reward=args.missing_reward)
@@ -206,7 +213,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ev.add_argument("--logged-learner", default=None, help="only decisions made by this NAME@VERSION")
     ev.add_argument("--missing-reward", type=float, default=None,
                     help="reward of decisions whose outcome never came (default: leave them out)")
-    ev.add_argument("--database-url", default="", help="PostgreSQL URL (default: INFERMESH_DATABASE_URL)")
+    ev.add_argument("--database-url", default="",
+                    help="PostgreSQL URL (default: INFERMESH_DATABASE_URL, else the embedded log under "
+                         "INFERMESH_DATA_DIR)")
     ev.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
     ev.set_defaults(func=_cmd_evaluate)
     b = lsub.add_parser("bench", help="per-decision choose/update cost of every learner (and regret)")

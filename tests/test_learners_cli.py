@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -50,9 +51,15 @@ def test_learn_evaluate_reads_the_audit_log_and_compares_policies(fresh_pg_url: 
     assert rc == 0 and again["records"] == 300
 
 
-def test_learn_evaluate_needs_a_database(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_learn_evaluate_needs_an_audit_log(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fresh_pg_url: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("INFERMESH_DATABASE_URL", raising=False)
+    monkeypatch.setenv("INFERMESH_DATA_DIR", str(tmp_path))
     assert main(["learn", "evaluate", "--from", "0", "--to", "1", "--learner", "linucb"]) == 2
+    assert f"no audit log under {tmp_path / 'pgdata'}" in capsys.readouterr().err
+    assert main(["learn", "evaluate", "--from", "0", "--to", "1", "--learner", "linucb",
+                 "--database-url", fresh_pg_url]) == 2  # not migrated: no audit log there either
+    assert "holds no audit log" in capsys.readouterr().err
 
 
 def test_learn_evaluate_names_a_bad_time(capsys: pytest.CaptureFixture[str]) -> None:
