@@ -81,29 +81,31 @@ class RidgeStats:
         make ``theta`` NaN for good (later data cannot heal it) and the delta would carry the NaN to
         every replica. So the new values are computed first and kept only if finite.
         """
-        xx = np.outer(x, x)
-        rx = r * x
-        b = self.b + rx
-        db = self.db + rx
-        # A is positive semi-definite, so |A_ij| <= max(A_ii): a finite trace means a finite A (and dA).
-        trace = self._trace + x.dot(x)
-        if self._since + 1 >= self.refresh_every:
-            A = self.A + xx
-            A_inv = np.asarray(np.linalg.inv(A), dtype=np.float64)
-            theta = A_inv @ b
-            # One scalar test: NaN and inf propagate through sums and products (0 * inf is NaN).
-            _check_finite(trace + theta.dot(db), "update")
-            self.A, self.A_inv, self._since = A, A_inv, 0
-        else:
-            ax = self.A_inv @ x
-            q = x.dot(ax)
-            # A new array, not an in-place edit: a concurrent reader sees the old or the new inverse.
-            A_inv = self.A_inv - np.outer(ax, ax) / (1.0 + q)
-            theta = A_inv @ b
-            _check_finite(trace + q + theta.dot(db), "update")
-            self.A += xx
-            self.A_inv = A_inv
-            self._since += 1
+        # Overflow is detected here and refused with a ValueError: numpy's own warnings would only be noise.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            xx = np.outer(x, x)
+            rx = r * x
+            b = self.b + rx
+            db = self.db + rx
+            # A is positive semi-definite, so |A_ij| <= max(A_ii): a finite trace means a finite A (and dA).
+            trace = self._trace + x.dot(x)
+            if self._since + 1 >= self.refresh_every:
+                A = self.A + xx
+                A_inv = np.asarray(np.linalg.inv(A), dtype=np.float64)
+                theta = A_inv @ b
+                # One scalar test: NaN and inf propagate through sums and products (0 * inf is NaN).
+                _check_finite(trace + theta.dot(db), "update")
+                self.A, self.A_inv, self._since = A, A_inv, 0
+            else:
+                ax = self.A_inv @ x
+                q = x.dot(ax)
+                # A new array, not an in-place edit: a concurrent reader sees the old or the new inverse.
+                A_inv = self.A_inv - np.outer(ax, ax) / (1.0 + q)
+                theta = A_inv @ b
+                _check_finite(trace + q + theta.dot(db), "update")
+                self.A += xx
+                self.A_inv = A_inv
+                self._since += 1
         self.dA += xx
         self.b, self.db, self.theta, self._trace = b, db, theta, float(trace)
         self.n += 1
