@@ -230,6 +230,14 @@ class DecisionEngine:
         return CandidateSet(placement, self.telemetry.batch(placement.endpoint_ids, now, placement.telemetry_rows))
 
     @staticmethod
+    def with_modality(fleet: Fleet, ctx: RequestContext) -> RequestContext:
+        """``ctx`` with an unset modality set to what the model takes (rules, features and the audit log
+        see that); unchanged when it names one."""
+        if ctx.modality:
+            return ctx
+        return replace(ctx, modality=fleet.default_modality(ctx.model, ctx.model_family))
+
+    @staticmethod
     def _check_modality(fleet: Fleet, ctx: RequestContext) -> None:
         """Nothing located for this modality: if the model is deployed, the request asked it for the wrong kind."""
         served = sorted({e.modality for e in endpoints_serving(fleet, ctx.model, ctx.model_family)})
@@ -273,8 +281,7 @@ class DecisionEngine:
         t0 = time.perf_counter()
         now = self.clock()
         fleet, guard, learner = self._fleet, self._guard, self.learner
-        if not ctx.modality:  # unset: what the model takes (rules, features and the audit log see that)
-            ctx = replace(ctx, modality=fleet.default_modality(ctx.model, ctx.model_family))
+        ctx = self.with_modality(fleet, ctx)
         decision_id = new_decision_id(now)
         candidates = self.locate(fleet, ctx, now)
         t1 = time.perf_counter()

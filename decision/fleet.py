@@ -263,16 +263,17 @@ class Fleet:
         self.by_model: dict[str, tuple[Endpoint, ...]] = {k: tuple(v) for k, v in by_model.items()}
         self.by_family: dict[str, tuple[Endpoint, ...]] = {k: tuple(v) for k, v in by_family.items()}
         self.models = models
-        family_modalities: dict[str, set[str]] = defaultdict(set)
-        for m in models.values():
-            family_modalities[m.family].add(m.modality)
-        self._family_modality = {f: next(iter(ms)) if len(ms) == 1 else "text" for f, ms in family_modalities.items()}
+        # What a family request without a modality asks for: what the family's deployed models take,
+        # when they agree; a mixed family ("") is not narrowed.
+        family_modalities = {f: {e.modality for e in eps} for f, eps in self.by_family.items()}
+        self._family_modality = {f: next(iter(ms)) if len(ms) == 1 else "" for f, ms in family_modalities.items()}
         self.sites = sites
         self.by_address: dict[str, Endpoint] = {e.address: e for e in endpoints}
 
     def default_modality(self, model: str, family: str) -> str:
         """The modality of a request that names none: its model's, or its family's when all the family's
-        models agree (else text); ``""`` for an unknown model or family (the locate stage says which)."""
+        deployed models agree; ``""`` (no narrowing) for a mixed family, and for an unknown model or
+        family (the locate stage says which)."""
         if model:
             spec = self.models.get(model)
             return spec.modality if spec is not None else ""

@@ -63,6 +63,7 @@ def explain(request: dict[str, Any], fleet_path: Path, policies: Path) -> dict[s
     engine = DecisionEngine(fleet, TelemetryStore({e.endpoint_id: e.node_id for e in fleet.endpoints}),
                             BuiltinHealthGuard(), LeastExpectedTtft())
     now = time.time()
+    ctx = engine.with_modality(fleet, ctx)  # as a Decide sees it
     candidates = engine.locate(fleet, ctx, now)
     result = guard.evaluate(ctx, candidates, {**guard.peek(ctx), "inventory_revision": fleet.revision,
                                               "now": now})
@@ -79,7 +80,10 @@ def explain(request: dict[str, Any], fleet_path: Path, policies: Path) -> dict[s
         rows[c.endpoint.endpoint_id]["allowed"] = True
     return {"revision": result.revision, "candidates": len(candidates), "allowed": len(result.allowed),
             "quota_denied": result.quota_denied, "removing_rules": list(result.removing_rules()),
-            "request_rules": request_verdicts, "endpoints": rows}
+            "request_rules": request_verdicts, "endpoints": rows,
+            # The request's cost cap is judged on the score stage's expected cost, which this report
+            # does not compute: a Decide may still remove allowed candidates by it.
+            "cost_cap_not_judged": ctx.max_cost_per_1k_tokens > 0}
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -107,6 +111,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"policy {report['revision']}: {report['allowed']} of {report['candidates']} candidates allowed")
+    if report["cost_cap_not_judged"]:
+        print("note: the request's max_cost_per_1k_tokens (rule request.max_cost_per_1k_tokens) is judged after "
+              "scoring, which this report does not do; a Decide may remove more candidates by it")
     for v in report["request_rules"]:
         print(f"  request  {'allow' if v['allow'] else 'DENY '} {v['rule_id']} ({v['engine']}): {v['reason']}")
     for eid, row in report["endpoints"].items():

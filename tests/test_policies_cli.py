@@ -57,6 +57,20 @@ def test_explain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert set(report["removing_rules"]) == {"residency.sites", "safety.prompt_class", "safety.device_owner"}
 
 
+def test_explain_sees_the_modality_a_decide_sees_and_says_the_cost_cap_is_not_judged(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    req = tmp_path / "r.json"
+    fleet = str(ROOT / "deploy/demo/fleet.yaml")
+    req.write_text(json.dumps({"request_id": "r1", "tenant": "globex", "model": "sdxl-1.0", "modality": "text"}))
+    assert main(["policy", "explain", "--request", str(req), "--fleet", fleet]) == 1
+    assert "modality: model sdxl-1.0 takes image requests, not text" in capsys.readouterr().err
+    req.write_text(json.dumps({"request_id": "r1", "tenant": "globex", "model": "sdxl-1.0",
+                               "max_cost_per_1k_tokens": 0.001}))
+    assert main(["policy", "explain", "--request", str(req), "--fleet", fleet]) == 0
+    assert "max_cost_per_1k_tokens (rule request.max_cost_per_1k_tokens) is judged after scoring" in \
+        capsys.readouterr().out
+
+
 @pytest.mark.parametrize(("body", "code", "message"), [
     ('{"request_id": "r",\n "tenant": 5', 2, "r.json:2:13: invalid JSON"),
     ("[1]", 1, "expected a JSON object of DecideRequest fields, not list"),

@@ -122,3 +122,21 @@ def test_grpc_answers_failed_precondition_naming_the_cost_rule(demo_fleet: Fleet
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "modality" in (err.value.details() or "")
     finally:
         server.stop(0)
+
+
+def test_a_family_default_comes_from_what_is_deployed_and_a_mixed_family_is_not_narrowed() -> None:
+    from decision.fleetgen import demo_fleet
+
+    doc = demo_fleet()
+    doc["models"].append({"name": "sdxl-captioner", "family": "sdxl", "modality": "text", "safety_tier": "general",
+                          "params_b": 3.0})
+    fleet = Fleet.from_mapping(doc)  # listed, not deployed: the family still takes image requests
+    assert fleet.default_modality("", "sdxl") == "image"
+    assert demo_engine(fleet).decide(_req(model_family="sdxl", modality="")).request.modality == "image"
+    doc["deployments"].append({"id": "eu-west-dc1-n1/sdxl-captioner", "node": "eu-west-dc1-n1",
+                               "model": "sdxl-captioner", "address": "10.0.15.99:8000", "runtime": "vllm",
+                               "max_concurrency": 8, "warm": True})
+    mixed = Fleet.from_mapping(doc)
+    assert mixed.default_modality("", "sdxl") == ""
+    d = demo_engine(mixed).decide(_req(model_family="sdxl", modality=""))
+    assert set(d.trace["stages"]["locate"]["candidates"]) == {e.endpoint_id for e in mixed.by_family["sdxl"]}

@@ -95,7 +95,8 @@ class DecideRequest(_message.Message):
     modality: _builtins.str
     """text | image | multimodal | embedding. Only endpoints whose model takes it are candidates (a
     multimodal model also takes text); a model that takes none of it is INVALID_ARGUMENT naming
-    this field. Empty: what the model (or all of the family's models) takes.
+    this field. Empty: what the model takes (for a family, what its deployed models take when they
+    agree; a mixed family is not narrowed).
     """
     prompt_class: _builtins.str
     estimated_input_tokens: _builtins.int
