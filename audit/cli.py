@@ -110,9 +110,8 @@ def _reporting(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
             return cmd(a)
         except database.NoAuditLog as exc:
             print(f"infermesh audit: {exc}", file=sys.stderr)
-        except psycopg.OperationalError as exc:  # lost mid-command
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            print(f"infermesh audit: the audit database failed: {first}", file=sys.stderr)
+        except psycopg.Error as exc:  # lost mid-command, or refused (permissions)
+            print(f"infermesh audit: the audit database failed: {database.first_line(exc)}", file=sys.stderr)
         return 2
 
     return run
@@ -152,12 +151,13 @@ def cmd_query(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from audit.api import _csv, _jsonl
 
-    try:  # the output first: a bad path is reported before anything is read
+    url = _url()  # before the output is opened: a missing log must not truncate an existing file
+    try:
         out = sys.stdout.buffer if a.output == "-" else open(a.output, "wb")  # noqa: SIM115
     except OSError as exc:
         print(f"{a.output}: {exc.strerror}", file=sys.stderr)
         return 2
-    repo = AuditRepository(_url())
+    repo = AuditRepository(url)
     try:
         if a.format == "csv":
             for s in _csv(repo, _filters(a)):

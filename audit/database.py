@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from audit import migrate, partitions
 
@@ -51,18 +52,30 @@ class NoAuditLog(RuntimeError):
 
 
 def shown_url(url: str) -> str:
-    """``url`` without its password, for messages.
+    """``url`` (a URL or a ``key=value`` conninfo string) without its password, for messages.
 
     >>> shown_url("postgresql://audit:s3cret@db.internal:5432/infermesh")
     'postgresql://audit:***@db.internal:5432/infermesh'
+    >>> shown_url("postgresql://db.internal/infermesh?user=audit&password=s3cret")
+    'postgresql://db.internal/infermesh?user=audit&password=***'
+    >>> shown_url("host=db.internal password=s3cret dbname=infermesh")
+    'password=*** dbname=infermesh host=db.internal'
     >>> shown_url("postgresql://postgres@127.0.0.1:5432/x")
     'postgresql://postgres@127.0.0.1:5432/x'
     """
-    parts = urlsplit(url)
-    if parts.password is None:
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "(a database URL that does not parse)"
+    if "password" not in params:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    if "://" not in url:
+        return make_conninfo("", **{**params, "password": "***"})
+    parts = urlsplit(url)
+    netloc = parts.netloc if parts.password is None else parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    query = "&".join("password=***" if q.split("=", 1)[0] == "password" else q for q in parts.query.split("&")
+                     ) if parts.query else ""
+    return parts._replace(netloc=netloc, query=query).geturl()
 
 
 def open_existing() -> tuple[str, Any]:
@@ -85,21 +98,38 @@ def open_existing() -> tuple[str, Any]:
 
 def check_schema(url: str) -> None:
     """Raise :class:`NoAuditLog` unless ``url`` is reachable and its schema is at this release's head."""
-    from alembic.script import ScriptDirectory
-
-    heads = set(ScriptDirectory.from_config(migrate.alembic_config(url)).get_heads())
+    heads, known = migrate.script_heads_and_revisions()
+    shown = shown_url(url)
     try:
         with psycopg.connect(url, connect_timeout=10) as conn:
             have = {r[0] for r in conn.execute("SELECT version_num FROM alembic_version").fetchall()}
     except psycopg.errors.UndefinedTable:
-        raise NoAuditLog(f"{shown_url(url)} holds no audit log (no InferMesh migrations applied)") from None
+        raise NoAuditLog(f"{shown} holds no audit log (no InferMesh migrations applied)") from None
     except psycopg.OperationalError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NoAuditLog(f"cannot reach the audit database {shown_url(url)}: {reason}") from None
+        raise NoAuditLog(f"cannot reach the audit database {shown}: {_scrubbed(first_line(exc), url)}") from None
+    except psycopg.Error as exc:  # a malformed URL, no permission to read, ...
+        raise NoAuditLog(f"cannot read the audit log at {shown}: {_scrubbed(first_line(exc), url)}") from None
     if have != heads:
-        raise NoAuditLog(f"the audit log at {shown_url(url)} has schema revision {', '.join(sorted(have)) or 'none'}; "
-                         f"this infermesh reads {', '.join(sorted(heads))}: start `infermesh serve` once (it "
-                         "migrates) or upgrade with a matching release")
+        at = ", ".join(sorted(have)) or "none"
+        advice = ("a newer release wrote it: read it with that release" if have - known else
+                  "start `infermesh serve` once (it migrates)")
+        raise NoAuditLog(f"the audit log at {shown} has schema revision {at}; this infermesh reads "
+                         f"{', '.join(sorted(heads))}: {advice}")
+
+
+def _scrubbed(text: str, url: str) -> str:
+    """``text`` (libpq's messages may quote the URL) with ``url``'s password masked."""
+    try:
+        password = conninfo_to_dict(url).get("password")
+    except psycopg.ProgrammingError:
+        password = urlsplit(url).password
+    return text.replace(str(password), "***") if password else text
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (psycopg's run to several), or its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def prepare(url: str, *, partitions_ahead_days: int = 3) -> None:

@@ -26,6 +26,16 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
+def script_heads_and_revisions() -> tuple[set[str], set[str]]:
+    """This release's head revisions, and every revision it knows (no database needed)."""
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    script = ScriptDirectory.from_config(cfg)
+    return set(script.get_heads()), {r.revision for r in script.walk_revisions()}
+
+
 # pg_advisory_lock key: replicas starting together on a fresh database migrate one at a time.
 MIGRATION_LOCK = 0x1F3E_5A17
 

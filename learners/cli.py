@@ -124,6 +124,8 @@ def evaluate_log(url: str, start: float, end: float, spec: str, *, logged_learne
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import psycopg
+
     from audit import database
 
     url = args.database_url
@@ -135,8 +137,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     except database.NoAuditLog as exc:
         print(f"infermesh learn evaluate: {exc}", file=sys.stderr)
         return 2
-    out = evaluate_log(url, args.start, args.end, args.learner, logged_learner=args.logged_learner,
-                       missing_reward=args.missing_reward)
+    try:
+        out = evaluate_log(url, args.start, args.end, args.learner, logged_learner=args.logged_learner,
+                           missing_reward=args.missing_reward)
+    except psycopg.Error as exc:  # lost mid-run
+        print(f"infermesh learn evaluate: the audit database failed: {database.first_line(exc)}", file=sys.stderr)
+        return 2
     print(f"off-policy evaluation of {args.learner} on {out['records']} logged decisions "
           f"(skipped: {out['skipped']})")
     if out["estimates"]:

@@ -49,3 +49,36 @@ def test_an_unreachable_database_is_one_line_without_its_password(
     assert code == 2
     assert "cannot reach the audit database postgresql://auditor:***@127.0.0.1:1/infermesh" in err
     assert "s3cret" not in err and "Traceback" not in err
+
+
+def test_a_malformed_url_is_one_line_without_its_password(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    for url in ("host=127.0.0.1 port=1 password=s3cret dbname=x connect_timeout=2",
+                "postgresql+psycopg://auditor:s3cret@127.0.0.1:1/x",
+                "postgresql://127.0.0.1:1/x?user=auditor&password=s3cret&connect_timeout=2"):
+        monkeypatch.setenv("INFERMESH_DATABASE_URL", url)
+        code, err = _run(["query"], capsys)
+        assert code == 2 and err.startswith("infermesh audit: ") and err.count("\n") == 1, err
+        assert "s3cret" not in err and "Traceback" not in err
+
+
+def test_a_newer_schema_is_not_advised_to_migrate(
+        fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import psycopg
+
+    migrate.upgrade(fresh_pg_url)
+    with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '9999'")
+    monkeypatch.setenv("INFERMESH_DATABASE_URL", fresh_pg_url)
+    code, err = _run(["verify"], capsys)
+    assert code == 2 and "schema revision 9999" in err and "a newer release wrote it" in err
+
+
+def test_export_does_not_truncate_its_output_when_there_is_no_log(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("INFERMESH_DATABASE_URL", raising=False)
+    monkeypatch.setenv("INFERMESH_DATA_DIR", str(tmp_path / "var"))
+    earlier = tmp_path / "evidence.jsonl"
+    earlier.write_text('{"decision_id": "kept"}\n')
+    code, _ = _run(["export", "-o", str(earlier)], capsys)
+    assert code == 2 and earlier.read_text() == '{"decision_id": "kept"}\n'
