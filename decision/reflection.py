@@ -4,7 +4,7 @@ Current tools (grpcurl, buf curl, grpcui, Postman) ask ``v1`` first; some older 
 ``v1alpha``. grpcio-reflection ships ``v1alpha`` alone. The two are one protocol: the same messages
 with the same field numbers, only the package renamed, so ``v1alpha``'s servicer answers ``v1``
 calls byte for byte. For ``describe grpc.reflection.v1.ServerReflection`` to work as well, the
-``v1`` file is registered in the default descriptor pool: ``v1alpha``'s with its package renamed.
+``v1`` file (grpclib's copy) is registered in the default descriptor pool.
 """
 
 from __future__ import annotations
@@ -14,38 +14,22 @@ from collections.abc import Iterable
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 V1_SERVICE_NAME = "grpc.reflection.v1.ServerReflection"
 V1ALPHA_SERVICE_NAME: str = reflection.SERVICE_NAME
 SERVICE_NAMES = (V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME)
 METHOD = "ServerReflectionInfo"
-_V1_FILE = "grpc/reflection/v1/reflection.proto"
 
 
 @functools.cache
 def register_v1_descriptor() -> None:
-    """Add the ``grpc.reflection.v1`` file to the default pool (once; kept if something added it first)."""
-    pool = descriptor_pool.Default()
-    try:
-        pool.FindFileByName(_V1_FILE)
-        return
-    except KeyError:
-        pass
-    fdp = descriptor_pb2.FileDescriptorProto.FromString(reflection_pb2.DESCRIPTOR.serialized_pb)
-    old, new = f".{fdp.package}.", ".grpc.reflection.v1."
-    fdp.name, fdp.package = _V1_FILE, "grpc.reflection.v1"
-    fdp.ClearField("options")  # v1alpha's java_package and the like name the old package
-    for message in fdp.message_type:
-        for field in message.field:
-            if field.type_name.startswith(old):
-                field.type_name = new + field.type_name[len(old):]
-    for service in fdp.service:
-        for method in service.method:
-            method.input_type = new + method.input_type[len(old):]
-            method.output_type = new + method.output_type[len(old):]
-    pool.Add(fdp)
+    """Have the ``grpc.reflection.v1`` protocol in the default descriptor pool (once).
+
+    grpclib (a dependency, the ext_proc server) ships it: importing that module registers it, and
+    any later import of it is then a no-op rather than a clash with a copy of our own.
+    """
+    import grpclib.reflection.v1.reflection_pb2  # noqa: F401  (registers grpc.reflection.v1)
 
 
 def reflected(services: Iterable[str]) -> tuple[str, ...]:
