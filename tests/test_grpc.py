@@ -10,7 +10,7 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from decision.grpc_aio import AioDecisionServer
 from decision.grpc_server import SERVICE_NAME, DecisionServicer, build_server
@@ -156,44 +156,35 @@ def test_health_reports_serving(server) -> None:  # type: ignore[no-untyped-def]
         assert stub.Check(health_pb2.HealthCheckRequest(service=name)).status == health_pb2.HealthCheckResponse.SERVING
 
 
-def _reflect(channel: grpc.Channel, req: reflection_pb2.ServerReflectionRequest) -> Any:
-    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    return next(iter(stub.ServerReflectionInfo(iter([req]))))
-
-
-def _reflect_v1(channel: grpc.Channel, req: reflection_pb2.ServerReflectionRequest) -> Any:
-    """The same request on ``grpc.reflection.v1`` (one protocol; only the package differs)."""
-    call = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+def _reflect(channel: grpc.Channel, req: reflection_pb2.ServerReflectionRequest, version: str = "v1alpha") -> Any:
+    """One reflection request on ``grpc.reflection.<version>`` (v1 and v1alpha: one protocol, only the package
+    differs, so v1alpha's messages serve both)."""
+    call = channel.stream_stream(f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
                                  request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
                                  response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
     return next(iter(call(iter([req]), timeout=5)))
 
 
-def test_reflection_v1_answers_as_current_tools_ask_first(server) -> None:  # type: ignore[no-untyped-def]
+def test_reflection_v1_describes_itself(server) -> None:  # type: ignore[no-untyped-def]
+    """`grpcurl describe grpc.reflection.v1.ServerReflection`: its file is the v1 package's."""
     _, channel = server
-    listed = _reflect_v1(channel, reflection_pb2.ServerReflectionRequest(list_services=""))
-    names = {s.name for s in listed.list_services_response.service}
-    assert {SERVICE_NAME, "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= names
-    files = _reflect_v1(channel, reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME))
-    assert any(descriptor_pb2.FileDescriptorProto.FromString(b).service[:1]
-               and descriptor_pb2.FileDescriptorProto.FromString(b).service[0].name == "DecisionService"
-               for b in files.file_descriptor_response.file_descriptor_proto)
-    # `grpcurl describe grpc.reflection.v1.ServerReflection` works too: its file is the v1 package's.
-    v1 = _reflect_v1(channel, reflection_pb2.ServerReflectionRequest(
-        file_containing_symbol="grpc.reflection.v1.ServerReflection"))
+    v1 = _reflect(channel, reflection_pb2.ServerReflectionRequest(
+        file_containing_symbol="grpc.reflection.v1.ServerReflection"), "v1")
     fdp = descriptor_pb2.FileDescriptorProto.FromString(v1.file_descriptor_response.file_descriptor_proto[0])
     assert fdp.package == "grpc.reflection.v1"
     method = fdp.service[0].method[0]
     assert (method.name, method.input_type) == ("ServerReflectionInfo", ".grpc.reflection.v1.ServerReflectionRequest")
 
 
-def test_reflection_lists_services_and_a_decide_works_without_the_proto(server) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])  # current tools ask v1 first, older ones v1alpha
+def test_reflection_lists_services_and_a_decide_works_without_the_proto(server, version: str) -> None:  # type: ignore[no-untyped-def]
     """What `grpcurl -plaintext host:port list` and a Decide call do, with no .proto at hand."""
     _, channel = server
-    listed = _reflect(channel, reflection_pb2.ServerReflectionRequest(list_services=""))
+    listed = _reflect(channel, reflection_pb2.ServerReflectionRequest(list_services=""), version)
     names = {s.name for s in listed.list_services_response.service}
-    assert {SERVICE_NAME, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
-    files = _reflect(channel, reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME))
+    assert {SERVICE_NAME, "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection"} <= names
+    files = _reflect(channel, reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME), version)
     pool = descriptor_pool.DescriptorPool()
     protos = [descriptor_pb2.FileDescriptorProto.FromString(b)
               for b in files.file_descriptor_response.file_descriptor_proto]
