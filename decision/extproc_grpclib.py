@@ -72,6 +72,8 @@ _CLOSE_WAIT_S = 1.0  # for cancelled streams to send their status, twice (before
 # suspends on its own: every this many replies it yields, so one flooding client cannot starve the
 # loop (other streams, health checks, the stop's grace timer). Envoy sends a few messages per request.
 _YIELD_EVERY = 8
+# grpcio's default receive limit, which the other ext_proc server kinds keep.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 _Status = health_pb2.HealthCheckResponse
 
 
@@ -96,7 +98,7 @@ class _ExtProc:
             raise GRPCError(Status.UNAVAILABLE, "the ext_proc server is shutting down")
         self.open += 1
         self.idle.clear()
-        replies = self._steps.Process(stream, None)  # grpclib's stream iterates its requests
+        replies = self._steps.Process(_capped(stream, MAX_MESSAGE_BYTES), None)
         try:
             async with contextlib.aclosing(replies):  # the stream is closed (its outcome settled) here, not later
                 sent = 0
@@ -114,6 +116,28 @@ class _ExtProc:
             self.open -= 1
             if self.open == 0:
                 self.idle.set()
+
+
+async def _capped(stream: grpclib.server.Stream[pb.ProcessingRequest, Any], limit: int,
+                  ) -> AsyncIterator[pb.ProcessingRequest]:
+    """The stream's requests, as ``stream.recv_message`` reads them, but a message whose length prefix is
+    over ``limit`` bytes ends the stream RESOURCE_EXHAUSTED before any of it is buffered (grpclib has no
+    cap of its own: it would acknowledge and buffer whatever length the 5-byte prefix announces).
+
+    Reads through grpclib's protocol stream (``stream._stream``, grpclib 0.4): the prefix must be seen
+    before the body is read.
+    """
+    raw, codec = stream._stream, stream._codec
+    while True:
+        prefix = await raw.recv_data(5)
+        if not prefix:
+            return
+        if prefix[0]:
+            raise GRPCError(Status.UNIMPLEMENTED, "compressed messages are not supported")
+        size = int.from_bytes(prefix[1:], "big")
+        if size > limit:  # as grpcio words it, with its default limit
+            raise GRPCError(Status.RESOURCE_EXHAUSTED, f"Received message larger than max ({size} vs. {limit})")
+        yield codec.decode(await raw.recv_data(size), pb.ProcessingRequest)
 
 
 class _Health:

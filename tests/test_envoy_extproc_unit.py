@@ -314,17 +314,26 @@ def _drive_grpclib(s: ExtProcServicer, msgs: list[pb.ProcessingRequest]) -> int:
 
     from decision.extproc_grpclib import _ExtProc
 
-    class Stream:  # what the handler uses of grpclib's server stream: async iteration and send_message
-        consumed = 0
+    frames = [b"\0" + len(b).to_bytes(4, "big") + b for b in (m.SerializeToString() for m in msgs)]
+    starts = {sum(map(len, frames[:i])) for i in range(len(frames))}
 
-        def __aiter__(self) -> Stream:
-            return self
+    class Raw:  # grpclib's protocol stream: the handler reads each length prefix, then the message
+        def __init__(self) -> None:
+            self.data, self.pos, self.consumed = b"".join(frames), 0, 0
 
-        async def __anext__(self) -> pb.ProcessingRequest:
-            if self.consumed == len(msgs):
-                raise StopAsyncIteration
-            self.consumed += 1
-            return msgs[self.consumed - 1]
+        async def recv_data(self, n: int) -> bytes:
+            self.consumed += self.pos in starts and self.pos < len(self.data)
+            chunk = self.data[self.pos:self.pos + n]
+            self.pos += len(chunk)
+            return chunk
+
+    class Codec:
+        def decode(self, data: bytes, message_type: Any) -> Any:
+            return message_type.FromString(data)
+
+    class Stream:  # what the handler uses of grpclib's server stream
+        def __init__(self) -> None:
+            self._stream, self._codec = Raw(), Codec()
 
         async def send_message(self, reply: pb.ProcessingResponse) -> None:
             pass
@@ -335,7 +344,7 @@ def _drive_grpclib(s: ExtProcServicer, msgs: list[pb.ProcessingRequest]) -> int:
         await _ExtProc(s).process(stream)  # type: ignore[arg-type]
 
     asyncio.run(run())
-    return stream.consumed
+    return stream._stream.consumed
 
 
 @pytest.mark.parametrize("drive", [_drive_threaded, _drive_asyncio, _drive_grpclib])

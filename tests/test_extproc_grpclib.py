@@ -96,6 +96,21 @@ def test_reflection_describes_the_ext_proc_service(server: GrpclibExtProcServer)
     assert {EXTPROC_SERVICE, "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= names
 
 
+def test_a_message_over_the_limit_ends_its_stream_resource_exhausted(server: GrpclibExtProcServer) -> None:
+    """As on grpcio's servers (4 MiB): grpclib itself would buffer whatever length a prefix announces."""
+    from decision.extproc_grpclib import MAX_MESSAGE_BYTES
+
+    big = pb.ProcessingRequest(request_body=pb.HttpBody(body=b"x" * (MAX_MESSAGE_BYTES + 1)))
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            list(ext_grpc.ExternalProcessorStub(ch).Process(iter([big]), timeout=10))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"vs. {MAX_MESSAGE_BYTES})" in (err.value.details() or "")
+        replies = list(ext_grpc.ExternalProcessorStub(ch).Process(  # the connection still serves
+            iter([headers_msg(HEADERS, mode=BUFFERED, no_wait=False), body_msg(CHAT)]), timeout=10))
+    assert len(replies) == 2
+
+
 def test_a_pick_over_the_wire_and_the_stream_closes_when_done(server: GrpclibExtProcServer) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
         replies = list(ext_grpc.ExternalProcessorStub(ch).Process(
