@@ -292,16 +292,15 @@ class DecisionEngine:
             t2 = time.perf_counter()
             result = guard.evaluate(ctx, candidates, state)
             t3 = time.perf_counter()
+            guarded_us = {"locate": (t1 - t0) * 1e6, "prefetch": (t2 - t1) * 1e6, "guard": (t3 - t2) * 1e6}
             if not result.allowed:
-                self._deny(decision_id, ctx, fleet, candidates, result, learner, now,
-                           {"locate": (t1 - t0) * 1e6, "prefetch": (t2 - t1) * 1e6, "guard": (t3 - t2) * 1e6})
+                self._deny(decision_id, ctx, fleet, candidates, result, learner, now, guarded_us)
             scored = self._score(ctx, fleet, result.allowed, now)
             over = over_budget(scored.cost_per_1k, ctx.max_cost_per_1k_tokens)
             if over is not None:  # the request's own cost cap, a hard rule like the guard's
                 result = apply_budget(result, scored.cost_per_1k, over, ctx.max_cost_per_1k_tokens)
                 if not result.allowed:
-                    self._deny(decision_id, ctx, fleet, candidates, result, learner, now,
-                               {"locate": (t1 - t0) * 1e6, "prefetch": (t2 - t1) * 1e6, "guard": (t3 - t2) * 1e6})
+                    self._deny(decision_id, ctx, fleet, candidates, result, learner, now, guarded_us)
                 scored = self._score(ctx, fleet, result.allowed, now)
             t4 = time.perf_counter()
             choice = learner.choose(ctx, scored)
@@ -318,8 +317,7 @@ class DecisionEngine:
             # Fallbacks: the next best by the learner's scores (stable: ties keep the offered order).
             order = np.argsort(-np.asarray(choice.scores, dtype=np.float64), kind="stable")[: self.max_fallbacks + 1]
             fallbacks = tuple(Route.of(allowed_eps[i]) for i in order.tolist() if i != arm)[: self.max_fallbacks]
-            timings = {"locate": (t1 - t0) * 1e6, "prefetch": (t2 - t1) * 1e6, "guard": (t3 - t2) * 1e6,
-                       "score": (t4 - t3) * 1e6, "choose": (t5 - t4) * 1e6}
+            timings = {**guarded_us, "score": (t4 - t3) * 1e6, "choose": (t5 - t4) * 1e6}
             stored, trace = self._trace(ctx, fleet, candidates, result, scored, choice, fallbacks, learner, shadows,
                                         timings, now)
             decision_us = (time.perf_counter() - t0) * 1e6

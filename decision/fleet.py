@@ -325,10 +325,14 @@ def serves_modality(model_modality: str, requested: str) -> bool:
     return not requested or requested == model_modality or (requested == "text" and model_modality == "multimodal")
 
 
-def endpoints_serving(fleet: Fleet, model: str, family: str, modality: str = "") -> Iterable[Endpoint]:
-    """The locate stage's index read: exact model if given, else the whole family; with ``modality``,
-    only endpoints whose model takes requests of that modality (:func:`serves_modality`)."""
-    endpoints = fleet.by_model.get(model, ()) if model else fleet.by_family.get(family, ())
+def taking_modality(endpoints: Sequence[Endpoint], modality: str) -> Sequence[Endpoint]:
+    """The ``endpoints`` whose model takes requests of ``modality`` (all of them for ``""``)."""
     if not modality:
         return endpoints
     return [e for e in endpoints if serves_modality(e.modality, modality)]
+
+
+def endpoints_serving(fleet: Fleet, model: str, family: str, modality: str = "") -> Iterable[Endpoint]:
+    """The locate stage's index read: exact model if given, else the whole family; with ``modality``,
+    only endpoints whose model takes requests of that modality (:func:`taking_modality`)."""
+    return taking_modality(fleet.by_model.get(model, ()) if model else fleet.by_family.get(family, ()), modality)

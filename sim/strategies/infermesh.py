@@ -27,7 +27,7 @@ from decision.contracts import FeatureBuilder, Guard, Learner, RewardFunction
 from decision.domain import Endpoint, Outcome, OutcomeStatus, RequestContext
 from decision.engine import DecisionEngine
 from decision.errors import DecisionError
-from decision.fleet import Fleet, serves_modality
+from decision.fleet import Fleet, taking_modality
 from decision.health_guard import BuiltinHealthGuard
 from decision.scoring import ADDED_DELAY_WEIGHT, COST_WEIGHT_MS
 from decision.telemetry import TelemetryStore
@@ -49,9 +49,7 @@ class ShortlistEngine(DecisionEngine):
         eps = self.shortlist
         if eps is None:
             return super().locate(fleet, ctx, now)
-        if ctx.modality:  # as the index read does (decision.fleet.endpoints_serving)
-            eps = [e for e in eps if serves_modality(e.modality, ctx.modality)]
-        placement = self.placement_of(fleet, eps, ctx.client_region)
+        placement = self.placement_of(fleet, taking_modality(eps, ctx.modality), ctx.client_region)  # as locate does
         return CandidateSet(placement, self.telemetry.batch(placement.endpoint_ids, now))
 
 
