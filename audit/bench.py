@@ -29,6 +29,12 @@ def add_bench_audit(bench_sub: Any) -> None:
                    help="off/on slice pairs (short, interleaved slices: both modes see the same machine)")
     p.add_argument("--writer", choices=("process", "thread"), default="process",
                    help="the writer in its own process (the service's default) or a thread of the service")
+    p.add_argument("--service", action="store_true",
+                   help="also: Decide calls/s through the service over gRPC (concurrency 50), audit on vs off")
+    p.add_argument("--config", default=str(ROOT / "deploy" / "demo" / "infermesh.yaml"),
+                   help="the service configuration for --service")
+    p.add_argument("--service-seconds", type=float, default=3.0, help="seconds per --service slice")
+    p.add_argument("--service-rounds", type=int, default=4, help="off/on --service slice pairs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_audit)
 
@@ -127,8 +133,16 @@ def _bench_audit(args: argparse.Namespace, url: str) -> int:
         lag = time.perf_counter() - t0
         writer.close()
     rps_off, rps_on = statistics.median(offs), statistics.median(ons)
-    result = {"writer_rows_per_s": round(wr, 1), "decide_rps_audit_on": round(rps_on, 1),
-              "decide_rps_audit_off": round(rps_off, 1), "ratio": round(rps_on / rps_off, 3)}
+    result: dict[str, float] = {"writer_rows_per_s": round(wr, 1), "decide_rps_audit_on": round(rps_on, 1),
+                                "decide_rps_audit_off": round(rps_off, 1), "ratio": round(rps_on / rps_off, 3)}
+    if args.service:
+        from audit.bench_service import service_rps
+
+        svc = service_rps(args.config, url, seconds=args.service_seconds, rounds=args.service_rounds)
+        result.update({"service_rps_audit_on": round(svc.rps_on, 1), "service_rps_audit_off": round(svc.rps_off, 1),
+                       "service_ratio": round(svc.rps_on / svc.rps_off, 3) if svc.rps_off else float("nan"),
+                       "service_errors": svc.errors, "service_calls_audited": svc.calls_on,
+                       "service_rows": svc.rows_on})
     scratch = urlsplit(url).path.lstrip("/")  # a socket URL's query holds a path too (host=/...)
     print(f"audit benchmark (same run; writer: {args.writer}; scratch database {scratch}, dropped after)")
     print(f"  {'writer sustained rows/s':<34}{result['writer_rows_per_s']:>12,.0f}   target >= 15,000")
@@ -136,6 +150,13 @@ def _bench_audit(args: argparse.Namespace, url: str) -> int:
     print(f"  {'decide/s, audit on':<34}{rps_on:>12,.0f}")
     print(f"  {'ratio on/off':<34}{result['ratio']:>12.3f}   target >= 0.9")
     print(f"  {'writer caught up after the run in':<34}{lag:>11.2f}s")
+    if args.service:
+        print(f"  through the service over gRPC (concurrency 50, {args.config}):")
+        print(f"  {'  Decide/s, audit off':<34}{result['service_rps_audit_off']:>12,.0f}")
+        print(f"  {'  Decide/s, audit on':<34}{result['service_rps_audit_on']:>12,.0f}")
+        print(f"  {'  ratio on/off':<34}{result['service_ratio']:>12.3f}   errors {result['service_errors']:.0f}")
+        print(f"  {'  rows in the log':<34}{result['service_rows']:>12,.0f}   "
+              f"of {result['service_calls_audited']:,.0f} calls to the auditing server")
     if args.json:
         print(json.dumps(result))
     return 0

@@ -26,11 +26,16 @@ def _databases(prefix: str) -> set[str]:
 def test_bench_audit_leaves_the_configured_audit_log_untouched(fresh_pg_url: str) -> None:
     before = _databases("infermesh_bench")
     proc = subprocess.run([sys.executable, "-m", "decision.cli", "bench", "audit", "--rows", "400", "--rounds", "2",
-                           "--duration", "0.1", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           "--duration", "0.1", "--service", "--service-seconds", "0.5", "--service-rounds", "1",
+                           "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "INFERMESH_DATABASE_URL": fresh_pg_url})
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["writer_rows_per_s"] > 0 and result["ratio"] > 0
+    # Through the service: both servers answered, and the auditing one logged every call it answered.
+    assert result["service_rps_audit_off"] > 0 and result["service_rps_audit_on"] > 0
+    assert result["service_errors"] == 0
+    assert result["service_rows"] == result["service_calls_audited"] > 0
     with psycopg.connect(fresh_pg_url) as conn:  # not even migrated: nothing was written there
         assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone() == (0,)
     assert _databases("infermesh_bench") == before  # and the scratch database is gone
