@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from audit import database
 from audit.settings import AuditSettings
 from audit.writer import make_writer
+from decision.cli_args import default_config
 from decision.contracts import AuditSink
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +32,7 @@ def add_bench_audit(bench_sub: Any) -> None:
                    help="the writer in its own process (the service's default) or a thread of the service")
     p.add_argument("--service", action="store_true",
                    help="also: Decide calls/s through the service over gRPC (concurrency 50), audit on vs off")
-    p.add_argument("--config", default=str(ROOT / "deploy" / "demo" / "infermesh.yaml"),
+    p.add_argument("--config", default=default_config(),
                    help="the service configuration for --service")
     p.add_argument("--service-seconds", type=float, default=3.0, help="seconds per --service slice")
     p.add_argument("--service-rounds", type=int, default=4, help="off/on --service slice pairs")

@@ -32,15 +32,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from decision.cli_args import default_config
 from decision.stats import percentile
-
-DEFAULT_CONFIG = "deploy/demo/infermesh.yaml"
 
 
 def add_bench_load(bsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``bench load`` (picked up by ``decision.cli_spine``)."""
     p = bsub.add_parser("load", help="open-loop gRPC load at a fixed rate; --workers-compare: 1 vs 2 workers")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--config", default=default_config())
     p.add_argument("--target", default="", help="an already running server (host:port); default: start one")
     p.add_argument("--workers", type=int, default=1, help="server processes when the bench starts the server")
     p.add_argument("--rate", type=float, default=500.0, help="offered requests/s (all client processes)")

@@ -1,4 +1,5 @@
-"""What the CLI's commands parse the same way: bounded integers, and a request given as a JSON file."""
+"""What the CLI's commands parse the same way: bounded integers, a request given as a JSON file, and the
+default configuration."""
 
 from __future__ import annotations
 
@@ -8,6 +9,22 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+DEMO_CONFIG = "deploy/demo/infermesh.yaml"
+_CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def default_config() -> str:
+    """The demo configuration: from the working directory, else from the checkout this code runs from.
+
+    The README's commands run at the checkout's root; run from elsewhere (an editable install) the
+    commands still find the demo. A packaged install ships no ``deploy/``: the relative path is kept,
+    so the error names what to pass with ``--config``.
+    """
+    if Path(DEMO_CONFIG).is_file():
+        return DEMO_CONFIG
+    shipped = _CHECKOUT / DEMO_CONFIG
+    return str(shipped) if shipped.is_file() else DEMO_CONFIG
 
 
 def bounded_int(low: int, high: int) -> Callable[[str], int]:

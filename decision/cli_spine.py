@@ -12,9 +12,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from decision.cli_args import UsageError, bounded_int, read_json_request
+from decision.cli_args import UsageError, bounded_int, default_config, read_json_request
 
-DEFAULT_CONFIG = "deploy/demo/infermesh.yaml"
+DEFAULT_CONFIG = default_config()
 _BENCH_EXTENSIONS: list[Any] = []
 
 

@@ -37,6 +37,20 @@ def test_decide_answers_one_request_as_json(tmp_path: Path) -> None:
     assert 0 < out["propensity"] <= 1
 
 
+def test_the_default_config_is_found_from_another_directory(tmp_path: Path) -> None:
+    # Run away from the checkout's root, the commands still find the demo's configuration (the
+    # checkout this code runs from); an explicit --config that is not there is named.
+    req = tmp_path / "r.json"
+    req.write_text(json.dumps({"request_id": "cli-elsewhere", "tenant": "globex", "model": "llama-3.1-8b"}))
+    proc = subprocess.run([*CLI, "decide", "--request", str(req)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["route"]["model"] == "llama-3.1-8b"
+    proc = subprocess.run([*CLI, "decide", "--config", "deploy/demo/infermesh.yaml", "--request", str(req)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "deploy/demo/infermesh.yaml: no such config file" in proc.stderr
+
+
 def test_decide_reports_bad_input_with_position_or_field(tmp_path: Path) -> None:
     bad_json = tmp_path / "bad.json"
     bad_json.write_text('{"tenant": "x",\n  "model": }')
