@@ -140,7 +140,14 @@ def _output(impl: Any) -> Any:
         rego_free_output(impl)
         messages = [_take(text, m.end())[0] for m in re.finditer(r"\(errormsg ", text)]
         raise RegoEvalError("; ".join(dict.fromkeys(messages)) or "rego evaluation error")
-    return regopy.Output(impl)
+    try:
+        return regopy.Output(impl)  # owns impl from here, even when it fails (its __del__ frees it)
+    except json.JSONDecodeError as exc:
+        # rego-cpp 1.x writes some strings unescaped (sprintf's %s of a string with quotes that
+        # concat built): name where, so the policy author can find the expression.
+        near = text[max(0, exc.pos - 40): exc.pos + 40]
+        raise RegoEvalError(f"rego-cpp returned a value that is not valid JSON ({exc.msg} near {near!r}); "
+                            "a string with quotes passed through sprintf's %s does this: join with concat") from None
 
 
 def query_entry(interp: regopy.Interpreter, bundle: regopy.Bundle, entry: str) -> Any:

@@ -61,6 +61,16 @@ def test_a_rego_evaluation_error_denies_with_rego_cpps_message() -> None:
         (False, "error: Function not found: nosuchfn")]
 
 
+def test_a_reason_rego_cpp_writes_as_broken_json_names_the_cause() -> None:
+    # rego-cpp 1.x: sprintf's %s of a string with quotes that concat built comes out unescaped.
+    src = ('package t\nimport rego.v1\nallow contains c.id if { some c in input.candidates; false }\n'
+           'reason[c.id] := sprintf("site %s", [concat("; ", ["in [\\"EU\\"]"])]) if { some c in input.candidates }\n')
+    prog = compile_rego({"t.rego": ("t.rego", src)}, "t.rego", {})
+    [(ok, reason)] = prog.evaluate_candidates({}, [{"id": "a", "endpoint": {}}], {})
+    assert not ok  # still denied: the rule did not allow it
+    assert reason.startswith("error: rego-cpp returned a value that is not valid JSON") and "join with concat" in reason
+
+
 @pytest.mark.parametrize(("module", "edit", "called"), [
     ("residency.rego", ("\tcount(req.allowed_jurisdictions) > 0", "\tcount(req.allowed_jurisdictions) > nosuchfn(0)"),
      "nosuchfn"),
