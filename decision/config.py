@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from decision.tls import TlsConfig
@@ -41,8 +41,21 @@ class ServerSection(_Section):
     grace_s: float = Field(default=10.0, ge=0)
 
 
+def _scrape_url(url: str) -> str:
+    """An http(s) URL with a host: anything else would only fail at every scrape, later."""
+    import httpx
+
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError) as exc:
+        raise ValueError(f"not a URL: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    return url
+
+
 class ScrapeTarget(_Section):
-    url: str
+    url: Annotated[str, AfterValidator(_scrape_url)]
     endpoint_id: str = ""
     node_id: str = ""
 
@@ -196,7 +209,7 @@ def _located(p: Path, doc: LocatedYaml, exc: ValidationError, prefix: tuple[str,
     """One ``file:line: field: message`` line per validation error."""
     lines = []
     for e in exc.errors():
-        loc = prefix + tuple(str(x) for x in e["loc"])
+        loc: tuple[str | int, ...] = prefix + tuple(e["loc"])  # list indices stay ints: the line map's keys
         lines.append(_error_line(p, doc.line_of(loc), loc, e["msg"]))
     return "\n".join(lines)
 

@@ -24,8 +24,9 @@ class Scraper:
     outage as missing telemetry.
     A scrape whose text gives a kept series a negative or infinite value still succeeds: the store
     drops those samples, logs them and counts them in ``store.rejected`` (there is no caller to
-    refuse, unlike ``PushTelemetry``). Every value is stamped with the scrape's own time, never
-    one from the exporter, so a scraped value cannot be stamped in the future.
+    refuse, unlike ``PushTelemetry``). Every value is stamped with the scrape's own time, or the
+    older timestamp its lines carry (a federation endpoint), never a later one, so a scraped value
+    cannot be stamped in the future.
     """
 
     def __init__(self, store: TelemetryStore, targets: Sequence[ScrapeTarget], *, interval_s: float = 5.0,
@@ -48,7 +49,7 @@ class Scraper:
                 resp.raise_for_status()
                 samples += self.store.ingest_exposition(resp.text, node_id=t.node_id, endpoint_id=t.endpoint_id)
                 self.scrapes += 1
-            except (httpx.HTTPError, ValueError) as exc:
+            except Exception as exc:  # one target's failure, whatever it is, must not stop the others
                 self.failures += 1
                 self._failed(t.url, str(exc) or type(exc).__name__)
             else:

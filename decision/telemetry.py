@@ -143,8 +143,20 @@ _SAMPLE_RE = re.compile(
 _LABEL_RE = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)')
 
 
+_ESCAPE_RE = re.compile(r"\\(.)", re.DOTALL)
+
+
 def _unescape(v: str) -> str:
-    return v.replace("\\n", "\n").replace('\\"', '"').replace("\\\\", "\\")
+    r"""A label value's escapes (``\\``, ``\"``, ``\n``) decoded in one pass, left to right.
+
+    >>> _unescape(r'C:\\new') == 'C:' + chr(92) + 'new'
+    True
+    >>> _unescape(r'a\nb') == 'a' + chr(10) + 'b'
+    True
+    >>> _unescape(r'say \"hi\"')
+    'say "hi"'
+    """
+    return _ESCAPE_RE.sub(lambda m: "\n" if m.group(1) == "n" else m.group(1), v) if "\\" in v else v
 
 
 def _parse_value(text: str, line_no: int) -> float:
@@ -161,7 +173,9 @@ def parse_exposition(text: str) -> list[Sample]:
     6.0
     """
     samples: list[Sample] = []
-    for line_no, raw in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines would also split at characters a label value may hold
+    # unescaped (U+2028, U+0085, form feed, ...).
+    for line_no, raw in enumerate(text.split("\n"), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -221,10 +235,73 @@ def canonicalize(samples: Iterable[Sample]) -> tuple[dict[str, float], dict[str,
     ttft_count = sum(ratios.get("vllm:time_to_first_token_seconds_count", []))
     if ttft_count > 0:
         ep_out[TTFT_MEAN_S] = sum(ratios.get("vllm:time_to_first_token_seconds_sum", [])) / ttft_count
-    success = sum(ratios.get("nv_inference_request_success", []))
-    if success > 0 and "nv_inference_queue_duration_us" in ratios:
-        ep_out[QUEUE_DURATION_US] = sum(ratios["nv_inference_queue_duration_us"]) / success
+    queued = _triton_mean_queue_us(samples)
+    if queued is not None:
+        ep_out[QUEUE_DURATION_US] = queued
     return node_out, ep_out
+
+
+_CANONICAL_OF: dict[str, str] = {
+    **{m: c for m, (c, _) in _NODE_METRICS.items()}, **{m: c for m, (c, _) in _ENDPOINT_METRICS.items()},
+    "vllm:time_to_first_token_seconds_sum": TTFT_MEAN_S, "vllm:time_to_first_token_seconds_count": TTFT_MEAN_S,
+    "nv_inference_queue_duration_us": QUEUE_DURATION_US, "nv_inference_request_success": QUEUE_DURATION_US,
+}
+
+
+def line_stamps(samples: Iterable[Sample]) -> dict[str, float]:
+    """The oldest per-line timestamp (seconds) among the samples behind each canonical value.
+
+    >>> line_stamps(parse_exposition('vllm:num_requests_waiting{engine="0"} 1 5000\\n'
+    ...                              'vllm:num_requests_waiting{engine="1"} 2 4000\\nDCGM_FI_DEV_GPU_TEMP 60'))
+    {'queue_waiting': 4.0}
+    """
+    out: dict[str, float] = {}
+    for s in samples:
+        if s.timestamp_ms is not None:
+            canon = _CANONICAL_OF.get(s.name)
+            if canon is not None:
+                stamp = s.timestamp_ms / 1000.0
+                if stamp < out.get(canon, _INF):
+                    out[canon] = stamp
+    return out
+
+
+def _by_stamp(values: Mapping[str, float], lines: Mapping[str, float],
+              base: float | None) -> list[tuple[float | None, dict[str, float]]]:
+    """``values`` grouped by the stamp each gets: ``base``, or its lines' own when older."""
+    if not lines:
+        return [(base, dict(values))]
+    groups: dict[float | None, dict[str, float]] = {}
+    for name, value in values.items():
+        line = lines.get(name)
+        stamp = base if line is None or base is None or line >= base else line
+        groups.setdefault(stamp, {})[name] = value
+    return list(groups.items())
+
+
+def _triton_mean_queue_us(samples: Iterable[Sample]) -> float | None:
+    r"""Triton's mean queue time per request: queue time over successes of the same (model, version).
+
+    A server with an ensemble counts its requests twice, once for the ensemble (which reports no
+    queue time) and once for its composing model: dividing by every model's successes halves it.
+
+    >>> _triton_mean_queue_us(parse_exposition(
+    ...     'nv_inference_request_success{model="ensemble",version="1"} 10\n'
+    ...     'nv_inference_request_success{model="llm",version="1"} 10\n'
+    ...     'nv_inference_queue_duration_us{model="llm",version="1"} 5000'))
+    500.0
+    """
+    queue: dict[tuple[str, str], float] = {}
+    success: dict[tuple[str, str], float] = {}
+    for s in samples:
+        if s.name == "nv_inference_queue_duration_us" or s.name == "nv_inference_request_success":
+            if not 0.0 <= s.value < _INF:
+                continue
+            key = (s.labels.get("model", ""), s.labels.get("version", ""))
+            into = queue if s.name == "nv_inference_queue_duration_us" else success
+            into[key] = into.get(key, 0.0) + s.value
+    served = sum(success.get(k, 0.0) for k in queue)
+    return sum(queue.values()) / served if served > 0 else None
 
 
 class _Ages(Mapping[str, float]):
@@ -521,7 +598,7 @@ class TelemetryStore:
                           ts: float | None = None) -> int:
         """Parse exposition text scraped from one target and store what it says; returns samples seen.
 
-        Per-line timestamps in the text are not used: every value is stamped ``ts`` (default: now).
+        Values are stamped ``ts`` (default: now), or older: see :meth:`ingest_samples`.
         """
         return self.ingest_samples(parse_exposition(text), node_id=node_id, endpoint_id=endpoint_id, ts=ts)
 
@@ -532,6 +609,11 @@ class TelemetryStore:
         Samples of kept series with a negative or infinite value are dropped before series are
         combined (one would skew a sum over engines), counted in ``rejected`` and logged (once a minute
         per target at most: :mod:`decision.log_throttle`).
+
+        A value is stamped ``ts`` (default: now) unless its lines carry an older timestamp of their
+        own (a relay, a federation endpoint): then the oldest of those, so a value keeps its age. A
+        line's timestamp never makes a value fresher than ``ts``, so an exporter's clock cannot
+        stamp one in the future.
         """
         bad = unusable_samples(samples)
         if bad:
@@ -541,12 +623,16 @@ class TelemetryStore:
             self._warn.warning(("samples", source), "telemetry from %s: dropped %d sample(s) that %s, e.g. %s = %r",
                           source, len(bad), VALUE_RULE, bad[0].name, bad[0].value)
         node_vals, ep_vals = canonicalize(samples)
+        lines = line_stamps(samples)
+        base = (self.now() if ts is None else ts) if lines else ts
         if node_vals:
             target = node_id or (self._node_of.get(endpoint_id, "") if endpoint_id else "")
             if target:
-                self.update_node(target, node_vals, ts)
+                for stamp, vals in _by_stamp(node_vals, lines, base):
+                    self.update_node(target, vals, stamp)
         if ep_vals and endpoint_id:
-            self.update_endpoint(endpoint_id, ep_vals, ts)
+            for stamp, vals in _by_stamp(ep_vals, lines, base):
+                self.update_endpoint(endpoint_id, vals, stamp)
         return len(samples)
 
     def reading(self, endpoint_id: str, now: float | None = None) -> TelemetryReading:

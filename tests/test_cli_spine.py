@@ -111,6 +111,9 @@ def test_relative_spool_dir_resolves_against_the_config_folder(tmp_path: Path) -
     ('audit:\n  enabled: "false"\n', r"c\.yaml:3: audit\.enabled: Input should be a valid boolean"),
     ("audit:\n  batch_size: lots\n", r"c\.yaml:3: audit\.batch_size: Input should be a valid integer"),
     ("audit:\n  on_spool_full: drop\n", r"c\.yaml:3: audit\.on_spool_full: Input should be 'fail_closed'"),
+    # A scrape target no request could reach fails here, not at every scrape.
+    ("telemetry:\n  scrape:\n    - {url: 'http://gpu-node-07:dcgm/metrics', node_id: n1}\n",
+     r"c\.yaml:4: telemetry\.scrape\.0\.url: Value error, not a URL"),
 ])
 def test_config_values_are_not_coerced_and_the_audit_section_is_checked(tmp_path: Path, section: str,
                                                                          expected: str) -> None:

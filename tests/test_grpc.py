@@ -139,7 +139,10 @@ def test_push_telemetry_updates_the_store_and_rejects_unknown_names(server) -> N
     assert ack.batches == 2 and ack.samples_accepted > 2
     values = engine.telemetry.reading(ep.endpoint_id).values
     assert values["queue_waiting"] == 3.0  # the exposition came after the sample in the same batch
-    assert values["gpu_temp_c"] == 91.0
+    # The exposition's temperature is as old as its oldest line (one is stamped in 2023): older than
+    # the pushed sample, it does not overwrite it.
+    assert values["gpu_temp_c"] == 66.0
+    assert values["gpu_util"] == pytest.approx(25.0)  # the exposition's other node values did arrive
     for bad, field in [(pb.TelemetrySample(endpoint_id=ep.endpoint_id, metric="bogus", value=1), "samples[0].metric"),
                        (pb.TelemetrySample(endpoint_id="nope", metric="queue_waiting", value=1),
                         "samples[0].endpoint_id")]:

@@ -15,7 +15,7 @@ import pytest
 
 from decision.config import ScrapeTarget
 from decision.scraper import Scraper
-from decision.telemetry import GPU_TEMP_C, KV_CACHE_USAGE, QUEUE_WAITING, TelemetryStore
+from decision.telemetry import GPU_TEMP_C, GPU_UTIL, KV_CACHE_USAGE, QUEUE_WAITING, TelemetryStore
 
 DATA = Path(__file__).parent / "data"
 
@@ -62,7 +62,10 @@ def test_scrape_once_fills_node_and_endpoint_values_and_counts_failures(exporter
                               ScrapeTarget(url=f"{exporter}/slow", endpoint_id="e2")], timeout_s=0.3)
     with httpx.Client(timeout=0.3) as client:
         scraper.scrape_once(client)
-    assert store.reading("e2").values[GPU_TEMP_C] == 91.0
+    assert store.reading("e2").values[GPU_UTIL] == pytest.approx(25.0)  # node values reach every endpoint
+    # One GPU's temperature line carries its own timestamp, from 2023: the node's temperature (the
+    # hottest GPU's) is as old as its oldest line, long past the staleness limit, so unknown.
+    assert GPU_TEMP_C not in store.reading("e2").values
     assert store.reading("e1").values[QUEUE_WAITING] == 4.0
     assert store.reading("e1").values[KV_CACHE_USAGE] == 0.25
     assert QUEUE_WAITING not in store.reading("e2").values  # 404 and timeout stored nothing
@@ -99,3 +102,26 @@ def test_background_scraper_refreshes_until_stopped(exporter: str) -> None:
     scraper.stop()
     assert scraper.scrapes >= 3
     assert store.reading("e1").ages_s[QUEUE_WAITING] < 1.0
+
+
+def test_a_target_url_that_cannot_be_requested_is_refused_at_load() -> None:
+    for bad in ("http://gpu-node-07:dcgm/metrics", "gpu-node-07:9400/metrics", "ftp://h/metrics", "http:///metrics"):
+        with pytest.raises(ValueError, match="url"):
+            ScrapeTarget(url=bad, node_id="n1")
+    assert ScrapeTarget(url="https://[::1]:9400/metrics", node_id="n1").url == "https://[::1]:9400/metrics"
+
+
+def test_one_target_failing_in_an_unforeseen_way_does_not_stop_the_others(exporter: str) -> None:
+    # Built past the load-time check, as a target whose request raises something that is neither an
+    # HTTP error nor a parse error: the scraper thread must keep scraping the others.
+    broken = ScrapeTarget.model_construct(url="http://gpu-node-07:dcgm/metrics", endpoint_id="e1", node_id="")
+    store = TelemetryStore({"e1": "n1", "e2": "n1"})
+    scraper = Scraper(store, [broken, ScrapeTarget(url=f"{exporter}/vllm", endpoint_id="e2")], interval_s=0.05,
+                      timeout_s=1.0)
+    scraper.start()
+    deadline = time.monotonic() + 5
+    while scraper.scrapes < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    scraper.stop()
+    assert scraper.scrapes >= 3 and scraper.failures >= 3
+    assert store.reading("e2").values[QUEUE_WAITING] == 4.0

@@ -46,7 +46,35 @@ def test_shared_samples_parse(shared_dir: Path, name: str) -> None:
         assert 0 < ep[t.TTFT_MEAN_S] < 5
     else:
         assert ep[t.QUEUE_WAITING] > 0
-        assert ep[t.QUEUE_DURATION_US] > 0
+        # Queue time over the successes of the model that queued (the ensemble counts each request
+        # again and reports no queue time of its own).
+        assert ep[t.QUEUE_DURATION_US] == pytest.approx(9113877421 / 48213)
+
+
+def test_label_values_may_hold_characters_other_parsers_take_for_line_ends() -> None:
+    text = ('vllm:num_requests_waiting{model_name="meta\u2028llama\x85\x0c\x1c"} 3\r\n'
+            'vllm:num_requests_running{model_name="x"} 1\n')
+    samples = t.parse_exposition(text)
+    assert [(s.name, s.value) for s in samples] == [("vllm:num_requests_waiting", 3.0),
+                                                    ("vllm:num_requests_running", 1.0)]
+    assert samples[0].labels["model_name"] == "meta\u2028llama\x85\x0c\x1c"
+
+
+def test_label_escapes_decode_left_to_right() -> None:
+    [s] = t.parse_exposition('m{path="C:\\\\new",q="say \\"hi\\"",n="a\\nb"} 1')
+    assert s.labels == {"path": "C:\\new", "q": 'say "hi"', "n": "a\nb"}
+
+
+def test_a_line_timestamp_keeps_a_relayed_value_old_and_never_makes_one_fresher() -> None:
+    store = t.TelemetryStore({"e1": "n1"}, stale_after_s=30.0, clock=lambda: 10_000.0)
+    text = ("vllm:num_requests_waiting 42 6400000\n"        # an hour old (ms since the epoch)
+            "vllm:num_requests_running 3\n"                 # no timestamp: the push's own time
+            "DCGM_FI_DEV_GPU_TEMP 60 99999000\n")           # stamped in the future by its exporter
+    store.ingest_exposition(text, endpoint_id="e1", ts=9_990.0)
+    ages = dict(store.reading("e1").ages_s)
+    assert ages == {t.QUEUE_WAITING: pytest.approx(3_600.0), t.QUEUE_RUNNING: pytest.approx(10.0),
+                    t.GPU_TEMP_C: pytest.approx(10.0)}
+    assert t.QUEUE_WAITING not in store.reading("e1").values  # past the staleness limit: unknown
 
 
 def test_bad_exposition_names_the_line() -> None:
