@@ -57,6 +57,10 @@ def field_path(loc: Sequence[str | int], data: Any) -> str:
     return out or "(document)"
 
 
+# Deeper than any inventory or config goes, and far from Python's recursion limit.
+MAX_DEPTH = 64
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_COLLECTION_TAGS = frozenset({"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:omap"})
 # Aliases may repeat a node; this many nodes in all (aliases expanded) is far beyond any inventory or
 # config, and small enough that a "billion laughs" document is refused in milliseconds, not gigabytes.
 MAX_NODES = 1_000_000
@@ -74,18 +78,22 @@ class _Walk:
     def error(self, node: yaml.Node, message: str) -> YamlSyntaxError:
         return YamlSyntaxError(self.path, node.start_mark.line + 1, node.start_mark.column + 1, message)
 
-    def size(self, node: yaml.Node, memo: dict[int, int]) -> int:
+    def size(self, node: yaml.Node, memo: dict[int, int], depth: int = 0) -> int:
         """Nodes in ``node`` with aliases expanded, counted once per distinct node (so a bomb is cheap to size)."""
         if id(node) in memo:
             return memo[id(node)]
         if id(node) in self.open:
             raise self.error(node, "an alias refers to a node that contains it (a cycle)")
+        if depth > MAX_DEPTH:
+            raise self.error(node, f"nested more than {MAX_DEPTH} levels deep")
         total = 1
         if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+            if node.tag not in _COLLECTION_TAGS:
+                raise self.error(node, f"unsupported tag {node.tag!r} (plain YAML values only)")
             self.open.add(id(node))
             items = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value
             for child in items:
-                total += self.size(child, memo)
+                total += self.size(child, memo, depth + 1)
                 if total > MAX_NODES:
                     raise self.error(node, f"the document expands to more than {MAX_NODES:,} nodes "
                                            "(aliases repeated within aliases?)")
@@ -98,33 +106,46 @@ class _Walk:
         if isinstance(node, yaml.SequenceNode):
             return [self.walk(item, (*loc, i)) for i, item in enumerate(node.value)]
         if not isinstance(node, yaml.MappingNode):
-            return _scalar(node)
+            return self.scalar(node)
         out: dict[Any, Any] = {}
+        merged: list[yaml.Node] = []
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
                 raise self.error(key_node, "a mapping key must be a plain value, not a mapping or a list")
-            key = _scalar(key_node)
+            if key_node.tag == _MERGE_TAG:  # "<<: *defaults": taken after the keys written out here
+                merged.extend(value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node])
+                continue
+            key = self.scalar(key_node)
             if key in out:
                 raise self.error(key_node, f"duplicate key {key!r} (the earlier one is on line "
                                            f"{self.lines[(*loc, key)]})")
             child: Loc = (*loc, key)
             self.lines[child] = key_node.start_mark.line + 1
             out[key] = self.walk(value_node, child)
+        for source in merged:  # as YAML's merge key: keys written out win, then earlier sources
+            if not isinstance(source, yaml.MappingNode):
+                raise self.error(source, "a merge key (<<) takes a mapping or a list of mappings")
+            for key, value in self.walk(source, loc).items():
+                out.setdefault(key, value)
         return out
 
-
-def _scalar(node: yaml.Node) -> Any:
-    # Resolve the scalar with the safe constructor so types match yaml.safe_load.
-    loader = yaml.SafeLoader("")
-    try:
-        return loader.construct_object(node, deep=True)
-    finally:
-        loader.dispose()
+    def scalar(self, node: yaml.Node) -> Any:
+        # Resolved with the safe constructor so types match yaml.safe_load; what it refuses (a
+        # custom or Python tag) is a located error, not a traceback.
+        loader = yaml.SafeLoader("")
+        try:
+            return loader.construct_object(node, deep=True)
+        except yaml.MarkedYAMLError as exc:
+            raise self.error(node, str(exc.problem or exc)) from None
+        finally:
+            loader.dispose()
 
 
 def load_located(text: str, path: str = "<string>") -> LocatedYaml:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:  # the composer recurses per level, before MAX_DEPTH could be checked
+        raise YamlSyntaxError(path, 1, 1, f"nested more than {MAX_DEPTH} levels deep") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1

@@ -55,3 +55,28 @@ def test_unreadable_files_are_located_errors(tmp_path: Path) -> None:
         load_located_file(tmp_path)
     with pytest.raises(YamlSyntaxError, match="cannot read: No such file"):
         load_located_file(tmp_path / "missing.yaml")
+
+
+def test_merge_keys_take_a_mappings_keys_and_the_written_ones_win() -> None:
+    text = ("defaults: &d {gpu_type: H100, gpu_count: 8}\nmore: &m {watts: 700, gpu_count: 4}\n"
+            "nodes:\n  - <<: *d\n    id: n1\n  - <<: [*d, *m]\n    id: n2\n    gpu_count: 2\n")
+    doc = load_located(text, "f.yaml")
+    assert doc.data["nodes"] == [{"id": "n1", "gpu_type": "H100", "gpu_count": 8},
+                                 {"id": "n2", "gpu_count": 2, "gpu_type": "H100", "watts": 700}]
+    assert doc.line_of(("nodes", 1, "id")) == 7
+    assert "a merge key (<<) takes a mapping" in str(_error("a:\n  <<: 5\n"))
+
+
+@pytest.mark.parametrize(("text", "line", "message"), [
+    ("a: 1\nb: !custom 2\n", 2, "could not determine a constructor for the tag '!custom'"),
+    ("a: !!python/name:os.system\n", 1, "python/name:os.system"),
+    ("a: 1\nb: !!python/object:os.x {k: 1}\n", 2, "unsupported tag"),
+])
+def test_tags_safe_yaml_does_not_take_are_located_errors(text: str, line: int, message: str) -> None:
+    err = _error(text)
+    assert err.line == line and message in str(err)
+
+
+def test_deep_nesting_is_a_located_error_not_a_crash() -> None:
+    assert "nested more than 64 levels deep" in str(_error("a: " + "[" * 100 + "]" * 100 + "\n"))
+    assert "nested more than 64 levels deep" in str(_error("a: " + "[" * 5000 + "]" * 5000 + "\n"))
