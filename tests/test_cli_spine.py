@@ -61,7 +61,8 @@ def test_decide_reports_bad_input_with_position_or_field(tmp_path: Path) -> None
     unknown.write_text(json.dumps({"request_id": "x", "tenant": "t", "model": "no-such-model"}))
     proc = _run("decide", "--request", str(unknown))
     assert proc.returncode == 1
-    assert json.loads(proc.stdout)["error"] == "NotFound"
+    err = json.loads(proc.stdout)
+    assert err["error"] == "NotFound" and err["field"] == "model" and err["location"] == f"{unknown}:1"
     # A value of the wrong type, or out of range: the field, and the line it is on.
     for value, what in (('"lots"', "Failed to parse"), ("-5", "must be between")):
         bad_value = tmp_path / "value.json"
