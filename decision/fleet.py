@@ -83,11 +83,18 @@ class ModelSpec(_Strict):
     params_b: float = Field(gt=0, le=1e5)
 
 
+def _port_in_range(address: str) -> str:
+    port = int(address.rsplit(":", 1)[1])
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is outside 1-65535")
+    return address
+
+
 class DeploymentSpec(_Strict):
     id: Name
     node: Name
     model: Name
-    address: str = Field(pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
+    address: Annotated[str, Field(pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$"), AfterValidator(_port_in_range)]
     runtime: Literal["vllm", "triton"] = "vllm"
     max_concurrency: int = Field(ge=1, le=4096)
     warm: bool = True

@@ -210,10 +210,14 @@ def _checked_sample(store: TelemetryStore, now: float, by_id: dict[str, Any], no
         raise InvalidArgument(f"samples[{i}].value", VALUE_RULE)
     ts = _checked_stamp(store, now, f"samples[{i}].timestamp_unix_ms", s.timestamp_unix_ms)
     if node_level:
-        node = s.node_id or (by_id[s.endpoint_id].node_id if s.endpoint_id in by_id else "")
-        if not node or node not in nodes:
-            raise InvalidArgument(f"samples[{i}].node_id", f"unknown node {s.node_id or s.endpoint_id!r}")
-        return node, "", name, s.value, ts
+        if s.node_id:
+            if s.node_id not in nodes:
+                raise InvalidArgument(f"samples[{i}].node_id", f"unknown node {s.node_id!r}")
+            return s.node_id, "", name, s.value, ts
+        if s.endpoint_id not in by_id:  # a node-level metric for an endpoint: that endpoint's node
+            raise InvalidArgument(f"samples[{i}].endpoint_id", f"unknown endpoint {s.endpoint_id!r}" if s.endpoint_id
+                                  else "required (or node_id) for a node-level metric")
+        return by_id[s.endpoint_id].node_id, "", name, s.value, ts
     if s.endpoint_id not in by_id:
         raise InvalidArgument(f"samples[{i}].endpoint_id", f"unknown endpoint {s.endpoint_id!r}")
     return "", s.endpoint_id, name, s.value, ts

@@ -128,3 +128,16 @@ def test_topology_rtt_prefers_direct_links_then_region_links(demo_fleet) -> None
     assert topo.rtt_ms("eu-west", "us-east-dc1") == 85.0  # via the transatlantic region link
     assert topo.rtt_ms("eu-west", "eu-central-dc1") == 18.0
     assert topo.rtt_ms("mars", "eu-west-dc1") == 120.0  # unknown client: the configured default
+
+
+def test_an_address_port_outside_the_tcp_range_is_refused(tmp_path: Path) -> None:
+    text = (Path(__file__).parent.parent / "deploy/demo/fleet.yaml").read_text()
+    first = re.search(r"address: (\S+):(\d+)", text)
+    assert first is not None
+    p = tmp_path / "port.yaml"
+    p.write_text(text.replace(first.group(0), f"address: {first.group(1)}:99999", 1))
+    with pytest.raises(InventoryError) as err:
+        load_fleet(p)
+    [issue] = err.value.issues
+    assert _plain(issue.field) == "deployments[0].address" and "port 99999 is outside 1-65535" in issue.message
+    assert issue.line == text[:first.start()].count("\n") + 1

@@ -145,7 +145,13 @@ def test_push_telemetry_updates_the_store_and_rejects_unknown_names(server) -> N
     assert values["gpu_util"] == pytest.approx(25.0)  # the exposition's other node values did arrive
     for bad, field in [(pb.TelemetrySample(endpoint_id=ep.endpoint_id, metric="bogus", value=1), "samples[0].metric"),
                        (pb.TelemetrySample(endpoint_id="nope", metric="queue_waiting", value=1),
-                        "samples[0].endpoint_id")]:
+                        "samples[0].endpoint_id"),
+                       # A node-level metric sent for an endpoint: the endpoint is what is wrong.
+                       (pb.TelemetrySample(endpoint_id="nope", metric="gpu_temp_c", value=1),
+                        "samples[0].endpoint_id: unknown endpoint 'nope'"),
+                       (pb.TelemetrySample(node_id="nope", metric="gpu_temp_c", value=1),
+                        "samples[0].node_id: unknown node 'nope'"),
+                       (pb.TelemetrySample(metric="gpu_temp_c", value=1), "samples[0].endpoint_id: required")]:
         with pytest.raises(grpc.RpcError) as err:
             stub.PushTelemetry(iter([pb.TelemetryBatch(samples=[bad])]))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
