@@ -71,6 +71,13 @@ class Scraper:
         if failed is not None:
             log.info("scrape of %s succeeded again after %d failure(s)", url, failed[1])
 
+    def status(self) -> dict[str, object]:
+        """For ``/healthz``: targets, counts, and each failing target's last error and failures in a row."""
+        failing = dict(self._failing)  # a copy: the scraper thread replaces entries while this reads
+        return {"targets": len(self.targets), "scrapes": self.scrapes, "failures": self.failures,
+                "running": self._thread is not None and self._thread.is_alive(),
+                "failing": {url: {"error": error, "in_a_row": count} for url, (error, count) in failing.items()}}
+
     def _run(self) -> None:
         with httpx.Client(timeout=self.timeout_s) as client:
             while not self._stop.is_set():

@@ -205,6 +205,10 @@ class Service:
                                    "learner": f"{self.engine.learner.name}@{self.engine.learner.version}",
                                    "decisions": dict(self.engine.stats),
                                    "telemetry_endpoints": self.telemetry.known_endpoints()}
+        if self.scraper.targets:
+            # Reported, not judged: a failing exporter ages its values until the guardrails treat them
+            # as unknown, which is the decision's business, not a reason to restart the service.
+            details["telemetry_scrape"] = self.scraper.status()
         if self.policies.health is not None:
             details["policies"] = dict(self.policies.health())
         if self.audit.health is not None:

@@ -125,3 +125,16 @@ def test_one_target_failing_in_an_unforeseen_way_does_not_stop_the_others(export
     scraper.stop()
     assert scraper.scrapes >= 3 and scraper.failures >= 3
     assert store.reading("e2").values[QUEUE_WAITING] == 4.0
+
+
+def test_status_reports_each_failing_target_and_its_last_error(exporter: str) -> None:
+    scraper = Scraper(TelemetryStore({"e1": "n1"}), [ScrapeTarget(url=f"{exporter}/vllm", endpoint_id="e1"),
+                                                     ScrapeTarget(url=f"{exporter}/gone", endpoint_id="e1")])
+    with httpx.Client(timeout=1.0) as client:
+        scraper.scrape_once(client)
+        scraper.scrape_once(client)
+    status = scraper.status()
+    assert (status["targets"], status["scrapes"], status["failures"], status["running"]) == (2, 2, 2, False)
+    failing = status["failing"]
+    assert isinstance(failing, dict) and list(failing) == [f"{exporter}/gone"]
+    assert failing[f"{exporter}/gone"]["in_a_row"] == 2 and "404" in failing[f"{exporter}/gone"]["error"]
