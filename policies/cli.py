@@ -35,9 +35,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from policies.selftest import run_bundle_tests, summary
+    from policies.selftest import summary
+    from policies.selftest_child import run_tests_isolated
 
-    results = run_bundle_tests(_dir(args.dir))
+    results = run_tests_isolated(_dir(args.dir))
     for r in results:
         print(r)
     print(summary(results))

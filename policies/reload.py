@@ -7,12 +7,8 @@ decision sees exactly one revision. Failures are logged and counted, never swapp
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,8 +20,9 @@ from typing import Any
 from decision.contracts import Guard
 from policies.bundle import compile_bundle
 from policies.guard import PolicyGuard
-from policies.manifest import bundle_files, bundle_revision
+from policies.manifest import bundle_files, bundle_revision, ignored_part
 from policies.quota import InMemoryQuotaCounters, QuotaCounters
+from policies.selftest_child import run_tests_isolated
 
 log = logging.getLogger("infermesh.policies.reload")
 
@@ -36,28 +33,6 @@ class ReloadResult:
     revision: str
     error: str = ""
     changed: bool = False
-
-
-def _tests_in_child(directory: Path, timeout_s: float = 300.0) -> list[str]:
-    """Run the bundle's tests in a child process; the failures, as text.
-
-    rego-cpp 1.5.2 can crash the process (SIGSEGV) on some test constructs (``with input as``
-    over rules that depend on other rules); a crash must reject the bundle, not kill the server.
-    """
-    code = ("import json, sys\nfrom policies.selftest import run_bundle_tests\n"
-            "print(json.dumps([str(t) for t in run_bundle_tests(sys.argv[1]) if not t.passed]))")
-    root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    try:
-        proc = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True,
-                              timeout=timeout_s, env=env, check=False)
-    except subprocess.TimeoutExpired:
-        return [f"bundle tests did not finish in {timeout_s:.0f}s"]
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        return [f"bundle tests crashed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}"]
-    failed: list[str] = json.loads(lines[-1])
-    return failed
 
 
 class PolicyReloader:
@@ -94,11 +69,15 @@ class PolicyReloader:
             # the compile and the (seconds-long) tests would otherwise swap in a bundle nobody tested.
             with tempfile.TemporaryDirectory(prefix="infermesh-bundle-") as tmp:
                 snapshot = Path(tmp) / self.directory.name
-                shutil.copytree(self.directory, snapshot)
+                shutil.copytree(self.directory, snapshot,
+                                ignore=lambda _d, names: [n for n in names if ignored_part(n)])
                 if bundle_revision(snapshot) != bundle.revision:
                     raise RuntimeError("the bundle changed while it was being loaded; it is loaded again "
                                        "once it stops changing (the file watcher, SIGHUP or ReloadPolicies)")
-                failed = [f.replace(str(snapshot), str(self.directory)) for f in _tests_in_child(snapshot)]
+                # In a child: rego-cpp can crash on some test constructs, which must reject the bundle,
+                # not kill the server.
+                failed = [str(t).replace(str(snapshot), str(self.directory))
+                          for t in run_tests_isolated(snapshot) if not t.passed]
             if failed:
                 raise RuntimeError(f"{len(failed)} bundle test(s) failed: " + "; ".join(failed[:5]))
         return PolicyGuard(bundle, counters=self.counters)

@@ -15,7 +15,9 @@ Each case runs through the same views the guard builds: the rule sees only what 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import posixpath
+import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,14 @@ from policies.bundle import CompiledBundle, CompiledRule, compile_bundle, rego_m
 from policies.cel_engine import CelProgram
 from policies.errors import BundleError
 from policies.rego_engine import RegoCompileError, new_interpreter, package_of, rego_test_names, run_query
+
+# Told (test name, file:line) before a test runs; the test runs only if it returns True.
+Started = Callable[[str, str], bool]
+
+
+def _run_all(name: str, where: str) -> bool:
+    return True
+
 
 _CASE_KEYS = {"name", "request", "endpoint", "telemetry", "age_s", "state", "params", "expect", "reason"}
 
@@ -77,68 +87,85 @@ def run_case(bundle: CompiledBundle, rule: CompiledRule, case: Mapping[str, Any]
     return program.evaluate_candidates(rview, [{"id": "c0", **item}], state)[0]
 
 
-def _case_table(bundle: CompiledBundle, rule: CompiledRule, path: Path) -> list[TestOutcome]:
+def _case_table(bundle: CompiledBundle, rule: CompiledRule, path: Path, started: Started) -> Iterator[TestOutcome]:
     try:
         doc = load_located_file(path)
     except YamlSyntaxError as exc:
-        return [TestOutcome(f"{rule.spec.id}: case table", False, f"{exc.path}:{exc.line}", str(exc))]
+        yield TestOutcome(f"{rule.spec.id}: case table", False, f"{exc.path}:{exc.line}", str(exc))
+        return
     data = doc.data if isinstance(doc.data, dict) else {}
     cases = data.get("cases")
     if not isinstance(cases, list) or not cases:
-        return [TestOutcome(f"{rule.spec.id}: case table", False, f"{path}:1", "no 'cases' list")]
+        yield TestOutcome(f"{rule.spec.id}: case table", False, f"{path}:1", "no 'cases' list")
+        return
     defaults = data.get("defaults") or {}
-    out: list[TestOutcome] = []
     for i, case in enumerate(cases):
         where = f"{path}:{doc.line_of(('cases', i))}"
         name = f"{rule.spec.id}: {case.get('name', f'case {i}') if isinstance(case, dict) else i}"
         if not isinstance(case, dict) or case.get("expect") not in ("allow", "deny") or set(case) - _CASE_KEYS:
             extra = sorted(set(case) - _CASE_KEYS) if isinstance(case, dict) else []
-            out.append(TestOutcome(name, False, where, f"a case needs expect: allow|deny; unknown keys {extra}"))
+            yield TestOutcome(name, False, where, f"a case needs expect: allow|deny; unknown keys {extra}")
+            continue
+        if not started(name, where):
             continue
         try:
             ok, reason = run_case(bundle, rule, case, defaults)
         except Exception as exc:  # a malformed case (e.g. a non-numeric metric) fails, it does not crash
-            out.append(TestOutcome(name, False, where, f"could not run: {exc}"))
+            yield TestOutcome(name, False, where, f"could not run: {exc}")
             continue
         want = case["expect"] == "allow"
         if ok != want:
-            out.append(TestOutcome(name, False, where, f"expected {case['expect']}, got "
-                                                       f"{'allow' if ok else 'deny'} ({reason})"))
+            yield TestOutcome(name, False, where, f"expected {case['expect']}, got "
+                                                  f"{'allow' if ok else 'deny'} ({reason})")
         elif "reason" in case and str(case["reason"]) not in reason:
-            out.append(TestOutcome(name, False, where, f"reason {reason!r} lacks {case['reason']!r}"))
+            yield TestOutcome(name, False, where, f"reason {reason!r} lacks {case['reason']!r}")
         else:
-            out.append(TestOutcome(name, True, where))
-    return out
+            yield TestOutcome(name, True, where)
 
 
-def _rego_tests(bundle: CompiledBundle, path: Path) -> list[TestOutcome]:
-    modules = rego_modules(bundle.directory, tests=True)
+def _rego_tests(bundle: CompiledBundle, path: Path, started: Started) -> Iterator[TestOutcome]:
+    every = rego_modules(bundle.directory, tests=True)
+    own = posixpath.normpath(path.relative_to(bundle.directory).as_posix())
+    if own not in every:
+        yield TestOutcome(f"{path.name}", False, f"{path}:1", "not a Rego module of the bundle (a hidden folder?)")
+        return
+    source = every[own][1]
+    package = package_of(source)
+    # The rules' modules, this test module and its package's other test modules: a test module that
+    # breaks the engine then fails its own tests, not every test module's.
+    modules = {k: v for k, v in every.items()
+               if not k.endswith("_test.rego") or k == own or package_of(v[1]) == package}
     try:
         interp = new_interpreter(modules, bundle.params)
     except RegoCompileError as exc:
-        return [TestOutcome(f"{path.name}: compile", False, str(i), i.message) for i in exc.issues]
-    source = path.read_text(encoding="utf-8")
-    package = package_of(source)
+        yield from (TestOutcome(f"{path.name}: compile", False, str(i), i.message) for i in exc.issues)
+        return
     names = rego_test_names(source)
     if not names:
-        return [TestOutcome(f"{path.name}", False, f"{path}:1", "no test_* rules")]
-    out: list[TestOutcome] = []
+        yield TestOutcome(f"{path.name}", False, f"{path}:1", "no test_* rules")
+        return
     lines = source.splitlines()
     for name in names:
-        line = next((n for n, text in enumerate(lines, 1) if text.startswith(name)), 1)
+        # The rule's head: its name followed by what can follow a name (not test_a matching test_ab).
+        head = re.compile(rf"{re.escape(name)}\b(?!\.)")
+        line = next((n for n, text in enumerate(lines, 1) if head.match(text)), 1)
+        if not started(f"{package}.{name}", f"{path}:{line}"):
+            continue
         try:
             value = run_query(interp, f"data.{package}.{name}")
         except Exception as exc:
-            out.append(TestOutcome(f"{package}.{name}", False, f"{path}:{line}", f"error: {exc}"))
+            yield TestOutcome(f"{package}.{name}", False, f"{path}:{line}", f"error: {exc}")
             continue
         passed = value is True
-        out.append(TestOutcome(f"{package}.{name}", passed, f"{path}:{line}",
-                               "" if passed else f"evaluated to {'undefined' if value is None else value}"))
-    return out
+        yield TestOutcome(f"{package}.{name}", passed, f"{path}:{line}",
+                          "" if passed else f"evaluated to {'undefined' if value is None else value}")
 
 
 def run_bundle_tests(directory: str | Path) -> list[TestOutcome]:
-    """Compile the bundle and run every test it names; a compile error is a failed test.
+    """Compile the bundle and run every test it names, in this process; a compile error is a failed test.
+
+    rego-cpp can crash the process on some test constructs: tools that must survive that use
+    :func:`policies.selftest_child.run_tests_isolated`, which runs this in a child.
 
     Examples
     --------
@@ -147,22 +174,26 @@ def run_bundle_tests(directory: str | Path) -> list[TestOutcome]:
     >>> len(results) > 20, all(r.passed for r in results)
     (True, True)
     """
+    return list(iter_bundle_tests(directory))
+
+
+def iter_bundle_tests(directory: str | Path, started: Started = _run_all) -> Iterator[TestOutcome]:
+    """:func:`run_bundle_tests` one outcome at a time; ``started`` is asked before each test runs."""
     try:
         bundle = compile_bundle(directory)
     except BundleError as exc:
-        return [TestOutcome("compile", False, f"{i.path}:{i.line}:{i.column}", i.message) for i in exc.issues]
-    out: list[TestOutcome] = []
+        yield from (TestOutcome("compile", False, f"{i.path}:{i.line}:{i.column}", i.message) for i in exc.issues)
+        return
     for rule in bundle.rules:
         for t in rule.spec.tests:
             path = bundle.directory / t
             if path.name.endswith("_test.rego"):
-                out.extend(_rego_tests(bundle, path))
+                yield from _rego_tests(bundle, path, started)
             elif path.suffix in (".yaml", ".yml"):
-                out.extend(_case_table(bundle, rule, path))
+                yield from _case_table(bundle, rule, path, started)
             else:
-                out.append(TestOutcome(f"{rule.spec.id}: {t}", False, f"{path}:1",
-                                       "tests are *_test.rego modules or .yaml case tables"))
-    return out
+                yield TestOutcome(f"{rule.spec.id}: {t}", False, f"{path}:1",
+                                  "tests are *_test.rego modules or .yaml case tables")
 
 
 def summary(results: list[TestOutcome]) -> str:

@@ -10,6 +10,7 @@ import pytest
 
 from decision.cli import main
 from policies.bundle import DEFAULT_BUNDLE
+from tests.policy_support import add_crashing_test
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,3 +86,18 @@ def test_explain_errors_are_messages(tmp_path: Path, capsys: pytest.CaptureFixtu
     req.write_text(body)
     assert main(["policy", "explain", "--request", str(req), "--fleet", str(ROOT / "deploy/demo/fleet.yaml")]) == code
     assert message in capsys.readouterr().err
+
+
+def test_test_command_survives_a_rego_engine_crash(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # rego-cpp 1.5.2 segfaults on `with input as` over a rule that depends on another rule: the crash is
+    # pinned to that test, which fails, and the tests after it still run.
+    assert main(["policy", "test", str(DEFAULT_BUNDLE)]) == 0
+    n = sum(line.startswith("PASS ") for line in capsys.readouterr().out.splitlines())
+    bundle = tmp_path / "b"
+    shutil.copytree(DEFAULT_BUNDLE, bundle)
+    crashing = add_crashing_test(bundle)
+    assert main(["policy", "test", str(bundle)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    (crashed,) = [line for line in out if line.startswith("FAIL ")]
+    assert crashed.startswith(f"FAIL crash_test.test_crash ({crashing}:4): the test process exit -11 ")
+    assert out[-1] == f"{n} passed, 1 failed"
