@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from policies.cel_engine import CelCompileError, CelProgram, compile_cel
-from policies.errors import BundleError, PolicyIssue
-from policies.manifest import ManifestSpec, RuleSpec, bundle_revision, load_manifest
+from policies.errors import BundleError, PolicyIssue, read_source
+from policies.manifest import ManifestSpec, RuleSpec, bundle_files, bundle_revision, load_manifest
 from policies.rego_calls import undefined_calls
 from policies.rego_engine import RegoCompileError, RegoProgram, builtin_checker, compile_rego, new_interpreter
 
@@ -39,10 +40,16 @@ class CompiledBundle:
 def rego_modules(directory: Path, *, tests: bool) -> dict[str, tuple[str, str]]:
     """Module name (bundle-relative path) -> (path to report, source) of the bundle's Rego files."""
     out: dict[str, tuple[str, str]] = {}
-    for p in sorted(directory.rglob("*.rego")):
-        if p.name.endswith("_test.rego") and not tests:
+    issues: list[PolicyIssue] = []
+    for p in bundle_files(directory):  # the files the revision hashes: a hidden module must not run unnamed
+        if p.suffix != ".rego" or (p.name.endswith("_test.rego") and not tests):
             continue
-        out[p.relative_to(directory).as_posix()] = (str(p), p.read_text(encoding="utf-8"))
+        try:
+            out[p.relative_to(directory).as_posix()] = (str(p), read_source(p))
+        except BundleError as exc:
+            issues.extend(exc.issues)
+    if issues:
+        raise BundleError(issues)
     return out
 
 
@@ -59,29 +66,35 @@ def compile_bundle(directory: str | Path) -> CompiledBundle:
     revision = bundle_revision(root) if root.is_dir() else ""
     spec, _ = load_manifest(root)
     issues: list[PolicyIssue] = []
-    modules = rego_modules(root, tests=False)
+    try:
+        test_modules = rego_modules(root, tests=True)
+    except BundleError as exc:  # unreadable modules: reported with whatever else is wrong
+        issues.extend(exc.issues)
+        test_modules = {}
+    modules = {k: v for k, v in test_modules.items() if not k.endswith("_test.rego")}
     rules: list[CompiledRule] = []
     for rule in spec.rules:
         path = root / rule.file
         try:
             if rule.engine == "cel":
                 program: CelProgram | RegoProgram = compile_cel(
-                    path.read_text(encoding="utf-8"), str(path), message=rule.message,
+                    read_source(path), str(path), message=rule.message,
                     message_path=f"{root / 'manifest.yaml'} (rule {rule.id} message)")
             else:
-                name = Path(rule.file).as_posix()
+                name = posixpath.normpath(Path(rule.file).as_posix())  # "./x/../y.rego" is module "y.rego"
                 if name not in modules:
-                    issues.append(PolicyIssue(str(path), 1, 1, "a Rego rule file must end in .rego "
-                                                               "and not in _test.rego"))
+                    if any(i.path == str(path) for i in issues):
+                        continue  # already reported (unreadable)
+                    issues.append(PolicyIssue(str(path), 1, 1, "a Rego rule file must end in .rego, not in "
+                                                               "_test.rego, and not sit in a hidden folder"))
                     continue
                 program = compile_rego(modules, name, spec.params)
-        except (CelCompileError, RegoCompileError) as exc:
+        except (CelCompileError, RegoCompileError, BundleError) as exc:
             issues.extend(exc.issues)
             continue
         rules.append(CompiledRule(rule, program, str(path)))
     # Test modules must parse too: a bundle whose tests cannot even load is broken.
-    test_modules = rego_modules(root, tests=True)
-    if len(test_modules) > len(modules) and not any("rego" in str(i.path) for i in issues):
+    if len(test_modules) > len(modules) and not any(str(i.path).endswith(".rego") for i in issues):
         try:
             new_interpreter(test_modules, spec.params)
         except RegoCompileError as exc:

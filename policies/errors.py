@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,18 @@ class BundleError(ValueError):
     def __init__(self, issues: Sequence[PolicyIssue]) -> None:
         super().__init__("\n".join(str(i) for i in issues))
         self.issues = tuple(issues)
+
+
+def read_source(path: Path) -> str:
+    """A rule or test file's text; one that is not UTF-8 or cannot be read is a located :class:`BundleError`."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise BundleError([PolicyIssue(str(path), line, 1, f"not UTF-8 text (byte {exc.object[exc.start]:#04x})")]) \
+            from None
+    except OSError as exc:
+        raise BundleError([PolicyIssue(str(path), 1, 1, f"cannot read: {exc.strerror or exc}")]) from None
 
 
 def line_col_of_offset(source: bytes, offset: int) -> tuple[int, int]:

@@ -61,6 +61,10 @@ class RuleSpec(_Strict):
     state: bool = Field(default=False, description="reads pre-fetched state (quota counters)")
     message: str = Field(default="", description="CEL only: a string expression giving the denial reason")
     tests: list[str] = Field(default=[], description="test files: *_test.rego or CEL case tables")
+    memoise: bool = Field(
+        default=True, description="false for a Rego rule whose verdict on one candidate depends on the other "
+                                  "candidates: it then sees all of a request's candidates in one input, every "
+                                  "decision. Memoised rules see only the distinct inputs that missed the memo")
 
     @field_validator("request_fields")
     @classmethod
@@ -89,7 +93,13 @@ class RuleSpec(_Strict):
     @property
     def memoisable(self) -> bool:
         """Static: depends only on inventory and declared request fields."""
-        return self.scope == "candidate" and not self.state and not self.telemetry and not self.ages
+        return (self.scope == "candidate" and self.memoise and not self.state and not self.telemetry
+                and not self.ages)
+
+    @property
+    def per_request(self) -> bool:
+        """Evaluated on every decision over all the request's candidates (no memo)."""
+        return self.scope == "candidate" and (self.state or not self.memoise)
 
 
 class ManifestSpec(_Strict):
@@ -99,10 +109,20 @@ class ManifestSpec(_Strict):
     rules: list[RuleSpec] = Field(min_length=1)
 
 
+def ignored_part(name: str) -> bool:
+    """Whether a file or folder name is not part of a bundle: hidden ones and Python caches.
+
+    A Kubernetes ConfigMap mount keeps its real files under hidden ``..<timestamp>/`` folders behind
+    a ``..data`` link; the visible names link into them. Loading, hashing and snapshotting all use
+    this one test, so what is compiled is exactly what the revision names.
+    """
+    return name.startswith(".") or name == "__pycache__"
+
+
 def bundle_files(directory: Path) -> list[Path]:
     """Every file that makes up a bundle (what its revision hashes), in a stable order."""
-    return sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")
-                  and "__pycache__" not in p.parts)
+    return sorted(p for p in directory.rglob("*")
+                  if p.is_file() and not any(ignored_part(part) for part in p.relative_to(directory).parts))
 
 
 def bundle_revision(directory: str | Path) -> str:
@@ -166,6 +186,9 @@ def load_manifest(directory: str | Path) -> tuple[ManifestSpec, LocatedYaml]:
             issue("message", "only CEL rules take a message expression")
         if rule.scope == "request" and (rule.telemetry or rule.ages):
             issue("telemetry", "a request-scope rule sees no candidate, hence no telemetry")
+        if not rule.memoise and (rule.engine != "rego" or rule.scope != "candidate"):
+            issue("memoise", "only candidate-scope Rego rules see several candidates at once; "
+                             "a CEL rule sees one candidate, a request rule none")
         if rule.kind == "quota" and rule.scope != "request":
             issue("scope", "quota rules are request-scope")
     if issues:

@@ -41,6 +41,10 @@ def _bound_names(code: str) -> set[str]:
     return names
 
 
+def _is_test(module: str) -> bool:
+    return module.endswith("_test.rego")
+
+
 def undefined_calls(modules: Mapping[str, tuple[str, str]], is_builtin: Callable[[str], bool]) -> list[PolicyIssue]:
     """Calls in ``modules`` (name -> (path to report, source)) to functions no one defines.
 
@@ -62,17 +66,20 @@ def undefined_calls(modules: Mapping[str, tuple[str, str]], is_builtin: Callable
     ['b/d.rego:4:54: function not found: nosuchfn (not a rego-cpp built-in, nor defined in package demo)']
     """
     code = {name: _SKIPPED.sub(_blank, src) for name, (_, src) in modules.items()}
-    defined: dict[str, set[str]] = {}
-    for text in code.values():
-        defined.setdefault(package_of(text), set()).update(_HEAD.findall(text))
+    # Rules never load test modules: a function defined only in a *_test.rego is not there when a rule runs.
+    defined: dict[bool, dict[str, set[str]]] = {False: {}, True: {}}
+    for name, text in code.items():
+        for in_tests in {True, _is_test(name)}:
+            defined[in_tests].setdefault(package_of(text), set()).update(_HEAD.findall(text))
     issues: list[PolicyIssue] = []
     for name, text in code.items():
         package = package_of(text)
         bound = _bound_names(text)
+        known = defined[_is_test(name)].get(package, set())
         for m in _CALL.finditer(text):
             called = m.group(1)
             first = called.split(".", 1)[0]
-            if first in _KEYWORDS or first in bound or called in defined.get(package, ()) or is_builtin(called):
+            if first in _KEYWORDS or first in bound or called in known or is_builtin(called):
                 continue
             line = text.count("\n", 0, m.start()) + 1
             column = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1

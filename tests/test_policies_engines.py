@@ -168,3 +168,45 @@ def test_rego_test_rules_run(bundle_copy: Path) -> None:
     results = {r.name: r.passed for r in run_bundle_tests(bundle_copy)}
     assert results["extra_test.test_ok"] is True
     assert results["extra_test.test_wrong"] is False
+
+
+def test_a_function_defined_only_in_a_test_module_is_not_there_for_rules(bundle_copy: Path) -> None:
+    # Rules never load *_test.rego modules: the call would deny every candidate at run time.
+    (bundle_copy / "helpers_test.rego").write_text("package infermesh.residency\n\nonly_in_tests(x) := x\n")
+    rego = bundle_copy / "residency.rego"
+    rego.write_text(rego.read_text().replace("\tcount(req.allowed_jurisdictions) > 0",
+                                             "\tcount(req.allowed_jurisdictions) > only_in_tests(0)", 1))
+    with pytest.raises(BundleError) as exc:
+        compile_bundle(bundle_copy)
+    (issue,) = exc.value.issues
+    assert issue.path == str(rego) and "function not found: only_in_tests" in issue.message
+
+
+def test_hidden_files_are_neither_compiled_nor_hashed(bundle_copy: Path) -> None:
+    """What runs is what the revision names: a hidden module could otherwise change verdicts unseen."""
+    before = compile_bundle(bundle_copy).revision
+    hidden = bundle_copy / ".git"
+    hidden.mkdir()
+    (hidden / "extra.rego").write_text("package infermesh.residency\nimport rego.v1\nallow contains c if { c := 1 }\n")
+    (bundle_copy / ".swap.rego").write_text("package broken\nthis does not parse\n")
+    assert compile_bundle(bundle_copy).revision == before
+
+
+def test_a_rule_file_that_is_not_utf8_is_a_located_error(bundle_copy: Path) -> None:
+    cel = bundle_copy / "xid_errors.cel"
+    cel.write_bytes(b"// ok\ntelemetry.xid_errors == 0.0 \xff\n")
+    rego = bundle_copy / "prompt_class.rego"
+    rego.write_bytes(rego.read_bytes() + b"# caf\xe9\n")
+    with pytest.raises(BundleError) as exc:
+        compile_bundle(bundle_copy)
+    got = {(i.path, i.line): i.message for i in exc.value.issues}
+    assert got[(str(cel), 2)] == "not UTF-8 text (byte 0xff)"
+    assert got[(str(rego), len(rego.read_bytes().splitlines()))] == "not UTF-8 text (byte 0xe9)"
+
+
+def test_a_rule_path_with_dot_segments_names_the_same_module(bundle_copy: Path) -> None:
+    (bundle_copy / "sub").mkdir()
+    manifest = bundle_copy / "manifest.yaml"
+    manifest.write_text(manifest.read_text().replace("file: residency.rego", "file: ./sub/../residency.rego", 1))
+    bundle = compile_bundle(bundle_copy)
+    assert "residency.sites" in {r.spec.id for r in bundle.rules}

@@ -17,6 +17,7 @@ from decision.telemetry import TelemetryStore
 from learners.least_ttft import LeastExpectedTtft
 from policies.bundle import DEFAULT_BUNDLE
 from policies.reload import PolicyReloader
+from tests.policy_support import add_crashing_test
 
 
 def _setup(tmp_path: Path, fleet: Fleet) -> tuple[Path, PolicyReloader, DecisionEngine]:
@@ -132,14 +133,7 @@ def test_a_bundle_whose_tests_crash_the_rego_engine_is_rejected(tmp_path: Path, 
     # rego-cpp 1.5.2 segfaults on `with input as` over a rule that depends on another rule.
     bundle, reloader, engine = _setup(tmp_path, demo_fleet)
     before = engine.guard.revision
-    (bundle / "crash_test.rego").write_text(
-        "package crash_test\nimport rego.v1\nimport data.infermesh.residency\n"
-        'test_crash if {\n  residency.allow == {"a"} with input as {"request": {"allowed_jurisdictions": [], '
-        '"data_class": "public"}, "candidates": [{"id": "a", "endpoint": {"site_id": "s", "jurisdiction": "EU", '
-        '"certifications": []}}]}\n}\n')
-    manifest = bundle / "manifest.yaml"
-    manifest.write_text(manifest.read_text().replace("tests: [residency_cases.yaml]",
-                                                     "tests: [residency_cases.yaml, crash_test.rego]"))
+    add_crashing_test(bundle)
     result = reloader.reload()
     assert not result.ok and engine.guard.revision == before and reloader.reload_failures == 1
 
@@ -195,3 +189,32 @@ def test_a_bundle_edited_while_it_loads_is_not_swapped_in_untested(tmp_path: Pat
     monkeypatch.undo()
     _touch(bundle, "after")
     assert reloader.reload().ok and engine.guard.revision == reloader.revision != before
+
+
+def _configmap_mount(root: Path, content: Path, stamp: str) -> None:
+    """The layout kubelet gives a ConfigMap volume: files in a hidden ..<stamp>/ folder, ..data linking to
+    it, and each visible name linking through ..data; an update swaps the ..data link atomically."""
+    shutil.copytree(content, root / f"..{stamp}")
+    tmp_link = root / "..data_tmp"
+    tmp_link.symlink_to(f"..{stamp}")
+    tmp_link.replace(root / "..data")
+    for f in (root / "..data").iterdir():
+        if not (root / f.name).is_symlink():
+            (root / f.name).symlink_to(f"..data/{f.name}")
+
+
+def test_a_bundle_mounted_from_a_configmap_loads_and_reloads(tmp_path: Path, demo_fleet: Fleet) -> None:
+    plain = tmp_path / "plain"
+    shutil.copytree(DEFAULT_BUNDLE, plain)
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    _configmap_mount(mount, plain, "2026_11_29_01")
+    swaps: list[Guard] = []
+    reloader = PolicyReloader(mount, swaps.append)
+    guard = reloader.load()  # compiled, snapshotted and tested: the hidden folders are not part of it
+    assert guard.revision == PolicyReloader(plain, swaps.append, run_tests=False).load().revision
+    (plain / "manifest.yaml").write_text((plain / "manifest.yaml").read_text() + "# reviewed\n")
+    _configmap_mount(mount, plain, "2026_11_29_02")
+    result = reloader.reload()
+    assert result.ok and result.changed, result.error
+    assert swaps[-1].revision == reloader.revision != guard.revision
