@@ -9,7 +9,8 @@ Rules run in three ways:
   them share one evaluation. A memo over all these rules, keyed by the endpoint's class (the
   endpoint facts the rules declared) and every declared value, makes a warm decision one
   lookup per candidate, and one per located set while nothing it depends on changes;
-* candidate rules that read state are evaluated every time.
+* candidate rules that read state, or that compare candidates (``memoise: false``), are
+  evaluated every time, over all the request's candidates in one input.
 
 The memos live in the guard, and a guard has one bundle revision, so the policy revision is
 part of every key by construction; the inventory revision selects the memo. Rego rules are
@@ -180,9 +181,9 @@ class PolicyGuard:
         rules = bundle.rules
         self._request_rules = tuple(r for r in rules if r.spec.scope == "request")
         self._static = tuple(r for r in rules if r.spec.memoisable)
-        self._dynamic = tuple(r for r in rules if r.spec.scope == "candidate" and not r.spec.state
+        self._dynamic = tuple(r for r in rules if r.spec.scope == "candidate" and not r.spec.per_request
                               and not r.spec.memoisable)
-        self._live = tuple(r for r in rules if r.spec.scope == "candidate" and r.spec.state)
+        self._live = tuple(r for r in rules if r.spec.per_request)
         self._static_fields = _union(self._static, "request_fields")
         self._dynamic_fields = _union(self._dynamic, "request_fields")
         self._telemetry_key = compile_telemetry_key(_union(self._dynamic, "telemetry"), _union(self._dynamic, "ages"))
@@ -488,7 +489,7 @@ class PolicyGuard:
                     table.update(zip(todo, (outcome(rule, a, r) for a, r in results), strict=True))
                 per_rule.append([table[k] for k in keys])
             else:
-                sview = {k: v for k, v in state.items() if k not in _NOT_STATE}
+                sview = {k: v for k, v in state.items() if k not in _NOT_STATE} if s.state else {}
                 items = [self._item(v[0], rule, c) for v, c in zip(views, candidates, strict=True)]
                 per_rule.append([outcome(rule, a, r) for a, r in self._run(rule, rview, items, sview)])
         deny = [self._severity[r.spec.id] is Severity.DENY for r in rules]

@@ -20,6 +20,7 @@ from decision.fleet import Fleet
 from decision.telemetry import TelemetryStore
 from learners.least_ttft import LeastExpectedTtft
 from policies.bundle import DEFAULT_BUNDLE, compile_bundle
+from policies.errors import BundleError
 from policies.guard import PolicyGuard
 from policies.quota import InMemoryQuotaCounters, QuotaUsage, RedisQuotaCounters
 
@@ -303,3 +304,58 @@ def test_in_memory_counters_drop_ended_windows_once_per_window_not_per_request()
     assert time.perf_counter() - started < 0.5
     counters.reserve("late", 125.0, 1, 1)  # two windows on: the old ones are gone
     assert counters.read("tenant-0", 30.0) == QuotaUsage(0, 0) and len(counters._counts) == 1
+
+
+_QUORUM_RULE = """  - id: other.quorum
+    kind: other
+    engine: rego
+    file: quorum.rego
+    description: route only when at least four candidates remain (a rule that compares candidates)
+    endpoint_fields: [tier]
+    memoise: {memoise}
+    tests: [quorum_test.rego]
+
+"""
+
+
+@pytest.mark.parametrize("memoise", [True, False])
+def test_a_rule_that_compares_candidates_sees_them_all_only_when_not_memoised(
+        demo_fleet: Fleet, tmp_path: Path, memoise: bool) -> None:
+    # A memoised rule is given only the distinct inputs that missed its memo (here: one per tier), so
+    # counting candidates undercounts; memoise: false gives it every candidate of the request.
+    bundle = tmp_path / "b"
+    shutil.copytree(DEFAULT_BUNDLE, bundle)
+    (bundle / "quorum.rego").write_text("package infermesh.quorum\nimport rego.v1\n"
+                                        "allow contains c.id if { count(input.candidates) >= 4; "
+                                        "some c in input.candidates }\n")
+    (bundle / "quorum_test.rego").write_text(
+        "package infermesh.quorum_test\nimport rego.v1\nimport data.infermesh.quorum\n"
+        'test_three_are_too_few if { count(quorum.allow) == 0 with input as {"candidates": '
+        '[{"id": "a"}, {"id": "b"}, {"id": "c"}]} }\n')
+    manifest = bundle / "manifest.yaml"
+    manifest.write_text(manifest.read_text().replace("rules:\n", "rules:\n" + _QUORUM_RULE.format(
+        memoise=str(memoise).lower()), 1))
+    guard = PolicyGuard(compile_bundle(bundle))
+    engine = _engine(demo_fleet, guard)
+    ctx = RequestContext("r1", "globex", model_family="llama")
+    now = time.time()
+    cands = engine.locate(demo_fleet, ctx, now)
+    assert len(cands) >= 4 and len({c.endpoint.tier for c in cands}) < 4
+    result = guard.evaluate(ctx, cands, {**guard.peek(ctx), "inventory_revision": demo_fleet.revision, "now": now})
+    quorum = [v for v in result.verdicts if v.rule_id == "other.quorum"]
+    assert len(quorum) == len(cands)
+    assert all(v.allow for v in quorum) is (not memoise)
+
+
+def test_only_candidate_rego_rules_may_opt_out_of_the_memo(tmp_path: Path) -> None:
+    bundle = tmp_path / "b"
+    shutil.copytree(DEFAULT_BUNDLE, bundle)
+    manifest = bundle / "manifest.yaml"
+    text = manifest.read_text()
+    rule = "    file: gpu_temperature.cel\n"
+    manifest.write_text(text.replace(rule, rule + "    memoise: false\n"))
+    with pytest.raises(BundleError) as exc:
+        compile_bundle(bundle)
+    (issue,) = exc.value.issues
+    assert issue.line == text.splitlines().index(rule.rstrip("\n")) + 2 and ".memoise: only candidate-scope Rego" \
+        in issue.message
