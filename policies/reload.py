@@ -95,6 +95,7 @@ class PolicyReloader:
             try:
                 current = bundle_revision(self.directory)
                 if current == self.revision and not force:
+                    self.last_error = ""  # a rejected edit was reverted: the folder is what runs again
                     return ReloadResult(True, self.revision)
                 guard = self._build()
             except Exception as exc:

@@ -59,13 +59,17 @@ def test_good_bundle_swaps_in(tmp_path: Path, demo_fleet: Fleet) -> None:
 def test_broken_bundle_never_replaces_the_running_one(tmp_path: Path, demo_fleet: Fleet) -> None:
     bundle, reloader, engine = _setup(tmp_path, demo_fleet)
     before = engine.guard.revision
-    (bundle / "device_owner.cel").write_text('endpoint.tier != "device" ||\n')
+    rule = bundle / "device_owner.cel"
+    good = rule.read_text()
+    rule.write_text('endpoint.tier != "device" ||\n')
     result = reloader.reload()
     assert not result.ok and "device_owner.cel:" in result.error
     assert engine.guard.revision == before == reloader.revision
     assert reloader.reload_failures == 1 and reloader.last_error == result.error
     d = engine.decide(RequestContext("r", "globex", model="llama-3.1-8b"))
     assert d.policy_revision == before
+    rule.write_text(good)  # the edit is reverted: health no longer reports its error
+    assert reloader.reload().ok and reloader.last_error == "" and reloader.revision == before
 
 
 def test_bundle_failing_its_own_tests_is_rejected(tmp_path: Path, demo_fleet: Fleet) -> None:
