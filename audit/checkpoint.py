@@ -9,8 +9,8 @@ file somewhere the database's administrators cannot write (a ticket, a WORM buck
 mail). ``infermesh audit verify --checkpoint FILE`` then also requires each head to still be in
 the log with the same hash: a deleted tail or a rewritten chain fails there.
 
-Retention drops whole UTC days, oldest first, so a head on a day older than the oldest day the
-log holds is reported as retired, not failed; a head on a day the log still holds must be there.
+Retention drops whole UTC days, oldest first, and records its cutoff, so a head on a day before
+the cutoff is reported as retired, not failed; a head on a day the log still holds must be there.
 
 >>> h = ChainHead("decision_events", dt.date(2026, 11, 27), "a1b2", 7, "f" * 64)
 >>> text = render([h], dt.datetime(2026, 11, 28, tzinfo=dt.UTC))
@@ -150,11 +150,13 @@ def check_heads(url: str, heads: Sequence[ChainHead], *, start: dt.date | None =
     report = CheckpointReport()
     wanted = [h for h in heads if (start is None or h.day >= start) and (end is None or h.day <= end)]
     with psycopg.connect(url) as conn:
+        # Retention records its cutoff (migration 0008); a log whose retention ran before that has
+        # only its oldest partition to go by.
         held = partitions.list_partitions(conn)
-        oldest = held[0] if held else None
+        retired = partitions.retired_before(conn) or (held[0] if held else None)
         stored = _stored(conn, wanted)
     for h in wanted:
-        if oldest is not None and h.day < oldest:
+        if retired is not None and h.day < retired:
             report.retired += 1
             continue
         found = stored.get((h.table, h.day, h.chain_id, h.seq))

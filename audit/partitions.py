@@ -59,7 +59,14 @@ def drop_before(conn: psycopg.Connection[Any], *, cutoff: dt.date) -> list[dt.da
         conn.execute(sql.SQL("DELETE FROM {} WHERE reported_at < %s").format(sql.Identifier(table)), (start,))
     # A decision submitted again keeps its link in decision_duplicates (migration 0006), on its day.
     conn.execute("DELETE FROM decision_duplicates WHERE decided_at < %s", (start,))
+    conn.execute("INSERT INTO audit_retention (cutoff, dropped_days) VALUES (%s, %s)", (cutoff, dropped))
     return dropped
+
+
+def retired_before(conn: psycopg.Connection[Any]) -> dt.date | None:
+    """The latest retention cutoff: days before it were dropped (None: retention never ran)."""
+    row = conn.cursor(row_factory=tuple_row).execute("SELECT max(cutoff) FROM audit_retention").fetchone()
+    return row[0] if row else None
 
 
 def apply_retention(conn: psycopg.Connection[Any], *, retention_days: int,

@@ -42,7 +42,7 @@ from audit.codec import (
     outcome_genesis,
     outcome_row,
 )
-from audit.events import DecisionEventV1, OutcomeEventV1, from_us
+from audit.events import DecisionEventV1, OutcomeEventV1, from_us, to_us
 from audit.masking import Masker
 from audit.settings import AuditSettings
 from audit.spool import Spool
@@ -56,7 +56,8 @@ _OCOLS = ", ".join(OUTCOME_COLUMNS)
 
 METRIC_NAMES = ("queue_depth", "last_batch_size", "rows_per_s", "spool_bytes", "rows_written", "outcomes_written",
                 "duplicates_skipped", "decision_duplicates", "outcome_conflicts", "batches_written", "spooled_batches",
-                "replayed_batches", "dropped", "refused", "invalid", "quarantined", "rejected_rows", "db_up")
+                "replayed_batches", "dropped", "refused", "invalid", "quarantined", "rejected_rows", "expired_rows",
+                "db_up")
 # What PostgreSQL (or the COPY encoder) raises for a row it will never take, however often it is
 # retried: not an outage. (The staged write resolves duplicates itself; a UniqueViolation that still
 # gets here, two writers racing to create a partition, succeeds when the halves are written.)
@@ -125,6 +126,9 @@ class AuditWriter(AtBoundCounts):
     quarantined, rejected_rows : int
         Spool batches and single rows PostgreSQL refused for good, set aside under
         ``<spool>/quarantine``.
+    expired_rows : int
+        Rows of days retention had already dropped when they arrived (a spool replayed late):
+        not written, so a dropped day is not recreated with a partial chain.
     db_up : bool
         Whether the last database write succeeded.
     """
@@ -158,6 +162,8 @@ class AuditWriter(AtBoundCounts):
         self.invalid = 0
         self.quarantined = 0
         self.rejected_rows = 0
+        self.expired_rows = 0
+        self._cutoff: dt.date | None = None  # retention's cutoff as last read (audit_retention)
         self._rejects: Spool | None = None  # quarantine/rows, opened at the first rejected row
         self.db_up = False
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
@@ -241,7 +247,8 @@ class AuditWriter(AtBoundCounts):
                 "outcome_conflicts": self.outcome_conflicts, "batches_written": self.batches_written,
                 "spooled_batches": self.spool.appended_records, "replayed_batches": self.spool.replayed_records,
                 "dropped": self.dropped, "refused": self.refused, "invalid": self.invalid,
-                "quarantined": self.quarantined, "rejected_rows": self.rejected_rows, "db_up": float(self.db_up)}
+                "quarantined": self.quarantined, "rejected_rows": self.rejected_rows,
+                "expired_rows": self.expired_rows, "db_up": float(self.db_up)}
 
     # -- writer thread -------------------------------------------------------------------------
     def _take(self) -> list[tuple[str, Mapping[str, Any]]]:
@@ -309,6 +316,26 @@ class AuditWriter(AtBoundCounts):
             self._conn.commit()
         return self._conn
 
+    def _unexpired(self, conn: psycopg.Connection[Any], drows: list[list[Any]], orows: list[list[Any]]
+                   ) -> tuple[list[list[Any]], list[list[Any]], int]:
+        """``drows`` and ``orows`` without the rows of days retention has dropped, and how many those were.
+
+        The cutoff is read again whenever a batch needs a day not known to exist: a day retention
+        dropped while this writer ran must not be recreated by a late replay (half a day's chain).
+        """
+        if drows and {day_of_us(r[1]) for r in drows} - self._days_ready:
+            self._cutoff = partitions.retired_before(conn)
+        if self._cutoff is None:
+            return drows, orows, 0
+        limit = to_us(dt.datetime.combine(self._cutoff, dt.time(), tzinfo=dt.UTC))
+        keep_d = [r for r in drows if r[1] >= limit] if drows and min(r[1] for r in drows) < limit else drows
+        keep_o = [r for r in orows if r[8] >= limit] if orows and min(r[8] for r in orows) < limit else orows
+        expired = len(drows) - len(keep_d) + len(orows) - len(keep_o)
+        if expired:
+            log.warning("audit: %d rows from before retention's cutoff %s were not written (their days were "
+                        "dropped)", expired, self._cutoff)
+        return keep_d, keep_o, expired
+
     def _ensure_days(self, conn: psycopg.Connection[Any], drows: list[list[Any]]) -> set[dt.date]:
         """Create the partitions ``drows`` need that are not known to exist; returns their days.
 
@@ -336,6 +363,7 @@ class AuditWriter(AtBoundCounts):
         conn = self._connection()
         try:
             with conn.transaction():
+                drows, orows, expired = self._unexpired(conn, drows, orows)
                 new_days = self._ensure_days(conn, drows)
                 inserted = d_dups = 0
                 if drows and not staged:
@@ -378,6 +406,7 @@ class AuditWriter(AtBoundCounts):
             self._days_ready.clear()
             raise
         self._days_ready |= new_days  # committed: the partitions exist now
+        self.expired_rows += expired
         elapsed = time.perf_counter() - t0
         self.rows_written += inserted
         self.outcomes_written += o_inserted

@@ -36,7 +36,8 @@ def test_a_database_without_the_schema_is_named_not_migrated(
     assert code == 2 and "holds no audit log" in err
     migrate.upgrade(fresh_pg_url, "0006")  # an older release's schema: readers would misread it
     code, err = _run(["verify"], capsys)
-    assert code == 2 and "schema revision 0006" in err and "0007" in err
+    (head,) = migrate.script_heads_and_revisions()[0]
+    assert code == 2 and "schema revision 0006" in err and head in err
     migrate.upgrade(fresh_pg_url)
     code, err = _run(["verify"], capsys)
     assert code == 0, err

@@ -270,6 +270,38 @@ def test_retention_drops_old_day_partitions_only(db: str, demo_fleet: Fleet, tmp
     assert verify(db).ok
 
 
+def test_a_spool_replayed_after_retention_does_not_recreate_the_days_it_dropped(
+        db: str, demo_fleet: Fleet, tmp_path: Path) -> None:
+    # Decisions spooled while PostgreSQL was away, replayed after retention dropped their day: writing
+    # them would recreate the day with half a chain (verify fails) and undo the retention.
+    engine = make_engine(demo_fleet)
+    now = dt.datetime.now(dt.UTC)
+    old_day = (now - dt.timedelta(days=10)).date()
+    down = AuditWriter("postgresql://postgres@127.0.0.1:1/none", AuditSettings(spool_dir=tmp_path / "spool"))
+    for i, age_days in enumerate((10, 10, 0)):
+        ev = decision_event(engine.decide(ctx(i)), "routed", ())
+        ev["decided_at"] = (now - dt.timedelta(days=age_days)).timestamp()
+        down.submit_decision(ev)
+    down.close()
+    assert down.spool_bytes > 0 and down.rows_written == 0
+    up = AuditWriter(db, AuditSettings(spool_dir=tmp_path / "other"))
+    up.submit_decision({**decision_event(engine.decide(ctx(9)), "routed", ()),
+                        "decided_at": (now - dt.timedelta(days=10)).timestamp()})
+    assert up.flush(10)  # the old day exists and holds a row: retention has something to drop
+    up.close()
+    with psycopg.connect(db, autocommit=True) as conn:
+        assert partitions.apply_retention(conn, retention_days=7, today=now.date()) == [old_day]
+    late = AuditWriter(db, AuditSettings(spool_dir=tmp_path / "spool"))
+    assert late.flush(20)
+    late.close()
+    assert (late.rows_written, late.expired_rows, late.metrics()["expired_rows"]) == (1, 2, 2.0)
+    with psycopg.connect(db) as conn:
+        assert old_day not in partitions.list_partitions(conn)
+        assert conn.execute("SELECT count(*) FROM decision_events").fetchone() == (1,)
+        assert partitions.retired_before(conn) == now.date() - dt.timedelta(days=6)
+    assert verify(db).ok
+
+
 def test_retention_of_less_than_a_day_is_refused_before_anything_is_dropped(
         db: str, demo_fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -548,3 +580,19 @@ def test_an_outcome_reported_to_another_replica_is_learnt_there_once(db: str, de
     assert a.expire_outcomes() == 1 and learner_a.n_updates == 0  # not also learnt as a timeout where it was made
     w.close()
     repo.close()
+
+
+def test_checkpoint_heads_are_retired_even_when_retention_dropped_every_day(
+        db: str, demo_fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    w, _ = decided_and_reported(db, demo_fleet, tmp_path / "a", 3, batch_size=4)
+    w.close()
+    cp = tmp_path / "heads.jsonl"
+    assert _cli(monkeypatch, capsys, db, "checkpoint", "-o", str(cp))[0] == 0
+    with psycopg.connect(db, autocommit=True) as conn:  # a year on, with 7 days kept: nothing is left
+        later = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=365)
+        assert partitions.apply_retention(conn, retention_days=7, today=later)
+        assert not partitions.list_partitions(conn)
+    code, out, _ = _cli(monkeypatch, capsys, db, "verify", "--checkpoint", str(cp))
+    assert code == 0, out
+    assert "0 of the checkpoint's chain heads found as recorded; 2 on days retention has dropped" in out
