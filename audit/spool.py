@@ -1,20 +1,22 @@
 """A durable local spool: append-only segment files of prepared batches, fsynced per batch.
 
 Record layout: ``MAGIC (4) | length (4, big-endian) | crc32 (4) | msgpack payload``. A torn tail
-(a crash in the middle of an append) fails its length or CRC check and is ignored. Segments are
-numbered; the reader consumes closed segments oldest first and deletes a segment only after every
-record in it has been committed to PostgreSQL, so a crash during replay replays that segment again
-(harmless: the database side is idempotent on decision_id).
+(a crash in the middle of an append) fails its length or CRC check; an append that fails (a full
+disk) is truncated away, and the next append starts a new segment. Segments are numbered; the
+reader consumes closed segments oldest first and deletes a segment only after every record in it
+has been committed to PostgreSQL, so a crash during replay replays that segment again (harmless:
+the database side is idempotent on decision_id). A segment with bytes that are not records is
+never deleted: after its readable records are replayed it moves to ``quarantine/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +29,32 @@ _pack = msgspec.msgpack.Encoder()
 _unpack = msgspec.msgpack.Decoder()
 
 
-def _read_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield ``(end_offset, payload)`` for every intact record of a segment."""
-    with path.open("rb") as f:
-        data = f.read()
-    pos = 0
-    while pos + _HEADER.size <= len(data):
-        magic, length, crc = _HEADER.unpack_from(data, pos)
-        body = data[pos + _HEADER.size: pos + _HEADER.size + length]
-        if magic != MAGIC or len(body) != length or zlib.crc32(body) != crc:
-            log.warning("audit spool: ignoring torn or corrupt tail of %s at byte %d", path, pos)
-            return
-        pos += _HEADER.size + length
-        yield pos, _unpack.decode(body)
+def _read_records(path: Path) -> tuple[list[Any], int]:
+    """Every intact record of a segment, and how many bytes could not be read as records.
+
+    Past a damaged record the reader looks for the next record marker, so one bad record (a torn
+    append that could not be truncated away, a flipped bit) does not take the records after it along.
+    """
+    data = path.read_bytes()
+    records: list[Any] = []
+    pos = unreadable = 0
+    while pos < len(data):
+        if pos + _HEADER.size <= len(data):
+            magic, length, crc = _HEADER.unpack_from(data, pos)
+            body = data[pos + _HEADER.size: pos + _HEADER.size + length]
+            if magic == MAGIC and len(body) == length and zlib.crc32(body) == crc:
+                try:
+                    records.append(_unpack.decode(body))
+                    pos += _HEADER.size + length
+                    continue
+                except msgspec.DecodeError:
+                    pass
+        nxt = data.find(MAGIC, pos + 1)
+        end = nxt if nxt >= 0 else len(data)
+        log.warning("audit spool: %d unreadable bytes in %s at byte %d", end - pos, path, pos)
+        unreadable += end - pos
+        pos = end
+    return records, unreadable
 
 
 class Spool:
@@ -86,13 +101,33 @@ class Spool:
                 self._active_path = self.directory / f"segment-{self._next_no:010d}.spool"
                 self._next_no += 1
                 self._active = self._active_path.open("ab")
-            self._active.write(record)
-            self._active.flush()
-            os.fsync(self._active.fileno())
+            start = self._active.tell()
+            try:
+                self._active.write(record)
+                self._active.flush()
+                os.fsync(self._active.fileno())
+            except BaseException:
+                self._abandon_active(start)
+                raise
             self.size_bytes += len(record)
             self.appended_records += 1
             if self._active.tell() >= self.segment_bytes:
                 self._close_active()
+
+    def _abandon_active(self, good_bytes: int) -> None:
+        """After a failed append: cut the partial record off and close the segment, so the records
+        appended after it start a new one (were the partial record left in the middle of a
+        segment, the reader would have to skip it to reach them)."""
+        f, self._active = self._active, None
+        try:
+            f.truncate(good_bytes)
+            os.fsync(f.fileno())
+        except OSError as exc:
+            log.error("audit spool: could not cut a failed append off %s (%s); its reader skips it",
+                      self._active_path, exc)
+        finally:
+            with contextlib.suppress(OSError):
+                f.close()
 
     def _close_active(self) -> None:
         if self._active is not None:
@@ -115,7 +150,12 @@ class Spool:
             return segs[0]
 
     def read_segment(self, path: Path) -> list[Any]:
-        return [payload for _, payload in _read_records(path)]
+        """The intact records of a segment."""
+        return _read_records(path)[0]
+
+    def read_segment_checked(self, path: Path) -> tuple[list[Any], int]:
+        """The intact records of a segment and the number of bytes that are not records."""
+        return _read_records(path)
 
     def remove_segment(self, path: Path, records: int) -> None:
         """Forget a segment whose records are all committed."""
@@ -124,6 +164,16 @@ class Spool:
             path.unlink()
             self.size_bytes = max(0, self.size_bytes - size)
             self.replayed_records += records
+
+    def quarantine_segment(self, path: Path) -> Path:
+        """Move a segment aside to ``quarantine/`` (kept, not replayed again); returns its new path."""
+        with self._lock:
+            qdir = self.directory / "quarantine"
+            qdir.mkdir(exist_ok=True)
+            target = qdir / path.name
+            path.rename(target)
+            self.size_bytes = sum(p.stat().st_size for p in self.segments())
+            return target
 
     def close(self) -> None:
         with self._lock:

@@ -57,7 +57,7 @@ _OCOLS = ", ".join(OUTCOME_COLUMNS)
 METRIC_NAMES = ("queue_depth", "last_batch_size", "rows_per_s", "spool_bytes", "rows_written", "outcomes_written",
                 "duplicates_skipped", "decision_duplicates", "outcome_conflicts", "batches_written", "spooled_batches",
                 "replayed_batches", "dropped", "refused", "invalid", "quarantined", "rejected_rows", "expired_rows",
-                "db_up")
+                "spool_damaged_bytes", "db_up")
 # What PostgreSQL (or the COPY encoder) raises for a row it will never take, however often it is
 # retried: not an outage. (The staged write resolves duplicates itself; a UniqueViolation that still
 # gets here, two writers racing to create a partition, succeeds when the halves are written.)
@@ -126,6 +126,9 @@ class AuditWriter(AtBoundCounts):
     quarantined, rejected_rows : int
         Spool batches and single rows PostgreSQL refused for good, set aside under
         ``<spool>/quarantine``.
+    spool_damaged_bytes : int
+        Bytes of spool segments that were not records (damage); such a segment's readable batches
+        are stored and the segment is kept in ``<spool>/quarantine``.
     expired_rows : int
         Rows of days retention had already dropped when they arrived (a spool replayed late):
         not written, so a dropped day is not recreated with a partial chain.
@@ -163,6 +166,7 @@ class AuditWriter(AtBoundCounts):
         self.quarantined = 0
         self.rejected_rows = 0
         self.expired_rows = 0
+        self.spool_damaged_bytes = 0
         self._cutoff: dt.date | None = None  # retention's cutoff as last read (audit_retention)
         self._rejects: Spool | None = None  # quarantine/rows, opened at the first rejected row
         self.db_up = False
@@ -248,7 +252,8 @@ class AuditWriter(AtBoundCounts):
                 "spooled_batches": self.spool.appended_records, "replayed_batches": self.spool.replayed_records,
                 "dropped": self.dropped, "refused": self.refused, "invalid": self.invalid,
                 "quarantined": self.quarantined, "rejected_rows": self.rejected_rows,
-                "expired_rows": self.expired_rows, "db_up": float(self.db_up)}
+                "expired_rows": self.expired_rows, "spool_damaged_bytes": self.spool_damaged_bytes,
+                "db_up": float(self.db_up)}
 
     # -- writer thread -------------------------------------------------------------------------
     def _take(self) -> list[tuple[str, Mapping[str, Any]]]:
@@ -490,7 +495,7 @@ class AuditWriter(AtBoundCounts):
             seg = self.spool.oldest_segment()
             if seg is None:
                 return
-            records = self.spool.read_segment(seg)
+            records, unreadable = self.spool.read_segment_checked(seg)
             try:
                 for rec in records:
                     try:
@@ -502,11 +507,14 @@ class AuditWriter(AtBoundCounts):
                 return
             except psycopg.Error as exc:  # a record PostgreSQL rejects for good: set it aside, loudly
                 self.quarantined += len(records)
-                qdir = self.spool.directory / "quarantine"
-                qdir.mkdir(exist_ok=True)
-                seg.rename(qdir / seg.name)
-                log.error("audit: spool segment %s rejected by PostgreSQL (%s); moved to %s", seg, exc, qdir)
-                self.spool.size_bytes = sum(p.stat().st_size for p in self.spool.directory.glob("*.spool"))
+                moved = self.spool.quarantine_segment(seg)
+                log.error("audit: spool segment %s rejected by PostgreSQL (%s); moved to %s", seg, exc, moved)
+                continue
+            if unreadable:  # its readable records are in; the rest is kept for a person to look at
+                self.spool_damaged_bytes += unreadable
+                moved = self.spool.quarantine_segment(seg)
+                log.error("audit: spool segment %s had %d unreadable bytes; its %d readable batches are stored, "
+                          "the segment is kept in %s", seg.name, unreadable, len(records), moved)
                 continue
             self.spool.remove_segment(seg, len(records))
             if not self._q.empty():

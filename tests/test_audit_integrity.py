@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,7 @@ from audit import checkpoint, database, events, migrate, partitions
 from audit.events import DecisionEventV1, OutcomeEventV1
 from audit.repository import AuditRepository, DecisionFilter
 from audit.settings import AuditSettings
-from audit.spool import Spool
+from audit.spool import MAGIC, Spool
 from audit.verify import verify
 from audit.writer import AuditWriter
 from decision.domain import RequestContext
@@ -236,14 +237,26 @@ def test_days_are_cached_only_after_the_commit(db: str, tmp_path: Path,
 
 
 def test_a_partition_dropped_behind_the_writers_back_is_made_again(db: str, tmp_path: Path) -> None:
-    """A cached day whose partition retention dropped fails every row with "no partition": not a poison row."""
+    """A cached day whose partition was dropped (not by retention) fails every row with "no partition":
+    not a poison row."""
+    w = writer(db, tmp_path)
+    w.process([("d", dev(1))])
+    with psycopg.connect(db, autocommit=True) as conn:
+        day = dt.datetime.fromtimestamp(AT, dt.UTC).date()
+        conn.execute(f"DROP TABLE {partitions.partition_name(day)}")
+    w.process([("d", dev(2)), ("d", dev(3))])  # a late replay of that day, say
+    w.close()
+    assert stored_ids(db) == ["d-2", "d-3"] and w.rejected_rows == 0
+
+
+def test_a_day_retention_dropped_behind_the_writers_back_stays_dropped(db: str, tmp_path: Path) -> None:
     w = writer(db, tmp_path)
     w.process([("d", dev(1))])
     with psycopg.connect(db, autocommit=True) as conn:
         partitions.drop_before(conn, cutoff=dt.datetime.fromtimestamp(AT, dt.UTC).date() + dt.timedelta(days=1))
-    w.process([("d", dev(2)), ("d", dev(3))])  # a late replay of that day, say
+    w.process([("d", dev(2)), ("d", dev(3))])
     w.close()
-    assert stored_ids(db) == ["d-2", "d-3"] and w.rejected_rows == 0
+    assert stored_ids(db) == [] and (w.rejected_rows, w.expired_rows) == (0, 2)
 
 
 # -- 3. records PostgreSQL cannot store ---------------------------------------------------------------
@@ -415,3 +428,55 @@ def test_second_outcomes_on_different_days_at_the_same_seq_are_both_kept(db: str
     assert stored_ids(db, "outcome_conflicts") == ["d-1", "d-2"]
     report = verify(db)
     assert report.ok and report.outcome_conflicts == 2, str(report.broken)
+
+
+def test_a_failed_spool_append_is_cut_off_and_later_batches_are_not_lost(
+        db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A full disk fails one append after part of its record was written: left there, the reader would
+    # stop at it and the fsynced batches appended after it would never reach PostgreSQL.
+    w = writer(db, tmp_path)
+    w.db_up, w._next_retry = False, time.monotonic() + 60  # PostgreSQL away: batches go to the spool
+    w.process([("d", dev(1))])
+    real_fsync, failures = os.fsync, [1]
+
+    def full_disk_once(fd: int) -> None:
+        if failures:
+            failures.pop()
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk_once)
+    with pytest.raises(OSError):
+        w.spool.append({"d": [], "o": [], "partial": "x" * 1000})  # as _deliver would, on a full disk
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    w.process([("d", dev(2))])
+    w.process([("d", dev(3))])
+    segments = w.spool.segments()
+    assert len(segments) == 2 and all(w.spool.read_segment_checked(s)[1] == 0 for s in segments)
+    w._next_retry = 0.0
+    w.process([])
+    w.finish()
+    w.close()
+    assert stored_ids(db) == ["d-1", "d-2", "d-3"] and not w.spool.has_backlog
+    assert verify(db).ok
+
+
+def test_a_damaged_spool_record_costs_only_itself_and_its_segment_is_kept(db: str, tmp_path: Path) -> None:
+    w = writer(db, tmp_path)
+    w.db_up, w._next_retry = False, time.monotonic() + 60
+    for i in (1, 2, 3):
+        w.process([("d", dev(i))])
+    (seg,) = w.spool.segments()
+    data = bytearray(seg.read_bytes())
+    second = data.find(MAGIC, 1)
+    data[second + 20] ^= 0xFF  # a flipped bit in the second batch's body
+    seg.write_bytes(bytes(data))
+    records, unreadable = w.spool.read_segment_checked(seg)
+    assert len(records) == 2 and unreadable == data.find(MAGIC, second + 1) - second
+    w._next_retry = 0.0
+    w.process([])
+    w.finish()
+    w.close()
+    assert stored_ids(db) == ["d-1", "d-3"] and not w.spool.has_backlog
+    assert w.metrics()["spool_damaged_bytes"] == unreadable
+    assert [p.name for p in (tmp_path / "spool" / "quarantine").glob("*.spool")] == [seg.name]  # kept as evidence
