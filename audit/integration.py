@@ -28,7 +28,12 @@ def build_audit_parts(config: Mapping[str, Any], *, settings: Any,
 
     data_dir = Path(getattr(settings, "data_dir", "var"))
     values = {k: v for k, v in config.items() if k != "enabled"}
-    values.setdefault("spool_dir", data_dir / "audit-spool")
+    values.setdefault("spool_dir", data_dir / "audit-spool")  # data_dir is per worker already
+    worker = getattr(settings, "worker", None)
+    if worker is not None and "spool_dir" in config:
+        # A spool is one writer's: workers sharing a configured folder would replay and delete each
+        # other's segments (the spool's lock refuses the second one).
+        values["spool_dir"] = Path(values["spool_dir"]) / f"worker-{worker}"
     audit_settings = AuditSettings(**values)
     url = str(getattr(settings, "database_url", "") or os.environ.get("INFERMESH_DATABASE_URL", ""))
     server = None

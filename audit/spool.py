@@ -12,6 +12,7 @@ never deleted: after its readable records are replayed it moves to ``quarantine/
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import struct
@@ -57,6 +58,33 @@ def _read_records(path: Path) -> tuple[list[Any], int]:
     return records, unreadable
 
 
+class SpoolInUse(RuntimeError):
+    """Another process writes to this spool folder."""
+
+
+def _lock_spool(directory: Path) -> Any:
+    f = (directory / ".lock").open("a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise SpoolInUse(f"the audit spool {directory} is in use by another writer (pid {holder}); each "
+                         "service process needs a spool folder of its own (audit.spool_dir)") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def check_spool_free(directory: Path) -> None:
+    """Raise :class:`SpoolInUse` if a writer holds the spool now (for a parent about to start one)."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    _lock_spool(Path(directory)).close()
+
+
 class Spool:
     """Append-only segment files under ``directory``; one writer thread, any number of size readers.
 
@@ -68,10 +96,13 @@ class Spool:
         Counters for metrics.
     """
 
-    def __init__(self, directory: Path, *, segment_bytes: int = 16 << 20) -> None:
+    def __init__(self, directory: Path, *, segment_bytes: int = 16 << 20, exclusive: bool = True) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.segment_bytes = segment_bytes
+        # One writer per spool: a second one would append to, replay and delete the first one's
+        # segments. ``exclusive=False`` is for readers (tools, tests) that only look.
+        self._lock_file = _lock_spool(self.directory) if exclusive else None
         self._lock = threading.Lock()
         self._active: Any = None
         self._active_path: Path | None = None
@@ -178,3 +209,6 @@ class Spool:
     def close(self) -> None:
         with self._lock:
             self._close_active()
+            if self._lock_file is not None:
+                self._lock_file.close()  # releases the flock
+                self._lock_file = None

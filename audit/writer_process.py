@@ -47,6 +47,7 @@ from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing import util as mp_util
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -56,7 +57,7 @@ from audit.events import DecisionEventV1, OutcomeEventV1, to_us
 from audit.masking import Masker
 from audit.settings import AuditSettings
 from audit.shipping import Packer, Unpacker, decode_lazy, encode, encode_each, join
-from audit.spool import Spool
+from audit.spool import Spool, check_spool_free
 from audit.writer import METRIC_NAMES, AtBound, AtBoundCounts
 from decision.trace_format import TraceParts
 
@@ -106,6 +107,8 @@ class ProcessAuditWriter(AtBoundCounts):
         self._proc: Any = None
         self._data: Connection | None = None
         self._reader: threading.Thread | None = None
+        # Refused here, at start-up, rather than by every child it would restart in vain.
+        check_spool_free(Path(self.settings.spool_dir))
         self._start_child(base=0)
         self._wake = threading.Event()
         self._shipper = threading.Thread(target=self._ship_loop, name="audit-shipper", daemon=True)

@@ -158,6 +158,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path("var")
     log_level: str = "INFO"
     replica: str = ""  # this process's replica id for learner merging (empty: single instance)
+    worker: int | None = None  # set by `serve --workers N` in each worker: its index
     otel_exporter: str = "none"  # OpenTelemetry span exporter: none | console (decision.tracing)
 
 

@@ -15,7 +15,8 @@ Python serves one core per process, so more cores means more processes. The pare
   database once (an advisory lock serialises migrations anyway; once is simply less work), and
   hands every worker its URL: one audit log, one learner store;
 * gives worker ``i`` the HTTP port ``http_port + i`` (``0`` stays ephemeral), its own data
-  directory ``<data_dir>/worker-<i>`` (the audit spool must not be shared) and the replica id
+  directory ``<data_dir>/worker-<i>`` (the audit spool must not be shared: a configured
+  ``audit.spool_dir`` gets a ``worker-<i>`` subfolder too) and the replica id
   ``<INFERMESH_REPLICA or host>-w<i>`` (learner statistics merge through PostgreSQL,
   ``learners.sync``, keyed by replica: two workers under one id would collide);
 * on SIGTERM or SIGINT, forwards SIGTERM to every worker, each of which stops accepting, finishes
@@ -132,7 +133,7 @@ def serve_workers(config_path: str, workers: int, *, grpc_port: int | None = Non
     procs = []
     for i in range(workers):
         env = {**db_env, "INFERMESH_DATA_DIR": str(data_dir / f"worker-{i}"),
-               "INFERMESH_REPLICA": worker_replica(settings.replica, i)}
+               "INFERMESH_REPLICA": worker_replica(settings.replica, i), "INFERMESH_WORKER": str(i)}
         p = ctx.Process(target=_worker, name=f"infermesh-worker-{i}",
                         args=(config_path, i, port, http_base + i if http_base else 0, extproc_port, env, ready))
         p.start()

@@ -75,7 +75,7 @@ def quarantined_rows(tmp_path: Path) -> list[dict[str, Any]]:
     rows_dir = tmp_path / "spool" / "quarantine" / "rows"
     if not rows_dir.exists():
         return []
-    sp = Spool(rows_dir)
+    sp = Spool(rows_dir, exclusive=False)
     return [rec for seg in sorted(rows_dir.glob("*.spool")) for rec in sp.read_segment(seg)]
 
 
@@ -480,3 +480,30 @@ def test_a_damaged_spool_record_costs_only_itself_and_its_segment_is_kept(db: st
     assert stored_ids(db) == ["d-1", "d-3"] and not w.spool.has_backlog
     assert w.metrics()["spool_damaged_bytes"] == unreadable
     assert [p.name for p in (tmp_path / "spool" / "quarantine").glob("*.spool")] == [seg.name]  # kept as evidence
+
+
+def test_a_spool_has_one_writer_and_workers_get_folders_of_their_own(db: str, tmp_path: Path) -> None:
+    # Two writers on one spool would append to, replay and delete each other's segments.
+    from audit.integration import build_audit_parts
+    from audit.spool import SpoolInUse
+    from audit.writer_process import ProcessAuditWriter
+    from decision.config import Settings
+
+    first = writer(db, tmp_path)
+    with pytest.raises(SpoolInUse, match=rf"audit spool {tmp_path / 'spool'} is in use by another writer \(pid "
+                                         rf"{os.getpid()}\)"):
+        writer(db, tmp_path)
+    with pytest.raises(SpoolInUse):  # the process writer refuses at start-up, not in a restarting child
+        ProcessAuditWriter(db, AuditSettings(spool_dir=tmp_path / "spool"))
+    first.close()
+    writer(db, tmp_path).close()  # free again once the first one closed
+
+    shared = {"writer": "thread", "spool_dir": str(tmp_path / "shared")}
+    parts = [build_audit_parts(shared, settings=Settings(database_url=db, data_dir=tmp_path / f"w{i}", worker=i))
+             for i in (0, 1)]
+    try:
+        assert [p.sink.spool.directory for p in parts] == [tmp_path / "shared" / "worker-0",
+                                                           tmp_path / "shared" / "worker-1"]
+    finally:
+        for p in parts:
+            p.close()

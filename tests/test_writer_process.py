@@ -102,7 +102,7 @@ def _stderr_says(capfd: pytest.CaptureFixture[str], text: str) -> Callable[[], b
 
 
 def _spooled_ids(spool_dir: Path) -> set[str]:
-    spool = Spool(spool_dir)
+    spool = Spool(spool_dir, exclusive=False)
     return {row[0] for seg in spool_dir.glob("segment-*.spool") for batch in spool.read_segment(seg)
             for kind in ("d", "o") for row in batch[kind]}
 
