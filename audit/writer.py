@@ -192,11 +192,16 @@ class AuditWriter(AtBoundCounts):
     def _put(self, kind: str, event: Mapping[str, Any]) -> None:
         try:
             self._q.put_nowait((kind, event))
-        except queue.Full:
-            if not self._full(str(event.get("tenant", ""))):  # raced to full: apply the policy
+        except queue.Full:  # another thread took the last place since _full looked
+            tenant = str(event.get("tenant", ""))
+            if self._full(tenant):  # still full: the bound's policy applies (refuse, or count the drop)
+                return
+            try:
                 self._q.put((kind, event), timeout=1.0)
-            return
-        with self._idle:
+            except queue.Full:
+                self.at_bound.apply("spool and queue", tenant)
+                return
+        with self._idle:  # counted on every path that queued it: flush() waits for it
             self._enqueued += 1
 
     def submit_decision(self, event: Mapping[str, Any]) -> None:

@@ -510,3 +510,28 @@ def test_a_spool_has_one_writer_and_workers_get_folders_of_their_own(db: str, tm
         for p in parts:
             if p.close is not None:
                 p.close()
+
+
+@pytest.mark.parametrize("mode", ["fail_open", "fail_closed"])
+def test_a_submit_racing_another_for_the_last_queue_place_is_counted_or_bounded(
+        db: str, tmp_path: Path, mode: str) -> None:
+    import threading
+
+    from decision.errors import Unavailable
+
+    w = writer(db, tmp_path, queue_max=1, on_spool_full=mode)
+    w.submit_decision(dev(1))
+    # The room check said there was a place; another thread took it before this put (the race).
+    w._full = lambda tenant: False  # type: ignore[method-assign]
+    taker = threading.Timer(0.2, w._q.get_nowait)  # ...and the writer frees it a moment later
+    taker.start()
+    w._put("d", dev(2))
+    taker.join()
+    assert w._enqueued == 2  # counted, so flush() waits for it
+    if mode == "fail_open":  # nobody frees it this time: the bound's policy, not a raw queue.Full
+        w._put("d", dev(3))
+        assert (w._enqueued, w.at_bound.dropped) == (2, 1)
+    else:
+        with pytest.raises(Unavailable):
+            w._put("d", dev(3))
+    w.close()
