@@ -38,8 +38,12 @@ Name = Annotated[str | None, Query(pattern=NAME, max_length=200)]
 
 
 # Every query parameter of the endpoints that take filters (the filters, paging, export format).
-_QUERY_NAMES = frozenset({"from", "to", "tenant", "region", "site", "tier", "model", "endpoint", "rule", "status",
-                          "outcome", "cursor", "limit", "format", "trace"})
+_FILTER_NAMES = frozenset({"from", "to", "tenant", "region", "site", "tier", "model", "endpoint", "rule", "status",
+                           "outcome"})
+# What each filtered route takes besides the filters: anything else is refused, not ignored.
+_ROUTE_QUERY_NAMES = {"/v1/decisions": _FILTER_NAMES | {"cursor", "limit"},
+                      "/v1/export": _FILTER_NAMES | {"format", "trace"},
+                      "/v1/stats": _FILTER_NAMES}
 
 
 def _logged_route(repo: AuditRepository) -> type[APIRoute]:
@@ -120,10 +124,12 @@ def build_router(repo: AuditRepository, *, reload: Callable[[], str] | None = No
                 status: Annotated[Literal["routed", "denied", "quota_denied"] | None, Query()] = None,
                 outcome: Annotated[Literal["ok", "error", "timeout", "cancelled", "none"] | None,
                                    Query()] = None) -> DecisionFilter:
-        unknown = sorted(set(request.query_params) - _QUERY_NAMES)
+        route = request.scope.get("route")
+        known = _ROUTE_QUERY_NAMES.get(getattr(route, "path", ""), _FILTER_NAMES)
+        unknown = sorted(set(request.query_params) - known)
         if unknown:  # a misspelt filter would quietly widen an evidence export to everything
-            raise HTTPException(422, f"unknown query parameter(s) {', '.join(unknown)}; known: "
-                                     f"{', '.join(sorted(_QUERY_NAMES))}")
+            raise HTTPException(422, f"unknown query parameter(s) {', '.join(unknown)}; known here: "
+                                     f"{', '.join(sorted(known))}")
         if p.tenant is not None:
             if tenant is not None and tenant != p.tenant:
                 raise HTTPException(403, "this key may only read its own tenant")
@@ -239,7 +245,7 @@ def _csv(repo: AuditRepository, f: DecisionFilter) -> Iterator[str]:
     w = csv.writer(buf)
     w.writerow(EXPORT_COLUMNS)
     for row in repo.iter_decisions(filters=f):
-        w.writerow([";".join(row[c]) if c == "deny_rules" else _cell(row.get(c)) for c in EXPORT_COLUMNS])
+        w.writerow([_cell(";".join(row[c]) if c == "deny_rules" else row.get(c)) for c in EXPORT_COLUMNS])
         if buf.tell() > 65536:
             yield buf.getvalue()
             buf.seek(0)

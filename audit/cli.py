@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -152,12 +154,16 @@ def cmd_export(a: argparse.Namespace) -> int:
     from audit.api import _csv, _jsonl
 
     url = _url()  # before the output is opened: a missing log must not truncate an existing file
+    # Into a partial file renamed at the end: an export cut short (the database gone mid-stream) must
+    # not leave a file that looks like a complete export of what was asked for.
+    partial = None if a.output == "-" else Path(a.output).with_name(Path(a.output).name + ".partial")
     try:
-        out = sys.stdout.buffer if a.output == "-" else open(a.output, "wb")  # noqa: SIM115
+        out = sys.stdout.buffer if partial is None else partial.open("wb")
     except OSError as exc:
         print(f"{a.output}: {exc.strerror}", file=sys.stderr)
         return 2
     repo = AuditRepository(url)
+    done = False
     try:
         if a.format == "csv":
             for s in _csv(repo, _filters(a)):
@@ -165,9 +171,14 @@ def cmd_export(a: argparse.Namespace) -> int:
         else:
             for b in _jsonl(repo, _filters(a), a.trace):
                 out.write(b)
+        done = True
     finally:
-        if out is not sys.stdout.buffer:
+        if partial is not None:
             out.close()
+            if done:
+                os.replace(partial, a.output)
+            else:
+                partial.unlink(missing_ok=True)
         repo.close()
     return 0
 

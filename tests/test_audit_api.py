@@ -121,6 +121,10 @@ def test_hostile_inputs_are_4xx_and_still_logged(client: TestClient, world: dict
         assert client.get(path, headers=h(world["auditor"])).status_code == 404
     r = client.get("/v1/export", params={"tenat": "acme"}, headers=h(world["auditor"]))  # misspelt: not everything
     assert r.status_code == 422 and "tenat" in r.text
+    # A parameter another route takes is no filter here either: refused, not quietly ignored.
+    for path, param in (("/v1/stats", "limit"), ("/v1/stats", "cursor"), ("/v1/decisions", "format")):
+        r = client.get(path, params={param: "1"}, headers=h(world["auditor"]))
+        assert r.status_code == 422 and f"unknown query parameter(s) {param}; known here:" in r.text, (path, r.text)
 
 
 def test_csv_cells_that_look_like_formulas_are_exported_as_text(fresh_pg_url: str, demo_fleet: Fleet,

@@ -83,3 +83,30 @@ def test_export_does_not_truncate_its_output_when_there_is_no_log(
     earlier.write_text('{"decision_id": "kept"}\n')
     code, _ = _run(["export", "-o", str(earlier)], capsys)
     assert code == 2 and earlier.read_text() == '{"decision_id": "kept"}\n'
+
+
+def test_an_export_cut_short_leaves_the_earlier_file_and_no_partial_one(
+        fresh_pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import psycopg
+
+    import audit.api
+
+    migrate.upgrade(fresh_pg_url)
+    monkeypatch.setenv("INFERMESH_DATABASE_URL", fresh_pg_url)
+
+    def rows_then_the_database_goes(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        yield b'{"decision_id": "first"}\n'
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(audit.api, "_jsonl", rows_then_the_database_goes)
+    earlier = tmp_path / "evidence.jsonl"
+    earlier.write_text('{"decision_id": "kept"}\n')
+    code, err = _run(["export", "-o", str(earlier)], capsys)
+    assert code != 0 and "server closed the connection" in err
+    assert earlier.read_text() == '{"decision_id": "kept"}\n'  # not half of a new export
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evidence.jsonl"]
+    monkeypatch.undo()
+    monkeypatch.setenv("INFERMESH_DATABASE_URL", fresh_pg_url)
+    code, err = _run(["export", "-o", str(earlier)], capsys)
+    assert code == 0 and earlier.read_text() == ""  # an empty log, exported whole
