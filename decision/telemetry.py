@@ -11,6 +11,10 @@ gauge they lack) and is skipped without complaint. A negative or infinite value,
 more than :data:`MAX_CLOCK_SKEW_S` ahead of the store's clock, is dropped and counted
 (``TelemetryStore.rejected``), never stored: one such value would otherwise steer routing (a
 negative queue makes an endpoint look faster than idle) or, stamped in the future, stay pinned.
+
+The TTFT and queue-time means come from counters that run from the server's start; the store
+reports the mean over the interval since the endpoint's previous counters (the first reading, or
+one after a restart, gives the mean since the counters began).
 """
 
 from __future__ import annotations
@@ -43,8 +47,8 @@ XID_ERRORS = "xid_errors"  # last XID error code seen (dcgm reports the code; 0 
 QUEUE_RUNNING = "queue_running"  # requests in the running batch
 QUEUE_WAITING = "queue_waiting"  # requests waiting for a batch slot
 KV_CACHE_USAGE = "kv_cache_usage"  # fraction 0-1
-TTFT_MEAN_S = "ttft_mean_s"  # mean observed TTFT (histogram sum/count)
-QUEUE_DURATION_US = "queue_duration_us"  # Triton: mean queue time per request
+TTFT_MEAN_S = "ttft_mean_s"  # mean observed TTFT since the previous scrape (histogram sum/count deltas)
+QUEUE_DURATION_US = "queue_duration_us"  # Triton: mean queue time per request since the previous scrape
 
 CANONICAL: tuple[str, ...] = (GPU_UTIL, FB_USED_MIB, FB_FREE_MIB, GPU_TEMP_C, POWER_W, XID_ERRORS,
                               QUEUE_RUNNING, QUEUE_WAITING, KV_CACHE_USAGE, TTFT_MEAN_S,
@@ -210,11 +214,10 @@ def canonicalize(samples: Iterable[Sample]) -> tuple[dict[str, float], dict[str,
     """Reduce exporter samples to (node-level, endpoint-level) canonical values.
 
     Histograms and counters that only make sense as ratios (vLLM TTFT, Triton queue time) are
-    turned into means: ``sum / count`` over all series.
+    turned into means: ``sum / count`` over all series (lifetime means: see :func:`cumulative_means`).
     """
     node: dict[str, list[float]] = {}
     endpoint: dict[str, list[float]] = {}
-    ratios: dict[str, list[float]] = {}
     node_how: dict[str, str] = {}
     ep_how: dict[str, str] = {}
     for s in samples:
@@ -228,17 +231,58 @@ def canonicalize(samples: Iterable[Sample]) -> tuple[dict[str, float], dict[str,
             canon, how = _ENDPOINT_METRICS[s.name]
             endpoint.setdefault(canon, []).append(s.value)
             ep_how[canon] = how
-        elif s.name in _RATIO_METRICS:
-            ratios.setdefault(s.name, []).append(s.value)
     node_out = {k: _combine(v, node_how[k]) for k, v in node.items()}
     ep_out = {k: _combine(v, ep_how[k]) for k, v in endpoint.items()}
-    ttft_count = sum(ratios.get("vllm:time_to_first_token_seconds_count", []))
-    if ttft_count > 0:
-        ep_out[TTFT_MEAN_S] = sum(ratios.get("vllm:time_to_first_token_seconds_sum", [])) / ttft_count
-    queued = _triton_mean_queue_us(samples)
-    if queued is not None:
-        ep_out[QUEUE_DURATION_US] = queued
+    for canon, (total, count) in cumulative_means(samples).items():
+        if count > 0:
+            ep_out[canon] = total / count
     return node_out, ep_out
+
+
+def cumulative_means(samples: Iterable[Sample]) -> dict[str, tuple[float, float]]:
+    r"""The (sum, count) counters behind each mean value (vLLM's TTFT histogram, Triton's queue time).
+
+    They count from the server's start: their ratio is a lifetime mean. The store divides the
+    differences between two scrapes instead, for the mean over the interval between them.
+
+    >>> cumulative_means(parse_exposition('vllm:time_to_first_token_seconds_sum 12\n'
+    ...                                   'vllm:time_to_first_token_seconds_count 40'))
+    {'ttft_mean_s': (12.0, 40.0)}
+    """
+    out: dict[str, tuple[float, float]] = {}
+    ttft_sum = ttft_count = 0.0
+    seen_ttft = False
+    for s in samples:
+        if s.name in ("vllm:time_to_first_token_seconds_sum", "vllm:time_to_first_token_seconds_count") \
+                and 0.0 <= s.value < _INF:
+            seen_ttft = True
+            if s.name.endswith("_sum"):
+                ttft_sum += s.value
+            else:
+                ttft_count += s.value
+    if seen_ttft:
+        out[TTFT_MEAN_S] = (ttft_sum, ttft_count)
+    queued = _triton_queue_counters(samples)
+    if queued is not None:
+        out[QUEUE_DURATION_US] = queued
+    return out
+
+
+def interval_mean(before: tuple[float, float] | None, now: tuple[float, float]) -> float | None:
+    """The mean over the interval between two readings of (sum, count) counters.
+
+    ``None`` when nothing was counted in between (no request: no mean, the last one ages). A first
+    reading, or counters that went back (the server restarted), give the mean since they began.
+
+    >>> interval_mean((10.0, 100.0), (16.0, 110.0)), interval_mean((10.0, 100.0), (10.0, 100.0))
+    (0.6, None)
+    >>> interval_mean(None, (10.0, 100.0)), interval_mean((10.0, 100.0), (1.0, 4.0))
+    (0.1, 0.25)
+    """
+    total, count = now
+    if before is not None and count >= before[1] and total >= before[0]:
+        total, count = total - before[0], count - before[1]
+    return total / count if count > 0 else None
 
 
 _CANONICAL_OF: dict[str, str] = {
@@ -279,17 +323,18 @@ def _by_stamp(values: Mapping[str, float], lines: Mapping[str, float],
     return list(groups.items())
 
 
-def _triton_mean_queue_us(samples: Iterable[Sample]) -> float | None:
-    r"""Triton's mean queue time per request: queue time over successes of the same (model, version).
+def _triton_queue_counters(samples: Iterable[Sample]) -> tuple[float, float] | None:
+    r"""Triton's queue time and the successes of the same (model, version): their ratio is the mean
+    queue time per request.
 
     A server with an ensemble counts its requests twice, once for the ensemble (which reports no
     queue time) and once for its composing model: dividing by every model's successes halves it.
 
-    >>> _triton_mean_queue_us(parse_exposition(
+    >>> _triton_queue_counters(parse_exposition(
     ...     'nv_inference_request_success{model="ensemble",version="1"} 10\n'
     ...     'nv_inference_request_success{model="llm",version="1"} 10\n'
     ...     'nv_inference_queue_duration_us{model="llm",version="1"} 5000'))
-    500.0
+    (5000.0, 10.0)
     """
     queue: dict[tuple[str, str], float] = {}
     success: dict[tuple[str, str], float] = {}
@@ -300,8 +345,9 @@ def _triton_mean_queue_us(samples: Iterable[Sample]) -> float | None:
             key = (s.labels.get("model", ""), s.labels.get("version", ""))
             into = queue if s.name == "nv_inference_queue_duration_us" else success
             into[key] = into.get(key, 0.0) + s.value
-    served = sum(success.get(k, 0.0) for k in queue)
-    return sum(queue.values()) / served if served > 0 else None
+    if not queue:
+        return None
+    return sum(queue.values()), sum(success.get(k, 0.0) for k in queue)
 
 
 class _Ages(Mapping[str, float]):
@@ -491,6 +537,8 @@ class TelemetryStore:
         self._node = _Targets()
         self._endpoint = _Targets()
         self._merged: dict[str, Merged] = {}
+        # (endpoint, mean) -> the (sum, count) counters last scraped, for means over the interval since
+        self._counters: dict[tuple[str, str], tuple[float, float]] = {}
         # The same merged state as rows of arrays, for batches: endpoint id -> row (rows are never
         # reused), each endpoint's merged reading, values and stamps in CANONICAL columns (NaN: none).
         self._rows: dict[str, int] = {}
@@ -623,6 +671,8 @@ class TelemetryStore:
             self._warn.warning(("samples", source), "telemetry from %s: dropped %d sample(s) that %s, e.g. %s = %r",
                           source, len(bad), VALUE_RULE, bad[0].name, bad[0].value)
         node_vals, ep_vals = canonicalize(samples)
+        if endpoint_id:
+            self._interval_means(endpoint_id, samples, ep_vals)
         lines = line_stamps(samples)
         base = (self.now() if ts is None else ts) if lines else ts
         if node_vals:
@@ -634,6 +684,23 @@ class TelemetryStore:
             for stamp, vals in _by_stamp(ep_vals, lines, base):
                 self.update_endpoint(endpoint_id, vals, stamp)
         return len(samples)
+
+    def _interval_means(self, endpoint_id: str, samples: Sequence[Sample], ep_vals: dict[str, float]) -> None:
+        """Replace lifetime means in ``ep_vals`` by means over the interval since this endpoint's
+        previous counters (a mean with no request in between is left out: the last one ages)."""
+        counters = cumulative_means(samples)
+        if not counters:
+            return
+        with self._lock:
+            before = {c: self._counters.get((endpoint_id, c)) for c in counters}
+            for c, pair in counters.items():
+                self._counters[(endpoint_id, c)] = pair
+        for c, pair in counters.items():
+            mean = interval_mean(before[c], pair)
+            if mean is None:
+                ep_vals.pop(c, None)
+            else:
+                ep_vals[c] = mean
 
     def reading(self, endpoint_id: str, now: float | None = None) -> TelemetryReading:
         t = self.now() if now is None else now

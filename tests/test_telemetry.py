@@ -138,3 +138,33 @@ def test_refreshed_readings_leave_nothing_for_the_collector_to_rescan() -> None:
     r = store.reading("ep5", now=101.5)
     assert dict(r.values) == {"gpu_temp_c": 51.0, "xid_errors": 0.0, "queue_waiting": 5.0}
     assert r.ages_s["queue_waiting"] == pytest.approx(0.5) and r.max_age_s == pytest.approx(0.5)
+
+
+def test_ttft_and_queue_means_cover_the_interval_since_the_last_scrape_not_the_servers_life() -> None:
+    # vLLM's TTFT histogram and Triton's queue counters count from the server's start: after a day of
+    # fast requests, their ratio would hide a queue that built up in the last minute.
+    now = [1000.0]
+    store = t.TelemetryStore({"e1": "n1"}, stale_after_s=300.0, clock=lambda: now[0])
+
+    def scrape(ttft_sum: float, ttft_count: float, queue_us: float, successes: float) -> None:
+        store.ingest_exposition(f"vllm:time_to_first_token_seconds_sum {ttft_sum}\n"
+                                f"vllm:time_to_first_token_seconds_count {ttft_count}\n"
+                                f'nv_inference_queue_duration_us{{model="m",version="1"}} {queue_us}\n'
+                                f'nv_inference_request_success{{model="m",version="1"}} {successes}\n',
+                                endpoint_id="e1")
+
+    scrape(100.0, 1000.0, 50_000.0, 1000.0)  # first sight: the mean since the counters began
+    r = store.reading("e1")
+    assert (r.values[t.TTFT_MEAN_S], r.values[t.QUEUE_DURATION_US]) == (pytest.approx(0.1), pytest.approx(50.0))
+    now[0] += 15
+    scrape(130.0, 1010.0, 70_000.0, 1010.0)  # 10 requests at 3 s TTFT, 2 ms queued, in the last 15 s
+    r = store.reading("e1")
+    assert (r.values[t.TTFT_MEAN_S], r.values[t.QUEUE_DURATION_US]) == (pytest.approx(3.0), pytest.approx(2000.0))
+    now[0] += 15
+    scrape(130.0, 1010.0, 70_000.0, 1010.0)  # no request since: no new mean, the last one ages
+    r = store.reading("e1")
+    assert r.values[t.TTFT_MEAN_S] == pytest.approx(3.0) and r.ages_s[t.TTFT_MEAN_S] == pytest.approx(15.0)
+    now[0] += 15
+    scrape(2.0, 4.0, 400.0, 4.0)  # the server restarted: counters from zero again
+    r = store.reading("e1")
+    assert (r.values[t.TTFT_MEAN_S], r.values[t.QUEUE_DURATION_US]) == (pytest.approx(0.5), pytest.approx(100.0))
