@@ -168,3 +168,10 @@ def test_ttft_and_queue_means_cover_the_interval_since_the_last_scrape_not_the_s
     scrape(2.0, 4.0, 400.0, 4.0)  # the server restarted: counters from zero again
     r = store.reading("e1")
     assert [r.values[t.TTFT_MEAN_S], r.values[t.QUEUE_DURATION_US]] == pytest.approx([0.5, 100.0])
+
+
+def test_blanks_between_a_metric_name_and_its_labels_are_allowed_as_prometheus_allows_them() -> None:
+    (s,) = t.parse_exposition('vllm:num_requests_waiting \t{engine="0"} 6')
+    assert (s.name, s.labels, s.value) == ("vllm:num_requests_waiting", {"engine": "0"}, 6.0)
+    with pytest.raises(t.ExpositionError):
+        t.parse_exposition('vllm:num_requests_waiting {engine="0" 6')
