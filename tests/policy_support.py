@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+
+from policies.bundle import DEFAULT_BUNDLE
 
 # rego-cpp 1.5.2 segfaults on `with input as` over a rule that depends on another rule; test_crash is on line 4.
 CRASHING_TEST = (
@@ -22,3 +25,16 @@ def add_crashing_test(bundle: Path) -> Path:
     assert listed in text
     manifest.write_text(text.replace(listed, "tests: [residency_test.rego, residency_cases.yaml, crash_test.rego]"))
     return path
+
+
+def bundle_with_rule_field(tmp_path: Path, rule_file: str, field: str) -> tuple[Path, str]:
+    """A copy of the default bundle whose rule reading ``rule_file`` gains the manifest line ``field``;
+    returns the bundle and the manifest text before the edit."""
+    bundle = tmp_path / "b"
+    shutil.copytree(DEFAULT_BUNDLE, bundle)
+    manifest = bundle / "manifest.yaml"
+    text = manifest.read_text()
+    line = f"    file: {rule_file}\n"
+    assert line in text
+    manifest.write_text(text.replace(line, line + f"    {field}\n"))
+    return bundle, text

@@ -23,6 +23,7 @@ from policies.bundle import DEFAULT_BUNDLE, compile_bundle
 from policies.errors import BundleError
 from policies.guard import PolicyGuard
 from policies.quota import InMemoryQuotaCounters, QuotaUsage, RedisQuotaCounters
+from tests.policy_support import bundle_with_rule_field
 
 
 class _Audit:
@@ -115,12 +116,7 @@ def test_quota_denial_is_resource_exhausted(demo_fleet: Fleet) -> None:
 
 
 def test_warn_severity_records_but_does_not_remove(demo_fleet: Fleet, tmp_path: Path) -> None:
-    bundle = tmp_path / "b"
-    shutil.copytree(DEFAULT_BUNDLE, bundle)
-    manifest = bundle / "manifest.yaml"
-    text = manifest.read_text()
-    rule = "    file: prompt_class.rego\n"
-    manifest.write_text(text.replace(rule, rule + "    severity: warn\n"))
+    bundle, _ = bundle_with_rule_field(tmp_path, "prompt_class.rego", "severity: warn")
     guard = PolicyGuard(compile_bundle(bundle))
     engine = _engine(demo_fleet, guard)
     d = engine.decide(RequestContext("r1", "globex", model_family="llava", prompt_class="medical"))
@@ -348,14 +344,9 @@ def test_a_rule_that_compares_candidates_sees_them_all_only_when_not_memoised(
 
 
 def test_only_candidate_rego_rules_may_opt_out_of_the_memo(tmp_path: Path) -> None:
-    bundle = tmp_path / "b"
-    shutil.copytree(DEFAULT_BUNDLE, bundle)
-    manifest = bundle / "manifest.yaml"
-    text = manifest.read_text()
-    rule = "    file: gpu_temperature.cel\n"
-    manifest.write_text(text.replace(rule, rule + "    memoise: false\n"))
+    bundle, text = bundle_with_rule_field(tmp_path, "gpu_temperature.cel", "memoise: false")
     with pytest.raises(BundleError) as exc:
         compile_bundle(bundle)
     (issue,) = exc.value.issues
-    assert issue.line == text.splitlines().index(rule.rstrip("\n")) + 2 and ".memoise: only candidate-scope Rego" \
-        in issue.message
+    assert issue.line == text.splitlines().index("    file: gpu_temperature.cel") + 2
+    assert ".memoise: only candidate-scope Rego" in issue.message

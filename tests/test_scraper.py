@@ -91,15 +91,19 @@ def test_a_failing_target_warns_once_per_error_and_says_when_it_recovers(exporte
     assert scraper.failures == 4 and scraper.scrapes == 2
 
 
-def test_background_scraper_refreshes_until_stopped(exporter: str) -> None:
-    store = TelemetryStore({"e1": "n1"})
-    scraper = Scraper(store, [ScrapeTarget(url=f"{exporter}/vllm", endpoint_id="e1")], interval_s=0.05,
-                      timeout_s=1.0)
+def _run_for_three_scrapes(scraper: Scraper) -> None:
     scraper.start()
     deadline = time.monotonic() + 5
     while scraper.scrapes < 3 and time.monotonic() < deadline:
         time.sleep(0.02)
     scraper.stop()
+
+
+def test_background_scraper_refreshes_until_stopped(exporter: str) -> None:
+    store = TelemetryStore({"e1": "n1"})
+    scraper = Scraper(store, [ScrapeTarget(url=f"{exporter}/vllm", endpoint_id="e1")], interval_s=0.05,
+                      timeout_s=1.0)
+    _run_for_three_scrapes(scraper)
     assert scraper.scrapes >= 3
     assert store.reading("e1").ages_s[QUEUE_WAITING] < 1.0
 
@@ -118,11 +122,7 @@ def test_one_target_failing_in_an_unforeseen_way_does_not_stop_the_others(export
     store = TelemetryStore({"e1": "n1", "e2": "n1"})
     scraper = Scraper(store, [broken, ScrapeTarget(url=f"{exporter}/vllm", endpoint_id="e2")], interval_s=0.05,
                       timeout_s=1.0)
-    scraper.start()
-    deadline = time.monotonic() + 5
-    while scraper.scrapes < 3 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    scraper.stop()
+    _run_for_three_scrapes(scraper)
     assert scraper.scrapes >= 3 and scraper.failures >= 3
     assert store.reading("e2").values[QUEUE_WAITING] == 4.0
 
