@@ -80,9 +80,16 @@ def _lock_spool(directory: Path) -> Any:
 
 
 def check_spool_free(directory: Path) -> None:
-    """Raise :class:`SpoolInUse` if a writer holds the spool now (for a parent about to start one)."""
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    _lock_spool(Path(directory)).close()
+    """Raise :class:`SpoolInUse` if a writer holds the spool now (for a parent about to start one).
+
+    A folder that cannot be made or opened is the writer's to report, as it would be anyway.
+    """
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        lock = _lock_spool(Path(directory))
+    except OSError:
+        return
+    lock.close()
 
 
 class Spool:
