@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -64,7 +65,7 @@ def _child(directory: str | Path, skip: int, timeout_s: float
     cmd = [sys.executable, "-m", "policies.selftest_child", str(directory), str(skip)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
-        stdout, stderr, failure = proc.stdout, proc.stderr, f"exit {proc.returncode}" if proc.returncode else ""
+        stdout, stderr, failure = proc.stdout, proc.stderr, _ended(proc.returncode)
     except subprocess.TimeoutExpired as exc:
         out, err = exc.stdout or b"", exc.stderr or b""
         stdout = out.decode(errors="replace") if isinstance(out, bytes) else out
@@ -82,6 +83,20 @@ def _child(directory: str | Path, skip: int, timeout_s: float
         elif isinstance(msg, dict) and "outcome" in msg:
             outcomes.append(TestOutcome(**msg["outcome"]))
     return outcomes, started, failure, stderr
+
+
+def _ended(returncode: int) -> str:
+    """How a child ended, if not well: ``exit 1``, or ``exit -11 (SIGSEGV)`` for a signal.
+
+    >>> _ended(0), _ended(1), _ended(-11)
+    ('', 'exit 1', 'exit -11 (SIGSEGV)')
+    """
+    if returncode >= 0:
+        return f"exit {returncode}" if returncode else ""
+    try:
+        return f"exit {returncode} ({signal.Signals(-returncode).name})"
+    except ValueError:
+        return f"exit {returncode}"
 
 
 def _main(directory: str, skip: int) -> None:
