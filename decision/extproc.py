@@ -154,7 +154,7 @@ def _client_message(exc: InvalidArgument, c: ExtProcConfig) -> str:
 class _Exchange:
     """One HTTP exchange: its decision and what the response phase has seen so far."""
 
-    t0: float = 0.0
+    t0: float = 0.0  # when the decision was made: the request can go upstream from then on
     headers: dict[str, str] | None = None
     decision: Decision | None = None
     request: OpenAIRequest | None = None
@@ -269,7 +269,6 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             self._observe(st, req, which)
             return []  # Envoy does not wait for, nor read, answers in observability mode
         if which == "request_headers":
-            st.ex.t0 = self._now()
             st.ex.headers = _headers(req.request_headers.headers)
             if req.request_headers.end_of_stream:
                 return [self._decide(st, b"")]
@@ -375,6 +374,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             log.exception("ext_proc: no decision for %s", (ex.headers or {}).get(c.request_id_header, "a request"))
             return self._deny(_immediate(503, "unavailable", "internal error; the decision could not be made", "", c))
         ex.decision = decision
+        # The endpoint's TTFT and latency count from here, not from the request headers: a client
+        # uploading its body slowly (buffered mode waits for all of it) must not be charged to the
+        # endpoint, whose slowness the learner and the ledger learn from these outcomes.
+        ex.t0 = self._now()
         self.stats["routed"] += 1
         if self.metrics is not None:
             self.metrics.record_decision(decision)

@@ -177,6 +177,28 @@ def test_observer_stream_records_the_outcome(servicer: ExtProcServicer) -> None:
     assert (o.input_tokens, o.output_tokens) == (99, 7)
 
 
+def test_a_slow_body_upload_is_not_charged_to_the_endpoint(servicer: ExtProcServicer) -> None:
+    # Buffered mode decides once the whole body is in: the client's upload time is not the endpoint's TTFT
+    # (any client could otherwise make every endpoint look slow to the learner and the ledger).
+    now = [0.0]
+    servicer._now = lambda: now[0]
+    pick = _Stream(_Exchange())
+    servicer.handle(pick, headers_msg({"x-infermesh-tenant": "acme"}))
+    now[0] = 30.0  # the body took 30 s to arrive
+    servicer.handle(pick, body_msg(CHAT))
+    d = pick.ex.decision
+    assert d is not None
+    obs = _Stream(_Exchange())
+    servicer.handle(obs, headers_msg({"x-infermesh-decision-id": d.decision_id}, observe=True))
+    now[0] = 30.010
+    servicer.handle(obs, resp_headers(200, "application/json"))
+    now[0] = 30.020
+    servicer.handle(obs, resp_body(b'{"usage": {"prompt_tokens": 5, "completion_tokens": 4}}', eos=True))
+    servicer._report(obs.ex, 30.025)
+    o = servicer.engine.outcomes[d.decision_id]  # type: ignore[attr-defined]
+    assert o.ttft_ms == pytest.approx(20.0) and o.latency_ms == pytest.approx(25.0)
+
+
 def test_observer_claims_by_response_header_when_request_headers_are_skipped(servicer: ExtProcServicer) -> None:
     pick = _Stream(_Exchange())
     servicer.handle(pick, headers_msg({"x-infermesh-tenant": "acme"}))
