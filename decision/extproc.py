@@ -48,7 +48,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import grpc
@@ -100,11 +100,17 @@ def outcome_status(http_status: int) -> OutcomeStatus:
     return OutcomeStatus.ERROR
 
 
-def _headers(hm: base_pb2.HeaderMap) -> dict[str, str]:
+def _headers(hm: base_pb2.HeaderMap, repeated: set[str] | None = None) -> dict[str, str]:
+    """Headers by lower-case name (the first copy of each); the names sent more than once go to ``repeated``."""
     # Envoy sends raw_value (bytes); older versions and test clients use value.
     out: dict[str, str] = {}
     for h in hm.headers:
-        out.setdefault(h.key.lower(), h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value)
+        key = h.key.lower()
+        if key in out:
+            if repeated is not None:
+                repeated.add(key)
+            continue
+        out[key] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
     return out
 
 
@@ -156,6 +162,7 @@ class _Exchange:
 
     t0: float = 0.0  # when the decision was made: the request can go upstream from then on
     headers: dict[str, str] | None = None
+    repeated: set[str] = field(default_factory=set)  # request header names sent more than once
     decision: Decision | None = None
     request: OpenAIRequest | None = None
     http_status: int = 0
@@ -269,7 +276,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             self._observe(st, req, which)
             return []  # Envoy does not wait for, nor read, answers in observability mode
         if which == "request_headers":
-            st.ex.headers = _headers(req.request_headers.headers)
+            st.ex.headers = _headers(req.request_headers.headers, st.ex.repeated)
             if req.request_headers.end_of_stream:
                 return [self._decide(st, b"")]
             pc = req.protocol_config
@@ -356,6 +363,12 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         c = self.config
         ex = st.ex
         try:
+            twice = [h for h in c.context_headers if h in ex.repeated] if ex.repeated else []
+            if twice:
+                # Which copy is the gateway's? A gateway that appends its authenticated tenant to the
+                # client's would otherwise let the client's copy decide.
+                raise InvalidArgument(twice[0], "sent more than once; a gateway must replace a client's copy "
+                                                "of a context header, not add to it")
             ex.request = parse_request(body)
             decision = self.engine.decide(self.context_of(ex.headers or {}, ex.request))
         except NoCandidate as exc:

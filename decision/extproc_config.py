@@ -67,6 +67,14 @@ class ExtProcConfig:
     max_response_json_bytes: int = 4 << 20
     response_phase: str = "observer"
 
+    @property
+    def context_headers(self) -> tuple[str, ...]:
+        """The request headers a decision reads (lower case)."""
+        return tuple(str(getattr(self, f)).lower() for f in (
+            "tenant_header", "tier_header", "region_header", "session_header", "jurisdictions_header",
+            "data_class_header", "prompt_class_header", "modality_header", "ttft_target_header",
+            "max_cost_header", "model_header", "request_id_header"))
+
     def __post_init__(self) -> None:
         if self.response_phase not in ("observer", "inline"):
             raise ValueError(f"extproc.response_phase: must be 'observer' or 'inline', not {self.response_phase!r}")

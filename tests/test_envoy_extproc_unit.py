@@ -21,9 +21,10 @@ STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
 BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
 
 
-def headers_msg(h: dict[str, str], *, eos: bool = False, mode: int = STREAMED, no_wait: bool = True,
-                observe: bool = False) -> pb.ProcessingRequest:
-    hm = base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in h.items()])
+def headers_msg(h: dict[str, str] | list[tuple[str, str]], *, eos: bool = False, mode: int = STREAMED,
+                no_wait: bool = True, observe: bool = False) -> pb.ProcessingRequest:
+    pairs = h.items() if isinstance(h, dict) else h  # a list may repeat a header
+    hm = base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs])
     return pb.ProcessingRequest(
         request_headers=pb.HttpHeaders(headers=hm, end_of_stream=eos), observability_mode=observe,
         protocol_config=pb.ProtocolConfiguration(request_body_mode=mode,
@@ -175,6 +176,23 @@ def test_observer_stream_records_the_outcome(servicer: ExtProcServicer) -> None:
     assert o.status is OutcomeStatus.OK
     assert o.ttft_ms == pytest.approx(50.0) and o.latency_ms == pytest.approx(90.0)
     assert (o.input_tokens, o.output_tokens) == (99, 7)
+
+
+def test_a_context_header_sent_twice_is_refused_not_resolved_by_order(servicer: ExtProcServicer) -> None:
+    # A gateway that appends its authenticated tenant to the client's copy, instead of replacing it.
+    st = _Stream(_Exchange())
+    servicer.handle(st, headers_msg([("x-infermesh-tenant", "victim-corp"), ("X-InferMesh-Tenant", "acme"),
+                                     ("x-custom", "a"), ("x-custom", "b")]))
+    (resp,) = servicer.handle(st, body_msg(CHAT))
+    code, doc = immediate(resp)
+    err = doc["error"]
+    assert code == 400 and isinstance(err, dict) and err["type"] == "invalid_argument"
+    assert str(err["message"]).startswith("x-infermesh-tenant: sent more than once")
+    assert st.ex.decision is None
+    ok = _Stream(_Exchange())  # a repeated header the decision does not read is no reason to refuse
+    servicer.handle(ok, headers_msg([("x-infermesh-tenant", "acme"), ("x-custom", "a"), ("x-custom", "b")]))
+    servicer.handle(ok, body_msg(CHAT))
+    assert ok.ex.decision is not None
 
 
 def test_a_slow_body_upload_is_not_charged_to_the_endpoint(servicer: ExtProcServicer) -> None:
