@@ -49,6 +49,11 @@ class Guard(Protocol):
         """No decision (denied, or the pipeline failed): give back what prefetch held in ``state``."""
         ...
 
+    def settle(self, ctx: RequestContext, outcome: Outcome, decided_at: float) -> None:
+        """A routed request's outcome is known: true up what prefetch held on estimates (a token
+        quota charged the request's estimated tokens; the outcome says how many it used)."""
+        ...
+
 
 @runtime_checkable
 class FeatureBuilder(Protocol):

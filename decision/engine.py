@@ -126,6 +126,7 @@ class _Pending:
     deadline: float
     rtt_ms: float = 0.0  # the network part of expected_ttft_ms (calibration compares the rest)
     slowness: float = 1.0  # the endpoint's slowness the estimate used
+    decided_at: float = 0.0  # 0: decided elsewhere (another replica, before a restart): nothing held here
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +332,8 @@ class DecisionEngine:
             )
             self._remember(decision_id, _Pending(ctx, ep.endpoint_id, tuple(scored.matrix[arm].tolist()), ttft_ms, cost,
                                                  now + self.outcome_timeout_s, float(scored.components["rtt_ms"][arm]),
-                                                 self.ledger.slowness(ep.endpoint_id) if self.count_inflight else 1.0),
+                                                 self.ledger.slowness(ep.endpoint_id) if self.count_inflight else 1.0,
+                                                 now),
                            now, float(scored.components["prefill_ms"][arm]) / 1000.0)
             if self.audit is not None:
                 self.audit.submit_decision(decision_event(decision, "routed", ()))  # may refuse (fail-closed)
@@ -505,6 +507,8 @@ class DecisionEngine:
             with self._learn_lock:  # stamped and learnt as one, for snapshots (see outcome_barrier)
                 self._audit_outcome(outcome, reward, pending)  # before learning: a refused outcome is retried whole
                 self._learn(pending.features, reward)
+            if pending.decided_at:
+                self._guard.settle(pending.ctx, outcome, pending.decided_at)
             if outcome.status == OutcomeStatus.OK and outcome.ttft_ms > 0:
                 with self._lock:
                     self.ledger.observed(pending.endpoint_id, expected_ms=pending.expected_ttft_ms - pending.rtt_ms,

@@ -16,6 +16,7 @@ from decision.domain import (
     Decision,
     GuardResult,
     JudgedGroup,
+    Outcome,
     RequestContext,
     RuleInfo,
     RuleOutcome,
@@ -87,4 +88,7 @@ class BuiltinHealthGuard:
         return None
 
     def release(self, ctx: RequestContext, state: Mapping[str, Any]) -> None:
+        return None  # nothing held
+
+    def settle(self, ctx: RequestContext, outcome: Outcome, decided_at: float) -> None:
         return None  # nothing held

@@ -40,6 +40,7 @@ from decision.domain import (
     Endpoint,
     GuardResult,
     JudgedGroup,
+    Outcome,
     RequestContext,
     RuleInfo,
     RuleOutcome,
@@ -59,7 +60,7 @@ from policies.inputs import (
     split_rows,
     telemetry_view,
 )
-from policies.quota import InMemoryQuotaCounters, QuotaCounters
+from policies.quota import InMemoryQuotaCounters, QuotaCounters, window_of
 
 log = logging.getLogger("infermesh.policies")
 _Judged = tuple[bool, tuple[RuleOutcome, ...]]
@@ -203,6 +204,7 @@ class PolicyGuard:
         self._memos: dict[str, _InventoryMemo] = {}
         self.release_errors = 0
         self.prefetch_errors = 0
+        self.settle_errors = 0
 
     @property
     def revision(self) -> str:
@@ -245,6 +247,31 @@ class PolicyGuard:
 
     def commit(self, ctx: RequestContext, decision: Decision) -> None:
         """The request was routed: the share :meth:`prefetch` held stays spent."""
+
+    def settle(self, ctx: RequestContext, outcome: Outcome, decided_at: float) -> None:
+        """True the tenant's token count up to what the routed request used (see :mod:`policies.quota`).
+
+        Tokens beyond the estimate count now, in the window running when the request ended (a long
+        generation cannot slip past the minute it finishes in); tokens estimated but not used are
+        given back to the window they were held in, if it is still running. An outcome that does
+        not say what it used (no tokens reported) leaves the estimate charged.
+        """
+        used = max(0, outcome.input_tokens) + max(0, outcome.output_tokens)
+        if not self._needs_state or used <= 0:
+            return
+        delta = used - _tokens(ctx)
+        now = self.clock()
+        if delta > 0:
+            at = now
+        elif delta < 0 and window_of(decided_at) == window_of(now):
+            at = decided_at
+        else:
+            return
+        try:
+            self.counters.add(ctx.tenant, at, 0, delta)
+        except Exception as exc:  # the estimate stays charged
+            self.settle_errors += 1
+            log.warning("could not true up the quota usage of %s: %s", ctx.tenant, exc)
 
     def release(self, ctx: RequestContext, state: Mapping[str, Any]) -> None:
         """The request was not routed (denied, or the decision failed): give its share back."""

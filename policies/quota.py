@@ -7,7 +7,9 @@ fails. Two concurrent decisions of one tenant therefore see distinct counts and 
 the last unit of a limit, whichever replica they run in. The price is the other way round: a share
 held by a request that is denied a moment later can make a concurrent one at the boundary be
 denied too (the quota is never overshot; it may be under-used by the requests in flight).
-Windows are fixed calendar minutes.
+Windows are fixed calendar minutes. A token quota holds a request's estimated tokens (prompt size
+plus ``max_tokens``) at decision time; when its outcome says how many it used, ``PolicyGuard.settle``
+trues the count up (a request that left ``max_tokens`` out is charged what it generated).
 
 When the shared counters cannot be reached, the request is neither routed nor called over quota:
 the service cannot decide (``UNAVAILABLE``). A reservation whose reply was lost (Redis slow, not
@@ -57,7 +59,8 @@ class QuotaCounters(Protocol):
         ...
 
 
-def _window(now: float) -> int:
+def window_of(now: float) -> int:
+    """The quota window (calendar minute) a time falls in."""
     return int(now // WINDOW_S)
 
 
@@ -79,11 +82,11 @@ class InMemoryQuotaCounters:
         self._swept = 0  # the window old entries were last dropped for
 
     def read(self, tenant: str, now: float) -> QuotaUsage:
-        c = self._counts.get((tenant, _window(now)))
+        c = self._counts.get((tenant, window_of(now)))
         return QuotaUsage(c[0], c[1]) if c else QuotaUsage(0, 0)
 
     def reserve(self, tenant: str, now: float, requests: int, tokens: int, hold: str = "") -> QuotaUsage:
-        w = _window(now)
+        w = window_of(now)
         with self._lock:
             c = self._counts.setdefault((tenant, w), [0, 0])
             before = QuotaUsage(c[0], c[1])
@@ -148,7 +151,7 @@ class RedisQuotaCounters:
         self.errors = 0
 
     def _key(self, tenant: str, now: float) -> str:
-        return f"{self.prefix}:{{{tenant}}}:{_window(now)}"
+        return f"{self.prefix}:{{{tenant}}}:{window_of(now)}"
 
     def _hold_key(self, tenant: str, hold: str) -> str:
         return f"{self.prefix}:{{{tenant}}}:hold:{hold}" if hold else ""

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from decision.domain import Candidate, Decision, GuardResult, RequestContext, Verdict
+from decision.domain import Candidate, Decision, GuardResult, Outcome, RequestContext, Verdict
 from decision.engine import DecisionEngine
 from decision.fleet import Fleet
 from decision.health_guard import BuiltinHealthGuard
@@ -104,6 +104,9 @@ class ResidencyGuard:
 
     def release(self, ctx: RequestContext, state: Mapping[str, Any]) -> None:
         self.releases += 1
+
+    def settle(self, ctx: RequestContext, outcome: Outcome, decided_at: float) -> None:
+        return None
 
 
 class RecordingEngine(DecisionEngine):

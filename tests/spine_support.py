@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from decision.domain import Candidate, Decision, GuardResult, RequestContext, Verdict
+from decision.domain import Candidate, Decision, GuardResult, Outcome, RequestContext, Verdict
 from decision.engine import DecisionEngine
 from decision.fleet import Fleet
 from decision.health_guard import BuiltinHealthGuard
@@ -47,6 +47,9 @@ class ScriptedGuard:
 
     def release(self, ctx: RequestContext, state: Mapping[str, Any]) -> None:
         self.releases += 1
+
+    def settle(self, ctx: RequestContext, outcome: Outcome, decided_at: float) -> None:
+        return None
 
 
 def demo_engine(fleet: Fleet, guard: Any = None, **kwargs: Any) -> DecisionEngine:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from decision.domain import RequestContext, Severity
+from decision.domain import Outcome, OutcomeStatus, RequestContext, Severity
 from decision.engine import DecisionEngine
 from decision.errors import NoCandidate, QuotaExceeded, Unavailable
 from decision.fleet import Fleet
@@ -350,3 +350,29 @@ def test_only_candidate_rego_rules_may_opt_out_of_the_memo(tmp_path: Path) -> No
     (issue,) = exc.value.issues
     assert issue.line == text.splitlines().index("    file: gpu_temperature.cel") + 2
     assert ".memoise: only candidate-scope Rego" in issue.message
+
+
+def test_the_token_quota_is_trued_up_to_what_the_outcome_says_was_used(demo_fleet: Fleet) -> None:
+    # A request that leaves max_tokens out is estimated at its prompt only; charging only the estimate
+    # would let it generate without limit against its tenant's token quota.
+    now = [600.0 * 60 + 5]  # 5 s into a minute
+    counters = InMemoryQuotaCounters()
+    guard = PolicyGuard(compile_bundle(DEFAULT_BUNDLE), counters=counters, clock=lambda: now[0])
+    engine = _engine(demo_fleet, guard)
+    engine.clock = lambda: now[0]
+    tenant = f"t-{uuid.uuid4().hex[:6]}"
+    no_max = engine.decide(RequestContext("a", tenant, model="llama-3.1-8b", estimated_input_tokens=100))
+    assert counters.read(tenant, now[0]) == QuotaUsage(1, 100)  # the estimate, held at decision time
+    now[0] += 20
+    engine.report_outcome(Outcome(no_max.decision_id, OutcomeStatus.OK, ttft_ms=50, latency_ms=900,
+                                  input_tokens=100, output_tokens=3000))
+    assert counters.read(tenant, now[0]) == QuotaUsage(1, 3100)
+    capped = engine.decide(RequestContext("b", tenant, model="llama-3.1-8b", estimated_input_tokens=100,
+                                          expected_output_tokens=4000))
+    assert counters.read(tenant, now[0]) == QuotaUsage(2, 7200)
+    engine.report_outcome(Outcome(capped.decision_id, OutcomeStatus.OK, ttft_ms=50, latency_ms=400,
+                                  input_tokens=100, output_tokens=500))  # max_tokens was an upper bound
+    assert counters.read(tenant, now[0]) == QuotaUsage(2, 3700)
+    failed = engine.decide(RequestContext("c", tenant, model="llama-3.1-8b", estimated_input_tokens=100))
+    engine.report_outcome(Outcome(failed.decision_id, OutcomeStatus.ERROR, error="HTTP 500"))  # usage unknown
+    assert counters.read(tenant, now[0]) == QuotaUsage(3, 3800)  # the estimate stays charged
