@@ -60,8 +60,15 @@ def _text_chars(content: Any) -> int:
 
 
 def _int_field(doc: dict[str, Any], *names: str) -> int:
+    """The first of ``names`` holding a positive whole number (JSON writers may send ``64.0``), else 0.
+
+    >>> _int_field({"max_tokens": 64.0}, "max_tokens"), _int_field({"max_tokens": "64"}, "max_tokens")
+    (64, 0)
+    """
     for name in names:
         v = doc.get(name)
+        if isinstance(v, float) and v.is_integer() and 0 < v < 2**53:
+            return int(v)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
     return 0
