@@ -197,7 +197,7 @@ class Simulation:
                       ten.ttft_target_ms, ten.jurisdictions, ten.data_class)
         req.tag = ten.user_tier
         self._rid += 1
-        self.metrics.requests += 1
+        self.metrics.record_arrival(req)
         if self.requests_log is not None:
             self.requests_log.append(req)
         cands = self.view.candidates(req, self.cfg.family)

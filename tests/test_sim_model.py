@@ -157,3 +157,27 @@ def test_parallel_jobs_give_the_sequential_results() -> None:
     par = runner.run(sc, names, replace(FIXED, jobs=2))
     for n in names:
         assert _stable(par.summary[n]) == _stable(seq.summary[n])
+
+
+def test_requests_without_a_first_token_count_in_the_ttft_percentiles_at_a_lower_bound() -> None:
+    # Dropping the slow half must not improve a strategy's P95: the dropped count at arrival-to-window-end.
+    from sim.metrics import Collector
+
+    def run(serve_every: int) -> Collector:
+        m = Collector(window_s=100.0)
+        for rid in range(100):
+            req = Request(rid, float(rid) * 0.1, 10, 10, "t", 0, "", (), 500.0, (), "public")
+            m.record_arrival(req)
+            if rid % serve_every == 0:
+                req.first_token_at = req.arrival + 0.1  # 100 ms TTFT
+                m.record_first(req)
+        return m
+
+    all_served, half_served = run(1), run(2)
+    assert all_served.censored_ttft_ms() == [] and len(half_served.censored_ttft_ms()) == 50
+
+    def p95(m: Collector) -> float:  # as summary() computes ttft_ms
+        return float(np.percentile(m.ttft_ms + m.censored_ttft_ms(), 95))
+
+    assert p95(all_served) == pytest.approx(100.0)
+    assert p95(half_served) > 90_000.0  # ~ (100 s - a late arrival) for the unserved
