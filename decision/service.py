@@ -7,10 +7,11 @@ metrics); ``Service.start_grpc`` / ``start_http`` put the front ends on top.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from fastapi import APIRouter
 from decision import heap
 from decision.config import ServiceConfig, Settings
 from decision.contracts import AuditSink, FeatureBuilder, Guard, Learner, TraceReader
+from decision.domain import Endpoint
 from decision.edge import EdgeInterceptor, RequestLimits
 from decision.engine import DecisionEngine
 from decision.fleet import Fleet, load_fleet
@@ -277,6 +279,7 @@ class Service:
                                max_streams=ep.max_streams, server_kind=ep.server, metrics=self.metrics,
                                reuse_port=reuse_port, **self._extproc_tls(ep.server))
         self.extproc = server
+        _warn_unroutable_addresses(self.engine.fleet.endpoints)
         return server.port
 
     def start_http(self, port: int | None = None) -> int:
@@ -334,3 +337,25 @@ def _build_reward(config: ServiceConfig) -> Any:
 
     with config.located("learner", "reward"):
         return reward_from_config(config.learner.reward or {}, cost_weight_ms=price)
+
+
+def _warn_unroutable_addresses(endpoints: Sequence[Endpoint]) -> None:
+    """Envoy's ORIGINAL_DST cluster (``deploy/envoy/envoy.yaml``) dials the picked address as given and
+    takes IP literals only: a host name there fails every request routed to it (503), though the
+    decision is logged as routed. Said once at start-up; other Envoy set-ups may resolve names."""
+    named = sorted({e.endpoint_id for e in endpoints if not _ip_literal(e.address.rsplit(":", 1)[0])})
+    if named:
+        log.warning("ext_proc: %d endpoint(s) have a host name, not an IP, as address (e.g. %s): Envoy's "
+                    "ORIGINAL_DST cluster cannot dial those; see deploy/envoy/README.md", len(named), named[0])
+
+
+def _ip_literal(host: str) -> bool:
+    """
+    >>> _ip_literal("10.0.0.7"), _ip_literal("[::1]"), _ip_literal("gpu-node-7.internal")
+    (True, True, False)
+    """
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -88,3 +90,17 @@ def test_binary_override_must_be_executable(tmp_path: Path, monkeypatch: pytest.
     real = ensure_envoy()
     assert os.access(real, os.X_OK) and "1.40.0" in subprocess.run(
         [str(real), "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
+
+
+def test_serve_warns_when_an_endpoint_address_is_a_host_name_envoy_cannot_dial(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from decision.service import _warn_unroutable_addresses
+    from learners.testing import toy_endpoint
+
+    ip = toy_endpoint(0)
+    named = dataclasses.replace(toy_endpoint(1), address="gpu-node-7.internal:8000")
+    with caplog.at_level(logging.WARNING, logger="infermesh.service"):
+        _warn_unroutable_addresses([ip])
+        assert not caplog.records
+        _warn_unroutable_addresses([ip, named])
+    assert "1 endpoint(s) have a host name" in caplog.text and named.endpoint_id in caplog.text
