@@ -289,6 +289,11 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if which == "request_body":
             return self._request_body(st, req.request_body)
         if which == "request_trailers":
+            if st.hold_headers:  # a body that ends in trailers has no end_of_stream chunk: decide now
+                replies = self._decide_held(st)
+                if replies[0].WhichOneof("response") == "immediate_response":
+                    return replies
+                return [*replies, pb.ProcessingResponse(request_trailers=pb.TrailersResponse())]
             return [pb.ProcessingResponse(request_trailers=pb.TrailersResponse())]
         self._response_message(st, req, which)
         if which == "response_headers":
@@ -305,16 +310,26 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             assert st.body is not None
             st.body += body.body
             st.held_chunks += 1
+            if len(st.body) > self.config.max_request_body_bytes:  # held in memory: bounded
+                st.hold_headers, st.body = False, None
+                return [self._deny(_immediate(
+                    413, "request_too_large", f"request body over {self.config.max_request_body_bytes} bytes "
+                                              "(extproc.settings.max_request_body_bytes)", "", self.config))]
             if not body.end_of_stream:
                 return []
-            first = self._decide(st, bytes(st.body))
-            if first.WhichOneof("response") == "immediate_response":
-                return [first]
-            st.hold_headers, st.body = False, None
-            return [first] + [_CONTINUE_REQ_BODY] * st.held_chunks
+            return self._decide_held(st)
         if st.ex.decision is not None:  # chunks after the decision (streamed mode): pass them on
             return [_CONTINUE_REQ_BODY]
         return [self._decide(st, body.body, in_body=True)]
+
+    def _decide_held(self, st: _Stream) -> list[pb.ProcessingResponse]:
+        """Decide on the held headers and body chunks: the decision, then a continue for each chunk."""
+        assert st.body is not None
+        first = self._decide(st, bytes(st.body))
+        if first.WhichOneof("response") == "immediate_response":
+            return [first]
+        st.hold_headers, st.body = False, None
+        return [first] + [_CONTINUE_REQ_BODY] * st.held_chunks
 
     def context_of(self, headers: Mapping[str, str], body: OpenAIRequest | None) -> RequestContext:
         """Build the decision context from request headers and the parsed body."""

@@ -41,6 +41,9 @@ class ExtProcConfig:
         Request header carrying the decision id to the backend, and response header to the client.
     max_response_json_bytes
         Non-streaming response bodies longer than this are not parsed for ``usage``.
+    max_request_body_bytes
+        A streamed request body held until it is whole (``send_body_without_waiting_for_header_response``)
+        is refused with 413 beyond this many bytes. (Buffered mode is bounded by Envoy's own buffer.)
     response_phase
         ``"observer"`` (default, matches ``deploy/envoy/envoy.yaml``): a second ext_proc filter in
         observability mode reports the response, so the pick stream never records outcomes.
@@ -65,6 +68,7 @@ class ExtProcConfig:
     metadata_namespace: str = LB_NAMESPACE
     decision_id_header: str = "x-infermesh-decision-id"
     max_response_json_bytes: int = 4 << 20
+    max_request_body_bytes: int = 16 << 20
     response_phase: str = "observer"
 
     @property

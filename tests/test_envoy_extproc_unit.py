@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -80,6 +81,27 @@ def test_one_round_trip_holds_the_header_reply_until_the_body_is_in(servicer: Ex
     # The body fed the decision context: model, prompt size estimate, output budget.
     assert d.request.model == MODEL and d.request.expected_output_tokens == 16
     assert d.request.estimated_input_tokens == 100 + 4
+
+
+def test_a_held_body_that_ends_in_trailers_is_decided_at_the_trailers(servicer: ExtProcServicer) -> None:
+    st = _Stream(_Exchange())
+    servicer.handle(st, headers_msg({"x-infermesh-tenant": "acme"}))
+    assert servicer.handle(st, body_msg(CHAT, eos=False)) == []
+    replies = servicer.handle(st, pb.ProcessingRequest(request_trailers=pb.HttpTrailers()))
+    assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body", "request_trailers"]
+    assert st.ex.decision is not None and not st.hold_headers
+
+
+def test_a_held_body_is_bounded(servicer: ExtProcServicer) -> None:
+    servicer.config = dataclasses.replace(servicer.config, max_request_body_bytes=1000)
+    st = _Stream(_Exchange())
+    servicer.handle(st, headers_msg({"x-infermesh-tenant": "acme"}))
+    assert servicer.handle(st, pb.ProcessingRequest(request_body=pb.HttpBody(body=b"x" * 600))) == []
+    (resp,) = servicer.handle(st, pb.ProcessingRequest(request_body=pb.HttpBody(body=b"x" * 600)))
+    code, doc = immediate(resp)
+    err = doc["error"]
+    assert code == 413 and isinstance(err, dict) and err["type"] == "request_too_large"
+    assert st.body is None and st.ex.decision is None
 
 
 def test_destination_header_is_overwritten_not_appended(servicer: ExtProcServicer) -> None:
