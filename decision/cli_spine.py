@@ -159,7 +159,7 @@ def cmd_decide(args: argparse.Namespace) -> int:
         decision = service.engine.decide(request_from_json(data))
     except DecisionError as exc:
         # An unknown model or family is the request's own field too (NotFound names what it looked up).
-        field = getattr(exc, "field", None) or (exc.what if isinstance(exc, NotFound) else None)
+        field = getattr(exc, "field", None) or (exc.field if isinstance(exc, NotFound) else None)
         line = _key_line(raw, field) if isinstance(field, str) else None
         if line is not None:  # where to look, as an editor wants it
             print(f"{args.request}:{line}: {exc}", file=sys.stderr)

@@ -189,6 +189,9 @@ class DecisionEngine:
         self._reporting: set[str] = set()  # outcomes being recorded now (see report_outcome)
         # Decisions whose outcome did not come in time: a timeout was learnt; a late outcome is still audited.
         self._expired: dict[str, None] = {}
+        # Recent denials (id -> status): an outcome for one is refused the same way at once, not
+        # NOT_FOUND until the audit writer has stored the denial and INVALID_ARGUMENT after.
+        self._denied: dict[str, str] = {}
         # Outcomes the audit log refused (fail-closed, queue full): the caller was told UNAVAILABLE and
         # its retry picks the decision up here, so the outcome is learnt and audited once, not lost.
         self._unrecorded: dict[str, _Pending] = {}
@@ -373,6 +376,8 @@ class DecisionEngine:
         trace, _ = self._trace(ctx, fleet, candidates, result, (), None, (), learner, [], timings, now)
         status = "quota_denied" if result.quota_denied else "denied"
         self.stats[status] += 1
+        with self._lock:
+            put_bounded(self._denied, decision_id, status, self.max_pending)
         if self.audit is not None:
             self.audit.submit_decision(denial_event(decision_id, ctx, now, result.revision,
                                                     f"{learner.name}@{learner.version}", status, rules, trace))
@@ -517,12 +522,14 @@ class DecisionEngine:
             self.stats["outcomes_late"] += 1
             self._audit_outcome(outcome, None, None)
         else:  # not decided here since this process started (a restart, another replica): ask the log
-            record = self.traces.get_decision(did) if self.traces is not None else None
-            if record is None:
-                raise NotFound("decision", did)
-            status = record.get("status", "routed")
+            denied = self._denied.get(did)
+            record = self.traces.get_decision(did) if self.traces is not None and denied is None else None
+            if record is None and denied is None:
+                raise NotFound("decision", did, "decision_id")
+            status = denied or (record or {}).get("status", "routed")
             if status != "routed":  # a denial was never routed: nothing ran that could have an outcome
                 raise InvalidArgument("decision_id", f"decision {did!r} was {status}, not routed; it has no outcome")
+            assert record is not None  # a routed decision found in the log
             stored = record.get("outcome")
             if stored:  # reported before: idempotent across restarts too (the log keeps the first)
                 prior = stored.get("reward")

@@ -19,10 +19,14 @@ class InvalidArgument(DecisionError):
 
 
 class NotFound(DecisionError):
-    def __init__(self, what: str, key: str) -> None:
+    """``what`` (a model, a decision) named by ``key`` does not exist; ``field`` is the request field
+    that named it (default ``what``), for the client's error trailer."""
+
+    def __init__(self, what: str, key: str, field: str = "") -> None:
         super().__init__(f"unknown {what} {key!r}")
         self.what = what
         self.key = key
+        self.field = field or what
 
 
 class NoCandidate(DecisionError):

@@ -53,7 +53,7 @@ def status_of(exc: DecisionError) -> tuple[grpc.StatusCode, str, list[tuple[str,
     if isinstance(exc, InvalidArgument):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc), [("infermesh-field", metadata_value(exc.field))]
     if isinstance(exc, NotFound):
-        return grpc.StatusCode.NOT_FOUND, str(exc), [("infermesh-field", exc.what)]
+        return grpc.StatusCode.NOT_FOUND, str(exc), [("infermesh-field", exc.field)]
     if isinstance(exc, QuotaExceeded):
         return (grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
                 [("infermesh-rules", ",".join(exc.rules)), ("infermesh-decision-id", exc.decision_id)])
@@ -124,7 +124,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
                 self.flush_audit()  # the decision may still be in the writer's queue
                 record = reader.get_decision(request.decision_id)
             if record is None:
-                raise NotFound("decision", request.decision_id)
+                raise NotFound("decision", request.decision_id, "decision_id")
             answer = trace_to_pb(record)
             # The log keeps where a route ran (site, region, GPU), not how to reach it: address and node
             # come from the inventory, while the endpoint is still in it.

@@ -89,6 +89,12 @@ def test_guardrail_and_quota_denials_name_the_rules(server) -> None:  # type: ig
     trailers = dict(err.value.trailing_metadata())
     assert trailers["infermesh-rules"] == "test.deny-substring"
     assert trailers["infermesh-decision-id"]
+    # An outcome for the denial is refused as such at once (not NOT_FOUND until the log has it).
+    stub = pb_grpc.DecisionServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.ReportOutcome(pb.Outcome(decision_id=trailers["infermesh-decision-id"], status=pb.OUTCOME_STATUS_OK))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "was denied, not routed" in refused.value.details()
     with pytest.raises(grpc.RpcError) as err2:
         _decide(channel, tenant="greedy")
     assert err2.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -114,6 +120,7 @@ def test_report_outcome_is_idempotent_and_checks_its_fields(server) -> None:  # 
     with pytest.raises(grpc.RpcError) as err:
         stub.ReportOutcome(pb.Outcome(decision_id="unknown", status=pb.OUTCOME_STATUS_OK))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert dict(err.value.trailing_metadata())["infermesh-field"] == "decision_id"  # the field, not "decision"
 
 
 def test_explain_without_an_audit_log_is_unavailable(server) -> None:  # type: ignore[no-untyped-def]
