@@ -226,6 +226,10 @@ class DecisionEngine:
     def locate(self, fleet: Fleet, ctx: RequestContext, now: float) -> CandidateSet:
         if ctx.model and ctx.model not in fleet.models:
             raise NotFound("model", ctx.model)
+        if ctx.model and ctx.model_family and fleet.models[ctx.model].family != ctx.model_family:
+            # Routed on the model alone, the trace would record a family the route does not have.
+            raise InvalidArgument("model_family", f"model {ctx.model!r} is of family "
+                                                  f"{fleet.models[ctx.model].family!r}, not {ctx.model_family!r}")
         if not ctx.model and ctx.model_family not in fleet.by_family:
             raise NotFound("model_family", ctx.model_family)
         placement = self._placed(fleet, ctx.model, ctx.model_family, ctx.modality, ctx.client_region)

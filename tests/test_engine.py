@@ -17,6 +17,8 @@ def _req(**kw: Any) -> RequestContext:
     base: dict[str, Any] = {"request_id": "r1", "tenant": "globex", "model_family": "llama",
                             "client_region": "eu-west", "estimated_input_tokens": 800, "expected_output_tokens": 200}
     base.update(kw)
+    if "model" in kw and "model_family" not in kw:  # an exact model names its own family
+        base["model_family"] = ""
     return RequestContext(**base)
 
 

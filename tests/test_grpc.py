@@ -70,6 +70,8 @@ def test_decide_over_grpc_returns_a_full_response(server) -> None:  # type: igno
     ({"modality": "smell"}, grpc.StatusCode.INVALID_ARGUMENT, "modality"),
     ({"ttft_target_ms": float("nan")}, grpc.StatusCode.INVALID_ARGUMENT, "ttft_target_ms"),
     ({"model": "gpt-17"}, grpc.StatusCode.NOT_FOUND, "gpt-17"),
+    ({"model": "qwen-2.5-7b", "model_family": "llama"}, grpc.StatusCode.INVALID_ARGUMENT,
+     "model_family: model 'qwen-2.5-7b' is of family 'qwen', not 'llama'"),
 ])
 def test_decide_error_statuses_name_the_field(server, kwargs, code, needle) -> None:  # type: ignore[no-untyped-def]
     _, channel = server
