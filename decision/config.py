@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from decision.tls import TlsConfig
@@ -55,9 +55,18 @@ def _scrape_url(url: str) -> str:
 
 
 class ScrapeTarget(_Section):
+    """An exporter to scrape: a serving endpoint's (vLLM, Triton; its node's GPU metrics, if it has any,
+    go to that node) or a node's (dcgm-exporter)."""
+
     url: Annotated[str, AfterValidator(_scrape_url)]
     endpoint_id: str = ""
     node_id: str = ""
+
+    @model_validator(mode="after")
+    def _says_whose(self) -> ScrapeTarget:
+        if not self.endpoint_id and not self.node_id:
+            raise ValueError("name the endpoint_id or the node_id the exporter reports on")
+        return self
 
 
 class TelemetrySection(_Section):

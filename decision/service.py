@@ -128,6 +128,7 @@ class Service:
         self.metrics = ServiceMetrics()
         configure_tracing(settings.otel_exporter)
         self.fleet = load_fleet(config.fleet)
+        _check_scrape_targets(config, self.fleet)
         self.telemetry = TelemetryStore({e.endpoint_id: e.node_id for e in self.fleet.endpoints},
                                         stale_after_s=config.telemetry.stale_after_s)
         self.scraper = Scraper(self.telemetry, config.telemetry.scrape, interval_s=config.telemetry.scrape_interval_s,
@@ -359,3 +360,19 @@ def _ip_literal(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _check_scrape_targets(config: ServiceConfig, fleet: Fleet) -> None:
+    """A scrape target names an endpoint or node of the fleet: one that does not would scrape
+    successfully every time while its values went nowhere."""
+    for i, t in enumerate(config.telemetry.scrape):
+        if t.endpoint_id and t.endpoint_id not in fleet.by_id:
+            with config.located("telemetry", "scrape", i, "endpoint_id"):
+                raise ValueError(f"no endpoint {t.endpoint_id!r} in the fleet")
+        node = fleet.by_id[t.endpoint_id].node_id if t.endpoint_id else ""
+        if t.node_id and t.node_id not in {e.node_id for e in fleet.endpoints}:
+            with config.located("telemetry", "scrape", i, "node_id"):
+                raise ValueError(f"no node {t.node_id!r} with a deployment in the fleet")
+        if t.node_id and node and t.node_id != node:
+            with config.located("telemetry", "scrape", i, "node_id"):
+                raise ValueError(f"endpoint {t.endpoint_id!r} runs on node {node!r}, not {t.node_id!r}")

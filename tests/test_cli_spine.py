@@ -136,6 +136,11 @@ def test_config_values_are_not_coerced_and_the_audit_section_is_checked(tmp_path
     ("learner:\n  shadow: [{params: {}}]\n", r"c\.yaml:3: learner\.shadow\.0: missing key 'name'"),
     ("learner:\n  name: linucb\n  params: {alfa: 1}\n", r"c\.yaml:4: learner\.params: learner linucb: unknown param"),
     ("learner:\n  reward: {w_cost: x}\n", r"c\.yaml:3: learner\.reward: could not convert"),
+    # A scrape target whose values would go nowhere, every scrape "succeeding".
+    ("telemetry:\n  scrape:\n    - {url: 'http://10.0.0.1:8000/metrics', endpoint_id: nope}\n",
+     r"c\.yaml:4: telemetry\.scrape\.0\.endpoint_id: no endpoint 'nope' in the fleet"),
+    ("telemetry:\n  scrape:\n    - {url: 'http://10.0.0.1:9400/metrics'}\n",
+     r"c\.yaml:4: telemetry\.scrape\.0: Value error, name the endpoint_id or the node_id"),
 ])
 def test_what_the_config_names_wrongly_is_a_message_not_a_traceback(tmp_path: Path, extra: str,
                                                                      expected: str) -> None:
