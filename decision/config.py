@@ -21,7 +21,8 @@ from decision.yaml_lines import LocatedYaml, YamlSyntaxError, load_located_file
 
 class _Section(BaseModel):
     # Strict types: a quoted "no" is not read as true, nor "8080" as a port (an int still serves as a float).
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # .inf and .nan are YAML floats: an infinite staleness limit would trust telemetry forever.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 # A path is written as text in YAML; only paths are converted.

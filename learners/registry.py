@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -72,6 +73,9 @@ def make_learner(name: str, n_features: int, **params: Any) -> Learner:
         if unknown:
             raise ValueError(f"learner {name}: unknown parameter(s) {', '.join(unknown)}; "
                              f"accepted: {', '.join(sorted(accepted))}")
+    bad = sorted(k for k, v in params.items() if isinstance(v, float) and not math.isfinite(v))
+    if bad:  # a NaN alpha or temperature passes every range check written as a comparison
+        raise ValueError(f"learner {name}: {bad[0]} must be a finite number, got {params[bad[0]]}")
     return factory(n_features, **params)
 
 

@@ -17,6 +17,7 @@ user tier, then the defaults.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -44,6 +45,8 @@ class Weights:
             raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         values = {k: float(v) for k, v in data.items()}
         for k, v in values.items():
+            if not math.isfinite(v):  # a NaN or infinite weight makes every reward non-finite: nothing is learnt
+                raise ValueError(f"{where}.{k}: must be a finite number, got {v}")
             if k != "cancelled_reward" and v < 0:
                 raise ValueError(f"{where}.{k}: must be >= 0, got {v}")
         return replace(base or Weights(), **values)
@@ -129,8 +132,8 @@ def reward_from_config(config: Mapping[str, Any], *, cost_weight_ms: float = 0.0
     tiers = data.pop("user_tiers", {}) or {}
     target = float(data.pop("default_target_ms", 500.0))
     cost_ref = float(data.pop("cost_ref", 0.001))
-    if target <= 0 or cost_ref <= 0:
-        raise ValueError("reward: default_target_ms and cost_ref must be > 0")
+    if not (0 < target < math.inf and 0 < cost_ref < math.inf):  # NaN fails both comparisons
+        raise ValueError(f"reward: default_target_ms and cost_ref must be finite and > 0, got {target} and {cost_ref}")
     default = Weights.parse(data)
     return ObjectiveReward(
         default,
