@@ -30,6 +30,7 @@ from decision.grpc_serving import bind_port
 from decision.metrics import ServiceMetrics
 from decision.reflection import enable_reflection
 from decision.telemetry import (
+    KEPT_EXPORTER_METRICS,
     VALUE_RULE,
     Sample,
     TelemetryStore,
@@ -240,6 +241,10 @@ def _checked_exposition(store: TelemetryStore, now: float, by_id: dict[str, Any]
     bad = unusable_samples(samples)
     if bad:  # refused, not dropped as a scrape's would be: the pusher is there to be told
         raise InvalidArgument(f"expositions[{i}].text", f"{bad[0].name} {VALUE_RULE}, got {bad[0].value!r}")
+    if samples and not any(s.name in KEPT_EXPORTER_METRICS for s in samples):  # acked, yet nothing stored
+        raise InvalidArgument(f"expositions[{i}].text", f"none of its {len(samples)} samples is of a series "
+                                                        f"InferMesh reads (e.g. {samples[0].name!r}; see "
+                                                        "decision.telemetry)")
     if not x.endpoint_id and canonicalize(samples)[1]:
         raise InvalidArgument(f"expositions[{i}].endpoint_id", "the text has endpoint metrics (vLLM, Triton), "
                                                                "which need the endpoint_id they describe")

@@ -644,7 +644,7 @@ class TelemetryStore:
 
     def ingest_exposition(self, text: str, *, node_id: str = "", endpoint_id: str = "",
                           ts: float | None = None) -> int:
-        """Parse exposition text scraped from one target and store what it says; returns samples seen.
+        """Parse exposition text scraped from one target and store what it says; returns the values stored.
 
         Values are stamped ``ts`` (default: now), or older: see :meth:`ingest_samples`.
         """
@@ -652,7 +652,7 @@ class TelemetryStore:
 
     def ingest_samples(self, samples: Sequence[Sample], *, node_id: str = "", endpoint_id: str = "",
                        ts: float | None = None) -> int:
-        """Store parsed exposition samples from one target; returns samples seen.
+        """Store parsed exposition samples from one target; returns the values stored (usable, of kept series).
 
         Samples of kept series with a negative or infinite value are dropped before series are
         combined (one would skew a sum over engines), counted in ``rejected`` and logged (once a minute
@@ -683,7 +683,7 @@ class TelemetryStore:
         if ep_vals and endpoint_id:
             for stamp, vals in _by_stamp(ep_vals, lines, base):
                 self.update_endpoint(endpoint_id, vals, stamp)
-        return len(samples)
+        return sum(1 for s in samples if s.name in KEPT_EXPORTER_METRICS and 0.0 <= s.value < _INF)
 
     def _interval_means(self, endpoint_id: str, samples: Sequence[Sample], ep_vals: dict[str, float]) -> None:
         """Replace lifetime means in ``ep_vals`` by means over the interval since this endpoint's

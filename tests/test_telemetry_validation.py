@@ -190,8 +190,17 @@ def test_pushed_exposition_may_hold_infinities_outside_the_kept_series(server) -
             'vllm:time_to_first_token_seconds_bucket{le="+Inf"} +Inf\n'
             "some_other_gauge -Inf\n")
     ack = _push(stub, pb.TelemetryBatch(expositions=[pb.Exposition(endpoint_id=ep.endpoint_id, text=text)]))
-    assert ack.samples_accepted == 3
+    assert ack.samples_accepted == 1  # what is stored: the series InferMesh reads, not every line
     assert engine.telemetry.reading(ep.endpoint_id).values["queue_waiting"] == 6.0
+
+
+def test_a_pushed_exposition_of_series_infermesh_does_not_read_is_refused_not_acked(server) -> None:  # type: ignore[no-untyped-def]
+    engine, stub = server
+    ep = engine.fleet.endpoints[0]
+    x = pb.Exposition(endpoint_id=ep.endpoint_id, text="vllm_num_requests_waiting 3\nvllm_kv_cache 0.5\n")  # misspelt
+    details, field = _refused(stub, pb.TelemetryBatch(expositions=[x]))
+    assert field == "expositions[0].text" and "none of its 2 samples" in details
+    assert engine.telemetry.reading(ep.endpoint_id).values == {}
 
 
 # The store, whoever calls it
@@ -247,7 +256,7 @@ def test_ingest_exposition_drops_unusable_series_before_combining(caplog: pytest
             "vllm:gpu_cache_usage_perc NaN\n"
             'vllm:time_to_first_token_seconds_bucket{le="+Inf"} 4\n')
     with caplog.at_level(logging.WARNING, logger="infermesh.telemetry"):
-        assert store.ingest_exposition(text, endpoint_id="e1") == 5
+        assert store.ingest_exposition(text, endpoint_id="e1") == 1  # the one value stored
     assert store.reading("e1").values == {t.QUEUE_WAITING: 4.0}
     assert store.rejected == 2
     assert "dropped 2 sample(s)" in caplog.text and "e1" in caplog.text
