@@ -31,7 +31,6 @@ from decision.metrics import ServiceMetrics
 from decision.reflection import enable_reflection
 from decision.telemetry import (
     KEPT_EXPORTER_METRICS,
-    VALUE_RULE,
     Sample,
     TelemetryStore,
     canonical_name,
@@ -40,6 +39,7 @@ from decision.telemetry import (
     refused_value,
     timestamp_problem,
     unusable_samples,
+    value_rule,
 )
 from infermesh.decision.v1 import decision_pb2 as pb
 from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
@@ -207,8 +207,8 @@ def _checked_sample(store: TelemetryStore, now: float, by_id: dict[str, Any], no
     if known is None:
         raise InvalidArgument(f"samples[{i}].metric", f"unknown metric {s.metric!r}")
     name, node_level = known
-    if refused_value(s.value):  # NaN passes: "no value", skipped by the store
-        raise InvalidArgument(f"samples[{i}].value", VALUE_RULE)
+    if refused_value(s.value, name):  # NaN passes: "no value", skipped by the store
+        raise InvalidArgument(f"samples[{i}].value", f"{name} {value_rule(name)}, got {s.value!r}")
     ts = _checked_stamp(store, now, f"samples[{i}].timestamp_unix_ms", s.timestamp_unix_ms)
     if node_level:
         if s.node_id:
@@ -240,7 +240,8 @@ def _checked_exposition(store: TelemetryStore, now: float, by_id: dict[str, Any]
         raise InvalidArgument(f"expositions[{i}].text", str(exc)) from None
     bad = unusable_samples(samples)
     if bad:  # refused, not dropped as a scrape's would be: the pusher is there to be told
-        raise InvalidArgument(f"expositions[{i}].text", f"{bad[0].name} {VALUE_RULE}, got {bad[0].value!r}")
+        raise InvalidArgument(f"expositions[{i}].text", f"{bad[0].name} {value_rule(bad[0].name)}, "
+                                                        f"got {bad[0].value!r}")
     if samples and not any(s.name in KEPT_EXPORTER_METRICS for s in samples):  # acked, yet nothing stored
         raise InvalidArgument(f"expositions[{i}].text", f"none of its {len(samples)} samples is of a series "
                                                         f"InferMesh reads (e.g. {samples[0].name!r}; see "

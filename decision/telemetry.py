@@ -96,13 +96,40 @@ def usable_value(value: float) -> bool:
     return 0.0 <= value < _INF
 
 
-def refused_value(value: float) -> bool:
-    """Whether a value is there but unusable: negative or infinite (NaN is "no value", not refused).
+# Metrics with a ceiling (exporter and canonical names): a fraction, a percentage. Beyond it a value
+# is a broken exporter or pusher, and a KV cache "500% full" would steer routing away for good.
+_UPPER: dict[str, float] = {GPU_UTIL: 100.0, "DCGM_FI_DEV_GPU_UTIL": 100.0, KV_CACHE_USAGE: 1.0,
+                            "vllm:gpu_cache_usage_perc": 1.0, "vllm:kv_cache_usage_perc": 1.0}
 
-    >>> [refused_value(v) for v in (0.0, -1.0, math.inf, math.nan)]
-    [False, True, True, False]
+
+def usable_for(name: str, value: float) -> bool:
+    """:func:`usable_value`, and within the metric's ceiling if it has one.
+
+    >>> usable_for("kv_cache_usage", 0.9), usable_for("kv_cache_usage", 5.0), usable_for("queue_waiting", 5.0)
+    (True, False, True)
     """
-    return value == value and not usable_value(value)
+    bound = _UPPER.get(name)
+    return usable_value(value) if bound is None else 0.0 <= value <= bound
+
+
+def value_rule(name: str) -> str:
+    """What a value of metric ``name`` must be, for messages.
+
+    >>> value_rule("gpu_util"), value_rule("power_w")
+    ('must be between 0 and 100', 'must be finite and >= 0')
+    """
+    bound = _UPPER.get(name)
+    return VALUE_RULE if bound is None else f"must be between 0 and {bound:g}"
+
+
+def refused_value(value: float, name: str = "") -> bool:
+    """Whether a value is there but unusable: negative, infinite or over the metric's ceiling (NaN is
+    "no value", not refused).
+
+    >>> [refused_value(v) for v in (0.0, -1.0, math.inf, math.nan)], refused_value(1.5, "kv_cache_usage")
+    ([False, True, True, False], True)
+    """
+    return value == value and not usable_for(name, value)
 
 
 def timestamp_problem(ts: float, now: float, max_skew_s: float = MAX_CLOCK_SKEW_S) -> str | None:
@@ -125,7 +152,7 @@ def unusable_samples(samples: Iterable[Sample]) -> list[Sample]:
     ...     'vllm:num_requests_waiting -1\\nvllm:num_requests_running NaN\\nx_bucket{le="+Inf"} +Inf'))]
     [-1.0]
     """
-    return [s for s in samples if s.name in KEPT_EXPORTER_METRICS and refused_value(s.value)]
+    return [s for s in samples if s.name in KEPT_EXPORTER_METRICS and refused_value(s.value, s.name)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +248,7 @@ def canonicalize(samples: Iterable[Sample]) -> tuple[dict[str, float], dict[str,
     node_how: dict[str, str] = {}
     ep_how: dict[str, str] = {}
     for s in samples:
-        if not 0.0 <= s.value < _INF:  # NaN: no value; negative or infinite: unusable (see unusable_samples)
+        if not usable_for(s.name, s.value):  # NaN: no value; else unusable (see unusable_samples)
             continue
         if s.name in _NODE_METRICS:
             canon, how = _NODE_METRICS[s.name]
@@ -597,11 +624,11 @@ class TelemetryStore:
             stamp = now  # clock skew within the allowance: the value is as fresh as can be, no fresher
         new_values, new_stamps = dict(table.values.get(key, _NONE)), dict(table.stamps.get(key, _NONE))
         for name, value in values.items():
-            if not 0.0 <= value < _INF:
-                if value == value:  # negative or infinite: unusable (NaN: the exporter has no value)
+            if not usable_for(name, value):
+                if value == value:  # negative, infinite or over its ceiling: unusable (NaN: no value)
                     self.rejected += 1
                     self._warn.warning(("value", key, name), "telemetry for %s: dropped %s = %r (%s)", key, name,
-                                  value, VALUE_RULE)
+                                  value, value_rule(name))
                 continue
             old = new_stamps.get(name)
             if old is None or old <= stamp:  # never let an older sample overwrite a newer one
@@ -668,8 +695,8 @@ class TelemetryStore:
             with self._lock:
                 self.rejected += len(bad)
             source = node_id or endpoint_id or "?"
-            self._warn.warning(("samples", source), "telemetry from %s: dropped %d sample(s) that %s, e.g. %s = %r",
-                          source, len(bad), VALUE_RULE, bad[0].name, bad[0].value)
+            self._warn.warning(("samples", source), "telemetry from %s: dropped %d unusable sample(s), e.g. %s = %r "
+                          "(%s)", source, len(bad), bad[0].name, bad[0].value, value_rule(bad[0].name))
         node_vals, ep_vals = canonicalize(samples)
         if endpoint_id:
             self._interval_means(endpoint_id, samples, ep_vals)

@@ -87,7 +87,8 @@ def test_push_refuses_a_negative_or_infinite_value_and_stores_nothing_of_the_bat
             pb.TelemetrySample(endpoint_id=ep.endpoint_id, metric="queue_waiting", value=5),  # good, before the bad
             pb.TelemetrySample(metric=metric, value=value, **target)])
         details, field = _refused(stub, batch)
-        assert details == "samples[1].value: must be finite and >= 0"
+        name = metric.replace("vllm:num_requests_running", "queue_running")
+        assert details == f"samples[1].value: {name} must be finite and >= 0, got {value!r}"
         assert field == "samples[1].value"
     values = engine.telemetry.reading(ep.endpoint_id).values
     assert values["queue_waiting"] == 2.0  # the whole batch was refused, its good sample too
@@ -259,7 +260,7 @@ def test_ingest_exposition_drops_unusable_series_before_combining(caplog: pytest
         assert store.ingest_exposition(text, endpoint_id="e1") == 1  # the one value stored
     assert store.reading("e1").values == {t.QUEUE_WAITING: 4.0}
     assert store.rejected == 2
-    assert "dropped 2 sample(s)" in caplog.text and "e1" in caplog.text
+    assert "dropped 2 unusable sample(s)" in caplog.text and "e1" in caplog.text
 
 
 def test_canonicalize_ignores_unusable_values() -> None:
@@ -309,7 +310,7 @@ def test_a_bad_exporter_is_counted_every_scrape_but_logged_once_a_minute(caplog:
         store.update_endpoint("e1", {t.QUEUE_WAITING: -1.0})  # another problem of the same target: its own line
     warned = [r.getMessage() for r in caplog.records]
     assert store.rejected == 21  # the count is exact (infermesh_telemetry_rejected_total)
-    assert len([m for m in warned if m.startswith("telemetry from e1: dropped 1 sample(s)")]) == 1, warned
+    assert len([m for m in warned if m.startswith("telemetry from e1: dropped 1 unusable sample(s)")]) == 1, warned
     assert len([m for m in warned if m.startswith("telemetry for e1: dropped")]) == 1, warned
 
 
@@ -328,3 +329,19 @@ def test_throttled_warnings_report_what_they_held_back(caplog: pytest.LogCapture
         assert w.warning("a", "bad %s", 1)
     assert [r.getMessage() for r in caplog.records] == [
         "bad 1", "bad 2", "bad 1 (3 more like it in the last 60 s, not logged)", "bad 3", "bad 1"]
+
+
+def test_a_fraction_or_percentage_over_its_ceiling_is_refused(server) -> None:  # type: ignore[no-untyped-def]
+    # A KV cache "500% full" or a GPU "250% busy" would steer routing away from an endpoint for good.
+    engine, stub = server
+    ep = engine.fleet.endpoints[0]
+    for metric, value, rule in (("kv_cache_usage", 5.0, "between 0 and 1"), ("gpu_util", 250.0, "between 0 and 100")):
+        details, field = _refused(stub, pb.TelemetryBatch(samples=[
+            pb.TelemetrySample(endpoint_id=ep.endpoint_id, metric=metric, value=value)]))
+        assert field == "samples[0].value" and f"{metric} must be {rule}, got {value}" in details
+    x = pb.Exposition(endpoint_id=ep.endpoint_id, text="vllm:kv_cache_usage_perc 1.7\n")
+    details, field = _refused(stub, pb.TelemetryBatch(expositions=[x]))
+    assert field == "expositions[0].text" and "vllm:kv_cache_usage_perc must be between 0 and 1" in details
+    ok = _push(stub, pb.TelemetryBatch(samples=[pb.TelemetrySample(endpoint_id=ep.endpoint_id, metric="kv_cache_usage",
+                                                                   value=1.0)]))
+    assert ok.samples_accepted == 1 and engine.telemetry.reading(ep.endpoint_id).values["kv_cache_usage"] == 1.0
