@@ -321,7 +321,7 @@ def _build_learner_sync(config: ServiceConfig, settings: Settings, audit: AuditP
     from learners.store import LearnerStore
     from learners.sync import LearnerSync
 
-    replica = config.learner.replica or settings.replica
+    replica = learner_replica(config, settings)
     sync = LearnerSync(learner, LearnerStore(audit.database_url), features.names, replica=replica, barrier=barrier)
     report = sync.restore()
     log.info("learner %s@%s restored: snapshot %s, %d replica deltas, %d outcomes replayed", learner.name,
@@ -376,3 +376,22 @@ def _check_scrape_targets(config: ServiceConfig, fleet: Fleet) -> None:
         if t.node_id and node and t.node_id != node:
             with config.located("telemetry", "scrape", i, "node_id"):
                 raise ValueError(f"endpoint {t.endpoint_id!r} runs on node {node!r}, not {t.node_id!r}")
+
+
+def learner_replica(config: ServiceConfig, settings: Settings) -> str:
+    """This process's learner replica id: the config's, else ``INFERMESH_REPLICA``; a worker of
+    ``serve --workers`` gets ``-w<i>`` on the config's (the environment's has it already), since
+    deltas are keyed by replica: a shared id would make the workers' deltas collide, never merged.
+
+    >>> from decision.config import LearnerSection
+    >>> cfg = ServiceConfig(fleet="f.yaml", learner=LearnerSection(replica="pod-a"))
+    >>> learner_replica(cfg, Settings(replica="vm-w1", worker=1)), learner_replica(cfg, Settings())
+    ('pod-a-w1', 'pod-a')
+    """
+    if not config.learner.replica:
+        return settings.replica
+    if settings.worker is None:
+        return config.learner.replica
+    from decision.workers import worker_replica  # workers builds services: imported when used
+
+    return worker_replica(config.learner.replica, settings.worker)
