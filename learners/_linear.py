@@ -89,9 +89,15 @@ class RidgeStats:
             db = self.db + rx
             # A is positive semi-definite, so |A_ij| <= max(A_ii): a finite trace means a finite A (and dA).
             trace = self._trace + x.dot(x)
+            exact = None
             if self._since + 1 >= self.refresh_every:
                 A = self.A + xx
-                A_inv = np.asarray(np.linalg.inv(A), dtype=np.float64)
+                try:
+                    exact = np.asarray(np.linalg.inv(A), dtype=np.float64)
+                except np.linalg.LinAlgError:  # numerically singular (a tiny l2, collinear features):
+                    self._since = 0  # keep the incremental inverse; try the exact one again later
+            if exact is not None:
+                A_inv = exact
                 theta = A_inv @ b
                 # One scalar test: NaN and inf propagate through sums and products (0 * inf is NaN).
                 _check_finite(trace + theta.dot(db), "update")
@@ -112,8 +118,8 @@ class RidgeStats:
         self.dn += 1
 
     def refresh(self) -> None:
-        """Recompute ``A^-1`` and ``theta`` exactly from ``A`` and ``b``."""
-        self.A_inv = np.asarray(np.linalg.inv(self.A), dtype=np.float64)
+        """Recompute ``A^-1`` and ``theta`` exactly from ``A`` and ``b``; ValueError if ``A`` is singular."""
+        self.A_inv = _inverse(self.A, "refresh")
         self.theta = self.A_inv @ self.b
         self._since = 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -91,8 +92,9 @@ class LinearThompson(LinearLearner):
                 return cached[1]
             try:
                 chol = np.asarray(np.linalg.cholesky(a_inv), dtype=np.float64)
-            except np.linalg.LinAlgError:  # Sherman-Morrison drift: recompute exactly
-                self._stats.refresh()
+            except np.linalg.LinAlgError:  # Sherman-Morrison drift: recompute exactly, if A allows
+                with contextlib.suppress(ValueError):  # singular A: symmetrise what there is
+                    self._stats.refresh()
                 a_inv = self._stats.A_inv
                 sym = 0.5 * (a_inv + a_inv.T)
                 chol = np.asarray(np.linalg.cholesky(sym + 1e-12 * np.eye(self.n_features)), dtype=np.float64)

@@ -378,3 +378,14 @@ def test_an_own_snapshot_whose_pending_delta_was_pushed_since_is_not_pushed_agai
     again = LinUCB(D, seed=1)
     LearnerSync(again, store, FEATURE_NAMES, replica="a").restore(replay=False)
     assert again.stats.dn == 0
+
+
+def test_a_numerically_singular_model_keeps_learning_through_its_exact_refresh() -> None:
+    # Collinear columns (one-hots that are always 1 on a uniform fleet) and a tiny ridge make A singular:
+    # the periodic exact inverse must not raise out of update(), nor stop every later update.
+    from learners.linucb import LinUCB
+
+    learner = LinUCB(3, l2=1e-15, prior="none", seed=0)
+    for _ in range(2 * 2000 + 10):
+        learner.update((1.0, 1.0, 0.5), 0.5)
+    assert learner.n_updates == 4010 and np.isfinite(learner.stats.theta).all()
