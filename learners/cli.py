@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from decision.cli_args import bounded_int
 from decision.domain import Candidate, Endpoint, RequestContext, ScoredCandidate, TelemetryReading
 
 
@@ -43,6 +45,29 @@ def _time(text: str) -> float:
     if t.tzinfo is None:
         t = t.replace(tzinfo=dt.UTC)
     return t.timestamp()
+
+
+def _finite(text: str) -> float:
+    """An argparse ``type``: a finite number (a NaN or infinite reward makes every estimate NaN)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
+
+
+def _learner_spec(text: str) -> str:
+    """An argparse ``type``: a learner spec that builds (checked before any database is read)."""
+    from learners.features import FEATURE_NAMES
+    from learners.registry import learner_from_spec
+
+    try:
+        learner_from_spec(text, len(FEATURE_NAMES))
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def scored_from_trace(trace: Mapping[str, Any],
@@ -143,6 +168,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     except psycopg.Error as exc:  # lost mid-run
         print(f"infermesh learn evaluate: the audit database failed: {database.first_line(exc)}", file=sys.stderr)
         return 2
+    except (ValueError, TypeError) as exc:  # the candidate refused a logged record (e.g. a reward it cannot take)
+        print(f"infermesh learn evaluate: --learner {args.learner}: {exc}", file=sys.stderr)
+        return 2
     print(f"off-policy evaluation of {args.learner} on {out['records']} logged decisions "
           f"(skipped: {out['skipped']})")
     if out["estimates"]:
@@ -215,9 +243,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ev.add_argument("--from", dest="start", type=_time, required=True,
                     help="start time (ISO 8601, UTC default, or epoch s)")
     ev.add_argument("--to", dest="end", type=_time, required=True, help="end time, exclusive")
-    ev.add_argument("--learner", required=True, help="candidate: NAME or NAME:key=value,... (e.g. linucb:alpha=0.5)")
+    ev.add_argument("--learner", required=True, type=_learner_spec,
+                    help="candidate: NAME or NAME:key=value,... (e.g. linucb:alpha=0.5)")
     ev.add_argument("--logged-learner", default=None, help="only decisions made by this NAME@VERSION")
-    ev.add_argument("--missing-reward", type=float, default=None,
+    ev.add_argument("--missing-reward", type=_finite, default=None,
                     help="reward of decisions whose outcome never came (default: leave them out)")
     ev.add_argument("--database-url", default="",
                     help="PostgreSQL URL (default: INFERMESH_DATABASE_URL, else the embedded log under "
@@ -225,9 +254,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ev.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
     ev.set_defaults(func=_cmd_evaluate)
     b = lsub.add_parser("bench", help="per-decision choose/update cost of every learner (and regret)")
-    b.add_argument("--arms", type=int, default=32)
-    b.add_argument("--iterations", type=int, default=2000)
-    b.add_argument("--steps", type=int, default=0, help="also run the slow-site environment for this many steps")
+    b.add_argument("--arms", type=bounded_int(1, 100_000), default=32)
+    b.add_argument("--iterations", type=bounded_int(1, 10_000_000), default=2000)
+    b.add_argument("--steps", type=bounded_int(0, 10_000_000), default=0,
+                   help="also run the slow-site environment for this many steps")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_cmd_bench)

@@ -68,11 +68,17 @@ def make_learner(name: str, n_features: int, **params: Any) -> Learner:
         raise ValueError(f"unknown learner {name!r}; registered: {', '.join(names())}")
     cls = _CLASSES.get(name)
     if cls is not None:
-        accepted = set(inspect.signature(cls).parameters) - {"n_features"}
+        signature = inspect.signature(cls).parameters
+        accepted = set(signature) - {"n_features"}
         unknown = sorted(set(params) - accepted)
         if unknown:
             raise ValueError(f"learner {name}: unknown parameter(s) {', '.join(unknown)}; "
                              f"accepted: {', '.join(sorted(accepted))}")
+        for key, value in params.items():  # a string where a number goes fails later, and obscurely
+            default = signature[key].default
+            if isinstance(default, int | float) and not isinstance(default, bool) and (
+                    not isinstance(value, int | float) or isinstance(value, bool)):
+                raise ValueError(f"learner {name}: {key} must be a number, got {value!r}")
     bad = sorted(k for k, v in params.items() if isinstance(v, float) and not math.isfinite(v))
     if bad:  # a NaN alpha or temperature passes every range check written as a comparison
         raise ValueError(f"learner {name}: {bad[0]} must be a finite number, got {params[bad[0]]}")

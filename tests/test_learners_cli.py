@@ -66,3 +66,44 @@ def test_learn_evaluate_names_a_bad_time(capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(SystemExit) as exit_:
         main(["learn", "evaluate", "--from", "garbage", "--to", "1", "--learner", "linucb"])
     assert exit_.value.code == 2 and "argument --from: not an ISO 8601 time" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--learner", "nosuch"], "argument --learner: unknown learner 'nosuch'"),
+    (["--learner", "linucb:alpha=abc"], "argument --learner: learner linucb: alpha must be a number, got 'abc'"),
+    (["--learner", "linucb:epsilon=2"], "argument --learner: alpha must be >= 0 and epsilon in [0, 1)"),
+    (["--learner", "linucb", "--missing-reward", "nan"], "argument --missing-reward: must be a finite number"),
+])
+def test_learn_evaluate_names_a_bad_candidate_before_reading_anything(
+        argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["learn", "evaluate", "--from", "0", "--to", "1", *argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_learn_evaluate_reports_a_reward_the_candidate_refuses(fresh_pg_url: str,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    migrate(fresh_pg_url)
+    eng, _ = _engine(LinUCB(len(FEATURE_NAMES), seed=3), 3)
+    with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
+        d = eng.decide(RequestContext("r0", "t", model="llama-3.1-8b", client_region="eu-west"))
+        insert_decision(conn, decision_id=d.decision_id, decided_at=1000.0, learner="linucb@1",
+                        propensity=d.propensity, trace=dict(d.trace))
+    # Finite, yet too large for the model to stay finite: refused by the candidate, reported as such.
+    rc = main(["learn", "evaluate", "--from", "1000", "--to", "1001", "--learner", "linucb",
+               "--missing-reward", "1e308", "--database-url", fresh_pg_url])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.startswith("infermesh learn evaluate: --learner linucb: update: the model would not be finite")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--arms", "0"], "argument --arms: 0 is outside 1-100000"),
+    (["--iterations", "0"], "argument --iterations: 0 is outside"),
+    (["--steps", "-5"], "argument --steps: -5 is outside"),
+])
+def test_learn_bench_checks_its_numbers(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["learn", "bench", *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
