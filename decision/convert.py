@@ -87,7 +87,8 @@ def outcome_from_pb(m: pb.Outcome) -> Outcome:
     if status is None:
         raise InvalidArgument("status", "must be one of OUTCOME_STATUS_OK, _ERROR, _TIMEOUT, _CANCELLED")
     return Outcome(decision_id=m.decision_id, status=status, ttft_ms=m.ttft_ms, latency_ms=m.latency_ms,
-                   input_tokens=m.input_tokens, output_tokens=m.output_tokens, error=m.error)
+                   input_tokens=m.input_tokens, output_tokens=m.output_tokens, error=m.error,
+                   served_endpoint_id=m.served_endpoint_id)
 
 
 def outcome_to_pb(o: Mapping[str, Any]) -> pb.Outcome:

@@ -480,3 +480,4 @@ class Outcome:
     output_tokens: int = 0
     error: str = ""
     reported_at: float = 0.0
+    served_endpoint_id: str = ""  # a fallback that served instead of the route ("" : the route)

@@ -203,7 +203,7 @@ class DecisionEngine:
         self._learn_lock = threading.RLock()
         self.stats: dict[str, int] = {"decisions": 0, "denied": 0, "quota_denied": 0, "outcomes": 0,
                                       "outcomes_missing": 0, "outcomes_duplicate": 0, "outcomes_late": 0,
-                                      "outcomes_elsewhere": 0, "updates_refused": 0}
+                                      "outcomes_elsewhere": 0, "outcomes_by_fallback": 0, "updates_refused": 0}
         # Called with each decision's stage times (µs) once it is made (metrics, benchmarks).
         self.on_stages: Callable[[Mapping[str, float]], None] | None = None
 
@@ -489,6 +489,8 @@ class DecisionEngine:
     def report_outcome(self, outcome: Outcome) -> OutcomeResult:
         """Join an outcome to its decision, update the learner once, and audit it. Idempotent."""
         validate_outcome(outcome)
+        if outcome.served_endpoint_id and outcome.served_endpoint_id not in self._fleet.by_id:
+            raise InvalidArgument("served_endpoint_id", f"unknown endpoint {outcome.served_endpoint_id!r}")
         did = outcome.decision_id
         with self._lock:
             pending = self._pending.pop(did, None)
@@ -512,13 +514,22 @@ class DecisionEngine:
         did = outcome.decision_id
         reward: float | None = None
         if pending is not None:
-            reward = self.reward(pending.ctx, outcome, pending.expected_ttft_ms, pending.cost_per_1k_tokens)
+            fallback = outcome.served_endpoint_id not in ("", pending.endpoint_id)
+            learnt = outcome
+            if fallback:
+                # The route did not serve: its arm learns a failure (the fallback's result is not the
+                # route's, and the fallback's own propensity is unknown); the log keeps what happened.
+                self.stats["outcomes_by_fallback"] += 1
+                note = f"served by fallback {outcome.served_endpoint_id}"
+                outcome = replace(outcome, error=f"{outcome.error}; {note}" if outcome.error else note)
+                learnt = replace(outcome, status=OutcomeStatus.ERROR)
+            reward = self.reward(pending.ctx, learnt, pending.expected_ttft_ms, pending.cost_per_1k_tokens)
             with self._learn_lock:  # stamped and learnt as one, for snapshots (see outcome_barrier)
                 self._audit_outcome(outcome, reward, pending)  # before learning: a refused outcome is retried whole
                 self._learn(pending.features, reward)
             if pending.decided_at:
                 self._guard.settle(pending.ctx, outcome, pending.decided_at)
-            if outcome.status == OutcomeStatus.OK and outcome.ttft_ms > 0:
+            if outcome.status == OutcomeStatus.OK and outcome.ttft_ms > 0 and not fallback:
                 with self._lock:
                     self.ledger.observed(pending.endpoint_id, expected_ms=pending.expected_ttft_ms - pending.rtt_ms,
                                          observed_ms=outcome.ttft_ms - pending.rtt_ms, slowness=pending.slowness)

@@ -163,6 +163,7 @@ class _Exchange:
     t0: float = 0.0  # when the decision was made: the request can go upstream from then on
     headers: dict[str, str] | None = None
     repeated: set[str] = field(default_factory=set)  # request header names sent more than once
+    served_by: str = ""  # the fallback endpoint that served instead of the route, if Envoy said so
     decision: Decision | None = None
     request: OpenAIRequest | None = None
     http_status: int = 0
@@ -468,7 +469,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                                        max_json_bytes=self.config.max_response_json_bytes)
             served = self._served(req)
             if served and ex.decision is not None and served != ex.decision.route.address:
-                log.info("decision %s served by fallback %s", ex.decision.decision_id, served)
+                ex.served_by = next((r.endpoint_id for r in ex.decision.fallbacks if r.address == served), "")
+                log.info("decision %s served by fallback %s (%s)", ex.decision.decision_id, served,
+                         ex.served_by or "not one of its fallbacks")
         elif which == "response_body":
             body = req.response_body.body
             if body and not ex.t_first_byte:
@@ -529,7 +532,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             ttft_ms=max(0.0, (first - ex.t0) * 1000.0), latency_ms=max(0.0, (now - ex.t0) * 1000.0),
             input_tokens=usage.prompt_tokens if usage else est_in,
             output_tokens=usage.completion_tokens if usage else (ex.usage.content_chunks if ex.usage else 0),
-            error=error)
+            error=error, served_endpoint_id=ex.served_by)
         try:
             result = self.engine.report_outcome(outcome)
             self.stats["outcomes"] += 1

@@ -90,6 +90,7 @@ def validate_outcome(outcome: Outcome) -> None:
         raise InvalidArgument("decision_id", "required")
     _no_nul("decision_id", outcome.decision_id)
     _no_nul("error", outcome.error)
+    _no_nul("served_endpoint_id", outcome.served_endpoint_id)
     for name in ("ttft_ms", "latency_ms"):  # NaN passes "< 0" and would be learnt as the best or worst reward
         v = getattr(outcome, name)
         if not math.isfinite(v) or v < 0:

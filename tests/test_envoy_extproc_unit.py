@@ -217,6 +217,38 @@ def test_a_context_header_sent_twice_is_refused_not_resolved_by_order(servicer: 
     assert ok.ex.decision is not None
 
 
+def test_a_response_served_by_a_fallback_is_not_credited_to_the_route(servicer: ExtProcServicer) -> None:
+    # Envoy walked the route's chain: the route refused, its first fallback answered (envoy.lb says which).
+    from decision.extproc_config import DESTINATION_SERVED_KEY
+
+    learnt: list[float] = []
+    engine = servicer.engine
+    real_learn = engine._learn
+
+    def learn(features: Any, reward: float) -> None:
+        learnt.append(reward)
+        real_learn(features, reward)
+
+    engine._learn = learn  # type: ignore[method-assign]
+    pick = _Stream(_Exchange())
+    servicer.handle(pick, headers_msg({"x-infermesh-tenant": "acme"}))
+    servicer.handle(pick, body_msg(CHAT))
+    d = pick.ex.decision
+    assert d is not None and d.fallbacks
+    obs = _Stream(_Exchange())
+    servicer.handle(obs, headers_msg({"x-infermesh-decision-id": d.decision_id}, observe=True))
+    served = resp_headers(200, "application/json")
+    served.metadata_context.filter_metadata[servicer.config.metadata_namespace].fields[
+        DESTINATION_SERVED_KEY].string_value = d.fallbacks[0].address
+    servicer.handle(obs, served)
+    servicer.handle(obs, resp_body(b'{"usage": {"prompt_tokens": 5, "completion_tokens": 3}}', eos=True))
+    servicer._report(obs.ex, servicer._now())
+    o = engine.outcomes[d.decision_id]  # type: ignore[attr-defined]
+    assert o.served_endpoint_id == d.fallbacks[0].endpoint_id and o.status is OutcomeStatus.OK
+    assert learnt and learnt[-1] < 0  # the route's arm learns that it did not serve
+    assert engine.stats["outcomes_by_fallback"] == 1
+
+
 def test_a_slow_body_upload_is_not_charged_to_the_endpoint(servicer: ExtProcServicer) -> None:
     # Buffered mode decides once the whole body is in: the client's upload time is not the endpoint's TTFT
     # (any client could otherwise make every endpoint look slow to the learner and the ledger).

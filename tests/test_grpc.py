@@ -217,3 +217,20 @@ def test_reflection_lists_services_and_a_decide_works_without_the_proto(server, 
                                response_deserializer=resp_cls.FromString)
     resp = call(req_cls(request_id="dyn", tenant="globex", model_family="qwen"), timeout=5)
     assert resp.route.endpoint_id.endswith(("qwen-2.5-7b", "qwen-2.5-32b"))
+
+
+def test_an_outcome_served_by_a_fallback_teaches_the_route_a_failure(server) -> None:  # type: ignore[no-untyped-def]
+    engine, channel = server
+    stub = pb_grpc.DecisionServiceStub(channel)
+    d = _decide(channel, ttft_target_ms=500)
+    fallback = d.fallbacks[0].endpoint_id
+    ack = stub.ReportOutcome(pb.Outcome(decision_id=d.decision_id, status=pb.OUTCOME_STATUS_OK, ttft_ms=100,
+                                        latency_ms=400, output_tokens=20, served_endpoint_id=fallback))
+    routed = _decide(channel, request_id="r2", ttft_target_ms=500)
+    ok = stub.ReportOutcome(pb.Outcome(decision_id=routed.decision_id, status=pb.OUTCOME_STATUS_OK, ttft_ms=100,
+                                       latency_ms=400, output_tokens=20, served_endpoint_id=routed.route.endpoint_id))
+    assert ack.reward < 0 < ok.reward  # the route served the second one itself: credited as usual
+    assert engine.stats["outcomes_by_fallback"] == 1
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ReportOutcome(pb.Outcome(decision_id="x", status=pb.OUTCOME_STATUS_OK, served_endpoint_id="nowhere"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "served_endpoint_id" in err.value.details()

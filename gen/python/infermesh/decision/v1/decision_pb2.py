@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$infermesh/decision/v1/decision.proto\x12\x15infermesh.decision.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xda\x03\n\rDecideRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x11\n\tuser_tier\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0cmodel_family\x18\x05 \x01(\t\x12\x10\n\x08modality\x18\x06 \x01(\t\x12\x14\n\x0cprompt_class\x18\x07 \x01(\t\x12\x1e\n\x16\x65stimated_input_tokens\x18\x08 \x01(\x03\x12\x1e\n\x16\x65xpected_output_tokens\x18\t \x01(\x03\x12\x1d\n\x15\x61llowed_jurisdictions\x18\n \x03(\t\x12\x12\n\ndata_class\x18\x0b \x01(\t\x12\x15\n\rclient_region\x18\x0c \x01(\t\x12\x12\n\nsession_id\x18\r \x01(\t\x12\x16\n\x0ettft_target_ms\x18\x0e \x01(\x01\x12\x1e\n\x16max_cost_per_1k_tokens\x18\x0f \x01(\x01\x12@\n\x06labels\x18\x10 \x03(\x0b\x32\x30.infermesh.decision.v1.DecideRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8e\x01\n\x05Route\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x10\n\x08gpu_type\x18\x05 \x01(\t\x12\x0f\n\x07site_id\x18\x06 \x01(\t\x12\x0e\n\x06region\x18\x07 \x01(\t\x12\x0c\n\x04tier\x18\x08 \x01(\t\"\xc1\x02\n\x0e\x44\x65\x63ideResponse\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12+\n\x05route\x18\x02 \x01(\x0b\x32\x1c.infermesh.decision.v1.Route\x12/\n\tfallbacks\x18\x03 \x03(\x0b\x32\x1c.infermesh.decision.v1.Route\x12\x12\n\npropensity\x18\x04 \x01(\x01\x12\x17\n\x0fpolicy_revision\x18\x05 \x01(\t\x12\x0f\n\x07learner\x18\x06 \x01(\t\x12\x18\n\x10\x65xpected_ttft_ms\x18\x07 \x01(\x01\x12#\n\x1b\x65xpected_cost_per_1k_tokens\x18\x08 \x01(\x01\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x1a\n\x12inventory_revision\x18\n \x01(\t\x12\x13\n\x0b\x64\x65\x63ision_us\x18\x0b \x01(\x01\"\xb5\x01\n\x07Outcome\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x34\n\x06status\x18\x02 \x01(\x0e\x32$.infermesh.decision.v1.OutcomeStatus\x12\x0f\n\x07ttft_ms\x18\x03 \x01(\x01\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\x03\x12\x15\n\routput_tokens\x18\x06 \x01(\x03\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"f\n\nOutcomeAck\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x13\n\x06reward\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_reward\"%\n\x0e\x45xplainRequest\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\"\xe0\x02\n\x05Trace\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12+\n\x05route\x18\x03 \x01(\x0b\x32\x1c.infermesh.decision.v1.Route\x12\x17\n\x0fpolicy_revision\x18\x04 \x01(\t\x12\x0f\n\x07learner\x18\x05 \x01(\t\x12\x12\n\npropensity\x18\x06 \x01(\x01\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x12\n\ndeny_rules\x18\x08 \x03(\t\x12&\n\x05trace\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x34\n\x07outcome\x18\n \x01(\x0b\x32\x1e.infermesh.decision.v1.OutcomeH\x00\x88\x01\x01\x12\x19\n\x11\x64\x65\x63ided_at_unix_s\x18\x0b \x01(\x01\x12\x13\n\x06reward\x18\x0c \x01(\x01H\x01\x88\x01\x01\x42\n\n\x08_outcomeB\t\n\x07_reward\"q\n\x0fTelemetrySample\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x01\x12\x19\n\x11timestamp_unix_ms\x18\x05 \x01(\x03\"\\\n\nExposition\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x1a\n\x12scraped_at_unix_ms\x18\x04 \x01(\x03\"\x81\x01\n\x0eTelemetryBatch\x12\x37\n\x07samples\x18\x01 \x03(\x0b\x32&.infermesh.decision.v1.TelemetrySample\x12\x36\n\x0b\x65xpositions\x18\x02 \x03(\x0b\x32!.infermesh.decision.v1.Exposition\"9\n\x0cTelemetryAck\x12\x18\n\x10samples_accepted\x18\x01 \x01(\x03\x12\x0f\n\x07\x62\x61tches\x18\x02 \x01(\x03\"\x17\n\x15ReloadPoliciesRequest\"K\n\x16ReloadPoliciesResponse\x12\x10\n\x08reloaded\x18\x01 \x01(\x08\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t*\x9a\x01\n\rOutcomeStatus\x12\x1e\n\x1aOUTCOME_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_STATUS_OK\x10\x01\x12\x18\n\x14OUTCOME_STATUS_ERROR\x10\x02\x12\x1a\n\x16OUTCOME_STATUS_TIMEOUT\x10\x03\x12\x1c\n\x18OUTCOME_STATUS_CANCELLED\x10\x04\x32\xda\x03\n\x0f\x44\x65\x63isionService\x12U\n\x06\x44\x65\x63ide\x12$.infermesh.decision.v1.DecideRequest\x1a%.infermesh.decision.v1.DecideResponse\x12R\n\rReportOutcome\x12\x1e.infermesh.decision.v1.Outcome\x1a!.infermesh.decision.v1.OutcomeAck\x12N\n\x07\x45xplain\x12%.infermesh.decision.v1.ExplainRequest\x1a\x1c.infermesh.decision.v1.Trace\x12]\n\rPushTelemetry\x12%.infermesh.decision.v1.TelemetryBatch\x1a#.infermesh.decision.v1.TelemetryAck(\x01\x12m\n\x0eReloadPolicies\x12,.infermesh.decision.v1.ReloadPoliciesRequest\x1a-.infermesh.decision.v1.ReloadPoliciesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$infermesh/decision/v1/decision.proto\x12\x15infermesh.decision.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xda\x03\n\rDecideRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x11\n\tuser_tier\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0cmodel_family\x18\x05 \x01(\t\x12\x10\n\x08modality\x18\x06 \x01(\t\x12\x14\n\x0cprompt_class\x18\x07 \x01(\t\x12\x1e\n\x16\x65stimated_input_tokens\x18\x08 \x01(\x03\x12\x1e\n\x16\x65xpected_output_tokens\x18\t \x01(\x03\x12\x1d\n\x15\x61llowed_jurisdictions\x18\n \x03(\t\x12\x12\n\ndata_class\x18\x0b \x01(\t\x12\x15\n\rclient_region\x18\x0c \x01(\t\x12\x12\n\nsession_id\x18\r \x01(\t\x12\x16\n\x0ettft_target_ms\x18\x0e \x01(\x01\x12\x1e\n\x16max_cost_per_1k_tokens\x18\x0f \x01(\x01\x12@\n\x06labels\x18\x10 \x03(\x0b\x32\x30.infermesh.decision.v1.DecideRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8e\x01\n\x05Route\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x10\n\x08gpu_type\x18\x05 \x01(\t\x12\x0f\n\x07site_id\x18\x06 \x01(\t\x12\x0e\n\x06region\x18\x07 \x01(\t\x12\x0c\n\x04tier\x18\x08 \x01(\t\"\xc1\x02\n\x0e\x44\x65\x63ideResponse\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12+\n\x05route\x18\x02 \x01(\x0b\x32\x1c.infermesh.decision.v1.Route\x12/\n\tfallbacks\x18\x03 \x03(\x0b\x32\x1c.infermesh.decision.v1.Route\x12\x12\n\npropensity\x18\x04 \x01(\x01\x12\x17\n\x0fpolicy_revision\x18\x05 \x01(\t\x12\x0f\n\x07learner\x18\x06 \x01(\t\x12\x18\n\x10\x65xpected_ttft_ms\x18\x07 \x01(\x01\x12#\n\x1b\x65xpected_cost_per_1k_tokens\x18\x08 \x01(\x01\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x1a\n\x12inventory_revision\x18\n \x01(\t\x12\x13\n\x0b\x64\x65\x63ision_us\x18\x0b \x01(\x01\"\xd1\x01\n\x07Outcome\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x34\n\x06status\x18\x02 \x01(\x0e\x32$.infermesh.decision.v1.OutcomeStatus\x12\x0f\n\x07ttft_ms\x18\x03 \x01(\x01\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\x03\x12\x15\n\routput_tokens\x18\x06 \x01(\x03\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x1a\n\x12served_endpoint_id\x18\x08 \x01(\t\"f\n\nOutcomeAck\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x13\n\x06reward\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_reward\"%\n\x0e\x45xplainRequest\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\"\xe0\x02\n\x05Trace\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12+\n\x05route\x18\x03 \x01(\x0b\x32\x1c.infermesh.decision.v1.Route\x12\x17\n\x0fpolicy_revision\x18\x04 \x01(\t\x12\x0f\n\x07learner\x18\x05 \x01(\t\x12\x12\n\npropensity\x18\x06 \x01(\x01\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x12\n\ndeny_rules\x18\x08 \x03(\t\x12&\n\x05trace\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x34\n\x07outcome\x18\n \x01(\x0b\x32\x1e.infermesh.decision.v1.OutcomeH\x00\x88\x01\x01\x12\x19\n\x11\x64\x65\x63ided_at_unix_s\x18\x0b \x01(\x01\x12\x13\n\x06reward\x18\x0c \x01(\x01H\x01\x88\x01\x01\x42\n\n\x08_outcomeB\t\n\x07_reward\"q\n\x0fTelemetrySample\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x01\x12\x19\n\x11timestamp_unix_ms\x18\x05 \x01(\x03\"\\\n\nExposition\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x1a\n\x12scraped_at_unix_ms\x18\x04 \x01(\x03\"\x81\x01\n\x0eTelemetryBatch\x12\x37\n\x07samples\x18\x01 \x03(\x0b\x32&.infermesh.decision.v1.TelemetrySample\x12\x36\n\x0b\x65xpositions\x18\x02 \x03(\x0b\x32!.infermesh.decision.v1.Exposition\"9\n\x0cTelemetryAck\x12\x18\n\x10samples_accepted\x18\x01 \x01(\x03\x12\x0f\n\x07\x62\x61tches\x18\x02 \x01(\x03\"\x17\n\x15ReloadPoliciesRequest\"K\n\x16ReloadPoliciesResponse\x12\x10\n\x08reloaded\x18\x01 \x01(\x08\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t*\x9a\x01\n\rOutcomeStatus\x12\x1e\n\x1aOUTCOME_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_STATUS_OK\x10\x01\x12\x18\n\x14OUTCOME_STATUS_ERROR\x10\x02\x12\x1a\n\x16OUTCOME_STATUS_TIMEOUT\x10\x03\x12\x1c\n\x18OUTCOME_STATUS_CANCELLED\x10\x04\x32\xda\x03\n\x0f\x44\x65\x63isionService\x12U\n\x06\x44\x65\x63ide\x12$.infermesh.decision.v1.DecideRequest\x1a%.infermesh.decision.v1.DecideResponse\x12R\n\rReportOutcome\x12\x1e.infermesh.decision.v1.Outcome\x1a!.infermesh.decision.v1.OutcomeAck\x12N\n\x07\x45xplain\x12%.infermesh.decision.v1.ExplainRequest\x1a\x1c.infermesh.decision.v1.Trace\x12]\n\rPushTelemetry\x12%.infermesh.decision.v1.TelemetryBatch\x1a#.infermesh.decision.v1.TelemetryAck(\x01\x12m\n\x0eReloadPolicies\x12,.infermesh.decision.v1.ReloadPoliciesRequest\x1a-.infermesh.decision.v1.ReloadPoliciesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DECIDEREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_DECIDEREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_OUTCOMESTATUS']._serialized_start=2224
-  _globals['_OUTCOMESTATUS']._serialized_end=2378
+  _globals['_OUTCOMESTATUS']._serialized_start=2252
+  _globals['_OUTCOMESTATUS']._serialized_end=2406
   _globals['_DECIDEREQUEST']._serialized_start=94
   _globals['_DECIDEREQUEST']._serialized_end=568
   _globals['_DECIDEREQUEST_LABELSENTRY']._serialized_start=523
@@ -45,25 +45,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECIDERESPONSE']._serialized_start=716
   _globals['_DECIDERESPONSE']._serialized_end=1037
   _globals['_OUTCOME']._serialized_start=1040
-  _globals['_OUTCOME']._serialized_end=1221
-  _globals['_OUTCOMEACK']._serialized_start=1223
-  _globals['_OUTCOMEACK']._serialized_end=1325
-  _globals['_EXPLAINREQUEST']._serialized_start=1327
-  _globals['_EXPLAINREQUEST']._serialized_end=1364
-  _globals['_TRACE']._serialized_start=1367
-  _globals['_TRACE']._serialized_end=1719
-  _globals['_TELEMETRYSAMPLE']._serialized_start=1721
-  _globals['_TELEMETRYSAMPLE']._serialized_end=1834
-  _globals['_EXPOSITION']._serialized_start=1836
-  _globals['_EXPOSITION']._serialized_end=1928
-  _globals['_TELEMETRYBATCH']._serialized_start=1931
-  _globals['_TELEMETRYBATCH']._serialized_end=2060
-  _globals['_TELEMETRYACK']._serialized_start=2062
-  _globals['_TELEMETRYACK']._serialized_end=2119
-  _globals['_RELOADPOLICIESREQUEST']._serialized_start=2121
-  _globals['_RELOADPOLICIESREQUEST']._serialized_end=2144
-  _globals['_RELOADPOLICIESRESPONSE']._serialized_start=2146
-  _globals['_RELOADPOLICIESRESPONSE']._serialized_end=2221
-  _globals['_DECISIONSERVICE']._serialized_start=2381
-  _globals['_DECISIONSERVICE']._serialized_end=2855
+  _globals['_OUTCOME']._serialized_end=1249
+  _globals['_OUTCOMEACK']._serialized_start=1251
+  _globals['_OUTCOMEACK']._serialized_end=1353
+  _globals['_EXPLAINREQUEST']._serialized_start=1355
+  _globals['_EXPLAINREQUEST']._serialized_end=1392
+  _globals['_TRACE']._serialized_start=1395
+  _globals['_TRACE']._serialized_end=1747
+  _globals['_TELEMETRYSAMPLE']._serialized_start=1749
+  _globals['_TELEMETRYSAMPLE']._serialized_end=1862
+  _globals['_EXPOSITION']._serialized_start=1864
+  _globals['_EXPOSITION']._serialized_end=1956
+  _globals['_TELEMETRYBATCH']._serialized_start=1959
+  _globals['_TELEMETRYBATCH']._serialized_end=2088
+  _globals['_TELEMETRYACK']._serialized_start=2090
+  _globals['_TELEMETRYACK']._serialized_end=2147
+  _globals['_RELOADPOLICIESREQUEST']._serialized_start=2149
+  _globals['_RELOADPOLICIESREQUEST']._serialized_end=2172
+  _globals['_RELOADPOLICIESRESPONSE']._serialized_start=2174
+  _globals['_RELOADPOLICIESRESPONSE']._serialized_end=2249
+  _globals['_DECISIONSERVICE']._serialized_start=2409
+  _globals['_DECISIONSERVICE']._serialized_end=2883
 # @@protoc_insertion_point(module_scope)

@@ -252,6 +252,7 @@ class Outcome(_message.Message):
     INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    SERVED_ENDPOINT_ID_FIELD_NUMBER: _builtins.int
     decision_id: _builtins.str
     status: Global___OutcomeStatus.ValueType
     ttft_ms: _builtins.float
@@ -259,6 +260,11 @@ class Outcome(_message.Message):
     input_tokens: _builtins.int
     output_tokens: _builtins.int
     error: _builtins.str
+    served_endpoint_id: _builtins.str
+    """The endpoint that served the request when the proxy fell back from the route to one of the
+    fallbacks; empty (or the route's endpoint id) when the route served it. The route's learner arm
+    is then credited with a failure (it did not serve), not with the fallback's result.
+    """
     def __init__(
         self,
         *,
@@ -269,10 +275,11 @@ class Outcome(_message.Message):
         input_tokens: _builtins.int = ...,
         output_tokens: _builtins.int = ...,
         error: _builtins.str = ...,
+        served_endpoint_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_id", b"decision_id", "error", b"error", "input_tokens", b"input_tokens", "latency_ms", b"latency_ms", "output_tokens", b"output_tokens", "status", b"status", "ttft_ms", b"ttft_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_id", b"decision_id", "error", b"error", "input_tokens", b"input_tokens", "latency_ms", b"latency_ms", "output_tokens", b"output_tokens", "served_endpoint_id", b"served_endpoint_id", "status", b"status", "ttft_ms", b"ttft_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
