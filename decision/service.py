@@ -214,6 +214,10 @@ class Service:
             details["telemetry_scrape"] = self.scraper.status()
         if self.policies.health is not None:
             details["policies"] = dict(self.policies.health())
+        quota = _quota_store_problem(self.engine.guard)
+        if quota is not None:  # every Decide is UNAVAILABLE meanwhile: a balancer should look elsewhere
+            details["quota_counters"] = quota
+            details["status"] = "degraded"
         if self.audit.health is not None:
             audit = dict(self.audit.health())
             details["audit"] = audit
@@ -395,3 +399,15 @@ def learner_replica(config: ServiceConfig, settings: Settings) -> str:
     from decision.workers import worker_replica  # workers builds services: imported when used
 
     return worker_replica(config.learner.replica, settings.worker)
+
+
+def _quota_store_problem(guard: Guard) -> str | None:
+    """Why the guard's shared quota counters cannot be read now (None: they can, or it has none)."""
+    counters = getattr(guard, "counters", None)
+    if counters is None or not getattr(guard, "reads_state", False):
+        return None
+    try:
+        counters.read("infermesh-healthz", time.time())
+    except Exception as exc:
+        return f"unreachable: {type(exc).__name__}: {str(exc)[:200]}"
+    return None

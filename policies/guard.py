@@ -210,6 +210,11 @@ class PolicyGuard:
     def revision(self) -> str:
         return self._revision
 
+    @property
+    def reads_state(self) -> bool:
+        """Whether some rule reads pre-fetched state (quota counters): decisions need the counters."""
+        return self._needs_state
+
     # -- I/O happens here and in release, never in evaluate --
     def prefetch(self, ctx: RequestContext) -> Mapping[str, Any]:
         """The quota state the rules read, with this request's share already held (see :mod:`policies.quota`).

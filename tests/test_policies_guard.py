@@ -288,6 +288,14 @@ def test_unreachable_quota_counters_make_the_service_unavailable_not_the_tenant_
     with pytest.raises(Unavailable) as err:
         _engine(demo_fleet, guard).decide(RequestContext("r1", "acme", model="llama-3.1-8b"))
     assert not isinstance(err.value, QuotaExceeded) and guard.prefetch_errors == 1
+    # ...and the health check says so, so a balancer stops sending it requests it cannot decide.
+    from decision.health_guard import BuiltinHealthGuard
+    from decision.service import _quota_store_problem
+
+    problem = _quota_store_problem(guard)
+    assert problem is not None and problem.startswith("unreachable: ")
+    assert _quota_store_problem(PolicyGuard(compile_bundle(DEFAULT_BUNDLE))) is None  # in-process counters
+    assert _quota_store_problem(BuiltinHealthGuard()) is None
 
 
 def test_in_memory_counters_drop_ended_windows_once_per_window_not_per_request() -> None:
