@@ -155,11 +155,20 @@ def _cross_check(spec: FleetSpec, doc: LocatedYaml) -> list[InventoryIssue]:
     for i, n in enumerate(spec.nodes):
         if n.site not in site_ids:
             issue(("nodes", i, "site"), f"unknown site {n.site!r}")
+    pairs: dict[frozenset[str], int] = {}
     for i, link in enumerate(spec.links):
         for end in ("a", "b"):
             ref = getattr(link, end)
             if ref not in site_ids and ref not in regions:
                 issue(("links", i, end), f"{ref!r} is neither a site id nor a region")
+        pair = frozenset((link.a, link.b))
+        if link.a == link.b:
+            issue(("links", i, "b"), f"a link from {link.a!r} to itself")
+        elif pair in pairs:  # the engine would use whichever came last, silently
+            issue(("links", i, "b"), f"a second link between {link.a!r} and {link.b!r} (first: links[{pairs[pair]}])")
+        pairs.setdefault(pair, i)
+    if not spec.deployments:
+        issue(("deployments",), "no deployments: nothing could ever be routed")
     addresses: dict[str, int] = {}
     for i, d in enumerate(spec.deployments):
         if d.node not in node_ids:

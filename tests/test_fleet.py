@@ -141,3 +141,24 @@ def test_an_address_port_outside_the_tcp_range_is_refused(tmp_path: Path) -> Non
     [issue] = err.value.issues
     assert _plain(issue.field) == "deployments[0].address" and "port 99999 is outside 1-65535" in issue.message
     assert issue.line == text[:first.start()].count("\n") + 1
+
+
+def test_conflicting_or_self_links_and_an_empty_inventory_are_refused(tmp_path: Path) -> None:
+    import yaml
+
+    text = (Path(__file__).parent.parent / "deploy/demo/fleet.yaml").read_text()
+    doc = yaml.safe_load(text)
+    a, b = doc["links"][0]["a"], doc["links"][0]["b"]
+    doc["links"] += [{**doc["links"][0], "rtt_ms": 900.0}, {**doc["links"][0], "a": b, "b": b}]
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(InventoryError) as exc:
+        load_fleet(path)
+    message = str(exc.value)
+    assert f"a second link between {a!r} and {b!r} (first: links[0])" in message
+    assert f"a link from {b!r} to itself" in message
+    doc = yaml.safe_load(text)
+    doc["deployments"] = []
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(InventoryError, match="no deployments: nothing could ever be routed"):
+        load_fleet(path)
