@@ -76,8 +76,8 @@ def make_learner(name: str, n_features: int, **params: Any) -> Learner:
                              f"accepted: {', '.join(sorted(accepted))}")
         for key, value in params.items():  # a string where a number goes fails later, and obscurely
             default = signature[key].default
-            if isinstance(default, int | float) and not isinstance(default, bool) and (
-                    not isinstance(value, int | float) or isinstance(value, bool)):
+            if isinstance(default, int | float) and not isinstance(default, bool) and value is not None and (
+                    not isinstance(value, int | float) or isinstance(value, bool)):  # None: "off" where taken
                 raise ValueError(f"learner {name}: {key} must be a number, got {value!r}")
     bad = sorted(k for k, v in params.items() if isinstance(v, float) and not math.isfinite(v))
     if bad:  # a NaN alpha or temperature passes every range check written as a comparison
