@@ -95,6 +95,11 @@ class LoopServer:
 
         self.port = self._loop.call(start())
 
+    def set_serving(self, service: str, serving: bool) -> None:
+        """Report ``service`` SERVING or NOT_SERVING to health checks (from any thread)."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        self._loop.call(self.health.set(service, status))
+
     def stop(self, grace_s: float = 1.0) -> None:
         """Report NOT_SERVING, let calls in flight finish within ``grace_s``, stop the loop."""
         async def _stop() -> None:

@@ -7,6 +7,7 @@ metrics); ``Service.start_grpc`` / ``start_http`` put the front ends on top.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import threading
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from fastapi import APIRouter
+from grpc_health.v1 import health_pb2
 
 from decision import heap
 from decision.config import ServiceConfig, Settings
@@ -27,7 +29,7 @@ from decision.domain import Endpoint
 from decision.edge import EdgeInterceptor, RequestLimits
 from decision.engine import DecisionEngine
 from decision.fleet import Fleet, load_fleet
-from decision.grpc_server import DecisionServicer, build_server
+from decision.grpc_server import SERVICE_NAME, DecisionServicer, build_server
 from decision.health_guard import BuiltinHealthGuard
 from decision.http import HttpServer, create_app
 from decision.metrics import ServiceMetrics
@@ -179,6 +181,8 @@ class Service:
         self.extproc: RunningExtProc | None = None  # when config.extproc.enabled
         self.http: HttpServer | None = None
         self._expiry_stop = threading.Event()
+        self._set_serving: Callable[[bool], None] | None = None  # DecisionService's gRPC health, once serving
+        self._serving = True
         self._expiry = threading.Thread(target=self._expire_loop, name="outcome-expiry", daemon=True)
         heap.settle()  # fleet, policies, learners: alive for good, out of the collector's way
 
@@ -226,9 +230,25 @@ class Service:
         return details
 
     def _expire_loop(self) -> None:
+        ticks = 0
         while not self._expiry_stop.wait(1.0):
             if self.engine is not None:
                 self.engine.expire_outcomes()
+                ticks += 1
+                if ticks % 5 == 0:
+                    self.watch_quota_store()
+
+    def watch_quota_store(self) -> None:
+        """gRPC health says NOT_SERVING for DecisionService while the shared quota counters cannot be
+        read (every Decide is UNAVAILABLE meanwhile), and SERVING again once they can."""
+        if self.engine is None or self._set_serving is None:
+            return
+        serving = _quota_store_problem(self.engine.guard) is None
+        if serving != self._serving:
+            self._set_serving(serving)
+            self._serving = serving
+            log.log(logging.INFO if serving else logging.WARNING, "DecisionService health: %s (quota counters %s)",
+                    "SERVING" if serving else "NOT_SERVING", "reachable" if serving else "unreachable")
 
     def start_grpc(self, port: int | None = None, *, reuse_port: bool = False) -> int:
         assert self.engine is not None
@@ -245,12 +265,18 @@ class Service:
                                                  reuse_port=reuse_port, credentials=self._server_credentials(),
                                                  edge=edge)
             self.grpc_port = self.grpc_server.port
+            self._set_serving = functools.partial(self.grpc_server.set_serving, SERVICE_NAME)
         else:
-            server, self.grpc_port, _ = build_server(
+            server, self.grpc_port, health_servicer = build_server(
                 servicer, address=address, threads=srv.threads, max_message_bytes=srv.max_message_bytes,
                 reuse_port=reuse_port, credentials=self._server_credentials(), interceptors=[edge])
             server.start()
             self.grpc_server = server
+
+            def set_serving(serving: bool) -> None:
+                health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING if serving
+                                    else health_pb2.HealthCheckResponse.NOT_SERVING)
+            self._set_serving = set_serving
         self.scraper.start()
         if self.learner_sync is not None:
             self.learner_sync.start(self.config.learner.sync_interval_s, self.config.learner.snapshot_every_s)
