@@ -34,7 +34,7 @@ import numpy as np
 from decision.contracts import Learner
 from decision.trace_format import trace_arms
 from learners._linear import FloatArray, LinearLearner
-from learners.store import LearnerStore
+from learners.store import LearnerStore, feature_names_of
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +170,16 @@ class LearnerSync:
         # The audit log names the learner as name@version (without the layout fingerprint).
         n = 0
         label = f"{self.learner.name}@{self.learner.version}"
+        names = tuple(self.feature_names)
+        foreign = 0
         for rec in self.store.outcomes_after(learner=label, after=after):
+            if rec.reward is None:
+                continue
+            if feature_names_of(rec.trace) != names:  # another feature layout: its columns are not these
+                foreign += 1
+                continue
             arms = trace_arms(rec.trace, self.feature_names)
-            if arms.chosen < 0 or rec.reward is None:
+            if arms.chosen < 0:
                 continue
             try:
                 self.learner.update(tuple(arms.features[arms.chosen].tolist()), rec.reward)
@@ -180,6 +187,8 @@ class LearnerSync:
                 log.exception("replay: outcome of %s skipped", rec.decision_id)
                 continue
             n += 1
+        if foreign:
+            log.info("replay: %d outcomes of decisions made with another feature layout left out", foreign)
         return n
 
     def snapshot(self) -> int:

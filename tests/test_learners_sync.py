@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import psycopg
 
 from decision.domain import Outcome, OutcomeStatus, RequestContext
 from decision.engine import DecisionEngine
@@ -150,5 +151,29 @@ def test_state_of_another_feature_layout_is_never_loaded(fresh_pg_url: str) -> N
         again = LinUCB(2, seed=1)
         assert LearnerSync(again, store, ("bias", "x")).restore().snapshot_id is not None
         assert again.n_updates == 1
+    finally:
+        store.close()
+
+
+def test_outcomes_of_another_feature_layout_are_not_replayed(fresh_pg_url: str) -> None:
+    """A new layout starts from its prior: the old traces' features, read by name with zeros for the
+    columns they lack, would fit the new model on vectors that are mostly zeros."""
+    from decision.scoring import BasicFeatures
+
+    migrate(fresh_pg_url)
+    eng, rng = _engine(LinUCB(len(FEATURE_NAMES), seed=3), 3)
+    with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
+        for i in range(20):
+            d = eng.decide(RequestContext(f"r{i}", "t", model="llama-3.1-8b", client_region="eu-west"))
+            res = eng.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=float(rng.uniform(50, 900))))
+            insert_decision(conn, decision_id=d.decision_id, decided_at=1000.0 + i, learner="linucb@1",
+                            propensity=d.propensity, trace=dict(d.trace))
+            insert_outcome(conn, decision_id=d.decision_id, reward=res.reward, reported_at=1001.0 + i)
+    store = LearnerStore(fresh_pg_url)
+    try:
+        other = LinUCB(len(BasicFeatures.names), seed=1)
+        assert LearnerSync(other, store, BasicFeatures.names).restore().replayed == 0 and other.n_updates == 0
+        same = LinUCB(len(FEATURE_NAMES), seed=1)
+        assert LearnerSync(same, store, FEATURE_NAMES).restore().replayed == 20
     finally:
         store.close()
