@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,14 @@ from policies.cel_engine import CelCompileError, CelProgram, compile_cel
 from policies.errors import BundleError, PolicyIssue, read_source
 from policies.manifest import ManifestSpec, RuleSpec, bundle_files, bundle_revision, load_manifest
 from policies.rego_calls import undefined_calls
-from policies.rego_engine import RegoCompileError, RegoProgram, builtin_checker, compile_rego, new_interpreter
+from policies.rego_engine import (
+    RegoCompileError,
+    RegoProgram,
+    builtin_checker,
+    compile_rego,
+    is_test_module,
+    new_interpreter,
+)
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent / "bundles" / "default"
 
@@ -25,24 +33,27 @@ class CompiledRule:
 
 @dataclass(frozen=True)
 class CompiledBundle:
-    """A bundle that compiled: its manifest, revision and rules, in manifest order."""
+    """A bundle that compiled: its manifest, revision and rules, in manifest order, and its Rego
+    modules (test modules too) as :func:`rego_modules` read them."""
 
     directory: Path
     revision: str
     spec: ManifestSpec
     rules: tuple[CompiledRule, ...]
+    modules: Mapping[str, tuple[str, str]]
 
     @property
     def params(self) -> dict[str, Any]:
         return dict(self.spec.params)
 
 
-def rego_modules(directory: Path, *, tests: bool) -> dict[str, tuple[str, str]]:
-    """Module name (bundle-relative path) -> (path to report, source) of the bundle's Rego files."""
+def rego_modules(directory: Path) -> dict[str, tuple[str, str]]:
+    """Module name (bundle-relative path) -> (path to report, source) of the bundle's Rego files,
+    test modules included."""
     out: dict[str, tuple[str, str]] = {}
     issues: list[PolicyIssue] = []
     for p in bundle_files(directory):  # the files the revision hashes: a hidden module must not run unnamed
-        if p.suffix != ".rego" or (p.name.endswith("_test.rego") and not tests):
+        if p.suffix != ".rego":
             continue
         try:
             out[p.relative_to(directory).as_posix()] = (str(p), read_source(p))
@@ -67,11 +78,11 @@ def compile_bundle(directory: str | Path) -> CompiledBundle:
     spec, _ = load_manifest(root)
     issues: list[PolicyIssue] = []
     try:
-        test_modules = rego_modules(root, tests=True)
+        test_modules = rego_modules(root)
     except BundleError as exc:  # unreadable modules: reported with whatever else is wrong
         issues.extend(exc.issues)
         test_modules = {}
-    modules = {k: v for k, v in test_modules.items() if not k.endswith("_test.rego")}
+    modules = {k: v for k, v in test_modules.items() if not is_test_module(k)}
     rules: list[CompiledRule] = []
     for rule in spec.rules:
         path = root / rule.file
@@ -103,4 +114,4 @@ def compile_bundle(directory: str | Path) -> CompiledBundle:
         issues.extend(undefined_calls(test_modules, builtin_checker()))
     if issues:
         raise BundleError(sorted(set(issues), key=lambda i: (i.path, i.line, i.column)))
-    return CompiledBundle(root, revision, spec, tuple(rules))
+    return CompiledBundle(root, revision, spec, tuple(rules), test_modules)

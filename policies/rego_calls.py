@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Mapping
 
 from policies.errors import PolicyIssue
-from policies.rego_engine import package_of
+from policies.rego_engine import is_test_module, package_of
 
 _KEYWORDS = frozenset({"if", "else", "not", "some", "every", "in", "contains", "default", "package", "import",
                        "with", "as", "true", "false", "null"})
@@ -39,10 +39,6 @@ def _bound_names(code: str) -> set[str]:
     for m in _IMPORT.finditer(code):
         names.add(m.group(2) or m.group(1).rsplit(".", 1)[-1])
     return names
-
-
-def _is_test(module: str) -> bool:
-    return module.endswith("_test.rego")
 
 
 def undefined_calls(modules: Mapping[str, tuple[str, str]], is_builtin: Callable[[str], bool]) -> list[PolicyIssue]:
@@ -69,13 +65,13 @@ def undefined_calls(modules: Mapping[str, tuple[str, str]], is_builtin: Callable
     # Rules never load test modules: a function defined only in a *_test.rego is not there when a rule runs.
     defined: dict[bool, dict[str, set[str]]] = {False: {}, True: {}}
     for name, text in code.items():
-        for in_tests in {True, _is_test(name)}:
+        for in_tests in {True, is_test_module(name)}:
             defined[in_tests].setdefault(package_of(text), set()).update(_HEAD.findall(text))
     issues: list[PolicyIssue] = []
     for name, text in code.items():
         package = package_of(text)
         bound = _bound_names(text)
-        known = defined[_is_test(name)].get(package, set())
+        known = defined[is_test_module(name)].get(package, set())
         for m in _CALL.finditer(text):
             called = m.group(1)
             first = called.split(".", 1)[0]

@@ -94,6 +94,15 @@ def package_of(source: str) -> str:
     return m.group(1) if m else ""
 
 
+def is_test_module(name: str) -> bool:
+    """Whether a bundle's Rego module (by file name) holds tests, which rules never load.
+
+    >>> is_test_module("residency_test.rego"), is_test_module("residency.rego")
+    (True, False)
+    """
+    return name.endswith("_test.rego")
+
+
 def rego_test_names(source: str) -> list[str]:
     """Names of the ``test_*`` rules of a test module, in file order, each once."""
     return list(dict.fromkeys(_TEST_RE.findall(source)))

@@ -23,10 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from decision.yaml_lines import YamlSyntaxError, load_located_file
-from policies.bundle import CompiledBundle, CompiledRule, compile_bundle, rego_modules
+from policies.bundle import CompiledBundle, CompiledRule, compile_bundle
 from policies.cel_engine import CelProgram
 from policies.errors import BundleError
-from policies.rego_engine import RegoCompileError, new_interpreter, package_of, rego_test_names, run_query
+from policies.rego_engine import (
+    RegoCompileError,
+    is_test_module,
+    new_interpreter,
+    package_of,
+    rego_test_names,
+    run_query,
+)
 
 # Told (test name, file:line) before a test runs; the test runs only if it returns True.
 Started = Callable[[str, str], bool]
@@ -124,7 +131,7 @@ def _case_table(bundle: CompiledBundle, rule: CompiledRule, path: Path, started:
 
 
 def _rego_tests(bundle: CompiledBundle, path: Path, started: Started) -> Iterator[TestOutcome]:
-    every = rego_modules(bundle.directory, tests=True)
+    every = bundle.modules
     own = posixpath.normpath(path.relative_to(bundle.directory).as_posix())
     if own not in every:
         yield TestOutcome(f"{path.name}", False, f"{path}:1", "not a Rego module of the bundle (a hidden folder?)")
@@ -134,7 +141,7 @@ def _rego_tests(bundle: CompiledBundle, path: Path, started: Started) -> Iterato
     # The rules' modules, this test module and its package's other test modules: a test module that
     # breaks the engine then fails its own tests, not every test module's.
     modules = {k: v for k, v in every.items()
-               if not k.endswith("_test.rego") or k == own or package_of(v[1]) == package}
+               if not is_test_module(k) or k == own or package_of(v[1]) == package}
     try:
         interp = new_interpreter(modules, bundle.params)
     except RegoCompileError as exc:
@@ -187,7 +194,7 @@ def iter_bundle_tests(directory: str | Path, started: Started = _run_all) -> Ite
     for rule in bundle.rules:
         for t in rule.spec.tests:
             path = bundle.directory / t
-            if path.name.endswith("_test.rego"):
+            if is_test_module(path.name):
                 yield from _rego_tests(bundle, path, started)
             elif path.suffix in (".yaml", ".yml"):
                 yield from _case_table(bundle, rule, path, started)
