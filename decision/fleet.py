@@ -313,7 +313,7 @@ def load_fleet(path: str | Path) -> Fleet:
     try:
         doc = load_located_file(path)
     except YamlSyntaxError as exc:
-        raise InventoryError([InventoryIssue(exc.path, exc.line, "(syntax)", str(exc).split(": ", 1)[1])]) \
+        raise InventoryError([InventoryIssue(exc.path, exc.line, "(syntax)", exc.message)]) \
             from None
     return Fleet.from_spec(parse_fleet(doc))
 
@@ -322,7 +322,7 @@ def load_fleet_text(text: str, path: str = "<string>") -> Fleet:
     try:
         doc = load_located(text, path)
     except YamlSyntaxError as exc:
-        raise InventoryError([InventoryIssue(exc.path, exc.line, "(syntax)", str(exc).split(": ", 1)[1])]) \
+        raise InventoryError([InventoryIssue(exc.path, exc.line, "(syntax)", exc.message)]) \
             from None
     return Fleet.from_spec(parse_fleet(doc))
 

@@ -37,7 +37,7 @@ class LocatedYaml:
 class YamlSyntaxError(ValueError):
     def __init__(self, path: str, line: int, column: int, message: str) -> None:
         super().__init__(f"{path}:{line}:{column}: {message}")
-        self.path, self.line, self.column = path, line, column
+        self.path, self.line, self.column, self.message = path, line, column, message
 
 
 def field_path(loc: Sequence[str | int], data: Any) -> str:
@@ -158,14 +158,19 @@ def load_located(text: str, path: str = "<string>") -> LocatedYaml:
     return LocatedYaml(walk.walk(root, ()), walk.lines, path)
 
 
+def read_utf8(path: Path) -> str:
+    """A file's text; one that cannot be read (missing, a folder, not UTF-8) raises
+    :class:`YamlSyntaxError` naming the line of the first bad byte (any text file, not only YAML)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise YamlSyntaxError(str(path), line, 1, f"not UTF-8 text (byte {exc.object[exc.start]:#04x})") from None
+    except OSError as exc:
+        raise YamlSyntaxError(str(path), 1, 1, f"cannot read: {exc.strerror or exc}") from None
+
+
 def load_located_file(path: str | Path) -> LocatedYaml:
     """As :func:`load_located`; a file that cannot be read (missing, a folder, not UTF-8) is a located error too."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        line = exc.object[:exc.start].count(b"\n") + 1
-        raise YamlSyntaxError(str(p), line, 1, f"not UTF-8 text (byte {exc.object[exc.start]:#04x})") from None
-    except OSError as exc:
-        raise YamlSyntaxError(str(p), 1, 1, f"cannot read: {exc.strerror or exc}") from None
-    return load_located(text, str(p))
+    return load_located(read_utf8(p), str(p))

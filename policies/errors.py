@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from decision.yaml_lines import YamlSyntaxError, read_utf8
+
 
 @dataclass(frozen=True, slots=True)
 class PolicyIssue:
@@ -35,13 +37,9 @@ class BundleError(ValueError):
 def read_source(path: Path) -> str:
     """A rule or test file's text; one that is not UTF-8 or cannot be read is a located :class:`BundleError`."""
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        line = exc.object[:exc.start].count(b"\n") + 1
-        raise BundleError([PolicyIssue(str(path), line, 1, f"not UTF-8 text (byte {exc.object[exc.start]:#04x})")]) \
-            from None
-    except OSError as exc:
-        raise BundleError([PolicyIssue(str(path), 1, 1, f"cannot read: {exc.strerror or exc}")]) from None
+        return read_utf8(path)
+    except YamlSyntaxError as exc:  # the reader's located error, whatever the file's format
+        raise BundleError([PolicyIssue(exc.path, exc.line, exc.column, exc.message)]) from None
 
 
 def line_col_of_offset(source: bytes, offset: int) -> tuple[int, int]:

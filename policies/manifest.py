@@ -155,7 +155,7 @@ def load_manifest(directory: str | Path) -> tuple[ManifestSpec, LocatedYaml]:
     try:
         doc = load_located_file(path)
     except YamlSyntaxError as exc:
-        raise BundleError([PolicyIssue(exc.path, exc.line, exc.column, str(exc).split(": ", 1)[1])]) from None
+        raise BundleError([PolicyIssue(exc.path, exc.line, exc.column, exc.message)]) from None
     if not isinstance(doc.data, dict):
         raise BundleError([PolicyIssue(str(path), 1, 1, "expected a mapping at the top level")])
     try:
