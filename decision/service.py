@@ -400,7 +400,7 @@ def _check_scrape_targets(config: ServiceConfig, fleet: Fleet) -> None:
             with config.located("telemetry", "scrape", i, "endpoint_id"):
                 raise ValueError(f"no endpoint {t.endpoint_id!r} in the fleet")
         node = fleet.by_id[t.endpoint_id].node_id if t.endpoint_id else ""
-        if t.node_id and t.node_id not in {e.node_id for e in fleet.endpoints}:
+        if t.node_id and t.node_id not in fleet.node_ids:
             with config.located("telemetry", "scrape", i, "node_id"):
                 raise ValueError(f"no node {t.node_id!r} with a deployment in the fleet")
         if t.node_id and node and t.node_id != node:

@@ -237,11 +237,13 @@ def _combine(values: Sequence[float], how: str) -> float:
     return float(sum(values) / len(values))
 
 
-def canonicalize(samples: Iterable[Sample]) -> tuple[dict[str, float], dict[str, float]]:
+def canonicalize(samples: Iterable[Sample], counters: Mapping[str, tuple[float, float]] | None = None
+                 ) -> tuple[dict[str, float], dict[str, float]]:
     """Reduce exporter samples to (node-level, endpoint-level) canonical values.
 
     Histograms and counters that only make sense as ratios (vLLM TTFT, Triton queue time) are
-    turned into means: ``sum / count`` over all series (lifetime means: see :func:`cumulative_means`).
+    turned into means: ``sum / count`` over all series (lifetime means: see :func:`cumulative_means`;
+    ``counters`` is its result when the caller has it already).
     """
     node: dict[str, list[float]] = {}
     endpoint: dict[str, list[float]] = {}
@@ -260,7 +262,7 @@ def canonicalize(samples: Iterable[Sample]) -> tuple[dict[str, float], dict[str,
             ep_how[canon] = how
     node_out = {k: _combine(v, node_how[k]) for k, v in node.items()}
     ep_out = {k: _combine(v, ep_how[k]) for k, v in endpoint.items()}
-    for canon, (total, count) in cumulative_means(samples).items():
+    for canon, (total, count) in (cumulative_means(samples) if counters is None else counters).items():
         if count > 0:
             ep_out[canon] = total / count
     return node_out, ep_out
@@ -281,7 +283,7 @@ def cumulative_means(samples: Iterable[Sample]) -> dict[str, tuple[float, float]
     seen_ttft = False
     for s in samples:
         if s.name in ("vllm:time_to_first_token_seconds_sum", "vllm:time_to_first_token_seconds_count") \
-                and 0.0 <= s.value < _INF:
+                and usable_value(s.value):
             seen_ttft = True
             if s.name.endswith("_sum"):
                 ttft_sum += s.value
@@ -697,9 +699,10 @@ class TelemetryStore:
             source = node_id or endpoint_id or "?"
             self._warn.warning(("samples", source), "telemetry from %s: dropped %d unusable sample(s), e.g. %s = %r "
                           "(%s)", source, len(bad), bad[0].name, bad[0].value, value_rule(bad[0].name))
-        node_vals, ep_vals = canonicalize(samples)
+        counters = cumulative_means(samples)
+        node_vals, ep_vals = canonicalize(samples, counters)
         if endpoint_id:
-            self._interval_means(endpoint_id, samples, ep_vals)
+            self._interval_means(endpoint_id, counters, ep_vals)
         lines = line_stamps(samples)
         base = (self.now() if ts is None else ts) if lines else ts
         if node_vals:
@@ -710,12 +713,12 @@ class TelemetryStore:
         if ep_vals and endpoint_id:
             for stamp, vals in _by_stamp(ep_vals, lines, base):
                 self.update_endpoint(endpoint_id, vals, stamp)
-        return sum(1 for s in samples if s.name in KEPT_EXPORTER_METRICS and 0.0 <= s.value < _INF)
+        return sum(1 for s in samples if s.name in KEPT_EXPORTER_METRICS and usable_for(s.name, s.value))
 
-    def _interval_means(self, endpoint_id: str, samples: Sequence[Sample], ep_vals: dict[str, float]) -> None:
+    def _interval_means(self, endpoint_id: str, counters: Mapping[str, tuple[float, float]],
+                        ep_vals: dict[str, float]) -> None:
         """Replace lifetime means in ``ep_vals`` by means over the interval since this endpoint's
-        previous counters (a mean with no request in between is left out: the last one ages)."""
-        counters = cumulative_means(samples)
+        previous ``counters`` (a mean with no request in between is left out: the last one ages)."""
         if not counters:
             return
         with self._lock:
