@@ -327,16 +327,18 @@ class AuditWriter(AtBoundCounts):
         return self._conn
 
     def _unexpired(self, conn: psycopg.Connection[Any], drows: list[list[Any]], orows: list[list[Any]]
-                   ) -> tuple[list[list[Any]], list[list[Any]], int]:
-        """``drows`` and ``orows`` without the rows of days retention has dropped, and how many those were.
+                   ) -> tuple[list[list[Any]], list[list[Any]], int, set[dt.date]]:
+        """``drows`` and ``orows`` without the rows of days retention has dropped, how many those were,
+        and the days the kept decisions need that are not known to exist.
 
-        The cutoff is read again whenever a batch needs a day not known to exist: a day retention
-        dropped while this writer ran must not be recreated by a late replay (half a day's chain).
+        The cutoff is read again whenever a batch needs such a day: a day retention dropped while
+        this writer ran must not be recreated by a late replay (half a day's chain).
         """
-        if drows and {day_of_us(r[1]) for r in drows} - self._days_ready:
+        new_days = {day_of_us(r[1]) for r in drows} - self._days_ready
+        if new_days:
             self._cutoff = partitions.retired_before(conn)
         if self._cutoff is None:
-            return drows, orows, 0
+            return drows, orows, 0, new_days
         limit = to_us(dt.datetime.combine(self._cutoff, dt.time(), tzinfo=dt.UTC))
         keep_d = [r for r in drows if r[1] >= limit] if drows and min(r[1] for r in drows) < limit else drows
         keep_o = [r for r in orows if r[8] >= limit] if orows and min(r[8] for r in orows) < limit else orows
@@ -344,15 +346,15 @@ class AuditWriter(AtBoundCounts):
         if expired:
             log.warning("audit: %d rows from before retention's cutoff %s were not written (their days were "
                         "dropped)", expired, self._cutoff)
-        return keep_d, keep_o, expired
+        return keep_d, keep_o, expired, {d for d in new_days if d >= self._cutoff}
 
-    def _ensure_days(self, conn: psycopg.Connection[Any], drows: list[list[Any]]) -> set[dt.date]:
-        """Create the partitions ``drows`` need that are not known to exist; returns their days.
+    @staticmethod
+    def _ensure_days(conn: psycopg.Connection[Any], days: set[dt.date]) -> set[dt.date]:
+        """Create the partitions of ``days`` (not known to exist); returns them.
 
         The caller marks them ready only once its transaction commits: a partition created in a
         transaction that rolls back is gone, and a day cached anyway would fail every later row.
         """
-        days = {day_of_us(r[1]) for r in drows} - self._days_ready
         for day in days:
             partitions.ensure_partition(conn, day=day)
         return days
@@ -373,8 +375,8 @@ class AuditWriter(AtBoundCounts):
         conn = self._connection()
         try:
             with conn.transaction():
-                drows, orows, expired = self._unexpired(conn, drows, orows)
-                new_days = self._ensure_days(conn, drows)
+                drows, orows, expired, needed = self._unexpired(conn, drows, orows)
+                new_days = self._ensure_days(conn, needed)
                 inserted = d_dups = 0
                 if drows and not staged:
                     self._copy(conn, "decision_events", _DCOLS, DECISION_TYPES, drows, 1)
