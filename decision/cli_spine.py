@@ -145,7 +145,7 @@ def cmd_fleet_check(args: argparse.Namespace) -> int:
 
 def cmd_decide(args: argparse.Namespace) -> int:
     from decision.convert import decision_to_json, request_from_json
-    from decision.errors import DecisionError, NotFound
+    from decision.errors import DecisionError
 
     cfg, settings = _load(args.config)
     try:
@@ -158,8 +158,8 @@ def cmd_decide(args: argparse.Namespace) -> int:
     try:
         decision = service.engine.decide(request_from_json(data))
     except DecisionError as exc:
-        # An unknown model or family is the request's own field too (NotFound names what it looked up).
-        field = getattr(exc, "field", None) or (exc.field if isinstance(exc, NotFound) else None)
+        # InvalidArgument and NotFound name the request field (an unknown model or family is one too).
+        field = getattr(exc, "field", None)
         line = _key_line(raw, field) if isinstance(field, str) else None
         if line is not None:  # where to look, as an editor wants it
             print(f"{args.request}:{line}: {exc}", file=sys.stderr)
