@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--drain", type=float, help="seconds to let in-flight requests finish after arrivals stop")
     p.add_argument("--decision-time", default="measured",
                    help="'measured' (wall-clock decision time is added to TTFT) or fixed microseconds")
+    p.add_argument("--throughput-error", type=float, metavar="SIGMA",
+                   help="every endpoint's real throughput is the inventory's x exp(N(0, SIGMA)), hidden from "
+                        "every strategy (default: the scenario's degradations.throughput_error, else 0)")
     p.add_argument("--out", default="sim-out", help="output directory (default: sim-out)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--jobs", type=int, default=1,
@@ -59,7 +62,8 @@ def _prepare(args: argparse.Namespace) -> tuple[Scenario, list[str], runner.Opti
             names.append("vw_peer")
     registry.check(names)
     opts = runner.Options(duration_s=args.duration, trace=args.trace, rate_scale=args.rate_scale, seed=args.seed,
-                          nodes=args.nodes, decision_time=args.decision_time, drain_s=args.drain, jobs=args.jobs)
+                          nodes=args.nodes, decision_time=args.decision_time, drain_s=args.drain, jobs=args.jobs,
+                          throughput_error=args.throughput_error)
     runner.check_options(opts)
     if args.trace is not None:
         trace = Path(args.trace)

@@ -49,7 +49,7 @@ KV_TOO_BIG = "exceeds KV capacity"  # drop reason: prompt + completion larger th
 
 @dataclass(frozen=True, slots=True)
 class Degradation:
-    """A hidden slow-down of one endpoint from ``start`` on (``thermal`` shows a warm GPU)."""
+    """A hidden change (``factor`` x throughput) of one endpoint from ``start`` on (``thermal`` shows a warm GPU)."""
 
     endpoint: int
     start: float
@@ -369,24 +369,29 @@ class Simulation:
     def _on_degrade(self, d: Degradation) -> None:
         nd = self.nodes[d.endpoint]
         nd.advance(self.now)
-        nd.slow = d.factor
+        nd.slow *= d.factor  # on top of any hidden throughput error the endpoint started with
         if d.thermal:
             self.tele.thermal[d.endpoint] = True
         self._reschedule(d.endpoint, nd)
 
 
 def pick_degradations(world: World, fraction: float, duration: float, seed: int,
-                      slow_site_factor: float = 0.4, thermal_factor: float = 0.5) -> list[Degradation]:
+                      slow_site_factor: float = 0.4, thermal_factor: float = 0.5,
+                      throughput_error: float = 0.0) -> list[Degradation]:
     """``fraction`` of endpoints degrade at a random time in the run's first half.
 
     Half of the budget is one whole slow site (telemetry shows nothing); the rest are single
     GPUs throttling (telemetry shows a warm, but not alarming, temperature).
+
+    ``throughput_error`` > 0 also makes every endpoint's real throughput differ from the
+    inventory's nominal figure from the start, by a hidden factor ``exp(N(0, sigma))``: the
+    datasheet numbers the scorer ranks by are then wrong, as they are on a real fleet.
     """
+    out = throughput_errors(world.n, throughput_error, seed)
     if fraction <= 0:
-        return []
+        return out
     rng = np.random.default_rng(seed + 11)
     budget = round(fraction * world.n)
-    out: list[Degradation] = []
     sites = np.unique(world.node_site)
     site_sizes = {int(s): int((world.node_site == s).sum()) for s in sites}
     fitting = [s for s, k in site_sizes.items() if k <= budget // 2]
@@ -401,3 +406,15 @@ def pick_degradations(world: World, fraction: float, duration: float, seed: int,
     for i in rng.choice(rest, size=max(0, budget - len(taken)), replace=False).tolist():
         out.append(Degradation(int(i), float(rng.uniform(0.0, duration / 2)), thermal_factor, True))
     return out
+
+
+def throughput_errors(n: int, sigma: float, seed: int) -> list[Degradation]:
+    """A hidden throughput factor ``exp(N(0, sigma))`` per endpoint, in force from the start.
+
+    Its own random stream, so the degradations picked with it are those picked without it.
+    """
+    if sigma <= 0.0:
+        return []
+    factors = np.exp(np.random.default_rng(seed + 13).normal(0.0, sigma, n))
+    return [Degradation(i, 0.0, float(f), False) for i, f in enumerate(factors.tolist())]
+

@@ -33,6 +33,7 @@ class Options:
     decision_time: str = "measured"
     drain_s: float | None = None
     jobs: int = 1
+    throughput_error: float | None = None  # overrides the scenario's degradations.throughput_error
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Result:
     nodes: int = 0
     duration_s: float = 0.0
     realised_rps: float = 0.0  # requests that arrived / duration (the same for every strategy)
+    throughput_error: float = 0.0  # sigma of the endpoints' hidden throughput error
 
 
 def check_options(opts: Options) -> None:
@@ -67,6 +69,9 @@ def check_options(opts: Options) -> None:
         raise ValueError(f"--nodes must be at least 1, got {opts.nodes}")
     if opts.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {opts.jobs}")
+    sigma = opts.throughput_error
+    if sigma is not None and not (finite(sigma) and 0.0 <= sigma <= 2.0):
+        raise ValueError(f"--throughput-error must be a sigma in [0, 2], got {opts.throughput_error}")
     if opts.decision_time != "measured":
         try:
             us = float(opts.decision_time)
@@ -118,9 +123,10 @@ def run(sc: Scenario, strategies: Sequence[str], opts: Options,
     cfg = RunConfig(duration_s=duration, drain_s=sc.drain_s if opts.drain_s is None else opts.drain_s,
                     telemetry_period_s=sc.telemetry_period_s, telemetry_delay_s=sc.telemetry_delay_s,
                     family=sc.family, decision_time=opts.decision_time, seed=seed)
-    degr = pick_degradations(world, sc.degraded_fraction, duration, seed)
+    error = sc.throughput_error if opts.throughput_error is None else opts.throughput_error
+    degr = pick_degradations(world, sc.degraded_fraction, duration, seed, throughput_error=error)
     rate = 0.0 if opts.trace else arrival_rate(sc, world) * opts.rate_scale
-    out = Result(sc.name, seed, {}, rate_rps=rate, nodes=world.n, duration_s=duration)
+    out = Result(sc.name, seed, {}, rate_rps=rate, nodes=world.n, duration_s=duration, throughput_error=error)
     ctx = _RunContext(sc, opts, world, cfg, degr, seed, duration, int(mean_out))
     if opts.jobs > 1 and len(strategies) > 1:
         results = _run_parallel(ctx, strategies, opts.jobs, progress)
@@ -212,7 +218,8 @@ def summary_json(res: Result) -> dict[str, Any]:
     """The ``summary.json`` document; undefined numbers (NaN) are null."""
     doc: dict[str, Any] = _json_safe({"scenario": res.scenario, "seed": res.seed, "strategies": res.summary,
                                       "nodes": res.nodes, "arrival_rps": round(res.rate_rps, 3),
-                                      "arrival_rps_realised": round(res.realised_rps, 3)})
+                                      "arrival_rps_realised": round(res.realised_rps, 3),
+                                      "throughput_error": res.throughput_error})
     return doc
 
 

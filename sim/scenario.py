@@ -35,6 +35,8 @@ class Scenario:
     # The operator's ``decision`` settings for pipeline strategies (the service config's section:
     # decision.config.DecisionSection), e.g. the price of cost ``cost_weight_ms``.
     decision: dict[str, Any] = field(default_factory=dict)
+    # sigma of every endpoint's hidden log-normal throughput error (0: the datasheet is exact).
+    throughput_error: float = 0.0
     description: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # the file it was loaded from ("" when built in code)
@@ -158,6 +160,9 @@ def load_scenario(name_or_path: str) -> Scenario:
     if not isinstance(strategies, list) or not all(isinstance(x, str) for x in strategies):
         raise loc.error(("strategies",), f"a list of strategy names, got {strategies!r}")
     degr = _mapping(loc, raw, "degradations")
+    stray = sorted(str(k) for k in degr if k not in ("fraction", "throughput_error"))
+    if stray:
+        raise loc.error(("degradations", stray[0]), f"unknown key {stray[0]!r}; known: fraction, throughput_error")
     guardrails = _mapping(loc, raw, "guardrails")
     if "duration_s" not in raw:
         raise loc.error((), "missing key 'duration_s'")
@@ -172,6 +177,8 @@ def load_scenario(name_or_path: str) -> Scenario:
         telemetry_delay_s=(lo, hi),
         degraded_fraction=_number(loc, ("degradations", "fraction"), degr.get("fraction", 0.0), minimum=0.0,
                                   maximum=1.0),
+        throughput_error=_number(loc, ("degradations", "throughput_error"), degr.get("throughput_error", 0.0),
+                                 minimum=0.0, maximum=2.0),
         strategies=list(strategies), guardrails=dict(guardrails),
         decision=_decision(p, raw.get("decision") or {}), description=str(raw.get("description", "")), raw=raw,
         source=str(p), locator=loc)

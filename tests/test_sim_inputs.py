@@ -131,7 +131,8 @@ def test_zero_duration_writes_outputs_and_plots(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("opts", [runner.Options(rate_scale=0.0), runner.Options(rate_scale=-2.0),
                                   runner.Options(drain_s=-1.0), runner.Options(duration_s=-1.0),
-                                  runner.Options(decision_time="-5"), runner.Options(jobs=0)])
+                                  runner.Options(decision_time="-5"), runner.Options(jobs=0),
+                                  runner.Options(throughput_error=-0.1), runner.Options(throughput_error=float("nan"))])
 def test_bad_options_are_refused_before_running(opts: runner.Options) -> None:
     with pytest.raises(ValueError):
         runner.run(tiny_scenario(duration=1.0), ["mesh"], opts)
@@ -165,6 +166,8 @@ def _yaml(tmp_path: Path, old: str, new: str) -> str:
     ("ttft_target_ms: 500}", "ttft_target_ms: 500, jurisdictions: EU}", 29, "jurisdictions: a list"),
     ("ttft_target_ms: 500}", "ttft_target_ms: 500, weight: 0}", 29, "weights must not all be 0"),
     ("duration_s: 300", "duration_s: [1", 8, "YAML syntax error"),
+    ("{fraction: 0.0}", "{fraction: 0.0, throughput_error: 3}", 33, "throughput_error: must be <= 2"),
+    ("{fraction: 0.0}", "{fraction: 0.0, throughput_eror: 0.3}", 33, "unknown key 'throughput_eror'"),
 ])
 def test_scenario_errors_name_the_file_line_and_field(tmp_path: Path, old: str, new: str, line: int,
                                                       match: str) -> None:

@@ -135,6 +135,45 @@ def test_same_seed_same_result_other_seed_other_result(strategy: str) -> None:
     assert _stable(a) != _stable(c)
 
 
+def test_a_hidden_throughput_error_is_per_endpoint_from_the_start_and_leaves_the_degradations_alone() -> None:
+    from sim.engine import pick_degradations, throughput_errors
+
+    errors = throughput_errors(4000, 0.3, seed=7)
+    assert [d.endpoint for d in errors] == list(range(4000)) and {d.start for d in errors} == {0.0}
+    assert np.std(np.log([d.factor for d in errors])) == pytest.approx(0.3, rel=0.05)
+    assert throughput_errors(10, 0.0, seed=7) == []
+    sc = tiny_scenario(cells=4, per_cell=10, duration=10.0)
+    world = runner.build_world(sc, FIXED)
+    plain = pick_degradations(world, 0.2, 10.0, seed=3)
+    both = pick_degradations(world, 0.2, 10.0, seed=3, throughput_error=0.3)
+    assert plain and both == throughput_errors(world.n, 0.3, seed=3) + plain
+
+
+def test_a_degradation_multiplies_the_endpoints_hidden_throughput_error() -> None:
+    from sim.engine import Degradation
+
+    sc = tiny_scenario(cells=1, per_cell=2, rps=20.0, duration=2.0, drain=0.0)
+    world = runner.build_world(sc, FIXED)
+    cfg = RunConfig(duration_s=2.0, drain_s=0.0, decision_time="0")
+    changes = [Degradation(0, 0.0, 0.8, False), Degradation(0, 0.5, 0.5, True), Degradation(1, 0.0, 1.25, False)]
+    sim = Simulation(world, runner.workload_for(sc, world, FIXED, 0, 2.0), sc.tenants,
+                     registry.make("least_load", 0), cfg, changes)
+    sim.run()
+    assert [nd.slow for nd in sim.nodes] == [pytest.approx(0.4), pytest.approx(1.25)]
+
+
+def test_the_throughput_error_option_changes_the_service_and_is_reported() -> None:
+    from dataclasses import replace
+
+    sc = tiny_scenario(cells=2, per_cell=4, rps=40.0, duration=5.0, drain=5.0, concurrency=4)
+    exact = runner.run(sc, ["least_load"], FIXED)
+    wrong = runner.run(sc, ["least_load"], replace(FIXED, throughput_error=0.5))
+    assert runner.summary_json(exact)["throughput_error"] == 0.0
+    assert runner.summary_json(wrong)["throughput_error"] == 0.5
+    assert exact.summary["least_load"]["requests"] == wrong.summary["least_load"]["requests"]  # same arrivals
+    assert exact.summary["least_load"]["ttft_ms"] != wrong.summary["least_load"]["ttft_ms"]
+
+
 def test_the_trusted_fleet_path_gives_the_validated_endpoints() -> None:
     from decision.fleet import Fleet
     from sim.fleets import build_inventory, trusted_fleet
