@@ -203,8 +203,7 @@ class Simulation:
         cands = self.view.candidates(req, self.cfg.family)
         t0 = time.perf_counter()
         node = self.strategy.choose(req, cands)
-        us = (time.perf_counter() - t0) * 1e6
-        req.decision_us = us if self._fixed_us < 0 else self._fixed_us
+        req.decision_us = self._charged_us(t0)
         self.metrics.decision_us.append(req.decision_us)
         if node < 0:
             req.state = DROPPED
@@ -217,6 +216,10 @@ class Simulation:
         hf = self.strategy.hedge_fraction
         if hf > 0.0:
             self._push(self.now + hf * req.ttft_target_ms / 1000.0, HEDGE, req)
+
+    def _charged_us(self, t0: float) -> float:
+        """Decision time since ``perf_counter()`` was ``t0``, or the fixed time of a reproducible run."""
+        return (time.perf_counter() - t0) * 1e6 if self._fixed_us < 0 else self._fixed_us
 
     def _check_guardrails(self, req: Request, node: int) -> None:
         """Count a routed copy that breaks a hard rule: residency, data class, another tenant's device.
@@ -359,12 +362,14 @@ class Simulation:
             return  # first token already out (or already hedged): nothing to do
         first = req.copies[0].node
         cands = self.view.candidates(req, self.cfg.family)
+        t0 = time.perf_counter()
         alt = self.strategy.hedge_target(req, cands, first)
+        us = self._charged_us(t0)  # the copy leaves once its target is picked, as the first did
         if alt < 0:
             return
         self.metrics.hedges += 1
         self._check_guardrails(req, alt)
-        self._send(req, alt, self.now)
+        self._send(req, alt, self.now + us / 1e6)
 
     def _on_degrade(self, d: Degradation) -> None:
         nd = self.nodes[d.endpoint]

@@ -114,6 +114,31 @@ def test_mesh_hedge_hedges_slow_requests_and_cancels_the_loser() -> None:
     assert hedge.completed == hedge.requests  # nobody lost, nobody counted twice
 
 
+def test_a_hedged_copy_leaves_after_its_own_decision_time_as_the_first_did() -> None:
+    from dataclasses import replace
+
+    from sim.engine import RunConfig, Simulation
+
+    sends: list[tuple[int, float]] = []  # (copies before this one, departure - decision instant)
+
+    class Recording(Simulation):
+        def _send(self, req: Request, node: int, t_leave: float) -> None:
+            sends.append((len(req.copies), t_leave - self.now))
+            super()._send(req, node, t_leave)
+
+    sc = tiny_scenario(cells=1, per_cell=4, rps=40.0, duration=10.0, concurrency=4, degraded=0.5)
+    opts = replace(FIXED, decision_time="20000")
+    world = runner.build_world(sc, opts)
+    cfg = RunConfig(duration_s=10.0, drain_s=sc.drain_s, decision_time="20000", seed=sc.seed)
+    sim = Recording(world, runner.workload_for(sc, world, opts, sc.seed, 10.0), sc.tenants,
+                    registry.make("mesh_hedge", sc.seed), cfg,
+                    runner.pick_degradations(world, sc.degraded_fraction, 10.0, sc.seed))
+    sim.run()
+    hedged = [dt for copies, dt in sends if copies == 1]
+    assert hedged and all(dt == pytest.approx(0.02) for dt in hedged)
+    assert all(dt == pytest.approx(0.02) for copies, dt in sends if copies == 0)
+
+
 def test_infermesh_runs_the_real_engine_and_respects_residency() -> None:
 
     # Tenants pinned to a jurisdiction the tiers fleet has in two of four regions.
