@@ -117,7 +117,7 @@ def test_mesh_hedge_hedges_slow_requests_and_cancels_the_loser() -> None:
 def test_a_hedged_copy_leaves_after_its_own_decision_time_as_the_first_did() -> None:
     from dataclasses import replace
 
-    from sim.engine import RunConfig, Simulation
+    from sim.engine import RunConfig, Simulation, pick_degradations
 
     sends: list[tuple[int, float]] = []  # (copies before this one, departure - decision instant)
 
@@ -132,7 +132,7 @@ def test_a_hedged_copy_leaves_after_its_own_decision_time_as_the_first_did() -> 
     cfg = RunConfig(duration_s=10.0, drain_s=sc.drain_s, decision_time="20000", seed=sc.seed)
     sim = Recording(world, runner.workload_for(sc, world, opts, sc.seed, 10.0), sc.tenants,
                     registry.make("mesh_hedge", sc.seed), cfg,
-                    runner.pick_degradations(world, sc.degraded_fraction, 10.0, sc.seed))
+                    pick_degradations(world, sc.degraded_fraction, 10.0, sc.seed))
     sim.run()
     hedged = [dt for copies, dt in sends if copies == 1]
     assert hedged and all(dt == pytest.approx(0.02) for dt in hedged)
