@@ -160,6 +160,9 @@ class RidgeStats:
         state raises ValueError and leaves these statistics as they were.
         """
         d = self.d
+        missing = [k for k in ("A", "b", "n") if k not in state]
+        if missing:
+            raise ValueError(f"state: no {', '.join(missing)}")
         A = _matrix(state["A"], d, "state: A")
         b = _vector(state["b"], d, "state: b")
         n = _count(state["n"], "state: n")
@@ -606,9 +609,11 @@ class LinearLearner:
         >>> b.n_updates, b.stats.theta.tolist(), b.take_delta()[2], a.take_delta()[2]
         (1, [0.5, 0.0], 0, 1)
         """
-        if state.get("learner") != self.name or int(state.get("n_features", -1)) != self.n_features:
+        if state.get("learner") != self.name or state.get("n_features") != self.n_features:
             raise ValueError(f"state of {state.get('learner')} with {state.get('n_features')} features "
                              f"does not fit {self.name} with {self.n_features}")
+        if not isinstance(state.get("stats"), Mapping):
+            raise ValueError("state: no 'stats' mapping")
         if reseed is None:
             bits = type(self._rng.bit_generator)()
             try:

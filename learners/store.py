@@ -10,6 +10,7 @@ are ``stages.score.candidates[i].features`` (a ``{name: value}`` mapping) and th
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from learners._linear import FloatArray
+
+log = logging.getLogger("infermesh.learners.store")
 
 
 def decode_trace(trace_z: bytes) -> dict[str, Any]:
@@ -109,12 +112,13 @@ class LearnerStore:
         assert row is not None
         return int(row["id"])
 
-    def latest_snapshot(self, *, learner: str, version: str) -> Snapshot | None:
+    def latest_snapshot(self, *, learner: str, version: str, below_id: int | None = None) -> Snapshot | None:
+        """The newest snapshot (with ``below_id``: the newest older than that one, to fall back to)."""
         with self._lock:
             row = self._db().execute(
                 "SELECT id, learner, version, replica, taken_at, watermark, n_updates, delta_marks, state"
-                " FROM learner_snapshots WHERE learner = %s AND version = %s ORDER BY id DESC LIMIT 1",
-                (learner, version)).fetchone()
+                " FROM learner_snapshots WHERE learner = %s AND version = %s AND (%s::bigint IS NULL OR id < %s)"
+                " ORDER BY id DESC LIMIT 1", (learner, version, below_id, below_id)).fetchone()
         if row is None:
             return None
         return Snapshot(int(row["id"]), row["learner"], row["version"], row["replica"],
@@ -156,9 +160,13 @@ class LearnerStore:
         out = []
         for r in rows:
             d = int(r["n_features"])
-            out.append(Delta(r["replica"], int(r["seq"]),
-                             np.frombuffer(r["da"], dtype="<f8").reshape(d, d).astype(np.float64),
-                             np.frombuffer(r["db"], dtype="<f8").astype(np.float64), int(r["dn"])))
+            try:
+                dA = np.frombuffer(r["da"], dtype="<f8").reshape(d, d).astype(np.float64)
+                db = np.frombuffer(r["db"], dtype="<f8").astype(np.float64)
+            except ValueError as exc:  # a damaged row: yielded empty, so the merge skips it and passes its mark
+                log.error("learner delta %s/%s cannot be decoded (%s); it will be skipped", r["replica"], r["seq"], exc)
+                dA, db = np.empty((0, 0)), np.empty(0)
+            out.append(Delta(r["replica"], int(r["seq"]), dA, db, int(r["dn"])))
         return out
 
     # -- the audit log, read only --

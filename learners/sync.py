@@ -34,7 +34,7 @@ import numpy as np
 from decision.contracts import Learner
 from decision.trace_format import trace_arms
 from learners._linear import FloatArray, LinearLearner
-from learners.store import LearnerStore, feature_names_of
+from learners.store import LearnerStore, Snapshot, feature_names_of
 
 log = logging.getLogger(__name__)
 
@@ -122,18 +122,9 @@ class LearnerSync:
             self._outbox = None  # the model it came from is being replaced
             lin = self._linear()
             own_last = self.store.last_delta_seq(learner=name, version=version, replica=self.replica) if lin else 0
-            snap = self.store.latest_snapshot(learner=name, version=version)
+            snap = self._load_newest_good(lin, own_last)
             watermark = 0.0
             if snap is not None:
-                if lin is not None:
-                    own = snap.replica == self.replica
-                    # A pending delta in the state is this replica's to push only if the snapshot is its own
-                    # and it pushed nothing since (a push after it already carried that delta; older
-                    # snapshots held one). Another replica's generator state would repeat its draws.
-                    lin.load_state(snap.state, keep_delta=own and own_last <= snap.delta_marks.get(self.replica, 0),
-                                   reseed=None if own else self._stream())
-                else:
-                    self.learner.load_state(snap.state)  # type: ignore[attr-defined]
                 self._marks = dict(snap.delta_marks)
                 watermark = snap.watermark
             n_deltas = 0
@@ -151,6 +142,30 @@ class LearnerSync:
             if do_replay:
                 replayed = self._replay(watermark)
         return RestoreReport(None if snap is None else snap.id, n_deltas, replayed)
+
+    def _load_newest_good(self, lin: LinearLearner | None, own_last: int) -> Snapshot | None:
+        """Load the newest snapshot that loads; a damaged one is logged and the next older one tried
+        (its delta marks still make the deltas merged after it exact), so one bad row cannot stop
+        every replica from starting."""
+        name, version = self.key
+        snap = self.store.latest_snapshot(learner=name, version=version)
+        while snap is not None:
+            try:
+                if lin is not None:
+                    own = snap.replica == self.replica
+                    # A pending delta in the state is this replica's to push only if the snapshot is its own
+                    # and it pushed nothing since (a push after it already carried that delta; older
+                    # snapshots held one). Another replica's generator state would repeat its draws.
+                    lin.load_state(snap.state, keep_delta=own and own_last <= snap.delta_marks.get(self.replica, 0),
+                                   reseed=None if own else self._stream())
+                else:
+                    self.learner.load_state(snap.state)  # type: ignore[attr-defined]
+                return snap
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("learner snapshot %d of %s@%s cannot be loaded (%s); trying the one before it",
+                          snap.id, name, version, exc)
+                snap = self.store.latest_snapshot(learner=name, version=version, below_id=snap.id)
+        return None
 
     def _stream(self) -> int:
         """This replica's random stream id (a snapshot's generator state is reseeded with it)."""

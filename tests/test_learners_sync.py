@@ -177,3 +177,44 @@ def test_outcomes_of_another_feature_layout_are_not_replayed(fresh_pg_url: str) 
         assert LearnerSync(same, store, FEATURE_NAMES).restore().replayed == 20
     finally:
         store.close()
+
+
+def test_a_damaged_delta_row_is_skipped_and_the_replicas_keep_merging(fresh_pg_url: str) -> None:
+    migrate(fresh_pg_url)
+    a, b = LinUCB(D, seed=1), LinUCB(D, seed=2)
+    sa = LearnerSync(a, LearnerStore(fresh_pg_url), FEATURE_NAMES, replica="a")
+    sb = LearnerSync(b, LearnerStore(fresh_pg_url), FEATURE_NAMES, replica="b")
+    name, version = sa.key
+    with psycopg.connect(fresh_pg_url, autocommit=True) as conn:  # replica c's row, one float short
+        conn.execute("INSERT INTO learner_deltas (learner, version, replica, seq, n_features, dn, da, db)"
+                     " VALUES (%s, %s, 'c', 1, %s, 1, %s, %s)", (name, version, D, b"\0" * 8 * (D * D - 1),
+                                                                  b"\0" * 8 * D))
+    a.update(tuple(np.full(D, 0.1)), 1.0)
+    sa.sync()
+    sb.sync()
+    assert b.n_updates == 1  # a's delta arrived past c's damaged one
+    sb.sync()
+    assert b.n_updates == 1  # and the damaged one is not tried again
+    restarted = LinUCB(D, seed=3)
+    LearnerSync(restarted, LearnerStore(fresh_pg_url), FEATURE_NAMES, replica="d").restore()
+    assert restarted.n_updates == 1
+
+
+def test_a_damaged_newest_snapshot_falls_back_to_the_one_before_it(fresh_pg_url: str) -> None:
+    import json
+
+    migrate(fresh_pg_url)
+    a = LinUCB(D, seed=1)
+    sa = LearnerSync(a, LearnerStore(fresh_pg_url), FEATURE_NAMES, replica="a")
+    a.update(tuple(np.full(D, 0.1)), 1.0)
+    good = sa.snapshot()
+    name, version = sa.key
+    broken = a.state_dict()
+    del broken["stats"]["A"]
+    for state in ({"learner": a.name, "n_features": D, "rng": {}}, broken):
+        with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
+            conn.execute("INSERT INTO learner_snapshots (learner, version, replica, watermark, n_updates, delta_marks,"
+                         " state) VALUES (%s, %s, 'x', now(), 1, '{}', %s)", (name, version, json.dumps(state)))
+    b = LinUCB(D, seed=2)
+    report = LearnerSync(b, LearnerStore(fresh_pg_url), FEATURE_NAMES, replica="b").restore()
+    assert report.snapshot_id == good and b.n_updates == 1
