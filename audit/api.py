@@ -29,12 +29,14 @@ from audit.why import candidate_rows, render_text
 
 log = logging.getLogger(__name__)
 PAGE = Path(__file__).resolve().parent / "page.html"
-NAME = r"^[A-Za-z0-9_.:@/+\-]{1,200}$"
+# Whatever the service accepts as a tenant or label (decision.validation: no NUL, <= 256): a narrower
+# pattern would leave some tenants' decisions impossible to filter. Queries are parameterised.
+NAME = r"^[^\x00]{1,256}$"
 DECISION_ID = r"^[A-Za-z0-9\-]{1,64}$"
 EXPORT_COLUMNS = (*SUMMARY_COLUMNS, "outcome_status", "outcome_ttft_ms", "outcome_latency_ms", "conflicting_outcomes")
 _json = msgspec.json.Encoder()
 
-Name = Annotated[str | None, Query(pattern=NAME, max_length=200)]
+Name = Annotated[str | None, Query(pattern=NAME, max_length=256)]
 
 
 # Every query parameter of the endpoints that take filters (the filters, paging, export format).

@@ -16,16 +16,29 @@ import psycopg
 
 from audit import checkpoint, database, keys, partitions
 from audit.repository import AuditRepository, BadCursor, DecisionFilter
-from audit.verify import verify
+from audit.verify import after_day, day_start, verify
 from audit.why import render_text
 from decision.cli_args import bounded_int
 
 SubParsers = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
+def _time_bound(*, end: bool) -> Callable[[str], dt.datetime | None]:
+    """An ISO time, or a bare YYYY-MM-DD meaning that whole UTC day: its start for ``--from``, the
+    midnight after it for ``--to`` (so ``--from D --to D`` is day D, as in ``audit verify``)."""
+    def time(text: str) -> dt.datetime | None:  # named for argparse's "invalid time value" message
+        if len(text) == 10:  # a date alone
+            day = dt.date.fromisoformat(text)
+            return after_day(day) if end else day_start(day)
+        return dt.datetime.fromisoformat(text)
+    return time
+
+
 def _add_filters(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--from", dest="start", type=dt.datetime.fromisoformat, help="ISO time (UTC if no zone)")
-    p.add_argument("--to", dest="end", type=dt.datetime.fromisoformat)
+    p.add_argument("--from", dest="start", type=_time_bound(end=False),
+                   help="ISO time (UTC if no zone), or YYYY-MM-DD: from that day's start")
+    p.add_argument("--to", dest="end", type=_time_bound(end=True),
+                   help="ISO time (exclusive; UTC if no zone), or YYYY-MM-DD: through the end of that day")
     for name in ("tenant", "region", "site", "model", "endpoint", "rule"):
         p.add_argument(f"--{name}")
     p.add_argument("--tier", choices=["datacenter", "edge", "device"])
@@ -157,6 +170,9 @@ def cmd_export(a: argparse.Namespace) -> int:
     # Into a partial file renamed at the end: an export cut short (the database gone mid-stream) must
     # not leave a file that looks like a complete export of what was asked for.
     partial = None if a.output == "-" else Path(a.output).with_name(Path(a.output).name + ".partial")
+    if partial is not None and Path(a.output).is_dir():  # checked first: the rename at the end would fail
+        print(f"{a.output}: is a directory; name the file to write", file=sys.stderr)
+        return 2
     try:
         out = sys.stdout.buffer if partial is None else partial.open("wb")
     except OSError as exc:

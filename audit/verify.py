@@ -55,14 +55,26 @@ class VerifyReport:
         return self.broken is None
 
 
+def day_start(day: dt.date) -> dt.datetime:
+    """Midnight UTC at the start of ``day``."""
+    return dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
+
+
+def after_day(day: dt.date) -> dt.datetime | None:
+    """Midnight UTC after ``day`` (an exclusive bound that takes the whole day), or ``None`` for the
+    last day a date can name (9999-12-31): nothing comes after it, so there is no upper bound."""
+    return None if day == dt.date.max else day_start(day + dt.timedelta(days=1))
+
+
 def _where(column: str, start: dt.date | None, end: dt.date | None) -> tuple[str, list[Any]]:
     clauses, params = [], []
     if start is not None:
         clauses.append(f"{column} >= %s")
-        params.append(dt.datetime.combine(start, dt.time(), tzinfo=dt.UTC))
-    if end is not None:
+        params.append(day_start(start))
+    bound = None if end is None else after_day(end)
+    if bound is not None:
         clauses.append(f"{column} < %s")
-        params.append(dt.datetime.combine(end + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC))
+        params.append(bound)
     return " AND ".join(clauses) or "TRUE", params
 
 

@@ -596,3 +596,27 @@ def test_checkpoint_heads_are_retired_even_when_retention_dropped_every_day(
     code, out, _ = _cli(monkeypatch, capsys, db, "verify", "--checkpoint", str(cp))
     assert code == 0, out
     assert "0 of the checkpoint's chain heads found as recorded; 2 on days retention has dropped" in out
+
+
+def test_cli_day_bounds_take_whole_days_like_verify_and_bad_outputs_are_one_line(
+        db: str, demo_fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    w, made = decided_and_reported(db, demo_fleet, tmp_path / "a", 3, batch_size=3)
+    w.close()
+    with psycopg.connect(db) as conn:
+        (day,) = conn.execute("SELECT DISTINCT decided_at::date FROM decision_events").fetchone()  # type: ignore[misc]
+    d = day.isoformat()
+    code, out, _ = _cli(monkeypatch, capsys, db, "export", "--from", d, "--to", d)
+    assert code == 0 and len(out.splitlines()) == 3  # the whole of day d, as `verify --from d --to d` checks
+    code, out, _ = _cli(monkeypatch, capsys, db, "query", "--to", d)
+    assert code == 0 and all(m.decision_id in out for m in made)
+    before = (day - dt.timedelta(days=1)).isoformat()
+    code, out, _ = _cli(monkeypatch, capsys, db, "export", "--to", before)
+    assert code == 0 and out == ""
+    code, out, err = _cli(monkeypatch, capsys, db, "verify", "--to", "9999-12-31")
+    assert code == 0 and "Traceback" not in err, err
+    code, out, _ = _cli(monkeypatch, capsys, db, "export", "--to", "9999-12-31")
+    assert code == 0 and len(out.splitlines()) == 3
+    code, _, err = _cli(monkeypatch, capsys, db, "export", "-o", str(tmp_path))
+    assert code == 2 and err == f"{tmp_path}: is a directory; name the file to write\n"
+    assert not (tmp_path.parent / f"{tmp_path.name}.partial").exists()
