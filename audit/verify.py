@@ -92,9 +92,12 @@ def verify(url: str, *, start: dt.date | None = None, end: dt.date | None = None
         where, params = _where("decided_at", start, end)
         dup_where, dup_params = _held_duplicates(conn, where, params)
         cols = ", ".join(DECISION_COLUMNS)
-        sql = (f"SELECT {cols}, (decided_at AT TIME ZONE 'UTC')::date AS day, duplicate FROM ("
-               f"SELECT {cols}, false AS duplicate FROM decision_events WHERE {where} UNION ALL "
-               f"SELECT {cols}, true FROM decision_duplicates WHERE {dup_where}) AS d ORDER BY day, chain_id, seq")
+        # A duplicate must repeat a decision the log holds: the hash does not say which table a row is
+        # in, so without this a decision moved into decision_duplicates would vanish with its chain intact.
+        sql = (f"SELECT {cols}, (decided_at AT TIME ZONE 'UTC')::date AS day, duplicate, placed FROM ("
+               f"SELECT {cols}, false AS duplicate, true AS placed FROM decision_events WHERE {where} UNION ALL "
+               f"SELECT {cols}, true, EXISTS (SELECT 1 FROM decision_events e WHERE e.decision_id = x.decision_id) "
+               f"FROM decision_duplicates x WHERE {dup_where}) AS d ORDER BY day, chain_id, seq")
         for row in _walk(conn, "audit_verify_d", sql, params + dup_params, "decision_events", genesis,
                          _check_decision, report):
             if row["duplicate"]:
@@ -108,9 +111,13 @@ def verify(url: str, *, start: dt.date | None = None, end: dt.date | None = None
         report.unchained_outcomes = int(unchained[0]) if unchained else 0
         cols = ", ".join(OUTCOME_COLUMNS)
         # A decision's second outcome sits in outcome_conflicts at its place in its writer's chain.
-        sql = (f"SELECT {cols}, (reported_at AT TIME ZONE 'UTC')::date AS day, conflict FROM ("
-               f"SELECT {cols}, false AS conflict FROM outcomes WHERE {where} AND hash IS NOT NULL UNION ALL "
-               f"SELECT {cols}, true FROM outcome_conflicts WHERE {where}) AS o ORDER BY day, chain_id, seq")
+        # ... and must follow a first outcome, unless retention took that one with its decision (an
+        # outcome is reported after its decision, so a decision the log holds keeps its first outcome).
+        sql = (f"SELECT {cols}, (reported_at AT TIME ZONE 'UTC')::date AS day, conflict, placed FROM ("
+               f"SELECT {cols}, false AS conflict, true AS placed FROM outcomes WHERE {where} AND hash IS NOT NULL "
+               f"UNION ALL SELECT {cols}, true, EXISTS (SELECT 1 FROM outcomes o WHERE o.decision_id = x.decision_id)"
+               f" OR NOT EXISTS (SELECT 1 FROM decision_events e WHERE e.decision_id = x.decision_id) "
+               f"FROM outcome_conflicts x WHERE {where}) AS o ORDER BY day, chain_id, seq")
         for row in _walk(conn, "audit_verify_o", sql, params + params, "outcomes", outcome_genesis, _check_outcome,
                          report):
             report.outcome_rows += 1
@@ -168,6 +175,8 @@ def _link_problem(row: dict[str, Any], expect_seq: int, prev: str) -> str:
 
 
 def _check_decision(row: dict[str, Any], prev: str) -> str:
+    if not row["placed"]:
+        return "a duplicate of a decision that is not in decision_events (removed, or moved here)"
     try:
         trace_bytes = decompress_trace(bytes(row["trace_z"]))
     except Exception as exc:
@@ -178,6 +187,8 @@ def _check_decision(row: dict[str, Any], prev: str) -> str:
 
 
 def _check_outcome(row: dict[str, Any], prev: str) -> str:
+    if not row["placed"]:
+        return "a second outcome of a decision whose first outcome is not in outcomes (removed, or moved here)"
     if link_hash(prev, values_from_row(row, OUTCOME_HASHED_COLUMNS)) != row["hash"]:
         return "hash does not match the row's content (altered)"
     return ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import psycopg
 import pytest
 
 from audit import database, partitions
-from audit.codec import decode_json, encode_json, load_trace
+from audit.codec import DECISION_COLUMNS, OUTCOME_COLUMNS, decode_json, encode_json, load_trace
 from audit.events import DecisionEventV1, OutcomeEventV1
 from audit.masking import Masker
 from audit.repository import AuditRepository, DecisionFilter
@@ -164,6 +165,24 @@ def test_outcomes_are_chained_and_verify_detects_an_altered_or_deleted_outcome(d
     report = verify(db)
     assert report.broken is not None and report.broken.table == "outcomes" and "missing" in report.broken.problem
     assert "outcome of decision" in str(report.broken)
+
+
+@pytest.mark.parametrize(("table", "into", "columns"), [("decision_events", "decision_duplicates", DECISION_COLUMNS),
+                                                       ("outcomes", "outcome_conflicts", OUTCOME_COLUMNS)])
+def test_verify_detects_a_row_moved_into_the_table_of_repeats(db: str, demo_fleet: Fleet, tmp_path: Path,
+                                                               table: str, into: str, columns: Sequence[str]) -> None:
+    # A repeat keeps its place in its chain; moved there, a decision (or its outcome) would vanish
+    # from every auditor's read while every hash and link still checks out.
+    w, made = decided_and_reported(db, demo_fleet, tmp_path, 6, batch_size=6)
+    w.close()
+    victim = made[2].decision_id
+    cols = ", ".join(columns)
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(f"INSERT INTO {into} ({cols}) SELECT {cols} FROM {table} WHERE decision_id = %s", (victim,))
+        conn.execute(f"DELETE FROM {table} WHERE decision_id = %s", (victim,))
+    report = verify(db)
+    assert report.broken is not None and report.broken.decision_id == victim, str(report.broken)
+    assert report.broken.table == table and "moved here" in report.broken.problem
 
 
 def test_an_outcome_reported_again_after_a_restart_is_a_duplicate_and_keeps_the_chain_whole(
