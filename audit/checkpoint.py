@@ -150,17 +150,22 @@ def check_heads(url: str, heads: Sequence[ChainHead], *, start: dt.date | None =
     report = CheckpointReport()
     wanted = [h for h in heads if (start is None or h.day >= start) and (end is None or h.day <= end)]
     with psycopg.connect(url) as conn:
-        # Retention records its cutoff (migration 0008); a log whose retention ran before that has
-        # only its oldest partition to go by.
+        # Retention records its cutoff (migration 0008). Without a recorded run a head is never taken
+        # for retired: the oldest partition's day cannot tell a day retention dropped from one dropped
+        # by hand, so a log whose retention ran only before 0008 reports those heads, and says why.
         held = partitions.list_partitions(conn)
-        retired = partitions.retired_before(conn) or (held[0] if held else None)
+        retired = partitions.retired_before(conn)
         stored = _stored(conn, wanted)
     for h in wanted:
         if retired is not None and h.day < retired:
             report.retired += 1
             continue
         found = stored.get((h.table, h.day, h.chain_id, h.seq))
-        if found is None:
+        if found is None and retired is None and (not held or h.day < held[0]):
+            report.problems.append(HeadProblem(h, "missing: its day is no longer in the log and no retention run "
+                                                  "is recorded (dropped by hand, or by a retention run older than "
+                                                  "the audit_retention table)"))
+        elif found is None:
             report.problems.append(HeadProblem(h, "missing: rows at or after it were deleted after the checkpoint"))
         elif found != h.hash:
             report.problems.append(HeadProblem(h, "hash differs from the checkpoint's (the chain was rewritten)"))

@@ -520,6 +520,8 @@ def test_a_checkpoint_catches_a_deleted_tail_and_a_rewritten_chain_that_verify_a
     # A head on a day retention has since dropped is retired, not failed.
     old = {**heads[0], "day": "2001-01-01"}
     cp.write_text(cp.read_text() + json.dumps(old) + "\n")
+    with psycopg.connect(db, autocommit=True) as conn:
+        partitions.drop_before(conn, cutoff=dt.date(2001, 1, 2))  # a retention run, recorded
 
     # The log grows after the checkpoint (a new writer, a new chain): still whole.
     w2, _ = decided_and_reported(db, demo_fleet, tmp_path / "b", 3, batch_size=4)
@@ -599,6 +601,21 @@ def test_an_outcome_reported_to_another_replica_is_learnt_there_once(db: str, de
     assert a.expire_outcomes() == 1 and learner_a.n_updates == 0  # not also learnt as a timeout where it was made
     w.close()
     repo.close()
+
+
+def test_a_checkpoint_head_on_a_day_dropped_without_a_recorded_retention_run_is_a_problem(
+        db: str, demo_fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    w, _ = decided_and_reported(db, demo_fleet, tmp_path / "a", 3, batch_size=4)
+    w.close()
+    cp = tmp_path / "heads.jsonl"
+    assert _cli(monkeypatch, capsys, db, "checkpoint", "-o", str(cp))[0] == 0
+    with psycopg.connect(db, autocommit=True) as conn:  # the day and its outcomes deleted by hand
+        for day in partitions.list_partitions(conn):
+            conn.execute(f"DROP TABLE {partitions.partition_name(day)}")
+        conn.execute("DELETE FROM outcomes")
+    code, out, _ = _cli(monkeypatch, capsys, db, "verify", "--checkpoint", str(cp))
+    assert code != 0 and "no retention run is recorded" in out, out
 
 
 def test_checkpoint_heads_are_retired_even_when_retention_dropped_every_day(
