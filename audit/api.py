@@ -223,6 +223,18 @@ def build_router(repo: AuditRepository, *, reload: Callable[[], str] | None = No
         """The auditors' page (the key is typed in, or passed as ``#key=...``)."""
         return PAGE.read_text()
 
+    # Last, so it takes only what no route above does: a wrong method or path under /v1 is answered
+    # (405 / 404) through the logged route class, so every access to the API is in the access log.
+    @router.api_route("/v1/{rest:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+                      include_in_schema=False)
+    def unmatched(request: Request, rest: str) -> None:
+        path = request.url.path
+        allowed = sorted({m for r in router.routes if isinstance(r, APIRoute) and r.path != "/v1/{rest:path}"
+                          and r.path_regex.match(path) for m in r.methods or ()})
+        if allowed:
+            raise HTTPException(405, "method not allowed", headers={"Allow": ", ".join(allowed)})
+        raise HTTPException(404, f"no such API route: {path}")
+
     return router
 
 

@@ -125,6 +125,15 @@ def test_hostile_inputs_are_4xx_and_still_logged(client: TestClient, world: dict
     for path, param in (("/v1/stats", "limit"), ("/v1/stats", "cursor"), ("/v1/decisions", "format")):
         r = client.get(path, params={param: "1"}, headers=h(world["auditor"]))
         assert r.status_code == 422 and f"unknown query parameter(s) {param}; known here:" in r.text, (path, r.text)
+    # A wrong method or a path no route has is answered, and logged like any other access.
+    for method, path, status in (("DELETE", "/v1/decisions", 405), ("POST", "/v1/export", 405),
+                                 ("GET", "/v1/decisions/a/b", 404), ("GET", "/v1/decisions/", 404),
+                                 ("PUT", "/v1/nothing-here", 404)):
+        before = logged(path)
+        r = client.request(method, path, headers=h(world["auditor"]))
+        assert r.status_code == status, (method, path, r.status_code)
+        assert logged(path) == before + 1, (method, path)
+    assert client.delete("/v1/decisions", headers=h(world["auditor"])).headers["allow"] == "GET"
 
 
 def test_csv_cells_that_look_like_formulas_are_exported_as_text(fresh_pg_url: str, demo_fleet: Fleet,
