@@ -11,6 +11,8 @@ import hmac
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+from decision.contracts import PSEUDONYM_PREFIX
+
 # Keys that could carry prompt text: dropped wherever they appear in a request or its labels.
 PROMPT_KEYS = frozenset({"prompt", "prompts", "messages", "input", "inputs", "prompt_text", "completion"})
 
@@ -33,7 +35,7 @@ class Masker:
 
     def token(self, value: object) -> str:
         """The stable, keyed pseudonym of a value."""
-        return "h:" + hmac.new(self._key, str(value).encode(), hashlib.sha256).hexdigest()[:24]
+        return PSEUDONYM_PREFIX + hmac.new(self._key, str(value).encode(), hashlib.sha256).hexdigest()[:24]
 
     def _apply(self, d: dict[str, Any], path: tuple[str, ...]) -> None:
         head, rest = path[0], path[1:]

@@ -105,6 +105,11 @@ class TraceReader(Protocol):
     def get_decision(self, decision_id: str) -> Mapping[str, Any] | None: ...
 
 
+# A value the audit log stores masked (keyed pseudonym, audit.masking) starts with this: the engine
+# must not take a masked tenant read back from the log for the tenant itself.
+PSEUDONYM_PREFIX = "h:"
+
+
 @runtime_checkable
 class OutcomeLookup(Protocol):
     """A trace reader that can say which decisions have an outcome (the audit log shared by replicas)."""

@@ -23,7 +23,16 @@ import numpy.typing as npt
 from decision.bounded import make_room, put_bounded
 from decision.budget import apply_budget, over_budget
 from decision.candidates import CandidateSet, Placement, endpoint_ids_of, endpoints_of, max_age_of
-from decision.contracts import AuditSink, FeatureBuilder, Guard, Learner, OutcomeLookup, RewardFunction, TraceReader
+from decision.contracts import (
+    PSEUDONYM_PREFIX,
+    AuditSink,
+    FeatureBuilder,
+    Guard,
+    Learner,
+    OutcomeLookup,
+    RewardFunction,
+    TraceReader,
+)
 from decision.domain import (
     Candidate,
     Choice,
@@ -187,8 +196,9 @@ class DecisionEngine:
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
         self._reported: dict[str, float | None] = {}
         self._reporting: set[str] = set()  # outcomes being recorded now (see report_outcome)
-        # Decisions whose outcome did not come in time: a timeout was learnt; a late outcome is still audited.
-        self._expired: dict[str, None] = {}
+        # Decisions whose outcome did not come in time: a timeout was learnt; a late outcome is still
+        # audited, and trues up the tenant's tokens (what the request held is kept for that).
+        self._expired: dict[str, _Pending] = {}
         # Recent denials (id -> status): an outcome for one is refused the same way at once, not
         # NOT_FOUND until the audit writer has stored the denial and INVALID_ARGUMENT after.
         self._denied: dict[str, str] = {}
@@ -419,7 +429,7 @@ class DecisionEngine:
             while len(self._pending) > self.max_pending:
                 did, oldest = self._pending.popitem(last=False)
                 expired.append(self._release(oldest))
-                put_bounded(self._expired, did, None, self.max_pending)
+                put_bounded(self._expired, did, oldest, self.max_pending)
         for p in expired:
             self._learn_missing(p)
 
@@ -471,7 +481,7 @@ class DecisionEngine:
                     break
                 self._release(self._pending.popitem(last=False)[1])
                 expired.append((did, p))
-                put_bounded(self._expired, did, None, self.max_pending)
+                put_bounded(self._expired, did, p, self.max_pending)
         elsewhere: set[str] = set()
         if expired and isinstance(self.traces, OutcomeLookup):
             try:
@@ -503,14 +513,14 @@ class DecisionEngine:
                 return OutcomeResult(did, True, True, self._reported.get(did))
             # Claimed under the lock, so a concurrent duplicate (a retry, a hedge) is answered as one.
             self._reporting.add(did)
-            late = pending is None and did in self._expired
+            late = self._expired.get(did) if pending is None else None
         try:
             return self._record_outcome(outcome, pending, late)
         finally:
             with self._lock:
                 self._reporting.discard(did)
 
-    def _record_outcome(self, outcome: Outcome, pending: _Pending | None, late: bool) -> OutcomeResult:
+    def _record_outcome(self, outcome: Outcome, pending: _Pending | None, late: _Pending | None) -> OutcomeResult:
         did = outcome.decision_id
         reward: float | None = None
         if pending is not None:
@@ -533,9 +543,10 @@ class DecisionEngine:
                 with self._lock:
                     self.ledger.observed(pending.endpoint_id, expected_ms=pending.expected_ttft_ms - pending.rtt_ms,
                                          observed_ms=outcome.ttft_ms - pending.rtt_ms, slowness=pending.slowness)
-        elif late:  # the timeout was learnt; what did happen still belongs in the log, learnt once is enough
+        elif late is not None:  # the timeout was learnt; what did happen belongs in the log, learnt once is enough
             self.stats["outcomes_late"] += 1
             self._audit_outcome(outcome, None, None)
+            self._guard.settle(late.ctx, outcome, late.decided_at)  # a long generation still counts its tokens
         else:  # not decided here since this process started (a restart, another replica): ask the log
             denied = self._denied.get(did)
             record = self.traces.get_decision(did) if self.traces is not None and denied is None else None
@@ -559,6 +570,10 @@ class DecisionEngine:
                 self._audit_outcome(outcome, reward, None)
                 if logged is not None and reward is not None:
                     self._learn(logged.features, reward)
+            held = _logged_hold(record)
+            if held is not None:  # the tenant's tokens are shared counters: any replica can true them up
+                held_ctx, decided_at = held
+                self._guard.settle(held_ctx, outcome, decided_at)
         with self._lock:
             put_bounded(self._reported, did, reward, self.max_pending)
             self._expired.pop(did, None)
@@ -607,6 +622,24 @@ class DecisionEngine:
 
     def pending_outcomes(self) -> int:
         return len(self._pending)
+
+
+def _logged_hold(record: Mapping[str, Any]) -> tuple[RequestContext, float] | None:
+    """What a decision made elsewhere (another replica, before a restart) held of its tenant's quota:
+    the request's tenant and token estimate, and when; ``None`` when its log record cannot say (a
+    masked or removed tenant, an older trace shape)."""
+    tenant = str(record.get("tenant") or "")
+    if not tenant or tenant.startswith(PSEUDONYM_PREFIX):
+        return None
+    request = (record.get("trace") or {}).get("request") or {}
+    try:
+        ctx = RequestContext(str(record.get("request_id") or ""), tenant,
+                             user_tier=str(record.get("user_tier") or "standard"),
+                             estimated_input_tokens=int(request.get("estimated_input_tokens") or 0),
+                             expected_output_tokens=int(request.get("expected_output_tokens") or 0))
+        return ctx, int(record["decided_at_us"]) / 1e6
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
 
 
 def decision_event(d: Decision, status: str, rules: tuple[str, ...]) -> dict[str, Any]:

@@ -360,6 +360,45 @@ def test_only_candidate_rego_rules_may_opt_out_of_the_memo(tmp_path: Path) -> No
     assert ".memoise: only candidate-scope Rego" in issue.message
 
 
+def test_the_token_quota_is_trued_up_by_a_late_outcome_and_by_another_replica(demo_fleet: Fleet) -> None:
+    # A long generation outlives the outcome timeout, or its outcome reaches another replica (or this
+    # one after a restart): its tokens still count against the shared counters.
+    from tests.test_engine_outcomes import _Log
+
+    now = [600.0 * 60 + 5]
+    counters = InMemoryQuotaCounters()
+    log = _Log({})
+
+    def replica() -> DecisionEngine:
+        guard = PolicyGuard(compile_bundle(DEFAULT_BUNDLE), counters=counters, clock=lambda: now[0])
+        engine = DecisionEngine(demo_fleet, TelemetryStore({e.endpoint_id: e.node_id for e in demo_fleet.endpoints}),
+                                guard, LeastExpectedTtft(), clock=lambda: now[0], outcome_timeout_s=10.0, traces=log)
+        return engine
+
+    a, b = replica(), replica()
+    tenant = f"t-{uuid.uuid4().hex[:6]}"
+
+    def used(decision_id: str) -> Outcome:
+        return Outcome(decision_id, OutcomeStatus.OK, ttft_ms=50, latency_ms=9000, input_tokens=100,
+                       output_tokens=2000)
+
+    late = a.decide(RequestContext("late", tenant, model="llama-3.1-8b", estimated_input_tokens=100))
+    assert a.expire_outcomes(now[0] + 11.0) == 1
+    a.report_outcome(used(late.decision_id))
+    assert counters.read(tenant, now[0]) == QuotaUsage(1, 2100)
+    moved = a.decide(RequestContext("moved", tenant, model="llama-3.1-8b", estimated_input_tokens=100))
+    log.records[moved.decision_id] = {"decision_id": moved.decision_id, "status": "routed", "learner": moved.learner,
+                                      "request_id": "moved", "tenant": tenant, "user_tier": "standard",
+                                      "decided_at_us": int(now[0] * 1e6), "trace": dict(moved.trace), "outcome": None}
+    b.report_outcome(used(moved.decision_id))
+    assert counters.read(tenant, now[0]) == QuotaUsage(2, 4200)
+    masked = a.decide(RequestContext("masked", tenant, model="llama-3.1-8b", estimated_input_tokens=100))
+    log.records[masked.decision_id] = {**log.records[moved.decision_id], "decision_id": masked.decision_id,
+                                       "tenant": "h:0123456789abcdef01234567"}
+    b.report_outcome(used(masked.decision_id))  # the log cannot say whose tokens: the estimate stays charged
+    assert counters.read(tenant, now[0]) == QuotaUsage(3, 4300)
+
+
 def test_the_token_quota_is_trued_up_to_what_the_outcome_says_was_used(demo_fleet: Fleet) -> None:
     # A request that leaves max_tokens out is estimated at its prompt only; charging only the estimate
     # would let it generate without limit against its tenant's token quota.
