@@ -58,3 +58,5 @@ def read_json_request(path: str) -> tuple[str, Any]:
         return raw, json.loads(raw)
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+    except (ValueError, RecursionError) as exc:  # a 5,000-digit number; arrays nested thousands deep
+        raise UsageError(f"{path}: invalid JSON: {exc}") from None

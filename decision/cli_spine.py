@@ -89,10 +89,14 @@ def _bench_extensions() -> list[Any]:
 
 
 def _setup_logging() -> None:
-    from decision.config import load_settings
+    from decision.config import ConfigError, load_settings
     from decision.logging_json import configure_logging
 
-    configure_logging(load_settings().log_level)
+    try:
+        configure_logging(load_settings().log_level)
+    except ConfigError as exc:  # INFERMESH_LOG_LEVEL=verbose, before anything could log it
+        print(f"infermesh: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _load(config_path: str) -> tuple[Any, Any]:
@@ -126,7 +130,12 @@ def cmd_fleet_check(args: argparse.Namespace) -> int:
     from decision.fleet import InventoryError, load_fleet
 
     path = Path(args.path)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError) as exc:  # a name too long for the file system
+        print(f"{path}: cannot use the path: {exc}", file=sys.stderr)
+        return 2
+    if not exists:
         print(f"{path}: no such file", file=sys.stderr)
         return 2
     try:
@@ -206,11 +215,18 @@ def _depth_at(raw: str, end: int) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from decision.config import port_clash
 
     _setup_logging()
     log = logging.getLogger("infermesh.serve")
     cfg, settings = _load(args.config)
     workers = args.workers or cfg.server.workers
+    clash = port_clash(cfg.server.grpc_port if args.grpc_port is None else args.grpc_port,
+                       cfg.server.http_port if args.http_port is None else args.http_port,
+                       cfg.extproc.port if cfg.extproc.enabled else None, workers)
+    if clash:
+        print(f"infermesh: {cfg.path}: {clash}", file=sys.stderr)
+        return 2
     if workers > 1:
         from decision.workers import serve_workers
 
@@ -223,6 +239,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log.info("serving the Envoy ext_proc endpoint picker on %s:%d", cfg.server.host, service.start_extproc())
     except ValueError as exc:  # the tls: section's files (decision.tls names the one it could not use)
         print(f"infermesh: {cfg.path}: {exc}", file=sys.stderr)
+        service.stop(0)
+        return 2
+    except (RuntimeError, OSError) as exc:  # a port another process holds (grpc says RuntimeError)
+        print(f"infermesh: cannot start serving on {cfg.server.host}: {exc}", file=sys.stderr)
         service.stop(0)
         return 2
     log.info("serving gRPC on %s:%d, HTTP on %s:%d (policy %s, learner %s)", cfg.server.host, grpc_port,

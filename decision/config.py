@@ -12,7 +12,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from decision.tls import TlsConfig
@@ -29,6 +38,11 @@ class _Section(BaseModel):
 PathText = Annotated[Path, Field(strict=False)]
 
 
+# Upper bound of every interval and timeout: a thread's wait() past threading.TIMEOUT_MAX raises and
+# kills that thread (the scraper, the learner sync) long after start-up said the config was fine.
+_DAY = 86_400.0
+
+
 class ServerSection(_Section):
     host: str = "127.0.0.1"
     grpc_port: int = Field(default=50051, ge=0, le=65535)
@@ -38,8 +52,8 @@ class ServerSection(_Section):
     # threaded server with a pool of ``threads`` workers.
     kind: Literal["asyncio", "threads"] = "asyncio"
     threads: int = Field(default=32, ge=1, le=1024)
-    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
-    grace_s: float = Field(default=10.0, ge=0)
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=2**31 - 1)  # grpc takes a C int
+    grace_s: float = Field(default=10.0, ge=0, le=_DAY)
 
 
 def _scrape_url(url: str) -> str:
@@ -71,9 +85,9 @@ class ScrapeTarget(_Section):
 
 
 class TelemetrySection(_Section):
-    stale_after_s: float = Field(default=30.0, gt=0)
-    scrape_interval_s: float = Field(default=5.0, gt=0)
-    scrape_timeout_s: float = Field(default=2.0, gt=0)
+    stale_after_s: float = Field(default=30.0, gt=0, le=_DAY)
+    scrape_interval_s: float = Field(default=5.0, gt=0, le=_DAY)
+    scrape_timeout_s: float = Field(default=2.0, gt=0, le=_DAY)
     scrape: list[ScrapeTarget] = []
 
 
@@ -84,14 +98,14 @@ class LearnerSection(_Section):
     reward: dict[str, Any] = {}
     features: Literal["default", "basic"] = "default"
     # Persistence and replica merging through PostgreSQL (learners.sync), when the audit DB is on.
-    sync_interval_s: float = Field(default=5.0, gt=0)
-    snapshot_every_s: float = Field(default=60.0, gt=0)
+    sync_interval_s: float = Field(default=5.0, gt=0, le=_DAY)
+    snapshot_every_s: float = Field(default=60.0, gt=0, le=_DAY)
     replica: str = ""
 
 
 class DecisionSection(_Section):
     max_fallbacks: int = Field(default=3, ge=0, le=32)
-    outcome_timeout_s: float = Field(default=300.0, gt=0)
+    outcome_timeout_s: float = Field(default=300.0, gt=0, le=_DAY)
     max_candidates: int = Field(default=256, ge=1, le=1_000_000)
     # Score with this process's own-traffic ledger (decision/ledger.py): in-flight requests, the
     # prompts it sent still ahead in each endpoint's prefill, outcome-calibrated slowness, and the
@@ -168,7 +182,15 @@ class Settings(BaseSettings):
     data_dir: Path = Path("var")
     log_level: str = "INFO"
     replica: str = ""  # this process's replica id for learner merging (empty: single instance)
-    worker: int | None = None  # set by `serve --workers N` in each worker: its index
+    worker: int | None = Field(default=None, ge=0)  # set by `serve --workers N` in each worker: its index
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, v: str) -> str:
+        level = v.strip().upper()
+        if level not in _LOG_LEVELS:
+            raise ValueError(f"unknown log level {v!r}; known: {', '.join(_LOG_LEVELS)}")
+        return level
     otel_exporter: str = "none"  # OpenTelemetry span exporter: none | console (decision.tracing)
 
 
@@ -179,7 +201,11 @@ class ConfigError(ValueError):
 def load_config(path: str | Path) -> ServiceConfig:
     """Load and validate a service config; relative paths resolve against the file's folder."""
     p = Path(path)
-    if not p.exists():
+    try:
+        exists = p.exists()
+    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
+        raise ConfigError(f"{p}: cannot use the path: {exc}") from None
+    if not exists:
         raise ConfigError(f"{p}: no such config file")
     try:
         doc = load_located_file(p)
@@ -193,21 +219,56 @@ def load_config(path: str | Path) -> ServiceConfig:
         raise ConfigError(_located(p, doc, exc, ())) from None
     _check_audit_section(p, doc, cfg.audit)
     base = p.resolve().parent
-    updates: dict[str, Any] = {"fleet": (base / cfg.fleet).resolve()}
-    if not updates["fleet"].is_file():
-        raise ConfigError(f"{p}:{doc.line_of(('fleet',))}: fleet: not a file: {updates['fleet']}")
+
+    def located_path(field_loc: tuple[str, ...], value: str | Path, is_kind: Callable[[Path], bool] | None,
+                     kind: str) -> Path:
+        where = f"{p}:{doc.line_of(field_loc)}: {'.'.join(field_loc)}"
+        try:  # a NUL byte or a name too long for the file system: an error here, not a traceback
+            resolved = (base / value).resolve()
+            ok = is_kind is None or is_kind(resolved)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{where}: cannot use the path: {exc}") from None
+        if not ok:
+            raise ConfigError(f"{where}: not a {kind}: {resolved}")
+        return resolved
+
+    updates: dict[str, Any] = {"fleet": located_path(("fleet",), cfg.fleet, Path.is_file, "file")}
     if cfg.policies is not None:
-        updates["policies"] = (base / cfg.policies).resolve()
-        if not updates["policies"].is_dir():
-            raise ConfigError(f"{p}:{doc.line_of(('policies',))}: policies: not a folder: {updates['policies']}")
+        updates["policies"] = located_path(("policies",), cfg.policies, Path.is_dir, "folder")
     spool = cfg.audit.get("spool_dir")
     if isinstance(spool, str | Path):  # else AuditSettings names the bad value
         # Against the config's folder, as every other path here: resolved against the working directory,
         # a restart from elsewhere would open an empty spool and leave the spooled records behind.
-        updates["audit"] = {**cfg.audit, "spool_dir": (base / spool).resolve()}
+        updates["audit"] = {**cfg.audit, "spool_dir": located_path(("audit", "spool_dir"), spool, None, "")}
+    clash = port_clash(cfg.server.grpc_port, cfg.server.http_port, cfg.extproc.port if cfg.extproc.enabled else None,
+                       cfg.server.workers)
+    if clash:
+        raise ConfigError(f"{p}:{doc.line_of(('server',))}: server: {clash}")
     located = cfg.model_copy(update=updates)
     located._line_of = doc.line_of
     return located
+
+
+def port_clash(grpc_port: int, http_port: int, extproc_port: int | None, workers: int = 1) -> str:
+    """Why these ports cannot all be served ("" when they can); 0 (any free port) never clashes.
+
+    Worker ``i`` of ``serve --workers N`` serves HTTP on ``http_port + i``; gRPC and ext_proc are
+    shared by every worker. Two servers on one port would not fail to start under SO_REUSEPORT:
+    the kernel would share the port's connections between them, and half the calls would find the
+    wrong service.
+    """
+    https = [http_port + i for i in range(workers)] if http_port else []
+    if https and https[-1] > 65535:
+        return f"http_port {http_port} + {workers - 1} (one HTTP port per worker) is past 65535"
+    named = [("grpc_port", grpc_port), *(("extproc.port", extproc_port),) * (extproc_port is not None)]
+    taken = {port: name for name, port in named if port}
+    if len(taken) < sum(1 for _, port in named if port):
+        return f"grpc_port and extproc.port are both {grpc_port}"
+    for port in https:
+        if port in taken:
+            which = "http_port" if port == http_port else f"worker {port - http_port}'s HTTP port {port}"
+            return f"{which} is also {taken[port]} {port}"
+    return ""
 
 
 def _error_line(p: Path, line: int | None, loc: Sequence[str | int], message: str) -> str:
@@ -244,5 +305,14 @@ def _check_audit_section(p: Path, doc: LocatedYaml, audit: dict[str, Any]) -> No
         raise ConfigError(_located(p, doc, exc, ("audit",))) from None
 
 
+_LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
 def load_settings() -> Settings:
-    return Settings()
+    """The ``INFERMESH_*`` environment; a bad value is a :class:`ConfigError` naming its variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "INFERMESH_" + "_".join(str(x) for x in first["loc"]).upper()
+        raise ConfigError(f"environment: {name}: {first['msg']}") from None

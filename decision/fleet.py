@@ -84,17 +84,20 @@ class ModelSpec(_Strict):
 
 
 def _port_in_range(address: str) -> str:
-    port = int(address.rsplit(":", 1)[1])
+    """The address with its port checked and written canonically (``host:0080`` is ``host:80``: the
+    duplicate-address check, and the ``ip:port`` handed to proxies, compare strings)."""
+    host, digits = address.rsplit(":", 1)
+    port = int(digits)
     if not 1 <= port <= 65535:
         raise ValueError(f"port {port} is outside 1-65535")
-    return address
+    return f"{host.lower()}:{port}"
 
 
 class DeploymentSpec(_Strict):
     id: Name
     node: Name
     model: Name
-    address: Annotated[str, Field(pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$"), AfterValidator(_port_in_range)]
+    address: Annotated[str, Field(pattern=r"^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$"), AfterValidator(_port_in_range)]
     runtime: Literal["vllm", "triton"] = "vllm"
     max_concurrency: int = Field(ge=1, le=4096)
     warm: bool = True

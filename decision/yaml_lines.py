@@ -125,8 +125,10 @@ class _Walk:
         for source in merged:  # as YAML's merge key: keys written out win, then earlier sources
             if not isinstance(source, yaml.MappingNode):
                 raise self.error(source, "a merge key (<<) takes a mapping or a list of mappings")
+            written = {k: self.lines[(*loc, k)] for k in out if (*loc, k) in self.lines}
             for key, value in self.walk(source, loc).items():
                 out.setdefault(key, value)
+            self.lines.update({(*loc, k): line for k, line in written.items()})  # a key written out keeps its line
         return out
 
     def scalar(self, node: yaml.Node) -> Any:
@@ -137,6 +139,10 @@ class _Walk:
             return loader.construct_object(node, deep=True)
         except yaml.MarkedYAMLError as exc:
             raise self.error(node, str(exc.problem or exc)) from None
+        except (ValueError, OverflowError) as exc:  # 2024-02-30 resolves as a date; 5,000 digits as an int
+            text = str(node.value)
+            shown = text if len(text) <= 40 else f"{text[:37]}..."
+            raise self.error(node, f"{shown!r} is not a valid {node.tag.rsplit(':', 1)[-1]}: {exc}") from None
         finally:
             loader.dispose()
 

@@ -115,6 +115,18 @@ def test_relative_spool_dir_resolves_against_the_config_folder(tmp_path: Path) -
     # A scrape target no request could reach fails here, not at every scrape.
     ("telemetry:\n  scrape:\n    - {url: 'http://gpu-node-07:dcgm/metrics', node_id: n1}\n",
      r"c\.yaml:4: telemetry\.scrape\.0\.url: Value error, not a URL"),
+    # Values a server or thread would take at start-up and fail on later (grpc's C int, wait()'s limit).
+    ("server:\n  max_message_bytes: 4294967296\n", r"c\.yaml:3: server\.max_message_bytes: Input should be less"),
+    ("telemetry:\n  scrape_interval_s: 1.0e+10\n", r"c\.yaml:3: telemetry\.scrape_interval_s: Input should be less"),
+    ("learner:\n  sync_interval_s: 1.0e+10\n", r"c\.yaml:3: learner\.sync_interval_s: Input should be less"),
+    ("learner:\n  replica: 2024-13-01\n", r"c\.yaml:3:12: '2024-13-01' is not a valid timestamp"),
+    # Two servers on one port: under SO_REUSEPORT the kernel would share it between them.
+    ("server:\n  grpc_port: 50993\nextproc:\n  enabled: true\n  port: 50993\n",
+     r"c\.yaml:2: server: grpc_port and extproc\.port are both 50993"),
+    ("server:\n  grpc_port: 8081\n  http_port: 8080\n  workers: 2\n",
+     r"c\.yaml:2: server: worker 1's HTTP port 8081 is also grpc_port 8081"),
+    ("server:\n  http_port: 65535\n  workers: 2\n", r"c\.yaml:2: server: http_port 65535 \+ 1 .* past 65535"),
+    ("policies: " + "a" * 300 + "\n", r"c\.yaml:2: policies: cannot use the path: .*too long"),
 ])
 def test_config_values_are_not_coerced_and_the_audit_section_is_checked(tmp_path: Path, section: str,
                                                                          expected: str) -> None:
@@ -168,6 +180,47 @@ def test_what_the_config_names_wrongly_is_a_message_not_a_traceback(tmp_path: Pa
 def test_bench_decide_arguments_are_checked(args: list[str], message: str) -> None:
     proc = _run("bench", "decide", *args)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_request_json_cannot_hold_is_a_message(tmp_path: Path) -> None:
+    from decision.cli_args import UsageError, read_json_request
+
+    for name, text, message in (("big.json", '{"estimated_input_tokens": ' + "9" * 5000 + "}", "Exceeds the limit"),
+                                ("deep.json", "[" * 100_000 + "]" * 100_000, "maximum recursion depth")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UsageError, match=f"{name}: invalid JSON: {message}"):
+            read_json_request(str(tmp_path / name))
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("INFERMESH_LOG_LEVEL", "verbose", "unknown log level 'verbose'"),
+    ("INFERMESH_WORKER", "abc", "valid integer"),
+    ("INFERMESH_WORKER", "-1", "greater than or equal to 0"),
+])
+def test_a_bad_environment_setting_names_its_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str,
+                                                      message: str) -> None:
+    from decision.config import ConfigError, load_settings
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=f"environment: {name}: .*{message}"):
+        load_settings()
+    monkeypatch.setenv("INFERMESH_LOG_LEVEL", "debug")
+    monkeypatch.delenv("INFERMESH_WORKER", raising=False)
+    assert load_settings().log_level == "DEBUG"
+
+
+def test_serve_on_a_port_another_process_holds_is_a_message(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"fleet: {ROOT / 'deploy/demo/fleet.yaml'}\naudit:\n  enabled: false\nserver:\n"
+                       f"  grpc_port: {held.getsockname()[1]}\n  http_port: 0\n")
+        proc = _run("serve", "--config", str(cfg))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "infermesh: cannot start serving on 127.0.0.1: Failed to bind" in proc.stderr
 
 
 def test_an_unreadable_request_file_is_a_message(tmp_path: Path) -> None:

@@ -143,6 +143,22 @@ def test_an_address_port_outside_the_tcp_range_is_refused(tmp_path: Path) -> Non
     assert issue.line == text[:first.start()].count("\n") + 1
 
 
+def test_an_address_port_takes_ascii_digits_and_is_compared_as_a_number(tmp_path: Path) -> None:
+    text = (Path(__file__).parent.parent / "deploy/demo/fleet.yaml").read_text()
+    found = re.findall(r"address: '?([^':\s]+):(\d+)", text)
+    (host0, port0), (host1, port1) = found[0], found[1]
+    p = tmp_path / "port.yaml"
+    p.write_text(text.replace(f"{host0}:{port0}", f"{host0}:{chr(0x0668)}000", 1))
+    with pytest.raises(InventoryError) as err:  # an Arabic-Indic digit would have passed as port 8000
+        load_fleet(p)
+    assert _plain(err.value.issues[0].field) == "deployments[0].address"
+    same = text.replace(f"{host1}:{port1}", f"{host0.upper()}:0{port0}", 1)
+    p.write_text(same)
+    with pytest.raises(InventoryError) as err:
+        load_fleet(p)
+    assert any(f"address {host0.lower()}:{port0} already used" in i.message for i in err.value.issues)
+
+
 def test_conflicting_or_self_links_and_an_empty_inventory_are_refused(tmp_path: Path) -> None:
     import yaml
 

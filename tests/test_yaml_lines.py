@@ -65,6 +65,18 @@ def test_merge_keys_take_a_mappings_keys_and_the_written_ones_win() -> None:
                                  {"id": "n2", "gpu_count": 2, "gpu_type": "H100", "watts": 700}]
     assert doc.line_of(("nodes", 1, "id")) == 7
     assert "a merge key (<<) takes a mapping" in str(_error("a:\n  <<: 5\n"))
+    # A key written out keeps its own line (an error in it must not point at the anchor's).
+    assert doc.line_of(("nodes", 1, "gpu_count")) == 8 and doc.line_of(("nodes", 1, "watts")) == 2
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("id: n1\nday: 2024-02-30\n", "'2024-02-30' is not a valid timestamp: day is out of range"),
+    ("id: n1\nreplica: 2024-13-01\n", "'2024-13-01' is not a valid timestamp: month must be in 1..12"),
+    ("id: n1\ncount: " + "9" * 5000 + "\n", "'" + "9" * 37 + "...' is not a valid int: Exceeds the limit"),
+])
+def test_a_scalar_its_type_cannot_hold_is_a_located_error(text: str, message: str) -> None:
+    err = _error(text)
+    assert err.line == 2 and message in str(err)
 
 
 @pytest.mark.parametrize(("text", "line", "message"), [
