@@ -213,7 +213,8 @@ class DecisionEngine:
         self._learn_lock = threading.RLock()
         self.stats: dict[str, int] = {"decisions": 0, "denied": 0, "quota_denied": 0, "outcomes": 0,
                                       "outcomes_missing": 0, "outcomes_duplicate": 0, "outcomes_late": 0,
-                                      "outcomes_elsewhere": 0, "outcomes_by_fallback": 0, "updates_refused": 0}
+                                      "outcomes_elsewhere": 0, "outcomes_by_fallback": 0, "updates_refused": 0,
+                                      "expiries_unlogged": 0}
         # Called with each decision's stage times (µs) once it is made (metrics, benchmarks).
         self.on_stages: Callable[[Mapping[str, float]], None] | None = None
 
@@ -421,17 +422,17 @@ class DecisionEngine:
 
     # -- outcomes --
     def _remember(self, decision_id: str, pending: _Pending, now: float, prefill_s: float) -> None:
-        expired: list[_Pending] = []
+        expired: list[tuple[str, _Pending]] = []
         eid = pending.endpoint_id
         with self._lock:
             self._pending[decision_id] = pending
             self.ledger.sent(eid, now, prefill_s)
             while len(self._pending) > self.max_pending:
                 did, oldest = self._pending.popitem(last=False)
-                expired.append(self._release(oldest))
+                expired.append((did, self._release(oldest)))
                 put_bounded(self._expired, did, oldest, self.max_pending)
-        for p in expired:
-            self._learn_missing(p)
+        for did, p in expired:
+            self._learn_missing(did, p, f"more than {self.max_pending} decisions were waiting for theirs")
 
     def _forget(self, decision_id: str) -> None:
         """Drop a remembered decision that was not answered after all (no outcome will come)."""
@@ -449,11 +450,21 @@ class DecisionEngine:
         """Decisions routed to ``endpoint_id`` whose outcome has not come back (nor timed out)."""
         return self.ledger.inflight(endpoint_id)
 
-    def _learn_missing(self, p: _Pending) -> None:
-        """A decision whose outcome never came: a failure signal for the learner."""
+    def _learn_missing(self, decision_id: str, p: _Pending, why: str) -> None:
+        """A decision whose outcome never came: a failure signal for the learner, and a timeout outcome
+        in the audit log with the reward learnt, so a restore replays it and a late outcome reaching
+        another replica (or this one after a restart) is recorded there without being learnt again."""
         self.stats["outcomes_missing"] += 1
-        missing = Outcome("", OutcomeStatus.TIMEOUT)
-        self._learn(p.features, self.reward(p.ctx, missing, p.expected_ttft_ms, p.cost_per_1k_tokens))
+        missing = Outcome(decision_id, OutcomeStatus.TIMEOUT, error=f"{EXPIRED_PREFIX}{why}")
+        reward = self.reward(p.ctx, missing, p.expected_ttft_ms, p.cost_per_1k_tokens)
+        with self._learn_lock:  # stamped and learnt as one (see outcome_barrier)
+            if self.audit is not None:
+                try:
+                    self.audit.submit_outcome(outcome_event(missing, reward, self.clock()))
+                except Exception as exc:  # learnt all the same; only a restore will not see it
+                    self.stats["expiries_unlogged"] += 1
+                    log.warning("could not log the timeout of decision %s: %s", decision_id, exc)
+            self._learn(p.features, reward)
 
     def _learn(self, features: tuple[float, ...], reward: float) -> None:
         """The acting learner and every shadow learn from the acting policy's logged outcome."""
@@ -493,7 +504,7 @@ class DecisionEngine:
             if did in elsewhere:
                 self.stats["outcomes_elsewhere"] += 1
             else:
-                self._learn_missing(p)
+                self._learn_missing(did, p, f"no outcome was reported within {self.outcome_timeout_s:g} s")
         return len(expired)
 
     def report_outcome(self, outcome: Outcome) -> OutcomeResult:
@@ -557,6 +568,8 @@ class DecisionEngine:
                 raise InvalidArgument("decision_id", f"decision {did!r} was {status}, not routed; it has no outcome")
             assert record is not None  # a routed decision found in the log
             stored = record.get("outcome")
+            if stored and is_expiry(stored):  # the deciding replica learnt a timeout: record, learn nothing
+                return self._record_late_elsewhere(outcome, record)
             if stored:  # reported before: idempotent across restarts too (the log keeps the first)
                 prior = stored.get("reward")
                 with self._lock:
@@ -579,6 +592,22 @@ class DecisionEngine:
             self._expired.pop(did, None)
         self.stats["outcomes"] += 1
         return OutcomeResult(did, True, False, reward)
+
+    def _record_late_elsewhere(self, outcome: Outcome, record: Mapping[str, Any]) -> OutcomeResult:
+        """An outcome for a decision whose deciding replica already logged a timeout (and learnt it):
+        kept in the log after that timeout (``outcome_conflicts``), counted against the tenant's
+        tokens, not learnt again."""
+        did = outcome.decision_id
+        self.stats["outcomes_late"] += 1
+        self._audit_outcome(outcome, None, None)
+        held = _logged_hold(record)
+        if held is not None:
+            held_ctx, decided_at = held
+            self._guard.settle(held_ctx, outcome, decided_at)
+        with self._lock:
+            put_bounded(self._reported, did, None, self.max_pending)
+        self.stats["outcomes"] += 1
+        return OutcomeResult(did, True, False, None)
 
     def _audit_outcome(self, outcome: Outcome, reward: float | None, pending: _Pending | None) -> None:
         """Submit the outcome to the audit log; when it refuses, keep ``pending`` for the caller's retry."""
@@ -622,6 +651,15 @@ class DecisionEngine:
 
     def pending_outcomes(self) -> int:
         return len(self._pending)
+
+
+# The error of a timeout the service logs for a decision whose outcome never came (see _learn_missing).
+EXPIRED_PREFIX = "expired: "
+
+
+def is_expiry(stored: Mapping[str, Any]) -> bool:
+    """Whether a logged outcome is a timeout the service recorded (not one a client reported)."""
+    return stored.get("status") == "timeout" and str(stored.get("error") or "").startswith(EXPIRED_PREFIX)
 
 
 def _logged_hold(record: Mapping[str, Any]) -> tuple[RequestContext, float] | None:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psycopg
 import pytest
 
@@ -126,6 +127,46 @@ def test_writer_is_idempotent_and_chain_detects_an_altered_row(db: str, demo_fle
     report = verify(db)
     assert not report.ok and report.broken is not None
     assert report.broken.decision_id == victim and "altered" in report.broken.problem
+
+
+def test_a_timeout_is_logged_so_a_restore_replays_it_and_a_late_outcome_elsewhere_is_not_learnt_again(
+        db: str, demo_fleet: Fleet, tmp_path: Path) -> None:
+    from learners.features import FEATURE_NAMES, RouteFeatures
+    from learners.linucb import LinUCB
+    from learners.store import LearnerStore
+    from learners.sync import LearnerSync
+
+    clock = [time.time()]
+    w = AuditWriter(db, AuditSettings(spool_dir=tmp_path))
+    repo = AuditRepository(db)
+
+    def replica() -> tuple[DecisionEngine, LinUCB]:
+        learner = LinUCB(len(FEATURE_NAMES), seed=1)
+        store = TelemetryStore({e.endpoint_id: e.node_id for e in demo_fleet.endpoints}, clock=lambda: clock[0])
+        return DecisionEngine(demo_fleet, store, BuiltinHealthGuard(), learner, features=RouteFeatures(), audit=w,
+                              traces=repo, outcome_timeout_s=10.0, clock=lambda: clock[0]), learner
+
+    a, learner_a = replica()
+    d = a.decide(ctx(1))
+    clock[0] += 11.0
+    assert a.expire_outcomes() == 1 and learner_a.n_updates == 1
+    assert w.flush(10)
+    # A restarted single instance replays the timeout from the log, as it does a reported outcome.
+    restored = LinUCB(len(FEATURE_NAMES), seed=1)
+    assert LearnerSync(restored, LearnerStore(db), FEATURE_NAMES).restore().replayed == 1
+    np.testing.assert_allclose(restored.stats.A, learner_a.stats.A)
+    # The real outcome, late, reaches another replica: kept in the log after the timeout, not learnt there.
+    b, learner_b = replica()
+    late = b.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=120.0))
+    assert (late.accepted, late.duplicate, late.reward) == (True, False, None) and learner_b.n_updates == 0
+    assert w.flush(10)
+    stored = repo.get_decision(d.decision_id)
+    assert stored is not None and stored["outcome"]["status"] == "timeout"
+    assert [o["status"] for o in stored["conflicting_outcomes"]] == ["ok"]
+    assert b.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=120.0)).duplicate
+    assert verify(db).ok
+    w.close()
+    repo.close()
 
 
 def test_verify_detects_a_deleted_row(db: str, demo_fleet: Fleet, tmp_path: Path) -> None:

@@ -116,10 +116,14 @@ def test_a_late_outcome_is_audited_but_not_learnt_twice() -> None:
     engine, learner = _engine(audit, clock)
     d = engine.decide(RequestContext("r1", "acme", model="llama-3.1-8b"))
     clock[0] += 11.0
-    assert engine.expire_outcomes() == 1 and learner.n_updates == 1  # learnt as a timeout
+    assert engine.expire_outcomes() == 1 and learner.n_updates == 1  # learnt as a timeout...
+    (expiry,) = audit.outcomes  # ...and logged as one, with the reward learnt (a restore replays it)
+    assert expiry["status"] == "timeout" and expiry["error"].startswith("expired: no outcome was reported within 10")
+    assert expiry["reward"] is not None
     late = engine.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=90.0))
     assert (late.accepted, late.duplicate, late.reward) == (True, False, None)  # recorded, not "already recorded"
-    assert [o["decision_id"] for o in audit.outcomes] == [d.decision_id] and learner.n_updates == 1
+    assert [(o["decision_id"], o["status"], o["reward"]) for o in audit.outcomes[1:]] == [(d.decision_id, "ok", None)]
+    assert learner.n_updates == 1
     assert engine.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=90.0)).duplicate
 
 
