@@ -14,7 +14,9 @@
 Replay is exact for a single replica. With several replicas, the increments of a replica that
 crashed between syncs (at most one interval of its outcomes) are lost unless ``replay=True`` is
 used, which would double-count the other replicas' outcomes of that window; the default for a
-replica (``replica`` not empty) is therefore not to replay.
+replica (``replica`` not empty) is therefore not to replay. Nor does a single instance replay a
+history that is not only its own (a snapshot or newer deltas another replica wrote, e.g. after
+``serve --workers N`` ran on the same database): it takes their deltas instead.
 """
 
 from __future__ import annotations
@@ -128,12 +130,18 @@ class LearnerSync:
                 self._marks = dict(snap.delta_marks)
                 watermark = snap.watermark
             n_deltas = 0
-            do_replay = replay if replay is not None else not self.replica
+            deltas = self.store.read_deltas(learner=name, version=version, after=self._marks) if lin else []
+            # The log holds every replica's outcomes; replaying it on top of another replica's state or
+            # deltas would learn theirs twice. A single instance replays only a history that is its own.
+            foreign = (snap is not None and snap.replica != self.replica) or any(
+                d.replica != self.replica for d in deltas)
+            do_replay = replay if replay is not None else not self.replica and not foreign
             if lin is not None:
                 # Replaying the log re-learns this instance's own outcomes since the snapshot, which its
                 # own deltas already hold: fold in only the other replicas' deltas then, or they count twice.
-                for d in self.store.read_deltas(learner=name, version=version, after=self._marks,
-                                                exclude_replica=self.replica if do_replay else None):
+                for d in deltas:
+                    if do_replay and d.replica == self.replica:
+                        continue
                     self._merge(lin, d.replica, d.seq, d.dA, d.db, d.dn)
                     n_deltas += 1
                 self._seq = own_last

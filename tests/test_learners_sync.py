@@ -218,3 +218,21 @@ def test_a_damaged_newest_snapshot_falls_back_to_the_one_before_it(fresh_pg_url:
     b = LinUCB(D, seed=2)
     report = LearnerSync(b, LearnerStore(fresh_pg_url), FEATURE_NAMES, replica="b").restore()
     assert report.snapshot_id == good and b.n_updates == 1
+
+
+def test_a_single_instance_after_replicas_takes_their_deltas_and_does_not_replay_their_outcomes(
+        fresh_pg_url: str) -> None:
+    # `serve --workers 2` ran on this database, then one process (replica "") starts on it.
+    migrate(fresh_pg_url)
+    w0, w1 = LinUCB(D, seed=5), LinUCB(D, seed=6)
+    s0 = LearnerSync(w0, LearnerStore(fresh_pg_url), FEATURE_NAMES, replica="host-w0", clock=lambda: 1_000.0)
+    s1 = LearnerSync(w1, LearnerStore(fresh_pg_url), FEATURE_NAMES, replica="host-w1", clock=lambda: 1_000.0)
+    s1.snapshot()
+    eng, rng = _engine(w0, 5)
+    after = _traffic(eng, rng, 10)  # w0 learns these, pushes them as its delta, and the log holds them
+    s0.sync()
+    _log(fresh_pg_url, [], after)
+    single = LinUCB(D, seed=5)
+    report = LearnerSync(single, LearnerStore(fresh_pg_url), FEATURE_NAMES).restore()
+    assert (report.deltas, report.replayed) == (1, 0)
+    assert single.n_updates == 10  # each outcome once (was 20: the delta and the replay)
