@@ -143,6 +143,14 @@ class ExtProcSection(_Section):
     # Header names and defaults: the fields of decision.extproc_config.ExtProcConfig.
     settings: dict[str, Any] = {}
 
+    @field_validator("settings")
+    @classmethod
+    def _known_settings(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from decision.extproc_config import ExtProcConfig
+
+        ExtProcConfig.from_mapping(v)  # its ValueError names the setting; checked at load, not at start
+        return v
+
 
 class ServiceConfig(_Section):
     fleet: PathText

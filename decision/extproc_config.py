@@ -8,6 +8,7 @@ Extension's endpoint-picker protocol, so a stock inference gateway needs no chan
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ DESTINATION_HEADER = "x-gateway-destination-endpoint"
 DESTINATION_SERVED_KEY = "x-gateway-destination-endpoint-served"
 LB_NAMESPACE = "envoy.lb"
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+_HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")  # an RFC 9110 token, lower case (HTTP/2)
 PROBED_NAMES: tuple[str, ...] = ("", "liveness", "readiness")  # health names endpoint-picker deployments probe
 
 
@@ -80,6 +82,23 @@ class ExtProcConfig:
             "max_cost_header", "model_header", "request_id_header"))
 
     def __post_init__(self) -> None:
+        # Checked here, not when the first request reads a header named 5: the service must not start on it.
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if name.endswith("_header"):
+                if not isinstance(value, str) or not _HEADER_NAME.fullmatch(value):
+                    raise ValueError(f"extproc.{name}: must be an HTTP header name, not {value!r}")
+            elif name.startswith("max_"):
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ValueError(f"extproc.{name}: must be a whole number of bytes >= 1, not {value!r}")
+            elif name == "model_aliases":
+                if not isinstance(value, Mapping) or not all(
+                        isinstance(k, str) and isinstance(v, str) and k and v for k, v in value.items()):
+                    raise ValueError(f"extproc.model_aliases: must map names to names, not {value!r}")
+            elif not isinstance(value, str):
+                raise ValueError(f"extproc.{name}: must be text, not {value!r}")
+        if not self.metadata_namespace:
+            raise ValueError("extproc.metadata_namespace: must not be empty")
         if self.response_phase not in ("observer", "inline"):
             raise ValueError(f"extproc.response_phase: must be 'observer' or 'inline', not {self.response_phase!r}")
 

@@ -127,6 +127,7 @@ def test_relative_spool_dir_resolves_against_the_config_folder(tmp_path: Path) -
      r"c\.yaml:2: server: worker 1's HTTP port 8081 is also grpc_port 8081"),
     ("server:\n  http_port: 65535\n  workers: 2\n", r"c\.yaml:2: server: http_port 65535 \+ 1 .* past 65535"),
     ("policies: " + "a" * 300 + "\n", r"c\.yaml:2: policies: cannot use the path: .*too long"),
+    ("extproc:\n  settings: {tenant_header: 5}\n", r"c\.yaml:3: extproc\.settings: .*extproc\.tenant_header: must"),
 ])
 def test_config_values_are_not_coerced_and_the_audit_section_is_checked(tmp_path: Path, section: str,
                                                                          expected: str) -> None:
