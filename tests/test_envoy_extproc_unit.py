@@ -370,7 +370,8 @@ def test_config_from_mapping_rejects_unknown_keys() -> None:
     for bad, field in (({"tenant_header": 5}, "tenant_header"), ({"model_header": "x model"}, "model_header"),
                        ({"max_request_body_bytes": "16M"}, "max_request_body_bytes"),
                        ({"max_response_json_bytes": True}, "max_response_json_bytes"),
-                       ({"model_aliases": {"gpt-4o": 3}}, "model_aliases"), ({"default_tenant": None}, "default_tenant")):
+                       ({"model_aliases": {"gpt-4o": 3}}, "model_aliases"),
+                       ({"default_tenant": None}, "default_tenant")):
         with pytest.raises(ValueError, match=f"extproc.{field}: must"):
             ExtProcConfig.from_mapping(bad)
 
