@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -55,8 +56,29 @@ def read_json_request(path: str) -> tuple[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: cannot read the request: {exc}") from None
     try:
-        return raw, json.loads(raw)
+        data = json.loads(raw, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as dup:  # json.loads would keep the last and drop the other without a word
+        found = list(re.finditer(re.escape(json.dumps(dup.key)) + r"\s*:", raw))
+        line = raw.count("\n", 0, found[-1].start()) + 1 if found else None
+        raise UsageError(f"{path}{f':{line}' if line else ''}: duplicate key {dup.key!r}") from None
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
     except (ValueError, RecursionError) as exc:  # a 5,000-digit number; arrays nested thousands deep
         raise UsageError(f"{path}: invalid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}:1: a request is a JSON object, not {type(data).__name__}")
+    return raw, data
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out

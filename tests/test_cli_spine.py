@@ -191,6 +191,12 @@ def test_a_request_json_cannot_hold_is_a_message(tmp_path: Path) -> None:
         (tmp_path / name).write_text(text)
         with pytest.raises(UsageError, match=f"{name}: invalid JSON: {message}"):
             read_json_request(str(tmp_path / name))
+    for name, text, message in (("dup.json", '{"tenant": "a",\n "model": "m",\n "tenant": "b"}',
+                                 ":3: duplicate key 'tenant'"),
+                                ("list.json", '[{"tenant": "a"}]', ":1: a request is a JSON object, not list")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UsageError, match=f"{name}{message}"):
+            read_json_request(str(tmp_path / name))
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [
