@@ -122,6 +122,7 @@ local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
 redis.call('DEL', KEYS[1])
 local key, r, t = string.match(v, '^(.*) (%-?%d+) (%-?%d+)$')
+if redis.call('EXISTS', key) == 0 then return 0 end  -- its window expired: nothing left to take from
 redis.call('HINCRBY', key, 'requests', -tonumber(r))
 redis.call('HINCRBY', key, 'tokens', -tonumber(t))
 return 1

@@ -195,6 +195,20 @@ def test_quota_shared_across_two_engines_in_redis(demo_fleet: Fleet, redis_url: 
     assert (usage.requests, usage.tokens) == (limit, limit * 15)
 
 
+def test_a_give_back_after_its_window_expired_leaves_no_key_behind(redis_url: str) -> None:
+    import redis
+
+    prefix = f"infermesh-test:{uuid.uuid4().hex[:8]}"
+    counters = RedisQuotaCounters(redis_url, prefix=prefix)
+    now = time.time()
+    counters.reserve("t", now, 1, 50, hold="h1")
+    client = redis.Redis.from_url(redis_url)
+    client.delete(counters._key("t", now))  # the window's key expired before the share came back
+    counters.give_back("t", now, 1, 50, hold="h1")
+    assert client.exists(counters._key("t", now)) == 0  # not recreated without a TTL, at -1 / -50
+    client.delete(counters._hold_key("t", "h1"))
+
+
 def test_quota_is_never_overshot_by_concurrent_decisions(demo_fleet: Fleet, redis_url: str) -> None:
     # Two replicas, eight threads, one tenant: a read-then-add would let several decisions see the
     # last free unit at once. Holding the share first lets exactly `limit` through.
