@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import io
 import json
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -228,8 +229,8 @@ def test_detail_why_stats_and_exports(client: TestClient, world: dict[str, str])
     assert "/v1/decisions" in client.get("/openapi.json").json()["paths"]
 
 
-@pytest.mark.chromium
-def test_page_renders_why_this_route_in_headless_chromium(world: dict[str, str], tmp_path: Path) -> None:
+def _page(world: dict[str, str], tmp_path: Path, fragment: str) -> tuple[bytes, str]:
+    """The auditors' page at ``/audit#<fragment>`` in headless Chromium: (PNG screenshot, DOM)."""
     import threading
 
     import uvicorn
@@ -244,7 +245,7 @@ def test_page_renders_why_this_route_in_headless_chromium(world: dict[str, str],
     while not server.started:
         pass
     port = server.servers[0].sockets[0].getsockname()[1]
-    url = f"http://127.0.0.1:{port}/audit#key={world['auditor']}&id={world['acme_id']}"
+    url = f"http://127.0.0.1:{port}/audit#{fragment}"
     flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
              "--window-size=1280,900"]
@@ -256,7 +257,12 @@ def test_page_renders_why_this_route_in_headless_chromium(world: dict[str, str],
     finally:
         server.should_exit = True
         t.join(10)
-    data = shot.read_bytes()
+    return shot.read_bytes(), dom
+
+
+@pytest.mark.chromium
+def test_page_renders_why_this_route_in_headless_chromium(world: dict[str, str], tmp_path: Path) -> None:
+    data, dom = _page(world, tmp_path, f"key={world['auditor']}&id={world['acme_id']}")
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (width, height) == (1280, 900)
@@ -266,6 +272,19 @@ def test_page_renders_why_this_route_in_headless_chromium(world: dict[str, str],
                            (world["acme_id"],)).fetchone()
     assert row is not None
     assert 'class="chosen"' in dom and row[0] in dom
+
+
+@pytest.mark.chromium
+def test_page_searches_with_the_filters_a_link_carries(world: dict[str, str], tmp_path: Path) -> None:
+    # Tenant, outcome and a local time (sent as an instant with its zone, as the API requires).
+    _, dom = _page(world, tmp_path, f"key={world['auditor']}&tenant=globex&outcome=none&from=2000-01-01T00:00")
+    body = dom[dom.index('<table id="results">'):dom.index('<button id="more"')]
+    rows = re.findall(r'<tr class="pick">(.*?)</tr>', body)
+    with psycopg.connect(world["url"]) as conn:
+        expected = conn.execute("SELECT count(*) FROM decision_events d WHERE tenant = 'globex' AND NOT EXISTS "
+                                "(SELECT 1 FROM outcomes o WHERE o.decision_id = d.decision_id)").fetchone()
+    assert expected is not None and len(rows) == expected[0] > 0, dom[-2000:]
+    assert all("<td>globex</td>" in r and "<td>-</td>" in r for r in rows)
 
 
 def test_checkpoint_lists_every_chain_head_for_unscoped_keys_only(client: TestClient, world: dict[str, str]) -> None:
