@@ -333,6 +333,8 @@ class Service:
             self.http.stop()
         self.scraper.stop()
         self._expiry_stop.set()
+        if self._expiry.is_alive():  # a timeout it is learning now must be in the final snapshot and the log
+            self._expiry.join(10)
         if self.policies.stop is not None:
             self.policies.stop()
         if self.learner_sync is not None:
