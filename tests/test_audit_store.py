@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,9 @@ from decision.engine import DecisionEngine, decision_event
 from decision.fleet import Fleet
 from decision.health_guard import BuiltinHealthGuard
 from decision.telemetry import TelemetryStore
+from learners.features import FEATURE_NAMES, RouteFeatures
 from learners.least_ttft import LeastExpectedTtft
+from learners.linucb import LinUCB
 
 
 def make_engine(fleet: Fleet, sink: Any = None, reader: Any = None) -> DecisionEngine:
@@ -129,22 +131,29 @@ def test_writer_is_idempotent_and_chain_detects_an_altered_row(db: str, demo_fle
     assert report.broken.decision_id == victim and "altered" in report.broken.problem
 
 
-def test_a_timeout_is_logged_so_a_restore_replays_it_and_a_late_outcome_elsewhere_is_not_learnt_again(
-        db: str, demo_fleet: Fleet, tmp_path: Path) -> None:
-    from learners.features import FEATURE_NAMES, RouteFeatures
-    from learners.linucb import LinUCB
-    from learners.store import LearnerStore
-    from learners.sync import LearnerSync
-
+def _replicas_sharing_a_log(db: str, fleet: Fleet, spool: Path) -> tuple[
+        AuditWriter, AuditRepository, list[float], Callable[[], tuple[DecisionEngine, LinUCB]]]:
+    """One audit writer and reader shared by replicas, a clock they share, and how to start one (LinUCB,
+    outcome timeout 10 s)."""
     clock = [time.time()]
-    w = AuditWriter(db, AuditSettings(spool_dir=tmp_path))
+    w = AuditWriter(db, AuditSettings(spool_dir=spool))
     repo = AuditRepository(db)
 
     def replica() -> tuple[DecisionEngine, LinUCB]:
         learner = LinUCB(len(FEATURE_NAMES), seed=1)
-        store = TelemetryStore({e.endpoint_id: e.node_id for e in demo_fleet.endpoints}, clock=lambda: clock[0])
-        return DecisionEngine(demo_fleet, store, BuiltinHealthGuard(), learner, features=RouteFeatures(), audit=w,
+        store = TelemetryStore({e.endpoint_id: e.node_id for e in fleet.endpoints}, clock=lambda: clock[0])
+        return DecisionEngine(fleet, store, BuiltinHealthGuard(), learner, features=RouteFeatures(), audit=w,
                               traces=repo, outcome_timeout_s=10.0, clock=lambda: clock[0]), learner
+
+    return w, repo, clock, replica
+
+
+def test_a_timeout_is_logged_so_a_restore_replays_it_and_a_late_outcome_elsewhere_is_not_learnt_again(
+        db: str, demo_fleet: Fleet, tmp_path: Path) -> None:
+    from learners.store import LearnerStore
+    from learners.sync import LearnerSync
+
+    w, repo, clock, replica = _replicas_sharing_a_log(db, demo_fleet, tmp_path)
 
     a, learner_a = replica()
     d = a.decide(ctx(1))
@@ -616,18 +625,7 @@ def test_a_bad_checkpoint_file_is_named_with_its_line_and_field(db: str, tmp_pat
 def test_an_outcome_reported_to_another_replica_is_learnt_there_once(db: str, demo_fleet: Fleet,
                                                                      tmp_path: Path) -> None:
     # Two replicas sharing one audit log, a client whose outcome reaches the one that did not decide.
-    from learners.features import FEATURE_NAMES, RouteFeatures
-    from learners.linucb import LinUCB
-
-    clock = [time.time()]
-    w = AuditWriter(db, AuditSettings(spool_dir=tmp_path))
-    repo = AuditRepository(db)
-
-    def replica() -> tuple[DecisionEngine, LinUCB]:
-        learner = LinUCB(len(FEATURE_NAMES), seed=1)
-        store = TelemetryStore({e.endpoint_id: e.node_id for e in demo_fleet.endpoints}, clock=lambda: clock[0])
-        return DecisionEngine(demo_fleet, store, BuiltinHealthGuard(), learner, features=RouteFeatures(), audit=w,
-                              traces=repo, outcome_timeout_s=10.0, clock=lambda: clock[0]), learner
+    w, repo, clock, replica = _replicas_sharing_a_log(db, demo_fleet, tmp_path)
 
     (a, learner_a), (b, learner_b) = replica(), replica()
     d = a.decide(ctx(1))
