@@ -89,15 +89,12 @@ def explain(request: dict[str, Any], fleet_path: Path, policies: Path) -> dict[s
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from decision.cli_args import UsageError, read_json_request
-    from decision.errors import DecisionError, InvalidArgument
+    from decision.errors import DecisionError
     from decision.fleet import InventoryError
     from policies.errors import BundleError
 
     try:
-        _, request = read_json_request(args.request)
-        if not isinstance(request, dict):
-            raise InvalidArgument("(request)", "expected a JSON object of DecideRequest fields, "
-                                               f"not {type(request).__name__}")
+        _, request = read_json_request(args.request)  # a JSON object, or a UsageError
         report = explain(request, Path(args.fleet), _dir(args.policies))
     except UsageError as exc:
         print(exc, file=sys.stderr)

@@ -74,7 +74,7 @@ def test_explain_sees_the_modality_a_decide_sees_and_says_the_cost_cap_is_not_ju
 
 @pytest.mark.parametrize(("body", "code", "message"), [
     ('{"request_id": "r",\n "tenant": 5', 2, "r.json:2:13: invalid JSON"),
-    ("[1]", 1, "expected a JSON object of DecideRequest fields, not list"),
+    ("[1]", 2, "r.json:1: a request is a JSON object, not list"),
     ('{"request_id": "r", "tenant": "acme", "model": "nope"}', 1, "NotFound: unknown model 'nope'"),
     # A Decide refuses it; explain used to skip the request checks and report on it.
     ('{"request_id": "r", "tenant": "acme", "model": "llama-3.1-8b", "ttft_target_ms": "NaN"}', 1,
