@@ -198,7 +198,10 @@ class DecisionEngine:
         self._reporting: set[str] = set()  # outcomes being recorded now (see report_outcome)
         # Decisions whose outcome did not come in time: a timeout was learnt; a late outcome is still
         # audited, and trues up the tenant's tokens (what the request held is kept for that).
-        self._expired: dict[str, _Pending] = {}
+        self._expired: dict[str, tuple[RequestContext, float]] = {}  # -> (request, decided_at)
+        # Past their deadline and being timed out now (off _pending, not yet learnt): an outcome that
+        # arrives meanwhile takes the decision back and is recorded as in time.
+        self._expiring: dict[str, _Pending] = {}
         # Recent denials (id -> status): an outcome for one is refused the same way at once, not
         # NOT_FOUND until the audit writer has stored the denial and INVALID_ARGUMENT after.
         self._denied: dict[str, str] = {}
@@ -422,17 +425,31 @@ class DecisionEngine:
 
     # -- outcomes --
     def _remember(self, decision_id: str, pending: _Pending, now: float, prefill_s: float) -> None:
-        expired: list[tuple[str, _Pending]] = []
+        expired: list[str] = []
         eid = pending.endpoint_id
         with self._lock:
             self._pending[decision_id] = pending
             self.ledger.sent(eid, now, prefill_s)
             while len(self._pending) > self.max_pending:
                 did, oldest = self._pending.popitem(last=False)
-                expired.append((did, self._release(oldest)))
-                put_bounded(self._expired, did, oldest, self.max_pending)
-        for did, p in expired:
-            self._learn_missing(did, p, f"more than {self.max_pending} decisions were waiting for theirs")
+                self._expiring[did] = self._release(oldest)
+                expired.append(did)
+        for did in expired:
+            self._time_out(did, f"more than {self.max_pending} decisions were waiting for theirs")
+
+    def _time_out(self, decision_id: str, why: str) -> None:
+        """Learn and log the timeout of an expiring decision, unless its outcome came meanwhile.
+
+        Under the learning lock from the moment it counts as expired: a late outcome (which takes that
+        lock to be logged) is then logged after the timeout, never before it.
+        """
+        with self._learn_lock:
+            with self._lock:
+                p = self._expiring.pop(decision_id, None)
+                if p is None:  # an outcome took it back: recorded as in time
+                    return
+                put_bounded(self._expired, decision_id, (p.ctx, p.decided_at), self.max_pending)
+            self._learn_missing(decision_id, p, why)
 
     def _forget(self, decision_id: str) -> None:
         """Drop a remembered decision that was not answered after all (no outcome will come)."""
@@ -492,7 +509,7 @@ class DecisionEngine:
                     break
                 self._release(self._pending.popitem(last=False)[1])
                 expired.append((did, p))
-                put_bounded(self._expired, did, p, self.max_pending)
+                self._expiring[did] = p
         elsewhere: set[str] = set()
         if expired and isinstance(self.traces, OutcomeLookup):
             try:
@@ -500,11 +517,14 @@ class DecisionEngine:
             except Exception:  # the log is down: a timeout is what this replica knows
                 log.warning("could not ask the audit log which of %d expired decisions have outcomes", len(expired),
                             exc_info=True)
-        for did, p in expired:
-            if did in elsewhere:
+        for did, _ in expired:
+            if did in elsewhere:  # learnt there; an outcome retried here later is a duplicate, not late
+                with self._lock:
+                    if self._expiring.pop(did, None) is not None:
+                        put_bounded(self._reported, did, None, self.max_pending)
                 self.stats["outcomes_elsewhere"] += 1
             else:
-                self._learn_missing(did, p, f"no outcome was reported within {self.outcome_timeout_s:g} s")
+                self._time_out(did, f"no outcome was reported within {self.outcome_timeout_s:g} s")
         return len(expired)
 
     def report_outcome(self, outcome: Outcome) -> OutcomeResult:
@@ -517,8 +537,9 @@ class DecisionEngine:
             pending = self._pending.pop(did, None)
             if pending is not None:
                 self._release(pending)
-            else:
-                pending = self._unrecorded.pop(did, None)  # a retry after the audit log refused it
+            else:  # being timed out right now (released already): in time after all; or a retry after
+                # the audit log refused it
+                pending = self._expiring.pop(did, None) or self._unrecorded.pop(did, None)
             if pending is None and (did in self._reported or did in self._reporting):  # reported, or being now
                 self.stats["outcomes_duplicate"] += 1
                 return OutcomeResult(did, True, True, self._reported.get(did))
@@ -531,7 +552,8 @@ class DecisionEngine:
             with self._lock:
                 self._reporting.discard(did)
 
-    def _record_outcome(self, outcome: Outcome, pending: _Pending | None, late: _Pending | None) -> OutcomeResult:
+    def _record_outcome(self, outcome: Outcome, pending: _Pending | None,
+                        late: tuple[RequestContext, float] | None) -> OutcomeResult:
         did = outcome.decision_id
         reward: float | None = None
         if pending is not None:
@@ -556,8 +578,10 @@ class DecisionEngine:
                                          observed_ms=outcome.ttft_ms - pending.rtt_ms, slowness=pending.slowness)
         elif late is not None:  # the timeout was learnt; what did happen belongs in the log, learnt once is enough
             self.stats["outcomes_late"] += 1
-            self._audit_outcome(outcome, None, None)
-            self._guard.settle(late.ctx, outcome, late.decided_at)  # a long generation still counts its tokens
+            with self._learn_lock:  # after the timeout's own log entry, if that is being written now
+                self._audit_outcome(outcome, None, None)
+            late_ctx, decided_at = late
+            self._guard.settle(late_ctx, outcome, decided_at)  # a long generation still counts its tokens
         else:  # not decided here since this process started (a restart, another replica): ask the log
             denied = self._denied.get(did)
             record = self.traces.get_decision(did) if self.traces is not None and denied is None else None
@@ -598,6 +622,11 @@ class DecisionEngine:
         kept in the log after that timeout (``outcome_conflicts``), counted against the tenant's
         tokens, not learnt again."""
         did = outcome.decision_id
+        if any(not is_expiry(o) for o in record.get("conflicting_outcomes") or ()):  # recorded once already
+            self.stats["outcomes_duplicate"] += 1
+            with self._lock:
+                put_bounded(self._reported, did, None, self.max_pending)
+            return OutcomeResult(did, True, True, None)
         self.stats["outcomes_late"] += 1
         self._audit_outcome(outcome, None, None)
         held = _logged_hold(record)

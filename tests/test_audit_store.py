@@ -173,6 +173,11 @@ def test_a_timeout_is_logged_so_a_restore_replays_it_and_a_late_outcome_elsewher
     assert stored is not None and stored["outcome"]["status"] == "timeout"
     assert [o["status"] for o in stored["conflicting_outcomes"]] == ["ok"]
     assert b.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=120.0)).duplicate
+    c, learner_c = replica()  # the client's retry reaches a third replica: recorded once already
+    assert c.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=120.0)).duplicate
+    assert w.flush(10)
+    stored = repo.get_decision(d.decision_id)
+    assert stored is not None and len(stored["conflicting_outcomes"]) == 1 and learner_c.n_updates == 0
     assert verify(db).ok
     w.close()
     repo.close()

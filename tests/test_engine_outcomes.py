@@ -127,6 +127,27 @@ def test_a_late_outcome_is_audited_but_not_learnt_twice() -> None:
     assert engine.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=90.0)).duplicate
 
 
+def test_an_outcome_that_arrives_while_its_decision_is_being_timed_out_is_in_time() -> None:
+    # The expiry asks the shared log whether another replica has the outcome; one arriving here
+    # meanwhile is learnt and logged as in time, and no timeout is logged or learnt after it.
+    audit, clock = _Audit(), [1000.0]
+    holder: list[Any] = []
+
+    class Log(_Log):
+        def reported_among(self, decision_ids: Any) -> set[str]:
+            holder.append(engine.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=90.0)))
+            return set()
+
+    engine, learner = _engine(audit, clock, traces=Log({}))
+    d = engine.decide(RequestContext("r1", "acme", model="llama-3.1-8b"))
+    clock[0] += 11.0
+    assert engine.expire_outcomes() == 1
+    (res,) = holder
+    assert res.reward is not None and not res.duplicate and learner.n_updates == 1
+    assert [(o["status"], o["reward"] is not None) for o in audit.outcomes] == [("ok", True)]
+    assert engine.stats["outcomes_missing"] == 0
+
+
 def test_an_outcome_the_audit_log_refuses_is_recorded_whole_on_the_retry() -> None:
     audit = _Audit(refuse_outcomes=True)
     engine, learner = _engine(audit, [1000.0])
