@@ -195,9 +195,11 @@ class Settings(BaseSettings):
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, v: str) -> str:
+        import logging
+
         level = v.strip().upper()
-        if level not in _LOG_LEVELS:
-            raise ValueError(f"unknown log level {v!r}; known: {', '.join(_LOG_LEVELS)}")
+        if level not in logging.getLevelNamesMapping():  # what logging.setLevel takes (WARN, FATAL too)
+            raise ValueError(f"unknown log level {v!r}; known: {', '.join(logging.getLevelNamesMapping())}")
         return level
     otel_exporter: str = "none"  # OpenTelemetry span exporter: none | console (decision.tracing)
 
@@ -248,10 +250,6 @@ def load_config(path: str | Path) -> ServiceConfig:
         # Against the config's folder, as every other path here: resolved against the working directory,
         # a restart from elsewhere would open an empty spool and leave the spooled records behind.
         updates["audit"] = {**cfg.audit, "spool_dir": located_path(("audit", "spool_dir"), spool, None, "")}
-    clash = port_clash(cfg.server.grpc_port, cfg.server.http_port, cfg.extproc.port if cfg.extproc.enabled else None,
-                       cfg.server.workers)
-    if clash:
-        raise ConfigError(f"{p}:{doc.line_of(('server',))}: server: {clash}")
     located = cfg.model_copy(update=updates)
     located._line_of = doc.line_of
     return located
@@ -311,9 +309,6 @@ def _check_audit_section(p: Path, doc: LocatedYaml, audit: dict[str, Any]) -> No
             e = from_env[0]
             raise ConfigError(f"environment INFERMESH_AUDIT_{str(e['loc'][0]).upper()}: {e['msg']}") from None
         raise ConfigError(_located(p, doc, exc, ("audit",))) from None
-
-
-_LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
 
 def load_settings() -> Settings:

@@ -120,12 +120,6 @@ def test_relative_spool_dir_resolves_against_the_config_folder(tmp_path: Path) -
     ("telemetry:\n  scrape_interval_s: 1.0e+10\n", r"c\.yaml:3: telemetry\.scrape_interval_s: Input should be less"),
     ("learner:\n  sync_interval_s: 1.0e+10\n", r"c\.yaml:3: learner\.sync_interval_s: Input should be less"),
     ("learner:\n  replica: 2024-13-01\n", r"c\.yaml:3:12: '2024-13-01' is not a valid timestamp"),
-    # Two servers on one port: under SO_REUSEPORT the kernel would share it between them.
-    ("server:\n  grpc_port: 50993\nextproc:\n  enabled: true\n  port: 50993\n",
-     r"c\.yaml:2: server: grpc_port and extproc\.port are both 50993"),
-    ("server:\n  grpc_port: 8081\n  http_port: 8080\n  workers: 2\n",
-     r"c\.yaml:2: server: worker 1's HTTP port 8081 is also grpc_port 8081"),
-    ("server:\n  http_port: 65535\n  workers: 2\n", r"c\.yaml:2: server: http_port 65535 \+ 1 .* past 65535"),
     ("policies: " + "a" * 300 + "\n", r"c\.yaml:2: policies: cannot use the path: .*too long"),
     ("extproc:\n  settings: {tenant_header: 5}\n", r"c\.yaml:3: extproc\.settings: .*extproc\.tenant_header: must"),
 ])
@@ -200,7 +194,7 @@ def test_a_request_json_cannot_hold_is_a_message(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [
-    ("INFERMESH_LOG_LEVEL", "verbose", "unknown log level 'verbose'"),
+    ("INFERMESH_LOG_LEVEL", "verbose", "unknown log level 'verbose'; known: CRITICAL, FATAL, ERROR, WARN"),
     ("INFERMESH_WORKER", "abc", "valid integer"),
     ("INFERMESH_WORKER", "-1", "greater than or equal to 0"),
 ])
@@ -211,9 +205,30 @@ def test_a_bad_environment_setting_names_its_variable(monkeypatch: pytest.Monkey
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=f"environment: {name}: .*{message}"):
         load_settings()
-    monkeypatch.setenv("INFERMESH_LOG_LEVEL", "debug")
     monkeypatch.delenv("INFERMESH_WORKER", raising=False)
-    assert load_settings().log_level == "DEBUG"
+    for level in ("debug", "warn", "FATAL"):  # whatever logging.setLevel takes
+        monkeypatch.setenv("INFERMESH_LOG_LEVEL", level)
+        assert load_settings().log_level == level.upper()
+
+
+@pytest.mark.parametrize(("server", "args", "expected"), [
+    # Two servers on one port: under SO_REUSEPORT the kernel would share it between them.
+    ("  grpc_port: 50993\nextproc:\n  enabled: true\n  port: 50993\n", [],
+     "grpc_port and extproc.port are both 50993"),
+    ("  grpc_port: 8081\n  http_port: 8080\n  workers: 2\n", [], "worker 1's HTTP port 8081 is also grpc_port 8081"),
+    ("  http_port: 65535\n", ["--workers", "2"], "http_port 65535 + 1 (one HTTP port per worker) is past 65535"),
+    ("  grpc_port: 8080\n", [], "http_port is also grpc_port 8080"),
+])
+def test_serve_refuses_ports_that_clash_after_its_overrides(tmp_path: Path, server: str, args: list[str],
+                                                             expected: str) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"fleet: {ROOT / 'deploy/demo/fleet.yaml'}\nserver:\n{server}")
+    proc = _run("serve", "--config", str(cfg), *args)
+    assert proc.returncode == 2 and f"infermesh: {cfg}: {expected}" in proc.stderr, proc.stderr
+    if "grpc_port: 8080" in server:  # the override settles it; and a command that serves nothing never minded
+        from decision.config import load_config
+
+        assert load_config(cfg).server.grpc_port == 8080
 
 
 def test_serve_on_a_port_another_process_holds_is_a_message(tmp_path: Path) -> None:
