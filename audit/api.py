@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
@@ -227,12 +227,17 @@ def build_router(repo: AuditRepository, *, reload: Callable[[], str] | None = No
     # (405 / 404) through the logged route class, so every access to the API is in the access log.
     @router.api_route("/v1/{rest:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
                       include_in_schema=False)
-    def unmatched(request: Request, rest: str) -> None:
+    def unmatched(request: Request, rest: str) -> RedirectResponse:
         path = request.url.path
         allowed = sorted({m for r in router.routes if isinstance(r, APIRoute) and r.path != "/v1/{rest:path}"
                           and r.path_regex.match(path) for m in r.methods or ()})
         if allowed:
             raise HTTPException(405, "method not allowed", headers={"Allow": ", ".join(allowed)})
+        bare = path.rstrip("/")
+        if bare != path and any(isinstance(r, APIRoute) and r.path != "/v1/{rest:path}" and r.path_regex.match(bare)
+                                for r in router.routes):  # as Starlette would without this route
+            query = f"?{request.url.query}" if request.url.query else ""
+            return RedirectResponse(bare + query, status_code=307)
         raise HTTPException(404, f"no such API route: {path}")
 
     return router
