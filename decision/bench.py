@@ -12,11 +12,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from decision import heap
 from decision.config import ServiceConfig, Settings
+from decision.console import report_console
 from decision.stats import percentile
 
 
@@ -144,7 +144,7 @@ def bench_grpc(cfg: ServiceConfig, settings: Settings, *, duration_s: float, cli
                blocks: int = 3) -> int:
     from decision.service import Service
 
-    console = Console()
+    console = report_console()
     service = Service(cfg, settings, audit_enabled=False)
     assert service.engine is not None
     _seed_telemetry(service.telemetry, service.fleet)
@@ -202,7 +202,7 @@ def bench_decide(sizes: list[int], *, candidates: int, iterations: int, policies
     from decision.telemetry import TelemetryStore
     from learners.registry import make_learner
 
-    console = Console()
+    console = report_console()
     runs: list[dict[str, Any]] = []
     table = Table(title=f"in-process decision latency ({candidates} candidates after locate)")
     for col in ("endpoints", "candidates", "guard", "learner", "p50 µs", "p99 µs", "p99.9 µs", "guard p50 µs",

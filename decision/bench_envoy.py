@@ -163,8 +163,9 @@ def run_bench(requests: int = 1000, block: int = 25, warmup: int = 100, server: 
 
 
 def print_report(res: dict[str, Any], as_json: bool) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from decision.console import report_console
 
     table = Table(title=f"Envoy with and without the InferMesh picker ({res['requests']} requests each, "
                         "concurrency 1)")
@@ -174,7 +175,7 @@ def print_report(res: dict[str, Any], as_json: bool) -> None:
     table.add_row("picker, no observer", f"{res['p50_ms_pick_only']:.3f}", f"{res['p99_ms_pick_only']:.3f}")
     table.add_row("with picker (shipped)", f"{res['p50_ms_with']:.3f}", f"{res['p99_ms_with']:.3f}")
     table.add_row("added (shipped)", f"{res['added_p50_ms']:.3f}", f"{res['added_p99_ms']:.3f}")
-    console = Console()
+    console = report_console()
     console.print(table)
     verdict = "met" if res["target_met"] else "MISSED"
     console.print(f"target: picker adds <= {TARGET_ADDED_P50_MS} ms at p50 -> {verdict}; "

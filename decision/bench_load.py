@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from decision.cli_args import default_config
+from decision.console import report_console
 from decision.stats import percentile
 
 
@@ -225,7 +226,7 @@ def demo_requests(config: str, n: int = 2000) -> list[dict[str, Any]]:
 
 # -- the command --------------------------------------------------------------------------------
 def cmd_bench_load(args: argparse.Namespace) -> int:
-    console = Console()
+    console = report_console()
     requests = demo_requests(args.config)
     if args.workers_compare:
         return _workers_compare(args, requests, console)

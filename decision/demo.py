@@ -17,11 +17,11 @@ from multiprocessing.sharedctypes import Synchronized
 from typing import Any
 
 from google.protobuf.json_format import ParseDict
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from decision.config import ServiceConfig, Settings
+from decision.console import report_console
 from decision.stats import percentile
 
 
@@ -118,7 +118,7 @@ def run_demo(cfg: ServiceConfig, settings: Settings, *, duration_s: float, concu
     from infermesh.decision.v1 import decision_pb2 as pb
     from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
 
-    console = Console()
+    console = report_console()
     console.print("[bold]InferMesh demo[/bold]: starting the decision service on the demo fleet")
     service = Service(cfg, settings)
     port = service.start_grpc(0)
@@ -181,8 +181,8 @@ def run_demo(cfg: ServiceConfig, settings: Settings, *, duration_s: float, concu
                       f"  infermesh audit query --tenant acme --limit 10\n"
                       f"  infermesh audit verify   (recompute the hash chains; with --checkpoint FILE also the heads\n"
                       f"                           that `infermesh audit checkpoint -o FILE` recorded)\n"
-                      f"  psql '{service.audit.database_url}' -c 'select decision_id, tenant, site_id, status "
-                      f"from decision_events order by decided_at desc limit 10'")
+                      "  (the embedded PostgreSQL stops with the demo; each `infermesh audit` command starts it\n"
+                      "   again, and `infermesh serve` keeps it running for SQL clients such as psql)")
     else:
         console.print("audit is disabled in this configuration")
     return 0 if decisions > 0 else 1

@@ -96,6 +96,14 @@ def envoy_version(binary: Path) -> str:
 
 
 if __name__ == "__main__":
+    import contextlib
+    import os
+    import sys
+
     path = ensure_envoy()
-    print(path)
-    print(envoy_version(path))
+    # `... | head -1` (deploy/envoy/README.md) closes the pipe after the path: not an error here.
+    with contextlib.suppress(BrokenPipeError):
+        print(path, flush=True)
+        print(envoy_version(path), flush=True)
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit

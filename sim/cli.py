@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -76,11 +77,12 @@ def _prepare(args: argparse.Namespace) -> tuple[Scenario, list[str], runner.Opti
 
 def main(args: argparse.Namespace) -> int:
     """Run ``infermesh sim``; bad input exits 2 with one line on stderr."""
-    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    console = Console()
+    from decision.console import report_console
+
+    console = report_console()
     try:
         sc, names, opts = _prepare(args)
     except ValueError as exc:
@@ -135,8 +137,13 @@ def main(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(f"arrivals: {res.realised_rps:.1f} req/s realised over {duration:g} s")
     ratios = runner.ratio_table(res)
-    if ratios:
-        console.print("infermesh vs baseline_rr: P95 TTFT x{p95_vs_rr:.3f}, cost/1K x{cost_vs_rr:.3f}; "
-                      "vs best other: P95 TTFT x{p95_vs_best_other:.3f}".format(**ratios))
-    console.print(f"wrote {out}/summary.json, comparison.csv and plots in {time.perf_counter() - t0:.0f} s")
+    parts = []  # only the comparisons this run can make (a strategy not run has no ratio, not "xnan")
+    if "baseline_rr" in res.summary and ratios:
+        parts.append("vs baseline_rr: P95 TTFT x{p95_vs_rr:.3f}, cost/1K x{cost_vs_rr:.3f}".format(**ratios))
+    if ratios and math.isfinite(ratios["p95_vs_best_other"]):
+        parts.append("vs best other: P95 TTFT x{p95_vs_best_other:.3f}".format(**ratios))
+    if parts:
+        console.print("infermesh " + "; ".join(parts))
+    what = "summary.json, comparison.csv and plots" if not args.no_plots else "summary.json and comparison.csv"
+    console.print(f"wrote {what} to {out} in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -81,6 +81,8 @@ def make(name: str, seed: int) -> Strategy:
         return InferMesh(learner, seed=seed, label=name, params=params, shortlist=shortlist, added_delay=added_delay,
                          cost_weight_ms=cost_ms)
     if name == "vw_peer":
+        if not _vw_available():
+            raise ValueError("strategy 'vw_peer' needs Vowpal Wabbit: pip install -e '.[dev]' (the vowpalwabbit wheel)")
         return _vw_strategy(seed)
     if name.endswith("+guard"):
         inner = name.removesuffix("+guard")
@@ -89,7 +91,8 @@ def make(name: str, seed: int) -> Strategy:
         return Guarded(make(inner, seed))
     f = STRATEGIES.get(name)
     if f is None:
-        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(available())}")
+        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(available())}, NAME+guard, "
+                         "infermesh:LEARNER[/key=value...]")
     return f(seed)
 
 
