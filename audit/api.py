@@ -229,13 +229,12 @@ def build_router(repo: AuditRepository, *, reload: Callable[[], str] | None = No
                       include_in_schema=False)
     def unmatched(request: Request, rest: str) -> RedirectResponse:
         path = request.url.path
-        allowed = sorted({m for r in router.routes if isinstance(r, APIRoute) and r.path != "/v1/{rest:path}"
-                          and r.path_regex.match(path) for m in r.methods or ()})
+        routes = [r for r in router.routes if isinstance(r, APIRoute) and r.endpoint is not unmatched]
+        allowed = sorted({m for r in routes if r.path_regex.match(path) for m in r.methods or ()})
         if allowed:
             raise HTTPException(405, "method not allowed", headers={"Allow": ", ".join(allowed)})
         bare = path.rstrip("/")
-        if bare != path and any(isinstance(r, APIRoute) and r.path != "/v1/{rest:path}" and r.path_regex.match(bare)
-                                for r in router.routes):  # as Starlette would without this route
+        if bare != path and any(r.path_regex.match(bare) for r in routes):  # as Starlette would without this route
             query = f"?{request.url.query}" if request.url.query else ""
             return RedirectResponse(bare + query, status_code=307)
         raise HTTPException(404, f"no such API route: {path}")

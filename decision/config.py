@@ -191,6 +191,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     replica: str = ""  # this process's replica id for learner merging (empty: single instance)
     worker: int | None = Field(default=None, ge=0)  # set by `serve --workers N` in each worker: its index
+    otel_exporter: str = "none"  # OpenTelemetry span exporter: none | console (decision.tracing)
 
     @field_validator("log_level")
     @classmethod
@@ -201,7 +202,6 @@ class Settings(BaseSettings):
         if level not in logging.getLevelNamesMapping():  # what logging.setLevel takes (WARN, FATAL too)
             raise ValueError(f"unknown log level {v!r}; known: {', '.join(logging.getLevelNamesMapping())}")
         return level
-    otel_exporter: str = "none"  # OpenTelemetry span exporter: none | console (decision.tracing)
 
 
 class ConfigError(ValueError):
@@ -266,10 +266,9 @@ def port_clash(grpc_port: int, http_port: int, extproc_port: int | None, workers
     https = [http_port + i for i in range(workers)] if http_port else []
     if https and https[-1] > 65535:
         return f"http_port {http_port} + {workers - 1} (one HTTP port per worker) is past 65535"
-    named = [("grpc_port", grpc_port), *(("extproc.port", extproc_port),) * (extproc_port is not None)]
-    taken = {port: name for name, port in named if port}
-    if len(taken) < sum(1 for _, port in named if port):
+    if grpc_port and grpc_port == extproc_port:
         return f"grpc_port and extproc.port are both {grpc_port}"
+    taken = {port: name for name, port in (("grpc_port", grpc_port), ("extproc.port", extproc_port)) if port}
     for port in https:
         if port in taken:
             which = "http_port" if port == http_port else f"worker {port - http_port}'s HTTP port {port}"

@@ -474,14 +474,14 @@ class DecisionEngine:
         self.stats["outcomes_missing"] += 1
         missing = Outcome(decision_id, OutcomeStatus.TIMEOUT, error=f"{EXPIRED_PREFIX}{why}")
         reward = self.reward(p.ctx, missing, p.expected_ttft_ms, p.cost_per_1k_tokens)
-        with self._learn_lock:  # stamped and learnt as one (see outcome_barrier)
-            if self.audit is not None:
-                try:
-                    self.audit.submit_outcome(outcome_event(missing, reward, self.clock()))
-                except Exception as exc:  # learnt all the same; only a restore will not see it
-                    self.stats["expiries_unlogged"] += 1
-                    log.warning("could not log the timeout of decision %s: %s", decision_id, exc)
-            self._learn(p.features, reward)
+        # The caller (_time_out) holds _learn_lock: stamped and learnt as one (see outcome_barrier).
+        if self.audit is not None:
+            try:
+                self.audit.submit_outcome(outcome_event(missing, reward, self.clock()))
+            except Exception as exc:  # learnt all the same; only a restore will not see it
+                self.stats["expiries_unlogged"] += 1
+                log.warning("could not log the timeout of decision %s: %s", decision_id, exc)
+        self._learn(p.features, reward)
 
     def _learn(self, features: tuple[float, ...], reward: float) -> None:
         """The acting learner and every shadow learn from the acting policy's logged outcome."""
@@ -607,10 +607,7 @@ class DecisionEngine:
                 self._audit_outcome(outcome, reward, None)
                 if logged is not None and reward is not None:
                     self._learn(logged.features, reward)
-            held = _logged_hold(record)
-            if held is not None:  # the tenant's tokens are shared counters: any replica can true them up
-                held_ctx, decided_at = held
-                self._guard.settle(held_ctx, outcome, decided_at)
+            self._settle_logged(record, outcome)
         with self._lock:
             put_bounded(self._reported, did, reward, self.max_pending)
             self._expired.pop(did, None)
@@ -629,14 +626,19 @@ class DecisionEngine:
             return OutcomeResult(did, True, True, None)
         self.stats["outcomes_late"] += 1
         self._audit_outcome(outcome, None, None)
-        held = _logged_hold(record)
-        if held is not None:
-            held_ctx, decided_at = held
-            self._guard.settle(held_ctx, outcome, decided_at)
+        self._settle_logged(record, outcome)
         with self._lock:
             put_bounded(self._reported, did, None, self.max_pending)
         self.stats["outcomes"] += 1
         return OutcomeResult(did, True, False, None)
+
+    def _settle_logged(self, record: Mapping[str, Any], outcome: Outcome) -> None:
+        """True up the tokens of a decision known only from its log record (another replica's, or
+        this one's before a restart): the tenant's counters are shared, any replica can."""
+        held = _logged_hold(record)
+        if held is not None:
+            held_ctx, decided_at = held
+            self._guard.settle(held_ctx, outcome, decided_at)
 
     def _audit_outcome(self, outcome: Outcome, reward: float | None, pending: _Pending | None) -> None:
         """Submit the outcome to the audit log; when it refuses, keep ``pending`` for the caller's retry."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -313,20 +313,19 @@ class Fleet:
 
 def load_fleet(path: str | Path) -> Fleet:
     """Load and validate an inventory file; raises :class:`InventoryError` naming file:line: field."""
-    try:
-        doc = load_located_file(path)
-    except YamlSyntaxError as exc:
-        raise InventoryError([InventoryIssue(exc.path, exc.line, "(syntax)", exc.message)]) \
-            from None
-    return Fleet.from_spec(parse_fleet(doc))
+    return _fleet_of(lambda: load_located_file(path))
 
 
 def load_fleet_text(text: str, path: str = "<string>") -> Fleet:
+    return _fleet_of(lambda: load_located(text, path))
+
+
+def _fleet_of(load: Callable[[], LocatedYaml]) -> Fleet:
+    """The fleet of the document ``load`` reads; its YAML errors become :class:`InventoryError`."""
     try:
-        doc = load_located(text, path)
+        doc = load()
     except YamlSyntaxError as exc:
-        raise InventoryError([InventoryIssue(exc.path, exc.line, "(syntax)", exc.message)]) \
-            from None
+        raise InventoryError([InventoryIssue(exc.path, exc.line, "(syntax)", exc.message)]) from None
     return Fleet.from_spec(parse_fleet(doc))
 
 

@@ -31,6 +31,11 @@ def bind_port(server: Any, address: str, credentials: grpc.ServerCredentials | N
     return int(port)
 
 
+def health_status(serving: bool) -> int:
+    """The ``grpc.health.v1`` status of a service that is (or is not) serving."""
+    return int(health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
 class LoopThread:
     """An event loop running in a daemon thread, for servers driven from the service's other threads."""
 
@@ -97,8 +102,7 @@ class LoopServer:
 
     def set_serving(self, service: str, serving: bool) -> None:
         """Report ``service`` SERVING or NOT_SERVING to health checks (from any thread)."""
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        self._loop.call(self.health.set(service, status))
+        self._loop.call(self.health.set(service, health_status(serving)))
 
     def stop(self, grace_s: float = 1.0) -> None:
         """Report NOT_SERVING, let calls in flight finish within ``grace_s``, stop the loop."""

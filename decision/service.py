@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from fastapi import APIRouter
-from grpc_health.v1 import health_pb2
 
 from decision import heap
 from decision.config import ServiceConfig, Settings
@@ -30,6 +29,7 @@ from decision.edge import EdgeInterceptor, RequestLimits
 from decision.engine import DecisionEngine
 from decision.fleet import Fleet, load_fleet
 from decision.grpc_server import SERVICE_NAME, DecisionServicer, build_server
+from decision.grpc_serving import health_status
 from decision.health_guard import BuiltinHealthGuard
 from decision.http import HttpServer, create_app
 from decision.metrics import ServiceMetrics
@@ -273,10 +273,7 @@ class Service:
             server.start()
             self.grpc_server = server
 
-            def set_serving(serving: bool) -> None:
-                health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING if serving
-                                    else health_pb2.HealthCheckResponse.NOT_SERVING)
-            self._set_serving = set_serving
+            self._set_serving = lambda serving: health_servicer.set(SERVICE_NAME, health_status(serving))
         self.scraper.start()
         if self.learner_sync is not None:
             self.learner_sync.start(self.config.learner.sync_interval_s, self.config.learner.snapshot_every_s)

@@ -422,4 +422,3 @@ def throughput_errors(n: int, sigma: float, seed: int) -> list[Degradation]:
         return []
     factors = np.exp(np.random.default_rng(seed + 13).normal(0.0, sigma, n))
     return [Degradation(i, 0.0, float(f), False) for i, f in enumerate(factors.tolist())]
-
