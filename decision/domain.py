@@ -481,3 +481,19 @@ class Outcome:
     error: str = ""
     reported_at: float = 0.0
     served_endpoint_id: str = ""  # a fallback that served instead of the route ("" : the route)
+
+
+# The error of a timeout the service logs for a decision whose outcome never came (see
+# DecisionEngine._learn_missing). Reserved: a reported outcome's error may not start with it.
+EXPIRED_PREFIX = "expired: "
+
+
+def is_expiry(stored: Mapping[str, Any]) -> bool:
+    """Whether a logged outcome is a timeout the service recorded (not one a client reported).
+
+    >>> is_expiry({"status": "timeout", "error": EXPIRED_PREFIX + "no outcome within 120 s"})
+    True
+    >>> is_expiry({"status": "timeout", "error": "upstream timed out"})
+    False
+    """
+    return stored.get("status") == "timeout" and str(stored.get("error") or "").startswith(EXPIRED_PREFIX)

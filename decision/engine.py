@@ -34,6 +34,7 @@ from decision.contracts import (
     TraceReader,
 )
 from decision.domain import (
+    EXPIRED_PREFIX,
     Candidate,
     Choice,
     Decision,
@@ -45,6 +46,7 @@ from decision.domain import (
     Route,
     ScoredArms,
     ScoredCandidate,
+    is_expiry,
 )
 from decision.errors import InvalidArgument, NoCandidate, NotFound, QuotaExceeded
 from decision.fleet import Fleet, endpoints_serving
@@ -682,15 +684,6 @@ class DecisionEngine:
 
     def pending_outcomes(self) -> int:
         return len(self._pending)
-
-
-# The error of a timeout the service logs for a decision whose outcome never came (see _learn_missing).
-EXPIRED_PREFIX = "expired: "
-
-
-def is_expiry(stored: Mapping[str, Any]) -> bool:
-    """Whether a logged outcome is a timeout the service recorded (not one a client reported)."""
-    return stored.get("status") == "timeout" and str(stored.get("error") or "").startswith(EXPIRED_PREFIX)
 
 
 def _logged_hold(record: Mapping[str, Any]) -> tuple[RequestContext, float] | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from decision.domain import MODALITIES, Outcome, RequestContext
+from decision.domain import EXPIRED_PREFIX, MODALITIES, Outcome, RequestContext
 from decision.errors import InvalidArgument
 
 MAX_LABELS = 64
@@ -83,13 +83,18 @@ def validate_outcome(outcome: Outcome) -> None:
     Raises
     ------
     InvalidArgument
-        ``decision_id`` is missing, a time is negative or not finite, a token count is negative, or ``decision_id`` or
-        ``error`` holds a NUL character (which the audit log could not store).
+        ``decision_id`` is missing, a time is negative or not finite, a token count is negative, ``decision_id`` or
+        ``error`` holds a NUL character (which the audit log could not store), or ``error`` starts with the
+        prefix the service reserves for the timeouts it records itself (a reported outcome dressed as one
+        would be taken for it: a later real outcome would count as late, not as a duplicate).
     """
     if not outcome.decision_id:
         raise InvalidArgument("decision_id", "required")
     _no_nul("decision_id", outcome.decision_id)
     _no_nul("error", outcome.error)
+    if outcome.error.startswith(EXPIRED_PREFIX):
+        raise InvalidArgument("error", f"must not start with {EXPIRED_PREFIX!r}, reserved for timeouts the service "
+                                       "records when no outcome comes")
     _no_nul("served_endpoint_id", outcome.served_endpoint_id)
     for name in ("ttft_ms", "latency_ms"):  # NaN passes "< 0" and would be learnt as the best or worst reward
         v = getattr(outcome, name)

@@ -53,6 +53,7 @@ def test_nul_in_a_jurisdiction_is_refused() -> None:
     ({"decision_id": ""}, "decision_id"),
     ({"decision_id": "d\x001"}, "decision_id"),
     ({"error": "boom\x00"}, "error"),
+    ({"status": OutcomeStatus.TIMEOUT, "error": "expired: spoofed"}, "error"),  # the service's own timeouts' prefix
     ({"ttft_ms": -1.0}, "ttft_ms"),
     ({"latency_ms": -1.0}, "latency_ms"),
     ({"input_tokens": -1}, "input_tokens"),

@@ -260,6 +260,7 @@ class Outcome(_message.Message):
     input_tokens: _builtins.int
     output_tokens: _builtins.int
     error: _builtins.str
+    """Free text; it must not start with "expired: ", which marks the timeouts the service records itself."""
     served_endpoint_id: _builtins.str
     """The endpoint that served the request when the proxy fell back from the route to one of the
     fallbacks; empty (or the route's endpoint id) when the route served it. The route's learner arm
