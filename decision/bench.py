@@ -98,7 +98,7 @@ def _measure(target: str, kind: str, concurrency: int, clients: int, duration_s:
             "p99_ms": percentile(lat, 0.99) * 1e3, "lat": lat}
 
 
-def _interleaved(target: str, kinds: dict[str, tuple[str, int]], clients: int, duration_s: float, blocks: int,
+def _interleaved(kinds: dict[str, tuple[str, str, int]], clients: int, duration_s: float, blocks: int,
                  requests: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Each measurement in ``blocks`` alternating blocks of ``duration_s / blocks``, merged.
 
@@ -107,7 +107,7 @@ def _interleaved(target: str, kinds: dict[str, tuple[str, int]], clients: int, d
     """
     parts: dict[str, list[dict[str, Any]]] = {name: [] for name in kinds}
     for _ in range(blocks):
-        for name, (kind, concurrency) in kinds.items():
+        for name, (target, kind, concurrency) in kinds.items():
             parts[name].append(_measure(target, kind, concurrency, clients, duration_s / blocks, requests))
     merged: dict[str, dict[str, float]] = {}
     for name, runs in parts.items():
@@ -140,8 +140,34 @@ def _seed_telemetry(store: Any, fleet: Any, seed: int = 3) -> None:
                                  "power_w": rng.uniform(100, 600), "xid_errors": 0.0})
 
 
+def _engine_bypassed(service: Any) -> Any:
+    """A second Decide server on ``service``'s servicer stack with the engine's stages skipped: a
+    measurement device for ``--ceiling``, never a service. Requests are still parsed, converted
+    and validated and the answer is still converted, counted and sent, but every call gets the one
+    decision the real engine made for the first request: what the transport and the servicer
+    allow a Decide, whatever the engine costs."""
+    from decision.domain import Decision, RequestContext
+    from decision.edge import EdgeInterceptor, RequestLimits
+    from decision.grpc_aio import AioDecisionServer
+    from decision.grpc_server import DecisionServicer
+    from decision.validation import validate_request
+
+    class EngineBypassed(DecisionServicer):
+        answer: Decision | None = None
+
+        def decide(self, ctx: RequestContext) -> Decision:
+            validate_request(ctx)
+            if self.answer is None:
+                self.answer = self.engine.decide(ctx)
+            return self.answer
+
+    edge = EdgeInterceptor(RequestLimits(**service.config.limits.model_dump()), service.metrics)
+    return AioDecisionServer(EngineBypassed(service.engine, service.metrics), address="127.0.0.1:0",
+                             max_message_bytes=service.config.server.max_message_bytes, edge=edge)
+
+
 def bench_grpc(cfg: ServiceConfig, settings: Settings, *, duration_s: float, clients: int, as_json: bool,
-               blocks: int = 3) -> int:
+               blocks: int = 3, ceiling: bool = False) -> int:
     from decision.service import Service
 
     console = report_console()
@@ -163,13 +189,18 @@ def bench_grpc(cfg: ServiceConfig, settings: Settings, *, duration_s: float, cli
 
     refresher = threading.Thread(target=keep_fresh, name="bench-telemetry", daemon=True)
     refresher.start()
+    bypassed = _engine_bypassed(service) if ceiling else None
+    kinds = {"noop": (target, "noop", 50), "c1": (target, "decide", 1), "c50": (target, "decide", 50)}
+    if bypassed is not None:
+        kinds["bypassed"] = (f"127.0.0.1:{bypassed.port}", "decide", 50)
     try:
         _measure(target, "decide", 4, 1, 1.0, requests)  # warm-up: imports, caches, connections
-        runs = _interleaved(target, {"noop": ("noop", 50), "c1": ("decide", 1), "c50": ("decide", 50)}, clients,
-                            duration_s, blocks, requests)
+        runs = _interleaved(kinds, clients, duration_s, blocks, requests)
     finally:
         stop.set()
         refresher.join()
+        if bypassed is not None:
+            bypassed.stop(0)
     noop, c1, c50 = runs["noop"], runs["c1"], runs["c50"]
     service.stop(0)
     ratio = c50["rps"] / noop["rps"] if noop["rps"] else float("nan")
@@ -182,13 +213,25 @@ def bench_grpc(cfg: ServiceConfig, settings: Settings, *, duration_s: float, cli
                   f"{c1['denied_share']:.1%}", str(int(c1["errors"])))
     table.add_row("Decide, concurrency 50", f"{c50['rps']:.0f}", f"{c50['p50_ms']:.2f}", f"{c50['p99_ms']:.2f}",
                   f"{c50['denied_share']:.1%}", str(int(c50["errors"])))
+    extra: dict[str, float] = {}
+    if "bypassed" in runs:
+        b = runs["bypassed"]
+        table.add_row("Decide, concurrency 50, engine bypassed (--ceiling)", f"{b['rps']:.0f}", f"{b['p50_ms']:.2f}",
+                      f"{b['p99_ms']:.2f}", "-", str(int(b["errors"])))
+        extra = {"bypassed_rps_c50": round(b["rps"], 1),
+                 "ceiling_ratio_c50": round(b["rps"] / noop["rps"], 3) if noop["rps"] else float("nan")}
     console.print(table)
     console.print(f"ratio Decide/no-op at concurrency 50: {ratio:.2f} (target >= 0.6)")
+    if extra:
+        # Per call, the engine adds 1/decide - 1/bypassed of the server's time on top of the rest.
+        added_us = (1 / c50["rps"] - 1 / runs["bypassed"]["rps"]) * 1e6 if c50["rps"] else float("nan")
+        console.print(f"ceiling: with the engine bypassed the ratio is {extra['ceiling_ratio_c50']:.2f}; the engine "
+                      f"adds ~{added_us:.0f} µs per call at concurrency 50")
     if as_json:
         print(json.dumps({"noop_rps": round(noop["rps"], 1), "decide_rps_c1": round(c1["rps"], 1),
                           "decide_rps_c50": round(c50["rps"], 1), "ratio_c50": round(ratio, 3),
                           "decide_p50_ms": round(c1["p50_ms"], 3), "decide_p99_ms": round(c1["p99_ms"], 3),
-                          "denied_share_c50": round(c50["denied_share"], 4), "blocks": blocks}))
+                          "denied_share_c50": round(c50["denied_share"], 4), "blocks": blocks, **extra}))
     return 0
 
 

@@ -56,6 +56,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     p.add_argument("--clients", type=int, default=2, help="client processes")
     p.add_argument("--blocks", type=int, default=3, help="interleaved blocks each measurement is split into")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also Decide at concurrency 50 with the engine bypassed (one fixed answer): the ratio the "
+                        "transport and servicer allow")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_grpc)
     p = bsub.add_parser("decide", help="in-process decision latency for N endpoints")
@@ -274,7 +277,7 @@ def cmd_bench_grpc(args: argparse.Namespace) -> int:
 
     cfg, settings = _load(args.config)
     return bench_grpc(cfg, settings, duration_s=args.duration, clients=args.clients, as_json=args.json,
-                      blocks=max(1, args.blocks))
+                      blocks=max(1, args.blocks), ceiling=args.ceiling)
 
 
 def cmd_bench_decide(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from decision.convert import decision_to_pb, outcome_from_pb, request_from_pb, trace_to_pb
+from decision.domain import Decision, RequestContext
 from decision.edge import metadata_value
 from decision.engine import DecisionEngine
 from decision.errors import (
@@ -89,10 +90,14 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, f"{method}: internal failure (logged); retry")
         raise AssertionError("unreachable")  # context.abort raises
 
+    def decide(self, ctx: RequestContext) -> Decision:
+        """The decision a ``Decide`` call answers with (``bench grpc --ceiling`` replaces it)."""
+        return self.engine.decide(ctx)
+
     def Decide(self, request: pb.DecideRequest, context: grpc.ServicerContext) -> pb.DecideResponse:
         def run() -> pb.DecideResponse:
             try:
-                d = self.engine.decide(request_from_pb(request))
+                d = self.decide(request_from_pb(request))
             except NoCandidate as exc:
                 self.metrics.record_denial(exc)
                 raise
