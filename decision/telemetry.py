@@ -96,10 +96,13 @@ def usable_value(value: float) -> bool:
     return 0.0 <= value < _INF
 
 
-# Metrics with a ceiling (exporter and canonical names): a fraction, a percentage. Beyond it a value
-# is a broken exporter or pusher, and a KV cache "500% full" would steer routing away for good.
-_UPPER: dict[str, float] = {GPU_UTIL: 100.0, "DCGM_FI_DEV_GPU_UTIL": 100.0, KV_CACHE_USAGE: 1.0,
-                            "vllm:gpu_cache_usage_perc": 1.0, "vllm:kv_cache_usage_perc": 1.0}
+# Metrics with a ceiling: a fraction, a percentage. Beyond it a value is a broken exporter or pusher,
+# and a KV cache "500% full" would steer routing away for good. Declared once per canonical name; the
+# exporter series that feed one get its ceiling too (values are checked under either name).
+_CEILINGS: dict[str, float] = {GPU_UTIL: 100.0, KV_CACHE_USAGE: 1.0}
+_UPPER: dict[str, float] = {**_CEILINGS, **{series: _CEILINGS[canonical]
+                                            for series, (canonical, _) in {**_NODE_METRICS, **_ENDPOINT_METRICS}.items()
+                                            if canonical in _CEILINGS}}
 
 
 def usable_for(name: str, value: float) -> bool:
