@@ -9,7 +9,7 @@ import random
 import statistics
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from rich.table import Table
@@ -140,16 +140,16 @@ def _seed_telemetry(store: Any, fleet: Any, seed: int = 3) -> None:
                                  "power_w": rng.uniform(100, 600), "xid_errors": 0.0})
 
 
-def _engine_bypassed(service: Any) -> Any:
-    """A second Decide server on ``service``'s servicer stack with the engine's stages skipped: a
-    measurement device for ``--ceiling``, never a service. Requests are still parsed, converted
-    and validated and the answer is still converted, counted and sent, but every call gets the one
-    decision the real engine made for the first request: what the transport and the servicer
-    allow a Decide, whatever the engine costs."""
+def _engine_bypassed(service: Any) -> tuple[int, Callable[[float], object]]:
+    """A second Decide server, of the configured kind, on ``service``'s servicer stack with the
+    engine's stages skipped: a measurement device for ``--ceiling``, never a service. Requests are
+    still parsed, converted and validated and the answer is still converted, counted and sent, but
+    every call gets the one decision the real engine made for the first request: what the transport
+    and the servicer allow a Decide, whatever the engine costs. Returns (port, stop)."""
     from decision.domain import Decision, RequestContext
     from decision.edge import EdgeInterceptor, RequestLimits
     from decision.grpc_aio import AioDecisionServer
-    from decision.grpc_server import DecisionServicer
+    from decision.grpc_server import DecisionServicer, build_server
     from decision.validation import validate_request
 
     class EngineBypassed(DecisionServicer):
@@ -161,9 +161,16 @@ def _engine_bypassed(service: Any) -> Any:
                 self.answer = self.engine.decide(ctx)
             return self.answer
 
+    srv = service.config.server
+    servicer = EngineBypassed(service.engine, service.metrics)
     edge = EdgeInterceptor(RequestLimits(**service.config.limits.model_dump()), service.metrics)
-    return AioDecisionServer(EngineBypassed(service.engine, service.metrics), address="127.0.0.1:0",
-                             max_message_bytes=service.config.server.max_message_bytes, edge=edge)
+    if srv.kind == "asyncio":
+        aio = AioDecisionServer(servicer, address="127.0.0.1:0", max_message_bytes=srv.max_message_bytes, edge=edge)
+        return aio.port, aio.stop
+    server, port, _ = build_server(servicer, address="127.0.0.1:0", threads=srv.threads,
+                                   max_message_bytes=srv.max_message_bytes, interceptors=[edge])
+    server.start()
+    return port, server.stop
 
 
 def bench_grpc(cfg: ServiceConfig, settings: Settings, *, duration_s: float, clients: int, as_json: bool,
@@ -192,7 +199,7 @@ def bench_grpc(cfg: ServiceConfig, settings: Settings, *, duration_s: float, cli
     bypassed = _engine_bypassed(service) if ceiling else None
     kinds = {"noop": (target, "noop", 50), "c1": (target, "decide", 1), "c50": (target, "decide", 50)}
     if bypassed is not None:
-        kinds["bypassed"] = (f"127.0.0.1:{bypassed.port}", "decide", 50)
+        kinds["bypassed"] = (f"127.0.0.1:{bypassed[0]}", "decide", 50)
     try:
         _measure(target, "decide", 4, 1, 1.0, requests)  # warm-up: imports, caches, connections
         runs = _interleaved(kinds, clients, duration_s, blocks, requests)
@@ -200,7 +207,7 @@ def bench_grpc(cfg: ServiceConfig, settings: Settings, *, duration_s: float, cli
         stop.set()
         refresher.join()
         if bypassed is not None:
-            bypassed.stop(0)
+            bypassed[1](0)
     noop, c1, c50 = runs["noop"], runs["c1"], runs["c50"]
     service.stop(0)
     ratio = c50["rps"] / noop["rps"] if noop["rps"] else float("nan")
