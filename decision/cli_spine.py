@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from decision.cli_args import UsageError, bounded_int, default_config, read_json_request
+from decision.signals import wait_until_set
 
 DEFAULT_CONFIG = default_config()
 _BENCH_EXTENSIONS: list[Any] = []
@@ -130,16 +131,13 @@ def _service(cfg: Any, settings: Any, **kwargs: Any) -> Any:
 
 
 def cmd_fleet_check(args: argparse.Namespace) -> int:
+    from decision.config import path_problem
     from decision.fleet import InventoryError, load_fleet
 
     path = Path(args.path)
-    try:
-        exists = path.exists()
-    except (OSError, ValueError) as exc:  # a name too long for the file system
-        print(f"{path}: cannot use the path: {exc}", file=sys.stderr)
-        return 2
-    if not exists:
-        print(f"{path}: no such file", file=sys.stderr)
+    problem = path_problem(path)
+    if problem is not None:
+        print(problem, file=sys.stderr)
         return 2
     try:
         fleet = load_fleet(path)
@@ -259,7 +257,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=service.reload_policies, daemon=True).start())
     print(f"infermesh serving: grpc {cfg.server.host}:{grpc_port}  http http://{cfg.server.host}:{http_port}",
           flush=True)
-    stop.wait()
+    wait_until_set(stop)
     log.info("shutting down: finishing in-flight decisions, draining the audit queue")
     service.stop()
     return 0

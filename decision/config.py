@@ -208,15 +208,25 @@ class ConfigError(ValueError):
     pass
 
 
-def load_config(path: str | Path) -> ServiceConfig:
-    """Load and validate a service config; relative paths resolve against the file's folder."""
-    p = Path(path)
+def path_problem(p: Path, what: str = "file") -> str | None:
+    """Why ``p`` cannot be read as a ``what``, for messages; None when it exists.
+
+    >>> path_problem(Path("/no/such/infermesh.yaml"), "config file")
+    '/no/such/infermesh.yaml: no such config file'
+    """
     try:
         exists = p.exists()
     except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
-        raise ConfigError(f"{p}: cannot use the path: {exc}") from None
-    if not exists:
-        raise ConfigError(f"{p}: no such config file")
+        return f"{p}: cannot use the path: {exc}"
+    return None if exists else f"{p}: no such {what}"
+
+
+def load_config(path: str | Path) -> ServiceConfig:
+    """Load and validate a service config; relative paths resolve against the file's folder."""
+    p = Path(path)
+    problem = path_problem(p, "config file")
+    if problem is not None:
+        raise ConfigError(problem)
     try:
         doc = load_located_file(p)
     except YamlSyntaxError as exc:

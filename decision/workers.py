@@ -69,6 +69,7 @@ def _worker(config_path: str, index: int, grpc_port: int, http_port: int, extpro
     from decision.config import load_config, load_settings
     from decision.logging_json import configure_logging
     from decision.service import Service
+    from decision.signals import wait_until_set
 
     settings = load_settings()
     configure_logging(settings.log_level)
@@ -82,7 +83,7 @@ def _worker(config_path: str, index: int, grpc_port: int, http_port: int, extpro
     http = service.start_http(http_port)
     signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=service.reload_policies, daemon=True).start())
     ready.put((index, os.getpid(), port, http))
-    stop.wait()
+    wait_until_set(stop)
     service.stop()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -269,6 +270,35 @@ def test_serve_answers_over_grpc_and_shuts_down_on_sigterm(fresh_pg_url: str, tm
         # communicate, not wait: the server (and its audit writer child) keep logging to the pipes
         # while they stop, and an undrained pipe that fills blocks them from exiting.
         _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def _signal_thread(pid: int, tid: int, sig: int) -> None:
+    """Deliver ``sig`` to one thread of another process (glibc's tgkill), as the kernel may."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "tgkill"):
+        pytest.skip("this C library has no tgkill")
+    if libc.tgkill(pid, tid, sig) != 0:
+        raise OSError(ctypes.get_errno(), f"tgkill({pid}, {tid}, {sig})")
+
+
+def test_serve_stops_on_a_sigterm_that_lands_on_another_thread(fresh_pg_url: str, tmp_path: Path) -> None:
+    # The kernel hands a process-wide signal to any thread that does not block it; Python runs the
+    # handler in the main thread only, which an untimed wait never lets it do.
+    env = {**os.environ, "INFERMESH_DATABASE_URL": fresh_pg_url, "INFERMESH_DATA_DIR": str(tmp_path)}
+    proc = subprocess.Popen([*CLI, "serve", "--grpc-port", "0", "--http-port", "0"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert "infermesh serving" in proc.stdout.readline()
+        others = sorted(int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid)
+        assert others, "serve runs threads beside the main one"
+        _signal_thread(proc.pid, others[-1], signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 0, err[-3000:]
 
 
