@@ -252,13 +252,18 @@ def test_an_unreadable_request_file_is_a_message(tmp_path: Path) -> None:
         assert proc.returncode == 2 and f"{path}: cannot read the request" in proc.stderr, proc.stderr
 
 
-def test_serve_answers_over_grpc_and_shuts_down_on_sigterm(fresh_pg_url: str, tmp_path: Path) -> None:
-    env = {**os.environ, "INFERMESH_DATABASE_URL": fresh_pg_url, "INFERMESH_DATA_DIR": str(tmp_path)}
+def _serve(database_url: str, data_dir: Path) -> tuple[subprocess.Popen[str], str]:
+    """``infermesh serve`` on free ports, and the line it prints once serving."""
+    env = {**os.environ, "INFERMESH_DATABASE_URL": database_url, "INFERMESH_DATA_DIR": str(data_dir)}
     proc = subprocess.Popen([*CLI, "serve", "--grpc-port", "0", "--http-port", "0"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline()
+
+
+def test_serve_answers_over_grpc_and_shuts_down_on_sigterm(fresh_pg_url: str, tmp_path: Path) -> None:
+    proc, line = _serve(fresh_pg_url, tmp_path)
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
         m = re.search(r"grpc 127\.0\.0\.1:(\d+)", line)
         assert m, line + (proc.stderr.read() if proc.stderr else "")
         with grpc.insecure_channel(f"127.0.0.1:{m.group(1)}") as ch:
@@ -285,12 +290,9 @@ def _signal_thread(pid: int, tid: int, sig: int) -> None:
 def test_serve_stops_on_a_sigterm_that_lands_on_another_thread(fresh_pg_url: str, tmp_path: Path) -> None:
     # The kernel hands a process-wide signal to any thread that does not block it; Python runs the
     # handler in the main thread only, which an untimed wait never lets it do.
-    env = {**os.environ, "INFERMESH_DATABASE_URL": fresh_pg_url, "INFERMESH_DATA_DIR": str(tmp_path)}
-    proc = subprocess.Popen([*CLI, "serve", "--grpc-port", "0", "--http-port", "0"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, line = _serve(fresh_pg_url, tmp_path)
     try:
-        assert proc.stdout is not None
-        assert "infermesh serving" in proc.stdout.readline()
+        assert "infermesh serving" in line
         others = sorted(int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid)
         assert others, "serve runs threads beside the main one"
         _signal_thread(proc.pid, others[-1], signal.SIGTERM)
