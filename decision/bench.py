@@ -141,15 +141,13 @@ def _seed_telemetry(store: Any, fleet: Any, seed: int = 3) -> None:
 
 
 def _engine_bypassed(service: Any) -> tuple[int, Callable[[float], object]]:
-    """A second Decide server, of the configured kind, on ``service``'s servicer stack with the
-    engine's stages skipped: a measurement device for ``--ceiling``, never a service. Requests are
-    still parsed, converted and validated and the answer is still converted, counted and sent, but
-    every call gets the one decision the real engine made for the first request: what the transport
-    and the servicer allow a Decide, whatever the engine costs. Returns (port, stop)."""
+    """A second Decide server, built as ``service`` builds its own, with the engine's stages
+    skipped: a measurement device for ``--ceiling``, never a service. Requests are still parsed,
+    converted and validated and the answer is still converted, counted and sent, but every call
+    gets the one decision the real engine made for the first request: what the transport and the
+    servicer allow a Decide, whatever the engine costs. Returns (port, stop)."""
     from decision.domain import Decision, RequestContext
-    from decision.edge import EdgeInterceptor, RequestLimits
-    from decision.grpc_aio import AioDecisionServer
-    from decision.grpc_server import DecisionServicer, build_server
+    from decision.grpc_server import DecisionServicer
     from decision.validation import validate_request
 
     class EngineBypassed(DecisionServicer):
@@ -161,15 +159,7 @@ def _engine_bypassed(service: Any) -> tuple[int, Callable[[float], object]]:
                 self.answer = self.engine.decide(ctx)
             return self.answer
 
-    srv = service.config.server
-    servicer = EngineBypassed(service.engine, service.metrics)
-    edge = EdgeInterceptor(RequestLimits(**service.config.limits.model_dump()), service.metrics)
-    if srv.kind == "asyncio":
-        aio = AioDecisionServer(servicer, address="127.0.0.1:0", max_message_bytes=srv.max_message_bytes, edge=edge)
-        return aio.port, aio.stop
-    server, port, _ = build_server(servicer, address="127.0.0.1:0", threads=srv.threads,
-                                   max_message_bytes=srv.max_message_bytes, interceptors=[edge])
-    server.start()
+    server, port, _ = service.decision_server(EngineBypassed(service.engine, service.metrics), "127.0.0.1:0")
     return port, server.stop
 
 
@@ -231,7 +221,8 @@ def bench_grpc(cfg: ServiceConfig, settings: Settings, *, duration_s: float, cli
     console.print(f"ratio Decide/no-op at concurrency 50: {ratio:.2f} (target >= 0.6)")
     if extra:
         # Per call, the engine adds 1/decide - 1/bypassed of the server's time on top of the rest.
-        added_us = (1 / c50["rps"] - 1 / runs["bypassed"]["rps"]) * 1e6 if c50["rps"] else float("nan")
+        added_us = ((1 / c50["rps"] - 1 / runs["bypassed"]["rps"]) * 1e6 if c50["rps"] and runs["bypassed"]["rps"]
+                    else float("nan"))
         console.print(f"ceiling: with the engine bypassed the ratio is {extra['ceiling_ratio_c50']:.2f}; the engine "
                       f"adds ~{added_us:.0f} µs per call at concurrency 50")
     if as_json:

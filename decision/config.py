@@ -216,7 +216,7 @@ def path_problem(p: Path, what: str = "file") -> str | None:
     """
     try:
         exists = p.exists()
-    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
+    except (OSError, ValueError) as exc:  # a name too long for the file system (pathlib takes a NUL as absent)
         return f"{p}: cannot use the path: {exc}"
     return None if exists else f"{p}: no such {what}"
 

@@ -257,29 +257,32 @@ class Service:
                                     reload_policies=self.reload_policies if self.policies.reload else None,
                                     flush_audit=self.audit.flush)
         address = f"{srv.host}:{srv.grpc_port if port is None else port}"
-        edge = EdgeInterceptor(RequestLimits(**self.config.limits.model_dump()), self.metrics)
-        if srv.kind == "asyncio":
-            from decision.grpc_aio import AioDecisionServer
-
-            self.grpc_server = AioDecisionServer(servicer, address=address, max_message_bytes=srv.max_message_bytes,
-                                                 reuse_port=reuse_port, credentials=self._server_credentials(),
-                                                 edge=edge)
-            self.grpc_port = self.grpc_server.port
-            self._set_serving = functools.partial(self.grpc_server.set_serving, SERVICE_NAME)
-        else:
-            server, self.grpc_port, health_servicer = build_server(
-                servicer, address=address, threads=srv.threads, max_message_bytes=srv.max_message_bytes,
-                reuse_port=reuse_port, credentials=self._server_credentials(), interceptors=[edge])
-            server.start()
-            self.grpc_server = server
-
-            self._set_serving = lambda serving: health_servicer.set(SERVICE_NAME, health_status(serving))
+        self.grpc_server, self.grpc_port, set_serving = self.decision_server(servicer, address, reuse_port=reuse_port)
+        self._set_serving = set_serving
         self.scraper.start()
         if self.learner_sync is not None:
             self.learner_sync.start(self.config.learner.sync_interval_s, self.config.learner.snapshot_every_s)
         if not self._expiry.is_alive():
             self._expiry.start()
         return self.grpc_port
+
+    def decision_server(self, servicer: DecisionServicer, address: str, *,
+                        reuse_port: bool = False) -> tuple[Any, int, Callable[[bool], None]]:
+        """A started server of the configured kind for ``servicer`` (edge checks, limits, TLS as
+        configured): (server, its port, a callable that reports DecisionService (not) serving)."""
+        srv = self.config.server
+        edge = EdgeInterceptor(RequestLimits(**self.config.limits.model_dump()), self.metrics)
+        if srv.kind == "asyncio":
+            from decision.grpc_aio import AioDecisionServer
+
+            aio = AioDecisionServer(servicer, address=address, max_message_bytes=srv.max_message_bytes,
+                                    reuse_port=reuse_port, credentials=self._server_credentials(), edge=edge)
+            return aio, aio.port, functools.partial(aio.set_serving, SERVICE_NAME)
+        server, port, health_servicer = build_server(
+            servicer, address=address, threads=srv.threads, max_message_bytes=srv.max_message_bytes,
+            reuse_port=reuse_port, credentials=self._server_credentials(), interceptors=[edge])
+        server.start()
+        return server, port, lambda serving: health_servicer.set(SERVICE_NAME, health_status(serving))
 
     def _server_credentials(self) -> grpc.ServerCredentials | None:
         """The ``tls:`` section's credentials, shared by the decision API and the ext_proc port."""
