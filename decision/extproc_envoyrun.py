@@ -1,8 +1,8 @@
 """Run a real Envoy (and fake model servers) for the end-to-end tests and ``infermesh bench envoy``.
 
-The config is always rendered from the one template, ``deploy/envoy/envoy.yaml``: the YAML is
-loaded and only addresses and ports (and, when asked, the failure mode) are replaced, so the tests
-exercise exactly the shipped filter chain.
+The config is always rendered from the one template, ``deploy/envoy/envoy.yaml`` (with, when asked,
+an identity fragment spliced in by :mod:`decision.envoy_bootstrap`): only addresses and ports (and,
+when asked, the failure mode) are replaced, so the tests exercise exactly the shipped filter chain.
 """
 
 from __future__ import annotations
@@ -21,21 +21,13 @@ import httpx
 import yaml
 
 from decision.envoy_binary import ensure_envoy
-
-TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "envoy" / "envoy.yaml"
+from decision.envoy_bootstrap import TEMPLATE, http_filters, listener, load_bootstrap
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _listener(cfg: dict[str, Any], name: str) -> dict[str, Any]:
-    for lst in cfg["static_resources"]["listeners"]:
-        if lst["name"] == name:
-            return cast(dict[str, Any], lst)
-    raise KeyError(f"no listener {name!r} in the Envoy template")
 
 
 def _cluster(cfg: dict[str, Any], name: str) -> dict[str, Any]:
@@ -47,8 +39,7 @@ def _cluster(cfg: dict[str, Any], name: str) -> dict[str, Any]:
 
 def ext_proc_filters(listener: dict[str, Any]) -> list[dict[str, Any]]:
     """The ext_proc filter configs of a listener, in chain order (pick, then observe)."""
-    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    found = [cast(dict[str, Any], f["typed_config"]) for f in hcm["http_filters"]
+    found = [cast(dict[str, Any], f["typed_config"]) for f in http_filters(listener)
              if f["name"] == "envoy.filters.http.ext_proc"]
     if not found:
         raise KeyError("no ext_proc filter in the inference listener")
@@ -56,18 +47,41 @@ def ext_proc_filters(listener: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def render_config(*, listen_port: int, admin_port: int, extproc_port: int, extproc_host: str = "127.0.0.1",
-                  failure_mode_allow: bool | None = None, template: Path = TEMPLATE) -> dict[str, Any]:
-    """The template with test addresses: everything binds to loopback."""
-    cfg: dict[str, Any] = yaml.safe_load(template.read_text())
+                  failure_mode_allow: bool | None = None, template: Path = TEMPLATE,
+                  identity: Path | None = None, jwks_port: int = 0) -> dict[str, Any]:
+    """The template with test addresses: everything binds to loopback.
+
+    With ``identity``, the fragment's filters and clusters are spliced in and every remote JWKS is
+    fetched over plain HTTP from ``127.0.0.1:jwks_port/jwks.json`` (the test's identity provider).
+    """
+    cfg = load_bootstrap(template, identity)
     cfg["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin_port}
-    inference = _listener(cfg, "inference")
+    inference = listener(cfg, "inference")
     inference["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": listen_port}
     ep = _cluster(cfg, "infermesh_extproc")
     ep["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] = {
         "address": extproc_host, "port_value": extproc_port}
     if failure_mode_allow is not None:
         ext_proc_filters(inference)[0]["failure_mode_allow"] = failure_mode_allow
+    if identity is not None:
+        _local_jwks(cfg, inference, jwks_port)
     return cfg
+
+
+def _local_jwks(cfg: dict[str, Any], inference: dict[str, Any], port: int) -> None:
+    for f in http_filters(inference):
+        if f["name"] != "envoy.filters.http.jwt_authn":
+            continue
+        for provider in f["typed_config"]["providers"].values():
+            uri = provider.get("remote_jwks", {}).get("http_uri")
+            if uri is None:
+                continue
+            uri["uri"] = f"http://127.0.0.1:{port}/jwks.json"
+            idp = _cluster(cfg, uri["cluster"])
+            idp["type"] = "STATIC"
+            idp.pop("transport_socket", None)  # the test's provider speaks plain HTTP
+            idp["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] = {
+                "address": "127.0.0.1", "port_value": port}
 
 
 def add_direct_listener(cfg: dict[str, Any], *, port: int, backend_port: int) -> dict[str, Any]:
@@ -77,7 +91,7 @@ def add_direct_listener(cfg: dict[str, Any], *, port: int, backend_port: int) ->
     routes on a destination header).
     """
     out = copy.deepcopy(cfg)
-    lst = copy.deepcopy(_listener(out, "inference"))
+    lst = copy.deepcopy(listener(out, "inference"))
     lst["name"] = "direct"
     lst["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": port}
     hcm = lst["filter_chains"][0]["filters"][0]["typed_config"]
@@ -100,7 +114,7 @@ def add_pick_only_listener(cfg: dict[str, Any], *, port: int) -> dict[str, Any]:
     it does use CPU on the processor's machine).
     """
     out = copy.deepcopy(cfg)
-    lst = copy.deepcopy(_listener(out, "inference"))
+    lst = copy.deepcopy(listener(out, "inference"))
     lst["name"] = "pick_only"
     lst["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": port}
     hcm = lst["filter_chains"][0]["filters"][0]["typed_config"]

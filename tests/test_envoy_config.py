@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from decision.envoy_binary import ensure_envoy
-from decision.extproc_envoyrun import TEMPLATE, render_config
+from decision.envoy_bootstrap import IDENTITY_JWT, TEMPLATE, load_bootstrap
+from decision.extproc_envoyrun import render_config
 
 pytestmark = pytest.mark.envoy
 DEST = "x-gateway-destination-endpoint"
@@ -32,7 +33,9 @@ def test_envoy_validates_the_template_and_a_rendered_copy(tmp_path: Path) -> Non
     envoy = ensure_envoy()
     rendered = tmp_path / "envoy.yaml"
     rendered.write_text(yaml.safe_dump(render_config(listen_port=10001, admin_port=10002, extproc_port=10003)))
-    for path in (TEMPLATE, rendered):
+    with_identity = tmp_path / "envoy-jwt.yaml"  # as `python -m decision.envoy_bootstrap --identity` prints it
+    with_identity.write_text(yaml.safe_dump(load_bootstrap(identity=IDENTITY_JWT), sort_keys=False))
+    for path in (TEMPLATE, rendered, with_identity):
         out = subprocess.run([str(envoy), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
                              capture_output=True, text=True, timeout=60, check=False)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
