@@ -173,6 +173,15 @@ def test_identity_comes_from_the_token_not_the_clients_headers(stack: Stack) -> 
     assert "authorization" not in last  # forward: false, the model server never sees the token
 
 
+def test_a_list_claim_for_residency_fails_closed(stack: Stack) -> None:
+    """Envoy passes a non-string claim base64-encoded: it names no jurisdiction, so nothing is allowed."""
+    dialled = stack.requests_seen()
+    token = stack.idp.token({"tenant": "acme", "jurisdictions": ["EU", "US"]})
+    r = stack.chat({"authorization": f"Bearer {token}"})
+    assert r.status_code == 503 and r.json()["error"]["rules"] == [ResidencyGuard.RESIDENCY], r.text
+    assert stack.requests_seen() == dialled
+
+
 def test_a_claim_the_token_lacks_leaves_the_header_absent_not_the_clients(stack: Stack) -> None:
     token = stack.idp.token({"tenant": "acme"})
     r = stack.chat({"authorization": f"Bearer {token}", "x-infermesh-allowed-jurisdictions": "EU",
