@@ -58,9 +58,8 @@ def read_json_request(path: str) -> tuple[str, Any]:
     try:
         data = json.loads(raw, object_pairs_hook=_unique_keys)
     except _DuplicateKey as dup:  # json.loads would keep the last and drop the other without a word
-        found = list(re.finditer(re.escape(json.dumps(dup.key)) + r"\s*:", raw))
-        line = raw.count("\n", 0, found[-1].start()) + 1 if found else None
-        raise UsageError(f"{path}{f':{line}' if line else ''}: duplicate key {dup.key!r}") from None
+        key, line, col = first_duplicate_key(raw) or (dup.key, 0, 0)
+        raise UsageError(f"{path}{f':{line}:{col}' if line else ''}: duplicate key {key!r}") from None
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
     except (ValueError, RecursionError) as exc:  # a 5,000-digit number; arrays nested thousands deep
@@ -68,6 +67,47 @@ def read_json_request(path: str) -> tuple[str, Any]:
     if not isinstance(data, dict):
         raise UsageError(f"{path}:1: a request is a JSON object, not {type(data).__name__}")
     return raw, data
+
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def first_duplicate_key(raw: str) -> tuple[str, int, int] | None:
+    r"""The first key, in text order, that repeats one earlier in the same object of the JSON document
+    ``raw``, with the line and column of the repeat; None if no object repeats a key.
+
+    Keys are compared decoded, as ``json.loads`` compares them, so an escaped spelling is the same key.
+
+    >>> first_duplicate_key('{"a": {"b": 1},\n "labels": {"a": 2, "\\u0061": 3}}')
+    ('a', 2, 21)
+    >>> first_duplicate_key('{"a": [{"a": 1}], "b": {"a": 2}}') is None
+    True
+    """
+    objects: list[set[str] | None] = []  # per open bracket: the keys so far of an object; None for an array
+    i, n = 0, len(raw)
+    while i < n:
+        c = raw[i]
+        if c == '"':
+            end = _STRING.match(raw, i)
+            if end is None:  # not valid JSON after all: leave the message to the parser
+                return None
+            after = end.end()
+            while after < n and raw[after] in " \t\n\r":
+                after += 1
+            if objects and objects[-1] is not None and after < n and raw[after] == ":":
+                key = json.loads(end.group())
+                if key in objects[-1]:
+                    line = raw.count("\n", 0, i) + 1
+                    return key, line, i - (raw.rfind("\n", 0, i) + 1) + 1
+                objects[-1].add(key)
+            i = end.end()
+            continue
+        if c in "{[":
+            objects.append(set() if c == "{" else None)
+        elif c in "}]" and objects:
+            objects.pop()
+        i += 1
+    return None
 
 
 class _DuplicateKey(Exception):

@@ -187,7 +187,13 @@ def test_a_request_json_cannot_hold_is_a_message(tmp_path: Path) -> None:
         with pytest.raises(UsageError, match=f"{name}: invalid JSON: {message}"):
             read_json_request(str(tmp_path / name))
     for name, text, message in (("dup.json", '{"tenant": "a",\n "model": "m",\n "tenant": "b"}',
-                                 ":3: duplicate key 'tenant'"),
+                                 ":3:2: duplicate key 'tenant'"),
+                                # the repeat inside labels, not the outer key of the same name
+                                ("nested.json", '{"tenant": "a",\n "labels": {"team": "x",\n  "tenant": "b",'
+                                 ' "team": "y"}}', ":3:18: duplicate key 'team'"),
+                                # an escaped spelling is the same key to the parser, so to the message too
+                                ("escaped.json", '{"tenant": "a",\n "te\\u006eant": "b"}',
+                                 ":2:2: duplicate key 'tenant'"),
                                 ("list.json", '[{"tenant": "a"}]', ":1: a request is a JSON object, not list")):
         (tmp_path / name).write_text(text)
         with pytest.raises(UsageError, match=f"{name}{message}"):
