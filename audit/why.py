@@ -18,14 +18,16 @@ def candidate_rows(decision: Mapping[str, Any]) -> list[dict[str, Any]]:
     stages = trace.get("stages", {})
     located = stages.get("locate", {}).get("candidates", [])
     verdicts: dict[str, list[str]] = {}
-    denials: dict[str, list[tuple[str, str]]] = {}
+    # A failed rule of severity warn is recorded and removes nothing: a warning, not a denial.
+    failed: dict[str, dict[str, list[tuple[str, str]]]] = {"DENY": {}, "WARN": {}}
     for v in stages.get("guard", {}).get("verdicts", []):
         ep = v.get("endpoint_id") or "*"
-        mark = "allow" if v.get("allow") else "DENY"
+        mark = "allow" if v.get("allow") else ("WARN" if v.get("severity", "deny") == "warn" else "DENY")
         verdicts.setdefault(ep, []).append(f"{v.get('rule_id')}:{mark}" + ("" if v.get("allow") else
                                                                          f" ({v.get('reason', '')})"))
-        if not v.get("allow"):
-            denials.setdefault(ep, []).append((str(v.get("rule_id")), str(v.get("reason", ""))))
+        if mark != "allow":
+            failed[mark].setdefault(ep, []).append((str(v.get("rule_id")), str(v.get("reason", ""))))
+    denials, warnings = failed["DENY"], failed["WARN"]
     scores = {s["endpoint_id"]: s for s in stages.get("score", {}).get("candidates", [])}
     chosen = stages.get("choose", {}).get("chosen")
     fallbacks = stages.get("choose", {}).get("fallbacks", [])
@@ -40,9 +42,11 @@ def candidate_rows(decision: Mapping[str, Any]) -> list[dict[str, Any]]:
         rows.append({
             "endpoint_id": ep, "site": info.get("site"), "tier": info.get("tier"),
             "gpu_type": info.get("gpu_type"),
-            # Denials first: whoever reads a shortened copy must still see what removed the endpoint.
-            "verdicts": "; ".join(sorted(judged, key=lambda text: ":DENY" not in text)) or "allow",
+            # Denials first, then warnings: whoever reads a shortened copy must still see what removed the endpoint.
+            "verdicts": "; ".join(sorted(judged, key=lambda text: (":DENY" not in text, ":WARN" not in text)))
+            or "allow",
             "denials": denials.get(ep, []) + denials.get("*", []),
+            "warnings": warnings.get(ep, []) + warnings.get("*", []),
             "rules": len(judged),
             "score": s.get("score"), "expected_ttft_ms": s.get("expected_ttft_ms"),
             "expected_cost_per_1k_tokens": s.get("expected_cost_per_1k_tokens"),
@@ -54,11 +58,14 @@ def candidate_rows(decision: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _verdict_cell(row: Mapping[str, Any]) -> str:
-    """The table's verdict column: the rules that denied, or how many allowed."""
+    """The table's verdict column: the rules that denied, or how many allowed (and which warned)."""
     if row["denials"]:
         return "DENY " + ", ".join(rule for rule, _ in row["denials"])
     n = row["rules"]
-    return f"allow ({n} rule{'' if n == 1 else 's'})" if n else "allow"
+    cell = f"allow ({n} rule{'' if n == 1 else 's'})" if n else "allow"
+    if row["warnings"]:
+        cell += ", WARN " + ", ".join(rule for rule, _ in row["warnings"])
+    return cell
 
 
 def render_text(decision: Mapping[str, Any]) -> str:
@@ -84,10 +91,11 @@ def render_text(decision: Mapping[str, Any]) -> str:
     widths = [min(60, max(len(str(t[i])) for t in table)) for i in range(len(head))]
     for t in table:
         out.append("    " + "  ".join(str(c)[:60].ljust(w) for c, w in zip(t, widths, strict=True)).rstrip())
-    denied = [(r["endpoint_id"], rule, reason) for r in rows for rule, reason in r["denials"]]
-    if denied:  # in full, below the table, where no column width cuts them
-        out.append("  denials:")
-        out.extend(f"    {ep}: {rule}: {reason}" for ep, rule, reason in denied)
+    for key, title in (("denials", "denials"), ("warnings", "warnings (recorded, nothing removed)")):
+        failed = [(r["endpoint_id"], rule, reason) for r in rows for rule, reason in r[key]]
+        if failed:  # in full, below the table, where no column width cuts them
+            out.append(f"  {title}:")
+            out.extend(f"    {ep}: {rule}: {reason}" for ep, rule, reason in failed)
     outcome = decision.get("outcome")
     if outcome:
         out.append(f"  outcome: {_outcome_text(outcome)}")

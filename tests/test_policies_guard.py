@@ -122,6 +122,19 @@ def test_warn_severity_records_but_does_not_remove(demo_fleet: Fleet, tmp_path: 
     d = engine.decide(RequestContext("r1", "globex", model_family="llava", prompt_class="medical"))
     warns = [v for v in d.trace["stages"]["guard"]["verdicts"] if v["rule_id"] == "safety.prompt_class"]
     assert warns and all(not v["allow"] and v["severity"] == str(Severity.WARN) for v in warns)
+    # "Why this route" calls it a warning, never a denial, the chosen endpoint included.
+    from audit.why import candidate_rows, render_text
+
+    rows = {r["endpoint_id"]: r for r in candidate_rows({"trace": d.trace})}
+    chosen = rows[d.route.endpoint_id]
+    assert chosen["role"] == "CHOSEN" and not chosen["denials"]
+    assert [rule for rule, _ in chosen["warnings"]] == ["safety.prompt_class"]
+    assert ":DENY" not in chosen["verdicts"] and "safety.prompt_class:WARN" in chosen["verdicts"]
+    text = render_text({"decision_id": d.decision_id, "decided_at": "-", "status": "routed",
+                        "endpoint_id": d.route.endpoint_id, "trace": d.trace})
+    line = next(t for t in text.splitlines() if t.strip().startswith(d.route.endpoint_id))
+    assert "WARN safety.prompt_class" in line and "DENY" not in line
+    assert "denials:" not in text and "warnings (recorded, nothing removed):" in text
 
 
 def test_memoised_verdicts_equal_fresh_ones(demo_fleet: Fleet) -> None:
