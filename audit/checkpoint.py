@@ -155,6 +155,10 @@ def check_heads(url: str, heads: Sequence[ChainHead], *, start: dt.date | None =
         # by hand, so a log whose retention ran only before 0008 reports those heads, and says why.
         held = partitions.list_partitions(conn)
         retired = partitions.retired_before(conn)
+        if retired is not None and held:
+            # Retention drops the oldest days first, so a day still held was never dropped, whatever
+            # audit_retention says: a cutoff past it (a forged row) must not retire its heads.
+            retired = min(retired, held[0])
         stored = _stored(conn, wanted)
     for h in wanted:
         if retired is not None and h.day < retired:

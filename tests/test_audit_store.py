@@ -672,6 +672,23 @@ def test_checkpoint_heads_on_days_gone_are_retired_only_when_a_retention_run_dro
         assert code != 0 and "no retention run is recorded" in out, out
 
 
+def test_a_retention_record_cannot_retire_the_heads_of_a_day_still_held(
+        db: str, demo_fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Whoever can delete a chain's tail can also insert a retention row with a cutoff of tomorrow."""
+    w, _ = decided_and_reported(db, demo_fleet, tmp_path / "a", 3, batch_size=4)
+    w.close()
+    cp = tmp_path / "heads.jsonl"
+    assert _cli(monkeypatch, capsys, db, "checkpoint", "-o", str(cp))[0] == 0
+    tomorrow = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1)
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("DELETE FROM decision_events WHERE seq = (SELECT max(seq) FROM decision_events)")
+        conn.execute("INSERT INTO audit_retention (cutoff, dropped_days) VALUES (%s, %s)", (tomorrow, []))
+        assert partitions.list_partitions(conn)  # today's partition is still there
+    code, out, _ = _cli(monkeypatch, capsys, db, "verify", "--checkpoint", str(cp))
+    assert code != 0 and "rows at or after it were deleted after the checkpoint" in out, out
+
+
 def test_cli_day_bounds_take_whole_days_like_verify_and_bad_outputs_are_one_line(
         db: str, demo_fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
