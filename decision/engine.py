@@ -70,7 +70,10 @@ def new_decision_id(now: float | None = None) -> str:
 
 def default_reward(ctx: RequestContext, outcome: Outcome, expected_ttft_ms: float,
                    cost_per_1k_tokens: float) -> float:
-    """TTFT relative to target, minus failures: 1 at or under target, falling as TTFT grows."""
+    """TTFT relative to target, minus failures: 1 at or under target, falling as TTFT grows; 0 for a
+    cancellation (the client gave up, which says little about the route)."""
+    if outcome.status is OutcomeStatus.CANCELLED:
+        return 0.0
     if outcome.status is not OutcomeStatus.OK:
         return -1.0
     target = ctx.ttft_target_ms or 500.0
@@ -248,7 +251,8 @@ class DecisionEngine:
                                                   f"{fleet.models[ctx.model].family!r}, not {ctx.model_family!r}")
         if not ctx.model and ctx.model_family not in fleet.by_family:
             raise NotFound("model_family", ctx.model_family)
-        placement = self._placed(fleet, ctx.model, ctx.model_family, ctx.modality, ctx.client_region)
+        placement = self._placed(fleet, ctx.model, ctx.model_family, ctx.modality,
+                                 fleet.topology.canonical_client(ctx.client_region))
         if not placement.endpoints and ctx.modality:
             self._check_modality(fleet, ctx)
         return CandidateSet(placement, self.telemetry.batch(placement.endpoint_ids, now, placement.telemetry_rows))
@@ -353,15 +357,17 @@ class DecisionEngine:
                 trace=trace, decided_at=now, decision_us=decision_us, stored_trace=stored,
                 telemetry_age_s=max_age_of(scored.candidates, arm),
             )
+            if self.audit is not None:
+                self.audit.submit_decision(decision_event(decision, "routed", ()))  # may refuse (fail-closed)
+            # Only once the log took it: a refused decision was never routed, so it must leave no trace in
+            # the ledger (in flight, prefill backlog, arrival rate). No outcome can come before we return.
             self._remember(decision_id, _Pending(ctx, ep.endpoint_id, tuple(scored.matrix[arm].tolist()), ttft_ms, cost,
                                                  now + self.outcome_timeout_s, float(scored.components["rtt_ms"][arm]),
                                                  self.ledger.slowness(ep.endpoint_id) if self.count_inflight else 1.0,
                                                  now),
                            now, float(scored.components["prefill_ms"][arm]) / 1000.0)
-            if self.audit is not None:
-                self.audit.submit_decision(decision_event(decision, "routed", ()))  # may refuse (fail-closed)
         except BaseException:
-            self._forget(decision_id)  # refused by the audit log: never routed, so never in flight nor learnt
+            self._forget(decision_id)  # never routed, so never in flight nor learnt
             guard.release(ctx, state)
             raise
         guard.commit(ctx, decision)
@@ -418,7 +424,7 @@ class DecisionEngine:
                timings: Mapping[str, float], now: float) -> tuple[LazyTrace, LazyTrace]:
         """(stored compact trace, readable view of it), both built only when first read."""
         endpoints = self._endpoint_rows.get((fleet.revision, ctx.model, ctx.model_family, ctx.modality,
-                                             ctx.client_region))
+                                             fleet.topology.canonical_client(ctx.client_region)))
         stored = LazyTrace(gather=lambda: trace_parts(
             ctx=ctx, inventory_revision=fleet.revision, learner=f"{learner.name}@{learner.version}", now=now,
             candidates=candidates, result=result, scored=scored, choice=choice, fallbacks=fallbacks,
@@ -512,6 +518,11 @@ class DecisionEngine:
                 self._release(self._pending.popitem(last=False)[1])
                 expired.append((did, p))
                 self._expiring[did] = p
+            # Outcomes the audit log refused (released already) whose caller never retried: missing too.
+            for did in [d for d, p in self._unrecorded.items() if p.deadline <= t]:
+                p = self._unrecorded.pop(did)
+                expired.append((did, p))
+                self._expiring[did] = p
         elsewhere: set[str] = set()
         if expired and isinstance(self.traces, OutcomeLookup):
             try:
@@ -532,10 +543,11 @@ class DecisionEngine:
     def report_outcome(self, outcome: Outcome) -> OutcomeResult:
         """Join an outcome to its decision, update the learner once, and audit it. Idempotent."""
         validate_outcome(outcome)
-        if outcome.served_endpoint_id and outcome.served_endpoint_id not in self._fleet.by_id:
-            raise InvalidArgument("served_endpoint_id", f"unknown endpoint {outcome.served_endpoint_id!r}")
         did = outcome.decision_id
         with self._lock:
+            held = self._pending.get(did) or self._expiring.get(did) or self._unrecorded.get(did)
+            if held is not None:  # before anything is claimed: a corrected retry is taken as usual
+                self._check_served(outcome, held.endpoint_id)
             pending = self._pending.pop(did, None)
             if pending is not None:
                 self._release(pending)
@@ -559,15 +571,7 @@ class DecisionEngine:
         did = outcome.decision_id
         reward: float | None = None
         if pending is not None:
-            fallback = outcome.served_endpoint_id not in ("", pending.endpoint_id)
-            learnt = outcome
-            if fallback:
-                # The route did not serve: its arm learns a failure (the fallback's result is not the
-                # route's, and the fallback's own propensity is unknown); the log keeps what happened.
-                self.stats["outcomes_by_fallback"] += 1
-                note = f"served by fallback {outcome.served_endpoint_id}"
-                outcome = replace(outcome, error=f"{outcome.error}; {note}" if outcome.error else note)
-                learnt = replace(outcome, status=OutcomeStatus.ERROR)
+            outcome, learnt, fallback = self._as_learnt(outcome, pending.endpoint_id)
             reward = self.reward(pending.ctx, learnt, pending.expected_ttft_ms, pending.cost_per_1k_tokens)
             with self._learn_lock:  # stamped and learnt as one, for snapshots (see outcome_barrier)
                 self._audit_outcome(outcome, reward, pending)  # before learning: a refused outcome is retried whole
@@ -602,9 +606,12 @@ class DecisionEngine:
                     put_bounded(self._reported, did, prior, self.max_pending)
                 self.stats["outcomes_duplicate"] += 1
                 return OutcomeResult(did, True, True, prior)
+            route = str(record.get("endpoint_id") or "")
+            self._check_served(outcome, route)
+            outcome, learnt, _ = self._as_learnt(outcome, route)
             logged = self._logged_arm(record)
             if logged is not None:
-                reward = self.reward(logged.ctx, outcome, logged.expected_ttft_ms, logged.cost_per_1k_tokens)
+                reward = self.reward(logged.ctx, learnt, logged.expected_ttft_ms, logged.cost_per_1k_tokens)
             with self._learn_lock:
                 self._audit_outcome(outcome, reward, None)
                 if logged is not None and reward is not None:
@@ -615,6 +622,26 @@ class DecisionEngine:
             self._expired.pop(did, None)
         self.stats["outcomes"] += 1
         return OutcomeResult(did, True, False, reward)
+
+    def _check_served(self, outcome: Outcome, route_endpoint_id: str) -> None:
+        """An outcome names the route, or an endpoint of the inventory (a fallback): else a typo, refused.
+        The route's own id is taken even after a reload removed its endpoint."""
+        served = outcome.served_endpoint_id
+        if served and served != route_endpoint_id and served not in self._fleet.by_id:
+            raise InvalidArgument("served_endpoint_id", f"unknown endpoint {served!r}")
+
+    def _as_learnt(self, outcome: Outcome, route_endpoint_id: str) -> tuple[Outcome, Outcome, bool]:
+        """(the outcome to log, the outcome the route's arm learns, whether a fallback served it).
+
+        When a fallback served, the route did not: its arm learns a failure (the fallback's result is
+        not the route's, and the fallback's own propensity is unknown); the log keeps what happened.
+        """
+        if outcome.served_endpoint_id in ("", route_endpoint_id):
+            return outcome, outcome, False
+        self.stats["outcomes_by_fallback"] += 1
+        note = f"served by fallback {outcome.served_endpoint_id}"
+        logged = replace(outcome, error=f"{outcome.error}; {note}" if outcome.error else note)
+        return logged, replace(logged, status=OutcomeStatus.ERROR), True
 
     def _record_late_elsewhere(self, outcome: Outcome, record: Mapping[str, Any]) -> OutcomeResult:
         """An outcome for a decision whose deciding replica already logged a timeout (and learnt it):

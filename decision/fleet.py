@@ -18,9 +18,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
+from decision.bounded import put_bounded
 from decision.domain import TIERS, Endpoint, Tier, nominal_cost_per_1k_tokens
 from decision.gpu_profiles import PROFILES, batch_half, scaled_throughput
 from decision.yaml_lines import LocatedYaml, YamlSyntaxError, field_path, load_located, load_located_file
+
+_PATH_CACHE_LIMIT = 1 << 16  # (client, site) paths kept per inventory revision
 
 
 class _Strict(BaseModel):
@@ -217,6 +220,21 @@ class Topology:
         self._default = spec.default_rtt_ms
         self._intra = spec.intra_region_rtt_ms
         self._cache: dict[tuple[str, str], tuple[float, float]] = {}
+        # The client locations a path can depend on; any other is as far as no location at all.
+        self._places = frozenset(self._site_region) | frozenset(self._site_region.values()) | {
+            end for pair in self._links for end in pair}
+
+    def canonical_client(self, client: str) -> str:
+        """``client`` if the inventory knows it (a site, a site's region, a link's end), else ``""``:
+        every path from an unknown location is the default one, so memos keyed by the client keep
+        one entry for all of them (a client location is the caller's free text).
+
+        >>> t = Topology(FleetSpec.model_validate({"sites": [{"id": "s1", "region": "eu-west",
+        ...     "jurisdiction": "EU", "tier": "edge"}], "nodes": [], "deployments": [], "models": []}))
+        >>> t.canonical_client("eu-west"), t.canonical_client("atlantis"), t.path("atlantis", "s1") == t.path("", "s1")
+        ('eu-west', '', True)
+        """
+        return client if client in self._places else ""
 
     def _lookup(self, client: str, site_id: str) -> tuple[float, float]:
         site_region = self._site_region.get(site_id, "")
@@ -234,8 +252,8 @@ class Topology:
         """(RTT ms, egress $/GB) from a client region or site to a site."""
         key = (client, site_id)
         hit = self._cache.get(key)
-        if hit is None:
-            hit = self._cache[key] = self._lookup(client, site_id)
+        if hit is None:  # bounded: the client region is the caller's free text
+            hit = put_bounded(self._cache, key, self._lookup(client, site_id), _PATH_CACHE_LIMIT)
         return hit
 
     def rtt_ms(self, client: str, site_id: str) -> float:

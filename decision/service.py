@@ -362,14 +362,12 @@ def _build_learner_sync(config: ServiceConfig, settings: Settings, audit: AuditP
 
 
 def _build_reward(config: ServiceConfig) -> Any:
-    """The learners' reward; it prices cost as the score stage does (``decision.cost_weight_ms``)."""
-    price = config.decision.cost_weight_ms
-    if not config.learner.reward and not price:
-        return None
+    """The learners' reward (``learner.reward``; its documented defaults when the section is left out);
+    it prices cost as the score stage does (``decision.cost_weight_ms``)."""
     from learners.reward import reward_from_config
 
     with config.located("learner", "reward"):
-        return reward_from_config(config.learner.reward or {}, cost_weight_ms=price)
+        return reward_from_config(config.learner.reward or {}, cost_weight_ms=config.decision.cost_weight_ms)
 
 
 def _warn_unroutable_addresses(endpoints: Sequence[Endpoint]) -> None:

@@ -217,3 +217,16 @@ def test_without_in_flight_counting_a_burst_herds_on_stale_telemetry(demo_fleet)
     chosen = {eng.decide(_req(**{**ctx.as_dict(), "request_id": f"b{i}", "allowed_jurisdictions": ()})
                          ).route.endpoint_id for i in range(50)}
     assert len(chosen) == 1
+
+
+def test_client_locations_the_inventory_does_not_know_share_one_placement(demo_fleet) -> None:  # type: ignore[no-untyped-def]
+    """A client region is free text: each unknown one must not hold a placement (and paths) of its own."""
+    engine = demo_engine(demo_fleet)
+    known = engine.decide(_req(client_region="eu-west"))
+    engine.decide(_req(client_region=""))
+    for i in range(300):
+        d = engine.decide(_req(request_id=f"far-{i}", client_region=f"atlantis-{i}"))
+        assert d.request.client_region == f"atlantis-{i}"  # the request (and its trace) keep what was sent
+        assert d.trace["request"]["client_region"] == f"atlantis-{i}"
+    assert known.route.region == "eu-west"
+    assert len(engine._placement) == 2  # eu-west and every unknown location as one

@@ -74,6 +74,9 @@ def test_a_decision_the_audit_log_refuses_is_neither_in_flight_nor_learnt() -> N
             engine.decide(RequestContext(f"r{i}", "acme", model="llama-3.1-8b"))
     assert engine.pending_outcomes() == 0
     assert all(engine.inflight(e.endpoint_id) == 0 for e in engine.fleet.endpoints)
+    # Nor does it leave a prefill backlog or an arrival rate that would steer later traffic away.
+    _, backlog, _, rate = engine.ledger.columns([e.endpoint_id for e in engine.fleet.endpoints], clock[0])
+    assert not backlog.any() and not rate.any()
     clock[0] += 11.0
     assert engine.expire_outcomes() == 0
     assert learner.n_updates == 0
@@ -161,6 +164,59 @@ def test_an_outcome_the_audit_log_refuses_is_recorded_whole_on_the_retry() -> No
     assert not retry.duplicate and retry.reward is not None  # not "already recorded": it never was
     assert learner.n_updates == 1 and [o["decision_id"] for o in audit.outcomes] == [d.decision_id]
     assert engine.report_outcome(outcome).duplicate
+
+
+def test_an_outcome_the_audit_log_refused_and_nobody_retried_times_out_like_a_missing_one() -> None:
+    clock = [1000.0]
+    audit = _Audit(refuse_outcomes=True)
+    engine, learner = _engine(audit, clock)
+    d = engine.decide(RequestContext("r1", "acme", model="llama-3.1-8b"))
+    with pytest.raises(Unavailable):
+        engine.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=120.0))
+    audit.refuse_outcomes = False  # the log is back; this caller (ext_proc's observer, say) never retries
+    clock[0] += 11.0
+    assert engine.expire_outcomes() == 1 and learner.n_updates == 1
+    assert [(o["decision_id"], o["status"]) for o in audit.outcomes] == [(d.decision_id, "timeout")]
+    assert engine.expire_outcomes() == 0 and learner.n_updates == 1  # once
+
+
+def test_an_outcome_names_the_route_or_an_inventory_endpoint() -> None:
+    clock = [1000.0]
+    engine, learner = _engine(_Audit(), clock)
+    d = engine.decide(RequestContext("r1", "acme", model="llama-3.1-8b"))
+    with pytest.raises(InvalidArgument, match="served_endpoint_id"):  # a typo; the decision still waits
+        engine.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=120.0, served_endpoint_id="nowhere"))
+    assert engine.pending_outcomes() == 1 and learner.n_updates == 0
+    # An inventory reload removed the route's endpoint: naming it is still naming the route.
+    fleet = engine.fleet
+    spec = demo_fleet()
+    spec["deployments"] = [x for x in spec["deployments"] if x["id"] != d.route.endpoint_id]
+    engine.set_fleet(Fleet.from_mapping(spec))
+    assert d.route.endpoint_id in fleet.by_id and d.route.endpoint_id not in engine.fleet.by_id
+    got = engine.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=120.0,
+                                        served_endpoint_id=d.route.endpoint_id))
+    assert got.accepted and not got.duplicate and got.reward is not None and got.reward > 0
+    assert learner.n_updates == 1
+
+
+def test_an_outcome_served_by_a_fallback_is_the_routes_failure_on_every_replica() -> None:
+    clock = [1000.0]
+    deciding, _ = _engine(_Audit(), clock)
+    first = deciding.decide(RequestContext("r1", "acme", model="llama-3.1-8b", ttft_target_ms=400.0))
+    here = deciding.report_outcome(Outcome(first.decision_id, OutcomeStatus.OK, ttft_ms=100.0,
+                                           served_endpoint_id=first.fallbacks[0].endpoint_id))
+    d = deciding.decide(RequestContext("r2", "acme", model="llama-3.1-8b", ttft_target_ms=400.0))
+    record = {"decision_id": d.decision_id, "status": "routed", "learner": d.learner, "request_id": "r2",
+              "tenant": "acme", "user_tier": "standard", "endpoint_id": d.route.endpoint_id,
+              "trace": dict(d.trace), "outcome": None}
+    other_audit = _Audit()
+    other, other_learner = _engine(other_audit, clock, traces=_Log({d.decision_id: record}))
+    there = other.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=100.0,
+                                         served_endpoint_id=d.fallbacks[0].endpoint_id))
+    assert here.reward is not None and here.reward < 0 and there.reward == pytest.approx(here.reward)
+    assert other_learner.n_updates == 1 and other.stats["outcomes_by_fallback"] == 1
+    assert other_audit.outcomes[0]["error"] == f"served by fallback {d.fallbacks[0].endpoint_id}"
+    assert other_audit.outcomes[0]["status"] == "ok"  # the log keeps what happened
 
 
 def test_an_outcome_of_another_replicas_decision_is_learnt_there_and_not_as_a_timeout_here() -> None:

@@ -231,6 +231,11 @@ def test_an_outcome_served_by_a_fallback_teaches_the_route_a_failure(server) -> 
                                        latency_ms=400, output_tokens=20, served_endpoint_id=routed.route.endpoint_id))
     assert ack.reward < 0 < ok.reward  # the route served the second one itself: credited as usual
     assert engine.stats["outcomes_by_fallback"] == 1
-    with pytest.raises(grpc.RpcError) as err:
-        stub.ReportOutcome(pb.Outcome(decision_id="x", status=pb.OUTCOME_STATUS_OK, served_endpoint_id="nowhere"))
+    third = _decide(channel, request_id="r3", ttft_target_ms=500)
+    with pytest.raises(grpc.RpcError) as err:  # a typo is refused, and the decision still waits for its outcome
+        stub.ReportOutcome(pb.Outcome(decision_id=third.decision_id, status=pb.OUTCOME_STATUS_OK,
+                                      served_endpoint_id="nowhere"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "served_endpoint_id" in err.value.details()
+    retry = stub.ReportOutcome(pb.Outcome(decision_id=third.decision_id, status=pb.OUTCOME_STATUS_OK, ttft_ms=100,
+                                          latency_ms=400, output_tokens=20))
+    assert retry.accepted and not retry.duplicate and retry.reward > 0

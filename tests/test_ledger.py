@@ -237,7 +237,11 @@ def test_the_service_reward_prices_cost_as_the_score_stage_does() -> None:
     from decision.config import ServiceConfig
     from decision.service import _build_reward
 
-    assert _build_reward(ServiceConfig(fleet=Path("f.yaml"))) is None  # no reward section, no price: the default
+    # No reward section: the documented defaults (a cancellation is not the route's failure), not the
+    # engine's bare TTFT reward.
+    plain = _build_reward(ServiceConfig(fleet=Path("f.yaml")))
+    assert plain(RequestContext("r", "t"), Outcome("d", OutcomeStatus.CANCELLED), 100.0, 0.001) == 0.0
+    assert plain(RequestContext("r", "t"), Outcome("d", OutcomeStatus.ERROR), 100.0, 0.001) == -2.0
     cfg = ServiceConfig.model_validate({"fleet": "f.yaml", "decision": {"cost_weight_ms": 500.0}})
     reward = _build_reward(cfg)
     ctx = RequestContext("r", "t", ttft_target_ms=1000.0)
