@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from policies.cel_engine import CelCompileError, CelProgram, compile_cel
 from policies.errors import BundleError, PolicyIssue, read_source
-from policies.manifest import ManifestSpec, RuleSpec, bundle_files, bundle_revision, load_manifest
-from policies.rego_calls import undefined_calls
+from policies.manifest import MANIFEST, ManifestSpec, RuleSpec, bundle_files, bundle_revision, load_manifest
+from policies.rego_calls import undefined_calls, volatile_calls
 from policies.rego_engine import (
     RegoCompileError,
     RegoProgram,
@@ -64,6 +64,9 @@ def rego_modules(directory: Path) -> dict[str, tuple[str, str]]:
     return out
 
 
+_MESSAGE = "\0message"  # where compile_cel reports a message expression's issues (no file has this name)
+
+
 def compile_bundle(directory: str | Path) -> CompiledBundle:
     """Compile every rule (and parse every Rego test module); raises :class:`BundleError`.
 
@@ -75,7 +78,7 @@ def compile_bundle(directory: str | Path) -> CompiledBundle:
     """
     root = Path(directory)
     revision = bundle_revision(root) if root.is_dir() else ""
-    spec, _ = load_manifest(root)
+    spec, doc = load_manifest(root)
     issues: list[PolicyIssue] = []
     try:
         test_modules = rego_modules(root)
@@ -84,13 +87,12 @@ def compile_bundle(directory: str | Path) -> CompiledBundle:
         test_modules = {}
     modules = {k: v for k, v in test_modules.items() if not is_test_module(k)}
     rules: list[CompiledRule] = []
-    for rule in spec.rules:
+    for n, rule in enumerate(spec.rules):
         path = root / rule.file
         try:
             if rule.engine == "cel":
                 program: CelProgram | RegoProgram = compile_cel(
-                    read_source(path), str(path), message=rule.message,
-                    message_path=f"{root / 'manifest.yaml'} (rule {rule.id} message)")
+                    read_source(path), str(path), message=rule.message, message_path=_MESSAGE)
             else:
                 name = posixpath.normpath(Path(rule.file).as_posix())  # "./x/../y.rego" is module "y.rego"
                 if name not in modules:
@@ -100,8 +102,16 @@ def compile_bundle(directory: str | Path) -> CompiledBundle:
                                                                "_test.rego, and not sit in a hidden folder"))
                     continue
                 program = compile_rego(modules, name, spec.params)
+                if rule.scope == "candidate" and not rule.per_request:  # verdicts memoised: kept, not redone
+                    issues.extend(replace(i, message=f"{i.message}, but the verdicts of rule {rule.id} are "
+                                                     "memoised (kept while what it declared it reads is "
+                                                     "unchanged): set memoise: false on it")
+                                  for i in volatile_calls(modules, name))
         except (CelCompileError, RegoCompileError, BundleError) as exc:
-            issues.extend(exc.issues)
+            # A message expression's problems are at its line of the manifest (the column is the expression's).
+            issues.extend(PolicyIssue(str(root / MANIFEST), doc.line_of(("rules", n, "message")), 1,
+                                      f"rules[{n}](id={rule.id}).message: column {i.column} of the expression: "
+                                      f"{i.message}") if i.path == _MESSAGE else i for i in exc.issues)
             continue
         rules.append(CompiledRule(rule, program, str(path)))
     # Test modules must parse too: a bundle whose tests cannot even load is broken.

@@ -8,12 +8,13 @@ declares what it reads, so the guard can give it exactly that and memoise what i
 from __future__ import annotations
 
 import hashlib
-import re
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from decision.telemetry import CANONICAL
 from decision.yaml_lines import LocatedYaml, YamlSyntaxError, field_path, load_located_file
 from policies.errors import BundleError, PolicyIssue
 
@@ -77,9 +78,12 @@ class RuleSpec(_Strict):
     @field_validator("telemetry", "ages")
     @classmethod
     def _metric_names(cls, v: list[str]) -> list[str]:
-        bad = [m for m in v if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", m)]
-        if bad:
-            raise ValueError(f"metric names are identifiers (see decision.telemetry), not {bad}")
+        # The store keeps canonical names only (exporter names are mapped on the way in): any other
+        # name would never have a value, and a rule where unknown means allowed would allow everything.
+        unknown = [m for m in v if m not in CANONICAL]
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown}; the telemetry a rule can read is named "
+                             f"{', '.join(CANONICAL)}")
         return v
 
     @field_validator("endpoint_fields")
@@ -191,6 +195,40 @@ def load_manifest(directory: str | Path) -> tuple[ManifestSpec, LocatedYaml]:
                              "a CEL rule sees one candidate, a request rule none")
         if rule.kind == "quota" and rule.scope != "request":
             issue("scope", "quota rules are request-scope")
+    bad = not_json(spec.params)
+    if bad is not None:  # rules see params as JSON: YAML's dates, for one, are not
+        where = ".".join(map(str, ("params", *bad)))
+        issues.append(PolicyIssue(str(path), doc.line_of(("params", *bad)), 1,
+                                  f"{where}: not a JSON value (strings, numbers, booleans, null, lists and "
+                                  "mappings with string keys; quote a date or a time)"))
     if issues:
         raise BundleError(issues)
     return spec, doc
+
+
+def not_json(value: Any, at: tuple[str | int, ...] = ()) -> tuple[str | int, ...] | None:
+    """Where in ``value`` the first part JSON cannot carry is (``()``: ``value`` itself); None if all can.
+
+    >>> import datetime
+    >>> not_json({"a": [1, "x", {"b": datetime.date(2026, 1, 1)}]})
+    ('a', 2, 'b')
+    >>> not_json({"a": [1.5, None, True]}) is None, not_json({"a": float("nan")})
+    (True, ('a',))
+    """
+    if value is None or isinstance(value, (str, bool, int)):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else at
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = not_json(item, (*at, i))
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, dict):
+        for k, item in value.items():
+            found = (*at, k) if not isinstance(k, str) else not_json(item, (*at, k))
+            if found is not None:
+                return found
+        return None
+    return at

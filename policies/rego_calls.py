@@ -83,3 +83,34 @@ def undefined_calls(modules: Mapping[str, tuple[str, str]], is_builtin: Callable
             issues.append(PolicyIssue(modules[name][0], line, column,
                                       f"function not found: {called} (not a rego-cpp built-in, {where})"))
     return issues
+
+
+# Built-ins whose answer changes from one call to the next: the clock, randomness, the outside world.
+_VOLATILE = re.compile(r"^(?:time\.now_ns|rand\.\w+|uuid\.\w+|http\.send|opa\.runtime|net\.lookup_ip_addr)$")
+
+
+def volatile_calls(modules: Mapping[str, tuple[str, str]], rule_module: str) -> list[PolicyIssue]:
+    """Calls a rule makes (in its module, or in a module of a package it imports) to built-ins whose
+    answer changes between calls; a memoised rule would keep its first answer for good.
+
+    Examples
+    --------
+    >>> src = 'package w\\nimport rego.v1\\nallow contains c.id if { some c in input.candidates; time.now_ns() > 0 }'
+    >>> [str(i) for i in volatile_calls({"w.rego": ("b/w.rego", src)}, "w.rego")]
+    ['b/w.rego:3:54: time.now_ns gives another answer on every call']
+    """
+    code = {name: _SKIPPED.sub(_blank, src) for name, (_, src) in modules.items() if not is_test_module(name)}
+    own = code.get(rule_module, "")
+    imported = [m.group(1).split(".", 1)[1] for m in _IMPORT.finditer(own) if m.group(1).startswith("data.")]
+    reached = [name for name, text in code.items() if name == rule_module or any(
+        path == package_of(text) or path.startswith(package_of(text) + ".") for path in imported)]
+    issues: list[PolicyIssue] = []
+    for name in reached:
+        text = code[name]
+        for m in _CALL.finditer(text):
+            if _VOLATILE.match(m.group(1)):
+                line = text.count("\n", 0, m.start()) + 1
+                column = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
+                issues.append(PolicyIssue(modules[name][0], line, column,
+                                          f"{m.group(1)} gives another answer on every call"))
+    return issues

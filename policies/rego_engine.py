@@ -219,7 +219,8 @@ class RegoProgram:
             allowed = self._query("allow", doc)
         except Exception as exc:
             return [(False, f"error: {exc}")] * len(candidates)
-        ids = set(allowed) if isinstance(allowed, list) else set()
+        # Candidate ids are strings: anything else in the set (an object, a number) allows nothing.
+        ids = {a for a in allowed if isinstance(a, str)} if isinstance(allowed, list) else set()
         reasons: Any = {}
         if len(ids) < len(candidates):
             try:
@@ -260,6 +261,16 @@ def compile_rego(modules: Mapping[str, tuple[str, str]], rule_module: str,
     package = package_of(source)
     if not package:
         raise RegoCompileError([PolicyIssue(path, 1, 1, "no package declaration")])
+    # Rego merges the modules of one package: another module's allow would be this rule's allow too
+    # (one rule's deny undone by another's allow, every case table still passing).
+    sharing = sorted(p for name, (p, src) in modules.items() if name != rule_module and package_of(src) == package)
+    if sharing:
+        m = _PACKAGE_RE.search(source)
+        line = source.count("\n", 0, m.start(1)) + 1 if m else 1
+        raise RegoCompileError([PolicyIssue(path, line, 1, f"package {package} is also declared by {sharing[0]}: "
+                                                          "Rego would merge that module's allow and reason into "
+                                                          "this rule's; give each rule module a package of its "
+                                                          "own (shared helpers go in a package the rules import)")])
     interp = new_interpreter(modules, params)
     base = package.replace(".", "/")
     try:

@@ -210,3 +210,73 @@ def test_a_rule_path_with_dot_segments_names_the_same_module(bundle_copy: Path) 
     manifest.write_text(manifest.read_text().replace("file: residency.rego", "file: ./sub/../residency.rego", 1))
     bundle = compile_bundle(bundle_copy)
     assert "residency.sites" in {r.spec.id for r in bundle.rules}
+
+
+def test_two_rule_modules_may_not_share_a_package(bundle_copy: Path) -> None:
+    """Rego merges a package's modules: another module's allow would undo this rule's denials."""
+    stray = bundle_copy / "helpers.rego"
+    stray.write_text("package infermesh.prompt_class\nimport rego.v1\n\n"
+                     "allow contains c.id if { some c in input.candidates }\n")
+    with pytest.raises(BundleError) as exc:
+        compile_bundle(bundle_copy)
+    (issue,) = exc.value.issues
+    assert (issue.path, issue.line) == (str(bundle_copy / "prompt_class.rego"), 3)
+    assert f"package infermesh.prompt_class is also declared by {stray}" in issue.message
+
+
+def test_a_rule_can_only_read_telemetry_the_store_holds(bundle_copy: Path) -> None:
+    manifest = bundle_copy / "manifest.yaml"
+    text = manifest.read_text().replace("telemetry: [gpu_temp_c]", "telemetry: [DCGM_FI_DEV_GPU_TEMP]")
+    manifest.write_text(text)
+    with pytest.raises(BundleError) as exc:
+        compile_bundle(bundle_copy)
+    line = next(n for n, t in enumerate(text.splitlines(), 1) if "DCGM_FI_DEV_GPU_TEMP" in t)
+    assert [(i.line, "unknown metrics ['DCGM_FI_DEV_GPU_TEMP']" in i.message) for i in exc.value.issues] == \
+        [(line, True)]
+
+
+def test_params_must_be_json_and_are_located(bundle_copy: Path) -> None:
+    manifest = bundle_copy / "manifest.yaml"
+    text = manifest.read_text().replace("  max_gpu_temp_c: 85\n", "  max_gpu_temp_c: 85\n  review_after: 2027-01-31\n")
+    manifest.write_text(text)
+    with pytest.raises(BundleError) as exc:
+        compile_bundle(bundle_copy)
+    line = next(n for n, t in enumerate(text.splitlines(), 1) if "review_after" in t)
+    assert [str(i) for i in exc.value.issues] == [f"{manifest}:{line}:1: params.review_after: not a JSON value "
+                                                  "(strings, numbers, booleans, null, lists and mappings with "
+                                                  "string keys; quote a date or a time)"]
+
+
+def test_a_memoised_rule_may_not_read_the_clock(bundle_copy: Path) -> None:
+    rego = bundle_copy / "prompt_class.rego"
+    source = rego.read_text()
+    rego.write_text(source + "\nafter_hours if time.now_ns() > 0\n")
+    with pytest.raises(BundleError) as exc:
+        compile_bundle(bundle_copy)
+    (issue,) = exc.value.issues
+    assert issue.path == str(rego) and issue.line == source.count("\n") + 2
+    assert "time.now_ns gives another answer on every call" in issue.message
+    assert "set memoise: false" in issue.message
+    manifest = bundle_copy / "manifest.yaml"  # evaluated on every decision, it may
+    manifest.write_text(manifest.read_text().replace("    file: prompt_class.rego\n",
+                                                     "    file: prompt_class.rego\n    memoise: false\n"))
+    assert compile_bundle(bundle_copy).rules
+
+
+def test_a_message_expression_error_names_its_manifest_line(bundle_copy: Path) -> None:
+    manifest = bundle_copy / "manifest.yaml"
+    text = manifest.read_text().replace('string(params.max_gpu_temp_c) + "C limit"\'',
+                                        'string(params.max_gpu_temp_c + "C limit"\'')
+    manifest.write_text(text)
+    with pytest.raises(BundleError) as exc:
+        compile_bundle(bundle_copy)
+    line = next(n for n, t in enumerate(text.splitlines(), 1) if 'string(params.max_gpu_temp_c + "C limit"' in t)
+    (issue,) = exc.value.issues
+    assert (issue.path, issue.line) == (str(manifest), line)
+    assert issue.message.startswith("rules[3](id=safety.gpu_temperature).message: column ")
+
+
+def test_a_rego_allow_of_objects_denies_with_a_reason_instead_of_failing_the_decision() -> None:
+    src = 'package objs\nimport rego.v1\nallow contains {"id": c.id} if { some c in input.candidates }\n'
+    program = compile_rego({"o.rego": ("o.rego", src)}, "o.rego", {})
+    assert program.evaluate_candidates({}, [{"id": "a", "endpoint": {}}], {}) == [(False, "not in objs.allow")]
