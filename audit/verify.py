@@ -122,6 +122,17 @@ def verify(url: str, *, start: dt.date | None = None, end: dt.date | None = None
                          report):
             report.outcome_rows += 1
             report.outcome_conflicts += bool(row["conflict"])
+        if report.broken is None and report.unchained_outcomes:
+            # Unchained is legitimate only for outcomes from before chaining began: a later one had its
+            # link stripped (its content is then unverifiable, and may have been altered).
+            late = conn.execute(f"SELECT decision_id, reported_at FROM outcomes WHERE {where} AND hash IS NULL "
+                                "AND reported_at >= (SELECT min(reported_at) FROM outcomes WHERE hash IS NOT NULL) "
+                                "ORDER BY reported_at LIMIT 1", params).fetchone()
+            if late is not None:
+                report.broken = BrokenLink(late[1].astimezone(dt.UTC).date(), "(none)", 0, str(late[0]),
+                                           "carries no chain link, yet outcomes were chained before it was reported: "
+                                           "its link was removed (or a writer older than outcome chaining stored "
+                                           "it); its content cannot be verified", "outcomes")
     return report
 
 

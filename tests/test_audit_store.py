@@ -205,7 +205,7 @@ def test_outcomes_are_chained_and_verify_detects_an_altered_or_deleted_outcome(d
     with psycopg.connect(db, autocommit=True) as conn:
         # An outcome stored before outcomes were chained is counted, not failed.
         conn.execute("INSERT INTO outcomes (decision_id, status, ttft_ms, latency_ms, input_tokens, output_tokens, "
-                     "reported_at, event_version) VALUES ('legacy', 'ok', 1, 2, 3, 4, now(), 1)")
+                     "reported_at, event_version) VALUES ('legacy', 'ok', 1, 2, 3, 4, now() - interval '2 years', 1)")
         assert verify(db).ok and verify(db).unchained_outcomes == 1
         # A faster TTFT written over the evidence...
         conn.execute("UPDATE outcomes SET ttft_ms = 1 WHERE decision_id = %s", (ids[5],))
@@ -322,6 +322,23 @@ def test_spooled_outcome_rows_of_the_old_shape_are_stored_unchained(db: str, tmp
         row = conn.execute("SELECT ttft_ms, chain_id, hash FROM outcomes WHERE decision_id = 'd-old'").fetchone()
     assert row == (10.0, None, None)
     assert verify(db).ok and verify(db).unchained_outcomes == 1
+
+
+def test_verify_fails_an_outcome_whose_link_was_stripped_after_chaining_began(db: str, demo_fleet: Fleet,
+                                                                              tmp_path: Path) -> None:
+    """Stripping an outcome's chain columns must not turn an altered row into an 'older outcome'."""
+    w, _ = decided_and_reported(db, demo_fleet, tmp_path, 3, batch_size=4)
+    w.close()
+    assert verify(db).ok and verify(db).unchained_outcomes == 0
+    with psycopg.connect(db, autocommit=True) as conn:
+        row = conn.execute("SELECT decision_id FROM outcomes ORDER BY reported_at DESC, seq DESC LIMIT 1").fetchone()
+        assert row is not None
+        conn.execute("UPDATE outcomes SET status = 'error', ttft_ms = 99999, hash = NULL, prev_hash = NULL, "
+                     "chain_id = NULL, seq = NULL WHERE decision_id = %s", (row[0],))
+    report = verify(db)
+    assert not report.ok and report.broken is not None
+    assert report.broken.table == "outcomes" and report.broken.decision_id == row[0]
+    assert "carries no chain link, yet outcomes were chained before it was reported" in str(report.broken)
 
 
 def test_retention_drops_old_day_partitions_only(db: str, demo_fleet: Fleet, tmp_path: Path) -> None:
