@@ -113,13 +113,13 @@ def _head(doc: dict[str, Any], where: str) -> ChainHead:
     except ValueError:
         raise CheckpointError(f"{where}: day: not an ISO date: {doc['day']!r}") from None
     seq = doc["seq"]
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
-        raise CheckpointError(f"{where}: seq: must be a positive integer, not {seq!r}")
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq < 2**63:  # seq is a bigint
+        raise CheckpointError(f"{where}: seq: must be a positive integer below 2^63, not {seq!r}")
     digest = doc["hash"]
-    if not isinstance(digest, str) or len(digest) != 64:
-        raise CheckpointError(f"{where}: hash: must be a 64-character hex digest")
-    if not isinstance(doc["chain_id"], str) or not doc["chain_id"]:
-        raise CheckpointError(f"{where}: chain_id: must be a non-empty string")
+    if not isinstance(digest, str) or len(digest) != 64 or digest.strip("0123456789abcdef"):
+        raise CheckpointError(f"{where}: hash: must be a 64-character lowercase hex digest")
+    if not isinstance(doc["chain_id"], str) or not doc["chain_id"] or "\0" in doc["chain_id"]:
+        raise CheckpointError(f"{where}: chain_id: must be a non-empty string without NUL")
     return ChainHead(doc["table"], day, doc["chain_id"], seq, digest)
 
 

@@ -203,10 +203,15 @@ def cmd_verify(a: argparse.Namespace) -> int:
     heads = None
     if a.checkpoint:  # read first: a bad file is the auditor's to fix before anything is walked
         try:
-            with open(a.checkpoint, encoding="utf-8") as f:
-                heads = checkpoint.parse_heads(f, a.checkpoint)
+            with open(a.checkpoint, "rb") as f:
+                data = f.read()
+            heads = checkpoint.parse_heads(data.decode("utf-8").splitlines(), a.checkpoint)
         except OSError as exc:
             print(f"{a.checkpoint}: {exc.strerror}", file=sys.stderr)
+            return 2
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            print(f"{a.checkpoint}:{line}: not UTF-8 text", file=sys.stderr)
             return 2
         except checkpoint.CheckpointError as exc:
             print(str(exc), file=sys.stderr)

@@ -636,10 +636,18 @@ def test_a_bad_checkpoint_file_is_named_with_its_line_and_field(db: str, tmp_pat
     good = {"table": "decision_events", "day": "2026-11-27", "chain_id": "c", "seq": 3, "hash": "a" * 64}
     cp.write_text("# a comment\n" + json.dumps(good) + "\n" + json.dumps({**good, "seq": 0}) + "\n")
     code, _, err = _cli(monkeypatch, capsys, db, "verify", "--checkpoint", str(cp))
-    assert code == 2 and err.strip() == f"{cp}:3: seq: must be a positive integer, not 0"
+    assert code == 2 and err.strip() == f"{cp}:3: seq: must be a positive integer below 2^63, not 0"
     cp.write_text("{not json\n")
     code, _, err = _cli(monkeypatch, capsys, db, "verify", "--checkpoint", str(cp))
     assert code == 2 and err.startswith(f"{cp}:1: not JSON")
+    # What the database would refuse is named here, before any query (not "the audit database failed").
+    for bad, field in (({"seq": 2**64}, "seq"), ({"chain_id": "c\u0000x"}, "chain_id"), ({"hash": "Z" * 64}, "hash")):
+        cp.write_text(json.dumps(good) + "\n" + json.dumps({**good, **bad}) + "\n")
+        code, out, err = _cli(monkeypatch, capsys, db, "verify", "--checkpoint", str(cp))
+        assert code == 2 and err.startswith(f"{cp}:2: {field}: ") and not out, err
+    cp.write_bytes(json.dumps(good).encode() + b"\n# caf\xe9\n")
+    code, _, err = _cli(monkeypatch, capsys, db, "verify", "--checkpoint", str(cp))
+    assert code == 2 and err.strip() == f"{cp}:2: not UTF-8 text"
     code, _, err = _cli(monkeypatch, capsys, db, "verify", "--checkpoint", str(tmp_path / "nope.jsonl"))
     assert code == 2 and "No such file" in err
 
