@@ -227,7 +227,9 @@ def build_router(repo: AuditRepository, *, reload: Callable[[], str] | None = No
     # (405 / 404) through the logged route class, so every access to the API is in the access log.
     @router.api_route("/v1/{rest:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
                       include_in_schema=False)
-    def unmatched(request: Request, rest: str) -> RedirectResponse:
+    def unmatched(request: Request, rest: str, _: Annotated[Principal, Depends(principal)]) -> RedirectResponse:
+        # The key first, as on every route: a caller without one learns nothing of the routes, and a
+        # caller with one is logged under it.
         path = request.url.path
         routes = [r for r in router.routes if isinstance(r, APIRoute) and r.endpoint is not unmatched]
         allowed = sorted({m for r in routes if r.path_regex.match(path) for m in r.methods or ()})

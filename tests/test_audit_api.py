@@ -135,6 +135,11 @@ def test_hostile_inputs_are_4xx_and_still_logged(client: TestClient, world: dict
         assert r.status_code == status, (method, path, r.status_code)
         assert logged(path) == before + 1, (method, path)
     assert client.delete("/v1/decisions", headers=h(world["auditor"])).headers["allow"] == "GET"
+    with psycopg.connect(world["url"]) as conn:  # under the caller's key, like every other access
+        roles = conn.execute("SELECT DISTINCT role FROM api_access_log WHERE path IN "
+                             "('/v1/decisions/a/b', '/v1/nothing-here') OR (method = 'DELETE')").fetchall()
+    assert roles == [("auditor",)]
+    assert client.put("/v1/nothing-here").status_code == 401  # no key: not even which routes exist
 
 
 def test_csv_cells_that_look_like_formulas_are_exported_as_text(fresh_pg_url: str, demo_fleet: Fleet,
