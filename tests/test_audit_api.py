@@ -292,6 +292,21 @@ def test_page_searches_with_the_filters_a_link_carries(world: dict[str, str], tm
     assert all("<td>globex</td>" in r and "<td>-</td>" in r for r in rows)
 
 
+@pytest.mark.chromium
+def test_page_takes_a_links_times_as_instants_and_refuses_what_is_not_a_time(world: dict[str, str],
+                                                                           tmp_path: Path) -> None:
+    # The API's own form (an instant with its zone) is a time too: it used to be blanked, searching all time.
+    _, dom = _page(world, tmp_path, f"key={world['auditor']}&tenant=globex&from=2000-01-01T00:00:00Z"
+                                    "&to=2000-01-02T00:00:00%2B00:00")
+    body = dom[dom.index('<table id="results">'):dom.index('<button id="more"')]
+    assert '<div id="error"></div>' in dom, dom[-2000:]
+    assert not re.findall(r'<tr class="pick">', body)  # a day in 2000: nothing, not everything
+    _, dom = _page(world, tmp_path, f"key={world['auditor']}&tenant=globex&from=yesterday")
+    assert "the link's from is not a time: yesterday" in dom
+    body = dom[dom.index('<table id="results">'):dom.index('<button id="more"')]
+    assert not re.findall(r'<tr class="pick">', body)  # no search without the filter
+
+
 def test_checkpoint_lists_every_chain_head_for_unscoped_keys_only(client: TestClient, world: dict[str, str]) -> None:
     from audit.checkpoint import check_heads, parse_heads
 
