@@ -39,11 +39,19 @@ def _load(path: Path) -> dict[str, Any]:
     return doc
 
 
+def _named(cfg: dict[str, Any], section: str, name: str) -> dict[str, Any]:
+    for item in cfg["static_resources"][section]:
+        if item["name"] == name:
+            return cast(dict[str, Any], item)
+    raise KeyError(f"no {section.rstrip('s')} {name!r} in the Envoy bootstrap")
+
+
 def listener(cfg: dict[str, Any], name: str) -> dict[str, Any]:
-    for lst in cfg["static_resources"]["listeners"]:
-        if lst["name"] == name:
-            return cast(dict[str, Any], lst)
-    raise KeyError(f"no listener {name!r} in the Envoy bootstrap")
+    return _named(cfg, "listeners", name)
+
+
+def cluster(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    return _named(cfg, "clusters", name)
 
 
 def http_filters(lst: dict[str, Any]) -> list[dict[str, Any]]:

@@ -21,20 +21,13 @@ import httpx
 import yaml
 
 from decision.envoy_binary import ensure_envoy
-from decision.envoy_bootstrap import TEMPLATE, http_filters, listener, load_bootstrap
+from decision.envoy_bootstrap import TEMPLATE, cluster, http_filters, listener, load_bootstrap
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _cluster(cfg: dict[str, Any], name: str) -> dict[str, Any]:
-    for c in cfg["static_resources"]["clusters"]:
-        if c["name"] == name:
-            return cast(dict[str, Any], c)
-    raise KeyError(f"no cluster {name!r} in the Envoy template")
 
 
 def ext_proc_filters(listener: dict[str, Any]) -> list[dict[str, Any]]:
@@ -58,7 +51,7 @@ def render_config(*, listen_port: int, admin_port: int, extproc_port: int, extpr
     cfg["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin_port}
     inference = listener(cfg, "inference")
     inference["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": listen_port}
-    ep = _cluster(cfg, "infermesh_extproc")
+    ep = cluster(cfg, "infermesh_extproc")
     ep["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] = {
         "address": extproc_host, "port_value": extproc_port}
     if failure_mode_allow is not None:
@@ -77,7 +70,7 @@ def _local_jwks(cfg: dict[str, Any], inference: dict[str, Any], port: int) -> No
             if uri is None:
                 continue
             uri["uri"] = f"http://127.0.0.1:{port}/jwks.json"
-            idp = _cluster(cfg, uri["cluster"])
+            idp = cluster(cfg, uri["cluster"])
             idp["type"] = "STATIC"
             idp.pop("transport_socket", None)  # the test's provider speaks plain HTTP
             idp["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] = {

@@ -577,16 +577,23 @@ def _cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], db
     return code, out.out, out.err
 
 
+def _checkpointed(db: str, fleet: Fleet, tmp_path: Path, n: int, monkeypatch: pytest.MonkeyPatch,
+                  capsys: pytest.CaptureFixture[str]) -> tuple[list[Decision], Path]:
+    """``n`` decisions with outcomes in the log, and a checkpoint of their chains taken by the CLI."""
+    w, made = decided_and_reported(db, fleet, tmp_path / "a", n, batch_size=4)
+    w.close()
+    cp = tmp_path / "heads.jsonl"
+    code, _, err = _cli(monkeypatch, capsys, db, "checkpoint", "-o", str(cp))
+    assert code == 0 and "2 chain heads written" in err, err
+    return made, cp
+
+
 def test_a_checkpoint_catches_a_deleted_tail_and_a_rewritten_chain_that_verify_alone_passes(
         db: str, demo_fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     from audit.codec import OUTCOME_COLUMNS, OUTCOME_HASHED_COLUMNS, link_hash, values_from_row
 
-    w, made = decided_and_reported(db, demo_fleet, tmp_path / "a", 12, batch_size=4)
-    w.close()
-    cp = tmp_path / "heads.jsonl"
-    code, _, err = _cli(monkeypatch, capsys, db, "checkpoint", "-o", str(cp))
-    assert code == 0 and "2 chain heads written" in err
+    made, cp = _checkpointed(db, demo_fleet, tmp_path, 12, monkeypatch, capsys)
     heads = [json.loads(line) for line in cp.read_text().splitlines() if not line.startswith("#")]
     assert sorted((h["table"], h["seq"]) for h in heads) == [("decision_events", 12), ("outcomes", 12)]
     # A head on a day retention has since dropped is retired, not failed.
@@ -676,10 +683,7 @@ def test_an_outcome_reported_to_another_replica_is_learnt_there_once(db: str, de
 def test_checkpoint_heads_on_days_gone_are_retired_only_when_a_retention_run_dropped_them(
         db: str, demo_fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str], by_retention: bool) -> None:
-    w, _ = decided_and_reported(db, demo_fleet, tmp_path / "a", 3, batch_size=4)
-    w.close()
-    cp = tmp_path / "heads.jsonl"
-    assert _cli(monkeypatch, capsys, db, "checkpoint", "-o", str(cp))[0] == 0
+    _, cp = _checkpointed(db, demo_fleet, tmp_path, 3, monkeypatch, capsys)
     with psycopg.connect(db, autocommit=True) as conn:
         if by_retention:  # a year on, with 7 days kept: nothing is left
             later = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=365)
@@ -701,10 +705,7 @@ def test_a_retention_record_cannot_retire_the_heads_of_a_day_still_held(
         db: str, demo_fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     """Whoever can delete a chain's tail can also insert a retention row with a cutoff of tomorrow."""
-    w, _ = decided_and_reported(db, demo_fleet, tmp_path / "a", 3, batch_size=4)
-    w.close()
-    cp = tmp_path / "heads.jsonl"
-    assert _cli(monkeypatch, capsys, db, "checkpoint", "-o", str(cp))[0] == 0
+    _, cp = _checkpointed(db, demo_fleet, tmp_path, 3, monkeypatch, capsys)
     tomorrow = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1)
     with psycopg.connect(db, autocommit=True) as conn:
         conn.execute("DELETE FROM decision_events WHERE seq = (SELECT max(seq) FROM decision_events)")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from policies.bundle import DEFAULT_BUNDLE, compile_bundle
 from policies.cel_engine import CelCompileError, compile_cel
-from policies.errors import BundleError
+from policies.errors import BundleError, PolicyIssue
 from policies.rego_engine import compile_rego
 from policies.selftest import run_bundle_tests, summary
 
@@ -224,27 +225,30 @@ def test_two_rule_modules_may_not_share_a_package(bundle_copy: Path) -> None:
     assert f"package infermesh.prompt_class is also declared by {stray}" in issue.message
 
 
-def test_a_rule_can_only_read_telemetry_the_store_holds(bundle_copy: Path) -> None:
-    manifest = bundle_copy / "manifest.yaml"
-    text = manifest.read_text().replace("telemetry: [gpu_temp_c]", "telemetry: [DCGM_FI_DEV_GPU_TEMP]")
+def _manifest_edit_issues(bundle: Path, old: str, new: str, marker: str = "") -> tuple[Sequence[PolicyIssue], int]:
+    """The issues of the bundle with ``old`` replaced by ``new`` in its manifest, and the line holding
+    ``marker`` (default: ``new``)."""
+    manifest = bundle / "manifest.yaml"
+    text = manifest.read_text()
+    assert old in text
+    text = text.replace(old, new)
     manifest.write_text(text)
     with pytest.raises(BundleError) as exc:
-        compile_bundle(bundle_copy)
-    line = next(n for n, t in enumerate(text.splitlines(), 1) if "DCGM_FI_DEV_GPU_TEMP" in t)
-    assert [(i.line, "unknown metrics ['DCGM_FI_DEV_GPU_TEMP']" in i.message) for i in exc.value.issues] == \
-        [(line, True)]
+        compile_bundle(bundle)
+    return exc.value.issues, next(n for n, t in enumerate(text.splitlines(), 1) if (marker or new) in t)
+
+
+def test_a_rule_can_only_read_telemetry_the_store_holds(bundle_copy: Path) -> None:
+    issues, line = _manifest_edit_issues(bundle_copy, "telemetry: [gpu_temp_c]", "telemetry: [DCGM_FI_DEV_GPU_TEMP]")
+    assert [(i.line, "unknown metrics ['DCGM_FI_DEV_GPU_TEMP']" in i.message) for i in issues] == [(line, True)]
 
 
 def test_params_must_be_json_and_are_located(bundle_copy: Path) -> None:
-    manifest = bundle_copy / "manifest.yaml"
-    text = manifest.read_text().replace("  max_gpu_temp_c: 85\n", "  max_gpu_temp_c: 85\n  review_after: 2027-01-31\n")
-    manifest.write_text(text)
-    with pytest.raises(BundleError) as exc:
-        compile_bundle(bundle_copy)
-    line = next(n for n, t in enumerate(text.splitlines(), 1) if "review_after" in t)
-    assert [str(i) for i in exc.value.issues] == [f"{manifest}:{line}:1: params.review_after: not a JSON value "
-                                                  "(strings, numbers, booleans, null, lists and mappings with "
-                                                  "string keys; quote a date or a time)"]
+    issues, line = _manifest_edit_issues(bundle_copy, "  max_gpu_temp_c: 85\n",
+                                         "  max_gpu_temp_c: 85\n  review_after: 2027-01-31\n", "review_after")
+    assert [str(i) for i in issues] == [f"{bundle_copy / 'manifest.yaml'}:{line}:1: params.review_after: not a "
+                                        "JSON value (strings, numbers, booleans, null, lists and mappings with "
+                                        "string keys; quote a date or a time)"]
 
 
 def test_a_memoised_rule_may_not_read_the_clock(bundle_copy: Path) -> None:
@@ -264,15 +268,9 @@ def test_a_memoised_rule_may_not_read_the_clock(bundle_copy: Path) -> None:
 
 
 def test_a_message_expression_error_names_its_manifest_line(bundle_copy: Path) -> None:
-    manifest = bundle_copy / "manifest.yaml"
-    text = manifest.read_text().replace('string(params.max_gpu_temp_c) + "C limit"\'',
-                                        'string(params.max_gpu_temp_c + "C limit"\'')
-    manifest.write_text(text)
-    with pytest.raises(BundleError) as exc:
-        compile_bundle(bundle_copy)
-    line = next(n for n, t in enumerate(text.splitlines(), 1) if 'string(params.max_gpu_temp_c + "C limit"' in t)
-    (issue,) = exc.value.issues
-    assert (issue.path, issue.line) == (str(manifest), line)
+    (issue,), line = _manifest_edit_issues(bundle_copy, 'string(params.max_gpu_temp_c) + "C limit"\'',
+                                           'string(params.max_gpu_temp_c + "C limit"\'')
+    assert (issue.path, issue.line) == (str(bundle_copy / "manifest.yaml"), line)
     assert issue.message.startswith("rules[3](id=safety.gpu_temperature).message: column ")
 
 
