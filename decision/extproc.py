@@ -48,7 +48,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import grpc
@@ -402,7 +402,12 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         except Exception:  # a bug: answer this request; an escaped exception kills the stream (Envoy 5xx's)
             log.exception("ext_proc: no decision for %s", (ex.headers or {}).get(c.request_id_header, "a request"))
             return self._deny(_immediate(503, "unavailable", "internal error; the decision could not be made", "", c))
-        ex.decision = decision
+        # An exchange waiting for its response (up to max_unobserved of them) keeps what the outcome
+        # needs (id, route, fallbacks), not the trace (the audit log took it) nor up to Envoy's 60 KiB
+        # of request headers.
+        ex.decision = replace(decision, trace={}, stored_trace={})
+        ex.headers = None
+        ex.repeated.clear()
         # The endpoint's TTFT and latency count from here, not from the request headers: a client
         # uploading its body slowly (buffered mode waits for all of it) must not be charged to the
         # endpoint, whose slowness the learner and the ledger learn from these outcomes.
@@ -526,6 +531,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             error = "" if status is OutcomeStatus.OK else f"HTTP {ex.http_status}"
         first = ex.t_first_byte or ex.t_headers or now
         usage = self._usage(ex)
+        if status is OutcomeStatus.OK and ex.usage is not None and ex.usage.error:
+            status, error = OutcomeStatus.ERROR, ex.usage.error  # HTTP 200, then the generation failed
         est_in = ex.request.estimated_input_tokens if ex.request is not None else 0
         outcome = Outcome(
             decision_id=decision.decision_id, status=status,

@@ -74,6 +74,10 @@ def _int_field(doc: dict[str, Any], *names: str) -> int:
     return 0
 
 
+def _is_token_id(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _loads(data: bytes) -> Any:
     """``json.loads``, or ``None`` when ``data`` is not JSON the reader can take.
 
@@ -103,6 +107,7 @@ def parse_request(body: bytes) -> OpenAIRequest | None:
         return None
     chars = 0
     overhead = 0
+    token_ids = 0  # a prompt given as token ids (completions, embeddings) is its own count
     messages = doc.get("messages")
     if isinstance(messages, list):
         for m in messages:
@@ -114,13 +119,19 @@ def parse_request(body: bytes) -> OpenAIRequest | None:
         if isinstance(value, str):
             chars += len(value)
         elif isinstance(value, list):
-            chars += sum(len(v) if isinstance(v, str) else _text_chars(v.get("content") if
-                                                                         isinstance(v, dict) else v)
-                         for v in value)
+            for v in value:
+                if isinstance(v, str):
+                    chars += len(v)
+                elif _is_token_id(v):
+                    token_ids += 1
+                elif isinstance(v, list) and all(map(_is_token_id, v)):  # a batch of token-id prompts
+                    token_ids += len(v)
+                else:
+                    chars += _text_chars(v.get("content") if isinstance(v, dict) else v)
     model = doc.get("model")
     return OpenAIRequest(
         model=model if isinstance(model, str) else "",
-        estimated_input_tokens=math.ceil(chars / CHARS_PER_TOKEN) + overhead,
+        estimated_input_tokens=math.ceil(chars / CHARS_PER_TOKEN) + overhead + token_ids,
         max_tokens=_int_field(doc, "max_tokens", "max_completion_tokens", "max_output_tokens"),
         stream=doc.get("stream") is True,
     )
@@ -136,6 +147,8 @@ def _usage_of(doc: Any) -> Usage | None:
     if not isinstance(doc, dict):
         return None
     u = doc.get("usage")
+    if u is None and isinstance(doc.get("response"), dict):  # the Responses API: response.completed
+        u = doc["response"].get("usage")
     if not isinstance(u, dict):
         return None
     p = u.get("prompt_tokens", u.get("input_tokens"))
@@ -171,6 +184,8 @@ class UsageReader:
         self.sse = sse
         self.max_json_bytes = max_json_bytes
         self.content_chunks = 0
+        # An error event in a stream that began with HTTP 200 (a generation that failed part way).
+        self.error = ""
         self._buf = bytearray()
         self._overflow = False
         self._usage: Usage | None = None
@@ -203,6 +218,8 @@ class UsageReader:
         if data == b"[DONE]" or not data:
             return
         has_usage = b'"usage"' in data and b"tokens" in data
+        if b'"error"' in data or b'"response.failed"' in data:
+            self._error_event(_loads(data))
         if not has_usage:
             # Cheap path for the common chunk: count it without parsing JSON.
             if b'"choices"' in data and b'"choices":[]' not in data and b'"choices": []' not in data:
@@ -215,6 +232,18 @@ class UsageReader:
         u = _usage_of(doc)
         if u is not None:
             self._usage = u
+
+    def _error_event(self, doc: Any) -> None:
+        """Note an error event: ``{"error": ...}`` (vLLM, OpenAI) or a Responses API ``response.failed``."""
+        if not isinstance(doc, dict):
+            return
+        err = doc.get("error")
+        if err is None and doc.get("type") == "response.failed" and isinstance(doc.get("response"), dict):
+            err = doc["response"].get("error") or "response.failed"
+        if err is None or self.error:
+            return
+        message = err.get("message") if isinstance(err, dict) else err
+        self.error = f"error event in the stream: {str(message or err)[:200]}"
 
     def result(self) -> Usage | None:
         """The usage reported by the body, or ``None`` when it had none."""

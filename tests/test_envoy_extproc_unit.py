@@ -14,7 +14,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from decision.domain import OutcomeStatus
 from decision.extproc import ExtProcServicer, _Exchange, _Stream, outcome_status
 from decision.extproc_config import ExtProcConfig
-from decision.extproc_openai import UsageReader, parse_request
+from decision.extproc_openai import Usage, UsageReader, parse_request
 from tests.envoy_support import FAMILY, MODEL, ResidencyGuard, build_fleet, make_engine, set_load
 
 ADDR = {"eu-fast": "127.0.0.1:7001", "eu-stream": "127.0.0.1:7002", "us-stream": "127.0.0.1:7003"}
@@ -336,6 +336,29 @@ def test_request_body_parsing() -> None:
     assert parse_request(b"not json") is None and parse_request(b"[1, 2]") is None and parse_request(b"") is None
     legacy = parse_request(b'{"model": "m", "prompt": "abcdefgh", "max_tokens": 3}')
     assert legacy is not None and (legacy.estimated_input_tokens, legacy.max_tokens) == (2, 3)
+    # Prompts given as token ids count a token each: at 0 they slipped past the tenant's token quota.
+    for doc, tokens in (({"prompt": list(range(5000))}, 5000), ({"prompt": [[1, 2, 3], [4, 5]]}, 5),
+                        ({"input": [7] * 800}, 800), ({"input": ["abcdefgh", [1, 2]]}, 2 + 2)):
+        r = parse_request(json.dumps({"model": "m", **doc}).encode())
+        assert r is not None and r.estimated_input_tokens == tokens, (doc, r)
+
+
+def test_an_error_event_in_a_stream_that_began_with_200_is_an_error_outcome(servicer: ExtProcServicer) -> None:
+    pick = _Stream(_Exchange())
+    servicer.handle(pick, headers_msg({"x-infermesh-tenant": "acme"}))
+    servicer.handle(pick, body_msg({**CHAT, "stream": True}))
+    d = pick.ex.decision
+    assert d is not None and pick.ex.headers is None  # what waits for the response keeps no headers...
+    assert not d.trace and not d.stored_trace  # ...nor the trace (the audit log took it)
+    obs = _Stream(_Exchange())
+    servicer.handle(obs, headers_msg({"x-infermesh-decision-id": d.decision_id}, observe=True))
+    servicer.handle(obs, resp_headers(200, "text/event-stream"))
+    servicer.handle(obs, resp_body(b'data: {"choices": [{"delta": {"content": "a"}}]}\n\n'
+                                   b'data: {"error": {"message": "EngineDeadError", "code": 500}}\n\n'
+                                   b'data: [DONE]\n\n', eos=True))
+    servicer._report(obs.ex, servicer._now())
+    o = servicer.engine.outcomes[d.decision_id]  # type: ignore[attr-defined]
+    assert o.status is OutcomeStatus.ERROR and o.error == "error event in the stream: EngineDeadError"
 
 
 def test_usage_from_json_and_sse_split_anywhere() -> None:
@@ -352,6 +375,11 @@ def test_usage_from_json_and_sse_split_anywhere() -> None:
             r.feed(stream[i:i + step])
         u = r.result()
         assert u is not None and (u.prompt_tokens, u.completion_tokens) == (5, 3) and r.content_chunks == 3
+    # The Responses API reports usage inside its response.completed event.
+    responses = UsageReader(sse=True)
+    responses.feed(b'event: response.completed\ndata: {"type": "response.completed", "response": '
+                   b'{"usage": {"input_tokens": 1200, "output_tokens": 50}}}\n\n')
+    assert responses.result() == Usage(1200, 50) and not responses.error
     no_usage = UsageReader(sse=True)
     no_usage.feed(b'data: {"choices": [{"delta": {"content": "a"}}]}\n\n' * 4)
     assert no_usage.result() is None and no_usage.content_chunks == 4
