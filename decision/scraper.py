@@ -22,19 +22,22 @@ class Scraper:
     answers again, not every interval. A target that stops answering simply stops refreshing its
     values, which then age past the staleness limit and count as unknown: the decision sees the
     outage as missing telemetry.
+    A scrape must be read whole within ``timeout_s`` (body included) and ``max_bytes``.
     A scrape whose text gives a kept series a negative or infinite value still succeeds: the store
     drops those samples, logs them and counts them in ``store.rejected`` (there is no caller to
     refuse, unlike ``PushTelemetry``). Every value is stamped with the scrape's own time, or the
     older timestamp its lines carry (a federation endpoint), never a later one, so a scraped value
-    cannot be stamped in the future.
+    cannot be stamped in the future. The scrape's time is when it began: a slow body cannot make
+    what the exporter rendered look fresher than it is.
     """
 
     def __init__(self, store: TelemetryStore, targets: Sequence[ScrapeTarget], *, interval_s: float = 5.0,
-                 timeout_s: float = 2.0) -> None:
+                 timeout_s: float = 2.0, max_bytes: int = 8 << 20) -> None:
         self.store = store
         self.targets = tuple(targets)
         self.interval_s = interval_s
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s  # for a whole scrape, body included
+        self.max_bytes = max_bytes
         self.failures = 0
         self.scrapes = 0
         self._failing: dict[str, tuple[str, int]] = {}  # url -> (last error, failures in a row)
@@ -45,9 +48,10 @@ class Scraper:
         samples = 0
         for t in self.targets:
             try:
-                resp = client.get(t.url)
-                resp.raise_for_status()
-                samples += self.store.ingest_exposition(resp.text, node_id=t.node_id, endpoint_id=t.endpoint_id)
+                started = self.store.now()  # what the exporter rendered is at least this old
+                text = self._fetch(client, t.url)
+                samples += self.store.ingest_exposition(text, node_id=t.node_id, endpoint_id=t.endpoint_id,
+                                                        ts=started)
                 self.scrapes += 1
             except Exception as exc:  # one target's failure, whatever it is, must not stop the others
                 self.failures += 1
@@ -55,6 +59,24 @@ class Scraper:
             else:
                 self._answered(t.url)
         return samples
+
+    def _fetch(self, client: httpx.Client, url: str) -> str:
+        """The exposition at ``url``, read whole within ``timeout_s`` and ``max_bytes``.
+
+        httpx's timeout bounds each socket read, not the response: an exporter trickling its body
+        would hold the scrape (and every target after it) as long as it liked.
+        """
+        deadline = time.monotonic() + self.timeout_s
+        with client.stream("GET", url) as resp:
+            resp.raise_for_status()
+            body = bytearray()
+            for chunk in resp.iter_bytes():
+                body += chunk
+                if len(body) > self.max_bytes:
+                    raise ValueError(f"exposition larger than {self.max_bytes} bytes")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"body not read whole within {self.timeout_s:g} s")
+            return body.decode(resp.encoding or "utf-8", errors="replace")
 
     def _failed(self, url: str, error: str) -> None:
         """Warn when a target starts failing or fails differently; the same failure again is debug only

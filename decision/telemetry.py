@@ -227,8 +227,11 @@ def parse_exposition(text: str) -> list[Sample]:
                 labels[lm.group(1)] = _unescape(lm.group(2))
                 pos = lm.end()
         ts = m.group("ts")
-        samples.append(Sample(m.group("name"), labels, _parse_value(m.group("value"), line_no),
-                              int(ts) if ts else None))
+        stamp = int(ts) if ts else None
+        if stamp is not None and not -(2**63) <= stamp < 2**63:  # Prometheus stamps are int64 milliseconds
+            raise ExpositionError(line_no, f"timestamp {ts[:24]}{'...' if len(ts) > 24 else ''} is not an "
+                                           "int64 of milliseconds")
+        samples.append(Sample(m.group("name"), labels, _parse_value(m.group("value"), line_no), stamp))
     return samples
 
 

@@ -26,6 +26,16 @@ class _Exporter(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path == "/slow":
             time.sleep(1.0)
+        if self.path == "/trickle":  # headers at once, then a byte of the body every 0.1 s
+            trickled = self.routes["/trickle"]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(trickled)))
+            self.end_headers()
+            for i in range(len(trickled)):
+                self.wfile.write(trickled[i:i + 1])
+                self.wfile.flush()
+                time.sleep(0.1)
+            return
         body = self.routes.get(self.path)
         if body is None:
             self.send_response(404)
@@ -44,7 +54,8 @@ class _Exporter(BaseHTTPRequestHandler):
 def exporter() -> Iterator[str]:
     _Exporter.routes = {"/node": (DATA / "mixed_node.prom").read_bytes(),
                         "/vllm": b"vllm:num_requests_waiting{engine=\"0\"} 4\nvllm:kv_cache_usage_perc 0.25\n",
-                        "/slow": b"vllm:num_requests_waiting 1\n"}
+                        "/slow": b"vllm:num_requests_waiting 1\n",
+                        "/trickle": b"vllm:num_requests_waiting 1\n# " + b"." * 30 + b"\n"}
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Exporter)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -138,3 +149,29 @@ def test_status_reports_each_failing_target_and_its_last_error(exporter: str) ->
     failing = status["failing"]
     assert isinstance(failing, dict) and list(failing) == [f"{exporter}/gone"]
     assert failing[f"{exporter}/gone"]["in_a_row"] == 2 and "404" in failing[f"{exporter}/gone"]["error"]
+
+
+def test_a_body_trickled_past_the_timeout_fails_the_scrape_and_values_keep_the_scrapes_start(exporter: str) -> None:
+    """httpx's timeout bounds each read: each byte came within it, so the scrape used to take 4 s and
+    stamp the value when the body ended. It is bounded as a whole now, and stamped at its start."""
+    store = TelemetryStore({"e1": "n1"})
+    scraper = Scraper(store, [ScrapeTarget(url=f"{exporter}/trickle", endpoint_id="e1")], timeout_s=0.5)
+    began = time.monotonic()
+    with httpx.Client(timeout=0.5) as client:
+        scraper.scrape_once(client)
+    assert time.monotonic() - began < 1.5 and scraper.failures == 1
+    assert "not read whole within 0.5 s" in scraper.status()["failing"][f"{exporter}/trickle"]["error"]  # type: ignore[index]
+    assert QUEUE_WAITING not in store.reading("e1").values
+    clock = [1000.0]
+    store = TelemetryStore({"e1": "n1"}, clock=lambda: clock[0])
+    scraper = Scraper(store, [ScrapeTarget(url=f"{exporter}/vllm", endpoint_id="e1")], timeout_s=2.0)
+
+    class _Ticking(httpx.Client):  # the store's clock moves on while the body arrives
+        def stream(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
+            clock[0] += 30.0
+            return super().stream(*args, **kwargs)  # type: ignore[arg-type]
+
+    with _Ticking(timeout=2.0) as client:
+        scraper.scrape_once(client)
+    assert scraper.failures == 0
+    assert store.reading("e1").ages_s[QUEUE_WAITING] >= 30.0  # stamped before the request, not after

@@ -160,6 +160,17 @@ def test_pushed_exposition_with_an_unusable_value_is_refused(server, line: str) 
     assert engine.telemetry.reading(ep.endpoint_id).values == {}
 
 
+def test_pushed_exposition_with_a_line_timestamp_past_int64_is_refused_whole(server) -> None:  # type: ignore[no-untyped-def]
+    """It used to pass every check, then overflow after the batch's samples were stored (UNAVAILABLE)."""
+    engine, stub = server
+    ep = engine.fleet.endpoints[0]
+    details, field = _refused(stub, pb.TelemetryBatch(
+        samples=[pb.TelemetrySample(endpoint_id=ep.endpoint_id, metric="queue_waiting", value=7)],
+        expositions=[pb.Exposition(endpoint_id=ep.endpoint_id, text="vllm:num_requests_running 3 " + "9" * 400)]))
+    assert field == "expositions[0].text" and "is not an int64 of milliseconds" in details
+    assert engine.telemetry.reading(ep.endpoint_id).values == {}
+
+
 def test_pushed_exposition_stamped_in_the_future_is_refused(server) -> None:  # type: ignore[no-untyped-def]
     engine, stub = server
     ep = engine.fleet.endpoints[0]
