@@ -11,6 +11,7 @@ from audit import database
 from audit.api import build_router
 from audit.repository import AuditRepository
 from audit.settings import AuditSettings
+from audit.upkeep import Upkeep
 from audit.writer import make_writer
 
 if TYPE_CHECKING:
@@ -42,8 +43,12 @@ def build_audit_parts(config: Mapping[str, Any], *, settings: Any,
     database.prepare(url, partitions_ahead_days=audit_settings.partitions_ahead_days)
     writer = make_writer(audit_settings.writer, url, audit_settings)
     repo = AuditRepository(url)
+    upkeep = Upkeep(url, retention_days=audit_settings.retention_days,
+                    days_ahead=audit_settings.partitions_ahead_days,
+                    interval_s=audit_settings.upkeep_interval_s).start()
 
     def close() -> None:
+        upkeep.stop()
         writer.close()
         repo.close()
 

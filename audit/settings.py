@@ -40,20 +40,25 @@ class AuditSettings(BaseSettings):
         Niceness of the writer process (``audit.writer_process``): when CPU is short, decisions
         go first and the queue (then the spool) absorbs the writer's lag.
     retention_days : int
-        Day partitions older than this are dropped by retention.
+        Days kept (today included): the service drops older day partitions, with their outcomes,
+        at start and every ``upkeep_interval_s`` (``audit.upkeep``); 0 keeps everything.
     partitions_ahead_days : int
-        Day partitions created ahead of time.
+        Day partitions created ahead of time (at start and every ``upkeep_interval_s``).
+    upkeep_interval_s : float
+        How often the service creates partitions ahead and applies retention.
     """
 
-    model_config = SettingsConfigDict(env_prefix="INFERMESH_AUDIT_", extra="forbid")
+    # No NaN or infinity anywhere (an infinite flush interval killed the writer thread), and bounds
+    # on what a service can use: a day count past a few thousand years overflows a date.
+    model_config = SettingsConfigDict(env_prefix="INFERMESH_AUDIT_", extra="forbid", allow_inf_nan=False)
 
-    queue_max: int = Field(default=100_000, ge=1)
-    batch_size: int = Field(default=2_000, ge=1)
-    flush_interval_s: float = Field(default=0.2, gt=0)
-    retry_interval_s: float = Field(default=1.0, gt=0)
-    connect_timeout_s: int = Field(default=2, ge=1)
-    statement_timeout_ms: int = Field(default=10_000, ge=100)
-    drain_timeout_s: float = Field(default=30.0, ge=0)
+    queue_max: int = Field(default=100_000, ge=1, le=100_000_000)
+    batch_size: int = Field(default=2_000, ge=1, le=1_000_000)
+    flush_interval_s: float = Field(default=0.2, gt=0, le=3600)
+    retry_interval_s: float = Field(default=1.0, gt=0, le=3600)
+    connect_timeout_s: int = Field(default=2, ge=1, le=3600)
+    statement_timeout_ms: int = Field(default=10_000, ge=100, le=3_600_000)
+    drain_timeout_s: float = Field(default=30.0, ge=0, le=86_400)
     spool_dir: Path = Path("var/audit-spool")
     spool_segment_bytes: int = Field(default=16 << 20, ge=1024)
     spool_max_bytes: int = Field(default=1 << 30, ge=1024)
@@ -61,8 +66,9 @@ class AuditSettings(BaseSettings):
     mask_fields: list[str] = Field(default_factory=list)
     mask_mode: Literal["hash", "remove"] = "hash"
     mask_key: str = "infermesh-audit"
-    retention_days: int = Field(default=90, ge=1)
-    partitions_ahead_days: int = Field(default=3, ge=1)
+    retention_days: int = Field(default=90, ge=0, le=36_500)
+    partitions_ahead_days: int = Field(default=3, ge=1, le=366)
+    upkeep_interval_s: float = Field(default=3600.0, gt=0, le=86_400)
     writer: Literal["process", "thread"] = "process"
     # The writer process's niceness (0-19): when CPU is short, decisions go first.
     writer_nice: int = Field(default=10, ge=0, le=19)

@@ -341,6 +341,44 @@ def test_verify_fails_an_outcome_whose_link_was_stripped_after_chaining_began(db
     assert "carries no chain link, yet outcomes were chained before it was reported" in str(report.broken)
 
 
+def test_the_service_applies_its_retention_setting_one_replica_at_a_time(db: str) -> None:
+    """``audit.retention_days`` is the service's to apply (audit.upkeep), not only the CLI's."""
+    from audit.upkeep import UPKEEP_LOCK, Upkeep, run_upkeep
+
+    today = dt.datetime.now(dt.UTC).date()
+    old = [today - dt.timedelta(days=n) for n in (200, 95)]
+    with psycopg.connect(db, autocommit=True) as conn:
+        for day in old:
+            partitions.ensure_partition(conn, day=day)
+        # Another replica doing its round holds the lock: this one skips, changing nothing.
+        conn.execute("SELECT pg_advisory_lock(%s)", (UPKEEP_LOCK,))
+        assert run_upkeep(db, retention_days=90, days_ahead=3) is None
+        conn.execute("SELECT pg_advisory_unlock(%s)", (UPKEEP_LOCK,))
+        assert set(old) <= set(partitions.list_partitions(conn))
+    assert run_upkeep(db, retention_days=0, days_ahead=3) == []  # 0 keeps everything
+    upkeep = Upkeep(db, retention_days=90, days_ahead=5, interval_s=3600).start()
+    deadline = time.monotonic() + 10
+    while upkeep.rounds == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    upkeep.stop()
+    assert upkeep.rounds == 1 and upkeep.failures == 0
+    with psycopg.connect(db) as conn:
+        days = partitions.list_partitions(conn)
+        assert partitions.retired_before(conn) == today - dt.timedelta(days=89)
+    assert not set(old) & set(days) and today + dt.timedelta(days=5) in days
+
+
+@pytest.mark.parametrize(("field", "value"), [("flush_interval_s", float("inf")), ("retry_interval_s", float("nan")),
+                                              ("partitions_ahead_days", 10_000_000), ("retention_days", 10**7),
+                                              ("drain_timeout_s", float("inf"))])
+def test_audit_settings_a_service_cannot_use_are_refused_at_load(field: str, value: float) -> None:
+    """An infinite flush interval passed, then killed the writer thread after "serving" was printed."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=field):
+        AuditSettings(**{field: value})
+
+
 def test_retention_drops_old_day_partitions_only(db: str, demo_fleet: Fleet, tmp_path: Path) -> None:
     engine = make_engine(demo_fleet)
     w = AuditWriter(db, AuditSettings(spool_dir=tmp_path))
