@@ -376,7 +376,7 @@ def test_audit_settings_a_service_cannot_use_are_refused_at_load(field: str, val
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError, match=field):
-        AuditSettings(**{field: value})
+        AuditSettings.model_validate({field: value})
 
 
 def test_retention_drops_old_day_partitions_only(db: str, demo_fleet: Fleet, tmp_path: Path) -> None:
