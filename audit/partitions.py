@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 import psycopg
+import psycopg.errors
 from psycopg import sql
 from psycopg.rows import tuple_row
 
@@ -18,13 +19,22 @@ def partition_name(day: dt.date) -> str:
 
 
 def ensure_partition(conn: psycopg.Connection[Any], *, day: dt.date) -> None:
-    """Create the partition of one UTC day if it does not exist."""
+    """Create the partition of one UTC day if it does not exist.
+
+    ``IF NOT EXISTS`` does not cover a race: two writers (workers, replicas) creating the same day
+    at once, the loser fails with DuplicateTable (or a catalog UniqueViolation). In a savepoint, so
+    that losing leaves the caller's transaction usable: the partition is there either way.
+    """
     nxt = day + dt.timedelta(days=1)
-    conn.execute(sql.SQL(
-        "CREATE TABLE IF NOT EXISTS {} PARTITION OF decision_events "
-        "FOR VALUES FROM ({}) TO ({})").format(
-        sql.Identifier(partition_name(day)), sql.Literal(f"{day.isoformat()} 00:00:00+00"),
-        sql.Literal(f"{nxt.isoformat()} 00:00:00+00")))
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} PARTITION OF decision_events "
+                "FOR VALUES FROM ({}) TO ({})").format(
+                sql.Identifier(partition_name(day)), sql.Literal(f"{day.isoformat()} 00:00:00+00"),
+                sql.Literal(f"{nxt.isoformat()} 00:00:00+00")))
+    except (psycopg.errors.DuplicateTable, psycopg.errors.UniqueViolation):
+        pass
 
 
 def ensure_ahead(conn: psycopg.Connection[Any], *, today: dt.date, days_ahead: int) -> list[dt.date]:

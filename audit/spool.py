@@ -208,7 +208,10 @@ class Spool:
         with self._lock:
             qdir = self.directory / "quarantine"
             qdir.mkdir(exist_ok=True)
-            target = qdir / path.name
+            # Never over an earlier one: numbering starts again once the spool has emptied.
+            target, n = qdir / path.name, 1
+            while target.exists():
+                target, n = qdir / f"{path.stem}.{n}{path.suffix}", n + 1
             path.rename(target)
             self.size_bytes = sum(p.stat().st_size for p in self.segments())
             return target

@@ -56,8 +56,8 @@ _OCOLS = ", ".join(OUTCOME_COLUMNS)
 
 METRIC_NAMES = ("queue_depth", "last_batch_size", "rows_per_s", "spool_bytes", "rows_written", "outcomes_written",
                 "duplicates_skipped", "decision_duplicates", "outcome_conflicts", "batches_written", "spooled_batches",
-                "replayed_batches", "dropped", "refused", "invalid", "quarantined", "rejected_rows", "expired_rows",
-                "spool_damaged_bytes", "db_up")
+                "replayed_batches", "dropped", "refused", "invalid", "lost", "rejected_rows", "expired_rows",
+                "spool_damaged_bytes", "spool_failing", "db_up")
 # What PostgreSQL (or the COPY encoder) raises for a row it will never take, however often it is
 # retried: not an outage. (The staged write resolves duplicates itself; a UniqueViolation that still
 # gets here, two writers racing to create a partition, succeeds when the halves are written.)
@@ -123,12 +123,17 @@ class AuditWriter(AtBoundCounts):
         Rows per second of the last database write.
     dropped, refused, invalid : int
         Events dropped (fail-open), refused (fail-closed) and rejected as malformed.
-    quarantined, rejected_rows : int
-        Spool batches and single rows PostgreSQL refused for good, set aside under
-        ``<spool>/quarantine``.
+    lost : int
+        Records neither PostgreSQL nor the spool took (the database away and the spool's disk
+        refusing writes: full, read-only); each is logged, and the spool counts as full until a
+        write succeeds again, so the bound's policy applies to what comes next.
+    rejected_rows : int
+        Single rows PostgreSQL refused for good, set aside under ``<spool>/quarantine``.
     spool_damaged_bytes : int
         Bytes of spool segments that were not records (damage); such a segment's readable batches
         are stored and the segment is kept in ``<spool>/quarantine``.
+    spool_failing : float
+        1 while the spool's disk refuses writes (see ``lost``), else 0.
     expired_rows : int
         Rows of days retention had already dropped when they arrived (a spool replayed late):
         not written, so a dropped day is not recreated with a partial chain.
@@ -163,7 +168,8 @@ class AuditWriter(AtBoundCounts):
         self.rows_per_s = 0.0
         self.at_bound = AtBound(s.on_spool_full)
         self.invalid = 0
-        self.quarantined = 0
+        self.lost = 0
+        self._spool_error = ""  # the spool's last write failure; "" once a write succeeds again
         self.rejected_rows = 0
         self.expired_rows = 0
         self.spool_damaged_bytes = 0
@@ -184,7 +190,7 @@ class AuditWriter(AtBoundCounts):
         return self.spool.size_bytes
 
     def _full(self, tenant: str) -> bool:
-        if self.spool.size_bytes < self.settings.spool_max_bytes and not self._q.full():
+        if self.spool.size_bytes < self.settings.spool_max_bytes and not self._q.full() and not self._spool_error:
             return False
         self.at_bound.apply("spool and queue", tenant)
         return True
@@ -256,8 +262,9 @@ class AuditWriter(AtBoundCounts):
                 "outcome_conflicts": self.outcome_conflicts, "batches_written": self.batches_written,
                 "spooled_batches": self.spool.appended_records, "replayed_batches": self.spool.replayed_records,
                 "dropped": self.dropped, "refused": self.refused, "invalid": self.invalid,
-                "quarantined": self.quarantined, "rejected_rows": self.rejected_rows,
+                "lost": self.lost, "rejected_rows": self.rejected_rows,
                 "expired_rows": self.expired_rows, "spool_damaged_bytes": self.spool_damaged_bytes,
+                "spool_failing": float(bool(self._spool_error)),
                 "db_up": float(self.db_up)}
 
     # -- writer thread -------------------------------------------------------------------------
@@ -317,8 +324,13 @@ class AuditWriter(AtBoundCounts):
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:
             s = self.settings
+            # Keepalives and a TCP user timeout make a connection whose packets vanish (a network
+            # partition, no reset) fail like an outage, so the batch is spooled, instead of waiting
+            # on the socket for as long as the kernel's retransmissions last.
             self._conn = psycopg.connect(self.url, connect_timeout=s.connect_timeout_s,
-                                         options=f"-c statement_timeout={s.statement_timeout_ms}")
+                                         options=f"-c statement_timeout={s.statement_timeout_ms}",
+                                         keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
+                                         tcp_user_timeout=s.statement_timeout_ms + 5000)
             self._conn.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS audit_stage_d (LIKE decision_events) ON COMMIT DELETE ROWS")
             self._conn.execute(
@@ -481,16 +493,32 @@ class AuditWriter(AtBoundCounts):
             return
         self.last_batch_size = len(prepared["d"]) + len(prepared["o"])
         if self.spool.has_backlog or (not self.db_up and time.monotonic() < self._next_retry):
-            self.spool.append(prepared)
+            self._spool(prepared)
             return
         try:
             try:
                 self._write(prepared, staged=False)
             except _ROW_ERRORS as exc:  # PostgreSQL is up and refuses a row: not an outage
                 self._write_isolating(prepared, exc)
+            self._spool_error = ""
         except psycopg.Error as exc:
             self._mark_down(exc)
-            self.spool.append(prepared)  # its replay skips what the isolation stored
+            self._spool(prepared)  # its replay skips what the isolation stored
+
+    def _spool(self, prepared: dict[str, Any]) -> None:
+        """Append a batch to the spool; when its disk refuses, count the records lost, loudly (not as
+        malformed), and let the spool count as full until a write succeeds again."""
+        try:
+            self.spool.append(prepared)
+        except OSError as exc:
+            n = len(prepared["d"]) + len(prepared["o"])
+            with self._idle:
+                self.lost += n
+            self._spool_error = str(exc)
+            log.error("audit: PostgreSQL is away and the spool %s refused %d records (%s): they are lost",
+                      self.spool.directory, n, exc)
+            return
+        self._spool_error = ""
 
     def _replay(self, deadline: float | None = None) -> None:
         """Replay closed spool segments oldest first while PostgreSQL accepts them."""
@@ -509,14 +537,12 @@ class AuditWriter(AtBoundCounts):
                         self._write(rec, staged=True)
                     except _ROW_ERRORS as exc:  # one bad row must not take the segment with it
                         self._write_isolating(rec, exc)
-            except psycopg.OperationalError as exc:
+            except psycopg.Error as exc:
+                # Not a row's fault (those are set aside above, one by one): PostgreSQL is away, or up
+                # but not taking writes (read-only after a failover), or a partition another writer is
+                # creating. The segment stays and is replayed later; setting it aside would lose it.
                 self._mark_down(exc)
                 return
-            except psycopg.Error as exc:  # a record PostgreSQL rejects for good: set it aside, loudly
-                self.quarantined += len(records)
-                moved = self.spool.quarantine_segment(seg)
-                log.error("audit: spool segment %s rejected by PostgreSQL (%s); moved to %s", seg, exc, moved)
-                continue
             if unreadable:  # its readable records are in; the rest is kept for a person to look at
                 self.spool_damaged_bytes += unreadable
                 moved = self.spool.quarantine_segment(seg)

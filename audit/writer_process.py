@@ -121,7 +121,8 @@ class ProcessAuditWriter(AtBoundCounts):
     # -- request path --------------------------------------------------------------------------
     def _full(self, tenant: str) -> bool:
         backlog = self._submitted - self._confirmed
-        if backlog < self.settings.queue_max and self._metric("spool_bytes") < self.settings.spool_max_bytes:
+        if (backlog < self.settings.queue_max and self._metric("spool_bytes") < self.settings.spool_max_bytes
+                and not self._metric("spool_failing")):  # the child's spool disk refusing counts as full
             return False
         self.at_bound.apply("writer backlog and spool", tenant)
         return True

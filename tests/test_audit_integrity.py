@@ -29,7 +29,7 @@ from audit.spool import MAGIC, Spool
 from audit.verify import verify
 from audit.writer import AuditWriter
 from decision.domain import RequestContext
-from decision.errors import InvalidArgument
+from decision.errors import InvalidArgument, Unavailable
 from decision.fleet import Fleet
 from tests.test_audit_store import ctx, make_engine
 
@@ -212,7 +212,7 @@ def test_a_partition_made_in_a_rolled_back_write_is_made_again(db: str, tmp_path
     w.process([("d", dev(3, at=day_b))])
     w.close()
     assert stored_ids(db) == ["d-1", "d-2", "d-3"]
-    assert (w.quarantined, w.rejected_rows, w.spool.has_backlog) == (0, 0, False)
+    assert (w.lost, w.rejected_rows, w.spool.has_backlog) == (0, 0, False)
     assert dt.datetime.fromtimestamp(day_b, dt.UTC).date() in w._days_ready
     assert verify(db).ok
 
@@ -296,7 +296,7 @@ def test_a_nul_decision_is_rejected_before_it_is_chained(db: str, tmp_path: Path
     w.close()
     assert stored_ids(db) == ["d-1", "d-3", "d-4", "d-5"]
     assert stored_ids(db, "outcomes") == ["d-1", "d-3"]
-    assert (w.invalid, w.quarantined, w.rejected_rows, w.spool.has_backlog, w.db_up) == (2, 0, 0, False, True)
+    assert (w.invalid, w.lost, w.rejected_rows, w.spool.has_backlog, w.db_up) == (2, 0, 0, False, True)
     report = verify(db)
     assert report.ok and (report.rows, report.outcome_rows) == (4, 2), str(report.broken)
 
@@ -352,7 +352,7 @@ def test_a_refused_row_is_isolated_and_the_rest_of_its_batch_is_stored(db: str, 
     w.close()
     assert stored_ids(db) == [f"d-{i}" for i in (1, 2, 3, 5, 6, 7, 8)]
     assert stored_ids(db, "outcomes") == ["d-1"]
-    assert (w.rejected_rows, w.quarantined, w.spool.has_backlog, w.db_up) == (1, 0, False, True)
+    assert (w.rejected_rows, w.lost, w.spool.has_backlog, w.db_up) == (1, 0, False, True)
     kept = quarantined_rows(tmp_path)
     assert len(kept) == 1 and [r[0] for r in kept[0]["d"]] == ["d-4"] and kept[0]["o"] == []
     # The refused row's link is missing from the log, and verify says exactly where.
@@ -374,7 +374,7 @@ def test_a_refused_row_in_the_spool_does_not_quarantine_its_segment(db: str, tmp
     w.finish()
     w.close()
     assert stored_ids(db) == ["d-1", "d-3", "d-4", "d-5"]
-    assert (w.rejected_rows, w.quarantined, w.spool.has_backlog) == (1, 0, False)
+    assert (w.rejected_rows, w.lost, w.spool.has_backlog) == (1, 0, False)
     assert not list((tmp_path / "spool" / "quarantine").glob("*.spool"))  # no whole segment set aside
     assert [r[0] for r in quarantined_rows(tmp_path)[0]["d"]] == ["d-2"]
 
@@ -459,6 +459,65 @@ def test_a_failed_spool_append_is_cut_off_and_later_batches_are_not_lost(
     w.close()
     assert stored_ids(db) == ["d-1", "d-2", "d-3"] and not w.spool.has_backlog
     assert verify(db).ok
+
+
+def test_a_spool_whose_disk_refuses_counts_the_batch_lost_and_bounds_what_follows(
+        db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL away and the spool's disk full: the batch used to be counted as malformed."""
+    w = writer(db, tmp_path)
+    w.db_up, w._next_retry = False, time.monotonic() + 60
+
+    def full_disk(payload: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(w.spool, "append", full_disk)
+    w.process([("d", dev(1)), ("d", dev(2))])
+    assert (w.lost, w.invalid, w.metrics()["lost"]) == (2, 0, 2.0)
+    with pytest.raises(Unavailable):  # fail-closed: nothing more is taken while nothing can keep it
+        w.submit_decision(dev(3))
+    monkeypatch.undo()
+    w._next_retry = 0.0
+    w.process([("d", dev(4))])  # the database is back: written, and the bound lifts
+    w.submit_decision(dev(5))
+    w.process(w._take())
+    w.close()
+    assert stored_ids(db) == ["d-4", "d-5"]
+
+
+def test_a_database_that_takes_no_writes_keeps_the_spool_for_later(db: str, tmp_path: Path) -> None:
+    """Read-only after a failover is not a record's fault: the segment used to be set aside for good."""
+    w = writer(db, tmp_path)
+    w.db_up, w._next_retry = False, time.monotonic() + 60
+    w.process([("d", dev(1)), ("d", dev(2))])
+    name = db.rsplit("/", 1)[1]
+    with psycopg.connect(database.database_url(db, "postgres"), autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+        w._next_retry = 0.0
+        w.process([])  # the replay meets a read-only database
+        assert w.spool.has_backlog and not w.db_up and not (tmp_path / "spool" / "quarantine").exists()
+        admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = off')
+    if w._conn is not None:
+        w._conn.close()  # its session began read-only
+    w._next_retry = 0.0
+    w.process([])
+    w.close()
+    assert stored_ids(db) == ["d-1", "d-2"] and not w.spool.has_backlog
+    assert verify(db).ok
+
+
+def test_a_quarantined_segment_is_never_overwritten(tmp_path: Path) -> None:
+    """Numbering starts again once the spool empties: the second set-aside segment took the first's name."""
+    kept = []
+    for round_ in range(2):
+        sp = Spool(tmp_path / "spool")
+        sp.append({"round": round_})
+        sp.close()
+        sp = Spool(tmp_path / "spool")
+        (seg,) = sp.segments()
+        kept.append(sp.quarantine_segment(seg))
+        sp.close()
+    assert kept[0] != kept[1] and all(p.exists() for p in kept)
+    assert [Spool(tmp_path / "x", exclusive=False).read_segment(p) for p in kept] == [[{"round": 0}], [{"round": 1}]]
 
 
 def test_a_damaged_spool_record_costs_only_itself_and_its_segment_is_kept(db: str, tmp_path: Path) -> None:
