@@ -157,6 +157,12 @@ def _cross_check(spec: FleetSpec, doc: LocatedYaml) -> list[InventoryIssue]:
         names.add(m.name)
     site_ids = {s.id for s in spec.sites}
     regions = {s.region for s in spec.sites}
+    for i, site in enumerate(spec.sites):
+        # Clients and links name sites and regions alike: a site named as another region would read as
+        # that region when it is a client's location, and its distances would be the wrong ones.
+        if site.id in regions and site.id != site.region:
+            issue(("sites", i, "id"), f"{site.id!r} is also the name of a region of other sites; a site id "
+                                      "must not name another region")
     node_ids = {n.id for n in spec.nodes}
     for i, n in enumerate(spec.nodes):
         if n.site not in site_ids:

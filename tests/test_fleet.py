@@ -178,3 +178,18 @@ def test_conflicting_or_self_links_and_an_empty_inventory_are_refused(tmp_path: 
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     with pytest.raises(InventoryError, match="no deployments: nothing could ever be routed"):
         load_fleet(path)
+
+
+def test_a_site_may_not_be_named_as_another_region(tmp_path: Path) -> None:
+    """A client at region r1 would otherwise be read as at site r1 (in r2): 120 ms to its own region's site."""
+    p = tmp_path / "fleet.yaml"
+    p.write_text("sites:\n"
+                 "  - {id: s1, region: r1, jurisdiction: EU, tier: datacenter}\n"
+                 "  - {id: r1, region: r2, jurisdiction: US, tier: edge}\n"
+                 "nodes:\n  - {id: n1, site: s1, gpu_type: H100, gpu_count: 1, gpu_hour_usd: 1.0, watts_per_gpu: 100}\n"
+                 "models:\n  - {name: m, family: f, params_b: 8.0}\n"
+                 "deployments:\n  - {id: d1, node: n1, model: m, address: '10.0.0.1:8000', max_concurrency: 8}\n")
+    with pytest.raises(InventoryError) as err:
+        load_fleet(p)
+    (issue,) = err.value.issues
+    assert (issue.line, _plain(issue.field)) == (3, "sites[1].id") and "must not name another region" in issue.message
