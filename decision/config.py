@@ -168,11 +168,12 @@ class ServiceConfig(_Section):
 
     @contextmanager
     def located(self, *loc: str | int) -> Iterator[None]:
-        """Turn what a component built from section ``loc`` refuses (ValueError, TypeError, KeyError) into a
+        """Turn what a component built from section ``loc`` refuses (ValueError, TypeError, KeyError; an
+        OverflowError from a huge number, an AttributeError from a list where a mapping goes) into a
         :class:`ConfigError` naming the file, line and field (learner parameters, the reward)."""
         try:
             yield
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, OverflowError, AttributeError) as exc:
             if isinstance(exc, ConfigError):
                 raise
             line = self._line_of(loc) if self._line_of is not None else None

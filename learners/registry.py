@@ -79,9 +79,14 @@ def make_learner(name: str, n_features: int, **params: Any) -> Learner:
             if isinstance(default, int | float) and not isinstance(default, bool) and value is not None and (
                     not isinstance(value, int | float) or isinstance(value, bool)):  # None: "off" where taken
                 raise ValueError(f"learner {name}: {key} must be a number, got {value!r}")
-    bad = sorted(k for k, v in params.items() if isinstance(v, float) and not math.isfinite(v))
-    if bad:  # a NaN alpha or temperature passes every range check written as a comparison
-        raise ValueError(f"learner {name}: {bad[0]} must be a finite number, got {params[bad[0]]}")
+    # A NaN alpha or temperature passes every range check written as a comparison; an integer past
+    # a float's range (400 digits) passes them too, then overflows in every decision.
+    bad = sorted(k for k, v in params.items() if isinstance(v, int | float) and not isinstance(v, bool)
+                 and not (abs(v) < 1e300 and math.isfinite(v)))
+    if bad:
+        shown = str(params[bad[0]])
+        raise ValueError(f"learner {name}: {bad[0]} must be a finite number, got "
+                         f"{shown if len(shown) <= 24 else shown[:21] + '...'}")
     return factory(n_features, **params)
 
 

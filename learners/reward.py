@@ -39,6 +39,8 @@ class Weights:
     @staticmethod
     def parse(data: Mapping[str, Any], base: Weights | None = None, where: str = "reward") -> Weights:
         """Weights from a config mapping; unknown keys fail fast, naming the key."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{where}: must be a mapping of weights, not {type(data).__name__}")
         known = {f.name for f in fields(Weights)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -130,6 +132,9 @@ def reward_from_config(config: Mapping[str, Any], *, cost_weight_ms: float = 0.0
     data = dict(config)
     tenants = data.pop("tenants", {}) or {}
     tiers = data.pop("user_tiers", {}) or {}
+    for key, section in (("tenants", tenants), ("user_tiers", tiers)):
+        if not isinstance(section, Mapping):
+            raise ValueError(f"reward.{key}: must map names to weights, not {type(section).__name__}")
     target = float(data.pop("default_target_ms", 500.0))
     cost_ref = float(data.pop("cost_ref", 0.001))
     if not (0 < target < math.inf and 0 < cost_ref < math.inf):  # NaN fails both comparisons

@@ -155,6 +155,16 @@ def test_config_values_are_not_coerced_and_the_audit_section_is_checked(tmp_path
     ("learner:\n  reward: {default_target_ms: .nan}\n", r"c\.yaml:3: learner\.reward: reward: default_target_ms"),
     ("learner:\n  name: linucb\n  params: {alpha: .nan}\n",
      r"c\.yaml:4: learner\.params: learner linucb: alpha must be a finite number"),
+    # An integer past a float's range passed, then overflowed in every decision; a list where a
+    # mapping goes, or a 400-digit weight, was a traceback.
+    ("learner:\n  name: linucb\n  params: {alpha: " + "9" * 400 + "}\n",
+     r"c\.yaml:4: learner\.params: learner linucb: alpha must be a finite number, got 9{21}\.\.\."),
+    ("learner:\n  reward: {user_tiers: [1, 2]}\n", r"c\.yaml:3: learner\.reward: reward\.user_tiers: must map names"),
+    ("learner:\n  reward: {tenants: {acme: [w_cost]}}\n",
+     r"c\.yaml:3: learner\.reward: reward\.tenants\.acme: must be a mapping of weights, not list"),
+    ("learner:\n  reward: {w_cost: " + "9" * 400 + "}\n", r"c\.yaml:3: learner\.reward: .*int too large"),
+    # Audit settings a service cannot use: an infinite flush interval killed the writer thread.
+    ("audit:\n  flush_interval_s: .inf\n", r"c\.yaml:3: audit\.flush_interval_s: .*finite number"),
 ])
 def test_what_the_config_names_wrongly_is_a_message_not_a_traceback(tmp_path: Path, extra: str,
                                                                      expected: str) -> None:
