@@ -107,6 +107,8 @@ def _days(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number of days: {text!r}") from None
     if days < 1:  # 0 would drop today's partition, a negative number those created ahead as well
         raise argparse.ArgumentTypeError(f"must be >= 1 (today is always kept), got {days}")
+    if days > 36_500:  # a cutoff before year 1 overflows a date
+        raise argparse.ArgumentTypeError(f"must be <= 36500 (a hundred years), got {days}")
     return days
 
 
@@ -169,10 +171,10 @@ def cmd_export(a: argparse.Namespace) -> int:
     url = _url()  # before the output is opened: a missing log must not truncate an existing file
     # Into a partial file renamed at the end: an export cut short (the database gone mid-stream) must
     # not leave a file that looks like a complete export of what was asked for.
-    partial = None if a.output == "-" else Path(a.output).with_name(Path(a.output).name + ".partial")
-    if partial is not None and Path(a.output).is_dir():  # checked first: the rename at the end would fail
-        print(f"{a.output}: is a directory; name the file to write", file=sys.stderr)
+    if a.output != "-" and (not Path(a.output).name or Path(a.output).is_dir()):  # ".", "/", "", a folder
+        print(f"{a.output or repr(a.output)}: is a directory; name the file to write", file=sys.stderr)
         return 2
+    partial = None if a.output == "-" else Path(a.output).with_name(Path(a.output).name + ".partial")
     try:
         out = sys.stdout.buffer if partial is None else partial.open("wb")
     except OSError as exc:

@@ -45,6 +45,23 @@ def bounded_int(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def bounded_float(low: float, high: float) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number in [low, high], else a usage error naming the range.
+
+    >>> bounded_float(0.5, 3600)("30")
+    30.0
+    """
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not low <= value <= high:  # NaN fails both comparisons
+            raise argparse.ArgumentTypeError(f"{text} is outside {low:g}-{high:g}")
+        return value
+    return parse
+
+
 class UsageError(Exception):
     """A message for stderr; the command exits 2."""
 

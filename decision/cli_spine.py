@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from decision.cli_args import UsageError, bounded_int, default_config, read_json_request
+from decision.cli_args import UsageError, bounded_float, bounded_int, default_config, read_json_request
 from decision.signals import wait_until_set
 
 DEFAULT_CONFIG = default_config()
@@ -33,9 +33,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("demo", help="start the service on the demo fleet and drive requests through it")
     p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--duration", type=float, default=30.0, help="seconds of load (default 30)")
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--duration", type=bounded_float(0.5, 86_400), default=30.0, help="seconds of load (default 30)")
+    p.add_argument("--concurrency", type=bounded_int(1, 1024), default=16)
+    p.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=7)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("decide", help="answer one decision in-process, as JSON")
@@ -54,9 +54,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     p = bsub.add_parser("grpc", help="no-op RPC vs Decide throughput on one server, same run")
     p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
-    p.add_argument("--clients", type=int, default=2, help="client processes")
-    p.add_argument("--blocks", type=int, default=3, help="interleaved blocks each measurement is split into")
+    p.add_argument("--duration", type=bounded_float(0.1, 3600), default=5.0, help="seconds per measurement")
+    p.add_argument("--clients", type=bounded_int(1, 64), default=2, help="client processes")
+    p.add_argument("--blocks", type=bounded_int(1, 1000), default=3,
+                   help="interleaved blocks each measurement is split into")
     p.add_argument("--ceiling", action="store_true",
                    help="also Decide at concurrency 50 with the engine bypassed (one fixed answer): the ratio the "
                         "transport and servicer allow")

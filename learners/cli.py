@@ -35,9 +35,13 @@ from decision.domain import Candidate, Endpoint, RequestContext, ScoredCandidate
 def _time(text: str) -> float:
     """Epoch seconds from an ISO 8601 time (UTC if no zone) or a number of epoch seconds."""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         pass
+    else:  # a time the audit log can hold: a NaN, an infinity or year 10000 failed later, naming another flag
+        if not -62_135_596_800.0 <= value < 253_402_300_800.0:  # 0001-01-01 .. 9999-12-31, UTC
+            raise argparse.ArgumentTypeError(f"epoch seconds outside years 1-9999: {text!r}")
+        return value
     try:
         t = dt.datetime.fromisoformat(text)
     except ValueError:
@@ -153,6 +157,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     from audit import database
 
+    if args.start >= args.end:  # would evaluate nothing and report an estimate of nothing
+        print("infermesh learn evaluate: --from is not before --to", file=sys.stderr)
+        return 2
     url = args.database_url
     try:
         if url:
@@ -258,6 +265,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     b.add_argument("--iterations", type=bounded_int(1, 10_000_000), default=2000)
     b.add_argument("--steps", type=bounded_int(0, 10_000_000), default=0,
                    help="also run the slow-site environment for this many steps")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_cmd_bench)

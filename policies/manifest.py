@@ -178,11 +178,17 @@ def load_manifest(directory: str | Path) -> tuple[ManifestSpec, LocatedYaml]:
             issue("id", f"duplicate rule id {rule.id!r}")
         seen.add(rule.id)
         for field, name in [("file", rule.file), *(("tests", t) for t in rule.tests)]:
-            if not _inside(directory, name):
+            try:  # a NUL, or a name too long for the file system, raises rather than answers
+                inside = _inside(directory, name)
+                found = inside and (Path(directory) / name).is_file()
+            except (OSError, ValueError) as exc:
+                issue(field, f"{name[:60]!r}{'...' if len(name) > 60 else ''} cannot be a file name: {exc}")
+                continue
+            if not inside:
                 # The bundle's revision hashes the bundle folder: a rule read from elsewhere could change
                 # while every audited decision still named the old revision, and the reloader would miss it.
                 issue(field, f"{name!r} is outside the bundle folder; rules and tests must live in it")
-            elif not (Path(directory) / name).is_file():
+            elif not found:
                 issue(field, f"no such file {name!r}")
         if not rule.tests:
             issue("tests", "every rule needs tests (a *_test.rego module or a CEL case table)")

@@ -486,6 +486,12 @@ def test_audit_cli_bad_arguments_are_messages_not_tracebacks(db: str, tmp_path: 
     assert code == 2 and "after --to" in err and "ok" not in out
     code, _, err = _cli(monkeypatch, capsys, db, "why", "f0000000-0000-7000-8000-000000000000")
     assert code == 1 and "no decision" in err  # an id stamped past datetime's range: OverflowError before
+    for folder in (".", "/", ""):  # with_name raised ValueError on a path with no name
+        code, _, err = _cli(monkeypatch, capsys, db, "export", "--output", folder)
+        assert code == 2 and "is a directory; name the file to write" in err, (folder, err)
+    with pytest.raises(SystemExit) as exit_:  # a cutoff before year 1 overflowed a date
+        _cli(monkeypatch, capsys, db, "retention", "--days", "1000000")
+    assert exit_.value.code == 2 and "must be <= 36500" in capsys.readouterr().err
 
 
 def test_spool_full_fail_closed_refuses_and_fail_open_counts(demo_fleet: Fleet, tmp_path: Path) -> None:

@@ -179,6 +179,17 @@ def test_what_the_config_names_wrongly_is_a_message_not_a_traceback(tmp_path: Pa
 
 
 @pytest.mark.parametrize(("args", "message"), [
+    (["demo", "--duration", "-1"], "argument --duration: -1 is outside 0.5-86400"),  # the driver crashed, then a wait
+    (["demo", "--concurrency", "0"], "argument --concurrency: 0 is outside"),
+    (["bench", "grpc", "--clients", "0"], "argument --clients: 0 is outside"),
+    (["bench", "grpc", "--duration", "nan"], "argument --duration: nan is outside"),
+])
+def test_load_and_bench_numbers_are_checked_before_anything_starts(args: list[str], message: str) -> None:
+    proc = _run(*args)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
     (["--candidates", "0"], "argument --candidates: 0 is outside"),
     (["--endpoints", "512", "--iterations", "10", "--learner", "bogus"], "unknown learner 'bogus'"),
     (["--endpoints", "512", "--iterations", "10", "--policies", "/nonexistent"], "no manifest.yaml"),

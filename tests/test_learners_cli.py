@@ -66,6 +66,14 @@ def test_learn_evaluate_names_a_bad_time(capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(SystemExit) as exit_:
         main(["learn", "evaluate", "--from", "garbage", "--to", "1", "--learner", "linucb"])
     assert exit_.value.code == 2 and "argument --from: not an ISO 8601 time" in capsys.readouterr().err
+    # NaN, infinity and year 10000 were taken, then failed naming --learner (or with a traceback).
+    for bad in ("nan", "inf", "1e15"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["learn", "evaluate", "--from", bad, "--to", "1", "--learner", "linucb"])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "argument --from: epoch seconds outside years 1-9999" in err, err
+    assert main(["learn", "evaluate", "--from", "10", "--to", "1", "--learner", "linucb"]) == 2
+    assert "--from is not before --to" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -102,6 +110,7 @@ def test_learn_evaluate_reports_a_reward_the_candidate_refuses(fresh_pg_url: str
     (["--arms", "0"], "argument --arms: 0 is outside 1-100000"),
     (["--iterations", "0"], "argument --iterations: 0 is outside"),
     (["--steps", "-5"], "argument --steps: -5 is outside"),
+    (["--seed", "-1"], "argument --seed: -1 is outside"),  # a numpy traceback before
 ])
 def test_learn_bench_checks_its_numbers(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:

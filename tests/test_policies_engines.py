@@ -213,6 +213,13 @@ def test_a_rule_path_with_dot_segments_names_the_same_module(bundle_copy: Path) 
     assert "residency.sites" in {r.spec.id for r in bundle.rules}
 
 
+@pytest.mark.parametrize("name", ['"device_owner\\0.cel"', "x" * 300 + ".cel"])
+def test_a_rule_file_name_the_file_system_refuses_is_a_located_error(bundle_copy: Path, name: str) -> None:
+    """A NUL or an over-long name raised from pathlib (a traceback from policy check)."""
+    (issue,), line = _manifest_edit_issues(bundle_copy, "file: device_owner.cel", f"file: {name}")
+    assert issue.line == line and "cannot be a file name" in issue.message
+
+
 def test_two_rule_modules_may_not_share_a_package(bundle_copy: Path) -> None:
     """Rego merges a package's modules: another module's allow would undo this rule's denials."""
     stray = bundle_copy / "helpers.rego"
