@@ -255,10 +255,19 @@ def canonicalize(samples: Iterable[Sample], counters: Mapping[str, tuple[float, 
     endpoint: dict[str, list[float]] = {}
     node_how: dict[str, str] = {}
     ep_how: dict[str, str] = {}
+    gpus_seen: set[tuple[str, str, str]] = set()
     for s in samples:
         if not usable_for(s.name, s.value):  # NaN: no value; else unusable (see unusable_samples)
             continue
         if s.name in _NODE_METRICS:
+            # dcgm-exporter repeats a GPU's series once per pod sharing it (time-slicing, virtual
+            # GPUs): one GPU counts once, by its UUID (or index) and MIG instance.
+            gpu = s.labels.get("UUID") or s.labels.get("gpu")
+            if gpu is not None:
+                key = (s.name, gpu, s.labels.get("GPU_I_ID", ""))
+                if key in gpus_seen:
+                    continue
+                gpus_seen.add(key)
             canon, how = _NODE_METRICS[s.name]
             node.setdefault(canon, []).append(s.value)
             node_how[canon] = how
@@ -274,8 +283,42 @@ def canonicalize(samples: Iterable[Sample], counters: Mapping[str, tuple[float, 
     return node_out, ep_out
 
 
+Series = tuple[tuple[str, str], ...]  # a series' labels, sorted
+
+
+def series_counters(samples: Iterable[Sample]) -> dict[str, dict[Series, tuple[float, float]]]:
+    r"""The (sum, count) counters behind each mean value, per series (vLLM's TTFT histogram per
+    engine; Triton's queue time and successes per model and version).
+
+    Per series, because each counts from its own server's start: one engine of several restarting
+    sends its counters back while the others' grow, which their totals would hide.
+
+    >>> series_counters(parse_exposition('vllm:time_to_first_token_seconds_sum{engine="0"} 12\n'
+    ...                                  'vllm:time_to_first_token_seconds_count{engine="0"} 40'))
+    {'ttft_mean_s': {(('engine', '0'),): (12.0, 40.0)}}
+    """
+    out: dict[str, dict[Series, tuple[float, float]]] = {}
+    ttft: dict[Series, tuple[float, float]] = {}
+    for s in samples:
+        if s.name in ("vllm:time_to_first_token_seconds_sum", "vllm:time_to_first_token_seconds_count") \
+                and usable_value(s.value):
+            key = tuple(sorted(s.labels.items()))
+            total, count = ttft.get(key, (0.0, 0.0))
+            ttft[key] = (total + s.value, count) if s.name.endswith("_sum") else (total, count + s.value)
+    if ttft:
+        out[TTFT_MEAN_S] = ttft
+    queued = _triton_queue_series(samples)
+    if queued:
+        out[QUEUE_DURATION_US] = queued
+    return out
+
+
+def _totals(series: Mapping[Series, tuple[float, float]]) -> tuple[float, float]:
+    return sum(p[0] for p in series.values()), sum(p[1] for p in series.values())
+
+
 def cumulative_means(samples: Iterable[Sample]) -> dict[str, tuple[float, float]]:
-    r"""The (sum, count) counters behind each mean value (vLLM's TTFT histogram, Triton's queue time).
+    r"""The (sum, count) counters behind each mean value, over every series.
 
     They count from the server's start: their ratio is a lifetime mean. The store divides the
     differences between two scrapes instead, for the mean over the interval between them.
@@ -284,39 +327,32 @@ def cumulative_means(samples: Iterable[Sample]) -> dict[str, tuple[float, float]
     ...                                   'vllm:time_to_first_token_seconds_count 40'))
     {'ttft_mean_s': (12.0, 40.0)}
     """
-    out: dict[str, tuple[float, float]] = {}
-    ttft_sum = ttft_count = 0.0
-    seen_ttft = False
-    for s in samples:
-        if s.name in ("vllm:time_to_first_token_seconds_sum", "vllm:time_to_first_token_seconds_count") \
-                and usable_value(s.value):
-            seen_ttft = True
-            if s.name.endswith("_sum"):
-                ttft_sum += s.value
-            else:
-                ttft_count += s.value
-    if seen_ttft:
-        out[TTFT_MEAN_S] = (ttft_sum, ttft_count)
-    queued = _triton_queue_counters(samples)
-    if queued is not None:
-        out[QUEUE_DURATION_US] = queued
-    return out
+    return {canon: _totals(series) for canon, series in series_counters(samples).items()}
 
 
-def interval_mean(before: tuple[float, float] | None, now: tuple[float, float]) -> float | None:
-    """The mean over the interval between two readings of (sum, count) counters.
+def interval_mean(before: Mapping[Series, tuple[float, float]] | None,
+                  now: Mapping[Series, tuple[float, float]]) -> float | None:
+    """The mean over the interval between two readings of per-series (sum, count) counters.
 
-    ``None`` when nothing was counted in between (no request: no mean, the last one ages). A first
-    reading, or counters that went back (the server restarted), give the mean since they began.
+    ``None`` when nothing was counted in between (no request: no mean, the last one ages). A
+    series seen for the first time, or whose counters went back (its server restarted), counts
+    from its start.
 
-    >>> interval_mean((10.0, 100.0), (16.0, 110.0)), interval_mean((10.0, 100.0), (10.0, 100.0))
+    >>> a, b = (("engine", "0"),), (("engine", "1"),)
+    >>> interval_mean({a: (10.0, 100.0)}, {a: (16.0, 110.0)}), interval_mean({a: (10.0, 100.0)}, {a: (10.0, 100.0)})
     (0.6, None)
-    >>> interval_mean(None, (10.0, 100.0)), interval_mean((10.0, 100.0), (1.0, 4.0))
-    (0.1, 0.25)
+    >>> interval_mean(None, {a: (10.0, 100.0)})
+    0.1
+    >>> # engine 1 restarted (0.1 s since) while engine 0 served 10 requests at 0.05 s
+    >>> interval_mean({a: (400.0, 100.0), b: (800.0, 100.0)}, {a: (400.5, 110.0), b: (0.1, 1.0)})
+    0.05454545454545454
     """
-    total, count = now
-    if before is not None and count >= before[1] and total >= before[0]:
-        total, count = total - before[0], count - before[1]
+    total = count = 0.0
+    for key, (s, c) in now.items():
+        prev = before.get(key) if before is not None else None
+        if prev is not None and c >= prev[1] and s >= prev[0]:
+            s, c = s - prev[0], c - prev[1]
+        total, count = total + s, count + c
     return total / count if count > 0 else None
 
 
@@ -358,18 +394,18 @@ def _by_stamp(values: Mapping[str, float], lines: Mapping[str, float],
     return list(groups.items())
 
 
-def _triton_queue_counters(samples: Iterable[Sample]) -> tuple[float, float] | None:
-    r"""Triton's queue time and the successes of the same (model, version): their ratio is the mean
-    queue time per request.
+def _triton_queue_series(samples: Iterable[Sample]) -> dict[Series, tuple[float, float]]:
+    r"""Triton's queue time and the successes of the same (model, version), per (model, version):
+    their ratio is the mean queue time per request.
 
     A server with an ensemble counts its requests twice, once for the ensemble (which reports no
     queue time) and once for its composing model: dividing by every model's successes halves it.
 
-    >>> _triton_queue_counters(parse_exposition(
+    >>> _triton_queue_series(parse_exposition(
     ...     'nv_inference_request_success{model="ensemble",version="1"} 10\n'
     ...     'nv_inference_request_success{model="llm",version="1"} 10\n'
     ...     'nv_inference_queue_duration_us{model="llm",version="1"} 5000'))
-    (5000.0, 10.0)
+    {(('model', 'llm'), ('version', '1')): (5000.0, 10.0)}
     """
     queue: dict[tuple[str, str], float] = {}
     success: dict[tuple[str, str], float] = {}
@@ -380,9 +416,7 @@ def _triton_queue_counters(samples: Iterable[Sample]) -> tuple[float, float] | N
             key = (s.labels.get("model", ""), s.labels.get("version", ""))
             into = queue if s.name == "nv_inference_queue_duration_us" else success
             into[key] = into.get(key, 0.0) + s.value
-    if not queue:
-        return None
-    return sum(queue.values()), sum(success.get(k, 0.0) for k in queue)
+    return {(("model", k[0]), ("version", k[1])): (q, success.get(k, 0.0)) for k, q in queue.items()}
 
 
 class _Ages(Mapping[str, float]):
@@ -573,7 +607,7 @@ class TelemetryStore:
         self._endpoint = _Targets()
         self._merged: dict[str, Merged] = {}
         # (endpoint, mean) -> the (sum, count) counters last scraped, for means over the interval since
-        self._counters: dict[tuple[str, str], tuple[float, float]] = {}
+        self._counters: dict[tuple[str, str], Mapping[Series, tuple[float, float]]] = {}
         # The same merged state as rows of arrays, for batches: endpoint id -> row (rows are never
         # reused), each endpoint's merged reading, values and stamps in CANONICAL columns (NaN: none).
         self._rows: dict[str, int] = {}
@@ -705,10 +739,10 @@ class TelemetryStore:
             source = node_id or endpoint_id or "?"
             self._warn.warning(("samples", source), "telemetry from %s: dropped %d unusable sample(s), e.g. %s = %r "
                           "(%s)", source, len(bad), bad[0].name, bad[0].value, value_rule(bad[0].name))
-        counters = cumulative_means(samples)
-        node_vals, ep_vals = canonicalize(samples, counters)
+        series = series_counters(samples)
+        node_vals, ep_vals = canonicalize(samples, {canon: _totals(v) for canon, v in series.items()})
         if endpoint_id:
-            self._interval_means(endpoint_id, counters, ep_vals)
+            self._interval_means(endpoint_id, series, ep_vals)
         lines = line_stamps(samples)
         base = (self.now() if ts is None else ts) if lines else ts
         if node_vals:
@@ -721,10 +755,11 @@ class TelemetryStore:
                 self.update_endpoint(endpoint_id, vals, stamp)
         return sum(1 for s in samples if s.name in KEPT_EXPORTER_METRICS and usable_for(s.name, s.value))
 
-    def _interval_means(self, endpoint_id: str, counters: Mapping[str, tuple[float, float]],
+    def _interval_means(self, endpoint_id: str, counters: Mapping[str, Mapping[Series, tuple[float, float]]],
                         ep_vals: dict[str, float]) -> None:
         """Replace lifetime means in ``ep_vals`` by means over the interval since this endpoint's
-        previous ``counters`` (a mean with no request in between is left out: the last one ages)."""
+        previous ``counters``, series by series (a mean with no request in between is left out:
+        the last one ages)."""
         if not counters:
             return
         with self._lock:

@@ -175,3 +175,31 @@ def test_blanks_between_a_metric_name_and_its_labels_are_allowed_as_prometheus_a
     assert (s.name, s.labels, s.value) == ("vllm:num_requests_waiting", {"engine": "0"}, 6.0)
     with pytest.raises(t.ExpositionError):
         t.parse_exposition('vllm:num_requests_waiting {engine="0" 6')
+
+
+def test_one_engine_restarting_among_several_starts_its_own_interval_only() -> None:
+    """vLLM data-parallel engines count apart: totals hid one engine's restart (8 s read for 0.05 s)."""
+    now = [1000.0]
+    store = t.TelemetryStore({"e1": "n1"}, stale_after_s=300.0, clock=lambda: now[0])
+
+    def scrape(e0: tuple[float, float], e1: tuple[float, float]) -> float:
+        store.ingest_exposition("".join(
+            f'vllm:time_to_first_token_seconds_sum{{engine="{i}"}} {s}\n'
+            f'vllm:time_to_first_token_seconds_count{{engine="{i}"}} {c}\n' for i, (s, c) in enumerate((e0, e1))),
+            endpoint_id="e1")
+        return store.reading("e1").values[t.TTFT_MEAN_S]
+
+    assert scrape((400.0, 100.0), (800.0, 100.0)) == pytest.approx(6.0)  # first sight: since the start
+    now[0] += 15
+    # Engine 0 served 10 requests at 0.05 s; engine 1 restarted and served one at 0.1 s.
+    assert scrape((400.5, 110.0), (0.1, 1.0)) == pytest.approx(0.6 / 11)
+
+
+def test_a_gpu_shared_by_several_pods_counts_once() -> None:
+    """dcgm-exporter repeats a GPU's series per pod sharing it: summed, 80 GiB of memory read as 240."""
+    labels = 'gpu="0",UUID="GPU-3f1c",device="nvidia0",Hostname="n7"'
+    text = "".join(f'DCGM_FI_DEV_FB_USED{{{labels},pod="p{i}"}} 60000\n'
+                   f'DCGM_FI_DEV_POWER_USAGE{{{labels},pod="p{i}"}} 500\n'
+                   f'DCGM_FI_DEV_FB_USED{{gpu="1",UUID="GPU-77aa",pod="p{i}"}} 1000\n' for i in range(3))
+    node, _ = t.canonicalize(t.parse_exposition(text))
+    assert node[t.FB_USED_MIB] == 61000.0 and node[t.POWER_W] == 500.0  # two GPUs, each once
