@@ -9,7 +9,9 @@ locate stage reads a precomputed tuple instead of scanning the fleet.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -86,10 +88,37 @@ class ModelSpec(_Strict):
     params_b: float = Field(gt=0, le=1e5)
 
 
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def _is_host(host: str) -> bool:
+    """An IPv4 literal, a bracketed IPv6 literal, or a DNS name (RFC 1123 labels; all-numeric only as IPv4).
+
+    >>> [_is_host(h) for h in ("10.0.0.1", "[::1]", "gpu-7.dc1.example", "..", "::", "999.1.1.1", "-a")]
+    [True, True, True, False, False, False, False]
+    """
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+            return True
+        except ValueError:
+            return False
+    labels = host.split(".")
+    if all(label.isdigit() for label in labels):
+        try:
+            ipaddress.IPv4Address(host)
+            return True
+        except ValueError:
+            return False
+    return len(host) <= 253 and all(_HOST_LABEL.match(label) for label in labels)
+
+
 def _port_in_range(address: str) -> str:
-    """The address with its port checked and written canonically (``host:0080`` is ``host:80``: the
-    duplicate-address check, and the ``ip:port`` handed to proxies, compare strings)."""
+    """The address with its host and port checked and written canonically (``host:0080`` is
+    ``host:80``: the duplicate-address check, and the ``ip:port`` handed to proxies, compare strings)."""
     host, digits = address.rsplit(":", 1)
+    if not _is_host(host):
+        raise ValueError(f"{host!r} is neither an IP address ([...] for IPv6) nor a host name")
     port = int(digits)
     if not 1 <= port <= 65535:
         raise ValueError(f"port {port} is outside 1-65535")

@@ -143,6 +143,20 @@ def test_an_address_port_outside_the_tcp_range_is_refused(tmp_path: Path) -> Non
     assert issue.line == text[:first.start()].count("\n") + 1
 
 
+@pytest.mark.parametrize("host", ["...", "::", "999.1.1.1", "-gpu.example", "[not-v6]"])
+def test_an_address_host_must_be_an_ip_or_a_host_name(tmp_path: Path, host: str) -> None:
+    """Such addresses passed fleet check, then nothing could dial them."""
+    text = (Path(__file__).parent.parent / "deploy/demo/fleet.yaml").read_text()
+    first = re.search(r"address: '[^']+'", text)
+    assert first is not None
+    p = tmp_path / "host.yaml"
+    p.write_text(text.replace(first.group(0), f"address: '{host}:80'", 1))
+    with pytest.raises(InventoryError) as err:
+        load_fleet(p)
+    [issue] = err.value.issues
+    assert _plain(issue.field) == "deployments[0].address" and "neither an IP address" in issue.message
+
+
 def test_an_address_port_takes_ascii_digits_and_is_compared_as_a_number(tmp_path: Path) -> None:
     text = (Path(__file__).parent.parent / "deploy/demo/fleet.yaml").read_text()
     found = re.findall(r"address: '?([^':\s]+):(\d+)", text)
