@@ -192,7 +192,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     replica: str = ""  # this process's replica id for learner merging (empty: single instance)
     worker: int | None = Field(default=None, ge=0)  # set by `serve --workers N` in each worker: its index
-    otel_exporter: str = "none"  # OpenTelemetry span exporter: none | console (decision.tracing)
+    otel_exporter: Literal["none", "console"] = "none"  # OpenTelemetry span exporter (decision.tracing)
 
     @field_validator("log_level")
     @classmethod

@@ -225,6 +225,7 @@ def test_a_request_json_cannot_hold_is_a_message(tmp_path: Path) -> None:
     ("INFERMESH_LOG_LEVEL", "verbose", "unknown log level 'verbose'; known: CRITICAL, FATAL, ERROR, WARN"),
     ("INFERMESH_WORKER", "abc", "valid integer"),
     ("INFERMESH_WORKER", "-1", "greater than or equal to 0"),
+    ("INFERMESH_OTEL_EXPORTER", "bogus", "Input should be 'none' or 'console'"),  # blamed the config file before
 ])
 def test_a_bad_environment_setting_names_its_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str,
                                                       message: str) -> None:
