@@ -277,7 +277,12 @@ class ProcessAuditWriter(AtBoundCounts):
         self._closing = True
         self._at_exit.cancel()
         self._wake.set()
-        self._shipper.join()
+        self._shipper.join(max(5.0, self.settings.drain_timeout_s))
+        if self._shipper.is_alive():  # blocked sending to a child that stopped reading (wedged): end it,
+            log.error("audit: writer process stopped reading; killing it")  # a new one gets what it held
+            self._proc.kill()
+            self._proc.join(5.0)
+            self._shipper.join(10.0)  # the pipe's far end is gone: the send fails and the shipper ends
         self._ship()  # records submitted while the shipper made its last round
         restarts = 0
         while True:

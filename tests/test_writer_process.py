@@ -250,6 +250,22 @@ def test_close_replaces_a_child_that_just_died_and_stores_what_it_held(db: str, 
     _stored_whole(db, decisions=20, outcomes=0, conflicts=0)
 
 
+def test_close_does_not_hang_on_a_child_that_stopped_reading(db: str, tmp_path: Path) -> None:
+    """A wedged child (here SIGSTOPped) left the shipper blocked on a full pipe and close() waiting on it forever."""
+    w = ProcessAuditWriter(db, AuditSettings(spool_dir=tmp_path / "spool", flush_interval_s=0.05,
+                                             drain_timeout_s=1.0))
+    _started(w)
+    os.kill(w._proc.pid, signal.SIGSTOP)
+    at = time.time()
+    padding = "x" * 4000  # a few hundred records fill the pipe's buffer
+    for i in range(400):
+        w.submit_decision({**_decision(i, at), "reason": padding})
+    began = time.monotonic()
+    w.close()
+    assert time.monotonic() - began < 60 and w.restarts >= 1
+    _stored_whole(db, decisions=400, outcomes=0, conflicts=0)
+
+
 def test_the_child_ignores_sigterm_and_sigint_the_parent_stops_it(db: str, tmp_path: Path) -> None:
     """A stop signal to the whole process group (systemd, a terminal's ^C) reaches the writer
     child too: it keeps running until the parent, which handles the signal, closes it."""
