@@ -153,10 +153,10 @@ def _engine_bypassed(service: Any) -> tuple[int, Callable[[float], object]]:
     class EngineBypassed(DecisionServicer):
         answer: Decision | None = None
 
-        def decide(self, ctx: RequestContext) -> Decision:
+        def decide(self, ctx: RequestContext, alive: Callable[[], bool] | None = None) -> Decision:
             validate_request(ctx)
             if self.answer is None:
-                self.answer = self.engine.decide(ctx)
+                self.answer = self.engine.decide(ctx, alive=alive)
             return self.answer
 
     server, port, _ = service.decision_server(EngineBypassed(service.engine, service.metrics), "127.0.0.1:0")

@@ -48,7 +48,7 @@ from decision.domain import (
     ScoredCandidate,
     is_expiry,
 )
-from decision.errors import InvalidArgument, NoCandidate, NotFound, QuotaExceeded
+from decision.errors import InvalidArgument, NoCandidate, NotFound, QuotaExceeded, Unavailable
 from decision.fleet import Fleet, endpoints_serving
 from decision.ledger import EndpointLedger
 from decision.scoring import ADDED_DELAY_WEIGHT, COST_WEIGHT_MS, BasicFeatures, score_candidates
@@ -303,8 +303,13 @@ class DecisionEngine:
                          np.array([p[1] for _, p in paths], dtype=np.float64),
                          rows_of([e.endpoint_id for e in eps]) if rows_of is not None else None)
 
-    def decide(self, ctx: RequestContext) -> Decision:
-        """Run the pipeline for one request; raises a :class:`DecisionError` subclass on failure."""
+    def decide(self, ctx: RequestContext, *, alive: Callable[[], bool] | None = None) -> Decision:
+        """Run the pipeline for one request; raises a :class:`DecisionError` subclass on failure.
+
+        ``alive`` (the gRPC caller still waiting?) is asked once the decision is made, before it is
+        logged and booked: one nobody will act on must hold no quota share, count no request in
+        flight and teach the learner no timeout.
+        """
         validate_request(ctx)
         t0 = time.perf_counter()
         now = self.clock()
@@ -357,6 +362,8 @@ class DecisionEngine:
                 trace=trace, decided_at=now, decision_us=decision_us, stored_trace=stored,
                 telemetry_age_s=max_age_of(scored.candidates, arm),
             )
+            if alive is not None and not alive():
+                raise Unavailable("the caller went away before the decision was made; it was not routed")
             if self.audit is not None:
                 self.audit.submit_decision(decision_event(decision, "routed", ()))  # may refuse (fail-closed)
             # Only once the log took it: a refused decision was never routed, so it must leave no trace in

@@ -59,6 +59,9 @@ class _ContextAdapter:
         remaining = self._context.time_remaining()
         return None if remaining is None else float(remaining)
 
+    def is_active(self) -> bool:
+        return not self._context.cancelled()
+
 
 async def _answer(context: grpc.aio.ServicerContext[Any, Any], adapter: _ContextAdapter,
                   call: Callable[[], Awaitable[T]]) -> T:

@@ -50,8 +50,22 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DecisionService"].full_name
 T = TypeVar("T")
 
 
+_DETAILS_MAX = 1024
+
+
 def status_of(exc: DecisionError) -> tuple[grpc.StatusCode, str, list[tuple[str, str]]]:
-    """The gRPC status, details and trailing metadata for a pipeline error."""
+    """The gRPC status, details and trailing metadata for a pipeline error.
+
+    The details are capped: an error that quotes a huge value (a 20 KB jurisdiction) would exceed
+    gRPC's metadata limit, and the client would see RESOURCE_EXHAUSTED, this service's quota status.
+    """
+    code, details, trailers = _status_of(exc)
+    if len(details) > _DETAILS_MAX:
+        details = details[:_DETAILS_MAX - 3] + "..."
+    return code, details, trailers
+
+
+def _status_of(exc: DecisionError) -> tuple[grpc.StatusCode, str, list[tuple[str, str]]]:
     if isinstance(exc, InvalidArgument):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc), [("infermesh-field", metadata_value(exc.field))]
     if isinstance(exc, NotFound):
@@ -65,6 +79,14 @@ def status_of(exc: DecisionError) -> tuple[grpc.StatusCode, str, list[tuple[str,
     if isinstance(exc, Unavailable):
         return grpc.StatusCode.UNAVAILABLE, str(exc), []
     return grpc.StatusCode.INTERNAL, str(exc), []
+
+
+def still_wanted(context: Any) -> bool:
+    """Whether the caller still waits for the answer: not cancelled, deadline not passed."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return False
+    return bool(context.is_active())
 
 
 class DecisionServicer(pb_grpc.DecisionServiceServicer):
@@ -90,14 +112,14 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, f"{method}: internal failure (logged); retry")
         raise AssertionError("unreachable")  # context.abort raises
 
-    def decide(self, ctx: RequestContext) -> Decision:
+    def decide(self, ctx: RequestContext, alive: Callable[[], bool] | None = None) -> Decision:
         """The decision a ``Decide`` call answers with (``bench grpc --ceiling`` replaces it)."""
-        return self.engine.decide(ctx)
+        return self.engine.decide(ctx, alive=alive)
 
     def Decide(self, request: pb.DecideRequest, context: grpc.ServicerContext) -> pb.DecideResponse:
         def run() -> pb.DecideResponse:
             try:
-                d = self.decide(request_from_pb(request))
+                d = self.decide(request_from_pb(request), lambda: still_wanted(context))
             except NoCandidate as exc:
                 self.metrics.record_denial(exc)
                 raise

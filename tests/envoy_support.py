@@ -7,7 +7,7 @@ streams SSE at a middling pace, ``us-stream`` streams slowly and sits in the US 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,8 +117,8 @@ class RecordingEngine(DecisionEngine):
         self.decisions: dict[str, Decision] = {}
         self.outcomes: dict[str, Any] = {}
 
-    def decide(self, ctx: RequestContext) -> Decision:
-        d = super().decide(ctx)
+    def decide(self, ctx: RequestContext, *, alive: Callable[[], bool] | None = None) -> Decision:
+        d = super().decide(ctx, alive=alive)
         self.decisions[d.decision_id] = d
         return d
 

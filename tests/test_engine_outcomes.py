@@ -82,6 +82,22 @@ def test_a_decision_the_audit_log_refuses_is_neither_in_flight_nor_learnt() -> N
     assert learner.n_updates == 0
 
 
+def test_a_decision_whose_caller_went_away_is_neither_logged_nor_booked() -> None:
+    """A cancelled or timed-out gRPC call still got its decision logged as routed, held in flight and
+    later learnt as a timeout (and its quota share was kept)."""
+    clock = [1000.0]
+    audit = _Audit()
+    engine, learner = _engine(audit, clock)
+    with pytest.raises(Unavailable, match="caller went away"):
+        engine.decide(RequestContext("r1", "acme", model="llama-3.1-8b"), alive=lambda: False)
+    assert audit.decisions == [] and engine.pending_outcomes() == 0 and engine.stats["decisions"] == 0
+    assert all(engine.inflight(e.endpoint_id) == 0 for e in engine.fleet.endpoints)
+    clock[0] += 11.0
+    assert engine.expire_outcomes() == 0 and learner.n_updates == 0
+    engine.decide(RequestContext("r2", "acme", model="llama-3.1-8b"), alive=lambda: True)
+    assert len(audit.decisions) == 1 and engine.pending_outcomes() == 1
+
+
 def test_concurrent_duplicate_outcomes_are_recorded_once() -> None:
     audit = _Audit()
     engine, learner = _engine(audit, [1000.0])

@@ -72,6 +72,8 @@ def test_decide_over_grpc_returns_a_full_response(server) -> None:  # type: igno
     ({"model": "gpt-17"}, grpc.StatusCode.NOT_FOUND, "gpt-17"),
     ({"model": "qwen-2.5-7b", "model_family": "llama"}, grpc.StatusCode.INVALID_ARGUMENT,
      "model_family: model 'qwen-2.5-7b' is of family 'qwen', not 'llama'"),
+    # An error quoting a 20 KB value went past gRPC's metadata limit: RESOURCE_EXHAUSTED, no field.
+    ({"allowed_jurisdictions": ["E" * 20_000]}, grpc.StatusCode.INVALID_ARGUMENT, "allowed_jurisdictions"),
 ])
 def test_decide_error_statuses_name_the_field(server, kwargs, code, needle) -> None:  # type: ignore[no-untyped-def]
     _, channel = server

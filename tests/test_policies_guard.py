@@ -268,6 +268,9 @@ def test_a_request_that_is_not_routed_gives_its_quota_share_back(demo_fleet: Fle
     failing = DecisionEngine(demo_fleet, store, guard, _FailingLearner())
     with pytest.raises(RuntimeError, match="learner down"):
         failing.decide(RequestContext("r2", tenant, model="llama-3.1-8b", estimated_input_tokens=100))
+    with pytest.raises(Unavailable, match="caller went away"):  # a gRPC call cancelled meanwhile
+        engine.decide(RequestContext("r2b", tenant, model="llama-3.1-8b", estimated_input_tokens=100),
+                      alive=lambda: False)
     assert guard.counters.read(tenant, time.time()) == QuotaUsage(0, 0)
     dry = RequestContext("r-dry", tenant, model="llama-3.1-8b", estimated_input_tokens=100)
     assert guard.peek(dry)["quota"]["requests"] == guard.peek(dry)["quota"]["requests"] == 0  # holds nothing
