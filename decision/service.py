@@ -181,6 +181,7 @@ class Service:
         self.extproc: RunningExtProc | None = None  # when config.extproc.enabled
         self.http: HttpServer | None = None
         self._expiry_stop = threading.Event()
+        self.draining = False  # set by stop(): /healthz says so while in-flight calls finish
         self._set_serving: Callable[[bool], None] | None = None  # DecisionService's gRPC health, once serving
         self._serving = True
         self._expiry = threading.Thread(target=self._expire_loop, name="outcome-expiry", daemon=True)
@@ -227,6 +228,8 @@ class Service:
             details["audit"] = audit
             if audit.get("status") not in (None, "ok"):
                 details["status"] = "degraded"
+        if self.draining:  # stopping: Decide answers UNAVAILABLE; a balancer must look elsewhere now
+            details["status"] = "draining"
         return details
 
     def _expire_loop(self) -> None:
@@ -322,6 +325,7 @@ class Service:
 
     def stop(self, grace_s: float | None = None) -> None:
         """Graceful: stop accepting, let in-flight RPCs finish, then drain the audit queue."""
+        self.draining = True
         grace = self.config.server.grace_s if grace_s is None else grace_s
         if isinstance(self.grpc_server, grpc.Server):
             self.grpc_server.stop(grace).wait()

@@ -39,3 +39,12 @@ def test_decision_service_is_not_serving_while_the_quota_counters_are_unreachabl
             assert status() == health_pb2.HealthCheckResponse.SERVING
     finally:
         service.stop(0.5)
+
+
+def test_healthz_says_draining_once_the_service_is_stopping() -> None:
+    """Decide answered UNAVAILABLE during the grace period while /healthz still said ok."""
+    service = Service(load_config("deploy/demo/infermesh.yaml"), Settings(), audit_enabled=False)
+    service.start_grpc(0)
+    assert service.health()["status"] == "ok"
+    service.stop(0.2)
+    assert service.health()["status"] == "draining"
