@@ -719,6 +719,13 @@ class DecisionEngine:
     def pending_outcomes(self) -> int:
         return len(self._pending)
 
+    def holds(self, decision_id: str) -> bool:
+        """Whether an outcome for ``decision_id`` is answered from memory, without the audit log (a
+        hint: it may change the moment after; an asyncio server uses it to keep database reads off
+        its loop)."""
+        return (decision_id in self._pending or decision_id in self._expiring or decision_id in self._unrecorded
+                or decision_id in self._reported or decision_id in self._denied or decision_id in self._expired)
+
 
 def _logged_hold(record: Mapping[str, Any]) -> tuple[RequestContext, float] | None:
     """What a decision made elsewhere (another replica, before a restart) held of its tenant's quota:

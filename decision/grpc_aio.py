@@ -6,7 +6,8 @@ between dozens of threads) cost more than the decision, and throughput at 50 con
 fell below that at one. On the asyncio server a call's request, handler and response run on one
 loop. The handlers are the threaded servicer's own methods (:class:`DecisionServicer`), run
 inline (a decision is CPU work under the GIL either way), except ``Explain`` and
-``ReloadPolicies``, which wait on the database or the disk and run in a worker thread. The edge
+``ReloadPolicies``, which wait on the database or the disk and run in a worker thread, and
+``ReportOutcome`` for a decision this process does not hold (it asks the audit log). The edge
 checks (:class:`~decision.edge.EdgeInterceptor`) are the same code, through a context adapter.
 """
 
@@ -99,7 +100,12 @@ class AioDecisionServicer(pb_grpc.DecisionServiceServicer):
         return await self._inline(self.sync.Decide, request, context)
 
     async def ReportOutcome(self, request: pb.Outcome, context: Any) -> pb.OutcomeAck:
-        return await self._inline(self.sync.ReportOutcome, request, context)
+        # An outcome of a decision this process holds is answered from memory, inline; any other
+        # (another worker's, one from before a restart) asks the audit log: off the loop, which
+        # would otherwise stall every call for as long as the database takes.
+        if self.sync.engine.holds(request.decision_id):
+            return await self._inline(self.sync.ReportOutcome, request, context)
+        return await self._in_thread(self.sync.ReportOutcome, request, context)
 
     async def Explain(self, request: pb.ExplainRequest, context: Any) -> pb.Trace:
         return await self._in_thread(self.sync.Explain, request, context)

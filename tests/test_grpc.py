@@ -241,3 +241,38 @@ def test_an_outcome_served_by_a_fallback_teaches_the_route_a_failure(server) -> 
     retry = stub.ReportOutcome(pb.Outcome(decision_id=third.decision_id, status=pb.OUTCOME_STATUS_OK, ttft_ms=100,
                                           latency_ms=400, output_tokens=20))
     assert retry.accepted and not retry.duplicate and retry.reward > 0
+
+
+def test_an_outcome_the_audit_log_must_answer_does_not_stall_other_calls(demo_fleet) -> None:  # type: ignore[no-untyped-def]
+    """On the asyncio server it queried the log on the event loop: every call waited for the database."""
+    import threading
+    import time
+
+    class SlowLog:  # a busy database
+        def get_decision(self, decision_id: str) -> None:
+            time.sleep(1.0)
+
+    engine = demo_engine(demo_fleet, traces=SlowLog())
+    aio = AioDecisionServer(DecisionServicer(engine, ServiceMetrics()), address="127.0.0.1:0")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{aio.port}") as channel:
+            _decide(channel)  # warm
+            stub = pb_grpc.DecisionServiceStub(channel)
+            codes: list[grpc.StatusCode] = []
+
+            def elsewhere() -> None:
+                try:
+                    stub.ReportOutcome(pb.Outcome(decision_id="made-by-another-worker", status=pb.OUTCOME_STATUS_OK), timeout=5)
+                except grpc.RpcError as err:
+                    codes.append(err.code())
+
+            t = threading.Thread(target=elsewhere)
+            t.start()
+            time.sleep(0.1)
+            began = time.perf_counter()
+            _decide(channel, request_id="r2")
+            assert time.perf_counter() - began < 0.5
+            t.join()
+            assert codes == [grpc.StatusCode.NOT_FOUND]
+    finally:
+        aio.stop(0)
