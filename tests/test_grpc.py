@@ -262,7 +262,8 @@ def test_an_outcome_the_audit_log_must_answer_does_not_stall_other_calls(demo_fl
 
             def elsewhere() -> None:
                 try:
-                    stub.ReportOutcome(pb.Outcome(decision_id="made-by-another-worker", status=pb.OUTCOME_STATUS_OK), timeout=5)
+                    stub.ReportOutcome(pb.Outcome(decision_id="made-by-another-worker",
+                                                  status=pb.OUTCOME_STATUS_OK), timeout=5)
                 except grpc.RpcError as err:
                     codes.append(err.code())
 
