@@ -221,6 +221,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _setup_logging()
     log = logging.getLogger("infermesh.serve")
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload asked for while starting must not end it
     cfg, settings = _load(args.config)
     workers = args.workers or cfg.server.workers
     clash = port_clash(cfg.server.grpc_port if args.grpc_port is None else args.grpc_port,

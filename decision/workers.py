@@ -76,6 +76,7 @@ def _worker(config_path: str, index: int, grpc_port: int, http_port: int, extpro
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; a terminal's ^C reaches everyone
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload asked for while starting must not kill it
     service = Service(load_config(config_path), settings)
     port = service.start_grpc(grpc_port, reuse_port=True)
     if extproc_port is not None:
@@ -118,6 +119,9 @@ def serve_workers(config_path: str, workers: int, *, grpc_port: int | None = Non
     """
     from decision.config import load_config, load_settings
 
+    # SIGHUP's default ends the process: until the workers are up (the embedded database, their own
+    # start), a reload asked for is ignored, here and, inherited through spawn, in each worker.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     cfg, settings = load_config(config_path), load_settings()
     host = cfg.server.host
     holder = reserve_port(host, cfg.server.grpc_port if grpc_port is None else grpc_port)

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -302,6 +303,32 @@ def test_serve_answers_over_grpc_and_shuts_down_on_sigterm(fresh_pg_url: str, tm
         proc.send_signal(signal.SIGTERM)
         # communicate, not wait: the server (and its audit writer child) keep logging to the pipes
         # while they stop, and an undrained pipe that fills blocks them from exiting.
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def test_a_sighup_while_serve_is_starting_does_not_end_it(fresh_pg_url: str, tmp_path: Path) -> None:
+    """SIGHUP (a policy reload) ends a process by default: one that came before the handler was
+    installed killed the server while it started."""
+    env = {**os.environ, "INFERMESH_DATABASE_URL": fresh_pg_url, "INFERMESH_DATA_DIR": str(tmp_path)}
+    proc = subprocess.Popen([*CLI, "serve", "--grpc-port", "0", "--http-port", "0"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, hup = time.monotonic() + 60, 1 << (signal.SIGHUP - 1)
+        masks: dict[str, int] = {}
+        while time.monotonic() < deadline:  # once it stops taking SIGHUP's default (the end of the process)
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            masks = {k: int(v, 16) for k, v in re.findall(r"^(SigIgn|SigCgt):\s*([0-9a-f]+)$", status, re.M)}
+            if (masks.get("SigIgn", 0) | masks.get("SigCgt", 0)) & hup:
+                break
+            time.sleep(0.005)
+        assert masks.get("SigIgn", 0) & hup  # still starting (ignoring it), not serving (reloading on it)
+        proc.send_signal(signal.SIGHUP)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "infermesh serving" in line, line + (proc.stderr.read() if proc.stderr else "")
+    finally:
+        proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-3000:]
 
