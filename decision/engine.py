@@ -578,7 +578,7 @@ class DecisionEngine:
         did = outcome.decision_id
         reward: float | None = None
         if pending is not None:
-            outcome, learnt, fallback = self._as_learnt(outcome, pending.endpoint_id)
+            outcome, learnt, fallback = self._as_learnt(outcome, pending.endpoint_id, pending.expected_ttft_ms)
             reward = self.reward(pending.ctx, learnt, pending.expected_ttft_ms, pending.cost_per_1k_tokens)
             with self._learn_lock:  # stamped and learnt as one, for snapshots (see outcome_barrier)
                 self._audit_outcome(outcome, reward, pending)  # before learning: a refused outcome is retried whole
@@ -615,8 +615,8 @@ class DecisionEngine:
                 return OutcomeResult(did, True, True, prior)
             route = str(record.get("endpoint_id") or "")
             self._check_served(outcome, route)
-            outcome, learnt, _ = self._as_learnt(outcome, route)
             logged = self._logged_arm(record)
+            outcome, learnt, _ = self._as_learnt(outcome, route, logged.expected_ttft_ms if logged else 0.0)
             if logged is not None:
                 reward = self.reward(logged.ctx, learnt, logged.expected_ttft_ms, logged.cost_per_1k_tokens)
             with self._learn_lock:
@@ -637,13 +637,18 @@ class DecisionEngine:
         if served and served != route_endpoint_id and served not in self._fleet.by_id:
             raise InvalidArgument("served_endpoint_id", f"unknown endpoint {served!r}")
 
-    def _as_learnt(self, outcome: Outcome, route_endpoint_id: str) -> tuple[Outcome, Outcome, bool]:
+    def _as_learnt(self, outcome: Outcome, route_endpoint_id: str,
+                   expected_ttft_ms: float) -> tuple[Outcome, Outcome, bool]:
         """(the outcome to log, the outcome the route's arm learns, whether a fallback served it).
 
         When a fallback served, the route did not: its arm learns a failure (the fallback's result is
         not the route's, and the fallback's own propensity is unknown); the log keeps what happened.
+        An OK outcome with no TTFT (0, the API's unset value) is learnt at the expected TTFT: the
+        route is credited for serving, not for a first token faster than any measured.
         """
         if outcome.served_endpoint_id in ("", route_endpoint_id):
+            if outcome.status is OutcomeStatus.OK and outcome.ttft_ms <= 0 and expected_ttft_ms > 0:
+                return outcome, replace(outcome, ttft_ms=expected_ttft_ms), False
             return outcome, outcome, False
         self.stats["outcomes_by_fallback"] += 1
         note = f"served by fallback {outcome.served_endpoint_id}"

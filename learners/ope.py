@@ -57,10 +57,13 @@ def _check(rewards: FloatArray, propensities: FloatArray, target: FloatArray) ->
         raise ValueError("rewards, logged propensities and target probabilities must be 1-D, same length")
     if rewards.size == 0:
         raise ValueError("no records")
-    if np.any(propensities <= 0) or np.any(propensities > 1):
+    # Written so that a NaN fails too (every comparison with NaN is false).
+    if not np.all((propensities > 0) & (propensities <= 1)):
         raise ValueError("logged propensities must be in (0, 1]")
-    if np.any(target < 0) or np.any(target > 1):
+    if not np.all((target >= 0) & (target <= 1)):
         raise ValueError("target probabilities must be in [0, 1]")
+    if not np.all(np.isfinite(rewards)):
+        raise ValueError("rewards must be finite")
 
 
 def effective_sample_size(weights: ArrayLike) -> float:

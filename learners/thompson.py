@@ -63,8 +63,10 @@ class LinearThompson(LinearLearner):
                  safe_slack: float | None = 0.5, safe_margin: float = 0.1, default_target_ms: float = 500.0) -> None:
         super().__init__(n_features, l2=l2, seed=seed, prior=prior, safe_slack=safe_slack, safe_margin=safe_margin,
                          default_target_ms=default_target_ms)
-        if v < 0 or not 0.0 <= epsilon < 1.0 or mc_samples < 1:
-            raise ValueError("v must be >= 0, epsilon in [0, 1), mc_samples >= 1")
+        # epsilon > 0: the logged propensity is a Monte Carlo estimate, and without a floor it misstates
+        # rarely drawn arms several times over (off-policy estimates then go wrong).
+        if v < 0 or not 0.0 < epsilon < 1.0 or mc_samples < 1:
+            raise ValueError("v must be >= 0, epsilon in (0, 1), mc_samples >= 1")
         self.v = v
         self.epsilon = epsilon
         self.mc_samples = mc_samples

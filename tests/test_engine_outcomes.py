@@ -98,6 +98,17 @@ def test_a_decision_whose_caller_went_away_is_neither_logged_nor_booked() -> Non
     assert len(audit.decisions) == 1 and engine.pending_outcomes() == 1
 
 
+def test_an_ok_outcome_without_a_ttft_is_learnt_at_the_expected_one() -> None:
+    """0 is the API's unset value: it was learnt as a first token faster than any measured."""
+    engine, _ = _engine(_Audit(), [1000.0])
+    d = engine.decide(RequestContext("r1", "acme", model="llama-3.1-8b", ttft_target_ms=400.0))
+    got = engine.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, latency_ms=900.0, output_tokens=20))
+    expected = engine.reward(RequestContext("r1", "acme", ttft_target_ms=400.0),
+                             Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=d.expected_ttft_ms),
+                             d.expected_ttft_ms, d.expected_cost_per_1k_tokens)
+    assert got.reward == pytest.approx(expected)
+
+
 def test_concurrent_duplicate_outcomes_are_recorded_once() -> None:
     audit = _Audit()
     engine, learner = _engine(audit, [1000.0])

@@ -130,3 +130,17 @@ def test_invalid_inputs_fail_fast() -> None:
         ips([1.0], [0.0], [1.0])
     with pytest.raises(ValueError):
         ips([], [], [])
+    nan = float("nan")  # each passed a check written as comparisons, and the estimate came out NaN
+    for rewards, logged, target, what in (([1.0, 1.0], [nan, 0.5], [1.0, 1.0], "propensities"),
+                                          ([1.0, 1.0], [0.5, 0.5], [nan, 1.0], "target"),
+                                          ([nan, 1.0], [0.5, 0.5], [1.0, 1.0], "rewards")):
+        with pytest.raises(ValueError, match=what):
+            ips(rewards, logged, target)
+
+
+def test_thompson_sampling_needs_an_exploration_floor() -> None:
+    """Without one its Monte Carlo propensities misstate rare arms (IPS of 0.36 for a true 1.0)."""
+    from learners.thompson import LinearThompson
+
+    with pytest.raises(ValueError, match="epsilon in"):
+        LinearThompson(4, epsilon=0.0)
