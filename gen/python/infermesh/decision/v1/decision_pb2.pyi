@@ -256,6 +256,7 @@ class Outcome(_message.Message):
     decision_id: _builtins.str
     status: Global___OutcomeStatus.ValueType
     ttft_ms: _builtins.float
+    """0 (unset) on an OK outcome: not measured; the route's arm then learns the expected TTFT."""
     latency_ms: _builtins.float
     input_tokens: _builtins.int
     output_tokens: _builtins.int
