@@ -47,18 +47,27 @@ class Collector:
     window_s: float = 0.0  # duration + drain: the window of fleet cost, energy and util_std
     arrival_by_rid: list[float] = field(default_factory=list)  # every request's arrival, by its rid
     served: bytearray = field(default_factory=bytearray)  # 1 where the request (by rid) got a first token
+    finished: bytearray = field(default_factory=bytearray)  # 1 where the request (by rid) completed
 
     def record_arrival(self, req: Request) -> None:
         """Count a request as it arrives (rids are 0, 1, 2, ... in arrival order)."""
         self.requests += 1
         self.arrival_by_rid.append(req.arrival)
         self.served.append(0)
+        self.finished.append(0)
+
+    def _censored_ms(self, flags: bytearray) -> list[float]:
+        end = self.window_s if self.window_s > 0.0 else self.end_time
+        return [max(0.0, (end - a) * 1000.0) for a, s in zip(self.arrival_by_rid, flags, strict=True) if not s]
 
     def censored_ttft_ms(self) -> list[float]:
         """For each request without a first token (dropped, or still waiting when the run stopped), the
         time from its arrival to the end of the window: a lower bound on a TTFT it never had."""
-        end = self.window_s if self.window_s > 0.0 else self.end_time
-        return [max(0.0, (end - a) * 1000.0) for a, s in zip(self.arrival_by_rid, self.served, strict=True) if not s]
+        return self._censored_ms(self.served)
+
+    def censored_latency_ms(self) -> list[float]:
+        """The same lower bound for each request that did not complete, on the latency it never had."""
+        return self._censored_ms(self.finished)
 
     def record_first(self, req: Request) -> None:
         """Count a request's first token: TTFT and SLO are known now, whether or not it completes."""
@@ -74,6 +83,8 @@ class Collector:
     def record_done(self, req: Request) -> None:
         """Count a completed request (its TTFT was recorded by :meth:`record_first`)."""
         self.completed += 1
+        if req.rid < len(self.finished):
+            self.finished[req.rid] = 1
         self.latency_ms.append((req.done_at - req.arrival) * 1000.0)
         self.cost_usd += req.cost_usd
         self.out_tokens += req.out_tokens
@@ -97,7 +108,8 @@ class Collector:
             # Every request: one without a first token counts at the lower bound of its TTFT (arrival to
             # the end of the window), so a strategy cannot improve its percentiles by dropping requests.
             "ttft_ms": _pcts(self.ttft_ms + censored),
-            "latency_ms": _pcts(self.latency_ms),
+            # The same for latency: a request that never completed counts at its lower bound.
+            "latency_ms": _pcts(self.latency_ms + self.censored_latency_ms()),
             "cost_per_1k_tokens": self.cost_usd / k_tokens,
             "fleet_cost_per_1k_tokens": fleet_usd / k_tokens,
             "energy_wh_per_1k_tokens": joules / 3600.0 / k_tokens,
@@ -116,6 +128,7 @@ class Collector:
             "first_tokens": self.first_tokens,
             "no_first_token": self.requests - self.first_tokens,
             "ttft_ms_served": _pcts(self.ttft_ms),
+            "latency_ms_completed": _pcts(self.latency_ms),
             "hedges": self.hedges,
             "hedge_wins": self.hedge_wins,
             "events": self.events,

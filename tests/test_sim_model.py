@@ -220,3 +220,20 @@ def test_requests_without_a_first_token_count_in_the_ttft_percentiles_at_a_lower
 
     assert p95(all_served) == pytest.approx(100.0)
     assert p95(half_served) > 90_000.0  # ~ (100 s - a late arrival) for the unserved
+
+
+def test_requests_that_never_complete_count_in_the_latency_percentiles_at_a_lower_bound() -> None:
+    """Latency counted completed requests only: a strategy leaving a quarter unfinished looked faster."""
+    from sim.metrics import Collector
+
+    m = Collector(window_s=100.0)
+    for rid in range(100):
+        req = Request(rid, float(rid) * 0.1, 10, 10, "t", 0, "", (), 500.0, (), "public")
+        m.record_arrival(req)
+        if rid % 2 == 0:
+            req.first_token_at, req.done_at = req.arrival + 0.1, req.arrival + 1.0  # 1 s latency
+            m.record_first(req)
+            m.record_done(req)
+    assert len(m.censored_latency_ms()) == 50
+    assert float(np.percentile(m.latency_ms, 95)) == pytest.approx(1000.0)  # completed only
+    assert float(np.percentile(m.latency_ms + m.censored_latency_ms(), 95)) > 90_000.0
