@@ -9,10 +9,12 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 DEMO_CONFIG = "deploy/demo/infermesh.yaml"
 _CHECKOUT = Path(__file__).resolve().parent.parent
+
+N = TypeVar("N", int, float)
 
 
 def default_config() -> str:
@@ -28,21 +30,29 @@ def default_config() -> str:
     return str(shipped) if shipped.is_file() else DEMO_CONFIG
 
 
+def _shown(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _bounded(kind: Callable[[str], N], what: str, low: N, high: N) -> Callable[[str], N]:
+    def parse(text: str) -> N:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if not low <= value <= high:  # NaN fails both comparisons
+            raise argparse.ArgumentTypeError(f"{text.strip()} is outside {_shown(low)}-{_shown(high)}")
+        return value
+    return parse
+
+
 def bounded_int(low: int, high: int) -> Callable[[str], int]:
     """An argparse ``type``: an int in [low, high], else a usage error naming the range.
 
     >>> bounded_int(0, 65535)("8080")
     8080
     """
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is outside {low}-{high}")
-        return value
-    return parse
+    return _bounded(int, "an integer", low, high)
 
 
 def bounded_float(low: float, high: float) -> Callable[[str], float]:
@@ -51,15 +61,7 @@ def bounded_float(low: float, high: float) -> Callable[[str], float]:
     >>> bounded_float(0.5, 3600)("30")
     30.0
     """
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not low <= value <= high:  # NaN fails both comparisons
-            raise argparse.ArgumentTypeError(f"{text} is outside {low:g}-{high:g}")
-        return value
-    return parse
+    return _bounded(float, "a number", low, high)
 
 
 class UsageError(Exception):

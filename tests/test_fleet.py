@@ -130,31 +130,32 @@ def test_topology_rtt_prefers_direct_links_then_region_links(demo_fleet) -> None
     assert topo.rtt_ms("mars", "eu-west-dc1") == 120.0  # unknown client: the configured default
 
 
-def test_an_address_port_outside_the_tcp_range_is_refused(tmp_path: Path) -> None:
+def _first_address_refused(tmp_path: Path, address: str) -> tuple[str, int]:
+    """The demo fleet with its first deployment at ``address``: (the one issue's message, its line),
+    after checking that the issue names that deployment's address and line."""
     text = (Path(__file__).parent.parent / "deploy/demo/fleet.yaml").read_text()
-    first = re.search(r"address: (\S+):(\d+)", text)
+    first = re.search(r"address: '[^']+'", text)
     assert first is not None
-    p = tmp_path / "port.yaml"
-    p.write_text(text.replace(first.group(0), f"address: {first.group(1)}:99999", 1))
+    p = tmp_path / "fleet.yaml"
+    p.write_text(text.replace(first.group(0), f"address: '{address}'", 1))
     with pytest.raises(InventoryError) as err:
         load_fleet(p)
     [issue] = err.value.issues
-    assert _plain(issue.field) == "deployments[0].address" and "port 99999 is outside 1-65535" in issue.message
+    assert _plain(issue.field) == "deployments[0].address"
     assert issue.line == text[:first.start()].count("\n") + 1
+    return issue.message, issue.line
+
+
+def test_an_address_port_outside_the_tcp_range_is_refused(tmp_path: Path) -> None:
+    message, _ = _first_address_refused(tmp_path, "10.0.10.1:99999")
+    assert "port 99999 is outside 1-65535" in message
 
 
 @pytest.mark.parametrize("host", ["...", "::", "999.1.1.1", "-gpu.example", "[not-v6]"])
 def test_an_address_host_must_be_an_ip_or_a_host_name(tmp_path: Path, host: str) -> None:
     """Such addresses passed fleet check, then nothing could dial them."""
-    text = (Path(__file__).parent.parent / "deploy/demo/fleet.yaml").read_text()
-    first = re.search(r"address: '[^']+'", text)
-    assert first is not None
-    p = tmp_path / "host.yaml"
-    p.write_text(text.replace(first.group(0), f"address: '{host}:80'", 1))
-    with pytest.raises(InventoryError) as err:
-        load_fleet(p)
-    [issue] = err.value.issues
-    assert _plain(issue.field) == "deployments[0].address" and "neither an IP address" in issue.message
+    message, _ = _first_address_refused(tmp_path, f"{host}:80")
+    assert "neither an IP address" in message
 
 
 def test_an_address_port_takes_ascii_digits_and_is_compared_as_a_number(tmp_path: Path) -> None:
