@@ -125,6 +125,10 @@ def test_a_request_whose_deadline_has_passed_is_not_decided() -> None:
     assert service.engine.stats["decisions"] == 0
     assert edge.call("Decide", payload, FakeContext(remaining=1.0)).decision_id  # with time left it decides
     assert service.engine.stats["decisions"] == 1
+    with pytest.raises(Aborted) as err:  # a caller that cancelled while it was decided: not booked
+        edge.call("Decide", payload, FakeContext(remaining=1.0, active=False))
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE and "caller went away" in err.value.details
+    assert service.engine.stats["decisions"] == 1 and service.engine.pending_outcomes() == 1
 
 
 def test_traceparent_from_grpc_metadata_continues_the_callers_trace(served: Served,

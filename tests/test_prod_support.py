@@ -42,9 +42,13 @@ class FakeContext:
     metadata: Sequence[tuple[str, str]] = ()
     remaining: float | None = None
     trailers: dict[str, str] = field(default_factory=dict)
+    active: bool = True  # False: the caller cancelled
 
     def time_remaining(self) -> float | None:
         return self.remaining
+
+    def is_active(self) -> bool:
+        return self.active
 
     def invocation_metadata(self) -> Sequence[tuple[str, str]]:
         return self.metadata
