@@ -149,7 +149,20 @@ class LearnerSync:
             replayed = 0
             if do_replay:
                 replayed = self._replay(watermark)
+        if do_replay and replayed and lin is not None:
+            self._settle_replay(lin)
         return RestoreReport(None if snap is None else snap.id, n_deltas, replayed)
+
+    def _settle_replay(self, lin: LinearLearner) -> None:
+        """After a replay the state is whole, but the replayed increments are outcomes this instance's
+        own deltas after the snapshot may already hold: pushed as a new delta, they would count twice
+        for whoever merges deltas later (a restore without replay, workers started on this history).
+        Save the state now, with marks past every delta, and never push those increments."""
+        lin.take_delta()
+        try:
+            self.snapshot()
+        except Exception as exc:  # learning goes on; the next periodic snapshot closes the window
+            log.warning("learner snapshot after a replay failed: %s", exc)
 
     def _load_newest_good(self, lin: LinearLearner | None, own_last: int) -> Snapshot | None:
         """Load the newest snapshot that loads; a damaged one is logged and the next older one tried

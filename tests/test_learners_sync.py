@@ -102,15 +102,15 @@ def test_restore_replays_outcomes_after_the_snapshot(fresh_pg_url: str) -> None:
     after = _traffic(eng, rng, 25)  # learned in memory, then the process "crashes"
     expected_A = _A(learner)
     _log(fresh_pg_url, before, after)
+    # Without the replay the 25 post-snapshot outcomes would be lost.
+    lossy = LinUCB(D, seed=5)
+    assert LearnerSync(lossy, store, FEATURE_NAMES).restore(replay=False).replayed == 0
+    assert lossy.n_updates == 40
     restarted = LinUCB(D, seed=5)
     report = LearnerSync(restarted, store, FEATURE_NAMES).restore()
     assert report.snapshot_id == snap_id and report.replayed == len(after)
     assert restarted.n_updates == learner.n_updates == 65
     np.testing.assert_allclose(_A(restarted), expected_A, rtol=1e-3, atol=1e-3)
-    # Without the replay the 25 post-snapshot outcomes would be lost.
-    lossy = LinUCB(D, seed=5)
-    assert LearnerSync(lossy, store, FEATURE_NAMES).restore(replay=False).replayed == 0
-    assert lossy.n_updates == 40
 
 
 def test_restore_counts_outcomes_once_when_own_deltas_were_synced_before_the_crash(fresh_pg_url: str) -> None:
@@ -125,15 +125,23 @@ def test_restore_counts_outcomes_once_when_own_deltas_were_synced_before_the_cra
     after = _traffic(eng, rng, 25)
     sync.sync()  # the service's periodic sync stored these 25 as this instance's delta, then it crashed
     _log(fresh_pg_url, before, after)
-    restarted = LinUCB(D, seed=5)
-    report = LearnerSync(restarted, store, FEATURE_NAMES).restore()
-    assert report.replayed == len(after) and report.deltas == 0  # the log replays them; the own delta is not added
-    assert restarted.n_updates == learner.n_updates == 65
-    np.testing.assert_allclose(_A(restarted), _A(learner), rtol=1e-3, atol=1e-3)
     # Without the replay, the own delta is what brings them back.
     no_replay = LinUCB(D, seed=5)
     assert LearnerSync(no_replay, store, FEATURE_NAMES).restore(replay=False).deltas == 1
     assert no_replay.n_updates == 65
+    restarted = LinUCB(D, seed=5)
+    restarted_sync = LearnerSync(restarted, store, FEATURE_NAMES)
+    report = restarted_sync.restore()
+    assert report.replayed == len(after) and report.deltas == 0  # the log replays them; the own delta is not added
+    assert restarted.n_updates == learner.n_updates == 65
+    np.testing.assert_allclose(_A(restarted), _A(learner), rtol=1e-3, atol=1e-3)
+    # The replayed outcomes are not pushed again as a new delta: anyone merging deltas later (a
+    # restore without replay, workers started on this history) used to count those 25 twice.
+    assert restarted_sync.sync().pushed == 0
+    for replica, replay in (("", False), ("host-w0", None)):
+        later = LinUCB(D, seed=5)
+        LearnerSync(later, store, FEATURE_NAMES, replica=replica).restore(replay=replay)
+        assert later.n_updates == 65, (replica, later.n_updates)
 
 
 def test_state_of_another_feature_layout_is_never_loaded(fresh_pg_url: str) -> None:
