@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from decision.yaml_lines import line_col
+
 DEMO_CONFIG = "deploy/demo/infermesh.yaml"
 _CHECKOUT = Path(__file__).resolve().parent.parent
 
@@ -116,8 +118,7 @@ def first_duplicate_key(raw: str) -> tuple[str, int, int] | None:
             if objects and objects[-1] is not None and after < n and raw[after] == ":":
                 key = json.loads(end.group())
                 if key in objects[-1]:
-                    line = raw.count("\n", 0, i) + 1
-                    return key, line, i - (raw.rfind("\n", 0, i) + 1) + 1
+                    return (key, *line_col(raw, i))
                 objects[-1].add(key)
             i = end.end()
             continue

@@ -277,7 +277,7 @@ def cmd_bench_grpc(args: argparse.Namespace) -> int:
 
     cfg, settings = _load(args.config)
     return bench_grpc(cfg, settings, duration_s=args.duration, clients=args.clients, as_json=args.json,
-                      blocks=max(1, args.blocks), ceiling=args.ceiling)
+                      blocks=args.blocks, ceiling=args.ceiling)
 
 
 def cmd_bench_decide(args: argparse.Namespace) -> int:

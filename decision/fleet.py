@@ -20,12 +20,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
-from decision.bounded import put_bounded
 from decision.domain import TIERS, Endpoint, Tier, nominal_cost_per_1k_tokens
 from decision.gpu_profiles import PROFILES, batch_half, scaled_throughput
 from decision.yaml_lines import LocatedYaml, YamlSyntaxError, field_path, load_located, load_located_file
-
-_PATH_CACHE_LIMIT = 1 << 16  # (client, site) paths kept per inventory revision
 
 
 class _Strict(BaseModel):
@@ -285,10 +282,12 @@ class Topology:
 
     def path(self, client: str, site_id: str) -> tuple[float, float]:
         """(RTT ms, egress $/GB) from a client region or site to a site."""
-        key = (client, site_id)
+        # Keyed by the canonical client: the cache holds the inventory's places only, however much
+        # free text callers send as a client location.
+        key = (self.canonical_client(client), site_id)
         hit = self._cache.get(key)
-        if hit is None:  # bounded: the client region is the caller's free text
-            hit = put_bounded(self._cache, key, self._lookup(client, site_id), _PATH_CACHE_LIMIT)
+        if hit is None:
+            hit = self._cache[key] = self._lookup(*key)
         return hit
 
     def rtt_ms(self, client: str, site_id: str) -> float:

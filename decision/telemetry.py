@@ -313,8 +313,10 @@ def series_counters(samples: Iterable[Sample]) -> dict[str, dict[Series, tuple[f
     return out
 
 
-def _totals(series: Mapping[Series, tuple[float, float]]) -> tuple[float, float]:
-    return sum(p[0] for p in series.values()), sum(p[1] for p in series.values())
+def _totals(counters: Mapping[str, Mapping[Series, tuple[float, float]]]) -> dict[str, tuple[float, float]]:
+    """Per mean value, the (sum, count) over all its series."""
+    return {canon: (sum(p[0] for p in series.values()), sum(p[1] for p in series.values()))
+            for canon, series in counters.items()}
 
 
 def cumulative_means(samples: Iterable[Sample]) -> dict[str, tuple[float, float]]:
@@ -327,7 +329,7 @@ def cumulative_means(samples: Iterable[Sample]) -> dict[str, tuple[float, float]
     ...                                   'vllm:time_to_first_token_seconds_count 40'))
     {'ttft_mean_s': (12.0, 40.0)}
     """
-    return {canon: _totals(series) for canon, series in series_counters(samples).items()}
+    return _totals(series_counters(samples))
 
 
 def interval_mean(before: Mapping[Series, tuple[float, float]] | None,
@@ -740,7 +742,7 @@ class TelemetryStore:
             self._warn.warning(("samples", source), "telemetry from %s: dropped %d unusable sample(s), e.g. %s = %r "
                           "(%s)", source, len(bad), bad[0].name, bad[0].value, value_rule(bad[0].name))
         series = series_counters(samples)
-        node_vals, ep_vals = canonicalize(samples, {canon: _totals(v) for canon, v in series.items()})
+        node_vals, ep_vals = canonicalize(samples, _totals(series))
         if endpoint_id:
             self._interval_means(endpoint_id, series, ep_vals)
         lines = line_stamps(samples)

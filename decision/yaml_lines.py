@@ -164,6 +164,15 @@ def load_located(text: str, path: str = "<string>") -> LocatedYaml:
     return LocatedYaml(walk.walk(root, ()), walk.lines, path)
 
 
+def line_col(text: str, index: int) -> tuple[int, int]:
+    r"""The 1-based (line, column) of ``text[index]``, for located messages.
+
+    >>> line_col("ab\ncd", 4)
+    (2, 2)
+    """
+    return text.count("\n", 0, index) + 1, index - (text.rfind("\n", 0, index) + 1) + 1
+
+
 def read_utf8(path: Path) -> str:
     """A file's text; one that cannot be read (missing, a folder, not UTF-8) raises
     :class:`YamlSyntaxError` naming the line of the first bad byte (any text file, not only YAML)."""

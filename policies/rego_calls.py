@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 
+from decision.yaml_lines import line_col
 from policies.errors import PolicyIssue
 from policies.rego_engine import is_test_module, package_of
 
@@ -77,8 +78,7 @@ def undefined_calls(modules: Mapping[str, tuple[str, str]], is_builtin: Callable
             first = called.split(".", 1)[0]
             if first in _KEYWORDS or first in bound or called in known or is_builtin(called):
                 continue
-            line = text.count("\n", 0, m.start()) + 1
-            column = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
+            line, column = line_col(text, m.start())
             where = "nor defined in package " + package if "." not in called else "nor reached through an import"
             issues.append(PolicyIssue(modules[name][0], line, column,
                                       f"function not found: {called} (not a rego-cpp built-in, {where})"))
@@ -109,8 +109,7 @@ def volatile_calls(modules: Mapping[str, tuple[str, str]], rule_module: str) -> 
         text = code[name]
         for m in _CALL.finditer(text):
             if _VOLATILE.match(m.group(1)):
-                line = text.count("\n", 0, m.start()) + 1
-                column = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
+                line, column = line_col(text, m.start())
                 issues.append(PolicyIssue(modules[name][0], line, column,
                                           f"{m.group(1)} gives another answer on every call"))
     return issues

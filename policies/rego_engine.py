@@ -25,6 +25,7 @@ from typing import Any
 import regopy
 from regopy.rego_shared import rego_bundle_query_entrypoint, rego_free_output, rego_output_string, rego_query
 
+from decision.yaml_lines import line_col
 from policies.errors import PolicyIssue, line_col_of_offset
 
 _PACKAGE_RE = re.compile(r"^\s*package\s+([A-Za-z_][A-Za-z0-9_.]*)", re.M)
@@ -266,7 +267,7 @@ def compile_rego(modules: Mapping[str, tuple[str, str]], rule_module: str,
     sharing = sorted(p for name, (p, src) in modules.items() if name != rule_module and package_of(src) == package)
     if sharing:
         m = _PACKAGE_RE.search(source)
-        line = source.count("\n", 0, m.start(1)) + 1 if m else 1
+        line = line_col(source, m.start(1))[0] if m else 1
         raise RegoCompileError([PolicyIssue(path, line, 1, f"package {package} is also declared by {sharing[0]}: "
                                                           "Rego would merge that module's allow and reason into "
                                                           "this rule's; give each rule module a package of its "
