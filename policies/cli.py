@@ -9,23 +9,34 @@ import time
 from pathlib import Path
 from typing import Any
 
+from decision.cli_args import UsageError
 from policies.bundle import DEFAULT_BUNDLE
 
 _DEFAULT_DIR = "policies/bundles/default"
 
 
 def _dir(arg: str | None) -> Path:
-    p = Path(arg or _DEFAULT_DIR)
-    return p if p.exists() or arg else DEFAULT_BUNDLE
+    """The bundle directory named on the command line (else the default bundle); a name that is not a
+    directory is a usage error (exit 2, as ``fleet check`` treats a missing file), not a failed bundle."""
+    if not arg:
+        p = Path(_DEFAULT_DIR)
+        return p if p.exists() else DEFAULT_BUNDLE
+    p = Path(arg)
+    if not p.is_dir():
+        raise UsageError(f"{arg}: {'not a directory' if p.exists() else 'no such directory'}")
+    return p
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from policies.bundle import compile_bundle
     from policies.errors import BundleError
 
-    directory = _dir(args.dir)
     try:
+        directory = _dir(args.dir)
         bundle = compile_bundle(directory)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     except BundleError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)  # as fleet check: problems on stderr, the verdict on stdout
@@ -38,7 +49,12 @@ def cmd_test(args: argparse.Namespace) -> int:
     from policies.selftest import summary
     from policies.selftest_child import run_tests_isolated
 
-    results = run_tests_isolated(_dir(args.dir))
+    try:
+        directory = _dir(args.dir)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    results = run_tests_isolated(directory)
     for r in results:
         print(r)
     print(summary(results))
@@ -88,7 +104,7 @@ def explain(request: dict[str, Any], fleet_path: Path, policies: Path) -> dict[s
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from decision.cli_args import UsageError, read_json_request
+    from decision.cli_args import read_json_request
     from decision.errors import DecisionError
     from decision.fleet import InventoryError
     from policies.errors import BundleError

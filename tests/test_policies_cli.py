@@ -28,6 +28,18 @@ def test_check_ok_and_broken(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert any(line.startswith(f"{bundle / 'quota.cel'}:2:1: ") for line in lines)
 
 
+@pytest.mark.parametrize("command", ["check", "test"])
+def test_a_bundle_that_is_not_a_directory_is_a_usage_error(command: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    # Exit 2 and one line, as `fleet check` treats a missing file: not a bundle that failed (exit 1).
+    missing, plain = tmp_path / "missing", tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert main(["policy", command, str(missing)]) == 2
+    assert capsys.readouterr().err.strip() == f"{missing}: no such directory"
+    assert main(["policy", command, str(plain)]) == 2
+    assert capsys.readouterr().err.strip() == f"{plain}: not a directory"
+
+
 def test_test_command_counts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["policy", "test", str(DEFAULT_BUNDLE)]) == 0
     out = capsys.readouterr().out.splitlines()
