@@ -121,6 +121,8 @@ class _Walk:
                                            f"{self.lines[(*loc, key)]})")
             child: Loc = (*loc, key)
             self.lines[child] = key_node.start_mark.line + 1
+            if not isinstance(key, str | int):  # pydantic names a date, float or null key by its repr
+                self.lines.setdefault((*loc, repr(key)), key_node.start_mark.line + 1)
             out[key] = self.walk(value_node, child)
         for source in merged:  # as YAML's merge key: keys written out win, then earlier sources
             if not isinstance(source, yaml.MappingNode):

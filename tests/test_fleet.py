@@ -12,6 +12,7 @@ import pytest
 from decision.fleet import InventoryError, load_fleet, load_fleet_text
 
 DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _plain(field: str) -> str:
@@ -66,6 +67,22 @@ def test_reference_errors_name_the_line_of_the_bad_reference(tmp_path: Path) -> 
     assert (7, "sites[1].id", "duplicate id 's1'") in msgs
     assert (19, "nodes[1].site", "unknown site 'nowhere'") in msgs
     assert (36, "deployments[1].model", "unknown model 'm-missing'") in msgs
+
+
+@pytest.mark.parametrize("key", ["2024-01-01", "2.5", "null", "7"])
+def test_a_key_yaml_reads_as_a_non_string_is_reported_at_its_own_line(tmp_path: Path, key: str) -> None:
+    # pydantic names a date, float or null key by its repr: the line must still be the key's, not
+    # the enclosing mapping's (or the document's first line, for a top-level key).
+    lines = (ROOT / "deploy/demo/fleet.yaml").read_text().splitlines()
+    at = lines.index("  certifications: [iso27001, hipaa]") + 1
+    lines[at:at] = [f"  {key}: x"]
+    lines.append(f"{key}: y")
+    p = tmp_path / "keys.yaml"
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InventoryError) as err:
+        load_fleet(p)
+    assert sorted(i.line for i in err.value.issues) == [at + 1, len(lines)]
+    assert all("Keys should be strings" in i.message for i in err.value.issues)
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
