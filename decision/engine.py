@@ -552,7 +552,7 @@ class DecisionEngine:
         validate_outcome(outcome)
         did = outcome.decision_id
         with self._lock:
-            held = self._pending.get(did) or self._expiring.get(did) or self._unrecorded.get(did)
+            held = self._held(did)
             if held is not None:  # before anything is claimed: a corrected retry is taken as usual
                 self._check_served(outcome, held.endpoint_id)
             pending = self._pending.pop(did, None)
@@ -728,8 +728,13 @@ class DecisionEngine:
         """Whether an outcome for ``decision_id`` is answered from memory, without the audit log (a
         hint: it may change the moment after; an asyncio server uses it to keep database reads off
         its loop)."""
-        return (decision_id in self._pending or decision_id in self._expiring or decision_id in self._unrecorded
-                or decision_id in self._reported or decision_id in self._denied or decision_id in self._expired)
+        return (self._held(decision_id) is not None or decision_id in self._reported
+                or decision_id in self._denied or decision_id in self._expired)
+
+    def _held(self, decision_id: str) -> _Pending | None:
+        """The decision an outcome for ``decision_id`` would settle: waiting, being timed out, or
+        refused by the audit log and kept for a retry."""
+        return self._pending.get(decision_id) or self._expiring.get(decision_id) or self._unrecorded.get(decision_id)
 
 
 def _logged_hold(record: Mapping[str, Any]) -> tuple[RequestContext, float] | None:
