@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sim import runner
+from sim.model import MAX_WORKERS
 from sim.scenario import Scenario, available, check_world, load_scenario
 from sim.strategies import registry
 from sim.traces import TraceError
@@ -31,6 +32,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--throughput-error", type=float, metavar="SIGMA",
                    help="every endpoint's real throughput is the inventory's x exp(N(0, SIGMA)), hidden from "
                         "every strategy (default: the scenario's degradations.throughput_error, else 0)")
+    p.add_argument("--workers", metavar="N",
+                   help="decision worker processes of the pipeline strategies, as `serve --workers N` (1-64; "
+                        "default: the scenario's server.workers, else 1): each has its own engine and ledger "
+                        "and decides one request at a time")
     p.add_argument("--out", default="sim-out", help="output directory (default: sim-out)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--jobs", type=int, default=1,
@@ -44,6 +49,22 @@ def _fail(msg: object) -> int:
     more = f" (and {len(lines) - 1} more line(s) like it)" if len(lines) > 1 else ""
     print(f"infermesh sim: error: {lines[0]}{more}", file=sys.stderr)
     return 2
+
+
+def _workers(text: str) -> int:
+    """``--workers``'s value: a whole number (range-checked with the other options).
+
+    Parsed here, not by argparse, so that a bad value is one line on stderr like every other.
+
+    Raises
+    ------
+    ValueError
+        The value is not a whole number.
+    """
+    try:
+        return int(text.strip(), 10)
+    except ValueError:
+        raise ValueError(f"--workers must be an integer from 1 to {MAX_WORKERS}, got {text!r}") from None
 
 
 def _prepare(args: argparse.Namespace) -> tuple[Scenario, list[str], runner.Options]:
@@ -62,9 +83,10 @@ def _prepare(args: argparse.Namespace) -> tuple[Scenario, list[str], runner.Opti
         if "vw_peer" in registry.available() and "vw_peer" not in names:
             names.append("vw_peer")
     registry.check(names)
+    workers = None if args.workers is None else _workers(args.workers)
     opts = runner.Options(duration_s=args.duration, trace=args.trace, rate_scale=args.rate_scale, seed=args.seed,
                           nodes=args.nodes, decision_time=args.decision_time, drain_s=args.drain, jobs=args.jobs,
-                          throughput_error=args.throughput_error)
+                          throughput_error=args.throughput_error, workers=workers)
     runner.check_options(opts)
     if args.trace is not None:
         trace = Path(args.trace)

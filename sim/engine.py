@@ -7,6 +7,12 @@ arrive -> (router decides; its measured decision time passes) -> travels half an
 prompt's transfer time -> waits for a batch slot -> prefill -> first token (the client sees it
 half an RTT later) -> decode in the shared batch -> done (half an RTT later at the client).
 
+A strategy that decides in worker processes (the pipeline, ``serve --workers N``) has
+``RunConfig.workers`` single-server FIFO queues: a request goes to one worker uniformly at random
+(the kernel's SO_REUSEPORT hash over many client connections), waits while that worker decides
+the requests before it, and is decided when the worker is free, on the state of that moment; its
+measured decision time is the worker's service time. Other strategies decide on arrival.
+
 Conservation holds by construction and is checked by the tests: every request ends completed,
 dropped with a reason, or still in flight when the run stops.
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import count
@@ -32,6 +39,7 @@ from sim.model import (
     DONE,
     DROPPED,
     FIRST_TOKEN,
+    MAX_WORKERS,
     ROUTED,
     Copy,
     Request,
@@ -43,7 +51,7 @@ from sim.telemetry_view import TelemetryView
 from sim.workload import RequestSpec, Tenant
 from sim.world import World
 
-ARRIVE, REACH, FIRST, NODE, SCRAPE, DELIVER, HEDGE, DEGRADE = range(8)
+ARRIVE, REACH, FIRST, NODE, SCRAPE, DELIVER, HEDGE, DEGRADE, WORKER, SYNC = range(10)
 KV_TOO_BIG = "exceeds KV capacity"  # drop reason: prompt + completion larger than the endpoint's whole KV cache
 
 
@@ -66,6 +74,7 @@ class RunConfig:
     family: str = "llama"
     decision_time: str = "measured"  # or a fixed number of microseconds, for bit-reproducible runs
     seed: int = 0
+    workers: int = 1  # decision workers of a strategy that models them (the pipeline's serve --workers)
 
     def __post_init__(self) -> None:
         # A period <= 0 schedules the next scrape at the same instant forever: the run never ends.
@@ -77,6 +86,8 @@ class RunConfig:
         lo, hi = self.telemetry_delay_s
         if not 0.0 <= lo <= hi or not math.isfinite(hi):
             raise ValueError(f"telemetry delay must be 0 <= low <= high, got {self.telemetry_delay_s}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not 1 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be an integer from 1 to {MAX_WORKERS}, got {self.workers!r}")
         if self.decision_time != "measured":
             us = float(self.decision_time)
             if not us >= 0.0 or not math.isfinite(us):
@@ -107,6 +118,13 @@ class Simulation:
         self._fixed_us = -1.0 if cfg.decision_time == "measured" else float(cfg.decision_time)
         self.degradations = tuple(degradations)
         self.requests_log: list[Request] | None = None  # tests ask for every request
+        # Decision workers (0: the strategy decides on arrival): when each is next free, and the
+        # requests waiting for it in arrival order.
+        self.n_workers = cfg.workers if strategy.modelled_workers else 0
+        self._free_at = [0.0] * self.n_workers
+        self._queues: list[deque[Request]] = [deque() for _ in range(self.n_workers)]
+        self._queued = 0  # requests waiting for a worker (they count in flight: the run goes on)
+        self._assign_rng = np.random.default_rng(cfg.seed + 23)  # its own stream: the others are unchanged
 
     # -- scheduling --
     def _push(self, t: float, kind: int, a: object, b: int = 0) -> None:
@@ -128,11 +146,16 @@ class Simulation:
     # -- the run --
     def run(self, progress: Callable[[float], None] | None = None) -> Collector:
         strategy, cfg = self.strategy, self.cfg
+        if self.n_workers:
+            strategy.set_workers(self.n_workers)
         strategy.bind(self.view)
         if strategy.needs_store:
             self.tele.store = getattr(strategy, "store", None)
         self._next_arrival()
         self._push(0.0, SCRAPE, None)
+        period = strategy.sync_interval_s if self.n_workers > 1 else 0.0
+        for w in range(self.n_workers if period > 0.0 else 0):
+            self._push(period * (1.0 + w / self.n_workers), SYNC, None, w)  # each process's own phase
         for d in self.degradations:
             self._push(d.start, DEGRADE, d)
         end = cfg.duration_s + cfg.drain_s
@@ -161,7 +184,7 @@ class Simulation:
                 lo, hi = cfg.telemetry_delay_s
                 delay = lo if hi <= lo else float(self._rng.uniform(lo, hi))
                 self._push(t + delay, DELIVER, snap)
-                if not (self._arrivals_done and self._inflight == 0):
+                if not self._finished():
                     self._push(t + cfg.telemetry_period_s, SCRAPE, None)
             elif kind == DELIVER:
                 self.tele.deliver(a)  # type: ignore[arg-type]
@@ -169,14 +192,20 @@ class Simulation:
                 self._on_hedge(a)  # type: ignore[arg-type]
             elif kind == DEGRADE:
                 self._on_degrade(a)  # type: ignore[arg-type]
+            elif kind == WORKER:
+                self._on_worker(b)
+            elif kind == SYNC:
+                strategy.sync(b)
+                self._push(t + period, SYNC, None, b)
             if progress is not None and t >= next_tick:
                 progress(t)
                 next_tick = t + 1.0
-            if self._arrivals_done and self._inflight == 0 and kind != DELIVER:
+            if self._finished() and kind != DELIVER:
                 break
         m = self.metrics
         m.events = events + self.tele.samples
         m.heap_events = events
+        m.workers = self.n_workers
         m.wall_s = time.perf_counter() - wall0
         m.end_time = min(self.now, end)
         # Fleet-wide measures ($, energy, utilisation) use one window for every strategy: the whole
@@ -185,6 +214,10 @@ class Simulation:
         for nd in self.nodes:
             nd.advance(m.end_time)
         return m
+
+    def _finished(self) -> bool:
+        """No arrival to come, no request in flight or waiting for a decision worker."""
+        return self._arrivals_done and self._inflight == 0 and self._queued == 0
 
     def busy_seconds(self) -> np.ndarray:
         return np.array([nd.busy_s + nd.prefill_s for nd in self.nodes])
@@ -200,11 +233,41 @@ class Simulation:
         self.metrics.record_arrival(req)
         if self.requests_log is not None:
             self.requests_log.append(req)
+        n = self.n_workers
+        if not n:
+            self._decide(req)
+            return
+        w = int(self._assign_rng.integers(n)) if n > 1 else 0
+        req.worker = w
+        q = self._queues[w]
+        if not q and self._free_at[w] <= self.now:
+            self._decide(req)
+            return
+        q.append(req)  # the worker is deciding an earlier request: wait for it (FIFO)
+        self._queued += 1
+        if len(q) == 1:  # the first in line: wake the worker when it is free (one pending wake-up each)
+            self._push(self._free_at[w], WORKER, None, w)
+
+    def _on_worker(self, w: int) -> None:
+        """Worker ``w`` finished a decision: it takes the next request in its queue."""
+        q = self._queues[w]
+        req = q.popleft()
+        self._queued -= 1
+        self._decide(req)
+        if q:
+            self._push(self._free_at[w], WORKER, None, w)
+
+    def _decide(self, req: Request) -> None:
+        """The strategy decides ``req`` now; with workers, the decision occupies ``req.worker`` while it runs."""
+        req.decided_at = self.now
         cands = self.view.candidates(req, self.cfg.family)
         t0 = time.perf_counter()
         node = self.strategy.choose(req, cands)
         req.decision_us = self._charged_us(t0)
         self.metrics.decision_us.append(req.decision_us)
+        if self.n_workers:
+            self._free_at[req.worker] = self.now + req.decision_us / 1e6
+            self.metrics.decision_wait_ms.append((self.now - req.arrival) * 1000.0)
         if node < 0:
             req.state = DROPPED
             self.metrics.dropped[req.drop_reason or "no route"] += 1

@@ -32,6 +32,9 @@ class Collector:
     latency_ms: list[float] = field(default_factory=list)
     arrival_s: list[float] = field(default_factory=list)
     decision_us: list[float] = field(default_factory=list)
+    # With decision workers: each decision's start minus its request's arrival (the queueing delay).
+    decision_wait_ms: list[float] = field(default_factory=list)
+    workers: int = 0  # decision workers modelled (0: the strategy decides on arrival)
     cost_usd: float = 0.0
     out_tokens: int = 0
     in_tokens: int = 0
@@ -120,6 +123,9 @@ class Collector:
             "slo_attainment": self.slo_met / max(self.requests, 1),
             "guardrail_violations": self.violations,
             "decision_us": _pcts(self.decision_us, (50, 99)),
+            # Time waiting for a busy decision worker (null for strategies that model none).
+            "decision_wait_ms": _pcts(self.decision_wait_ms) if self.workers else None,
+            "workers": self.workers,
             # Beyond the schema: what else a reader needs to trust the row.
             "dropped": dict(self.dropped),
             "in_flight_at_end": self.requests - self.completed - sum(self.dropped.values()),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+MAX_WORKERS = 64  # decision workers: as many as ``infermesh serve --workers`` allows
+
 # Request states
 PENDING, ROUTED, FIRST_TOKEN, DONE, DROPPED = range(5)
 # Copy (one dispatch of a request to one endpoint) states
@@ -20,6 +22,7 @@ class Request:
         "cost_usd",
         "ctx",
         "data_class",
+        "decided_at",
         "decision_us",
         "done_at",
         "drop_reason",
@@ -37,6 +40,7 @@ class Request:
         "ttft_target_ms",
         "violations",
         "winner",
+        "worker",
     )
 
     def __init__(self, rid: int, arrival: float, in_tokens: int, out_tokens: int, tenant: str,
@@ -60,9 +64,11 @@ class Request:
         self.cost_usd = 0.0
         self.cached_tokens = 0
         self.decision_us = 0.0
+        self.decided_at = -1.0  # when its decision started (after any wait for a decision worker)
         self.drop_reason = ""
         self.violations = 0
         self.winner = -1  # the endpoint whose copy gave the first token (an index, not the Copy: no cycle)
+        self.worker = -1  # the decision worker it was assigned to (-1: the strategy models none)
         self.ctx: Any = None  # strategy-specific payload (the infermesh decision id...)
         self.tag: Any = None
 

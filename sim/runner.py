@@ -15,6 +15,7 @@ import numpy as np
 from sim.engine import RunConfig, Simulation, pick_degradations
 from sim.fleets import scenario_fleet
 from sim.metrics import Collector
+from sim.model import MAX_WORKERS
 from sim.scenario import Scenario, check_world
 from sim.strategies import registry
 from sim.strategies.infermesh import InferMesh
@@ -34,6 +35,7 @@ class Options:
     drain_s: float | None = None
     jobs: int = 1
     throughput_error: float | None = None  # overrides the scenario's degradations.throughput_error
+    workers: int | None = None  # decision workers of the pipeline strategies; overrides the scenario's server.workers
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Result:
     nodes: int = 0
     duration_s: float = 0.0
     realised_rps: float = 0.0  # requests that arrived / duration (the same for every strategy)
+    workers: int = 1  # decision workers of the pipeline strategies
     throughput_error: float = 0.0  # sigma of the endpoints' hidden throughput error
 
 
@@ -69,6 +72,9 @@ def check_options(opts: Options) -> None:
         raise ValueError(f"--nodes must be at least 1, got {opts.nodes}")
     if opts.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {opts.jobs}")
+    w = opts.workers
+    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= MAX_WORKERS):
+        raise ValueError(f"--workers must be an integer from 1 to {MAX_WORKERS}, got {w!r}")
     sigma = opts.throughput_error
     if sigma is not None and not (finite(sigma) and 0.0 <= sigma <= 2.0):
         raise ValueError(f"--throughput-error must be a sigma in [0, 2], got {opts.throughput_error}")
@@ -122,11 +128,13 @@ def run(sc: Scenario, strategies: Sequence[str], opts: Options,
     _, mean_out = token_sampler(sc.workload["output_tokens"], __import__("random").Random(0))
     cfg = RunConfig(duration_s=duration, drain_s=sc.drain_s if opts.drain_s is None else opts.drain_s,
                     telemetry_period_s=sc.telemetry_period_s, telemetry_delay_s=sc.telemetry_delay_s,
-                    family=sc.family, decision_time=opts.decision_time, seed=seed)
+                    family=sc.family, decision_time=opts.decision_time, seed=seed,
+                    workers=sc.workers if opts.workers is None else opts.workers)
     error = sc.throughput_error if opts.throughput_error is None else opts.throughput_error
     degr = pick_degradations(world, sc.degraded_fraction, duration, seed, throughput_error=error)
     rate = 0.0 if opts.trace else arrival_rate(sc, world) * opts.rate_scale
-    out = Result(sc.name, seed, {}, rate_rps=rate, nodes=world.n, duration_s=duration, throughput_error=error)
+    out = Result(sc.name, seed, {}, rate_rps=rate, nodes=world.n, duration_s=duration, throughput_error=error,
+                 workers=cfg.workers)
     ctx = _RunContext(sc, opts, world, cfg, degr, seed, duration, int(mean_out))
     if opts.jobs > 1 and len(strategies) > 1:
         results = _run_parallel(ctx, strategies, opts.jobs, progress)
@@ -219,7 +227,7 @@ def summary_json(res: Result) -> dict[str, Any]:
     doc: dict[str, Any] = _json_safe({"scenario": res.scenario, "seed": res.seed, "strategies": res.summary,
                                       "nodes": res.nodes, "arrival_rps": round(res.rate_rps, 3),
                                       "arrival_rps_realised": round(res.realised_rps, 3),
-                                      "throughput_error": res.throughput_error})
+                                      "throughput_error": res.throughput_error, "workers": res.workers})
     return doc
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from sim.model import MAX_WORKERS
 from sim.workload import Tenant
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
@@ -37,6 +38,9 @@ class Scenario:
     decision: dict[str, Any] = field(default_factory=dict)
     # sigma of every endpoint's hidden log-normal throughput error (0: the datasheet is exact).
     throughput_error: float = 0.0
+    # ``server.workers``: the pipeline's decision worker processes (the service config's key, as
+    # ``serve --workers``; 1 by default there and here).
+    workers: int = 1
     description: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # the file it was loaded from ("" when built in code)
@@ -48,7 +52,8 @@ class ScenarioError(ValueError):
 
 
 KNOWN_KEYS = frozenset({"name", "description", "seed", "duration_s", "drain_s", "family", "fleet", "workload",
-                        "tenants", "telemetry", "degradations", "strategies", "guardrails", "decision"})
+                        "tenants", "telemetry", "degradations", "strategies", "guardrails", "decision",
+                        "server"})
 ARRIVAL_TYPES = ("poisson", "mmpp")
 FLEET_GENERATORS = ("cells", "tiers")
 
@@ -164,6 +169,13 @@ def load_scenario(name_or_path: str) -> Scenario:
     if stray:
         raise loc.error(("degradations", stray[0]), f"unknown key {stray[0]!r}; known: fraction, throughput_error")
     guardrails = _mapping(loc, raw, "guardrails")
+    server = _mapping(loc, raw, "server")
+    stray = sorted(str(k) for k in server if k != "workers")
+    if stray:  # the service's other server keys (ports, threads) mean nothing to the simulator
+        raise loc.error(("server", stray[0]), f"unknown key {stray[0]!r}; known: workers")
+    workers = _integer(loc, ("server", "workers"), server.get("workers", 1))
+    if not 1 <= workers <= MAX_WORKERS:
+        raise loc.error(("server", "workers"), f"must be from 1 to {MAX_WORKERS}, got {workers}")
     if "duration_s" not in raw:
         raise loc.error((), "missing key 'duration_s'")
     return Scenario(
@@ -180,8 +192,8 @@ def load_scenario(name_or_path: str) -> Scenario:
         throughput_error=_number(loc, ("degradations", "throughput_error"), degr.get("throughput_error", 0.0),
                                  minimum=0.0, maximum=2.0),
         strategies=list(strategies), guardrails=dict(guardrails),
-        decision=_decision(p, raw.get("decision") or {}), description=str(raw.get("description", "")), raw=raw,
-        source=str(p), locator=loc)
+        decision=_decision(p, raw.get("decision") or {}), workers=workers,
+        description=str(raw.get("description", "")), raw=raw, source=str(p), locator=loc)
 
 
 def _mapping(loc: _Locator, raw: dict[str, Any], key: str) -> dict[str, Any]:

@@ -56,9 +56,22 @@ class Strategy:
     name = "strategy"
     hedge_fraction = 0.0  # hedge after this fraction of the TTFT target (0: never)
     needs_store = False  # wants telemetry in a TelemetryStore (the infermesh strategy)
+    # Decides in worker processes (the pipeline: ``serve --workers N``): the engine queues each
+    # request at its worker and sets ``Request.worker``; the others decide as one router of
+    # unlimited throughput (their 1-60 µs decision time is added as delay, never queued).
+    modelled_workers = False
+    workers = 1
+    sync_interval_s = 0.0  # > 0: the engine calls :meth:`sync` for each worker this often
 
     def bind(self, view: RouterView) -> None:
         self.view = view
+
+    def set_workers(self, n: int) -> None:
+        """Decide in ``n`` workers (called before :meth:`bind`; only where ``modelled_workers``)."""
+        self.workers = n
+
+    def sync(self, worker: int) -> None:
+        """Worker ``worker``'s periodic state exchange with the others (none by default)."""
 
     def choose(self, req: Request, cands: I64) -> int:
         """The endpoint index to send ``req`` to, or -1 to drop it (set ``req.drop_reason``)."""

@@ -12,15 +12,25 @@ the family to at most a few thousand endpoints (cells), and this strategy offers
 shortlist of ``shortlist`` endpoints drawn from them, half from the client's own region. The
 shortlist replaces only the index read of the locate stage; guard, score, choose and outcome
 handling are the engine's own.
+
+With ``workers`` > 1 the strategy is ``serve --workers N``: one engine per worker process, each
+with what a process has of its own (the engine and its ledger, the guard, the learner, the
+feature builder) and seeing only the requests assigned to it; each worker's outcomes go back to
+it. What the processes share is shared as they share it: every worker scrapes the same
+telemetry (one store here, fed the same snapshots: the scrape phases are not modelled), and
+linear learners merge their sufficient statistics through the learner store every
+``sync_interval_s`` (the real :class:`learners.sync.LearnerSync`, over an in-memory
+:class:`DeltaLog` instead of PostgreSQL). The simulator's engine queues the requests at the workers.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+from numpy.typing import NDArray
 
 from decision.candidates import CandidateSet
 from decision.contracts import FeatureBuilder, Guard, Learner, RewardFunction
@@ -31,13 +41,46 @@ from decision.fleet import Fleet, taking_modality
 from decision.health_guard import BuiltinHealthGuard
 from decision.scoring import ADDED_DELAY_WEIGHT, COST_WEIGHT_MS
 from decision.telemetry import TelemetryStore
+from decision.workers import worker_replica
 from learners.least_ttft import LeastExpectedTtft
+from learners.store import Delta, LearnerStore
+from learners.sync import LearnerSync
 from sim.model import Request
 from sim.strategies.base import RouterView, Strategy
 from sim.world import I64
 
 log = logging.getLogger("infermesh.sim")
 DEFAULT_SHORTLIST = 16  # endpoints offered to the engine per decision
+
+
+def _default_sync_interval() -> float:
+    """The service's ``learner.sync_interval_s`` default (its config is the one source)."""
+    from decision.config import LearnerSection
+
+    return float(LearnerSection.model_fields["sync_interval_s"].default)
+
+
+class DeltaLog:
+    """The ``learner_deltas`` table in memory: what :class:`learners.sync.LearnerSync` writes and reads.
+
+    Writes are idempotent on (learner, version, replica, seq) and reads return every other
+    replica's deltas past the caller's marks in (replica, seq) order, as
+    :class:`learners.store.LearnerStore` does in PostgreSQL.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[tuple[str, str, str, int], Delta] = {}
+
+    def write_delta(self, *, learner: str, version: str, replica: str, seq: int, dA: NDArray[np.float64],
+                    db: NDArray[np.float64], dn: int) -> None:
+        """Store one delta (a copy: the learner's arrays are its own)."""
+        self._rows.setdefault((learner, version, replica, seq), Delta(replica, seq, dA.copy(), db.copy(), dn))
+
+    def read_deltas(self, *, learner: str, version: str, after: Mapping[str, int],
+                    exclude_replica: str | None = None) -> list[Delta]:
+        """Deltas of every replica but ``exclude_replica`` with a seq above ``after``'s mark for it."""
+        return [d for (name, ver, rep, seq), d in sorted(self._rows.items(), key=lambda kv: kv[0])
+                if name == learner and ver == version and rep != exclude_replica and seq > after.get(rep, 0)]
 
 
 class ShortlistEngine(DecisionEngine):
@@ -94,10 +137,12 @@ class InferMesh(Strategy):
         The engine's ``added_delay_weight`` and ``cost_weight_ms`` (config ``decision.*``; None: the
         engine's defaults, :meth:`configure` sets them from a scenario).
     seed
-        Seeds the learner and the shortlist sampling.
+        Seeds the learner and the shortlist sampling (every worker's learner gets the same seed, as
+        every ``serve`` worker builds its learner from the same config).
     """
 
     needs_store = True
+    modelled_workers = True
 
     def __init__(self, learner: str = "linucb", *, shortlist: int = DEFAULT_SHORTLIST, seed: int = 0,
                  label: str = "infermesh", expected_output_tokens: int = 256, params: Mapping[str, Any] | None = None,
@@ -129,11 +174,22 @@ class InferMesh(Strategy):
         w = view.world
         clock: Callable[[], float] = lambda: view.now  # noqa: E731 - the simulated clock
         self.store = TelemetryStore({e.endpoint_id: e.node_id for e in w.endpoints}, clock=clock)
-        learner, fb, reward = (self._make(self.seed) if self._make is not None
-                               else default_learner(self.learner_name, self.seed, self.params, self.cost_weight_ms))
-        self.engine = ShortlistEngine(w.fleet, self.store, default_guard(clock), learner, features=fb,
-                                      reward=reward, clock=clock, outcome_timeout_s=600.0,
-                                      added_delay_weight=self.added_delay, cost_weight_ms=self.cost_weight_ms)
+        self.engines: list[ShortlistEngine] = []
+        self.syncs: list[LearnerSync] = []
+        log_ = DeltaLog()
+        for i in range(self.workers):
+            learner, fb, reward = (self._make(self.seed) if self._make is not None
+                                   else default_learner(self.learner_name, self.seed, self.params, self.cost_weight_ms))
+            self.engines.append(ShortlistEngine(w.fleet, self.store, default_guard(clock), learner, features=fb,
+                                                reward=reward, clock=clock, outcome_timeout_s=600.0,
+                                                added_delay_weight=self.added_delay,
+                                                cost_weight_ms=self.cost_weight_ms))
+            if self.workers > 1:  # one process has nothing to merge with
+                names = fb.names if fb is not None else ()
+                self.syncs.append(LearnerSync(learner, cast(LearnerStore, log_), names,
+                                              replica=worker_replica("sim", i), clock=clock))
+        self.engine = self.engines[0]
+        self.sync_interval_s = _default_sync_interval() if self.workers > 1 else 0.0
         self.index = {e.endpoint_id: i for i, e in enumerate(w.endpoints)}
         self.rng = np.random.default_rng(self.seed + 101)
         self._eps = w.endpoints
@@ -179,9 +235,17 @@ class InferMesh(Strategy):
             allowed_jurisdictions=req.jurisdictions, data_class=req.data_class,
             client_region=w.regions[req.region], session_id=req.session, ttft_target_ms=req.ttft_target_ms)
 
+    def sync(self, worker: int) -> None:
+        """Worker ``worker`` pushes its learner's increments and merges the others' (``LearnerSync.sync``)."""
+        if self.syncs:
+            self.syncs[worker].sync()
+
+    def _engine_of(self, req: Request) -> ShortlistEngine:
+        return self.engines[req.worker] if req.worker > 0 else self.engine
+
     def choose(self, req: Request, cands: I64) -> int:
         ctx = self._context(req)
-        eng = self.engine
+        eng = self._engine_of(req)
         eng.shortlist = self._shortlist(req, cands)
         try:
             d = eng.decide(ctx)
@@ -203,11 +267,11 @@ class InferMesh(Strategy):
         if req.ctx is None:
             return
         if not ok:  # refused by the endpoint (e.g. larger than its KV cache): no token was produced
-            self.engine.report_outcome(Outcome(str(req.ctx), OutcomeStatus.ERROR, input_tokens=req.in_tokens,
+            self._engine_of(req).report_outcome(Outcome(str(req.ctx), OutcomeStatus.ERROR, input_tokens=req.in_tokens,
                                                error=req.drop_reason, reported_at=self.view.now))
             return
         ttft = (req.first_token_at - req.arrival) * 1000.0
         lat = (req.done_at - req.arrival) * 1000.0
-        self.engine.report_outcome(Outcome(str(req.ctx), OutcomeStatus.OK if ok else OutcomeStatus.ERROR,
+        self._engine_of(req).report_outcome(Outcome(str(req.ctx), OutcomeStatus.OK if ok else OutcomeStatus.ERROR,
                                            ttft_ms=ttft, latency_ms=lat, input_tokens=req.in_tokens,
                                            output_tokens=req.out_tokens, reported_at=self.view.now))

@@ -1,0 +1,237 @@
+"""The simulator's decision workers (``serve --workers N``): per-worker state, FIFO queueing, conservation."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from learners._linear import LinearLearner
+from sim import runner
+from sim.engine import RunConfig, Simulation
+from sim.model import DROPPED, Request
+from sim.scenario import SCENARIO_DIR, load_scenario
+from sim.strategies import registry
+from sim.strategies.infermesh import InferMesh
+from sim.testing import tiny_scenario
+from sim.world import I64
+
+SEED_512 = (SCENARIO_DIR / "seed-512.yaml").read_text(encoding="utf-8")
+
+
+def _sim(name: str | InferMesh, *, workers: int = 1, decision_time: str = "0", rps: float = 60.0,
+         duration: float = 10.0, drain: float = 60.0, concurrency: int = 8) -> tuple[Simulation, dict[str, Any]]:
+    sc = tiny_scenario(rps=rps, duration=duration, drain=drain, concurrency=concurrency, seed=3)
+    opts = runner.Options(decision_time=decision_time, workers=workers)
+    world = runner.build_world(sc, opts)
+    cfg = RunConfig(duration_s=sc.duration_s, drain_s=sc.drain_s, telemetry_period_s=sc.telemetry_period_s,
+                    decision_time=decision_time, seed=sc.seed, workers=workers)
+    strat = registry.make(name, sc.seed) if isinstance(name, str) else name
+    sim = Simulation(world, runner.workload_for(sc, world, opts, sc.seed, sc.duration_s), sc.tenants, strat, cfg)
+    sim.requests_log = []
+    m = sim.run()
+    return sim, m.summary(world, sim.busy_seconds())
+
+
+def _trajectory(sim: Simulation) -> str:
+    assert sim.requests_log is not None
+    rows = [(r.rid, r.winner, repr(r.first_token_at), repr(r.done_at)) for r in sim.requests_log]
+    return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
+
+
+# Recorded with the simulator before decision workers existed (commit e65056d), same scenario and seed:
+# every request's endpoint, first-token and completion time (hashed), and the summary's latencies.
+BEFORE_WORKERS = {
+    "infermesh": ("25c6bed5fff103e2", {"p50": 205.122, "p95": 688.047, "p99": 943.546},
+                  {"p50": 1029.15, "p95": 2841.26, "p99": 4496.032}, 614, 3382),
+    "infermesh:least-ttft": ("a7e90dfd5f3d5be7", {"p50": 201.664, "p95": 647.768, "p99": 873.38},
+                             {"p50": 1066.495, "p95": 2798.005, "p99": 4493.039}, 614, 3372),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE_WORKERS))
+def test_one_worker_reproduces_the_simulator_before_workers_exactly(name: str) -> None:
+    # Equal only where no decision ever waits for the worker: with decision time 0 none does. With
+    # measured times one worker queues whenever a request comes while it decides (the point of it).
+    sim, s = _sim(name, workers=1)
+    assert (_trajectory(sim), s["ttft_ms"], s["latency_ms"], s["completed"], s["heap_events"]) == BEFORE_WORKERS[name]
+    assert s["workers"] == 1 and s["decision_wait_ms"]["p99"] == 0.0
+
+
+def test_workers_do_not_change_a_peer_strategy() -> None:
+    # Peers decide as one router on arrival, whatever --workers says.
+    a, sa = _sim("least_load", workers=1, decision_time="20")
+    b, sb = _sim("least_load", workers=4, decision_time="20")
+    assert _trajectory(a) == _trajectory(b) and sa["ttft_ms"] == sb["ttft_ms"] and sb["workers"] == 0
+
+
+class _Recorded(InferMesh):
+    """The pipeline, remembering which worker decided what and what each worker's ledger was told."""
+
+    def __init__(self) -> None:
+        super().__init__("least-ttft", seed=3)
+        self.routed: dict[int, list[str]] = defaultdict(list)
+        self.ledger_sent: dict[int, list[str]] = defaultdict(list)
+        self.ledger_done: dict[int, int] = defaultdict(int)
+
+    def bind(self, view: Any) -> None:
+        super().bind(view)
+        for w, eng in enumerate(self.engines):
+            led = eng.ledger
+            sent, done = led.sent, led.done
+
+            def record_sent(eid: str, now: float, prefill_s: float, w: int = w, sent: Any = sent) -> None:
+                self.ledger_sent[w].append(eid)
+                sent(eid, now, prefill_s)
+
+            def record_done(eid: str, w: int = w, done: Any = done) -> None:
+                self.ledger_done[w] += 1
+                done(eid)
+
+            led.sent = record_sent  # type: ignore[method-assign]
+            led.done = record_done  # type: ignore[method-assign]
+
+    def choose(self, req: Request, cands: I64) -> int:
+        node = super().choose(req, cands)
+        if node >= 0:
+            self.routed[req.worker].append(self.view.world.endpoints[node].endpoint_id)
+        return node
+
+
+def test_each_workers_ledger_sees_only_the_requests_assigned_to_it() -> None:
+    strat = _Recorded()
+    sim, s = _sim(strat, workers=3, decision_time="300")
+    assert len({id(e.ledger) for e in strat.engines}) == 3 and len({id(e) for e in strat.engines}) == 3
+    assert sim.requests_log is not None
+    per_worker = defaultdict(int)
+    for r in sim.requests_log:
+        per_worker[r.worker] += 1
+    assert sorted(per_worker) == [0, 1, 2] and all(n > 150 for n in per_worker.values())  # ~614 / 3 each
+    for w in range(3):
+        # What ledger w was told is exactly what worker w routed, in order, and nothing else.
+        assert strat.ledger_sent[w] == strat.routed[w] and len(strat.routed[w]) == per_worker[w]
+        assert strat.ledger_done[w] == per_worker[w]  # and every outcome came back to the worker that decided
+        assert all(strat.engines[w].ledger.inflight(eid) == 0 for eid in set(strat.routed[w]))
+    assert s["completed"] == s["requests"] == sum(per_worker.values())
+
+
+def test_decisions_queue_above_one_workers_capacity_and_a_second_worker_relieves_it() -> None:
+    # 60 req/s against 25 ms per decision: one worker can decide 40/s (load 1.5), two 80/s (load 0.75).
+    _, none = _sim("infermesh", workers=1, decision_time="0", concurrency=16)
+    _, one = _sim("infermesh", workers=1, decision_time="25000", concurrency=16)
+    _, two = _sim("infermesh", workers=2, decision_time="25000", concurrency=16)
+    assert one["decision_wait_ms"]["p50"] > 1000.0  # the queue grows for as long as arrivals last
+    assert one["ttft_ms"]["p95"] > 20 * two["ttft_ms"]["p95"]
+    assert two["decision_wait_ms"]["p50"] < 50.0 and two["decision_wait_ms"]["p95"] < 250.0
+    # Two workers still cost their 25 ms decision and some waiting; no queue costs neither.
+    assert two["ttft_ms"]["p50"] > none["ttft_ms"]["p50"] + 25.0
+    for s in (one, two):
+        assert s["completed"] == s["requests"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_each_worker_is_a_fifo_single_server_whose_service_time_is_the_measured_decision(workers: int) -> None:
+    # Lindley's recurrence per worker, with measured (wall-clock) decision times as service times:
+    # a decision starts at its arrival or when the worker's previous decision ended, whichever is later.
+    sim, _ = _sim("infermesh:least-ttft", workers=workers, decision_time="measured", rps=400.0, duration=2.0,
+                  concurrency=64)
+    assert sim.requests_log is not None
+    free_at: dict[int, float] = defaultdict(float)
+    waited = 0
+    for r in sim.requests_log:  # in arrival order
+        start = max(r.arrival, free_at[r.worker])
+        assert r.decided_at == pytest.approx(start, abs=1e-12)
+        assert r.decision_us > 0.0
+        waited += r.decided_at > r.arrival
+        free_at[r.worker] = r.decided_at + r.decision_us / 1e6
+    assert waited > 0  # at 400 req/s some request came while its worker was deciding
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_requests_are_conserved_with_requests_still_waiting_for_a_worker_at_the_end(workers: int) -> None:
+    sim, s = _sim("infermesh", workers=workers, decision_time="40000", drain=0.0, concurrency=16)
+    assert sim.requests_log is not None
+    never_decided = sum(r.decided_at < 0.0 for r in sim.requests_log)
+    if workers == 1:
+        assert never_decided > 100  # load 2.4: most of the queue is still there when the run stops
+    dropped = sum(s["dropped"].values())
+    assert s["requests"] == s["completed"] + dropped + s["in_flight_at_end"]
+    assert s["in_flight_at_end"] >= never_decided
+    assert dropped == sum(r.state == DROPPED for r in sim.requests_log)
+    assert s["no_first_token"] >= never_decided  # and they count in the TTFT percentiles at a lower bound
+
+
+class _Counting(InferMesh):
+    """The pipeline with LinUCB, counting the updates each worker's learner makes from its own outcomes."""
+
+    def __init__(self) -> None:
+        super().__init__("linucb", seed=3)
+        self.own: dict[int, int] = defaultdict(int)
+
+    def bind(self, view: Any) -> None:
+        super().bind(view)
+        for w, eng in enumerate(self.engines):
+            update = eng.learner.update
+
+            def counted(features: Any, reward: float, w: int = w, update: Any = update) -> None:
+                self.own[w] += 1
+                update(features, reward)
+
+            eng.learner.update = counted  # type: ignore[method-assign]
+
+
+def test_linear_learners_merge_through_the_learner_store_every_sync_interval() -> None:
+    strat = _Counting()
+    _sim(strat, workers=2, decision_time="0", duration=20.0)  # 20 s + drain: several 5 s sync rounds
+    lins = [e.learner for e in strat.engines]
+    assert all(isinstance(lin, LinearLearner) for lin in lins) and lins[0] is not lins[1]
+    own = [strat.own[0], strat.own[1]]
+    assert min(own) > 100
+    n = [lin.n_updates for lin in lins]  # type: ignore[attr-defined]
+    assert n[0] > own[0] and n[1] > own[1]  # each merged the other's increments during the run
+    assert n[0] < sum(own) or n[1] < sum(own)  # ...up to its last sync only
+    strat.sync(0)
+    strat.sync(1)
+    strat.sync(0)
+    n = [lin.n_updates for lin in lins]  # type: ignore[attr-defined]
+    assert n[0] == n[1] == sum(own)  # every outcome of both workers, each counted once
+    assert strat.engines[0].telemetry is strat.engines[1].telemetry  # both scrape the same telemetry
+    assert strat.engines[0].ledger is not strat.engines[1].ledger
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "two", "", "65"])
+def test_cli_bad_workers_is_one_line_on_stderr_and_exit_2(value: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from decision.cli import main
+
+    rc = main(["sim", "--scenario", "seed-512", "--workers", value, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("infermesh sim: error: --workers must be an integer from 1 to 64") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("server", "match"), [
+    ("server: {workers: 0}", "server.workers: must be from 1 to 64"),
+    ("server: {workers: 1.5}", "server.workers: an integer"),
+    ("server: {threads: 4}", "server.threads: unknown key 'threads'"),
+])
+def test_scenario_server_workers_is_checked(tmp_path: Path, server: str, match: str) -> None:
+    p = tmp_path / "sc.yaml"
+    p.write_text(SEED_512 + f"\n{server}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=match):
+        load_scenario(str(p))
+
+
+def test_the_scenarios_server_workers_applies_unless_the_option_overrides_it(tmp_path: Path) -> None:
+    p = tmp_path / "sc.yaml"
+    p.write_text(SEED_512 + "\nserver: {workers: 3}\n", encoding="utf-8")
+    sc = load_scenario(str(p))
+    assert sc.workers == 3 and load_scenario("seed-512").workers == 1
+    short = runner.Options(duration_s=0.5, nodes=8, decision_time="0", drain_s=5.0)
+    assert runner.run(sc, ["infermesh:least-ttft"], short).summary["infermesh:least-ttft"]["workers"] == 3
+    short.workers = 2
+    assert runner.run(sc, ["infermesh:least-ttft"], short).summary["infermesh:least-ttft"]["workers"] == 2
