@@ -220,7 +220,8 @@ class Simulation:
         return self._arrivals_done and self._inflight == 0 and self._queued == 0
 
     def busy_seconds(self) -> np.ndarray:
-        return np.array([nd.busy_s + nd.prefill_s for nd in self.nodes])
+        """Each endpoint's GPU busy time (prefilling or decoding, each second once) so far."""
+        return np.array([nd.busy_s for nd in self.nodes])
 
     # -- handlers --
     def _on_arrive(self, spec: RequestSpec) -> None:
@@ -358,6 +359,8 @@ class Simulation:
         self.tele.dirty.add(i)
         req = c.req
         if c.state == C_CANCELLED:  # lost a hedge race while prefilling: the prefill was wasted
+            nd.advance(self.now)  # its GPU time is charged as it runs: complete only now
+            self.metrics.cancelled_gpu_s += c.gpu_s
             nd.release(c)
             self._admit_waiting(i, nd)
             return
@@ -382,9 +385,8 @@ class Simulation:
             prev = o.state
             o.state = C_CANCELLED
             self.view.outstanding[o.node] -= 1
-            if prev == C_PREFILL:
-                self.metrics.cancelled_gpu_s += o.gpu_s
-            elif prev not in (C_TRAVEL, C_WAITING):
+            # A prefilling copy runs to its end (counted in cancelled_gpu_s then, in _on_first).
+            if prev not in (C_PREFILL, C_TRAVEL, C_WAITING):
                 raise AssertionError(f"cancelling a copy in state {prev}")
 
     def _on_node(self, i: int, version: int) -> None:

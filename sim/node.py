@@ -10,7 +10,13 @@
   the batch ``b`` grows. We keep a virtual clock ``V`` (tokens decoded per sequence so far) and
   a heap of each sequence's finishing ``V``, so only the earliest completion is ever scheduled;
   when ``b`` changes the node's completion event is re-issued (stale ones carry an old version).
-- Accounting: ``S`` integrates ``dt / b`` so a sequence's share of batch time is ``S_end - S_start``.
+- Accounting of GPU time: the GPU is busy while it prefills or decodes, and each busy second is
+  charged once. A prefill admitted beside ``b`` decoding sequences runs ``1 + 0.5 b / max_concurrency``
+  times slower than alone (above): it has ``frac = 1 / (1 + 0.5 b / max_concurrency)`` of the GPU, so
+  while a batch decodes beside it the prefill is charged ``frac dt`` and the batch ``(1 - frac) dt``
+  (a prefill overlapped throughout costs what it would alone); a prefill alone is charged all of
+  ``dt``, a batch alone all of it. ``S`` integrates the batch's part over ``b`` so a sequence's share
+  is ``S_end - S_start``; ``busy_s`` is the time with either, the utilisation's numerator.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class Node:
         "kv_used",
         "last_t",
         "p",
+        "pq",
         "prefill_free_at",
         "prefill_s",
         "running",
@@ -66,21 +73,55 @@ class Node:
         self.fin: list[tuple[float, int, Copy]] = []
         self.seq = 0
         self.version = 0
-        self.busy_s = 0.0  # time with a non-empty decode batch
-        self.prefill_s = 0.0  # time spent prefilling
+        self.busy_s = 0.0  # time the GPU prefilled or decoded (each second once)
+        self.prefill_s = 0.0  # time a prefill ran (alone or beside a batch)
+        # Admitted prefills not yet accounted to their end, in order (they run one after another):
+        # (start, end, the GPU share it has beside a decoding batch, the copy).
+        self.pq: deque[tuple[float, float, float, Copy]] = deque()
         self.slow = 1.0  # hidden degradation: throughput multiplier (1 = healthy)
         self.warm = p.warm
         self.cache: OrderedDict[int, None] = OrderedDict()
         self.cache_blocks = max(16, p.kv_capacity_tokens // (2 * BLOCK_TOKENS))
 
     def advance(self, now: float) -> None:
-        """Move the processor-sharing clocks to ``now``."""
-        dt = now - self.last_t
-        if dt > 0.0 and self.dec_b:
-            b = self.dec_b
-            self.V += self.d1 / (1.0 + (b - 1) / self.bh) * self.slow * dt
-            self.S += dt / b
-            self.busy_s += dt
+        """Move the processor-sharing clocks to ``now`` and charge the GPU time since the last call.
+
+        The batch size is constant in between (it changes only at events, which advance first);
+        prefills start and end anywhere in between, so the interval is cut at their bounds.
+        """
+        t = self.last_t
+        if now <= t:
+            return
+        b = self.dec_b
+        pq = self.pq
+        if b:
+            self.V += self.d1 / (1.0 + (b - 1) / self.bh) * self.slow * (now - t)
+        if not pq:  # the common case: no prefill in the interval
+            if b:
+                self.S += (now - t) / b
+                self.busy_s += now - t
+            self.last_t = now
+            return
+        while t < now:
+            if pq and pq[0][0] <= t:  # a prefill runs from t
+                _, end, frac, c = pq[0]
+                stop = end if end < now else now
+                dt = stop - t
+                if b:
+                    c.gpu_s += frac * dt
+                    self.S += (1.0 - frac) * dt / b
+                else:
+                    c.gpu_s += dt
+                self.busy_s += dt
+                self.prefill_s += dt
+                if end <= now:
+                    pq.popleft()
+            else:  # no prefill until the next one starts
+                stop = pq[0][0] if pq and pq[0][0] < now else now
+                if b:
+                    self.S += (stop - t) / b
+                    self.busy_s += stop - t
+            t = stop
         self.last_t = now
 
     def fits(self, c: Copy) -> bool:
@@ -119,14 +160,14 @@ class Node:
         self.kv_used += c.kv_need
         p = self.p
         start = now if now > self.prefill_free_at else self.prefill_free_at
-        dur = in_tokens / (p.prefill_tps * self.slow) * (
-            1.0 + PREFILL_DECODE_INTERFERENCE * self.dec_b / p.max_concurrency)
+        slowdown = 1.0 + PREFILL_DECODE_INTERFERENCE * self.dec_b / p.max_concurrency
+        dur = in_tokens / (p.prefill_tps * self.slow) * slowdown
         if not self.warm:
             dur += p.cold_start_s
             self.warm = True
         self.prefill_free_at = start + dur
-        self.prefill_s += dur
-        c.gpu_s += dur
+        # Charged as it runs (advance): its share of the GPU beside a batch is what slows it.
+        self.pq.append((start, start + dur, 1.0 / slowdown, c))
         c.state = C_PREFILL
         c.prefill_end = start + dur
         return start + dur

@@ -9,7 +9,8 @@ import pytest
 
 from sim import runner
 from sim.engine import RunConfig, Simulation
-from sim.model import DONE, DROPPED, FIRST_TOKEN, ROUTED, Copy, Request
+from sim.model import C_DECODE, DONE, DROPPED, FIRST_TOKEN, ROUTED, Copy, Request
+from sim.node import Node
 from sim.scenario import load_scenario
 from sim.strategies import registry
 from sim.testing import tiny_scenario
@@ -237,3 +238,107 @@ def test_requests_that_never_complete_count_in_the_latency_percentiles_at_a_lowe
     assert len(m.censored_latency_ms()) == 50
     assert float(np.percentile(m.latency_ms, 95)) == pytest.approx(1000.0)  # completed only
     assert float(np.percentile(m.latency_ms + m.censored_latency_ms(), 95)) > 90_000.0
+
+
+# -- GPU time: each busy second charged once, also while a prefill overlaps a decoding batch --
+
+class _Timeline:
+    """Every prefill's and every decode's interval per node, recorded beside the node's own accounting."""
+
+    def __init__(self) -> None:
+        self.busy: dict[Node, list[tuple[float, float]]] = {}  # prefills and decodes
+        self.prefills: dict[Node, list[tuple[float, float]]] = {}
+        self.copies: list[Copy] = []
+        self.decoding: dict[Copy, float] = {}
+
+
+@pytest.fixture
+def timeline(monkeypatch: pytest.MonkeyPatch) -> _Timeline:
+    rec = _Timeline()
+    admit, start_decode, stop_decode = Node.admit, Node.start_decode, Node.stop_decode
+
+    def on_admit(nd: Node, c: Copy, now: float, in_tokens: int) -> float:
+        start = max(now, nd.prefill_free_at)  # prefills run one after another
+        t_first = admit(nd, c, now, in_tokens)
+        rec.busy.setdefault(nd, []).append((start, t_first))
+        rec.prefills.setdefault(nd, []).append((start, t_first))
+        rec.copies.append(c)
+        return t_first
+
+    def on_start_decode(nd: Node, c: Copy, now: float, out_tokens: int) -> None:
+        rec.decoding[c] = now
+        start_decode(nd, c, now, out_tokens)
+
+    def on_stop_decode(nd: Node, c: Copy) -> None:
+        stop_decode(nd, c)
+        rec.busy.setdefault(nd, []).append((rec.decoding.pop(c), nd.last_t))
+
+    monkeypatch.setattr(Node, "admit", on_admit)
+    monkeypatch.setattr(Node, "start_decode", on_start_decode)
+    monkeypatch.setattr(Node, "stop_decode", on_stop_decode)
+    return rec
+
+
+def _union(intervals: list[tuple[float, float]], end: float) -> tuple[float, float, float]:
+    """(measure of the union of ``intervals`` cut at ``end``, its first start, the longest gap inside it)."""
+    total, gap, cur_lo, cur_hi = 0.0, 0.0, -1.0, -1.0
+    first = min(lo for lo, _ in intervals)
+    for lo, hi in sorted((lo, min(hi, end)) for lo, hi in intervals if lo < end):
+        if lo > cur_hi:
+            total += max(cur_hi - cur_lo, 0.0)
+            gap = max(gap, lo - cur_hi) if cur_hi >= 0.0 else gap
+            cur_lo, cur_hi = lo, hi
+        else:
+            cur_hi = max(cur_hi, hi)
+    return total + max(cur_hi - cur_lo, 0.0), first, gap
+
+
+def _gpu_run(timeline: _Timeline, *, rps: float, drain: float) -> tuple[Simulation, dict[Node, float], float]:
+    # Long prompts (~900 tokens) and a wide batch: prefills overlap decoding most of the time.
+    sc = tiny_scenario(cells=1, per_cell=2, rps=rps, duration=20.0, drain=drain, concurrency=32,
+                       input_tokens={"dist": "lognormal", "mu": 6.8, "sigma": 0.5},
+                       output_tokens={"dist": "lognormal", "mu": 4.6, "sigma": 0.7})
+    sim = _sim(sc, "baseline_rr")
+    m = sim.run()
+    end = m.end_time
+    for c, t in timeline.decoding.items():  # still decoding when the run stopped
+        timeline.busy.setdefault(sim.nodes[c.node], []).append((t, end))
+    charged = {nd: 0.0 for nd in sim.nodes}
+    for c in timeline.copies:
+        nd = sim.nodes[c.node]
+        # A copy still decoding has its share of the batch so far still to be added (at its end).
+        charged[nd] += c.gpu_s + (nd.S - c.share_start if c.state == C_DECODE else 0.0)
+    return sim, charged, end
+
+
+def test_gpu_seconds_charged_to_requests_never_exceed_the_gpus_busy_time(timeline: _Timeline) -> None:
+    sim, charged, end = _gpu_run(timeline, rps=6.0, drain=120.0)
+    log = sim.requests_log or []
+    assert sum(r.state == DONE for r in log) == len(log) > 100
+    busy = sim.busy_seconds()
+    for i, nd in enumerate(sim.nodes):
+        union, _, gap = _union(timeline.busy[nd], end)
+        decodes = [iv for iv in timeline.busy[nd] if iv not in timeline.prefills[nd]]
+        overlap = _union(timeline.prefills[nd], end)[0] + _union(decodes, end)[0] - union
+        assert gap > 0.0 and overlap > 0.1 * union  # it idles at times, and prefills overlap decoding a lot
+        assert busy[i] == pytest.approx(union, rel=1e-9, abs=1e-9)  # busy time: prefilling or decoding, once
+        assert charged[nd] <= union * (1 + 1e-9)  # every request's GPU-seconds together: at most that
+        assert charged[nd] == pytest.approx(union, rel=1e-9)  # and all of it, with everything finished
+    # What the requests were billed for GPU time (their $ less egress, in GPU-seconds): the same.
+    w = sim.world
+    egress = sum(w.egress_usd_per_gb[r.region, r.winner] * (r.in_tokens + r.out_tokens) * w.bytes_per_token / 1e9
+                 for r in log)
+    billed_s = (sum(r.cost_usd for r in log) - egress) / float(w.usd_per_s[0])
+    assert billed_s <= sum(busy) * (1 + 1e-9)
+    assert billed_s == pytest.approx(sum(busy), rel=1e-9)
+
+
+def test_gpu_seconds_charged_equal_the_busy_time_while_the_gpu_is_always_busy(timeline: _Timeline) -> None:
+    # Overloaded and stopped mid-flight: from its first prefill to the end each GPU never idles.
+    sim, charged, end = _gpu_run(timeline, rps=120.0, drain=0.0)
+    busy = sim.busy_seconds()
+    for i, nd in enumerate(sim.nodes):
+        union, first, gap = _union(timeline.busy[nd], end)
+        assert gap == 0.0 and union == pytest.approx(end - first, rel=1e-9)
+        assert busy[i] == pytest.approx(end - first, rel=1e-9)  # utilisation and energy use this: at most 100%
+        assert charged[nd] == pytest.approx(busy[i], rel=1e-9)
