@@ -123,17 +123,17 @@ class AioDecisionServicer(pb_grpc.DecisionServiceServicer):
                 raise error
             return fail
 
-        def ingest(batch: pb.TelemetryBatch) -> Callable[[], int]:
-            return lambda: sync.ingest_batch(batch)
+        def ingest(index: int, accepted: int, batch: pb.TelemetryBatch) -> Callable[[], int]:
+            return lambda: sync.ingest_stream_batch(index, accepted, batch)
 
         async def call() -> pb.TelemetryAck:
-            accepted = batches = 0
+            accepted = batches = 0  # batches: those stored so far, so also the index of the next
             try:
                 async for batch in request_iterator:
+                    accepted += sync._guarded("PushTelemetry", adapter, ingest(batches, accepted, batch))
                     batches += 1
-                    accepted += sync._guarded("PushTelemetry", adapter, ingest(batch))
             except DecisionError as exc:  # raised by the edge's per-message checks
-                sync._guarded("PushTelemetry", adapter, raise_(exc))
+                sync._guarded("PushTelemetry", adapter, raise_(sync.push_refused(batches, accepted, exc)))
             return sync.telemetry_ack(accepted, batches)
 
         return await _answer(context, adapter, call)

@@ -51,6 +51,7 @@ T = TypeVar("T")
 
 
 _DETAILS_MAX = 1024
+_MESSAGE_MAX = 640  # of a refused push's message, leaving room in _DETAILS_MAX for the field and the batch note
 
 
 def status_of(exc: DecisionError) -> tuple[grpc.StatusCode, str, list[tuple[str, str]]]:
@@ -166,13 +167,41 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
     def PushTelemetry(self, request_iterator: Iterator[pb.TelemetryBatch],
                       context: grpc.ServicerContext) -> pb.TelemetryAck:
         def run() -> pb.TelemetryAck:
-            accepted = batches = 0
-            for batch in request_iterator:
-                batches += 1
-                accepted += self.ingest_batch(batch)
+            accepted = batches = 0  # batches: those stored so far, so also the index of the next
+            try:
+                for batch in request_iterator:  # the edge's per-message checks raise here
+                    accepted += self.ingest_batch(batch)
+                    batches += 1
+            except DecisionError as exc:
+                raise self.push_refused(batches, accepted, exc) from None
             return self.telemetry_ack(accepted, batches)
 
         return self._guarded("PushTelemetry", context, run)
+
+    def ingest_stream_batch(self, index: int, accepted: int, batch: pb.TelemetryBatch) -> int:
+        """:meth:`ingest_batch` for batch ``index`` of a stream whose earlier batches stored ``accepted`` samples."""
+        try:
+            return self.ingest_batch(batch)
+        except DecisionError as exc:
+            raise self.push_refused(index, accepted, exc) from None
+
+    def push_refused(self, index: int, accepted: int, exc: DecisionError) -> DecisionError:
+        """The error that ends a push at batch ``index``, once the ``accepted`` samples stored before it are counted.
+
+        The batches before it stay stored (each is all or nothing; the stream is not), so an error
+        in a later batch names it (``batch[2].samples[0].value: ...``, the edge's name for a stream
+        message) and says so: the pusher resends from that batch, not from the start. An error with
+        no ``batch[i]`` prefix is in the first batch, as it always was.
+        """
+        self.metrics.telemetry_samples.labels("push").inc(accepted)  # stored, though no ack reports them
+        if index == 0 or not isinstance(exc, InvalidArgument):
+            return exc
+        prefix = f"batch[{index}]"
+        field = exc.field if exc.field == prefix else f"{prefix}.{exc.field}"  # the edge's parse error names it
+        earlier = "batch[0] before it was applied" if index == 1 else f"batches 0-{index - 1} before it were applied"
+        message = exc.message if len(exc.message) <= _MESSAGE_MAX else exc.message[:_MESSAGE_MAX - 3] + "..."
+        # Shortened so the status's 1 KB cap cannot cut off what happened to the stream.
+        return InvalidArgument(field, f"{message} ({earlier}; this batch and any after it were not)")
 
     def ingest_batch(self, batch: pb.TelemetryBatch) -> int:
         """Store one pushed batch; returns samples accepted.
@@ -182,8 +211,8 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         target, ``samples[3].value: must be finite and >= 0``, a timestamp that is negative or more
         than the store's clock-skew allowance in the future, exposition text that does not parse
         or gives a kept series a negative or infinite value). A rejected batch stores nothing;
-        batches before it in the stream stay stored. A NaN value means "no value", as in
-        exposition text: accepted, and stores nothing.
+        batches before it in the stream stay stored (:meth:`push_refused` says so). A NaN value
+        means "no value", as in exposition text: accepted, and stores nothing.
         """
         store: TelemetryStore = self.engine.telemetry
         fleet = self.engine.fleet
