@@ -21,8 +21,10 @@ Response phase
     (``response_body_mode: STREAMED``) to us without Envoy ever waiting; we time the first body
     byte and read ``usage`` from the JSON body or the SSE stream. At the end of the stream the
     outcome goes to :meth:`DecisionEngine.report_outcome`, exactly as the ``ReportOutcome`` RPC
-    would record it, so the learning loop closes without the proxy reporting anything. (One filter
-    doing both phases inline also works: ``ExtProcConfig.response_phase = "inline"``.)
+    would record it (an HTTP 200 stream with an error event, or that ends without its terminal
+    event, ``data: [DONE]`` or ``response.completed``, is an error), so the learning loop closes
+    without the proxy reporting anything. (One filter doing both phases inline also works:
+    ``ExtProcConfig.response_phase = "inline"``.)
 
 Where it is served: on its own port (default 9002, the inference extension's ext_proc port), in
 the same process as the decision API. An ext_proc stream stays open for the whole upstream
@@ -64,7 +66,7 @@ from decision.domain import Decision, Outcome, OutcomeStatus, RequestContext
 from decision.engine import DecisionEngine
 from decision.errors import DecisionError, InvalidArgument, NoCandidate, NotFound, QuotaExceeded
 from decision.extproc_config import DESTINATION_SERVED_KEY, EXTPROC_SERVICE, PROBED_NAMES, ExtProcConfig
-from decision.extproc_openai import OpenAIRequest, Usage, UsageReader, parse_request
+from decision.extproc_openai import OpenAIRequest, Usage, UsageReader, parse_request, terminal_event
 from decision.grpc_serving import bind_port
 from decision.metrics import ServiceMetrics
 from decision.reflection import enable_reflection
@@ -470,8 +472,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             if req.response_headers.end_of_stream:
                 ex.ended = True
             else:
+                path = ex.decision.request.labels.get("path", "") if ex.decision is not None else ""
                 ex.usage = UsageReader(sse=h.get("content-type", "").startswith("text/event-stream"),
-                                       max_json_bytes=self.config.max_response_json_bytes)
+                                       max_json_bytes=self.config.max_response_json_bytes,
+                                       terminal=terminal_event(path))
             served = self._served(req)
             if served and ex.decision is not None and served != ex.decision.route.address:
                 ex.served_by = next((r.endpoint_id for r in ex.decision.fallbacks if r.address == served), "")
@@ -533,6 +537,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         usage = self._usage(ex)
         if status is OutcomeStatus.OK and ex.usage is not None and ex.usage.error:
             status, error = OutcomeStatus.ERROR, ex.usage.error  # HTTP 200, then the generation failed
+        elif status is OutcomeStatus.OK and ex.usage is not None and ex.usage.unfinished():
+            # HTTP 200 and a clean end without [DONE] (or response.completed): stopped mid-generation.
+            status, error = OutcomeStatus.ERROR, ex.usage.unfinished()
         est_in = ex.request.estimated_input_tokens if ex.request is not None else 0
         outcome = Outcome(
             decision_id=decision.decision_id, status=status,

@@ -5,6 +5,11 @@ input-token estimate, and the output budget (``max_tokens`` / ``max_completion_t
 ``max_output_tokens``). Responses: the ``usage`` object, either in a JSON body or in the chunks of
 a server-sent-event stream (``stream_options.include_usage``). When a stream carries no usage, the
 number of content chunks stands in for the completion tokens (vLLM sends one token per chunk).
+
+A stream also says whether it finished: chat and text completions (OpenAI, vLLM) end with
+``data: [DONE]``, even after an error event; the Responses API ends with ``response.completed``
+(or ``response.incomplete`` / ``response.failed``). A stream of either kind that ends without it
+was cut short upstream (the backend died mid-generation, yet the connection closed cleanly).
 """
 
 from __future__ import annotations
@@ -137,6 +142,26 @@ def parse_request(body: bytes) -> OpenAIRequest | None:
     )
 
 
+DONE_EVENT = "data: [DONE]"
+COMPLETED_EVENT = "response.completed"
+_RESPONSES_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_RESPONSES_ENDS_QUOTED = tuple(f'"{e}"'.encode() for e in sorted(_RESPONSES_ENDS))
+
+
+def terminal_event(path: str) -> str:
+    """The event a stream from the API at ``path`` ends with ("" when that API is not known to have one).
+
+    >>> [terminal_event(p) for p in ("/v1/chat/completions", "/v1/completions?x=1", "/v1/responses", "/generate")]
+    ['data: [DONE]', 'data: [DONE]', 'response.completed', '']
+    """
+    p = path.split("?", 1)[0].rstrip("/")
+    if p.endswith("/completions"):
+        return DONE_EVENT
+    if p.endswith("/responses"):
+        return COMPLETED_EVENT
+    return ""
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     prompt_tokens: int
@@ -170,6 +195,9 @@ class UsageReader:
         Whether the response is ``text/event-stream``.
     max_json_bytes
         Bodies longer than this are not parsed (their usage is reported as unknown).
+    terminal
+        The event the stream should end with, from the request's API (:func:`terminal_event`);
+        the events themselves decide when they show which kind of stream this is.
 
     Examples
     --------
@@ -180,12 +208,15 @@ class UsageReader:
     (Usage(prompt_tokens=7, completion_tokens=1), 1)
     """
 
-    def __init__(self, *, sse: bool, max_json_bytes: int = 4 << 20) -> None:
+    def __init__(self, *, sse: bool, max_json_bytes: int = 4 << 20, terminal: str = "") -> None:
         self.sse = sse
         self.max_json_bytes = max_json_bytes
         self.content_chunks = 0
         # An error event in a stream that began with HTTP 200 (a generation that failed part way).
         self.error = ""
+        self.terminal = terminal
+        self._seen_kind = ""  # the terminal event of the kind of stream the events show
+        self.finished = False  # its terminal event arrived
         self._buf = bytearray()
         self._overflow = False
         self._usage: Usage | None = None
@@ -215,19 +246,32 @@ class UsageReader:
         if not line.startswith(b"data:"):
             return
         data = line[5:].strip()
-        if data == b"[DONE]" or not data:
+        if data == b"[DONE]":
+            self.finished = True
             return
+        if not data:
+            return
+        if not self._seen_kind:  # the first event that shows which kind of stream this is
+            if b'"choices"' in data:
+                self._seen_kind = DONE_EVENT
+            elif b'"type":"response.' in data or b'"type": "response.' in data:
+                self._seen_kind = COMPLETED_EVENT
         has_usage = b'"usage"' in data and b"tokens" in data
         if b'"error"' in data or b'"response.failed"' in data:
             self._error_event(_loads(data))
-        if not has_usage:
+        # Which events may end a Responses stream, found without parsing the deltas before them.
+        may_end = self._seen_kind == COMPLETED_EVENT and any(e in data for e in _RESPONSES_ENDS_QUOTED)
+        if not has_usage and not may_end:
             # Cheap path for the common chunk: count it without parsing JSON.
             if b'"choices"' in data and b'"choices":[]' not in data and b'"choices": []' not in data:
                 self.content_chunks += 1
             return
         doc = _loads(data)
-        choices = doc.get("choices") if isinstance(doc, dict) else None
-        if choices:
+        if not isinstance(doc, dict):
+            return
+        if may_end and doc.get("type") in _RESPONSES_ENDS:
+            self.finished = True
+        if doc.get("choices"):
             self.content_chunks += 1
         u = _usage_of(doc)
         if u is not None:
@@ -244,6 +288,17 @@ class UsageReader:
             return
         message = err.get("message") if isinstance(err, dict) else err
         self.error = f"error event in the stream: {str(message or err)[:200]}"
+
+    def unfinished(self) -> str:
+        """Why a stream that has ended did not finish ("" when it did, or its kind has no terminal event).
+
+        Read after :meth:`result`, which takes in a last line that had no newline. An error event
+        already says what went wrong, so it is not repeated here.
+        """
+        expected = self._seen_kind or self.terminal
+        if not self.sse or not expected or self.finished or self.error:
+            return ""
+        return f"stream ended without its terminal event ({expected})"
 
     def result(self) -> Usage | None:
         """The usage reported by the body, or ``None`` when it had none."""

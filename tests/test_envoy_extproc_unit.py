@@ -361,6 +361,57 @@ def test_an_error_event_in_a_stream_that_began_with_200_is_an_error_outcome(serv
     assert o.status is OutcomeStatus.ERROR and o.error == "error event in the stream: EngineDeadError"
 
 
+def _streamed_outcome(servicer: ExtProcServicer, body: bytes, path: str = "") -> tuple[OutcomeStatus, str]:
+    """(status, error) recorded for an HTTP 200 event stream whose body is ``body``, then end_of_stream."""
+    pick = _Stream(_Exchange())
+    servicer.handle(pick, headers_msg({"x-infermesh-tenant": "acme", ":path": path}))
+    servicer.handle(pick, body_msg({**CHAT, "stream": True}))
+    d = pick.ex.decision
+    assert d is not None
+    obs = _Stream(_Exchange())
+    servicer.handle(obs, headers_msg({"x-infermesh-decision-id": d.decision_id}, observe=True))
+    servicer.handle(obs, resp_headers(200, "text/event-stream"))
+    servicer.handle(obs, resp_body(body, eos=True))
+    assert obs.ex.ended
+    servicer.after_replies(obs)
+    o = servicer.engine.outcomes[d.decision_id]  # type: ignore[attr-defined]
+    return o.status, o.error
+
+
+CHUNK = b'data: {"object": "chat.completion.chunk", "choices": [{"delta": {"content": "a"}}]}\n\n'
+RESPONSES = (b'event: response.created\ndata: {"type": "response.created", "response": {"status": "in_progress"}}\n\n'
+             b'event: response.output_text.delta\ndata: {"type": "response.output_text.delta", '
+             b'"delta": "response.completed"}\n\n')  # a delta whose text names the event ends nothing
+
+
+@pytest.mark.parametrize(("body", "path", "expect"), [
+    # Chat and text completions (OpenAI, vLLM) always end with [DONE]: without it the stream was cut.
+    (CHUNK * 3, "/v1/chat/completions", (OutcomeStatus.ERROR, "stream ended without its terminal event "
+                                                              "(data: [DONE])")),
+    (CHUNK * 3, "", (OutcomeStatus.ERROR, "stream ended without its terminal event (data: [DONE])")),
+    (CHUNK * 3 + b"data: [DONE]", "/v1/chat/completions", (OutcomeStatus.OK, "")),  # last line, no newline
+    # The Responses API ends with response.completed (or response.incomplete), not [DONE].
+    (RESPONSES, "/v1/responses", (OutcomeStatus.ERROR, "stream ended without its terminal event "
+                                                       "(response.completed)")),
+    (RESPONSES + b'event: response.completed\ndata: {"type": "response.completed", "response": {"usage": '
+                 b'{"input_tokens": 9, "output_tokens": 2}}}\n\n', "/v1/responses", (OutcomeStatus.OK, "")),
+    (RESPONSES + b'data: {"type": "response.incomplete", "response": {"incomplete_details": '
+                 b'{"reason": "max_output_tokens"}}}\n\n', "", (OutcomeStatus.OK, "")),
+    # An error event already says what went wrong.
+    (CHUNK + b'data: {"error": {"message": "EngineDeadError"}}\n\n', "/v1/chat/completions",
+     (OutcomeStatus.ERROR, "error event in the stream: EngineDeadError")),
+    # No event at all: the API says which end was due; an API not known to have one stays ok.
+    (b"", "/v1/chat/completions", (OutcomeStatus.ERROR, "stream ended without its terminal event (data: [DONE])")),
+    (b"", "/generate_stream", (OutcomeStatus.OK, "")),
+    # A format with no terminal event (TGI's native stream) is ok however it ends.
+    (b'data: {"token": {"text": "a"}}\n\ndata: {"token": {"text": "b"}, "generated_text": "ab"}\n\n',
+     "/generate_stream", (OutcomeStatus.OK, "")),
+])
+def test_a_stream_that_ends_without_its_terminal_event_is_an_error(
+        servicer: ExtProcServicer, body: bytes, path: str, expect: tuple[OutcomeStatus, str]) -> None:
+    assert _streamed_outcome(servicer, body, path) == expect
+
+
 def test_usage_from_json_and_sse_split_anywhere() -> None:
     j = UsageReader(sse=False)
     doc = json.dumps({"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 34}}).encode()
