@@ -58,8 +58,8 @@ def build_audit_parts(config: Mapping[str, Any], *, settings: Any,
     def health() -> dict[str, Any]:
         m = writer.metrics()
         status = "ok" if writer.db_up or (writer.batches_written == 0 and not writer.has_backlog) else "degraded"
-        if m.get("spool_failing"):  # records are being lost: neither the database nor the spool takes them
-            status = "degraded"
+        if m.get("spool_failing") or m.get("held_records"):  # neither the database nor the spool takes records:
+            status = "degraded"  # they are held in memory only (bounded; lost if the process ends)
         return {"status": status, **m, "database": "embedded" if server is not None else "external"}
 
     gauges = {f"infermesh_audit_{name}": (lambda n=name: float(writer.metrics()[n])) for name in writer.metrics()}

@@ -166,6 +166,11 @@ class Spool:
         finally:
             with contextlib.suppress(OSError):
                 f.close()
+        if good_bytes == 0 and self._active_path is not None:
+            # Nothing else was in it: while the disk refuses, each retry of a held batch would
+            # otherwise leave an empty segment behind.
+            with contextlib.suppress(OSError):
+                self._active_path.unlink()
 
     def _close_active(self) -> None:
         if self._active is not None:

@@ -4,7 +4,10 @@ Implements :class:`decision.contracts.AuditSink`. ``submit_*`` only masks and en
 writer thread validates, chains, encodes and compresses each event, then COPYs the batch. While
 PostgreSQL is unreachable or failing, prepared batches go to the spool (fsynced per batch) and
 are replayed in order when it returns; the database side is idempotent on decision_id, so a batch
-whose commit was in doubt is written exactly once.
+whose commit was in doubt is written exactly once. A batch the spool's disk refuses too (full,
+read-only, failing) is held in memory, in order, and tried again (PostgreSQL first, else the spool)
+ahead of newer batches; it is lost only at the in-memory bound in fail-open mode, or at shutdown
+with neither PostgreSQL nor the disk taking it.
 
 Every event is chained before PostgreSQL sees it, so every chain link must be stored somewhere:
 a decision submitted again (same ``decision_id`` and ``decided_at``, a new link) goes to
@@ -22,6 +25,7 @@ import queue
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -57,11 +61,12 @@ _OCOLS = ", ".join(OUTCOME_COLUMNS)
 METRIC_NAMES = ("queue_depth", "last_batch_size", "rows_per_s", "spool_bytes", "rows_written", "outcomes_written",
                 "duplicates_skipped", "decision_duplicates", "outcome_conflicts", "batches_written", "spooled_batches",
                 "replayed_batches", "dropped", "refused", "invalid", "lost", "rejected_rows", "expired_rows",
-                "spool_damaged_bytes", "spool_failing", "db_up")
+                "spool_damaged_bytes", "spool_failing", "held_records", "db_up")
 # What PostgreSQL (or the COPY encoder) raises for a row it will never take, however often it is
 # retried: not an outage. (The staged write resolves duplicates itself; a UniqueViolation that still
 # gets here, two writers racing to create a partition, succeeds when the halves are written.)
 _ROW_ERRORS: tuple[type[Exception], ...] = (psycopg.DataError, psycopg.IntegrityError, OverflowError, UnicodeError)
+_HELD_RETRY_MAX_S = 5.0  # the longest pause between tries of the batches held in memory
 
 
 class AtBound:
@@ -124,16 +129,22 @@ class AuditWriter(AtBoundCounts):
     dropped, refused, invalid : int
         Events dropped (fail-open), refused (fail-closed) and rejected as malformed.
     lost : int
-        Records neither PostgreSQL nor the spool took (the database away and the spool's disk
-        refusing writes: full, read-only); each is logged, and the spool counts as full until a
-        write succeeds again, so the bound's policy applies to what comes next.
+        Records neither PostgreSQL nor the spool took and that could not be held any longer: over
+        the in-memory bound in fail-open mode, or at shutdown (``drain_timeout_s``) with neither
+        the database nor the spool's disk back. Each loss is logged as an error.
+    held_records : int
+        Records held in memory, in order, because neither PostgreSQL nor the spool took their batch
+        (the database away and the spool's disk refusing writes: full, read-only, failing). They
+        are tried again with backoff, ahead of newer batches; fail-closed refuses new records while
+        any are held, fail-open takes them within ``queue_max`` records not yet stored or spooled.
     rejected_rows : int
         Single rows PostgreSQL refused for good, set aside under ``<spool>/quarantine``.
     spool_damaged_bytes : int
         Bytes of spool segments that were not records (damage); such a segment's readable batches
         are stored and the segment is kept in ``<spool>/quarantine``.
     spool_failing : float
-        1 while the spool's disk refuses writes (see ``lost``), else 0.
+        1 from a write the spool's disk refused until a spool write succeeds again or PostgreSQL
+        takes the held batches (see ``held_records``), else 0.
     expired_rows : int
         Rows of days retention had already dropped when they arrived (a spool replayed late):
         not written, so a dropped day is not recreated with a partial chain.
@@ -170,6 +181,13 @@ class AuditWriter(AtBoundCounts):
         self.invalid = 0
         self.lost = 0
         self._spool_error = ""  # the spool's last write failure; "" once a write succeeds again
+        # Batches neither PostgreSQL nor the spool took, oldest first: (prepared, records). A
+        # ``None`` batch only keeps the place of records counted already (lost, invalid, skipped),
+        # so that ``handled`` still counts records in the order they came.
+        self._held: deque[tuple[dict[str, Any] | None, int]] = deque()
+        self.held_records = 0  # records of the held batches that are not None
+        self._held_failures = 0
+        self._held_retry_at = 0.0
         self.rejected_rows = 0
         self.expired_rows = 0
         self.spool_damaged_bytes = 0
@@ -190,10 +208,18 @@ class AuditWriter(AtBoundCounts):
         return self.spool.size_bytes
 
     def _full(self, tenant: str) -> bool:
-        if self.spool.size_bytes < self.settings.spool_max_bytes and not self._q.full() and not self._spool_error:
+        if self.spool.size_bytes < self.settings.spool_max_bytes and not self._q.full() and not self._holding_full():
             return False
         self.at_bound.apply("spool and queue", tenant)
         return True
+
+    def _holding_full(self) -> bool:
+        """Whether batches held in memory close the door: always in fail-closed mode (no durable
+        place takes records now), in fail-open mode at ``queue_max`` records taken and not yet
+        stored or spooled (queued, in flight and held: memory stays bounded)."""
+        if not self.held_records:
+            return False
+        return self.at_bound.mode == "fail_closed" or self._enqueued - self._handled >= self.settings.queue_max
 
     def _put(self, kind: str, event: Mapping[str, Any]) -> None:
         try:
@@ -250,8 +276,8 @@ class AuditWriter(AtBoundCounts):
 
     @property
     def has_backlog(self) -> bool:
-        """Whether the spool holds batches PostgreSQL has not taken yet."""
-        return self.spool.has_backlog
+        """Whether the spool, or memory (see ``held_records``), holds batches PostgreSQL has not taken yet."""
+        return self.spool.has_backlog or bool(self._held)
 
     def metrics(self) -> dict[str, float]:
         """Plain numbers for ``/metrics`` (:data:`METRIC_NAMES`)."""
@@ -264,7 +290,7 @@ class AuditWriter(AtBoundCounts):
                 "dropped": self.dropped, "refused": self.refused, "invalid": self.invalid,
                 "lost": self.lost, "rejected_rows": self.rejected_rows,
                 "expired_rows": self.expired_rows, "spool_damaged_bytes": self.spool_damaged_bytes,
-                "spool_failing": float(bool(self._spool_error)),
+                "spool_failing": float(bool(self._spool_error)), "held_records": self.held_records,
                 "db_up": float(self.db_up)}
 
     # -- writer thread -------------------------------------------------------------------------
@@ -488,13 +514,13 @@ class AuditWriter(AtBoundCounts):
         log.error("audit: PostgreSQL refused the %s of decision %r (chain %s seq %s): %s; kept in %s", what,
                   link.get("decision_id"), link.get("chain_id"), link.get("seq"), exc, self._rejects.directory)
 
-    def _deliver(self, prepared: dict[str, Any]) -> None:
+    def _deliver(self, prepared: dict[str, Any]) -> bool:
+        """Write a batch, else spool it; False if neither PostgreSQL nor the spool took it."""
         if not prepared["d"] and not prepared["o"]:
-            return
+            return True
         self.last_batch_size = len(prepared["d"]) + len(prepared["o"])
         if self.spool.has_backlog or (not self.db_up and time.monotonic() < self._next_retry):
-            self._spool(prepared)
-            return
+            return self._spool(prepared)
         try:
             try:
                 self._write(prepared, staged=False)
@@ -503,25 +529,105 @@ class AuditWriter(AtBoundCounts):
             self._spool_error = ""
         except psycopg.Error as exc:
             self._mark_down(exc)
-            self._spool(prepared)  # its replay skips what the isolation stored
+            return self._spool(prepared)  # its replay (or retry) skips what the isolation stored
+        return True
 
-    def _spool(self, prepared: dict[str, Any]) -> None:
-        """Append a batch to the spool; when its disk refuses, count the records lost, loudly (not as
-        malformed), and let the spool count as full until a write succeeds again."""
+    def _spool(self, prepared: dict[str, Any]) -> bool:
+        """Append a batch to the spool; False (the caller holds the batch) when its disk refuses."""
         try:
             self.spool.append(prepared)
         except OSError as exc:
-            n = len(prepared["d"]) + len(prepared["o"])
-            with self._idle:
-                self.lost += n
+            if not self._spool_error:  # once per episode: the retries would repeat it every round
+                log.error("audit: PostgreSQL is away and the spool %s refused a batch (%s): held in memory and "
+                          "retried ahead of newer ones; fail-closed refuses new decisions meanwhile",
+                          self.spool.directory, exc)
             self._spool_error = str(exc)
-            log.error("audit: PostgreSQL is away and the spool %s refused %d records (%s): they are lost",
-                      self.spool.directory, n, exc)
-            return
+            return False
+        if self._spool_error:
+            log.warning("audit: the spool %s takes writes again", self.spool.directory)
         self._spool_error = ""
+        return True
 
-    def _replay(self, deadline: float | None = None) -> None:
-        """Replay closed spool segments oldest first while PostgreSQL accepts them."""
+    def _store(self, prepared: dict[str, Any] | None, records: int) -> bool:
+        """:meth:`_deliver` a batch; True also for a batch with nothing to store (``None``) and for one
+        that failed unexpectedly (its records are counted invalid: the writer must survive anything)."""
+        if prepared is None:
+            return True
+        try:
+            return self._deliver(prepared)
+        except Exception:
+            log.exception("audit writer: unexpected error")
+            with self._idle:  # deliver (maybe on another thread) counts here too
+                self.invalid += records
+            return True
+
+    def _done(self, records: int) -> None:
+        with self._idle:
+            self._handled += records
+            self._idle.notify_all()
+
+    def _hold(self, prepared: dict[str, Any] | None, records: int) -> None:
+        """Keep a batch behind those held already (``None``: only its place, for ``handled``).
+
+        Fail-closed keeps every batch: its door is shut while any is held, so only what it had
+        taken before can arrive. Fail-open takes records while held ones wait, so its held records
+        are bounded by ``queue_max``: a batch past that is lost, loudly.
+        """
+        if prepared is not None and (self.at_bound.mode == "fail_closed"
+                                     or self.held_records + records <= self.settings.queue_max):
+            self._held.append((prepared, records))
+            self.held_records += records
+            return
+        if prepared is not None:
+            self._lose(prepared, f"{self.held_records} records are held in memory already, the bound "
+                                 f"(queue_max {self.settings.queue_max}, fail-open)")
+        if self._held:
+            self._held.append((None, records))  # counted handled once the batches before it are
+        else:
+            self._done(records)
+
+    def _lose(self, prepared: dict[str, Any], why: str) -> None:
+        n = len(prepared["d"]) + len(prepared["o"])
+        with self._idle:
+            self.lost += n
+        log.error("audit: %d records are lost: neither PostgreSQL nor the spool %s takes them (%s) and %s",
+                  n, self.spool.directory, self._spool_error or "the spool refused them", why)
+
+    def _back_off(self) -> None:
+        self._held_failures += 1
+        pause = self.settings.retry_interval_s * 2 ** min(self._held_failures - 1, 16)
+        self._held_retry_at = time.monotonic() + min(_HELD_RETRY_MAX_S, pause)
+
+    def _retry_held(self, deadline: float | None = None) -> None:
+        """Try the held batches again, oldest first, once their backoff is over: after the spool's
+        backlog (older than they are), to PostgreSQL, else to the spool. The first one refused
+        again stops the round: the ones behind it must not overtake it."""
+        if time.monotonic() < self._held_retry_at:
+            return
+        try:
+            if self.spool.has_backlog:
+                self._replay(deadline, interleave=False)
+            while self._held:
+                prepared, records = self._held[0]
+                if not self._store(prepared, records):
+                    self._back_off()
+                    return
+                self._held.popleft()
+                if prepared is not None:
+                    self.held_records -= records
+                self._done(records)
+        except Exception:  # e.g. the spool's disk failing a read: what is held stays held
+            log.exception("audit writer: unexpected error while retrying the held batches")
+            self._back_off()
+            return
+        self._held_failures = 0
+        self._held_retry_at = 0.0
+        log.warning("audit: the batches held in memory are stored now (%s)",
+                    "in the spool" if self.spool.has_backlog else "in PostgreSQL")
+
+    def _replay(self, deadline: float | None = None, *, interleave: bool = True) -> None:
+        """Replay closed spool segments oldest first while PostgreSQL accepts them (``interleave``:
+        stop after a segment when records are queued, to keep them moving)."""
         if time.monotonic() < self._next_retry:
             return
         while self.spool.has_backlog:
@@ -550,7 +656,7 @@ class AuditWriter(AtBoundCounts):
                           "the segment is kept in %s", seg.name, unreadable, len(records), moved)
                 continue
             self.spool.remove_segment(seg, len(records))
-            if not self._q.empty():
+            if interleave and not self._q.empty():
                 return  # interleave: keep the queue moving (into the spool) during a long replay
             log.info("audit: replayed spool segment %s (%d batches)", seg.name, len(records))
 
@@ -575,30 +681,61 @@ class AuditWriter(AtBoundCounts):
             return None
 
     def deliver(self, prepared: dict[str, Any] | None, records: int) -> None:
-        """Write a prepared batch of ``records`` records (else spool it), then replay the spool while
-        PostgreSQL takes it. ``audit.writer_process`` runs this on a thread of its own, overlapping
-        PostgreSQL's work on one batch with the preparation of the next."""
+        """Write a prepared batch of ``records`` records (else spool it, else hold it in memory),
+        then try the held batches again and replay the spool while PostgreSQL takes it.
+        ``audit.writer_process`` runs this on a thread of its own, overlapping PostgreSQL's work
+        on one batch with the preparation of the next."""
         if records:
-            try:
-                if prepared is not None:
-                    self._deliver(prepared)
-            except Exception:  # the writer must survive anything; the events are counted
-                log.exception("audit writer: unexpected error")
-                with self._idle:
-                    self.invalid += records
-            with self._idle:
-                self._handled += records
-                self._idle.notify_all()
-        if self.spool.has_backlog:
-            self._replay()
-            with self._idle:
-                self._idle.notify_all()
+            if self._held:
+                self._hold(prepared, records)  # behind the held batches: it must not overtake them
+            elif self._store(prepared, records):
+                self._done(records)
+            else:
+                self._hold(prepared, records)
+                if self._held:
+                    self._back_off()  # it was just refused: tried again next round, not at once
+        if not self._held and not self.spool.has_backlog:
+            return
+        try:
+            if self._held:
+                self._retry_held()
+            else:
+                self._replay()
+        except Exception:  # e.g. the spool's disk failing a read: the batches stay where they are
+            log.exception("audit writer: unexpected error while retrying or replaying")
+        with self._idle:
+            self._idle.notify_all()
+
+    def skip(self, records: int) -> None:
+        """Count ``records`` handled without storing them (they are stored already: a resend's),
+        in order: behind any batch held in memory."""
+        if self._held:
+            self._held.append((None, records))
+        else:
+            self._done(records)
 
     def finish(self) -> None:
-        """After the last batch: replay what the spool holds (within ``drain_timeout_s``)."""
-        if self.spool.has_backlog:
-            self._next_retry = 0.0
-            self._replay(deadline=time.monotonic() + self.settings.drain_timeout_s)
+        """After the last batch: replay what the spool holds and store the held batches (within
+        ``drain_timeout_s``); held batches neither PostgreSQL nor the disk takes by then are lost, loudly."""
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        if self.spool.has_backlog or self._held:
+            self._next_retry = self._held_retry_at = 0.0
+            self._replay(deadline=deadline)
+        while self._held:  # tried at least once, even with no time to drain
+            self._retry_held(deadline)
+            if not self._held or time.monotonic() >= deadline:
+                break
+            time.sleep(max(0.0, min(self._held_retry_at, deadline) - time.monotonic()))
+        if self._held:
+            n = sum(len(p["d"]) + len(p["o"]) for p, _ in self._held if p is not None)
+            with self._idle:
+                self.lost += n
+            log.error("audit: shutting down with PostgreSQL away and the spool %s refusing writes (%s) for %.0f s: "
+                      "%d records held in memory are lost", self.spool.directory, self._spool_error,
+                      self.settings.drain_timeout_s, n)
+            while self._held:
+                self._done(self._held.popleft()[1])
+            self.held_records = 0
         if self.spool.has_backlog:
             log.warning("audit: %d bytes left in the spool %s; replayed on next start",
                         self.spool.size_bytes, self.spool.directory)

@@ -28,7 +28,10 @@ closes it at exit.
 
 The bound (``queue_max`` records not yet confirmed, or the child's spool at ``spool_max_bytes``)
 applies ``on_spool_full`` here, on the request path: fail-closed raises
-:class:`~decision.errors.Unavailable`, fail-open drops and counts.
+:class:`~decision.errors.Unavailable`, fail-open drops and counts. Records the child holds in
+memory (PostgreSQL away and the spool's disk refusing writes) are not confirmed, so they count
+against that bound and are sent again to a replacement; while the child holds any, fail-closed
+refuses.
 """
 
 from __future__ import annotations
@@ -120,9 +123,10 @@ class ProcessAuditWriter(AtBoundCounts):
 
     # -- request path --------------------------------------------------------------------------
     def _full(self, tenant: str) -> bool:
-        backlog = self._submitted - self._confirmed
+        backlog = self._submitted - self._confirmed  # the records the child holds in memory among them
         if (backlog < self.settings.queue_max and self._metric("spool_bytes") < self.settings.spool_max_bytes
-                and not self._metric("spool_failing")):  # the child's spool disk refusing counts as full
+                # Records only in the child's memory (no durable place takes them now): fail-closed takes no more.
+                and not (self._metric("held_records") and self.at_bound.mode == "fail_closed")):
             return False
         self.at_bound.apply("writer backlog and spool", tenant)
         return True
@@ -408,15 +412,15 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
 
     unpacker = Unpacker()
     resent: _ResendFilter | None = None  # between ("resend", True) and ("resend", False): a dead predecessor's batches
-    received = skipped = 0
+    received = 0
     pending: list[tuple[str, Mapping[str, Any]]] = []
     due = 0.0  # when the oldest pending record must be written
     last_report = 0.0
 
     def report() -> None:
-        handled = writer.handled + skipped
-        status.send({"pid": os.getpid(), "handled": handled, "spool_backlog": writer.spool.has_backlog,
-                     "backlog": handled < received or writer.spool.has_backlog, "metrics": writer.metrics()})
+        handled = writer.handled
+        status.send({"pid": os.getpid(), "handled": handled, "spool_backlog": writer.has_backlog,
+                     "backlog": handled < received or writer.has_backlog, "metrics": writer.metrics()})
 
     closing = False
     try:
@@ -457,7 +461,9 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
                             write(pending)
                             pending = []
                         settle()
-                        skipped += 1
+                        # Counted through the writer: behind any batch it holds in memory, so that
+                        # "handled" never confirms records the writer has not stored yet.
+                        writer.skip(1)
                         continue
                     if packed is not None:  # stored as it came, with the shared objects put in
                         try:
@@ -481,8 +487,8 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
                 if not data.poll(0):  # nothing to prepare meanwhile: see it through
                     settle()
                     last_report = 0.0
-            elif writer.spool.has_backlog:
-                writer.process([])  # replay while idle
+            elif writer.has_backlog:
+                writer.process([])  # replay (and retry what is held in memory) while idle
                 if not pending:  # an outage's reconnect attempts must not pile up garbage either
                     collect()
             if time.monotonic() - last_report >= 0.05:

@@ -461,27 +461,28 @@ def test_a_failed_spool_append_is_cut_off_and_later_batches_are_not_lost(
     assert verify(db).ok
 
 
-def test_a_spool_whose_disk_refuses_counts_the_batch_lost_and_bounds_what_follows(
+def test_a_spool_whose_disk_refuses_holds_the_batch_and_bounds_what_follows(
         db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """PostgreSQL away and the spool's disk full: the batch used to be counted as malformed."""
+    """PostgreSQL away and the spool's disk full: the batch used to be counted as malformed, then
+    lost; it is held in memory (tests/test_audit_held.py has the rest)."""
     w = writer(db, tmp_path)
     w.db_up, w._next_retry = False, time.monotonic() + 60
 
-    def full_disk(payload: Any) -> None:
+    def full_disk(payload: Any) -> None:  # a simulated disk fault
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(w.spool, "append", full_disk)
     w.process([("d", dev(1)), ("d", dev(2))])
-    assert (w.lost, w.invalid, w.metrics()["lost"]) == (2, 0, 2.0)
-    with pytest.raises(Unavailable):  # fail-closed: nothing more is taken while nothing can keep it
+    assert (w.lost, w.invalid, w.held_records, w.metrics()["lost"]) == (0, 0, 2, 0.0)
+    with pytest.raises(Unavailable):  # fail-closed: nothing more is taken while nothing durable keeps it
         w.submit_decision(dev(3))
     monkeypatch.undo()
-    w._next_retry = 0.0
-    w.process([("d", dev(4))])  # the database is back: written, and the bound lifts
+    w._next_retry = w._held_retry_at = 0.0
+    w.process([("d", dev(4))])  # the database is back: the held batch is written, then this one; the bound lifts
     w.submit_decision(dev(5))
     w.process(w._take())
     w.close()
-    assert stored_ids(db) == ["d-4", "d-5"]
+    assert stored_ids(db) == ["d-1", "d-2", "d-4", "d-5"] and w.lost == 0
 
 
 def test_a_database_that_takes_no_writes_keeps_the_spool_for_later(db: str, tmp_path: Path) -> None:
