@@ -132,11 +132,14 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def prepare(url: str, *, partitions_ahead_days: int = 3) -> None:
-    """Migrate to head and create today's and the next days' partitions."""
+def prepare(url: str, *, partitions_ahead_days: int = 3) -> dt.date:
+    """Migrate to head and create today's and the next days' partitions; returns today (UTC), the
+    first of the days ensured."""
     migrate.upgrade(url)
+    today = dt.datetime.now(dt.UTC).date()
     with psycopg.connect(url, autocommit=True) as conn:
-        partitions.ensure_ahead(conn, today=dt.datetime.now(dt.UTC).date(), days_ahead=partitions_ahead_days)
+        partitions.ensure_ahead(conn, today=today, days_ahead=partitions_ahead_days)
+    return today
 
 
 def database_url(url: str, name: str) -> str:

@@ -40,12 +40,13 @@ def build_audit_parts(config: Mapping[str, Any], *, settings: Any,
     server = None
     if not url:
         url, server = database.start_embedded(data_dir / "pgdata")
-    database.prepare(url, partitions_ahead_days=audit_settings.partitions_ahead_days)
+    ensured = database.prepare(url, partitions_ahead_days=audit_settings.partitions_ahead_days)
     writer = make_writer(audit_settings.writer, url, audit_settings)
     repo = AuditRepository(url)
+    # The upkeep's first round, at once, would create the partitions prepare just created: it skips them.
     upkeep = Upkeep(url, retention_days=audit_settings.retention_days,
                     days_ahead=audit_settings.partitions_ahead_days,
-                    interval_s=audit_settings.upkeep_interval_s).start()
+                    interval_s=audit_settings.upkeep_interval_s, ahead_ensured=ensured).start()
 
     def close() -> None:
         upkeep.stop()
