@@ -33,7 +33,8 @@ class Guard(Protocol):
 
     def prefetch(self, ctx: RequestContext) -> Mapping[str, Any]:
         """Read any state the rules need, holding this request's share of any quota (atomically, so
-        concurrent decisions cannot both take the last unit). I/O happens here and in release only."""
+        concurrent decisions cannot both take the last unit). I/O happens here and in release only.
+        Empty when nothing is held: the engine then never asks to ``settle`` the decision's outcome."""
         ...
 
     def evaluate(self, ctx: RequestContext, candidates: Sequence[Candidate],

@@ -140,7 +140,9 @@ class _Pending:
     deadline: float
     rtt_ms: float = 0.0  # the network part of expected_ttft_ms (calibration compares the rest)
     slowness: float = 1.0  # the endpoint's slowness the estimate used
-    decided_at: float = 0.0  # 0: decided elsewhere (another replica, before a restart): nothing held here
+    # When this decision's guard took its quota share (prefetch returned state); 0: nothing held here
+    # (a policy without quota rules, or decided elsewhere): its outcome then trues nothing up.
+    held_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +205,7 @@ class DecisionEngine:
         self._reporting: set[str] = set()  # outcomes being recorded now (see report_outcome)
         # Decisions whose outcome did not come in time: a timeout was learnt; a late outcome is still
         # audited, and trues up the tenant's tokens (what the request held is kept for that).
-        self._expired: dict[str, tuple[RequestContext, float]] = {}  # -> (request, decided_at)
+        self._expired: dict[str, tuple[RequestContext, float]] = {}  # -> (request, held_at)
         # Past their deadline and being timed out now (off _pending, not yet learnt): an outcome that
         # arrives meanwhile takes the decision back and is recorded as in time.
         self._expiring: dict[str, _Pending] = {}
@@ -320,7 +322,8 @@ class DecisionEngine:
         t1 = time.perf_counter()
         # Pre-fetched state (quota counters, with this request's share held) plus what memoising
         # guards key on. A request that is not routed (denied, failed, refused) gives its share back.
-        state = {**guard.prefetch(ctx), "inventory_revision": fleet.revision, "now": now}
+        prefetched = guard.prefetch(ctx)
+        state = {**prefetched, "inventory_revision": fleet.revision, "now": now}
         try:
             t2 = time.perf_counter()
             result = guard.evaluate(ctx, candidates, state)
@@ -371,7 +374,7 @@ class DecisionEngine:
             self._remember(decision_id, _Pending(ctx, ep.endpoint_id, tuple(scored.matrix[arm].tolist()), ttft_ms, cost,
                                                  now + self.outcome_timeout_s, float(scored.components["rtt_ms"][arm]),
                                                  self.ledger.slowness(ep.endpoint_id) if self.count_inflight else 1.0,
-                                                 now),
+                                                 now if prefetched else 0.0),
                            now, float(scored.components["prefill_ms"][arm]) / 1000.0)
         except BaseException:
             self._forget(decision_id)  # never routed, so never in flight nor learnt
@@ -463,7 +466,7 @@ class DecisionEngine:
                 p = self._expiring.pop(decision_id, None)
                 if p is None:  # an outcome took it back: recorded as in time
                     return
-                put_bounded(self._expired, decision_id, (p.ctx, p.decided_at), self.max_pending)
+                put_bounded(self._expired, decision_id, (p.ctx, p.held_at), self.max_pending)
             self._learn_missing(decision_id, p, why)
 
     def _forget(self, decision_id: str) -> None:
@@ -583,8 +586,8 @@ class DecisionEngine:
             with self._learn_lock:  # stamped and learnt as one, for snapshots (see outcome_barrier)
                 self._audit_outcome(outcome, reward, pending)  # before learning: a refused outcome is retried whole
                 self._learn(pending.features, reward)
-            if pending.decided_at:
-                self._guard.settle(pending.ctx, outcome, pending.decided_at)
+            if pending.held_at:
+                self._guard.settle(pending.ctx, outcome, pending.held_at)
             if outcome.status == OutcomeStatus.OK and outcome.ttft_ms > 0 and not fallback:
                 with self._lock:
                     self.ledger.observed(pending.endpoint_id, expected_ms=pending.expected_ttft_ms - pending.rtt_ms,
@@ -593,8 +596,9 @@ class DecisionEngine:
             self.stats["outcomes_late"] += 1
             with self._learn_lock:  # after the timeout's own log entry, if that is being written now
                 self._audit_outcome(outcome, None, None)
-            late_ctx, decided_at = late
-            self._guard.settle(late_ctx, outcome, decided_at)  # a long generation still counts its tokens
+            late_ctx, held_at = late
+            if held_at:
+                self._guard.settle(late_ctx, outcome, held_at)  # a long generation still counts its tokens
         else:  # not decided here since this process started (a restart, another replica): ask the log
             denied = self._denied.get(did)
             record = self.traces.get_decision(did) if self.traces is not None and denied is None else None

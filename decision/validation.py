@@ -50,10 +50,7 @@ def validate_request(ctx: RequestContext) -> None:
         raise InvalidArgument("model", "one of model or model_family is required")
     if ctx.modality and ctx.modality not in MODALITIES:
         raise InvalidArgument("modality", f"must be one of {', '.join(MODALITIES)}")
-    for name in ("estimated_input_tokens", "expected_output_tokens"):
-        v = getattr(ctx, name)
-        if v < 0 or v > MAX_TOKENS:
-            raise InvalidArgument(name, f"must be between 0 and {MAX_TOKENS}")
+    _token_counts(ctx, "estimated_input_tokens", "expected_output_tokens")
     for name in ("ttft_target_ms", "max_cost_per_1k_tokens"):
         v = getattr(ctx, name)
         if not math.isfinite(v) or v < 0:
@@ -83,10 +80,11 @@ def validate_outcome(outcome: Outcome) -> None:
     Raises
     ------
     InvalidArgument
-        ``decision_id`` is missing, a time is negative or not finite, a token count is negative, ``decision_id`` or
-        ``error`` holds a NUL character (which the audit log could not store), or ``error`` starts with the
-        prefix the service reserves for the timeouts it records itself (a reported outcome dressed as one
-        would be taken for it: a later real outcome would count as late, not as a duplicate).
+        ``decision_id`` is missing, a time is negative or not finite, a token count is negative or
+        above ``MAX_TOKENS``, ``decision_id`` or ``error`` holds a NUL character (which the audit log
+        could not store), or ``error`` starts with the prefix the service reserves for the timeouts
+        it records itself (a reported outcome dressed as one would be taken for it: a later real
+        outcome would count as late, not as a duplicate).
     """
     if not outcome.decision_id:
         raise InvalidArgument("decision_id", "required")
@@ -100,5 +98,12 @@ def validate_outcome(outcome: Outcome) -> None:
         v = getattr(outcome, name)
         if not math.isfinite(v) or v < 0:
             raise InvalidArgument(name, "must be a finite number >= 0")
-    if outcome.input_tokens < 0 or outcome.output_tokens < 0:
-        raise InvalidArgument("input_tokens" if outcome.input_tokens < 0 else "output_tokens", "must be >= 0")
+    _token_counts(outcome, "input_tokens", "output_tokens")  # they true up the tenant's quota counters
+
+
+def _token_counts(obj: object, *names: str) -> None:
+    """Token counts are 0..MAX_TOKENS: a larger one would overflow the shared quota counters."""
+    for name in names:
+        v = getattr(obj, name)
+        if v < 0 or v > MAX_TOKENS:
+            raise InvalidArgument(name, f"must be between 0 and {MAX_TOKENS}")

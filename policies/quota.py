@@ -90,8 +90,8 @@ class InMemoryQuotaCounters:
         with self._lock:
             c = self._counts.setdefault((tenant, w), [0, 0])
             before = QuotaUsage(c[0], c[1])
-            c[0] += requests
-            c[1] += tokens
+            c[0] = max(0, c[0] + requests)  # never below 0, as the Redis script
+            c[1] = max(0, c[1] + tokens)
             if w > self._swept:  # drop windows that ended, once per window (not a scan per request)
                 self._swept = w
                 for key in [k for k in self._counts if k[1] < w - 1]:
@@ -106,11 +106,16 @@ class InMemoryQuotaCounters:
 
 
 # Reserve: add to the window's counters and note the share under its hold key (value "<counter key>
-# <requests> <tokens>"), in one atomic script. Give back: only if the hold key is still there, so a give-back
-# after a reserve whose reply was lost (applied or not) is exact, and a second one does nothing.
+# <requests> <tokens>"), in one atomic script. A counter never goes below 0: a give-back or true-up
+# for a share that was never taken (a decision made under a policy without quota rules, settled by
+# one with them) must not hand the tenant credit beyond its limit. Give back: only if the hold key is
+# still there, so a give-back after a reserve whose reply was lost (applied or not) is exact, and a
+# second one does nothing.
 _RESERVE_LUA = """
 local r = redis.call('HINCRBY', KEYS[1], 'requests', ARGV[1])
 local t = redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[2])
+if r < 0 then r = 0; redis.call('HSET', KEYS[1], 'requests', 0) end
+if t < 0 then t = 0; redis.call('HSET', KEYS[1], 'tokens', 0) end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 if KEYS[2] ~= '' then
   redis.call('SET', KEYS[2], KEYS[1] .. ' ' .. ARGV[1] .. ' ' .. ARGV[2], 'EX', ARGV[4])
@@ -123,8 +128,8 @@ if not v then return 0 end
 redis.call('DEL', KEYS[1])
 local key, r, t = string.match(v, '^(.*) (%-?%d+) (%-?%d+)$')
 if redis.call('EXISTS', key) == 0 then return 0 end  -- its window expired: nothing left to take from
-redis.call('HINCRBY', key, 'requests', -tonumber(r))
-redis.call('HINCRBY', key, 'tokens', -tonumber(t))
+if redis.call('HINCRBY', key, 'requests', -tonumber(r)) < 0 then redis.call('HSET', key, 'requests', 0) end
+if redis.call('HINCRBY', key, 'tokens', -tonumber(t)) < 0 then redis.call('HSET', key, 'tokens', 0) end
 return 1
 """
 HOLD_TTL_S = 30  # a decision gives its share back (or keeps it) within milliseconds

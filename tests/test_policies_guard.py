@@ -453,3 +453,57 @@ def test_the_token_quota_is_trued_up_to_what_the_outcome_says_was_used(demo_flee
     failed = engine.decide(RequestContext("c", tenant, model="llama-3.1-8b", estimated_input_tokens=100))
     engine.report_outcome(Outcome(failed.decision_id, OutcomeStatus.ERROR, error="HTTP 500"))  # usage unknown
     assert counters.read(tenant, now[0]) == QuotaUsage(3, 3800)  # the estimate stays charged
+
+
+def _counters(kind: str, redis_url: str) -> InMemoryQuotaCounters | RedisQuotaCounters:
+    if kind == "memory":
+        return InMemoryQuotaCounters()
+    counters = RedisQuotaCounters(redis_url, prefix=f"test:{uuid.uuid4().hex[:8]}")
+    try:
+        counters.read("x", time.time())
+    except Exception as exc:
+        pytest.skip(f"no Redis at {redis_url}: {exc}")
+    return counters
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_outcomes_of_decisions_that_held_no_share_true_nothing_up_after_a_reload(
+        demo_fleet: Fleet, tmp_path: Path, redis_url: str, kind: str) -> None:
+    # Decided under a policy without a quota rule, settled after a reload added one: trueing up
+    # "used - estimate" for shares never taken drove the tenant's counter to -299,940 and let it
+    # route 500,000 tokens in a minute under a 300,000 limit.
+    counters = _counters(kind, redis_url)
+    no_quota = tmp_path / "no-quota"
+    shutil.copytree(DEFAULT_BUNDLE, no_quota)
+    manifest = no_quota / "manifest.yaml"
+    text = manifest.read_text()
+    start = text.index("  - id: quota.tenant_rate")
+    end = text.index("    tests: [quota_cases.yaml]\n", start) + len("    tests: [quota_cases.yaml]\n")
+    manifest.write_text(text[:start] + text[end:])
+    _wait_for_a_fresh_window(5)
+    engine = _engine(demo_fleet, PolicyGuard(compile_bundle(no_quota), counters=counters))
+    # (estimated tokens, used tokens): shares never taken are neither given back nor topped up.
+    plan = [(100_000, 20), (100_000, 20), (20, 10_000)]
+    decisions = [engine.decide(RequestContext(f"r{i}", "reloaded", user_tier="free", model="llama-3.1-8b",
+                                              estimated_input_tokens=est // 2, expected_output_tokens=est // 2))
+                 for i, (est, _) in enumerate(plan)]
+    engine.set_guard(PolicyGuard(compile_bundle(DEFAULT_BUNDLE), counters=counters))
+    for d, (_, used) in zip(decisions, plan, strict=True):
+        engine.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=100, latency_ms=500,
+                                      input_tokens=used // 2, output_tokens=used // 2))
+    assert counters.read("reloaded", time.time()) == QuotaUsage(0, 0)
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_a_counter_never_goes_below_zero(redis_url: str, kind: str) -> None:
+    # Whatever gives back more than was taken (a share held by another policy, a lost update), the
+    # tenant gains no credit beyond its limit.
+    counters = _counters(kind, redis_url)
+    now = time.time()
+    counters.add("t", now, 1, 100)
+    counters.add("t", now, -3, -500)
+    assert counters.read("t", now) == QuotaUsage(0, 0)
+    counters.reserve("t", now, 1, 40, "h1")
+    counters.give_back("t", now, 1, 40, "h1")
+    counters.add("t", now, 0, -1)
+    assert counters.read("t", now) == QuotaUsage(0, 0)

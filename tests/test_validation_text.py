@@ -58,6 +58,10 @@ def test_nul_in_a_jurisdiction_is_refused() -> None:
     ({"latency_ms": -1.0}, "latency_ms"),
     ({"input_tokens": -1}, "input_tokens"),
     ({"output_tokens": -1}, "output_tokens"),
+    # Past the requests' own bound: 2**62 tokens overflowed the shared Redis counter, and every
+    # later Decide of the tenant failed UNAVAILABLE.
+    ({"input_tokens": 10_000_001}, "input_tokens"),
+    ({"output_tokens": 2**62}, "output_tokens"),
 ])
 def test_outcome_validation_names_the_field(changes: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidArgument) as err:
