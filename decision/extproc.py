@@ -15,7 +15,8 @@ Request phase
     cluster reads a single ``ip:port``; the metadata carries the ordered list for proxies whose
     load balancer walks it (``envoy.load_balancing_policies.override_host``). No allowed
     endpoint: an immediate 503 whose JSON body names the rules; a quota: 429; a bad header or
-    body: 400; an unknown model: 404.
+    body: 400; an unknown model: 404. In ``BUFFERED_PARTIAL`` mode a body over Envoy's buffer
+    comes cut short: we decide on what it shows, charging its full size (:meth:`_cut_request`).
 Response phase
     A second ext_proc filter in ``observability_mode`` streams the response headers and body
     (``response_body_mode: STREAMED``) to us without Envoy ever waiting; we time the first body
@@ -66,10 +67,18 @@ from decision.domain import Decision, Outcome, OutcomeStatus, RequestContext
 from decision.engine import DecisionEngine
 from decision.errors import DecisionError, InvalidArgument, NoCandidate, NotFound, QuotaExceeded
 from decision.extproc_config import DESTINATION_SERVED_KEY, EXTPROC_SERVICE, PROBED_NAMES, ExtProcConfig
-from decision.extproc_openai import OpenAIRequest, Usage, UsageReader, parse_request, terminal_event
+from decision.extproc_openai import (
+    OpenAIRequest,
+    Usage,
+    UsageReader,
+    parse_cut_request,
+    parse_request,
+    terminal_event,
+)
 from decision.grpc_serving import bind_port
 from decision.metrics import ServiceMetrics
 from decision.reflection import enable_reflection
+from decision.validation import MAX_TOKENS
 
 __all__ = ["EXTPROC_SERVICE", "ExtProcConfig", "ExtProcServer", "ExtProcServicer", "RunningExtProc",
            "add_extproc_to_server",
@@ -138,6 +147,21 @@ def _immediate(code: int, error_type: str, message: str, decision_id: str, confi
         details=f"infermesh_{error_type}"))
 
 
+class _Refused(Exception):
+    """A request refused before the engine is asked: its HTTP status and error type."""
+
+    def __init__(self, code: int, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.error_type = error_type
+
+
+def _content_length(headers: Mapping[str, str]) -> int | None:
+    """The request's ``content-length``; ``None`` when it sent none (chunked) or one that is not a size."""
+    raw = headers.get("content-length", "").strip()
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 18 else None  # no sign, no "1_000"
+
+
 def _client_names(c: ExtProcConfig) -> dict[str, str]:
     """What the HTTP client sent for each :class:`RequestContext` field the engine may reject.
 
@@ -185,6 +209,7 @@ class _Stream:
     hold_headers: bool = False  # the header reply waits for the body (send_body_without_waiting...)
     held_chunks: int = 0
     body: bytearray | None = None
+    cut: bool = False  # decided on the first part of a body (BUFFERED_PARTIAL): no more of it comes
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -270,7 +295,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         which = req.WhichOneof("request")
         # The pick stream is done once the last request-phase message is answered.
         return bool((which == "request_headers" and req.request_headers.end_of_stream) or
-                    (which == "request_body" and req.request_body.end_of_stream))
+                    (which == "request_body" and (req.request_body.end_of_stream or st.cut)))
 
     def handle(self, st: _Stream, req: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         """Answer one message of the stream (sans I/O, so it is testable without gRPC)."""
@@ -286,8 +311,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             if pc.send_body_without_waiting_for_header_response and pc.request_body_mode == _STREAMED:
                 st.hold_headers, st.body = True, bytearray()  # decide once the body is in: one round trip
                 return []
-            if pc.request_body_mode in (_BUFFERED, _BUFFERED_PARTIAL):
+            if pc.request_body_mode == _BUFFERED:
                 return [_CONTINUE_HEADERS]  # the whole body comes next, in one message
+            if pc.request_body_mode == _BUFFERED_PARTIAL:
+                return [self._partial_headers_reply()]  # the body, or as much as fits Envoy's buffer
             return [self._decide(st, b"")]  # no body will come before the headers go upstream
         if which == "request_body":
             return self._request_body(st, req.request_body)
@@ -323,7 +350,24 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             return self._decide_held(st)
         if st.ex.decision is not None:  # chunks after the decision (streamed mode): pass them on
             return [_CONTINUE_REQ_BODY]
-        return [self._decide(st, body.body, in_body=True)]
+        # Not the end of the body, yet no decision: BUFFERED_PARTIAL sends only what fits in Envoy's
+        # buffer when the body is bigger, and the rest goes upstream without passing here.
+        st.cut = not body.end_of_stream
+        return [self._decide(st, body.body, in_body=True, cut=st.cut)]
+
+    def _partial_headers_reply(self) -> pb.ProcessingResponse:
+        """The answer to the headers in ``BUFFERED_PARTIAL`` mode: clear the route cache now.
+
+        A body over Envoy's buffer comes in part, and Envoy (1.40) passes that part on down the
+        chain, where the router takes the cached route, before it clears the route cache as the
+        answer to it asks (too late, and an ENVOY_BUG besides): the route the filters before us
+        cached on the bare headers, not one matched on the pick's metadata. Cleared here, it is
+        matched when the body goes on, with the pick's metadata in place. Envoy clears it only with
+        a header mutation: the client's destination header goes (it is overwritten later anyway).
+        """
+        return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=pb.CommonResponse(
+            header_mutation=pb.HeaderMutation(remove_headers=[self.config.destination_header]),
+            clear_route_cache=True)))
 
     def _decide_held(self, st: _Stream) -> list[pb.ProcessingResponse]:
         """Decide on the held headers and body chunks: the decision, then a continue for each chunk."""
@@ -358,6 +402,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if not name:
             raise InvalidArgument("model", f"no model in the body and no {c.model_header} header")
         juris = tuple(j.strip() for j in headers.get(c.jurisdictions_header, "").split(",") if j.strip())
+        labels = {"via": "envoy-ext-proc", "path": headers.get(":path", "")[:256]}
+        if body is not None and body.seen_bytes:  # the trace says the decision saw part of the body
+            labels.update({"request_body": "partial", "request_body_bytes_seen": str(body.seen_bytes),
+                           "request_body_bytes": str(body.body_bytes or "unknown")})
         return RequestContext(
             request_id=headers.get(c.request_id_header, "")[:256] or "envoy",
             tenant=tenant,
@@ -374,10 +422,37 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             session_id=headers.get(c.session_header, "")[:256],
             ttft_target_ms=number(c.ttft_target_header),
             max_cost_per_1k_tokens=number(c.max_cost_header),
-            labels={"via": "envoy-ext-proc", "path": headers.get(":path", "")[:256]},
+            labels=labels,
         )
 
-    def _decide(self, st: _Stream, body: bytes, *, in_body: bool = False) -> pb.ProcessingResponse:
+    def _cut_request(self, headers: Mapping[str, str], prefix: bytes) -> OpenAIRequest:
+        """The request of a body Envoy passed only the first ``prefix`` bytes of (``BUFFERED_PARTIAL``).
+
+        Never refused merely for being cut: what is whole before the cut is read, and the prompt
+        estimate comes from the body's full size (:func:`parse_cut_request`), so a bigger body
+        cannot buy a smaller token charge. Refused, naming the fix, when the model is nowhere to be
+        read (413), or when a JSON body's full size is unknown (411: no ``content-length``).
+        """
+        c = self.config
+        size = _content_length(headers)
+        whole = parse_request(prefix)  # the object closed before the cut (only whitespace was left)
+        if whole is not None:
+            return replace(whole, seen_bytes=len(prefix), body_bytes=size or 0)
+        req = parse_cut_request(prefix, max(size or 0, len(prefix)))
+        if req is None:  # not JSON (multipart audio, say): as a whole such body, model from the header
+            return OpenAIRequest("", 0, 0, False, seen_bytes=len(prefix), body_bytes=size or 0)
+        over = f"request body over the proxy's buffer (its first {len(prefix)} bytes seen)"
+        if not req.model and not headers.get(c.model_header):
+            raise _Refused(413, "request_too_large", f"{over} and no model in them nor a {c.model_header} "
+                                                     f"header: send the header, or put model first in the body")
+        if size is None:
+            raise _Refused(411, "length_required", f"{over} without content-length: the prompt's size, which "
+                                                   "token quotas charge, cannot be estimated; send content-length")
+        # Over 40 MB of body is more than any context, but a 400 for the estimate would be a refusal
+        # for being big: the most a request may claim stands in (any token quota still denies it).
+        return replace(req, estimated_input_tokens=min(req.estimated_input_tokens, MAX_TOKENS))
+
+    def _decide(self, st: _Stream, body: bytes, *, in_body: bool = False, cut: bool = False) -> pb.ProcessingResponse:
         c = self.config
         ex = st.ex
         try:
@@ -387,8 +462,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 # client's would otherwise let the client's copy decide.
                 raise InvalidArgument(twice[0], "sent more than once; a gateway must replace a client's copy "
                                                 "of a context header, not add to it")
-            ex.request = parse_request(body)
+            ex.request = self._cut_request(ex.headers or {}, body) if cut else parse_request(body)
             decision = self.engine.decide(self.context_of(ex.headers or {}, ex.request))
+        except _Refused as exc:
+            return self._deny(_immediate(exc.code, exc.error_type, str(exc), "", c))
         except NoCandidate as exc:
             if self.metrics is not None:
                 self.metrics.record_denial(exc)
@@ -429,7 +506,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         common = pb.CommonResponse(
             header_mutation=pb.HeaderMutation(set_headers=[
                 _set(c.destination_header, primary), _set(c.decision_id_header, decision.decision_id)]),
-            clear_route_cache=True)  # the route is chosen on the header we just set
+            # The route is chosen on the header we just set, and the metadata. Not for a cut body:
+            # its part is already on its way to the router (see _partial_headers_reply).
+            clear_route_cache=not cut)
         meta = struct_pb2.Struct()
         meta.update({c.metadata_namespace: {c.destination_header: chain}})
         if in_body:

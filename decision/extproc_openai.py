@@ -14,9 +14,10 @@ was cut short upstream (the backend died mid-generation, yet the connection clos
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 # About four characters per token for English BPE vocabularies; the learner corrects the rest.
@@ -39,12 +40,18 @@ class OpenAIRequest:
         Output budget the client asked for (0 when unspecified).
     stream
         Whether the client asked for a server-sent-event stream.
+    seen_bytes, body_bytes
+        For a body the proxy passed only the start of (:func:`parse_cut_request`): the bytes seen,
+        and the whole body's size from its ``content-length`` (0 when unknown). Both 0 when the
+        whole body was seen.
     """
 
     model: str
     estimated_input_tokens: int
     max_tokens: int
     stream: bool
+    seen_bytes: int = 0
+    body_bytes: int = 0
 
 
 def _text_chars(content: Any) -> int:
@@ -110,6 +117,10 @@ def parse_request(body: bytes) -> OpenAIRequest | None:
     doc = _loads(body)
     if not isinstance(doc, dict):
         return None
+    return _request_of(doc)
+
+
+def _request_of(doc: dict[str, Any]) -> OpenAIRequest:
     chars = 0
     overhead = 0
     token_ids = 0  # a prompt given as token ids (completions, embeddings) is its own count
@@ -140,6 +151,89 @@ def parse_request(body: bytes) -> OpenAIRequest | None:
         max_tokens=_int_field(doc, "max_tokens", "max_completion_tokens", "max_output_tokens"),
         stream=doc.get("stream") is True,
     )
+
+
+_DECODER = json.JSONDecoder()
+_WHITESPACE = " \t\n\r"  # JSON's
+
+
+def _skip(text: str, i: int) -> int:
+    while i < len(text) and text[i] in _WHITESPACE:
+        i += 1
+    return i
+
+
+def _members_before_cut(text: str) -> dict[str, Any] | None:
+    """The members of the JSON object ``text`` begins that are whole before it is cut; ``None`` if no object begins.
+
+    A member is taken once the ``,`` or ``}`` after it is in: a number at the cut may be the first
+    digits of a longer one. The first member the cut falls in ends the reading (so does JSON that
+    is malformed from there on: what comes after it is as unknown as what is past the cut).
+
+    >>> _members_before_cut('{"model": "m", "max_tokens": 12')
+    {'model': 'm'}
+    >>> _members_before_cut('{"max_tokens": 128, "model": "m", "messages": [{"role": "user", "content": "hel')
+    {'max_tokens': 128, 'model': 'm'}
+    """
+    i = _skip(text, 0)
+    if i >= len(text) or text[i] != "{":
+        return None
+    out: dict[str, Any] = {}
+    i += 1
+    first = True
+    while True:
+        i = _skip(text, i)
+        if i >= len(text) or text[i] == "}":
+            return out
+        if not first:
+            if text[i] != ",":
+                return out
+            i = _skip(text, i + 1)
+        first = False
+        try:
+            key, i = _DECODER.raw_decode(text, i)
+            i = _skip(text, i)
+            if not isinstance(key, str) or i >= len(text) or text[i] != ":":
+                return out
+            value, i = _DECODER.raw_decode(text, _skip(text, i + 1))
+        except (ValueError, RecursionError):  # the cut falls in this member (RecursionError: nesting)
+            return out
+        if _skip(text, i) >= len(text):  # nothing after it yet: it may itself be cut
+            return out
+        out[key] = value
+
+
+def parse_cut_request(prefix: bytes, body_bytes: int) -> OpenAIRequest | None:
+    """What a JSON request body says when the proxy passed only its first bytes, ``prefix``, of ``body_bytes``.
+
+    Envoy's ``BUFFERED_PARTIAL`` body mode does that for a body bigger than its buffer. The members
+    whole before the cut are read as in a whole body (``model``, ``max_tokens``, ``stream``;
+    :func:`_members_before_cut`); one the cut falls in, or past it, is unknown. The prompt is
+    mostly past the cut, so the input-token estimate counts every byte of the whole body as a
+    character of prompt: about what the whole body would get (for a text prompt, no less, as the
+    JSON around each message outweighs its per-message overhead), so a bigger body can never lower
+    it. ``None`` when ``prefix`` does not begin a JSON object.
+
+    Examples
+    --------
+    >>> r = parse_cut_request(b'{"model": "m", "max_tokens": 64, "messages": [{"role": "user", "content": "xx', 4000)
+    >>> (r.model, r.estimated_input_tokens, r.max_tokens, r.seen_bytes, r.body_bytes)
+    ('m', 1000, 64, 77, 4000)
+    """
+    try:
+        # As json.loads reads bytes (a UTF-8 BOM, UTF-16 or -32: what a backend in Python takes),
+        # so no encoding can pass for "not JSON" and go uncharged. Incremental: a character the cut
+        # split in two is left out, while a bad byte before the cut is an error.
+        decoder = codecs.getincrementaldecoder(json.detect_encoding(prefix))("strict")
+        text = decoder.decode(prefix, final=False)
+    except UnicodeDecodeError:
+        return None
+    members = _members_before_cut(text)
+    if members is None:
+        return None
+    seen = _request_of(members)
+    est = max(seen.estimated_input_tokens, math.ceil(body_bytes / CHARS_PER_TOKEN))
+    return replace(seen, estimated_input_tokens=est, seen_bytes=len(prefix), body_bytes=body_bytes)
 
 
 DONE_EVENT = "data: [DONE]"
