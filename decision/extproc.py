@@ -619,13 +619,17 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         elif status is OutcomeStatus.OK and ex.usage is not None and ex.usage.unfinished():
             # HTTP 200 and a clean end without [DONE] (or response.completed): stopped mid-generation.
             status, error = OutcomeStatus.ERROR, ex.usage.unfinished()
-        est_in = ex.request.estimated_input_tokens if ex.request is not None else 0
+        if usage:
+            tokens_in, tokens_out = usage.prompt_tokens, usage.completion_tokens
+        elif ex.usage is not None and ex.usage.content_chunks:  # a stream without usage: a chunk a token
+            tokens_in = ex.request.estimated_input_tokens if ex.request is not None else 0
+            tokens_out = ex.usage.content_chunks
+        else:  # unknown (no usage object, a body too big to read): 0 says so, and the quota keeps the estimate
+            tokens_in = tokens_out = 0
         outcome = Outcome(
             decision_id=decision.decision_id, status=status,
             ttft_ms=max(0.0, (first - ex.t0) * 1000.0), latency_ms=max(0.0, (now - ex.t0) * 1000.0),
-            input_tokens=usage.prompt_tokens if usage else est_in,
-            output_tokens=usage.completion_tokens if usage else (ex.usage.content_chunks if ex.usage else 0),
-            error=error, served_endpoint_id=ex.served_by)
+            input_tokens=tokens_in, output_tokens=tokens_out, error=error, served_endpoint_id=ex.served_by)
         try:
             result = self.engine.report_outcome(outcome)
             self.stats["outcomes"] += 1

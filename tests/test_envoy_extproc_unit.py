@@ -307,7 +307,21 @@ def test_inline_mode_reports_on_the_same_stream() -> None:
                                                           "response_body"]
     (o,) = engine.outcomes.values()
     assert o.status is OutcomeStatus.ERROR and o.error == "HTTP 503"
-    assert o.input_tokens == 104  # no usage in the body: the request's estimate stands in
+    # No usage in the body: unknown, reported as 0 (the quota then keeps the estimate charged).
+    assert (o.input_tokens, o.output_tokens) == (0, 0)
+
+
+def test_a_200_json_answer_without_usage_reports_its_tokens_unknown() -> None:
+    # Reported as (estimate, 0) it read as "used the prompt only": the whole max_tokens share went
+    # back to the tenant's token quota for an answer of any length.
+    engine = make_engine(build_fleet(ADDR), ResidencyGuard())
+    s = ExtProcServicer(engine, ExtProcConfig(response_phase="inline"))
+    answer = json.dumps({"choices": [{"message": {"content": "y" * 20000}}]}).encode()
+    msgs = [headers_msg({"x-infermesh-tenant": "acme"}), body_msg(CHAT),
+            resp_headers(200, "application/json", observe=False), resp_body(answer, eos=True, observe=False)]
+    list(s.Process(iter(msgs), None))
+    (o,) = engine.outcomes.values()
+    assert o.status is OutcomeStatus.OK and (o.input_tokens, o.output_tokens) == (0, 0)
 
 
 def test_stream_closed_mid_response_is_cancelled() -> None:
