@@ -220,7 +220,13 @@ class Simulation:
         return self._arrivals_done and self._inflight == 0 and self._queued == 0
 
     def busy_seconds(self) -> np.ndarray:
-        """Each endpoint's GPU busy time (prefilling or decoding, each second once) so far."""
+        """Each endpoint's GPU busy time so far.
+
+        Returns
+        -------
+        numpy.ndarray
+            Seconds per endpoint during which it prefilled or decoded, each second counted once.
+        """
         return np.array([nd.busy_s for nd in self.nodes])
 
     # -- handlers --

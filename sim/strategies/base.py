@@ -67,11 +67,23 @@ class Strategy:
         self.view = view
 
     def set_workers(self, n: int) -> None:
-        """Decide in ``n`` workers (called before :meth:`bind`; only where ``modelled_workers``)."""
+        """Decide in ``n`` workers (called before :meth:`bind`; only where ``modelled_workers``).
+
+        Parameters
+        ----------
+        n
+            Decision worker processes, at least 1.
+        """
         self.workers = n
 
     def sync(self, worker: int) -> None:
-        """Worker ``worker``'s periodic state exchange with the others (none by default)."""
+        """Worker ``worker``'s periodic state exchange with the others (none by default).
+
+        Parameters
+        ----------
+        worker
+            The worker's index, ``0 <= worker < workers``.
+        """
 
     def choose(self, req: Request, cands: I64) -> int:
         """The endpoint index to send ``req`` to, or -1 to drop it (set ``req.drop_reason``)."""

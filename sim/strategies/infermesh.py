@@ -73,12 +73,37 @@ class DeltaLog:
 
     def write_delta(self, *, learner: str, version: str, replica: str, seq: int, dA: NDArray[np.float64],
                     db: NDArray[np.float64], dn: int) -> None:
-        """Store one delta (a copy: the learner's arrays are its own)."""
+        """Store one delta (a copy: the learner's arrays are its own); a repeated seq is a no-op.
+
+        Parameters
+        ----------
+        learner, version
+            The learner's key (``LearnerSync.key``).
+        replica, seq
+            The writing replica and its delta's number.
+        dA, db, dn
+            The increments of the sufficient statistics and the number of updates they hold.
+        """
         self._rows.setdefault((learner, version, replica, seq), Delta(replica, seq, dA.copy(), db.copy(), dn))
 
     def read_deltas(self, *, learner: str, version: str, after: Mapping[str, int],
                     exclude_replica: str | None = None) -> list[Delta]:
-        """Deltas of every replica but ``exclude_replica`` with a seq above ``after``'s mark for it."""
+        """Deltas of every replica but ``exclude_replica`` with a seq above ``after``'s mark for it.
+
+        Parameters
+        ----------
+        learner, version
+            The learner's key.
+        after
+            The last seq already merged, by replica (none: 0).
+        exclude_replica
+            The reader's own replica id.
+
+        Returns
+        -------
+        list of Delta
+            In (replica, seq) order.
+        """
         return [d for (name, ver, rep, seq), d in sorted(self._rows.items(), key=lambda kv: kv[0])
                 if name == learner and ver == version and rep != exclude_replica and seq > after.get(rep, 0)]
 
@@ -236,7 +261,13 @@ class InferMesh(Strategy):
             client_region=w.regions[req.region], session_id=req.session, ttft_target_ms=req.ttft_target_ms)
 
     def sync(self, worker: int) -> None:
-        """Worker ``worker`` pushes its learner's increments and merges the others' (``LearnerSync.sync``)."""
+        """Worker ``worker`` pushes its learner's increments and merges the others' (``LearnerSync.sync``).
+
+        Parameters
+        ----------
+        worker
+            The worker's index (nothing to do with one worker).
+        """
         if self.syncs:
             self.syncs[worker].sync()
 
