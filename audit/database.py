@@ -51,6 +51,14 @@ class NoAuditLog(RuntimeError):
     """The audit log a reader asked for is not there: no database, no schema, or another schema revision."""
 
 
+class NewerSchema(NoAuditLog, ValueError):
+    """The audit log is at a schema revision a newer release wrote: this release neither reads nor migrates it.
+
+    A ``ValueError`` too: ``infermesh serve`` reports what stops its start that way, in one line
+    (exit 2), rather than as a traceback.
+    """
+
+
 def shown_url(url: str) -> str:
     """``url`` (a URL or a ``key=value`` conninfo string) without its password, for messages.
 
@@ -109,12 +117,29 @@ def check_schema(url: str) -> None:
         raise NoAuditLog(f"cannot reach the audit database {shown}: {_scrubbed(first_line(exc), url)}") from None
     except psycopg.Error as exc:  # a malformed URL, no permission to read, ...
         raise NoAuditLog(f"cannot read the audit log at {shown}: {_scrubbed(first_line(exc), url)}") from None
+    if have - known:
+        raise NewerSchema(schema_message(shown, have, heads, "read it with that release"))
     if have != heads:
-        at = ", ".join(sorted(have)) or "none"
-        advice = ("a newer release wrote it: read it with that release" if have - known else
-                  "start `infermesh serve` once (it migrates)")
-        raise NoAuditLog(f"the audit log at {shown} has schema revision {at}; this infermesh reads "
-                         f"{', '.join(sorted(heads))}: {advice}")
+        raise NoAuditLog(schema_message(shown, have, heads))
+
+
+def schema_message(shown: str, have: set[str], heads: set[str], newer: str = "") -> str:
+    """Why the audit log at ``shown`` (its revisions ``have``) is not at this release's ``heads``.
+
+    ``newer`` is what to do when a newer release wrote it (``have`` holds a revision this release
+    does not know); without it, the advice is to migrate.
+
+    >>> schema_message("db", {"0009"}, {"0008"}, "read it with that release")[:71]
+    'the audit log at db has schema revision 0009; this infermesh reads 0008'
+    >>> schema_message("db", {"0009"}, {"0008"}, "read it with that release").split("0008: ")[1]
+    'a newer release wrote it: read it with that release'
+    >>> schema_message("db", {"0007"}, {"0008"}).split("0008: ")[1]
+    'start `infermesh serve` once (it migrates)'
+    """
+    at = ", ".join(sorted(have)) or "none"
+    advice = f"a newer release wrote it: {newer}" if newer else "start `infermesh serve` once (it migrates)"
+    reads = ", ".join(sorted(heads))
+    return f"the audit log at {shown} has schema revision {at}; this infermesh reads {reads}: {advice}"
 
 
 def _scrubbed(text: str, url: str) -> str:
@@ -134,8 +159,18 @@ def first_line(exc: BaseException) -> str:
 
 def prepare(url: str, *, partitions_ahead_days: int = 3) -> dt.date:
     """Migrate to head and create today's and the next days' partitions; returns today (UTC), the
-    first of the days ensured."""
-    migrate.upgrade(url)
+    first of the days ensured.
+
+    Raises
+    ------
+    NewerSchema
+        The database is at a revision a newer release wrote (nothing is changed).
+    """
+    try:
+        migrate.upgrade(url)
+    except migrate.UnknownRevision as exc:
+        raise NewerSchema(schema_message(shown_url(url), exc.have, exc.heads, "run that release, or give this "
+                                         "one a database of its own")) from None
     today = dt.datetime.now(dt.UTC).date()
     with psycopg.connect(url, autocommit=True) as conn:
         partitions.ensure_ahead(conn, today=today, days_ahead=partitions_ahead_days)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from alembic import command
@@ -40,15 +43,70 @@ def script_heads_and_revisions() -> tuple[set[str], set[str]]:
 MIGRATION_LOCK = 0x1F3E_5A17
 
 
-def upgrade(url: str, revision: str = "heads") -> None:
-    """Run every migration up to ``revision`` (default: all heads), one process at a time."""
+class UnknownRevision(RuntimeError):
+    """The database is at a schema revision this release does not know (a newer release migrated it).
+
+    Alembic cannot upgrade or downgrade from a revision it has no script for; it says "Can't locate
+    revision identified by ...". This names what is stored and what this release knows instead.
+
+    Parameters
+    ----------
+    have : set of str
+        The revisions ``alembic_version`` holds.
+    heads : set of str
+        This release's head revisions.
+    """
+
+    def __init__(self, have: set[str], heads: set[str]) -> None:
+        super().__init__(f"schema revision {', '.join(sorted(have))} is not one this infermesh knows (it "
+                         f"reads {', '.join(sorted(heads))}): a newer release wrote it")
+        self.have = have
+        self.heads = heads
+
+
+def stored_revisions(conn: psycopg.Connection[Any]) -> set[str]:
+    """The revisions ``alembic_version`` holds; empty when no migration was ever applied."""
+    row = conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL").fetchone()
+    if not row or not row[0]:
+        return set()
+    return {str(r[0]) for r in conn.execute("SELECT version_num FROM alembic_version").fetchall()}
+
+
+@contextlib.contextmanager
+def _migrating(url: str) -> Iterator[None]:
+    """Hold the migration lock, having checked that the stored revision is one this release knows."""
     with psycopg.connect(url, autocommit=True) as lock:
         lock.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
         try:
-            command.upgrade(alembic_config(url), revision)
+            heads, known = script_heads_and_revisions()
+            have = stored_revisions(lock)
+            if have - known:
+                raise UnknownRevision(have, heads)
+            yield
         finally:
             lock.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
 
 
+def upgrade(url: str, revision: str = "heads") -> None:
+    """Run every migration up to ``revision`` (default: all heads), one process at a time.
+
+    Raises
+    ------
+    UnknownRevision
+        The database is at a revision a newer release wrote; nothing is changed.
+    """
+    with _migrating(url):
+        command.upgrade(alembic_config(url), revision)
+
+
 def downgrade(url: str, revision: str) -> None:
-    command.downgrade(alembic_config(url), revision)
+    """Undo migrations down to ``revision``, under the same lock as :func:`upgrade`.
+
+    Raises
+    ------
+    UnknownRevision
+        The database is at a revision a newer release wrote (only that release can undo it).
+    """
+    # Unlocked, a replica starting meanwhile would upgrade what is being taken down.
+    with _migrating(url):
+        command.downgrade(alembic_config(url), revision)
