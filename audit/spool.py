@@ -71,7 +71,8 @@ def _lock_spool(directory: Path) -> Any:
         holder = f.read().strip() or "unknown"
         f.close()
         raise SpoolInUse(f"the audit spool {directory} is in use by another writer (pid {holder}); each "
-                         "service process needs a spool folder of its own (audit.spool_dir)") from None
+                         "service process needs a spool folder of its own (audit.spool_dir, or a data directory of "
+                         "its own: INFERMESH_DATA_DIR)") from None
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))

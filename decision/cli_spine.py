@@ -117,14 +117,17 @@ def _load(config_path: str) -> tuple[Any, Any]:
 
 def _service(cfg: Any, settings: Any, **kwargs: Any) -> Any:
     """Build the service; what the config's files or sections say wrong is a message and exit 2, not a traceback."""
+    from audit.spool import SpoolInUse
     from decision.config import ConfigError
     from decision.fleet import InventoryError
     from decision.service import Service
-    from policies.errors import BundleError
+    from policies.errors import BundleError, BundleRejected
 
     try:
         return Service(cfg, settings, **kwargs)
     except (InventoryError, BundleError, ConfigError) as exc:  # already file:line: what
+        print(f"infermesh: {exc}", file=sys.stderr)
+    except (BundleRejected, SpoolInUse) as exc:  # failing bundle tests; another process's audit spool
         print(f"infermesh: {exc}", file=sys.stderr)
     except (ValueError, TypeError, KeyError) as exc:  # a learner, audit or TLS setting the section check let by
         print(f"infermesh: {cfg.path}: cannot start with this config: {type(exc).__name__}: {exc}", file=sys.stderr)

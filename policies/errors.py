@@ -34,6 +34,10 @@ class BundleError(ValueError):
         self.issues = tuple(issues)
 
 
+class BundleRejected(RuntimeError):
+    """A bundle that compiles but is not loaded: its tests fail, or it changed while being loaded."""
+
+
 def read_source(path: Path) -> str:
     """A rule or test file's text; one that is not UTF-8 or cannot be read is a located :class:`BundleError`."""
     try:

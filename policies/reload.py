@@ -19,6 +19,7 @@ from typing import Any
 
 from decision.contracts import Guard
 from policies.bundle import compile_bundle
+from policies.errors import BundleRejected
 from policies.guard import PolicyGuard
 from policies.manifest import bundle_files, bundle_revision, ignored_part
 from policies.quota import InMemoryQuotaCounters, QuotaCounters
@@ -72,14 +73,15 @@ class PolicyReloader:
                 shutil.copytree(self.directory, snapshot,
                                 ignore=lambda _d, names: [n for n in names if ignored_part(n)])
                 if bundle_revision(snapshot) != bundle.revision:
-                    raise RuntimeError("the bundle changed while it was being loaded; it is loaded again "
+                    raise BundleRejected("the bundle changed while it was being loaded; it is loaded again "
                                        "once it stops changing (the file watcher, SIGHUP or ReloadPolicies)")
                 # In a child: rego-cpp can crash on some test constructs, which must reject the bundle,
                 # not kill the server.
                 failed = [str(t).replace(str(snapshot), str(self.directory))
                           for t in run_tests_isolated(snapshot) if not t.passed]
             if failed:
-                raise RuntimeError(f"{len(failed)} bundle test(s) failed: " + "; ".join(failed[:5]))
+                raise BundleRejected(f"{self.directory}: {len(failed)} bundle test(s) failed: "
+                                     + "; ".join(failed[:5]))
         return PolicyGuard(bundle, counters=self.counters)
 
     def load(self) -> PolicyGuard:

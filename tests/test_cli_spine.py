@@ -6,6 +6,7 @@ import ctypes
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -368,3 +369,20 @@ def test_bench_decide_prints_a_table_and_its_json_last() -> None:
     assert out["endpoints"] == 512 and out["candidates"] == 64
     assert 0 < out["p50_us"] <= out["p99_us"] <= out["p999_us"] <= out["max_us"]
     assert {"locate", "guard", "score", "choose"} <= set(out["stage_p50_us"])
+
+
+def test_a_bundle_failing_its_tests_is_a_message_not_a_traceback(tmp_path: Path) -> None:
+    # It compiles, but its case table expects 85 C to be allowed: the service must not load it, and
+    # saying so was a traceback ending in RuntimeError, exit 1.
+    bundle = tmp_path / "bundle"
+    shutil.copytree(ROOT / "policies/bundles/default", bundle)
+    manifest = bundle / "manifest.yaml"
+    manifest.write_text(manifest.read_text().replace("max_gpu_temp_c: 85", "max_gpu_temp_c: 60"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"fleet: {ROOT / 'deploy/demo/fleet.yaml'}\npolicies: {bundle}\n")
+    request = tmp_path / "r.json"
+    request.write_text('{"request_id": "r", "tenant": "acme", "model_family": "llama"}')
+    proc = _run("decide", "--config", str(cfg), "--request", str(request))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"infermesh: {bundle}: ") and "bundle test(s) failed: FAIL safety.gpu_temperature" in line
