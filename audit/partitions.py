@@ -60,21 +60,50 @@ def list_partitions(conn: psycopg.Connection[Any]) -> list[dt.date]:
 
 
 def drop_before(conn: psycopg.Connection[Any], *, cutoff: dt.date) -> list[dt.date]:
-    """Drop every day partition strictly older than ``cutoff``; returns the days dropped."""
+    """Drop every day partition strictly older than ``cutoff``, and the other tables' rows of those days.
+
+    The cutoff is recorded in ``audit_retention`` first, so a run cut short (a killed pod, a lost
+    connection) still says which days are being retired: a spool replayed meanwhile does not bring
+    them back (:mod:`audit.writer` refuses rows before the cutoff), and running again, as the
+    service's next round does, finishes the work (every step is idempotent). Until then rows before
+    the cutoff may still be there; what the readers see stays consistent because every day still
+    held is whole (``audit verify`` walks its chains; :mod:`audit.checkpoint` takes the older of the
+    cutoff and the oldest partition held as the retired bound):
+
+    - the partitions are dropped oldest first, each on its own (a dropped partition locks the whole
+      of ``decision_events``: not across the long deletes below), so the days kept are contiguous;
+    - the outcomes, second outcomes and duplicate decisions of those days go in one transaction, as
+      they are links of the same chains: a half-done delete would leave chains with holes.
+
+    Parameters
+    ----------
+    conn : psycopg.Connection
+        An autocommit connection (in a transaction, the whole run commits or rolls back with it).
+    cutoff : datetime.date
+        The first UTC day kept.
+
+    Returns
+    -------
+    list of datetime.date
+        The days whose partitions this run drops (logged up front as the run's ``dropped_days``).
+    """
     dropped = [d for d in list_partitions(conn) if d < cutoff]
+    with conn.transaction():
+        conn.execute("INSERT INTO audit_retention (cutoff, dropped_days) VALUES (%s, %s)", (cutoff, dropped))
     for d in dropped:
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(partition_name(d))))
     start = dt.datetime.combine(cutoff, dt.time(), tzinfo=dt.UTC)
-    for table in ("outcomes", "outcome_conflicts"):  # whole UTC days: the remaining chains stay whole
-        conn.execute(sql.SQL("DELETE FROM {} WHERE reported_at < %s").format(sql.Identifier(table)), (start,))
-    # A decision submitted again keeps its link in decision_duplicates (migration 0006), on its day.
-    conn.execute("DELETE FROM decision_duplicates WHERE decided_at < %s", (start,))
-    conn.execute("INSERT INTO audit_retention (cutoff, dropped_days) VALUES (%s, %s)", (cutoff, dropped))
+    with conn.transaction():
+        for table in ("outcomes", "outcome_conflicts"):  # whole UTC days: the remaining chains stay whole
+            conn.execute(sql.SQL("DELETE FROM {} WHERE reported_at < %s").format(sql.Identifier(table)), (start,))
+        # A decision submitted again keeps its link in decision_duplicates (migration 0006), on its day.
+        conn.execute("DELETE FROM decision_duplicates WHERE decided_at < %s", (start,))
     return dropped
 
 
 def retired_before(conn: psycopg.Connection[Any]) -> dt.date | None:
-    """The latest retention cutoff: days before it were dropped (None: retention never ran)."""
+    """The latest retention cutoff: days before it are dropped, or being dropped by a run not yet
+    done (see :func:`drop_before`); None: retention never ran."""
     row = conn.cursor(row_factory=tuple_row).execute("SELECT max(cutoff) FROM audit_retention").fetchone()
     return row[0] if row else None
 

@@ -781,3 +781,83 @@ def test_cli_day_bounds_take_whole_days_like_verify_and_bad_outputs_are_one_line
     code, _, err = _cli(monkeypatch, capsys, db, "export", "-o", str(tmp_path))
     assert code == 2 and err == f"{tmp_path}: is a directory; name the file to write\n"
     assert not (tmp_path.parent / f"{tmp_path.name}.partial").exists()
+
+
+class _CutShort:
+    """A connection on which the first statement starting with ``at`` fails as a lost connection does
+    (a retention run killed there): what ran before it stays done."""
+
+    def __init__(self, conn: psycopg.Connection[Any], at: str) -> None:
+        self._conn = conn
+        self._at = at
+
+    def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+        text = query if isinstance(query, str) else query.as_string(self._conn).replace('"', "")
+        if text.startswith(self._at):
+            raise psycopg.OperationalError(f"server closed the connection unexpectedly (at {self._at})")
+        return self._conn.execute(query, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+@pytest.mark.parametrize("cut_at", ["DROP TABLE", "DELETE FROM outcome_conflicts"])
+def test_a_retention_run_cut_short_keeps_its_cutoff_so_a_replay_stays_out_and_the_log_stays_whole(
+        db: str, demo_fleet: Fleet, tmp_path: Path, cut_at: str) -> None:
+    """The cutoff was recorded last: a run killed after dropping a day left none, and a spool replayed
+    later recreated the day with half its chain (``audit verify`` still passed); killed between its
+    deletes, it left second outcomes whose chains had lost their first links."""
+    from audit.checkpoint import chain_heads, check_heads
+    from decision.engine import outcome_event
+
+    engine = make_engine(demo_fleet)
+    now = dt.datetime.now(dt.UTC)
+    at = (now - dt.timedelta(days=10)).timestamp()
+    old_day, cutoff = dt.datetime.fromtimestamp(at, dt.UTC).date(), now.date() - dt.timedelta(days=6)
+    down = AuditWriter("postgresql://postgres@127.0.0.1:1/none", AuditSettings(spool_dir=tmp_path / "spool"))
+    for i in range(2):
+        down.submit_decision({**decision_event(engine.decide(ctx(i)), "routed", ()), "decided_at": at})
+    down.close()
+    up = AuditWriter(db, AuditSettings(spool_dir=tmp_path / "other"))
+    d = engine.decide(ctx(9))
+    up.submit_decision({**decision_event(d, "routed", ()), "decided_at": at})
+    for status in (OutcomeStatus.OK, OutcomeStatus.ERROR):  # an outcome, and a second one (outcome_conflicts)
+        up.submit_outcome(outcome_event(Outcome(d.decision_id, status, ttft_ms=50, latency_ms=300), None, at + 5))
+        assert up.flush(10)
+    up.close()
+    heads = chain_heads(db)
+
+    def old_rows(conn: psycopg.Connection[Any]) -> tuple[int, int, int]:
+        since = dt.datetime.combine(cutoff, dt.time(), tzinfo=dt.UTC)
+        counts = [conn.execute(f"SELECT count(*) FROM {table} WHERE {column} < %s", (since,)).fetchone()
+                  for table, column in (("decision_events", "decided_at"), ("outcomes", "reported_at"),
+                                        ("outcome_conflicts", "reported_at"))]
+        decisions, outcomes, conflicts = (int(c[0]) if c else -1 for c in counts)
+        return decisions, outcomes, conflicts
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        assert old_rows(conn) == (1, 1, 1)
+        with pytest.raises(psycopg.OperationalError):
+            partitions.apply_retention(_CutShort(conn, cut_at), retention_days=7, today=now.date())  # type: ignore[arg-type]
+        assert partitions.retired_before(conn) == cutoff  # recorded before anything was dropped
+        assert (old_day in partitions.list_partitions(conn)) == (cut_at == "DROP TABLE")
+        # the outcomes' deletes are one transaction: none happened, and the old day's chain is whole
+        assert old_rows(conn) == ((1, 1, 1) if cut_at == "DROP TABLE" else (0, 1, 1))
+    assert verify(db).ok, str(verify(db).broken)
+    assert check_heads(db, heads).ok
+
+    late = AuditWriter(db, AuditSettings(spool_dir=tmp_path / "spool"))
+    assert late.flush(20)
+    late.close()
+    assert (late.rows_written, late.expired_rows) == (0, 2)  # the day being retired is not written to
+    with psycopg.connect(db, autocommit=True) as conn:
+        assert old_rows(conn)[0] == (1 if cut_at == "DROP TABLE" else 0)
+        assert (old_day in partitions.list_partitions(conn)) == (cut_at == "DROP TABLE")
+        assert verify(db).ok and check_heads(db, heads).ok
+        # The next run (the service's next round) finishes the work.
+        assert partitions.apply_retention(conn, retention_days=7, today=now.date()) == (
+            [old_day] if cut_at == "DROP TABLE" else [])
+        assert old_day not in partitions.list_partitions(conn) and old_rows(conn) == (0, 0, 0)
+        assert conn.execute("SELECT cutoff FROM audit_retention").fetchall() == [(cutoff,), (cutoff,)]
+    report = check_heads(db, heads)
+    assert verify(db).ok and report.ok and report.retired == 2
