@@ -111,6 +111,10 @@ class DecisionSection(_Section):
     # prompts it sent still ahead in each endpoint's prefill, outcome-calibrated slowness, and the
     # delay a prompt adds to later requests. Off: the estimate reads telemetry alone.
     count_inflight: bool = True
+    # InferMesh processes splitting the traffic to the same endpoints at random (every replica's
+    # workers): each counts its own requests this many times in that ledger, or it would see a
+    # 1/N share of the load and herd onto endpoints the others keep busy. 0: server.workers.
+    routers: int = Field(default=0, ge=0, le=4096)
     # How much of the delay a prompt adds to later requests at an endpoint counts against choosing it
     # (decision.scoring.ADDED_DELAY_WEIGHT): 0 ranks by the request's own expected TTFT alone.
     added_delay_weight: float = Field(default=1.0, ge=0.0, le=10.0)

@@ -171,6 +171,7 @@ class DecisionEngine:
         max_fallbacks: int = 3,
         max_candidates: int = 256,
         count_inflight: bool = True,
+        routers: int = 1,
         added_delay_weight: float = ADDED_DELAY_WEIGHT,
         cost_weight_ms: float = COST_WEIGHT_MS,
         outcome_timeout_s: float = 300.0,
@@ -194,7 +195,8 @@ class DecisionEngine:
         # What this engine knows of each endpoint from its own traffic (in flight, prefill backlog,
         # outcome-calibrated slowness): exact and immediate, where scraped telemetry is seconds old
         # (a burst would herd onto what looked idle). count_inflight=False scores on telemetry alone.
-        self.ledger = EndpointLedger()
+        # With ``routers`` processes splitting the traffic, each counts its requests that many times.
+        self.ledger = EndpointLedger(routers=routers)
         self.count_inflight = count_inflight
         self.added_delay_weight = added_delay_weight
         self.cost_weight_ms = cost_weight_ms

@@ -47,6 +47,12 @@ class EndpointLedger:
         Bounds of the slowness factor (1: as estimated).
     rate_window_s : float
         Time constant of the arrival-rate average.
+    routers : float
+        How many routers split the traffic to these endpoints at random (``serve --workers N``, and
+        replicas), each keeping a ledger of its own: one request this router sends stands for
+        ``routers`` sent by all of them (in flight, prefill backlog, arrival rate), an unbiased
+        estimate of the endpoint's whole load where counting its own would undercount it ``routers``
+        times.
 
     Examples
     --------
@@ -58,16 +64,24 @@ class EndpointLedger:
     >>> led.done("a"); led.observed("a", expected_ms=100.0, observed_ms=400.0, slowness=1.0)
     >>> led.inflight("a"), round(led.slowness("a"), 2)
     (1, 2.0)
+    >>> one_of_four = EndpointLedger(routers=4)
+    >>> one_of_four.sent("a", now=10.0, prefill_s=0.2)
+    >>> inflight, backlog, _, _ = one_of_four.columns(["a"], now=10.0)
+    >>> inflight.tolist(), backlog.round(1).tolist()
+    ([4.0], [800.0])
     """
 
     def __init__(self, *, alpha: float = 0.05, min_slowness: float = 0.5, max_slowness: float = 4.0,
-                 rate_window_s: float = 5.0) -> None:
+                 rate_window_s: float = 5.0, routers: float = 1.0) -> None:
         if not 0.0 < alpha <= 1.0:
             raise ValueError("alpha must be in (0, 1]")
         if rate_window_s <= 0.0:
             raise ValueError("rate_window_s must be > 0")
+        if not 1.0 <= routers <= 4096.0:
+            raise ValueError("routers must be in [1, 4096]")
         self.alpha = alpha
         self.rate_window_s = rate_window_s
+        self.routers = float(routers)
         self._log_lo, self._log_hi = math.log(min_slowness), math.log(max_slowness)
         # One column of numbers per endpoint (rows _INFLIGHT.._RATE_AT), so that the request path
         # reads a candidate set's columns with one lookup and one fancy index. Column 0 stands for
@@ -93,17 +107,18 @@ class EndpointLedger:
         """A request went to ``endpoint_id``; its prompt takes ``prefill_s`` there once it is its turn."""
         row = self._row_of(endpoint_id)
         st = self._state
-        st[_INFLIGHT, row] += 1.0
+        share = self.routers  # this request and the ones the other routers are sending meanwhile
+        st[_INFLIGHT, row] += share
         decay = math.exp(-max(now - st[_RATE_AT, row], 0.0) / self.rate_window_s)
-        st[_RATE, row] = st[_RATE, row] * decay + 1.0 / self.rate_window_s
+        st[_RATE, row] = st[_RATE, row] * decay + share / self.rate_window_s
         st[_RATE_AT, row] = now
-        st[_DUE, row] = max(st[_DUE, row], now) + prefill_s
+        st[_DUE, row] = max(st[_DUE, row], now) + share * prefill_s
 
     def done(self, endpoint_id: str) -> None:
         """A request at ``endpoint_id`` ended (its outcome came, or it timed out)."""
         row = self._row.get(endpoint_id)
         if row is not None:
-            self._state[_INFLIGHT, row] = max(self._state[_INFLIGHT, row] - 1.0, 0.0)
+            self._state[_INFLIGHT, row] = max(self._state[_INFLIGHT, row] - self.routers, 0.0)
 
     def observed(self, endpoint_id: str, *, expected_ms: float, observed_ms: float, slowness: float) -> None:
         """An outcome: the endpoint's part of the TTFT (no network) was ``observed_ms`` where the

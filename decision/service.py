@@ -156,6 +156,7 @@ class Service:
             audit=self.audit.sink, traces=self.audit.reader, reward=reward, shadow=shadows,
             max_fallbacks=config.decision.max_fallbacks, max_candidates=config.decision.max_candidates,
             count_inflight=config.decision.count_inflight,
+            routers=config.decision.routers or config.server.workers,
             added_delay_weight=config.decision.added_delay_weight,
             cost_weight_ms=config.decision.cost_weight_ms,
             outcome_timeout_s=config.decision.outcome_timeout_s)
@@ -416,6 +417,9 @@ def learner_replica(config: ServiceConfig, settings: Settings) -> str:
     """This process's learner replica id: the config's, else ``INFERMESH_REPLICA``; a worker of
     ``serve --workers`` gets ``-w<i>`` on the config's (the environment's has it already), since
     deltas are keyed by replica: a shared id would make the workers' deltas collide, never merged.
+    So an id is one live process's: a process started under an id another one holds is refused at
+    start-up (``learners.store.ReplicaInUse``), and ``learner.replica``, which takes precedence,
+    belongs only in a config one process (or one ``serve --workers``) reads.
 
     >>> from decision.config import LearnerSection
     >>> cfg = ServiceConfig(fleet="f.yaml", learner=LearnerSection(replica="pod-a"))

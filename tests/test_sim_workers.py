@@ -235,3 +235,15 @@ def test_the_scenarios_server_workers_applies_unless_the_option_overrides_it(tmp
     assert runner.run(sc, ["infermesh:least-ttft"], short).summary["infermesh:least-ttft"]["workers"] == 3
     short.workers = 2
     assert runner.run(sc, ["infermesh:least-ttft"], short).summary["infermesh:least-ttft"]["workers"] == 2
+
+
+@pytest.mark.parametrize(("name", "workers", "routers"), [
+    ("infermesh", 3, 3),  # as serve: decision.routers defaults to the workers
+    ("infermesh:linucb/routers=1", 3, 1),  # the uncorrected per-worker ledgers, for comparison
+    ("infermesh", 1, 1),
+])
+def test_each_workers_ledger_counts_its_requests_once_per_worker(name: str, workers: int, routers: int) -> None:
+    strat = registry.make(name, seed=3)
+    assert isinstance(strat, InferMesh)
+    _sim(strat, workers=workers)
+    assert [e.ledger.routers for e in strat.engines] == [routers] * workers

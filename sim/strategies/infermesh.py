@@ -161,6 +161,9 @@ class InferMesh(Strategy):
     added_delay, cost_weight_ms
         The engine's ``added_delay_weight`` and ``cost_weight_ms`` (config ``decision.*``; None: the
         engine's defaults, :meth:`configure` sets them from a scenario).
+    routers
+        The engine's ``routers`` (config ``decision.routers``): how many times each worker counts its
+        own requests in its ledger; None or 0: the workers, as ``serve`` does.
     seed
         Seeds the learner and the shortlist sampling (every worker's learner gets the same seed, as
         every ``serve`` worker builds its learner from the same config).
@@ -172,15 +175,17 @@ class InferMesh(Strategy):
     def __init__(self, learner: str = "linucb", *, shortlist: int = DEFAULT_SHORTLIST, seed: int = 0,
                  label: str = "infermesh", expected_output_tokens: int = 256, params: Mapping[str, Any] | None = None,
                  make: Callable[[int], tuple[Learner, FeatureBuilder | None, RewardFunction | None]] | None = None,
-                 added_delay: float | None = None, cost_weight_ms: float | None = None) -> None:
+                 added_delay: float | None = None, cost_weight_ms: float | None = None,
+                 routers: int | None = None) -> None:
         self.name = label
         self.learner_name = learner
         self.params = dict(params or {})
         self.k = shortlist
         self.added_delay = ADDED_DELAY_WEIGHT if added_delay is None else added_delay
         self.cost_weight_ms = COST_WEIGHT_MS if cost_weight_ms is None else cost_weight_ms
-        self._set = {name for name, v in (("added_delay_weight", added_delay), ("cost_weight_ms", cost_weight_ms))
-                     if v is not None}
+        self.routers = routers or 0  # 0: the workers, as serve's decision.routers
+        self._set = {name for name, v in (("added_delay_weight", added_delay), ("cost_weight_ms", cost_weight_ms),
+                                          ("routers", routers)) if v is not None}
         self.seed = seed
         self.expected_output_tokens = expected_output_tokens
         self._make = make
@@ -193,6 +198,8 @@ class InferMesh(Strategy):
             self.added_delay = float(decision["added_delay_weight"])
         if "cost_weight_ms" in decision and "cost_weight_ms" not in self._set:
             self.cost_weight_ms = float(decision["cost_weight_ms"])
+        if "routers" in decision and "routers" not in self._set:
+            self.routers = int(decision["routers"])
 
     def bind(self, view: RouterView) -> None:
         super().bind(view)
@@ -207,6 +214,7 @@ class InferMesh(Strategy):
                                    else default_learner(self.learner_name, self.seed, self.params, self.cost_weight_ms))
             self.engines.append(ShortlistEngine(w.fleet, self.store, default_guard(clock), learner, features=fb,
                                                 reward=reward, clock=clock, outcome_timeout_s=600.0,
+                                                routers=self.routers or self.workers,
                                                 added_delay_weight=self.added_delay,
                                                 cost_weight_ms=self.cost_weight_ms))
             if self.workers > 1:  # one process has nothing to merge with

@@ -62,10 +62,11 @@ def make(name: str, seed: int) -> Strategy:
     ``NAME+guard`` routes a peer only where the hard rules allow (:class:`~sim.strategies.base.Guarded`).
 
     Hyperparameters follow the learner's name, ``/``-separated (``--strategies`` splits on commas):
-    ``infermesh:linucb/alpha=0.5/safe_slack=0.25``; values are parsed as JSON. ``shortlist=N`` and
-    ``added_delay=W`` and ``cost_ms=W`` are the strategy's own, not the learner's (endpoints offered
-    to the engine per decision, default ``DEFAULT_SHORTLIST``; the engine's ``added_delay_weight``
-    and ``cost_weight_ms``, by default the scenario's ``decision`` section's, else the engine's).
+    ``infermesh:linucb/alpha=0.5/safe_slack=0.25``; values are parsed as JSON. ``shortlist=N``,
+    ``added_delay=W``, ``cost_ms=W`` and ``routers=N`` are the strategy's own, not the learner's
+    (endpoints offered to the engine per decision, default ``DEFAULT_SHORTLIST``; the engine's
+    ``added_delay_weight``, ``cost_weight_ms`` and ``routers``, by default the scenario's
+    ``decision`` section's, else the engine's; ``routers`` defaults to the workers, as in ``serve``).
     """
     if name.startswith("infermesh:"):
         from learners.registry import parse_spec
@@ -78,8 +79,9 @@ def make(name: str, seed: int) -> Strategy:
         # Unset: the scenario's decision section, else the engine's defaults (sim.runner applies them).
         added_delay = float(params.pop("added_delay")) if "added_delay" in params else None
         cost_ms = float(params.pop("cost_ms")) if "cost_ms" in params else None
+        routers = int(params.pop("routers")) if "routers" in params else None
         return InferMesh(learner, seed=seed, label=name, params=params, shortlist=shortlist, added_delay=added_delay,
-                         cost_weight_ms=cost_ms)
+                         cost_weight_ms=cost_ms, routers=routers)
     if name == "vw_peer":
         if not _vw_available():
             raise ValueError("strategy 'vw_peer' needs Vowpal Wabbit: pip install -e '.[dev]' (the vowpalwabbit wheel)")
