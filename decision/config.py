@@ -113,7 +113,8 @@ class DecisionSection(_Section):
     count_inflight: bool = True
     # InferMesh processes splitting the traffic to the same endpoints at random (every replica's
     # workers): each counts its own requests this many times in that ledger, or it would see a
-    # 1/N share of the load and herd onto endpoints the others keep busy. 0: server.workers.
+    # 1/N share of the load and herd onto endpoints the others keep busy. 0: the serve command's
+    # workers (--workers, else server.workers); with several replicas, set it to their total.
     routers: int = Field(default=0, ge=0, le=4096)
     # How much of the delay a prompt adds to later requests at an endpoint counts against choosing it
     # (decision.scoring.ADDED_DELAY_WEIGHT): 0 ranks by the request's own expected TTFT alone.
@@ -196,6 +197,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     replica: str = ""  # this process's replica id for learner merging (empty: single instance)
     worker: int | None = Field(default=None, ge=0)  # set by `serve --workers N` in each worker: its index
+    workers: int | None = Field(default=None, ge=1)  # ... and N, which the command line may set, not the config
     otel_exporter: Literal["none", "console"] = "none"  # OpenTelemetry span exporter (decision.tracing)
 
     @field_validator("log_level")

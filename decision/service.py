@@ -156,7 +156,7 @@ class Service:
             audit=self.audit.sink, traces=self.audit.reader, reward=reward, shadow=shadows,
             max_fallbacks=config.decision.max_fallbacks, max_candidates=config.decision.max_candidates,
             count_inflight=config.decision.count_inflight,
-            routers=config.decision.routers or config.server.workers,
+            routers=config.decision.routers or settings.workers or config.server.workers,
             added_delay_weight=config.decision.added_delay_weight,
             cost_weight_ms=config.decision.cost_weight_ms,
             outcome_timeout_s=config.decision.outcome_timeout_s)

@@ -138,7 +138,8 @@ def serve_workers(config_path: str, workers: int, *, grpc_port: int | None = Non
     procs = []
     for i in range(workers):
         env = {**db_env, "INFERMESH_DATA_DIR": str(data_dir / f"worker-{i}"),
-               "INFERMESH_REPLICA": worker_replica(settings.replica, i), "INFERMESH_WORKER": str(i)}
+               "INFERMESH_REPLICA": worker_replica(settings.replica, i), "INFERMESH_WORKER": str(i),
+               "INFERMESH_WORKERS": str(workers)}
         p = ctx.Process(target=_worker, name=f"infermesh-worker-{i}",
                         args=(config_path, i, port, http_base + i if http_base else 0, extproc_port, env, ready))
         p.start()

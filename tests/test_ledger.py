@@ -112,13 +112,20 @@ def test_one_of_n_routers_counts_each_of_its_requests_n_times() -> None:
         EndpointLedger(routers=0)
 
 
-def test_the_service_ledger_counts_for_every_worker_unless_told(tmp_path: Path) -> None:
+def test_the_service_ledger_counts_for_every_worker_unless_told(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from decision.config import load_config, load_settings
     from decision.service import Service
 
     root = Path(__file__).resolve().parent.parent
-    for extra, routers in (("server: {workers: 3}\n", 3), ("server: {workers: 3}\ndecision: {routers: 8}\n", 8),
-                           ("", 1)):
+    for extra, env, routers in (("server: {workers: 3}\n", None, 3),
+                                ("server: {workers: 3}\ndecision: {routers: 8}\n", "2", 8),
+                                ("", "5", 5),  # serve --workers 5 tells each worker in its environment
+                                ("", None, 1)):
+        if env is None:
+            monkeypatch.delenv("INFERMESH_WORKERS", raising=False)
+        else:
+            monkeypatch.setenv("INFERMESH_WORKERS", env)
         cfg = tmp_path / "c.yaml"
         cfg.write_text(f"fleet: {root / 'deploy/demo/fleet.yaml'}\npolicies: {root / 'policies/bundles/default'}\n"
                        + extra)
