@@ -609,6 +609,8 @@ class LinearLearner:
         >>> b.n_updates, b.stats.theta.tolist(), b.take_delta()[2], a.take_delta()[2]
         (1, [0.5, 0.0], 0, 1)
         """
+        if not isinstance(state, Mapping):  # a damaged snapshot row can hold any JSON value
+            raise ValueError(f"state is a {type(state).__name__}, not a mapping")
         if state.get("learner") != self.name or state.get("n_features") != self.n_features:
             raise ValueError(f"state of {state.get('learner')} with {state.get('n_features')} features "
                              f"does not fit {self.name} with {self.n_features}")

@@ -63,5 +63,7 @@ class LeastExpectedTtft:
         return {"learner": self.name, "version": self.version, "params": {"cost_weight": self.cost_weight}}
 
     def load_state(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping):  # a damaged snapshot row can hold any JSON value
+            raise ValueError(f"state is a {type(state).__name__}, not a mapping")
         if state.get("learner") != self.name:
             raise ValueError(f"state of {state.get('learner')} does not fit {self.name}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import reprlib
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,24 @@ from learners._linear import FloatArray
 
 log = logging.getLogger("infermesh.learners.store")
 
+_MAX_SEQ = 2**63 - 1  # delta seqs are bigint; a mark past it would fail every later read of deltas
+
+
+class DamagedSnapshot(ValueError):
+    """A ``learner_snapshots`` row whose JSON is not what :meth:`LearnerStore.save_snapshot` writes.
+
+    Parameters
+    ----------
+    snapshot_id
+        The row's id (a caller falls back to the newest snapshot below it).
+    problem
+        What is wrong with it.
+    """
+
+    def __init__(self, snapshot_id: int, problem: str) -> None:
+        super().__init__(problem)
+        self.snapshot_id = snapshot_id
+
 
 def decode_trace(trace_z: bytes) -> dict[str, Any]:
     """The decision trace stored in ``decision_events.trace_z``."""
@@ -35,6 +54,29 @@ def decode_trace(trace_z: bytes) -> dict[str, Any]:
 
 def _ts(t: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(t, dt.UTC)
+
+
+def _json_kind(value: Any) -> str:
+    """How a decoded JSON value reads in a message: ``null``, ``an array``, ``str 'x'``..."""
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return f"{type(value).__name__} {reprlib.repr(value)}"
+
+
+def _delta_marks(snapshot_id: int, raw: Any) -> dict[str, int]:
+    """A snapshot's ``delta_marks``, checked: an object of replica id -> a delta seq in bigint range."""
+    if not isinstance(raw, dict):
+        raise DamagedSnapshot(snapshot_id, f"delta_marks is {_json_kind(raw)}, not a JSON object")
+    for replica, seq in raw.items():
+        # bool is an int to Python, and a float would be truncated: neither is a seq the writer stores.
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= _MAX_SEQ:
+            raise DamagedSnapshot(snapshot_id, f"delta_marks[{replica!r}] is {_json_kind(seq)}, "
+                                               f"not a delta seq (an integer from 0 to 2**63-1)")
+    return dict(raw)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +155,14 @@ class LearnerStore:
         return int(row["id"])
 
     def latest_snapshot(self, *, learner: str, version: str, below_id: int | None = None) -> Snapshot | None:
-        """The newest snapshot (with ``below_id``: the newest older than that one, to fall back to)."""
+        """The newest snapshot (with ``below_id``: the newest older than that one, to fall back to).
+
+        Raises
+        ------
+        DamagedSnapshot
+            Its ``delta_marks`` or ``state`` is not what :meth:`save_snapshot` writes (its
+            ``snapshot_id`` is the ``below_id`` to ask for next).
+        """
         with self._lock:
             row = self._db().execute(
                 "SELECT id, learner, version, replica, taken_at, watermark, n_updates, delta_marks, state"
@@ -121,9 +170,11 @@ class LearnerStore:
                 " ORDER BY id DESC LIMIT 1", (learner, version, below_id, below_id)).fetchone()
         if row is None:
             return None
+        if not isinstance(row["state"], dict):
+            raise DamagedSnapshot(int(row["id"]), f"state is {_json_kind(row['state'])}, not a JSON object")
         return Snapshot(int(row["id"]), row["learner"], row["version"], row["replica"],
                         row["taken_at"].timestamp(), row["watermark"].timestamp(), int(row["n_updates"]),
-                        {k: int(v) for k, v in row["delta_marks"].items()}, row["state"])
+                        _delta_marks(int(row["id"]), row["delta_marks"]), row["state"])
 
     # -- replica deltas --
     def write_delta(self, *, learner: str, version: str, replica: str, seq: int, dA: FloatArray, db: FloatArray,

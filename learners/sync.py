@@ -36,7 +36,7 @@ import numpy as np
 from decision.contracts import Learner
 from decision.trace_format import trace_arms
 from learners._linear import FloatArray, LinearLearner
-from learners.store import LearnerStore, Snapshot, feature_names_of
+from learners.store import DamagedSnapshot, LearnerStore, Snapshot, feature_names_of
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +167,19 @@ class LearnerSync:
     def _load_newest_good(self, lin: LinearLearner | None, own_last: int) -> Snapshot | None:
         """Load the newest snapshot that loads; a damaged one is logged and the next older one tried
         (its delta marks still make the deltas merged after it exact), so one bad row cannot stop
-        every replica from starting."""
+        every replica from starting. None: no snapshot loads (the learner keeps its fresh state)."""
         name, version = self.key
-        snap = self.store.latest_snapshot(learner=name, version=version)
-        while snap is not None:
+        below: int | None = None
+        while True:
+            try:
+                snap = self.store.latest_snapshot(learner=name, version=version, below_id=below)
+            except DamagedSnapshot as exc:  # its marks or state are not JSON objects of the right kind
+                log.error("learner snapshot %d of %s@%s cannot be loaded (%s); trying the one before it",
+                          exc.snapshot_id, name, version, exc)
+                below = exc.snapshot_id
+                continue
+            if snap is None:
+                return None
             try:
                 if lin is not None:
                     own = snap.replica == self.replica
@@ -182,11 +191,10 @@ class LearnerSync:
                 else:
                     self.learner.load_state(snap.state)  # type: ignore[attr-defined]
                 return snap
-            except (ValueError, KeyError, TypeError) as exc:
-                log.error("learner snapshot %d of %s@%s cannot be loaded (%s); trying the one before it",
-                          snap.id, name, version, exc)
-                snap = self.store.latest_snapshot(learner=name, version=version, below_id=snap.id)
-        return None
+            except Exception as exc:  # whatever a stored state makes a learner raise, the row is what is bad
+                log.error("learner snapshot %d of %s@%s cannot be loaded (%s: %s); trying the one before it",
+                          snap.id, name, version, type(exc).__name__, exc)
+                below = snap.id
 
     def _stream(self) -> int:
         """This replica's random stream id (a snapshot's generator state is reseeded with it)."""

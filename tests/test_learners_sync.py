@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import psycopg
+import pytest
 
 from decision.domain import Outcome, OutcomeStatus, RequestContext
 from decision.engine import DecisionEngine
@@ -244,3 +245,52 @@ def test_a_single_instance_after_replicas_takes_their_deltas_and_does_not_replay
     report = LearnerSync(single, LearnerStore(fresh_pg_url), FEATURE_NAMES).restore()
     assert (report.deltas, report.replayed) == (1, 0)
     assert single.n_updates == 10  # each outcome once (was 20: the delta and the replay)
+
+
+@pytest.mark.parametrize(("column", "value"), [
+    ("state", "[]"),
+    ("state", "null"),
+    ("state", '"a string"'),
+    ("delta_marks", '{"a": "x"}'),
+    ("delta_marks", "[]"),
+    ("delta_marks", '{"a": null}'),
+    ("delta_marks", '{"a": 9223372036854775808}'),  # past bigint: every read of deltas would fail on it
+], ids=["state-array", "state-null", "state-string", "marks-value-text", "marks-array", "marks-value-null",
+        "marks-value-past-bigint"])
+def test_a_snapshot_whose_json_has_the_wrong_shape_falls_back_to_the_one_before_it(
+        fresh_pg_url: str, column: str, value: str, caplog: pytest.LogCaptureFixture) -> None:
+    import json
+
+    migrate(fresh_pg_url)
+    a = LinUCB(D, seed=1)
+    sa = LearnerSync(a, LearnerStore(fresh_pg_url), FEATURE_NAMES, replica="a")
+    a.update(tuple(np.full(D, 0.1)), 1.0)
+    good = sa.snapshot()
+    name, version = sa.key
+    row = {"delta_marks": "{}", "state": json.dumps(a.state_dict()), column: value}
+    with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
+        bad = conn.execute("INSERT INTO learner_snapshots (learner, version, replica, watermark, n_updates,"
+                           " delta_marks, state) VALUES (%s, %s, 'x', now(), 1, %s, %s) RETURNING id",
+                           (name, version, row["delta_marks"], row["state"])).fetchone()
+    assert bad is not None
+    b = LinUCB(D, seed=2)
+    with caplog.at_level("ERROR", logger="learners.sync"):
+        report = LearnerSync(b, LearnerStore(fresh_pg_url), FEATURE_NAMES, replica="b").restore()
+    assert report.snapshot_id == good and b.n_updates == 1
+    message = next(r.getMessage() for r in caplog.records if "cannot be loaded" in r.getMessage())
+    assert f"snapshot {bad[0]} of {name}@{version}" in message and column in message, message
+
+
+def test_with_no_snapshot_that_loads_a_replica_starts_fresh_and_takes_the_deltas(fresh_pg_url: str) -> None:
+    migrate(fresh_pg_url)
+    a = LinUCB(D, seed=1)
+    sa = LearnerSync(a, LearnerStore(fresh_pg_url), FEATURE_NAMES, replica="a")
+    a.update(tuple(np.full(D, 0.1)), 1.0)
+    sa.sync()  # seq 1 of replica a
+    name, version = sa.key
+    with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO learner_snapshots (learner, version, replica, watermark, n_updates, delta_marks,"
+                     " state) VALUES (%s, %s, 'x', now(), 1, '[]', 'null')", (name, version))
+    b = LinUCB(D, seed=2)
+    report = LearnerSync(b, LearnerStore(fresh_pg_url), FEATURE_NAMES, replica="b").restore()
+    assert (report.snapshot_id, report.deltas, b.n_updates) == (None, 1, 1)
