@@ -69,7 +69,7 @@ class FeatureBuilder(Protocol):
 
 @runtime_checkable
 class Learner(Protocol):
-    """A routing policy over the allowed arms (DESIGN.md section 4).
+    """A routing policy over the allowed arms (implementations: ``learners.registry``).
 
     ``choose`` must only return an index into ``arms`` and a propensity in (0, 1].
     """

@@ -1,6 +1,6 @@
 """Fleet inventory: the YAML schema, its validation, and the candidate index built from it.
 
-The inventory (DESIGN.md section 2) lists sites, links, nodes, models and deployments. It is
+The inventory (every field: deploy/FLEET.md) lists sites, links, nodes, models and deployments. It is
 validated with pydantic at load; every error names the file, the line and the field. The
 :class:`Fleet` built from it is immutable and indexed by model and by model family, so the
 locate stage reads a precomputed tuple instead of scanning the fleet.
