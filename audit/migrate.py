@@ -106,7 +106,12 @@ def downgrade(url: str, revision: str) -> None:
     ------
     UnknownRevision
         The database is at a revision a newer release wrote (only that release can undo it).
+    RuntimeError
+        A revision refused to go down (0007, while ``outcome_conflicts`` holds links only it allows);
+        the whole downgrade is one transaction, so nothing was changed.
     """
+    cfg = alembic_config(url)
+    cfg.attributes["one_transaction"] = True  # a revision refusing to go down leaves the others up too
     # Unlocked, a replica starting meanwhile would upgrade what is being taken down.
     with _migrating(url):
-        command.downgrade(alembic_config(url), revision)
+        command.downgrade(cfg, revision)

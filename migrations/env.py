@@ -21,7 +21,10 @@ def run_offline() -> None:
 def run_online() -> None:
     engine = create_engine(url, poolclass=pool.NullPool)
     with engine.connect() as connection:
-        context.configure(connection=connection, transaction_per_migration=True)
+        # A downgrade is one transaction (audit.migrate.downgrade): one that a revision refuses part
+        # way (0007 with data only it allows) then leaves the database as it was, not half taken down.
+        whole = bool(config.attributes.get("one_transaction", False))
+        context.configure(connection=connection, transaction_per_migration=not whole)
         with context.begin_transaction():
             context.run_migrations()
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -59,3 +61,54 @@ def test_serve_on_a_database_a_newer_release_migrated_exits_2_with_one_line(fres
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
     assert f"has schema revision {NEWER}; this infermesh reads {HEAD}: a newer release wrote it" in done.stderr
     assert _stored(fresh_pg_url) == {NEWER}
+
+
+def _second_outcome(conn: psycopg.Connection[Any], day: str, chain_id: str = "w", seq: int = 1) -> None:
+    conn.execute("INSERT INTO outcome_conflicts (decision_id, status, ttft_ms, latency_ms, input_tokens, output_tokens,"
+                 " reported_at, event_version, chain_id, seq, prev_hash, hash) VALUES"
+                 " ('d1', 'ok', 1, 1, 1, 1, %s, 1, %s, %s, 'p', 'h')", (f"{day} 13:00+00", chain_id, seq))
+
+
+def test_a_downgrade_below_0007_is_refused_while_two_days_share_a_second_outcomes_link(fresh_pg_url: str) -> None:
+    """0006's index holds one row per (chain_id, seq): recreating it failed with a UniqueViolation."""
+    migrate.upgrade(fresh_pg_url)
+    with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
+        for day in ("2024-03-09", "2024-03-10"):  # a long-lived writer's chains restart each day
+            _second_outcome(conn, day)
+    with pytest.raises(RuntimeError, match=r"cannot downgrade below revision 0007: outcome_conflicts holds 1 "
+                                           r"\(chain_id, seq\) pair\(s\) on more than one day \(the first: chain w "
+                                           r"seq 1, reported 2024-03-09 and 2024-03-10\)"):
+        migrate.downgrade(fresh_pg_url, "0006")
+    with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
+        # One transaction: the revisions above 0007 are not taken down either, and nothing is lost.
+        assert migrate.stored_revisions(conn) == {HEAD}
+        assert conn.execute("SELECT to_regclass('audit_retention') IS NOT NULL").fetchone() == (True,)
+        assert conn.execute("SELECT count(*) FROM outcome_conflicts").fetchone() == (2,)
+        conn.execute("DELETE FROM outcome_conflicts WHERE reported_at >= '2024-03-10'")
+        _second_outcome(conn, "2024-03-10", seq=2)
+    migrate.downgrade(fresh_pg_url, "0006")  # nothing only 0007 allows: it goes down, and up again
+    assert _stored(fresh_pg_url) == {"0006"}
+    migrate.upgrade(fresh_pg_url)
+    assert _stored(fresh_pg_url) == {HEAD}
+
+
+def test_a_downgrade_waits_for_the_migration_lock_as_an_upgrade_does(fresh_pg_url: str) -> None:
+    """A replica starting (and upgrading) meanwhile must not race the DDL of a downgrade."""
+    migrate.upgrade(fresh_pg_url)
+    errors: list[BaseException] = []
+
+    def down() -> None:
+        try:
+            migrate.downgrade(fresh_pg_url, "0007")
+        except BaseException as exc:
+            errors.append(exc)
+
+    with psycopg.connect(fresh_pg_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (migrate.MIGRATION_LOCK,))
+        thread = threading.Thread(target=down)
+        thread.start()
+        thread.join(3.0)
+        assert thread.is_alive() and _stored(fresh_pg_url) == {HEAD}  # waiting for the lock
+        holder.execute("SELECT pg_advisory_unlock(%s)", (migrate.MIGRATION_LOCK,))
+        thread.join(60)
+    assert not thread.is_alive() and errors == [] and _stored(fresh_pg_url) == {"0007"}
