@@ -1,4 +1,4 @@
-"""Load YAML while remembering the line of every mapping key and list item.
+"""Load YAML while remembering the line (and column) of every mapping key and list item.
 
 Validation errors (pydantic's ``loc`` tuples) can then be reported as ``file:line: field``,
 which is what a person editing an inventory or a policy manifest needs.
@@ -7,7 +7,7 @@ which is what a person editing an inventory or a policy manifest needs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +18,29 @@ Loc = tuple[str | int, ...]
 
 @dataclass(frozen=True, slots=True)
 class LocatedYaml:
-    """A parsed YAML document and the 1-based line of every path in it."""
+    """A parsed YAML document and the 1-based line (and column, when loaded from text) of every path in it."""
 
     data: Any
     lines: dict[Loc, int]
     path: str
+    columns: dict[Loc, int] = field(default_factory=dict)
 
     def line_of(self, loc: Sequence[str | int]) -> int:
         """Line of the deepest known prefix of ``loc`` (1 when nothing matches)."""
+        return self.position_of(loc)[0]
+
+    def position_of(self, loc: Sequence[str | int]) -> tuple[int, int]:
+        r"""1-based (line, column) of the deepest known prefix of ``loc``: a key's first character, or a list
+        item's; column 1 when the column is not known.
+
+        >>> doc = load_located("rules:\n  - id: a\n    file: x.cel\n")
+        >>> doc.position_of(("rules", 0, "file")), doc.position_of(("rules", 0, "tests"))
+        ((3, 5), (2, 5))
+        """
         key: Loc = tuple(loc)
-        while key:
-            if key in self.lines:
-                return self.lines[key]
+        while key and key not in self.lines:
             key = key[:-1]
-        return self.lines.get((), 1)
+        return self.lines.get(key, 1), self.columns.get(key, 1)
 
 
 class YamlSyntaxError(ValueError):
@@ -73,6 +82,7 @@ class _Walk:
     def __init__(self, path: str) -> None:
         self.path = path
         self.lines: dict[Loc, int] = {}
+        self.columns: dict[Loc, int] = {}
         self.open: set[int] = set()  # ids of the collections being sized: an alias back to one is a cycle
 
     def error(self, node: yaml.Node, message: str) -> YamlSyntaxError:
@@ -102,7 +112,9 @@ class _Walk:
         return total
 
     def walk(self, node: yaml.Node, loc: Loc) -> Any:
-        self.lines.setdefault(loc, node.start_mark.line + 1)
+        if loc not in self.lines:
+            self.lines[loc] = node.start_mark.line + 1
+            self.columns[loc] = node.start_mark.column + 1
         if isinstance(node, yaml.SequenceNode):
             return [self.walk(item, (*loc, i)) for i, item in enumerate(node.value)]
         if not isinstance(node, yaml.MappingNode):
@@ -121,16 +133,20 @@ class _Walk:
                                            f"{self.lines[(*loc, key)]})")
             child: Loc = (*loc, key)
             self.lines[child] = key_node.start_mark.line + 1
-            if not isinstance(key, str | int):  # pydantic names a date, float or null key by its repr
-                self.lines.setdefault((*loc, repr(key)), key_node.start_mark.line + 1)
+            self.columns[child] = key_node.start_mark.column + 1
+            # pydantic names a date, float or null key by its repr
+            if not isinstance(key, str | int) and (*loc, repr(key)) not in self.lines:
+                self.lines[(*loc, repr(key))] = key_node.start_mark.line + 1
+                self.columns[(*loc, repr(key))] = key_node.start_mark.column + 1
             out[key] = self.walk(value_node, child)
         for source in merged:  # as YAML's merge key: keys written out win, then earlier sources
             if not isinstance(source, yaml.MappingNode):
                 raise self.error(source, "a merge key (<<) takes a mapping or a list of mappings")
-            written = {k: self.lines[(*loc, k)] for k in out if (*loc, k) in self.lines}
+            written = {k: (self.lines[(*loc, k)], self.columns[(*loc, k)]) for k in out if (*loc, k) in self.lines}
             for key, value in self.walk(source, loc).items():
                 out.setdefault(key, value)
-            self.lines.update({(*loc, k): line for k, line in written.items()})  # a key written out keeps its line
+            for k, (line, column) in written.items():  # a key written out keeps its place
+                self.lines[(*loc, k)], self.columns[(*loc, k)] = line, column
         return out
 
     def scalar(self, node: yaml.Node) -> Any:
@@ -163,7 +179,8 @@ def load_located(text: str, path: str = "<string>") -> LocatedYaml:
         return LocatedYaml(None, {(): 1}, path)
     walk = _Walk(path)
     walk.size(root, {})  # first: a cycle or an alias bomb is refused before anything is built
-    return LocatedYaml(walk.walk(root, ()), walk.lines, path)
+    data = walk.walk(root, ())
+    return LocatedYaml(data, walk.lines, path, walk.columns)
 
 
 def line_col(text: str, index: int) -> tuple[int, int]:

@@ -109,7 +109,7 @@ def compile_bundle(directory: str | Path) -> CompiledBundle:
                                   for i in volatile_calls(modules, name))
         except (CelCompileError, RegoCompileError, BundleError) as exc:
             # A message expression's problems are at its line of the manifest (the column is the expression's).
-            issues.extend(PolicyIssue(str(root / MANIFEST), doc.line_of(("rules", n, "message")), 1,
+            issues.extend(PolicyIssue(str(root / MANIFEST), *doc.position_of(("rules", n, "message")),
                                       f"rules[{n}](id={rule.id}).message: column {i.column} of the expression: "
                                       f"{i.message}") if i.path == _MESSAGE else i for i in exc.issues)
             continue

@@ -165,14 +165,14 @@ def load_manifest(directory: str | Path) -> tuple[ManifestSpec, LocatedYaml]:
     try:
         spec = ManifestSpec.model_validate(doc.data)
     except ValidationError as exc:
-        raise BundleError([PolicyIssue(str(path), doc.line_of(e["loc"]), 1,
+        raise BundleError([PolicyIssue(str(path), *doc.position_of(e["loc"]),
                                        f"{field_path(tuple(e['loc']), doc.data)}: {e['msg']}")
                            for e in exc.errors()]) from None
     issues: list[PolicyIssue] = []
     seen: set[str] = set()
     for i, rule in enumerate(spec.rules):
         def issue(field: str, msg: str, i: int = i) -> None:
-            issues.append(PolicyIssue(str(path), doc.line_of(("rules", i, field)), 1,
+            issues.append(PolicyIssue(str(path), *doc.position_of(("rules", i, field)),
                                       f"rules[{i}](id={spec.rules[i].id}).{field}: {msg}"))
         if rule.id in seen:
             issue("id", f"duplicate rule id {rule.id!r}")
@@ -204,7 +204,7 @@ def load_manifest(directory: str | Path) -> tuple[ManifestSpec, LocatedYaml]:
     bad = not_json(spec.params)
     if bad is not None:  # rules see params as JSON: YAML's dates, for one, are not
         where = ".".join(map(str, ("params", *bad)))
-        issues.append(PolicyIssue(str(path), doc.line_of(("params", *bad)), 1,
+        issues.append(PolicyIssue(str(path), *doc.position_of(("params", *bad)),
                                   f"{where}: not a JSON value (strings, numbers, booleans, null, lists and "
                                   "mappings with string keys; quote a date or a time)"))
     if issues:

@@ -245,6 +245,20 @@ def _manifest_edit_issues(bundle: Path, old: str, new: str, marker: str = "") ->
     return exc.value.issues, next(n for n, t in enumerate(text.splitlines(), 1) if (marker or new) in t)
 
 
+def test_manifest_errors_give_the_column_of_the_key(bundle_copy: Path) -> None:
+    # A misspelt key four columns in: located at its first character, not at column 1.
+    issues, line = _manifest_edit_issues(bundle_copy, "    request_fields: [prompt_class]\n",
+                                         "    request_feilds: [prompt_class]\n", "request_feilds")
+    assert [(i.line, i.column) for i in issues] == [(line, 5)] and "request_feilds" in issues[0].message
+
+
+def test_a_message_expression_error_is_at_the_column_of_its_key(bundle_copy: Path) -> None:
+    issues, line = _manifest_edit_issues(bundle_copy, """message: '"XID error " + string(int(telemetry.xid_errors))""",
+                                         """message: '"XID error " + string(int(telemetry.xid_errors)) +""",
+                                         """message: '"XID error""")
+    assert [(i.line, i.column) for i in issues] == [(line, 5)] and "column " in issues[0].message
+
+
 def test_a_rule_can_only_read_telemetry_the_store_holds(bundle_copy: Path) -> None:
     issues, line = _manifest_edit_issues(bundle_copy, "telemetry: [gpu_temp_c]", "telemetry: [DCGM_FI_DEV_GPU_TEMP]")
     assert [(i.line, "unknown metrics ['DCGM_FI_DEV_GPU_TEMP']" in i.message) for i in issues] == [(line, True)]
@@ -253,7 +267,7 @@ def test_a_rule_can_only_read_telemetry_the_store_holds(bundle_copy: Path) -> No
 def test_params_must_be_json_and_are_located(bundle_copy: Path) -> None:
     issues, line = _manifest_edit_issues(bundle_copy, "  max_gpu_temp_c: 85\n",
                                          "  max_gpu_temp_c: 85\n  review_after: 2027-01-31\n", "review_after")
-    assert [str(i) for i in issues] == [f"{bundle_copy / 'manifest.yaml'}:{line}:1: params.review_after: not a "
+    assert [str(i) for i in issues] == [f"{bundle_copy / 'manifest.yaml'}:{line}:3: params.review_after: not a "
                                         "JSON value (strings, numbers, booleans, null, lists and mappings with "
                                         "string keys; quote a date or a time)"]
 
