@@ -10,6 +10,7 @@ are ``stages.score.candidates[i].features`` (a ``{name: value}`` mapping) and th
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import reprlib
 import threading
@@ -27,6 +28,9 @@ from learners._linear import FloatArray
 log = logging.getLogger("infermesh.learners.store")
 
 _MAX_SEQ = 2**63 - 1  # delta seqs are bigint; a mark past it would fail every later read of deltas
+# Server-side TCP keepalives of the session that holds replica locks (seconds): a client whose host
+# died holds nothing after about idle + interval * count (the default, 2 h, would keep the id taken).
+_KEEPALIVES = {"tcp_keepalives_idle": 30, "tcp_keepalives_interval": 10, "tcp_keepalives_count": 3}
 
 
 class DamagedSnapshot(ValueError):
@@ -43,6 +47,19 @@ class DamagedSnapshot(ValueError):
     def __init__(self, snapshot_id: int, problem: str) -> None:
         super().__init__(problem)
         self.snapshot_id = snapshot_id
+
+
+class ReplicaInUse(ValueError):
+    """Another live process writes this learner's state under the same replica id.
+
+    A ValueError: the configured id (``INFERMESH_REPLICA`` or ``learner.replica``) is what must
+    change, so ``serve`` reports it as a config it cannot start with.
+    """
+
+
+class DeltaConflict(ReplicaInUse):
+    """A delta's (learner, version, replica, seq) is already stored with other contents: a process
+    outside the replica lock (an older release) wrote under this replica id."""
 
 
 def decode_trace(trace_z: bytes) -> dict[str, Any]:
@@ -77,6 +94,18 @@ def _delta_marks(snapshot_id: int, raw: Any) -> dict[str, int]:
             raise DamagedSnapshot(snapshot_id, f"delta_marks[{replica!r}] is {_json_kind(seq)}, "
                                                f"not a delta seq (an integer from 0 to 2**63-1)")
     return dict(raw)
+
+
+def replica_lock_key(learner: str, version: str, replica: str) -> int:
+    """The PostgreSQL advisory lock key (a signed bigint) of one replica id of one learner's state.
+
+    >>> replica_lock_key("linucb", "1+f2-abc", "pod-a") == replica_lock_key("linucb", "1+f2-abc", "pod-a")
+    True
+    >>> replica_lock_key("linucb", "1+f2-abc", "pod-a") == replica_lock_key("linucb", "1+f2-abc", "pod-b")
+    False
+    """
+    digest = hashlib.sha256("\x1f".join(("infermesh.learner-replica", learner, version, replica)).encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +148,9 @@ class LoggedDecision:
 class LearnerStore:
     """The learners' repository over one PostgreSQL connection (thread-safe, autocommit).
 
+    Every write under a replica id happens on a session that holds that id's advisory lock (see
+    :meth:`claim_replica`), so two live processes can never write deltas under one id.
+
     Parameters
     ----------
     url
@@ -127,26 +159,106 @@ class LearnerStore:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._conn: psycopg.Connection[dict[str, Any]] = psycopg.connect(url, autocommit=True, row_factory=dict_row)
         self._lock = threading.Lock()
         self._closed = False
+        self._claims: dict[int, tuple[str, str, str]] = {}  # lock key -> (learner, version, replica)
+        self._conn: psycopg.Connection[dict[str, Any]] = self._connect()
 
     def close(self) -> None:
         self._closed = True
-        self._conn.close()
+        self._conn.close()  # the session's replica locks go with it
+
+    def _connect(self) -> psycopg.Connection[dict[str, Any]]:
+        conn: psycopg.Connection[dict[str, Any]] = psycopg.connect(self.url, autocommit=True, row_factory=dict_row)
+        try:
+            for name, value in _KEEPALIVES.items():
+                conn.execute(f"SET {name} = {int(value)}")
+        except psycopg.Error as exc:  # e.g. a pooler refusing SET: locks still work, a dead host's last longer
+            log.warning("learner store: cannot set TCP keepalives (%s); a replica id whose host died stays "
+                        "taken until PostgreSQL notices", exc)
+        return conn
 
     def _db(self) -> psycopg.Connection[dict[str, Any]]:
         """The connection, reconnected if a failure broke it (call with the lock held): without this,
-        one dropped connection would make every later sync, and so every retry, fail too."""
+        one dropped connection would make every later sync, and so every retry, fail too.
+
+        The replica ids this store held went with the broken session: they are taken again before
+        the new one is used, and if another process took one meanwhile, nothing is written (the
+        new session is closed, so the next call tries again).
+        """
         if self._conn.closed and not self._closed:
-            self._conn = psycopg.connect(self.url, autocommit=True, row_factory=dict_row)
+            conn = self._connect()
+            try:
+                for key, who in self._claims.items():
+                    self._take(conn, key, *who, lost=True)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
         return self._conn
+
+    # -- replica ids --
+    def claim_replica(self, *, learner: str, version: str, replica: str) -> None:
+        """Hold ``replica`` as this process's id for ``learner``'s state while this store's session lives.
+
+        A PostgreSQL session advisory lock keyed on (learner, version, replica): it is freed by
+        :meth:`release_replica`, :meth:`close`, or the end of the session, so a process that died
+        without releasing it (its connection closed; or, if its host died, within about a minute
+        through the session's TCP keepalives) leaves the id free for its successor. Writes under a
+        replica id claim it themselves; calling this first (at start-up) refuses early. Claiming
+        an id this store already holds is a no-op.
+
+        Raises
+        ------
+        ReplicaInUse
+            Another live session holds the id: naming that session and how to give each process
+            its own id.
+        """
+        key = replica_lock_key(learner, version, replica)
+        with self._lock:
+            self._hold(self._db(), key, learner, version, replica)
+
+    def release_replica(self, *, learner: str, version: str, replica: str) -> None:
+        """Give the id back (a no-op if this store does not hold it)."""
+        key = replica_lock_key(learner, version, replica)
+        with self._lock:
+            if self._claims.pop(key, None) is None or self._conn.closed:
+                return  # a closed session holds no locks
+            try:
+                self._conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+            except psycopg.Error as exc:  # a session broken now releases it as it ends
+                log.warning("learner replica %r: releasing its lock failed: %s", replica, exc)
+
+    def _hold(self, conn: psycopg.Connection[dict[str, Any]], key: int, learner: str, version: str,
+              replica: str) -> None:
+        """Take the lock unless this session has it (call with the lock held, on ``self._db()``)."""
+        if key not in self._claims:
+            self._take(conn, key, learner, version, replica)
+            self._claims[key] = (learner, version, replica)
+
+    def _take(self, conn: psycopg.Connection[dict[str, Any]], key: int, learner: str, version: str,
+              replica: str, *, lost: bool = False) -> None:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s) AS got", (key,)).fetchone()
+        if row is not None and row["got"]:
+            return
+        who = f"learner replica {replica!r}" if replica else "the single instance (no learner replica id)"
+        when = ("this process's database session was lost, and meanwhile another live process took "
+                if lost else "another live process already runs as ")
+        raise ReplicaInUse(
+            f"{when}{who} of {learner} ({version}) on this database{_holder(conn, key)}. Two processes under "
+            "one replica id overwrite each other's learner deltas, and what one of them learns is lost. Give "
+            "each process its own id: set INFERMESH_REPLICA per process (e.g. the pod name; `serve --workers` "
+            "appends -w<i>), and keep learner.replica out of a config file several processes read (it takes "
+            "precedence over INFERMESH_REPLICA). A process that died frees its id when PostgreSQL ends its session.")
 
     # -- snapshots --
     def save_snapshot(self, *, learner: str, version: str, replica: str, watermark: float, n_updates: int,
                       delta_marks: Mapping[str, int], state: Mapping[str, Any]) -> int:
+        """Store a snapshot; claims ``replica`` first (:meth:`claim_replica`)."""
         with self._lock:
-            row = self._db().execute(
+            conn = self._db()
+            self._hold(conn, replica_lock_key(learner, version, replica), learner, version, replica)
+            row = conn.execute(
                 "INSERT INTO learner_snapshots (learner, version, replica, watermark, n_updates, delta_marks,"
                 " state) VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
                 (learner, version, replica, _ts(watermark), n_updates, Jsonb(dict(delta_marks)),
@@ -179,18 +291,43 @@ class LearnerStore:
     # -- replica deltas --
     def write_delta(self, *, learner: str, version: str, replica: str, seq: int, dA: FloatArray, db: FloatArray,
                     dn: int) -> None:
-        """Store one delta; idempotent on (learner, version, replica, seq).
+        """Store one delta; idempotent on (learner, version, replica, seq). Claims ``replica`` first.
 
         A retry after an error that hid a successful commit sends the same seq again and is a
-        no-op, so it cannot be counted twice.
+        no-op, so it cannot be counted twice. A stored row under that key with other contents is
+        not this delta: it is reported, never taken as a success.
+
+        Raises
+        ------
+        ReplicaInUse
+            Another live process holds ``replica`` (:meth:`claim_replica`).
+        DeltaConflict
+            The key holds another delta (written by a process outside the lock).
         """
+        n_features = int(db.shape[0])
+        da_bytes = np.ascontiguousarray(dA, dtype="<f8").tobytes()
+        db_bytes = np.ascontiguousarray(db, dtype="<f8").tobytes()
         with self._lock:
-            self._db().execute(
+            conn = self._db()
+            self._hold(conn, replica_lock_key(learner, version, replica), learner, version, replica)
+            stored = conn.execute(
                 "INSERT INTO learner_deltas (learner, version, replica, seq, n_features, dn, da, db)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (learner, version, replica, seq) DO NOTHING",
-                (learner, version, replica, seq, int(db.shape[0]), dn,
-                 np.ascontiguousarray(dA, dtype="<f8").tobytes(), np.ascontiguousarray(db, dtype="<f8").tobytes()))
+                " ON CONFLICT (learner, version, replica, seq) DO NOTHING RETURNING seq",
+                (learner, version, replica, seq, n_features, dn, da_bytes, db_bytes)).fetchone()
+            if stored is not None:
+                return
+            row = conn.execute(
+                "SELECT n_features, dn, da, db FROM learner_deltas"
+                " WHERE learner = %s AND version = %s AND replica = %s AND seq = %s",
+                (learner, version, replica, seq)).fetchone()
+        if row is not None and (int(row["n_features"]), int(row["dn"]), bytes(row["da"]), bytes(row["db"])) == (
+                n_features, dn, da_bytes, db_bytes):
+            return  # the retry of a write that was committed
+        raise DeltaConflict(
+            f"learner delta {replica!r}/{seq} of {learner} ({version}) is already stored with other contents: "
+            "another process writes under this replica id (one not holding its lock, e.g. an older release). "
+            "This delta is kept and not counted as pushed; give each process its own INFERMESH_REPLICA.")
 
     def last_delta_seq(self, *, learner: str, version: str, replica: str) -> int:
         with self._lock:
@@ -251,6 +388,26 @@ class LearnerStore:
                     None if r["reward"] is None else float(r["reward"]),
                     None if r["ttft_ms"] is None else float(r["ttft_ms"]),
                     None if r["reported_at"] is None else r["reported_at"].timestamp())
+
+
+def _holder(conn: psycopg.Connection[dict[str, Any]], key: int) -> str:
+    """Who holds advisory lock ``key`` in this database, for the message (empty if that cannot be read)."""
+    unsigned = key & (2**64 - 1)  # pg_locks splits a bigint key into two oids
+    try:
+        row = conn.execute(
+            "SELECT l.pid, host(a.client_addr) AS addr, a.application_name AS app, a.backend_start"
+            " FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.classid = %s::oid"
+            " AND l.objid = %s::oid AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " LIMIT 1", (unsigned >> 32, unsigned & 0xFFFF_FFFF)).fetchone()
+    except psycopg.Error:
+        return ""
+    if row is None:
+        return ""
+    where = f" from {row['addr']}" if row["addr"] else ""
+    app = f" ({row['app']})" if row["app"] else ""
+    since = f", connected since {row['backend_start']:%Y-%m-%d %H:%M:%S %Z}" if row["backend_start"] else ""
+    return f" (its session: PostgreSQL backend pid {row['pid']}{where}{app}{since})"
 
 
 def feature_names_of(trace: Mapping[str, Any]) -> tuple[str, ...]:

@@ -17,6 +17,13 @@ used, which would double-count the other replicas' outcomes of that window; the 
 replica (``replica`` not empty) is therefore not to replay. Nor does a single instance replay a
 history that is not only its own (a snapshot or newer deltas another replica wrote, e.g. after
 ``serve --workers N`` ran on the same database): it takes their deltas instead.
+
+A replica id (the single instance's "" included) belongs to one live process at a time. Deltas
+are keyed by it, so two processes under one id (``learner.replica`` in a config every pod reads)
+would take the same seqs and one's learning would be dropped. Every write, and :meth:`LearnerSync.restore`
+first of all, holds a PostgreSQL session advisory lock on the id (:meth:`LearnerStore.claim_replica`):
+a second process is refused with :class:`learners.store.ReplicaInUse`, which says how to set the
+id. The lock ends with its session, so a successor can start once the holder stopped or died.
 """
 
 from __future__ import annotations
@@ -77,7 +84,8 @@ class LearnerSync:
     feature_names
         The feature builder's names, to read the replayed features from traces in order.
     replica
-        This process's replica id ("" for a single instance).
+        This process's replica id ("" for a single instance): one live process's only, held from
+        :meth:`restore` or the first write until :meth:`stop` or the end of the store's session.
     clock
         Wall clock (seconds since the epoch); the one that stamps the audit log's ``reported_at``.
     barrier
@@ -118,8 +126,18 @@ class LearnerSync:
 
     # -- restart --
     def restore(self, *, replay: bool | None = None) -> RestoreReport:
-        """Newest snapshot, then newer deltas, then (optionally) the audit log's newer outcomes."""
+        """Newest snapshot, then newer deltas, then (optionally) the audit log's newer outcomes.
+
+        It first claims this replica id (:meth:`LearnerStore.claim_replica`), so a process started
+        under an id another live process holds is refused before it loads anything.
+
+        Raises
+        ------
+        learners.store.ReplicaInUse
+            Another live process holds this replica id.
+        """
         name, version = self.key
+        self.store.claim_replica(learner=name, version=version, replica=self.replica)
         with self._sync_lock:
             self._outbox = None  # the model it came from is being replaced
             lin = self._linear()
@@ -338,12 +356,17 @@ class LearnerSync:
         self._thread.start()
 
     def stop(self, *, final_snapshot: bool = True) -> None:
+        """Stop the sync thread, save a last snapshot, and give the replica id back to a successor."""
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
             self._thread = None
-        if final_snapshot:
-            self.snapshot()
+        try:
+            if final_snapshot:
+                self.snapshot()
+        finally:
+            name, version = self.key
+            self.store.release_replica(learner=name, version=version, replica=self.replica)
 
 
 def _past(clock: Callable[[], float], t: float) -> None:
