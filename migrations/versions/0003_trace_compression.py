@@ -4,6 +4,16 @@ The writer used to zlib-compress every trace on the service's own interpreter; c
 the database backend takes that work off the request process. Rows already stored keep their
 zlib bytes: readers tell the two apart by the first byte (``{`` for JSON, ``x`` for zlib).
 
+Only ``decision_events`` itself is altered: day partitions created after this revision inherit
+lz4; those that already existed keep the server's default (pglz). No later revision sets lz4 on
+them, on purpose: ``SET COMPRESSION`` affects only values written afterwards, and those partitions
+get few. On a database that passed this revision earlier they are past days (written to only by a
+late spool replay); on one upgraded now, today and the ``audit.partitions_ahead_days`` days ahead
+created before it. Their traces in pglz are stored and read alike. Against that, the ``ALTER
+TABLE`` takes an ACCESS EXCLUSIVE lock on each partition at the service's start (waiting behind an
+auditor's long export, the writer's inserts waiting behind it), and a new head revision makes
+every older release's readers refuse the log.
+
 Revision ID: 0003
 Revises: 0002
 """
