@@ -15,6 +15,7 @@ Each case runs through the same views the guard builds: the rule sees only what 
 
 from __future__ import annotations
 
+import difflib
 import posixpath
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -94,6 +95,32 @@ def run_case(bundle: CompiledBundle, rule: CompiledRule, case: Mapping[str, Any]
     return program.evaluate_candidates(rview, [{"id": "c0", **item}], state)[0]
 
 
+def case_problems(case: Any) -> list[str]:
+    """What is wrong with one entry of a case table's ``cases`` (empty: nothing), each thing said once.
+
+    Examples
+    --------
+    >>> case_problems({"expect": "deny", "telemetri": {"gpu_temp_c": 99}})
+    ["unknown key 'telemetri' (did you mean telemetry?)"]
+    >>> case_problems({"name": "x", "expect": "denied"})
+    ["expect is 'denied'; it must be allow or deny"]
+    >>> case_problems({"exp": "allow"})
+    ['a case needs expect: allow|deny', "unknown key 'exp' (did you mean expect?)"]
+    """
+    if not isinstance(case, dict):
+        return [f"a case is a mapping of {', '.join(sorted(_CASE_KEYS))}, not {type(case).__name__}"]
+    problems = []
+    if "expect" not in case:
+        problems.append("a case needs expect: allow|deny")
+    elif case["expect"] not in ("allow", "deny"):
+        problems.append(f"expect is {case['expect']!r}; it must be allow or deny")
+    for key in sorted(map(str, set(case) - _CASE_KEYS)):
+        close = difflib.get_close_matches(key, sorted(_CASE_KEYS), n=1)
+        problems.append(f"unknown key {key!r}" + (f" (did you mean {close[0]}?)" if close else
+                                                 f" (a case takes {', '.join(sorted(_CASE_KEYS))})"))
+    return problems
+
+
 def _case_table(bundle: CompiledBundle, rule: CompiledRule, path: Path, started: Started) -> Iterator[TestOutcome]:
     try:
         doc = load_located_file(path)
@@ -109,9 +136,9 @@ def _case_table(bundle: CompiledBundle, rule: CompiledRule, path: Path, started:
     for i, case in enumerate(cases):
         where = f"{path}:{doc.line_of(('cases', i))}"
         name = f"{rule.spec.id}: {case.get('name', f'case {i}') if isinstance(case, dict) else i}"
-        if not isinstance(case, dict) or case.get("expect") not in ("allow", "deny") or set(case) - _CASE_KEYS:
-            extra = sorted(set(case) - _CASE_KEYS) if isinstance(case, dict) else []
-            yield TestOutcome(name, False, where, f"a case needs expect: allow|deny; unknown keys {extra}")
+        problems = case_problems(case)
+        if problems:
+            yield TestOutcome(name, False, where, "; ".join(problems))
             continue
         if not started(name, where):
             continue

@@ -160,6 +160,24 @@ def test_shipped_bundle_tests_pass_and_a_wrong_expectation_fails(bundle_copy: Pa
     assert summary(after) == f"{len(after) - 1} passed, 1 failed"
 
 
+@pytest.mark.parametrize(("old", "new", "detail"), [
+    # The reviewer's case: expect is there, only the key is wrong; the message says only that.
+    ("    expect: allow\n  - name: exactly", "    expect: allow\n    telemetri: {gpu_temp_c: 99}\n  - name: exactly",
+     "unknown key 'telemetri' (did you mean telemetry?)"),
+    ("    expect: allow\n  - name: exactly", "    exp: allow\n  - name: exactly",
+     "a case needs expect: allow|deny; unknown key 'exp' (did you mean expect?)"),
+    ("    expect: allow\n  - name: exactly", "    expect: allowed\n  - name: exactly",
+     "expect is 'allowed'; it must be allow or deny"),
+], ids=["unknown-key", "no-expect", "bad-expect"])
+def test_a_bad_case_says_only_what_is_wrong(bundle_copy: Path, old: str, new: str, detail: str) -> None:
+    cases = bundle_copy / "gpu_temperature_cases.yaml"
+    text = cases.read_text()
+    assert old in text
+    cases.write_text(text.replace(old, new, 1))
+    failed = [r for r in run_bundle_tests(bundle_copy) if not r.passed]
+    assert [(r.name, r.detail) for r in failed] == [("safety.gpu_temperature: a cool GPU is allowed", detail)]
+
+
 def test_rego_test_rules_run(bundle_copy: Path) -> None:
     (bundle_copy / "device_extra_test.rego").write_text(
         "package extra_test\nimport rego.v1\ntest_ok if { 1 + 1 == 2 }\ntest_wrong if { 1 + 1 == 3 }\n")
