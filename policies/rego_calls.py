@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from decision.yaml_lines import line_col
 from policies.errors import PolicyIssue
@@ -32,6 +33,95 @@ _SKIPPED = re.compile(r'"(?:\\.|[^"\\\n])*"|`[^`]*`|#[^\n]*')
 
 def _blank(match: re.Match[str]) -> str:
     return "".join(c if c == "\n" else " " for c in match.group(0))
+
+
+def rego_code(source: str) -> str:
+    """``source`` with its strings and comments blanked (offsets, lines and columns unchanged), for scans
+    that must not match inside them.
+
+    >>> code = rego_code('x := "input.request" # input.request')
+    >>> code.rstrip(), len(code)
+    ('x :=', 36)
+    """
+    return _SKIPPED.sub(_blank, source)
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """One top-level statement of a module: a rule (or function) definition, ``package`` or ``import``.
+
+    ``start`` and ``end`` are offsets into the source; ``name`` is the rule's name (``package`` and
+    ``import`` for those); ``params`` are a function's parameters as (text, offset), None for a rule.
+    """
+
+    start: int
+    end: int
+    name: str
+    params: tuple[tuple[str, int], ...] | None = None
+
+
+_OPENERS, _CLOSERS = "([{", ")]}"
+# A line at bracket depth 0 that carries on the statement before it (an else, a body on its own line).
+_GOES_ON = re.compile(r"(?:else\b|if\b|\{|[)\]}|&+\-*/=<>!:,.])")
+_LEFT_OPEN = re.compile(r"(?:[=|&+\-*/<>,:(\[{]|\b(?:if|else|contains|in|with|as|some|every|not|default))\s*$")
+
+
+def statements(code: str) -> list[Statement]:
+    r"""The top-level statements of a module's code (as :func:`rego_code` gives it), in order.
+
+    A statement starts on a line at bracket depth 0, unless that line carries on the one before
+    (``else``, a lone ``{``, a line the previous one leaves open with an operator).
+
+    Examples
+    --------
+    >>> code = rego_code('package p\nimport rego.v1\nf(a, [b, c]) := a if {\n  b\n} else := c\nallow contains 1\n')
+    >>> [(s.name, s.params) for s in statements(code)]
+    [('package', None), ('import', None), ('f', (('a', 27), ('[b, c]', 30))), ('allow', None)]
+    """
+    out: list[Statement] = []
+    starts: list[int] = []
+    depth, offset, previous = 0, 0, ""
+    for line in code.splitlines(keepends=True):
+        text = line.strip()
+        if text and depth == 0 and not (starts and (_GOES_ON.match(text) or _LEFT_OPEN.search(previous))):
+            starts.append(offset + len(line) - len(line.lstrip()))
+        for c in line:
+            if c in _OPENERS:
+                depth += 1
+            elif c in _CLOSERS:
+                depth = max(0, depth - 1)
+        offset += len(line)
+        previous = text or previous
+    for n, start in enumerate(starts):
+        end = starts[n + 1] if n + 1 < len(starts) else len(code)
+        head = _STATEMENT_HEAD.match(code, start)
+        name = head.group(1) if head else ""
+        params = _params(code, head.end() - 1) if head and head.group(2) else None
+        out.append(Statement(start, len(code[:end].rstrip()), name, params))
+    return out
+
+
+_STATEMENT_HEAD = re.compile(rf"(?:default\s+)?({_NAME})(\s*\()?")
+
+
+def _params(code: str, open_at: int) -> tuple[tuple[str, int], ...]:
+    """The comma-separated parts (text, offset) between the parenthesis at ``open_at`` and its match."""
+    parts: list[tuple[str, int]] = []
+    depth, begin = 0, open_at + 1
+    for i in range(open_at, len(code)):
+        c = code[i]
+        if c in _OPENERS:
+            depth += 1
+        elif c in _CLOSERS:
+            depth -= 1
+        if (c == "," and depth == 1) or depth == 0:
+            text = code[begin:i]
+            if text.strip():
+                parts.append((text.strip(), begin + len(text) - len(text.lstrip())))
+            begin = i + 1
+            if depth == 0:
+                break
+    return tuple(parts)
 
 
 def _bound_names(code: str) -> set[str]:
@@ -62,7 +152,7 @@ def undefined_calls(modules: Mapping[str, tuple[str, str]], is_builtin: Callable
     >>> [str(i) for i in undefined_calls({"d.rego": ("b/d.rego", src)}, lambda n: n == "substring")]
     ['b/d.rego:4:54: function not found: nosuchfn (not a rego-cpp built-in, nor defined in package demo)']
     """
-    code = {name: _SKIPPED.sub(_blank, src) for name, (_, src) in modules.items()}
+    code = {name: rego_code(src) for name, (_, src) in modules.items()}
     # Rules never load test modules: a function defined only in a *_test.rego is not there when a rule runs.
     defined: dict[bool, dict[str, set[str]]] = {False: {}, True: {}}
     for name, text in code.items():
@@ -99,7 +189,7 @@ def volatile_calls(modules: Mapping[str, tuple[str, str]], rule_module: str) -> 
     >>> [str(i) for i in volatile_calls({"w.rego": ("b/w.rego", src)}, "w.rego")]
     ['b/w.rego:3:54: time.now_ns gives another answer on every call']
     """
-    code = {name: _SKIPPED.sub(_blank, src) for name, (_, src) in modules.items() if not is_test_module(name)}
+    code = {name: rego_code(src) for name, (_, src) in modules.items() if not is_test_module(name)}
     own = code.get(rule_module, "")
     imported = [m.group(1).split(".", 1)[1] for m in _IMPORT.finditer(own) if m.group(1).startswith("data.")]
     reached = [name for name, text in code.items() if name == rule_module or any(

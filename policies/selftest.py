@@ -27,6 +27,7 @@ from decision.yaml_lines import YamlSyntaxError, load_located_file
 from policies.bundle import CompiledBundle, CompiledRule, compile_bundle
 from policies.cel_engine import CelProgram
 from policies.errors import BundleError
+from policies.rego_calls import rego_code, statements
 from policies.rego_engine import (
     RegoCompileError,
     is_test_module,
@@ -157,7 +158,33 @@ def _case_table(bundle: CompiledBundle, rule: CompiledRule, path: Path, started:
             yield TestOutcome(name, True, where)
 
 
-def _rego_tests(bundle: CompiledBundle, path: Path, started: Started) -> Iterator[TestOutcome]:
+def without_other_tests(source: str, keep: str) -> str:
+    r"""A test module's source with every ``test_*`` rule but ``keep`` blanked (lines and columns unchanged).
+
+    rego-cpp compiles a module's rules together: a test that crashes it (``with input as`` over a rule
+    that depends on another rule) crashes every query of its module, so each test is run again alone.
+
+    Examples
+    --------
+    >>> src = "package t\nimport rego.v1\ntest_a if { true }\ntest_b if {\n  1 == 1\n}\nhelper := 1\n"
+    >>> print(without_other_tests(src, "test_b").replace(" ", "."))
+    package.t
+    import.rego.v1
+    ..................
+    test_b.if.{
+    ..1.==.1
+    }
+    helper.:=.1
+    <BLANKLINE>
+    """
+    out = list(source)
+    for st in statements(rego_code(source)):
+        if st.name.startswith("test_") and st.name != keep:
+            out[st.start:st.end] = ["\n" if c == "\n" else " " for c in source[st.start:st.end]]
+    return "".join(out)
+
+
+def _rego_tests(bundle: CompiledBundle, path: Path, started: Started, alone: bool = False) -> Iterator[TestOutcome]:
     every = bundle.modules
     own = posixpath.normpath(path.relative_to(bundle.directory).as_posix())
     if own not in every:
@@ -186,6 +213,10 @@ def _rego_tests(bundle: CompiledBundle, path: Path, started: Started) -> Iterato
         if not started(f"{package}.{name}", f"{path}:{line}"):
             continue
         try:
+            if alone:  # the test's module and its package's other test modules hold no other test
+                interp = new_interpreter({k: (p, without_other_tests(src, name if k == own else ""))
+                                          if is_test_module(k) else (p, src) for k, (p, src) in modules.items()},
+                                         bundle.params)
             value = run_query(interp, f"data.{package}.{name}")
         except Exception as exc:
             yield TestOutcome(f"{package}.{name}", False, f"{path}:{line}", f"error: {exc}")
@@ -211,8 +242,13 @@ def run_bundle_tests(directory: str | Path) -> list[TestOutcome]:
     return list(iter_bundle_tests(directory))
 
 
-def iter_bundle_tests(directory: str | Path, started: Started = _run_all) -> Iterator[TestOutcome]:
-    """:func:`run_bundle_tests` one outcome at a time; ``started`` is asked before each test runs."""
+def iter_bundle_tests(directory: str | Path, started: Started = _run_all, *,
+                      alone: bool = False) -> Iterator[TestOutcome]:
+    """:func:`run_bundle_tests` one outcome at a time; ``started`` is asked before each test runs.
+
+    With ``alone``, each Rego test runs in an interpreter of its own whose test modules hold no other
+    test (see :func:`without_other_tests`); the tests, their order and names are the same.
+    """
     try:
         bundle = compile_bundle(directory)
     except BundleError as exc:
@@ -222,7 +258,7 @@ def iter_bundle_tests(directory: str | Path, started: Started = _run_all) -> Ite
         for t in rule.spec.tests:
             path = bundle.directory / t
             if is_test_module(path.name):
-                yield from _rego_tests(bundle, path, started)
+                yield from _rego_tests(bundle, path, started, alone)
             elif path.suffix in (".yaml", ".yml"):
                 yield from _case_table(bundle, rule, path, started)
             else:

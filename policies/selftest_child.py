@@ -2,8 +2,11 @@
 
 rego-cpp 1.5.2 can crash the process (SIGSEGV) on some test constructs (``with input as`` over
 rules that depend on other rules). The child prints one JSON line as each test starts and one as
-it ends, so a crash is pinned to the test that was running (a failure), and a new child goes on
-from the next test. ``infermesh policy test`` and the hot reloader both go through here.
+it ends, so a crash is pinned to the test that was running. rego-cpp compiles a module's rules
+together, so the crashing construct may sit in another test of that module: after a crash, a new
+child goes on from the test that was running with each Rego test alone in its module
+(:func:`policies.selftest.without_other_tests`); a test that crashes alone fails, naming the crash,
+and the next child goes on after it. ``infermesh policy test`` and the hot reloader both go through here.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 def run_tests_isolated(directory: str | Path, timeout_s: float = 300.0, max_crashes: int = 10) -> list[TestOutcome]:
     """Every test's outcome, as :func:`policies.selftest.run_bundle_tests`; a crash or a timeout is a failure.
 
-    After a crash a new child goes on from the test after the one that crashed, up to ``max_crashes``.
+    A crash is first taken as the module's (any of its tests may hold what crashes rego-cpp): the tests
+    from the one that was running on are run again, each alone in its module, and a test that still
+    crashes fails. Up to ``max_crashes`` such tests, all within ``timeout_s``.
 
     Examples
     --------
@@ -35,10 +40,10 @@ def run_tests_isolated(directory: str | Path, timeout_s: float = 300.0, max_cras
     (True, True)
     """
     results: list[TestOutcome] = []
-    skip = 0
+    skip, alone, crashes = 0, False, 0
     deadline = time.monotonic() + timeout_s
-    for _ in range(max_crashes + 1):
-        outcomes, started, failure, stderr = _child(directory, skip, max(1.0, deadline - time.monotonic()))
+    while True:
+        outcomes, started, failure, stderr = _child(directory, skip, max(1.0, deadline - time.monotonic()), alone)
         results.extend(outcomes)
         if not failure:
             if not results:
@@ -48,21 +53,28 @@ def run_tests_isolated(directory: str | Path, timeout_s: float = 300.0, max_cras
         running = started[-1] if len(started) > len(outcomes) else None
         name, where = running or ("bundle tests", str(directory))
         crashed_at = f"the test process {failure} while running this test" + (f": {tail}" if tail else "")
-        if running is None or failure.startswith("did not finish"):
+        if running is None or failure.startswith("did not finish") or time.monotonic() >= deadline:
             results.append(TestOutcome(name, False, where, crashed_at + "; later tests were not run"))
             return results
-        results.append(TestOutcome(name, False, where, crashed_at))
+        if not alone:
+            # Not yet known to be this test's crash: run it and the rest again, each test alone.
+            alone = True
+            skip += len(started) - 1
+            continue
+        crashes += 1
+        results.append(TestOutcome(name, False, where, crashed_at + " (alone in its module)"))
         skip += len(started)  # go on after the test that crashed
-    results.append(TestOutcome("bundle tests", False, str(directory),
-                               f"more than {max_crashes} tests crashed the test process; later tests were not run"))
-    return results
+        if crashes >= max_crashes:
+            results.append(TestOutcome("bundle tests", False, str(directory),
+                                       f"{crashes} tests crashed the test process; later tests were not run"))
+            return results
 
 
-def _child(directory: str | Path, skip: int, timeout_s: float
+def _child(directory: str | Path, skip: int, timeout_s: float, alone: bool = False
            ) -> tuple[list[TestOutcome], list[tuple[str, str]], str, str]:
     """(outcomes, tests started, failure or "", stderr) of one child run skipping the first ``skip`` tests."""
     env = {**os.environ, "PYTHONPATH": _ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "policies.selftest_child", str(directory), str(skip)]
+    cmd = [sys.executable, "-m", "policies.selftest_child", str(directory), str(skip), *(["alone"] if alone else [])]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
         stdout, stderr, failure = proc.stdout, proc.stderr, _ended(proc.returncode)
@@ -99,7 +111,7 @@ def _ended(returncode: int) -> str:
         return f"exit {returncode}"
 
 
-def _main(directory: str, skip: int) -> None:
+def _main(directory: str, skip: int, alone: bool = False) -> None:
     seen = 0
 
     def started(name: str, where: str) -> bool:
@@ -110,9 +122,9 @@ def _main(directory: str, skip: int) -> None:
         print(json.dumps({"started": name, "where": where}), flush=True)
         return True
 
-    for outcome in iter_bundle_tests(directory, started):
+    for outcome in iter_bundle_tests(directory, started, alone=alone):
         print(json.dumps({"outcome": asdict(outcome)}), flush=True)
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+    _main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0, sys.argv[3:4] == ["alone"])

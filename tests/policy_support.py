@@ -15,10 +15,21 @@ CRASHING_TEST = (
     '"certifications": []}}]}\n}\n')
 
 
-def add_crashing_test(bundle: Path) -> Path:
-    """Add :data:`CRASHING_TEST` to a copy of the default bundle as a test of the residency rule."""
+# A test module whose crashing test sits between tests that pass (and one that fails) on their own:
+# rego-cpp compiles the module's rules together, so any query of the module crashes while test_crash is in it.
+MIXED_CRASHING_TESTS = (
+    "package crash_test\nimport rego.v1\nimport data.infermesh.residency\n\n"
+    "test_before if { count(residency.site_violations({\"allowed_jurisdictions\": [\"EU\"], "
+    "\"data_class\": \"public\"}, {\"jurisdiction\": \"US\"}, {})) == 1 }\n\n"
+    + CRASHING_TEST.split("\n", 3)[3] +
+    "\ntest_after if { 1 + 1 == 2 }\n\ntest_wrong if { 1 + 1 == 3 }\n")
+
+
+def add_crashing_test(bundle: Path, source: str = CRASHING_TEST) -> Path:
+    """Add ``source`` (default :data:`CRASHING_TEST`) to a copy of the default bundle as crash_test.rego, a test of
+    the residency rule."""
     path = bundle / "crash_test.rego"
-    path.write_text(CRASHING_TEST)
+    path.write_text(source)
     manifest = bundle / "manifest.yaml"
     text = manifest.read_text()
     listed = "tests: [residency_test.rego, residency_cases.yaml]"

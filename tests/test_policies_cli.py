@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
 from decision.cli import main
 from policies.bundle import DEFAULT_BUNDLE
-from tests.policy_support import add_crashing_test
+from tests.policy_support import MIXED_CRASHING_TESTS, add_crashing_test
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,3 +114,42 @@ def test_test_command_survives_a_rego_engine_crash(tmp_path: Path, capsys: pytes
     (crashed,) = [line for line in out if line.startswith("FAIL ")]
     assert crashed.startswith(f"FAIL crash_test.test_crash ({crashing}:4): the test process exit -11 ")
     assert out[-1] == f"{n} passed, 1 failed"
+
+
+def test_a_crash_fails_only_the_test_that_crashes_and_the_others_of_its_module_get_their_result(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Any query of a module holding the crashing test crashes rego-cpp: each of the module's tests used to be
+    # reported as the crash. Run again one at a time, each gets its own result.
+    bundle = tmp_path / "b"
+    shutil.copytree(DEFAULT_BUNDLE, bundle)
+    crashing = add_crashing_test(bundle, MIXED_CRASHING_TESTS)
+    started = time.monotonic()
+    assert main(["policy", "test", str(bundle)]) == 1
+    assert time.monotonic() - started < 60
+    out = capsys.readouterr().out.splitlines()
+    mine = {line.split(" ")[1]: line for line in out if "crash_test." in line}
+    assert list(mine) == [f"crash_test.test_{t}" for t in ("before", "crash", "after", "wrong")]
+    assert mine["crash_test.test_before"].startswith("PASS ") and mine["crash_test.test_after"].startswith("PASS ")
+    assert mine["crash_test.test_wrong"] == f"FAIL crash_test.test_wrong ({crashing}:13): evaluated to undefined"
+    assert mine["crash_test.test_crash"].startswith(f"FAIL crash_test.test_crash ({crashing}:7): the test process "
+                                                    "exit -11 (SIGSEGV) while running this test")
+    assert [line for line in out if line.startswith("FAIL ")] == [mine["crash_test.test_crash"],
+                                                                 mine["crash_test.test_wrong"]]
+    assert out[-1].endswith(" passed, 2 failed")
+
+
+def test_explain_finds_the_demo_fleet_from_another_directory_and_names_an_unreadable_one(
+        tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    req = tmp_path / "r.json"
+    req.write_text(json.dumps({"request_id": "r1", "tenant": "globex", "model_family": "llama"}))
+    cli = [sys.executable, "-m", "decision.cli", "policy", "explain", "--request", str(req)]
+    ran = subprocess.run([*cli, "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr  # the default fleet was deploy/demo/fleet.yaml of the cwd
+    assert json.loads(ran.stdout)["candidates"] > 0
+    missing = tmp_path / "nowhere.yaml"
+    ran = subprocess.run([*cli, "--fleet", str(missing)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    # A file that cannot be read is not a YAML syntax error at line 1.
+    assert ran.returncode == 2 and ran.stderr.strip() == f"{missing}:1: (file): cannot read: No such file or directory"
