@@ -20,16 +20,22 @@ N = TypeVar("N", int, float)
 
 
 def default_config() -> str:
-    """The demo configuration: from the working directory, else from the checkout this code runs from.
+    """The demo configuration (see :func:`shipped`)."""
+    return shipped(DEMO_CONFIG)
+
+
+def shipped(relative: str) -> str:
+    """A file or folder of the checkout (``deploy/demo/fleet.yaml``): from the working directory, else
+    from the checkout this code runs from.
 
     The README's commands run at the checkout's root; run from elsewhere (an editable install) the
-    commands still find the demo. A packaged install ships no ``deploy/``: the relative path is kept,
-    so the error names what to pass with ``--config``.
+    commands still find the demo's files. A packaged install ships no ``deploy/``: the relative path
+    is kept, so the error names what to pass instead.
     """
-    if Path(DEMO_CONFIG).is_file():
-        return DEMO_CONFIG
-    shipped = _CHECKOUT / DEMO_CONFIG
-    return str(shipped) if shipped.is_file() else DEMO_CONFIG
+    if Path(relative).exists():
+        return relative
+    there = _CHECKOUT / relative
+    return str(there) if there.exists() else relative
 
 
 def _shown(x: float) -> str:

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from decision.cli_args import UsageError, bounded_float, bounded_int, default_config, read_json_request
+from decision.cli_args import UsageError, bounded_float, bounded_int, default_config, read_json_request, shipped
 from decision.signals import wait_until_set
 
 DEFAULT_CONFIG = default_config()
@@ -24,7 +24,7 @@ _port = bounded_int(0, 65535)  # out of range, the OS would take the value modul
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the gRPC decision service and its HTTP port")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"service config YAML (default {DEFAULT_CONFIG})")
     p.add_argument("--grpc-port", type=_port, default=None, help="0-65535 (0: a free one)")
     p.add_argument("--http-port", type=_port, default=None, help="0-65535 (0: a free one)")
     p.add_argument("--workers", type=bounded_int(1, 64), default=None,
@@ -32,14 +32,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="start the service on the demo fleet and drive requests through it")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"service config YAML (default {DEFAULT_CONFIG})")
     p.add_argument("--duration", type=bounded_float(0.5, 86_400), default=30.0, help="seconds of load (default 30)")
     p.add_argument("--concurrency", type=bounded_int(1, 1024), default=16)
     p.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=7)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("decide", help="answer one decision in-process, as JSON")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"service config YAML (default {DEFAULT_CONFIG})")
     p.add_argument("--request", required=True, help="JSON file with DecideRequest fields ('-' for stdin)")
     p.add_argument("--trace", action="store_true", help="include the full trace")
     p.set_defaults(func=cmd_decide)
@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fleet = sub.add_parser("fleet", help="fleet inventory tools")
     fsub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="COMMAND")
     p = fsub.add_parser("check", help="validate an inventory file; errors name file:line: field")
-    p.add_argument("path")
+    p.add_argument("path", help="inventory YAML (format: deploy/FLEET.md)")
     p.set_defaults(func=cmd_fleet_check)
 
     bench = sub.add_parser("bench", help="benchmarks (each prints a table; --json adds one JSON line)")
@@ -69,7 +69,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--candidates", type=bounded_int(1, 1_000_000), default=64,
                    help="endpoints per model (the locate stage's output)")
     p.add_argument("--iterations", type=bounded_int(1, 100_000_000), default=5000)
-    p.add_argument("--policies", default="policies/bundles/default",
+    p.add_argument("--policies", default=shipped("policies/bundles/default"),
                    help="policy bundle for the guard stage ('builtin' for the built-in health rule)")
     p.add_argument("--learner", default="least-ttft")
     p.add_argument("--json", action="store_true")

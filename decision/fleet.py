@@ -22,7 +22,14 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 from decision.domain import TIERS, Endpoint, Tier, nominal_cost_per_1k_tokens
 from decision.gpu_profiles import PROFILES, batch_half, scaled_throughput
-from decision.yaml_lines import LocatedYaml, YamlSyntaxError, field_path, load_located, load_located_file
+from decision.yaml_lines import (
+    LocatedYaml,
+    UnreadableFile,
+    YamlSyntaxError,
+    field_path,
+    load_located,
+    load_located_file,
+)
 
 
 class _Strict(BaseModel):
@@ -377,7 +384,8 @@ def _fleet_of(load: Callable[[], LocatedYaml]) -> Fleet:
     try:
         doc = load()
     except YamlSyntaxError as exc:
-        raise InventoryError([InventoryIssue(exc.path, exc.line, "(syntax)", exc.message)]) from None
+        what = "(file)" if isinstance(exc, UnreadableFile) else "(syntax)"
+        raise InventoryError([InventoryIssue(exc.path, exc.line, what, exc.message)]) from None
     return Fleet.from_spec(parse_fleet(doc))
 
 

@@ -49,6 +49,10 @@ class YamlSyntaxError(ValueError):
         self.path, self.line, self.column, self.message = path, line, column, message
 
 
+class UnreadableFile(YamlSyntaxError):
+    """The file could not be read at all (missing, a folder, no permission): not a syntax error."""
+
+
 def field_path(loc: Sequence[str | int], data: Any) -> str:
     """Render a pydantic ``loc`` as ``deployments[3](id=x).address``: the item's id helps a person find it."""
     out = ""
@@ -201,7 +205,7 @@ def read_utf8(path: Path) -> str:
         line = exc.object[:exc.start].count(b"\n") + 1
         raise YamlSyntaxError(str(path), line, 1, f"not UTF-8 text (byte {exc.object[exc.start]:#04x})") from None
     except OSError as exc:
-        raise YamlSyntaxError(str(path), 1, 1, f"cannot read: {exc.strerror or exc}") from None
+        raise UnreadableFile(str(path), 1, 1, f"cannot read: {exc.strerror or exc}") from None
 
 
 def load_located_file(path: str | Path) -> LocatedYaml:

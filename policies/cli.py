@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from decision.cli_args import UsageError
+from decision.cli_args import UsageError, shipped
 from policies.bundle import DEFAULT_BUNDLE
 
 _DEFAULT_DIR = "policies/bundles/default"
@@ -153,7 +153,8 @@ def register(sub: Any) -> None:
     t.set_defaults(func=cmd_test)
     e = psub.add_parser("explain", help="which rules allow or remove which candidates for a request")
     e.add_argument("--request", required=True, help="request JSON (DecideRequest field names)")
-    e.add_argument("--fleet", default="deploy/demo/fleet.yaml")
+    e.add_argument("--fleet", default=shipped("deploy/demo/fleet.yaml"),
+                   help="inventory YAML (default the demo's, deploy/demo/fleet.yaml)")
     e.add_argument("--policies", default=None, help=f"bundle folder (default {_DEFAULT_DIR})")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_explain)
