@@ -85,15 +85,31 @@ def register(sub: Any) -> None:
     p = asub.add_parser("checkpoint", help="write every hash chain's head, to keep outside the database")
     p.add_argument("--output", "-o", default="-", help="file to write (default: stdout)")
     p.set_defaults(func=_reporting(cmd_checkpoint))
-    p = asub.add_parser("keys", help="create or revoke auditors' API keys")
-    ksub = p.add_subparsers(dest="keys_command", required=True)
-    k = ksub.add_parser("create")
-    k.add_argument("--name", required=True)
-    k.add_argument("--role", choices=list(keys.ROLES), default="auditor")
+    p = asub.add_parser("keys", help="create, list or revoke auditors' API keys",
+                        description="API keys for the auditors' HTTP API. A key reads imk_<KEY_ID>_<secret>: "
+                                    "the key id names it in `keys list`, `keys revoke` and the access log; "
+                                    "the whole key is printed once, by `keys create`, and only its hash is kept.")
+    ksub = p.add_subparsers(dest="keys_command", required=True, metavar="KEYS")
+    k = ksub.add_parser("create", help="create a key: prints the key (once) and, on stderr, its key id",
+                        description="Create a key. stdout gets the key alone (KEY=$(... keys create ...) "
+                                    "works); stderr names its key id, which `keys list` shows and `keys "
+                                    "revoke` takes. The key is shown this once: only its hash is stored.")
+    k.add_argument("--name", required=True, help="who or what the key is for (shown by `keys list`)")
+    k.add_argument("--role", choices=list(keys.ROLES), default="auditor",
+                   help="auditor reads; admin may also apply retention and reload the policy bundle")
     k.add_argument("--tenant", help="restrict the key to one tenant")
     k.set_defaults(func=_reporting(cmd_keys_create))
-    k = ksub.add_parser("revoke")
-    k.add_argument("key_id")
+    k = ksub.add_parser("list", help="every key: id, name, role, tenant scope, created, revoked",
+                        description="Every key, revoked ones too, oldest first: key id, name, role, tenant "
+                                    "scope (* for every tenant), when it was created and revoked. Never the "
+                                    "key or its hash.")
+    k.add_argument("--json", action="store_true", help="one JSON array of objects instead of the table")
+    k.set_defaults(func=_reporting(cmd_keys_list))
+    k = ksub.add_parser("revoke", help="revoke a key, named by its key id, its imk_<KEY_ID> prefix or the whole key",
+                        description="Revoke a key. KEY is its key id (as `keys create` and `keys list` print "
+                                    "it), the imk_<KEY_ID> prefix, or the whole key (then only if it is that "
+                                    "key's). Exit 1 when there is no such active key.")
+    k.add_argument("key", metavar="KEY", help="key id, imk_<KEY_ID>, or the whole key")
     k.set_defaults(func=_reporting(cmd_keys_revoke))
     p = asub.add_parser("retention", help="drop day partitions older than N days")
     p.add_argument("--days", type=_days, required=True, help="days kept, today included (>= 1)")
@@ -262,15 +278,56 @@ def cmd_checkpoint(a: argparse.Namespace) -> int:
 def cmd_keys_create(a: argparse.Namespace) -> int:
     with psycopg.connect(_url(), autocommit=True) as conn:
         secret = keys.create_key(conn, name=a.name, role=a.role, tenant=a.tenant)
+    key_id, _ = keys.key_ref(secret)
+    # The key alone on stdout, so a script can capture it; what a person needs beside it on stderr.
     print(secret)
+    scope = f"tenant {a.tenant}" if a.tenant is not None else "every tenant"
+    print(f"key id {key_id} ({a.name}, {a.role}, {scope}). The key above is shown this once: only its hash is "
+          f"stored. Revoke it with `infermesh audit keys revoke {key_id}`.", file=sys.stderr)
+    return 0
+
+
+def _time_text(t: dt.datetime | None) -> str:
+    return "-" if t is None else t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def cmd_keys_list(a: argparse.Namespace) -> int:
+    with psycopg.connect(_url(), autocommit=True) as conn:
+        found = keys.list_keys(conn)
+    if a.json:
+        print(msgspec.json.encode([k.as_dict() for k in found]).decode())
+        return 0
+    rows = [("KEY_ID", "NAME", "ROLE", "TENANT", "CREATED", "REVOKED")]
+    rows += [(k.key_id, k.name, k.role, k.tenant if k.tenant is not None else "*", _time_text(k.created_at),
+              _time_text(k.revoked_at)) for k in found]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
     return 0
 
 
 def cmd_keys_revoke(a: argparse.Namespace) -> int:
+    # Messages name the key id only: a whole key given here is a secret, and stderr ends up in logs.
+    try:
+        key_id, secret = keys.key_ref(a.key)
+    except ValueError as exc:
+        print(f"infermesh audit keys revoke: KEY: {exc}; give the key id `keys create` and `keys list` print",
+              file=sys.stderr)
+        return 2
     with psycopg.connect(_url(), autocommit=True) as conn:
-        ok = keys.revoke_key(conn, key_id=a.key_id)
-    print("revoked" if ok else "no such active key")
-    return 0 if ok else 1
+        ok = keys.revoke_key(conn, key_id=key_id, secret=secret)
+        info = keys.get_key(conn, key_id=key_id)
+    if ok:
+        print(f"revoked key {key_id}" + (f" ({info.name}, {info.role})" if info is not None else ""))
+        return 0
+    if info is None:
+        why = f"no key with id {key_id} (`infermesh audit keys list` shows every key)"
+    elif info.revoked_at is not None:
+        why = f"key {key_id} was already revoked at {_time_text(info.revoked_at)}"
+    else:
+        why = f"key {key_id} is active, but what was given is not that key (mistyped?); nothing revoked"
+    print(f"not revoked: {why}", file=sys.stderr)
+    return 1
 
 
 def cmd_retention(a: argparse.Namespace) -> int:

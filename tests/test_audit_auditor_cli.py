@@ -1,0 +1,88 @@
+"""The auditors' documented CLI workflows, as an auditor runs them: keys, exports, verify, which database."""
+
+from __future__ import annotations
+
+import json
+
+import psycopg
+import pytest
+
+from audit import database, keys
+from decision.cli import main
+
+
+def _cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str | None,
+         *args: str) -> tuple[int, str, str]:
+    """``infermesh audit ARGS`` with ``INFERMESH_DATABASE_URL`` set to ``url`` (unset if ``None``)."""
+    if url is None:
+        monkeypatch.delenv("INFERMESH_DATABASE_URL", raising=False)
+    else:
+        monkeypatch.setenv("INFERMESH_DATABASE_URL", url)
+    code = main(["audit", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture()
+def db(fresh_pg_url: str) -> str:
+    database.prepare(fresh_pg_url)
+    return fresh_pg_url
+
+
+def test_keys_create_names_the_key_id_and_revoke_takes_the_id_the_prefix_or_the_key(
+        db: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    made = []
+    for name in ("by-id", "by-prefix", "by-key"):
+        code, out, err = _cli(monkeypatch, capsys, db, "keys", "create", "--name", name)
+        secret = out.strip()
+        assert code == 0 and out.count("\n") == 1 and secret.startswith("imk_")  # stdout: the key alone
+        key_id = secret.split("_")[1]
+        assert f"key id {key_id} " in err and "shown this once" in err and secret not in err
+        made.append((key_id, secret))
+    (id1, _), (id2, _), (id3, key3) = made
+    for given, key_id in ((id1, id1), (f"imk_{id2}", id2), (key3, id3)):
+        code, out, err = _cli(monkeypatch, capsys, db, "keys", "revoke", given)
+        assert code == 0 and f"revoked key {key_id}" in out, (given, out, err)
+        assert key3 not in out + err  # a whole key given is never echoed
+    with psycopg.connect(db) as conn:
+        for key_id, secret in made:
+            assert keys.lookup(conn, secret=secret) is None, key_id  # revoked, so the API refuses it
+    code, out, err = _cli(monkeypatch, capsys, db, "keys", "revoke", id1)
+    assert code == 1 and f"key {id1} was already revoked" in err
+    code, _, err = _cli(monkeypatch, capsys, db, "keys", "revoke", "0badc0de")
+    assert code == 1 and "no key with id 0badc0de" in err
+    code, _, err = _cli(monkeypatch, capsys, db, "keys", "revoke", "imk_")
+    assert code == 2 and "KEY" in err
+
+
+def test_revoking_with_a_mistyped_whole_key_revokes_nothing(
+        db: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    _, out, _ = _cli(monkeypatch, capsys, db, "keys", "create", "--name", "x")
+    secret = out.strip()
+    wrong = secret[:-1] + ("A" if secret[-1] != "A" else "B")
+    code, out, err = _cli(monkeypatch, capsys, db, "keys", "revoke", wrong)
+    assert code == 1 and "is not that key" in err and wrong not in out + err
+    with psycopg.connect(db) as conn:
+        assert keys.lookup(conn, secret=secret) is not None
+
+
+def test_keys_list_shows_every_key_without_its_hash(
+        db: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    with psycopg.connect(db, autocommit=True) as conn:
+        a = keys.create_key(conn, name="alice", role="auditor")
+        b = keys.create_key(conn, name="ops", role="admin", tenant="acme")
+        assert keys.revoke_key(conn, key_id=keys.key_ref(a)[0])
+        hashes = [r[0] for r in conn.execute("SELECT key_hash FROM api_keys")]
+    code, out, _ = _cli(monkeypatch, capsys, db, "keys", "list", "--json")
+    assert code == 0
+    listed = json.loads(out)
+    assert [(k["key_id"], k["name"], k["role"], k["tenant"]) for k in listed] == [
+        (keys.key_ref(a)[0], "alice", "auditor", None), (keys.key_ref(b)[0], "ops", "admin", "acme")]
+    assert listed[0]["revoked_at"] is not None and listed[1]["revoked_at"] is None
+    assert all(k["created_at"] for k in listed)
+    code, table, _ = _cli(monkeypatch, capsys, db, "keys", "list")
+    assert code == 0 and table.splitlines()[0].split() == ["KEY_ID", "NAME", "ROLE", "TENANT", "CREATED", "REVOKED"]
+    row = next(line for line in table.splitlines() if line.startswith(keys.key_ref(b)[0]))
+    assert row.split()[1:4] == ["ops", "admin", "acme"] and row.split()[-1] == "-"
+    for text in (out, table):
+        assert a not in text and b not in text and not any(h in text for h in hashes)
