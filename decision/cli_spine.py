@@ -115,8 +115,25 @@ def _load(config_path: str) -> tuple[Any, Any]:
         raise SystemExit(2) from None
 
 
+def _start_failure(exc: Exception, settings: Any) -> str:
+    """One line for what stops a start other than the config's own contents: a bundle whose tests
+    fail, another process's audit spool, an audit log a newer release migrated, an unreachable
+    database (to migrate, or to restore the learner from)."""
+    import psycopg
+
+    from audit.database import shown_url
+
+    if isinstance(exc, psycopg.OperationalError):
+        where = shown_url(settings.database_url) if settings.database_url else "the embedded PostgreSQL"
+        return f"infermesh: cannot start: the audit database {where} cannot be reached: {' '.join(str(exc).split())}"
+    return f"infermesh: {exc}"
+
+
 def _service(cfg: Any, settings: Any, **kwargs: Any) -> Any:
     """Build the service; what the config's files or sections say wrong is a message and exit 2, not a traceback."""
+    import psycopg
+
+    from audit.database import NoAuditLog
     from audit.spool import SpoolInUse
     from decision.config import ConfigError
     from decision.fleet import InventoryError
@@ -127,8 +144,8 @@ def _service(cfg: Any, settings: Any, **kwargs: Any) -> Any:
         return Service(cfg, settings, **kwargs)
     except (InventoryError, BundleError, ConfigError) as exc:  # already file:line: what
         print(f"infermesh: {exc}", file=sys.stderr)
-    except (BundleRejected, SpoolInUse) as exc:  # failing bundle tests; another process's audit spool
-        print(f"infermesh: {exc}", file=sys.stderr)
+    except (BundleRejected, SpoolInUse, NoAuditLog, psycopg.OperationalError) as exc:
+        print(_start_failure(exc, settings), file=sys.stderr)
     except (ValueError, TypeError, KeyError) as exc:  # a learner, audit or TLS setting the section check let by
         print(f"infermesh: {cfg.path}: cannot start with this config: {type(exc).__name__}: {exc}", file=sys.stderr)
     raise SystemExit(2)
@@ -234,9 +251,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"infermesh: {cfg.path}: {clash}", file=sys.stderr)
         return 2
     if workers > 1:
+        import psycopg
+
+        from audit.database import NoAuditLog
         from decision.workers import serve_workers
 
-        return serve_workers(args.config, workers, grpc_port=args.grpc_port, http_port=args.http_port)
+        try:  # the parent migrates the shared database before any worker starts
+            return serve_workers(args.config, workers, grpc_port=args.grpc_port, http_port=args.http_port)
+        except (NoAuditLog, psycopg.OperationalError) as exc:
+            print(_start_failure(exc, settings), file=sys.stderr)
+            return 2
     service = _service(cfg, settings)
     try:
         grpc_port = service.start_grpc(args.grpc_port)

@@ -386,3 +386,14 @@ def test_a_bundle_failing_its_tests_is_a_message_not_a_traceback(tmp_path: Path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(f"infermesh: {bundle}: ") and "bundle test(s) failed: FAIL safety.gpu_temperature" in line
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_with_an_unreachable_database_is_one_line_without_its_password(tmp_path: Path, workers: str) -> None:
+    env = {**os.environ, "INFERMESH_DATABASE_URL": "postgresql://audit:s3cret@127.0.0.1:1/infermesh",
+           "INFERMESH_DATA_DIR": str(tmp_path)}
+    proc = _run("serve", "--grpc-port", "0", "--http-port", "0", "--workers", workers, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("infermesh:")]
+    assert line.startswith("infermesh: cannot start: the audit database postgresql://audit:***@127.0.0.1:1/infermesh "
+                           "cannot be reached: ") and "s3cret" not in proc.stderr
