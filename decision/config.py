@@ -267,6 +267,18 @@ def load_config(path: str | Path) -> ServiceConfig:
         # Against the config's folder, as every other path here: resolved against the working directory,
         # a restart from elsewhere would open an empty spool and leave the spooled records behind.
         updates["audit"] = {**cfg.audit, "spool_dir": located_path(("audit", "spool_dir"), spool, None, "")}
+    if cfg.tls is not None:  # unreadable or unusable certificates: a located error now, not a failed start later
+        from decision.tls import server_ssl_context
+
+        files = {what: located_path(("tls", what), getattr(cfg.tls, what), Path.is_file, "file")
+                 for what in ("cert_file", "key_file", "client_ca_file") if getattr(cfg.tls, what) is not None}
+        updates["tls"] = cfg.tls.model_copy(update=files)
+        try:
+            server_ssl_context(updates["tls"])
+        except ValueError as exc:  # names the field (tls.cert_file: cannot read ...) or the unusable pair
+            field = str(exc).split(":", 1)[0]
+            loc = tuple(field.split(".")) if field.startswith("tls.") else ("tls",)
+            raise ConfigError(f"{p}:{doc.line_of(loc)}: {exc}") from None
     located = cfg.model_copy(update=updates)
     located._line_of = doc.line_of
     return located

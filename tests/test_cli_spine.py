@@ -129,14 +129,38 @@ def test_relative_spool_dir_resolves_against_the_config_folder(tmp_path: Path) -
 def test_config_values_are_not_coerced_and_the_audit_section_is_checked(tmp_path: Path, section: str,
                                                                          expected: str) -> None:
     from decision.config import ConfigError, load_config
+    from tests.test_prod_support import issue_cert, make_ca
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"fleet: {ROOT / 'deploy/demo/fleet.yaml'}\n{section}")
     with pytest.raises(ConfigError, match=expected):
         load_config(cfg)
+    _, ca_cert, ca_key = make_ca(tmp_path)
+    issue_cert(tmp_path, ca_cert, ca_key, "a", server=True)  # a.pem, a.key beside the config
     cfg.write_text(f"fleet: {ROOT / 'deploy/demo/fleet.yaml'}\nserver:\n  grace_s: 5\ntls:\n  cert_file: a.pem\n"
-                   "  key_file: b.key\n")  # an int for a float, and paths as text, are fine
-    assert load_config(cfg).server.grace_s == 5.0
+                   "  key_file: a.key\n")  # an int for a float, and paths as text, are fine
+    loaded = load_config(cfg)
+    assert loaded.server.grace_s == 5.0 and loaded.tls is not None and loaded.tls.key_file == tmp_path / "a.key"
+
+
+@pytest.mark.parametrize(("tls", "expected"), [
+    ("  cert_file: /nonexistent.pem\n  key_file: a.key\n", r"c\.yaml:3: tls\.cert_file: not a file: /nonexistent\.pem"),
+    ("  cert_file: a.pem\n  key_file: junk.key\n", r"c\.yaml:2: tls: cannot use the certificate files: "),
+    ("  cert_file: a.pem\n  key_file: a.key\n  client_ca_file: nowhere.pem\n",
+     r"c\.yaml:5: tls\.client_ca_file: not a file: .*nowhere\.pem"),
+])
+def test_certificates_that_cannot_be_used_are_located_config_errors(tmp_path: Path, tls: str, expected: str) -> None:
+    # Reported after the database, the learner and the audit writer had started, with no line.
+    from decision.config import ConfigError, load_config
+    from tests.test_prod_support import issue_cert, make_ca
+
+    _, ca_cert, ca_key = make_ca(tmp_path)
+    issue_cert(tmp_path, ca_cert, ca_key, "a", server=True)
+    (tmp_path / "junk.key").write_text("not a key\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"fleet: {ROOT / 'deploy/demo/fleet.yaml'}\ntls:\n{tls}")
+    with pytest.raises(ConfigError, match=expected):
+        load_config(cfg)
 
 
 @pytest.mark.parametrize(("extra", "expected"), [
