@@ -198,7 +198,7 @@ def cmd_decide(args: argparse.Namespace) -> int:
                           "rules": list(getattr(exc, "rules", ())),
                           "location": f"{args.request}:{line}" if line is not None else None}))
         return 1
-    out = decision_to_json(decision)
+    out = decision_to_json(decision, service.fleet.revision)  # as a gRPC DecideResponse carries it
     if not args.trace:
         out.pop("trace")
     print(json.dumps(out, indent=2, default=str))

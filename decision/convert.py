@@ -71,7 +71,7 @@ def decision_to_pb(d: Decision, inventory_revision: str = "") -> pb.DecideRespon
     )
 
 
-def decision_to_json(d: Decision) -> dict[str, Any]:
+def decision_to_json(d: Decision, inventory_revision: str = "") -> dict[str, Any]:
     def route(r: Route) -> dict[str, str]:
         return {"endpoint_id": r.endpoint_id, "address": r.address, "model": r.model, "node_id": r.node_id,
                 "gpu_type": r.gpu_type, "site_id": r.site_id, "region": r.region, "tier": r.tier}
@@ -79,7 +79,8 @@ def decision_to_json(d: Decision) -> dict[str, Any]:
     return {"decision_id": d.decision_id, "route": route(d.route), "fallbacks": [route(f) for f in d.fallbacks],
             "propensity": d.propensity, "policy_revision": d.policy_revision, "learner": d.learner,
             "expected_ttft_ms": d.expected_ttft_ms, "expected_cost_per_1k_tokens": d.expected_cost_per_1k_tokens,
-            "reason": d.reason, "decision_us": d.decision_us, "trace": dict(d.trace)}
+            "reason": d.reason, "inventory_revision": inventory_revision, "decision_us": d.decision_us,
+            "trace": dict(d.trace)}
 
 
 def outcome_from_pb(m: pb.Outcome) -> Outcome:

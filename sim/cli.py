@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("sim", help="discrete-event benchmark of routing strategies",
                        description="Run a simulator scenario; writes summary.json, comparison.csv and plots.")
     p.add_argument("--scenario", required=True, help=f"name ({', '.join(available())}) or YAML file")
-    p.add_argument("--strategies", help=f"comma-separated; default: the scenario's ({', '.join(registry.available())})")
+    p.add_argument("--strategies", help=f"comma-separated, of {', '.join(registry.available())}; also "
+                   "NAME+guard (a peer routing only where the hard rules allow), infermesh:LEARNER[/key=value...] and"
+                   " vw_peer (needs vowpalwabbit) (sim/README.md); default: the scenario's")
     p.add_argument("--duration", type=float, help="simulated seconds of arrivals (default: the scenario's)")
     p.add_argument("--trace", help="replay a Mooncake .jsonl or CSV trace instead of the synthetic workload")
     p.add_argument("--rate-scale", type=float, default=1.0, help="multiply the arrival rate")

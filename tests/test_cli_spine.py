@@ -38,6 +38,8 @@ def test_decide_answers_one_request_as_json(tmp_path: Path) -> None:
     assert out["route"]["model"] == "sdxl-1.0"
     assert out["trace"]["stages"]["choose"]["chosen"] == out["route"]["endpoint_id"]
     assert 0 < out["propensity"] <= 1
+    # As a gRPC DecideResponse carries it: which inventory the route came from.
+    assert out["inventory_revision"] == out["trace"]["inventory_revision"] != ""
 
 
 def test_the_default_config_is_found_from_another_directory(tmp_path: Path) -> None:
