@@ -4,6 +4,10 @@
 standalone. Every data request needs an API key (``Authorization: Bearer <key>`` or
 ``X-API-Key``); every access, the page included, is written to ``api_access_log``. A
 tenant-scoped key only ever sees its own tenant's decisions.
+
+The OpenAPI document declares both ways of sending the key as security schemes (so ``/docs``'s
+"Authorize" and "Try it out" send one), describes every parameter, and lists each route's error
+responses: the auditors are sent to ``/docs`` to learn the API.
 """
 
 
@@ -16,15 +20,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, Field
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from audit import checkpoint, keys, partitions
 from audit.keys import Principal
 from audit.repository import SUMMARY_COLUMNS, AuditRepository, BadCursor, DecisionFilter
+from audit.verify import after_day, day_start
 from audit.why import candidate_rows, render_text
 
 log = logging.getLogger(__name__)
@@ -36,7 +42,24 @@ DECISION_ID = r"^[A-Za-z0-9\-]{1,64}$"
 EXPORT_COLUMNS = (*SUMMARY_COLUMNS, "outcome_status", "outcome_ttft_ms", "outcome_latency_ms", "conflicting_outcomes")
 _json = msgspec.json.Encoder()
 
-Name = Annotated[str | None, Query(pattern=NAME, max_length=256)]
+
+def _name(description: str) -> Any:
+    return Query(pattern=NAME, max_length=256, description=description)
+
+
+_TIME_FORMS = ("An ISO 8601 time with its zone (`2026-11-29T08:00:00Z`, `2026-11-29T09:00:00+01:00`), or a date "
+               "alone (`2026-11-29`), which is UTC: ")
+FROM_HELP = (_TIME_FORMS + "from that day's 00:00 UTC. Decisions at or after this instant. A time without a zone "
+             "is refused (422): it would mean a different instant on every auditor's machine.")
+TO_HELP = (_TIME_FORMS + "through the end of that day (up to the next day's 00:00 UTC), so `from=D&to=D` is day D, as "
+           "in `infermesh audit query --from D --to D` and `audit verify`. Decisions before this instant "
+           "(exclusive). A time without a zone is refused (422).")
+CURSOR_HELP = ("The `next_cursor` of the previous page, passed back unchanged (it is opaque) with the same "
+               "filters, for the next, older page. Absent: the first, newest page. A cursor this API did not "
+               "issue is refused (422).")
+LIMIT_HELP = ("Decisions per page, 1-500 (default 50). `infermesh audit query --limit` reads the database "
+              "directly and takes up to 10,000; for every matching decision at once use `/v1/export`.")
+_ISO_TIME: TypeAdapter[dt.datetime] = TypeAdapter(dt.datetime)
 
 
 # Every query parameter of the endpoints that take filters (the filters, paging, export format).
@@ -81,7 +104,52 @@ def _logged_route(repo: AuditRepository) -> type[APIRoute]:
 
 
 class RetentionRequest(BaseModel):
-    retention_days: int = Field(ge=1, le=3650)
+    """The body of ``POST /v1/admin/retention``."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"retention_days": 90}]})
+    retention_days: int = Field(ge=1, le=3650, description="Days kept, today (UTC) included: every day partition "
+                                "older than that is dropped, for every tenant (1-3650).")
+
+
+class Problem(BaseModel):
+    """What an error response carries."""
+
+    detail: str | list[dict[str, Any]] = Field(
+        description="What is wrong, as a sentence; for a 422 FastAPI raises itself, its list of validation "
+                    "errors, each naming the parameter (`loc`).")
+
+
+_ERRORS = {
+    401: "No API key, or one that is unknown or revoked. Send it as `Authorization: Bearer KEY` or "
+         "`X-API-Key: KEY` (`infermesh audit keys create` makes one).",
+    403: "The key may not do this: a tenant-scoped key asking for another tenant.",
+    404: "No such decision (for a tenant-scoped key, none of its tenant).",
+    422: "A parameter this route refuses: a value out of range or not of the form described, a time without a "
+         "zone, a cursor this API did not issue, or a query parameter the route does not take (a misspelt "
+         "filter is refused, not ignored, so it cannot widen a search).",
+}
+
+
+def _errors(*codes: int, **texts: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for ``codes``; ``texts`` (``e403="..."``) replaces a code's general description."""
+    return {code: {"model": Problem, "description": texts.get(f"e{code}", _ERRORS.get(code, ""))} for code in codes}
+
+
+def _time_param(name: str, text: str | None, *, end: bool) -> dt.datetime | None:
+    """``from``/``to`` as an instant: a date alone is UTC (its start, or for ``to`` the midnight after it)."""
+    if text is None:
+        return None
+    try:
+        if len(text) == 10 and text[4] == "-":  # YYYY-MM-DD: the same reading as the CLI's --from/--to
+            day = dt.date.fromisoformat(text)
+            return after_day(day) if end else day_start(day)
+        t = _ISO_TIME.validate_python(text)
+    except (ValueError, ValidationError, OverflowError):  # ValidationError is a ValueError; named for clarity
+        raise HTTPException(422, f"{name}: not a date (YYYY-MM-DD) or an ISO 8601 time: {text[:64]!r}") from None
+    if t.tzinfo is None:
+        raise HTTPException(422, f"{name}: a time needs its zone (e.g. 2026-11-29T08:00:00Z), or give a date "
+                                 "alone (YYYY-MM-DD, UTC)")
+    return t
 
 
 def build_router(repo: AuditRepository, *, reload: Callable[[], str] | None = None,
@@ -99,10 +167,17 @@ def build_router(repo: AuditRepository, *, reload: Callable[[], str] | None = No
     """
     router = APIRouter(route_class=_logged_route(repo))
     _today = today or (lambda: dt.datetime.now(dt.UTC).date())
+    # Declared as security schemes so the OpenAPI document (and /docs' "Authorize") knows how a key is
+    # sent; auto_error off: a missing key is our 401, logged, whichever way it was (not) sent.
+    bearer = HTTPBearer(scheme_name="bearer", auto_error=False, bearerFormat="imk_<KEY_ID>_<secret>",
+                        description="An API key (`infermesh audit keys create`) as `Authorization: Bearer KEY`.")
+    api_key = APIKeyHeader(name="X-API-Key", scheme_name="apiKey", auto_error=False,
+                           description="The same API key in an `X-API-Key` header instead.")
 
-    def principal(request: Request) -> Principal:
-        auth = request.headers.get("authorization", "")
-        secret = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    def principal(request: Request,
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+                  header_key: Annotated[str | None, Security(api_key)]) -> Principal:
+        secret = (credentials.credentials if credentials is not None else header_key or "").strip()
         if not secret or len(secret) > 200:
             raise HTTPException(401, "an API key is required", headers={"WWW-Authenticate": "Bearer"})
         with repo.pool.connection() as conn:
@@ -118,14 +193,31 @@ def build_router(repo: AuditRepository, *, reload: Callable[[], str] | None = No
         return p
 
     def filters(request: Request, p: Annotated[Principal, Depends(principal)],
-                start: Annotated[dt.datetime | None, Query(alias="from")] = None,
-                end: Annotated[dt.datetime | None, Query(alias="to")] = None,
-                tenant: Name = None, region: Name = None, site: Name = None,
-                tier: Annotated[Literal["datacenter", "edge", "device"] | None, Query()] = None,
-                model: Name = None, endpoint: Name = None, rule: Name = None,
-                status: Annotated[Literal["routed", "denied", "quota_denied"] | None, Query()] = None,
-                outcome: Annotated[Literal["ok", "error", "timeout", "cancelled", "none"] | None,
-                                   Query()] = None) -> DecisionFilter:
+                start: Annotated[str | None, Query(alias="from", max_length=64, description=FROM_HELP,
+                                                   examples=["2026-11-29", "2026-11-29T08:00:00Z"])] = None,
+                end: Annotated[str | None, Query(alias="to", max_length=64, description=TO_HELP,
+                                                 examples=["2026-11-30", "2026-11-29T12:00:00+01:00"])] = None,
+                tenant: Annotated[str | None, _name(
+                    "Only this tenant's decisions (exact match). A tenant-scoped key sees only its own tenant "
+                    "whether or not this is given; another tenant is refused (403).")] = None,
+                region: Annotated[str | None, _name("Only decisions routed to this region (exact match).")] = None,
+                site: Annotated[str | None, _name("Only decisions routed to this site id (exact match).")] = None,
+                tier: Annotated[Literal["datacenter", "edge", "device"] | None, Query(
+                    description="Only decisions routed to this tier.")] = None,
+                model: Annotated[str | None, _name("Only requests for this model (exact match).")] = None,
+                endpoint: Annotated[str | None, _name(
+                    "Only decisions routed to this endpoint id (exact match).")] = None,
+                rule: Annotated[str | None, _name(
+                    "Only denied decisions (`denied`, `quota_denied`) with this rule among those that removed "
+                    "their candidates: the rule id exactly as their `deny_rules` shows it (e.g. "
+                    "`safety.gpu_temperature`); no prefix or pattern matching. A routed decision matches no "
+                    "rule: rules that removed only some of its candidates are in its trace.")] = None,
+                status: Annotated[Literal["routed", "denied", "quota_denied"] | None, Query(
+                    description="Only decisions with this status: `routed`, `denied` (rules removed every "
+                                "candidate) or `quota_denied` (a quota refused the request).")] = None,
+                outcome: Annotated[Literal["ok", "error", "timeout", "cancelled", "none"] | None, Query(
+                    description="Only decisions whose reported outcome has this status; `none`: no outcome "
+                                "reported (yet).")] = None) -> DecisionFilter:
         route = request.scope.get("route")
         known = _ROUTE_QUERY_NAMES.get(getattr(route, "path", ""), _FILTER_NAMES)
         unknown = sorted(set(request.query_params) - known)
@@ -136,10 +228,8 @@ def build_router(repo: AuditRepository, *, reload: Callable[[], str] | None = No
             if tenant is not None and tenant != p.tenant:
                 raise HTTPException(403, "this key may only read its own tenant")
             tenant = p.tenant
-        for t in (start, end):
-            if t is not None and t.tzinfo is None:
-                raise HTTPException(422, "from/to need a time zone (e.g. 2025-01-01T00:00:00Z)")
-        return DecisionFilter(start=start, end=end, tenant=tenant, region=region, site=site, tier=tier,
+        start_at, end_at = _time_param("from", start, end=False), _time_param("to", end, end=True)
+        return DecisionFilter(start=start_at, end=end_at, tenant=tenant, region=region, site=site, tier=tier,
                               model=model, endpoint=endpoint, rule=rule, status=status, outcome_status=outcome)
 
     Filters = Annotated[DecisionFilter, Depends(filters)]
@@ -150,18 +240,20 @@ def build_router(repo: AuditRepository, *, reload: Callable[[], str] | None = No
             raise HTTPException(404, "no such decision")
         return d
 
-    @router.get("/v1/decisions", tags=["audit"])
+    @router.get("/v1/decisions", tags=["audit"], responses=_errors(401, 403, 422))
     def list_decisions(f: Filters,
-                       cursor: Annotated[str | None, Query(max_length=200, pattern=r"^[A-Za-z0-9_\-]+$")] = None,
-                       limit: Annotated[int, Query(ge=1, le=500)] = 50) -> dict[str, Any]:
-        """Decisions newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
+                       cursor: Annotated[str | None, Query(max_length=200, pattern=r"^[A-Za-z0-9_\-]+$",
+                                                           description=CURSOR_HELP)] = None,
+                       limit: Annotated[int, Query(ge=1, le=500, description=LIMIT_HELP)] = 50) -> dict[str, Any]:
+        """Decisions newest first, a page at a time: `items`, and `next_cursor` (`null` on the last page),
+        to pass back as `cursor`."""
         try:
             items, nxt = repo.list_decisions(filters=f, cursor=cursor, limit=limit)
         except BadCursor as exc:
             raise HTTPException(422, "bad cursor") from exc
         return {"items": items, "next_cursor": nxt}
 
-    @router.get("/v1/decisions/{decision_id}", tags=["audit"])
+    @router.get("/v1/decisions/{decision_id}", tags=["audit"], responses=_errors(401, 404, 422))
     def get_decision(decision_id: Annotated[str, _path_id()],
                      p: Annotated[Principal, Depends(principal)]) -> dict[str, Any]:
         """One decision with its full trace and outcome, and the "why" table rows."""
@@ -169,26 +261,40 @@ def build_router(repo: AuditRepository, *, reload: Callable[[], str] | None = No
         d["why"] = candidate_rows(d)
         return d
 
-    @router.get("/v1/decisions/{decision_id}/why", tags=["audit"], response_class=PlainTextResponse)
+    @router.get("/v1/decisions/{decision_id}/why", tags=["audit"], response_class=PlainTextResponse,
+                responses=_errors(401, 404, 422))
     def why(decision_id: Annotated[str, _path_id()], p: Annotated[Principal, Depends(principal)]) -> str:
         """Why this route, as readable text."""
         return render_text(one(decision_id, p))
 
-    @router.get("/v1/export", tags=["audit"])
-    def export(f: Filters, format: Annotated[Literal["csv", "jsonl"], Query()] = "jsonl",
-               trace: bool = False) -> StreamingResponse:
-        """Every matching decision, streamed as CSV or JSON lines (``trace=true``: JSONL with traces)."""
+    @router.get("/v1/export", tags=["audit"], responses={
+        **_errors(401, 403, 422, e422=_ERRORS[422] + " `trace=true` with `format=csv` is refused: a CSV export "
+                                                     "carries no traces."),
+        200: {"description": "Every matching decision, newest first.",
+              "content": {"application/x-ndjson": {}, "text/csv": {}}}})
+    def export(f: Filters, format: Annotated[Literal["csv", "jsonl"], Query(
+                   description="`jsonl` (default): one JSON object per decision, values exact (the evidence "
+                               "copy). `csv`: the summary columns, cells that would start a spreadsheet "
+                               "formula prefixed with `'`; no traces.")] = "jsonl",
+               trace: Annotated[bool, Query(description="`true`: each JSON line also carries the decision's full "
+                                                        "trace. JSONL only: refused with `format=csv`.")] = False,
+               ) -> StreamingResponse:
+        """Every matching decision, streamed as JSON lines or CSV (`trace=true`: JSON lines with traces)."""
+        if trace and format == "csv":  # used to be dropped silently: an export without what was asked for
+            raise HTTPException(422, "trace: traces are exported as JSON lines only; use format=jsonl with "
+                                     "trace=true, or format=csv without trace")
         if format == "csv":
             return StreamingResponse(_csv(repo, f), media_type="text/csv",
                                      headers={"Content-Disposition": "attachment; filename=decisions.csv"})
         return StreamingResponse(_jsonl(repo, f, trace), media_type="application/x-ndjson")
 
-    @router.get("/v1/stats", tags=["audit"])
+    @router.get("/v1/stats", tags=["audit"], responses=_errors(401, 403, 422))
     def stats(f: Filters) -> dict[str, Any]:
         """Decisions by status, denials by rule, routes by tier, TTFT by route."""
         return repo.stats(filters=f)
 
-    @router.get("/v1/checkpoint", tags=["audit"], response_class=PlainTextResponse)
+    @router.get("/v1/checkpoint", tags=["audit"], response_class=PlainTextResponse, responses=_errors(
+        401, 403, e403="Chain heads span tenants: a tenant-scoped key may not read them."))
     def chain_checkpoint(p: Annotated[Principal, Depends(principal)]) -> str:
         """Every hash chain's head now, as ``infermesh audit checkpoint`` writes it: keep it outside
         the database, check it later with ``infermesh audit verify --checkpoint``. Chains span
@@ -197,18 +303,31 @@ def build_router(repo: AuditRepository, *, reload: Callable[[], str] | None = No
             raise HTTPException(403, "chain heads span tenants: this needs a key for every tenant")
         return checkpoint.render(checkpoint.chain_heads(repo.url), dt.datetime.now(dt.UTC))
 
-    @router.post("/v1/admin/retention", tags=["admin"])
-    def retention(body: RetentionRequest, p: Annotated[Principal, Depends(admin)]) -> dict[str, Any]:
-        """Drop day partitions older than ``retention_days`` (admin, for every tenant: partitions span them)."""
+    @router.post("/v1/admin/retention", tags=["admin"], responses=_errors(
+        401, 403, 422, e403="Not an admin key, or an admin key scoped to one tenant (day partitions span "
+                            "tenants)."))
+    def retention(body: Annotated[RetentionRequest, Body(openapi_examples={
+                      "ninety days": {"summary": "keep the last 90 days", "value": {"retention_days": 90}}})],
+                  p: Annotated[Principal, Depends(admin)]) -> dict[str, Any]:
+        """Drop the day partitions older than `retention_days` (admin key for every tenant: partitions span
+        tenants). Body: `{"retention_days": N}`, JSON. Returns the days dropped."""
         if p.tenant is not None:
             raise HTTPException(403, "retention drops every tenant's days: this needs a key for every tenant")
         with repo.pool.connection() as conn:
             dropped = partitions.apply_retention(conn, retention_days=body.retention_days, today=_today())
         return {"dropped_days": [d.isoformat() for d in dropped]}
 
-    @router.post("/v1/admin/reload", tags=["admin"])
+    @router.post("/v1/admin/reload", tags=["admin"], responses={
+        **_errors(401, 403, e403="Not an admin key, or an admin key scoped to one tenant (the bundle applies "
+                                 "to every tenant)."),
+        409: {"model": Problem, "description": "The new bundle failed its check or its tests: the old one "
+                                               "keeps running; `detail` says why."},
+        501: {"model": Problem, "description": "This process has no policy bundle reload wired."},
+        200: {"description": "The bundle now running.", "content": {"application/json": {
+            "example": {"revision": "3f9c2a1"}}}}})
     def do_reload(p: Annotated[Principal, Depends(admin)]) -> dict[str, Any]:
-        """Reload the policy bundle (admin, for every tenant: the bundle applies to all)."""
+        """Reload the policy bundle (admin key for every tenant: the bundle applies to all). No body.
+        Returns the revision now running."""
         if p.tenant is not None:
             raise HTTPException(403, "the policy bundle applies to every tenant: this needs a key for every tenant")
         if reload is None:

@@ -318,3 +318,70 @@ def test_checkpoint_lists_every_chain_head_for_unscoped_keys_only(client: TestCl
     assert report.ok and report.checked == 2
     assert client.get("/v1/checkpoint", headers=h(world["globex"])).status_code == 403
     assert client.get("/v1/checkpoint").status_code == 401
+
+
+def test_openapi_lets_the_docs_send_a_key_and_describes_parameters_errors_and_bodies(
+        client: TestClient, world: dict[str, str]) -> None:
+    doc = client.get("/openapi.json").json()
+    schemes = doc["components"]["securitySchemes"]
+    assert schemes["bearer"] == {**schemes["bearer"], "type": "http", "scheme": "bearer"}
+    assert schemes["apiKey"] == {**schemes["apiKey"], "type": "apiKey", "in": "header", "name": "X-API-Key"}
+    for path, methods in doc["paths"].items():
+        for method, op in methods.items():
+            assert {"bearer": []} in op["security"] and {"apiKey": []} in op["security"], (method, path)
+            assert "401" in op["responses"], (method, path)
+    # What /docs' "Try it out" sends for each scheme is a key this API takes.
+    for headers in (h(world["auditor"]), {"X-API-Key": world["auditor"]}):
+        assert client.get("/v1/decisions", params={"limit": 1}, headers=headers).status_code == 200
+    listing = doc["paths"]["/v1/decisions"]["get"]
+    params = {p["name"]: p for p in listing["parameters"] if p["in"] == "query"}
+    assert set(params) == {"from", "to", "tenant", "region", "site", "tier", "model", "endpoint", "rule", "status",
+                           "outcome", "cursor", "limit"}
+    assert all(p.get("description", "").strip() for p in params.values()), [
+        n for n, p in params.items() if not p.get("description")]
+    assert "zone" in params["from"]["description"] and "none" in params["outcome"]["description"]
+    assert params["limit"]["schema"]["maximum"] == 500 and "500" in params["limit"]["description"]
+    export = {p["name"]: p for p in doc["paths"]["/v1/export"]["get"]["parameters"]}
+    assert export["trace"].get("description") and export["format"].get("description")
+    assert {"401", "403", "422"} <= set(listing["responses"])
+    assert {"401", "404"} <= set(doc["paths"]["/v1/decisions/{decision_id}"]["get"]["responses"])
+    retention = doc["paths"]["/v1/admin/retention"]["post"]
+    assert {"401", "403", "422"} <= set(retention["responses"])
+    (example,) = retention["requestBody"]["content"]["application/json"]["examples"].values()
+    assert set(example["value"]) == {"retention_days"}
+    assert {"403", "409", "501"} <= set(doc["paths"]["/v1/admin/reload"]["post"]["responses"])
+
+
+def test_export_refuses_csv_with_trace_instead_of_dropping_the_trace(client: TestClient,
+                                                                    world: dict[str, str]) -> None:
+    r = client.get("/v1/export", params={"format": "csv", "trace": "true"}, headers=h(world["auditor"]))
+    assert r.status_code == 422 and r.json()["detail"].startswith("trace: ")
+    r = client.get("/v1/export", params={"trace": "true", "tenant": "globex"}, headers=h(world["auditor"]))
+    rows = [json.loads(line) for line in r.text.splitlines()]
+    assert r.status_code == 200 and len(rows) == 10 and all("stages" in row["trace"] for row in rows)
+
+
+def test_a_date_alone_is_that_utc_day_as_in_the_cli(client: TestClient, world: dict[str, str]) -> None:
+    import datetime as dt
+
+    with psycopg.connect(world["url"]) as conn:
+        row = conn.execute("SELECT min(decided_at) FROM decision_events").fetchone()
+    assert row is not None
+    day = row[0].astimezone(dt.UTC).date()
+    nxt = day + dt.timedelta(days=1)
+
+    def ids(params: dict[str, str]) -> list[str]:
+        r = client.get("/v1/decisions", params={**params, "limit": "500"}, headers=h(world["auditor"]))
+        assert r.status_code == 200, (params, r.text)
+        return [d["decision_id"] for d in r.json()["items"]]
+
+    whole_day = ids({"from": f"{day}T00:00:00Z", "to": f"{nxt}T00:00:00+00:00"})
+    assert whole_day and ids({"from": day.isoformat(), "to": day.isoformat()}) == whole_day  # from=D&to=D: day D
+    assert ids({"from": nxt.isoformat()}) == ids({"from": f"{nxt}T00:00:00Z"})
+    assert ids({"to": day.isoformat()}) == ids({"to": f"{nxt}T00:00:00Z"})
+    r = client.get("/v1/stats", params={"from": day.isoformat()}, headers=h(world["auditor"]))
+    assert r.status_code == 200 and r.json()["total"] == 30
+    for bad, says in (("2026-11-29T00:00:00", "from: a time needs its zone"), ("yesterday", "from: not a date"),
+                      ("2026-02-30", "from: not a date")):
+        r = client.get("/v1/decisions", params={"from": bad}, headers=h(world["auditor"]))
+        assert r.status_code == 422 and r.json()["detail"].startswith(says), (bad, r.text)
