@@ -72,7 +72,8 @@ def register(sub: Any) -> None:
     p = asub.add_parser("export", help="export decisions as JSON lines or CSV")
     _add_filters(p)
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
-    p.add_argument("--trace", action="store_true", help="include the full trace (JSONL)")
+    p.add_argument("--trace", action="store_true",
+                   help="include each decision's full trace (JSON lines only: refused with --format csv)")
     p.add_argument("--output", "-o", default="-")
     p.set_defaults(func=_reporting(cmd_export))
     p = asub.add_parser("verify", help="recompute the hash chains; report the first broken link")
@@ -184,6 +185,10 @@ def cmd_query(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from audit.api import _csv, _jsonl
 
+    if a.trace and a.format == "csv":  # a CSV has no column for traces: dropping them silently misled
+        print("infermesh audit export: --trace: traces are exported as JSON lines only; use --format jsonl "
+              "(the default) with --trace, or --format csv without it", file=sys.stderr)
+        return 2
     url = _url()  # before the output is opened: a missing log must not truncate an existing file
     # Into a partial file renamed at the end: an export cut short (the database gone mid-stream) must
     # not leave a file that looks like a complete export of what was asked for.

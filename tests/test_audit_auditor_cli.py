@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import psycopg
 import pytest
 
 from audit import database, keys
 from decision.cli import main
+from decision.fleet import Fleet
+from tests.test_audit_store import decided_and_reported
 
 
 def _cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str | None,
@@ -86,3 +89,18 @@ def test_keys_list_shows_every_key_without_its_hash(
     assert row.split()[1:4] == ["ops", "admin", "acme"] and row.split()[-1] == "-"
     for text in (out, table):
         assert a not in text and b not in text and not any(h in text for h in hashes)
+
+
+def test_export_traces_are_json_lines_only_and_csv_with_trace_is_refused(
+        db: str, demo_fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    w, _ = decided_and_reported(db, demo_fleet, tmp_path / "spool", 3, batch_size=3)
+    w.close()
+    earlier = tmp_path / "evidence.csv"
+    earlier.write_text("kept\n")
+    code, out, err = _cli(monkeypatch, capsys, db, "export", "--format", "csv", "--trace", "-o", str(earlier))
+    assert code == 2 and out == "" and "--trace: traces are exported as JSON lines only" in err
+    assert earlier.read_text() == "kept\n"  # the refusal came before anything was written
+    code, out, _ = _cli(monkeypatch, capsys, db, "export", "--trace")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(rows) == 3 and all("stages" in r["trace"] for r in rows)
