@@ -151,9 +151,12 @@ def trace_to_pb(record: Mapping[str, Any]) -> pb.Trace:
     """A stored audit record (decision event + optional outcome) as an Explain answer."""
     trace = struct_pb2.Struct()
     ParseDict(_jsonable(record.get("trace") or {}), trace)
+    # A denied decision has no route: its log row's model is what the request asked for (a model or a
+    # family), which would read as the model that served it.
     route = pb.Route(endpoint_id=record.get("endpoint_id") or "", model=record.get("model") or "",
                      site_id=record.get("site_id") or "", region=record.get("region") or "",
-                     tier=record.get("tier") or "", gpu_type=record.get("gpu_type") or "")
+                     tier=record.get("tier") or "", gpu_type=record.get("gpu_type") or "",
+                     ) if record.get("status", "routed") == "routed" else pb.Route()
     decided_s = _unix_seconds(record.get("decided_at"))
     msg = pb.Trace(decision_id=str(record.get("decision_id", "")), status=str(record.get("status", "")),
                    route=route, policy_revision=record.get("policy_revision") or "",

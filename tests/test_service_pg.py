@@ -81,6 +81,8 @@ def test_denied_decisions_are_in_the_audit_log(service: Service) -> None:
     t = stub.Explain(pb.ExplainRequest(decision_id=decision_id), timeout=10)
     assert t.status == "denied"
     assert list(t.deny_rules) == ["test.deny-substring"]
+    assert t.route == pb.Route()  # no route: the family the request named ("qwen") is not a model that served it
+    assert t.trace["request"]["model_family"] == "qwen"
 
 
 def test_http_health_and_prometheus_metrics(service: Service) -> None:
