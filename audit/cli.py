@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import psycopg
@@ -23,15 +23,62 @@ from decision.cli_args import bounded_int
 SubParsers = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
+_WHEN = "a date (YYYY-MM-DD) or an ISO 8601 time (e.g. 2026-11-29T08:00:00Z)"
+
+
+def _when(text: str) -> dt.date | dt.datetime:
+    """``text`` as a date (a bare YYYY-MM-DD) or a time; an argparse error naming both forms otherwise."""
+    try:
+        if len(text) == 10:  # a date alone
+            return dt.date.fromisoformat(text)
+        return dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {_WHEN}: {text!r}") from None
+
+
 def _time_bound(*, end: bool) -> Callable[[str], dt.datetime | None]:
     """An ISO time, or a bare YYYY-MM-DD meaning that whole UTC day: its start for ``--from``, the
     midnight after it for ``--to`` (so ``--from D --to D`` is day D, as in ``audit verify``)."""
-    def time(text: str) -> dt.datetime | None:  # named for argparse's "invalid time value" message
-        if len(text) == 10:  # a date alone
-            day = dt.date.fromisoformat(text)
-            return after_day(day) if end else day_start(day)
-        return dt.datetime.fromisoformat(text)
+    def time(text: str) -> dt.datetime | None:
+        when = _when(text)
+        if isinstance(when, dt.datetime):
+            return when
+        return after_day(when) if end else day_start(when)
     return time
+
+
+class DayBound(NamedTuple):
+    """A bound of ``audit verify``: the UTC day, and the time given for it (``None``: a date was given)."""
+
+    day: dt.date
+    time: str | None
+
+
+def _day_bound(*, end: bool) -> Callable[[str], DayBound]:
+    """A date, or a time (UTC if no zone) standing for the UTC day it falls in: hash chains are per day
+    partition, each verified from its start, so ``verify`` takes whole days. ``--to`` is exclusive as a
+    time, as in ``query``: ``--to 2026-11-30T00:00:00Z`` ends with 2026-11-29."""
+    def day(text: str) -> DayBound:
+        when = _when(text)
+        if not isinstance(when, dt.datetime):
+            return DayBound(when, None)
+        try:
+            utc = (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).astimezone(dt.UTC)
+            if end:
+                utc -= dt.timedelta(microseconds=1)
+        except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00, or the first instant as an exclusive end
+            raise argparse.ArgumentTypeError(f"no UTC day a date can name holds {text!r}") from None
+        return DayBound(utc.date(), text)
+    return day
+
+
+def _days_text(start: DayBound | None, end: DayBound | None) -> str:
+    """The UTC days ``start``..``end`` name, in words."""
+    if start is not None and end is not None:
+        return f"the day {start.day}" if start.day == end.day else f"the days {start.day} to {end.day}"
+    if start is not None:
+        return f"every day from {start.day} on"
+    return "every day" if end is None else f"every day through {end.day}"
 
 
 def _add_filters(p: argparse.ArgumentParser) -> None:
@@ -77,8 +124,12 @@ def register(sub: Any) -> None:
     p.add_argument("--output", "-o", default="-")
     p.set_defaults(func=_reporting(cmd_export))
     p = asub.add_parser("verify", help="recompute the hash chains; report the first broken link")
-    p.add_argument("--from", dest="start", type=dt.date.fromisoformat, help="first UTC day (YYYY-MM-DD)")
-    p.add_argument("--to", dest="end", type=dt.date.fromisoformat, help="last UTC day (inclusive)")
+    p.add_argument("--from", dest="start", type=_day_bound(end=False),
+                   help="first UTC day: YYYY-MM-DD, or an ISO time (UTC if no zone) for the whole day it falls in "
+                        "(hash chains are verified a day partition at a time)")
+    p.add_argument("--to", dest="end", type=_day_bound(end=True),
+                   help="last UTC day, inclusive: YYYY-MM-DD, or an ISO time, exclusive as in `query` (up to "
+                        "2026-11-30T00:00:00Z ends with 2026-11-29), for the whole day before it")
     p.add_argument("--checkpoint", metavar="FILE",
                    help="also require the chain heads recorded by `audit checkpoint` (catches deleted tails "
                         "and rewritten chains)")
@@ -239,11 +290,18 @@ def cmd_verify(a: argparse.Namespace) -> int:
         except checkpoint.CheckpointError as exc:
             print(str(exc), file=sys.stderr)
             return 2
-    if a.start is not None and a.end is not None and a.start > a.end:  # would verify nothing and say ok
-        print(f"--from {a.start} is after --to {a.end}", file=sys.stderr)
+    start: dt.date | None = a.start.day if a.start is not None else None
+    end: dt.date | None = a.end.day if a.end is not None else None
+    if start is not None and end is not None and start > end:  # would verify nothing and say ok
+        first = str(start) if a.start.time is None else f"{start} (the UTC day of {a.start.time})"
+        last = str(end) if a.end.time is None else f"{end} (the last UTC day before {a.end.time})"
+        print(f"--from {first} is after --to {last}", file=sys.stderr)
         return 2
+    if any(b is not None and b.time is not None for b in (a.start, a.end)):  # what a time range stands for
+        print(f"verify takes whole UTC days (each day's hash chains are checked from their start): "
+              f"{_days_text(a.start, a.end)}", file=sys.stderr)
     url = _url()
-    report = verify(url, start=a.start, end=a.end)
+    report = verify(url, start=start, end=end)
     if report.broken is not None:
         print(f"FAILED after {report.rows} rows: {report.broken}")
         return 1
@@ -255,7 +313,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
           + (f" ({report.unchained_outcomes} older outcomes carry no chain)" if report.unchained_outcomes else ""))
     if heads is None:
         return 0
-    cp = checkpoint.check_heads(url, heads, start=a.start, end=a.end)
+    cp = checkpoint.check_heads(url, heads, start=start, end=end)
     for problem in cp.problems:
         print(f"FAILED: {problem}")
     retired = f"; {cp.retired} on days retention has dropped" if cp.retired else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -104,3 +105,33 @@ def test_export_traces_are_json_lines_only_and_csv_with_trace_is_refused(
     code, out, _ = _cli(monkeypatch, capsys, db, "export", "--trace")
     rows = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and len(rows) == 3 and all("stages" in r["trace"] for r in rows)
+
+
+def test_verify_takes_times_like_query_as_the_whole_utc_days_they_fall_in(
+        db: str, demo_fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    w, _ = decided_and_reported(db, demo_fleet, tmp_path / "spool", 3, batch_size=3)
+    w.close()
+    with psycopg.connect(db) as conn:
+        row = conn.execute("SELECT DISTINCT (decided_at AT TIME ZONE 'UTC')::date FROM decision_events").fetchone()
+    assert row is not None
+    day: dt.date = row[0]
+    nxt = day + dt.timedelta(days=1)
+    code, out, err = _cli(monkeypatch, capsys, db, "verify", "--from", f"{day}T00:00:00Z")
+    assert code == 0 and out.startswith("ok: 3 decisions") and f"every day from {day} on" in err, (out, err)
+    # 23:30 the day before in UTC-05:00 is day's 04:30 UTC; an exclusive end at the next midnight ends with day.
+    code, out, err = _cli(monkeypatch, capsys, db, "verify", "--from", f"{day - dt.timedelta(days=1)}T23:30:00-05:00",
+                          "--to", f"{nxt}T00:00:00+00:00")
+    assert code == 0 and out.startswith("ok: 3 decisions") and " over 1 days" in out and f"the day {day}" in err
+    code, out, _ = _cli(monkeypatch, capsys, db, "verify", "--from", day.isoformat(), "--to", day.isoformat())
+    assert code == 0 and out.startswith("ok: 3 decisions")  # a date alone, as before
+    code, out, _ = _cli(monkeypatch, capsys, db, "verify", "--to", f"{day}T00:00:00Z")  # exclusive: day is not in it
+    assert code == 0 and out.startswith("ok: 0 decisions")
+    code, out, err = _cli(monkeypatch, capsys, db, "verify", "--from", f"{nxt}T10:00:00Z", "--to", f"{nxt}T00:00:00Z")
+    assert code == 2 and "after --to" in err and "ok" not in out
+    for flag, bad in (("--from", "2026-11-29 08:00 CET"), ("--to", "yesterday"), ("--to", "0001-01-01T00:00:00Z")):
+        with pytest.raises(SystemExit) as exit_:
+            _cli(monkeypatch, capsys, db, "verify", flag, bad)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"argument {flag}: " in err and repr(bad) in err, err
+        assert "Traceback" not in err and "fromisoformat" not in err
