@@ -51,6 +51,7 @@ from decision.domain import (
 from decision.errors import InvalidArgument, NoCandidate, NotFound, QuotaExceeded, Unavailable
 from decision.fleet import Fleet, endpoints_serving
 from decision.ledger import EndpointLedger
+from decision.outcome_claims import OutcomeClaims
 from decision.scoring import ADDED_DELAY_WEIGHT, COST_WEIGHT_MS, BasicFeatures, score_candidates
 from decision.telemetry import TelemetryStore
 from decision.trace_format import TraceParts, assemble_trace, endpoint_row, expand_trace, trace_arms, trace_parts
@@ -177,6 +178,7 @@ class DecisionEngine:
         outcome_timeout_s: float = 300.0,
         max_pending: int = 200_000,
         clock: Callable[[], float] = time.time,
+        claims: OutcomeClaims | None = None,
     ) -> None:
         self._fleet = fleet
         self.telemetry = telemetry
@@ -192,6 +194,8 @@ class DecisionEngine:
         self.outcome_timeout_s = outcome_timeout_s
         self.max_pending = max_pending
         self.clock = clock
+        # Replicas sharing a log: the first to claim a decision's outcome learns it (decision.outcome_claims).
+        self.claims = claims
         # What this engine knows of each endpoint from its own traffic (in flight, prefill backlog,
         # outcome-calibrated slowness): exact and immediate, where scraped telemetry is seconds old
         # (a burst would herd onto what looked idle). count_inflight=False scores on telemetry alone.
@@ -205,6 +209,7 @@ class DecisionEngine:
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
         self._reported: dict[str, float | None] = {}
         self._reporting: set[str] = set()  # outcomes being recorded now (see report_outcome)
+        self._claimed: set[str] = set()  # ... whose shared claim this replica holds (released if recording fails)
         # Decisions whose outcome did not come in time: a timeout was learnt; a late outcome is still
         # audited, and trues up the tenant's tokens (what the request held is kept for that).
         self._expired: dict[str, tuple[RequestContext, float]] = {}  # -> (request, held_at)
@@ -572,17 +577,45 @@ class DecisionEngine:
             # Claimed under the lock, so a concurrent duplicate (a retry, a hedge) is answered as one.
             self._reporting.add(did)
             late = self._expired.get(did) if pending is None else None
+        recorded = False
         try:
-            return self._record_outcome(outcome, pending, late)
+            result = self._record_outcome(outcome, pending, late)
+            recorded = True
+            return result
         finally:
             with self._lock:
                 self._reporting.discard(did)
+                claimed = did in self._claimed
+                self._claimed.discard(did)
+            if claimed and not recorded and self.claims is not None:  # e.g. the audit log refused it: a retry
+                self.claims.release(did)  # must be able to claim it again
+
+    def _claim(self, decision_id: str) -> bool:
+        """Whether this replica records (and learns) the outcome: no shared claims, or the first to claim."""
+        if self.claims is None:
+            return True
+        if not self.claims.claim(decision_id):
+            return False
+        with self._lock:
+            self._claimed.add(decision_id)
+        return True
+
+    def _learnt_elsewhere(self, decision_id: str) -> OutcomeResult:
+        """Another replica claimed this outcome first and learnt it: a duplicate here, learnt once."""
+        self.stats["outcomes_duplicate"] += 1
+        self.stats["outcomes_elsewhere"] += 1
+        with self._lock:
+            put_bounded(self._reported, decision_id, None, self.max_pending)
+            self._expired.pop(decision_id, None)
+        return OutcomeResult(decision_id, True, True, None)
 
     def _record_outcome(self, outcome: Outcome, pending: _Pending | None,
                         late: tuple[RequestContext, float] | None) -> OutcomeResult:
         did = outcome.decision_id
         reward: float | None = None
         if pending is not None:
+            if not self._claim(did):
+                return self._learnt_elsewhere(did)
             outcome, learnt, fallback = self._as_learnt(outcome, pending.endpoint_id, pending.expected_ttft_ms)
             reward = self.reward(pending.ctx, learnt, pending.expected_ttft_ms, pending.cost_per_1k_tokens)
             with self._learn_lock:  # stamped and learnt as one, for snapshots (see outcome_barrier)
@@ -621,6 +654,8 @@ class DecisionEngine:
                 return OutcomeResult(did, True, True, prior)
             route = str(record.get("endpoint_id") or "")
             self._check_served(outcome, route)
+            if not self._claim(did):
+                return self._learnt_elsewhere(did)
             logged = self._logged_arm(record)
             outcome, learnt, _ = self._as_learnt(outcome, route, logged.expected_ttft_ms if logged else 0.0)
             if logged is not None:

@@ -33,6 +33,7 @@ from decision.grpc_serving import health_status
 from decision.health_guard import BuiltinHealthGuard
 from decision.http import HttpServer, create_app
 from decision.metrics import ServiceMetrics
+from decision.outcome_claims import OutcomeClaims
 from decision.scoring import BasicFeatures
 from decision.scraper import Scraper
 from decision.telemetry import TelemetryStore
@@ -151,12 +152,14 @@ class Service:
             self.audit = AuditParts()
         else:
             self.audit = build_audit(config, settings, reload=self._admin_reload)
+        routers = config.decision.routers or settings.workers or config.server.workers
         engine = DecisionEngine(
             self.fleet, self.telemetry, self.policies.guard, learner, features=features,
             audit=self.audit.sink, traces=self.audit.reader, reward=reward, shadow=shadows,
             max_fallbacks=config.decision.max_fallbacks, max_candidates=config.decision.max_candidates,
             count_inflight=config.decision.count_inflight,
-            routers=config.decision.routers or settings.workers or config.server.workers,
+            routers=routers,
+            claims=_outcome_claims(settings.redis_url, routers, config.decision.outcome_timeout_s),
             added_delay_weight=config.decision.added_delay_weight,
             cost_weight_ms=config.decision.cost_weight_ms,
             outcome_timeout_s=config.decision.outcome_timeout_s)
@@ -348,6 +351,17 @@ class Service:
             started = time.monotonic()
             self.audit.close()
             log.info("audit queue drained in %.2fs", time.monotonic() - started)
+
+
+def _outcome_claims(redis_url: str, routers: int, outcome_timeout_s: float) -> OutcomeClaims | None:
+    """Shared outcome claims when several processes take outcomes (``routers`` > 1) and share a
+    Redis: an outcome retried at another replica is then learnt once (decision.outcome_claims)."""
+    if not redis_url or routers <= 1:
+        return None
+    from decision.outcome_claims import RedisOutcomeClaims
+
+    # Longer than any retry of an outcome can come: a decision is remembered that long at most.
+    return RedisOutcomeClaims(redis_url, ttl_s=2 * outcome_timeout_s + 60)
 
 
 def _build_learner_sync(config: ServiceConfig, settings: Settings, audit: AuditParts, learner: Learner,

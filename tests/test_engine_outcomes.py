@@ -314,3 +314,50 @@ def test_an_outcome_is_stamped_and_learnt_under_the_snapshot_barrier() -> None:
         assert audit.outcomes == [] and learner.n_updates == 0
     t.join(5)
     assert done.is_set() and len(audit.outcomes) == 1 and learner.n_updates == 1
+
+
+def _claims(redis_url: str) -> Any:
+    import uuid
+
+    from decision.outcome_claims import RedisOutcomeClaims
+
+    claims = RedisOutcomeClaims(redis_url, ttl_s=60, prefix=f"test-claims:{uuid.uuid4().hex[:8]}")
+    if not claims.claim("probe"):
+        pytest.fail("a fresh claim namespace refused its first claim")
+    if claims.errors:
+        pytest.skip(f"no Redis at {redis_url}")
+    return claims
+
+
+def test_an_outcome_retried_at_the_deciding_replica_after_another_learnt_it_is_learnt_once(redis_url: str) -> None:
+    # The client's report went to B (found in the shared log, learnt there); B's reply was lost and the
+    # retry reached A, which still held the decision: learnt twice, the quota trued up twice.
+    clock = [1000.0]
+    claims = _claims(redis_url)
+    a, a_learner = _engine(_Audit(), clock, claims=claims)
+    d = a.decide(RequestContext("r1", "acme", model="llama-3.1-8b", ttft_target_ms=400.0))
+    record = {"decision_id": d.decision_id, "status": "routed", "learner": d.learner, "request_id": "r1",
+              "tenant": "acme", "user_tier": "standard", "trace": dict(d.trace), "outcome": None}
+    b_audit = _Audit()
+    b, b_learner = _engine(b_audit, clock, traces=_Log({d.decision_id: record}), claims=claims)
+    outcome = Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=150.0, input_tokens=10, output_tokens=20)
+    first = b.report_outcome(outcome)
+    retry = a.report_outcome(outcome)
+    assert not first.duplicate and retry.duplicate
+    assert (a_learner.n_updates, b_learner.n_updates) == (0, 1) and len(b_audit.outcomes) == 1
+    assert a.inflight(d.route.endpoint_id) == 0 and a.pending_outcomes() == 0  # done with, not left to time out
+    assert a.report_outcome(outcome).duplicate and a_learner.n_updates == 0
+
+
+def test_an_outcome_the_log_refused_gives_its_claim_back_for_the_retry(redis_url: str) -> None:
+    clock = [1000.0]
+    claims = _claims(redis_url)
+    audit = _Audit(refuse_outcomes=True)
+    engine, learner = _engine(audit, clock, claims=claims)
+    d = engine.decide(RequestContext("r1", "acme", model="llama-3.1-8b"))
+    outcome = Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=150.0)
+    with pytest.raises(Unavailable):
+        engine.report_outcome(outcome)
+    audit.refuse_outcomes = False
+    got = engine.report_outcome(outcome)  # the retry claims it again and is recorded whole
+    assert not got.duplicate and learner.n_updates == 1 and len(audit.outcomes) == 1
