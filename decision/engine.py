@@ -766,11 +766,12 @@ class DecisionEngine:
         return len(self._pending)
 
     def holds(self, decision_id: str) -> bool:
-        """Whether an outcome for ``decision_id`` is answered from memory, without the audit log (a
-        hint: it may change the moment after; an asyncio server uses it to keep database reads off
-        its loop)."""
-        return (self._held(decision_id) is not None or decision_id in self._reported
-                or decision_id in self._denied or decision_id in self._expired)
+        """Whether an outcome for ``decision_id`` is answered from memory, without I/O (a hint: it may
+        change the moment after; an asyncio server uses it to keep database and Redis calls off its
+        loop). One this replica holds needs the shared claim first, when claims are configured."""
+        if decision_id in self._reported or decision_id in self._denied or decision_id in self._expired:
+            return True
+        return self.claims is None and self._held(decision_id) is not None
 
     def _held(self, decision_id: str) -> _Pending | None:
         """The decision an outcome for ``decision_id`` would settle: waiting, being timed out, or

@@ -361,3 +361,15 @@ def test_an_outcome_the_log_refused_gives_its_claim_back_for_the_retry(redis_url
     audit.refuse_outcomes = False
     got = engine.report_outcome(outcome)  # the retry claims it again and is recorded whole
     assert not got.duplicate and learner.n_updates == 1 and len(audit.outcomes) == 1
+
+
+def test_an_outcome_that_needs_a_shared_claim_is_not_answered_from_memory(redis_url: str) -> None:
+    # An asyncio server answers what holds() says inline, on its loop: a Redis call must not be there.
+    clock = [1000.0]
+    with_claims, _ = _engine(_Audit(), clock, claims=_claims(redis_url))
+    without, _ = _engine(_Audit(), clock)
+    for engine, inline in ((with_claims, False), (without, True)):
+        d = engine.decide(RequestContext("r1", "acme", model="llama-3.1-8b"))
+        assert engine.holds(d.decision_id) is inline
+        engine.report_outcome(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=150.0))
+        assert engine.holds(d.decision_id)  # a repeat is answered from memory either way
