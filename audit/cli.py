@@ -110,11 +110,17 @@ def register(sub: Any) -> None:
     p = asub.add_parser("why", help="why a decision went where it went")
     p.add_argument("decision_id")
     p.add_argument("--json", action="store_true", help="the stored event, trace and outcome as JSON")
+    _add_database_url(p)
     p.set_defaults(func=_reporting(cmd_why))
     p = asub.add_parser("query", help="list decisions, newest first")
     _add_filters(p)
-    p.add_argument("--limit", type=bounded_int(1, 10_000), default=20, help="rows per page, 1-10000")
-    p.add_argument("--cursor")
+    # The HTTP API caps a page at 500 (a shared server); this reads the database itself for one person.
+    p.add_argument("--limit", type=bounded_int(1, 10_000), default=20,
+                   help="rows per page, 1-10000 (default 20; the HTTP API's /v1/decisions pages hold at most 500: "
+                        "this command reads the database directly). A last line `more: --cursor C` means there "
+                        "are more; `export` writes every match at once")
+    p.add_argument("--cursor", help="the value a previous page's `more: --cursor` line gave, with the same filters")
+    _add_database_url(p)
     p.set_defaults(func=_reporting(cmd_query))
     p = asub.add_parser("export", help="export decisions as JSON lines or CSV")
     _add_filters(p)
@@ -122,6 +128,7 @@ def register(sub: Any) -> None:
     p.add_argument("--trace", action="store_true",
                    help="include each decision's full trace (JSON lines only: refused with --format csv)")
     p.add_argument("--output", "-o", default="-")
+    _add_database_url(p)
     p.set_defaults(func=_reporting(cmd_export))
     p = asub.add_parser("verify", help="recompute the hash chains; report the first broken link")
     p.add_argument("--from", dest="start", type=_day_bound(end=False),
@@ -133,9 +140,11 @@ def register(sub: Any) -> None:
     p.add_argument("--checkpoint", metavar="FILE",
                    help="also require the chain heads recorded by `audit checkpoint` (catches deleted tails "
                         "and rewritten chains)")
+    _add_database_url(p)
     p.set_defaults(func=_reporting(cmd_verify))
     p = asub.add_parser("checkpoint", help="write every hash chain's head, to keep outside the database")
     p.add_argument("--output", "-o", default="-", help="file to write (default: stdout)")
+    _add_database_url(p)
     p.set_defaults(func=_reporting(cmd_checkpoint))
     p = asub.add_parser("keys", help="create, list or revoke auditors' API keys",
                         description="API keys for the auditors' HTTP API. A key reads imk_<KEY_ID>_<secret>: "
@@ -150,21 +159,25 @@ def register(sub: Any) -> None:
     k.add_argument("--role", choices=list(keys.ROLES), default="auditor",
                    help="auditor reads; admin may also apply retention and reload the policy bundle")
     k.add_argument("--tenant", help="restrict the key to one tenant")
+    _add_database_url(k)
     k.set_defaults(func=_reporting(cmd_keys_create))
     k = ksub.add_parser("list", help="every key: id, name, role, tenant scope, created, revoked",
                         description="Every key, revoked ones too, oldest first: key id, name, role, tenant "
                                     "scope (* for every tenant), when it was created and revoked. Never the "
                                     "key or its hash.")
     k.add_argument("--json", action="store_true", help="one JSON array of objects instead of the table")
+    _add_database_url(k)
     k.set_defaults(func=_reporting(cmd_keys_list))
     k = ksub.add_parser("revoke", help="revoke a key, named by its key id, its imk_<KEY_ID> prefix or the whole key",
                         description="Revoke a key. KEY is its key id (as `keys create` and `keys list` print "
                                     "it), the imk_<KEY_ID> prefix, or the whole key (then only if it is that "
                                     "key's). Exit 1 when there is no such active key.")
     k.add_argument("key", metavar="KEY", help="key id, imk_<KEY_ID>, or the whole key")
+    _add_database_url(k)
     k.set_defaults(func=_reporting(cmd_keys_revoke))
     p = asub.add_parser("retention", help="drop day partitions older than N days")
     p.add_argument("--days", type=_days, required=True, help="days kept, today included (>= 1)")
+    _add_database_url(p)
     p.set_defaults(func=_reporting(cmd_retention))
 
 
@@ -180,8 +193,18 @@ def _days(text: str) -> int:
     return days
 
 
-def _url() -> str:
-    """The existing audit log (never a new or migrated one: see ``database.open_existing``)."""
+def _add_database_url(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--database-url", default="", metavar="URL",
+                   help="the audit log's PostgreSQL URL (default: INFERMESH_DATABASE_URL, else the embedded log "
+                        "under INFERMESH_DATA_DIR), as `learn evaluate --database-url` takes it")
+
+
+def _url(a: argparse.Namespace) -> str:
+    """The existing audit log: ``--database-url``, else ``INFERMESH_DATABASE_URL``, else the embedded one
+    (never a new or migrated one: see ``database.open_existing``), as ``learn evaluate`` picks it."""
+    if a.database_url:
+        database.check_schema(a.database_url)  # what open_existing checks: reachable, at this release's schema
+        return str(a.database_url)
     url, _server = database.open_existing()
     return url
 
@@ -203,7 +226,7 @@ def _reporting(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
 
 
 def cmd_why(a: argparse.Namespace) -> int:
-    repo = AuditRepository(_url())
+    repo = AuditRepository(_url(a))
     try:
         d = repo.get_decision(a.decision_id)
     finally:
@@ -216,7 +239,7 @@ def cmd_why(a: argparse.Namespace) -> int:
 
 
 def cmd_query(a: argparse.Namespace) -> int:
-    repo = AuditRepository(_url())
+    repo = AuditRepository(_url(a))
     try:
         rows, nxt = repo.list_decisions(filters=_filters(a), cursor=a.cursor, limit=a.limit)
     except BadCursor:
@@ -240,7 +263,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         print("infermesh audit export: --trace: traces are exported as JSON lines only; use --format jsonl "
               "(the default) with --trace, or --format csv without it", file=sys.stderr)
         return 2
-    url = _url()  # before the output is opened: a missing log must not truncate an existing file
+    url = _url(a)  # before the output is opened: a missing log must not truncate an existing file
     # Into a partial file renamed at the end: an export cut short (the database gone mid-stream) must
     # not leave a file that looks like a complete export of what was asked for.
     if a.output != "-" and (not Path(a.output).name or Path(a.output).is_dir()):  # ".", "/", "", a folder
@@ -300,7 +323,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
     if any(b is not None and b.time is not None for b in (a.start, a.end)):  # what a time range stands for
         print(f"verify takes whole UTC days (each day's hash chains are checked from their start): "
               f"{_days_text(a.start, a.end)}", file=sys.stderr)
-    url = _url()
+    url = _url(a)
     report = verify(url, start=start, end=end)
     if report.broken is not None:
         print(f"FAILED after {report.rows} rows: {report.broken}")
@@ -322,7 +345,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint(a: argparse.Namespace) -> int:
-    heads = checkpoint.chain_heads(_url())
+    heads = checkpoint.chain_heads(_url(a))
     text = checkpoint.render(heads, dt.datetime.now(dt.UTC))
     if a.output == "-":
         sys.stdout.write(text)
@@ -339,7 +362,7 @@ def cmd_checkpoint(a: argparse.Namespace) -> int:
 
 
 def cmd_keys_create(a: argparse.Namespace) -> int:
-    with psycopg.connect(_url(), autocommit=True) as conn:
+    with psycopg.connect(_url(a), autocommit=True) as conn:
         secret = keys.create_key(conn, name=a.name, role=a.role, tenant=a.tenant)
     key_id, _ = keys.key_ref(secret)
     # The key alone on stdout, so a script can capture it; what a person needs beside it on stderr.
@@ -355,7 +378,7 @@ def _time_text(t: dt.datetime | None) -> str:
 
 
 def cmd_keys_list(a: argparse.Namespace) -> int:
-    with psycopg.connect(_url(), autocommit=True) as conn:
+    with psycopg.connect(_url(a), autocommit=True) as conn:
         found = keys.list_keys(conn)
     if a.json:
         print(msgspec.json.encode([k.as_dict() for k in found]).decode())
@@ -377,7 +400,7 @@ def cmd_keys_revoke(a: argparse.Namespace) -> int:
         print(f"infermesh audit keys revoke: KEY: {exc}; give the key id `keys create` and `keys list` print",
               file=sys.stderr)
         return 2
-    with psycopg.connect(_url(), autocommit=True) as conn:
+    with psycopg.connect(_url(a), autocommit=True) as conn:
         ok = keys.revoke_key(conn, key_id=key_id, secret=secret)
         info = keys.get_key(conn, key_id=key_id)
     if ok:
@@ -394,7 +417,7 @@ def cmd_keys_revoke(a: argparse.Namespace) -> int:
 
 
 def cmd_retention(a: argparse.Namespace) -> int:
-    with psycopg.connect(_url(), autocommit=True) as conn:
+    with psycopg.connect(_url(a), autocommit=True) as conn:
         dropped = partitions.apply_retention(conn, retention_days=a.days)
     print(f"dropped {len(dropped)} day partitions: {', '.join(d.isoformat() for d in dropped) or '-'}")
     return 0

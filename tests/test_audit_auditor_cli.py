@@ -135,3 +135,52 @@ def test_verify_takes_times_like_query_as_the_whole_utc_days_they_fall_in(
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and f"argument {flag}: " in err and repr(bad) in err, err
         assert "Traceback" not in err and "fromisoformat" not in err
+
+
+def test_every_audit_command_takes_database_url_before_the_environment(
+        db: str, demo_fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    w, made = decided_and_reported(db, demo_fleet, tmp_path / "spool", 2, batch_size=2)
+    w.close()
+    monkeypatch.setenv("INFERMESH_DATA_DIR", str(tmp_path / "var"))  # no embedded log there
+    dead = "postgresql://nobody:s3cret@127.0.0.1:1/none?connect_timeout=2"
+    for env in (None, dead):  # unset, or set to another database: --database-url wins, as in learn evaluate
+        for argv, want in ((["why", made[0].decision_id], 0), (["query"], 0), (["export"], 0), (["verify"], 0),
+                           (["checkpoint"], 0), (["keys", "list"], 0), (["keys", "revoke", "0badc0de"], 1),
+                           (["retention", "--days", "3650"], 0)):
+            code, out, err = _cli(monkeypatch, capsys, env, *argv, "--database-url", db)
+            assert code == want, (env, argv, err)
+        code, out, _ = _cli(monkeypatch, capsys, env, "query", "--database-url", db)
+        assert all(m.decision_id in out for m in made)
+    code, _, err = _cli(monkeypatch, capsys, db, "query", "--database-url", dead)
+    assert code == 2 and "cannot reach the audit database postgresql://nobody:***@127.0.0.1:1" in err
+    assert "s3cret" not in err
+    code, _, err = _cli(monkeypatch, capsys, None, "query", "--database-url", "")  # empty: as if not given
+    assert code == 2 and f"no audit log under {tmp_path / 'var' / 'pgdata'}" in err
+    assert not (tmp_path / "var").exists()
+
+
+def test_database_url_names_an_unmigrated_database_and_migrates_nothing(
+        fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _cli(monkeypatch, capsys, None, "verify", "--database-url", fresh_pg_url)
+    assert code == 2 and "holds no audit log (no InferMesh migrations applied)" in err
+    with psycopg.connect(fresh_pg_url) as conn:
+        assert conn.execute("SELECT to_regclass('alembic_version')").fetchone() == (None,)
+
+
+def test_query_limit_help_states_both_bounds_and_the_cli_takes_its_own(
+        db: str, demo_fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["audit", "query", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "1-10000" in text and "at most 500" in text and "--database-url" in text
+    w, _ = decided_and_reported(db, demo_fleet, tmp_path / "spool", 3, batch_size=3)
+    w.close()
+    code, out, _ = _cli(monkeypatch, capsys, db, "query", "--limit", "10000")  # past the API's 500
+    assert code == 0 and len(out.splitlines()) == 3 and "more:" not in out
+    code, out, _ = _cli(monkeypatch, capsys, db, "query", "--limit", "2")
+    assert code == 0 and out.splitlines()[-1].startswith("more: --cursor ")
+    with pytest.raises(SystemExit) as exit_:
+        _cli(monkeypatch, capsys, db, "query", "--limit", "10001")
+    assert exit_.value.code == 2 and "--limit" in capsys.readouterr().err
