@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from policies.cel_engine import CelCompileError, CelProgram, compile_cel
+from policies.declared import undeclared_cel_reads, undeclared_rego_reads
 from policies.errors import BundleError, PolicyIssue, read_source
 from policies.manifest import MANIFEST, ManifestSpec, RuleSpec, bundle_files, bundle_revision, load_manifest
 from policies.rego_calls import undefined_calls, volatile_calls
@@ -87,12 +88,28 @@ def compile_bundle(directory: str | Path) -> CompiledBundle:
         test_modules = {}
     modules = {k: v for k, v in test_modules.items() if not is_test_module(k)}
     rules: list[CompiledRule] = []
+    reads: list[PolicyIssue] = []  # not compile errors: kept apart, the scans below still run
+    is_builtin = builtin_checker()
     for n, rule in enumerate(spec.rules):
         path = root / rule.file
+
+        def in_manifest(i: PolicyIssue, n: int = n, rule: RuleSpec = rule) -> PolicyIssue:
+            # A message expression's problems are at its key in the manifest (the column is the expression's).
+            if i.path != _MESSAGE:
+                return i
+            return PolicyIssue(str(root / MANIFEST), *doc.position_of(("rules", n, "message")),
+                               f"rules[{n}](id={rule.id}).message: column {i.column} of the expression: {i.message}")
+
         try:
             if rule.engine == "cel":
-                program: CelProgram | RegoProgram = compile_cel(
-                    read_source(path), str(path), message=rule.message, message_path=_MESSAGE)
+                source = read_source(path)
+                cel = compile_cel(source, str(path), message=rule.message, message_path=_MESSAGE)
+                # A rule is given only what it declares: reading anything else fails closed here (an error
+                # denies), but it is a mistake all the same, refused now rather than found in production.
+                reads.extend(undeclared_cel_reads(cel.expr, source, str(path), rule))
+                if cel.message is not None:
+                    reads.extend(map(in_manifest, undeclared_cel_reads(cel.message, rule.message, _MESSAGE, rule)))
+                program: CelProgram | RegoProgram = cel
             else:
                 name = posixpath.normpath(Path(rule.file).as_posix())  # "./x/../y.rego" is module "y.rego"
                 if name not in modules:
@@ -102,16 +119,15 @@ def compile_bundle(directory: str | Path) -> CompiledBundle:
                                                                "_test.rego, and not sit in a hidden folder"))
                     continue
                 program = compile_rego(modules, name, spec.params)
+                # In Rego an undeclared read is undefined and a deny condition on it allows: fail open.
+                reads.extend(undeclared_rego_reads(modules, name, rule, is_builtin))
                 if rule.scope == "candidate" and not rule.per_request:  # verdicts memoised: kept, not redone
                     issues.extend(replace(i, message=f"{i.message}, but the verdicts of rule {rule.id} are "
                                                      "memoised (kept while what it declared it reads is "
                                                      "unchanged): set memoise: false on it")
                                   for i in volatile_calls(modules, name))
         except (CelCompileError, RegoCompileError, BundleError) as exc:
-            # A message expression's problems are at its line of the manifest (the column is the expression's).
-            issues.extend(PolicyIssue(str(root / MANIFEST), *doc.position_of(("rules", n, "message")),
-                                      f"rules[{n}](id={rule.id}).message: column {i.column} of the expression: "
-                                      f"{i.message}") if i.path == _MESSAGE else i for i in exc.issues)
+            issues.extend(map(in_manifest, exc.issues))
             continue
         rules.append(CompiledRule(rule, program, str(path)))
     # Test modules must parse too: a bundle whose tests cannot even load is broken.
@@ -121,7 +137,8 @@ def compile_bundle(directory: str | Path) -> CompiledBundle:
         except RegoCompileError as exc:
             issues.extend(exc.issues)
     if not any(str(i.path).endswith(".rego") for i in issues):  # what compiles may still call what is not there
-        issues.extend(undefined_calls(test_modules, builtin_checker()))
+        issues.extend(undefined_calls(test_modules, is_builtin))
+    issues.extend(reads)
     if issues:
         raise BundleError(sorted(set(issues), key=lambda i: (i.path, i.line, i.column)))
     return CompiledBundle(root, revision, spec, tuple(rules), test_modules)

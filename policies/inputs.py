@@ -1,8 +1,9 @@
 """What a rule sees: plain JSON-like views of the request, an endpoint and its telemetry.
 
 Each rule receives only what its manifest entry declares. That is what makes memoising sound:
-a rule cannot read an undeclared request field or metric (it gets an error, hence a deny), so
-its verdict is a function of the declared values, which form the memo key.
+a rule cannot read an undeclared request field or metric (it is not there: a CEL error, an undefined
+Rego value; :mod:`policies.declared` refuses such a read when the bundle compiles), so its verdict is
+a function of the declared values, which form the memo key.
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ def statements(code: str) -> list[Statement]:
         end = starts[n + 1] if n + 1 < len(starts) else len(code)
         head = _STATEMENT_HEAD.match(code, start)
         name = head.group(1) if head else ""
-        params = _params(code, head.end() - 1) if head and head.group(2) else None
+        params = split_arguments(code, head.end() - 1) if head and head.group(2) else None
         out.append(Statement(start, len(code[:end].rstrip()), name, params))
     return out
 
@@ -104,9 +104,26 @@ def statements(code: str) -> list[Statement]:
 _STATEMENT_HEAD = re.compile(rf"(?:default\s+)?({_NAME})(\s*\()?")
 
 
-def _params(code: str, open_at: int) -> tuple[tuple[str, int], ...]:
-    """The comma-separated parts (text, offset) between the parenthesis at ``open_at`` and its match."""
-    parts: list[tuple[str, int]] = []
+def split_arguments(code: str, open_at: int) -> tuple[tuple[str, int], ...]:
+    """The comma-separated parts (text, offset) between the parenthesis at ``open_at`` and its match:
+    a call's arguments, a function head's parameters.
+
+    >>> split_arguments("f(a, [b, c])", 1)
+    (('a', 2), ('[b, c]', 5))
+    """
+    return tuple((code[a:b].strip(), a + len(code[a:b]) - len(code[a:b].lstrip()))
+                 for a, b in argument_spans(code, open_at))
+
+
+def argument_spans(code: str, open_at: int) -> list[tuple[int, int]]:
+    """Where each comma-separated part between the parenthesis at ``open_at`` and its match starts and ends
+    (a part that is only a blanked string is still a part).
+
+    >>> code = rego_code('object.get(x, "k", 0)')
+    >>> argument_spans(code, 10)
+    [(11, 12), (13, 17), (18, 20)]
+    """
+    spans: list[tuple[int, int]] = []
     depth, begin = 0, open_at + 1
     for i in range(open_at, len(code)):
         c = code[i]
@@ -115,21 +132,26 @@ def _params(code: str, open_at: int) -> tuple[tuple[str, int], ...]:
         elif c in _CLOSERS:
             depth -= 1
         if (c == "," and depth == 1) or depth == 0:
-            text = code[begin:i]
-            if text.strip():
-                parts.append((text.strip(), begin + len(text) - len(text.lstrip())))
+            spans.append((begin, i))
             begin = i + 1
             if depth == 0:
                 break
-    return tuple(parts)
+    return [] if len(spans) == 1 and not code[spans[0][0]:spans[0][1]].strip() else spans
+
+
+def imported(code: str) -> dict[str, str]:
+    r"""The names a module's imports bind, to what they import (``import data.lib.x`` binds ``x``,
+    ``import input.request as r`` binds ``r``).
+
+    >>> imported("package p\nimport rego.v1\nimport data.lib.x\nimport input.request as r\n")
+    {'x': 'data.lib.x', 'r': 'input.request'}
+    """
+    return {m.group(2) or m.group(1).rsplit(".", 1)[-1]: m.group(1) for m in _IMPORT.finditer(code)}
 
 
 def _bound_names(code: str) -> set[str]:
-    """What imports bind (``import data.lib.x`` binds ``x``; ``... as y`` binds ``y``), plus data and input."""
-    names = {"data", "input"}
-    for m in _IMPORT.finditer(code):
-        names.add(m.group(2) or m.group(1).rsplit(".", 1)[-1])
-    return names
+    """What imports bind, plus data and input."""
+    return {"data", "input", *imported(code)}
 
 
 def undefined_calls(modules: Mapping[str, tuple[str, str]], is_builtin: Callable[[str], bool]) -> list[PolicyIssue]:

@@ -1,0 +1,666 @@
+"""Reads of inputs a rule does not declare, refused when a bundle is compiled rather than found when it runs.
+
+A rule is given only the request fields, endpoint facts, metrics and ages its manifest entry declares
+(:mod:`policies.inputs`). Anything else it reads is not there: in Rego the read is undefined, and an
+undefined deny condition (``not violation[c.id]``) lets every candidate through, so a forgotten
+declaration silently fails open; in CEL it is an error, which denies every candidate. Every compile
+(``policy check``, ``serve``, a reload, ``decide``) refuses such a read, located at the read.
+
+Rego is scanned as :mod:`policies.rego_calls` scans calls (code with strings and comments blanked,
+statement by statement), following the input through variables (``r := input.request``), walks
+(``some c in input.candidates``), package-level aliases, imports and the bundle's own functions
+(``tier_violations(input.request, c.endpoint, data.params)`` makes ``req.prompt_class`` in that
+function a read of ``request.prompt_class``). CEL is walked on the checked expression the engine
+compiled. What cannot be checked is refused, so no read escapes the check:
+
+* a key that is not written out (``input.request[k]``, ``object.get(input.request, k, d)``, CEL
+  ``request[k]``, ``k in request``), unless ``k`` walks the same object's own keys;
+* an input object used as a whole other than by a variable, a walk, a function of the bundle,
+  ``count`` (and ``object.keys``, ``size``): passed to another built-in, compared, put in a collection.
+
+Walking an object (``some k, v in input.request``, CEL ``age_s.all(m, age_s[m] <= 30)``) is
+allowed: it reads only what is there, which is what was declared.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import any_pb2
+
+from decision.telemetry import CANONICAL
+from decision.yaml_lines import line_col
+from policies.errors import PolicyIssue
+from policies.manifest import ENDPOINT_FIELDS, REQUEST_FIELDS, RuleSpec
+from policies.rego_calls import Statement, argument_spans, imported, rego_code, statements
+from policies.rego_engine import is_test_module, package_of
+
+# The checked expression cel-expr-python serialises (cel.expr.CheckedExpr; the protos come with xds-protos).
+_checked: Any = importlib.import_module("cel.expr.checked_pb2")
+
+# An input object with declared fields: its name in the rule's input, the manifest key that declares
+# them, and every name the guard can give.
+_SECTIONS: dict[str, tuple[str, frozenset[str]]] = {
+    "request": ("request_fields", REQUEST_FIELDS),
+    "endpoint": ("endpoint_fields", ENDPOINT_FIELDS),
+    "telemetry": ("telemetry", frozenset(CANONICAL)),
+    "age_s": ("ages", frozenset(CANONICAL)),
+}
+_WHAT = {"input": "input", "candidates": "input.candidates", "candidate": "a candidate",
+         "request": "input.request", "endpoint": "a candidate's endpoint", "telemetry": "a candidate's telemetry",
+         "age_s": "a candidate's age_s"}
+_CANDIDATE_KEYS: dict[str, str | None] = {"id": None, "endpoint": "endpoint", "telemetry": "telemetry",
+                                           "age_s": "age_s"}
+_INPUT_KEYS: dict[str, str | None] = {"request": "request", "candidates": "candidates", "state": "state"}
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What one rule declares it reads, by input object (``request``, ``endpoint``, ``telemetry``, ``age_s``).
+
+    Examples
+    --------
+    >>> d = Declared.of(RuleSpec(id="r", kind="other", engine="cel", file="r.cel", request_fields=["tenant"]))
+    >>> sorted(d.fields["request"]), len(d.fields["endpoint"]) == len(ENDPOINT_FIELDS), d.state
+    (['tenant'], True, False)
+    """
+
+    rule_id: str
+    engine: str
+    fields: Mapping[str, frozenset[str]]
+    state: bool
+
+    @classmethod
+    def of(cls, rule: RuleSpec) -> Declared:
+        endpoint = ENDPOINT_FIELDS if rule.endpoint_fields is None else frozenset(rule.endpoint_fields)
+        return cls(rule.id, rule.engine, {"request": frozenset(rule.request_fields), "endpoint": endpoint,
+                                          "telemetry": frozenset(rule.telemetry), "age_s": frozenset(rule.ages)},
+                   rule.state)
+
+    def field_problem(self, section: str, key: str, text: str) -> str | None:
+        """Why reading ``key`` of ``section`` (written ``text``) is wrong for this rule; None if it is not."""
+        manifest_key, known = _SECTIONS[section]
+        if key in self.fields[section]:
+            return None
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f"; it has {', '.join(sorted(known))}"
+            noun = "field" if section in ("request", "endpoint") else "metric"
+            return f"{text}: {_WHAT[section]} has no {noun} {key!r}{hint}"
+        effect = ("the read is undefined, and a deny condition on it lets every candidate through"
+                  if self.engine == "rego" else "reading it is an error, which denies every candidate; has() or "
+                                                "in on it is always false")
+        return (f"{text}: rule {self.rule_id} reads {section}.{key} but does not declare it, so it is never "
+                f"given it ({effect}); add {key} to the rule's {manifest_key} in manifest.yaml")
+
+    def state_problem(self, text: str) -> str | None:
+        if self.state:
+            return None
+        return (f"{text}: rule {self.rule_id} reads state but does not declare it, so it is never given it; "
+                "add state: true to the rule in manifest.yaml")
+
+
+def _dynamic(text: str, what: str, walk: str = "some k, v in ...") -> str:
+    return (f"{text}: reads {what} with a key that is not written out, so policy check cannot tell whether the "
+            "rule declares it (a field it does not declare is never given to it): name the field, "
+            f"e.g. .tenant or [\"tenant\"] (walking every key, {walk}, is allowed)")
+
+
+def _whole(text: str, what: str, how: str) -> str:
+    return (f"{text}: uses {what} as a whole ({how}), so policy check cannot tell which fields the rule reads "
+            "(one it does not declare is never given to it): read fields by name, bind it to a variable "
+            "(x := ...) or pass it to a function of the bundle")
+
+
+# -- Rego ---------------------------------------------------------------------------------------------
+
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+_WORD = re.compile(rf"(?<![\w.$\]\)])({_NAME})")
+_DOT = re.compile(rf"[ \t]*\.[ \t]*({_NAME})")
+_STRING = re.compile(r'\s*("(?:\\.|[^"\\])*"|`[^`]*`)\s*')
+_ARRAY_OF_STRINGS = re.compile(r'\s*\[\s*((?:"(?:\\.|[^"\\])*"\s*,?\s*)+)\]\s*')
+_KEYWORDS = frozenset({"if", "else", "not", "some", "every", "in", "contains", "default", "package", "import",
+                       "with", "as", "true", "false", "null"})
+_WALK = re.compile(rf"\b(?:some|every)\s+({_NAME})(?:\s*,\s*({_NAME}))?\s+in\s+$")
+_SOME = re.compile(rf"\bsome\s+({_NAME}(?:\s*,\s*{_NAME})*)[ \t]*(?=$|[\n;}}\]])", re.M)
+_BINDER = re.compile(rf"\b(?:some|every)\s+(?:{_NAME}\s*,\s*)*$")
+_ALIAS = re.compile(rf"(?<![\w.$])({_NAME})\s*(?::=|(?<![=!<>:])=)\s*$")
+_ALIAS_END = re.compile(r"[ \t]*(?:$|[\n;}\])]|if\b)")
+_ASSIGNED = re.compile(r"\s*(?::=|=(?!=))")
+_CALLEE = re.compile(rf"(?<![\w.$])({_NAME}(?:\.{_NAME})*)\s*$")
+
+
+@dataclass(frozen=True)
+class _Acc:
+    """One step of a reference: ``.name`` / ``["name"]`` (key set), or a bracket whose key is not a string."""
+
+    key: str | None
+    raw: str
+
+
+@dataclass
+class _Module:
+    name: str
+    path: str
+    src: str
+    code: str
+    package: str
+    stmts: list[Statement]
+    imports: dict[str, str]
+
+
+class _RegoReads:
+    """The reads one Rego rule makes of its input, in its module and in what that module reaches."""
+
+    def __init__(self, modules: Mapping[str, tuple[str, str]], decl: Declared,
+                 is_builtin: Callable[[str], bool]) -> None:
+        self.decl = decl
+        self.is_builtin = is_builtin
+        self.mods: dict[str, _Module] = {}
+        for name, (path, src) in modules.items():
+            if is_test_module(name):  # rules never load test modules
+                continue
+            code = rego_code(src)
+            self.mods[name] = _Module(name, path, src, code, package_of(code), statements(code), imported(code))
+        self.local: dict[tuple[str, int], dict[str, set[str]]] = {}
+        self.globals: dict[str, dict[str, set[str]]] = {}
+        self.todo: list[tuple[str, int]] = []
+        self.issues: dict[tuple[str, int, int, str], PolicyIssue] = {}
+
+    # -- what to scan --
+    def reached(self, rule_module: str) -> list[str]:
+        """The rule's module and the modules of every package it refers to, transitively."""
+        seen, queue = {rule_module}, [rule_module]
+        while queue:
+            mod = self.mods[queue.pop()]
+            paths = [p[len("data."):] for p in mod.imports.values() if p.startswith("data.")]
+            paths += [m.group(1) for m in re.finditer(rf"(?<![\w.$])data((?:\.{_NAME})+)", mod.code)]
+            paths = [p.lstrip(".") for p in paths]
+            for other in self.mods.values():
+                pkg = other.package
+                if other.name not in seen and any(p == pkg or p.startswith(pkg + ".") or pkg.startswith(p + ".")
+                                                  for p in paths):
+                    seen.add(other.name)
+                    queue.append(other.name)
+        return sorted(seen)
+
+    def run(self, rule_module: str) -> list[PolicyIssue]:
+        for name in self.reached(rule_module):
+            self.todo.extend((name, i) for i in range(len(self.mods[name].stmts)))
+        while self.todo:  # a new binding queues its statement again; bindings only grow, so this ends
+            self.scan(*self.todo.pop(0))
+        return sorted(self.issues.values(), key=lambda i: (i.path, i.line, i.column, i.message))
+
+    def bind(self, where: tuple[str, int], var: str, kind: str) -> None:
+        kinds = self.local.setdefault(where, {}).setdefault(var, set())
+        if kind not in kinds:
+            kinds.add(kind)
+            if where not in self.todo:
+                self.todo.append(where)
+
+    def bind_global(self, package: str, var: str, kind: str) -> None:
+        kinds = self.globals.setdefault(package, {}).setdefault(var, set())
+        if kind not in kinds:
+            kinds.add(kind)
+            for name, mod in self.mods.items():  # any module may refer to it (data.<package>.<var>)
+                for i in range(len(mod.stmts)):
+                    if (name, i) not in self.todo:
+                        self.todo.append((name, i))
+
+    def issue(self, mod: _Module, pos: int, message: str | None) -> None:
+        if message is None:
+            return
+        line, col = line_col(mod.src, pos)
+        self.issues.setdefault((mod.path, line, col, message), PolicyIssue(mod.path, line, col, message))
+
+    # -- one statement --
+    def scan(self, name: str, index: int) -> None:
+        mod = self.mods[name]
+        st = mod.stmts[index]
+        if st.name in ("package", "import"):
+            return
+        code = mod.code
+        head_end = _close(code, code.index("(", st.start)) if st.params is not None else st.start
+        for some in _SOME.finditer(code, st.start, st.end):
+            for var in re.findall(_NAME, some.group(1)):
+                if not re.search(rf"(?<![\w.$]){var}\s*(?::=|=(?!=))|(?<![=!<>:])=\s*{var}\b", code[st.start:st.end]):
+                    self.bind((name, index), var, "key:*")  # declared, never given a value: it enumerates
+        local = self.local.get((name, index), {})
+        for m in _WORD.finditer(code, st.start, st.end):
+            var, p = m.group(1), m.start()
+            if p < head_end or var in _KEYWORDS:
+                continue
+            accs, q = _accessors(mod, m.end(), st.end)
+            if code[q:st.end].lstrip().startswith("("):
+                continue  # a call (lib.f(...)): its arguments are scanned on their own
+            roots = self.roots(mod, var, local, accs)
+            if not roots:
+                continue
+            if not accs and (_BINDER.search(code, st.start, p) or _ASSIGNED.match(code, m.end())):
+                continue  # where the variable is bound, not a read
+            text = _shorten(mod.src[p:q])
+            for kinds, rest in roots:
+                for kind in kinds:
+                    if kind.startswith("key:"):
+                        continue  # a key of a walk: any use reads nothing
+                    left = self.walk(mod, p, text, kind, rest, local)
+                    if left is not None:
+                        self.context(mod, index, p, q, text, left)
+
+    def roots(self, mod: _Module, var: str, local: Mapping[str, set[str]],
+              accs: list[_Acc]) -> list[tuple[set[str], list[_Acc]]]:
+        """What ``var`` (followed by ``accs``) may be: input objects, and the steps left after resolving it."""
+        if var in local:
+            return [(local[var], accs)]
+        if var == "input":
+            return [({"input"}, accs)]
+        target = mod.imports.get(var)
+        if target is not None and target.split(".")[0] == "input":
+            return [({"input"}, [_Acc(k, "." + k) for k in target.split(".")[1:]] + accs)]
+        if target is None and var in self.globals.get(mod.package, {}):
+            return [(self.globals[mod.package][var], accs)]
+        if var != "data" and target is None:
+            return []
+        prefix = [] if var == "data" else target.split(".")[1:] if target else []
+        keys = prefix + _leading_keys(accs)
+        for j in range(len(keys)):
+            package, rule = ".".join(keys[:j]), keys[j]
+            found = self.globals.get(package, {}).get(rule)
+            if found and j + 1 >= len(prefix):
+                return [(found, accs[j - len(prefix) + 1:])]
+        return []
+
+    def walk(self, mod: _Module, pos: int, text: str, kind: str, accs: list[_Acc],
+             local: Mapping[str, set[str]]) -> str | None:
+        """Follow ``accs`` from an object of ``kind``: reports what is wrong; the kind it ends on, None for a value."""
+        for acc in accs:
+            if kind == "state":
+                break
+            if kind in ("input", "candidate"):
+                keys: Mapping[str, str | None] = _INPUT_KEYS if kind == "input" else _CANDIDATE_KEYS
+                if acc.key is None:
+                    self.issue(mod, pos, _dynamic(text, _WHAT[kind]))
+                    return None
+                if acc.key not in keys:
+                    self.issue(mod, pos, f"{text}: {_WHAT[kind]} has no key {acc.key!r}, only "
+                                         f"{', '.join(keys)} (what is not there is undefined, and a deny "
+                                         "condition on it lets every candidate through)")
+                    return None
+                nxt = keys[acc.key]
+                if nxt is None:
+                    return None
+                kind = nxt
+            elif kind == "candidates":
+                if acc.key is not None and not acc.raw.startswith("["):
+                    self.issue(mod, pos, f"{text}: input.candidates is a list: walk it (some c in "
+                                         "input.candidates) or index it")
+                    return None
+                kind = "candidate"
+            else:
+                if acc.key is not None:
+                    self.issue(mod, pos, self.decl.field_problem(kind, acc.key, text))
+                elif not _walks(acc.raw, kind, local):
+                    self.issue(mod, pos, _dynamic(text, _WHAT[kind]))
+                return None
+        if kind == "state":
+            self.issue(mod, pos, self.decl.state_problem(text))
+            return None
+        return kind
+
+    def context(self, mod: _Module, index: int, p: int, q: int, text: str, kind: str) -> None:
+        """An input object used whole at ``code[p:q]``: where it goes."""
+        code, st = mod.code, mod.stmts[index]
+        before, after = code[st.start:p], code[q:st.end]
+        if re.search(r"\bwith\s+$", before):
+            return  # the target of a with: replaced, not read
+        walk = _WALK.search(before)
+        if walk:
+            key, value = (walk.group(1), walk.group(2)) if walk.group(2) else (None, walk.group(1))
+            if kind == "candidates":
+                self.bind((mod.name, index), value, "candidate")
+            elif kind in _SECTIONS:
+                if key:
+                    self.bind((mod.name, index), key, "key:" + kind)
+            else:
+                self.issue(mod, p, _dynamic(text, _WHAT[kind]))
+            return
+        if re.search(r"\bin\s+$", before):
+            if kind != "candidates":
+                self.issue(mod, p, _whole(text, _WHAT[kind], "a membership test"))
+            return
+        alias = _ALIAS.search(before)
+        if alias and _ALIAS_END.match(after):
+            if not before[:alias.start(1)].strip():  # the whole statement: a rule of the package
+                self.bind_global(mod.package, alias.group(1), kind)
+            else:
+                self.bind((mod.name, index), alias.group(1), kind)
+            return
+        call = _argument_of(code, st.start, p, q)
+        if call is None:
+            self.issue(mod, p, _whole(text, _WHAT[kind], "in an expression"))
+            return
+        callee, n, args = call
+        defs = self.functions(mod, callee)
+        if defs:
+            for where, params in defs:
+                if n < len(params):
+                    param, at = params[n]
+                    if re.fullmatch(_NAME, param):
+                        self.bind(where, param, kind)
+                    else:
+                        self.issue(self.mods[where[0]], at, _whole(param, _WHAT[kind], f"matched by a pattern "
+                                                                   f"parameter of {callee}"))
+            return
+        if callee == "count" or (callee == "object.keys" and kind in _SECTIONS) or not self.is_builtin(callee):
+            return  # a function that does not exist is refused on its own (rego_calls.undefined_calls)
+        if callee == "object.get" and n == 0 and len(args) > 1:
+            key_text = mod.src[args[1][0]:args[1][1]]
+            keys = _literal_keys(key_text)
+            if keys is None:
+                self.issue(mod, p, _dynamic(f"object.get({text}, {_shorten(key_text)}, ...)", _WHAT[kind]))
+            else:
+                local = self.local.get((mod.name, index), {})
+                text = f"object.get({text}, {_shorten(key_text)}, ...)"
+                left = self.walk(mod, p, text, kind, [_Acc(k, f'["{k}"]') for k in keys], local)
+                if left is not None:
+                    self.issue(mod, p, _whole(text, _WHAT[left], "the result of object.get"))
+            return
+        self.issue(mod, p, _whole(text, _WHAT[kind], f"passed to {callee}"))
+
+    def functions(self, mod: _Module, callee: str) -> list[tuple[tuple[str, int], tuple[tuple[str, int], ...]]]:
+        """The definitions (statement, parameters) of the bundle function ``callee`` names in ``mod``."""
+        parts = callee.split(".")
+        if len(parts) == 1:
+            package = mod.package
+        elif parts[0] == "data":
+            package = ".".join(parts[1:-1])
+        elif mod.imports.get(parts[0], "").startswith("data."):
+            package = ".".join([*mod.imports[parts[0]].split(".")[1:], *parts[1:-1]])
+        else:
+            return []
+        return [((other.name, i), st.params) for other in self.mods.values() if other.package == package
+                for i, st in enumerate(other.stmts) if st.name == parts[-1] and st.params is not None]
+
+
+def _close(code: str, open_at: int) -> int:
+    """The offset just after the bracket matching the one at ``open_at``."""
+    depth = 0
+    for i in range(open_at, len(code)):
+        if code[i] in "([{":
+            depth += 1
+        elif code[i] in ")]}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return len(code)
+
+
+def _accessors(mod: _Module, at: int, end: int) -> tuple[list[_Acc], int]:
+    """The ``.name`` and ``[...]`` steps of a reference from ``at``, and where they end."""
+    out: list[_Acc] = []
+    code = mod.code
+    while at < end:
+        dot = _DOT.match(code, at, end)
+        if dot:
+            out.append(_Acc(dot.group(1), "." + dot.group(1)))
+            at = dot.end()
+        elif code.startswith("[", at):
+            close = _close(code, at)
+            raw = mod.src[at:close]
+            literal = _STRING.fullmatch(raw, 1, len(raw) - 1)
+            out.append(_Acc(_string(literal.group(1)) if literal else None, raw))
+            at = close
+        else:
+            break
+    return out, at
+
+
+def _string(literal: str) -> str:
+    """A Rego string literal's value (interpreted with JSON's escapes, or raw between backquotes)."""
+    if literal.startswith("`"):
+        return literal[1:-1]
+    value = json.loads(literal)
+    return value if isinstance(value, str) else literal
+
+
+def _literal_keys(text: str) -> list[str] | None:
+    """``"k"`` -> [k]; ``["a", "b"]`` -> [a, b] (an object.get path); None when not written out."""
+    single = _STRING.fullmatch(text)
+    if single:
+        return [_string(single.group(1))]
+    many = _ARRAY_OF_STRINGS.fullmatch(text)
+    if many:
+        return [_string(s) for s in re.findall(r'"(?:\\.|[^"\\])*"', many.group(1))]
+    return None
+
+
+def _leading_keys(accs: list[_Acc]) -> list[str]:
+    """The keys of the steps up to the first that is not written out (``data.lib.x[k]`` -> lib, x)."""
+    out: list[str] = []
+    for a in accs:
+        if a.key is None:
+            break
+        out.append(a.key)
+    return out
+
+
+def _walks(raw: str, kind: str, local: Mapping[str, set[str]]) -> bool:
+    """Whether the bracket ``raw`` enumerates the object's own keys: ``[_]``, or a variable that walks them."""
+    inner = raw[1:-1].strip()
+    return inner == "_" or bool(local.get(inner, set()) & {"key:" + kind, "key:*"})
+
+
+def _argument_of(code: str, start: int, p: int, q: int) -> tuple[str, int, list[tuple[int, int]]] | None:
+    """(function, argument index, arguments) when ``code[p:q]`` is exactly one argument of a call."""
+    if not re.match(r"\s*[,)]", code[q:]) or not code[start:p].rstrip().endswith((",", "(")):
+        return None
+    depth, commas = 0, 0
+    for i in range(p - 1, start - 1, -1):
+        c = code[i]
+        if c in ")]}":
+            depth += 1
+        elif c in "([{" and depth:
+            depth -= 1
+        elif c in "([{":
+            callee = _CALLEE.search(code, start, i) if c == "(" else None
+            if callee is None or callee.group(1) in _KEYWORDS:
+                return None  # a list, a set, parentheses that only group
+            return callee.group(1), commas, argument_spans(code, i)
+        elif c == "," and not depth:
+            commas += 1
+    return None
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def undeclared_rego_reads(modules: Mapping[str, tuple[str, str]], rule_module: str, rule: RuleSpec,
+                          is_builtin: Callable[[str], bool] = lambda name: True) -> list[PolicyIssue]:
+    """Reads the Rego rule in ``rule_module`` makes of inputs its manifest entry does not declare.
+
+    Parameters
+    ----------
+    modules : mapping
+        The bundle's Rego modules, name -> (path to report, source), as ``policies.bundle.rego_modules``
+        gives them (test modules are skipped: rules never load them).
+    rule_module : str
+        The name of the rule's module in ``modules``.
+    rule : RuleSpec
+        The rule's manifest entry.
+    is_builtin : callable, optional
+        Whether a name is a rego-cpp built-in (``rego_engine.builtin_checker()``): an input object passed
+        to a function that is neither a built-in nor the bundle's is left to ``undefined_calls``.
+
+    Returns
+    -------
+    list of PolicyIssue
+        One per offending read, at the read (which may be in a function the rule's module calls).
+
+    Examples
+    --------
+    >>> src = '''package demo
+    ... import rego.v1
+    ... too_big(req) if req.estimated_input_tokens > 1000  # "input.request.x" here is not a read
+    ... allow contains c.id if { some c in input.candidates; not too_big(input.request) }
+    ... '''
+    >>> spec = RuleSpec(id="demo.size", kind="other", engine="rego", file="d.rego", request_fields=["tenant"])
+    >>> issues = undeclared_rego_reads({"d.rego": ("b/d.rego", src)}, "d.rego", spec)
+    >>> print(*issues)  # doctest: +ELLIPSIS +NORMALIZE_WHITESPACE
+    b/d.rego:3:17: req.estimated_input_tokens: rule demo.size reads request.estimated_input_tokens but does
+    not declare it, ...; add estimated_input_tokens to the rule's request_fields in manifest.yaml
+    """
+    return _RegoReads(modules, Declared.of(rule), is_builtin).run(rule_module)
+
+
+# -- CEL ----------------------------------------------------------------------------------------------
+
+_CEL_ROOTS = {"request": "request", "endpoint": "endpoint", "telemetry": "telemetry", "age_s": "age_s",
+              "state": "state"}
+
+
+class _CelReads:
+    """The reads a CEL expression makes of its variables, from its checked syntax tree."""
+
+    def __init__(self, source: str, path: str, decl: Declared, positions: Mapping[int, int]) -> None:
+        self.source, self.path, self.decl, self.positions = source, path, decl, positions
+        self.issues: list[PolicyIssue] = []
+
+    def issue(self, node: Any, message: str | None) -> None:
+        if message is not None:
+            line, col = line_col(self.source, self.positions.get(node.id, 0))
+            self.issues.append(PolicyIssue(self.path, line, col, message))
+
+    def visit(self, e: Any, env: Mapping[str, str | None]) -> str | None:
+        """Report what ``e`` reads wrongly; the input object it is (or ``keys:<object>``), None for a value."""
+        which = e.WhichOneof("expr_kind")
+        if which == "ident_expr":
+            name = e.ident_expr.name
+            if name in env:
+                return env[name]
+            kind = _CEL_ROOTS.get(name)
+            if kind == "state":
+                self.issue(e, self.decl.state_problem(name))
+                return None
+            return kind
+        if which == "select_expr":
+            kind = self.visit(e.select_expr.operand, env)
+            if kind in _SECTIONS:
+                self.issue(e.select_expr.operand,
+                           self.decl.field_problem(kind, e.select_expr.field, f"{kind}.{e.select_expr.field}"))
+            return None
+        if which == "call_expr":
+            return self.call(e, env)
+        if which == "comprehension_expr":
+            return self.comprehension(e.comprehension_expr, env)
+        if which == "list_expr":
+            self.values(e.list_expr.elements, env, "in a list")
+        elif which == "struct_expr":
+            for entry in e.struct_expr.entries:
+                self.values([entry.map_key] if entry.HasField("map_key") else [], env, "as a map key")
+                self.values([entry.value], env, "in a map")
+        return None
+
+    def values(self, nodes: Iterable[Any], env: Mapping[str, str | None], how: str) -> None:
+        """Visit operands that must not be input objects as a whole."""
+        for node in nodes:
+            kind = self.visit(node, env)
+            if kind in _SECTIONS:
+                self.issue(node, _whole(kind, kind, how))
+
+    def key(self, kind: str | None, key: Any, at: Any, env: Mapping[str, str | None]) -> None:
+        """An index or membership test of ``kind`` by the expression ``key``."""
+        if kind not in _SECTIONS:
+            self.visit(key, env)
+            return
+        if key.WhichOneof("expr_kind") == "const_expr" and key.const_expr.WhichOneof("constant_kind") == "string_value":
+            name = key.const_expr.string_value
+            self.issue(at, self.decl.field_problem(kind, name, f"{kind}[{json.dumps(name)}]"))
+        elif not (key.WhichOneof("expr_kind") == "ident_expr" and env.get(key.ident_expr.name) == "key:" + kind):
+            self.issue(at, _dynamic(kind + "[...]", kind, f"{kind}.all(k, ...)"))
+            self.visit(key, env)
+
+    def call(self, e: Any, env: Mapping[str, str | None]) -> str | None:
+        c = e.call_expr
+        args = list(c.args)
+        if c.function in ("_[_]", "_[?_]") and len(args) == 2:
+            self.key(self.visit(args[0], env), args[1], args[0], env)
+        elif c.function == "@in" and len(args) == 2:  # "gpu_temp_c" in telemetry: located at the key
+            self.key(self.visit(args[1], env), args[0], args[0], env)
+        elif c.function == "_?._" and len(args) == 2:  # request.?field
+            self.key(self.visit(args[0], env), args[1], args[0], env)
+        elif c.function == "size":
+            for node in [c.target] * c.HasField("target") + args:
+                self.visit(node, env)
+        else:
+            how = "with an operator" if c.function.startswith(("_", "@", "!")) else f"passed to {c.function}"
+            self.values([c.target] * c.HasField("target") + args, env, how)
+        return None
+
+    def comprehension(self, c: Any, env: Mapping[str, str | None]) -> str | None:
+        over = self.visit(c.iter_range, env)
+        inner = dict(env)
+        keys_of = over if over in _SECTIONS else over[5:] if over and over.startswith("keys:") else None
+        inner[c.iter_var] = "key:" + keys_of if keys_of else None  # a macro walks the keys it is given
+        if c.iter_var2:
+            inner[c.iter_var2] = None
+        init = self.visit(c.accu_init, env)
+        inner[c.accu_var] = init if init in _SECTIONS else None  # cel.bind(r, request, r.tenant)
+        self.visit(c.loop_condition, inner)
+        self.visit(c.loop_step, inner)
+        result = self.visit(c.result, inner)
+        if keys_of and _is_filter(c):
+            return "keys:" + keys_of  # age_s.filter(m, ...) is a list of age_s's keys
+        return result
+
+
+def _is_filter(c: Any) -> bool:
+    """Whether a comprehension is the filter macro: the step keeps the element, ``cond ? acc + [x] : acc``."""
+    step = c.loop_step.call_expr
+    if step.function != "_?_:_" or len(step.args) != 3:
+        return False
+    keep = step.args[1].call_expr
+    return (keep.function == "_+_" and len(keep.args) == 2 and keep.args[0].ident_expr.name == c.accu_var
+            and [x.ident_expr.name for x in keep.args[1].list_expr.elements] == [c.iter_var])
+
+
+def undeclared_cel_reads(expr: Any, source: str, path: str, rule: RuleSpec) -> list[PolicyIssue]:
+    """Reads a compiled CEL expression (the rule's, or its message's) makes of inputs ``rule`` does not declare.
+
+    Parameters
+    ----------
+    expr : cel_expr_python expression
+        As ``policies.cel_engine.compile_cel`` compiled it (``CelProgram.expr`` or ``.message``).
+    source : str
+        Its text, to turn the engine's offsets into lines and columns.
+    path : str
+        Where to say the issues are.
+    rule : RuleSpec
+        The rule's manifest entry.
+
+    Examples
+    --------
+    >>> from policies.cel_engine import compile_cel
+    >>> spec = RuleSpec(id="safety.owner", kind="safety", engine="cel", file="o.cel", request_fields=["user_tier"])
+    >>> src = '// not request.model\\nendpoint.owner_tenant == request.tenant'
+    >>> issues = undeclared_cel_reads(compile_cel(src, "o.cel").expr, src, "o.cel", spec)
+    >>> print(*issues)  # doctest: +ELLIPSIS +NORMALIZE_WHITESPACE
+    o.cel:2:26: request.tenant: rule safety.owner reads request.tenant but does not declare it, ...;
+    add tenant to the rule's request_fields in manifest.yaml
+    """
+    wrapped = any_pb2.Any()
+    wrapped.ParseFromString(expr.serialize())
+    checked = _checked.CheckedExpr()
+    wrapped.Unpack(checked)
+    reads = _CelReads(source, path, Declared.of(rule), checked.source_info.positions)
+    top = reads.visit(checked.expr, {})
+    if top in _SECTIONS:
+        reads.issue(checked.expr, _whole(top, top, "as the result"))
+    return sorted(set(reads.issues), key=lambda i: (i.line, i.column, i.message))
