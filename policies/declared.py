@@ -129,6 +129,7 @@ _KEYWORDS = frozenset({"if", "else", "not", "some", "every", "in", "contains", "
                        "with", "as", "true", "false", "null"})
 _WALK = re.compile(rf"\b(?:some|every)\s+({_NAME})(?:\s*,\s*({_NAME}))?\s+in\s+$")
 _SOME = re.compile(rf"\bsome\s+({_NAME}(?:\s*,\s*{_NAME})*)[ \t]*(?=$|[\n;}}\]])", re.M)
+_DECLARES = re.compile(rf"\b(?:some|every)\s+({_NAME}(?:\s*,\s*{_NAME})*)|(?<![\w.$])({_NAME})\s*:=")
 _BINDER = re.compile(rf"\b(?:some|every)\s+(?:{_NAME}\s*,\s*)*$")
 _ALIAS = re.compile(rf"(?<![\w.$])({_NAME})\s*(?::=|(?<![=!<>:])=)\s*$")
 _ALIAS_END = re.compile(r"[ \t]*(?:$|[\n;}\])]|if\b)")
@@ -232,6 +233,9 @@ class _RegoReads:
                 if not re.search(rf"(?<![\w.$]){var}\s*(?::=|=(?!=))|(?<![=!<>:])=\s*{var}\b", code[st.start:st.end]):
                     self.bind((name, index), var, "key:*")  # declared, never given a value: it enumerates
         local = self.local.get((name, index), {})
+        # Names this statement declares (parameters, some, :=) hide the package's rules of that name.
+        hidden = {param for param, _ in st.params or ()} | {
+            v for m in _DECLARES.finditer(code, st.start, st.end) for v in re.findall(_NAME, m.group(1) or m.group(2))}
         for m in _WORD.finditer(code, st.start, st.end):
             var, p = m.group(1), m.start()
             if p < head_end or var in _KEYWORDS:
@@ -239,7 +243,7 @@ class _RegoReads:
             accs, q = _accessors(mod, m.end(), st.end)
             if code[q:st.end].lstrip().startswith("("):
                 continue  # a call (lib.f(...)): its arguments are scanned on their own
-            roots = self.roots(mod, var, local, accs)
+            roots = self.roots(mod, var, local, accs) if var in local or var not in hidden else []
             if not roots:
                 continue
             if not accs and (_BINDER.search(code, st.start, p) or _ASSIGNED.match(code, m.end())):

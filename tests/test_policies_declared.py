@@ -148,8 +148,12 @@ def _rego(body: str, **extra: tuple[str, str]) -> list[str]:
     'best(cs) := {c.id | some c in cs; c.endpoint.tier == "x"}\nallow := best(input.candidates)',
     'allow contains c.id if { count(input.candidates) > 2; some c in input.candidates }',
     'ok(t) if t.tier != "x"\nallow contains input.candidates[i].id if { ok(input.candidates[i].endpoint) }',
+    # A parameter named as a package-level alias of input.request is the parameter, not the request.
+    'req := input.request\nf(req) := req.model\nallow contains c.id if { some c in input.candidates; f(data.params) }',
+    'allow contains c.id if {\n\tsome c in input.candidates\n\tnot f(\n\t\tinput.request,\n\t\tc.endpoint,\n\t)\n}\n'
+    'f(r, e) if { r.tenant == "a"; e.tier == "b" }',
 ], ids=["direct", "aliases", "package-alias", "import", "walk", "some-walk", "object.get", "old-style", "function",
-        "count", "indexed"])
+        "count", "indexed", "parameter-hides-rule", "multi-line-call"])
 def test_declared_reads_pass(body: str) -> None:
     assert _rego(body) == []
 
