@@ -52,7 +52,8 @@ def run_tests_isolated(directory: str | Path, timeout_s: float = 300.0, max_cras
         tail = stderr.strip()[-300:]
         running = started[-1] if len(started) > len(outcomes) else None
         name, where = running or ("bundle tests", str(directory))
-        crashed_at = f"the test process {failure} while running this test" + (f": {tail}" if tail else "")
+        crashed_at = (f"the test process {failure} while running this test{' alone in its module' if alone else ''}"
+                      + (f": {tail}" if tail else ""))
         if running is None or failure.startswith("did not finish") or time.monotonic() >= deadline:
             results.append(TestOutcome(name, False, where, crashed_at + "; later tests were not run"))
             return results
@@ -62,7 +63,7 @@ def run_tests_isolated(directory: str | Path, timeout_s: float = 300.0, max_cras
             skip += len(started) - 1
             continue
         crashes += 1
-        results.append(TestOutcome(name, False, where, crashed_at + " (alone in its module)"))
+        results.append(TestOutcome(name, False, where, crashed_at))
         skip += len(started)  # go on after the test that crashed
         if crashes >= max_crashes:
             results.append(TestOutcome("bundle tests", False, str(directory),
