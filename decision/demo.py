@@ -112,6 +112,7 @@ def _drive(target: str, fleet_path: str, duration_s: float, concurrency: int, se
 
 
 def run_demo(cfg: ServiceConfig, settings: Settings, *, duration_s: float, concurrency: int, seed: int) -> int:
+    from audit.database import shown_url
     from audit.why import render_text
     from decision.convert import record_from_trace_pb
     from decision.service import Service
@@ -128,7 +129,7 @@ def run_demo(cfg: ServiceConfig, settings: Settings, *, duration_s: float, concu
                   f"fleet {len(service.fleet.endpoints)} endpoints  policy {service.engine.guard.revision}  "
                   f"learner {service.engine.learner.name}")
     if service.audit.database_url:
-        console.print(f"  audit log: {service.audit.database_url}")
+        console.print(f"  audit log: {shown_url(service.audit.database_url)}")
     ctx = mp.get_context("spawn")
     counter: Synchronized = ctx.Value("l", 0)  # type: ignore[type-arg]
     queue: Any = ctx.Queue()
@@ -146,13 +147,14 @@ def run_demo(cfg: ServiceConfig, settings: Settings, *, duration_s: float, concu
     res: DriveResult = queue.get(timeout=60)
     proc.join(timeout=10)
 
-    decisions = len(res.decide_ms)
+    routed = len(res.decide_ms)
+    decisions = routed + sum(res.errors.values())  # as the progress bar counts: a refusal is a decision too
     table = Table(title="demo summary (decision service real; backends and outcomes simulated)")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    table.add_row("decisions", str(decisions))
+    table.add_row("decisions (routed + refused)", f"{decisions} ({routed} + {decisions - routed})")
     table.add_row("decisions/s (over real gRPC, with outcome reports)", f"{decisions / res.elapsed_s:.0f}")
-    table.add_row("Decide latency p50 / p99 (client side)",
+    table.add_row("Decide latency p50 / p99 (client side, routed)",
                   f"{percentile(res.decide_ms, 0.5):.2f} / {percentile(res.decide_ms, 0.99):.2f} ms")
     table.add_row("simulated TTFT p50 / p95 / p99",
                   " / ".join(f"{percentile(res.ttft_ms, q):.0f}" for q in (0.5, 0.95, 0.99)) + " ms")
@@ -176,13 +178,14 @@ def run_demo(cfg: ServiceConfig, settings: Settings, *, duration_s: float, concu
     service.stop()
     console.rule("audit log")
     if service.audit.database_url:
-        console.print(f"The audit log stays in {service.audit.database_url}. Query it with:\n"
+        console.print(f"The audit log stays in {shown_url(service.audit.database_url)}. Query it with:\n"
                       f"  infermesh audit why {res.sample_decision}\n"
                       f"  infermesh audit query --tenant acme --limit 10\n"
                       f"  infermesh audit verify   (recompute the hash chains; with --checkpoint FILE also the heads\n"
                       f"                           that `infermesh audit checkpoint -o FILE` recorded)\n"
-                      "  (the embedded PostgreSQL stops with the demo; each `infermesh audit` command starts it\n"
-                      "   again, and `infermesh serve` keeps it running for SQL clients such as psql)")
+                      + ("  (the embedded PostgreSQL stops with the demo; each `infermesh audit` command starts it\n"
+                         "   again, and `infermesh serve` keeps it running for SQL clients such as psql)"
+                         if not settings.database_url else ""))
     else:
         console.print("audit is disabled in this configuration")
-    return 0 if decisions > 0 else 1
+    return 0 if routed > 0 else 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -28,6 +29,10 @@ def test_demo_finishes_in_under_a_minute_and_leaves_the_audit_log(fresh_pg_url: 
     for needle in ("decisions/s", "Decide latency p50 / p99", "routes by tier", "simulated TTFT",
                    "why this route", "chosen", "infermesh audit why"):
         assert needle in out, needle
+    assert "embedded PostgreSQL stops" not in out  # the database is an external one here
+    total, routed_shown, refused_shown = map(int, re.search(  # the progress bar's count: refusals too
+        r"decisions \(routed \+ refused\)\D+(\d+) \((\d+) \+ (\d+)\)", out).groups())  # type: ignore[union-attr]
+    assert total == routed_shown + refused_shown and routed_shown > 0
     with psycopg.connect(fresh_pg_url) as conn:
         decisions = conn.execute("select count(*) from decision_events").fetchone()
         routed = conn.execute("select count(*) from decision_events where status = 'routed'").fetchone()
