@@ -97,6 +97,7 @@ def test_every_declared_section_is_checked(bundle: Path, field: str, old: str, n
     if expected is None:  # telemetry_fresh walks age_s (age_s.all(m, ...)): it reads only what is declared
         compile_bundle(bundle)
         return
+    assert needle is not None
     issues = _issues(bundle)
     (rule,) = [p for p in bundle.iterdir() if p.suffix in (".cel", ".rego") and needle in p.read_text()]
     assert (str(rule), *_at(rule, needle)) in [(i.path, i.line, i.column) for i in issues]

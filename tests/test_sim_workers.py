@@ -91,8 +91,8 @@ class _Recorded(InferMesh):
                 self.ledger_done[w] += 1
                 done(eid)
 
-            led.sent = record_sent  # type: ignore[method-assign]
-            led.done = record_done  # type: ignore[method-assign]
+            led.sent = record_sent  # type: ignore[method-assign,assignment]
+            led.done = record_done  # type: ignore[method-assign,assignment]
 
     def choose(self, req: Request, cands: I64) -> int:
         node = super().choose(req, cands)
@@ -106,7 +106,7 @@ def test_each_workers_ledger_sees_only_the_requests_assigned_to_it() -> None:
     sim, s = _sim(strat, workers=3, decision_time="300")
     assert len({id(e.ledger) for e in strat.engines}) == 3 and len({id(e) for e in strat.engines}) == 3
     assert sim.requests_log is not None
-    per_worker = defaultdict(int)
+    per_worker: defaultdict[int, int] = defaultdict(int)
     for r in sim.requests_log:
         per_worker[r.worker] += 1
     assert sorted(per_worker) == [0, 1, 2] and all(n > 150 for n in per_worker.values())  # ~614 / 3 each
