@@ -59,6 +59,10 @@ def list_partitions(conn: psycopg.Connection[Any]) -> list[dt.date]:
     return sorted(days)
 
 
+# Transaction-level advisory lock between retention's cutoff and the writers' new day partitions.
+RETENTION_LOCK = 0x1F0A_0D18
+
+
 def drop_before(conn: psycopg.Connection[Any], *, cutoff: dt.date) -> list[dt.date]:
     """Drop every day partition strictly older than ``cutoff``, and the other tables' rows of those days.
 
@@ -87,8 +91,12 @@ def drop_before(conn: psycopg.Connection[Any], *, cutoff: dt.date) -> list[dt.da
     list of datetime.date
         The days whose partitions this run drops (logged up front as the run's ``dropped_days``).
     """
-    dropped = [d for d in list_partitions(conn) if d < cutoff]
     with conn.transaction():
+        # Waits for any writer creating a day partition (it holds the lock shared from its cutoff read
+        # to its commit), so the partitions listed include its; once the cutoff is in, no writer
+        # creates a day it retires.
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (RETENTION_LOCK,))
+        dropped = [d for d in list_partitions(conn) if d < cutoff]
         conn.execute("INSERT INTO audit_retention (cutoff, dropped_days) VALUES (%s, %s)", (cutoff, dropped))
     for d in dropped:
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(partition_name(d))))

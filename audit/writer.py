@@ -374,6 +374,9 @@ class AuditWriter(AtBoundCounts):
         """
         new_days = {day_of_us(r[1]) for r in drows} - self._days_ready
         if new_days:
+            # Held shared until this transaction commits: a retention run records its cutoff either
+            # before this read (seen here) or after the partitions made below exist (and drops them).
+            conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (partitions.RETENTION_LOCK,))
             self._cutoff = partitions.retired_before(conn)
         if self._cutoff is None:
             return drows, orows, 0, new_days

@@ -861,3 +861,50 @@ def test_a_retention_run_cut_short_keeps_its_cutoff_so_a_replay_stays_out_and_th
         assert conn.execute("SELECT cutoff FROM audit_retention").fetchall() == [(cutoff,), (cutoff,)]
     report = check_heads(db, heads)
     assert verify(db).ok and report.ok and report.retired == 2
+
+
+def test_retention_waits_for_a_writer_creating_a_day_it_retires_and_then_drops_it(
+        db: str, demo_fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer read the cutoff (none yet), then a retention run recorded one and listed the
+    partitions before the writer's new day partition was committed: the day came back, half a chain,
+    until the next hourly round."""
+    import threading
+
+    engine = make_engine(demo_fleet)
+    now = dt.datetime.now(dt.UTC)
+    at = (now - dt.timedelta(days=10)).timestamp()
+    old_day, cutoff = dt.datetime.fromtimestamp(at, dt.UTC).date(), now.date() - dt.timedelta(days=6)
+    retention_errors: list[BaseException] = []
+
+    def retention() -> None:
+        try:
+            with psycopg.connect(db, autocommit=True) as conn:
+                partitions.drop_before(conn, cutoff=cutoff)
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            retention_errors.append(exc)
+
+    ensure = partitions.ensure_partition
+    waited: list[bool] = []
+
+    def ensure_while_retention_runs(conn: psycopg.Connection[Any], *, day: dt.date) -> None:
+        ensure(conn, day=day)
+        if day == old_day and not waited:  # the writer has read the cutoff; retention starts now
+            runner = threading.Thread(target=retention)
+            runner.start()
+            runner.join(1.0)
+            waited.append(runner.is_alive())  # it waits for this writer's transaction
+            threads.append(runner)
+
+    threads: list[threading.Thread] = []
+    monkeypatch.setattr(partitions, "ensure_partition", ensure_while_retention_runs)
+    writer = AuditWriter(db, AuditSettings(spool_dir=tmp_path / "spool"))
+    writer.submit_decision({**decision_event(engine.decide(ctx(1)), "routed", ()), "decided_at": at})
+    assert writer.flush(20)
+    writer.close()
+    for t in threads:
+        t.join(20)
+    assert not retention_errors and waited == [True]
+    with psycopg.connect(db) as conn:
+        assert old_day not in partitions.list_partitions(conn)  # dropped with the day retention retired
+        assert partitions.retired_before(conn) == cutoff
+    assert verify(db).ok
