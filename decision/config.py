@@ -113,8 +113,9 @@ class DecisionSection(_Section):
     count_inflight: bool = True
     # InferMesh processes splitting the traffic to the same endpoints at random (every replica's
     # workers): each counts its own requests this many times in that ledger, or it would see a
-    # 1/N share of the load and herd onto endpoints the others keep busy. 0: the serve command's
-    # workers (--workers, else server.workers); with several replicas, set it to their total.
+    # 1/N share of the load and herd onto endpoints the others keep busy. 0: the workers `serve`
+    # started this process among (1 for a single process); with several replicas, set it to their
+    # total (and again when they are scaled).
     routers: int = Field(default=0, ge=0, le=4096)
     # How much of the delay a prompt adds to later requests at an endpoint counts against choosing it
     # (decision.scoring.ADDED_DELAY_WEIGHT): 0 ranks by the request's own expected TTFT alone.

@@ -489,7 +489,8 @@ class DecisionEngine:
         return p
 
     def inflight(self, endpoint_id: str) -> int:
-        """Decisions routed to ``endpoint_id`` whose outcome has not come back (nor timed out)."""
+        """Decisions routed to ``endpoint_id`` whose outcome has not come back (nor timed out), each
+        counted ``routers`` times (the ledger's estimate of every router's, see decision.ledger)."""
         return self.ledger.inflight(endpoint_id)
 
     def _learn_missing(self, decision_id: str, p: _Pending, why: str) -> None:

@@ -152,7 +152,9 @@ class Service:
             self.audit = AuditParts()
         else:
             self.audit = build_audit(config, settings, reload=self._admin_reload)
-        routers = config.decision.routers or settings.workers or config.server.workers
+        # One process unless `serve --workers N` started it as one of N (it says so in INFERMESH_WORKERS):
+        # server.workers is what serve starts, not what this process is part of (serve --workers 1).
+        routers = config.decision.routers or settings.workers or 1
         engine = DecisionEngine(
             self.fleet, self.telemetry, self.policies.guard, learner, features=features,
             audit=self.audit.sink, traces=self.audit.reader, reward=reward, shadow=shadows,

