@@ -7,12 +7,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from decision.domain import Outcome
 from learners._linear import LinearLearner
 from sim import runner
 from sim.engine import RunConfig, Simulation
-from sim.model import DROPPED, Request
+from sim.model import DONE, DROPPED, Request
 from sim.scenario import SCENARIO_DIR, load_scenario
 from sim.strategies import registry
 from sim.strategies.infermesh import InferMesh
@@ -247,3 +249,58 @@ def test_each_workers_ledger_counts_its_requests_once_per_worker(name: str, work
     assert isinstance(strat, InferMesh)
     _sim(strat, workers=workers)
     assert [e.ledger.routers for e in strat.engines] == [routers] * workers
+
+
+class _Told(InferMesh):
+    """The pipeline with LinUCB, recording each outcome its engines are told and each sample their ledgers learn."""
+
+    def __init__(self) -> None:
+        super().__init__("linucb", seed=3)
+        self.told: dict[str, Outcome] = {}
+        self.observed_ms: list[float] = []
+
+    def bind(self, view: Any) -> None:
+        super().bind(view)
+        for eng in self.engines:
+            report, observed = eng.report_outcome, eng.ledger.observed
+
+            def told(outcome: Outcome, report: Any = report) -> Any:
+                self.told[outcome.decision_id] = outcome
+                return report(outcome)
+
+            def learnt(eid: str, *, expected_ms: float, observed_ms: float, slowness: float,
+                       observed: Any = observed) -> None:
+                self.observed_ms.append(observed_ms)
+                observed(eid, expected_ms=expected_ms, observed_ms=observed_ms, slowness=slowness)
+
+            eng.report_outcome = told  # type: ignore[method-assign]
+            eng.ledger.observed = learnt  # type: ignore[method-assign,assignment]
+
+    def slowness(self) -> list[float]:
+        return [eng.ledger.slowness(eid) for eng in self.engines for eid in eng.ledger._row]
+
+
+def test_the_engine_is_told_the_ttft_from_the_end_of_its_decision_and_the_queue_is_not_learnt_as_slowness() -> None:
+    # Two workers at 25 ms a decision decide at most 80 req/s of the 100 arriving: the queue grows all run.
+    queued, free = _Told(), _Told()
+    sim, s = _sim(queued, workers=2, decision_time="25000", rps=100.0, concurrency=16)
+    _, s0 = _sim(free, workers=2, decision_time="0", rps=100.0, concurrency=16)
+    assert s["decision_wait_ms"]["p50"] > 1000.0 and s0["decision_wait_ms"]["p99"] == 0.0
+    assert sim.requests_log is not None
+    waited = 0
+    for r in sim.requests_log:
+        assert r.state == DONE
+        o = queued.told[str(r.ctx)]
+        t0 = r.decided_at + r.decision_us / 1e6  # when the route left the router: ext_proc's t0
+        assert o.ttft_ms == pytest.approx((r.first_token_at - t0) * 1000.0, abs=1e-6)
+        assert o.latency_ms == pytest.approx((r.done_at - t0) * 1000.0, abs=1e-6)
+        waited += r.decided_at - r.arrival > 1.0
+    assert waited > 300
+    # The simulator's own TTFT (the tables') still counts from the arrival: the wait is in it.
+    assert s["ttft_ms"]["p50"] > s["decision_wait_ms"]["p50"] + 25.0
+    # What the ledgers learn is the endpoints' part, as without a queue (counted from the arrival,
+    # every sample was the seconds of waiting and every endpoint's slowness hit its bound, 4).
+    assert max(queued.observed_ms) < 100.0
+    slow_q, slow_0 = queued.slowness(), free.slowness()
+    assert max(slow_q) < 1.5
+    assert float(np.median(slow_q)) == pytest.approx(float(np.median(slow_0)), abs=0.2)

@@ -309,8 +309,13 @@ class InferMesh(Strategy):
             self._engine_of(req).report_outcome(Outcome(str(req.ctx), OutcomeStatus.ERROR, input_tokens=req.in_tokens,
                                                error=req.drop_reason, reported_at=self.view.now))
             return
-        ttft = (req.first_token_at - req.arrival) * 1000.0
-        lat = (req.done_at - req.arrival) * 1000.0
+        # From the end of the decision, as the service counts them (ext_proc's t0 is taken once the
+        # route is decided): the wait for a busy decision worker and the decision itself are the
+        # router's, not the endpoint's, and must not be learnt as its slowness (ledger.observed) or
+        # its reward. The simulator's own TTFT (the tables) still counts from the arrival.
+        t0 = req.decided_at + req.decision_us / 1e6
+        ttft = (req.first_token_at - t0) * 1000.0
+        lat = (req.done_at - t0) * 1000.0
         self._engine_of(req).report_outcome(Outcome(str(req.ctx), OutcomeStatus.OK if ok else OutcomeStatus.ERROR,
                                            ttft_ms=ttft, latency_ms=lat, input_tokens=req.in_tokens,
                                            output_tokens=req.out_tokens, reported_at=self.view.now))
