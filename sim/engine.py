@@ -11,7 +11,10 @@ A strategy that decides in worker processes (the pipeline, ``serve --workers N``
 ``RunConfig.workers`` single-server FIFO queues: a request goes to one worker uniformly at random
 (the kernel's SO_REUSEPORT hash over many client connections), waits while that worker decides
 the requests before it, and is decided when the worker is free, on the state of that moment; its
-measured decision time is the worker's service time. Other strategies decide on arrival.
+measured decision time is the worker's service time. The worker process also serves its requests'
+outcome reports and its learner's syncs (same process, one GIL): they join the same FIFO, each
+occupying the worker for its measured wall time (with a fixed decision time: ``OUTCOME_SHARE`` and
+``SYNC_SHARE`` of it). Other strategies decide on arrival, and their outcomes cost no time.
 
 Conservation holds by construction and is checked by the tests: every request ends completed,
 dropped with a reason, or still in flight when the run stops.
@@ -26,6 +29,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import count
+from typing import cast
 
 import numpy as np
 
@@ -52,6 +56,14 @@ from sim.workload import RequestSpec, Tenant
 from sim.world import World
 
 ARRIVE, REACH, FIRST, NODE, SCRAPE, DELIVER, HEDGE, DEGRADE, WORKER, SYNC = range(10)
+# What a decision worker does, in its FIFO: decide a request, take an outcome report, sync its learner.
+JOB_DECIDE, JOB_OUTCOME, JOB_SYNC = range(3)
+# With a fixed decision time (--decision-time US), what an outcome report and a learner sync occupy a
+# worker, as a share of that time: their mean measured wall time over choose()'s, mesh-512 with 128
+# and 512 endpoints, 4 workers, LinUCB (twenty-first session: report_outcome 78-98 µs against choose
+# 461-519 µs, 0.17-0.19; a sync 276-316 µs, 0.6). With measured times each job's own wall time counts.
+OUTCOME_SHARE = 0.18
+SYNC_SHARE = 0.6
 KV_TOO_BIG = "exceeds KV capacity"  # drop reason: prompt + completion larger than the endpoint's whole KV cache
 
 
@@ -118,12 +130,15 @@ class Simulation:
         self._fixed_us = -1.0 if cfg.decision_time == "measured" else float(cfg.decision_time)
         self.degradations = tuple(degradations)
         self.requests_log: list[Request] | None = None  # tests ask for every request
-        # Decision workers (0: the strategy decides on arrival): when each is next free, and the
-        # requests waiting for it in arrival order.
+        # Decision workers (0: the strategy decides on arrival): when each is next free, and the jobs
+        # waiting for it in the order they came (decisions, outcome reports, learner syncs).
         self.n_workers = cfg.workers if strategy.modelled_workers else 0
         self._free_at = [0.0] * self.n_workers
-        self._queues: list[deque[Request]] = [deque() for _ in range(self.n_workers)]
-        self._queued = 0  # requests waiting for a worker (they count in flight: the run goes on)
+        self._queues: list[deque[tuple[int, object, float]]] = [deque() for _ in range(self.n_workers)]
+        self._queued = 0  # requests waiting for a worker to decide them (they count in flight: the run goes on)
+        self._jobs_queued = 0  # every job waiting for a worker (outcomes too: the run goes on until they are taken)
+        # Tests ask for every job a worker ran: (worker, JOB_*, when it came, when it started, service µs).
+        self.jobs_log: list[tuple[int, int, float, float, float]] | None = None
         self._assign_rng = np.random.default_rng(cfg.seed + 23)  # its own stream: the others are unchanged
 
     # -- scheduling --
@@ -195,7 +210,7 @@ class Simulation:
             elif kind == WORKER:
                 self._on_worker(b)
             elif kind == SYNC:
-                strategy.sync(b)
+                self._submit(b, JOB_SYNC, None)  # the learner's sync thread shares its worker's GIL
                 self._push(t + period, SYNC, None, b)
             if progress is not None and t >= next_tick:
                 progress(t)
@@ -216,8 +231,8 @@ class Simulation:
         return m
 
     def _finished(self) -> bool:
-        """No arrival to come, no request in flight or waiting for a decision worker."""
-        return self._arrivals_done and self._inflight == 0 and self._queued == 0
+        """No arrival to come, no request in flight, no job waiting for a decision worker."""
+        return self._arrivals_done and self._inflight == 0 and self._jobs_queued == 0
 
     def busy_seconds(self) -> np.ndarray:
         """Each endpoint's GPU busy time so far.
@@ -246,23 +261,56 @@ class Simulation:
             return
         w = int(self._assign_rng.integers(n)) if n > 1 else 0
         req.worker = w
+        self._submit(w, JOB_DECIDE, req)
+
+    def _submit(self, w: int, kind: int, job: object) -> None:
+        """Worker ``w`` runs ``job`` now if it is idle, else after the jobs before it (FIFO)."""
         q = self._queues[w]
         if not q and self._free_at[w] <= self.now:
-            self._decide(req)
+            self._run_job(w, kind, job, self.now)
             return
-        q.append(req)  # the worker is deciding an earlier request: wait for it (FIFO)
-        self._queued += 1
+        q.append((kind, job, self.now))  # the worker is busy with an earlier job: wait for it
+        self._jobs_queued += 1
+        if kind == JOB_DECIDE:
+            self._queued += 1
         if len(q) == 1:  # the first in line: wake the worker when it is free (one pending wake-up each)
             self._push(self._free_at[w], WORKER, None, w)
 
     def _on_worker(self, w: int) -> None:
-        """Worker ``w`` finished a decision: it takes the next request in its queue."""
+        """Worker ``w`` finished a job: it takes the next one in its queue."""
         q = self._queues[w]
-        req = q.popleft()
-        self._queued -= 1
-        self._decide(req)
+        kind, job, came = q.popleft()
+        self._jobs_queued -= 1
+        if kind == JOB_DECIDE:
+            self._queued -= 1
+        self._run_job(w, kind, job, came)
         if q:
             self._push(self._free_at[w], WORKER, None, w)
+
+    def _run_job(self, w: int, kind: int, job: object, came: float) -> None:
+        """Worker ``w`` runs ``job`` (given it at ``came``) now; it is busy until its service time has passed."""
+        if kind == JOB_DECIDE:
+            self._decide(job)  # type: ignore[arg-type]
+            return
+        t0 = time.perf_counter()
+        if kind == JOB_OUTCOME:
+            req, node, ok = cast(tuple[Request, int, bool], job)
+            self.strategy.on_complete(req, node, ok)
+            us = self._charged_us(t0, OUTCOME_SHARE)
+            self.metrics.outcome_us.append(us)
+        else:
+            self.strategy.sync(w)
+            us = self._charged_us(t0, SYNC_SHARE)
+        self._free_at[w] = self.now + us / 1e6
+        if self.jobs_log is not None:
+            self.jobs_log.append((w, kind, came, self.now, us))
+
+    def _outcome(self, req: Request, node: int, ok: bool) -> None:
+        """``req``'s response ended (or it failed): the strategy hears of it, through its worker if it has one."""
+        if self.n_workers and req.worker >= 0:
+            self._submit(req.worker, JOB_OUTCOME, (req, node, ok))
+        else:
+            self.strategy.on_complete(req, node, ok)
 
     def _decide(self, req: Request) -> None:
         """The strategy decides ``req`` now; with workers, the decision occupies ``req.worker`` while it runs."""
@@ -275,6 +323,8 @@ class Simulation:
         if self.n_workers:
             self._free_at[req.worker] = self.now + req.decision_us / 1e6
             self.metrics.decision_wait_ms.append((self.now - req.arrival) * 1000.0)
+            if self.jobs_log is not None:
+                self.jobs_log.append((req.worker, JOB_DECIDE, req.arrival, self.now, req.decision_us))
         if node < 0:
             req.state = DROPPED
             self.metrics.dropped[req.drop_reason or "no route"] += 1
@@ -287,9 +337,9 @@ class Simulation:
         if hf > 0.0:
             self._push(self.now + hf * req.ttft_target_ms / 1000.0, HEDGE, req)
 
-    def _charged_us(self, t0: float) -> float:
-        """Decision time since ``perf_counter()`` was ``t0``, or the fixed time of a reproducible run."""
-        return (time.perf_counter() - t0) * 1e6 if self._fixed_us < 0 else self._fixed_us
+    def _charged_us(self, t0: float, share: float = 1.0) -> float:
+        """Wall time since ``perf_counter()`` was ``t0``, or ``share`` of a reproducible run's fixed decision time."""
+        return (time.perf_counter() - t0) * 1e6 if self._fixed_us < 0 else self._fixed_us * share
 
     def _check_guardrails(self, req: Request, node: int) -> None:
         """Count a routed copy that breaks a hard rule: residency, data class, another tenant's device.
@@ -336,7 +386,7 @@ class Simulation:
         req.drop_reason = reason
         self._inflight -= 1
         self.metrics.dropped[reason] += 1
-        self.strategy.on_complete(req, c.node, False)
+        self._outcome(req, c.node, False)
         req.copies = []  # no cycle left for the collector (as in _complete)
 
     def _admit(self, nd: Node, c: Copy) -> None:
@@ -423,7 +473,7 @@ class Simulation:
         self._inflight -= 1
         self.view.outstanding[c.node] -= 1
         self.metrics.record_done(req)
-        self.strategy.on_complete(req, c.node, True)
+        self._outcome(req, c.node, True)
         # Copy.req points back here: dropping the copies lets reference counting free a finished
         # request at once instead of leaving the cycle to the cyclic collector (~13% of a run's time).
         req.copies = []

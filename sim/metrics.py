@@ -35,6 +35,8 @@ class Collector:
     # With decision workers: each decision's start minus its request's arrival (the queueing delay).
     decision_wait_ms: list[float] = field(default_factory=list)
     workers: int = 0  # decision workers modelled (0: the strategy decides on arrival)
+    # With decision workers: the time each outcome report occupied its worker.
+    outcome_us: list[float] = field(default_factory=list)
     cost_usd: float = 0.0
     out_tokens: int = 0
     in_tokens: int = 0
@@ -126,6 +128,8 @@ class Collector:
             # Time waiting for a busy decision worker (null for strategies that model none).
             "decision_wait_ms": _pcts(self.decision_wait_ms) if self.workers else None,
             "workers": self.workers,
+            # What each outcome report occupied its decision worker (null without workers).
+            "outcome_us": _pcts(self.outcome_us, (50, 99)) if self.workers else None,
             # Beyond the schema: what else a reader needs to trust the row.
             "dropped": dict(self.dropped),
             "in_flight_at_end": self.requests - self.completed - sum(self.dropped.values()),
