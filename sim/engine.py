@@ -137,6 +137,8 @@ class Simulation:
         self._queues: list[deque[tuple[int, object, float]]] = [deque() for _ in range(self.n_workers)]
         self._queued = 0  # requests waiting for a worker to decide them (they count in flight: the run goes on)
         self._jobs_queued = 0  # every job waiting for a worker (outcomes too: the run goes on until they are taken)
+        # Losing hedge copies still prefilling (a prefill runs to its end): their GPU time is billed as it ends.
+        self._losers: dict[Copy, None] = {}  # in the order they lost (reproducible sums)
         # Tests ask for every job a worker ran: (worker, JOB_*, when it came, when it started, service µs).
         self.jobs_log: list[tuple[int, int, float, float, float]] | None = None
         self._assign_rng = np.random.default_rng(cfg.seed + 23)  # its own stream: the others are unchanged
@@ -228,11 +230,15 @@ class Simulation:
         m.window_s = end
         for nd in self.nodes:
             nd.advance(m.end_time)
+        for c in self._losers:  # cut off mid-prefill by the end of the window: billed up to it
+            self._lost(c)
+        self._losers.clear()
         return m
 
     def _finished(self) -> bool:
-        """No arrival to come, no request in flight, no job waiting for a decision worker."""
-        return self._arrivals_done and self._inflight == 0 and self._jobs_queued == 0
+        """No arrival to come, no request in flight, no job waiting for a decision worker, no losing
+        hedge copy still prefilling (the GPU is still busy with it)."""
+        return self._arrivals_done and self._inflight == 0 and self._jobs_queued == 0 and not self._losers
 
     def busy_seconds(self) -> np.ndarray:
         """Each endpoint's GPU busy time so far.
@@ -416,7 +422,8 @@ class Simulation:
         req = c.req
         if c.state == C_CANCELLED:  # lost a hedge race while prefilling: the prefill was wasted
             nd.advance(self.now)  # its GPU time is charged as it runs: complete only now
-            self.metrics.cancelled_gpu_s += c.gpu_s
+            self._losers.pop(c, None)
+            self._lost(c)
             nd.release(c)
             self._admit_waiting(i, nd)
             return
@@ -441,9 +448,23 @@ class Simulation:
             prev = o.state
             o.state = C_CANCELLED
             self.view.outstanding[o.node] -= 1
-            # A prefilling copy runs to its end (counted in cancelled_gpu_s then, in _on_first).
-            if prev not in (C_PREFILL, C_TRAVEL, C_WAITING):
+            # A prefilling copy runs to its end (its GPU time counted and billed then, in _on_first).
+            if prev == C_PREFILL:
+                self._losers[o] = None
+            elif prev not in (C_TRAVEL, C_WAITING):
                 raise AssertionError(f"cancelling a copy in state {prev}")
+
+    def _lost(self, c: Copy) -> None:
+        """A losing copy's prefill ended (or the run did): count its GPU time as cancelled, and bill
+        its request what it ran since the request was billed (at its completion), if it completed."""
+        self.metrics.cancelled_gpu_s += c.gpu_s
+        req = c.req
+        extra = c.gpu_s - c.billed_s
+        if req.state == DONE and extra > 0.0:
+            usd = extra * float(self.world.usd_per_s[c.node])
+            req.cost_usd += usd
+            self.metrics.cost_usd += usd
+            c.billed_s = c.gpu_s
 
     def _on_node(self, i: int, version: int) -> None:
         nd = self.nodes[i]
@@ -468,6 +489,7 @@ class Simulation:
         cost = 0.0
         for o in req.copies:
             cost += o.gpu_s * w.usd_per_s[o.node]
+            o.billed_s = o.gpu_s  # a loser still prefilling bills the rest when it ends (_lost)
         egress = w.egress_usd_per_gb[req.region, c.node] * (req.in_tokens + req.out_tokens) * w.bytes_per_token / 1e9
         req.cost_usd = cost + egress
         self._inflight -= 1

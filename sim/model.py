@@ -76,7 +76,7 @@ class Request:
 class Copy:
     """One dispatch of a request to one endpoint (a hedged request has two)."""
 
-    __slots__ = ("gpu_s", "kv_need", "node", "prefill_end", "req", "share_start", "state", "vfinish")
+    __slots__ = ("billed_s", "gpu_s", "kv_need", "node", "prefill_end", "req", "share_start", "state", "vfinish")
 
     def __init__(self, req: Request, node: int) -> None:
         self.req = req
@@ -87,3 +87,4 @@ class Copy:
         self.share_start = 0.0
         self.vfinish = 0.0
         self.gpu_s = 0.0  # GPU-seconds attributed to this copy
+        self.billed_s = 0.0  # of which already billed to its request (a losing copy may run on after that)

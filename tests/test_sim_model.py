@@ -9,7 +9,7 @@ import pytest
 
 from sim import runner
 from sim.engine import RunConfig, Simulation
-from sim.model import C_DECODE, DONE, DROPPED, FIRST_TOKEN, ROUTED, Copy, Request
+from sim.model import C_CANCELLED, C_DECODE, DONE, DROPPED, FIRST_TOKEN, ROUTED, Copy, Request
 from sim.node import Node
 from sim.scenario import load_scenario
 from sim.strategies import registry
@@ -342,3 +342,66 @@ def test_gpu_seconds_charged_equal_the_busy_time_while_the_gpu_is_always_busy(ti
         assert gap == 0.0 and union == pytest.approx(end - first, rel=1e-9)
         assert busy[i] == pytest.approx(end - first, rel=1e-9)  # utilisation and energy use this: at most 100%
         assert charged[nd] == pytest.approx(busy[i], rel=1e-9)
+
+
+# -- GPU time with hedging: a losing copy still prefilling when its request completes runs on --
+
+def _hedge_run(timeline: _Timeline, monkeypatch: pytest.MonkeyPatch, *, rps: float, drain: float,
+               concurrency: int = 16) -> tuple[Simulation, dict[int, float]]:
+    # Long prompts and short answers: a hedge copy that wins often completes while the first copy,
+    # behind it in a prefill queue, is still prefilling (mesh_hedge hedges after 35% of the target).
+    sc = tiny_scenario(cells=1, per_cell=3, rps=rps, duration=20.0, drain=drain, concurrency=concurrency,
+                       input_tokens={"dist": "lognormal", "mu": 7.2, "sigma": 0.6},
+                       output_tokens={"dist": "lognormal", "mu": 3.0, "sigma": 0.5})
+    sim = _sim(sc, "mesh_hedge")
+    at_completion: dict[int, float] = {}  # what each request's copies had run when it completed
+    complete = Simulation._complete
+
+    def on_complete(self: Simulation, c: Copy, t_client: float) -> None:
+        at_completion[c.req.rid] = sum(o.gpu_s for o in c.req.copies)
+        complete(self, c, t_client)
+
+    monkeypatch.setattr(Simulation, "_complete", on_complete)
+    sim.run()
+    return sim, at_completion
+
+
+def _billed_gpu_s(sim: Simulation) -> float:
+    """What the requests were billed for GPU time: their $ less egress, in GPU-seconds (one price)."""
+    w = sim.world
+    log = [r for r in sim.requests_log or [] if r.state == DONE]
+    egress = sum(w.egress_usd_per_gb[r.region, r.winner] * (r.in_tokens + r.out_tokens) * w.bytes_per_token / 1e9
+                 for r in log)
+    return float((sum(r.cost_usd for r in log) - egress) / float(w.usd_per_s[0]))
+
+
+@pytest.mark.parametrize("rps", [5.0, 7.0])
+def test_gpu_time_a_losing_hedge_copy_runs_after_its_request_completed_is_billed(
+        timeline: _Timeline, monkeypatch: pytest.MonkeyPatch, rps: float) -> None:
+    sim, at_completion = _hedge_run(timeline, monkeypatch, rps=rps, drain=300.0)
+    m = sim.metrics
+    log = sim.requests_log or []
+    assert sum(r.state == DONE for r in log) == len(log) > 100 and m.hedge_wins > 0
+    busy = float(sim.busy_seconds().sum())
+    assert sum(c.gpu_s for c in timeline.copies) == pytest.approx(busy, rel=1e-9)
+    # Losers ran on after their request completed: 1.4% (5 req/s) and 3.2% (7 req/s) of the GPU time.
+    assert busy - sum(at_completion.values()) > 0.01 * busy
+    billed = _billed_gpu_s(sim)
+    assert billed == pytest.approx(busy, rel=1e-9)  # every GPU-second billed once, the losers' too
+    assert m.cost_usd == pytest.approx(sum(r.cost_usd for r in log), rel=1e-12)  # the run's $/1K bills them
+    lost = [c for c in timeline.copies if c.state == C_CANCELLED]
+    assert lost and m.cancelled_gpu_s == pytest.approx(sum(c.gpu_s for c in lost), rel=1e-9)
+
+
+def test_a_losing_hedge_copy_still_prefilling_when_the_run_stops_is_counted(
+        timeline: _Timeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Overloaded and no drain: the run stops with losers mid-prefill.
+    sim, _ = _hedge_run(timeline, monkeypatch, rps=12.0, drain=0.0, concurrency=4)
+    m = sim.metrics
+    lost = [c for c in timeline.copies if c.state == C_CANCELLED]
+    cut = [c for c in lost if c.prefill_end > m.end_time]
+    assert cut  # still prefilling when the run stopped
+    assert m.cancelled_gpu_s == pytest.approx(sum(c.gpu_s for c in lost), rel=1e-9)
+    # Every copy of a completed request billed to it, up to the end; nothing of an unfinished one.
+    done = [c for c in timeline.copies if c.req.state == DONE]
+    assert _billed_gpu_s(sim) == pytest.approx(sum(c.gpu_s for c in done), rel=1e-9)
