@@ -9,11 +9,15 @@ are ``stages.score.candidates[i].features`` (a ``{name: value}`` mapping) and th
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import logging
+import os
 import reprlib
+import socket
 import threading
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +35,8 @@ _MAX_SEQ = 2**63 - 1  # delta seqs are bigint; a mark past it would fail every l
 # Server-side TCP keepalives of the session that holds replica locks (seconds): a client whose host
 # died holds nothing after about idle + interval * count (the default, 2 h, would keep the id taken).
 _KEEPALIVES = {"tcp_keepalives_idle": 30, "tcp_keepalives_interval": 10, "tcp_keepalives_count": 3}
+_OWN_SESSIONS = 16  # earlier sessions of a store remembered, to end one a broken connection left holding its ids
+_END_WAIT_MS = 5000  # how long pg_terminate_backend waits (at most) for such a session to be gone, its locks freed
 
 
 class DamagedSnapshot(ValueError):
@@ -60,6 +66,16 @@ class ReplicaInUse(ValueError):
 class DeltaConflict(ReplicaInUse):
     """A delta's (learner, version, replica, seq) is already stored with other contents: a process
     outside the replica lock (an older release) wrote under this replica id."""
+
+
+class ReplicaRetaken(RuntimeError):
+    """A write under a replica id this store took back on a new session, before its owner read what is stored.
+
+    While the session that held the id was lost, another process may have held it and written
+    deltas under it: the owner's next seq may be taken, and those deltas are learning it does not
+    have. :meth:`LearnerStore.take_back` returns them and lets writes under the id go on;
+    :class:`learners.sync.LearnerSync` does so by itself.
+    """
 
 
 def decode_trace(trace_z: bytes) -> dict[str, Any]:
@@ -151,32 +167,106 @@ class LearnerStore:
     Every write under a replica id happens on a session that holds that id's advisory lock (see
     :meth:`claim_replica`), so two live processes can never write deltas under one id.
 
+    Every operation is bounded in time: connecting by ``connect_timeout_s``, a statement by the
+    server's ``statement_timeout``, and an answer by a client-side deadline (the statement timeout
+    plus 2 s) after which the connection is dropped, as a lost one is (the next call reconnects).
+    So a database that stops answering makes a sync, and :meth:`LearnerSync.stop
+    <learners.sync.LearnerSync.stop>` with the service's stop after it, fail instead of blocking.
+
     Parameters
     ----------
     url
         libpq connection URL.
+    connect_timeout_s
+        libpq's ``connect_timeout`` in seconds (at least 1, which libpq rounds up to 2; 0 would wait for ever).
+    statement_timeout_s
+        The session's ``statement_timeout``; the client gives up on an answer 2 s after it.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, connect_timeout_s: int = 5, statement_timeout_s: float = 10.0) -> None:
         self.url = url
+        self.connect_timeout_s = max(1, int(connect_timeout_s))
+        self.statement_timeout_s = statement_timeout_s
+        self._answer_s = statement_timeout_s + 2.0  # the server's own timeout gets to answer first
         self._lock = threading.Lock()
+        self._sever_lock = threading.Lock()  # a deadline's socket shutdown never meets a close of that socket
         self._closed = False
         self._claims: dict[int, tuple[str, str, str]] = {}  # lock key -> (learner, version, replica)
+        self._retaken: set[int] = set()  # keys taken back on a new session, not yet take_back()-ed
+        self._sessions: deque[tuple[int, dt.datetime]] = deque(maxlen=_OWN_SESSIONS)  # (pid, backend_start)
         self._conn: psycopg.Connection[dict[str, Any]] = self._connect()
 
     def close(self) -> None:
-        self._closed = True
-        self._conn.close()  # the session's replica locks go with it
+        with self._sever_lock:
+            self._closed = True
+            self._conn.close()  # the session's replica locks go with it
 
     def _connect(self) -> psycopg.Connection[dict[str, Any]]:
-        conn: psycopg.Connection[dict[str, Any]] = psycopg.connect(self.url, autocommit=True, row_factory=dict_row)
+        # Client keepalives and a TCP user timeout end a connection whose packets vanish (a partition,
+        # no reset) as an outage, instead of waiting as long as the kernel's retransmissions last.
+        conn: psycopg.Connection[dict[str, Any]] = psycopg.connect(
+            self.url, autocommit=True, row_factory=dict_row, connect_timeout=self.connect_timeout_s,
+            keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
+            tcp_user_timeout=int(self._answer_s * 1000))
         try:
-            for name, value in _KEEPALIVES.items():
-                conn.execute(f"SET {name} = {int(value)}")
-        except psycopg.Error as exc:  # e.g. a pooler refusing SET: locks still work, a dead host's last longer
-            log.warning("learner store: cannot set TCP keepalives (%s); a replica id whose host died stays "
-                        "taken until PostgreSQL notices", exc)
+            with self._deadline(conn):
+                try:
+                    conn.execute(f"SET statement_timeout = {max(1, int(self.statement_timeout_s * 1000))}")
+                    for name, value in _KEEPALIVES.items():
+                        conn.execute(f"SET {name} = {int(value)}")
+                except psycopg.Error as exc:  # e.g. a pooler refusing SET: locks still work, a dead host's last longer
+                    if conn.closed:
+                        raise
+                    log.warning("learner store: cannot set the session's statement timeout and TCP keepalives (%s); "
+                                "a replica id whose host died stays taken until PostgreSQL notices", exc)
+                # Who this session is, to recognise it later as ours (see _end_own_session).
+                me = conn.execute("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+                                  ).fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        if me is not None:
+            self._sessions.append((int(me["pid"]), me["backend_start"]))
         return conn
+
+    @contextlib.contextmanager
+    def _deadline(self, conn: psycopg.Connection[dict[str, Any]]) -> Iterator[None]:
+        """Drop ``conn`` if the database has not answered what is sent in this block within the deadline.
+
+        Neither the server's statement timeout (the server may not even have the statement) nor TCP
+        timeouts (a proxy or balancer on the way acknowledges the packets) end a wait for an answer
+        that is not coming; libpq has no read timeout. Shutting the socket down ends it: the call
+        fails as on a lost connection.
+        """
+        timer = threading.Timer(self._answer_s, self._sever, (conn,))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def _sever(self, conn: psycopg.Connection[dict[str, Any]]) -> None:
+        with self._sever_lock:
+            if conn.closed:
+                return
+            log.error("learner store: the database has not answered for %.0f s; dropping the connection "
+                      "(the next call reconnects)", self._answer_s)
+            try:
+                # A duplicate of libpq's descriptor: shutdown acts on the socket both share, and closing the
+                # duplicate leaves libpq's own descriptor open (psycopg closes it with the connection).
+                with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except (OSError, psycopg.Error) as exc:
+                log.warning("learner store: cannot drop the connection: %s", exc)
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+        """The connection for one operation: under the lock, reconnected if broken, under the deadline."""
+        with self._lock:
+            conn = self._db()
+            with self._deadline(conn):
+                yield conn
 
     def _db(self) -> psycopg.Connection[dict[str, Any]]:
         """The connection, reconnected if a failure broke it (call with the lock held): without this,
@@ -184,17 +274,23 @@ class LearnerStore:
 
         The replica ids this store held went with the broken session: they are taken again before
         the new one is used, and if another process took one meanwhile, nothing is written (the
-        new session is closed, so the next call tries again).
+        new session is closed, so the next call tries again). One taken again is not written under
+        until :meth:`take_back` read what another process may have written under it meanwhile.
         """
         if self._conn.closed and not self._closed:
             conn = self._connect()
             try:
-                for key, who in self._claims.items():
-                    self._take(conn, key, *who, lost=True)
+                with self._deadline(conn):
+                    for key, who in self._claims.items():
+                        self._take(conn, key, *who, lost=True)
             except BaseException:
                 conn.close()
                 raise
             self._conn = conn
+            if self._claims:
+                self._retaken.update(self._claims)
+                log.warning("learner store: the database session was lost; replica id(s) %s taken again on a new one",
+                            ", ".join(sorted(repr(who[2]) for who in self._claims.values())))
         return self._conn
 
     # -- replica ids --
@@ -215,19 +311,51 @@ class LearnerStore:
             its own id.
         """
         key = replica_lock_key(learner, version, replica)
-        with self._lock:
-            self._hold(self._db(), key, learner, version, replica)
+        with self._using() as conn:
+            self._hold(conn, key, learner, version, replica)
 
     def release_replica(self, *, learner: str, version: str, replica: str) -> None:
         """Give the id back (a no-op if this store does not hold it)."""
         key = replica_lock_key(learner, version, replica)
         with self._lock:
+            self._retaken.discard(key)
             if self._claims.pop(key, None) is None or self._conn.closed:
                 return  # a closed session holds no locks
             try:
-                self._conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                with self._deadline(self._conn):
+                    self._conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
             except psycopg.Error as exc:  # a session broken now releases it as it ends
                 log.warning("learner replica %r: releasing its lock failed: %s", replica, exc)
+
+    def take_back(self, *, learner: str, version: str, replica: str, after: int) -> list[Delta]:
+        """This replica's deltas with a seq above ``after``; writes under its id may go on after this.
+
+        Read on the session that holds the id, so nothing else can be written under it before the
+        caller's next write. After the id was taken back on a new session (:class:`ReplicaRetaken`),
+        the owner merges the deltas another process wrote under it meanwhile and numbers its own
+        after them; the one it was sending when the session broke may be among them, stored.
+
+        Parameters
+        ----------
+        learner, version, replica
+            The id, as for :meth:`claim_replica` (claimed if it is not held).
+        after
+            The last seq under the id the caller knows to be stored.
+
+        Returns
+        -------
+        list of Delta
+            In seq order.
+        """
+        key = replica_lock_key(learner, version, replica)
+        with self._using() as conn:
+            self._hold(conn, key, learner, version, replica)
+            rows = conn.execute(
+                "SELECT replica, seq, n_features, dn, da, db FROM learner_deltas"
+                " WHERE learner = %s AND version = %s AND replica = %s AND seq > %s ORDER BY seq",
+                (learner, version, replica, after)).fetchall()
+            self._retaken.discard(key)
+        return [_decoded(r) for r in rows]
 
     def _hold(self, conn: psycopg.Connection[dict[str, Any]], key: int, learner: str, version: str,
               replica: str) -> None:
@@ -236,28 +364,82 @@ class LearnerStore:
             self._take(conn, key, learner, version, replica)
             self._claims[key] = (learner, version, replica)
 
+    def _settled(self, key: int, replica: str) -> None:
+        """Refuse a write under an id taken back on a new session before :meth:`take_back` (call with the lock held)."""
+        if key in self._retaken:
+            raise ReplicaRetaken(
+                f"learner replica {replica!r} was taken back on a new database session after the last one was lost; "
+                "another process may have written under it meanwhile, so nothing is written under it before "
+                "take_back() has read what is stored")
+
     def _take(self, conn: psycopg.Connection[dict[str, Any]], key: int, learner: str, version: str,
               replica: str, *, lost: bool = False) -> None:
-        row = conn.execute("SELECT pg_try_advisory_lock(%s) AS got", (key,)).fetchone()
-        if row is not None and row["got"]:
+        if _try_lock(conn, key):
+            return
+        holder = _holder(conn, key)
+        own = holder is not None and (holder["pid"], holder["backend_start"]) in self._sessions
+        if own and holder is not None and self._end_own_session(conn, holder) and _try_lock(conn, key):
             return
         who = f"learner replica {replica!r}" if replica else "the single instance (no learner replica id)"
+        if own:
+            raise ReplicaInUse(
+                f"{who} of {learner} ({version}) is still held by this process's own earlier database session"
+                f"{_described(holder)}, whose connection broke on this side only, and that session could not be "
+                "ended (see the log); PostgreSQL ends it, and frees the id, once its TCP keepalives find the "
+                "connection gone (about a minute)")
         when = ("this process's database session was lost, and meanwhile another live process took "
                 if lost else "another live process already runs as ")
         raise ReplicaInUse(
-            f"{when}{who} of {learner} ({version}) on this database{_holder(conn, key)}. Two processes under "
+            f"{when}{who} of {learner} ({version}) on this database{_described(holder)}. Two processes under "
             "one replica id overwrite each other's learner deltas, and what one of them learns is lost. Give "
             "each process its own id: set INFERMESH_REPLICA per process (e.g. the pod name; `serve --workers` "
             "appends -w<i>), and keep learner.replica out of a config file several processes read (it takes "
             "precedence over INFERMESH_REPLICA). A process that died frees its id when PostgreSQL ends its session.")
 
+    def _end_own_session(self, conn: psycopg.Connection[dict[str, Any]], holder: Mapping[str, Any]) -> bool:
+        """End ``holder``, one of this store's earlier sessions (a role may end its own); True if it is gone.
+
+        A connection whose reset only the client saw (a flaky network, a proxy) leaves its server
+        side alive and holding this store's replica ids: without this, the process would be locked
+        out of its own id until the server's keepalives noticed, and refused as if another held it.
+        The session is matched by pid and start time, so a pid the server reused is never ended.
+        """
+        wait_ms = min(_END_WAIT_MS, int(self.statement_timeout_s * 500))  # within the statement timeout
+        try:
+            row = conn.execute(
+                "SELECT pg_terminate_backend(pid, %s) AS ended FROM pg_stat_activity"
+                " WHERE pid = %s AND backend_start = %s",
+                (max(1, wait_ms), holder["pid"], holder["backend_start"])).fetchone()
+        except psycopg.Error as exc:  # e.g. a role not allowed to signal backends
+            log.warning("learner store: cannot end this process's earlier database session (backend pid %s) that "
+                        "still holds its replica id(s): %s", holder["pid"], exc)
+            return False
+        ended = row is None or bool(row["ended"])  # no row: it ended by itself meanwhile
+        log.warning("learner store: this process's earlier database session (backend pid %s), whose connection broke "
+                    "on this side only, still held its replica id(s): %s", holder["pid"],
+                    "ended it" if ended else f"it did not end within {wait_ms} ms")
+        return ended
+
     # -- snapshots --
     def save_snapshot(self, *, learner: str, version: str, replica: str, watermark: float, n_updates: int,
-                      delta_marks: Mapping[str, int], state: Mapping[str, Any]) -> int:
-        """Store a snapshot; claims ``replica`` first (:meth:`claim_replica`)."""
-        with self._lock:
-            conn = self._db()
-            self._hold(conn, replica_lock_key(learner, version, replica), learner, version, replica)
+                      delta_marks: Mapping[str, int], state: Mapping[str, Any], hold: bool = True) -> int:
+        """Store a snapshot; claims ``replica`` first (:meth:`claim_replica`) unless ``hold`` is False.
+
+        ``hold=False`` is for a learner that writes no deltas: its snapshots are whole states, keyed
+        by no seq, so processes sharing its replica id cannot lose each other's writes.
+
+        Raises
+        ------
+        ReplicaInUse
+            Another live process holds ``replica``.
+        ReplicaRetaken
+            ``replica`` was taken back on a new session and not yet :meth:`take_back`-ed.
+        """
+        with self._using() as conn:
+            if hold:
+                key = replica_lock_key(learner, version, replica)
+                self._hold(conn, key, learner, version, replica)
+                self._settled(key, replica)
             row = conn.execute(
                 "INSERT INTO learner_snapshots (learner, version, replica, watermark, n_updates, delta_marks,"
                 " state) VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
@@ -275,8 +457,8 @@ class LearnerStore:
             Its ``delta_marks`` or ``state`` is not what :meth:`save_snapshot` writes (its
             ``snapshot_id`` is the ``below_id`` to ask for next).
         """
-        with self._lock:
-            row = self._db().execute(
+        with self._using() as conn:
+            row = conn.execute(
                 "SELECT id, learner, version, replica, taken_at, watermark, n_updates, delta_marks, state"
                 " FROM learner_snapshots WHERE learner = %s AND version = %s AND (%s::bigint IS NULL OR id < %s)"
                 " ORDER BY id DESC LIMIT 1", (learner, version, below_id, below_id)).fetchone()
@@ -301,15 +483,19 @@ class LearnerStore:
         ------
         ReplicaInUse
             Another live process holds ``replica`` (:meth:`claim_replica`).
+        ReplicaRetaken
+            ``replica`` was taken back on a new session and not yet :meth:`take_back`-ed: ``seq``
+            may be another process's now.
         DeltaConflict
             The key holds another delta (written by a process outside the lock).
         """
         n_features = int(db.shape[0])
         da_bytes = np.ascontiguousarray(dA, dtype="<f8").tobytes()
         db_bytes = np.ascontiguousarray(db, dtype="<f8").tobytes()
-        with self._lock:
-            conn = self._db()
-            self._hold(conn, replica_lock_key(learner, version, replica), learner, version, replica)
+        with self._using() as conn:
+            key = replica_lock_key(learner, version, replica)
+            self._hold(conn, key, learner, version, replica)
+            self._settled(key, replica)
             stored = conn.execute(
                 "INSERT INTO learner_deltas (learner, version, replica, seq, n_features, dn, da, db)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
@@ -330,8 +516,8 @@ class LearnerStore:
             "This delta is kept and not counted as pushed; give each process its own INFERMESH_REPLICA.")
 
     def last_delta_seq(self, *, learner: str, version: str, replica: str) -> int:
-        with self._lock:
-            row = self._db().execute(
+        with self._using() as conn:
+            row = conn.execute(
                 "SELECT coalesce(max(seq), 0) AS seq FROM learner_deltas"
                 " WHERE learner = %s AND version = %s AND replica = %s", (learner, version, replica)).fetchone()
         return int(row["seq"]) if row else 0
@@ -339,23 +525,13 @@ class LearnerStore:
     def read_deltas(self, *, learner: str, version: str, after: Mapping[str, int],
                     exclude_replica: str | None = None) -> list[Delta]:
         """Deltas of every replica with a seq above what ``after`` says was already seen."""
-        with self._lock:
-            rows = self._db().execute(
+        with self._using() as conn:
+            rows = conn.execute(
                 "SELECT replica, seq, n_features, dn, da, db FROM learner_deltas"
                 " WHERE learner = %s AND version = %s AND replica IS DISTINCT FROM %s"
                 " AND seq > coalesce((%s::jsonb ->> replica)::bigint, 0) ORDER BY replica, seq",
                 (learner, version, exclude_replica, Jsonb(dict(after)))).fetchall()
-        out = []
-        for r in rows:
-            d = int(r["n_features"])
-            try:
-                dA = np.frombuffer(r["da"], dtype="<f8").reshape(d, d).astype(np.float64)
-                db = np.frombuffer(r["db"], dtype="<f8").astype(np.float64)
-            except ValueError as exc:  # a damaged row: yielded empty, so the merge skips it and passes its mark
-                log.error("learner delta %s/%s cannot be decoded (%s); it will be skipped", r["replica"], r["seq"], exc)
-                dA, db = np.empty((0, 0)), np.empty(0)
-            out.append(Delta(r["replica"], int(r["seq"]), dA, db, int(r["dn"])))
-        return out
+        return [_decoded(r) for r in rows]
 
     # -- the audit log, read only --
     def outcomes_after(self, *, learner: str, after: float) -> Iterator[LoggedDecision]:
@@ -378,7 +554,11 @@ class LearnerStore:
 
     def _logged(self, sql: str, params: Sequence[Any]) -> Iterator[LoggedDecision]:
         # A separate connection: a long read must not hold the lock the sync thread needs.
-        with psycopg.connect(self.url, row_factory=dict_row) as conn, conn.cursor(name="learners_log") as cur:
+        # Bounded connect and client keepalives as on the store's own connection; no statement timeout, since a
+        # replay may read for long.
+        with psycopg.connect(self.url, row_factory=dict_row, connect_timeout=self.connect_timeout_s, keepalives=1,
+                             keepalives_idle=5, keepalives_interval=2, keepalives_count=3) as conn, \
+                conn.cursor(name="learners_log") as cur:
             cur.itersize = 2000
             cur.execute(sql, params)
             for r in cur:
@@ -390,24 +570,47 @@ class LearnerStore:
                     None if r["reported_at"] is None else r["reported_at"].timestamp())
 
 
-def _holder(conn: psycopg.Connection[dict[str, Any]], key: int) -> str:
-    """Who holds advisory lock ``key`` in this database, for the message (empty if that cannot be read)."""
+def _try_lock(conn: psycopg.Connection[dict[str, Any]], key: int) -> bool:
+    row = conn.execute("SELECT pg_try_advisory_lock(%s) AS got", (key,)).fetchone()
+    return row is not None and bool(row["got"])
+
+
+def _decoded(r: Mapping[str, Any]) -> Delta:
+    """A ``learner_deltas`` row as a :class:`Delta`; a damaged one comes empty (a merge skips it, passing its mark)."""
+    d = int(r["n_features"])
+    try:
+        dA = np.frombuffer(r["da"], dtype="<f8").reshape(d, d).astype(np.float64)
+        db = np.frombuffer(r["db"], dtype="<f8").astype(np.float64)
+    except ValueError as exc:
+        log.error("learner delta %s/%s cannot be decoded (%s); it will be skipped", r["replica"], r["seq"], exc)
+        dA, db = np.empty((0, 0)), np.empty(0)
+    return Delta(r["replica"], int(r["seq"]), dA, db, int(r["dn"]))
+
+
+def _holder(conn: psycopg.Connection[dict[str, Any]], key: int) -> dict[str, Any] | None:
+    """The session holding advisory lock ``key`` in this database: its pid, client address, application
+    name and start (None if no session holds it, or that cannot be read)."""
     unsigned = key & (2**64 - 1)  # pg_locks splits a bigint key into two oids
     try:
-        row = conn.execute(
+        row: dict[str, Any] | None = conn.execute(
             "SELECT l.pid, host(a.client_addr) AS addr, a.application_name AS app, a.backend_start"
             " FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
             " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.classid = %s::oid"
             " AND l.objid = %s::oid AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             " LIMIT 1", (unsigned >> 32, unsigned & 0xFFFF_FFFF)).fetchone()
     except psycopg.Error:
+        return None
+    return row
+
+
+def _described(holder: Mapping[str, Any] | None) -> str:
+    """A holding session, for a message (empty if unknown)."""
+    if holder is None:
         return ""
-    if row is None:
-        return ""
-    where = f" from {row['addr']}" if row["addr"] else ""
-    app = f" ({row['app']})" if row["app"] else ""
-    since = f", connected since {row['backend_start']:%Y-%m-%d %H:%M:%S %Z}" if row["backend_start"] else ""
-    return f" (its session: PostgreSQL backend pid {row['pid']}{where}{app}{since})"
+    where = f" from {holder['addr']}" if holder["addr"] else ""
+    app = f" ({holder['app']})" if holder["app"] else ""
+    since = f", connected since {holder['backend_start']:%Y-%m-%d %H:%M:%S %Z}" if holder["backend_start"] else ""
+    return f" (its session: PostgreSQL backend pid {holder['pid']}{where}{app}{since})"
 
 
 def feature_names_of(trace: Mapping[str, Any]) -> tuple[str, ...]:

@@ -24,11 +24,19 @@ would take the same seqs and one's learning would be dropped. Every write, and :
 first of all, holds a PostgreSQL session advisory lock on the id (:meth:`LearnerStore.claim_replica`):
 a second process is refused with :class:`learners.store.ReplicaInUse`, which says how to set the
 id. The lock ends with its session, so a successor can start once the holder stopped or died.
+Learners that write no deltas (``least-ttft``) take no id: their snapshots are whole states.
+
+A process whose session was lost takes its id back on a new one. Another process may have held
+the id meanwhile and written deltas under it: before writing again, the process merges those as
+another replica's and numbers its own after them (:meth:`LearnerSync.sync` does this by itself),
+so neither's learning is lost or counted twice. A session the server still keeps after a
+connection broke on the client's side only is this store's own, and is ended to take the id back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -43,7 +51,7 @@ import numpy as np
 from decision.contracts import Learner
 from decision.trace_format import trace_arms
 from learners._linear import FloatArray, LinearLearner
-from learners.store import DamagedSnapshot, LearnerStore, Snapshot, feature_names_of
+from learners.store import DamagedSnapshot, Delta, LearnerStore, ReplicaRetaken, Snapshot, feature_names_of
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +114,7 @@ class LearnerSync:
         self._marks: dict[str, int] = {}  # replica -> last delta seq folded in (ours included)
         self._seq = 0  # last seq of this replica known to be stored
         self._outbox: _Outgoing | None = None
+        self._taken_back = 0  # updates another process wrote under our id that _take_back merged
         self._sync_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -129,7 +138,8 @@ class LearnerSync:
         """Newest snapshot, then newer deltas, then (optionally) the audit log's newer outcomes.
 
         It first claims this replica id (:meth:`LearnerStore.claim_replica`), so a process started
-        under an id another live process holds is refused before it loads anything.
+        under an id another live process holds is refused before it loads anything. A learner
+        that writes no deltas claims none.
 
         Raises
         ------
@@ -137,10 +147,11 @@ class LearnerSync:
             Another live process holds this replica id.
         """
         name, version = self.key
-        self.store.claim_replica(learner=name, version=version, replica=self.replica)
+        lin = self._linear()
+        if lin is not None:  # only deltas are keyed by replica and seq: a whole state has nothing to collide on
+            self.store.claim_replica(learner=name, version=version, replica=self.replica)
         with self._sync_lock:
             self._outbox = None  # the model it came from is being replaced
-            lin = self._linear()
             own_last = self.store.last_delta_seq(learner=name, version=version, replica=self.replica) if lin else 0
             snap = self._load_newest_good(lin, own_last)
             watermark = 0.0
@@ -162,8 +173,10 @@ class LearnerSync:
                         continue
                     self._merge(lin, d.replica, d.seq, d.dA, d.db, d.dn)
                     n_deltas += 1
-                self._seq = own_last
+                # Past every delta of ours read here too (one written in a lost session's window is in them).
+                self._seq = max([own_last] + [d.seq for d in deltas if d.replica == self.replica])
                 self._marks[self.replica] = self._seq
+                self._take_back()  # the id is settled on this session: writes under it may go on
             replayed = 0
             if do_replay:
                 replayed = self._replay(watermark)
@@ -263,27 +276,36 @@ class LearnerSync:
         before it was learnt and, to close the gap between the two, both happen under ``barrier``
         (which this holds while taking the state).
         """
-        name, version = self.key
         with self._sync_lock:
-            self._flush()  # a delta left over by a failed push goes first, in order
-            lin = self._linear()
-            with self.barrier if self.barrier is not None else contextlib.nullcontext():
-                if lin is not None:
-                    cp = lin.checkpoint(self.clock)
-                    state, watermark, n_updates = cp.state, cp.watermark, cp.n_updates
-                    self._stage(cp.dA, cp.db, cp.dn)
-                else:
-                    watermark = self.clock()
-                    state = self.learner.state_dict()  # type: ignore[attr-defined]
-                    n_updates = 0
-                if self.barrier is not None:
-                    _past(self.clock, watermark)
-            # The state holds no pending delta: what it took is written as this replica's next seq
-            # before the snapshot (whose marks include it), so a restore neither loses nor repeats it.
-            self._flush()
-            return self.store.save_snapshot(learner=name, version=version, replica=self.replica,
-                                            watermark=watermark, n_updates=n_updates, delta_marks=self._marks,
-                                            state=state)
+            try:
+                return self._snapshot()
+            except ReplicaRetaken:
+                # The id was lost and taken back after the state was taken: what another process wrote
+                # under it meanwhile is merged, and the state taken again with it.
+                self._take_back()
+                return self._snapshot()
+
+    def _snapshot(self) -> int:
+        name, version = self.key
+        self._flush()  # a delta left over by a failed push goes first, in order
+        lin = self._linear()
+        with self.barrier if self.barrier is not None else contextlib.nullcontext():
+            if lin is not None:
+                cp = lin.checkpoint(self.clock)
+                state, watermark, n_updates = cp.state, cp.watermark, cp.n_updates
+                self._stage(cp.dA, cp.db, cp.dn)
+            else:
+                watermark = self.clock()
+                state = self.learner.state_dict()  # type: ignore[attr-defined]
+                n_updates = 0
+            if self.barrier is not None:
+                _past(self.clock, watermark)
+        # The state holds no pending delta: what it took is written as this replica's next seq
+        # before the snapshot (whose marks include it), so a restore neither loses nor repeats it.
+        self._flush()
+        return self.store.save_snapshot(learner=name, version=version, replica=self.replica,
+                                        watermark=watermark, n_updates=n_updates, delta_marks=self._marks,
+                                        state=state, hold=lin is not None)
 
     # -- replicas --
     def _stage(self, dA: FloatArray, db: FloatArray, dn: int) -> None:
@@ -299,12 +321,54 @@ class LearnerSync:
         if out is None:
             return 0
         name, version = self.key
-        self.store.write_delta(learner=name, version=version, replica=self.replica, seq=out.seq, dA=out.dA, db=out.db,
-                               dn=out.dn)
+        try:
+            self.store.write_delta(learner=name, version=version, replica=self.replica, seq=out.seq, dA=out.dA,
+                                   db=out.db, dn=out.dn)
+        except ReplicaRetaken:
+            self._take_back()  # finds it stored, or numbers it after what another process wrote
+            if self._outbox is None:
+                return out.dn
+            out = self._outbox
+            self.store.write_delta(learner=name, version=version, replica=self.replica, seq=out.seq, dA=out.dA,
+                                   db=out.db, dn=out.dn)
         self._outbox = None
         self._seq = out.seq
         self._marks[self.replica] = out.seq
         return out.dn
+
+    def _take_back(self) -> None:
+        """Catch up with what is stored under this replica's id past the last seq known to be ours.
+
+        After this process's session was lost and the id taken back on a new one, those rows are
+        either the delta it was sending when the session broke (committed, the answer lost: the
+        outbox, stored) or another process's, which held the id meanwhile: merged as another
+        replica's deltas would be, so this process has that learning too, and the outbox is
+        numbered after them, so its learning is not dropped as a conflict. Call with the sync lock held.
+        """
+        lin = self._linear()
+        if lin is None:
+            return
+        name, version = self.key
+        rows = self.store.take_back(learner=name, version=version, replica=self.replica, after=self._seq)
+        foreign: list[Delta] = []
+        for d in rows:
+            out = self._outbox
+            if out is not None and d.seq == out.seq and _same(d, out):
+                self._outbox = None  # ours: the write went through though the session broke before saying so
+                self._seq = self._marks[self.replica] = d.seq
+                continue
+            if self._merge(lin, self.replica, d.seq, d.dA, d.db, d.dn):
+                self._taken_back += d.dn
+            self._seq = d.seq
+            foreign.append(d)
+        if self._outbox is not None and self._outbox.seq <= self._seq:
+            self._outbox = dataclasses.replace(self._outbox, seq=self._seq + 1)
+        if foreign:
+            log.warning("learner replica %r of %s: while this process's database session was lost, another process "
+                        "held its id and wrote %d deltas (%d updates, seqs %d-%d) under it; merged them as another "
+                        "replica's, and this process's deltas go on from seq %d. Give each process its own "
+                        "INFERMESH_REPLICA.", self.replica, name, len(foreign), sum(d.dn for d in foreign),
+                        foreign[0].seq, foreign[-1].seq, self._seq + 1)
 
     def _push(self) -> int:
         """Write a delta left over by a failed push, then the increments made since the last take.
@@ -327,8 +391,9 @@ class LearnerSync:
             return SyncReport(0, 0)
         name, version = self.key
         with self._sync_lock:
+            self._taken_back = 0
             pushed = self._push()
-            merged = 0
+            merged = self._taken_back  # another process's learning under our id, merged if the id was taken back
             for d in self.store.read_deltas(learner=name, version=version, after=self._marks,
                                             exclude_replica=self.replica):
                 if self._merge(lin, d.replica, d.seq, d.dA, d.db, d.dn):
@@ -367,6 +432,15 @@ class LearnerSync:
         finally:
             name, version = self.key
             self.store.release_replica(learner=name, version=version, replica=self.replica)
+
+
+def _same(stored: Delta, out: _Outgoing) -> bool:
+    """Whether a stored delta is the outbox's, compared as :meth:`LearnerStore.write_delta` stores it."""
+    def raw(x: FloatArray) -> bytes:
+        return np.ascontiguousarray(x, dtype="<f8").tobytes()
+
+    return (stored.dn, stored.dA.shape, stored.db.shape, raw(stored.dA), raw(stored.db)) == (
+        out.dn, out.dA.shape, out.db.shape, raw(out.dA), raw(out.db))
 
 
 def _past(clock: Callable[[], float], t: float) -> None:

@@ -12,10 +12,12 @@ import psycopg
 import pytest
 
 from learners.features import FEATURE_NAMES
+from learners.least_ttft import LeastExpectedTtft
 from learners.linucb import LinUCB
 from learners.store import DeltaConflict, LearnerStore, ReplicaInUse
 from learners.sync import LearnerSync
 from tests.conftest import ROOT
+from tests.pg_proxy import PgProxy
 from tests.test_learners_support import migrate
 
 D = len(FEATURE_NAMES)
@@ -199,3 +201,160 @@ def test_a_delta_another_writer_stored_under_the_same_key_is_a_conflict_not_a_pu
     for _ in range(2):
         store.write_delta(learner=name, version=version, replica="pod-a", seq=2, dA=dA, db=db, dn=1)
     store.close()
+
+
+def _lose_session(sync: LearnerSync) -> None:
+    """End ``sync``'s database session from outside (a PostgreSQL restart, a partition the server saw)."""
+    with psycopg.connect(sync.store.url, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(%s)", (sync.store._conn.info.backend_pid,))
+
+
+def test_an_id_taken_back_after_a_lost_session_merges_what_another_process_wrote_under_it(
+        fresh_pg_url: str) -> None:
+    """The reviewer's sequence: A loses its session, B runs under A's id (seq 2), A takes the id back.
+    A kept seq 2 for its own delta: every sync raised DeltaConflict, stop() raised, B's learning never
+    reached A, and a newcomer restored 7 of 12 updates."""
+    migrate(fresh_pg_url)
+    a = LinUCB(D, seed=1)
+    sa = LearnerSync(a, LearnerStore(fresh_pg_url), FEATURE_NAMES, replica="pod-a")
+    sa.restore()
+    _learn(a, 4, 0.1)
+    assert sa.sync().pushed == 4  # seq 1
+    _lose_session(sa)
+    b_store = LearnerStore(fresh_pg_url)
+    b = LinUCB(D, seed=2)
+    sb = LearnerSync(b, b_store, FEATURE_NAMES, replica="pod-a")
+    sb.restore(replay=False)
+    _learn(b, 3, 0.9)
+    assert sb.sync().pushed == 3  # seq 2, under A's id
+    sb.stop(final_snapshot=True)
+    b_store.close()
+    _learn(a, 5, 0.2)
+    with pytest.raises(psycopg.OperationalError):
+        sa.sync()  # finds its session gone; the delta stays in the outbox
+    report = sa.sync()  # takes the id back, merges B's seq 2, sends its own as seq 3
+    assert (report.pushed, report.merged, a.n_updates) == (5, 3, 12)
+    assert sa.sync() == type(report)(0, 0)
+    sa.stop(final_snapshot=True)  # no DeltaConflict
+    assert _restored_updates(fresh_pg_url) == 12
+    with psycopg.connect(fresh_pg_url) as conn:
+        seqs = conn.execute("SELECT seq, dn FROM learner_deltas WHERE replica = 'pod-a' ORDER BY seq").fetchall()
+    assert seqs == [(1, 4), (2, 3), (3, 5)]
+
+
+def test_a_snapshot_after_the_id_was_taken_back_holds_what_another_process_wrote_meanwhile(
+        fresh_pg_url: str) -> None:
+    """A has nothing new to push: its final snapshot is the first write after the id is taken back."""
+    migrate(fresh_pg_url)
+    a = LinUCB(D, seed=1)
+    sa = LearnerSync(a, LearnerStore(fresh_pg_url), FEATURE_NAMES, replica="pod-a")
+    sa.restore()
+    _learn(a, 4, 0.1)
+    sa.sync()
+    _lose_session(sa)
+    with pytest.raises(psycopg.OperationalError):
+        sa.store.latest_snapshot(learner=sa.key[0], version=sa.key[1])  # a read finds the session gone
+    b_store = LearnerStore(fresh_pg_url)
+    b = LinUCB(D, seed=2)
+    sb = LearnerSync(b, b_store, FEATURE_NAMES, replica="pod-a")
+    sb.restore(replay=False)
+    _learn(b, 3, 0.9)
+    sb.sync()
+    b_store.close()  # gone without a snapshot of its own
+    sa.stop(final_snapshot=True)
+    assert a.n_updates == 7
+    assert _restored_updates(fresh_pg_url) == 7
+
+
+def test_a_delta_committed_as_the_session_was_lost_is_found_stored_and_not_sent_twice(fresh_pg_url: str) -> None:
+    """A's write went through but its session broke before the answer came; B (same id) restored that
+    delta and wrote its own after it. A finds its delta stored, B's merged, and sends nothing twice."""
+    migrate(fresh_pg_url)
+    a = LinUCB(D, seed=1)
+    store = LearnerStore(fresh_pg_url)
+    sa = LearnerSync(a, store, FEATURE_NAMES, replica="pod-a")
+    sa.restore()
+    real_write = store.write_delta
+
+    def write_then_lose_the_answer(**kw: object) -> None:
+        real_write(**kw)  # type: ignore[arg-type]
+        _lose_session(sa)
+        store._conn.execute("SELECT 1")  # raises as the lost answer would have
+
+    store.write_delta = write_then_lose_the_answer  # type: ignore[method-assign]
+    _learn(a, 4, 0.1)
+    with pytest.raises(psycopg.OperationalError):
+        sa.sync()  # seq 1 is stored; A cannot know
+    store.write_delta = real_write  # type: ignore[method-assign]
+    b_store = LearnerStore(fresh_pg_url)
+    b = LinUCB(D, seed=2)
+    sb = LearnerSync(b, b_store, FEATURE_NAMES, replica="pod-a")
+    sb.restore(replay=False)
+    assert b.n_updates == 4  # A's seq 1
+    _learn(b, 3, 0.9)
+    sb.sync()  # seq 2
+    b_store.close()
+    _learn(a, 2, 0.3)
+    report = sa.sync()
+    assert (report.pushed, report.merged, a.n_updates) == (4 + 2, 3, 9)
+    sa.stop(final_snapshot=True)
+    assert _restored_updates(fresh_pg_url) == 9
+    with psycopg.connect(fresh_pg_url) as conn:
+        seqs = conn.execute("SELECT seq, dn FROM learner_deltas WHERE replica = 'pod-a' ORDER BY seq").fetchall()
+    assert seqs == [(1, 4), (2, 3), (3, 2)]
+
+
+def test_a_connection_reset_on_the_client_side_only_does_not_lock_the_process_out_of_its_id(
+        fresh_pg_url: str) -> None:
+    """The server keeps the old session (and the id's lock) after a reset only the client saw: the store
+    ends that session, which is its own, instead of refusing itself as "another live process"."""
+    migrate(fresh_pg_url)
+    proxy = PgProxy(fresh_pg_url)
+    try:
+        a = LinUCB(D, seed=1)
+        sa = LearnerSync(a, LearnerStore(proxy.url()), FEATURE_NAMES, replica="pod-a")
+        sa.restore()
+        _learn(a, 1, 0.1)
+        assert sa.sync().pushed == 1
+        old_pid = sa.store._conn.info.backend_pid
+        proxy.reset_client_side()
+        _learn(a, 2, 0.2)
+        with pytest.raises(psycopg.OperationalError):
+            sa.sync()
+        assert sa.sync().pushed == 2  # the id is this process's again, at once
+        with psycopg.connect(fresh_pg_url) as conn:
+            alive = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (old_pid,)).fetchone()
+        assert alive == (0,)
+        # Only this store's own sessions are ended: another process's is not, and it is refused.
+        other = LearnerStore(fresh_pg_url)
+        try:
+            with pytest.raises(ReplicaInUse, match="another live process"):
+                LearnerSync(LinUCB(D, seed=2), other, FEATURE_NAMES, replica="pod-a").restore()
+        finally:
+            other.close()
+        _learn(a, 1, 0.3)
+        assert sa.sync().pushed == 1
+        sa.stop(final_snapshot=True)
+        assert _restored_updates(fresh_pg_url) == 4
+    finally:
+        proxy.close()
+
+
+def test_a_learner_that_writes_no_deltas_takes_no_replica_id(fresh_pg_url: str) -> None:
+    """least-ttft has no learned state: two single instances on one database both start, snapshot and stop."""
+    migrate(fresh_pg_url)
+    stores = [LearnerStore(fresh_pg_url), LearnerStore(fresh_pg_url)]
+    try:
+        syncs = [LearnerSync(LeastExpectedTtft(), s, FEATURE_NAMES) for s in stores]
+        for sync in syncs:
+            sync.restore()
+        for sync in syncs:
+            sync.snapshot()
+            sync.stop(final_snapshot=True)
+        # A linear learner on the same database still takes its id (the single instance's).
+        LearnerSync(LinUCB(D, seed=1), stores[0], FEATURE_NAMES).restore()
+        with pytest.raises(ReplicaInUse):
+            LearnerSync(LinUCB(D, seed=2), stores[1], FEATURE_NAMES).restore()
+    finally:
+        for s in stores:
+            s.close()
