@@ -348,7 +348,11 @@ class Service:
         if self.policies.stop is not None:
             self.policies.stop()
         if self.learner_sync is not None:
-            self.learner_sync.stop(final_snapshot=True)  # no learning lost on restart
+            try:
+                self.learner_sync.stop(final_snapshot=True)  # no learning lost on restart
+            except Exception:  # the audit queue below must drain whatever the learner's database does
+                log.exception("learner: the final snapshot on stop failed (what was learnt since the last sync "
+                              "is not stored; a single instance replays it from the audit log on restart)")
         if self.audit.close is not None:
             started = time.monotonic()
             self.audit.close()
