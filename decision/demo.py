@@ -114,6 +114,7 @@ def _drive(target: str, fleet_path: str, duration_s: float, concurrency: int, se
 def run_demo(cfg: ServiceConfig, settings: Settings, *, duration_s: float, concurrency: int, seed: int) -> int:
     from audit.database import shown_url
     from audit.why import render_text
+    from decision.cli_spine import _service
     from decision.convert import record_from_trace_pb
     from decision.service import Service
     from infermesh.decision.v1 import decision_pb2 as pb
@@ -121,7 +122,8 @@ def run_demo(cfg: ServiceConfig, settings: Settings, *, duration_s: float, concu
 
     console = report_console()
     console.print("[bold]InferMesh demo[/bold]: starting the decision service on the demo fleet")
-    service = Service(cfg, settings)
+    # As serve does: what stops the start (e.g. a learner replica id a running serve holds) is one line, exit 2.
+    service: Service = _service(cfg, settings)
     port = service.start_grpc(0)
     http_port = service.start_http(0)
     assert service.engine is not None

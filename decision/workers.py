@@ -30,17 +30,24 @@ counts alone and a tenant could get N times its quota, which is logged as a warn
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import multiprocessing as mp
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("infermesh.workers")
+
+
+class WorkerStartFailed(Exception):
+    """A worker could not start; the message is the one line ``serve`` prints for it (exit 2)."""
 
 
 def worker_replica(replica: str, i: int) -> str:
@@ -66,6 +73,7 @@ def _worker(config_path: str, index: int, grpc_port: int, http_port: int, extpro
             env: dict[str, str], ready: Any) -> None:
     """One worker process: a whole Service on the shared port(s) until SIGTERM."""
     os.environ.update(env)
+    from decision.cli_spine import _service
     from decision.config import load_config, load_settings
     from decision.logging_json import configure_logging
     from decision.service import Service
@@ -77,7 +85,16 @@ def _worker(config_path: str, index: int, grpc_port: int, http_port: int, extpro
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; a terminal's ^C reaches everyone
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload asked for while starting must not kill it
-    service = Service(load_config(config_path), settings)
+    # What stops a start (a learner replica id another process holds, a bundle's failing tests...) is the one
+    # line a single serve says; it goes to the parent, which says it once and exits 2, not as a traceback.
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            service: Service = _service(load_config(config_path), settings)
+    except SystemExit:
+        ready.put((index, said.getvalue().strip() or f"infermesh: worker {index} could not start"))
+        return
+    sys.stderr.write(said.getvalue())  # whatever else was said meanwhile (warnings)
     port = service.start_grpc(grpc_port, reuse_port=True)
     if extproc_port is not None:
         service.start_extproc(extproc_port, reuse_port=True)
@@ -150,7 +167,11 @@ def serve_workers(config_path: str, workers: int, *, grpc_port: int | None = Non
     signal.signal(signal.SIGHUP, lambda *_: _signal_all(procs, signal.SIGHUP))  # policy reload in every worker
     status = 0
     try:
-        started = _await_ready(ready, procs, ready_timeout_s, stop)
+        try:
+            started = _await_ready(ready, procs, ready_timeout_s, stop)
+        except WorkerStartFailed as exc:  # the workers are stopped below
+            print(exc, file=sys.stderr, flush=True)
+            return 2
         if started is None:
             status = 1
         else:
@@ -176,16 +197,29 @@ def serve_workers(config_path: str, workers: int, *, grpc_port: int | None = Non
 
 def _await_ready(ready: Any, procs: list[Any], timeout_s: float,
                  stop: threading.Event) -> dict[int, tuple[int, int, int]] | None:
+    """Each worker's (pid, gRPC port, HTTP port) once all are up; None if one died, time ran out or a stop came.
+
+    Raises
+    ------
+    WorkerStartFailed
+        A worker said why it could not start (its message, read before its exit is looked at).
+    """
     started: dict[int, tuple[int, int, int]] = {}
     deadline = time.monotonic() + timeout_s
     while len(started) < len(procs):
-        if stop.is_set() or time.monotonic() > deadline or any(not p.is_alive() for p in procs):
+        if stop.is_set() or time.monotonic() > deadline:
             log.error("workers did not all start (%d of %d ready)", len(started), len(procs))
             return None
         try:
-            i, pid, port, http = ready.get(timeout=0.5)
-        except Exception:  # queue.Empty
+            item = ready.get(timeout=0.5)
+        except Exception:  # queue.Empty: a worker that exited without a word is looked for only now
+            if any(not p.is_alive() for p in procs):
+                log.error("workers did not all start (%d of %d ready)", len(started), len(procs))
+                return None
             continue
+        if isinstance(item[1], str):  # (index, why): a worker that could not start
+            raise WorkerStartFailed(item[1])
+        i, pid, port, http = item
         started[i] = (pid, port, http)
     return started
 
