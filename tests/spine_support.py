@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import grpc
+
 from decision.domain import Candidate, Decision, GuardResult, Outcome, RequestContext, Verdict
+from decision.edge import EdgeInterceptor
 from decision.engine import DecisionEngine
 from decision.fleet import Fleet
+from decision.grpc_aio import AioDecisionServer
+from decision.grpc_server import DecisionServicer, build_server
 from decision.health_guard import BuiltinHealthGuard
+from decision.metrics import ServiceMetrics
 from decision.telemetry import TelemetryStore
+from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
 from learners.least_ttft import LeastExpectedTtft
 
 
@@ -56,3 +64,28 @@ def demo_engine(fleet: Fleet, guard: Any = None, **kwargs: Any) -> DecisionEngin
     store = TelemetryStore({e.endpoint_id: e.node_id for e in fleet.endpoints})
     return DecisionEngine(fleet, store, guard or BuiltinHealthGuard(), kwargs.pop("learner", LeastExpectedTtft()),
                           **kwargs)
+
+
+@contextlib.contextmanager
+def edge_served(fleet: Fleet, kind: str) -> Iterator[tuple[DecisionEngine, ServiceMetrics, Any]]:
+    """(engine, metrics, stub): a demo engine's servicer behind the production edge, on a server of
+    ``kind`` (``threads`` or ``asyncio``), stopped on exit."""
+    engine = demo_engine(fleet)
+    metrics = ServiceMetrics()
+    servicer = DecisionServicer(engine, metrics)
+    edge = EdgeInterceptor(metrics=metrics)
+    stop: Any
+    if kind == "threads":
+        srv, port, _ = build_server(servicer, address="127.0.0.1:0", threads=4, interceptors=[edge])
+        srv.start()
+        stop = lambda: srv.stop(0).wait()  # noqa: E731
+    else:
+        aio = AioDecisionServer(servicer, address="127.0.0.1:0", edge=edge)
+        port = aio.port
+        stop = lambda: aio.stop(0)  # noqa: E731
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield engine, metrics, pb_grpc.DecisionServiceStub(channel)
+    finally:
+        channel.close()
+        stop()

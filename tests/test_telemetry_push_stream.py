@@ -13,37 +13,16 @@ from typing import Any
 import grpc
 import pytest
 
-from decision.edge import EdgeInterceptor
-from decision.grpc_aio import AioDecisionServer
-from decision.grpc_server import DecisionServicer, build_server
 from decision.metrics import ServiceMetrics
 from infermesh.decision.v1 import decision_pb2 as pb
-from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
-from tests.spine_support import demo_engine
+from tests.spine_support import edge_served
 
 
 @pytest.fixture(params=["threads", "asyncio"])
 def served(demo_fleet, request) -> Iterator[tuple[Any, ServiceMetrics, Any]]:  # type: ignore[no-untyped-def]
     """(engine, metrics, stub): the servicer behind the production edge, on both server kinds."""
-    engine = demo_engine(demo_fleet)
-    metrics = ServiceMetrics()
-    servicer = DecisionServicer(engine, metrics)
-    edge = EdgeInterceptor(metrics=metrics)
-    stop: Any
-    if request.param == "threads":
-        srv, port, _ = build_server(servicer, address="127.0.0.1:0", threads=4, interceptors=[edge])
-        srv.start()
-        stop = lambda: srv.stop(0).wait()  # noqa: E731
-    else:
-        aio = AioDecisionServer(servicer, address="127.0.0.1:0", edge=edge)
-        port = aio.port
-        stop = lambda: aio.stop(0)  # noqa: E731
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield engine, metrics, pb_grpc.DecisionServiceStub(channel)
-    finally:
-        channel.close()
-        stop()
+    with edge_served(demo_fleet, request.param) as parts:
+        yield parts
 
 
 def _sample(endpoint_id: str, value: float, metric: str = "queue_waiting") -> pb.TelemetryBatch:

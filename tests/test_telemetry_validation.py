@@ -19,14 +19,9 @@ import pytest
 
 from decision import telemetry as t
 from decision.config import ScrapeTarget
-from decision.edge import EdgeInterceptor
-from decision.grpc_aio import AioDecisionServer
-from decision.grpc_server import DecisionServicer, build_server
-from decision.metrics import ServiceMetrics
 from decision.scraper import Scraper
 from infermesh.decision.v1 import decision_pb2 as pb
-from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
-from tests.spine_support import demo_engine
+from tests.spine_support import edge_served
 
 BAD_VALUES = [-math.inf, math.inf, -1e9, -0.5]
 DECIDE: dict[str, Any] = {"request_id": "r1", "tenant": "globex", "model_family": "llama", "client_region": "eu-west"}
@@ -35,25 +30,8 @@ DECIDE: dict[str, Any] = {"request_id": "r1", "tenant": "globex", "model_family"
 @pytest.fixture(params=["threads", "asyncio"])
 def server(demo_fleet, request) -> Iterator[tuple[Any, Any]]:  # type: ignore[no-untyped-def]
     """The servicer behind the production edge, on both server kinds: (engine, stub)."""
-    engine = demo_engine(demo_fleet)
-    metrics = ServiceMetrics()
-    servicer = DecisionServicer(engine, metrics)
-    edge = EdgeInterceptor(metrics=metrics)
-    stop: Any
-    if request.param == "threads":
-        srv, port, _ = build_server(servicer, address="127.0.0.1:0", threads=4, interceptors=[edge])
-        srv.start()
-        stop = lambda: srv.stop(0).wait()  # noqa: E731
-    else:
-        aio = AioDecisionServer(servicer, address="127.0.0.1:0", edge=edge)
-        port = aio.port
-        stop = lambda: aio.stop(0)  # noqa: E731
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield engine, pb_grpc.DecisionServiceStub(channel)
-    finally:
-        channel.close()
-        stop()
+    with edge_served(demo_fleet, request.param) as (engine, _, stub):
+        yield engine, stub
 
 
 def _push(stub: Any, *batches: pb.TelemetryBatch) -> pb.TelemetryAck:
