@@ -34,6 +34,7 @@ def _sim(name: str | InferMesh, *, workers: int = 1, decision_time: str = "0", r
     strat = registry.make(name, sc.seed) if isinstance(name, str) else name
     sim = Simulation(world, runner.workload_for(sc, world, opts, sc.seed, sc.duration_s), sc.tenants, strat, cfg)
     sim.requests_log = []
+    sim.jobs_log = []  # every job the decision workers ran (decisions, outcome reports, syncs)
     m = sim.run()
     return sim, m.summary(world, sim.busy_seconds())
 
@@ -135,23 +136,6 @@ def test_decisions_queue_above_one_workers_capacity_and_a_second_worker_relieves
         assert s["completed"] == s["requests"]
 
 
-def _worker_jobs(name: str | InferMesh, **kw: Any) -> tuple[Simulation, dict[str, Any]]:
-    """A run of ``_sim`` keeping the log of every job its decision workers ran."""
-    sc = tiny_scenario(rps=kw.pop("rps", 60.0), duration=kw.pop("duration", 10.0), drain=60.0,
-                       concurrency=kw.pop("concurrency", 8), seed=3)
-    workers, decision_time = kw.pop("workers"), kw.pop("decision_time")
-    assert not kw
-    opts = runner.Options(decision_time=decision_time, workers=workers)
-    world = runner.build_world(sc, opts)
-    cfg = RunConfig(duration_s=sc.duration_s, drain_s=sc.drain_s, telemetry_period_s=sc.telemetry_period_s,
-                    decision_time=decision_time, seed=sc.seed, workers=workers)
-    strat = registry.make(name, sc.seed) if isinstance(name, str) else name
-    sim = Simulation(world, runner.workload_for(sc, world, opts, sc.seed, sc.duration_s), sc.tenants, strat, cfg)
-    sim.requests_log = []
-    sim.jobs_log = []
-    m = sim.run()
-    return sim, m.summary(world, sim.busy_seconds())
-
 
 @pytest.mark.parametrize(("name", "workers"), [("infermesh:least-ttft", 1), ("infermesh", 2)])
 def test_each_worker_is_a_fifo_single_server_of_its_decisions_outcomes_and_syncs(name: str, workers: int) -> None:
@@ -159,7 +143,7 @@ def test_each_worker_is_a_fifo_single_server_of_its_decisions_outcomes_and_syncs
     # a job starts when it came or when the worker's previous job ended, whichever is later, in the
     # order the jobs came (FIFO). Decisions, outcome reports and (two workers, LinUCB) learner syncs.
     from sim.engine import JOB_DECIDE, JOB_OUTCOME, JOB_SYNC
-    sim, s = _worker_jobs(name, workers=workers, decision_time="measured", rps=400.0, duration=6.0,
+    sim, s = _sim(name, workers=workers, decision_time="measured", rps=400.0, duration=6.0,
                           concurrency=64)
     assert sim.requests_log is not None and sim.jobs_log is not None
     kinds: dict[int, int] = defaultdict(int)
