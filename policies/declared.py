@@ -172,6 +172,7 @@ class _RegoReads:
         self.local: dict[tuple[str, int], dict[str, set[str]]] = {}
         self.globals: dict[str, dict[str, set[str]]] = {}
         self.todo: list[tuple[str, int]] = []
+        self.scope: set[str] = set()  # the modules the rule reaches: only they are scanned
         self.issues: dict[tuple[str, int, int, str], PolicyIssue] = {}
 
     # -- what to scan --
@@ -192,7 +193,8 @@ class _RegoReads:
         return sorted(seen)
 
     def run(self, rule_module: str) -> list[PolicyIssue]:
-        for name in self.reached(rule_module):
+        self.scope = set(self.reached(rule_module))
+        for name in sorted(self.scope):
             self.todo.extend((name, i) for i in range(len(self.mods[name].stmts)))
         while self.todo:  # a new binding queues its statement again; bindings only grow, so this ends
             self.scan(*self.todo.pop(0))
@@ -209,8 +211,8 @@ class _RegoReads:
         kinds = self.globals.setdefault(package, {}).setdefault(var, set())
         if kind not in kinds:
             kinds.add(kind)
-            for name, mod in self.mods.items():  # any module may refer to it (data.<package>.<var>)
-                for i in range(len(mod.stmts)):
+            for name in sorted(self.scope):  # any module the rule reaches may refer to it (data.<package>.<var>)
+                for i in range(len(self.mods[name].stmts)):
                     if (name, i) not in self.todo:
                         self.todo.append((name, i))
 
@@ -310,7 +312,8 @@ class _RegoReads:
                 if acc.key is not None:
                     self.issue(mod, pos, self.decl.field_problem(kind, acc.key, text))
                 elif not _walks(acc.raw, kind, local):
-                    self.issue(mod, pos, _dynamic(text, _WHAT[kind]))
+                    base = text[:len(text) - len(acc.raw)] if text.endswith(acc.raw) else "..."
+                    self.issue(mod, pos, _dynamic(text, _WHAT[kind], f"some k, v in {base}"))
                 return None
         if kind == "state":
             self.issue(mod, pos, self.decl.state_problem(text))

@@ -1,0 +1,76 @@
+"""The review of the declared-reads check: package aliases charged to the wrong rule, the engine's abort
+on a malformed head, and the case-table backstop that runs every case with undeclared fields present."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from policies.bundle import DEFAULT_BUNDLE, compile_bundle
+from policies.errors import BundleError
+from policies.selftest import run_bundle_tests
+
+
+@pytest.fixture()
+def bundle(tmp_path: Path) -> Path:
+    dst = tmp_path / "bundle"
+    shutil.copytree(DEFAULT_BUNDLE, dst)
+    return dst
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1))
+
+
+def _one_rule(tmp_path: Path, engine: str, source: str, cases: str, manifest_extra: str = "") -> Path:
+    """A bundle of one safety rule declaring request tenant and endpoint safety_tier, tested by ``cases``."""
+    d = tmp_path / "one"
+    d.mkdir()
+    file = "t.rego" if engine == "rego" else "t.cel"
+    (d / "manifest.yaml").write_text(
+        "version: 1\nname: t\nparams: {}\nrules:\n  - id: safety.t\n    kind: safety\n"
+        f"    engine: {engine}\n    file: {file}\n    request_fields: [tenant]\n"
+        f"    endpoint_fields: [safety_tier]\n    tests: [t_cases.yaml]\n{manifest_extra}")
+    (d / file).write_text(source)
+    (d / "t_cases.yaml").write_text(cases)
+    return d
+
+
+_MEDICAL_CASES = """cases:
+  - name: medical prompt to a general model must be denied
+    request: {tenant: acme, prompt_class: medical}
+    endpoint: {id: e1, safety_tier: general, tier: datacenter}
+    expect: deny
+  - name: medical prompt to strict model allowed
+    request: {tenant: acme, prompt_class: medical}
+    endpoint: {id: e2, safety_tier: strict, tier: datacenter}
+    expect: allow
+"""
+
+
+# -- a package-level alias is the reads of the rules that reach it, not of every rule ------------------
+
+def test_a_package_alias_in_one_module_does_not_charge_other_modules_reads_to_its_rule(bundle: Path) -> None:
+    # The README's idiom: req := input.request at package level. Other modules' reads of the request
+    # (prompt_class.rego) were charged to residency.sites, which does not reach them.
+    rego = bundle / "residency.rego"
+    _edit(rego, "violation[c.id] := msgs if {", "req := input.request\n\nviolation[c.id] := msgs if {")
+    _edit(rego, "msgs := site_violations(input.request,", "msgs := site_violations(req,")
+    compile_bundle(bundle)
+
+
+def test_a_key_that_is_not_written_out_suggests_walking_that_object(bundle: Path) -> None:
+    rego = bundle / "prompt_class.rego"
+    text = rego.read_text()
+    assert "package" in text
+    rego.write_text(text + "\nstale_keys contains c.id if {\n\tsome c in input.candidates\n"
+                           "\tsome m in object.keys(c.age_s)\n\tc.age_s[m] > 30\n}\n")
+    with pytest.raises(BundleError) as exc:
+        compile_bundle(bundle)
+    assert any("some k, v in c.age_s" in i.message for i in exc.value.issues), exc.value.issues
