@@ -30,9 +30,11 @@ def _dir(arg: str | None) -> Path:
 def cmd_check(args: argparse.Namespace) -> int:
     from policies.bundle import compile_bundle
     from policies.errors import BundleError
+    from policies.selftest_child import compile_isolated
 
     try:
         directory = _dir(args.dir)
+        compile_isolated(directory)  # rego-cpp can abort the process on a malformed module: a child first
         bundle = compile_bundle(directory)
     except UsageError as exc:
         print(exc, file=sys.stderr)

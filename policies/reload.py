@@ -23,7 +23,7 @@ from policies.errors import BundleRejected
 from policies.guard import PolicyGuard
 from policies.manifest import bundle_files, bundle_revision, ignored_part
 from policies.quota import InMemoryQuotaCounters, QuotaCounters
-from policies.selftest_child import run_tests_isolated
+from policies.selftest_child import compile_isolated, run_tests_isolated
 
 log = logging.getLogger("infermesh.policies.reload")
 
@@ -64,6 +64,13 @@ class PolicyReloader:
         self._thread: threading.Thread | None = None
 
     def _build(self) -> PolicyGuard:
+        # rego-cpp aborts the process on some malformed modules (f(a, data.x. b) := a): a child compiles
+        # first, so such an edit rejects the bundle instead of killing the server.
+        before = bundle_revision(self.directory)
+        compile_isolated(self.directory)
+        if bundle_revision(self.directory) != before:
+            raise BundleRejected("the bundle changed while it was being loaded; it is loaded again "
+                                 "once it stops changing (the file watcher, SIGHUP or ReloadPolicies)")
         bundle = compile_bundle(self.directory)
         if self.run_tests:
             # The tests run on a copy that is checked to be the compiled revision: an edit landing between

@@ -7,6 +7,11 @@ together, so the crashing construct may sit in another test of that module: afte
 child goes on from the test that was running with each Rego test alone in its module
 (:func:`policies.selftest.without_other_tests`); a test that crashes alone fails, naming the crash,
 and the next child goes on after it. ``infermesh policy test`` and the hot reloader both go through here.
+
+rego-cpp can also abort the process (SIGABRT, an uncaught C++ exception) while it merely parses a
+module, e.g. on the malformed head ``f(a, data.x. b) := a``. :func:`compile_isolated` therefore
+compiles a bundle in a child first; ``policy check``, ``serve`` and every reload call it before
+compiling in their own process, and a crash refuses the bundle at the statement that crashed.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from decision.yaml_lines import line_col
+from policies.errors import BundleError, PolicyIssue
 from policies.selftest import TestOutcome, iter_bundle_tests
 
 _ROOT = str(Path(__file__).resolve().parent.parent)
@@ -112,6 +119,111 @@ def _ended(returncode: int) -> str:
         return f"exit {returncode}"
 
 
+def _run(args: list[str], timeout_s: float) -> tuple[list[dict[str, object]], str, str]:
+    """(JSON lines printed, failure or "", stderr) of ``python -m policies.selftest_child *args``."""
+    env = {**os.environ, "PYTHONPATH": _ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "policies.selftest_child", *args], capture_output=True,
+                              text=True, timeout=timeout_s, env=env, check=False)
+        stdout, stderr, failure = proc.stdout, proc.stderr, _ended(proc.returncode)
+    except subprocess.TimeoutExpired as exc:
+        out, err = exc.stdout or b"", exc.stderr or b""
+        stdout = out.decode(errors="replace") if isinstance(out, bytes) else out
+        stderr = err.decode(errors="replace") if isinstance(err, bytes) else err
+        failure = f"did not finish in {timeout_s:.0f}s"
+    lines = []
+    for line in stdout.splitlines():
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(msg, dict):
+            lines.append(msg)
+    return lines, failure, stderr
+
+
+def compile_isolated(directory: str | Path, timeout_s: float = 120.0) -> None:
+    """Compile the bundle in a child; raises :class:`BundleError` if the child crashed (or hung).
+
+    A bundle that only fails to compile is left to the caller's own compile, which reports it; this
+    catches what would kill the caller. Each Rego module is first added alone, so a crash names its
+    module, and then a second child adds that module's statements one at a time to name the statement.
+
+    Examples
+    --------
+    >>> from policies.bundle import DEFAULT_BUNDLE
+    >>> compile_isolated(DEFAULT_BUNDLE)
+    """
+    lines, failure, stderr = _run(["--compile", str(directory)], timeout_s)
+    if not failure:
+        return
+    tail = " ".join(stderr.strip()[-300:].split())
+    what = f"the Rego engine crashed ({failure}{': ' + tail if tail else ''})"
+    steps = [str(m["compiling"]) for m in lines if "compiling" in m]
+    module = steps[-1] if steps else ""
+    if not module or failure.startswith("did not finish"):
+        raise BundleError([PolicyIssue(str(directory), 1, 1, f"compiling the bundle: {what}; the bundle is "
+                                                              "refused")])
+    from policies.bundle import rego_modules  # imported here: policies.bundle does not need the child
+
+    path, source = rego_modules(Path(directory))[module]
+    located, _, _ = _run(["--locate", str(directory), module], timeout_s)
+    at = [int(str(m["statement"])) for m in located if "statement" in m]
+    line, col = line_col(source, at[-1]) if at else (1, 1)
+    raise BundleError([PolicyIssue(path, line, col, f"compiling this {'statement' if at else 'module'}: {what}; "
+                                                    "a malformed rule head (a parameter such as data.x. b) can "
+                                                    "do this: the bundle is refused")])
+
+
+def _compile_main(directory: str) -> None:
+    from policies.bundle import compile_bundle, rego_modules
+    from policies.manifest import load_manifest
+
+    try:
+        params = dict(load_manifest(Path(directory))[0].params)
+        modules = rego_modules(Path(directory))
+    except Exception:
+        return  # the caller's own compile reports it
+    for name, module in modules.items():
+        print(json.dumps({"compiling": name}), flush=True)
+        _build_alone({name: module}, name, params)
+    print(json.dumps({"compiling": ""}), flush=True)
+    try:
+        compile_bundle(directory)
+    except Exception:
+        return
+
+
+def _locate_main(directory: str, module: str) -> None:
+    from policies.bundle import rego_modules
+    from policies.rego_calls import rego_code, statements
+
+    path, source = rego_modules(Path(directory))[module]
+    sts = statements(rego_code(source))
+    keep = [st for st in sts if st.name in ("package", "import")]
+    for st in sts:
+        if st.name in ("package", "import"):
+            continue
+        out = [c if c == "\n" else " " for c in source]
+        for s in [*keep, st]:
+            out[s.start:s.end] = source[s.start:s.end]
+        print(json.dumps({"statement": st.start}), flush=True)
+        _build_alone({module: (path, "".join(out))}, module, {})
+
+
+def _build_alone(modules: dict[str, tuple[str, str]], name: str, params: dict[str, object]) -> None:
+    """Parse and build one module as a rule is built (what crashes rego-cpp crashes here); errors are ignored."""
+    from policies.rego_engine import new_interpreter, package_of
+
+    try:
+        interp = new_interpreter(modules, params)
+        base = package_of(modules[name][1]).replace(".", "/")
+        if base:
+            interp.build(None, [f"{base}/allow", f"{base}/reason"])
+    except Exception:
+        pass
+
+
 def _main(directory: str, skip: int, alone: bool = False) -> None:
     seen = 0
 
@@ -127,5 +239,9 @@ def _main(directory: str, skip: int, alone: bool = False) -> None:
         print(json.dumps({"outcome": asdict(outcome)}), flush=True)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[1:2] == ["--compile"]:
+    _compile_main(sys.argv[2])
+elif __name__ == "__main__" and sys.argv[1:2] == ["--locate"]:
+    _locate_main(sys.argv[2], sys.argv[3])
+elif __name__ == "__main__":
     _main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0, sys.argv[3:4] == ["alone"])

@@ -74,3 +74,39 @@ def test_a_key_that_is_not_written_out_suggests_walking_that_object(bundle: Path
     with pytest.raises(BundleError) as exc:
         compile_bundle(bundle)
     assert any("some k, v in c.age_s" in i.message for i in exc.value.issues), exc.value.issues
+
+
+# -- a module that aborts rego-cpp refuses the bundle instead of killing the process -------------------
+
+_ABORTING_HEAD = "tier_violations(req, ep, data.x. params)"  # the reviewer's: rego-cpp throws, uncaught
+
+
+def test_policy_check_refuses_a_module_that_aborts_the_engine_at_its_statement(bundle: Path) -> None:
+    rego = bundle / "prompt_class.rego"
+    _edit(rego, "tier_violations(req, ep, params)", _ABORTING_HEAD)
+    line = rego.read_text().count("\n", 0, rego.read_text().index(_ABORTING_HEAD)) + 1
+    proc = subprocess.run([sys.executable, "-m", "decision.cli", "policy", "check", str(bundle)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert f"{rego}:{line}:1: compiling this statement: the Rego engine crashed (exit -6 (SIGABRT)" in proc.stderr
+
+
+_RELOAD = """
+import sys
+from policies.reload import PolicyReloader
+r = PolicyReloader(sys.argv[1], on_swap=lambda g: None, run_tests=False)
+r.load()
+p = sys.argv[1] + "/prompt_class.rego"
+s = open(p).read().replace("tier_violations(req, ep, params)", sys.argv[2], 1)
+open(p, "w").write(s)
+result = r.reload()
+print("ok" if result.ok else "rejected", result.revision == r.revision, result.error)
+"""
+
+
+def test_a_reload_onto_a_module_that_aborts_the_engine_is_rejected_and_the_server_lives(bundle: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", _RELOAD, str(bundle), _ABORTING_HEAD], capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-500:])
+    assert proc.stdout.startswith("rejected True "), proc.stdout
+    assert "prompt_class.rego:" in proc.stdout and "the Rego engine crashed" in proc.stdout
