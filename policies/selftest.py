@@ -10,7 +10,10 @@ Case tables are YAML::
         expect: deny                                # allow | deny
         reason: "over the 85C limit"                # optional: a substring of the reason
 
-Each case runs through the same views the guard builds: the rule sees only what it declares.
+Each case runs through the same views the guard builds: the rule sees only what it declares. Each
+case also runs a second time with every field of its request, endpoint, telemetry and ages given to
+the rule, declared or not: a verdict that changes reads a field the rule does not declare in a way
+``policy check`` (:mod:`policies.declared`) did not see, and the case fails, naming the rule.
 """
 
 from __future__ import annotations
@@ -67,24 +70,29 @@ def _merge(defaults: Mapping[str, Any], case: Mapping[str, Any], key: str) -> di
 
 
 def run_case(bundle: CompiledBundle, rule: CompiledRule, case: Mapping[str, Any],
-             defaults: Mapping[str, Any]) -> tuple[bool, str]:
-    """(allow, reason) of ``rule`` on one case, through the views the guard would build."""
+             defaults: Mapping[str, Any], *, undeclared: bool = False) -> tuple[bool, str]:
+    """(allow, reason) of ``rule`` on one case, through the views the guard would build.
+
+    With ``undeclared``, the rule is given every field of the case's request, endpoint, telemetry and
+    ages, declared or not (the backstop's second run).
+    """
     s = rule.spec
     request = _merge(defaults, case, "request")
-    rview = {f: request[f] for f in s.request_fields if f in request}
+    rview = dict(request) if undeclared else {f: request[f] for f in s.request_fields if f in request}
     params = {**bundle.params, **_merge(defaults, case, "params")}
     state = _merge(defaults, case, "state") if s.state else {}
     item: dict[str, Any] = {}
     if s.scope == "candidate":
         endpoint = _merge(defaults, case, "endpoint")
         fields = s.endpoint_fields
-        item["endpoint"] = endpoint if fields is None else {f: endpoint[f] for f in fields if f in endpoint}
-        if s.telemetry:
-            tel = _merge(defaults, case, "telemetry")
-            item["telemetry"] = {m: float(tel[m]) for m in s.telemetry if m in tel}
-        if s.ages:
-            ages = _merge(defaults, case, "age_s")
-            item["age_s"] = {m: int(ages[m]) for m in s.ages if m in ages}
+        item["endpoint"] = endpoint if fields is None or undeclared else {f: endpoint[f] for f in fields
+                                                                           if f in endpoint}
+        tel = _merge(defaults, case, "telemetry")
+        ages = _merge(defaults, case, "age_s")
+        if s.telemetry or (undeclared and tel):
+            item["telemetry"] = {m: float(tel[m]) for m in (tel if undeclared else s.telemetry) if m in tel}
+        if s.ages or (undeclared and ages):
+            item["age_s"] = {m: int(ages[m]) for m in (ages if undeclared else s.ages) if m in ages}
     program = rule.program
     if isinstance(program, CelProgram):
         act: dict[str, Any] = {"request": rview, "params": params, **item}
@@ -148,8 +156,17 @@ def _case_table(bundle: CompiledBundle, rule: CompiledRule, path: Path, started:
         except Exception as exc:  # a malformed case (e.g. a non-numeric metric) fails, it does not crash
             yield TestOutcome(name, False, where, f"could not run: {exc}")
             continue
+        try:  # the backstop: the same case with every field present, declared or not
+            full, _ = run_case(bundle, rule, case, defaults, undeclared=True)
+        except Exception:
+            full = ok  # an undeclared value the rule could not take (a non-numeric metric): nothing to compare
         want = case["expect"] == "allow"
-        if ok != want:
+        if full != ok:
+            yield TestOutcome(name, False, where, f"rule {rule.spec.id} reads a field it does not declare: verdict "
+                                                  f"differs with undeclared fields present ({'allow' if ok else 'deny'}"
+                                                  f" as the service runs it, {'allow' if full else 'deny'} with every "
+                                                  "field of the case given); declare what it reads in manifest.yaml")
+        elif ok != want:
             yield TestOutcome(name, False, where, f"expected {case['expect']}, got "
                                                   f"{'allow' if ok else 'deny'} ({reason})")
         elif "reason" in case and str(case["reason"]) not in reason:

@@ -110,3 +110,52 @@ def test_a_reload_onto_a_module_that_aborts_the_engine_is_rejected_and_the_serve
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-500:])
     assert proc.stdout.startswith("rejected True "), proc.stdout
     assert "prompt_class.rego:" in proc.stdout and "the Rego engine crashed" in proc.stdout
+
+
+# -- the backstop: every case runs again with undeclared fields present --------------------------------
+
+_R01 = """package t
+import rego.v1
+allow contains c.id if {
+	some c in input.candidates
+	not violation[c.id]
+}
+violation contains c.id if {
+	some c in input.candidates
+	some k, v in input.request
+	k == "prompt_class"
+	v == "medical"
+	c.endpoint.safety_tier != "strict"
+}
+"""
+
+_C01 = '!request.exists(k, k == "prompt_class" && request[k] == "medical") || endpoint.safety_tier == "strict"\n'
+
+
+@pytest.mark.parametrize("engine, source", [("rego", _R01), ("cel", _C01)], ids=["r01_key_compare", "c01_exists_key"])
+def test_a_read_the_static_check_misses_fails_the_case_that_exercises_it(tmp_path: Path, engine: str,
+                                                                         source: str) -> None:
+    d = _one_rule(tmp_path, engine, source, _MEDICAL_CASES)
+    compile_bundle(d)  # the static check does not see these reads
+    results = run_bundle_tests(d)
+    assert [r.passed for r in results] == [False, True], results
+    assert ("rule safety.t reads a field it does not declare: verdict differs with undeclared fields present "
+            "(allow as the service runs it, deny with every field of the case given)") in results[0].detail
+
+
+def test_the_default_bundle_passes_the_backstop() -> None:
+    assert all(r.passed for r in run_bundle_tests(DEFAULT_BUNDLE))
+
+
+def test_a_reload_onto_such_a_bundle_is_rejected(tmp_path: Path) -> None:
+    from policies.reload import PolicyReloader
+
+    d = _one_rule(tmp_path, "rego", _R01.replace('k == "prompt_class"', 'k == "tenant"').replace(
+        'v == "medical"', 'v == "nobody"'), _MEDICAL_CASES.replace("must be denied", "is allowed").replace(
+        "expect: deny", "expect: allow"))
+    reloader = PolicyReloader(d, on_swap=lambda g: None)
+    reloader.load()
+    (d / "t.rego").write_text(_R01)
+    (d / "t_cases.yaml").write_text(_MEDICAL_CASES)
+    result = reloader.reload()
+    assert not result.ok and "verdict differs with undeclared fields present" in result.error, result
