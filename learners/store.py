@@ -181,12 +181,18 @@ class LearnerStore:
         libpq's ``connect_timeout`` in seconds (at least 1, which libpq rounds up to 2; 0 would wait for ever).
     statement_timeout_s
         The session's ``statement_timeout``; the client gives up on an answer 2 s after it.
+    delta_page_rows, delta_page_bytes
+        The most deltas, and (past the first) the most bytes of their arrays, one
+        :meth:`read_deltas` returns: 1,000 and 8 MiB read in well under the statement timeout.
     """
 
-    def __init__(self, url: str, *, connect_timeout_s: int = 5, statement_timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str, *, connect_timeout_s: int = 5, statement_timeout_s: float = 10.0,
+                 delta_page_rows: int = 1000, delta_page_bytes: int = 8 << 20) -> None:
         self.url = url
         self.connect_timeout_s = max(1, int(connect_timeout_s))
         self.statement_timeout_s = statement_timeout_s
+        self.delta_page_rows = max(1, int(delta_page_rows))
+        self.delta_page_bytes = max(1, int(delta_page_bytes))
         self._answer_s = statement_timeout_s + 2.0  # the server's own timeout gets to answer first
         self._lock = threading.Lock()
         self._sever_lock = threading.Lock()  # a deadline's socket shutdown never meets a close of that socket
@@ -524,13 +530,40 @@ class LearnerStore:
 
     def read_deltas(self, *, learner: str, version: str, after: Mapping[str, int],
                     exclude_replica: str | None = None) -> list[Delta]:
-        """Deltas of every replica with a seq above what ``after`` says was already seen."""
+        """The next page of deltas of every replica (but ``exclude_replica``) with a seq above ``after``'s mark for it.
+
+        A page is bounded, so that reading it fits in the statement timeout however far behind
+        the caller is: a caller merges it, advances its marks past it, and asks again until a
+        page comes empty. What it merged stays merged if a later page fails, so a backlog too
+        large for one sync is caught up over several instead of failing every sync.
+
+        Parameters
+        ----------
+        learner, version
+            The learner's key.
+        after
+            The last seq already merged, by replica (none: 0).
+        exclude_replica
+            The reader's own replica id, left out (None: every replica's).
+
+        Returns
+        -------
+        list of Delta
+            In (replica, seq) order: at most ``delta_page_rows``, and past the first only while
+            their arrays fit in ``delta_page_bytes``. Empty: nothing is left past ``after``.
+        """
         with self._using() as conn:
+            # The byte bound is a running sum over the row-bounded page: the first row always comes
+            # (a page must progress), the rest only while what comes before them is under the bound.
             rows = conn.execute(
-                "SELECT replica, seq, n_features, dn, da, db FROM learner_deltas"
-                " WHERE learner = %s AND version = %s AND replica IS DISTINCT FROM %s"
-                " AND seq > coalesce((%s::jsonb ->> replica)::bigint, 0) ORDER BY replica, seq",
-                (learner, version, exclude_replica, Jsonb(dict(after)))).fetchall()
+                "SELECT replica, seq, n_features, dn, da, db FROM ("
+                " SELECT *, sum(size) OVER (ORDER BY replica, seq) - size AS before FROM ("
+                "  SELECT replica, seq, n_features, dn, da, db, octet_length(da) + octet_length(db) AS size"
+                "  FROM learner_deltas WHERE learner = %s AND version = %s AND replica IS DISTINCT FROM %s"
+                "  AND seq > coalesce((%s::jsonb ->> replica)::bigint, 0) ORDER BY replica, seq LIMIT %s) page"
+                ") sized WHERE before < %s ORDER BY replica, seq",
+                (learner, version, exclude_replica, Jsonb(dict(after)), self.delta_page_rows,
+                 self.delta_page_bytes)).fetchall()
         return [_decoded(r) for r in rows]
 
     # -- the audit log, read only --

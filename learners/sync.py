@@ -159,22 +159,33 @@ class LearnerSync:
                 self._marks = dict(snap.delta_marks)
                 watermark = snap.watermark
             n_deltas = 0
-            deltas = self.store.read_deltas(learner=name, version=version, after=self._marks) if lin else []
+            # Deltas come in pages (LearnerStore.read_deltas); the first page of the other replicas' says
+            # whether any newer than the snapshot exist, before any of ours is folded in or skipped.
+            page = self.store.read_deltas(learner=name, version=version, after=self._marks,
+                                          exclude_replica=self.replica) if lin else []
             # The log holds every replica's outcomes; replaying it on top of another replica's state or
             # deltas would learn theirs twice. A single instance replays only a history that is its own.
-            foreign = (snap is not None and snap.replica != self.replica) or any(
-                d.replica != self.replica for d in deltas)
+            foreign = (snap is not None and snap.replica != self.replica) or bool(page)
             do_replay = replay if replay is not None else not self.replica and not foreign
             if lin is not None:
-                # Replaying the log re-learns this instance's own outcomes since the snapshot, which its
-                # own deltas already hold: fold in only the other replicas' deltas then, or they count twice.
-                for d in deltas:
-                    if do_replay and d.replica == self.replica:
-                        continue
-                    self._merge(lin, d.replica, d.seq, d.dA, d.db, d.dn)
-                    n_deltas += 1
+                own_seq = own_last
+                while True:  # the first page (the others') may be empty while ours are not
+                    for d in page:
+                        if d.replica == self.replica:
+                            own_seq = max(own_seq, d.seq)
+                            if do_replay:
+                                # Replaying the log re-learns this instance's own outcomes since the snapshot,
+                                # which its own deltas already hold: they are passed, not folded in, or they
+                                # would count twice (the mark moves past them, so the next page does too).
+                                self._marks[self.replica] = d.seq
+                                continue
+                        self._merge(lin, d.replica, d.seq, d.dA, d.db, d.dn)
+                        n_deltas += 1
+                    page = self.store.read_deltas(learner=name, version=version, after=self._marks)
+                    if not page:
+                        break
                 # Past every delta of ours read here too (one written in a lost session's window is in them).
-                self._seq = max([own_last] + [d.seq for d in deltas if d.replica == self.replica])
+                self._seq = own_seq
                 self._marks[self.replica] = self._seq
                 self._take_back()  # the id is settled on this session: writes under it may go on
             replayed = 0
@@ -394,10 +405,15 @@ class LearnerSync:
             self._taken_back = 0
             pushed = self._push()
             merged = self._taken_back  # another process's learning under our id, merged if the id was taken back
-            for d in self.store.read_deltas(learner=name, version=version, after=self._marks,
-                                            exclude_replica=self.replica):
-                if self._merge(lin, d.replica, d.seq, d.dA, d.db, d.dn):
-                    merged += d.dn
+            # Page by page, each merged (its marks advanced) before the next is read: a backlog too large
+            # for one statement is caught up over several, and a failed page keeps what came before it.
+            while page := self.store.read_deltas(learner=name, version=version, after=self._marks,
+                                                 exclude_replica=self.replica):
+                for d in page:
+                    if self._merge(lin, d.replica, d.seq, d.dA, d.db, d.dn):
+                        merged += d.dn
+                if self._stop.is_set():  # the rest waits for the next process; stop() is not held up by it
+                    break
         return SyncReport(pushed, merged)
 
     def start(self, interval_s: float = 5.0, snapshot_every_s: float = 60.0) -> None:
