@@ -196,6 +196,12 @@ class _RegoReads:
         self.scope = set(self.reached(rule_module))
         for name in sorted(self.scope):
             self.todo.extend((name, i) for i in range(len(self.mods[name].stmts)))
+            mod = self.mods[name]
+            for m in re.finditer(r"(?<![\w.$])data\s*\[", mod.code):  # data["lib"].x: a path not written out
+                text = _shorten(mod.src[m.start():_accessors(mod, m.end() - 1, len(mod.code))[1]])
+                self.issue(mod, m.start(), f"{text}: reads data with a bracket, so policy check cannot tell which "
+                                           "package or rule it reaches (and what that reads of the input): write the "
+                                           "path out, data.<package>.<rule>, or import it")
         while self.todo:  # a new binding queues its statement again; bindings only grow, so this ends
             self.scan(*self.todo.pop(0))
         return sorted(self.issues.values(), key=lambda i: (i.path, i.line, i.column, i.message))
@@ -236,8 +242,12 @@ class _RegoReads:
                     self.bind((name, index), var, "key:*")  # declared, never given a value: it enumerates
         local = self.local.get((name, index), {})
         # Names this statement declares (parameters, some, :=) hide the package's rules of that name.
-        hidden = {param for param, _ in st.params or ()} | {
-            v for m in _DECLARES.finditer(code, st.start, st.end) for v in re.findall(_NAME, m.group(1) or m.group(2))}
+        # A name declared in braces (a body, a comprehension, an every) hides them only within those braces.
+        hidden: dict[str, list[tuple[int, int]]] = {param: [(st.start, st.end)] for param, _ in st.params or ()}
+        for d in _DECLARES.finditer(code, st.start, st.end):
+            span = _scope(code, st.start, st.end, d.start(), every=code.startswith("every", d.start()))
+            for v in re.findall(_NAME, d.group(1) or d.group(2)):
+                hidden.setdefault(v, []).append(span)
         for m in _WORD.finditer(code, st.start, st.end):
             var, p = m.group(1), m.start()
             if p < head_end or var in _KEYWORDS:
@@ -245,7 +255,8 @@ class _RegoReads:
             accs, q = _accessors(mod, m.end(), st.end)
             if code[q:st.end].lstrip().startswith("("):
                 continue  # a call (lib.f(...)): its arguments are scanned on their own
-            roots = self.roots(mod, var, local, accs) if var in local or var not in hidden else []
+            shadowed = any(lo <= p < hi for lo, hi in hidden.get(var, ()))
+            roots = self.roots(mod, var, local, accs) if var in local or not shadowed else []
             if not roots:
                 continue
             if not accs and (_BINDER.search(code, st.start, p) or _ASSIGNED.match(code, m.end())):
@@ -253,8 +264,16 @@ class _RegoReads:
             text = _shorten(mod.src[p:q])
             for kinds, rest in roots:
                 for kind in kinds:
-                    if kind.startswith("key:"):
-                        continue  # a key of a walk: any use reads nothing
+                    if kind.startswith("key:"):  # a key of a walk: it reads nothing, but compared to a name
+                        # it picks one field out (k == "prompt_class"), undeclared or not: name the field
+                        named = (re.match(r'\s*(?:==|!=)\s*("(?:\\.|[^"\\])*"|`[^`]*`)', mod.src[q:st.end])
+                                 or re.search(r'("(?:\\.|[^"\\])*"|`[^`]*`)\s*(?:==|!=)\s*$', mod.src[st.start:p]))
+                        if (kind != "key:*" and named
+                                and _string(named.group(1)) not in self.decl.fields.get(kind[4:], frozenset())):
+                            self.issue(mod, p, f"{text}: compares the key of a walk of {_WHAT[kind[4:]]} to a "
+                                               "field it does not declare, which reads that field all the same: "
+                                               "read the field by name (e.g. .prompt_class) and declare it")
+                        continue
                     left = self.walk(mod, p, text, kind, rest, local)
                     if left is not None:
                         self.context(mod, index, p, q, text, left)
@@ -406,6 +425,31 @@ def _close(code: str, open_at: int) -> int:
             if depth == 0:
                 return i + 1
     return len(code)
+
+
+def _scope(code: str, start: int, end: int, at: int, every: bool = False) -> tuple[int, int]:
+    """The span a name declared at ``at`` is visible in: the innermost brackets around it (an ``every``'s
+    own braces after its domain), else the statement ``code[start:end]``."""
+    if every:
+        depth = 0
+        for i in range(at, end):
+            if code[i] in "([" or (code[i] == "{" and depth):
+                depth += 1
+            elif code[i] in ")]}" and depth:
+                depth -= 1
+            elif code[i] == "{":
+                return i, _close(code, i)
+            elif code[i] in ")]}":
+                break
+    depth = 0
+    for i in range(at - 1, start - 1, -1):
+        if code[i] in ")]}":
+            depth += 1
+        elif code[i] in "([{" and depth:
+            depth -= 1
+        elif code[i] in "([{":
+            return i, _close(code, i)
+    return start, end
 
 
 def _accessors(mod: _Module, at: int, end: int) -> tuple[list[_Acc], int]:

@@ -129,13 +129,32 @@ violation contains c.id if {
 }
 """
 
+_R09 = """package t
+import rego.v1
+allow contains c.id if {
+	some c in input.candidates
+	not violation[c.id]
+}
+violation contains c.id if {
+	some c in input.candidates
+	some k
+	input.request[k] == "medical"
+	startswith(k, "prompt")
+	c.endpoint.safety_tier != "strict"
+}
+"""
+
 _C01 = '!request.exists(k, k == "prompt_class" && request[k] == "medical") || endpoint.safety_tier == "strict"\n'
 
 
-@pytest.mark.parametrize("engine, source", [("rego", _R01), ("cel", _C01)], ids=["r01_key_compare", "c01_exists_key"])
-def test_a_read_the_static_check_misses_fails_the_case_that_exercises_it(tmp_path: Path, engine: str,
-                                                                         source: str) -> None:
+@pytest.mark.parametrize("engine, source, static", [("rego", _R01, False), ("rego", _R09, True),
+                                                    ("cel", _C01, True)],
+                         ids=["r01_key_compare", "r09_some_index", "c01_exists_key"])
+def test_a_read_the_static_check_misses_fails_the_case_that_exercises_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str, source: str, static: bool) -> None:
     d = _one_rule(tmp_path, engine, source, _MEDICAL_CASES)
+    if not static:  # r01 is now refused by the static check too: the backstop is shown without it
+        monkeypatch.setattr("policies.bundle.undeclared_rego_reads", lambda *a, **k: [])
     compile_bundle(d)  # the static check does not see these reads
     results = run_bundle_tests(d)
     assert [r.passed for r in results] == [False, True], results
@@ -155,7 +174,48 @@ def test_a_reload_onto_such_a_bundle_is_rejected(tmp_path: Path) -> None:
         "expect: deny", "expect: allow"))
     reloader = PolicyReloader(d, on_swap=lambda g: None)
     reloader.load()
-    (d / "t.rego").write_text(_R01)
+    (d / "t.rego").write_text(_R09)
     (d / "t_cases.yaml").write_text(_MEDICAL_CASES)
     result = reloader.reload()
     assert not result.ok and "verdict differs with undeclared fields present" in result.error, result
+
+
+# -- static fixes: data[...], a name hidden only within its braces, a walk's key compared to a name ----
+
+_KEY_MSG = "k: compares the key of a walk of input.request to a field it does not declare"
+_HEAD = "package t\nimport rego.v1\nallow contains c.id if {\n\tsome c in input.candidates\n\tnot violation[c.id]\n}\n"
+
+
+@pytest.mark.parametrize("source, needle, message", [
+    ('violation contains c.id if {\n\tsome c in input.candidates\n\tdata["lib"].pc == "medical"\n}\n',
+     'data["lib"]', 'data["lib"].pc: reads data with a bracket'),
+    ('req := input.request\nviolation contains c.id if {\n\tsome c in input.candidates\n'
+     '\tn := count([1 | some req in [1, 2]])\n\tn > 0\n\treq.prompt_class == "medical"\n}\n',
+     "req.prompt_class", "req.prompt_class: rule safety.t reads request.prompt_class but does not declare it"),
+    ('req := input.request\nviolation contains c.id if {\n\tsome c in input.candidates\n'
+     '\tevery req in [1] { req > 0 }\n\treq.prompt_class == "medical"\n}\n',
+     "req.prompt_class", "req.prompt_class: rule safety.t reads request.prompt_class but does not declare it"),
+    (_R01[len(_HEAD):], 'k == "prompt_class"', _KEY_MSG),
+    ('ok_class if {\n\tevery k, v in input.request {\n\t\tk != "prompt_class"\n\t}\n}\n'
+     'violation contains c.id if {\n\tsome c in input.candidates\n\tnot ok_class\n}\n',
+     'k != "prompt_class"', _KEY_MSG),
+], ids=["r05_data_bracket", "r15_hidden_by_inner", "r16_hidden_by_every", "r01_key_compare", "r14_every_neg"])
+def test_the_reviewers_static_bypasses_are_refused_at_the_read(tmp_path: Path, source: str, needle: str,
+                                                              message: str) -> None:
+    assert _R01.startswith(_HEAD)
+    d = _one_rule(tmp_path, "rego", _HEAD + source, _MEDICAL_CASES)
+    if "data[" in source:
+        (d / "lib.rego").write_text("package lib\nimport rego.v1\npc := input.request.prompt_class\n")
+    with pytest.raises(BundleError) as exc:
+        compile_bundle(d)
+    text = (d / "t.rego").read_text()
+    at = text.index(needle)
+    line, col = text.count("\n", 0, at) + 1, at - text.rfind("\n", 0, at)
+    assert [(i.line, i.column) for i in exc.value.issues if i.message.startswith(message)] == [(line, col)], \
+        exc.value.issues
+
+
+def test_a_walks_key_used_in_a_reason_is_still_allowed(tmp_path: Path) -> None:
+    src = _HEAD + ('violation contains c.id if {\n\tsome c in input.candidates\n\tsome k, v in input.request\n'
+                   '\tv == "blocked"\n\tmsg := sprintf("%s is blocked", [k])\n\tmsg != ""\n}\n')
+    compile_bundle(_one_rule(tmp_path, "rego", src, _MEDICAL_CASES))
