@@ -11,15 +11,24 @@ statement by statement), following the input through variables (``r := input.req
 (``some c in input.candidates``), package-level aliases, imports and the bundle's own functions
 (``tier_violations(input.request, c.endpoint, data.params)`` makes ``req.prompt_class`` in that
 function a read of ``request.prompt_class``). CEL is walked on the checked expression the engine
-compiled. What cannot be checked is refused, so no read escapes the check:
+compiled. Much of what cannot be checked is refused:
 
 * a key that is not written out (``input.request[k]``, ``object.get(input.request, k, d)``, CEL
   ``request[k]``, ``k in request``), unless ``k`` walks the same object's own keys;
 * an input object used as a whole other than by a variable, a walk, a function of the bundle,
   ``count`` (and ``object.keys``, ``size``): passed to another built-in, compared, put in a collection.
 
+* ``data[...]`` (a package or rule reached through a bracket);
+* a walk's key compared (``==``, ``!=``) to the name of a field the rule does not declare.
+
 Walking an object (``some k, v in input.request``, CEL ``age_s.all(m, age_s[m] <= 30)``) is
 allowed: it reads only what is there, which is what was declared.
+
+This check is not complete: a walk's key tested otherwise (``startswith(k, ...)``), ``object.keys``
+then membership, copies of an object through comprehensions or functions, CEL ``exists``/``map``/
+``filter`` over a section's keys get past it. The case tables are the backstop
+(:mod:`policies.selftest` runs every case again with undeclared fields present and fails it when the
+verdict changes); a disguised read that no case exercises is caught by neither.
 """
 
 from __future__ import annotations
