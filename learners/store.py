@@ -18,12 +18,14 @@ import reprlib
 import socket
 import threading
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import psycopg
+from psycopg.abc import Params
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -161,6 +163,31 @@ class LoggedDecision:
     reported_at: float | None
 
 
+class _Bounded:
+    """A store connection whose every statement runs under its own answer deadline.
+
+    Parameters
+    ----------
+    conn
+        The connection.
+    deadline
+        :meth:`LearnerStore._deadline`.
+    """
+
+    __slots__ = ("conn", "deadline")
+
+    def __init__(self, conn: psycopg.Connection[dict[str, Any]],
+                 deadline: Callable[[psycopg.Connection[dict[str, Any]]], AbstractContextManager[None]]) -> None:
+        self.conn = conn
+        self.deadline = deadline
+
+    def execute(self, query: str, params: Params | None = None) -> psycopg.Cursor[dict[str, Any]]:
+        """``conn.execute``, its connection dropped if no answer comes in time (a client-side cursor
+        has every row once this returns: fetching them waits on nothing)."""
+        with self.deadline(self.conn):
+            return self.conn.execute(query, params)
+
+
 class LearnerStore:
     """The learners' repository over one PostgreSQL connection (thread-safe, autocommit).
 
@@ -168,10 +195,11 @@ class LearnerStore:
     :meth:`claim_replica`), so two live processes can never write deltas under one id.
 
     Every operation is bounded in time: connecting by ``connect_timeout_s``, a statement by the
-    server's ``statement_timeout``, and an answer by a client-side deadline (the statement timeout
-    plus 2 s) after which the connection is dropped, as a lost one is (the next call reconnects).
-    So a database that stops answering makes a sync, and :meth:`LearnerSync.stop
-    <learners.sync.LearnerSync.stop>` with the service's stop after it, fail instead of blocking.
+    server's ``statement_timeout``, and the answer to each statement by a client-side deadline
+    (the statement timeout plus 2 s) after which the connection is dropped, as a lost one is (the
+    next call reconnects; the operation's later statements fail at once). So a database that stops
+    answering makes a sync, and :meth:`LearnerSync.stop <learners.sync.LearnerSync.stop>` with the
+    service's stop after it, fail instead of blocking.
 
     Parameters
     ----------
@@ -214,20 +242,20 @@ class LearnerStore:
             self.url, autocommit=True, row_factory=dict_row, connect_timeout=self.connect_timeout_s,
             keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
             tcp_user_timeout=int(self._answer_s * 1000))
+        bounded = _Bounded(conn, self._deadline)
         try:
-            with self._deadline(conn):
-                try:
-                    conn.execute(f"SET statement_timeout = {max(1, int(self.statement_timeout_s * 1000))}")
-                    for name, value in _KEEPALIVES.items():
-                        conn.execute(f"SET {name} = {int(value)}")
-                except psycopg.Error as exc:  # e.g. a pooler refusing SET: locks still work, a dead host's last longer
-                    if conn.closed:
-                        raise
-                    log.warning("learner store: cannot set the session's statement timeout and TCP keepalives (%s); "
-                                "a replica id whose host died stays taken until PostgreSQL notices", exc)
-                # Who this session is, to recognise it later as ours (see _end_own_session).
-                me = conn.execute("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
-                                  ).fetchone()
+            try:
+                bounded.execute(f"SET statement_timeout = {max(1, int(self.statement_timeout_s * 1000))}")
+                for name, value in _KEEPALIVES.items():
+                    bounded.execute(f"SET {name} = {int(value)}")
+            except psycopg.Error as exc:  # e.g. a pooler refusing SET: locks still work, a dead host's last longer
+                if conn.closed:
+                    raise
+                log.warning("learner store: cannot set the session's statement timeout and TCP keepalives (%s); "
+                            "a replica id whose host died stays taken until PostgreSQL notices", exc)
+            # Who this session is, to recognise it later as ours (see _end_own_session).
+            me = bounded.execute("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+                                 ).fetchone()
         except BaseException:
             conn.close()
             raise
@@ -238,6 +266,10 @@ class LearnerStore:
     @contextlib.contextmanager
     def _deadline(self, conn: psycopg.Connection[dict[str, Any]]) -> Iterator[None]:
         """Drop ``conn`` if the database has not answered what is sent in this block within the deadline.
+
+        One block is one statement (:class:`_Bounded`): a deadline over several would cut a healthy
+        session whose statements each kept within the statement timeout (a claim that waits up to
+        5 s for an old session to end, then a read of up to 10 s, passes 12 s).
 
         Neither the server's statement timeout (the server may not even have the statement) nor TCP
         timeouts (a proxy or balancer on the way acknowledges the packets) end a wait for an answer
@@ -267,12 +299,10 @@ class LearnerStore:
                 log.warning("learner store: cannot drop the connection: %s", exc)
 
     @contextlib.contextmanager
-    def _using(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
-        """The connection for one operation: under the lock, reconnected if broken, under the deadline."""
+    def _using(self) -> Iterator[_Bounded]:
+        """The connection for one operation: under the lock, reconnected if broken, each statement under a deadline."""
         with self._lock:
-            conn = self._db()
-            with self._deadline(conn):
-                yield conn
+            yield _Bounded(self._db(), self._deadline)
 
     def _db(self) -> psycopg.Connection[dict[str, Any]]:
         """The connection, reconnected if a failure broke it (call with the lock held): without this,
@@ -286,9 +316,8 @@ class LearnerStore:
         if self._conn.closed and not self._closed:
             conn = self._connect()
             try:
-                with self._deadline(conn):
-                    for key, who in self._claims.items():
-                        self._take(conn, key, *who, lost=True)
+                for key, who in self._claims.items():
+                    self._take(_Bounded(conn, self._deadline), key, *who, lost=True)
             except BaseException:
                 conn.close()
                 raise
@@ -328,8 +357,7 @@ class LearnerStore:
             if self._claims.pop(key, None) is None or self._conn.closed:
                 return  # a closed session holds no locks
             try:
-                with self._deadline(self._conn):
-                    self._conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                _Bounded(self._conn, self._deadline).execute("SELECT pg_advisory_unlock(%s)", (key,))
             except psycopg.Error as exc:  # a session broken now releases it as it ends
                 log.warning("learner replica %r: releasing its lock failed: %s", replica, exc)
 
@@ -363,7 +391,7 @@ class LearnerStore:
             self._retaken.discard(key)
         return [_decoded(r) for r in rows]
 
-    def _hold(self, conn: psycopg.Connection[dict[str, Any]], key: int, learner: str, version: str,
+    def _hold(self, conn: _Bounded, key: int, learner: str, version: str,
               replica: str) -> None:
         """Take the lock unless this session has it (call with the lock held, on ``self._db()``)."""
         if key not in self._claims:
@@ -378,7 +406,7 @@ class LearnerStore:
                 "another process may have written under it meanwhile, so nothing is written under it before "
                 "take_back() has read what is stored")
 
-    def _take(self, conn: psycopg.Connection[dict[str, Any]], key: int, learner: str, version: str,
+    def _take(self, conn: _Bounded, key: int, learner: str, version: str,
               replica: str, *, lost: bool = False) -> None:
         if _try_lock(conn, key):
             return
@@ -402,7 +430,7 @@ class LearnerStore:
             "appends -w<i>), and keep learner.replica out of a config file several processes read (it takes "
             "precedence over INFERMESH_REPLICA). A process that died frees its id when PostgreSQL ends its session.")
 
-    def _end_own_session(self, conn: psycopg.Connection[dict[str, Any]], holder: Mapping[str, Any]) -> bool:
+    def _end_own_session(self, conn: _Bounded, holder: Mapping[str, Any]) -> bool:
         """End ``holder``, one of this store's earlier sessions (a role may end its own); True if it is gone.
 
         A connection whose reset only the client saw (a flaky network, a proxy) leaves its server
@@ -603,7 +631,7 @@ class LearnerStore:
                     None if r["reported_at"] is None else r["reported_at"].timestamp())
 
 
-def _try_lock(conn: psycopg.Connection[dict[str, Any]], key: int) -> bool:
+def _try_lock(conn: _Bounded, key: int) -> bool:
     row = conn.execute("SELECT pg_try_advisory_lock(%s) AS got", (key,)).fetchone()
     return row is not None and bool(row["got"])
 
@@ -620,7 +648,7 @@ def _decoded(r: Mapping[str, Any]) -> Delta:
     return Delta(r["replica"], int(r["seq"]), dA, db, int(r["dn"]))
 
 
-def _holder(conn: psycopg.Connection[dict[str, Any]], key: int) -> dict[str, Any] | None:
+def _holder(conn: _Bounded, key: int) -> dict[str, Any] | None:
     """The session holding advisory lock ``key`` in this database: its pid, client address, application
     name and start (None if no session holds it, or that cannot be read)."""
     unsigned = key & (2**64 - 1)  # pg_locks splits a bigint key into two oids

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -133,3 +134,15 @@ def test_a_single_instance_that_replays_passes_its_own_paged_deltas(fresh_pg_url
     assert report.deltas == 0 and restored.n_updates == 0
     assert sync._seq == 10 and sync._marks == {"": 10}
 
+
+
+def test_the_answer_deadline_is_per_statement_not_per_operation(fresh_pg_url: str) -> None:
+    # Statements each well within the statement timeout (1 s; answer deadline 3 s) that together
+    # take longer than the deadline: a healthy session must not be cut.
+    store = LearnerStore(fresh_pg_url, statement_timeout_s=1.0)
+    t0 = time.monotonic()
+    with store._using() as conn:
+        for _ in range(4):
+            conn.execute("SELECT pg_sleep(0.85)")
+        assert conn.execute("SELECT 1 AS one").fetchone() == {"one": 1}
+    assert time.monotonic() - t0 > 3.0
