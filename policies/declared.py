@@ -181,7 +181,8 @@ class _RegoReads:
         self.local: dict[tuple[str, int], dict[str, set[str]]] = {}
         self.globals: dict[str, dict[str, set[str]]] = {}
         self.todo: list[tuple[str, int]] = []
-        self.scope: set[str] = set()  # the modules the rule reaches: only they are scanned
+        self.scope: set[str] = set()  # the modules the rule reaches
+        self.included: set[tuple[str, int]] = set()  # their statements the rule refers to: only they are scanned
         self.issues: dict[tuple[str, int, int, str], PolicyIssue] = {}
 
     # -- what to scan --
@@ -201,10 +202,43 @@ class _RegoReads:
                     queue.append(other.name)
         return sorted(seen)
 
+    def referenced(self, rule_module: str) -> set[tuple[str, int]]:
+        """The statements the rule reaches: all of its module's, and of the others (helper packages) only
+        those it refers to by name (``lib.f(...)``, ``data.lib.x``, a name of the same package), transitively."""
+        out = {(rule_module, i) for i in range(len(self.mods[rule_module].stmts))}
+        queue = sorted(out)
+        while queue:
+            name, index = queue.pop()
+            mod, st = self.mods[name], self.mods[name].stmts[index]
+            if st.name in ("package", "import"):
+                continue  # import data.lib refers to nothing until lib.x does
+            text = mod.code[st.start:st.end]
+            wanted: list[tuple[str, str | None]] = []  # (package, rule name or None for all of it)
+            for m in re.finditer(rf"(?<![\w.$])({_NAME}(?:[ \t]*\.[ \t]*{_NAME})*)", text):
+                parts = [x.strip() for x in m.group(1).split(".")]
+                if parts[0] == "data":
+                    path = parts[1:]
+                elif mod.imports.get(parts[0], "").startswith("data."):
+                    path = mod.imports[parts[0]].split(".")[1:] + parts[1:]
+                else:
+                    wanted.append((mod.package, parts[0]))
+                    continue
+                for j in range(len(path) + 1):
+                    wanted.append((".".join(path[:j]), path[j] if j < len(path) else None))
+            for other in sorted(self.scope):
+                for i, ost in enumerate(self.mods[other].stmts):
+                    if (other, i) not in out and ost.name not in ("package", "import") and any(
+                            self.mods[other].package == pkg and (rule is None or ost.name == rule)
+                            for pkg, rule in wanted):
+                        out.add((other, i))
+                        queue.append((other, i))
+        return out
+
     def run(self, rule_module: str) -> list[PolicyIssue]:
         self.scope = set(self.reached(rule_module))
+        self.included = self.referenced(rule_module)
+        self.todo.extend(sorted(self.included))
         for name in sorted(self.scope):
-            self.todo.extend((name, i) for i in range(len(self.mods[name].stmts)))
             mod = self.mods[name]
             for m in re.finditer(r"(?<![\w.$])data\s*\[", mod.code):  # data["lib"].x: a path not written out
                 text = _shorten(mod.src[m.start():_accessors(mod, m.end() - 1, len(mod.code))[1]])
@@ -226,10 +260,9 @@ class _RegoReads:
         kinds = self.globals.setdefault(package, {}).setdefault(var, set())
         if kind not in kinds:
             kinds.add(kind)
-            for name in sorted(self.scope):  # any module the rule reaches may refer to it (data.<package>.<var>)
-                for i in range(len(self.mods[name].stmts)):
-                    if (name, i) not in self.todo:
-                        self.todo.append((name, i))
+            for where in sorted(self.included):  # any statement the rule reaches may refer to it
+                if where not in self.todo:
+                    self.todo.append(where)
 
     def issue(self, mod: _Module, pos: int, message: str | None) -> None:
         if message is None:

@@ -219,3 +219,20 @@ def test_a_walks_key_used_in_a_reason_is_still_allowed(tmp_path: Path) -> None:
     src = _HEAD + ('violation contains c.id if {\n\tsome c in input.candidates\n\tsome k, v in input.request\n'
                    '\tv == "blocked"\n\tmsg := sprintf("%s is blocked", [k])\n\tmsg != ""\n}\n')
     compile_bundle(_one_rule(tmp_path, "rego", src, _MEDICAL_CASES))
+
+
+# -- a shared helper package: only what the rule refers to is its reads -------------------------------
+
+def test_a_helper_package_is_scanned_only_for_what_the_rule_refers_to(tmp_path: Path) -> None:
+    common = "package common\nimport rego.v1\ntenant := input.request.tenant\n" \
+             'is_medical if input.request.prompt_class == "medical"\n'
+    owner = ("package owner\nimport rego.v1\nimport data.common\nallow contains c.id if {\n"
+             '\tsome c in input.candidates\n\tc.endpoint.safety_tier in {"", common.tenant}\n}\n')
+    d = _one_rule(tmp_path, "rego", owner, "cases:\n  - request: {tenant: acme}\n    endpoint: {safety_tier: acme}\n"
+                                           "    expect: allow\n")
+    (d / "common.rego").write_text(common)
+    compile_bundle(d)  # safety.t declares tenant only: common.is_medical is not its read
+    (d / "t.rego").write_text(owner.replace("\n}\n", "\n\tnot common.is_medical\n}\n"))
+    with pytest.raises(BundleError) as exc:
+        compile_bundle(d)
+    assert [(Path(i.path).name, i.line) for i in exc.value.issues] == [("common.rego", 4)], exc.value.issues
