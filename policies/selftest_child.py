@@ -81,27 +81,14 @@ def run_tests_isolated(directory: str | Path, timeout_s: float = 300.0, max_cras
 def _child(directory: str | Path, skip: int, timeout_s: float, alone: bool = False
            ) -> tuple[list[TestOutcome], list[tuple[str, str]], str, str]:
     """(outcomes, tests started, failure or "", stderr) of one child run skipping the first ``skip`` tests."""
-    env = {**os.environ, "PYTHONPATH": _ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "policies.selftest_child", str(directory), str(skip), *(["alone"] if alone else [])]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
-        stdout, stderr, failure = proc.stdout, proc.stderr, _ended(proc.returncode)
-    except subprocess.TimeoutExpired as exc:
-        out, err = exc.stdout or b"", exc.stderr or b""
-        stdout = out.decode(errors="replace") if isinstance(out, bytes) else out
-        stderr = err.decode(errors="replace") if isinstance(err, bytes) else err
-        failure = f"did not finish in {timeout_s:.0f}s"
+    lines, failure, stderr = _run([str(directory), str(skip), *(["alone"] if alone else [])], timeout_s)
     outcomes: list[TestOutcome] = []
     started: list[tuple[str, str]] = []
-    for line in stdout.splitlines():
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            continue  # not ours
-        if isinstance(msg, dict) and "started" in msg:
+    for msg in lines:
+        if "started" in msg:
             started.append((str(msg["started"]), str(msg["where"])))
-        elif isinstance(msg, dict) and "outcome" in msg:
-            outcomes.append(TestOutcome(**msg["outcome"]))
+        elif "outcome" in msg:
+            outcomes.append(TestOutcome(**msg["outcome"]))  # type: ignore[arg-type]
     return outcomes, started, failure, stderr
 
 

@@ -49,3 +49,17 @@ def bundle_with_rule_field(tmp_path: Path, rule_file: str, field: str) -> tuple[
     assert line in text
     manifest.write_text(text.replace(line, line + f"    {field}\n"))
     return bundle, text
+
+
+def copied_bundle(tmp_path: Path) -> Path:
+    """A copy of the default bundle to edit, under ``tmp_path/bundle``."""
+    dst = tmp_path / "bundle"
+    shutil.copytree(DEFAULT_BUNDLE, dst)
+    return dst
+
+
+def edit_text(path: Path, old: str, new: str) -> None:
+    """Replace the first ``old`` in the file with ``new``; ``old`` must be there."""
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1))

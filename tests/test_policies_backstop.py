@@ -3,7 +3,6 @@ on a malformed head, and the case-table backstop that runs every case with undec
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,19 +12,15 @@ import pytest
 from policies.bundle import DEFAULT_BUNDLE, compile_bundle
 from policies.errors import BundleError
 from policies.selftest import run_bundle_tests
+from tests.policy_support import copied_bundle, edit_text
 
 
 @pytest.fixture()
 def bundle(tmp_path: Path) -> Path:
-    dst = tmp_path / "bundle"
-    shutil.copytree(DEFAULT_BUNDLE, dst)
-    return dst
+    return copied_bundle(tmp_path)
 
 
-def _edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text, old
-    path.write_text(text.replace(old, new, 1))
+_edit = edit_text
 
 
 def _one_rule(tmp_path: Path, engine: str, source: str, cases: str, manifest_extra: str = "") -> Path:

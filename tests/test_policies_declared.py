@@ -6,7 +6,6 @@ condition on it allows every candidate (fail open), in CEL it errors and denies 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,19 +17,15 @@ from policies.errors import BundleError, PolicyIssue
 from policies.manifest import RuleSpec
 from policies.rego_engine import builtin_checker
 from policies.reload import PolicyReloader
+from tests.policy_support import copied_bundle, edit_text
 
 
 @pytest.fixture()
 def bundle(tmp_path: Path) -> Path:
-    dst = tmp_path / "bundle"
-    shutil.copytree(DEFAULT_BUNDLE, dst)
-    return dst
+    return copied_bundle(tmp_path)
 
 
-def _edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text, old
-    path.write_text(text.replace(old, new, 1))
+_edit = edit_text
 
 
 def _issues(bundle: Path) -> list[PolicyIssue]:
