@@ -129,8 +129,13 @@ def _start_failure(exc: Exception, settings: Any) -> str:
     return f"infermesh: {exc}"
 
 
-def _service(cfg: Any, settings: Any, **kwargs: Any) -> Any:
-    """Build the service; what the config's files or sections say wrong is a message and exit 2, not a traceback."""
+class StartRefused(Exception):
+    """What stops a service from starting, as the one line ``serve`` prints for it (then exit 2)."""
+
+
+def start_service(cfg: Any, settings: Any, **kwargs: Any) -> Any:
+    """Build the service; what stops it (the config's files or sections, a held spool or replica id,
+    the database) raises :class:`StartRefused` with one line, not a traceback."""
     import psycopg
 
     from audit.database import NoAuditLog
@@ -143,12 +148,21 @@ def _service(cfg: Any, settings: Any, **kwargs: Any) -> Any:
     try:
         return Service(cfg, settings, **kwargs)
     except (InventoryError, BundleError, ConfigError) as exc:  # already file:line: what
-        print(f"infermesh: {exc}", file=sys.stderr)
+        raise StartRefused(f"infermesh: {exc}") from None
     except (BundleRejected, SpoolInUse, NoAuditLog, psycopg.OperationalError) as exc:
-        print(_start_failure(exc, settings), file=sys.stderr)
+        raise StartRefused(_start_failure(exc, settings)) from None
     except (ValueError, TypeError, KeyError) as exc:  # a learner, audit or TLS setting the section check let by
-        print(f"infermesh: {cfg.path}: cannot start with this config: {type(exc).__name__}: {exc}", file=sys.stderr)
-    raise SystemExit(2)
+        raise StartRefused(f"infermesh: {cfg.path}: cannot start with this config: {type(exc).__name__}: {exc}"
+                           ) from None
+
+
+def _service(cfg: Any, settings: Any, **kwargs: Any) -> Any:
+    """:func:`start_service`, or its one line on stderr and exit 2."""
+    try:
+        return start_service(cfg, settings, **kwargs)
+    except StartRefused as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def cmd_fleet_check(args: argparse.Namespace) -> int:

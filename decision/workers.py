@@ -30,8 +30,6 @@ counts alone and a tenant could get N times its quota, which is logged as a warn
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import multiprocessing as mp
 import os
@@ -73,7 +71,7 @@ def _worker(config_path: str, index: int, grpc_port: int, http_port: int, extpro
             env: dict[str, str], ready: Any) -> None:
     """One worker process: a whole Service on the shared port(s) until SIGTERM."""
     os.environ.update(env)
-    from decision.cli_spine import _service
+    from decision.cli_spine import StartRefused, start_service
     from decision.config import load_config, load_settings
     from decision.logging_json import configure_logging
     from decision.service import Service
@@ -87,14 +85,11 @@ def _worker(config_path: str, index: int, grpc_port: int, http_port: int, extpro
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload asked for while starting must not kill it
     # What stops a start (a learner replica id another process holds, a bundle's failing tests...) is the one
     # line a single serve says; it goes to the parent, which says it once and exits 2, not as a traceback.
-    said = io.StringIO()
     try:
-        with contextlib.redirect_stderr(said):
-            service: Service = _service(load_config(config_path), settings)
-    except SystemExit:
-        ready.put((index, said.getvalue().strip() or f"infermesh: worker {index} could not start"))
+        service: Service = start_service(load_config(config_path), settings)
+    except StartRefused as exc:
+        ready.put((index, str(exc)))
         return
-    sys.stderr.write(said.getvalue())  # whatever else was said meanwhile (warnings)
     port = service.start_grpc(grpc_port, reuse_port=True)
     if extproc_port is not None:
         service.start_extproc(extproc_port, reuse_port=True)
