@@ -37,6 +37,9 @@ _MAX_SEQ = 2**63 - 1  # delta seqs are bigint; a mark past it would fail every l
 # Server-side TCP keepalives of the session that holds replica locks (seconds): a client whose host
 # died holds nothing after about idle + interval * count (the default, 2 h, would keep the id taken).
 _KEEPALIVES = {"tcp_keepalives_idle": 30, "tcp_keepalives_interval": 10, "tcp_keepalives_count": 3}
+# The client's side of the same (libpq): a connection whose packets vanish fails within seconds.
+_CLIENT_KEEPALIVES: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
+                                      "keepalives_count": 3}
 _OWN_SESSIONS = 16  # earlier sessions of a store remembered, to end one a broken connection left holding its ids
 _END_WAIT_MS = 5000  # how long pg_terminate_backend waits (at most) for such a session to be gone, its locks freed
 
@@ -240,8 +243,7 @@ class LearnerStore:
         # no reset) as an outage, instead of waiting as long as the kernel's retransmissions last.
         conn: psycopg.Connection[dict[str, Any]] = psycopg.connect(
             self.url, autocommit=True, row_factory=dict_row, connect_timeout=self.connect_timeout_s,
-            keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
-            tcp_user_timeout=int(self._answer_s * 1000))
+            tcp_user_timeout=int(self._answer_s * 1000), **_CLIENT_KEEPALIVES)
         bounded = _Bounded(conn, self._deadline)
         try:
             try:
@@ -617,8 +619,8 @@ class LearnerStore:
         # A separate connection: a long read must not hold the lock the sync thread needs.
         # Bounded connect and client keepalives as on the store's own connection; no statement timeout, since a
         # replay may read for long.
-        with psycopg.connect(self.url, row_factory=dict_row, connect_timeout=self.connect_timeout_s, keepalives=1,
-                             keepalives_idle=5, keepalives_interval=2, keepalives_count=3) as conn, \
+        with psycopg.connect(self.url, row_factory=dict_row, connect_timeout=self.connect_timeout_s,
+                             **_CLIENT_KEEPALIVES) as conn, \
                 conn.cursor(name="learners_log") as cur:
             cur.itersize = 2000
             cur.execute(sql, params)
