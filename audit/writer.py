@@ -584,8 +584,12 @@ class AuditWriter(AtBoundCounts):
         if prepared is not None:
             self._lose(prepared, f"{self.held_records} records are held in memory already, the bound "
                                  f"(queue_max {self.settings.queue_max}, fail-open)")
+        self._handled_in_order(records)
+
+    def _handled_in_order(self, records: int) -> None:
+        """Count ``records`` handled, in order: once the batches held in memory before them are."""
         if self._held:
-            self._held.append((None, records))  # counted handled once the batches before it are
+            self._held.append((None, records))
         else:
             self._done(records)
 
@@ -712,10 +716,7 @@ class AuditWriter(AtBoundCounts):
     def skip(self, records: int) -> None:
         """Count ``records`` handled without storing them (they are stored already: a resend's),
         in order: behind any batch held in memory."""
-        if self._held:
-            self._held.append((None, records))
-        else:
-            self._done(records)
+        self._handled_in_order(records)
 
     def finish(self) -> None:
         """After the last batch: replay what the spool holds and store the held batches (within
