@@ -47,7 +47,7 @@ from decision.telemetry import CANONICAL
 from decision.yaml_lines import line_col
 from policies.errors import PolicyIssue
 from policies.manifest import ENDPOINT_FIELDS, REQUEST_FIELDS, RuleSpec
-from policies.rego_calls import Statement, argument_spans, imported, rego_code, statements
+from policies.rego_calls import Statement, argument_spans, imported, reached_modules, rego_code, statements
 from policies.rego_engine import is_test_module, package_of
 
 # The checked expression cel-expr-python serialises (cel.expr.CheckedExpr; the protos come with xds-protos).
@@ -188,19 +188,7 @@ class _RegoReads:
     # -- what to scan --
     def reached(self, rule_module: str) -> list[str]:
         """The rule's module and the modules of every package it refers to, transitively."""
-        seen, queue = {rule_module}, [rule_module]
-        while queue:
-            mod = self.mods[queue.pop()]
-            paths = [p[len("data."):] for p in mod.imports.values() if p.startswith("data.")]
-            paths += [m.group(1) for m in re.finditer(rf"(?<![\w.$])data((?:\.{_NAME})+)", mod.code)]
-            paths = [p.lstrip(".") for p in paths]
-            for other in self.mods.values():
-                pkg = other.package
-                if other.name not in seen and any(p == pkg or p.startswith(pkg + ".") or pkg.startswith(p + ".")
-                                                  for p in paths):
-                    seen.add(other.name)
-                    queue.append(other.name)
-        return sorted(seen)
+        return reached_modules({name: mod.code for name, mod in self.mods.items()}, rule_module)
 
     def referenced(self, rule_module: str) -> set[tuple[str, int]]:
         """The statements the rule reaches: all of its module's, and of the others (helper packages) only

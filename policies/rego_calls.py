@@ -201,6 +201,31 @@ def undefined_calls(modules: Mapping[str, tuple[str, str]], is_builtin: Callable
 _VOLATILE = re.compile(r"^(?:time\.now_ns|rand\.\w+|uuid\.\w+|http\.send|opa\.runtime|net\.lookup_ip_addr)$")
 
 
+_DATA_REF = re.compile(rf"(?<![\w.$])data((?:\.{_NAME})+)")
+
+
+def reached_modules(code: Mapping[str, str], rule_module: str) -> list[str]:
+    """The rule's module and the modules of every package it refers to (``import data.x``,
+    ``data.x.y``), transitively; ``code`` is each module's :func:`rego_code`.
+
+    >>> reached_modules({"r": "package r\\nallow if data.lib.ok", "lib": "package lib\\nok if data.deep.x",
+    ...                  "deep": "package deep\\nx := 1", "other": "package other"}, "r")
+    ['deep', 'lib', 'r']
+    """
+    packages = {name: package_of(text) for name, text in code.items()}
+    seen, queue = {rule_module}, [rule_module]
+    while queue:
+        text = code[queue.pop()]
+        paths = [p[len("data."):] for p in imported(text).values() if p.startswith("data.")]
+        paths += [m.group(1).lstrip(".") for m in _DATA_REF.finditer(text)]
+        for name, pkg in packages.items():
+            if name not in seen and any(p == pkg or p.startswith(pkg + ".") or pkg.startswith(p + ".")
+                                        for p in paths):
+                seen.add(name)
+                queue.append(name)
+    return sorted(seen)
+
+
 def volatile_calls(modules: Mapping[str, tuple[str, str]], rule_module: str) -> list[PolicyIssue]:
     """Calls a rule makes (in its module, or in a module of a package it imports) to built-ins whose
     answer changes between calls; a memoised rule would keep its first answer for good.
@@ -212,12 +237,8 @@ def volatile_calls(modules: Mapping[str, tuple[str, str]], rule_module: str) -> 
     ['b/w.rego:3:54: time.now_ns gives another answer on every call']
     """
     code = {name: rego_code(src) for name, (_, src) in modules.items() if not is_test_module(name)}
-    own = code.get(rule_module, "")
-    imported = [m.group(1).split(".", 1)[1] for m in _IMPORT.finditer(own) if m.group(1).startswith("data.")]
-    reached = [name for name, text in code.items() if name == rule_module or any(
-        path == package_of(text) or path.startswith(package_of(text) + ".") for path in imported)]
     issues: list[PolicyIssue] = []
-    for name in reached:
+    for name in reached_modules(code, rule_module) if rule_module in code else ():
         text = code[name]
         for m in _CALL.finditer(text):
             if _VOLATILE.match(m.group(1)):

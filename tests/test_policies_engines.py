@@ -306,6 +306,20 @@ def test_a_memoised_rule_may_not_read_the_clock(bundle_copy: Path) -> None:
     assert compile_bundle(bundle_copy).rules
 
 
+def test_a_memoised_rule_may_not_reach_the_clock_through_a_helper_it_names_without_importing(
+        bundle_copy: Path) -> None:
+    # `data.clock.late` reaches the helper package as surely as `import data.clock` does (and the
+    # declared-fields check already followed such references): the volatile-call check follows them too.
+    rego = bundle_copy / "prompt_class.rego"
+    rego.write_text(rego.read_text() + "\nafter_hours if data.clock.late\n")
+    helper = bundle_copy / "clock.rego"
+    helper.write_text("package clock\n\nimport rego.v1\n\nlate if time.now_ns() > 0\n")
+    with pytest.raises(BundleError) as exc:
+        compile_bundle(bundle_copy)
+    assert [(i.path, i.line) for i in exc.value.issues
+            if "time.now_ns gives another answer" in i.message] == [(str(helper), 5)]
+
+
 def test_a_message_expression_error_names_its_manifest_line(bundle_copy: Path) -> None:
     (issue,), line = _manifest_edit_issues(bundle_copy, 'string(params.max_gpu_temp_c) + "C limit"\'',
                                            'string(params.max_gpu_temp_c + "C limit"\'')
