@@ -251,7 +251,14 @@ class DecisionEngine:
         self._guard = guard
 
     # -- the pipeline --
-    def locate(self, fleet: Fleet, ctx: RequestContext, now: float) -> CandidateSet:
+    def locate(self, fleet: Fleet, ctx: RequestContext, now: float, *, client: str | None = None) -> CandidateSet:
+        """The candidates for ``ctx``: where its model is placed, with their telemetry at ``now``.
+
+        ``client`` is ``ctx.client_region`` as ``fleet.topology.canonical_client`` gives it, when the
+        caller has it already (:meth:`decide` looks it up once, for this stage and the trace).
+        """
+        if client is None:
+            client = fleet.topology.canonical_client(ctx.client_region)
         if ctx.model and ctx.model not in fleet.models:
             raise NotFound("model", ctx.model)
         if ctx.model and ctx.model_family and fleet.models[ctx.model].family != ctx.model_family:
@@ -260,8 +267,7 @@ class DecisionEngine:
                                                   f"{fleet.models[ctx.model].family!r}, not {ctx.model_family!r}")
         if not ctx.model and ctx.model_family not in fleet.by_family:
             raise NotFound("model_family", ctx.model_family)
-        placement = self._placed(fleet, ctx.model, ctx.model_family, ctx.modality,
-                                 fleet.topology.canonical_client(ctx.client_region))
+        placement = self._placed(fleet, ctx.model, ctx.model_family, ctx.modality, client)
         if not placement.endpoints and ctx.modality:
             self._check_modality(fleet, ctx)
         return CandidateSet(placement, self.telemetry.batch(placement.endpoint_ids, now, placement.telemetry_rows))
@@ -325,7 +331,8 @@ class DecisionEngine:
         fleet, guard, learner = self._fleet, self._guard, self.learner
         ctx = self.with_modality(fleet, ctx)
         decision_id = new_decision_id(now)
-        candidates = self.locate(fleet, ctx, now)
+        client = fleet.topology.canonical_client(ctx.client_region)  # keys the placement and the trace's rows
+        candidates = self.locate(fleet, ctx, now, client=client)
         t1 = time.perf_counter()
         # Pre-fetched state (quota counters, with this request's share held) plus what memoising
         # guards key on. A request that is not routed (denied, failed, refused) gives its share back.
@@ -337,13 +344,13 @@ class DecisionEngine:
             t3 = time.perf_counter()
             guarded_us = {"locate": (t1 - t0) * 1e6, "prefetch": (t2 - t1) * 1e6, "guard": (t3 - t2) * 1e6}
             if not result.allowed:
-                self._deny(decision_id, ctx, fleet, candidates, result, learner, now, guarded_us)
+                self._deny(decision_id, ctx, fleet, client, candidates, result, learner, now, guarded_us)
             scored = self._score(ctx, fleet, result.allowed, now)
             over = over_budget(scored.cost_per_1k, ctx.max_cost_per_1k_tokens)
             if over is not None:  # the request's own cost cap, a hard rule like the guard's
                 result = apply_budget(result, scored.cost_per_1k, over, ctx.max_cost_per_1k_tokens)
                 if not result.allowed:
-                    self._deny(decision_id, ctx, fleet, candidates, result, learner, now, guarded_us)
+                    self._deny(decision_id, ctx, fleet, client, candidates, result, learner, now, guarded_us)
                 scored = self._score(ctx, fleet, result.allowed, now)
             t4 = time.perf_counter()
             choice = learner.choose(ctx, scored)
@@ -361,8 +368,8 @@ class DecisionEngine:
             order = np.argsort(-np.asarray(choice.scores, dtype=np.float64), kind="stable")[: self.max_fallbacks + 1]
             fallbacks = tuple(Route.of(allowed_eps[i]) for i in order.tolist() if i != arm)[: self.max_fallbacks]
             timings = {**guarded_us, "score": (t4 - t3) * 1e6, "choose": (t5 - t4) * 1e6}
-            stored, trace = self._trace(ctx, fleet, candidates, result, scored, choice, fallbacks, learner, shadows,
-                                        timings, now)
+            stored, trace = self._trace(ctx, fleet, client, candidates, result, scored, choice, fallbacks, learner,
+                                        shadows, timings, now)
             decision_us = (time.perf_counter() - t0) * 1e6
             decision = Decision(
                 decision_id=decision_id, request=ctx, route=Route.of(ep), fallbacks=fallbacks,
@@ -413,10 +420,10 @@ class DecisionEngine:
         except Exception as exc:  # a shadow must never break the acting decision
             return {"learner": f"{learner.name}@{learner.version}", "error": repr(exc)}
 
-    def _deny(self, decision_id: str, ctx: RequestContext, fleet: Fleet, candidates: Sequence[Candidate],
+    def _deny(self, decision_id: str, ctx: RequestContext, fleet: Fleet, client: str, candidates: Sequence[Candidate],
               result: GuardResult, learner: Learner, now: float, timings: Mapping[str, float]) -> None:
         rules = result.removing_rules()
-        trace, _ = self._trace(ctx, fleet, candidates, result, (), None, (), learner, [], timings, now)
+        trace, _ = self._trace(ctx, fleet, client, candidates, result, (), None, (), learner, [], timings, now)
         status = "quota_denied" if result.quota_denied else "denied"
         self.stats[status] += 1
         with self._lock:
@@ -435,13 +442,13 @@ class DecisionEngine:
                 f"{n_allowed} allowed/{n_located} located: expected TTFT {ttft_ms:.0f} ms, "
                 f"${cost:.5f}/1K tokens, p={choice.propensity:.3f}")
 
-    def _trace(self, ctx: RequestContext, fleet: Fleet, candidates: Sequence[Candidate],
+    def _trace(self, ctx: RequestContext, fleet: Fleet, client: str, candidates: Sequence[Candidate],
                result: GuardResult, scored: Sequence[ScoredCandidate], choice: Choice | None,
                fallbacks: tuple[Route, ...], learner: Learner, shadows: list[dict[str, Any]],
                timings: Mapping[str, float], now: float) -> tuple[LazyTrace, LazyTrace]:
-        """(stored compact trace, readable view of it), both built only when first read."""
-        endpoints = self._endpoint_rows.get((fleet.revision, ctx.model, ctx.model_family, ctx.modality,
-                                             fleet.topology.canonical_client(ctx.client_region)))
+        """(stored compact trace, readable view of it), both built only when first read; ``client`` is
+        the canonical client the locate stage keyed its placement on."""
+        endpoints = self._endpoint_rows.get((fleet.revision, ctx.model, ctx.model_family, ctx.modality, client))
         stored = LazyTrace(gather=lambda: trace_parts(
             ctx=ctx, inventory_revision=fleet.revision, learner=f"{learner.name}@{learner.version}", now=now,
             candidates=candidates, result=result, scored=scored, choice=choice, fallbacks=fallbacks,

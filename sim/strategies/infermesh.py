@@ -113,10 +113,10 @@ class ShortlistEngine(DecisionEngine):
 
     shortlist: Sequence[Endpoint] | None = None
 
-    def locate(self, fleet: Fleet, ctx: RequestContext, now: float) -> CandidateSet:
+    def locate(self, fleet: Fleet, ctx: RequestContext, now: float, *, client: str | None = None) -> CandidateSet:
         eps = self.shortlist
         if eps is None:
-            return super().locate(fleet, ctx, now)
+            return super().locate(fleet, ctx, now, client=client)
         placement = self.placement_of(fleet, taking_modality(eps, ctx.modality), ctx.client_region)  # as locate does
         return CandidateSet(placement, self.telemetry.batch(placement.endpoint_ids, now))
 
