@@ -47,7 +47,17 @@ from decision.telemetry import CANONICAL
 from decision.yaml_lines import line_col
 from policies.errors import PolicyIssue
 from policies.manifest import ENDPOINT_FIELDS, REQUEST_FIELDS, RuleSpec
-from policies.rego_calls import Statement, argument_spans, imported, reached_modules, rego_code, statements
+from policies.rego_calls import (
+    KEYWORDS,
+    NAME,
+    Statement,
+    argument_spans,
+    bracket_end,
+    imported,
+    reached_modules,
+    rego_code,
+    statements,
+)
 from policies.rego_engine import is_test_module, package_of
 
 # The checked expression cel-expr-python serialises (cel.expr.CheckedExpr; the protos come with xds-protos).
@@ -129,21 +139,18 @@ def _whole(text: str, what: str, how: str) -> str:
 
 # -- Rego ---------------------------------------------------------------------------------------------
 
-_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
-_WORD = re.compile(rf"(?<![\w.$\]\)])({_NAME})")
-_DOT = re.compile(rf"[ \t]*\.[ \t]*({_NAME})")
+_WORD = re.compile(rf"(?<![\w.$\]\)])({NAME})")
+_DOT = re.compile(rf"[ \t]*\.[ \t]*({NAME})")
 _STRING = re.compile(r'\s*("(?:\\.|[^"\\])*"|`[^`]*`)\s*')
 _ARRAY_OF_STRINGS = re.compile(r'\s*\[\s*((?:"(?:\\.|[^"\\])*"\s*,?\s*)+)\]\s*')
-_KEYWORDS = frozenset({"if", "else", "not", "some", "every", "in", "contains", "default", "package", "import",
-                       "with", "as", "true", "false", "null"})
-_WALK = re.compile(rf"\b(?:some|every)\s+({_NAME})(?:\s*,\s*({_NAME}))?\s+in\s+$")
-_SOME = re.compile(rf"\bsome\s+({_NAME}(?:\s*,\s*{_NAME})*)[ \t]*(?=$|[\n;}}\]])", re.M)
-_DECLARES = re.compile(rf"\b(?:some|every)\s+({_NAME}(?:\s*,\s*{_NAME})*)|(?<![\w.$])({_NAME})\s*:=")
-_BINDER = re.compile(rf"\b(?:some|every)\s+(?:{_NAME}\s*,\s*)*$")
-_ALIAS = re.compile(rf"(?<![\w.$])({_NAME})\s*(?::=|(?<![=!<>:])=)\s*$")
+_WALK = re.compile(rf"\b(?:some|every)\s+({NAME})(?:\s*,\s*({NAME}))?\s+in\s+$")
+_SOME = re.compile(rf"\bsome\s+({NAME}(?:\s*,\s*{NAME})*)[ \t]*(?=$|[\n;}}\]])", re.M)
+_DECLARES = re.compile(rf"\b(?:some|every)\s+({NAME}(?:\s*,\s*{NAME})*)|(?<![\w.$])({NAME})\s*:=")
+_BINDER = re.compile(rf"\b(?:some|every)\s+(?:{NAME}\s*,\s*)*$")
+_ALIAS = re.compile(rf"(?<![\w.$])({NAME})\s*(?::=|(?<![=!<>:])=)\s*$")
 _ALIAS_END = re.compile(r"[ \t]*(?:$|[\n;}\])]|if\b)")
 _ASSIGNED = re.compile(r"\s*(?::=|=(?!=))")
-_CALLEE = re.compile(rf"(?<![\w.$])({_NAME}(?:\.{_NAME})*)\s*$")
+_CALLEE = re.compile(rf"(?<![\w.$])({NAME}(?:\.{NAME})*)\s*$")
 
 
 @dataclass(frozen=True)
@@ -202,7 +209,7 @@ class _RegoReads:
                 continue  # import data.lib refers to nothing until lib.x does
             text = mod.code[st.start:st.end]
             wanted: list[tuple[str, str | None]] = []  # (package, rule name or None for all of it)
-            for m in re.finditer(rf"(?<![\w.$])({_NAME}(?:[ \t]*\.[ \t]*{_NAME})*)", text):
+            for m in re.finditer(rf"(?<![\w.$])({NAME}(?:[ \t]*\.[ \t]*{NAME})*)", text):
                 parts = [x.strip() for x in m.group(1).split(".")]
                 if parts[0] == "data":
                     path = parts[1:]
@@ -265,9 +272,9 @@ class _RegoReads:
         if st.name in ("package", "import"):
             return
         code = mod.code
-        head_end = _close(code, code.index("(", st.start)) if st.params is not None else st.start
+        head_end = bracket_end(code, code.index("(", st.start)) if st.params is not None else st.start
         for some in _SOME.finditer(code, st.start, st.end):
-            for var in re.findall(_NAME, some.group(1)):
+            for var in re.findall(NAME, some.group(1)):
                 if not re.search(rf"(?<![\w.$]){var}\s*(?::=|=(?!=))|(?<![=!<>:])=\s*{var}\b", code[st.start:st.end]):
                     self.bind((name, index), var, "key:*")  # declared, never given a value: it enumerates
         local = self.local.get((name, index), {})
@@ -276,11 +283,11 @@ class _RegoReads:
         hidden: dict[str, list[tuple[int, int]]] = {param: [(st.start, st.end)] for param, _ in st.params or ()}
         for d in _DECLARES.finditer(code, st.start, st.end):
             span = _scope(code, st.start, st.end, d.start(), every=code.startswith("every", d.start()))
-            for v in re.findall(_NAME, d.group(1) or d.group(2)):
+            for v in re.findall(NAME, d.group(1) or d.group(2)):
                 hidden.setdefault(v, []).append(span)
         for m in _WORD.finditer(code, st.start, st.end):
             var, p = m.group(1), m.start()
-            if p < head_end or var in _KEYWORDS:
+            if p < head_end or var in KEYWORDS:
                 continue
             accs, q = _accessors(mod, m.end(), st.end)
             if code[q:st.end].lstrip().startswith("("):
@@ -407,7 +414,7 @@ class _RegoReads:
             for where, params in defs:
                 if n < len(params):
                     param, at = params[n]
-                    if re.fullmatch(_NAME, param):
+                    if re.fullmatch(NAME, param):
                         self.bind(where, param, kind)
                     else:
                         self.issue(self.mods[where[0]], at, _whole(param, _WHAT[kind], f"matched by a pattern "
@@ -444,19 +451,6 @@ class _RegoReads:
                 for i, st in enumerate(other.stmts) if st.name == parts[-1] and st.params is not None]
 
 
-def _close(code: str, open_at: int) -> int:
-    """The offset just after the bracket matching the one at ``open_at``."""
-    depth = 0
-    for i in range(open_at, len(code)):
-        if code[i] in "([{":
-            depth += 1
-        elif code[i] in ")]}":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return len(code)
-
-
 def _scope(code: str, start: int, end: int, at: int, every: bool = False) -> tuple[int, int]:
     """The span a name declared at ``at`` is visible in: the innermost brackets around it (an ``every``'s
     own braces after its domain), else the statement ``code[start:end]``."""
@@ -468,7 +462,7 @@ def _scope(code: str, start: int, end: int, at: int, every: bool = False) -> tup
             elif code[i] in ")]}" and depth:
                 depth -= 1
             elif code[i] == "{":
-                return i, _close(code, i)
+                return i, bracket_end(code, i)
             elif code[i] in ")]}":
                 break
     depth = 0
@@ -478,7 +472,7 @@ def _scope(code: str, start: int, end: int, at: int, every: bool = False) -> tup
         elif code[i] in "([{" and depth:
             depth -= 1
         elif code[i] in "([{":
-            return i, _close(code, i)
+            return i, bracket_end(code, i)
     return start, end
 
 
@@ -492,7 +486,7 @@ def _accessors(mod: _Module, at: int, end: int) -> tuple[list[_Acc], int]:
             out.append(_Acc(dot.group(1), "." + dot.group(1)))
             at = dot.end()
         elif code.startswith("[", at):
-            close = _close(code, at)
+            close = bracket_end(code, at)
             raw = mod.src[at:close]
             literal = _STRING.fullmatch(raw, 1, len(raw) - 1)
             out.append(_Acc(_string(literal.group(1)) if literal else None, raw))
@@ -550,7 +544,7 @@ def _argument_of(code: str, start: int, p: int, q: int) -> tuple[str, int, list[
             depth -= 1
         elif c in "([{":
             callee = _CALLEE.search(code, start, i) if c == "(" else None
-            if callee is None or callee.group(1) in _KEYWORDS:
+            if callee is None or callee.group(1) in KEYWORDS:
                 return None  # a list, a set, parentheses that only group
             return callee.group(1), commas, argument_spans(code, i)
         elif c == "," and not depth:

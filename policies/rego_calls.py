@@ -21,12 +21,13 @@ from decision.yaml_lines import line_col
 from policies.errors import PolicyIssue
 from policies.rego_engine import is_test_module, package_of
 
-_KEYWORDS = frozenset({"if", "else", "not", "some", "every", "in", "contains", "default", "package", "import",
-                       "with", "as", "true", "false", "null"})
-_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
-_CALL = re.compile(rf"(?<![\w.$\]\)])({_NAME}(?:\.{_NAME})*)\s*\(")
-_HEAD = re.compile(rf"^(?:default\s+)?({_NAME})\s*\(", re.M)  # a function head starts its line
-_IMPORT = re.compile(rf"^\s*import\s+((?:data|input)(?:\.{_NAME})*)(?:\s+as\s+({_NAME}))?", re.M)
+# Rego's keywords and a name (a rule, a variable, a step of a reference): shared with policies.declared.
+KEYWORDS = frozenset({"if", "else", "not", "some", "every", "in", "contains", "default", "package", "import",
+                      "with", "as", "true", "false", "null"})
+NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+_CALL = re.compile(rf"(?<![\w.$\]\)])({NAME}(?:\.{NAME})*)\s*\(")
+_HEAD = re.compile(rf"^(?:default\s+)?({NAME})\s*\(", re.M)  # a function head starts its line
+_IMPORT = re.compile(rf"^\s*import\s+((?:data|input)(?:\.{NAME})*)(?:\s+as\s+({NAME}))?", re.M)
 # Strings (raw and interpreted) and comments, replaced by spaces so offsets stay put.
 _SKIPPED = re.compile(r'"(?:\\.|[^"\\\n])*"|`[^`]*`|#[^\n]*')
 
@@ -101,7 +102,7 @@ def statements(code: str) -> list[Statement]:
     return out
 
 
-_STATEMENT_HEAD = re.compile(rf"(?:default\s+)?({_NAME})(\s*\()?")
+_STATEMENT_HEAD = re.compile(rf"(?:default\s+)?({NAME})(\s*\()?")
 
 
 def split_arguments(code: str, open_at: int) -> tuple[tuple[str, int], ...]:
@@ -123,6 +124,22 @@ def argument_spans(code: str, open_at: int) -> list[tuple[int, int]]:
     >>> argument_spans(code, 10)
     [(11, 12), (13, 17), (18, 20)]
     """
+    spans, _ = _bracketed(code, open_at)
+    return [] if len(spans) == 1 and not code[spans[0][0]:spans[0][1]].strip() else spans
+
+
+def bracket_end(code: str, open_at: int) -> int:
+    """The offset just after the bracket matching the one at ``open_at`` (the end of ``code`` if none does).
+
+    >>> bracket_end("f(a, [b, c]) + 1", 1)
+    12
+    """
+    return _bracketed(code, open_at)[1]
+
+
+def _bracketed(code: str, open_at: int) -> tuple[list[tuple[int, int]], int]:
+    """The comma-separated parts (start, end) at depth one of the bracket at ``open_at``, and the offset just
+    after its match: the one walk of nested brackets behind :func:`argument_spans` and :func:`bracket_end`."""
     spans: list[tuple[int, int]] = []
     depth, begin = 0, open_at + 1
     for i in range(open_at, len(code)):
@@ -135,8 +152,8 @@ def argument_spans(code: str, open_at: int) -> list[tuple[int, int]]:
             spans.append((begin, i))
             begin = i + 1
             if depth == 0:
-                break
-    return [] if len(spans) == 1 and not code[spans[0][0]:spans[0][1]].strip() else spans
+                return spans, i + 1
+    return spans, len(code)
 
 
 def imported(code: str) -> dict[str, str]:
@@ -188,7 +205,7 @@ def undefined_calls(modules: Mapping[str, tuple[str, str]], is_builtin: Callable
         for m in _CALL.finditer(text):
             called = m.group(1)
             first = called.split(".", 1)[0]
-            if first in _KEYWORDS or first in bound or called in known or is_builtin(called):
+            if first in KEYWORDS or first in bound or called in known or is_builtin(called):
                 continue
             line, column = line_col(text, m.start())
             where = "nor defined in package " + package if "." not in called else "nor reached through an import"
@@ -201,7 +218,7 @@ def undefined_calls(modules: Mapping[str, tuple[str, str]], is_builtin: Callable
 _VOLATILE = re.compile(r"^(?:time\.now_ns|rand\.\w+|uuid\.\w+|http\.send|opa\.runtime|net\.lookup_ip_addr)$")
 
 
-_DATA_REF = re.compile(rf"(?<![\w.$])data((?:\.{_NAME})+)")
+_DATA_REF = re.compile(rf"(?<![\w.$])data((?:\.{NAME})+)")
 
 
 def reached_modules(code: Mapping[str, str], rule_module: str) -> list[str]:
