@@ -5,7 +5,8 @@ insertion order and a seeded run is reproducible. A request's life:
 
 arrive -> (router decides; its measured decision time passes) -> travels half an RTT plus the
 prompt's transfer time -> waits for a batch slot -> prefill -> first token (the client sees it
-half an RTT later) -> decode in the shared batch -> done (half an RTT later at the client).
+half an RTT later) -> decode in the shared batch -> done (half an RTT later at the client) ->
+the outcome report reaches the router (``CLIENT_TO_ROUTER_S`` after the client is done).
 
 A strategy that decides in worker processes (the pipeline, ``serve --workers N``) has
 ``RunConfig.workers`` single-server FIFO queues: a request goes to one worker uniformly at random
@@ -14,7 +15,9 @@ the requests before it, and is decided when the worker is free, on the state of 
 measured decision time is the worker's service time. The worker process also serves its requests'
 outcome reports and its learner's syncs (same process, one GIL): they join the same FIFO, each
 occupying the worker for its measured wall time (with a fixed decision time: ``OUTCOME_SHARE`` and
-``SYNC_SHARE`` of it). Other strategies decide on arrival, and their outcomes cost no time.
+``SYNC_SHARE`` of it). Other strategies decide on arrival, and their outcomes cost no time; one
+without workers that learns nothing from outcomes (it keeps ``Strategy.on_complete``'s no-op) gets
+no report event at all.
 
 Conservation holds by construction and is checked by the tests: every request ends completed,
 dropped with a reason, or still in flight when the run stops.
@@ -55,7 +58,7 @@ from sim.telemetry_view import TelemetryView
 from sim.workload import RequestSpec, Tenant
 from sim.world import World
 
-ARRIVE, REACH, FIRST, NODE, SCRAPE, DELIVER, HEDGE, DEGRADE, WORKER, SYNC = range(10)
+ARRIVE, REACH, FIRST, NODE, SCRAPE, DELIVER, HEDGE, DEGRADE, WORKER, SYNC, REPORT = range(11)
 # What a decision worker does, in its FIFO: decide a request, take an outcome report, sync its learner.
 JOB_DECIDE, JOB_OUTCOME, JOB_SYNC = range(3)
 # With a fixed decision time (--decision-time US), what an outcome report and a learner sync occupy a
@@ -64,6 +67,10 @@ JOB_DECIDE, JOB_OUTCOME, JOB_SYNC = range(3)
 # 461-519 µs, 0.17-0.19; a sync 276-316 µs, 0.6). With measured times each job's own wall time counts.
 OUTCOME_SHARE = 0.18
 SYNC_SHARE = 0.6
+# The router sits at the client's edge: a request is decided at its arrival and its dispatch travels
+# the client's half RTT to the endpoint, so the client-to-router leg takes no time. An outcome report
+# therefore reaches the router when the response's end (or an error) reaches the client, plus this.
+CLIENT_TO_ROUTER_S = 0.0
 KV_TOO_BIG = "exceeds KV capacity"  # drop reason: prompt + completion larger than the endpoint's whole KV cache
 
 
@@ -137,6 +144,7 @@ class Simulation:
         self._queues: list[deque[tuple[int, object, float]]] = [deque() for _ in range(self.n_workers)]
         self._queued = 0  # requests waiting for a worker to decide them (they count in flight: the run goes on)
         self._jobs_queued = 0  # every job waiting for a worker (outcomes too: the run goes on until they are taken)
+        self._reports_due = 0  # outcome reports still on their way to the router (the run goes on for them)
         # Losing hedge copies still prefilling (a prefill runs to its end): their GPU time is billed as it ends.
         self._losers: dict[Copy, None] = {}  # in the order they lost (reproducible sums)
         # Tests ask for every job a worker ran: (worker, JOB_*, when it came, when it started, service µs).
@@ -214,6 +222,8 @@ class Simulation:
             elif kind == SYNC:
                 self._submit(b, JOB_SYNC, None)  # the learner's sync thread shares its worker's GIL
                 self._push(t + period, SYNC, None, b)
+            elif kind == REPORT:
+                self._on_report(a)  # type: ignore[arg-type]
             if progress is not None and t >= next_tick:
                 progress(t)
                 next_tick = t + 1.0
@@ -228,6 +238,7 @@ class Simulation:
         # Fleet-wide measures ($, energy, utilisation) use one window for every strategy: the whole
         # fleet is provisioned for duration + drain whenever a strategy's last request ends.
         m.window_s = end
+        self._record_undecided()
         for nd in self.nodes:
             nd.advance(m.end_time)
         for c in self._losers:  # cut off mid-prefill by the end of the window: billed up to it
@@ -236,9 +247,18 @@ class Simulation:
         return m
 
     def _finished(self) -> bool:
-        """No arrival to come, no request in flight, no job waiting for a decision worker, no losing
-        hedge copy still prefilling (the GPU is still busy with it)."""
-        return self._arrivals_done and self._inflight == 0 and self._jobs_queued == 0 and not self._losers
+        """No arrival to come, no request in flight, no outcome report on its way or waiting for a decision
+        worker, no losing hedge copy still prefilling (the GPU is still busy with it)."""
+        return (self._arrivals_done and self._inflight == 0 and self._jobs_queued == 0 and self._reports_due == 0
+                and not self._losers)
+
+    def _record_undecided(self) -> None:
+        """Tell the metrics which requests the run ended with still waiting for a decision worker (their
+        wait so far counts in ``decision_wait_ms`` as a lower bound, as a missing TTFT does in ``ttft_ms``)."""
+        for q in self._queues:
+            for kind, job, _ in q:
+                if kind == JOB_DECIDE:
+                    self.metrics.record_undecided(cast(Request, job))
 
     def busy_seconds(self) -> np.ndarray:
         """Each endpoint's GPU busy time so far.
@@ -311,17 +331,28 @@ class Simulation:
         if self.jobs_log is not None:
             self.jobs_log.append((w, kind, came, self.now, us))
 
-    def _outcome(self, req: Request, node: int, ok: bool) -> None:
-        """``req``'s response ended (or it failed): the strategy hears of it, through its worker if it has one."""
+    def _outcome(self, req: Request, node: int, ok: bool, at_client: float) -> None:
+        """``req``'s response ended (or it failed) and the client knows at ``at_client``: its outcome report
+        reaches the router ``CLIENT_TO_ROUTER_S`` later, not when the endpoint finished (half an RTT before)."""
+        if not self.n_workers and not self.strategy.hears_outcomes:
+            return  # nothing to tell and no worker to occupy: no event (the peers' event counts are unchanged)
+        self._reports_due += 1
+        self._push(at_client + CLIENT_TO_ROUTER_S, REPORT, (req, node, ok))
+
+    def _on_report(self, report: tuple[Request, int, bool]) -> None:
+        """An outcome report reached the router: the strategy hears of it, through its worker if it has one."""
+        self._reports_due -= 1
+        req, node, ok = report
         if self.n_workers and req.worker >= 0:
-            self._submit(req.worker, JOB_OUTCOME, (req, node, ok))
+            self._submit(req.worker, JOB_OUTCOME, report)
         else:
             self.strategy.on_complete(req, node, ok)
 
     def _decide(self, req: Request) -> None:
         """The strategy decides ``req`` now; with workers, the decision occupies ``req.worker`` while it runs."""
         req.decided_at = self.now
-        cands = self.view.candidates(req, self.cfg.family)
+        # The simulator's own narrowing (NAME+guard's rule filter) is not charged: see Strategy.narrow.
+        cands = self.strategy.narrow(req, self.view.candidates(req, self.cfg.family))
         t0 = time.perf_counter()
         node = self.strategy.choose(req, cands)
         req.decision_us = self._charged_us(t0)
@@ -392,7 +423,8 @@ class Simulation:
         req.drop_reason = reason
         self._inflight -= 1
         self.metrics.dropped[reason] += 1
-        self._outcome(req, c.node, False)
+        # The endpoint refused it on arrival: the error travels back to the client as a response would.
+        self._outcome(req, c.node, False, self.now + self.world.rtt_ms[req.region, c.node] / 2000.0)
         req.copies = []  # no cycle left for the collector (as in _complete)
 
     def _admit(self, nd: Node, c: Copy) -> None:
@@ -495,7 +527,7 @@ class Simulation:
         self._inflight -= 1
         self.view.outstanding[c.node] -= 1
         self.metrics.record_done(req)
-        self._outcome(req, c.node, True)
+        self._outcome(req, c.node, True, t_client)
         # Copy.req points back here: dropping the copies lets reference counting free a finished
         # request at once instead of leaving the cycle to the cyclic collector (~13% of a run's time).
         req.copies = []
@@ -504,7 +536,7 @@ class Simulation:
         if req.state != ROUTED or len(req.copies) > 1:
             return  # first token already out (or already hedged): nothing to do
         first = req.copies[0].node
-        cands = self.view.candidates(req, self.cfg.family)
+        cands = self.strategy.narrow(req, self.view.candidates(req, self.cfg.family))
         t0 = time.perf_counter()
         alt = self.strategy.hedge_target(req, cands, first)
         us = self._charged_us(t0)  # the copy leaves once its target is picked, as the first did

@@ -34,6 +34,8 @@ class Collector:
     decision_us: list[float] = field(default_factory=list)
     # With decision workers: each decision's start minus its request's arrival (the queueing delay).
     decision_wait_ms: list[float] = field(default_factory=list)
+    # With decision workers: the arrival of each request still waiting for its worker when the run ended.
+    undecided_arrival_s: list[float] = field(default_factory=list)
     workers: int = 0  # decision workers modelled (0: the strategy decides on arrival)
     # With decision workers: the time each outcome report occupied its worker.
     outcome_us: list[float] = field(default_factory=list)
@@ -61,9 +63,22 @@ class Collector:
         self.served.append(0)
         self.finished.append(0)
 
+    def _window_end(self) -> float:
+        return self.window_s if self.window_s > 0.0 else self.end_time
+
     def _censored_ms(self, flags: bytearray) -> list[float]:
-        end = self.window_s if self.window_s > 0.0 else self.end_time
+        end = self._window_end()
         return [max(0.0, (end - a) * 1000.0) for a, s in zip(self.arrival_by_rid, flags, strict=True) if not s]
+
+    def record_undecided(self, req: Request) -> None:
+        """Count a request still waiting for its decision worker when the run ended (never decided)."""
+        self.undecided_arrival_s.append(req.arrival)
+
+    def censored_decision_wait_ms(self) -> list[float]:
+        """For each request still waiting for its decision worker at the end, its wait so far (arrival to the
+        end of the window): a lower bound on a decision wait it never finished."""
+        end = self._window_end()
+        return [max(0.0, (end - a) * 1000.0) for a in self.undecided_arrival_s]
 
     def censored_ttft_ms(self) -> list[float]:
         """For each request without a first token (dropped, or still waiting when the run stopped), the
@@ -125,8 +140,13 @@ class Collector:
             "slo_attainment": self.slo_met / max(self.requests, 1),
             "guardrail_violations": self.violations,
             "decision_us": _pcts(self.decision_us, (50, 99)),
-            # Time waiting for a busy decision worker (null for strategies that model none).
-            "decision_wait_ms": _pcts(self.decision_wait_ms) if self.workers else None,
+            # Time waiting for a busy decision worker (null for strategies that model none). A request
+            # still queued when the run ended counts at its wait so far (a lower bound, as in ttft_ms), so
+            # a queue that never drains cannot hide; decision_wait_ms_decided leaves those out.
+            "decision_wait_ms": (_pcts(self.decision_wait_ms + self.censored_decision_wait_ms())
+                                 if self.workers else None),
+            "decision_wait_ms_decided": _pcts(self.decision_wait_ms) if self.workers else None,
+            "decision_queued_at_end": len(self.undecided_arrival_s) if self.workers else None,
             "workers": self.workers,
             # What each outcome report occupied its decision worker (null without workers).
             "outcome_us": _pcts(self.outcome_us, (50, 99)) if self.workers else None,

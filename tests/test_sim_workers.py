@@ -45,14 +45,24 @@ def _trajectory(sim: Simulation) -> str:
     return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
 
 
-# Recorded with the simulator before decision workers existed (commit e65056d), same scenario and seed:
-# every request's endpoint, first-token and completion time (hashed), and the summary's latencies.
+# Recorded with commit e65056d's simulator (before decision workers) and re-recorded when outcome reports
+# came to reach the router at the client's completion instead of the endpoint's (half an RTT earlier),
+# same scenario and seed: every request's endpoint, first-token and completion time (hashed), and the
+# summary's latencies. heap_events: the old count plus one report event per request.
 BEFORE_WORKERS = {
-    "infermesh": ("25c6bed5fff103e2", {"p50": 205.122, "p95": 688.047, "p99": 943.546},
-                  {"p50": 1029.15, "p95": 2841.26, "p99": 4496.032}, 614, 3382),
-    "infermesh:least-ttft": ("a7e90dfd5f3d5be7", {"p50": 201.664, "p95": 647.768, "p99": 873.38},
-                             {"p50": 1066.495, "p95": 2798.005, "p99": 4493.039}, 614, 3372),
+    "infermesh": ("59100ae283443703", {"p50": 228.382, "p95": 685.745, "p99": 860.262},
+                  {"p50": 1060.34, "p95": 2816.071, "p99": 4309.556}, 614, 3996),
+    "infermesh:least-ttft": ("4722568ee0cd9861", {"p50": 208.004, "p95": 709.349, "p99": 845.843},
+                             {"p50": 1071.628, "p95": 2881.571, "p99": 4281.181}, 614, 3988),
 }
+
+
+def _on_arrival(name: str) -> InferMesh:
+    """The pipeline deciding on arrival, as one router of unlimited throughput (the simulator before workers)."""
+    strat = registry.make(name, 3)
+    assert isinstance(strat, InferMesh)
+    strat.modelled_workers = False
+    return strat
 
 
 @pytest.mark.parametrize("name", sorted(BEFORE_WORKERS))
@@ -62,6 +72,9 @@ def test_one_worker_reproduces_the_simulator_before_workers_exactly(name: str) -
     sim, s = _sim(name, workers=1)
     assert (_trajectory(sim), s["ttft_ms"], s["latency_ms"], s["completed"], s["heap_events"]) == BEFORE_WORKERS[name]
     assert s["workers"] == 1 and s["decision_wait_ms"]["p99"] == 0.0
+    plain, p = _sim(_on_arrival(name), workers=1)
+    assert p["workers"] == 0 and _trajectory(plain) == _trajectory(sim)
+    assert (p["ttft_ms"], p["latency_ms"], p["heap_events"]) == (s["ttft_ms"], s["latency_ms"], s["heap_events"])
 
 
 def test_workers_do_not_change_a_peer_strategy() -> None:

@@ -85,6 +85,32 @@ class Strategy:
             The worker's index, ``0 <= worker < workers``.
         """
 
+    @property
+    def hears_outcomes(self) -> bool:
+        """Whether :meth:`on_complete` does anything (without decision workers the engine schedules outcome
+        reports only then)."""
+        return type(self).on_complete is not Strategy.on_complete
+
+    def narrow(self, req: Request, cands: I64) -> I64:
+        """The candidates the strategy decides among, before it decides: the simulator's own work.
+
+        The engine calls this outside the timed decision, so it is never charged as decision time;
+        only :meth:`choose` (or :meth:`hedge_target`) over what it returns is. By default every candidate.
+
+        Parameters
+        ----------
+        req
+            The request about to be decided.
+        cands
+            Endpoint indices the router view offers.
+
+        Returns
+        -------
+        numpy.ndarray
+            The endpoint indices :meth:`choose` is then given.
+        """
+        return cands
+
     def choose(self, req: Request, cands: I64) -> int:
         """The endpoint index to send ``req`` to, or -1 to drop it (set ``req.drop_reason``)."""
         raise NotImplementedError
@@ -107,6 +133,12 @@ class Guarded(Strategy):
     The peers route among every endpoint of the family, as they do in their own designs; this
     variant gives one the same hard constraints InferMesh keeps, so the two can be compared on
     equal terms. A request no allowed endpoint serves is dropped (``no allowed endpoint``).
+
+    The rule filter is :meth:`narrow`, which the engine runs outside the timed decision: it is the
+    simulator's own reading of the rules (a Python loop over every candidate), not the guard a
+    deployment of the peer would run, so it is not charged; the peer's choice among the allowed
+    endpoints is (measured, as unguarded). :meth:`choose` and :meth:`hedge_target` expect
+    candidates :meth:`narrow` returned.
     """
 
     def __init__(self, inner: Strategy) -> None:
@@ -123,15 +155,22 @@ class Guarded(Strategy):
         w = self.view.world
         return cands[[not breaks_rules(w, req, int(c)) for c in cands]] if len(cands) else cands
 
+    @property
+    def hears_outcomes(self) -> bool:
+        return self.inner.hears_outcomes
+
+    def narrow(self, req: Request, cands: I64) -> I64:
+        """The candidates the hard rules allow for ``req`` (see the class: not charged as decision time)."""
+        return self._allowed(req, self.inner.narrow(req, cands))
+
     def choose(self, req: Request, cands: I64) -> int:
-        allowed = self._allowed(req, cands)
-        if not len(allowed):
+        if not len(cands):
             req.drop_reason = "no allowed endpoint"
             return -1
-        return self.inner.choose(req, allowed)
+        return self.inner.choose(req, cands)
 
     def hedge_target(self, req: Request, cands: I64, exclude: int) -> int:
-        return self.inner.hedge_target(req, self._allowed(req, cands), exclude)
+        return self.inner.hedge_target(req, cands, exclude)
 
     def on_dispatch(self, req: Request, node: int) -> None:
         self.inner.on_dispatch(req, node)
