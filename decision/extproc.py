@@ -17,6 +17,10 @@ Request phase
     endpoint: an immediate 503 whose JSON body names the rules; a quota: 429; a bad header or
     body: 400; an unknown model: 404. In ``BUFFERED_PARTIAL`` mode a body over Envoy's buffer
     comes cut short: we decide on what it shows, charging its full size (:meth:`_cut_request`).
+    In ``STREAMED`` mode (unless ``send_body_without_waiting_for_header_response`` lets us hold
+    the header answer for the body) the headers go upstream on our answer to them, before any of
+    the body: we decide on the headers, charging the body's ``content-length``, or, when it sent
+    none, the largest body we let stream past (:meth:`_unseen_request`).
 Response phase
     A second ext_proc filter in ``observability_mode`` streams the response headers and body
     (``response_body_mode: STREAMED``) to us without Envoy ever waiting; we time the first body
@@ -74,6 +78,7 @@ from decision.extproc_openai import (
     parse_cut_request,
     parse_request,
     terminal_event,
+    unseen_request,
 )
 from decision.grpc_serving import bind_port
 from decision.metrics import ServiceMetrics
@@ -210,6 +215,9 @@ class _Stream:
     held_chunks: int = 0
     body: bytearray | None = None
     cut: bool = False  # decided on the first part of a body (BUFFERED_PARTIAL): no more of it comes
+    # Decided at the headers on a body of unknown size (STREAMED, no content-length), charged as
+    # max_request_body_bytes: the bytes it may still bring as it streams past (None: not counted).
+    body_left: int | None = None
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -315,7 +323,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 return [_CONTINUE_HEADERS]  # the whole body comes next, in one message
             if pc.request_body_mode == _BUFFERED_PARTIAL:
                 return [self._partial_headers_reply()]  # the body, or as much as fits Envoy's buffer
-            return [self._decide(st, b"")]  # no body will come before the headers go upstream
+            # STREAMED (or NONE): the body goes upstream after the headers, which wait for this answer,
+            # so the route is chosen now, before any of the body is seen (_unseen_request).
+            return [self._decide(st, b"", unseen=True)]
         if which == "request_body":
             return self._request_body(st, req.request_body)
         if which == "request_trailers":
@@ -349,6 +359,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 return []
             return self._decide_held(st)
         if st.ex.decision is not None:  # chunks after the decision (streamed mode): pass them on
+            if st.body_left is not None:
+                st.body_left -= len(body.body)
+                if st.body_left < 0:
+                    return [self._unsized_body_over(st)]
             return [_CONTINUE_REQ_BODY]
         # Not the end of the body, yet no decision: BUFFERED_PARTIAL sends only what fits in Envoy's
         # buffer when the body is bigger, and the rest goes upstream without passing here.
@@ -368,6 +382,26 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=pb.CommonResponse(
             header_mutation=pb.HeaderMutation(remove_headers=[self.config.destination_header]),
             clear_route_cache=True)))
+
+    def _unsized_body_over(self, st: _Stream) -> pb.ProcessingResponse:
+        """A body of unknown size, decided on at the headers, has streamed past ``max_request_body_bytes``.
+
+        It was charged as that many bytes of prompt (:meth:`_unseen_request`): beyond them the charge
+        would no longer cover it, so the request ends here with 413, before the chunk goes upstream
+        (the model server has not had the whole body, so it has generated nothing). The decision's
+        outcome is recorded now, as cancelled: no response phase will come for it.
+        """
+        ex, c = st.ex, self.config
+        assert ex.decision is not None
+        st.body_left = None
+        why = (f"request body over {c.max_request_body_bytes} bytes without content-length "
+               "(extproc.settings.max_request_body_bytes)")
+        with self._lock:  # not claimed by an observer stream yet: ours to report
+            mine = st.owner or self._unobserved.pop(ex.decision.decision_id, None) is not None
+        if mine and not ex.reported:
+            self._report(ex, self._now(), cancelled=True, error=why)
+        return self._deny(_immediate(413, "request_too_large", f"{why}: send content-length",
+                                     ex.decision.decision_id, c))
 
     def _decide_held(self, st: _Stream) -> list[pb.ProcessingResponse]:
         """Decide on the held headers and body chunks: the decision, then a continue for each chunk."""
@@ -400,12 +434,17 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if not tenant:
             raise InvalidArgument(c.tenant_header, "required header missing")
         if not name:
+            if body is not None and body.body_read == "unseen":
+                raise InvalidArgument("model", f"no {c.model_header} header, and the body streams past unseen "
+                                               "(request_body_mode: STREAMED): send the header")
             raise InvalidArgument("model", f"no model in the body and no {c.model_header} header")
         juris = tuple(j.strip() for j in headers.get(c.jurisdictions_header, "").split(",") if j.strip())
         labels = {"via": "envoy-ext-proc", "path": headers.get(":path", "")[:256]}
-        if body is not None and body.seen_bytes:  # the trace says the decision saw part of the body
-            labels.update({"request_body": "partial", "request_body_bytes_seen": str(body.seen_bytes),
+        if body is not None and body.body_read != "whole":  # the trace says the decision saw part of the body, or none
+            labels.update({"request_body": body.body_read, "request_body_bytes_seen": str(body.seen_bytes),
                            "request_body_bytes": str(body.body_bytes or "unknown")})
+            if body.image_bytes:
+                labels["request_body_image_bytes"] = str(body.image_bytes)  # not charged as prompt
         return RequestContext(
             request_id=headers.get(c.request_id_header, "")[:256] or "envoy",
             tenant=tenant,
@@ -437,10 +476,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         size = _content_length(headers)
         whole = parse_request(prefix)  # the object closed before the cut (only whitespace was left)
         if whole is not None:
-            return replace(whole, seen_bytes=len(prefix), body_bytes=size or 0)
+            return replace(whole, seen_bytes=len(prefix), body_bytes=size or 0, body_read="partial")
         req = parse_cut_request(prefix, max(size or 0, len(prefix)))
         if req is None:  # not JSON (multipart audio, say): as a whole such body, model from the header
-            return OpenAIRequest("", 0, 0, False, seen_bytes=len(prefix), body_bytes=size or 0)
+            return OpenAIRequest("", 0, 0, False, seen_bytes=len(prefix), body_bytes=size or 0, body_read="partial")
         over = f"request body over the proxy's buffer (its first {len(prefix)} bytes seen)"
         if not req.model and not headers.get(c.model_header):
             raise _Refused(413, "request_too_large", f"{over} and no model in them nor a {c.model_header} "
@@ -452,7 +491,28 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         # for being big: the most a request may claim stands in (any token quota still denies it).
         return replace(req, estimated_input_tokens=min(req.estimated_input_tokens, MAX_TOKENS))
 
-    def _decide(self, st: _Stream, body: bytes, *, in_body: bool = False, cut: bool = False) -> pb.ProcessingResponse:
+    def _unseen_request(self, st: _Stream, headers: Mapping[str, str]) -> OpenAIRequest:
+        """The request whose body will stream past after the decision (``STREAMED``): none of it is seen.
+
+        The token quotas still charge its prompt, as for a cut body: every byte of the body, from
+        its ``content-length``, a character of prompt (:func:`unseen_request`). A body of unknown
+        size (chunked, or HTTP/2 without ``content-length``) is charged as the largest a streamed
+        body may be, ``max_request_body_bytes``, and held to it as it streams past
+        (:meth:`_unsized_body_over`): never charged 0, nor less than it brings. The output budget
+        (``max_tokens``, in the body) is unknown, as for a request that sends none: the outcome
+        charges what was generated. Nothing is known of the model but the model header.
+        """
+        size = _content_length(headers)
+        if size is None:
+            st.body_left = self.config.max_request_body_bytes
+            charged = replace(unseen_request(self.config.max_request_body_bytes), body_bytes=0)
+        else:
+            charged = unseen_request(size)
+        # More than any context, but a 400 for the estimate would be a refusal for being big (as _cut_request).
+        return replace(charged, estimated_input_tokens=min(charged.estimated_input_tokens, MAX_TOKENS))
+
+    def _decide(self, st: _Stream, body: bytes, *, in_body: bool = False, cut: bool = False,
+                unseen: bool = False) -> pb.ProcessingResponse:
         c = self.config
         ex = st.ex
         try:
@@ -462,7 +522,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 # client's would otherwise let the client's copy decide.
                 raise InvalidArgument(twice[0], "sent more than once; a gateway must replace a client's copy "
                                                 "of a context header, not add to it")
-            ex.request = self._cut_request(ex.headers or {}, body) if cut else parse_request(body)
+            if unseen:
+                ex.request = self._unseen_request(st, ex.headers or {})
+            else:
+                ex.request = self._cut_request(ex.headers or {}, body) if cut else parse_request(body)
             decision = self.engine.decide(self.context_of(ex.headers or {}, ex.request))
         except _Refused as exc:
             return self._deny(_immediate(exc.code, exc.error_type, str(exc), "", c))
@@ -470,7 +533,11 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             if self.metrics is not None:
                 self.metrics.record_denial(exc)
             if isinstance(exc, QuotaExceeded):
-                return self._deny(_immediate(429, "quota_exceeded", str(exc), exc.decision_id, c, exc.rules))
+                message = str(exc)
+                if st.body_left is not None:  # charged as the largest body: say so, and how to be charged less
+                    message += (f" (the request body streams past unseen without content-length, so it is charged "
+                                f"as {c.max_request_body_bytes} bytes of prompt: send content-length)")
+                return self._deny(_immediate(429, "quota_exceeded", message, exc.decision_id, c, exc.rules))
             return self._deny(_immediate(503, "no_candidate", str(exc), exc.decision_id, c, exc.rules))
         except InvalidArgument as exc:
             return self._deny(_immediate(400, "invalid_argument", _client_message(exc, c), "", c))
@@ -601,12 +668,12 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                           ex.decision.decision_id if ex.decision else "?")
             return None
 
-    def _report(self, ex: _Exchange, now: float, *, cancelled: bool = False) -> None:
+    def _report(self, ex: _Exchange, now: float, *, cancelled: bool = False, error: str = "") -> None:
         decision = ex.decision
         assert decision is not None
         ex.reported = True
         if cancelled and not ex.http_status:
-            status, error = OutcomeStatus.CANCELLED, "stream closed before the upstream responded"
+            status, error = OutcomeStatus.CANCELLED, error or "stream closed before the upstream responded"
         elif cancelled:
             status, error = OutcomeStatus.CANCELLED, f"stream closed mid-response (HTTP {ex.http_status})"
         else:

@@ -44,8 +44,12 @@ class ExtProcConfig:
     max_response_json_bytes
         Non-streaming response bodies longer than this are not parsed for ``usage``.
     max_request_body_bytes
-        A streamed request body held until it is whole (``send_body_without_waiting_for_header_response``)
-        is refused with 413 beyond this many bytes. (Buffered mode is bounded by Envoy's own buffer.)
+        The largest streamed request body. One held until it is whole
+        (``send_body_without_waiting_for_header_response``) is refused with 413 beyond this many
+        bytes. One decided on at the headers (``STREAMED`` without that setting) that sent no
+        ``content-length`` is charged to token quotas as this many bytes of prompt (a quarter as
+        many tokens), and ended with 413 if it streams past them. (Buffered mode is bounded by
+        Envoy's own buffer.)
     response_phase
         ``"observer"`` (default, matches ``deploy/envoy/envoy.yaml``): a second ext_proc filter in
         observability mode reports the response, so the pick stream never records outcomes.

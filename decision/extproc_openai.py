@@ -17,6 +17,7 @@ from __future__ import annotations
 import codecs
 import json
 import math
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -40,10 +41,16 @@ class OpenAIRequest:
         Output budget the client asked for (0 when unspecified).
     stream
         Whether the client asked for a server-sent-event stream.
+    body_read
+        How much of the body the estimate saw: ``"whole"``; ``"partial"``, its first ``seen_bytes``
+        (the proxy passed only those, :func:`parse_cut_request`); ``"unseen"``, none of it (it
+        streams past after the decision, :func:`unseen_request`).
     seen_bytes, body_bytes
-        For a body the proxy passed only the start of (:func:`parse_cut_request`): the bytes seen,
-        and the whole body's size from its ``content-length`` (0 when unknown). Both 0 when the
-        whole body was seen.
+        For a body not read whole: the bytes seen, and the whole body's size from its
+        ``content-length`` (0 when unknown). Both 0 when the whole body was seen.
+    image_bytes
+        For a partial body: the bytes of inline base64 images in the part seen, left out of the
+        prompt estimate (see :func:`inline_image_chars`).
     """
 
     model: str
@@ -52,6 +59,8 @@ class OpenAIRequest:
     stream: bool
     seen_bytes: int = 0
     body_bytes: int = 0
+    body_read: str = "whole"
+    image_bytes: int = 0
 
 
 def _text_chars(content: Any) -> int:
@@ -203,6 +212,35 @@ def _members_before_cut(text: str) -> dict[str, Any] | None:
         out[key] = value
 
 
+# An image sent inline as a base64 data URL, as the value of "url" (chat completions:
+# {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}) or of "image_url" (the
+# Responses API's {"type": "input_image", "image_url": "data:..."}); up to its closing quote, or up to
+# the cut when the cut falls in it (even between an escape's two characters). The quotes around the
+# key are bare, so a key-like text inside a JSON string (where every quote is escaped) does not match.
+# A JSON writer may escape "/" as "\/".
+_INLINE_IMAGE = re.compile(r'"(?:url|image_url)"\s*:\s*"(data:image/[A-Za-z0-9.+-]+;base64,'
+                           r'(?:[A-Za-z0-9+/=]++|\\[/nr])*+)(?:"|\\?\Z)')
+
+
+def inline_image_chars(text: str) -> int:
+    r"""Characters of ``text`` (JSON, possibly cut) that are inline base64 images: their data URLs.
+
+    >>> inline_image_chars('{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": '
+    ...                    '{"url": "data:image/png;base64,iVBORw0KGgo="}}, {"type": "text", "text": "hi"}]}]}')
+    34
+    >>> inline_image_chars('{"input": [{"type": "input_image", "image_url": "data:image/jpeg;base64,/9j/4AAQ')  # cut
+    31
+    >>> inline_image_chars('{"content": "\\"url\\": \\"data:image/png;base64,AAAA\\""}')  # text that quotes one
+    0
+    """
+    return sum(len(m.group(1)) for m in _INLINE_IMAGE.finditer(text))
+
+
+def _bytes_per_ascii_char(encoding: str) -> int:
+    """What one ASCII character (all of base64) takes in the JSON encodings :func:`json.detect_encoding` names."""
+    return 4 if "32" in encoding else 2 if "16" in encoding else 1
+
+
 def parse_cut_request(prefix: bytes, body_bytes: int) -> OpenAIRequest | None:
     """What a JSON request body says when the proxy passed only its first bytes, ``prefix``, of ``body_bytes``.
 
@@ -211,8 +249,14 @@ def parse_cut_request(prefix: bytes, body_bytes: int) -> OpenAIRequest | None:
     :func:`_members_before_cut`); one the cut falls in, or past it, is unknown. The prompt is
     mostly past the cut, so the input-token estimate counts every byte of the whole body as a
     character of prompt: about what the whole body would get (for a text prompt, no less, as the
-    JSON around each message outweighs its per-message overhead), so a bigger body can never lower
-    it. ``None`` when ``prefix`` does not begin a JSON object.
+    JSON around each message outweighs its per-message overhead), so more bytes past the cut can
+    never lower it. Except the inline base64 images in the part seen (:func:`inline_image_chars`):
+    the model server decodes them into images, which cost tokens by their pixel size, not by the
+    length of their base64, and which a whole body's estimate does not count either (only text
+    parts are read, :func:`_text_chars`). Counted as text, a 3 MB photo (4 MB of base64) would be
+    charged some 1,000,000 tokens, which a token quota would then deny, where the whole body would
+    have been charged for its text alone. Images past the cut cannot be told from text, so they are
+    charged as text. ``None`` when ``prefix`` does not begin a JSON object.
 
     Examples
     --------
@@ -224,7 +268,8 @@ def parse_cut_request(prefix: bytes, body_bytes: int) -> OpenAIRequest | None:
         # As json.loads reads bytes (a UTF-8 BOM, UTF-16 or -32: what a backend in Python takes),
         # so no encoding can pass for "not JSON" and go uncharged. Incremental: a character the cut
         # split in two is left out, while a bad byte before the cut is an error.
-        decoder = codecs.getincrementaldecoder(json.detect_encoding(prefix))("strict")
+        encoding = json.detect_encoding(prefix)
+        decoder = codecs.getincrementaldecoder(encoding)("strict")
         text = decoder.decode(prefix, final=False)
     except UnicodeDecodeError:
         return None
@@ -232,8 +277,26 @@ def parse_cut_request(prefix: bytes, body_bytes: int) -> OpenAIRequest | None:
     if members is None:
         return None
     seen = _request_of(members)
-    est = max(seen.estimated_input_tokens, math.ceil(body_bytes / CHARS_PER_TOKEN))
-    return replace(seen, estimated_input_tokens=est, seen_bytes=len(prefix), body_bytes=body_bytes)
+    images = inline_image_chars(text) * _bytes_per_ascii_char(encoding)
+    est = max(seen.estimated_input_tokens, math.ceil(max(0, body_bytes - images) / CHARS_PER_TOKEN))
+    return replace(seen, estimated_input_tokens=est, seen_bytes=len(prefix), body_bytes=body_bytes,
+                   body_read="partial", image_bytes=images)
+
+
+def unseen_request(body_bytes: int) -> OpenAIRequest:
+    """The request whose body of ``body_bytes`` is decided on before any of it is seen.
+
+    Envoy's ``STREAMED`` body mode sends the body only once the answer to the headers has let
+    them go upstream, so the route is chosen on the headers. As for a cut body
+    (:func:`parse_cut_request`), every byte of the body counts as a character of prompt; the model
+    and the output budget are unknown (the model then comes from a header).
+
+    >>> r = unseen_request(4000)
+    >>> (r.estimated_input_tokens, r.max_tokens, r.seen_bytes, r.body_bytes, r.body_read)
+    (1000, 0, 0, 4000, 'unseen')
+    """
+    return OpenAIRequest("", math.ceil(body_bytes / CHARS_PER_TOKEN), 0, False, body_bytes=body_bytes,
+                         body_read="unseen")
 
 
 DONE_EVENT = "data: [DONE]"
