@@ -100,6 +100,7 @@ class LearnerSection(_Section):
     # Persistence and replica merging through PostgreSQL (learners.sync), when the audit DB is on.
     sync_interval_s: float = Field(default=5.0, gt=0, le=_DAY)
     snapshot_every_s: float = Field(default=60.0, gt=0, le=_DAY)
+    # The learner replica id where INFERMESH_REPLICA is not set (see learner_replica).
     replica: str = ""
 
 
@@ -196,7 +197,7 @@ class Settings(BaseSettings):
     redis_url: str = ""
     data_dir: Path = Path("var")
     log_level: str = "INFO"
-    replica: str = ""  # this process's replica id for learner merging (empty: single instance)
+    replica: str = ""  # this process's learner replica id (wins over learner.replica; empty: single instance)
     worker: int | None = Field(default=None, ge=0)  # set by `serve --workers N` in each worker: its index
     workers: int | None = Field(default=None, ge=1)  # ... and N, which the command line may set, not the config
     otel_exporter: Literal["none", "console"] = "none"  # OpenTelemetry span exporter (decision.tracing)
@@ -214,6 +215,33 @@ class Settings(BaseSettings):
 
 class ConfigError(ValueError):
     pass
+
+
+def learner_replica(config: ServiceConfig, settings: Settings) -> str:
+    """This process's learner replica id: ``INFERMESH_REPLICA``, else the config's ``learner.replica``.
+
+    The environment wins: it is what each process is given on its own (the pod name in
+    ``deploy/k8s``), where one config file is often read by many processes.
+    Deltas are keyed by replica, so an id is one live process's: a process started under an id
+    another one holds is refused at start-up (``learners.store.ReplicaInUse``). A worker of
+    ``serve --workers`` is given its id with ``-w<i>`` in ``INFERMESH_REPLICA`` by the parent
+    (from this same choice); a worker given none gets ``-w<i>`` on the config's.
+
+    Examples
+    --------
+    >>> cfg = ServiceConfig(fleet="f.yaml", learner=LearnerSection(replica="pod-a"))
+    >>> learner_replica(cfg, Settings(replica="vm-1")), learner_replica(cfg, Settings(replica="vm-1-w1", worker=1))
+    ('vm-1', 'vm-1-w1')
+    >>> learner_replica(cfg, Settings(replica="")), learner_replica(cfg, Settings(replica="", worker=1))
+    ('pod-a', 'pod-a-w1')
+    """
+    if settings.replica:
+        return settings.replica
+    if not config.learner.replica or settings.worker is None:
+        return config.learner.replica
+    from decision.workers import worker_replica  # workers builds services: imported when used
+
+    return worker_replica(config.learner.replica, settings.worker)
 
 
 def path_problem(p: Path, what: str = "file") -> str | None:

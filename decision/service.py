@@ -22,7 +22,7 @@ import grpc
 from fastapi import APIRouter
 
 from decision import heap
-from decision.config import ServiceConfig, Settings
+from decision.config import ServiceConfig, Settings, learner_replica
 from decision.contracts import AuditSink, FeatureBuilder, Guard, Learner, TraceReader
 from decision.domain import Endpoint
 from decision.edge import EdgeInterceptor, RequestLimits
@@ -431,28 +431,6 @@ def _check_scrape_targets(config: ServiceConfig, fleet: Fleet) -> None:
         if t.node_id and node and t.node_id != node:
             with config.located("telemetry", "scrape", i, "node_id"):
                 raise ValueError(f"endpoint {t.endpoint_id!r} runs on node {node!r}, not {t.node_id!r}")
-
-
-def learner_replica(config: ServiceConfig, settings: Settings) -> str:
-    """This process's learner replica id: the config's, else ``INFERMESH_REPLICA``; a worker of
-    ``serve --workers`` gets ``-w<i>`` on the config's (the environment's has it already), since
-    deltas are keyed by replica: a shared id would make the workers' deltas collide, never merged.
-    So an id is one live process's: a process started under an id another one holds is refused at
-    start-up (``learners.store.ReplicaInUse``), and ``learner.replica``, which takes precedence,
-    belongs only in a config one process (or one ``serve --workers``) reads.
-
-    >>> from decision.config import LearnerSection
-    >>> cfg = ServiceConfig(fleet="f.yaml", learner=LearnerSection(replica="pod-a"))
-    >>> learner_replica(cfg, Settings(replica="vm-w1", worker=1)), learner_replica(cfg, Settings())
-    ('pod-a-w1', 'pod-a')
-    """
-    if not config.learner.replica:
-        return settings.replica
-    if settings.worker is None:
-        return config.learner.replica
-    from decision.workers import worker_replica  # workers builds services: imported when used
-
-    return worker_replica(config.learner.replica, settings.worker)
 
 
 def _quota_store_problem(guard: Guard) -> str | None:

@@ -17,7 +17,7 @@ Python serves one core per process, so more cores means more processes. The pare
 * gives worker ``i`` the HTTP port ``http_port + i`` (``0`` stays ephemeral), its own data
   directory ``<data_dir>/worker-<i>`` (the audit spool must not be shared: a configured
   ``audit.spool_dir`` gets a ``worker-<i>`` subfolder too) and the replica id
-  ``<INFERMESH_REPLICA or host>-w<i>`` (learner statistics merge through PostgreSQL,
+  ``<INFERMESH_REPLICA, else learner.replica, else host>-w<i>`` (learner statistics merge through PostgreSQL,
   ``learners.sync``, keyed by replica: two workers under one id would collide);
 * on SIGTERM or SIGINT, forwards SIGTERM to every worker, each of which stops accepting, finishes
   in-flight calls, drains its audit queue and snapshots its learner; if a worker dies on its own,
@@ -129,7 +129,7 @@ def serve_workers(config_path: str, workers: int, *, grpc_port: int | None = Non
     grpc_port, http_port : int, optional
         Overrides of the config's ports; worker ``i`` serves HTTP on ``http_port + i``.
     """
-    from decision.config import load_config, load_settings
+    from decision.config import learner_replica, load_config, load_settings
 
     # SIGHUP's default ends the process: until the workers are up (the embedded database, their own
     # start), a reload asked for is ignored, here and, inherited through spawn, in each worker.
@@ -150,7 +150,7 @@ def serve_workers(config_path: str, workers: int, *, grpc_port: int | None = Non
     procs = []
     for i in range(workers):
         env = {**db_env, "INFERMESH_DATA_DIR": str(data_dir / f"worker-{i}"),
-               "INFERMESH_REPLICA": worker_replica(settings.replica, i), "INFERMESH_WORKER": str(i),
+               "INFERMESH_REPLICA": worker_replica(learner_replica(cfg, settings), i), "INFERMESH_WORKER": str(i),
                "INFERMESH_WORKERS": str(workers)}
         p = ctx.Process(target=_worker, name=f"infermesh-worker-{i}",
                         args=(config_path, i, port, http_base + i if http_base else 0, extproc_port, env, ready))
