@@ -25,12 +25,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from audit import checkpoint, keys, partitions
 from audit.keys import Principal
 from audit.repository import SUMMARY_COLUMNS, AuditRepository, BadCursor, DecisionFilter
-from audit.verify import after_day, day_start
+from audit.time_range import FROM_HELP as TIME_FROM_HELP
+from audit.time_range import TO_HELP as TIME_TO_HELP
+from audit.time_range import BadBound, parse_range
 from audit.why import candidate_rows, render_text
 
 log = logging.getLogger(__name__)
@@ -47,19 +49,16 @@ def _name(description: str) -> Any:
     return Query(pattern=NAME, max_length=256, description=description)
 
 
-_TIME_FORMS = ("An ISO 8601 time with its zone (`2026-11-29T08:00:00Z`, `2026-11-29T09:00:00+01:00`), or a date "
-               "alone (`2026-11-29`), which is UTC: ")
-FROM_HELP = (_TIME_FORMS + "from that day's 00:00 UTC. Decisions at or after this instant. A time without a zone "
-             "is refused (422): it would mean a different instant on every auditor's machine.")
-TO_HELP = (_TIME_FORMS + "through the end of that day (up to the next day's 00:00 UTC), so `from=D&to=D` is day D, as "
-           "in `infermesh audit query --from D --to D` and `audit verify`. Decisions before this instant "
-           "(exclusive). A time without a zone is refused (422).")
+# The CLI's --help says the same of --from/--to (audit.time_range): one parser, one set of rules.
+FROM_HELP = (f"Decisions {TIME_FROM_HELP}. Examples: `2026-11-29`, `2026-11-29T08:00:00Z`, "
+             "`2026-11-29T09:00:00+01:00`, `2026-11-29T08:00` (UTC). Refused (422): anything else.")
+TO_HELP = (f"Decisions {TIME_TO_HELP}: `from=D&to=D` is day D, as `infermesh audit query --from D --to D` and "
+           "`audit verify` take it. Refused (422): anything else.")
 CURSOR_HELP = ("The `next_cursor` of the previous page, passed back unchanged (it is opaque) with the same "
                "filters, for the next, older page. Absent: the first, newest page. A cursor this API did not "
                "issue is refused (422).")
 LIMIT_HELP = ("Decisions per page, 1-500 (default 50). `infermesh audit query --limit` reads the database "
               "directly and takes up to 10,000; for every matching decision at once use `/v1/export`.")
-_ISO_TIME: TypeAdapter[dt.datetime] = TypeAdapter(dt.datetime)
 
 
 # Every query parameter of the endpoints that take filters (the filters, paging, export format).
@@ -124,32 +123,15 @@ _ERRORS = {
          "`X-API-Key: KEY` (`infermesh audit keys create` makes one).",
     403: "The key may not do this: a tenant-scoped key asking for another tenant.",
     404: "No such decision (for a tenant-scoped key, none of its tenant).",
-    422: "A parameter this route refuses: a value out of range or not of the form described, a time without a "
-         "zone, a cursor this API did not issue, or a query parameter the route does not take (a misspelt "
-         "filter is refused, not ignored, so it cannot widen a search).",
+    422: "A parameter this route refuses: a value out of range or not of the form described (a number for "
+         "`from`/`to`, say), a `from` not before `to`, a cursor this API did not issue, or a query parameter "
+         "the route does not take (a misspelt filter is refused, not ignored, so it cannot widen a search).",
 }
 
 
 def _errors(*codes: int, **texts: str) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for ``codes``; ``texts`` (``e403="..."``) replaces a code's general description."""
     return {code: {"model": Problem, "description": texts.get(f"e{code}", _ERRORS.get(code, ""))} for code in codes}
-
-
-def _time_param(name: str, text: str | None, *, end: bool) -> dt.datetime | None:
-    """``from``/``to`` as an instant: a date alone is UTC (its start, or for ``to`` the midnight after it)."""
-    if text is None:
-        return None
-    try:
-        if len(text) == 10 and text[4] == "-":  # YYYY-MM-DD: the same reading as the CLI's --from/--to
-            day = dt.date.fromisoformat(text)
-            return after_day(day) if end else day_start(day)
-        t = _ISO_TIME.validate_python(text)
-    except (ValueError, ValidationError, OverflowError):  # ValidationError is a ValueError; named for clarity
-        raise HTTPException(422, f"{name}: not a date (YYYY-MM-DD) or an ISO 8601 time: {text[:64]!r}") from None
-    if t.tzinfo is None:
-        raise HTTPException(422, f"{name}: a time needs its zone (e.g. 2026-11-29T08:00:00Z), or give a date "
-                                 "alone (YYYY-MM-DD, UTC)")
-    return t
 
 
 def build_router(repo: AuditRepository, *, reload: Callable[[], str] | None = None,
@@ -228,7 +210,10 @@ def build_router(repo: AuditRepository, *, reload: Callable[[], str] | None = No
             if tenant is not None and tenant != p.tenant:
                 raise HTTPException(403, "this key may only read its own tenant")
             tenant = p.tenant
-        start_at, end_at = _time_param("from", start, end=False), _time_param("to", end, end=True)
+        try:
+            start_at, end_at = parse_range(start, end)
+        except BadBound as exc:  # "from '...': why", as the API's other refusals name their parameter
+            raise HTTPException(422, str(exc)) from None
         return DecisionFilter(start=start_at, end=end_at, tenant=tenant, region=region, site=site, tier=tier,
                               model=model, endpoint=endpoint, rule=rule, status=status, outcome_status=outcome)
 

@@ -16,35 +16,12 @@ import psycopg
 
 from audit import checkpoint, database, keys, partitions
 from audit.repository import AuditRepository, BadCursor, DecisionFilter
-from audit.verify import after_day, day_start, verify
+from audit.time_range import FROM_HELP, TO_HELP, BadBound, parse_range, parse_when
+from audit.verify import verify
 from audit.why import render_text
 from decision.cli_args import bounded_int
 
 SubParsers = "argparse._SubParsersAction[argparse.ArgumentParser]"
-
-
-_WHEN = "a date (YYYY-MM-DD) or an ISO 8601 time (e.g. 2026-11-29T08:00:00Z)"
-
-
-def _when(text: str) -> dt.date | dt.datetime:
-    """``text`` as a date (a bare YYYY-MM-DD) or a time; an argparse error naming both forms otherwise."""
-    try:
-        if len(text) == 10:  # a date alone
-            return dt.date.fromisoformat(text)
-        return dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not {_WHEN}: {text!r}") from None
-
-
-def _time_bound(*, end: bool) -> Callable[[str], dt.datetime | None]:
-    """An ISO time, or a bare YYYY-MM-DD meaning that whole UTC day: its start for ``--from``, the
-    midnight after it for ``--to`` (so ``--from D --to D`` is day D, as in ``audit verify``)."""
-    def time(text: str) -> dt.datetime | None:
-        when = _when(text)
-        if isinstance(when, dt.datetime):
-            return when
-        return after_day(when) if end else day_start(when)
-    return time
 
 
 class DayBound(NamedTuple):
@@ -54,22 +31,25 @@ class DayBound(NamedTuple):
     time: str | None
 
 
-def _day_bound(*, end: bool) -> Callable[[str], DayBound]:
+def _day_bound(text: str | None, *, name: str, end: bool) -> DayBound | None:
     """A date, or a time (UTC if no zone) standing for the UTC day it falls in: hash chains are per day
     partition, each verified from its start, so ``verify`` takes whole days. ``--to`` is exclusive as a
-    time, as in ``query``: ``--to 2026-11-30T00:00:00Z`` ends with 2026-11-29."""
-    def day(text: str) -> DayBound:
-        when = _when(text)
-        if not isinstance(when, dt.datetime):
-            return DayBound(when, None)
-        try:
-            utc = (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).astimezone(dt.UTC)
-            if end:
-                utc -= dt.timedelta(microseconds=1)
-        except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00, or the first instant as an exclusive end
-            raise argparse.ArgumentTypeError(f"no UTC day a date can name holds {text!r}") from None
-        return DayBound(utc.date(), text)
-    return day
+    time, as in ``query``: ``--to 2026-11-30T00:00:00Z`` ends with 2026-11-29.
+
+    Raises
+    ------
+    BadBound
+        What ``query`` refuses (the same parser), or an exclusive end at the first instant there is.
+    """
+    if text is None:
+        return None
+    when = parse_when(text, name=name)
+    if not isinstance(when, dt.datetime):
+        return DayBound(when, None)
+    try:
+        return DayBound((when - dt.timedelta(microseconds=1) if end else when).date(), text)
+    except OverflowError:  # 0001-01-01T00:00:00Z as an exclusive end: no day before it
+        raise BadBound(f"{name}: {text!r}, an exclusive end, leaves no UTC day before it") from None
 
 
 def _days_text(start: DayBound | None, end: DayBound | None) -> str:
@@ -82,10 +62,10 @@ def _days_text(start: DayBound | None, end: DayBound | None) -> str:
 
 
 def _add_filters(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--from", dest="start", type=_time_bound(end=False),
-                   help="ISO time (UTC if no zone), or YYYY-MM-DD: from that day's start")
-    p.add_argument("--to", dest="end", type=_time_bound(end=True),
-                   help="ISO time (exclusive; UTC if no zone), or YYYY-MM-DD: through the end of that day")
+    # Parsed by the command, not argparse: a bad value is one line naming the option, as the API's 422
+    # names the parameter, and is read by the same parse_range.
+    p.add_argument("--from", dest="start", metavar="WHEN", help=f"decisions {FROM_HELP}")
+    p.add_argument("--to", dest="end", metavar="WHEN", help=f"decisions {TO_HELP}")
     for name in ("tenant", "region", "site", "model", "endpoint", "rule"):
         p.add_argument(f"--{name}")
     p.add_argument("--tier", choices=["datacenter", "edge", "device"])
@@ -93,12 +73,10 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outcome", choices=["ok", "error", "timeout", "cancelled", "none"])
 
 
-def _utc(t: dt.datetime | None) -> dt.datetime | None:
-    return t if t is None or t.tzinfo else t.replace(tzinfo=dt.UTC)
-
-
 def _filters(a: argparse.Namespace) -> DecisionFilter:
-    return DecisionFilter(start=_utc(a.start), end=_utc(a.end), tenant=a.tenant, region=a.region, site=a.site,
+    """The command's filters; ``BadBound`` for a ``--from``/``--to`` the API would refuse as well."""
+    start, end = parse_range(a.start, a.end, from_name="--from", to_name="--to")
+    return DecisionFilter(start=start, end=end, tenant=a.tenant, region=a.region, site=a.site,
                           tier=a.tier, model=a.model, endpoint=a.endpoint, rule=a.rule, status=a.status,
                           outcome_status=a.outcome)
 
@@ -131,12 +109,12 @@ def register(sub: Any) -> None:
     _add_database_url(p)
     p.set_defaults(func=_reporting(cmd_export))
     p = asub.add_parser("verify", help="recompute the hash chains; report the first broken link")
-    p.add_argument("--from", dest="start", type=_day_bound(end=False),
-                   help="first UTC day: YYYY-MM-DD, or an ISO time (UTC if no zone) for the whole day it falls in "
-                        "(hash chains are verified a day partition at a time)")
-    p.add_argument("--to", dest="end", type=_day_bound(end=True),
-                   help="last UTC day, inclusive: YYYY-MM-DD, or an ISO time, exclusive as in `query` (up to "
-                        "2026-11-30T00:00:00Z ends with 2026-11-29), for the whole day before it")
+    p.add_argument("--from", dest="start", metavar="WHEN",
+                   help="first UTC day: YYYY-MM-DD, or an ISO 8601 date-time as `query` takes it (UTC if no zone) "
+                        "for the whole day it falls in (hash chains are verified a day partition at a time)")
+    p.add_argument("--to", dest="end", metavar="WHEN",
+                   help="last UTC day, inclusive: YYYY-MM-DD, or an ISO 8601 date-time, exclusive as in `query` "
+                        "(up to 2026-11-30T00:00:00Z ends with 2026-11-29), for the whole day before it")
     p.add_argument("--checkpoint", metavar="FILE",
                    help="also require the chain heads recorded by `audit checkpoint` (catches deleted tails "
                         "and rewritten chains)")
@@ -216,6 +194,8 @@ def _reporting(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
     def run(a: argparse.Namespace) -> int:
         try:
             return cmd(a)
+        except BadBound as exc:  # raised before the log is opened: the commands parse their bounds first
+            print(f"infermesh audit {a.audit_command}: {exc}", file=sys.stderr)
         except database.NoAuditLog as exc:
             print(f"infermesh audit: {exc}", file=sys.stderr)
         except psycopg.Error as exc:  # lost mid-command, or refused (permissions)
@@ -239,9 +219,10 @@ def cmd_why(a: argparse.Namespace) -> int:
 
 
 def cmd_query(a: argparse.Namespace) -> int:
+    filters = _filters(a)
     repo = AuditRepository(_url(a))
     try:
-        rows, nxt = repo.list_decisions(filters=_filters(a), cursor=a.cursor, limit=a.limit)
+        rows, nxt = repo.list_decisions(filters=filters, cursor=a.cursor, limit=a.limit)
     except BadCursor:
         print(f"--cursor {a.cursor!r}: not a cursor this command printed (pass its 'more: --cursor' value)",
               file=sys.stderr)
@@ -263,6 +244,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         print("infermesh audit export: --trace: traces are exported as JSON lines only; use --format jsonl "
               "(the default) with --trace, or --format csv without it", file=sys.stderr)
         return 2
+    filters = _filters(a)
     url = _url(a)  # before the output is opened: a missing log must not truncate an existing file
     # Into a partial file renamed at the end: an export cut short (the database gone mid-stream) must
     # not leave a file that looks like a complete export of what was asked for.
@@ -279,10 +261,10 @@ def cmd_export(a: argparse.Namespace) -> int:
     done = False
     try:
         if a.format == "csv":
-            for s in _csv(repo, _filters(a)):
+            for s in _csv(repo, filters):
                 out.write(s.encode())
         else:
-            for b in _jsonl(repo, _filters(a), a.trace):
+            for b in _jsonl(repo, filters, a.trace):
                 out.write(b)
         done = True
     finally:
@@ -297,6 +279,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
+    first, last = _day_bound(a.start, name="--from", end=False), _day_bound(a.end, name="--to", end=True)
     heads = None
     if a.checkpoint:  # read first: a bad file is the auditor's to fix before anything is walked
         try:
@@ -313,16 +296,16 @@ def cmd_verify(a: argparse.Namespace) -> int:
         except checkpoint.CheckpointError as exc:
             print(str(exc), file=sys.stderr)
             return 2
-    start: dt.date | None = a.start.day if a.start is not None else None
-    end: dt.date | None = a.end.day if a.end is not None else None
-    if start is not None and end is not None and start > end:  # would verify nothing and say ok
-        first = str(start) if a.start.time is None else f"{start} (the UTC day of {a.start.time})"
-        last = str(end) if a.end.time is None else f"{end} (the last UTC day before {a.end.time})"
-        print(f"--from {first} is after --to {last}", file=sys.stderr)
+    start = first.day if first is not None else None
+    end = last.day if last is not None else None
+    if first is not None and last is not None and first.day > last.day:  # would verify nothing and say ok
+        since = str(first.day) if first.time is None else f"{first.day} (the UTC day of {first.time})"
+        until = str(last.day) if last.time is None else f"{last.day} (the last UTC day before {last.time})"
+        print(f"infermesh audit verify: --from {since} is after --to {until}", file=sys.stderr)
         return 2
-    if any(b is not None and b.time is not None for b in (a.start, a.end)):  # what a time range stands for
+    if any(b is not None and b.time is not None for b in (first, last)):  # what a time range stands for
         print(f"verify takes whole UTC days (each day's hash chains are checked from their start): "
-              f"{_days_text(a.start, a.end)}", file=sys.stderr)
+              f"{_days_text(first, last)}", file=sys.stderr)
     url = _url(a)
     report = verify(url, start=start, end=end)
     if report.broken is not None:
