@@ -51,6 +51,7 @@ from audit.masking import Masker
 from audit.settings import AuditSettings
 from audit.spool import Spool
 from audit.trace_store import STORED_TRACE, encode_trace
+from decision.contracts import LIBPQ_KEEPALIVES
 from decision.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -355,8 +356,7 @@ class AuditWriter(AtBoundCounts):
             # on the socket for as long as the kernel's retransmissions last.
             self._conn = psycopg.connect(self.url, connect_timeout=s.connect_timeout_s,
                                          options=f"-c statement_timeout={s.statement_timeout_ms}",
-                                         keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
-                                         tcp_user_timeout=s.statement_timeout_ms + 5000)
+                                         tcp_user_timeout=s.statement_timeout_ms + 5000, **LIBPQ_KEEPALIVES)
             self._conn.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS audit_stage_d (LIKE decision_events) ON COMMIT DELETE ROWS")
             self._conn.execute(

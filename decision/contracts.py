@@ -7,7 +7,7 @@ Only the composition root (:mod:`decision.service`) knows concrete classes. Guar
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -109,6 +109,13 @@ class TraceReader(Protocol):
 # A value the audit log stores masked (keyed pseudonym, audit.masking) starts with this: the engine
 # must not take a masked tenant read back from the log for the tenant itself.
 PSEUDONYM_PREFIX = "h:"
+
+# The client side (libpq parameters) of every connection to the shared PostgreSQL, the audit writer's
+# and the learner store's: keepalives make one whose packets vanish (a partition, no reset) fail
+# within seconds (idle 5 s, then 3 probes 2 s apart), as an outage, instead of waiting as long as the
+# kernel's retransmissions last.
+LIBPQ_KEEPALIVES: Final[Mapping[str, Any]] = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
+                                              "keepalives_count": 3}
 
 
 @runtime_checkable

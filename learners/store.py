@@ -29,6 +29,7 @@ from psycopg.abc import Params
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from decision.contracts import LIBPQ_KEEPALIVES
 from learners._linear import FloatArray
 
 log = logging.getLogger("infermesh.learners.store")
@@ -37,9 +38,6 @@ _MAX_SEQ = 2**63 - 1  # delta seqs are bigint; a mark past it would fail every l
 # Server-side TCP keepalives of the session that holds replica locks (seconds): a client whose host
 # died holds nothing after about idle + interval * count (the default, 2 h, would keep the id taken).
 _KEEPALIVES = {"tcp_keepalives_idle": 30, "tcp_keepalives_interval": 10, "tcp_keepalives_count": 3}
-# The client's side of the same (libpq): a connection whose packets vanish fails within seconds.
-_CLIENT_KEEPALIVES: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
-                                      "keepalives_count": 3}
 _OWN_SESSIONS = 16  # earlier sessions of a store remembered, to end one a broken connection left holding its ids
 _END_WAIT_MS = 5000  # how long pg_terminate_backend waits (at most) for such a session to be gone, its locks freed
 
@@ -243,7 +241,7 @@ class LearnerStore:
         # no reset) as an outage, instead of waiting as long as the kernel's retransmissions last.
         conn: psycopg.Connection[dict[str, Any]] = psycopg.connect(
             self.url, autocommit=True, row_factory=dict_row, connect_timeout=self.connect_timeout_s,
-            tcp_user_timeout=int(self._answer_s * 1000), **_CLIENT_KEEPALIVES)
+            tcp_user_timeout=int(self._answer_s * 1000), **LIBPQ_KEEPALIVES)
         bounded = _Bounded(conn, self._deadline)
         try:
             try:
@@ -620,7 +618,7 @@ class LearnerStore:
         # Bounded connect and client keepalives as on the store's own connection; no statement timeout, since a
         # replay may read for long.
         with psycopg.connect(self.url, row_factory=dict_row, connect_timeout=self.connect_timeout_s,
-                             **_CLIENT_KEEPALIVES) as conn, \
+                             **LIBPQ_KEEPALIVES) as conn, \
                 conn.cursor(name="learners_log") as cur:
             cur.itersize = 2000
             cur.execute(sql, params)
