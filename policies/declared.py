@@ -16,19 +16,31 @@ compiled. Much of what cannot be checked is refused:
 * a key that is not written out (``input.request[k]``, ``object.get(input.request, k, d)``, CEL
   ``request[k]``, ``k in request``), unless ``k`` walks the same object's own keys;
 * an input object used as a whole other than by a variable, a walk, a function of the bundle,
-  ``count`` (and ``object.keys``, ``size``): passed to another built-in, compared, put in a collection.
+  ``count`` (and ``object.keys``, ``size``): passed to another built-in, compared, put in a collection;
+* ``data[...]`` (a package or rule reached through a bracket).
 
-* ``data[...]`` (a package or rule reached through a bracket);
-* a walk's key compared (``==``, ``!=``) to the name of a field the rule does not declare.
+Enumerating keys is a read of every field the enumeration finds, so it is checked against what the
+rule declares (``Declared.undeclared``):
 
-Walking an object (``some k, v in input.request``, CEL ``age_s.all(m, age_s[m] <= 30)``) is
-allowed: it reads only what is there, which is what was declared.
+* a record (``input.request``, a candidate's ``endpoint``; ``input`` and a candidate themselves) whose
+  fields the rule does not all declare may not be enumerated at all: ``some k, v in input.request``,
+  ``every``, ``c.endpoint[_]``, ``some k`` then ``input.request[k]``, ``object.keys``, ``count``, CEL
+  ``request.exists(k, ...)`` and the other macros, ``size(request)``. Its fields mean different
+  things, so whatever the walk tests (``startswith(k, "prompt")``, ``v == "medical"``) is a field the
+  rule is never given: absent, the deny condition on it lets every candidate through. A record the
+  rule declares whole (``endpoint_fields`` left out gives every field) may be walked, and so may a
+  declared field's own value (``some k, v in input.request.labels`` with ``labels`` declared);
+* a metric map (``telemetry``, ``age_s``) holds one kind of value, and a walk may treat every metric
+  the rule declares alike (``some v in c.age_s``, ``c.age_s[_]``, ``count``, CEL
+  ``age_s.all(m, age_s[m] <= 30)``); using the key other than to read the same map back
+  (``startswith(m, "gpu")``, ``m == "gpu_temp_c"``, collecting keys, ``object.keys``) picks metrics out
+  by name, and is refused unless the rule declares every metric. A CEL message decides nothing: it
+  may name the metrics it walks.
 
-This check is not complete: a walk's key tested otherwise (``startswith(k, ...)``), ``object.keys``
-then membership, copies of an object through comprehensions or functions, CEL ``exists``/``map``/
-``filter`` over a section's keys get past it. The case tables are the backstop
-(:mod:`policies.selftest` runs every case again with undeclared fields present and fails it when the
-verdict changes); a disguised read that no case exercises is caught by neither.
+This check scans source text, and a construct it does not follow may still get past it. The case
+tables are the backstop (:mod:`policies.selftest` runs every case again with undeclared fields
+present and fails it when the verdict changes); a disguised read that no case exercises is caught by
+neither.
 """
 
 from __future__ import annotations
@@ -74,6 +86,11 @@ _SECTIONS: dict[str, tuple[str, frozenset[str]]] = {
 _WHAT = {"input": "input", "candidates": "input.candidates", "candidate": "a candidate",
          "request": "input.request", "endpoint": "a candidate's endpoint", "telemetry": "a candidate's telemetry",
          "age_s": "a candidate's age_s"}
+# Records, whose fields mean different things (walking one that is not fully declared reads in disguise
+# whichever field the walk finds), and maps of one kind of value by metric name (a walk may treat every
+# metric it is given alike; it reads in disguise only when it looks at the key).
+_RECORDS = ("request", "endpoint")
+_METRICS = ("telemetry", "age_s")
 _CANDIDATE_KEYS: dict[str, str | None] = {"id": None, "endpoint": "endpoint", "telemetry": "telemetry",
                                            "age_s": "age_s"}
 _INPUT_KEYS: dict[str, str | None] = {"request": "request", "candidates": "candidates", "state": "state"}
@@ -118,6 +135,51 @@ class Declared:
         return (f"{text}: rule {self.rule_id} reads {section}.{key} but does not declare it, so it is never "
                 f"given it ({effect}); add {key} to the rule's {manifest_key} in manifest.yaml")
 
+    def undeclared(self, kind: str) -> list[str]:
+        """What an object of ``kind`` can hold that the rule does not declare (empty: fully declared).
+
+        >>> d = Declared.of(RuleSpec(id="r", kind="other", engine="cel", file="r.cel", ages=["xid_errors"]))
+        >>> d.undeclared("endpoint"), d.undeclared("age_s")[:2], d.undeclared("candidate")[:2]
+        ([], ['fb_free_mib', 'fb_used_mib'], ['telemetry.fb_free_mib', 'telemetry.fb_used_mib'])
+        """
+        if kind in _SECTIONS:
+            return sorted(_SECTIONS[kind][1] - self.fields[kind])
+        if kind == "candidate":
+            return [f"{part}.{name}" for part in ("endpoint", "telemetry", "age_s") for name in self.undeclared(part)]
+        if kind == "candidates":
+            return self.undeclared("candidate")
+        if kind == "input":
+            state = [] if self.state else ["state"]
+            return ([f"request.{name}" for name in self.undeclared("request")] + state
+                    + [f"candidates[_].{name}" for name in self.undeclared("candidate")])
+        return []  # state: given whole once declared (read undeclared, it is refused on its own)
+
+    def enumeration_problem(self, kind: str, text: str, how: str) -> str | None:
+        """Why enumerating the keys of ``kind`` (``text``, which ``how`` says how) is wrong; None if it is not."""
+        missing = self.undeclared(kind)
+        if not missing:
+            return None
+        noun = "metrics" if kind in _METRICS else "fields"
+        return (f"{text}: {how} {_WHAT[kind]}, but rule {self.rule_id} does not declare all of its {noun} (not "
+                f"{_listed(missing)}), so it reads {noun} the rule is never given, in disguise (absent, a deny "
+                f"condition on one lets every candidate through): read the {noun} by name and declare them, or "
+                f"declare every one")
+
+    def key_problem(self, kind: str, text: str, walk: str) -> str | None:
+        """Why looking at the key of a walk of the metric map ``kind`` (at ``text``) is wrong; None if it is not."""
+        missing = self.undeclared(kind)
+        if not missing:
+            return None
+        return (f"{text}: looks at the key of a walk of {_WHAT[kind]}, but rule {self.rule_id} does not declare "
+                f"all of its metrics (not {_listed(missing)}), so it picks out by name metrics the rule is never given "
+                f"(absent, a deny condition on one lets every candidate through): read the metric by name "
+                f"({kind}.gpu_temp_c) and declare it, or walk without looking at the key ({walk})")
+
+    def may_walk(self, kind: str) -> bool:
+        """Whether the rule may walk the keys of ``kind``, one of its input's objects with declared fields:
+        a metric map, or a record whose every field it declares."""
+        return kind in _METRICS or (kind in _RECORDS and not self.undeclared(kind))
+
     def state_problem(self, text: str) -> str | None:
         if self.state:
             return None
@@ -125,10 +187,18 @@ class Declared:
                 "add state: true to the rule in manifest.yaml")
 
 
-def _dynamic(text: str, what: str, walk: str = "some k, v in ...") -> str:
+def _dynamic(text: str, what: str, walk: str | None) -> str:
+    """A key that is not written out; ``walk`` is how to walk the object instead, when the rule may."""
+    hint = f" (walking every key, {walk}, is allowed)" if walk else ""
     return (f"{text}: reads {what} with a key that is not written out, so policy check cannot tell whether the "
             "rule declares it (a field it does not declare is never given to it): name the field, "
-            f"e.g. .tenant or [\"tenant\"] (walking every key, {walk}, is allowed)")
+            f"e.g. .tenant or [\"tenant\"]{hint}")
+
+
+def _listed(names: list[str], limit: int = 4) -> str:
+    """``a, b, c, d and 3 more``: what a rule does not declare, short enough for one message."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
 
 
 def _whole(text: str, what: str, how: str) -> str:
@@ -155,10 +225,17 @@ _CALLEE = re.compile(rf"(?<![\w.$])({NAME}(?:\.{NAME})*)\s*$")
 
 @dataclass(frozen=True)
 class _Acc:
-    """One step of a reference: ``.name`` / ``["name"]`` (key set), or a bracket whose key is not a string."""
+    """One step of a reference: ``.name`` / ``["name"]`` (key set), or a bracket whose key is not a string;
+    ``at`` is where it starts in the module (-1 for a step no source spells, such as an import's)."""
 
     key: str | None
     raw: str
+    at: int = -1
+
+    def key_at(self) -> int:
+        """Where the key of a bracket step starts."""
+        inner = self.raw[1:]
+        return self.at + 1 + len(inner) - len(inner.lstrip())
 
 
 @dataclass
@@ -191,6 +268,11 @@ class _RegoReads:
         self.scope: set[str] = set()  # the modules the rule reaches
         self.included: set[tuple[str, int]] = set()  # their statements the rule refers to: only they are scanned
         self.issues: dict[tuple[str, int, int, str], PolicyIssue] = {}
+        # The keys of walks of metric maps: where one is used, where one reads its own map back
+        # (c.age_s[m], which does not look at it), and which maps a key of some k (no domain) walks.
+        self.key_uses: set[tuple[str, int, str, str, int, str]] = set()  # module, statement, var, kind, at, text
+        self.read_back: set[tuple[str, int]] = set()  # module, at
+        self.walked_by: dict[tuple[str, int, str], set[str]] = {}  # module, statement, var -> kinds
 
     # -- what to scan --
     def reached(self, rule_module: str) -> list[str]:
@@ -242,9 +324,23 @@ class _RegoReads:
                                            "path out, data.<package>.<rule>, or import it")
         while self.todo:  # a new binding queues its statement again; bindings only grow, so this ends
             self.scan(*self.todo.pop(0))
+        self.looked_at_keys()
         return sorted(self.issues.values(), key=lambda i: (i.path, i.line, i.column, i.message))
 
+    def looked_at_keys(self) -> None:
+        """Report a key of a walk of a metric map used other than to read that map back (``startswith(m, ...)``,
+        ``m == "gpu_temp_c"``, a comprehension's head), unless the rule declares every metric. A walk of a
+        record that is not fully declared is refused where it walks; its keys are not reported again."""
+        for name, index, var, kind, at, text in sorted(self.key_uses):
+            if (name, at) in self.read_back:
+                continue
+            walked = {kind[4:]} if kind != "key:*" else self.walked_by.get((name, index, var), set())
+            for section in sorted(walked & set(_METRICS)):
+                self.issue(self.mods[name], at, self.decl.key_problem(section, text, "some v in c." + section))
+
     def bind(self, where: tuple[str, int], var: str, kind: str) -> None:
+        if var == "_":
+            return  # every _ is a variable of its own
         kinds = self.local.setdefault(where, {}).setdefault(var, set())
         if kind not in kinds:
             kinds.add(kind)
@@ -301,17 +397,10 @@ class _RegoReads:
             text = _shorten(mod.src[p:q])
             for kinds, rest in roots:
                 for kind in kinds:
-                    if kind.startswith("key:"):  # a key of a walk: it reads nothing, but compared to a name
-                        # it picks one field out (k == "prompt_class"), undeclared or not: name the field
-                        named = (re.match(r'\s*(?:==|!=)\s*("(?:\\.|[^"\\])*"|`[^`]*`)', mod.src[q:st.end])
-                                 or re.search(r'("(?:\\.|[^"\\])*"|`[^`]*`)\s*(?:==|!=)\s*$', mod.src[st.start:p]))
-                        if (kind != "key:*" and named
-                                and _string(named.group(1)) not in self.decl.fields.get(kind[4:], frozenset())):
-                            self.issue(mod, p, f"{text}: compares the key of a walk of {_WHAT[kind[4:]]} to a "
-                                               "field it does not declare, which reads that field all the same: "
-                                               "read the field by name (e.g. .prompt_class) and declare it")
+                    if kind.startswith("key:"):  # a key of a walk: it reads nothing, unless it is looked at
+                        self.key_uses.add((name, index, var, kind, p, text))
                         continue
-                    left = self.walk(mod, p, text, kind, rest, local)
+                    left = self.walk(mod, (name, index), p, text, kind, rest)
                     if left is not None:
                         self.context(mod, index, p, q, text, left)
 
@@ -338,16 +427,17 @@ class _RegoReads:
                 return [(found, accs[j - len(prefix) + 1:])]
         return []
 
-    def walk(self, mod: _Module, pos: int, text: str, kind: str, accs: list[_Acc],
-             local: Mapping[str, set[str]]) -> str | None:
-        """Follow ``accs`` from an object of ``kind``: reports what is wrong; the kind it ends on, None for a value."""
+    def walk(self, mod: _Module, where: tuple[str, int], pos: int, text: str, kind: str,
+             accs: list[_Acc]) -> str | None:
+        """Follow ``accs`` from an object of ``kind`` (read in statement ``where``): reports what is wrong; the
+        kind it ends on, None for a value."""
         for acc in accs:
             if kind == "state":
                 break
             if kind in ("input", "candidate"):
                 keys: Mapping[str, str | None] = _INPUT_KEYS if kind == "input" else _CANDIDATE_KEYS
                 if acc.key is None:
-                    self.issue(mod, pos, _dynamic(text, _WHAT[kind]))
+                    self.issue(mod, pos, _dynamic(text, _WHAT[kind], None))
                     return None
                 if acc.key not in keys:
                     self.issue(mod, pos, f"{text}: {_WHAT[kind]} has no key {acc.key!r}, only "
@@ -367,14 +457,31 @@ class _RegoReads:
             else:
                 if acc.key is not None:
                     self.issue(mod, pos, self.decl.field_problem(kind, acc.key, text))
-                elif not _walks(acc.raw, kind, local):
-                    base = text[:len(text) - len(acc.raw)] if text.endswith(acc.raw) else "..."
-                    self.issue(mod, pos, _dynamic(text, _WHAT[kind], f"some k, v in {base}"))
+                else:
+                    self.index(mod, where, pos, text, kind, acc)
                 return None
         if kind == "state":
             self.issue(mod, pos, self.decl.state_problem(text))
             return None
         return kind
+
+    def index(self, mod: _Module, where: tuple[str, int], pos: int, text: str, kind: str, acc: _Acc) -> None:
+        """A bracket whose key is not written out, on an object of ``kind``: a walk's key reading its object
+        back, a walk of its own (``[_]``, a key declared by ``some k``), or a read that cannot be checked."""
+        var = acc.raw[1:-1].strip()
+        kinds = self.local.get(where, {}).get(var, set())
+        if "key:" + kind in kinds:  # the walk that gave the key was checked where it walks
+            self.read_back.add((mod.name, acc.key_at()))
+        elif var == "_" or "key:*" in kinds:
+            if kind in _RECORDS:
+                self.issue(mod, pos, self.decl.enumeration_problem(kind, text, "walks"))
+            elif var != "_":
+                self.read_back.add((mod.name, acc.key_at()))
+                self.walked_by.setdefault((*where, var), set()).add(kind)
+        else:
+            base = text[:len(text) - len(acc.raw)] if text.endswith(acc.raw) else "..."
+            walk = f"some k, v in {base}" if self.decl.may_walk(kind) else None
+            self.issue(mod, pos, _dynamic(text, _WHAT[kind], walk))
 
     def context(self, mod: _Module, index: int, p: int, q: int, text: str, kind: str) -> None:
         """An input object used whole at ``code[p:q]``: where it goes."""
@@ -388,10 +495,13 @@ class _RegoReads:
             if kind == "candidates":
                 self.bind((mod.name, index), value, "candidate")
             elif kind in _SECTIONS:
+                if kind in _RECORDS:
+                    at = st.start + walk.start()
+                    self.issue(mod, at, self.decl.enumeration_problem(kind, _shorten(mod.src[at:q]), "walks"))
                 if key:
                     self.bind((mod.name, index), key, "key:" + kind)
             else:
-                self.issue(mod, p, _dynamic(text, _WHAT[kind]))
+                self.issue(mod, p, _dynamic(text, _WHAT[kind], None))
             return
         if re.search(r"\bin\s+$", before):
             if kind != "candidates":
@@ -420,17 +530,23 @@ class _RegoReads:
                         self.issue(self.mods[where[0]], at, _whole(param, _WHAT[kind], f"matched by a pattern "
                                                                    f"parameter of {callee}"))
             return
-        if callee == "count" or (callee == "object.keys" and kind in _SECTIONS) or not self.is_builtin(callee):
+        if not self.is_builtin(callee):
             return  # a function that does not exist is refused on its own (rego_calls.undefined_calls)
+        if callee == "count" or (callee == "object.keys" and kind in _SECTIONS):
+            # Counting a list, or a metric map's entries alike, looks at no key; otherwise both enumerate keys.
+            if not (callee == "count" and kind in ("candidates", *_METRICS)):
+                how = "counts the keys of" if callee == "count" else "takes the keys of"
+                self.issue(mod, p, self.decl.enumeration_problem(kind, f"{callee}({text})", how))
+            return
         if callee == "object.get" and n == 0 and len(args) > 1:
             key_text = mod.src[args[1][0]:args[1][1]]
             keys = _literal_keys(key_text)
             if keys is None:
-                self.issue(mod, p, _dynamic(f"object.get({text}, {_shorten(key_text)}, ...)", _WHAT[kind]))
+                hint = f"some k, v in {text}" if self.decl.may_walk(kind) else None
+                self.issue(mod, p, _dynamic(f"object.get({text}, {_shorten(key_text)}, ...)", _WHAT[kind], hint))
             else:
-                local = self.local.get((mod.name, index), {})
                 text = f"object.get({text}, {_shorten(key_text)}, ...)"
-                left = self.walk(mod, p, text, kind, [_Acc(k, f'["{k}"]') for k in keys], local)
+                left = self.walk(mod, (mod.name, index), p, text, kind, [_Acc(k, f'["{k}"]') for k in keys])
                 if left is not None:
                     self.issue(mod, p, _whole(text, _WHAT[left], "the result of object.get"))
             return
@@ -483,13 +599,13 @@ def _accessors(mod: _Module, at: int, end: int) -> tuple[list[_Acc], int]:
     while at < end:
         dot = _DOT.match(code, at, end)
         if dot:
-            out.append(_Acc(dot.group(1), "." + dot.group(1)))
+            out.append(_Acc(dot.group(1), "." + dot.group(1), at))
             at = dot.end()
         elif code.startswith("[", at):
             close = bracket_end(code, at)
             raw = mod.src[at:close]
             literal = _STRING.fullmatch(raw, 1, len(raw) - 1)
-            out.append(_Acc(_string(literal.group(1)) if literal else None, raw))
+            out.append(_Acc(_string(literal.group(1)) if literal else None, raw, at))
             at = close
         else:
             break
@@ -523,12 +639,6 @@ def _leading_keys(accs: list[_Acc]) -> list[str]:
             break
         out.append(a.key)
     return out
-
-
-def _walks(raw: str, kind: str, local: Mapping[str, set[str]]) -> bool:
-    """Whether the bracket ``raw`` enumerates the object's own keys: ``[_]``, or a variable that walks them."""
-    inner = raw[1:-1].strip()
-    return inner == "_" or bool(local.get(inner, set()) & {"key:" + kind, "key:*"})
 
 
 def _argument_of(code: str, start: int, p: int, q: int) -> tuple[str, int, list[tuple[int, int]]] | None:
@@ -597,16 +707,23 @@ def undeclared_rego_reads(modules: Mapping[str, tuple[str, str]], rule_module: s
 
 # -- CEL ----------------------------------------------------------------------------------------------
 
+_MACRO = re.compile(r"\.\s*([A-Za-z_]\w*)\s*$")
 _CEL_ROOTS = {"request": "request", "endpoint": "endpoint", "telemetry": "telemetry", "age_s": "age_s",
               "state": "state"}
 
 
 class _CelReads:
-    """The reads a CEL expression makes of its variables, from its checked syntax tree."""
+    """The reads a CEL expression makes of its variables, from its checked syntax tree.
 
-    def __init__(self, source: str, path: str, decl: Declared, positions: Mapping[int, int]) -> None:
-        self.source, self.path, self.decl, self.positions = source, path, decl, positions
+    A macro's key variable is bound to ``key:<object>@<macro id>``; ``looked`` holds the macros whose key
+    was used other than to read its own object back. ``verdict`` is False for a message, which decides
+    nothing: it may name the metrics it walks.
+    """
+
+    def __init__(self, source: str, path: str, decl: Declared, positions: Mapping[int, int], verdict: bool) -> None:
+        self.source, self.path, self.decl, self.positions, self.verdict = source, path, decl, positions, verdict
         self.issues: list[PolicyIssue] = []
+        self.looked: set[int] = set()
 
     def issue(self, node: Any, message: str | None) -> None:
         if message is not None:
@@ -619,6 +736,9 @@ class _CelReads:
         if which == "ident_expr":
             name = e.ident_expr.name
             if name in env:
+                walked = _walk_key(env[name])
+                if walked is not None:
+                    self.looked.add(walked[1])  # the key itself, not the read of its object (see key())
                 return env[name]
             kind = _CEL_ROOTS.get(name)
             if kind == "state":
@@ -634,7 +754,7 @@ class _CelReads:
         if which == "call_expr":
             return self.call(e, env)
         if which == "comprehension_expr":
-            return self.comprehension(e.comprehension_expr, env)
+            return self.comprehension(e, env)
         if which == "list_expr":
             self.values(e.list_expr.elements, env, "in a list")
         elif which == "struct_expr":
@@ -658,8 +778,8 @@ class _CelReads:
         if key.WhichOneof("expr_kind") == "const_expr" and key.const_expr.WhichOneof("constant_kind") == "string_value":
             name = key.const_expr.string_value
             self.issue(at, self.decl.field_problem(kind, name, f"{kind}[{json.dumps(name)}]"))
-        elif not (key.WhichOneof("expr_kind") == "ident_expr" and env.get(key.ident_expr.name) == "key:" + kind):
-            self.issue(at, _dynamic(kind + "[...]", kind, f"{kind}.all(k, ...)"))
+        elif not _reads_back(key, kind, env):
+            self.issue(at, _dynamic(kind + "[...]", kind, f"{kind}.all(k, ...)" if self.decl.may_walk(kind) else None))
             self.visit(key, env)
 
     def call(self, e: Any, env: Mapping[str, str | None]) -> str | None:
@@ -671,19 +791,26 @@ class _CelReads:
             self.key(self.visit(args[1], env), args[0], args[0], env)
         elif c.function == "_?._" and len(args) == 2:  # request.?field
             self.key(self.visit(args[0], env), args[1], args[0], env)
-        elif c.function == "size":
+        elif c.function == "size":  # of a metric map, it looks at no key; of a record, it enumerates them
             for node in [c.target] * c.HasField("target") + args:
-                self.visit(node, env)
+                kind = self.visit(node, env)
+                if kind in _RECORDS:
+                    self.issue(node, self.decl.enumeration_problem(kind, f"size({kind})", "counts the fields of"))
         else:
             how = "with an operator" if c.function.startswith(("_", "@", "!")) else f"passed to {c.function}"
             self.values([c.target] * c.HasField("target") + args, env, how)
         return None
 
-    def comprehension(self, c: Any, env: Mapping[str, str | None]) -> str | None:
+    def comprehension(self, e: Any, env: Mapping[str, str | None]) -> str | None:
+        c = e.comprehension_expr
         over = self.visit(c.iter_range, env)
         inner = dict(env)
         keys_of = over if over in _SECTIONS else over[5:] if over and over.startswith("keys:") else None
-        inner[c.iter_var] = "key:" + keys_of if keys_of else None  # a macro walks the keys it is given
+        inner[c.iter_var] = f"key:{keys_of}@{e.id}" if keys_of else None  # a macro walks the keys it is given
+        walked = over if over in _SECTIONS else f"{keys_of}.filter(...)"  # keys lists come from filter
+        text = f"{walked}.{self.macro(e)}({c.iter_var}, ...)"
+        if over in _RECORDS:  # (a list of a record's keys was refused where it was made)
+            self.issue(c.iter_range, self.decl.enumeration_problem(over, text, "walks"))
         if c.iter_var2:
             inner[c.iter_var2] = None
         init = self.visit(c.accu_init, env)
@@ -691,9 +818,32 @@ class _CelReads:
         self.visit(c.loop_condition, inner)
         self.visit(c.loop_step, inner)
         result = self.visit(c.result, inner)
+        if keys_of in _METRICS and e.id in self.looked and self.verdict:
+            self.issue(c.iter_range, self.decl.key_problem(keys_of, text, f"{keys_of}.all(m, {keys_of}[m] <= 30)"))
         if keys_of and _is_filter(c):
             return "keys:" + keys_of  # age_s.filter(m, ...) is a list of age_s's keys
         return result
+
+
+    def macro(self, e: Any) -> str:
+        """The name of the macro a comprehension was written as (``all``, ``filter``...): the word before
+        the parenthesis the engine locates it at."""
+        name = _MACRO.search(self.source, 0, self.positions.get(e.id, 0))
+        return name.group(1) if name else "<macro>"
+
+
+def _walk_key(value: str | None) -> tuple[str, int] | None:
+    """(object, macro id) when ``value`` is a macro's key variable, ``key:<object>@<macro id>``."""
+    if value is None or not value.startswith("key:"):
+        return None
+    kind, _, macro = value[4:].partition("@")
+    return kind, int(macro)
+
+
+def _reads_back(key: Any, kind: str, env: Mapping[str, str | None]) -> bool:
+    """Whether ``key`` is the key variable of a macro over ``kind`` itself: ``age_s[m]`` in ``age_s.all(m, ...)``."""
+    walked = _walk_key(env.get(key.ident_expr.name)) if key.WhichOneof("expr_kind") == "ident_expr" else None
+    return walked is not None and walked[0] == kind
 
 
 def _is_filter(c: Any) -> bool:
@@ -734,7 +884,8 @@ def undeclared_cel_reads(expr: Any, source: str, path: str, rule: RuleSpec) -> l
     wrapped.ParseFromString(expr.serialize())
     checked = _checked.CheckedExpr()
     wrapped.Unpack(checked)
-    reads = _CelReads(source, path, Declared.of(rule), checked.source_info.positions)
+    verdict = checked.type_map[checked.expr.id].primitive != _checked.Type.STRING  # a message is a string
+    reads = _CelReads(source, path, Declared.of(rule), checked.source_info.positions, verdict)
     top = reads.visit(checked.expr, {})
     if top in _SECTIONS:
         reads.issue(checked.expr, _whole(top, top, "as the result"))

@@ -3,6 +3,7 @@ on a malformed head, and the case-table backstop that runs every case with undec
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -142,15 +143,22 @@ violation contains c.id if {
 _C01 = '!request.exists(k, k == "prompt_class" && request[k] == "medical") || endpoint.safety_tier == "strict"\n'
 
 
-@pytest.mark.parametrize("engine, source, static", [("rego", _R01, False), ("rego", _R09, True),
-                                                    ("cel", _C01, True)],
+def _without_the_static_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The static check refuses these reads now (a walk of a request the rule does not declare whole):
+    the backstop is shown without it, standing for a disguised read the static check does not follow."""
+    monkeypatch.setattr("policies.bundle.undeclared_rego_reads", lambda *a, **k: [])
+    monkeypatch.setattr("policies.bundle.undeclared_cel_reads", lambda *a, **k: [])
+
+
+@pytest.mark.parametrize("engine, source", [("rego", _R01), ("rego", _R09), ("cel", _C01)],
                          ids=["r01_key_compare", "r09_some_index", "c01_exists_key"])
 def test_a_read_the_static_check_misses_fails_the_case_that_exercises_it(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str, source: str, static: bool) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str, source: str) -> None:
     d = _one_rule(tmp_path, engine, source, _MEDICAL_CASES)
-    if not static:  # r01 is now refused by the static check too: the backstop is shown without it
-        monkeypatch.setattr("policies.bundle.undeclared_rego_reads", lambda *a, **k: [])
-    compile_bundle(d)  # the static check does not see these reads
+    with pytest.raises(BundleError, match=r"walks input\.request, but rule safety\.t does not declare all"):
+        compile_bundle(d)
+    _without_the_static_check(monkeypatch)
+    compile_bundle(d)
     results = run_bundle_tests(d)
     assert [r.passed for r in results] == [False, True], results
     assert ("rule safety.t reads a field it does not declare: verdict differs with undeclared fields present "
@@ -161,23 +169,35 @@ def test_the_default_bundle_passes_the_backstop() -> None:
     assert all(r.passed for r in run_bundle_tests(DEFAULT_BUNDLE))
 
 
+_FRESH = "age_s.all(m, age_s[m] <= 30)\n"  # allowed: a metric map's walk may treat every declared metric alike
+_FRESH_CASES = "cases:\n  - name: fresh\n    age_s: {xid_errors: 1}\n    expect: allow\n"
+# The same endpoint with a stale metric the rule does not declare: given it, the walk would deny.
+_UNDECLARED_STALE = (_FRESH_CASES + "  - name: stale gpu_temp_c\n    age_s: {xid_errors: 1, gpu_temp_c: 99}\n"
+                     "    expect: allow\n")
+
+
+def test_a_walk_of_metrics_the_static_check_allows_is_still_seen_by_the_backstop(tmp_path: Path) -> None:
+    d = _one_rule(tmp_path, "cel", _FRESH, _UNDECLARED_STALE, "    ages: [xid_errors]\n")
+    compile_bundle(d)
+    results = run_bundle_tests(d)
+    assert [r.passed for r in results] == [True, False], results
+    assert "verdict differs with undeclared fields present" in results[1].detail
+
+
 def test_a_reload_onto_such_a_bundle_is_rejected(tmp_path: Path) -> None:
     from policies.reload import PolicyReloader
 
-    d = _one_rule(tmp_path, "rego", _R01.replace('k == "prompt_class"', 'k == "tenant"').replace(
-        'v == "medical"', 'v == "nobody"'), _MEDICAL_CASES.replace("must be denied", "is allowed").replace(
-        "expect: deny", "expect: allow"))
+    d = _one_rule(tmp_path, "cel", _FRESH, _FRESH_CASES, "    ages: [xid_errors]\n")
     reloader = PolicyReloader(d, on_swap=lambda g: None)
     reloader.load()
-    (d / "t.rego").write_text(_R09)
-    (d / "t_cases.yaml").write_text(_MEDICAL_CASES)
+    (d / "t_cases.yaml").write_text(_UNDECLARED_STALE)
     result = reloader.reload()
     assert not result.ok and "verdict differs with undeclared fields present" in result.error, result
 
 
 # -- static fixes: data[...], a name hidden only within its braces, a walk's key compared to a name ----
 
-_KEY_MSG = "k: compares the key of a walk of input.request to a field it does not declare"
+_KEY_MSG = "walks input.request, but rule safety.t does not declare all of its fields (not allowed_jurisdictions"
 _HEAD = "package t\nimport rego.v1\nallow contains c.id if {\n\tsome c in input.candidates\n\tnot violation[c.id]\n}\n"
 
 
@@ -190,10 +210,10 @@ _HEAD = "package t\nimport rego.v1\nallow contains c.id if {\n\tsome c in input.
     ('req := input.request\nviolation contains c.id if {\n\tsome c in input.candidates\n'
      '\tevery req in [1] { req > 0 }\n\treq.prompt_class == "medical"\n}\n',
      "req.prompt_class", "req.prompt_class: rule safety.t reads request.prompt_class but does not declare it"),
-    (_R01[len(_HEAD):], 'k == "prompt_class"', _KEY_MSG),
+    (_R01[len(_HEAD):], "some k, v in input.request", "some k, v in input.request: " + _KEY_MSG),
     ('ok_class if {\n\tevery k, v in input.request {\n\t\tk != "prompt_class"\n\t}\n}\n'
      'violation contains c.id if {\n\tsome c in input.candidates\n\tnot ok_class\n}\n',
-     'k != "prompt_class"', _KEY_MSG),
+     "every k, v in input.request", "every k, v in input.request: " + _KEY_MSG),
 ], ids=["r05_data_bracket", "r15_hidden_by_inner", "r16_hidden_by_every", "r01_key_compare", "r14_every_neg"])
 def test_the_reviewers_static_bypasses_are_refused_at_the_read(tmp_path: Path, source: str, needle: str,
                                                               message: str) -> None:
@@ -210,10 +230,13 @@ def test_the_reviewers_static_bypasses_are_refused_at_the_read(tmp_path: Path, s
         exc.value.issues
 
 
-def test_a_walks_key_used_in_a_reason_is_still_allowed(tmp_path: Path) -> None:
+def test_a_walk_of_a_request_the_rule_does_not_declare_whole_is_refused_even_for_a_reason(tmp_path: Path) -> None:
+    # Once allowed (the key only named in a reason): but v == "blocked" tests whichever field the walk
+    # finds, a field the rule is never given among them. Walks of a declared map: test_policies_enumeration.
     src = _HEAD + ('violation contains c.id if {\n\tsome c in input.candidates\n\tsome k, v in input.request\n'
                    '\tv == "blocked"\n\tmsg := sprintf("%s is blocked", [k])\n\tmsg != ""\n}\n')
-    compile_bundle(_one_rule(tmp_path, "rego", src, _MEDICAL_CASES))
+    with pytest.raises(BundleError, match="some k, v in input.request: " + re.escape(_KEY_MSG)):
+        compile_bundle(_one_rule(tmp_path, "rego", src, _MEDICAL_CASES))
 
 
 # -- a shared helper package: only what the rule refers to is its reads -------------------------------

@@ -137,8 +137,8 @@ def _rego(body: str, **extra: tuple[str, str]) -> list[str]:
     'allow contains c.id if { r := input.request; some c in input.candidates; e := c.endpoint; r.tenant == e.tier }',
     'req := input.request\nallow contains c.id if { some c in input.candidates; req.tenant == "a" }',
     'import input.request as rq\nallow contains c.id if { some c in input.candidates; rq["tenant"] == "a" }',
-    'allow contains c.id if { some c in input.candidates; every k, v in input.request { v != "" } }',
-    'allow contains c.id if { some c in input.candidates; some k; input.request[k] != "x"; c.endpoint[_] != "" }',
+    'allow contains c.id if { some c in input.candidates; every v in c.age_s { v < 30 } }',
+    'allow contains c.id if { some c in input.candidates; some m; c.age_s[m] < 30; c.telemetry[_] > 0 }',
     'allow contains c.id if { some c in input.candidates; object.get(input.request, "tenant", "") != "" }',
     'allow[c.id] { c := input.candidates[_]; c.endpoint.tier != "x" }',
     'best(cs) := {c.id | some c in cs; c.endpoint.tier == "x"}\nallow := best(input.candidates)',
@@ -148,7 +148,8 @@ def _rego(body: str, **extra: tuple[str, str]) -> list[str]:
     'req := input.request\nf(req) := req.model\nallow contains c.id if { some c in input.candidates; f(data.params) }',
     'allow contains c.id if {\n\tsome c in input.candidates\n\tnot f(\n\t\tinput.request,\n\t\tc.endpoint,\n\t)\n}\n'
     'f(r, e) if { r.tenant == "a"; e.tier == "b" }',
-], ids=["direct", "aliases", "package-alias", "import", "walk", "some-walk", "object.get", "old-style", "function",
+], ids=["direct", "aliases", "package-alias", "import", "metric-walk", "metric-some", "object.get", "old-style",
+        "function",
         "count", "indexed", "parameter-hides-rule", "multi-line-call"])
 def test_declared_reads_pass(body: str) -> None:
     assert _rego(body) == []
@@ -163,6 +164,13 @@ def test_declared_reads_pass(body: str) -> None:
      "p.rego:4:84: input.request[k]: reads input.request with a key that is not written out"),
     ('allow contains c.id if { some c in input.candidates; object.get(input.request, data.params.f, "") != "" }',
      "p.rego:4:65: object.get(input.request, data.params.f, ...): reads input.request with a key that is not"),
+    ('allow contains c.id if { some c in input.candidates; every k, v in input.request { v != "" } }',
+     "p.rego:4:54: every k, v in input.request: walks input.request, but rule t.r does not declare all of its "
+     "fields (not allowed_jurisdictions, client_region, data_class, estimated_input_tokens and 11 more)"),
+    ('allow contains c.id if { some c in input.candidates; some k; input.request[k] != "x" }',
+     "p.rego:4:62: input.request[k]: walks input.request, but rule t.r does not declare all of its fields"),
+    ('allow contains c.id if { some c in input.candidates; c.endpoint[_] != "" }',
+     "p.rego:4:54: c.endpoint[_]: walks a candidate's endpoint, but rule t.r does not declare all of its fields"),
     ('allow contains c.id if { some c in input.candidates; json.marshal(input.request) != "" }',
      "p.rego:4:67: input.request: uses input.request as a whole (passed to json.marshal)"),
     ('same(r) := r\nallow contains c.id if { some c in input.candidates; same(input.request).model == "a" }',
@@ -175,7 +183,8 @@ def test_declared_reads_pass(body: str) -> None:
      "p.rego:4:54: c.telemetry.gpu_temp_c: rule t.r reads telemetry.gpu_temp_c but does not declare it"),
     ('allow contains c.id if { some c in input.candidates; input.state.quota.requests < 3 }',
      "p.rego:4:54: input.state.quota.requests: rule t.r reads state but does not declare it"),
-], ids=["brackets", "key-from-params", "walk-of-params", "object.get-key", "builtin", "returned-whole", "typo",
+], ids=["brackets", "key-from-params", "walk-of-params", "object.get-key", "walk", "some-walk", "index-walk",
+        "builtin", "returned-whole", "typo",
         "candidate-key", "telemetry", "state"])
 def test_undeclared_or_unchecked_reads_are_refused(body: str, expected: str) -> None:
     (issue,) = _rego(body)
