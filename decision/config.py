@@ -100,6 +100,10 @@ class LearnerSection(_Section):
     # Persistence and replica merging through PostgreSQL (learners.sync), when the audit DB is on.
     sync_interval_s: float = Field(default=5.0, gt=0, le=_DAY)
     snapshot_every_s: float = Field(default=60.0, gt=0, le=_DAY)
+    # Replica deltas are read in pages (learners.store.LearnerStore) of at most this many rows and,
+    # past the first, bytes of their arrays, so that a page reads well within the statement timeout.
+    delta_page_rows: int = Field(default=1000, ge=1, le=1_000_000)
+    delta_page_bytes: int = Field(default=8 << 20, ge=1, le=1 << 30)
     # The learner replica id where INFERMESH_REPLICA is not set (see learner_replica).
     replica: str = ""
 

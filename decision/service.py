@@ -379,7 +379,9 @@ def _build_learner_sync(config: ServiceConfig, settings: Settings, audit: AuditP
     from learners.sync import LearnerSync
 
     replica = learner_replica(config, settings)
-    sync = LearnerSync(learner, LearnerStore(audit.database_url), features.names, replica=replica, barrier=barrier)
+    store = LearnerStore(audit.database_url, delta_page_rows=config.learner.delta_page_rows,
+                         delta_page_bytes=config.learner.delta_page_bytes)
+    sync = LearnerSync(learner, store, features.names, replica=replica, barrier=barrier)
     report = sync.restore()
     log.info("learner %s@%s restored: snapshot %s, %d replica deltas, %d outcomes replayed", learner.name,
              learner.version, report.snapshot_id, report.deltas, report.replayed)

@@ -15,9 +15,9 @@ import hashlib
 import logging
 import os
 import reprlib
+import secrets
 import socket
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -38,8 +38,56 @@ _MAX_SEQ = 2**63 - 1  # delta seqs are bigint; a mark past it would fail every l
 # Server-side TCP keepalives of the session that holds replica locks (seconds): a client whose host
 # died holds nothing after about idle + interval * count (the default, 2 h, would keep the id taken).
 _KEEPALIVES = {"tcp_keepalives_idle": 30, "tcp_keepalives_interval": 10, "tcp_keepalives_count": 3}
-_OWN_SESSIONS = 16  # earlier sessions of a store remembered, to end one a broken connection left holding its ids
 _END_WAIT_MS = 5000  # how long pg_terminate_backend waits (at most) for such a session to be gone, its locks freed
+_APP_NAME_MAX = 63  # PostgreSQL keeps the first NAMEDATALEN - 1 bytes of an application_name
+DELTA_PAGE_ROWS = 1000  # the most deltas one page holds (the config's learner.delta_page_rows default)
+DELTA_PAGE_BYTES = 8 << 20  # ... and, past the first, the most bytes of their arrays (learner.delta_page_bytes)
+
+
+def _sized(page: str) -> str:
+    """``page`` (deltas in (replica, seq) order, each with its arrays' ``size``) cut at ``%(bytes)s``.
+
+    The byte bound is a running sum over the row-bounded page: the first row always comes (a page
+    must progress), the rest only while what comes before them is under the bound.
+    """
+    return ("SELECT replica, seq, n_features, dn, da, db FROM ("
+            " SELECT *, sum(size) OVER (ORDER BY replica, seq) - size AS bytes_before FROM (" + page + ") page"
+            ") sized WHERE bytes_before < %(bytes)s::bigint ORDER BY replica, seq")
+
+
+_MARK = "coalesce((%(marks)s::jsonb ->> w.replica)::bigint, 0)"  # the last seq merged of replica w.replica
+# Every statement below reaches rows through the primary key (learner, version, replica, seq) by
+# seeks, never by reading a replica's merged history: deltas are never deleted, so a read that
+# filtered the seqs at or below a mark would cost more with every delta ever written.
+#
+# The replicas in key order (a loose index scan: one seek each), each with the unread deltas of the
+# replicas before it (``ahead``, counted by a seek past the mark and capped by the page). It stops
+# past the replica that fills the page, so a page visits the replicas it needs, not all of them.
+_WALK = (
+    "WITH RECURSIVE walk(replica, ahead) AS ("
+    " (SELECT replica, 0::bigint FROM learner_deltas WHERE learner = %(learner)s AND version = %(version)s"
+    "  ORDER BY replica LIMIT 1)"
+    " UNION ALL"
+    " SELECT nxt.replica, w.ahead + CASE WHEN w.replica IS NOT DISTINCT FROM %(exclude)s THEN 0 ELSE ("
+    "  SELECT count(*) FROM (SELECT FROM learner_deltas d WHERE d.learner = %(learner)s"
+    f"   AND d.version = %(version)s AND d.replica = w.replica AND d.seq > {_MARK} LIMIT %(rows)s::bigint) unread)"
+    "  END"
+    " FROM walk w CROSS JOIN LATERAL (SELECT d.replica FROM learner_deltas d WHERE d.learner = %(learner)s"
+    "  AND d.version = %(version)s AND d.replica > w.replica ORDER BY d.replica LIMIT 1) nxt"
+    " WHERE w.ahead < %(rows)s::bigint) ")
+# The next page of every replica's deltas past its mark: each replica's part is one index range from its mark.
+_DELTA_PAGE = _WALK + _sized(
+    "SELECT d.replica, d.seq, d.n_features, d.dn, d.da, d.db, octet_length(d.da) + octet_length(d.db) AS size"
+    " FROM walk w CROSS JOIN LATERAL (SELECT * FROM learner_deltas d WHERE d.learner = %(learner)s"
+    f"  AND d.version = %(version)s AND d.replica = w.replica AND d.seq > {_MARK}"
+    "  ORDER BY d.seq LIMIT %(rows)s::bigint - w.ahead) d"
+    " WHERE w.ahead < %(rows)s::bigint AND w.replica IS DISTINCT FROM %(exclude)s"
+    " ORDER BY d.replica, d.seq LIMIT %(rows)s::bigint")
+# The next page of one replica's deltas past a seq.
+_REPLICA_PAGE = _sized(
+    "SELECT replica, seq, n_features, dn, da, db, octet_length(da) + octet_length(db) AS size FROM learner_deltas"
+    " WHERE learner = %(learner)s AND version = %(version)s AND replica = %(replica)s AND seq > %(after)s::bigint"
+    " ORDER BY seq LIMIT %(rows)s::bigint")
 
 
 class DamagedSnapshot(ValueError):
@@ -76,8 +124,8 @@ class ReplicaRetaken(RuntimeError):
 
     While the session that held the id was lost, another process may have held it and written
     deltas under it: the owner's next seq may be taken, and those deltas are learning it does not
-    have. :meth:`LearnerStore.take_back` returns them and lets writes under the id go on;
-    :class:`learners.sync.LearnerSync` does so by itself.
+    have. :meth:`LearnerStore.take_back` returns them, page by page, and lets writes under the id go
+    on once a page comes empty; :class:`learners.sync.LearnerSync` does so by itself.
     """
 
 
@@ -195,6 +243,12 @@ class LearnerStore:
     Every write under a replica id happens on a session that holds that id's advisory lock (see
     :meth:`claim_replica`), so two live processes can never write deltas under one id.
 
+    Each of the store's sessions carries a random token of the store in its ``application_name``
+    (after any name the URL or ``PGAPPNAME`` gives, cut to fit): the one sign by which the store
+    knows an earlier session of its own, one its side alone saw break, and ends it. A backend's
+    pid and start time are not that sign: behind a session pooler (pgbouncer) the backend of a
+    session the store lost may be serving another client since.
+
     Every operation is bounded in time: connecting by ``connect_timeout_s``, a statement by the
     server's ``statement_timeout``, and the answer to each statement by a client-side deadline
     (the statement timeout plus 2 s) after which the connection is dropped, as a lost one is (the
@@ -212,23 +266,31 @@ class LearnerStore:
         The session's ``statement_timeout``; the client gives up on an answer 2 s after it.
     delta_page_rows, delta_page_bytes
         The most deltas, and (past the first) the most bytes of their arrays, one
-        :meth:`read_deltas` returns: 1,000 and 8 MiB read in well under the statement timeout.
+        :meth:`read_deltas` or :meth:`take_back` returns (``learner.delta_page_rows`` and
+        ``learner.delta_page_bytes`` of the service config): 1,000 and 8 MiB read in well under
+        the statement timeout.
+
+    Raises
+    ------
+    ValueError
+        ``delta_page_rows`` or ``delta_page_bytes`` is below 1 (the message names it).
     """
 
     def __init__(self, url: str, *, connect_timeout_s: int = 5, statement_timeout_s: float = 10.0,
-                 delta_page_rows: int = 1000, delta_page_bytes: int = 8 << 20) -> None:
+                 delta_page_rows: int = DELTA_PAGE_ROWS, delta_page_bytes: int = DELTA_PAGE_BYTES) -> None:
         self.url = url
         self.connect_timeout_s = max(1, int(connect_timeout_s))
         self.statement_timeout_s = statement_timeout_s
-        self.delta_page_rows = max(1, int(delta_page_rows))
-        self.delta_page_bytes = max(1, int(delta_page_bytes))
+        self.delta_page_rows = _at_least_one("delta_page_rows", delta_page_rows)
+        self.delta_page_bytes = _at_least_one("delta_page_bytes", delta_page_bytes)
         self._answer_s = statement_timeout_s + 2.0  # the server's own timeout gets to answer first
         self._lock = threading.Lock()
         self._sever_lock = threading.Lock()  # a deadline's socket shutdown never meets a close of that socket
         self._closed = False
         self._claims: dict[int, tuple[str, str, str]] = {}  # lock key -> (learner, version, replica)
-        self._retaken: set[int] = set()  # keys taken back on a new session, not yet take_back()-ed
-        self._sessions: deque[tuple[int, dt.datetime]] = deque(maxlen=_OWN_SESSIONS)  # (pid, backend_start)
+        self._retaken: set[int] = set()  # keys taken back on a new session, not yet read to the end by take_back()
+        self._token = secrets.token_hex(8)  # in every session's application_name: how an own session is known
+        self._app_name: str | None = None  # that application_name, once a session took it (None: none did)
         self._conn: psycopg.Connection[dict[str, Any]] = self._connect()
 
     def close(self) -> None:
@@ -253,15 +315,28 @@ class LearnerStore:
                     raise
                 log.warning("learner store: cannot set the session's statement timeout and TCP keepalives (%s); "
                             "a replica id whose host died stays taken until PostgreSQL notices", exc)
-            # Who this session is, to recognise it later as ours (see _end_own_session).
-            me = bounded.execute("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
-                                 ).fetchone()
+            self._mark_own(bounded)
         except BaseException:
             conn.close()
             raise
-        if me is not None:
-            self._sessions.append((int(me["pid"]), me["backend_start"]))
         return conn
+
+    def _mark_own(self, conn: _Bounded) -> None:
+        """Put the store's token in the new session's ``application_name``, to know it later as ours
+        (see :meth:`_end_own_session`).
+
+        A SET, not a connection parameter: a pooler's reset of a backend before it serves another
+        client (pgbouncer's ``DISCARD ALL``) takes the name back to what the backend started with,
+        so a backend this store used carries its token only while it serves this store.
+        """
+        wanted = self._app_name or _app_name(conn.conn.info.parameter_status("application_name") or "", self._token)
+        row = conn.execute("SELECT set_config('application_name', %s, false) AS app", (wanted,)).fetchone()
+        if row is not None and row["app"] == wanted:
+            self._app_name = wanted
+        else:
+            log.warning("learner store: the database session did not take the application_name %r (it has %r); an "
+                        "earlier session of this store whose connection broke on this side only is not recognised, and "
+                        "its replica ids stay taken until PostgreSQL ends it", wanted, row and row["app"])
 
     @contextlib.contextmanager
     def _deadline(self, conn: psycopg.Connection[dict[str, Any]]) -> Iterator[None]:
@@ -362,33 +437,39 @@ class LearnerStore:
                 log.warning("learner replica %r: releasing its lock failed: %s", replica, exc)
 
     def take_back(self, *, learner: str, version: str, replica: str, after: int) -> list[Delta]:
-        """This replica's deltas with a seq above ``after``; writes under its id may go on after this.
+        """The next page of this replica's deltas with a seq above ``after``; once one comes empty,
+        writes under its id may go on.
 
         Read on the session that holds the id, so nothing else can be written under it before the
         caller's next write. After the id was taken back on a new session (:class:`ReplicaRetaken`),
         the owner merges the deltas another process wrote under it meanwhile and numbers its own
         after them; the one it was sending when the session broke may be among them, stored.
 
+        Paged as :meth:`read_deltas` is, so that however much another process wrote under the id
+        meanwhile, each read fits in the statement timeout: the caller merges a page, asks again
+        after its last seq, and is done when a page comes empty (only that one settles the id).
+
         Parameters
         ----------
         learner, version, replica
             The id, as for :meth:`claim_replica` (claimed if it is not held).
         after
-            The last seq under the id the caller knows to be stored.
+            The last seq under the id the caller knows to be stored (or has merged from a page).
 
         Returns
         -------
         list of Delta
-            In seq order.
+            In seq order: at most ``delta_page_rows``, and past the first only while their arrays
+            fit in ``delta_page_bytes``. Empty: nothing is stored under the id past ``after``.
         """
         key = replica_lock_key(learner, version, replica)
         with self._using() as conn:
             self._hold(conn, key, learner, version, replica)
-            rows = conn.execute(
-                "SELECT replica, seq, n_features, dn, da, db FROM learner_deltas"
-                " WHERE learner = %s AND version = %s AND replica = %s AND seq > %s ORDER BY seq",
-                (learner, version, replica, after)).fetchall()
-            self._retaken.discard(key)
+            rows = conn.execute(_REPLICA_PAGE, {
+                "learner": learner, "version": version, "replica": replica, "after": after,
+                "rows": self.delta_page_rows, "bytes": self.delta_page_bytes}).fetchall()
+            if not rows:
+                self._retaken.discard(key)
         return [_decoded(r) for r in rows]
 
     def _hold(self, conn: _Bounded, key: int, learner: str, version: str,
@@ -411,7 +492,7 @@ class LearnerStore:
         if _try_lock(conn, key):
             return
         holder = _holder(conn, key)
-        own = holder is not None and (holder["pid"], holder["backend_start"]) in self._sessions
+        own = holder is not None and self._app_name is not None and holder["app"] == self._app_name
         if own and holder is not None and self._end_own_session(conn, holder) and _try_lock(conn, key):
             return
         who = f"learner replica {replica!r}" if replica else "the single instance (no learner replica id)"
@@ -436,14 +517,15 @@ class LearnerStore:
         A connection whose reset only the client saw (a flaky network, a proxy) leaves its server
         side alive and holding this store's replica ids: without this, the process would be locked
         out of its own id until the server's keepalives noticed, and refused as if another held it.
-        The session is matched by pid and start time, so a pid the server reused is never ended.
+        The session is matched by the store's token in its ``application_name`` as it is ended, so
+        neither a pid the server reused nor a backend a pooler gave another client is ended.
         """
         wait_ms = min(_END_WAIT_MS, int(self.statement_timeout_s * 500))  # within the statement timeout
         try:
             row = conn.execute(
                 "SELECT pg_terminate_backend(pid, %s) AS ended FROM pg_stat_activity"
-                " WHERE pid = %s AND backend_start = %s",
-                (max(1, wait_ms), holder["pid"], holder["backend_start"])).fetchone()
+                " WHERE pid = %s AND application_name = %s",
+                (max(1, wait_ms), holder["pid"], self._app_name)).fetchone()
         except psycopg.Error as exc:  # e.g. a role not allowed to signal backends
             log.warning("learner store: cannot end this process's earlier database session (backend pid %s) that "
                         "still holds its replica id(s): %s", holder["pid"], exc)
@@ -579,19 +661,16 @@ class LearnerStore:
         list of Delta
             In (replica, seq) order: at most ``delta_page_rows``, and past the first only while
             their arrays fit in ``delta_page_bytes``. Empty: nothing is left past ``after``.
+
+        Notes
+        -----
+        Its cost follows the page and the number of replica ids, not the deltas stored: each
+        replica's part is one index range starting at its mark (deltas are never deleted).
         """
         with self._using() as conn:
-            # The byte bound is a running sum over the row-bounded page: the first row always comes
-            # (a page must progress), the rest only while what comes before them is under the bound.
-            rows = conn.execute(
-                "SELECT replica, seq, n_features, dn, da, db FROM ("
-                " SELECT *, sum(size) OVER (ORDER BY replica, seq) - size AS before FROM ("
-                "  SELECT replica, seq, n_features, dn, da, db, octet_length(da) + octet_length(db) AS size"
-                "  FROM learner_deltas WHERE learner = %s AND version = %s AND replica IS DISTINCT FROM %s"
-                "  AND seq > coalesce((%s::jsonb ->> replica)::bigint, 0) ORDER BY replica, seq LIMIT %s) page"
-                ") sized WHERE before < %s ORDER BY replica, seq",
-                (learner, version, exclude_replica, Jsonb(dict(after)), self.delta_page_rows,
-                 self.delta_page_bytes)).fetchall()
+            rows = conn.execute(_DELTA_PAGE, {
+                "learner": learner, "version": version, "exclude": exclude_replica, "marks": Jsonb(dict(after)),
+                "rows": self.delta_page_rows, "bytes": self.delta_page_bytes}).fetchall()
         return [_decoded(r) for r in rows]
 
     # -- the audit log, read only --
@@ -629,6 +708,29 @@ class LearnerStore:
                     None if r["reward"] is None else float(r["reward"]),
                     None if r["ttft_ms"] is None else float(r["ttft_ms"]),
                     None if r["reported_at"] is None else r["reported_at"].timestamp())
+
+
+def _at_least_one(name: str, value: int) -> int:
+    """``value`` as a page bound, refused below 1 with a message naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer of at least 1, not {value!r}")
+    return value
+
+
+def _app_name(prefix: str, token: str) -> str:
+    """The ``application_name`` of a store's sessions: ``prefix`` (what the session was given, or
+    ``infermesh``) kept readable in front, cut so that the token, last, always fits.
+
+    >>> _app_name("", "0123456789abcdef")
+    'infermesh learners#0123456789abcdef'
+    >>> name = _app_name("x" * 80, "0123456789abcdef")
+    >>> len(name), name.endswith(" learners#0123456789abcdef")
+    (63, True)
+    """
+    tag = f" learners#{token}"
+    # PostgreSQL would rewrite a character outside printable ASCII, and the name must come back as it was set.
+    readable = "".join(c if " " <= c <= "~" else "?" for c in prefix.strip()) or "infermesh"
+    return readable[:_APP_NAME_MAX - len(tag)] + tag
 
 
 def _try_lock(conn: _Bounded, key: int) -> bool:

@@ -355,31 +355,34 @@ class LearnerSync:
         outbox, stored) or another process's, which held the id meanwhile: merged as another
         replica's deltas would be, so this process has that learning too, and the outbox is
         numbered after them, so its learning is not dropped as a conflict. Call with the sync lock held.
+
+        The rows come in pages (:meth:`LearnerStore.take_back`), each merged before the next is read,
+        until one comes empty: only then may writes under the id go on.
         """
         lin = self._linear()
         if lin is None:
             return
         name, version = self.key
-        rows = self.store.take_back(learner=name, version=version, replica=self.replica, after=self._seq)
-        foreign: list[Delta] = []
-        for d in rows:
-            out = self._outbox
-            if out is not None and d.seq == out.seq and _same(d, out):
-                self._outbox = None  # ours: the write went through though the session broke before saying so
-                self._seq = self._marks[self.replica] = d.seq
-                continue
-            if self._merge(lin, self.replica, d.seq, d.dA, d.db, d.dn):
-                self._taken_back += d.dn
-            self._seq = d.seq
-            foreign.append(d)
+        foreign = _Foreign()
+        while page := self.store.take_back(learner=name, version=version, replica=self.replica, after=self._seq):
+            for d in page:
+                out = self._outbox
+                if out is not None and d.seq == out.seq and _same(d, out):
+                    self._outbox = None  # ours: the write went through though the session broke before saying so
+                    self._seq = self._marks[self.replica] = d.seq
+                    continue
+                if self._merge(lin, self.replica, d.seq, d.dA, d.db, d.dn):
+                    self._taken_back += d.dn
+                self._seq = d.seq  # the next page starts past it
+                foreign.add(d)
         if self._outbox is not None and self._outbox.seq <= self._seq:
             self._outbox = dataclasses.replace(self._outbox, seq=self._seq + 1)
-        if foreign:
+        if foreign.deltas:
             log.warning("learner replica %r of %s: while this process's database session was lost, another process "
                         "held its id and wrote %d deltas (%d updates, seqs %d-%d) under it; merged them as another "
                         "replica's, and this process's deltas go on from seq %d. Give each process its own "
-                        "INFERMESH_REPLICA.", self.replica, name, len(foreign), sum(d.dn for d in foreign),
-                        foreign[0].seq, foreign[-1].seq, self._seq + 1)
+                        "INFERMESH_REPLICA.", self.replica, name, foreign.deltas, foreign.updates,
+                        foreign.first_seq, foreign.last_seq, self._seq + 1)
 
     def _push(self) -> int:
         """Write a delta left over by a failed push, then the increments made since the last take.
@@ -448,6 +451,24 @@ class LearnerSync:
         finally:
             name, version = self.key
             self.store.release_replica(learner=name, version=version, replica=self.replica)
+
+
+@dataclass(slots=True)
+class _Foreign:
+    """What :meth:`LearnerSync._take_back` merged of another process's deltas under this replica's id,
+    for its one log line (counts, not the deltas: those may be many pages)."""
+
+    deltas: int = 0
+    updates: int = 0
+    first_seq: int = 0
+    last_seq: int = 0
+
+    def add(self, d: Delta) -> None:
+        if not self.deltas:
+            self.first_seq = d.seq
+        self.deltas += 1
+        self.updates += d.dn
+        self.last_seq = d.seq
 
 
 def _same(stored: Delta, out: _Outgoing) -> bool:
