@@ -508,8 +508,8 @@ class LearnerStore:
             f"{when}{who} of {learner} ({version}) on this database{_described(holder)}. Two processes under "
             "one replica id overwrite each other's learner deltas, and what one of them learns is lost. Give "
             "each process its own id: set INFERMESH_REPLICA per process (e.g. the pod name; `serve --workers` "
-            "appends -w<i>), and keep learner.replica out of a config file several processes read (it takes "
-            "precedence over INFERMESH_REPLICA). A process that died frees its id when PostgreSQL ends its session.")
+            "appends -w<i>); it takes precedence over learner.replica, which, used without it, belongs only in a "
+            "config file one process reads. A process that died frees its id when PostgreSQL ends its session.")
 
     def _end_own_session(self, conn: _Bounded, holder: Mapping[str, Any]) -> bool:
         """End ``holder``, one of this store's earlier sessions (a role may end its own); True if it is gone.

@@ -81,3 +81,17 @@ def test_a_name_too_long_for_postgresql_is_cut_before_the_token(fresh_pg_url: st
         assert name == store._app_name  # what the server keeps is what the store matches on
     finally:
         store.close()
+
+
+def test_the_refusal_says_the_environment_s_id_takes_precedence_over_the_config_s(fresh_pg_url: str) -> None:
+    """INFERMESH_REPLICA wins over learner.replica (decision.config.learner_replica): the message said the opposite."""
+    first, second = LearnerStore(fresh_pg_url), LearnerStore(fresh_pg_url)
+    try:
+        first.claim_replica(**KEY)
+        with pytest.raises(ReplicaInUse) as refused:
+            second.claim_replica(**KEY)
+        assert "set INFERMESH_REPLICA per process" in str(refused.value)
+        assert "it takes precedence over learner.replica" in str(refused.value)
+    finally:
+        first.close()
+        second.close()
