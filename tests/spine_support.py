@@ -16,6 +16,7 @@ from decision.grpc_aio import AioDecisionServer
 from decision.grpc_server import DecisionServicer, build_server
 from decision.health_guard import BuiltinHealthGuard
 from decision.metrics import ServiceMetrics
+from decision.split_server import SplitDecisionServer
 from decision.telemetry import TelemetryStore
 from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
 from learners.least_ttft import LeastExpectedTtft
@@ -69,7 +70,7 @@ def demo_engine(fleet: Fleet, guard: Any = None, **kwargs: Any) -> DecisionEngin
 @contextlib.contextmanager
 def edge_served(fleet: Fleet, kind: str) -> Iterator[tuple[DecisionEngine, ServiceMetrics, Any]]:
     """(engine, metrics, stub): a demo engine's servicer behind the production edge, on a server of
-    ``kind`` (``threads`` or ``asyncio``), stopped on exit."""
+    ``kind`` (``threads``, ``asyncio`` or ``split``), stopped on exit."""
     engine = demo_engine(fleet)
     metrics = ServiceMetrics()
     servicer = DecisionServicer(engine, metrics)
@@ -79,6 +80,10 @@ def edge_served(fleet: Fleet, kind: str) -> Iterator[tuple[DecisionEngine, Servi
         srv, port, _ = build_server(servicer, address="127.0.0.1:0", threads=4, interceptors=[edge])
         srv.start()
         stop = lambda: srv.stop(0).wait()  # noqa: E731
+    elif kind == "split":
+        split = SplitDecisionServer(servicer, address="127.0.0.1:0", edge=edge)
+        port = split.port
+        stop = lambda: split.stop(0)  # noqa: E731
     else:
         aio = AioDecisionServer(servicer, address="127.0.0.1:0", edge=edge)
         port = aio.port

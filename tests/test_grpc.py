@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from decision.grpc_aio import AioDecisionServer
 from decision.grpc_server import SERVICE_NAME, DecisionServicer, build_server
 from decision.metrics import ServiceMetrics
+from decision.split_server import SplitDecisionServer
 from infermesh.decision.v1 import decision_pb2 as pb
 from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
 from tests.spine_support import ScriptedGuard, demo_engine
@@ -22,9 +23,9 @@ from tests.spine_support import ScriptedGuard, demo_engine
 DATA = Path(__file__).parent / "data"
 
 
-@pytest.fixture(params=["threads", "asyncio"])
+@pytest.fixture(params=["threads", "asyncio", "split"])
 def server(demo_fleet, request) -> Iterator[tuple[Any, grpc.Channel]]:  # type: ignore[no-untyped-def]
-    """The same servicer on both server kinds (``server.kind``): every test here runs on each."""
+    """The same servicer on every server kind (``server.kind``): every test here runs on each."""
     engine = demo_engine(demo_fleet)
     servicer = DecisionServicer(engine, ServiceMetrics())
     stop: Any
@@ -32,6 +33,10 @@ def server(demo_fleet, request) -> Iterator[tuple[Any, grpc.Channel]]:  # type: 
         srv, port, _ = build_server(servicer, address="127.0.0.1:0", threads=8)
         srv.start()
         stop = lambda: srv.stop(0).wait()  # noqa: E731
+    elif request.param == "split":
+        split = SplitDecisionServer(servicer, address="127.0.0.1:0")
+        port = split.port
+        stop = lambda: split.stop(0)  # noqa: E731
     else:
         aio = AioDecisionServer(servicer, address="127.0.0.1:0")
         port = aio.port

@@ -18,7 +18,7 @@ from infermesh.decision.v1 import decision_pb2 as pb
 from tests.spine_support import edge_served
 
 
-@pytest.fixture(params=["threads", "asyncio"])
+@pytest.fixture(params=["threads", "asyncio", "split"])
 def served(demo_fleet, request) -> Iterator[tuple[Any, ServiceMetrics, Any]]:  # type: ignore[no-untyped-def]
     """(engine, metrics, stub): the servicer behind the production edge, on both server kinds."""
     with edge_served(demo_fleet, request.param) as parts:

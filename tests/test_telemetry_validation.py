@@ -27,7 +27,7 @@ BAD_VALUES = [-math.inf, math.inf, -1e9, -0.5]
 DECIDE: dict[str, Any] = {"request_id": "r1", "tenant": "globex", "model_family": "llama", "client_region": "eu-west"}
 
 
-@pytest.fixture(params=["threads", "asyncio"])
+@pytest.fixture(params=["threads", "asyncio", "split"])
 def server(demo_fleet, request) -> Iterator[tuple[Any, Any]]:  # type: ignore[no-untyped-def]
     """The servicer behind the production edge, on both server kinds: (engine, stub)."""
     with edge_served(demo_fleet, request.param) as (engine, _, stub):

@@ -1,0 +1,320 @@
+"""DecisionService with its gRPC transport in a front process (``server.kind: split``).
+
+The front process (:mod:`decision.split_front`) terminates gRPC and forwards each call's bytes
+here over a Unix socket pair; one thread here parses them and runs the same edge-checked servicer
+methods the threaded server runs, then sends the answers' bytes back. Calls that arrive together
+are decided back to back and answered in one write, so the engine runs warm instead of
+interleaved with the transport's work. Decide, and ReportOutcome of a decision this process
+holds, run on that thread; Explain, ReloadPolicies, other outcomes and telemetry streams (which
+may wait on the database or a compile) run on a small pool, as the asyncio server runs them off
+its loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import queue
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, NamedTuple, NoReturn
+
+import grpc
+
+from decision import split_wire as wire
+from decision.edge import EdgeInterceptor
+from decision.grpc_server import DecisionServicer
+from decision.split_front import stop_payload
+from decision.tls import TlsConfig
+from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+_START_TIMEOUT_S = 60.0
+_END = object()  # closes a telemetry stream's message queue
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+
+
+class _Metadatum(NamedTuple):
+    key: str
+    value: str | bytes
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class _CallContext:
+    """What the servicer and the edge read of a ``grpc.ServicerContext``, for a forwarded call."""
+
+    __slots__ = ("cancelled", "deadline", "metadata", "trailers")
+
+    def __init__(self, metadata: wire.Metadata, seconds_left: float | None) -> None:
+        self.metadata = tuple(_Metadatum(k, v) for k, v in metadata)
+        self.deadline = None if seconds_left is None else time.monotonic() + seconds_left
+        self.cancelled = False
+        self.trailers: tuple[tuple[str, str | bytes], ...] = ()
+
+    def invocation_metadata(self) -> tuple[_Metadatum, ...]:
+        return self.metadata
+
+    def time_remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def is_active(self) -> bool:
+        return not self.cancelled
+
+    def set_trailing_metadata(self, metadata: Sequence[tuple[str, str | bytes]]) -> None:
+        self.trailers = tuple(metadata)
+
+    def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+        raise _Abort(code, details)
+
+
+class _CallDetails(NamedTuple):
+    method: str
+
+
+class _Capture:
+    """Stands in for a server to collect the generated code's method handlers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.handlers.update(handlers)
+
+
+def method_handlers(servicer: DecisionServicer, edge: EdgeInterceptor | None) -> dict[str, grpc.RpcMethodHandler]:
+    """The servicer's handlers by method name, wrapped in the edge's checks as the threaded server wraps them."""
+    capture = _Capture()
+    pb_grpc.add_DecisionServiceServicer_to_server(servicer, capture)
+    if edge is None:
+        return capture.handlers
+    return {name: edge.intercept_service(functools.partial(_same, h), _CallDetails(f"/{wire.SERVICE_NAME}/{name}"))
+            for name, h in capture.handlers.items()}
+
+
+def _same(handler: grpc.RpcMethodHandler, _details: Any) -> grpc.RpcMethodHandler:
+    return handler
+
+
+class SplitDecisionServer:
+    """DecisionService, health and reflection served by a front process, decided in this one.
+
+    Parameters
+    ----------
+    servicer
+        The DecisionService methods (the same object the other server kinds serve).
+    address, max_message_bytes, reuse_port
+        Where the front process listens, and its message size limit and ``SO_REUSEPORT``.
+    tls, base
+        TLS as configured (plaintext when None) and the directory its relative paths start from:
+        the front process builds its own credentials from them.
+    edge
+        The request checks, limits and tracing every call goes through.
+    pool_threads
+        Threads for the calls that may wait (Explain, reloads, telemetry streams, other outcomes).
+    """
+
+    def __init__(self, servicer: DecisionServicer, *, address: str, max_message_bytes: int = 4 * 1024 * 1024,
+                 reuse_port: bool = False, tls: TlsConfig | None = None, base: Path = Path("."),
+                 edge: EdgeInterceptor | None = None, pool_threads: int = 4) -> None:
+        self.servicer = servicer
+        self._handlers = method_handlers(servicer, edge)
+        self._methods = [self._handlers[name] for name in wire.METHODS]
+        (stream_method,) = wire.STREAMING
+        self._stream_parser = self._handlers[stream_method].request_deserializer
+        self._sock, theirs = socket.socketpair()
+        spec = {"address": address, "max_message_bytes": max_message_bytes, "reuse_port": reuse_port,
+                "tls": tls.model_dump(mode="json") if tls is not None else None, "base": str(base)}
+        self._proc = subprocess.Popen([sys.executable, "-m", "decision.split_front", str(theirs.fileno()),
+                                       json.dumps(spec)], pass_fds=(theirs.fileno(),))
+        theirs.close()
+        self._send_lock = threading.Lock()
+        self._live: dict[int, _CallContext] = {}
+        self._streams: dict[int, queue.SimpleQueue[Any]] = {}
+        self._stopping = False
+        self._buf = bytearray()
+        try:
+            self.port = self._await_ready()
+        except BaseException:
+            self._proc.kill()
+            self._proc.wait()
+            self._sock.close()
+            raise
+        self._pool = ThreadPoolExecutor(pool_threads, thread_name_prefix="grpc-split-pool")
+        self._thread = threading.Thread(target=self._serve, name="grpc-split", daemon=True)
+        self._thread.start()
+
+    def _await_ready(self) -> int:
+        self._sock.settimeout(_START_TIMEOUT_S)
+        try:
+            while True:
+                data = self._sock.recv(1 << 16)
+                if not data:
+                    raise OSError(f"gRPC front process exited before it listened (exit status {self._proc.wait()})")
+                self._buf += data
+                frames, _ = wire.split_frames(self._buf)
+                for kind, _call, payload in frames:
+                    if kind == wire.FAILED:
+                        raise OSError(payload.decode(errors="replace"))
+                    if kind == wire.READY:
+                        return int(struct.unpack("<I", payload)[0])
+        except TimeoutError:
+            raise OSError(f"gRPC front process did not listen within {_START_TIMEOUT_S:.0f} s") from None
+        finally:
+            self._sock.settimeout(None)
+
+    def set_serving(self, service: str, serving: bool) -> None:
+        """Report ``service`` SERVING or NOT_SERVING to health checks (from any thread)."""
+        self._send(wire.frame(wire.SERVING, 0, bytes([serving]) + service.encode()))
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        """Report NOT_SERVING, let calls in flight finish within ``grace_s``, stop the front process."""
+        self._stopping = True
+        with contextlib.suppress(OSError):  # the front process already gone: nothing to stop
+            self._send(wire.frame(wire.STOP, 0, stop_payload(grace_s)))
+        self._thread.join(timeout=grace_s + 30.0)
+        try:
+            self._proc.wait(timeout=10.0)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._pool.shutdown(wait=True)
+        self._sock.close()
+
+    # -- the forwarded calls -------------------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        with self._send_lock:
+            self._sock.sendall(data)
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                data = self._sock.recv(1 << 20)
+                if not data:
+                    break
+                self._buf += data
+                frames, _ = wire.split_frames(self._buf)
+                replies = self._handle(frames)
+                if replies:
+                    self._send(b"".join(replies))
+        except OSError as exc:
+            if not self._stopping:
+                log.error("gRPC front process connection failed: %s", exc)
+        finally:
+            for q in self._streams.values():
+                q.put(_END)
+            if not self._stopping:
+                log.error("gRPC front process exited (status %s): DecisionService is no longer served",
+                          self._proc.poll())
+
+    def _handle(self, frames: list[tuple[int, int, bytes]]) -> list[bytes]:
+        # A call cancelled in the same read is not worked on (its caller has gone).
+        cancelled = {cid for kind, cid, _ in frames if kind == wire.CANCEL}
+        replies: list[bytes] = []
+        for kind, cid, payload in frames:
+            if kind == wire.CALL:
+                reply = self._call(cid, payload, cid in cancelled)
+                if reply is not None:
+                    replies.append(reply)
+            elif kind == wire.MESSAGE:
+                q = self._streams.get(cid)
+                if q is not None:  # else the stream was answered already (a bad batch)
+                    q.put(self._stream_parser(payload))
+            elif kind == wire.END:
+                q = self._streams.get(cid)
+                if q is not None:
+                    q.put(_END)
+            elif kind == wire.CANCEL:
+                ctx = self._live.get(cid)
+                if ctx is not None:
+                    ctx.cancelled = True
+                    q = self._streams.get(cid)
+                    if q is not None:
+                        q.put(_END)
+        return replies
+
+    def _call(self, cid: int, payload: bytes, cancelled: bool) -> bytes | None:
+        """A call's reply frame when answered here and now, else None (it runs on the pool)."""
+        try:
+            method, left, metadata, body = wire.decode_call(payload)
+            name = wire.METHODS[method]
+        except (struct.error, IndexError, UnicodeDecodeError):
+            log.error("gRPC front process sent a malformed call frame")
+            return _reply(cid, grpc.StatusCode.INTERNAL.value[0], (), b"malformed call frame")
+        if cancelled:  # its caller left before it was read: nobody waits for the work
+            return _reply(cid, grpc.StatusCode.CANCELLED.value[0], (), b"the caller cancelled")
+        handler = self._methods[method]
+        ctx = _CallContext(metadata, left)
+        if name in wire.STREAMING:
+            messages: queue.SimpleQueue[Any] = queue.SimpleQueue()
+            self._streams[cid] = messages
+            self._live[cid] = ctx
+            self._pool.submit(self._stream_call, cid, handler, ctx, messages)
+            return None
+        request = handler.request_deserializer(body)
+        if name == "Decide" or (name == "ReportOutcome" and self._held(request)):
+            return _run(cid, ctx, handler, lambda: handler.unary_unary(request, ctx))
+        self._live[cid] = ctx
+        self._pool.submit(self._pooled_call, cid, ctx, handler, request)
+        return None
+
+    def _held(self, request: Any) -> bool:
+        decision_id = getattr(request, "decision_id", None)
+        return isinstance(decision_id, str) and self.servicer.engine.holds(decision_id)
+
+    def _pooled_call(self, cid: int, ctx: _CallContext, handler: grpc.RpcMethodHandler, request: Any) -> None:
+        try:
+            self._send(_run(cid, ctx, handler, lambda: handler.unary_unary(request, ctx)))
+        except OSError:
+            pass  # the front process is gone; its callers have their errors
+        finally:
+            self._live.pop(cid, None)
+
+    def _stream_call(self, cid: int, handler: grpc.RpcMethodHandler, ctx: _CallContext,
+                     messages: queue.SimpleQueue[Any]) -> None:
+        def requests() -> Iterator[Any]:
+            while (m := messages.get()) is not _END:
+                yield m
+
+        try:
+            self._send(_run(cid, ctx, handler, lambda: handler.stream_unary(requests(), ctx)))
+        except OSError:
+            pass
+        finally:
+            self._streams.pop(cid, None)
+            self._live.pop(cid, None)
+
+
+def _reply(cid: int, code: int, trailers: Sequence[tuple[str, str | bytes]], body: bytes) -> bytes:
+    return wire.frame(wire.REPLY, cid, wire.encode_reply(code, trailers, body))
+
+
+def _run(cid: int, ctx: _CallContext, handler: grpc.RpcMethodHandler, call: Callable[[], Any]) -> bytes:
+    """The reply frame for one call: its response, the status it aborted with, or UNAVAILABLE."""
+    try:
+        response = call()
+    except _Abort as a:
+        return _reply(cid, a.code.value[0], ctx.trailers, a.details.encode())
+    except Exception:  # the servicer maps its own errors; anything else is ours
+        log.exception("forwarded call failed")
+        return _reply(cid, _UNAVAILABLE, (), b"internal failure (logged); retry")
+    return _reply(cid, 0, (), handler.response_serializer(response))

@@ -1,0 +1,178 @@
+"""``server.kind: split``: what the front process and the service process owe each other.
+
+tests/test_grpc.py runs every DecisionService behaviour on this kind as on the others; here are the
+parts only this kind has: the process boundary (start-up failures, shutdown, either side going away),
+calls decided back to back, and the frames' own encoding.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from decision import split_wire as wire
+from decision.domain import Decision, RequestContext
+from decision.edge import EdgeInterceptor
+from decision.grpc_server import SERVICE_NAME, DecisionServicer
+from decision.metrics import ServiceMetrics
+from decision.split_server import SplitDecisionServer, _CallContext
+from infermesh.decision.v1 import decision_pb2 as pb
+from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
+from tests.spine_support import demo_engine
+
+
+class _Slow(DecisionServicer):
+    """Decides after ``delay_s``, noting each request id and the metadata of the call that carried it."""
+
+    def __init__(self, *args: Any, delay_s: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.delay_s = delay_s
+        self.decided: list[str] = []
+
+    def decide(self, ctx: RequestContext, alive: Callable[[], bool] | None = None) -> Decision:
+        time.sleep(self.delay_s)
+        decision = super().decide(ctx, alive)
+        self.decided.append(ctx.request_id)
+        return decision
+
+
+def _request(demo_fleet: Any, request_id: str = "r1") -> pb.DecideRequest:
+    model = demo_fleet.endpoints[0].model
+    return pb.DecideRequest(request_id=request_id, tenant="acme", model=model, estimated_input_tokens=100,
+                            expected_output_tokens=50)
+
+
+@pytest.fixture()
+def slow(demo_fleet: Any) -> Iterator[tuple[_Slow, SplitDecisionServer, grpc.Channel]]:
+    servicer = _Slow(demo_engine(demo_fleet), ServiceMetrics(), delay_s=0.4)
+    server = SplitDecisionServer(servicer, address="127.0.0.1:0", edge=EdgeInterceptor())
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        yield servicer, server, channel
+    finally:
+        channel.close()
+        server.stop(0)
+
+
+def _front_exits(server: SplitDecisionServer, within_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if server._proc.poll() is not None:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_call_in_flight_at_stop_is_answered_then_the_front_exits(demo_fleet: Any, slow: Any) -> None:
+    _, server, channel = slow
+    stub = pb_grpc.DecisionServiceStub(channel)
+    answers: list[Any] = []
+    caller = threading.Thread(target=lambda: answers.append(stub.Decide(_request(demo_fleet), timeout=10)))
+    caller.start()
+    time.sleep(0.15)  # the call is in the service process's hands
+    server.stop(5.0)
+    caller.join(10)
+    assert answers and answers[0].decision_id, "the call in flight at stop got no answer"
+    assert server._proc.poll() is not None, "the front process outlived stop()"
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Decide(_request(demo_fleet, "after"), timeout=2)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_health_follows_what_the_service_reports(slow: Any) -> None:
+    _, server, channel = slow
+    check = health_pb2_grpc.HealthStub(channel).Check
+    ask = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+    assert check(ask, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    server.set_serving(SERVICE_NAME, False)
+    deadline = time.monotonic() + 5
+    while check(ask, timeout=5).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+        assert time.monotonic() < deadline, "NOT_SERVING never reached the front's health service"
+        time.sleep(0.02)
+
+
+def test_the_front_exits_when_the_service_process_goes_away(slow: Any) -> None:
+    _, server, _ = slow
+    server._stopping = True  # as if this process had died: its end of the socket closes
+    server._sock.shutdown(socket.SHUT_RDWR)
+    assert _front_exits(server), "the front kept serving with nothing behind it"
+
+
+def test_a_port_in_use_is_one_clear_error_and_leaves_no_process(demo_fleet: Any) -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    servicer = DecisionServicer(demo_engine(demo_fleet), ServiceMetrics())
+    before = {t.name for t in threading.enumerate()}
+    try:
+        with pytest.raises(OSError, match=f"cannot bind gRPC server to 127.0.0.1:{port}"):
+            SplitDecisionServer(servicer, address=f"127.0.0.1:{port}")
+    finally:
+        holder.close()
+    assert {t.name for t in threading.enumerate()} - before == set()
+
+
+def test_calls_arriving_together_are_all_answered_each_with_its_own_answer(demo_fleet: Any) -> None:
+    servicer = _Slow(demo_engine(demo_fleet), ServiceMetrics(), delay_s=0.0)
+    server = SplitDecisionServer(servicer, address="127.0.0.1:0")
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        stub = pb_grpc.DecisionServiceStub(channel)
+        futures = [stub.Decide.future(_request(demo_fleet, f"r{i}"), timeout=10) for i in range(64)]
+        bad = stub.Decide.future(pb.DecideRequest(request_id="bad", tenant="acme"), timeout=10)
+        answers = [f.result() for f in futures]
+        with pytest.raises(grpc.RpcError) as err:
+            bad.result()
+    finally:
+        channel.close()
+        server.stop(0)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len({a.decision_id for a in answers}) == 64
+    assert sorted(servicer.decided) == sorted(f"r{i}" for i in range(64))
+
+
+def test_a_call_whose_caller_left_before_it_was_read_is_not_decided(demo_fleet: Any) -> None:
+    servicer = _Slow(demo_engine(demo_fleet), ServiceMetrics())
+    server = SplitDecisionServer(servicer, address="127.0.0.1:0")
+    try:
+        frames = [(wire.CALL, 1, wire.encode_call(0, None, (), _request(demo_fleet, "gone").SerializeToString())),
+                  (wire.CANCEL, 1, b""),
+                  (wire.CALL, 2, wire.encode_call(0, None, (), _request(demo_fleet, "here").SerializeToString()))]
+        replies = server._handle(frames)
+    finally:
+        server.stop(0)
+    codes = {}
+    for data in replies:
+        [(_, cid, payload)], _ = wire.split_frames(bytearray(data))
+        codes[cid] = wire.decode_reply(payload)[0]
+    assert servicer.decided == ["here"]
+    assert codes == {1: grpc.StatusCode.CANCELLED.value[0], 2: 0}
+
+
+def test_the_call_context_carries_metadata_deadline_and_binary_values() -> None:
+    metadata = (("traceparent", "00-abc-def-01"), ("x-token-bin", b"\x00\xff"))
+    method, left, carried, body = wire.decode_call(wire.encode_call(2, 0.25, metadata, b"\x01\x02"))
+    ctx = _CallContext(carried, left)
+    assert (method, body) == (2, b"\x01\x02")
+    assert [(m.key, m.value) for m in ctx.invocation_metadata()] == list(metadata)
+    assert dict(ctx.invocation_metadata()) == dict(metadata)  # read as (key, value) pairs too
+    remaining = ctx.time_remaining()
+    assert remaining is not None and 0.0 < remaining <= 0.25
+    assert _CallContext((), None).time_remaining() is None
+
+
+def test_frames_split_only_whole_frames_and_keep_the_rest() -> None:
+    data = wire.frame(wire.REPLY, 1, b"abc") + wire.frame(wire.REPLY, 2, b"defgh")
+    buf = bytearray(data[:-2])
+    frames, left = wire.split_frames(buf)
+    assert frames == [(wire.REPLY, 1, b"abc")] and left == len(data) - 2 - (wire.HEADER.size + 3)
+    buf += data[-2:]
+    assert wire.split_frames(buf) == ([(wire.REPLY, 2, b"defgh")], 0)
