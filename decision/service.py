@@ -43,6 +43,7 @@ from decision.tracing import configure_tracing
 if TYPE_CHECKING:
     from decision.extproc import RunningExtProc
     from decision.grpc_aio import AioDecisionServer
+    from learners.sync import LearnerSync
 
 log = logging.getLogger("infermesh.service")
 
@@ -126,6 +127,19 @@ class Service:
     """A configured decision service and its front ends."""
 
     def __init__(self, config: ServiceConfig, settings: Settings, *, audit_enabled: bool | None = None) -> None:
+        # What a step of the start starts (the bundle's file watcher, the audit writer and its upkeep, the
+        # learner store's session holding the replica id) is stopped again if a later step fails, and the
+        # error re-raised: an embedding caller (tests, demo, serve --workers) must not keep it running.
+        started: list[Callable[[], None]] = []
+        try:
+            self._start(config, settings, audit_enabled, started)
+        except BaseException:
+            _stop_started(started)
+            raise
+
+    def _start(self, config: ServiceConfig, settings: Settings, audit_enabled: bool | None,
+               started: list[Callable[[], None]]) -> None:
+        """Build the parts; each one that runs until stopped is added to ``started`` once it runs."""
         self.config = config
         self.settings = settings
         self.metrics = ServiceMetrics()
@@ -148,10 +162,14 @@ class Service:
         self._latest_guard: Guard | None = None
         self.policies = build_policies(config, settings, self.fleet, self._swap_guard,
                                        on_failure=lambda _error: self.metrics.policy_reload_failures.inc())
+        if self.policies.stop is not None:
+            started.append(self.policies.stop)  # the bundle's file watcher
         if audit_enabled is False:
             self.audit = AuditParts()
         else:
             self.audit = build_audit(config, settings, reload=self._admin_reload)
+        if self.audit.close is not None:
+            started.append(self.audit.close)  # the writer (a process by default) and the partition upkeep
         # One process unless `serve --workers N` started it as one of N (it says so in INFERMESH_WORKERS):
         # server.workers is what serve starts, not what this process is part of (serve --workers 1).
         routers = config.decision.routers or settings.workers or 1
@@ -182,6 +200,8 @@ class Service:
                              lambda: self.scraper.failures)
         self.learner_sync = _build_learner_sync(config, settings, self.audit, learner, features,
                                                 barrier=engine.outcome_barrier)
+        if self.learner_sync is not None:
+            started.append(functools.partial(_discard_learner_sync, self.learner_sync))  # holds the replica id
         self.grpc_server: grpc.Server | AioDecisionServer | None = None
         self.grpc_port = 0
         self.extproc: RunningExtProc | None = None  # when config.extproc.enabled
@@ -359,6 +379,25 @@ class Service:
             log.info("audit queue drained in %.2fs", time.monotonic() - started)
 
 
+def _stop_started(started: Sequence[Callable[[], None]]) -> None:
+    """Stop what a failed start had started, newest first; one that fails to stop is logged, and the
+    others are stopped all the same (the start's own error is what the caller hears)."""
+    for stop in reversed(started):
+        try:
+            stop()
+        except Exception:
+            log.exception("stopping %r after a failed start failed", stop)
+
+
+def _discard_learner_sync(sync: LearnerSync) -> None:
+    """Give back the replica id a failed start claimed and end the store's session, saving nothing:
+    the learner learnt nothing yet (no sync thread runs before start_grpc)."""
+    try:
+        sync.stop(final_snapshot=False)
+    finally:
+        sync.store.close()
+
+
 def _outcome_claims(redis_url: str, routers: int, outcome_timeout_s: float) -> OutcomeClaims | None:
     """Shared outcome claims when several processes take outcomes (``routers`` > 1) and share a
     Redis: an outcome retried at another replica is then learnt once (decision.outcome_claims)."""
@@ -382,7 +421,11 @@ def _build_learner_sync(config: ServiceConfig, settings: Settings, audit: AuditP
     store = LearnerStore(audit.database_url, delta_page_rows=config.learner.delta_page_rows,
                          delta_page_bytes=config.learner.delta_page_bytes)
     sync = LearnerSync(learner, store, features.names, replica=replica, barrier=barrier)
-    report = sync.restore()
+    try:
+        report = sync.restore()
+    except BaseException:  # e.g. ReplicaInUse: the session must not outlive the refused start
+        sync.store.close()
+        raise
     log.info("learner %s@%s restored: snapshot %s, %d replica deltas, %d outcomes replayed", learner.name,
              learner.version, report.snapshot_id, report.deltas, report.replayed)
     return sync
