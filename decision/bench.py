@@ -174,7 +174,7 @@ def bench_grpc(cfg: ServiceConfig, settings: Settings, *, duration_s: float, cli
     port = service.start_grpc(0)
     target = f"127.0.0.1:{port}"
     requests = _demo_requests(service.fleet)
-    console.print(f"bench grpc: one server process at {target}, {clients} client processes, "
+    console.print(f"bench grpc: a {cfg.server.kind} server (server.kind) at {target}, {clients} client processes, "
                   f"{duration_s:.0f} s per measurement in {blocks} interleaved blocks; policy "
                   f"{service.engine.guard.revision}, learner {service.engine.learner.name}; telemetry re-sent "
                   "every 5 s (the policies deny on stale telemetry); audit writer off (see `infermesh bench audit`)")
@@ -229,7 +229,8 @@ def bench_grpc(cfg: ServiceConfig, settings: Settings, *, duration_s: float, cli
         print(json.dumps({"noop_rps": round(noop["rps"], 1), "decide_rps_c1": round(c1["rps"], 1),
                           "decide_rps_c50": round(c50["rps"], 1), "ratio_c50": round(ratio, 3),
                           "decide_p50_ms": round(c1["p50_ms"], 3), "decide_p99_ms": round(c1["p99_ms"], 3),
-                          "denied_share_c50": round(c50["denied_share"], 4), "blocks": blocks, **extra}))
+                          "denied_share_c50": round(c50["denied_share"], 4), "blocks": blocks,
+                          "server_kind": cfg.server.kind, **extra}))
     return 0
 
 

@@ -61,6 +61,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--ceiling", action="store_true",
                    help="also Decide at concurrency 50 with the engine bypassed (one fixed answer): the ratio the "
                         "transport and servicer allow")
+    p.add_argument("--server-kind", choices=("asyncio", "threads", "split"), default=None,
+                   help="the gRPC server kind to measure (default: the config's server.kind)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_grpc)
     p = bsub.add_parser("decide", help="in-process decision latency for N endpoints")
@@ -317,6 +319,8 @@ def cmd_bench_grpc(args: argparse.Namespace) -> int:
     from decision.bench import bench_grpc
 
     cfg, settings = _load(args.config)
+    if args.server_kind is not None:
+        cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update={"kind": args.server_kind})})
     return bench_grpc(cfg, settings, duration_s=args.duration, clients=args.clients, as_json=args.json,
                       blocks=args.blocks, ceiling=args.ceiling)
 

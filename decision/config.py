@@ -49,8 +49,10 @@ class ServerSection(_Section):
     http_port: int = Field(default=8080, ge=0, le=65535)
     workers: int = Field(default=1, ge=1, le=64)
     # asyncio: the decision API on one event loop (fewer thread hand-offs per call); threads: grpcio's
-    # threaded server with a pool of ``threads`` workers.
-    kind: Literal["asyncio", "threads"] = "asyncio"
+    # threaded server with a pool of ``threads`` workers; split: gRPC itself (HTTP/2, TLS, health,
+    # reflection) in a front process, the decisions in this one (decision/split_server.py), so the
+    # transport's CPU and the engine's are two cores' work, not one GIL's.
+    kind: Literal["asyncio", "threads", "split"] = "asyncio"
     threads: int = Field(default=32, ge=1, le=1024)
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=2**31 - 1)  # grpc takes a C int
     grace_s: float = Field(default=10.0, ge=0, le=_DAY)

@@ -43,6 +43,7 @@ from decision.tracing import configure_tracing
 if TYPE_CHECKING:
     from decision.extproc import RunningExtProc
     from decision.grpc_aio import AioDecisionServer
+    from decision.split_server import SplitDecisionServer
     from learners.sync import LearnerSync
 
 log = logging.getLogger("infermesh.service")
@@ -202,7 +203,7 @@ class Service:
                                                 barrier=engine.outcome_barrier)
         if self.learner_sync is not None:
             started.append(functools.partial(_discard_learner_sync, self.learner_sync))  # holds the replica id
-        self.grpc_server: grpc.Server | AioDecisionServer | None = None
+        self.grpc_server: grpc.Server | AioDecisionServer | SplitDecisionServer | None = None
         self.grpc_port = 0
         self.extproc: RunningExtProc | None = None  # when config.extproc.enabled
         self.http: HttpServer | None = None
@@ -301,6 +302,13 @@ class Service:
         configured): (server, its port, a callable that reports DecisionService (not) serving)."""
         srv = self.config.server
         edge = EdgeInterceptor(RequestLimits(**self.config.limits.model_dump()), self.metrics)
+        if srv.kind == "split":
+            from decision.split_server import SplitDecisionServer
+
+            split = SplitDecisionServer(servicer, address=address, max_message_bytes=srv.max_message_bytes,
+                                        reuse_port=reuse_port, tls=self.config.tls, base=self.config.path.parent,
+                                        edge=edge)
+            return split, split.port, functools.partial(split.set_serving, SERVICE_NAME)
         if srv.kind == "asyncio":
             from decision.grpc_aio import AioDecisionServer
 

@@ -15,7 +15,7 @@ from infermesh.decision.v1 import decision_pb2 as pb
 from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
 
 
-@pytest.fixture(params=["asyncio", "threads"])
+@pytest.fixture(params=["asyncio", "threads", "split"])
 def bypassed(request: pytest.FixtureRequest) -> Iterator[tuple[Any, int]]:
     cfg = load_config("deploy/demo/infermesh.yaml")
     cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update={"kind": request.param})})

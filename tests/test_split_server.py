@@ -176,3 +176,27 @@ def test_frames_split_only_whole_frames_and_keep_the_rest() -> None:
     assert frames == [(wire.REPLY, 1, b"abc")] and left == len(data) - 2 - (wire.HEADER.size + 3)
     buf += data[-2:]
     assert wire.split_frames(buf) == ([(wire.REPLY, 2, b"defgh")], 0)
+
+
+def test_a_service_configured_split_serves_decide_and_stops_its_front(demo_fleet: Any) -> None:
+    from decision.config import Settings, load_config
+    from decision.service import Service
+
+    cfg = load_config("deploy/demo/infermesh.yaml")
+    cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update={"kind": "split"})})
+    service = Service(cfg, Settings(), audit_enabled=False)
+    try:
+        port = service.start_grpc(0)
+        server = service.grpc_server
+        assert isinstance(server, SplitDecisionServer)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            assert check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as err:  # an answer from the engine: the model is not in the fleet
+                pb_grpc.DecisionServiceStub(channel).Decide(
+                    pb.DecideRequest(request_id="r", tenant="acme", model="no-such-model"), timeout=5)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        service.stop(0)
+    assert server._proc.poll() is not None, "the front process outlived the service"
