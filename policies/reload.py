@@ -13,13 +13,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from decision.contracts import Guard
-from policies.bundle import compile_bundle
-from policies.errors import BundleRejected
+from policies.bundle import CompiledBundle, CompiledRule, compile_bundle
+from policies.errors import BundleError, BundleRejected
 from policies.guard import PolicyGuard
 from policies.manifest import bundle_files, bundle_revision, ignored_part
 from policies.quota import InMemoryQuotaCounters, QuotaCounters
@@ -64,32 +64,54 @@ class PolicyReloader:
         self._thread: threading.Thread | None = None
 
     def _build(self) -> PolicyGuard:
-        # rego-cpp aborts the process on some malformed modules (f(a, data.x. b) := a): a child compiles
-        # first, so such an edit rejects the bundle instead of killing the server.
-        before = bundle_revision(self.directory)
-        compile_isolated(self.directory)
-        if bundle_revision(self.directory) != before:
-            raise BundleRejected("the bundle changed while it was being loaded; it is loaded again "
-                                 "once it stops changing (the file watcher, SIGHUP or ReloadPolicies)")
-        bundle = compile_bundle(self.directory)
-        if self.run_tests:
-            # The tests run on a copy that is checked to be the compiled revision: an edit landing between
-            # the compile and the (seconds-long) tests would otherwise swap in a bundle nobody tested.
-            with tempfile.TemporaryDirectory(prefix="infermesh-bundle-") as tmp:
-                snapshot = Path(tmp) / self.directory.name
-                shutil.copytree(self.directory, snapshot,
-                                ignore=lambda _d, names: [n for n in names if ignored_part(n)])
-                if bundle_revision(snapshot) != bundle.revision:
-                    raise BundleRejected("the bundle changed while it was being loaded; it is loaded again "
-                                       "once it stops changing (the file watcher, SIGHUP or ReloadPolicies)")
+        # The folder is read once, into a snapshot, and everything below uses those bytes: rego-cpp aborts
+        # the process on some malformed modules (f(a, data.x. b) := a), so a child compiles the snapshot
+        # first, and only what it survived is compiled here and tested. Read from the folder again, an
+        # edit landing between the child's compile and this one would be compiled here unprobed.
+        with tempfile.TemporaryDirectory(prefix="infermesh-bundle-") as tmp:
+            snapshot = self._snapshot(Path(tmp) / "bundle")
+            try:
+                compile_isolated(snapshot)
+                bundle = compile_bundle(snapshot)
+            except BundleError as exc:  # located in the bundle folder, not in the snapshot
+                raise BundleError([replace(i, path=self._in_folder(i.path, snapshot),
+                                           message=self._in_folder(i.message, snapshot))
+                                   for i in exc.issues]) from None
+            if self.run_tests:
                 # In a child: rego-cpp can crash on some test constructs, which must reject the bundle,
                 # not kill the server.
-                failed = [str(t).replace(str(snapshot), str(self.directory))
-                          for t in run_tests_isolated(snapshot) if not t.passed]
-            if failed:
-                raise BundleRejected(f"{self.directory}: {len(failed)} bundle test(s) failed: "
-                                     + "; ".join(failed[:5]))
-        return PolicyGuard(bundle, counters=self.counters)
+                failed = [self._in_folder(str(t), snapshot) for t in run_tests_isolated(snapshot) if not t.passed]
+                if failed:
+                    raise BundleRejected(f"{self.directory}: {len(failed)} bundle test(s) failed: "
+                                         + "; ".join(failed[:5]))
+        return PolicyGuard(self._named_in_folder(bundle, snapshot), counters=self.counters)
+
+    def _snapshot(self, snapshot: Path) -> Path:
+        """A copy of the bundle's files in ``snapshot``; a bundle that changed while it was copied is
+        refused (the copy could mix two revisions), and loaded again once it stops changing."""
+        before = bundle_revision(self.directory)
+        if self.directory.is_dir():
+            shutil.copytree(self.directory, snapshot, ignore=lambda _d, names: [n for n in names if ignored_part(n)])
+        else:  # compile_bundle names what is missing (no manifest.yaml), located in the bundle folder
+            snapshot.mkdir()
+        if bundle_revision(snapshot) != before:
+            raise BundleRejected("the bundle changed while it was being loaded; it is loaded again "
+                                 "once it stops changing (the file watcher, SIGHUP or ReloadPolicies)")
+        return snapshot
+
+    def _in_folder(self, text: str, snapshot: Path) -> str:
+        """``text`` (a path or a message) naming the bundle folder where it names the snapshot."""
+        return text.replace(str(snapshot), str(self.directory))
+
+    def _named_in_folder(self, bundle: CompiledBundle, snapshot: Path) -> CompiledBundle:
+        """``bundle``, compiled from ``snapshot``, with its paths in the bundle folder: a CEL rule's
+        denial reason names its file, which must not be a deleted snapshot's."""
+        def rule(r: CompiledRule) -> CompiledRule:
+            program = replace(r.program, path=self._in_folder(r.program.path, snapshot))
+            return replace(r, path=self._in_folder(r.path, snapshot), program=program)
+
+        modules = {name: (self._in_folder(path, snapshot), source) for name, (path, source) in bundle.modules.items()}
+        return replace(bundle, directory=self.directory, rules=tuple(map(rule, bundle.rules)), modules=modules)
 
     def load(self) -> PolicyGuard:
         """The first load: raises if the bundle is broken (start-up fails fast)."""
