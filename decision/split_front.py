@@ -9,13 +9,15 @@ here; DecisionService's health follows what the service process reports (``SERVI
 
 Run as ``python -m decision.split_front FD SPEC``: FD is this end of the socket pair, SPEC a JSON
 object (address, max_message_bytes, reuse_port, tls, base). The process ends when the service
-process says stop or goes away.
+process says stop or goes away (it ignores SIGINT and SIGTERM, which a terminal or systemd send the
+whole process group: the service process drains the calls in flight through it first).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import struct
 import sys
@@ -177,6 +179,11 @@ async def serve(sock: socket.socket, spec: dict[str, Any]) -> None:
 
 
 def main(argv: list[str]) -> int:
+    # This process lives exactly as long as the service process's end of the socket: a Ctrl-C or a
+    # SIGTERM sent to the whole process group (a terminal, systemd) must not end it before the
+    # service has drained the calls in flight through it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=int(argv[0]))
     asyncio.run(serve(sock, json.loads(argv[1])))
     return 0

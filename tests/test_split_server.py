@@ -200,3 +200,16 @@ def test_a_service_configured_split_serves_decide_and_stops_its_front(demo_fleet
     finally:
         service.stop(0)
     assert server._proc.poll() is not None, "the front process outlived the service"
+
+
+def test_a_signal_to_the_whole_process_group_leaves_the_front_to_the_service(demo_fleet: Any, slow: Any) -> None:
+    import os
+    import signal
+
+    _, server, channel = slow
+    for sig in (signal.SIGINT, signal.SIGTERM):  # what Ctrl-C or systemd send every process of the group
+        os.kill(server._proc.pid, sig)
+    time.sleep(0.3)
+    assert server._proc.poll() is None, "the front died before the service could drain through it"
+    answer = pb_grpc.DecisionServiceStub(channel).Decide(_request(demo_fleet), timeout=10)
+    assert answer.decision_id
