@@ -150,6 +150,7 @@ class SplitDecisionServer:
         self._live: dict[int, _CallContext] = {}
         self._streams: dict[int, queue.SimpleQueue[Any]] = {}
         self._stopping = False
+        self._lost: str | None = None  # why DecisionService is no longer served, once it is not
         self._buf = bytearray()
         try:
             self.port = self._await_ready()
@@ -223,8 +224,12 @@ class SplitDecisionServer:
             for q in self._streams.values():
                 q.put(_END)
             if not self._stopping:
-                log.error("gRPC front process exited (status %s): DecisionService is no longer served",
-                          self._proc.poll())
+                self._lost = f"gRPC front process exited (status {_exit_status(self._proc)})"
+                log.error("%s: DecisionService is no longer served", self._lost)
+
+    def problem(self) -> str | None:
+        """Why DecisionService is no longer served (its front process went away), or None."""
+        return self._lost
 
     def _handle(self, frames: list[tuple[int, int, bytes]]) -> list[bytes]:
         # A call cancelled in the same read is not worked on (its caller has gone).
@@ -302,6 +307,13 @@ class SplitDecisionServer:
         finally:
             self._streams.pop(cid, None)
             self._live.pop(cid, None)
+
+
+def _exit_status(proc: subprocess.Popen[bytes]) -> int | None:
+    try:
+        return proc.wait(timeout=2.0)  # the socket closes as the process ends: its status follows
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def _reply(cid: int, code: int, trailers: Sequence[tuple[str, str | bytes]], body: bytes) -> bytes:

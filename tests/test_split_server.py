@@ -213,3 +213,28 @@ def test_a_signal_to_the_whole_process_group_leaves_the_front_to_the_service(dem
     assert server._proc.poll() is None, "the front died before the service could drain through it"
     answer = pb_grpc.DecisionServiceStub(channel).Decide(_request(demo_fleet), timeout=10)
     assert answer.decision_id
+
+
+def test_healthz_fails_when_the_front_process_dies(demo_fleet: Any) -> None:
+    import signal
+
+    from decision.config import Settings, load_config
+    from decision.service import Service
+
+    cfg = load_config("deploy/demo/infermesh.yaml")
+    cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update={"kind": "split"})})
+    service = Service(cfg, Settings(), audit_enabled=False)
+    try:
+        service.start_grpc(0)
+        server = service.grpc_server
+        assert isinstance(server, SplitDecisionServer)
+        assert service.health()["status"] == "ok"
+        server._proc.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while service.health()["status"] == "ok":
+            assert time.monotonic() < deadline, "health still ok with nothing on the gRPC port"
+            time.sleep(0.05)
+        details = service.health()
+        assert details["status"] == "failed" and "front process exited (status -9)" in details["grpc"]
+    finally:
+        service.stop(0)
