@@ -35,10 +35,14 @@ Served = tuple[Service, grpc.Channel]
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
-@pytest.fixture(scope="module")
-def served() -> Iterator[tuple[Service, grpc.Channel]]:
+KINDS = ["asyncio", "split"]  # the server kinds a service may be configured with (threads: tests/test_grpc.py)
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def served(request: pytest.FixtureRequest) -> Iterator[tuple[Service, grpc.Channel]]:
     cfg = demo_config()
-    cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update={"max_message_bytes": 64 * 1024})})
+    cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update={"max_message_bytes": 64 * 1024,
+                                                                          "kind": request.param})})
     service = Service(cfg, Settings(), audit_enabled=False)
     port = service.start_grpc(0)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -194,11 +198,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "client_key": client_key, "rogue_cert": rogue_client, "rogue_key": rogue_client_key}
 
 
-def _tls_service(pki: dict[str, Path], *, mutual: bool) -> tuple[Service, int]:
+def _tls_service(pki: dict[str, Path], *, mutual: bool, kind: str) -> tuple[Service, int]:
     # Relative file names, as a config file next to its certificates would have them.
     tls = TlsConfig(cert_file=Path("server.pem"), key_file=Path("server.key"),
                     client_ca_file=Path("ca.pem") if mutual else None)
     cfg = demo_config(tls=tls, path=pki["dir"] / "infermesh.yaml")
+    cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update={"kind": kind})})
     service = Service(cfg, Settings(), audit_enabled=False)
     return service, service.start_grpc(0)
 
@@ -209,8 +214,9 @@ def _check(port: int, creds: grpc.ChannelCredentials | None) -> Any:
         return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=3)
 
 
-def test_tls_server_serves_clients_that_trust_its_ca_and_refuses_plaintext(pki: dict[str, Path]) -> None:
-    service, port = _tls_service(pki, mutual=False)
+@pytest.mark.parametrize("kind", KINDS)
+def test_tls_server_serves_clients_that_trust_its_ca_and_refuses_plaintext(pki: dict[str, Path], kind: str) -> None:
+    service, port = _tls_service(pki, mutual=False, kind=kind)
     try:
         assert _check(port, channel_credentials(pki["ca"])).status == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.RpcError) as err:
@@ -220,8 +226,9 @@ def test_tls_server_serves_clients_that_trust_its_ca_and_refuses_plaintext(pki: 
         service.stop(0)
 
 
-def test_mutual_tls_refuses_clients_without_a_valid_certificate(pki: dict[str, Path]) -> None:
-    service, port = _tls_service(pki, mutual=True)
+@pytest.mark.parametrize("kind", KINDS)
+def test_mutual_tls_refuses_clients_without_a_valid_certificate(pki: dict[str, Path], kind: str) -> None:
+    service, port = _tls_service(pki, mutual=True, kind=kind)
     extproc_port = service.start_extproc(0)  # the Envoy ext_proc port uses the same tls: section
     try:
         good = channel_credentials(pki["ca"], pki["client_cert"], pki["client_key"])
