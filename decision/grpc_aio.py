@@ -22,24 +22,17 @@ import grpc
 from decision.edge import EdgeInterceptor, request_parser, wrap_once
 from decision.errors import DecisionError
 from decision.grpc_server import SERVICE_NAME, DecisionServicer
-from decision.grpc_serving import LoopServer
+from decision.grpc_serving import CallAborted, LoopServer
 from infermesh.decision.v1 import decision_pb2 as pb
 from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 
 
-class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
-
-
 class _ContextAdapter:
     """What the threaded servicer and edge read of a context, over an asyncio one.
 
-    ``abort`` raises :class:`_Abort` (the asyncio context's own abort is a coroutine) and trailing
+    ``abort`` raises :class:`CallAborted` (the asyncio context's own abort is a coroutine) and trailing
     metadata is kept here until the loop applies it, so the adapter also works from a worker thread.
     """
 
@@ -51,7 +44,7 @@ class _ContextAdapter:
         self.trailers = tuple(metadata)
 
     def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
-        raise _Abort(code, details)
+        raise CallAborted(code, details)
 
     def invocation_metadata(self) -> Any:
         return self._context.invocation_metadata() or ()
@@ -69,7 +62,7 @@ async def _answer(context: grpc.aio.ServicerContext[Any, Any], adapter: _Context
     """Run ``call``; an abort it asked for becomes the status (with its trailers) on ``context``."""
     try:
         return await call()
-    except _Abort as a:
+    except CallAborted as a:
         if adapter.trailers:
             context.set_trailing_metadata(adapter.trailers)
         await context.abort(a.code, a.details)

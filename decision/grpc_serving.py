@@ -31,6 +31,17 @@ def bind_port(server: Any, address: str, credentials: grpc.ServerCredentials | N
     return int(port)
 
 
+class CallAborted(Exception):
+    """What a servicer's ``context.abort(code, details)`` raises where the context is ours, not
+    grpcio's (an asyncio call run as a threaded one, a call forwarded by a split server's front):
+    the caller turns it into the call's status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
 def health_status(serving: bool) -> int:
     """The ``grpc.health.v1`` status of a service that is (or is not) serving."""
     return int(health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -33,6 +33,7 @@ import grpc
 from decision import split_wire as wire
 from decision.edge import EdgeInterceptor
 from decision.grpc_server import DecisionServicer
+from decision.grpc_serving import CallAborted
 from decision.split_front import stop_payload
 from decision.tls import TlsConfig
 from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
@@ -47,13 +48,6 @@ _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 class _Metadatum(NamedTuple):
     key: str
     value: str | bytes
-
-
-class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
 
 
 class _CallContext:
@@ -80,7 +74,7 @@ class _CallContext:
         self.trailers = tuple(metadata)
 
     def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
-        raise _Abort(code, details)
+        raise CallAborted(code, details)
 
 
 class _CallDetails(NamedTuple):
@@ -324,7 +318,7 @@ def _run(cid: int, ctx: _CallContext, handler: grpc.RpcMethodHandler, call: Call
     """The reply frame for one call: its response, the status it aborted with, or UNAVAILABLE."""
     try:
         response = call()
-    except _Abort as a:
+    except CallAborted as a:
         return _reply(cid, a.code.value[0], ctx.trailers, a.details.encode())
     except Exception:  # the servicer maps its own errors; anything else is ours
         log.exception("forwarded call failed")
