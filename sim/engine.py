@@ -8,6 +8,14 @@ prompt's transfer time -> waits for a batch slot -> prefill -> first token (the 
 half an RTT later) -> decode in the shared batch -> done (half an RTT later at the client) ->
 the outcome report reaches the router (``CLIENT_TO_ROUTER_S`` after the client is done).
 
+The router's count of copies outstanding per endpoint (``RouterView.outstanding``: what
+``least_load`` and ``power_of_two`` read, and the cells' load in a hierarchical candidate search)
+rises when a copy is sent and drops when the router learns the copy ended: at the same moment an
+outcome report reaches it (the response's end or the endpoint's refusal reaching the client, plus
+``CLIENT_TO_ROUTER_S``), or, for a losing hedge copy, when the router cancels it on seeing the
+winner's first token. In a run where nothing reads the count it drops at once, without an event,
+so such runs are event for event what they were before the count was delayed.
+
 A strategy that decides in worker processes (the pipeline, ``serve --workers N``) has
 ``RunConfig.workers`` single-server FIFO queues: a request goes to one worker uniformly at random
 (the kernel's SO_REUSEPORT hash over many client connections), waits while that worker decides
@@ -58,7 +66,7 @@ from sim.telemetry_view import TelemetryView
 from sim.workload import RequestSpec, Tenant
 from sim.world import World
 
-ARRIVE, REACH, FIRST, NODE, SCRAPE, DELIVER, HEDGE, DEGRADE, WORKER, SYNC, REPORT = range(11)
+ARRIVE, REACH, FIRST, NODE, SCRAPE, DELIVER, HEDGE, DEGRADE, WORKER, SYNC, REPORT, RELEASE = range(12)
 # What a decision worker does, in its FIFO: decide a request, take an outcome report, sync its learner.
 JOB_DECIDE, JOB_OUTCOME, JOB_SYNC = range(3)
 # With a fixed decision time (--decision-time US), what an outcome report and a learner sync occupy a
@@ -145,6 +153,10 @@ class Simulation:
         self._queued = 0  # requests waiting for a worker to decide them (they count in flight: the run goes on)
         self._jobs_queued = 0  # every job waiting for a worker (outcomes too: the run goes on until they are taken)
         self._reports_due = 0  # outcome reports still on their way to the router (the run goes on for them)
+        # Whether anything reads the router's outstanding counts (set by run(), from the strategy and the
+        # router view): only then does a count wait for the router to learn a copy ended (a RELEASE event).
+        self._counts_read = False
+        self._releases_due = 0  # copy ends still on their way to the router (the run goes on for them)
         # Losing hedge copies still prefilling (a prefill runs to its end): their GPU time is billed as it ends.
         self._losers: dict[Copy, None] = {}  # in the order they lost (reproducible sums)
         # Tests ask for every job a worker ran: (worker, JOB_*, when it came, when it started, service µs).
@@ -174,6 +186,7 @@ class Simulation:
         if self.n_workers:
             strategy.set_workers(self.n_workers)
         strategy.bind(self.view)
+        self._counts_read = strategy.reads_outstanding or self.view.ranks_cells(cfg.family)
         if strategy.needs_store:
             self.tele.store = getattr(strategy, "store", None)
         self._next_arrival()
@@ -224,6 +237,9 @@ class Simulation:
                 self._push(t + period, SYNC, None, b)
             elif kind == REPORT:
                 self._on_report(a)  # type: ignore[arg-type]
+            elif kind == RELEASE:
+                self._releases_due -= 1
+                self.view.outstanding[b] -= 1
             if progress is not None and t >= next_tick:
                 progress(t)
                 next_tick = t + 1.0
@@ -247,10 +263,10 @@ class Simulation:
         return m
 
     def _finished(self) -> bool:
-        """No arrival to come, no request in flight, no outcome report on its way or waiting for a decision
-        worker, no losing hedge copy still prefilling (the GPU is still busy with it)."""
+        """No arrival to come, no request in flight, no outcome report or copy's end on its way to the router
+        or waiting for a decision worker, no losing hedge copy still prefilling (the GPU is still busy with it)."""
         return (self._arrivals_done and self._inflight == 0 and self._jobs_queued == 0 and self._reports_due == 0
-                and not self._losers)
+                and self._releases_due == 0 and not self._losers)
 
     def _record_undecided(self) -> None:
         """Tell the metrics which requests the run ended with still waiting for a decision worker (their
@@ -339,6 +355,16 @@ class Simulation:
         self._reports_due += 1
         self._push(at_client + CLIENT_TO_ROUTER_S, REPORT, (req, node, ok))
 
+    def _release(self, node: int, at_client: float) -> None:
+        """The router learns at ``at_client`` + ``CLIENT_TO_ROUTER_S`` that a copy on ``node`` ended: its
+        outstanding count for ``node`` drops then (when an outcome report sent at ``at_client`` arrives),
+        not when the endpoint finished. Where nothing reads the counts it drops now, without an event."""
+        if not self._counts_read:
+            self.view.outstanding[node] -= 1  # unread: an event would only change the run's event count
+            return
+        self._releases_due += 1
+        self._push(at_client + CLIENT_TO_ROUTER_S, RELEASE, None, node)
+
     def _on_report(self, report: tuple[Request, int, bool]) -> None:
         """An outcome report reached the router: the strategy hears of it, through its worker if it has one."""
         self._reports_due -= 1
@@ -415,16 +441,17 @@ class Simulation:
     def _refuse(self, c: Copy, reason: str) -> None:
         """The endpoint cannot serve copy ``c``: drop it; the request fails if no other copy is alive."""
         c.state = C_CANCELLED
-        self.view.outstanding[c.node] -= 1
         req = c.req
+        # The endpoint refused it on arrival: the error travels back to the client as a response would.
+        at_client = self.now + self.world.rtt_ms[req.region, c.node] / 2000.0
+        self._release(c.node, at_client)
         if any(o.state not in (C_DONE, C_CANCELLED) for o in req.copies):
             return  # a hedge copy elsewhere may still serve it
         req.state = DROPPED
         req.drop_reason = reason
         self._inflight -= 1
         self.metrics.dropped[reason] += 1
-        # The endpoint refused it on arrival: the error travels back to the client as a response would.
-        self._outcome(req, c.node, False, self.now + self.world.rtt_ms[req.region, c.node] / 2000.0)
+        self._outcome(req, c.node, False, at_client)
         req.copies = []  # no cycle left for the collector (as in _complete)
 
     def _admit(self, nd: Node, c: Copy) -> None:
@@ -479,7 +506,8 @@ class Simulation:
                 continue
             prev = o.state
             o.state = C_CANCELLED
-            self.view.outstanding[o.node] -= 1
+            # The router cancels the loser when it sees the winner's first token (at the client's edge).
+            self._release(o.node, req.first_token_at)
             # A prefilling copy runs to its end (its GPU time counted and billed then, in _on_first).
             if prev == C_PREFILL:
                 self._losers[o] = None
@@ -525,7 +553,7 @@ class Simulation:
         egress = w.egress_usd_per_gb[req.region, c.node] * (req.in_tokens + req.out_tokens) * w.bytes_per_token / 1e9
         req.cost_usd = cost + egress
         self._inflight -= 1
-        self.view.outstanding[c.node] -= 1
+        self._release(c.node, t_client)  # before the report: the router sees the response end, then reports
         self.metrics.record_done(req)
         self._outcome(req, c.node, True, t_client)
         # Copy.req points back here: dropping the copies lets reference counting free a finished

@@ -1,11 +1,15 @@
 """What the simulator measures and charges: when outcome reports reach the router, decision waits of
-requests still queued at the end of a run, and the decision time charged to ``NAME+guard`` peers."""
+requests still queued at the end of a run, the decision time charged to ``NAME+guard`` peers, and when
+the router's own outstanding counts drop."""
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections import defaultdict
 from typing import Any
 
+import numpy as np
 import pytest
 
 from sim import runner
@@ -15,15 +19,19 @@ from sim.model import DONE, DROPPED, Request
 from sim.rules import breaks_rules
 from sim.scenario import Scenario
 from sim.strategies import registry
-from sim.strategies.base import Strategy
+from sim.strategies.base import RouterView, Strategy
 from sim.strategies.infermesh import InferMesh
 from sim.strategies.peers import LeastLoad
 from sim.testing import tiny_scenario
 from sim.workload import RequestSpec, Tenant
+from sim.world import I64
 
 
 def _run(sc: Scenario, strategy: Strategy, specs: list[RequestSpec] | None = None, *, workers: int = 1,
-         decision_time: str = "0") -> tuple[Simulation, dict[str, Any]]:
+         decision_time: str = "0", flat_limit: int | None = None,
+         counts: list[tuple[float, int, float]] | None = None) -> tuple[Simulation, dict[str, Any]]:
+    """Run ``strategy``; ``flat_limit`` lowers the router view's (0: every run searches by cell, ranking the
+    cells by outstanding load); ``counts`` collects every change of the router's outstanding counts."""
     opts = runner.Options(decision_time=decision_time, workers=workers)
     world = runner.build_world(sc, opts)
     cfg = RunConfig(duration_s=sc.duration_s, drain_s=sc.drain_s, telemetry_period_s=sc.telemetry_period_s,
@@ -32,8 +40,30 @@ def _run(sc: Scenario, strategy: Strategy, specs: list[RequestSpec] | None = Non
     sim = Simulation(world, load, sc.tenants, strategy, cfg)
     sim.requests_log = []
     sim.jobs_log = []
+    if flat_limit is not None:
+        sim.view.flat_limit = flat_limit
+    if counts is not None:
+        sim.view.outstanding = _CountLog.watching(sim.view, counts)
     m = sim.run()
     return sim, m.summary(world, sim.busy_seconds())
+
+
+class _CountLog(np.ndarray[Any, np.dtype[np.float64]]):
+    """The router's outstanding counts, logging each change: (simulated time, endpoint, new count)."""
+
+    router: RouterView
+    changes: list[tuple[float, int, float]]
+
+    @classmethod
+    def watching(cls, view: RouterView, changes: list[tuple[float, int, float]]) -> _CountLog:
+        arr = np.zeros(view.world.n).view(cls)
+        arr.router, arr.changes = view, changes
+        return arr
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        if hasattr(self, "changes"):  # slices and results of arithmetic are plain copies: not logged
+            self.changes.append((self.router.now, int(key), float(self[key])))
 
 
 # -- 1. an outcome report reaches the router when the client is done, not when the endpoint is --
@@ -176,3 +206,178 @@ def test_a_guarded_peer_still_drops_what_no_allowed_endpoint_serves() -> None:
     _, s = _run(sc, registry.make("least_load+guard", 1))
     assert s["requests"] > 5 and s["dropped"] == {"no allowed endpoint": s["requests"]}
     assert s["guardrail_violations"] == 0
+
+
+# -- 4. the router's outstanding count drops when the router learns a copy ended --
+
+def _changes(counts: list[tuple[float, int, float]], up: bool) -> dict[int, list[float]]:
+    """When each endpoint's outstanding count went up (``up``) or down, in order."""
+    out: dict[int, list[float]] = defaultdict(list)
+    last: dict[int, float] = defaultdict(float)
+    for t, node, v in counts:
+        if (v > last[node]) == up:
+            out[node].append(t)
+        last[node] = v
+    return dict(out)
+
+
+def _sent_to(counts: list[tuple[float, int, float]], t: float) -> int:
+    """The endpoint a request decided at ``t`` was sent to (decision time 0: its count rose at ``t``)."""
+    nodes = [node for node, times in _changes(counts, up=True).items() if t in times]
+    assert len(nodes) == 1, nodes
+    return nodes[0]
+
+
+@pytest.mark.parametrize("name", ["least_load", "power_of_two", "least_load+guard"])
+def test_the_routers_outstanding_count_drops_when_the_response_reaches_the_router(name: str) -> None:
+    # Two cells 25 ms apart: a response from the other cell's endpoint reaches the client (and the router at
+    # its edge) 12.5 ms after the endpoint finished. Request 3 is refused by its endpoint (larger than its KV).
+    sc = tiny_scenario(cells=2, per_cell=1, concurrency=4, duration=2.0, drain=30.0)
+    world = runner.build_world(sc, runner.Options(decision_time="0"))
+    specs = _two_regions_specs(world.params[0].kv_capacity_tokens)
+    counts: list[tuple[float, int, float]] = []
+    sim, s = _run(sc, registry.make(name, 1), specs, counts=counts)
+    assert s["completed"] == 7 and s["dropped"] == {"exceeds KV capacity": 1}
+    assert sim.requests_log is not None
+    expected: dict[int, list[float]] = defaultdict(list)
+    far = 0
+    for r in sim.requests_log:
+        if r.state == DONE:
+            # The response's end reaches the client, and the router at its edge, half an RTT after the
+            # endpoint finished: the count drops then, as the outcome report would reach the router.
+            expected[r.winner].append(r.done_at + CLIENT_TO_ROUTER_S)
+            far += float(world.rtt_ms[r.region, r.winner]) > 1.0
+        else:  # refused on reaching its endpoint: the error travels back half an RTT, as a response would
+            node = _sent_to(counts, r.arrival)
+            transfer = r.in_tokens * world.bytes_per_token / float(world.bandwidth_Bps[r.region, node])
+            rtt_s = float(world.rtt_ms[r.region, node]) / 1000.0
+            expected[node].append(r.arrival + rtt_s + transfer + CLIENT_TO_ROUTER_S)
+    assert far >= 2  # responses from the far cell: the count waits 12.5 ms after the endpoint finished
+    got = _changes(counts, up=False)
+    assert sorted(got) == sorted(expected)
+    for node, times in expected.items():
+        assert got[node] == pytest.approx(sorted(times), abs=1e-12)
+    assert sim.view.outstanding.tolist() == [0.0, 0.0]  # the run went on until the router's counts came back
+
+
+def test_the_count_drops_when_the_pipelines_outcome_report_reaches_its_worker() -> None:
+    # InferMesh's pipeline learns a completion from its outcome report; on a fleet searched by cell (ranked
+    # by the router's outstanding counts) the router's count drops at that same moment, request by request.
+    sc = tiny_scenario(cells=2, per_cell=1, concurrency=4, duration=2.0, drain=30.0)
+    world = runner.build_world(sc, runner.Options(decision_time="0"))
+    specs = _two_regions_specs(world.params[0].kv_capacity_tokens)
+    counts: list[tuple[float, int, float]] = []
+    strat = _HeardAt()
+    sim, s = _run(sc, strat, specs, flat_limit=0, counts=counts)
+    assert sim.view.ranks_cells(sc.family)
+    assert s["completed"] == 7 and s["dropped"] == {"exceeds KV capacity": 1}
+    assert sim.jobs_log is not None
+    drops = sorted(t for times in _changes(counts, up=False).values() for t in times)
+    reports = sorted(c for _, k, c, _, _ in sim.jobs_log if k == JOB_OUTCOME)
+    assert len(drops) == len(reports) == 8
+    assert drops == pytest.approx(reports, abs=1e-12)
+    assert drops == pytest.approx(sorted(strat.heard.values()), abs=1e-12)
+
+
+def _trajectory(sim: Simulation) -> str:
+    assert sim.requests_log is not None
+    rows = [(r.rid, r.winner, repr(r.first_token_at), repr(r.done_at)) for r in sim.requests_log]
+    return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
+
+
+# Recorded on the simulator before the router's counts waited for the router to learn a copy ended (commit
+# fc15c8a), overloaded so that mesh_hedge hedges: every request's endpoint, first-token and completion time
+# (hashed), heap events and events. None of these strategies reads the counts on this (flat) fleet: unchanged.
+UNREAD_COUNTS = {
+    "baseline_rr": ("1e74c24d86a8c96e", 1581, 2379),
+    "gie_like": ("3cf0177251a52f02", 1602, 2422),
+    "mesh_hedge": ("13e15e9561f3564f", 1883, 2673),
+    "infermesh:least-ttft": ("59b3b40afe33f731", 1808, 2676),
+}
+
+
+def _overloaded() -> Scenario:
+    return tiny_scenario(cells=1, per_cell=2, rps=30.0, duration=5.0, concurrency=2, drain=120.0, seed=3)
+
+
+@pytest.mark.parametrize("name", sorted(UNREAD_COUNTS))
+def test_a_strategy_that_reads_no_outstanding_count_is_unchanged(name: str) -> None:
+    sim, s = _run(_overloaded(), registry.make(name, 3))
+    assert not registry.make(name, 3).reads_outstanding and not sim.view.ranks_cells("llama")
+    assert (_trajectory(sim), s["heap_events"], s["events"]) == UNREAD_COUNTS[name]
+    assert s["completed"] == s["requests"] == 157
+    assert (s["hedges"] > 100) == (name == "mesh_hedge")
+    # Searched by cell, the same strategy reads the counts (to rank the cells): each copy's end reaches the
+    # router as an event of its own, the winner's and each cancelled hedge loser's. (One cell: same routes.)
+    cell, c = _run(_overloaded(), registry.make(name, 3), flat_limit=0)
+    assert _trajectory(cell) == _trajectory(sim)
+    assert c["heap_events"] == s["heap_events"] + c["completed"] + c["hedges"]
+    assert cell.view.outstanding.tolist() == [0.0, 0.0]
+
+
+def test_reading_the_counts_is_declared_by_the_strategies_that_do() -> None:
+    for name in ("least_load", "power_of_two", "least_load+guard", "power_of_two+guard"):
+        assert registry.make(name, 1).reads_outstanding, name
+    for name in ("baseline_rr", "heuristic", "mesh", "mesh_hedge", "adaptive_mesh", "predictive_mesh",
+                 "hybrid_mesh", "gie_like", "gie_like+guard", "infermesh"):
+        assert not registry.make(name, 1).reads_outstanding, name
+
+
+class _SeesCounts(LeastLoad):
+    """least_load, remembering the router's outstanding counts each decision saw (it hears no outcomes)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, list[float]] = {}
+
+    def choose(self, req: Request, cands: I64) -> int:
+        self.seen[req.rid] = self.view.outstanding.tolist()
+        return super().choose(req, cands)
+
+
+def _one_site_two_sizes() -> Scenario:
+    """Two H100 endpoints in one site 40 ms (RTT) from the clients, with 8 and 3 batch slots (so that
+    least_load's per-slot counts never tie below)."""
+    gpu = {"gpu_type": "H100", "count": 1, "gpu_hour_usd": 2.99, "watts_per_gpu": 700, "model": "llama-3.1-8b"}
+    fleet = {"generator": "tiers", "regions": ["eu-west"], "rtt_same_jurisdiction_ms": 10,
+             "rtt_cross_jurisdiction_ms": 80, "models": [{"name": "llama-3.1-8b", "family": "llama", "params_b": 8}],
+             "tiers": [{"tier": "datacenter", "rtt_ms": 40, "bandwidth_gbps": 100,
+                        "gpus": [{**gpu, "max_concurrency": 8}, {**gpu, "max_concurrency": 3}]}]}
+    workload = {"arrival": {"type": "poisson", "rps": 1.0}, "input_tokens": {"dist": "const", "value": 100},
+                "output_tokens": {"dist": "const", "value": 10}}
+    return Scenario(name="window", seed=1, duration_s=5.0, drain_s=120.0, family="llama", fleet=fleet,
+                    workload=workload, tenants=[Tenant("t")], telemetry_period_s=0.5, telemetry_delay_s=(0.0, 0.0),
+                    degraded_fraction=0.0, strategies=[])
+
+
+def test_least_load_sees_a_finished_request_until_its_response_reaches_the_router() -> None:
+    # Three long requests and a short one, a millisecond apart: whichever endpoint the first goes to (a tie),
+    # the second goes to the other and the third and fourth to the 8-slot one (per-slot counts 1/8 < 1/3,
+    # then 2/8 < 1/3). The short one finishes first; a probe comes while its response is still on its way.
+    sc = _one_site_two_sizes()
+    world = runner.build_world(sc, runner.Options(decision_time="0"))
+    big, small = 0, 1
+    assert world.conc.tolist() == [8.0, 3.0]
+    half_rtt = float(world.rtt_ms[0, big]) / 2000.0
+    assert half_rtt == float(world.rtt_ms[0, small]) / 2000.0 == 0.02
+    setup = [RequestSpec(0.001 * k, 100, 2000, 0, "eu-west", "", ()) for k in range(3)]
+    setup.append(RequestSpec(0.003, 100, 2, 0, "eu-west", "", ()))
+    first, _ = _run(sc, _SeesCounts(), setup)
+    assert first.requests_log is not None
+    assert sorted(r.winner for r in first.requests_log[:2]) == [big, small]
+    assert [r.winner for r in first.requests_log[2:]] == [big, big]
+    short = first.requests_log[3]
+    ended = short.done_at - half_rtt  # the endpoint finished it here; the router learns at short.done_at
+    assert ended + 0.5 < min(r.done_at for r in first.requests_log[:3]) - half_rtt  # nothing else ends near
+
+    # While the response is on its way the router still counts it: 3/8 on the big one against 1/3.
+    strat = _SeesCounts()
+    sim, _ = _run(sc, strat, [*setup, RequestSpec(ended + half_rtt / 2, 100, 10, 0, "eu-west", "", ())])
+    assert sim.requests_log is not None
+    assert sim.requests_log[4].winner == small
+    assert strat.seen[4] == [3.0, 1.0]
+    # Once it has reached the router (and the count dropped: 2/8 against 1/3) the big one wins.
+    strat = _SeesCounts()
+    sim, _ = _run(sc, strat, [*setup, RequestSpec(short.done_at + half_rtt / 2, 100, 10, 0, "eu-west", "", ())])
+    assert sim.requests_log is not None
+    assert sim.requests_log[4].winner == big
+    assert strat.seen[4] == [2.0, 1.0]

@@ -13,8 +13,11 @@ from sim.world import I64, World
 class RouterView:
     """What a router can know: static fleet data, stale telemetry, and its own outstanding counts.
 
-    ``outstanding`` is exact and immediate because the router itself dispatches the requests and
-    sees their responses end; everything in ``tele`` is sampled and late.
+    ``outstanding`` is exact because the router itself dispatches the requests and sees their
+    responses end: a copy counts from its dispatch until the router learns it ended (the engine drops
+    it when the response's end reaches the client, at whose edge the router sits, as an outcome
+    report would reach it; not when the endpoint finished, half an RTT before). Everything in
+    ``tele`` is sampled and late.
     """
 
     def __init__(self, world: World, tele: TelemetryView, seed: int, flat_limit: int = 4096) -> None:
@@ -25,6 +28,21 @@ class RouterView:
         self.rng = np.random.default_rng(seed)
         self.flat_limit = flat_limit
         self._cell_load: dict[str, np.ndarray] = {}
+
+    def ranks_cells(self, family: str) -> bool:
+        """Whether :meth:`candidates` searches ``family`` by cell, ranking cells by :attr:`outstanding`.
+
+        Parameters
+        ----------
+        family
+            A model family the fleet serves.
+
+        Returns
+        -------
+        bool
+            True when the family has more than ``flat_limit`` endpoints.
+        """
+        return len(self.world.by_family[family]) > self.flat_limit
 
     def candidates(self, req: Request, family: str) -> I64:
         """Endpoints serving ``family``; above ``flat_limit`` a hierarchical search narrows them.
@@ -62,6 +80,9 @@ class Strategy:
     modelled_workers = False
     workers = 1
     sync_interval_s = 0.0  # > 0: the engine calls :meth:`sync` for each worker this often
+    # Reads ``RouterView.outstanding`` when it decides: the engine then drops a copy's count when the
+    # router learns the copy ended (an event), not when the endpoint finished.
+    reads_outstanding = False
 
     def bind(self, view: RouterView) -> None:
         self.view = view
@@ -146,6 +167,7 @@ class Guarded(Strategy):
         self.name = f"{inner.name}+guard"
         self.hedge_fraction = inner.hedge_fraction
         self.needs_store = inner.needs_store
+        self.reads_outstanding = inner.reads_outstanding
 
     def bind(self, view: RouterView) -> None:
         self.view = view

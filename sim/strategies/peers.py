@@ -17,10 +17,12 @@ from sim.world import I64
 class LeastLoad(Strategy):
     """Fewest outstanding requests per batch slot (Envoy's weighted least-request, exhaustive).
 
-    The router counts its own in-flight requests, so this signal is exact and never stale.
+    The router counts its own in-flight requests, so this signal is exact and never stale: a request
+    counts until its response's end reaches the router (``Strategy.reads_outstanding``).
     """
 
     name = "least_load"
+    reads_outstanding = True
 
     def choose(self, req: Request, cands: I64) -> int:
         v = self.view
@@ -32,6 +34,7 @@ class PowerOfTwo(Strategy):
     """Two endpoints at random; the one with fewer outstanding requests per slot wins."""
 
     name = "power_of_two"
+    reads_outstanding = True
 
     def choose(self, req: Request, cands: I64) -> int:
         v = self.view
