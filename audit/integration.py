@@ -24,7 +24,24 @@ def build_audit_parts(config: Mapping[str, Any], *, settings: Any,
 
     ``config`` is the ``audit:`` section of the service config (keys of :class:`AuditSettings`,
     plus ``enabled``); ``settings`` is ``decision.config.Settings`` (database URL, data dir).
+
+    When a step fails after the writer started (the repository's pool, the partition upkeep, the
+    router), what had started is stopped again, newest first, and the step's error re-raised: a
+    caller that goes on (tests, ``serve --workers``) keeps no writer process or thread.
     """
+    from decision.service import stop_started
+
+    started: list[Callable[[], None]] = []
+    try:
+        return _start_audit_parts(config, settings, reload, started)
+    except BaseException:
+        stop_started(started)
+        raise
+
+
+def _start_audit_parts(config: Mapping[str, Any], settings: Any, reload: Callable[[], str] | None,
+                       started: list[Callable[[], None]]) -> AuditParts:
+    """:func:`build_audit_parts`'s steps; each part that runs until stopped is added to ``started``."""
     from decision.service import AuditParts
 
     data_dir = Path(getattr(settings, "data_dir", "var"))
@@ -42,11 +59,14 @@ def build_audit_parts(config: Mapping[str, Any], *, settings: Any,
         url, server = database.start_embedded(data_dir / "pgdata")
     ensured = database.prepare(url, partitions_ahead_days=audit_settings.partitions_ahead_days)
     writer = make_writer(audit_settings.writer, url, audit_settings)
+    started.append(writer.close)  # a process (threads with the thread writer) until closed
     repo = AuditRepository(url)
+    started.append(repo.close)  # a connection pool and its worker threads
     # The upkeep's first round, at once, would create the partitions prepare just created: it skips them.
     upkeep = Upkeep(url, retention_days=audit_settings.retention_days,
                     days_ahead=audit_settings.partitions_ahead_days,
                     interval_s=audit_settings.upkeep_interval_s, ahead_ensured=ensured).start()
+    started.append(upkeep.stop)
 
     def close() -> None:
         upkeep.stop()

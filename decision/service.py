@@ -135,7 +135,7 @@ class Service:
         try:
             self._start(config, settings, audit_enabled, started)
         except BaseException:
-            _stop_started(started)
+            stop_started(started)
             raise
 
     def _start(self, config: ServiceConfig, settings: Settings, audit_enabled: bool | None,
@@ -393,9 +393,17 @@ class Service:
             log.info("audit queue drained in %.2fs", time.monotonic() - started)
 
 
-def _stop_started(started: Sequence[Callable[[], None]]) -> None:
-    """Stop what a failed start had started, newest first; one that fails to stop is logged, and the
-    others are stopped all the same (the start's own error is what the caller hears)."""
+def stop_started(started: Sequence[Callable[[], None]]) -> None:
+    """Stop what a failed start had started, newest first.
+
+    One that fails to stop is logged, and the others are stopped all the same: the start's own
+    error is what the caller hears (the caller re-raises it).
+
+    Parameters
+    ----------
+    started
+        The stop (or close) of each part that runs until stopped, in the order the parts started.
+    """
     for stop in reversed(started):
         try:
             stop()
