@@ -17,6 +17,7 @@ refused it), so the caller's retry can take it again.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Protocol
 
 from decision.log_throttle import ThrottledWarnings
@@ -51,6 +52,9 @@ class RedisOutcomeClaims:
     timeout_s : float
         Socket timeout of each call.
 
+    Its connections carry the client name ``infermesh-claims-<pid>`` (Redis ``CLIENT LIST``);
+    :meth:`close` closes them.
+
     Examples
     --------
     >>> import uuid
@@ -59,12 +63,14 @@ class RedisOutcomeClaims:
     (True, False, True)
     >>> claims.release("d1"); claims.claim("d1")
     True
+    >>> claims.close()
     """
 
     def __init__(self, url: str, *, ttl_s: float, prefix: str = "infermesh:outcome", timeout_s: float = 0.25) -> None:
         import redis
 
-        self._redis: Any = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._redis: Any = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                                client_name=f"infermesh-claims-{os.getpid()}")
         self.ttl_ms = max(1000, int(ttl_s * 1000))
         self.prefix = prefix
         self.errors = 0
@@ -84,3 +90,7 @@ class RedisOutcomeClaims:
         except Exception as exc:  # the claim expires with its ttl; a retry before then is answered duplicate
             self.errors += 1
             self._warn.warning("release", "could not release the outcome claim of %s: %s", decision_id, exc)
+
+    def close(self) -> None:
+        """Close the client's connections (the service's stop, after the last outcome); a second call does nothing."""
+        self._redis.close()

@@ -33,7 +33,7 @@ from decision.grpc_serving import health_status
 from decision.health_guard import BuiltinHealthGuard
 from decision.http import HttpServer, create_app
 from decision.metrics import ServiceMetrics
-from decision.outcome_claims import OutcomeClaims
+from decision.outcome_claims import RedisOutcomeClaims
 from decision.scoring import BasicFeatures
 from decision.scraper import Scraper
 from decision.telemetry import TelemetryStore
@@ -68,7 +68,8 @@ class PolicyParts:
     guard: Guard
     reload: Callable[[], tuple[bool, str, str]] | None = None
     health: Callable[[], Mapping[str, Any]] | None = None
-    stop: Callable[[], None] | None = None
+    stop: Callable[[], None] | None = None  # the bundle's file watcher
+    close: Callable[[], None] | None = None  # the shared quota counters' Redis client, after the last decision
 
 
 def load_guard(policies: str | Path, fleet: Fleet) -> Guard:
@@ -165,6 +166,8 @@ class Service:
                                        on_failure=lambda _error: self.metrics.policy_reload_failures.inc())
         if self.policies.stop is not None:
             started.append(self.policies.stop)  # the bundle's file watcher
+        if self.policies.close is not None:
+            started.append(self.policies.close)  # the quota counters' Redis connections
         if audit_enabled is False:
             self.audit = AuditParts()
         else:
@@ -174,13 +177,16 @@ class Service:
         # One process unless `serve --workers N` started it as one of N (it says so in INFERMESH_WORKERS):
         # server.workers is what serve starts, not what this process is part of (serve --workers 1).
         routers = config.decision.routers or settings.workers or 1
+        self._claims = _outcome_claims(settings.redis_url, routers, config.decision.outcome_timeout_s)
+        if self._claims is not None:
+            started.append(self._claims.close)  # its Redis connections
         engine = DecisionEngine(
             self.fleet, self.telemetry, self.policies.guard, learner, features=features,
             audit=self.audit.sink, traces=self.audit.reader, reward=reward, shadow=shadows,
             max_fallbacks=config.decision.max_fallbacks, max_candidates=config.decision.max_candidates,
             count_inflight=config.decision.count_inflight,
             routers=routers,
-            claims=_outcome_claims(settings.redis_url, routers, config.decision.outcome_timeout_s),
+            claims=self._claims,
             added_delay_weight=config.decision.added_delay_weight,
             cost_weight_ms=config.decision.cost_weight_ms,
             outcome_timeout_s=config.decision.outcome_timeout_s)
@@ -209,6 +215,7 @@ class Service:
         self.http: HttpServer | None = None
         self._expiry_stop = threading.Event()
         self.draining = False  # set by stop(): /healthz says so while in-flight calls finish
+        self._stopped = False
         self._set_serving: Callable[[bool], None] | None = None  # DecisionService's gRPC health, once serving
         self._grpc_problem: Callable[[], str | None] | None = None  # why the gRPC port stopped serving
         self._serving = True
@@ -364,7 +371,15 @@ class Service:
         return self.http.port
 
     def stop(self, grace_s: float | None = None) -> None:
-        """Graceful: stop accepting, let in-flight RPCs finish, then drain the audit queue."""
+        """Graceful: stop accepting, let in-flight RPCs finish, then drain the audit queue.
+
+        Then the connections go, each after its last use: the learner store's (after the final
+        snapshot) and the Redis clients of the quota counters and outcome claims (after the audit
+        drain). A second call does nothing.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
         self.draining = True
         grace = self.config.server.grace_s if grace_s is None else grace_s
         if isinstance(self.grpc_server, grpc.Server):
@@ -381,16 +396,36 @@ class Service:
             self._expiry.join(10)
         if self.policies.stop is not None:
             self.policies.stop()
-        if self.learner_sync is not None:
-            try:
-                self.learner_sync.stop(final_snapshot=True)  # no learning lost on restart
-            except Exception:  # the audit queue below must drain whatever the learner's database does
-                log.exception("learner: the final snapshot on stop failed (what was learnt since the last sync "
-                              "is not stored; a single instance replays it from the audit log on restart)")
+        try:
+            self._stop_learner_sync()
+            self._drain_audit()
+        finally:
+            self._close_redis_clients()
+
+    def _stop_learner_sync(self) -> None:
+        """The final snapshot, the replica id given back, and the store's session closed."""
+        if self.learner_sync is None:
+            return
+        try:
+            self.learner_sync.stop(final_snapshot=True)  # no learning lost on restart
+        except Exception:  # the audit queue below must drain whatever the learner's database does
+            log.exception("learner: the final snapshot on stop failed (what was learnt since the last sync "
+                          "is not stored; a single instance replays it from the audit log on restart)")
+        finally:
+            _close_logged("the learner store", self.learner_sync.store.close)
+
+    def _drain_audit(self) -> None:
         if self.audit.close is not None:
             started = time.monotonic()
             self.audit.close()
             log.info("audit queue drained in %.2fs", time.monotonic() - started)
+
+    def _close_redis_clients(self) -> None:
+        """The outcome claims' and the quota counters' Redis clients: nothing decides or learns any more."""
+        if self._claims is not None:
+            _close_logged("the outcome claims' Redis client", self._claims.close)
+        if self.policies.close is not None:
+            _close_logged("the quota counters' Redis client", self.policies.close)
 
 
 def stop_started(started: Sequence[Callable[[], None]]) -> None:
@@ -411,6 +446,14 @@ def stop_started(started: Sequence[Callable[[], None]]) -> None:
             log.exception("stopping %r after a failed start failed", stop)
 
 
+def _close_logged(what: str, close: Callable[[], None]) -> None:
+    """Close one part on stop; a failure is logged, and what is left to stop is stopped all the same."""
+    try:
+        close()
+    except Exception:
+        log.exception("service stop: closing %s failed", what)
+
+
 def _discard_learner_sync(sync: LearnerSync) -> None:
     """Give back the replica id a failed start claimed and end the store's session, saving nothing:
     the learner learnt nothing yet (no sync thread runs before start_grpc)."""
@@ -420,13 +463,11 @@ def _discard_learner_sync(sync: LearnerSync) -> None:
         sync.store.close()
 
 
-def _outcome_claims(redis_url: str, routers: int, outcome_timeout_s: float) -> OutcomeClaims | None:
+def _outcome_claims(redis_url: str, routers: int, outcome_timeout_s: float) -> RedisOutcomeClaims | None:
     """Shared outcome claims when several processes take outcomes (``routers`` > 1) and share a
     Redis: an outcome retried at another replica is then learnt once (decision.outcome_claims)."""
     if not redis_url or routers <= 1:
         return None
-    from decision.outcome_claims import RedisOutcomeClaims
-
     # Longer than any retry of an outcome can come: a decision is remembered that long at most.
     return RedisOutcomeClaims(redis_url, ttl_s=2 * outcome_timeout_s + 60)
 

@@ -9,7 +9,7 @@ from typing import Any
 from decision.contracts import Guard
 from policies.bundle import compile_bundle
 from policies.guard import PolicyGuard
-from policies.quota import counters_from_url
+from policies.quota import RedisQuotaCounters, counters_from_url
 from policies.reload import PolicyReloader
 
 
@@ -20,7 +20,8 @@ def load_policy_guard(directory: Path) -> PolicyGuard:
 
 def build_policy_parts(directory: Path, *, settings: Any, on_swap: Callable[[Guard], None],
                        on_failure: Callable[[str], None] | None = None) -> Any:
-    """Guard, reload, health and stop for the service; quota shared in Redis if configured.
+    """Guard, reload, health, stop (the file watcher) and close (the quota counters' Redis client, if
+    any) for the service; quota shared in Redis if configured.
     ``on_failure`` hears of every rejected bundle (admin RPC, SIGHUP or the file watcher)."""
     from decision.service import PolicyParts
 
@@ -33,4 +34,5 @@ def build_policy_parts(directory: Path, *, settings: Any, on_swap: Callable[[Gua
         r = reloader.reload(force=True)
         return r.ok, r.revision, r.error
 
-    return PolicyParts(guard=guard, reload=reload, health=reloader.health, stop=reloader.stop)
+    return PolicyParts(guard=guard, reload=reload, health=reloader.health, stop=reloader.stop,
+                       close=counters.close if isinstance(counters, RedisQuotaCounters) else None)

@@ -19,6 +19,7 @@ down) may have been applied; each share is named (a *hold*), so it is given back
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -141,7 +142,8 @@ class RedisQuotaCounters:
     ``reserve`` is one Lua script (HINCRBY requests, HINCRBY tokens, EXPIRE, and the share's hold
     key), so concurrent replicas never lose an update and each reservation answers the usage just
     before it; counter keys expire after two windows. A tenant's keys share a hash tag
-    (``{tenant}``), so the script stays on one slot of a Redis Cluster.
+    (``{tenant}``), so the script stays on one slot of a Redis Cluster. The connections carry the
+    client name ``infermesh-quota-<pid>`` (Redis ``CLIENT LIST``); :meth:`close` closes them.
     """
 
     uncertain_failures = True
@@ -151,7 +153,8 @@ class RedisQuotaCounters:
 
         self.url = url
         self.prefix = prefix
-        self._redis: Any = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._redis: Any = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                                client_name=f"infermesh-quota-{os.getpid()}")
         self._reserve = self._redis.register_script(_RESERVE_LUA)
         self._give_back = self._redis.register_script(_GIVE_BACK_LUA)
         self.errors = 0
@@ -179,6 +182,10 @@ class RedisQuotaCounters:
 
     def add(self, tenant: str, now: float, requests: int, tokens: int) -> None:
         self.reserve(tenant, now, requests, tokens)
+
+    def close(self) -> None:
+        """Close the client's connections (the service's stop, after the last decision); a second call does nothing."""
+        self._redis.close()
 
 
 def counters_from_url(redis_url: str) -> QuotaCounters:

@@ -24,11 +24,22 @@ from tests.test_learners_support import migrate
 D = len(FEATURE_NAMES)
 
 
+class _Store:
+    """A learner store that only says whether it was closed."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
 class _FailingSync:
     """A learner sync whose final snapshot raises, as a database fault or a clashing writer makes it."""
 
     def __init__(self) -> None:
         self.stopped = False
+        self.store = _Store()
 
     def start(self, interval_s: float = 5.0, snapshot_every_s: float = 60.0) -> None:
         """Nothing to run."""
@@ -48,6 +59,7 @@ def test_service_stop_drains_the_audit_log_when_the_final_learner_snapshot_raise
     with caplog.at_level(logging.ERROR, logger="infermesh.service"):
         service.stop(0)
     assert sync.stopped and drained == ["closed"]
+    assert sync.store.closed  # its session (and the replica id with it) ends all the same
     assert any("final snapshot" in r.getMessage() and r.exc_info for r in caplog.records)
 
 
