@@ -23,7 +23,8 @@ def build_audit_parts(config: Mapping[str, Any], *, settings: Any,
     """Resolve and migrate the database, start the writer, and return ``decision.service.AuditParts``.
 
     ``config`` is the ``audit:`` section of the service config (keys of :class:`AuditSettings`,
-    plus ``enabled``); ``settings`` is ``decision.config.Settings`` (database URL, data dir).
+    plus ``enabled``; an ``INFERMESH_AUDIT_<KEY>`` variable wins over a key); ``settings`` is
+    ``decision.config.Settings`` (database URL, data dir, worker index).
 
     When a step fails after the writer started (the repository's pool, the partition upkeep, the
     router), what had started is stopped again, newest first, and the step's error re-raised: a
@@ -39,24 +40,36 @@ def build_audit_parts(config: Mapping[str, Any], *, settings: Any,
         raise
 
 
+def resolve_audit_settings(config: Mapping[str, Any], settings: Any) -> AuditSettings:
+    """The audit settings of the ``audit:`` section under the environment, with the spool folder
+    this process's: ``<data_dir>/audit-spool`` unless the section or ``INFERMESH_AUDIT_SPOOL_DIR``
+    names one, in which a worker of ``serve --workers`` gets a ``worker-<i>`` folder of its own."""
+    resolved = AuditSettings.from_section(config)
+    if "spool_dir" not in resolved.model_fields_set:  # data_dir is per worker already
+        return resolved.model_copy(update={"spool_dir": _data_dir(settings) / "audit-spool"})
+    worker = getattr(settings, "worker", None)
+    if worker is None:
+        return resolved
+    # A spool is one writer's: workers sharing a configured folder would replay and delete each
+    # other's segments (the spool's lock refuses the second one).
+    return resolved.model_copy(update={"spool_dir": resolved.spool_dir / f"worker-{worker}"})
+
+
+def _data_dir(settings: Any) -> Path:
+    """This process's data folder (``INFERMESH_DATA_DIR``; per worker under ``serve --workers``)."""
+    return Path(getattr(settings, "data_dir", "var"))
+
+
 def _start_audit_parts(config: Mapping[str, Any], settings: Any, reload: Callable[[], str] | None,
                        started: list[Callable[[], None]]) -> AuditParts:
     """:func:`build_audit_parts`'s steps; each part that runs until stopped is added to ``started``."""
     from decision.service import AuditParts
 
-    data_dir = Path(getattr(settings, "data_dir", "var"))
-    values = {k: v for k, v in config.items() if k != "enabled"}
-    values.setdefault("spool_dir", data_dir / "audit-spool")  # data_dir is per worker already
-    worker = getattr(settings, "worker", None)
-    if worker is not None and "spool_dir" in config:
-        # A spool is one writer's: workers sharing a configured folder would replay and delete each
-        # other's segments (the spool's lock refuses the second one).
-        values["spool_dir"] = Path(values["spool_dir"]) / f"worker-{worker}"
-    audit_settings = AuditSettings(**values)
+    audit_settings = resolve_audit_settings(config, settings)
     url = str(getattr(settings, "database_url", "") or os.environ.get("INFERMESH_DATABASE_URL", ""))
     server = None
     if not url:
-        url, server = database.start_embedded(data_dir / "pgdata")
+        url, server = database.start_embedded(_data_dir(settings) / "pgdata")
     ensured = database.prepare(url, partitions_ahead_days=audit_settings.partitions_ahead_days)
     writer = make_writer(audit_settings.writer, url, audit_settings)
     started.append(writer.close)  # a process (threads with the thread writer) until closed

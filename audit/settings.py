@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 
 class AuditSettings(BaseSettings):
     """Settings of the audit log, from ``INFERMESH_AUDIT_*`` environment variables.
+
+    The service builds them with :meth:`from_section`, from the config's ``audit:`` section under
+    the environment: ``INFERMESH_AUDIT_<KEY>`` wins over the section's ``<key>``. Arguments given
+    to the class itself win over the environment (the writer process rebuilds its parent's
+    resolved settings that way).
 
     Attributes
     ----------
@@ -85,3 +91,38 @@ class AuditSettings(BaseSettings):
             if not p or any(not part for part in p.split(".")):
                 raise ValueError(f"bad mask path {p!r}")
         return v
+
+    @classmethod
+    def environment(cls) -> dict[str, Any]:
+        """The settings the ``INFERMESH_AUDIT_<KEY>`` variables set, by key, as read (not validated).
+
+        Raises
+        ------
+        pydantic_settings.SettingsError
+            A variable of a list setting (``INFERMESH_AUDIT_MASK_FIELDS``) that is not JSON.
+        """
+        return EnvSettingsSource(cls)()
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any], *,
+                     environment: Mapping[str, Any] | None = None) -> AuditSettings:
+        """The settings of a config's ``audit:`` section, with the environment winning over it.
+
+        The usual order (a file gives the defaults of a deployment, each process's environment
+        overrides them), as ``INFERMESH_REPLICA`` over ``learner.replica``. A setting that neither
+        gives is left out of ``model_fields_set``.
+
+        Parameters
+        ----------
+        section
+            The ``audit:`` section: keys of this class, plus ``enabled`` (not a setting: ignored).
+        environment
+            What :meth:`environment` answered, when the caller read it already.
+
+        Raises
+        ------
+        pydantic.ValidationError
+            A bad value or an unknown key; a value whose key is in :meth:`environment` came from there.
+        """
+        from_file = {k: v for k, v in section.items() if k != "enabled"}
+        return cls(**{**from_file, **(cls.environment() if environment is None else environment)})

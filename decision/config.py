@@ -7,6 +7,7 @@ fails fast with file:line: field, never silently falling back to a default.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from decision.tls import TlsConfig
 from decision.yaml_lines import LocatedYaml, YamlSyntaxError, load_located_file
@@ -365,10 +366,16 @@ def _check_audit_section(p: Path, doc: LocatedYaml, audit: dict[str, Any]) -> No
         raise ConfigError(f"{p}:{doc.line_of(('audit', 'enabled'))}: audit.enabled: Input should be a valid "
                           f"boolean (true or false), not {enabled!r}")
     try:
-        AuditSettings(**{k: v for k, v in audit.items() if k != "enabled"})
+        environment = AuditSettings.environment()
+    except SettingsError as exc:  # a list setting's variable that is not JSON; pydantic-settings names its field
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = f"INFERMESH_AUDIT_{field[1].upper()}" if field else "INFERMESH_AUDIT_*"
+        raise ConfigError(f"environment {name}: not JSON (a list is given as JSON, e.g. [\"request_id\"])") from None
+    try:
+        AuditSettings.from_section(audit, environment=environment)  # as the service builds them
     except ValidationError as exc:
-        from_env = [e for e in exc.errors() if e["loc"] and str(e["loc"][0]) not in audit]
-        if from_env:  # the section leaves it to the environment (pydantic-settings reads INFERMESH_AUDIT_*)
+        from_env = [e for e in exc.errors() if e["loc"] and str(e["loc"][0]) in environment]
+        if from_env:  # INFERMESH_AUDIT_<KEY> wins over the section's key: the bad value is the variable's
             e = from_env[0]
             raise ConfigError(f"environment INFERMESH_AUDIT_{str(e['loc'][0]).upper()}: {e['msg']}") from None
         raise ConfigError(_located(p, doc, exc, ("audit",))) from None
