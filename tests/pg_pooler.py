@@ -19,7 +19,8 @@ import socket
 import struct
 import threading
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
+
+from tests.pg_proxy import LocalFront
 
 _ENCRYPTION_REQUESTS = (80877103, 80877104)  # SSLRequest, GSSENCRequest: both answered 'N'
 _CANCEL_REQUEST = 80877102
@@ -72,7 +73,7 @@ def _read_startup(sock: socket.socket) -> bytes | None:
         return struct.pack("!i", length) + body
 
 
-class SessionPooler:
+class SessionPooler(LocalFront):
     """Pools server connections of ``url``'s server for clients of :meth:`url`, one client per backend at a time.
 
     Parameters
@@ -82,24 +83,11 @@ class SessionPooler:
     """
 
     def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        self._target = (parts.hostname or "127.0.0.1", parts.port or 5432)
-        self._parts = parts
         self._lock = threading.Lock()
         self._idle: list[_Backend] = []
         self._backends: list[_Backend] = []
         self.clients: list[_Client] = []  # in the order they connected
-        self._closing = threading.Event()
-        self._listener = socket.socket()
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen()
-        self.port = int(self._listener.getsockname()[1])
-        threading.Thread(target=self._accept, name="pg-pooler", daemon=True).start()
-
-    def url(self) -> str:
-        """The server's URL with the pooler's address in it."""
-        auth = self._parts.netloc.rsplit("@", 1)[0] + "@" if "@" in self._parts.netloc else ""
-        return urlunsplit(self._parts._replace(netloc=f"{auth}127.0.0.1:{self.port}"))
+        super().__init__(url, "pg-pooler")
 
     def drop_client(self, index: int = -1) -> None:
         """Give up on client ``index`` (reset, RST, on its side), and pool its backend once reset."""
@@ -117,13 +105,8 @@ class SessionPooler:
             with contextlib.suppress(OSError):
                 sock.close()
 
-    def _accept(self) -> None:
-        while not self._closing.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+    def _accepted(self, client: socket.socket) -> None:
+        threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, sock: socket.socket) -> None:
         try:

@@ -17,30 +17,31 @@ from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 
-class PgProxy:
-    """Relays ``127.0.0.1:<port>`` to the server of ``url``; :meth:`url` is ``url`` through the proxy.
+class LocalFront:
+    """A listener on ``127.0.0.1:<port>`` in front of the server of ``url``, whose connections
+    :meth:`_accepted` takes; :meth:`url` is ``url`` through it (what the proxy and the pooler share).
 
     Parameters
     ----------
     url
         A libpq URL of the real server (host and port are taken from it).
+    name
+        The accepting thread's name.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, name: str) -> None:
         parts = urlsplit(url)
         self._target = (parts.hostname or "127.0.0.1", parts.port or 5432)
         self._parts = parts
-        self._paused = threading.Event()
         self._closing = threading.Event()
-        self.legs: list[tuple[socket.socket, socket.socket]] = []  # (client side, server side) per connection
         self._listener = socket.socket()
         self._listener.bind(("127.0.0.1", 0))
         self._listener.listen()
         self.port = int(self._listener.getsockname()[1])
-        threading.Thread(target=self._accept, name="pg-proxy", daemon=True).start()
+        threading.Thread(target=self._accept, name=name, daemon=True).start()
 
     def url(self) -> str:
-        """The server's URL with the proxy's address in it."""
+        """The server's URL with this front's address in it."""
         auth = self._parts.netloc.rsplit("@", 1)[0] + "@" if "@" in self._parts.netloc else ""
         return urlunsplit(self._parts._replace(netloc=f"{auth}127.0.0.1:{self.port}"))
 
@@ -50,10 +51,31 @@ class PgProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(self._target)
-            self.legs.append((client, server))
-            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
+            self._accepted(client)
+
+    def _accepted(self, client: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class PgProxy(LocalFront):
+    """Relays ``127.0.0.1:<port>`` to the server of ``url``; :meth:`url` is ``url`` through the proxy.
+
+    Parameters
+    ----------
+    url
+        A libpq URL of the real server (host and port are taken from it).
+    """
+
+    def __init__(self, url: str) -> None:
+        self._paused = threading.Event()
+        self.legs: list[tuple[socket.socket, socket.socket]] = []  # (client side, server side) per connection
+        super().__init__(url, "pg-proxy")
+
+    def _accepted(self, client: socket.socket) -> None:
+        server = socket.create_connection(self._target)
+        self.legs.append((client, server))
+        threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
+        threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
