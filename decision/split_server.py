@@ -214,10 +214,16 @@ class SplitDecisionServer:
         except OSError as exc:
             if not self._stopping:
                 log.error("gRPC front process connection failed: %s", exc)
+        except Exception:  # a fault of ours: without this thread nothing answers the front
+            log.exception("split server: forwarding calls failed")
         finally:
             for q in self._streams.values():
                 q.put(_END)
             if not self._stopping:
+                # The front stops when its end of the socket does: its callers get UNAVAILABLE now, not
+                # at their deadlines, and an orchestrator reads the reason on /healthz.
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
                 self._lost = f"gRPC front process exited (status {_exit_status(self._proc)})"
                 log.error("%s: DecisionService is no longer served", self._lost)
 

@@ -238,3 +238,24 @@ def test_healthz_fails_when_the_front_process_dies(demo_fleet: Any) -> None:
         assert details["status"] == "failed" and "front process exited (status -9)" in details["grpc"]
     finally:
         service.stop(0)
+
+
+def test_a_fault_in_the_forwarding_thread_ends_the_front_and_fails_health(demo_fleet: Any,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    servicer = DecisionServicer(demo_engine(demo_fleet), ServiceMetrics())
+    server = SplitDecisionServer(servicer, address="127.0.0.1:0")
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+
+    def broken(frames: Any) -> list[bytes]:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(server, "_handle", broken)
+    try:
+        with pytest.raises(grpc.RpcError) as err:  # answered at once, not left to its deadline
+            pb_grpc.DecisionServiceStub(channel).Decide(_request(demo_fleet), timeout=20)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert _front_exits(server)
+        assert server.problem() is not None and "front process exited" in server.problem()  # type: ignore[operator]
+    finally:
+        channel.close()
+        server.stop(0)
