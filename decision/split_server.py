@@ -222,6 +222,7 @@ class SplitDecisionServer:
             if not self._stopping:
                 # The front stops when its end of the socket does: its callers get UNAVAILABLE now, not
                 # at their deadlines, and an orchestrator reads the reason on /healthz.
+                self._lost = "the gRPC front process's connection ended"  # health fails from now on
                 with contextlib.suppress(OSError):
                     self._sock.shutdown(socket.SHUT_RDWR)
                 self._lost = f"gRPC front process exited (status {_exit_status(self._proc)})"
