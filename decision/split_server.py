@@ -178,7 +178,8 @@ class SplitDecisionServer:
 
     def set_serving(self, service: str, serving: bool) -> None:
         """Report ``service`` SERVING or NOT_SERVING to health checks (from any thread)."""
-        self._send(wire.frame(wire.SERVING, 0, bytes([serving]) + service.encode()))
+        with contextlib.suppress(OSError):  # the front is gone: nothing serves health; /healthz says why
+            self._send(wire.frame(wire.SERVING, 0, bytes([serving]) + service.encode()))
 
     def stop(self, grace_s: float = 1.0) -> None:
         """Report NOT_SERVING, let calls in flight finish within ``grace_s``, stop the front process."""
