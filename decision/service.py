@@ -217,7 +217,6 @@ class Service:
         self.draining = False  # set by stop(): /healthz says so while in-flight calls finish
         self._stopped = False
         self._set_serving: Callable[[bool], None] | None = None  # DecisionService's gRPC health, once serving
-        self._grpc_problem: Callable[[], str | None] | None = None  # why the gRPC port stopped serving
         self._serving = True
         self._expiry = threading.Thread(target=self._expire_loop, name="outcome-expiry", daemon=True)
         heap.settle()  # fleet, policies, learners: alive for good, out of the collector's way
@@ -263,7 +262,8 @@ class Service:
             details["audit"] = audit
             if audit.get("status") not in (None, "ok"):
                 details["status"] = "degraded"
-        transport = self._grpc_problem() if self._grpc_problem is not None else None
+        problem = getattr(self.grpc_server, "problem", None)  # a split server's front can go away
+        transport = problem() if problem is not None else None
         if transport is not None:  # nothing answers on the gRPC port: restart the process
             details["grpc"] = transport
             details["status"] = "failed"
@@ -301,7 +301,6 @@ class Service:
         address = f"{srv.host}:{srv.grpc_port if port is None else port}"
         self.grpc_server, self.grpc_port, set_serving = self.decision_server(servicer, address, reuse_port=reuse_port)
         self._set_serving = set_serving
-        self._grpc_problem = getattr(self.grpc_server, "problem", None)  # a split server's front can go away
         self.scraper.start()
         if self.learner_sync is not None:
             self.learner_sync.start(self.config.learner.sync_interval_s, self.config.learner.snapshot_every_s)

@@ -45,7 +45,7 @@ class Front:
         self.pending: dict[int, asyncio.Future[tuple[int, wire.Metadata, bytes]]] = {}
         self.next_id = 0
         self.health = health.aio.HealthServicer()
-        self.stopping: asyncio.Future[None] | None = None
+        self.stopping: asyncio.Future[None] | None = None  # held: the loop keeps only a weak reference to a task
 
     def send(self, kind: int, call_id: int, payload: bytes = b"") -> None:
         self.writer.write(wire.frame(kind, call_id, payload))

@@ -130,10 +130,10 @@ class SplitDecisionServer:
                  reuse_port: bool = False, tls: TlsConfig | None = None, base: Path = Path("."),
                  edge: EdgeInterceptor | None = None, pool_threads: int = 4) -> None:
         self.servicer = servicer
-        self._handlers = method_handlers(servicer, edge)
-        self._methods = [self._handlers[name] for name in wire.METHODS]
+        handlers = method_handlers(servicer, edge)
+        self._methods = [handlers[name] for name in wire.METHODS]
         (stream_method,) = wire.STREAMING
-        self._stream_parser = self._handlers[stream_method].request_deserializer
+        self._stream_parser = handlers[stream_method].request_deserializer
         self._sock, theirs = socket.socketpair()
         spec = {"address": address, "max_message_bytes": max_message_bytes, "reuse_port": reuse_port,
                 "tls": tls.model_dump(mode="json") if tls is not None else None, "base": str(base)}
