@@ -1,7 +1,8 @@
 """``infermesh learn ...``: off-policy evaluation from the audit log, and the learners' benchmark.
 
 ``infermesh learn evaluate --from T1 --to T2 --learner CONFIG`` reads the routed decisions made in
-``[T1, T2)`` and their outcomes from the audit log (``--database-url``, ``INFERMESH_DATABASE_URL``,
+``[T1, T2)`` (read as the audit commands read ``--from``/``--to``: :mod:`audit.time_range`)
+and their outcomes from the audit log (``--database-url``, ``INFERMESH_DATABASE_URL``,
 or the embedded database under ``INFERMESH_DATA_DIR``, as the audit commands read it), replays
 them in decision order through the candidate learner
 (``CONFIG`` is ``name`` or ``name:key=value,...``, see :mod:`learners.registry`), and estimates its
@@ -18,7 +19,6 @@ regret on the slow-site environment (:mod:`learners.simenv`).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import sys
@@ -28,27 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from audit.time_range import FROM_HELP, TO_HELP
 from decision.cli_args import bounded_int
 from decision.domain import Candidate, Endpoint, RequestContext, ScoredCandidate, TelemetryReading
-
-
-def _time(text: str) -> float:
-    """Epoch seconds from an ISO 8601 time (UTC if no zone) or a number of epoch seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        pass
-    else:  # a time the audit log can hold: a NaN, an infinity or year 10000 failed later, naming another flag
-        if not -62_135_596_800.0 <= value < 253_402_300_800.0:  # 0001-01-01 .. 9999-12-31, UTC
-            raise argparse.ArgumentTypeError(f"epoch seconds outside years 1-9999: {text!r}")
-        return value
-    try:
-        t = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 time or epoch seconds: {text!r}") from None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.UTC)
-    return t.timestamp()
 
 
 def _finite(text: str) -> float:
@@ -156,10 +138,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import psycopg
 
     from audit import database
+    from audit.time_range import BadBound, parse_range
 
-    if args.start >= args.end:  # would evaluate nothing and report an estimate of nothing
-        print("infermesh learn evaluate: --from is not before --to", file=sys.stderr)
+    try:  # read as the audit commands read them: an auditor and a learner's evaluator see the same decisions
+        first, last = parse_range(args.start, args.end, from_name="--from", to_name="--to")
+    except BadBound as exc:
+        print(f"infermesh learn evaluate: {exc}", file=sys.stderr)
         return 2
+    assert first is not None and last is not None  # both are required options
     url = args.database_url
     try:
         if url:
@@ -170,7 +156,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"infermesh learn evaluate: {exc}", file=sys.stderr)
         return 2
     try:
-        out = evaluate_log(url, args.start, args.end, args.learner, logged_learner=args.logged_learner,
+        out = evaluate_log(url, first.timestamp(), last.timestamp(), args.learner, logged_learner=args.logged_learner,
                            missing_reward=args.missing_reward)
     except psycopg.Error as exc:  # lost mid-run
         print(f"infermesh learn evaluate: the audit database failed: {database.first_line(exc)}", file=sys.stderr)
@@ -247,9 +233,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     learn = sub.add_parser("learn", help="learners: off-policy evaluation and benchmark")
     lsub = learn.add_subparsers(dest="learn_command", required=True, metavar="COMMAND")
     ev = lsub.add_parser("evaluate", help="estimate a candidate learner's value from the audit log (IPS, SNIPS, DR)")
-    ev.add_argument("--from", dest="start", type=_time, required=True,
-                    help="start time (ISO 8601, UTC default, or epoch s)")
-    ev.add_argument("--to", dest="end", type=_time, required=True, help="end time, exclusive")
+    ev.add_argument("--from", dest="start", required=True, help=f"decisions {FROM_HELP}")
+    ev.add_argument("--to", dest="end", required=True, help=f"decisions {TO_HELP}")
     ev.add_argument("--learner", required=True, type=_learner_spec,
                     help="candidate: NAME or NAME:key=value,... (e.g. linucb:alpha=0.5)")
     ev.add_argument("--logged-learner", default=None, help="only decisions made by this NAME@VERSION")
