@@ -35,6 +35,8 @@ from decision.tls import TlsConfig, server_credentials
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 _STOP = struct.Struct("<d")
+_GONE = "the decision service process went away"
+_LOST_GRACE_S = 2.0  # for the UNAVAILABLE answers of the calls that were waiting to go out
 
 
 class Front:
@@ -45,10 +47,33 @@ class Front:
         self.pending: dict[int, asyncio.Future[tuple[int, wire.Metadata, bytes]]] = {}
         self.next_id = 0
         self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None  # set once it listens
         self.stopping: asyncio.Future[None] | None = None  # held: the loop keeps only a weak reference to a task
+        self.lost = False
 
     def send(self, kind: int, call_id: int, payload: bytes = b"") -> None:
+        if self.lost or self.writer.is_closing():  # a write failed (EPIPE) before the end of stream was read
+            self.lose()
+            return
         self.writer.write(wire.frame(kind, call_id, payload))
+
+    def lose(self) -> None:
+        """The service process is gone: the calls waiting on it, and any that come now, get
+        UNAVAILABLE at once (not at their deadlines), and the server stops, so this process ends.
+
+        Whichever comes first calls it: the end of the stream, a failed read, or a failed write (a
+        busy front usually writes a new call into the dead socket before it reads the end).
+        """
+        if self.lost:
+            return
+        self.lost = True
+        reply: tuple[int, wire.Metadata, bytes] = (grpc.StatusCode.UNAVAILABLE.value[0], (), _GONE.encode())
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_result(reply)
+        self.pending.clear()
+        if self.server is not None:
+            self.stopping = asyncio.ensure_future(self.server.stop(_LOST_GRACE_S))
 
     def _open(self, method: int, context: grpc.aio.ServicerContext[Any, Any],
               body: bytes) -> tuple[int, asyncio.Future[tuple[int, wire.Metadata, bytes]]]:
@@ -59,6 +84,12 @@ class Front:
         metadata = [(m.key, m.value) for m in (context.invocation_metadata() or ())]
         self.send(wire.CALL, call_id, wire.encode_call(method, context.time_remaining(), metadata, body))
         return call_id, fut
+
+    async def _drain(self) -> None:
+        try:
+            await self.writer.drain()
+        except ConnectionError:  # the service process is gone
+            self.lose()
 
     async def _answer(self, call_id: int, fut: asyncio.Future[tuple[int, wire.Metadata, bytes]],
                       context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
@@ -77,7 +108,7 @@ class Front:
     def unary(self, method: int) -> Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], Awaitable[bytes]]:
         async def call(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             call_id, fut = self._open(method, context, request)
-            await self.writer.drain()
+            await self._drain()
             return await self._answer(call_id, fut, context)
 
         return call
@@ -89,8 +120,10 @@ class Front:
 
             async def forward() -> None:
                 async for message in requests:
+                    if self.lost:  # answered UNAVAILABLE already
+                        return
                     self.send(wire.MESSAGE, call_id, message)
-                    await self.writer.drain()
+                    await self._drain()
                 self.send(wire.END, call_id)
 
             sending = asyncio.ensure_future(forward())
@@ -112,9 +145,12 @@ class Front:
         """Route the service process's frames until it says stop or goes away."""
         buf = bytearray()
         while True:
-            data = await self.reader.read(1 << 20)
+            try:
+                data = await self.reader.read(1 << 20)
+            except ConnectionError:  # a write failed first: the same loss as an end of stream
+                data = b""
             if not data:  # the service process is gone: nothing here can answer
-                await server.stop(0)
+                self.lose()
                 return
             buf += data
             frames, _ = wire.split_frames(buf)
@@ -170,6 +206,7 @@ async def serve(sock: socket.socket, spec: dict[str, Any]) -> None:
         await writer.drain()
         return
     await server.start()
+    front.server = server
     front.send(wire.READY, 0, struct.pack("<I", port))
     await writer.drain()
     pumping = asyncio.ensure_future(front.pump(server))

@@ -105,6 +105,37 @@ def test_the_front_exits_when_the_service_process_goes_away(slow: Any) -> None:
     assert _front_exits(server), "the front kept serving with nothing behind it"
 
 
+def test_calls_get_unavailable_at_once_when_the_front_writes_into_a_dead_service(demo_fleet: Any, slow: Any) -> None:
+    # A busy front usually writes a new call into the socket of a service process that died before it
+    # reads the socket's end: that failed write must end the calls waiting on the service, and the
+    # front, as an end of stream does (they waited for their deadlines, and the front ran on).
+    _, server, channel = slow
+    stub = pb_grpc.DecisionServiceStub(channel)
+    codes: list[grpc.StatusCode] = []
+
+    def call(i: int) -> None:
+        try:
+            stub.Decide(_request(demo_fleet, f"in-flight-{i}"), timeout=20)
+        except grpc.RpcError as exc:
+            codes.append(exc.code())
+
+    callers = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+    for c in callers:
+        c.start()
+    time.sleep(0.2)  # in the service's hands: it takes 0.4 s for each
+    server._stopping = True
+    server._sock.shutdown(socket.SHUT_RD)  # the front's next write fails (EPIPE); no end of stream reaches it
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Decide(_request(demo_fleet, "new"), timeout=20)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+    for c in callers:
+        c.join(25)
+    assert codes == [grpc.StatusCode.UNAVAILABLE] * 3, codes
+    assert time.monotonic() - t0 < 10, "the calls waited for their deadlines"
+    assert _front_exits(server), "the front kept serving with nothing behind it"
+
+
 def test_a_port_in_use_is_one_clear_error_and_leaves_no_process(demo_fleet: Any) -> None:
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
