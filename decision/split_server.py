@@ -8,6 +8,11 @@ interleaved with the transport's work. Decide, and ReportOutcome of a decision t
 holds, run on that thread; Explain, ReloadPolicies, other outcomes and telemetry streams (which
 may wait on the database or a compile) run on a small pool, as the asyncio server runs them off
 its loop.
+
+A front that dies is replaced on the same port (and told the health statuses this process last
+reported); its calls in the service's hands are cancelled, and their late replies are dropped, not
+sent to the new front, whose calls reuse the ids. A front that keeps dying is left dead and
+:meth:`SplitDecisionServer.problem` says why (``/healthz`` fails).
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 60.0
+# A front that dies is replaced on the same port, unless fronts keep dying: more than this many
+# deaths within the window and /healthz fails instead (the orchestrator then restarts the service).
+_RESTARTS_PER_WINDOW = 3
+_RESTART_WINDOW_S = 60.0
 _END = object()  # closes a telemetry stream's message queue
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 
@@ -134,50 +143,43 @@ class SplitDecisionServer:
         self._methods = [handlers[name] for name in wire.METHODS]
         (stream_method,) = wire.STREAMING
         self._stream_parser = handlers[stream_method].request_deserializer
-        self._sock, theirs = socket.socketpair()
-        spec = {"address": address, "max_message_bytes": max_message_bytes, "reuse_port": reuse_port,
-                "tls": tls.model_dump(mode="json") if tls is not None else None, "base": str(base)}
-        self._proc = subprocess.Popen([sys.executable, "-m", "decision.split_front", str(theirs.fileno()),
-                                       json.dumps(spec)], pass_fds=(theirs.fileno(),))
-        theirs.close()
+        self._spec = {"address": address, "max_message_bytes": max_message_bytes, "reuse_port": reuse_port,
+                      "tls": tls.model_dump(mode="json") if tls is not None else None, "base": str(base)}
         self._send_lock = threading.Lock()
-        self._live: dict[int, _CallContext] = {}
-        self._streams: dict[int, queue.SimpleQueue[Any]] = {}
+        # Calls in the service's hands, by (front generation, call id): a replacement front numbers
+        # its calls from 1 again, and a dead front's late replies must never answer its calls.
+        self._live: dict[tuple[int, int], _CallContext] = {}
+        self._streams: dict[tuple[int, int], queue.SimpleQueue[Any]] = {}
+        self._gen = 0
+        self._serving: dict[str, bool] = {}  # what set_serving last said, for a replacement front
+        self._deaths: list[float] = []
+        self.restarts = 0
         self._stopping = False
         self._lost: str | None = None  # why DecisionService is no longer served, once it is not
-        self._buf = bytearray()
-        try:
-            self.port = self._await_ready()
-        except BaseException:
-            self._proc.kill()
-            self._proc.wait()
-            self._sock.close()
-            raise
+        front = self._start_front(address)
+        self._sock, self._proc, self.port, self._early, self._buf = front.sock, front.proc, front.port, \
+            front.frames, front.partial
         self._pool = ThreadPoolExecutor(pool_threads, thread_name_prefix="grpc-split-pool")
         self._thread = threading.Thread(target=self._serve, name="grpc-split", daemon=True)
         self._thread.start()
 
-    def _await_ready(self) -> int:
-        self._sock.settimeout(_START_TIMEOUT_S)
+    def _start_front(self, address: str) -> _Started:
+        """A front process listening on ``address``."""
+        ours, theirs = socket.socketpair()
+        proc = subprocess.Popen([sys.executable, "-m", "decision.split_front", str(theirs.fileno()),
+                                 json.dumps({**self._spec, "address": address})], pass_fds=(theirs.fileno(),))
+        theirs.close()
         try:
-            while True:
-                data = self._sock.recv(1 << 16)
-                if not data:
-                    raise OSError(f"gRPC front process exited before it listened (exit status {self._proc.wait()})")
-                self._buf += data
-                frames, _ = wire.split_frames(self._buf)
-                for kind, _call, payload in frames:
-                    if kind == wire.FAILED:
-                        raise OSError(payload.decode(errors="replace"))
-                    if kind == wire.READY:
-                        return int(struct.unpack("<I", payload)[0])
-        except TimeoutError:
-            raise OSError(f"gRPC front process did not listen within {_START_TIMEOUT_S:.0f} s") from None
-        finally:
-            self._sock.settimeout(None)
+            return _await_ready(ours, proc)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            ours.close()
+            raise
 
     def set_serving(self, service: str, serving: bool) -> None:
         """Report ``service`` SERVING or NOT_SERVING to health checks (from any thread)."""
+        self._serving[service] = serving
         with contextlib.suppress(OSError):  # the front is gone: nothing serves health; /healthz says why
             self._send(wire.frame(wire.SERVING, 0, bytes([serving]) + service.encode()))
 
@@ -197,24 +199,18 @@ class SplitDecisionServer:
 
     # -- the forwarded calls -------------------------------------------------------------------
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, gen: int | None = None) -> None:
+        """Send to the front; a reply to the calls of generation ``gen`` only to that front (a
+        replacement's calls have the same ids: a late reply to a dead front's call is dropped)."""
         with self._send_lock:
-            self._sock.sendall(data)
+            if gen is None or gen == self._gen:
+                self._sock.sendall(data)
 
     def _serve(self) -> None:
         try:
-            while True:
-                data = self._sock.recv(1 << 20)
-                if not data:
-                    break
-                self._buf += data
-                frames, _ = wire.split_frames(self._buf)
-                replies = self._handle(frames)
-                if replies:
-                    self._send(b"".join(replies))
-        except OSError as exc:
-            if not self._stopping:
-                log.error("gRPC front process connection failed: %s", exc)
+            frames = self._early
+            while self._forward(frames) and self._replaced():
+                frames = self._early
         except Exception:  # a fault of ours: without this thread nothing answers the front
             log.exception("split server: forwarding calls failed")
         finally:
@@ -228,6 +224,63 @@ class SplitDecisionServer:
                     self._sock.shutdown(socket.SHUT_RDWR)
                 self._lost = f"gRPC front process exited (status {_exit_status(self._proc)})"
                 log.error("%s: DecisionService is no longer served", self._lost)
+
+    def _forward(self, frames: list[tuple[int, int, bytes]]) -> bool:
+        """Answer the front's calls (``frames`` first) until its connection ends; True if it ended
+        while this server was not stopping (the front died)."""
+        try:
+            while True:
+                replies = self._handle(frames)
+                if replies:
+                    self._send(b"".join(replies))
+                data = self._sock.recv(1 << 20)
+                if not data:
+                    break
+                self._buf += data
+                frames, _ = wire.split_frames(self._buf)
+        except OSError as exc:
+            if not self._stopping:
+                log.error("gRPC front process connection failed: %s", exc)
+        return not self._stopping
+
+    def _replaced(self) -> bool:
+        """A new front on the same port after the last one died; False when fronts keep dying (or
+        this server is stopping, or the new one cannot listen): then nothing serves DecisionService."""
+        status = _exit_status(self._proc)
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t < _RESTART_WINDOW_S] + [now]
+        if len(self._deaths) > _RESTARTS_PER_WINDOW:
+            log.error("gRPC front process exited (status %s), the %d. time in %.0f s: not starting another",
+                      status, len(self._deaths), _RESTART_WINDOW_S)
+            return False
+        gen = self._gen
+        # The dead front's callers have their errors already: stop working for them.
+        for key, ctx in list(self._live.items()):
+            if key[0] == gen:
+                ctx.cancelled = True
+        for key, q in list(self._streams.items()):
+            if key[0] == gen:
+                q.put(_END)
+        host = str(self._spec["address"])
+        address = f"{host.rpartition(':')[0]}:{self.port}" if host.endswith(":0") else host  # the same port
+        log.error("gRPC front process exited (status %s); starting another on %s", status, address)
+        try:
+            front = self._start_front(address)
+        except OSError as exc:
+            log.error("gRPC front process could not be replaced: %s", exc)
+            return False
+        with self._send_lock:
+            old, self._sock, self._proc = self._sock, front.sock, front.proc
+            self._gen += 1
+        old.close()
+        self._buf, self._early = front.partial, front.frames
+        self.restarts += 1
+        for service, serving in list(self._serving.items()):  # health as this process last reported it
+            self.set_serving(service, serving)
+        if self._stopping:  # stop() came while the new front started: it told the dead one
+            with contextlib.suppress(OSError):
+                self._send(wire.frame(wire.STOP, 0, stop_payload(0.0)))
+        return True
 
     def problem(self) -> str | None:
         """Why DecisionService is no longer served (its front process went away), or None."""
@@ -243,18 +296,18 @@ class SplitDecisionServer:
                 if reply is not None:
                     replies.append(reply)
             elif kind == wire.MESSAGE:
-                q = self._streams.get(cid)
+                q = self._streams.get((self._gen, cid))
                 if q is not None:  # else the stream was answered already (a bad batch)
                     q.put(self._stream_parser(payload))
             elif kind == wire.END:
-                q = self._streams.get(cid)
+                q = self._streams.get((self._gen, cid))
                 if q is not None:
                     q.put(_END)
             elif kind == wire.CANCEL:
-                ctx = self._live.get(cid)
+                ctx = self._live.get((self._gen, cid))
                 if ctx is not None:
                     ctx.cancelled = True
-                    q = self._streams.get(cid)
+                    q = self._streams.get((self._gen, cid))
                     if q is not None:
                         q.put(_END)
         return replies
@@ -271,44 +324,82 @@ class SplitDecisionServer:
             return _reply(cid, grpc.StatusCode.CANCELLED.value[0], (), b"the caller cancelled")
         handler = self._methods[method]
         ctx = _CallContext(metadata, left)
+        key = (self._gen, cid)
         if name in wire.STREAMING:
             messages: queue.SimpleQueue[Any] = queue.SimpleQueue()
-            self._streams[cid] = messages
-            self._live[cid] = ctx
-            self._pool.submit(self._stream_call, cid, handler, ctx, messages)
+            self._streams[key] = messages
+            self._live[key] = ctx
+            self._pool.submit(self._stream_call, key, handler, ctx, messages)
             return None
         request = handler.request_deserializer(body)
         if name == "Decide" or (name == "ReportOutcome" and self._held(request)):
             return _run(cid, ctx, handler, lambda: handler.unary_unary(request, ctx))
-        self._live[cid] = ctx
-        self._pool.submit(self._pooled_call, cid, ctx, handler, request)
+        self._live[key] = ctx
+        self._pool.submit(self._pooled_call, key, ctx, handler, request)
         return None
 
     def _held(self, request: Any) -> bool:
         decision_id = getattr(request, "decision_id", None)
         return isinstance(decision_id, str) and self.servicer.engine.holds(decision_id)
 
-    def _pooled_call(self, cid: int, ctx: _CallContext, handler: grpc.RpcMethodHandler, request: Any) -> None:
+    def _pooled_call(self, key: tuple[int, int], ctx: _CallContext, handler: grpc.RpcMethodHandler,
+                     request: Any) -> None:
+        gen, cid = key
         try:
-            self._send(_run(cid, ctx, handler, lambda: handler.unary_unary(request, ctx)))
+            self._send(_run(cid, ctx, handler, lambda: handler.unary_unary(request, ctx)), gen)
         except OSError:
             pass  # the front process is gone; its callers have their errors
         finally:
-            self._live.pop(cid, None)
+            self._live.pop(key, None)
 
-    def _stream_call(self, cid: int, handler: grpc.RpcMethodHandler, ctx: _CallContext,
+    def _stream_call(self, key: tuple[int, int], handler: grpc.RpcMethodHandler, ctx: _CallContext,
                      messages: queue.SimpleQueue[Any]) -> None:
         def requests() -> Iterator[Any]:
             while (m := messages.get()) is not _END:
                 yield m
 
+        gen, cid = key
         try:
-            self._send(_run(cid, ctx, handler, lambda: handler.stream_unary(requests(), ctx)))
+            self._send(_run(cid, ctx, handler, lambda: handler.stream_unary(requests(), ctx)), gen)
         except OSError:
             pass
         finally:
-            self._streams.pop(cid, None)
-            self._live.pop(cid, None)
+            self._streams.pop(key, None)
+            self._live.pop(key, None)
+
+
+class _Started(NamedTuple):
+    """A front process that listens, and what followed its READY in the same read (it serves as
+    soon as it listens: a caller's first call may come right behind): whole frames, then the start
+    of one."""
+
+    sock: socket.socket
+    proc: subprocess.Popen[bytes]
+    port: int
+    frames: list[tuple[int, int, bytes]]
+    partial: bytearray
+
+
+def _await_ready(sock: socket.socket, proc: subprocess.Popen[bytes]) -> _Started:
+    """The front started on the other end of ``sock``, once it says it listens."""
+    buf = bytearray()
+    sock.settimeout(_START_TIMEOUT_S)
+    try:
+        while True:
+            data = sock.recv(1 << 16)
+            if not data:
+                raise OSError(f"gRPC front process exited before it listened (exit status {proc.wait()})")
+            buf += data
+            frames, _ = wire.split_frames(buf)
+            for i, (kind, _call, payload) in enumerate(frames):
+                if kind == wire.FAILED:
+                    raise OSError(payload.decode(errors="replace"))
+                if kind == wire.READY:
+                    return _Started(sock, proc, int(struct.unpack("<I", payload)[0]), frames[i + 1:], buf)
+    except TimeoutError:
+        raise OSError(f"gRPC front process did not listen within {_START_TIMEOUT_S:.0f} s") from None
+    finally:
+        sock.settimeout(None)
 
 
 def _exit_status(proc: subprocess.Popen[bytes]) -> int | None:

@@ -200,6 +200,20 @@ def test_the_call_context_carries_metadata_deadline_and_binary_values() -> None:
     assert _CallContext((), None).time_remaining() is None
 
 
+def test_a_call_right_behind_the_fronts_ready_is_kept_not_dropped() -> None:
+    # The front serves as soon as it listens: a caller's first call can share a read with READY.
+    from decision.split_server import _await_ready
+
+    ours, theirs = socket.socketpair()
+    call = wire.frame(wire.CALL, 1, b"call")
+    theirs.sendall(wire.frame(wire.READY, 0, (4321).to_bytes(4, "little")) + call + call[:5])
+    started = _await_ready(ours, None)  # type: ignore[arg-type]  # no process: it is only read when none answers
+    assert started.port == 4321
+    assert started.frames == [(wire.CALL, 1, b"call")] and bytes(started.partial) == call[:5]
+    ours.close()
+    theirs.close()
+
+
 def test_frames_split_only_whole_frames_and_keep_the_rest() -> None:
     data = wire.frame(wire.REPLY, 1, b"abc") + wire.frame(wire.REPLY, 2, b"defgh")
     buf = bytearray(data[:-2])
@@ -246,27 +260,47 @@ def test_a_signal_to_the_whole_process_group_leaves_the_front_to_the_service(dem
     assert answer.decision_id
 
 
-def test_healthz_fails_when_the_front_process_dies(demo_fleet: Any) -> None:
+def test_a_dead_front_is_replaced_on_its_port_and_one_that_keeps_dying_fails_healthz(
+        demo_fleet: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     import signal
 
+    import decision.split_server as split_server
     from decision.config import Settings, load_config
     from decision.service import Service
 
+    monkeypatch.setattr(split_server, "_RESTARTS_PER_WINDOW", 1)
     cfg = load_config("deploy/demo/infermesh.yaml")
     cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update={"kind": "split"})})
     service = Service(cfg, Settings(), audit_enabled=False)
     try:
-        service.start_grpc(0)
+        port = service.start_grpc(0)
         server = service.grpc_server
         assert isinstance(server, SplitDecisionServer)
         assert service.health()["status"] == "ok"
-        server._proc.send_signal(signal.SIGKILL)
+        server.set_serving(SERVICE_NAME, False)  # what the service last said: the next front says it too
+        first = server._proc
+        first.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while server.restarts < 1:
+            assert time.monotonic() < deadline, "the dead front was not replaced"
+            time.sleep(0.05)
+        assert first.poll() is not None and server._proc.poll() is None and server.port == port
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # the same port, served again
+            check = health_pb2_grpc.HealthStub(channel).Check
+            ask = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+            assert check(ask, timeout=10).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            server.set_serving(SERVICE_NAME, True)
+            answer = pb_grpc.DecisionServiceStub(channel).Decide(_request(demo_fleet), timeout=10)
+            assert answer.decision_id
+        assert service.health()["status"] == "ok"
+        server._proc.send_signal(signal.SIGKILL)  # the second death in the window: over the limit of 1
         deadline = time.monotonic() + 10
         while "front process exited" not in service.health().get("grpc", ""):
             assert time.monotonic() < deadline, "health still without the reason, with nothing on the gRPC port"
             time.sleep(0.05)
         details = service.health()
         assert details["status"] == "failed" and "front process exited (status -9)" in details["grpc"]
+        assert server.restarts == 1
         server.set_serving(SERVICE_NAME, False)  # the quota watcher may still report: no error from a dead front
     finally:
         service.stop(0)
