@@ -14,7 +14,8 @@ function a read of ``request.prompt_class``). CEL is walked on the checked expre
 compiled. Much of what cannot be checked is refused:
 
 * a key that is not written out (``input.request[k]``, ``object.get(input.request, k, d)``, CEL
-  ``request[k]``, ``k in request``), unless ``k`` walks the same object's own keys;
+  ``request[k]``, ``k in request``), unless ``k`` walks the same object's own keys (a name in brackets
+  that nothing declares or binds iterates, as a key of ``some k`` does: ``[k | input.request[k]]``);
 * an input object used as a whole other than by a variable, a walk, a function of the bundle,
   ``count`` (and ``object.keys``, ``size``): passed to another built-in, compared, put in a collection;
 * ``data[...]`` (a package or rule reached through a bracket).
@@ -187,6 +188,11 @@ class Declared:
                 "add state: true to the rule in manifest.yaml")
 
 
+def _assigned(var: str, body: str) -> bool:
+    """Whether ``body`` gives ``var`` a value (``var := ...``, ``var = ...``, ``... = var``)."""
+    return re.search(rf"(?<![\w.$]){var}\s*(?::=|=(?!=))|(?<![=!<>:])=\s*{var}\b", body) is not None
+
+
 def _dynamic(text: str, what: str, walk: str | None) -> str:
     """A key that is not written out; ``walk`` is how to walk the object instead, when the rule may."""
     hint = f" (walking every key, {walk}, is allowed)" if walk else ""
@@ -215,6 +221,7 @@ _STRING = re.compile(r'\s*("(?:\\.|[^"\\])*"|`[^`]*`)\s*')
 _ARRAY_OF_STRINGS = re.compile(r'\s*\[\s*((?:"(?:\\.|[^"\\])*"\s*,?\s*)+)\]\s*')
 _WALK = re.compile(rf"\b(?:some|every)\s+({NAME})(?:\s*,\s*({NAME}))?\s+in\s+$")
 _SOME = re.compile(rf"\bsome\s+({NAME}(?:\s*,\s*{NAME})*)[ \t]*(?=$|[\n;}}\]])", re.M)
+_BRACKET_NAME = re.compile(rf"\[\s*({NAME})\s*\]")
 _DECLARES = re.compile(rf"\b(?:some|every)\s+({NAME}(?:\s*,\s*{NAME})*)|(?<![\w.$])({NAME})\s*:=")
 _BINDER = re.compile(rf"\b(?:some|every)\s+(?:{NAME}\s*,\s*)*$")
 _ALIAS = re.compile(rf"(?<![\w.$])({NAME})\s*(?::=|(?<![=!<>:])=)\s*$")
@@ -369,10 +376,13 @@ class _RegoReads:
             return
         code = mod.code
         head_end = bracket_end(code, code.index("(", st.start)) if st.params is not None else st.start
+        body = code[st.start:st.end]
         for some in _SOME.finditer(code, st.start, st.end):
             for var in re.findall(NAME, some.group(1)):
-                if not re.search(rf"(?<![\w.$]){var}\s*(?::=|=(?!=))|(?<![=!<>:])=\s*{var}\b", code[st.start:st.end]):
+                if not _assigned(var, body):
                     self.bind((name, index), var, "key:*")  # declared, never given a value: it enumerates
+        for var in self.implicit_keys(mod, st, body):
+            self.bind((name, index), var, "key:*")
         local = self.local.get((name, index), {})
         # Names this statement declares (parameters, some, :=) hide the package's rules of that name.
         # A name declared in braces (a body, a comprehension, an every) hides them only within those braces.
@@ -403,6 +413,19 @@ class _RegoReads:
                     left = self.walk(mod, (name, index), p, text, kind, rest)
                     if left is not None:
                         self.context(mod, index, p, q, text, left)
+
+    def implicit_keys(self, mod: _Module, st: Statement, body: str) -> set[str]:
+        """Names in brackets that nothing declares or binds: Rego iterates over them, as over a key
+        of ``some k`` (``[k | input.request[k]]``, ``x := input.request[k]``)."""
+        found = {m.group(1) for m in _BRACKET_NAME.finditer(body)} - KEYWORDS - {"_", "input", "data"}
+        if not found:
+            return set()
+        declared = {v for d in _DECLARES.finditer(body) for v in re.findall(NAME, d.group(1) or d.group(2))}
+        params = {param for param, _ in st.params or ()}
+        rules = {other.name for other in mod.stmts}  # a rule of the package: a value, not an iteration
+        globals_ = self.globals.get(mod.package, {})
+        return {v for v in found - declared - params - rules
+                if v not in mod.imports and v not in globals_ and not _assigned(v, body)}
 
     def roots(self, mod: _Module, var: str, local: Mapping[str, set[str]],
               accs: list[_Acc]) -> list[tuple[set[str], list[_Acc]]]:

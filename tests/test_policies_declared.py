@@ -139,6 +139,8 @@ def _rego(body: str, **extra: tuple[str, str]) -> list[str]:
     'import input.request as rq\nallow contains c.id if { some c in input.candidates; rq["tenant"] == "a" }',
     'allow contains c.id if { some c in input.candidates; every v in c.age_s { v < 30 } }',
     'allow contains c.id if { some c in input.candidates; some m; c.age_s[m] < 30; c.telemetry[_] > 0 }',
+    # A name in brackets that nothing binds iterates, as a key of some k does.
+    'allow contains c.id if { some c in input.candidates; c.age_s[m] < 30 }',
     'allow contains c.id if { some c in input.candidates; object.get(input.request, "tenant", "") != "" }',
     'allow[c.id] { c := input.candidates[_]; c.endpoint.tier != "x" }',
     'best(cs) := {c.id | some c in cs; c.endpoint.tier == "x"}\nallow := best(input.candidates)',
@@ -148,7 +150,8 @@ def _rego(body: str, **extra: tuple[str, str]) -> list[str]:
     'req := input.request\nf(req) := req.model\nallow contains c.id if { some c in input.candidates; f(data.params) }',
     'allow contains c.id if {\n\tsome c in input.candidates\n\tnot f(\n\t\tinput.request,\n\t\tc.endpoint,\n\t)\n}\n'
     'f(r, e) if { r.tenant == "a"; e.tier == "b" }',
-], ids=["direct", "aliases", "package-alias", "import", "metric-walk", "metric-some", "object.get", "old-style",
+], ids=["direct", "aliases", "package-alias", "import", "metric-walk", "metric-some", "metric-implicit", "object.get",
+        "old-style",
         "function",
         "count", "indexed", "parameter-hides-rule", "multi-line-call"])
 def test_declared_reads_pass(body: str) -> None:
@@ -169,6 +172,10 @@ def test_declared_reads_pass(body: str) -> None:
      "fields (not allowed_jurisdictions, client_region, data_class, estimated_input_tokens and 11 more)"),
     ('allow contains c.id if { some c in input.candidates; some k; input.request[k] != "x" }',
      "p.rego:4:62: input.request[k]: walks input.request, but rule t.r does not declare all of its fields"),
+    ('allow contains c.id if { some c in input.candidates; x := input.request[k]; x != "" }',
+     "p.rego:4:59: input.request[k]: walks input.request, but rule t.r does not declare all of its fields"),
+    ('k := "tenant"\nallow contains c.id if { some c in input.candidates; input.request[k] != "" }',
+     "p.rego:5:54: input.request[k]: reads input.request with a key that is not written out"),
     ('allow contains c.id if { some c in input.candidates; c.endpoint[_] != "" }',
      "p.rego:4:54: c.endpoint[_]: walks a candidate's endpoint, but rule t.r does not declare all of its fields"),
     ('allow contains c.id if { some c in input.candidates; json.marshal(input.request) != "" }',
@@ -183,12 +190,26 @@ def test_declared_reads_pass(body: str) -> None:
      "p.rego:4:54: c.telemetry.gpu_temp_c: rule t.r reads telemetry.gpu_temp_c but does not declare it"),
     ('allow contains c.id if { some c in input.candidates; input.state.quota.requests < 3 }',
      "p.rego:4:54: input.state.quota.requests: rule t.r reads state but does not declare it"),
-], ids=["brackets", "key-from-params", "walk-of-params", "object.get-key", "walk", "some-walk", "index-walk",
+], ids=["brackets", "key-from-params", "walk-of-params", "object.get-key", "walk", "some-walk", "implicit-walk",
+        "key-from-a-rule", "index-walk",
         "builtin", "returned-whole", "typo",
         "candidate-key", "telemetry", "state"])
 def test_undeclared_or_unchecked_reads_are_refused(body: str, expected: str) -> None:
     (issue,) = _rego(body)
     assert issue.startswith(expected)
+
+
+def test_a_request_the_rule_declares_whole_may_be_walked_by_an_implicit_key() -> None:
+    # [k | input.request[k]] iterates as some k does: refused as "not written out" before, even with
+    # every request field declared.
+    from policies.declared import _SECTIONS
+
+    rule = _RULE.model_copy(update={"request_fields": sorted(_SECTIONS["request"][1])})
+    for body in ('keys := [k | input.request[k]]\n'
+                 'allow contains c.id if { some c in input.candidates; count(keys) > 0 }',
+                 'allow contains c.id if { some c in input.candidates; v := input.request[k]; v != "" }'):
+        modules = {"p.rego": ("p.rego", "package t\nimport rego.v1\n\n" + body)}
+        assert undeclared_rego_reads(modules, "p.rego", rule, builtin_checker()) == [], body
 
 
 def test_reads_in_a_helper_package_are_the_rules_reads() -> None:
