@@ -134,6 +134,75 @@ if redis.call('HINCRBY', key, 'tokens', -tonumber(t)) < 0 then redis.call('HSET'
 return 1
 """
 HOLD_TTL_S = 30  # a decision gives its share back (or keeps it) within milliseconds
+# A connection idle this long is checked before use (one poll): Redis may have closed it meanwhile
+# (its idle timeout, a failover, CLIENT KILL), and a request must not fail for that.
+_CHECK_IDLE_S = 1.0
+
+
+class _Script:
+    """A Lua script run by EVALSHA on the calling thread's own connection.
+
+    Every decision reserves, on the thread that decides: redis-py's pooled call (take a connection,
+    check it for stray input, pack, run, parse, put it back) cost ~180 µs of that thread's CPU per
+    reservation on this repository's VM, this ~85 (``bench/MEASUREMENTS.md``). Each thread keeps one
+    connection of the client's pool settings (timeouts, client name); one that failed is dropped
+    and the next call opens another, and one idle for ``_CHECK_IDLE_S`` is checked first, as the
+    pool checks each connection it hands out (Redis may have closed it). A script Redis no longer
+    holds (it restarted) is loaded through redis-py's own script object. Nothing is retried: a call
+    whose reply was lost (or whose connection Redis closed while it was in steady use) raises, the
+    decision is UNAVAILABLE, and its share is given back by its hold.
+    """
+
+    def __init__(self, client: Any, source: str) -> None:
+        self._client = client
+        self._script = client.register_script(source)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conns: list[Any] = []
+        self._closed = False
+
+    def __call__(self, keys: list[str], args: tuple[int, ...] | list[int] = ()) -> Any:
+        import redis
+
+        conn = getattr(self._local, "conn", None)
+        now = time.monotonic()
+        if conn is None:
+            conn = self._client.connection_pool.make_connection()
+            with self._lock:
+                if self._closed:
+                    raise redis.ConnectionError("the quota counters are closed")
+                self._conns.append(conn)
+            self._local.conn = conn
+        elif now - self._local.used > _CHECK_IDLE_S and _stale(conn):
+            conn.disconnect()  # the next command opens it again
+        self._local.used = now
+        try:
+            conn.send_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+            return conn.read_response()
+        except redis.exceptions.NoScriptError:
+            return self._script(keys=keys, args=args)  # loads it, on a pooled connection
+        except BaseException:  # lost, timed out or interrupted mid-reply: the connection is not reused
+            conn.disconnect()
+            self._local.conn = None
+            with self._lock:
+                if conn in self._conns:
+                    self._conns.remove(conn)
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            conn.disconnect()
+
+
+def _stale(conn: Any) -> bool:
+    """Whether an idle connection has input waiting (an error or its end): it cannot be used as it is."""
+    try:
+        return bool(conn.can_read(timeout=0))
+    except Exception:  # closed under us: as stale
+        return True
 
 
 class RedisQuotaCounters:
@@ -142,8 +211,9 @@ class RedisQuotaCounters:
     ``reserve`` is one Lua script (HINCRBY requests, HINCRBY tokens, EXPIRE, and the share's hold
     key), so concurrent replicas never lose an update and each reservation answers the usage just
     before it; counter keys expire after two windows. A tenant's keys share a hash tag
-    (``{tenant}``), so the script stays on one slot of a Redis Cluster. The connections carry the
-    client name ``infermesh-quota-<pid>`` (Redis ``CLIENT LIST``); :meth:`close` closes them.
+    (``{tenant}``), so the script stays on one slot of a Redis Cluster. The scripts run on each
+    thread's own connection (:class:`_Script`). The connections carry the client name
+    ``infermesh-quota-<pid>`` (Redis ``CLIENT LIST``); :meth:`close` closes them.
     """
 
     uncertain_failures = True
@@ -155,8 +225,8 @@ class RedisQuotaCounters:
         self.prefix = prefix
         self._redis: Any = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                                 client_name=f"infermesh-quota-{os.getpid()}")
-        self._reserve = self._redis.register_script(_RESERVE_LUA)
-        self._give_back = self._redis.register_script(_GIVE_BACK_LUA)
+        self._scripts = (_Script(self._redis, _RESERVE_LUA), _Script(self._redis, _GIVE_BACK_LUA))
+        self._reserve, self._give_back = self._scripts
         self.errors = 0
 
     def _key(self, tenant: str, now: float) -> str:
@@ -185,6 +255,8 @@ class RedisQuotaCounters:
 
     def close(self) -> None:
         """Close the client's connections (the service's stop, after the last decision); a second call does nothing."""
+        for script in self._scripts:
+            script.close()
         self._redis.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import threading
@@ -220,6 +221,43 @@ def test_a_give_back_after_its_window_expired_leaves_no_key_behind(redis_url: st
     counters.give_back("t", now, 1, 50, hold="h1")
     assert client.exists(counters._key("t", now)) == 0  # not recreated without a TTL, at -1 / -50
     client.delete(counters._hold_key("t", "h1"))
+
+
+def test_reservations_survive_a_redis_that_forgot_its_scripts_or_closed_an_idle_connection(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Reservations run on each thread's own connection (policies.quota._Script): what redis-py's pool
+    # did for them (load a script Redis no longer has, reconnect a connection it closed) must hold.
+    import redis
+
+    import policies.quota as quota
+
+    counters = RedisQuotaCounters(redis_url, prefix=f"infermesh-test:{uuid.uuid4().hex[:8]}")
+    admin = redis.Redis.from_url(redis_url)
+    now = time.time()
+    try:
+        assert counters.reserve("t", now, 1, 10, hold="h1") == QuotaUsage(0, 0)
+        admin.script_flush()  # a restarted Redis holds no scripts
+        assert counters.reserve("t", now, 1, 10, hold="h2") == QuotaUsage(1, 10)
+        counters.give_back("t", now, 1, 10, hold="h2")
+        assert counters.read("t", now) == QuotaUsage(1, 10)
+        monkeypatch.setattr(quota, "_CHECK_IDLE_S", 0.0)
+        name = f"infermesh-quota-{os.getpid()}"
+        killed = sum(admin.client_kill_filter(_id=c["id"]) for c in admin.client_list() if c["name"] == name)
+        assert killed >= 2  # both scripts' connections, and the pool's
+        time.sleep(0.05)
+        assert counters.reserve("t", now, 1, 10, hold="h3") == QuotaUsage(1, 10)  # reconnected, not refused
+        seen: list[QuotaUsage] = []
+        other = threading.Thread(target=lambda: seen.append(counters.reserve("t", now, 1, 10, hold="h4")))
+        other.start()
+        other.join(10)
+        assert seen == [QuotaUsage(2, 20)]  # another thread, its own connection
+    finally:
+        counters.close()
+        for hold in ("h1", "h3", "h4"):
+            admin.delete(counters._hold_key("t", hold))
+        admin.delete(counters._key("t", now))
+    assert not [c for c in admin.client_list() if c["name"] == f"infermesh-quota-{os.getpid()}"]
+    admin.close()
 
 
 def test_quota_is_never_overshot_by_concurrent_decisions(demo_fleet: Fleet, redis_url: str) -> None:
