@@ -246,7 +246,12 @@ class SplitDecisionServer:
     def _replaced(self) -> bool:
         """A new front on the same port after the last one died; False when fronts keep dying (or
         this server is stopping, or the new one cannot listen): then nothing serves DecisionService."""
+        if self._stopping:
+            return False
         status = _exit_status(self._proc)
+        if status is None:  # its socket closed but it lives on (wedged): it must not keep the port
+            self._proc.kill()
+            status = self._proc.wait()
         now = time.monotonic()
         self._deaths = [t for t in self._deaths if now - t < _RESTART_WINDOW_S] + [now]
         if len(self._deaths) > _RESTARTS_PER_WINDOW:
