@@ -164,6 +164,8 @@ class _Script:
     def __call__(self, keys: list[str], args: tuple[int, ...] | list[int] = ()) -> Any:
         import redis
 
+        if self._closed:  # a call still running after the service stopped must not reconnect
+            raise redis.ConnectionError("the quota counters are closed")
         conn = getattr(self._local, "conn", None)
         now = time.monotonic()
         if conn is None:

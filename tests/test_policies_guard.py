@@ -251,6 +251,9 @@ def test_reservations_survive_a_redis_that_forgot_its_scripts_or_closed_an_idle_
         other.start()
         other.join(10)
         assert seen == [QuotaUsage(2, 20)]  # another thread, its own connection
+        counters.close()
+        with pytest.raises(redis.ConnectionError, match="closed"):  # no connection opened after close
+            counters.reserve("t", now, 1, 10, hold="h5")
     finally:
         counters.close()
         for hold in ("h1", "h3", "h4"):
