@@ -231,8 +231,14 @@ def test_reservations_survive_a_redis_that_forgot_its_scripts_or_closed_an_idle_
 
     import policies.quota as quota
 
-    counters = RedisQuotaCounters(redis_url, prefix=f"infermesh-test:{uuid.uuid4().hex[:8]}")
     admin = redis.Redis.from_url(redis_url)
+    name = f"infermesh-quota-{os.getpid()}"
+
+    def ours() -> set[str]:
+        return {c["id"] for c in admin.client_list() if c["name"] == name}
+
+    before = ours()  # another test's counters in this process, if any
+    counters = RedisQuotaCounters(redis_url, prefix=f"infermesh-test:{uuid.uuid4().hex[:8]}")
     now = time.time()
     try:
         assert counters.reserve("t", now, 1, 10, hold="h1") == QuotaUsage(0, 0)
@@ -241,9 +247,8 @@ def test_reservations_survive_a_redis_that_forgot_its_scripts_or_closed_an_idle_
         counters.give_back("t", now, 1, 10, hold="h2")
         assert counters.read("t", now) == QuotaUsage(1, 10)
         monkeypatch.setattr(quota, "_CHECK_IDLE_S", 0.0)
-        name = f"infermesh-quota-{os.getpid()}"
-        killed = sum(admin.client_kill_filter(_id=c["id"]) for c in admin.client_list() if c["name"] == name)
-        assert killed >= 2  # both scripts' connections, and the pool's
+        killed = sum(admin.client_kill_filter(_id=i) for i in ours() - before)
+        assert killed >= 2  # the reservation script's connection, and the pool's (it loaded the script)
         time.sleep(0.05)
         assert counters.reserve("t", now, 1, 10, hold="h3") == QuotaUsage(1, 10)  # reconnected, not refused
         seen: list[QuotaUsage] = []
@@ -259,7 +264,7 @@ def test_reservations_survive_a_redis_that_forgot_its_scripts_or_closed_an_idle_
         for hold in ("h1", "h3", "h4"):
             admin.delete(counters._hold_key("t", hold))
         admin.delete(counters._key("t", now))
-    assert not [c for c in admin.client_list() if c["name"] == f"infermesh-quota-{os.getpid()}"]
+    assert not ours() - before
     admin.close()
 
 
