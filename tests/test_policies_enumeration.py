@@ -66,8 +66,8 @@ _METRIC = "but rule t.e does not declare all of its metrics (not fb_free_mib, fb
     ("count(c) > 3", "c)", "count(c): counts the keys of a candidate, " + _RECORD + "endpoint.certifications"),
     ('x := {k: v | some k, v in input.request}; x.prompt_class == "medical"', "some k, v in input.request",
      "some k, v in input.request: walks input.request, " + _RECORD),
-    ("ks := [k | input.request[k]]; count(ks) > 1", "input.request[k]",
-     "input.request[k]: reads input.request with a key that is not written out"),
+    ("ks := [k | input.request[k]]; count(ks) > 1", "input.request[k]",  # k iterates: a walk
+     "input.request[k]: walks input.request, " + _RECORD),
     ('r := input.request; some k, v in r; startswith(k, "prompt")', "some k, v in r",
      "some k, v in r: walks input.request, " + _RECORD),
     # Also refused as a whole (a built-in the check cannot follow), as before.
