@@ -140,6 +140,8 @@ class EnvoyProcess:
         self.log_path = Path(self._dir.name) / "envoy.log"
 
     def start(self, timeout_s: float = 30.0) -> EnvoyProcess:
+        if self.proc is not None:  # a second Envoy on the same ports (SO_REUSEPORT) would share the traffic
+            raise RuntimeError("this Envoy was started already")
         binary = ensure_envoy()
         path = Path(self._dir.name) / "envoy.yaml"
         path.write_text(yaml.safe_dump(self.config, sort_keys=False))
@@ -185,7 +187,7 @@ class EnvoyProcess:
         self._dir.cleanup()
 
     def __enter__(self) -> EnvoyProcess:
-        return self.start()
+        return self if self.proc is not None else self.start()  # with EnvoyProcess(...).start() as envoy: one Envoy
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -107,3 +107,25 @@ def test_serve_warns_when_an_endpoint_address_is_a_host_name_envoy_cannot_dial(
         assert not caplog.records
         _warn_unroutable_addresses([ip, named])
     assert "1 endpoint(s) have a host name" in caplog.text and named.endpoint_id in caplog.text
+
+
+def test_an_envoy_started_before_its_with_block_is_one_envoy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `with EnvoyProcess(...).start() as envoy` started a second Envoy on the same ports in __enter__;
+    # stop() ended only that one, and two test modules left an Envoy running after every test run.
+    from decision.extproc_envoyrun import EnvoyProcess
+
+    envoy = EnvoyProcess({}, 0)
+    envoy.proc = subprocess.Popen(["sleep", "30"])  # as start() leaves it
+    starts: list[int] = []
+
+    def counted_start(self: EnvoyProcess, *args: Any, **kwargs: Any) -> EnvoyProcess:
+        starts.append(1)
+        return self
+
+    monkeypatch.setattr(EnvoyProcess, "start", counted_start)
+    with envoy as entered:
+        assert entered is envoy
+    assert starts == [] and envoy.proc.poll() is not None  # not started again; stopped at the end
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="started already"):
+        envoy.start()

@@ -205,7 +205,7 @@ def test_a_body_over_envoys_buffer_is_routed_whole_through_a_real_envoy() -> Non
         inference = listener(cfg, "inference")
         inference["per_connection_buffer_limit_bytes"] = 16384
         ext_proc_filters(inference)[0]["processing_mode"]["request_body_mode"] = "BUFFERED_PARTIAL"
-        with EnvoyProcess(cfg, admin).start() as envoy, \
+        with EnvoyProcess(cfg, admin) as envoy, \
                 httpx.Client(base_url=f"http://127.0.0.1:{listen}", timeout=10.0) as client:
             json_type = {"content-type": "application/json"}
             # A body that fits the buffer comes whole, as in BUFFERED.

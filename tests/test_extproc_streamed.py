@@ -311,7 +311,7 @@ def test_streamed_bodies_are_charged_through_a_real_envoy() -> None:
         listen, admin = free_port(), free_port()
         cfg = render_config(listen_port=listen, admin_port=admin, extproc_port=extproc.port)
         ext_proc_filters(listener(cfg, "inference"))[0]["processing_mode"]["request_body_mode"] = "STREAMED"
-        with EnvoyProcess(cfg, admin).start() as envoy, \
+        with EnvoyProcess(cfg, admin) as envoy, \
                 httpx.Client(base_url=f"http://127.0.0.1:{listen}", timeout=10.0) as client:
             headers = {**HEADERS, "content-type": "application/json"}
             del headers[":path"]
