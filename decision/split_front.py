@@ -72,7 +72,7 @@ class Front:
             if not fut.done():
                 fut.set_result(reply)
         self.pending.clear()
-        if self.server is not None:
+        if self.server is not None and self.stopping is None:  # else the service's STOP is under way
             self.stopping = asyncio.ensure_future(self.server.stop(_LOST_GRACE_S))
 
     def _open(self, method: int, context: grpc.aio.ServicerContext[Any, Any],
@@ -141,7 +141,7 @@ class Front:
 
         return call
 
-    async def pump(self, server: grpc.aio.Server) -> None:
+    async def pump(self) -> None:
         """Route the service process's frames until it says stop or goes away."""
         buf = bytearray()
         while True:
@@ -164,11 +164,12 @@ class Front:
                 elif kind == wire.STOP:
                     (grace,) = _STOP.unpack(payload)
                     # Stopped beside this loop, which goes on routing the replies of calls in flight.
-                    self.stopping = asyncio.ensure_future(self._stop(server, grace))
+                    self.stopping = asyncio.ensure_future(self._stop(grace))
 
-    async def _stop(self, server: grpc.aio.Server, grace_s: float) -> None:
+    async def _stop(self, grace_s: float) -> None:
         await self.health.enter_graceful_shutdown()  # probes see NOT_SERVING while calls drain
-        await server.stop(grace_s)
+        assert self.server is not None  # set before the pump starts
+        await self.server.stop(grace_s)
 
 
 def stop_payload(grace_s: float) -> bytes:
@@ -209,7 +210,7 @@ async def serve(sock: socket.socket, spec: dict[str, Any]) -> None:
     front.server = server
     front.send(wire.READY, 0, struct.pack("<I", port))
     await writer.drain()
-    pumping = asyncio.ensure_future(front.pump(server))
+    pumping = asyncio.ensure_future(front.pump())
     await server.wait_for_termination()  # stopped on the service's word, or when it went away
     pumping.cancel()
     writer.close()  # the service process sees the end of the stream: every reply has been sent

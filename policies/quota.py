@@ -154,6 +154,9 @@ class _Script:
     """
 
     def __init__(self, client: Any, source: str) -> None:
+        import redis
+
+        self._redis_errors = redis.exceptions  # looked up here, not on every reservation
         self._client = client
         self._script = client.register_script(source)
         self._local = threading.local()
@@ -162,17 +165,16 @@ class _Script:
         self._closed = False
 
     def __call__(self, keys: list[str], args: tuple[int, ...] | list[int] = ()) -> Any:
-        import redis
-
+        errors = self._redis_errors
         if self._closed:  # a call still running after the service stopped must not reconnect
-            raise redis.ConnectionError("the quota counters are closed")
+            raise errors.ConnectionError("the quota counters are closed")
         conn = getattr(self._local, "conn", None)
         now = time.monotonic()
         if conn is None:
             conn = self._client.connection_pool.make_connection()
             with self._lock:
                 if self._closed:
-                    raise redis.ConnectionError("the quota counters are closed")
+                    raise errors.ConnectionError("the quota counters are closed")
                 self._conns.append(conn)
             self._local.conn = conn
         elif now - self._local.used > _CHECK_IDLE_S and _stale(conn):
@@ -181,7 +183,7 @@ class _Script:
         try:
             conn.send_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
             return conn.read_response()
-        except redis.exceptions.NoScriptError:
+        except errors.NoScriptError:
             return self._script(keys=keys, args=args)  # loads it, on a pooled connection
         except BaseException:  # lost, timed out or interrupted mid-reply: the connection is not reused
             conn.disconnect()
