@@ -21,6 +21,7 @@ import os
 from typing import Any, Protocol
 
 from decision.log_throttle import ThrottledWarnings
+from decision.redis_thread import ThreadConnections
 
 log = logging.getLogger("infermesh.claims")
 
@@ -71,6 +72,7 @@ class RedisOutcomeClaims:
 
         self._redis: Any = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                                 client_name=f"infermesh-claims-{os.getpid()}")
+        self._conns = ThreadConnections(self._redis, "the outcome claims")  # each outcome claims on its thread
         self.ttl_ms = max(1000, int(ttl_s * 1000))
         self.prefix = prefix
         self.errors = 0
@@ -78,7 +80,7 @@ class RedisOutcomeClaims:
 
     def claim(self, decision_id: str) -> bool:
         try:
-            return bool(self._redis.set(f"{self.prefix}:{decision_id}", 1, nx=True, px=self.ttl_ms))
+            return self._conns.call("SET", f"{self.prefix}:{decision_id}", 1, "NX", "PX", self.ttl_ms) is not None
         except Exception as exc:  # granted: a duplicate update beats a lost one
             self.errors += 1
             self._warn.warning("claim", "outcome claims unavailable (%s): outcomes are learnt without them", exc)
@@ -86,11 +88,13 @@ class RedisOutcomeClaims:
 
     def release(self, decision_id: str) -> None:
         try:
-            self._redis.delete(f"{self.prefix}:{decision_id}")
+            self._conns.call("DEL", f"{self.prefix}:{decision_id}")
         except Exception as exc:  # the claim expires with its ttl; a retry before then is answered duplicate
             self.errors += 1
             self._warn.warning("release", "could not release the outcome claim of %s: %s", decision_id, exc)
 
     def close(self) -> None:
-        """Close the client's connections (the service's stop, after the last outcome); a second call does nothing."""
+        """Close the connections (the service's stop, after the last outcome); a second call does nothing.
+        A claim after it is granted and counted in ``errors``, as when Redis cannot be reached."""
+        self._conns.close()
         self._redis.close()

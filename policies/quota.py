@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from decision.redis_thread import ThreadConnections
 
 log = logging.getLogger("infermesh.policies.quota")
 WINDOW_S = 60
@@ -138,79 +139,28 @@ HOLD_TTL_S = 30  # a decision gives its share back (or keeps it) within millisec
 
 
 class _Script:
-    """A Lua script run by EVALSHA on the calling thread's own connection.
-
-    Every decision reserves, on the thread that decides: redis-py's pooled call (take a connection,
-    check it for stray input, pack, run, parse, put it back) cost ~180 µs of that thread's CPU per
-    reservation on this repository's VM, this ~85 (``bench/MEASUREMENTS.md``). Each thread keeps one
-    connection of the client's pool settings (timeouts, client name); one that failed is dropped
-    and the next call opens another. Before each call the connection is polled (~0.5 µs, against
-    ~80 µs for the call): input waiting on it means Redis closed it (its idle timeout, a restart, a
-    failover, CLIENT KILL) or sent something unasked, and the call goes out on a new connection
-    instead, as the pool checks each connection it hands out. A script Redis no longer holds (it
-    restarted) is loaded through redis-py's own script object. Nothing is retried: a call whose
-    reply was lost raises, the decision is UNAVAILABLE, and its share is given back by its hold.
+    """A Lua script run by EVALSHA on the calling thread's own connection
+    (:class:`~decision.redis_thread.ThreadConnections`: every decision reserves, on the thread that
+    decides). A script Redis no longer holds (it restarted) is loaded through redis-py's own script
+    object. Nothing is retried: a call whose reply was lost raises, the decision is UNAVAILABLE,
+    and its share is given back by its hold.
     """
 
     def __init__(self, client: Any, source: str) -> None:
         import redis
 
-        self._redis_errors = redis.exceptions  # looked up here, not on every reservation
-        self._client = client
+        self._no_script = redis.exceptions.NoScriptError  # looked up here, not on every reservation
         self._script = client.register_script(source)
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._conns: list[Any] = []
-        self._closed = False
+        self._conns = ThreadConnections(client, "the quota counters")
 
     def __call__(self, keys: list[str], args: tuple[int, ...] | list[int] = ()) -> Any:
-        errors = self._redis_errors
-        if self._closed:  # a call still running after the service stopped must not reconnect
-            raise errors.ConnectionError("the quota counters are closed")
-        local = self._local
-        conn = getattr(local, "conn", None)
-        if conn is None:
-            conn = self._client.connection_pool.make_connection()
-            with self._lock:
-                if self._closed:
-                    raise errors.ConnectionError("the quota counters are closed")
-                self._conns.append(conn)
-            local.conn, local.sock = conn, None
-        sock = conn._sock  # redis-py's socket of the connection, None while it is closed
-        if sock is not None and sock is local.sock and local.poller.poll(0):
-            conn.disconnect()  # input waiting: closed by Redis (or unasked input), not usable
-            sock = None
         try:
-            if sock is None:
-                conn.connect()
-                sock = conn._sock
-            if sock is not local.sock:  # a socket this thread has not polled yet
-                local.sock, local.poller = sock, _poller(sock)
-            conn.send_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
-            return conn.read_response()
-        except errors.NoScriptError:
+            return self._conns.call("EVALSHA", self._script.sha, len(keys), *keys, *args)
+        except self._no_script:
             return self._script(keys=keys, args=args)  # loads it, on a pooled connection
-        except BaseException:  # lost, timed out or interrupted mid-reply: the connection is not reused
-            conn.disconnect()
-            self._local.conn = None
-            with self._lock:
-                if conn in self._conns:
-                    self._conns.remove(conn)
-            raise
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            conns, self._conns = self._conns, []
-        for conn in conns:
-            conn.disconnect()
-
-
-def _poller(sock: Any) -> select.poll:
-    """A poll object watching ``sock`` for input (or its end)."""
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return poller
+        self._conns.close()
 
 
 class RedisQuotaCounters:
