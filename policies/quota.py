@@ -146,21 +146,18 @@ class _Script:
     and its share is given back by its hold.
     """
 
-    def __init__(self, client: Any, source: str) -> None:
+    def __init__(self, client: Any, source: str, conns: ThreadConnections) -> None:
         import redis
 
         self._no_script = redis.exceptions.NoScriptError  # looked up here, not on every reservation
         self._script = client.register_script(source)
-        self._conns = ThreadConnections(client, "the quota counters")
+        self._conns = conns
 
     def __call__(self, keys: list[str], args: tuple[int, ...] | list[int] = ()) -> Any:
         try:
             return self._conns.call("EVALSHA", self._script.sha, len(keys), *keys, *args)
         except self._no_script:
             return self._script(keys=keys, args=args)  # loads it, on a pooled connection
-
-    def close(self) -> None:
-        self._conns.close()
 
 
 class RedisQuotaCounters:
@@ -183,8 +180,9 @@ class RedisQuotaCounters:
         self.prefix = prefix
         self._redis: Any = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                                 client_name=f"infermesh-quota-{os.getpid()}")
-        self._scripts = (_Script(self._redis, _RESERVE_LUA), _Script(self._redis, _GIVE_BACK_LUA))
-        self._reserve, self._give_back = self._scripts
+        self._conns = ThreadConnections(self._redis, "the quota counters")  # one per thread, for both scripts
+        self._reserve = _Script(self._redis, _RESERVE_LUA, self._conns)
+        self._give_back = _Script(self._redis, _GIVE_BACK_LUA, self._conns)
         self.errors = 0
 
     def _key(self, tenant: str, now: float) -> str:
@@ -213,8 +211,7 @@ class RedisQuotaCounters:
 
     def close(self) -> None:
         """Close the client's connections (the service's stop, after the last decision); a second call does nothing."""
-        for script in self._scripts:
-            script.close()
+        self._conns.close()
         self._redis.close()
 
 

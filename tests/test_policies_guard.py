@@ -239,6 +239,8 @@ def test_reservations_survive_a_redis_that_forgot_its_scripts_or_closed_a_connec
     now = time.time()
     try:
         assert counters.reserve("t", now, 1, 10, hold="h1") == QuotaUsage(0, 0)
+        counters.give_back("t", now, 0, 0, hold="h0")  # the other script, on the same connection
+        assert len(ours() - before) == 1
         admin.script_flush()  # a restarted Redis holds no scripts
         assert counters.reserve("t", now, 1, 10, hold="h2") == QuotaUsage(1, 10)
         counters.give_back("t", now, 1, 10, hold="h2")
