@@ -28,12 +28,13 @@ def add_bench_audit(bench_sub: Any) -> None:
     p.add_argument("--duration", type=float, default=0.5, help="seconds per decide slice")
     p.add_argument("--rounds", type=int, default=16,
                    help="off/on slice pairs (short, interleaved slices: both modes see the same machine)")
-    p.add_argument("--writer", choices=("process", "thread"), default="process",
-                   help="the writer in its own process (the service's default) or a thread of the service")
+    p.add_argument("--writer", choices=("process", "thread"), default=None,
+                   help="the writer in its own process or a thread of the service (default: as configured)")
     p.add_argument("--service", action="store_true",
                    help="also: Decide calls/s through the service over gRPC (concurrency 50), audit on vs off")
     p.add_argument("--config", default=default_config(),
-                   help="the service configuration for --service")
+                   help="the service configuration: its audit: section, under INFERMESH_AUDIT_*, sets the "
+                        "writer's settings (as the service builds them); --service runs it")
     p.add_argument("--service-seconds", type=float, default=3.0, help="seconds per --service slice")
     p.add_argument("--service-rounds", type=int, default=4, help="off/on --service slice pairs")
     p.add_argument("--json", action="store_true")
@@ -62,12 +63,24 @@ def _requests(engine: Any, n: int) -> list[Any]:
                            client_region="eu-west" if i % 2 else "us-east") for i in range(n)]
 
 
-def writer_rows_per_s(url: str, fleet_path: str, rows: int, kind: str = "process") -> float:
+def configured_settings(config_path: str, writer: str | None = None) -> AuditSettings:
+    """The audit settings the service would run with: the config's ``audit:`` section under
+    ``INFERMESH_AUDIT_*`` (``writer`` overrides the writer kind). The bench gives each writer a
+    scratch spool of its own."""
+    from decision.config import load_config
+
+    settings = AuditSettings.from_section(load_config(config_path).audit)
+    return settings.model_copy(update={"writer": writer}) if writer else settings
+
+
+def writer_rows_per_s(url: str, fleet_path: str, rows: int, settings: AuditSettings | None = None) -> float:
     """Push ``rows`` real decision events through a fresh writer as the service does; rows/s to commit.
 
     The events are made before the clock starts (decisions of the bench fleet, each with a new id),
-    so this measures the writer: hand-over, trace assembly, chaining, COPY.
+    so this measures the writer: hand-over, trace assembly, chaining, COPY. ``settings`` are the
+    writer's (default: the defaults); its queue holds all ``rows`` (a drop would not be a row written).
     """
+    settings = settings or AuditSettings()
     from decision.engine import LazyTrace, decision_event, new_decision_id
 
     engine = _engine(fleet_path, None)
@@ -81,8 +94,8 @@ def writer_rows_per_s(url: str, fleet_path: str, rows: int, kind: str = "process
         ev["trace"] = LazyTrace(gather=_constant(parts[i % len(parts)]))
         events.append(ev)
     with tempfile.TemporaryDirectory() as spool:
-        w = make_writer(kind, url, AuditSettings(spool_dir=Path(spool), queue_max=rows + 1, batch_size=5000),
-                        chain_id="bench-writer")
+        room = {"spool_dir": Path(spool), "queue_max": max(settings.queue_max, rows + 1)}
+        w = make_writer(settings.writer, url, settings.model_copy(update=room), chain_id="bench-writer")
         w.flush(timeout=60)  # the writer process is up
         t0 = time.perf_counter()
         for ev in events:
@@ -118,9 +131,11 @@ def cmd_bench_audit(args: argparse.Namespace) -> int:
 
 
 def _bench_audit(args: argparse.Namespace, url: str) -> int:
-    wr = writer_rows_per_s(url, args.fleet, args.rows, args.writer)
+    settings = configured_settings(args.config, args.writer)
+    wr = writer_rows_per_s(url, args.fleet, args.rows, settings)
     with tempfile.TemporaryDirectory() as spool:
-        writer = make_writer(args.writer, url, AuditSettings(spool_dir=Path(spool)), chain_id="bench-decide")
+        writer = make_writer(settings.writer, url, settings.model_copy(update={"spool_dir": Path(spool)}),
+                             chain_id="bench-decide")
         off, on = _engine(args.fleet, None), _engine(args.fleet, writer)
         reqs = _requests(off, 200)
         decide_rps(off, reqs, 0.5)
@@ -145,7 +160,10 @@ def _bench_audit(args: argparse.Namespace, url: str) -> int:
                        "service_errors": svc.errors, "service_calls_audited": svc.calls_on,
                        "service_rows": svc.rows_on})
     scratch = urlsplit(url).path.lstrip("/")  # a socket URL's query holds a path too (host=/...)
-    print(f"audit benchmark (same run; writer: {args.writer}; scratch database {scratch}, dropped after)")
+    print(f"audit benchmark (same run; scratch database {scratch}, dropped after)")
+    print(f"  settings from {args.config} and INFERMESH_AUDIT_*: writer {settings.writer}, batch "
+          f"{settings.batch_size}, flush every {settings.flush_interval_s:g} s, writer nice {settings.writer_nice}, "
+          f"trace codec {settings.trace_codec}")
     print(f"  {'writer sustained rows/s':<34}{result['writer_rows_per_s']:>12,.0f}   target >= 15,000")
     print(f"  {'decide/s, audit off':<34}{rps_off:>12,.0f}")
     print(f"  {'decide/s, audit on':<34}{rps_on:>12,.0f}")

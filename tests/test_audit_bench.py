@@ -48,3 +48,14 @@ def test_a_scratch_database_is_dropped_whatever_happens() -> None:
             assert row is not None and row[0].startswith("infermesh_scratchtest_")
         raise RuntimeError("the work failed")
     assert _databases("infermesh_scratchtest") == set()
+
+
+def test_bench_audit_runs_the_configured_writer_settings(fresh_pg_url: str) -> None:
+    # The service's settings: the config's audit section under INFERMESH_AUDIT_*, not the bench's own.
+    proc = subprocess.run([sys.executable, "-m", "decision.cli", "bench", "audit", "--rows", "300", "--rounds", "1",
+                           "--duration", "0.1", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "INFERMESH_DATABASE_URL": fresh_pg_url,
+                               "INFERMESH_AUDIT_WRITER": "thread", "INFERMESH_AUDIT_BATCH_SIZE": "123"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "writer thread, batch 123," in proc.stdout
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["writer_rows_per_s"] > 0
