@@ -444,7 +444,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             labels.update({"request_body": body.body_read, "request_body_bytes_seen": str(body.seen_bytes),
                            "request_body_bytes": str(body.body_bytes or "unknown")})
             if body.image_bytes:
-                labels["request_body_image_bytes"] = str(body.image_bytes)  # not charged as prompt
+                labels["request_body_image_bytes"] = str(body.image_bytes)  # charged as images, not as prompt
+        if body is not None and body.images:  # each charged TOKENS_PER_IMAGE in the input estimate
+            labels["request_images"] = str(body.images)
         return RequestContext(
             request_id=headers.get(c.request_id_header, "")[:256] or "envoy",
             tenant=tenant,

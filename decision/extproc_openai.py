@@ -25,6 +25,13 @@ from typing import Any
 CHARS_PER_TOKEN = 4.0
 # Role markers and separators every chat template adds per message.
 TOKENS_PER_MESSAGE = 4
+# What one image part is charged, whatever its size (it is not decoded here): OpenAI's charge for a
+# 1024x1024 image at high detail (85 + 4 tiles x 170). Open vision models spend a few hundred to
+# ~1,500 tokens per image (LLaVA-1.5 576; Qwen2-VL one per 28x28 pixels); the outcome's usage
+# reports what was spent, and the tenant's token quota is trued up to it.
+TOKENS_PER_IMAGE = 765
+# The content part types that carry an image (chat completions, the Responses API, Anthropic-style).
+_IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +43,8 @@ class OpenAIRequest:
     model
         The ``model`` field ("" when absent).
     estimated_input_tokens
-        Prompt size estimate: characters / :data:`CHARS_PER_TOKEN`, plus per-message overhead.
+        Prompt size estimate: characters / :data:`CHARS_PER_TOKEN`, plus per-message overhead,
+        plus :data:`TOKENS_PER_IMAGE` for each image part.
     max_tokens
         Output budget the client asked for (0 when unspecified).
     stream
@@ -49,8 +57,10 @@ class OpenAIRequest:
         For a body not read whole: the bytes seen, and the whole body's size from its
         ``content-length`` (0 when unknown). Both 0 when the whole body was seen.
     image_bytes
-        For a partial body: the bytes of inline base64 images in the part seen, left out of the
-        prompt estimate (see :func:`inline_image_chars`).
+        For a partial body: the bytes of inline base64 images in the part seen, charged as images
+        rather than as prompt text (see :func:`inline_images`).
+    images
+        Image parts charged :data:`TOKENS_PER_IMAGE` each.
     """
 
     model: str
@@ -61,23 +71,29 @@ class OpenAIRequest:
     body_bytes: int = 0
     body_read: str = "whole"
     image_bytes: int = 0
+    images: int = 0
 
 
-def _text_chars(content: Any) -> int:
-    """Characters of text in a message ``content`` (a string or a list of typed parts)."""
+def _content_size(content: Any) -> tuple[int, int]:
+    """Characters of text and image parts in a message ``content`` (a string or a list of typed parts).
+
+    >>> _content_size([{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "https://x"}}])
+    (2, 1)
+    """
     if isinstance(content, str):
-        return len(content)
+        return len(content), 0
+    chars = images = 0
     if isinstance(content, list):
-        total = 0
         for part in content:
             if isinstance(part, str):
-                total += len(part)
+                chars += len(part)
             elif isinstance(part, dict):
                 text = part.get("text")
                 if isinstance(text, str):
-                    total += len(text)
-        return total
-    return 0
+                    chars += len(text)
+                elif part.get("type") in _IMAGE_PARTS:
+                    images += 1
+    return chars, images
 
 
 def _int_field(doc: dict[str, Any], *names: str) -> int:
@@ -131,13 +147,15 @@ def parse_request(body: bytes) -> OpenAIRequest | None:
 
 def _request_of(doc: dict[str, Any]) -> OpenAIRequest:
     chars = 0
+    images = 0
     overhead = 0
     token_ids = 0  # a prompt given as token ids (completions, embeddings) is its own count
     messages = doc.get("messages")
     if isinstance(messages, list):
         for m in messages:
             if isinstance(m, dict):
-                chars += _text_chars(m.get("content"))
+                c, i = _content_size(m.get("content"))
+                chars, images = chars + c, images + i
                 overhead += TOKENS_PER_MESSAGE
     for key in ("prompt", "input"):
         value = doc.get(key)
@@ -151,14 +169,16 @@ def _request_of(doc: dict[str, Any]) -> OpenAIRequest:
                     token_ids += 1
                 elif isinstance(v, list) and all(map(_is_token_id, v)):  # a batch of token-id prompts
                     token_ids += len(v)
-                else:
-                    chars += _text_chars(v.get("content") if isinstance(v, dict) else v)
+                else:  # an input item: a message (its content), or a content part itself
+                    c, i = _content_size(v.get("content") if isinstance(v, dict) and "content" in v else [v])
+                    chars, images = chars + c, images + i
     model = doc.get("model")
     return OpenAIRequest(
         model=model if isinstance(model, str) else "",
-        estimated_input_tokens=math.ceil(chars / CHARS_PER_TOKEN) + overhead + token_ids,
+        estimated_input_tokens=math.ceil(chars / CHARS_PER_TOKEN) + overhead + token_ids + images * TOKENS_PER_IMAGE,
         max_tokens=_int_field(doc, "max_tokens", "max_completion_tokens", "max_output_tokens"),
         stream=doc.get("stream") is True,
+        images=images,
     )
 
 
@@ -222,18 +242,19 @@ _INLINE_IMAGE = re.compile(r'"(?:url|image_url)"\s*:\s*"(data:image/[A-Za-z0-9.+
                            r'(?:[A-Za-z0-9+/=]++|\\[/nr])*+)(?:"|\\?\Z)')
 
 
-def inline_image_chars(text: str) -> int:
-    r"""Characters of ``text`` (JSON, possibly cut) that are inline base64 images: their data URLs.
+def inline_images(text: str) -> tuple[int, int]:
+    r"""The inline base64 images in ``text`` (JSON, possibly cut): their data URLs' characters, and how many.
 
-    >>> inline_image_chars('{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": '
-    ...                    '{"url": "data:image/png;base64,iVBORw0KGgo="}}, {"type": "text", "text": "hi"}]}]}')
-    34
-    >>> inline_image_chars('{"input": [{"type": "input_image", "image_url": "data:image/jpeg;base64,/9j/4AAQ')  # cut
-    31
-    >>> inline_image_chars('{"content": "\\"url\\": \\"data:image/png;base64,AAAA\\""}')  # text that quotes one
-    0
+    >>> inline_images('{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": '
+    ...               '{"url": "data:image/png;base64,iVBORw0KGgo="}}, {"type": "text", "text": "hi"}]}]}')
+    (34, 1)
+    >>> inline_images('{"input": [{"type": "input_image", "image_url": "data:image/jpeg;base64,/9j/4AAQ')  # cut
+    (31, 1)
+    >>> inline_images('{"content": "\\"url\\": \\"data:image/png;base64,AAAA\\""}')  # text that quotes one
+    (0, 0)
     """
-    return sum(len(m.group(1)) for m in _INLINE_IMAGE.finditer(text))
+    sizes = [len(m.group(1)) for m in _INLINE_IMAGE.finditer(text)]
+    return sum(sizes), len(sizes)
 
 
 def _bytes_per_ascii_char(encoding: str) -> int:
@@ -250,13 +271,12 @@ def parse_cut_request(prefix: bytes, body_bytes: int) -> OpenAIRequest | None:
     mostly past the cut, so the input-token estimate counts every byte of the whole body as a
     character of prompt: about what the whole body would get (for a text prompt, no less, as the
     JSON around each message outweighs its per-message overhead), so more bytes past the cut can
-    never lower it. Except the inline base64 images in the part seen (:func:`inline_image_chars`):
-    the model server decodes them into images, which cost tokens by their pixel size, not by the
-    length of their base64, and which a whole body's estimate does not count either (only text
-    parts are read, :func:`_text_chars`). Counted as text, a 3 MB photo (4 MB of base64) would be
-    charged some 1,000,000 tokens, which a token quota would then deny, where the whole body would
-    have been charged for its text alone. Images past the cut cannot be told from text, so they are
-    charged as text. ``None`` when ``prefix`` does not begin a JSON object.
+    never lower it. Except the inline base64 images in the part seen (:func:`inline_images`): the
+    model server decodes them into images, which cost tokens by their pixel size, not by the length
+    of their base64, so each is charged :data:`TOKENS_PER_IMAGE`, as in a whole body. Counted as
+    text, a 3 MB photo (4 MB of base64) would be charged some 1,000,000 tokens, which a token quota
+    would then deny. Images past the cut cannot be told from text, so they are charged as text.
+    ``None`` when ``prefix`` does not begin a JSON object.
 
     Examples
     --------
@@ -277,10 +297,13 @@ def parse_cut_request(prefix: bytes, body_bytes: int) -> OpenAIRequest | None:
     if members is None:
         return None
     seen = _request_of(members)
-    images = inline_image_chars(text) * _bytes_per_ascii_char(encoding)
-    est = max(seen.estimated_input_tokens, math.ceil(max(0, body_bytes - images) / CHARS_PER_TOKEN))
+    chars, count = inline_images(text)
+    images = chars * _bytes_per_ascii_char(encoding)
+    # The images of members whole before the cut are in both counts: the larger estimate, not their sum.
+    est = max(seen.estimated_input_tokens,
+              math.ceil(max(0, body_bytes - images) / CHARS_PER_TOKEN) + count * TOKENS_PER_IMAGE)
     return replace(seen, estimated_input_tokens=est, seen_bytes=len(prefix), body_bytes=body_bytes,
-                   body_read="partial", image_bytes=images)
+                   body_read="partial", image_bytes=images, images=max(seen.images, count))
 
 
 def unseen_request(body_bytes: int) -> OpenAIRequest:

@@ -14,7 +14,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from decision.domain import OutcomeStatus
 from decision.extproc import ExtProcServicer, _Exchange, _Stream, outcome_status
 from decision.extproc_config import ExtProcConfig
-from decision.extproc_openai import Usage, UsageReader, parse_request
+from decision.extproc_openai import TOKENS_PER_IMAGE, Usage, UsageReader, parse_request
 from tests.envoy_support import FAMILY, MODEL, ResidencyGuard, build_fleet, make_engine, set_load
 
 ADDR = {"eu-fast": "127.0.0.1:7001", "eu-stream": "127.0.0.1:7002", "us-stream": "127.0.0.1:7003"}
@@ -346,7 +346,8 @@ def test_request_body_parsing() -> None:
     r = parse_request(json.dumps({"model": "m", "max_completion_tokens": 32, "stream": True, "messages": [
         {"role": "system", "content": "abcd" * 10},
         {"role": "user", "content": [{"type": "text", "text": "abcd" * 5}, {"type": "image_url"}]}]}).encode())
-    assert r is not None and (r.model, r.estimated_input_tokens, r.max_tokens, r.stream) == ("m", 15 + 8, 32, True)
+    assert r is not None and (r.model, r.estimated_input_tokens, r.max_tokens, r.stream) == (
+        "m", 15 + 8 + TOKENS_PER_IMAGE, 32, True)  # an image part costs tokens too
     assert parse_request(b"not json") is None and parse_request(b"[1, 2]") is None and parse_request(b"") is None
     legacy = parse_request(b'{"model": "m", "prompt": "abcdefgh", "max_tokens": 3}')
     assert legacy is not None and (legacy.estimated_input_tokens, legacy.max_tokens) == (2, 3)

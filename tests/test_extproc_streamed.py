@@ -31,7 +31,13 @@ from decision.envoy_bootstrap import listener
 from decision.extproc import ExtProcServicer, serve_extproc
 from decision.extproc_config import ExtProcConfig
 from decision.extproc_envoyrun import Backend, EnvoyProcess, ext_proc_filters, free_port, render_config
-from decision.extproc_openai import CHARS_PER_TOKEN, inline_image_chars, parse_cut_request, parse_request
+from decision.extproc_openai import (
+    CHARS_PER_TOKEN,
+    TOKENS_PER_IMAGE,
+    inline_images,
+    parse_cut_request,
+    parse_request,
+)
 from decision.validation import MAX_TOKENS
 from policies.quota import InMemoryQuotaCounters
 from tests.envoy_support import MODEL, ResidencyGuard, build_fleet, make_engine, set_load
@@ -246,26 +252,51 @@ def _image_chat(image_bytes: int, text_chars: int, *, text_first: bool = False) 
     return json.dumps(doc).encode(), len(url)
 
 
-def _cut_exchange(s: ExtProcServicer, body: bytes, seen: int) -> RequestContext:
+def _cut_exchange(s: ExtProcServicer, body: bytes, seen: int | None) -> RequestContext:
+    """The request Envoy's BUFFERED_PARTIAL mode has decided on: ``body`` cut at ``seen`` (None: whole)."""
     st = s.open_stream()
     s.handle(st, _headers({**HEADERS, "content-length": str(len(body))}, mode=PARTIAL))
-    (reply,) = s.handle(st, _chunk(body[:seen]))
+    (reply,) = s.handle(st, _chunk(body[:seen]) if seen is not None else _chunk(body, eos=True))
     assert reply.WhichOneof("response") == "request_body", reply
     assert st.ex.decision is not None
     return st.ex.decision.request
 
 
-def test_an_inline_image_in_the_part_seen_is_not_charged_as_prompt_text() -> None:
+def test_an_inline_image_in_the_part_seen_is_charged_as_an_image_not_as_prompt_text() -> None:
     body, url_len = _image_chat(300_000, 40_000)
     whole = parse_request(body)
-    assert whole is not None and whole.estimated_input_tokens == 10_000 + 4  # a whole body counts no image
+    assert whole is not None and whole.estimated_input_tokens == 10_000 + 4 + TOKENS_PER_IMAGE and whole.images == 1
     ctx = _cut_exchange(_servicer(), body, 16_384)  # the cut falls in the image
-    assert ctx.estimated_input_tokens == math.ceil((len(body) - (16_384 - body.index(b"data:image"))) / CHARS_PER_TOKEN)
+    assert ctx.estimated_input_tokens == math.ceil(
+        (len(body) - (16_384 - body.index(b"data:image"))) / CHARS_PER_TOKEN) + TOKENS_PER_IMAGE
     assert ctx.labels["request_body_image_bytes"] == str(16_384 - body.index(b"data:image"))
+    assert ctx.labels["request_images"] == "1"
     ctx = _cut_exchange(_servicer(), body, len(body) - 30_000)  # the whole image seen, most of the text not
-    assert ctx.estimated_input_tokens == math.ceil((len(body) - url_len) / CHARS_PER_TOKEN)
+    assert ctx.estimated_input_tokens == math.ceil((len(body) - url_len) / CHARS_PER_TOKEN) + TOKENS_PER_IMAGE
     assert whole.estimated_input_tokens <= ctx.estimated_input_tokens < whole.estimated_input_tokens + 100
     # Before, the image's 400,000 base64 characters were charged as 100,000 tokens of prompt.
+
+
+def test_image_parts_are_charged_per_image_in_each_api() -> None:
+    # Chat completions (by URL or inline), the Responses API (input_image in a message, or as an input
+    # item), and a message of text only for comparison; an image counts whatever its size.
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "x" * 400}, {"type": "image_url", "image_url": {"url": "https://img/1.png"}},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}
+    r = parse_request(json.dumps(chat).encode())
+    assert r is not None and (r.images, r.estimated_input_tokens) == (2, 100 + 4 + 2 * TOKENS_PER_IMAGE)
+    responses = {"model": MODEL, "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "x" * 40},
+                                     {"type": "input_image", "image_url": "https://img/2.png"}]},
+        {"type": "input_image", "image_url": "https://img/3.png"}, "y" * 40]}
+    r = parse_request(json.dumps(responses).encode())
+    assert r is not None and (r.images, r.estimated_input_tokens) == (2, 20 + 2 * TOKENS_PER_IMAGE)
+    text_only = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 400}]}
+    r = parse_request(json.dumps(text_only).encode())
+    assert r is not None and (r.images, r.estimated_input_tokens) == (0, 104)
+    # Through the picker, the whole body in one message: the request's estimate, and a label for the trace.
+    ctx = _cut_exchange(_servicer(), json.dumps(chat).encode(), None)
+    assert ctx.estimated_input_tokens == 100 + 4 + 2 * TOKENS_PER_IMAGE and ctx.labels["request_images"] == "2"
 
 
 def test_an_image_past_the_cut_and_text_that_quotes_a_data_url_are_still_charged() -> None:
@@ -276,7 +307,7 @@ def test_an_image_past_the_cut_and_text_that_quotes_a_data_url_are_still_charged
     # A data URL written in a text part is text the model reads: charged.
     quoted = json.dumps({"url": "data:image/png;base64," + "A" * 1000})
     text = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": quoted * 20}]})
-    assert inline_image_chars(text) == 0
+    assert inline_images(text) == (0, 0)
     r = parse_cut_request(text.encode()[:5000], len(text))
     assert r is not None and r.estimated_input_tokens == math.ceil(len(text) / CHARS_PER_TOKEN) and not r.image_bytes
 
@@ -290,11 +321,11 @@ def test_inline_images_are_found_in_each_encoding_and_form() -> None:
     # The Responses API's input_image, and a writer that escapes "/" as "\/".
     resp = '{"model": "m", "input": [{"role": "user", "content": [{"type": "input_image", ' \
            '"image_url": "data:image/jpeg;base64,/9j/' + "Q" * 5000 + '"}]}], "x": "'
-    assert inline_image_chars(resp) == len("data:image/jpeg;base64,/9j/") + 5000
-    assert inline_image_chars(resp.replace("/9j/", "\\/9j\\/")) == len("data:image/jpeg;base64,\\/9j\\/") + 5000
+    assert inline_images(resp) == (len("data:image/jpeg;base64,/9j/") + 5000, 1)
+    assert inline_images(resp.replace("/9j/", "\\/9j\\/")) == (len("data:image/jpeg;base64,\\/9j\\/") + 5000, 1)
     # Not an image: a data URL of another type, or one that is not base64.
-    assert inline_image_chars(resp.replace("image/jpeg", "application/pdf")) == 0
-    assert inline_image_chars(resp.replace("QQQQ", "Q Q!", 1)) == 0
+    assert inline_images(resp.replace("image/jpeg", "application/pdf")) == (0, 0)
+    assert inline_images(resp.replace("QQQQ", "Q Q!", 1)) == (0, 0)
 
 
 # -- through a real Envoy 1.40 with STREAMED request bodies --
