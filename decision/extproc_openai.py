@@ -169,8 +169,10 @@ def _request_of(doc: dict[str, Any]) -> OpenAIRequest:
                     token_ids += 1
                 elif isinstance(v, list) and all(map(_is_token_id, v)):  # a batch of token-id prompts
                     token_ids += len(v)
-                else:  # an input item: a message (its content), or a content part itself
-                    c, i = _content_size(v.get("content") if isinstance(v, dict) and "content" in v else [v])
+                else:  # an input item: a message (its content), a content part, or a list of parts
+                    if isinstance(v, dict):
+                        v = v.get("content", [v])
+                    c, i = _content_size(v)
                     chars, images = chars + c, images + i
     model = doc.get("model")
     return OpenAIRequest(

@@ -291,6 +291,9 @@ def test_image_parts_are_charged_per_image_in_each_api() -> None:
         {"type": "input_image", "image_url": "https://img/3.png"}, "y" * 40]}
     r = parse_request(json.dumps(responses).encode())
     assert r is not None and (r.images, r.estimated_input_tokens) == (2, 20 + 2 * TOKENS_PER_IMAGE)
+    nested = {"model": MODEL, "input": [["abcd", "efgh"], {"type": "input_text", "text": "x" * 8}]}
+    r = parse_request(json.dumps(nested).encode())  # a list of parts, and a part as an input item
+    assert r is not None and (r.images, r.estimated_input_tokens) == (0, 4)
     text_only = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 400}]}
     r = parse_request(json.dumps(text_only).encode())
     assert r is not None and (r.images, r.estimated_input_tokens) == (0, 104)
