@@ -152,7 +152,10 @@ class PolicyReloader:
     # -- the file watcher: polling mtimes and sizes is enough for a folder of small files --
     def _fingerprint(self) -> tuple[tuple[str, int, int], ...]:
         try:
-            return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in bundle_files(self.directory))
+            # A list first: tuple() of a generator grows its tuple in place, which CPython refuses
+            # (SystemError) when another thread holds a reference to it meanwhile; gc.get_objects()
+            # hands out such references (seen in CI while a test counted objects).
+            return tuple([(str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in bundle_files(self.directory)])
         except OSError:
             return ()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -223,3 +224,27 @@ def test_a_bundle_mounted_from_a_configmap_loads_and_reloads(tmp_path: Path, dem
     result = reloader.reload()
     assert result.ok and result.changed, result.error
     assert swaps[-1].revision == reloader.revision != guard.revision
+
+
+def test_the_watcher_fingerprint_survives_another_thread_listing_every_object(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A test counting objects (gc.get_objects()) while a service's watcher ran made CPython refuse to
+    # grow the tuple the watcher was building (SystemError), and the watcher thread died.
+    import gc
+
+    import policies.reload as reload
+
+    files = []
+    for name in ("a.cel", "b.rego", "manifest.yaml"):
+        (tmp_path / name).write_text(name)
+        files.append(tmp_path / name)
+    held: list[list[object]] = []
+
+    def listing(directory: Path) -> Iterator[Path]:
+        for f in files:
+            held.append(gc.get_objects())  # what another thread may do at any moment
+            yield f
+
+    monkeypatch.setattr(reload, "bundle_files", listing)
+    fingerprint = PolicyReloader(tmp_path, lambda g: None, run_tests=False)._fingerprint()
+    assert [f for f, _, _ in fingerprint] == [str(f) for f in files]
