@@ -78,11 +78,14 @@ def test_the_service_exports_telemetry_rejections_and_scrape_counts() -> None:
     from decision.service import Service
 
     service = Service(load_config("deploy/demo/infermesh.yaml"), Settings(), audit_enabled=False)
-    endpoint = service.fleet.endpoints[0].endpoint_id
-    service.telemetry.ingest_exposition("vllm:num_requests_waiting -3\nvllm:num_requests_running +Inf\n",
-                                        endpoint_id=endpoint)
-    service.scraper.failures += 1  # as a failed scrape counts it (tests/test_scraper.py scrapes for real)
-    text = service.metrics.exposition().decode()
+    try:
+        endpoint = service.fleet.endpoints[0].endpoint_id
+        service.telemetry.ingest_exposition("vllm:num_requests_waiting -3\nvllm:num_requests_running +Inf\n",
+                                            endpoint_id=endpoint)
+        service.scraper.failures += 1  # as a failed scrape counts it (tests/test_scraper.py scrapes for real)
+        text = service.metrics.exposition().decode()
+    finally:
+        service.stop(0)  # its threads (the policy watcher...) must not outlive the test
     assert "# TYPE infermesh_telemetry_rejected_total counter" in text
     assert "infermesh_telemetry_rejected_total 2.0" in text
     assert "infermesh_telemetry_scrapes_total 0.0" in text and "infermesh_telemetry_scrape_failures_total 1.0" in text

@@ -119,7 +119,13 @@ def test_non_finite_outcome_times_are_refused_before_they_reach_the_learner(serv
 
 def test_a_request_whose_deadline_has_passed_is_not_decided() -> None:
     service, servicer = servicer_for()
-    edge = InProcessEdge(servicer)
+    try:
+        _deadline_checks(service, InProcessEdge(servicer))
+    finally:
+        service.stop(0)
+
+
+def _deadline_checks(service: Service, edge: InProcessEdge) -> None:
     assert service.engine is not None
     payload = pb.DecideRequest(**GOOD).SerializeToString()
     with pytest.raises(Aborted) as err:

@@ -43,10 +43,11 @@ class _NoTraces:
 
 
 @pytest.fixture(scope="module")
-def edge() -> InProcessEdge:
+def edge() -> Iterator[InProcessEdge]:
     service, servicer = servicer_for()
     service.engine.traces = _NoTraces()  # Explain and late outcomes look decisions up in the audit log
-    return InProcessEdge(servicer)
+    yield InProcessEdge(servicer)
+    service.stop(0)  # its threads (the policy watcher...) must not outlive the module
 
 
 def check(call: Callable[[FakeContext], Any]) -> Any:
