@@ -151,13 +151,17 @@ class PolicyReloader:
 
     # -- the file watcher: polling mtimes and sizes is enough for a folder of small files --
     def _fingerprint(self) -> tuple[tuple[str, int, int], ...]:
+        # A list first: tuple() of a generator grows its tuple in place, which CPython refuses
+        # (SystemError) when another thread holds a reference to it meanwhile; gc.get_objects()
+        # hands out such references (seen in CI while a test counted objects).
+        files: list[tuple[str, int, int]] = []
         try:
-            # A list first: tuple() of a generator grows its tuple in place, which CPython refuses
-            # (SystemError) when another thread holds a reference to it meanwhile; gc.get_objects()
-            # hands out such references (seen in CI while a test counted objects).
-            return tuple([(str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in bundle_files(self.directory)])
+            for p in bundle_files(self.directory):
+                st = p.stat()  # once per file: its time and size from the same look
+                files.append((str(p), st.st_mtime_ns, st.st_size))
         except OSError:
             return ()
+        return tuple(files)
 
     def start(self) -> None:
         if self._thread is not None:
