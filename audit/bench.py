@@ -73,14 +73,13 @@ def configured_settings(config_path: str, writer: str | None = None) -> AuditSet
     return settings.model_copy(update={"writer": writer}) if writer else settings
 
 
-def writer_rows_per_s(url: str, fleet_path: str, rows: int, settings: AuditSettings | None = None) -> float:
+def writer_rows_per_s(url: str, fleet_path: str, rows: int, settings: AuditSettings) -> float:
     """Push ``rows`` real decision events through a fresh writer as the service does; rows/s to commit.
 
     The events are made before the clock starts (decisions of the bench fleet, each with a new id),
     so this measures the writer: hand-over, trace assembly, chaining, COPY. ``settings`` are the
-    writer's (default: the defaults); its queue holds all ``rows`` (a drop would not be a row written).
+    writer's (:func:`configured_settings`); its queue holds all ``rows`` (a drop would not be a row written).
     """
-    settings = settings or AuditSettings()
     from decision.engine import LazyTrace, decision_event, new_decision_id
 
     engine = _engine(fleet_path, None)

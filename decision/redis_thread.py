@@ -53,14 +53,14 @@ class ThreadConnections:
         """Run one command and return Redis's reply as parsed by redis-py (bytes, ints, lists, None)."""
         errors = self._errors
         if self._closed:  # a call still running after the service stopped must not reconnect
-            raise errors.ConnectionError(f"{self._what} are closed")
+            raise self._closed_error()
         local = self._local
         conn = getattr(local, "conn", None)
         if conn is None:
             conn = self._client.connection_pool.make_connection()
             with self._lock:
-                if self._closed:
-                    raise errors.ConnectionError(f"{self._what} are closed")
+                if self._closed:  # closed while this one was made
+                    raise self._closed_error()
                 self._conns.append(conn)
             local.conn, local.sock = conn, None
         sock = conn._sock  # redis-py's socket of the connection, None while it is closed
@@ -84,6 +84,10 @@ class ThreadConnections:
                 if conn in self._conns:
                     self._conns.remove(conn)
             raise
+
+    def _closed_error(self) -> Exception:
+        exc: Exception = self._errors.ConnectionError(f"{self._what} are closed")
+        return exc
 
     def close(self) -> None:
         """Close every thread's connection; later commands raise. A second call does nothing."""
