@@ -8,13 +8,14 @@ spools as usual, and everything it handled is sent again to its replacement.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -90,15 +91,28 @@ def _submit_five_and_an_outcome(w: ProcessAuditWriter, at: float) -> None:
     w.submit_outcome(_outcome(0, 40.0, at + 1))
 
 
-def _stderr_says(capfd: pytest.CaptureFixture[str], text: str) -> Callable[[], bool]:
-    """A predicate for :func:`_wait`: whether ``text`` has been written to stderr since it was made."""
-    seen = [""]
+@contextlib.contextmanager
+def _children_stderr(path: Path) -> Iterator[Path]:
+    """Within: the stderr of writer children spawned meanwhile goes to ``path``, only ever appended.
 
-    def says() -> bool:
-        seen[0] += capfd.readouterr().err
-        return text in seen[0]
+    Not ``capfd``: its every read truncates the file the children share, so a line a child writes
+    between that read and the truncation is lost (a CI run waited 60 s for one that was). Not a
+    fixture: pytest points fd 2 at its own capture again when the test's call begins.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    saved = os.dup(2)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        yield path
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
-    return says
+
+def _stderr_says(path: Path, text: str) -> Callable[[], bool]:
+    """A predicate for :func:`_wait`: whether ``text`` has been written to the children's stderr."""
+    return lambda: text in path.read_text(errors="replace")
 
 
 def _spooled_ids(spool_dir: Path) -> set[str]:
@@ -156,52 +170,54 @@ def test_records_a_dead_child_spooled_are_not_chained_again_by_its_replacement(d
 
 
 def test_a_replacement_waits_for_postgresql_to_tell_what_its_predecessor_stored(
-        db: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+        db: str, tmp_path: Path) -> None:
     """The first child stored its records, PostgreSQL goes down and the child dies unheard: the
     replacement cannot ask what is stored. It retries (not "nothing is stored"): once PostgreSQL
     is back, the stored records are skipped."""
-    w = _FirstChildUnheard(db, AuditSettings(spool_dir=tmp_path / "spool", flush_interval_s=0.05,
-                                             retry_interval_s=0.2, connect_timeout_s=1))
-    at = time.time()
-    try:
-        _submit_five_and_an_outcome(w, at)
-        _wait(lambda: _counts(db)["decision_events"] == 5 and _counts(db)["outcomes"] == 1)
-        _db_down(db)
+    with _children_stderr(tmp_path / "children-stderr.log") as child_stderr:
+        w = _FirstChildUnheard(db, AuditSettings(spool_dir=tmp_path / "spool", flush_interval_s=0.05,
+                                                 retry_interval_s=0.2, connect_timeout_s=1))
+        at = time.time()
         try:
-            os.kill(w._proc.pid, signal.SIGKILL)
-            _wait(_stderr_says(capfd, "could not check resent records"))  # the replacement asks, and waits
-            time.sleep(0.5)
+            _submit_five_and_an_outcome(w, at)
+            _wait(lambda: _counts(db)["decision_events"] == 5 and _counts(db)["outcomes"] == 1)
+            _db_down(db)
+            try:
+                os.kill(w._proc.pid, signal.SIGKILL)
+                _wait(_stderr_says(child_stderr, "could not check resent records"))  # the replacement asks, and waits
+                time.sleep(0.5)
+            finally:
+                _db_up(db)
+            assert w.flush(60)
+            assert w.restarts == 1
         finally:
-            _db_up(db)
-        assert w.flush(60)
-        assert w.restarts == 1
-    finally:
-        w.close()
+            w.close()
     _stored_whole(db, decisions=5, outcomes=1, conflicts=0)
 
 
 def test_while_postgresql_stays_down_a_replacement_still_skips_what_is_in_the_spool(
-        db: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+        db: str, tmp_path: Path) -> None:
     """PostgreSQL is down past the lookup's patience (``drain_timeout_s``): the replacement says so
     and skips what the spool holds (what it cannot know, it chains)."""
-    spool = tmp_path / "spool"
-    w = _FirstChildUnheard(db, AuditSettings(spool_dir=spool, flush_interval_s=0.05, retry_interval_s=0.2,
-                                             connect_timeout_s=1, drain_timeout_s=1.0))
-    at = time.time()
-    try:
-        _db_down(db)
+    with _children_stderr(tmp_path / "children-stderr.log") as child_stderr:
+        spool = tmp_path / "spool"
+        w = _FirstChildUnheard(db, AuditSettings(spool_dir=spool, flush_interval_s=0.05, retry_interval_s=0.2,
+                                                 connect_timeout_s=1, drain_timeout_s=1.0))
+        at = time.time()
         try:
-            _submit_five_and_an_outcome(w, at)
-            _wait(lambda: _spooled_ids(spool) == {f"d-{i}" for i in range(5)})
-            os.kill(w._proc.pid, signal.SIGKILL)
-            _wait(_stderr_says(capfd, "skipping only those in the spool"))
-            w.submit_decision(_decision(5, at))  # a new one, after the resend
-            _wait(lambda: w._status.get("handled") == 7)
+            _db_down(db)
+            try:
+                _submit_five_and_an_outcome(w, at)
+                _wait(lambda: _spooled_ids(spool) == {f"d-{i}" for i in range(5)})
+                os.kill(w._proc.pid, signal.SIGKILL)
+                _wait(_stderr_says(child_stderr, "skipping only those in the spool"))
+                w.submit_decision(_decision(5, at))  # a new one, after the resend
+                _wait(lambda: w._status.get("handled") == 7)
+            finally:
+                _db_up(db)
+            assert w.flush(60)
         finally:
-            _db_up(db)
-        assert w.flush(60)
-    finally:
-        w.close()
+            w.close()
     _stored_whole(db, decisions=6, outcomes=1, conflicts=0)
 
 
