@@ -11,11 +11,12 @@ responses: the auditors are sent to ``/docs`` to learn the API.
 """
 
 
+import contextlib
 import csv
 import datetime as dt
 import io
 import logging
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -389,9 +390,18 @@ def _jsonl(repo: AuditRepository, f: DecisionFilter, trace: bool) -> Iterator[by
 
 def create_app(url: str, *, reload: Callable[[], str] | None = None,
                today: Callable[[], dt.date] | None = None) -> FastAPI:
-    """A standalone app serving the auditors' API and page."""
+    """A standalone app serving the auditors' API and page; its connection pool closes when the
+    app shuts down (its lifespan: a server's stop, a ``TestClient`` left as a context manager)."""
     repo = AuditRepository(url)
-    app = FastAPI(title="InferMesh audit API", version="1",
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            repo.close()
+
+    app = FastAPI(title="InferMesh audit API", version="1", lifespan=lifespan,
                   description="Find any routing decision, see why it went where it went, export evidence.")
     app.include_router(build_router(repo, reload=reload, today=today))
     app.state.audit_repo = repo

@@ -52,9 +52,19 @@ def world(pg_url: str, demo_fleet: Fleet, tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.fixture(scope="module")
-def client(world: dict[str, str]) -> TestClient:
-    return TestClient(create_app(world["url"]))
+def client(world: dict[str, str]) -> Iterator[TestClient]:
+    with TestClient(create_app(world["url"])) as c:
+        yield c
 
+
+
+def test_the_standalone_app_closes_its_connection_pool_when_it_stops(world: dict[str, str]) -> None:
+    app = create_app(world["url"])
+    pool = app.state.audit_repo.pool
+    with TestClient(app) as c:
+        assert c.get("/v1/decisions").status_code == 401  # served (no key), the pool open
+        assert not pool.closed
+    assert pool.closed
 
 def h(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
@@ -94,16 +104,16 @@ def test_retention_through_the_api_drops_the_old_days_whole(fresh_pg_url: str, d
         admin = keys.create_key(conn, name="ops", role="admin")
         scoped = keys.create_key(conn, name="acme-ops", role="admin", tenant="acme")
     today = dt.datetime.now(dt.UTC).date()
-    client = TestClient(create_app(fresh_pg_url, today=lambda: today + dt.timedelta(days=7)))
-    body = {"retention_days": 1}
-    assert client.post("/v1/admin/retention", json=body, headers=h(scoped)).status_code == 403  # spans tenants
-    assert client.post("/v1/admin/reload", headers=h(scoped)).status_code == 403
-    r = client.post("/v1/admin/retention", json=body, headers=h(admin))
-    assert r.status_code == 200 and today.isoformat() in r.json()["dropped_days"]
-    with psycopg.connect(fresh_pg_url) as conn:
-        counts = [conn.execute(f"SELECT count(*) FROM {t}").fetchone() for t in ("decision_events", "outcomes")]
-    assert counts == [(0,), (0,)]  # used to keep every decision and delete only the outcomes
-    assert verify(fresh_pg_url).ok
+    with TestClient(create_app(fresh_pg_url, today=lambda: today + dt.timedelta(days=7))) as client:
+        body = {"retention_days": 1}
+        assert client.post("/v1/admin/retention", json=body, headers=h(scoped)).status_code == 403  # spans tenants
+        assert client.post("/v1/admin/reload", headers=h(scoped)).status_code == 403
+        r = client.post("/v1/admin/retention", json=body, headers=h(admin))
+        assert r.status_code == 200 and today.isoformat() in r.json()["dropped_days"]
+        with psycopg.connect(fresh_pg_url) as conn:
+            counts = [conn.execute(f"SELECT count(*) FROM {t}").fetchone() for t in ("decision_events", "outcomes")]
+        assert counts == [(0,), (0,)]  # used to keep every decision and delete only the outcomes
+        assert verify(fresh_pg_url).ok
 
 
 def test_hostile_inputs_are_4xx_and_still_logged(client: TestClient, world: dict[str, str]) -> None:
@@ -152,11 +162,11 @@ def test_csv_cells_that_look_like_formulas_are_exported_as_text(fresh_pg_url: st
     w.close()
     with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
         key = keys.create_key(conn, name="a", role="auditor")
-    client = TestClient(create_app(fresh_pg_url))
-    (row,) = csv.DictReader(io.StringIO(client.get("/v1/export", params={"format": "csv"}, headers=h(key)).text))
-    assert row["request_id"] == "'" + formula and row["tenant"] == "'@evil"
-    (doc,) = [json.loads(line) for line in client.get("/v1/export", headers=h(key)).text.splitlines()]
-    assert doc["request_id"] == formula and doc["tenant"] == "@evil"  # JSONL, the evidence copy, stays exact
+    with TestClient(create_app(fresh_pg_url)) as client:
+        (row,) = csv.DictReader(io.StringIO(client.get("/v1/export", params={"format": "csv"}, headers=h(key)).text))
+        assert row["request_id"] == "'" + formula and row["tenant"] == "'@evil"
+        (doc,) = [json.loads(line) for line in client.get("/v1/export", headers=h(key)).text.splitlines()]
+        assert doc["request_id"] == formula and doc["tenant"] == "@evil"  # JSONL, the evidence copy, stays exact
 
 
 def test_any_tenant_the_service_accepts_can_be_filtered_on(fresh_pg_url: str, demo_fleet: Fleet,
@@ -171,13 +181,13 @@ def test_any_tenant_the_service_accepts_can_be_filtered_on(fresh_pg_url: str, de
     w.close()
     with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
         key = keys.create_key(conn, name="a", role="auditor")
-    client = TestClient(create_app(fresh_pg_url))
-    for t in tenants:
-        r = client.get("/v1/decisions", params={"tenant": t}, headers=h(key))
-        assert r.status_code == 200 and [d["tenant"] for d in r.json()["items"]] == [t], (t, r.text)
-        r = client.get("/v1/stats", params={"tenant": t}, headers=h(key))
-        assert r.status_code == 200 and r.json()["total"] == 1, r.text
-    assert client.get("/v1/decisions", params={"tenant": "t" * 257}, headers=h(key)).status_code == 422
+    with TestClient(create_app(fresh_pg_url)) as client:
+        for t in tenants:
+            r = client.get("/v1/decisions", params={"tenant": t}, headers=h(key))
+            assert r.status_code == 200 and [d["tenant"] for d in r.json()["items"]] == [t], (t, r.text)
+            r = client.get("/v1/stats", params={"tenant": t}, headers=h(key))
+            assert r.status_code == 200 and r.json()["total"] == 1, r.text
+        assert client.get("/v1/decisions", params={"tenant": "t" * 257}, headers=h(key)).status_code == 422
 
 
 def test_tenant_scoped_key_sees_only_its_tenant(client: TestClient, world: dict[str, str]) -> None:
