@@ -280,14 +280,23 @@ def build_router(repo: AuditRepository, *, reload: Callable[[], str] | None = No
         return repo.stats(filters=f)
 
     @router.get("/v1/checkpoint", tags=["audit"], response_class=PlainTextResponse, responses=_errors(
-        401, 403, e403="Chain heads span tenants: a tenant-scoped key may not read them."))
-    def chain_checkpoint(p: Annotated[Principal, Depends(principal)]) -> str:
-        """Every hash chain's head now, as ``infermesh audit checkpoint`` writes it: keep it outside
-        the database, check it later with ``infermesh audit verify --checkpoint``. Chains span
-        tenants, so a key limited to one tenant may not read it."""
+        401, 403, 422, e403="Chain heads span tenants: a tenant-scoped key may not read them."))
+    def chain_checkpoint(
+            p: Annotated[Principal, Depends(principal)],
+            start: Annotated[dt.date | None, Query(alias="from", description=(
+                "First UTC day whose chain heads to list, YYYY-MM-DD (default: the oldest)"))] = None,
+            end: Annotated[dt.date | None, Query(alias="to", description=(
+                "Last UTC day, inclusive, YYYY-MM-DD (default: today)"))] = None) -> str:
+        """Every hash chain's head now (of the UTC days `from` to `to`), as ``infermesh audit
+        checkpoint`` writes it: keep it outside the database, check it later with ``infermesh
+        audit verify --checkpoint``. Chains span tenants, so a key limited to one tenant may not
+        read it."""
         if p.tenant is not None:
             raise HTTPException(403, "chain heads span tenants: this needs a key for every tenant")
-        return checkpoint.render(checkpoint.chain_heads(repo.url), dt.datetime.now(dt.UTC))
+        if start is not None and end is not None and start > end:
+            raise HTTPException(422, f"from: {start} is after to ({end})")
+        heads = checkpoint.chain_heads(repo.url, start=start, end=end)
+        return checkpoint.render(heads, dt.datetime.now(dt.UTC))
 
     @router.post("/v1/admin/retention", tags=["admin"], responses=_errors(
         401, 403, 422, e403="Not an admin key, or an admin key scoped to one tenant (day partitions span "

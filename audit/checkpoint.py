@@ -55,25 +55,40 @@ class ChainHead:
 
 
 # Each table's chain links (a decision chain includes its decision_duplicates rows, an outcome chain
-# its outcome_conflicts rows; unchained legacy outcomes have no hash), with the time that places a
-# link on its UTC day as ``at``.
-_LINKS = {
-    "decision_events": ("SELECT decided_at AS at, chain_id, seq, hash FROM decision_events "
-                        "UNION ALL SELECT decided_at, chain_id, seq, hash FROM decision_duplicates"),
-    "outcomes": ("SELECT reported_at AS at, chain_id, seq, hash FROM outcomes WHERE hash IS NOT NULL "
-                 "UNION ALL SELECT reported_at, chain_id, seq, hash FROM outcome_conflicts"),
+# its outcome_conflicts rows; unchained legacy outcomes have no hash): (table, the time that places
+# a link on its UTC day, a condition or "").
+_BRANCHES = {
+    "decision_events": (("decision_events", "decided_at", ""), ("decision_duplicates", "decided_at", "")),
+    "outcomes": (("outcomes", "reported_at", "hash IS NOT NULL"), ("outcome_conflicts", "reported_at", "")),
 }
 
 
-def chain_heads(url: str) -> list[ChainHead]:
-    """Every chain's head now: the highest seq of each (table, UTC day, chain id)."""
+def _links(table: str, *, since: bool = False, before: bool = False) -> str:
+    """``table``'s chain links as rows (at, chain_id, seq, hash). ``since`` / ``before`` bound every
+    branch by ``at >= %(lo)s`` / ``at < %(hi)s``, so that a range reads only its days' partitions."""
+    out = []
+    for t, at, cond in _BRANCHES[table]:
+        where = [c for c in (cond, f"{at} >= %(lo)s" if since else "", f"{at} < %(hi)s" if before else "") if c]
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        out.append(f"SELECT {at} AS at, chain_id, seq, hash FROM {t}{clause}")
+    return " UNION ALL ".join(out)
+
+
+def chain_heads(url: str, *, start: dt.date | None = None, end: dt.date | None = None) -> list[ChainHead]:
+    """Every chain's head now, the highest seq of each (table, UTC day, chain id), on the UTC days
+    ``start`` to ``end`` inclusive (either open when None). A range reads only its days' partitions:
+    a daily checkpoint of the day before need not scan the whole log."""
+    lo = None if start is None else dt.datetime.combine(start, dt.time(), dt.UTC)
+    hi = (None if end is None or end == dt.date.max  # no day after the last one
+          else dt.datetime.combine(end + dt.timedelta(days=1), dt.time(), dt.UTC))
     heads = []
     with psycopg.connect(url) as conn:
-        for table, links in _LINKS.items():
+        for table in _BRANCHES:
+            links = _links(table, since=lo is not None, before=hi is not None)
             rows = conn.execute(
                 "SELECT DISTINCT ON (day, chain_id) day, chain_id, seq, hash FROM ("
                 f"SELECT (l.at AT TIME ZONE 'UTC')::date AS day, l.chain_id, l.seq, l.hash FROM ({links}) l) d "
-                "ORDER BY day, chain_id, seq DESC").fetchall()
+                "ORDER BY day, chain_id, seq DESC", {"lo": lo, "hi": hi}).fetchall()
             heads += [ChainHead(table, day, str(c), int(s), str(h)) for day, c, s, h in rows]
     return heads
 
@@ -106,8 +121,8 @@ def _head(doc: dict[str, Any], where: str) -> ChainHead:
     missing = [f for f in _FIELDS if f not in doc]
     if missing:
         raise CheckpointError(f"{where}: {missing[0]}: required")
-    if doc["table"] not in _LINKS:
-        raise CheckpointError(f"{where}: table: must be one of {', '.join(_LINKS)}, not {doc['table']!r}")
+    if doc["table"] not in _BRANCHES:
+        raise CheckpointError(f"{where}: table: must be one of {', '.join(_BRANCHES)}, not {doc['table']!r}")
     try:
         day = dt.date.fromisoformat(str(doc["day"]))
     except ValueError:
@@ -181,11 +196,11 @@ def check_heads(url: str, heads: Sequence[ChainHead], *, start: dt.date | None =
 def _stored(conn: psycopg.Connection[Any], heads: Sequence[ChainHead]) -> dict[tuple[str, dt.date, str, int], str]:
     """The stored hash of each head's link, looked up by (chain id, seq) on the chain indexes."""
     out: dict[tuple[str, dt.date, str, int], str] = {}
-    for table, links in _LINKS.items():
+    for table in _BRANCHES:
         mine = [h for h in heads if h.table == table]
         if not mine:
             continue
-        sql = (f"SELECT (l.at AT TIME ZONE 'UTC')::date, l.chain_id, l.seq, l.hash FROM ({links}) l "
+        sql = (f"SELECT (l.at AT TIME ZONE 'UTC')::date, l.chain_id, l.seq, l.hash FROM ({_links(table)}) l "
                "JOIN unnest(%s::text[], %s::int8[]) AS k(chain_id, seq) USING (chain_id, seq)")
         for day, chain_id, seq, digest in conn.execute(sql, ([h.chain_id for h in mine], [h.seq for h in mine])):
             out[(table, day, str(chain_id), int(seq))] = str(digest)

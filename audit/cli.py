@@ -61,6 +61,21 @@ def _days_text(start: DayBound | None, end: DayBound | None) -> str:
     return "every day" if end is None else f"every day through {end.day}"
 
 
+def _day_range(first: DayBound | None, last: DayBound | None, command: str,
+               why: str) -> tuple[dt.date | None, dt.date | None] | None:
+    """The UTC days ``first`` to ``last`` stand for; None, said on stderr, when ``first`` is after
+    ``last`` (the command would cover nothing and say ok). Where a bound is a time, says on stderr
+    which whole days it covers, and ``why`` it takes whole days."""
+    if first is not None and last is not None and first.day > last.day:
+        since = str(first.day) if first.time is None else f"{first.day} (the UTC day of {first.time})"
+        until = str(last.day) if last.time is None else f"{last.day} (the last UTC day before {last.time})"
+        print(f"infermesh audit {command}: --from {since} is after --to {until}", file=sys.stderr)
+        return None
+    if any(b is not None and b.time is not None for b in (first, last)):
+        print(f"{command} takes whole UTC days ({why}): {_days_text(first, last)}", file=sys.stderr)
+    return (None if first is None else first.day), (None if last is None else last.day)
+
+
 def _add_filters(p: argparse.ArgumentParser) -> None:
     # Parsed by the command, not argparse: a bad value is one line naming the option, as the API's 422
     # names the parameter, and is read by the same parse_range.
@@ -121,6 +136,10 @@ def register(sub: Any) -> None:
     _add_database_url(p)
     p.set_defaults(func=_reporting(cmd_verify))
     p = asub.add_parser("checkpoint", help="write every hash chain's head, to keep outside the database")
+    p.add_argument("--from", dest="start", metavar="WHEN",
+                   help="first UTC day whose chain heads to write (default: the oldest), as `verify --from` takes it")
+    p.add_argument("--to", dest="end", metavar="WHEN",
+                   help="last UTC day, inclusive (default: today), as `verify --to` takes it")
     p.add_argument("--output", "-o", default="-", help="file to write (default: stdout)")
     _add_database_url(p)
     p.set_defaults(func=_reporting(cmd_checkpoint))
@@ -296,16 +315,10 @@ def cmd_verify(a: argparse.Namespace) -> int:
         except checkpoint.CheckpointError as exc:
             print(str(exc), file=sys.stderr)
             return 2
-    start = first.day if first is not None else None
-    end = last.day if last is not None else None
-    if first is not None and last is not None and first.day > last.day:  # would verify nothing and say ok
-        since = str(first.day) if first.time is None else f"{first.day} (the UTC day of {first.time})"
-        until = str(last.day) if last.time is None else f"{last.day} (the last UTC day before {last.time})"
-        print(f"infermesh audit verify: --from {since} is after --to {until}", file=sys.stderr)
+    days = _day_range(first, last, "verify", "each day's hash chains are checked from their start")
+    if days is None:
         return 2
-    if any(b is not None and b.time is not None for b in (first, last)):  # what a time range stands for
-        print(f"verify takes whole UTC days (each day's hash chains are checked from their start): "
-              f"{_days_text(first, last)}", file=sys.stderr)
+    start, end = days
     url = _url(a)
     report = verify(url, start=start, end=end)
     if report.broken is not None:
@@ -328,7 +341,11 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint(a: argparse.Namespace) -> int:
-    heads = checkpoint.chain_heads(_url(a))
+    days = _day_range(_day_bound(a.start, name="--from", end=False), _day_bound(a.end, name="--to", end=True),
+                      "checkpoint", "a chain's head is its day's last link")
+    if days is None:
+        return 2
+    heads = checkpoint.chain_heads(_url(a), start=days[0], end=days[1])
     text = checkpoint.render(heads, dt.datetime.now(dt.UTC))
     if a.output == "-":
         sys.stdout.write(text)

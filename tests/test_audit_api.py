@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import datetime as dt
 import io
 import json
 import re
@@ -88,7 +89,6 @@ def test_keys_and_roles(client: TestClient, world: dict[str, str]) -> None:
 def test_retention_through_the_api_drops_the_old_days_whole(fresh_pg_url: str, demo_fleet: Fleet,
                                                              tmp_path: Path) -> None:
     """Decisions and their outcomes go together, a day at a time, and what is left still verifies."""
-    import datetime as dt
 
     from audit.verify import verify
 
@@ -328,6 +328,15 @@ def test_checkpoint_lists_every_chain_head_for_unscoped_keys_only(client: TestCl
     assert report.ok and report.checked == 2
     assert client.get("/v1/checkpoint", headers=h(world["globex"])).status_code == 403
     assert client.get("/v1/checkpoint").status_code == 401
+    (day,) = {x.day for x in heads}  # the world's decisions are all of one UTC day
+    after = day + dt.timedelta(days=1)
+    ranged = client.get("/v1/checkpoint", params={"from": str(day), "to": str(day)}, headers=h(world["auditor"]))
+    assert ranged.status_code == 200 and parse_heads(ranged.text.splitlines(), "/v1/checkpoint") == heads
+    later = client.get("/v1/checkpoint", params={"from": str(after)}, headers=h(world["auditor"]))
+    assert later.status_code == 200 and parse_heads(later.text.splitlines(), "/v1/checkpoint") == []
+    reversed_ = client.get("/v1/checkpoint", params={"from": str(after), "to": str(day)}, headers=h(world["auditor"]))
+    assert reversed_.status_code == 422 and reversed_.json()["detail"].startswith("from: ")
+    assert client.get("/v1/checkpoint", params={"to": "soon"}, headers=h(world["auditor"])).status_code == 422
 
 
 def test_openapi_lets_the_docs_send_a_key_and_describes_parameters_errors_and_bodies(
@@ -372,7 +381,6 @@ def test_export_refuses_csv_with_trace_instead_of_dropping_the_trace(client: Tes
 
 
 def test_a_date_alone_is_that_utc_day_as_in_the_cli(client: TestClient, world: dict[str, str]) -> None:
-    import datetime as dt
 
     with psycopg.connect(world["url"]) as conn:
         row = conn.execute("SELECT min(decided_at) FROM decision_events").fetchone()

@@ -908,3 +908,45 @@ def test_retention_waits_for_a_writer_creating_a_day_it_retires_and_then_drops_i
         assert old_day not in partitions.list_partitions(conn)  # dropped with the day retention retired
         assert partitions.retired_before(conn) == cutoff
     assert verify(db).ok
+
+
+def test_a_checkpoint_of_a_day_range_lists_only_those_days_heads(
+        db: str, demo_fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A daily checkpoint (``--from``/``--to``, whole UTC days as ``verify`` takes them) lists the
+    heads of those days only, and they check out; a reversed or malformed range is refused."""
+    from audit.checkpoint import chain_heads, check_heads, parse_heads
+    from decision.engine import outcome_event
+
+    engine = make_engine(demo_fleet)
+    today = dt.datetime.now(dt.UTC).date()
+    days = [today - dt.timedelta(days=k) for k in (3, 2, 1)]
+    w = AuditWriter(db, AuditSettings(spool_dir=tmp_path / "spool"))
+    for k, day in enumerate(days):
+        at = dt.datetime.combine(day, dt.time(12), dt.UTC).timestamp()
+        for i in range(k + 2):  # a different length per day: each day's head seq tells the days apart
+            d = engine.decide(ctx(10 * k + i))
+            w.submit_decision({**decision_event(d, "routed", ()), "decided_at": at + i})
+            w.submit_outcome(outcome_event(Outcome(d.decision_id, OutcomeStatus.OK, ttft_ms=50, latency_ms=300),
+                                           None, at + i + 1))
+    assert w.flush(20)
+    w.close()
+    every = chain_heads(db)
+    assert {(h.table, h.day, h.seq) for h in every} == {(t, day, k + 2) for k, day in enumerate(days)
+                                                       for t in ("decision_events", "outcomes")}
+    assert chain_heads(db, start=days[1], end=days[1]) == [h for h in every if h.day == days[1]]
+    assert chain_heads(db, start=days[1]) == [h for h in every if h.day >= days[1]]
+    assert chain_heads(db, end=days[0]) == [h for h in every if h.day == days[0]]
+
+    cp = tmp_path / "heads.jsonl"
+    code, _, err = _cli(monkeypatch, capsys, db, "checkpoint", "--from", str(days[1]), "--to", f"{days[2]}T00:00Z",
+                        "-o", str(cp))
+    assert code == 0 and "2 chain heads written" in err, err
+    assert f"checkpoint takes whole UTC days (a chain's head is its day's last link): the day {days[1]}" in err
+    heads = parse_heads(cp.read_text().splitlines(), str(cp))
+    assert heads == [h for h in every if h.day == days[1]] and check_heads(db, heads).ok
+
+    code, _, err = _cli(monkeypatch, capsys, db, "checkpoint", "--from", str(days[2]), "--to", str(days[0]))
+    assert code == 2 and f"--from {days[2]} is after --to {days[0]}" in err, err
+    code, _, err = _cli(monkeypatch, capsys, db, "checkpoint", "--from", "yesterday")
+    assert code == 2 and "--from" in err and "yesterday" in err, err
