@@ -55,33 +55,37 @@ def _sized(page: str) -> str:
             ") sized WHERE bytes_before < %(bytes)s::bigint ORDER BY replica, seq")
 
 
-_MARK = "coalesce((%(marks)s::jsonb ->> w.replica)::bigint, 0)"  # the last seq merged of replica w.replica
+def _mark(alias: str) -> str:
+    """The last seq merged of replica ``alias``.replica, from the reader's marks (none: 0)."""
+    return f"coalesce((%(marks)s::jsonb ->> {alias}.replica)::bigint, 0)"
+
+
 # Every statement below reaches rows through the primary key (learner, version, replica, seq) by
 # seeks, never by reading a replica's merged history: deltas are never deleted, so a read that
 # filtered the seqs at or below a mark would cost more with every delta ever written.
 #
-# The replicas in key order (a loose index scan: one seek each), each with the unread deltas of the
-# replicas before it (``ahead``, counted by a seek past the mark and capped by the page). It stops
-# past the replica that fills the page, so a page visits the replicas it needs, not all of them.
+# The replicas with deltas past the reader's mark, found from their heads (migration 0009: one row
+# per replica id with its last seq, kept by a trigger), so an id that is caught up costs a row of
+# that small table's scan, not a seek into the deltas (one id per pod piles up across deploys).
+# Each is counted by a seek past its mark, capped by the page, and carries the unread deltas of
+# the replicas before it (``ahead``): a page visits the replicas it needs, in key order.
 _WALK = (
-    "WITH RECURSIVE walk(replica, ahead) AS ("
-    " (SELECT replica, 0::bigint FROM learner_deltas WHERE learner = %(learner)s AND version = %(version)s"
-    "  ORDER BY replica LIMIT 1)"
-    " UNION ALL"
-    " SELECT nxt.replica, w.ahead + CASE WHEN w.replica IS NOT DISTINCT FROM %(exclude)s THEN 0 ELSE ("
-    "  SELECT count(*) FROM (SELECT FROM learner_deltas d WHERE d.learner = %(learner)s"
-    f"   AND d.version = %(version)s AND d.replica = w.replica AND d.seq > {_MARK} LIMIT %(rows)s::bigint) unread)"
-    "  END"
-    " FROM walk w CROSS JOIN LATERAL (SELECT d.replica FROM learner_deltas d WHERE d.learner = %(learner)s"
-    "  AND d.version = %(version)s AND d.replica > w.replica ORDER BY d.replica LIMIT 1) nxt"
-    " WHERE w.ahead < %(rows)s::bigint) ")
+    "WITH unread AS ("
+    " SELECT h.replica, (SELECT count(*) FROM (SELECT FROM learner_deltas d WHERE d.learner = %(learner)s"
+    f"   AND d.version = %(version)s AND d.replica = h.replica AND d.seq > {_mark('h')}"
+    "   LIMIT %(rows)s::bigint) u) AS n"
+    " FROM learner_replica_heads h WHERE h.learner = %(learner)s AND h.version = %(version)s"
+    f"  AND h.replica IS DISTINCT FROM %(exclude)s AND h.last_seq > {_mark('h')}"
+    "), walk AS ("
+    " SELECT replica, (coalesce(sum(n) OVER (ORDER BY replica ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING),"
+    "  0))::bigint AS ahead FROM unread) ")
 # The next page of every replica's deltas past its mark: each replica's part is one index range from its mark.
 _DELTA_PAGE = _WALK + _sized(
     "SELECT d.replica, d.seq, d.n_features, d.dn, d.da, d.db, octet_length(d.da) + octet_length(d.db) AS size"
     " FROM walk w CROSS JOIN LATERAL (SELECT * FROM learner_deltas d WHERE d.learner = %(learner)s"
-    f"  AND d.version = %(version)s AND d.replica = w.replica AND d.seq > {_MARK}"
+    f"  AND d.version = %(version)s AND d.replica = w.replica AND d.seq > {_mark('w')}"
     "  ORDER BY d.seq LIMIT %(rows)s::bigint - w.ahead) d"
-    " WHERE w.ahead < %(rows)s::bigint AND w.replica IS DISTINCT FROM %(exclude)s"
+    " WHERE w.ahead < %(rows)s::bigint"
     " ORDER BY d.replica, d.seq LIMIT %(rows)s::bigint")
 # The next page of one replica's deltas past a seq.
 _REPLICA_PAGE = _sized(
@@ -664,8 +668,9 @@ class LearnerStore:
 
         Notes
         -----
-        Its cost follows the page and the number of replica ids, not the deltas stored: each
-        replica's part is one index range starting at its mark (deltas are never deleted).
+        Its cost follows the page and the replicas with deltas past ``after`` (a seek into the
+        deltas each, their part one index range from the mark), plus one small row per replica id
+        ever used (their heads, migration 0009); not the deltas stored, which are never deleted.
         """
         with self._using() as conn:
             rows = conn.execute(_DELTA_PAGE, {

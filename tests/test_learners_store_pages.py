@@ -227,3 +227,53 @@ def test_the_service_s_store_takes_the_page_bounds_of_the_config(fresh_pg_url: s
     finally:
         sync.store.close()
 
+
+
+def test_ids_that_are_caught_up_cost_no_seek_into_the_deltas(fresh_pg_url: str) -> None:
+    """One id per pod piles up across deploys: a page sought into every id ever used (2,000 here)
+    to find the one with news. It now reads their heads only (migration 0009)."""
+    migrate(fresh_pg_url)
+    old = {f"pod-{i:04d}": 3 for i in range(2_000)}
+    _history(fresh_pg_url, {**old, "pod-new": 5})
+    store = LearnerStore(fresh_pg_url)
+    marks = {**old, "pod-new": 2}
+    with _statements() as sent:
+        page = store.read_deltas(learner="linucb", version="v", after=marks, exclude_replica="pod-0000")
+        assert [(d.replica, d.seq) for d in page] == [("pod-new", 3), ("pod-new", 4), ("pod-new", 5)]
+        assert store.read_deltas(learner="linucb", version="v", after={**marks, "pod-new": 5}) == []
+    for query, params in sent:
+        visited, kinds = _rows_visited(fresh_pg_url, query, params)
+        assert visited <= 2 * 3, (visited, kinds)  # the page itself (counted, then read); no id behind it
+    store.close()
+
+
+def test_migration_0009_fills_each_id_s_head_and_its_trigger_keeps_it(fresh_pg_url: str) -> None:
+    """Deltas written before 0009 get their heads from the backfill; those written after (by any
+    release: a plain INSERT, as an older one sends) from the trigger, in the same transaction."""
+    from audit import migrate as schema
+
+    schema.upgrade(fresh_pg_url, "0008")
+    _history(fresh_pg_url, {"a": 4, "b": 2})
+    schema.upgrade(fresh_pg_url)
+
+    def heads() -> dict[str, int]:
+        with psycopg.connect(fresh_pg_url) as conn:
+            return {r: int(s) for r, s in conn.execute(
+                "SELECT replica, last_seq FROM learner_replica_heads WHERE learner = 'linucb' AND version = 'v'")}
+
+    assert heads() == {"a": 4, "b": 2}
+    with psycopg.connect(fresh_pg_url) as conn:  # not committed: nobody sees the head before its delta
+        conn.execute("INSERT INTO learner_deltas (learner, version, replica, seq, n_features, dn, da, db)"
+                     " VALUES ('linucb', 'v', 'b', 3, 1, 1, '', '')")
+        assert heads() == {"a": 4, "b": 2}
+        conn.commit()
+    _history(fresh_pg_url, {"c": 1})
+    assert heads() == {"a": 4, "b": 3, "c": 1}
+    store = LearnerStore(fresh_pg_url)
+    page = store.read_deltas(learner="linucb", version="v", after={"a": 4, "b": 2})
+    assert [(d.replica, d.seq) for d in page] == [("b", 3), ("c", 1)]
+    store.close()
+    schema.downgrade(fresh_pg_url, "0008")  # and back: the table and its trigger go
+    _history(fresh_pg_url, {"d": 1})
+    with psycopg.connect(fresh_pg_url) as conn:
+        assert conn.execute("SELECT to_regclass('learner_replica_heads')").fetchone() == (None,)
