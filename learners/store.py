@@ -64,21 +64,24 @@ def _mark(alias: str) -> str:
 # seeks, never by reading a replica's merged history: deltas are never deleted, so a read that
 # filtered the seqs at or below a mark would cost more with every delta ever written.
 #
-# The replicas with deltas past the reader's mark, found from their heads (migration 0009: one row
-# per replica id with its last seq, kept by a trigger), so an id that is caught up costs a row of
-# that small table's scan, not a seek into the deltas (one id per pod piles up across deploys).
-# Each is counted by a seek past its mark, capped by the page, and carries the unread deltas of
-# the replicas before it (``ahead``): a page visits the replicas it needs, in key order.
+# The replicas with deltas past the reader's mark, in key order, found from their heads (migration
+# 0009: one row per replica id with its last seq, kept by a trigger): an id that is caught up costs
+# a row of that small table, not a seek into the deltas (one id per pod piles up across deploys).
+# Each carries the unread deltas of the replicas before it (``ahead``, counted by a seek past the
+# mark and capped by the page); the walk stops past the replica that fills the page, so a page
+# visits the replicas it needs, not all those with news.
+_NEWS = ("learner_replica_heads h WHERE h.learner = %(learner)s AND h.version = %(version)s"
+         f" AND h.replica IS DISTINCT FROM %(exclude)s AND h.last_seq > {_mark('h')}")
 _WALK = (
-    "WITH unread AS ("
-    " SELECT h.replica, (SELECT count(*) FROM (SELECT FROM learner_deltas d WHERE d.learner = %(learner)s"
-    f"   AND d.version = %(version)s AND d.replica = h.replica AND d.seq > {_mark('h')}"
-    "   LIMIT %(rows)s::bigint) u) AS n"
-    " FROM learner_replica_heads h WHERE h.learner = %(learner)s AND h.version = %(version)s"
-    f"  AND h.replica IS DISTINCT FROM %(exclude)s AND h.last_seq > {_mark('h')}"
-    "), walk AS ("
-    " SELECT replica, (coalesce(sum(n) OVER (ORDER BY replica ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING),"
-    "  0))::bigint AS ahead FROM unread) ")
+    "WITH RECURSIVE walk(replica, ahead) AS ("
+    f" (SELECT h.replica, 0::bigint FROM {_NEWS} ORDER BY h.replica LIMIT 1)"
+    " UNION ALL"
+    " SELECT nxt.replica, w.ahead + ("
+    "  SELECT count(*) FROM (SELECT FROM learner_deltas d WHERE d.learner = %(learner)s"
+    f"   AND d.version = %(version)s AND d.replica = w.replica AND d.seq > {_mark('w')} LIMIT %(rows)s::bigint) u)"
+    f" FROM walk w CROSS JOIN LATERAL (SELECT h.replica FROM {_NEWS} AND h.replica > w.replica"
+    "  ORDER BY h.replica LIMIT 1) nxt"
+    " WHERE w.ahead < %(rows)s::bigint) ")
 # The next page of every replica's deltas past its mark: each replica's part is one index range from its mark.
 _DELTA_PAGE = _WALK + _sized(
     "SELECT d.replica, d.seq, d.n_features, d.dn, d.da, d.db, octet_length(d.da) + octet_length(d.db) AS size"
