@@ -59,6 +59,8 @@ class _OpenStream:
             self.replies.put("end")
         except grpc.RpcError as exc:
             self.replies.put(exc.code())
+        finally:
+            self._out.put(None)  # the call is over: grpc's thread waiting for the next message ends
 
     def send(self, msg: pb.ProcessingRequest) -> None:
         self._out.put(msg)
