@@ -81,10 +81,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _bench_extensions() -> list[Any]:
-    """Benchmarks contributed by other packages (audit writer, Envoy, load generator)."""
+    """Benchmarks contributed by other packages (audit writer, Envoy, load generator, learner store)."""
     found: list[Any] = []
     for module, attr in (("audit.bench", "add_bench_audit"), ("decision.bench_envoy", "add_bench_envoy"),
-                         ("decision.bench_load", "add_bench_load")):
+                         ("decision.bench_load", "add_bench_load"),
+                         ("learners.bench", "add_bench_learner_store")):
         try:
             mod = __import__(module, fromlist=[attr])
         except ModuleNotFoundError as exc:
