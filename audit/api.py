@@ -286,7 +286,7 @@ def build_router(repo: AuditRepository, *, reload: Callable[[], str] | None = No
             start: Annotated[dt.date | None, Query(alias="from", description=(
                 "First UTC day whose chain heads to list, YYYY-MM-DD (default: the oldest)"))] = None,
             end: Annotated[dt.date | None, Query(alias="to", description=(
-                "Last UTC day, inclusive, YYYY-MM-DD (default: today)"))] = None) -> str:
+                "Last UTC day, inclusive, YYYY-MM-DD (default: the newest)"))] = None) -> str:
         """Every hash chain's head now (of the UTC days `from` to `to`), as ``infermesh audit
         checkpoint`` writes it: keep it outside the database, check it later with ``infermesh
         audit verify --checkpoint``. Chains span tenants, so a key limited to one tenant may not

@@ -139,7 +139,7 @@ def register(sub: Any) -> None:
     p.add_argument("--from", dest="start", metavar="WHEN",
                    help="first UTC day whose chain heads to write (default: the oldest), as `verify --from` takes it")
     p.add_argument("--to", dest="end", metavar="WHEN",
-                   help="last UTC day, inclusive (default: today), as `verify --to` takes it")
+                   help="last UTC day, inclusive (default: the newest), as `verify --to` takes it")
     p.add_argument("--output", "-o", default="-", help="file to write (default: stdout)")
     _add_database_url(p)
     p.set_defaults(func=_reporting(cmd_checkpoint))
