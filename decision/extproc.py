@@ -743,10 +743,13 @@ class ExtProcServer:
     port: int
     servicer: ExtProcServicer
     health: health.HealthServicer
+    pool: futures.ThreadPoolExecutor | None = None  # the handlers' threads (grpc never shuts them down)
 
     def stop(self, grace_s: float = 1.0) -> None:
         self.health.enter_graceful_shutdown()  # probes see NOT_SERVING while streams drain
         self.server.stop(grace_s).wait()
+        if self.pool is not None:  # every handler has returned: its idle threads end
+            self.pool.shutdown(wait=True)
 
 
 def serve_extproc(engine: DecisionEngine, config: ExtProcConfig | None = None, *,
@@ -789,7 +792,8 @@ def serve_extproc(engine: DecisionEngine, config: ExtProcConfig | None = None, *
                                 credentials=credentials, reuse_port=reuse_port)
     if server_kind != "threads":
         raise ValueError(f"server_kind must be 'grpclib', 'asyncio' or 'threads', not {server_kind!r}")
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="extproc"),
+    pool = futures.ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="extproc")
+    server = grpc.server(pool,
                          options=[("grpc.so_reuseport", 1 if reuse_port else 0),
                                   ("grpc.max_concurrent_streams", max_streams)])
     health_servicer = health.HealthServicer()
@@ -800,4 +804,4 @@ def serve_extproc(engine: DecisionEngine, config: ExtProcConfig | None = None, *
     enable_reflection((EXTPROC_SERVICE, health.SERVICE_NAME), server)
     port = bind_port(server, address, credentials, "the ext_proc server", RuntimeError)
     server.start()
-    return ExtProcServer(server, port, servicer, health_servicer)
+    return ExtProcServer(server, port, servicer, health_servicer, pool)

@@ -313,13 +313,19 @@ def build_server(servicer: DecisionServicer, *, address: str, threads: int = 32,
                  extra_services: Sequence[str] = (),
                  credentials: grpc.ServerCredentials | None = None,
                  interceptors: Sequence[grpc.ServerInterceptor] = (),
+                 pool: futures.ThreadPoolExecutor | None = None,
                  ) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A started-ready (not started) server with DecisionService, health and reflection; returns its port."""
+    """A started-ready (not started) server with DecisionService, health and reflection; returns its port.
+
+    ``pool`` runs the handlers (default: a new one of ``threads``). grpc never shuts it down: a
+    caller that stops the server and lives on should pass its own and shut it down after the stop.
+    """
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes),
                ("grpc.so_reuseport", 1 if reuse_port else 0)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
-                         options=options, interceptors=list(interceptors))
+    if pool is None:
+        pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc")
+    server = grpc.server(pool, options=options, interceptors=list(interceptors))
     pb_grpc.add_DecisionServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

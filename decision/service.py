@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent import futures
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,6 +211,7 @@ class Service:
         if self.learner_sync is not None:
             started.append(functools.partial(_discard_learner_sync, self.learner_sync))  # holds the replica id
         self.grpc_server: grpc.Server | AioDecisionServer | SplitDecisionServer | None = None
+        self._grpc_pool: futures.ThreadPoolExecutor | None = None  # the threads kind's handlers
         self.grpc_port = 0
         self.extproc: RunningExtProc | None = None  # when config.extproc.enabled
         self.http: HttpServer | None = None
@@ -327,9 +329,10 @@ class Service:
             aio = AioDecisionServer(servicer, address=address, max_message_bytes=srv.max_message_bytes,
                                     reuse_port=reuse_port, credentials=self._server_credentials(), edge=edge)
             return aio, aio.port, functools.partial(aio.set_serving, SERVICE_NAME)
+        self._grpc_pool = futures.ThreadPoolExecutor(max_workers=srv.threads, thread_name_prefix="grpc")
         server, port, health_servicer = build_server(
-            servicer, address=address, threads=srv.threads, max_message_bytes=srv.max_message_bytes,
-            reuse_port=reuse_port, credentials=self._server_credentials(), interceptors=[edge])
+            servicer, address=address, max_message_bytes=srv.max_message_bytes, reuse_port=reuse_port,
+            credentials=self._server_credentials(), interceptors=[edge], pool=self._grpc_pool)
         server.start()
         return server, port, lambda serving: health_servicer.set(SERVICE_NAME, health_status(serving))
 
@@ -383,6 +386,8 @@ class Service:
         grace = self.config.server.grace_s if grace_s is None else grace_s
         if isinstance(self.grpc_server, grpc.Server):
             self.grpc_server.stop(grace).wait()
+            if self._grpc_pool is not None:  # every handler has returned; grpc leaves the pool's threads idle
+                self._grpc_pool.shutdown(wait=True)
         elif self.grpc_server is not None:
             self.grpc_server.stop(grace)
         if self.extproc is not None:
