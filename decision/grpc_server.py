@@ -308,6 +308,11 @@ def _checked_exposition(store: TelemetryStore, now: float, by_id: dict[str, Any]
     return x, samples, ts
 
 
+def handler_pool(threads: int) -> futures.ThreadPoolExecutor:
+    """The pool a threads-kind decision server runs its handlers on."""
+    return futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc")
+
+
 def build_server(servicer: DecisionServicer, *, address: str, threads: int = 32,
                  max_message_bytes: int = 4 * 1024 * 1024, reuse_port: bool = False,
                  extra_services: Sequence[str] = (),
@@ -317,15 +322,14 @@ def build_server(servicer: DecisionServicer, *, address: str, threads: int = 32,
                  ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A started-ready (not started) server with DecisionService, health and reflection; returns its port.
 
-    ``pool`` runs the handlers (default: a new one of ``threads``). grpc never shuts it down: a
-    caller that stops the server and lives on should pass its own and shut it down after the stop.
+    ``pool`` runs the handlers (default: a new :func:`handler_pool` of ``threads``). grpc never
+    shuts it down: a caller that stops the server and lives on should pass its own and shut it
+    down after the stop.
     """
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes),
                ("grpc.so_reuseport", 1 if reuse_port else 0)]
-    if pool is None:
-        pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc")
-    server = grpc.server(pool, options=options, interceptors=list(interceptors))
+    server = grpc.server(pool or handler_pool(threads), options=options, interceptors=list(interceptors))
     pb_grpc.add_DecisionServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

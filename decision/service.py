@@ -29,7 +29,7 @@ from decision.domain import Endpoint
 from decision.edge import EdgeInterceptor, RequestLimits
 from decision.engine import DecisionEngine
 from decision.fleet import Fleet, load_fleet
-from decision.grpc_server import SERVICE_NAME, DecisionServicer, build_server
+from decision.grpc_server import SERVICE_NAME, DecisionServicer, build_server, handler_pool
 from decision.grpc_serving import health_status
 from decision.health_guard import BuiltinHealthGuard
 from decision.http import HttpServer, create_app
@@ -329,7 +329,7 @@ class Service:
             aio = AioDecisionServer(servicer, address=address, max_message_bytes=srv.max_message_bytes,
                                     reuse_port=reuse_port, credentials=self._server_credentials(), edge=edge)
             return aio, aio.port, functools.partial(aio.set_serving, SERVICE_NAME)
-        self._grpc_pool = futures.ThreadPoolExecutor(max_workers=srv.threads, thread_name_prefix="grpc")
+        self._grpc_pool = handler_pool(srv.threads)
         server, port, health_servicer = build_server(
             servicer, address=address, max_message_bytes=srv.max_message_bytes, reuse_port=reuse_port,
             credentials=self._server_credentials(), interceptors=[edge], pool=self._grpc_pool)

@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from audit.database import _running
 from tests.conftest import ROOT
 
 _USE = """
@@ -33,9 +34,7 @@ def _user(pgdata: Path, mode: str) -> subprocess.Popen[str]:
 def _gone(pid: int, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _running(pid):
             return True
         time.sleep(0.1)
     return False
