@@ -361,7 +361,10 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
     writer's CPU work and PostgreSQL's work on the batch before overlap (PostgreSQL is on the
     other core; a COPY waited on it for a quarter of the writer's time). One batch is in flight
     at a time, so batches reach PostgreSQL in chain order, and "handled" counts only delivered
-    records. The interpreter's switch interval is short so the copy thread, woken from a socket
+    records. A batch is cut at ``batch_size`` records even inside one message from the parent
+    (which carries thousands when decisions come faster than the writer takes them): a whole
+    message as one batch left PostgreSQL idle while it was prepared and the writer idle while
+    it was copied. The interpreter's switch interval is short so the copy thread, woken from a socket
     wait, does not wait long for the interpreter lock.
     """
     from audit.trace_store import STORED_TRACE, stored_from_packed
@@ -423,6 +426,7 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
                      "backlog": handled < received or writer.has_backlog, "metrics": writer.metrics()})
 
     closing = False
+    wrote = False  # a batch went to the copy thread since the last collection
     try:
         while not closing:
             now = time.monotonic()
@@ -476,11 +480,18 @@ def _child_main(url: str, settings: dict[str, Any], chain_id: str, data: Connect
                     if not pending:
                         due = time.monotonic() + s.flush_interval_s
                     pending.append((kind, event))
-                if len(pending) >= s.batch_size or closing:
+                    if len(pending) >= s.batch_size:  # a message may carry many batches' worth
+                        write(pending)
+                        pending = []
+                        wrote = True
+                if wrote or closing:
                     break
-            if pending and (len(pending) >= s.batch_size or time.monotonic() >= due or closing):
+            if pending and (time.monotonic() >= due or closing):
                 write(pending)
                 pending = []
+                wrote = True
+            if wrote:
+                wrote = False
                 last_report = 0.0
                 collect()
             elif inflight is not None:  # the copy thread owns the connection and the spool

@@ -349,3 +349,25 @@ def test_a_parent_that_exits_without_close_still_drains_the_child_and_does_not_h
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _stored_whole(db, decisions=20, outcomes=0, conflicts=0)
+
+
+def test_a_shipment_of_many_batches_is_written_in_batches_of_the_configured_size(
+        db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When decisions come faster than the writer takes them, one shipment down the pipe carries
+    thousands of records. The child wrote each shipment as one transaction whatever its size (a
+    19,475-row COPY in `bench audit`), so PostgreSQL's work on it did not overlap the writer's on
+    the next one. Each transaction holds at most ``batch_size`` rows now."""
+    monkeypatch.setattr("audit.writer_process._SHIP_EVERY_S", 0.5)  # the parent's shipper: one big shipment
+    monkeypatch.setattr("audit.writer_process._SHIP_MAX", 100_000)
+    w = ProcessAuditWriter(db, AuditSettings(spool_dir=tmp_path / "spool", batch_size=20, flush_interval_s=5.0))
+    try:
+        at = time.time()
+        for i in range(300):
+            w.submit_decision(_decision(i, at))
+        assert w.flush(60)
+    finally:
+        w.close()
+    with psycopg.connect(db) as conn:  # rows of one transaction share its xmin
+        sizes = [n for (n,) in conn.execute("SELECT count(*) FROM decision_events GROUP BY xmin::text")]
+    assert sum(sizes) == 300 and max(sizes) <= 20, sizes
+    _stored_whole(db, decisions=300, outcomes=0, conflicts=0)
