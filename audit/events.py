@@ -22,6 +22,8 @@ _INT8_MAX = (1 << 63) - 1
 _DECISION_TEXT = ("decision_id", "request_id", "tenant", "user_tier", "model", "endpoint_id", "site_id", "region",
                   "tier", "gpu_type", "policy_revision", "learner", "reason")
 _OUTCOME_TEXT = ("decision_id", "error")
+_DECISION_OPTIONAL_TEXT = ("endpoint_id", "site_id", "region", "tier", "gpu_type")
+_DECISION_OPTIONAL_FLOAT = ("propensity", "expected_ttft_ms", "expected_cost_per_1k_tokens", "decision_us")
 
 
 def to_us(ts: float | dt.datetime) -> int:
@@ -70,7 +72,10 @@ def _check_int8(field_name: str, value: int) -> int:
     return value
 
 
-@dataclass(frozen=True, slots=True)
+# The events are plain (not frozen) dataclasses: nothing changes one once made, and a frozen
+# dataclass's __init__ (object.__setattr__ per field) cost the writer 2.3 µs per decision, a
+# fifteenth of its work on a row.
+@dataclass(slots=True)
 class DecisionEventV1:
     """One decision as audited: routed, denied by guardrails, or denied by a quota.
 
@@ -110,40 +115,36 @@ class DecisionEventV1:
     @staticmethod
     def from_mapping(m: Mapping[str, Any]) -> DecisionEventV1:
         """Validate and convert an engine event (``decided_at`` in epoch seconds) or a stored one."""
-        version = int(m.get("event_version", EVENT_VERSION))
+        get = m.get
+        version = int(get("event_version", EVENT_VERSION))
         if version != EVENT_VERSION:
             raise ValueError(f"unsupported decision event version {version}")
         at_us = int(m["decided_at_us"]) if "decided_at_us" in m else to_us(m["decided_at"])
         status = str(m["status"])
         if status not in DECISION_STATUSES:
             raise ValueError(f"bad decision status {status!r}")
-        if not m.get("decision_id"):
+        if not get("decision_id"):
             raise ValueError("decision_id is required")
-
-        def opt_str(k: str) -> str | None:
-            v = m.get(k)
-            return None if v is None else str(v)
-
-        def opt_float(k: str) -> float | None:
-            v = m.get(k)
-            return None if v is None else float(v)
-
+        # The writer runs this for every decision: one pass, no helper calls per field.
+        endpoint_id, site_id, region, tier, gpu_type = [None if (v := get(k)) is None else str(v)
+                                                        for k in _DECISION_OPTIONAL_TEXT]
+        propensity, expected_ttft_ms, expected_cost, decision_us = [None if (v := get(k)) is None else float(v)
+                                                                    for k in _DECISION_OPTIONAL_FLOAT]
         e = DecisionEventV1(
-            decision_id=str(m["decision_id"]), decided_at_us=at_us, status=status,
-            request_id=str(m.get("request_id") or ""), tenant=str(m.get("tenant") or ""),
-            user_tier=str(m.get("user_tier") or ""), model=str(m.get("model") or ""),
-            endpoint_id=opt_str("endpoint_id"), site_id=opt_str("site_id"), region=opt_str("region"),
-            tier=opt_str("tier"), gpu_type=opt_str("gpu_type"), propensity=opt_float("propensity"),
-            policy_revision=str(m.get("policy_revision") or ""), learner=str(m.get("learner") or ""),
-            expected_ttft_ms=opt_float("expected_ttft_ms"),
-            expected_cost_per_1k_tokens=opt_float("expected_cost_per_1k_tokens"),
-            deny_rules=tuple(str(r) for r in (m.get("deny_rules") or ())), reason=str(m.get("reason") or ""),
-            decision_us=opt_float("decision_us"), trace=_trace_of(m), event_version=version,
+            str(m["decision_id"]), at_us, status, str(get("request_id") or ""), str(get("tenant") or ""),
+            str(get("user_tier") or ""), str(get("model") or ""), endpoint_id, site_id, region, tier, gpu_type,
+            propensity, str(get("policy_revision") or ""), str(get("learner") or ""), expected_ttft_ms,
+            expected_cost, tuple([str(r) for r in (get("deny_rules") or ())]), str(get("reason") or ""),
+            decision_us, _trace_of(m), version,
         )
-        for name in _DECISION_TEXT:
-            check_text(name, getattr(e, name))
-        for rule in e.deny_rules:
-            check_text("deny_rules", rule)
+        # One scan of all the text for the NUL PostgreSQL refuses; the field is named when there is one.
+        if "\x00" in "".join([e.decision_id, e.request_id, e.tenant, e.user_tier, e.model, endpoint_id or "",
+                              site_id or "", region or "", tier or "", gpu_type or "", e.policy_revision,
+                              e.learner, e.reason, *e.deny_rules]):
+            for name in _DECISION_TEXT:
+                check_text(name, getattr(e, name))
+            for rule in e.deny_rules:
+                check_text("deny_rules", rule)
         return e
 
     @property
@@ -165,7 +166,7 @@ def _trace_of(m: Mapping[str, Any]) -> Mapping[str, Any]:
     return {} if trace is None else trace
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OutcomeEventV1:
     """What happened to a routed request, joined to its decision by ``decision_id``."""
 
