@@ -14,6 +14,7 @@ recompute every link (:mod:`audit.verify`).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import zlib
 from collections.abc import Mapping, Sequence
@@ -140,8 +141,21 @@ def link_hash(prev_hash: str, hashed_values: Sequence[Any], trace_bytes: bytes =
     return h.hexdigest()
 
 
+_DAY_US = 86_400_000_000
+
+
 def day_of_us(us: int) -> dt.date:
-    return from_us(us).date()
+    """The UTC day of a time in epoch µs (the writer asks for every row: a day is made once).
+
+    >>> day_of_us(0), day_of_us(-1), day_of_us(_DAY_US)
+    (datetime.date(1970, 1, 1), datetime.date(1969, 12, 31), datetime.date(1970, 1, 2))
+    """
+    return _day(us // _DAY_US)
+
+
+@functools.lru_cache(maxsize=64)
+def _day(days: int) -> dt.date:
+    return from_us(days * _DAY_US).date()
 
 
 def hashed_values(e: DecisionEventV1, chain_id: str, seq: int) -> list[Any]:
