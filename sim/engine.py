@@ -14,7 +14,9 @@ rises when a copy is sent and drops when the router learns the copy ended: at th
 outcome report reaches it (the response's end or the endpoint's refusal reaching the client, plus
 ``CLIENT_TO_ROUTER_S``), or, for a losing hedge copy, when the router cancels it on seeing the
 winner's first token. In a run where nothing reads the count it drops at once, without an event,
-so such runs are event for event what they were before the count was delayed.
+so such runs are event for event what they were before the count was delayed. The cancel itself
+reaches the loser's endpoint half an RTT later (a CANCEL event): until then the endpoint queues
+and admits the copy as any other.
 
 A strategy that decides in worker processes (the pipeline, ``serve --workers N``) has
 ``RunConfig.workers`` single-server FIFO queues: a request goes to one worker uniformly at random
@@ -66,7 +68,7 @@ from sim.telemetry_view import TelemetryView
 from sim.workload import RequestSpec, Tenant
 from sim.world import World
 
-ARRIVE, REACH, FIRST, NODE, SCRAPE, DELIVER, HEDGE, DEGRADE, WORKER, SYNC, REPORT, RELEASE = range(12)
+ARRIVE, REACH, FIRST, NODE, SCRAPE, DELIVER, HEDGE, DEGRADE, WORKER, SYNC, REPORT, RELEASE, CANCEL = range(13)
 # What a decision worker does, in its FIFO: decide a request, take an outcome report, sync its learner.
 JOB_DECIDE, JOB_OUTCOME, JOB_SYNC = range(3)
 # With a fixed decision time (--decision-time US), what an outcome report and a learner sync occupy a
@@ -157,6 +159,7 @@ class Simulation:
         # router view): only then does a count wait for the router to learn a copy ended (a RELEASE event).
         self._counts_read = False
         self._releases_due = 0  # copy ends still on their way to the router (the run goes on for them)
+        self._cancels_due = 0  # cancels of losing hedge copies still on their way to the endpoint
         # Losing hedge copies still prefilling (a prefill runs to its end): their GPU time is billed as it ends.
         self._losers: dict[Copy, None] = {}  # in the order they lost (reproducible sums)
         # Tests ask for every job a worker ran: (worker, JOB_*, when it came, when it started, service µs).
@@ -240,6 +243,8 @@ class Simulation:
             elif kind == RELEASE:
                 self._releases_due -= 1
                 self.view.outstanding[b] -= 1
+            elif kind == CANCEL:
+                self._on_cancel(a)  # type: ignore[arg-type]
             if progress is not None and t >= next_tick:
                 progress(t)
                 next_tick = t + 1.0
@@ -264,9 +269,10 @@ class Simulation:
 
     def _finished(self) -> bool:
         """No arrival to come, no request in flight, no outcome report or copy's end on its way to the router
-        or waiting for a decision worker, no losing hedge copy still prefilling (the GPU is still busy with it)."""
+        or waiting for a decision worker, no losing hedge copy still prefilling (the GPU is still busy with it)
+        or still to be reached by its cancel."""
         return (self._arrivals_done and self._inflight == 0 and self._jobs_queued == 0 and self._reports_due == 0
-                and self._releases_due == 0 and not self._losers)
+                and self._releases_due == 0 and self._cancels_due == 0 and not self._losers)
 
     def _record_undecided(self) -> None:
         """Tell the metrics which requests the run ended with still waiting for a decision worker (their
@@ -426,17 +432,23 @@ class Simulation:
         self._push(t_leave + travel, REACH, c)
 
     def _on_reach(self, c: Copy) -> None:
-        if c.state == C_CANCELLED:
+        cancelled = c.state == C_CANCELLED
+        if cancelled and self.now >= c.cancel_at:
             return
         i = c.node
         nd = self.nodes[i]
         self.tele.dirty.add(i)
         if nd.never_fits(c):
-            self._refuse(c, KV_TOO_BIG)
+            if cancelled:  # a refusal the router no longer waits for: it has cancelled the copy
+                c.cancel_at = self.now
+            else:
+                self._refuse(c, KV_TOO_BIG)
         elif not nd.waiting and nd.fits(c):
             self._admit(nd, c)
         else:
             nd.enqueue(c)
+            if cancelled:
+                c.state = C_CANCELLED  # queued all the same: the endpoint does not know yet
 
     def _refuse(self, c: Copy, reason: str) -> None:
         """The endpoint cannot serve copy ``c``: drop it; the request fails if no other copy is alive."""
@@ -456,17 +468,21 @@ class Simulation:
 
     def _admit(self, nd: Node, c: Copy) -> None:
         req = c.req
+        lost = c.state == C_CANCELLED  # a hedge loser its cancel has not reached yet: it prefills in vain
         cached = nd.cached_prefix(req.hashes) if req.hashes else 0
         cached = min(cached, req.in_tokens - 1)
         req.cached_tokens = max(req.cached_tokens, cached)
         t_first = nd.admit(c, self.now, req.in_tokens - cached)
+        if lost:
+            c.state = C_CANCELLED
+            self._losers[c] = None
         self._push(t_first, FIRST, c)
 
     def _admit_waiting(self, i: int, nd: Node) -> None:
         w = nd.waiting
         while w:
             c = w[0]
-            if c.state == C_CANCELLED:
+            if c.state == C_CANCELLED and self.now >= c.cancel_at:
                 w.popleft()
                 continue
             if not nd.fits(c):
@@ -511,8 +527,22 @@ class Simulation:
             # A prefilling copy runs to its end (its GPU time counted and billed then, in _on_first).
             if prev == C_PREFILL:
                 self._losers[o] = None
-            elif prev not in (C_TRAVEL, C_WAITING):
+            elif prev in (C_TRAVEL, C_WAITING):
+                # The cancel reaches the endpoint half an RTT later: until then the copy travels on,
+                # waits, and may be admitted (then its prefill is wasted GPU time).
+                o.cancel_at = req.first_token_at + self.world.rtt_ms[req.region, o.node] / 2000.0
+                self._cancels_due += 1
+                self._push(o.cancel_at, CANCEL, o)
+            else:
                 raise AssertionError(f"cancelling a copy in state {prev}")
+
+    def _on_cancel(self, c: Copy) -> None:
+        """A losing hedge copy's cancel reached its endpoint: a copy still queued there leaves the
+        queue now (those behind it may fit); one admitted meanwhile prefills to its end."""
+        self._cancels_due -= 1
+        nd = self.nodes[c.node]
+        if nd.waiting and nd.waiting[0] is c:
+            self._admit_waiting(c.node, nd)
 
     def _lost(self, c: Copy) -> None:
         """A losing copy's prefill ended (or the run did): count its GPU time as cancelled, and bill

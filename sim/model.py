@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 MAX_WORKERS = 64  # decision workers: as many as ``infermesh serve --workers`` allows
@@ -76,7 +77,8 @@ class Request:
 class Copy:
     """One dispatch of a request to one endpoint (a hedged request has two)."""
 
-    __slots__ = ("billed_s", "gpu_s", "kv_need", "node", "prefill_end", "req", "share_start", "state", "vfinish")
+    __slots__ = ("billed_s", "cancel_at", "gpu_s", "kv_need", "node", "prefill_end", "req", "share_start", "state",
+                 "vfinish")
 
     def __init__(self, req: Request, node: int) -> None:
         self.req = req
@@ -88,3 +90,6 @@ class Copy:
         self.vfinish = 0.0
         self.gpu_s = 0.0  # GPU-seconds attributed to this copy
         self.billed_s = 0.0  # of which already billed to its request (a losing copy may run on after that)
+        # A losing hedge copy's state is C_CANCELLED from the moment the router cancels it; until the
+        # cancel reaches its endpoint (this time) the endpoint still queues and admits it.
+        self.cancel_at = math.inf

@@ -288,10 +288,12 @@ def _trajectory(sim: Simulation) -> str:
 # Recorded on the simulator before the router's counts waited for the router to learn a copy ended (commit
 # fc15c8a), overloaded so that mesh_hedge hedges: every request's endpoint, first-token and completion time
 # (hashed), heap events and events. None of these strategies reads the counts on this (flat) fleet: unchanged.
+# mesh_hedge's was recorded again when a hedge loser began to wait for its cancel to reach its endpoint
+# (before: 13e15e9561f3564f, 1883, 2673): one more event per loser cancelled while travelling or queued.
 UNREAD_COUNTS = {
     "baseline_rr": ("1e74c24d86a8c96e", 1581, 2379),
     "gie_like": ("3cf0177251a52f02", 1602, 2422),
-    "mesh_hedge": ("13e15e9561f3564f", 1883, 2673),
+    "mesh_hedge": ("869fee80695480a7", 2037, 2827),
     "infermesh:least-ttft": ("59b3b40afe33f731", 1808, 2676),
 }
 

@@ -405,3 +405,33 @@ def test_a_losing_hedge_copy_still_prefilling_when_the_run_stops_is_counted(
     # Every copy of a completed request billed to it, up to the end; nothing of an unfinished one.
     done = [c for c in timeline.copies if c.req.state == DONE]
     assert _billed_gpu_s(sim) == pytest.approx(sum(c.gpu_s for c in done), rel=1e-9)
+
+
+@pytest.mark.parametrize("intra_rtt_ms", [0.5, 10.0])
+def test_a_losing_hedge_copy_is_queued_and_admitted_until_its_cancel_reaches_its_endpoint(
+        timeline: _Timeline, monkeypatch: pytest.MonkeyPatch, intra_rtt_ms: float) -> None:
+    """The router cancels a hedge loser when it sees the winner's first token at the client's edge,
+    and the cancel takes half an RTT more to reach the loser's endpoint. Until then the endpoint
+    queues and admits the copy as any other (its prefill is wasted). Before, a loser still
+    travelling or queued vanished the moment the winner's endpoint made its first token, a whole
+    RTT early, which spared hedging the waste."""
+    admitted: list[tuple[float, float]] = []  # (when, when its cancel reaches the endpoint) of losers admitted
+    admit = Simulation._admit
+
+    def on_admit(self: Simulation, nd: Node, c: Copy) -> None:
+        if c.state == C_CANCELLED:
+            admitted.append((self.now, c.cancel_at))
+        admit(self, nd, c)
+
+    monkeypatch.setattr(Simulation, "_admit", on_admit)
+    # Overloaded, two slots per endpoint: mesh_hedge hedges most requests and losers queue.
+    sc = tiny_scenario(cells=1, per_cell=2, rps=30.0, duration=5.0, concurrency=2, drain=120.0, seed=3)
+    sc.fleet["intra_rtt_ms"] = intra_rtt_ms
+    sim = _sim(sc, "mesh_hedge")
+    m = sim.run()
+    assert m.hedges > 100
+    assert admitted and all(now < cancel_at for now, cancel_at in admitted)
+    lost = [c for c in timeline.copies if c.state == C_CANCELLED]
+    assert len(lost) >= len(admitted)  # each ran its prefill as a loser, charged as cancelled GPU time
+    assert m.cancelled_gpu_s == pytest.approx(sum(c.gpu_s for c in lost), rel=1e-9)
+    assert all(r.state == DONE for r in sim.requests_log or [])
