@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import time
@@ -262,6 +263,22 @@ def test_a_day_retention_dropped_behind_the_writers_back_stays_dropped(db: str, 
 # -- 3. records PostgreSQL cannot store ---------------------------------------------------------------
 DECISION_TEXT = ["decision_id", "request_id", "tenant", "user_tier", "model", "endpoint_id", "site_id", "region",
                  "tier", "gpu_type", "policy_revision", "learner", "reason"]
+
+
+def test_decision_event_puts_every_field_of_the_mapping_in_its_own_attribute() -> None:
+    """``from_mapping`` builds the event positionally (the writer's per-row cost): a field order
+    that drifted from the dataclass's would swap values silently, and a round trip through
+    ``from_mapping`` on both sides would not see it. Every field here has a value of its own."""
+    texts = {name: f"{name}-value" for name in DECISION_TEXT}
+    floats = {"propensity": 0.25, "expected_ttft_ms": 41.5, "expected_cost_per_1k_tokens": 0.0031,
+              "decision_us": 812.0}
+    m = {**texts, **floats, "decided_at_us": 1_700_000_000_123_456, "status": "quota_denied",
+         "deny_rules": ["quota.tenant_rate", "residency.sites"], "trace": {"k": "v"}, "event_version": 1}
+    e = DecisionEventV1.from_mapping(m)
+    for name in (*texts, *floats, "decided_at_us", "status", "trace", "event_version"):
+        assert getattr(e, name) == m[name], name
+    assert e.deny_rules == ("quota.tenant_rate", "residency.sites")
+    assert {f.name for f in dataclasses.fields(e)} == {*m}
 
 
 @pytest.mark.parametrize("field", [*DECISION_TEXT, "deny_rules"])
