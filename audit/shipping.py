@@ -241,12 +241,39 @@ class Packer:
             tel = ["m", self.ref_members(tel[0]), tel[1], tel[2]]
         # Every number of the score stage in one float64 buffer: [ttft | cost | components | features].
         comps = p.components
-        numbers = np.concatenate((p.ttft_ms, p.cost_per_1k, *comps.values(), np.asarray(p.features).ravel()))
+        numbers = _float64_bytes((p.ttft_ms, p.cost_per_1k, *comps.values(), p.features),
+                                 len(p.ttft_ms) * (2 + len(comps)) + np.size(p.features))
         request = p.request.as_dict() if hasattr(p.request, "as_dict") else dict(p.request)
         return [request, p.inventory_revision, p.policy_revision, p.learner, p.at, ids, self.ref(p.endpoints),
-                verdicts, allowed, p.quota_denied, scored, numbers.tobytes(), list(comps), p.features.shape[1],
+                verdicts, allowed, p.quota_denied, scored, numbers, list(comps), p.features.shape[1],
                 p.scores, p.chosen, p.propensity, p.fallbacks, p.shadows, self.ref(p.feature_names), p.timings_us,
                 tel]
+
+
+def _float64_bytes(arrays: Sequence[Any], count: int) -> bytes:
+    """The arrays' values one after another as native float64 bytes (``count`` values in all).
+
+    ``bytes.join`` copies the arrays' own buffers: a third of ``np.concatenate(...).tobytes()``'s
+    time (0.75 against 2.2 µs for a decision's eleven arrays), which the request path pays per
+    decision. It takes C-contiguous arrays only (anything else is a TypeError) and knows nothing
+    of dtypes, so a result of any other length than ``count`` float64s goes through numpy.
+
+    >>> a, m = np.array([1.0, 2.0]), np.array([[3.0], [4.0]])
+    >>> _float64_bytes((a, m), 4) == np.array([1.0, 2.0, 3.0, 4.0]).tobytes()
+    True
+    >>> _float64_bytes((a.astype(np.float32), m), 4) == _float64_bytes((a, m), 4)  # another dtype
+    True
+    >>> _float64_bytes((a, np.asfortranarray([[3.0, 5.0], [4.0, 6.0]])), 6) == (  # another memory order
+    ...     np.array([1.0, 2.0, 3.0, 5.0, 4.0, 6.0]).tobytes())
+    True
+    """
+    try:
+        out = b"".join(arrays)
+    except TypeError:
+        out = b""
+    if len(out) != 8 * count:
+        out = np.concatenate([np.ravel(np.asarray(a, dtype=np.float64)) for a in arrays]).tobytes()
+    return out
 
 
 class InlinePacker(Packer):
