@@ -31,6 +31,7 @@ from typing import Any
 import psycopg
 
 from audit import partitions
+from audit.verify import after_day, day_start
 
 _FIELDS = ("table", "day", "chain_id", "seq", "hash")
 
@@ -78,9 +79,8 @@ def chain_heads(url: str, *, start: dt.date | None = None, end: dt.date | None =
     """Every chain's head now, the highest seq of each (table, UTC day, chain id), on the UTC days
     ``start`` to ``end`` inclusive (either open when None). A range reads only its days' partitions:
     a daily checkpoint of the day before need not scan the whole log."""
-    lo = None if start is None else dt.datetime.combine(start, dt.time(), dt.UTC)
-    hi = (None if end is None or end == dt.date.max  # no day after the last one
-          else dt.datetime.combine(end + dt.timedelta(days=1), dt.time(), dt.UTC))
+    lo = None if start is None else day_start(start)
+    hi = None if end is None else after_day(end)
     heads = []
     with psycopg.connect(url) as conn:
         for table in _BRANCHES:
