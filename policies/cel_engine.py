@@ -72,13 +72,15 @@ class CelProgram:
             value = self.expr.eval(data=activation)
         except Exception as exc:  # the binding raises on conversion problems: deny, say why
             return False, f"error: {exc}"
+        # Only a BOOL true gives Python's True (an error's value is its text, an INT 1 is 1): the
+        # common answer skips asking the value's type, which costs more than the answer itself.
+        if value.value() is True:
+            return True, "ok"
         kind = value.type().name()
         if kind == "ERROR":
             return False, f"error: {value.value()}"
         if kind != "BOOL":
             return False, f"error: rule returned {kind.lower()}, not bool"
-        if value.value() is True:
-            return True, "ok"
         return False, self._reason(activation)
 
     def _reason(self, activation: Mapping[str, Any]) -> str:

@@ -43,6 +43,16 @@ def test_cel_rule_must_be_boolean() -> None:
         compile_cel('"a string"', "s.cel")
 
 
+@pytest.mark.parametrize(("value", "kind"), [("1", "int"), ("1.0", "double"), ('"true"', "string"),
+                                             ("[true]", "list"), ("{'a': true}", "map"), ("null", "null")])
+def test_a_dyn_rule_that_gives_a_truthy_non_bool_denies(value: str, kind: str) -> None:
+    # Type-checked as dyn, so only the evaluation can tell: nothing but a bool true allows.
+    prog = compile_cel(f"request.pick ? dyn({value}) : true", "d.cel")
+    assert prog.evaluate({"request": {"pick": False}}) == (True, "ok")
+    ok, reason = prog.evaluate({"request": {"pick": True}})
+    assert not ok and reason.startswith(f"error: rule returned {kind}"), reason
+
+
 def test_rego_undefined_fails_closed() -> None:
     src = "package t\nimport rego.v1\nallow contains c.id if { some c in input.candidates; c.endpoint.ok == true }\n"
     prog = compile_rego({"t.rego": ("t.rego", src)}, "t.rego", {})
