@@ -53,6 +53,7 @@ from decision.extproc import ExtProcServicer
 from decision.extproc_aio import AioExtProcServicer
 from decision.extproc_config import EXTPROC_SERVICE, PROBED_NAMES
 from decision.grpc_serving import LoopThread
+from decision.read_size import read_small
 from decision.reflection import method_paths as reflection_paths
 from decision.reflection import reflected
 
@@ -215,6 +216,7 @@ class _Server(grpclib.server.Server):
 
         def connection_made(transport: asyncio.BaseTransport) -> None:
             made(transport)
+            read_small(transport)
             # A second SETTINGS frame after grpclib's: h2 enforces it once the client acknowledges it
             # (until then its default, 100, holds). A client that opens more streams than advertised
             # loses the connection (h2 treats it as a connection error); Envoy keeps to the limit.

@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from decision import split_wire as wire
 from decision.grpc_serving import bind_port, health_status
+from decision.read_size import READ_SIZE, read_small
 from decision.reflection import enable_reflection
 from decision.tls import TlsConfig, server_credentials
 
@@ -146,7 +147,7 @@ class Front:
         buf = bytearray()
         while True:
             try:
-                data = await self.reader.read(1 << 20)
+                data = await self.reader.read(READ_SIZE)
             except ConnectionError:  # a write failed first: the same loss as an end of stream
                 data = b""
             if not data:  # the service process is gone: nothing here can answer
@@ -179,6 +180,7 @@ def stop_payload(grace_s: float) -> bytes:
 
 async def serve(sock: socket.socket, spec: dict[str, Any]) -> None:
     reader, writer = await asyncio.open_unix_connection(sock=sock)
+    read_small(writer.transport)
     front = Front(reader, writer)
     size = int(spec["max_message_bytes"])
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", size),

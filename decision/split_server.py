@@ -39,6 +39,7 @@ from decision import split_wire as wire
 from decision.edge import EdgeInterceptor
 from decision.grpc_server import DecisionServicer
 from decision.grpc_serving import CallAborted
+from decision.read_size import READ_SIZE
 from decision.split_front import stop_payload
 from decision.tls import TlsConfig
 from infermesh.decision.v1 import decision_pb2_grpc as pb_grpc
@@ -233,7 +234,7 @@ class SplitDecisionServer:
                 replies = self._handle(frames)
                 if replies:
                     self._send(b"".join(replies))
-                data = self._sock.recv(1 << 20)
+                data = self._sock.recv(READ_SIZE)
                 if not data:
                     break
                 self._buf += data
