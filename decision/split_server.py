@@ -392,7 +392,7 @@ def _await_ready(sock: socket.socket, proc: subprocess.Popen[bytes]) -> _Started
     sock.settimeout(_START_TIMEOUT_S)
     try:
         while True:
-            data = sock.recv(1 << 16)
+            data = sock.recv(READ_SIZE)
             if not data:
                 raise OSError(f"gRPC front process exited before it listened (exit status {proc.wait()})")
             buf += data
