@@ -74,11 +74,12 @@ class CelProgram:
             return False, f"error: {exc}"
         # Only a BOOL true gives Python's True (an error's value is its text, an INT 1 is 1): the
         # common answer skips asking the value's type, which costs more than the answer itself.
-        if value.value() is True:
+        answer = value.value()
+        if answer is True:
             return True, "ok"
         kind = value.type().name()
         if kind == "ERROR":
-            return False, f"error: {value.value()}"
+            return False, f"error: {answer}"
         if kind != "BOOL":
             return False, f"error: rule returned {kind.lower()}, not bool"
         return False, self._reason(activation)
